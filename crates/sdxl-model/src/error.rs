@@ -1,0 +1,50 @@
+//! The error type of the `sdxl-model` crate.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while building, loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A safetensors file is malformed.
+    #[error("{path}: not a valid safetensors file: {source}")]
+    SafeTensors {
+        /// The file.
+        path: PathBuf,
+        /// What the safetensors parser said.
+        #[source]
+        source: safetensors::SafeTensorError,
+    },
+    /// A tensor in a file has an element type libtorch cannot hold.
+    #[error("{path}: tensor `{key}` has unsupported dtype {dtype}")]
+    UnsupportedDtype {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's key.
+        key: String,
+        /// The dtype as written in the file.
+        dtype: String,
+    },
+    /// A tensor the caller asked for is not in the file.
+    #[error("{path}: no tensor `{key}`")]
+    MissingTensor {
+        /// The file.
+        path: PathBuf,
+        /// The key that was asked for.
+        key: String,
+    },
+    /// libtorch reported an error.
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,14 @@
+//! Stable Diffusion XL 1.0 on libtorch.
+//!
+//! This crate will hold the models (UNet-XL, VAE-XL, the CLIP-L and OpenCLIP-bigG text encoders),
+//! their configs and loaders, the schedulers and the text-to-image pipeline. Module paths follow
+//! diffusers and transformers so that variable names equal safetensors keys.
+//!
+//! Present today: [`weights`], reading safetensors files into libtorch tensors.
+
+#![warn(missing_docs)]
+
+mod error;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -1,0 +1,10 @@
+//! The SDXL LoRA training loop.
+//!
+//! This crate will hold the training configuration and loop, the noise schedule and loss,
+//! checkpoints and exact resume, logging and validation.
+
+#![warn(missing_docs)]
+
+mod error;
+
+pub use error::{Error, Result};
