@@ -41,6 +41,14 @@ pub enum Error {
         /// The key that was asked for.
         key: String,
     },
+    /// Loading weights into a model did not match every variable to a tensor one to one.
+    #[error("loading {files:?}: {report}")]
+    Load {
+        /// The files that were read.
+        files: Vec<PathBuf>,
+        /// What matched and what did not.
+        report: Box<crate::weights::LoadReport>,
+    },
     /// libtorch reported an error.
     #[error(transparent)]
     Torch(#[from] tch::TchError),

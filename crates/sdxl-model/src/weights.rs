@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
+use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::{Error, Result};
@@ -50,6 +51,18 @@ impl TensorFile {
         Ok(keys)
     }
 
+    /// The shape of tensor `key`.
+    ///
+    /// # Errors
+    /// [`Error::MissingTensor`] when the key is absent.
+    pub fn shape(&self, key: &str) -> Result<Vec<i64>> {
+        let st = self.parse()?;
+        let view = st
+            .tensor(key)
+            .map_err(|_| Error::MissingTensor { path: self.path.clone(), key: key.to_owned() })?;
+        Ok(view.shape().iter().map(|&d| d as i64).collect())
+    }
+
     /// The tensor `key` on `device`, converted to `kind` (`None` keeps the file's element type).
     ///
     /// # Errors
@@ -85,6 +98,107 @@ impl TensorFile {
     }
 }
 
+/// What loading a set of files into a model's variables found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Variables that received a tensor.
+    pub loaded: usize,
+    /// Variables of the model that no file provides.
+    pub missing: Vec<String>,
+    /// File keys that no variable takes.
+    pub unused: Vec<String>,
+    /// Keys present on both sides with different shapes: (key, model shape, file shape).
+    pub mismatched: Vec<(String, Vec<i64>, Vec<i64>)>,
+}
+
+impl LoadReport {
+    /// True when every variable was loaded and every file tensor used.
+    pub fn is_complete(&self) -> bool {
+        self.missing.is_empty() && self.unused.is_empty() && self.mismatched.is_empty()
+    }
+}
+
+impl std::fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const SHOWN: usize = 8;
+        let list = |keys: &[String]| {
+            let mut s = keys.iter().take(SHOWN).map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ");
+            if keys.len() > SHOWN {
+                s.push_str(&format!(" and {} more", keys.len() - SHOWN));
+            }
+            s
+        };
+        write!(f, "{} loaded", self.loaded)?;
+        if !self.missing.is_empty() {
+            write!(f, "; {} missing: {}", self.missing.len(), list(&self.missing))?;
+        }
+        if !self.unused.is_empty() {
+            write!(f, "; {} unused: {}", self.unused.len(), list(&self.unused))?;
+        }
+        if !self.mismatched.is_empty() {
+            let shown: Vec<String> = self
+                .mismatched
+                .iter()
+                .take(SHOWN)
+                .map(|(k, model, file)| format!("`{k}` (model {model:?}, file {file:?})"))
+                .collect();
+            write!(f, "; {} mis-shaped: {}", self.mismatched.len(), shown.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Copies tensors from `files` into the variables of `vs`, converting each to its variable's
+/// element type and device.
+///
+/// `file_key` maps a variable name to the key it has in the files (identity for the diffusers
+/// layout; a table for other layouts). Fails with [`Error::Load`] naming every missing, unused and
+/// mis-shaped key unless all match; variables are then left partly loaded and should be dropped.
+///
+/// # Errors
+/// [`Error::Load`] as above; libtorch or file errors while copying.
+pub fn load_into(
+    vs: &VarStore,
+    files: &[TensorFile],
+    file_key: impl Fn(&str) -> String,
+) -> Result<LoadReport> {
+    let mut sources: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, file) in files.iter().enumerate() {
+        for key in file.keys()? {
+            sources.insert(key, i);
+        }
+    }
+    let mut report = LoadReport::default();
+    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut used = std::collections::BTreeSet::new();
+    for (name, mut var) in variables {
+        let key = file_key(&name);
+        let Some(&i) = sources.get(&key) else {
+            report.missing.push(key);
+            continue;
+        };
+        used.insert(key.clone());
+        let file_shape = files[i].shape(&key)?;
+        if file_shape != var.size() {
+            report.mismatched.push((key, var.size(), file_shape));
+            continue;
+        }
+        let src = files[i].tensor(&key, var.device(), Some(var.kind()))?;
+        tch::no_grad(|| var.f_copy_(&src))?;
+        report.loaded += 1;
+    }
+    report.unused = sources.into_keys().filter(|k| !used.contains(k)).collect();
+    if report.is_complete() {
+        Ok(report)
+    } else {
+        Err(Error::Load {
+            files: files.iter().map(|f| f.path().to_path_buf()).collect(),
+            report: Box::new(report),
+        })
+    }
+}
+
 /// The libtorch element type of a safetensors dtype, if it has one.
 pub fn kind_of(dtype: Dtype) -> Option<Kind> {
     Some(match dtype {
@@ -107,6 +221,39 @@ pub fn kind_of(dtype: Dtype) -> Option<Kind> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn write_file(dir: &Path, name: &str, tensors: &[(&str, Tensor)]) -> TensorFile {
+        let path = dir.join(name);
+        Tensor::write_safetensors(tensors, &path).unwrap();
+        TensorFile::open(&path).unwrap()
+    }
+
+    #[test]
+    fn load_into_copies_and_reports_every_problem() {
+        let dir = std::env::temp_dir().join(format!("sdxl-load-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let w = Tensor::arange(6, (Kind::Float, Device::Cpu)).view([2, 3]);
+        let good = write_file(&dir, "good.safetensors", &[("lin.weight", w.shallow_clone())]);
+        let vs = VarStore::new(Device::Cpu);
+        let _ = vs.root().sub("lin").zeros_no_train("weight", &[2, 3]);
+        let report = load_into(&vs, std::slice::from_ref(&good), str::to_owned).unwrap();
+        assert_eq!(report.loaded, 1);
+        assert!(vs.variables()["lin.weight"].equal(&w));
+
+        let bad = write_file(
+            &dir,
+            "bad.safetensors",
+            &[("lin.weight", Tensor::zeros([3, 2], (Kind::Float, Device::Cpu))), ("extra.bias", w.shallow_clone())],
+        );
+        let vs2 = VarStore::new(Device::Cpu);
+        let _ = vs2.root().sub("lin").zeros_no_train("weight", &[2, 3]);
+        let _ = vs2.root().sub("other").zeros_no_train("weight", &[1]);
+        let msg = load_into(&vs2, &[bad], str::to_owned).unwrap_err().to_string();
+        for needle in ["bad.safetensors", "`other.weight`", "`extra.bias`", "`lin.weight` (model [2, 3], file [3, 2])"] {
+            assert!(msg.contains(needle), "{needle} not in: {msg}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn missing_file_names_the_path() {
