@@ -8,16 +8,36 @@
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-/// `y = x Wᵀ + b`, the equivalent of `torch.nn.Linear` (weight `[out, in]`, optional bias `[out]`).
+use crate::adapter::Adapter;
+use crate::{Error, Result};
+
+/// `y = x Wᵀ + b`, the equivalent of `torch.nn.Linear` (weight `[out, in]`, optional bias `[out]`),
+/// plus any number of LoRA / DoRA adapters (peft's `lora.Linear`).
 ///
 /// The variables are created under the given path as `weight` and `bias`, so a model's variable
-/// names equal the keys of a diffusers / transformers safetensors file.
+/// names equal the keys of a diffusers / transformers safetensors file. Adapters live elsewhere
+/// (their own variable store, usually fp32) and are added with [`Linear::add_adapter`], normally by
+/// [`crate::inject`] or a LoRA file loader.
 #[derive(Debug)]
 pub struct Linear {
     /// The base weight, `[out_features, in_features]`.
     pub weight: Tensor,
     /// The base bias, `[out_features]`.
     pub bias: Option<Tensor>,
+    adapters: Vec<Adapter>,
+    /// What each merge did, newest last, so that unmerging can undo them in reverse order.
+    merges: Vec<MergeRecord>,
+    training: bool,
+}
+
+/// The undo information of one merged adapter.
+#[derive(Debug)]
+struct MergeRecord {
+    adapter: usize,
+    /// `scale · B · A` in fp32 as it was merged.
+    delta: Tensor,
+    /// DoRA's `m / ‖W + ΔW‖` (`[out, 1]`, fp32) that multiplied the weight.
+    dora_factor: Option<Tensor>,
 }
 
 impl Linear {
@@ -27,7 +47,12 @@ impl Linear {
         let bound = 1.0 / (in_features as f64).sqrt();
         let weight = path.var("weight", &[out_features, in_features], nn::Init::Uniform { lo: -bound, up: bound });
         let bias = bias.then(|| path.var("bias", &[out_features], nn::Init::Uniform { lo: -bound, up: bound }));
-        Self { weight, bias }
+        Self::from_tensors(weight, bias)
+    }
+
+    /// Wraps existing tensors (weight `[out, in]`, bias `[out]`) without adapters.
+    pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias, adapters: Vec::new(), merges: Vec::new(), training: false }
     }
 
     /// The input width.
@@ -44,13 +69,220 @@ impl Linear {
     pub fn kind(&self) -> Kind {
         self.weight.kind()
     }
+
+    /// The adapters, in the order they were added (the order their outputs are summed in).
+    pub fn adapters(&self) -> &[Adapter] {
+        &self.adapters
+    }
+
+    /// The adapter called `name`, if any.
+    pub fn adapter(&self, name: &str) -> Option<&Adapter> {
+        self.adapters.iter().find(|a| a.name == name)
+    }
+
+    /// The adapter called `name` for changing its multiplier or dropout, if any.
+    pub fn adapter_mut(&mut self, name: &str) -> Option<&mut Adapter> {
+        self.adapters.iter_mut().find(|a| a.name == name)
+    }
+
+    /// Attaches `adapter` after checking that its shapes fit this layer. `module` names the layer
+    /// in errors.
+    ///
+    /// # Errors
+    /// [`Error::DuplicateAdapter`] when the name is taken, [`Error::ShapeMismatch`] when `A` is not
+    /// `[r, in]`, `B` not `[out, r]` or the magnitude not `[out]`.
+    pub fn add_adapter(&mut self, module: &str, adapter: Adapter) -> Result<()> {
+        if self.adapter(&adapter.name).is_some() {
+            return Err(Error::DuplicateAdapter { module: module.to_owned(), adapter: adapter.name });
+        }
+        let (down, up) = (adapter.down.size(), adapter.up.size());
+        let (in_features, out_features) = (self.in_features(), self.out_features());
+        let fits = down.len() == 2
+            && up.len() == 2
+            && down[1] == in_features
+            && up[0] == out_features
+            && up[1] == down[0]
+            && down[0] > 0;
+        if !fits {
+            return Err(Error::ShapeMismatch {
+                module: module.to_owned(),
+                reason: format!(
+                    "down {down:?} and up {up:?} do not fit a layer of {in_features} → {out_features} \
+                     (need [r, {in_features}] and [{out_features}, r])"
+                ),
+            });
+        }
+        if let Some(magnitude) = &adapter.magnitude
+            && magnitude.size() != [out_features]
+        {
+            return Err(Error::ShapeMismatch {
+                module: module.to_owned(),
+                reason: format!("DoRA magnitude {:?} is not [{out_features}]", magnitude.size()),
+            });
+        }
+        self.adapters.push(adapter);
+        Ok(())
+    }
+
+    /// Detaches and returns the adapter `name`, unmerging everything first if it is merged.
+    ///
+    /// # Errors
+    /// [`Error::UnknownAdapter`] when there is none of that name.
+    pub fn remove_adapter(&mut self, module: &str, name: &str) -> Result<Adapter> {
+        let index = self.index_of(module, name)?;
+        if self.adapters[index].merged {
+            self.unmerge()?;
+        }
+        Ok(self.adapters.remove(index))
+    }
+
+    fn index_of(&self, module: &str, name: &str) -> Result<usize> {
+        self.adapters
+            .iter()
+            .position(|a| a.name == name)
+            .ok_or_else(|| Error::UnknownAdapter { module: module.to_owned(), adapter: name.to_owned() })
+    }
+
+    /// Switches adapter `name` on or off without merging. Switching off a merged adapter unmerges
+    /// the layer first (as peft does).
+    ///
+    /// # Errors
+    /// [`Error::UnknownAdapter`] when there is none of that name.
+    pub fn set_adapter_enabled(&mut self, module: &str, name: &str, enabled: bool) -> Result<()> {
+        let index = self.index_of(module, name)?;
+        if !enabled && self.adapters[index].merged {
+            self.unmerge()?;
+        }
+        self.adapters[index].enabled = enabled;
+        Ok(())
+    }
+
+    /// Training mode applies the adapters' dropout (PyTorch's `module.train()`).
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    /// Folds the enabled, not yet merged adapters (all of them, or those named) into the base
+    /// weight: `W ← W + scale · B · A` for LoRA, `W ← m / ‖W + ΔW‖ · (W + ΔW)` for DoRA. The
+    /// arithmetic is done in fp32 and the result is stored in the base weight's type.
+    ///
+    /// Not for the training step: it reads back whether the result is finite.
+    ///
+    /// # Errors
+    /// [`Error::NonFiniteMerge`] (weight left untouched) when the merged weight has NaN or infinity,
+    /// [`Error::UnknownAdapter`] for a name the layer lacks.
+    pub fn merge(&mut self, module: &str, names: Option<&[&str]>) -> Result<()> {
+        let indices: Vec<usize> = match names {
+            Some(names) => names.iter().map(|name| self.index_of(module, name)).collect::<Result<_>>()?,
+            None => (0..self.adapters.len()).collect(),
+        };
+        for index in indices {
+            let adapter = &self.adapters[index];
+            if adapter.merged || !adapter.enabled {
+                continue;
+            }
+            let weight = self.weight.to_kind(Kind::Float);
+            let delta = adapter.delta_weight_f32();
+            let (merged, dora_factor) = match &adapter.magnitude {
+                None => (&weight + &delta, None),
+                Some(magnitude) => {
+                    // The norm is that of the weight without any adapter merged, as in forward.
+                    let base = self.unmerged_weight_f32();
+                    let norm = adapter.dora_weight_norm(&base, &delta);
+                    let factor = (magnitude.to_kind(Kind::Float) / norm).view([-1, 1]);
+                    ((&weight + &delta) * &factor, Some(factor))
+                }
+            };
+            if merged.isfinite().all().f_int64_value(&[])? == 0 {
+                return Err(Error::NonFiniteMerge { module: module.to_owned(), adapter: adapter.name.clone() });
+            }
+            tch::no_grad(|| self.weight.f_copy_(&merged))?;
+            self.adapters[index].merged = true;
+            self.merges.push(MergeRecord { adapter: index, delta, dora_factor });
+        }
+        Ok(())
+    }
+
+    /// Undoes every merge, newest first, restoring the base weight (up to fp32 rounding of the
+    /// delta; exact structure for DoRA's rescaling).
+    ///
+    /// # Errors
+    /// Only libtorch errors.
+    pub fn unmerge(&mut self) -> Result<()> {
+        while let Some(record) = self.merges.pop() {
+            let restored = Self::undo(&self.weight.to_kind(Kind::Float), &record);
+            tch::no_grad(|| self.weight.f_copy_(&restored))?;
+            self.adapters[record.adapter].merged = false;
+        }
+        Ok(())
+    }
+
+    fn undo(weight: &Tensor, record: &MergeRecord) -> Tensor {
+        match &record.dora_factor {
+            None => weight - &record.delta,
+            Some(factor) => weight / factor - &record.delta,
+        }
+    }
+
+    /// The base weight with every merge undone, in fp32 (the weight itself is not changed).
+    fn unmerged_weight_f32(&self) -> Tensor {
+        let mut weight = self.weight.to_kind(Kind::Float);
+        for record in self.merges.iter().rev() {
+            weight = Self::undo(&weight, record);
+        }
+        weight
+    }
 }
 
 impl Module for Linear {
+    /// `base(x) + Σ scale · B(A(dropout(x)))` over enabled, unmerged adapters (DoRA: peft's
+    /// `DoraLinearLayer.forward`). The adapters compute in their own type (fp32) and the sum is
+    /// returned in the base output's type, as peft does.
+    ///
     /// # Shapes
     /// `[..., in_features]` → `[..., out_features]`.
     fn forward(&self, xs: &Tensor) -> Tensor {
-        xs.linear(&self.weight, self.bias.as_ref())
+        let base = xs.linear(&self.weight, self.bias.as_ref());
+        let mut active = self.adapters.iter().filter(|a| a.enabled && !a.merged).peekable();
+        if active.peek().is_none() {
+            return base;
+        }
+        let result_kind = base.kind();
+        let mut result = base;
+        for adapter in active {
+            let x = xs.to_kind(adapter.kind());
+            let dropout_active = self.training && adapter.dropout > 0.0;
+            let dropped = if dropout_active { x.dropout(adapter.dropout, true) } else { x.shallow_clone() };
+            let scale = adapter.scale();
+            match &adapter.magnitude {
+                None => {
+                    // Out of place, so a bf16 base output is promoted to fp32 for the sum (as in
+                    // peft) instead of rounding after each adapter.
+                    let lora_out = dropped.linear::<Tensor>(&adapter.down, None).linear::<Tensor>(&adapter.up, None);
+                    result = lora_out * scale + &result;
+                }
+                Some(magnitude) => {
+                    let weight = self.weight.to_kind(x.kind());
+                    let delta = adapter.up.matmul(&adapter.down).detach() * scale;
+                    let norm = adapter.dora_weight_norm(&weight, &delta);
+                    let magnitude_scale = (magnitude / norm).view([1, -1]);
+                    let lora_result =
+                        dropped.linear::<Tensor>(&adapter.down, None).linear::<Tensor>(&adapter.up, None);
+                    // Without dropout the base output is reused (minus its bias); with dropout the
+                    // base path is recomputed on the dropped input, as in peft.
+                    let base_result = if dropout_active {
+                        dropped.linear::<Tensor>(&weight, None)
+                    } else {
+                        match &self.bias {
+                            Some(bias) => &result - bias,
+                            None => result.shallow_clone(),
+                        }
+                    };
+                    result = &result + (&magnitude_scale - 1.0) * base_result + magnitude_scale * lora_result * scale;
+                }
+            }
+        }
+        result.to_kind(result_kind)
     }
 }
 
@@ -69,6 +301,26 @@ mod tests {
     use super::*;
     use tch::Device;
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    /// A 5 → 3 layer with bias and a random input batch.
+    fn layer_and_input(seed: i64) -> (Linear, Tensor) {
+        tch::manual_seed(seed);
+        let layer = Linear::from_tensors(Tensor::randn([3, 5], (Kind::Float, Device::Cpu)), Some(Tensor::randn([3], (Kind::Float, Device::Cpu))));
+        (layer, Tensor::randn([4, 2, 5], (Kind::Float, Device::Cpu)))
+    }
+
+    fn random_adapter(name: &str, rank: i64, alpha: f64) -> Adapter {
+        Adapter::new(
+            name,
+            Tensor::randn([rank, 5], (Kind::Float, Device::Cpu)),
+            Tensor::randn([3, rank], (Kind::Float, Device::Cpu)),
+            alpha,
+        )
+    }
+
     #[test]
     fn computes_x_wt_plus_b_with_torch_names() {
         let vs = nn::VarStore::new(Device::Cpu);
@@ -79,5 +331,92 @@ mod tests {
         let expected = x.matmul(&layer.weight.tr()) + layer.bias.as_ref().unwrap();
         assert!(layer.forward(&x).allclose(&expected, 1e-6, 1e-6, false));
         assert_eq!((layer.in_features(), layer.out_features()), (3, 2));
+    }
+
+    #[test]
+    fn lora_adds_scaled_b_a_and_can_be_switched_off() {
+        let (mut layer, x) = layer_and_input(1);
+        let base = layer.forward(&x);
+        let adapter = random_adapter("a", 2, 6.0);
+        let delta = adapter.up.matmul(&adapter.down) * 3.0;
+        layer.add_adapter("m", adapter).unwrap();
+        let expected = x.linear(&(&layer.weight + &delta), layer.bias.as_ref());
+        assert!(max_diff(&layer.forward(&x), &expected) < 1e-5);
+        layer.set_adapter_enabled("m", "a", false).unwrap();
+        assert_eq!(max_diff(&layer.forward(&x), &base), 0.0);
+        layer.set_adapter_enabled("m", "a", true).unwrap();
+        layer.adapter_mut("a").unwrap().scaling = crate::Scaling::RankStabilized;
+        let rs_delta = &delta / 3.0 * (6.0 / 2f64.sqrt());
+        let expected = x.linear(&(&layer.weight + rs_delta), layer.bias.as_ref());
+        assert!(max_diff(&layer.forward(&x), &expected) < 1e-5);
+    }
+
+    #[test]
+    fn merge_equals_side_path_and_unmerge_restores_the_weight() {
+        for dora in [false, true] {
+            let (mut layer, x) = layer_and_input(2);
+            let original = layer.weight.copy();
+            let mut first = random_adapter("first", 2, 4.0);
+            if dora {
+                first.magnitude = Some(Tensor::rand([3], (Kind::Float, Device::Cpu)) + 0.5);
+            }
+            let mut second = random_adapter("second", 3, 1.5);
+            second.multiplier = 0.7;
+            layer.add_adapter("m", first).unwrap();
+            layer.add_adapter("m", second).unwrap();
+            let unmerged = layer.forward(&x);
+            layer.merge("m", None).unwrap();
+            assert!(layer.adapters().iter().all(Adapter::is_merged));
+            let merged = layer.forward(&x);
+            assert!(max_diff(&merged, &unmerged) < 1e-5, "dora={dora}: {}", max_diff(&merged, &unmerged));
+            layer.unmerge().unwrap();
+            assert!(max_diff(&layer.weight, &original) < 1e-6, "dora={dora}");
+            assert!(max_diff(&layer.forward(&x), &unmerged) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn merging_one_of_two_keeps_the_other_on_the_side_path() {
+        let (mut layer, x) = layer_and_input(3);
+        layer.add_adapter("m", random_adapter("a", 2, 2.0)).unwrap();
+        layer.add_adapter("m", random_adapter("b", 1, 1.0)).unwrap();
+        let both = layer.forward(&x);
+        layer.merge("m", Some(&["b"])).unwrap();
+        assert!(!layer.adapter("a").unwrap().is_merged() && layer.adapter("b").unwrap().is_merged());
+        assert!(max_diff(&layer.forward(&x), &both) < 1e-5);
+        // Switching a merged adapter off unmerges it.
+        layer.set_adapter_enabled("m", "b", false).unwrap();
+        let only_a = layer.forward(&x);
+        layer.remove_adapter("m", "b").unwrap();
+        assert!(max_diff(&layer.forward(&x), &only_a) < 1e-6);
+    }
+
+    #[test]
+    fn refuses_non_finite_merges_and_misfit_adapters() {
+        let (mut layer, _) = layer_and_input(4);
+        let original = layer.weight.copy();
+        let mut broken = random_adapter("nan", 2, 2.0);
+        broken.up = broken.up.fill_(f64::NAN);
+        layer.add_adapter("blocks.0.to_q", broken).unwrap();
+        let error = layer.merge("blocks.0.to_q", None).unwrap_err();
+        assert!(matches!(error, Error::NonFiniteMerge { ref module, .. } if module == "blocks.0.to_q"), "{error}");
+        assert_eq!(max_diff(&layer.weight, &original), 0.0);
+        let misfit = Adapter::new("x", Tensor::zeros([2, 4], (Kind::Float, Device::Cpu)), Tensor::zeros([3, 2], (Kind::Float, Device::Cpu)), 1.0);
+        assert!(matches!(layer.add_adapter("m", misfit), Err(Error::ShapeMismatch { .. })));
+        assert!(matches!(layer.add_adapter("m", random_adapter("nan", 1, 1.0)), Err(Error::DuplicateAdapter { .. })));
+        assert!(matches!(layer.merge("m", Some(&["missing"])), Err(Error::UnknownAdapter { .. })));
+    }
+
+    #[test]
+    fn bf16_base_with_fp32_adapter_returns_bf16() {
+        let (layer, x) = layer_and_input(5);
+        let mut half = Linear::from_tensors(layer.weight.to_kind(Kind::BFloat16), layer.bias.as_ref().map(|b| b.to_kind(Kind::BFloat16)));
+        half.add_adapter("m", random_adapter("a", 2, 2.0)).unwrap();
+        let y = half.forward(&x.to_kind(Kind::BFloat16));
+        assert_eq!(y.kind(), Kind::BFloat16);
+        let adapter = half.adapter("a").unwrap();
+        let reference = x.to_kind(Kind::BFloat16).linear(&half.weight, half.bias.as_ref()).to_kind(Kind::Float)
+            + x.to_kind(Kind::BFloat16).to_kind(Kind::Float).matmul(&adapter.down.tr()).matmul(&adapter.up.tr());
+        assert!(max_diff(&y.to_kind(Kind::Float), &reference.to_kind(Kind::BFloat16).to_kind(Kind::Float)) < 1e-6);
     }
 }

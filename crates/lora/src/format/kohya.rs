@@ -1,0 +1,232 @@
+//! The kohya layout, read by ComfyUI and A1111: one flat module name per adapted layer,
+//! `lora_unet_<path>` / `lora_te1_<path>` / `lora_te2_<path>` with every `.` of the module path turned
+//! into `_`, and three tensors per module: `.lora_down.weight` `[r, in]`, `.lora_up.weight`
+//! `[out, r]` and `.alpha` (a scalar; absent or zero means alpha = r). DoRA adds `.dora_scale`
+//! `[out, 1]`.
+//!
+//! UNet paths come in two spellings: diffusers block names (`down_blocks_1_attentions_0_…`, what
+//! diffusers' `convert_state_dict_to_kohya` writes) and SGM block names (`input_blocks_4_1_…`, what
+//! kohya's own trainer writes). The SGM spelling needs a [`BlockRenames`] table from the caller.
+//!
+//! Turning `_` back into `.` is ambiguous (`to_out_0`, `ff_net_0_proj`), so reading uses the
+//! model's own module paths ([`ModuleNames`]) and matches names exactly, as ComfyUI does.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::Part;
+use crate::linear::HasLinears;
+use crate::state::Component;
+
+const SUFFIXES: [(&str, Part); 4] = [
+    (".lora_down.weight", Part::Down),
+    (".lora_up.weight", Part::Up),
+    (".alpha", Part::Alpha),
+    (".dora_scale", Part::Magnitude),
+];
+
+/// SD1's single text-encoder prefix; read as [`Component::TextEncoder`].
+const SD1_TEXT_ENCODER_PREFIX: &str = "lora_te";
+
+/// A prefix renaming table between diffusers module paths and another block layout (e.g.
+/// `down_blocks.1.attentions.0` ↔ `input_blocks.4.1`), supplied by the code that knows the model.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockRenames {
+    /// `(diffusers prefix, renamed prefix)` pairs.
+    pairs: Vec<(String, String)>,
+}
+
+impl BlockRenames {
+    /// A table from `(diffusers prefix, renamed prefix)` pairs.
+    pub fn new(pairs: impl IntoIterator<Item = (String, String)>) -> Self {
+        Self { pairs: pairs.into_iter().collect() }
+    }
+
+    /// The pairs.
+    pub fn pairs(&self) -> &[(String, String)] {
+        &self.pairs
+    }
+
+    /// `path` with its longest matching diffusers prefix replaced, if one matches at a `.` boundary.
+    pub fn rename(&self, path: &str) -> Option<String> {
+        replace_prefix(self.pairs.iter().map(|(from, to)| (from.as_str(), to.as_str())), path)
+    }
+
+    /// The inverse of [`BlockRenames::rename`].
+    pub fn to_diffusers(&self, path: &str) -> Option<String> {
+        replace_prefix(self.pairs.iter().map(|(from, to)| (to.as_str(), from.as_str())), path)
+    }
+}
+
+fn replace_prefix<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>, path: &str) -> Option<String> {
+    pairs
+        .filter_map(|(from, to)| {
+            let rest = path.strip_prefix(from)?;
+            (rest.is_empty() || rest.starts_with('.')).then(|| (from.len(), format!("{to}{rest}")))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, renamed)| renamed)
+}
+
+/// The linear-layer module paths of each component of a model: what kohya names are matched
+/// against.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModuleNames {
+    paths: BTreeMap<Component, BTreeSet<String>>,
+}
+
+impl ModuleNames {
+    /// No names yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds every linear layer of `model` as a module of `component`.
+    pub fn add_model(&mut self, component: Component, model: &mut dyn HasLinears) -> &mut Self {
+        let set = self.paths.entry(component).or_default();
+        model.for_each_linear(&mut |path, _| {
+            set.insert(path.to_owned());
+        });
+        self
+    }
+
+    /// Adds module paths of `component` directly (e.g. the `.weight` keys of a model file without
+    /// their suffix).
+    pub fn add_paths<S: Into<String>>(&mut self, component: Component, paths: impl IntoIterator<Item = S>) -> &mut Self {
+        self.paths.entry(component).or_default().extend(paths.into_iter().map(Into::into));
+        self
+    }
+
+    /// Whether no component has names.
+    pub fn is_empty(&self) -> bool {
+        self.paths.values().all(BTreeSet::is_empty)
+    }
+}
+
+/// `lora_unet_down_blocks_0_…`: the kohya module name of a module path.
+pub fn module_name(component: Component, path: &str) -> String {
+    format!("{}_{}", component.kohya_prefix(), path.replace('.', "_"))
+}
+
+/// The key of `part` of `module`, with the UNet path renamed by `renames` when given.
+pub(crate) fn key(component: Component, module: &str, part: Part, renames: Option<&BlockRenames>) -> String {
+    let path = match (component, renames) {
+        (Component::Unet, Some(renames)) => renames.rename(module).unwrap_or_else(|| module.to_owned()),
+        _ => module.to_owned(),
+    };
+    let suffix = SUFFIXES.iter().find(|(_, p)| *p == part).map_or("", |(s, _)| *s);
+    format!("{}{suffix}", module_name(component, &path))
+}
+
+/// Whether every key is a kohya key (diffusers' own test for "non-diffusers" LoRA files).
+pub(crate) fn is_kohya_file<'a>(mut keys: impl Iterator<Item = &'a str>) -> bool {
+    keys.all(|key| ["lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"].iter().any(|p| key.starts_with(p)))
+}
+
+/// Maps kohya module names back to `(component, module path)`.
+pub(crate) struct Resolver {
+    /// `None` marks a name that two module paths produce.
+    names: HashMap<String, Option<(Component, String)>>,
+}
+
+impl Resolver {
+    pub(crate) fn new(modules: &ModuleNames, renames: Option<&BlockRenames>) -> Self {
+        let mut names: HashMap<String, Option<(Component, String)>> = HashMap::new();
+        let mut add = |name: String, target: (Component, String)| {
+            names
+                .entry(name)
+                .and_modify(|existing| {
+                    if existing.as_ref() != Some(&target) {
+                        *existing = None;
+                    }
+                })
+                .or_insert(Some(target));
+        };
+        for (component, paths) in &modules.paths {
+            for path in paths {
+                let target = (*component, path.clone());
+                add(module_name(*component, path), target.clone());
+                if *component == Component::TextEncoder {
+                    add(format!("{SD1_TEXT_ENCODER_PREFIX}_{}", path.replace('.', "_")), target.clone());
+                }
+                if let (Component::Unet, Some(renamed)) = (component, renames.and_then(|r| r.rename(path))) {
+                    add(module_name(*component, &renamed), target);
+                }
+            }
+        }
+        Self { names }
+    }
+
+    /// The component, module path and part of `key`, or why it cannot be placed.
+    pub(crate) fn place(&self, key: &str) -> Result<(Component, String, Part), &'static str> {
+        let (name, part) = SUFFIXES
+            .iter()
+            .find_map(|(suffix, part)| key.strip_suffix(suffix).map(|name| (name, *part)))
+            .ok_or("unknown suffix")?;
+        match self.names.get(name) {
+            Some(Some((component, path))) => Ok((*component, path.clone(), part)),
+            Some(None) => Err("ambiguous: several module paths give this name"),
+            None => Err("no module of the model has this name"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn renames() -> BlockRenames {
+        BlockRenames::new([
+            ("down_blocks.1.attentions.0".to_owned(), "input_blocks.4.1".to_owned()),
+            ("mid_block.attentions.0".to_owned(), "middle_block.1".to_owned()),
+            ("up_blocks.0.attentions.1".to_owned(), "output_blocks.1.1".to_owned()),
+        ])
+    }
+
+    #[test]
+    fn renames_by_longest_prefix_at_dot_boundaries() {
+        let table = renames();
+        let path = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q";
+        assert_eq!(table.rename(path).as_deref(), Some("input_blocks.4.1.transformer_blocks.0.attn1.to_q"));
+        assert_eq!(table.to_diffusers("input_blocks.4.1.proj_in").as_deref(), Some("down_blocks.1.attentions.0.proj_in"));
+        assert_eq!(table.rename("down_blocks.1.attentions.01.proj_in"), None);
+        assert_eq!(table.rename("conv_in"), None);
+    }
+
+    #[test]
+    fn keys_follow_the_kohya_grammar_in_both_spellings() {
+        let path = "mid_block.attentions.0.transformer_blocks.1.attn2.to_out.0";
+        assert_eq!(
+            key(Component::Unet, path, Part::Down, None),
+            "lora_unet_mid_block_attentions_0_transformer_blocks_1_attn2_to_out_0.lora_down.weight"
+        );
+        assert_eq!(
+            key(Component::Unet, path, Part::Alpha, Some(&renames())),
+            "lora_unet_middle_block_1_transformer_blocks_1_attn2_to_out_0.alpha"
+        );
+        assert_eq!(
+            key(Component::TextEncoder2, "text_model.encoder.layers.31.mlp.fc2", Part::Up, Some(&renames())),
+            "lora_te2_text_model_encoder_layers_31_mlp_fc2.lora_up.weight"
+        );
+    }
+
+    #[test]
+    fn resolver_places_both_spellings_and_names_what_it_cannot() {
+        let mut names = ModuleNames::new();
+        let unet_path = "up_blocks.0.attentions.1.transformer_blocks.0.ff.net.0.proj";
+        names.add_paths(Component::Unet, [unet_path]);
+        names.add_paths(Component::TextEncoder, ["text_model.encoder.layers.0.self_attn.q_proj"]);
+        // Two paths that flatten to the same kohya name.
+        names.add_paths(Component::TextEncoder2, ["a_b.c", "a.b_c"]);
+        let resolver = Resolver::new(&names, Some(&renames()));
+        let unet = (Component::Unet, unet_path.to_owned(), Part::Down);
+        assert_eq!(resolver.place("lora_unet_up_blocks_0_attentions_1_transformer_blocks_0_ff_net_0_proj.lora_down.weight"), Ok(unet.clone()));
+        assert_eq!(resolver.place("lora_unet_output_blocks_1_1_transformer_blocks_0_ff_net_0_proj.lora_down.weight"), Ok(unet));
+        assert_eq!(
+            resolver.place("lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"),
+            Ok((Component::TextEncoder, "text_model.encoder.layers.0.self_attn.q_proj".to_owned(), Part::Alpha))
+        );
+        assert!(resolver.place("lora_te2_a_b_c.alpha").is_err());
+        assert!(resolver.place("lora_unet_conv_in.lora_down.weight").is_err());
+        assert!(resolver.place("lora_unet_up_blocks_0_attentions_1_transformer_blocks_0_ff_net_0_proj.hada_w1_a").is_err());
+    }
+}

@@ -1,0 +1,352 @@
+//! Adapter injection by module-path patterns, and the operations that act on every adapted layer
+//! of a model: training mode, enabling, merging, collecting the trainable tensors.
+//!
+//! Follows peft's `LoraConfig` / `LoraModel` (`peft/tuners/lora/config.py`, `model.py`): targets
+//! are matched on the module path by dotted suffix (`to_q` matches `…attn1.to_q`), rank and alpha
+//! can be overridden per module by the same kind of pattern, and `B` starts at zero so that a
+//! freshly injected model computes exactly what the base model computes.
+
+use std::collections::BTreeMap;
+
+use tch::nn;
+use tch::{Kind, Tensor};
+
+use crate::adapter::{Adapter, Scaling};
+use crate::linear::{HasLinears, Linear};
+use crate::{Error, Result};
+
+/// The UNet attention projections targeted by diffusers' SDXL LoRA scripts.
+pub const UNET_ATTENTION_TARGETS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
+/// The feed-forward layers of a diffusers transformer block (kohya targets them too).
+pub const UNET_FEED_FORWARD_TARGETS: [&str; 2] = ["ff.net.0.proj", "ff.net.2"];
+/// The CLIP text-encoder attention projections targeted by diffusers' scripts.
+pub const TEXT_ENCODER_ATTENTION_TARGETS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "out_proj"];
+/// The CLIP text-encoder MLP layers (kohya targets them too).
+pub const TEXT_ENCODER_MLP_TARGETS: [&str; 2] = ["mlp.fc1", "mlp.fc2"];
+
+/// How `A` is initialised (`B` always starts at zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum Init {
+    /// Kaiming-uniform with `a = √5`, i.e. uniform in ±1/√in (peft's default, kohya's).
+    #[default]
+    KaimingUniform,
+    /// Normal with standard deviation `1/r` (peft's `"gaussian"`, used by diffusers' scripts).
+    Gaussian,
+}
+
+/// What to inject: peft's `LoraConfig`, restricted to linear layers.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraConfig {
+    /// Default rank `r`.
+    pub rank: i64,
+    /// Default alpha.
+    pub alpha: f64,
+    /// Module-path suffixes to adapt (`to_q`, `to_out.0`, or a full path).
+    pub targets: Vec<String>,
+    /// Per-module rank overrides, keyed by module-path suffix; the longest matching key wins.
+    pub rank_pattern: BTreeMap<String, i64>,
+    /// Per-module alpha overrides, keyed by module-path suffix; the longest matching key wins.
+    pub alpha_pattern: BTreeMap<String, f64>,
+    /// Dropout on the adapter input while training.
+    pub dropout: f64,
+    /// How `A` starts.
+    pub init: Init,
+    /// rsLoRA: scale by `alpha / √r` instead of `alpha / r`.
+    pub use_rslora: bool,
+    /// DoRA: add a trainable magnitude vector per output row.
+    pub use_dora: bool,
+}
+
+impl LoraConfig {
+    /// What diffusers' SDXL scripts set up for the UNet: attention projections, alpha = rank,
+    /// gaussian init.
+    pub fn unet_attention(rank: i64) -> Self {
+        Self::with_targets(rank, &UNET_ATTENTION_TARGETS)
+    }
+
+    /// What diffusers' SDXL scripts set up for a text encoder (`--train_text_encoder`).
+    pub fn text_encoder_attention(rank: i64) -> Self {
+        Self::with_targets(rank, &TEXT_ENCODER_ATTENTION_TARGETS)
+    }
+
+    /// Alpha = rank, gaussian init, no dropout, on the given targets.
+    pub fn with_targets(rank: i64, targets: &[&str]) -> Self {
+        Self {
+            rank,
+            alpha: rank as f64,
+            targets: targets.iter().map(|t| (*t).to_owned()).collect(),
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            dropout: 0.0,
+            init: Init::Gaussian,
+            use_rslora: false,
+            use_dora: false,
+        }
+    }
+
+    /// The scaling rule this configuration asks for.
+    pub fn scaling(&self) -> Scaling {
+        if self.use_rslora { Scaling::RankStabilized } else { Scaling::Standard }
+    }
+
+    /// Whether `module` is a target.
+    pub fn targets_module(&self, module: &str) -> bool {
+        self.targets.iter().any(|target| matches_suffix(module, target))
+    }
+
+    /// The rank and alpha of `module` after the patterns.
+    pub fn rank_and_alpha(&self, module: &str) -> (i64, f64) {
+        let rank = longest_match(&self.rank_pattern, module).copied().unwrap_or(self.rank);
+        let alpha = longest_match(&self.alpha_pattern, module).copied().unwrap_or(self.alpha);
+        (rank, alpha)
+    }
+
+    /// Checks ranks, alphas and dropout.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the first bad field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: String, reason: &str| Err(Error::InvalidConfig { field, reason: reason.to_owned() });
+        if self.rank < 1 {
+            return bad("rank".into(), "must be at least 1");
+        }
+        if !self.alpha.is_finite() {
+            return bad("alpha".into(), "must be finite");
+        }
+        if let Some((key, _)) = self.rank_pattern.iter().find(|(_, r)| **r < 1) {
+            return bad(format!("rank_pattern[{key:?}]"), "must be at least 1");
+        }
+        if let Some((key, _)) = self.alpha_pattern.iter().find(|(_, a)| !a.is_finite()) {
+            return bad(format!("alpha_pattern[{key:?}]"), "must be finite");
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad("dropout".into(), "must be in [0, 1)");
+        }
+        if self.targets.is_empty() {
+            return bad("targets".into(), "must name at least one module");
+        }
+        Ok(())
+    }
+}
+
+/// `module` equals `pattern` or ends with `.pattern` (peft's target and pattern rule).
+pub fn matches_suffix(module: &str, pattern: &str) -> bool {
+    module == pattern || module.strip_suffix(pattern).is_some_and(|head| head.ends_with('.'))
+}
+
+fn longest_match<'a, T>(patterns: &'a BTreeMap<String, T>, module: &str) -> Option<&'a T> {
+    patterns
+        .iter()
+        .filter(|(key, _)| matches_suffix(module, key))
+        .max_by_key(|(key, _)| key.len())
+        .map(|(_, value)| value)
+}
+
+/// The variable-store path of a dotted module path (`a.b.0` → `root / "a" / "b" / "0"`).
+/// An empty module path maps to `root / "_"` (a variable cannot be named at the root itself).
+pub fn module_path<'a>(root: &nn::Path<'a>, module: &str) -> nn::Path<'a> {
+    let mut parts = module.split('.').filter(|part| !part.is_empty());
+    let mut path = root / parts.next().unwrap_or("_");
+    for part in parts {
+        path = &path / part;
+    }
+    path
+}
+
+/// Which layers an injection adapted.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InjectionReport {
+    /// `(module path, rank, alpha)` of every adapted layer, in the model's order.
+    pub adapted: Vec<(String, i64, f64)>,
+    /// Target patterns that matched no layer (allowed, but usually a typo).
+    pub unmatched_targets: Vec<String>,
+}
+
+impl std::fmt::Display for InjectionReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "{} layer(s) adapted", self.adapted.len())?;
+        for (module, rank, alpha) in &self.adapted {
+            writeln!(f, "  {module}  r={rank} alpha={alpha}")?;
+        }
+        if !self.unmatched_targets.is_empty() {
+            writeln!(f, "targets that matched nothing: {}", self.unmatched_targets.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Adds an adapter called `name` to every linear layer of `model` that `config` targets.
+///
+/// The adapter's tensors are created in `root`'s variable store (trainable, in that store's
+/// element type, normally fp32) as `<module path>.lora_A.weight`, `<module path>.lora_B.weight`
+/// and, for DoRA, `<module path>.lora_magnitude_vector` (peft's state-dict names). Base weights and
+/// biases of every linear layer are frozen (`requires_grad = false`), as peft does; freezing the
+/// rest of the model (norms, convolutions) is the caller's (`VarStore::freeze`).
+///
+/// # Errors
+/// [`Error::InvalidConfig`], [`Error::NoTargetMatched`] when nothing was adapted,
+/// [`Error::DuplicateAdapter`] when a target already carries an adapter called `name`.
+pub fn inject(model: &mut dyn HasLinears, root: &nn::Path, name: &str, config: &LoraConfig) -> Result<InjectionReport> {
+    config.validate()?;
+    let mut report = InjectionReport::default();
+    let mut matched = vec![false; config.targets.len()];
+    let mut failure = None;
+    model.for_each_linear(&mut |module, linear| {
+        let _ = linear.weight.set_requires_grad(false);
+        if let Some(bias) = &linear.bias {
+            let _ = bias.set_requires_grad(false);
+        }
+        if failure.is_some() || !config.targets_module(module) {
+            return;
+        }
+        for (flag, target) in matched.iter_mut().zip(&config.targets) {
+            *flag |= matches_suffix(module, target);
+        }
+        let (rank, alpha) = config.rank_and_alpha(module);
+        match new_adapter(&module_path(root, module), name, linear, rank, alpha, config) {
+            Ok(adapter) => match linear.add_adapter(module, adapter) {
+                Ok(()) => report.adapted.push((module.to_owned(), rank, alpha)),
+                Err(error) => failure = Some(error),
+            },
+            Err(error) => failure = Some(error),
+        }
+    });
+    if let Some(error) = failure {
+        return Err(error);
+    }
+    if report.adapted.is_empty() {
+        return Err(Error::NoTargetMatched { targets: config.targets.clone() });
+    }
+    report.unmatched_targets =
+        config.targets.iter().zip(&matched).filter(|(_, m)| !**m).map(|(t, _)| t.clone()).collect();
+    Ok(report)
+}
+
+fn new_adapter(path: &nn::Path, name: &str, linear: &Linear, rank: i64, alpha: f64, config: &LoraConfig) -> Result<Adapter> {
+    let (in_features, out_features) = (linear.in_features(), linear.out_features());
+    let down_init = match config.init {
+        Init::Gaussian => nn::Init::Randn { mean: 0.0, stdev: 1.0 / rank as f64 },
+        Init::KaimingUniform => {
+            let bound = 1.0 / (in_features as f64).sqrt();
+            nn::Init::Uniform { lo: -bound, up: bound }
+        }
+    };
+    let down = (path / "lora_A").f_var("weight", &[rank, in_features], down_init)?;
+    let up = (path / "lora_B").f_var("weight", &[out_features, rank], nn::Init::Const(0.0))?;
+    let mut adapter = Adapter::new(name, down, up, alpha);
+    adapter.scaling = config.scaling();
+    adapter.dropout = config.dropout;
+    if config.use_dora {
+        // With B = 0 the adapted weight is W, so the magnitude starts at W's row norms.
+        let weight = linear.weight.to_kind(Kind::Float).to_device(path.device());
+        let norm = adapter.dora_weight_norm(&weight, &weight.zeros_like());
+        adapter.magnitude = Some(path.f_var_copy("lora_magnitude_vector", &norm)?);
+    }
+    Ok(adapter)
+}
+
+/// Runs `f` on every adapter called `name`, stopping at the first error. Returns how many layers
+/// have such an adapter.
+fn for_each_named(
+    model: &mut dyn HasLinears,
+    name: &str,
+    f: &mut dyn FnMut(&str, &mut Linear) -> Result<()>,
+) -> Result<usize> {
+    let mut count = 0;
+    let mut failure = None;
+    model.for_each_linear(&mut |module, linear| {
+        if failure.is_none() && linear.adapter(name).is_some() {
+            count += 1;
+            if let Err(error) = f(module, linear) {
+                failure = Some(error);
+            }
+        }
+    });
+    match failure {
+        Some(error) => Err(error),
+        None if count == 0 => Err(Error::UnknownAdapter { module: String::new(), adapter: name.to_owned() }),
+        None => Ok(count),
+    }
+}
+
+/// Switches adapter `name` on or off in every layer without merging.
+///
+/// # Errors
+/// [`Error::UnknownAdapter`] when no layer has it.
+pub fn set_enabled(model: &mut dyn HasLinears, name: &str, enabled: bool) -> Result<usize> {
+    for_each_named(model, name, &mut |module, linear| linear.set_adapter_enabled(module, name, enabled))
+}
+
+/// Sets adapter `name`'s multiplier (the per-LoRA weight when several are active) in every layer.
+/// Unmerge first: a merged adapter keeps the multiplier it was merged with.
+///
+/// # Errors
+/// [`Error::UnknownAdapter`] when no layer has it.
+pub fn set_multiplier(model: &mut dyn HasLinears, name: &str, multiplier: f64) -> Result<usize> {
+    for_each_named(model, name, &mut |module, linear| {
+        let adapter = linear
+            .adapter_mut(name)
+            .ok_or_else(|| Error::UnknownAdapter { module: module.to_owned(), adapter: name.to_owned() })?;
+        adapter.multiplier = multiplier;
+        Ok(())
+    })
+}
+
+/// Training mode (adapter dropout on) or evaluation mode for every linear layer.
+pub fn set_training(model: &mut dyn HasLinears, training: bool) {
+    model.for_each_linear(&mut |_, linear| linear.set_training(training));
+}
+
+/// Merges every enabled adapter (or only those named) into the base weights of every layer.
+///
+/// # Errors
+/// [`Error::NonFiniteMerge`] naming the first layer whose merged weight would not be finite
+/// (layers before it stay merged; call [`unmerge`] to undo).
+pub fn merge(model: &mut dyn HasLinears, names: Option<&[&str]>) -> Result<()> {
+    let mut failure = None;
+    model.for_each_linear(&mut |module, linear| {
+        if failure.is_some() || linear.adapters().is_empty() {
+            return;
+        }
+        let present: Option<Vec<&str>> =
+            names.map(|names| names.iter().copied().filter(|n| linear.adapter(n).is_some()).collect());
+        if let Err(error) = linear.merge(module, present.as_deref()) {
+            failure = Some(error);
+        }
+    });
+    failure.map_or(Ok(()), Err)
+}
+
+/// Undoes every merge in every layer.
+///
+/// # Errors
+/// Only libtorch errors.
+pub fn unmerge(model: &mut dyn HasLinears) -> Result<()> {
+    let mut failure = None;
+    model.for_each_linear(&mut |_, linear| {
+        if failure.is_none()
+            && let Err(error) = linear.unmerge()
+        {
+            failure = Some(error);
+        }
+    });
+    failure.map_or(Ok(()), Err)
+}
+
+/// The trainable tensors of every adapter (`A`, `B`, DoRA magnitudes), by
+/// `<module path>.<adapter name>.{lora_A,lora_B,lora_magnitude_vector}`: what the optimizer gets.
+/// Base weights are never included.
+pub fn trainable_variables(model: &mut dyn HasLinears) -> BTreeMap<String, Tensor> {
+    let mut variables = BTreeMap::new();
+    model.for_each_linear(&mut |module, linear| {
+        for adapter in linear.adapters() {
+            let key = |part: &str| format!("{module}.{}.{part}", adapter.name);
+            variables.insert(key("lora_A"), adapter.down.shallow_clone());
+            variables.insert(key("lora_B"), adapter.up.shallow_clone());
+            if let Some(magnitude) = &adapter.magnitude {
+                variables.insert(key("lora_magnitude_vector"), magnitude.shallow_clone());
+            }
+        }
+    });
+    variables
+}
