@@ -1,0 +1,347 @@
+//! A dataset ready for training: the selected rows, decoded once to check them and learn their
+//! sizes, with their content hashes, captions and buckets. Samples are made from it per step.
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use tch::Tensor;
+
+use crate::bucket::Buckets;
+use crate::record::{Origin, RawRow};
+use crate::rng::Rng;
+use crate::source::Source;
+use crate::transform::{self, Placement, TransformConfig};
+use crate::{Error, Result};
+
+/// Which rows of the source are used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    /// Every row.
+    All,
+    /// The first `n` rows in source order (the seed recipe trains on the first 75).
+    First(usize),
+    /// `count` rows (all if `None`) drawn by a shuffle seeded with `seed`, kept in source order.
+    Shuffled {
+        /// How many rows; `None` keeps them all.
+        count: Option<usize>,
+        /// The shuffle's seed.
+        seed: u64,
+    },
+}
+
+/// Where a sample's prompt comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaptionSource {
+    /// The source's caption column (or `.txt` file).
+    Column,
+    /// One prompt for every image (DreamBooth-style instance prompt).
+    Instance(String),
+}
+
+/// How prompts are made from captions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Captions {
+    /// The caption column or an instance prompt.
+    pub source: CaptionSource,
+    /// A template with `{}` where the caption goes, e.g. `"a drawing in naruto style, {}"`.
+    pub template: Option<String>,
+    /// Probability of replacing the prompt with the empty prompt at a step (classifier-free guidance
+    /// training), drawn anew each step.
+    pub dropout: f64,
+}
+
+impl Default for Captions {
+    fn default() -> Self {
+        Self { source: CaptionSource::Column, template: None, dropout: 0.0 }
+    }
+}
+
+/// Everything that decides which samples a dataset yields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetConfig {
+    /// Which rows.
+    pub selection: Selection,
+    /// How often each selected row appears per epoch (kohya's repeats); at least 1.
+    pub repeats: u32,
+    /// Prompts.
+    pub captions: Captions,
+    /// Target sizes: one square, or aspect-ratio buckets.
+    pub buckets: Buckets,
+    /// Resize, crop, flip.
+    pub transform: TransformConfig,
+    /// Leave out rows that fail (undecodable, too small, bad path, missing caption) and report them
+    /// in [`Dataset::skipped`] instead of failing.
+    pub skip_bad_rows: bool,
+    /// Threads used to decode and check the images once at opening.
+    pub threads: usize,
+}
+
+impl DatasetConfig {
+    /// Every row, captions from the `text` column, `resolution²` centre crops, no flip.
+    pub fn new(resolution: u32) -> Result<Self> {
+        Ok(Self {
+            selection: Selection::All,
+            repeats: 1,
+            captions: Captions::default(),
+            buckets: Buckets::square(resolution)?,
+            transform: TransformConfig::default(),
+            skip_bad_rows: false,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        })
+    }
+}
+
+/// One usable image of the dataset.
+#[derive(Debug, Clone)]
+pub struct Item {
+    /// Where it came from.
+    pub origin: Origin,
+    /// The encoded image, decoded again at every step.
+    pub bytes: Arc<[u8]>,
+    /// SHA-256 of `bytes`: the image's identity in cache keys.
+    pub content_hash: [u8; 32],
+    /// Size `(width, height)` of the decoded image.
+    pub size: (u32, u32),
+    /// The source's caption, if read.
+    pub caption: Option<String>,
+    /// Index into the bucket sizes.
+    pub bucket: usize,
+}
+
+/// A row left out under `skip_bad_rows`, with the reason.
+#[derive(Debug)]
+pub struct Skipped {
+    /// The error the row produced; its message names the row or file.
+    pub error: Error,
+}
+
+/// Identifies one sample: which item, at which step and position in the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SampleKey {
+    /// The run's seed.
+    pub seed: u64,
+    /// Global step (0-based).
+    pub step: u64,
+    /// Position in the step's batch.
+    pub slot: u32,
+    /// Index of the item in the dataset.
+    pub item: usize,
+}
+
+/// One transformed sample.
+#[derive(Debug)]
+pub struct Sample {
+    /// Index of the item in the dataset.
+    pub item: usize,
+    /// Pixels `[3, height, width]` in `[-1, 1]`.
+    pub pixels: Tensor,
+    /// The prompt for this step (empty when dropped out).
+    pub prompt: String,
+    /// The decoded image's size `(height, width)`: SDXL's `original_size`.
+    pub original_size: (u32, u32),
+    /// The crop's top-left `(top, left)`: SDXL's `crops_coords_top_left`.
+    pub crop_top_left: (u32, u32),
+    /// The crop's size `(height, width)`: SDXL's `target_size`.
+    pub target_size: (u32, u32),
+    /// Size `(height, width)` after resizing, before the crop.
+    pub resized_size: (u32, u32),
+    /// Whether the image was mirrored.
+    pub flipped: bool,
+    /// SHA-256 of the encoded image.
+    pub content_hash: [u8; 32],
+}
+
+/// The selected, checked rows of a source with the rules that turn them into samples.
+#[derive(Debug)]
+pub struct Dataset {
+    items: Vec<Item>,
+    skipped: Vec<Skipped>,
+    config: DatasetConfig,
+}
+
+/// Purposes of the random streams, so that changing one option never shifts another's draws.
+const STREAM_TRANSFORM: u64 = 1;
+const STREAM_CAPTION: u64 = 2;
+const STREAM_SELECTION: u64 = 3;
+
+impl Dataset {
+    /// Opens `source`, selects rows, decodes each once to check it and learn its size, and assigns
+    /// buckets. Fails on the first bad row unless `config.skip_bad_rows`.
+    pub fn open(source: &Source, config: DatasetConfig) -> Result<Self> {
+        if config.repeats == 0 {
+            return Err(Error::InvalidOption { option: "repeats", problem: "must be at least 1".into() });
+        }
+        if !(0.0..=1.0).contains(&config.captions.dropout) {
+            return Err(Error::InvalidOption {
+                option: "caption_dropout",
+                problem: format!("{} is not a probability", config.captions.dropout),
+            });
+        }
+        let captions_needed = config.captions.source == CaptionSource::Column;
+        let opened = source.open(captions_needed)?;
+        let indices = select(opened.len(), config.selection)?;
+        let rows = opened.read_rows(&indices)?;
+        let checked = check_rows(rows, &config, captions_needed);
+        let mut items = Vec::with_capacity(checked.len());
+        let mut skipped = Vec::new();
+        for row in checked {
+            match row {
+                Ok(item) => items.push(item),
+                Err(error) if config.skip_bad_rows => skipped.push(Skipped { error }),
+                Err(error) => return Err(error),
+            }
+        }
+        if items.is_empty() {
+            return Err(Error::EmptySelection {
+                reason: format!("all {} selected rows were skipped as bad", skipped.len()),
+            });
+        }
+        Ok(Self { items, skipped, config })
+    }
+
+    /// The usable items, in source order.
+    pub fn items(&self) -> &[Item] {
+        &self.items
+    }
+
+    /// Number of usable items.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether there are no items (never true for an opened dataset).
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Rows left out under `skip_bad_rows`.
+    pub fn skipped(&self) -> &[Skipped] {
+        &self.skipped
+    }
+
+    /// The configuration the dataset was opened with.
+    pub fn config(&self) -> &DatasetConfig {
+        &self.config
+    }
+
+    /// The prompt of `key.item` at `key.step`: caption or instance prompt, templated, maybe dropped.
+    pub fn prompt(&self, key: &SampleKey) -> Result<String> {
+        let item = self.item(key.item)?;
+        let captions = &self.config.captions;
+        let mut rng = Rng::keyed(key.seed, &[STREAM_CAPTION, key.step, u64::from(key.slot), key.item as u64]);
+        if captions.dropout > 0.0 && rng.chance(captions.dropout) {
+            return Ok(String::new());
+        }
+        let base = match &captions.source {
+            CaptionSource::Instance(prompt) => prompt.as_str(),
+            CaptionSource::Column => item.caption.as_deref().unwrap_or(""),
+        };
+        Ok(match &captions.template {
+            Some(template) => template.replace("{}", base),
+            None => base.to_owned(),
+        })
+    }
+
+    /// The flip and crop of `key.item` at `key.step`, without touching pixels.
+    pub fn placement(&self, key: &SampleKey) -> Result<Placement> {
+        let item = self.item(key.item)?;
+        let target = self.config.buckets.sizes()[item.bucket];
+        let mut rng = Rng::keyed(key.seed, &[STREAM_TRANSFORM, key.step, u64::from(key.slot), key.item as u64]);
+        Ok(transform::place(item.size.0, item.size.1, target, &self.config.transform, &mut rng))
+    }
+
+    /// Decodes and transforms one sample. A pure function of the key: any thread, any run.
+    pub fn sample(&self, key: &SampleKey) -> Result<Sample> {
+        let item = self.item(key.item)?;
+        let placement = self.placement(key)?;
+        let image = transform::decode(&item.bytes, &item.origin)?;
+        let pixels = transform::apply(&image, &placement)?;
+        let swap = |(w, h): (u32, u32)| (h, w);
+        Ok(Sample {
+            item: key.item,
+            pixels,
+            prompt: self.prompt(key)?,
+            original_size: swap(item.size),
+            crop_top_left: placement.crop_top_left,
+            target_size: swap(placement.target),
+            resized_size: swap(placement.resized),
+            flipped: placement.flipped,
+            content_hash: item.content_hash,
+        })
+    }
+
+    fn item(&self, index: usize) -> Result<&Item> {
+        self.items.get(index).ok_or_else(|| Error::InvalidOption {
+            option: "item",
+            problem: format!("{index} is past the {} items", self.items.len()),
+        })
+    }
+}
+
+/// The selected row indices, ascending.
+fn select(available: usize, selection: Selection) -> Result<Vec<usize>> {
+    let indices: Vec<usize> = match selection {
+        Selection::All => (0..available).collect(),
+        Selection::First(n) => (0..n.min(available)).collect(),
+        Selection::Shuffled { count, seed } => {
+            let mut all: Vec<usize> = (0..available).collect();
+            Rng::keyed(seed, &[STREAM_SELECTION]).shuffle(&mut all);
+            all.truncate(count.unwrap_or(available));
+            all.sort_unstable();
+            all
+        }
+    };
+    if indices.is_empty() {
+        return Err(Error::EmptySelection {
+            reason: format!("{selection:?} of a source with {available} rows selects nothing"),
+        });
+    }
+    Ok(indices)
+}
+
+/// Reads, hashes, decodes and size-checks rows on `config.threads` threads, keeping their order.
+fn check_rows(rows: Vec<Result<RawRow>>, config: &DatasetConfig, captions_needed: bool) -> Vec<Result<Item>> {
+    let threads = config.threads.clamp(1, rows.len().max(1));
+    let chunk = rows.len().div_ceil(threads).max(1);
+    let mut rows: Vec<Option<Result<RawRow>>> = rows.into_iter().map(Some).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = rows
+            .chunks_mut(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter_mut()
+                        .map(|row| match row.take() {
+                            Some(row) => check_row(row?, config, captions_needed),
+                            None => Err(Error::Worker("row taken twice".into())),
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|handle| {
+                handle.join().unwrap_or_else(|_| vec![Err(Error::Worker("image check thread panicked".into()))])
+            })
+            .collect()
+    })
+}
+
+fn check_row(row: RawRow, config: &DatasetConfig, captions_needed: bool) -> Result<Item> {
+    if captions_needed && row.caption.is_none() {
+        return Err(Error::BadCell { origin: row.origin, problem: "no caption".into() });
+    }
+    let bytes = row.image.bytes()?;
+    let image = transform::decode(&bytes, &row.origin)?;
+    let size = image.dimensions();
+    let bucket = config.buckets.assign(size.0, size.1);
+    transform::check_size(size.0, size.1, config.buckets.sizes()[bucket], &config.transform, &row.origin)?;
+    Ok(Item {
+        content_hash: Sha256::digest(&bytes).into(),
+        bytes: bytes.into(),
+        origin: row.origin,
+        size,
+        caption: row.caption,
+        bucket,
+    })
+}

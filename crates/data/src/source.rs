@@ -1,0 +1,135 @@
+//! Where rows come from: a hub dataset, local parquet files, an imagefolder or a folder of images
+//! with `.txt` captions. Every source yields [`RawRow`]s in a fixed order, so a row index means the
+//! same image on every run.
+
+use std::path::PathBuf;
+
+use crate::folder::{read_caption_files, read_imagefolder};
+use crate::hub::HubDataset;
+use crate::parquet::ParquetFile;
+use crate::record::RawRow;
+use crate::{Error, Result};
+
+/// Column names of a parquet dataset (or keys of `metadata.jsonl`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Columns {
+    /// The image column: a `datasets` Image struct `{bytes, path}` or plain bytes; default `image`.
+    pub image: String,
+    /// The caption column; default `text`. `None` when captions are not read (an instance prompt).
+    pub caption: Option<String>,
+}
+
+impl Default for Columns {
+    fn default() -> Self {
+        Self { image: "image".into(), caption: Some("text".into()) }
+    }
+}
+
+/// A dataset's location and layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A dataset repository on the hub; its parquet shards are downloaded into the HF cache.
+    Hub(HubDataset),
+    /// Local parquet files in the `datasets` layout, read in the given order.
+    Parquet {
+        /// The files.
+        files: Vec<PathBuf>,
+        /// Column names.
+        columns: Columns,
+    },
+    /// A folder with `metadata.jsonl` (`file_name` plus a caption key), the `datasets` imagefolder.
+    ImageFolder {
+        /// The folder.
+        root: PathBuf,
+        /// The caption key in `metadata.jsonl`; default `text`; `None` to ignore captions.
+        caption_column: Option<String>,
+    },
+    /// A folder of images, each with a `.txt` caption of the same stem (searched recursively,
+    /// ordered by path).
+    CaptionFiles {
+        /// The folder.
+        root: PathBuf,
+        /// Read the `.txt` files (and require them); off when an instance prompt replaces captions.
+        read_captions: bool,
+    },
+}
+
+/// A source after its files were found and checked: it knows its row count and reads rows by index.
+pub(crate) enum OpenSource {
+    Parquet(Vec<ParquetFile>),
+    Rows(Vec<Result<RawRow>>),
+}
+
+impl Source {
+    /// Opens the source. `captions_needed: false` skips caption columns and files entirely.
+    pub(crate) fn open(&self, captions_needed: bool) -> Result<OpenSource> {
+        let columns_for = |columns: &Columns| Columns {
+            image: columns.image.clone(),
+            caption: columns.caption.clone().filter(|_| captions_needed),
+        };
+        match self {
+            Source::Hub(hub) => {
+                let files = hub.resolve()?;
+                let columns = columns_for(&hub.columns);
+                Ok(OpenSource::Parquet(files.iter().map(|f| ParquetFile::open(f, &columns)).collect::<Result<_>>()?))
+            }
+            Source::Parquet { files, columns } => {
+                if files.is_empty() {
+                    return Err(Error::EmptySelection { reason: "no parquet files given".into() });
+                }
+                let columns = columns_for(columns);
+                Ok(OpenSource::Parquet(files.iter().map(|f| ParquetFile::open(f, &columns)).collect::<Result<_>>()?))
+            }
+            Source::ImageFolder { root, caption_column } => Ok(OpenSource::Rows(read_imagefolder(
+                root,
+                caption_column.as_deref().filter(|_| captions_needed),
+            )?)),
+            Source::CaptionFiles { root, read_captions } => {
+                Ok(OpenSource::Rows(read_caption_files(root, *read_captions && captions_needed)?))
+            }
+        }
+    }
+}
+
+impl OpenSource {
+    /// Number of rows.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            OpenSource::Parquet(files) => files.iter().map(ParquetFile::num_rows).sum(),
+            OpenSource::Rows(rows) => rows.len(),
+        }
+    }
+
+    /// The rows at the given global indices (ascending, distinct), one result per row.
+    pub(crate) fn read_rows(self, indices: &[usize]) -> Result<Vec<Result<RawRow>>> {
+        match self {
+            OpenSource::Rows(rows) => {
+                let mut rows: Vec<Option<Result<RawRow>>> = rows.into_iter().map(Some).collect();
+                Ok(indices
+                    .iter()
+                    .map(|&i| {
+                        rows.get_mut(i).and_then(Option::take).unwrap_or_else(|| {
+                            Err(Error::EmptySelection { reason: format!("row {i} is past the end") })
+                        })
+                    })
+                    .collect())
+            }
+            OpenSource::Parquet(files) => {
+                let mut out = Vec::with_capacity(indices.len());
+                let mut first_row = 0usize;
+                let mut rest = indices;
+                for file in &files {
+                    let end = first_row + file.num_rows();
+                    let split = rest.partition_point(|&i| i < end);
+                    let local: Vec<usize> = rest[..split].iter().map(|&i| i - first_row).collect();
+                    if !local.is_empty() {
+                        out.extend(file.read_rows(&local)?);
+                    }
+                    rest = &rest[split..];
+                    first_row = end;
+                }
+                Ok(out)
+            }
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! The per-step image transform of diffusers' SDXL training scripts
+//! (`train_text_to_image_lora_sdxl.py`, `preprocess_train`): resize with antialiasing so the image
+//! covers the target, random horizontal flip, centre or random crop, then scale to `[-1, 1]`.
+//!
+//! The crop's top-left corner is reported in the coordinates of the resized (and, as in diffusers,
+//! already flipped) image, together with the original size, because SDXL conditions on both
+//! (`add_time_ids = original_size + crop_top_left + target_size`).
+
+use image::RgbImage;
+use tch::{Kind, Tensor};
+
+use crate::record::Origin;
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// Where the crop is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CropMode {
+    /// The middle (torchvision `CenterCrop`: offsets rounded half to even, as Python's `round`).
+    Center,
+    /// Uniformly anywhere inside the resized image, drawn anew each step.
+    Random,
+}
+
+/// The transform's options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransformConfig {
+    /// Centre or random crop.
+    pub crop: CropMode,
+    /// Flip horizontally with probability ½, drawn anew each step.
+    pub random_flip: bool,
+    /// Let images smaller than their target be enlarged; off by default, where they are errors.
+    pub allow_upscale: bool,
+}
+
+impl Default for TransformConfig {
+    fn default() -> Self {
+        Self { crop: CropMode::Center, random_flip: false, allow_upscale: false }
+    }
+}
+
+/// The geometric decisions for one sample at one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// Size `(width, height)` after resizing.
+    pub resized: (u32, u32),
+    /// Whether the resized image was mirrored left-right.
+    pub flipped: bool,
+    /// The crop's top-left corner `(top, left)` in the resized, flipped image.
+    pub crop_top_left: (u32, u32),
+    /// The crop's size `(width, height)`, the bucket's size.
+    pub target: (u32, u32),
+}
+
+/// The size `(width, height)` to which a `width × height` image is resized to cover `target`:
+/// the binding side becomes the target's, the other keeps the aspect ratio, truncated as torchvision's
+/// `Resize(int)` does (`int(short_target * long / short)`), never below the target.
+pub fn covering_size(width: u32, height: u32, target: (u32, u32)) -> (u32, u32) {
+    let (target_w, target_h) = target;
+    let (w, h, tw, th) = (u64::from(width), u64::from(height), u64::from(target_w), u64::from(target_h));
+    if w * th <= h * tw {
+        // Relatively narrower than the target: the width binds.
+        let new_h = (h * tw / w.max(1)).max(th);
+        (target_w, u32::try_from(new_h).unwrap_or(u32::MAX))
+    } else {
+        let new_w = (w * th / h.max(1)).max(tw);
+        (u32::try_from(new_w).unwrap_or(u32::MAX), target_h)
+    }
+}
+
+/// Checks that a `width × height` image may be brought to `target` under `config`.
+pub fn check_size(width: u32, height: u32, target: (u32, u32), config: &TransformConfig, origin: &Origin) -> Result<()> {
+    if config.allow_upscale || (width >= target.0 && height >= target.1) {
+        Ok(())
+    } else {
+        Err(Error::ImageTooSmall {
+            origin: origin.clone(),
+            width,
+            height,
+            crop_width: target.0,
+            crop_height: target.1,
+        })
+    }
+}
+
+/// Draws the flip and crop for one sample. The flip is drawn first, as diffusers does.
+pub fn place(width: u32, height: u32, target: (u32, u32), config: &TransformConfig, rng: &mut Rng) -> Placement {
+    let resized = covering_size(width, height, target);
+    let flipped = config.random_flip && rng.chance(0.5);
+    let (spare_w, spare_h) = (resized.0 - target.0, resized.1 - target.1);
+    let crop_top_left = match config.crop {
+        CropMode::Center => (half_rounded_even(spare_h), half_rounded_even(spare_w)),
+        CropMode::Random => {
+            let top = rng.below_or_equal(u64::from(spare_h)) as u32;
+            let left = rng.below_or_equal(u64::from(spare_w)) as u32;
+            (top, left)
+        }
+    };
+    Placement { resized, flipped, crop_top_left, target }
+}
+
+/// `round(n / 2)` with ties to even, like Python's `round` in torchvision's `center_crop`.
+fn half_rounded_even(n: u32) -> u32 {
+    (f64::from(n) / 2.0).round_ties_even() as u32
+}
+
+/// Decodes PNG, JPEG or WebP bytes to 8-bit RGB (alpha dropped, greyscale expanded), like PIL's
+/// `convert("RGB")` in the diffusers scripts.
+pub fn decode(bytes: &[u8], origin: &Origin) -> Result<RgbImage> {
+    let undecodable = |source| Error::Undecodable { origin: origin.clone(), source };
+    let image = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| undecodable(image::ImageError::IoError(e)))?
+        .decode()
+        .map_err(undecodable)?;
+    Ok(image.into_rgb8())
+}
+
+/// Applies `placement` to an image: antialiased bilinear resize (`torch`'s `_upsample_bilinear2d_aa`,
+/// what torchvision's `Resize(antialias=True)` calls), flip, crop, and scaling to `[-1, 1]`.
+///
+/// # Shapes
+/// returns `[3, target height, target width]`, float32.
+pub fn apply(image: &RgbImage, placement: &Placement) -> Result<Tensor> {
+    let (width, height) = image.dimensions();
+    let (resized_w, resized_h) = placement.resized;
+    let (target_w, target_h) = placement.target;
+    let (top, left) = placement.crop_top_left;
+    let mut pixels = Tensor::f_from_slice(image.as_raw())?
+        .f_view([i64::from(height), i64::from(width), 3])?
+        .f_permute([2, 0, 1])?
+        .f_unsqueeze(0)?
+        .f_to_kind(Kind::Float)?;
+    if (resized_w, resized_h) != (width, height) {
+        pixels =
+            pixels.f_internal_upsample_bilinear2d_aa([i64::from(resized_h), i64::from(resized_w)], false, None, None)?;
+    }
+    if placement.flipped {
+        pixels = pixels.f_flip([3])?;
+    }
+    let cropped = pixels
+        .f_narrow(2, i64::from(top), i64::from(target_h))?
+        .f_narrow(3, i64::from(left), i64::from(target_w))?
+        .f_squeeze_dim(0)?;
+    Ok(cropped.f_div_scalar(127.5)?.f_sub_scalar(1.0)?.f_contiguous()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn covering_size_follows_torchvision_for_squares() {
+        // torchvision Resize(512) on 1000x750 (w x h): short side 750 -> 512, long int(512*1000/750)=682.
+        assert_eq!(covering_size(1000, 750, (512, 512)), (682, 512));
+        assert_eq!(covering_size(750, 1000, (512, 512)), (512, 682));
+        assert_eq!(covering_size(64, 64, (32, 32)), (32, 32));
+        // A bucket wider than the image's aspect: the width binds.
+        assert_eq!(covering_size(100, 100, (64, 32)), (64, 64));
+    }
+
+    #[test]
+    fn centre_crop_rounds_like_python() {
+        let config = TransformConfig::default();
+        let mut rng = Rng::keyed(0, &[]);
+        // 35 spare rows: round(17.5) = 18; 33 spare: round(16.5) = 16.
+        assert_eq!(place(32, 67, (32, 32), &config, &mut rng).crop_top_left, (18, 0));
+        assert_eq!(place(65, 32, (32, 32), &config, &mut rng).crop_top_left, (0, 16));
+    }
+
+    #[test]
+    fn transform_resizes_flips_crops_and_scales() {
+        // A 4x2 image whose columns are 0, 85, 170, 255: no resize, crop 2x2 at left 2 after a flip.
+        let mut image = RgbImage::new(4, 2);
+        for (x, _, p) in image.enumerate_pixels_mut() {
+            *p = image::Rgb([(x * 85) as u8; 3]);
+        }
+        let placement = Placement { resized: (4, 2), flipped: true, crop_top_left: (0, 2), target: (2, 2) };
+        let out = apply(&image, &placement).unwrap();
+        assert_eq!(out.size(), [3, 2, 2]);
+        let row: Vec<f32> = Vec::try_from(out.get(0).get(0)).unwrap();
+        // Flipped columns: 255, 170, 85, 0; the crop keeps 85, 0.
+        assert!((row[0] - (85.0 / 127.5 - 1.0)).abs() < 1e-6 && (row[1] + 1.0).abs() < 1e-6, "{row:?}");
+        // Downscaling a constant image keeps it constant and inside [-1, 1].
+        let flat = RgbImage::from_pixel(50, 30, image::Rgb([200, 10, 255]));
+        let placement = place(50, 30, (16, 16), &TransformConfig::default(), &mut Rng::keyed(1, &[]));
+        let out = apply(&flat, &placement).unwrap();
+        assert_eq!(out.size(), [3, 16, 16]);
+        let expected = Tensor::from_slice(&[200.0f32 / 127.5 - 1.0, 10.0 / 127.5 - 1.0, 1.0]).view([3, 1, 1]);
+        assert!((out - expected).abs().max().double_value(&[]) < 1e-5);
+    }
+}
