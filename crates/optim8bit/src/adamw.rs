@@ -1,0 +1,431 @@
+//! AdamW with block-wise 8-bit states (bitsandbytes `AdamW8bit`) or with fp32 states.
+//!
+//! Follows bitsandbytes 0.50: `bitsandbytes/optim/optimizer.py` (`Optimizer2State`: which
+//! parameters get 8-bit states, the state layout) and, for the order of the arithmetic, the CUDA
+//! kernels `kOptimizerStatic8bit2StateBlockwise` (8-bit states) and `kOptimizer32bit2State`
+//! (fp32 states) in `csrc/kernels.cu`:
+//!
+//! 1. (8-bit) dequantize `m = code₁[c₁]·absmax₁`, `v = code₂[c₂]·absmax₂` per block of 256;
+//! 2. `v ← β₂v + (1−β₂)g²`, `m ← β₁m + (1−β₁)g`;
+//! 3. `p ← p − lr·√(1−β₂ᵗ)/(1−β₁ᵗ) · m / (√v + ε·√(1−β₂ᵗ))`;
+//! 4. decoupled weight decay *after* the step, `p ← p·(1 − lr·wd)` (torch's AdamW and bitsandbytes'
+//!    CPU path decay before; the difference is of order lr²·wd);
+//! 5. (8-bit) new absmax per block, requantize to the nearest code keeping the sign of `m`.
+//!
+//! With 8-bit states, an element whose gradient is NaN or ±inf is not updated and its moments are
+//! reset to zero, as in the 8-bit kernel (the fp32 kernel has no such guard, and neither has this
+//! fp32 path).
+//!
+//! The step is a fixed sequence of tensor operations on persistent tensors: the step count, the
+//! learning rates and the bias corrections live on the device and nothing is read back to the host,
+//! so a step can be captured in a CUDA graph.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::quantize::{BLOCK_SIZE, QuantMap, as_blocks, block_count, normalize};
+use crate::{Error, Result};
+
+/// How the optimizer stores Adam's two moments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatePrecision {
+    /// Block-wise 8-bit codes (bitsandbytes `AdamW8bit`) for tensors of at least
+    /// [`AdamWConfig::min_8bit_size`] elements, fp32 for smaller ones.
+    EightBit,
+    /// fp32 for every tensor (bitsandbytes' 32-bit AdamW kernel).
+    Fp32,
+}
+
+/// The settings shared by all parameter groups; learning rate and weight decay are per group.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    /// Decay of the first moment, β₁.
+    pub beta1: f64,
+    /// Decay of the second moment, β₂.
+    pub beta2: f64,
+    /// Added to √v̂ in the denominator.
+    pub eps: f64,
+    /// Tensors with fewer elements keep fp32 states even with [`StatePrecision::EightBit`]
+    /// (bitsandbytes' `min_8bit_size`).
+    pub min_8bit_size: i64,
+    /// How the moments are stored.
+    pub precision: StatePrecision,
+}
+
+impl AdamWConfig {
+    /// bitsandbytes' `AdamW8bit` defaults: betas (0.9, 0.999), eps 1e-8, `min_8bit_size` 4096.
+    pub fn eight_bit() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, min_8bit_size: 4096, precision: StatePrecision::EightBit }
+    }
+
+    /// The same defaults with fp32 states everywhere.
+    pub fn fp32() -> Self {
+        Self { precision: StatePrecision::Fp32, ..Self::eight_bit() }
+    }
+
+    fn validate(&self) -> Result<()> {
+        check_range("betas.0", self.beta1, (0.0..1.0).contains(&self.beta1), "must lie in [0, 1)")?;
+        check_range("betas.1", self.beta2, (0.0..1.0).contains(&self.beta2), "must lie in [0, 1)")?;
+        check_range("eps", self.eps, self.eps.is_finite() && self.eps >= 0.0, "must be finite and ≥ 0")?;
+        check_range("min_8bit_size", self.min_8bit_size as f64, self.min_8bit_size >= 0, "must be ≥ 0")
+    }
+}
+
+/// Parameters that share a learning rate and a weight decay.
+#[derive(Debug)]
+pub struct ParamGroup {
+    /// The tensors to optimize (floating point, on one device, with `requires_grad`).
+    pub params: Vec<Tensor>,
+    /// Learning rate.
+    pub lr: f64,
+    /// Decoupled weight decay (bitsandbytes' default for AdamW is 1e-2).
+    pub weight_decay: f64,
+}
+
+impl ParamGroup {
+    /// A group of `params` with its own learning rate and weight decay.
+    pub fn new(params: Vec<Tensor>, lr: f64, weight_decay: f64) -> Self {
+        Self { params, lr, weight_decay }
+    }
+}
+
+/// The moments of one parameter.
+#[derive(Debug)]
+pub(crate) enum Moments {
+    /// 8-bit codes over the parameter padded to whole blocks, and one absmax per block. The padding
+    /// holds the values the CUDA kernel loads for elements past the end (code 128 for `m`, 0 for
+    /// `v`), so a ragged last block gets the same absmax as there.
+    Blockwise { m_codes: Tensor, v_codes: Tensor, m_absmax: Tensor, v_absmax: Tensor },
+    /// fp32 moments, flattened.
+    Full { m: Tensor, v: Tensor },
+}
+
+/// Code index that the CUDA kernel loads for first-moment elements past the end of a tensor.
+pub(crate) const M_PAD_CODE: f64 = 128.0;
+
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub(crate) param: Tensor,
+    pub(crate) numel: i64,
+    pub(crate) moments: Moments,
+}
+
+#[derive(Debug)]
+pub(crate) struct Group {
+    pub(crate) slots: Vec<Slot>,
+    pub(crate) lr_value: f64,
+    /// The learning rate as a 0-dim float64 tensor on the device, read by the step.
+    pub(crate) lr: Tensor,
+    pub(crate) weight_decay: f64,
+}
+
+/// AdamW with 8-bit block-wise or fp32 moments (see the module docs for the exact update).
+#[derive(Debug)]
+pub struct AdamW {
+    pub(crate) config: AdamWConfig,
+    pub(crate) groups: Vec<Group>,
+    pub(crate) device: Device,
+    /// Steps taken, a 0-dim float64 tensor on the device.
+    pub(crate) step: Tensor,
+    pub(crate) signed_map: QuantMap,
+    pub(crate) unsigned_map: QuantMap,
+}
+
+impl AdamW {
+    /// An optimizer over `groups`; every parameter must be a floating-point tensor and all of them
+    /// must live on one device. States start at zero (bitsandbytes initialises them lazily to the
+    /// same values).
+    pub fn new(groups: Vec<ParamGroup>, config: AdamWConfig) -> Result<Self> {
+        config.validate()?;
+        let device = groups.iter().flat_map(|g| g.params.first()).map(Tensor::device).next().unwrap_or(Device::Cpu);
+        let mut built = Vec::with_capacity(groups.len());
+        for (group_index, group) in groups.into_iter().enumerate() {
+            check_group_value(group_index, "lr", group.lr)?;
+            check_group_value(group_index, "weight_decay", group.weight_decay)?;
+            let mut slots = Vec::with_capacity(group.params.len());
+            for (index, param) in group.params.into_iter().enumerate() {
+                let unsupported = |reason: String| Error::UnsupportedParameter { group: group_index, index, reason };
+                if !param.defined() {
+                    return Err(unsupported("undefined tensor".into()));
+                }
+                if !param.is_floating_point() {
+                    return Err(unsupported(format!("element type {:?} is not floating point", param.kind())));
+                }
+                if param.device() != device {
+                    return Err(unsupported(format!("lives on {:?}, the first parameter on {device:?}", param.device())));
+                }
+                let numel = param.numel() as i64;
+                let moments = Self::zero_moments(&config, numel, device)?;
+                slots.push(Slot { param, numel, moments });
+            }
+            let lr = Tensor::f_from_slice(&[group.lr])?.f_reshape([] as [i64; 0])?.f_to_device(device)?;
+            built.push(Group { slots, lr_value: group.lr, lr, weight_decay: group.weight_decay });
+        }
+        Ok(Self {
+            config,
+            groups: built,
+            device,
+            step: Tensor::f_zeros([] as [i64; 0], (Kind::Double, device))?,
+            signed_map: QuantMap::signed(device)?,
+            unsigned_map: QuantMap::unsigned(device)?,
+        })
+    }
+
+    pub(crate) fn uses_8bit(config: &AdamWConfig, numel: i64) -> bool {
+        config.precision == StatePrecision::EightBit && numel >= config.min_8bit_size
+    }
+
+    pub(crate) fn zero_moments(config: &AdamWConfig, numel: i64, device: Device) -> Result<Moments> {
+        if Self::uses_8bit(config, numel) {
+            let blocks = block_count(numel, BLOCK_SIZE);
+            let m_codes = Tensor::f_zeros([blocks * BLOCK_SIZE], (Kind::Uint8, device))?;
+            let padding = blocks * BLOCK_SIZE - numel;
+            let _ = m_codes.f_narrow(0, numel, padding)?.f_fill_(M_PAD_CODE)?;
+            Ok(Moments::Blockwise {
+                m_codes,
+                v_codes: Tensor::f_zeros([blocks * BLOCK_SIZE], (Kind::Uint8, device))?,
+                m_absmax: Tensor::f_zeros([blocks], (Kind::Float, device))?,
+                v_absmax: Tensor::f_zeros([blocks], (Kind::Float, device))?,
+            })
+        } else {
+            Ok(Moments::Full {
+                m: Tensor::f_zeros([numel], (Kind::Float, device))?,
+                v: Tensor::f_zeros([numel], (Kind::Float, device))?,
+            })
+        }
+    }
+
+    /// The shared settings.
+    pub fn config(&self) -> &AdamWConfig {
+        &self.config
+    }
+
+    /// The device the parameters and states live on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Number of parameter groups.
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// The learning rate of a group.
+    pub fn learning_rate(&self, group: usize) -> Result<f64> {
+        Ok(self.group(group)?.lr_value)
+    }
+
+    /// The weight decay of a group.
+    pub fn weight_decay(&self, group: usize) -> Result<f64> {
+        Ok(self.group(group)?.weight_decay)
+    }
+
+    /// Sets a group's learning rate. This writes the device tensor the step reads, so call it
+    /// between steps (outside a captured graph); a replayed graph then uses the new value.
+    pub fn set_learning_rate(&mut self, group: usize, lr: f64) -> Result<()> {
+        check_group_value(group, "lr", lr)?;
+        let entry = self.group_mut(group)?;
+        let _ = entry.lr.f_fill_(lr)?;
+        entry.lr_value = lr;
+        Ok(())
+    }
+
+    fn group(&self, group: usize) -> Result<&Group> {
+        let groups = self.groups.len();
+        self.groups.get(group).ok_or(Error::NoSuchGroup { group, groups })
+    }
+
+    fn group_mut(&mut self, group: usize) -> Result<&mut Group> {
+        let groups = self.groups.len();
+        self.groups.get_mut(group).ok_or(Error::NoSuchGroup { group, groups })
+    }
+
+    /// Steps taken, as the device tensor the step updates (0-dim float64).
+    pub fn step_count(&self) -> &Tensor {
+        &self.step
+    }
+
+    /// Number of parameter elements the optimizer updates.
+    pub fn param_count(&self) -> i64 {
+        self.groups.iter().flat_map(|g| &g.slots).map(|s| s.numel).sum()
+    }
+
+    /// Bytes held by the optimizer's per-parameter states (codes, absmax, fp32 moments), not
+    /// counting the two shared 256-entry code tables (2 KiB) and a few scalars.
+    pub fn state_bytes(&self) -> i64 {
+        let bytes = |t: &Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
+        self.groups
+            .iter()
+            .flat_map(|g| &g.slots)
+            .map(|slot| match &slot.moments {
+                Moments::Blockwise { m_codes, v_codes, m_absmax, v_absmax } => {
+                    bytes(m_codes) + bytes(v_codes) + bytes(m_absmax) + bytes(v_absmax)
+                }
+                Moments::Full { m, v } => bytes(m) + bytes(v),
+            })
+            .sum()
+    }
+
+    /// Sets every parameter's gradient to zero (parameters without a gradient are left alone).
+    pub fn zero_grad(&mut self) -> Result<()> {
+        for slot in self.groups.iter().flat_map(|g| &g.slots) {
+            let mut grad = slot.param.grad();
+            if grad.defined() {
+                let _ = grad.f_zero_()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One AdamW step over every parameter that has a gradient; parameters without one are
+    /// skipped, as in PyTorch and bitsandbytes. The step count is shared by all parameters
+    /// (bitsandbytes counts per parameter; the two differ only for parameters that go without a
+    /// gradient on some steps).
+    pub fn step(&mut self) -> Result<()> {
+        tch::no_grad(|| self.step_inner())
+    }
+
+    fn step_inner(&mut self) -> Result<()> {
+        let _ = self.step.f_add_scalar_(1.0)?;
+        let (beta1, beta2, eps) = (self.config.beta1, self.config.beta2, self.config.eps);
+        // Bias corrections in float64 on the device: 1 − β₁ᵗ and √(1 − β₂ᵗ).
+        let correction1 = Tensor::f_pow_scalar(beta1, &self.step)?.f_neg()?.f_add_scalar(1.0)?;
+        let correction2 = Tensor::f_pow_scalar(beta2, &self.step)?.f_neg()?.f_add_scalar(1.0)?.f_sqrt()?;
+        let eps_term = correction2.f_mul_scalar(eps)?.f_to_kind(Kind::Float)?;
+        let constants = Constants {
+            beta1: f64::from(beta1 as f32),
+            beta2: f64::from(beta2 as f32),
+            // As the kernels compute them: 1.0f − beta in fp32.
+            one_minus_beta1: f64::from(1.0f32 - beta1 as f32),
+            one_minus_beta2: f64::from(1.0f32 - beta2 as f32),
+            eps_term,
+        };
+        for group in &self.groups {
+            let step_size = group.lr.f_neg()?.f_mul(&correction2)?.f_div(&correction1)?.f_to_kind(Kind::Float)?;
+            let decay = (group.weight_decay > 0.0)
+                .then(|| group.lr.f_mul_scalar(group.weight_decay)?.f_neg()?.f_add_scalar(1.0)?.f_to_kind(Kind::Float))
+                .transpose()?;
+            for slot in &group.slots {
+                let grad = slot.param.grad();
+                if !grad.defined() {
+                    continue;
+                }
+                let update = Update { step_size: &step_size, decay: decay.as_ref(), constants: &constants };
+                match &slot.moments {
+                    Moments::Blockwise { m_codes, v_codes, m_absmax, v_absmax } => self.update_8bit(
+                        slot,
+                        &grad,
+                        [m_codes, v_codes],
+                        [m_absmax, v_absmax],
+                        &update,
+                    )?,
+                    Moments::Full { m, v } => update_fp32(slot, &grad, m, v, &update)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn update_8bit(
+        &self,
+        slot: &Slot,
+        grad: &Tensor,
+        [m_codes, v_codes]: [&Tensor; 2],
+        [m_absmax, v_absmax]: [&Tensor; 2],
+        update: &Update,
+    ) -> Result<()> {
+        let c = update.constants;
+        let blocks = m_absmax.size1()?;
+        let grad = as_blocks(&grad.f_to_kind(Kind::Float)?.f_reshape([slot.numel])?, BLOCK_SIZE, 0.0)?;
+        let finite = grad.f_isfinite()?;
+        let grad = grad.f_where_scalarother(&finite, 0.0)?;
+
+        // 1. Dequantize.
+        let m = self.signed_map.decode(&m_codes.f_view([blocks, BLOCK_SIZE])?)?.f_mul(&m_absmax.f_unsqueeze(1)?)?;
+        let v = self.unsigned_map.decode(&v_codes.f_view([blocks, BLOCK_SIZE])?)?.f_mul(&v_absmax.f_unsqueeze(1)?)?;
+        // 2. Moments, in the kernel's order of operations; non-finite gradients reset them.
+        let v = v.f_mul_scalar(c.beta2)?.f_add(&grad.f_mul_scalar(c.one_minus_beta2)?.f_mul(&grad)?)?;
+        let m = m.f_mul_scalar(c.beta1)?.f_add(&grad.f_mul_scalar(c.one_minus_beta1)?)?;
+        let v = v.f_where_scalarother(&finite, 0.0)?;
+        let m = m.f_where_scalarother(&finite, 0.0)?;
+        // 3.–4. Parameter step and weight decay, only where the gradient was finite.
+        let param = as_blocks(&slot.param.f_to_kind(Kind::Float)?.f_reshape([slot.numel])?, BLOCK_SIZE, 0.0)?;
+        let stepped = adam_step(&param, &m, &v, update)?;
+        let stepped = stepped.f_where_self(&finite, &param)?;
+        write_param(slot, &stepped)?;
+        // 5. New absmax and nearest codes.
+        let new_m_absmax = m.f_abs()?.f_amax([1i64].as_slice(), false)?;
+        let new_v_absmax = v.f_abs()?.f_amax([1i64].as_slice(), false)?;
+        let new_m_codes = self.signed_map.quantize_normalized(&normalize(&m, &new_m_absmax)?)?;
+        let new_v_codes = self.unsigned_map.quantize_normalized(&normalize(&v, &new_v_absmax)?)?;
+        assign(&m_codes.f_view([blocks, BLOCK_SIZE])?, &new_m_codes)?;
+        assign(&v_codes.f_view([blocks, BLOCK_SIZE])?, &new_v_codes)?;
+        let padding = blocks * BLOCK_SIZE - slot.numel;
+        if padding > 0 {
+            let _ = m_codes.f_narrow(0, slot.numel, padding)?.f_fill_(M_PAD_CODE)?;
+        }
+        assign(m_absmax, &new_m_absmax)?;
+        assign(v_absmax, &new_v_absmax)?;
+        Ok(())
+    }
+}
+
+/// Host-side constants of one step and the device-side bias-corrected epsilon.
+struct Constants {
+    beta1: f64,
+    beta2: f64,
+    one_minus_beta1: f64,
+    one_minus_beta2: f64,
+    /// ε·√(1 − β₂ᵗ), 0-dim float32 on the device.
+    eps_term: Tensor,
+}
+
+/// What a group's parameters need for the step.
+struct Update<'a> {
+    /// −lr·√(1 − β₂ᵗ)/(1 − β₁ᵗ), 0-dim float32.
+    step_size: &'a Tensor,
+    /// 1 − lr·wd, 0-dim float32, when the group decays.
+    decay: Option<&'a Tensor>,
+    constants: &'a Constants,
+}
+
+/// `p + step_size · m / (√v + ε̂)`, then the decoupled weight decay.
+fn adam_step(param: &Tensor, m: &Tensor, v: &Tensor, update: &Update) -> Result<Tensor> {
+    let direction = m.f_div(&v.f_sqrt()?.f_add(&update.constants.eps_term)?)?;
+    let stepped = param.f_add(&direction.f_mul(update.step_size)?)?;
+    Ok(match update.decay {
+        Some(decay) => stepped.f_mul(decay)?,
+        None => stepped,
+    })
+}
+
+/// Writes the first `numel` updated values back into the parameter, in its own element type.
+fn write_param(slot: &Slot, updated: &Tensor) -> Result<()> {
+    let values = updated.f_reshape([-1])?.f_narrow(0, 0, slot.numel)?.f_reshape(slot.param.size())?;
+    assign(&slot.param, &values)
+}
+
+/// The fp32-state update, in the order of bitsandbytes' 32-bit kernel.
+fn update_fp32(slot: &Slot, grad: &Tensor, m: &Tensor, v: &Tensor, update: &Update) -> Result<()> {
+    let c = update.constants;
+    let grad = grad.f_to_kind(Kind::Float)?.f_reshape([slot.numel])?;
+    assign(m, &m.f_mul_scalar(c.beta1)?.f_add(&grad.f_mul_scalar(c.one_minus_beta1)?)?)?;
+    assign(v, &v.f_mul_scalar(c.beta2)?.f_add(&grad.f_mul(&grad)?.f_mul_scalar(c.one_minus_beta2)?)?)?;
+    let param = slot.param.f_to_kind(Kind::Float)?.f_reshape([slot.numel])?;
+    write_param(slot, &adam_step(&param, m, v, update)?)
+}
+
+/// Copies `src` into the storage `dst` shares with the optimizer's tensors.
+pub(crate) fn assign(dst: &Tensor, src: &Tensor) -> Result<()> {
+    // tch wants `&mut` for in-place ops although the handle is shared; a second handle to the
+    // same storage is the idiomatic way around that.
+    dst.shallow_clone().f_copy_(src)?;
+    Ok(())
+}
+
+fn check_range(name: &str, value: f64, ok: bool, reason: &'static str) -> Result<()> {
+    if ok { Ok(()) } else { Err(Error::InvalidHyperParameter { name: name.into(), value, reason }) }
+}
+
+fn check_group_value(group: usize, field: &str, value: f64) -> Result<()> {
+    check_range(&format!("param_groups[{group}].{field}"), value, value.is_finite() && value >= 0.0, "must be finite and ≥ 0")
+}

@@ -1,0 +1,251 @@
+//! The dynamic 8-bit data type and block-wise quantization of optimizer states.
+//!
+//! Follows bitsandbytes 0.50: `create_dynamic_map` and `quantize_blockwise` /
+//! `dequantize_blockwise` in `bitsandbytes/functional.py`, with the rounding of the CUDA kernel
+//! `kOptimizerStatic8bit2StateBlockwise` (`csrc/kernels.cu`, `quantize_2D`): every value goes to
+//! the nearest of the 256 codes, and a first-moment value never changes sign.
+//!
+//! A tensor is cut into blocks of [`BLOCK_SIZE`] consecutive elements of its flattened form (the
+//! last block may be shorter). Each block stores one fp32 `absmax`, and each element the index of
+//! the code nearest to `value / absmax`. Everything is tensor operations, on whatever device the
+//! input lives on.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::{Error, Result};
+
+/// Elements per quantization block in bitsandbytes' 8-bit optimizers since 0.44.
+pub const BLOCK_SIZE: i64 = 256;
+
+/// Entries in an 8-bit code.
+pub const CODE_LEN: i64 = 256;
+
+/// A sorted 256-entry code of the dynamic data type, with the midpoints that decide rounding.
+#[derive(Debug)]
+pub struct QuantMap {
+    code: Tensor,
+    midpoints: Tensor,
+    signed: bool,
+}
+
+impl QuantMap {
+    /// The signed dynamic map (bitsandbytes `create_dynamic_map(signed=True)`), used for Adam's
+    /// first moment: 127 negative values, 0 at index 127, 128 positive values up to 1.
+    pub fn signed(device: Device) -> Result<Self> {
+        Self::dynamic(true, device)
+    }
+
+    /// The unsigned dynamic map (`create_dynamic_map(signed=False)`), used for Adam's second
+    /// moment: 0 at index 0 and 255 positive values up to 1.
+    pub fn unsigned(device: Device) -> Result<Self> {
+        Self::dynamic(false, device)
+    }
+
+    /// Builds the map as bitsandbytes does, with libtorch's float32 `linspace`, so the values are
+    /// bit-identical to the Python ones (checked against the bitsandbytes fixture).
+    ///
+    /// The exponent `e` runs over 0..7; for each, the midpoints of `linspace(0.1, 1, K + 1)`
+    /// scaled by `10^(e - 6)` are added, where `K = 2^e` for the signed map (each value also
+    /// negated) and `K = 2^(e + 1)` for the unsigned one. Then 0 and 1 are added and all sorted.
+    fn dynamic(signed: bool, device: Device) -> Result<Self> {
+        let mut pieces = Vec::new();
+        for exponent in 0..7i32 {
+            let fraction_items = if signed { (1i64 << exponent) + 1 } else { (1i64 << (exponent + 1)) + 1 };
+            let bounds = Tensor::f_linspace(0.1, 1.0, fraction_items, (Kind::Float, Device::Cpu))?;
+            let lower = bounds.f_narrow(0, 0, fraction_items - 1)?;
+            let upper = bounds.f_narrow(0, 1, fraction_items - 1)?;
+            let means = lower.f_add(&upper)?.f_div_scalar(2.0)?;
+            let scale = 10f64.powi(exponent - 6);
+            pieces.push(means.f_mul_scalar(scale)?);
+            if signed {
+                pieces.push(means.f_mul_scalar(-scale)?);
+            }
+        }
+        pieces.push(Tensor::f_from_slice(&[0f32, 1.0])?);
+        let (code, _) = Tensor::f_cat(&pieces, 0)?.f_sort(0, false)?;
+        Self::from_code(code.f_to_device(device)?, signed)
+    }
+
+    /// Wraps a sorted 256-entry float32 code. `signed` turns on the sign-keeping rule.
+    pub fn from_code(code: Tensor, signed: bool) -> Result<Self> {
+        let code = code.f_to_kind(Kind::Float)?.f_contiguous()?;
+        let len = code.size1()?;
+        if len != CODE_LEN {
+            return Err(Error::Shape(format!("an 8-bit code has {CODE_LEN} entries, got {len}")));
+        }
+        // A value exactly halfway between two codes goes to the lower one, as in the CUDA kernel's
+        // upward search; the kernel computes the midpoint as (lower + upper) * 0.5 in fp32, like this.
+        let midpoints =
+            code.f_narrow(0, 0, CODE_LEN - 1)?.f_add(&code.f_narrow(0, 1, CODE_LEN - 1)?)?.f_mul_scalar(0.5)?;
+        Ok(Self { code, midpoints, signed })
+    }
+
+    /// The 256 code values, sorted ascending, float32.
+    pub fn code(&self) -> &Tensor {
+        &self.code
+    }
+
+    /// Whether the map holds negative values (and keeps signs when rounding).
+    pub fn is_signed(&self) -> bool {
+        self.signed
+    }
+
+    /// The same map on another device.
+    pub fn to_device(&self, device: Device) -> Result<Self> {
+        Ok(Self {
+            code: self.code.f_to_device(device)?,
+            midpoints: self.midpoints.f_to_device(device)?,
+            signed: self.signed,
+        })
+    }
+
+    /// Code indices (`int64`) of normalised values in [-1, 1].
+    ///
+    /// Nearest code; for a signed map, a value whose nearest code has the other sign (only
+    /// possible next to zero: a tiny negative value rounds to 0.0, whose sign bit is clear) moves
+    /// one code outward, as the CUDA kernel does, so a negative moment stays negative.
+    pub(crate) fn nearest_indices(&self, normalized: &Tensor) -> Result<Tensor> {
+        let indices = normalized.f_bucketize(&self.midpoints, false, false)?;
+        if !self.signed {
+            return Ok(indices);
+        }
+        let chosen = self.code.f_take(&indices)?;
+        let sign_flipped = chosen.f_signbit()?.f_ne_tensor(&normalized.f_signbit()?)?;
+        let outward = normalized.f_gt(0.0)?.f_to_kind(Kind::Int64)?.f_mul_scalar(2)?.f_sub_scalar(1)?;
+        Ok(indices.f_add(&outward.f_mul(&sign_flipped)?)?)
+    }
+
+    /// Code indices as stored (`uint8`).
+    pub(crate) fn quantize_normalized(&self, normalized: &Tensor) -> Result<Tensor> {
+        Ok(self.nearest_indices(normalized)?.f_to_kind(Kind::Uint8)?)
+    }
+
+    /// Code values of stored indices, float32, same shape.
+    pub(crate) fn decode(&self, codes: &Tensor) -> Result<Tensor> {
+        Ok(self.code.f_take(&codes.f_to_kind(Kind::Int64)?)?)
+    }
+}
+
+/// A tensor quantized block-wise: one code index per element and one absmax per block.
+#[derive(Debug)]
+pub struct Quantized {
+    /// Code indices, `uint8`, the shape of the quantized tensor.
+    pub codes: Tensor,
+    /// Largest absolute value of each block, float32 `[ceil(numel / block_size)]`.
+    pub absmax: Tensor,
+}
+
+/// Number of blocks of `block_size` needed for `numel` elements.
+pub fn block_count(numel: i64, block_size: i64) -> i64 {
+    (numel + block_size - 1) / block_size
+}
+
+/// The flattened tensor as `[blocks, block_size]`, the ragged last block filled with `fill`.
+pub(crate) fn as_blocks(flat: &Tensor, block_size: i64, fill: f64) -> Result<Tensor> {
+    let numel = flat.size1()?;
+    let blocks = block_count(numel, block_size);
+    let padding = blocks * block_size - numel;
+    let padded = if padding == 0 {
+        flat.shallow_clone()
+    } else {
+        let pad = Tensor::f_full([padding], fill, (flat.kind(), flat.device()))?;
+        Tensor::f_cat(&[flat.shallow_clone(), pad], 0)?
+    };
+    Ok(padded.f_view([blocks, block_size])?)
+}
+
+/// `blocks / absmax` per block, with all-zero blocks (absmax 0) giving 0 instead of NaN.
+///
+/// # Shapes
+/// `blocks` `[B, block]`, `absmax` `[B]` → `[B, block]`.
+pub(crate) fn normalize(blocks: &Tensor, absmax: &Tensor) -> Result<Tensor> {
+    let safe = absmax.f_masked_fill(&absmax.f_eq(0.0)?, 1.0)?;
+    Ok(blocks.f_div(&safe.f_unsqueeze(1)?)?)
+}
+
+/// Quantizes `values` block-wise to the nearest codes of `map` (see the module docs).
+///
+/// # Shapes
+/// `values` any shape (float) → codes of the same shape, absmax `[ceil(numel / block_size)]`.
+pub fn quantize_blockwise(values: &Tensor, map: &QuantMap, block_size: i64) -> Result<Quantized> {
+    if block_size <= 0 {
+        return Err(Error::InvalidBlockSize(block_size));
+    }
+    let numel = values.numel() as i64;
+    let flat = values.f_to_kind(Kind::Float)?.f_reshape([numel])?;
+    let blocks = as_blocks(&flat, block_size, 0.0)?;
+    let absmax = blocks.f_abs()?.f_amax([1i64].as_slice(), false)?;
+    let codes = map.quantize_normalized(&normalize(&blocks, &absmax)?)?;
+    let codes = codes.f_reshape([-1])?.f_narrow(0, 0, numel)?.f_reshape(values.size())?;
+    Ok(Quantized { codes, absmax })
+}
+
+/// Turns block-wise codes back into float32 values: `code[index] * absmax[block]`.
+///
+/// # Shapes
+/// `codes` any shape (`uint8`), `absmax` `[ceil(numel / block_size)]` → float32, shape of `codes`.
+pub fn dequantize_blockwise(codes: &Tensor, absmax: &Tensor, map: &QuantMap, block_size: i64) -> Result<Tensor> {
+    if block_size <= 0 {
+        return Err(Error::InvalidBlockSize(block_size));
+    }
+    let numel = codes.numel() as i64;
+    let blocks = as_blocks(&codes.f_reshape([numel])?, block_size, 0.0)?;
+    let expected = blocks.size()[0];
+    if absmax.numel() as i64 != expected {
+        return Err(Error::Shape(format!(
+            "{numel} codes in blocks of {block_size} need {expected} absmax values, got {}",
+            absmax.numel()
+        )));
+    }
+    let values = map.decode(&blocks)?.f_mul(&absmax.f_to_kind(Kind::Float)?.f_reshape([expected, 1])?)?;
+    Ok(values.f_reshape([-1])?.f_narrow(0, 0, numel)?.f_reshape(codes.size())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn to_vec(t: &Tensor) -> Vec<f32> {
+        Vec::<f32>::try_from(t.to_kind(Kind::Float).reshape([-1])).unwrap()
+    }
+
+    #[test]
+    fn maps_have_the_documented_shape() {
+        let signed = to_vec(QuantMap::signed(Device::Cpu).unwrap().code());
+        assert_eq!(signed.len(), 256);
+        assert_eq!(signed[127], 0.0);
+        assert_eq!(signed[255], 1.0);
+        assert!((signed[0] + 0.99297).abs() < 1e-5, "{}", signed[0]);
+        assert!(signed.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(signed.iter().filter(|&&v| v < 0.0).count(), 127);
+        assert!((signed[128] - 5.5e-7).abs() < 1e-8, "{}", signed[128]);
+
+        let unsigned = to_vec(QuantMap::unsigned(Device::Cpu).unwrap().code());
+        assert_eq!(unsigned.len(), 256);
+        assert_eq!(unsigned[0], 0.0);
+        assert_eq!(unsigned[255], 1.0);
+        assert!(unsigned.windows(2).all(|w| w[0] < w[1]));
+        assert!((unsigned[1] - 3.25e-7).abs() < 1e-8, "{}", unsigned[1]);
+    }
+
+    #[test]
+    fn tiny_negative_moment_keeps_its_sign() {
+        let map = QuantMap::signed(Device::Cpu).unwrap();
+        let x = Tensor::from_slice(&[-1e-9f32, 1e-9, 0.0, -1.0, 1.0]);
+        let codes = Vec::<u8>::try_from(map.quantize_normalized(&x).unwrap()).unwrap();
+        assert_eq!(codes, vec![126, 127, 127, 0, 255]);
+    }
+
+    #[test]
+    fn ragged_roundtrip_and_bad_absmax() {
+        let map = QuantMap::unsigned(Device::Cpu).unwrap();
+        let x = Tensor::from_slice(&[0.5f32, 0.25, 0.0, 1.0, 2.0]).reshape([5]);
+        let q = quantize_blockwise(&x, &map, 2).unwrap();
+        assert_eq!(q.absmax.size(), vec![3]);
+        assert_eq!(to_vec(&q.absmax), vec![0.5, 1.0, 2.0]);
+        let back = dequantize_blockwise(&q.codes, &q.absmax, &map, 2).unwrap();
+        assert_eq!(to_vec(&back), vec![0.5, to_vec(&back)[1], 0.0, 1.0, 2.0]);
+        assert!(dequantize_blockwise(&q.codes, &q.absmax.narrow(0, 0, 2), &map, 2).is_err());
+        assert!(matches!(quantize_blockwise(&x, &map, 0), Err(Error::InvalidBlockSize(0))));
+    }
+}

@@ -1,0 +1,64 @@
+//! Helpers shared by this crate's integration tests and benches.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
+use std::path::PathBuf;
+
+use tch::{Device, Kind, Tensor};
+
+/// The workspace's fixtures folder: `SDXL_FIXTURES` when set (the GPU harness runs binaries away
+/// from the checkout), else `tests/fixtures` at the workspace root.
+pub fn fixtures_dir() -> PathBuf {
+    std::env::var_os("SDXL_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
+}
+
+/// `max |a - b| / max |b|` in f64, the error measure used against reference values.
+pub fn max_rel_error(actual: &Tensor, expected: &Tensor) -> f64 {
+    assert_eq!(actual.size(), expected.size(), "shape mismatch");
+    let a = actual.to_device(Device::Cpu).to_kind(Kind::Double);
+    let e = expected.to_device(Device::Cpu).to_kind(Kind::Double);
+    let diff = (&a - &e).abs().max().double_value(&[]);
+    diff / e.abs().max().double_value(&[]).max(f64::MIN_POSITIVE)
+}
+
+/// Makes `grad` the gradient of `param` exactly: backpropagates `sum(param * grad)` into a zeroed
+/// gradient (0 + 1·g = g, and NaN or ±inf stay what they are).
+pub fn set_grad(param: &Tensor, grad: &Tensor) {
+    let mut existing = param.grad();
+    if existing.defined() {
+        let _ = existing.zero_();
+    }
+    (param * grad.to_device(param.device()).to_kind(Kind::Float)).sum(Kind::Float).backward();
+}
+
+/// A fresh path under the system's temporary folder, unique per test and process.
+pub fn temp_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("optim8bit-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// The shapes of the seed's LoRA parameters: rank 4 on `to_q`, `to_k`, `to_v`, `to_out.0` of every
+/// attention of the SDXL UNet (140 attentions, 560 modules, 1,120 tensors, 5,806,080 elements).
+///
+/// SDXL has transformer blocks of width 640 (2 × 2 in down_blocks.1, 3 × 2 in up_blocks.1) and
+/// 1280 (2 × 10 in down_blocks.2, 1 × 10 in the mid block, 3 × 10 in up_blocks.0); each has a
+/// self-attention (`attn1`) and a cross-attention (`attn2`) whose `to_k`/`to_v` read the 2048-wide
+/// text context. Each LoRA module has `lora_A` `[r, in]` and `lora_B` `[out, r]`.
+pub fn seed_lora_shapes() -> Vec<Vec<i64>> {
+    const RANK: i64 = 4;
+    const CONTEXT: i64 = 2048;
+    let mut shapes = Vec::new();
+    for (width, blocks) in [(640i64, 10), (1280i64, 60)] {
+        for _ in 0..blocks {
+            // attn1: q, k, v, out all width → width; attn2: k and v read the context.
+            for input in [width, width, width, width, width, CONTEXT, CONTEXT, width] {
+                shapes.push(vec![RANK, input]);
+                shapes.push(vec![width, RANK]);
+            }
+        }
+    }
+    shapes
+}
