@@ -49,6 +49,26 @@ pub enum Error {
         /// What matched and what did not.
         report: Box<crate::weights::LoadReport>,
     },
+    /// A tensor handed to a model or function has the wrong shape.
+    #[error("{what}: expected {expected}, got {actual}")]
+    Shape {
+        /// The input or operation.
+        what: String,
+        /// The shape that was expected, in words.
+        expected: String,
+        /// The shape(s) that were given.
+        actual: String,
+    },
+    /// A run-time setting (backend, slice size, ...) has a value this crate does not accept.
+    #[error("{setting}: `{value}` is not valid; expected {expected}")]
+    InvalidSetting {
+        /// The setting.
+        setting: &'static str,
+        /// The value given.
+        value: String,
+        /// What is accepted.
+        expected: &'static str,
+    },
     /// libtorch reported an error.
     #[error(transparent)]
     Torch(#[from] tch::TchError),

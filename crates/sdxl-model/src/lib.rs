@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod attention;
 pub mod weights;
 
 pub use error::{Error, Result};
