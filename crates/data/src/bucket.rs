@@ -28,38 +28,59 @@ impl Buckets {
     /// A single square bucket: every image is resized and cropped to `side × side`.
     pub fn square(side: u32) -> Result<Self> {
         if side == 0 {
-            return Err(Error::InvalidOption { option: "resolution", problem: "must be positive".into() });
+            return Err(Error::InvalidOption {
+                option: "resolution",
+                problem: "must be positive".into(),
+            });
         }
-        Ok(Self { sizes: vec![(side, side)] })
+        Ok(Self {
+            sizes: vec![(side, side)],
+        })
     }
 
     /// Buckets by area: for each width `w` (a multiple of `step` in `[min_side, max_side]`) the
     /// tallest height, also a multiple of `step` and at most `max_side`, with `w·h ≤ resolution²`.
     pub fn by_area(config: BucketConfig) -> Result<Self> {
-        let BucketConfig { resolution, min_side, max_side, step } = config;
+        let BucketConfig {
+            resolution,
+            min_side,
+            max_side,
+            step,
+        } = config;
         let invalid = |option, problem: String| Err(Error::InvalidOption { option, problem });
         if step == 0 {
             return invalid("bucket_step", "must be positive".into());
         }
         if min_side == 0 || min_side > max_side {
-            return invalid("bucket_min_side", format!("{min_side} must be in 1..={max_side} (the maximum side)"));
+            return invalid(
+                "bucket_min_side",
+                format!("{min_side} must be in 1..={max_side} (the maximum side)"),
+            );
         }
         if resolution < min_side || resolution > max_side {
-            return invalid("resolution", format!("{resolution} must lie in {min_side}..={max_side}"));
+            return invalid(
+                "resolution",
+                format!("{resolution} must lie in {min_side}..={max_side}"),
+            );
         }
         let area = u64::from(resolution) * u64::from(resolution);
         let mut sizes = Vec::new();
         let mut width = min_side.div_ceil(step) * step;
         while width <= max_side {
             let tallest = (area / u64::from(width)) / u64::from(step) * u64::from(step);
-            let height = u32::try_from(tallest).unwrap_or(u32::MAX).min(max_side / step * step);
+            let height = u32::try_from(tallest)
+                .unwrap_or(u32::MAX)
+                .min(max_side / step * step);
             if height >= min_side && !sizes.contains(&(width, height)) {
                 sizes.push((width, height));
             }
             width += step;
         }
         if sizes.is_empty() {
-            return invalid("bucket_step", format!("no multiple of {step} lies in {min_side}..={max_side}"));
+            return invalid(
+                "bucket_step",
+                format!("no multiple of {step} lies in {min_side}..={max_side}"),
+            );
         }
         Ok(Self { sizes })
     }
@@ -90,15 +111,23 @@ mod tests {
 
     #[test]
     fn sdxl_buckets_keep_their_area_and_bounds() {
-        let buckets = Buckets::by_area(BucketConfig { resolution: 1024, min_side: 512, max_side: 2048, step: 64 })
-            .unwrap();
+        let buckets = Buckets::by_area(BucketConfig {
+            resolution: 1024,
+            min_side: 512,
+            max_side: 2048,
+            step: 64,
+        })
+        .unwrap();
         assert!(buckets.sizes().contains(&(1024, 1024)));
         assert!(buckets.sizes().contains(&(512, 2048)));
         assert!(buckets.sizes().contains(&(2048, 512)));
         assert!(buckets.sizes().contains(&(1152, 896)));
         for &(w, h) in buckets.sizes() {
             assert_eq!((w % 64, h % 64), (0, 0));
-            assert!(w * h <= 1024 * 1024 && w * h > 1024 * 1024 * 85 / 100, "{w}x{h}");
+            assert!(
+                w * h <= 1024 * 1024 && w * h > 1024 * 1024 * 85 / 100,
+                "{w}x{h}"
+            );
             assert!((512..=2048).contains(&w) && (512..=2048).contains(&h));
         }
         let at = |w, h| buckets.sizes()[buckets.assign(w, h)];
@@ -109,9 +138,20 @@ mod tests {
 
     #[test]
     fn nonsense_configurations_are_refused() {
-        let bad = [(1024, 512, 2048, 0), (1024, 600, 500, 64), (100, 512, 2048, 64), (1024, 0, 2048, 64)];
+        let bad = [
+            (1024, 512, 2048, 0),
+            (1024, 600, 500, 64),
+            (100, 512, 2048, 64),
+            (1024, 0, 2048, 64),
+        ];
         for (resolution, min_side, max_side, step) in bad {
-            let err = Buckets::by_area(BucketConfig { resolution, min_side, max_side, step }).unwrap_err();
+            let err = Buckets::by_area(BucketConfig {
+                resolution,
+                min_side,
+                max_side,
+                step,
+            })
+            .unwrap_err();
             assert!(err.to_string().starts_with("invalid option"), "{err}");
         }
         assert!(Buckets::square(0).is_err());

@@ -38,7 +38,10 @@ pub struct CacheKeyBuilder {
 impl CacheKeyBuilder {
     /// A key of kind `kind` (e.g. `"latents"`, `"text"`).
     pub fn new(kind: &str) -> Self {
-        Self { hasher: Sha256::new() }.part("kind", kind.as_bytes())
+        Self {
+            hasher: Sha256::new(),
+        }
+        .part("kind", kind.as_bytes())
     }
 
     /// Adds a named part.
@@ -83,7 +86,10 @@ impl CacheKey {
 
     /// The key of a prompt's embeddings under the text encoder(s) `encoder_id`.
     pub fn text(encoder_id: &str, prompt: &str) -> Self {
-        CacheKeyBuilder::new("text").part("encoder", encoder_id.as_bytes()).part("prompt", prompt.as_bytes()).finish()
+        CacheKeyBuilder::new("text")
+            .part("encoder", encoder_id.as_bytes())
+            .part("prompt", prompt.as_bytes())
+            .finish()
     }
 
     /// The hex digest.
@@ -113,7 +119,10 @@ impl fmt::Debug for TensorCache {
             Store::Memory(_) => "memory".to_owned(),
             Store::Disk(folder) => folder.display().to_string(),
         };
-        f.debug_struct("TensorCache").field("store", &store).field("hits", &self.hits()).finish()
+        f.debug_struct("TensorCache")
+            .field("store", &store)
+            .field("hits", &self.hits())
+            .finish()
     }
 }
 
@@ -131,7 +140,11 @@ impl TensorCache {
     }
 
     fn with_store(store: Store) -> Self {
-        Self { store, hits: AtomicU64::new(0), misses: AtomicU64::new(0) }
+        Self {
+            store,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
     }
 
     /// Lookups answered from the cache.
@@ -165,12 +178,23 @@ impl TensorCache {
     pub fn get(&self, key: &CacheKey) -> Result<Option<Entry>> {
         match &self.store {
             Store::Memory(map) => {
-                let map = map.lock().map_err(|_| Error::Worker("cache lock poisoned".into()))?;
-                Ok(map.get(key).map(|entry| entry.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()))
+                let map = map
+                    .lock()
+                    .map_err(|_| Error::Worker("cache lock poisoned".into()))?;
+                Ok(map.get(key).map(|entry| {
+                    entry
+                        .iter()
+                        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                        .collect()
+                }))
             }
             Store::Disk(folder) => {
                 let path = entry_path(folder, key);
-                if path.is_file() { Ok(Some(Tensor::read_safetensors(&path)?)) } else { Ok(None) }
+                if path.is_file() {
+                    Ok(Some(Tensor::read_safetensors(&path)?))
+                } else {
+                    Ok(None)
+                }
             }
         }
     }
@@ -178,16 +202,24 @@ impl TensorCache {
     fn insert(&self, key: &CacheKey, entry: &Entry) -> Result<()> {
         match &self.store {
             Store::Memory(map) => {
-                let copy = entry.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
-                map.lock().map_err(|_| Error::Worker("cache lock poisoned".into()))?.insert(key.clone(), copy);
+                let copy = entry
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                    .collect();
+                map.lock()
+                    .map_err(|_| Error::Worker("cache lock poisoned".into()))?
+                    .insert(key.clone(), copy);
                 Ok(())
             }
             Store::Disk(folder) => {
                 let path = entry_path(folder, key);
                 // Unique per thread so concurrent writers of one key never share a temporary file.
-                let temporary = path.with_extension(format!("{:?}.tmp", std::thread::current().id()));
-                let cpu: Vec<(String, Tensor)> =
-                    entry.iter().map(|(n, t)| Ok((n.clone(), t.f_to_device(tch::Device::Cpu)?.f_contiguous()?))).collect::<Result<_>>()?;
+                let temporary =
+                    path.with_extension(format!("{:?}.tmp", std::thread::current().id()));
+                let cpu: Vec<(String, Tensor)> = entry
+                    .iter()
+                    .map(|(n, t)| Ok((n.clone(), t.f_to_device(tch::Device::Cpu)?.f_contiguous()?)))
+                    .collect::<Result<_>>()?;
                 Tensor::write_safetensors(&cpu, &temporary)?;
                 std::fs::rename(&temporary, &path).map_err(|e| Error::io(&path, e))
             }

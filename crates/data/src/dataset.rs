@@ -52,7 +52,11 @@ pub struct Captions {
 
 impl Default for Captions {
     fn default() -> Self {
-        Self { source: CaptionSource::Column, template: None, dropout: 0.0 }
+        Self {
+            source: CaptionSource::Column,
+            template: None,
+            dropout: 0.0,
+        }
     }
 }
 
@@ -169,7 +173,10 @@ impl Dataset {
     /// buckets. Fails on the first bad row unless `config.skip_bad_rows`.
     pub fn open(source: &Source, config: DatasetConfig) -> Result<Self> {
         if config.repeats == 0 {
-            return Err(Error::InvalidOption { option: "repeats", problem: "must be at least 1".into() });
+            return Err(Error::InvalidOption {
+                option: "repeats",
+                problem: "must be at least 1".into(),
+            });
         }
         if !(0.0..=1.0).contains(&config.captions.dropout) {
             return Err(Error::InvalidOption {
@@ -196,7 +203,11 @@ impl Dataset {
                 reason: format!("all {} selected rows were skipped as bad", skipped.len()),
             });
         }
-        Ok(Self { items, skipped, config })
+        Ok(Self {
+            items,
+            skipped,
+            config,
+        })
     }
 
     /// The usable items, in source order.
@@ -228,7 +239,15 @@ impl Dataset {
     pub fn prompt(&self, key: &SampleKey) -> Result<String> {
         let item = self.item(key.item)?;
         let captions = &self.config.captions;
-        let mut rng = Rng::keyed(key.seed, &[STREAM_CAPTION, key.step, u64::from(key.slot), key.item as u64]);
+        let mut rng = Rng::keyed(
+            key.seed,
+            &[
+                STREAM_CAPTION,
+                key.step,
+                u64::from(key.slot),
+                key.item as u64,
+            ],
+        );
         if captions.dropout > 0.0 && rng.chance(captions.dropout) {
             return Ok(String::new());
         }
@@ -246,8 +265,22 @@ impl Dataset {
     pub fn placement(&self, key: &SampleKey) -> Result<Placement> {
         let item = self.item(key.item)?;
         let target = self.config.buckets.sizes()[item.bucket];
-        let mut rng = Rng::keyed(key.seed, &[STREAM_TRANSFORM, key.step, u64::from(key.slot), key.item as u64]);
-        Ok(transform::place(item.size.0, item.size.1, target, &self.config.transform, &mut rng))
+        let mut rng = Rng::keyed(
+            key.seed,
+            &[
+                STREAM_TRANSFORM,
+                key.step,
+                u64::from(key.slot),
+                key.item as u64,
+            ],
+        );
+        Ok(transform::place(
+            item.size.0,
+            item.size.1,
+            target,
+            &self.config.transform,
+            &mut rng,
+        ))
     }
 
     /// Decodes and transforms one sample. A pure function of the key: any thread, any run.
@@ -300,7 +333,11 @@ fn select(available: usize, selection: Selection) -> Result<Vec<usize>> {
 }
 
 /// Reads, hashes, decodes and size-checks rows on `config.threads` threads, keeping their order.
-fn check_rows(rows: Vec<Result<RawRow>>, config: &DatasetConfig, captions_needed: bool) -> Vec<Result<Item>> {
+fn check_rows(
+    rows: Vec<Result<RawRow>>,
+    config: &DatasetConfig,
+    captions_needed: bool,
+) -> Vec<Result<Item>> {
     let threads = config.threads.clamp(1, rows.len().max(1));
     let chunk = rows.len().div_ceil(threads).max(1);
     let mut rows: Vec<Option<Result<RawRow>>> = rows.into_iter().map(Some).collect();
@@ -321,7 +358,9 @@ fn check_rows(rows: Vec<Result<RawRow>>, config: &DatasetConfig, captions_needed
         handles
             .into_iter()
             .flat_map(|handle| {
-                handle.join().unwrap_or_else(|_| vec![Err(Error::Worker("image check thread panicked".into()))])
+                handle.join().unwrap_or_else(|_| {
+                    vec![Err(Error::Worker("image check thread panicked".into()))]
+                })
             })
             .collect()
     })
@@ -329,13 +368,22 @@ fn check_rows(rows: Vec<Result<RawRow>>, config: &DatasetConfig, captions_needed
 
 fn check_row(row: RawRow, config: &DatasetConfig, captions_needed: bool) -> Result<Item> {
     if captions_needed && row.caption.is_none() {
-        return Err(Error::BadCell { origin: row.origin, problem: "no caption".into() });
+        return Err(Error::BadCell {
+            origin: row.origin,
+            problem: "no caption".into(),
+        });
     }
     let bytes = row.image.bytes()?;
     let image = transform::decode(&bytes, &row.origin)?;
     let size = image.dimensions();
     let bucket = config.buckets.assign(size.0, size.1);
-    transform::check_size(size.0, size.1, config.buckets.sizes()[bucket], &config.transform, &row.origin)?;
+    transform::check_size(
+        size.0,
+        size.1,
+        config.buckets.sizes()[bucket],
+        &config.transform,
+        &row.origin,
+    )?;
     Ok(Item {
         content_hash: Sha256::digest(&bytes).into(),
         bytes: bytes.into(),

@@ -12,7 +12,10 @@ const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 
 /// Reads `root/metadata.jsonl` into rows, in file order. `caption_column` is the key holding the
 /// caption (`None`: captions are not needed and not read).
-pub(crate) fn read_imagefolder(root: &Path, caption_column: Option<&str>) -> Result<Vec<Result<RawRow>>> {
+pub(crate) fn read_imagefolder(
+    root: &Path,
+    caption_column: Option<&str>,
+) -> Result<Vec<Result<RawRow>>> {
     let metadata_path = root.join("metadata.jsonl");
     let text = std::fs::read_to_string(&metadata_path).map_err(|e| Error::io(&metadata_path, e))?;
     let mut rows = Vec::new();
@@ -28,8 +31,13 @@ pub(crate) fn read_imagefolder(root: &Path, caption_column: Option<&str>) -> Res
         };
         let value: serde_json::Value =
             serde_json::from_str(line).map_err(|e| metadata_error(format!("not JSON: {e}")))?;
-        let object = value.as_object().ok_or_else(|| metadata_error("not a JSON object".into()))?;
-        let origin = Origin::MetadataLine { file: metadata_path.clone(), line: line_number };
+        let object = value
+            .as_object()
+            .ok_or_else(|| metadata_error("not a JSON object".into()))?;
+        let origin = Origin::MetadataLine {
+            file: metadata_path.clone(),
+            line: line_number,
+        };
         let row = (|| {
             let file_name = object
                 .get("file_name")
@@ -46,7 +54,11 @@ pub(crate) fn read_imagefolder(root: &Path, caption_column: Option<&str>) -> Res
                         .to_owned(),
                 ),
             };
-            Ok(RawRow { origin: origin.clone(), image, caption })
+            Ok(RawRow {
+                origin: origin.clone(),
+                image,
+                caption,
+            })
         })();
         rows.push(row);
     }
@@ -67,14 +79,21 @@ pub(crate) fn read_caption_files(root: &Path, read_captions: bool) -> Result<Vec
                 match std::fs::read_to_string(&caption_path) {
                     Ok(text) => Some(text.trim().to_owned()),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        return Err(Error::MissingCaptionFile { image, caption: caption_path });
+                        return Err(Error::MissingCaptionFile {
+                            image,
+                            caption: caption_path,
+                        });
                     }
                     Err(e) => return Err(Error::io(caption_path, e)),
                 }
             } else {
                 None
             };
-            Ok(RawRow { origin: Origin::File(image.clone()), image: ImageRef::File(image), caption })
+            Ok(RawRow {
+                origin: Origin::File(image.clone()),
+                image: ImageRef::File(image),
+                caption,
+            })
         })
         .collect())
 }

@@ -53,7 +53,11 @@ impl HubDataset {
 
     /// The hub cache folder this dataset is read from and written to, as an absolute path.
     pub fn cache_root(&self) -> Result<PathBuf> {
-        let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let env = |name: &str| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         let root = self
             .cache_dir
             .clone()
@@ -74,26 +78,40 @@ impl HubDataset {
     }
 
     fn repo(&self) -> Repo {
-        Repo::with_revision(self.repo_id.clone(), RepoType::Dataset, self.revision.clone())
+        Repo::with_revision(
+            self.repo_id.clone(),
+            RepoType::Dataset,
+            self.revision.clone(),
+        )
     }
 
     fn offline(&self) -> bool {
         self.offline
-            || std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"))
+            || std::env::var("HF_HUB_OFFLINE")
+                .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"))
     }
 
     /// The local paths of the shards, downloading what the cache lacks unless offline.
     pub fn resolve(&self) -> Result<Vec<PathBuf>> {
-        if self.offline() { self.resolve_from_cache() } else { self.download() }
+        if self.offline() {
+            self.resolve_from_cache()
+        } else {
+            self.download()
+        }
     }
 
     fn hub_error(&self, source: hf_hub::api::sync::ApiError) -> Error {
-        Error::Hub { repo: self.repo_id.clone(), source: Box::new(source) }
+        Error::Hub {
+            repo: self.repo_id.clone(),
+            source: Box::new(source),
+        }
     }
 
     fn download(&self) -> Result<Vec<PathBuf>> {
         let cache_root = self.cache_root()?;
-        let mut builder = ApiBuilder::from_env().with_cache_dir(cache_root).with_progress(self.progress);
+        let mut builder = ApiBuilder::from_env()
+            .with_cache_dir(cache_root)
+            .with_progress(self.progress);
         if let Some(endpoint) = &self.endpoint {
             builder = builder.with_endpoint(endpoint.clone());
         }
@@ -103,12 +121,19 @@ impl HubDataset {
         let api = builder.build().map_err(|e| self.hub_error(e))?;
         let repo = api.repo(self.repo());
         let info = repo.info().map_err(|e| self.hub_error(e))?;
-        let mut shards: Vec<String> =
-            info.siblings.into_iter().map(|s| s.rfilename).filter(|name| self.is_shard(name)).collect();
+        let mut shards: Vec<String> = info
+            .siblings
+            .into_iter()
+            .map(|s| s.rfilename)
+            .filter(|name| self.is_shard(name))
+            .collect();
         shards.sort();
         if shards.is_empty() {
             return Err(Error::EmptySelection {
-                reason: format!("hub dataset `{}` has no `{}*.parquet` files", self.repo_id, self.prefix),
+                reason: format!(
+                    "hub dataset `{}` has no `{}*.parquet` files",
+                    self.repo_id, self.prefix
+                ),
             });
         }
         let snapshot = self.repo_folder()?.join("snapshots").join(&info.sha);
@@ -116,7 +141,11 @@ impl HubDataset {
             .iter()
             .map(|name| {
                 let cached = snapshot.join(name);
-                if cached.is_file() { Ok(cached) } else { repo.download(name).map_err(|e| self.hub_error(e)) }
+                if cached.is_file() {
+                    Ok(cached)
+                } else {
+                    repo.download(name).map_err(|e| self.hub_error(e))
+                }
             })
             .collect()
     }
@@ -129,7 +158,8 @@ impl HubDataset {
             cache: folder.clone(),
             reason,
         };
-        let is_commit = self.revision.len() == 40 && self.revision.bytes().all(|b| b.is_ascii_hexdigit());
+        let is_commit =
+            self.revision.len() == 40 && self.revision.bytes().all(|b| b.is_ascii_hexdigit());
         let commit = if is_commit {
             self.revision.clone()
         } else {
@@ -145,7 +175,10 @@ impl HubDataset {
         shards.retain(|(relative, _)| self.is_shard(relative));
         shards.sort();
         if shards.is_empty() {
-            return Err(not_cached(format!("snapshot {commit} holds no `{}*.parquet` files", self.prefix)));
+            return Err(not_cached(format!(
+                "snapshot {commit} holds no `{}*.parquet` files",
+                self.prefix
+            )));
         }
         Ok(shards.into_iter().map(|(_, path)| path).collect())
     }
@@ -163,7 +196,10 @@ fn collect_files(base: &Path, folder: &Path, out: &mut Vec<(String, PathBuf)>) -
         if path.is_dir() {
             collect_files(base, &path, out)?;
         } else if let Ok(relative) = path.strip_prefix(base) {
-            let relative = relative.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>();
+            let relative = relative
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>();
             out.push((relative.join("/"), path));
         }
     }

@@ -29,7 +29,9 @@ pub mod transform;
 
 pub use bucket::{BucketConfig, Buckets};
 pub use cache::{CacheKey, CacheKeyBuilder, Entry, TensorCache};
-pub use dataset::{CaptionSource, Captions, Dataset, DatasetConfig, Item, Sample, SampleKey, Selection, Skipped};
+pub use dataset::{
+    CaptionSource, Captions, Dataset, DatasetConfig, Item, Sample, SampleKey, Selection, Skipped,
+};
 pub use error::{Error, Result};
 pub use hub::HubDataset;
 pub use loader::{Batch, Batches, Loader, LoaderConfig};

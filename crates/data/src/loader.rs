@@ -38,7 +38,14 @@ impl LoaderConfig {
     /// Batches of `batch_size`, shuffled with `seed`, incomplete batches kept, one worker per core.
     pub fn new(batch_size: usize, seed: u64) -> Self {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self { batch_size, seed, shuffle: true, drop_last: false, workers, prefetch: 2 }
+        Self {
+            batch_size,
+            seed,
+            shuffle: true,
+            drop_last: false,
+            workers,
+            prefetch: 2,
+        }
     }
 }
 
@@ -70,9 +77,16 @@ impl Loader {
     /// A loader over `dataset`; fails when the options leave no batch in an epoch.
     pub fn new(dataset: Arc<Dataset>, config: LoaderConfig) -> Result<Self> {
         if config.batch_size == 0 {
-            return Err(Error::InvalidOption { option: "batch_size", problem: "must be positive".into() });
+            return Err(Error::InvalidOption {
+                option: "batch_size",
+                problem: "must be positive".into(),
+            });
         }
-        let mut loader = Self { dataset, config, steps_per_epoch: 0 };
+        let mut loader = Self {
+            dataset,
+            config,
+            steps_per_epoch: 0,
+        };
         loader.steps_per_epoch = loader.epoch_plan(0).len() as u64;
         if loader.steps_per_epoch == 0 {
             return Err(Error::EmptySelection {
@@ -101,7 +115,9 @@ impl Loader {
     /// bucket order unless dropped.
     pub fn epoch_plan(&self, epoch: u64) -> Vec<Vec<usize>> {
         let repeats = self.dataset.config().repeats as usize;
-        let mut order: Vec<usize> = (0..self.dataset.len()).flat_map(|i| std::iter::repeat_n(i, repeats)).collect();
+        let mut order: Vec<usize> = (0..self.dataset.len())
+            .flat_map(|i| std::iter::repeat_n(i, repeats))
+            .collect();
         if self.config.shuffle {
             Rng::keyed(self.config.seed, &[STREAM_EPOCH, epoch]).shuffle(&mut order);
         }
@@ -129,7 +145,12 @@ impl Loader {
         let keys = plan[index]
             .iter()
             .enumerate()
-            .map(|(slot, &item)| SampleKey { seed: self.config.seed, step, slot: slot as u32, item })
+            .map(|(slot, &item)| SampleKey {
+                seed: self.config.seed,
+                step,
+                slot: slot as u32,
+                item,
+            })
             .collect();
         (epoch, keys)
     }
@@ -137,7 +158,10 @@ impl Loader {
     /// Loads step `step`'s batch on the calling thread.
     pub fn batch(&self, step: u64) -> Result<Batch> {
         let (epoch, keys) = self.step_keys(step);
-        let samples = keys.iter().map(|key| self.dataset.sample(key)).collect::<Result<Vec<_>>>()?;
+        let samples = keys
+            .iter()
+            .map(|key| self.dataset.sample(key))
+            .collect::<Result<Vec<_>>>()?;
         assemble(step, epoch, samples)
     }
 
@@ -189,9 +213,24 @@ fn work(dataset: &Dataset, jobs: &Mutex<Receiver<Job>>, results: &Sender<Done>) 
             Ok(receiver) => receiver.recv(),
             Err(_) => return,
         };
-        let Ok(Job { epoch, key, batch_len }) = job else { return };
+        let Ok(Job {
+            epoch,
+            key,
+            batch_len,
+        }) = job
+        else {
+            return;
+        };
         let sample = dataset.sample(&key);
-        if results.send(Done { epoch, key, batch_len, sample }).is_err() {
+        if results
+            .send(Done {
+                epoch,
+                key,
+                batch_len,
+                sample,
+            })
+            .is_err()
+        {
             return;
         }
     }
@@ -199,7 +238,12 @@ fn work(dataset: &Dataset, jobs: &Mutex<Receiver<Job>>, results: &Sender<Done>) 
 
 fn assemble(step: u64, epoch: u64, samples: Vec<Sample>) -> Result<Batch> {
     let pixels = Tensor::f_stack(&samples.iter().map(|s| &s.pixels).collect::<Vec<_>>(), 0)?;
-    Ok(Batch { step, epoch, pixels, samples })
+    Ok(Batch {
+        step,
+        epoch,
+        pixels,
+        samples,
+    })
 }
 
 /// Batches in step order from the worker threads; see [`Loader::iter`].
@@ -228,15 +272,25 @@ impl Batches {
     }
 
     fn dispatch_ahead(&mut self) -> Result<()> {
-        let horizon = self.next_step.saturating_add(self.loader.config.prefetch as u64 + 1).min(self.end);
+        let horizon = self
+            .next_step
+            .saturating_add(self.loader.config.prefetch as u64 + 1)
+            .min(self.end);
         while self.next_dispatch < horizon {
             let step = self.next_dispatch;
             let (epoch, keys) = self.loader.step_keys(step);
             let batch_len = keys.len();
-            let jobs = self.jobs.as_ref().ok_or_else(|| Error::Worker("loader is shut down".into()))?;
+            let jobs = self
+                .jobs
+                .as_ref()
+                .ok_or_else(|| Error::Worker("loader is shut down".into()))?;
             for key in keys {
-                jobs.send(Job { epoch, key, batch_len })
-                    .map_err(|_| Error::Worker("every worker thread has stopped".into()))?;
+                jobs.send(Job {
+                    epoch,
+                    key,
+                    batch_len,
+                })
+                .map_err(|_| Error::Worker("every worker thread has stopped".into()))?;
             }
             self.next_dispatch += 1;
         }
@@ -252,10 +306,17 @@ impl Batches {
             {
                 break;
             }
-            let done = self.results.recv().map_err(|_| Error::Worker("every worker thread has stopped".into()))?;
+            let done = self
+                .results
+                .recv()
+                .map_err(|_| Error::Worker("every worker thread has stopped".into()))?;
             let sample = done.sample?;
             let entry = self.pending.entry(done.key.step).or_insert_with(|| {
-                (done.epoch, done.batch_len, (0..done.batch_len).map(|_| None).collect())
+                (
+                    done.epoch,
+                    done.batch_len,
+                    (0..done.batch_len).map(|_| None).collect(),
+                )
             });
             if let Some(slot) = entry.2.get_mut(done.key.slot as usize) {
                 *slot = Some(sample);

@@ -29,18 +29,32 @@ pub(crate) struct ParquetFile {
 impl ParquetFile {
     /// Opens `path` and checks that the configured columns exist with usable types.
     pub(crate) fn open(path: &Path, columns: &Columns) -> Result<Self> {
-        let parquet_error = |source| Error::Parquet { path: path.to_path_buf(), source };
+        let parquet_error = |source| Error::Parquet {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let reader = SerializedFileReader::new(file).map_err(parquet_error)?;
-        let root = reader.metadata().file_metadata().schema_descr().root_schema_ptr();
+        let root = reader
+            .metadata()
+            .file_metadata()
+            .schema_descr()
+            .root_schema_ptr();
         let find = |column: &str| -> Result<Arc<Type>> {
-            root.get_fields().iter().find(|f| f.name() == column).cloned().ok_or_else(|| {
-                Error::MissingColumn {
+            root.get_fields()
+                .iter()
+                .find(|f| f.name() == column)
+                .cloned()
+                .ok_or_else(|| Error::MissingColumn {
                     path: path.to_path_buf(),
                     column: column.to_owned(),
-                    available: root.get_fields().iter().map(|f| f.name()).collect::<Vec<_>>().join(", "),
-                }
-            })
+                    available: root
+                        .get_fields()
+                        .iter()
+                        .map(|f| f.name())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })
         };
         let image = find(&columns.image)?;
         check_image_type(path, &image)?;
@@ -58,12 +72,21 @@ impl ParquetFile {
             wanted.push(caption.name().to_owned());
         }
         // The projection keeps the file's column order.
-        let fields = root.get_fields().iter().filter(|f| wanted.iter().any(|w| w == f.name())).cloned();
+        let fields = root
+            .get_fields()
+            .iter()
+            .filter(|f| wanted.iter().any(|w| w == f.name()))
+            .cloned();
         let projection = Type::group_type_builder(root.name())
             .with_fields(fields.collect())
             .build()
             .map_err(parquet_error)?;
-        Ok(Self { path: path.to_path_buf(), reader, projection, columns: columns.clone() })
+        Ok(Self {
+            path: path.to_path_buf(),
+            reader,
+            projection,
+            columns: columns.clone(),
+        })
     }
 
     /// Number of rows in the file, from its footer.
@@ -74,7 +97,10 @@ impl ParquetFile {
     /// Reads the rows at the given 0-based indices (ascending), one result per row: a bad cell
     /// fails only its row, a bad file fails the call.
     pub(crate) fn read_rows(&self, rows: &[usize]) -> Result<Vec<Result<RawRow>>> {
-        let parquet_error = |source| Error::Parquet { path: self.path.clone(), source };
+        let parquet_error = |source| Error::Parquet {
+            path: self.path.clone(),
+            source,
+        };
         let mut out = Vec::with_capacity(rows.len());
         let mut wanted = rows.iter().copied().peekable();
         let mut group_start = 0usize;
@@ -83,8 +109,9 @@ impl ParquetFile {
             let group_end = group_start + usize::try_from(group_rows).unwrap_or(0);
             if wanted.peek().is_some_and(|&row| row < group_end) {
                 let group_reader = self.reader.get_row_group(group).map_err(parquet_error)?;
-                let iter = RowIter::from_row_group(Some(self.projection.clone()), group_reader.as_ref())
-                    .map_err(parquet_error)?;
+                let iter =
+                    RowIter::from_row_group(Some(self.projection.clone()), group_reader.as_ref())
+                        .map_err(parquet_error)?;
                 for (offset, row) in iter.enumerate() {
                     let index = group_start + offset;
                     if wanted.peek() != Some(&index) {
@@ -102,7 +129,10 @@ impl ParquetFile {
         }
         if let Some(row) = wanted.next() {
             return Err(Error::BadCell {
-                origin: Origin::ParquetRow { file: self.path.clone(), row },
+                origin: Origin::ParquetRow {
+                    file: self.path.clone(),
+                    row,
+                },
                 problem: format!("the file has only {group_start} rows"),
             });
         }
@@ -110,41 +140,79 @@ impl ParquetFile {
     }
 
     fn convert(&self, index: usize, row: &Row) -> Result<RawRow> {
-        let origin = Origin::ParquetRow { file: self.path.clone(), row: index };
-        let bad = |problem: String| Error::BadCell { origin: origin.clone(), problem };
-        let cell = |column: &str| row.get_column_iter().find(|(name, _)| *name == column).map(|(_, f)| f);
+        let origin = Origin::ParquetRow {
+            file: self.path.clone(),
+            row: index,
+        };
+        let bad = |problem: String| Error::BadCell {
+            origin: origin.clone(),
+            problem,
+        };
+        let cell = |column: &str| {
+            row.get_column_iter()
+                .find(|(name, _)| *name == column)
+                .map(|(_, f)| f)
+        };
         let image = match cell(&self.columns.image) {
             Some(Field::Group(image)) => {
-                let part = |name: &str| image.get_column_iter().find(|(n, _)| *n == name).map(|(_, f)| f);
+                let part = |name: &str| {
+                    image
+                        .get_column_iter()
+                        .find(|(n, _)| *n == name)
+                        .map(|(_, f)| f)
+                };
                 match (part("bytes"), part("path")) {
                     (Some(Field::Bytes(bytes)), _) => ImageRef::Bytes(bytes.data().to_vec()),
                     (_, Some(Field::Str(relative))) => {
                         let folder = self.path.parent().unwrap_or(Path::new("."));
                         ImageRef::File(resolve_inside(folder, relative, &origin)?)
                     }
-                    _ => return Err(bad(format!("`{}` has neither bytes nor a path", self.columns.image))),
+                    _ => {
+                        return Err(bad(format!(
+                            "`{}` has neither bytes nor a path",
+                            self.columns.image
+                        )));
+                    }
                 }
             }
             Some(Field::Bytes(bytes)) => ImageRef::Bytes(bytes.data().to_vec()),
-            Some(Field::Null) | None => return Err(bad(format!("`{}` is null", self.columns.image))),
-            Some(other) => return Err(bad(format!("`{}` holds {other}, not an image", self.columns.image))),
+            Some(Field::Null) | None => {
+                return Err(bad(format!("`{}` is null", self.columns.image)));
+            }
+            Some(other) => {
+                return Err(bad(format!(
+                    "`{}` holds {other}, not an image",
+                    self.columns.image
+                )));
+            }
         };
         let caption = match &self.columns.caption {
             None => None,
             Some(column) => match cell(column) {
                 Some(Field::Str(text)) => Some(text.clone()),
                 Some(Field::Null) | None => None,
-                Some(other) => return Err(bad(format!("caption `{column}` holds {other}, not a string"))),
+                Some(other) => {
+                    return Err(bad(format!(
+                        "caption `{column}` holds {other}, not a string"
+                    )));
+                }
             },
         };
-        Ok(RawRow { origin, image, caption })
+        Ok(RawRow {
+            origin,
+            image,
+            caption,
+        })
     }
 }
 
 /// Accepts the `datasets` Image struct (with a `bytes` or `path` member) or a plain binary column.
 fn check_image_type(path: &Path, image: &Type) -> Result<()> {
     let acceptable = if image.is_group() {
-        image.get_fields().iter().any(|f| f.name() == "bytes" || f.name() == "path")
+        image
+            .get_fields()
+            .iter()
+            .any(|f| f.name() == "bytes" || f.name() == "path")
     } else {
         image.get_physical_type() == parquet::basic::Type::BYTE_ARRAY
     };

@@ -97,11 +97,20 @@ mod tests {
     fn paths_inside_the_root_resolve_and_escapes_are_refused() {
         let root = Path::new("/data/set");
         let origin = Origin::File(PathBuf::from("/data/set/metadata.jsonl"));
-        assert_eq!(resolve_inside(root, "a/b.png", &origin).unwrap(), root.join("a/b.png"));
-        assert_eq!(resolve_inside(root, "a/../b.png", &origin).unwrap(), root.join("a/../b.png"));
+        assert_eq!(
+            resolve_inside(root, "a/b.png", &origin).unwrap(),
+            root.join("a/b.png")
+        );
+        assert_eq!(
+            resolve_inside(root, "a/../b.png", &origin).unwrap(),
+            root.join("a/../b.png")
+        );
         for bad in ["../b.png", "a/../../b.png", "/etc/passwd", "", "."] {
             let err = resolve_inside(root, bad, &origin).unwrap_err();
-            assert!(err.to_string().contains("escapes the dataset folder"), "{bad}: {err}");
+            assert!(
+                err.to_string().contains("escapes the dataset folder"),
+                "{bad}: {err}"
+            );
         }
     }
 }

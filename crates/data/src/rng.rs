@@ -81,7 +81,10 @@ mod tests {
         for _ in 0..50_000 {
             counts[rng.below_or_equal(4) as usize] += 1;
         }
-        assert!(counts.iter().all(|&c| (9_000..11_000).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (9_000..11_000).contains(&c)),
+            "{counts:?}"
+        );
         let mean = (0..50_000).map(|_| rng.next_f64()).sum::<f64>() / 50_000.0;
         assert!((mean - 0.5).abs() < 0.01, "{mean}");
         let mut v: Vec<u32> = (0..100).collect();

@@ -21,7 +21,10 @@ pub struct Columns {
 
 impl Default for Columns {
     fn default() -> Self {
-        Self { image: "image".into(), caption: Some("text".into()) }
+        Self {
+            image: "image".into(),
+            caption: Some("text".into()),
+        }
     }
 }
 
@@ -71,22 +74,41 @@ impl Source {
             Source::Hub(hub) => {
                 let files = hub.resolve()?;
                 let columns = columns_for(&hub.columns);
-                Ok(OpenSource::Parquet(files.iter().map(|f| ParquetFile::open(f, &columns)).collect::<Result<_>>()?))
+                Ok(OpenSource::Parquet(
+                    files
+                        .iter()
+                        .map(|f| ParquetFile::open(f, &columns))
+                        .collect::<Result<_>>()?,
+                ))
             }
             Source::Parquet { files, columns } => {
                 if files.is_empty() {
-                    return Err(Error::EmptySelection { reason: "no parquet files given".into() });
+                    return Err(Error::EmptySelection {
+                        reason: "no parquet files given".into(),
+                    });
                 }
                 let columns = columns_for(columns);
-                Ok(OpenSource::Parquet(files.iter().map(|f| ParquetFile::open(f, &columns)).collect::<Result<_>>()?))
+                Ok(OpenSource::Parquet(
+                    files
+                        .iter()
+                        .map(|f| ParquetFile::open(f, &columns))
+                        .collect::<Result<_>>()?,
+                ))
             }
-            Source::ImageFolder { root, caption_column } => Ok(OpenSource::Rows(read_imagefolder(
+            Source::ImageFolder {
+                root,
+                caption_column,
+            } => Ok(OpenSource::Rows(read_imagefolder(
                 root,
                 caption_column.as_deref().filter(|_| captions_needed),
             )?)),
-            Source::CaptionFiles { root, read_captions } => {
-                Ok(OpenSource::Rows(read_caption_files(root, *read_captions && captions_needed)?))
-            }
+            Source::CaptionFiles {
+                root,
+                read_captions,
+            } => Ok(OpenSource::Rows(read_caption_files(
+                root,
+                *read_captions && captions_needed,
+            )?)),
         }
     }
 }
@@ -109,7 +131,9 @@ impl OpenSource {
                     .iter()
                     .map(|&i| {
                         rows.get_mut(i).and_then(Option::take).unwrap_or_else(|| {
-                            Err(Error::EmptySelection { reason: format!("row {i} is past the end") })
+                            Err(Error::EmptySelection {
+                                reason: format!("row {i} is past the end"),
+                            })
                         })
                     })
                     .collect())

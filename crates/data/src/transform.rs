@@ -35,7 +35,11 @@ pub struct TransformConfig {
 
 impl Default for TransformConfig {
     fn default() -> Self {
-        Self { crop: CropMode::Center, random_flip: false, allow_upscale: false }
+        Self {
+            crop: CropMode::Center,
+            random_flip: false,
+            allow_upscale: false,
+        }
     }
 }
 
@@ -57,7 +61,12 @@ pub struct Placement {
 /// `Resize(int)` does (`int(short_target * long / short)`), never below the target.
 pub fn covering_size(width: u32, height: u32, target: (u32, u32)) -> (u32, u32) {
     let (target_w, target_h) = target;
-    let (w, h, tw, th) = (u64::from(width), u64::from(height), u64::from(target_w), u64::from(target_h));
+    let (w, h, tw, th) = (
+        u64::from(width),
+        u64::from(height),
+        u64::from(target_w),
+        u64::from(target_h),
+    );
     if w * th <= h * tw {
         // Relatively narrower than the target: the width binds.
         let new_h = (h * tw / w.max(1)).max(th);
@@ -69,7 +78,13 @@ pub fn covering_size(width: u32, height: u32, target: (u32, u32)) -> (u32, u32) 
 }
 
 /// Checks that a `width × height` image may be brought to `target` under `config`.
-pub fn check_size(width: u32, height: u32, target: (u32, u32), config: &TransformConfig, origin: &Origin) -> Result<()> {
+pub fn check_size(
+    width: u32,
+    height: u32,
+    target: (u32, u32),
+    config: &TransformConfig,
+    origin: &Origin,
+) -> Result<()> {
     if config.allow_upscale || (width >= target.0 && height >= target.1) {
         Ok(())
     } else {
@@ -84,7 +99,13 @@ pub fn check_size(width: u32, height: u32, target: (u32, u32), config: &Transfor
 }
 
 /// Draws the flip and crop for one sample. The flip is drawn first, as diffusers does.
-pub fn place(width: u32, height: u32, target: (u32, u32), config: &TransformConfig, rng: &mut Rng) -> Placement {
+pub fn place(
+    width: u32,
+    height: u32,
+    target: (u32, u32),
+    config: &TransformConfig,
+    rng: &mut Rng,
+) -> Placement {
     let resized = covering_size(width, height, target);
     let flipped = config.random_flip && rng.chance(0.5);
     let (spare_w, spare_h) = (resized.0 - target.0, resized.1 - target.1);
@@ -96,7 +117,12 @@ pub fn place(width: u32, height: u32, target: (u32, u32), config: &TransformConf
             (top, left)
         }
     };
-    Placement { resized, flipped, crop_top_left, target }
+    Placement {
+        resized,
+        flipped,
+        crop_top_left,
+        target,
+    }
 }
 
 /// `round(n / 2)` with ties to even, like Python's `round` in torchvision's `center_crop`.
@@ -107,7 +133,10 @@ fn half_rounded_even(n: u32) -> u32 {
 /// Decodes PNG, JPEG or WebP bytes to 8-bit RGB (alpha dropped, greyscale expanded), like PIL's
 /// `convert("RGB")` in the diffusers scripts.
 pub fn decode(bytes: &[u8], origin: &Origin) -> Result<RgbImage> {
-    let undecodable = |source| Error::Undecodable { origin: origin.clone(), source };
+    let undecodable = |source| Error::Undecodable {
+        origin: origin.clone(),
+        source,
+    };
     let image = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| undecodable(image::ImageError::IoError(e)))?
@@ -132,8 +161,12 @@ pub fn apply(image: &RgbImage, placement: &Placement) -> Result<Tensor> {
         .f_unsqueeze(0)?
         .f_to_kind(Kind::Float)?;
     if (resized_w, resized_h) != (width, height) {
-        pixels =
-            pixels.f_internal_upsample_bilinear2d_aa([i64::from(resized_h), i64::from(resized_w)], false, None, None)?;
+        pixels = pixels.f_internal_upsample_bilinear2d_aa(
+            [i64::from(resized_h), i64::from(resized_w)],
+            false,
+            None,
+            None,
+        )?;
     }
     if placement.flipped {
         pixels = pixels.f_flip([3])?;
@@ -142,7 +175,12 @@ pub fn apply(image: &RgbImage, placement: &Placement) -> Result<Tensor> {
         .f_narrow(2, i64::from(top), i64::from(target_h))?
         .f_narrow(3, i64::from(left), i64::from(target_w))?
         .f_squeeze_dim(0)?;
-    Ok(cropped.f_div_scalar(127.5)?.f_sub_scalar(1.0)?.f_contiguous()?)
+    // The resize's weights sum to one only up to rounding: clamp so the range is exactly [-1, 1].
+    Ok(cropped
+        .f_div_scalar(127.5)?
+        .f_sub_scalar(1.0)?
+        .f_clamp(-1.0, 1.0)?
+        .f_contiguous()?)
 }
 
 #[cfg(test)]
@@ -164,8 +202,14 @@ mod tests {
         let config = TransformConfig::default();
         let mut rng = Rng::keyed(0, &[]);
         // 35 spare rows: round(17.5) = 18; 33 spare: round(16.5) = 16.
-        assert_eq!(place(32, 67, (32, 32), &config, &mut rng).crop_top_left, (18, 0));
-        assert_eq!(place(65, 32, (32, 32), &config, &mut rng).crop_top_left, (0, 16));
+        assert_eq!(
+            place(32, 67, (32, 32), &config, &mut rng).crop_top_left,
+            (18, 0)
+        );
+        assert_eq!(
+            place(65, 32, (32, 32), &config, &mut rng).crop_top_left,
+            (0, 16)
+        );
     }
 
     #[test]
@@ -175,18 +219,33 @@ mod tests {
         for (x, _, p) in image.enumerate_pixels_mut() {
             *p = image::Rgb([(x * 85) as u8; 3]);
         }
-        let placement = Placement { resized: (4, 2), flipped: true, crop_top_left: (0, 2), target: (2, 2) };
+        let placement = Placement {
+            resized: (4, 2),
+            flipped: true,
+            crop_top_left: (0, 2),
+            target: (2, 2),
+        };
         let out = apply(&image, &placement).unwrap();
         assert_eq!(out.size(), [3, 2, 2]);
         let row: Vec<f32> = Vec::try_from(out.get(0).get(0)).unwrap();
         // Flipped columns: 255, 170, 85, 0; the crop keeps 85, 0.
-        assert!((row[0] - (85.0 / 127.5 - 1.0)).abs() < 1e-6 && (row[1] + 1.0).abs() < 1e-6, "{row:?}");
+        assert!(
+            (row[0] - (85.0 / 127.5 - 1.0)).abs() < 1e-6 && (row[1] + 1.0).abs() < 1e-6,
+            "{row:?}"
+        );
         // Downscaling a constant image keeps it constant and inside [-1, 1].
         let flat = RgbImage::from_pixel(50, 30, image::Rgb([200, 10, 255]));
-        let placement = place(50, 30, (16, 16), &TransformConfig::default(), &mut Rng::keyed(1, &[]));
+        let placement = place(
+            50,
+            30,
+            (16, 16),
+            &TransformConfig::default(),
+            &mut Rng::keyed(1, &[]),
+        );
         let out = apply(&flat, &placement).unwrap();
         assert_eq!(out.size(), [3, 16, 16]);
-        let expected = Tensor::from_slice(&[200.0f32 / 127.5 - 1.0, 10.0 / 127.5 - 1.0, 1.0]).view([3, 1, 1]);
+        let expected =
+            Tensor::from_slice(&[200.0f32 / 127.5 - 1.0, 10.0 / 127.5 - 1.0, 1.0]).view([3, 1, 1]);
         assert!((out - expected).abs().max().double_value(&[]) < 1e-5);
     }
 }

@@ -21,16 +21,37 @@ fn all_layouts() -> Vec<(&'static str, Source)> {
                 columns: Columns::default(),
             },
         ),
-        ("imagefolder", Source::ImageFolder { root: root.join("imagefolder"), caption_column: Some("text".into()) }),
-        ("txt folder", Source::CaptionFiles { root: root.join("txtfolder"), read_captions: true }),
+        (
+            "imagefolder",
+            Source::ImageFolder {
+                root: root.join("imagefolder"),
+                caption_column: Some("text".into()),
+            },
+        ),
+        (
+            "txt folder",
+            Source::CaptionFiles {
+                root: root.join("txtfolder"),
+                read_captions: true,
+            },
+        ),
         (
             "renamed columns",
             Source::Parquet {
                 files: vec![root.join("renamed-columns.parquet")],
-                columns: Columns { image: "picture".into(), caption: Some("caption".into()) },
+                columns: Columns {
+                    image: "picture".into(),
+                    caption: Some("caption".into()),
+                },
             },
         ),
-        ("images by path", Source::Parquet { files: vec![root.join("by-path.parquet")], columns: Columns::default() }),
+        (
+            "images by path",
+            Source::Parquet {
+                files: vec![root.join("by-path.parquet")],
+                columns: Columns::default(),
+            },
+        ),
     ]
 }
 
@@ -45,20 +66,43 @@ fn config() -> DatasetConfig {
 fn every_layout_yields_identical_samples() {
     let mut reference: Option<Vec<data::Batch>> = None;
     for (name, source) in all_layouts() {
-        let dataset = Arc::new(Dataset::open(&source, config()).unwrap_or_else(|e| panic!("{name}: {e}")));
+        let dataset =
+            Arc::new(Dataset::open(&source, config()).unwrap_or_else(|e| panic!("{name}: {e}")));
         assert_eq!(dataset.len(), 8, "{name}");
-        assert_eq!(dataset.items()[2].caption.as_deref(), Some("a drawing of a lighthouse, number 2"), "{name}");
+        assert_eq!(
+            dataset.items()[2].caption.as_deref(),
+            Some("a drawing of a lighthouse, number 2"),
+            "{name}"
+        );
         let loader = Loader::new(dataset, LoaderConfig::new(3, 11)).unwrap();
         let batches: Vec<_> = loader.iter(0, 6).collect::<Result<_, _>>().unwrap();
         match &reference {
             None => reference = Some(batches),
             Some(expected) => {
                 for (got, want) in batches.iter().zip(expected) {
-                    assert!(got.pixels.equal(&want.pixels), "{name}: step {} pixels differ", got.step);
+                    assert!(
+                        got.pixels.equal(&want.pixels),
+                        "{name}: step {} pixels differ",
+                        got.step
+                    );
                     for (g, w) in got.samples.iter().zip(&want.samples) {
                         assert_eq!(
-                            (&g.prompt, g.original_size, g.crop_top_left, g.flipped, g.content_hash, g.item),
-                            (&w.prompt, w.original_size, w.crop_top_left, w.flipped, w.content_hash, w.item),
+                            (
+                                &g.prompt,
+                                g.original_size,
+                                g.crop_top_left,
+                                g.flipped,
+                                g.content_hash,
+                                g.item
+                            ),
+                            (
+                                &w.prompt,
+                                w.original_size,
+                                w.crop_top_left,
+                                w.flipped,
+                                w.content_hash,
+                                w.item
+                            ),
                             "{name}: step {}",
                             got.step
                         );
@@ -75,5 +119,17 @@ fn original_sizes_come_from_the_images() {
     let dataset = Dataset::open(&source, config()).unwrap();
     let sizes: Vec<_> = dataset.items().iter().map(|item| item.size).collect();
     // (width, height) as the generator drew them.
-    assert_eq!(sizes, [(64, 48), (48, 64), (80, 60), (72, 72), (100, 56), (56, 96), (90, 70), (64, 64)]);
+    assert_eq!(
+        sizes,
+        [
+            (64, 48),
+            (48, 64),
+            (80, 60),
+            (72, 72),
+            (100, 56),
+            (56, 96),
+            (90, 70),
+            (64, 64)
+        ]
+    );
 }

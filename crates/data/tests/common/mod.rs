@@ -20,7 +20,8 @@ impl Scratch {
     pub fn new(name: &str) -> Self {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("data-test-{}-{name}-{n}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("data-test-{}-{name}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).unwrap();
         Self(std::path::absolute(path).unwrap())

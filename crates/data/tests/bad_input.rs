@@ -1,0 +1,296 @@
+//! Every kind of bad input gives an error naming the row or file; `skip_bad_rows` counts them.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{Scratch, copy_folder, fixtures};
+use data::{Columns, Dataset, DatasetConfig, Selection, Source};
+
+fn bad_rows() -> Source {
+    Source::Parquet {
+        files: vec![fixtures().join("bad-rows.parquet")],
+        columns: Columns::default(),
+    }
+}
+
+fn error(source: &Source, config: DatasetConfig) -> String {
+    Dataset::open(source, config).unwrap_err().to_string()
+}
+
+fn resolution(side: u32) -> DatasetConfig {
+    DatasetConfig::new(side).unwrap()
+}
+
+#[test]
+fn an_undecodable_image_names_its_row() {
+    let mut config = resolution(32);
+    config.selection = Selection::First(2);
+    let message = error(&bad_rows(), config);
+    assert!(
+        message.contains("bad-rows.parquet row 1: cannot decode the image"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_missing_column_names_the_file_and_the_columns_it_has() {
+    let source = Source::Parquet {
+        files: vec![fixtures().join("parquet/data/train-00000-of-00001.parquet")],
+        columns: Columns {
+            image: "image".into(),
+            caption: Some("caption".into()),
+        },
+    };
+    let message = error(&source, resolution(32));
+    assert!(
+        message.contains(
+            "train-00000-of-00001.parquet: no column `caption` (the file has: image, text)"
+        ),
+        "{message}"
+    );
+    let source = Source::Parquet {
+        files: vec![fixtures().join("renamed-columns.parquet")],
+        columns: Columns::default(),
+    };
+    let message = error(&source, resolution(32));
+    assert!(
+        message.contains(
+            "renamed-columns.parquet: no column `image` (the file has: picture, caption)"
+        ),
+        "{message}"
+    );
+}
+
+#[test]
+fn an_empty_selection_is_refused() {
+    let mut config = resolution(32);
+    config.selection = Selection::First(0);
+    assert_eq!(
+        error(&bad_rows(), config),
+        "empty selection: First(0) of a source with 6 rows selects nothing"
+    );
+    let empty = Scratch::new("empty");
+    let source = Source::CaptionFiles {
+        root: empty.path().to_path_buf(),
+        read_captions: true,
+    };
+    assert_eq!(
+        error(&source, resolution(32)),
+        "empty selection: All of a source with 0 rows selects nothing"
+    );
+    let source = Source::Parquet {
+        files: vec![],
+        columns: Columns::default(),
+    };
+    assert_eq!(
+        error(&source, resolution(32)),
+        "empty selection: no parquet files given"
+    );
+}
+
+#[test]
+fn an_image_smaller_than_the_crop_names_its_row() {
+    let source = Source::ImageFolder {
+        root: fixtures().join("imagefolder"),
+        caption_column: Some("text".into()),
+    };
+    let message = error(&source, resolution(50));
+    assert!(
+        message.contains(
+            "metadata.jsonl line 1: image 64x48 is smaller than the 50x50 crop (allow upscaling"
+        ),
+        "{message}"
+    );
+    // With upscaling allowed the same images are accepted.
+    let mut config = resolution(50);
+    config.transform.allow_upscale = true;
+    assert_eq!(Dataset::open(&source, config).unwrap().len(), 8);
+}
+
+#[test]
+fn a_path_escaping_the_dataset_folder_is_refused() {
+    let scratch = Scratch::new("escape");
+    let root = scratch.path().join("set");
+    copy_folder(&fixtures().join("imagefolder"), &root);
+    std::fs::write(root.join("metadata.jsonl"), "{\"file_name\": \"000.png\", \"text\": \"a\"}\n{\"file_name\": \"../../etc/passwd\", \"text\": \"b\"}\n").unwrap();
+    let source = Source::ImageFolder {
+        root: root.clone(),
+        caption_column: Some("text".into()),
+    };
+    let message = error(&source, resolution(32));
+    assert!(
+        message.contains(
+            "metadata.jsonl line 2: image path `../../etc/passwd` escapes the dataset folder"
+        ),
+        "{message}"
+    );
+    // In parquet: row 5 of bad-rows.parquet names `../outside.png`.
+    let mut config = resolution(16);
+    config.selection = Selection::Shuffled {
+        count: None,
+        seed: 0,
+    };
+    config.skip_bad_rows = true;
+    let dataset = Dataset::open(&bad_rows(), config).unwrap();
+    let escaped = dataset
+        .skipped()
+        .iter()
+        .find(|s| s.error.to_string().contains("row 5"))
+        .unwrap();
+    assert!(
+        escaped
+            .error
+            .to_string()
+            .contains("image path `../outside.png` escapes the dataset folder")
+    );
+}
+
+#[test]
+fn skipping_bad_rows_counts_them() {
+    let mut config = resolution(32);
+    config.skip_bad_rows = true;
+    let dataset = Dataset::open(&bad_rows(), config).unwrap();
+    assert_eq!(dataset.len(), 3);
+    let captions: Vec<_> = dataset
+        .items()
+        .iter()
+        .map(|i| i.caption.clone().unwrap())
+        .collect();
+    assert_eq!(captions, ["good 0", "good 2", "good 4"]);
+    let reasons: Vec<String> = dataset
+        .skipped()
+        .iter()
+        .map(|s| s.error.to_string())
+        .collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(
+        reasons[0].contains("row 1: cannot decode the image"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].contains("row 3: image 20x16 is smaller than the 32x32 crop"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[2].contains("row 5: image path `../outside.png` escapes"),
+        "{reasons:?}"
+    );
+    // Without the option the first bad row stops the run.
+    let message = error(&bad_rows(), resolution(32));
+    assert!(message.contains("row 1: cannot decode"), "{message}");
+    // Every row bad: nothing left is an error too.
+    let scratch = Scratch::new("all-bad");
+    std::fs::write(scratch.path().join("a.png"), b"garbage").unwrap();
+    std::fs::write(scratch.path().join("b.jpg"), b"garbage").unwrap();
+    let mut config = resolution(32);
+    config.skip_bad_rows = true;
+    let source = Source::CaptionFiles {
+        root: scratch.path().to_path_buf(),
+        read_captions: false,
+    };
+    config.captions.source = data::CaptionSource::Instance("x".into());
+    assert_eq!(
+        error(&source, config),
+        "empty selection: all 2 selected rows were skipped as bad"
+    );
+}
+
+#[test]
+fn folder_problems_name_the_file() {
+    let scratch = Scratch::new("folders");
+    // A .txt folder with an image lacking its caption, and a garbage image.
+    let txt = scratch.path().join("txt");
+    copy_folder(&fixtures().join("txtfolder"), &txt);
+    std::fs::remove_file(txt.join("003.txt")).unwrap();
+    let source = Source::CaptionFiles {
+        root: txt.clone(),
+        read_captions: true,
+    };
+    let message = error(&source, resolution(32));
+    assert!(
+        message.contains("003.png: no caption file") && message.contains("003.txt next to it"),
+        "{message}"
+    );
+    // Not needed with an instance prompt.
+    let mut config = resolution(32);
+    config.captions.source = data::CaptionSource::Instance("x".into());
+    assert_eq!(Dataset::open(&source, config).unwrap().len(), 8);
+    std::fs::write(txt.join("003.txt"), "fine").unwrap();
+    std::fs::write(txt.join("004.png"), b"garbage").unwrap();
+    let message = error(&source, resolution(32));
+    assert!(
+        message.contains("txt/004.png: cannot decode the image"),
+        "{message}"
+    );
+
+    // metadata.jsonl: bad JSON, a missing image file, a missing caption key.
+    let folder = scratch.path().join("imagefolder");
+    copy_folder(&fixtures().join("imagefolder"), &folder);
+    let source = Source::ImageFolder {
+        root: folder.clone(),
+        caption_column: Some("text".into()),
+    };
+    std::fs::write(
+        folder.join("metadata.jsonl"),
+        "{\"file_name\": \"000.png\", \"text\": \"a\"}\n{oops\n",
+    )
+    .unwrap();
+    let message = error(&source, resolution(32));
+    assert!(message.contains("metadata.jsonl:2: not JSON"), "{message}");
+    std::fs::write(
+        folder.join("metadata.jsonl"),
+        "{\"file_name\": \"missing.png\", \"text\": \"a\"}\n",
+    )
+    .unwrap();
+    let message = error(&source, resolution(32));
+    assert!(message.contains("missing.png: No such file"), "{message}");
+    std::fs::write(
+        folder.join("metadata.jsonl"),
+        "{\"file_name\": \"000.png\", \"caption\": \"a\"}\n",
+    )
+    .unwrap();
+    let message = error(&source, resolution(32));
+    assert!(
+        message.contains("metadata.jsonl:1: no string caption `text`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn nonsense_options_are_refused() {
+    let mut config = resolution(32);
+    config.repeats = 0;
+    assert_eq!(
+        error(&bad_rows(), config),
+        "invalid option `repeats`: must be at least 1"
+    );
+    let mut config = resolution(32);
+    config.captions.dropout = 1.5;
+    assert_eq!(
+        error(&bad_rows(), config),
+        "invalid option `caption_dropout`: 1.5 is not a probability"
+    );
+    let dataset = std::sync::Arc::new(Dataset::open(&fixtures_txt(), resolution(32)).unwrap());
+    let err = data::Loader::new(dataset.clone(), data::LoaderConfig::new(0, 0)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid option `batch_size`: must be positive"
+    );
+    let mut drop_all = data::LoaderConfig::new(9, 0);
+    drop_all.drop_last = true;
+    let err = data::Loader::new(dataset, drop_all).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("no bucket holds a full batch of 9"),
+        "{err}"
+    );
+}
+
+fn fixtures_txt() -> Source {
+    Source::CaptionFiles {
+        root: fixtures().join("txtfolder"),
+        read_captions: true,
+    }
+}
