@@ -5,7 +5,7 @@
 //! - [`HasLinears`]: how models expose their linear layers by module path.
 //! - [`inject`] and [`LoraConfig`]: peft-style injection by module-path patterns, plus
 //!   model-wide [`merge`], [`unmerge`], [`set_enabled`], [`trainable_variables`].
-//! - [`LoraState`] and [`format`]: the adapter weights of a model, keyed by component and module
+//! - [`LoraState`] and [`format`](mod@format): the adapter weights of a model, keyed by component and module
 //!   path, read from and written to the diffusers, peft and kohya file layouts.
 //!
 //! The crate knows nothing of SDXL: renaming tables (e.g. SGM block names) are supplied by the
