@@ -69,6 +69,23 @@ pub enum Error {
         /// What is accepted.
         expected: &'static str,
     },
+    /// A model's `config.json` could not be parsed.
+    #[error("{path}: not a valid config: {source}")]
+    ConfigJson {
+        /// The file.
+        path: PathBuf,
+        /// What the JSON parser said.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A model config holds a value this crate cannot build a model from.
+    #[error("config `{field}`: {reason}")]
+    InvalidConfig {
+        /// The config key.
+        field: &'static str,
+        /// Why the value is not accepted.
+        reason: String,
+    },
     /// libtorch reported an error.
     #[error(transparent)]
     Torch(#[from] tch::TchError),

@@ -10,6 +10,7 @@
 
 mod error;
 pub mod attention;
+pub mod unet;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -1,0 +1,23 @@
+//! UNet-XL: diffusers' `UNet2DConditionModel` as SDXL configures it.
+//!
+//! [`UNetConfig`] reads `unet/config.json`; [`UNet2DConditionModel`] builds the layers on a
+//! `tch::nn::Path` so that variable names equal diffusers' safetensors keys, and
+//! [`crate::weights::load_into`] fills them from a diffusers file without renaming. Attention runs on any of the backends of [`crate::attention`];
+//! [`UNet2DConditionModel::forward_checkpointed`] trades compute for activation memory in training.
+
+mod basic_transformer_block;
+pub mod checkpoint;
+pub mod config;
+mod embeddings;
+mod resnet;
+mod transformer_2d;
+mod unet_2d_blocks;
+mod unet_2d_condition;
+
+pub use basic_transformer_block::{Attention, BasicTransformerBlock, FeedForward};
+pub use config::{DownBlockKind, Level, TextTimeConfig, UNetConfig, UNetConfigJson, UpBlockKind};
+pub use embeddings::{timestep_embedding, TimestepEmbedding};
+pub use resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+pub use transformer_2d::{Transformer2DModel, TransformerSpec};
+pub use unet_2d_blocks::{DownBlock, MidBlock, UpBlock};
+pub use unet_2d_condition::{CheckpointedForward, InputGrads, UNet2DConditionModel, UNetInputs};

@@ -1,0 +1,109 @@
+//! The UNet's ResNet block and its down/up samplers.
+//!
+//! Follows diffusers' `models/resnet.py` (`ResnetBlock2D` with the default time-embedding norm),
+//! `models/downsampling.py` (`Downsample2D` with a strided convolution) and `models/upsampling.py`
+//! (`Upsample2D`: nearest-neighbour interpolation then a convolution).
+
+use tch::nn::{self, Module};
+use tch::Tensor;
+
+use lora::Linear;
+
+/// A 3×3 (or 1×1) convolution created under `path` with the given stride and padding.
+pub(crate) fn conv2d(path: &nn::Path, in_channels: i64, out_channels: i64, kernel: i64, stride: i64, padding: i64) -> nn::Conv2D {
+    nn::conv2d(path, in_channels, out_channels, kernel, nn::ConvConfig { stride, padding, ..Default::default() })
+}
+
+/// A group norm with affine parameters created under `path`.
+pub(crate) fn group_norm(path: &nn::Path, groups: i64, channels: i64, eps: f64) -> nn::GroupNorm {
+    nn::group_norm(path, groups, channels, nn::GroupNormConfig { eps, ..Default::default() })
+}
+
+/// `ResnetBlock2D`: two norm–SiLU–conv stages with the projected time embedding added in between,
+/// plus a 1×1 `conv_shortcut` on the residual path when the channel count changes.
+#[derive(Debug)]
+pub struct ResnetBlock2D {
+    norm1: nn::GroupNorm,
+    conv1: nn::Conv2D,
+    /// `time_emb_proj`: the time embedding projected to this block's channels.
+    pub time_emb_proj: Linear,
+    norm2: nn::GroupNorm,
+    conv2: nn::Conv2D,
+    conv_shortcut: Option<nn::Conv2D>,
+}
+
+impl ResnetBlock2D {
+    /// Creates the block's variables under `path`.
+    pub fn new(path: &nn::Path, in_channels: i64, out_channels: i64, temb_channels: i64, groups: i64, eps: f64) -> Self {
+        Self {
+            norm1: group_norm(&(path / "norm1"), groups, in_channels, eps),
+            conv1: conv2d(&(path / "conv1"), in_channels, out_channels, 3, 1, 1),
+            time_emb_proj: Linear::new(&(path / "time_emb_proj"), temb_channels, out_channels, true),
+            norm2: group_norm(&(path / "norm2"), groups, out_channels, eps),
+            conv2: conv2d(&(path / "conv2"), out_channels, out_channels, 3, 1, 1),
+            conv_shortcut: (in_channels != out_channels).then(|| conv2d(&(path / "conv_shortcut"), in_channels, out_channels, 1, 1, 0)),
+        }
+    }
+
+    /// The block's output.
+    ///
+    /// # Shapes
+    /// `xs` `[B, in, H, W]`, `temb` `[B, temb_channels]` → `[B, out, H, W]`.
+    pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Tensor {
+        let h = xs.apply(&self.norm1).silu().apply(&self.conv1);
+        let t = self.time_emb_proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
+        let h = (h + t).apply(&self.norm2).silu().apply(&self.conv2);
+        match &self.conv_shortcut {
+            Some(conv) => xs.apply(conv) + h,
+            None => xs + h,
+        }
+    }
+
+    /// Calls `f` with `prefix.time_emb_proj`.
+    pub fn for_each_linear(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        f(&format!("{prefix}.time_emb_proj"), &mut self.time_emb_proj);
+    }
+}
+
+/// `Downsample2D`: a 3×3 convolution with stride 2 and padding 1 (`conv`).
+#[derive(Debug)]
+pub struct Downsample2D {
+    conv: nn::Conv2D,
+}
+
+impl Downsample2D {
+    /// Creates `conv` under `path`.
+    pub fn new(path: &nn::Path, channels: i64) -> Self {
+        Self { conv: conv2d(&(path / "conv"), channels, channels, 3, 2, 1) }
+    }
+}
+
+impl Module for Downsample2D {
+    /// # Shapes
+    /// `[B, C, H, W]` → `[B, C, ⌈H/2⌉, ⌈W/2⌉]`.
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        xs.apply(&self.conv)
+    }
+}
+
+/// `Upsample2D`: nearest-neighbour interpolation, then a 3×3 convolution (`conv`).
+#[derive(Debug)]
+pub struct Upsample2D {
+    conv: nn::Conv2D,
+}
+
+impl Upsample2D {
+    /// Creates `conv` under `path`.
+    pub fn new(path: &nn::Path, channels: i64) -> Self {
+        Self { conv: conv2d(&(path / "conv"), channels, channels, 3, 1, 1) }
+    }
+
+    /// Upsamples to `size` (the spatial size of the skip connection this output meets, which is
+    /// twice the input size unless the down path rounded an odd size up).
+    ///
+    /// # Shapes
+    /// `[B, C, H, W]` → `[B, C, size[0], size[1]]`.
+    pub fn forward(&self, xs: &Tensor, size: [i64; 2]) -> Tensor {
+        xs.upsample_nearest2d(size, None, None).apply(&self.conv)
+    }
+}

@@ -1,0 +1,116 @@
+//! The spatial transformer of the UNet's attention blocks.
+//!
+//! Follows diffusers' `models/transformers/transformer_2d.py` (`Transformer2DModel` for continuous
+//! inputs): group norm, projection into tokens (`proj_in`, linear or 1×1 convolution), a stack of
+//! [`BasicTransformerBlock`]s, projection back (`proj_out`) and a residual connection.
+
+use tch::nn::{self, Module};
+use tch::Tensor;
+
+use lora::Linear;
+
+use super::basic_transformer_block::BasicTransformerBlock;
+use super::resnet::{conv2d, group_norm};
+use crate::attention::AttentionBackend;
+use crate::Result;
+
+/// `proj_in` / `proj_out`: linear on tokens (SDXL) or a 1×1 convolution on the feature map (SD 1.x).
+#[derive(Debug)]
+enum Projection {
+    Linear(Linear),
+    Conv(nn::Conv2D),
+}
+
+/// `Transformer2DModel` over a `[B, C, H, W]` feature map.
+#[derive(Debug)]
+pub struct Transformer2DModel {
+    norm: nn::GroupNorm,
+    proj_in: Projection,
+    /// `transformer_blocks`.
+    pub transformer_blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+/// What a [`Transformer2DModel`] is built from.
+#[derive(Debug, Clone, Copy)]
+pub struct TransformerSpec {
+    /// Channels of the feature map (= heads × head width).
+    pub channels: i64,
+    /// Attention heads.
+    pub heads: i64,
+    /// Number of [`BasicTransformerBlock`]s.
+    pub layers: i64,
+    /// Width of the cross-attention context.
+    pub cross_attention_dim: i64,
+    /// Groups of the input group norm.
+    pub groups: i64,
+    /// Epsilon of the transformer blocks' layer norms.
+    pub norm_eps: f64,
+    /// Linear (true) or 1×1 convolution projections.
+    pub use_linear_projection: bool,
+}
+
+impl Transformer2DModel {
+    /// Creates the model's variables under `path`.
+    pub fn new(path: &nn::Path, spec: TransformerSpec) -> Self {
+        let c = spec.channels;
+        let projection = |name: &str| {
+            if spec.use_linear_projection {
+                Projection::Linear(Linear::new(&(path / name), c, c, true))
+            } else {
+                Projection::Conv(conv2d(&(path / name), c, c, 1, 1, 0))
+            }
+        };
+        Self {
+            // diffusers fixes this norm's epsilon at 1e-6, independent of `norm_eps`.
+            norm: group_norm(&(path / "norm"), spec.groups, c, 1e-6),
+            proj_in: projection("proj_in"),
+            transformer_blocks: (0..spec.layers)
+                .map(|i| BasicTransformerBlock::new(&(path / "transformer_blocks" / i), c, spec.heads, spec.cross_attention_dim, spec.norm_eps))
+                .collect(),
+            proj_out: projection("proj_out"),
+        }
+    }
+
+    /// # Shapes
+    /// `xs` `[B, C, H, W]`, `context` `[B, Lc, cross_attention_dim]` → `[B, C, H, W]`.
+    ///
+    /// # Errors
+    /// As [`BasicTransformerBlock::forward`].
+    pub fn forward(&self, xs: &Tensor, context: &Tensor, backend: AttentionBackend) -> Result<Tensor> {
+        let [b, c, h, w] = <[i64; 4]>::try_from(xs.size()).map_err(|size| crate::Error::Shape {
+            what: "Transformer2DModel input".to_owned(),
+            expected: "[B, C, H, W]".to_owned(),
+            actual: format!("{size:?}"),
+        })?;
+        let to_tokens = |t: Tensor| t.permute([0, 2, 3, 1]).reshape([b, h * w, c]);
+        let to_map = |t: Tensor| t.reshape([b, h, w, c]).permute([0, 3, 1, 2]);
+        let normed = xs.apply(&self.norm);
+        let mut tokens = match &self.proj_in {
+            Projection::Linear(linear) => linear.forward(&to_tokens(normed)),
+            Projection::Conv(conv) => to_tokens(normed.apply(conv)),
+        };
+        for block in &self.transformer_blocks {
+            tokens = block.forward(&tokens, context, backend)?;
+        }
+        let out = match &self.proj_out {
+            Projection::Linear(linear) => to_map(linear.forward(&tokens)),
+            Projection::Conv(conv) => to_map(tokens).contiguous().apply(conv),
+        };
+        Ok(out + xs)
+    }
+
+    /// Calls `f` with every linear layer, paths under `prefix` (the 1×1 convolution projections of
+    /// non-linear-projection models are convolutions, not linear layers, and are not visited).
+    pub fn for_each_linear(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        if let Projection::Linear(linear) = &mut self.proj_in {
+            f(&format!("{prefix}.proj_in"), linear);
+        }
+        for (i, block) in self.transformer_blocks.iter_mut().enumerate() {
+            block.for_each_linear(&format!("{prefix}.transformer_blocks.{i}"), f);
+        }
+        if let Projection::Linear(linear) = &mut self.proj_out {
+            f(&format!("{prefix}.proj_out"), linear);
+        }
+    }
+}
