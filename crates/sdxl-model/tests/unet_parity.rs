@@ -80,3 +80,77 @@ fn tiny_sdxl_matches_diffusers_with_every_backend() {
 fn unet_tiny_b_matches_diffusers_with_every_backend() {
     check_parity(load("unet-tiny-b", "unet-tiny-b-io.safetensors", UNetConfig::tiny_b()), "unet-tiny-b");
 }
+
+#[test]
+fn checkpointed_gradients_equal_plain_gradients() {
+    let case = load("tiny-sdxl/unet", "tiny-sdxl-unet-io.safetensors", UNetConfig::tiny_sdxl());
+    let sample = case.get("sample").set_requires_grad(true);
+    let context = case.get("encoder_hidden_states").set_requires_grad(true);
+    let (t, text, ids) = (case.get("timesteps"), case.get("text_embeds"), case.get("time_ids"));
+    let inputs = UNetInputs { sample: &sample, timesteps: &t, encoder_hidden_states: &context, text_embeds: Some(&text), time_ids: Some(&ids) };
+    tch::manual_seed(5);
+    let weighting = Tensor::randn(sample.size(), (Kind::Float, Device::Cpu));
+    let watched = [
+        "conv_in.weight",
+        "add_embedding.linear_1.weight",
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+        "down_blocks.2.attentions.1.transformer_blocks.1.ff.net.0.proj.weight",
+        "mid_block.resnets.0.conv1.weight",
+        "up_blocks.0.attentions.2.proj_out.weight",
+        "up_blocks.2.resnets.2.time_emb_proj.weight",
+        "conv_out.bias",
+    ];
+    let variables = case.vs.variables();
+    let grads_of = |names: &[&str]| -> Vec<Tensor> { names.iter().map(|n| variables[*n].grad().copy()).collect() };
+    let zero_grads = || {
+        for var in variables.values() {
+            let mut grad = var.grad();
+            if grad.defined() {
+                let _ = grad.zero_();
+            }
+        }
+    };
+
+    // Plain: one autograd graph over the whole UNet.
+    let out = case.unet.forward(&inputs).unwrap();
+    (&out * &weighting).sum(Kind::Float).backward();
+    let plain_weights = grads_of(&watched);
+    let (plain_sample, plain_context) = (sample.grad().copy(), context.grad().copy());
+    zero_grads();
+
+    // Checkpointed: no graph in the forward pass; the backward recomputes block by block.
+    let checkpointed = case.unet.forward_checkpointed(&inputs).unwrap();
+    assert!(!checkpointed.output().requires_grad());
+    assert!(max_rel_error(checkpointed.output(), &out) <= 1e-6);
+    let grads = checkpointed.backward(&weighting).unwrap();
+    let ckpt_weights = grads_of(&watched);
+    for (name, (ckpt, plain)) in watched.iter().zip(ckpt_weights.iter().zip(&plain_weights)) {
+        let err = max_rel_error(ckpt, plain);
+        println!("d loss / d {name}: rel error {err:.2e}");
+        assert!(err <= 1e-5, "{name}: rel error {err:.2e}");
+    }
+    for (name, ckpt, plain) in [("sample", grads.sample, plain_sample), ("encoder_hidden_states", grads.encoder_hidden_states, plain_context)] {
+        let err = max_rel_error(&ckpt.unwrap(), &plain);
+        println!("d loss / d {name}: rel error {err:.2e}");
+        assert!(err <= 1e-5, "{name}: rel error {err:.2e}");
+    }
+    assert!(grads.text_embeds.is_some() && grads.time_ids.is_some());
+}
+
+#[test]
+fn inputs_of_the_wrong_shape_are_errors_naming_the_input() {
+    let case = load("unet-tiny-b", "unet-tiny-b-io.safetensors", UNetConfig::tiny_b());
+    let (sample, t, ctx, text, ids) = (case.get("sample"), case.get("timesteps"), case.get("encoder_hidden_states"), case.get("text_embeds"), case.get("time_ids"));
+    let wide_ctx = Tensor::zeros([3, 5, 32], (Kind::Float, Device::Cpu));
+    let short_ids = ids.narrow(1, 0, 5);
+    let cases: [(UNetInputs<'_>, &str); 4] = [
+        (UNetInputs { sample: &ctx, timesteps: &t, encoder_hidden_states: &ctx, text_embeds: Some(&text), time_ids: Some(&ids) }, "`sample`"),
+        (UNetInputs { sample: &sample, timesteps: &t, encoder_hidden_states: &wide_ctx, text_embeds: Some(&text), time_ids: Some(&ids) }, "[3, L, 24]"),
+        (UNetInputs { sample: &sample, timesteps: &t, encoder_hidden_states: &ctx, text_embeds: Some(&text), time_ids: Some(&short_ids) }, "`time_ids`"),
+        (UNetInputs { sample: &sample, timesteps: &t, encoder_hidden_states: &ctx, text_embeds: None, time_ids: None }, "missing"),
+    ];
+    for (inputs, needle) in cases {
+        let msg = case.unet.forward(&inputs).unwrap_err().to_string();
+        assert!(msg.contains(needle), "{needle} not in: {msg}");
+    }
+}
