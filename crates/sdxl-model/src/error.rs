@@ -86,6 +86,46 @@ pub enum Error {
         /// Why the value is not accepted.
         reason: String,
     },
+    /// A scheduler config key has a value this crate does not accept.
+    #[error("scheduler config `{key}` = {value}: expected {expected}")]
+    SchedulerConfig {
+        /// The diffusers `scheduler_config.json` key (or `num_inference_steps`).
+        key: &'static str,
+        /// The value given.
+        value: String,
+        /// What is accepted.
+        expected: String,
+    },
+    /// A `scheduler_config.json` file is not JSON of the expected form.
+    #[error("{path}: not a valid scheduler config: {source}")]
+    SchedulerConfigFile {
+        /// The file.
+        path: PathBuf,
+        /// What the JSON parser said.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A scheduler was stepped with no step left, or before `set_timesteps`.
+    #[error(
+        "scheduler step {step_index} requested, but the schedule has {steps} steps \
+         (call set_timesteps first, once per sampling run)"
+    )]
+    SchedulerExhausted {
+        /// The step asked for.
+        step_index: usize,
+        /// The steps in the schedule.
+        steps: usize,
+    },
+    /// A tensor handed to a scheduler does not have the shape it must have.
+    #[error("scheduler: `{what}` has shape {actual:?}, expected {expected:?}")]
+    SchedulerShape {
+        /// The argument.
+        what: &'static str,
+        /// The shape it must have.
+        expected: Vec<i64>,
+        /// The shape it has.
+        actual: Vec<i64>,
+    },
     /// libtorch reported an error.
     #[error(transparent)]
     Torch(#[from] tch::TchError),

@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod schedulers;
 pub mod attention;
 pub mod unet;
 pub mod weights;

@@ -1,0 +1,54 @@
+//! Ancestral sampling with noise drawn from libtorch's seeded default CPU generator reproduces diffusers
+//! run with `torch.Generator().manual_seed(11)`.
+//!
+//! The only test of this binary: the default generator is process-wide, so another test drawing
+//! random numbers in parallel would change the sequence.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
+use std::path::PathBuf;
+
+use sdxl_model::schedulers::{SchedulerConfig, SchedulerKind, build};
+use sdxl_model::weights::TensorFile;
+use tch::{Device, Kind, Tensor};
+
+fn fixtures() -> PathBuf {
+    std::env::var_os("SDXL_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
+}
+
+#[test]
+fn seeded_default_generator_reproduces_torch_generator_noise() {
+    let golden = TensorFile::open(fixtures().join("schedulers.safetensors")).unwrap();
+    let get = |key: &str| golden.tensor(key, Device::Cpu, None).unwrap();
+
+    // tch::manual_seed + Tensor::randn on the CPU draws what torch.Generator().manual_seed + torch.randn do.
+    tch::manual_seed(11);
+    for i in 0..6 {
+        let drawn = Tensor::randn([2, 4, 4, 4], (Kind::Float, Device::Cpu));
+        assert!(
+            drawn.equal(&get(&format!("euler_ancestral/loop/{i}/noise"))),
+            "draw {i}"
+        );
+    }
+
+    // So the ancestral sampler can draw its own noise: diffusers' loop, step by step, with no noise passed.
+    let mut scheduler = build(
+        SchedulerKind::EulerAncestralDiscrete,
+        &SchedulerConfig::sdxl(),
+    )
+    .unwrap();
+    scheduler.set_timesteps(6).unwrap();
+    tch::manual_seed(11);
+    for i in 0..6 {
+        let key = |what: &str| format!("euler_ancestral/loop/{i}/{what}");
+        let prev = scheduler
+            .step(&get(&key("model_output")), &get(&key("sample")), None)
+            .unwrap();
+        let expected = get(&key("prev_sample"));
+        let err = (&prev - &expected).abs().max().double_value(&[])
+            / expected.abs().max().double_value(&[]);
+        assert!(err <= 1e-6, "step {i}: {err:e}");
+    }
+}

@@ -1,0 +1,393 @@
+//! The schedulers against diffusers' golden arrays (`tests/fixtures/schedulers.safetensors`, written by
+//! `tools/fixtures/generate.py --only schedulers`): timesteps, sigmas and `init_noise_sigma` for several
+//! step counts, every step of a 6-step sampling loop, and the DDPM training schedule.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use sdxl_model::Error;
+use sdxl_model::schedulers::{
+    DdpmConfig, DdpmSchedule, PredictionType, Scheduler, SchedulerConfig, SchedulerKind, build,
+};
+use sdxl_model::weights::TensorFile;
+use tch::{Device, Kind, Tensor};
+
+/// The acceptance bound: max |a − b| / max |b|.
+const TOLERANCE: f64 = 1e-6;
+
+fn fixtures() -> PathBuf {
+    std::env::var_os("SDXL_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
+}
+
+struct Golden {
+    file: TensorFile,
+    configs: BTreeMap<String, serde_json::Value>,
+}
+
+impl Golden {
+    fn open() -> Self {
+        let path = fixtures().join("schedulers.safetensors");
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let configs = metadata.metadata().as_ref().unwrap()["configs"].clone();
+        Self {
+            file: TensorFile::open(&path).unwrap(),
+            configs: serde_json::from_str(&configs).unwrap(),
+        }
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.file.keys().unwrap().iter().any(|k| k == key)
+    }
+
+    fn get(&self, key: &str) -> Tensor {
+        self.file.tensor(key, Device::Cpu, None).unwrap()
+    }
+
+    fn values(&self, key: &str) -> Vec<f64> {
+        Vec::<f64>::try_from(&self.get(key).to_kind(Kind::Double).reshape([-1])).unwrap()
+    }
+
+    fn scheduler(&self, case: &str) -> Box<dyn Scheduler> {
+        let json = &self.configs[case];
+        let config = SchedulerConfig::from_json(&json.to_string()).unwrap();
+        let kind: SchedulerKind = json["_class_name"].as_str().unwrap().parse().unwrap();
+        build(kind, &config).unwrap()
+    }
+}
+
+/// `max |a − b| / max |b|` in f64.
+fn rel(actual: &Tensor, expected: &Tensor) -> f64 {
+    assert_eq!(actual.size(), expected.size());
+    let a = actual.to_kind(Kind::Double);
+    let e = expected.to_kind(Kind::Double);
+    let scale = e.abs().max().double_value(&[]).max(f64::MIN_POSITIVE);
+    (&a - &e).abs().max().double_value(&[]) / scale
+}
+
+fn rel_values(actual: &[f64], expected: &[f64]) -> f64 {
+    assert_eq!(
+        actual.len(),
+        expected.len(),
+        "lengths differ: {actual:?} vs {expected:?}"
+    );
+    let scale = expected
+        .iter()
+        .fold(f64::MIN_POSITIVE, |m, v| m.max(v.abs()));
+    actual
+        .iter()
+        .zip(expected)
+        .map(|(a, e)| (a - e).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+/// The stand-in for the UNet that the generator uses (`_fake_model`), with the same libtorch ops.
+fn fake_model(sample: &Tensor, timestep: f64) -> Tensor {
+    (sample * 0.7 + timestep / 1000.0).tanh() * 0.9 + (sample * 1.3).sin() * 0.2
+}
+
+#[test]
+fn timesteps_and_sigmas_match_diffusers() {
+    let golden = Golden::open();
+    let mut checked = 0;
+    let mut worst = 0f64;
+    for case in golden.configs.keys() {
+        let mut scheduler = golden.scheduler(case);
+        for steps in [1, 4, 30, 50, 61] {
+            let prefix = format!("{case}/n{steps}");
+            if case.starts_with("ddim") && steps == 61 && case.contains("trailing") {
+                // diffusers' "trailing" spacing gives 62 timesteps here, the last one −1, which DDIM
+                // cannot step from (diffusers would read ᾱ[−1] = ᾱ[999]): refused with an error.
+                let timesteps = golden.values(&format!("{prefix}/timesteps"));
+                assert_eq!(
+                    (timesteps.len(), timesteps.last().copied()),
+                    (62, Some(-1.0))
+                );
+                let err = scheduler.set_timesteps(steps).unwrap_err();
+                assert!(err.to_string().contains("timestep -1"), "{err}");
+                continue;
+            }
+            scheduler.set_timesteps(steps).unwrap();
+            let timesteps = golden.values(&format!("{prefix}/timesteps"));
+            let err = rel_values(scheduler.timesteps(), &timesteps);
+            assert!(
+                err <= TOLERANCE,
+                "{prefix} timesteps: {err:e}\n{:?}\n{timesteps:?}",
+                scheduler.timesteps()
+            );
+            worst = worst.max(err);
+            let sigmas_key = format!("{prefix}/sigmas");
+            match scheduler.sigmas() {
+                Some(sigmas) => {
+                    let sigmas: Vec<f64> = sigmas.iter().map(|&s| f64::from(s)).collect();
+                    let err = rel_values(&sigmas, &golden.values(&sigmas_key));
+                    assert!(err <= TOLERANCE, "{prefix} sigmas: {err:e}");
+                    worst = worst.max(err);
+                }
+                None => assert!(!golden.has(&sigmas_key), "{prefix}: diffusers has sigmas"),
+            }
+            let init = golden.values(&format!("{prefix}/init_noise_sigma"))[0];
+            let err = (scheduler.init_noise_sigma() - init).abs() / init;
+            assert!(
+                err <= TOLERANCE,
+                "{prefix} init_noise_sigma {} vs {init}",
+                scheduler.init_noise_sigma()
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 17 * 5 - 1);
+    println!("timesteps/sigmas of {checked} schedules: worst relative error {worst:e}");
+}
+
+/// Every step of each case's loop, fed diffusers' own sample and model output, gives diffusers' result.
+#[test]
+fn step_updates_match_diffusers() {
+    let golden = Golden::open();
+    let mut worst = 0f64;
+    for case in golden.configs.keys() {
+        let loops: &[&str] = if case == "ddim" {
+            &["loop", "loop_eta"]
+        } else {
+            &["loop"]
+        };
+        for &name in loops {
+            let mut scheduler = golden.scheduler(case);
+            if name == "loop_eta" {
+                scheduler = Box::new(
+                    sdxl_model::schedulers::DdimScheduler::new(
+                        sdxl_model::schedulers::DdimConfig {
+                            eta: 0.6,
+                            ..sdxl_model::schedulers::DdimConfig::from_config(
+                                &SchedulerConfig::from_json(&golden.configs[case].to_string())
+                                    .unwrap(),
+                            )
+                            .unwrap()
+                        },
+                    )
+                    .unwrap(),
+                );
+            }
+            scheduler.set_timesteps(6).unwrap();
+            assert_eq!(scheduler.timesteps().len(), 6);
+            for i in 0..6 {
+                let key = |what: &str| format!("{case}/{name}/{i}/{what}");
+                assert_eq!(scheduler.step_index(), i);
+                let sample = golden.get(&key("sample"));
+                let scaled = scheduler.scale_model_input(&sample).unwrap();
+                let err = rel(&scaled, &golden.get(&key("scaled")));
+                assert!(
+                    err <= TOLERANCE,
+                    "{case}/{name} step {i} scale_model_input: {err:e}"
+                );
+                let noise = golden.has(&key("noise")).then(|| golden.get(&key("noise")));
+                assert_eq!(noise.is_some(), scheduler.is_stochastic(), "{case}/{name}");
+                let prev = scheduler
+                    .step(&golden.get(&key("model_output")), &sample, noise.as_ref())
+                    .unwrap();
+                let err = rel(&prev, &golden.get(&key("prev_sample")));
+                assert!(err <= TOLERANCE, "{case}/{name} step {i}: {err:e}");
+                worst = worst.max(err);
+            }
+            // The schedule is used up.
+            let sample = golden.get(&format!("{case}/{name}/final"));
+            assert!(matches!(
+                scheduler.step(&sample, &sample, None),
+                Err(Error::SchedulerExhausted {
+                    step_index: 6,
+                    steps: 6
+                })
+            ));
+        }
+    }
+    println!("step updates: worst relative error {worst:e}");
+}
+
+/// A complete sampling loop run by the Rust scheduler alone, with the fake model, ends where
+/// diffusers' did (the multistep history and the noise come from the Rust side).
+#[test]
+fn sampling_loops_match_diffusers() {
+    let golden = Golden::open();
+    let mut worst = 0f64;
+    for case in golden.configs.keys() {
+        let mut scheduler = golden.scheduler(case);
+        scheduler.set_timesteps(6).unwrap();
+        let mut sample = golden.get(&format!("{case}/loop/initial"));
+        for (i, &t) in scheduler.timesteps().to_vec().iter().enumerate() {
+            let model_output = fake_model(&scheduler.scale_model_input(&sample).unwrap(), t);
+            let noise_key = format!("{case}/loop/{i}/noise");
+            let noise = golden.has(&noise_key).then(|| golden.get(&noise_key));
+            sample = scheduler
+                .step(&model_output, &sample, noise.as_ref())
+                .unwrap();
+        }
+        let err = rel(&sample, &golden.get(&format!("{case}/loop/final")));
+        assert!(err <= TOLERANCE, "{case}: final latents {err:e}");
+        worst = worst.max(err);
+    }
+    println!("complete loops: worst relative error {worst:e}");
+}
+
+#[test]
+fn ddpm_training_schedule_matches_diffusers() {
+    let golden = Golden::open();
+    let schedule = DdpmSchedule::new(DdpmConfig::sdxl(), Device::Cpu).unwrap();
+    // Same libtorch float32 ops as diffusers: the same bits.
+    assert!(
+        schedule
+            .alphas_cumprod()
+            .equal(&golden.get("ddpm/alphas_cumprod"))
+    );
+    let (latents, noise, t) = (
+        golden.get("ddpm/latents"),
+        golden.get("ddpm/noise"),
+        golden.get("ddpm/timesteps"),
+    );
+    let checks = [
+        ("noisy", schedule.add_noise(&latents, &noise, &t).unwrap()),
+        (
+            "velocity",
+            schedule.get_velocity(&latents, &noise, &t).unwrap(),
+        ),
+        (
+            "noisy_bf16",
+            schedule
+                .add_noise(
+                    &latents.to_kind(Kind::BFloat16),
+                    &noise.to_kind(Kind::BFloat16),
+                    &t,
+                )
+                .unwrap()
+                .to_kind(Kind::Float),
+        ),
+        ("snr", schedule.snr(&t).unwrap()),
+        (
+            "min_snr_weights_epsilon",
+            schedule.min_snr_weights(&t, 5.0).unwrap(),
+        ),
+    ];
+    for (name, actual) in checks {
+        let err = rel(&actual, &golden.get(&format!("ddpm/{name}")));
+        assert!(err <= TOLERANCE, "ddpm {name}: {err:e}");
+    }
+    let v_schedule = DdpmSchedule::new(
+        DdpmConfig {
+            prediction_type: PredictionType::VPrediction,
+            ..DdpmConfig::sdxl()
+        },
+        Device::Cpu,
+    )
+    .unwrap();
+    let err = rel(
+        &v_schedule.min_snr_weights(&t, 5.0).unwrap(),
+        &golden.get("ddpm/min_snr_weights_v_prediction"),
+    );
+    assert!(err <= TOLERANCE, "min-SNR v weights: {err:e}");
+    assert!(
+        v_schedule
+            .target(&latents, &noise, &t)
+            .unwrap()
+            .equal(&v_schedule.get_velocity(&latents, &noise, &t).unwrap())
+    );
+    assert!(schedule.target(&latents, &noise, &t).unwrap().equal(&noise));
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_panic() {
+    let sdxl = SchedulerConfig::sdxl();
+    for kind in SchedulerKind::ALL {
+        let mut scheduler = build(kind, &sdxl).unwrap();
+        for steps in [0, 1001] {
+            let err = scheduler.set_timesteps(steps).unwrap_err();
+            assert!(
+                err.to_string().contains("num_inference_steps"),
+                "{kind:?}: {err}"
+            );
+        }
+        scheduler.set_timesteps(3).unwrap();
+        let sample = Tensor::zeros([1, 4, 2, 2], (Kind::Float, Device::Cpu));
+        let wrong = Tensor::zeros([1, 4, 2, 3], (Kind::Float, Device::Cpu));
+        assert!(
+            matches!(
+                scheduler.step(&wrong, &sample, None),
+                Err(Error::SchedulerShape {
+                    what: "model_output",
+                    ..
+                })
+            ),
+            "{kind:?}"
+        );
+        for _ in 0..3 {
+            let _ = scheduler.step(&sample, &sample, None).unwrap();
+        }
+        assert!(matches!(
+            scheduler.step(&sample, &sample, None),
+            Err(Error::SchedulerExhausted { .. })
+        ));
+        assert_eq!(kind.short_name().parse::<SchedulerKind>().unwrap(), kind);
+    }
+    assert!("LMSDiscreteScheduler".parse::<SchedulerKind>().is_err());
+    let config = |json: &str| SchedulerConfig::from_json(json).unwrap();
+    for (kind, json, key) in [
+        (
+            SchedulerKind::DpmSolverMultistep,
+            r#"{"algorithm_type": "sde-dpmsolver++"}"#,
+            "algorithm_type",
+        ),
+        (
+            SchedulerKind::DpmSolverMultistep,
+            r#"{"solver_order": 4}"#,
+            "solver_order",
+        ),
+        (
+            SchedulerKind::DpmSolverMultistep,
+            r#"{"use_lu_lambdas": true}"#,
+            "use_lu_lambdas",
+        ),
+        (
+            SchedulerKind::Ddim,
+            r#"{"thresholding": true}"#,
+            "thresholding",
+        ),
+        (
+            SchedulerKind::EulerDiscrete,
+            r#"{"interpolation_type": "log_linear"}"#,
+            "interpolation_type",
+        ),
+        (
+            SchedulerKind::EulerAncestralDiscrete,
+            r#"{"prediction_type": "sample"}"#,
+            "prediction_type",
+        ),
+        (
+            SchedulerKind::EulerDiscrete,
+            r#"{"timestep_spacing": "even"}"#,
+            "timestep_spacing",
+        ),
+    ] {
+        let err = build(kind, &config(json)).err().unwrap();
+        assert!(err.to_string().contains(key), "{kind:?} {json}: {err}");
+    }
+    let missing = SchedulerConfig::from_file("/nonexistent/scheduler_config.json").unwrap_err();
+    assert!(
+        missing
+            .to_string()
+            .contains("/nonexistent/scheduler_config.json"),
+        "{missing}"
+    );
+    let schedule = DdpmSchedule::new(DdpmConfig::sdxl(), Device::Cpu).unwrap();
+    let latents = Tensor::zeros([2, 4, 2, 2], (Kind::Float, Device::Cpu));
+    let three = Tensor::from_slice(&[1i64, 2, 3]);
+    assert!(matches!(
+        schedule.add_noise(&latents, &latents, &three),
+        Err(Error::SchedulerShape {
+            what: "timesteps",
+            ..
+        })
+    ));
+}
