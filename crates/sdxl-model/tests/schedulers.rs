@@ -391,3 +391,26 @@ fn bad_input_is_an_error_not_a_panic() {
         })
     ));
 }
+
+/// The typed `sdxl()` presets are what SDXL's `scheduler_config.json` gives each class.
+#[test]
+fn presets_equal_the_sdxl_file() {
+    use sdxl_model::schedulers::{
+        DdimConfig, DpmSolverMultistepConfig, EulerAncestralDiscreteConfig, EulerDiscreteConfig,
+    };
+    let file = SchedulerConfig::sdxl();
+    assert_eq!(
+        EulerDiscreteConfig::from_config(&file).unwrap(),
+        EulerDiscreteConfig::sdxl()
+    );
+    assert_eq!(
+        EulerAncestralDiscreteConfig::from_config(&file).unwrap(),
+        EulerAncestralDiscreteConfig::sdxl()
+    );
+    assert_eq!(DdimConfig::from_config(&file).unwrap(), DdimConfig::sdxl());
+    assert_eq!(
+        DpmSolverMultistepConfig::from_config(&file).unwrap(),
+        DpmSolverMultistepConfig::sdxl()
+    );
+    assert_eq!(DdpmConfig::from_config(&file).unwrap(), DdpmConfig::sdxl());
+}
