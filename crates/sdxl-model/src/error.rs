@@ -126,6 +126,14 @@ pub enum Error {
         /// The shape it has.
         actual: Vec<i64>,
     },
+    /// A model folder's weight files cannot be found or its shard index is malformed.
+    #[error("{path}: {reason}")]
+    WeightFiles {
+        /// The folder or index file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// libtorch reported an error.
     #[error(transparent)]
     Torch(#[from] tch::TchError),

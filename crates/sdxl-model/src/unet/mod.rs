@@ -1,15 +1,18 @@
 //! UNet-XL: diffusers' `UNet2DConditionModel` as SDXL configures it.
 //!
 //! [`UNetConfig`] reads `unet/config.json`; [`UNet2DConditionModel`] builds the layers on a
-//! `tch::nn::Path` so that variable names equal diffusers' safetensors keys, and
-//! [`crate::weights::load_into`] fills them from a diffusers file without renaming. Attention runs on any of the backends of [`crate::attention`];
+//! `tch::nn::Path` so that variable names equal diffusers' safetensors keys; [`loading`] fills them from a
+//! diffusers folder (plain, variant such as `.fp16`, or sharded) or an SGM single-file checkpoint, with the
+//! diffusers ↔ SGM key table in [`sgm`]. Attention runs on any of the backends of [`crate::attention`];
 //! [`UNet2DConditionModel::forward_checkpointed`] trades compute for activation memory in training.
 
 mod basic_transformer_block;
 pub mod checkpoint;
 pub mod config;
 mod embeddings;
+pub mod loading;
 mod resnet;
+pub mod sgm;
 mod transformer_2d;
 mod unet_2d_blocks;
 mod unet_2d_condition;
@@ -17,7 +20,9 @@ mod unet_2d_condition;
 pub use basic_transformer_block::{Attention, BasicTransformerBlock, FeedForward};
 pub use config::{DownBlockKind, Level, TextTimeConfig, UNetConfig, UNetConfigJson, UpBlockKind};
 pub use embeddings::{timestep_embedding, TimestepEmbedding};
+pub use loading::{diffusers_weight_files, load_unet, load_unet_weights, UNetWeights};
 pub use resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+pub use sgm::{sgm_unet_table, to_sgm, SGM_UNET_PREFIX};
 pub use transformer_2d::{Transformer2DModel, TransformerSpec};
 pub use unet_2d_blocks::{DownBlock, MidBlock, UpBlock};
 pub use unet_2d_condition::{CheckpointedForward, InputGrads, UNet2DConditionModel, UNetInputs};

@@ -1,0 +1,161 @@
+//! Filling a UNet's variables from the layouts its weights are published in.
+//!
+//! Follows diffusers' `ModelMixin.from_pretrained` file resolution (`diffusion_pytorch_model.safetensors`,
+//! the `.fp16` variant, sharded files listed in `diffusion_pytorch_model.safetensors.index.json`) and its
+//! single-file loader for SGM checkpoints (`model.diffusion_model.*`, renamed by [`super::sgm`]).
+//!
+//! Variables are created directly in the requested element type and device and each tensor is converted
+//! on its own, so loading never holds an fp32 copy of the whole model besides the model itself.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use tch::nn::VarStore;
+use tch::{Device, Kind};
+
+use super::config::UNetConfig;
+use super::sgm::{sgm_unet_table, to_sgm, SGM_UNET_PREFIX};
+use super::unet_2d_condition::UNet2DConditionModel;
+use crate::weights::{load_into, LoadReport, TensorFile};
+use crate::{Error, Result};
+
+/// Where a UNet's weights are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UNetWeights {
+    /// A diffusers `unet/` folder, optionally a variant such as `fp16`
+    /// (`diffusion_pytorch_model.fp16.safetensors`), single or sharded.
+    Diffusers {
+        /// The folder.
+        folder: PathBuf,
+        /// The variant, if any.
+        variant: Option<String>,
+    },
+    /// An SGM / A1111 single-file checkpoint; only its `model.diffusion_model.*` tensors are read.
+    SingleFile(PathBuf),
+}
+
+/// The diffusers file name `diffusion_pytorch_model.safetensors` or its index, with `variant` inserted
+/// before the last extension as diffusers does (`….fp16.safetensors`, `….safetensors.index.fp16.json`).
+fn with_variant(name: &str, variant: Option<&str>) -> String {
+    match (variant, name.rsplit_once('.')) {
+        (Some(v), Some((stem, ext))) => format!("{stem}.{v}.{ext}"),
+        _ => name.to_owned(),
+    }
+}
+
+/// The safetensors files of a diffusers model folder: the single weights file, or the shards its
+/// index lists.
+///
+/// # Errors
+/// [`Error::WeightFiles`] naming the folder and the names tried when neither exists, or the index
+/// when it is not a diffusers/transformers index.
+pub fn diffusers_weight_files(folder: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
+    let single = folder.join(with_variant("diffusion_pytorch_model.safetensors", variant));
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = folder.join(with_variant("diffusion_pytorch_model.safetensors.index.json", variant));
+    if !index.is_file() {
+        return Err(Error::WeightFiles {
+            path: folder.to_path_buf(),
+            reason: format!("neither `{}` nor `{}` exists", file_name(&single), file_name(&index)),
+        });
+    }
+    let text = std::fs::read_to_string(&index).map_err(|source| Error::Io { path: index.clone(), source })?;
+    let bad = |reason: String| Error::WeightFiles { path: index.clone(), reason };
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no `weight_map` object".to_owned()))?;
+    let mut shards = BTreeSet::new();
+    for (key, file) in map {
+        let file = file.as_str().ok_or_else(|| bad(format!("`{key}` maps to a non-string")))?;
+        // Shards sit next to their index; anything else would let an index point outside the folder.
+        if file.contains('/') || file.contains('\\') || file == ".." {
+            return Err(bad(format!("`{key}` maps to `{file}`, which is not a file in the folder")));
+        }
+        shards.insert(folder.join(file));
+    }
+    if shards.is_empty() {
+        return Err(bad("`weight_map` is empty".to_owned()));
+    }
+    Ok(shards.into_iter().collect())
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned())
+}
+
+/// Copies `weights` into the variables of `vs`, which must hold exactly the variables of a
+/// [`UNet2DConditionModel`] built from `config` at its root.
+///
+/// # Errors
+/// [`Error::Load`] naming every missing, unused and mis-shaped key (e.g. the weights of a UNet of
+/// another shape), file errors as [`TensorFile::open`], [`Error::WeightFiles`] as
+/// [`diffusers_weight_files`].
+pub fn load_unet_weights(vs: &VarStore, config: &UNetConfig, weights: &UNetWeights) -> Result<LoadReport> {
+    match weights {
+        UNetWeights::Diffusers { folder, variant } => {
+            let files = diffusers_weight_files(folder, variant.as_deref())?
+                .iter()
+                .map(TensorFile::open)
+                .collect::<Result<Vec<_>>>()?;
+            load_into(vs, &files, str::to_owned)
+        }
+        UNetWeights::SingleFile(path) => {
+            let file = TensorFile::open(path)?;
+            let table = sgm_unet_table(config);
+            let key = |name: &str| format!("{SGM_UNET_PREFIX}{}", to_sgm(&table, name).unwrap_or_else(|| name.to_owned()));
+            match load_into(vs, std::slice::from_ref(&file), key) {
+                // The VAE and text encoders of the same file are not the UNet's business.
+                Err(Error::Load { files, mut report }) => {
+                    report.unused.retain(|k| k.starts_with(SGM_UNET_PREFIX));
+                    if report.is_complete() { Ok(*report) } else { Err(Error::Load { files, report }) }
+                }
+                other => other,
+            }
+        }
+    }
+}
+
+/// Builds a [`UNet2DConditionModel`] for `config` with its variables in `kind` on `device` and loads
+/// `weights` into them. The var store is returned too: it owns the variables (freeze it for LoRA
+/// training).
+///
+/// # Errors
+/// As [`load_unet_weights`].
+pub fn load_unet(config: &UNetConfig, weights: &UNetWeights, device: Device, kind: Kind) -> Result<(VarStore, UNet2DConditionModel)> {
+    let mut vs = VarStore::new(device);
+    // An empty store only changes the kind new variables are created in: no fp32 model ever exists.
+    vs.set_kind(kind);
+    let unet = tch::no_grad(|| UNet2DConditionModel::new(&vs.root(), config));
+    load_unet_weights(&vs, config, weights)?;
+    Ok((vs, unet))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variant_names_follow_diffusers() {
+        assert_eq!(with_variant("diffusion_pytorch_model.safetensors", Some("fp16")), "diffusion_pytorch_model.fp16.safetensors");
+        assert_eq!(
+            with_variant("diffusion_pytorch_model.safetensors.index.json", Some("fp16")),
+            "diffusion_pytorch_model.safetensors.index.fp16.json"
+        );
+        assert_eq!(with_variant("diffusion_pytorch_model.safetensors", None), "diffusion_pytorch_model.safetensors");
+    }
+
+    #[test]
+    fn missing_and_malformed_folders_are_named() {
+        let dir = std::env::temp_dir().join(format!("unet-loading-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let msg = diffusers_weight_files(&dir, Some("fp16")).unwrap_err().to_string();
+        assert!(msg.contains("unet-loading-test") && msg.contains("diffusion_pytorch_model.fp16.safetensors"), "{msg}");
+        std::fs::write(dir.join("diffusion_pytorch_model.safetensors.index.json"), r#"{"weight_map": {"a.weight": "../x.safetensors"}}"#).unwrap();
+        let msg = diffusers_weight_files(&dir, None).unwrap_err().to_string();
+        assert!(msg.contains("index.json") && msg.contains("`a.weight`"), "{msg}");
+        std::fs::write(dir.join("diffusion_pytorch_model.safetensors.index.json"), r#"{"metadata": {}}"#).unwrap();
+        assert!(diffusers_weight_files(&dir, None).unwrap_err().to_string().contains("weight_map"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
