@@ -134,6 +134,15 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// The tokenizer could not be built or failed on a prompt.
+    #[error("tokenizer: {what}: {source}")]
+    Tokenizer {
+        /// What was being done (building the tokenizer, encoding prompt N).
+        what: String,
+        /// What the `tokenizers` crate said.
+        #[source]
+        source: tokenizers::Error,
+    },
     /// libtorch reported an error.
     #[error(transparent)]
     Torch(#[from] tch::TchError),

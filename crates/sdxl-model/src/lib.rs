@@ -8,10 +8,14 @@
 
 #![warn(missing_docs)]
 
-mod error;
-pub mod schedulers;
 pub mod attention;
+pub mod clip;
+mod error;
+pub mod prompt;
+pub mod schedulers;
+pub mod tokenizer;
 pub mod unet;
+pub mod vae;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -1,0 +1,160 @@
+//! SDXL prompt encoding: both tokenizers and text encoders → per-token context and pooled embedding,
+//! plus the six micro-conditioning time ids.
+//!
+//! Follows diffusers `pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl.py`
+//! (`encode_prompt`, `_get_add_time_ids`):
+//!
+//! 1. each prompt is tokenized twice (CLIP-L's tokenizer pads with `<|endoftext|>`, bigG's with 0);
+//! 2. the context is the penultimate hidden state of both encoders (no final layer norm),
+//!    concatenated on the channel axis: 768 + 1280 = 2048 wide for SDXL;
+//! 3. the pooled embedding is bigG's `text_embeds` (final norm at the end token, projected), 1280 wide;
+//! 4. without a negative prompt, the negative context and pooled embedding are zeros
+//!    (`force_zeros_for_empty_prompt`), not the encoding of "".
+
+use tch::{Device, Kind, Tensor};
+
+use crate::clip::ClipTextModel;
+use crate::tokenizer::ClipTokenizer;
+use crate::{Error, Result};
+
+/// The text conditioning of a batch of prompts.
+#[derive(Debug)]
+pub struct PromptEmbeds {
+    /// Per-token context for the UNet's cross-attention, `[batch, 77, hidden₁ + hidden₂]`.
+    pub context: Tensor,
+    /// bigG's projected pooled embedding, `[batch, projection_dim]`.
+    pub pooled: Tensor,
+}
+
+impl PromptEmbeds {
+    /// All-zero embeddings of the same shapes (SDXL's empty negative prompt).
+    pub fn zeros_like(&self) -> Self {
+        Self { context: self.context.zeros_like(), pooled: self.pooled.zeros_like() }
+    }
+}
+
+/// SDXL's two tokenizers and text encoders.
+#[derive(Debug)]
+pub struct PromptEncoder {
+    tokenizer: ClipTokenizer,
+    tokenizer_2: ClipTokenizer,
+    text_encoder: ClipTextModel,
+    text_encoder_2: ClipTextModel,
+}
+
+impl PromptEncoder {
+    /// Pairs the encoders with SDXL's shipped tokenizers.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSetting`] when `text_encoder_2` has no `text_projection`; tokenizer errors.
+    pub fn new(text_encoder: ClipTextModel, text_encoder_2: ClipTextModel) -> Result<Self> {
+        if !text_encoder_2.has_projection() {
+            return Err(Error::InvalidSetting {
+                setting: "text_encoder_2",
+                value: "CLIPTextModel".into(),
+                expected: "a CLIPTextModelWithProjection (it provides the pooled embedding)",
+            });
+        }
+        Ok(Self {
+            tokenizer: ClipTokenizer::sdxl_first()?,
+            tokenizer_2: ClipTokenizer::sdxl_second()?,
+            text_encoder,
+            text_encoder_2,
+        })
+    }
+
+    /// The first text encoder (CLIP-L).
+    pub fn text_encoder_mut(&mut self) -> &mut ClipTextModel {
+        &mut self.text_encoder
+    }
+
+    /// The second text encoder (OpenCLIP bigG).
+    pub fn text_encoder_2_mut(&mut self) -> &mut ClipTextModel {
+        &mut self.text_encoder_2
+    }
+
+    fn device(&self) -> Device {
+        self.text_encoder_2.device()
+    }
+
+    /// Encodes a batch of prompts. `prompts_2` (same length) goes to the second encoder instead of
+    /// `prompts`, as diffusers' `prompt_2`. `clip_skip = Some(k)` takes the hidden state `k` layers
+    /// before the penultimate one, as diffusers.
+    ///
+    /// # Shapes
+    /// `n` prompts → context `[n, 77, hidden₁ + hidden₂]`, pooled `[n, projection_dim]`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when `prompts_2` has another length; [`Error::InvalidSetting`] when
+    /// `clip_skip` reaches past the embeddings; tokenizer errors.
+    pub fn encode<S: AsRef<str>>(&self, prompts: &[S], prompts_2: Option<&[S]>, clip_skip: Option<usize>) -> Result<PromptEmbeds> {
+        let prompts_2 = prompts_2.unwrap_or(prompts);
+        if prompts_2.len() != prompts.len() || prompts.is_empty() {
+            return Err(Error::Shape {
+                what: "prompts for the second text encoder".into(),
+                expected: format!("{} prompts (at least one)", prompts.len()),
+                actual: format!("{}", prompts_2.len()),
+            });
+        }
+        let ids = self.tokenizer.encode_batch(prompts, self.device())?;
+        let ids_2 = self.tokenizer_2.encode_batch(prompts_2, self.device())?;
+        let out = self.text_encoder.forward(&ids)?;
+        let out_2 = self.text_encoder_2.forward(&ids_2)?;
+        let context_1 = pick_hidden_state(&out.hidden_states, clip_skip)?;
+        let context_2 = pick_hidden_state(&out_2.hidden_states, clip_skip)?;
+        let kind = context_2.kind();
+        let context = Tensor::cat(&[context_1.to_kind(kind), context_2], -1);
+        let pooled = out_2.text_embeds.ok_or(Error::InvalidSetting {
+            setting: "text_encoder_2",
+            value: "CLIPTextModel".into(),
+            expected: "a CLIPTextModelWithProjection (it provides the pooled embedding)",
+        })?;
+        Ok(PromptEmbeds { context, pooled })
+    }
+
+    /// Encodes prompts and their negatives for classifier-free guidance: `None` gives zeros
+    /// (`force_zeros_for_empty_prompt`); otherwise one negative per prompt.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when the number of negatives differs from the number of prompts; as [`Self::encode`].
+    pub fn encode_with_negative<S: AsRef<str>>(&self, prompts: &[S], negative: Option<&[S]>) -> Result<(PromptEmbeds, PromptEmbeds)> {
+        let positive = self.encode(prompts, None, None)?;
+        let negative = match negative {
+            None => positive.zeros_like(),
+            Some(negative) if negative.len() == prompts.len() => self.encode(negative, None, None)?,
+            Some(negative) => {
+                return Err(Error::Shape {
+                    what: "negative prompts".into(),
+                    expected: format!("{} (one per prompt)", prompts.len()),
+                    actual: format!("{}", negative.len()),
+                });
+            }
+        };
+        Ok((positive, negative))
+    }
+}
+
+fn pick_hidden_state(hidden_states: &[Tensor], clip_skip: Option<usize>) -> Result<Tensor> {
+    let back = clip_skip.unwrap_or(0) + 2;
+    hidden_states
+        .len()
+        .checked_sub(back)
+        .map(|i| hidden_states[i].shallow_clone())
+        .ok_or_else(|| Error::InvalidSetting {
+            setting: "clip_skip",
+            value: format!("{}", clip_skip.unwrap_or(0)),
+            expected: "fewer skipped layers than the text encoder has",
+        })
+}
+
+/// SDXL's six micro-conditioning values `[orig_h, orig_w, crop_top, crop_left, target_h, target_w]`
+/// (diffusers `_get_add_time_ids`). At inference original = target = the image size and the crop is (0, 0).
+pub fn add_time_ids(original_size: (i64, i64), crop_top_left: (i64, i64), target_size: (i64, i64)) -> [f64; 6] {
+    [original_size.0, original_size.1, crop_top_left.0, crop_top_left.1, target_size.0, target_size.1].map(|v| v as f64)
+}
+
+/// Rows of [`add_time_ids`] as a `[batch, 6]` tensor of `kind` on `device`.
+pub fn add_time_ids_tensor(rows: &[[f64; 6]], kind: Kind, device: Device) -> Tensor {
+    let flat: Vec<f64> = rows.iter().flatten().copied().collect();
+    Tensor::from_slice(&flat).view([rows.len() as i64, 6]).to_kind(kind).to_device(device)
+}

@@ -1,0 +1,156 @@
+//! The VAE against diffusers' golden outputs on the tiny fixture (fp32, CPU).
+
+// Helpers outside #[test] functions unwrap too: a fixture that fails to load should fail the test.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+
+use sdxl_model::vae::{AutoencoderKL, AutoencoderKLConfig, Upcast, VaeTiling};
+use sdxl_model::weights::TensorFile;
+use sdxl_model::Error;
+use tch::{Device, Kind, Tensor};
+
+fn fixtures() -> PathBuf {
+    std::env::var_os("SDXL_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
+}
+
+fn golden(name: &str) -> TensorFile {
+    TensorFile::open(fixtures().join(name)).unwrap()
+}
+
+fn get(file: &TensorFile, key: &str) -> Tensor {
+    file.tensor(key, Device::Cpu, None).unwrap()
+}
+
+/// `max |a − b| / max |b|` in f64.
+fn rel(actual: &Tensor, expected: &Tensor) -> f64 {
+    assert_eq!(actual.size(), expected.size());
+    let a = actual.to_kind(Kind::Double);
+    let e = expected.to_kind(Kind::Double);
+    (&a - &e).abs().max().double_value(&[]) / e.abs().max().double_value(&[])
+}
+
+fn tiny_vae() -> AutoencoderKL {
+    let (vae, _vs) =
+        AutoencoderKL::from_pretrained(fixtures().join("tiny-sdxl/vae"), Device::Cpu, Kind::Float, Upcast::Never).unwrap();
+    vae
+}
+
+#[test]
+fn encode_and_decode_match_diffusers() {
+    let io = golden("tiny-sdxl-vae-io.safetensors");
+    let vae = tiny_vae();
+    assert_eq!(vae.config(), &AutoencoderKLConfig::tiny());
+    let posterior = tch::no_grad(|| vae.encode(&get(&io, "image"))).unwrap();
+    let mean_err = rel(&posterior.mean, &get(&io, "mean"));
+    let logvar_err = rel(&posterior.logvar, &get(&io, "logvar"));
+    let decoded = tch::no_grad(|| vae.decode(&get(&io, "latents"))).unwrap();
+    let decode_err = rel(&decoded, &get(&io, "decoded"));
+    println!("rel. error: mean {mean_err:.2e}, logvar {logvar_err:.2e}, decode {decode_err:.2e}");
+    assert!(mean_err <= 1e-5 && logvar_err <= 1e-5 && decode_err <= 1e-5);
+}
+
+#[test]
+fn tiled_decode_matches_diffusers_tiling_and_stays_within_its_seam_error() {
+    let io = golden("tiny-sdxl-vae-tiling-io.safetensors");
+    let mut vae = tiny_vae();
+    let latents = get(&io, "latents");
+    let untiled = tch::no_grad(|| vae.decode(&latents)).unwrap();
+    vae.set_tiling(Some(VaeTiling::default())).unwrap();
+    let tiled = tch::no_grad(|| vae.decode(&latents)).unwrap();
+    assert!(rel(&untiled, &get(&io, "untiled_decoded")) <= 1e-5);
+    let vs_diffusers_tiled = rel(&tiled, &get(&io, "tiled_decoded"));
+    let seam_error = rel(&tiled, &untiled);
+    let diffusers_seam_error = get(&io, "decode_rel_diff").double_value(&[0]);
+    println!("tiled decode: vs diffusers tiled {vs_diffusers_tiled:.2e}; vs untiled {seam_error:.4e} (diffusers {diffusers_seam_error:.4e})");
+    assert!(vs_diffusers_tiled <= 1e-5);
+    // Tiling must actually change something, and no more than diffusers' own tiling does.
+    assert!(seam_error > 1e-4 && seam_error <= diffusers_seam_error + 1e-5);
+}
+
+#[test]
+fn tiled_encode_matches_diffusers_tiling_and_stays_within_its_seam_error() {
+    let io = golden("tiny-sdxl-vae-tiling-io.safetensors");
+    let mut vae = tiny_vae();
+    let image = get(&io, "image");
+    let untiled = tch::no_grad(|| vae.encode(&image)).unwrap().mean;
+    vae.set_tiling(Some(VaeTiling::default())).unwrap();
+    let tiled = tch::no_grad(|| vae.encode(&image)).unwrap().mean;
+    assert!(rel(&untiled, &get(&io, "untiled_mean")) <= 1e-5);
+    let vs_diffusers_tiled = rel(&tiled, &get(&io, "tiled_mean"));
+    let seam_error = rel(&tiled, &untiled);
+    let diffusers_seam_error = get(&io, "encode_rel_diff").double_value(&[0]);
+    println!("tiled encode: vs diffusers tiled {vs_diffusers_tiled:.2e}; vs untiled {seam_error:.4e} (diffusers {diffusers_seam_error:.4e})");
+    assert!(vs_diffusers_tiled <= 1e-5);
+    assert!(seam_error > 1e-4 && seam_error <= diffusers_seam_error + 1e-5);
+}
+
+#[test]
+fn slicing_gives_the_batched_result() {
+    let io = golden("tiny-sdxl-vae-io.safetensors");
+    let mut vae = tiny_vae();
+    let images = get(&io, "image");
+    let latents = Tensor::cat(&[get(&io, "latents"), get(&io, "latents") * 0.5], 0);
+    let (mean, decoded) = tch::no_grad(|| (vae.encode(&images).unwrap().mean, vae.decode(&latents).unwrap()));
+    vae.set_slicing(true);
+    let (mean_sliced, decoded_sliced) =
+        tch::no_grad(|| (vae.encode(&images).unwrap().mean, vae.decode(&latents).unwrap()));
+    let (mean_err, decode_err) = (rel(&mean_sliced, &mean), rel(&decoded_sliced, &decoded));
+    println!("sliced vs batched rel. error: mean {mean_err:.2e}, decode {decode_err:.2e}");
+    // Only rounding differs (libtorch picks per-batch-size kernels); the two samples are not mixed up.
+    assert!(mean_err <= 1e-5 && decode_err <= 1e-5);
+    assert!(rel(&decoded_sliced.get(1), &decoded.get(0)) > 1e-2);
+}
+
+#[test]
+fn upcast_keeps_fp32_weights_and_returns_the_callers_type() {
+    let io = golden("tiny-sdxl-vae-io.safetensors");
+    let dir = fixtures().join("tiny-sdxl/vae");
+    let (vae, _vs) = AutoencoderKL::from_pretrained(&dir, Device::Cpu, Kind::Half, Upcast::FromConfig).unwrap();
+    assert_eq!(vae.weight_kind(), Kind::Float);
+    let decoded = tch::no_grad(|| vae.decode(&get(&io, "latents").to_kind(Kind::Half))).unwrap();
+    assert_eq!(decoded.kind(), Kind::Half);
+    assert!(rel(&decoded, &get(&io, "decoded")) <= 1e-2);
+    let (plain, _vs) = AutoencoderKL::from_pretrained(&dir, Device::Cpu, Kind::BFloat16, Upcast::FromConfig).unwrap();
+    assert_eq!(plain.weight_kind(), Kind::BFloat16);
+}
+
+#[test]
+fn posterior_sample_uses_the_given_noise_and_latents_scale() {
+    let io = golden("tiny-sdxl-vae-io.safetensors");
+    let vae = tiny_vae();
+    let posterior = tch::no_grad(|| vae.encode(&get(&io, "image"))).unwrap();
+    let noise = posterior.mean.randn_like();
+    let sample = posterior.sample_with(&noise).unwrap();
+    let expected = get(&io, "mean") + (get(&io, "logvar") * 0.5).exp() * &noise;
+    assert!(rel(&sample, &expected) <= 1e-5);
+    assert!(posterior.sample_with(&noise.narrow(0, 0, 1)).is_err());
+    let scaled = vae.scale_latents(&sample);
+    assert!(rel(&scaled, &(&sample * 0.13025)) <= 1e-7);
+    assert!(rel(&vae.unscale_latents(&scaled), &sample) <= 1e-6);
+}
+
+#[test]
+fn bad_inputs_and_configs_are_errors_not_panics() {
+    let vae = tiny_vae();
+    let wrong_channels = Tensor::zeros([1, 5, 8, 8], (Kind::Float, Device::Cpu));
+    let msg = vae.decode(&wrong_channels).err().map(|e| e.to_string()).unwrap();
+    assert!(msg.contains("VAE decode input") && msg.contains("[1, 5, 8, 8]"), "{msg}");
+    assert!(matches!(vae.encode(&Tensor::zeros([3, 8, 8], (Kind::Float, Device::Cpu))), Err(Error::Shape { .. })));
+
+    let mut tiled = tiny_vae();
+    for bad in [VaeTiling { sample_tile: Some(30), overlap: 0.25 }, VaeTiling { sample_tile: None, overlap: 1.0 }] {
+        assert!(matches!(tiled.set_tiling(Some(bad)), Err(Error::InvalidSetting { .. })), "{bad:?}");
+    }
+
+    let mut config = AutoencoderKLConfig::tiny();
+    config.block_out_channels = vec![16, 30, 32];
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let err = AutoencoderKL::new(&vs.root(), &config).err().map(|e| e.to_string()).unwrap();
+    assert!(err.contains("block_out_channels") && err.contains("30"), "{err}");
+    config = AutoencoderKLConfig::tiny();
+    config.up_block_types[1] = "AttnUpDecoderBlock2D".into();
+    assert!(matches!(AutoencoderKL::new(&vs.root(), &config), Err(Error::InvalidConfig { field: "up_block_types", .. })));
+}
