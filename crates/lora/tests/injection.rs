@@ -124,7 +124,7 @@ fn gradients_after_one_step(widths: &[i64], rank: i64, dora: bool, seed: i64) ->
     tch::no_grad(|| {
         for (_, mut tensor) in adapters.variables() {
             if tensor.dim() == 2 && tensor.abs().max().double_value(&[]) == 0.0 {
-                let _ = tensor.copy_(&(Tensor::randn(tensor.size(), (Kind::Float, Device::Cpu)) * 0.1));
+                tensor.copy_(&(Tensor::randn(tensor.size(), (Kind::Float, Device::Cpu)) * 0.1));
             }
         }
     });

@@ -12,10 +12,12 @@
 //! model's own module paths ([`ModuleNames`]) and matches names exactly, as ComfyUI does.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
 
 use super::Part;
 use crate::linear::HasLinears;
 use crate::state::Component;
+use crate::{Error, Result};
 
 const SUFFIXES: [(&str, Part); 4] = [
     (".lora_down.weight", Part::Down),
@@ -39,6 +41,20 @@ impl BlockRenames {
     /// A table from `(diffusers prefix, renamed prefix)` pairs.
     pub fn new(pairs: impl IntoIterator<Item = (String, String)>) -> Self {
         Self { pairs: pairs.into_iter().collect() }
+    }
+
+    /// A table from a JSON file holding a list of `[diffusers prefix, renamed prefix]` pairs.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when it cannot be read, [`Error::BadMetadata`] when it is not such a list.
+    pub fn from_json_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
+        let pairs: Vec<(String, String)> = serde_json::from_str(&text).map_err(|e| Error::BadMetadata {
+            path: path.to_owned(),
+            key: "block renames".into(),
+            reason: format!("expected [[diffusers prefix, renamed prefix], ...]: {e}"),
+        })?;
+        Ok(Self::new(pairs))
     }
 
     /// The pairs.
@@ -94,6 +110,25 @@ impl ModuleNames {
     pub fn add_paths<S: Into<String>>(&mut self, component: Component, paths: impl IntoIterator<Item = S>) -> &mut Self {
         self.paths.entry(component).or_default().extend(paths.into_iter().map(Into::into));
         self
+    }
+
+    /// Adds the linear layers of a model's safetensors file (diffusers / transformers layout) as
+    /// modules of `component`: every 2-D tensor whose key ends in `.weight`. Only the header is
+    /// parsed.
+    ///
+    /// # Errors
+    /// [`Error::Io`] and [`Error::SafeTensors`] naming the file.
+    pub fn add_model_file(&mut self, component: Component, path: &Path) -> Result<&mut Self> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|source| Error::SafeTensors { path: path.to_owned(), source })?;
+        let paths = header
+            .tensors()
+            .into_iter()
+            .filter(|(_, info)| info.shape.len() == 2)
+            .filter_map(|(key, _)| key.strip_suffix(".weight").map(str::to_owned))
+            .collect::<Vec<_>>();
+        Ok(self.add_paths(component, paths))
     }
 
     /// Whether no component has names.
