@@ -429,3 +429,130 @@ fn check_range(name: &str, value: f64, ok: bool, reason: &'static str) -> Result
 fn check_group_value(group: usize, field: &str, value: f64) -> Result<()> {
     check_range(&format!("param_groups[{group}].{field}"), value, value.is_finite() && value >= 0.0, "must be finite and ≥ 0")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn param(values: &[f32]) -> Tensor {
+        Tensor::from_slice(values).set_requires_grad(true)
+    }
+
+    fn set_grad(p: &Tensor, g: &Tensor) {
+        let mut existing = p.grad();
+        if existing.defined() {
+            let _ = existing.zero_();
+        }
+        (p * g).sum(Kind::Float).backward();
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        Vec::<f32>::try_from(t.detach().reshape([-1])).unwrap()
+    }
+
+    #[test]
+    fn first_fp32_step_follows_the_kernel_formula() {
+        // After one step m̂/√v̂ = g/|g|, so p₁ = (p₀ − lr·sign(g)·|g|/(|g| + ε)) · (1 − lr·wd).
+        let p = param(&[1.0, -2.0, 0.5]);
+        let (lr, wd) = (0.01, 0.1);
+        let mut opt = AdamW::new(vec![ParamGroup::new(vec![p.shallow_clone()], lr, wd)], AdamWConfig::fp32()).unwrap();
+        set_grad(&p, &Tensor::from_slice(&[0.3f32, -4.0, 0.0]));
+        opt.step().unwrap();
+        let got = values(&p);
+        let expected: Vec<f64> = [(1.0, 0.3), (-2.0, -4.0), (0.5, 0.0)]
+            .iter()
+            .map(|&(p0, g): &(f64, f64)| {
+                let direction = if g == 0.0 { 0.0 } else { g.signum() * g.abs() / (g.abs() + 1e-8) };
+                (p0 - lr * direction) * (1.0 - lr * wd)
+            })
+            .collect();
+        for (g, e) in got.iter().zip(&expected) {
+            assert!((f64::from(*g) - e).abs() < 1e-6, "{got:?} vs {expected:?}");
+        }
+    }
+
+    #[test]
+    fn eight_bit_states_only_from_min_8bit_size() {
+        let small = Tensor::zeros([4095], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let large = Tensor::zeros([4096], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let opt =
+            AdamW::new(vec![ParamGroup::new(vec![small, large], 1e-3, 0.0)], AdamWConfig::eight_bit()).unwrap();
+        let slots = &opt.groups[0].slots;
+        assert!(matches!(slots[0].moments, Moments::Full { .. }));
+        assert!(matches!(slots[1].moments, Moments::Blockwise { .. }));
+        // 4095 · 8 bytes, then 4096 · 2 bytes of codes and 2 · 16 fp32 absmax.
+        assert_eq!(opt.state_bytes(), 4095 * 8 + 4096 * 2 + 2 * 16 * 4);
+    }
+
+    #[test]
+    fn non_finite_gradients_skip_the_element_and_reset_its_moments() {
+        let numel = 5000; // 8-bit states, ragged last block
+        let p = Tensor::randn([numel], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let before = p.detach().copy();
+        let mut opt =
+            AdamW::new(vec![ParamGroup::new(vec![p.shallow_clone()], 1e-2, 1e-2)], AdamWConfig::eight_bit()).unwrap();
+        set_grad(&p, &Tensor::randn([numel], (Kind::Float, Device::Cpu)));
+        opt.step().unwrap();
+        let after_first = p.detach().copy();
+        let grad = Tensor::randn([numel], (Kind::Float, Device::Cpu));
+        let bad = [3i64, 4000, 4999];
+        for (i, value) in bad.iter().zip([f32::NAN, f32::INFINITY, f32::NEG_INFINITY]) {
+            let _ = grad.get(*i).fill_(f64::from(value));
+        }
+        set_grad(&p, &grad);
+        opt.step().unwrap();
+        let after = p.detach();
+        assert!(after.isfinite().all().int64_value(&[]) == 1);
+        assert!(after.eq_tensor(&after_first).all().int64_value(&[]) == 0, "finite elements must move");
+        assert!(after_first.eq_tensor(&before).all().int64_value(&[]) == 0);
+        let Moments::Blockwise { m_codes, v_codes, .. } = &opt.groups[0].slots[0].moments else { panic!() };
+        for i in bad {
+            assert_eq!(after.double_value(&[i]), after_first.double_value(&[i]), "element {i} moved");
+            assert_eq!(m_codes.int64_value(&[i]), 127, "m of element {i} is code 0.0");
+            assert_eq!(v_codes.int64_value(&[i]), 0, "v of element {i} is code 0.0");
+        }
+    }
+
+    #[test]
+    fn groups_have_their_own_learning_rate_and_it_can_change() {
+        let a = param(&[1.0; 4]);
+        let b = param(&[1.0; 4]);
+        let groups = vec![ParamGroup::new(vec![a.shallow_clone()], 0.1, 0.0), ParamGroup::new(vec![b.shallow_clone()], 0.0, 0.0)];
+        let mut opt = AdamW::new(groups, AdamWConfig::fp32()).unwrap();
+        let ones = Tensor::ones([4], (Kind::Float, Device::Cpu));
+        set_grad(&a, &ones);
+        set_grad(&b, &ones);
+        opt.step().unwrap();
+        assert!((values(&a)[0] - 0.9).abs() < 1e-6);
+        assert_eq!(values(&b)[0], 1.0);
+        opt.set_learning_rate(1, 0.5).unwrap();
+        assert_eq!(opt.learning_rate(1).unwrap(), 0.5);
+        set_grad(&b, &ones);
+        opt.step().unwrap();
+        // m̂/√v̂ = 1 up to the kernel's fp32 (1 − β) constants (1 − 0.999f is 1.3e-5 short of 1e-3).
+        assert!((values(&b)[0] - 0.5).abs() < 1e-5, "{:?}", values(&b));
+        assert!(matches!(opt.set_learning_rate(2, 0.1), Err(Error::NoSuchGroup { group: 2, groups: 2 })));
+        assert!(matches!(opt.set_learning_rate(0, f64::NAN), Err(Error::InvalidHyperParameter { .. })));
+    }
+
+    #[test]
+    fn bad_settings_and_parameters_are_named() {
+        let p = || param(&[1.0]);
+        let err = AdamW::new(vec![ParamGroup::new(vec![p()], 1e-3, 0.0)], AdamWConfig { beta2: 1.0, ..AdamWConfig::eight_bit() });
+        assert!(err.unwrap_err().to_string().contains("betas.1"));
+        let err = AdamW::new(vec![ParamGroup::new(vec![p()], 1e-3, 0.0), ParamGroup::new(vec![p()], -1.0, 0.0)], AdamWConfig::eight_bit());
+        assert!(err.unwrap_err().to_string().contains("param_groups[1].lr"));
+        let ints = Tensor::from_slice(&[1i64, 2]);
+        let err = AdamW::new(vec![ParamGroup::new(vec![p(), ints], 1e-3, 0.0)], AdamWConfig::eight_bit());
+        let message = err.unwrap_err().to_string();
+        assert!(message.contains("param_groups[0].params[1]") && message.contains("Int64"), "{message}");
+    }
+
+    #[test]
+    fn parameters_without_gradient_are_skipped() {
+        let p = param(&[1.0, 2.0]);
+        let mut opt = AdamW::new(vec![ParamGroup::new(vec![p.shallow_clone()], 0.1, 0.1)], AdamWConfig::fp32()).unwrap();
+        opt.step().unwrap();
+        assert_eq!(values(&p), vec![1.0, 2.0]);
+    }
+}

@@ -26,6 +26,76 @@ pub struct QuantMap {
     code: Tensor,
     midpoints: Tensor,
     signed: bool,
+    /// Fast exact rounding for maps whose midpoints are far enough apart (the dynamic maps are).
+    rounding: Option<RoundingTable>,
+    /// Index of the code 0.0 of a signed map, when it has one (the dynamic map: 127).
+    zero_index: Option<i64>,
+}
+
+/// Float32 mantissa bits that, with sign and exponent, index the rounding table.
+const TABLE_MANTISSA_BITS: i64 = 8;
+/// Right shift from a float32's bits to its bucket.
+const TABLE_SHIFT: i64 = 23 - TABLE_MANTISSA_BITS;
+/// Buckets: every float32 with the same sign, exponent and top mantissa bits shares one.
+const TABLE_BUCKETS: i64 = 1 << (32 - TABLE_SHIFT);
+
+/// Nearest-code lookup by the bits of a float32, in place of a binary search per element
+/// (libtorch's `bucketize` is twenty times slower than a gather on the CPU).
+///
+/// Each bucket spans a relative width of at most 2⁻⁸, narrower than the closest pair of midpoints
+/// of the dynamic maps (0.7 % apart relative to their value), so it holds at most one midpoint:
+/// the index of a value is the bucket's `base` plus one if the value lies above the bucket's
+/// `threshold` (that midpoint, or +inf). This gives exactly the count of midpoints below the value,
+/// the rule of `bucketize` and of the CUDA kernel's search.
+#[derive(Debug)]
+struct RoundingTable {
+    base: Tensor,
+    threshold: Tensor,
+}
+
+impl RoundingTable {
+    /// The table for `midpoints`, or `None` when some finite bucket holds two midpoints.
+    fn new(midpoints: &Tensor) -> Result<Option<Self>> {
+        let cpu = (Kind::Int64, Device::Cpu);
+        let ids = Tensor::f_arange(TABLE_BUCKETS, cpu)?;
+        let negative = ids.f_ge(TABLE_BUCKETS / 2)?;
+        // The lowest and highest bit patterns of each bucket as int32 values (sign bit included).
+        let low_bits = ids
+            .f_mul_scalar(1i64 << TABLE_SHIFT)?
+            .f_sub(&negative.f_to_kind(Kind::Int64)?.f_mul_scalar(1i64 << 32)?)?;
+        let high_bits = low_bits.f_add_scalar((1i64 << TABLE_SHIFT) - 1)?;
+        let as_float = |bits: &Tensor| -> Result<Tensor> { Ok(bits.f_to_kind(Kind::Int)?.f_view_dtype(Kind::Float)?) };
+        let (low_float, high_float) = (as_float(&low_bits)?, as_float(&high_bits)?);
+        // For negative floats a larger bit pattern is a smaller number.
+        let lowest = low_float.f_where_self(&negative.f_logical_not()?, &high_float)?;
+        let highest = high_float.f_where_self(&negative.f_logical_not()?, &low_float)?;
+        let below_lowest = lowest.f_bucketize(midpoints, false, false)?;
+        let below_highest = highest.f_bucketize(midpoints, false, false)?;
+        let inside = below_highest.f_sub(&below_lowest)?;
+        let finite = lowest.f_isfinite()?.f_logical_and(&highest.f_isfinite()?)?;
+        let crowded = inside.f_gt(1)?.f_logical_and(&finite)?.f_any()?.f_int64_value(&[])? != 0;
+        if crowded {
+            return Ok(None);
+        }
+        let last = midpoints.size1()? - 1;
+        let candidate = midpoints.f_index_select(0, &below_lowest.f_clamp_max(last)?)?;
+        let threshold = candidate.f_masked_fill(&inside.f_eq(0)?, f64::INFINITY)?;
+        Ok(Some(Self { base: below_lowest, threshold }))
+    }
+
+    fn to_device(&self, device: Device) -> Result<Self> {
+        Ok(Self { base: self.base.f_to_device(device)?, threshold: self.threshold.f_to_device(device)? })
+    }
+
+    /// Number of midpoints below each value of a float32 tensor, int64, same shape.
+    fn count_below(&self, values: &Tensor) -> Result<Tensor> {
+        let bits = values.f_contiguous()?.f_view_dtype(Kind::Int)?;
+        let bucket = bits.f_bitwise_right_shift_tensor_scalar(TABLE_SHIFT)?.f_bitwise_and(TABLE_BUCKETS - 1)?;
+        let flat = bucket.f_reshape([-1])?;
+        let base = self.base.f_index_select(0, &flat)?.f_view_(values.size())?;
+        let threshold = self.threshold.f_index_select(0, &flat)?.f_view_(values.size())?;
+        Ok(base.f_add(&values.f_gt_tensor(&threshold)?)?)
+    }
 }
 
 impl QuantMap {
@@ -77,7 +147,14 @@ impl QuantMap {
         // upward search; the kernel computes the midpoint as (lower + upper) * 0.5 in fp32, like this.
         let midpoints =
             code.f_narrow(0, 0, CODE_LEN - 1)?.f_add(&code.f_narrow(0, 1, CODE_LEN - 1)?)?.f_mul_scalar(0.5)?;
-        Ok(Self { code, midpoints, signed })
+        let rounding = RoundingTable::new(&midpoints.f_to_device(Device::Cpu)?)?
+            .map(|table| table.to_device(code.device()))
+            .transpose()?;
+        let zero_index = {
+            let zeros = code.f_eq(0.0)?;
+            (zeros.f_any()?.f_int64_value(&[])? != 0).then(|| zeros.f_to_kind(Kind::Int64)?.f_argmax(0, false)?.f_int64_value(&[])).transpose()?
+        };
+        Ok(Self { code, midpoints, signed, rounding, zero_index })
     }
 
     /// The 256 code values, sorted ascending, float32.
@@ -96,6 +173,8 @@ impl QuantMap {
             code: self.code.f_to_device(device)?,
             midpoints: self.midpoints.f_to_device(device)?,
             signed: self.signed,
+            rounding: self.rounding.as_ref().map(|table| table.to_device(device)).transpose()?,
+            zero_index: self.zero_index,
         })
     }
 
@@ -105,11 +184,21 @@ impl QuantMap {
     /// possible next to zero: a tiny negative value rounds to 0.0, whose sign bit is clear) moves
     /// one code outward, as the CUDA kernel does, so a negative moment stays negative.
     pub(crate) fn nearest_indices(&self, normalized: &Tensor) -> Result<Tensor> {
-        let indices = normalized.f_bucketize(&self.midpoints, false, false)?;
+        let normalized = normalized.f_to_kind(Kind::Float)?;
+        let indices = match &self.rounding {
+            Some(table) => table.count_below(&normalized)?,
+            None => normalized.f_bucketize(&self.midpoints, false, false)?,
+        };
         if !self.signed {
             return Ok(indices);
         }
-        let chosen = self.code.f_take(&indices)?;
+        if let Some(zero) = self.zero_index {
+            // With an exact 0.0 in the code only a negative value (or −0.0) rounding to 0.0 can
+            // change sign: no negative code is nearer to a positive value than 0.0, and vice versa.
+            let flipped = indices.f_eq(zero)?.f_logical_and(&normalized.f_signbit()?)?;
+            return Ok(indices.f_sub(&flipped.f_to_kind(Kind::Int64)?)?);
+        }
+        let chosen = self.decode(&indices)?;
         let sign_flipped = chosen.f_signbit()?.f_ne_tensor(&normalized.f_signbit()?)?;
         let outward = normalized.f_gt(0.0)?.f_to_kind(Kind::Int64)?.f_mul_scalar(2)?.f_sub_scalar(1)?;
         Ok(indices.f_add(&outward.f_mul(&sign_flipped)?)?)
@@ -122,7 +211,14 @@ impl QuantMap {
 
     /// Code values of stored indices, float32, same shape.
     pub(crate) fn decode(&self, codes: &Tensor) -> Result<Tensor> {
-        Ok(self.code.f_take(&codes.f_to_kind(Kind::Int64)?)?)
+        let flat = codes.f_reshape([-1])?.f_to_kind(Kind::Int)?;
+        Ok(self.code.f_index_select(0, &flat)?.f_view_(codes.size())?)
+    }
+
+    /// Whether rounding uses the bit-indexed table (true for the dynamic maps) rather than a
+    /// binary search.
+    pub fn has_rounding_table(&self) -> bool {
+        self.rounding.is_some()
     }
 }
 
@@ -226,6 +322,24 @@ mod tests {
         assert_eq!(unsigned[255], 1.0);
         assert!(unsigned.windows(2).all(|w| w[0] < w[1]));
         assert!((unsigned[1] - 3.25e-7).abs() < 1e-8, "{}", unsigned[1]);
+    }
+
+    #[test]
+    fn rounding_table_equals_binary_search() {
+        for map in [QuantMap::signed(Device::Cpu).unwrap(), QuantMap::unsigned(Device::Cpu).unwrap()] {
+            assert!(map.has_rounding_table());
+            let code = map.code();
+            let mids = &map.midpoints;
+            let specials = Tensor::from_slice(&[0.0f32, -0.0, 1.0, -1.0, 1e-45, -1e-45, 1e-38, 3e-7, -3e-7]);
+            let below = |t: &Tensor| Tensor::from_slice(&Vec::<f32>::try_from(t).unwrap().iter().map(|v| v.next_down()).collect::<Vec<_>>());
+            let above = |t: &Tensor| Tensor::from_slice(&Vec::<f32>::try_from(t).unwrap().iter().map(|v| v.next_up()).collect::<Vec<_>>());
+            let uniform = Tensor::rand([200_000], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+            let log_spread = Tensor::rand([200_000], (Kind::Float, Device::Cpu)).g_mul_scalar(-9.0 * std::f64::consts::LN_10).exp() * (Tensor::rand([200_000], (Kind::Float, Device::Cpu)) - 0.5).sign();
+            let values = Tensor::cat(&[specials, code.copy(), mids.copy(), below(mids), above(mids), below(code), above(code), uniform, log_spread], 0).clamp(-1.0, 1.0);
+            let fast = map.rounding.as_ref().unwrap().count_below(&values).unwrap();
+            let search = values.bucketize(mids, false, false);
+            assert!(fast.equal(&search), "{} of {} differ", fast.ne_tensor(&search).sum(Kind::Int64).int64_value(&[]), values.numel());
+        }
     }
 
     #[test]
