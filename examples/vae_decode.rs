@@ -1,0 +1,75 @@
+//! Times the SDXL VAE decode of one image, tiled or not, on the full-size architecture with random
+//! weights: the benchmark behind the "2048×2048 tiled bf16 decode" figure in docs/BENCHMARKS.md.
+//!
+//! ```sh
+//! cargo run --release --example vae_decode -- [--size 2048] [--kind bf16|f16|f32] [--untiled] [--runs 5]
+//! ```
+//!
+//! Runs on CUDA when available (else the CPU, slowly), in `--kind` with no fp32 upcast. Peak GPU
+//! memory is not visible through tch; read it beside the run (e.g. `nvidia-smi --query-gpu=memory.used
+//! --format=csv -lms 50`) or from the diffusers reference in the same session.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use sdxl_model::vae::{AutoencoderKL, AutoencoderKLConfig, VaeTiling};
+use tch::{Device, Kind, Tensor};
+
+fn main() -> anyhow::Result<()> {
+    let (mut size, mut kind, mut tiled, mut runs) = (2048i64, Kind::BFloat16, true, 5usize);
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--size" => size = args.next().context("--size needs a value")?.parse().context("--size")?,
+            "--runs" => runs = args.next().context("--runs needs a value")?.parse().context("--runs")?,
+            "--untiled" => tiled = false,
+            "--kind" => {
+                kind = match args.next().context("--kind needs a value")?.as_str() {
+                    "bf16" => Kind::BFloat16,
+                    "f16" => Kind::Half,
+                    "f32" => Kind::Float,
+                    other => bail!("--kind: `{other}` is not bf16, f16 or f32"),
+                }
+            }
+            other => bail!("unknown argument `{other}`"),
+        }
+    }
+    if size % 8 != 0 || size <= 0 {
+        bail!("--size must be a positive multiple of 8, got {size}");
+    }
+    let device = Device::cuda_if_available();
+    tch::manual_seed(0);
+    let mut vs = tch::nn::VarStore::new(device);
+    let mut vae = AutoencoderKL::new(&vs.root(), &AutoencoderKLConfig::sdxl())?;
+    vs.set_kind(kind);
+    if tiled {
+        vae.set_tiling(Some(VaeTiling::default()))?;
+    }
+    let latents = Tensor::randn([1, 4, size / 8, size / 8], (kind, device));
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let mut times = Vec::with_capacity(runs);
+    tch::no_grad(|| -> anyhow::Result<()> {
+        let warm = vae.decode(&latents)?; // first call: kernel selection and allocator warm-up
+        sync();
+        println!("output {:?} {:?} on {device:?}", warm.size(), warm.kind());
+        for _ in 0..runs {
+            let start = Instant::now();
+            let _image = vae.decode(&latents)?;
+            sync();
+            times.push(start.elapsed().as_secs_f64());
+        }
+        Ok(())
+    })?;
+    times.sort_by(f64::total_cmp);
+    let median = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+    println!(
+        "VAE decode {size}x{size} {kind:?} {}: median {median:.3} s over {runs} runs (min {:.3} s)",
+        if tiled { "tiling on (1024 px tiles, overlap 0.25; only larger images are split)" } else { "untiled" },
+        times.first().copied().unwrap_or(f64::NAN)
+    );
+    Ok(())
+}
