@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use tch::Tensor;
 
 use crate::adapter::{Adapter, Scaling};
+use crate::format::kohya::resolve_in;
 use crate::linear::HasLinears;
 use crate::{Error, Result};
 
@@ -151,6 +152,9 @@ impl LoraState {
     /// the layer's device, in the adapter tensors' own type; `trainable` sets `requires_grad`).
     /// Returns how many layers got an adapter.
     ///
+    /// A module's path may also be a dotted suffix of exactly one layer's path (transformers 5 writes
+    /// `CLIPTextModel` LoRAs without the `text_model.` level).
+    ///
     /// # Errors
     /// [`Error::ModulesNotInModel`] naming every module the model lacks (nothing is attached then),
     /// [`Error::ShapeMismatch`] / [`Error::DuplicateAdapter`] from the first layer that refuses.
@@ -161,23 +165,29 @@ impl LoraState {
         adapter_name: &str,
         trainable: bool,
     ) -> Result<usize> {
-        let wanted: BTreeSet<&str> =
-            self.modules.keys().filter(|(c, _)| *c == component).map(|(_, m)| m.as_str()).collect();
-        let mut present = BTreeSet::new();
+        let mut model_paths = BTreeSet::new();
         model.for_each_linear(&mut |module, _| {
-            if wanted.contains(module) {
-                present.insert(module.to_owned());
-            }
+            model_paths.insert(module.to_owned());
         });
-        let missing: Vec<String> =
-            wanted.iter().filter(|m| !present.contains(**m)).map(|m| format!("{component}.{m}")).collect();
+        // File path → model path: equal, else the only model path ending with `.<file path>`.
+        let mut placed: BTreeMap<String, &ModuleLora> = BTreeMap::new();
+        let mut missing = Vec::new();
+        for (path, lora) in self.component(component) {
+            match resolve_in(model_paths.iter().map(String::as_str), path) {
+                Ok(model_path) if !placed.contains_key(&model_path) => {
+                    placed.insert(model_path, lora);
+                }
+                Ok(_) => missing.push(format!("{component}.{path} (a second LoRA for the same layer)")),
+                Err(reason) => missing.push(format!("{component}.{path} ({reason})")),
+            }
+        }
         if !missing.is_empty() {
             return Err(Error::ModulesNotInModel { modules: missing });
         }
         let mut failure = None;
         let mut count = 0;
         model.for_each_linear(&mut |module, linear| {
-            let Some(lora) = self.modules.get(&(component, module.to_owned())) else { return };
+            let Some(lora) = placed.get(module) else { return };
             if failure.is_some() {
                 return;
             }

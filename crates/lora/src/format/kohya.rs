@@ -131,9 +131,38 @@ impl ModuleNames {
         Ok(self.add_paths(component, paths))
     }
 
+    /// Whether `component` has any names.
+    pub fn has_component(&self, component: Component) -> bool {
+        self.paths.get(&component).is_some_and(|paths| !paths.is_empty())
+    }
+
+    /// The model's path for a file's module path: the same path, else the only model path that
+    /// ends with `.<path>` (transformers 5 saves `CLIPTextModel` LoRAs without the `text_model.`
+    /// level, e.g. `encoder.layers.0.self_attn.q_proj`).
+    ///
+    /// # Errors
+    /// Why it cannot be placed: no such module, or several candidates.
+    pub fn resolve(&self, component: Component, path: &str) -> Result<String, &'static str> {
+        let paths = self.paths.get(&component).ok_or("the model has no modules for this component")?;
+        resolve_in(paths.iter().map(String::as_str), path)
+    }
+
     /// Whether no component has names.
     pub fn is_empty(&self) -> bool {
         self.paths.values().all(BTreeSet::is_empty)
+    }
+}
+
+/// The path among `paths` equal to `path`, else the only one ending with `.<path>`.
+pub(crate) fn resolve_in<'a>(paths: impl Iterator<Item = &'a str> + Clone, path: &str) -> Result<String, &'static str> {
+    if paths.clone().any(|p| p == path) {
+        return Ok(path.to_owned());
+    }
+    let mut candidates = paths.filter(|p| p.strip_suffix(path).is_some_and(|head| head.ends_with('.')));
+    match (candidates.next(), candidates.next()) {
+        (Some(only), None) => Ok(only.to_owned()),
+        (Some(_), Some(_)) => Err("ambiguous: several modules of the model end with this path"),
+        (None, _) => Err("no module of the model has this path"),
     }
 }
 
@@ -159,36 +188,43 @@ pub(crate) fn is_kohya_file<'a>(mut keys: impl Iterator<Item = &'a str>) -> bool
 
 /// Maps kohya module names back to `(component, module path)`.
 pub(crate) struct Resolver {
-    /// `None` marks a name that two module paths produce.
+    /// Full names; `None` marks a name that two module paths produce.
     names: HashMap<String, Option<(Component, String)>>,
+    /// Names of path suffixes (a module path without its first levels, as transformers 5 writes
+    /// `CLIPTextModel` paths), used when no full name matches.
+    suffix_names: HashMap<String, Option<(Component, String)>>,
+}
+
+fn add_name(names: &mut HashMap<String, Option<(Component, String)>>, name: String, target: (Component, String)) {
+    names
+        .entry(name)
+        .and_modify(|existing| {
+            if existing.as_ref() != Some(&target) {
+                *existing = None;
+            }
+        })
+        .or_insert(Some(target));
 }
 
 impl Resolver {
     pub(crate) fn new(modules: &ModuleNames, renames: Option<&BlockRenames>) -> Self {
-        let mut names: HashMap<String, Option<(Component, String)>> = HashMap::new();
-        let mut add = |name: String, target: (Component, String)| {
-            names
-                .entry(name)
-                .and_modify(|existing| {
-                    if existing.as_ref() != Some(&target) {
-                        *existing = None;
-                    }
-                })
-                .or_insert(Some(target));
-        };
+        let (mut names, mut suffix_names) = (HashMap::new(), HashMap::new());
         for (component, paths) in &modules.paths {
             for path in paths {
                 let target = (*component, path.clone());
-                add(module_name(*component, path), target.clone());
+                add_name(&mut names, module_name(*component, path), target.clone());
                 if *component == Component::TextEncoder {
-                    add(format!("{SD1_TEXT_ENCODER_PREFIX}_{}", path.replace('.', "_")), target.clone());
+                    add_name(&mut names, format!("{SD1_TEXT_ENCODER_PREFIX}_{}", path.replace('.', "_")), target.clone());
                 }
                 if let (Component::Unet, Some(renamed)) = (component, renames.and_then(|r| r.rename(path))) {
-                    add(module_name(*component, &renamed), target);
+                    add_name(&mut names, module_name(*component, &renamed), target.clone());
+                }
+                for (dot, _) in path.match_indices('.') {
+                    add_name(&mut suffix_names, module_name(*component, &path[dot + 1..]), target.clone());
                 }
             }
         }
-        Self { names }
+        Self { names, suffix_names }
     }
 
     /// The component, module path and part of `key`, or why it cannot be placed.
@@ -197,7 +233,7 @@ impl Resolver {
             .iter()
             .find_map(|(suffix, part)| key.strip_suffix(suffix).map(|name| (name, *part)))
             .ok_or("unknown suffix")?;
-        match self.names.get(name) {
+        match self.names.get(name).or_else(|| self.suffix_names.get(name)) {
             Some(Some((component, path))) => Ok((*component, path.clone(), part)),
             Some(None) => Err("ambiguous: several module paths give this name"),
             None => Err("no module of the model has this name"),

@@ -202,7 +202,20 @@ pub fn read(path: impl AsRef<Path>, options: ReadOptions) -> Result<LoraFile> {
             unplaced.push(format!("{qualified} ({error})"));
             continue;
         }
-        state.modules.insert((component, module), lora);
+        // Put the module on the model's own path when the caller gave the model's names.
+        let module = match options.module_names {
+            Some(names) if names.has_component(component) => match names.resolve(component, &module) {
+                Ok(path) => path,
+                Err(reason) => {
+                    unplaced.push(format!("{qualified} ({reason})"));
+                    continue;
+                }
+            },
+            _ => module,
+        };
+        if state.modules.insert((component, module.clone()), lora).is_some() {
+            unplaced.push(format!("{qualified} (a second module for {component}.{module})"));
+        }
     }
     if !unplaced.is_empty() {
         return Err(Error::UnplacedKeys { path: path.to_owned(), keys: unplaced });
