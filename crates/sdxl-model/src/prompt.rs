@@ -11,10 +11,14 @@
 //! 4. without a negative prompt, the negative context and pooled embedding are zeros
 //!    (`force_zeros_for_empty_prompt`), not the encoding of "".
 
+use std::path::Path;
+
+use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use crate::clip::ClipTextModel;
+use crate::clip::{single_file, ClipTextConfig, ClipTextModel};
 use crate::tokenizer::ClipTokenizer;
+use crate::weights::TensorFile;
 use crate::{Error, Result};
 
 /// The text conditioning of a batch of prompts.
@@ -61,6 +65,35 @@ impl PromptEncoder {
             text_encoder,
             text_encoder_2,
         })
+    }
+
+    /// Loads `text_encoder/` and `text_encoder_2/` of a diffusers SDXL folder onto `device` in `kind`.
+    /// Returns the variable stores that own the two encoders' weights.
+    ///
+    /// # Errors
+    /// As [`ClipTextModel::from_pretrained`] for either folder; as [`Self::new`].
+    pub fn from_pretrained(root: impl AsRef<Path>, device: Device, kind: Kind) -> Result<(Self, [VarStore; 2])> {
+        let root = root.as_ref();
+        let (text_encoder, vs_1) = ClipTextModel::from_pretrained(root.join("text_encoder"), device, kind)?;
+        let (text_encoder_2, vs_2) = ClipTextModel::from_pretrained(root.join("text_encoder_2"), device, kind)?;
+        Ok((Self::new(text_encoder, text_encoder_2)?, [vs_1, vs_2]))
+    }
+
+    /// Loads both encoders from an SGM single-file checkpoint (see [`crate::clip::single_file`]);
+    /// `configs` are those of CLIP-L and bigG ([`ClipTextConfig::clip_l`] and
+    /// [`ClipTextConfig::open_clip_big_g`] for SDXL 1.0).
+    ///
+    /// # Errors
+    /// [`Error::Load`] naming the keys that do not match; as [`Self::new`].
+    pub fn from_single_file(
+        file: &TensorFile,
+        configs: [&ClipTextConfig; 2],
+        device: Device,
+        kind: Kind,
+    ) -> Result<(Self, [VarStore; 2])> {
+        let (text_encoder, vs_1) = single_file::load_clip_l(file, configs[0], device, kind)?;
+        let (text_encoder_2, vs_2) = single_file::load_open_clip_big_g(file, configs[1], device, kind)?;
+        Ok((Self::new(text_encoder, text_encoder_2)?, [vs_1, vs_2]))
     }
 
     /// The first text encoder (CLIP-L).

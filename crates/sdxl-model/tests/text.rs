@@ -90,6 +90,14 @@ fn single_file_layout_gives_the_same_outputs() {
     let (single_1, _vs1) = load_clip_l(&file, &config_1, Device::Cpu, Kind::Float).unwrap();
     let (single_2, _vs2) = load_open_clip_big_g(&file, &config_2, Device::Cpu, Kind::Float).unwrap();
     let ids = get(&golden("tiny-sdxl-text-encoder-2-io.safetensors"), "input_ids");
+    let (from_file, _stores) =
+        PromptEncoder::from_single_file(&file, [&config_1, &config_2], Device::Cpu, Kind::Float).unwrap();
+    let (from_folders, _stores) =
+        PromptEncoder::from_pretrained(&root, Device::Cpu, Kind::Float).unwrap();
+    tch::no_grad(|| {
+        let (a, b) = (from_folders.encode(&["a red fox"], None, None).unwrap(), from_file.encode(&["a red fox"], None, None).unwrap());
+        assert!(a.context.equal(&b.context) && a.pooled.equal(&b.pooled));
+    });
     tch::no_grad(|| {
         let (a, b) = (encoder("text_encoder").forward(&ids).unwrap(), single_1.forward(&ids).unwrap());
         assert!(a.last_hidden_state.equal(&b.last_hidden_state) && a.pooled.equal(&b.pooled));
@@ -141,7 +149,7 @@ fn encode_prompt_matches_diffusers() {
         serde_json::from_str(&metadata("tiny-sdxl-encode-prompt-io.safetensors")["inputs"]).unwrap();
     let list = |key: &str| -> Vec<String> { serde_json::from_value(inputs[key].clone()).unwrap() };
     let (prompts, negatives) = (list("prompts"), list("negative_prompts"));
-    let encoder = PromptEncoder::new(encoder("text_encoder"), encoder("text_encoder_2")).unwrap();
+    let (encoder, _stores) = PromptEncoder::from_pretrained(fixtures().join("tiny-sdxl"), Device::Cpu, Kind::Float).unwrap();
     tch::no_grad(|| {
         let (positive, zero) = encoder.encode_with_negative(&prompts, None).unwrap();
         let (_, negative) = encoder.encode_with_negative(&prompts, Some(&negatives)).unwrap();

@@ -154,3 +154,30 @@ fn bad_inputs_and_configs_are_errors_not_panics() {
     config.up_block_types[1] = "AttnUpDecoderBlock2D".into();
     assert!(matches!(AutoencoderKL::new(&vs.root(), &config), Err(Error::InvalidConfig { field: "up_block_types", .. })));
 }
+
+#[test]
+fn ldm_single_file_layout_gives_the_same_outputs() {
+    use sdxl_model::vae::single_file::load_vae_file;
+    let io = golden("tiny-sdxl-vae-io.safetensors");
+    let path = fixtures().join("tiny-sdxl-vae-single-file.safetensors");
+    let config = AutoencoderKLConfig::tiny();
+    let (single, _vs) = load_vae_file(&path, &config, Device::Cpu, Kind::Float, Upcast::Never).unwrap();
+    let folder = tiny_vae();
+    tch::no_grad(|| {
+        let latents = get(&io, "latents");
+        assert!(single.decode(&latents).unwrap().equal(&folder.decode(&latents).unwrap()));
+        let image = get(&io, "image");
+        assert!(single.encode(&image).unwrap().mean.equal(&folder.encode(&image).unwrap().mean));
+    });
+
+    // A config that does not fit names the mis-shaped LDM key.
+    let mut wider = AutoencoderKLConfig::tiny();
+    wider.block_out_channels = vec![16, 32, 64];
+    let msg = load_vae_file(&path, &wider, Device::Cpu, Kind::Float, Upcast::Never).err().unwrap().to_string();
+    for needle in [
+        "`first_stage_model.decoder.conv_in.weight` (model [64, 4, 3, 3], file [32, 4, 3, 3])",
+        "missing: `first_stage_model.decoder.up.1.block.0.nin_shortcut.bias`",
+    ] {
+        assert!(msg.contains(needle), "{needle} not in {msg}");
+    }
+}

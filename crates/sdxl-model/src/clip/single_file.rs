@@ -13,38 +13,18 @@
 //! under the encoder's prefix every tensor must be used except the buffers `position_ids` and
 //! `logit_scale`, which the text model has no use for.
 
-use std::collections::BTreeSet;
-
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 use super::{ClipTextConfig, ClipTextModel};
-use crate::weights::{LoadReport, TensorFile};
-use crate::{Error, Result};
+use crate::mapped_load::{load_mapped, Source};
+use crate::weights::TensorFile;
+use crate::Result;
 
 /// Where SGM keeps CLIP-L.
 pub const CLIP_L_PREFIX: &str = "conditioner.embedders.0.transformer.";
 /// Where SGM keeps OpenCLIP bigG.
 pub const BIG_G_PREFIX: &str = "conditioner.embedders.1.model.";
-
-/// How a file tensor becomes a variable.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Source {
-    /// The tensor as stored.
-    Same(String),
-    /// Rows `[part·n, (part+1)·n)` of a fused q/k/v tensor of `3n` rows.
-    FusedPart(String, i64),
-    /// The transpose of a matrix.
-    Transposed(String),
-}
-
-impl Source {
-    fn key(&self) -> &str {
-        match self {
-            Source::Same(k) | Source::FusedPart(k, _) | Source::Transposed(k) => k,
-        }
-    }
-}
 
 /// The open_clip key holding transformers variable `name` (relative to the model root).
 fn open_clip_source(name: &str) -> Option<Source> {
@@ -88,7 +68,7 @@ fn open_clip_source(name: &str) -> Option<Source> {
 /// Loads SDXL's CLIP-L text encoder from a single-file checkpoint.
 ///
 /// # Errors
-/// [`Error::Load`] naming missing, unused (under [`CLIP_L_PREFIX`]) and mis-shaped keys.
+/// [`crate::Error::Load`] naming missing, unused (under [`CLIP_L_PREFIX`]) and mis-shaped keys.
 pub fn load_clip_l(file: &TensorFile, config: &ClipTextConfig, device: Device, kind: Kind) -> Result<(ClipTextModel, VarStore)> {
     load(file, config, false, device, kind, CLIP_L_PREFIX, &["text_model.embeddings.position_ids"], |name| {
         Some(Source::Same(name.to_owned()))
@@ -98,7 +78,7 @@ pub fn load_clip_l(file: &TensorFile, config: &ClipTextConfig, device: Device, k
 /// Loads SDXL's OpenCLIP bigG text encoder (with its projection) from a single-file checkpoint.
 ///
 /// # Errors
-/// [`Error::Load`] naming missing, unused (under [`BIG_G_PREFIX`]) and mis-shaped keys.
+/// [`crate::Error::Load`] naming missing, unused (under [`BIG_G_PREFIX`]) and mis-shaped keys.
 pub fn load_open_clip_big_g(
     file: &TensorFile,
     config: &ClipTextConfig,
@@ -121,46 +101,7 @@ fn load(
 ) -> Result<(ClipTextModel, VarStore)> {
     let mut vs = VarStore::new(device);
     let model = ClipTextModel::new(&vs.root(), config, with_projection)?;
-    let in_file: BTreeSet<String> = file.keys()?.into_iter().filter(|k| k.starts_with(prefix)).collect();
-    let mut report = LoadReport::default();
-    let mut used = BTreeSet::new();
-    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    variables.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, mut var) in variables {
-        let Some(source) = source_of(&name) else {
-            report.missing.push(format!("{prefix}<no mapping for `{name}`>"));
-            continue;
-        };
-        let key = format!("{prefix}{}", source.key());
-        if !in_file.contains(&key) {
-            report.missing.push(key);
-            continue;
-        }
-        used.insert(key.clone());
-        let stored = file.tensor(&key, var.device(), Some(var.kind()))?;
-        let value = match &source {
-            Source::Same(_) => Some(stored),
-            Source::Transposed(_) => (stored.dim() == 2).then(|| stored.tr()),
-            Source::FusedPart(_, part) => {
-                let rows = stored.size().first().copied().unwrap_or(0);
-                (rows % 3 == 0 && rows > 0).then(|| stored.narrow(0, part * rows / 3, rows / 3))
-            }
-        };
-        match value {
-            Some(value) if value.size() == var.size() => {
-                tch::no_grad(|| var.f_copy_(&value))?;
-                report.loaded += 1;
-            }
-            _ => report.mismatched.push((key, var.size(), file.shape(&format!("{prefix}{}", source.key()))?)),
-        }
-    }
-    report.unused = in_file
-        .into_iter()
-        .filter(|k| !used.contains(k) && !ignored.iter().any(|i| k.strip_prefix(prefix) == Some(*i)))
-        .collect();
-    if !report.is_complete() {
-        return Err(Error::Load { files: vec![file.path().to_path_buf()], report: Box::new(report) });
-    }
+    load_mapped(&vs, file, prefix, ignored, source_of)?;
     vs.set_kind(kind);
     Ok((model, vs))
 }

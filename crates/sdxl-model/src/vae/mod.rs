@@ -9,6 +9,7 @@
 
 mod blocks;
 mod coder;
+pub mod single_file;
 mod tiling;
 
 use std::path::Path;
@@ -211,6 +212,16 @@ pub enum Upcast {
     Never,
 }
 
+/// The element type a VAE loaded in `kind` keeps its weights in.
+fn weight_kind_for(config: &AutoencoderKLConfig, kind: Kind, upcast: Upcast) -> Kind {
+    let keep_fp32 = match upcast {
+        Upcast::Always => true,
+        Upcast::FromConfig => kind == Kind::Half && config.force_upcast,
+        Upcast::Never => false,
+    };
+    if keep_fp32 { Kind::Float } else { kind }
+}
+
 /// A diagonal Gaussian over latents, as the encoder returns it.
 #[derive(Debug)]
 pub struct DiagonalGaussian {
@@ -303,12 +314,7 @@ impl AutoencoderKL {
         let model = Self::new(&vs.root(), &config)?;
         let file = TensorFile::open(folder.join("diffusion_pytorch_model.safetensors"))?;
         load_into(&vs, &[file], str::to_owned)?;
-        let keep_fp32 = match upcast {
-            Upcast::Always => true,
-            Upcast::FromConfig => kind == Kind::Half && config.force_upcast,
-            Upcast::Never => false,
-        };
-        vs.set_kind(if keep_fp32 { Kind::Float } else { kind });
+        vs.set_kind(weight_kind_for(&config, kind, upcast));
         Ok((model, vs))
     }
 
