@@ -154,3 +154,24 @@ fn inputs_of_the_wrong_shape_are_errors_naming_the_input() {
         assert!(msg.contains(needle), "{needle} not in: {msg}");
     }
 }
+
+/// The full-size SDXL-base UNet (random weights, bf16, ≈ 5 GB): parameter count of the hub model and a
+/// complete SGM mapping. Ignored by default for its memory; run with `--ignored` (CUDA when available).
+#[test]
+#[ignore = "allocates the full 2.6 B-parameter UNet"]
+fn sdxl_base_has_the_hub_parameter_count_and_a_complete_sgm_table() {
+    let config = UNetConfig::sdxl_base();
+    let mut vs = VarStore::new(Device::cuda_if_available());
+    vs.set_kind(Kind::BFloat16);
+    let unet = tch::no_grad(|| UNet2DConditionModel::new(&vs.root(), &config));
+    let variables = vs.variables();
+    let params: i64 = variables.values().map(Tensor::numel).map(|n| n as i64).sum();
+    println!("sdxl_base: {} tensors, {params} parameters", variables.len());
+    // diffusers' UNet2DConditionModel for stabilityai/stable-diffusion-xl-base-1.0.
+    assert_eq!(params, 2_567_463_684);
+    let table = sdxl_model::unet::sgm_unet_table(&config);
+    let mapped: std::collections::BTreeSet<String> =
+        variables.keys().map(|k| sdxl_model::unet::to_sgm(&table, k).unwrap_or_else(|| panic!("{k} has no SGM name"))).collect();
+    assert_eq!(mapped.len(), variables.len());
+    drop(unet);
+}

@@ -1,0 +1,187 @@
+//! The full-size SDXL-base UNet on the GPU: parity with diffusers, time per inference step and
+//! training-step memory with and without gradient checkpointing.
+//!
+//! ```sh
+//! cargo run --release --example unet_sdxl -- [--ref /tmp/sdxl-ref] [--steps 10]
+//! cargo run --release --example unet_sdxl -- --train-memory plain|checkpointed
+//! ```
+//!
+//! * Parity and speed (default): with `--ref` pointing at the output of `tools/gpu/reference_sdxl.py`
+//!   (diffusers' random-weight SDXL UNet in `unet/` and `unet-io.safetensors` with its fp32 and bf16
+//!   outputs), loads the same weights in fp32 and in bf16 and prints the relative errors against
+//!   diffusers' fp32 output beside diffusers' own bf16-vs-fp32 spread. Without the folder it uses random
+//!   weights and only times. Timing: bf16, 1024 px (128×128 latents), batch 2 as with classifier-free
+//!   guidance, fused attention, after warm-up, synchronised.
+//! * `--train-memory MODE`: one training step (forward, MSE loss, backward) of the bf16 UNet at 512 px,
+//!   batch 2, with frozen weights and the gradient taken w.r.t. the input, so the backward runs through
+//!   every layer as LoRA training does. Run each mode in its own process: device memory in use after the
+//!   step (`nvidia-smi`) then includes the caching allocator's reserve, i.e. the step's peak.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use sdxl_model::attention::AttentionBackend;
+use sdxl_model::unet::{load_unet, UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights};
+use sdxl_model::weights::TensorFile;
+use tch::nn::VarStore;
+use tch::{Cuda, Device, Kind, Tensor};
+
+fn main() -> anyhow::Result<()> {
+    let (mut reference, mut steps, mut train_memory) = (std::path::PathBuf::from("/tmp/sdxl-ref"), 10usize, None::<String>);
+    let mut backend = AttentionBackend::Fused;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--ref" => reference = args.next().context("--ref needs a folder")?.into(),
+            "--steps" => steps = args.next().context("--steps needs a value")?.parse().context("--steps")?,
+            "--attention" => backend = args.next().context("--attention needs a value")?.parse()?,
+            "--train-memory" => train_memory = Some(args.next().context("--train-memory needs plain or checkpointed")?),
+            other => bail!("unknown argument `{other}`"),
+        }
+    }
+    let device = Device::cuda_if_available();
+    if !device.is_cuda() {
+        eprintln!("warning: no CUDA device; running the full-size UNet on the CPU will be very slow");
+    }
+    let config = UNetConfig::sdxl_base();
+    match train_memory.as_deref() {
+        None => parity_and_speed(&config, &reference, steps, backend, device),
+        Some(mode @ ("plain" | "checkpointed")) => train_step_memory(&config, mode == "checkpointed", backend, device),
+        Some(other) => bail!("--train-memory: `{other}` is not plain or checkpointed"),
+    }
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        Cuda::synchronize(i as i64);
+    }
+}
+
+/// `max |a - b| / max |b|`.
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    (&a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])
+}
+
+fn random_unet(config: &UNetConfig, kind: Kind, device: Device) -> (VarStore, UNet2DConditionModel) {
+    let mut vs = VarStore::new(device);
+    vs.set_kind(kind);
+    let unet = tch::no_grad(|| UNet2DConditionModel::new(&vs.root(), config));
+    vs.freeze();
+    (vs, unet)
+}
+
+fn parity_and_speed(config: &UNetConfig, reference: &std::path::Path, steps: usize, backend: AttentionBackend, device: Device) -> anyhow::Result<()> {
+    let io_path = reference.join("unet-io.safetensors");
+    let weights = UNetWeights::Diffusers { folder: reference.join("unet"), variant: None };
+    let io = if io_path.is_file() { Some(TensorFile::open(&io_path)?) } else { None };
+    let input = |key: &str, shape: &[i64]| -> anyhow::Result<Tensor> {
+        Ok(match &io {
+            Some(file) => file.tensor(key, device, Some(Kind::Float))?,
+            None => Tensor::randn(shape, (Kind::Float, device)),
+        })
+    };
+    let sample = input("sample", &[2, 4, 128, 128])?;
+    let timesteps = match &io {
+        Some(file) => file.tensor("timesteps", device, Some(Kind::Float))?,
+        None => Tensor::from_slice(&[999.0f32, 17.0]).to_device(device),
+    };
+    let context = input("encoder_hidden_states", &[2, 77, 2048])?;
+    let text = input("text_embeds", &[2, 1280])?;
+    let ids = Tensor::from_slice(&[1024.0f32, 1024.0, 0.0, 0.0, 1024.0, 1024.0]).to_device(device).repeat([2, 1]);
+    let ids = match &io {
+        Some(file) => file.tensor("time_ids", device, Some(Kind::Float))?,
+        None => ids,
+    };
+    let run = |unet: &UNet2DConditionModel, kind: Kind| -> anyhow::Result<Tensor> {
+        let (s, c, t) = (sample.to_kind(kind), context.to_kind(kind), text.to_kind(kind));
+        let i = ids.to_kind(kind);
+        let inputs = UNetInputs { sample: &s, timesteps: &timesteps, encoder_hidden_states: &c, text_embeds: Some(&t), time_ids: Some(&i) };
+        Ok(tch::no_grad(|| unet.forward(&inputs))?)
+    };
+
+    let bf16_unet = if let Some(file) = &io {
+        let expected = file.tensor("out_fp32", device, Some(Kind::Float))?;
+        let diffusers_bf16 = file.tensor("out_bf16", device, Some(Kind::Float))?;
+        {
+            let (_vs, mut unet) = load_unet(config, &weights, device, Kind::Float)?;
+            unet.set_attention_backend(backend);
+            let ours = run(&unet, Kind::Float)?;
+            println!("fp32: rel error vs diffusers fp32 {:.3e}", rel(&ours, &expected));
+        }
+        let (vs, mut unet) = load_unet(config, &weights, device, Kind::BFloat16)?;
+        unet.set_attention_backend(backend);
+        let ours = run(&unet, Kind::BFloat16)?;
+        println!(
+            "bf16: rel error vs diffusers fp32 {:.3e} (diffusers' own bf16 vs fp32: {:.3e}); vs diffusers bf16 {:.3e}",
+            rel(&ours, &expected),
+            rel(&diffusers_bf16, &expected),
+            rel(&ours, &diffusers_bf16)
+        );
+        (vs, unet)
+    } else {
+        println!("no {} : random weights, timing only", io_path.display());
+        let (vs, mut unet) = random_unet(config, Kind::BFloat16, device);
+        unet.set_attention_backend(backend);
+        (vs, unet)
+    };
+    let (_vs, unet) = bf16_unet;
+    for _ in 0..3 {
+        let _ = run(&unet, Kind::BFloat16)?;
+    }
+    sync(device);
+    let start = Instant::now();
+    for _ in 0..steps {
+        let _ = run(&unet, Kind::BFloat16)?;
+    }
+    sync(device);
+    let per_step = start.elapsed().as_secs_f64() / steps as f64;
+    println!("bf16 1024 px batch 2 ({backend:?} attention): {:.1} ms per UNet step ({steps} steps)", per_step * 1e3);
+    Ok(())
+}
+
+fn used_mib() -> Option<f64> {
+    let out = std::process::Command::new("nvidia-smi").args(["--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"]).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+fn train_step_memory(config: &UNetConfig, checkpointed: bool, backend: AttentionBackend, device: Device) -> anyhow::Result<()> {
+    let (_vs, mut unet) = random_unet(config, Kind::BFloat16, device);
+    unet.set_attention_backend(backend);
+    let kind = Kind::BFloat16;
+    let sample = Tensor::randn([2, 4, 64, 64], (kind, device)).set_requires_grad(true);
+    let target = Tensor::randn([2, 4, 64, 64], (kind, device));
+    let timesteps = Tensor::from_slice(&[500.0f32, 20.0]).to_device(device);
+    let context = Tensor::randn([2, 77, 2048], (kind, device));
+    let text = Tensor::randn([2, 1280], (kind, device));
+    let ids = Tensor::from_slice(&[512.0f32, 512.0, 0.0, 0.0, 512.0, 512.0]).to_device(device).repeat([2, 1]).to_kind(kind);
+    let inputs = UNetInputs { sample: &sample, timesteps: &timesteps, encoder_hidden_states: &context, text_embeds: Some(&text), time_ids: Some(&ids) };
+    sync(device);
+    let before = used_mib();
+    let start = Instant::now();
+    if checkpointed {
+        let fwd = unet.forward_checkpointed(&inputs)?;
+        // d mean((out - target)²) / d out, computed on the device.
+        let grad = (fwd.output() - &target) * (2.0 / target.numel() as f64);
+        let grads = fwd.backward(&grad)?;
+        anyhow::ensure!(grads.sample.is_some(), "no gradient reached the input");
+    } else {
+        let out = unet.forward(&inputs)?;
+        (out - &target).square().mean(Kind::Float).backward();
+        anyhow::ensure!(sample.grad().defined(), "no gradient reached the input");
+    }
+    sync(device);
+    let elapsed = start.elapsed().as_secs_f64();
+    let after = used_mib();
+    let mode = if checkpointed { "checkpointed" } else { "plain" };
+    match (before, after) {
+        (Some(b), Some(a)) => println!(
+            "training step, bf16 512 px batch 2, {mode}: {:.0} MiB device memory in use after the step ({:.0} MiB before it, weights and context); {:.0} ms",
+            a,
+            b,
+            elapsed * 1e3
+        ),
+        _ => println!("training step, {mode}: {:.0} ms (nvidia-smi unavailable: no memory figure)", elapsed * 1e3),
+    }
+    Ok(())
+}
