@@ -116,6 +116,25 @@ pub(crate) struct Group {
     /// The learning rate as a 0-dim float64 tensor on the device, read by the step.
     pub(crate) lr: Tensor,
     pub(crate) weight_decay: f64,
+    /// The group's 8-bit states in one buffer (the slots' moments are views into it).
+    pub(crate) flat_8bit: Option<FlatStates>,
+    /// The group's fp32 states in one buffer.
+    pub(crate) flat_fp32: Option<FlatStates>,
+}
+
+/// The states of all slots of one kind in a group, stored contiguously, so that a step over the
+/// whole group is one sequence of tensor operations instead of one per parameter (a LoRA has
+/// about a thousand small tensors; per-tensor operations would cost ~50 kernel launches each).
+///
+/// Every 8-bit slot is padded to whole blocks, so no block straddles two parameters and the
+/// arithmetic is exactly that of one parameter at a time.
+#[derive(Debug)]
+pub(crate) struct FlatStates {
+    /// Slot indices in storage order, with each slot's first element in the flat layout.
+    members: Vec<(usize, i64)>,
+    /// 8-bit only, when some slot is ragged: true at padding positions, where `m` keeps code 128.
+    padding: Option<Tensor>,
+    moments: Moments,
 }
 
 /// AdamW with 8-bit block-wise or fp32 moments (see the module docs for the exact update).
@@ -153,12 +172,11 @@ impl AdamW {
                 if param.device() != device {
                     return Err(unsupported(format!("lives on {:?}, the first parameter on {device:?}", param.device())));
                 }
-                let numel = param.numel() as i64;
-                let moments = Self::zero_moments(&config, numel, device)?;
-                slots.push(Slot { param, numel, moments });
+                slots.push((param.numel() as i64, param));
             }
+            let (slots, flat_8bit, flat_fp32) = Self::allocate_states(&config, slots, device)?;
             let lr = Tensor::f_from_slice(&[group.lr])?.f_reshape([] as [i64; 0])?.f_to_device(device)?;
-            built.push(Group { slots, lr_value: group.lr, lr, weight_decay: group.weight_decay });
+            built.push(Group { slots, lr_value: group.lr, lr, weight_decay: group.weight_decay, flat_8bit, flat_fp32 });
         }
         Ok(Self {
             config,
@@ -174,24 +192,83 @@ impl AdamW {
         config.precision == StatePrecision::EightBit && numel >= config.min_8bit_size
     }
 
-    pub(crate) fn zero_moments(config: &AdamWConfig, numel: i64, device: Device) -> Result<Moments> {
-        if Self::uses_8bit(config, numel) {
-            let blocks = block_count(numel, BLOCK_SIZE);
-            let m_codes = Tensor::f_zeros([blocks * BLOCK_SIZE], (Kind::Uint8, device))?;
-            let padding = blocks * BLOCK_SIZE - numel;
-            let _ = m_codes.f_narrow(0, numel, padding)?.f_fill_(M_PAD_CODE)?;
-            Ok(Moments::Blockwise {
-                m_codes,
-                v_codes: Tensor::f_zeros([blocks * BLOCK_SIZE], (Kind::Uint8, device))?,
-                m_absmax: Tensor::f_zeros([blocks], (Kind::Float, device))?,
-                v_absmax: Tensor::f_zeros([blocks], (Kind::Float, device))?,
-            })
-        } else {
-            Ok(Moments::Full {
-                m: Tensor::f_zeros([numel], (Kind::Float, device))?,
-                v: Tensor::f_zeros([numel], (Kind::Float, device))?,
-            })
+    /// Zero states for a group's parameters: one flat buffer per kind of state, and per parameter
+    /// views into it.
+    #[allow(clippy::type_complexity)]
+    fn allocate_states(
+        config: &AdamWConfig,
+        params: Vec<(i64, Tensor)>,
+        device: Device,
+    ) -> Result<(Vec<Slot>, Option<FlatStates>, Option<FlatStates>)> {
+        let (mut members_8bit, mut members_fp32) = (Vec::new(), Vec::new());
+        let (mut len_8bit, mut len_fp32) = (0i64, 0i64);
+        for (index, (numel, _)) in params.iter().enumerate() {
+            if Self::uses_8bit(config, *numel) {
+                members_8bit.push((index, len_8bit));
+                len_8bit += block_count(*numel, BLOCK_SIZE) * BLOCK_SIZE;
+            } else {
+                members_fp32.push((index, len_fp32));
+                len_fp32 += numel;
+            }
         }
+        let codes = |len| Tensor::f_zeros([len], (Kind::Uint8, device));
+        let floats = |len| Tensor::f_zeros([len], (Kind::Float, device));
+        let flat_8bit = if members_8bit.is_empty() {
+            None
+        } else {
+            let padding = Tensor::f_zeros([len_8bit], (Kind::Bool, device))?;
+            let mut ragged = false;
+            for &(index, offset) in &members_8bit {
+                let numel = params[index].0;
+                let pad = block_count(numel, BLOCK_SIZE) * BLOCK_SIZE - numel;
+                if pad > 0 {
+                    let _ = padding.f_narrow(0, offset + numel, pad)?.f_fill_(1i64)?;
+                    ragged = true;
+                }
+            }
+            let m_codes = codes(len_8bit)?.f_masked_fill(&padding, M_PAD_CODE)?;
+            let moments = Moments::Blockwise {
+                m_codes,
+                v_codes: codes(len_8bit)?,
+                m_absmax: floats(len_8bit / BLOCK_SIZE)?,
+                v_absmax: floats(len_8bit / BLOCK_SIZE)?,
+            };
+            Some(FlatStates { members: members_8bit, padding: ragged.then_some(padding), moments })
+        };
+        let flat_fp32 = if members_fp32.is_empty() {
+            None
+        } else {
+            let moments = Moments::Full { m: floats(len_fp32)?, v: floats(len_fp32)? };
+            Some(FlatStates { members: members_fp32, padding: None, moments })
+        };
+
+        let mut views: Vec<Option<Moments>> = params.iter().map(|_| None).collect();
+        for flat in [&flat_8bit, &flat_fp32].into_iter().flatten() {
+            for &(index, offset) in &flat.members {
+                let numel = params[index].0;
+                views[index] = Some(match &flat.moments {
+                    Moments::Blockwise { m_codes, v_codes, m_absmax, v_absmax } => {
+                        let padded = block_count(numel, BLOCK_SIZE) * BLOCK_SIZE;
+                        let (first_block, blocks) = (offset / BLOCK_SIZE, padded / BLOCK_SIZE);
+                        Moments::Blockwise {
+                            m_codes: m_codes.f_narrow(0, offset, padded)?,
+                            v_codes: v_codes.f_narrow(0, offset, padded)?,
+                            m_absmax: m_absmax.f_narrow(0, first_block, blocks)?,
+                            v_absmax: v_absmax.f_narrow(0, first_block, blocks)?,
+                        }
+                    }
+                    Moments::Full { m, v } => {
+                        Moments::Full { m: m.f_narrow(0, offset, numel)?, v: v.f_narrow(0, offset, numel)? }
+                    }
+                });
+            }
+        }
+        let slots = params
+            .into_iter()
+            .zip(views)
+            .filter_map(|((numel, param), moments)| moments.map(|moments| Slot { param, numel, moments }))
+            .collect();
+        Ok((slots, flat_8bit, flat_fp32))
     }
 
     /// The shared settings.
@@ -304,38 +381,93 @@ impl AdamW {
             let decay = (group.weight_decay > 0.0)
                 .then(|| group.lr.f_mul_scalar(group.weight_decay)?.f_neg()?.f_add_scalar(1.0)?.f_to_kind(Kind::Float))
                 .transpose()?;
+            let update = Update { step_size: &step_size, decay: decay.as_ref(), constants: &constants };
+            // Whether a parameter has a gradient is host-side metadata, not a tensor value.
+            if group.slots.iter().all(|slot| slot.param.grad().defined()) {
+                for flat in [&group.flat_8bit, &group.flat_fp32].into_iter().flatten() {
+                    self.update_flat(group, flat, &update)?;
+                }
+                continue;
+            }
             for slot in &group.slots {
                 let grad = slot.param.grad();
                 if !grad.defined() {
                     continue;
                 }
-                let update = Update { step_size: &step_size, decay: decay.as_ref(), constants: &constants };
+                let flat = |t: &Tensor| -> Result<Tensor> { Ok(t.f_to_kind(Kind::Float)?.f_reshape([slot.numel])?) };
                 match &slot.moments {
-                    Moments::Blockwise { m_codes, v_codes, m_absmax, v_absmax } => self.update_8bit(
-                        slot,
-                        &grad,
-                        [m_codes, v_codes],
-                        [m_absmax, v_absmax],
-                        &update,
-                    )?,
-                    Moments::Full { m, v } => update_fp32(slot, &grad, m, v, &update)?,
+                    Moments::Blockwise { m_codes, v_codes, m_absmax, v_absmax } => {
+                        let grad = as_blocks(&flat(&grad)?, BLOCK_SIZE, 0.0)?;
+                        let param = as_blocks(&flat(&slot.param)?, BLOCK_SIZE, 0.0)?;
+                        let stepped =
+                            self.update_blocks(&grad, &param, [m_codes, v_codes], [m_absmax, v_absmax], &update)?;
+                        write_param(slot, &stepped, 0)?;
+                        let padding = m_codes.size1()? - slot.numel;
+                        if padding > 0 {
+                            let _ = m_codes.f_narrow(0, slot.numel, padding)?.f_fill_(M_PAD_CODE)?;
+                        }
+                    }
+                    Moments::Full { m, v } => write_param(slot, &update_full(&flat(&grad)?, &flat(&slot.param)?, m, v, &update)?, 0)?,
                 }
             }
         }
         Ok(())
     }
 
-    fn update_8bit(
+    /// One step over all parameters of a group that share a kind of state, on the flat buffers.
+    fn update_flat(&self, group: &Group, flat: &FlatStates, update: &Update) -> Result<()> {
+        let eight_bit = matches!(flat.moments, Moments::Blockwise { .. });
+        // Gradients and parameters laid out as the states are: 8-bit slots padded to whole blocks.
+        let mut grads = Vec::with_capacity(2 * flat.members.len());
+        let mut params = Vec::with_capacity(2 * flat.members.len());
+        for &(index, _) in &flat.members {
+            let slot = &group.slots[index];
+            grads.push(slot.param.grad().f_to_kind(Kind::Float)?.f_reshape([slot.numel])?);
+            params.push(slot.param.f_to_kind(Kind::Float)?.f_reshape([slot.numel])?);
+            let padding = block_count(slot.numel, BLOCK_SIZE) * BLOCK_SIZE - slot.numel;
+            if eight_bit && padding > 0 {
+                let zeros = Tensor::f_zeros([padding], (Kind::Float, self.device))?;
+                grads.push(zeros.shallow_clone());
+                params.push(zeros);
+            }
+        }
+        let grads = Tensor::f_cat(&grads, 0)?;
+        let params = Tensor::f_cat(&params, 0)?;
+        let stepped = match &flat.moments {
+            Moments::Blockwise { m_codes, v_codes, m_absmax, v_absmax } => {
+                let as_rows = |t: &Tensor| t.f_view([-1, BLOCK_SIZE]);
+                let stepped = self.update_blocks(
+                    &as_rows(&grads)?,
+                    &as_rows(&params)?,
+                    [m_codes, v_codes],
+                    [m_absmax, v_absmax],
+                    update,
+                )?;
+                if let Some(padding) = &flat.padding {
+                    assign(m_codes, &m_codes.f_masked_fill(padding, M_PAD_CODE)?)?;
+                }
+                stepped
+            }
+            Moments::Full { m, v } => update_full(&grads, &params, m, v, update)?,
+        };
+        for &(index, offset) in &flat.members {
+            write_param(&group.slots[index], &stepped, offset)?;
+        }
+        Ok(())
+    }
+
+    /// The 8-bit update of `[blocks, 256]` gradients and parameters with the given codes and
+    /// absmax (updated in place); returns the stepped parameters, `[blocks, 256]`.
+    fn update_blocks(
         &self,
-        slot: &Slot,
         grad: &Tensor,
+        param: &Tensor,
         [m_codes, v_codes]: [&Tensor; 2],
         [m_absmax, v_absmax]: [&Tensor; 2],
         update: &Update,
-    ) -> Result<()> {
+    ) -> Result<Tensor> {
         let c = update.constants;
         let blocks = m_absmax.size1()?;
-        let grad = as_blocks(&grad.f_to_kind(Kind::Float)?.f_reshape([slot.numel])?, BLOCK_SIZE, 0.0)?;
         let finite = grad.f_isfinite()?;
         let grad = grad.f_where_scalarother(&finite, 0.0)?;
 
@@ -348,10 +480,7 @@ impl AdamW {
         let v = v.f_where_scalarother(&finite, 0.0)?;
         let m = m.f_where_scalarother(&finite, 0.0)?;
         // 3.–4. Parameter step and weight decay, only where the gradient was finite.
-        let param = as_blocks(&slot.param.f_to_kind(Kind::Float)?.f_reshape([slot.numel])?, BLOCK_SIZE, 0.0)?;
-        let stepped = adam_step(&param, &m, &v, update)?;
-        let stepped = stepped.f_where_self(&finite, &param)?;
-        write_param(slot, &stepped)?;
+        let stepped = adam_step(param, &m, &v, update)?.f_where_self(&finite, param)?;
         // 5. New absmax and nearest codes.
         let new_m_absmax = m.f_abs()?.f_amax([1i64].as_slice(), false)?;
         let new_v_absmax = v.f_abs()?.f_amax([1i64].as_slice(), false)?;
@@ -359,13 +488,9 @@ impl AdamW {
         let new_v_codes = self.unsigned_map.quantize_normalized(&normalize(&v, &new_v_absmax)?)?;
         assign(&m_codes.f_view([blocks, BLOCK_SIZE])?, &new_m_codes)?;
         assign(&v_codes.f_view([blocks, BLOCK_SIZE])?, &new_v_codes)?;
-        let padding = blocks * BLOCK_SIZE - slot.numel;
-        if padding > 0 {
-            let _ = m_codes.f_narrow(0, slot.numel, padding)?.f_fill_(M_PAD_CODE)?;
-        }
         assign(m_absmax, &new_m_absmax)?;
         assign(v_absmax, &new_v_absmax)?;
-        Ok(())
+        Ok(stepped)
     }
 }
 
@@ -398,20 +523,20 @@ fn adam_step(param: &Tensor, m: &Tensor, v: &Tensor, update: &Update) -> Result<
     })
 }
 
-/// Writes the first `numel` updated values back into the parameter, in its own element type.
-fn write_param(slot: &Slot, updated: &Tensor) -> Result<()> {
-    let values = updated.f_reshape([-1])?.f_narrow(0, 0, slot.numel)?.f_reshape(slot.param.size())?;
+/// Writes the slot's values, starting at element `offset` of `updated` (any shape), back into the
+/// parameter, in its own element type.
+fn write_param(slot: &Slot, updated: &Tensor, offset: i64) -> Result<()> {
+    let values = updated.f_reshape([-1])?.f_narrow(0, offset, slot.numel)?.f_reshape(slot.param.size())?;
     assign(&slot.param, &values)
 }
 
-/// The fp32-state update, in the order of bitsandbytes' 32-bit kernel.
-fn update_fp32(slot: &Slot, grad: &Tensor, m: &Tensor, v: &Tensor, update: &Update) -> Result<()> {
+/// The fp32-state update of flat gradients and parameters, in the order of bitsandbytes' 32-bit
+/// kernel; updates `m` and `v` in place and returns the stepped parameters.
+fn update_full(grad: &Tensor, param: &Tensor, m: &Tensor, v: &Tensor, update: &Update) -> Result<Tensor> {
     let c = update.constants;
-    let grad = grad.f_to_kind(Kind::Float)?.f_reshape([slot.numel])?;
     assign(m, &m.f_mul_scalar(c.beta1)?.f_add(&grad.f_mul_scalar(c.one_minus_beta1)?)?)?;
-    assign(v, &v.f_mul_scalar(c.beta2)?.f_add(&grad.f_mul(&grad)?.f_mul_scalar(c.one_minus_beta2)?)?)?;
-    let param = slot.param.f_to_kind(Kind::Float)?.f_reshape([slot.numel])?;
-    write_param(slot, &adam_step(&param, m, v, update)?)
+    assign(v, &v.f_mul_scalar(c.beta2)?.f_add(&grad.f_mul(grad)?.f_mul_scalar(c.one_minus_beta2)?)?)?;
+    adam_step(param, m, v, update)
 }
 
 /// Copies `src` into the storage `dst` shares with the optimizer's tensors.
@@ -546,6 +671,38 @@ mod tests {
         let err = AdamW::new(vec![ParamGroup::new(vec![p(), ints], 1e-3, 0.0)], AdamWConfig::eight_bit());
         let message = err.unwrap_err().to_string();
         assert!(message.contains("param_groups[0].params[1]") && message.contains("Int64"), "{message}");
+    }
+
+    #[test]
+    fn group_step_equals_one_parameter_at_a_time() {
+        // A parameter without a gradient sends its group down the per-parameter path; the other
+        // parameters must come out bit-identical to the flat path of a group without it.
+        let shapes: [&[i64]; 4] = [&[5000], &[4096], &[300], &[70, 90]];
+        for config in [AdamWConfig::eight_bit(), AdamWConfig::fp32()] {
+            tch::manual_seed(3);
+            let initial: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu))).collect();
+            let grads: Vec<Vec<Tensor>> =
+                (0..3).map(|_| shapes.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu))).collect()).collect();
+            let fresh = || initial.iter().map(|t| t.copy().set_requires_grad(true)).collect::<Vec<_>>();
+            let (flat, single) = (fresh(), fresh());
+            let idle = Tensor::zeros([8], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            let mut flat_opt = AdamW::new(vec![ParamGroup::new(flat.iter().map(Tensor::shallow_clone).collect(), 1e-2, 1e-2)], config).unwrap();
+            let mut with_idle = single.iter().map(Tensor::shallow_clone).collect::<Vec<_>>();
+            with_idle.push(idle.shallow_clone());
+            let mut single_opt = AdamW::new(vec![ParamGroup::new(with_idle, 1e-2, 1e-2)], config).unwrap();
+            for step in &grads {
+                for ((a, b), g) in flat.iter().zip(&single).zip(step) {
+                    set_grad(a, g);
+                    set_grad(b, g);
+                }
+                flat_opt.step().unwrap();
+                single_opt.step().unwrap();
+            }
+            for (a, b) in flat.iter().zip(&single) {
+                assert!(a.equal(b), "{:?}: parameters differ between the paths", config.precision);
+            }
+            assert_eq!(values(&idle), vec![0.0; 8]);
+        }
     }
 
     #[test]
