@@ -128,3 +128,42 @@ fn our_sgm_named_kohya_file_loads_back_to_the_same_outputs() {
     models.apply(&back.state);
     assert_matches_diffusers(&models, "our SGM kohya file");
 }
+
+#[test]
+fn default_targets_inject_into_the_unet_and_both_text_encoders_like_diffusers_scripts() {
+    let mut models = Models::load();
+    let names = models.module_names();
+    let base = models.outputs();
+    // The modules diffusers' script adapted, on our models' paths.
+    let file = format::read(
+        fixtures_dir().join("lora/tiny-sdxl-diffusers.safetensors"),
+        ReadOptions { module_names: Some(&names), block_renames: None },
+    )
+    .unwrap();
+    let adapters = tch::nn::VarStore::new(Device::Cpu);
+    let mut total = 0;
+    for (component, model) in models.each() {
+        let config = match component {
+            Component::Unet => lora::LoraConfig::unet_attention(4),
+            _ => lora::LoraConfig::text_encoder_attention(4),
+        };
+        let root = adapters.root() / component.diffusers_prefix();
+        let report = lora::inject(model, &root, "default", &config).unwrap();
+        let ours: Vec<&str> = report.adapted.iter().map(|(path, _, _)| path.as_str()).collect();
+        let theirs: Vec<&str> = file.state.component(component).map(|(path, _)| path).collect();
+        let mut ours_sorted = ours.clone();
+        ours_sorted.sort_unstable();
+        assert_eq!(ours_sorted, theirs, "{component}: adapted modules differ from diffusers' script");
+        assert!(report.unmatched_targets.is_empty());
+        let trainable = lora::trainable_variables(model);
+        assert_eq!(trainable.len(), 2 * ours.len());
+        assert!(trainable.values().all(Tensor::requires_grad));
+        model.for_each_linear(&mut |path, linear| assert!(!linear.weight.requires_grad(), "{path} not frozen"));
+        total += ours.len();
+    }
+    assert_eq!(adapters.trainable_variables().len(), 2 * total);
+    // B starts at zero: the adapted pipeline computes the base pipeline.
+    for (key, value) in models.outputs() {
+        assert!(max_rel_error(&value, &base[key]) == 0.0, "{key} changed at injection");
+    }
+}
