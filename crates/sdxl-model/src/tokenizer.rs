@@ -48,6 +48,15 @@ impl Padding {
 }
 
 /// A CLIP tokenizer with SDXL's truncation (77 ids, the last one always `<|endoftext|>`) and padding.
+///
+/// ```
+/// use sdxl_model::tokenizer::{ClipTokenizer, END_OF_TEXT};
+///
+/// let ids = ClipTokenizer::sdxl_second()?.encode("a photo of a cat")?;
+/// assert_eq!(ids[..7], [49406, 320, 1125, 539, 320, 2368, END_OF_TEXT]);
+/// assert!(ids[7..].iter().all(|&id| id == 0)); // bigG's tokenizer pads with id 0
+/// # Ok::<(), sdxl_model::Error>(())
+/// ```
 pub struct ClipTokenizer {
     inner: tokenizers::Tokenizer,
     padding: Padding,

@@ -181,3 +181,18 @@ fn ldm_single_file_layout_gives_the_same_outputs() {
         assert!(msg.contains(needle), "{needle} not in {msg}");
     }
 }
+
+#[test]
+fn mid_block_attention_linears_are_visible_by_diffusers_path() {
+    use lora::HasLinears;
+    let mut vae = tiny_vae();
+    let mut paths = Vec::new();
+    vae.for_each_linear(&mut |path, linear| paths.push((path.to_owned(), linear.in_features())));
+    let expected: Vec<(String, i64)> = ["encoder", "decoder"]
+        .iter()
+        .flat_map(|coder| {
+            ["to_q", "to_k", "to_v", "to_out.0"].map(|l| (format!("{coder}.mid_block.attentions.0.{l}"), 32))
+        })
+        .collect();
+    assert_eq!(paths, expected);
+}
