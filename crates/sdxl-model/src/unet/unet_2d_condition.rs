@@ -304,3 +304,35 @@ impl HasLinears for UNet2DConditionModel {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn every_linear_layer_is_visited_under_its_diffusers_path() {
+        let cases = [
+            (UNetConfig::tiny_sdxl(), "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
+            (UNetConfig::tiny_b(), "up_blocks.1.attentions.1.transformer_blocks.1.ff.net.0.proj"),
+        ];
+        for (config, example) in cases {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let mut unet = UNet2DConditionModel::new(&vs.root(), &config);
+            let variables = vs.variables();
+            let mut visited = Vec::new();
+            unet.for_each_linear(&mut |path, linear| {
+                let weight = &variables[&format!("{path}.weight")];
+                assert!(weight.is_set_to(&linear.weight), "{path}: not the variable of that name");
+                visited.push(path.to_owned());
+            });
+            // The 2-D weights of the store are exactly the linear layers (convolutions are 4-D).
+            let mut linear_weights: Vec<String> =
+                variables.iter().filter(|(_, v)| v.dim() == 2).map(|(k, _)| k.trim_end_matches(".weight").to_owned()).collect();
+            linear_weights.sort();
+            visited.sort();
+            assert_eq!(visited, linear_weights);
+            assert!(visited.iter().any(|p| p == example), "{example}");
+        }
+    }
+}
