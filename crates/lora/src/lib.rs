@@ -10,6 +10,34 @@
 //!
 //! The crate knows nothing of SDXL: renaming tables (e.g. SGM block names) are supplied by the
 //! caller as a [`format::BlockRenames`].
+//!
+//! ```
+//! use lora::{HasLinears, Linear, LoraConfig};
+//! use tch::nn::{Module, VarStore};
+//! use tch::{Device, Kind, Tensor};
+//!
+//! /// A model exposing one attention projection by its diffusers path.
+//! struct Attn { to_q: Linear }
+//! impl HasLinears for Attn {
+//!     fn for_each_linear(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {
+//!         f("attn1.to_q", &mut self.to_q);
+//!     }
+//! }
+//!
+//! let base = VarStore::new(Device::Cpu);
+//! let mut model = Attn { to_q: Linear::new(&(base.root() / "attn1" / "to_q"), 8, 8, false) };
+//! let adapters = VarStore::new(Device::Cpu);
+//! let report = lora::inject(&mut model, &adapters.root(), "default", &LoraConfig::unet_attention(4))?;
+//! assert_eq!(report.adapted.len(), 1);
+//! assert_eq!(lora::trainable_variables(&mut model).len(), 2); // A and B, never the base weight
+//!
+//! let x = Tensor::randn([2, 8], (Kind::Float, Device::Cpu));
+//! let side_path = model.to_q.forward(&x);
+//! lora::merge(&mut model, None)?;
+//! assert!(model.to_q.forward(&x).allclose(&side_path, 1e-5, 1e-6, false));
+//! lora::unmerge(&mut model)?;
+//! # Ok::<(), lora::Error>(())
+//! ```
 
 #![warn(missing_docs)]
 
