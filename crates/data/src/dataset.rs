@@ -4,13 +4,12 @@
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
-use tch::Tensor;
 
 use crate::bucket::Buckets;
 use crate::record::{Origin, RawRow};
 use crate::rng::Rng;
 use crate::source::Source;
-use crate::transform::{self, Placement, TransformConfig};
+use crate::transform::{self, Pixels, Placement, TransformConfig};
 use crate::{Error, Result};
 
 /// Which rows of the source are used.
@@ -138,7 +137,7 @@ pub struct Sample {
     /// Index of the item in the dataset.
     pub item: usize,
     /// Pixels `[3, height, width]` in `[-1, 1]`.
-    pub pixels: Tensor,
+    pub pixels: Pixels,
     /// The prompt for this step (empty when dropped out).
     pub prompt: String,
     /// The decoded image's size `(height, width)`: SDXL's `original_size`.

@@ -161,6 +161,14 @@ pub enum Error {
         reason: String,
     },
 
+    /// Resampling an image failed (an internal size mismatch, never expected).
+    #[error("resizing an image failed: {0}")]
+    Resize(#[from] fast_image_resize::ResizeError),
+
+    /// An image buffer did not match its stated size.
+    #[error("image buffer: {0}")]
+    ImageBuffer(#[from] fast_image_resize::ImageBufferError),
+
     /// A worker thread of the loader stopped without answering.
     #[error("loader worker stopped unexpectedly: {0}")]
     Worker(String),

@@ -37,4 +37,4 @@ pub use hub::HubDataset;
 pub use loader::{Batch, Batches, Loader, LoaderConfig};
 pub use record::{ImageRef, Origin, RawRow};
 pub use source::{Columns, Source};
-pub use transform::{CropMode, Placement, TransformConfig};
+pub use transform::{CropMode, Pixels, Placement, TransformConfig};

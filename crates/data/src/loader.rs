@@ -237,7 +237,16 @@ fn work(dataset: &Dataset, jobs: &Mutex<Receiver<Job>>, results: &Sender<Done>) 
 }
 
 fn assemble(step: u64, epoch: u64, samples: Vec<Sample>) -> Result<Batch> {
-    let pixels = Tensor::f_stack(&samples.iter().map(|s| &s.pixels).collect::<Vec<_>>(), 0)?;
+    // One tensor per batch, made on the consumer's thread (the workers stay out of libtorch).
+    let (height, width) = samples
+        .first()
+        .map_or((0, 0), |s| (s.pixels.height(), s.pixels.width()));
+    let mut data = Vec::with_capacity(samples.len() * 3 * height as usize * width as usize);
+    for sample in &samples {
+        data.extend_from_slice(sample.pixels.data());
+    }
+    let shape = [samples.len() as i64, 3, i64::from(height), i64::from(width)];
+    let pixels = Tensor::f_from_slice(&data)?.f_view(shape)?;
     Ok(Batch {
         step,
         epoch,

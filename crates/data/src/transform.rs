@@ -1,13 +1,18 @@
 //! The per-step image transform of diffusers' SDXL training scripts
 //! (`train_text_to_image_lora_sdxl.py`, `preprocess_train`): resize with antialiasing so the image
-//! covers the target, random horizontal flip, centre or random crop, then scale to `[-1, 1]`.
+//! covers the target (PIL bilinear), random horizontal flip, centre or random crop, then scale to
+//! `[-1, 1]`.
 //!
 //! The crop's top-left corner is reported in the coordinates of the resized (and, as in diffusers,
 //! already flipped) image, together with the original size, because SDXL conditions on both
 //! (`add_time_ids = original_size + crop_top_left + target_size`).
 
+use std::borrow::Cow;
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::RgbImage;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::record::Origin;
 use crate::rng::Rng;
@@ -145,42 +150,93 @@ pub fn decode(bytes: &[u8], origin: &Origin) -> Result<RgbImage> {
     Ok(image.into_rgb8())
 }
 
-/// Applies `placement` to an image: antialiased bilinear resize (`torch`'s `_upsample_bilinear2d_aa`,
-/// what torchvision's `Resize(antialias=True)` calls), flip, crop, and scaling to `[-1, 1]`.
+/// Applies `placement` to an image: antialiased bilinear resize to 8 bits (PIL's
+/// `Image.resize(size, BILINEAR)`, which the diffusers scripts' `transforms.Resize` runs on PIL
+/// images: a triangle filter widened by the downscale factor), flip, crop, and scaling to `[-1, 1]`.
 ///
-/// # Shapes
-/// returns `[3, target height, target width]`, float32.
-pub fn apply(image: &RgbImage, placement: &Placement) -> Result<Tensor> {
+/// The result is plain memory: the loader's workers never call into libtorch, whose intra-op pool
+/// they would oversubscribe; the consumer makes one tensor per batch.
+pub fn apply(image: &RgbImage, placement: &Placement) -> Result<Pixels> {
     let (width, height) = image.dimensions();
     let (resized_w, resized_h) = placement.resized;
     let (target_w, target_h) = placement.target;
     let (top, left) = placement.crop_top_left;
-    let mut pixels = Tensor::f_from_slice(image.as_raw())?
-        .f_view([i64::from(height), i64::from(width), 3])?
-        .f_permute([2, 0, 1])?
-        .f_unsqueeze(0)?
-        .f_to_kind(Kind::Float)?;
-    if (resized_w, resized_h) != (width, height) {
-        pixels = pixels.f_internal_upsample_bilinear2d_aa(
-            [i64::from(resized_h), i64::from(resized_w)],
-            false,
-            None,
-            None,
-        )?;
+    let resized: Cow<'_, [u8]> = if (resized_w, resized_h) == (width, height) {
+        Cow::Borrowed(image.as_raw())
+    } else {
+        let source = ImageRef::new(width, height, image.as_raw(), PixelType::U8x3)?;
+        let mut target = Image::new(resized_w, resized_h, PixelType::U8x3);
+        let bilinear =
+            ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+        Resizer::new().resize(&source, &mut target, &bilinear)?;
+        Cow::Owned(target.into_vec())
+    };
+    // Cropping the flipped image at `left` is flipping the crop taken at the mirrored offset.
+    let unflipped_left = if placement.flipped {
+        resized_w - target_w - left
+    } else {
+        left
+    };
+    // Crop, flip, HWC -> CHW and scaling in one pass.
+    let (target_w, target_h, row_len) =
+        (target_w as usize, target_h as usize, resized_w as usize * 3);
+    let mut chw = vec![0f32; 3 * target_h * target_w];
+    let (plane, top, left) = (target_h * target_w, top as usize, unflipped_left as usize);
+    for y in 0..target_h {
+        let row = &resized[(top + y) * row_len + left * 3..][..target_w * 3];
+        for x in 0..target_w {
+            let source_x = if placement.flipped {
+                target_w - 1 - x
+            } else {
+                x
+            };
+            for c in 0..3 {
+                chw[c * plane + y * target_w + x] = f32::from(row[source_x * 3 + c]) / 127.5 - 1.0;
+            }
+        }
     }
-    if placement.flipped {
-        pixels = pixels.f_flip([3])?;
+    Ok(Pixels {
+        data: chw,
+        height: placement.target.1,
+        width: placement.target.0,
+    })
+}
+
+/// An image as `[3, height, width]` float32 values in `[-1, 1]`, channel-major, in plain memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pixels {
+    data: Vec<f32>,
+    height: u32,
+    width: u32,
+}
+
+impl Pixels {
+    /// The values, channel-major (`[3, height, width]`).
+    pub fn data(&self) -> &[f32] {
+        &self.data
     }
-    let cropped = pixels
-        .f_narrow(2, i64::from(top), i64::from(target_h))?
-        .f_narrow(3, i64::from(left), i64::from(target_w))?
-        .f_squeeze_dim(0)?;
-    // The resize's weights sum to one only up to rounding: clamp so the range is exactly [-1, 1].
-    Ok(cropped
-        .f_div_scalar(127.5)?
-        .f_sub_scalar(1.0)?
-        .f_clamp(-1.0, 1.0)?
-        .f_contiguous()?)
+
+    /// Height in pixels.
+    pub fn height(&self) -> u32 {
+        self.height
+    }
+
+    /// Width in pixels.
+    pub fn width(&self) -> u32 {
+        self.width
+    }
+
+    /// A CPU tensor holding a copy.
+    ///
+    /// # Shapes
+    /// `[3, height, width]`, float32.
+    pub fn to_tensor(&self) -> Result<Tensor> {
+        Ok(Tensor::f_from_slice(&self.data)?.f_view([
+            3,
+            i64::from(self.height),
+            i64::from(self.width),
+        ])?)
+    }
 }
 
 #[cfg(test)]
@@ -225,7 +281,7 @@ mod tests {
             crop_top_left: (0, 2),
             target: (2, 2),
         };
-        let out = apply(&image, &placement).unwrap();
+        let out = apply(&image, &placement).unwrap().to_tensor().unwrap();
         assert_eq!(out.size(), [3, 2, 2]);
         let row: Vec<f32> = Vec::try_from(out.get(0).get(0)).unwrap();
         // Flipped columns: 255, 170, 85, 0; the crop keeps 85, 0.
@@ -242,7 +298,7 @@ mod tests {
             &TransformConfig::default(),
             &mut Rng::keyed(1, &[]),
         );
-        let out = apply(&flat, &placement).unwrap();
+        let out = apply(&flat, &placement).unwrap().to_tensor().unwrap();
         assert_eq!(out.size(), [3, 16, 16]);
         let expected =
             Tensor::from_slice(&[200.0f32 / 127.5 - 1.0, 10.0 / 127.5 - 1.0, 1.0]).view([3, 1, 1]);

@@ -46,11 +46,21 @@ fn encode_epoch(
                     runs.set(runs.get() + 1);
                     Ok::<_, Error>(vec![(
                         "latents".to_owned(),
-                        sample.pixels.unsqueeze(0).avg_pool2d_default(8),
+                        sample
+                            .pixels
+                            .to_tensor()
+                            .unwrap()
+                            .unsqueeze(0)
+                            .avg_pool2d_default(8),
                     )])
                 })
                 .unwrap();
-            let expected = sample.pixels.unsqueeze(0).avg_pool2d_default(8);
+            let expected = sample
+                .pixels
+                .to_tensor()
+                .unwrap()
+                .unsqueeze(0)
+                .avg_pool2d_default(8);
             assert!(
                 entry[0].1.allclose(&expected, 0.0, 0.0, false),
                 "a cached entry differs from a fresh encode"
@@ -133,7 +143,10 @@ fn flipped_and_unflipped_crops_are_separate_entries() {
             cache
                 .get_or_insert_with(&key, || {
                     encodes += 1;
-                    Ok::<_, Error>(vec![("latents".to_owned(), sample.pixels.shallow_clone())])
+                    Ok::<_, Error>(vec![(
+                        "latents".to_owned(),
+                        sample.pixels.to_tensor().unwrap(),
+                    )])
                 })
                 .unwrap();
         }
