@@ -159,6 +159,9 @@ fn matches_bitsandbytes_cpu_path_over_20_steps() {
     // absmax₂, is 1.29e-5 smaller relative. Codes are normalised by absmax and do not see it, and
     // the parameters move by 1e-8 relative.
     compare("bnb-adamw8bit-cpu.safetensors", Device::Cpu, 1.5e-5);
+    if Cuda::is_available() {
+        compare("bnb-adamw8bit-cpu.safetensors", Device::Cuda(0), 1.5e-5);
+    }
 }
 
 #[test]

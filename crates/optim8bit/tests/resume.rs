@@ -32,7 +32,20 @@ fn optimizer(params: &[Tensor], config: AdamWConfig) -> AdamW {
 }
 
 fn fresh(values: &[Tensor]) -> Vec<Tensor> {
-    values.iter().map(|v| v.copy().set_requires_grad(true)).collect()
+    fresh_on(values, Device::Cpu)
+}
+
+fn fresh_on(values: &[Tensor], device: Device) -> Vec<Tensor> {
+    values.iter().map(|v| v.to_device(device).copy().set_requires_grad(true)).collect()
+}
+
+/// The CPU, and CUDA when there is one.
+fn devices() -> Vec<Device> {
+    let mut devices = vec![Device::Cpu];
+    if tch::Cuda::is_available() {
+        devices.push(Device::Cuda(0));
+    }
+    devices
 }
 
 fn run_steps(optimizer: &mut AdamW, params: &[Tensor], grads: &[Vec<Tensor>], steps: std::ops::Range<i64>) {
@@ -46,8 +59,9 @@ fn run_steps(optimizer: &mut AdamW, params: &[Tensor], grads: &[Vec<Tensor>], st
     }
 }
 
-fn check_exact_resume(config: AdamWConfig, name: &str) {
+fn check_exact_resume(config: AdamWConfig, name: &str, device: Device) {
     let (initial, grads) = problem();
+    let fresh = |values: &[Tensor]| fresh_on(values, device);
 
     let straight = fresh(&initial);
     let mut uninterrupted = optimizer(&straight, config);
@@ -78,17 +92,21 @@ fn check_exact_resume(config: AdamWConfig, name: &str) {
     for (key, tensor) in &a {
         assert!(tensor.equal(&b[key]), "{name}: state `{key}` differs after resuming");
     }
-    println!("{name}: {} tensors and all parameters bit-identical after {STEPS} steps with a restart at {SAVE_AT}", a.len());
+    println!("{name} on {device:?}: {} tensors and all parameters bit-identical after {STEPS} steps with a restart at {SAVE_AT}", a.len());
 }
 
 #[test]
 fn eight_bit_resume_is_bit_identical() {
-    check_exact_resume(AdamWConfig::eight_bit(), "8bit");
+    for device in devices() {
+        check_exact_resume(AdamWConfig::eight_bit(), "8bit", device);
+    }
 }
 
 #[test]
 fn fp32_resume_is_bit_identical() {
-    check_exact_resume(AdamWConfig::fp32(), "fp32");
+    for device in devices() {
+        check_exact_resume(AdamWConfig::fp32(), "fp32", device);
+    }
 }
 
 #[test]
