@@ -11,6 +11,31 @@
 //! - **Loader** ([`Loader`]): worker threads, deterministic for a seed and step.
 //!
 //! The crate knows nothing of SDXL beyond returning each sample's original size and crop corner.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use data::{CaptionSource, CropMode, Dataset, DatasetConfig, Loader, LoaderConfig, Selection, Source};
+//!
+//! # fn main() -> data::Result<()> {
+//! let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/captioned-images");
+//! let source = Source::ImageFolder { root: root.join("imagefolder"), caption_column: None };
+//! let mut config = DatasetConfig::new(32)?;
+//! config.selection = Selection::First(6);
+//! config.captions.source = CaptionSource::Instance("a drawing in naruto style".into());
+//! config.transform.crop = CropMode::Random;
+//! config.transform.random_flip = true;
+//! let loader = Loader::new(Arc::new(Dataset::open(&source, config)?), LoaderConfig::new(2, 42))?;
+//! for batch in loader.iter(0, loader.steps_per_epoch()) {
+//!     let batch = batch?;
+//!     assert_eq!(batch.pixels.size(), [2, 3, 32, 32]);
+//!     let sample = &batch.samples[0];
+//!     // SDXL's time ids: original size, crop top-left, target size.
+//!     let _time_ids = [sample.original_size, sample.crop_top_left, sample.target_size];
+//!     assert_eq!(sample.prompt, "a drawing in naruto style");
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 #![warn(missing_docs)]
 
