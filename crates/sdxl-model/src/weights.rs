@@ -1,34 +1,74 @@
 //! Reading safetensors files into libtorch tensors.
 //!
-//! The whole file is read once; each tensor is then copied out of that buffer straight into the
-//! requested device and element type, so a load never keeps a second full-precision copy on the host.
+//! Opening a file reads only its header; each tensor is then read from disk on its own and copied
+//! straight into the requested device and element type, so a load never holds more than one tensor
+//! of the file in host memory besides the model itself (no host copy of a whole fp32 checkpoint).
 
 use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use safetensors::{Dtype, SafeTensors};
+use safetensors::tensor::TensorInfo;
+use safetensors::{Dtype, SafeTensorError};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::{Error, Result};
 
-/// A safetensors file held in memory.
+/// Largest header accepted, as the safetensors crate does (100 MB).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// A safetensors file whose header has been read and checked; tensors are read on demand.
 pub struct TensorFile {
     path: PathBuf,
-    bytes: Vec<u8>,
+    /// Tensor entries by key, offsets relative to the start of the data section.
+    entries: BTreeMap<String, TensorInfo>,
+    /// Byte offset of the data section in the file.
+    data_start: u64,
 }
 
 impl TensorFile {
-    /// Reads `path`.
+    /// Reads and checks the header of `path`.
     ///
     /// # Errors
-    /// [`Error::Io`] when it cannot be read, [`Error::SafeTensors`] when its header is malformed.
+    /// [`Error::Io`] when it cannot be read, [`Error::SafeTensors`] when its header is malformed or
+    /// describes tensors outside the file.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let bytes = std::fs::read(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
-        let file = Self { path, bytes };
-        file.parse()?;
-        Ok(file)
+        let io = |source| Error::Io { path: path.clone(), source };
+        let bad = |source| Error::SafeTensors { path: path.clone(), source };
+        let mut file = std::fs::File::open(&path).map_err(io)?;
+        let file_len = file.metadata().map_err(io)?.len();
+        let mut len_bytes = [0u8; 8];
+        file.read_exact(&mut len_bytes).map_err(|_| bad(SafeTensorError::HeaderTooSmall))?;
+        let header_len = u64::from_le_bytes(len_bytes);
+        if header_len > MAX_HEADER_BYTES {
+            return Err(bad(SafeTensorError::HeaderTooLarge));
+        }
+        if header_len > file_len - 8 {
+            return Err(bad(SafeTensorError::InvalidHeaderLength));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header).map_err(io)?;
+        let header = std::str::from_utf8(&header).map_err(|e| bad(SafeTensorError::InvalidHeader(e)))?;
+        let raw: BTreeMap<String, serde_json::Value> =
+            serde_json::from_str(header).map_err(|e| bad(SafeTensorError::InvalidHeaderDeserialization(e)))?;
+        let data_start = 8 + header_len;
+        let data_len = (file_len - data_start) as usize;
+        let mut entries = BTreeMap::new();
+        for (key, value) in raw {
+            if key == "__metadata__" {
+                continue;
+            }
+            let info: TensorInfo = serde_json::from_value(value).map_err(|e| bad(SafeTensorError::InvalidHeaderDeserialization(e)))?;
+            let (start, end) = info.data_offsets;
+            let bytes = info.shape.iter().try_fold(info.dtype.bitsize(), |acc, &d| acc.checked_mul(d)).map(|bits| bits.div_ceil(8));
+            if start > end || end > data_len || bytes != Some(end - start) {
+                return Err(bad(SafeTensorError::InvalidOffset(key)));
+            }
+            entries.insert(key, info);
+        }
+        Ok(Self { path, entries, data_start })
     }
 
     /// The file's path.
@@ -36,9 +76,8 @@ impl TensorFile {
         &self.path
     }
 
-    fn parse(&self) -> Result<SafeTensors<'_>> {
-        SafeTensors::deserialize(&self.bytes)
-            .map_err(|source| Error::SafeTensors { path: self.path.clone(), source })
+    fn entry(&self, key: &str) -> Result<&TensorInfo> {
+        self.entries.get(key).ok_or_else(|| Error::MissingTensor { path: self.path.clone(), key: key.to_owned() })
     }
 
     /// The tensor keys, sorted.
@@ -46,9 +85,7 @@ impl TensorFile {
     /// # Errors
     /// Never in practice: the header was checked by [`TensorFile::open`].
     pub fn keys(&self) -> Result<Vec<String>> {
-        let mut keys: Vec<String> = self.parse()?.names().into_iter().map(str::to_owned).collect();
-        keys.sort();
-        Ok(keys)
+        Ok(self.entries.keys().cloned().collect())
     }
 
     /// The shape of tensor `key`.
@@ -56,30 +93,30 @@ impl TensorFile {
     /// # Errors
     /// [`Error::MissingTensor`] when the key is absent.
     pub fn shape(&self, key: &str) -> Result<Vec<i64>> {
-        let st = self.parse()?;
-        let view = st
-            .tensor(key)
-            .map_err(|_| Error::MissingTensor { path: self.path.clone(), key: key.to_owned() })?;
-        Ok(view.shape().iter().map(|&d| d as i64).collect())
+        Ok(self.entry(key)?.shape.iter().map(|&d| d as i64).collect())
     }
 
     /// The tensor `key` on `device`, converted to `kind` (`None` keeps the file's element type).
     ///
     /// # Errors
     /// [`Error::MissingTensor`] when the key is absent, [`Error::UnsupportedDtype`] for element
-    /// types libtorch has no equivalent of.
+    /// types libtorch has no equivalent of, [`Error::Io`] when the file cannot be read (e.g. it
+    /// was truncated after opening).
     pub fn tensor(&self, key: &str, device: Device, kind: Option<Kind>) -> Result<Tensor> {
-        let st = self.parse()?;
-        let view = st
-            .tensor(key)
-            .map_err(|_| Error::MissingTensor { path: self.path.clone(), key: key.to_owned() })?;
-        let file_kind = kind_of(view.dtype()).ok_or_else(|| Error::UnsupportedDtype {
+        let info = self.entry(key)?;
+        let file_kind = kind_of(info.dtype).ok_or_else(|| Error::UnsupportedDtype {
             path: self.path.clone(),
             key: key.to_owned(),
-            dtype: format!("{:?}", view.dtype()),
+            dtype: format!("{:?}", info.dtype),
         })?;
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let host = Tensor::f_from_data_size(view.data(), &shape, file_kind)?;
+        let (start, end) = info.data_offsets;
+        let mut bytes = vec![0u8; end - start];
+        let io = |source| Error::Io { path: self.path.clone(), source };
+        let mut file = std::fs::File::open(&self.path).map_err(io)?;
+        file.seek(SeekFrom::Start(self.data_start + start as u64)).map_err(io)?;
+        file.read_exact(&mut bytes).map_err(io)?;
+        let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+        let host = Tensor::f_from_data_size(&bytes, &shape, file_kind)?;
         Ok(host.f_to_device(device)?.f_to_kind(kind.unwrap_or(file_kind))?)
     }
 
@@ -259,6 +296,27 @@ mod tests {
     fn missing_file_names_the_path() {
         let err = TensorFile::open("/nonexistent/model.safetensors").err().map(|e| e.to_string());
         assert!(err.is_some_and(|msg| msg.contains("/nonexistent/model.safetensors")));
+    }
+
+    #[test]
+    fn reads_tensors_on_demand_and_rejects_offsets_outside_the_file() {
+        let dir = std::env::temp_dir().join(format!("sdxl-weights-lazy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = Tensor::arange(12, (Kind::Float, Device::Cpu)).view([3, 4]);
+        let b = Tensor::from_slice(&[1.5f32, -2.0]).to_kind(Kind::BFloat16);
+        let file = write_file(&dir, "two.safetensors", &[("a", a.shallow_clone()), ("b", b.shallow_clone())]);
+        assert_eq!(file.keys().unwrap(), ["a", "b"]);
+        assert_eq!(file.shape("a").unwrap(), [3, 4]);
+        assert!(file.tensor("a", Device::Cpu, None).unwrap().equal(&a));
+        let b_read = file.tensor("b", Device::Cpu, Some(Kind::Float)).unwrap();
+        assert!(b_read.equal(&Tensor::from_slice(&[1.5f32, -2.0])));
+        // The same file cut short: the header now points past the end.
+        let bytes = std::fs::read(file.path()).unwrap();
+        let cut = dir.join("cut.safetensors");
+        std::fs::write(&cut, &bytes[..bytes.len() - 4]).unwrap();
+        let msg = TensorFile::open(&cut).err().unwrap().to_string();
+        assert!(msg.contains("cut.safetensors") && msg.contains("not a valid safetensors"), "{msg}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
