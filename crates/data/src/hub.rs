@@ -92,11 +92,17 @@ impl HubDataset {
     }
 
     /// The local paths of the shards, downloading what the cache lacks unless offline.
+    ///
+    /// When the hub cannot be asked (no network, server down) but the cache holds the revision, the
+    /// cached shards are used, as huggingface_hub does; without a cached copy the hub's error is
+    /// returned.
     pub fn resolve(&self) -> Result<Vec<PathBuf>> {
         if self.offline() {
-            self.resolve_from_cache()
-        } else {
-            self.download()
+            return self.resolve_from_cache();
+        }
+        match self.download() {
+            Err(error @ Error::Hub { .. }) => self.resolve_from_cache().map_err(|_| error),
+            other => other,
         }
     }
 
