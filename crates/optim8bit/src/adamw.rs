@@ -16,7 +16,13 @@
 //! reset to zero, as in the 8-bit kernel (the fp32 kernel has no such guard, and neither has this
 //! fp32 path).
 //!
-//! The step is a fixed sequence of tensor operations on persistent tensors: the step count, the
+//! The constants `1 − β` are computed in float32 (`1.0f − beta`) as the kernels do; bitsandbytes'
+//! CPU path and torch round the float64 value instead, which makes `v` differ by 1.3e-5 relative
+//! for β₂ = 0.999. Bias corrections are computed in float64.
+//!
+//! The states of a parameter group live in one flat buffer per kind (8-bit, fp32), each parameter
+//! padded to whole blocks, and a step over a group whose parameters all have gradients is one
+//! sequence of tensor operations over those buffers, not one per parameter. The step count, the
 //! learning rates and the bias corrections live on the device and nothing is read back to the host,
 //! so a step can be captured in a CUDA graph.
 
@@ -130,11 +136,43 @@ pub(crate) struct Group {
 /// arithmetic is exactly that of one parameter at a time.
 #[derive(Debug)]
 pub(crate) struct FlatStates {
-    /// Slot indices in storage order, with each slot's first element in the flat layout.
-    members: Vec<(usize, i64)>,
+    /// Consecutive runs of slots updated together.
+    chunks: Vec<Chunk>,
     /// 8-bit only, when some slot is ragged: true at padding positions, where `m` keeps code 128.
     padding: Option<Tensor>,
     moments: Moments,
+}
+
+/// Elements a chunk collects before it is closed: enough to keep the number of operations per
+/// step small, few enough that the step's temporaries stay small (4 MiB each in fp32) and, on the
+/// CPU, in cache. Measured on 100 M parameters: one flat pass over everything was twice as slow as
+/// one pass per 1 M-element tensor.
+const CHUNK_ELEMENTS: i64 = 1 << 20;
+
+/// A contiguous range of a flat buffer holding whole slots.
+#[derive(Debug)]
+struct Chunk {
+    /// Slot indices with each slot's first element in the flat layout.
+    members: Vec<(usize, i64)>,
+    /// First element of the chunk in the flat layout.
+    start: i64,
+    /// Elements in the chunk (8-bit: a whole number of blocks).
+    len: i64,
+}
+
+/// Cuts `members` (slot index, offset, padded length), in storage order, into chunks.
+fn chunks_of(members: &[(usize, i64, i64)]) -> Vec<Chunk> {
+    let mut chunks: Vec<Chunk> = Vec::new();
+    for &(index, offset, len) in members {
+        match chunks.last_mut() {
+            Some(chunk) if chunk.len + len <= CHUNK_ELEMENTS => {
+                chunk.members.push((index, offset));
+                chunk.len += len;
+            }
+            _ => chunks.push(Chunk { members: vec![(index, offset)], start: offset, len }),
+        }
+    }
+    chunks
 }
 
 /// AdamW with 8-bit block-wise or fp32 moments (see the module docs for the exact update).
@@ -204,10 +242,11 @@ impl AdamW {
         let (mut len_8bit, mut len_fp32) = (0i64, 0i64);
         for (index, (numel, _)) in params.iter().enumerate() {
             if Self::uses_8bit(config, *numel) {
-                members_8bit.push((index, len_8bit));
-                len_8bit += block_count(*numel, BLOCK_SIZE) * BLOCK_SIZE;
+                let padded = block_count(*numel, BLOCK_SIZE) * BLOCK_SIZE;
+                members_8bit.push((index, len_8bit, padded));
+                len_8bit += padded;
             } else {
-                members_fp32.push((index, len_fp32));
+                members_fp32.push((index, len_fp32, *numel));
                 len_fp32 += numel;
             }
         }
@@ -218,7 +257,7 @@ impl AdamW {
         } else {
             let padding = Tensor::f_zeros([len_8bit], (Kind::Bool, device))?;
             let mut ragged = false;
-            for &(index, offset) in &members_8bit {
+            for &(index, offset, _) in &members_8bit {
                 let numel = params[index].0;
                 let pad = block_count(numel, BLOCK_SIZE) * BLOCK_SIZE - numel;
                 if pad > 0 {
@@ -233,18 +272,18 @@ impl AdamW {
                 m_absmax: floats(len_8bit / BLOCK_SIZE)?,
                 v_absmax: floats(len_8bit / BLOCK_SIZE)?,
             };
-            Some(FlatStates { members: members_8bit, padding: ragged.then_some(padding), moments })
+            Some(FlatStates { chunks: chunks_of(&members_8bit), padding: ragged.then_some(padding), moments })
         };
         let flat_fp32 = if members_fp32.is_empty() {
             None
         } else {
             let moments = Moments::Full { m: floats(len_fp32)?, v: floats(len_fp32)? };
-            Some(FlatStates { members: members_fp32, padding: None, moments })
+            Some(FlatStates { chunks: chunks_of(&members_fp32), padding: None, moments })
         };
 
         let mut views: Vec<Option<Moments>> = params.iter().map(|_| None).collect();
         for flat in [&flat_8bit, &flat_fp32].into_iter().flatten() {
-            for &(index, offset) in &flat.members {
+            for &(index, offset) in flat.chunks.iter().flat_map(|chunk| &chunk.members) {
                 let numel = params[index].0;
                 views[index] = Some(match &flat.moments {
                     Moments::Blockwise { m_codes, v_codes, m_absmax, v_absmax } => {
@@ -414,13 +453,40 @@ impl AdamW {
         Ok(())
     }
 
-    /// One step over all parameters of a group that share a kind of state, on the flat buffers.
+    /// One step over all parameters of a group that share a kind of state, chunk by chunk of the
+    /// flat buffers.
     fn update_flat(&self, group: &Group, flat: &FlatStates, update: &Update) -> Result<()> {
-        let eight_bit = matches!(flat.moments, Moments::Blockwise { .. });
+        for chunk in &flat.chunks {
+            let (start, len) = (chunk.start, chunk.len);
+            let moments = match &flat.moments {
+                Moments::Blockwise { m_codes, v_codes, m_absmax, v_absmax } => Moments::Blockwise {
+                    m_codes: m_codes.f_narrow(0, start, len)?,
+                    v_codes: v_codes.f_narrow(0, start, len)?,
+                    m_absmax: m_absmax.f_narrow(0, start / BLOCK_SIZE, len / BLOCK_SIZE)?,
+                    v_absmax: v_absmax.f_narrow(0, start / BLOCK_SIZE, len / BLOCK_SIZE)?,
+                },
+                Moments::Full { m, v } => Moments::Full { m: m.f_narrow(0, start, len)?, v: v.f_narrow(0, start, len)? },
+            };
+            let padding = flat.padding.as_ref().map(|p| p.f_narrow(0, start, len)).transpose()?;
+            self.update_chunk(group, chunk, &moments, padding.as_ref(), update)?;
+        }
+        Ok(())
+    }
+
+    /// One step over the slots of a chunk; `moments` and `padding` are the chunk's views.
+    fn update_chunk(
+        &self,
+        group: &Group,
+        chunk: &Chunk,
+        moments: &Moments,
+        padding: Option<&Tensor>,
+        update: &Update,
+    ) -> Result<()> {
+        let eight_bit = matches!(moments, Moments::Blockwise { .. });
         // Gradients and parameters laid out as the states are: 8-bit slots padded to whole blocks.
-        let mut grads = Vec::with_capacity(2 * flat.members.len());
-        let mut params = Vec::with_capacity(2 * flat.members.len());
-        for &(index, _) in &flat.members {
+        let mut grads = Vec::with_capacity(2 * chunk.members.len());
+        let mut params = Vec::with_capacity(2 * chunk.members.len());
+        for &(index, _) in &chunk.members {
             let slot = &group.slots[index];
             grads.push(slot.param.grad().f_to_kind(Kind::Float)?.f_reshape([slot.numel])?);
             params.push(slot.param.f_to_kind(Kind::Float)?.f_reshape([slot.numel])?);
@@ -433,7 +499,7 @@ impl AdamW {
         }
         let grads = Tensor::f_cat(&grads, 0)?;
         let params = Tensor::f_cat(&params, 0)?;
-        let stepped = match &flat.moments {
+        let stepped = match moments {
             Moments::Blockwise { m_codes, v_codes, m_absmax, v_absmax } => {
                 let as_rows = |t: &Tensor| t.f_view([-1, BLOCK_SIZE]);
                 let stepped = self.update_blocks(
@@ -443,15 +509,15 @@ impl AdamW {
                     [m_absmax, v_absmax],
                     update,
                 )?;
-                if let Some(padding) = &flat.padding {
+                if let Some(padding) = padding {
                     assign(m_codes, &m_codes.f_masked_fill(padding, M_PAD_CODE)?)?;
                 }
                 stepped
             }
             Moments::Full { m, v } => update_full(&grads, &params, m, v, update)?,
         };
-        for &(index, offset) in &flat.members {
-            write_param(&group.slots[index], &stepped, offset)?;
+        for &(index, offset) in &chunk.members {
+            write_param(&group.slots[index], &stepped, offset - chunk.start)?;
         }
         Ok(())
     }
@@ -677,7 +743,8 @@ mod tests {
     fn group_step_equals_one_parameter_at_a_time() {
         // A parameter without a gradient sends its group down the per-parameter path; the other
         // parameters must come out bit-identical to the flat path of a group without it.
-        let shapes: [&[i64]; 4] = [&[5000], &[4096], &[300], &[70, 90]];
+        // The 1.1 M-element tensor is a chunk of its own, so the last one starts a new chunk.
+        let shapes: [&[i64]; 5] = [&[5000], &[4096], &[300], &[1100, 1000], &[70, 90]];
         for config in [AdamWConfig::eight_bit(), AdamWConfig::fp32()] {
             tch::manual_seed(3);
             let initial: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu))).collect();
