@@ -143,6 +143,10 @@ impl QuantMap {
         if len != CODE_LEN {
             return Err(Error::Shape(format!("an 8-bit code has {CODE_LEN} entries, got {len}")));
         }
+        let ascending = code.f_narrow(0, 1, CODE_LEN - 1)?.f_gt_tensor(&code.f_narrow(0, 0, CODE_LEN - 1)?)?;
+        if ascending.f_all()?.f_int64_value(&[])? == 0 {
+            return Err(Error::Shape("an 8-bit code must be sorted strictly ascending".into()));
+        }
         // A value exactly halfway between two codes goes to the lower one, as in the CUDA kernel's
         // upward search; the kernel computes the midpoint as (lower + upper) * 0.5 in fp32, like this.
         let midpoints =
@@ -361,5 +365,7 @@ mod tests {
         assert_eq!(to_vec(&back), vec![0.5, to_vec(&back)[1], 0.0, 1.0, 2.0]);
         assert!(dequantize_blockwise(&q.codes, &q.absmax.narrow(0, 0, 2), &map, 2).is_err());
         assert!(matches!(quantize_blockwise(&x, &map, 0), Err(Error::InvalidBlockSize(0))));
+        assert!(QuantMap::from_code(map.code().flip([0]), false).is_err());
+        assert!(QuantMap::from_code(map.code().narrow(0, 0, 255), false).is_err());
     }
 }
