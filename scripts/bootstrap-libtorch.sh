@@ -30,6 +30,14 @@ if ! have_torch; then
     have_torch || { echo "bootstrap: torch $TORCH_VERSION did not import from $venv" >&2; exit 1; }
 fi
 
+# CUDA's crt/ headers (not in torch's wheels) let crates/torch-cuda compile its C++ shim against
+# torch's headers; small, and installed once into the same venv.
+if ! "$venv/bin/python" -c "import nvidia.cu13, os, sys; sys.exit(0 if os.path.exists(os.path.join(nvidia.cu13.__path__[0], 'include', 'crt', 'host_defines.h')) else 1)" 2>/dev/null; then
+    echo "bootstrap: installing CUDA crt headers (nvidia-cuda-crt 13.0)" >&2
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "nvidia-cuda-crt==13.0.*" >&2 ||
+        echo "bootstrap: nvidia-cuda-crt unavailable; the CUDA memory-statistics shim will be left out" >&2
+fi
+
 torch_lib=$("$venv/bin/python" -c 'import torch,os;print(os.path.join(os.path.dirname(torch.__file__),"lib"))')
 echo "export LIBTORCH_USE_PYTORCH=1"
 echo "export PATH=\"$venv/bin:\$PATH\""

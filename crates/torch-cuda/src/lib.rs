@@ -1,0 +1,154 @@
+//! CUDA facilities of libtorch that tch does not expose.
+//!
+//! Today: the caching allocator's memory statistics, the same numbers as PyTorch's
+//! `torch.cuda.max_memory_allocated()` / `max_memory_reserved()`, so GPU benchmarks compare like with
+//! like; and the TF32 switches (`torch.backends.cuda.matmul.allow_tf32`,
+//! `torch.backends.cudnn.allow_tf32`), so fp32 parity checks run both sides in full precision. The functions go through a small C++ shim (`src/shim.cpp`) compiled against the pinned
+//! PyTorch's headers; where those headers are missing the crate still builds and the functions return
+//! `None` / `false`.
+
+#![warn(missing_docs)]
+
+/// The caching allocator's counters for one device, in bytes, over all memory pools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Bytes held by live tensors now.
+    pub allocated: u64,
+    /// Highest `allocated` since the start or the last [`reset_peak_memory_stats`].
+    pub peak_allocated: u64,
+    /// Bytes the allocator holds from the driver now (live tensors plus its cache).
+    pub reserved: u64,
+    /// Highest `reserved` since the start or the last reset.
+    pub peak_reserved: u64,
+}
+
+impl MemoryStats {
+    /// `peak_allocated` in GiB, the unit of the benchmark tables.
+    pub fn peak_allocated_gib(&self) -> f64 {
+        self.peak_allocated as f64 / (1u64 << 30) as f64
+    }
+
+    /// `peak_reserved` in GiB.
+    pub fn peak_reserved_gib(&self) -> f64 {
+        self.peak_reserved as f64 / (1u64 << 30) as f64
+    }
+}
+
+#[cfg(torch_cuda_shim)]
+#[allow(unsafe_code)]
+mod ffi {
+    unsafe extern "C" {
+        pub fn torch_cuda_memory_stats(device: i32, out: *mut i64) -> i32;
+        pub fn torch_cuda_reset_peak_memory_stats(device: i32) -> i32;
+        pub fn torch_cuda_empty_cache() -> i32;
+        pub fn torch_cuda_set_allow_tf32(cublas: i32, cudnn: i32) -> i32;
+    }
+}
+
+/// Memory statistics of CUDA device `device`, or `None` without CUDA (or without the shim).
+pub fn memory_stats(device: usize) -> Option<MemoryStats> {
+    if !tch::Cuda::is_available() || device >= tch::Cuda::device_count() as usize {
+        return None;
+    }
+    #[cfg(torch_cuda_shim)]
+    {
+        let mut out = [0i64; 4];
+        // SAFETY: `out` has the four slots the shim writes; the shim catches every C++ exception.
+        #[allow(unsafe_code)]
+        let status = unsafe { ffi::torch_cuda_memory_stats(device as i32, out.as_mut_ptr()) };
+        let bytes = |v: i64| u64::try_from(v).unwrap_or(0);
+        (status == 0).then(|| MemoryStats {
+            allocated: bytes(out[0]),
+            peak_allocated: bytes(out[1]),
+            reserved: bytes(out[2]),
+            peak_reserved: bytes(out[3]),
+        })
+    }
+    #[cfg(not(torch_cuda_shim))]
+    {
+        None
+    }
+}
+
+/// Restarts the peak counters of device `device`; false without CUDA or the shim.
+pub fn reset_peak_memory_stats(device: usize) -> bool {
+    if memory_stats(device).is_none() {
+        return false;
+    }
+    #[cfg(torch_cuda_shim)]
+    {
+        // SAFETY: plain call; the shim catches every C++ exception.
+        #[allow(unsafe_code)]
+        let status = unsafe { ffi::torch_cuda_reset_peak_memory_stats(device as i32) };
+        status == 0
+    }
+    #[cfg(not(torch_cuda_shim))]
+    {
+        false
+    }
+}
+
+/// Returns the allocator's unused cached blocks to the driver (`torch.cuda.empty_cache()`); false
+/// without CUDA or the shim.
+pub fn empty_cache() -> bool {
+    if !tch::Cuda::is_available() {
+        return false;
+    }
+    #[cfg(torch_cuda_shim)]
+    {
+        // SAFETY: plain call; the shim catches every C++ exception.
+        #[allow(unsafe_code)]
+        let status = unsafe { ffi::torch_cuda_empty_cache() };
+        status == 0
+    }
+    #[cfg(not(torch_cuda_shim))]
+    {
+        false
+    }
+}
+
+/// Lets (or forbids) float32 matrix products (cuBLAS) and convolutions (cuDNN) use TF32; false
+/// without the shim.
+pub fn set_allow_tf32(cublas: bool, cudnn: bool) -> bool {
+    #[cfg(torch_cuda_shim)]
+    {
+        // SAFETY: plain call; the shim catches every C++ exception.
+        #[allow(unsafe_code)]
+        let status = unsafe { ffi::torch_cuda_set_allow_tf32(i32::from(cublas), i32::from(cudnn)) };
+        status == 0
+    }
+    #[cfg(not(torch_cuda_shim))]
+    {
+        let _ = (cublas, cudnn);
+        false
+    }
+}
+
+/// Whether this build carries the C++ shim (it does wherever the pinned PyTorch's CUDA headers were
+/// found at build time).
+pub fn shim_compiled() -> bool {
+    cfg!(torch_cuda_shim)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statistics_follow_allocations_on_cuda_and_are_absent_without_it() {
+        if !tch::Cuda::is_available() {
+            assert_eq!(memory_stats(0), None);
+            assert!(!reset_peak_memory_stats(0));
+            return;
+        }
+        assert!(shim_compiled(), "CUDA is available but the shim was not compiled");
+        let before = memory_stats(0).unwrap();
+        let t = tch::Tensor::zeros([64, 1024, 1024], (tch::Kind::Float, tch::Device::Cuda(0)));
+        let during = memory_stats(0).unwrap();
+        assert!(during.allocated >= before.allocated + (256 << 20), "{before:?} -> {during:?}");
+        drop(t);
+        assert!(reset_peak_memory_stats(0));
+        let after = memory_stats(0).unwrap();
+        assert!(after.peak_allocated < during.peak_allocated, "{during:?} -> {after:?}");
+    }
+}
