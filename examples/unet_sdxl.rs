@@ -12,7 +12,8 @@
 //!   diffusers' fp32 output beside diffusers' own bf16-vs-fp32 spread. Without the folder it uses random
 //!   weights and only times. Timing: bf16, 1024 px (128×128 latents), batch 2 as with classifier-free
 //!   guidance, fused attention, after warm-up, synchronised.
-//! * `--train-memory MODE`: one training step (forward, MSE loss, backward) of the bf16 UNet at 512 px,
+//! * `--train-memory MODE`: training steps (forward, MSE loss, backward into rank-4 LoRA adapters on
+//!   `to_q, to_k, to_v, to_out.0`, as the seed recipe) of the bf16 UNet at 512 px,
 //!   batch 2, with frozen weights and the gradient taken w.r.t. the input, so the backward runs through
 //!   every layer as LoRA training does. Run each mode in its own process: device memory in use after the
 //!   step (`nvidia-smi`) then includes the caching allocator's reserve, i.e. the step's peak.
@@ -104,6 +105,8 @@ fn parity_and_speed(config: &UNetConfig, reference: &std::path::Path, steps: usi
         let expected = file.tensor("out_fp32", device, Some(Kind::Float))?;
         let diffusers_bf16 = file.tensor("out_bf16", device, Some(Kind::Float))?;
         {
+            // The reference's fp32 run has TF32 off for matrix products and convolutions: so has ours.
+            torch_cuda::set_allow_tf32(false, false);
             let (_vs, mut unet) = load_unet(config, &weights, device, Kind::Float)?;
             unet.set_attention_backend(backend);
             let ours = run(&unet, Kind::Float)?;
@@ -140,48 +143,60 @@ fn parity_and_speed(config: &UNetConfig, reference: &std::path::Path, steps: usi
     Ok(())
 }
 
-fn used_mib() -> Option<f64> {
-    let out = std::process::Command::new("nvidia-smi").args(["--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"]).output().ok()?;
-    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-}
-
 fn train_step_memory(config: &UNetConfig, checkpointed: bool, backend: AttentionBackend, device: Device) -> anyhow::Result<()> {
     let (_vs, mut unet) = random_unet(config, Kind::BFloat16, device);
     unet.set_attention_backend(backend);
+    // The seed recipe's adapters: fp32, rank 4, on the attention projections; only they train.
+    let adapters = VarStore::new(device);
+    let report = lora::inject(&mut unet, &adapters.root(), "default", &lora::LoraConfig::unet_attention(4))?;
+    let params = lora::trainable_variables(&mut unet);
+    let lora_params: i64 = params.values().map(Tensor::numel).map(|n| n as i64).sum();
+    println!("LoRA rank 4: {} modules, {lora_params} parameters", report.adapted.len());
     let kind = Kind::BFloat16;
-    let sample = Tensor::randn([2, 4, 64, 64], (kind, device)).set_requires_grad(true);
+    let sample = Tensor::randn([2, 4, 64, 64], (kind, device));
     let target = Tensor::randn([2, 4, 64, 64], (kind, device));
     let timesteps = Tensor::from_slice(&[500.0f32, 20.0]).to_device(device);
     let context = Tensor::randn([2, 77, 2048], (kind, device));
     let text = Tensor::randn([2, 1280], (kind, device));
     let ids = Tensor::from_slice(&[512.0f32, 512.0, 0.0, 0.0, 512.0, 512.0]).to_device(device).repeat([2, 1]).to_kind(kind);
     let inputs = UNetInputs { sample: &sample, timesteps: &timesteps, encoder_hidden_states: &context, text_embeds: Some(&text), time_ids: Some(&ids) };
+    let step = || -> anyhow::Result<()> {
+        if checkpointed {
+            let fwd = unet.forward_checkpointed(&inputs)?;
+            // d mean((out - target)²) / d out, computed on the device.
+            let grad = (fwd.output().to_kind(Kind::Float) - target.to_kind(Kind::Float)) * (2.0 / target.numel() as f64);
+            fwd.backward(&grad)?;
+        } else {
+            let out = unet.forward(&inputs)?;
+            (out.to_kind(Kind::Float) - target.to_kind(Kind::Float)).square().mean(Kind::Float).backward();
+        }
+        Ok(())
+    };
+    step()?; // warm-up: kernel selection, allocator growth
     sync(device);
-    let before = used_mib();
+    anyhow::ensure!(params.values().all(|p| p.grad().defined()), "a LoRA parameter received no gradient");
+    let weights_gib = torch_cuda::memory_stats(0).map(|s| s.allocated as f64 / (1u64 << 30) as f64);
+    torch_cuda::reset_peak_memory_stats(0);
+    let runs = 3;
     let start = Instant::now();
-    if checkpointed {
-        let fwd = unet.forward_checkpointed(&inputs)?;
-        // d mean((out - target)²) / d out, computed on the device.
-        let grad = (fwd.output() - &target) * (2.0 / target.numel() as f64);
-        let grads = fwd.backward(&grad)?;
-        anyhow::ensure!(grads.sample.is_some(), "no gradient reached the input");
-    } else {
-        let out = unet.forward(&inputs)?;
-        (out - &target).square().mean(Kind::Float).backward();
-        anyhow::ensure!(sample.grad().defined(), "no gradient reached the input");
+    for _ in 0..runs {
+        for p in params.values() {
+            let mut g = p.grad();
+            let _ = g.zero_();
+        }
+        step()?;
     }
     sync(device);
-    let elapsed = start.elapsed().as_secs_f64();
-    let after = used_mib();
+    let per_step = start.elapsed().as_secs_f64() / runs as f64;
     let mode = if checkpointed { "checkpointed" } else { "plain" };
-    match (before, after) {
-        (Some(b), Some(a)) => println!(
-            "training step, bf16 512 px batch 2, {mode}: {:.0} MiB device memory in use after the step ({:.0} MiB before it, weights and context); {:.0} ms",
-            a,
-            b,
-            elapsed * 1e3
+    match (torch_cuda::memory_stats(0), weights_gib) {
+        (Some(stats), Some(resident)) => println!(
+            "training step, bf16 512 px batch 2, LoRA rank 4, {mode}: peak {:.2} GiB allocated ({:.2} GiB reserved; {resident:.2} GiB resident between steps); {:.0} ms per step (eager, no optimizer)",
+            stats.peak_allocated_gib(),
+            stats.peak_reserved_gib(),
+            per_step * 1e3
         ),
-        _ => println!("training step, {mode}: {:.0} ms (nvidia-smi unavailable: no memory figure)", elapsed * 1e3),
+        _ => println!("training step, {mode}: {:.0} ms per step (no CUDA memory statistics here)", per_step * 1e3),
     }
     Ok(())
 }

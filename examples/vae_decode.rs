@@ -5,9 +5,9 @@
 //! cargo run --release --example vae_decode -- [--size 2048] [--kind bf16|f16|f32] [--untiled] [--runs 5]
 //! ```
 //!
-//! Runs on CUDA when available (else the CPU, slowly), in `--kind` with no fp32 upcast. Peak GPU
-//! memory is not visible through tch; read it beside the run (e.g. `nvidia-smi --query-gpu=memory.used
-//! --format=csv -lms 50`) or from the diffusers reference in the same session.
+//! Runs on CUDA when available (else the CPU, slowly), in `--kind` with no fp32 upcast. On CUDA it
+//! also prints the caching allocator's peak during the timed decodes (the figure PyTorch reports as
+//! `torch.cuda.max_memory_allocated()`), through `torch-cuda`.
 
 use std::time::Instant;
 
@@ -56,6 +56,8 @@ fn main() -> anyhow::Result<()> {
         let warm = vae.decode(&latents)?; // first call: kernel selection and allocator warm-up
         sync();
         println!("output {:?} {:?} on {device:?}", warm.size(), warm.kind());
+        drop(warm);
+        torch_cuda::reset_peak_memory_stats(0);
         for _ in 0..runs {
             let start = Instant::now();
             let _image = vae.decode(&latents)?;
@@ -64,6 +66,13 @@ fn main() -> anyhow::Result<()> {
         }
         Ok(())
     })?;
+    if let Some(stats) = torch_cuda::memory_stats(0) {
+        println!(
+            "peak GPU memory during the timed decodes: {:.2} GiB allocated, {:.2} GiB reserved",
+            stats.peak_allocated_gib(),
+            stats.peak_reserved_gib()
+        );
+    }
     times.sort_by(f64::total_cmp);
     let median = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
     println!(

@@ -34,4 +34,4 @@ log=${OUT:-/tmp}/gpu-run.log
     done
     echo "== exit status $status"
     exit $status
-} 2>&1 | tee "$log"
+} 2>&1 | tee -a "$log"
