@@ -6,9 +6,11 @@
 //! 1024 px with classifier-free guidance (batch 2, bf16), the inference setting; on the CPU at 512 px,
 //! batch 1, fp32, so that the bench finishes on a small machine.
 //!
-//! The memory column is computed, not sampled: the plain backend materialises one
+//! The memory in each benchmark's name is computed: the plain backend materialises one
 //! `[batch·heads, Lq, Lk]` score matrix (plus its softmax), a sliced one only `[rows, Lq, Lk]`, and the
-//! fused kernels none (flash / memory-efficient attention keeps scores in on-chip tiles on CUDA).
+//! fused kernels none (flash / memory-efficient attention keeps scores in on-chip tiles on CUDA). On
+//! CUDA the bench also measures it: the caching allocator's peak above the inputs during one call
+//! (`torch-cuda`), printed before each group.
 //! Run: `scripts/with-torch.sh cargo bench --bench attention_slicing`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
@@ -68,6 +70,16 @@ fn attention_slicing(c: &mut Criterion) {
             let mut group = c.benchmark_group(format!("{} {device:?} {kind:?} batch {} L {}", shape.name, shape.batch, shape.query_len));
             group.sample_size(10);
             for backend in backends {
+                if let (Device::Cuda(i), Some(base)) = (device, torch_cuda::memory_stats(0)) {
+                    torch_cuda::reset_peak_memory_stats(0);
+                    let out = attention(&q, &k, &v, shape.heads, backend);
+                    Cuda::synchronize(i as i64);
+                    drop(out);
+                    if let Some(stats) = torch_cuda::memory_stats(0) {
+                        let extra = stats.peak_allocated.saturating_sub(base.allocated) as f64 / (1024.0 * 1024.0);
+                        println!("{} {backend:?}: measured peak {extra:.0} MiB above the inputs", shape.name);
+                    }
+                }
                 let mib = score_bytes(&shape, backend, element) as f64 / (1024.0 * 1024.0);
                 let id = BenchmarkId::new(format!("{backend:?}"), format!("scores {mib:.0} MiB"));
                 group.bench_function(id, |b| {

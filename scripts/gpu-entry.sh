@@ -2,7 +2,7 @@
 # Runs on the GPU machine, in the carried working tree: points the loader at that machine's own
 # torch, installs carried wheels (if any), and runs the binaries that scripts/gpu-pack.sh gathered.
 #
-#   bash scripts/gpu-entry.sh [tests/NAME | examples/NAME [ARGS]] ...   (default: every test in .gpu/tests)
+#   bash scripts/gpu-entry.sh [tests/NAME | examples/NAME | benches/NAME [ARGS]] ...   (default: every test)
 #
 # Test binaries run with --nocapture so their figures appear in the log; the log is also written
 # to $OUT/gpu-run.log when $OUT is set. An example's arguments follow its name up to the next name.
@@ -25,10 +25,11 @@ log=${OUT:-/tmp}/gpu-run.log
     while [ $# -gt 0 ]; do
         name=$1; shift
         args=()
-        while [ $# -gt 0 ] && [[ "$1" != tests/* && "$1" != examples/* ]]; do args+=("$1"); shift; done
+        while [ $# -gt 0 ] && [[ "$1" != tests/* && "$1" != examples/* && "$1" != benches/* ]]; do args+=("$1"); shift; done
         echo "== .gpu/$name ${args[*]}"
         case "$name" in
             tests/*) "./.gpu/$name" --nocapture --test-threads=1 "${args[@]}" || status=1 ;;
+            benches/*) "./.gpu/$name" --bench "${args[@]}" || status=1 ;;
             *) "./.gpu/$name" "${args[@]}" || status=1 ;;
         esac
     done
