@@ -50,9 +50,16 @@ impl ResnetBlock2D {
     /// # Shapes
     /// `xs` `[B, in, H, W]`, `temb` `[B, temb_channels]` → `[B, out, H, W]`.
     pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Tensor {
-        let h = xs.apply(&self.norm1).silu().apply(&self.conv1);
+        // One op per statement, so each intermediate is freed once the next exists (the temporaries
+        // of a chained expression live until the end of the statement); this matters without autograd.
+        let mut h = xs.apply(&self.norm1);
+        h = h.silu();
+        h = h.apply(&self.conv1);
         let t = self.time_emb_proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
-        let h = (h + t).apply(&self.norm2).silu().apply(&self.conv2);
+        h = h + t;
+        h = h.apply(&self.norm2);
+        h = h.silu();
+        h = h.apply(&self.conv2);
         match &self.conv_shortcut {
             Some(conv) => xs.apply(conv) + h,
             None => xs + h,

@@ -52,7 +52,14 @@ impl Module for ResnetBlock2D {
     /// # Shapes
     /// `[batch, in_channels, h, w]` → `[batch, out_channels, h, w]`.
     fn forward(&self, xs: &Tensor) -> Tensor {
-        let hidden = xs.apply(&self.norm1).silu().apply(&self.conv1).apply(&self.norm2).silu().apply(&self.conv2);
+        // One op per statement: the temporaries of a chained expression all live until the end of
+        // the statement, which would keep four extra activations of full resolution alive at once.
+        let mut hidden = xs.apply(&self.norm1);
+        hidden = hidden.silu();
+        hidden = hidden.apply(&self.conv1);
+        hidden = hidden.apply(&self.norm2);
+        hidden = hidden.silu();
+        hidden = hidden.apply(&self.conv2);
         let shortcut = match &self.conv_shortcut {
             Some(conv) => xs.apply(conv),
             None => xs.shallow_clone(),

@@ -68,8 +68,8 @@ impl Encoder {
         for block in &self.down_blocks {
             hidden = hidden.apply(block);
         }
-        let hidden = self.mid_block.forward(&hidden)?;
-        Ok(hidden.apply(&self.conv_norm_out).silu().apply(&self.conv_out))
+        hidden = self.mid_block.forward(&hidden)?;
+        Ok(output_stage(hidden, &self.conv_norm_out, &self.conv_out))
     }
 }
 
@@ -118,11 +118,19 @@ impl Decoder {
     /// # Shapes
     /// `[batch, latent_channels, h, w]` → `[batch, out_channels, h·f, w·f]` with `f = 2^(levels−1)`.
     pub fn forward(&self, latents: &Tensor) -> crate::Result<Tensor> {
-        let hidden = latents.apply(&self.conv_in);
-        let mut hidden = self.mid_block.forward(&hidden)?;
+        let mut hidden = latents.apply(&self.conv_in);
+        hidden = self.mid_block.forward(&hidden)?;
         for block in &self.up_blocks {
             hidden = hidden.apply(block);
         }
-        Ok(hidden.apply(&self.conv_norm_out).silu().apply(&self.conv_out))
+        Ok(output_stage(hidden, &self.conv_norm_out, &self.conv_out))
     }
+}
+
+/// `conv_out(silu(conv_norm_out(x)))`, one op per statement so that each full-resolution
+/// intermediate is freed as soon as the next one exists.
+fn output_stage(hidden: Tensor, norm: &nn::GroupNorm, conv: &nn::Conv2D) -> Tensor {
+    let mut hidden = hidden.apply(norm);
+    hidden = hidden.silu();
+    hidden.apply(conv)
 }
