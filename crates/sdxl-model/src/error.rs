@@ -143,6 +143,18 @@ pub enum Error {
         #[source]
         source: tokenizers::Error,
     },
+    /// A LoRA could not be attached, scaled or switched.
+    #[error("LoRA: {0}")]
+    Lora(#[from] lora::Error),
+    /// An image could not be encoded or written.
+    #[error("{path}: {source}")]
+    Image {
+        /// The file.
+        path: PathBuf,
+        /// What the `image` crate said.
+        #[source]
+        source: image::ImageError,
+    },
     /// libtorch reported an error.
     #[error(transparent)]
     Torch(#[from] tch::TchError),

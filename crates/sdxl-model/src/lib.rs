@@ -12,6 +12,7 @@ pub mod attention;
 pub mod clip;
 mod error;
 mod mapped_load;
+pub mod pipeline;
 pub mod prompt;
 pub mod schedulers;
 pub mod tokenizer;

@@ -106,6 +106,11 @@ impl PromptEncoder {
         &mut self.text_encoder_2
     }
 
+    /// Both text encoders at once (CLIP-L, OpenCLIP bigG), e.g. to attach LoRAs to each.
+    pub fn text_encoders_mut(&mut self) -> (&mut ClipTextModel, &mut ClipTextModel) {
+        (&mut self.text_encoder, &mut self.text_encoder_2)
+    }
+
     fn device(&self) -> Device {
         self.text_encoder_2.device()
     }

@@ -1,0 +1,476 @@
+//! SDXL text-to-image: prompts → latents → images, with classifier-free guidance, a scheduler chosen
+//! at run time, and LoRA adapters that can be scaled or switched off without reloading the base model.
+//!
+//! Follows diffusers `pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl.py`
+//! (`StableDiffusionXLPipeline.__call__`) for the text-to-image path:
+//!
+//! 1. encode the prompts; without a negative prompt the negative conditioning is zeros
+//!    (`force_zeros_for_empty_prompt`);
+//! 2. the time ids are `[h, w, 0, 0, h, w]` for the target size, the same for both halves of the batch;
+//! 3. the initial latents are unit Gaussian noise times the scheduler's `init_noise_sigma`;
+//! 4. with guidance (`guidance_scale > 1`) the UNet sees the batch `[uncond, cond]` and the prediction
+//!    is `uncond + scale · (cond − uncond)`;
+//! 5. the VAE decodes `latents / scaling_factor`, and images map from [−1, 1] to [0, 255].
+//!
+//! The denoising loop reads no tensor values on the host, so it can run on the GPU without
+//! synchronising; only the final conversion to 8-bit images copies to the host.
+
+use std::path::{Path, PathBuf};
+
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use lora::{Component, HasLinears, LoraState};
+
+use crate::prompt::{add_time_ids, add_time_ids_tensor, PromptEmbeds, PromptEncoder};
+use crate::schedulers::{self, SchedulerConfig, SchedulerKind};
+use crate::unet::{load_unet, UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights};
+use crate::vae::{AutoencoderKL, Upcast, VaeTiling};
+use crate::{Error, Result};
+
+/// What to generate: prompts, guidance, size, steps, sampler and randomness.
+#[derive(Debug)]
+pub struct GenerateOptions {
+    /// One prompt per image (times [`Self::images_per_prompt`]).
+    pub prompts: Vec<String>,
+    /// One negative prompt per prompt; `None` gives SDXL's all-zero negative conditioning.
+    pub negative_prompts: Option<Vec<String>>,
+    /// Classifier-free guidance scale; guidance is off at 1 or below (one UNet batch instead of two).
+    pub guidance_scale: f64,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Image height in pixels: a positive multiple of the VAE's downscale factor (8).
+    pub height: i64,
+    /// Image width in pixels: a positive multiple of the VAE's downscale factor (8).
+    pub width: i64,
+    /// Images per prompt, generated in one batch.
+    pub images_per_prompt: i64,
+    /// Seeds libtorch's default CPU generator before the initial noise and any ancestral noise is
+    /// drawn; `torch.Generator().manual_seed(seed)` in diffusers draws the same initial latents.
+    pub seed: u64,
+    /// The sampler.
+    pub scheduler: SchedulerKind,
+    /// Unit Gaussian initial latents `[batch, 4, height/8, width/8]` to use instead of seeded noise
+    /// (diffusers' `latents=` argument; the pipeline still multiplies them by `init_noise_sigma`).
+    pub initial_noise: Option<Tensor>,
+}
+
+impl Default for GenerateOptions {
+    /// diffusers' SDXL defaults: 1024×1024, 50 Euler steps, guidance 5.
+    fn default() -> Self {
+        Self {
+            prompts: Vec::new(),
+            negative_prompts: None,
+            guidance_scale: 5.0,
+            steps: 50,
+            height: 1024,
+            width: 1024,
+            images_per_prompt: 1,
+            seed: 0,
+            scheduler: SchedulerKind::EulerDiscrete,
+            initial_noise: None,
+        }
+    }
+}
+
+/// An 8-bit RGB image batch as the pipeline returns it.
+#[derive(Debug)]
+pub struct Images {
+    /// `[batch, 3, height, width]` `Kind::Uint8` on the CPU.
+    pub chw: Tensor,
+}
+
+impl Images {
+    /// The batch as `[batch, height, width, 3]` `Kind::Uint8`.
+    pub fn hwc(&self) -> Tensor {
+        self.chw.permute([0, 2, 3, 1]).contiguous()
+    }
+
+    /// How many images the batch holds.
+    pub fn len(&self) -> usize {
+        self.chw.size().first().copied().unwrap_or(0) as usize
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Image `index` as an `image` crate buffer.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for an index past the batch.
+    pub fn to_rgb(&self, index: usize) -> Result<image::RgbImage> {
+        if index >= self.len() {
+            return Err(Error::Shape {
+                what: "image index".into(),
+                expected: format!("below {}", self.len()),
+                actual: index.to_string(),
+            });
+        }
+        let hwc = self.hwc().get(index as i64);
+        let (height, width, _) = hwc.size3()?;
+        let count = (height * width * 3) as usize;
+        let mut bytes = vec![0u8; count];
+        hwc.copy_data_u8(&mut bytes, count);
+        image::RgbImage::from_raw(width as u32, height as u32, bytes).ok_or_else(|| Error::Shape {
+            what: "image buffer".into(),
+            expected: format!("{height}×{width}×3 bytes"),
+            actual: "a different length".into(),
+        })
+    }
+
+    /// Writes image `index` as a PNG file, atomically (temporary file, then rename).
+    ///
+    /// # Errors
+    /// As [`Self::to_rgb`]; [`Error::Image`] when encoding or writing fails.
+    pub fn save_png(&self, index: usize, path: impl AsRef<Path>) -> Result<()> {
+        save_png(&self.to_rgb(index)?, path)
+    }
+}
+
+/// Writes an RGB buffer as a PNG file, atomically (temporary file in the same folder, then rename).
+///
+/// # Errors
+/// [`Error::Image`] naming the file when encoding or writing fails.
+pub fn save_png(image: &image::RgbImage, path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let image_error = |source| Error::Image { path: path.to_owned(), source };
+    image.save_with_format(&tmp, image::ImageFormat::Png).map_err(image_error)?;
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_owned(), source })
+}
+
+/// The SDXL text-to-image pipeline: text encoders, UNet, VAE and the scheduler config.
+#[derive(Debug)]
+pub struct Pipeline {
+    /// Both tokenizers and text encoders.
+    pub prompt_encoder: PromptEncoder,
+    /// The denoiser.
+    pub unet: UNet2DConditionModel,
+    /// The decoder of latents (tile it with [`AutoencoderKL::set_tiling`] for large images).
+    pub vae: AutoencoderKL,
+    /// The scheduler config every run builds its sampler from (SDXL's by default).
+    pub scheduler_config: SchedulerConfig,
+    device: Device,
+    kind: Kind,
+    /// The stores that own the weights: text encoders, UNet, VAE.
+    stores: Vec<VarStore>,
+}
+
+impl Pipeline {
+    /// Assembles a pipeline from loaded parts; `kind` is the element type the UNet computes in.
+    pub fn new(
+        prompt_encoder: PromptEncoder,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        scheduler_config: SchedulerConfig,
+        device: Device,
+        kind: Kind,
+    ) -> Self {
+        Self { prompt_encoder, unet, vae, scheduler_config, device, kind, stores: Vec::new() }
+    }
+
+    /// Loads a diffusers SDXL folder (`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`, and
+    /// `scheduler/scheduler_config.json` when present, else SDXL's config) onto `device` in `kind`.
+    /// `vae_upcast` says whether the VAE keeps fp32 weights (decoding in fp32).
+    ///
+    /// # Errors
+    /// The loaders' errors, naming the file or the keys that do not match.
+    pub fn from_pretrained(root: impl AsRef<Path>, device: Device, kind: Kind, vae_upcast: Upcast) -> Result<Self> {
+        let root = root.as_ref();
+        let (prompt_encoder, [vs_1, vs_2]) = PromptEncoder::from_pretrained(root, device, kind)?;
+        let unet_config = UNetConfig::from_file(root.join("unet").join("config.json"))?;
+        let weights = UNetWeights::Diffusers { folder: root.join("unet"), variant: None };
+        let (vs_unet, unet) = load_unet(&unet_config, &weights, device, kind)?;
+        let (vae, vs_vae) = AutoencoderKL::from_pretrained(root.join("vae"), device, kind, vae_upcast)?;
+        let scheduler_file = root.join("scheduler").join("scheduler_config.json");
+        let scheduler_config =
+            if scheduler_file.exists() { SchedulerConfig::from_file(&scheduler_file)? } else { SchedulerConfig::sdxl() };
+        let mut pipeline = Self::new(prompt_encoder, unet, vae, scheduler_config, device, kind);
+        pipeline.stores = vec![vs_1, vs_2, vs_unet, vs_vae];
+        Ok(pipeline)
+    }
+
+    /// Decodes in overlapping tiles when the image is larger than one tile (`None`: never).
+    ///
+    /// # Errors
+    /// As [`AutoencoderKL::set_tiling`].
+    pub fn set_vae_tiling(&mut self, tiling: Option<VaeTiling>) -> Result<()> {
+        self.vae.set_tiling(tiling)
+    }
+
+    /// The models a LoRA can adapt, with the component each is.
+    fn adaptable(&mut self) -> [(Component, &mut dyn HasLinears); 3] {
+        let unet: &mut dyn HasLinears = &mut self.unet;
+        let (text_encoder, text_encoder_2) = self.prompt_encoder.text_encoders_mut();
+        [(Component::Unet, unet), (Component::TextEncoder, text_encoder), (Component::TextEncoder2, text_encoder_2)]
+    }
+
+    /// The layer paths of every adaptable model, for resolving kohya-named LoRA files
+    /// ([`lora::format::ReadOptions::module_names`]).
+    pub fn lora_module_names(&mut self) -> lora::format::ModuleNames {
+        let mut names = lora::format::ModuleNames::new();
+        for (component, model) in self.adaptable() {
+            names.add_model(component, model);
+        }
+        names
+    }
+
+    /// Attaches a LoRA as adapter `name` to every component it has modules for, at multiplier 1.
+    /// Several LoRAs under different names add up. Returns how many layers got the adapter.
+    ///
+    /// # Errors
+    /// [`Error::Lora`] naming the modules the models lack or the layer that refused (shape, duplicate name).
+    pub fn load_lora(&mut self, state: &LoraState, name: &str) -> Result<usize> {
+        let components = state.components();
+        let mut count = 0;
+        for (component, model) in self.adaptable() {
+            if components.contains(&component) {
+                count += state.apply(model, component, name, false)?;
+            }
+        }
+        Ok(count)
+    }
+
+    /// Scales adapter `name` in every component (0 gives the base model's outputs exactly).
+    ///
+    /// # Errors
+    /// [`Error::Lora`] when no layer has the adapter.
+    pub fn set_lora_multiplier(&mut self, name: &str, multiplier: f64) -> Result<()> {
+        let mut found = 0;
+        for (_, model) in self.adaptable() {
+            found += lora::set_multiplier(model, name, multiplier).unwrap_or(0);
+        }
+        if found == 0 {
+            // Ask once more to get the lora crate's error naming the adapter.
+            lora::set_multiplier(&mut self.unet, name, multiplier)?;
+        }
+        Ok(())
+    }
+
+    /// Switches adapter `name` on or off in every component without unloading it.
+    ///
+    /// # Errors
+    /// [`Error::Lora`] when no layer has the adapter.
+    pub fn set_lora_enabled(&mut self, name: &str, enabled: bool) -> Result<()> {
+        let mut found = 0;
+        for (_, model) in self.adaptable() {
+            found += lora::set_enabled(model, name, enabled).unwrap_or(0);
+        }
+        if found == 0 {
+            lora::set_enabled(&mut self.unet, name, enabled)?;
+        }
+        Ok(())
+    }
+
+    /// Checks the size and batch settings before any model runs.
+    fn check(&self, options: &GenerateOptions) -> Result<()> {
+        let factor = self.vae.config().downscale_factor();
+        for (setting, value) in [("height", options.height), ("width", options.width)] {
+            if value <= 0 || value % factor != 0 {
+                return Err(Error::InvalidSetting {
+                    setting,
+                    value: value.to_string(),
+                    expected: "a positive multiple of the VAE's downscale factor (8 for SDXL)",
+                });
+            }
+        }
+        if options.images_per_prompt < 1 {
+            return Err(Error::InvalidSetting {
+                setting: "images_per_prompt",
+                value: options.images_per_prompt.to_string(),
+                expected: "at least 1",
+            });
+        }
+        if !options.guidance_scale.is_finite() {
+            return Err(Error::InvalidSetting {
+                setting: "guidance_scale",
+                value: options.guidance_scale.to_string(),
+                expected: "a finite number",
+            });
+        }
+        Ok(())
+    }
+
+    /// The shape of the initial latents for these options.
+    pub fn latent_shape(&self, options: &GenerateOptions) -> [i64; 4] {
+        let factor = self.vae.config().downscale_factor();
+        let batch = options.prompts.len() as i64 * options.images_per_prompt;
+        [batch, self.unet.config().in_channels, options.height / factor, options.width / factor]
+    }
+
+    /// Runs the denoising loop and returns the final latents (diffusers' `output_type="latent"`).
+    ///
+    /// # Shapes
+    /// `n` prompts, `k` images per prompt → `[n·k, 4, height/8, width/8]` in the pipeline's kind.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSetting`] for a size that is not a multiple of 8, no prompts or a bad batch;
+    /// [`Error::Shape`] for `initial_noise` of another shape or negatives of another count;
+    /// scheduler and model errors.
+    pub fn latents(&self, options: &GenerateOptions) -> Result<Tensor> {
+        self.check(options)?;
+        let (positive, negative) = tch::no_grad(|| {
+            self.prompt_encoder.encode_with_negative(&options.prompts, options.negative_prompts.as_deref())
+        })?;
+        self.denoise(&positive, &negative, options)
+    }
+
+    /// The denoising loop on already encoded prompts (`positive` and `negative`: one row per prompt).
+    ///
+    /// # Errors
+    /// As [`Self::latents`].
+    pub fn denoise(&self, positive: &PromptEmbeds, negative: &PromptEmbeds, options: &GenerateOptions) -> Result<Tensor> {
+        self.check(options)?;
+        let shape = self.latent_shape(options);
+        let prompts = positive.context.size().first().copied().unwrap_or(0);
+        if prompts == 0 || prompts != options.prompts.len() as i64 {
+            return Err(Error::Shape {
+                what: "prompt embeddings".into(),
+                expected: format!("one row per prompt ({}, at least one)", options.prompts.len()),
+                actual: format!("{:?}", positive.context.size()),
+            });
+        }
+        // One seeded stream for the initial noise and then any ancestral step noise, as diffusers'
+        // CPU generator.
+        tch::manual_seed(options.seed as i64);
+        let initial = match &options.initial_noise {
+            Some(noise) if noise.size() == shape => noise.shallow_clone(),
+            Some(noise) => {
+                return Err(Error::Shape {
+                    what: "initial noise".into(),
+                    expected: format!("{shape:?}"),
+                    actual: format!("{:?}", noise.size()),
+                })
+            }
+            None => Tensor::randn(shape, (Kind::Float, Device::Cpu)),
+        };
+        let mut scheduler = schedulers::build(options.scheduler, &self.scheduler_config)?;
+        scheduler.set_timesteps(options.steps)?;
+
+        let guided = options.guidance_scale > 1.0;
+        let repeat = |t: &Tensor| t.repeat_interleave_self_int(options.images_per_prompt, Some(0), None::<i64>);
+        let (context, pooled) = (repeat(&positive.context), repeat(&positive.pooled));
+        let (context, pooled) = if guided {
+            let (neg_context, neg_pooled) = (repeat(&negative.context), repeat(&negative.pooled));
+            (Tensor::cat(&[neg_context, context], 0), Tensor::cat(&[neg_pooled, pooled], 0))
+        } else {
+            (context, pooled)
+        };
+        let context = context.to_device(self.device).to_kind(self.kind);
+        let pooled = pooled.to_device(self.device).to_kind(self.kind);
+        let size = (options.height, options.width);
+        let rows = vec![add_time_ids(size, (0, 0), size); context.size()[0] as usize];
+        let time_ids = add_time_ids_tensor(&rows, self.kind, self.device);
+
+        let mut latents = initial.to_device(self.device).to_kind(self.kind) * scheduler.init_noise_sigma();
+        let timesteps = scheduler.timesteps().to_vec();
+        tch::no_grad(|| -> Result<()> {
+            for &t in &timesteps {
+                let model_input = if guided { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
+                let model_input = scheduler.scale_model_input(&model_input)?;
+                let timestep = Tensor::from(t as f32).to_device(self.device);
+                let inputs = UNetInputs {
+                    sample: &model_input,
+                    timesteps: &timestep,
+                    encoder_hidden_states: &context,
+                    text_embeds: Some(&pooled),
+                    time_ids: Some(&time_ids),
+                };
+                let prediction = self.unet.forward(&inputs)?;
+                let prediction = if guided {
+                    let halves = prediction.chunk(2, 0);
+                    &halves[0] + (&halves[1] - &halves[0]) * options.guidance_scale
+                } else {
+                    prediction
+                };
+                latents = scheduler.step(&prediction, &latents, None)?;
+            }
+            Ok(())
+        })?;
+        Ok(latents)
+    }
+
+    /// Decodes latents into 8-bit images: `latents / scaling_factor` through the VAE (in the VAE's
+    /// weight type, tiled when enabled), then [−1, 1] → [0, 255] rounded.
+    ///
+    /// # Shapes
+    /// `[batch, 4, h, w]` → images `[batch, 3, 8h, 8w]`.
+    ///
+    /// # Errors
+    /// As [`AutoencoderKL::decode`].
+    pub fn decode(&self, latents: &Tensor) -> Result<Images> {
+        let images = tch::no_grad(|| self.vae.decode(&self.vae.unscale_latents(&latents.to_kind(self.vae.weight_kind()))))?;
+        let chw = ((images.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0)
+            .round()
+            .to_kind(Kind::Uint8)
+            .to_device(Device::Cpu);
+        Ok(Images { chw })
+    }
+
+    /// Prompts to images: [`Self::latents`] then [`Self::decode`].
+    ///
+    /// # Errors
+    /// As [`Self::latents`] and [`Self::decode`].
+    pub fn generate(&self, options: &GenerateOptions) -> Result<Images> {
+        self.decode(&self.latents(options)?)
+    }
+}
+
+/// Places images side by side in one row (equal heights), e.g. the base model's image left of the
+/// LoRA's for the same seed and prompt.
+///
+/// # Errors
+/// [`Error::Shape`] when no images are given or their heights differ.
+pub fn grid_row(images: &[image::RgbImage]) -> Result<image::RgbImage> {
+    let height = images.first().map(|i| i.height()).ok_or_else(|| Error::Shape {
+        what: "grid images".into(),
+        expected: "at least one image".into(),
+        actual: "none".into(),
+    })?;
+    if let Some(other) = images.iter().find(|i| i.height() != height) {
+        return Err(Error::Shape {
+            what: "grid images".into(),
+            expected: format!("height {height}"),
+            actual: format!("height {}", other.height()),
+        });
+    }
+    let width = images.iter().map(|i| i.width()).sum();
+    let mut grid = image::RgbImage::new(width, height);
+    let mut left = 0;
+    for image in images {
+        image::imageops::replace(&mut grid, image, i64::from(left), 0);
+        left += image.width();
+    }
+    Ok(grid)
+}
+
+/// Stacks rows of equal width top to bottom.
+///
+/// # Errors
+/// [`Error::Shape`] when no rows are given or their widths differ.
+pub fn grid_column(rows: &[image::RgbImage]) -> Result<image::RgbImage> {
+    let width = rows.first().map(|i| i.width()).ok_or_else(|| Error::Shape {
+        what: "grid rows".into(),
+        expected: "at least one row".into(),
+        actual: "none".into(),
+    })?;
+    if let Some(other) = rows.iter().find(|i| i.width() != width) {
+        return Err(Error::Shape {
+            what: "grid rows".into(),
+            expected: format!("width {width}"),
+            actual: format!("width {}", other.width()),
+        });
+    }
+    let height = rows.iter().map(|i| i.height()).sum();
+    let mut grid = image::RgbImage::new(width, height);
+    let mut top = 0;
+    for row in rows {
+        image::imageops::replace(&mut grid, row, 0, i64::from(top));
+        top += row.height();
+    }
+    Ok(grid)
+}

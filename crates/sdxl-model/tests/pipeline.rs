@@ -1,0 +1,140 @@
+//! The text-to-image pipeline against diffusers' `StableDiffusionXLPipeline` on the tiny SDXL models
+//! (fixture `tiny_pipeline`), PNG output, and LoRA on/off at inference (fp32, CPU).
+
+// Helpers outside #[test] functions unwrap too: a fixture that fails to load should fail the test.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+
+use sdxl_model::pipeline::{grid_row, GenerateOptions, Pipeline};
+use sdxl_model::vae::Upcast;
+use sdxl_model::weights::TensorFile;
+use sdxl_model::Error;
+use tch::{Device, Kind, Tensor};
+
+fn fixtures() -> PathBuf {
+    std::env::var_os("SDXL_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
+}
+
+fn pipeline() -> Pipeline {
+    Pipeline::from_pretrained(fixtures().join("tiny-sdxl"), Device::Cpu, Kind::Float, Upcast::Never).unwrap()
+}
+
+/// The case `gen_tiny_pipeline` ran, from the fixture's metadata.
+fn case() -> (serde_json::Value, TensorFile) {
+    let path = fixtures().join("tiny-pipeline-io.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let case = serde_json::from_str(&meta.metadata().as_ref().unwrap()["case"]).unwrap();
+    (case, TensorFile::open(path).unwrap())
+}
+
+fn options_of(case: &serde_json::Value) -> GenerateOptions {
+    GenerateOptions {
+        prompts: case["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_owned()).collect(),
+        guidance_scale: case["guidance_scale"].as_f64().unwrap(),
+        steps: case["steps"].as_u64().unwrap() as usize,
+        height: case["height"].as_i64().unwrap(),
+        width: case["width"].as_i64().unwrap(),
+        seed: case["seed"].as_u64().unwrap(),
+        ..GenerateOptions::default()
+    }
+}
+
+/// `max |a − b| / max |b|` in f64.
+fn rel(actual: &Tensor, expected: &Tensor) -> f64 {
+    assert_eq!(actual.size(), expected.size());
+    let a = actual.to_kind(Kind::Double);
+    let e = expected.to_kind(Kind::Double);
+    (&a - &e).abs().max().double_value(&[]) / e.abs().max().double_value(&[]).max(f64::MIN_POSITIVE)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
+}
+
+#[test]
+fn tiny_pipeline_latents_and_images_match_diffusers_and_write_a_png() {
+    let (case, io) = case();
+    let pipe = pipeline();
+    let options = options_of(&case);
+    let latents = pipe.latents(&options).unwrap();
+    let expected = io.tensor("latents", Device::Cpu, None).unwrap();
+    let error = rel(&latents, &expected);
+    println!("pipeline latents: max relative error vs diffusers {error:.2e}");
+    assert!(error <= 1e-4, "latents differ from diffusers by {error:e}");
+
+    // The seeded noise is diffusers' torch.Generator().manual_seed(seed) noise; passing it in is the same run.
+    tch::manual_seed(options.seed as i64);
+    let seeded = Tensor::randn(pipe.latent_shape(&options), (Kind::Float, Device::Cpu));
+    assert_eq!(max_abs_diff(&seeded, &io.tensor("noise", Device::Cpu, None).unwrap()), 0.0);
+    let given = GenerateOptions { initial_noise: Some(seeded), seed: options.seed + 1, ..options_of(&case) };
+    assert_eq!(max_abs_diff(&pipe.latents(&given).unwrap(), &latents), 0.0);
+
+    let images = pipe.decode(&latents).unwrap();
+    assert_eq!(images.chw.size(), [2, 3, 64, 64]);
+    assert_eq!(images.chw.kind(), Kind::Uint8);
+    let expected_u8 = (io.tensor("images", Device::Cpu, None).unwrap() * 255.0).round();
+    let pixel_error = max_abs_diff(&images.chw, &expected_u8);
+    println!("pipeline images: max difference vs diffusers {pixel_error} (of 255)");
+    assert!(pixel_error <= 1.0);
+
+    let dir = std::env::temp_dir().join(format!("sdxl-pipeline-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("out.png");
+    images.save_png(1, &path).unwrap();
+    let back = image::open(&path).unwrap().to_rgb8();
+    assert_eq!(back, images.to_rgb(1).unwrap());
+    assert_eq!(max_abs_diff(&Tensor::from_slice(back.as_raw()).view([64, 64, 3]), &images.hwc().get(1)), 0.0);
+    let grid = grid_row(&[images.to_rgb(0).unwrap(), back]).unwrap();
+    assert_eq!(grid.dimensions(), (128, 64));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn guidance_and_negatives_change_the_latents_and_bad_settings_are_named() {
+    let (case, _) = case();
+    let pipe = pipeline();
+    let quick = || GenerateOptions { steps: 2, ..options_of(&case) };
+    let base = pipe.latents(&quick()).unwrap();
+    let negatives = vec!["blurry".to_owned(), "text, watermark".to_owned()];
+    let with_negative = pipe.latents(&GenerateOptions { negative_prompts: Some(negatives), ..quick() }).unwrap();
+    assert!(max_abs_diff(&base, &with_negative) > 1e-4);
+    let unguided = pipe.latents(&GenerateOptions { guidance_scale: 1.0, ..quick() }).unwrap();
+    assert!(max_abs_diff(&base, &unguided) > 1e-4);
+    let two_each = pipe.latents(&GenerateOptions { images_per_prompt: 2, ..quick() }).unwrap();
+    assert_eq!(two_each.size(), [4, 4, 16, 16]);
+
+    let error = pipe.latents(&GenerateOptions { height: 62, ..quick() }).unwrap_err();
+    assert!(matches!(error, Error::InvalidSetting { setting: "height", .. }), "{error}");
+    let noise = Some(Tensor::zeros([1, 4, 16, 16], (Kind::Float, Device::Cpu)));
+    let error = pipe.latents(&GenerateOptions { initial_noise: noise, ..quick() }).unwrap_err();
+    assert!(error.to_string().contains("initial noise"), "{error}");
+}
+
+#[test]
+fn lora_changes_the_output_and_scale_zero_equals_off() {
+    let (case, _) = case();
+    let mut pipe = pipeline();
+    let quick = || GenerateOptions { steps: 2, ..options_of(&case) };
+    let base = pipe.latents(&quick()).unwrap();
+    let file = lora::format::read(fixtures().join("lora/tiny-sdxl-diffusers.safetensors"), lora::format::ReadOptions::default())
+        .unwrap();
+    let attached = pipe.load_lora(&file.state, "style").unwrap();
+    assert!(attached > 0);
+    let with_lora = pipe.latents(&quick()).unwrap();
+    let change = max_abs_diff(&with_lora, &base);
+    println!("LoRA on vs off: max latent difference {change:.3e}");
+    assert!(change > 1e-3);
+
+    pipe.set_lora_multiplier("style", 0.0).unwrap();
+    assert_eq!(max_abs_diff(&pipe.latents(&quick()).unwrap(), &base), 0.0, "scale 0 must equal off");
+    pipe.set_lora_multiplier("style", 1.0).unwrap();
+    pipe.set_lora_enabled("style", false).unwrap();
+    assert_eq!(max_abs_diff(&pipe.latents(&quick()).unwrap(), &base), 0.0, "disabled must equal the base");
+    pipe.set_lora_enabled("style", true).unwrap();
+    assert_eq!(max_abs_diff(&pipe.latents(&quick()).unwrap(), &with_lora), 0.0);
+    assert!(matches!(pipe.set_lora_multiplier("absent", 1.0), Err(Error::Lora(_))));
+}
