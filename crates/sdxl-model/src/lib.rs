@@ -4,7 +4,7 @@
 //! their configs and loaders, the schedulers and the text-to-image pipeline. Module paths follow
 //! diffusers and transformers so that variable names equal safetensors keys.
 //!
-//! Present today: [`weights`], reading safetensors files into libtorch tensors.
+//! Text to image end to end: [`pipeline::Pipeline`] (prompts, guidance, schedulers, LoRA on/off, PNG).
 
 #![warn(missing_docs)]
 

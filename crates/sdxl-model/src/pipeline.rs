@@ -14,6 +14,32 @@
 //!
 //! The denoising loop reads no tensor values on the host, so it can run on the GPU without
 //! synchronising; only the final conversion to 8-bit images copies to the host.
+//!
+//! A crate depending on `sdxl-model` and `lora` generates an image, then the same image with a LoRA
+//! (here the tiny test models and LoRA of `tests/fixtures`; give a real SDXL diffusers folder instead):
+//!
+//! ```
+//! use sdxl_model::pipeline::{GenerateOptions, Pipeline};
+//! use sdxl_model::vae::Upcast;
+//! use tch::{Device, Kind};
+//!
+//! let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+//! let mut pipe = Pipeline::from_pretrained(fixtures.join("tiny-sdxl"), Device::Cpu, Kind::Float, Upcast::Never)?;
+//! let options = GenerateOptions {
+//!     prompts: vec!["a watercolor painting of a fox in the snow".into()],
+//!     steps: 2, height: 64, width: 64, seed: 7,
+//!     ..GenerateOptions::default()
+//! };
+//! let base = pipe.generate(&options)?;
+//!
+//! let file = lora::format::read(fixtures.join("lora/tiny-sdxl-diffusers.safetensors"), Default::default())?;
+//! pipe.load_lora(&file.state, "style")?;
+//! pipe.set_lora_multiplier("style", 0.8)?;
+//! let styled = pipe.generate(&options)?;
+//! assert_ne!(base.to_rgb(0)?, styled.to_rgb(0)?);
+//! styled.save_png(0, std::env::temp_dir().join("sdxl-pipeline-doc.png"))?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::path::{Path, PathBuf};
 
