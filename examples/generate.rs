@@ -10,9 +10,13 @@
 //!
 //! `--prompt` may be repeated; each prompt gets one image (one grid row with `--compare`). Without
 //! `--compare` the images go to `--out` with `-<n>` before the extension when there are several.
-//! Runs on CUDA when available, else on the CPU.
+//! Runs on CUDA when available, else on the CPU. Prints the wall time of each `generate` call
+//! (prompt encoding, denoising loop and VAE decode, synchronised) and, on CUDA, the caching
+//! allocator's peak (PyTorch's `torch.cuda.max_memory_allocated()`); `--warmup` runs one generation
+//! first so that the timed one excludes kernel selection.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use sdxl_model::pipeline::{grid_column, grid_row, save_png, GenerateOptions, Pipeline};
@@ -35,7 +39,7 @@ fn main() -> anyhow::Result<()> {
     let mut options = GenerateOptions { steps: 30, ..GenerateOptions::default() };
     let (mut model, mut lora, mut lora_scale, mut compare) = (None, None, 1.0f64, false);
     let (mut kind, mut vae_fp32, mut tile, mut out) = (Kind::BFloat16, false, false, PathBuf::from("output.png"));
-    let mut negatives = Vec::new();
+    let (mut negatives, mut warmup) = (Vec::new(), false);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         match flag.as_str() {
@@ -53,6 +57,7 @@ fn main() -> anyhow::Result<()> {
             "--compare" => compare = true,
             "--vae_fp32" => vae_fp32 = true,
             "--tile" => tile = true,
+            "--warmup" => warmup = true,
             "--out" => out = PathBuf::from(value(&mut args, &flag)?),
             "--kind" => {
                 kind = match value(&mut args, &flag)?.as_str() {
@@ -88,7 +93,34 @@ fn main() -> anyhow::Result<()> {
     if tile {
         pipe.set_vae_tiling(Some(VaeTiling::default()))?;
     }
-    let base = compare.then(|| pipe.generate(&options)).transpose()?;
+    let timed = |pipe: &Pipeline, what: &str| -> anyhow::Result<sdxl_model::pipeline::Images> {
+        let sync = || {
+            if let Device::Cuda(i) = device {
+                tch::Cuda::synchronize(i as i64);
+            }
+        };
+        sync();
+        torch_cuda::reset_peak_memory_stats(0);
+        let start = Instant::now();
+        let images = pipe.generate(&options)?;
+        sync();
+        let seconds = start.elapsed().as_secs_f64();
+        let peak = torch_cuda::memory_stats(0).map(|s| format!(", peak {:.2} GiB allocated", s.peak_allocated_gib()));
+        println!(
+            "{what}: {} image(s) {}x{} px, {} {} steps, {kind:?}: {seconds:.3} s{}",
+            images.len(),
+            options.width,
+            options.height,
+            options.scheduler.short_name(),
+            options.steps,
+            peak.unwrap_or_default()
+        );
+        Ok(images)
+    };
+    if warmup {
+        timed(&pipe, "warm-up")?;
+    }
+    let base = compare.then(|| timed(&pipe, "base")).transpose()?;
     if let Some(path) = &lora {
         let names = pipe.lora_module_names();
         let file = lora::format::read(path, lora::format::ReadOptions { module_names: Some(&names), block_renames: None })
@@ -97,7 +129,7 @@ fn main() -> anyhow::Result<()> {
         pipe.set_lora_multiplier("lora", lora_scale)?;
         println!("{}: {:?} LoRA on {layers} layers, scale {lora_scale}", path.display(), file.format);
     }
-    let images = pipe.generate(&options)?;
+    let images = timed(&pipe, if lora.is_some() { "with LoRA" } else { "generate" })?;
     match base {
         Some(base) => {
             let rows = (0..images.len())
