@@ -6,7 +6,7 @@ random weights (the fixture generator's `perturb`), writes them in the diffusers
 (default /tmp/sdxl-ref) together with golden inputs and outputs, and times the reference implementation.
 Our binaries then load the very same files and compare (see docs/GPU.md).
 
-    python3 tools/gpu/reference_sdxl.py [--out /tmp/sdxl-ref] [--parts unet vae text]
+    python3 tools/gpu/reference_sdxl.py [--out /tmp/sdxl-ref] [--parts unet vae text pipeline]
 
 Needs diffusers (carried as a wheel; docs/GPU.md) and a CUDA device.
 """
@@ -170,17 +170,51 @@ def text_part(out: Path, results: dict) -> None:
     save_io(io, out / "text-io.safetensors")
 
 
+def pipeline_part(out: Path, results: dict) -> None:
+    """diffusers' StableDiffusionXLPipeline on the folders the other parts wrote: one 1024x1024 image,
+    30 Euler steps (SDXL scheduler config), guidance 5, bf16, no VAE upcast (bf16 is not upcast). The
+    prompt is given as embeddings (no tokenizer here; the text encoders' cost is milliseconds). Ours:
+    `cargo run --release --example generate -- --model OUT --prompt "a cat" --steps 30 --kind bf16 --warmup`."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from generate import SDXL_SCHEDULER_CONFIG  # noqa: E402
+
+    dtype = torch.bfloat16
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL.from_pretrained(out / "vae", torch_dtype=dtype),
+        text_encoder=CLIPTextModel.from_pretrained(out / "text_encoder", dtype=dtype),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(out / "text_encoder_2", dtype=dtype),
+        tokenizer=None, tokenizer_2=None,
+        unet=UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=dtype),
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(4)
+    embeds = torch.randn(1, 77, 2048, generator=gen).to("cuda", dtype)
+    pooled = torch.randn(1, 1280, generator=gen).to("cuda", dtype)
+
+    def run():
+        with torch.no_grad():
+            return pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=1024, width=1024,
+                        num_inference_steps=30, guidance_scale=5.0, output_type="pt").images
+
+    results["pipeline_1024_30_steps_bf16_s"] = round(cuda_time(run, warmup=1, iters=2), 3)
+    results["pipeline_1024_30_steps_bf16_peak_gib"] = round(peak_gib(run), 2)
+    del pipe
+    torch.cuda.empty_cache()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("/tmp/sdxl-ref"))
-    parser.add_argument("--parts", nargs="*", default=["unet", "vae", "text"], choices=["unet", "vae", "text"])
+    parser.add_argument("--parts", nargs="*", default=["unet", "vae", "text"], choices=["unet", "vae", "text", "pipeline"],
+                        help="pipeline reads the folders unet, vae and text write: run it after them")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("reference_sdxl.py needs a CUDA device", file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    parts = {"unet": unet_part, "vae": vae_part, "text": text_part}
+    parts = {"unet": unet_part, "vae": vae_part, "text": text_part, "pipeline": pipeline_part}
     for part in args.parts:
         t0 = time.time()
         parts[part](args.out, results)
