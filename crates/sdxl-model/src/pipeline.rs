@@ -72,7 +72,10 @@ pub struct GenerateOptions {
     /// Images per prompt, generated in one batch.
     pub images_per_prompt: i64,
     /// Seeds libtorch's default CPU generator before the initial noise and any ancestral noise is
-    /// drawn; `torch.Generator().manual_seed(seed)` in diffusers draws the same initial latents.
+    /// drawn; `torch.Generator().manual_seed(seed)` in diffusers draws the same initial latents (and,
+    /// on the CPU, the same ancestral noise). That generator is process-wide: draws from other threads
+    /// during a run change its noise, so concurrent callers pass [`Self::initial_noise`] and use a
+    /// deterministic scheduler.
     pub seed: u64,
     /// The sampler.
     pub scheduler: SchedulerKind,

@@ -5,8 +5,10 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
 
 use sdxl_model::pipeline::{grid_row, GenerateOptions, Pipeline};
+use sdxl_model::schedulers::SchedulerKind;
 use sdxl_model::vae::Upcast;
 use sdxl_model::weights::TensorFile;
 use sdxl_model::Error;
@@ -16,6 +18,14 @@ fn fixtures() -> PathBuf {
     std::env::var_os("SDXL_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
+}
+
+/// Seeded runs draw from libtorch's process-wide generator: tests that run models hold this lock so
+/// that another test thread's draws do not interleave with theirs.
+static GLOBAL_GENERATOR: Mutex<()> = Mutex::new(());
+
+fn exclusive() -> MutexGuard<'static, ()> {
+    GLOBAL_GENERATOR.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn pipeline() -> Pipeline {
@@ -57,6 +67,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn tiny_pipeline_latents_and_images_match_diffusers_and_write_a_png() {
+    let _generator = exclusive();
     let (case, io) = case();
     let pipe = pipeline();
     let options = options_of(&case);
@@ -94,7 +105,25 @@ fn tiny_pipeline_latents_and_images_match_diffusers_and_write_a_png() {
 }
 
 #[test]
+fn seeded_ancestral_run_with_negatives_and_two_images_per_prompt_matches_diffusers() {
+    let _generator = exclusive();
+    let (case, io) = case();
+    let negatives = case["ancestral_negative_prompts"].as_array().unwrap();
+    let options = GenerateOptions {
+        negative_prompts: Some(negatives.iter().map(|p| p.as_str().unwrap().to_owned()).collect()),
+        images_per_prompt: 2,
+        scheduler: SchedulerKind::EulerAncestralDiscrete,
+        ..options_of(&case)
+    };
+    let latents = pipeline().latents(&options).unwrap();
+    let error = rel(&latents, &io.tensor("ancestral_latents", Device::Cpu, None).unwrap());
+    println!("seeded Euler ancestral latents: max relative error vs diffusers {error:.2e}");
+    assert!(error <= 1e-4, "latents differ from diffusers by {error:e}");
+}
+
+#[test]
 fn guidance_and_negatives_change_the_latents_and_bad_settings_are_named() {
+    let _generator = exclusive();
     let (case, _) = case();
     let pipe = pipeline();
     let quick = || GenerateOptions { steps: 2, ..options_of(&case) };
@@ -116,6 +145,7 @@ fn guidance_and_negatives_change_the_latents_and_bad_settings_are_named() {
 
 #[test]
 fn lora_changes_the_output_and_scale_zero_equals_off() {
+    let _generator = exclusive();
     let (case, _) = case();
     let mut pipe = pipeline();
     let quick = || GenerateOptions { steps: 2, ..options_of(&case) };
