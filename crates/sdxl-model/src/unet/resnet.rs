@@ -56,7 +56,7 @@ impl ResnetBlock2D {
         h = h.silu();
         h = h.apply(&self.conv1);
         let t = self.time_emb_proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
-        h = h + t;
+        h = &h + &t; // out of place, as before; `+=` would be libtorch's in-place add_
         h = h.apply(&self.norm2);
         h = h.silu();
         h = h.apply(&self.conv2);
