@@ -122,6 +122,18 @@ fn seeded_ancestral_run_with_negatives_and_two_images_per_prompt_matches_diffuse
 }
 
 #[test]
+fn another_aspect_ratio_matches_diffusers() {
+    let _generator = exclusive();
+    let (case, io) = case();
+    let noise = io.tensor("wide_noise", Device::Cpu, None).unwrap();
+    let options = GenerateOptions { height: 48, width: 64, initial_noise: Some(noise), ..options_of(&case) };
+    let latents = pipeline().latents(&options).unwrap();
+    let error = rel(&latents, &io.tensor("wide_latents", Device::Cpu, None).unwrap());
+    println!("48x64 latents: max relative error vs diffusers {error:.2e}");
+    assert!(error <= 1e-4, "latents differ from diffusers by {error:e}");
+}
+
+#[test]
 fn guidance_and_negatives_change_the_latents_and_bad_settings_are_named() {
     let _generator = exclusive();
     let (case, _) = case();
