@@ -10,6 +10,7 @@
 
 pub mod attention;
 pub mod clip;
+mod config_file;
 mod error;
 mod mapped_load;
 pub mod pipeline;

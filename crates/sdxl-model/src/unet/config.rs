@@ -241,10 +241,7 @@ impl UNetConfig {
     /// [`Error::Io`] / [`Error::ConfigJson`] when the file cannot be read or parsed,
     /// [`Error::InvalidConfig`] naming the key when a value is unsupported.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-        let json: UNetConfigJson =
-            serde_json::from_str(&text).map_err(|source| Error::ConfigJson { path: path.to_path_buf(), source })?;
+        let json: UNetConfigJson = crate::config_file::read_config_json(path.as_ref())?;
         Self::from_json(&json)
     }
 

@@ -135,10 +135,7 @@ impl AutoencoderKLConfig {
     /// # Errors
     /// [`Error::Io`], [`Error::ConfigJson`], or [`Error::InvalidConfig`] from [`Self::validate`].
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
-        let config: Self =
-            serde_json::from_str(&text).map_err(|source| Error::ConfigJson { path: path.into(), source })?;
+        let config: Self = crate::config_file::read_config_json(path.as_ref())?;
         config.validate()?;
         Ok(config)
     }
