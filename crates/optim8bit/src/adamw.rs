@@ -25,6 +25,11 @@
 //! sequence of tensor operations over those buffers, not one per parameter. The step count, the
 //! learning rates and the bias corrections live on the device and nothing is read back to the host,
 //! so a step can be captured in a CUDA graph.
+//!
+//! [`AdamW::step_if`] takes the decision whether to step as a device tensor: the update is computed
+//! as always and every write-back (parameters, codes, absmax, fp32 moments) and the step count go
+//! through `where(apply, new, old)`, so a skipped step leaves everything bit-identical without a
+//! host-side branch on tensor contents.
 
 use tch::{Device, Kind, Tensor};
 
@@ -397,11 +402,46 @@ impl AdamW {
     /// (bitsandbytes counts per parameter; the two differ only for parameters that go without a
     /// gradient on some steps).
     pub fn step(&mut self) -> Result<()> {
-        tch::no_grad(|| self.step_inner())
+        tch::no_grad(|| self.step_inner(None))
     }
 
-    fn step_inner(&mut self) -> Result<()> {
-        let _ = self.step.f_add_scalar_(1.0)?;
+    /// [`step`](Self::step) if `apply` holds, decided on the device: `apply` is a 0-dim bool (or
+    /// 0/1 number; nonzero means apply) on the optimizer's device, typically
+    /// `loss.isfinite().logical_and(&grad_norm.isfinite())`.
+    ///
+    /// When `apply` is true the result is bit-identical to [`step`](Self::step); when false every
+    /// parameter, every state (8-bit codes and their padding, absmax, fp32 moments) and the step
+    /// count keep their exact values. Nothing is read back to the host, so the call can be
+    /// captured in a CUDA graph; it costs the full update plus one `where` per written tensor
+    /// whichever way it goes.
+    pub fn step_if(&mut self, apply: &Tensor) -> Result<()> {
+        // Shape, element type and device are metadata: checking them does not synchronise.
+        let real = !matches!(apply.kind(), Kind::ComplexHalf | Kind::ComplexFloat | Kind::ComplexDouble);
+        if !apply.defined() || apply.dim() != 0 || !real || apply.device() != self.device {
+            return Err(Error::StepCondition {
+                shape: if apply.defined() { apply.size() } else { Vec::new() },
+                kind: if apply.defined() { apply.kind() } else { Kind::Bool },
+                device: if apply.defined() { apply.device() } else { self.device },
+                expected: self.device,
+            });
+        }
+        tch::no_grad(|| {
+            let apply = apply.f_to_kind(Kind::Bool)?;
+            self.step_inner(Some(&apply))
+        })
+    }
+
+    /// One step; with a `gate` (0-dim bool on the device) every write-back keeps the old value
+    /// where the gate is false, and the step count advances by the gate.
+    fn step_inner(&mut self, gate: Option<&Tensor>) -> Result<()> {
+        match gate {
+            Some(apply) => {
+                let _ = self.step.f_add_(&apply.f_to_kind(Kind::Double)?)?;
+            }
+            None => {
+                let _ = self.step.f_add_scalar_(1.0)?;
+            }
+        }
         let (beta1, beta2, eps) = (self.config.beta1, self.config.beta2, self.config.eps);
         // Bias corrections in float64 on the device: 1 − β₁ᵗ and √(1 − β₂ᵗ).
         let correction1 = Tensor::f_pow_scalar(beta1, &self.step)?.f_neg()?.f_add_scalar(1.0)?;
@@ -420,7 +460,7 @@ impl AdamW {
             let decay = (group.weight_decay > 0.0)
                 .then(|| group.lr.f_mul_scalar(group.weight_decay)?.f_neg()?.f_add_scalar(1.0)?.f_to_kind(Kind::Float))
                 .transpose()?;
-            let update = Update { step_size: &step_size, decay: decay.as_ref(), constants: &constants };
+            let update = Update { step_size: &step_size, decay: decay.as_ref(), constants: &constants, gate };
             // Whether a parameter has a gradient is host-side metadata, not a tensor value.
             if group.slots.iter().all(|slot| slot.param.grad().defined()) {
                 for flat in [&group.flat_8bit, &group.flat_fp32].into_iter().flatten() {
@@ -546,16 +586,17 @@ impl AdamW {
         let v = v.f_where_scalarother(&finite, 0.0)?;
         let m = m.f_where_scalarother(&finite, 0.0)?;
         // 3.–4. Parameter step and weight decay, only where the gradient was finite.
-        let stepped = adam_step(param, &m, &v, update)?.f_where_self(&finite, param)?;
+        let stepped = update.gated(adam_step(param, &m, &v, update)?.f_where_self(&finite, param)?, param)?;
         // 5. New absmax and nearest codes.
         let new_m_absmax = m.f_abs()?.f_amax([1i64].as_slice(), false)?;
         let new_v_absmax = v.f_abs()?.f_amax([1i64].as_slice(), false)?;
         let new_m_codes = self.signed_map.quantize_normalized(&normalize(&m, &new_m_absmax)?)?;
         let new_v_codes = self.unsigned_map.quantize_normalized(&normalize(&v, &new_v_absmax)?)?;
-        assign(&m_codes.f_view([blocks, BLOCK_SIZE])?, &new_m_codes)?;
-        assign(&v_codes.f_view([blocks, BLOCK_SIZE])?, &new_v_codes)?;
-        assign(m_absmax, &new_m_absmax)?;
-        assign(v_absmax, &new_v_absmax)?;
+        let (m_codes, v_codes) = (m_codes.f_view([blocks, BLOCK_SIZE])?, v_codes.f_view([blocks, BLOCK_SIZE])?);
+        assign(&m_codes, &update.gated(new_m_codes, &m_codes)?)?;
+        assign(&v_codes, &update.gated(new_v_codes, &v_codes)?)?;
+        assign(m_absmax, &update.gated(new_m_absmax, m_absmax)?)?;
+        assign(v_absmax, &update.gated(new_v_absmax, v_absmax)?)?;
         Ok(stepped)
     }
 }
@@ -577,6 +618,19 @@ struct Update<'a> {
     /// 1 − lr·wd, 0-dim float32, when the group decays.
     decay: Option<&'a Tensor>,
     constants: &'a Constants,
+    /// For [`AdamW::step_if`]: 0-dim bool on the device, whether the results are written back.
+    gate: Option<&'a Tensor>,
+}
+
+impl Update<'_> {
+    /// `new` where the step applies and `old` where it is skipped. An unconditional step returns
+    /// `new` without adding an operation.
+    fn gated(&self, new: Tensor, old: &Tensor) -> Result<Tensor> {
+        Ok(match self.gate {
+            Some(apply) => new.f_where_self(apply, old)?,
+            None => new,
+        })
+    }
 }
 
 /// `p + step_size · m / (√v + ε̂)`, then the decoupled weight decay.
@@ -600,9 +654,11 @@ fn write_param(slot: &Slot, updated: &Tensor, offset: i64) -> Result<()> {
 /// kernel; updates `m` and `v` in place and returns the stepped parameters.
 fn update_full(grad: &Tensor, param: &Tensor, m: &Tensor, v: &Tensor, update: &Update) -> Result<Tensor> {
     let c = update.constants;
-    assign(m, &m.f_mul_scalar(c.beta1)?.f_add(&grad.f_mul_scalar(c.one_minus_beta1)?)?)?;
-    assign(v, &v.f_mul_scalar(c.beta2)?.f_add(&grad.f_mul(grad)?.f_mul_scalar(c.one_minus_beta2)?)?)?;
-    adam_step(param, m, v, update)
+    let new_m = m.f_mul_scalar(c.beta1)?.f_add(&grad.f_mul_scalar(c.one_minus_beta1)?)?;
+    let new_v = v.f_mul_scalar(c.beta2)?.f_add(&grad.f_mul(grad)?.f_mul_scalar(c.one_minus_beta2)?)?;
+    assign(m, &update.gated(new_m, m)?)?;
+    assign(v, &update.gated(new_v, v)?)?;
+    update.gated(adam_step(param, m, v, update)?, param)
 }
 
 /// Copies `src` into the storage `dst` shares with the optimizer's tensors.
@@ -770,6 +826,165 @@ mod tests {
             }
             assert_eq!(values(&idle), vec![0.0; 8]);
         }
+    }
+
+    /// Bit patterns, so that a comparison also tells −0.0 from 0.0 and NaN payloads apart.
+    fn bits(t: &Tensor) -> Tensor {
+        match t.kind() {
+            Kind::Float => t.contiguous().view_dtype(Kind::Int),
+            Kind::Double => t.contiguous().view_dtype(Kind::Int64),
+            _ => t.shallow_clone(),
+        }
+    }
+
+    fn assert_same_bits(a: &[Tensor], b: &[Tensor], what: &str) {
+        assert_eq!(a.len(), b.len());
+        for (i, (a, b)) in a.iter().zip(b).enumerate() {
+            assert!(a.kind() == b.kind() && bits(a).equal(&bits(b)), "{what}: tensor {i} differs");
+        }
+    }
+
+    /// Every tensor a step can write besides the parameters: the step count and the flat state
+    /// buffers, padding included (the slots' moments are views into them).
+    fn states(opt: &AdamW) -> Vec<Tensor> {
+        let mut all = vec![opt.step.copy()];
+        for flat in opt.groups.iter().flat_map(|g| [&g.flat_8bit, &g.flat_fp32]).flatten() {
+            match &flat.moments {
+                Moments::Blockwise { m_codes, v_codes, m_absmax, v_absmax } => {
+                    all.extend([m_codes, v_codes, m_absmax, v_absmax].map(Tensor::copy))
+                }
+                Moments::Full { m, v } => all.extend([m, v].map(Tensor::copy)),
+            }
+        }
+        all
+    }
+
+    /// An optimizer over fresh copies of `initial`: group 0 (with weight decay) takes the first
+    /// two, group 1 the rest plus a parameter that never gets a gradient, which sends group 1
+    /// down the per-parameter path.
+    fn gated_problem(initial: &[Tensor], config: AdamWConfig) -> (Vec<Tensor>, AdamW) {
+        let params: Vec<Tensor> = initial.iter().map(|t| t.copy().set_requires_grad(true)).collect();
+        let idle = Tensor::zeros([8], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let mut rest: Vec<Tensor> = params[2..].iter().map(Tensor::shallow_clone).collect();
+        rest.push(idle);
+        let groups = vec![
+            ParamGroup::new(params[..2].iter().map(Tensor::shallow_clone).collect(), 1e-2, 1e-2),
+            ParamGroup::new(rest, 3e-3, 0.0),
+        ];
+        (params, AdamW::new(groups, config).unwrap())
+    }
+
+    /// Smaller than a block, a ragged last block (two of them in one chunk), whole blocks.
+    const GATED_SHAPES: [&[i64]; 4] = [&[100], &[5000], &[2, 256], &[30, 7]];
+
+    /// 8-bit states everywhere, the default mix (8-bit from 4096 elements), fp32 everywhere.
+    fn gated_configs() -> [AdamWConfig; 3] {
+        [AdamWConfig { min_8bit_size: 0, ..AdamWConfig::eight_bit() }, AdamWConfig::eight_bit(), AdamWConfig::fp32()]
+    }
+
+    fn random_grads(steps: usize) -> Vec<Vec<Tensor>> {
+        (0..steps).map(|_| GATED_SHAPES.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu)) * 0.1).collect()).collect()
+    }
+
+    fn set_grads(params: &[Tensor], grads: &[Tensor]) {
+        for (p, g) in params.iter().zip(grads) {
+            set_grad(p, g);
+        }
+    }
+
+    #[test]
+    fn step_if_true_equals_step_bit_for_bit() {
+        for config in gated_configs() {
+            tch::manual_seed(21);
+            let initial: Vec<Tensor> = GATED_SHAPES.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu))).collect();
+            let (plain, mut plain_opt) = gated_problem(&initial, config);
+            let (gated, mut gated_opt) = gated_problem(&initial, config);
+            for (step, grads) in random_grads(4).iter().enumerate() {
+                set_grads(&plain, grads);
+                set_grads(&gated, grads);
+                plain_opt.step().unwrap();
+                // A bool condition and a 0/1 float one.
+                let apply = if step % 2 == 0 { Tensor::from(true) } else { Tensor::from(1.0f32) };
+                gated_opt.step_if(&apply).unwrap();
+                let what = format!("{:?} min_8bit_size {} step {step}", config.precision, config.min_8bit_size);
+                assert_same_bits(&plain, &gated, &format!("{what}: parameters"));
+                assert_same_bits(&states(&plain_opt), &states(&gated_opt), &format!("{what}: states"));
+            }
+            assert_eq!(gated_opt.step_count().double_value(&[]), 4.0);
+        }
+    }
+
+    #[test]
+    fn step_if_false_changes_nothing_and_the_run_continues_as_if_it_never_happened() {
+        for config in gated_configs() {
+            tch::manual_seed(22);
+            let initial: Vec<Tensor> = GATED_SHAPES.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu))).collect();
+            let grads = random_grads(4);
+            let skipped = random_grads(3);
+            let (reference, mut reference_opt) = gated_problem(&initial, config);
+            let (gated, mut gated_opt) = gated_problem(&initial, config);
+            for (step, grads) in grads.iter().enumerate() {
+                set_grads(&reference, grads);
+                reference_opt.step().unwrap();
+                // Skipped calls before the first step (step count 0: the bias corrections divide
+                // by zero, which must not leak through) and between later ones.
+                if step < skipped.len() {
+                    set_grads(&gated, &skipped[step]);
+                    let (params_before, states_before) = (gated.iter().map(Tensor::copy).collect::<Vec<_>>(), states(&gated_opt));
+                    let skip = if step == 1 { Tensor::from(0.0f32) } else { Tensor::from(false) };
+                    gated_opt.step_if(&skip).unwrap();
+                    let what = format!("{:?} min_8bit_size {} skip {step}", config.precision, config.min_8bit_size);
+                    assert_same_bits(&params_before, &gated, &format!("{what}: parameters"));
+                    assert_same_bits(&states_before, &states(&gated_opt), &format!("{what}: states"));
+                }
+                set_grads(&gated, grads);
+                gated_opt.step_if(&Tensor::from(true)).unwrap();
+            }
+            let what = format!("{:?} min_8bit_size {}", config.precision, config.min_8bit_size);
+            assert_same_bits(&reference, &gated, &format!("{what}: parameters after the run"));
+            assert_same_bits(&states(&reference_opt), &states(&gated_opt), &format!("{what}: states after the run"));
+        }
+    }
+
+    #[test]
+    fn a_nan_gradient_gated_by_the_clipped_norm_changes_nothing() {
+        for config in gated_configs() {
+            tch::manual_seed(23);
+            let initial: Vec<Tensor> = GATED_SHAPES.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu))).collect();
+            let (params, mut opt) = gated_problem(&initial, config);
+            let clipped_step = |opt: &mut AdamW| {
+                let norm = crate::clip_grad_norm(&params, 1.0).unwrap();
+                opt.step_if(&norm.isfinite()).unwrap();
+            };
+            let good = random_grads(2);
+            set_grads(&params, &good[0]);
+            clipped_step(&mut opt);
+            let bad = random_grads(1).remove(0);
+            let _ = bad[2].get(1).get(17).fill_(f64::NAN);
+            set_grads(&params, &bad);
+            let (params_before, states_before) = (params.iter().map(Tensor::copy).collect::<Vec<_>>(), states(&opt));
+            clipped_step(&mut opt);
+            let what = format!("{:?} min_8bit_size {}", config.precision, config.min_8bit_size);
+            assert_same_bits(&params_before, &params, &format!("{what}: parameters"));
+            assert_same_bits(&states_before, &states(&opt), &format!("{what}: states"));
+            // The next finite step goes through.
+            set_grads(&params, &good[1]);
+            clipped_step(&mut opt);
+            assert_eq!(opt.step_count().double_value(&[]), 2.0);
+            assert!(!params[0].equal(&params_before[0]));
+        }
+    }
+
+    #[test]
+    fn step_if_refuses_a_condition_that_is_not_a_scalar() {
+        let p = param(&[1.0, 2.0]);
+        let mut opt = AdamW::new(vec![ParamGroup::new(vec![p.shallow_clone()], 0.1, 0.0)], AdamWConfig::fp32()).unwrap();
+        set_grad(&p, &Tensor::from_slice(&[1.0f32, 1.0]));
+        let err = opt.step_if(&Tensor::from_slice(&[true])).unwrap_err();
+        assert!(matches!(&err, Error::StepCondition { shape, .. } if shape == &[1]), "{err}");
+        assert!(err.to_string().contains("0-dim"), "{err}");
+        assert_eq!(values(&p), vec![1.0, 2.0]);
+        assert_eq!(opt.step_count().double_value(&[]), 0.0);
     }
 
     #[test]

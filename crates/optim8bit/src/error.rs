@@ -40,6 +40,22 @@ pub enum Error {
         groups: usize,
     },
 
+    /// A condition for [`crate::AdamW::step_if`] that is not a 0-dim real tensor on the
+    /// optimizer's device.
+    #[error(
+        "step_if: the condition must be a 0-dim bool or 0/1 float tensor on {expected:?}, got {kind:?} of shape {shape:?} on {device:?}"
+    )]
+    StepCondition {
+        /// The condition's shape.
+        shape: Vec<i64>,
+        /// The condition's element type.
+        kind: tch::Kind,
+        /// Where the condition lives.
+        device: tch::Device,
+        /// Where the optimizer's parameters and states live.
+        expected: tch::Device,
+    },
+
     /// Tensors whose shapes do not fit together.
     #[error("shape mismatch: {0}")]
     Shape(String),

@@ -19,13 +19,39 @@
 //! assert!(w.mean(None).double_value(&[]) > 0.0);
 //! # Ok::<(), optim8bit::Error>(())
 //! ```
+//!
+//! # Skipping a step on the device
+//!
+//! A training step whose loss or gradients are NaN or infinite must not reach the weights, but
+//! asking "is it finite?" on the host waits for the device and cannot sit inside a captured CUDA
+//! graph. So the decision stays a tensor: [`clip_grad_norm`] returns the gradients' global norm
+//! on the device (non-finite if any gradient is), and [`AdamW::step_if`] applies the step only
+//! where that tensor says so, leaving parameters, states and the step count bit-identical
+//! otherwise. The host reads the outcome later, when it reads the loss for logging anyway.
+//!
+//! ```
+//! use optim8bit::{AdamW, AdamWConfig, ParamGroup, clip_grad_norm};
+//! use tch::{Kind, Tensor};
+//!
+//! let w = Tensor::ones([300], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+//! let mut opt = AdamW::new(vec![ParamGroup::new(vec![w.shallow_clone()], 1e-3, 0.0)], AdamWConfig::fp32())?;
+//! let loss = (&w * f64::NAN).sum(Kind::Float);
+//! loss.backward();
+//! let norm = clip_grad_norm(&[w.shallow_clone()], 1.0)?;
+//! opt.step_if(&loss.isfinite().logical_and(&norm.isfinite()))?;
+//! assert_eq!(w.sum(Kind::Float).double_value(&[]), 300.0); // skipped: nothing moved
+//! assert_eq!(opt.step_count().double_value(&[]), 0.0);
+//! # Ok::<(), optim8bit::Error>(())
+//! ```
 
 #![warn(missing_docs)]
 
 mod adamw;
+mod clip;
 mod error;
 pub mod quantize;
 mod state_file;
 
 pub use adamw::{AdamW, AdamWConfig, ParamGroup, StatePrecision};
+pub use clip::clip_grad_norm;
 pub use error::{Error, Result};
