@@ -6,6 +6,15 @@ pub enum Error {
     /// libtorch reported an error.
     #[error(transparent)]
     Torch(#[from] tch::TchError),
+
+    /// A training option with a value the trainer cannot use.
+    #[error("{option}: {problem}")]
+    InvalidOption {
+        /// The command-line flag, e.g. `--lr_warmup_steps`.
+        option: &'static str,
+        /// What is wrong with its value.
+        problem: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

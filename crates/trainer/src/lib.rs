@@ -6,5 +6,6 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod lr_scheduler;
 
 pub use error::{Error, Result};
