@@ -15,6 +15,26 @@ pub enum Error {
         /// What is wrong with its value.
         problem: String,
     },
+
+    /// Reading or writing a log file (TensorBoard events, metrics, plots) failed.
+    #[error("{}: {source}", path.display())]
+    LogIo {
+        /// The file or folder.
+        path: std::path::PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+
+    /// A line of a JSON-lines metrics log that is not JSON, or a record that does not serialise.
+    #[error("{}: line {line}: {source}", path.display())]
+    MetricsJson {
+        /// The metrics log.
+        path: std::path::PathBuf,
+        /// The 1-based line number (for a record being written: the line it would have had).
+        line: usize,
+        /// What serde_json said.
+        source: serde_json::Error,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod logs;
 pub mod lr_scheduler;
 
 pub use error::{Error, Result};
