@@ -859,12 +859,21 @@ mod tests {
         all
     }
 
-    /// An optimizer over fresh copies of `initial`: group 0 (with weight decay) takes the first
-    /// two, group 1 the rest plus a parameter that never gets a gradient, which sends group 1
-    /// down the per-parameter path.
-    fn gated_problem(initial: &[Tensor], config: AdamWConfig) -> (Vec<Tensor>, AdamW) {
-        let params: Vec<Tensor> = initial.iter().map(|t| t.copy().set_requires_grad(true)).collect();
-        let idle = Tensor::zeros([8], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    /// The CPU, and CUDA when there is one (the GPU run checks the gated step there too).
+    fn test_devices() -> Vec<Device> {
+        let mut devices = vec![Device::Cpu];
+        if tch::Cuda::is_available() {
+            devices.push(Device::Cuda(0));
+        }
+        devices
+    }
+
+    /// An optimizer over fresh copies of `initial` on `device`: group 0 (with weight decay) takes
+    /// the first two, group 1 the rest plus a parameter that never gets a gradient, which sends
+    /// group 1 down the per-parameter path.
+    fn gated_problem(initial: &[Tensor], config: AdamWConfig, device: Device) -> (Vec<Tensor>, AdamW) {
+        let params: Vec<Tensor> = initial.iter().map(|t| t.to_device(device).copy().set_requires_grad(true)).collect();
+        let idle = Tensor::zeros([8], (Kind::Float, device)).set_requires_grad(true);
         let mut rest: Vec<Tensor> = params[2..].iter().map(Tensor::shallow_clone).collect();
         rest.push(idle);
         let groups = vec![
@@ -888,25 +897,25 @@ mod tests {
 
     fn set_grads(params: &[Tensor], grads: &[Tensor]) {
         for (p, g) in params.iter().zip(grads) {
-            set_grad(p, g);
+            set_grad(p, &g.to_device(p.device()));
         }
     }
 
     #[test]
     fn step_if_true_equals_step_bit_for_bit() {
-        for config in gated_configs() {
+        for (device, config) in test_devices().into_iter().flat_map(|d| gated_configs().map(|c| (d, c))) {
             tch::manual_seed(21);
             let initial: Vec<Tensor> = GATED_SHAPES.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu))).collect();
-            let (plain, mut plain_opt) = gated_problem(&initial, config);
-            let (gated, mut gated_opt) = gated_problem(&initial, config);
+            let (plain, mut plain_opt) = gated_problem(&initial, config, device);
+            let (gated, mut gated_opt) = gated_problem(&initial, config, device);
             for (step, grads) in random_grads(4).iter().enumerate() {
                 set_grads(&plain, grads);
                 set_grads(&gated, grads);
                 plain_opt.step().unwrap();
                 // A bool condition and a 0/1 float one.
-                let apply = if step % 2 == 0 { Tensor::from(true) } else { Tensor::from(1.0f32) };
+                let apply = if step % 2 == 0 { Tensor::from(true) } else { Tensor::from(1.0f32) }.to_device(device);
                 gated_opt.step_if(&apply).unwrap();
-                let what = format!("{:?} min_8bit_size {} step {step}", config.precision, config.min_8bit_size);
+                let what = format!("{device:?} {:?} min_8bit_size {} step {step}", config.precision, config.min_8bit_size);
                 assert_same_bits(&plain, &gated, &format!("{what}: parameters"));
                 assert_same_bits(&states(&plain_opt), &states(&gated_opt), &format!("{what}: states"));
             }
@@ -916,13 +925,13 @@ mod tests {
 
     #[test]
     fn step_if_false_changes_nothing_and_the_run_continues_as_if_it_never_happened() {
-        for config in gated_configs() {
+        for (device, config) in test_devices().into_iter().flat_map(|d| gated_configs().map(|c| (d, c))) {
             tch::manual_seed(22);
             let initial: Vec<Tensor> = GATED_SHAPES.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu))).collect();
             let grads = random_grads(4);
             let skipped = random_grads(3);
-            let (reference, mut reference_opt) = gated_problem(&initial, config);
-            let (gated, mut gated_opt) = gated_problem(&initial, config);
+            let (reference, mut reference_opt) = gated_problem(&initial, config, device);
+            let (gated, mut gated_opt) = gated_problem(&initial, config, device);
             for (step, grads) in grads.iter().enumerate() {
                 set_grads(&reference, grads);
                 reference_opt.step().unwrap();
@@ -931,16 +940,16 @@ mod tests {
                 if step < skipped.len() {
                     set_grads(&gated, &skipped[step]);
                     let (params_before, states_before) = (gated.iter().map(Tensor::copy).collect::<Vec<_>>(), states(&gated_opt));
-                    let skip = if step == 1 { Tensor::from(0.0f32) } else { Tensor::from(false) };
+                    let skip = if step == 1 { Tensor::from(0.0f32) } else { Tensor::from(false) }.to_device(device);
                     gated_opt.step_if(&skip).unwrap();
-                    let what = format!("{:?} min_8bit_size {} skip {step}", config.precision, config.min_8bit_size);
+                    let what = format!("{device:?} {:?} min_8bit_size {} skip {step}", config.precision, config.min_8bit_size);
                     assert_same_bits(&params_before, &gated, &format!("{what}: parameters"));
                     assert_same_bits(&states_before, &states(&gated_opt), &format!("{what}: states"));
                 }
                 set_grads(&gated, grads);
-                gated_opt.step_if(&Tensor::from(true)).unwrap();
+                gated_opt.step_if(&Tensor::from(true).to_device(device)).unwrap();
             }
-            let what = format!("{:?} min_8bit_size {}", config.precision, config.min_8bit_size);
+            let what = format!("{device:?} {:?} min_8bit_size {}", config.precision, config.min_8bit_size);
             assert_same_bits(&reference, &gated, &format!("{what}: parameters after the run"));
             assert_same_bits(&states(&reference_opt), &states(&gated_opt), &format!("{what}: states after the run"));
         }
@@ -948,10 +957,10 @@ mod tests {
 
     #[test]
     fn a_nan_gradient_gated_by_the_clipped_norm_changes_nothing() {
-        for config in gated_configs() {
+        for (device, config) in test_devices().into_iter().flat_map(|d| gated_configs().map(|c| (d, c))) {
             tch::manual_seed(23);
             let initial: Vec<Tensor> = GATED_SHAPES.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu))).collect();
-            let (params, mut opt) = gated_problem(&initial, config);
+            let (params, mut opt) = gated_problem(&initial, config, device);
             let clipped_step = |opt: &mut AdamW| {
                 let norm = crate::clip_grad_norm(&params, 1.0).unwrap();
                 opt.step_if(&norm.isfinite()).unwrap();
@@ -964,7 +973,7 @@ mod tests {
             set_grads(&params, &bad);
             let (params_before, states_before) = (params.iter().map(Tensor::copy).collect::<Vec<_>>(), states(&opt));
             clipped_step(&mut opt);
-            let what = format!("{:?} min_8bit_size {}", config.precision, config.min_8bit_size);
+            let what = format!("{device:?} {:?} min_8bit_size {}", config.precision, config.min_8bit_size);
             assert_same_bits(&params_before, &params, &format!("{what}: parameters"));
             assert_same_bits(&states_before, &states(&opt), &format!("{what}: states"));
             // The next finite step goes through.
@@ -985,6 +994,12 @@ mod tests {
         assert!(err.to_string().contains("0-dim"), "{err}");
         assert_eq!(values(&p), vec![1.0, 2.0]);
         assert_eq!(opt.step_count().double_value(&[]), 0.0);
+        if tch::Cuda::is_available() {
+            let q = Tensor::ones([2], (Kind::Float, Device::Cuda(0))).set_requires_grad(true);
+            let mut opt = AdamW::new(vec![ParamGroup::new(vec![q], 0.1, 0.0)], AdamWConfig::fp32()).unwrap();
+            let err = opt.step_if(&Tensor::from(true)).unwrap_err();
+            assert!(matches!(err, Error::StepCondition { device: Device::Cpu, expected: Device::Cuda(0), .. }), "{err}");
+        }
     }
 
     #[test]
