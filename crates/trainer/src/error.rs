@@ -35,6 +35,17 @@ pub enum Error {
         /// What serde_json said.
         source: serde_json::Error,
     },
+
+    /// A TensorBoard event file that does not decode: a bad checksum, a truncated record, bad protobuf.
+    #[error("{}: at byte {offset}: {problem}", path.display())]
+    CorruptEventFile {
+        /// The event file.
+        path: std::path::PathBuf,
+        /// Where the bad record starts.
+        offset: u64,
+        /// What is wrong with it.
+        problem: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

@@ -4,8 +4,10 @@
 //! tracker under `output_dir/logs`), plus two files a person can read without TensorBoard.
 
 pub mod jsonl;
+pub mod tensorboard;
 
 pub use jsonl::MetricsLog;
+pub use tensorboard::{EventWriter, Scalar, read_scalars};
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
