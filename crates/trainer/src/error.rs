@@ -46,6 +46,15 @@ pub enum Error {
         /// What is wrong with it.
         problem: String,
     },
+
+    /// A plot that cannot be drawn (no finite points) or written.
+    #[error("{}: {problem}", path.display())]
+    Plot {
+        /// The image file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        problem: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

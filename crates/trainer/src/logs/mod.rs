@@ -4,9 +4,11 @@
 //! tracker under `output_dir/logs`), plus two files a person can read without TensorBoard.
 
 pub mod jsonl;
+pub mod plot;
 pub mod tensorboard;
 
 pub use jsonl::MetricsLog;
+pub use plot::loss_curve_png;
 pub use tensorboard::{EventWriter, Scalar, read_scalars};
 
 use std::io::Write;
