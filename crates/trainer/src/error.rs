@@ -55,6 +55,33 @@ pub enum Error {
         /// What went wrong.
         problem: String,
     },
+
+    /// A file or folder of the checkpoint store could not be read, written, renamed or removed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: std::path::PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+
+    /// A path that cannot serve as a checkpoint or an atomically written file.
+    #[error("{}: {problem}", path.display())]
+    Checkpoint {
+        /// The folder or file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+
+    /// A `--resume_from_checkpoint` value that names no checkpoint.
+    #[error("--resume_from_checkpoint {}: {problem}", path.display())]
+    ResumeFromCheckpoint {
+        /// The path given (or where it was looked for).
+        path: std::path::PathBuf,
+        /// Why it cannot be resumed from.
+        problem: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

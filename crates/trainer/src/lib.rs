@@ -5,6 +5,7 @@
 
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 mod error;
 pub mod logs;
 pub mod lr_scheduler;
