@@ -404,21 +404,26 @@ def time_cuda_graph(run: Run, args, device: torch.device) -> dict:
     # Gradients are None at capture, so the first micro-step's backward writes them and the next ones add:
     # every replay starts from fresh gradients without a zero_grad inside the graph.
     optimizer.zero_grad(set_to_none=True)
+    # Replays allocate nothing, so the allocation peak of a graph is the one its capture reaches (activations
+    # come from the graph's private pool and stay reserved for it afterwards).
+    reset_peak(device)
     with torch.cuda.graph(graph):
         static_loss = manual_optimizer_step(run, args, optimizer, static_latents)
+    torch.cuda.synchronize()
+    memory = memory_figures(device)
     for i in range(args.warmup):
         static_latents.copy_(run.latent_pool[i % pool])
         graph.replay()
 
-    reset_peak(device)
     start = time.perf_counter()
     for i in range(args.steps):
         static_latents.copy_(run.latent_pool[(args.warmup + i) % pool])
         graph.replay()
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    memory["peak_reserved_gib"] = memory_figures(device)["peak_reserved_gib"]
     return {"mode": "cuda graph (whole optimizer step)", "optimizer": label, **step_figures(args, seconds),
-            **memory_figures(device), "last_loss": static_loss.item() / args.accum}
+            **memory, "last_loss": static_loss.item() / args.accum}
 
 
 def step_figures(args, seconds: float) -> dict:
@@ -489,17 +494,20 @@ def write_json(path: Path, results: dict) -> None:
 
 
 def summary_line(args, figures: dict) -> str:
-    mem = figures["peak_allocated_gib"]
+    """The one line a phase prints: configuration, then its figures."""
     split = ""
     if figures.get("micro_fwd_bwd_s") is not None:
-        split = f" (fwd+bwd {figures['micro_fwd_bwd_s']:.4f} s/micro, optimizer part {figures['optimizer_part_s']:.4f} s)"
-    return (f"reference_train: {figures['mode']}, {figures['optimizer']}, "
-            f"{'tiny' if args.tiny else 'SDXL-base'} UNet bf16, LoRA r4 {args.lora_dtype}, "
-            f"{args.resolution} px, batch {args.batch} x accum {args.accum}, "
+        split = (f" (fwd+bwd {figures['micro_fwd_bwd_s']:.4f} s/micro-step, "
+                 f"optimizer part {figures['optimizer_part_s']:.4f} s)")
+    allocated, reserved = figures["peak_allocated_gib"], figures["peak_reserved_gib"]
+    memory = "n/a (cpu)" if allocated is None else f"{allocated:.2f} GiB allocated ({reserved:.2f} reserved)"
+    size = "tiny" if args.tiny else "SDXL-base"
+    return (f"reference_train: {figures['mode']}, {figures['optimizer']}, {size} UNet bf16, "
+            f"LoRA r4 {args.lora_dtype}, {args.resolution} px, batch {args.batch} x accum {args.accum}, "
             f"checkpointing {'on' if args.checkpointing else 'off'}: "
             f"{figures['s_per_optimizer_step']:.4f} s/optimizer step, {figures['s_per_micro_step']:.4f} s/micro-step"
-            f"{split}, {figures['images_per_s']:.2f} images/s, peak "
-            f"{'n/a (cpu)' if mem is None else f'{mem:.2f} GiB'}, loss {figures['last_loss']:.4f}")
+            f"{split}, {figures['images_per_s']:.2f} images/s, peak {memory}, loss {figures['last_loss']:.4f}, "
+            f"max |update| {figures['max_abs_update']:.3g}")
 
 
 def main() -> int:
@@ -551,8 +559,12 @@ def main() -> int:
                 results.setdefault("lora_tensors", len(run.lora_params))
                 results.setdefault("attention_processor", type(next(iter(run.unet.attn_processors.values()))).__name__)
                 resident = resident_gib(device)
+                initial = [p.detach().to("cpu", torch.float32, copy=True) for p in run.lora_params]  # off the GPU
                 figures = measure(run)
                 figures["resident_before_gib"] = resident
+                # Proof that the phase trained: the largest change of a LoRA weight over warm-up and timed steps.
+                figures["max_abs_update"] = max((p.detach().to("cpu", torch.float32) - w).abs().max().item()
+                                                for p, w in zip(run.lora_params, initial))
                 results[name] = figures
                 print(summary_line(args, figures), flush=True)
             except Exception as err:  # keep the other phases' figures and say what failed
