@@ -295,9 +295,89 @@ impl Pipeline {
         Ok(())
     }
 
+    /// The pipeline's UNet and scheduler config, borrowed for a denoising run.
+    pub fn denoiser(&self) -> Denoiser<'_> {
+        Denoiser {
+            unet: &self.unet,
+            scheduler_config: &self.scheduler_config,
+            vae_scale_factor: self.vae.config().downscale_factor(),
+            device: self.device,
+            kind: self.kind,
+        }
+    }
+
+    /// The shape of the initial latents for these options.
+    pub fn latent_shape(&self, options: &GenerateOptions) -> [i64; 4] {
+        self.denoiser().latent_shape(options)
+    }
+
+    /// Runs the denoising loop and returns the final latents (diffusers' `output_type="latent"`).
+    ///
+    /// # Shapes
+    /// `n` prompts, `k` images per prompt → `[n·k, 4, height/8, width/8]` in the pipeline's kind.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSetting`] for a size that is not a multiple of 8, no prompts or a bad batch;
+    /// [`Error::Shape`] for `initial_noise` of another shape or negatives of another count;
+    /// scheduler and model errors.
+    pub fn latents(&self, options: &GenerateOptions) -> Result<Tensor> {
+        self.denoiser().check(options)?;
+        let (positive, negative) = tch::no_grad(|| {
+            self.prompt_encoder.encode_with_negative(&options.prompts, options.negative_prompts.as_deref())
+        })?;
+        self.denoise(&positive, &negative, options)
+    }
+
+    /// The denoising loop on already encoded prompts (`positive` and `negative`: one row per prompt).
+    ///
+    /// # Errors
+    /// As [`Self::latents`].
+    pub fn denoise(&self, positive: &PromptEmbeds, negative: &PromptEmbeds, options: &GenerateOptions) -> Result<Tensor> {
+        self.denoiser().denoise(positive, negative, options)
+    }
+
+    /// Decodes latents into 8-bit images: `latents / scaling_factor` through the VAE (in the VAE's
+    /// weight type, tiled when enabled), then [−1, 1] → [0, 255] rounded.
+    ///
+    /// # Shapes
+    /// `[batch, 4, h, w]` → images `[batch, 3, 8h, 8w]`.
+    ///
+    /// # Errors
+    /// As [`AutoencoderKL::decode`].
+    pub fn decode(&self, latents: &Tensor) -> Result<Images> {
+        decode_images(&self.vae, latents)
+    }
+
+    /// Prompts to images: [`Self::latents`] then [`Self::decode`].
+    ///
+    /// # Errors
+    /// As [`Self::latents`] and [`Self::decode`].
+    pub fn generate(&self, options: &GenerateOptions) -> Result<Images> {
+        self.decode(&self.latents(options)?)
+    }}
+
+/// What the denoising loop needs, borrowed: a UNet, the scheduler config, the VAE's downscale factor,
+/// and where and in which element type the UNet computes. A [`Pipeline`] lends one
+/// ([`Pipeline::denoiser`]); a trainer builds one around the UNet it trains, to sample validation
+/// images with the same sampler as final inference without keeping text encoders loaded.
+#[derive(Debug, Clone, Copy)]
+pub struct Denoiser<'a> {
+    /// The denoiser (with whatever adapters it carries).
+    pub unet: &'a UNet2DConditionModel,
+    /// The config every run builds its sampler from.
+    pub scheduler_config: &'a SchedulerConfig,
+    /// Pixels per latent (8 for SDXL's VAE).
+    pub vae_scale_factor: i64,
+    /// The UNet's device.
+    pub device: Device,
+    /// The element type the UNet computes in.
+    pub kind: Kind,
+}
+
+impl Denoiser<'_> {
     /// Checks the size and batch settings before any model runs.
     fn check(&self, options: &GenerateOptions) -> Result<()> {
-        let factor = self.vae.config().downscale_factor();
+        let factor = self.vae_scale_factor;
         for (setting, value) in [("height", options.height), ("width", options.width)] {
             if value <= 0 || value % factor != 0 {
                 return Err(Error::InvalidSetting {
@@ -326,32 +406,15 @@ impl Pipeline {
 
     /// The shape of the initial latents for these options.
     pub fn latent_shape(&self, options: &GenerateOptions) -> [i64; 4] {
-        let factor = self.vae.config().downscale_factor();
+        let factor = self.vae_scale_factor;
         let batch = options.prompts.len() as i64 * options.images_per_prompt;
         [batch, self.unet.config().in_channels, options.height / factor, options.width / factor]
-    }
-
-    /// Runs the denoising loop and returns the final latents (diffusers' `output_type="latent"`).
-    ///
-    /// # Shapes
-    /// `n` prompts, `k` images per prompt → `[n·k, 4, height/8, width/8]` in the pipeline's kind.
-    ///
-    /// # Errors
-    /// [`Error::InvalidSetting`] for a size that is not a multiple of 8, no prompts or a bad batch;
-    /// [`Error::Shape`] for `initial_noise` of another shape or negatives of another count;
-    /// scheduler and model errors.
-    pub fn latents(&self, options: &GenerateOptions) -> Result<Tensor> {
-        self.check(options)?;
-        let (positive, negative) = tch::no_grad(|| {
-            self.prompt_encoder.encode_with_negative(&options.prompts, options.negative_prompts.as_deref())
-        })?;
-        self.denoise(&positive, &negative, options)
     }
 
     /// The denoising loop on already encoded prompts (`positive` and `negative`: one row per prompt).
     ///
     /// # Errors
-    /// As [`Self::latents`].
+    /// As [`Pipeline::latents`].
     pub fn denoise(&self, positive: &PromptEmbeds, negative: &PromptEmbeds, options: &GenerateOptions) -> Result<Tensor> {
         self.check(options)?;
         let shape = self.latent_shape(options);
@@ -377,7 +440,7 @@ impl Pipeline {
             }
             None => Tensor::randn(shape, (Kind::Float, Device::Cpu)),
         };
-        let mut scheduler = schedulers::build(options.scheduler, &self.scheduler_config)?;
+        let mut scheduler = schedulers::build(options.scheduler, self.scheduler_config)?;
         scheduler.set_timesteps(options.steps)?;
 
         let guided = options.guidance_scale > 1.0;
@@ -423,30 +486,23 @@ impl Pipeline {
         Ok(latents)
     }
 
-    /// Decodes latents into 8-bit images: `latents / scaling_factor` through the VAE (in the VAE's
-    /// weight type, tiled when enabled), then [−1, 1] → [0, 255] rounded.
-    ///
-    /// # Shapes
-    /// `[batch, 4, h, w]` → images `[batch, 3, 8h, 8w]`.
-    ///
-    /// # Errors
-    /// As [`AutoencoderKL::decode`].
-    pub fn decode(&self, latents: &Tensor) -> Result<Images> {
-        let images = tch::no_grad(|| self.vae.decode(&self.vae.unscale_latents(&latents.to_kind(self.vae.weight_kind()))))?;
-        let chw = ((images.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0)
-            .round()
-            .to_kind(Kind::Uint8)
-            .to_device(Device::Cpu);
-        Ok(Images { chw })
-    }
+}
 
-    /// Prompts to images: [`Self::latents`] then [`Self::decode`].
-    ///
-    /// # Errors
-    /// As [`Self::latents`] and [`Self::decode`].
-    pub fn generate(&self, options: &GenerateOptions) -> Result<Images> {
-        self.decode(&self.latents(options)?)
-    }
+/// Decodes latents into 8-bit images: `latents / scaling_factor` through `vae` (in its weight type,
+/// tiled when enabled), then [−1, 1] → [0, 255] rounded.
+///
+/// # Shapes
+/// `[batch, 4, h, w]` → images `[batch, 3, 8h, 8w]`.
+///
+/// # Errors
+/// As [`AutoencoderKL::decode`].
+pub fn decode_images(vae: &AutoencoderKL, latents: &Tensor) -> Result<Images> {
+    let images = tch::no_grad(|| vae.decode(&vae.unscale_latents(&latents.to_kind(vae.weight_kind()))))?;
+    let chw = ((images.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0)
+        .round()
+        .to_kind(Kind::Uint8)
+        .to_device(Device::Cpu);
+    Ok(Images { chw })
 }
 
 /// Places images side by side in one row (equal heights), e.g. the base model's image left of the

@@ -73,9 +73,22 @@ impl PromptEncoder {
     /// # Errors
     /// As [`ClipTextModel::from_pretrained`] for either folder; as [`Self::new`].
     pub fn from_pretrained(root: impl AsRef<Path>, device: Device, kind: Kind) -> Result<(Self, [VarStore; 2])> {
+        Self::from_pretrained_variant(root, None, device, kind)
+    }
+
+    /// As [`Self::from_pretrained`], reading the weights of a variant (`model.fp16.safetensors`).
+    ///
+    /// # Errors
+    /// As [`Self::from_pretrained`].
+    pub fn from_pretrained_variant(
+        root: impl AsRef<Path>,
+        variant: Option<&str>,
+        device: Device,
+        kind: Kind,
+    ) -> Result<(Self, [VarStore; 2])> {
         let root = root.as_ref();
-        let (text_encoder, vs_1) = ClipTextModel::from_pretrained(root.join("text_encoder"), device, kind)?;
-        let (text_encoder_2, vs_2) = ClipTextModel::from_pretrained(root.join("text_encoder_2"), device, kind)?;
+        let (text_encoder, vs_1) = ClipTextModel::from_pretrained_variant(root.join("text_encoder"), variant, device, kind)?;
+        let (text_encoder_2, vs_2) = ClipTextModel::from_pretrained_variant(root.join("text_encoder_2"), variant, device, kind)?;
         Ok((Self::new(text_encoder, text_encoder_2)?, [vs_1, vs_2]))
     }
 

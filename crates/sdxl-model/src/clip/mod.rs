@@ -282,9 +282,23 @@ impl ClipTextModel {
     /// # Errors
     /// File and config errors; [`Error::Load`] unless the file matches the model one to one.
     pub fn from_pretrained(folder: impl AsRef<Path>, device: Device, kind: Kind) -> Result<(Self, nn::VarStore)> {
+        Self::from_pretrained_variant(folder, None, device, kind)
+    }
+
+    /// As [`Self::from_pretrained`], reading the weights of a variant (`model.fp16.safetensors` for
+    /// `Some("fp16")`) as diffusers' `variant=` does.
+    ///
+    /// # Errors
+    /// As [`Self::from_pretrained`].
+    pub fn from_pretrained_variant(
+        folder: impl AsRef<Path>,
+        variant: Option<&str>,
+        device: Device,
+        kind: Kind,
+    ) -> Result<(Self, nn::VarStore)> {
         let folder = folder.as_ref();
         let config = ClipTextConfig::from_file(folder.join("config.json"))?;
-        let file = TensorFile::open(folder.join("model.safetensors"))?;
+        let file = TensorFile::open(folder.join(crate::unet::with_variant("model.safetensors", variant)))?;
         let keys = file.keys()?;
         let has = |key: &str| keys.binary_search_by(|k| k.as_str().cmp(key)).is_ok();
         let strip_prefix = !has("text_model.embeddings.token_embedding.weight") && has("embeddings.token_embedding.weight");

@@ -36,7 +36,7 @@ pub enum UNetWeights {
 
 /// The diffusers file name `diffusion_pytorch_model.safetensors` or its index, with `variant` inserted
 /// before the last extension as diffusers does (`….fp16.safetensors`, `….safetensors.index.fp16.json`).
-fn with_variant(name: &str, variant: Option<&str>) -> String {
+pub fn with_variant(name: &str, variant: Option<&str>) -> String {
     match (variant, name.rsplit_once('.')) {
         (Some(v), Some((stem, ext))) => format!("{stem}.{v}.{ext}"),
         _ => name.to_owned(),

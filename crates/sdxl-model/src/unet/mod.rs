@@ -20,7 +20,7 @@ mod unet_2d_condition;
 pub use basic_transformer_block::{Attention, BasicTransformerBlock, FeedForward};
 pub use config::{DownBlockKind, Level, TextTimeConfig, UNetConfig, UNetConfigJson, UpBlockKind};
 pub use embeddings::{timestep_embedding, TimestepEmbedding};
-pub use loading::{diffusers_weight_files, load_unet, load_unet_weights, UNetWeights};
+pub use loading::{diffusers_weight_files, load_unet, load_unet_weights, with_variant, UNetWeights};
 pub use resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 pub use sgm::{sgm_unet_table, to_sgm, SGM_UNET_PREFIX};
 pub use transformer_2d::{Transformer2DModel, TransformerSpec};

@@ -305,11 +305,26 @@ impl AutoencoderKL {
     /// # Errors
     /// File and config errors; [`Error::Load`] when the file's tensors do not match the model one to one.
     pub fn from_pretrained(folder: impl AsRef<Path>, device: Device, kind: Kind, upcast: Upcast) -> Result<(Self, nn::VarStore)> {
+        Self::from_pretrained_variant(folder, None, device, kind, upcast)
+    }
+
+    /// As [`Self::from_pretrained`], reading the weights of a variant
+    /// (`diffusion_pytorch_model.fp16.safetensors` for `Some("fp16")`).
+    ///
+    /// # Errors
+    /// As [`Self::from_pretrained`].
+    pub fn from_pretrained_variant(
+        folder: impl AsRef<Path>,
+        variant: Option<&str>,
+        device: Device,
+        kind: Kind,
+        upcast: Upcast,
+    ) -> Result<(Self, nn::VarStore)> {
         let folder = folder.as_ref();
         let config = AutoencoderKLConfig::from_file(folder.join("config.json"))?;
         let mut vs = nn::VarStore::new(device);
         let model = Self::new(&vs.root(), &config)?;
-        let file = TensorFile::open(folder.join("diffusion_pytorch_model.safetensors"))?;
+        let file = TensorFile::open(folder.join(crate::unet::with_variant("diffusion_pytorch_model.safetensors", variant)))?;
         load_into(&vs, &[file], str::to_owned)?;
         vs.set_kind(weight_kind_for(&config, kind, upcast));
         Ok((model, vs))
