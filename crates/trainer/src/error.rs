@@ -25,17 +25,6 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// A line of a JSON-lines metrics log that is not JSON, or a record that does not serialise.
-    #[error("{}: line {line}: {source}", path.display())]
-    MetricsJson {
-        /// The metrics log.
-        path: std::path::PathBuf,
-        /// The 1-based line number (for a record being written: the line it would have had).
-        line: usize,
-        /// What serde_json said.
-        source: serde_json::Error,
-    },
-
     /// A TensorBoard event file that does not decode: a bad checksum, a truncated record, bad protobuf.
     #[error("{}: at byte {offset}: {problem}", path.display())]
     CorruptEventFile {
@@ -45,6 +34,17 @@ pub enum Error {
         offset: u64,
         /// What is wrong with it.
         problem: String,
+    },
+
+    /// A line of a JSON-lines metrics log that is not JSON, or a record that does not serialise.
+    #[error("{}: line {line}: {source}", path.display())]
+    MetricsJson {
+        /// The metrics log.
+        path: std::path::PathBuf,
+        /// The 1-based line number (for a record being written: the line it would have had).
+        line: usize,
+        /// What serde_json said.
+        source: serde_json::Error,
     },
 
     /// A plot that cannot be drawn (no finite points) or written.
@@ -81,6 +81,63 @@ pub enum Error {
         path: std::path::PathBuf,
         /// Why it cannot be resumed from.
         problem: String,
+    },
+
+    /// A TOML config file that does not parse or has keys the trainer does not know.
+    #[error("{}: {problem}", path.display())]
+    ConfigFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong (the TOML parser's message names the key and line).
+        problem: String,
+    },
+
+    /// Loading or running a model part failed.
+    #[error(transparent)]
+    Model(#[from] sdxl_model::Error),
+
+    /// Injecting, extracting or writing the LoRA failed.
+    #[error(transparent)]
+    Lora(#[from] lora::Error),
+
+    /// The optimizer refused its parameters or state.
+    #[error(transparent)]
+    Optimizer(#[from] optim8bit::Error),
+
+    /// The dataset could not be opened or a sample not loaded.
+    #[error(transparent)]
+    Data(#[from] data::Error),
+
+    /// A model repository could not be fetched from the hub.
+    #[error("hub model `{repo}`: {problem}")]
+    Hub {
+        /// The repository id.
+        repo: String,
+        /// What went wrong.
+        problem: String,
+    },
+
+    /// Training was stopped because too many optimizer steps had a non-finite loss or gradient.
+    #[error(
+        "stopped at step {step}: {skipped} optimizer steps were skipped for a non-finite loss or gradient \
+         (limit --max_nonfinite_steps {limit}); lower --learning_rate, or check the data and --mixed_precision"
+    )]
+    TooManyNonFinite {
+        /// The optimizer step when the count was read.
+        step: u64,
+        /// Steps skipped so far.
+        skipped: u64,
+        /// The limit.
+        limit: u64,
+    },
+
+    /// A LoRA parameter holds NaN or infinity at a point where it would be written to a file.
+    #[error("refusing to write {what}: LoRA parameter `{parameter}` is not finite")]
+    NonFiniteLora {
+        /// What was about to be written.
+        what: String,
+        /// The first non-finite parameter.
+        parameter: String,
     },
 }
 

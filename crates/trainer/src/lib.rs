@@ -6,8 +6,16 @@
 #![warn(missing_docs)]
 
 pub mod checkpoint;
+pub mod config;
+pub mod estimate;
+pub mod model_files;
+pub mod prepare;
+pub mod run;
+pub mod step;
 mod error;
 pub mod logs;
 pub mod lr_scheduler;
 
+pub use config::TrainConfig;
+pub use run::{RunSummary, Trainer, TrainerState};
 pub use error::{Error, Result};

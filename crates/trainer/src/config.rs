@@ -1,0 +1,581 @@
+//! The training configuration: one struct whose field names are the flags of diffusers'
+//! `train_dreambooth_lora_sdxl.py` (`--pretrained_model_name_or_path`, `--train_batch_size`, …),
+//! read from a TOML file with the same keys and overridden by command-line flags.
+//!
+//! The defaults are the seed recipe: SDXL base, the first 75 images of
+//! `lambdalabs/naruto-blip-captions` with every caption replaced by "Naruto style anime character",
+//! 512 px, batch 2 × accumulation 2, bf16, 8-bit AdamW at 1e-4 (constant), LoRA rank 4 on the UNet's
+//! `to_q`, `to_k`, `to_v`, `to_out.0`, 1200 optimizer steps.
+//!
+//! ```
+//! use trainer::TrainConfig;
+//! let args = ["--max_train_steps", "10", "--use_8bit_adam=false", "--instance_prompt", "a photo of sks dog"];
+//! let config = TrainConfig::from_args(args.iter().map(|s| s.to_string()))?;
+//! assert_eq!(config.max_train_steps, 10);
+//! assert!(!config.use_8bit_adam);
+//! assert_eq!(config.train_batch_size, 2); // the seed recipe's default
+//! # Ok::<(), trainer::Error>(())
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::lr_scheduler::SchedulerKind;
+use crate::{Error, Result};
+
+/// A value a flag can take: parsed from its text, or switched on by the bare flag (booleans).
+pub trait FlagValue: Sized {
+    /// Whether the bare flag (no value) means `true`.
+    const IS_SWITCH: bool = false;
+    /// The value's kind as `--help` shows it.
+    const HINT: &'static str;
+    /// Parses `text` (`None` for a bare switch) for `flag`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOption`] naming `flag`.
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self>;
+}
+
+fn need<'t>(flag: &'static str, text: Option<&'t str>) -> Result<&'t str> {
+    text.ok_or_else(|| Error::InvalidOption { option: flag, problem: "needs a value".into() })
+}
+
+fn parsed<T: FromStr>(flag: &'static str, text: Option<&str>, what: &str) -> Result<T> {
+    let text = need(flag, text)?;
+    text.parse().map_err(|_| Error::InvalidOption { option: flag, problem: format!("`{text}` is not {what}") })
+}
+
+impl FlagValue for bool {
+    const IS_SWITCH: bool = true;
+    const HINT: &'static str = "[true|false]";
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
+        match text {
+            None | Some("true" | "1" | "yes") => Ok(true),
+            Some("false" | "0" | "no") => Ok(false),
+            Some(other) => Err(Error::InvalidOption { option: flag, problem: format!("`{other}` is not true or false") }),
+        }
+    }
+}
+
+impl FlagValue for u64 {
+    const HINT: &'static str = "<integer>";
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
+        parsed(flag, text, "a non-negative integer")
+    }
+}
+
+impl FlagValue for u32 {
+    const HINT: &'static str = "<integer>";
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
+        parsed(flag, text, "a non-negative integer")
+    }
+}
+
+impl FlagValue for f64 {
+    const HINT: &'static str = "<number>";
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
+        parsed(flag, text, "a number")
+    }
+}
+
+impl FlagValue for String {
+    const HINT: &'static str = "<text>";
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
+        need(flag, text).map(str::to_owned)
+    }
+}
+
+impl FlagValue for PathBuf {
+    const HINT: &'static str = "<path>";
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
+        need(flag, text).map(PathBuf::from)
+    }
+}
+
+/// `none` (any case) or an empty value clears an optional setting.
+impl<T: FlagValue> FlagValue for Option<T> {
+    const HINT: &'static str = T::HINT;
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
+        match text {
+            Some(t) if t.is_empty() || t.eq_ignore_ascii_case("none") => Ok(None),
+            _ => T::parse_flag(flag, text).map(Some),
+        }
+    }
+}
+
+impl FlagValue for SchedulerKind {
+    const HINT: &'static str = "<constant|constant_with_warmup|linear|cosine|cosine_with_restarts|polynomial>";
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
+        let text = need(flag, text)?;
+        text.parse().map_err(|_| Error::InvalidOption {
+            option: flag,
+            problem: format!("`{text}` is not one of {}", Self::HINT),
+        })
+    }
+}
+
+/// The precision the frozen model computes in (`--mixed_precision`); LoRA parameters and optimizer
+/// arithmetic stay fp32 in every mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MixedPrecision {
+    /// fp32 everywhere (`no`).
+    No,
+    /// bf16 UNet and text encoders; the VAE encodes in fp32.
+    Bf16,
+}
+
+impl FlagValue for MixedPrecision {
+    const HINT: &'static str = "<no|bf16>";
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
+        match need(flag, text)? {
+            "no" | "fp32" => Ok(Self::No),
+            "bf16" => Ok(Self::Bf16),
+            "fp16" => Err(Error::InvalidOption {
+                option: flag,
+                problem: "fp16 needs loss scaling, which this trainer does not do; use bf16 (same memory, no overflow)".into(),
+            }),
+            other => Err(Error::InvalidOption { option: flag, problem: format!("`{other}` is not no or bf16") }),
+        }
+    }
+}
+
+/// The attention implementation of the UNet (`--attention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attention {
+    /// libtorch's fused scaled-dot-product attention (flash / memory-efficient kernels).
+    Fused,
+    /// Attention computed a slice of heads at a time (diffusers' `enable_attention_slicing`).
+    Sliced,
+    /// Plain matmul-softmax-matmul.
+    Plain,
+}
+
+impl FlagValue for Attention {
+    const HINT: &'static str = "<fused|sliced|plain>";
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
+        match need(flag, text)? {
+            "fused" | "sdpa" => Ok(Self::Fused),
+            "sliced" => Ok(Self::Sliced),
+            "plain" => Ok(Self::Plain),
+            other => Err(Error::InvalidOption { option: flag, problem: format!("`{other}` is not one of {}", Self::HINT) }),
+        }
+    }
+}
+
+/// Declares [`TrainConfig`] once: its fields (= flag names = TOML keys), their defaults and their help.
+macro_rules! train_config {
+    ($( $(#[doc = $doc:literal])+ $field:ident : $ty:ty = $default:expr ),* $(,)?) => {
+        /// Everything a training run needs; see the module documentation.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct TrainConfig {
+            $( $(#[doc = $doc])+ pub $field: $ty, )*
+        }
+
+        impl Default for TrainConfig {
+            fn default() -> Self {
+                Self { $( $field: $default, )* }
+            }
+        }
+
+        impl TrainConfig {
+            fn is_switch(name: &str) -> Option<bool> {
+                match name {
+                    $( stringify!($field) => Some(<$ty as FlagValue>::IS_SWITCH), )*
+                    _ => None,
+                }
+            }
+
+            fn set_flag(&mut self, name: &str, value: Option<&str>) -> Result<()> {
+                match name {
+                    $( stringify!($field) => {
+                        self.$field = <$ty as FlagValue>::parse_flag(concat!("--", stringify!($field)), value)?;
+                    } )*
+                    _ => return Err(unknown_flag(name)),
+                }
+                Ok(())
+            }
+
+            /// One line per flag: name, value kind, default and description.
+            pub fn flags_help() -> String {
+                let defaults = Self::default();
+                let mut help = String::new();
+                $(
+                    let doc = [$($doc),+].join(" ");
+                    help.push_str(&format!(
+                        "  --{} {}\n      {} (default: {})\n",
+                        stringify!($field),
+                        <$ty as FlagValue>::HINT,
+                        doc.trim(),
+                        describe(&defaults.$field),
+                    ));
+                )*
+                help
+            }
+        }
+    };
+}
+
+fn describe<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "?".into())
+}
+
+fn unknown_flag(name: &str) -> Error {
+    Error::InvalidOption { option: "command line", problem: format!("unknown flag `--{name}` (see --help)") }
+}
+
+train_config! {
+    /// A diffusers SDXL folder (`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`) or a hub model id.
+    pretrained_model_name_or_path: String = "stabilityai/stable-diffusion-xl-base-1.0".into(),
+    /// Hub revision of the model.
+    revision: String = "main".into(),
+    /// Weight-file variant, e.g. `fp16` for `diffusion_pytorch_model.fp16.safetensors`.
+    variant: Option<String> = Some("fp16".into()),
+    /// A hub dataset id, or a local folder (parquet files, an imagefolder with metadata.jsonl, or images with .txt captions).
+    dataset_name: String = "lambdalabs/naruto-blip-captions".into(),
+    /// The image column of a parquet dataset.
+    image_column: String = "image".into(),
+    /// The caption column, used when no instance prompt is given.
+    caption_column: String = "text".into(),
+    /// Train on the first N rows only.
+    max_train_samples: Option<u64> = Some(75),
+    /// One prompt for every image, replacing the captions (DreamBooth).
+    instance_prompt: Option<String> = Some("Naruto style anime character".into()),
+    /// Square training resolution in pixels (a multiple of 8).
+    resolution: u32 = 512,
+    /// Centre crops (else a random crop per step, which needs --cache_latents false).
+    center_crop: bool = true,
+    /// Mirror images at random each step (needs --cache_latents false).
+    random_flip: bool = false,
+    /// Encode every image once with the VAE and free the VAE before training.
+    cache_latents: bool = true,
+    /// Samples per micro-step.
+    train_batch_size: u32 = 2,
+    /// Micro-steps per optimizer step.
+    gradient_accumulation_steps: u32 = 2,
+    /// Optimizer steps.
+    max_train_steps: u64 = 1200,
+    /// Peak learning rate.
+    learning_rate: f64 = 1e-4,
+    /// Multiply the learning rate by batch size × accumulation steps.
+    scale_lr: bool = false,
+    /// Learning-rate schedule.
+    lr_scheduler: SchedulerKind = SchedulerKind::Constant,
+    /// Linear warm-up steps.
+    lr_warmup_steps: u64 = 0,
+    /// Cycles of cosine_with_restarts (and the cosine wave count of cosine).
+    lr_num_cycles: f64 = 1.0,
+    /// Power of the polynomial schedule.
+    lr_power: f64 = 1.0,
+    /// LoRA rank.
+    rank: u32 = 4,
+    /// LoRA alpha (scale = alpha / rank); default: the rank, as diffusers.
+    lora_alpha: Option<f64> = None,
+    /// 8-bit block-quantized AdamW states (bitsandbytes AdamW8bit); else fp32 states.
+    use_8bit_adam: bool = true,
+    /// Adam β₁.
+    adam_beta1: f64 = 0.9,
+    /// Adam β₂.
+    adam_beta2: f64 = 0.999,
+    /// Decoupled weight decay.
+    adam_weight_decay: f64 = 1e-4,
+    /// Adam ε.
+    adam_epsilon: f64 = 1e-8,
+    /// Gradient-norm clipping threshold.
+    max_grad_norm: f64 = 1.0,
+    /// Precision of the frozen model.
+    mixed_precision: MixedPrecision = MixedPrecision::Bf16,
+    /// Recompute activations in the backward pass (less memory, more time).
+    gradient_checkpointing: bool = false,
+    /// UNet attention implementation.
+    attention: Attention = Attention::Fused,
+    /// Min-SNR-γ loss weighting (5.0 is the paper's value); off when unset.
+    snr_gamma: Option<f64> = None,
+    /// Offset-noise strength.
+    noise_offset: f64 = 0.0,
+    /// `epsilon` or `v_prediction`; default: the model's scheduler config.
+    prediction_type: Option<String> = None,
+    /// Save a checkpoint every N optimizer steps.
+    checkpointing_steps: u64 = 500,
+    /// Keep at most N checkpoints.
+    checkpoints_total_limit: Option<u64> = None,
+    /// `latest` or a checkpoint-N folder to continue from.
+    resume_from_checkpoint: Option<String> = None,
+    /// Prompt for validation images; none when unset.
+    validation_prompt: Option<String> = None,
+    /// Validation images every N optimizer steps (and at the end).
+    validation_steps: u64 = 200,
+    /// Validation images per validation.
+    num_validation_images: u32 = 2,
+    /// Sampler steps of validation images and of the final comparison.
+    validation_inference_steps: u32 = 25,
+    /// Classifier-free guidance scale of validation images.
+    validation_guidance_scale: f64 = 5.0,
+    /// Seed of data order, noise, timesteps and validation images.
+    seed: u64 = 0,
+    /// Where checkpoints, logs, LoRA files and images go.
+    output_dir: PathBuf = PathBuf::from("naruto-lora"),
+    /// Read the loss on the host (progress bar, logs) every N optimizer steps.
+    logging_steps: u64 = 10,
+    /// Stop after this many optimizer steps were skipped for a non-finite loss or gradient.
+    max_nonfinite_steps: u64 = 10,
+    /// `cuda`, `cuda:N`, `cpu`, or `auto` (CUDA when available).
+    device: String = "auto".into(),
+    /// Loader worker threads (0: one per core).
+    dataloader_num_workers: u32 = 0,
+}
+
+impl TrainConfig {
+    /// Reads a TOML file whose keys are the flag names (unknown keys are errors naming the file).
+    ///
+    /// # Errors
+    /// [`Error::Io`] and [`Error::ConfigFile`].
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|e| Error::ConfigFile { path: path.to_owned(), problem: e.to_string() })
+    }
+
+    /// The config as TOML (what checkpoints and the model card record).
+    ///
+    /// # Errors
+    /// [`Error::ConfigFile`] if a value cannot be expressed in TOML.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| Error::ConfigFile { path: PathBuf::from("<config>"), problem: e.to_string() })
+    }
+
+    /// Defaults, then the file of `--config FILE` (anywhere on the line), then every other flag in
+    /// order. Flags are `--name value` or `--name=value`; a boolean flag alone means true.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOption`] naming the flag; the file's errors; then [`Self::validate`]'s.
+    pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<Self> {
+        Self::from_args_over(Self::default(), args)
+    }
+
+    /// As [`Self::from_args`], starting from `base` instead of the defaults (a preset); a
+    /// `--config FILE` replaces `base`.
+    ///
+    /// # Errors
+    /// As [`Self::from_args`].
+    pub fn from_args_over(base: Self, args: impl IntoIterator<Item = String>) -> Result<Self> {
+        let args: Vec<String> = args.into_iter().collect();
+        let mut flags = Vec::new();
+        let mut file = None;
+        let mut i = 0;
+        while i < args.len() {
+            let arg = &args[i];
+            let name = arg.strip_prefix("--").ok_or_else(|| Error::InvalidOption {
+                option: "command line",
+                problem: format!("`{arg}` is not a --flag"),
+            })?;
+            let (name, mut value) = match name.split_once('=') {
+                Some((n, v)) => (n.to_owned(), Some(v.to_owned())),
+                None => (name.to_owned(), None),
+            };
+            if value.is_none() {
+                let next = args.get(i + 1).filter(|next| !next.starts_with("--"));
+                let takes_value = match (name.as_str(), Self::is_switch(&name)) {
+                    ("config", _) => true,
+                    (_, Some(true)) => next.is_some_and(|n| bool::parse_flag("", Some(n)).is_ok()),
+                    (_, Some(false)) => true,
+                    (_, None) => return Err(unknown_flag(&name)),
+                };
+                if takes_value {
+                    value = next.cloned();
+                    i += usize::from(value.is_some());
+                }
+            }
+            if name == "config" {
+                file = Some(PathBuf::from(need("--config", value.as_deref())?));
+            } else {
+                flags.push((name, value));
+            }
+            i += 1;
+        }
+        let mut config = match file {
+            Some(path) => Self::from_toml_file(&path)?,
+            None => base,
+        };
+        for (name, value) in &flags {
+            config.set_flag(name, value.as_deref())?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that have no meaning, naming the flag.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOption`].
+    pub fn validate(&self) -> Result<()> {
+        let fail = |option: &'static str, problem: String| Err(Error::InvalidOption { option, problem });
+        if self.resolution == 0 || !self.resolution.is_multiple_of(8) {
+            return fail("--resolution", format!("{} is not a positive multiple of 8", self.resolution));
+        }
+        for (option, value) in [
+            ("--train_batch_size", u64::from(self.train_batch_size)),
+            ("--gradient_accumulation_steps", u64::from(self.gradient_accumulation_steps)),
+            ("--max_train_steps", self.max_train_steps),
+            ("--rank", u64::from(self.rank)),
+            ("--checkpointing_steps", self.checkpointing_steps),
+            ("--logging_steps", self.logging_steps),
+            ("--validation_steps", self.validation_steps),
+        ] {
+            if value == 0 {
+                return fail(option, "must be at least 1".into());
+            }
+        }
+        for (option, value, ok) in [
+            ("--learning_rate", self.learning_rate, self.learning_rate > 0.0),
+            ("--adam_beta1", self.adam_beta1, (0.0..1.0).contains(&self.adam_beta1)),
+            ("--adam_beta2", self.adam_beta2, (0.0..1.0).contains(&self.adam_beta2)),
+            ("--adam_weight_decay", self.adam_weight_decay, self.adam_weight_decay >= 0.0),
+            ("--adam_epsilon", self.adam_epsilon, self.adam_epsilon >= 0.0),
+            ("--max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0.0),
+            ("--noise_offset", self.noise_offset, self.noise_offset >= 0.0),
+            ("--snr_gamma", self.snr_gamma.unwrap_or(1.0), self.snr_gamma.is_none_or(|g| g > 0.0)),
+            ("--lora_alpha", self.lora_alpha.unwrap_or(1.0), self.lora_alpha.is_none_or(|a| a > 0.0)),
+        ] {
+            if !value.is_finite() || !ok {
+                return fail(option, format!("{value} is out of range"));
+            }
+        }
+        if self.cache_latents && (self.random_flip || !self.center_crop) {
+            return fail(
+                "--cache_latents",
+                "cached latents are encoded once per image, so --random_flip and random crops (--center_crop false) need --cache_latents false".into(),
+            );
+        }
+        if let Some(kind) = &self.prediction_type
+            && kind != "epsilon"
+            && kind != "v_prediction"
+        {
+            return fail("--prediction_type", format!("`{kind}` is not epsilon or v_prediction"));
+        }
+        if self.checkpoints_total_limit == Some(0) {
+            return fail("--checkpoints_total_limit", "must be at least 1 (leave it unset for no limit)".into());
+        }
+        Ok(())
+    }
+
+    /// The offline demo: a tiny SDXL-shaped model (`model`, a diffusers folder such as the repository's
+    /// `tests/fixtures/tiny-sdxl`) on a small dataset (`dataset`, e.g. `examples/data/tiny-naruto`) at
+    /// 64 px on the CPU in fp32, 100 steps of batch 2 × 2 with 8-bit AdamW at 1e-3, checkpoints every
+    /// 25 steps, validation images every 50. Everything else is the seed recipe.
+    pub fn tiny_demo(model: &Path, dataset: &Path, output_dir: &Path) -> Self {
+        Self {
+            pretrained_model_name_or_path: model.display().to_string(),
+            dataset_name: dataset.display().to_string(),
+            max_train_samples: None,
+            resolution: 64,
+            max_train_steps: 100,
+            learning_rate: 1e-3,
+            mixed_precision: MixedPrecision::No,
+            checkpointing_steps: 25,
+            logging_steps: 5,
+            validation_prompt: Some("Naruto style anime character".into()),
+            validation_steps: 50,
+            validation_inference_steps: 10,
+            output_dir: output_dir.to_owned(),
+            device: "cpu".into(),
+            ..Self::default()
+        }
+    }
+
+    /// The learning rate the optimizer starts from (`--scale_lr` multiplies by the samples per step).
+    pub fn base_learning_rate(&self) -> f64 {
+        if self.scale_lr {
+            self.learning_rate * f64::from(self.train_batch_size) * f64::from(self.gradient_accumulation_steps)
+        } else {
+            self.learning_rate
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<TrainConfig> {
+        TrainConfig::from_args(args.iter().map(|s| (*s).to_owned()))
+    }
+
+    #[test]
+    fn defaults_are_the_seed_recipe() {
+        let c = TrainConfig::default();
+        assert_eq!((c.resolution, c.train_batch_size, c.gradient_accumulation_steps, c.rank), (512, 2, 2, 4));
+        assert_eq!((c.max_train_steps, c.max_train_samples), (1200, Some(75)));
+        assert_eq!(c.instance_prompt.as_deref(), Some("Naruto style anime character"));
+        assert!(c.use_8bit_adam);
+        assert_eq!(c.mixed_precision, MixedPrecision::Bf16);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn flags_in_both_spellings_and_switches() {
+        let c = parse(&[
+            "--rank=8",
+            "--gradient_checkpointing",
+            "--learning_rate",
+            "5e-5",
+            "--use_8bit_adam",
+            "false",
+            "--snr_gamma",
+            "5",
+            "--instance_prompt",
+            "none",
+            "--lr_scheduler",
+            "cosine",
+        ])
+        .unwrap();
+        assert_eq!(c.rank, 8);
+        assert!(c.gradient_checkpointing);
+        assert_eq!(c.learning_rate, 5e-5);
+        assert!(!c.use_8bit_adam);
+        assert_eq!(c.snr_gamma, Some(5.0));
+        assert_eq!(c.instance_prompt, None);
+        assert_eq!(c.lr_scheduler, SchedulerKind::Cosine);
+    }
+
+    #[test]
+    fn bad_flags_are_named() {
+        let message = |args: &[&str]| parse(args).unwrap_err().to_string();
+        assert!(message(&["--rnak", "4"]).contains("--rnak"));
+        assert!(message(&["--rank", "four"]).contains("--rank"));
+        assert!(message(&["--resolution", "500"]).contains("--resolution"));
+        assert!(message(&["--mixed_precision", "fp16"]).contains("--mixed_precision"));
+        assert!(message(&["--random_flip"]).contains("--cache_latents"));
+        assert!(message(&["--max_train_steps"]).contains("--max_train_steps"));
+        assert!(message(&["rank"]).contains("rank"));
+    }
+
+    #[test]
+    fn toml_file_then_flags() {
+        let dir = std::env::temp_dir().join(format!("trainer-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("run.toml");
+        std::fs::write(&file, "rank = 16\nlearning_rate = 2e-4\noutput_dir = \"out\"\n").unwrap();
+        let c = parse(&["--rank", "8", "--config", file.to_str().unwrap()]).unwrap();
+        assert_eq!((c.rank, c.learning_rate), (8, 2e-4));
+        assert_eq!(c.output_dir, PathBuf::from("out"));
+        // What a checkpoint records reads back the same.
+        let again: TrainConfig = toml::from_str(&c.to_toml().unwrap()).unwrap();
+        assert_eq!(again, c);
+        std::fs::write(&file, "rnak = 16\n").unwrap();
+        let err = parse(&["--config", file.to_str().unwrap()]).unwrap_err().to_string();
+        assert!(err.contains("run.toml") && err.contains("rnak"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn help_lists_every_flag_with_its_default() {
+        let help = TrainConfig::flags_help();
+        assert!(help.contains("--pretrained_model_name_or_path <text>"));
+        assert!(help.contains("--use_8bit_adam [true|false]"));
+        assert!(help.contains("(default: 1200)"));
+    }
+}

@@ -1,0 +1,138 @@
+//! The memory and time a run will need on a CUDA device, printed before step 1.
+//!
+//! A model, not a measurement: resident weights are counted exactly (parameters × bytes), while
+//! activation memory and step time are scaled from figures measured on an H200 with SDXL base at
+//! 512 px, batch 2, bf16, rank-4 LoRA, eager (docs/BENCHMARKS.md, "UNet training step"): peak 8.91 GiB
+//! and 408 ms per micro-step plain, 5.58 GiB and 547 ms with gradient checkpointing, of which the GPU's
+//! own work is about 70 ms and 95 ms — the rest is per-operation host overhead, which does not grow
+//! with the batch. Activations and GPU time scale with batch × latent area and, for other UNets, with
+//! the parameter count relative to SDXL's (crude, but right for SDXL-shaped models).
+
+use std::fmt;
+
+/// SDXL base UNet parameters (the calibration model).
+const SDXL_UNET_PARAMS: f64 = 2_567_463_684.0;
+/// Samples × latent pixels of the calibration step (batch 2 at 64 × 64 latents).
+const CALIBRATION_PIXELS: f64 = 2.0 * 64.0 * 64.0;
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Measured activation peak above the resident weights, GiB, plain and checkpointed.
+const ACTIVATIONS_GIB: [f64; 2] = [8.91 - 4.78, 5.58 - 4.78];
+/// Host overhead per micro-step, s (does not scale), plain and checkpointed.
+const HOST_SECONDS: [f64; 2] = [0.338, 0.452];
+/// GPU work per micro-step at the calibration size, s, plain and checkpointed.
+const GPU_SECONDS: [f64; 2] = [0.070, 0.095];
+/// One 8-bit AdamW step over SDXL rank-4 LoRA parameters, s.
+const OPTIMIZER_SECONDS: f64 = 0.016;
+
+/// What the estimate is computed from.
+#[derive(Debug, Clone, Copy)]
+pub struct EstimateInput {
+    /// UNet parameters.
+    pub unet_params: i64,
+    /// Bytes per UNet weight (2 for bf16, 4 for fp32).
+    pub weight_bytes: i64,
+    /// Trainable LoRA parameters.
+    pub lora_params: i64,
+    /// Optimizer state bytes.
+    pub optimizer_state_bytes: i64,
+    /// Samples per micro-step.
+    pub batch: i64,
+    /// Latent height × width.
+    pub latent_pixels: i64,
+    /// Micro-steps per optimizer step.
+    pub accumulation: i64,
+    /// Optimizer steps still to run.
+    pub steps: u64,
+    /// Gradient checkpointing on.
+    pub checkpointing: bool,
+}
+
+/// The estimate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Estimate {
+    /// Resident UNet weights, GiB.
+    pub weights_gib: f64,
+    /// LoRA parameters, their gradients and the optimizer state, GiB.
+    pub trainable_gib: f64,
+    /// Peak activations of a micro-step, GiB.
+    pub activations_gib: f64,
+    /// Expected peak allocated device memory, GiB.
+    pub peak_gib: f64,
+    /// Expected seconds per optimizer step (eager).
+    pub seconds_per_step: f64,
+    /// Expected seconds for the remaining steps.
+    pub total_seconds: f64,
+}
+
+/// Estimates memory and time of a CUDA run.
+pub fn estimate(input: &EstimateInput) -> Estimate {
+    let mode = usize::from(input.checkpointing);
+    let size = (input.batch * input.latent_pixels) as f64 / CALIBRATION_PIXELS;
+    let model = input.unet_params as f64 / SDXL_UNET_PARAMS;
+    let weights_gib = (input.unet_params * input.weight_bytes) as f64 / GIB;
+    // fp32 parameters and gradients, plus the optimizer state.
+    let trainable_gib = (input.lora_params * 8 + input.optimizer_state_bytes) as f64 / GIB;
+    // Activations are stored in the weights' type; fp32 doubles them.
+    let activations_gib = ACTIVATIONS_GIB[mode] * size * model * (input.weight_bytes as f64 / 2.0);
+    let micro = HOST_SECONDS[mode] * model.clamp(0.05, 1.0) + GPU_SECONDS[mode] * size * model;
+    let seconds_per_step = micro * input.accumulation as f64 + OPTIMIZER_SECONDS;
+    Estimate {
+        weights_gib,
+        trainable_gib,
+        activations_gib,
+        peak_gib: weights_gib + trainable_gib + activations_gib,
+        seconds_per_step,
+        total_seconds: seconds_per_step * input.steps as f64,
+    }
+}
+
+impl fmt::Display for Estimate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let minutes = self.total_seconds / 60.0;
+        write!(
+            f,
+            "estimated peak GPU memory {:.2} GiB (weights {:.2}, LoRA + optimizer {:.3}, activations {:.2}); \
+             about {:.2} s per optimizer step, {:.0} min in all (eager, calibrated on an H200)",
+            self.peak_gib, self.weights_gib, self.trainable_gib, self.activations_gib, self.seconds_per_step, minutes
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seed_recipe(checkpointing: bool) -> EstimateInput {
+        EstimateInput {
+            unet_params: SDXL_UNET_PARAMS as i64,
+            weight_bytes: 2,
+            lora_params: 5_806_080,
+            optimizer_state_bytes: 2 * 5_806_080,
+            batch: 2,
+            latent_pixels: 64 * 64,
+            accumulation: 2,
+            steps: 1200,
+            checkpointing,
+        }
+    }
+
+    #[test]
+    fn reproduces_its_calibration_points() {
+        for (checkpointing, peak, micro) in [(false, 8.91, 0.408), (true, 5.58, 0.547)] {
+            let e = estimate(&seed_recipe(checkpointing));
+            // The calibration runs had no optimizer state; the LoRA side adds a few MiB.
+            assert!((e.peak_gib - peak).abs() < 0.1, "{e}");
+            assert!(((e.seconds_per_step - OPTIMIZER_SECONDS) / 2.0 - micro).abs() < 1e-3, "{e}");
+        }
+    }
+
+    #[test]
+    fn grows_with_batch_and_area_but_not_weights() {
+        let base = estimate(&seed_recipe(false));
+        let big = estimate(&EstimateInput { batch: 4, latent_pixels: 128 * 128, ..seed_recipe(false) });
+        assert_eq!(big.weights_gib, base.weights_gib);
+        assert!((big.activations_gib / base.activations_gib - 8.0).abs() < 1e-9);
+        assert!(big.seconds_per_step > base.seconds_per_step);
+    }
+}

@@ -1,0 +1,213 @@
+//! One training step as a fixed sequence of device operations on persistent tensors.
+//!
+//! A micro-step follows diffusers' `train_dreambooth_lora_sdxl.py`: draw a latent sample from each
+//! image's cached posterior and scale it, draw noise (plus offset noise) and uniform timesteps, noise
+//! the latents with the DDPM schedule, predict with the UNet (with SDXL's pooled text and time-id
+//! conditioning), take the MSE against ε or v in fp32 (min-SNR weighted if asked), and back-propagate
+//! `loss / accumulation` into the fp32 LoRA parameters. The optimizer step clips the gradient norm,
+//! then applies AdamW only if the loss and the norm are finite — decided by a device tensor, so a
+//! bad step is skipped and counted without the host ever waiting for the device.
+//!
+//! Nothing here reads a tensor value on the host or depends on one for a shape: the only per-step
+//! host inputs are copied into persistent tensors ([`StepInputs`]) before the step runs, the random
+//! draws come from libtorch's generator on the device, and the learning rate is written into the
+//! optimizer's device tensor. That keeps the whole step capturable as a CUDA graph.
+
+use tch::{Device, Kind, Tensor};
+
+use optim8bit::{AdamW, clip_grad_norm};
+use sdxl_model::schedulers::DdpmSchedule;
+use sdxl_model::unet::{UNet2DConditionModel, UNetInputs};
+
+use crate::prepare::TextConditioning;
+use crate::Result;
+
+/// Where a micro-step's clean latents come from.
+#[derive(Debug)]
+pub enum LatentBatch<'a> {
+    /// Gathered from cached posteriors by [`StepInputs::items`]: `mean + std·ε`, fp32, unscaled.
+    Cached {
+        /// Posterior means `[items, 4, h, w]`.
+        mean: &'a Tensor,
+        /// Posterior standard deviations `[items, 4, h, w]`.
+        std: &'a Tensor,
+        /// Time ids `[items, 6]`.
+        time_ids: &'a Tensor,
+    },
+    /// Encoded this step (random crops or flips): a posterior sample and its time ids.
+    Fresh {
+        /// Unscaled latents `[batch, 4, h, w]`.
+        latents: &'a Tensor,
+        /// Time ids `[batch, 6]`.
+        time_ids: &'a Tensor,
+    },
+}
+
+/// The per-step host inputs, in persistent device tensors.
+#[derive(Debug)]
+pub struct StepInputs {
+    /// Dataset item of each batch row, `[batch]` int64.
+    pub items: Tensor,
+}
+
+impl StepInputs {
+    /// Inputs for batches of `batch` on `device`.
+    pub fn new(batch: i64, device: Device) -> Self {
+        Self { items: Tensor::zeros([batch], (Kind::Int64, device)) }
+    }
+
+    /// Copies this step's item indices in (a host-to-device copy outside the captured work).
+    ///
+    /// # Errors
+    /// libtorch errors (e.g. another batch size).
+    pub fn set_items(&mut self, items: &[usize]) -> Result<()> {
+        let host: Vec<i64> = items.iter().map(|&i| i as i64).collect();
+        self.items.f_copy_(&Tensor::from_slice(&host))?;
+        Ok(())
+    }
+}
+
+/// The fixed settings of the step.
+#[derive(Debug, Clone)]
+pub struct StepSettings {
+    /// The UNet's element type (bf16 or fp32).
+    pub kind: Kind,
+    /// The VAE's `scaling_factor` (0.13025 for SDXL).
+    pub scaling_factor: f64,
+    /// The VAE's `shift_factor`, if any.
+    pub shift_factor: f64,
+    /// Offset-noise strength (0: off).
+    pub noise_offset: f64,
+    /// Min-SNR-γ weighting.
+    pub snr_gamma: Option<f64>,
+    /// Micro-steps per optimizer step (the loss is divided by it).
+    pub accumulation: i64,
+    /// Recompute activations in the backward pass.
+    pub gradient_checkpointing: bool,
+    /// Gradient-norm clipping threshold.
+    pub max_grad_norm: f64,
+}
+
+/// Device-side running sums that the host reads only every `--logging_steps`.
+#[derive(Debug)]
+pub struct Accumulators {
+    /// Sum over micro-steps of this optimizer step's loss / accumulation.
+    pub step_loss: Tensor,
+    /// Sum of the losses of applied optimizer steps since the last read.
+    pub window_loss: Tensor,
+    /// Applied optimizer steps since the last read.
+    pub window_steps: Tensor,
+    /// Optimizer steps skipped for non-finite values, over the whole run.
+    pub skipped: Tensor,
+    /// The gradient norm before clipping of the last optimizer step.
+    pub grad_norm: Tensor,
+}
+
+impl Accumulators {
+    /// Zeros on `device` (fp64 sums so long windows lose nothing).
+    pub fn new(device: Device) -> Self {
+        let zero = || Tensor::zeros([], (Kind::Double, device));
+        Self { step_loss: zero(), window_loss: zero(), window_steps: zero(), skipped: zero(), grad_norm: zero() }
+    }
+}
+
+/// One micro-step: forward, loss, backward into the LoRA gradients; adds `loss / accumulation` to
+/// `acc.step_loss`.
+///
+/// # Errors
+/// Model errors (shapes).
+pub fn micro_step(
+    unet: &UNet2DConditionModel,
+    schedule: &DdpmSchedule,
+    text: &TextConditioning,
+    latents: &LatentBatch<'_>,
+    inputs: &StepInputs,
+    settings: &StepSettings,
+    acc: &mut Accumulators,
+) -> Result<()> {
+    // 1. Clean latents: a posterior sample, scaled as the UNet was trained on.
+    let (clean, time_ids) = match latents {
+        LatentBatch::Cached { mean, std, time_ids } => {
+            let mean = mean.index_select(0, &inputs.items);
+            let std = std.index_select(0, &inputs.items);
+            (&mean + std * mean.randn_like(), time_ids.index_select(0, &inputs.items))
+        }
+        LatentBatch::Fresh { latents, time_ids } => (latents.to_kind(Kind::Float), time_ids.shallow_clone()),
+    };
+    let clean = ((clean - settings.shift_factor) * settings.scaling_factor).to_kind(settings.kind);
+    // 2. Noise, offset noise, timesteps, noisy latents.
+    let mut noise = clean.randn_like();
+    if settings.noise_offset > 0.0 {
+        let size = clean.size();
+        let offset = Tensor::randn([size[0], size[1], 1, 1], (settings.kind, clean.device()));
+        noise += offset * settings.noise_offset;
+    }
+    let batch = clean.size()[0];
+    let timesteps = Tensor::randint(schedule.num_train_timesteps() as i64, [batch], (Kind::Int64, clean.device()));
+    let noisy = schedule.add_noise(&clean, &noise, &timesteps)?;
+    // 3. Conditioning rows of this batch's prompts.
+    let rows = text.prompt_of_item.index_select(0, &inputs.items);
+    let context = text.context.index_select(0, &rows);
+    let pooled = text.pooled.index_select(0, &rows);
+    let time_ids = time_ids.to_kind(settings.kind);
+    let unet_inputs = UNetInputs {
+        sample: &noisy,
+        timesteps: &timesteps,
+        encoder_hidden_states: &context,
+        text_embeds: Some(&pooled),
+        time_ids: Some(&time_ids),
+    };
+    let target = schedule.target(&clean, &noise, &timesteps)?.to_kind(Kind::Float);
+    let loss_of = |prediction: &Tensor| -> Result<Tensor> {
+        let squared = (prediction.to_kind(Kind::Float) - &target).square();
+        Ok(match settings.snr_gamma {
+            None => squared.mean(Kind::Float),
+            Some(gamma) => {
+                let per_sample = squared.mean_dim(&[1i64, 2, 3][..], false, Kind::Float);
+                (per_sample * schedule.min_snr_weights(&timesteps, gamma)?).mean(Kind::Float)
+            }
+        })
+    };
+    // 4. Forward and backward.
+    let loss = if settings.gradient_checkpointing {
+        let forward = unet.forward_checkpointed(&unet_inputs)?;
+        // The loss's gradient w.r.t. the prediction, by autograd on a detached copy; the UNet's own
+        // backward then recomputes block by block.
+        let prediction = forward.output().detach().set_requires_grad(true);
+        let loss = loss_of(&prediction)?;
+        (&loss / settings.accumulation as f64).backward();
+        forward.backward(&prediction.grad())?;
+        loss
+    } else {
+        let loss = loss_of(&unet.forward(&unet_inputs)?)?;
+        (&loss / settings.accumulation as f64).backward();
+        loss
+    };
+    tch::no_grad(|| {
+        let _ = acc.step_loss.g_add_(&(loss.detach().to_kind(Kind::Double) / settings.accumulation as f64));
+    });
+    Ok(())
+}
+
+/// The optimizer step after `accumulation` micro-steps: clip, then AdamW if everything is finite
+/// (else a counted skip), then zero the gradients and fold the step's loss into the window.
+///
+/// # Errors
+/// Optimizer errors.
+pub fn optimizer_step(optimizer: &mut AdamW, params: &[Tensor], settings: &StepSettings, acc: &mut Accumulators) -> Result<()> {
+    let norm = clip_grad_norm(params, settings.max_grad_norm)?;
+    tch::no_grad(|| -> Result<()> {
+        let finite = norm.isfinite().logical_and(&acc.step_loss.isfinite());
+        optimizer.step_if(&finite)?;
+        let applied = finite.to_kind(Kind::Double);
+        let _ = acc.skipped.g_add_(&(1.0 - &applied));
+        let _ = acc.window_steps.g_add_(&applied);
+        // where(), not multiplication: 0 · NaN would poison the window.
+        let _ = acc.window_loss.g_add_(&acc.step_loss.where_self(&finite, &acc.step_loss.zeros_like()));
+        acc.grad_norm.copy_(&norm.to_kind(Kind::Double));
+        let _ = acc.step_loss.zero_();
+        Ok(())
+    })?;
+    optimizer.zero_grad()?;
+    Ok(())
+}
