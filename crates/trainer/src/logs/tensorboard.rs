@@ -4,7 +4,9 @@
 //! `torch.utils.tensorboard` / tensorboardX: a file `events.out.tfevents.<secs>.<host>.<pid>.<n>`
 //! of TFRecords, each `u64 length (LE) | masked CRC32C of the length | Event protobuf | masked CRC32C
 //! of the protobuf`. The first event carries `file_version: "brain.Event:2"`; every later one a
-//! `Summary` with one `simple_value`. The few protobuf fields needed (`tensorflow/core/util/
+//! `Summary` with one `simple_value`. A resumed run's file then starts with a `SessionLog` START event,
+//! as `SummaryWriter(purge_step=...)` writes it: TensorBoard drops the killed run's events from that
+//! step on. The few protobuf fields needed (`tensorflow/core/util/
 //! event.proto`, `summary.proto`) are encoded by hand rather than through a protobuf crate.
 
 use std::fs::File;
@@ -18,6 +20,9 @@ use crate::{Error, Result};
 
 /// The version string of the first event; TensorBoard reads files that start with it.
 const FILE_VERSION: &str = "brain.Event:2";
+
+/// `SessionLog.SessionStatus.START`, the status of the event that marks a restart.
+const SESSION_START: u8 = 1;
 
 /// Event files opened by this process so far: the last part of the file name, as the Python writers
 /// number theirs, so two writers in one process and second never collide.
@@ -65,6 +70,22 @@ impl EventWriter {
     /// # Errors
     /// [`Error::LogIo`] when the folder or file cannot be created or written.
     pub fn create(log_dir: &Path) -> Result<Self> {
+        Self::create_with_purge(log_dir, None)
+    }
+
+    /// Like [`EventWriter::create`], for a run resumed from the checkpoint of `resume_from_step`:
+    /// the file also says that the run restarted after that step, so TensorBoard discards the
+    /// events of later steps that the interrupted run wrote to the older files of `log_dir` (the
+    /// steps this run logs again). The event files themselves are left as they are.
+    ///
+    /// # Errors
+    /// As [`EventWriter::create`].
+    pub fn create_resumed(log_dir: &Path, resume_from_step: u64) -> Result<Self> {
+        let purge_step = i64::try_from(resume_from_step).unwrap_or(i64::MAX).saturating_add(1);
+        Self::create_with_purge(log_dir, Some(purge_step))
+    }
+
+    fn create_with_purge(log_dir: &Path, purge_step: Option<i64>) -> Result<Self> {
         std::fs::create_dir_all(log_dir).map_err(io_error(log_dir))?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let name = format!(
@@ -77,9 +98,16 @@ impl EventWriter {
         let file = File::options().write(true).create_new(true).open(&path).map_err(io_error(&path))?;
         let mut writer = Self { path, file: BufWriter::new(file) };
         let mut event = Vec::new();
-        encode_event_header(&mut event, wall_time_now(), 0);
+        encode_event_header(&mut event, wall_time_now(), purge_step.unwrap_or(0));
         encode_bytes_field(&mut event, 3, FILE_VERSION.as_bytes());
         writer.write_record(&event)?;
+        if let Some(step) = purge_step {
+            // TensorBoard keeps what it read before this event only for steps below its step.
+            let mut event = Vec::new();
+            encode_event_header(&mut event, wall_time_now(), step);
+            encode_bytes_field(&mut event, 7, &[field_key(1, WIRE_VARINT), SESSION_START]);
+            writer.write_record(&event)?;
+        }
         writer.flush()?;
         Ok(writer)
     }
@@ -453,6 +481,42 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         assert_eq!(read_scalars(&path).unwrap().len(), 3);
         assert!(matches!(read_scalars(&dir.path().join("missing")), Err(Error::LogIo { .. })));
+    }
+
+    #[test]
+    fn a_resumed_file_starts_with_a_restart_after_the_checkpoint() {
+        let dir = TestDir::new("tb-resume");
+        let mut first = EventWriter::create(dir.path()).unwrap();
+        first.add_scalar("loss", 1, 0.5).unwrap();
+        first.flush().unwrap();
+        let mut resumed = EventWriter::create_resumed(dir.path(), 6).unwrap();
+        resumed.add_scalar("loss", 7, 0.25).unwrap();
+        resumed.flush().unwrap();
+        assert_ne!(first.path(), resumed.path());
+
+        let bytes = std::fs::read(resumed.path()).unwrap();
+        let all = records(resumed.path(), &bytes).unwrap();
+        assert_eq!(all.len(), 3);
+        let steps_and_fields = |data: &[u8]| {
+            let mut fields = Fields::new(data);
+            let (mut step, mut numbers, mut session) = (None, Vec::new(), None);
+            while let Some((number, field)) = fields.next_field().unwrap() {
+                numbers.push(number);
+                match (number, field) {
+                    (2, Field::Varint(raw)) => step = Some(raw as i64),
+                    (7, Field::Bytes(raw)) => session = Some(raw.to_vec()),
+                    _ => {}
+                }
+            }
+            (step, numbers, session)
+        };
+        assert_eq!(steps_and_fields(all[0].1).1, [1, 2, 3], "file version first");
+        assert_eq!(steps_and_fields(all[1].1), (Some(7), vec![1, 2, 7], Some(vec![0x08, SESSION_START])));
+        let scalars = read_scalars(resumed.path()).unwrap();
+        assert_eq!((scalars.len(), scalars[0].step, scalars[0].value), (1, 7, 0.25));
+        // A plain file has no restart record.
+        let bytes = std::fs::read(first.path()).unwrap();
+        assert!(records(first.path(), &bytes).unwrap().iter().all(|(_, data)| steps_and_fields(data).2.is_none()));
     }
 
     #[test]
