@@ -242,6 +242,10 @@ impl Trainer {
         for stale in store.clean_stale()? {
             log(format!("removed {} left by an interrupted run", stale.display()));
         }
+        // A run killed between a save and its prune leaves one checkpoint too many.
+        if let Some(limit) = config.checkpoints_total_limit {
+            store.prune(limit as usize)?;
+        }
         let model = model_files::resolve(&config.pretrained_model_name_or_path, &config.revision, config.variant.as_deref())?;
         log(format!("model {} (variant {:?}) on {device:?} in {kind:?}", model.root.display(), model.variant));
 
@@ -704,9 +708,11 @@ impl Trainer {
         self.check_finite("the final LoRA")?;
         let out = self.config.output_dir.clone();
         let lora = self.lora_state()?;
-        let config_toml = self.config.to_toml()?;
+        // The metadata key lora files share for the training config holds JSON.
+        let config_json = serde_json::to_string(&self.config)
+            .map_err(|e| Error::Checkpoint { path: out.join(LORA_FILE), problem: format!("config as JSON: {e}") })?;
         let mut options = WriteOptions::default();
-        options.extra_metadata.insert(TRAINING_CONFIG_KEY.to_owned(), config_toml.clone());
+        options.extra_metadata.insert(TRAINING_CONFIG_KEY.to_owned(), config_json);
         let lora_file = out.join(LORA_FILE);
         lora::format::write(&lora_file, &lora, Format::Diffusers, &options)?;
         // kohya names with SGM block names: what A1111 and ComfyUI load.

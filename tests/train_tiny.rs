@@ -1,0 +1,268 @@
+//! The trainer end to end on the tiny preset (the repository's tiny SDXL-shaped model and demo
+//! dataset, on the CPU): the loss falls, every output file loads, and a run killed with SIGKILL at
+//! random moments — including in the middle of writing a checkpoint — and resumed each time ends with
+//! a LoRA bit-identical to an uninterrupted run's, never leaving a corrupt checkpoint behind.
+//!
+//! Every training run happens in a child process (this test binary re-run on the ignored test
+//! `training_child`), so runs never share libtorch's process-wide generator and can be killed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use image::GenericImageView;
+use tch::Tensor;
+use trainer::TrainConfig;
+use trainer::checkpoint::CheckpointStore;
+use trainer::logs::{jsonl::MetricsLog, tensorboard::read_scalars};
+use trainer::run::{KOHYA_FILE, LORA_FILE};
+
+const CHILD_CONFIG: &str = "TRAIN_TINY_CHILD_CONFIG";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sdxl-train-tiny-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn tiny(output_dir: &Path) -> TrainConfig {
+    TrainConfig::tiny_demo(
+        &repo().join("tests/fixtures/tiny-sdxl"),
+        &repo().join("examples/data/tiny-naruto"),
+        output_dir,
+    )
+}
+
+/// Runs one training process to the end of its config (resuming from the latest checkpoint).
+#[test]
+#[ignore = "the child process of the tests below; it trains only when they start it"]
+fn training_child() {
+    let path = std::env::var(CHILD_CONFIG).expect("started by a test of this file with a config");
+    // One thread: identical arithmetic in every process of a comparison, and no oversubscription.
+    tch::set_num_threads(1);
+    let config = TrainConfig::from_toml_file(Path::new(&path)).unwrap();
+    let mut trainer = trainer::Trainer::new(config).unwrap();
+    trainer.run().unwrap();
+}
+
+fn spawn(config: &TrainConfig, slow_checkpoints: bool) -> Child {
+    let file = config.output_dir.with_extension("toml");
+    std::fs::write(&file, config.to_toml().unwrap()).unwrap();
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args(["--ignored", "--exact", "training_child", "--nocapture", "--test-threads", "1"])
+        .env(CHILD_CONFIG, &file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if slow_checkpoints {
+        command.env("TRAINER_TEST_SLOW_CHECKPOINT_MS", "150");
+    }
+    command.spawn().unwrap()
+}
+
+fn run_to_end(config: &TrainConfig) {
+    let output = spawn(config, false).wait_with_output().unwrap();
+    assert!(output.status.success(), "training failed:\n{}", String::from_utf8_lossy(&output.stderr));
+}
+
+fn tensors(path: &Path) -> Vec<(String, Tensor)> {
+    let mut named = Tensor::read_safetensors(path).unwrap();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+fn assert_bit_identical(a: &Path, b: &Path) {
+    let (a, b) = (tensors(a), tensors(b));
+    assert_eq!(a.len(), b.len());
+    for ((name_a, ta), (name_b, tb)) in a.iter().zip(&b) {
+        assert_eq!(name_a, name_b);
+        assert!(ta.equal(tb), "{name_a} differs");
+    }
+}
+
+#[test]
+fn tiny_preset_trains_and_every_output_loads() {
+    let out = scratch("outputs").join("run");
+    run_to_end(&tiny(&out));
+
+    // The loss falls: the last logged windows average clearly below the first.
+    let metrics = MetricsLog::read(&out.join("logs/metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = metrics.iter().filter_map(|r| r["loss"].as_f64()).collect();
+    assert_eq!(losses.len(), 20, "a loss every 5 of 100 steps");
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    let (first, last) = (mean(&losses[..3]), mean(&losses[17..]));
+    println!("mean loss of the first three windows {first:.4}, of the last three {last:.4}");
+    assert!(last < first - 0.03, "loss did not fall: {first:.4} -> {last:.4}");
+
+    // TensorBoard has the same losses at the same steps.
+    let events: Vec<PathBuf> = std::fs::read_dir(out.join("logs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("events.out.tfevents."))
+        .collect();
+    assert_eq!(events.len(), 1);
+    let scalars = read_scalars(&events[0]).unwrap();
+    let logged: Vec<(i64, f32)> = scalars.iter().filter(|s| s.tag == "train/loss").map(|s| (s.step, s.value)).collect();
+    let expected: Vec<(i64, f64)> = metrics.iter().filter_map(|r| Some((r["step"].as_i64()?, r["loss"].as_f64()?))).collect();
+    assert_eq!(logged.len(), expected.len());
+    for ((step, value), (expected_step, expected_value)) in logged.iter().zip(&expected) {
+        assert_eq!(step, expected_step);
+        assert!((f64::from(*value) - expected_value).abs() < 1e-6, "step {step}: {value} vs {expected_value}");
+    }
+
+    // Both LoRA files read back as the same adapters, on all 136 attention projections.
+    let diffusers = lora::format::read(out.join(LORA_FILE), Default::default()).unwrap();
+    assert_eq!(diffusers.format, lora::format::Format::Diffusers);
+    assert_eq!(diffusers.state.modules.len(), 136);
+    assert!(diffusers.metadata.contains_key(lora::format::TRAINING_CONFIG_KEY));
+    let unet_file = repo().join("tests/fixtures/tiny-sdxl/unet/diffusion_pytorch_model.safetensors");
+    let unet_config = sdxl_model::unet::UNetConfig::from_file(repo().join("tests/fixtures/tiny-sdxl/unet/config.json")).unwrap();
+    let renames = lora::format::BlockRenames::new(sdxl_model::unet::sgm_unet_table(&unet_config));
+    let mut names = lora::format::ModuleNames::new();
+    names.add_model_file(lora::Component::Unet, &unet_file).unwrap();
+    let options = lora::format::ReadOptions { module_names: Some(&names), block_renames: Some(&renames) };
+    let kohya = lora::format::read(out.join(KOHYA_FILE), options).unwrap();
+    assert_eq!(kohya.format, lora::format::Format::Kohya);
+    assert_eq!(kohya.state.modules.len(), diffusers.state.modules.len());
+    for (key, module) in &diffusers.state.modules {
+        let other = &kohya.state.modules[key];
+        assert!(module.down.equal(&other.down) && module.up.equal(&other.up), "{key:?}");
+    }
+
+    // Images: the loss plot, a validation grid at step 50, the base-vs-LoRA comparison.
+    let size = |p: &str| image::image_dimensions(out.join(p)).unwrap();
+    assert_eq!(size("loss.png"), (800, 450));
+    assert_eq!(size("validation/step-000050.png"), (128, 64));
+    assert_eq!(size("base_vs_lora.png"), (128, 128));
+    let grid = image::open(out.join("base_vs_lora.png")).unwrap().to_rgb8();
+    let (top, bottom) = (grid.view(0, 0, 128, 64).to_image(), grid.view(0, 64, 128, 64).to_image());
+    assert_ne!(top, bottom, "the LoRA changed nothing");
+
+    // The model card and the checkpoints.
+    let card: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("model_card.json")).unwrap()).unwrap();
+    assert_eq!(card["steps"], 100);
+    assert!(std::fs::read_to_string(out.join("README.md")).unwrap().contains("Naruto style anime character"));
+    let steps: Vec<u64> = CheckpointStore::new(&out).list().unwrap().into_iter().map(|(s, _)| s).collect();
+    assert_eq!(steps, [25, 50, 75, 100]);
+    let _ = std::fs::remove_dir_all(out.parent().unwrap());
+}
+
+/// A checkpoint the store lists must be complete: every file present and the state at its step.
+fn assert_checkpoints_complete(out: &Path) -> Vec<u64> {
+    let mut steps = Vec::new();
+    for (step, path) in CheckpointStore::new(out).list().unwrap() {
+        for file in ["lora_parameters.safetensors", "optimizer.safetensors", LORA_FILE, "trainer_state.json", "config.toml"] {
+            assert!(path.join(file).is_file(), "{} lacks {file}", path.display());
+        }
+        let state: trainer::TrainerState =
+            serde_json::from_str(&std::fs::read_to_string(path.join("trainer_state.json")).unwrap()).unwrap();
+        assert_eq!(state.step, step);
+        assert_eq!(tensors(&path.join("lora_parameters.safetensors")).len(), 272);
+        steps.push(step);
+    }
+    steps
+}
+
+fn latest_step(out: &Path) -> u64 {
+    CheckpointStore::new(out).latest().unwrap().map_or(0, |(step, _)| step)
+}
+
+/// Polls until `done` holds or the child exits; true when `done` came first.
+fn wait_until(child: &mut Child, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    false
+}
+
+fn checkpoint_being_written(out: &Path) -> bool {
+    std::fs::read_dir(out).is_ok_and(|entries| entries.flatten().any(|e| e.file_name().to_string_lossy().contains(".tmp-")))
+}
+
+#[test]
+fn runs_killed_at_random_moments_resume_to_a_bit_identical_lora() {
+    let root = scratch("resume");
+    let config = |name: &str| TrainConfig {
+        max_train_steps: 40,
+        checkpointing_steps: 2,
+        checkpoints_total_limit: Some(2),
+        validation_prompt: None,
+        logging_steps: 4,
+        resume_from_checkpoint: Some("latest".into()),
+        ..tiny(&root.join(name))
+    };
+    let reference = config("uninterrupted");
+    run_to_end(&reference);
+
+    let resumed = config("killed");
+    let out = &resumed.output_dir;
+    // Each process first saves one new checkpoint (so every kill leaves progress behind), then is
+    // killed either in the middle of its next checkpoint write or after a seeded random delay (which
+    // lands anywhere: in a step, a save, a prune).
+    let mut rng = 0x5eed_u64;
+    let mut random_ms = || {
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (rng >> 33) % 700
+    };
+    let plan = [None, Some(random_ms()), None, Some(random_ms()), None, Some(random_ms()), Some(random_ms())];
+    let (mut mid_write, mut killed, mut seen) = (0, 0, Vec::new());
+    for point in plan {
+        let before = latest_step(out);
+        let mut child = spawn(&resumed, true);
+        let mut landed = wait_until(&mut child, || latest_step(out) > before);
+        if landed {
+            landed = match point {
+                None => wait_until(&mut child, || checkpoint_being_written(out)),
+                Some(ms) => {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    child.try_wait().unwrap().is_none()
+                }
+            };
+        }
+        if landed {
+            child.kill().unwrap(); // SIGKILL
+            killed += 1;
+            mid_write += usize::from(point.is_none());
+        }
+        let status = child.wait().unwrap();
+        assert!(landed || status.success(), "a child failed on its own");
+        let steps = assert_checkpoints_complete(out);
+        assert!(steps.len() <= 3, "checkpoints_total_limit 2 (+1 while a save is pruned): {steps:?}");
+        let latest = steps.last().copied().unwrap_or(0);
+        assert!(seen.last().is_none_or(|&l| latest >= l), "the latest checkpoint went back: {seen:?} then {latest}");
+        seen.push(latest);
+    }
+    println!("{killed} kills ({mid_write} while a checkpoint was being written); latest checkpoints seen: {seen:?}");
+    assert!(killed >= 5 && mid_write >= 2, "too few kills landed: {killed} ({mid_write} mid-write)");
+    run_to_end(&resumed);
+    assert_bit_identical(&out.join(LORA_FILE), &reference.output_dir.join(LORA_FILE));
+    assert_bit_identical(
+        &out.join("checkpoint-40/lora_parameters.safetensors"),
+        &reference.output_dir.join("checkpoint-40/lora_parameters.safetensors"),
+    );
+    assert_bit_identical(&out.join("checkpoint-40/optimizer.safetensors"), &reference.output_dir.join("checkpoint-40/optimizer.safetensors"));
+    // The metrics log, rewritten at each resume, ends with the uninterrupted run's losses.
+    let losses = |dir: &Path| -> Vec<(u64, f64)> {
+        MetricsLog::read(&dir.join("logs/metrics.jsonl"))
+            .unwrap()
+            .iter()
+            .filter_map(|r| Some((r["step"].as_u64()?, r["loss"].as_f64()?)))
+            .collect()
+    };
+    assert_eq!(losses(out), losses(&reference.output_dir));
+    let _ = std::fs::remove_dir_all(&root);
+}
