@@ -5,7 +5,8 @@ the `datasets` library as a parquet shard in the hub layout of lambdalabs/naruto
 (`data/train-00000-of-00001.parquet`, columns `image` {bytes, path} and `text`), so the demo reads
 it through the same code path as the real dataset. Deterministic: the same bytes on every run.
 
-Run with the fixtures venv: `$(tools/fixtures/setup.sh) tools/demo/make_dataset.py examples/data/tiny-naruto`.
+Run with the fixtures venv: `$(tools/fixtures/setup.sh) tools/demo/make_dataset.py examples/data/tiny-naruto`
+(optional arguments: image side and count, default 96 and 16).
 """
 
 import io
@@ -20,8 +21,8 @@ HAIR = [("orange", (235, 120, 20)), ("yellow", (240, 200, 40)), ("black", (30, 3
 BACKGROUND = [("blue", (90, 140, 220)), ("green", (110, 190, 120)), ("grey", (160, 160, 170)), ("red", (200, 90, 80))]
 
 
-def head(rng: random.Random) -> tuple[Image.Image, str]:
-    size = 96
+def head(rng: random.Random, size: int) -> tuple[Image.Image, str]:
+    base = 96
     hair_name, hair = rng.choice(HAIR)
     bg_name, bg = rng.choice(BACKGROUND)
     image = Image.new("RGB", (size, size), bg)
@@ -47,15 +48,20 @@ def head(rng: random.Random) -> tuple[Image.Image, str]:
     else:
         draw.line([cx - 6, cy + 12, cx + 6, cy + 12], fill=(90, 30, 30), width=2)
     caption = f"a cartoon of a {mouth} ninja with {hair_name} hair and {eye_name} eyes on a {bg_name} background"
+    if size != base:
+        image = image.resize((size, size), Image.Resampling.LANCZOS)
     return image, caption
 
 
 def main() -> None:
     out = Path(sys.argv[1])
+    # Optional: image side and count (the GPU runs use 75 images of 512 px, the seed recipe's shape).
+    size = int(sys.argv[2]) if len(sys.argv) > 2 else 96
+    count = int(sys.argv[3]) if len(sys.argv) > 3 else 16
     rng = random.Random(1200)
     rows = {"image": [], "text": []}
-    for i in range(16):
-        image, caption = head(rng)
+    for i in range(count):
+        image, caption = head(rng, size)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", optimize=True)
         rows["image"].append({"bytes": buffer.getvalue(), "path": f"{i:03d}.png"})

@@ -462,7 +462,11 @@ impl Trainer {
         }
         let logs = config.output_dir.join("logs");
         let mut metrics = MetricsLog::open(&logs.join("metrics.jsonl"), Some(self.start_step))?;
-        let mut events = EventWriter::create(&logs)?;
+        let mut events = if self.start_step > 0 {
+            EventWriter::create_resumed(&logs, self.start_step)?
+        } else {
+            EventWriter::create(&logs)?
+        };
         let progress = indicatif::ProgressBar::new(config.max_train_steps).with_position(self.start_step);
         progress.set_style(
             indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}] {msg}")

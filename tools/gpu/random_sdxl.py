@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Writes a full-size SDXL-base diffusers folder with seeded, perturbed random weights (fp16 variant).
+
+The same architecture and the same weights as reference_sdxl.py (UNet seed 100, VAE 101, CLIP-L 102,
+bigG 103, the fixture generator's `perturb`), saved as `*.fp16.safetensors` with `model_index.json` and
+the SDXL scheduler config, i.e. the layout `stabilityai/stable-diffusion-xl-base-1.0` has with
+`variant="fp16"`. The trainer's full-size GPU runs train on it (docs/BENCHMARKS.md).
+
+    python3 tools/gpu/random_sdxl.py [--out /tmp/sdxl-random]
+
+Needs diffusers (carried as a wheel; docs/GPU.md) and transformers; uses CUDA when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+from generate import perturb  # noqa: E402
+from reference_sdxl import SDXL_UNET, SDXL_VAE  # noqa: E402
+
+SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000,
+    "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/sdxl-random"))
+    args = parser.parse_args()
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    start = time.time()
+    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                  pad_token_id=49407, layer_norm_eps=1e-5)
+    te1 = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                         hidden_act="quick_gelu", projection_dim=768, **common)
+    te2 = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                         hidden_act="gelu", projection_dim=1280, **common)
+    parts = [
+        ("unet", lambda: UNet2DConditionModel(**SDXL_UNET), 100),
+        ("vae", lambda: AutoencoderKL(**SDXL_VAE), 101),
+        ("text_encoder", lambda: CLIPTextModel(te1), 102),
+        ("text_encoder_2", lambda: CLIPTextModelWithProjection(te2), 103),
+    ]
+    for name, build, seed in parts:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = build().eval()
+        perturb(model, seed)
+        model.to(torch.float16).save_pretrained(str(args.out / name), safe_serialization=True, variant="fp16")
+        del model
+        print(f"{name}: written ({time.time() - start:.0f} s)", flush=True)
+    (args.out / "scheduler").mkdir(parents=True, exist_ok=True)
+    (args.out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
+    index = {"_class_name": "StableDiffusionXLPipeline", "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (args.out / "model_index.json").write_text(json.dumps(index, indent=2))
+    print(f"wrote {args.out} in {time.time() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
