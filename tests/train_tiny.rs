@@ -48,8 +48,11 @@ fn training_child() {
     // One thread: identical arithmetic in every process of a comparison, and no oversubscription.
     tch::set_num_threads(1);
     let config = TrainConfig::from_toml_file(Path::new(&path)).unwrap();
-    let mut trainer = trainer::Trainer::new(config).unwrap();
-    trainer.run().unwrap();
+    // The error as a user sees it (Display), for the tests that expect a run to stop.
+    if let Err(error) = trainer::Trainer::new(config).and_then(|mut trainer| trainer.run()) {
+        eprintln!("error: {error}");
+        std::process::exit(3);
+    }
 }
 
 fn spawn(config: &TrainConfig, slow_checkpoints: bool) -> Child {
@@ -70,6 +73,63 @@ fn spawn(config: &TrainConfig, slow_checkpoints: bool) -> Child {
 fn run_to_end(config: &TrainConfig) {
     let output = spawn(config, false).wait_with_output().unwrap();
     assert!(output.status.success(), "training failed:\n{}", String::from_utf8_lossy(&output.stderr));
+}
+
+#[test]
+fn random_crops_and_flips_encode_latents_every_step() {
+    let out = scratch("fresh").join("run");
+    let config = TrainConfig {
+        cache_latents: false,
+        center_crop: false,
+        random_flip: true,
+        max_train_steps: 10,
+        checkpointing_steps: 10,
+        validation_prompt: None,
+        ..tiny(&out)
+    };
+    run_to_end(&config);
+    let metrics = MetricsLog::read(&out.join("logs/metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = metrics.iter().filter_map(|r| r["loss"].as_f64()).collect();
+    assert_eq!(losses.len(), 2);
+    assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
+    assert!(out.join(LORA_FILE).is_file() && out.join("checkpoint-10").is_dir());
+    let _ = std::fs::remove_dir_all(out.parent().unwrap());
+}
+
+/// Trains with an absurd learning rate; returns the child's stderr and checks that nothing
+/// non-finite was written and no final LoRA exists.
+fn diverge(name: &str, learning_rate: f64) -> String {
+    let out = scratch(name).join("run");
+    let config = TrainConfig {
+        learning_rate,
+        max_train_steps: 40,
+        checkpointing_steps: 1,
+        logging_steps: 5,
+        max_nonfinite_steps: 3,
+        validation_prompt: None,
+        ..tiny(&out)
+    };
+    let output = spawn(&config, false).wait_with_output().unwrap();
+    assert!(!output.status.success(), "the run should have stopped");
+    assert!(!out.join(LORA_FILE).exists());
+    for (_, path) in CheckpointStore::new(&out).list().unwrap() {
+        for (name, tensor) in tensors(&path.join("lora_parameters.safetensors")) {
+            assert!(bool::try_from(tensor.isfinite().all()).unwrap(), "{name} in {}", path.display());
+        }
+    }
+    let _ = std::fs::remove_dir_all(out.parent().unwrap());
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn a_diverging_run_skips_its_non_finite_steps_then_stops_without_writing_a_lora() {
+    // 1e10: the first steps blow the weights up (finite), later losses overflow and those steps are
+    // skipped on the device until the limit stops the run.
+    let stderr = diverge("diverge", 1e10);
+    assert!(stderr.contains("optimizer steps were skipped") && stderr.contains("--max_nonfinite_steps 3"), "{stderr}");
+    // 1e30: weight decay itself overflows a parameter to infinity; the checkpoint writer refuses it.
+    let stderr = diverge("overflow", 1e30);
+    assert!(stderr.contains("refusing to write checkpoint-") && stderr.contains("is not finite"), "{stderr}");
 }
 
 fn tensors(path: &Path) -> Vec<(String, Tensor)> {

@@ -211,3 +211,67 @@ pub fn optimizer_step(optimizer: &mut AdamW, params: &[Tensor], settings: &StepS
     optimizer.zero_grad()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use optim8bit::{AdamWConfig, ParamGroup};
+
+    fn setup() -> (Tensor, AdamW, StepSettings, Accumulators) {
+        let param = Tensor::from_slice(&[0.5f32, -0.25, 1.0]).set_requires_grad(true);
+        let optimizer = AdamW::new(vec![ParamGroup::new(vec![param.shallow_clone()], 0.1, 0.0)], AdamWConfig::fp32()).unwrap();
+        let settings = StepSettings {
+            kind: Kind::Float,
+            scaling_factor: 1.0,
+            shift_factor: 0.0,
+            noise_offset: 0.0,
+            snr_gamma: None,
+            accumulation: 1,
+            gradient_checkpointing: false,
+            max_grad_norm: 1.0,
+        };
+        (param, optimizer, settings, Accumulators::new(Device::Cpu))
+    }
+
+    fn backward(param: &Tensor, scale: f64) {
+        (param * scale).sum(Kind::Float).backward();
+    }
+
+    #[test]
+    fn a_non_finite_loss_skips_the_step_on_the_device_and_counts_it() {
+        let (param, mut optimizer, settings, mut acc) = setup();
+        let before = param.detach().copy();
+        backward(&param, 1.0);
+        let _ = acc.step_loss.fill_(f64::NAN);
+        optimizer_step(&mut optimizer, &[param.shallow_clone()], &settings, &mut acc).unwrap();
+        assert!(param.detach().equal(&before), "a skipped step moved the parameters");
+        assert_eq!(acc.skipped.double_value(&[]), 1.0);
+        assert_eq!((acc.window_loss.double_value(&[]), acc.window_steps.double_value(&[])), (0.0, 0.0));
+        assert_eq!(param.grad().abs().sum(Kind::Float).double_value(&[]), 0.0, "gradients are zeroed after a skip too");
+
+        // A finite step afterwards applies and enters the window.
+        backward(&param, 1.0);
+        let _ = acc.step_loss.fill_(0.75);
+        optimizer_step(&mut optimizer, &[param.shallow_clone()], &settings, &mut acc).unwrap();
+        assert!(!param.detach().equal(&before));
+        assert_eq!(acc.skipped.double_value(&[]), 1.0);
+        assert_eq!((acc.window_loss.double_value(&[]), acc.window_steps.double_value(&[])), (0.75, 1.0));
+        assert_eq!(acc.step_loss.double_value(&[]), 0.0);
+    }
+
+    #[test]
+    fn an_infinite_gradient_skips_the_step_and_clipping_reports_the_norm() {
+        let (param, mut optimizer, settings, mut acc) = setup();
+        let before = param.detach().copy();
+        backward(&param, f64::INFINITY);
+        optimizer_step(&mut optimizer, &[param.shallow_clone()], &settings, &mut acc).unwrap();
+        assert!(param.detach().equal(&before));
+        assert_eq!(acc.skipped.double_value(&[]), 1.0);
+        assert!(acc.grad_norm.double_value(&[]).is_infinite());
+
+        backward(&param, 4.0); // norm 4·√3 > 1: clipped, applied
+        optimizer_step(&mut optimizer, &[param.shallow_clone()], &settings, &mut acc).unwrap();
+        assert!((acc.grad_norm.double_value(&[]) - 4.0 * 3f64.sqrt()).abs() < 1e-5);
+        assert!(!param.detach().equal(&before));
+    }
+}
