@@ -45,6 +45,9 @@ fn local_variant(root: &Path, wanted: Option<&str>) -> Option<String> {
 /// Resolves `--pretrained_model_name_or_path`: an existing folder is used as is; anything else is a
 /// hub repository id whose needed files are fetched (or found in the cache when offline).
 ///
+/// `variant` is used where its UNet weights exist: in the folder, in the repository's file list, or
+/// (with `HF_HUB_OFFLINE`) in the cache; otherwise the plain file names are read.
+///
 /// # Errors
 /// [`Error::Hub`] naming the repository and the file; [`Error::InvalidOption`] for a folder without
 /// `unet/config.json`.
@@ -76,12 +79,18 @@ fn download(repo_id: &str, revision: &str, variant: Option<&str>) -> Result<Mode
     builder = builder.with_cache_dir(cache.path().clone());
     let api = builder.build().map_err(|e| hub_error(e.to_string()))?;
     let repo = api.repo(Repo::with_revision(repo_id.to_owned(), RepoType::Model, revision.to_owned()));
+    let cached = cache.repo(Repo::with_revision(repo_id.to_owned(), RepoType::Model, revision.to_owned()));
     let listing: Option<Vec<String>> = if offline {
         None
     } else {
         Some(repo.info().map_err(|e| hub_error(e.to_string()))?.siblings.into_iter().map(|s| s.rfilename).collect())
     };
-    let has = |name: &str| listing.as_ref().is_none_or(|files| files.iter().any(|f| f == name));
+    // Online the repository's listing says what exists; offline the cache does (a repository
+    // without the variant was cached under the plain names, and offline must choose those again).
+    let has = |name: &str| match &listing {
+        Some(files) => files.iter().any(|f| f == name),
+        None => cached.get(name).is_some(),
+    };
     let chosen_variant = variant.filter(|v| has(&format!("unet/{}", with_variant("diffusion_pytorch_model.safetensors", Some(v)))));
     let mut wanted = vec!["model_index.json".to_owned()];
     if has("scheduler/scheduler_config.json") {
@@ -94,9 +103,7 @@ fn download(repo_id: &str, revision: &str, variant: Option<&str>) -> Result<Mode
     let mut root = None;
     for name in &wanted {
         let path = if offline {
-            cache
-                .repo(Repo::with_revision(repo_id.to_owned(), RepoType::Model, revision.to_owned()))
-                .get(name).ok_or_else(|| hub_error(format!("`{name}` is not in the cache and HF_HUB_OFFLINE is set")))?
+            cached.get(name).ok_or_else(|| hub_error(format!("`{name}` is not in the cache and HF_HUB_OFFLINE is set")))?
         } else {
             repo.get(name).map_err(|e| hub_error(format!("`{name}`: {e}")))?
         };
