@@ -31,6 +31,7 @@ fn main() {
         .file("src/shim.cpp")
         .compile("torch_cuda_shim");
     println!("cargo:rustc-link-search=native={}", lib_dir.display());
+    println!("cargo:rustc-link-lib=dylib=torch_cuda");
     println!("cargo:rustc-link-lib=dylib=c10_cuda");
     println!("cargo:rustc-link-lib=dylib=c10");
     println!("cargo:rustc-cfg=torch_cuda_shim");

@@ -1,6 +1,6 @@
 //! CUDA facilities of libtorch that tch does not expose.
 //!
-//! Today: the caching allocator's memory statistics, the same numbers as PyTorch's
+//! CUDA graphs ([`CudaGraph`], over `at::cuda::CUDAGraph`); the caching allocator's memory statistics, the same numbers as PyTorch's
 //! `torch.cuda.max_memory_allocated()` / `max_memory_reserved()`, so GPU benchmarks compare like with
 //! like; and the TF32 switches (`torch.backends.cuda.matmul.allow_tf32`,
 //! `torch.backends.cudnn.allow_tf32`), so fp32 parity checks run both sides in full precision. The functions go through a small C++ shim (`src/shim.cpp`) compiled against the pinned
@@ -8,6 +8,10 @@
 //! `None` / `false`.
 
 #![warn(missing_docs)]
+
+pub mod graph;
+
+pub use graph::{CaptureMode, CudaGraph, GraphError};
 
 /// The caching allocator's counters for one device, in bytes, over all memory pools.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

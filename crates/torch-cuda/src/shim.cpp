@@ -61,3 +61,133 @@ int torch_cuda_set_allow_tf32(int cublas, int cudnn) {
 }
 
 }  // extern "C"
+
+// ---- CUDA graphs: at::cuda::CUDAGraph captured on a side stream, replayed on the current one. ----
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <exception>
+#include <optional>
+#include <string>
+
+namespace {
+
+thread_local std::string last_error;
+
+int fail(const std::exception& e) {
+    last_error = e.what();
+    return -1;
+}
+
+int fail_unknown() {
+    last_error = "unknown C++ exception";
+    return -1;
+}
+
+// Streams are switched with c10_cuda's exported functions, not the inline guards, so that the shim
+// calls nothing of the CUDA runtime directly (the binary then needs no libcudart of its own).
+struct Graph {
+    at::cuda::CUDAGraph graph;
+    // The stream that was current before the capture, made current again at its end.
+    std::optional<c10::cuda::CUDAStream> previous;
+};
+
+void restore(Graph* g) {
+    if (g->previous) {
+        c10::cuda::setCurrentCUDAStream(*g->previous);
+        g->previous.reset();
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* torch_cuda_last_error() { return last_error.c_str(); }
+
+void* torch_cuda_graph_new() {
+    try {
+        return new Graph();
+    } catch (const std::exception& e) {
+        fail(e);
+        return nullptr;
+    } catch (...) {
+        fail_unknown();
+        return nullptr;
+    }
+}
+
+void torch_cuda_graph_free(void* graph) {
+    try {
+        delete static_cast<Graph*>(graph);
+    } catch (...) {
+    }
+}
+
+// Waits for the device, makes a fresh stream of `device`'s pool current and starts capturing on it,
+// in the memory pool of `share` (another graph, replayed in capture order) or a private one.
+// `mode`: 0 global, 1 thread-local, 2 relaxed (cudaStreamCaptureMode).
+int torch_cuda_graph_capture_begin(void* graph, int device, void* share, int mode) {
+    try {
+        auto* g = static_cast<Graph*>(graph);
+        const auto index = static_cast<c10::DeviceIndex>(device);
+        c10::cuda::device_synchronize();
+        g->previous = c10::cuda::getCurrentCUDAStream(index);
+        c10::cuda::setCurrentCUDAStream(c10::cuda::getStreamFromPool(false, index));
+        at::cuda::MempoolId_t pool = {0, 0};
+        if (share != nullptr) {
+            pool = static_cast<Graph*>(share)->graph.pool();
+        }
+        g->graph.capture_begin(pool, static_cast<cudaStreamCaptureMode>(mode));
+        return 0;
+    } catch (const std::exception& e) {
+        restore(static_cast<Graph*>(graph));
+        return fail(e);
+    } catch (...) {
+        restore(static_cast<Graph*>(graph));
+        return fail_unknown();
+    }
+}
+
+// Ends the capture and instantiates the graph; the previous stream is current again.
+int torch_cuda_graph_capture_end(void* graph) {
+    auto* g = static_cast<Graph*>(graph);
+    try {
+        g->graph.capture_end();
+        restore(g);
+        return 0;
+    } catch (const std::exception& e) {
+        restore(g);
+        return fail(e);
+    } catch (...) {
+        restore(g);
+        return fail_unknown();
+    }
+}
+
+// Launches the captured work on the current stream (and advances the RNG offsets it consumed).
+int torch_cuda_graph_replay(void* graph) {
+    try {
+        static_cast<Graph*>(graph)->graph.replay();
+        return 0;
+    } catch (const std::exception& e) {
+        return fail(e);
+    } catch (...) {
+        return fail_unknown();
+    }
+}
+
+int torch_cuda_synchronize(int device) {
+    try {
+        c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
+        c10::cuda::device_synchronize();
+        return 0;
+    } catch (const std::exception& e) {
+        return fail(e);
+    } catch (...) {
+        return fail_unknown();
+    }
+}
+
+}  // extern "C"
