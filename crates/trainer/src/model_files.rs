@@ -46,7 +46,9 @@ fn local_variant(root: &Path, wanted: Option<&str>) -> Option<String> {
 /// hub repository id whose needed files are fetched (or found in the cache when offline).
 ///
 /// `variant` is used where its UNet weights exist: in the folder, in the repository's file list, or
-/// (with `HF_HUB_OFFLINE`) in the cache; otherwise the plain file names are read.
+/// (with `HF_HUB_OFFLINE`) in the cache; otherwise the plain file names are read. Online, the files
+/// come from the commit `revision` names on the hub now; when the hub cannot be reached, a revision
+/// the cache holds whole is used, as huggingface_hub does.
 ///
 /// # Errors
 /// [`Error::Hub`] naming the repository and the file; [`Error::InvalidOption`] for a folder without
@@ -66,31 +68,25 @@ pub fn resolve(name_or_path: &str, revision: &str, variant: Option<&str>) -> Res
 }
 
 fn download(repo_id: &str, revision: &str, variant: Option<&str>) -> Result<ModelFolder> {
-    let hub_error = |problem: String| Error::Hub { repo: repo_id.to_owned(), problem };
     let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"));
-    let mut builder = ApiBuilder::from_env().with_progress(true);
-    if let Ok(token) = std::env::var("HF_TOKEN") {
-        builder = builder.with_token(Some(token));
-    }
     let cache = match std::env::var_os("HF_HUB_CACHE").filter(|v| !v.is_empty()) {
         Some(folder) => hf_hub::Cache::new(PathBuf::from(folder)),
         None => hf_hub::Cache::from_env(),
     };
-    builder = builder.with_cache_dir(cache.path().clone());
-    let api = builder.build().map_err(|e| hub_error(e.to_string()))?;
-    let repo = api.repo(Repo::with_revision(repo_id.to_owned(), RepoType::Model, revision.to_owned()));
-    let cached = cache.repo(Repo::with_revision(repo_id.to_owned(), RepoType::Model, revision.to_owned()));
-    let listing: Option<Vec<String>> = if offline {
-        None
-    } else {
-        Some(repo.info().map_err(|e| hub_error(e.to_string()))?.siblings.into_iter().map(|s| s.rfilename).collect())
-    };
-    // Online the repository's listing says what exists; offline the cache does (a repository
-    // without the variant was cached under the plain names, and offline must choose those again).
-    let has = |name: &str| match &listing {
-        Some(files) => files.iter().any(|f| f == name),
-        None => cached.get(name).is_some(),
-    };
+    if offline {
+        return from_cache(&cache, repo_id, revision, variant);
+    }
+    // As huggingface_hub does when the hub cannot be asked (no network, server down), a revision
+    // the cache holds whole is used; otherwise the hub's error is the one worth reading.
+    fetch(&cache, repo_id, revision, variant).or_else(|error| from_cache(&cache, repo_id, revision, variant).map_err(|_| error))
+}
+
+fn hub_error(repo_id: &str, problem: String) -> Error {
+    Error::Hub { repo: repo_id.to_owned(), problem }
+}
+
+/// The variant to read and the files training needs, given which files exist (`has`).
+fn needed_files(variant: Option<&str>, has: impl Fn(&str) -> bool) -> (Option<String>, Vec<String>) {
     let chosen_variant = variant.filter(|v| has(&format!("unet/{}", with_variant("diffusion_pytorch_model.safetensors", Some(v)))));
     let mut wanted = vec!["model_index.json".to_owned()];
     if has("scheduler/scheduler_config.json") {
@@ -100,19 +96,56 @@ fn download(repo_id: &str, revision: &str, variant: Option<&str>) -> Result<Mode
         wanted.push(format!("{component}/config.json"));
         wanted.push(format!("{component}/{}", with_variant(weights, chosen_variant)));
     }
+    (chosen_variant.map(str::to_owned), wanted)
+}
+
+/// Online: lists the repository at `revision`, fetches what the cache's snapshot of that commit
+/// lacks, and points the cache's ref for `revision` at the commit.
+fn fetch(cache: &hf_hub::Cache, repo_id: &str, revision: &str, variant: Option<&str>) -> Result<ModelFolder> {
+    let mut builder = ApiBuilder::from_env().with_progress(true).with_cache_dir(cache.path().clone());
+    if let Ok(token) = std::env::var("HF_TOKEN") {
+        builder = builder.with_token(Some(token));
+    }
+    let api = builder.build().map_err(|e| hub_error(repo_id, e.to_string()))?;
+    let model = Repo::with_revision(repo_id.to_owned(), RepoType::Model, revision.to_owned());
+    let repo = api.repo(model.clone());
+    let info = repo.info().map_err(|e| hub_error(repo_id, e.to_string()))?;
+    let listing: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    let (chosen_variant, wanted) = needed_files(variant, |name| listing.iter().any(|f| f == name));
+    // The snapshot of the commit the hub names now, not whatever the cache's ref last pointed at:
+    // files cached from an older commit must not mix with (or stand in for) the current ones.
+    let snapshot = cache.path().join(model.folder_name()).join("snapshots").join(&info.sha);
+    for name in &wanted {
+        if snapshot.join(name).is_file() {
+            continue;
+        }
+        let path = repo.download(name).map_err(|e| hub_error(repo_id, format!("`{name}`: {e}")))?;
+        if !path.starts_with(&snapshot) {
+            return Err(hub_error(
+                repo_id,
+                format!("`{name}` came from another commit than {}: the repository changed during the download", info.sha),
+            ));
+        }
+    }
+    cache.repo(model).create_ref(&info.sha).map_err(|e| hub_error(repo_id, format!("writing the ref of `{revision}` in the cache: {e}")))?;
+    Ok(ModelFolder { root: snapshot, variant: chosen_variant })
+}
+
+/// Offline: the snapshot the cache's ref for `revision` points at, which must hold every needed
+/// file; the variant is chosen by what that snapshot holds.
+fn from_cache(cache: &hf_hub::Cache, repo_id: &str, revision: &str, variant: Option<&str>) -> Result<ModelFolder> {
+    let cached = cache.repo(Repo::with_revision(repo_id.to_owned(), RepoType::Model, revision.to_owned()));
+    let (chosen_variant, wanted) = needed_files(variant, |name| cached.get(name).is_some());
     let mut root = None;
     for name in &wanted {
-        let path = if offline {
-            cached.get(name).ok_or_else(|| hub_error(format!("`{name}` is not in the cache and HF_HUB_OFFLINE is set")))?
-        } else {
-            repo.get(name).map_err(|e| hub_error(format!("`{name}`: {e}")))?
-        };
+        let path = cached.get(name).ok_or_else(|| {
+            hub_error(repo_id, format!("`{name}` of revision `{revision}` is not in the cache {} (HF_HUB_OFFLINE is set or the hub was not reached)", cache.path().display()))
+        })?;
         // The snapshot folder: the file's path minus its name inside the repository.
-        let depth = name.split('/').count();
-        root = path.ancestors().nth(depth).map(Path::to_path_buf);
+        root = path.ancestors().nth(name.split('/').count()).map(Path::to_path_buf);
     }
-    let root = root.ok_or_else(|| hub_error("no files".into()))?;
-    Ok(ModelFolder { root, variant: chosen_variant.map(str::to_owned) })
+    let root = root.ok_or_else(|| hub_error(repo_id, "no files".into()))?;
+    Ok(ModelFolder { root, variant: chosen_variant })
 }
 
 #[cfg(test)]

@@ -6,8 +6,9 @@
 //!
 //! The test checks which files are fetched (only those training reads), that the snapshot folder
 //! loads with the real loaders and holds the chosen variant, that a second resolve reads the cache,
-//! that `HF_HUB_OFFLINE=1` finds the same folders with the server gone, and that unknown
-//! repositories give [`trainer::Error::Hub`] naming them.
+//! that a new commit on `main` is fetched into its own snapshot, that with the server gone the
+//! cached folders are found (online, as huggingface_hub falls back, and with `HF_HUB_OFFLINE=1`),
+//! and that unknown repositories give [`trainer::Error::Hub`] naming them.
 //!
 //! One test in this binary: it sets process environment variables.
 
@@ -34,6 +35,8 @@ const VARIANT_REPO: &str = "stand-in/tiny-sdxl-fp16";
 const VARIANT_COMMIT: &str = "1111111111111111111111111111111111111111";
 const PLAIN_REPO: &str = "stand-in/tiny-sdxl";
 const PLAIN_COMMIT: &str = "2222222222222222222222222222222222222222";
+/// The plain repo's `main` after a new commit that changes the scheduler config.
+const PLAIN_COMMIT_2: &str = "3333333333333333333333333333333333333333";
 const ABSENT_REPO: &str = "stand-in/absent";
 
 /// The components of the fixture and their plain weight file names.
@@ -94,6 +97,7 @@ fn etag(content: &[u8]) -> String {
 struct FakeHub {
     address: String,
     requests: Arc<Mutex<Vec<String>>>,
+    repos: Arc<Mutex<Vec<HubRepo>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -105,11 +109,17 @@ impl FakeHub {
         listener.set_nonblocking(true).unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (log, halt, own_address) = (requests.clone(), stop.clone(), address.clone());
+        let repos = Arc::new(Mutex::new(repos));
+        let (log, halt, own_address, served) = (
+            requests.clone(),
+            stop.clone(),
+            address.clone(),
+            repos.clone(),
+        );
         let thread = std::thread::spawn(move || {
             while !halt.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((stream, _)) => serve(stream, &own_address, &repos, &log),
+                    Ok((stream, _)) => serve(stream, &own_address, &served.lock().unwrap(), &log),
                     Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
                 }
             }
@@ -117,6 +127,7 @@ impl FakeHub {
         Self {
             address,
             requests,
+            repos,
             stop,
             thread: Some(thread),
         }
@@ -126,10 +137,18 @@ impl FakeHub {
         self.requests.lock().unwrap().clone()
     }
 
-    /// The files of `repo` asked for through `/resolve/` (metadata and download alike).
-    fn resolved_files(&self, repo: &str) -> BTreeSet<String> {
+    /// A new commit of a repository: it replaces the one with the same id.
+    fn publish(&self, repo: HubRepo) {
+        let mut repos = self.repos.lock().unwrap();
+        repos.retain(|r| r.id != repo.id);
+        repos.push(repo);
+    }
+
+    /// The files of `repo` asked for through `/resolve/` (metadata and download alike) since the
+    /// `since`-th request.
+    fn resolved_files(&self, repo: &str, since: usize) -> BTreeSet<String> {
         let prefix = format!("/{repo}/resolve/");
-        self.requests()
+        self.requests()[since..]
             .iter()
             .filter_map(|path| path.strip_prefix(&prefix))
             .filter_map(|rest| {
@@ -499,7 +518,7 @@ fn download_load_cache_and_resolve_offline() {
         }
     );
     assert_eq!(
-        hub.resolved_files(VARIANT_REPO),
+        hub.resolved_files(VARIANT_REPO, 0),
         needed_files(Some("fp16")),
         "{:?}",
         hub.requests()
@@ -526,7 +545,7 @@ fn download_load_cache_and_resolve_offline() {
         }
     );
     assert_eq!(
-        hub.resolved_files(PLAIN_REPO),
+        hub.resolved_files(PLAIN_REPO, 0),
         needed_files(None),
         "{:?}",
         hub.requests()
@@ -557,12 +576,59 @@ fn download_load_cache_and_resolve_offline() {
         &hub.requests()[before..]
     );
 
-    // 4. A repo the hub does not know.
+    // 4. `main` moves to a new commit: its snapshot is filled (not the cached older one reused)
+    //    and the cache's ref follows.
+    let mut files = sdxl_repo_files(false, &scratch.0);
+    for (name, content) in &mut files {
+        if name == "scheduler/scheduler_config.json" {
+            *content = String::from_utf8(content.clone())
+                .unwrap()
+                .replace("trailing", "leading")
+                .into_bytes();
+        }
+    }
+    hub.publish(HubRepo {
+        id: PLAIN_REPO,
+        commit: PLAIN_COMMIT_2,
+        files,
+    });
+    let before = hub.requests().len();
+    let moved = resolve(PLAIN_REPO, "main", Some("fp16")).unwrap();
+    assert_eq!(
+        moved,
+        ModelFolder {
+            root: snapshot(PLAIN_REPO, PLAIN_COMMIT_2),
+            variant: None
+        }
+    );
+    assert_eq!(hub.resolved_files(PLAIN_REPO, before), needed_files(None));
+    let pipeline =
+        Pipeline::from_pretrained(&moved.root, Device::Cpu, Kind::Float, Upcast::FromConfig)
+            .unwrap();
+    assert_eq!(
+        pipeline.scheduler_config.timestep_spacing.as_deref(),
+        Some("leading")
+    );
+    let refs_main = home.0.join("hub/models--stand-in--tiny-sdxl/refs/main");
+    assert_eq!(std::fs::read_to_string(&refs_main).unwrap(), PLAIN_COMMIT_2);
+    let plain = moved;
+
+    // 5. A repo the hub does not know.
     expect_hub_error(resolve(ABSENT_REPO, "main", Some("fp16")), ABSENT_REPO);
 
-    // 5. The hub goes away; offline, the cache alone gives the same folders.
+    // 6. The hub goes away. Online, the cached revisions are used, as huggingface_hub does; a
+    //    repo that is not cached gets the connection's error.
     hub.shut_down();
     let requests_at_shutdown = hub.requests().len();
+    assert_eq!(
+        resolve(VARIANT_REPO, "main", Some("fp16")).unwrap(),
+        variant
+    );
+    assert_eq!(resolve(PLAIN_REPO, "main", Some("fp16")).unwrap(), plain);
+    let message = expect_hub_error(resolve(ABSENT_REPO, "main", None), ABSENT_REPO);
+    assert!(!message.contains("not in the cache"), "{message}");
+
+    // 7. Offline, the cache alone gives the same folders.
     // SAFETY: as above.
     unsafe { std::env::set_var("HF_HUB_OFFLINE", "1") };
     assert_eq!(
