@@ -96,6 +96,16 @@ fn random_crops_and_flips_encode_latents_every_step() {
     let _ = std::fs::remove_dir_all(out.parent().unwrap());
 }
 
+#[test]
+fn cuda_graphs_need_a_cuda_device_and_cached_latents() {
+    let out = scratch("graph").join("run");
+    let device = if tch::Cuda::is_available() { "cuda" } else { "cpu" };
+    let config = TrainConfig { cuda_graph: true, cache_latents: !tch::Cuda::is_available(), device: device.into(), ..tiny(&out) };
+    let error = trainer::Trainer::new(config).unwrap_err().to_string();
+    assert!(error.contains("--cuda_graph") && error.contains("CUDA device and --cache_latents"), "{error}");
+    let _ = std::fs::remove_dir_all(out.parent().unwrap());
+}
+
 /// Trains with an absurd learning rate; returns the child's stderr and checks that nothing
 /// non-finite was written and no final LoRA exists.
 fn diverge(name: &str, learning_rate: f64) -> String {

@@ -291,6 +291,8 @@ train_config! {
     mixed_precision: MixedPrecision = MixedPrecision::Bf16,
     /// Recompute activations in the backward pass (less memory, more time).
     gradient_checkpointing: bool = false,
+    /// Capture the micro-step and the optimizer step as CUDA graphs after two eager steps (CUDA, cached latents).
+    cuda_graph: bool = false,
     /// UNet attention implementation.
     attention: Attention = Attention::Fused,
     /// Min-SNR-γ loss weighting (5.0 is the paper's value); off when unset.

@@ -139,6 +139,10 @@ pub enum Error {
         /// The first non-finite parameter.
         parameter: String,
     },
+
+    /// Capturing or replaying the training step as a CUDA graph failed.
+    #[error("--cuda_graph: {0}")]
+    CudaGraph(String),
 }
 
 /// `Result` with this crate's [`Error`].

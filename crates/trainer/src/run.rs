@@ -38,6 +38,7 @@ use crate::model_files::{self, ModelFolder};
 use crate::prepare::{CachedLatents, TextConditioning, encode_latents, encode_prompts};
 use crate::step::{Accumulators, LatentBatch, StepInputs, StepSettings, micro_step, optimizer_step};
 use crate::{Error, Result};
+use torch_cuda::{CaptureMode, CudaGraph};
 
 /// The adapter name the LoRA is trained under.
 const ADAPTER: &str = "default";
@@ -58,6 +59,19 @@ enum Latents {
         vae: Box<AutoencoderKL>,
         _store: VarStore,
     },
+}
+
+/// Eager optimizer steps before the step is captured (kernel selection, gradient buffers).
+const GRAPH_WARMUP_STEPS: u64 = 2;
+
+/// The captured step: one micro-step (replayed once per accumulation step) and the optimizer step.
+struct StepGraphs {
+    micro_step: CudaGraph,
+    optimizer_step: CudaGraph,
+}
+
+fn graph_error(error: torch_cuda::GraphError) -> Error {
+    Error::CudaGraph(error.0)
 }
 
 /// What a checkpoint records besides tensors.
@@ -116,6 +130,8 @@ pub struct Trainer {
     start_step: u64,
     loss_history: Vec<(u64, f64)>,
     estimate: Option<Estimate>,
+    /// The batch of the current micro-step when latents are encoded live.
+    fresh_batch: Option<data::Batch>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -233,6 +249,12 @@ impl Trainer {
     pub fn new(config: TrainConfig) -> Result<Self> {
         config.validate()?;
         let device = pick_device(&config.device)?;
+        if config.cuda_graph && !(device.is_cuda() && config.cache_latents) {
+            return Err(Error::InvalidOption {
+                option: "--cuda_graph",
+                problem: "needs a CUDA device and --cache_latents (latents encoded live are not a fixed sequence of device work)".into(),
+            });
+        }
         let kind = match config.mixed_precision {
             MixedPrecision::Bf16 => Kind::BFloat16,
             MixedPrecision::No => Kind::Float,
@@ -387,6 +409,7 @@ impl Trainer {
             start_step: 0,
             loss_history: Vec::new(),
             estimate,
+            fresh_batch: None,
         };
         if let Some(arg) = trainer.config.resume_from_checkpoint.clone() {
             match trainer.store.resolve(&arg)? {
@@ -478,14 +501,32 @@ impl Trainer {
         let accumulation = u64::from(config.gradient_accumulation_steps);
         let started = Instant::now();
         let mut skipped_total = 0;
+        // Which items every remaining micro-step trains on, on the device: each micro-step's inputs
+        // are then a device-to-device row copy, outside any captured graph.
+        if let Latents::Cached(_) = &self.latents {
+            let micro_steps: Vec<u64> = (self.start_step * accumulation..config.max_train_steps * accumulation).collect();
+            self.inputs.set_plan(micro_steps.first().copied().unwrap_or(0), &self.planned_items(&micro_steps))?;
+        }
+        let mut graphs: Option<StepGraphs> = None;
         for step in self.start_step..config.max_train_steps {
             let lr = self.schedule.lr_at(step);
             self.optimizer.set_learning_rate(0, lr)?;
-            for micro in 0..accumulation {
-                self.micro_step(step * accumulation + micro)?;
+            if config.cuda_graph && graphs.is_none() && step >= self.start_step + GRAPH_WARMUP_STEPS {
+                graphs = Some(self.capture_graphs()?);
+                progress.println("[trainer] captured the micro-step and the optimizer step as CUDA graphs");
             }
-            let params: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
-            optimizer_step(&mut self.optimizer, &params, &self.settings, &mut self.acc)?;
+            for micro in 0..accumulation {
+                let index = step * accumulation + micro;
+                self.prepare_micro_step(index)?;
+                match &graphs {
+                    Some(graphs) => graphs.micro_step.replay().map_err(graph_error)?,
+                    None => self.micro_step()?,
+                }
+            }
+            match &graphs {
+                Some(graphs) => graphs.optimizer_step.replay().map_err(graph_error)?,
+                None => self.optimizer_step()?,
+            }
             let done = step + 1;
             progress.inc(1);
             if done % config.logging_steps == 0 || done == config.max_train_steps {
@@ -527,18 +568,37 @@ impl Trainer {
         }
     }
 
-    fn micro_step(&mut self, micro_step_index: u64) -> Result<()> {
-        tch::manual_seed(micro_step_seed(self.config.seed, micro_step_index));
+    /// The dataset items of each of `micro_steps` (the loader's plan for the seed).
+    fn planned_items(&self, micro_steps: &[u64]) -> Vec<Vec<usize>> {
+        micro_steps.iter().map(|&k| self.loader.step_keys(k).1.iter().map(|key| key.item).collect()).collect()
+    }
+
+    /// What a micro-step needs before its device work: the generator re-seeded from
+    /// `(seed, micro-step)` and the batch's item indices in the persistent input tensor.
+    fn prepare_micro_step(&mut self, index: u64) -> Result<()> {
+        tch::manual_seed(micro_step_seed(self.config.seed, index));
+        match &self.latents {
+            Latents::Cached(_) => self.inputs.select(index),
+            Latents::Fresh { .. } => {
+                let batch = self.loader.batch(index)?;
+                self.inputs.set_items(&batch.samples.iter().map(|s| s.item).collect::<Vec<_>>())?;
+                self.fresh_batch = Some(batch);
+                Ok(())
+            }
+        }
+    }
+
+    /// The device work of a micro-step (captured as a graph with `--cuda_graph`).
+    fn micro_step(&mut self) -> Result<()> {
         match &self.latents {
             Latents::Cached(cached) => {
-                let (_, keys) = self.loader.step_keys(micro_step_index);
-                self.inputs.set_items(&keys.iter().map(|k| k.item).collect::<Vec<_>>())?;
                 let batch = LatentBatch::Cached { mean: &cached.mean, std: &cached.std, time_ids: &cached.time_ids };
                 micro_step(&self.unet, &self.ddpm, &self.text, &batch, &self.inputs, &self.settings, &mut self.acc)
             }
             Latents::Fresh { vae, .. } => {
-                let batch = self.loader.batch(micro_step_index)?;
-                self.inputs.set_items(&batch.samples.iter().map(|s| s.item).collect::<Vec<_>>())?;
+                let Some(batch) = self.fresh_batch.take() else {
+                    return Err(Error::InvalidOption { option: "--cache_latents", problem: "no batch was loaded for this micro-step".into() });
+                };
                 let pixels = batch.pixels.to_device(self.device);
                 let latents = tch::no_grad(|| vae.encode(&pixels))?.sample();
                 let rows: Vec<f32> = batch
@@ -554,6 +614,25 @@ impl Trainer {
                 micro_step(&self.unet, &self.ddpm, &self.text, &fresh, &self.inputs, &self.settings, &mut self.acc)
             }
         }
+    }
+
+    /// The device work of an optimizer step (captured as a graph with `--cuda_graph`).
+    fn optimizer_step(&mut self) -> Result<()> {
+        let params: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
+        optimizer_step(&mut self.optimizer, &params, &self.settings, &mut self.acc)
+    }
+
+    /// Records one micro-step and one optimizer step as CUDA graphs (one memory pool), after the
+    /// eager warm-up steps have created every gradient buffer and chosen every kernel. Capturing runs
+    /// nothing: the replays do the work, on the same persistent tensors.
+    fn capture_graphs(&mut self) -> Result<StepGraphs> {
+        let device = self.device_index();
+        let (micro_step, recorded) = CudaGraph::capture(device, None, CaptureMode::Global, || self.micro_step()).map_err(graph_error)?;
+        recorded?;
+        let (optimizer_step, recorded) =
+            CudaGraph::capture(device, Some(&micro_step), CaptureMode::Global, || self.optimizer_step()).map_err(graph_error)?;
+        recorded?;
+        Ok(StepGraphs { micro_step, optimizer_step })
     }
 
     /// Reads the device-side window sums (the only host synchronisation of the loop), logs them and

@@ -48,12 +48,38 @@ pub enum LatentBatch<'a> {
 pub struct StepInputs {
     /// Dataset item of each batch row, `[batch]` int64.
     pub items: Tensor,
+    /// The items of every planned micro-step, `[micro-steps, batch]` int64, and the first one's index.
+    plan: Option<(u64, Tensor)>,
 }
 
 impl StepInputs {
     /// Inputs for batches of `batch` on `device`.
     pub fn new(batch: i64, device: Device) -> Self {
-        Self { items: Tensor::zeros([batch], (Kind::Int64, device)) }
+        Self { items: Tensor::zeros([batch], (Kind::Int64, device)), plan: None }
+    }
+
+    /// Uploads the items of the micro-steps `first, first + 1, …` (one row each) in one copy.
+    ///
+    /// # Errors
+    /// libtorch errors (rows of another batch size).
+    pub fn set_plan(&mut self, first: u64, rows: &[Vec<usize>]) -> Result<()> {
+        let batch = self.items.size()[0];
+        let flat: Vec<i64> = rows.iter().flatten().map(|&i| i as i64).collect();
+        let plan = Tensor::f_from_slice(&flat)?.f_view([rows.len() as i64, batch])?.f_to_device(self.items.device())?;
+        self.plan = Some((first, plan));
+        Ok(())
+    }
+
+    /// Copies micro-step `index`'s row of the plan into [`Self::items`] (device to device).
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidOption`] when `index` is outside the plan; libtorch errors.
+    pub fn select(&mut self, index: u64) -> Result<()> {
+        let outside = || crate::Error::InvalidOption { option: "--max_train_steps", problem: format!("micro-step {index} is outside the batch plan") };
+        let (first, plan) = self.plan.as_ref().ok_or_else(outside)?;
+        let row = index.checked_sub(*first).filter(|&r| (r as i64) < plan.size()[0]).ok_or_else(outside)?;
+        self.items.f_copy_(&plan.f_get(row as i64)?)?;
+        Ok(())
     }
 
     /// Copies this step's item indices in (a host-to-device copy outside the captured work).
@@ -200,7 +226,7 @@ pub fn optimizer_step(optimizer: &mut AdamW, params: &[Tensor], settings: &StepS
         let finite = norm.isfinite().logical_and(&acc.step_loss.isfinite());
         optimizer.step_if(&finite)?;
         let applied = finite.to_kind(Kind::Double);
-        let _ = acc.skipped.g_add_(&(1.0 - &applied));
+        let _ = acc.skipped.g_add_(&applied.neg().g_add_scalar(1.0));
         let _ = acc.window_steps.g_add_(&applied);
         // where(), not multiplication: 0 · NaN would poison the window.
         let _ = acc.window_loss.g_add_(&acc.step_loss.where_self(&finite, &acc.step_loss.zeros_like()));
