@@ -2,12 +2,14 @@
 //! weights: the benchmark behind the "2048×2048 tiled bf16 decode" figure in docs/BENCHMARKS.md.
 //!
 //! ```sh
-//! cargo run --release --example vae_decode -- [--size 2048] [--kind bf16|f16|f32] [--untiled] [--runs 5]
+//! cargo run --release --example vae_decode -- [--size 2048] [--kind bf16|f16|f32] [--untiled] [--runs 5] [--cudnn-benchmark]
 //! ```
 //!
 //! Runs on CUDA when available (else the CPU, slowly), in `--kind` with no fp32 upcast. On CUDA it
 //! also prints the caching allocator's peak during the timed decodes (the figure PyTorch reports as
-//! `torch.cuda.max_memory_allocated()`), through `torch-cuda`.
+//! `torch.cuda.max_memory_allocated()`), through `torch-cuda`. `--cudnn-benchmark` lets cuDNN time its
+//! convolution algorithms on first use of each shape and keep the fastest (PyTorch's
+//! `torch.backends.cudnn.benchmark = True`); the warm-up decode pays for that.
 
 use std::time::Instant;
 
@@ -16,13 +18,14 @@ use sdxl_model::vae::{AutoencoderKL, AutoencoderKLConfig, VaeTiling};
 use tch::{Device, Kind, Tensor};
 
 fn main() -> anyhow::Result<()> {
-    let (mut size, mut kind, mut tiled, mut runs) = (2048i64, Kind::BFloat16, true, 5usize);
+    let (mut size, mut kind, mut tiled, mut runs, mut benchmark) = (2048i64, Kind::BFloat16, true, 5usize, false);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--size" => size = args.next().context("--size needs a value")?.parse().context("--size")?,
             "--runs" => runs = args.next().context("--runs needs a value")?.parse().context("--runs")?,
             "--untiled" => tiled = false,
+            "--cudnn-benchmark" => benchmark = true,
             "--kind" => {
                 kind = match args.next().context("--kind needs a value")?.as_str() {
                     "bf16" => Kind::BFloat16,
@@ -38,6 +41,7 @@ fn main() -> anyhow::Result<()> {
         bail!("--size must be a positive multiple of 8, got {size}");
     }
     let device = Device::cuda_if_available();
+    tch::Cuda::cudnn_set_benchmark(benchmark);
     tch::manual_seed(0);
     let mut vs = tch::nn::VarStore::new(device);
     let mut vae = AutoencoderKL::new(&vs.root(), &AutoencoderKLConfig::sdxl())?;
@@ -76,7 +80,8 @@ fn main() -> anyhow::Result<()> {
     times.sort_by(f64::total_cmp);
     let median = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
     println!(
-        "VAE decode {size}x{size} {kind:?} {}: median {median:.3} s over {runs} runs (min {:.3} s)",
+        "VAE decode {size}x{size} {kind:?} {}{}: median {median:.3} s over {runs} runs (min {:.3} s)",
+        if benchmark { "cuDNN benchmark mode, " } else { "" },
         if tiled { "tiling on (1024 px tiles, overlap 0.25; only larger images are split)" } else { "untiled" },
         times.first().copied().unwrap_or(f64::NAN)
     );

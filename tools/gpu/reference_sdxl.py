@@ -208,12 +208,16 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/sdxl-ref"))
     parser.add_argument("--parts", nargs="*", default=["unet", "vae", "text"], choices=["unet", "vae", "text", "pipeline"],
                         help="pipeline reads the folders unet, vae and text write: run it after them")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="torch.backends.cudnn.benchmark = True (cuDNN times its algorithms per shape)")
     args = parser.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if not torch.cuda.is_available():
         print("reference_sdxl.py needs a CUDA device", file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                     "cudnn_benchmark": args.cudnn_benchmark}
     parts = {"unet": unet_part, "vae": vae_part, "text": text_part, "pipeline": pipeline_part}
     for part in args.parts:
         t0 = time.time()
