@@ -381,6 +381,7 @@ impl Trainer {
                 accumulation: i64::from(config.gradient_accumulation_steps),
                 steps: config.max_train_steps,
                 checkpointing: config.gradient_checkpointing,
+                cuda_graph: config.cuda_graph,
             })
         });
 
