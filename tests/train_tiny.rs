@@ -76,12 +76,17 @@ fn run_to_end(config: &TrainConfig) {
 }
 
 #[test]
-fn random_crops_and_flips_encode_latents_every_step() {
+fn random_crops_flips_v_prediction_min_snr_and_offset_noise_train() {
     let out = scratch("fresh").join("run");
     let config = TrainConfig {
         cache_latents: false,
         center_crop: false,
         random_flip: true,
+        // The other loss options on the same short run: v-prediction targets, min-SNR-5 weights,
+        // offset noise.
+        prediction_type: Some("v_prediction".into()),
+        snr_gamma: Some(5.0),
+        noise_offset: 0.05,
         max_train_steps: 10,
         checkpointing_steps: 10,
         validation_prompt: None,
