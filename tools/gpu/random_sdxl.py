@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 from generate import perturb  # noqa: E402
-from reference_sdxl import SDXL_UNET, SDXL_VAE  # noqa: E402
+from reference_sdxl import SDXL_CLIP_BIG_G, SDXL_CLIP_L, SDXL_UNET, SDXL_VAE  # noqa: E402
 
 SCHEDULER = {
     "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -43,12 +43,7 @@ def main() -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.time()
-    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                  pad_token_id=49407, layer_norm_eps=1e-5)
-    te1 = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                         hidden_act="quick_gelu", projection_dim=768, **common)
-    te2 = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                         hidden_act="gelu", projection_dim=1280, **common)
+    te1, te2 = CLIPTextConfig(**SDXL_CLIP_L), CLIPTextConfig(**SDXL_CLIP_BIG_G)
     parts = [
         ("unet", lambda: UNet2DConditionModel(**SDXL_UNET), 100),
         ("vae", lambda: AutoencoderKL(**SDXL_VAE), 101),

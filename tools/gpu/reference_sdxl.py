@@ -32,6 +32,12 @@ SDXL_UNET = dict(
     transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
     addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
 )
+_CLIP_COMMON = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                    pad_token_id=49407, layer_norm_eps=1e-5)
+SDXL_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   hidden_act="quick_gelu", projection_dim=768, **_CLIP_COMMON)
+SDXL_CLIP_BIG_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                       hidden_act="gelu", projection_dim=1280, **_CLIP_COMMON)
 SDXL_VAE = dict(
     in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
@@ -144,12 +150,7 @@ def vae_part(out: Path, results: dict) -> None:
 def text_part(out: Path, results: dict) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                  pad_token_id=49407, layer_norm_eps=1e-5)
-    te1 = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                         hidden_act="quick_gelu", projection_dim=768, **common)
-    te2 = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                         hidden_act="gelu", projection_dim=1280, **common)
+    te1, te2 = CLIPTextConfig(**SDXL_CLIP_L), CLIPTextConfig(**SDXL_CLIP_BIG_G)
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 49406, (2, 77), generator=gen)
     ids[:, 0] = 49406

@@ -8,13 +8,8 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 steps=${1:-30} ref_steps=${2:-20}
 out=${OUT:-/tmp/train-graph-compare}
-mkdir -p "$out"
-exec > >(tee -a "$out/train-graph-compare.log") 2>&1
-torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
-export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site
-echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
+source tools/gpu/setup.sh
+gpu_setup train-graph-compare.log
 model=/tmp/sdxl-random
 [ -f "$model/unet/config.json" ] || python3 tools/gpu/random_sdxl.py --out "$model" | tail -1
 run() {  # NAME FLAGS...

@@ -5,13 +5,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/vae-tiled-compare}
-mkdir -p "$out"
-exec > >(tee -a "$out/vae-tiled-compare.log") 2>&1
-torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
-export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/diffusers-*.whl .whl/importlib_metadata-*.whl
-export PYTHONPATH=/tmp/site
-echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
+source tools/gpu/setup.sh
+gpu_setup vae-tiled-compare.log .whl/diffusers-*.whl .whl/importlib_metadata-*.whl
 for flag in "" "--cudnn-benchmark"; do
     echo "== ours ${flag:-default}"
     ./.gpu/examples/vae_decode --size 2048 --kind bf16 $flag 2>&1 | tail -2
