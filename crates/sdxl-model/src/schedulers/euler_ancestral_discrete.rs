@@ -6,7 +6,7 @@
 use tch::{Kind, Tensor};
 
 use super::config::{BetaConfig, PredictionType, SchedulerConfig, TimestepSpacing, invalid};
-use super::euler_discrete::{euler_init_noise_sigma, euler_pred_original, euler_timesteps};
+use super::euler_discrete::{SigmaSchedule, euler_init_noise_sigma, euler_pred_original, euler_timesteps};
 use super::{Scheduler, check_step, check_step_count, schedule, step_noise};
 use crate::Result;
 
@@ -57,29 +57,14 @@ impl EulerAncestralDiscreteConfig {
 #[derive(Debug)]
 pub struct EulerAncestralDiscreteScheduler {
     config: EulerAncestralDiscreteConfig,
-    train_sigmas: Vec<f32>,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    step_index: usize,
+    state: SigmaSchedule,
 }
 
 impl EulerAncestralDiscreteScheduler {
     /// Builds the training schedule; until [`Scheduler::set_timesteps`] the inference schedule is all
     /// training timesteps, as in diffusers.
     pub fn new(config: EulerAncestralDiscreteConfig) -> Result<Self> {
-        let alphas_cumprod = schedule::alphas_cumprod(&schedule::betas(&config.betas)?)?;
-        if config.betas.rescale_zero_terminal_snr {
-            let _ = alphas_cumprod.f_get(-1)?.f_fill_(2f64.powi(-24))?;
-        }
-        let train_sigmas = schedule::train_sigmas(&alphas_cumprod)?;
-        let train = config.betas.num_train_timesteps;
-        Ok(Self {
-            timesteps: (0..train).rev().map(|t| t as f64).collect(),
-            sigmas: train_sigmas.iter().rev().copied().chain([0.0]).collect(),
-            train_sigmas,
-            config,
-            step_index: 0,
-        })
+        Ok(Self { state: SigmaSchedule::new(&config.betas)?, config })
     }
 
     /// The config it was built with.
@@ -102,36 +87,29 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         .into_iter()
         .map(f64::from)
         .collect();
-        self.sigmas = schedule::interp(&timesteps, &self.train_sigmas)
-            .into_iter()
-            .chain([0.0])
-            .map(|sigma| sigma as f32)
-            .collect();
-        self.timesteps = timesteps;
-        self.step_index = 0;
+        let sigmas = schedule::interp(&timesteps, &self.state.train_sigmas);
+        self.state.set(timesteps, sigmas, 0.0);
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.state.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        euler_init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
+        euler_init_noise_sigma(&self.state.sigmas, self.config.timestep_spacing)
     }
 
     fn sigmas(&self) -> Option<&[f32]> {
-        Some(&self.sigmas)
+        Some(&self.state.sigmas)
     }
 
     fn step_index(&self) -> usize {
-        self.step_index
+        self.state.step_index
     }
 
     fn scale_model_input(&self, sample: &Tensor) -> Result<Tensor> {
-        check_step(self.step_index, self.timesteps.len(), sample, sample, None)?;
-        let sigma = self.sigmas[self.step_index];
-        Ok(sample.f_div_scalar(f64::from((sigma * sigma + 1.0).sqrt()))?)
+        self.state.scale_model_input(sample)
     }
 
     fn is_stochastic(&self) -> bool {
@@ -144,10 +122,10 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         sample: &Tensor,
         noise: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let index = self.step_index;
-        check_step(index, self.timesteps.len(), model_output, sample, noise)?;
+        let index = self.state.step_index;
+        check_step(index, self.state.timesteps.len(), model_output, sample, noise)?;
         let sample = sample.f_to_kind(Kind::Float)?;
-        let (sigma_from, sigma_to) = (self.sigmas[index], self.sigmas[index + 1]);
+        let (sigma_from, sigma_to) = (self.state.sigmas[index], self.state.sigmas[index + 1]);
         let pred_original = euler_pred_original(
             self.config.prediction_type,
             model_output,
@@ -165,7 +143,7 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         let prev_sample = sample.f_add(&derivative.f_mul_scalar(f64::from(dt))?)?;
         let noise = step_noise(noise, model_output)?;
         let prev_sample = prev_sample.f_add(&noise.f_mul_scalar(f64::from(sigma_up))?)?;
-        self.step_index += 1;
+        self.state.step_index += 1;
         Ok(prev_sample.f_to_kind(model_output.kind())?)
     }
 }

@@ -133,38 +133,64 @@ pub(crate) fn euler_pred_original(
     })
 }
 
+/// The σ-space state both Euler samplers keep: the training sigmas, the inference timesteps and
+/// sigmas (one per step, then the final σ), and where the sampler is.
+#[derive(Debug)]
+pub(crate) struct SigmaSchedule {
+    /// σ of every training timestep, ascending in t.
+    pub(crate) train_sigmas: Vec<f32>,
+    pub(crate) timesteps: Vec<f64>,
+    /// One per timestep, then the final sigma.
+    pub(crate) sigmas: Vec<f32>,
+    pub(crate) step_index: usize,
+}
+
+impl SigmaSchedule {
+    /// The training schedule; until [`SigmaSchedule::set`] the inference schedule is all training
+    /// timesteps, as in diffusers.
+    pub(crate) fn new(betas: &BetaConfig) -> Result<Self> {
+        let alphas_cumprod = schedule::alphas_cumprod(&schedule::betas(betas)?)?;
+        if betas.rescale_zero_terminal_snr {
+            // diffusers keeps the last σ finite: ᾱ_T = 2⁻²⁴ instead of 0.
+            let _ = alphas_cumprod.f_get(-1)?.f_fill_(2f64.powi(-24))?;
+        }
+        let train_sigmas = schedule::train_sigmas(&alphas_cumprod)?;
+        let train = betas.num_train_timesteps;
+        Ok(Self {
+            timesteps: (0..train).rev().map(|t| t as f64).collect(),
+            sigmas: train_sigmas.iter().rev().copied().chain([0.0]).collect(),
+            train_sigmas,
+            step_index: 0,
+        })
+    }
+
+    /// A new inference schedule: `sigmas` (one per timestep) followed by `final_sigma`; back to step 0.
+    pub(crate) fn set(&mut self, timesteps: Vec<f64>, sigmas: Vec<f64>, final_sigma: f64) {
+        self.sigmas = sigmas.into_iter().chain([final_sigma]).map(|sigma| sigma as f32).collect();
+        self.timesteps = timesteps;
+        self.step_index = 0;
+    }
+
+    /// x / √(σ²+1) at the current step.
+    pub(crate) fn scale_model_input(&self, sample: &Tensor) -> Result<Tensor> {
+        check_step(self.step_index, self.timesteps.len(), sample, sample, None)?;
+        let sigma = self.sigmas[self.step_index];
+        Ok(sample.f_div_scalar(f64::from((sigma * sigma + 1.0).sqrt()))?)
+    }
+}
+
 /// The Euler sampler.
 #[derive(Debug)]
 pub struct EulerDiscreteScheduler {
     config: EulerDiscreteConfig,
-    /// σ of every training timestep, ascending in t.
-    train_sigmas: Vec<f32>,
-    timesteps: Vec<f64>,
-    /// One per timestep, then the final sigma.
-    sigmas: Vec<f32>,
-    step_index: usize,
+    state: SigmaSchedule,
 }
 
 impl EulerDiscreteScheduler {
     /// Builds the training schedule; until [`Scheduler::set_timesteps`] the inference schedule is all
     /// training timesteps, as in diffusers.
     pub fn new(config: EulerDiscreteConfig) -> Result<Self> {
-        let alphas_cumprod = schedule::alphas_cumprod(&schedule::betas(&config.betas)?)?;
-        if config.betas.rescale_zero_terminal_snr {
-            // diffusers keeps the last σ finite: ᾱ_T = 2⁻²⁴ instead of 0.
-            let _ = alphas_cumprod.f_get(-1)?.f_fill_(2f64.powi(-24))?;
-        }
-        let train_sigmas = schedule::train_sigmas(&alphas_cumprod)?;
-        let train = config.betas.num_train_timesteps;
-        let timesteps = (0..train).rev().map(|t| t as f64).collect();
-        let sigmas = train_sigmas.iter().rev().copied().chain([0.0]).collect();
-        Ok(Self {
-            config,
-            train_sigmas,
-            timesteps,
-            sigmas,
-            step_index: 0,
-        })
+        Ok(Self { state: SigmaSchedule::new(&config.betas)?, config })
     }
 
     /// The config it was built with.
@@ -187,13 +213,13 @@ impl Scheduler for EulerDiscreteScheduler {
         .into_iter()
         .map(f64::from)
         .collect();
-        let mut sigmas = schedule::interp(&timesteps, &self.train_sigmas);
+        let mut sigmas = schedule::interp(&timesteps, &self.state.train_sigmas);
         if config.use_karras_sigmas {
             let (first, last) = (sigmas.first().copied(), sigmas.last().copied());
             let sigma_min = config.sigma_min.or(last).unwrap_or(0.0);
             let sigma_max = config.sigma_max.or(first).unwrap_or(0.0);
             sigmas = schedule::karras_sigmas(sigma_min, sigma_max, num_inference_steps);
-            let log_sigmas = schedule::ln_f32(&self.train_sigmas);
+            let log_sigmas = schedule::ln_f32(&self.state.train_sigmas);
             timesteps = sigmas
                 .iter()
                 .map(|&sigma| f64::from(schedule::sigma_to_t(sigma, &log_sigmas) as f32))
@@ -201,38 +227,30 @@ impl Scheduler for EulerDiscreteScheduler {
         }
         let final_sigma = match config.final_sigma {
             FinalSigma::Zero => 0.0,
-            FinalSigma::SigmaMin => f64::from(self.train_sigmas[0]),
+            FinalSigma::SigmaMin => f64::from(self.state.train_sigmas[0]),
         };
-        self.sigmas = sigmas
-            .into_iter()
-            .chain([final_sigma])
-            .map(|sigma| sigma as f32)
-            .collect();
-        self.timesteps = timesteps;
-        self.step_index = 0;
+        self.state.set(timesteps, sigmas, final_sigma);
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.state.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        euler_init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
+        euler_init_noise_sigma(&self.state.sigmas, self.config.timestep_spacing)
     }
 
     fn sigmas(&self) -> Option<&[f32]> {
-        Some(&self.sigmas)
+        Some(&self.state.sigmas)
     }
 
     fn step_index(&self) -> usize {
-        self.step_index
+        self.state.step_index
     }
 
     fn scale_model_input(&self, sample: &Tensor) -> Result<Tensor> {
-        check_step(self.step_index, self.timesteps.len(), sample, sample, None)?;
-        let sigma = self.sigmas[self.step_index];
-        Ok(sample.f_div_scalar(f64::from((sigma * sigma + 1.0).sqrt()))?)
+        self.state.scale_model_input(sample)
     }
 
     fn is_stochastic(&self) -> bool {
@@ -245,11 +263,11 @@ impl Scheduler for EulerDiscreteScheduler {
         sample: &Tensor,
         _noise: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let index = self.step_index;
-        check_step(index, self.timesteps.len(), model_output, sample, None)?;
+        let index = self.state.step_index;
+        check_step(index, self.state.timesteps.len(), model_output, sample, None)?;
         // Upcast: small steps of a bf16 sample would round away.
         let sample = sample.f_to_kind(Kind::Float)?;
-        let (sigma, sigma_next) = (self.sigmas[index], self.sigmas[index + 1]);
+        let (sigma, sigma_next) = (self.state.sigmas[index], self.state.sigmas[index + 1]);
         let pred_original =
             euler_pred_original(self.config.prediction_type, model_output, &sample, sigma)?;
         let derivative = sample
@@ -257,7 +275,7 @@ impl Scheduler for EulerDiscreteScheduler {
             .f_div_scalar(f64::from(sigma))?;
         let dt = sigma_next - sigma;
         let prev_sample = sample.f_add(&derivative.f_mul_scalar(f64::from(dt))?)?;
-        self.step_index += 1;
+        self.state.step_index += 1;
         Ok(prev_sample.f_to_kind(model_output.kind())?)
     }
 }
