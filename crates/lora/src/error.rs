@@ -52,6 +52,26 @@ pub enum Error {
         adapter: String,
     },
 
+    /// An operation that would rewrite a base weight stored in fp8.
+    #[error(
+        "module `{module}` stores its base weight in fp8: {operation} is refused, since it would round \
+         the weight to fp8 again (merge into a model loaded without fp8 base weights)"
+    )]
+    Fp8BaseWeight {
+        /// The module path.
+        module: String,
+        /// What was asked, e.g. `merging an adapter`.
+        operation: &'static str,
+    },
+
+    /// A layer with merged adapters cannot be quantized: its merge records refer to the
+    /// full-precision weight.
+    #[error("module `{module}` has merged adapters; unmerge them before storing its base weight in fp8")]
+    QuantizeMerged {
+        /// The module path.
+        module: String,
+    },
+
     /// Adapter tensors whose shapes do not fit together or do not fit the layer.
     #[error("LoRA module `{module}`: {reason}")]
     ShapeMismatch {

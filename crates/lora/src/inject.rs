@@ -238,7 +238,7 @@ fn new_adapter(path: &nn::Path, name: &str, linear: &Linear, rank: i64, alpha: f
     adapter.dropout = config.dropout;
     if config.use_dora {
         // With B = 0 the adapted weight is W, so the magnitude starts at W's row norms.
-        let weight = linear.weight.to_kind(Kind::Float).to_device(path.device());
+        let weight = linear.base_weight().to_kind(Kind::Float).to_device(path.device());
         let norm = adapter.dora_weight_norm(&weight, &weight.zeros_like());
         adapter.magnitude = Some(path.f_var_copy("lora_magnitude_vector", &norm)?);
     }
@@ -301,7 +301,8 @@ pub fn set_training(model: &mut dyn HasLinears, training: bool) {
 ///
 /// # Errors
 /// [`Error::NonFiniteMerge`] naming the first layer whose merged weight would not be finite
-/// (layers before it stay merged; call [`unmerge`] to undo).
+/// (layers before it stay merged; call [`unmerge`] to undo), [`Error::Fp8BaseWeight`] for an
+/// adapted layer whose base weight is stored in fp8.
 pub fn merge(model: &mut dyn HasLinears, names: Option<&[&str]>) -> Result<()> {
     let mut failure = None;
     model.for_each_linear(&mut |module, linear| {
@@ -320,12 +321,13 @@ pub fn merge(model: &mut dyn HasLinears, names: Option<&[&str]>) -> Result<()> {
 /// Undoes every merge in every layer.
 ///
 /// # Errors
-/// Only libtorch errors.
+/// [`Error::Fp8BaseWeight`] naming the first layer whose base weight is stored in fp8, libtorch
+/// errors.
 pub fn unmerge(model: &mut dyn HasLinears) -> Result<()> {
     let mut failure = None;
-    model.for_each_linear(&mut |_, linear| {
+    model.for_each_linear(&mut |module, linear| {
         if failure.is_none()
-            && let Err(error) = linear.unmerge()
+            && let Err(error) = linear.unmerge(module)
         {
             failure = Some(error);
         }

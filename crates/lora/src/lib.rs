@@ -5,6 +5,8 @@
 //! - [`HasLinears`]: how models expose their linear layers by module path.
 //! - [`inject`] and [`LoraConfig`]: peft-style injection by module-path patterns, plus
 //!   model-wide [`merge`], [`unmerge`], [`set_enabled`], [`trainable_variables`].
+//! - [`quantize_base_fp8`]: frozen base weights stored in fp8 (one scale per tensor), computed in
+//!   their original type; adapters on top train as usual.
 //! - [`LoraState`] and [`format`](mod@format): the adapter weights of a model, keyed by component and module
 //!   path, read from and written to the diffusers, peft and kohya file layouts.
 //!
@@ -44,12 +46,14 @@
 mod adapter;
 mod error;
 pub mod format;
+pub mod fp8;
 mod inject;
 mod linear;
 mod state;
 
 pub use adapter::{Adapter, Scaling};
 pub use error::{Error, Result};
+pub use fp8::{Fp8Report, quantize_base_fp8};
 pub use inject::{
     InjectionReport, Init, LoraConfig, TEXT_ENCODER_ATTENTION_TARGETS, TEXT_ENCODER_MLP_TARGETS,
     UNET_ATTENTION_TARGETS, UNET_FEED_FORWARD_TARGETS, inject, matches_suffix, merge, module_path, set_enabled,

@@ -4,11 +4,15 @@
 //! attached to any of them by module path. Models expose their linear layers through
 //! [`HasLinears`]; injection, merging and the file formats work on that alone and know nothing of
 //! the model they adapt.
+//!
+//! A frozen base weight can be stored in fp8 ([`Linear::quantize_fp8`], see [`crate::fp8`]) and is
+//! then widened to its compute type inside `forward`.
 
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use crate::adapter::Adapter;
+use crate::fp8::{quantize_e4m3, tensor_bytes};
 use crate::{Error, Result};
 
 /// `y = x Wᵀ + b`, the equivalent of `torch.nn.Linear` (weight `[out, in]`, optional bias `[out]`),
@@ -20,7 +24,8 @@ use crate::{Error, Result};
 /// [`crate::inject`] or a LoRA file loader.
 #[derive(Debug)]
 pub struct Linear {
-    /// The base weight, `[out_features, in_features]`.
+    /// The base weight, `[out_features, in_features]`, as stored: after
+    /// [`Linear::quantize_fp8`] it is `float8_e4m3fn` and [`Linear::base_weight`] gives its value.
     pub weight: Tensor,
     /// The base bias, `[out_features]`.
     pub bias: Option<Tensor>,
@@ -28,6 +33,17 @@ pub struct Linear {
     /// What each merge did, newest last, so that unmerging can undo them in reverse order.
     merges: Vec<MergeRecord>,
     training: bool,
+    /// Set when `weight` is stored in fp8.
+    fp8: Option<Fp8Weight>,
+}
+
+/// How to widen an fp8 base weight.
+#[derive(Debug)]
+struct Fp8Weight {
+    /// `amax / 448`, a 0-dim fp32 tensor on the weight's device.
+    scale: Tensor,
+    /// The type the layer computes in (the weight's type before quantizing, or the one asked for).
+    compute_kind: Kind,
 }
 
 /// The undo information of one merged adapter.
@@ -52,7 +68,7 @@ impl Linear {
 
     /// Wraps existing tensors (weight `[out, in]`, bias `[out]`) without adapters.
     pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, adapters: Vec::new(), merges: Vec::new(), training: false }
+        Self { weight, bias, adapters: Vec::new(), merges: Vec::new(), training: false, fp8: None }
     }
 
     /// The input width.
@@ -65,9 +81,71 @@ impl Linear {
         self.weight.size()[0]
     }
 
-    /// The element type of the base weight (the type the layer computes in).
+    /// The type the layer computes in: the base weight's element type, or for an fp8 weight the
+    /// type it is widened to.
     pub fn kind(&self) -> Kind {
-        self.weight.kind()
+        self.fp8.as_ref().map_or_else(|| self.weight.kind(), |fp8| fp8.compute_kind)
+    }
+
+    /// Whether the base weight is stored in fp8.
+    pub fn is_fp8(&self) -> bool {
+        self.fp8.is_some()
+    }
+
+    /// The base weight's value in the compute type: the weight itself (shared, not copied), or for
+    /// an fp8 weight its widened value (a new tensor). Graph-capturable.
+    pub fn base_weight(&self) -> Tensor {
+        match &self.fp8 {
+            None => self.weight.shallow_clone(),
+            // Casting and scaling a well-formed fp8 tensor cannot fail; keeping forward infallible
+            // (`Module`) means going through the panicking twins here.
+            Some(fp8) => self.weight.to_kind(fp8.compute_kind) * &fp8.scale,
+        }
+    }
+
+    /// The bytes the base weight occupies (with its fp8 scale), bias excluded.
+    pub fn base_weight_bytes(&self) -> i64 {
+        tensor_bytes(&self.weight) + self.fp8.as_ref().map_or(0, |fp8| tensor_bytes(&fp8.scale))
+    }
+
+    /// Stores the base weight as `float8_e4m3fn` with one fp32 scale (`amax / 448`), widened to
+    /// `compute_kind` (default: the weight's current type) in every forward; a bias of another
+    /// type is converted to `compute_kind` in place. The weight tensor's
+    /// data is replaced in place, so the variable store that created it frees the full-precision
+    /// bytes too. The weight stops requiring gradients. A layer already in fp8 is left as it is.
+    ///
+    /// Afterwards [`Linear::merge`] and [`Linear::unmerge`] refuse: folding a delta into an fp8
+    /// weight would round it to 3 mantissa bits.
+    ///
+    /// # Errors
+    /// [`Error::QuantizeMerged`] when an adapter is merged into the weight (unmerge first),
+    /// [`Error::InvalidConfig`] when `compute_kind` is not a floating-point type wider than fp8.
+    pub fn quantize_fp8(&mut self, module: &str, compute_kind: Option<Kind>) -> Result<()> {
+        if self.fp8.is_some() {
+            return Ok(());
+        }
+        if !self.merges.is_empty() {
+            return Err(Error::QuantizeMerged { module: module.to_owned() });
+        }
+        let compute_kind = compute_kind.unwrap_or_else(|| self.weight.kind());
+        if !matches!(compute_kind, Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double) {
+            return Err(Error::InvalidConfig {
+                field: format!("fp8 compute type of `{module}`"),
+                reason: format!("is {compute_kind:?}; it must be fp32, bf16, fp16 or fp64"),
+            });
+        }
+        let (quantized, scale) = quantize_e4m3(&self.weight)?;
+        let _ = self.weight.f_requires_grad_(false)?;
+        self.weight.set_data(&quantized);
+        if let Some(bias) = &mut self.bias
+            && bias.kind() != compute_kind
+        {
+            // The bias joins the widened weight in one kernel, so it moves to the compute type.
+            let converted = bias.f_to_kind(compute_kind)?;
+            bias.set_data(&converted);
+        }
+        self.fp8 = Some(Fp8Weight { scale, compute_kind });
+        Ok(())
     }
 
     /// The adapters, in the order they were added (the order their outputs are summed in).
@@ -131,7 +209,7 @@ impl Linear {
     pub fn remove_adapter(&mut self, module: &str, name: &str) -> Result<Adapter> {
         let index = self.index_of(module, name)?;
         if self.adapters[index].merged {
-            self.unmerge()?;
+            self.unmerge(module)?;
         }
         Ok(self.adapters.remove(index))
     }
@@ -151,7 +229,7 @@ impl Linear {
     pub fn set_adapter_enabled(&mut self, module: &str, name: &str, enabled: bool) -> Result<()> {
         let index = self.index_of(module, name)?;
         if !enabled && self.adapters[index].merged {
-            self.unmerge()?;
+            self.unmerge(module)?;
         }
         self.adapters[index].enabled = enabled;
         Ok(())
@@ -170,8 +248,12 @@ impl Linear {
     ///
     /// # Errors
     /// [`Error::NonFiniteMerge`] (weight left untouched) when the merged weight has NaN or infinity,
-    /// [`Error::UnknownAdapter`] for a name the layer lacks.
+    /// [`Error::UnknownAdapter`] for a name the layer lacks, [`Error::Fp8BaseWeight`] when the base
+    /// weight is stored in fp8.
     pub fn merge(&mut self, module: &str, names: Option<&[&str]>) -> Result<()> {
+        if self.fp8.is_some() {
+            return Err(Error::Fp8BaseWeight { module: module.to_owned(), operation: "merging an adapter" });
+        }
         let indices: Vec<usize> = match names {
             Some(names) => names.iter().map(|name| self.index_of(module, name)).collect::<Result<_>>()?,
             None => (0..self.adapters.len()).collect(),
@@ -204,11 +286,15 @@ impl Linear {
     }
 
     /// Undoes every merge, newest first, restoring the base weight (up to fp32 rounding of the
-    /// delta; exact structure for DoRA's rescaling).
+    /// delta; exact structure for DoRA's rescaling). `module` names the layer in errors.
     ///
     /// # Errors
-    /// Only libtorch errors.
-    pub fn unmerge(&mut self) -> Result<()> {
+    /// [`Error::Fp8BaseWeight`] when the base weight is stored in fp8 (such a layer never has
+    /// merges: the request is a mistake worth reporting), libtorch errors.
+    pub fn unmerge(&mut self, module: &str) -> Result<()> {
+        if self.fp8.is_some() {
+            return Err(Error::Fp8BaseWeight { module: module.to_owned(), operation: "unmerging" });
+        }
         while let Some(record) = self.merges.pop() {
             let restored = Self::undo(&self.weight.to_kind(Kind::Float), &record);
             tch::no_grad(|| self.weight.f_copy_(&restored))?;
@@ -242,7 +328,8 @@ impl Module for Linear {
     /// # Shapes
     /// `[..., in_features]` → `[..., out_features]`.
     fn forward(&self, xs: &Tensor) -> Tensor {
-        let base = xs.linear(&self.weight, self.bias.as_ref());
+        let weight = self.base_weight();
+        let base = xs.linear(&weight, self.bias.as_ref());
         let mut active = self.adapters.iter().filter(|a| a.enabled && !a.merged).peekable();
         if active.peek().is_none() {
             return base;
@@ -262,7 +349,7 @@ impl Module for Linear {
                     result = lora_out * scale + &result;
                 }
                 Some(magnitude) => {
-                    let weight = self.weight.to_kind(x.kind());
+                    let weight = weight.to_kind(x.kind());
                     let delta = adapter.up.matmul(&adapter.down).detach() * scale;
                     let norm = adapter.dora_weight_norm(&weight, &delta);
                     let magnitude_scale = (magnitude / norm).view([1, -1]);
@@ -369,7 +456,7 @@ mod tests {
             assert!(layer.adapters().iter().all(Adapter::is_merged));
             let merged = layer.forward(&x);
             assert!(max_diff(&merged, &unmerged) < 1e-5, "dora={dora}: {}", max_diff(&merged, &unmerged));
-            layer.unmerge().unwrap();
+            layer.unmerge("m").unwrap();
             assert!(max_diff(&layer.weight, &original) < 1e-6, "dora={dora}");
             assert!(max_diff(&layer.forward(&x), &unmerged) < 1e-5);
         }
@@ -418,5 +505,87 @@ mod tests {
         let reference = x.to_kind(Kind::BFloat16).linear(&half.weight, half.bias.as_ref()).to_kind(Kind::Float)
             + x.to_kind(Kind::BFloat16).to_kind(Kind::Float).matmul(&adapter.down.tr()).matmul(&adapter.up.tr());
         assert!(max_diff(&y.to_kind(Kind::Float), &reference.to_kind(Kind::BFloat16).to_kind(Kind::Float)) < 1e-6);
+    }
+
+    fn store_bytes(vs: &nn::VarStore) -> i64 {
+        vs.variables().values().map(tensor_bytes).sum()
+    }
+
+    fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
+        let (actual, expected) = (actual.to_kind(Kind::Float), expected.to_kind(Kind::Float));
+        (&actual - &expected).norm().double_value(&[]) / expected.norm().double_value(&[])
+    }
+
+    #[test]
+    fn fp8_base_frees_the_var_store_bytes_and_stays_close_to_the_original() {
+        for compute in [Kind::Float, Kind::BFloat16] {
+            tch::manual_seed(11);
+            let mut vs = nn::VarStore::new(Device::Cpu);
+            let mut layer = Linear::new(&(vs.root() / "proj"), 64, 32, true);
+            vs.set_kind(compute);
+            let x = Tensor::randn([5, 64], (compute, Device::Cpu));
+            let original = layer.forward(&x);
+            let before = store_bytes(&vs);
+            layer.quantize_fp8("proj", None).unwrap();
+            assert!(layer.is_fp8() && layer.kind() == compute);
+            // The store holds the very same tensor, now fp8: 32·64 weight bytes at 1 byte each.
+            assert_eq!(vs.variables()["proj.weight"].kind(), Kind::Float8e4m3fn);
+            let bias_bytes = 32 * compute.elt_size_in_bytes() as i64;
+            assert_eq!(store_bytes(&vs), 32 * 64 + bias_bytes, "{compute:?}");
+            assert!(store_bytes(&vs) < before);
+            assert_eq!(layer.base_weight_bytes(), 32 * 64 + 4);
+            let y = layer.forward(&x);
+            assert_eq!(y.kind(), compute);
+            // 3 mantissa bits: ≈ 2.5 % relative error per weight, less on a sum over 64 of them.
+            let error = relative_error(&y, &original);
+            assert!(error > 0.0 && error < 0.04, "{compute:?}: {error}");
+            // Quantizing twice changes nothing.
+            let again = layer.weight.to_kind(Kind::Float);
+            layer.quantize_fp8("proj", None).unwrap();
+            assert!(layer.weight.to_kind(Kind::Float).equal(&again));
+        }
+    }
+
+    #[test]
+    fn fp8_base_trains_only_the_adapters_and_refuses_merges() {
+        for dora in [false, true] {
+            let (mut layer, x) = layer_and_input(12);
+            let mut adapter = random_adapter("a", 2, 2.0);
+            if dora {
+                adapter.magnitude = Some(Tensor::rand([3], (Kind::Float, Device::Cpu)) + 0.5);
+            }
+            for tensor in [&adapter.down, &adapter.up].into_iter().chain(adapter.magnitude.as_ref()) {
+                let _ = tensor.set_requires_grad(true);
+            }
+            layer.add_adapter("blocks.0.to_q", adapter).unwrap();
+            let full_precision = layer.forward(&x);
+            layer.quantize_fp8("blocks.0.to_q", None).unwrap();
+            let x = x.set_requires_grad(true);
+            let y = layer.forward(&x);
+            assert!(relative_error(&y, &full_precision) < 0.05, "dora={dora}");
+            y.sum(Kind::Float).backward();
+            assert!(!layer.weight.requires_grad() && !layer.weight.grad().defined());
+            let adapter = layer.adapter("a").unwrap();
+            assert!(adapter.up.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+            assert!(adapter.down.grad().defined() && x.grad().defined());
+            let error = layer.merge("blocks.0.to_q", None).unwrap_err();
+            assert!(matches!(error, Error::Fp8BaseWeight { ref module, .. } if module == "blocks.0.to_q"), "{error}");
+            assert!(error.to_string().contains("blocks.0.to_q") && error.to_string().contains("fp8"));
+            assert!(matches!(layer.unmerge("blocks.0.to_q"), Err(Error::Fp8BaseWeight { .. })));
+            assert!(!layer.adapter("a").unwrap().is_merged());
+        }
+    }
+
+    #[test]
+    fn fp8_refuses_a_merged_layer_and_a_non_float_compute_type() {
+        let (mut layer, _) = layer_and_input(13);
+        layer.add_adapter("m", random_adapter("a", 2, 2.0)).unwrap();
+        layer.merge("m", None).unwrap();
+        assert!(matches!(layer.quantize_fp8("m", None), Err(Error::QuantizeMerged { ref module }) if module == "m"));
+        layer.unmerge("m").unwrap();
+        assert!(matches!(layer.quantize_fp8("m", Some(Kind::Int8)), Err(Error::InvalidConfig { .. })));
+        assert!(!layer.is_fp8());
+        layer.quantize_fp8("m", Some(Kind::BFloat16)).unwrap();
+        assert_eq!(layer.forward(&Tensor::ones([1, 5], (Kind::BFloat16, Device::Cpu))).kind(), Kind::BFloat16);
     }
 }

@@ -1,0 +1,140 @@
+//! fp8 storage for frozen base weights: `float8_e4m3fn` with one fp32 scale per tensor.
+//!
+//! A frozen base weight is only ever read, so it can be kept in one byte per element and widened
+//! to the compute type just before its matmul. The scheme is the per-tensor scaling of
+//! transformer-engine / torchao's `Float8Tensor` (`scale = amax / 448`, 448 being the largest
+//! finite e4m3fn value, so the largest weight maps onto the top of the fp8 range), applied to
+//! storage only: the arithmetic stays in bf16 / fp32. [`quantize_base_fp8`] converts every linear
+//! layer of a model; LoRA / DoRA adapters on top keep their own full-precision tensors.
+
+use std::fmt;
+
+use tch::{Kind, Tensor};
+
+use crate::linear::HasLinears;
+use crate::Result;
+
+/// The largest finite `float8_e4m3fn` value.
+pub const E4M3_MAX: f64 = 448.0;
+
+/// Quantizes `weight` to `float8_e4m3fn` with one scale for the whole tensor.
+///
+/// Returns `(quantized, scale)` with `scale = amax / 448` as a 0-dim fp32 tensor on the weight's
+/// device (1 for an all-zero tensor), so that `quantized · scale ≈ weight`. No value is read back
+/// to the host.
+///
+/// # Errors
+/// Only libtorch errors.
+pub fn quantize_e4m3(weight: &Tensor) -> Result<(Tensor, Tensor)> {
+    tch::no_grad(|| {
+        let weight = weight.f_to_kind(Kind::Float)?;
+        let amax = weight.f_abs()?.f_max()?;
+        // An all-zero tensor quantizes to zeros with any scale; 1 avoids dividing by zero.
+        let scale = (&amax / E4M3_MAX).f_where_self(&amax.f_gt(0.0)?, &amax.f_ones_like()?)?;
+        // The clamp only guards against the last bit of the division's rounding: libtorch turns
+        // values past the fp8 range into NaN rather than saturating.
+        let quantized = (&weight / &scale).f_clamp(-E4M3_MAX, E4M3_MAX)?.f_to_kind(Kind::Float8e4m3fn)?;
+        Ok((quantized, scale))
+    })
+}
+
+/// Widens an fp8 tensor made by [`quantize_e4m3`] back to `kind` (`quantized · scale`).
+///
+/// Graph-capturable: a cast and a multiplication by a device tensor.
+///
+/// # Errors
+/// Only libtorch errors.
+pub fn dequantize_e4m3(quantized: &Tensor, scale: &Tensor, kind: Kind) -> Result<Tensor> {
+    // e4m3 → bf16 / fp16 / fp32 is exact; the product is rounded once, to `kind`.
+    Ok(quantized.f_to_kind(kind)?.f_mul(scale)?)
+}
+
+/// The bytes a tensor's elements occupy.
+pub(crate) fn tensor_bytes(tensor: &Tensor) -> i64 {
+    tensor.numel() as i64 * tensor.kind().elt_size_in_bytes() as i64
+}
+
+/// What [`quantize_base_fp8`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fp8Report {
+    /// Linear layers whose base weight was converted now.
+    pub quantized: usize,
+    /// Linear layers whose base weight was fp8 already (left as they were).
+    pub already_fp8: usize,
+    /// Bytes of every linear layer's base weight (and fp8 scale) before.
+    pub bytes_before: i64,
+    /// The same after: one byte per element plus four per scale.
+    pub bytes_after: i64,
+}
+
+impl fmt::Display for Fp8Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const MIB: f64 = 1024.0 * 1024.0;
+        write!(
+            f,
+            "fp8 base weights: {} linear layers quantized ({} already fp8), linear weights {:.1} MiB → {:.1} MiB",
+            self.quantized,
+            self.already_fp8,
+            self.bytes_before as f64 / MIB,
+            self.bytes_after as f64 / MIB
+        )
+    }
+}
+
+/// Stores the base weight of every linear layer of `model` in fp8 ([`crate::Linear::quantize_fp8`]),
+/// each computing in the type its weight had. Biases stay as they are.
+///
+/// The variable store that created the weights holds the same tensors, so it shrinks too (the
+/// full-precision bytes are freed), and its weight variables are fp8 afterwards: load weights
+/// before quantizing, not after, and do not cast that store with `VarStore::set_kind`.
+///
+/// # Errors
+/// [`crate::Error::QuantizeMerged`] for a layer with merged adapters (unmerge first), libtorch
+/// errors. Layers before the failing one stay quantized.
+pub fn quantize_base_fp8(model: &mut dyn HasLinears) -> Result<Fp8Report> {
+    let mut report = Fp8Report::default();
+    let mut failure = None;
+    model.for_each_linear(&mut |module, linear| {
+        if failure.is_some() {
+            return;
+        }
+        let before = linear.base_weight_bytes();
+        if linear.is_fp8() {
+            report.already_fp8 += 1;
+        } else if let Err(error) = linear.quantize_fp8(module, None) {
+            failure = Some(error);
+            return;
+        } else {
+            report.quantized += 1;
+        }
+        report.bytes_before += before;
+        report.bytes_after += linear.base_weight_bytes();
+    });
+    failure.map_or(Ok(report), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn round_trip_is_within_e4m3_precision_and_zero_tensors_get_scale_one() {
+        tch::manual_seed(7);
+        let weight = Tensor::randn([64, 48], (Kind::Float, Device::Cpu)) * 0.02;
+        let (quantized, scale) = quantize_e4m3(&weight).unwrap();
+        assert_eq!((quantized.kind(), scale.kind(), scale.dim()), (Kind::Float8e4m3fn, Kind::Float, 0));
+        let amax = weight.abs().max().double_value(&[]);
+        assert!((scale.double_value(&[]) - amax / 448.0).abs() < 1e-9);
+        // The largest weight lands exactly on 448.
+        assert_eq!(quantized.to_kind(Kind::Float).abs().max().double_value(&[]), 448.0);
+        let restored = dequantize_e4m3(&quantized, &scale, Kind::Float).unwrap();
+        // e4m3 keeps 3 mantissa bits: relative rounding error ≤ 2⁻⁴ for normal values.
+        let error = (&restored - &weight).abs();
+        let bound = weight.abs() * 0.0625 + scale.double_value(&[]) * 2f64.powi(-9);
+        assert_eq!(error.le_tensor(&bound).all().int64_value(&[]), 1);
+        let (zeros, zero_scale) = quantize_e4m3(&Tensor::zeros([3, 2], (Kind::BFloat16, Device::Cpu))).unwrap();
+        assert_eq!(zero_scale.double_value(&[]), 1.0);
+        assert_eq!(zeros.to_kind(Kind::Float).abs().sum(Kind::Float).double_value(&[]), 0.0);
+    }
+}
