@@ -4,7 +4,9 @@
 // Helpers outside #[test] functions unwrap too: a fixture that fails to load should fail the test.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+mod common;
+
+use common::{fixtures};
 use std::sync::{Mutex, MutexGuard};
 
 use sdxl_model::pipeline::{grid_row, GenerateOptions, Pipeline};
@@ -13,12 +15,6 @@ use sdxl_model::vae::{Upcast, VaeTiling};
 use sdxl_model::weights::TensorFile;
 use sdxl_model::Error;
 use tch::{Device, Kind, Tensor};
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("SDXL_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
-}
 
 /// Seeded runs draw from libtorch's process-wide generator: tests that run models hold this lock so
 /// that another test thread's draws do not interleave with theirs.

@@ -6,17 +6,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
-use std::path::PathBuf;
+mod common;
+
+use common::{fixtures};
 
 use sdxl_model::schedulers::{SchedulerConfig, SchedulerKind, build};
 use sdxl_model::weights::TensorFile;
 use tch::{Device, Kind, Tensor};
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("SDXL_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
-}
 
 #[test]
 fn seeded_default_generator_reproduces_torch_generator_noise() {

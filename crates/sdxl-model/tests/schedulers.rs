@@ -4,8 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
+mod common;
+
+use common::{fixtures, rel};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use sdxl_model::Error;
 use sdxl_model::schedulers::{
@@ -16,12 +18,6 @@ use tch::{Device, Kind, Tensor};
 
 /// The acceptance bound: max |a − b| / max |b|.
 const TOLERANCE: f64 = 1e-6;
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("SDXL_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
-}
 
 struct Golden {
     file: TensorFile,
@@ -58,15 +54,6 @@ impl Golden {
         let kind: SchedulerKind = json["_class_name"].as_str().unwrap().parse().unwrap();
         build(kind, &config).unwrap()
     }
-}
-
-/// `max |a − b| / max |b|` in f64.
-fn rel(actual: &Tensor, expected: &Tensor) -> f64 {
-    assert_eq!(actual.size(), expected.size());
-    let a = actual.to_kind(Kind::Double);
-    let e = expected.to_kind(Kind::Double);
-    let scale = e.abs().max().double_value(&[]).max(f64::MIN_POSITIVE);
-    (&a - &e).abs().max().double_value(&[]) / scale
 }
 
 fn rel_values(actual: &[f64], expected: &[f64]) -> f64 {

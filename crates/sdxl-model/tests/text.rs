@@ -4,31 +4,18 @@
 // Helpers outside #[test] functions unwrap too: a fixture that fails to load should fail the test.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::{fixtures, golden, get};
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use lora::HasLinears;
 use sdxl_model::clip::single_file::{load_clip_l, load_open_clip_big_g};
 use sdxl_model::clip::{ClipTextConfig, ClipTextModel};
 use sdxl_model::prompt::{add_time_ids, add_time_ids_tensor, PromptEncoder};
 use sdxl_model::tokenizer::ClipTokenizer;
-use sdxl_model::weights::TensorFile;
 use sdxl_model::Error;
 use tch::{Device, Kind, Tensor};
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("SDXL_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
-}
-
-fn golden(name: &str) -> TensorFile {
-    TensorFile::open(fixtures().join(name)).unwrap()
-}
-
-fn get(file: &TensorFile, key: &str) -> Tensor {
-    file.tensor(key, Device::Cpu, None).unwrap()
-}
 
 fn metadata(name: &str) -> HashMap<String, String> {
     let bytes = std::fs::read(fixtures().join(name)).unwrap();

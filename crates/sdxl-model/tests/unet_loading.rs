@@ -3,18 +3,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
-use std::path::PathBuf;
+mod common;
+
+use common::{fixtures};
 
 use sdxl_model::unet::{load_unet, UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights};
 use sdxl_model::weights::TensorFile;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("SDXL_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
-}
 
 fn folder(name: &str) -> UNetWeights {
     UNetWeights::Diffusers { folder: fixtures().join(name), variant: None }

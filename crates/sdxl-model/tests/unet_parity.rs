@@ -4,26 +4,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
-use std::path::PathBuf;
+mod common;
+
+use common::{fixtures, rel};
 
 use sdxl_model::attention::{AttentionBackend, SliceSize};
 use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs};
 use sdxl_model::weights::{load_into, TensorFile};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("SDXL_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
-}
-
-/// `max |a - b| / max |b|` in f64.
-fn max_rel_error(actual: &Tensor, expected: &Tensor) -> f64 {
-    assert_eq!(actual.size(), expected.size());
-    let (a, e) = (actual.to_kind(Kind::Double), expected.to_kind(Kind::Double));
-    (&a - &e).abs().max().double_value(&[]) / e.abs().max().double_value(&[])
-}
 
 struct Case {
     vs: VarStore,
@@ -64,7 +53,7 @@ fn check_parity(mut case: Case, name: &str) {
         AttentionBackend::Sliced(SliceSize::Rows(3)),
     ] {
         case.unet.set_attention_backend(backend);
-        let err = max_rel_error(&case.run(), &expected);
+        let err = rel(&case.run(), &expected);
         println!("{name} {backend:?}: max rel error {err:.2e}");
         assert!(err <= 1e-5, "{name} {backend:?}: max rel error {err:.2e}");
     }
@@ -121,16 +110,16 @@ fn checkpointed_gradients_equal_plain_gradients() {
     // Checkpointed: no graph in the forward pass; the backward recomputes block by block.
     let checkpointed = case.unet.forward_checkpointed(&inputs).unwrap();
     assert!(!checkpointed.output().requires_grad());
-    assert!(max_rel_error(checkpointed.output(), &out) <= 1e-6);
+    assert!(rel(checkpointed.output(), &out) <= 1e-6);
     let grads = checkpointed.backward(&weighting).unwrap();
     let ckpt_weights = grads_of(&watched);
     for (name, (ckpt, plain)) in watched.iter().zip(ckpt_weights.iter().zip(&plain_weights)) {
-        let err = max_rel_error(ckpt, plain);
+        let err = rel(ckpt, plain);
         println!("d loss / d {name}: rel error {err:.2e}");
         assert!(err <= 1e-5, "{name}: rel error {err:.2e}");
     }
     for (name, ckpt, plain) in [("sample", grads.sample, plain_sample), ("encoder_hidden_states", grads.encoder_hidden_states, plain_context)] {
-        let err = max_rel_error(&ckpt.unwrap(), &plain);
+        let err = rel(&ckpt.unwrap(), &plain);
         println!("d loss / d {name}: rel error {err:.2e}");
         assert!(err <= 1e-5, "{name}: rel error {err:.2e}");
     }

@@ -3,34 +3,13 @@
 // Helpers outside #[test] functions unwrap too: a fixture that fails to load should fail the test.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+mod common;
+
+use common::{fixtures, golden, get, rel};
 
 use sdxl_model::vae::{AutoencoderKL, AutoencoderKLConfig, Upcast, VaeTiling};
-use sdxl_model::weights::TensorFile;
 use sdxl_model::Error;
 use tch::{Device, Kind, Tensor};
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("SDXL_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
-}
-
-fn golden(name: &str) -> TensorFile {
-    TensorFile::open(fixtures().join(name)).unwrap()
-}
-
-fn get(file: &TensorFile, key: &str) -> Tensor {
-    file.tensor(key, Device::Cpu, None).unwrap()
-}
-
-/// `max |a − b| / max |b|` in f64.
-fn rel(actual: &Tensor, expected: &Tensor) -> f64 {
-    assert_eq!(actual.size(), expected.size());
-    let a = actual.to_kind(Kind::Double);
-    let e = expected.to_kind(Kind::Double);
-    (&a - &e).abs().max().double_value(&[]) / e.abs().max().double_value(&[])
-}
 
 fn tiny_vae() -> AutoencoderKL {
     let (vae, _vs) =

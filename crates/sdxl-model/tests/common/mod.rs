@@ -1,0 +1,35 @@
+//! Helpers shared by this crate's integration tests (each test binary uses some of them).
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use sdxl_model::weights::TensorFile;
+use tch::{Device, Kind, Tensor};
+
+/// The fixtures folder: `SDXL_FIXTURES` when set (the GPU harness runs binaries away from the
+/// checkout they were built in), else the repository's `tests/fixtures`.
+pub fn fixtures() -> PathBuf {
+    std::env::var_os("SDXL_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
+}
+
+/// A golden-output file of the fixtures folder.
+pub fn golden(name: &str) -> TensorFile {
+    TensorFile::open(fixtures().join(name)).unwrap()
+}
+
+/// One tensor of a golden file, on the CPU in its stored kind.
+pub fn get(file: &TensorFile, key: &str) -> Tensor {
+    file.tensor(key, Device::Cpu, None).unwrap()
+}
+
+/// `max |a − b| / max |b|` in f64: the error measure used against golden outputs.
+pub fn rel(actual: &Tensor, expected: &Tensor) -> f64 {
+    assert_eq!(actual.size(), expected.size());
+    let a = actual.to_kind(Kind::Double);
+    let e = expected.to_kind(Kind::Double);
+    let scale = e.abs().max().double_value(&[]).max(f64::MIN_POSITIVE);
+    (&a - &e).abs().max().double_value(&[]) / scale
+}
