@@ -102,6 +102,42 @@ fn random_crops_flips_v_prediction_min_snr_and_offset_noise_train() {
 }
 
 #[test]
+fn fp8_base_weights_train_close_to_the_full_precision_run() {
+    let dir = scratch("fp8");
+    let short = |name: &str, fp8_base_weights: bool| TrainConfig {
+        fp8_base_weights,
+        max_train_steps: 10,
+        checkpointing_steps: 10,
+        logging_steps: 1,
+        validation_prompt: None,
+        ..tiny(&dir.join(name))
+    };
+    let (plain, fp8) = (short("plain", false), short("fp8", true));
+    run_to_end(&plain);
+    let output = spawn(&fp8, false).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "training failed:\n{stderr}");
+    // Every linear layer of the tiny UNet went to fp8.
+    assert!(stderr.contains("fp8 base weights: ") && stderr.contains("(0 already fp8)"), "{stderr}");
+    let losses = |config: &TrainConfig| -> Vec<f64> {
+        let metrics = MetricsLog::read(&config.output_dir.join("logs/metrics.jsonl")).unwrap();
+        metrics.iter().filter_map(|r| r["loss"].as_f64()).collect()
+    };
+    let (plain_losses, fp8_losses) = (losses(&plain), losses(&fp8));
+    assert_eq!((plain_losses.len(), fp8_losses.len()), (10, 10));
+    // Same seed, same batches and noise: the losses differ only by the weights' fp8 rounding, and
+    // they do differ (the flag is not ignored).
+    for (step, (a, b)) in plain_losses.iter().zip(&fp8_losses).enumerate() {
+        assert!(b.is_finite() && (a - b).abs() <= 0.05 * a.abs(), "step {}: {a} vs {b}", step + 1);
+    }
+    assert_ne!(plain_losses, fp8_losses);
+    let worst = plain_losses.iter().zip(&fp8_losses).map(|(a, b)| (a - b).abs() / a.abs()).fold(0.0, f64::max);
+    println!("fp8 vs full-precision loss over 10 steps: largest relative difference {worst:.2e}");
+    assert!(fp8.output_dir.join(LORA_FILE).is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn cuda_graphs_need_a_cuda_device_and_cached_latents() {
     let out = scratch("graph").join("run");
     let device = if tch::Cuda::is_available() { "cuda" } else { "cpu" };

@@ -320,6 +320,9 @@ impl Trainer {
         let weights = UNetWeights::Diffusers { folder: model.root.join("unet"), variant: model.variant.clone() };
         let (mut unet_store, mut unet) = load_unet(&unet_config, &weights, device, kind)?;
         unet_store.freeze();
+        if config.fp8_base_weights {
+            log(lora::quantize_base_fp8(&mut unet)?.to_string());
+        }
         unet.set_attention_backend(match config.attention {
             Attention::Fused => AttentionBackend::Fused,
             Attention::Sliced => AttentionBackend::Sliced(sdxl_model::attention::SliceSize::Auto),
