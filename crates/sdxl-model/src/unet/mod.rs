@@ -7,6 +7,7 @@
 //! [`UNet2DConditionModel::forward_checkpointed`] trades compute for activation memory in training.
 
 mod basic_transformer_block;
+pub mod conv;
 pub mod checkpoint;
 pub mod config;
 mod embeddings;

@@ -9,9 +9,11 @@ use tch::Tensor;
 
 use lora::Linear;
 
+use super::conv::Conv2d;
+
 /// A 3×3 (or 1×1) convolution created under `path` with the given stride and padding.
-pub(crate) fn conv2d(path: &nn::Path, in_channels: i64, out_channels: i64, kernel: i64, stride: i64, padding: i64) -> nn::Conv2D {
-    nn::conv2d(path, in_channels, out_channels, kernel, nn::ConvConfig { stride, padding, ..Default::default() })
+pub(crate) fn conv2d(path: &nn::Path, in_channels: i64, out_channels: i64, kernel: i64, stride: i64, padding: i64) -> Conv2d {
+    Conv2d::new(path, in_channels, out_channels, kernel, stride, padding)
 }
 
 /// A group norm with affine parameters created under `path`.
@@ -24,12 +26,12 @@ pub(crate) fn group_norm(path: &nn::Path, groups: i64, channels: i64, eps: f64) 
 #[derive(Debug)]
 pub struct ResnetBlock2D {
     norm1: nn::GroupNorm,
-    conv1: nn::Conv2D,
+    conv1: Conv2d,
     /// `time_emb_proj`: the time embedding projected to this block's channels.
     pub time_emb_proj: Linear,
     norm2: nn::GroupNorm,
-    conv2: nn::Conv2D,
-    conv_shortcut: Option<nn::Conv2D>,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
 }
 
 impl ResnetBlock2D {
@@ -70,12 +72,22 @@ impl ResnetBlock2D {
     pub fn for_each_linear(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
         f(&format!("{prefix}.time_emb_proj"), &mut self.time_emb_proj);
     }
+
+    /// Calls `f` with `prefix.conv1`, `prefix.conv2` and `prefix.conv_shortcut` (if any).
+    pub fn for_each_conv(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Conv2d)) {
+        f(&format!("{prefix}.conv1"), &mut self.conv1);
+        f(&format!("{prefix}.conv2"), &mut self.conv2);
+        if let Some(conv) = &mut self.conv_shortcut {
+            f(&format!("{prefix}.conv_shortcut"), conv);
+        }
+    }
 }
 
 /// `Downsample2D`: a 3×3 convolution with stride 2 and padding 1 (`conv`).
 #[derive(Debug)]
 pub struct Downsample2D {
-    conv: nn::Conv2D,
+    /// `conv`.
+    pub conv: Conv2d,
 }
 
 impl Downsample2D {
@@ -96,7 +108,8 @@ impl Module for Downsample2D {
 /// `Upsample2D`: nearest-neighbour interpolation, then a 3×3 convolution (`conv`).
 #[derive(Debug)]
 pub struct Upsample2D {
-    conv: nn::Conv2D,
+    /// `conv`.
+    pub conv: Conv2d,
 }
 
 impl Upsample2D {

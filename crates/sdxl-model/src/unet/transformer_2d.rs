@@ -10,6 +10,7 @@ use tch::Tensor;
 use lora::Linear;
 
 use super::basic_transformer_block::BasicTransformerBlock;
+use super::conv::Conv2d;
 use super::resnet::{conv2d, group_norm};
 use crate::attention::AttentionBackend;
 use crate::Result;
@@ -18,7 +19,7 @@ use crate::Result;
 #[derive(Debug)]
 enum Projection {
     Linear(Linear),
-    Conv(nn::Conv2D),
+    Conv(Conv2d),
 }
 
 /// `Transformer2DModel` over a `[B, C, H, W]` feature map.
@@ -111,6 +112,15 @@ impl Transformer2DModel {
         }
         if let Projection::Linear(linear) = &mut self.proj_out {
             f(&format!("{prefix}.proj_out"), linear);
+        }
+    }
+
+    /// Calls `f` with the 1×1 convolution projections of non-linear-projection models (SDXL has none).
+    pub fn for_each_conv(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Conv2d)) {
+        for (name, projection) in [("proj_in", &mut self.proj_in), ("proj_out", &mut self.proj_out)] {
+            if let Projection::Conv(conv) = projection {
+                f(&format!("{prefix}.{name}"), conv);
+            }
         }
     }
 }

@@ -11,6 +11,7 @@ use tch::nn;
 use lora::Linear;
 
 use super::config::{DownBlockKind, UNetConfig, UpBlockKind};
+use super::conv::Conv2d;
 use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use super::transformer_2d::{Transformer2DModel, TransformerSpec};
 
@@ -70,6 +71,18 @@ impl DownBlock {
             attention.for_each_linear(&format!("{prefix}.attentions.{j}"), f);
         }
     }
+    /// Calls `f` with every convolution, paths under `prefix`.
+    pub fn for_each_conv(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Conv2d)) {
+        for (j, resnet) in self.resnets.iter_mut().enumerate() {
+            resnet.for_each_conv(&format!("{prefix}.resnets.{j}"), f);
+        }
+        for (j, attention) in self.attentions.iter_mut().enumerate() {
+            attention.for_each_conv(&format!("{prefix}.attentions.{j}"), f);
+        }
+        if let Some(sampler) = &mut self.downsampler {
+            f(&format!("{prefix}.downsamplers.0.conv"), &mut sampler.conv);
+        }
+    }
 }
 
 /// `UNetMidBlock2DCrossAttn`: ResNet, transformer, ResNet at the deepest level.
@@ -98,6 +111,13 @@ impl MidBlock {
         self.resnets[0].for_each_linear(&format!("{prefix}.resnets.0"), f);
         self.attention.for_each_linear(&format!("{prefix}.attentions.0"), f);
         self.resnets[1].for_each_linear(&format!("{prefix}.resnets.1"), f);
+    }
+
+    /// Calls `f` with every convolution, paths under `prefix`.
+    pub fn for_each_conv(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Conv2d)) {
+        self.resnets[0].for_each_conv(&format!("{prefix}.resnets.0"), f);
+        self.attention.for_each_conv(&format!("{prefix}.attentions.0"), f);
+        self.resnets[1].for_each_conv(&format!("{prefix}.resnets.1"), f);
     }
 }
 
@@ -153,6 +173,18 @@ impl UpBlock {
         }
         for (j, attention) in self.attentions.iter_mut().enumerate() {
             attention.for_each_linear(&format!("{prefix}.attentions.{j}"), f);
+        }
+    }
+    /// Calls `f` with every convolution, paths under `prefix`.
+    pub fn for_each_conv(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Conv2d)) {
+        for (j, resnet) in self.resnets.iter_mut().enumerate() {
+            resnet.for_each_conv(&format!("{prefix}.resnets.{j}"), f);
+        }
+        for (j, attention) in self.attentions.iter_mut().enumerate() {
+            attention.for_each_conv(&format!("{prefix}.attentions.{j}"), f);
+        }
+        if let Some(sampler) = &mut self.upsampler {
+            f(&format!("{prefix}.upsamplers.0.conv"), &mut sampler.conv);
         }
     }
 }

@@ -11,6 +11,7 @@ use lora::{HasLinears, Linear};
 
 use super::checkpoint::{Tape, Value};
 use super::config::UNetConfig;
+use super::conv::Conv2d;
 use super::embeddings::{timestep_embedding, TimestepEmbedding};
 use super::resnet::{conv2d, group_norm};
 use super::unet_2d_blocks::{DownBlock, MidBlock, UpBlock};
@@ -47,7 +48,7 @@ pub struct UNet2DConditionModel {
     backend: AttentionBackend,
     time_embedding: TimestepEmbedding,
     add_embedding: Option<TextTimeEmbedding>,
-    conv_in: nn::Conv2D,
+    conv_in: Conv2d,
     /// `down_blocks`.
     pub down_blocks: Vec<DownBlock>,
     /// `mid_block`.
@@ -55,7 +56,7 @@ pub struct UNet2DConditionModel {
     /// `up_blocks`.
     pub up_blocks: Vec<UpBlock>,
     conv_norm_out: nn::GroupNorm,
-    conv_out: nn::Conv2D,
+    conv_out: Conv2d,
 }
 
 /// The result of [`UNet2DConditionModel::forward_checkpointed`]: the prediction without an autograd
@@ -145,6 +146,49 @@ impl UNet2DConditionModel {
     /// Switches every attention layer to `backend`.
     pub fn set_attention_backend(&mut self, backend: AttentionBackend) {
         self.backend = backend;
+    }
+
+    /// Calls `f` with every convolution (`conv_in`, the blocks' `conv1`/`conv2`/`conv_shortcut`,
+    /// the samplers' `conv`, 1×1 projections where the config has them, `conv_out`) and its
+    /// diffusers path.
+    pub fn for_each_conv(&mut self, f: &mut dyn FnMut(&str, &mut Conv2d)) {
+        f("conv_in", &mut self.conv_in);
+        for (i, block) in self.down_blocks.iter_mut().enumerate() {
+            block.for_each_conv(&format!("down_blocks.{i}"), f);
+        }
+        self.mid_block.for_each_conv("mid_block", f);
+        for (i, block) in self.up_blocks.iter_mut().enumerate() {
+            block.for_each_conv(&format!("up_blocks.{i}"), f);
+        }
+        f("conv_out", &mut self.conv_out);
+    }
+
+    /// Stores every convolution's weight in fp8 ([`Conv2d::quantize_fp8`]): with
+    /// [`lora::quantize_base_fp8`] for the linear layers, every weight matrix of the UNet is fp8 and
+    /// only norms and biases keep their type. The report counts convolutions.
+    ///
+    /// # Errors
+    /// Only libtorch errors (convolutions before the failing one stay quantized).
+    pub fn quantize_convs_fp8(&mut self) -> Result<lora::Fp8Report> {
+        let mut report = lora::Fp8Report::default();
+        let mut failure = None;
+        self.for_each_conv(&mut |_, conv| {
+            if failure.is_some() {
+                return;
+            }
+            let before = conv.weight_bytes();
+            if conv.is_fp8() {
+                report.already_fp8 += 1;
+            } else if let Err(error) = conv.quantize_fp8() {
+                failure = Some(error);
+                return;
+            } else {
+                report.quantized += 1;
+            }
+            report.bytes_before += before;
+            report.bytes_after += conv.weight_bytes();
+        });
+        failure.map_or(Ok(report), Err)
     }
 
     /// Predicts the noise of `inputs.sample`.
@@ -333,6 +377,31 @@ mod tests {
             visited.sort();
             assert_eq!(visited, linear_weights);
             assert!(visited.iter().any(|p| p == example), "{example}");
+        }
+    }
+
+    #[test]
+    fn every_convolution_is_visited_and_goes_to_fp8() {
+        for config in [UNetConfig::tiny_sdxl(), UNetConfig::tiny_b()] {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let mut unet = UNet2DConditionModel::new(&vs.root(), &config);
+            let variables = vs.variables();
+            let mut visited = Vec::new();
+            unet.for_each_conv(&mut |path, conv| {
+                assert!(variables[&format!("{path}.weight")].is_set_to(&conv.weight), "{path}: not the variable of that name");
+                visited.push(path.to_owned());
+            });
+            // The 4-D weights of the store are exactly the convolutions.
+            let mut conv_weights: Vec<String> =
+                variables.iter().filter(|(_, v)| v.dim() == 4).map(|(k, _)| k.trim_end_matches(".weight").to_owned()).collect();
+            conv_weights.sort();
+            visited.sort();
+            assert_eq!(visited, conv_weights);
+            let elements: i64 = variables.values().filter(|v| v.dim() == 4).map(|v| v.numel() as i64).sum();
+            let report = unet.quantize_convs_fp8().unwrap();
+            assert_eq!((report.quantized, report.bytes_before, report.bytes_after), (visited.len(), 4 * elements, elements + 4 * visited.len() as i64));
+            assert!(vs.variables().values().filter(|v| v.dim() == 4).all(|v| v.kind() == Kind::Float8e4m3fn));
+            assert_eq!(unet.quantize_convs_fp8().unwrap().already_fp8, visited.len());
         }
     }
 }
