@@ -1,10 +1,13 @@
-//! fp8 base weights on the UNet: how far the output moves when every linear layer's frozen weight is
-//! stored as `float8_e4m3fn` with one scale per tensor ([`lora::quantize_base_fp8`]), and how many
-//! bytes the weights take before and after.
+//! fp8 base weights on the UNet: how far the output moves when the frozen weights are stored as
+//! `float8_e4m3fn` with one scale per tensor — first every linear layer's
+//! ([`lora::quantize_base_fp8`]), then every convolution's too
+//! (`UNet2DConditionModel::quantize_convs_fp8`) — and how many bytes the weights take.
 //!
 //! ```sh
 //! cargo run --release --example unet_fp8                    # the tiny SDXL fixture UNet, golden input
 //! cargo run --release --example unet_fp8 -- --full [--latent 32] [--device cpu|cuda]
+//! cargo run --release --example unet_fp8 -- --train plain|checkpointed [--no-fp8] [--latent 32] [--batch 1]
+//!     [--device cpu|cuda] [--kind fp32|bf16]
 //! ```
 //!
 //! * Default: the fixture UNet of `tests/fixtures/tiny-sdxl` on its golden input
@@ -19,6 +22,15 @@
 //! (the measure the parity tests use). Bytes count every variable of the UNet's store; the bf16
 //! column is what the trainer holds with `--mixed_precision bf16`: two bytes per parameter, one per
 //! fp8 weight, plus four per fp8 scale.
+//!
+//! * `--train MODE`: the memory of one training step (forward, MSE loss, backward into rank-4 LoRA
+//!   adapters on the attention projections, as the seed recipe) of the full-size UNet with random
+//!   weights, fp8 linear and convolution weights unless `--no-fp8`; `checkpointed` uses gradient checkpointing. On the
+//!   CPU it prints the process's resident memory before the step and its peak during the step
+//!   (`VmHWM`, reset through `/proc/self/clear_refs` after building the model); on CUDA the caching
+//!   allocator's peak. Run each mode in its own process. Autograd keeps the widened (bf16 / fp32)
+//!   copy of every fp8 weight it needs for the input gradient until the backward reaches it, so
+//!   without checkpointing the widened weights of the whole UNet are alive at the peak.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -34,6 +46,7 @@ const MIB: f64 = (1u64 << 20) as f64;
 
 fn main() -> anyhow::Result<()> {
     let (mut full, mut latent, mut device) = (false, 32i64, Device::Cpu);
+    let (mut train, mut fp8, mut batch, mut kind) = (None::<String>, true, 1i64, None::<Kind>);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -46,10 +59,28 @@ fn main() -> anyhow::Result<()> {
                     other => bail!("--device: `{other}` is not cpu or cuda"),
                 }
             }
+            "--train" => train = Some(args.next().context("--train needs plain or checkpointed")?),
+            "--no-fp8" => fp8 = false,
+            "--batch" => batch = args.next().context("--batch needs a size")?.parse().context("--batch")?,
+            "--kind" => {
+                kind = Some(match args.next().context("--kind needs fp32 or bf16")?.as_str() {
+                    "fp32" => Kind::Float,
+                    "bf16" => Kind::BFloat16,
+                    other => bail!("--kind: `{other}` is not fp32 or bf16"),
+                })
+            }
             other => bail!("unknown argument `{other}`"),
         }
     }
-    if full { full_size(latent, device) } else { tiny(device) }
+    let kind = kind.unwrap_or(if device.is_cuda() { Kind::BFloat16 } else { Kind::Float });
+    match train.as_deref() {
+        None if full => full_size(latent, device),
+        None => tiny(device),
+        Some(mode @ ("plain" | "checkpointed")) => {
+            train_step_memory(&TrainSetup { checkpointed: mode == "checkpointed", fp8, latent, batch, kind, device })
+        }
+        Some(other) => bail!("--train: `{other}` is not plain or checkpointed"),
+    }
 }
 
 /// The conditioning of one UNet call, owned.
@@ -95,6 +126,21 @@ fn errors(actual: &Tensor, expected: &Tensor) -> (f64, f64) {
 fn print_error(what: &str, actual: &Tensor, expected: &Tensor) {
     let (norm, max) = errors(actual, expected);
     println!("{what}: relative error {norm:.3e} (norm), {max:.3e} (max)");
+}
+
+/// Quantizes every convolution but the first and the last (`conv_in`, `conv_out`), to see how much
+/// of the error those two carry. Returns how many were quantized.
+fn quantize_inner_convs(unet: &mut UNet2DConditionModel) -> anyhow::Result<usize> {
+    let mut result = Ok(0);
+    unet.for_each_conv(&mut |path, conv| {
+        if path != "conv_in" && path != "conv_out" && let Ok(count) = &mut result {
+            match conv.quantize_fp8() {
+                Ok(()) => *count += 1,
+                Err(error) => result = Err(error),
+            }
+        }
+    });
+    Ok(result?)
 }
 
 /// Bytes of every variable as stored, and as the trainer would hold them in bf16.
@@ -146,9 +192,16 @@ fn tiny(device: Device) -> anyhow::Result<()> {
     print_error("tiny-sdxl fp32 vs diffusers' fp32 output (sanity)", &fp32, &golden);
     report_bytes("fp32", &vs, 0);
     let report = lora::quantize_base_fp8(&mut unet)?;
-    println!("{report}");
+    println!("linear layers: {report}");
     report_bytes("fp8 linears, fp32 compute", &vs, report.quantized as i64 * 4);
-    print_error("tiny-sdxl fp8 (fp32 compute) vs fp32", &inputs.run(&unet)?, &fp32);
+    print_error("tiny-sdxl fp8 linears (fp32 compute) vs fp32", &inputs.run(&unet)?, &fp32);
+    let inner = quantize_inner_convs(&mut unet)?;
+    println!("convolutions but conv_in and conv_out: {inner} quantized");
+    print_error("tiny-sdxl fp8 linears and convolutions but conv_in/conv_out (fp32 compute) vs fp32", &inputs.run(&unet)?, &fp32);
+    let convs = unet.quantize_convs_fp8()?;
+    println!("convolutions: {convs}");
+    report_bytes("fp8 linears and convolutions, fp32 compute", &vs, (report.quantized + convs.quantized + inner) as i64 * 4);
+    print_error("tiny-sdxl fp8 linears and convolutions (fp32 compute) vs fp32", &inputs.run(&unet)?, &fp32);
 
     let bf16_inputs = inputs.to_kind(Kind::BFloat16);
     let (vs, mut unet) = load(Kind::BFloat16)?;
@@ -156,10 +209,11 @@ fn tiny(device: Device) -> anyhow::Result<()> {
     print_error("tiny-sdxl bf16 vs fp32 (for scale)", &bf16, &fp32);
     report_bytes("bf16", &vs, 0);
     let report = lora::quantize_base_fp8(&mut unet)?;
-    report_bytes("fp8 linears, bf16 compute", &vs, report.quantized as i64 * 4);
+    let convs = unet.quantize_convs_fp8()?;
+    report_bytes("fp8 linears and convolutions, bf16 compute", &vs, (report.quantized + convs.quantized) as i64 * 4);
     let fp8_bf16 = bf16_inputs.run(&unet)?;
-    print_error("tiny-sdxl fp8 (bf16 compute) vs bf16", &fp8_bf16, &bf16);
-    print_error("tiny-sdxl fp8 (bf16 compute) vs fp32", &fp8_bf16, &fp32);
+    print_error("tiny-sdxl fp8 linears and convolutions (bf16 compute) vs bf16", &fp8_bf16, &bf16);
+    print_error("tiny-sdxl fp8 linears and convolutions (bf16 compute) vs fp32", &fp8_bf16, &fp32);
     Ok(())
 }
 
@@ -184,11 +238,108 @@ fn full_size(latent: i64, device: Device) -> anyhow::Result<()> {
     let fp32 = inputs.run(&unet)?;
     println!("fp32 forward at {latent}×{latent} latents: {:.1} s", start.elapsed().as_secs_f64());
     let report = lora::quantize_base_fp8(&mut unet)?;
-    println!("{report}");
+    println!("linear layers: {report}");
     report_bytes("fp8 linears", &vs, report.quantized as i64 * 4);
     let start = Instant::now();
     let fp8 = inputs.run(&unet)?;
     println!("fp8 forward: {:.1} s", start.elapsed().as_secs_f64());
-    print_error(&format!("SDXL-base UNet (random weights, {latent}×{latent}) fp8 (fp32 compute) vs fp32"), &fp8, &fp32);
+    print_error(&format!("SDXL-base UNet (random weights, {latent}×{latent}) fp8 linears (fp32 compute) vs fp32"), &fp8, &fp32);
+    let inner = quantize_inner_convs(&mut unet)?;
+    println!("convolutions but conv_in and conv_out: {inner} quantized");
+    let fp8 = inputs.run(&unet)?;
+    print_error(&format!("SDXL-base UNet (random weights, {latent}×{latent}) fp8 linears and convolutions but conv_in/conv_out (fp32 compute) vs fp32"), &fp8, &fp32);
+    let convs = unet.quantize_convs_fp8()?;
+    println!("convolutions: {convs}");
+    report_bytes("fp8 linears and convolutions", &vs, (report.quantized + convs.quantized + inner) as i64 * 4);
+    let fp8 = inputs.run(&unet)?;
+    print_error(&format!("SDXL-base UNet (random weights, {latent}×{latent}) fp8 linears and convolutions (fp32 compute) vs fp32"), &fp8, &fp32);
+    Ok(())
+}
+
+/// What `--train` measures.
+struct TrainSetup {
+    checkpointed: bool,
+    fp8: bool,
+    latent: i64,
+    batch: i64,
+    kind: Kind,
+    device: Device,
+}
+
+/// `VmRSS` or `VmHWM` of this process in GiB, from `/proc/self/status`.
+fn proc_status_gib(field: &str) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status.lines().find(|l| l.starts_with(field)).with_context(|| format!("no {field} in /proc/self/status"))?;
+    let kib: f64 = line.trim_start_matches(field).trim_start_matches(':').trim().trim_end_matches("kB").trim().parse()?;
+    Ok(kib * 1024.0 / GIB)
+}
+
+/// The memory in use now and a reset of the peak counter.
+fn reset_peak(device: Device) -> anyhow::Result<f64> {
+    match device {
+        Device::Cuda(index) => {
+            tch::Cuda::synchronize(index as i64);
+            torch_cuda::reset_peak_memory_stats(index);
+            Ok(torch_cuda::memory_stats(index).context("no CUDA memory statistics")?.allocated as f64 / GIB)
+        }
+        _ => {
+            // "5" resets the peak resident set size (proc(5), /proc/pid/clear_refs).
+            std::fs::write("/proc/self/clear_refs", "5")?;
+            proc_status_gib("VmRSS")
+        }
+    }
+}
+
+fn peak(device: Device) -> anyhow::Result<f64> {
+    match device {
+        Device::Cuda(index) => {
+            tch::Cuda::synchronize(index as i64);
+            Ok(torch_cuda::memory_stats(index).context("no CUDA memory statistics")?.peak_allocated_gib())
+        }
+        _ => proc_status_gib("VmHWM"),
+    }
+}
+
+fn train_step_memory(setup: &TrainSetup) -> anyhow::Result<()> {
+    let (kind, device) = (setup.kind, setup.device);
+    tch::manual_seed(20261201);
+    let mut vs = VarStore::new(device);
+    vs.set_kind(kind);
+    let mut unet = tch::no_grad(|| UNet2DConditionModel::new(&vs.root(), &UNetConfig::sdxl_base()));
+    vs.freeze();
+    if setup.fp8 {
+        println!("linear layers: {}", lora::quantize_base_fp8(&mut unet)?);
+        println!("convolutions: {}", unet.quantize_convs_fp8()?);
+    }
+    let adapters = VarStore::new(device);
+    lora::inject(&mut unet, &adapters.root(), "default", &lora::LoraConfig::unet_attention(4))?;
+    let params = lora::trainable_variables(&mut unet);
+    let (batch, latent) = (setup.batch, setup.latent);
+    let sample = Tensor::randn([batch, 4, latent, latent], (kind, device));
+    let target = Tensor::randn([batch, 4, latent, latent], (Kind::Float, device));
+    let timesteps = Tensor::full([batch], 500.0, (Kind::Float, device));
+    let context = Tensor::randn([batch, 77, 2048], (kind, device));
+    let text = Tensor::randn([batch, 1280], (kind, device));
+    let ids = Tensor::from_slice(&[1024.0f32, 1024.0, 0.0, 0.0, 1024.0, 1024.0]).to_device(device).repeat([batch, 1]).to_kind(kind);
+    let inputs = UNetInputs { sample: &sample, timesteps: &timesteps, encoder_hidden_states: &context, text_embeds: Some(&text), time_ids: Some(&ids) };
+    let resident = reset_peak(device)?;
+    let start = Instant::now();
+    if setup.checkpointed {
+        let forward = unet.forward_checkpointed(&inputs)?;
+        // d mean((out − target)²) / d out.
+        let grad = (forward.output().to_kind(Kind::Float) - &target) * (2.0 / target.numel() as f64);
+        forward.backward(&grad)?;
+    } else {
+        (unet.forward(&inputs)?.to_kind(Kind::Float) - &target).square().mean(Kind::Float).backward();
+    }
+    let peak = peak(device)?;
+    anyhow::ensure!(params.values().all(|p| p.grad().defined()), "a LoRA parameter received no gradient");
+    println!(
+        "training step, SDXL-base UNet {kind:?}{}, {batch}x4x{latent}x{latent}, LoRA rank 4 on the attention projections, {}: \
+         {resident:.2} GiB before the step, peak {peak:.2} GiB ({:.1} s, {device:?})",
+        if setup.fp8 { " with fp8 linear and convolution weights" } else { "" },
+        if setup.checkpointed { "checkpointed" } else { "plain" },
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }

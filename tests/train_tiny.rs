@@ -117,8 +117,9 @@ fn fp8_base_weights_train_close_to_the_full_precision_run() {
     let output = spawn(&fp8, false).wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "training failed:\n{stderr}");
-    // Every linear layer of the tiny UNet went to fp8.
-    assert!(stderr.contains("fp8 base weights: ") && stderr.contains("(0 already fp8)"), "{stderr}");
+    // Every linear layer and convolution of the tiny UNet went to fp8.
+    assert!(stderr.contains("linear layers: fp8 base weights: 213 layers quantized (0 already fp8)"), "{stderr}");
+    assert!(stderr.contains("convolutions: fp8 base weights: 50 layers quantized (0 already fp8)"), "{stderr}");
     let losses = |config: &TrainConfig| -> Vec<f64> {
         let metrics = MetricsLog::read(&config.output_dir.join("logs/metrics.jsonl")).unwrap();
         metrics.iter().filter_map(|r| r["loss"].as_f64()).collect()

@@ -54,14 +54,14 @@ pub(crate) fn tensor_bytes(tensor: &Tensor) -> i64 {
     tensor.numel() as i64 * tensor.kind().elt_size_in_bytes() as i64
 }
 
-/// What [`quantize_base_fp8`] did.
+/// What [`quantize_base_fp8`] (or a model's own quantizer, e.g. for convolutions) did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fp8Report {
-    /// Linear layers whose base weight was converted now.
+    /// Layers whose base weight was converted now.
     pub quantized: usize,
-    /// Linear layers whose base weight was fp8 already (left as they were).
+    /// Layers whose base weight was fp8 already (left as they were).
     pub already_fp8: usize,
-    /// Bytes of every linear layer's base weight (and fp8 scale) before.
+    /// Bytes of every visited layer's base weight (and fp8 scale) before.
     pub bytes_before: i64,
     /// The same after: one byte per element plus four per scale.
     pub bytes_after: i64,
@@ -72,7 +72,7 @@ impl fmt::Display for Fp8Report {
         const MIB: f64 = 1024.0 * 1024.0;
         write!(
             f,
-            "fp8 base weights: {} linear layers quantized ({} already fp8), linear weights {:.1} MiB → {:.1} MiB",
+            "fp8 base weights: {} layers quantized ({} already fp8), their weights {:.1} MiB → {:.1} MiB",
             self.quantized,
             self.already_fp8,
             self.bytes_before as f64 / MIB,

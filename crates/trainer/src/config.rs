@@ -291,7 +291,7 @@ train_config! {
     mixed_precision: MixedPrecision = MixedPrecision::Bf16,
     /// Recompute activations in the backward pass (less memory, more time).
     gradient_checkpointing: bool = false,
-    /// Store the frozen UNet's linear weights in fp8 (e4m3, one scale per tensor), computed in the training precision.
+    /// Store the frozen UNet's linear and convolution weights in fp8 (e4m3, one scale per tensor), computed in the training precision; saves memory with --gradient_checkpointing.
     fp8_base_weights: bool = false,
     /// Capture the micro-step and the optimizer step as CUDA graphs after two eager steps (CUDA, cached latents).
     cuda_graph: bool = false,

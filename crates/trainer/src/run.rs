@@ -321,7 +321,12 @@ impl Trainer {
         let (mut unet_store, mut unet) = load_unet(&unet_config, &weights, device, kind)?;
         unet_store.freeze();
         if config.fp8_base_weights {
-            log(lora::quantize_base_fp8(&mut unet)?.to_string());
+            log(format!("linear layers: {}", lora::quantize_base_fp8(&mut unet)?));
+            log(format!("convolutions: {}", unet.quantize_convs_fp8()?));
+            if !config.gradient_checkpointing {
+                // Autograd keeps each layer's widened weight for the backward: the UNet's full-precision size.
+                log("note: fp8 base weights save memory in training only with --gradient_checkpointing");
+            }
         }
         unet.set_attention_backend(match config.attention {
             Attention::Fused => AttentionBackend::Fused,
