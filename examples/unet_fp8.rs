@@ -5,7 +5,7 @@
 //!
 //! ```sh
 //! cargo run --release --example unet_fp8                    # the tiny SDXL fixture UNet, golden input
-//! cargo run --release --example unet_fp8 -- --full [--latent 32] [--device cpu|cuda]
+//! cargo run --release --example unet_fp8 -- --full [--bf16] [--latent 32] [--device cpu|cuda]
 //! cargo run --release --example unet_fp8 -- --train plain|checkpointed [--no-fp8] [--latent 32] [--batch 1]
 //!     [--device cpu|cuda] [--kind fp32|bf16]
 //! ```
@@ -16,7 +16,9 @@
 //!   bf16 model, and, for scale, the bf16 model against fp32.
 //! * `--full`: SDXL-base's UNet architecture (`UNetConfig::sdxl_base()`, 2.6 B parameters) with
 //!   seeded random weights, in fp32, on a `1×4×L×L` latent (L = `--latent`, default 32) with random
-//!   text conditioning; fp8 computed in fp32 against fp32. Needs ≈ 11 GB of memory on the CPU.
+//!   text conditioning; fp8 computed in fp32 against fp32. Needs ≈ 11 GB of memory on the CPU. With
+//!   `--bf16` the fp32 weights are rounded to bf16 after the fp32 reference, and fp8 computed in bf16
+//!   is compared with that bf16 model (and with fp32).
 //!
 //! Errors are printed two ways: `‖a − b‖ / ‖b‖` over the whole output, and `max |a − b| / max |b|`
 //! (the measure the parity tests use). Bytes count every variable of the UNet's store; the bf16
@@ -47,6 +49,7 @@ const MIB: f64 = (1u64 << 20) as f64;
 fn main() -> anyhow::Result<()> {
     let (mut full, mut latent, mut device) = (false, 32i64, Device::Cpu);
     let (mut train, mut fp8, mut batch, mut kind) = (None::<String>, true, 1i64, None::<Kind>);
+    let mut bf16 = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -61,6 +64,7 @@ fn main() -> anyhow::Result<()> {
             }
             "--train" => train = Some(args.next().context("--train needs plain or checkpointed")?),
             "--no-fp8" => fp8 = false,
+            "--bf16" => bf16 = true,
             "--batch" => batch = args.next().context("--batch needs a size")?.parse().context("--batch")?,
             "--kind" => {
                 kind = Some(match args.next().context("--kind needs fp32 or bf16")?.as_str() {
@@ -74,7 +78,7 @@ fn main() -> anyhow::Result<()> {
     }
     let kind = kind.unwrap_or(if device.is_cuda() { Kind::BFloat16 } else { Kind::Float });
     match train.as_deref() {
-        None if full => full_size(latent, device),
+        None if full => full_size(latent, device, bf16),
         None => tiny(device),
         Some(mode @ ("plain" | "checkpointed")) => {
             train_step_memory(&TrainSetup { checkpointed: mode == "checkpointed", fp8, latent, batch, kind, device })
@@ -217,7 +221,7 @@ fn tiny(device: Device) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn full_size(latent: i64, device: Device) -> anyhow::Result<()> {
+fn full_size(latent: i64, device: Device, bf16: bool) -> anyhow::Result<()> {
     let config = UNetConfig::sdxl_base();
     tch::manual_seed(20261201);
     let start = Instant::now();
@@ -237,6 +241,9 @@ fn full_size(latent: i64, device: Device) -> anyhow::Result<()> {
     let start = Instant::now();
     let fp32 = inputs.run(&unet)?;
     println!("fp32 forward at {latent}×{latent} latents: {:.1} s", start.elapsed().as_secs_f64());
+    if bf16 {
+        return full_size_bf16(&mut vs, &mut unet, &inputs, &fp32, latent);
+    }
     let report = lora::quantize_base_fp8(&mut unet)?;
     println!("linear layers: {report}");
     report_bytes("fp8 linears", &vs, report.quantized as i64 * 4);
@@ -253,6 +260,27 @@ fn full_size(latent: i64, device: Device) -> anyhow::Result<()> {
     report_bytes("fp8 linears and convolutions", &vs, (report.quantized + convs.quantized + inner) as i64 * 4);
     let fp8 = inputs.run(&unet)?;
     print_error(&format!("SDXL-base UNet (random weights, {latent}×{latent}) fp8 linears and convolutions (fp32 compute) vs fp32"), &fp8, &fp32);
+    Ok(())
+}
+
+/// `--full --bf16`: the same weights rounded to bf16, then fp8 computed in bf16.
+fn full_size_bf16(vs: &mut VarStore, unet: &mut UNet2DConditionModel, inputs: &Inputs, fp32: &Tensor, latent: i64) -> anyhow::Result<()> {
+    vs.set_kind(Kind::BFloat16);
+    let inputs = inputs.to_kind(Kind::BFloat16);
+    let start = Instant::now();
+    let bf16 = inputs.run(unet)?;
+    println!("bf16 forward: {:.1} s", start.elapsed().as_secs_f64());
+    let what = format!("SDXL-base UNet (random weights, {latent}×{latent})");
+    print_error(&format!("{what} bf16 vs fp32"), &bf16, fp32);
+    let report = lora::quantize_base_fp8(unet)?;
+    let fp8 = inputs.run(unet)?;
+    print_error(&format!("{what} fp8 linears (bf16 compute) vs bf16"), &fp8, &bf16);
+    print_error(&format!("{what} fp8 linears (bf16 compute) vs fp32"), &fp8, fp32);
+    let convs = unet.quantize_convs_fp8()?;
+    report_bytes("fp8 linears and convolutions, bf16", vs, (report.quantized + convs.quantized) as i64 * 4);
+    let fp8 = inputs.run(unet)?;
+    print_error(&format!("{what} fp8 linears and convolutions (bf16 compute) vs bf16"), &fp8, &bf16);
+    print_error(&format!("{what} fp8 linears and convolutions (bf16 compute) vs fp32"), &fp8, fp32);
     Ok(())
 }
 
