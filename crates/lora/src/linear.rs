@@ -109,10 +109,10 @@ impl Linear {
     }
 
     /// Stores the base weight as `float8_e4m3fn` with one fp32 scale (`amax / 448`), widened to
-    /// `compute_kind` (default: the weight's current type) in every forward; a bias of another
-    /// type is converted to `compute_kind` in place. The weight tensor's
-    /// data is replaced in place, so the variable store that created it frees the full-precision
-    /// bytes too. The weight stops requiring gradients. A layer already in fp8 is left as it is.
+    /// `compute_kind` (default: the weight's current type) in every forward; a bias of another type
+    /// is converted to `compute_kind` in place. The weight tensor's data is replaced in place, so the
+    /// variable store that created it frees the full-precision bytes too. The weight stops requiring
+    /// gradients. A layer already in fp8 is left as it is.
     ///
     /// Afterwards [`Linear::merge`] and [`Linear::unmerge`] refuse: folding a delta into an fp8
     /// weight would round it to 3 mantissa bits.
