@@ -31,8 +31,11 @@ const OPTIMIZER_SECONDS: f64 = 0.016;
 pub struct EstimateInput {
     /// UNet parameters.
     pub unet_params: i64,
-    /// Bytes per UNet weight (2 for bf16, 4 for fp32).
+    /// Bytes per UNet weight in the compute type (2 for bf16, 4 for fp32).
     pub weight_bytes: i64,
+    /// Bytes the UNet's weights occupy as stored (less than `unet_params × weight_bytes` with
+    /// `--fp8_base_weights`).
+    pub stored_weight_bytes: i64,
     /// Trainable LoRA parameters.
     pub lora_params: i64,
     /// Optimizer state bytes.
@@ -73,7 +76,15 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
     let mode = usize::from(input.checkpointing);
     let size = (input.batch * input.latent_pixels) as f64 / CALIBRATION_PIXELS;
     let model = input.unet_params as f64 / SDXL_UNET_PARAMS;
-    let weights_gib = (input.unet_params * input.weight_bytes) as f64 / GIB;
+    let weights_gib = input.stored_weight_bytes as f64 / GIB;
+    // fp8-stored weights are widened layer by layer; without checkpointing autograd keeps every widened
+    // copy for the backward pass. (With checkpointing one segment's copies are alive at a time; that
+    // term is not modelled.)
+    let widened_gib = if input.stored_weight_bytes < input.unet_params * input.weight_bytes && !input.checkpointing {
+        (input.unet_params * input.weight_bytes) as f64 / GIB
+    } else {
+        0.0
+    };
     // fp32 parameters and gradients, plus the optimizer state.
     let trainable_gib = (input.lora_params * 8 + input.optimizer_state_bytes) as f64 / GIB;
     // Activations are stored in the weights' type; fp32 doubles them.
@@ -85,7 +96,7 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
         weights_gib,
         trainable_gib,
         activations_gib,
-        peak_gib: weights_gib + trainable_gib + activations_gib,
+        peak_gib: weights_gib + trainable_gib + activations_gib + widened_gib,
         seconds_per_step,
         total_seconds: seconds_per_step * input.steps as f64,
     }
@@ -111,6 +122,7 @@ mod tests {
         EstimateInput {
             unet_params: SDXL_UNET_PARAMS as i64,
             weight_bytes: 2,
+            stored_weight_bytes: 2 * SDXL_UNET_PARAMS as i64,
             lora_params: 5_806_080,
             optimizer_state_bytes: 2 * 5_806_080,
             batch: 2,
@@ -144,6 +156,15 @@ mod tests {
             assert!((e.seconds_per_step / seconds - 1.0).abs() < 0.15, "{checkpointing} {cuda_graph}: {e} vs {seconds} s");
             assert!((e.peak_gib - peak).abs() < 0.1, "{checkpointing} {cuda_graph}: {e} vs {peak} GiB");
         }
+    }
+
+    #[test]
+    fn fp8_storage_counts_its_bytes_and_its_widened_copies_without_checkpointing() {
+        let fp8 = |checkpointing| estimate(&EstimateInput { stored_weight_bytes: SDXL_UNET_PARAMS as i64, ..seed_recipe(checkpointing) });
+        let (bf16, plain, checkpointed) = (estimate(&seed_recipe(true)), fp8(false), fp8(true));
+        assert!((bf16.weights_gib / checkpointed.weights_gib - 2.0).abs() < 1e-9);
+        assert!((bf16.peak_gib - checkpointed.peak_gib - bf16.weights_gib / 2.0).abs() < 1e-9);
+        assert!(plain.peak_gib > estimate(&seed_recipe(false)).peak_gib, "widened copies cost more than they save");
     }
 
     #[test]

@@ -382,6 +382,7 @@ impl Trainer {
             estimate(&EstimateInput {
                 unet_params: unet_store.variables().values().map(|v| v.numel() as i64).sum(),
                 weight_bytes: if kind == Kind::BFloat16 { 2 } else { 4 },
+                stored_weight_bytes: unet_store.variables().values().map(|v| (v.numel() * v.kind().elt_size_in_bytes()) as i64).sum(),
                 lora_params,
                 optimizer_state_bytes: optimizer.state_bytes(),
                 batch: i64::from(config.train_batch_size),
