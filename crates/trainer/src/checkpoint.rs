@@ -289,6 +289,12 @@ impl CheckpointStore {
 /// folder, fsynced, renamed over `path`, and the folder fsynced. A reader sees the old content or
 /// the new, never part of it; if anything fails the temporary file is removed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_reporting(path, bytes, |path, source| Error::Io { path, source })
+}
+
+/// [`write_atomic`] with I/O failures reported through `io` (the logs report theirs as
+/// [`Error::LogIo`]).
+pub(crate) fn write_atomic_reporting(path: &Path, bytes: &[u8], io: fn(PathBuf, std::io::Error) -> Error) -> Result<()> {
     let Some(name) = path.file_name() else {
         return Err(Error::Checkpoint { path: path.to_owned(), problem: "not a file path".into() });
     };
@@ -308,9 +314,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })();
     if let Err(error) = written {
         let _ = fs::remove_file(&temporary);
-        return Err(Error::Io { path: path.to_owned(), source: error });
+        return Err(io(path.to_owned(), error));
     }
-    sync_dir(folder)
+    File::open(folder).and_then(|handle| handle.sync_all()).map_err(|source| io(folder.to_owned(), source))
 }
 
 /// The step of a folder name spelled exactly `checkpoint-<step>`.
@@ -363,7 +369,7 @@ fn parse_leftover(name: &str) -> Option<Leftover> {
 }
 
 /// Maps an I/O error to [`Error::Io`] naming `path`.
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+pub(crate) fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.to_owned(), source }
 }
 

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 
 use data::{CacheKey, Dataset, SampleKey, TensorCache};
-use sdxl_model::prompt::{PromptEncoder, add_time_ids};
+use sdxl_model::prompt::{PromptEncoder, add_time_ids, add_time_ids_tensor};
 use sdxl_model::vae::AutoencoderKL;
 
 use crate::Result;
@@ -111,14 +111,18 @@ pub fn encode_latents(
         };
         means.push(mean);
         stds.push(std);
-        let to_i64 = |(a, b): (u32, u32)| (i64::from(a), i64::from(b));
-        ids.push(add_time_ids(to_i64(sample.original_size), to_i64(sample.crop_top_left), to_i64(sample.target_size)));
+        ids.push(time_ids_of(&sample));
     }
-    let flat: Vec<f32> = ids.iter().flatten().map(|&v| v as f32).collect();
     Ok(CachedLatents {
         mean: Tensor::cat(&means, 0).to_device(device),
         std: Tensor::cat(&stds, 0).to_device(device),
-        time_ids: Tensor::from_slice(&flat).view([ids.len() as i64, 6]).to_device(device),
+        time_ids: add_time_ids_tensor(&ids, Kind::Float, device),
     })
 }
 
+
+/// SDXL's time ids of a sample as the data crate placed it: its real size, crop corner and target size.
+pub fn time_ids_of(sample: &data::Sample) -> [f64; 6] {
+    let to_i64 = |(a, b): (u32, u32)| (i64::from(a), i64::from(b));
+    add_time_ids(to_i64(sample.original_size), to_i64(sample.crop_top_left), to_i64(sample.target_size))
+}

@@ -21,13 +21,13 @@ use lora::{Component, LoraConfig, LoraState};
 use optim8bit::{AdamW, AdamWConfig, ParamGroup};
 use sdxl_model::attention::AttentionBackend;
 use sdxl_model::pipeline::{Denoiser, GenerateOptions, decode_images, grid_column, grid_row, save_png};
-use sdxl_model::prompt::{PromptEmbeds, PromptEncoder};
+use sdxl_model::prompt::{PromptEmbeds, PromptEncoder, add_time_ids_tensor};
 use sdxl_model::schedulers::SchedulerConfig;
 use sdxl_model::schedulers::{DdpmConfig, DdpmSchedule};
 use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetWeights, load_unet, sgm_unet_table};
 use sdxl_model::vae::{AutoencoderKL, AutoencoderKLConfig, Upcast, VaeTiling};
 
-use crate::checkpoint::{CheckpointStore, write_atomic};
+use crate::checkpoint::{CheckpointStore, io_error, write_atomic};
 use crate::config::{Attention, MixedPrecision, TrainConfig};
 use crate::estimate::{Estimate, EstimateInput, estimate};
 use crate::logs::jsonl::MetricsLog;
@@ -35,7 +35,7 @@ use crate::logs::plot::loss_curve_png;
 use crate::logs::tensorboard::EventWriter;
 use crate::lr_scheduler::LrSchedule;
 use crate::model_files::{self, ModelFolder};
-use crate::prepare::{CachedLatents, TextConditioning, encode_latents, encode_prompts};
+use crate::prepare::{CachedLatents, TextConditioning, encode_latents, encode_prompts, time_ids_of};
 use crate::step::{Accumulators, LatentBatch, StepInputs, StepSettings, micro_step, optimizer_step};
 use crate::{Error, Result};
 use torch_cuda::{CaptureMode, CudaGraph};
@@ -161,10 +161,6 @@ pub struct RunSummary {
 
 fn log(message: impl AsRef<str>) {
     eprintln!("[trainer] {}", message.as_ref());
-}
-
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_owned(), source }
 }
 
 /// `--device`.
@@ -551,7 +547,7 @@ impl Trainer {
                 progress.println(format!("[trainer] saved {}", path.display()));
             }
             if done % config.validation_steps == 0 && done < config.max_train_steps {
-                self.validate(done, &mut events)?;
+                self.validate(done)?;
             }
         }
         progress.finish();
@@ -611,15 +607,8 @@ impl Trainer {
                 };
                 let pixels = batch.pixels.to_device(self.device);
                 let latents = tch::no_grad(|| vae.encode(&pixels))?.sample();
-                let rows: Vec<f32> = batch
-                    .samples
-                    .iter()
-                    .flat_map(|s| {
-                        let [a, b] = [s.original_size, s.crop_top_left];
-                        [a.0, a.1, b.0, b.1, s.target_size.0, s.target_size.1].map(|v| v as f32)
-                    })
-                    .collect();
-                let time_ids = Tensor::from_slice(&rows).view([batch.samples.len() as i64, 6]).to_device(self.device);
+                let rows: Vec<[f64; 6]> = batch.samples.iter().map(time_ids_of).collect();
+                let time_ids = add_time_ids_tensor(&rows, Kind::Float, self.device);
                 let fresh = LatentBatch::Fresh { latents: &latents, time_ids: &time_ids };
                 micro_step(&self.unet, &self.ddpm, &self.text, &fresh, &self.inputs, &self.settings, &mut self.acc)
             }
@@ -762,9 +751,9 @@ impl Trainer {
         }
     }
 
-    /// Samples validation images with the UNet being trained, through the same sampler as
+    /// Denoises validation latents with the UNet being trained, through the same sampler as
     /// [`sdxl_model::pipeline::Pipeline`] uses for final inference.
-    fn sample(&self, validation: &Validation, seed: u64) -> Result<Vec<image::RgbImage>> {
+    fn validation_latents(&self, validation: &Validation, seed: u64) -> Result<Tensor> {
         let denoiser = Denoiser {
             unet: &self.unet,
             scheduler_config: &self.scheduler_config,
@@ -782,18 +771,33 @@ impl Trainer {
             seed,
             ..GenerateOptions::default()
         };
-        let latents = tch::no_grad(|| denoiser.denoise(&validation.positive, &validation.negative, &options))?;
-        let images = self.with_vae(|vae| Ok(decode_images(vae, &latents)?))?;
-        (0..images.len()).map(|i| Ok(images.to_rgb(i)?)).collect()
+        Ok(tch::no_grad(|| denoiser.denoise(&validation.positive, &validation.negative, &options))?)
     }
 
-    fn validate(&mut self, step: u64, _events: &mut EventWriter) -> Result<()> {
+    /// Decodes each batch of latents into one row of images, loading the VAE once for all of them.
+    fn decode_rows(&self, batches: &[Tensor]) -> Result<Vec<image::RgbImage>> {
+        self.with_vae(|vae| {
+            batches
+                .iter()
+                .map(|latents| {
+                    let images = decode_images(vae, latents)?;
+                    let row = (0..images.len()).map(|i| images.to_rgb(i)).collect::<sdxl_model::Result<Vec<_>>>()?;
+                    Ok(grid_row(&row)?)
+                })
+                .collect()
+        })
+    }
+
+    fn validate(&mut self, step: u64) -> Result<()> {
         let Some(validation) = &self.validation else { return Ok(()) };
-        let images = self.sample(validation, self.config.seed)?;
+        let latents = self.validation_latents(validation, self.config.seed)?;
+        let rows = self.decode_rows(std::slice::from_ref(&latents))?;
         let folder = self.config.output_dir.join("validation");
         std::fs::create_dir_all(&folder).map_err(io_error(&folder))?;
         let path = folder.join(format!("step-{step:06}.png"));
-        save_png(&grid_row(&images)?, &path)?;
+        if let Some(row) = rows.first() {
+            save_png(row, &path)?;
+        }
         Ok(())
     }
 
@@ -843,10 +847,10 @@ impl Trainer {
         let Some(validation) = self.validation.take() else { return Ok(None) };
         let result = (|| -> Result<image::RgbImage> {
             lora::set_enabled(&mut self.unet, ADAPTER, false)?;
-            let base = self.sample(&validation, self.config.seed);
+            let base = self.validation_latents(&validation, self.config.seed);
             lora::set_enabled(&mut self.unet, ADAPTER, true)?;
-            let tuned = self.sample(&validation, self.config.seed)?;
-            Ok(grid_column(&[grid_row(&base?)?, grid_row(&tuned)?])?)
+            let tuned = self.validation_latents(&validation, self.config.seed)?;
+            Ok(grid_column(&self.decode_rows(&[base?, tuned])?)?)
         })();
         self.validation = Some(validation);
         result.map(Some)

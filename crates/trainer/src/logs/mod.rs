@@ -11,8 +11,7 @@ pub use jsonl::MetricsLog;
 pub use plot::loss_curve_png;
 pub use tensorboard::{EventWriter, Scalar, read_scalars};
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::{Error, Result};
 
@@ -21,25 +20,10 @@ pub(crate) fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_
     move |source| Error::LogIo { path: path.to_path_buf(), source }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a reader
-/// (or a crash) sees the old file or the new one, never half of one.
+/// Writes `bytes` to `path` atomically ([`crate::checkpoint::write_atomic`]), reporting I/O failures as
+/// [`Error::LogIo`].
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let temporary = temporary_sibling(path);
-    let written = std::fs::File::create(&temporary)
-        .and_then(|mut file| file.write_all(bytes).and_then(|()| file.sync_all()))
-        .and_then(|()| std::fs::rename(&temporary, path));
-    written.map_err(|source| {
-        // Best effort: the write already failed, and that is the error worth reporting.
-        let _ = std::fs::remove_file(&temporary);
-        Error::LogIo { path: path.to_path_buf(), source }
-    })
-}
-
-/// `dir/.name.tmp-<pid>`: hidden, next to `path` (a rename across file systems is not atomic) and
-/// distinct per process.
-fn temporary_sibling(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    crate::checkpoint::write_atomic_reporting(path, bytes, |path, source| Error::LogIo { path, source })
 }
 
 #[cfg(test)]
