@@ -41,7 +41,11 @@ step that the graph captures, from identical starting weights and seeds, and fai
 
     python3 tools/gpu/reference_train.py --steps 50 --warmup 3 --json out.json [--checkpointing]
         [--resolution 512|1024] [--batch 2] [--accum 2] [--optimizer adamw8bit|adamw] [--lr 1e-4]
-        [--lora-dtype bf16|fp32] [--cuda-graph] [--unet DIR] [--tiny --device cpu] [--check-loops]
+        [--lora-dtype bf16|fp32] [--cuda-graph] [--unet DIR] [--tiny --device cpu] [--check-loops] [--profile DIR]
+
+`--profile DIR` records one more optimizer step of each phase with torch.profiler (host operators with shapes,
+CUDA kernels, allocations) after its timed loop and writes DIR/diffusers-<phase>.json (Chrome traces, read by
+tools/gpu/profile_summary.py beside our trainer's `--profile_step` traces).
 
 Needs diffusers and bitsandbytes (carried as wheels; docs/GPU.md), peft and accelerate.
 """
@@ -109,6 +113,7 @@ def parse_args() -> argparse.Namespace:
                         help="check that the hand-written step equals accelerate's (same LoRA weights after --steps)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--profile", type=Path, default=None, help="write a profiler trace of one step per phase here")
     args = parser.parse_args()
     if args.resolution is None:
         args.resolution = 64 if args.tiny else 512
@@ -227,6 +232,23 @@ def unet_forward(run: Run, noisy: torch.Tensor, timesteps: torch.Tensor) -> torc
     return run.unet(noisy, timesteps, run.prompt_embeds,
                     added_cond_kwargs={"time_ids": run.time_ids, "text_embeds": run.pooled_embeds},
                     return_dict=False)[0]
+
+
+def profiled(args, device: torch.device, phase: str, step) -> None:
+    """With --profile: one more call of `step()` recorded by torch.profiler, its trace written as a file."""
+    if args.profile is None:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
+        step()
+        sync(device)
+    args.profile.mkdir(parents=True, exist_ok=True)
+    path = args.profile / f"diffusers-{phase}.json"
+    prof.export_chrome_trace(str(path))
+    print(f"reference_train: profile of one {phase} step written to {path}", flush=True)
 
 
 class StepTimer:
@@ -359,6 +381,7 @@ def time_eager(run: Run, args, device: torch.device, optimizer_kind: str) -> dic
         loss = step((args.warmup + i) % pool, timer)
     sync(device)
     seconds = time.perf_counter() - start
+    profiled(args, device, "eager", lambda: step(0, StepTimer(False)))
     return {"mode": "eager (accelerate)", "optimizer": label, **step_figures(args, seconds),
             "micro_fwd_bwd_s": rounded(timer.mean_s("micro")), "optimizer_part_s": rounded(timer.mean_s("optim")),
             **memory_figures(device), "last_loss": loss}
@@ -422,6 +445,7 @@ def time_cuda_graph(run: Run, args, device: torch.device) -> dict:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     memory["peak_reserved_gib"] = memory_figures(device)["peak_reserved_gib"]
+    profiled(args, device, "graph", graph.replay)
     return {"mode": "cuda graph (whole optimizer step)", "optimizer": label, **step_figures(args, seconds),
             **memory, "last_loss": static_loss.item() / args.accum}
 

@@ -31,9 +31,8 @@ impl std::error::Error for GraphError {}
 #[cfg(torch_cuda_shim)]
 #[allow(unsafe_code)]
 mod ffi {
-    use std::ffi::{c_char, c_void};
+    use std::ffi::c_void;
     unsafe extern "C" {
-        pub fn torch_cuda_last_error() -> *const c_char;
         pub fn torch_cuda_graph_new() -> *mut c_void;
         pub fn torch_cuda_graph_free(graph: *mut c_void);
         pub fn torch_cuda_graph_capture_begin(graph: *mut c_void, device: i32, share: *mut c_void, mode: i32) -> i32;
@@ -45,11 +44,7 @@ mod ffi {
 
 #[cfg(torch_cuda_shim)]
 fn last_error(what: &str) -> GraphError {
-    // SAFETY: the shim returns a pointer to a thread-local, NUL-terminated string that lives until
-    // the next failing call on this thread; it is copied at once.
-    #[allow(unsafe_code)]
-    let message = unsafe { std::ffi::CStr::from_ptr(ffi::torch_cuda_last_error()) }.to_string_lossy().into_owned();
-    GraphError(format!("{what}: {message}"))
+    GraphError(format!("{what}: {}", crate::shim_last_error()))
 }
 
 fn unavailable() -> GraphError {

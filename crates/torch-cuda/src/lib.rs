@@ -1,6 +1,6 @@
 //! CUDA facilities of libtorch that tch does not expose.
 //!
-//! CUDA graphs ([`CudaGraph`], over `at::cuda::CUDAGraph`); the caching allocator's memory statistics, the same numbers as PyTorch's
+//! CUDA graphs ([`CudaGraph`], over `at::cuda::CUDAGraph`); libtorch's Kineto profiler ([`Profiler`]); the caching allocator's memory statistics, the same numbers as PyTorch's
 //! `torch.cuda.max_memory_allocated()` / `max_memory_reserved()`, so GPU benchmarks compare like with
 //! like; and the TF32 switches (`torch.backends.cuda.matmul.allow_tf32`,
 //! `torch.backends.cudnn.allow_tf32`), so fp32 parity checks run both sides in full precision. The functions go through a small C++ shim (`src/shim.cpp`) compiled against the pinned
@@ -10,8 +10,10 @@
 #![warn(missing_docs)]
 
 pub mod graph;
+pub mod profiler;
 
 pub use graph::{CaptureMode, CudaGraph, GraphError};
+pub use profiler::{Profiler, ProfilerError, ProfilerOptions};
 
 /// The caching allocator's counters for one device, in bytes, over all memory pools.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +48,17 @@ mod ffi {
         pub fn torch_cuda_reset_peak_memory_stats(device: i32) -> i32;
         pub fn torch_cuda_empty_cache() -> i32;
         pub fn torch_cuda_set_allow_tf32(cublas: i32, cudnn: i32) -> i32;
+        pub fn torch_cuda_last_error() -> *const std::ffi::c_char;
     }
+}
+
+/// The message of the shim's last failure on this thread.
+#[cfg(torch_cuda_shim)]
+pub(crate) fn shim_last_error() -> String {
+    // SAFETY: the shim returns a pointer to a thread-local, NUL-terminated string that lives until
+    // the next failing call on this thread; it is copied at once.
+    #[allow(unsafe_code)]
+    unsafe { std::ffi::CStr::from_ptr(ffi::torch_cuda_last_error()) }.to_string_lossy().into_owned()
 }
 
 /// Memory statistics of CUDA device `device`, or `None` without CUDA (or without the shim).

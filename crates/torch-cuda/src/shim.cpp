@@ -191,3 +191,52 @@ int torch_cuda_synchronize(int device) {
 }
 
 }  // extern "C"
+
+// ---- Profiler: libtorch's Kineto profiler (what torch.profiler drives in Python). ----
+#include <torch/csrc/autograd/profiler_kineto.h>
+
+#include <set>
+
+extern "C" {
+
+// Starts recording operators on the CPU (and kernels, copies and memsets on CUDA devices when
+// `cuda`), with tensor shapes when `shapes`, and allocations when `memory`.
+int torch_profiler_start(int cuda, int shapes, int memory) {
+    try {
+        using torch::profiler::impl::ActivityType;
+        using torch::profiler::impl::ProfilerConfig;
+        using torch::profiler::impl::ProfilerState;
+        const ProfilerConfig config(ProfilerState::KINETO, shapes != 0, memory != 0);
+        std::set<ActivityType> activities{ActivityType::CPU};
+        if (cuda != 0) {
+            activities.insert(ActivityType::CUDA);
+        }
+        torch::autograd::profiler::prepareProfiler(config, activities);
+        torch::autograd::profiler::enableProfiler(config, activities);
+        return 0;
+    } catch (const std::exception& e) {
+        return fail(e);
+    } catch (...) {
+        return fail_unknown();
+    }
+}
+
+// Stops the profiler and writes what it recorded to `path` as a Chrome trace (JSON), the format of
+// torch.profiler's export_chrome_trace.
+int torch_profiler_stop(const char* path) {
+    try {
+        auto result = torch::autograd::profiler::disableProfiler();
+        if (result == nullptr) {
+            last_error = "the profiler was not running";
+            return -1;
+        }
+        result->save(path);
+        return 0;
+    } catch (const std::exception& e) {
+        return fail(e);
+    } catch (...) {
+        return fail_unknown();
+    }
+}
+
+}  // extern "C"

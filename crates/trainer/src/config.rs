@@ -325,6 +325,8 @@ train_config! {
     output_dir: PathBuf = PathBuf::from("naruto-lora"),
     /// Read the loss on the host (progress bar, logs) every N optimizer steps.
     logging_steps: u64 = 10,
+    /// Time optimizer step N (host enqueueing vs device completion), record step N+1 with libtorch's profiler and write its Chrome trace to output_dir/profile/ (see tools/gpu/profile_summary.py); off when unset.
+    profile_step: Option<u64> = None,
     /// Stop after this many optimizer steps were skipped for a non-finite loss or gradient.
     max_nonfinite_steps: u64 = 10,
     /// `cuda`, `cuda:N`, `cpu`, or `auto` (CUDA when available).
@@ -462,6 +464,14 @@ impl TrainConfig {
         }
         if self.checkpoints_total_limit == Some(0) {
             return fail("--checkpoints_total_limit", "must be at least 1 (leave it unset for no limit)".into());
+        }
+        if let Some(step) = self.profile_step
+            && (step == 0 || step >= self.max_train_steps)
+        {
+            return fail(
+                "--profile_step",
+                format!("{step} must be at least 1 and below --max_train_steps ({}): steps N and N+1 are used", self.max_train_steps),
+            );
         }
         Ok(())
     }

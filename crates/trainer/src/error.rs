@@ -143,6 +143,10 @@ pub enum Error {
     /// Capturing or replaying the training step as a CUDA graph failed.
     #[error("--cuda_graph: {0}")]
     CudaGraph(String),
+
+    /// Recording the profiled step failed.
+    #[error("--profile_step: {0}")]
+    Profile(String),
 }
 
 /// `Result` with this crate's [`Error`].

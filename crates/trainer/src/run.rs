@@ -74,6 +74,64 @@ fn graph_error(error: torch_cuda::GraphError) -> Error {
     Error::CudaGraph(error.0)
 }
 
+/// `--profile_step`: one optimizer step between two device synchronizations, timed on the host
+/// (how long enqueueing its work took, and how long until the device finished it), optionally
+/// recorded by libtorch's profiler.
+struct StepProbe {
+    device: Device,
+    step: u64,
+    started: Instant,
+    profiler: Option<(torch_cuda::Profiler, PathBuf)>,
+}
+
+impl StepProbe {
+    fn begin(device: Device, record: bool, output_dir: &Path, step: u64) -> Result<StepProbe> {
+        Self::synchronize(device);
+        let profiler = if record {
+            let dir = output_dir.join("profile");
+            std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+            let options = torch_cuda::ProfilerOptions { cuda: device.is_cuda(), shapes: true, memory: true };
+            let profiler = torch_cuda::Profiler::start(options).map_err(|e| Error::Profile(e.0))?;
+            Some((profiler, dir.join(format!("step-{step}.json"))))
+        } else {
+            None
+        };
+        Ok(StepProbe { device, step, started: Instant::now(), profiler })
+    }
+
+    fn synchronize(device: Device) {
+        if let Device::Cuda(index) = device {
+            torch_cuda::graph::synchronize(index);
+        }
+    }
+
+    /// Waits for the device, stops the profiler, and describes the step.
+    fn end(self, captured: bool) -> Result<String> {
+        let enqueued = self.started.elapsed().as_secs_f64();
+        Self::synchronize(self.device);
+        let finished = self.started.elapsed().as_secs_f64();
+        let mode = if captured { "graph replay" } else { "eager" };
+        match self.profiler {
+            Some((profiler, path)) => {
+                profiler.finish(&path).map_err(|e| Error::Profile(e.0))?;
+                Ok(format!(
+                    "step {} ({mode}) recorded by the profiler ({:.1} ms with its overhead): {}",
+                    self.step,
+                    finished * 1e3,
+                    path.display()
+                ))
+            }
+            None => Ok(format!(
+                "step {} ({mode}): host enqueued its work in {:.1} ms; the device finished it {:.1} ms after the start (host/step {:.1} %)",
+                self.step,
+                enqueued * 1e3,
+                finished * 1e3,
+                100.0 * enqueued / finished
+            )),
+        }
+    }
+}
+
 /// What a checkpoint records besides tensors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
@@ -161,6 +219,16 @@ pub struct RunSummary {
 
 fn log(message: impl AsRef<str>) {
     eprintln!("[trainer] {}", message.as_ref());
+}
+
+/// [`log`] while the progress bar runs: above the bar on a terminal, plainly otherwise (a hidden
+/// bar would swallow the line).
+fn log_above(progress: &indicatif::ProgressBar, message: impl AsRef<str>) {
+    if progress.is_hidden() {
+        log(message);
+    } else {
+        progress.println(format!("[trainer] {}", message.as_ref()));
+    }
 }
 
 /// `--device`.
@@ -515,11 +583,17 @@ impl Trainer {
         }
         let mut graphs: Option<StepGraphs> = None;
         for step in self.start_step..config.max_train_steps {
+            // `--profile_step N`: step N (0-based N-1) timed, step N+1 recorded by the profiler.
+            let profiling = config.profile_step.and_then(|n| (step + 1).checked_sub(n)).filter(|&k| k <= 1);
+            let probe = match profiling {
+                Some(k) => Some(StepProbe::begin(self.device, k == 1, &config.output_dir, step + 1)?),
+                None => None,
+            };
             let lr = self.schedule.lr_at(step);
             self.optimizer.set_learning_rate(0, lr)?;
             if config.cuda_graph && graphs.is_none() && step >= self.start_step + GRAPH_WARMUP_STEPS {
                 graphs = Some(self.capture_graphs()?);
-                progress.println("[trainer] captured the micro-step and the optimizer step as CUDA graphs");
+                log_above(&progress, "captured the micro-step and the optimizer step as CUDA graphs");
             }
             for micro in 0..accumulation {
                 let index = step * accumulation + micro;
@@ -533,6 +607,9 @@ impl Trainer {
                 Some(graphs) => graphs.optimizer_step.replay().map_err(graph_error)?,
                 None => self.optimizer_step()?,
             }
+            if let Some(probe) = probe {
+                log_above(&progress, probe.end(graphs.is_some())?);
+            }
             let done = step + 1;
             progress.inc(1);
             if done % config.logging_steps == 0 || done == config.max_train_steps {
@@ -544,7 +621,7 @@ impl Trainer {
             }
             if done % config.checkpointing_steps == 0 {
                 let path = self.save_checkpoint(done)?;
-                progress.println(format!("[trainer] saved {}", path.display()));
+                log_above(&progress, format!("saved {}", path.display()));
             }
             if done % config.validation_steps == 0 && done < config.max_train_steps {
                 self.validate(done)?;
