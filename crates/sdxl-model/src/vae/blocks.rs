@@ -9,13 +9,19 @@
 use tch::nn::{self, Module};
 use tch::Tensor;
 
+use super::norm::GroupNorm;
 use crate::attention::{attention, AttentionBackend};
 
 /// diffusers builds every VAE norm with this epsilon (`resnet_eps=1e-6`).
 const VAE_NORM_EPS: f64 = 1e-6;
 
-fn group_norm(path: nn::Path, groups: i64, channels: i64) -> nn::GroupNorm {
-    nn::group_norm(path, groups, channels, nn::GroupNormConfig { eps: VAE_NORM_EPS, ..Default::default() })
+fn group_norm(path: nn::Path, groups: i64, channels: i64) -> GroupNorm {
+    GroupNorm::new(path, groups, channels, VAE_NORM_EPS)
+}
+
+/// SiLU, in place when no gradient flows through `xs` (one full-resolution buffer fewer).
+pub(crate) fn silu(mut xs: Tensor) -> Tensor {
+    if xs.requires_grad() { xs.silu() } else { xs.silu_() }
 }
 
 /// A 3×3 convolution with padding 1 (or another kernel/stride/padding), weight and bias named as in torch.
@@ -27,9 +33,9 @@ pub(crate) fn conv2d(path: nn::Path, cin: i64, cout: i64, kernel: i64, stride: i
 /// through a 1×1 `conv_shortcut` when the width changes.
 #[derive(Debug)]
 pub struct ResnetBlock2D {
-    norm1: nn::GroupNorm,
+    norm1: GroupNorm,
     conv1: nn::Conv2D,
-    norm2: nn::GroupNorm,
+    norm2: GroupNorm,
     conv2: nn::Conv2D,
     conv_shortcut: Option<nn::Conv2D>,
 }
@@ -55,10 +61,10 @@ impl Module for ResnetBlock2D {
         // One op per statement: the temporaries of a chained expression all live until the end of
         // the statement, which would keep four extra activations of full resolution alive at once.
         let mut hidden = xs.apply(&self.norm1);
-        hidden = hidden.silu();
+        hidden = silu(hidden);
         hidden = hidden.apply(&self.conv1);
         hidden = hidden.apply(&self.norm2);
-        hidden = hidden.silu();
+        hidden = silu(hidden);
         hidden = hidden.apply(&self.conv2);
         let shortcut = match &self.conv_shortcut {
             Some(conv) => xs.apply(conv),
@@ -73,7 +79,7 @@ impl Module for ResnetBlock2D {
 /// projection, residual. Its linear layers are [`lora::Linear`] under diffusers' names.
 #[derive(Debug)]
 pub struct VaeAttention {
-    group_norm: nn::GroupNorm,
+    group_norm: GroupNorm,
     to_q: lora::Linear,
     to_k: lora::Linear,
     to_v: lora::Linear,

@@ -7,12 +7,13 @@
 use tch::nn;
 use tch::Tensor;
 
-use super::blocks::{conv2d, DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D};
+use super::blocks::{conv2d, silu, DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D};
+use super::norm::GroupNorm;
 use super::AutoencoderKLConfig;
 use crate::attention::AttentionBackend;
 
-fn norm_out(path: nn::Path, groups: i64, channels: i64) -> nn::GroupNorm {
-    nn::group_norm(path, groups, channels, nn::GroupNormConfig { eps: 1e-6, ..Default::default() })
+fn norm_out(path: nn::Path, groups: i64, channels: i64) -> GroupNorm {
+    GroupNorm::new(path, groups, channels, 1e-6)
 }
 
 /// diffusers `Encoder`: `conv_in`, one `DownEncoderBlock2D` per level, the mid block, then norm, SiLU
@@ -22,7 +23,7 @@ pub struct Encoder {
     conv_in: nn::Conv2D,
     down_blocks: Vec<DownEncoderBlock2D>,
     mid_block: UNetMidBlock2D,
-    conv_norm_out: nn::GroupNorm,
+    conv_norm_out: GroupNorm,
     conv_out: nn::Conv2D,
 }
 
@@ -80,7 +81,7 @@ pub struct Decoder {
     conv_in: nn::Conv2D,
     mid_block: UNetMidBlock2D,
     up_blocks: Vec<UpDecoderBlock2D>,
-    conv_norm_out: nn::GroupNorm,
+    conv_norm_out: GroupNorm,
     conv_out: nn::Conv2D,
 }
 
@@ -129,8 +130,8 @@ impl Decoder {
 
 /// `conv_out(silu(conv_norm_out(x)))`, one op per statement so that each full-resolution
 /// intermediate is freed as soon as the next one exists.
-fn output_stage(hidden: Tensor, norm: &nn::GroupNorm, conv: &nn::Conv2D) -> Tensor {
+fn output_stage(hidden: Tensor, norm: &GroupNorm, conv: &nn::Conv2D) -> Tensor {
     let mut hidden = hidden.apply(norm);
-    hidden = hidden.silu();
+    hidden = silu(hidden);
     hidden.apply(conv)
 }

@@ -9,6 +9,7 @@
 
 mod blocks;
 mod coder;
+pub mod norm;
 pub mod single_file;
 mod tiling;
 
