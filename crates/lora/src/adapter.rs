@@ -51,6 +51,12 @@ pub struct Adapter {
     pub multiplier: f64,
     /// Dropout probability on the adapter's input while training.
     pub dropout: f64,
+    /// The type a plain LoRA computes in. `None` (the default): the adapter's own type, as peft
+    /// without autocast. `Some(kind)`: as under `torch.autocast(kind)`, which is how diffusers'
+    /// training scripts run with mixed precision: the input, `A` and `B` are cast to `kind`, and
+    /// both products, the scaling and the sum with the base output are done in it; gradients reach
+    /// `A` and `B` in their own type through the casts. DoRA adapters ignore it.
+    pub compute_kind: Option<Kind>,
     pub(crate) enabled: bool,
     pub(crate) merged: bool,
 }
@@ -67,6 +73,7 @@ impl Adapter {
             scaling: Scaling::Standard,
             multiplier: 1.0,
             dropout: 0.0,
+            compute_kind: None,
             enabled: true,
             merged: false,
         }

@@ -292,6 +292,21 @@ pub fn set_multiplier(model: &mut dyn HasLinears, name: &str, multiplier: f64) -
     })
 }
 
+/// Sets the [`compute_kind`](crate::Adapter::compute_kind) of adapter `name` on every layer that has
+/// it; returns how many layers that was.
+///
+/// # Errors
+/// [`Error::UnknownAdapter`] when no layer has the adapter.
+pub fn set_compute_kind(model: &mut dyn HasLinears, name: &str, kind: Option<tch::Kind>) -> Result<usize> {
+    for_each_named(model, name, &mut |module, linear| {
+        let adapter = linear
+            .adapter_mut(name)
+            .ok_or_else(|| Error::UnknownAdapter { module: module.to_owned(), adapter: name.to_owned() })?;
+        adapter.compute_kind = kind;
+        Ok(())
+    })
+}
+
 /// Training mode (adapter dropout on) or evaluation mode for every linear layer.
 pub fn set_training(model: &mut dyn HasLinears, training: bool) {
     model.for_each_linear(&mut |_, linear| linear.set_training(training));

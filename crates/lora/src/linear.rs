@@ -323,7 +323,8 @@ impl Linear {
 impl Module for Linear {
     /// `base(x) + Σ scale · B(A(dropout(x)))` over enabled, unmerged adapters (DoRA: peft's
     /// `DoraLinearLayer.forward`). The adapters compute in their own type (fp32) and the sum is
-    /// returned in the base output's type, as peft does.
+    /// returned in the base output's type, as peft does; an adapter with a
+    /// [`compute_kind`](crate::Adapter::compute_kind) computes as peft under autocast.
     ///
     /// # Shapes
     /// `[..., in_features]` → `[..., out_features]`.
@@ -337,16 +338,24 @@ impl Module for Linear {
         let result_kind = base.kind();
         let mut result = base;
         for adapter in active {
-            let x = xs.to_kind(adapter.kind());
+            let autocast = adapter.compute_kind.filter(|_| adapter.magnitude.is_none());
+            let x = xs.to_kind(autocast.unwrap_or_else(|| adapter.kind()));
             let dropout_active = self.training && adapter.dropout > 0.0;
             let dropped = if dropout_active { x.dropout(adapter.dropout, true) } else { x.shallow_clone() };
             let scale = adapter.scale();
             match &adapter.magnitude {
                 None => {
+                    let (down, up) = match autocast {
+                        Some(kind) => (adapter.down.to_kind(kind), adapter.up.to_kind(kind)),
+                        None => (adapter.down.shallow_clone(), adapter.up.shallow_clone()),
+                    };
+                    let lora_out = dropped.linear::<Tensor>(&down, None).linear::<Tensor>(&up, None);
+                    // A scale of exactly 1 (alpha = rank) multiplies nothing: skip the kernel.
+                    let scaled = if scale == 1.0 { lora_out } else { lora_out * scale };
                     // Out of place, so a bf16 base output is promoted to fp32 for the sum (as in
-                    // peft) instead of rounding after each adapter.
-                    let lora_out = dropped.linear::<Tensor>(&adapter.down, None).linear::<Tensor>(&adapter.up, None);
-                    result = lora_out * scale + &result;
+                    // peft) instead of rounding after each adapter; under autocast both are in
+                    // the compute type already.
+                    result = scaled + &result;
                 }
                 Some(magnitude) => {
                     let weight = weight.to_kind(x.kind());
@@ -505,6 +514,34 @@ mod tests {
         let reference = x.to_kind(Kind::BFloat16).linear(&half.weight, half.bias.as_ref()).to_kind(Kind::Float)
             + x.to_kind(Kind::BFloat16).to_kind(Kind::Float).matmul(&adapter.down.tr()).matmul(&adapter.up.tr());
         assert!(max_diff(&y.to_kind(Kind::Float), &reference.to_kind(Kind::BFloat16).to_kind(Kind::Float)) < 1e-6);
+    }
+
+    #[test]
+    fn autocast_compute_kind_does_peft_under_autocast_arithmetic_and_trains_the_fp32_matrices() {
+        let (layer, x) = layer_and_input(6);
+        for alpha in [2.0, 3.0] {
+            let mut half =
+                Linear::from_tensors(layer.weight.to_kind(Kind::BFloat16), layer.bias.as_ref().map(|b| b.to_kind(Kind::BFloat16)));
+            let mut adapter = random_adapter("a", 2, alpha);
+            adapter.down = adapter.down.set_requires_grad(true);
+            adapter.up = adapter.up.set_requires_grad(true);
+            adapter.compute_kind = Some(Kind::BFloat16);
+            let (down, up) = (adapter.down.shallow_clone(), adapter.up.shallow_clone());
+            half.add_adapter("m", adapter).unwrap();
+            let xb = x.to_kind(Kind::BFloat16);
+            let y = half.forward(&xb);
+            assert_eq!(y.kind(), Kind::BFloat16);
+            // peft under torch.autocast(bf16): both products in bf16, scaled in bf16, added in bf16.
+            let base = xb.linear(&half.weight, half.bias.as_ref());
+            let lora = xb.linear::<Tensor>(&down.to_kind(Kind::BFloat16), None).linear::<Tensor>(&up.to_kind(Kind::BFloat16), None);
+            let expected = lora * (alpha / 2.0) + base;
+            assert!(y.equal(&expected), "alpha {alpha}: max |Δ| {}", max_diff(&y.to_kind(Kind::Float), &expected.to_kind(Kind::Float)));
+            y.to_kind(Kind::Float).sum(Kind::Float).backward();
+            for grad in [down.grad(), up.grad()] {
+                assert_eq!(grad.kind(), Kind::Float);
+                assert!(grad.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+            }
+        }
     }
 
     fn store_bytes(vs: &nn::VarStore) -> i64 {

@@ -79,24 +79,46 @@ impl Transformer2DModel {
     /// # Errors
     /// As [`BasicTransformerBlock::forward`].
     pub fn forward(&self, xs: &Tensor, context: &Tensor, backend: AttentionBackend) -> Result<Tensor> {
-        let [b, c, h, w] = <[i64; 4]>::try_from(xs.size()).map_err(|size| crate::Error::Shape {
-            what: "Transformer2DModel input".to_owned(),
-            expected: "[B, C, H, W]".to_owned(),
-            actual: format!("{size:?}"),
-        })?;
-        let to_tokens = |t: Tensor| t.permute([0, 2, 3, 1]).reshape([b, h * w, c]);
-        let to_map = |t: Tensor| t.reshape([b, h, w, c]).permute([0, 3, 1, 2]);
-        let normed = xs.apply(&self.norm);
-        let mut tokens = match &self.proj_in {
-            Projection::Linear(linear) => linear.forward(&to_tokens(normed)),
-            Projection::Conv(conv) => to_tokens(normed.apply(conv)),
-        };
+        let mut tokens = self.enter(xs)?;
         for block in &self.transformer_blocks {
             tokens = block.forward(&tokens, context, backend)?;
         }
+        self.leave(&tokens, xs)
+    }
+
+    /// The stage before the blocks: group norm, then the input projection, as tokens. With
+    /// [`Self::leave`] around the blocks it is [`Self::forward`] in parts (gradient checkpointing
+    /// makes each part a segment).
+    ///
+    /// # Shapes
+    /// `xs` `[B, C, H, W]` → `[B, H·W, C]`.
+    ///
+    /// # Errors
+    /// [`crate::Error::Shape`] when `xs` is not 4-dimensional.
+    pub fn enter(&self, xs: &Tensor) -> Result<Tensor> {
+        let [b, c, h, w] = map_size(xs)?;
+        let to_tokens = |t: Tensor| t.permute([0, 2, 3, 1]).reshape([b, h * w, c]);
+        let normed = xs.apply(&self.norm);
+        Ok(match &self.proj_in {
+            Projection::Linear(linear) => linear.forward(&to_tokens(normed)),
+            Projection::Conv(conv) => to_tokens(normed.apply(conv)),
+        })
+    }
+
+    /// The stage after the blocks: output projection back to a map, plus the residual `xs` (the
+    /// input of [`Self::enter`]).
+    ///
+    /// # Shapes
+    /// `tokens` `[B, H·W, C]`, `xs` `[B, C, H, W]` → `[B, C, H, W]`.
+    ///
+    /// # Errors
+    /// [`crate::Error::Shape`] when `xs` is not 4-dimensional.
+    pub fn leave(&self, tokens: &Tensor, xs: &Tensor) -> Result<Tensor> {
+        let [b, c, h, w] = map_size(xs)?;
+        let to_map = |t: Tensor| t.reshape([b, h, w, c]).permute([0, 3, 1, 2]);
         let out = match &self.proj_out {
-            Projection::Linear(linear) => to_map(linear.forward(&tokens)),
-            Projection::Conv(conv) => to_map(tokens).contiguous().apply(conv),
+            Projection::Linear(linear) => to_map(linear.forward(tokens)),
+            Projection::Conv(conv) => to_map(tokens.shallow_clone()).contiguous().apply(conv),
         };
         Ok(out + xs)
     }
@@ -123,4 +145,12 @@ impl Transformer2DModel {
             }
         }
     }
+}
+
+fn map_size(xs: &Tensor) -> Result<[i64; 4]> {
+    <[i64; 4]>::try_from(xs.size()).map_err(|size| crate::Error::Shape {
+        what: "Transformer2DModel input".to_owned(),
+        expected: "[B, C, H, W]".to_owned(),
+        actual: format!("{size:?}"),
+    })
 }

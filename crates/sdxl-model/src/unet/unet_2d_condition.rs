@@ -14,6 +14,7 @@ use super::config::UNetConfig;
 use super::conv::Conv2d;
 use super::embeddings::{timestep_embedding, TimestepEmbedding};
 use super::resnet::{conv2d, group_norm};
+use super::transformer_2d::Transformer2DModel;
 use super::unet_2d_blocks::{DownBlock, MidBlock, UpBlock};
 use crate::attention::AttentionBackend;
 use crate::{Error, Result};
@@ -102,6 +103,23 @@ impl CheckpointedForward<'_> {
         let mut next = || grads.next().flatten();
         Ok(InputGrads { sample: next(), timesteps: next(), encoder_hidden_states: next(), text_embeds: next(), time_ids: next() })
     }
+}
+
+/// A [`Transformer2DModel`] as tape segments: its input stage, each transformer block, and its output
+/// stage, so that checkpointing recomputes one block at a time (as diffusers checkpoints each
+/// `BasicTransformerBlock`), not all ten of an SDXL level at once.
+fn record_transformer<'a>(
+    tape: &mut Tape<'a>,
+    transformer: &'a Transformer2DModel,
+    h: Value,
+    context: Value,
+    backend: AttentionBackend,
+) -> Result<Value> {
+    let mut tokens = tape.run(&[h], move |x| transformer.enter(&x[0]))?;
+    for block in &transformer.transformer_blocks {
+        tokens = tape.run(&[tokens, context], move |x| block.forward(&x[0], &x[1], backend))?;
+    }
+    tape.run(&[tokens, h], move |x| transformer.leave(&x[0], &x[1]))
 }
 
 fn shape_error(what: &str, expected: String, actual: &Tensor) -> Error {
@@ -206,7 +224,8 @@ impl UNet2DConditionModel {
         Ok(tape.get(output).shallow_clone())
     }
 
-    /// As [`Self::forward`], with gradient checkpointing: every ResNet block, transformer, sampler and
+    /// As [`Self::forward`], with gradient checkpointing: every ResNet block, transformer block (and the
+    /// stages around them), sampler and
     /// the embedding, input and output stages run without keeping activations; the returned value's
     /// [`CheckpointedForward::backward`] recomputes them one at a time.
     ///
@@ -293,7 +312,7 @@ impl UNet2DConditionModel {
             for (j, resnet) in block.resnets.iter().enumerate() {
                 h = tape.run(&[h, emb], move |x| Ok(resnet.forward(&x[0], &x[1])))?;
                 if let Some(attention) = block.attentions.get(j) {
-                    h = tape.run(&[h, context], move |x| attention.forward(&x[0], &x[1], backend))?;
+                    h = record_transformer(tape, attention, h, context, backend)?;
                 }
                 skips.push(h);
             }
@@ -306,7 +325,7 @@ impl UNet2DConditionModel {
         // 4. mid.
         let mid = &self.mid_block;
         h = tape.run(&[h, emb], move |x| Ok(mid.resnets[0].forward(&x[0], &x[1])))?;
-        h = tape.run(&[h, context], move |x| mid.attention.forward(&x[0], &x[1], backend))?;
+        h = record_transformer(tape, &mid.attention, h, context, backend)?;
         h = tape.run(&[h, emb], move |x| Ok(mid.resnets[1].forward(&x[0], &x[1])))?;
 
         // 5. up: each ResNet block consumes the most recent skip connection, concatenated after `h`.
@@ -317,7 +336,7 @@ impl UNet2DConditionModel {
                 };
                 h = tape.run(&[h, skip, emb], move |x| Ok(resnet.forward(&Tensor::cat(&[&x[0], &x[1]], 1), &x[2])))?;
                 if let Some(attention) = block.attentions.get(j) {
-                    h = tape.run(&[h, context], move |x| attention.forward(&x[0], &x[1], backend))?;
+                    h = record_transformer(tape, attention, h, context, backend)?;
                 }
             }
             if let (Some(up), Some(&next_skip)) = (&block.upsampler, skips.last()) {
