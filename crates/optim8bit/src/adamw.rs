@@ -388,6 +388,12 @@ impl AdamW {
 
     /// Sets every parameter's gradient to zero (parameters without a gradient are left alone).
     pub fn zero_grad(&mut self) -> Result<()> {
+        if self.device.is_cuda() && torch_cuda::shim_compiled() {
+            // One launch per chunk of the list instead of one per gradient.
+            let grads: Vec<Tensor> =
+                self.groups.iter().flat_map(|g| &g.slots).map(|slot| slot.param.grad()).filter(Tensor::defined).collect();
+            return torch_cuda::foreach::zero_(&grads).map_err(|e| Error::Foreach(e.0));
+        }
         for slot in self.groups.iter().flat_map(|g| &g.slots) {
             let mut grad = slot.param.grad();
             if grad.defined() {

@@ -92,6 +92,10 @@ pub enum Error {
         /// What does not fit.
         reason: String,
     },
+
+    /// A multi-tensor operation of libtorch (through `torch-cuda`) failed.
+    #[error("{0}")]
+    Foreach(String),
 }
 
 /// `Result` with this crate's [`Error`].

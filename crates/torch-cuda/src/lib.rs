@@ -1,6 +1,6 @@
 //! CUDA facilities of libtorch that tch does not expose.
 //!
-//! CUDA graphs ([`CudaGraph`], over `at::cuda::CUDAGraph`); libtorch's Kineto profiler ([`Profiler`]); the caching allocator's memory statistics, the same numbers as PyTorch's
+//! CUDA graphs ([`CudaGraph`], over `at::cuda::CUDAGraph`); libtorch's Kineto profiler ([`Profiler`]); multi-tensor operations ([`foreach`]); the caching allocator's memory statistics, the same numbers as PyTorch's
 //! `torch.cuda.max_memory_allocated()` / `max_memory_reserved()`, so GPU benchmarks compare like with
 //! like; and the TF32 switches (`torch.backends.cuda.matmul.allow_tf32`,
 //! `torch.backends.cudnn.allow_tf32`), so fp32 parity checks run both sides in full precision. The functions go through a small C++ shim (`src/shim.cpp`) compiled against the pinned
@@ -9,6 +9,7 @@
 
 #![warn(missing_docs)]
 
+pub mod foreach;
 pub mod graph;
 pub mod profiler;
 

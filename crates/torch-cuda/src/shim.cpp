@@ -240,3 +240,61 @@ int torch_profiler_stop(const char* path) {
 }
 
 }  // extern "C"
+
+// ---- Multi-tensor ("foreach") operations: one kernel launch per chunk of a list, not per tensor. ----
+// Tensors arrive as tch's handles, which point at at::Tensor objects.
+#include <ATen/Functions.h>
+#include <ATen/core/grad_mode.h>
+
+#include <vector>
+
+namespace {
+
+std::vector<at::Tensor> tensor_list(void* const* tensors, int count) {
+    std::vector<at::Tensor> list;
+    list.reserve(static_cast<size_t>(count));
+    for (int i = 0; i < count; ++i) {
+        list.push_back(*static_cast<const at::Tensor*>(tensors[i]));
+    }
+    return list;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Zeroes every tensor of the list in place (torch._foreach_zero_).
+int torch_foreach_zero_(void* const* tensors, int count) {
+    try {
+        at::NoGradGuard no_grad;
+        auto list = tensor_list(tensors, count);
+        at::_foreach_zero_(list);
+        return 0;
+    } catch (const std::exception& e) {
+        return fail(e);
+    } catch (...) {
+        return fail_unknown();
+    }
+}
+
+// torch.nn.utils.clip_grad_norm_ as it runs on CUDA (foreach path): the 2-norm of every tensor,
+// the 2-norm of those, `factor = min(max_norm · 1/(total + eps), 1)` and every tensor multiplied by
+// it in place; `total` (a 0-dim fp32 tensor) receives the total norm.
+int torch_foreach_clip_norm_(void* const* tensors, int count, double max_norm, double eps, void* total) {
+    try {
+        at::NoGradGuard no_grad;
+        auto list = tensor_list(tensors, count);
+        auto norms = at::_foreach_norm(list, 2);
+        auto norm = at::linalg_vector_norm(at::stack(norms), 2);
+        auto factor = at::clamp_max(at::mul(at::reciprocal(at::add(norm, eps)), max_norm), 1.0);
+        at::_foreach_mul_(list, factor);
+        static_cast<at::Tensor*>(total)->copy_(norm);
+        return 0;
+    } catch (const std::exception& e) {
+        return fail(e);
+    } catch (...) {
+        return fail_unknown();
+    }
+}
+
+}  // extern "C"
