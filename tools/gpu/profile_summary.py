@@ -13,6 +13,7 @@ allocation events, the peak allocated memory with the live allocations at that m
 the operator that made them.
 """
 import argparse
+import bisect
 import json
 import re
 from collections import defaultdict
@@ -104,12 +105,20 @@ def memory(events, cpu_ops, top):
     ops_by_thread = defaultdict(list)
     for op in cpu_ops:
         ops_by_thread[op.get("tid")].append(op)
+    starts = {}
+    for tid, ops in ops_by_thread.items():
+        ops.sort(key=lambda op: op["ts"])
+        starts[tid] = [op["ts"] for op in ops]
 
     def owner(e):
-        best = None
-        for op in ops_by_thread.get(e.get("tid"), []):
-            if op["ts"] <= e["ts"] <= op["ts"] + op["dur"] and (best is None or op["dur"] < best["dur"]):
-                best = op
+        # Operators nest, so the innermost one around `e` is the latest-starting one still running.
+        ops, best = ops_by_thread.get(e.get("tid"), []), None
+        i = bisect.bisect_right(starts.get(e.get("tid"), []), e["ts"]) - 1
+        while i >= 0:
+            if ops[i]["ts"] + ops[i]["dur"] >= e["ts"]:
+                best = ops[i]
+                break
+            i -= 1
         if best is None:
             return "(outside any operator)"
         dims = best.get("args", {}).get("Input Dims")

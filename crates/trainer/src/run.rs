@@ -66,12 +66,32 @@ const GRAPH_WARMUP_STEPS: u64 = 2;
 
 /// The captured step: one micro-step (replayed once per accumulation step) and the optimizer step.
 struct StepGraphs {
-    micro_step: CudaGraph,
+    /// One capture per accumulation index, replayed in that order: relaunching one graph before
+    /// its previous launch has finished can hold the host until it has.
+    micro_steps: Vec<CudaGraph>,
     optimizer_step: CudaGraph,
 }
 
 fn graph_error(error: torch_cuda::GraphError) -> Error {
     Error::CudaGraph(error.0)
+}
+
+/// CPU time of the calling thread so far, from Linux's `/proc/thread-self/schedstat` (nanoseconds)
+/// where the kernel keeps it, else `/proc/thread-self/stat` (user + system time in 1/100 s, the
+/// fixed unit of /proc); `None` where neither can be read.
+fn thread_cpu_seconds() -> Option<f64> {
+    let schedstat = std::fs::read_to_string("/proc/thread-self/schedstat").ok();
+    if let Some(nanos) = schedstat.as_deref().and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok())
+        && nanos > 0.0
+    {
+        return Some(nanos * 1e-9);
+    }
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 /// `--profile_step`: one optimizer step between two device synchronizations, timed on the host
@@ -81,6 +101,7 @@ struct StepProbe {
     device: Device,
     step: u64,
     started: Instant,
+    cpu_started: Option<f64>,
     profiler: Option<(torch_cuda::Profiler, PathBuf)>,
 }
 
@@ -96,7 +117,7 @@ impl StepProbe {
         } else {
             None
         };
-        Ok(StepProbe { device, step, started: Instant::now(), profiler })
+        Ok(StepProbe { device, step, started: Instant::now(), cpu_started: thread_cpu_seconds(), profiler })
     }
 
     fn synchronize(device: Device) {
@@ -108,6 +129,7 @@ impl StepProbe {
     /// Waits for the device, stops the profiler, and describes the step.
     fn end(self, captured: bool) -> Result<String> {
         let enqueued = self.started.elapsed().as_secs_f64();
+        let cpu = self.cpu_started.zip(thread_cpu_seconds()).map(|(a, b)| b - a);
         Self::synchronize(self.device);
         let finished = self.started.elapsed().as_secs_f64();
         let mode = if captured { "graph replay" } else { "eager" };
@@ -122,11 +144,11 @@ impl StepProbe {
                 ))
             }
             None => Ok(format!(
-                "step {} ({mode}): host enqueued its work in {:.1} ms; the device finished it {:.1} ms after the start (host/step {:.1} %)",
+                "step {} ({mode}): the host enqueued its work in {:.1} ms ({}); the device finished it {:.1} ms after the start",
                 self.step,
                 enqueued * 1e3,
+                cpu.map_or("its CPU time unknown".to_owned(), |c| format!("{:.1} ms of CPU time, {:.1} % of the step", c * 1e3, 100.0 * c / finished)),
                 finished * 1e3,
-                100.0 * enqueued / finished
             )),
         }
     }
@@ -402,6 +424,9 @@ impl Trainer {
         let mut lora_config = LoraConfig::unet_attention(i64::from(config.rank));
         lora_config.alpha = config.lora_alpha.unwrap_or(f64::from(config.rank));
         let report = lora::inject(&mut unet, &lora_store.root(), ADAPTER, &lora_config)?;
+        // With mixed precision the LoRA computes as peft does under accelerate's autocast (bf16
+        // products, fp32 weights and gradients), which is what diffusers' script trains with.
+        lora::set_compute_kind(&mut unet, ADAPTER, (kind != Kind::Float).then_some(kind))?;
         let params: Vec<(String, Tensor)> = lora::trainable_variables(&mut unet).into_iter().collect();
         let lora_params: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
         log(format!("LoRA rank {} on {} layers: {lora_params} trainable parameters", config.rank, report.adapted.len()));
@@ -598,8 +623,8 @@ impl Trainer {
             for micro in 0..accumulation {
                 let index = step * accumulation + micro;
                 self.prepare_micro_step(index)?;
-                match &graphs {
-                    Some(graphs) => graphs.micro_step.replay().map_err(graph_error)?,
+                match graphs.as_ref().and_then(|g| g.micro_steps.get(micro as usize)) {
+                    Some(graph) => graph.replay().map_err(graph_error)?,
                     None => self.micro_step()?,
                 }
             }
@@ -703,12 +728,18 @@ impl Trainer {
     /// nothing: the replays do the work, on the same persistent tensors.
     fn capture_graphs(&mut self) -> Result<StepGraphs> {
         let device = self.device_index();
-        let (micro_step, recorded) = CudaGraph::capture(device, None, CaptureMode::Global, || self.micro_step()).map_err(graph_error)?;
-        recorded?;
+        let mut micro_steps: Vec<CudaGraph> = Vec::new();
+        for _ in 0..self.config.gradient_accumulation_steps {
+            // All graphs share the first one's memory pool (they replay in capture order).
+            let (graph, recorded) =
+                CudaGraph::capture(device, micro_steps.first(), CaptureMode::Global, || self.micro_step()).map_err(graph_error)?;
+            recorded?;
+            micro_steps.push(graph);
+        }
         let (optimizer_step, recorded) =
-            CudaGraph::capture(device, Some(&micro_step), CaptureMode::Global, || self.optimizer_step()).map_err(graph_error)?;
+            CudaGraph::capture(device, micro_steps.first(), CaptureMode::Global, || self.optimizer_step()).map_err(graph_error)?;
         recorded?;
-        Ok(StepGraphs { micro_step, optimizer_step })
+        Ok(StepGraphs { micro_steps, optimizer_step })
     }
 
     /// Reads the device-side window sums (the only host synchronisation of the loop), logs them and
