@@ -50,6 +50,23 @@ mod ffi {
         pub fn torch_cuda_empty_cache() -> i32;
         pub fn torch_cuda_set_allow_tf32(cublas: i32, cudnn: i32) -> i32;
         pub fn torch_cuda_last_error() -> *const std::ffi::c_char;
+        pub fn torch_grad_enabled() -> i32;
+    }
+}
+
+/// Whether autograd records operations on this thread (`torch.is_grad_enabled()`; false inside
+/// `tch::no_grad`), or `None` without the shim.
+pub fn grad_enabled() -> Option<bool> {
+    #[cfg(torch_cuda_shim)]
+    {
+        // SAFETY: plain call reading a thread-local flag.
+        #[allow(unsafe_code)]
+        let enabled = unsafe { ffi::torch_grad_enabled() };
+        Some(enabled != 0)
+    }
+    #[cfg(not(torch_cuda_shim))]
+    {
+        None
     }
 }
 
@@ -150,6 +167,17 @@ pub fn shim_compiled() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grad_mode_follows_no_grad() {
+        if !shim_compiled() {
+            assert_eq!(grad_enabled(), None);
+            return;
+        }
+        assert_eq!(grad_enabled(), Some(true));
+        assert_eq!(tch::no_grad(grad_enabled), Some(false));
+        assert_eq!(grad_enabled(), Some(true));
+    }
 
     #[test]
     fn statistics_follow_allocations_on_cuda_and_are_absent_without_it() {

@@ -298,3 +298,10 @@ int torch_foreach_clip_norm_(void* const* tensors, int count, double max_norm, d
 }
 
 }  // extern "C"
+
+extern "C" {
+
+// Whether autograd records operations on this thread (torch.is_grad_enabled()).
+int torch_grad_enabled() { return at::GradMode::is_enabled() ? 1 : 0; }
+
+}  // extern "C"

@@ -35,7 +35,10 @@ impl Module for GroupNorm {
     /// # Shapes
     /// `[batch, channels, ...]` → the same.
     fn forward(&self, xs: &Tensor) -> Tensor {
-        let inference = !(xs.requires_grad() || self.weight.requires_grad() || self.bias.requires_grad());
+        // Inference: autograd is off (`no_grad`; a VarStore's weights require gradients even then), or
+        // nothing here requires a gradient.
+        let inference = torch_cuda::grad_enabled() == Some(false)
+            || !(xs.requires_grad() || self.weight.requires_grad() || self.bias.requires_grad());
         if inference && xs.device().is_cuda() {
             // Falls back on anything the fast path does not take (e.g. a channel count the groups do
             // not divide, which libtorch's own check then reports).
@@ -91,12 +94,15 @@ mod tests {
         // Off-centre input, as activations are.
         let x = Tensor::randn([2, 8, 16, 12], (Kind::Float, device)) * 3.0 + 1.5;
         let reference = x.group_norm(4, Some(&norm.weight), Some(&norm.bias), 1e-6, false);
+        assert!(norm.weight.requires_grad(), "VarStore weights are trainable");
         let out = tch::no_grad(|| norm.forward(&x));
         let diff = (&out - &reference).abs().max().double_value(&[]);
         assert!(diff < 1e-5, "fp32: max |Δ| {diff}");
         if device.is_cuda() {
-            let spread = group_norm_spread(&x, 4, &norm.weight, &norm.bias, 1e-6).unwrap();
+            let spread = tch::no_grad(|| group_norm_spread(&x, 4, &norm.weight, &norm.bias, 1e-6)).unwrap();
             assert!((&spread - &reference).abs().max().double_value(&[]) < 1e-5);
+            // Under no_grad the module takes the spread path, even with trainable weights.
+            assert!(out.equal(&spread), "the module did not take the spread path under no_grad");
             // bf16: within the type's rounding of libtorch's own bf16 group norm.
             let xb = x.to_kind(Kind::BFloat16);
             let (wb, bb) = (norm.weight.to_kind(Kind::BFloat16), norm.bias.to_kind(Kind::BFloat16));

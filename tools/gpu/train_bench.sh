@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The seed-recipe benchmark of issue 10, ours beside diffusers in one GPU-machine run (docs/BENCHMARKS.md):
+# our trainer eager, eager again (run-to-run spread), with CUDA graphs, with graphs + gradient checkpointing,
+# and with graphs + checkpointing + fp8 base weights; then diffusers' step (accelerate + peft + bnb AdamW8bit,
+# eager) and the same step by hand, eager and captured whole as a CUDA graph (torch fused AdamW). Prints
+# steady-state step time, images/s, peak memory, the ratios, and how far each run's LoRA is from the eager one.
+#
+#   bash tools/gpu/train_bench.sh [STEPS] [REF_STEPS] [RESOLUTION] [BATCH] [ACCUM] [EXTRA_REF_FLAGS...]
+#       (after scripts/gpu-pack.sh --example train_naruto, .gpu/naruto512 and the wheels in .whl/)
+# With RESOLUTION 1024 BATCH 1 it runs the checkpointed modes only, as the 1024 px target asks.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+steps=${1:-24} ref_steps=${2:-10} res=${3:-512} batch=${4:-2} accum=${5:-2}
+shift $(( $# < 5 ? $# : 5 ))
+out=${OUT:-/tmp/train-bench}
+source tools/gpu/setup.sh
+gpu_setup "train-bench-$res.log"
+model=/tmp/sdxl-random
+[ -f "$model/unet/config.json" ] || python3 tools/gpu/random_sdxl.py --out "$model" | tail -1
+log_every=4
+run() {  # NAME FLAGS...
+    local name=$1; shift
+    echo "== train_naruto $name: $*"
+    timeout 240 ./.gpu/examples/train_naruto --pretrained_model_name_or_path "$model" --dataset_name .gpu/naruto512 \
+        --resolution "$res" --train_batch_size "$batch" --gradient_accumulation_steps "$accum" \
+        --max_train_steps "$steps" --logging_steps "$log_every" --checkpointing_steps "$steps" --validation_prompt none \
+        --output_dir "/tmp/run-$name" "$@" 2>&1 | grep -E "^\[trainer\] (step|captured|estimated)|^done|rror" | cut -c1-300
+    cp "/tmp/run-$name/logs/metrics.jsonl" "$out/metrics-$res-$name.jsonl" 2>/dev/null
+    for trace in /tmp/run-$name/profile/*.json; do
+        [ -f "$trace" ] && python3 tools/gpu/profile_summary.py "$trace" --top 20 --json "$out/summary-$res-$name.json" | head -40
+    done
+}
+if [ "$res" = 512 ]; then
+    run eager
+    run eager-again
+    run graph --cuda_graph --profile_step 12
+    run graph-checkpointed --cuda_graph --gradient_checkpointing --profile_step 12
+    run graph-checkpointed-fp8 --cuda_graph --gradient_checkpointing --fp8_base_weights
+    ref_flags=(--cuda-graph)
+else
+    run eager-checkpointed --gradient_checkpointing
+    run graph-checkpointed --cuda_graph --gradient_checkpointing --profile_step 12
+    ref_flags=(--checkpointing --cuda-graph)
+fi
+python3 - "$steps" "$log_every" <<'PY'
+import glob, json, sys
+from safetensors.torch import load_file
+steps, every = int(sys.argv[1]), int(sys.argv[2])
+def steady(name):
+    try:
+        rows = {r["step"]: r for r in map(json.loads, open(f"/tmp/run-{name}/logs/metrics.jsonl"))}
+    except OSError:
+        return None
+    # From the window after the profiled step 13 (or after warm-up and capture) to the end.
+    a, b = rows.get(16) or rows.get(8), rows.get(steps)
+    if not a or not b:
+        return None
+    return (b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"]), b["peak_memory_gib"], round(b["loss"], 5)
+names = sorted(p.split("/run-")[1] for p in glob.glob("/tmp/run-*") if "/tmp/run-" in p)
+for name in names:
+    print(f"ours {name}: steady s/step, peak GiB, last loss: {steady(name)}")
+def params(name):
+    files = glob.glob(f"/tmp/run-{name}/checkpoint-*/lora_parameters.safetensors")
+    return load_file(files[0]) if files else None
+base = "eager" if "eager" in names else "eager-checkpointed"
+e = params(base)
+for name in names:
+    g = params(name)
+    if name == base or e is None or g is None:
+        continue
+    diff = max((g[k].float() - e[k].float()).abs().max().item() for k in e)
+    scale = max(e[k].float().abs().max().item() for k in e)
+    print(f"final LoRA after {steps} steps, {name} vs {base}: max abs diff {diff:.3e} (max |param| {scale:.3e})")
+PY
+echo "== diffusers ${ref_flags[*]}"
+timeout 300 python3 tools/gpu/reference_train.py --steps "$ref_steps" --warmup 3 --lora-dtype fp32 \
+    --resolution "$res" --batch "$batch" --accum "$accum" "${ref_flags[@]}" "$@" --json "$out/reference-$res.json" 2>&1 \
+    | grep -E "^reference_train" | cut -c1-420
+echo "== done $(date -u +%FT%TZ)"
