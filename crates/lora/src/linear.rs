@@ -344,19 +344,36 @@ impl Module for Linear {
             let dropped = if dropout_active { x.dropout(adapter.dropout, true) } else { x.shallow_clone() };
             let scale = adapter.scale();
             match &adapter.magnitude {
-                None => {
-                    let (down, up) = match autocast {
-                        Some(kind) => (adapter.down.to_kind(kind), adapter.up.to_kind(kind)),
-                        None => (adapter.down.shallow_clone(), adapter.up.shallow_clone()),
-                    };
-                    let lora_out = dropped.linear::<Tensor>(&down, None).linear::<Tensor>(&up, None);
-                    // A scale of exactly 1 (alpha = rank) multiplies nothing: skip the kernel.
-                    let scaled = if scale == 1.0 { lora_out } else { lora_out * scale };
-                    // Out of place, so a bf16 base output is promoted to fp32 for the sum (as in
-                    // peft) instead of rounding after each adapter; under autocast both are in
-                    // the compute type already.
-                    result = scaled + &result;
-                }
+                None => match autocast {
+                    Some(kind) if result.kind() == kind => {
+                        // Under autocast: the up-projection and the sum with the base output in one
+                        // matrix product with accumulation (`base + h·(scale·B)ᵀ`), the scale folded
+                        // into the cast of B. Against peft's separate scale and add this rounds
+                        // once instead of twice.
+                        let down = adapter.down.to_kind(kind);
+                        let up = if scale == 1.0 { adapter.up.to_kind(kind) } else { (&adapter.up * scale).to_kind(kind) };
+                        let h = dropped.linear::<Tensor>(&down, None);
+                        let shape = result.size();
+                        let rank = down.size()[0];
+                        let out_features = up.size()[0];
+                        result = result
+                            .reshape([-1, out_features])
+                            .addmm(&h.reshape([-1, rank]), &up.tr())
+                            .reshape(shape.as_slice());
+                    }
+                    _ => {
+                        let (down, up) = match autocast {
+                            Some(kind) => (adapter.down.to_kind(kind), adapter.up.to_kind(kind)),
+                            None => (adapter.down.shallow_clone(), adapter.up.shallow_clone()),
+                        };
+                        let lora_out = dropped.linear::<Tensor>(&down, None).linear::<Tensor>(&up, None);
+                        // A scale of exactly 1 (alpha = rank) multiplies nothing: skip the kernel.
+                        let scaled = if scale == 1.0 { lora_out } else { lora_out * scale };
+                        // Out of place, so a bf16 base output is promoted to fp32 for the sum (as in
+                        // peft) instead of rounding after each adapter.
+                        result = scaled + &result;
+                    }
+                },
                 Some(magnitude) => {
                     let weight = weight.to_kind(x.kind());
                     let delta = adapter.up.matmul(&adapter.down).detach() * scale;
@@ -517,7 +534,7 @@ mod tests {
     }
 
     #[test]
-    fn autocast_compute_kind_does_peft_under_autocast_arithmetic_and_trains_the_fp32_matrices() {
+    fn autocast_compute_kind_matches_peft_under_autocast_and_trains_the_fp32_matrices() {
         let (layer, x) = layer_and_input(6);
         for alpha in [2.0, 3.0] {
             let mut half =
@@ -535,7 +552,10 @@ mod tests {
             let base = xb.linear(&half.weight, half.bias.as_ref());
             let lora = xb.linear::<Tensor>(&down.to_kind(Kind::BFloat16), None).linear::<Tensor>(&up.to_kind(Kind::BFloat16), None);
             let expected = lora * (alpha / 2.0) + base;
-            assert!(y.equal(&expected), "alpha {alpha}: max |Δ| {}", max_diff(&y.to_kind(Kind::Float), &expected.to_kind(Kind::Float)));
+            // One rounding (a product with accumulation) instead of peft's two: within bf16's.
+            let scale_of = expected.to_kind(Kind::Float).abs().max().double_value(&[]);
+            let diff = max_diff(&y.to_kind(Kind::Float), &expected.to_kind(Kind::Float));
+            assert!(diff <= 8e-3 * scale_of, "alpha {alpha}: max |Δ| {diff} of {scale_of}");
             y.to_kind(Kind::Float).sum(Kind::Float).backward();
             for grad in [down.grad(), up.grad()] {
                 assert_eq!(grad.kind(), Kind::Float);

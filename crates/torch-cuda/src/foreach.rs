@@ -23,6 +23,7 @@ mod ffi {
     unsafe extern "C" {
         pub fn torch_foreach_zero_(tensors: *const *mut c_void, count: i32) -> i32;
         pub fn torch_foreach_clip_norm_(tensors: *const *mut c_void, count: i32, max_norm: f64, eps: f64, total: *mut c_void) -> i32;
+        pub fn torch_clear_grad(tensor: *mut c_void) -> i32;
     }
 }
 
@@ -57,6 +58,34 @@ pub fn zero_(tensors: &[Tensor]) -> Result<(), ForeachError> {
     }
     #[cfg(not(torch_cuda_shim))]
     {
+        Err(ForeachError("this build has no CUDA shim".into()))
+    }
+}
+
+/// Drops the gradient of every tensor (`p.grad = None` in PyTorch, which tch cannot express): the
+/// next backward writes fresh gradients instead of adding into the old ones. Before capturing a
+/// CUDA graph of the first micro-step of an accumulation, this makes each replay start the
+/// gradients afresh without a zeroing pass.
+///
+/// # Errors
+/// [`ForeachError`] without the shim or for an undefined tensor.
+pub fn clear_grads(tensors: &[Tensor]) -> Result<(), ForeachError> {
+    #[cfg(torch_cuda_shim)]
+    {
+        for handle in handles(tensors)? {
+            // SAFETY: a live tch handle (an at::Tensor pointer) for the duration of the call; the
+            // shim catches every C++ exception.
+            #[allow(unsafe_code)]
+            let status = unsafe { ffi::torch_clear_grad(handle) };
+            if status != 0 {
+                return Err(ForeachError(crate::shim_last_error()));
+            }
+        }
+        Ok(())
+    }
+    #[cfg(not(torch_cuda_shim))]
+    {
+        let _ = tensors;
         Err(ForeachError("this build has no CUDA shim".into()))
     }
 }
@@ -123,6 +152,15 @@ mod tests {
         zero_(&tensors).unwrap();
         assert!(tensors.iter().all(|t| t.abs().sum(Kind::Float).double_value(&[]) == 0.0));
         assert!(clip_norm_(&[], 1.0, 1e-6).is_err());
+        // Cleared gradients are undefined; the next backward writes them afresh.
+        let param = Tensor::ones([4], (Kind::Float, device)).set_requires_grad(true);
+        (&param * 3.0).sum(Kind::Float).backward();
+        (&param * 3.0).sum(Kind::Float).backward();
+        assert_eq!(param.grad().sum(Kind::Float).double_value(&[]), 24.0, "two backward passes add");
+        clear_grads(std::slice::from_ref(&param)).unwrap();
+        assert!(!param.grad().defined());
+        (&param * 3.0).sum(Kind::Float).backward();
+        assert_eq!(param.grad().sum(Kind::Float).double_value(&[]), 12.0, "a fresh gradient after clearing");
         assert!(zero_(&[Tensor::new()]).is_err());
     }
 }

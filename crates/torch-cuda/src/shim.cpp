@@ -305,3 +305,20 @@ extern "C" {
 int torch_grad_enabled() { return at::GradMode::is_enabled() ? 1 : 0; }
 
 }  // extern "C"
+
+extern "C" {
+
+// Drops the tensor's gradient (`tensor.grad = None`): the next backward writes a fresh one instead
+// of adding into it.
+int torch_clear_grad(void* tensor) {
+    try {
+        static_cast<at::Tensor*>(tensor)->mutable_grad() = at::Tensor();
+        return 0;
+    } catch (const std::exception& e) {
+        return fail(e);
+    } catch (...) {
+        return fail_unknown();
+    }
+}
+
+}  // extern "C"

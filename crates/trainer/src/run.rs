@@ -630,7 +630,7 @@ impl Trainer {
             }
             match &graphs {
                 Some(graphs) => graphs.optimizer_step.replay().map_err(graph_error)?,
-                None => self.optimizer_step()?,
+                None => self.optimizer_step(true)?,
             }
             if let Some(probe) = probe {
                 log_above(&progress, probe.end(graphs.is_some())?);
@@ -718,9 +718,9 @@ impl Trainer {
     }
 
     /// The device work of an optimizer step (captured as a graph with `--cuda_graph`).
-    fn optimizer_step(&mut self) -> Result<()> {
+    fn optimizer_step(&mut self, zero_grads: bool) -> Result<()> {
         let params: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
-        optimizer_step(&mut self.optimizer, &params, &self.settings, &mut self.acc)
+        optimizer_step(&mut self.optimizer, &params, &self.settings, &mut self.acc, zero_grads)
     }
 
     /// Records one micro-step and one optimizer step as CUDA graphs (one memory pool), after the
@@ -728,6 +728,11 @@ impl Trainer {
     /// nothing: the replays do the work, on the same persistent tensors.
     fn capture_graphs(&mut self) -> Result<StepGraphs> {
         let device = self.device_index();
+        // Gradients dropped before the first capture: its replays write them afresh (where the
+        // eager step adds into zeroed ones), the later micro-steps add, and the optimizer graph
+        // needs no zeroing pass.
+        let params: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
+        torch_cuda::foreach::clear_grads(&params).map_err(|e| Error::CudaGraph(e.0))?;
         let mut micro_steps: Vec<CudaGraph> = Vec::new();
         for _ in 0..self.config.gradient_accumulation_steps {
             // All graphs share the first one's memory pool (they replay in capture order).
@@ -737,7 +742,7 @@ impl Trainer {
             micro_steps.push(graph);
         }
         let (optimizer_step, recorded) =
-            CudaGraph::capture(device, micro_steps.first(), CaptureMode::Global, || self.optimizer_step()).map_err(graph_error)?;
+            CudaGraph::capture(device, micro_steps.first(), CaptureMode::Global, || self.optimizer_step(false)).map_err(graph_error)?;
         recorded?;
         Ok(StepGraphs { micro_steps, optimizer_step })
     }

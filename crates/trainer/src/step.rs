@@ -220,7 +220,15 @@ pub fn micro_step(
 ///
 /// # Errors
 /// Optimizer errors.
-pub fn optimizer_step(optimizer: &mut AdamW, params: &[Tensor], settings: &StepSettings, acc: &mut Accumulators) -> Result<()> {
+///
+/// `zero_grads` false leaves the gradients as they are: a captured first micro-step overwrites them.
+pub fn optimizer_step(
+    optimizer: &mut AdamW,
+    params: &[Tensor],
+    settings: &StepSettings,
+    acc: &mut Accumulators,
+    zero_grads: bool,
+) -> Result<()> {
     let norm = clip_grad_norm(params, settings.max_grad_norm)?;
     tch::no_grad(|| -> Result<()> {
         let finite = norm.isfinite().logical_and(&acc.step_loss.isfinite());
@@ -234,7 +242,9 @@ pub fn optimizer_step(optimizer: &mut AdamW, params: &[Tensor], settings: &StepS
         let _ = acc.step_loss.zero_();
         Ok(())
     })?;
-    optimizer.zero_grad()?;
+    if zero_grads {
+        optimizer.zero_grad()?;
+    }
     Ok(())
 }
 
@@ -269,7 +279,7 @@ mod tests {
         let before = param.detach().copy();
         backward(&param, 1.0);
         let _ = acc.step_loss.fill_(f64::NAN);
-        optimizer_step(&mut optimizer, &[param.shallow_clone()], &settings, &mut acc).unwrap();
+        optimizer_step(&mut optimizer, &[param.shallow_clone()], &settings, &mut acc, true).unwrap();
         assert!(param.detach().equal(&before), "a skipped step moved the parameters");
         assert_eq!(acc.skipped.double_value(&[]), 1.0);
         assert_eq!((acc.window_loss.double_value(&[]), acc.window_steps.double_value(&[])), (0.0, 0.0));
@@ -278,7 +288,7 @@ mod tests {
         // A finite step afterwards applies and enters the window.
         backward(&param, 1.0);
         let _ = acc.step_loss.fill_(0.75);
-        optimizer_step(&mut optimizer, &[param.shallow_clone()], &settings, &mut acc).unwrap();
+        optimizer_step(&mut optimizer, &[param.shallow_clone()], &settings, &mut acc, true).unwrap();
         assert!(!param.detach().equal(&before));
         assert_eq!(acc.skipped.double_value(&[]), 1.0);
         assert_eq!((acc.window_loss.double_value(&[]), acc.window_steps.double_value(&[])), (0.75, 1.0));
@@ -290,13 +300,13 @@ mod tests {
         let (param, mut optimizer, settings, mut acc) = setup();
         let before = param.detach().copy();
         backward(&param, f64::INFINITY);
-        optimizer_step(&mut optimizer, &[param.shallow_clone()], &settings, &mut acc).unwrap();
+        optimizer_step(&mut optimizer, &[param.shallow_clone()], &settings, &mut acc, true).unwrap();
         assert!(param.detach().equal(&before));
         assert_eq!(acc.skipped.double_value(&[]), 1.0);
         assert!(acc.grad_norm.double_value(&[]).is_infinite());
 
         backward(&param, 4.0); // norm 4·√3 > 1: clipped, applied
-        optimizer_step(&mut optimizer, &[param.shallow_clone()], &settings, &mut acc).unwrap();
+        optimizer_step(&mut optimizer, &[param.shallow_clone()], &settings, &mut acc, true).unwrap();
         assert!((acc.grad_norm.double_value(&[]) - 4.0 * 3f64.sqrt()).abs() < 1e-5);
         assert!(!param.detach().equal(&before));
     }
