@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The seed-recipe benchmark of issue 10, ours beside diffusers in one GPU-machine run (docs/BENCHMARKS.md):
-# our trainer eager, eager again (run-to-run spread), with CUDA graphs, with graphs + gradient checkpointing,
-# and with graphs + checkpointing + fp8 base weights; then diffusers' step (accelerate + peft + bnb AdamW8bit,
+# our trainer in the modes MODES names (default: eager, CUDA graphs, graphs + gradient checkpointing, graphs +
+# checkpointing + fp8 base weights; names are eager|graph, optionally -checkpointed, then optionally -fp8); then diffusers' step (accelerate + peft + bnb AdamW8bit,
 # eager) and the same step by hand, eager and captured whole as a CUDA graph (torch fused AdamW). Prints
 # steady-state step time, images/s, peak memory, the ratios, and how far each run's LoRA is from the eager one.
 #
 #   bash tools/gpu/train_bench.sh [STEPS] [REF_STEPS] [RESOLUTION] [BATCH] [ACCUM] [EXTRA_REF_FLAGS...]
-#       (after scripts/gpu-pack.sh --example train_naruto, .gpu/naruto512 and the wheels in .whl/)
-# With RESOLUTION 1024 BATCH 1 it runs the checkpointed modes only, as the 1024 px target asks.
+#       (after scripts/gpu-pack.sh --example train_naruto, .gpu/naruto<RESOLUTION> from tools/demo/make_dataset.py
+#        and the wheels in .whl/)
+# With RESOLUTION 1024 the default mode is graph-checkpointed, as the 1024 px target asks, and diffusers runs eager
+# with checkpointing only unless EXTRA_REF_FLAGS add --cuda-graph. Steady state: from step STEPS/2 to STEPS (the logged wall clock);
+# step STEPS/2-2 is timed alone (host vs device) and STEPS/2-1 recorded by the profiler, before that window.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 steps=${1:-24} ref_steps=${2:-10} res=${3:-512} batch=${4:-2} accum=${5:-2}
@@ -17,11 +20,12 @@ source tools/gpu/setup.sh
 gpu_setup "train-bench-$res.log"
 model=/tmp/sdxl-random
 [ -f "$model/unet/config.json" ] || python3 tools/gpu/random_sdxl.py --out "$model" | tail -1
-log_every=4
+log_every=2
+probe=$(( steps / 2 - 2 ))
 run() {  # NAME FLAGS...
     local name=$1; shift
     echo "== train_naruto $name: $*"
-    timeout 240 ./.gpu/examples/train_naruto --pretrained_model_name_or_path "$model" --dataset_name .gpu/naruto512 \
+    timeout 240 ./.gpu/examples/train_naruto --pretrained_model_name_or_path "$model" --dataset_name ".gpu/naruto$res" \
         --resolution "$res" --train_batch_size "$batch" --gradient_accumulation_steps "$accum" \
         --max_train_steps "$steps" --logging_steps "$log_every" --checkpointing_steps "$steps" --validation_prompt none \
         --output_dir "/tmp/run-$name" "$@" 2>&1 | grep -E "^\[trainer\] (step|captured|estimated)|^done|rror" | cut -c1-300
@@ -30,18 +34,18 @@ run() {  # NAME FLAGS...
         [ -f "$trace" ] && python3 tools/gpu/profile_summary.py "$trace" --top 20 --json "$out/summary-$res-$name.json" | head -40
     done
 }
-if [ "$res" = 512 ]; then
-    run eager
-    run eager-again
-    run graph --cuda_graph --profile_step 12
-    run graph-checkpointed --cuda_graph --gradient_checkpointing --profile_step 12
-    run graph-checkpointed-fp8 --cuda_graph --gradient_checkpointing --fp8_base_weights
-    ref_flags=(--cuda-graph)
-else
-    run eager-checkpointed --gradient_checkpointing
-    run graph-checkpointed --cuda_graph --gradient_checkpointing --profile_step 12
-    ref_flags=(--checkpointing --cuda-graph)
-fi
+rm -rf /tmp/run-*
+# Modes by name: eager | graph, then -checkpointed, then -fp8 (e.g. graph-checkpointed-fp8).
+default_modes="eager graph graph-checkpointed graph-checkpointed-fp8"
+[ "$res" = 512 ] || default_modes="graph-checkpointed"
+for name in ${MODES:-$default_modes}; do
+    flags=()
+    case "$name" in graph*) flags+=(--cuda_graph --profile_step "$probe") ;; esac
+    case "$name" in *checkpointed*) flags+=(--gradient_checkpointing) ;; esac
+    case "$name" in *fp8*) flags+=(--fp8_base_weights) ;; esac
+    run "$name" "${flags[@]}"
+done
+[ "$res" = 512 ] && ref_flags=(--cuda-graph) || ref_flags=(--checkpointing)
 python3 - "$steps" "$log_every" <<'PY'
 import glob, json, sys
 from safetensors.torch import load_file
@@ -51,8 +55,8 @@ def steady(name):
         rows = {r["step"]: r for r in map(json.loads, open(f"/tmp/run-{name}/logs/metrics.jsonl"))}
     except OSError:
         return None
-    # From the window after the profiled step 13 (or after warm-up and capture) to the end.
-    a, b = rows.get(16) or rows.get(8), rows.get(steps)
+    # From the middle (after warm-up, capture and the profiled step) to the end.
+    a, b = rows.get(steps // 2), rows.get(steps)
     if not a or not b:
         return None
     return (b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"]), b["peak_memory_gib"], round(b["loss"], 5)
@@ -62,7 +66,7 @@ for name in names:
 def params(name):
     files = glob.glob(f"/tmp/run-{name}/checkpoint-*/lora_parameters.safetensors")
     return load_file(files[0]) if files else None
-base = "eager" if "eager" in names else "eager-checkpointed"
+base = next((n for n in ("eager", "eager-checkpointed") if n in names), None)
 e = params(base)
 for name in names:
     g = params(name)

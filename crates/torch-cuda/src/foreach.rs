@@ -129,6 +129,7 @@ mod tests {
 
     #[test]
     fn foreach_clip_and_zero_match_the_per_tensor_arithmetic() {
+        let _serial = crate::test_lock();
         if !crate::shim_compiled() {
             return;
         }

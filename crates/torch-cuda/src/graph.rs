@@ -194,6 +194,7 @@ mod tests {
 
     #[test]
     fn a_captured_update_replays_on_the_same_memory() {
+        let _serial = crate::test_lock();
         if !tch::Cuda::is_available() {
             let err = CudaGraph::capture(0, None, CaptureMode::Global, || ()).unwrap_err();
             assert!(err.to_string().contains("CUDA"), "{err}");
@@ -222,6 +223,7 @@ mod tests {
 
     #[test]
     fn reseeding_before_a_replay_reproduces_the_eager_draws() {
+        let _serial = crate::test_lock();
         if !tch::Cuda::is_available() {
             return;
         }

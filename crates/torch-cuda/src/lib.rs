@@ -164,12 +164,21 @@ pub fn shim_compiled() -> bool {
     cfg!(torch_cuda_shim)
 }
 
+/// Serializes this crate's tests: a graph capture in the global mode fails when another thread
+/// launches CUDA work meanwhile, as parallel tests would.
+#[cfg(test)]
+pub(crate) fn test_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn grad_mode_follows_no_grad() {
+        let _serial = test_lock();
         if !shim_compiled() {
             assert_eq!(grad_enabled(), None);
             return;
@@ -181,6 +190,7 @@ mod tests {
 
     #[test]
     fn statistics_follow_allocations_on_cuda_and_are_absent_without_it() {
+        let _serial = test_lock();
         if !tch::Cuda::is_available() {
             assert_eq!(memory_stats(0), None);
             assert!(!reset_peak_memory_stats(0));

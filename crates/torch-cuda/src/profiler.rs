@@ -140,6 +140,7 @@ mod tests {
 
     #[test]
     fn a_profiled_matrix_product_appears_in_the_trace_with_its_shapes() {
+        let _serial = crate::test_lock();
         if !crate::shim_compiled() {
             assert!(Profiler::start(ProfilerOptions::default()).is_err());
             return;
