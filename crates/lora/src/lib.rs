@@ -59,5 +59,5 @@ pub use inject::{
     UNET_ATTENTION_TARGETS, UNET_FEED_FORWARD_TARGETS, inject, matches_suffix, merge, module_path, set_compute_kind,
     set_enabled, set_multiplier, set_training, trainable_variables, unmerge,
 };
-pub use linear::{HasLinears, Linear};
+pub use linear::{HasLinears, Linear, fused_forward, pack_weights};
 pub use state::{Component, LoraState, ModuleLora};

@@ -320,6 +320,115 @@ impl Linear {
     }
 }
 
+/// Lays the base weights of `layers` out one after another in one buffer: each weight becomes a view
+/// of it, with unchanged values, so that [`fused_forward`] multiplies by all of them at once without
+/// copying them. Returns false, touching nothing, when the layers cannot share a buffer (fewer than
+/// two, different input widths, types or devices, non-contiguous or fp8-stored weights).
+///
+/// The layout survives in-place writes (loading weights with `copy_`, merging); whatever replaces a
+/// weight tensor instead (a variable store's `set_kind`, fp8 quantization) undoes it, and
+/// [`fused_forward`] then declines.
+pub fn pack_weights(layers: &mut [&mut Linear]) -> bool {
+    let Some(first) = layers.first() else { return false };
+    let (kind, device, width) = (first.weight.kind(), first.weight.device(), first.weight.size().get(1).copied());
+    let fits = layers.len() >= 2
+        && layers.iter().all(|l| {
+            let size = l.weight.size();
+            l.fp8.is_none() && size.len() == 2 && Some(size[1]) == width && l.weight.kind() == kind && l.weight.device() == device
+        });
+    if !fits {
+        return false;
+    }
+    let weights: Vec<Tensor> = layers.iter().map(|l| l.weight.detach()).collect();
+    let Ok(packed) = tch::no_grad(|| Tensor::f_cat(&weights, 0)) else { return false };
+    let mut start = 0;
+    for layer in layers.iter_mut() {
+        let rows = layer.weight.size()[0];
+        let Ok(view) = packed.f_narrow(0, start, rows) else { return false };
+        // set_data swaps the storage under the variable itself, so the variable store's handle and
+        // every shallow clone see the view.
+        if layer.weight.f_set_data(&view).is_err() {
+            return false;
+        }
+        start += rows;
+    }
+    true
+}
+
+/// The base weights of `layers` as one `[Σ out, in]` matrix, when [`pack_weights`] laid them out so and
+/// they still are.
+fn packed_weight(layers: &[&Linear]) -> Option<Tensor> {
+    let first = &layers.first()?.weight;
+    let size = first.size();
+    if size.len() != 2 {
+        return None;
+    }
+    let element = first.kind().elt_size_in_bytes();
+    let mut next = first.data_ptr() as usize;
+    let mut rows = 0;
+    for layer in layers {
+        let w = &layer.weight;
+        let s = w.size();
+        if layer.fp8.is_some() || s.len() != 2 || s[1] != size[1] || w.kind() != first.kind() || !w.is_contiguous() || w.data_ptr() as usize != next {
+            return None;
+        }
+        next += (s[0] * s[1]) as usize * element;
+        rows += s[0];
+    }
+    first.f_as_strided([rows, size[1]], [size[1], 1], None).ok()
+}
+
+/// `layers[i].forward(xs)` for layers that read the same input (a self-attention's `to_q`, `to_k`,
+/// `to_v`), computed together: one matrix product for the base weights (laid out by
+/// [`pack_weights`]) and, when every layer has one active plain LoRA adapter computing in the base
+/// output's type, one down-projection for all adapters and one block-diagonal up-projection added
+/// to the base output with accumulation. Fewer, larger kernels; the same values up to rounding.
+///
+/// `None` when the layers do not qualify (weights not packed, a bias, several or DoRA adapters, dropout
+/// while training, an adapter computing in another type, some layers adapted and others not); the
+/// caller then runs them one by one.
+///
+/// # Shapes
+/// `xs` `[..., in]` → one `[..., out_i]` per layer (views into one buffer).
+pub fn fused_forward(layers: &[&Linear], xs: &Tensor) -> Option<Vec<Tensor>> {
+    if layers.iter().any(|l| l.bias.is_some()) {
+        return None;
+    }
+    let weight = packed_weight(layers)?;
+    let kind = weight.kind();
+    let active: Vec<Vec<&Adapter>> =
+        layers.iter().map(|l| l.adapters.iter().filter(|a| a.enabled && !a.merged).collect()).collect();
+    let outs: Vec<i64> = layers.iter().map(|l| l.weight.size()[0]).collect();
+    // One split (its backward is one concatenation), not a narrow per layer (whose backward would
+    // fill a full-width zero gradient for each).
+    let split = |y: Tensor| -> Vec<Tensor> { y.split_with_sizes(outs.as_slice(), -1) };
+    if active.iter().all(Vec::is_empty) {
+        return Some(split(xs.linear::<Tensor>(&weight, None)));
+    }
+    let mut adapters = Vec::with_capacity(layers.len());
+    for (layer, found) in layers.iter().zip(&active) {
+        let [adapter] = found.as_slice() else { return None };
+        let compute = adapter.compute_kind.unwrap_or_else(|| adapter.kind());
+        if adapter.magnitude.is_some() || (layer.training && adapter.dropout > 0.0) || compute != kind {
+            return None;
+        }
+        adapters.push(*adapter);
+    }
+    let base = xs.linear::<Tensor>(&weight, None);
+    let downs: Vec<Tensor> = adapters.iter().map(|a| a.down.shallow_clone()).collect();
+    let ups: Vec<Tensor> = adapters
+        .iter()
+        .map(|a| if a.scale() == 1.0 { a.up.shallow_clone() } else { &a.up * a.scale() })
+        .collect();
+    let down = Tensor::cat(&downs, 0).to_kind(kind);
+    let up = Tensor::block_diag(&ups).to_kind(kind);
+    let hidden = xs.to_kind(kind).linear::<Tensor>(&down, None);
+    let shape = base.size();
+    let (total_out, total_rank) = (up.size()[0], down.size()[0]);
+    let sum = base.reshape([-1, total_out]).addmm(&hidden.reshape([-1, total_rank]), &up.tr()).reshape(shape.as_slice());
+    Some(split(sum))
+}
+
 impl Module for Linear {
     /// `base(x) + Σ scale · B(A(dropout(x)))` over enabled, unmerged adapters (DoRA: peft's
     /// `DoraLinearLayer.forward`). The adapters compute in their own type (fp32) and the sum is
@@ -567,6 +676,118 @@ mod tests {
                 assert!(grad.abs().sum(Kind::Float).double_value(&[]) > 0.0);
             }
         }
+    }
+
+    /// Three bias-free layers reading one 8-wide input (outputs 6, 6 and 5), packed, each with a LoRA
+    /// of its own rank and alpha; returns the layers and their adapters' matrices.
+    fn packed_trio(compute: Option<Kind>) -> (Vec<Linear>, Vec<(Tensor, Tensor)>) {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut layers: Vec<Linear> = [6i64, 6, 5]
+            .iter()
+            .enumerate()
+            .map(|(i, &out)| {
+                let layer = Linear::new(&(vs.root() / format!("p{i}")), 8, out, false);
+                tch::no_grad(|| layer.weight.shallow_clone().copy_(&Tensor::randn([out, 8], (Kind::Float, Device::Cpu))));
+                layer
+            })
+            .collect();
+        let before: Vec<Tensor> = layers.iter().map(|l| l.weight.copy()).collect();
+        {
+            let mut refs: Vec<&mut Linear> = layers.iter_mut().collect();
+            assert!(pack_weights(&mut refs));
+        }
+        for (layer, old) in layers.iter().zip(&before) {
+            assert!(layer.weight.equal(old), "packing changed a weight");
+        }
+        // The variable store sees the packed views too.
+        let stored = vs.variables()["p1.weight"].shallow_clone();
+        assert_eq!(stored.data_ptr(), layers[1].weight.data_ptr());
+        let mut matrices = Vec::new();
+        for (i, (layer, (rank, alpha))) in layers.iter_mut().zip([(2i64, 2.0), (3, 6.0), (1, 0.5)]).enumerate() {
+            let out = layer.weight.size()[0];
+            let down = Tensor::randn([rank, 8], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            let up = Tensor::randn([out, rank], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            let mut adapter = Adapter::new("a", down.shallow_clone(), up.shallow_clone(), alpha);
+            adapter.compute_kind = compute;
+            layer.add_adapter(&format!("p{i}"), adapter).unwrap();
+            matrices.push((down, up));
+        }
+        (layers, matrices)
+    }
+
+    #[test]
+    fn fused_forward_matches_the_layers_one_by_one_in_values_and_gradients() {
+        for (kind, compute, tolerance) in [(Kind::Float, None, 1e-5), (Kind::BFloat16, Some(Kind::BFloat16), 6e-2)] {
+            let (layers, matrices) = packed_trio(compute);
+            let layers: Vec<Linear> = if kind == Kind::Float {
+                layers
+            } else {
+                // bf16 weights: pack again after the conversion (a conversion by replacement undoes it).
+                let mut layers = layers;
+                for layer in &mut layers {
+                    layer.weight = layer.weight.to_kind(kind);
+                }
+                assert!(fused_forward(&layers.iter().collect::<Vec<_>>(), &Tensor::zeros([1, 8], (kind, Device::Cpu))).is_none());
+                let mut refs: Vec<&mut Linear> = layers.iter_mut().collect();
+                assert!(pack_weights(&mut refs));
+                layers
+            };
+            let refs: Vec<&Linear> = layers.iter().collect();
+            let x = Tensor::randn([2, 4, 8], (Kind::Float, Device::Cpu)).to_kind(kind);
+            let fused = fused_forward(&refs, &x).expect("packed, one plain adapter each");
+            let single: Vec<Tensor> = layers.iter().map(|l| l.forward(&x)).collect();
+            let loss = |ys: &[Tensor]| ys.iter().map(|y| y.to_kind(Kind::Float).square().sum(Kind::Float)).fold(Tensor::from(0f32), |a, b| a + b);
+            let grads = |ys: &[Tensor]| -> Vec<Tensor> {
+                for (d, u) in &matrices {
+                    d.shallow_clone().zero_grad();
+                    u.shallow_clone().zero_grad();
+                }
+                loss(ys).backward();
+                matrices.iter().flat_map(|(d, u)| [d.grad().copy(), u.grad().copy()]).collect()
+            };
+            for (f, s) in fused.iter().zip(&single) {
+                assert_eq!(f.size(), s.size());
+                let scale = s.to_kind(Kind::Float).abs().max().double_value(&[]);
+                let diff = max_diff(&f.to_kind(Kind::Float), &s.to_kind(Kind::Float));
+                assert!(diff <= tolerance * scale, "{kind:?}: output max |Δ| {diff} of {scale}");
+            }
+            let (g_fused, g_single) = (grads(&fused), grads(&single));
+            for (f, s) in g_fused.iter().zip(&g_single) {
+                assert_eq!(f.kind(), Kind::Float);
+                let scale = s.abs().max().double_value(&[]);
+                let diff = max_diff(f, s);
+                assert!(diff <= tolerance * scale, "{kind:?}: gradient max |Δ| {diff} of {scale}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_forward_declines_what_it_does_not_cover() {
+        let x = Tensor::randn([3, 8], (Kind::Float, Device::Cpu));
+        // A weight replaced by another tensor: no longer packed.
+        let (mut layers, _) = packed_trio(None);
+        layers[2].weight = layers[2].weight.copy();
+        assert!(fused_forward(&layers.iter().collect::<Vec<_>>(), &x).is_none());
+        // A layer without its adapter.
+        let (mut layers, _) = packed_trio(None);
+        layers[0].adapters.clear();
+        assert!(fused_forward(&layers.iter().collect::<Vec<_>>(), &x).is_none());
+        // An adapter computing in another type than the base.
+        let (layers, _) = packed_trio(Some(Kind::BFloat16));
+        assert!(fused_forward(&layers.iter().collect::<Vec<_>>(), &x).is_none());
+        // No adapters at all: the base product alone, equal to the layers'.
+        let (mut layers, _) = packed_trio(None);
+        for layer in &mut layers {
+            layer.adapters.clear();
+        }
+        let fused = fused_forward(&layers.iter().collect::<Vec<_>>(), &x).unwrap();
+        for (f, layer) in fused.iter().zip(&layers) {
+            assert!(max_diff(f, &layer.forward(&x)) < 1e-5);
+        }
+        // Layers of different input widths cannot be packed.
+        let mut a = Linear::from_tensors(Tensor::randn([2, 8], (Kind::Float, Device::Cpu)), None);
+        let mut b = Linear::from_tensors(Tensor::randn([2, 7], (Kind::Float, Device::Cpu)), None);
+        assert!(!pack_weights(&mut [&mut a, &mut b]));
     }
 
     fn store_bytes(vs: &nn::VarStore) -> i64 {

@@ -30,14 +30,25 @@ pub struct Attention {
 impl Attention {
     /// Creates the projections under `path`; `context_dim` is the width keys and values are
     /// projected from (`query_dim` for self-attention).
+    ///
+    /// The projections that read the same input share one weight buffer ([`lora::pack_weights`]:
+    /// `to_q`, `to_k` and `to_v` for self-attention, `to_k` and `to_v` for cross-attention), so that
+    /// [`Self::forward`] projects them with one matrix product while the layout lasts.
     pub fn new(path: &nn::Path, query_dim: i64, context_dim: i64, heads: i64) -> Self {
-        Self {
+        let mut attention = Self {
             to_q: Linear::new(&(path / "to_q"), query_dim, query_dim, false),
             to_k: Linear::new(&(path / "to_k"), context_dim, query_dim, false),
             to_v: Linear::new(&(path / "to_v"), context_dim, query_dim, false),
             to_out: Linear::new(&(path / "to_out" / 0), query_dim, query_dim, true),
             heads,
+        };
+        let Self { to_q, to_k, to_v, .. } = &mut attention;
+        if context_dim == query_dim {
+            lora::pack_weights(&mut [to_q, to_k, to_v]);
+        } else {
+            lora::pack_weights(&mut [to_k, to_v]);
         }
+        attention
     }
 
     /// Attends from `xs` to `context` (to `xs` itself when `None`).
@@ -48,8 +59,22 @@ impl Attention {
     /// # Errors
     /// [`crate::Error::Shape`] when the context does not fit the batch.
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>, backend: AttentionBackend) -> Result<Tensor> {
-        let context = context.unwrap_or(xs);
-        let out = attention(&self.to_q.forward(xs), &self.to_k.forward(context), &self.to_v.forward(context), self.heads, backend)?;
+        // Packed projections of one input in one product (with their LoRA, see `lora::fused_forward`);
+        // one by one where that declines.
+        let (query, key, value) = match context {
+            None => match lora::fused_forward(&[&self.to_q, &self.to_k, &self.to_v], xs).as_deref() {
+                Some([q, k, v]) => (q.shallow_clone(), k.shallow_clone(), v.shallow_clone()),
+                _ => (self.to_q.forward(xs), self.to_k.forward(xs), self.to_v.forward(xs)),
+            },
+            Some(context) => {
+                let query = self.to_q.forward(xs);
+                match lora::fused_forward(&[&self.to_k, &self.to_v], context).as_deref() {
+                    Some([k, v]) => (query, k.shallow_clone(), v.shallow_clone()),
+                    _ => (query, self.to_k.forward(context), self.to_v.forward(context)),
+                }
+            }
+        };
+        let out = attention(&query, &key, &value, self.heads, backend)?;
         Ok(self.to_out.forward(&out))
     }
 
@@ -134,5 +159,69 @@ impl BasicTransformerBlock {
         self.attn2.for_each_linear(&format!("{prefix}.attn2"), f);
         f(&format!("{prefix}.ff.net.0.proj"), &mut self.ff.proj);
         f(&format!("{prefix}.ff.net.2"), &mut self.ff.out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// `Attention::forward` with the projections one by one, for comparison.
+    fn one_by_one(a: &Attention, xs: &Tensor, context: Option<&Tensor>) -> Tensor {
+        let context = context.unwrap_or(xs);
+        let out = attention(&a.to_q.forward(xs), &a.to_k.forward(context), &a.to_v.forward(context), a.heads, AttentionBackend::Fused)
+            .unwrap();
+        a.to_out.forward(&out)
+    }
+
+    #[test]
+    fn projections_of_one_input_are_packed_and_fused_with_their_lora() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut self_attention = Attention::new(&(vs.root() / "attn1"), 16, 16, 2);
+        let mut cross_attention = Attention::new(&(vs.root() / "attn2"), 16, 24, 2);
+        tch::no_grad(|| {
+            for (_, var) in vs.variables() {
+                var.shallow_clone().copy_(&Tensor::randn(var.size(), (Kind::Float, Device::Cpu)));
+            }
+        });
+        let xs = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
+        let context = Tensor::randn([2, 3, 24], (Kind::Float, Device::Cpu));
+        for with_lora in [false, true] {
+            if with_lora {
+                let lora_vs = nn::VarStore::new(Device::Cpu);
+                let config = lora::LoraConfig::with_targets(2, &["to_q", "to_k", "to_v", "to_out.0"]);
+                for (name, attention) in [("attn1", &mut self_attention), ("attn2", &mut cross_attention)] {
+                    let mut holder = Holder(attention, name);
+                    lora::inject(&mut holder, &lora_vs.root(), "default", &config).unwrap();
+                }
+                // Gaussian init leaves B at zero: give B values so that the LoRA path counts.
+                tch::no_grad(|| {
+                    for (_, var) in lora_vs.variables() {
+                        var.shallow_clone().copy_(&Tensor::randn(var.size(), (Kind::Float, Device::Cpu)));
+                    }
+                });
+            }
+            let a = &self_attention;
+            assert!(lora::fused_forward(&[&a.to_q, &a.to_k, &a.to_v], &xs).is_some(), "self-attention not fused");
+            let c = &cross_attention;
+            assert!(lora::fused_forward(&[&c.to_k, &c.to_v], &context).is_some(), "cross-attention keys/values not fused");
+            for (attention, ctx) in [(a, None), (c, Some(&context))] {
+                let fused = attention.forward(&xs, ctx, AttentionBackend::Fused).unwrap();
+                let single = one_by_one(attention, &xs, ctx);
+                let diff = (&fused - &single).abs().max().double_value(&[]);
+                let scale = single.abs().max().double_value(&[]);
+                assert!(diff <= 1e-5 * scale, "LoRA {with_lora}: max |Δ| {diff} of {scale}");
+            }
+        }
+    }
+
+    /// Lets `lora::inject` see one attention's projections under `name`.
+    struct Holder<'a>(&'a mut Attention, &'a str);
+
+    impl lora::HasLinears for Holder<'_> {
+        fn for_each_linear(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {
+            self.0.for_each_linear(self.1, f);
+        }
     }
 }
