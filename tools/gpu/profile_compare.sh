@@ -35,22 +35,7 @@ run eager-again
 run graph --cuda_graph --profile_step 5
 run graph-checkpointed --cuda_graph --gradient_checkpointing --profile_step 5
 run eager-checkpointed --gradient_checkpointing --profile_step 2
-python3 - <<'PY'
-import glob
-from safetensors.torch import load_file
-def params(name):
-    files = glob.glob(f"/tmp/run-{name}/checkpoint-*/lora_parameters.safetensors")
-    return load_file(files[0]) if files else None
-e = params("eager")
-for name in ["eager-again", "graph", "graph-checkpointed", "eager-checkpointed"]:
-    g = params(name)
-    if e is None or g is None:
-        print(name, "vs eager: missing"); continue
-    diff = max((g[k].float() - e[k].float()).abs().max().item() for k in e)
-    scale = max(e[k].float().abs().max().item() for k in e)
-    same = all(g[k].equal(e[k]) for k in e)
-    print(f"final LoRA after 8 steps, {name} vs eager: bit-identical {same}, max abs diff {diff:.3e} (max |param| {scale:.3e})")
-PY
+python3 tools/gpu/compare_loras.py eager eager-again graph graph-checkpointed eager-checkpointed --label "final LoRA after 8 steps"
 echo "== diffusers, eager (script) and captured, one profiled step each"
 timeout 300 python3 tools/gpu/reference_train.py --steps 5 --warmup 2 --lora-dtype fp32 --cuda-graph \
     --profile /tmp/ref-profile 2>&1 | grep -E "^reference_train" | cut -c1-400

@@ -48,7 +48,6 @@ done
 [ "$res" = 512 ] && ref_flags=(--cuda-graph) || ref_flags=(--checkpointing)
 python3 - "$steps" "$log_every" <<'PY'
 import glob, json, sys
-from safetensors.torch import load_file
 steps, every = int(sys.argv[1]), int(sys.argv[2])
 def steady(name):
     try:
@@ -63,19 +62,11 @@ def steady(name):
 names = sorted(p.split("/run-")[1] for p in glob.glob("/tmp/run-*") if "/tmp/run-" in p)
 for name in names:
     print(f"ours {name}: steady s/step, peak GiB, last loss: {steady(name)}")
-def params(name):
-    files = glob.glob(f"/tmp/run-{name}/checkpoint-*/lora_parameters.safetensors")
-    return load_file(files[0]) if files else None
-base = next((n for n in ("eager", "eager-checkpointed") if n in names), None)
-e = params(base)
-for name in names:
-    g = params(name)
-    if name == base or e is None or g is None:
-        continue
-    diff = max((g[k].float() - e[k].float()).abs().max().item() for k in e)
-    scale = max(e[k].float().abs().max().item() for k in e)
-    print(f"final LoRA after {steps} steps, {name} vs {base}: max abs diff {diff:.3e} (max |param| {scale:.3e})")
 PY
+runs=$(cd /tmp && ls -d run-* 2>/dev/null | sed 's/^run-//')
+base=$(for n in eager eager-checkpointed; do echo "$runs" | grep -qx "$n" && { echo "$n"; break; }; done)
+others=$(echo "$runs" | grep -vx "${base:-none}")
+[ -n "$base" ] && [ -n "$others" ] && python3 tools/gpu/compare_loras.py "$base" $others --label "final LoRA after $steps steps"
 echo "== diffusers ${ref_flags[*]}"
 timeout 300 python3 tools/gpu/reference_train.py --steps "$ref_steps" --warmup 3 --lora-dtype fp32 \
     --resolution "$res" --batch "$batch" --accum "$accum" "${ref_flags[@]}" "$@" --json "$out/reference-$res.json" 2>&1 \

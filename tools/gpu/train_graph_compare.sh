@@ -25,7 +25,6 @@ run graph --cuda_graph
 run graph-checkpointed --cuda_graph --gradient_checkpointing
 python3 - <<'PY'
 import json
-from safetensors.torch import load_file
 def steady(name):
     try:
         rows = [json.loads(l) for l in open(f"/tmp/run-{name}/logs/metrics.jsonl")]
@@ -35,20 +34,8 @@ def steady(name):
     return (b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"]), rows[-1]["peak_memory_gib"], [round(r["loss"], 5) for r in rows]
 for name in ["eager", "graph", "graph-checkpointed"]:
     print(name, "steady s/step, peak GiB, losses:", steady(name))
-import glob
-def params(name):
-    files = glob.glob(f"/tmp/run-{name}/checkpoint-*/lora_parameters.safetensors")
-    return load_file(files[0]) if files else None
-e = params("eager")
-for name in ["graph", "graph-checkpointed"]:
-    g = params(name)
-    if e is None or g is None:
-        print(name, "vs eager: missing"); continue
-    diff = max((g[k].float() - e[k].float()).abs().max().item() for k in e)
-    scale = max(e[k].float().abs().max().item() for k in e)
-    same = all(g[k].equal(e[k]) for k in e)
-    print(f"{name} vs eager final LoRA: bit-identical {same}, max abs diff {diff:.3e} (max |param| {scale:.3e})")
 PY
+python3 tools/gpu/compare_loras.py eager graph graph-checkpointed --label "final LoRA"
 echo "== diffusers reference, eager and captured"
 timeout 240 python3 tools/gpu/reference_train.py --steps "$ref_steps" --warmup 3 --lora-dtype fp32 --cuda-graph \
     --json "$out/reference-graph.json" 2>&1 | grep -v Warning | grep -v "kept in float32" | tail -6

@@ -283,13 +283,7 @@ pub fn set_enabled(model: &mut dyn HasLinears, name: &str, enabled: bool) -> Res
 /// # Errors
 /// [`Error::UnknownAdapter`] when no layer has it.
 pub fn set_multiplier(model: &mut dyn HasLinears, name: &str, multiplier: f64) -> Result<usize> {
-    for_each_named(model, name, &mut |module, linear| {
-        let adapter = linear
-            .adapter_mut(name)
-            .ok_or_else(|| Error::UnknownAdapter { module: module.to_owned(), adapter: name.to_owned() })?;
-        adapter.multiplier = multiplier;
-        Ok(())
-    })
+    update_adapter(model, name, &mut |adapter| adapter.multiplier = multiplier)
 }
 
 /// Sets the [`compute_kind`](crate::Adapter::compute_kind) of adapter `name` on every layer that has
@@ -298,11 +292,16 @@ pub fn set_multiplier(model: &mut dyn HasLinears, name: &str, multiplier: f64) -
 /// # Errors
 /// [`Error::UnknownAdapter`] when no layer has the adapter.
 pub fn set_compute_kind(model: &mut dyn HasLinears, name: &str, kind: Option<tch::Kind>) -> Result<usize> {
+    update_adapter(model, name, &mut |adapter| adapter.compute_kind = kind)
+}
+
+/// Applies `f` to adapter `name` in every layer that has it; returns how many layers that was.
+fn update_adapter(model: &mut dyn HasLinears, name: &str, f: &mut dyn FnMut(&mut crate::Adapter)) -> Result<usize> {
     for_each_named(model, name, &mut |module, linear| {
         let adapter = linear
             .adapter_mut(name)
             .ok_or_else(|| Error::UnknownAdapter { module: module.to_owned(), adapter: name.to_owned() })?;
-        adapter.compute_kind = kind;
+        f(adapter);
         Ok(())
     })
 }

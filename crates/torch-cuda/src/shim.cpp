@@ -1,5 +1,7 @@
-// C entry points over libtorch's CUDA caching allocator, for crates/torch-cuda/src/lib.rs.
-// Every function catches C++ exceptions (e.g. no CUDA device) and reports failure by its return value.
+// C entry points over what libtorch offers and tch does not expose (the CUDA caching allocator's
+// statistics, CUDA graphs, the Kineto profiler, multi-tensor operations, grad mode), for
+// crates/torch-cuda/src. Every function catches C++ exceptions (e.g. no CUDA device) and reports
+// failure by its return value; most leave the message for torch_cuda_last_error().
 #include <ATen/Context.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <cstdint>
@@ -68,6 +70,7 @@ int torch_cuda_set_allow_tf32(int cublas, int cudnn) {
 #include <c10/cuda/CUDAStream.h>
 
 #include <exception>
+#include <stdexcept>
 #include <optional>
 #include <string>
 
@@ -83,6 +86,19 @@ int fail(const std::exception& e) {
 int fail_unknown() {
     last_error = "unknown C++ exception";
     return -1;
+}
+
+// Runs `body`, turning any C++ exception into the -1 / torch_cuda_last_error() convention.
+template <typename F>
+int guarded(F&& body) {
+    try {
+        body();
+        return 0;
+    } catch (const std::exception& e) {
+        return fail(e);
+    } catch (...) {
+        return fail_unknown();
+    }
 }
 
 // Streams are switched with c10_cuda's exported functions, not the inline guards, so that the shim
@@ -168,26 +184,16 @@ int torch_cuda_graph_capture_end(void* graph) {
 
 // Launches the captured work on the current stream (and advances the RNG offsets it consumed).
 int torch_cuda_graph_replay(void* graph) {
-    try {
+    return guarded([&] {
         static_cast<Graph*>(graph)->graph.replay();
-        return 0;
-    } catch (const std::exception& e) {
-        return fail(e);
-    } catch (...) {
-        return fail_unknown();
-    }
+    });
 }
 
 int torch_cuda_synchronize(int device) {
-    try {
+    return guarded([&] {
         c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
         c10::cuda::device_synchronize();
-        return 0;
-    } catch (const std::exception& e) {
-        return fail(e);
-    } catch (...) {
-        return fail_unknown();
-    }
+    });
 }
 
 }  // extern "C"
@@ -202,7 +208,7 @@ extern "C" {
 // Starts recording operators on the CPU (and kernels, copies and memsets on CUDA devices when
 // `cuda`), with tensor shapes when `shapes`, and allocations when `memory`.
 int torch_profiler_start(int cuda, int shapes, int memory) {
-    try {
+    return guarded([&] {
         using torch::profiler::impl::ActivityType;
         using torch::profiler::impl::ProfilerConfig;
         using torch::profiler::impl::ProfilerState;
@@ -213,30 +219,19 @@ int torch_profiler_start(int cuda, int shapes, int memory) {
         }
         torch::autograd::profiler::prepareProfiler(config, activities);
         torch::autograd::profiler::enableProfiler(config, activities);
-        return 0;
-    } catch (const std::exception& e) {
-        return fail(e);
-    } catch (...) {
-        return fail_unknown();
-    }
+    });
 }
 
 // Stops the profiler and writes what it recorded to `path` as a Chrome trace (JSON), the format of
 // torch.profiler's export_chrome_trace.
 int torch_profiler_stop(const char* path) {
-    try {
+    return guarded([&] {
         auto result = torch::autograd::profiler::disableProfiler();
         if (result == nullptr) {
-            last_error = "the profiler was not running";
-            return -1;
+            throw std::runtime_error("the profiler was not running");
         }
         result->save(path);
-        return 0;
-    } catch (const std::exception& e) {
-        return fail(e);
-    } catch (...) {
-        return fail_unknown();
-    }
+    });
 }
 
 }  // extern "C"
@@ -265,23 +260,18 @@ extern "C" {
 
 // Zeroes every tensor of the list in place (torch._foreach_zero_).
 int torch_foreach_zero_(void* const* tensors, int count) {
-    try {
+    return guarded([&] {
         at::NoGradGuard no_grad;
         auto list = tensor_list(tensors, count);
         at::_foreach_zero_(list);
-        return 0;
-    } catch (const std::exception& e) {
-        return fail(e);
-    } catch (...) {
-        return fail_unknown();
-    }
+    });
 }
 
 // torch.nn.utils.clip_grad_norm_ as it runs on CUDA (foreach path): the 2-norm of every tensor,
 // the 2-norm of those, `factor = min(max_norm · 1/(total + eps), 1)` and every tensor multiplied by
 // it in place; `total` (a 0-dim fp32 tensor) receives the total norm.
 int torch_foreach_clip_norm_(void* const* tensors, int count, double max_norm, double eps, void* total) {
-    try {
+    return guarded([&] {
         at::NoGradGuard no_grad;
         auto list = tensor_list(tensors, count);
         auto norms = at::_foreach_norm(list, 2);
@@ -289,12 +279,7 @@ int torch_foreach_clip_norm_(void* const* tensors, int count, double max_norm, d
         auto factor = at::clamp_max(at::mul(at::reciprocal(at::add(norm, eps)), max_norm), 1.0);
         at::_foreach_mul_(list, factor);
         static_cast<at::Tensor*>(total)->copy_(norm);
-        return 0;
-    } catch (const std::exception& e) {
-        return fail(e);
-    } catch (...) {
-        return fail_unknown();
-    }
+    });
 }
 
 }  // extern "C"
@@ -311,14 +296,9 @@ extern "C" {
 // Drops the tensor's gradient (`tensor.grad = None`): the next backward writes a fresh one instead
 // of adding into it.
 int torch_clear_grad(void* tensor) {
-    try {
+    return guarded([&] {
         static_cast<at::Tensor*>(tensor)->mutable_grad() = at::Tensor();
-        return 0;
-    } catch (const std::exception& e) {
-        return fail(e);
-    } catch (...) {
-        return fail_unknown();
-    }
+    });
 }
 
 }  // extern "C"
