@@ -415,18 +415,31 @@ pub fn fused_forward(layers: &[&Linear], xs: &Tensor) -> Option<Vec<Tensor>> {
         adapters.push(*adapter);
     }
     let base = xs.linear::<Tensor>(&weight, None);
-    let downs: Vec<Tensor> = adapters.iter().map(|a| a.down.shallow_clone()).collect();
-    let ups: Vec<Tensor> = adapters
-        .iter()
-        .map(|a| if a.scale() == 1.0 { a.up.shallow_clone() } else { &a.up * a.scale() })
-        .collect();
-    let down = Tensor::cat(&downs, 0).to_kind(kind);
-    let up = Tensor::block_diag(&ups).to_kind(kind);
-    let hidden = xs.to_kind(kind).linear::<Tensor>(&down, None);
+    Some(split(add_lora_products(&base, &xs.to_kind(kind), &adapters, kind)))
+}
+
+/// `base + x·Aᵀ·(scale·B)ᵀ` in `kind` for plain LoRA adapters whose outputs lie side by side in
+/// `base`'s last dimension: one down-projection by the stacked `A`s, and one up-projection by the
+/// block-diagonal of the scaled `B`s added to `base` with accumulation (one rounding, where peft's
+/// separate scale and add round twice). The scale is folded into the cast of `B`.
+///
+/// # Shapes
+/// `base` `[..., Σ out]`, `x` `[..., in]` → `[..., Σ out]`.
+fn add_lora_products(base: &Tensor, x: &Tensor, adapters: &[&Adapter], kind: Kind) -> Tensor {
+    let scaled_up = |a: &Adapter| if a.scale() == 1.0 { a.up.shallow_clone() } else { &a.up * a.scale() };
+    let (down, up) = match adapters {
+        // One adapter: its own matrices, without the copies `cat` and `block_diag` would make.
+        [adapter] => (adapter.down.to_kind(kind), scaled_up(adapter).to_kind(kind)),
+        _ => {
+            let downs: Vec<Tensor> = adapters.iter().map(|a| a.down.shallow_clone()).collect();
+            let ups: Vec<Tensor> = adapters.iter().map(|a| scaled_up(a)).collect();
+            (Tensor::cat(&downs, 0).to_kind(kind), Tensor::block_diag(&ups).to_kind(kind))
+        }
+    };
+    let hidden = x.linear::<Tensor>(&down, None);
     let shape = base.size();
     let (total_out, total_rank) = (up.size()[0], down.size()[0]);
-    let sum = base.reshape([-1, total_out]).addmm(&hidden.reshape([-1, total_rank]), &up.tr()).reshape(shape.as_slice());
-    Some(split(sum))
+    base.reshape([-1, total_out]).addmm(&hidden.reshape([-1, total_rank]), &up.tr()).reshape(shape.as_slice())
 }
 
 impl Module for Linear {
@@ -454,22 +467,9 @@ impl Module for Linear {
             let scale = adapter.scale();
             match &adapter.magnitude {
                 None => match autocast {
-                    Some(kind) if result.kind() == kind => {
-                        // Under autocast: the up-projection and the sum with the base output in one
-                        // matrix product with accumulation (`base + h·(scale·B)ᵀ`), the scale folded
-                        // into the cast of B. Against peft's separate scale and add this rounds
-                        // once instead of twice.
-                        let down = adapter.down.to_kind(kind);
-                        let up = if scale == 1.0 { adapter.up.to_kind(kind) } else { (&adapter.up * scale).to_kind(kind) };
-                        let h = dropped.linear::<Tensor>(&down, None);
-                        let shape = result.size();
-                        let rank = down.size()[0];
-                        let out_features = up.size()[0];
-                        result = result
-                            .reshape([-1, out_features])
-                            .addmm(&h.reshape([-1, rank]), &up.tr())
-                            .reshape(shape.as_slice());
-                    }
+                    // Under autocast: the up-projection and the sum with the base output in one
+                    // matrix product with accumulation.
+                    Some(kind) if result.kind() == kind => result = add_lora_products(&result, &dropped, &[adapter], kind),
                     _ => {
                         let (down, up) = match autocast {
                             Some(kind) => (adapter.down.to_kind(kind), adapter.up.to_kind(kind)),

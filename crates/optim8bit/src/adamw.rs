@@ -392,7 +392,7 @@ impl AdamW {
             // One launch per chunk of the list instead of one per gradient.
             let grads: Vec<Tensor> =
                 self.groups.iter().flat_map(|g| &g.slots).map(|slot| slot.param.grad()).filter(Tensor::defined).collect();
-            return torch_cuda::foreach::zero_(&grads).map_err(|e| Error::Foreach(e.0));
+            return torch_cuda::foreach::zero_(&grads).map_err(Error::from);
         }
         for slot in self.groups.iter().flat_map(|g| &g.slots) {
             let mut grad = slot.param.grad();

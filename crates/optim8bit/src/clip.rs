@@ -46,7 +46,7 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<Tensor> {
     // instead of one per tensor); so do we, through the shim, where every gradient is on one CUDA
     // device.
     if device.is_cuda() && torch_cuda::shim_compiled() && grads.iter().all(|g| g.device() == device) {
-        return torch_cuda::foreach::clip_norm_(&grads, max_norm, NORM_EPSILON).map_err(|e| Error::Foreach(e.0));
+        return torch_cuda::foreach::clip_norm_(&grads, max_norm, NORM_EPSILON).map_err(Error::from);
     }
     tch::no_grad(|| {
         let norms = grads

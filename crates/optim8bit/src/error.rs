@@ -94,8 +94,8 @@ pub enum Error {
     },
 
     /// A multi-tensor operation of libtorch (through `torch-cuda`) failed.
-    #[error("{0}")]
-    Foreach(String),
+    #[error(transparent)]
+    Foreach(#[from] torch_cuda::Error),
 }
 
 /// `Result` with this crate's [`Error`].

@@ -4,17 +4,7 @@
 
 use tch::Tensor;
 
-/// Why a foreach operation failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ForeachError(pub String);
-
-impl std::fmt::Display for ForeachError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "foreach: {}", self.0)
-    }
-}
-
-impl std::error::Error for ForeachError {}
+use crate::Error;
 
 #[cfg(torch_cuda_shim)]
 #[allow(unsafe_code)]
@@ -28,19 +18,19 @@ mod ffi {
 }
 
 #[cfg(torch_cuda_shim)]
-fn handles(tensors: &[Tensor]) -> Result<Vec<*mut std::ffi::c_void>, ForeachError> {
+fn handles(tensors: &[Tensor]) -> Result<Vec<*mut std::ffi::c_void>, Error> {
     if tensors.iter().any(|t| !t.defined()) {
-        return Err(ForeachError("an undefined tensor in the list".into()));
+        return Err(Error::Foreach("an undefined tensor in the list".into()));
     }
-    i32::try_from(tensors.len()).map_err(|_| ForeachError(format!("{} tensors are too many", tensors.len())))?;
+    i32::try_from(tensors.len()).map_err(|_| Error::Foreach(format!("{} tensors are too many", tensors.len())))?;
     Ok(tensors.iter().map(|t| t.as_ptr() as *mut std::ffi::c_void).collect())
 }
 
 /// Zeroes every tensor in place (`torch._foreach_zero_`).
 ///
 /// # Errors
-/// [`ForeachError`] without the shim, for an undefined tensor, or when libtorch refuses.
-pub fn zero_(tensors: &[Tensor]) -> Result<(), ForeachError> {
+/// [`Error::Foreach`] without the shim, for an undefined tensor, or when libtorch refuses.
+pub fn zero_(tensors: &[Tensor]) -> Result<(), Error> {
     if tensors.is_empty() {
         return Ok(());
     }
@@ -52,13 +42,13 @@ pub fn zero_(tensors: &[Tensor]) -> Result<(), ForeachError> {
         #[allow(unsafe_code)]
         let status = unsafe { ffi::torch_foreach_zero_(list.as_ptr(), list.len() as i32) };
         if status != 0 {
-            return Err(ForeachError(crate::shim_last_error()));
+            return Err(Error::Foreach(crate::shim_last_error()));
         }
         Ok(())
     }
     #[cfg(not(torch_cuda_shim))]
     {
-        Err(ForeachError("this build has no CUDA shim".into()))
+        Err(Error::Foreach(crate::NO_SHIM.into()))
     }
 }
 
@@ -68,8 +58,8 @@ pub fn zero_(tensors: &[Tensor]) -> Result<(), ForeachError> {
 /// gradients afresh without a zeroing pass.
 ///
 /// # Errors
-/// [`ForeachError`] without the shim or for an undefined tensor.
-pub fn clear_grads(tensors: &[Tensor]) -> Result<(), ForeachError> {
+/// [`Error::Foreach`] without the shim or for an undefined tensor.
+pub fn clear_grads(tensors: &[Tensor]) -> Result<(), Error> {
     #[cfg(torch_cuda_shim)]
     {
         for handle in handles(tensors)? {
@@ -78,7 +68,7 @@ pub fn clear_grads(tensors: &[Tensor]) -> Result<(), ForeachError> {
             #[allow(unsafe_code)]
             let status = unsafe { ffi::torch_clear_grad(handle) };
             if status != 0 {
-                return Err(ForeachError(crate::shim_last_error()));
+                return Err(Error::Foreach(crate::shim_last_error()));
             }
         }
         Ok(())
@@ -86,7 +76,7 @@ pub fn clear_grads(tensors: &[Tensor]) -> Result<(), ForeachError> {
     #[cfg(not(torch_cuda_shim))]
     {
         let _ = tensors;
-        Err(ForeachError("this build has no CUDA shim".into()))
+        Err(Error::Foreach(crate::NO_SHIM.into()))
     }
 }
 
@@ -95,30 +85,30 @@ pub fn clear_grads(tensors: &[Tensor]) -> Result<(), ForeachError> {
 /// norm (0-dim fp32, on their device). Nothing is read back to the host.
 ///
 /// # Errors
-/// [`ForeachError`] without the shim, for an empty list or an undefined tensor, or when libtorch
+/// [`Error::Foreach`] without the shim, for an empty list or an undefined tensor, or when libtorch
 /// refuses (e.g. tensors on different devices).
-pub fn clip_norm_(tensors: &[Tensor], max_norm: f64, eps: f64) -> Result<Tensor, ForeachError> {
+pub fn clip_norm_(tensors: &[Tensor], max_norm: f64, eps: f64) -> Result<Tensor, Error> {
     let Some(first) = tensors.first() else {
-        return Err(ForeachError("clip_norm_ of an empty list".into()));
+        return Err(Error::Foreach("clip_norm_ of an empty list".into()));
     };
     #[cfg(torch_cuda_shim)]
     {
         let list = handles(tensors)?;
-        let mut total = Tensor::f_zeros([] as [i64; 0], (tch::Kind::Float, first.device())).map_err(|e| ForeachError(e.to_string()))?;
+        let mut total = Tensor::f_zeros([] as [i64; 0], (tch::Kind::Float, first.device())).map_err(|e| Error::Foreach(e.to_string()))?;
         // SAFETY: as in `zero_`; `total` is a live tensor the shim writes through copy_.
         #[allow(unsafe_code)]
         let status = unsafe {
             ffi::torch_foreach_clip_norm_(list.as_ptr(), list.len() as i32, max_norm, eps, total.as_mut_ptr() as *mut std::ffi::c_void)
         };
         if status != 0 {
-            return Err(ForeachError(crate::shim_last_error()));
+            return Err(Error::Foreach(crate::shim_last_error()));
         }
         Ok(total)
     }
     #[cfg(not(torch_cuda_shim))]
     {
         let _ = (first, max_norm, eps);
-        Err(ForeachError("this build has no CUDA shim".into()))
+        Err(Error::Foreach(crate::NO_SHIM.into()))
     }
 }
 

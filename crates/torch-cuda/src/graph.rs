@@ -14,19 +14,8 @@
 //! or write must outlive the graph. Inputs are copied into tensors allocated before the capture.
 
 use std::ffi::c_void;
-use std::fmt;
 
-/// Why a graph could not be captured or replayed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GraphError(pub String);
-
-impl fmt::Display for GraphError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "CUDA graph: {}", self.0)
-    }
-}
-
-impl std::error::Error for GraphError {}
+use crate::Error;
 
 #[cfg(torch_cuda_shim)]
 #[allow(unsafe_code)]
@@ -43,16 +32,12 @@ mod ffi {
 }
 
 #[cfg(torch_cuda_shim)]
-fn last_error(what: &str) -> GraphError {
-    GraphError(format!("{what}: {}", crate::shim_last_error()))
+fn last_error(what: &str) -> Error {
+    Error::Graph(format!("{what}: {}", crate::shim_last_error()))
 }
 
-fn unavailable() -> GraphError {
-    GraphError(if cfg!(torch_cuda_shim) {
-        "no CUDA device".into()
-    } else {
-        "this build has no CUDA shim (torch's CUDA headers were not found at build time)".into()
-    })
+fn unavailable() -> Error {
+    Error::Graph(if cfg!(torch_cuda_shim) { "no CUDA device" } else { crate::NO_SHIM }.into())
 }
 
 /// How strictly CUDA forbids unsafe API calls from other threads during a capture
@@ -82,14 +67,14 @@ impl CudaGraph {
     /// discarded and its error returned as `Ok((None, Err(e)))`-like: see the second element.
     ///
     /// # Errors
-    /// [`GraphError`] without CUDA or the shim, or when libtorch refuses to capture (e.g. the closure
+    /// [`Error::Graph`] without CUDA or the shim, or when libtorch refuses to capture (e.g. the closure
     /// read a tensor on the host).
     pub fn capture<T>(
         device: usize,
         share_pool_with: Option<&CudaGraph>,
         mode: CaptureMode,
         record: impl FnOnce() -> T,
-    ) -> Result<(CudaGraph, T), GraphError> {
+    ) -> Result<(CudaGraph, T), Error> {
         if !tch::Cuda::is_available() || device >= tch::Cuda::device_count() as usize {
             return Err(unavailable());
         }
@@ -130,8 +115,8 @@ impl CudaGraph {
     /// Launches the captured work again, on the current stream.
     ///
     /// # Errors
-    /// [`GraphError`] when libtorch refuses the replay.
-    pub fn replay(&self) -> Result<(), GraphError> {
+    /// [`Error::Graph`] when libtorch refuses the replay.
+    pub fn replay(&self) -> Result<(), Error> {
         #[cfg(torch_cuda_shim)]
         {
             // SAFETY: `raw` is a live graph object owned by `self`; the shim catches exceptions.

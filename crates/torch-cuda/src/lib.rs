@@ -13,8 +13,25 @@ pub mod foreach;
 pub mod graph;
 pub mod profiler;
 
-pub use graph::{CaptureMode, CudaGraph, GraphError};
-pub use profiler::{Profiler, ProfilerError, ProfilerOptions};
+pub use graph::{CaptureMode, CudaGraph};
+pub use profiler::{Profiler, ProfilerOptions};
+
+/// What a call through the shim failed at; the text says why, in libtorch's words where it refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// Capturing or replaying a [`CudaGraph`].
+    #[error("CUDA graph: {0}")]
+    Graph(String),
+    /// Starting the [`Profiler`] or writing its trace.
+    #[error("profiler: {0}")]
+    Profiler(String),
+    /// A [`foreach`] operation.
+    #[error("foreach: {0}")]
+    Foreach(String),
+}
+
+/// Why a function that needs the shim cannot run in this build.
+pub(crate) const NO_SHIM: &str = "this build has no CUDA shim (torch's CUDA headers were not found at build time)";
 
 /// The caching allocator's counters for one device, in bytes, over all memory pools.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

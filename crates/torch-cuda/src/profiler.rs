@@ -4,24 +4,13 @@
 //!
 //! Kernels launched by a CUDA graph replay are recorded too (CUPTI reports each node).
 
-use std::fmt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Whether a [`Profiler`] of this process is running (libtorch does not refuse a second start).
 static RUNNING: AtomicBool = AtomicBool::new(false);
 
-/// Why the profiler could not start or write its trace.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProfilerError(pub String);
-
-impl fmt::Display for ProfilerError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "profiler: {}", self.0)
-    }
-}
-
-impl std::error::Error for ProfilerError {}
+use crate::Error;
 
 #[cfg(torch_cuda_shim)]
 #[allow(unsafe_code)]
@@ -55,16 +44,16 @@ impl Profiler {
     /// Starts recording.
     ///
     /// # Errors
-    /// [`ProfilerError`] without the shim, when `options.cuda` is asked for without CUDA, or when
+    /// [`Error::Profiler`] without the shim, when `options.cuda` is asked for without CUDA, or when
     /// libtorch refuses (a profiler is already running).
-    pub fn start(options: ProfilerOptions) -> Result<Profiler, ProfilerError> {
+    pub fn start(options: ProfilerOptions) -> Result<Profiler, Error> {
         if options.cuda && !tch::Cuda::is_available() {
-            return Err(ProfilerError("CUDA activity was asked for but no CUDA device is available".into()));
+            return Err(Error::Profiler("CUDA activity was asked for but no CUDA device is available".into()));
         }
         #[cfg(torch_cuda_shim)]
         {
             if RUNNING.swap(true, Ordering::SeqCst) {
-                return Err(ProfilerError("a profiler is already running in this process".into()));
+                return Err(Error::Profiler("a profiler is already running in this process".into()));
             }
             // SAFETY: plain call; the shim catches every C++ exception.
             #[allow(unsafe_code)]
@@ -73,13 +62,13 @@ impl Profiler {
             };
             if status != 0 {
                 RUNNING.store(false, Ordering::SeqCst);
-                return Err(ProfilerError(format!("starting: {}", crate::shim_last_error())));
+                return Err(Error::Profiler(format!("starting: {}", crate::shim_last_error())));
             }
             Ok(Profiler { running: true })
         }
         #[cfg(not(torch_cuda_shim))]
         {
-            Err(ProfilerError("this build has no CUDA shim (torch's headers were not found at build time)".into()))
+            Err(Error::Profiler(crate::NO_SHIM.into()))
         }
     }
 
@@ -87,13 +76,13 @@ impl Profiler {
     /// trace at `path` is always complete).
     ///
     /// # Errors
-    /// [`ProfilerError`] naming `path` when it cannot be written.
-    pub fn finish(mut self, path: &Path) -> Result<(), ProfilerError> {
+    /// [`Error::Profiler`] naming `path` when it cannot be written.
+    pub fn finish(mut self, path: &Path) -> Result<(), Error> {
         self.running = false;
         let partial = path.with_extension("json.partial");
         self::stop(&partial)?;
         std::fs::rename(&partial, path)
-            .map_err(|e| ProfilerError(format!("moving {} to {}: {e}", partial.display(), path.display())))
+            .map_err(|e| Error::Profiler(format!("moving {} to {}: {e}", partial.display(), path.display())))
     }
 }
 
@@ -108,28 +97,28 @@ impl Drop for Profiler {
     }
 }
 
-fn stop(path: &Path) -> Result<(), ProfilerError> {
+fn stop(path: &Path) -> Result<(), Error> {
     #[cfg(torch_cuda_shim)]
     {
         RUNNING.store(false, Ordering::SeqCst);
-        let text = path.to_str().ok_or_else(|| ProfilerError(format!("{} is not UTF-8", path.display())))?;
-        let c_path = std::ffi::CString::new(text).map_err(|_| ProfilerError(format!("{} holds a NUL byte", path.display())))?;
+        let text = path.to_str().ok_or_else(|| Error::Profiler(format!("{} is not UTF-8", path.display())))?;
+        let c_path = std::ffi::CString::new(text).map_err(|_| Error::Profiler(format!("{} holds a NUL byte", path.display())))?;
         // SAFETY: `c_path` is a NUL-terminated string that outlives the call; the shim catches
         // every C++ exception.
         #[allow(unsafe_code)]
         let status = unsafe { ffi::torch_profiler_stop(c_path.as_ptr()) };
         if status != 0 {
-            return Err(ProfilerError(format!("writing {}: {}", path.display(), crate::shim_last_error())));
+            return Err(Error::Profiler(format!("writing {}: {}", path.display(), crate::shim_last_error())));
         }
         if !path.exists() {
-            return Err(ProfilerError(format!("libtorch wrote no trace at {}", path.display())));
+            return Err(Error::Profiler(format!("libtorch wrote no trace at {}", path.display())));
         }
         Ok(())
     }
     #[cfg(not(torch_cuda_shim))]
     {
         let _ = path;
-        Err(ProfilerError("this build has no CUDA shim".into()))
+        Err(Error::Profiler(crate::NO_SHIM.into()))
     }
 }
 

@@ -142,11 +142,11 @@ pub enum Error {
 
     /// Capturing or replaying the training step as a CUDA graph failed.
     #[error("--cuda_graph: {0}")]
-    CudaGraph(String),
+    CudaGraph(torch_cuda::Error),
 
     /// Recording the profiled step failed.
     #[error("--profile_step: {0}")]
-    Profile(String),
+    Profile(torch_cuda::Error),
 }
 
 /// `Result` with this crate's [`Error`].

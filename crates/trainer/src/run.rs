@@ -64,7 +64,7 @@ enum Latents {
 /// Eager optimizer steps before the step is captured (kernel selection, gradient buffers).
 const GRAPH_WARMUP_STEPS: u64 = 2;
 
-/// The captured step: one micro-step (replayed once per accumulation step) and the optimizer step.
+/// The captured step: one graph per micro-step of an accumulation and one for the optimizer step.
 struct StepGraphs {
     /// One capture per accumulation index, replayed in that order: relaunching one graph before
     /// its previous launch has finished can hold the host until it has.
@@ -72,9 +72,6 @@ struct StepGraphs {
     optimizer_step: CudaGraph,
 }
 
-fn graph_error(error: torch_cuda::GraphError) -> Error {
-    Error::CudaGraph(error.0)
-}
 
 /// CPU time of the calling thread so far, from Linux's `/proc/thread-self/schedstat` (nanoseconds)
 /// where the kernel keeps it, else `/proc/thread-self/stat` (user + system time in 1/100 s, the
@@ -112,7 +109,7 @@ impl StepProbe {
             let dir = output_dir.join("profile");
             std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
             let options = torch_cuda::ProfilerOptions { cuda: device.is_cuda(), shapes: true, memory: true };
-            let profiler = torch_cuda::Profiler::start(options).map_err(|e| Error::Profile(e.0))?;
+            let profiler = torch_cuda::Profiler::start(options).map_err(Error::Profile)?;
             Some((profiler, dir.join(format!("step-{step}.json"))))
         } else {
             None
@@ -135,7 +132,7 @@ impl StepProbe {
         let mode = if captured { "graph replay" } else { "eager" };
         match self.profiler {
             Some((profiler, path)) => {
-                profiler.finish(&path).map_err(|e| Error::Profile(e.0))?;
+                profiler.finish(&path).map_err(Error::Profile)?;
                 Ok(format!(
                     "step {} ({mode}) recorded by the profiler ({:.1} ms with its overhead): {}",
                     self.step,
@@ -624,12 +621,12 @@ impl Trainer {
                 let index = step * accumulation + micro;
                 self.prepare_micro_step(index)?;
                 match graphs.as_ref().and_then(|g| g.micro_steps.get(micro as usize)) {
-                    Some(graph) => graph.replay().map_err(graph_error)?,
+                    Some(graph) => graph.replay().map_err(Error::CudaGraph)?,
                     None => self.micro_step()?,
                 }
             }
             match &graphs {
-                Some(graphs) => graphs.optimizer_step.replay().map_err(graph_error)?,
+                Some(graphs) => graphs.optimizer_step.replay().map_err(Error::CudaGraph)?,
                 None => self.optimizer_step(true)?,
             }
             if let Some(probe) = probe {
@@ -717,32 +714,36 @@ impl Trainer {
         }
     }
 
+    /// The trainable LoRA tensors (handles sharing their storage).
+    fn param_tensors(&self) -> Vec<Tensor> {
+        self.params.iter().map(|(_, p)| p.shallow_clone()).collect()
+    }
+
     /// The device work of an optimizer step (captured as a graph with `--cuda_graph`).
     fn optimizer_step(&mut self, zero_grads: bool) -> Result<()> {
-        let params: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
+        let params = self.param_tensors();
         optimizer_step(&mut self.optimizer, &params, &self.settings, &mut self.acc, zero_grads)
     }
 
-    /// Records one micro-step and one optimizer step as CUDA graphs (one memory pool), after the
-    /// eager warm-up steps have created every gradient buffer and chosen every kernel. Capturing runs
-    /// nothing: the replays do the work, on the same persistent tensors.
+    /// Records each micro-step of an accumulation and the optimizer step as CUDA graphs (one memory
+    /// pool), after the eager warm-up steps have created every gradient buffer and chosen every
+    /// kernel. Capturing runs nothing: the replays do the work, on the same persistent tensors.
     fn capture_graphs(&mut self) -> Result<StepGraphs> {
         let device = self.device_index();
         // Gradients dropped before the first capture: its replays write them afresh (where the
         // eager step adds into zeroed ones), the later micro-steps add, and the optimizer graph
         // needs no zeroing pass.
-        let params: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
-        torch_cuda::foreach::clear_grads(&params).map_err(|e| Error::CudaGraph(e.0))?;
+        torch_cuda::foreach::clear_grads(&self.param_tensors()).map_err(Error::CudaGraph)?;
         let mut micro_steps: Vec<CudaGraph> = Vec::new();
         for _ in 0..self.config.gradient_accumulation_steps {
             // All graphs share the first one's memory pool (they replay in capture order).
             let (graph, recorded) =
-                CudaGraph::capture(device, micro_steps.first(), CaptureMode::Global, || self.micro_step()).map_err(graph_error)?;
+                CudaGraph::capture(device, micro_steps.first(), CaptureMode::Global, || self.micro_step()).map_err(Error::CudaGraph)?;
             recorded?;
             micro_steps.push(graph);
         }
         let (optimizer_step, recorded) =
-            CudaGraph::capture(device, micro_steps.first(), CaptureMode::Global, || self.optimizer_step(false)).map_err(graph_error)?;
+            CudaGraph::capture(device, micro_steps.first(), CaptureMode::Global, || self.optimizer_step(false)).map_err(Error::CudaGraph)?;
         recorded?;
         Ok(StepGraphs { micro_steps, optimizer_step })
     }
