@@ -28,13 +28,15 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Creates the projections under `path`; `context_dim` is the width keys and values are
-    /// projected from (`query_dim` for self-attention).
+    /// Creates the projections under `path`; `context_dim` is the width keys and values of a
+    /// cross-attention are projected from (`None`: a self-attention, from `query_dim`).
     ///
     /// The projections that read the same input share one weight buffer ([`lora::pack_weights`]:
     /// `to_q`, `to_k` and `to_v` for self-attention, `to_k` and `to_v` for cross-attention), so that
     /// [`Self::forward`] projects them with one matrix product while the layout lasts.
-    pub fn new(path: &nn::Path, query_dim: i64, context_dim: i64, heads: i64) -> Self {
+    pub fn new(path: &nn::Path, query_dim: i64, context_dim: Option<i64>, heads: i64) -> Self {
+        let cross = context_dim.is_some();
+        let context_dim = context_dim.unwrap_or(query_dim);
         let mut attention = Self {
             to_q: Linear::new(&(path / "to_q"), query_dim, query_dim, false),
             to_k: Linear::new(&(path / "to_k"), context_dim, query_dim, false),
@@ -43,7 +45,9 @@ impl Attention {
             heads,
         };
         let Self { to_q, to_k, to_v, .. } = &mut attention;
-        if context_dim == query_dim {
+        // By role, not width: a cross-attention whose context is as wide as its queries still
+        // projects them from different inputs.
+        if !cross {
             lora::pack_weights(&mut [to_q, to_k, to_v]);
         } else {
             lora::pack_weights(&mut [to_k, to_v]);
@@ -134,9 +138,9 @@ impl BasicTransformerBlock {
         let norm = |name: &str| nn::layer_norm(path / name, vec![dim], nn::LayerNormConfig { eps, ..Default::default() });
         Self {
             norm1: norm("norm1"),
-            attn1: Attention::new(&(path / "attn1"), dim, dim, heads),
+            attn1: Attention::new(&(path / "attn1"), dim, None, heads),
             norm2: norm("norm2"),
-            attn2: Attention::new(&(path / "attn2"), dim, cross_attention_dim, heads),
+            attn2: Attention::new(&(path / "attn2"), dim, Some(cross_attention_dim), heads),
             norm3: norm("norm3"),
             ff: FeedForward::new(&(path / "ff"), dim),
         }
@@ -178,8 +182,8 @@ mod tests {
     #[test]
     fn projections_of_one_input_are_packed_and_fused_with_their_lora() {
         let vs = nn::VarStore::new(Device::Cpu);
-        let mut self_attention = Attention::new(&(vs.root() / "attn1"), 16, 16, 2);
-        let mut cross_attention = Attention::new(&(vs.root() / "attn2"), 16, 24, 2);
+        let mut self_attention = Attention::new(&(vs.root() / "attn1"), 16, None, 2);
+        let mut cross_attention = Attention::new(&(vs.root() / "attn2"), 16, Some(24), 2);
         tch::no_grad(|| {
             for (_, var) in vs.variables() {
                 var.shallow_clone().copy_(&Tensor::randn(var.size(), (Kind::Float, Device::Cpu)));

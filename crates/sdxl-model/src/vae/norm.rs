@@ -8,7 +8,11 @@
 //! norm kernel, accumulated in fp32 and spread over the whole device) and applies them with
 //! `batch_norm_elemt`, which normalizes in fp32 and writes the input's type. The statistics are
 //! rounded to the input's type as libtorch's group norm rounds its own, so the result agrees with it to
-//! that rounding. With autograd, or on the CPU, libtorch's group norm runs.
+//! that rounding. Only for half-precision inputs (bf16, fp16): in fp32 its statistics differ from
+//! libtorch's in the last bits (another summation order), and through the full-size random-weight
+//! VAE that became a relative difference of 1e-3 from diffusers (measured on an H200,
+//! docs/BENCHMARKS.md), so fp32 keeps libtorch's kernel and with it exact parity. With autograd, or on the CPU, libtorch's group
+//! norm runs.
 
 use tch::nn::{self, Module};
 use tch::{Kind, TchError, Tensor};
@@ -39,7 +43,7 @@ impl Module for GroupNorm {
         // nothing here requires a gradient.
         let inference = torch_cuda::grad_enabled() == Some(false)
             || !(xs.requires_grad() || self.weight.requires_grad() || self.bias.requires_grad());
-        if inference && xs.device().is_cuda() {
+        if inference && xs.device().is_cuda() && matches!(xs.kind(), Kind::BFloat16 | Kind::Half) {
             // Falls back on anything the fast path does not take (e.g. a channel count the groups do
             // not divide, which libtorch's own check then reports).
             if let Ok(out) = group_norm_spread(xs, self.groups, &self.weight, &self.bias, self.eps) {
@@ -95,17 +99,20 @@ mod tests {
         let x = Tensor::randn([2, 8, 16, 12], (Kind::Float, device)) * 3.0 + 1.5;
         let reference = x.group_norm(4, Some(&norm.weight), Some(&norm.bias), 1e-6, false);
         assert!(norm.weight.requires_grad(), "VarStore weights are trainable");
+        // fp32 always takes libtorch's group norm.
         let out = tch::no_grad(|| norm.forward(&x));
-        let diff = (&out - &reference).abs().max().double_value(&[]);
-        assert!(diff < 1e-5, "fp32: max |Δ| {diff}");
+        assert!(out.equal(&reference), "fp32 must keep libtorch's group norm");
         if device.is_cuda() {
             let spread = tch::no_grad(|| group_norm_spread(&x, 4, &norm.weight, &norm.bias, 1e-6)).unwrap();
             assert!((&spread - &reference).abs().max().double_value(&[]) < 1e-5);
-            // Under no_grad the module takes the spread path, even with trainable weights.
-            assert!(out.equal(&spread), "the module did not take the spread path under no_grad");
             // bf16: within the type's rounding of libtorch's own bf16 group norm.
             let xb = x.to_kind(Kind::BFloat16);
             let (wb, bb) = (norm.weight.to_kind(Kind::BFloat16), norm.bias.to_kind(Kind::BFloat16));
+            // Under no_grad the module takes the spread path for bf16, even with trainable weights.
+            let bf16_norm = GroupNorm { weight: wb.shallow_clone(), bias: bb.shallow_clone(), groups: 4, eps: 1e-6 };
+            let module_out = tch::no_grad(|| bf16_norm.forward(&xb));
+            let spread_out = tch::no_grad(|| group_norm_spread(&xb, 4, &wb, &bb, 1e-6)).unwrap();
+            assert!(module_out.equal(&spread_out), "the module did not take the spread path under no_grad");
             let native = xb.group_norm(4, Some(&wb), Some(&bb), 1e-6, false).to_kind(Kind::Float);
             let spread = group_norm_spread(&xb, 4, &wb, &bb, 1e-6).unwrap();
             assert_eq!(spread.kind(), Kind::BFloat16);
