@@ -7,6 +7,8 @@
 
 use tch::{Kind, Tensor};
 
+use crate::copies::AdapterCopy;
+
 /// How the adapter's scale follows from alpha and the rank.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Scaling {
@@ -57,6 +59,8 @@ pub struct Adapter {
     /// both products, the scaling and the sum with the base output are done in it; gradients reach
     /// `A` and `B` in their own type through the casts. DoRA adapters ignore it.
     pub compute_kind: Option<Kind>,
+    /// Its compute copies, when a [`crate::ComputeCopies`] holds them.
+    pub(crate) copy: Option<AdapterCopy>,
     pub(crate) enabled: bool,
     pub(crate) merged: bool,
 }
@@ -74,6 +78,7 @@ impl Adapter {
             multiplier: 1.0,
             dropout: 0.0,
             compute_kind: None,
+            copy: None,
             enabled: true,
             merged: false,
         }

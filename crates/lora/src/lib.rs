@@ -5,6 +5,8 @@
 //! - [`HasLinears`]: how models expose their linear layers by module path.
 //! - [`inject`] and [`LoraConfig`]: peft-style injection by module-path patterns, plus
 //!   model-wide [`merge`], [`unmerge`], [`set_enabled`], [`trainable_variables`].
+//! - [`ComputeCopies`]: bf16 copies of the adapters for mixed-precision training (one cast per
+//!   optimizer step instead of one per use).
 //! - [`quantize_base_fp8`]: frozen base weights stored in fp8 (one scale per tensor), computed in
 //!   their original type; adapters on top train as usual.
 //! - [`LoraState`] and [`format`](mod@format): the adapter weights of a model, keyed by component and module
@@ -44,6 +46,7 @@
 #![warn(missing_docs)]
 
 mod adapter;
+mod copies;
 mod error;
 pub mod format;
 pub mod fp8;
@@ -52,6 +55,7 @@ mod linear;
 mod state;
 
 pub use adapter::{Adapter, Scaling};
+pub use copies::ComputeCopies;
 pub use error::{Error, Result};
 pub use fp8::{Fp8Report, quantize_base_fp8};
 pub use inject::{

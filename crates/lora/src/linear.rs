@@ -35,6 +35,16 @@ pub struct Linear {
     training: bool,
     /// Set when `weight` is stored in fp8.
     fp8: Option<Fp8Weight>,
+    /// Set by [`pack_weights`]: where the shared buffer started and this layer's place in it.
+    pack: Option<PackMark>,
+}
+
+/// What [`pack_weights`] laid out: the buffer's address when packed, this layer's index among the
+/// layers packed together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PackMark {
+    pub(crate) buffer: usize,
+    pub(crate) member: usize,
 }
 
 /// How to widen an fp8 base weight.
@@ -68,7 +78,7 @@ impl Linear {
 
     /// Wraps existing tensors (weight `[out, in]`, bias `[out]`) without adapters.
     pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, adapters: Vec::new(), merges: Vec::new(), training: false, fp8: None }
+        Self { weight, bias, adapters: Vec::new(), merges: Vec::new(), training: false, fp8: None, pack: None }
     }
 
     /// The input width.
@@ -90,6 +100,13 @@ impl Linear {
     /// Whether the base weight is stored in fp8.
     pub fn is_fp8(&self) -> bool {
         self.fp8.is_some()
+    }
+
+    /// This layer's place among the layers [`pack_weights`] laid out together, while its weight is
+    /// still where that put it.
+    pub(crate) fn pack_mark(&self) -> Option<PackMark> {
+        let mark = self.pack?;
+        (self.fp8.is_none() && self.weight.is_contiguous() && (mark.member > 0 || self.weight.data_ptr() as usize == mark.buffer)).then_some(mark)
     }
 
     /// The base weight's value in the compute type: the weight itself (shared, not copied), or for
@@ -342,7 +359,8 @@ pub fn pack_weights(layers: &mut [&mut Linear]) -> bool {
     let weights: Vec<Tensor> = layers.iter().map(|l| l.weight.detach()).collect();
     let Ok(packed) = tch::no_grad(|| Tensor::f_cat(&weights, 0)) else { return false };
     let mut start = 0;
-    for layer in layers.iter_mut() {
+    let buffer = packed.data_ptr() as usize;
+    for (member, layer) in layers.iter_mut().enumerate() {
         let rows = layer.weight.size()[0];
         let Ok(view) = packed.f_narrow(0, start, rows) else { return false };
         // set_data swaps the storage under the variable itself, so the variable store's handle and
@@ -350,6 +368,7 @@ pub fn pack_weights(layers: &mut [&mut Linear]) -> bool {
         if layer.weight.f_set_data(&view).is_err() {
             return false;
         }
+        layer.pack = Some(PackMark { buffer, member });
         start += rows;
     }
     true
@@ -381,12 +400,14 @@ fn packed_weight(layers: &[&Linear]) -> Option<Tensor> {
 /// `layers[i].forward(xs)` for layers that read the same input (a self-attention's `to_q`, `to_k`,
 /// `to_v`), computed together: one matrix product for the base weights (laid out by
 /// [`pack_weights`]) and, when every layer has one active plain LoRA adapter computing in the base
-/// output's type, one down-projection for all adapters and one block-diagonal up-projection added
-/// to the base output with accumulation. Fewer, larger kernels; the same values up to rounding.
+/// output's type, one down-projection by the stacked `A`s, one batched up-projection and one sum.
+/// The stacked matrices come from a [`crate::ComputeCopies`] when it holds the group, else they are
+/// cast and stacked here. Fewer, larger kernels; the same values up to rounding.
 ///
 /// `None` when the layers do not qualify (weights not packed, a bias, several or DoRA adapters, dropout
 /// while training, an adapter computing in another type, some layers adapted and others not); the
-/// caller then runs them one by one.
+/// caller then runs them one by one. Adapters of different ranks or widths take one block-diagonal
+/// up-projection instead of the batched one.
 ///
 /// # Shapes
 /// `xs` `[..., in]` → one `[..., out_i]` per layer (views into one buffer).
@@ -415,31 +436,80 @@ pub fn fused_forward(layers: &[&Linear], xs: &Tensor) -> Option<Vec<Tensor>> {
         adapters.push(*adapter);
     }
     let base = xs.linear::<Tensor>(&weight, None);
-    Some(split(add_lora_products(&base, &xs.to_kind(kind), &adapters, kind)))
-}
-
-/// `base + x·Aᵀ·(scale·B)ᵀ` in `kind` for plain LoRA adapters whose outputs lie side by side in
-/// `base`'s last dimension: one down-projection by the stacked `A`s, and one up-projection by the
-/// block-diagonal of the scaled `B`s added to `base` with accumulation (one rounding, where peft's
-/// separate scale and add round twice). The scale is folded into the cast of `B`.
-///
-/// # Shapes
-/// `base` `[..., Σ out]`, `x` `[..., in]` → `[..., Σ out]`.
-fn add_lora_products(base: &Tensor, x: &Tensor, adapters: &[&Adapter], kind: Kind) -> Tensor {
-    let scaled_up = |a: &Adapter| if a.scale() == 1.0 { a.up.shallow_clone() } else { &a.up * a.scale() };
-    let (down, up) = match adapters {
-        // One adapter: its own matrices, without the copies `cat` and `block_diag` would make.
-        [adapter] => (adapter.down.to_kind(kind), scaled_up(adapter).to_kind(kind)),
-        _ => {
-            let downs: Vec<Tensor> = adapters.iter().map(|a| a.down.shallow_clone()).collect();
-            let ups: Vec<Tensor> = adapters.iter().map(|a| scaled_up(a)).collect();
-            (Tensor::cat(&downs, 0).to_kind(kind), Tensor::block_diag(&ups).to_kind(kind))
+    let (down, up) = match group_copies(&adapters, kind) {
+        Some(copies) => copies,
+        None => {
+            // Each adapter's own matrices in `kind`: views of its compute copies where it has them
+            // (so the gradients reach those), else casts.
+            let (downs, ups): (Vec<Tensor>, Vec<Tensor>) = adapters
+                .iter()
+                .map(|a| match a.copy.as_ref().filter(|c| c.down.kind() == kind) {
+                    Some(copy) => copy.own(),
+                    None => (a.down.to_kind(kind), scaled_up(a).to_kind(kind)),
+                })
+                .unzip();
+            match downs.len() {
+                // One adapter: its own matrices, without the copies `cat` and `stack` would make.
+                1 => (downs[0].shallow_clone(), ups[0].shallow_clone()),
+                _ if ups.iter().all(|u| u.size() == ups[0].size()) => (Tensor::cat(&downs, 0), Tensor::stack(&ups, 0)),
+                // Adapters of different ranks or widths: a block-diagonal up-projection.
+                _ => (Tensor::cat(&downs, 0), Tensor::block_diag(&ups)),
+            }
         }
     };
-    let hidden = x.linear::<Tensor>(&down, None);
+    Some(if up.dim() == 2 { split(add_lora_products(&base, &xs.to_kind(kind), &down, &up)) } else { add_group_products(&base, &xs.to_kind(kind), &down, &up) })
+}
+
+/// `B` times the adapter's scale (the tensor itself when the scale is 1).
+fn scaled_up(adapter: &Adapter) -> Tensor {
+    if adapter.scale() == 1.0 { adapter.up.shallow_clone() } else { &adapter.up * adapter.scale() }
+}
+
+/// The compute copies of a whole group, when `adapters` are exactly the members of one group held by
+/// a [`crate::ComputeCopies`] in `kind`, in order: its stacked `A`s and its scaled `B`s.
+fn group_copies(adapters: &[&Adapter], kind: Kind) -> Option<(Tensor, Tensor)> {
+    let first = adapters.first()?.copy.as_ref()?;
+    let whole = first.members == adapters.len() as i64
+        && first.down.kind() == kind
+        && adapters.iter().enumerate().all(|(i, a)| {
+            a.compute_kind == Some(kind)
+                && a.copy.as_ref().is_some_and(|c| c.member == i as i64 && c.down.data_ptr() == first.down.data_ptr())
+        });
+    whole.then(|| (first.down.shallow_clone(), first.up.shallow_clone()))
+}
+
+/// `base + x·Aᵀ·Bᵀ` in `kind` for one plain LoRA adapter (`B` already scaled, both in `kind`): the
+/// up-projection and the sum with the base output are one matrix product with accumulation (one
+/// rounding, where peft's separate scale and add round twice).
+///
+/// # Shapes
+/// `base` `[..., out]`, `x` `[..., in]`, `down` `[r, in]`, `up` `[out, r]` → `[..., out]`.
+fn add_lora_products(base: &Tensor, x: &Tensor, down: &Tensor, up: &Tensor) -> Tensor {
+    let hidden = x.linear::<Tensor>(down, None);
     let shape = base.size();
-    let (total_out, total_rank) = (up.size()[0], down.size()[0]);
-    base.reshape([-1, total_out]).addmm(&hidden.reshape([-1, total_rank]), &up.tr()).reshape(shape.as_slice())
+    let (out, rank) = (up.size()[0], down.size()[0]);
+    base.reshape([-1, out]).addmm(&hidden.reshape([-1, rank]), &up.tr()).reshape(shape.as_slice())
+}
+
+/// `base_i + x·A_iᵀ·B_iᵀ` for the `g` adapters of a group whose outputs lie side by side in `base`'s
+/// last dimension: one down-projection by the stacked `A`s, one batched up-projection, one sum
+/// (rounded after the product and after the sum, as peft's `result + lora_B(lora_A(x))` under
+/// autocast). Each output is a view whose backward is one stacking.
+///
+/// # Shapes
+/// `base` `[..., g·out]`, `x` `[..., in]`, `down` `[g·r, in]`, `up` `[g, out, r]` → `g` × `[..., out]`.
+fn add_group_products(base: &Tensor, x: &Tensor, down: &Tensor, up: &Tensor) -> Vec<Tensor> {
+    let size = up.size();
+    let (g, out, rank) = (size[0], size[1], size[2]);
+    let hidden = x.linear::<Tensor>(down, None);
+    let rows = hidden.numel() as i64 / (g * rank);
+    let lora = hidden.view([rows, g, rank]).transpose(0, 1).bmm(&up.transpose(1, 2));
+    let mut shape = base.size();
+    if let Some(last) = shape.last_mut() {
+        *last = out;
+    }
+    let sum = base.view([rows, g, out]) + lora.transpose(0, 1);
+    sum.unbind(1).into_iter().map(|y| y.view(shape.as_slice())).collect()
 }
 
 impl Module for Linear {
@@ -469,7 +539,13 @@ impl Module for Linear {
                 None => match autocast {
                     // Under autocast: the up-projection and the sum with the base output in one
                     // matrix product with accumulation.
-                    Some(kind) if result.kind() == kind => result = add_lora_products(&result, &dropped, &[adapter], kind),
+                    Some(kind) if result.kind() == kind => {
+                        let (down, up) = match adapter.copy.as_ref().filter(|c| c.down.kind() == kind) {
+                            Some(copy) => copy.own(),
+                            None => (adapter.down.to_kind(kind), scaled_up(adapter).to_kind(kind)),
+                        };
+                        result = add_lora_products(&result, &dropped, &down, &up);
+                    }
                     _ => {
                         let (down, up) = match autocast {
                             Some(kind) => (adapter.down.to_kind(kind), adapter.up.to_kind(kind)),
