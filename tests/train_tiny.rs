@@ -138,6 +138,55 @@ fn fp8_base_weights_train_close_to_the_full_precision_run() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// bf16 mixed precision trains through the LoRA's compute copies (`lora::ComputeCopies`): the
+/// run's losses stay near the fp32 run's, and a run stopped at a checkpoint and resumed (the copies
+/// refreshed from the loaded masters) ends on the bit-identical LoRA of an uninterrupted one.
+#[test]
+fn bf16_runs_train_near_fp32_and_resume_to_a_bit_identical_lora() {
+    use trainer::config::MixedPrecision;
+    let dir = scratch("bf16");
+    let config = |name: &str, mixed_precision: MixedPrecision, steps: u64| TrainConfig {
+        mixed_precision,
+        max_train_steps: steps,
+        checkpointing_steps: 3,
+        logging_steps: 1,
+        validation_prompt: None,
+        resume_from_checkpoint: Some("latest".into()),
+        ..tiny(&dir.join(name))
+    };
+    let fp32 = config("fp32", MixedPrecision::No, 6);
+    let whole = config("whole", MixedPrecision::Bf16, 6);
+    run_to_end(&fp32);
+    run_to_end(&whole);
+    let losses = |config: &TrainConfig| -> Vec<f64> {
+        let metrics = MetricsLog::read(&config.output_dir.join("logs/metrics.jsonl")).unwrap();
+        metrics.iter().filter_map(|r| r["loss"].as_f64()).collect()
+    };
+    let (a, b) = (losses(&fp32), losses(&whole));
+    assert_eq!((a.len(), b.len()), (6, 6));
+    for (step, (a, b)) in a.iter().zip(&b).enumerate() {
+        assert!(b.is_finite() && (a - b).abs() <= 0.1 * a.abs(), "step {}: fp32 {a} vs bf16 {b}", step + 1);
+    }
+    // B starts at zero, so it is what training moved: the bf16 run moved it as the fp32 run did.
+    let ups = |config: &TrainConfig| -> Tensor {
+        let named = tensors(&config.output_dir.join(LORA_FILE));
+        let ups: Vec<Tensor> = named.iter().filter(|(n, _)| n.contains("lora_B") || n.contains("lora.up")).map(|(_, t)| t.to_kind(tch::Kind::Float).reshape([-1])).collect();
+        assert!(!ups.is_empty());
+        Tensor::cat(&ups, 0)
+    };
+    let (up32, up16) = (ups(&fp32), ups(&whole));
+    // Adam's first steps move each entry by about ±lr whatever the gradient's size, so the signs of
+    // small gradients decide much of B and bf16 rounding flips some: compare directions.
+    let cosine = (&up16 * &up32).sum(tch::Kind::Float).double_value(&[]) / (up16.norm().double_value(&[]) * up32.norm().double_value(&[]));
+    println!("bf16 vs fp32 LoRA B after 6 steps: cosine {cosine:.3}");
+    assert!(cosine > 0.5, "the bf16 run moved B elsewhere than the fp32 run (cosine {cosine})");
+    // Stopped after the checkpoint of step 3, then resumed to step 6.
+    run_to_end(&config("split", MixedPrecision::Bf16, 3));
+    run_to_end(&config("split", MixedPrecision::Bf16, 6));
+    assert_bit_identical(&whole.output_dir.join(LORA_FILE), &dir.join("split").join(LORA_FILE));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn cuda_graphs_need_a_cuda_device_and_cached_latents() {
     let out = scratch("graph").join("run");

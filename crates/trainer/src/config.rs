@@ -295,6 +295,8 @@ train_config! {
     fp8_base_weights: bool = false,
     /// Capture the micro-step and the optimizer step as CUDA graphs after two eager steps (CUDA, cached latents).
     cuda_graph: bool = false,
+    /// Let cuDNN time its convolution algorithms on first use and keep the fastest (PyTorch's `torch.backends.cudnn.benchmark`); the timing runs in the warm-up steps, before any graph capture.
+    cudnn_benchmark: bool = false,
     /// UNet attention implementation.
     attention: Attention = Attention::Fused,
     /// Min-SNR-γ loss weighting (5.0 is the paper's value); off when unset.

@@ -100,6 +100,10 @@ struct StepProbe {
     started: Instant,
     cpu_started: Option<f64>,
     profiler: Option<(torch_cuda::Profiler, PathBuf)>,
+    /// How long each graph launch of the step took on the host, s (each onto an idle device).
+    launches: Vec<f64>,
+    /// Time spent waiting for the device before those launches, s.
+    waited: f64,
 }
 
 impl StepProbe {
@@ -114,7 +118,7 @@ impl StepProbe {
         } else {
             None
         };
-        Ok(StepProbe { device, step, started: Instant::now(), cpu_started: thread_cpu_seconds(), profiler })
+        Ok(StepProbe { device, step, started: Instant::now(), cpu_started: thread_cpu_seconds(), profiler, launches: Vec::new(), waited: 0.0 })
     }
 
     fn synchronize(device: Device) {
@@ -125,7 +129,7 @@ impl StepProbe {
 
     /// Waits for the device, stops the profiler, and describes the step.
     fn end(self, captured: bool) -> Result<String> {
-        let enqueued = self.started.elapsed().as_secs_f64();
+        let enqueued = self.started.elapsed().as_secs_f64() - self.waited;
         let cpu = self.cpu_started.zip(thread_cpu_seconds()).map(|(a, b)| b - a);
         Self::synchronize(self.device);
         let finished = self.started.elapsed().as_secs_f64();
@@ -140,15 +144,47 @@ impl StepProbe {
                     path.display()
                 ))
             }
-            None => Ok(format!(
+            None if self.launches.is_empty() => Ok(format!(
                 "step {} ({mode}): the host enqueued its work in {:.1} ms ({}); the device finished it {:.1} ms after the start",
                 self.step,
                 enqueued * 1e3,
                 cpu.map_or("its CPU time unknown".to_owned(), |c| format!("{:.1} ms of CPU time, {:.1} % of the step", c * 1e3, 100.0 * c / finished)),
                 finished * 1e3,
             )),
+            // Graphs: a launch returns only once the device's queue has room for the graph's work, so
+            // in a pipelined step the later launches mostly wait for the device. The probed step
+            // therefore launches each graph onto an idle device, which times the host's own work;
+            // the device was idle for about that long, so its busy time is the rest.
+            None => {
+                let each: Vec<String> = self.launches.iter().map(|s| format!("{:.2}", s * 1e3)).collect();
+                let busy = finished - enqueued;
+                Ok(format!(
+                    "step {} ({mode}, each graph launched onto an idle device): the host's own work took {:.1} ms \
+                     (graph launches {} ms), {:.1} % of the {:.1} ms the device was busy",
+                    self.step,
+                    enqueued * 1e3,
+                    each.join(", "),
+                    100.0 * enqueued / busy,
+                    busy * 1e3,
+                ))
+            }
         }
     }
+}
+
+/// Replays a graph; when a probe watches the step, onto an idle device, timing the launch.
+fn timed_launch(probe: &mut Option<StepProbe>, replay: impl FnOnce() -> std::result::Result<(), torch_cuda::Error>) -> Result<()> {
+    if let Some(probe) = probe.as_mut() {
+        let waiting = Instant::now();
+        StepProbe::synchronize(probe.device);
+        probe.waited += waiting.elapsed().as_secs_f64();
+    }
+    let started = Instant::now();
+    replay().map_err(Error::CudaGraph)?;
+    if let Some(probe) = probe {
+        probe.launches.push(started.elapsed().as_secs_f64());
+    }
+    Ok(())
 }
 
 /// What a checkpoint records besides tensors.
@@ -195,6 +231,8 @@ pub struct Trainer {
     _unet_store: VarStore,
     _lora_store: VarStore,
     params: Vec<(String, Tensor)>,
+    /// bf16 copies of the LoRA under mixed precision (cast once per optimizer step, not per use).
+    copies: Option<lora::ComputeCopies>,
     optimizer: AdamW,
     schedule: LrSchedule,
     ddpm: DdpmSchedule,
@@ -251,6 +289,9 @@ fn log_above(progress: &indicatif::ProgressBar, message: impl AsRef<str>) {
 }
 
 /// `--device`.
+/// libtorch's cuBLAS workspace setting (`:SIZE_KIB:COUNT`, as in `CUBLAS_WORKSPACE_CONFIG` of PyTorch).
+const CUBLAS_WORKSPACE_VARIABLE: &str = "CUBLAS_WORKSPACE_CONFIG";
+
 fn pick_device(name: &str) -> Result<Device> {
     let bad = |problem: String| Error::InvalidOption { option: "--device", problem };
     match name {
@@ -331,7 +372,22 @@ impl Trainer {
     /// Anything wrong with the config, the model, the data or the checkpoint, naming the culprit.
     pub fn new(config: TrainConfig) -> Result<Self> {
         config.validate()?;
+        if config.gradient_checkpointing && std::env::var_os(CUBLAS_WORKSPACE_VARIABLE).is_none() {
+            // Checkpointing is the memory-saving mode: a 4 MiB cuBLAS workspace instead of
+            // libtorch's 32 MiB per handle and stream on Hopper (measured on an H200: 0.05 GiB less
+            // peak, docs/BENCHMARKS.md). libtorch reads the variable when it first creates a cuBLAS
+            // workspace, which happens only later, in the first matrix product on the device.
+            // SAFETY: nothing here reads the environment concurrently; the trainer has not started
+            // its loader threads or any device work yet. A variable the user set is left alone.
+            #[allow(unsafe_code)]
+            unsafe {
+                std::env::set_var(CUBLAS_WORKSPACE_VARIABLE, ":4096:1");
+            }
+        }
         let device = pick_device(&config.device)?;
+        if device.is_cuda() {
+            tch::Cuda::cudnn_set_benchmark(config.cudnn_benchmark);
+        }
         if config.cuda_graph && !(device.is_cuda() && config.cache_latents) {
             return Err(Error::InvalidOption {
                 option: "--cuda_graph",
@@ -424,6 +480,12 @@ impl Trainer {
         // With mixed precision the LoRA computes as peft does under accelerate's autocast (bf16
         // products, fp32 weights and gradients), which is what diffusers' script trains with.
         lora::set_compute_kind(&mut unet, ADAPTER, (kind != Kind::Float).then_some(kind))?;
+        // The products read bf16 copies that are refreshed after each optimizer step; the masters and
+        // their gradients stay fp32 (same values as casting in every use, fewer kernels).
+        let copies = if kind == Kind::Float { None } else { lora::ComputeCopies::new(&mut unet, ADAPTER)? };
+        if let Some(copies) = &copies {
+            log(format!("LoRA computes from {:?} copies in {} groups", copies.kind(), copies.groups()));
+        }
         let params: Vec<(String, Tensor)> = lora::trainable_variables(&mut unet).into_iter().collect();
         let lora_params: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
         log(format!("LoRA rank {} on {} layers: {lora_params} trainable parameters", config.rank, report.adapted.len()));
@@ -493,6 +555,7 @@ impl Trainer {
             _unet_store: unet_store,
             _lora_store: lora_store,
             params,
+            copies,
             optimizer,
             schedule,
             ddpm,
@@ -560,6 +623,9 @@ impl Trainer {
             }
             Ok(())
         })?;
+        if let Some(copies) = &self.copies {
+            copies.refresh()?;
+        }
         self.optimizer.load(path.join(OPTIMIZER_FILE))?;
         let _ = self.acc.skipped.fill_(state.skipped_steps);
         let _ = self.acc.window_loss.fill_(state.window_loss);
@@ -607,7 +673,7 @@ impl Trainer {
         for step in self.start_step..config.max_train_steps {
             // `--profile_step N`: step N (0-based N-1) timed, step N+1 recorded by the profiler.
             let profiling = config.profile_step.and_then(|n| (step + 1).checked_sub(n)).filter(|&k| k <= 1);
-            let probe = match profiling {
+            let mut probe = match profiling {
                 Some(k) => Some(StepProbe::begin(self.device, k == 1, &config.output_dir, step + 1)?),
                 None => None,
             };
@@ -621,12 +687,12 @@ impl Trainer {
                 let index = step * accumulation + micro;
                 self.prepare_micro_step(index)?;
                 match graphs.as_ref().and_then(|g| g.micro_steps.get(micro as usize)) {
-                    Some(graph) => graph.replay().map_err(Error::CudaGraph)?,
-                    None => self.micro_step()?,
+                    Some(graph) => timed_launch(&mut probe, || graph.replay())?,
+                    None => self.micro_step(micro)?,
                 }
             }
             match &graphs {
-                Some(graphs) => graphs.optimizer_step.replay().map_err(Error::CudaGraph)?,
+                Some(graphs) => timed_launch(&mut probe, || graphs.optimizer_step.replay())?,
                 None => self.optimizer_step(true)?,
             }
             if let Some(probe) = probe {
@@ -693,8 +759,26 @@ impl Trainer {
         }
     }
 
-    /// The device work of a micro-step (captured as a graph with `--cuda_graph`).
-    fn micro_step(&mut self) -> Result<()> {
+    /// The device work of micro-step `micro` of an accumulation (captured as a graph with
+    /// `--cuda_graph`).
+    fn micro_step(&mut self, micro: u64) -> Result<()> {
+        self.micro_step_work()?;
+        if let Some(copies) = &self.copies {
+            // Into the masters' gradients (written by the first micro-step, added by the others);
+            // the copies' own gradients are dropped, so the next backward hands its products over
+            // instead of adding them to zeros.
+            copies.collect_grads(micro > 0)?;
+            if self.device.is_cuda() && torch_cuda::shim_compiled() {
+                torch_cuda::foreach::clear_grads(copies.leaves()).map_err(Error::CudaGraph)?;
+            } else {
+                copies.zero_leaf_grads()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forward, loss and backward of one micro-step.
+    fn micro_step_work(&mut self) -> Result<()> {
         match &self.latents {
             Latents::Cached(cached) => {
                 let batch = LatentBatch::Cached { mean: &cached.mean, std: &cached.std, time_ids: &cached.time_ids };
@@ -722,7 +806,12 @@ impl Trainer {
     /// The device work of an optimizer step (captured as a graph with `--cuda_graph`).
     fn optimizer_step(&mut self, zero_grads: bool) -> Result<()> {
         let params = self.param_tensors();
-        optimizer_step(&mut self.optimizer, &params, &self.settings, &mut self.acc, zero_grads)
+        // With copies the first micro-step overwrites the gradients: nothing to zero.
+        optimizer_step(&mut self.optimizer, &params, &self.settings, &mut self.acc, zero_grads && self.copies.is_none())?;
+        if let Some(copies) = &self.copies {
+            copies.refresh()?;
+        }
+        Ok(())
     }
 
     /// Records each micro-step of an accumulation and the optimizer step as CUDA graphs (one memory
@@ -733,12 +822,16 @@ impl Trainer {
         // Gradients dropped before the first capture: its replays write them afresh (where the
         // eager step adds into zeroed ones), the later micro-steps add, and the optimizer graph
         // needs no zeroing pass.
-        torch_cuda::foreach::clear_grads(&self.param_tensors()).map_err(Error::CudaGraph)?;
+        // With compute copies the masters' gradients are views of one buffer that stays; the
+        // copies' gradients are dropped after every micro-step anyway.
+        if self.copies.is_none() {
+            torch_cuda::foreach::clear_grads(&self.param_tensors()).map_err(Error::CudaGraph)?;
+        }
         let mut micro_steps: Vec<CudaGraph> = Vec::new();
-        for _ in 0..self.config.gradient_accumulation_steps {
+        for micro in 0..u64::from(self.config.gradient_accumulation_steps) {
             // All graphs share the first one's memory pool (they replay in capture order).
             let (graph, recorded) =
-                CudaGraph::capture(device, micro_steps.first(), CaptureMode::Global, || self.micro_step()).map_err(Error::CudaGraph)?;
+                CudaGraph::capture(device, micro_steps.first(), CaptureMode::Global, || self.micro_step(micro)).map_err(Error::CudaGraph)?;
             recorded?;
             micro_steps.push(graph);
         }
