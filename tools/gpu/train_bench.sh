@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The seed-recipe benchmark of issue 10, ours beside diffusers in one GPU-machine run (docs/BENCHMARKS.md):
 # our trainer in the modes MODES names (default: eager, CUDA graphs, graphs + gradient checkpointing, graphs +
-# checkpointing + fp8 base weights; names are eager|graph, optionally -checkpointed, then optionally -fp8); then diffusers' step (accelerate + peft + bnb AdamW8bit,
+# checkpointing + fp8 base weights; names are eager|graph, optionally -checkpointed, -fp8, -cudnn); then diffusers' step (accelerate + peft + bnb AdamW8bit,
 # eager) and the same step by hand, eager and captured whole as a CUDA graph (torch fused AdamW). Prints
 # steady-state step time, images/s, peak memory, the ratios, and how far each run's LoRA is from the eager one.
 #
@@ -35,7 +35,8 @@ run() {  # NAME FLAGS...
     done
 }
 rm -rf /tmp/run-*
-# Modes by name: eager | graph, then -checkpointed, then -fp8 (e.g. graph-checkpointed-fp8).
+# Modes by name: eager | graph, then -checkpointed, then -fp8, then -cudnn (cuDNN benchmark mode),
+# e.g. graph-checkpointed-fp8.
 default_modes="eager graph graph-checkpointed graph-checkpointed-fp8"
 [ "$res" = 512 ] || default_modes="graph-checkpointed"
 for name in ${MODES:-$default_modes}; do
@@ -43,6 +44,7 @@ for name in ${MODES:-$default_modes}; do
     case "$name" in graph*) flags+=(--cuda_graph --profile_step "$probe") ;; esac
     case "$name" in *checkpointed*) flags+=(--gradient_checkpointing) ;; esac
     case "$name" in *fp8*) flags+=(--fp8_base_weights) ;; esac
+    case "$name" in *cudnn*) flags+=(--cudnn_benchmark) ;; esac
     run "$name" "${flags[@]}"
 done
 [ "$res" = 512 ] && ref_flags=(--cuda-graph) || ref_flags=(--checkpointing)
