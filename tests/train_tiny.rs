@@ -70,6 +70,12 @@ fn spawn(config: &TrainConfig, slow_checkpoints: bool) -> Child {
     command.spawn().unwrap()
 }
 
+/// The logged loss of every step of a finished run.
+fn losses(config: &TrainConfig) -> Vec<f64> {
+    let metrics = MetricsLog::read(&config.output_dir.join("logs/metrics.jsonl")).unwrap();
+    metrics.iter().filter_map(|r| r["loss"].as_f64()).collect()
+}
+
 fn run_to_end(config: &TrainConfig) {
     let output = spawn(config, false).wait_with_output().unwrap();
     assert!(output.status.success(), "training failed:\n{}", String::from_utf8_lossy(&output.stderr));
@@ -120,10 +126,6 @@ fn fp8_base_weights_train_close_to_the_full_precision_run() {
     // Every linear layer and convolution of the tiny UNet went to fp8.
     assert!(stderr.contains("linear layers: fp8 base weights: 213 layers quantized (0 already fp8)"), "{stderr}");
     assert!(stderr.contains("convolutions: fp8 base weights: 50 layers quantized (0 already fp8)"), "{stderr}");
-    let losses = |config: &TrainConfig| -> Vec<f64> {
-        let metrics = MetricsLog::read(&config.output_dir.join("logs/metrics.jsonl")).unwrap();
-        metrics.iter().filter_map(|r| r["loss"].as_f64()).collect()
-    };
     let (plain_losses, fp8_losses) = (losses(&plain), losses(&fp8));
     assert_eq!((plain_losses.len(), fp8_losses.len()), (10, 10));
     // Same seed, same batches and noise: the losses differ only by the weights' fp8 rounding, and
@@ -158,10 +160,6 @@ fn bf16_runs_train_near_fp32_and_resume_to_a_bit_identical_lora() {
     let whole = config("whole", MixedPrecision::Bf16, 6);
     run_to_end(&fp32);
     run_to_end(&whole);
-    let losses = |config: &TrainConfig| -> Vec<f64> {
-        let metrics = MetricsLog::read(&config.output_dir.join("logs/metrics.jsonl")).unwrap();
-        metrics.iter().filter_map(|r| r["loss"].as_f64()).collect()
-    };
     let (a, b) = (losses(&fp32), losses(&whole));
     assert_eq!((a.len(), b.len()), (6, 6));
     for (step, (a, b)) in a.iter().zip(&b).enumerate() {

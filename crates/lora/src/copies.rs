@@ -2,8 +2,9 @@
 //!
 //! Under autocast (diffusers' scripts with `--mixed_precision bf16`) peft keeps `A` and `B` in fp32
 //! and casts them to bf16 in every forward; autograd casts their bf16 gradients back in every
-//! backward. For the UNet's ~1,100 LoRA tensors that is ~2,200 small kernels per micro-step, plus the
-//! concatenations the fused projections ([`crate::fused_forward`]) need. [`ComputeCopies`] keeps one
+//! backward. For the SDXL UNet's 1,120 LoRA tensors that, with the concatenations the fused
+//! projections ([`crate::fused_forward`]) need, came to some 2,600 small kernels per micro-step
+//! (measured on an H200: 21,996 kernels per captured seed-recipe step before, 16,761 after). [`ComputeCopies`] keeps one
 //! bf16 copy of all of them instead, in one buffer laid out so that the adapters of a fused group
 //! sit side by side: their stacked `A`s are one `[Σ r, in]` block and their `B`s one `[g, out, r]`
 //! block, each an autograd leaf. The forward multiplies by these leaves directly; after a

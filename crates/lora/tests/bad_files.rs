@@ -7,14 +7,34 @@ mod common;
 use common::mirror;
 use lora::format::{self, ModuleNames, ReadOptions};
 use lora::{Component, Error, LoraState, ModuleLora, Scaling};
+use std::path::{Path, PathBuf};
+
 use tch::{Device, Kind, Tensor};
 
-fn write(name: &str, tensors: &[(&str, Tensor)]) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("lora-bad-files-{}", std::process::id()));
+/// A file written for one test, in a folder of its own that is removed when the test drops it.
+struct Written {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl AsRef<Path> for Written {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Written {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn write(name: &str, tensors: &[(&str, Tensor)]) -> Written {
+    let dir = std::env::temp_dir().join(format!("lora-bad-files-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
     Tensor::write_safetensors(tensors, &path).unwrap();
-    path
+    Written { dir, path }
 }
 
 fn zeros(shape: &[i64]) -> Tensor {
