@@ -327,7 +327,7 @@ train_config! {
     output_dir: PathBuf = PathBuf::from("naruto-lora"),
     /// Read the loss on the host (progress bar, logs) every N optimizer steps.
     logging_steps: u64 = 10,
-    /// Time optimizer step N (host enqueueing vs device completion), record step N+1 with libtorch's profiler and write its Chrome trace to output_dir/profile/ (see tools/gpu/profile_summary.py); off when unset.
+    /// Time optimizer step N (host enqueueing vs device completion; with CUDA graphs, the host's own work with each graph launched onto an idle device), record step N+1 with libtorch's profiler and write its Chrome trace to output_dir/profile/ (see tools/gpu/profile_summary.py); off when unset.
     profile_step: Option<u64> = None,
     /// Stop after this many optimizer steps were skipped for a non-finite loss or gradient.
     max_nonfinite_steps: u64 = 10,
