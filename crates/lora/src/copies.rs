@@ -95,6 +95,10 @@ impl ComputeCopies {
     /// Returns `None`, touching nothing, when the adapters do not qualify (DoRA, no compute type, or
     /// differing scales, types or devices): the layers then cast per use as before.
     ///
+    /// Only adapters enabled and unmerged now get copies. One enabled or unmerged later computes from
+    /// its masters, and [`collect_grads`](Self::collect_grads) would overwrite the gradients that
+    /// reach them: build the copies after settling which adapters train.
+    ///
     /// # Errors
     /// [`Error::UnknownAdapter`] when no layer has the adapter; libtorch errors.
     pub fn new(model: &mut dyn HasLinears, name: &str) -> Result<Option<Self>> {
