@@ -19,7 +19,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::linear::{HasLinears, Linear, PackMark};
+use crate::linear::{HasLinears, PackMark};
 use crate::{Error, Result};
 
 /// Where an adapter's compute copies live: the leaves of its group and its place in them.
@@ -108,7 +108,7 @@ impl ComputeCopies {
         let (mut qualifies, mut found) = (true, false);
         model.for_each_linear(&mut |_, linear| {
             let adapter = linear.adapter(name).filter(|a| a.enabled && !a.merged);
-            let span = weight_span(linear);
+            let span = linear.weight_span();
             let pack = linear.pack_mark();
             let Some(adapter) = adapter else {
                 layers.push(Layer { adapter: None, weight_span: span, pack });
@@ -330,20 +330,10 @@ impl ComputeCopies {
     }
 }
 
-/// Where a layer's base weight starts and ends in memory, when it is stored contiguously in its
-/// compute type (fp8 weights never share a product).
-fn weight_span(linear: &Linear) -> Option<(usize, usize)> {
-    if linear.is_fp8() || !linear.weight.is_contiguous() || linear.weight.dim() != 2 {
-        return None;
-    }
-    let start = linear.weight.data_ptr() as usize;
-    Some((start, start + linear.weight.numel() * linear.weight.kind().elt_size_in_bytes()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{LoraConfig, fused_forward, pack_weights};
+    use crate::{Linear, LoraConfig, fused_forward, pack_weights};
     use tch::nn::{Module, VarStore};
 
     /// A self-attention's projections: `to_q`, `to_k`, `to_v` packed, `to_out.0` alone.

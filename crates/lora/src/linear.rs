@@ -102,11 +102,22 @@ impl Linear {
         self.fp8.is_some()
     }
 
+    /// Where the base weight starts and ends in memory, when it is a contiguous matrix stored in its
+    /// compute type (fp8 weights never share a product): what tells layers packed together apart.
+    pub(crate) fn weight_span(&self) -> Option<(usize, usize)> {
+        if self.fp8.is_some() || !self.weight.is_contiguous() || self.weight.dim() != 2 {
+            return None;
+        }
+        let start = self.weight.data_ptr() as usize;
+        Some((start, start + self.weight.numel() * self.weight.kind().elt_size_in_bytes()))
+    }
+
     /// This layer's place among the layers [`pack_weights`] laid out together, while its weight is
     /// still where that put it.
     pub(crate) fn pack_mark(&self) -> Option<PackMark> {
         let mark = self.pack?;
-        (self.fp8.is_none() && self.weight.is_contiguous() && (mark.member > 0 || self.weight.data_ptr() as usize == mark.buffer)).then_some(mark)
+        let (start, _) = self.weight_span()?;
+        (mark.member > 0 || start == mark.buffer).then_some(mark)
     }
 
     /// The base weight's value in the compute type: the weight itself (shared, not copied), or for
@@ -382,17 +393,16 @@ fn packed_weight(layers: &[&Linear]) -> Option<Tensor> {
     if size.len() != 2 {
         return None;
     }
-    let element = first.kind().elt_size_in_bytes();
     let mut next = first.data_ptr() as usize;
     let mut rows = 0;
     for layer in layers {
         let w = &layer.weight;
-        let s = w.size();
-        if layer.fp8.is_some() || s.len() != 2 || s[1] != size[1] || w.kind() != first.kind() || !w.is_contiguous() || w.data_ptr() as usize != next {
+        let (start, end) = layer.weight_span()?;
+        if start != next || w.size()[1] != size[1] || w.kind() != first.kind() {
             return None;
         }
-        next += (s[0] * s[1]) as usize * element;
-        rows += s[0];
+        next = end;
+        rows += w.size()[0];
     }
     first.f_as_strided([rows, size[1]], [size[1], 1], None).ok()
 }
@@ -439,14 +449,9 @@ pub fn fused_forward(layers: &[&Linear], xs: &Tensor) -> Option<Vec<Tensor>> {
     let (down, up) = match group_copies(&adapters, kind) {
         Some(copies) => copies,
         None => {
-            // Each adapter's own matrices in `kind`: views of its compute copies where it has them
-            // (so the gradients reach those), else casts.
             let (downs, ups): (Vec<Tensor>, Vec<Tensor>) = adapters
                 .iter()
-                .map(|a| match a.copy.as_ref().filter(|c| c.down.kind() == kind) {
-                    Some(copy) => copy.own(),
-                    None => (a.down.to_kind(kind), scaled_up(a).to_kind(kind)),
-                })
+                .map(|a| compute_matrices(a, kind))
                 .unzip();
             match downs.len() {
                 // One adapter: its own matrices, without the copies `cat` and `stack` would make.
@@ -463,6 +468,15 @@ pub fn fused_forward(layers: &[&Linear], xs: &Tensor) -> Option<Vec<Tensor>> {
 /// `B` times the adapter's scale (the tensor itself when the scale is 1).
 fn scaled_up(adapter: &Adapter) -> Tensor {
     if adapter.scale() == 1.0 { adapter.up.shallow_clone() } else { &adapter.up * adapter.scale() }
+}
+
+/// An adapter's `A` and scaled `B` in `kind`: views of its compute copies where it has them (so the
+/// gradients reach those), else casts of its own matrices.
+fn compute_matrices(adapter: &Adapter, kind: Kind) -> (Tensor, Tensor) {
+    match adapter.copy.as_ref().filter(|c| c.down.kind() == kind) {
+        Some(copy) => copy.own(),
+        None => (adapter.down.to_kind(kind), scaled_up(adapter).to_kind(kind)),
+    }
 }
 
 /// The compute copies of a whole group, when `adapters` are exactly the members of one group held by
@@ -540,10 +554,7 @@ impl Module for Linear {
                     // Under autocast: the up-projection and the sum with the base output in one
                     // matrix product with accumulation.
                     Some(kind) if result.kind() == kind => {
-                        let (down, up) = match adapter.copy.as_ref().filter(|c| c.down.kind() == kind) {
-                            Some(copy) => copy.own(),
-                            None => (adapter.down.to_kind(kind), scaled_up(adapter).to_kind(kind)),
-                        };
+                        let (down, up) = compute_matrices(adapter, kind);
                         result = add_lora_products(&result, &dropped, &down, &up);
                     }
                     _ => {

@@ -120,7 +120,6 @@ pub fn encode_latents(
     })
 }
 
-
 /// SDXL's time ids of a sample as the data crate placed it: its real size, crop corner and target size.
 pub fn time_ids_of(sample: &data::Sample) -> [f64; 6] {
     let to_i64 = |(a, b): (u32, u32)| (i64::from(a), i64::from(b));

@@ -72,7 +72,6 @@ struct StepGraphs {
     optimizer_step: CudaGraph,
 }
 
-
 /// CPU time of the calling thread so far, from Linux's `/proc/thread-self/schedstat` (nanoseconds)
 /// where the kernel keeps it, else `/proc/thread-self/stat` (user + system time in 1/100 s, the
 /// fixed unit of /proc); `None` where neither can be read.
@@ -288,10 +287,10 @@ fn log_above(progress: &indicatif::ProgressBar, message: impl AsRef<str>) {
     }
 }
 
-/// `--device`.
 /// libtorch's cuBLAS workspace setting (`:SIZE_KIB:COUNT`, as in `CUBLAS_WORKSPACE_CONFIG` of PyTorch).
 const CUBLAS_WORKSPACE_VARIABLE: &str = "CUBLAS_WORKSPACE_CONFIG";
 
+/// `--device`.
 fn pick_device(name: &str) -> Result<Device> {
     let bad = |problem: String| Error::InvalidOption { option: "--device", problem };
     match name {
@@ -821,9 +820,9 @@ impl Trainer {
         let device = self.device_index();
         // Gradients dropped before the first capture: its replays write them afresh (where the
         // eager step adds into zeroed ones), the later micro-steps add, and the optimizer graph
-        // needs no zeroing pass.
-        // With compute copies the masters' gradients are views of one buffer that stays; the
-        // copies' gradients are dropped after every micro-step anyway.
+        // needs no zeroing pass. With compute copies this holds already: the masters' gradients
+        // are views of one buffer the first micro-step overwrites, and the copies' gradients are
+        // dropped after every micro-step.
         if self.copies.is_none() {
             torch_cuda::foreach::clear_grads(&self.param_tensors()).map_err(Error::CudaGraph)?;
         }
