@@ -7,6 +7,7 @@ test:
 	$(MAKE) lint
 
 lint:
+	cargo fmt --all -- --check
 	scripts/with-torch.sh cargo clippy --workspace --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" scripts/with-torch.sh cargo doc --workspace --no-deps
 

@@ -13,8 +13,8 @@
 //! (`torch-cuda`), printed before each group.
 //! Run: `scripts/with-torch.sh cargo bench --bench attention_slicing`.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use sdxl_model::attention::{attention, AttentionBackend, SliceSize};
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use sdxl_model::attention::{AttentionBackend, SliceSize, attention};
 use tch::{Cuda, Device, Kind, Tensor};
 
 struct Shape {
@@ -31,9 +31,27 @@ fn shapes(device: Device) -> Vec<Shape> {
     let level1 = (side / 2) * (side / 2);
     let level2 = (side / 4) * (side / 4);
     vec![
-        Shape { name: "self-attn level 1 (640 ch, 10 heads)", batch, query_len: level1, key_len: level1, heads: 10 },
-        Shape { name: "self-attn level 2 (1280 ch, 20 heads)", batch, query_len: level2, key_len: level2, heads: 20 },
-        Shape { name: "cross-attn level 1 (77 tokens)", batch, query_len: level1, key_len: 77, heads: 10 },
+        Shape {
+            name: "self-attn level 1 (640 ch, 10 heads)",
+            batch,
+            query_len: level1,
+            key_len: level1,
+            heads: 10,
+        },
+        Shape {
+            name: "self-attn level 2 (1280 ch, 20 heads)",
+            batch,
+            query_len: level2,
+            key_len: level2,
+            heads: 20,
+        },
+        Shape {
+            name: "cross-attn level 1 (77 tokens)",
+            batch,
+            query_len: level1,
+            key_len: 77,
+            heads: 10,
+        },
     ]
 }
 
@@ -61,13 +79,20 @@ fn attention_slicing(c: &mut Criterion) {
         AttentionBackend::Sliced(SliceSize::Max),
     ];
     for device in devices {
-        let (kind, element) = if device.is_cuda() { (Kind::BFloat16, 2) } else { (Kind::Float, 4) };
+        let (kind, element) = if device.is_cuda() {
+            (Kind::BFloat16, 2)
+        } else {
+            (Kind::Float, 4)
+        };
         for shape in shapes(device) {
             let width = shape.heads * 64;
             let q = Tensor::randn([shape.batch, shape.query_len, width], (kind, device));
             let k = Tensor::randn([shape.batch, shape.key_len, width], (kind, device));
             let v = Tensor::randn([shape.batch, shape.key_len, width], (kind, device));
-            let mut group = c.benchmark_group(format!("{} {device:?} {kind:?} batch {} L {}", shape.name, shape.batch, shape.query_len));
+            let mut group = c.benchmark_group(format!(
+                "{} {device:?} {kind:?} batch {} L {}",
+                shape.name, shape.batch, shape.query_len
+            ));
             group.sample_size(10);
             for backend in backends {
                 if let (Device::Cuda(i), Some(base)) = (device, torch_cuda::memory_stats(0)) {
@@ -76,8 +101,12 @@ fn attention_slicing(c: &mut Criterion) {
                     Cuda::synchronize(i as i64);
                     drop(out);
                     if let Some(stats) = torch_cuda::memory_stats(0) {
-                        let extra = stats.peak_allocated.saturating_sub(base.allocated) as f64 / (1024.0 * 1024.0);
-                        println!("{} {backend:?}: measured peak {extra:.0} MiB above the inputs", shape.name);
+                        let extra = stats.peak_allocated.saturating_sub(base.allocated) as f64
+                            / (1024.0 * 1024.0);
+                        println!(
+                            "{} {backend:?}: measured peak {extra:.0} MiB above the inputs",
+                            shape.name
+                        );
                     }
                 }
                 let mib = score_bytes(&shape, backend, element) as f64 / (1024.0 * 1024.0);

@@ -18,8 +18,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context};
-use sdxl_model::pipeline::{grid_column, grid_row, save_png, GenerateOptions, Pipeline};
+use anyhow::{Context, bail};
+use sdxl_model::pipeline::{GenerateOptions, Pipeline, grid_column, grid_row, save_png};
 use sdxl_model::vae::{Upcast, VaeTiling};
 use tch::{Device, Kind};
 
@@ -31,14 +31,21 @@ fn numbered(out: &Path, index: usize, count: usize) -> PathBuf {
     if count == 1 {
         return out.to_owned();
     }
-    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into());
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".into());
     out.with_file_name(format!("{stem}-{index}.png"))
 }
 
 fn main() -> anyhow::Result<()> {
-    let mut options = GenerateOptions { steps: 30, ..GenerateOptions::default() };
+    let mut options = GenerateOptions {
+        steps: 30,
+        ..GenerateOptions::default()
+    };
     let (mut model, mut lora, mut lora_scale, mut compare) = (None, None, 1.0f64, false);
-    let (mut kind, mut vae_fp32, mut tile, mut out) = (Kind::BFloat16, false, false, PathBuf::from("output.png"));
+    let (mut kind, mut vae_fp32, mut tile, mut out) =
+        (Kind::BFloat16, false, false, PathBuf::from("output.png"));
     let (mut negatives, mut warmup) = (Vec::new(), false);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -47,13 +54,17 @@ fn main() -> anyhow::Result<()> {
             "--prompt" => options.prompts.push(value(&mut args, &flag)?),
             "--negative" => negatives.push(value(&mut args, &flag)?),
             "--steps" => options.steps = value(&mut args, &flag)?.parse().context("--steps")?,
-            "--guidance" => options.guidance_scale = value(&mut args, &flag)?.parse().context("--guidance")?,
+            "--guidance" => {
+                options.guidance_scale = value(&mut args, &flag)?.parse().context("--guidance")?
+            }
             "--width" => options.width = value(&mut args, &flag)?.parse().context("--width")?,
             "--height" => options.height = value(&mut args, &flag)?.parse().context("--height")?,
             "--seed" => options.seed = value(&mut args, &flag)?.parse().context("--seed")?,
             "--scheduler" => options.scheduler = value(&mut args, &flag)?.parse()?,
             "--lora" => lora = Some(PathBuf::from(value(&mut args, &flag)?)),
-            "--lora_scale" => lora_scale = value(&mut args, &flag)?.parse().context("--lora_scale")?,
+            "--lora_scale" => {
+                lora_scale = value(&mut args, &flag)?.parse().context("--lora_scale")?
+            }
             "--compare" => compare = true,
             "--vae_fp32" => vae_fp32 = true,
             "--tile" => tile = true,
@@ -76,7 +87,11 @@ fn main() -> anyhow::Result<()> {
     }
     if !negatives.is_empty() {
         if negatives.len() != options.prompts.len() {
-            bail!("--negative: {} given for {} prompts (give one per prompt or none)", negatives.len(), options.prompts.len());
+            bail!(
+                "--negative: {} given for {} prompts (give one per prompt or none)",
+                negatives.len(),
+                options.prompts.len()
+            );
         }
         options.negative_prompts = Some(negatives);
     }
@@ -87,7 +102,11 @@ fn main() -> anyhow::Result<()> {
     if device == Device::Cpu && kind != Kind::Float {
         kind = Kind::Float; // half-precision convolutions are slow or missing on the CPU
     }
-    let upcast = if vae_fp32 { Upcast::Always } else { Upcast::FromConfig };
+    let upcast = if vae_fp32 {
+        Upcast::Always
+    } else {
+        Upcast::FromConfig
+    };
     let mut pipe = Pipeline::from_pretrained(&model, device, kind, upcast)
         .with_context(|| format!("loading {}", model.display()))?;
     if tile {
@@ -105,7 +124,8 @@ fn main() -> anyhow::Result<()> {
         let images = pipe.generate(&options)?;
         sync();
         let seconds = start.elapsed().as_secs_f64();
-        let peak = torch_cuda::memory_stats(0).map(|s| format!(", peak {:.2} GiB allocated", s.peak_allocated_gib()));
+        let peak = torch_cuda::memory_stats(0)
+            .map(|s| format!(", peak {:.2} GiB allocated", s.peak_allocated_gib()));
         println!(
             "{what}: {} image(s) {}x{} px, {} {} steps, {kind:?}: {seconds:.3} s{}",
             images.len(),
@@ -123,13 +143,30 @@ fn main() -> anyhow::Result<()> {
     let base = compare.then(|| timed(&pipe, "base")).transpose()?;
     if let Some(path) = &lora {
         let names = pipe.lora_module_names();
-        let file = lora::format::read(path, lora::format::ReadOptions { module_names: Some(&names), block_renames: None })
-            .with_context(|| format!("reading {}", path.display()))?;
+        let file = lora::format::read(
+            path,
+            lora::format::ReadOptions {
+                module_names: Some(&names),
+                block_renames: None,
+            },
+        )
+        .with_context(|| format!("reading {}", path.display()))?;
         let layers = pipe.load_lora(&file.state, "lora")?;
         pipe.set_lora_multiplier("lora", lora_scale)?;
-        println!("{}: {:?} LoRA on {layers} layers, scale {lora_scale}", path.display(), file.format);
+        println!(
+            "{}: {:?} LoRA on {layers} layers, scale {lora_scale}",
+            path.display(),
+            file.format
+        );
     }
-    let images = timed(&pipe, if lora.is_some() { "with LoRA" } else { "generate" })?;
+    let images = timed(
+        &pipe,
+        if lora.is_some() {
+            "with LoRA"
+        } else {
+            "generate"
+        },
+    )?;
     match base {
         Some(base) => {
             let rows = (0..images.len())

@@ -9,7 +9,9 @@ use sdxl_model::weights::TensorFile;
 use tch::Device;
 
 fn main() -> anyhow::Result<()> {
-    let path = std::env::args().nth(1).context("usage: inspect_weights FILE.safetensors")?;
+    let path = std::env::args()
+        .nth(1)
+        .context("usage: inspect_weights FILE.safetensors")?;
     let file = TensorFile::open(&path)?;
     let mut total = 0i64;
     for key in file.keys()? {

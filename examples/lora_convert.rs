@@ -42,20 +42,30 @@ fn convert(args: &[String]) -> anyhow::Result<()> {
     let (mut target, mut renames, mut names) = (None, None, ModuleNames::new());
     let mut rest = args[2..].iter();
     while let Some(flag) = rest.next() {
-        let value = rest.next().with_context(|| format!("{flag} needs a value"))?;
+        let value = rest
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--to" => target = Some(value.parse::<Format>().map_err(anyhow::Error::msg)?),
             "--sgm" => renames = Some(BlockRenames::from_json_file(value.as_ref())?),
             "--unet" => _ = names.add_model_file(Component::Unet, value.as_ref())?,
             "--text-encoder" => _ = names.add_model_file(Component::TextEncoder, value.as_ref())?,
-            "--text-encoder-2" => _ = names.add_model_file(Component::TextEncoder2, value.as_ref())?,
+            "--text-encoder-2" => {
+                _ = names.add_model_file(Component::TextEncoder2, value.as_ref())?
+            }
             other => bail!("unknown flag {other}\n{USAGE}"),
         }
     }
     let target = target.context("--to is required")?;
-    let options = ReadOptions { module_names: (!names.is_empty()).then_some(&names), block_renames: renames.as_ref() };
+    let options = ReadOptions {
+        module_names: (!names.is_empty()).then_some(&names),
+        block_renames: renames.as_ref(),
+    };
     let file = format::read(&input, options)?;
-    let write_options = WriteOptions { block_renames: renames.as_ref(), ..WriteOptions::default() };
+    let write_options = WriteOptions {
+        block_renames: renames.as_ref(),
+        ..WriteOptions::default()
+    };
     format::write(&output, &file.state, target, &write_options)?;
     println!(
         "{} ({}, {} modules) → {} ({target})",

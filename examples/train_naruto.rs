@@ -22,12 +22,18 @@ use trainer::{TrainConfig, Trainer};
 fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("usage: train_naruto [--preset tiny] [--config FILE.toml] [--flag value ...]\n\nflags:\n{}", TrainConfig::flags_help());
+        println!(
+            "usage: train_naruto [--preset tiny] [--config FILE.toml] [--flag value ...]\n\nflags:\n{}",
+            TrainConfig::flags_help()
+        );
         return Ok(());
     }
     let preset = match args.iter().position(|a| a == "--preset") {
         Some(i) => {
-            let name = args.get(i + 1).cloned().context("--preset needs a name (tiny)")?;
+            let name = args
+                .get(i + 1)
+                .cloned()
+                .context("--preset needs a name (tiny)")?;
             args.drain(i..i + 2);
             Some(name)
         }
@@ -53,9 +59,14 @@ fn main() -> anyhow::Result<()> {
     println!(
         "done: {} steps, final loss {}, {:.3} s/step{}; LoRA: {} (kohya: {}); loss plot: {}",
         summary.steps_run,
-        summary.loss_history.last().map_or_else(|| "n/a".into(), |(_, l)| format!("{l:.4}")),
+        summary
+            .loss_history
+            .last()
+            .map_or_else(|| "n/a".into(), |(_, l)| format!("{l:.4}")),
         summary.seconds_per_step,
-        summary.peak_memory_gib.map_or_else(String::new, |g| format!(", peak {g:.2} GiB")),
+        summary
+            .peak_memory_gib
+            .map_or_else(String::new, |g| format!(", peak {g:.2} GiB")),
         summary.lora_file.display(),
         summary.kohya_file.display(),
         output_dir.join("loss.png").display(),

@@ -54,7 +54,13 @@ fn main() -> anyhow::Result<()> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--full" => full = true,
-            "--latent" => latent = args.next().context("--latent needs a size")?.parse().context("--latent")?,
+            "--latent" => {
+                latent = args
+                    .next()
+                    .context("--latent needs a size")?
+                    .parse()
+                    .context("--latent")?
+            }
             "--device" => {
                 device = match args.next().context("--device needs cpu or cuda")?.as_str() {
                     "cpu" => Device::Cpu,
@@ -65,24 +71,41 @@ fn main() -> anyhow::Result<()> {
             "--train" => train = Some(args.next().context("--train needs plain or checkpointed")?),
             "--no-fp8" => fp8 = false,
             "--bf16" => bf16 = true,
-            "--batch" => batch = args.next().context("--batch needs a size")?.parse().context("--batch")?,
+            "--batch" => {
+                batch = args
+                    .next()
+                    .context("--batch needs a size")?
+                    .parse()
+                    .context("--batch")?
+            }
             "--kind" => {
-                kind = Some(match args.next().context("--kind needs fp32 or bf16")?.as_str() {
-                    "fp32" => Kind::Float,
-                    "bf16" => Kind::BFloat16,
-                    other => bail!("--kind: `{other}` is not fp32 or bf16"),
-                })
+                kind = Some(
+                    match args.next().context("--kind needs fp32 or bf16")?.as_str() {
+                        "fp32" => Kind::Float,
+                        "bf16" => Kind::BFloat16,
+                        other => bail!("--kind: `{other}` is not fp32 or bf16"),
+                    },
+                )
             }
             other => bail!("unknown argument `{other}`"),
         }
     }
-    let kind = kind.unwrap_or(if device.is_cuda() { Kind::BFloat16 } else { Kind::Float });
+    let kind = kind.unwrap_or(if device.is_cuda() {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    });
     match train.as_deref() {
         None if full => full_size(latent, device, bf16),
         None => tiny(device),
-        Some(mode @ ("plain" | "checkpointed")) => {
-            train_step_memory(&TrainSetup { checkpointed: mode == "checkpointed", fp8, latent, batch, kind, device })
-        }
+        Some(mode @ ("plain" | "checkpointed")) => train_step_memory(&TrainSetup {
+            checkpointed: mode == "checkpointed",
+            fp8,
+            latent,
+            batch,
+            kind,
+            device,
+        }),
         Some(other) => bail!("--train: `{other}` is not plain or checkpointed"),
     }
 }
@@ -115,7 +138,9 @@ impl Inputs {
             text_embeds: Some(&self.text),
             time_ids: Some(&self.time_ids),
         };
-        Ok(tch::no_grad(|| unet.forward(&inputs))?.to_kind(Kind::Double).to_device(Device::Cpu))
+        Ok(tch::no_grad(|| unet.forward(&inputs))?
+            .to_kind(Kind::Double)
+            .to_device(Device::Cpu))
     }
 }
 
@@ -137,7 +162,10 @@ fn print_error(what: &str, actual: &Tensor, expected: &Tensor) {
 fn quantize_inner_convs(unet: &mut UNet2DConditionModel) -> anyhow::Result<usize> {
     let mut result = Ok(0);
     unet.for_each_conv(&mut |path, conv| {
-        if path != "conv_in" && path != "conv_out" && let Ok(count) = &mut result {
+        if path != "conv_in"
+            && path != "conv_out"
+            && let Ok(count) = &mut result
+        {
             match conv.quantize_fp8() {
                 Ok(()) => *count += 1,
                 Err(error) => result = Err(error),
@@ -150,8 +178,14 @@ fn quantize_inner_convs(unet: &mut UNet2DConditionModel) -> anyhow::Result<usize
 /// Bytes of every variable as stored, and as the trainer would hold them in bf16.
 fn store_bytes(vs: &VarStore) -> (i64, i64) {
     let variables = vs.variables();
-    let stored = variables.values().map(|v| v.numel() as i64 * v.kind().elt_size_in_bytes() as i64).sum();
-    let bf16 = variables.values().map(|v| v.numel() as i64 * if v.kind() == Kind::Float8e4m3fn { 1 } else { 2 }).sum();
+    let stored = variables
+        .values()
+        .map(|v| v.numel() as i64 * v.kind().elt_size_in_bytes() as i64)
+        .sum();
+    let bf16 = variables
+        .values()
+        .map(|v| v.numel() as i64 * if v.kind() == Kind::Float8e4m3fn { 1 } else { 2 })
+        .sum();
     (stored, bf16)
 }
 
@@ -174,7 +208,13 @@ fn tiny(device: Device) -> anyhow::Result<()> {
     let load = |kind: Kind| -> anyhow::Result<(VarStore, UNet2DConditionModel)> {
         let mut vs = VarStore::new(device);
         let unet = UNet2DConditionModel::new(&vs.root(), &config);
-        let report = load_into(&vs, &[TensorFile::open(folder.join("diffusion_pytorch_model.safetensors"))?], str::to_owned)?;
+        let report = load_into(
+            &vs,
+            &[TensorFile::open(
+                folder.join("diffusion_pytorch_model.safetensors"),
+            )?],
+            str::to_owned,
+        )?;
         anyhow::ensure!(report.is_complete(), "fixture UNet incomplete: {report:?}");
         vs.set_kind(kind);
         vs.freeze();
@@ -193,19 +233,43 @@ fn tiny(device: Device) -> anyhow::Result<()> {
 
     let (vs, mut unet) = load(Kind::Float)?;
     let fp32 = inputs.run(&unet)?;
-    print_error("tiny-sdxl fp32 vs diffusers' fp32 output (sanity)", &fp32, &golden);
+    print_error(
+        "tiny-sdxl fp32 vs diffusers' fp32 output (sanity)",
+        &fp32,
+        &golden,
+    );
     report_bytes("fp32", &vs, 0);
     let report = lora::quantize_base_fp8(&mut unet)?;
     println!("linear layers: {report}");
-    report_bytes("fp8 linears, fp32 compute", &vs, report.quantized as i64 * 4);
-    print_error("tiny-sdxl fp8 linears (fp32 compute) vs fp32", &inputs.run(&unet)?, &fp32);
+    report_bytes(
+        "fp8 linears, fp32 compute",
+        &vs,
+        report.quantized as i64 * 4,
+    );
+    print_error(
+        "tiny-sdxl fp8 linears (fp32 compute) vs fp32",
+        &inputs.run(&unet)?,
+        &fp32,
+    );
     let inner = quantize_inner_convs(&mut unet)?;
     println!("convolutions but conv_in and conv_out: {inner} quantized");
-    print_error("tiny-sdxl fp8 linears and convolutions but conv_in/conv_out (fp32 compute) vs fp32", &inputs.run(&unet)?, &fp32);
+    print_error(
+        "tiny-sdxl fp8 linears and convolutions but conv_in/conv_out (fp32 compute) vs fp32",
+        &inputs.run(&unet)?,
+        &fp32,
+    );
     let convs = unet.quantize_convs_fp8()?;
     println!("convolutions: {convs}");
-    report_bytes("fp8 linears and convolutions, fp32 compute", &vs, (report.quantized + convs.quantized + inner) as i64 * 4);
-    print_error("tiny-sdxl fp8 linears and convolutions (fp32 compute) vs fp32", &inputs.run(&unet)?, &fp32);
+    report_bytes(
+        "fp8 linears and convolutions, fp32 compute",
+        &vs,
+        (report.quantized + convs.quantized + inner) as i64 * 4,
+    );
+    print_error(
+        "tiny-sdxl fp8 linears and convolutions (fp32 compute) vs fp32",
+        &inputs.run(&unet)?,
+        &fp32,
+    );
 
     let bf16_inputs = inputs.to_kind(Kind::BFloat16);
     let (vs, mut unet) = load(Kind::BFloat16)?;
@@ -214,10 +278,22 @@ fn tiny(device: Device) -> anyhow::Result<()> {
     report_bytes("bf16", &vs, 0);
     let report = lora::quantize_base_fp8(&mut unet)?;
     let convs = unet.quantize_convs_fp8()?;
-    report_bytes("fp8 linears and convolutions, bf16 compute", &vs, (report.quantized + convs.quantized) as i64 * 4);
+    report_bytes(
+        "fp8 linears and convolutions, bf16 compute",
+        &vs,
+        (report.quantized + convs.quantized) as i64 * 4,
+    );
     let fp8_bf16 = bf16_inputs.run(&unet)?;
-    print_error("tiny-sdxl fp8 linears and convolutions (bf16 compute) vs bf16", &fp8_bf16, &bf16);
-    print_error("tiny-sdxl fp8 linears and convolutions (bf16 compute) vs fp32", &fp8_bf16, &fp32);
+    print_error(
+        "tiny-sdxl fp8 linears and convolutions (bf16 compute) vs bf16",
+        &fp8_bf16,
+        &bf16,
+    );
+    print_error(
+        "tiny-sdxl fp8 linears and convolutions (bf16 compute) vs fp32",
+        &fp8_bf16,
+        &fp32,
+    );
     Ok(())
 }
 
@@ -228,7 +304,10 @@ fn full_size(latent: i64, device: Device, bf16: bool) -> anyhow::Result<()> {
     let mut vs = VarStore::new(device);
     let mut unet = tch::no_grad(|| UNet2DConditionModel::new(&vs.root(), &config));
     vs.freeze();
-    println!("built SDXL-base's UNet with random weights in fp32 in {:.1} s", start.elapsed().as_secs_f64());
+    println!(
+        "built SDXL-base's UNet with random weights in fp32 in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
     report_bytes("fp32", &vs, 0);
     let float = (Kind::Float, device);
     let inputs = Inputs {
@@ -236,11 +315,16 @@ fn full_size(latent: i64, device: Device, bf16: bool) -> anyhow::Result<()> {
         timesteps: Tensor::from_slice(&[500.0f32]).to_device(device),
         context: Tensor::randn([1, 77, 2048], float),
         text: Tensor::randn([1, 1280], float),
-        time_ids: Tensor::from_slice(&[1024.0f32, 1024.0, 0.0, 0.0, 1024.0, 1024.0]).view([1, 6]).to_device(device),
+        time_ids: Tensor::from_slice(&[1024.0f32, 1024.0, 0.0, 0.0, 1024.0, 1024.0])
+            .view([1, 6])
+            .to_device(device),
     };
     let start = Instant::now();
     let fp32 = inputs.run(&unet)?;
-    println!("fp32 forward at {latent}×{latent} latents: {:.1} s", start.elapsed().as_secs_f64());
+    println!(
+        "fp32 forward at {latent}×{latent} latents: {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
     if bf16 {
         return full_size_bf16(&mut vs, &mut unet, &inputs, &fp32, latent);
     }
@@ -250,21 +334,49 @@ fn full_size(latent: i64, device: Device, bf16: bool) -> anyhow::Result<()> {
     let start = Instant::now();
     let fp8 = inputs.run(&unet)?;
     println!("fp8 forward: {:.1} s", start.elapsed().as_secs_f64());
-    print_error(&format!("SDXL-base UNet (random weights, {latent}×{latent}) fp8 linears (fp32 compute) vs fp32"), &fp8, &fp32);
+    print_error(
+        &format!(
+            "SDXL-base UNet (random weights, {latent}×{latent}) fp8 linears (fp32 compute) vs fp32"
+        ),
+        &fp8,
+        &fp32,
+    );
     let inner = quantize_inner_convs(&mut unet)?;
     println!("convolutions but conv_in and conv_out: {inner} quantized");
     let fp8 = inputs.run(&unet)?;
-    print_error(&format!("SDXL-base UNet (random weights, {latent}×{latent}) fp8 linears and convolutions but conv_in/conv_out (fp32 compute) vs fp32"), &fp8, &fp32);
+    print_error(
+        &format!(
+            "SDXL-base UNet (random weights, {latent}×{latent}) fp8 linears and convolutions but conv_in/conv_out (fp32 compute) vs fp32"
+        ),
+        &fp8,
+        &fp32,
+    );
     let convs = unet.quantize_convs_fp8()?;
     println!("convolutions: {convs}");
-    report_bytes("fp8 linears and convolutions", &vs, (report.quantized + convs.quantized + inner) as i64 * 4);
+    report_bytes(
+        "fp8 linears and convolutions",
+        &vs,
+        (report.quantized + convs.quantized + inner) as i64 * 4,
+    );
     let fp8 = inputs.run(&unet)?;
-    print_error(&format!("SDXL-base UNet (random weights, {latent}×{latent}) fp8 linears and convolutions (fp32 compute) vs fp32"), &fp8, &fp32);
+    print_error(
+        &format!(
+            "SDXL-base UNet (random weights, {latent}×{latent}) fp8 linears and convolutions (fp32 compute) vs fp32"
+        ),
+        &fp8,
+        &fp32,
+    );
     Ok(())
 }
 
 /// `--full --bf16`: the same weights rounded to bf16, then fp8 computed in bf16.
-fn full_size_bf16(vs: &mut VarStore, unet: &mut UNet2DConditionModel, inputs: &Inputs, fp32: &Tensor, latent: i64) -> anyhow::Result<()> {
+fn full_size_bf16(
+    vs: &mut VarStore,
+    unet: &mut UNet2DConditionModel,
+    inputs: &Inputs,
+    fp32: &Tensor,
+    latent: i64,
+) -> anyhow::Result<()> {
     vs.set_kind(Kind::BFloat16);
     let inputs = inputs.to_kind(Kind::BFloat16);
     let start = Instant::now();
@@ -274,13 +386,33 @@ fn full_size_bf16(vs: &mut VarStore, unet: &mut UNet2DConditionModel, inputs: &I
     print_error(&format!("{what} bf16 vs fp32"), &bf16, fp32);
     let report = lora::quantize_base_fp8(unet)?;
     let fp8 = inputs.run(unet)?;
-    print_error(&format!("{what} fp8 linears (bf16 compute) vs bf16"), &fp8, &bf16);
-    print_error(&format!("{what} fp8 linears (bf16 compute) vs fp32"), &fp8, fp32);
+    print_error(
+        &format!("{what} fp8 linears (bf16 compute) vs bf16"),
+        &fp8,
+        &bf16,
+    );
+    print_error(
+        &format!("{what} fp8 linears (bf16 compute) vs fp32"),
+        &fp8,
+        fp32,
+    );
     let convs = unet.quantize_convs_fp8()?;
-    report_bytes("fp8 linears and convolutions, bf16", vs, (report.quantized + convs.quantized) as i64 * 4);
+    report_bytes(
+        "fp8 linears and convolutions, bf16",
+        vs,
+        (report.quantized + convs.quantized) as i64 * 4,
+    );
     let fp8 = inputs.run(unet)?;
-    print_error(&format!("{what} fp8 linears and convolutions (bf16 compute) vs bf16"), &fp8, &bf16);
-    print_error(&format!("{what} fp8 linears and convolutions (bf16 compute) vs fp32"), &fp8, fp32);
+    print_error(
+        &format!("{what} fp8 linears and convolutions (bf16 compute) vs bf16"),
+        &fp8,
+        &bf16,
+    );
+    print_error(
+        &format!("{what} fp8 linears and convolutions (bf16 compute) vs fp32"),
+        &fp8,
+        fp32,
+    );
     Ok(())
 }
 
@@ -297,8 +429,17 @@ struct TrainSetup {
 /// `VmRSS` or `VmHWM` of this process in GiB, from `/proc/self/status`.
 fn proc_status_gib(field: &str) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
-    let line = status.lines().find(|l| l.starts_with(field)).with_context(|| format!("no {field} in /proc/self/status"))?;
-    let kib: f64 = line.trim_start_matches(field).trim_start_matches(':').trim().trim_end_matches("kB").trim().parse()?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .with_context(|| format!("no {field} in /proc/self/status"))?;
+    let kib: f64 = line
+        .trim_start_matches(field)
+        .trim_start_matches(':')
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
     Ok(kib * 1024.0 / GIB)
 }
 
@@ -308,7 +449,10 @@ fn reset_peak(device: Device) -> anyhow::Result<f64> {
         Device::Cuda(index) => {
             tch::Cuda::synchronize(index as i64);
             torch_cuda::reset_peak_memory_stats(index);
-            Ok(torch_cuda::memory_stats(index).context("no CUDA memory statistics")?.allocated as f64 / GIB)
+            Ok(torch_cuda::memory_stats(index)
+                .context("no CUDA memory statistics")?
+                .allocated as f64
+                / GIB)
         }
         _ => {
             // "5" resets the peak resident set size (proc(5), /proc/pid/clear_refs).
@@ -322,7 +466,9 @@ fn peak(device: Device) -> anyhow::Result<f64> {
     match device {
         Device::Cuda(index) => {
             tch::Cuda::synchronize(index as i64);
-            Ok(torch_cuda::memory_stats(index).context("no CUDA memory statistics")?.peak_allocated_gib())
+            Ok(torch_cuda::memory_stats(index)
+                .context("no CUDA memory statistics")?
+                .peak_allocated_gib())
         }
         _ => proc_status_gib("VmHWM"),
     }
@@ -340,7 +486,12 @@ fn train_step_memory(setup: &TrainSetup) -> anyhow::Result<()> {
         println!("convolutions: {}", unet.quantize_convs_fp8()?);
     }
     let adapters = VarStore::new(device);
-    lora::inject(&mut unet, &adapters.root(), "default", &lora::LoraConfig::unet_attention(4))?;
+    lora::inject(
+        &mut unet,
+        &adapters.root(),
+        "default",
+        &lora::LoraConfig::unet_attention(4),
+    )?;
     let params = lora::trainable_variables(&mut unet);
     let (batch, latent) = (setup.batch, setup.latent);
     let sample = Tensor::randn([batch, 4, latent, latent], (kind, device));
@@ -348,25 +499,49 @@ fn train_step_memory(setup: &TrainSetup) -> anyhow::Result<()> {
     let timesteps = Tensor::full([batch], 500.0, (Kind::Float, device));
     let context = Tensor::randn([batch, 77, 2048], (kind, device));
     let text = Tensor::randn([batch, 1280], (kind, device));
-    let ids = Tensor::from_slice(&[1024.0f32, 1024.0, 0.0, 0.0, 1024.0, 1024.0]).to_device(device).repeat([batch, 1]).to_kind(kind);
-    let inputs = UNetInputs { sample: &sample, timesteps: &timesteps, encoder_hidden_states: &context, text_embeds: Some(&text), time_ids: Some(&ids) };
+    let ids = Tensor::from_slice(&[1024.0f32, 1024.0, 0.0, 0.0, 1024.0, 1024.0])
+        .to_device(device)
+        .repeat([batch, 1])
+        .to_kind(kind);
+    let inputs = UNetInputs {
+        sample: &sample,
+        timesteps: &timesteps,
+        encoder_hidden_states: &context,
+        text_embeds: Some(&text),
+        time_ids: Some(&ids),
+    };
     let resident = reset_peak(device)?;
     let start = Instant::now();
     if setup.checkpointed {
         let forward = unet.forward_checkpointed(&inputs)?;
         // d mean((out − target)²) / d out.
-        let grad = (forward.output().to_kind(Kind::Float) - &target) * (2.0 / target.numel() as f64);
+        let grad =
+            (forward.output().to_kind(Kind::Float) - &target) * (2.0 / target.numel() as f64);
         forward.backward(&grad)?;
     } else {
-        (unet.forward(&inputs)?.to_kind(Kind::Float) - &target).square().mean(Kind::Float).backward();
+        (unet.forward(&inputs)?.to_kind(Kind::Float) - &target)
+            .square()
+            .mean(Kind::Float)
+            .backward();
     }
     let peak = peak(device)?;
-    anyhow::ensure!(params.values().all(|p| p.grad().defined()), "a LoRA parameter received no gradient");
+    anyhow::ensure!(
+        params.values().all(|p| p.grad().defined()),
+        "a LoRA parameter received no gradient"
+    );
     println!(
         "training step, SDXL-base UNet {kind:?}{}, {batch}x4x{latent}x{latent}, LoRA rank 4 on the attention projections, {}: \
          {resident:.2} GiB before the step, peak {peak:.2} GiB ({:.1} s, {device:?})",
-        if setup.fp8 { " with fp8 linear and convolution weights" } else { "" },
-        if setup.checkpointed { "checkpointed" } else { "plain" },
+        if setup.fp8 {
+            " with fp8 linear and convolution weights"
+        } else {
+            ""
+        },
+        if setup.checkpointed {
+            "checkpointed"
+        } else {
+            "plain"
+        },
         start.elapsed().as_secs_f64()
     );
     Ok(())

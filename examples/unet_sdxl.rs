@@ -20,34 +20,53 @@
 
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use sdxl_model::attention::AttentionBackend;
-use sdxl_model::unet::{load_unet, UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights};
+use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights, load_unet};
 use sdxl_model::weights::TensorFile;
 use tch::nn::VarStore;
 use tch::{Cuda, Device, Kind, Tensor};
 
 fn main() -> anyhow::Result<()> {
-    let (mut reference, mut steps, mut train_memory) = (std::path::PathBuf::from("/tmp/sdxl-ref"), 10usize, None::<String>);
+    let (mut reference, mut steps, mut train_memory) = (
+        std::path::PathBuf::from("/tmp/sdxl-ref"),
+        10usize,
+        None::<String>,
+    );
     let mut backend = AttentionBackend::Fused;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--ref" => reference = args.next().context("--ref needs a folder")?.into(),
-            "--steps" => steps = args.next().context("--steps needs a value")?.parse().context("--steps")?,
+            "--steps" => {
+                steps = args
+                    .next()
+                    .context("--steps needs a value")?
+                    .parse()
+                    .context("--steps")?
+            }
             "--attention" => backend = args.next().context("--attention needs a value")?.parse()?,
-            "--train-memory" => train_memory = Some(args.next().context("--train-memory needs plain or checkpointed")?),
+            "--train-memory" => {
+                train_memory = Some(
+                    args.next()
+                        .context("--train-memory needs plain or checkpointed")?,
+                )
+            }
             other => bail!("unknown argument `{other}`"),
         }
     }
     let device = Device::cuda_if_available();
     if !device.is_cuda() {
-        eprintln!("warning: no CUDA device; running the full-size UNet on the CPU will be very slow");
+        eprintln!(
+            "warning: no CUDA device; running the full-size UNet on the CPU will be very slow"
+        );
     }
     let config = UNetConfig::sdxl_base();
     match train_memory.as_deref() {
         None => parity_and_speed(&config, &reference, steps, backend, device),
-        Some(mode @ ("plain" | "checkpointed")) => train_step_memory(&config, mode == "checkpointed", backend, device),
+        Some(mode @ ("plain" | "checkpointed")) => {
+            train_step_memory(&config, mode == "checkpointed", backend, device)
+        }
         Some(other) => bail!("--train-memory: `{other}` is not plain or checkpointed"),
     }
 }
@@ -64,7 +83,11 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
     (&a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])
 }
 
-fn random_unet(config: &UNetConfig, kind: Kind, device: Device) -> (VarStore, UNet2DConditionModel) {
+fn random_unet(
+    config: &UNetConfig,
+    kind: Kind,
+    device: Device,
+) -> (VarStore, UNet2DConditionModel) {
     let mut vs = VarStore::new(device);
     vs.set_kind(kind);
     let unet = tch::no_grad(|| UNet2DConditionModel::new(&vs.root(), config));
@@ -72,10 +95,23 @@ fn random_unet(config: &UNetConfig, kind: Kind, device: Device) -> (VarStore, UN
     (vs, unet)
 }
 
-fn parity_and_speed(config: &UNetConfig, reference: &std::path::Path, steps: usize, backend: AttentionBackend, device: Device) -> anyhow::Result<()> {
+fn parity_and_speed(
+    config: &UNetConfig,
+    reference: &std::path::Path,
+    steps: usize,
+    backend: AttentionBackend,
+    device: Device,
+) -> anyhow::Result<()> {
     let io_path = reference.join("unet-io.safetensors");
-    let weights = UNetWeights::Diffusers { folder: reference.join("unet"), variant: None };
-    let io = if io_path.is_file() { Some(TensorFile::open(&io_path)?) } else { None };
+    let weights = UNetWeights::Diffusers {
+        folder: reference.join("unet"),
+        variant: None,
+    };
+    let io = if io_path.is_file() {
+        Some(TensorFile::open(&io_path)?)
+    } else {
+        None
+    };
     let input = |key: &str, shape: &[i64]| -> anyhow::Result<Tensor> {
         Ok(match &io {
             Some(file) => file.tensor(key, device, Some(Kind::Float))?,
@@ -89,15 +125,27 @@ fn parity_and_speed(config: &UNetConfig, reference: &std::path::Path, steps: usi
     };
     let context = input("encoder_hidden_states", &[2, 77, 2048])?;
     let text = input("text_embeds", &[2, 1280])?;
-    let ids = Tensor::from_slice(&[1024.0f32, 1024.0, 0.0, 0.0, 1024.0, 1024.0]).to_device(device).repeat([2, 1]);
+    let ids = Tensor::from_slice(&[1024.0f32, 1024.0, 0.0, 0.0, 1024.0, 1024.0])
+        .to_device(device)
+        .repeat([2, 1]);
     let ids = match &io {
         Some(file) => file.tensor("time_ids", device, Some(Kind::Float))?,
         None => ids,
     };
     let run = |unet: &UNet2DConditionModel, kind: Kind| -> anyhow::Result<Tensor> {
-        let (s, c, t) = (sample.to_kind(kind), context.to_kind(kind), text.to_kind(kind));
+        let (s, c, t) = (
+            sample.to_kind(kind),
+            context.to_kind(kind),
+            text.to_kind(kind),
+        );
         let i = ids.to_kind(kind);
-        let inputs = UNetInputs { sample: &s, timesteps: &timesteps, encoder_hidden_states: &c, text_embeds: Some(&t), time_ids: Some(&i) };
+        let inputs = UNetInputs {
+            sample: &s,
+            timesteps: &timesteps,
+            encoder_hidden_states: &c,
+            text_embeds: Some(&t),
+            time_ids: Some(&i),
+        };
         Ok(tch::no_grad(|| unet.forward(&inputs))?)
     };
 
@@ -110,7 +158,10 @@ fn parity_and_speed(config: &UNetConfig, reference: &std::path::Path, steps: usi
             let (_vs, mut unet) = load_unet(config, &weights, device, Kind::Float)?;
             unet.set_attention_backend(backend);
             let ours = run(&unet, Kind::Float)?;
-            println!("fp32: rel error vs diffusers fp32 {:.3e}", rel(&ours, &expected));
+            println!(
+                "fp32: rel error vs diffusers fp32 {:.3e}",
+                rel(&ours, &expected)
+            );
         }
         let (vs, mut unet) = load_unet(config, &weights, device, Kind::BFloat16)?;
         unet.set_attention_backend(backend);
@@ -139,42 +190,74 @@ fn parity_and_speed(config: &UNetConfig, reference: &std::path::Path, steps: usi
     }
     sync(device);
     let per_step = start.elapsed().as_secs_f64() / steps as f64;
-    println!("bf16 1024 px batch 2 ({backend:?} attention): {:.1} ms per UNet step ({steps} steps)", per_step * 1e3);
+    println!(
+        "bf16 1024 px batch 2 ({backend:?} attention): {:.1} ms per UNet step ({steps} steps)",
+        per_step * 1e3
+    );
     Ok(())
 }
 
-fn train_step_memory(config: &UNetConfig, checkpointed: bool, backend: AttentionBackend, device: Device) -> anyhow::Result<()> {
+fn train_step_memory(
+    config: &UNetConfig,
+    checkpointed: bool,
+    backend: AttentionBackend,
+    device: Device,
+) -> anyhow::Result<()> {
     let (_vs, mut unet) = random_unet(config, Kind::BFloat16, device);
     unet.set_attention_backend(backend);
     // The seed recipe's adapters: fp32, rank 4, on the attention projections; only they train.
     let adapters = VarStore::new(device);
-    let report = lora::inject(&mut unet, &adapters.root(), "default", &lora::LoraConfig::unet_attention(4))?;
+    let report = lora::inject(
+        &mut unet,
+        &adapters.root(),
+        "default",
+        &lora::LoraConfig::unet_attention(4),
+    )?;
     let params = lora::trainable_variables(&mut unet);
     let lora_params: i64 = params.values().map(Tensor::numel).map(|n| n as i64).sum();
-    println!("LoRA rank 4: {} modules, {lora_params} parameters", report.adapted.len());
+    println!(
+        "LoRA rank 4: {} modules, {lora_params} parameters",
+        report.adapted.len()
+    );
     let kind = Kind::BFloat16;
     let sample = Tensor::randn([2, 4, 64, 64], (kind, device));
     let target = Tensor::randn([2, 4, 64, 64], (kind, device));
     let timesteps = Tensor::from_slice(&[500.0f32, 20.0]).to_device(device);
     let context = Tensor::randn([2, 77, 2048], (kind, device));
     let text = Tensor::randn([2, 1280], (kind, device));
-    let ids = Tensor::from_slice(&[512.0f32, 512.0, 0.0, 0.0, 512.0, 512.0]).to_device(device).repeat([2, 1]).to_kind(kind);
-    let inputs = UNetInputs { sample: &sample, timesteps: &timesteps, encoder_hidden_states: &context, text_embeds: Some(&text), time_ids: Some(&ids) };
+    let ids = Tensor::from_slice(&[512.0f32, 512.0, 0.0, 0.0, 512.0, 512.0])
+        .to_device(device)
+        .repeat([2, 1])
+        .to_kind(kind);
+    let inputs = UNetInputs {
+        sample: &sample,
+        timesteps: &timesteps,
+        encoder_hidden_states: &context,
+        text_embeds: Some(&text),
+        time_ids: Some(&ids),
+    };
     let step = || -> anyhow::Result<()> {
         if checkpointed {
             let fwd = unet.forward_checkpointed(&inputs)?;
             // d mean((out - target)²) / d out, computed on the device.
-            let grad = (fwd.output().to_kind(Kind::Float) - target.to_kind(Kind::Float)) * (2.0 / target.numel() as f64);
+            let grad = (fwd.output().to_kind(Kind::Float) - target.to_kind(Kind::Float))
+                * (2.0 / target.numel() as f64);
             fwd.backward(&grad)?;
         } else {
             let out = unet.forward(&inputs)?;
-            (out.to_kind(Kind::Float) - target.to_kind(Kind::Float)).square().mean(Kind::Float).backward();
+            (out.to_kind(Kind::Float) - target.to_kind(Kind::Float))
+                .square()
+                .mean(Kind::Float)
+                .backward();
         }
         Ok(())
     };
     step()?; // warm-up: kernel selection, allocator growth
     sync(device);
-    anyhow::ensure!(params.values().all(|p| p.grad().defined()), "a LoRA parameter received no gradient");
+    anyhow::ensure!(
+        params.values().all(|p| p.grad().defined()),
+        "a LoRA parameter received no gradient"
+    );
     let weights_gib = torch_cuda::memory_stats(0).map(|s| s.allocated as f64 / (1u64 << 30) as f64);
     torch_cuda::reset_peak_memory_stats(0);
     let runs = 3;
@@ -188,7 +271,11 @@ fn train_step_memory(config: &UNetConfig, checkpointed: bool, backend: Attention
     }
     sync(device);
     let per_step = start.elapsed().as_secs_f64() / runs as f64;
-    let mode = if checkpointed { "checkpointed" } else { "plain" };
+    let mode = if checkpointed {
+        "checkpointed"
+    } else {
+        "plain"
+    };
     match (torch_cuda::memory_stats(0), weights_gib) {
         (Some(stats), Some(resident)) => println!(
             "training step, bf16 512 px batch 2, LoRA rank 4, {mode}: peak {:.2} GiB allocated ({:.2} GiB reserved; {resident:.2} GiB resident between steps); {:.0} ms per step (eager, no optimizer)",
@@ -196,7 +283,10 @@ fn train_step_memory(config: &UNetConfig, checkpointed: bool, backend: Attention
             stats.peak_reserved_gib(),
             per_step * 1e3
         ),
-        _ => println!("training step, {mode}: {:.0} ms per step (no CUDA memory statistics here)", per_step * 1e3),
+        _ => println!(
+            "training step, {mode}: {:.0} ms per step (no CUDA memory statistics here)",
+            per_step * 1e3
+        ),
     }
     Ok(())
 }

@@ -16,22 +16,41 @@
 
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use sdxl_model::attention::AttentionBackend;
 use sdxl_model::vae::{AutoencoderKL, AutoencoderKLConfig, VaeTiling};
 use tch::{Device, Kind, Tensor};
 
 fn main() -> anyhow::Result<()> {
-    let (mut size, mut kind, mut tiled, mut runs, mut benchmark) = (2048i64, Kind::BFloat16, true, 5usize, false);
+    let (mut size, mut kind, mut tiled, mut runs, mut benchmark) =
+        (2048i64, Kind::BFloat16, true, 5usize, false);
     let (mut attention, mut profile) = (AttentionBackend::Fused, None::<std::path::PathBuf>);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--size" => size = args.next().context("--size needs a value")?.parse().context("--size")?,
-            "--runs" => runs = args.next().context("--runs needs a value")?.parse().context("--runs")?,
+            "--size" => {
+                size = args
+                    .next()
+                    .context("--size needs a value")?
+                    .parse()
+                    .context("--size")?
+            }
+            "--runs" => {
+                runs = args
+                    .next()
+                    .context("--runs needs a value")?
+                    .parse()
+                    .context("--runs")?
+            }
             "--untiled" => tiled = false,
             "--cudnn-benchmark" => benchmark = true,
-            "--attention" => attention = args.next().context("--attention needs a value")?.parse().context("--attention")?,
+            "--attention" => {
+                attention = args
+                    .next()
+                    .context("--attention needs a value")?
+                    .parse()
+                    .context("--attention")?
+            }
             "--profile" => profile = Some(args.next().context("--profile needs a path")?.into()),
             "--kind" => {
                 kind = match args.next().context("--kind needs a value")?.as_str() {
@@ -100,8 +119,16 @@ fn main() -> anyhow::Result<()> {
     let median = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
     println!(
         "VAE decode {size}x{size} {kind:?} {attention:?} attention, {}{}: median {median:.3} s over {runs} runs (min {:.3} s)",
-        if benchmark { "cuDNN benchmark mode, " } else { "" },
-        if tiled { "tiling on (1024 px tiles, overlap 0.25; only larger images are split)" } else { "untiled" },
+        if benchmark {
+            "cuDNN benchmark mode, "
+        } else {
+            ""
+        },
+        if tiled {
+            "tiling on (1024 px tiles, overlap 0.25; only larger images are split)"
+        } else {
+            "untiled"
+        },
         times.first().copied().unwrap_or(f64::NAN)
     );
     Ok(())

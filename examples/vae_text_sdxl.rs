@@ -10,7 +10,7 @@
 //! decode and encode mean (`vae-io.safetensors`) and of both encoders' penultimate hidden states and
 //! pooled outputs (`text-io.safetensors`). The 2048×2048 bf16 decode timing is `examples/vae_decode.rs`.
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use sdxl_model::clip::ClipTextModel;
 use sdxl_model::vae::{AutoencoderKL, Upcast};
 use sdxl_model::weights::TensorFile;
@@ -19,11 +19,16 @@ use tch::{Device, Kind, Tensor};
 /// `max |a − b| / max |b|` in f64.
 fn rel(actual: &Tensor, expected: &Tensor) -> anyhow::Result<f64> {
     if actual.size() != expected.size() {
-        bail!("shape {:?} vs reference {:?}", actual.size(), expected.size());
+        bail!(
+            "shape {:?} vs reference {:?}",
+            actual.size(),
+            expected.size()
+        );
     }
     let a = actual.to_kind(Kind::Double).to_device(Device::Cpu);
     let e = expected.to_kind(Kind::Double).to_device(Device::Cpu);
-    Ok((&a - &e).abs().max().double_value(&[]) / e.abs().max().double_value(&[]).max(f64::MIN_POSITIVE))
+    Ok((&a - &e).abs().max().double_value(&[])
+        / e.abs().max().double_value(&[]).max(f64::MIN_POSITIVE))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,24 +44,40 @@ fn main() -> anyhow::Result<()> {
     println!("device {device:?}, reference {}", reference.display());
     tch::no_grad(|| -> anyhow::Result<()> {
         let io = TensorFile::open(reference.join("vae-io.safetensors"))?;
-        let (vae, _vs) = AutoencoderKL::from_pretrained(reference.join("vae"), device, Kind::Float, Upcast::Never)?;
+        let (vae, _vs) = AutoencoderKL::from_pretrained(
+            reference.join("vae"),
+            device,
+            Kind::Float,
+            Upcast::Never,
+        )?;
         let decoded = vae.decode(&io.tensor("latents", device, None)?)?;
         let mean = vae.encode(&io.tensor("image", device, None)?)?.mean;
-        println!("VAE fp32 rel. error vs diffusers: decode {:.3e}, encode mean {:.3e}",
+        println!(
+            "VAE fp32 rel. error vs diffusers: decode {:.3e}, encode mean {:.3e}",
             rel(&decoded, &io.tensor("decoded_fp32", Device::Cpu, None)?)?,
-            rel(&mean, &io.tensor("mean_fp32", Device::Cpu, None)?)?);
+            rel(&mean, &io.tensor("mean_fp32", Device::Cpu, None)?)?
+        );
         drop(vae);
 
         let io = TensorFile::open(reference.join("text-io.safetensors"))?;
         let ids = io.tensor("input_ids", device, None)?;
         for name in ["text_encoder", "text_encoder_2"] {
-            let (model, _vs) = ClipTextModel::from_pretrained(reference.join(name), device, Kind::Float)?;
+            let (model, _vs) =
+                ClipTextModel::from_pretrained(reference.join(name), device, Kind::Float)?;
             let out = model.forward(&ids)?;
             let penultimate = &out.hidden_states[out.hidden_states.len() - 2];
             let pooled = out.text_embeds.as_ref().unwrap_or(&out.pooled);
-            println!("{name} fp32 rel. error vs transformers: penultimate {:.3e}, pooled {:.3e}",
-                rel(penultimate, &io.tensor(&format!("{name}.penultimate"), Device::Cpu, None)?)?,
-                rel(pooled, &io.tensor(&format!("{name}.pooled"), Device::Cpu, None)?)?);
+            println!(
+                "{name} fp32 rel. error vs transformers: penultimate {:.3e}, pooled {:.3e}",
+                rel(
+                    penultimate,
+                    &io.tensor(&format!("{name}.penultimate"), Device::Cpu, None)?
+                )?,
+                rel(
+                    pooled,
+                    &io.tensor(&format!("{name}.pooled"), Device::Cpu, None)?
+                )?
+            );
         }
         Ok(())
     })

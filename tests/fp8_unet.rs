@@ -16,7 +16,10 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 fn store_bytes(vs: &VarStore) -> i64 {
-    vs.variables().values().map(|v| v.numel() as i64 * v.kind().elt_size_in_bytes() as i64).sum()
+    vs.variables()
+        .values()
+        .map(|v| v.numel() as i64 * v.kind().elt_size_in_bytes() as i64)
+        .sum()
 }
 
 /// `‖a − b‖ / ‖b‖`.
@@ -30,7 +33,9 @@ struct Golden {
 
 impl Golden {
     fn open() -> Self {
-        Self { io: TensorFile::open(fixtures_dir().join("tiny-sdxl-unet-io.safetensors")).unwrap() }
+        Self {
+            io: TensorFile::open(fixtures_dir().join("tiny-sdxl-unet-io.safetensors")).unwrap(),
+        }
     }
 
     fn get(&self, key: &str) -> Tensor {
@@ -38,16 +43,31 @@ impl Golden {
     }
 
     fn run(&self, unet: &UNet2DConditionModel) -> Tensor {
-        let (sample, t, context, text, ids) =
-            (self.get("sample"), self.get("timesteps"), self.get("encoder_hidden_states"), self.get("text_embeds"), self.get("time_ids"));
-        let inputs = UNetInputs { sample: &sample, timesteps: &t, encoder_hidden_states: &context, text_embeds: Some(&text), time_ids: Some(&ids) };
+        let (sample, t, context, text, ids) = (
+            self.get("sample"),
+            self.get("timesteps"),
+            self.get("encoder_hidden_states"),
+            self.get("text_embeds"),
+            self.get("time_ids"),
+        );
+        let inputs = UNetInputs {
+            sample: &sample,
+            timesteps: &t,
+            encoder_hidden_states: &context,
+            text_embeds: Some(&text),
+            time_ids: Some(&ids),
+        };
         unet.forward(&inputs).unwrap()
     }
 }
 
 fn tiny_unet() -> (VarStore, UNet2DConditionModel) {
-    let weights = UNetWeights::Diffusers { folder: fixtures_dir().join("tiny-sdxl/unet"), variant: None };
-    let (mut vs, unet) = load_unet(&UNetConfig::tiny_sdxl(), &weights, Device::Cpu, Kind::Float).unwrap();
+    let weights = UNetWeights::Diffusers {
+        folder: fixtures_dir().join("tiny-sdxl/unet"),
+        variant: None,
+    };
+    let (mut vs, unet) =
+        load_unet(&UNetConfig::tiny_sdxl(), &weights, Device::Cpu, Kind::Float).unwrap();
     vs.freeze();
     (vs, unet)
 }
@@ -68,7 +88,10 @@ fn every_linear_goes_to_fp8_the_store_shrinks_and_the_output_stays_close() {
     // The store holds the same tensors: each linear weight element went from 4 bytes to 1.
     assert_eq!(store_bytes(&vs), before - 3 * linear_elements);
     unet.for_each_linear(&mut |module, linear| {
-        assert!(linear.is_fp8() && linear.weight.kind() == Kind::Float8e4m3fn, "{module}");
+        assert!(
+            linear.is_fp8() && linear.weight.kind() == Kind::Float8e4m3fn,
+            "{module}"
+        );
         assert_eq!(linear.kind(), Kind::Float, "{module}");
     });
 
@@ -77,21 +100,39 @@ fn every_linear_goes_to_fp8_the_store_shrinks_and_the_output_stays_close() {
     // 3 mantissa bits per weight, compounded through the tiny UNet's layers: ≈ 10 % (the example
     // prints 9.9e-2), against 1.6e-2 for bf16 weights.
     let error = relative_error(&quantized, &original);
-    println!("tiny-sdxl UNet, fp8 linear weights vs fp32: relative error {error:.3e} (norm), {:.3e} (max)", max_rel_error(&quantized, &original));
+    println!(
+        "tiny-sdxl UNet, fp8 linear weights vs fp32: relative error {error:.3e} (norm), {:.3e} (max)",
+        max_rel_error(&quantized, &original)
+    );
     assert!(error > 1e-3 && error < 0.2, "{error}");
     // A second call quantizes nothing more.
     let again = lora::quantize_base_fp8(&mut unet).unwrap();
-    assert_eq!((again.quantized, again.already_fp8, again.bytes_before, again.bytes_after), (0, 213, report.bytes_after, report.bytes_after));
+    assert_eq!(
+        (
+            again.quantized,
+            again.already_fp8,
+            again.bytes_before,
+            again.bytes_after
+        ),
+        (0, 213, report.bytes_after, report.bytes_after)
+    );
 
     // The convolutions too: every 4-D weight goes from 4 bytes an element to 1.
     let linear_only = store_bytes(&vs);
-    let conv_elements: i64 = vs.variables().values().filter(|v| v.dim() == 4).map(|v| v.numel() as i64).sum();
+    let conv_elements: i64 = vs
+        .variables()
+        .values()
+        .filter(|v| v.dim() == 4)
+        .map(|v| v.numel() as i64)
+        .sum();
     let convs = unet.quantize_convs_fp8().unwrap();
     assert_eq!(convs.quantized, 50, "{convs}");
     assert_eq!(store_bytes(&vs), linear_only - 3 * conv_elements);
     let all_fp8 = tch::no_grad(|| golden.run(&unet));
     let error = relative_error(&all_fp8, &original);
-    println!("tiny-sdxl UNet, fp8 linear and convolution weights vs fp32: relative error {error:.3e}");
+    println!(
+        "tiny-sdxl UNet, fp8 linear and convolution weights vs fp32: relative error {error:.3e}"
+    );
     // The example prints 1.74e-1: the tiny UNet's few, narrow layers amplify rounding (SDXL-base's
     // architecture moves by 1e-2, see docs/BENCHMARKS.md).
     assert!(error > 1e-3 && error < 0.25, "{error}");
@@ -104,7 +145,13 @@ fn lora_on_an_fp8_unet_trains_only_the_adapters_and_refuses_to_merge() {
     lora::quantize_base_fp8(&mut unet).unwrap();
     tch::manual_seed(3);
     let adapters = VarStore::new(Device::Cpu);
-    let report = lora::inject(&mut unet, &adapters.root(), "default", &LoraConfig::unet_attention(4)).unwrap();
+    let report = lora::inject(
+        &mut unet,
+        &adapters.root(),
+        "default",
+        &LoraConfig::unet_attention(4),
+    )
+    .unwrap();
     assert!(!report.adapted.is_empty());
     let params = lora::trainable_variables(&mut unet);
     // Non-zero B, so both A and B receive gradients.
@@ -118,13 +165,25 @@ fn lora_on_an_fp8_unet_trains_only_the_adapters_and_refuses_to_merge() {
     let out = golden.run(&unet);
     out.square().mean(Kind::Float).backward();
     for (name, p) in &params {
-        assert!(p.grad().defined() && p.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0, "{name} got no gradient");
+        assert!(
+            p.grad().defined() && p.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0,
+            "{name} got no gradient"
+        );
     }
     for (name, variable) in vs.variables() {
-        assert!(!variable.requires_grad() && !variable.grad().defined(), "base variable {name} is trainable");
+        assert!(
+            !variable.requires_grad() && !variable.grad().defined(),
+            "base variable {name} is trainable"
+        );
     }
     let error = lora::merge(&mut unet, None).unwrap_err();
     let message = error.to_string();
-    assert!(matches!(error, lora::Error::Fp8BaseWeight { .. }) && message.contains("fp8"), "{message}");
-    assert!(message.contains(&report.adapted[0].0), "the error names the first adapted module: {message}");
+    assert!(
+        matches!(error, lora::Error::Fp8BaseWeight { .. }) && message.contains("fp8"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&report.adapted[0].0),
+        "the error names the first adapted module: {message}"
+    );
 }

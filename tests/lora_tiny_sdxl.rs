@@ -14,7 +14,9 @@ use common::{fixtures_dir, max_rel_error};
 use lora::format::{self, BlockRenames, Format, ModuleNames, ReadOptions, WriteOptions};
 use lora::{Component, HasLinears, LoraState};
 use sdxl_model::clip::ClipTextModel;
-use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights, load_unet, sgm_unet_table};
+use sdxl_model::unet::{
+    UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights, load_unet, sgm_unet_table,
+};
 use sdxl_model::weights::TensorFile;
 use tch::{Device, Kind, Tensor};
 
@@ -27,11 +29,23 @@ struct Models {
 impl Models {
     fn load() -> Self {
         let tiny = fixtures_dir().join("tiny-sdxl");
-        let weights = UNetWeights::Diffusers { folder: tiny.join("unet"), variant: None };
-        let (_, unet) = load_unet(&UNetConfig::tiny_sdxl(), &weights, Device::Cpu, Kind::Float).unwrap();
-        let (text_encoder, _) = ClipTextModel::from_pretrained(tiny.join("text_encoder"), Device::Cpu, Kind::Float).unwrap();
-        let (text_encoder_2, _) = ClipTextModel::from_pretrained(tiny.join("text_encoder_2"), Device::Cpu, Kind::Float).unwrap();
-        Self { unet, text_encoder, text_encoder_2 }
+        let weights = UNetWeights::Diffusers {
+            folder: tiny.join("unet"),
+            variant: None,
+        };
+        let (_, unet) =
+            load_unet(&UNetConfig::tiny_sdxl(), &weights, Device::Cpu, Kind::Float).unwrap();
+        let (text_encoder, _) =
+            ClipTextModel::from_pretrained(tiny.join("text_encoder"), Device::Cpu, Kind::Float)
+                .unwrap();
+        let (text_encoder_2, _) =
+            ClipTextModel::from_pretrained(tiny.join("text_encoder_2"), Device::Cpu, Kind::Float)
+                .unwrap();
+        Self {
+            unet,
+            text_encoder,
+            text_encoder_2,
+        }
     }
 
     fn each(&mut self) -> [(Component, &mut dyn HasLinears); 3] {
@@ -61,16 +75,35 @@ impl Models {
         let dir = fixtures_dir();
         let unet_io = TensorFile::open(dir.join("tiny-sdxl-unet-io.safetensors")).unwrap();
         let get = |key: &str| unet_io.tensor(key, Device::Cpu, Some(Kind::Float)).unwrap();
-        let (sample, t, ctx, text, ids) =
-            (get("sample"), get("timesteps"), get("encoder_hidden_states"), get("text_embeds"), get("time_ids"));
-        let inputs = UNetInputs { sample: &sample, timesteps: &t, encoder_hidden_states: &ctx, text_embeds: Some(&text), time_ids: Some(&ids) };
+        let (sample, t, ctx, text, ids) = (
+            get("sample"),
+            get("timesteps"),
+            get("encoder_hidden_states"),
+            get("text_embeds"),
+            get("time_ids"),
+        );
+        let inputs = UNetInputs {
+            sample: &sample,
+            timesteps: &t,
+            encoder_hidden_states: &ctx,
+            text_embeds: Some(&text),
+            time_ids: Some(&ids),
+        };
         let te_io = TensorFile::open(dir.join("tiny-sdxl-text-encoder-io.safetensors")).unwrap();
-        let input_ids = te_io.tensor("input_ids", Device::Cpu, Some(Kind::Int64)).unwrap();
+        let input_ids = te_io
+            .tensor("input_ids", Device::Cpu, Some(Kind::Int64))
+            .unwrap();
         tch::no_grad(|| {
             let te2 = self.text_encoder_2.forward(&input_ids).unwrap();
             BTreeMap::from([
                 ("unet", self.unet.forward(&inputs).unwrap()),
-                ("text_encoder", self.text_encoder.forward(&input_ids).unwrap().last_hidden_state),
+                (
+                    "text_encoder",
+                    self.text_encoder
+                        .forward(&input_ids)
+                        .unwrap()
+                        .last_hidden_state,
+                ),
                 ("text_encoder_2", te2.last_hidden_state),
                 ("text_encoder_2.text_embeds", te2.text_embeds.unwrap()),
             ])
@@ -79,7 +112,10 @@ impl Models {
 }
 
 fn golden() -> BTreeMap<String, Tensor> {
-    Tensor::read_safetensors(fixtures_dir().join("lora/tiny-sdxl-lora-io.safetensors")).unwrap().into_iter().collect()
+    Tensor::read_safetensors(fixtures_dir().join("lora/tiny-sdxl-lora-io.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect()
 }
 
 fn assert_matches_diffusers(models: &Models, what: &str) {
@@ -87,7 +123,10 @@ fn assert_matches_diffusers(models: &Models, what: &str) {
     for (key, actual) in models.outputs() {
         let error = max_rel_error(&actual, &golden[key]);
         println!("{what}: {key} max relative error {error:.2e}");
-        assert!(error <= 1e-5, "{what}: {key} differs from diffusers by {error:e}");
+        assert!(
+            error <= 1e-5,
+            "{what}: {key} differs from diffusers by {error:e}"
+        );
     }
 }
 
@@ -96,11 +135,17 @@ fn diffusers_and_kohya_files_give_diffusers_outputs_on_the_tiny_pipeline() {
     let mut models = Models::load();
     let names = models.module_names();
     let base = models.outputs();
-    for (file, format) in [("tiny-sdxl-diffusers", Format::Diffusers), ("tiny-sdxl-kohya-by-diffusers", Format::Kohya)] {
+    for (file, format) in [
+        ("tiny-sdxl-diffusers", Format::Diffusers),
+        ("tiny-sdxl-kohya-by-diffusers", Format::Kohya),
+    ] {
         let mut models = Models::load();
         let read = format::read(
             fixtures_dir().join(format!("lora/{file}.safetensors")),
-            ReadOptions { module_names: Some(&names), block_renames: None },
+            ReadOptions {
+                module_names: Some(&names),
+                block_renames: None,
+            },
         )
         .unwrap();
         assert_eq!(read.format, format);
@@ -116,14 +161,54 @@ fn our_sgm_named_kohya_file_loads_back_to_the_same_outputs() {
     let mut models = Models::load();
     let names = models.module_names();
     let renames = BlockRenames::new(sgm_unet_table(&UNetConfig::tiny_sdxl()));
-    let state = format::read(fixtures_dir().join("lora/tiny-sdxl-diffusers.safetensors"), ReadOptions::default()).unwrap().state;
-    let path = std::env::temp_dir().join(format!("tiny-sdxl-sgm-kohya-{}.safetensors", std::process::id()));
-    format::write(&path, &state, Format::Kohya, &WriteOptions { block_renames: Some(&renames), ..WriteOptions::default() }).unwrap();
-    let keys: Vec<String> = Tensor::read_safetensors(&path).unwrap().into_iter().map(|(k, _)| k).collect();
-    assert!(keys.iter().any(|k| k.starts_with("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.")), "{keys:?}");
-    assert!(keys.iter().any(|k| k.starts_with("lora_unet_middle_block_1_")), "{keys:?}");
-    assert!(keys.iter().any(|k| k.starts_with("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.")), "{keys:?}");
-    let back = format::read(&path, ReadOptions { module_names: Some(&names), block_renames: Some(&renames) }).unwrap();
+    let state = format::read(
+        fixtures_dir().join("lora/tiny-sdxl-diffusers.safetensors"),
+        ReadOptions::default(),
+    )
+    .unwrap()
+    .state;
+    let path = std::env::temp_dir().join(format!(
+        "tiny-sdxl-sgm-kohya-{}.safetensors",
+        std::process::id()
+    ));
+    format::write(
+        &path,
+        &state,
+        Format::Kohya,
+        &WriteOptions {
+            block_renames: Some(&renames),
+            ..WriteOptions::default()
+        },
+    )
+    .unwrap();
+    let keys: Vec<String> = Tensor::read_safetensors(&path)
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.")),
+        "{keys:?}"
+    );
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with("lora_unet_middle_block_1_")),
+        "{keys:?}"
+    );
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.")),
+        "{keys:?}"
+    );
+    let back = format::read(
+        &path,
+        ReadOptions {
+            module_names: Some(&names),
+            block_renames: Some(&renames),
+        },
+    )
+    .unwrap();
     std::fs::remove_file(&path).unwrap();
     models.apply(&back.state);
     assert_matches_diffusers(&models, "our SGM kohya file");
@@ -137,7 +222,10 @@ fn default_targets_inject_into_the_unet_and_both_text_encoders_like_diffusers_sc
     // The modules diffusers' script adapted, on our models' paths.
     let file = format::read(
         fixtures_dir().join("lora/tiny-sdxl-diffusers.safetensors"),
-        ReadOptions { module_names: Some(&names), block_renames: None },
+        ReadOptions {
+            module_names: Some(&names),
+            block_renames: None,
+        },
     )
     .unwrap();
     let adapters = tch::nn::VarStore::new(Device::Cpu);
@@ -149,21 +237,37 @@ fn default_targets_inject_into_the_unet_and_both_text_encoders_like_diffusers_sc
         };
         let root = adapters.root() / component.diffusers_prefix();
         let report = lora::inject(model, &root, "default", &config).unwrap();
-        let ours: Vec<&str> = report.adapted.iter().map(|(path, _, _)| path.as_str()).collect();
-        let theirs: Vec<&str> = file.state.component(component).map(|(path, _)| path).collect();
+        let ours: Vec<&str> = report
+            .adapted
+            .iter()
+            .map(|(path, _, _)| path.as_str())
+            .collect();
+        let theirs: Vec<&str> = file
+            .state
+            .component(component)
+            .map(|(path, _)| path)
+            .collect();
         let mut ours_sorted = ours.clone();
         ours_sorted.sort_unstable();
-        assert_eq!(ours_sorted, theirs, "{component}: adapted modules differ from diffusers' script");
+        assert_eq!(
+            ours_sorted, theirs,
+            "{component}: adapted modules differ from diffusers' script"
+        );
         assert!(report.unmatched_targets.is_empty());
         let trainable = lora::trainable_variables(model);
         assert_eq!(trainable.len(), 2 * ours.len());
         assert!(trainable.values().all(Tensor::requires_grad));
-        model.for_each_linear(&mut |path, linear| assert!(!linear.weight.requires_grad(), "{path} not frozen"));
+        model.for_each_linear(&mut |path, linear| {
+            assert!(!linear.weight.requires_grad(), "{path} not frozen")
+        });
         total += ours.len();
     }
     assert_eq!(adapters.trainable_variables().len(), 2 * total);
     // B starts at zero: the adapted pipeline computes the base pipeline.
     for (key, value) in models.outputs() {
-        assert!(max_rel_error(&value, &base[key]) == 0.0, "{key} changed at injection");
+        assert!(
+            max_rel_error(&value, &base[key]) == 0.0,
+            "{key} changed at injection"
+        );
     }
 }

@@ -60,7 +60,14 @@ fn spawn(config: &TrainConfig, slow_checkpoints: bool) -> Child {
     std::fs::write(&file, config.to_toml().unwrap()).unwrap();
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
-        .args(["--ignored", "--exact", "training_child", "--nocapture", "--test-threads", "1"])
+        .args([
+            "--ignored",
+            "--exact",
+            "training_child",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
         .env(CHILD_CONFIG, &file)
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -78,7 +85,11 @@ fn losses(config: &TrainConfig) -> Vec<f64> {
 
 fn run_to_end(config: &TrainConfig) {
     let output = spawn(config, false).wait_with_output().unwrap();
-    assert!(output.status.success(), "training failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "training failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]
@@ -102,7 +113,10 @@ fn random_crops_flips_v_prediction_min_snr_and_offset_noise_train() {
     let metrics = MetricsLog::read(&out.join("logs/metrics.jsonl")).unwrap();
     let losses: Vec<f64> = metrics.iter().filter_map(|r| r["loss"].as_f64()).collect();
     assert_eq!(losses.len(), 2);
-    assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
+    assert!(
+        losses.iter().all(|l| l.is_finite() && *l > 0.0),
+        "{losses:?}"
+    );
     assert!(out.join(LORA_FILE).is_file() && out.join("checkpoint-10").is_dir());
     let _ = std::fs::remove_dir_all(out.parent().unwrap());
 }
@@ -124,17 +138,31 @@ fn fp8_base_weights_train_close_to_the_full_precision_run() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "training failed:\n{stderr}");
     // Every linear layer and convolution of the tiny UNet went to fp8.
-    assert!(stderr.contains("linear layers: fp8 base weights: 213 layers quantized (0 already fp8)"), "{stderr}");
-    assert!(stderr.contains("convolutions: fp8 base weights: 50 layers quantized (0 already fp8)"), "{stderr}");
+    assert!(
+        stderr.contains("linear layers: fp8 base weights: 213 layers quantized (0 already fp8)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("convolutions: fp8 base weights: 50 layers quantized (0 already fp8)"),
+        "{stderr}"
+    );
     let (plain_losses, fp8_losses) = (losses(&plain), losses(&fp8));
     assert_eq!((plain_losses.len(), fp8_losses.len()), (10, 10));
     // Same seed, same batches and noise: the losses differ only by the weights' fp8 rounding, and
     // they do differ (the flag is not ignored).
     for (step, (a, b)) in plain_losses.iter().zip(&fp8_losses).enumerate() {
-        assert!(b.is_finite() && (a - b).abs() <= 0.05 * a.abs(), "step {}: {a} vs {b}", step + 1);
+        assert!(
+            b.is_finite() && (a - b).abs() <= 0.05 * a.abs(),
+            "step {}: {a} vs {b}",
+            step + 1
+        );
     }
     assert_ne!(plain_losses, fp8_losses);
-    let worst = plain_losses.iter().zip(&fp8_losses).map(|(a, b)| (a - b).abs() / a.abs()).fold(0.0, f64::max);
+    let worst = plain_losses
+        .iter()
+        .zip(&fp8_losses)
+        .map(|(a, b)| (a - b).abs() / a.abs())
+        .fold(0.0, f64::max);
     println!("fp8 vs full-precision loss over 10 steps: largest relative difference {worst:.2e}");
     assert!(fp8.output_dir.join(LORA_FILE).is_file());
     let _ = std::fs::remove_dir_all(&dir);
@@ -163,35 +191,62 @@ fn bf16_runs_train_near_fp32_and_resume_to_a_bit_identical_lora() {
     let (a, b) = (losses(&fp32), losses(&whole));
     assert_eq!((a.len(), b.len()), (6, 6));
     for (step, (a, b)) in a.iter().zip(&b).enumerate() {
-        assert!(b.is_finite() && (a - b).abs() <= 0.1 * a.abs(), "step {}: fp32 {a} vs bf16 {b}", step + 1);
+        assert!(
+            b.is_finite() && (a - b).abs() <= 0.1 * a.abs(),
+            "step {}: fp32 {a} vs bf16 {b}",
+            step + 1
+        );
     }
     // B starts at zero, so it is what training moved: the bf16 run moved it as the fp32 run did.
     let ups = |config: &TrainConfig| -> Tensor {
         let named = tensors(&config.output_dir.join(LORA_FILE));
-        let ups: Vec<Tensor> = named.iter().filter(|(n, _)| n.contains("lora_B") || n.contains("lora.up")).map(|(_, t)| t.to_kind(tch::Kind::Float).reshape([-1])).collect();
+        let ups: Vec<Tensor> = named
+            .iter()
+            .filter(|(n, _)| n.contains("lora_B") || n.contains("lora.up"))
+            .map(|(_, t)| t.to_kind(tch::Kind::Float).reshape([-1]))
+            .collect();
         assert!(!ups.is_empty());
         Tensor::cat(&ups, 0)
     };
     let (up32, up16) = (ups(&fp32), ups(&whole));
     // Adam's first steps move each entry by about ±lr whatever the gradient's size, so the signs of
     // small gradients decide much of B and bf16 rounding flips some: compare directions.
-    let cosine = (&up16 * &up32).sum(tch::Kind::Float).double_value(&[]) / (up16.norm().double_value(&[]) * up32.norm().double_value(&[]));
+    let cosine = (&up16 * &up32).sum(tch::Kind::Float).double_value(&[])
+        / (up16.norm().double_value(&[]) * up32.norm().double_value(&[]));
     println!("bf16 vs fp32 LoRA B after 6 steps: cosine {cosine:.3}");
-    assert!(cosine > 0.5, "the bf16 run moved B elsewhere than the fp32 run (cosine {cosine})");
+    assert!(
+        cosine > 0.5,
+        "the bf16 run moved B elsewhere than the fp32 run (cosine {cosine})"
+    );
     // Stopped after the checkpoint of step 3, then resumed to step 6.
     run_to_end(&config("split", MixedPrecision::Bf16, 3));
     run_to_end(&config("split", MixedPrecision::Bf16, 6));
-    assert_bit_identical(&whole.output_dir.join(LORA_FILE), &dir.join("split").join(LORA_FILE));
+    assert_bit_identical(
+        &whole.output_dir.join(LORA_FILE),
+        &dir.join("split").join(LORA_FILE),
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn cuda_graphs_need_a_cuda_device_and_cached_latents() {
     let out = scratch("graph").join("run");
-    let device = if tch::Cuda::is_available() { "cuda" } else { "cpu" };
-    let config = TrainConfig { cuda_graph: true, cache_latents: !tch::Cuda::is_available(), device: device.into(), ..tiny(&out) };
+    let device = if tch::Cuda::is_available() {
+        "cuda"
+    } else {
+        "cpu"
+    };
+    let config = TrainConfig {
+        cuda_graph: true,
+        cache_latents: !tch::Cuda::is_available(),
+        device: device.into(),
+        ..tiny(&out)
+    };
     let error = trainer::Trainer::new(config).unwrap_err().to_string();
-    assert!(error.contains("--cuda_graph") && error.contains("CUDA device and --cache_latents"), "{error}");
+    assert!(
+        error.contains("--cuda_graph") && error.contains("CUDA device and --cache_latents"),
+        "{error}"
+    );
     let _ = std::fs::remove_dir_all(out.parent().unwrap());
 }
 
@@ -213,7 +268,11 @@ fn diverge(name: &str, learning_rate: f64) -> String {
     assert!(!out.join(LORA_FILE).exists());
     for (_, path) in CheckpointStore::new(&out).list().unwrap() {
         for (name, tensor) in tensors(&path.join("lora_parameters.safetensors")) {
-            assert!(bool::try_from(tensor.isfinite().all()).unwrap(), "{name} in {}", path.display());
+            assert!(
+                bool::try_from(tensor.isfinite().all()).unwrap(),
+                "{name} in {}",
+                path.display()
+            );
         }
     }
     let _ = std::fs::remove_dir_all(out.parent().unwrap());
@@ -225,10 +284,17 @@ fn a_diverging_run_skips_its_non_finite_steps_then_stops_without_writing_a_lora(
     // 1e10: the first steps blow the weights up (finite), later losses overflow and those steps are
     // skipped on the device until the limit stops the run.
     let stderr = diverge("diverge", 1e10);
-    assert!(stderr.contains("optimizer steps were skipped") && stderr.contains("--max_nonfinite_steps 3"), "{stderr}");
+    assert!(
+        stderr.contains("optimizer steps were skipped")
+            && stderr.contains("--max_nonfinite_steps 3"),
+        "{stderr}"
+    );
     // 1e30: weight decay itself overflows a parameter to infinity; the checkpoint writer refuses it.
     let stderr = diverge("overflow", 1e30);
-    assert!(stderr.contains("refusing to write checkpoint-") && stderr.contains("is not finite"), "{stderr}");
+    assert!(
+        stderr.contains("refusing to write checkpoint-") && stderr.contains("is not finite"),
+        "{stderr}"
+    );
 }
 
 fn tensors(path: &Path) -> Vec<(String, Tensor)> {
@@ -258,41 +324,75 @@ fn tiny_preset_trains_and_every_output_loads() {
     let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
     let (first, last) = (mean(&losses[..3]), mean(&losses[17..]));
     println!("mean loss of the first three windows {first:.4}, of the last three {last:.4}");
-    assert!(last < first - 0.03, "loss did not fall: {first:.4} -> {last:.4}");
+    assert!(
+        last < first - 0.03,
+        "loss did not fall: {first:.4} -> {last:.4}"
+    );
 
     // TensorBoard has the same losses at the same steps.
     let events: Vec<PathBuf> = std::fs::read_dir(out.join("logs"))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("events.out.tfevents."))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents.")
+        })
         .collect();
     assert_eq!(events.len(), 1);
     let scalars = read_scalars(&events[0]).unwrap();
-    let logged: Vec<(i64, f32)> = scalars.iter().filter(|s| s.tag == "train/loss").map(|s| (s.step, s.value)).collect();
-    let expected: Vec<(i64, f64)> = metrics.iter().filter_map(|r| Some((r["step"].as_i64()?, r["loss"].as_f64()?))).collect();
+    let logged: Vec<(i64, f32)> = scalars
+        .iter()
+        .filter(|s| s.tag == "train/loss")
+        .map(|s| (s.step, s.value))
+        .collect();
+    let expected: Vec<(i64, f64)> = metrics
+        .iter()
+        .filter_map(|r| Some((r["step"].as_i64()?, r["loss"].as_f64()?)))
+        .collect();
     assert_eq!(logged.len(), expected.len());
     for ((step, value), (expected_step, expected_value)) in logged.iter().zip(&expected) {
         assert_eq!(step, expected_step);
-        assert!((f64::from(*value) - expected_value).abs() < 1e-6, "step {step}: {value} vs {expected_value}");
+        assert!(
+            (f64::from(*value) - expected_value).abs() < 1e-6,
+            "step {step}: {value} vs {expected_value}"
+        );
     }
 
     // Both LoRA files read back as the same adapters, on all 136 attention projections.
     let diffusers = lora::format::read(out.join(LORA_FILE), Default::default()).unwrap();
     assert_eq!(diffusers.format, lora::format::Format::Diffusers);
     assert_eq!(diffusers.state.modules.len(), 136);
-    assert!(diffusers.metadata.contains_key(lora::format::TRAINING_CONFIG_KEY));
-    let unet_file = repo().join("tests/fixtures/tiny-sdxl/unet/diffusion_pytorch_model.safetensors");
-    let unet_config = sdxl_model::unet::UNetConfig::from_file(repo().join("tests/fixtures/tiny-sdxl/unet/config.json")).unwrap();
+    assert!(
+        diffusers
+            .metadata
+            .contains_key(lora::format::TRAINING_CONFIG_KEY)
+    );
+    let unet_file =
+        repo().join("tests/fixtures/tiny-sdxl/unet/diffusion_pytorch_model.safetensors");
+    let unet_config = sdxl_model::unet::UNetConfig::from_file(
+        repo().join("tests/fixtures/tiny-sdxl/unet/config.json"),
+    )
+    .unwrap();
     let renames = lora::format::BlockRenames::new(sdxl_model::unet::sgm_unet_table(&unet_config));
     let mut names = lora::format::ModuleNames::new();
-    names.add_model_file(lora::Component::Unet, &unet_file).unwrap();
-    let options = lora::format::ReadOptions { module_names: Some(&names), block_renames: Some(&renames) };
+    names
+        .add_model_file(lora::Component::Unet, &unet_file)
+        .unwrap();
+    let options = lora::format::ReadOptions {
+        module_names: Some(&names),
+        block_renames: Some(&renames),
+    };
     let kohya = lora::format::read(out.join(KOHYA_FILE), options).unwrap();
     assert_eq!(kohya.format, lora::format::Format::Kohya);
     assert_eq!(kohya.state.modules.len(), diffusers.state.modules.len());
     for (key, module) in &diffusers.state.modules {
         let other = &kohya.state.modules[key];
-        assert!(module.down.equal(&other.down) && module.up.equal(&other.up), "{key:?}");
+        assert!(
+            module.down.equal(&other.down) && module.up.equal(&other.up),
+            "{key:?}"
+        );
     }
 
     // Images: the loss plot, a validation grid at step 50, the base-vs-LoRA comparison.
@@ -301,14 +401,28 @@ fn tiny_preset_trains_and_every_output_loads() {
     assert_eq!(size("validation/step-000050.png"), (128, 64));
     assert_eq!(size("base_vs_lora.png"), (128, 128));
     let grid = image::open(out.join("base_vs_lora.png")).unwrap().to_rgb8();
-    let (top, bottom) = (grid.view(0, 0, 128, 64).to_image(), grid.view(0, 64, 128, 64).to_image());
+    let (top, bottom) = (
+        grid.view(0, 0, 128, 64).to_image(),
+        grid.view(0, 64, 128, 64).to_image(),
+    );
     assert_ne!(top, bottom, "the LoRA changed nothing");
 
     // The model card and the checkpoints.
-    let card: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("model_card.json")).unwrap()).unwrap();
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model_card.json")).unwrap())
+            .unwrap();
     assert_eq!(card["steps"], 100);
-    assert!(std::fs::read_to_string(out.join("README.md")).unwrap().contains("Naruto style anime character"));
-    let steps: Vec<u64> = CheckpointStore::new(&out).list().unwrap().into_iter().map(|(s, _)| s).collect();
+    assert!(
+        std::fs::read_to_string(out.join("README.md"))
+            .unwrap()
+            .contains("Naruto style anime character")
+    );
+    let steps: Vec<u64> = CheckpointStore::new(&out)
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
     assert_eq!(steps, [25, 50, 75, 100]);
     let _ = std::fs::remove_dir_all(out.parent().unwrap());
 }
@@ -317,20 +431,34 @@ fn tiny_preset_trains_and_every_output_loads() {
 fn assert_checkpoints_complete(out: &Path) -> Vec<u64> {
     let mut steps = Vec::new();
     for (step, path) in CheckpointStore::new(out).list().unwrap() {
-        for file in ["lora_parameters.safetensors", "optimizer.safetensors", LORA_FILE, "trainer_state.json", "config.toml"] {
+        for file in [
+            "lora_parameters.safetensors",
+            "optimizer.safetensors",
+            LORA_FILE,
+            "trainer_state.json",
+            "config.toml",
+        ] {
             assert!(path.join(file).is_file(), "{} lacks {file}", path.display());
         }
-        let state: trainer::TrainerState =
-            serde_json::from_str(&std::fs::read_to_string(path.join("trainer_state.json")).unwrap()).unwrap();
+        let state: trainer::TrainerState = serde_json::from_str(
+            &std::fs::read_to_string(path.join("trainer_state.json")).unwrap(),
+        )
+        .unwrap();
         assert_eq!(state.step, step);
-        assert_eq!(tensors(&path.join("lora_parameters.safetensors")).len(), 272);
+        assert_eq!(
+            tensors(&path.join("lora_parameters.safetensors")).len(),
+            272
+        );
         steps.push(step);
     }
     steps
 }
 
 fn latest_step(out: &Path) -> u64 {
-    CheckpointStore::new(out).latest().unwrap().map_or(0, |(step, _)| step)
+    CheckpointStore::new(out)
+        .latest()
+        .unwrap()
+        .map_or(0, |(step, _)| step)
 }
 
 /// Polls until `done` holds or the child exits; true when `done` came first.
@@ -349,7 +477,11 @@ fn wait_until(child: &mut Child, mut done: impl FnMut() -> bool) -> bool {
 }
 
 fn checkpoint_being_written(out: &Path) -> bool {
-    std::fs::read_dir(out).is_ok_and(|entries| entries.flatten().any(|e| e.file_name().to_string_lossy().contains(".tmp-")))
+    std::fs::read_dir(out).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+    })
 }
 
 #[test]
@@ -374,10 +506,20 @@ fn runs_killed_at_random_moments_resume_to_a_bit_identical_lora() {
     // lands anywhere: in a step, a save, a prune).
     let mut rng = 0x5eed_u64;
     let mut random_ms = || {
-        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (rng >> 33) % 700
     };
-    let plan = [None, Some(random_ms()), None, Some(random_ms()), None, Some(random_ms()), Some(random_ms())];
+    let plan = [
+        None,
+        Some(random_ms()),
+        None,
+        Some(random_ms()),
+        None,
+        Some(random_ms()),
+        Some(random_ms()),
+    ];
     let (mut mid_write, mut killed, mut seen) = (0, 0, Vec::new());
     for point in plan {
         let before = latest_step(out);
@@ -400,20 +542,38 @@ fn runs_killed_at_random_moments_resume_to_a_bit_identical_lora() {
         let status = child.wait().unwrap();
         assert!(landed || status.success(), "a child failed on its own");
         let steps = assert_checkpoints_complete(out);
-        assert!(steps.len() <= 3, "checkpoints_total_limit 2 (+1 while a save is pruned): {steps:?}");
+        assert!(
+            steps.len() <= 3,
+            "checkpoints_total_limit 2 (+1 while a save is pruned): {steps:?}"
+        );
         let latest = steps.last().copied().unwrap_or(0);
-        assert!(seen.last().is_none_or(|&l| latest >= l), "the latest checkpoint went back: {seen:?} then {latest}");
+        assert!(
+            seen.last().is_none_or(|&l| latest >= l),
+            "the latest checkpoint went back: {seen:?} then {latest}"
+        );
         seen.push(latest);
     }
-    println!("{killed} kills ({mid_write} while a checkpoint was being written); latest checkpoints seen: {seen:?}");
-    assert!(killed >= 5 && mid_write >= 2, "too few kills landed: {killed} ({mid_write} mid-write)");
+    println!(
+        "{killed} kills ({mid_write} while a checkpoint was being written); latest checkpoints seen: {seen:?}"
+    );
+    assert!(
+        killed >= 5 && mid_write >= 2,
+        "too few kills landed: {killed} ({mid_write} mid-write)"
+    );
     run_to_end(&resumed);
     assert_bit_identical(&out.join(LORA_FILE), &reference.output_dir.join(LORA_FILE));
     assert_bit_identical(
         &out.join("checkpoint-40/lora_parameters.safetensors"),
-        &reference.output_dir.join("checkpoint-40/lora_parameters.safetensors"),
+        &reference
+            .output_dir
+            .join("checkpoint-40/lora_parameters.safetensors"),
     );
-    assert_bit_identical(&out.join("checkpoint-40/optimizer.safetensors"), &reference.output_dir.join("checkpoint-40/optimizer.safetensors"));
+    assert_bit_identical(
+        &out.join("checkpoint-40/optimizer.safetensors"),
+        &reference
+            .output_dir
+            .join("checkpoint-40/optimizer.safetensors"),
+    );
     // The metrics log, rewritten at each resume, ends with the uninterrupted run's losses.
     let losses = |dir: &Path| -> Vec<(u64, f64)> {
         MetricsLog::read(&dir.join("logs/metrics.jsonl"))

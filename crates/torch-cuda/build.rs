@@ -8,9 +8,13 @@ fn main() {
     torch_link::configure();
     println!("cargo:rustc-check-cfg=cfg(torch_cuda_shim)");
     println!("cargo:rerun-if-changed=src/shim.cpp");
-    let Some(lib_dir) = torch_link::libtorch_lib_dir() else { return };
+    let Some(lib_dir) = torch_link::libtorch_lib_dir() else {
+        return;
+    };
     // The PyTorch wheel layout: torch/lib, torch/include, and nvidia/cu13/include beside torch/.
-    let Some(torch_dir) = lib_dir.parent() else { return };
+    let Some(torch_dir) = lib_dir.parent() else {
+        return;
+    };
     let torch_include = torch_dir.join("include");
     let cuda_include = torch_dir.join("../nvidia/cu13/include");
     let present = |p: &Path| p.exists();
@@ -18,7 +22,9 @@ fn main() {
         && present(&cuda_include.join("crt/host_defines.h"))
         && present(&lib_dir.join("libc10_cuda.so")))
     {
-        println!("cargo:warning=torch-cuda: CUDA headers not found; memory statistics will be unavailable");
+        println!(
+            "cargo:warning=torch-cuda: CUDA headers not found; memory statistics will be unavailable"
+        );
         return;
     }
     cc::Build::new()

@@ -15,8 +15,12 @@ pub fn fixtures_dir() -> PathBuf {
 /// `max |a - b| / max |b|`, computed in f64: the error measure used against golden outputs.
 pub fn max_rel_error(actual: &Tensor, expected: &Tensor) -> f64 {
     assert_eq!(actual.size(), expected.size(), "shape mismatch");
-    let a = actual.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu);
-    let e = expected.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu);
+    let a = actual
+        .to_kind(tch::Kind::Double)
+        .to_device(tch::Device::Cpu);
+    let e = expected
+        .to_kind(tch::Kind::Double)
+        .to_device(tch::Device::Cpu);
     let diff = (&a - &e).abs().max().double_value(&[]);
     let scale = e.abs().max().double_value(&[]).max(f64::MIN_POSITIVE);
     diff / scale

@@ -123,7 +123,10 @@ impl Adapter {
 
     /// `scale · B · A` in fp32, `[out, in]`: the weight delta of a plain LoRA.
     pub(crate) fn delta_weight_f32(&self) -> Tensor {
-        self.up.to_kind(Kind::Float).matmul(&self.down.to_kind(Kind::Float)) * self.scale()
+        self.up
+            .to_kind(Kind::Float)
+            .matmul(&self.down.to_kind(Kind::Float))
+            * self.scale()
     }
 
     /// DoRA's row norms `‖W + scale · B · A‖` over the input axis, `[out]`, detached.

@@ -42,7 +42,10 @@ impl AdapterCopy {
             return (self.down.shallow_clone(), self.up.shallow_clone());
         }
         let rank = self.down.size()[0] / self.members;
-        (self.down.narrow(0, self.member * rank, rank), self.up.select(0, self.member))
+        (
+            self.down.narrow(0, self.member * rank, rank),
+            self.up.select(0, self.member),
+        )
     }
 }
 
@@ -111,35 +114,56 @@ impl ComputeCopies {
             let span = linear.weight_span();
             let pack = linear.pack_mark();
             let Some(adapter) = adapter else {
-                layers.push(Layer { adapter: None, weight_span: span, pack });
+                layers.push(Layer {
+                    adapter: None,
+                    weight_span: span,
+                    pack,
+                });
                 return;
             };
             found = true;
-            let this = adapter.compute_kind.map(|k| (k, adapter.kind(), adapter.down.device(), adapter.scale()));
+            let this = adapter
+                .compute_kind
+                .map(|k| (k, adapter.kind(), adapter.down.device(), adapter.scale()));
             match (this, common) {
-                (Some((compute, own, ..)), _) if compute == own || adapter.magnitude.is_some() => qualifies = false,
+                (Some((compute, own, ..)), _) if compute == own || adapter.magnitude.is_some() => {
+                    qualifies = false
+                }
                 (None, _) => qualifies = false,
                 (Some(this), None) => common = Some(this),
                 (Some(this), Some(first)) if this != first => qualifies = false,
                 _ => {}
             }
             let size = adapter.up.size();
-            layers.push(Layer { adapter: Some((adapter.rank(), adapter.down.size()[1], size[0])), weight_span: span, pack });
+            layers.push(Layer {
+                adapter: Some((adapter.rank(), adapter.down.size()[1], size[0])),
+                weight_span: span,
+                pack,
+            });
         });
         if !found {
-            return Err(Error::UnknownAdapter { module: String::new(), adapter: name.to_owned() });
+            return Err(Error::UnknownAdapter {
+                module: String::new(),
+                adapter: name.to_owned(),
+            });
         }
-        let (Some((kind, master_kind, device, scale)), true) = (common, qualifies) else { return Ok(None) };
+        let (Some((kind, master_kind, device, scale)), true) = (common, qualifies) else {
+            return Ok(None);
+        };
 
         // 2. Groups: runs of adapted layers that `pack_weights` laid out together (and whose weights
         //    still follow one another), with one rank and output width.
         let mut group_of: Vec<Option<(usize, i64)>> = vec![None; layers.len()];
         let mut group_sizes: Vec<Vec<usize>> = Vec::new();
         for (i, layer) in layers.iter().enumerate() {
-            let Some((rank, width, out)) = layer.adapter else { continue };
+            let Some((rank, width, out)) = layer.adapter else {
+                continue;
+            };
             let joins = i > 0
                 && group_of[i - 1].is_some()
-                && layers[i - 1].adapter.is_some_and(|(r, w, o)| (r, w, o) == (rank, width, out))
+                && layers[i - 1]
+                    .adapter
+                    .is_some_and(|(r, w, o)| (r, w, o) == (rank, width, out))
                 && matches!((layers[i - 1].pack, layer.pack), (Some(a), Some(b)) if a.buffer == b.buffer && b.member == a.member + 1)
                 && matches!((layers[i - 1].weight_span, layer.weight_span), (Some((_, end)), Some((start, _))) if end == start);
             if joins {
@@ -156,13 +180,22 @@ impl ComputeCopies {
         let mut groups = Vec::with_capacity(group_sizes.len());
         let mut offset = 0;
         for members in &group_sizes {
-            let len: i64 = members.iter().map(|&i| layers[i].adapter.map_or(0, |(r, w, _)| r * w)).sum();
-            groups.push(Group { down: (offset, len), up: (0, 0) });
+            let len: i64 = members
+                .iter()
+                .map(|&i| layers[i].adapter.map_or(0, |(r, w, _)| r * w))
+                .sum();
+            groups.push(Group {
+                down: (offset, len),
+                up: (0, 0),
+            });
             offset += len;
         }
         let downs = offset;
         for (group, members) in groups.iter_mut().zip(&group_sizes) {
-            let len: i64 = members.iter().map(|&i| layers[i].adapter.map_or(0, |(r, _, o)| r * o)).sum();
+            let len: i64 = members
+                .iter()
+                .map(|&i| layers[i].adapter.map_or(0, |(r, _, o)| r * o))
+                .sum();
             group.up = (offset, len);
             offset += len;
         }
@@ -176,10 +209,18 @@ impl ComputeCopies {
             let (rank, width, out) = layers[members[0]].adapter.unwrap_or((0, 0, 0));
             let g = members.len() as i64;
             let leaf = |region: (i64, i64), shape: &[i64]| -> Result<Tensor> {
-                Ok(copies.f_narrow(0, region.0, region.1)?.f_view(shape)?.f_detach()?.f_set_requires_grad(true)?)
+                Ok(copies
+                    .f_narrow(0, region.0, region.1)?
+                    .f_view(shape)?
+                    .f_detach()?
+                    .f_set_requires_grad(true)?)
             };
             down_leaves.push(leaf(group.down, &[g * rank, width])?);
-            up_leaves.push(if g == 1 { leaf(group.up, &[out, rank])? } else { leaf(group.up, &[g, out, rank])? });
+            up_leaves.push(if g == 1 {
+                leaf(group.up, &[out, rank])?
+            } else {
+                leaf(group.up, &[g, out, rank])?
+            });
         }
 
         // 4. Masters into the flat buffer (values copied, then each tensor made a view of it), the
@@ -192,19 +233,32 @@ impl ComputeCopies {
         model.for_each_linear(&mut |_, linear| {
             let slot = group_of.get(index).copied().flatten();
             index += 1;
-            let (Some((group, member)), None) = (slot, failure.as_ref()) else { return };
-            let Some(adapter) = linear.adapter_mut(name) else { return };
-            let place = |tensor: &mut Tensor, region_start: i64, cursor: &mut i64| -> Result<Tensor> {
-                let numel = tensor.numel() as i64;
-                let view = masters.f_narrow(0, region_start + *cursor, numel)?.f_view(tensor.size().as_slice())?;
-                let grad = master_grads.f_narrow(0, region_start + *cursor, numel)?.f_view(tensor.size().as_slice())?;
-                tch::no_grad(|| view.shallow_clone().f_copy_(tensor))?;
-                tensor.f_set_data(&view)?;
-                *cursor += numel;
-                Ok(grad)
+            let (Some((group, member)), None) = (slot, failure.as_ref()) else {
+                return;
             };
+            let Some(adapter) = linear.adapter_mut(name) else {
+                return;
+            };
+            let place =
+                |tensor: &mut Tensor, region_start: i64, cursor: &mut i64| -> Result<Tensor> {
+                    let numel = tensor.numel() as i64;
+                    let view = masters
+                        .f_narrow(0, region_start + *cursor, numel)?
+                        .f_view(tensor.size().as_slice())?;
+                    let grad = master_grads
+                        .f_narrow(0, region_start + *cursor, numel)?
+                        .f_view(tensor.size().as_slice())?;
+                    tch::no_grad(|| view.shallow_clone().f_copy_(tensor))?;
+                    tensor.f_set_data(&view)?;
+                    *cursor += numel;
+                    Ok(grad)
+                };
             let result = (|| -> Result<()> {
-                let down_grad = place(&mut adapter.down, groups[group].down.0, &mut down_cursor[group])?;
+                let down_grad = place(
+                    &mut adapter.down,
+                    groups[group].down.0,
+                    &mut down_cursor[group],
+                )?;
                 let up_grad = place(&mut adapter.up, groups[group].up.0, &mut up_cursor[group])?;
                 params.push((adapter.down.shallow_clone(), down_grad));
                 params.push((adapter.up.shallow_clone(), up_grad));
@@ -225,16 +279,29 @@ impl ComputeCopies {
         }
         // 5. Gradients: defined once (a zero backward), then made views of the flat buffer, so the
         //    optimizer and clipping read what `collect_grads` writes.
-        let zero = params.iter().try_fold(Tensor::f_zeros([0i64; 0], (master_kind, device))?, |sum, (p, _)| -> Result<Tensor> {
-            Ok(sum.f_add(&p.f_sum(master_kind)?.f_mul_scalar(0.0)?)?)
-        })?;
+        let zero = params.iter().try_fold(
+            Tensor::f_zeros([0i64; 0], (master_kind, device))?,
+            |sum, (p, _)| -> Result<Tensor> {
+                Ok(sum.f_add(&p.f_sum(master_kind)?.f_mul_scalar(0.0)?)?)
+            },
+        )?;
         zero.f_backward()?;
         for (param, grad_view) in &params {
             param.grad().f_set_data(grad_view)?;
         }
         let leaves: Vec<Tensor> = down_leaves.into_iter().chain(up_leaves).collect();
         let gathered = Tensor::f_zeros([total], (kind, device))?;
-        let this = Self { kind, scale, downs, masters, master_grads, copies, leaves, gathered, groups: groups.len() };
+        let this = Self {
+            kind,
+            scale,
+            downs,
+            masters,
+            master_grads,
+            copies,
+            leaves,
+            gathered,
+            groups: groups.len(),
+        };
         this.refresh()?;
         Ok(Some(this))
     }
@@ -266,9 +333,16 @@ impl ComputeCopies {
             if self.scale == 1.0 {
                 self.copies.shallow_clone().f_copy_(&self.masters)?;
             } else {
-                self.copies.f_narrow(0, 0, self.downs)?.f_copy_(&self.masters.f_narrow(0, 0, self.downs)?)?;
-                let ups = self.masters.f_narrow(0, self.downs, total - self.downs)?.f_mul_scalar(self.scale)?;
-                self.copies.f_narrow(0, self.downs, total - self.downs)?.f_copy_(&ups)?;
+                self.copies
+                    .f_narrow(0, 0, self.downs)?
+                    .f_copy_(&self.masters.f_narrow(0, 0, self.downs)?)?;
+                let ups = self
+                    .masters
+                    .f_narrow(0, self.downs, total - self.downs)?
+                    .f_mul_scalar(self.scale)?;
+                self.copies
+                    .f_narrow(0, self.downs, total - self.downs)?
+                    .f_copy_(&ups)?;
             }
             Ok(())
         })
@@ -288,7 +362,11 @@ impl ComputeCopies {
                 .iter()
                 .map(|leaf| {
                     let grad = leaf.grad();
-                    Ok(if grad.defined() { grad.f_reshape([-1])? } else { Tensor::f_zeros([leaf.numel() as i64], (self.kind, leaf.device()))? })
+                    Ok(if grad.defined() {
+                        grad.f_reshape([-1])?
+                    } else {
+                        Tensor::f_zeros([leaf.numel() as i64], (self.kind, leaf.device()))?
+                    })
                 })
                 .collect::<Result<_>>()?;
             let _ = Tensor::f_cat_out(&self.gathered, &flat, 0)?;
@@ -305,11 +383,17 @@ impl ComputeCopies {
                 write(&self.master_grads, &self.gathered)?;
             } else {
                 let region = |t: &Tensor, start: i64, len: i64| t.f_narrow(0, start, len);
-                write(&region(&self.master_grads, 0, self.downs)?, &region(&self.gathered, 0, self.downs)?)?;
+                write(
+                    &region(&self.master_grads, 0, self.downs)?,
+                    &region(&self.gathered, 0, self.downs)?,
+                )?;
                 let ups = region(&self.gathered, self.downs, total - self.downs)?
                     .f_to_kind(self.masters.kind())?
                     .f_mul_scalar(self.scale)?;
-                write(&region(&self.master_grads, self.downs, total - self.downs)?, &ups)?;
+                write(
+                    &region(&self.master_grads, self.downs, total - self.downs)?,
+                    &ups,
+                )?;
             }
             Ok(())
         })
@@ -355,8 +439,18 @@ mod tests {
 
     impl Attn {
         fn new(width: i64, alpha: f64, adapters: &VarStore) -> Self {
-            let linear = || Linear::from_tensors(Tensor::randn([width, width], (Kind::BFloat16, Device::Cpu)) * 0.2, None);
-            let mut attn = Attn { q: linear(), k: linear(), v: linear(), out: linear() };
+            let linear = || {
+                Linear::from_tensors(
+                    Tensor::randn([width, width], (Kind::BFloat16, Device::Cpu)) * 0.2,
+                    None,
+                )
+            };
+            let mut attn = Attn {
+                q: linear(),
+                k: linear(),
+                v: linear(),
+                out: linear(),
+            };
             assert!(pack_weights(&mut [&mut attn.q, &mut attn.k, &mut attn.v]));
             let mut config = LoraConfig::unet_attention(4);
             config.alpha = alpha;
@@ -365,7 +459,9 @@ mod tests {
             // B starts at zero; make it count.
             tch::no_grad(|| {
                 for (_, variable) in crate::trainable_variables(&mut attn) {
-                    variable.shallow_clone().copy_(&(Tensor::randn_like(&variable) * 0.3));
+                    variable
+                        .shallow_clone()
+                        .copy_(&(Tensor::randn_like(&variable) * 0.3));
                 }
             });
             attn
@@ -381,12 +477,24 @@ mod tests {
     }
 
     fn loss(outputs: &[Tensor], weights: &Tensor) -> Tensor {
-        outputs.iter().map(|o| (o.to_kind(Kind::Float) * weights).sum(Kind::Float)).fold(Tensor::from(0f32), |a, b| a + b)
+        outputs
+            .iter()
+            .map(|o| (o.to_kind(Kind::Float) * weights).sum(Kind::Float))
+            .fold(Tensor::from(0f32), |a, b| a + b)
     }
 
     fn grads(attn: &mut Attn) -> Vec<(String, Tensor)> {
-        let grad = |p: &Tensor| if p.grad().defined() { p.grad().copy() } else { p.zeros_like() };
-        crate::trainable_variables(attn).into_iter().map(|(name, p)| (name, grad(&p))).collect()
+        let grad = |p: &Tensor| {
+            if p.grad().defined() {
+                p.grad().copy()
+            } else {
+                p.zeros_like()
+            }
+        };
+        crate::trainable_variables(attn)
+            .into_iter()
+            .map(|(name, p)| (name, grad(&p)))
+            .collect()
     }
 
     fn zero_grads(attn: &mut Attn) {
@@ -414,7 +522,9 @@ mod tests {
         let twice = grads(&mut attn);
         zero_grads(&mut attn);
 
-        let copies = ComputeCopies::new(&mut attn, "default").unwrap().expect("plain bf16 LoRA qualifies");
+        let copies = ComputeCopies::new(&mut attn, "default")
+            .unwrap()
+            .expect("plain bf16 LoRA qualifies");
         assert_eq!(copies.groups(), 2, "q/k/v one group, to_out.0 another");
         assert_eq!(copies.leaves().len(), 4);
         let outputs = attn.forward(&x);
@@ -424,13 +534,19 @@ mod tests {
         loss(&outputs, &w).backward();
         copies.collect_grads(false).unwrap();
         for ((name, expected), (_, got)) in once.iter().zip(grads(&mut attn)) {
-            assert!(got.equal(expected), "{name}: gradient differs after one backward");
+            assert!(
+                got.equal(expected),
+                "{name}: gradient differs after one backward"
+            );
         }
         copies.zero_leaf_grads().unwrap();
         loss(&attn.forward(&x), &(&w * 0.5)).backward();
         copies.collect_grads(true).unwrap();
         for ((name, expected), (_, got)) in twice.iter().zip(grads(&mut attn)) {
-            assert!(got.equal(expected), "{name}: gradient differs after accumulating");
+            assert!(
+                got.equal(expected),
+                "{name}: gradient differs after accumulating"
+            );
         }
         // A first collect overwrites what was there.
         copies.collect_grads(false).unwrap();
@@ -444,14 +560,22 @@ mod tests {
             }
         });
         let stale = attn.forward(&x);
-        assert!(stale[0].equal(&outputs[0]), "the copies changed before the refresh");
+        assert!(
+            stale[0].equal(&outputs[0]),
+            "the copies changed before the refresh"
+        );
         copies.refresh().unwrap();
         let fresh = attn.forward(&x);
         assert!(!fresh[0].equal(&outputs[0]));
         // Against the per-use casts of the updated masters: a second model with the same values.
         let adapters2 = VarStore::new(Device::Cpu);
         let mut plain = Attn::new(16, alpha, &adapters2);
-        for (layer, other) in [(&plain.q, &attn.q), (&plain.k, &attn.k), (&plain.v, &attn.v), (&plain.out, &attn.out)] {
+        for (layer, other) in [
+            (&plain.q, &attn.q),
+            (&plain.k, &attn.k),
+            (&plain.v, &attn.v),
+            (&plain.out, &attn.out),
+        ] {
             tch::no_grad(|| layer.weight.shallow_clone().copy_(&other.weight));
         }
         let source = crate::trainable_variables(&mut attn);
@@ -483,7 +607,8 @@ mod tests {
         let x = Tensor::randn([3, 16], (Kind::BFloat16, Device::Cpu));
         let w = Tensor::randn([3, 16], (Kind::Float, Device::Cpu));
         let run = |attn: &Attn| {
-            let kv = fused_forward(&[&attn.k, &attn.v], &x).expect("k and v are packed next to each other");
+            let kv = fused_forward(&[&attn.k, &attn.v], &x)
+                .expect("k and v are packed next to each other");
             loss(&kv, &w).backward();
             kv
         };
@@ -507,11 +632,20 @@ mod tests {
         let mut attn = Attn::new(8, 4.0, &adapters);
         crate::set_compute_kind(&mut attn, "default", None).unwrap();
         assert!(ComputeCopies::new(&mut attn, "default").unwrap().is_none());
-        assert!(matches!(ComputeCopies::new(&mut attn, "missing"), Err(Error::UnknownAdapter { .. })));
+        assert!(matches!(
+            ComputeCopies::new(&mut attn, "missing"),
+            Err(Error::UnknownAdapter { .. })
+        ));
 
         let adapters = VarStore::new(Device::Cpu);
-        let linear = || Linear::from_tensors(Tensor::randn([8, 8], (Kind::BFloat16, Device::Cpu)), None);
-        let mut dora = Attn { q: linear(), k: linear(), v: linear(), out: linear() };
+        let linear =
+            || Linear::from_tensors(Tensor::randn([8, 8], (Kind::BFloat16, Device::Cpu)), None);
+        let mut dora = Attn {
+            q: linear(),
+            k: linear(),
+            v: linear(),
+            out: linear(),
+        };
         let mut config = LoraConfig::unet_attention(2);
         config.use_dora = true;
         crate::inject(&mut dora, &adapters.root(), "default", &config).unwrap();

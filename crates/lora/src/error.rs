@@ -44,7 +44,9 @@ pub enum Error {
     },
 
     /// Merging an adapter would put NaN or infinity into the base weight.
-    #[error("merging adapter `{adapter}` into `{module}` gives non-finite weights; the adapter seems broken")]
+    #[error(
+        "merging adapter `{adapter}` into `{module}` gives non-finite weights; the adapter seems broken"
+    )]
     NonFiniteMerge {
         /// The module path.
         module: String,
@@ -66,7 +68,9 @@ pub enum Error {
 
     /// A layer with merged adapters cannot be quantized: its merge records refer to the
     /// full-precision weight.
-    #[error("module `{module}` has merged adapters; unmerge them before storing its base weight in fp8")]
+    #[error(
+        "module `{module}` has merged adapters; unmerge them before storing its base weight in fp8"
+    )]
     QuantizeMerged {
         /// The module path.
         module: String,

@@ -11,8 +11,8 @@ use std::fmt;
 
 use tch::{Kind, Tensor};
 
-use crate::linear::HasLinears;
 use crate::Result;
+use crate::linear::HasLinears;
 
 /// The largest finite `float8_e4m3fn` value.
 pub const E4M3_MAX: f64 = 448.0;
@@ -33,7 +33,9 @@ pub fn quantize_e4m3(weight: &Tensor) -> Result<(Tensor, Tensor)> {
         let scale = (&amax / E4M3_MAX).f_where_self(&amax.f_gt(0.0)?, &amax.f_ones_like()?)?;
         // The clamp only guards against the last bit of the division's rounding: libtorch turns
         // values past the fp8 range into NaN rather than saturating.
-        let quantized = (&weight / &scale).f_clamp(-E4M3_MAX, E4M3_MAX)?.f_to_kind(Kind::Float8e4m3fn)?;
+        let quantized = (&weight / &scale)
+            .f_clamp(-E4M3_MAX, E4M3_MAX)?
+            .f_to_kind(Kind::Float8e4m3fn)?;
         Ok((quantized, scale))
     })
 }
@@ -123,18 +125,32 @@ mod tests {
         tch::manual_seed(7);
         let weight = Tensor::randn([64, 48], (Kind::Float, Device::Cpu)) * 0.02;
         let (quantized, scale) = quantize_e4m3(&weight).unwrap();
-        assert_eq!((quantized.kind(), scale.kind(), scale.dim()), (Kind::Float8e4m3fn, Kind::Float, 0));
+        assert_eq!(
+            (quantized.kind(), scale.kind(), scale.dim()),
+            (Kind::Float8e4m3fn, Kind::Float, 0)
+        );
         let amax = weight.abs().max().double_value(&[]);
         assert!((scale.double_value(&[]) - amax / 448.0).abs() < 1e-9);
         // The largest weight lands exactly on 448.
-        assert_eq!(quantized.to_kind(Kind::Float).abs().max().double_value(&[]), 448.0);
+        assert_eq!(
+            quantized.to_kind(Kind::Float).abs().max().double_value(&[]),
+            448.0
+        );
         let restored = dequantize_e4m3(&quantized, &scale, Kind::Float).unwrap();
         // e4m3 keeps 3 mantissa bits: relative rounding error ≤ 2⁻⁴ for normal values.
         let error = (&restored - &weight).abs();
         let bound = weight.abs() * 0.0625 + scale.double_value(&[]) * 2f64.powi(-9);
         assert_eq!(error.le_tensor(&bound).all().int64_value(&[]), 1);
-        let (zeros, zero_scale) = quantize_e4m3(&Tensor::zeros([3, 2], (Kind::BFloat16, Device::Cpu))).unwrap();
+        let (zeros, zero_scale) =
+            quantize_e4m3(&Tensor::zeros([3, 2], (Kind::BFloat16, Device::Cpu))).unwrap();
         assert_eq!(zero_scale.double_value(&[]), 1.0);
-        assert_eq!(zeros.to_kind(Kind::Float).abs().sum(Kind::Float).double_value(&[]), 0.0);
+        assert_eq!(
+            zeros
+                .to_kind(Kind::Float)
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[]),
+            0.0
+        );
     }
 }

@@ -86,18 +86,28 @@ impl LoraConfig {
 
     /// The scaling rule this configuration asks for.
     pub fn scaling(&self) -> Scaling {
-        if self.use_rslora { Scaling::RankStabilized } else { Scaling::Standard }
+        if self.use_rslora {
+            Scaling::RankStabilized
+        } else {
+            Scaling::Standard
+        }
     }
 
     /// Whether `module` is a target.
     pub fn targets_module(&self, module: &str) -> bool {
-        self.targets.iter().any(|target| matches_suffix(module, target))
+        self.targets
+            .iter()
+            .any(|target| matches_suffix(module, target))
     }
 
     /// The rank and alpha of `module` after the patterns.
     pub fn rank_and_alpha(&self, module: &str) -> (i64, f64) {
-        let rank = longest_match(&self.rank_pattern, module).copied().unwrap_or(self.rank);
-        let alpha = longest_match(&self.alpha_pattern, module).copied().unwrap_or(self.alpha);
+        let rank = longest_match(&self.rank_pattern, module)
+            .copied()
+            .unwrap_or(self.rank);
+        let alpha = longest_match(&self.alpha_pattern, module)
+            .copied()
+            .unwrap_or(self.alpha);
         (rank, alpha)
     }
 
@@ -106,7 +116,12 @@ impl LoraConfig {
     /// # Errors
     /// [`Error::InvalidConfig`] naming the first bad field.
     pub fn validate(&self) -> Result<()> {
-        let bad = |field: String, reason: &str| Err(Error::InvalidConfig { field, reason: reason.to_owned() });
+        let bad = |field: String, reason: &str| {
+            Err(Error::InvalidConfig {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
         if self.rank < 1 {
             return bad("rank".into(), "must be at least 1");
         }
@@ -131,7 +146,10 @@ impl LoraConfig {
 
 /// `module` equals `pattern` or ends with `.pattern` (peft's target and pattern rule).
 pub fn matches_suffix(module: &str, pattern: &str) -> bool {
-    module == pattern || module.strip_suffix(pattern).is_some_and(|head| head.ends_with('.'))
+    module == pattern
+        || module
+            .strip_suffix(pattern)
+            .is_some_and(|head| head.ends_with('.'))
 }
 
 fn longest_match<'a, T>(patterns: &'a BTreeMap<String, T>, module: &str) -> Option<&'a T> {
@@ -169,7 +187,11 @@ impl std::fmt::Display for InjectionReport {
             writeln!(f, "  {module}  r={rank} alpha={alpha}")?;
         }
         if !self.unmatched_targets.is_empty() {
-            writeln!(f, "targets that matched nothing: {}", self.unmatched_targets.join(", "))?;
+            writeln!(
+                f,
+                "targets that matched nothing: {}",
+                self.unmatched_targets.join(", ")
+            )?;
         }
         Ok(())
     }
@@ -186,7 +208,12 @@ impl std::fmt::Display for InjectionReport {
 /// # Errors
 /// [`Error::InvalidConfig`], [`Error::NoTargetMatched`] when nothing was adapted,
 /// [`Error::DuplicateAdapter`] when a target already carries an adapter called `name`.
-pub fn inject(model: &mut dyn HasLinears, root: &nn::Path, name: &str, config: &LoraConfig) -> Result<InjectionReport> {
+pub fn inject(
+    model: &mut dyn HasLinears,
+    root: &nn::Path,
+    name: &str,
+    config: &LoraConfig,
+) -> Result<InjectionReport> {
     config.validate()?;
     let mut report = InjectionReport::default();
     let mut matched = vec![false; config.targets.len()];
@@ -203,7 +230,14 @@ pub fn inject(model: &mut dyn HasLinears, root: &nn::Path, name: &str, config: &
             *flag |= matches_suffix(module, target);
         }
         let (rank, alpha) = config.rank_and_alpha(module);
-        match new_adapter(&module_path(root, module), name, linear, rank, alpha, config) {
+        match new_adapter(
+            &module_path(root, module),
+            name,
+            linear,
+            rank,
+            alpha,
+            config,
+        ) {
             Ok(adapter) => match linear.add_adapter(module, adapter) {
                 Ok(()) => report.adapted.push((module.to_owned(), rank, alpha)),
                 Err(error) => failure = Some(error),
@@ -215,20 +249,40 @@ pub fn inject(model: &mut dyn HasLinears, root: &nn::Path, name: &str, config: &
         return Err(error);
     }
     if report.adapted.is_empty() {
-        return Err(Error::NoTargetMatched { targets: config.targets.clone() });
+        return Err(Error::NoTargetMatched {
+            targets: config.targets.clone(),
+        });
     }
-    report.unmatched_targets =
-        config.targets.iter().zip(&matched).filter(|(_, m)| !**m).map(|(t, _)| t.clone()).collect();
+    report.unmatched_targets = config
+        .targets
+        .iter()
+        .zip(&matched)
+        .filter(|(_, m)| !**m)
+        .map(|(t, _)| t.clone())
+        .collect();
     Ok(report)
 }
 
-fn new_adapter(path: &nn::Path, name: &str, linear: &Linear, rank: i64, alpha: f64, config: &LoraConfig) -> Result<Adapter> {
+fn new_adapter(
+    path: &nn::Path,
+    name: &str,
+    linear: &Linear,
+    rank: i64,
+    alpha: f64,
+    config: &LoraConfig,
+) -> Result<Adapter> {
     let (in_features, out_features) = (linear.in_features(), linear.out_features());
     let down_init = match config.init {
-        Init::Gaussian => nn::Init::Randn { mean: 0.0, stdev: 1.0 / rank as f64 },
+        Init::Gaussian => nn::Init::Randn {
+            mean: 0.0,
+            stdev: 1.0 / rank as f64,
+        },
         Init::KaimingUniform => {
             let bound = 1.0 / (in_features as f64).sqrt();
-            nn::Init::Uniform { lo: -bound, up: bound }
+            nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            }
         }
     };
     let down = (path / "lora_A").f_var("weight", &[rank, in_features], down_init)?;
@@ -238,7 +292,10 @@ fn new_adapter(path: &nn::Path, name: &str, linear: &Linear, rank: i64, alpha: f
     adapter.dropout = config.dropout;
     if config.use_dora {
         // With B = 0 the adapted weight is W, so the magnitude starts at W's row norms.
-        let weight = linear.base_weight().to_kind(Kind::Float).to_device(path.device());
+        let weight = linear
+            .base_weight()
+            .to_kind(Kind::Float)
+            .to_device(path.device());
         let norm = adapter.dora_weight_norm(&weight, &weight.zeros_like());
         adapter.magnitude = Some(path.f_var_copy("lora_magnitude_vector", &norm)?);
     }
@@ -264,7 +321,10 @@ fn for_each_named(
     });
     match failure {
         Some(error) => Err(error),
-        None if count == 0 => Err(Error::UnknownAdapter { module: String::new(), adapter: name.to_owned() }),
+        None if count == 0 => Err(Error::UnknownAdapter {
+            module: String::new(),
+            adapter: name.to_owned(),
+        }),
         None => Ok(count),
     }
 }
@@ -274,7 +334,9 @@ fn for_each_named(
 /// # Errors
 /// [`Error::UnknownAdapter`] when no layer has it.
 pub fn set_enabled(model: &mut dyn HasLinears, name: &str, enabled: bool) -> Result<usize> {
-    for_each_named(model, name, &mut |module, linear| linear.set_adapter_enabled(module, name, enabled))
+    for_each_named(model, name, &mut |module, linear| {
+        linear.set_adapter_enabled(module, name, enabled)
+    })
 }
 
 /// Sets adapter `name`'s multiplier (the per-LoRA weight when several are active) in every layer.
@@ -291,16 +353,27 @@ pub fn set_multiplier(model: &mut dyn HasLinears, name: &str, multiplier: f64) -
 ///
 /// # Errors
 /// [`Error::UnknownAdapter`] when no layer has the adapter.
-pub fn set_compute_kind(model: &mut dyn HasLinears, name: &str, kind: Option<tch::Kind>) -> Result<usize> {
+pub fn set_compute_kind(
+    model: &mut dyn HasLinears,
+    name: &str,
+    kind: Option<tch::Kind>,
+) -> Result<usize> {
     update_adapter(model, name, &mut |adapter| adapter.compute_kind = kind)
 }
 
 /// Applies `f` to adapter `name` in every layer that has it; returns how many layers that was.
-fn update_adapter(model: &mut dyn HasLinears, name: &str, f: &mut dyn FnMut(&mut crate::Adapter)) -> Result<usize> {
+fn update_adapter(
+    model: &mut dyn HasLinears,
+    name: &str,
+    f: &mut dyn FnMut(&mut crate::Adapter),
+) -> Result<usize> {
     for_each_named(model, name, &mut |module, linear| {
         let adapter = linear
             .adapter_mut(name)
-            .ok_or_else(|| Error::UnknownAdapter { module: module.to_owned(), adapter: name.to_owned() })?;
+            .ok_or_else(|| Error::UnknownAdapter {
+                module: module.to_owned(),
+                adapter: name.to_owned(),
+            })?;
         f(adapter);
         Ok(())
     })
@@ -323,8 +396,13 @@ pub fn merge(model: &mut dyn HasLinears, names: Option<&[&str]>) -> Result<()> {
         if failure.is_some() || linear.adapters().is_empty() {
             return;
         }
-        let present: Option<Vec<&str>> =
-            names.map(|names| names.iter().copied().filter(|n| linear.adapter(n).is_some()).collect());
+        let present: Option<Vec<&str>> = names.map(|names| {
+            names
+                .iter()
+                .copied()
+                .filter(|n| linear.adapter(n).is_some())
+                .collect()
+        });
         if let Err(error) = linear.merge(module, present.as_deref()) {
             failure = Some(error);
         }

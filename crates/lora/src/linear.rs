@@ -71,14 +71,38 @@ impl Linear {
     /// (uniform in ±1/√in); loading weights overwrites them.
     pub fn new(path: &nn::Path, in_features: i64, out_features: i64, bias: bool) -> Self {
         let bound = 1.0 / (in_features as f64).sqrt();
-        let weight = path.var("weight", &[out_features, in_features], nn::Init::Uniform { lo: -bound, up: bound });
-        let bias = bias.then(|| path.var("bias", &[out_features], nn::Init::Uniform { lo: -bound, up: bound }));
+        let weight = path.var(
+            "weight",
+            &[out_features, in_features],
+            nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        );
+        let bias = bias.then(|| {
+            path.var(
+                "bias",
+                &[out_features],
+                nn::Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
+            )
+        });
         Self::from_tensors(weight, bias)
     }
 
     /// Wraps existing tensors (weight `[out, in]`, bias `[out]`) without adapters.
     pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, adapters: Vec::new(), merges: Vec::new(), training: false, fp8: None, pack: None }
+        Self {
+            weight,
+            bias,
+            adapters: Vec::new(),
+            merges: Vec::new(),
+            training: false,
+            fp8: None,
+            pack: None,
+        }
     }
 
     /// The input width.
@@ -94,7 +118,9 @@ impl Linear {
     /// The type the layer computes in: the base weight's element type, or for an fp8 weight the
     /// type it is widened to.
     pub fn kind(&self) -> Kind {
-        self.fp8.as_ref().map_or_else(|| self.weight.kind(), |fp8| fp8.compute_kind)
+        self.fp8
+            .as_ref()
+            .map_or_else(|| self.weight.kind(), |fp8| fp8.compute_kind)
     }
 
     /// Whether the base weight is stored in fp8.
@@ -109,7 +135,10 @@ impl Linear {
             return None;
         }
         let start = self.weight.data_ptr() as usize;
-        Some((start, start + self.weight.numel() * self.weight.kind().elt_size_in_bytes()))
+        Some((
+            start,
+            start + self.weight.numel() * self.weight.kind().elt_size_in_bytes(),
+        ))
     }
 
     /// This layer's place among the layers [`pack_weights`] laid out together, while its weight is
@@ -153,10 +182,15 @@ impl Linear {
             return Ok(());
         }
         if !self.merges.is_empty() {
-            return Err(Error::QuantizeMerged { module: module.to_owned() });
+            return Err(Error::QuantizeMerged {
+                module: module.to_owned(),
+            });
         }
         let compute_kind = compute_kind.unwrap_or_else(|| self.weight.kind());
-        if !matches!(compute_kind, Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double) {
+        if !matches!(
+            compute_kind,
+            Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double
+        ) {
             return Err(Error::InvalidConfig {
                 field: format!("fp8 compute type of `{module}`"),
                 reason: format!("is {compute_kind:?}; it must be fp32, bf16, fp16 or fp64"),
@@ -172,7 +206,10 @@ impl Linear {
             let converted = bias.f_to_kind(compute_kind)?;
             bias.set_data(&converted);
         }
-        self.fp8 = Some(Fp8Weight { scale, compute_kind });
+        self.fp8 = Some(Fp8Weight {
+            scale,
+            compute_kind,
+        });
         Ok(())
     }
 
@@ -199,7 +236,10 @@ impl Linear {
     /// `[r, in]`, `B` not `[out, r]` or the magnitude not `[out]`.
     pub fn add_adapter(&mut self, module: &str, adapter: Adapter) -> Result<()> {
         if self.adapter(&adapter.name).is_some() {
-            return Err(Error::DuplicateAdapter { module: module.to_owned(), adapter: adapter.name });
+            return Err(Error::DuplicateAdapter {
+                module: module.to_owned(),
+                adapter: adapter.name,
+            });
         }
         let (down, up) = (adapter.down.size(), adapter.up.size());
         let (in_features, out_features) = (self.in_features(), self.out_features());
@@ -223,7 +263,10 @@ impl Linear {
         {
             return Err(Error::ShapeMismatch {
                 module: module.to_owned(),
-                reason: format!("DoRA magnitude {:?} is not [{out_features}]", magnitude.size()),
+                reason: format!(
+                    "DoRA magnitude {:?} is not [{out_features}]",
+                    magnitude.size()
+                ),
             });
         }
         self.adapters.push(adapter);
@@ -246,7 +289,10 @@ impl Linear {
         self.adapters
             .iter()
             .position(|a| a.name == name)
-            .ok_or_else(|| Error::UnknownAdapter { module: module.to_owned(), adapter: name.to_owned() })
+            .ok_or_else(|| Error::UnknownAdapter {
+                module: module.to_owned(),
+                adapter: name.to_owned(),
+            })
     }
 
     /// Switches adapter `name` on or off without merging. Switching off a merged adapter unmerges
@@ -280,10 +326,16 @@ impl Linear {
     /// weight is stored in fp8.
     pub fn merge(&mut self, module: &str, names: Option<&[&str]>) -> Result<()> {
         if self.fp8.is_some() {
-            return Err(Error::Fp8BaseWeight { module: module.to_owned(), operation: "merging an adapter" });
+            return Err(Error::Fp8BaseWeight {
+                module: module.to_owned(),
+                operation: "merging an adapter",
+            });
         }
         let indices: Vec<usize> = match names {
-            Some(names) => names.iter().map(|name| self.index_of(module, name)).collect::<Result<_>>()?,
+            Some(names) => names
+                .iter()
+                .map(|name| self.index_of(module, name))
+                .collect::<Result<_>>()?,
             None => (0..self.adapters.len()).collect(),
         };
         for index in indices {
@@ -304,11 +356,18 @@ impl Linear {
                 }
             };
             if merged.isfinite().all().f_int64_value(&[])? == 0 {
-                return Err(Error::NonFiniteMerge { module: module.to_owned(), adapter: adapter.name.clone() });
+                return Err(Error::NonFiniteMerge {
+                    module: module.to_owned(),
+                    adapter: adapter.name.clone(),
+                });
             }
             tch::no_grad(|| self.weight.f_copy_(&merged))?;
             self.adapters[index].merged = true;
-            self.merges.push(MergeRecord { adapter: index, delta, dora_factor });
+            self.merges.push(MergeRecord {
+                adapter: index,
+                delta,
+                dora_factor,
+            });
         }
         Ok(())
     }
@@ -321,7 +380,10 @@ impl Linear {
     /// merges: the request is a mistake worth reporting), libtorch errors.
     pub fn unmerge(&mut self, module: &str) -> Result<()> {
         if self.fp8.is_some() {
-            return Err(Error::Fp8BaseWeight { module: module.to_owned(), operation: "unmerging" });
+            return Err(Error::Fp8BaseWeight {
+                module: module.to_owned(),
+                operation: "unmerging",
+            });
         }
         while let Some(record) = self.merges.pop() {
             let restored = Self::undo(&self.weight.to_kind(Kind::Float), &record);
@@ -357,23 +419,37 @@ impl Linear {
 /// weight tensor instead (a variable store's `set_kind`, fp8 quantization) undoes it, and
 /// [`fused_forward`] then declines.
 pub fn pack_weights(layers: &mut [&mut Linear]) -> bool {
-    let Some(first) = layers.first() else { return false };
-    let (kind, device, width) = (first.weight.kind(), first.weight.device(), first.weight.size().get(1).copied());
+    let Some(first) = layers.first() else {
+        return false;
+    };
+    let (kind, device, width) = (
+        first.weight.kind(),
+        first.weight.device(),
+        first.weight.size().get(1).copied(),
+    );
     let fits = layers.len() >= 2
         && layers.iter().all(|l| {
             let size = l.weight.size();
-            l.fp8.is_none() && size.len() == 2 && Some(size[1]) == width && l.weight.kind() == kind && l.weight.device() == device
+            l.fp8.is_none()
+                && size.len() == 2
+                && Some(size[1]) == width
+                && l.weight.kind() == kind
+                && l.weight.device() == device
         });
     if !fits {
         return false;
     }
     let weights: Vec<Tensor> = layers.iter().map(|l| l.weight.detach()).collect();
-    let Ok(packed) = tch::no_grad(|| Tensor::f_cat(&weights, 0)) else { return false };
+    let Ok(packed) = tch::no_grad(|| Tensor::f_cat(&weights, 0)) else {
+        return false;
+    };
     let mut start = 0;
     let buffer = packed.data_ptr() as usize;
     for (member, layer) in layers.iter_mut().enumerate() {
         let rows = layer.weight.size()[0];
-        let Ok(view) = packed.f_narrow(0, start, rows) else { return false };
+        let Ok(view) = packed.f_narrow(0, start, rows) else {
+            return false;
+        };
         // set_data swaps the storage under the variable itself, so the variable store's handle and
         // every shallow clone see the view.
         if layer.weight.f_set_data(&view).is_err() {
@@ -427,8 +503,15 @@ pub fn fused_forward(layers: &[&Linear], xs: &Tensor) -> Option<Vec<Tensor>> {
     }
     let weight = packed_weight(layers)?;
     let kind = weight.kind();
-    let active: Vec<Vec<&Adapter>> =
-        layers.iter().map(|l| l.adapters.iter().filter(|a| a.enabled && !a.merged).collect()).collect();
+    let active: Vec<Vec<&Adapter>> = layers
+        .iter()
+        .map(|l| {
+            l.adapters
+                .iter()
+                .filter(|a| a.enabled && !a.merged)
+                .collect()
+        })
+        .collect();
     let outs: Vec<i64> = layers.iter().map(|l| l.weight.size()[0]).collect();
     // One split (its backward is one concatenation), not a narrow per layer (whose backward would
     // fill a full-width zero gradient for each).
@@ -438,9 +521,14 @@ pub fn fused_forward(layers: &[&Linear], xs: &Tensor) -> Option<Vec<Tensor>> {
     }
     let mut adapters = Vec::with_capacity(layers.len());
     for (layer, found) in layers.iter().zip(&active) {
-        let [adapter] = found.as_slice() else { return None };
+        let [adapter] = found.as_slice() else {
+            return None;
+        };
         let compute = adapter.compute_kind.unwrap_or_else(|| adapter.kind());
-        if adapter.magnitude.is_some() || (layer.training && adapter.dropout > 0.0) || compute != kind {
+        if adapter.magnitude.is_some()
+            || (layer.training && adapter.dropout > 0.0)
+            || compute != kind
+        {
             return None;
         }
         adapters.push(*adapter);
@@ -449,25 +537,33 @@ pub fn fused_forward(layers: &[&Linear], xs: &Tensor) -> Option<Vec<Tensor>> {
     let (down, up) = match group_copies(&adapters, kind) {
         Some(copies) => copies,
         None => {
-            let (downs, ups): (Vec<Tensor>, Vec<Tensor>) = adapters
-                .iter()
-                .map(|a| compute_matrices(a, kind))
-                .unzip();
+            let (downs, ups): (Vec<Tensor>, Vec<Tensor>) =
+                adapters.iter().map(|a| compute_matrices(a, kind)).unzip();
             match downs.len() {
                 // One adapter: its own matrices, without the copies `cat` and `stack` would make.
                 1 => (downs[0].shallow_clone(), ups[0].shallow_clone()),
-                _ if ups.iter().all(|u| u.size() == ups[0].size()) => (Tensor::cat(&downs, 0), Tensor::stack(&ups, 0)),
+                _ if ups.iter().all(|u| u.size() == ups[0].size()) => {
+                    (Tensor::cat(&downs, 0), Tensor::stack(&ups, 0))
+                }
                 // Adapters of different ranks or widths: a block-diagonal up-projection.
                 _ => (Tensor::cat(&downs, 0), Tensor::block_diag(&ups)),
             }
         }
     };
-    Some(if up.dim() == 2 { split(add_lora_products(&base, &xs.to_kind(kind), &down, &up)) } else { add_group_products(&base, &xs.to_kind(kind), &down, &up) })
+    Some(if up.dim() == 2 {
+        split(add_lora_products(&base, &xs.to_kind(kind), &down, &up))
+    } else {
+        add_group_products(&base, &xs.to_kind(kind), &down, &up)
+    })
 }
 
 /// `B` times the adapter's scale (the tensor itself when the scale is 1).
 fn scaled_up(adapter: &Adapter) -> Tensor {
-    if adapter.scale() == 1.0 { adapter.up.shallow_clone() } else { &adapter.up * adapter.scale() }
+    if adapter.scale() == 1.0 {
+        adapter.up.shallow_clone()
+    } else {
+        &adapter.up * adapter.scale()
+    }
 }
 
 /// An adapter's `A` and scaled `B` in `kind`: views of its compute copies where it has them (so the
@@ -487,7 +583,9 @@ fn group_copies(adapters: &[&Adapter], kind: Kind) -> Option<(Tensor, Tensor)> {
         && first.down.kind() == kind
         && adapters.iter().enumerate().all(|(i, a)| {
             a.compute_kind == Some(kind)
-                && a.copy.as_ref().is_some_and(|c| c.member == i as i64 && c.down.data_ptr() == first.down.data_ptr())
+                && a.copy.as_ref().is_some_and(|c| {
+                    c.member == i as i64 && c.down.data_ptr() == first.down.data_ptr()
+                })
         });
     whole.then(|| (first.down.shallow_clone(), first.up.shallow_clone()))
 }
@@ -502,7 +600,9 @@ fn add_lora_products(base: &Tensor, x: &Tensor, down: &Tensor, up: &Tensor) -> T
     let hidden = x.linear::<Tensor>(down, None);
     let shape = base.size();
     let (out, rank) = (up.size()[0], down.size()[0]);
-    base.reshape([-1, out]).addmm(&hidden.reshape([-1, rank]), &up.tr()).reshape(shape.as_slice())
+    base.reshape([-1, out])
+        .addmm(&hidden.reshape([-1, rank]), &up.tr())
+        .reshape(shape.as_slice())
 }
 
 /// `base_i + x·A_iᵀ·B_iᵀ` for the `g` adapters of a group whose outputs lie side by side in `base`'s
@@ -517,13 +617,19 @@ fn add_group_products(base: &Tensor, x: &Tensor, down: &Tensor, up: &Tensor) -> 
     let (g, out, rank) = (size[0], size[1], size[2]);
     let hidden = x.linear::<Tensor>(down, None);
     let rows = hidden.numel() as i64 / (g * rank);
-    let lora = hidden.view([rows, g, rank]).transpose(0, 1).bmm(&up.transpose(1, 2));
+    let lora = hidden
+        .view([rows, g, rank])
+        .transpose(0, 1)
+        .bmm(&up.transpose(1, 2));
     let mut shape = base.size();
     if let Some(last) = shape.last_mut() {
         *last = out;
     }
     let sum = base.view([rows, g, out]) + lora.transpose(0, 1);
-    sum.unbind(1).into_iter().map(|y| y.view(shape.as_slice())).collect()
+    sum.unbind(1)
+        .into_iter()
+        .map(|y| y.view(shape.as_slice()))
+        .collect()
 }
 
 impl Module for Linear {
@@ -537,7 +643,11 @@ impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Tensor {
         let weight = self.base_weight();
         let base = xs.linear(&weight, self.bias.as_ref());
-        let mut active = self.adapters.iter().filter(|a| a.enabled && !a.merged).peekable();
+        let mut active = self
+            .adapters
+            .iter()
+            .filter(|a| a.enabled && !a.merged)
+            .peekable();
         if active.peek().is_none() {
             return base;
         }
@@ -547,7 +657,11 @@ impl Module for Linear {
             let autocast = adapter.compute_kind.filter(|_| adapter.magnitude.is_none());
             let x = xs.to_kind(autocast.unwrap_or_else(|| adapter.kind()));
             let dropout_active = self.training && adapter.dropout > 0.0;
-            let dropped = if dropout_active { x.dropout(adapter.dropout, true) } else { x.shallow_clone() };
+            let dropped = if dropout_active {
+                x.dropout(adapter.dropout, true)
+            } else {
+                x.shallow_clone()
+            };
             let scale = adapter.scale();
             match &adapter.magnitude {
                 None => match autocast {
@@ -562,9 +676,15 @@ impl Module for Linear {
                             Some(kind) => (adapter.down.to_kind(kind), adapter.up.to_kind(kind)),
                             None => (adapter.down.shallow_clone(), adapter.up.shallow_clone()),
                         };
-                        let lora_out = dropped.linear::<Tensor>(&down, None).linear::<Tensor>(&up, None);
+                        let lora_out = dropped
+                            .linear::<Tensor>(&down, None)
+                            .linear::<Tensor>(&up, None);
                         // A scale of exactly 1 (alpha = rank) multiplies nothing: skip the kernel.
-                        let scaled = if scale == 1.0 { lora_out } else { lora_out * scale };
+                        let scaled = if scale == 1.0 {
+                            lora_out
+                        } else {
+                            lora_out * scale
+                        };
                         // Out of place, so a bf16 base output is promoted to fp32 for the sum (as in
                         // peft) instead of rounding after each adapter.
                         result = scaled + &result;
@@ -575,8 +695,9 @@ impl Module for Linear {
                     let delta = adapter.up.matmul(&adapter.down).detach() * scale;
                     let norm = adapter.dora_weight_norm(&weight, &delta);
                     let magnitude_scale = (magnitude / norm).view([1, -1]);
-                    let lora_result =
-                        dropped.linear::<Tensor>(&adapter.down, None).linear::<Tensor>(&adapter.up, None);
+                    let lora_result = dropped
+                        .linear::<Tensor>(&adapter.down, None)
+                        .linear::<Tensor>(&adapter.up, None);
                     // Without dropout the base output is reused (minus its bias); with dropout the
                     // base path is recomputed on the dropped input, as in peft.
                     let base_result = if dropout_active {
@@ -587,7 +708,9 @@ impl Module for Linear {
                             None => result.shallow_clone(),
                         }
                     };
-                    result = &result + (&magnitude_scale - 1.0) * base_result + magnitude_scale * lora_result * scale;
+                    result = &result
+                        + (&magnitude_scale - 1.0) * base_result
+                        + magnitude_scale * lora_result * scale;
                 }
             }
         }
@@ -617,7 +740,10 @@ mod tests {
     /// A 5 → 3 layer with bias and a random input batch.
     fn layer_and_input(seed: i64) -> (Linear, Tensor) {
         tch::manual_seed(seed);
-        let layer = Linear::from_tensors(Tensor::randn([3, 5], (Kind::Float, Device::Cpu)), Some(Tensor::randn([3], (Kind::Float, Device::Cpu))));
+        let layer = Linear::from_tensors(
+            Tensor::randn([3, 5], (Kind::Float, Device::Cpu)),
+            Some(Tensor::randn([3], (Kind::Float, Device::Cpu))),
+        );
         (layer, Tensor::randn([4, 2, 5], (Kind::Float, Device::Cpu)))
     }
 
@@ -635,7 +761,12 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let layer = Linear::new(&(vs.root() / "to_out" / 0), 3, 2, true);
         let names: std::collections::BTreeSet<String> = vs.variables().into_keys().collect();
-        assert_eq!(names, ["to_out.0.bias", "to_out.0.weight"].map(String::from).into());
+        assert_eq!(
+            names,
+            ["to_out.0.bias", "to_out.0.weight"]
+                .map(String::from)
+                .into()
+        );
         let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0]).view([1, 3]);
         let expected = x.matmul(&layer.weight.tr()) + layer.bias.as_ref().unwrap();
         assert!(layer.forward(&x).allclose(&expected, 1e-6, 1e-6, false));
@@ -677,7 +808,11 @@ mod tests {
             layer.merge("m", None).unwrap();
             assert!(layer.adapters().iter().all(Adapter::is_merged));
             let merged = layer.forward(&x);
-            assert!(max_diff(&merged, &unmerged) < 1e-5, "dora={dora}: {}", max_diff(&merged, &unmerged));
+            assert!(
+                max_diff(&merged, &unmerged) < 1e-5,
+                "dora={dora}: {}",
+                max_diff(&merged, &unmerged)
+            );
             layer.unmerge("m").unwrap();
             assert!(max_diff(&layer.weight, &original) < 1e-6, "dora={dora}");
             assert!(max_diff(&layer.forward(&x), &unmerged) < 1e-5);
@@ -691,7 +826,9 @@ mod tests {
         layer.add_adapter("m", random_adapter("b", 1, 1.0)).unwrap();
         let both = layer.forward(&x);
         layer.merge("m", Some(&["b"])).unwrap();
-        assert!(!layer.adapter("a").unwrap().is_merged() && layer.adapter("b").unwrap().is_merged());
+        assert!(
+            !layer.adapter("a").unwrap().is_merged() && layer.adapter("b").unwrap().is_merged()
+        );
         assert!(max_diff(&layer.forward(&x), &both) < 1e-5);
         // Switching a merged adapter off unmerges it.
         layer.set_adapter_enabled("m", "b", false).unwrap();
@@ -708,33 +845,66 @@ mod tests {
         broken.up = broken.up.fill_(f64::NAN);
         layer.add_adapter("blocks.0.to_q", broken).unwrap();
         let error = layer.merge("blocks.0.to_q", None).unwrap_err();
-        assert!(matches!(error, Error::NonFiniteMerge { ref module, .. } if module == "blocks.0.to_q"), "{error}");
+        assert!(
+            matches!(error, Error::NonFiniteMerge { ref module, .. } if module == "blocks.0.to_q"),
+            "{error}"
+        );
         assert_eq!(max_diff(&layer.weight, &original), 0.0);
-        let misfit = Adapter::new("x", Tensor::zeros([2, 4], (Kind::Float, Device::Cpu)), Tensor::zeros([3, 2], (Kind::Float, Device::Cpu)), 1.0);
-        assert!(matches!(layer.add_adapter("m", misfit), Err(Error::ShapeMismatch { .. })));
-        assert!(matches!(layer.add_adapter("m", random_adapter("nan", 1, 1.0)), Err(Error::DuplicateAdapter { .. })));
-        assert!(matches!(layer.merge("m", Some(&["missing"])), Err(Error::UnknownAdapter { .. })));
+        let misfit = Adapter::new(
+            "x",
+            Tensor::zeros([2, 4], (Kind::Float, Device::Cpu)),
+            Tensor::zeros([3, 2], (Kind::Float, Device::Cpu)),
+            1.0,
+        );
+        assert!(matches!(
+            layer.add_adapter("m", misfit),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            layer.add_adapter("m", random_adapter("nan", 1, 1.0)),
+            Err(Error::DuplicateAdapter { .. })
+        ));
+        assert!(matches!(
+            layer.merge("m", Some(&["missing"])),
+            Err(Error::UnknownAdapter { .. })
+        ));
     }
 
     #[test]
     fn bf16_base_with_fp32_adapter_returns_bf16() {
         let (layer, x) = layer_and_input(5);
-        let mut half = Linear::from_tensors(layer.weight.to_kind(Kind::BFloat16), layer.bias.as_ref().map(|b| b.to_kind(Kind::BFloat16)));
+        let mut half = Linear::from_tensors(
+            layer.weight.to_kind(Kind::BFloat16),
+            layer.bias.as_ref().map(|b| b.to_kind(Kind::BFloat16)),
+        );
         half.add_adapter("m", random_adapter("a", 2, 2.0)).unwrap();
         let y = half.forward(&x.to_kind(Kind::BFloat16));
         assert_eq!(y.kind(), Kind::BFloat16);
         let adapter = half.adapter("a").unwrap();
-        let reference = x.to_kind(Kind::BFloat16).linear(&half.weight, half.bias.as_ref()).to_kind(Kind::Float)
-            + x.to_kind(Kind::BFloat16).to_kind(Kind::Float).matmul(&adapter.down.tr()).matmul(&adapter.up.tr());
-        assert!(max_diff(&y.to_kind(Kind::Float), &reference.to_kind(Kind::BFloat16).to_kind(Kind::Float)) < 1e-6);
+        let reference = x
+            .to_kind(Kind::BFloat16)
+            .linear(&half.weight, half.bias.as_ref())
+            .to_kind(Kind::Float)
+            + x.to_kind(Kind::BFloat16)
+                .to_kind(Kind::Float)
+                .matmul(&adapter.down.tr())
+                .matmul(&adapter.up.tr());
+        assert!(
+            max_diff(
+                &y.to_kind(Kind::Float),
+                &reference.to_kind(Kind::BFloat16).to_kind(Kind::Float)
+            ) < 1e-6
+        );
     }
 
     #[test]
     fn autocast_compute_kind_matches_peft_under_autocast_and_trains_the_fp32_matrices() {
         let (layer, x) = layer_and_input(6);
         for alpha in [2.0, 3.0] {
-            let mut half =
-                Linear::from_tensors(layer.weight.to_kind(Kind::BFloat16), layer.bias.as_ref().map(|b| b.to_kind(Kind::BFloat16)));
+            let mut half = Linear::from_tensors(
+                layer.weight.to_kind(Kind::BFloat16),
+                layer.bias.as_ref().map(|b| b.to_kind(Kind::BFloat16)),
+            );
             let mut adapter = random_adapter("a", 2, alpha);
             adapter.down = adapter.down.set_requires_grad(true);
             adapter.up = adapter.up.set_requires_grad(true);
@@ -746,17 +916,24 @@ mod tests {
             assert_eq!(y.kind(), Kind::BFloat16);
             // peft under torch.autocast(bf16): both products in bf16, scaled in bf16, added in bf16.
             let base = xb.linear(&half.weight, half.bias.as_ref());
-            let lora = xb.linear::<Tensor>(&down.to_kind(Kind::BFloat16), None).linear::<Tensor>(&up.to_kind(Kind::BFloat16), None);
+            let lora = xb
+                .linear::<Tensor>(&down.to_kind(Kind::BFloat16), None)
+                .linear::<Tensor>(&up.to_kind(Kind::BFloat16), None);
             let expected = lora * (alpha / 2.0) + base;
             // One rounding (a product with accumulation) instead of peft's two: the results differ
             // by at most two bf16 steps (2 · 2⁻⁷ relative) of the largest output.
             let scale_of = expected.to_kind(Kind::Float).abs().max().double_value(&[]);
             let diff = max_diff(&y.to_kind(Kind::Float), &expected.to_kind(Kind::Float));
-            assert!(diff <= 2.0 * scale_of / 128.0, "alpha {alpha}: max |Δ| {diff} of {scale_of}");
+            assert!(
+                diff <= 2.0 * scale_of / 128.0,
+                "alpha {alpha}: max |Δ| {diff} of {scale_of}"
+            );
             // Not trivially: the LoRA term moves the output by far more than that.
             let without = half.weight.shallow_clone();
             let base_only = xb.linear(&without, half.bias.as_ref()).to_kind(Kind::Float);
-            assert!(max_diff(&y.to_kind(Kind::Float), &base_only) > 10.0 * diff.max(scale_of / 128.0));
+            assert!(
+                max_diff(&y.to_kind(Kind::Float), &base_only) > 10.0 * diff.max(scale_of / 128.0)
+            );
             y.to_kind(Kind::Float).sum(Kind::Float).backward();
             for grad in [down.grad(), up.grad()] {
                 assert_eq!(grad.kind(), Kind::Float);
@@ -774,7 +951,12 @@ mod tests {
             .enumerate()
             .map(|(i, &out)| {
                 let layer = Linear::new(&(vs.root() / format!("p{i}")), 8, out, false);
-                tch::no_grad(|| layer.weight.shallow_clone().copy_(&Tensor::randn([out, 8], (Kind::Float, Device::Cpu))));
+                tch::no_grad(|| {
+                    layer
+                        .weight
+                        .shallow_clone()
+                        .copy_(&Tensor::randn([out, 8], (Kind::Float, Device::Cpu)))
+                });
                 layer
             })
             .collect();
@@ -790,7 +972,11 @@ mod tests {
         let stored = vs.variables()["p1.weight"].shallow_clone();
         assert_eq!(stored.data_ptr(), layers[1].weight.data_ptr());
         let mut matrices = Vec::new();
-        for (i, (layer, (rank, alpha))) in layers.iter_mut().zip([(2i64, 2.0), (3, 6.0), (1, 0.5)]).enumerate() {
+        for (i, (layer, (rank, alpha))) in layers
+            .iter_mut()
+            .zip([(2i64, 2.0), (3, 6.0), (1, 0.5)])
+            .enumerate()
+        {
             let out = layer.weight.size()[0];
             let down = Tensor::randn([rank, 8], (Kind::Float, Device::Cpu)).set_requires_grad(true);
             let up = Tensor::randn([out, rank], (Kind::Float, Device::Cpu)).set_requires_grad(true);
@@ -804,7 +990,10 @@ mod tests {
 
     #[test]
     fn fused_forward_matches_the_layers_one_by_one_in_values_and_gradients() {
-        for (kind, compute, tolerance) in [(Kind::Float, None, 1e-5), (Kind::BFloat16, Some(Kind::BFloat16), 6e-2)] {
+        for (kind, compute, tolerance) in [
+            (Kind::Float, None, 1e-5),
+            (Kind::BFloat16, Some(Kind::BFloat16), 6e-2),
+        ] {
             let (layers, matrices) = packed_trio(compute);
             let layers: Vec<Linear> = if kind == Kind::Float {
                 layers
@@ -814,7 +1003,13 @@ mod tests {
                 for layer in &mut layers {
                     layer.weight = layer.weight.to_kind(kind);
                 }
-                assert!(fused_forward(&layers.iter().collect::<Vec<_>>(), &Tensor::zeros([1, 8], (kind, Device::Cpu))).is_none());
+                assert!(
+                    fused_forward(
+                        &layers.iter().collect::<Vec<_>>(),
+                        &Tensor::zeros([1, 8], (kind, Device::Cpu))
+                    )
+                    .is_none()
+                );
                 let mut refs: Vec<&mut Linear> = layers.iter_mut().collect();
                 assert!(pack_weights(&mut refs));
                 layers
@@ -823,27 +1018,40 @@ mod tests {
             let x = Tensor::randn([2, 4, 8], (Kind::Float, Device::Cpu)).to_kind(kind);
             let fused = fused_forward(&refs, &x).expect("packed, one plain adapter each");
             let single: Vec<Tensor> = layers.iter().map(|l| l.forward(&x)).collect();
-            let loss = |ys: &[Tensor]| ys.iter().map(|y| y.to_kind(Kind::Float).square().sum(Kind::Float)).fold(Tensor::from(0f32), |a, b| a + b);
+            let loss = |ys: &[Tensor]| {
+                ys.iter()
+                    .map(|y| y.to_kind(Kind::Float).square().sum(Kind::Float))
+                    .fold(Tensor::from(0f32), |a, b| a + b)
+            };
             let grads = |ys: &[Tensor]| -> Vec<Tensor> {
                 for (d, u) in &matrices {
                     d.shallow_clone().zero_grad();
                     u.shallow_clone().zero_grad();
                 }
                 loss(ys).backward();
-                matrices.iter().flat_map(|(d, u)| [d.grad().copy(), u.grad().copy()]).collect()
+                matrices
+                    .iter()
+                    .flat_map(|(d, u)| [d.grad().copy(), u.grad().copy()])
+                    .collect()
             };
             for (f, s) in fused.iter().zip(&single) {
                 assert_eq!(f.size(), s.size());
                 let scale = s.to_kind(Kind::Float).abs().max().double_value(&[]);
                 let diff = max_diff(&f.to_kind(Kind::Float), &s.to_kind(Kind::Float));
-                assert!(diff <= tolerance * scale, "{kind:?}: output max |Δ| {diff} of {scale}");
+                assert!(
+                    diff <= tolerance * scale,
+                    "{kind:?}: output max |Δ| {diff} of {scale}"
+                );
             }
             let (g_fused, g_single) = (grads(&fused), grads(&single));
             for (f, s) in g_fused.iter().zip(&g_single) {
                 assert_eq!(f.kind(), Kind::Float);
                 let scale = s.abs().max().double_value(&[]);
                 let diff = max_diff(f, s);
-                assert!(diff <= tolerance * scale, "{kind:?}: gradient max |Δ| {diff} of {scale}");
+                assert!(
+                    diff <= tolerance * scale,
+                    "{kind:?}: gradient max |Δ| {diff} of {scale}"
+                );
             }
         }
     }
@@ -924,7 +1132,10 @@ mod tests {
             if dora {
                 adapter.magnitude = Some(Tensor::rand([3], (Kind::Float, Device::Cpu)) + 0.5);
             }
-            for tensor in [&adapter.down, &adapter.up].into_iter().chain(adapter.magnitude.as_ref()) {
+            for tensor in [&adapter.down, &adapter.up]
+                .into_iter()
+                .chain(adapter.magnitude.as_ref())
+            {
                 let _ = tensor.set_requires_grad(true);
             }
             layer.add_adapter("blocks.0.to_q", adapter).unwrap();
@@ -939,9 +1150,17 @@ mod tests {
             assert!(adapter.up.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
             assert!(adapter.down.grad().defined() && x.grad().defined());
             let error = layer.merge("blocks.0.to_q", None).unwrap_err();
-            assert!(matches!(error, Error::Fp8BaseWeight { ref module, .. } if module == "blocks.0.to_q"), "{error}");
-            assert!(error.to_string().contains("blocks.0.to_q") && error.to_string().contains("fp8"));
-            assert!(matches!(layer.unmerge("blocks.0.to_q"), Err(Error::Fp8BaseWeight { .. })));
+            assert!(
+                matches!(error, Error::Fp8BaseWeight { ref module, .. } if module == "blocks.0.to_q"),
+                "{error}"
+            );
+            assert!(
+                error.to_string().contains("blocks.0.to_q") && error.to_string().contains("fp8")
+            );
+            assert!(matches!(
+                layer.unmerge("blocks.0.to_q"),
+                Err(Error::Fp8BaseWeight { .. })
+            ));
             assert!(!layer.adapter("a").unwrap().is_merged());
         }
     }
@@ -951,11 +1170,21 @@ mod tests {
         let (mut layer, _) = layer_and_input(13);
         layer.add_adapter("m", random_adapter("a", 2, 2.0)).unwrap();
         layer.merge("m", None).unwrap();
-        assert!(matches!(layer.quantize_fp8("m", None), Err(Error::QuantizeMerged { ref module }) if module == "m"));
+        assert!(
+            matches!(layer.quantize_fp8("m", None), Err(Error::QuantizeMerged { ref module }) if module == "m")
+        );
         layer.unmerge("m").unwrap();
-        assert!(matches!(layer.quantize_fp8("m", Some(Kind::Int8)), Err(Error::InvalidConfig { .. })));
+        assert!(matches!(
+            layer.quantize_fp8("m", Some(Kind::Int8)),
+            Err(Error::InvalidConfig { .. })
+        ));
         assert!(!layer.is_fp8());
         layer.quantize_fp8("m", Some(Kind::BFloat16)).unwrap();
-        assert_eq!(layer.forward(&Tensor::ones([1, 5], (Kind::BFloat16, Device::Cpu))).kind(), Kind::BFloat16);
+        assert_eq!(
+            layer
+                .forward(&Tensor::ones([1, 5], (Kind::BFloat16, Device::Cpu)))
+                .kind(),
+            Kind::BFloat16
+        );
     }
 }

@@ -28,7 +28,11 @@ pub enum Component {
 
 impl Component {
     /// Every component, in file order.
-    pub const ALL: [Component; 3] = [Component::Unet, Component::TextEncoder, Component::TextEncoder2];
+    pub const ALL: [Component; 3] = [
+        Component::Unet,
+        Component::TextEncoder,
+        Component::TextEncoder2,
+    ];
 
     /// The key prefix of diffusers and peft files (without the dot).
     pub fn diffusers_prefix(self) -> &'static str {
@@ -51,9 +55,17 @@ impl Component {
     /// The component of a diffusers / peft key (`unet.…`), with the rest of the key.
     pub fn split_diffusers_key(key: &str) -> Option<(Component, &str)> {
         // Longest prefix first: `text_encoder_2.` also starts with `text_encoder`.
-        [Component::TextEncoder2, Component::TextEncoder, Component::Unet]
-            .into_iter()
-            .find_map(|c| key.strip_prefix(c.diffusers_prefix()).and_then(|r| r.strip_prefix('.')).map(|r| (c, r)))
+        [
+            Component::TextEncoder2,
+            Component::TextEncoder,
+            Component::Unet,
+        ]
+        .into_iter()
+        .find_map(|c| {
+            key.strip_prefix(c.diffusers_prefix())
+                .and_then(|r| r.strip_prefix('.'))
+                .map(|r| (c, r))
+        })
     }
 }
 
@@ -93,14 +105,24 @@ impl ModuleLora {
         let reason = if down.len() != 2 || up.len() != 2 {
             Some(format!("down {down:?} and up {up:?} must both be matrices"))
         } else if down[0] != up[1] {
-            Some(format!("down {down:?} has rank {} but up {up:?} has rank {}", down[0], up[1]))
+            Some(format!(
+                "down {down:?} has rank {} but up {up:?} has rank {}",
+                down[0], up[1]
+            ))
         } else {
             match &self.magnitude {
-                Some(m) if m.size() != [up[0]] => Some(format!("magnitude {:?} is not [{}]", m.size(), up[0])),
+                Some(m) if m.size() != [up[0]] => {
+                    Some(format!("magnitude {:?} is not [{}]", m.size(), up[0]))
+                }
                 _ => None,
             }
         };
-        reason.map_or(Ok(()), |reason| Err(Error::ShapeMismatch { module: module.to_owned(), reason }))
+        reason.map_or(Ok(()), |reason| {
+            Err(Error::ShapeMismatch {
+                module: module.to_owned(),
+                reason,
+            })
+        })
     }
 }
 
@@ -125,7 +147,12 @@ impl LoraState {
     ///
     /// # Errors
     /// [`Error::UnknownAdapter`] when no layer has that adapter.
-    pub fn extract(&mut self, model: &mut dyn HasLinears, component: Component, adapter_name: &str) -> Result<usize> {
+    pub fn extract(
+        &mut self,
+        model: &mut dyn HasLinears,
+        component: Component,
+        adapter_name: &str,
+    ) -> Result<usize> {
         let mut count = 0;
         model.for_each_linear(&mut |module, linear| {
             if let Some(adapter) = linear.adapter(adapter_name) {
@@ -143,7 +170,10 @@ impl LoraState {
             }
         });
         if count == 0 {
-            return Err(Error::UnknownAdapter { module: String::new(), adapter: adapter_name.to_owned() });
+            return Err(Error::UnknownAdapter {
+                module: String::new(),
+                adapter: adapter_name.to_owned(),
+            });
         }
         Ok(count)
     }
@@ -177,7 +207,9 @@ impl LoraState {
                 Ok(model_path) if !placed.contains_key(&model_path) => {
                     placed.insert(model_path, lora);
                 }
-                Ok(_) => missing.push(format!("{component}.{path} (a second LoRA for the same layer)")),
+                Ok(_) => missing.push(format!(
+                    "{component}.{path} (a second LoRA for the same layer)"
+                )),
                 Err(reason) => missing.push(format!("{component}.{path} ({reason})")),
             }
         }
@@ -187,13 +219,21 @@ impl LoraState {
         let mut failure = None;
         let mut count = 0;
         model.for_each_linear(&mut |module, linear| {
-            let Some(lora) = placed.get(module) else { return };
+            let Some(lora) = placed.get(module) else {
+                return;
+            };
             if failure.is_some() {
                 return;
             }
             let device = linear.weight.device();
-            let fresh = |t: &Tensor| t.to_device(device).detach().copy().set_requires_grad(trainable);
-            let mut adapter = Adapter::new(adapter_name, fresh(&lora.down), fresh(&lora.up), lora.alpha);
+            let fresh = |t: &Tensor| {
+                t.to_device(device)
+                    .detach()
+                    .copy()
+                    .set_requires_grad(trainable)
+            };
+            let mut adapter =
+                Adapter::new(adapter_name, fresh(&lora.down), fresh(&lora.up), lora.alpha);
             adapter.scaling = lora.scaling;
             adapter.magnitude = lora.magnitude.as_ref().map(fresh);
             match linear.add_adapter(module, adapter) {
@@ -206,7 +246,10 @@ impl LoraState {
 
     /// The modules of one component, by path.
     pub fn component(&self, component: Component) -> impl Iterator<Item = (&str, &ModuleLora)> {
-        self.modules.iter().filter(move |((c, _), _)| *c == component).map(|((_, m), lora)| (m.as_str(), lora))
+        self.modules
+            .iter()
+            .filter(move |((c, _), _)| *c == component)
+            .map(|((_, m), lora)| (m.as_str(), lora))
     }
 
     /// The components that have at least one module.

@@ -57,11 +57,21 @@ fn diffusers_reader_names_every_key_it_cannot_place() {
         ],
     );
     let error = format::read(&path, ReadOptions::default()).unwrap_err();
-    let Error::UnplacedKeys { keys, .. } = &error else { panic!("{error}") };
+    let Error::UnplacedKeys { keys, .. } = &error else {
+        panic!("{error}")
+    };
     assert_eq!(keys.len(), 4, "{error}");
     let message = error.to_string();
-    for culprit in ["unet.down_blocks.0.lonely", "vae.decoder.conv.lora.up.weight", "unet.mid_block.x", "unet.mid_block.y.hada_w1_a"] {
-        assert!(message.contains(culprit), "{culprit} missing from: {message}");
+    for culprit in [
+        "unet.down_blocks.0.lonely",
+        "vae.decoder.conv.lora.up.weight",
+        "unet.mid_block.x",
+        "unet.mid_block.y.hada_w1_a",
+    ] {
+        assert!(
+            message.contains(culprit),
+            "{culprit} missing from: {message}"
+        );
     }
     assert!(!message.contains("to_q"), "{message}");
 }
@@ -72,44 +82,104 @@ fn kohya_reader_needs_module_names_and_names_unknown_modules() {
     let path = write(
         "kohya.safetensors",
         &[
-            ("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_q.lora_down.weight", zeros(&[2, 8])),
-            ("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_q.lora_up.weight", zeros(&[8, 2])),
-            ("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_q.alpha", Tensor::from(1.0f32)),
-            ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight", zeros(&[2, 8])),
-            ("lora_te2_text_model_encoder_layers_7_mlp_fc1.lora_up.weight", zeros(&[8, 2])),
+            (
+                "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_q.lora_down.weight",
+                zeros(&[2, 8]),
+            ),
+            (
+                "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_q.lora_up.weight",
+                zeros(&[8, 2]),
+            ),
+            (
+                "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_q.alpha",
+                Tensor::from(1.0f32),
+            ),
+            (
+                "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight",
+                zeros(&[2, 8]),
+            ),
+            (
+                "lora_te2_text_model_encoder_layers_7_mlp_fc1.lora_up.weight",
+                zeros(&[8, 2]),
+            ),
         ],
     );
     let error = format::read(&path, ReadOptions::default()).unwrap_err();
-    assert!(error.to_string().contains("needs the model's module names"), "{error}");
+    assert!(
+        error.to_string().contains("needs the model's module names"),
+        "{error}"
+    );
     let mut names = ModuleNames::new();
     for (component, tree) in trees.iter_mut() {
         names.add_model(*component, tree);
     }
     // Without the SGM table, the SGM-named module cannot be placed either.
-    let error = format::read(&path, ReadOptions { module_names: Some(&names), block_renames: None }).unwrap_err();
-    let Error::UnplacedKeys { keys, .. } = &error else { panic!("{error}") };
+    let error = format::read(
+        &path,
+        ReadOptions {
+            module_names: Some(&names),
+            block_renames: None,
+        },
+    )
+    .unwrap_err();
+    let Error::UnplacedKeys { keys, .. } = &error else {
+        panic!("{error}")
+    };
     assert_eq!(keys.len(), 2, "{error}");
-    assert!(keys[0].starts_with("lora_te2_text_model_encoder_layers_7_mlp_fc1.lora_up.weight"), "{keys:?}");
-    assert!(keys[1].starts_with("lora_unet_input_blocks_4_1"), "{keys:?}");
+    assert!(
+        keys[0].starts_with("lora_te2_text_model_encoder_layers_7_mlp_fc1.lora_up.weight"),
+        "{keys:?}"
+    );
+    assert!(
+        keys[1].starts_with("lora_unet_input_blocks_4_1"),
+        "{keys:?}"
+    );
 }
 
 #[test]
 fn unknown_layouts_and_missing_modules_are_refused() {
     let path = write("other.safetensors", &[("model.weight", zeros(&[2, 2]))]);
-    assert!(matches!(format::read(&path, ReadOptions::default()), Err(Error::UnknownFormat { .. })));
+    assert!(matches!(
+        format::read(&path, ReadOptions::default()),
+        Err(Error::UnknownFormat { .. })
+    ));
     let missing = std::env::temp_dir().join("lora-no-such-file.safetensors");
-    assert!(matches!(format::read(&missing, ReadOptions::default()), Err(Error::Io { .. })));
+    assert!(matches!(
+        format::read(&missing, ReadOptions::default()),
+        Err(Error::Io { .. })
+    ));
 
     let (mut trees, _) = mirror();
     let mut state = LoraState::new();
-    for module in ["not.a.layer", "mid_block.attentions.0.transformer_blocks.0.attn2.to_q", "also.missing"] {
-        let lora = ModuleLora { down: zeros(&[1, 8]), up: zeros(&[8, 1]), alpha: 1.0, scaling: Scaling::Standard, magnitude: None };
-        state.modules.insert((Component::Unet, module.to_owned()), lora);
+    for module in [
+        "not.a.layer",
+        "mid_block.attentions.0.transformer_blocks.0.attn2.to_q",
+        "also.missing",
+    ] {
+        let lora = ModuleLora {
+            down: zeros(&[1, 8]),
+            up: zeros(&[8, 1]),
+            alpha: 1.0,
+            scaling: Scaling::Standard,
+            magnitude: None,
+        };
+        state
+            .modules
+            .insert((Component::Unet, module.to_owned()), lora);
     }
     let unet = trees.get_mut(&Component::Unet).unwrap();
     let error = state.apply(unet, Component::Unet, "x", false).unwrap_err();
-    let Error::ModulesNotInModel { modules } = &error else { panic!("{error}") };
+    let Error::ModulesNotInModel { modules } = &error else {
+        panic!("{error}")
+    };
     assert_eq!(modules.len(), 2, "{modules:?}");
-    assert!(modules[0].starts_with("unet.also.missing (") && modules[1].starts_with("unet.not.a.layer ("), "{modules:?}");
-    assert!(unet.layers.iter().all(|(_, l)| l.adapters().is_empty()), "nothing may be attached on failure");
+    assert!(
+        modules[0].starts_with("unet.also.missing (")
+            && modules[1].starts_with("unet.not.a.layer ("),
+        "{modules:?}"
+    );
+    assert!(
+        unet.layers.iter().all(|(_, l)| l.adapters().is_empty()),
+        "nothing may be attached on failure"
+    );
 }

@@ -47,8 +47,20 @@ fn injects_default_attention_targets_with_patterns_and_starts_at_the_base_output
     config.alpha_pattern.insert("attn1.to_k".into(), 8.0);
     config.alpha_pattern.insert("to_k".into(), 1.0);
     let report = inject(&mut model, &adapters.root(), "default", &config).unwrap();
-    let adapted: Vec<(&str, i64, f64)> = report.adapted.iter().map(|(p, r, a)| (p.as_str(), *r, *a)).collect();
-    assert_eq!(adapted, vec![(PATHS[0], 4, 4.0), (PATHS[1], 2, 8.0), (PATHS[2], 4, 4.0), (PATHS[3], 4, 4.0)]);
+    let adapted: Vec<(&str, i64, f64)> = report
+        .adapted
+        .iter()
+        .map(|(p, r, a)| (p.as_str(), *r, *a))
+        .collect();
+    assert_eq!(
+        adapted,
+        vec![
+            (PATHS[0], 4, 4.0),
+            (PATHS[1], 2, 8.0),
+            (PATHS[2], 4, 4.0),
+            (PATHS[3], 4, 4.0)
+        ]
+    );
     assert_eq!(report.unmatched_targets, vec!["ff.net.9".to_owned()]);
     // B = 0: the adapted model computes the base model.
     assert_eq!(max_abs_diff(&model.forward(&x), &before), 0.0);
@@ -56,18 +68,30 @@ fn injects_default_attention_targets_with_patterns_and_starts_at_the_base_output
     let names: Vec<String> = adapters.variables().into_keys().collect();
     assert_eq!(names.len(), 8);
     assert!(names.contains(&format!("{}.lora_A.weight", PATHS[1])));
-    assert_eq!(adapters.variables()[&format!("{}.lora_A.weight", PATHS[1])].size(), [2, 8]);
+    assert_eq!(
+        adapters.variables()[&format!("{}.lora_A.weight", PATHS[1])].size(),
+        [2, 8]
+    );
     let trainable = trainable_variables(&mut model);
     assert_eq!(trainable.len(), 8);
     assert!(trainable.keys().all(|k| k.contains(".default.lora_")));
     // Base weights are frozen; a second injection with the same name is refused.
     model.for_each_linear(&mut |_, l| assert!(!l.weight.requires_grad()));
-    assert!(matches!(inject(&mut model, &adapters.root(), "default", &config), Err(Error::DuplicateAdapter { .. })));
+    assert!(matches!(
+        inject(&mut model, &adapters.root(), "default", &config),
+        Err(Error::DuplicateAdapter { .. })
+    ));
     config.targets = vec!["nothing".into()];
-    assert!(matches!(inject(&mut model, &adapters.root(), "other", &config), Err(Error::NoTargetMatched { .. })));
+    assert!(matches!(
+        inject(&mut model, &adapters.root(), "other", &config),
+        Err(Error::NoTargetMatched { .. })
+    ));
     config.targets = vec!["to_q".into()];
     config.rank = 0;
-    assert!(matches!(inject(&mut model, &adapters.root(), "other", &config), Err(Error::InvalidConfig { .. })));
+    assert!(matches!(
+        inject(&mut model, &adapters.root(), "other", &config),
+        Err(Error::InvalidConfig { .. })
+    ));
 }
 
 #[test]
@@ -86,9 +110,23 @@ fn initialisations_follow_peft() {
     let bound = 1.0 / 400f64.sqrt();
     assert!(kaiming.abs().max().double_value(&[]) <= bound);
     assert!(kaiming.abs().max().double_value(&[]) > 0.95 * bound);
-    let std = layer.adapter("gaussian").unwrap().down.std(true).double_value(&[]);
+    let std = layer
+        .adapter("gaussian")
+        .unwrap()
+        .down
+        .std(true)
+        .double_value(&[]);
     assert!((std - 1.0 / 16.0).abs() < 0.003, "{std}");
-    assert_eq!(layer.adapter("gaussian").unwrap().up.abs().max().double_value(&[]), 0.0);
+    assert_eq!(
+        layer
+            .adapter("gaussian")
+            .unwrap()
+            .up
+            .abs()
+            .max()
+            .double_value(&[]),
+        0.0
+    );
 }
 
 #[test]
@@ -111,7 +149,12 @@ fn dora_injection_starts_at_the_base_output_with_weight_norm_magnitudes() {
 
 /// Runs one backward pass of a squared-output loss with random, non-zero B (so that A gets a
 /// gradient too) and reports which tensors received gradients.
-fn gradients_after_one_step(widths: &[i64], rank: i64, dora: bool, seed: i64) -> (Tree, nn::VarStore) {
+fn gradients_after_one_step(
+    widths: &[i64],
+    rank: i64,
+    dora: bool,
+    seed: i64,
+) -> (Tree, nn::VarStore) {
     tch::manual_seed(seed);
     let base = nn::VarStore::new(Device::Cpu); // trainable by default: injection must freeze the linears
     let mut model = tree(&base, widths);

@@ -24,22 +24,35 @@ fn module_names(trees: &mut BTreeMap<Component, Tree>) -> ModuleNames {
 fn read(file: &str, trees: &mut BTreeMap<Component, Tree>) -> format::LoraFile {
     let names = module_names(trees);
     let renames = sgm_renames();
-    let options = ReadOptions { module_names: Some(&names), block_renames: Some(&renames) };
+    let options = ReadOptions {
+        module_names: Some(&names),
+        block_renames: Some(&renames),
+    };
     format::read(lora_fixture(file), options).unwrap()
 }
 
 /// Applies `state` to every tree and compares each output with `expected_<golden>.<component>`.
 /// Returns the worst relative error.
-fn check_outputs(state: &LoraState, golden: &str, trees: &mut BTreeMap<Component, Tree>, tensors: &BTreeMap<String, Tensor>) -> f64 {
+fn check_outputs(
+    state: &LoraState,
+    golden: &str,
+    trees: &mut BTreeMap<Component, Tree>,
+    tensors: &BTreeMap<String, Tensor>,
+) -> f64 {
     let mut worst = 0.0f64;
     let mut checked = 0;
     for (component, tree) in trees.iter_mut() {
-        let Some(expected) = tensors.get(&format!("expected_{golden}.{component}")) else { continue };
+        let Some(expected) = tensors.get(&format!("expected_{golden}.{component}")) else {
+            continue;
+        };
         let applied = state.apply(tree, *component, "test", false).unwrap();
         assert!(applied > 0, "{golden}: nothing applied to {component}");
         let input = &tensors[&format!("input.{component}")];
         let error = rel_error(&tree.forward(input), expected);
-        assert!(error <= 1e-5, "{golden} {component}: relative error {error:e}");
+        assert!(
+            error <= 1e-5,
+            "{golden} {component}: relative error {error:e}"
+        );
         // And the LoRA really changes the output.
         assert!(rel_error(&tensors[&format!("base_output.{component}")], expected) > 1e-3);
         tree.for_each_linear_remove("test");
@@ -70,7 +83,12 @@ fn diffusers_file_from_save_lora_weights_gives_peft_outputs() {
     let file = read("diffusers.safetensors", &mut trees);
     assert_eq!(file.format, Format::Diffusers);
     // alpha = rank everywhere (no metadata), including the rank-2 `to_k` modules.
-    assert!(file.state.modules.values().all(|m| m.alpha == m.rank() as f64));
+    assert!(
+        file.state
+            .modules
+            .values()
+            .all(|m| m.alpha == m.rank() as f64)
+    );
     assert!(file.state.modules.values().any(|m| m.rank() == 2));
     let error = check_outputs(&file.state, "diffusers", &mut trees, &tensors);
     println!("diffusers file: worst relative error {error:e}");
@@ -91,9 +109,16 @@ fn peft_file_with_alpha_patterns_and_rslora_gives_peft_outputs() {
     let (mut trees, tensors) = mirror();
     let file = read("peft.safetensors", &mut trees);
     assert_eq!(file.format, Format::Peft);
-    let to_v = &file.state.modules[&(Component::Unet, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v".into())];
+    let to_v = &file.state.modules[&(
+        Component::Unet,
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v".into(),
+    )];
     assert_eq!(to_v.alpha, 1.5);
-    assert!(file.state.component(Component::TextEncoder2).all(|(_, m)| m.scaling == lora::Scaling::RankStabilized));
+    assert!(
+        file.state
+            .component(Component::TextEncoder2)
+            .all(|(_, m)| m.scaling == lora::Scaling::RankStabilized)
+    );
     let error = check_outputs(&file.state, "peft", &mut trees, &tensors);
     println!("peft file: worst relative error {error:e}");
 }
@@ -108,18 +133,31 @@ fn dora_file_gives_peft_dora_outputs() {
 }
 
 fn assert_same_state(a: &LoraState, b: &LoraState, what: &str) {
-    assert_eq!(a.modules.keys().collect::<Vec<_>>(), b.modules.keys().collect::<Vec<_>>(), "{what}");
+    assert_eq!(
+        a.modules.keys().collect::<Vec<_>>(),
+        b.modules.keys().collect::<Vec<_>>(),
+        "{what}"
+    );
     for (key, x) in &a.modules {
         let y = &b.modules[key];
-        assert!(x.down.equal(&y.down) && x.up.equal(&y.up), "{what} {key:?}: matrices differ");
+        assert!(
+            x.down.equal(&y.down) && x.up.equal(&y.up),
+            "{what} {key:?}: matrices differ"
+        );
         assert_eq!(x.down.kind(), y.down.kind(), "{what} {key:?}");
         match (&x.magnitude, &y.magnitude) {
             (Some(m), Some(n)) => assert!(m.equal(n), "{what} {key:?}: magnitude differs"),
             (None, None) => {}
             _ => panic!("{what} {key:?}: magnitude lost"),
         }
-        let (sx, sy) = (x.scaling.factor(x.rank(), x.alpha), y.scaling.factor(y.rank(), y.alpha));
-        assert!((sx - sy).abs() <= 1e-6 * sx.abs(), "{what} {key:?}: scale {sx} became {sy}");
+        let (sx, sy) = (
+            x.scaling.factor(x.rank(), x.alpha),
+            y.scaling.factor(y.rank(), y.alpha),
+        );
+        assert!(
+            (sx - sy).abs() <= 1e-6 * sx.abs(),
+            "{what} {key:?}: scale {sx} became {sy}"
+        );
         if x.scaling == y.scaling {
             assert_eq!(x.alpha, y.alpha, "{what} {key:?}");
         }
@@ -134,11 +172,24 @@ fn our_files_round_trip_bit_exactly_in_every_format() {
     std::fs::create_dir_all(&dir).unwrap();
     let names = module_names(&mut trees);
     let renames = sgm_renames();
-    let read_options = ReadOptions { module_names: Some(&names), block_renames: Some(&renames) };
-    for (source, golden) in [("diffusers.safetensors", "diffusers"), ("peft.safetensors", "peft"), ("dora.safetensors", "dora")] {
-        let mut state = format::read(lora_fixture(source), read_options).unwrap().state;
-        state.training_config = Some(serde_json::json!({"learning_rate": 1e-4, "rank": 4, "source": source}));
-        let sgm = WriteOptions { block_renames: Some(&renames), ..WriteOptions::default() };
+    let read_options = ReadOptions {
+        module_names: Some(&names),
+        block_renames: Some(&renames),
+    };
+    for (source, golden) in [
+        ("diffusers.safetensors", "diffusers"),
+        ("peft.safetensors", "peft"),
+        ("dora.safetensors", "dora"),
+    ] {
+        let mut state = format::read(lora_fixture(source), read_options)
+            .unwrap()
+            .state;
+        state.training_config =
+            Some(serde_json::json!({"learning_rate": 1e-4, "rank": 4, "source": source}));
+        let sgm = WriteOptions {
+            block_renames: Some(&renames),
+            ..WriteOptions::default()
+        };
         for (format, options, label) in [
             (Format::Diffusers, WriteOptions::default(), "diffusers"),
             (Format::Peft, WriteOptions::default(), "peft"),
@@ -151,9 +202,21 @@ fn our_files_round_trip_bit_exactly_in_every_format() {
             assert_eq!(back.format, format, "{source} as {label}");
             assert_same_state(&state, &back.state, &format!("{source} as {label}"));
             if label == "kohya-sgm" {
-                let keys: Vec<String> = Tensor::read_safetensors(&path).unwrap().into_iter().map(|(k, _)| k).collect();
-                assert!(keys.iter().any(|k| k.starts_with("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.")), "{keys:?}");
-                assert!(!keys.iter().any(|k| k.starts_with("lora_unet_down_blocks")), "{keys:?}");
+                let keys: Vec<String> = Tensor::read_safetensors(&path)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .collect();
+                assert!(
+                    keys.iter().any(|k| k.starts_with(
+                        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q."
+                    )),
+                    "{keys:?}"
+                );
+                assert!(
+                    !keys.iter().any(|k| k.starts_with("lora_unet_down_blocks")),
+                    "{keys:?}"
+                );
             }
             check_outputs(&back.state, golden, &mut trees, &tensors);
         }
@@ -172,7 +235,9 @@ fn merged_output_equals_side_path_and_unmerge_restores_base_weights() {
         let originals: Vec<Tensor> = tree.layers.iter().map(|(_, l)| l.weight.copy()).collect();
         // Several LoRAs at once with per-LoRA multipliers, one of them DoRA.
         peft.apply(tree, *component, "peft", false).unwrap();
-        diffusers.apply(tree, *component, "diffusers", false).unwrap();
+        diffusers
+            .apply(tree, *component, "diffusers", false)
+            .unwrap();
         lora::set_multiplier(tree, "diffusers", 0.6).unwrap();
         if dora.components().contains(component) {
             dora.apply(tree, *component, "dora", false).unwrap();
@@ -180,10 +245,18 @@ fn merged_output_equals_side_path_and_unmerge_restores_base_weights() {
         let input = &tensors[&format!("input.{component}")];
         let side_path = tree.forward(input);
         lora::merge(tree, None).unwrap();
-        assert!(tree.layers.iter().flat_map(|(_, l)| l.adapters()).all(|a| a.is_merged()));
+        assert!(
+            tree.layers
+                .iter()
+                .flat_map(|(_, l)| l.adapters())
+                .all(|a| a.is_merged())
+        );
         let merged = tree.forward(input);
         let merge_error = rel_error(&merged, &side_path);
-        assert!(merge_error <= 1e-5, "{component}: merged vs side path {merge_error:e}");
+        assert!(
+            merge_error <= 1e-5,
+            "{component}: merged vs side path {merge_error:e}"
+        );
         lora::unmerge(tree).unwrap();
         for ((path, layer), original) in tree.layers.iter().zip(&originals) {
             let diff = max_abs_diff(&layer.weight, original);
@@ -198,8 +271,16 @@ fn merged_output_equals_side_path_and_unmerge_restores_base_weights() {
         if dora.components().contains(component) {
             lora::set_enabled(tree, "dora", false).unwrap();
         }
-        assert!(rel_error(&tree.forward(input), &tensors[&format!("base_output.{component}")]) <= 1e-6);
+        assert!(
+            rel_error(
+                &tree.forward(input),
+                &tensors[&format!("base_output.{component}")]
+            ) <= 1e-6
+        );
         worst.0 = worst.0.max(merge_error);
     }
-    println!("merge: worst relative error {:e}; unmerge: worst weight difference {:e}", worst.0, worst.1);
+    println!(
+        "merge: worst relative error {:e}; unmerge: worst weight difference {:e}",
+        worst.0, worst.1
+    );
 }

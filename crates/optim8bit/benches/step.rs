@@ -24,15 +24,20 @@ fn bench_steps(c: &mut Criterion) {
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     // Thousands of small tensors: on a small shared machine libtorch's intra-op threads cost more in
     // synchronisation than they gain (measured: 8-bit seed-lora step 8.7 s with 2 threads under load).
-    if let Some(threads) = std::env::var("OPTIM8BIT_BENCH_THREADS").ok().and_then(|v| v.parse().ok()) {
+    if let Some(threads) = std::env::var("OPTIM8BIT_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         tch::set_num_threads(threads);
     }
     let mut devices = vec![Device::Cpu];
     if Cuda::is_available() {
         devices.push(Device::Cuda(0));
     }
-    let sizes: [(&str, Vec<Vec<i64>>); 2] =
-        [("seed-lora", support::seed_lora_shapes()), ("100M", vec![vec![1000, 1000]; 100])];
+    let sizes: [(&str, Vec<Vec<i64>>); 2] = [
+        ("seed-lora", support::seed_lora_shapes()),
+        ("100M", vec![vec![1000, 1000]; 100]),
+    ];
     for device in devices {
         let sync = || {
             if let Device::Cuda(i) = device {
@@ -44,11 +49,15 @@ fn bench_steps(c: &mut Criterion) {
             let params_with_grads = || -> Vec<Tensor> {
                 let params: Vec<Tensor> = shapes
                     .iter()
-                    .map(|s| Tensor::randn(s.as_slice(), (Kind::Float, device)).set_requires_grad(true))
+                    .map(|s| {
+                        Tensor::randn(s.as_slice(), (Kind::Float, device)).set_requires_grad(true)
+                    })
                     .collect();
                 for p in &params {
                     // A gradient for every parameter: backward of a product gives grad = g exactly.
-                    (p * Tensor::randn(p.size(), (Kind::Float, device)) * 1e-3).sum(Kind::Float).backward();
+                    (p * Tensor::randn(p.size(), (Kind::Float, device)) * 1e-3)
+                        .sum(Kind::Float)
+                        .backward();
                 }
                 params
             };
@@ -76,7 +85,8 @@ fn bench_steps(c: &mut Criterion) {
                     continue;
                 }
                 let params = params_with_grads();
-                let mut optimizer = AdamW::new(vec![ParamGroup::new(params, 1e-4, 1e-2)], config).unwrap();
+                let mut optimizer =
+                    AdamW::new(vec![ParamGroup::new(params, 1e-4, 1e-2)], config).unwrap();
                 let bytes = optimizer.state_bytes();
                 let count = optimizer.param_count();
                 println!(

@@ -65,19 +65,48 @@ pub struct AdamWConfig {
 impl AdamWConfig {
     /// bitsandbytes' `AdamW8bit` defaults: betas (0.9, 0.999), eps 1e-8, `min_8bit_size` 4096.
     pub fn eight_bit() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, min_8bit_size: 4096, precision: StatePrecision::EightBit }
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            min_8bit_size: 4096,
+            precision: StatePrecision::EightBit,
+        }
     }
 
     /// The same defaults with fp32 states everywhere.
     pub fn fp32() -> Self {
-        Self { precision: StatePrecision::Fp32, ..Self::eight_bit() }
+        Self {
+            precision: StatePrecision::Fp32,
+            ..Self::eight_bit()
+        }
     }
 
     fn validate(&self) -> Result<()> {
-        check_range("betas.0", self.beta1, (0.0..1.0).contains(&self.beta1), "must lie in [0, 1)")?;
-        check_range("betas.1", self.beta2, (0.0..1.0).contains(&self.beta2), "must lie in [0, 1)")?;
-        check_range("eps", self.eps, self.eps.is_finite() && self.eps >= 0.0, "must be finite and ≥ 0")?;
-        check_range("min_8bit_size", self.min_8bit_size as f64, self.min_8bit_size >= 0, "must be ≥ 0")
+        check_range(
+            "betas.0",
+            self.beta1,
+            (0.0..1.0).contains(&self.beta1),
+            "must lie in [0, 1)",
+        )?;
+        check_range(
+            "betas.1",
+            self.beta2,
+            (0.0..1.0).contains(&self.beta2),
+            "must lie in [0, 1)",
+        )?;
+        check_range(
+            "eps",
+            self.eps,
+            self.eps.is_finite() && self.eps >= 0.0,
+            "must be finite and ≥ 0",
+        )?;
+        check_range(
+            "min_8bit_size",
+            self.min_8bit_size as f64,
+            self.min_8bit_size >= 0,
+            "must be ≥ 0",
+        )
     }
 }
 
@@ -95,7 +124,11 @@ pub struct ParamGroup {
 impl ParamGroup {
     /// A group of `params` with its own learning rate and weight decay.
     pub fn new(params: Vec<Tensor>, lr: f64, weight_decay: f64) -> Self {
-        Self { params, lr, weight_decay }
+        Self {
+            params,
+            lr,
+            weight_decay,
+        }
     }
 }
 
@@ -105,7 +138,12 @@ pub(crate) enum Moments {
     /// 8-bit codes over the parameter padded to whole blocks, and one absmax per block. The padding
     /// holds the values the CUDA kernel loads for elements past the end (code 128 for `m`, 0 for
     /// `v`), so a ragged last block gets the same absmax as there.
-    Blockwise { m_codes: Tensor, v_codes: Tensor, m_absmax: Tensor, v_absmax: Tensor },
+    Blockwise {
+        m_codes: Tensor,
+        v_codes: Tensor,
+        m_absmax: Tensor,
+        v_absmax: Tensor,
+    },
     /// fp32 moments, flattened.
     Full { m: Tensor, v: Tensor },
 }
@@ -174,7 +212,11 @@ fn chunks_of(members: &[(usize, i64, i64)]) -> Vec<Chunk> {
                 chunk.members.push((index, offset));
                 chunk.len += len;
             }
-            _ => chunks.push(Chunk { members: vec![(index, offset)], start: offset, len }),
+            _ => chunks.push(Chunk {
+                members: vec![(index, offset)],
+                start: offset,
+                len,
+            }),
         }
     }
     chunks
@@ -198,28 +240,52 @@ impl AdamW {
     /// same values).
     pub fn new(groups: Vec<ParamGroup>, config: AdamWConfig) -> Result<Self> {
         config.validate()?;
-        let device = groups.iter().flat_map(|g| g.params.first()).map(Tensor::device).next().unwrap_or(Device::Cpu);
+        let device = groups
+            .iter()
+            .flat_map(|g| g.params.first())
+            .map(Tensor::device)
+            .next()
+            .unwrap_or(Device::Cpu);
         let mut built = Vec::with_capacity(groups.len());
         for (group_index, group) in groups.into_iter().enumerate() {
             check_group_value(group_index, "lr", group.lr)?;
             check_group_value(group_index, "weight_decay", group.weight_decay)?;
             let mut slots = Vec::with_capacity(group.params.len());
             for (index, param) in group.params.into_iter().enumerate() {
-                let unsupported = |reason: String| Error::UnsupportedParameter { group: group_index, index, reason };
+                let unsupported = |reason: String| Error::UnsupportedParameter {
+                    group: group_index,
+                    index,
+                    reason,
+                };
                 if !param.defined() {
                     return Err(unsupported("undefined tensor".into()));
                 }
                 if !param.is_floating_point() {
-                    return Err(unsupported(format!("element type {:?} is not floating point", param.kind())));
+                    return Err(unsupported(format!(
+                        "element type {:?} is not floating point",
+                        param.kind()
+                    )));
                 }
                 if param.device() != device {
-                    return Err(unsupported(format!("lives on {:?}, the first parameter on {device:?}", param.device())));
+                    return Err(unsupported(format!(
+                        "lives on {:?}, the first parameter on {device:?}",
+                        param.device()
+                    )));
                 }
                 slots.push((param.numel() as i64, param));
             }
             let (slots, flat_8bit, flat_fp32) = Self::allocate_states(&config, slots, device)?;
-            let lr = Tensor::f_from_slice(&[group.lr])?.f_reshape([] as [i64; 0])?.f_to_device(device)?;
-            built.push(Group { slots, lr_value: group.lr, lr, weight_decay: group.weight_decay, flat_8bit, flat_fp32 });
+            let lr = Tensor::f_from_slice(&[group.lr])?
+                .f_reshape([] as [i64; 0])?
+                .f_to_device(device)?;
+            built.push(Group {
+                slots,
+                lr_value: group.lr,
+                lr,
+                weight_decay: group.weight_decay,
+                flat_8bit,
+                flat_fp32,
+            });
         }
         Ok(Self {
             config,
@@ -277,13 +343,24 @@ impl AdamW {
                 m_absmax: floats(len_8bit / BLOCK_SIZE)?,
                 v_absmax: floats(len_8bit / BLOCK_SIZE)?,
             };
-            Some(FlatStates { chunks: chunks_of(&members_8bit), padding: ragged.then_some(padding), moments })
+            Some(FlatStates {
+                chunks: chunks_of(&members_8bit),
+                padding: ragged.then_some(padding),
+                moments,
+            })
         };
         let flat_fp32 = if members_fp32.is_empty() {
             None
         } else {
-            let moments = Moments::Full { m: floats(len_fp32)?, v: floats(len_fp32)? };
-            Some(FlatStates { chunks: chunks_of(&members_fp32), padding: None, moments })
+            let moments = Moments::Full {
+                m: floats(len_fp32)?,
+                v: floats(len_fp32)?,
+            };
+            Some(FlatStates {
+                chunks: chunks_of(&members_fp32),
+                padding: None,
+                moments,
+            })
         };
 
         let mut views: Vec<Option<Moments>> = params.iter().map(|_| None).collect();
@@ -291,7 +368,12 @@ impl AdamW {
             for &(index, offset) in flat.chunks.iter().flat_map(|chunk| &chunk.members) {
                 let numel = params[index].0;
                 views[index] = Some(match &flat.moments {
-                    Moments::Blockwise { m_codes, v_codes, m_absmax, v_absmax } => {
+                    Moments::Blockwise {
+                        m_codes,
+                        v_codes,
+                        m_absmax,
+                        v_absmax,
+                    } => {
                         let padded = block_count(numel, BLOCK_SIZE) * BLOCK_SIZE;
                         let (first_block, blocks) = (offset / BLOCK_SIZE, padded / BLOCK_SIZE);
                         Moments::Blockwise {
@@ -301,16 +383,23 @@ impl AdamW {
                             v_absmax: v_absmax.f_narrow(0, first_block, blocks)?,
                         }
                     }
-                    Moments::Full { m, v } => {
-                        Moments::Full { m: m.f_narrow(0, offset, numel)?, v: v.f_narrow(0, offset, numel)? }
-                    }
+                    Moments::Full { m, v } => Moments::Full {
+                        m: m.f_narrow(0, offset, numel)?,
+                        v: v.f_narrow(0, offset, numel)?,
+                    },
                 });
             }
         }
         let slots = params
             .into_iter()
             .zip(views)
-            .filter_map(|((numel, param), moments)| moments.map(|moments| Slot { param, numel, moments }))
+            .filter_map(|((numel, param), moments)| {
+                moments.map(|moments| Slot {
+                    param,
+                    numel,
+                    moments,
+                })
+            })
             .collect();
         Ok((slots, flat_8bit, flat_fp32))
     }
@@ -352,12 +441,16 @@ impl AdamW {
 
     fn group(&self, group: usize) -> Result<&Group> {
         let groups = self.groups.len();
-        self.groups.get(group).ok_or(Error::NoSuchGroup { group, groups })
+        self.groups
+            .get(group)
+            .ok_or(Error::NoSuchGroup { group, groups })
     }
 
     fn group_mut(&mut self, group: usize) -> Result<&mut Group> {
         let groups = self.groups.len();
-        self.groups.get_mut(group).ok_or(Error::NoSuchGroup { group, groups })
+        self.groups
+            .get_mut(group)
+            .ok_or(Error::NoSuchGroup { group, groups })
     }
 
     /// Steps taken, as the device tensor the step updates (0-dim float64).
@@ -367,7 +460,11 @@ impl AdamW {
 
     /// Number of parameter elements the optimizer updates.
     pub fn param_count(&self) -> i64 {
-        self.groups.iter().flat_map(|g| &g.slots).map(|s| s.numel).sum()
+        self.groups
+            .iter()
+            .flat_map(|g| &g.slots)
+            .map(|s| s.numel)
+            .sum()
     }
 
     /// Bytes held by the optimizer's per-parameter states (codes, absmax, fp32 moments), not
@@ -378,9 +475,12 @@ impl AdamW {
             .iter()
             .flat_map(|g| &g.slots)
             .map(|slot| match &slot.moments {
-                Moments::Blockwise { m_codes, v_codes, m_absmax, v_absmax } => {
-                    bytes(m_codes) + bytes(v_codes) + bytes(m_absmax) + bytes(v_absmax)
-                }
+                Moments::Blockwise {
+                    m_codes,
+                    v_codes,
+                    m_absmax,
+                    v_absmax,
+                } => bytes(m_codes) + bytes(v_codes) + bytes(m_absmax) + bytes(v_absmax),
                 Moments::Full { m, v } => bytes(m) + bytes(v),
             })
             .sum()
@@ -390,8 +490,13 @@ impl AdamW {
     pub fn zero_grad(&mut self) -> Result<()> {
         if self.device.is_cuda() && torch_cuda::shim_compiled() {
             // One launch per chunk of the list instead of one per gradient.
-            let grads: Vec<Tensor> =
-                self.groups.iter().flat_map(|g| &g.slots).map(|slot| slot.param.grad()).filter(Tensor::defined).collect();
+            let grads: Vec<Tensor> = self
+                .groups
+                .iter()
+                .flat_map(|g| &g.slots)
+                .map(|slot| slot.param.grad())
+                .filter(Tensor::defined)
+                .collect();
             return torch_cuda::foreach::zero_(&grads).map_err(Error::from);
         }
         for slot in self.groups.iter().flat_map(|g| &g.slots) {
@@ -422,12 +527,27 @@ impl AdamW {
     /// whichever way it goes.
     pub fn step_if(&mut self, apply: &Tensor) -> Result<()> {
         // Shape, element type and device are metadata: checking them does not synchronise.
-        let real = !matches!(apply.kind(), Kind::ComplexHalf | Kind::ComplexFloat | Kind::ComplexDouble);
+        let real = !matches!(
+            apply.kind(),
+            Kind::ComplexHalf | Kind::ComplexFloat | Kind::ComplexDouble
+        );
         if !apply.defined() || apply.dim() != 0 || !real || apply.device() != self.device {
             return Err(Error::StepCondition {
-                shape: if apply.defined() { apply.size() } else { Vec::new() },
-                kind: if apply.defined() { apply.kind() } else { Kind::Bool },
-                device: if apply.defined() { apply.device() } else { self.device },
+                shape: if apply.defined() {
+                    apply.size()
+                } else {
+                    Vec::new()
+                },
+                kind: if apply.defined() {
+                    apply.kind()
+                } else {
+                    Kind::Bool
+                },
+                device: if apply.defined() {
+                    apply.device()
+                } else {
+                    self.device
+                },
                 expected: self.device,
             });
         }
@@ -450,8 +570,13 @@ impl AdamW {
         }
         let (beta1, beta2, eps) = (self.config.beta1, self.config.beta2, self.config.eps);
         // Bias corrections in float64 on the device: 1 − β₁ᵗ and √(1 − β₂ᵗ).
-        let correction1 = Tensor::f_pow_scalar(beta1, &self.step)?.f_neg()?.f_add_scalar(1.0)?;
-        let correction2 = Tensor::f_pow_scalar(beta2, &self.step)?.f_neg()?.f_add_scalar(1.0)?.f_sqrt()?;
+        let correction1 = Tensor::f_pow_scalar(beta1, &self.step)?
+            .f_neg()?
+            .f_add_scalar(1.0)?;
+        let correction2 = Tensor::f_pow_scalar(beta2, &self.step)?
+            .f_neg()?
+            .f_add_scalar(1.0)?
+            .f_sqrt()?;
         let eps_term = correction2.f_mul_scalar(eps)?.f_to_kind(Kind::Float)?;
         let constants = Constants {
             beta1: f64::from(beta1 as f32),
@@ -462,11 +587,28 @@ impl AdamW {
             eps_term,
         };
         for group in &self.groups {
-            let step_size = group.lr.f_neg()?.f_mul(&correction2)?.f_div(&correction1)?.f_to_kind(Kind::Float)?;
+            let step_size = group
+                .lr
+                .f_neg()?
+                .f_mul(&correction2)?
+                .f_div(&correction1)?
+                .f_to_kind(Kind::Float)?;
             let decay = (group.weight_decay > 0.0)
-                .then(|| group.lr.f_mul_scalar(group.weight_decay)?.f_neg()?.f_add_scalar(1.0)?.f_to_kind(Kind::Float))
+                .then(|| {
+                    group
+                        .lr
+                        .f_mul_scalar(group.weight_decay)?
+                        .f_neg()?
+                        .f_add_scalar(1.0)?
+                        .f_to_kind(Kind::Float)
+                })
                 .transpose()?;
-            let update = Update { step_size: &step_size, decay: decay.as_ref(), constants: &constants, gate };
+            let update = Update {
+                step_size: &step_size,
+                decay: decay.as_ref(),
+                constants: &constants,
+                gate,
+            };
             // Whether a parameter has a gradient is host-side metadata, not a tensor value.
             if group.slots.iter().all(|slot| slot.param.grad().defined()) {
                 for flat in [&group.flat_8bit, &group.flat_fp32].into_iter().flatten() {
@@ -479,20 +621,38 @@ impl AdamW {
                 if !grad.defined() {
                     continue;
                 }
-                let flat = |t: &Tensor| -> Result<Tensor> { Ok(t.f_to_kind(Kind::Float)?.f_reshape([slot.numel])?) };
+                let flat = |t: &Tensor| -> Result<Tensor> {
+                    Ok(t.f_to_kind(Kind::Float)?.f_reshape([slot.numel])?)
+                };
                 match &slot.moments {
-                    Moments::Blockwise { m_codes, v_codes, m_absmax, v_absmax } => {
+                    Moments::Blockwise {
+                        m_codes,
+                        v_codes,
+                        m_absmax,
+                        v_absmax,
+                    } => {
                         let grad = as_blocks(&flat(&grad)?, BLOCK_SIZE, 0.0)?;
                         let param = as_blocks(&flat(&slot.param)?, BLOCK_SIZE, 0.0)?;
-                        let stepped =
-                            self.update_blocks(&grad, &param, [m_codes, v_codes], [m_absmax, v_absmax], &update)?;
+                        let stepped = self.update_blocks(
+                            &grad,
+                            &param,
+                            [m_codes, v_codes],
+                            [m_absmax, v_absmax],
+                            &update,
+                        )?;
                         write_param(slot, &stepped, 0)?;
                         let padding = m_codes.size1()? - slot.numel;
                         if padding > 0 {
-                            let _ = m_codes.f_narrow(0, slot.numel, padding)?.f_fill_(M_PAD_CODE)?;
+                            let _ = m_codes
+                                .f_narrow(0, slot.numel, padding)?
+                                .f_fill_(M_PAD_CODE)?;
                         }
                     }
-                    Moments::Full { m, v } => write_param(slot, &update_full(&flat(&grad)?, &flat(&slot.param)?, m, v, &update)?, 0)?,
+                    Moments::Full { m, v } => write_param(
+                        slot,
+                        &update_full(&flat(&grad)?, &flat(&slot.param)?, m, v, &update)?,
+                        0,
+                    )?,
                 }
             }
         }
@@ -505,15 +665,27 @@ impl AdamW {
         for chunk in &flat.chunks {
             let (start, len) = (chunk.start, chunk.len);
             let moments = match &flat.moments {
-                Moments::Blockwise { m_codes, v_codes, m_absmax, v_absmax } => Moments::Blockwise {
+                Moments::Blockwise {
+                    m_codes,
+                    v_codes,
+                    m_absmax,
+                    v_absmax,
+                } => Moments::Blockwise {
                     m_codes: m_codes.f_narrow(0, start, len)?,
                     v_codes: v_codes.f_narrow(0, start, len)?,
                     m_absmax: m_absmax.f_narrow(0, start / BLOCK_SIZE, len / BLOCK_SIZE)?,
                     v_absmax: v_absmax.f_narrow(0, start / BLOCK_SIZE, len / BLOCK_SIZE)?,
                 },
-                Moments::Full { m, v } => Moments::Full { m: m.f_narrow(0, start, len)?, v: v.f_narrow(0, start, len)? },
+                Moments::Full { m, v } => Moments::Full {
+                    m: m.f_narrow(0, start, len)?,
+                    v: v.f_narrow(0, start, len)?,
+                },
             };
-            let padding = flat.padding.as_ref().map(|p| p.f_narrow(0, start, len)).transpose()?;
+            let padding = flat
+                .padding
+                .as_ref()
+                .map(|p| p.f_narrow(0, start, len))
+                .transpose()?;
             self.update_chunk(group, chunk, &moments, padding.as_ref(), update)?;
         }
         Ok(())
@@ -534,7 +706,12 @@ impl AdamW {
         let mut params = Vec::with_capacity(2 * chunk.members.len());
         for &(index, _) in &chunk.members {
             let slot = &group.slots[index];
-            grads.push(slot.param.grad().f_to_kind(Kind::Float)?.f_reshape([slot.numel])?);
+            grads.push(
+                slot.param
+                    .grad()
+                    .f_to_kind(Kind::Float)?
+                    .f_reshape([slot.numel])?,
+            );
             params.push(slot.param.f_to_kind(Kind::Float)?.f_reshape([slot.numel])?);
             let padding = block_count(slot.numel, BLOCK_SIZE) * BLOCK_SIZE - slot.numel;
             if eight_bit && padding > 0 {
@@ -546,7 +723,12 @@ impl AdamW {
         let grads = Tensor::f_cat(&grads, 0)?;
         let params = Tensor::f_cat(&params, 0)?;
         let stepped = match moments {
-            Moments::Blockwise { m_codes, v_codes, m_absmax, v_absmax } => {
+            Moments::Blockwise {
+                m_codes,
+                v_codes,
+                m_absmax,
+                v_absmax,
+            } => {
                 let as_rows = |t: &Tensor| t.f_view([-1, BLOCK_SIZE]);
                 let stepped = self.update_blocks(
                     &as_rows(&grads)?,
@@ -584,21 +766,41 @@ impl AdamW {
         let grad = grad.f_where_scalarother(&finite, 0.0)?;
 
         // 1. Dequantize.
-        let m = self.signed_map.decode(&m_codes.f_view([blocks, BLOCK_SIZE])?)?.f_mul(&m_absmax.f_unsqueeze(1)?)?;
-        let v = self.unsigned_map.decode(&v_codes.f_view([blocks, BLOCK_SIZE])?)?.f_mul(&v_absmax.f_unsqueeze(1)?)?;
+        let m = self
+            .signed_map
+            .decode(&m_codes.f_view([blocks, BLOCK_SIZE])?)?
+            .f_mul(&m_absmax.f_unsqueeze(1)?)?;
+        let v = self
+            .unsigned_map
+            .decode(&v_codes.f_view([blocks, BLOCK_SIZE])?)?
+            .f_mul(&v_absmax.f_unsqueeze(1)?)?;
         // 2. Moments, in the kernel's order of operations; non-finite gradients reset them.
-        let v = v.f_mul_scalar(c.beta2)?.f_add(&grad.f_mul_scalar(c.one_minus_beta2)?.f_mul(&grad)?)?;
-        let m = m.f_mul_scalar(c.beta1)?.f_add(&grad.f_mul_scalar(c.one_minus_beta1)?)?;
+        let v = v
+            .f_mul_scalar(c.beta2)?
+            .f_add(&grad.f_mul_scalar(c.one_minus_beta2)?.f_mul(&grad)?)?;
+        let m = m
+            .f_mul_scalar(c.beta1)?
+            .f_add(&grad.f_mul_scalar(c.one_minus_beta1)?)?;
         let v = v.f_where_scalarother(&finite, 0.0)?;
         let m = m.f_where_scalarother(&finite, 0.0)?;
         // 3.–4. Parameter step and weight decay, only where the gradient was finite.
-        let stepped = update.gated(adam_step(param, &m, &v, update)?.f_where_self(&finite, param)?, param)?;
+        let stepped = update.gated(
+            adam_step(param, &m, &v, update)?.f_where_self(&finite, param)?,
+            param,
+        )?;
         // 5. New absmax and nearest codes.
         let new_m_absmax = m.f_abs()?.f_amax([1i64].as_slice(), false)?;
         let new_v_absmax = v.f_abs()?.f_amax([1i64].as_slice(), false)?;
-        let new_m_codes = self.signed_map.quantize_normalized(&normalize(&m, &new_m_absmax)?)?;
-        let new_v_codes = self.unsigned_map.quantize_normalized(&normalize(&v, &new_v_absmax)?)?;
-        let (m_codes, v_codes) = (m_codes.f_view([blocks, BLOCK_SIZE])?, v_codes.f_view([blocks, BLOCK_SIZE])?);
+        let new_m_codes = self
+            .signed_map
+            .quantize_normalized(&normalize(&m, &new_m_absmax)?)?;
+        let new_v_codes = self
+            .unsigned_map
+            .quantize_normalized(&normalize(&v, &new_v_absmax)?)?;
+        let (m_codes, v_codes) = (
+            m_codes.f_view([blocks, BLOCK_SIZE])?,
+            v_codes.f_view([blocks, BLOCK_SIZE])?,
+        );
         assign(&m_codes, &update.gated(new_m_codes, &m_codes)?)?;
         assign(&v_codes, &update.gated(new_v_codes, &v_codes)?)?;
         assign(m_absmax, &update.gated(new_m_absmax, m_absmax)?)?;
@@ -652,16 +854,29 @@ fn adam_step(param: &Tensor, m: &Tensor, v: &Tensor, update: &Update) -> Result<
 /// Writes the slot's values, starting at element `offset` of `updated` (any shape), back into the
 /// parameter, in its own element type.
 fn write_param(slot: &Slot, updated: &Tensor, offset: i64) -> Result<()> {
-    let values = updated.f_reshape([-1])?.f_narrow(0, offset, slot.numel)?.f_reshape(slot.param.size())?;
+    let values = updated
+        .f_reshape([-1])?
+        .f_narrow(0, offset, slot.numel)?
+        .f_reshape(slot.param.size())?;
     assign(&slot.param, &values)
 }
 
 /// The fp32-state update of flat gradients and parameters, in the order of bitsandbytes' 32-bit
 /// kernel; updates `m` and `v` in place and returns the stepped parameters.
-fn update_full(grad: &Tensor, param: &Tensor, m: &Tensor, v: &Tensor, update: &Update) -> Result<Tensor> {
+fn update_full(
+    grad: &Tensor,
+    param: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    update: &Update,
+) -> Result<Tensor> {
     let c = update.constants;
-    let new_m = m.f_mul_scalar(c.beta1)?.f_add(&grad.f_mul_scalar(c.one_minus_beta1)?)?;
-    let new_v = v.f_mul_scalar(c.beta2)?.f_add(&grad.f_mul(grad)?.f_mul_scalar(c.one_minus_beta2)?)?;
+    let new_m = m
+        .f_mul_scalar(c.beta1)?
+        .f_add(&grad.f_mul_scalar(c.one_minus_beta1)?)?;
+    let new_v = v
+        .f_mul_scalar(c.beta2)?
+        .f_add(&grad.f_mul(grad)?.f_mul_scalar(c.one_minus_beta2)?)?;
     assign(m, &update.gated(new_m, m)?)?;
     assign(v, &update.gated(new_v, v)?)?;
     update.gated(adam_step(param, m, v, update)?, param)
@@ -676,11 +891,24 @@ pub(crate) fn assign(dst: &Tensor, src: &Tensor) -> Result<()> {
 }
 
 fn check_range(name: &str, value: f64, ok: bool, reason: &'static str) -> Result<()> {
-    if ok { Ok(()) } else { Err(Error::InvalidHyperParameter { name: name.into(), value, reason }) }
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidHyperParameter {
+            name: name.into(),
+            value,
+            reason,
+        })
+    }
 }
 
 fn check_group_value(group: usize, field: &str, value: f64) -> Result<()> {
-    check_range(&format!("param_groups[{group}].{field}"), value, value.is_finite() && value >= 0.0, "must be finite and ≥ 0")
+    check_range(
+        &format!("param_groups[{group}].{field}"),
+        value,
+        value.is_finite() && value >= 0.0,
+        "must be finite and ≥ 0",
+    )
 }
 
 #[cfg(test)]
@@ -708,14 +936,22 @@ mod tests {
         // After one step m̂/√v̂ = g/|g|, so p₁ = (p₀ − lr·sign(g)·|g|/(|g| + ε)) · (1 − lr·wd).
         let p = param(&[1.0, -2.0, 0.5]);
         let (lr, wd) = (0.01, 0.1);
-        let mut opt = AdamW::new(vec![ParamGroup::new(vec![p.shallow_clone()], lr, wd)], AdamWConfig::fp32()).unwrap();
+        let mut opt = AdamW::new(
+            vec![ParamGroup::new(vec![p.shallow_clone()], lr, wd)],
+            AdamWConfig::fp32(),
+        )
+        .unwrap();
         set_grad(&p, &Tensor::from_slice(&[0.3f32, -4.0, 0.0]));
         opt.step().unwrap();
         let got = values(&p);
         let expected: Vec<f64> = [(1.0, 0.3), (-2.0, -4.0), (0.5, 0.0)]
             .iter()
             .map(|&(p0, g): &(f64, f64)| {
-                let direction = if g == 0.0 { 0.0 } else { g.signum() * g.abs() / (g.abs() + 1e-8) };
+                let direction = if g == 0.0 {
+                    0.0
+                } else {
+                    g.signum() * g.abs() / (g.abs() + 1e-8)
+                };
                 (p0 - lr * direction) * (1.0 - lr * wd)
             })
             .collect();
@@ -728,8 +964,11 @@ mod tests {
     fn eight_bit_states_only_from_min_8bit_size() {
         let small = Tensor::zeros([4095], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let large = Tensor::zeros([4096], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        let opt =
-            AdamW::new(vec![ParamGroup::new(vec![small, large], 1e-3, 0.0)], AdamWConfig::eight_bit()).unwrap();
+        let opt = AdamW::new(
+            vec![ParamGroup::new(vec![small, large], 1e-3, 0.0)],
+            AdamWConfig::eight_bit(),
+        )
+        .unwrap();
         let slots = &opt.groups[0].slots;
         assert!(matches!(slots[0].moments, Moments::Full { .. }));
         assert!(matches!(slots[1].moments, Moments::Blockwise { .. }));
@@ -742,8 +981,11 @@ mod tests {
         let numel = 5000; // 8-bit states, ragged last block
         let p = Tensor::randn([numel], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let before = p.detach().copy();
-        let mut opt =
-            AdamW::new(vec![ParamGroup::new(vec![p.shallow_clone()], 1e-2, 1e-2)], AdamWConfig::eight_bit()).unwrap();
+        let mut opt = AdamW::new(
+            vec![ParamGroup::new(vec![p.shallow_clone()], 1e-2, 1e-2)],
+            AdamWConfig::eight_bit(),
+        )
+        .unwrap();
         set_grad(&p, &Tensor::randn([numel], (Kind::Float, Device::Cpu)));
         opt.step().unwrap();
         let after_first = p.detach().copy();
@@ -756,12 +998,28 @@ mod tests {
         opt.step().unwrap();
         let after = p.detach();
         assert!(after.isfinite().all().int64_value(&[]) == 1);
-        assert!(after.eq_tensor(&after_first).all().int64_value(&[]) == 0, "finite elements must move");
+        assert!(
+            after.eq_tensor(&after_first).all().int64_value(&[]) == 0,
+            "finite elements must move"
+        );
         assert!(after_first.eq_tensor(&before).all().int64_value(&[]) == 0);
-        let Moments::Blockwise { m_codes, v_codes, .. } = &opt.groups[0].slots[0].moments else { panic!() };
+        let Moments::Blockwise {
+            m_codes, v_codes, ..
+        } = &opt.groups[0].slots[0].moments
+        else {
+            panic!()
+        };
         for i in bad {
-            assert_eq!(after.double_value(&[i]), after_first.double_value(&[i]), "element {i} moved");
-            assert_eq!(m_codes.int64_value(&[i]), 127, "m of element {i} is code 0.0");
+            assert_eq!(
+                after.double_value(&[i]),
+                after_first.double_value(&[i]),
+                "element {i} moved"
+            );
+            assert_eq!(
+                m_codes.int64_value(&[i]),
+                127,
+                "m of element {i} is code 0.0"
+            );
             assert_eq!(v_codes.int64_value(&[i]), 0, "v of element {i} is code 0.0");
         }
     }
@@ -770,7 +1028,10 @@ mod tests {
     fn groups_have_their_own_learning_rate_and_it_can_change() {
         let a = param(&[1.0; 4]);
         let b = param(&[1.0; 4]);
-        let groups = vec![ParamGroup::new(vec![a.shallow_clone()], 0.1, 0.0), ParamGroup::new(vec![b.shallow_clone()], 0.0, 0.0)];
+        let groups = vec![
+            ParamGroup::new(vec![a.shallow_clone()], 0.1, 0.0),
+            ParamGroup::new(vec![b.shallow_clone()], 0.0, 0.0),
+        ];
         let mut opt = AdamW::new(groups, AdamWConfig::fp32()).unwrap();
         let ones = Tensor::ones([4], (Kind::Float, Device::Cpu));
         set_grad(&a, &ones);
@@ -784,21 +1045,48 @@ mod tests {
         opt.step().unwrap();
         // m̂/√v̂ = 1 up to the kernel's fp32 (1 − β) constants (1 − 0.999f is 1.3e-5 short of 1e-3).
         assert!((values(&b)[0] - 0.5).abs() < 1e-5, "{:?}", values(&b));
-        assert!(matches!(opt.set_learning_rate(2, 0.1), Err(Error::NoSuchGroup { group: 2, groups: 2 })));
-        assert!(matches!(opt.set_learning_rate(0, f64::NAN), Err(Error::InvalidHyperParameter { .. })));
+        assert!(matches!(
+            opt.set_learning_rate(2, 0.1),
+            Err(Error::NoSuchGroup {
+                group: 2,
+                groups: 2
+            })
+        ));
+        assert!(matches!(
+            opt.set_learning_rate(0, f64::NAN),
+            Err(Error::InvalidHyperParameter { .. })
+        ));
     }
 
     #[test]
     fn bad_settings_and_parameters_are_named() {
         let p = || param(&[1.0]);
-        let err = AdamW::new(vec![ParamGroup::new(vec![p()], 1e-3, 0.0)], AdamWConfig { beta2: 1.0, ..AdamWConfig::eight_bit() });
+        let err = AdamW::new(
+            vec![ParamGroup::new(vec![p()], 1e-3, 0.0)],
+            AdamWConfig {
+                beta2: 1.0,
+                ..AdamWConfig::eight_bit()
+            },
+        );
         assert!(err.unwrap_err().to_string().contains("betas.1"));
-        let err = AdamW::new(vec![ParamGroup::new(vec![p()], 1e-3, 0.0), ParamGroup::new(vec![p()], -1.0, 0.0)], AdamWConfig::eight_bit());
+        let err = AdamW::new(
+            vec![
+                ParamGroup::new(vec![p()], 1e-3, 0.0),
+                ParamGroup::new(vec![p()], -1.0, 0.0),
+            ],
+            AdamWConfig::eight_bit(),
+        );
         assert!(err.unwrap_err().to_string().contains("param_groups[1].lr"));
         let ints = Tensor::from_slice(&[1i64, 2]);
-        let err = AdamW::new(vec![ParamGroup::new(vec![p(), ints], 1e-3, 0.0)], AdamWConfig::eight_bit());
+        let err = AdamW::new(
+            vec![ParamGroup::new(vec![p(), ints], 1e-3, 0.0)],
+            AdamWConfig::eight_bit(),
+        );
         let message = err.unwrap_err().to_string();
-        assert!(message.contains("param_groups[0].params[1]") && message.contains("Int64"), "{message}");
+        assert!(
+            message.contains("param_groups[0].params[1]") && message.contains("Int64"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -809,16 +1097,39 @@ mod tests {
         let shapes: [&[i64]; 5] = [&[5000], &[4096], &[300], &[1100, 1000], &[70, 90]];
         for config in [AdamWConfig::eight_bit(), AdamWConfig::fp32()] {
             tch::manual_seed(3);
-            let initial: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu))).collect();
-            let grads: Vec<Vec<Tensor>> =
-                (0..3).map(|_| shapes.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu))).collect()).collect();
-            let fresh = || initial.iter().map(|t| t.copy().set_requires_grad(true)).collect::<Vec<_>>();
+            let initial: Vec<Tensor> = shapes
+                .iter()
+                .map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu)))
+                .collect();
+            let grads: Vec<Vec<Tensor>> = (0..3)
+                .map(|_| {
+                    shapes
+                        .iter()
+                        .map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu)))
+                        .collect()
+                })
+                .collect();
+            let fresh = || {
+                initial
+                    .iter()
+                    .map(|t| t.copy().set_requires_grad(true))
+                    .collect::<Vec<_>>()
+            };
             let (flat, single) = (fresh(), fresh());
             let idle = Tensor::zeros([8], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-            let mut flat_opt = AdamW::new(vec![ParamGroup::new(flat.iter().map(Tensor::shallow_clone).collect(), 1e-2, 1e-2)], config).unwrap();
+            let mut flat_opt = AdamW::new(
+                vec![ParamGroup::new(
+                    flat.iter().map(Tensor::shallow_clone).collect(),
+                    1e-2,
+                    1e-2,
+                )],
+                config,
+            )
+            .unwrap();
             let mut with_idle = single.iter().map(Tensor::shallow_clone).collect::<Vec<_>>();
             with_idle.push(idle.shallow_clone());
-            let mut single_opt = AdamW::new(vec![ParamGroup::new(with_idle, 1e-2, 1e-2)], config).unwrap();
+            let mut single_opt =
+                AdamW::new(vec![ParamGroup::new(with_idle, 1e-2, 1e-2)], config).unwrap();
             for step in &grads {
                 for ((a, b), g) in flat.iter().zip(&single).zip(step) {
                     set_grad(a, g);
@@ -828,7 +1139,11 @@ mod tests {
                 single_opt.step().unwrap();
             }
             for (a, b) in flat.iter().zip(&single) {
-                assert!(a.equal(b), "{:?}: parameters differ between the paths", config.precision);
+                assert!(
+                    a.equal(b),
+                    "{:?}: parameters differ between the paths",
+                    config.precision
+                );
             }
             assert_eq!(values(&idle), vec![0.0; 8]);
         }
@@ -846,7 +1161,10 @@ mod tests {
     fn assert_same_bits(a: &[Tensor], b: &[Tensor], what: &str) {
         assert_eq!(a.len(), b.len());
         for (i, (a, b)) in a.iter().zip(b).enumerate() {
-            assert!(a.kind() == b.kind() && bits(a).equal(&bits(b)), "{what}: tensor {i} differs");
+            assert!(
+                a.kind() == b.kind() && bits(a).equal(&bits(b)),
+                "{what}: tensor {i} differs"
+            );
         }
     }
 
@@ -854,11 +1172,19 @@ mod tests {
     /// buffers, padding included (the slots' moments are views into them).
     fn states(opt: &AdamW) -> Vec<Tensor> {
         let mut all = vec![opt.step.copy()];
-        for flat in opt.groups.iter().flat_map(|g| [&g.flat_8bit, &g.flat_fp32]).flatten() {
+        for flat in opt
+            .groups
+            .iter()
+            .flat_map(|g| [&g.flat_8bit, &g.flat_fp32])
+            .flatten()
+        {
             match &flat.moments {
-                Moments::Blockwise { m_codes, v_codes, m_absmax, v_absmax } => {
-                    all.extend([m_codes, v_codes, m_absmax, v_absmax].map(Tensor::copy))
-                }
+                Moments::Blockwise {
+                    m_codes,
+                    v_codes,
+                    m_absmax,
+                    v_absmax,
+                } => all.extend([m_codes, v_codes, m_absmax, v_absmax].map(Tensor::copy)),
                 Moments::Full { m, v } => all.extend([m, v].map(Tensor::copy)),
             }
         }
@@ -877,13 +1203,24 @@ mod tests {
     /// An optimizer over fresh copies of `initial` on `device`: group 0 (with weight decay) takes
     /// the first two, group 1 the rest plus a parameter that never gets a gradient, which sends
     /// group 1 down the per-parameter path.
-    fn gated_problem(initial: &[Tensor], config: AdamWConfig, device: Device) -> (Vec<Tensor>, AdamW) {
-        let params: Vec<Tensor> = initial.iter().map(|t| t.to_device(device).copy().set_requires_grad(true)).collect();
+    fn gated_problem(
+        initial: &[Tensor],
+        config: AdamWConfig,
+        device: Device,
+    ) -> (Vec<Tensor>, AdamW) {
+        let params: Vec<Tensor> = initial
+            .iter()
+            .map(|t| t.to_device(device).copy().set_requires_grad(true))
+            .collect();
         let idle = Tensor::zeros([8], (Kind::Float, device)).set_requires_grad(true);
         let mut rest: Vec<Tensor> = params[2..].iter().map(Tensor::shallow_clone).collect();
         rest.push(idle);
         let groups = vec![
-            ParamGroup::new(params[..2].iter().map(Tensor::shallow_clone).collect(), 1e-2, 1e-2),
+            ParamGroup::new(
+                params[..2].iter().map(Tensor::shallow_clone).collect(),
+                1e-2,
+                1e-2,
+            ),
             ParamGroup::new(rest, 3e-3, 0.0),
         ];
         (params, AdamW::new(groups, config).unwrap())
@@ -894,11 +1231,25 @@ mod tests {
 
     /// 8-bit states everywhere, the default mix (8-bit from 4096 elements), fp32 everywhere.
     fn gated_configs() -> [AdamWConfig; 3] {
-        [AdamWConfig { min_8bit_size: 0, ..AdamWConfig::eight_bit() }, AdamWConfig::eight_bit(), AdamWConfig::fp32()]
+        [
+            AdamWConfig {
+                min_8bit_size: 0,
+                ..AdamWConfig::eight_bit()
+            },
+            AdamWConfig::eight_bit(),
+            AdamWConfig::fp32(),
+        ]
     }
 
     fn random_grads(steps: usize) -> Vec<Vec<Tensor>> {
-        (0..steps).map(|_| GATED_SHAPES.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu)) * 0.1).collect()).collect()
+        (0..steps)
+            .map(|_| {
+                GATED_SHAPES
+                    .iter()
+                    .map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu)) * 0.1)
+                    .collect()
+            })
+            .collect()
     }
 
     fn set_grads(params: &[Tensor], grads: &[Tensor]) {
@@ -909,9 +1260,15 @@ mod tests {
 
     #[test]
     fn step_if_true_equals_step_bit_for_bit() {
-        for (device, config) in test_devices().into_iter().flat_map(|d| gated_configs().map(|c| (d, c))) {
+        for (device, config) in test_devices()
+            .into_iter()
+            .flat_map(|d| gated_configs().map(|c| (d, c)))
+        {
             tch::manual_seed(21);
-            let initial: Vec<Tensor> = GATED_SHAPES.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu))).collect();
+            let initial: Vec<Tensor> = GATED_SHAPES
+                .iter()
+                .map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu)))
+                .collect();
             let (plain, mut plain_opt) = gated_problem(&initial, config, device);
             let (gated, mut gated_opt) = gated_problem(&initial, config, device);
             for (step, grads) in random_grads(4).iter().enumerate() {
@@ -919,11 +1276,23 @@ mod tests {
                 set_grads(&gated, grads);
                 plain_opt.step().unwrap();
                 // A bool condition and a 0/1 float one.
-                let apply = if step % 2 == 0 { Tensor::from(true) } else { Tensor::from(1.0f32) }.to_device(device);
+                let apply = if step % 2 == 0 {
+                    Tensor::from(true)
+                } else {
+                    Tensor::from(1.0f32)
+                }
+                .to_device(device);
                 gated_opt.step_if(&apply).unwrap();
-                let what = format!("{device:?} {:?} min_8bit_size {} step {step}", config.precision, config.min_8bit_size);
+                let what = format!(
+                    "{device:?} {:?} min_8bit_size {} step {step}",
+                    config.precision, config.min_8bit_size
+                );
                 assert_same_bits(&plain, &gated, &format!("{what}: parameters"));
-                assert_same_bits(&states(&plain_opt), &states(&gated_opt), &format!("{what}: states"));
+                assert_same_bits(
+                    &states(&plain_opt),
+                    &states(&gated_opt),
+                    &format!("{what}: states"),
+                );
             }
             assert_eq!(gated_opt.step_count().double_value(&[]), 4.0);
         }
@@ -931,9 +1300,15 @@ mod tests {
 
     #[test]
     fn step_if_false_changes_nothing_and_the_run_continues_as_if_it_never_happened() {
-        for (device, config) in test_devices().into_iter().flat_map(|d| gated_configs().map(|c| (d, c))) {
+        for (device, config) in test_devices()
+            .into_iter()
+            .flat_map(|d| gated_configs().map(|c| (d, c)))
+        {
             tch::manual_seed(22);
-            let initial: Vec<Tensor> = GATED_SHAPES.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu))).collect();
+            let initial: Vec<Tensor> = GATED_SHAPES
+                .iter()
+                .map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu)))
+                .collect();
             let grads = random_grads(4);
             let skipped = random_grads(3);
             let (reference, mut reference_opt) = gated_problem(&initial, config, device);
@@ -945,27 +1320,61 @@ mod tests {
                 // by zero, which must not leak through) and between later ones.
                 if step < skipped.len() {
                     set_grads(&gated, &skipped[step]);
-                    let (params_before, states_before) = (gated.iter().map(Tensor::copy).collect::<Vec<_>>(), states(&gated_opt));
-                    let skip = if step == 1 { Tensor::from(0.0f32) } else { Tensor::from(false) }.to_device(device);
+                    let (params_before, states_before) = (
+                        gated.iter().map(Tensor::copy).collect::<Vec<_>>(),
+                        states(&gated_opt),
+                    );
+                    let skip = if step == 1 {
+                        Tensor::from(0.0f32)
+                    } else {
+                        Tensor::from(false)
+                    }
+                    .to_device(device);
                     gated_opt.step_if(&skip).unwrap();
-                    let what = format!("{device:?} {:?} min_8bit_size {} skip {step}", config.precision, config.min_8bit_size);
+                    let what = format!(
+                        "{device:?} {:?} min_8bit_size {} skip {step}",
+                        config.precision, config.min_8bit_size
+                    );
                     assert_same_bits(&params_before, &gated, &format!("{what}: parameters"));
-                    assert_same_bits(&states_before, &states(&gated_opt), &format!("{what}: states"));
+                    assert_same_bits(
+                        &states_before,
+                        &states(&gated_opt),
+                        &format!("{what}: states"),
+                    );
                 }
                 set_grads(&gated, grads);
-                gated_opt.step_if(&Tensor::from(true).to_device(device)).unwrap();
+                gated_opt
+                    .step_if(&Tensor::from(true).to_device(device))
+                    .unwrap();
             }
-            let what = format!("{device:?} {:?} min_8bit_size {}", config.precision, config.min_8bit_size);
-            assert_same_bits(&reference, &gated, &format!("{what}: parameters after the run"));
-            assert_same_bits(&states(&reference_opt), &states(&gated_opt), &format!("{what}: states after the run"));
+            let what = format!(
+                "{device:?} {:?} min_8bit_size {}",
+                config.precision, config.min_8bit_size
+            );
+            assert_same_bits(
+                &reference,
+                &gated,
+                &format!("{what}: parameters after the run"),
+            );
+            assert_same_bits(
+                &states(&reference_opt),
+                &states(&gated_opt),
+                &format!("{what}: states after the run"),
+            );
         }
     }
 
     #[test]
     fn a_nan_gradient_gated_by_the_clipped_norm_changes_nothing() {
-        for (device, config) in test_devices().into_iter().flat_map(|d| gated_configs().map(|c| (d, c))) {
+        for (device, config) in test_devices()
+            .into_iter()
+            .flat_map(|d| gated_configs().map(|c| (d, c)))
+        {
             tch::manual_seed(23);
-            let initial: Vec<Tensor> = GATED_SHAPES.iter().map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu))).collect();
+            let initial: Vec<Tensor> = GATED_SHAPES
+                .iter()
+                .map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu)))
+                .collect();
             let (params, mut opt) = gated_problem(&initial, config, device);
             let clipped_step = |opt: &mut AdamW| {
                 let norm = crate::clip_grad_norm(&params, 1.0).unwrap();
@@ -977,9 +1386,15 @@ mod tests {
             let bad = random_grads(1).remove(0);
             let _ = bad[2].get(1).get(17).fill_(f64::NAN);
             set_grads(&params, &bad);
-            let (params_before, states_before) = (params.iter().map(Tensor::copy).collect::<Vec<_>>(), states(&opt));
+            let (params_before, states_before) = (
+                params.iter().map(Tensor::copy).collect::<Vec<_>>(),
+                states(&opt),
+            );
             clipped_step(&mut opt);
-            let what = format!("{device:?} {:?} min_8bit_size {}", config.precision, config.min_8bit_size);
+            let what = format!(
+                "{device:?} {:?} min_8bit_size {}",
+                config.precision, config.min_8bit_size
+            );
             assert_same_bits(&params_before, &params, &format!("{what}: parameters"));
             assert_same_bits(&states_before, &states(&opt), &format!("{what}: states"));
             // The next finite step goes through.
@@ -993,25 +1408,50 @@ mod tests {
     #[test]
     fn step_if_refuses_a_condition_that_is_not_a_scalar() {
         let p = param(&[1.0, 2.0]);
-        let mut opt = AdamW::new(vec![ParamGroup::new(vec![p.shallow_clone()], 0.1, 0.0)], AdamWConfig::fp32()).unwrap();
+        let mut opt = AdamW::new(
+            vec![ParamGroup::new(vec![p.shallow_clone()], 0.1, 0.0)],
+            AdamWConfig::fp32(),
+        )
+        .unwrap();
         set_grad(&p, &Tensor::from_slice(&[1.0f32, 1.0]));
         let err = opt.step_if(&Tensor::from_slice(&[true])).unwrap_err();
-        assert!(matches!(&err, Error::StepCondition { shape, .. } if shape == &[1]), "{err}");
+        assert!(
+            matches!(&err, Error::StepCondition { shape, .. } if shape == &[1]),
+            "{err}"
+        );
         assert!(err.to_string().contains("0-dim"), "{err}");
         assert_eq!(values(&p), vec![1.0, 2.0]);
         assert_eq!(opt.step_count().double_value(&[]), 0.0);
         if tch::Cuda::is_available() {
             let q = Tensor::ones([2], (Kind::Float, Device::Cuda(0))).set_requires_grad(true);
-            let mut opt = AdamW::new(vec![ParamGroup::new(vec![q], 0.1, 0.0)], AdamWConfig::fp32()).unwrap();
+            let mut opt = AdamW::new(
+                vec![ParamGroup::new(vec![q], 0.1, 0.0)],
+                AdamWConfig::fp32(),
+            )
+            .unwrap();
             let err = opt.step_if(&Tensor::from(true)).unwrap_err();
-            assert!(matches!(err, Error::StepCondition { device: Device::Cpu, expected: Device::Cuda(0), .. }), "{err}");
+            assert!(
+                matches!(
+                    err,
+                    Error::StepCondition {
+                        device: Device::Cpu,
+                        expected: Device::Cuda(0),
+                        ..
+                    }
+                ),
+                "{err}"
+            );
         }
     }
 
     #[test]
     fn parameters_without_gradient_are_skipped() {
         let p = param(&[1.0, 2.0]);
-        let mut opt = AdamW::new(vec![ParamGroup::new(vec![p.shallow_clone()], 0.1, 0.1)], AdamWConfig::fp32()).unwrap();
+        let mut opt = AdamW::new(
+            vec![ParamGroup::new(vec![p.shallow_clone()], 0.1, 0.1)],
+            AdamWConfig::fp32(),
+        )
+        .unwrap();
         opt.step().unwrap();
         assert_eq!(values(&p), vec![1.0, 2.0]);
     }

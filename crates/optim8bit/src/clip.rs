@@ -38,24 +38,38 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<Tensor> {
     }
     let device = params.first().map_or(Device::Cpu, Tensor::device);
     // Whether a gradient exists is autograd metadata, not a tensor value.
-    let grads: Vec<Tensor> = params.iter().map(Tensor::grad).filter(Tensor::defined).collect();
+    let grads: Vec<Tensor> = params
+        .iter()
+        .map(Tensor::grad)
+        .filter(Tensor::defined)
+        .collect();
     if grads.is_empty() {
         return Ok(Tensor::f_zeros([] as [i64; 0], (Kind::Float, device))?);
     }
     // On CUDA, PyTorch takes its foreach path (two launches for the norms, one for the scaling,
     // instead of one per tensor); so do we, through the shim, where every gradient is on one CUDA
     // device.
-    if device.is_cuda() && torch_cuda::shim_compiled() && grads.iter().all(|g| g.device() == device) {
-        return torch_cuda::foreach::clip_norm_(&grads, max_norm, NORM_EPSILON).map_err(Error::from);
+    if device.is_cuda() && torch_cuda::shim_compiled() && grads.iter().all(|g| g.device() == device)
+    {
+        return torch_cuda::foreach::clip_norm_(&grads, max_norm, NORM_EPSILON)
+            .map_err(Error::from);
     }
     tch::no_grad(|| {
         let norms = grads
             .iter()
-            .map(|grad| Ok(grad.f_norm_scalaropt_dtype(2.0, Kind::Float)?.f_to_device(device)?))
+            .map(|grad| {
+                Ok(grad
+                    .f_norm_scalaropt_dtype(2.0, Kind::Float)?
+                    .f_to_device(device)?)
+            })
             .collect::<Result<Vec<_>>>()?;
         let total = Tensor::f_stack(&norms, 0)?.f_norm_scalaropt_dtype(2.0, Kind::Float)?;
         // torch evaluates `max_norm / (total + eps)` as `reciprocal(total + eps) * max_norm`.
-        let factor = total.f_add_scalar(NORM_EPSILON)?.f_reciprocal()?.f_mul_scalar(max_norm)?.f_clamp_max(1.0)?;
+        let factor = total
+            .f_add_scalar(NORM_EPSILON)?
+            .f_reciprocal()?
+            .f_mul_scalar(max_norm)?
+            .f_clamp_max(1.0)?;
         for grad in &grads {
             let mut grad = grad.shallow_clone();
             let _ = grad.f_mul_(&factor.f_to_device(grad.device())?)?;
@@ -81,8 +95,14 @@ mod tests {
 
     #[test]
     fn norm_five_is_scaled_to_one_and_returned_before_clipping() {
-        let a = with_grad(&Tensor::zeros([2], (Kind::Float, Device::Cpu)), &Tensor::from_slice(&[3.0f32, 0.0]));
-        let b = with_grad(&Tensor::zeros([1, 1], (Kind::Float, Device::Cpu)), &Tensor::from_slice(&[4.0f32]).view([1, 1]));
+        let a = with_grad(
+            &Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+            &Tensor::from_slice(&[3.0f32, 0.0]),
+        );
+        let b = with_grad(
+            &Tensor::zeros([1, 1], (Kind::Float, Device::Cpu)),
+            &Tensor::from_slice(&[4.0f32]).view([1, 1]),
+        );
         let norm = clip_grad_norm(&[a.shallow_clone(), b.shallow_clone()], 1.0).unwrap();
         assert_eq!(norm.size(), Vec::<i64>::new());
         assert_eq!(norm.kind(), Kind::Float);
@@ -91,8 +111,13 @@ mod tests {
         assert!((a.grad().double_value(&[0]) - 3.0 * factor).abs() < 1e-7);
         assert_eq!(a.grad().double_value(&[1]), 0.0);
         assert!((b.grad().double_value(&[0, 0]) - 4.0 * factor).abs() < 1e-7);
-        let clipped = (a.grad().square().sum(Kind::Double) + b.grad().square().sum(Kind::Double)).sqrt();
-        assert!((scalar(&clipped) - 1.0).abs() < 1e-6, "clipped norm {}", scalar(&clipped));
+        let clipped =
+            (a.grad().square().sum(Kind::Double) + b.grad().square().sum(Kind::Double)).sqrt();
+        assert!(
+            (scalar(&clipped) - 1.0).abs() < 1e-6,
+            "clipped norm {}",
+            scalar(&clipped)
+        );
     }
 
     #[test]
@@ -103,7 +128,10 @@ mod tests {
         let expected_norm = scalar(&grad.to_kind(Kind::Double).square().sum(Kind::Double).sqrt());
         let norm = clip_grad_norm(&[param.shallow_clone()], expected_norm * 1.5).unwrap();
         assert!((scalar(&norm) - expected_norm).abs() < 1e-5 * expected_norm);
-        assert!(param.grad().equal(&grad), "a factor clamped to 1 must leave the gradient bit-identical");
+        assert!(
+            param.grad().equal(&grad),
+            "a factor clamped to 1 must leave the gradient bit-identical"
+        );
     }
 
     #[test]
@@ -117,38 +145,66 @@ mod tests {
             Tensor::randn([7, 9], (Kind::Float, cpu)) * 3.0,
             Tensor::randn([300], (Kind::BFloat16, cpu)),
         ];
-        let params: Vec<Tensor> = grads.iter().map(|g| with_grad(&g.zeros_like(), g)).collect();
+        let params: Vec<Tensor> = grads
+            .iter()
+            .map(|g| with_grad(&g.zeros_like(), g))
+            .collect();
         let idle = Tensor::ones([4], (Kind::Float, cpu)).set_requires_grad(true);
         let mut all: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
         all.insert(1, idle.shallow_clone());
 
-        let as_f64: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Double).reshape([-1])).collect();
+        let as_f64: Vec<Tensor> = grads
+            .iter()
+            .map(|g| g.to_kind(Kind::Double).reshape([-1]))
+            .collect();
         let expected_norm = scalar(&Tensor::cat(&as_f64, 0).square().sum(Kind::Double).sqrt());
         let max_norm = 10.0;
         let factor = (max_norm / (expected_norm + 1e-6)).min(1.0);
         assert!(factor < 0.2, "the test must clip: norm {expected_norm}");
 
         let norm = clip_grad_norm(&all, max_norm).unwrap();
-        assert!((scalar(&norm) - expected_norm).abs() < 1e-6 * expected_norm, "{} vs {expected_norm}", scalar(&norm));
+        assert!(
+            (scalar(&norm) - expected_norm).abs() < 1e-6 * expected_norm,
+            "{} vs {expected_norm}",
+            scalar(&norm)
+        );
         assert!(!idle.grad().defined());
         for ((param, original), grad) in params.iter().zip(&as_f64).zip(&grads) {
             let got = param.grad().to_kind(Kind::Double).reshape([-1]);
             assert_eq!(param.grad().kind(), grad.kind());
             // fp32 gradients: a few ulp of the factor; bf16 ones: their own rounding (2⁻⁹ relative).
-            let tolerance = if grad.kind() == Kind::BFloat16 { 4e-3 } else { 1e-6 };
-            let error = scalar(&(&got - original * factor).abs().max()) / scalar(&(original * factor).abs().max());
-            assert!(error < tolerance, "{:?}: relative error {error}", grad.kind());
+            let tolerance = if grad.kind() == Kind::BFloat16 {
+                4e-3
+            } else {
+                1e-6
+            };
+            let error = scalar(&(&got - original * factor).abs().max())
+                / scalar(&(original * factor).abs().max());
+            assert!(
+                error < tolerance,
+                "{:?}: relative error {error}",
+                grad.kind()
+            );
         }
     }
 
     #[test]
     fn non_finite_norms_leave_the_gradients_non_finite() {
-        let nan = with_grad(&Tensor::zeros([3], (Kind::Float, Device::Cpu)), &Tensor::from_slice(&[1.0f32, f32::NAN, 2.0]));
+        let nan = with_grad(
+            &Tensor::zeros([3], (Kind::Float, Device::Cpu)),
+            &Tensor::from_slice(&[1.0f32, f32::NAN, 2.0]),
+        );
         let norm = clip_grad_norm(&[nan.shallow_clone()], 1.0).unwrap();
         assert!(scalar(&norm).is_nan());
-        assert!(nan.grad().isnan().all().int64_value(&[]) == 1, "NaN factor: every gradient is NaN");
+        assert!(
+            nan.grad().isnan().all().int64_value(&[]) == 1,
+            "NaN factor: every gradient is NaN"
+        );
 
-        let inf = with_grad(&Tensor::zeros([2], (Kind::Float, Device::Cpu)), &Tensor::from_slice(&[f32::INFINITY, 2.0]));
+        let inf = with_grad(
+            &Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+            &Tensor::from_slice(&[f32::INFINITY, 2.0]),
+        );
         let norm = clip_grad_norm(&[inf.shallow_clone()], 1.0).unwrap();
         assert_eq!(scalar(&norm), f64::INFINITY);
         // Factor 1/inf = 0: inf·0 is NaN, the finite element becomes 0.
@@ -160,18 +216,27 @@ mod tests {
     fn no_gradients_give_a_zero_norm() {
         let idle = Tensor::ones([4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let norm = clip_grad_norm(&[idle.shallow_clone()], 1.0).unwrap();
-        assert_eq!((norm.size(), norm.kind(), scalar(&norm)), (Vec::<i64>::new(), Kind::Float, 0.0));
+        assert_eq!(
+            (norm.size(), norm.kind(), scalar(&norm)),
+            (Vec::<i64>::new(), Kind::Float, 0.0)
+        );
         assert_eq!(scalar(&clip_grad_norm(&[], 1.0).unwrap()), 0.0);
     }
 
     #[test]
     fn bad_max_norms_are_named() {
-        let p = with_grad(&Tensor::zeros([2], (Kind::Float, Device::Cpu)), &Tensor::from_slice(&[1.0f32, 1.0]));
+        let p = with_grad(
+            &Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+            &Tensor::from_slice(&[1.0f32, 1.0]),
+        );
         for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
             let err = clip_grad_norm(&[p.shallow_clone()], bad).unwrap_err();
             assert!(err.to_string().contains("max_grad_norm"), "{err}");
             assert!(matches!(err, Error::InvalidHyperParameter { .. }));
         }
-        assert!(p.grad().equal(&Tensor::from_slice(&[1.0f32, 1.0])), "a refused call changes nothing");
+        assert!(
+            p.grad().equal(&Tensor::from_slice(&[1.0f32, 1.0])),
+            "a refused call changes nothing"
+        );
     }
 }

@@ -64,7 +64,9 @@ impl RoundingTable {
             .f_mul_scalar(1i64 << TABLE_SHIFT)?
             .f_sub(&negative.f_to_kind(Kind::Int64)?.f_mul_scalar(1i64 << 32)?)?;
         let high_bits = low_bits.f_add_scalar((1i64 << TABLE_SHIFT) - 1)?;
-        let as_float = |bits: &Tensor| -> Result<Tensor> { Ok(bits.f_to_kind(Kind::Int)?.f_view_dtype(Kind::Float)?) };
+        let as_float = |bits: &Tensor| -> Result<Tensor> {
+            Ok(bits.f_to_kind(Kind::Int)?.f_view_dtype(Kind::Float)?)
+        };
         let (low_float, high_float) = (as_float(&low_bits)?, as_float(&high_bits)?);
         // For negative floats a larger bit pattern is a smaller number.
         let lowest = low_float.f_where_self(&negative.f_logical_not()?, &high_float)?;
@@ -73,27 +75,43 @@ impl RoundingTable {
         let below_highest = highest.f_bucketize(midpoints, false, false)?;
         let inside = below_highest.f_sub(&below_lowest)?;
         let finite = lowest.f_isfinite()?.f_logical_and(&highest.f_isfinite()?)?;
-        let crowded = inside.f_gt(1)?.f_logical_and(&finite)?.f_any()?.f_int64_value(&[])? != 0;
+        let crowded = inside
+            .f_gt(1)?
+            .f_logical_and(&finite)?
+            .f_any()?
+            .f_int64_value(&[])?
+            != 0;
         if crowded {
             return Ok(None);
         }
         let last = midpoints.size1()? - 1;
         let candidate = midpoints.f_index_select(0, &below_lowest.f_clamp_max(last)?)?;
         let threshold = candidate.f_masked_fill(&inside.f_eq(0)?, f64::INFINITY)?;
-        Ok(Some(Self { base: below_lowest, threshold }))
+        Ok(Some(Self {
+            base: below_lowest,
+            threshold,
+        }))
     }
 
     fn to_device(&self, device: Device) -> Result<Self> {
-        Ok(Self { base: self.base.f_to_device(device)?, threshold: self.threshold.f_to_device(device)? })
+        Ok(Self {
+            base: self.base.f_to_device(device)?,
+            threshold: self.threshold.f_to_device(device)?,
+        })
     }
 
     /// Number of midpoints below each value of a float32 tensor, int64, same shape.
     fn count_below(&self, values: &Tensor) -> Result<Tensor> {
         let bits = values.f_contiguous()?.f_view_dtype(Kind::Int)?;
-        let bucket = bits.f_bitwise_right_shift_tensor_scalar(TABLE_SHIFT)?.f_bitwise_and(TABLE_BUCKETS - 1)?;
+        let bucket = bits
+            .f_bitwise_right_shift_tensor_scalar(TABLE_SHIFT)?
+            .f_bitwise_and(TABLE_BUCKETS - 1)?;
         let flat = bucket.f_reshape([-1])?;
         let base = self.base.f_index_select(0, &flat)?.f_view_(values.size())?;
-        let threshold = self.threshold.f_index_select(0, &flat)?.f_view_(values.size())?;
+        let threshold = self
+            .threshold
+            .f_index_select(0, &flat)?
+            .f_view_(values.size())?;
         Ok(base.f_add(&values.f_gt_tensor(&threshold)?)?)
     }
 }
@@ -120,7 +138,11 @@ impl QuantMap {
     fn dynamic(signed: bool, device: Device) -> Result<Self> {
         let mut pieces = Vec::new();
         for exponent in 0..7i32 {
-            let fraction_items = if signed { (1i64 << exponent) + 1 } else { (1i64 << (exponent + 1)) + 1 };
+            let fraction_items = if signed {
+                (1i64 << exponent) + 1
+            } else {
+                (1i64 << (exponent + 1)) + 1
+            };
             let bounds = Tensor::f_linspace(0.1, 1.0, fraction_items, (Kind::Float, Device::Cpu))?;
             let lower = bounds.f_narrow(0, 0, fraction_items - 1)?;
             let upper = bounds.f_narrow(0, 1, fraction_items - 1)?;
@@ -141,24 +163,45 @@ impl QuantMap {
         let code = code.f_to_kind(Kind::Float)?.f_contiguous()?;
         let len = code.size1()?;
         if len != CODE_LEN {
-            return Err(Error::Shape(format!("an 8-bit code has {CODE_LEN} entries, got {len}")));
+            return Err(Error::Shape(format!(
+                "an 8-bit code has {CODE_LEN} entries, got {len}"
+            )));
         }
-        let ascending = code.f_narrow(0, 1, CODE_LEN - 1)?.f_gt_tensor(&code.f_narrow(0, 0, CODE_LEN - 1)?)?;
+        let ascending = code
+            .f_narrow(0, 1, CODE_LEN - 1)?
+            .f_gt_tensor(&code.f_narrow(0, 0, CODE_LEN - 1)?)?;
         if ascending.f_all()?.f_int64_value(&[])? == 0 {
-            return Err(Error::Shape("an 8-bit code must be sorted strictly ascending".into()));
+            return Err(Error::Shape(
+                "an 8-bit code must be sorted strictly ascending".into(),
+            ));
         }
         // A value exactly halfway between two codes goes to the lower one, as in the CUDA kernel's
         // upward search; the kernel computes the midpoint as (lower + upper) * 0.5 in fp32, like this.
-        let midpoints =
-            code.f_narrow(0, 0, CODE_LEN - 1)?.f_add(&code.f_narrow(0, 1, CODE_LEN - 1)?)?.f_mul_scalar(0.5)?;
+        let midpoints = code
+            .f_narrow(0, 0, CODE_LEN - 1)?
+            .f_add(&code.f_narrow(0, 1, CODE_LEN - 1)?)?
+            .f_mul_scalar(0.5)?;
         let rounding = RoundingTable::new(&midpoints.f_to_device(Device::Cpu)?)?
             .map(|table| table.to_device(code.device()))
             .transpose()?;
         let zero_index = {
             let zeros = code.f_eq(0.0)?;
-            (zeros.f_any()?.f_int64_value(&[])? != 0).then(|| zeros.f_to_kind(Kind::Int64)?.f_argmax(0, false)?.f_int64_value(&[])).transpose()?
+            (zeros.f_any()?.f_int64_value(&[])? != 0)
+                .then(|| {
+                    zeros
+                        .f_to_kind(Kind::Int64)?
+                        .f_argmax(0, false)?
+                        .f_int64_value(&[])
+                })
+                .transpose()?
         };
-        Ok(Self { code, midpoints, signed, rounding, zero_index })
+        Ok(Self {
+            code,
+            midpoints,
+            signed,
+            rounding,
+            zero_index,
+        })
     }
 
     /// The 256 code values, sorted ascending, float32.
@@ -177,7 +220,11 @@ impl QuantMap {
             code: self.code.f_to_device(device)?,
             midpoints: self.midpoints.f_to_device(device)?,
             signed: self.signed,
-            rounding: self.rounding.as_ref().map(|table| table.to_device(device)).transpose()?,
+            rounding: self
+                .rounding
+                .as_ref()
+                .map(|table| table.to_device(device))
+                .transpose()?,
             zero_index: self.zero_index,
         })
     }
@@ -199,12 +246,18 @@ impl QuantMap {
         if let Some(zero) = self.zero_index {
             // With an exact 0.0 in the code only a negative value (or −0.0) rounding to 0.0 can
             // change sign: no negative code is nearer to a positive value than 0.0, and vice versa.
-            let flipped = indices.f_eq(zero)?.f_logical_and(&normalized.f_signbit()?)?;
+            let flipped = indices
+                .f_eq(zero)?
+                .f_logical_and(&normalized.f_signbit()?)?;
             return Ok(indices.f_sub(&flipped.f_to_kind(Kind::Int64)?)?);
         }
         let chosen = self.decode(&indices)?;
         let sign_flipped = chosen.f_signbit()?.f_ne_tensor(&normalized.f_signbit()?)?;
-        let outward = normalized.f_gt(0.0)?.f_to_kind(Kind::Int64)?.f_mul_scalar(2)?.f_sub_scalar(1)?;
+        let outward = normalized
+            .f_gt(0.0)?
+            .f_to_kind(Kind::Int64)?
+            .f_mul_scalar(2)?
+            .f_sub_scalar(1)?;
         Ok(indices.f_add(&outward.f_mul(&sign_flipped)?)?)
     }
 
@@ -276,7 +329,10 @@ pub fn quantize_blockwise(values: &Tensor, map: &QuantMap, block_size: i64) -> R
     let blocks = as_blocks(&flat, block_size, 0.0)?;
     let absmax = blocks.f_abs()?.f_amax([1i64].as_slice(), false)?;
     let codes = map.quantize_normalized(&normalize(&blocks, &absmax)?)?;
-    let codes = codes.f_reshape([-1])?.f_narrow(0, 0, numel)?.f_reshape(values.size())?;
+    let codes = codes
+        .f_reshape([-1])?
+        .f_narrow(0, 0, numel)?
+        .f_reshape(values.size())?;
     Ok(Quantized { codes, absmax })
 }
 
@@ -284,7 +340,12 @@ pub fn quantize_blockwise(values: &Tensor, map: &QuantMap, block_size: i64) -> R
 ///
 /// # Shapes
 /// `codes` any shape (`uint8`), `absmax` `[ceil(numel / block_size)]` → float32, shape of `codes`.
-pub fn dequantize_blockwise(codes: &Tensor, absmax: &Tensor, map: &QuantMap, block_size: i64) -> Result<Tensor> {
+pub fn dequantize_blockwise(
+    codes: &Tensor,
+    absmax: &Tensor,
+    map: &QuantMap,
+    block_size: i64,
+) -> Result<Tensor> {
     if block_size <= 0 {
         return Err(Error::InvalidBlockSize(block_size));
     }
@@ -297,8 +358,13 @@ pub fn dequantize_blockwise(codes: &Tensor, absmax: &Tensor, map: &QuantMap, blo
             absmax.numel()
         )));
     }
-    let values = map.decode(&blocks)?.f_mul(&absmax.f_to_kind(Kind::Float)?.f_reshape([expected, 1])?)?;
-    Ok(values.f_reshape([-1])?.f_narrow(0, 0, numel)?.f_reshape(codes.size())?)
+    let values = map
+        .decode(&blocks)?
+        .f_mul(&absmax.f_to_kind(Kind::Float)?.f_reshape([expected, 1])?)?;
+    Ok(values
+        .f_reshape([-1])?
+        .f_narrow(0, 0, numel)?
+        .f_reshape(codes.size())?)
 }
 
 #[cfg(test)]
@@ -330,19 +396,61 @@ mod tests {
 
     #[test]
     fn rounding_table_equals_binary_search() {
-        for map in [QuantMap::signed(Device::Cpu).unwrap(), QuantMap::unsigned(Device::Cpu).unwrap()] {
+        for map in [
+            QuantMap::signed(Device::Cpu).unwrap(),
+            QuantMap::unsigned(Device::Cpu).unwrap(),
+        ] {
             assert!(map.has_rounding_table());
             let code = map.code();
             let mids = &map.midpoints;
-            let specials = Tensor::from_slice(&[0.0f32, -0.0, 1.0, -1.0, 1e-45, -1e-45, 1e-38, 3e-7, -3e-7]);
-            let below = |t: &Tensor| Tensor::from_slice(&Vec::<f32>::try_from(t).unwrap().iter().map(|v| v.next_down()).collect::<Vec<_>>());
-            let above = |t: &Tensor| Tensor::from_slice(&Vec::<f32>::try_from(t).unwrap().iter().map(|v| v.next_up()).collect::<Vec<_>>());
+            let specials =
+                Tensor::from_slice(&[0.0f32, -0.0, 1.0, -1.0, 1e-45, -1e-45, 1e-38, 3e-7, -3e-7]);
+            let below = |t: &Tensor| {
+                Tensor::from_slice(
+                    &Vec::<f32>::try_from(t)
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.next_down())
+                        .collect::<Vec<_>>(),
+                )
+            };
+            let above = |t: &Tensor| {
+                Tensor::from_slice(
+                    &Vec::<f32>::try_from(t)
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.next_up())
+                        .collect::<Vec<_>>(),
+                )
+            };
             let uniform = Tensor::rand([200_000], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
-            let log_spread = Tensor::rand([200_000], (Kind::Float, Device::Cpu)).g_mul_scalar(-9.0 * std::f64::consts::LN_10).exp() * (Tensor::rand([200_000], (Kind::Float, Device::Cpu)) - 0.5).sign();
-            let values = Tensor::cat(&[specials, code.copy(), mids.copy(), below(mids), above(mids), below(code), above(code), uniform, log_spread], 0).clamp(-1.0, 1.0);
+            let log_spread = Tensor::rand([200_000], (Kind::Float, Device::Cpu))
+                .g_mul_scalar(-9.0 * std::f64::consts::LN_10)
+                .exp()
+                * (Tensor::rand([200_000], (Kind::Float, Device::Cpu)) - 0.5).sign();
+            let values = Tensor::cat(
+                &[
+                    specials,
+                    code.copy(),
+                    mids.copy(),
+                    below(mids),
+                    above(mids),
+                    below(code),
+                    above(code),
+                    uniform,
+                    log_spread,
+                ],
+                0,
+            )
+            .clamp(-1.0, 1.0);
             let fast = map.rounding.as_ref().unwrap().count_below(&values).unwrap();
             let search = values.bucketize(mids, false, false);
-            assert!(fast.equal(&search), "{} of {} differ", fast.ne_tensor(&search).sum(Kind::Int64).int64_value(&[]), values.numel());
+            assert!(
+                fast.equal(&search),
+                "{} of {} differ",
+                fast.ne_tensor(&search).sum(Kind::Int64).int64_value(&[]),
+                values.numel()
+            );
         }
     }
 
@@ -364,7 +472,10 @@ mod tests {
         let back = dequantize_blockwise(&q.codes, &q.absmax, &map, 2).unwrap();
         assert_eq!(to_vec(&back), vec![0.5, to_vec(&back)[1], 0.0, 1.0, 2.0]);
         assert!(dequantize_blockwise(&q.codes, &q.absmax.narrow(0, 0, 2), &map, 2).is_err());
-        assert!(matches!(quantize_blockwise(&x, &map, 0), Err(Error::InvalidBlockSize(0))));
+        assert!(matches!(
+            quantize_blockwise(&x, &map, 0),
+            Err(Error::InvalidBlockSize(0))
+        ));
         assert!(QuantMap::from_code(map.code().flip([0]), false).is_err());
         assert!(QuantMap::from_code(map.code().narrow(0, 0, 255), false).is_err());
     }

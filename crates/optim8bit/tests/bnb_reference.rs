@@ -46,50 +46,101 @@ fn read_reference(file: &str) -> Option<Reference> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p[0].as_str().unwrap().to_string(), p[2].as_u64().unwrap() as usize))
+        .map(|p| {
+            (
+                p[0].as_str().unwrap().to_string(),
+                p[2].as_u64().unwrap() as usize,
+            )
+        })
         .collect();
     let groups = info["groups"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|g| (g["lr"].as_f64().unwrap(), g["weight_decay"].as_f64().unwrap()))
+        .map(|g| {
+            (
+                g["lr"].as_f64().unwrap(),
+                g["weight_decay"].as_f64().unwrap(),
+            )
+        })
         .collect();
-    let recorded_steps = info["recorded_steps"].as_array().unwrap().iter().map(|s| s.as_i64().unwrap()).collect();
-    let tensors = Tensor::read_safetensors(&path).unwrap().into_iter().collect();
-    Some(Reference { tensors, params, groups, recorded_steps, device: info["device"].as_str().unwrap().into() })
+    let recorded_steps = info["recorded_steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_i64().unwrap())
+        .collect();
+    let tensors = Tensor::read_safetensors(&path)
+        .unwrap()
+        .into_iter()
+        .collect();
+    Some(Reference {
+        tensors,
+        params,
+        groups,
+        recorded_steps,
+        device: info["device"].as_str().unwrap().into(),
+    })
 }
 
 /// Code mismatches between two code tensors: (count, largest index difference).
 fn code_mismatches(ours: &Tensor, theirs: &Tensor) -> (i64, i64) {
     let diff = (ours.to_kind(Kind::Int64) - theirs.to_kind(Kind::Int64)).abs();
-    (diff.gt(0).sum(Kind::Int64).int64_value(&[]), diff.max().int64_value(&[]))
+    (
+        diff.gt(0).sum(Kind::Int64).int64_value(&[]),
+        diff.max().int64_value(&[]),
+    )
 }
 
 /// Compares our optimizer on `device` with the reference in `file`; `moment_tolerance` is the
 /// allowed relative difference of block scales and fp32 moments (see the callers for why it differs).
 fn compare(file: &str, device: Device, moment_tolerance: f64) {
     let Some(reference) = read_reference(file) else {
-        println!("{file} is not there: skipped (generate it on the GPU machine, see tools/fixtures/README.md)");
+        println!(
+            "{file} is not there: skipped (generate it on the GPU machine, see tools/fixtures/README.md)"
+        );
         return;
     };
     let t = &reference.tensors;
-    println!("reference: bitsandbytes on {}, our optimizer on {device:?}", reference.device);
+    println!(
+        "reference: bitsandbytes on {}, our optimizer on {device:?}",
+        reference.device
+    );
 
     // The code tables are bit-identical.
-    assert!(QuantMap::signed(Device::Cpu).unwrap().code().equal(&t["qmap1"]));
-    assert!(QuantMap::unsigned(Device::Cpu).unwrap().code().equal(&t["qmap2"]));
+    assert!(
+        QuantMap::signed(Device::Cpu)
+            .unwrap()
+            .code()
+            .equal(&t["qmap1"])
+    );
+    assert!(
+        QuantMap::unsigned(Device::Cpu)
+            .unwrap()
+            .code()
+            .equal(&t["qmap2"])
+    );
 
     let params: Vec<Tensor> = reference
         .params
         .iter()
-        .map(|(name, _)| t[&format!("{name}.initial")].copy().to_device(device).set_requires_grad(true))
+        .map(|(name, _)| {
+            t[&format!("{name}.initial")]
+                .copy()
+                .to_device(device)
+                .set_requires_grad(true)
+        })
         .collect();
     let groups = reference
         .groups
         .iter()
         .enumerate()
         .map(|(g, &(lr, wd))| {
-            let members = reference.params.iter().zip(&params).filter(|((_, pg), _)| *pg == g);
+            let members = reference
+                .params
+                .iter()
+                .zip(&params)
+                .filter(|((_, pg), _)| *pg == g);
             ParamGroup::new(members.map(|(_, p)| p.shallow_clone()).collect(), lr, wd)
         })
         .collect();
@@ -109,7 +160,10 @@ fn compare(file: &str, device: Device, moment_tolerance: f64) {
     let (mut total_mismatches, mut total_codes) = (0, 0);
     for step in 1..=last {
         for ((name, _), param) in reference.params.iter().zip(&params) {
-            let grad = t[&format!("{name}.grads")].get(step - 1).to_kind(Kind::Float) * &t[&format!("{name}.grad_scale")];
+            let grad = t[&format!("{name}.grads")]
+                .get(step - 1)
+                .to_kind(Kind::Float)
+                * &t[&format!("{name}.grad_scale")];
             set_grad(param, &grad);
         }
         optimizer.step().unwrap();
@@ -118,38 +172,58 @@ fn compare(file: &str, device: Device, moment_tolerance: f64) {
         }
         let saved = temp_path(&format!("{file}-step{step}.safetensors"));
         optimizer.save(&saved).unwrap();
-        let ours: HashMap<String, Tensor> = Tensor::read_safetensors(&saved).unwrap().into_iter().collect();
+        let ours: HashMap<String, Tensor> = Tensor::read_safetensors(&saved)
+            .unwrap()
+            .into_iter()
+            .collect();
         for (((name, _), param), (g, i)) in reference.params.iter().zip(&params).zip(&slots) {
             let theirs = |key: &str| &t[&format!("step{step}.{name}.{key}")];
             let ours = |key: &str| &ours[&format!("state.{g}.{i}.{key}")];
             let param_error = max_rel_error(param, theirs("param"));
             print!("step {step:2} {name:7} param rel. error {param_error:.2e}");
-            assert!(param_error <= 1e-6, "{name} at step {step}: parameters differ by {param_error:e}");
+            assert!(
+                param_error <= 1e-6,
+                "{name} at step {step}: parameters differ by {param_error:e}"
+            );
             if t.contains_key(&format!("step{step}.{name}.absmax1")) {
-                let absmax_error =
-                    max_rel_error(ours("absmax1"), theirs("absmax1")).max(max_rel_error(ours("absmax2"), theirs("absmax2")));
+                let absmax_error = max_rel_error(ours("absmax1"), theirs("absmax1"))
+                    .max(max_rel_error(ours("absmax2"), theirs("absmax2")));
                 let (m_count, m_max) = code_mismatches(ours("state1"), theirs("state1"));
                 let (v_count, v_max) = code_mismatches(ours("state2"), theirs("state2"));
                 let numel = theirs("state1").numel() as i64;
                 println!(
                     ", absmax rel. error {absmax_error:.2e}, codes differing: m {m_count}/{numel} (max {m_max}), v {v_count}/{numel} (max {v_max})"
                 );
-                assert!(absmax_error <= moment_tolerance, "{name} at step {step}: absmax differs by {absmax_error:e}");
-                assert!(m_max <= 1 && v_max <= 1, "{name} at step {step}: a code is off by more than one");
+                assert!(
+                    absmax_error <= moment_tolerance,
+                    "{name} at step {step}: absmax differs by {absmax_error:e}"
+                );
+                assert!(
+                    m_max <= 1 && v_max <= 1,
+                    "{name} at step {step}: a code is off by more than one"
+                );
                 total_mismatches += m_count + v_count;
                 total_codes += 2 * numel;
             } else {
-                let moment_error =
-                    max_rel_error(ours("state1"), theirs("state1")).max(max_rel_error(ours("state2"), theirs("state2")));
+                let moment_error = max_rel_error(ours("state1"), theirs("state1"))
+                    .max(max_rel_error(ours("state2"), theirs("state2")));
                 println!(", fp32 moments rel. error {moment_error:.2e}");
-                assert!(moment_error <= moment_tolerance, "{name} at step {step}: moments differ by {moment_error:e}");
+                assert!(
+                    moment_error <= moment_tolerance,
+                    "{name} at step {step}: moments differ by {moment_error:e}"
+                );
             }
         }
         std::fs::remove_file(&saved).unwrap();
     }
-    println!("one-code differences (values on a midpoint): {total_mismatches} of {total_codes} recorded codes");
+    println!(
+        "one-code differences (values on a midpoint): {total_mismatches} of {total_codes} recorded codes"
+    );
     // Midpoint ties come from one-ulp differences of m/absmax; they are rare by construction.
-    assert!(total_mismatches * 1000 <= total_codes, "too many code differences for midpoint ties");
+    assert!(
+        total_mismatches * 1000 <= total_codes,
+        "too many code differences for midpoint ties"
+    );
 }
 
 #[test]

@@ -40,12 +40,34 @@ fn eight_bit_loss_curve_stays_within_two_percent_of_fp32() {
     let full = loss_curve(AdamWConfig::fp32());
     let deviation = |i: usize| (eight[i] - full[i]).abs() / full[i];
     for i in [0, 49, 99, 199, 299, 399, 499] {
-        println!("step {:3}: fp32 {:.5}  8-bit {:.5}  ({:+.3} %)", i + 1, full[i], eight[i], 100.0 * (eight[i] - full[i]) / full[i]);
+        println!(
+            "step {:3}: fp32 {:.5}  8-bit {:.5}  ({:+.3} %)",
+            i + 1,
+            full[i],
+            eight[i],
+            100.0 * (eight[i] - full[i]) / full[i]
+        );
     }
-    let worst = (0..STEPS).max_by(|&a, &b| deviation(a).total_cmp(&deviation(b))).unwrap();
-    println!("largest deviation: {:.3} % at step {}", 100.0 * deviation(worst), worst + 1);
+    let worst = (0..STEPS)
+        .max_by(|&a, &b| deviation(a).total_cmp(&deviation(b)))
+        .unwrap();
+    println!(
+        "largest deviation: {:.3} % at step {}",
+        100.0 * deviation(worst),
+        worst + 1
+    );
     // The problem is learnt (not a flat curve) ...
-    assert!(full[STEPS - 1] < 0.05 * full[0], "fp32 AdamW did not learn: {} → {}", full[0], full[STEPS - 1]);
+    assert!(
+        full[STEPS - 1] < 0.05 * full[0],
+        "fp32 AdamW did not learn: {} → {}",
+        full[0],
+        full[STEPS - 1]
+    );
     // ... and the 8-bit curve follows the fp32 one at every step.
-    assert!(deviation(worst) <= 0.02, "8-bit loss deviates by {:.2} % at step {}", 100.0 * deviation(worst), worst + 1);
+    assert!(
+        deviation(worst) <= 0.02,
+        "8-bit loss deviates by {:.2} % at step {}",
+        100.0 * deviation(worst),
+        worst + 1
+    );
 }

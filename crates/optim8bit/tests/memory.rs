@@ -14,7 +14,10 @@ use support::seed_lora_shapes;
 use tch::{Device, Kind, Tensor};
 
 fn bytes_for(shapes: &[Vec<i64>], config: AdamWConfig) -> (i64, i64) {
-    let params: Vec<Tensor> = shapes.iter().map(|s| Tensor::zeros(s.as_slice(), (Kind::Float, Device::Cpu))).collect();
+    let params: Vec<Tensor> = shapes
+        .iter()
+        .map(|s| Tensor::zeros(s.as_slice(), (Kind::Float, Device::Cpu)))
+        .collect();
     let optimizer = AdamW::new(vec![ParamGroup::new(params, 1e-4, 1e-2)], config).unwrap();
     (optimizer.state_bytes(), optimizer.param_count())
 }
@@ -39,9 +42,14 @@ fn seed_lora_state_is_about_two_bytes_per_parameter() {
     let large_per_param = (2 * large_numel + 8 * blocks) as f64 / large_numel as f64;
     println!("seed LoRA: {params} parameters in {} tensors", shapes.len());
     println!("  8-bit AdamW state: {bytes} bytes = {per_param:.3} bytes/param");
-    println!("    {large_numel} params in 8-bit tensors: {large_per_param:.4} bytes/param (2 + 8/256)");
+    println!(
+        "    {large_numel} params in 8-bit tensors: {large_per_param:.4} bytes/param (2 + 8/256)"
+    );
     println!("    {small_numel} params in tensors under min_8bit_size: 8 bytes/param (fp32)");
-    println!("  fp32 AdamW state:  {fp32_bytes} bytes = {:.3} bytes/param", fp32_bytes as f64 / params as f64);
+    println!(
+        "  fp32 AdamW state:  {fp32_bytes} bytes = {:.3} bytes/param",
+        fp32_bytes as f64 / params as f64
+    );
     assert!((large_per_param - 2.03125).abs() < 1e-9);
     assert_eq!(fp32_bytes, 8 * params);
     assert!(per_param < 2.5, "{per_param}");

@@ -28,13 +28,28 @@ fn value() -> impl Strategy<Value = f32> {
 
 fn check(values: &[f32], block_size: i64, signed: bool) -> Result<(), TestCaseError> {
     tch::set_num_threads(1); // small tensors: threads only add overhead on a shared machine
-    let map = if signed { QuantMap::signed(Device::Cpu) } else { QuantMap::unsigned(Device::Cpu) }.unwrap();
-    let code: Vec<f64> = Vec::<f32>::try_from(map.code()).unwrap().into_iter().map(f64::from).collect();
+    let map = if signed {
+        QuantMap::signed(Device::Cpu)
+    } else {
+        QuantMap::unsigned(Device::Cpu)
+    }
+    .unwrap();
+    let code: Vec<f64> = Vec::<f32>::try_from(map.code())
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
     let input = Tensor::from_slice(values);
     let quantized = quantize_blockwise(&input, &map, block_size).unwrap();
     prop_assert_eq!(quantized.codes.size(), input.size());
-    prop_assert_eq!(quantized.absmax.size(), vec![block_count(values.len() as i64, block_size)]);
-    let restored = Vec::<f32>::try_from(dequantize_blockwise(&quantized.codes, &quantized.absmax, &map, block_size).unwrap()).unwrap();
+    prop_assert_eq!(
+        quantized.absmax.size(),
+        vec![block_count(values.len() as i64, block_size)]
+    );
+    let restored = Vec::<f32>::try_from(
+        dequantize_blockwise(&quantized.codes, &quantized.absmax, &map, block_size).unwrap(),
+    )
+    .unwrap();
     let absmax = Vec::<f32>::try_from(&quantized.absmax).unwrap();
 
     for (index, (&x, &back)) in values.iter().zip(&restored).enumerate() {
@@ -44,12 +59,21 @@ fn check(values: &[f32], block_size: i64, signed: bool) -> Result<(), TestCaseEr
             prop_assert_eq!(back, 0.0, "zero at {} came back as {}", index, back);
             continue;
         }
-        prop_assert!(back * x >= 0.0, "sign of {} flipped to {} at {}", x, back, index);
+        prop_assert!(
+            back * x >= 0.0,
+            "sign of {} flipped to {} at {}",
+            x,
+            back,
+            index
+        );
         if signed && x < 0.0 {
             prop_assert!(back < 0.0, "negative {} became {} at {}", x, back, index);
         }
         let normalized = x / scale;
-        let lower = code.partition_point(|&c| c <= normalized).saturating_sub(1).min(254);
+        let lower = code
+            .partition_point(|&c| c <= normalized)
+            .saturating_sub(1)
+            .min(254);
         let spacing = code[lower + 1] - code[lower];
         let next_to_zero = signed && x < 0.0 && code[lower + 1] == 0.0;
         let allowed = if next_to_zero { spacing } else { spacing / 2.0 };
@@ -58,7 +82,12 @@ fn check(values: &[f32], block_size: i64, signed: bool) -> Result<(), TestCaseEr
         prop_assert!(
             (back - x).abs() <= allowed * scale + slack,
             "{} → {} at {}: error {:e} > {:e} (absmax {})",
-            x, back, index, (back - x).abs(), allowed * scale + slack, scale
+            x,
+            back,
+            index,
+            (back - x).abs(),
+            allowed * scale + slack,
+            scale
         );
     }
     Ok(())

@@ -19,13 +19,24 @@ fn problem() -> (Vec<Tensor>, Vec<Vec<Tensor>>) {
     tch::manual_seed(7);
     let opts = (Kind::Float, Device::Cpu);
     let initial: Vec<Tensor> = SHAPES.iter().map(|s| Tensor::randn(*s, opts)).collect();
-    let grads = (0..STEPS).map(|_| SHAPES.iter().map(|s| Tensor::randn(*s, opts) * 0.1).collect()).collect();
+    let grads = (0..STEPS)
+        .map(|_| {
+            SHAPES
+                .iter()
+                .map(|s| Tensor::randn(*s, opts) * 0.1)
+                .collect()
+        })
+        .collect();
     (initial, grads)
 }
 
 fn optimizer(params: &[Tensor], config: AdamWConfig) -> AdamW {
     let groups = vec![
-        ParamGroup::new(vec![params[0].shallow_clone(), params[2].shallow_clone()], 1e-2, 1e-2),
+        ParamGroup::new(
+            vec![params[0].shallow_clone(), params[2].shallow_clone()],
+            1e-2,
+            1e-2,
+        ),
         ParamGroup::new(vec![params[1].shallow_clone()], 3e-3, 0.0),
     ];
     AdamW::new(groups, config).unwrap()
@@ -36,7 +47,10 @@ fn fresh(values: &[Tensor]) -> Vec<Tensor> {
 }
 
 fn fresh_on(values: &[Tensor], device: Device) -> Vec<Tensor> {
-    values.iter().map(|v| v.to_device(device).copy().set_requires_grad(true)).collect()
+    values
+        .iter()
+        .map(|v| v.to_device(device).copy().set_requires_grad(true))
+        .collect()
 }
 
 /// The CPU, and CUDA when there is one.
@@ -48,10 +62,17 @@ fn devices() -> Vec<Device> {
     devices
 }
 
-fn run_steps(optimizer: &mut AdamW, params: &[Tensor], grads: &[Vec<Tensor>], steps: std::ops::Range<i64>) {
+fn run_steps(
+    optimizer: &mut AdamW,
+    params: &[Tensor],
+    grads: &[Vec<Tensor>],
+    steps: std::ops::Range<i64>,
+) {
     for step in steps {
         // A schedule the file must carry across the restart.
-        optimizer.set_learning_rate(0, 1e-2 / (1.0 + step as f64)).unwrap();
+        optimizer
+            .set_learning_rate(0, 1e-2 / (1.0 + step as f64))
+            .unwrap();
         for (param, grad) in params.iter().zip(&grads[step as usize]) {
             set_grad(param, grad);
         }
@@ -83,16 +104,28 @@ fn check_exact_resume(config: AdamWConfig, name: &str, device: Device) {
     for (a, b) in straight.iter().zip(&resumed_params) {
         assert!(a.equal(b), "{name}: parameters differ after resuming");
     }
-    let (end_a, end_b) = (temp_path(&format!("{name}-a.safetensors")), temp_path(&format!("{name}-b.safetensors")));
+    let (end_a, end_b) = (
+        temp_path(&format!("{name}-a.safetensors")),
+        temp_path(&format!("{name}-b.safetensors")),
+    );
     uninterrupted.save(&end_a).unwrap();
     resumed.save(&end_b).unwrap();
     let a: Vec<(String, Tensor)> = Tensor::read_safetensors(&end_a).unwrap();
-    let b: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&end_b).unwrap().into_iter().collect();
+    let b: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&end_b)
+        .unwrap()
+        .into_iter()
+        .collect();
     assert_eq!(a.len(), b.len());
     for (key, tensor) in &a {
-        assert!(tensor.equal(&b[key]), "{name}: state `{key}` differs after resuming");
+        assert!(
+            tensor.equal(&b[key]),
+            "{name}: state `{key}` differs after resuming"
+        );
     }
-    println!("{name} on {device:?}: {} tensors and all parameters bit-identical after {STEPS} steps with a restart at {SAVE_AT}", a.len());
+    println!(
+        "{name} on {device:?}: {} tensors and all parameters bit-identical after {STEPS} steps with a restart at {SAVE_AT}",
+        a.len()
+    );
 }
 
 #[test]
@@ -119,10 +152,17 @@ fn bad_state_files_are_refused_by_key() {
     source.save(&good).unwrap();
 
     // Another optimizer over differently shaped parameters.
-    let other: Vec<Tensor> = fresh(&[Tensor::zeros([5000], (Kind::Float, Device::Cpu)), Tensor::zeros([80, 64], (Kind::Float, Device::Cpu)), Tensor::zeros([300], (Kind::Float, Device::Cpu))]);
+    let other: Vec<Tensor> = fresh(&[
+        Tensor::zeros([5000], (Kind::Float, Device::Cpu)),
+        Tensor::zeros([80, 64], (Kind::Float, Device::Cpu)),
+        Tensor::zeros([300], (Kind::Float, Device::Cpu)),
+    ]);
     let mut target = optimizer(&other, AdamWConfig::eight_bit());
     let message = target.load(&good).unwrap_err().to_string();
-    assert!(message.contains("state.1.0.state1") && message.contains("shape"), "{message}");
+    assert!(
+        message.contains("state.1.0.state1") && message.contains("shape"),
+        "{message}"
+    );
     // Nothing was taken over from the refused file.
     assert_eq!(target.step_count().double_value(&[]), 0.0);
     assert_eq!(target.learning_rate(0).unwrap(), 1e-2);
@@ -136,12 +176,24 @@ fn bad_state_files_are_refused_by_key() {
     tensors.retain(|(key, _)| key != "state.0.0.absmax2");
     let partial = temp_path("partial.safetensors");
     Tensor::write_safetensors(&tensors, &partial).unwrap();
-    let message = optimizer(&fresh(&initial), AdamWConfig::eight_bit()).load(&partial).unwrap_err().to_string();
-    assert!(message.contains("state.0.0.absmax2") && message.contains("missing"), "{message}");
+    let message = optimizer(&fresh(&initial), AdamWConfig::eight_bit())
+        .load(&partial)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("state.0.0.absmax2") && message.contains("missing"),
+        "{message}"
+    );
     tensors.push(("state.0.0.absmax2".into(), source_absmax(&good)));
-    tensors.push(("state.9.9.state1".into(), Tensor::zeros([1], (Kind::Float, Device::Cpu))));
+    tensors.push((
+        "state.9.9.state1".into(),
+        Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+    ));
     Tensor::write_safetensors(&tensors, &partial).unwrap();
-    let message = optimizer(&fresh(&initial), AdamWConfig::eight_bit()).load(&partial).unwrap_err().to_string();
+    let message = optimizer(&fresh(&initial), AdamWConfig::eight_bit())
+        .load(&partial)
+        .unwrap_err()
+        .to_string();
     assert!(message.contains("state.9.9.state1"), "{message}");
 
     let missing = temp_path("does-not-exist.safetensors");
@@ -152,5 +204,10 @@ fn bad_state_files_are_refused_by_key() {
 }
 
 fn source_absmax(path: &std::path::Path) -> Tensor {
-    Tensor::read_safetensors(path).unwrap().into_iter().find(|(k, _)| k == "state.0.0.absmax2").unwrap().1
+    Tensor::read_safetensors(path)
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k == "state.0.0.absmax2")
+        .unwrap()
+        .1
 }

@@ -108,7 +108,13 @@ impl std::str::FromStr for AttentionBackend {
 /// # Errors
 /// [`Error::Shape`] when the inputs are not 3-D, disagree in batch, width or key length, or the width
 /// is not a multiple of `heads`.
-pub fn attention(query: &Tensor, key: &Tensor, value: &Tensor, heads: i64, backend: AttentionBackend) -> Result<Tensor> {
+pub fn attention(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    heads: i64,
+    backend: AttentionBackend,
+) -> Result<Tensor> {
     let (q_size, k_size, v_size) = (query.size(), key.size(), value.size());
     let consistent = q_size.len() == 3
         && k_size.len() == 3
@@ -131,7 +137,9 @@ pub fn attention(query: &Tensor, key: &Tensor, value: &Tensor, heads: i64, backe
     let split = |t: &Tensor| t.view([batch, -1, heads, head_dim]).transpose(1, 2);
     let (q, k, v) = (split(query), split(key), split(value));
     let out = match backend {
-        AttentionBackend::Fused => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, false, scale, false),
+        AttentionBackend::Fused => Tensor::scaled_dot_product_attention::<Tensor>(
+            &q, &k, &v, None, 0.0, false, scale, false,
+        ),
         AttentionBackend::Plain => weighted_sum(&q, &k, &v, scale),
         AttentionBackend::Sliced(size) => {
             // Slices run over the flattened batch×heads axis, as diffusers' `SlicedAttnProcessor` does.
@@ -167,7 +175,11 @@ mod tests {
     fn inputs(batch: i64, lq: i64, lk: i64, width: i64) -> (Tensor, Tensor, Tensor) {
         tch::manual_seed(7);
         let opts = (Kind::Float, Device::Cpu);
-        (Tensor::randn([batch, lq, width], opts), Tensor::randn([batch, lk, width], opts), Tensor::randn([batch, lk, width], opts))
+        (
+            Tensor::randn([batch, lq, width], opts),
+            Tensor::randn([batch, lk, width], opts),
+            Tensor::randn([batch, lk, width], opts),
+        )
     }
 
     /// The textbook definition, head by head, to check the backends against.
@@ -175,8 +187,14 @@ mod tests {
         let d = q.size()[2] / heads;
         let per_head: Vec<Tensor> = (0..heads)
             .map(|h| {
-                let (qh, kh, vh) = (q.narrow(2, h * d, d), k.narrow(2, h * d, d), v.narrow(2, h * d, d));
-                (qh.matmul(&kh.transpose(1, 2)) / (d as f64).sqrt()).softmax(-1, Kind::Float).matmul(&vh)
+                let (qh, kh, vh) = (
+                    q.narrow(2, h * d, d),
+                    k.narrow(2, h * d, d),
+                    v.narrow(2, h * d, d),
+                );
+                (qh.matmul(&kh.transpose(1, 2)) / (d as f64).sqrt())
+                    .softmax(-1, Kind::Float)
+                    .matmul(&vh)
             })
             .collect();
         Tensor::cat(&per_head, 2)
@@ -210,13 +228,18 @@ mod tests {
     #[test]
     fn matches_torch_sdpa_fixture() {
         // tests/fixtures/torch_ops.safetensors holds PyTorch's SDPA on [2, 4, 9, 8] heads-first inputs.
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/torch_ops.safetensors");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/torch_ops.safetensors");
         let file = crate::weights::TensorFile::open(path).unwrap();
         let get = |key: &str| file.tensor(key, Device::Cpu, None).unwrap();
         let merge = |t: Tensor| t.transpose(1, 2).reshape([2, -1, 32]);
         let (q, k, v) = (merge(get("q")), merge(get("k")), merge(get("v")));
         let expected = merge(get("sdpa"));
-        for backend in [AttentionBackend::Fused, AttentionBackend::Plain, AttentionBackend::Sliced(SliceSize::Rows(3))] {
+        for backend in [
+            AttentionBackend::Fused,
+            AttentionBackend::Plain,
+            AttentionBackend::Sliced(SliceSize::Rows(3)),
+        ] {
             let diff = max_abs_diff(&attention(&q, &k, &v, 4, backend).unwrap(), &expected);
             assert!(diff < 1e-5, "{backend:?}: max abs diff {diff}");
         }
@@ -225,15 +248,37 @@ mod tests {
     #[test]
     fn bad_shapes_and_settings_are_errors() {
         let (q, k, v) = inputs(2, 4, 4, 6);
-        let msg = attention(&q, &k, &v, 4, AttentionBackend::Plain).unwrap_err().to_string();
-        assert!(msg.contains("4 heads") && msg.contains("[2, 4, 6]"), "{msg}");
-        let msg = attention(&q, &k.narrow(0, 0, 1), &v, 2, AttentionBackend::Plain).unwrap_err().to_string();
+        let msg = attention(&q, &k, &v, 4, AttentionBackend::Plain)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("4 heads") && msg.contains("[2, 4, 6]"),
+            "{msg}"
+        );
+        let msg = attention(&q, &k.narrow(0, 0, 1), &v, 2, AttentionBackend::Plain)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("key [1, 4, 6]"), "{msg}");
-        assert_eq!("sliced:max".parse::<AttentionBackend>().unwrap(), AttentionBackend::Sliced(SliceSize::Max));
-        assert_eq!("sliced:8".parse::<AttentionBackend>().unwrap(), AttentionBackend::Sliced(SliceSize::Rows(8)));
-        let msg = "sliced:0".parse::<AttentionBackend>().unwrap_err().to_string();
+        assert_eq!(
+            "sliced:max".parse::<AttentionBackend>().unwrap(),
+            AttentionBackend::Sliced(SliceSize::Max)
+        );
+        assert_eq!(
+            "sliced:8".parse::<AttentionBackend>().unwrap(),
+            AttentionBackend::Sliced(SliceSize::Rows(8))
+        );
+        let msg = "sliced:0"
+            .parse::<AttentionBackend>()
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("`0`") && msg.contains("slice size"), "{msg}");
-        assert!("flash".parse::<AttentionBackend>().unwrap_err().to_string().contains("`flash`"));
+        assert!(
+            "flash"
+                .parse::<AttentionBackend>()
+                .unwrap_err()
+                .to_string()
+                .contains("`flash`")
+        );
         assert_eq!(SliceSize::Auto.rows(5), 2);
         assert_eq!(SliceSize::Auto.rows(1), 1);
     }

@@ -9,8 +9,8 @@
 
 use std::collections::BTreeSet;
 
-use tch::nn::VarStore;
 use tch::Tensor;
+use tch::nn::VarStore;
 
 use crate::weights::{LoadReport, TensorFile};
 use crate::{Error, Result};
@@ -31,7 +31,10 @@ pub(crate) enum Source {
 impl Source {
     pub(crate) fn key(&self) -> &str {
         match self {
-            Source::Same(k) | Source::FusedPart(k, _) | Source::Transposed(k) | Source::PointwiseConv(k) => k,
+            Source::Same(k)
+            | Source::FusedPart(k, _)
+            | Source::Transposed(k)
+            | Source::PointwiseConv(k) => k,
         }
     }
 
@@ -65,14 +68,20 @@ pub(crate) fn load_mapped(
     ignored: &[&str],
     source_of: impl Fn(&str) -> Option<Source>,
 ) -> Result<LoadReport> {
-    let in_file: BTreeSet<String> = file.keys()?.into_iter().filter(|k| k.starts_with(prefix)).collect();
+    let in_file: BTreeSet<String> = file
+        .keys()?
+        .into_iter()
+        .filter(|k| k.starts_with(prefix))
+        .collect();
     let mut report = LoadReport::default();
     let mut used = BTreeSet::new();
     let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, mut var) in variables {
         let Some(source) = source_of(&name) else {
-            report.missing.push(format!("{prefix}<no mapping for `{name}`>"));
+            report
+                .missing
+                .push(format!("{prefix}<no mapping for `{name}`>"));
             continue;
         };
         let key = format!("{prefix}{}", source.key());
@@ -95,11 +104,16 @@ pub(crate) fn load_mapped(
     }
     report.unused = in_file
         .into_iter()
-        .filter(|k| !used.contains(k) && !ignored.iter().any(|i| k.strip_prefix(prefix) == Some(*i)))
+        .filter(|k| {
+            !used.contains(k) && !ignored.iter().any(|i| k.strip_prefix(prefix) == Some(*i))
+        })
         .collect();
     if report.is_complete() {
         Ok(report)
     } else {
-        Err(Error::Load { files: vec![file.path().to_path_buf()], report: Box::new(report) })
+        Err(Error::Load {
+            files: vec![file.path().to_path_buf()],
+            report: Box::new(report),
+        })
     }
 }

@@ -48,9 +48,9 @@ use tch::{Device, Kind, Tensor};
 
 use lora::{Component, HasLinears, LoraState};
 
-use crate::prompt::{add_time_ids, add_time_ids_tensor, PromptEmbeds, PromptEncoder};
+use crate::prompt::{PromptEmbeds, PromptEncoder, add_time_ids, add_time_ids_tensor};
 use crate::schedulers::{self, SchedulerConfig, SchedulerKind};
-use crate::unet::{load_unet, UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights};
+use crate::unet::{UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights, load_unet};
 use crate::vae::{AutoencoderKL, Upcast, VaeTiling};
 use crate::{Error, Result};
 
@@ -167,9 +167,17 @@ pub fn save_png(image: &image::RgbImage, path: impl AsRef<Path>) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let image_error = |source| Error::Image { path: path.to_owned(), source };
-    image.save_with_format(&tmp, image::ImageFormat::Png).map_err(image_error)?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_owned(), source })
+    let image_error = |source| Error::Image {
+        path: path.to_owned(),
+        source,
+    };
+    image
+        .save_with_format(&tmp, image::ImageFormat::Png)
+        .map_err(image_error)?;
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// The SDXL text-to-image pipeline: text encoders, UNet, VAE and the scheduler config.
@@ -199,7 +207,15 @@ impl Pipeline {
         device: Device,
         kind: Kind,
     ) -> Self {
-        Self { prompt_encoder, unet, vae, scheduler_config, device, kind, stores: Vec::new() }
+        Self {
+            prompt_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            device,
+            kind,
+            stores: Vec::new(),
+        }
     }
 
     /// Loads a diffusers SDXL folder (`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`, and
@@ -208,16 +224,28 @@ impl Pipeline {
     ///
     /// # Errors
     /// The loaders' errors, naming the file or the keys that do not match.
-    pub fn from_pretrained(root: impl AsRef<Path>, device: Device, kind: Kind, vae_upcast: Upcast) -> Result<Self> {
+    pub fn from_pretrained(
+        root: impl AsRef<Path>,
+        device: Device,
+        kind: Kind,
+        vae_upcast: Upcast,
+    ) -> Result<Self> {
         let root = root.as_ref();
         let (prompt_encoder, [vs_1, vs_2]) = PromptEncoder::from_pretrained(root, device, kind)?;
         let unet_config = UNetConfig::from_file(root.join("unet").join("config.json"))?;
-        let weights = UNetWeights::Diffusers { folder: root.join("unet"), variant: None };
+        let weights = UNetWeights::Diffusers {
+            folder: root.join("unet"),
+            variant: None,
+        };
         let (vs_unet, unet) = load_unet(&unet_config, &weights, device, kind)?;
-        let (vae, vs_vae) = AutoencoderKL::from_pretrained(root.join("vae"), device, kind, vae_upcast)?;
+        let (vae, vs_vae) =
+            AutoencoderKL::from_pretrained(root.join("vae"), device, kind, vae_upcast)?;
         let scheduler_file = root.join("scheduler").join("scheduler_config.json");
-        let scheduler_config =
-            if scheduler_file.exists() { SchedulerConfig::from_file(&scheduler_file)? } else { SchedulerConfig::sdxl() };
+        let scheduler_config = if scheduler_file.exists() {
+            SchedulerConfig::from_file(&scheduler_file)?
+        } else {
+            SchedulerConfig::sdxl()
+        };
         let mut pipeline = Self::new(prompt_encoder, unet, vae, scheduler_config, device, kind);
         pipeline.stores = vec![vs_1, vs_2, vs_unet, vs_vae];
         Ok(pipeline)
@@ -235,7 +263,11 @@ impl Pipeline {
     fn adaptable(&mut self) -> [(Component, &mut dyn HasLinears); 3] {
         let unet: &mut dyn HasLinears = &mut self.unet;
         let (text_encoder, text_encoder_2) = self.prompt_encoder.text_encoders_mut();
-        [(Component::Unet, unet), (Component::TextEncoder, text_encoder), (Component::TextEncoder2, text_encoder_2)]
+        [
+            (Component::Unet, unet),
+            (Component::TextEncoder, text_encoder),
+            (Component::TextEncoder2, text_encoder_2),
+        ]
     }
 
     /// The layer paths of every adaptable model, for resolving kohya-named LoRA files
@@ -323,7 +355,8 @@ impl Pipeline {
     pub fn latents(&self, options: &GenerateOptions) -> Result<Tensor> {
         self.denoiser().check(options)?;
         let (positive, negative) = tch::no_grad(|| {
-            self.prompt_encoder.encode_with_negative(&options.prompts, options.negative_prompts.as_deref())
+            self.prompt_encoder
+                .encode_with_negative(&options.prompts, options.negative_prompts.as_deref())
         })?;
         self.denoise(&positive, &negative, options)
     }
@@ -332,7 +365,12 @@ impl Pipeline {
     ///
     /// # Errors
     /// As [`Self::latents`].
-    pub fn denoise(&self, positive: &PromptEmbeds, negative: &PromptEmbeds, options: &GenerateOptions) -> Result<Tensor> {
+    pub fn denoise(
+        &self,
+        positive: &PromptEmbeds,
+        negative: &PromptEmbeds,
+        options: &GenerateOptions,
+    ) -> Result<Tensor> {
         self.denoiser().denoise(positive, negative, options)
     }
 
@@ -354,7 +392,8 @@ impl Pipeline {
     /// As [`Self::latents`] and [`Self::decode`].
     pub fn generate(&self, options: &GenerateOptions) -> Result<Images> {
         self.decode(&self.latents(options)?)
-    }}
+    }
+}
 
 /// What the denoising loop needs, borrowed: a UNet, the scheduler config, the VAE's downscale factor,
 /// and where and in which element type the UNet computes. A [`Pipeline`] lends one
@@ -408,21 +447,34 @@ impl Denoiser<'_> {
     pub fn latent_shape(&self, options: &GenerateOptions) -> [i64; 4] {
         let factor = self.vae_scale_factor;
         let batch = options.prompts.len() as i64 * options.images_per_prompt;
-        [batch, self.unet.config().in_channels, options.height / factor, options.width / factor]
+        [
+            batch,
+            self.unet.config().in_channels,
+            options.height / factor,
+            options.width / factor,
+        ]
     }
 
     /// The denoising loop on already encoded prompts (`positive` and `negative`: one row per prompt).
     ///
     /// # Errors
     /// As [`Pipeline::latents`].
-    pub fn denoise(&self, positive: &PromptEmbeds, negative: &PromptEmbeds, options: &GenerateOptions) -> Result<Tensor> {
+    pub fn denoise(
+        &self,
+        positive: &PromptEmbeds,
+        negative: &PromptEmbeds,
+        options: &GenerateOptions,
+    ) -> Result<Tensor> {
         self.check(options)?;
         let shape = self.latent_shape(options);
         let prompts = positive.context.size().first().copied().unwrap_or(0);
         if prompts == 0 || prompts != options.prompts.len() as i64 {
             return Err(Error::Shape {
                 what: "prompt embeddings".into(),
-                expected: format!("one row per prompt ({}, at least one)", options.prompts.len()),
+                expected: format!(
+                    "one row per prompt ({}, at least one)",
+                    options.prompts.len()
+                ),
                 actual: format!("{:?}", positive.context.size()),
             });
         }
@@ -436,7 +488,7 @@ impl Denoiser<'_> {
                     what: "initial noise".into(),
                     expected: format!("{shape:?}"),
                     actual: format!("{:?}", noise.size()),
-                })
+                });
             }
             None => Tensor::randn(shape, (Kind::Float, Device::Cpu)),
         };
@@ -444,11 +496,16 @@ impl Denoiser<'_> {
         scheduler.set_timesteps(options.steps)?;
 
         let guided = options.guidance_scale > 1.0;
-        let repeat = |t: &Tensor| t.repeat_interleave_self_int(options.images_per_prompt, Some(0), None::<i64>);
+        let repeat = |t: &Tensor| {
+            t.repeat_interleave_self_int(options.images_per_prompt, Some(0), None::<i64>)
+        };
         let (context, pooled) = (repeat(&positive.context), repeat(&positive.pooled));
         let (context, pooled) = if guided {
             let (neg_context, neg_pooled) = (repeat(&negative.context), repeat(&negative.pooled));
-            (Tensor::cat(&[neg_context, context], 0), Tensor::cat(&[neg_pooled, pooled], 0))
+            (
+                Tensor::cat(&[neg_context, context], 0),
+                Tensor::cat(&[neg_pooled, pooled], 0),
+            )
         } else {
             (context, pooled)
         };
@@ -458,11 +515,16 @@ impl Denoiser<'_> {
         let rows = vec![add_time_ids(size, (0, 0), size); context.size()[0] as usize];
         let time_ids = add_time_ids_tensor(&rows, self.kind, self.device);
 
-        let mut latents = initial.to_device(self.device).to_kind(self.kind) * scheduler.init_noise_sigma();
+        let mut latents =
+            initial.to_device(self.device).to_kind(self.kind) * scheduler.init_noise_sigma();
         let timesteps = scheduler.timesteps().to_vec();
         tch::no_grad(|| -> Result<()> {
             for &t in &timesteps {
-                let model_input = if guided { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
+                let model_input = if guided {
+                    Tensor::cat(&[&latents, &latents], 0)
+                } else {
+                    latents.shallow_clone()
+                };
                 let model_input = scheduler.scale_model_input(&model_input)?;
                 let timestep = Tensor::from(t as f32).to_device(self.device);
                 let inputs = UNetInputs {
@@ -485,7 +547,6 @@ impl Denoiser<'_> {
         })?;
         Ok(latents)
     }
-
 }
 
 /// Decodes latents into 8-bit images: `latents / scaling_factor` through `vae` (in its weight type,
@@ -497,7 +558,8 @@ impl Denoiser<'_> {
 /// # Errors
 /// As [`AutoencoderKL::decode`].
 pub fn decode_images(vae: &AutoencoderKL, latents: &Tensor) -> Result<Images> {
-    let images = tch::no_grad(|| vae.decode(&vae.unscale_latents(&latents.to_kind(vae.weight_kind()))))?;
+    let images =
+        tch::no_grad(|| vae.decode(&vae.unscale_latents(&latents.to_kind(vae.weight_kind()))))?;
     let chw = ((images.to_kind(Kind::Float) / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0)
         .round()
         .to_kind(Kind::Uint8)
@@ -511,11 +573,14 @@ pub fn decode_images(vae: &AutoencoderKL, latents: &Tensor) -> Result<Images> {
 /// # Errors
 /// [`Error::Shape`] when no images are given or their heights differ.
 pub fn grid_row(images: &[image::RgbImage]) -> Result<image::RgbImage> {
-    let height = images.first().map(|i| i.height()).ok_or_else(|| Error::Shape {
-        what: "grid images".into(),
-        expected: "at least one image".into(),
-        actual: "none".into(),
-    })?;
+    let height = images
+        .first()
+        .map(|i| i.height())
+        .ok_or_else(|| Error::Shape {
+            what: "grid images".into(),
+            expected: "at least one image".into(),
+            actual: "none".into(),
+        })?;
     if let Some(other) = images.iter().find(|i| i.height() != height) {
         return Err(Error::Shape {
             what: "grid images".into(),
@@ -538,11 +603,14 @@ pub fn grid_row(images: &[image::RgbImage]) -> Result<image::RgbImage> {
 /// # Errors
 /// [`Error::Shape`] when no rows are given or their widths differ.
 pub fn grid_column(rows: &[image::RgbImage]) -> Result<image::RgbImage> {
-    let width = rows.first().map(|i| i.width()).ok_or_else(|| Error::Shape {
-        what: "grid rows".into(),
-        expected: "at least one row".into(),
-        actual: "none".into(),
-    })?;
+    let width = rows
+        .first()
+        .map(|i| i.width())
+        .ok_or_else(|| Error::Shape {
+            what: "grid rows".into(),
+            expected: "at least one row".into(),
+            actual: "none".into(),
+        })?;
     if let Some(other) = rows.iter().find(|i| i.width() != width) {
         return Err(Error::Shape {
             what: "grid rows".into(),

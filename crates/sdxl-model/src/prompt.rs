@@ -16,7 +16,7 @@ use std::path::Path;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use crate::clip::{single_file, ClipTextConfig, ClipTextModel};
+use crate::clip::{ClipTextConfig, ClipTextModel, single_file};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::TensorFile;
 use crate::{Error, Result};
@@ -33,7 +33,10 @@ pub struct PromptEmbeds {
 impl PromptEmbeds {
     /// All-zero embeddings of the same shapes (SDXL's empty negative prompt).
     pub fn zeros_like(&self) -> Self {
-        Self { context: self.context.zeros_like(), pooled: self.pooled.zeros_like() }
+        Self {
+            context: self.context.zeros_like(),
+            pooled: self.pooled.zeros_like(),
+        }
     }
 }
 
@@ -72,7 +75,11 @@ impl PromptEncoder {
     ///
     /// # Errors
     /// As [`ClipTextModel::from_pretrained`] for either folder; as [`Self::new`].
-    pub fn from_pretrained(root: impl AsRef<Path>, device: Device, kind: Kind) -> Result<(Self, [VarStore; 2])> {
+    pub fn from_pretrained(
+        root: impl AsRef<Path>,
+        device: Device,
+        kind: Kind,
+    ) -> Result<(Self, [VarStore; 2])> {
         Self::from_pretrained_variant(root, None, device, kind)
     }
 
@@ -87,8 +94,18 @@ impl PromptEncoder {
         kind: Kind,
     ) -> Result<(Self, [VarStore; 2])> {
         let root = root.as_ref();
-        let (text_encoder, vs_1) = ClipTextModel::from_pretrained_variant(root.join("text_encoder"), variant, device, kind)?;
-        let (text_encoder_2, vs_2) = ClipTextModel::from_pretrained_variant(root.join("text_encoder_2"), variant, device, kind)?;
+        let (text_encoder, vs_1) = ClipTextModel::from_pretrained_variant(
+            root.join("text_encoder"),
+            variant,
+            device,
+            kind,
+        )?;
+        let (text_encoder_2, vs_2) = ClipTextModel::from_pretrained_variant(
+            root.join("text_encoder_2"),
+            variant,
+            device,
+            kind,
+        )?;
         Ok((Self::new(text_encoder, text_encoder_2)?, [vs_1, vs_2]))
     }
 
@@ -105,7 +122,8 @@ impl PromptEncoder {
         kind: Kind,
     ) -> Result<(Self, [VarStore; 2])> {
         let (text_encoder, vs_1) = single_file::load_clip_l(file, configs[0], device, kind)?;
-        let (text_encoder_2, vs_2) = single_file::load_open_clip_big_g(file, configs[1], device, kind)?;
+        let (text_encoder_2, vs_2) =
+            single_file::load_open_clip_big_g(file, configs[1], device, kind)?;
         Ok((Self::new(text_encoder, text_encoder_2)?, [vs_1, vs_2]))
     }
 
@@ -138,7 +156,12 @@ impl PromptEncoder {
     /// # Errors
     /// [`Error::Shape`] when `prompts_2` has another length; [`Error::InvalidSetting`] when
     /// `clip_skip` reaches past the embeddings; tokenizer errors.
-    pub fn encode<S: AsRef<str>>(&self, prompts: &[S], prompts_2: Option<&[S]>, clip_skip: Option<usize>) -> Result<PromptEmbeds> {
+    pub fn encode<S: AsRef<str>>(
+        &self,
+        prompts: &[S],
+        prompts_2: Option<&[S]>,
+        clip_skip: Option<usize>,
+    ) -> Result<PromptEmbeds> {
         let prompts_2 = prompts_2.unwrap_or(prompts);
         if prompts_2.len() != prompts.len() || prompts.is_empty() {
             return Err(Error::Shape {
@@ -168,11 +191,17 @@ impl PromptEncoder {
     ///
     /// # Errors
     /// [`Error::Shape`] when the number of negatives differs from the number of prompts; as [`Self::encode`].
-    pub fn encode_with_negative<S: AsRef<str>>(&self, prompts: &[S], negative: Option<&[S]>) -> Result<(PromptEmbeds, PromptEmbeds)> {
+    pub fn encode_with_negative<S: AsRef<str>>(
+        &self,
+        prompts: &[S],
+        negative: Option<&[S]>,
+    ) -> Result<(PromptEmbeds, PromptEmbeds)> {
         let positive = self.encode(prompts, None, None)?;
         let negative = match negative {
             None => positive.zeros_like(),
-            Some(negative) if negative.len() == prompts.len() => self.encode(negative, None, None)?,
+            Some(negative) if negative.len() == prompts.len() => {
+                self.encode(negative, None, None)?
+            }
             Some(negative) => {
                 return Err(Error::Shape {
                     what: "negative prompts".into(),
@@ -200,12 +229,27 @@ fn pick_hidden_state(hidden_states: &[Tensor], clip_skip: Option<usize>) -> Resu
 
 /// SDXL's six micro-conditioning values `[orig_h, orig_w, crop_top, crop_left, target_h, target_w]`
 /// (diffusers `_get_add_time_ids`). At inference original = target = the image size and the crop is (0, 0).
-pub fn add_time_ids(original_size: (i64, i64), crop_top_left: (i64, i64), target_size: (i64, i64)) -> [f64; 6] {
-    [original_size.0, original_size.1, crop_top_left.0, crop_top_left.1, target_size.0, target_size.1].map(|v| v as f64)
+pub fn add_time_ids(
+    original_size: (i64, i64),
+    crop_top_left: (i64, i64),
+    target_size: (i64, i64),
+) -> [f64; 6] {
+    [
+        original_size.0,
+        original_size.1,
+        crop_top_left.0,
+        crop_top_left.1,
+        target_size.0,
+        target_size.1,
+    ]
+    .map(|v| v as f64)
 }
 
 /// Rows of [`add_time_ids`] as a `[batch, 6]` tensor of `kind` on `device`.
 pub fn add_time_ids_tensor(rows: &[[f64; 6]], kind: Kind, device: Device) -> Tensor {
     let flat: Vec<f64> = rows.iter().flatten().copied().collect();
-    Tensor::from_slice(&flat).view([rows.len() as i64, 6]).to_kind(kind).to_device(device)
+    Tensor::from_slice(&flat)
+        .view([rows.len() as i64, 6])
+        .to_kind(kind)
+        .to_device(device)
 }

@@ -64,7 +64,9 @@ pub struct ClipTokenizer {
 
 impl std::fmt::Debug for ClipTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClipTokenizer").field("padding", &self.padding).finish_non_exhaustive()
+        f.debug_struct("ClipTokenizer")
+            .field("padding", &self.padding)
+            .finish_non_exhaustive()
     }
 }
 
@@ -74,8 +76,12 @@ impl ClipTokenizer {
     /// # Errors
     /// [`Error::Tokenizer`] if the embedded JSON cannot be read (a build defect).
     pub fn new(padding: Padding) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(CLIP_TOKENIZER_JSON)
-            .map_err(|source| Error::Tokenizer { what: "reading the shipped clip-tokenizer.json".into(), source })?;
+        let inner = tokenizers::Tokenizer::from_bytes(CLIP_TOKENIZER_JSON).map_err(|source| {
+            Error::Tokenizer {
+                what: "reading the shipped clip-tokenizer.json".into(),
+                source,
+            }
+        })?;
         Ok(Self { inner, padding })
     }
 
@@ -101,8 +107,10 @@ impl ClipTokenizer {
     /// [`Error::Tokenizer`] naming the file when it cannot be read or parsed.
     pub fn from_file(path: impl AsRef<Path>, padding: Padding) -> Result<Self> {
         let path = path.as_ref();
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|source| Error::Tokenizer { what: format!("reading {}", path.display()), source })?;
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|source| Error::Tokenizer {
+            what: format!("reading {}", path.display()),
+            source,
+        })?;
         Ok(Self { inner, padding })
     }
 
@@ -120,7 +128,10 @@ impl ClipTokenizer {
         let encoding = self
             .inner
             .encode(prompt, true)
-            .map_err(|source| Error::Tokenizer { what: format!("encoding {prompt:?}"), source })?;
+            .map_err(|source| Error::Tokenizer {
+                what: format!("encoding {prompt:?}"),
+                source,
+            })?;
         let mut ids = encoding.get_ids().to_vec();
         if ids.len() > MAX_LENGTH {
             ids.truncate(MAX_LENGTH - 1);
@@ -142,7 +153,9 @@ impl ClipTokenizer {
         for prompt in prompts {
             ids.extend(self.encode(prompt.as_ref())?.into_iter().map(i64::from));
         }
-        Ok(Tensor::from_slice(&ids).view([prompts.len() as i64, MAX_LENGTH as i64]).to_device(device))
+        Ok(Tensor::from_slice(&ids)
+            .view([prompts.len() as i64, MAX_LENGTH as i64])
+            .to_device(device))
     }
 }
 
@@ -163,6 +176,9 @@ mod tests {
         let long = "word ".repeat(200);
         let ids = first.encode(&long).unwrap();
         assert_eq!(ids.len(), MAX_LENGTH);
-        assert_eq!((ids[0], ids[75], ids[76]), (START_OF_TEXT, first.encode("word").unwrap()[1], END_OF_TEXT));
+        assert_eq!(
+            (ids[0], ids[75], ids[76]),
+            (START_OF_TEXT, first.encode("word").unwrap()[1], END_OF_TEXT)
+        );
     }
 }

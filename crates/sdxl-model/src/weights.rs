@@ -35,12 +35,19 @@ impl TensorFile {
     /// describes tensors outside the file.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let io = |source| Error::Io { path: path.clone(), source };
-        let bad = |source| Error::SafeTensors { path: path.clone(), source };
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
+        let bad = |source| Error::SafeTensors {
+            path: path.clone(),
+            source,
+        };
         let mut file = std::fs::File::open(&path).map_err(io)?;
         let file_len = file.metadata().map_err(io)?.len();
         let mut len_bytes = [0u8; 8];
-        file.read_exact(&mut len_bytes).map_err(|_| bad(SafeTensorError::HeaderTooSmall))?;
+        file.read_exact(&mut len_bytes)
+            .map_err(|_| bad(SafeTensorError::HeaderTooSmall))?;
         let header_len = u64::from_le_bytes(len_bytes);
         if header_len > MAX_HEADER_BYTES {
             return Err(bad(SafeTensorError::HeaderTooLarge));
@@ -50,9 +57,10 @@ impl TensorFile {
         }
         let mut header = vec![0u8; header_len as usize];
         file.read_exact(&mut header).map_err(io)?;
-        let header = std::str::from_utf8(&header).map_err(|e| bad(SafeTensorError::InvalidHeader(e)))?;
-        let raw: BTreeMap<String, serde_json::Value> =
-            serde_json::from_str(header).map_err(|e| bad(SafeTensorError::InvalidHeaderDeserialization(e)))?;
+        let header =
+            std::str::from_utf8(&header).map_err(|e| bad(SafeTensorError::InvalidHeader(e)))?;
+        let raw: BTreeMap<String, serde_json::Value> = serde_json::from_str(header)
+            .map_err(|e| bad(SafeTensorError::InvalidHeaderDeserialization(e)))?;
         let data_start = 8 + header_len;
         let data_len = (file_len - data_start) as usize;
         let mut entries = BTreeMap::new();
@@ -60,15 +68,24 @@ impl TensorFile {
             if key == "__metadata__" {
                 continue;
             }
-            let info: TensorInfo = serde_json::from_value(value).map_err(|e| bad(SafeTensorError::InvalidHeaderDeserialization(e)))?;
+            let info: TensorInfo = serde_json::from_value(value)
+                .map_err(|e| bad(SafeTensorError::InvalidHeaderDeserialization(e)))?;
             let (start, end) = info.data_offsets;
-            let bytes = info.shape.iter().try_fold(info.dtype.bitsize(), |acc, &d| acc.checked_mul(d)).map(|bits| bits.div_ceil(8));
+            let bytes = info
+                .shape
+                .iter()
+                .try_fold(info.dtype.bitsize(), |acc, &d| acc.checked_mul(d))
+                .map(|bits| bits.div_ceil(8));
             if start > end || end > data_len || bytes != Some(end - start) {
                 return Err(bad(SafeTensorError::InvalidOffset(key)));
             }
             entries.insert(key, info);
         }
-        Ok(Self { path, entries, data_start })
+        Ok(Self {
+            path,
+            entries,
+            data_start,
+        })
     }
 
     /// The file's path.
@@ -77,7 +94,10 @@ impl TensorFile {
     }
 
     fn entry(&self, key: &str) -> Result<&TensorInfo> {
-        self.entries.get(key).ok_or_else(|| Error::MissingTensor { path: self.path.clone(), key: key.to_owned() })
+        self.entries.get(key).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            key: key.to_owned(),
+        })
     }
 
     /// The tensor keys, sorted.
@@ -111,13 +131,19 @@ impl TensorFile {
         })?;
         let (start, end) = info.data_offsets;
         let mut bytes = vec![0u8; end - start];
-        let io = |source| Error::Io { path: self.path.clone(), source };
+        let io = |source| Error::Io {
+            path: self.path.clone(),
+            source,
+        };
         let mut file = std::fs::File::open(&self.path).map_err(io)?;
-        file.seek(SeekFrom::Start(self.data_start + start as u64)).map_err(io)?;
+        file.seek(SeekFrom::Start(self.data_start + start as u64))
+            .map_err(io)?;
         file.read_exact(&mut bytes).map_err(io)?;
         let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
         let host = Tensor::f_from_data_size(&bytes, &shape, file_kind)?;
-        Ok(host.f_to_device(device)?.f_to_kind(kind.unwrap_or(file_kind))?)
+        Ok(host
+            .f_to_device(device)?
+            .f_to_kind(kind.unwrap_or(file_kind))?)
     }
 
     /// Every tensor of the file, by key, on `device` in `kind` (`None` keeps each file type).
@@ -159,7 +185,12 @@ impl std::fmt::Display for LoadReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         const SHOWN: usize = 8;
         let list = |keys: &[String]| {
-            let mut s = keys.iter().take(SHOWN).map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ");
+            let mut s = keys
+                .iter()
+                .take(SHOWN)
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ");
             if keys.len() > SHOWN {
                 s.push_str(&format!(" and {} more", keys.len() - SHOWN));
             }
@@ -167,7 +198,12 @@ impl std::fmt::Display for LoadReport {
         };
         write!(f, "{} loaded", self.loaded)?;
         if !self.missing.is_empty() {
-            write!(f, "; {} missing: {}", self.missing.len(), list(&self.missing))?;
+            write!(
+                f,
+                "; {} missing: {}",
+                self.missing.len(),
+                list(&self.missing)
+            )?;
         }
         if !self.unused.is_empty() {
             write!(f, "; {} unused: {}", self.unused.len(), list(&self.unused))?;
@@ -179,7 +215,12 @@ impl std::fmt::Display for LoadReport {
                 .take(SHOWN)
                 .map(|(k, model, file)| format!("`{k}` (model {model:?}, file {file:?})"))
                 .collect();
-            write!(f, "; {} mis-shaped: {}", self.mismatched.len(), shown.join(", "))?;
+            write!(
+                f,
+                "; {} mis-shaped: {}",
+                self.mismatched.len(),
+                shown.join(", ")
+            )?;
         }
         Ok(())
     }
@@ -270,7 +311,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sdxl-load-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let w = Tensor::arange(6, (Kind::Float, Device::Cpu)).view([2, 3]);
-        let good = write_file(&dir, "good.safetensors", &[("lin.weight", w.shallow_clone())]);
+        let good = write_file(
+            &dir,
+            "good.safetensors",
+            &[("lin.weight", w.shallow_clone())],
+        );
         let vs = VarStore::new(Device::Cpu);
         let _ = vs.root().sub("lin").zeros_no_train("weight", &[2, 3]);
         let report = load_into(&vs, std::slice::from_ref(&good), str::to_owned).unwrap();
@@ -280,13 +325,26 @@ mod tests {
         let bad = write_file(
             &dir,
             "bad.safetensors",
-            &[("lin.weight", Tensor::zeros([3, 2], (Kind::Float, Device::Cpu))), ("extra.bias", w.shallow_clone())],
+            &[
+                (
+                    "lin.weight",
+                    Tensor::zeros([3, 2], (Kind::Float, Device::Cpu)),
+                ),
+                ("extra.bias", w.shallow_clone()),
+            ],
         );
         let vs2 = VarStore::new(Device::Cpu);
         let _ = vs2.root().sub("lin").zeros_no_train("weight", &[2, 3]);
         let _ = vs2.root().sub("other").zeros_no_train("weight", &[1]);
-        let msg = load_into(&vs2, &[bad], str::to_owned).unwrap_err().to_string();
-        for needle in ["bad.safetensors", "`other.weight`", "`extra.bias`", "`lin.weight` (model [2, 3], file [3, 2])"] {
+        let msg = load_into(&vs2, &[bad], str::to_owned)
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "bad.safetensors",
+            "`other.weight`",
+            "`extra.bias`",
+            "`lin.weight` (model [2, 3], file [3, 2])",
+        ] {
             assert!(msg.contains(needle), "{needle} not in: {msg}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
@@ -294,7 +352,9 @@ mod tests {
 
     #[test]
     fn missing_file_names_the_path() {
-        let err = TensorFile::open("/nonexistent/model.safetensors").err().map(|e| e.to_string());
+        let err = TensorFile::open("/nonexistent/model.safetensors")
+            .err()
+            .map(|e| e.to_string());
         assert!(err.is_some_and(|msg| msg.contains("/nonexistent/model.safetensors")));
     }
 
@@ -304,7 +364,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let a = Tensor::arange(12, (Kind::Float, Device::Cpu)).view([3, 4]);
         let b = Tensor::from_slice(&[1.5f32, -2.0]).to_kind(Kind::BFloat16);
-        let file = write_file(&dir, "two.safetensors", &[("a", a.shallow_clone()), ("b", b.shallow_clone())]);
+        let file = write_file(
+            &dir,
+            "two.safetensors",
+            &[("a", a.shallow_clone()), ("b", b.shallow_clone())],
+        );
         assert_eq!(file.keys().unwrap(), ["a", "b"]);
         assert_eq!(file.shape("a").unwrap(), [3, 4]);
         assert!(file.tensor("a", Device::Cpu, None).unwrap().equal(&a));
@@ -315,7 +379,10 @@ mod tests {
         let cut = dir.join("cut.safetensors");
         std::fs::write(&cut, &bytes[..bytes.len() - 4]).unwrap();
         let msg = TensorFile::open(&cut).err().unwrap().to_string();
-        assert!(msg.contains("cut.safetensors") && msg.contains("not a valid safetensors"), "{msg}");
+        assert!(
+            msg.contains("cut.safetensors") && msg.contains("not a valid safetensors"),
+            "{msg}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -326,7 +393,10 @@ mod tests {
         let path = dir.join("garbage.safetensors");
         std::fs::write(&path, b"\x08\x00\x00\x00\x00\x00\x00\x00not json").unwrap();
         let msg = TensorFile::open(&path).err().unwrap().to_string();
-        assert!(msg.contains("garbage.safetensors") && msg.contains("not a valid safetensors"), "{msg}");
+        assert!(
+            msg.contains("garbage.safetensors") && msg.contains("not a valid safetensors"),
+            "{msg}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -6,14 +6,14 @@
 
 mod common;
 
-use common::{fixtures};
+use common::fixtures;
 use std::sync::{Mutex, MutexGuard};
 
-use sdxl_model::pipeline::{grid_row, GenerateOptions, Pipeline};
+use sdxl_model::Error;
+use sdxl_model::pipeline::{GenerateOptions, Pipeline, grid_row};
 use sdxl_model::schedulers::SchedulerKind;
 use sdxl_model::vae::{Upcast, VaeTiling};
 use sdxl_model::weights::TensorFile;
-use sdxl_model::Error;
 use tch::{Device, Kind, Tensor};
 
 /// Seeded runs draw from libtorch's process-wide generator: tests that run models hold this lock so
@@ -21,11 +21,19 @@ use tch::{Device, Kind, Tensor};
 static GLOBAL_GENERATOR: Mutex<()> = Mutex::new(());
 
 fn exclusive() -> MutexGuard<'static, ()> {
-    GLOBAL_GENERATOR.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    GLOBAL_GENERATOR
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn pipeline() -> Pipeline {
-    Pipeline::from_pretrained(fixtures().join("tiny-sdxl"), Device::Cpu, Kind::Float, Upcast::Never).unwrap()
+    Pipeline::from_pretrained(
+        fixtures().join("tiny-sdxl"),
+        Device::Cpu,
+        Kind::Float,
+        Upcast::Never,
+    )
+    .unwrap()
 }
 
 /// The case `gen_tiny_pipeline` ran, from the fixture's metadata.
@@ -39,7 +47,12 @@ fn case() -> (serde_json::Value, TensorFile) {
 
 fn options_of(case: &serde_json::Value) -> GenerateOptions {
     GenerateOptions {
-        prompts: case["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_owned()).collect(),
+        prompts: case["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap().to_owned())
+            .collect(),
         guidance_scale: case["guidance_scale"].as_f64().unwrap(),
         steps: case["steps"].as_u64().unwrap() as usize,
         height: case["height"].as_i64().unwrap(),
@@ -58,7 +71,10 @@ fn rel(actual: &Tensor, expected: &Tensor) -> f64 {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
 }
 
 #[test]
@@ -76,8 +92,15 @@ fn tiny_pipeline_latents_and_images_match_diffusers_and_write_a_png() {
     // The seeded noise is diffusers' torch.Generator().manual_seed(seed) noise; passing it in is the same run.
     tch::manual_seed(options.seed as i64);
     let seeded = Tensor::randn(pipe.latent_shape(&options), (Kind::Float, Device::Cpu));
-    assert_eq!(max_abs_diff(&seeded, &io.tensor("noise", Device::Cpu, None).unwrap()), 0.0);
-    let given = GenerateOptions { initial_noise: Some(seeded), seed: options.seed + 1, ..options_of(&case) };
+    assert_eq!(
+        max_abs_diff(&seeded, &io.tensor("noise", Device::Cpu, None).unwrap()),
+        0.0
+    );
+    let given = GenerateOptions {
+        initial_noise: Some(seeded),
+        seed: options.seed + 1,
+        ..options_of(&case)
+    };
     assert_eq!(max_abs_diff(&pipe.latents(&given).unwrap(), &latents), 0.0);
 
     let images = pipe.decode(&latents).unwrap();
@@ -94,7 +117,13 @@ fn tiny_pipeline_latents_and_images_match_diffusers_and_write_a_png() {
     images.save_png(1, &path).unwrap();
     let back = image::open(&path).unwrap().to_rgb8();
     assert_eq!(back, images.to_rgb(1).unwrap());
-    assert_eq!(max_abs_diff(&Tensor::from_slice(back.as_raw()).view([64, 64, 3]), &images.hwc().get(1)), 0.0);
+    assert_eq!(
+        max_abs_diff(
+            &Tensor::from_slice(back.as_raw()).view([64, 64, 3]),
+            &images.hwc().get(1)
+        ),
+        0.0
+    );
     let grid = grid_row(&[images.to_rgb(0).unwrap(), back]).unwrap();
     assert_eq!(grid.dimensions(), (128, 64));
     std::fs::remove_dir_all(&dir).unwrap();
@@ -106,13 +135,21 @@ fn seeded_ancestral_run_with_negatives_and_two_images_per_prompt_matches_diffuse
     let (case, io) = case();
     let negatives = case["ancestral_negative_prompts"].as_array().unwrap();
     let options = GenerateOptions {
-        negative_prompts: Some(negatives.iter().map(|p| p.as_str().unwrap().to_owned()).collect()),
+        negative_prompts: Some(
+            negatives
+                .iter()
+                .map(|p| p.as_str().unwrap().to_owned())
+                .collect(),
+        ),
         images_per_prompt: 2,
         scheduler: SchedulerKind::EulerAncestralDiscrete,
         ..options_of(&case)
     };
     let latents = pipeline().latents(&options).unwrap();
-    let error = rel(&latents, &io.tensor("ancestral_latents", Device::Cpu, None).unwrap());
+    let error = rel(
+        &latents,
+        &io.tensor("ancestral_latents", Device::Cpu, None).unwrap(),
+    );
     println!("seeded Euler ancestral latents: max relative error vs diffusers {error:.2e}");
     assert!(error <= 1e-4, "latents differ from diffusers by {error:e}");
 }
@@ -122,9 +159,17 @@ fn another_aspect_ratio_matches_diffusers() {
     let _generator = exclusive();
     let (case, io) = case();
     let noise = io.tensor("wide_noise", Device::Cpu, None).unwrap();
-    let options = GenerateOptions { height: 48, width: 64, initial_noise: Some(noise), ..options_of(&case) };
+    let options = GenerateOptions {
+        height: 48,
+        width: 64,
+        initial_noise: Some(noise),
+        ..options_of(&case)
+    };
     let latents = pipeline().latents(&options).unwrap();
-    let error = rel(&latents, &io.tensor("wide_latents", Device::Cpu, None).unwrap());
+    let error = rel(
+        &latents,
+        &io.tensor("wide_latents", Device::Cpu, None).unwrap(),
+    );
     println!("48x64 latents: max relative error vs diffusers {error:.2e}");
     assert!(error <= 1e-4, "latents differ from diffusers by {error:e}");
 }
@@ -136,15 +181,28 @@ fn tiled_decode_engages_above_one_tile_and_keeps_the_size() {
     let latents = io.tensor("latents", Device::Cpu, None).unwrap();
     let mut pipe = pipeline();
     let untiled = pipe.decode(&latents).unwrap();
-    pipe.set_vae_tiling(Some(VaeTiling { sample_tile: Some(32), overlap: 0.25 })).unwrap();
+    pipe.set_vae_tiling(Some(VaeTiling {
+        sample_tile: Some(32),
+        overlap: 0.25,
+    }))
+    .unwrap();
     let tiled = pipe.decode(&latents).unwrap();
     assert_eq!(tiled.chw.size(), untiled.chw.size());
-    let mean_difference = (tiled.chw.to_kind(Kind::Float) - untiled.chw.to_kind(Kind::Float)).abs().mean(Kind::Float);
+    let mean_difference = (tiled.chw.to_kind(Kind::Float) - untiled.chw.to_kind(Kind::Float))
+        .abs()
+        .mean(Kind::Float);
     let mean_difference = mean_difference.double_value(&[]);
-    println!("tiled (32 px tiles) vs untiled decode: mean |difference| {mean_difference:.2} of 255");
+    println!(
+        "tiled (32 px tiles) vs untiled decode: mean |difference| {mean_difference:.2} of 255"
+    );
     // Tiled decoding itself equals diffusers' (tests/vae.rs); here: the pipeline uses it, so seams appear.
     assert!(mean_difference > 0.0);
-    let error = pipe.set_vae_tiling(Some(VaeTiling { sample_tile: Some(30), overlap: 0.25 })).unwrap_err();
+    let error = pipe
+        .set_vae_tiling(Some(VaeTiling {
+            sample_tile: Some(30),
+            overlap: 0.25,
+        }))
+        .unwrap_err();
     assert!(matches!(error, Error::InvalidSetting { .. }), "{error}");
 }
 
@@ -153,20 +211,57 @@ fn guidance_and_negatives_change_the_latents_and_bad_settings_are_named() {
     let _generator = exclusive();
     let (case, _) = case();
     let pipe = pipeline();
-    let quick = || GenerateOptions { steps: 2, ..options_of(&case) };
+    let quick = || GenerateOptions {
+        steps: 2,
+        ..options_of(&case)
+    };
     let base = pipe.latents(&quick()).unwrap();
     let negatives = vec!["blurry".to_owned(), "text, watermark".to_owned()];
-    let with_negative = pipe.latents(&GenerateOptions { negative_prompts: Some(negatives), ..quick() }).unwrap();
+    let with_negative = pipe
+        .latents(&GenerateOptions {
+            negative_prompts: Some(negatives),
+            ..quick()
+        })
+        .unwrap();
     assert!(max_abs_diff(&base, &with_negative) > 1e-4);
-    let unguided = pipe.latents(&GenerateOptions { guidance_scale: 1.0, ..quick() }).unwrap();
+    let unguided = pipe
+        .latents(&GenerateOptions {
+            guidance_scale: 1.0,
+            ..quick()
+        })
+        .unwrap();
     assert!(max_abs_diff(&base, &unguided) > 1e-4);
-    let two_each = pipe.latents(&GenerateOptions { images_per_prompt: 2, ..quick() }).unwrap();
+    let two_each = pipe
+        .latents(&GenerateOptions {
+            images_per_prompt: 2,
+            ..quick()
+        })
+        .unwrap();
     assert_eq!(two_each.size(), [4, 4, 16, 16]);
 
-    let error = pipe.latents(&GenerateOptions { height: 62, ..quick() }).unwrap_err();
-    assert!(matches!(error, Error::InvalidSetting { setting: "height", .. }), "{error}");
+    let error = pipe
+        .latents(&GenerateOptions {
+            height: 62,
+            ..quick()
+        })
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::InvalidSetting {
+                setting: "height",
+                ..
+            }
+        ),
+        "{error}"
+    );
     let noise = Some(Tensor::zeros([1, 4, 16, 16], (Kind::Float, Device::Cpu)));
-    let error = pipe.latents(&GenerateOptions { initial_noise: noise, ..quick() }).unwrap_err();
+    let error = pipe
+        .latents(&GenerateOptions {
+            initial_noise: noise,
+            ..quick()
+        })
+        .unwrap_err();
     assert!(error.to_string().contains("initial noise"), "{error}");
 }
 
@@ -175,10 +270,16 @@ fn lora_changes_the_output_and_scale_zero_equals_off() {
     let _generator = exclusive();
     let (case, _) = case();
     let mut pipe = pipeline();
-    let quick = || GenerateOptions { steps: 2, ..options_of(&case) };
+    let quick = || GenerateOptions {
+        steps: 2,
+        ..options_of(&case)
+    };
     let base = pipe.latents(&quick()).unwrap();
-    let file = lora::format::read(fixtures().join("lora/tiny-sdxl-diffusers.safetensors"), lora::format::ReadOptions::default())
-        .unwrap();
+    let file = lora::format::read(
+        fixtures().join("lora/tiny-sdxl-diffusers.safetensors"),
+        lora::format::ReadOptions::default(),
+    )
+    .unwrap();
     let attached = pipe.load_lora(&file.state, "style").unwrap();
     assert!(attached > 0);
     let with_lora = pipe.latents(&quick()).unwrap();
@@ -187,11 +288,25 @@ fn lora_changes_the_output_and_scale_zero_equals_off() {
     assert!(change > 1e-3);
 
     pipe.set_lora_multiplier("style", 0.0).unwrap();
-    assert_eq!(max_abs_diff(&pipe.latents(&quick()).unwrap(), &base), 0.0, "scale 0 must equal off");
+    assert_eq!(
+        max_abs_diff(&pipe.latents(&quick()).unwrap(), &base),
+        0.0,
+        "scale 0 must equal off"
+    );
     pipe.set_lora_multiplier("style", 1.0).unwrap();
     pipe.set_lora_enabled("style", false).unwrap();
-    assert_eq!(max_abs_diff(&pipe.latents(&quick()).unwrap(), &base), 0.0, "disabled must equal the base");
+    assert_eq!(
+        max_abs_diff(&pipe.latents(&quick()).unwrap(), &base),
+        0.0,
+        "disabled must equal the base"
+    );
     pipe.set_lora_enabled("style", true).unwrap();
-    assert_eq!(max_abs_diff(&pipe.latents(&quick()).unwrap(), &with_lora), 0.0);
-    assert!(matches!(pipe.set_lora_multiplier("absent", 1.0), Err(Error::Lora(_))));
+    assert_eq!(
+        max_abs_diff(&pipe.latents(&quick()).unwrap(), &with_lora),
+        0.0
+    );
+    assert!(matches!(
+        pipe.set_lora_multiplier("absent", 1.0),
+        Err(Error::Lora(_))
+    ));
 }

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{fixtures};
+use common::fixtures;
 
 use sdxl_model::schedulers::{SchedulerConfig, SchedulerKind, build};
 use sdxl_model::weights::TensorFile;

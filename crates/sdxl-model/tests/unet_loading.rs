@@ -5,22 +5,37 @@
 
 mod common;
 
-use common::{fixtures};
+use common::fixtures;
 
-use sdxl_model::unet::{load_unet, UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights};
+use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights, load_unet};
 use sdxl_model::weights::TensorFile;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 fn folder(name: &str) -> UNetWeights {
-    UNetWeights::Diffusers { folder: fixtures().join(name), variant: None }
+    UNetWeights::Diffusers {
+        folder: fixtures().join(name),
+        variant: None,
+    }
 }
 
 fn run(unet: &UNet2DConditionModel, io: &str) -> Tensor {
     let io = TensorFile::open(fixtures().join(io)).unwrap();
     let get = |key: &str| io.tensor(key, Device::Cpu, Some(Kind::Float)).unwrap();
-    let (sample, t, ctx, text, ids) = (get("sample"), get("timesteps"), get("encoder_hidden_states"), get("text_embeds"), get("time_ids"));
-    let inputs = UNetInputs { sample: &sample, timesteps: &t, encoder_hidden_states: &ctx, text_embeds: Some(&text), time_ids: Some(&ids) };
+    let (sample, t, ctx, text, ids) = (
+        get("sample"),
+        get("timesteps"),
+        get("encoder_hidden_states"),
+        get("text_embeds"),
+        get("time_ids"),
+    );
+    let inputs = UNetInputs {
+        sample: &sample,
+        timesteps: &t,
+        encoder_hidden_states: &ctx,
+        text_embeds: Some(&text),
+        time_ids: Some(&ids),
+    };
     tch::no_grad(|| unet.forward(&inputs)).unwrap()
 }
 
@@ -45,51 +60,117 @@ fn assert_same_model(a: &VarStore, b: &VarStore) {
 #[test]
 fn single_file_and_diffusers_folder_load_to_identical_outputs() {
     for (config, name, io) in [
-        (UNetConfig::tiny_sdxl(), "tiny-sdxl/unet", "tiny-sdxl-unet-io.safetensors"),
-        (UNetConfig::tiny_b(), "unet-tiny-b", "unet-tiny-b-io.safetensors"),
+        (
+            UNetConfig::tiny_sdxl(),
+            "tiny-sdxl/unet",
+            "tiny-sdxl-unet-io.safetensors",
+        ),
+        (
+            UNetConfig::tiny_b(),
+            "unet-tiny-b",
+            "unet-tiny-b-io.safetensors",
+        ),
     ] {
-        let (vs_folder, from_folder) = load_unet(&config, &folder(name), Device::Cpu, Kind::Float).unwrap();
+        let (vs_folder, from_folder) =
+            load_unet(&config, &folder(name), Device::Cpu, Kind::Float).unwrap();
         round_to_half(&vs_folder);
-        let single = fixtures().join(format!("{}-single-file.safetensors", name.replace("/unet", "-unet")));
-        let (vs_single, from_single) = load_unet(&config, &UNetWeights::SingleFile(single), Device::Cpu, Kind::Float).unwrap();
+        let single = fixtures().join(format!(
+            "{}-single-file.safetensors",
+            name.replace("/unet", "-unet")
+        ));
+        let (vs_single, from_single) = load_unet(
+            &config,
+            &UNetWeights::SingleFile(single),
+            Device::Cpu,
+            Kind::Float,
+        )
+        .unwrap();
         assert_same_model(&vs_folder, &vs_single);
-        assert!(run(&from_folder, io).equal(&run(&from_single, io)), "{name}: outputs differ");
+        assert!(
+            run(&from_folder, io).equal(&run(&from_single, io)),
+            "{name}: outputs differ"
+        );
     }
 }
 
 #[test]
 fn sharded_fp16_variant_loads_like_the_folder() {
     let config = UNetConfig::tiny_b();
-    let (vs_folder, from_folder) = load_unet(&config, &folder("unet-tiny-b"), Device::Cpu, Kind::Float).unwrap();
+    let (vs_folder, from_folder) =
+        load_unet(&config, &folder("unet-tiny-b"), Device::Cpu, Kind::Float).unwrap();
     round_to_half(&vs_folder);
-    let sharded = UNetWeights::Diffusers { folder: fixtures().join("unet-tiny-b-sharded"), variant: Some("fp16".into()) };
-    let (vs_sharded, from_sharded) = load_unet(&config, &sharded, Device::Cpu, Kind::Float).unwrap();
+    let sharded = UNetWeights::Diffusers {
+        folder: fixtures().join("unet-tiny-b-sharded"),
+        variant: Some("fp16".into()),
+    };
+    let (vs_sharded, from_sharded) =
+        load_unet(&config, &sharded, Device::Cpu, Kind::Float).unwrap();
     assert_same_model(&vs_folder, &vs_sharded);
-    assert!(run(&from_folder, "unet-tiny-b-io.safetensors").equal(&run(&from_sharded, "unet-tiny-b-io.safetensors")));
+    assert!(
+        run(&from_folder, "unet-tiny-b-io.safetensors")
+            .equal(&run(&from_sharded, "unet-tiny-b-io.safetensors"))
+    );
     // Loading straight into bf16: every variable is created and kept in bf16.
     let (vs_bf16, _) = load_unet(&config, &sharded, Device::Cpu, Kind::BFloat16).unwrap();
     for (name, var) in vs_bf16.variables() {
         assert_eq!(var.kind(), Kind::BFloat16, "{name}");
-        assert!(var.equal(&vs_folder.variables()[&name].to_kind(Kind::BFloat16)), "{name}");
+        assert!(
+            var.equal(&vs_folder.variables()[&name].to_kind(Kind::BFloat16)),
+            "{name}"
+        );
     }
     // Without the variant the folder has no weights, and says which names it looked for.
-    let plain = UNetWeights::Diffusers { folder: fixtures().join("unet-tiny-b-sharded"), variant: None };
-    let msg = load_unet(&config, &plain, Device::Cpu, Kind::Float).unwrap_err().to_string();
-    assert!(msg.contains("diffusion_pytorch_model.safetensors.index.json"), "{msg}");
+    let plain = UNetWeights::Diffusers {
+        folder: fixtures().join("unet-tiny-b-sharded"),
+        variant: None,
+    };
+    let msg = load_unet(&config, &plain, Device::Cpu, Kind::Float)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("diffusion_pytorch_model.safetensors.index.json"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn mismatched_checkpoints_fail_naming_keys() {
     // unet-tiny-b's weights given as the tiny-sdxl UNet.
-    let msg = load_unet(&UNetConfig::tiny_sdxl(), &folder("unet-tiny-b"), Device::Cpu, Kind::Float).unwrap_err().to_string();
-    for needle in ["unet-tiny-b", "missing: `down_blocks.0.resnets.1.conv1.bias`", "unused: `down_blocks.0.attentions.0.norm.bias`", "mis-shaped: `add_embedding.linear_1.weight` (model [64, 80], file [64, 40])"] {
+    let msg = load_unet(
+        &UNetConfig::tiny_sdxl(),
+        &folder("unet-tiny-b"),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap_err()
+    .to_string();
+    for needle in [
+        "unet-tiny-b",
+        "missing: `down_blocks.0.resnets.1.conv1.bias`",
+        "unused: `down_blocks.0.attentions.0.norm.bias`",
+        "mis-shaped: `add_embedding.linear_1.weight` (model [64, 80], file [64, 40])",
+    ] {
         assert!(msg.contains(needle), "{needle} not in: {msg}");
     }
     // The same in single-file layout: keys are named with their SGM spelling.
     let single = fixtures().join("unet-tiny-b-single-file.safetensors");
-    let msg = load_unet(&UNetConfig::tiny_sdxl(), &UNetWeights::SingleFile(single), Device::Cpu, Kind::Float).unwrap_err().to_string();
-    for needle in ["unet-tiny-b-single-file.safetensors", "missing: `model.diffusion_model.input_blocks.", "unused: `model.diffusion_model.input_blocks.1.1."] {
+    let msg = load_unet(
+        &UNetConfig::tiny_sdxl(),
+        &UNetWeights::SingleFile(single),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap_err()
+    .to_string();
+    for needle in [
+        "unet-tiny-b-single-file.safetensors",
+        "missing: `model.diffusion_model.input_blocks.",
+        "unused: `model.diffusion_model.input_blocks.1.1.",
+    ] {
         assert!(msg.contains(needle), "{needle} not in: {msg}");
     }
-    assert!(!msg.contains("first_stage_model"), "non-UNet tensors are not the UNet's unused keys: {msg}");
+    assert!(
+        !msg.contains("first_stage_model"),
+        "non-UNet tensors are not the UNet's unused keys: {msg}"
+    );
 }

@@ -10,7 +10,7 @@ use common::{fixtures, rel};
 
 use sdxl_model::attention::{AttentionBackend, SliceSize};
 use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs};
-use sdxl_model::weights::{load_into, TensorFile};
+use sdxl_model::weights::{TensorFile, load_into};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -22,13 +22,20 @@ struct Case {
 
 fn load(folder: &str, io: &str, config: UNetConfig) -> Case {
     let dir = fixtures().join(folder);
-    assert_eq!(UNetConfig::from_file(dir.join("config.json")).unwrap(), config);
+    assert_eq!(
+        UNetConfig::from_file(dir.join("config.json")).unwrap(),
+        config
+    );
     let vs = VarStore::new(Device::Cpu);
     let unet = UNet2DConditionModel::new(&vs.root(), &config);
     let file = TensorFile::open(dir.join("diffusion_pytorch_model.safetensors")).unwrap();
     let report = load_into(&vs, &[file], str::to_owned).unwrap();
     assert!(report.is_complete() && report.loaded > 0);
-    Case { vs, unet, io: TensorFile::open(fixtures().join(io)).unwrap() }
+    Case {
+        vs,
+        unet,
+        io: TensorFile::open(fixtures().join(io)).unwrap(),
+    }
 }
 
 impl Case {
@@ -37,8 +44,20 @@ impl Case {
     }
 
     fn run(&self) -> Tensor {
-        let (sample, t, ctx, text, ids) = (self.get("sample"), self.get("timesteps"), self.get("encoder_hidden_states"), self.get("text_embeds"), self.get("time_ids"));
-        let inputs = UNetInputs { sample: &sample, timesteps: &t, encoder_hidden_states: &ctx, text_embeds: Some(&text), time_ids: Some(&ids) };
+        let (sample, t, ctx, text, ids) = (
+            self.get("sample"),
+            self.get("timesteps"),
+            self.get("encoder_hidden_states"),
+            self.get("text_embeds"),
+            self.get("time_ids"),
+        );
+        let inputs = UNetInputs {
+            sample: &sample,
+            timesteps: &t,
+            encoder_hidden_states: &ctx,
+            text_embeds: Some(&text),
+            time_ids: Some(&ids),
+        };
         tch::no_grad(|| self.unet.forward(&inputs)).unwrap()
     }
 }
@@ -62,21 +81,49 @@ fn check_parity(mut case: Case, name: &str) {
 
 #[test]
 fn tiny_sdxl_matches_diffusers_with_every_backend() {
-    check_parity(load("tiny-sdxl/unet", "tiny-sdxl-unet-io.safetensors", UNetConfig::tiny_sdxl()), "tiny-sdxl");
+    check_parity(
+        load(
+            "tiny-sdxl/unet",
+            "tiny-sdxl-unet-io.safetensors",
+            UNetConfig::tiny_sdxl(),
+        ),
+        "tiny-sdxl",
+    );
 }
 
 #[test]
 fn unet_tiny_b_matches_diffusers_with_every_backend() {
-    check_parity(load("unet-tiny-b", "unet-tiny-b-io.safetensors", UNetConfig::tiny_b()), "unet-tiny-b");
+    check_parity(
+        load(
+            "unet-tiny-b",
+            "unet-tiny-b-io.safetensors",
+            UNetConfig::tiny_b(),
+        ),
+        "unet-tiny-b",
+    );
 }
 
 #[test]
 fn checkpointed_gradients_equal_plain_gradients() {
-    let case = load("tiny-sdxl/unet", "tiny-sdxl-unet-io.safetensors", UNetConfig::tiny_sdxl());
+    let case = load(
+        "tiny-sdxl/unet",
+        "tiny-sdxl-unet-io.safetensors",
+        UNetConfig::tiny_sdxl(),
+    );
     let sample = case.get("sample").set_requires_grad(true);
     let context = case.get("encoder_hidden_states").set_requires_grad(true);
-    let (t, text, ids) = (case.get("timesteps"), case.get("text_embeds"), case.get("time_ids"));
-    let inputs = UNetInputs { sample: &sample, timesteps: &t, encoder_hidden_states: &context, text_embeds: Some(&text), time_ids: Some(&ids) };
+    let (t, text, ids) = (
+        case.get("timesteps"),
+        case.get("text_embeds"),
+        case.get("time_ids"),
+    );
+    let inputs = UNetInputs {
+        sample: &sample,
+        timesteps: &t,
+        encoder_hidden_states: &context,
+        text_embeds: Some(&text),
+        time_ids: Some(&ids),
+    };
     tch::manual_seed(5);
     let weighting = Tensor::randn(sample.size(), (Kind::Float, Device::Cpu));
     let watched = [
@@ -90,7 +137,9 @@ fn checkpointed_gradients_equal_plain_gradients() {
         "conv_out.bias",
     ];
     let variables = case.vs.variables();
-    let grads_of = |names: &[&str]| -> Vec<Tensor> { names.iter().map(|n| variables[*n].grad().copy()).collect() };
+    let grads_of = |names: &[&str]| -> Vec<Tensor> {
+        names.iter().map(|n| variables[*n].grad().copy()).collect()
+    };
     let zero_grads = || {
         for var in variables.values() {
             let mut grad = var.grad();
@@ -118,7 +167,14 @@ fn checkpointed_gradients_equal_plain_gradients() {
         println!("d loss / d {name}: rel error {err:.2e}");
         assert!(err <= 1e-5, "{name}: rel error {err:.2e}");
     }
-    for (name, ckpt, plain) in [("sample", grads.sample, plain_sample), ("encoder_hidden_states", grads.encoder_hidden_states, plain_context)] {
+    for (name, ckpt, plain) in [
+        ("sample", grads.sample, plain_sample),
+        (
+            "encoder_hidden_states",
+            grads.encoder_hidden_states,
+            plain_context,
+        ),
+    ] {
         let err = rel(&ckpt.unwrap(), &plain);
         println!("d loss / d {name}: rel error {err:.2e}");
         assert!(err <= 1e-5, "{name}: rel error {err:.2e}");
@@ -128,15 +184,61 @@ fn checkpointed_gradients_equal_plain_gradients() {
 
 #[test]
 fn inputs_of_the_wrong_shape_are_errors_naming_the_input() {
-    let case = load("unet-tiny-b", "unet-tiny-b-io.safetensors", UNetConfig::tiny_b());
-    let (sample, t, ctx, text, ids) = (case.get("sample"), case.get("timesteps"), case.get("encoder_hidden_states"), case.get("text_embeds"), case.get("time_ids"));
+    let case = load(
+        "unet-tiny-b",
+        "unet-tiny-b-io.safetensors",
+        UNetConfig::tiny_b(),
+    );
+    let (sample, t, ctx, text, ids) = (
+        case.get("sample"),
+        case.get("timesteps"),
+        case.get("encoder_hidden_states"),
+        case.get("text_embeds"),
+        case.get("time_ids"),
+    );
     let wide_ctx = Tensor::zeros([3, 5, 32], (Kind::Float, Device::Cpu));
     let short_ids = ids.narrow(1, 0, 5);
     let cases: [(UNetInputs<'_>, &str); 4] = [
-        (UNetInputs { sample: &ctx, timesteps: &t, encoder_hidden_states: &ctx, text_embeds: Some(&text), time_ids: Some(&ids) }, "`sample`"),
-        (UNetInputs { sample: &sample, timesteps: &t, encoder_hidden_states: &wide_ctx, text_embeds: Some(&text), time_ids: Some(&ids) }, "[3, L, 24]"),
-        (UNetInputs { sample: &sample, timesteps: &t, encoder_hidden_states: &ctx, text_embeds: Some(&text), time_ids: Some(&short_ids) }, "`time_ids`"),
-        (UNetInputs { sample: &sample, timesteps: &t, encoder_hidden_states: &ctx, text_embeds: None, time_ids: None }, "missing"),
+        (
+            UNetInputs {
+                sample: &ctx,
+                timesteps: &t,
+                encoder_hidden_states: &ctx,
+                text_embeds: Some(&text),
+                time_ids: Some(&ids),
+            },
+            "`sample`",
+        ),
+        (
+            UNetInputs {
+                sample: &sample,
+                timesteps: &t,
+                encoder_hidden_states: &wide_ctx,
+                text_embeds: Some(&text),
+                time_ids: Some(&ids),
+            },
+            "[3, L, 24]",
+        ),
+        (
+            UNetInputs {
+                sample: &sample,
+                timesteps: &t,
+                encoder_hidden_states: &ctx,
+                text_embeds: Some(&text),
+                time_ids: Some(&short_ids),
+            },
+            "`time_ids`",
+        ),
+        (
+            UNetInputs {
+                sample: &sample,
+                timesteps: &t,
+                encoder_hidden_states: &ctx,
+                text_embeds: None,
+                time_ids: None,
+            },
+            "missing",
+        ),
     ];
     for (inputs, needle) in cases {
         let msg = case.unet.forward(&inputs).unwrap_err().to_string();
@@ -154,13 +256,24 @@ fn sdxl_base_has_the_hub_parameter_count_and_a_complete_sgm_table() {
     vs.set_kind(Kind::BFloat16);
     let unet = tch::no_grad(|| UNet2DConditionModel::new(&vs.root(), &config));
     let variables = vs.variables();
-    let params: i64 = variables.values().map(Tensor::numel).map(|n| n as i64).sum();
-    println!("sdxl_base: {} tensors, {params} parameters", variables.len());
+    let params: i64 = variables
+        .values()
+        .map(Tensor::numel)
+        .map(|n| n as i64)
+        .sum();
+    println!(
+        "sdxl_base: {} tensors, {params} parameters",
+        variables.len()
+    );
     // diffusers' UNet2DConditionModel for stabilityai/stable-diffusion-xl-base-1.0.
     assert_eq!(params, 2_567_463_684);
     let table = sdxl_model::unet::sgm_unet_table(&config);
-    let mapped: std::collections::BTreeSet<String> =
-        variables.keys().map(|k| sdxl_model::unet::to_sgm(&table, k).unwrap_or_else(|| panic!("{k} has no SGM name"))).collect();
+    let mapped: std::collections::BTreeSet<String> = variables
+        .keys()
+        .map(|k| {
+            sdxl_model::unet::to_sgm(&table, k).unwrap_or_else(|| panic!("{k} has no SGM name"))
+        })
+        .collect();
     assert_eq!(mapped.len(), variables.len());
     drop(unet);
 }

@@ -5,15 +5,20 @@
 
 mod common;
 
-use common::{fixtures, golden, get, rel};
+use common::{fixtures, get, golden, rel};
 
-use sdxl_model::vae::{AutoencoderKL, AutoencoderKLConfig, Upcast, VaeTiling};
 use sdxl_model::Error;
+use sdxl_model::vae::{AutoencoderKL, AutoencoderKLConfig, Upcast, VaeTiling};
 use tch::{Device, Kind, Tensor};
 
 fn tiny_vae() -> AutoencoderKL {
-    let (vae, _vs) =
-        AutoencoderKL::from_pretrained(fixtures().join("tiny-sdxl/vae"), Device::Cpu, Kind::Float, Upcast::Never).unwrap();
+    let (vae, _vs) = AutoencoderKL::from_pretrained(
+        fixtures().join("tiny-sdxl/vae"),
+        Device::Cpu,
+        Kind::Float,
+        Upcast::Never,
+    )
+    .unwrap();
     vae
 }
 
@@ -43,7 +48,9 @@ fn tiled_decode_matches_diffusers_tiling_and_stays_within_its_seam_error() {
     let vs_diffusers_tiled = rel(&tiled, &get(&io, "tiled_decoded"));
     let seam_error = rel(&tiled, &untiled);
     let diffusers_seam_error = get(&io, "decode_rel_diff").double_value(&[0]);
-    println!("tiled decode: vs diffusers tiled {vs_diffusers_tiled:.2e}; vs untiled {seam_error:.4e} (diffusers {diffusers_seam_error:.4e})");
+    println!(
+        "tiled decode: vs diffusers tiled {vs_diffusers_tiled:.2e}; vs untiled {seam_error:.4e} (diffusers {diffusers_seam_error:.4e})"
+    );
     assert!(vs_diffusers_tiled <= 1e-5);
     // Tiling must actually change something, and no more than diffusers' own tiling does.
     assert!(seam_error > 1e-4 && seam_error <= diffusers_seam_error + 1e-5);
@@ -61,7 +68,9 @@ fn tiled_encode_matches_diffusers_tiling_and_stays_within_its_seam_error() {
     let vs_diffusers_tiled = rel(&tiled, &get(&io, "tiled_mean"));
     let seam_error = rel(&tiled, &untiled);
     let diffusers_seam_error = get(&io, "encode_rel_diff").double_value(&[0]);
-    println!("tiled encode: vs diffusers tiled {vs_diffusers_tiled:.2e}; vs untiled {seam_error:.4e} (diffusers {diffusers_seam_error:.4e})");
+    println!(
+        "tiled encode: vs diffusers tiled {vs_diffusers_tiled:.2e}; vs untiled {seam_error:.4e} (diffusers {diffusers_seam_error:.4e})"
+    );
     assert!(vs_diffusers_tiled <= 1e-5);
     assert!(seam_error > 1e-4 && seam_error <= diffusers_seam_error + 1e-5);
 }
@@ -72,10 +81,19 @@ fn slicing_gives_the_batched_result() {
     let mut vae = tiny_vae();
     let images = get(&io, "image");
     let latents = Tensor::cat(&[get(&io, "latents"), get(&io, "latents") * 0.5], 0);
-    let (mean, decoded) = tch::no_grad(|| (vae.encode(&images).unwrap().mean, vae.decode(&latents).unwrap()));
+    let (mean, decoded) = tch::no_grad(|| {
+        (
+            vae.encode(&images).unwrap().mean,
+            vae.decode(&latents).unwrap(),
+        )
+    });
     vae.set_slicing(true);
-    let (mean_sliced, decoded_sliced) =
-        tch::no_grad(|| (vae.encode(&images).unwrap().mean, vae.decode(&latents).unwrap()));
+    let (mean_sliced, decoded_sliced) = tch::no_grad(|| {
+        (
+            vae.encode(&images).unwrap().mean,
+            vae.decode(&latents).unwrap(),
+        )
+    });
     let (mean_err, decode_err) = (rel(&mean_sliced, &mean), rel(&decoded_sliced, &decoded));
     println!("sliced vs batched rel. error: mean {mean_err:.2e}, decode {decode_err:.2e}");
     // Only rounding differs (libtorch picks per-batch-size kernels); the two samples are not mixed up.
@@ -87,12 +105,15 @@ fn slicing_gives_the_batched_result() {
 fn upcast_keeps_fp32_weights_and_returns_the_callers_type() {
     let io = golden("tiny-sdxl-vae-io.safetensors");
     let dir = fixtures().join("tiny-sdxl/vae");
-    let (vae, _vs) = AutoencoderKL::from_pretrained(&dir, Device::Cpu, Kind::Half, Upcast::FromConfig).unwrap();
+    let (vae, _vs) =
+        AutoencoderKL::from_pretrained(&dir, Device::Cpu, Kind::Half, Upcast::FromConfig).unwrap();
     assert_eq!(vae.weight_kind(), Kind::Float);
     let decoded = tch::no_grad(|| vae.decode(&get(&io, "latents").to_kind(Kind::Half))).unwrap();
     assert_eq!(decoded.kind(), Kind::Half);
     assert!(rel(&decoded, &get(&io, "decoded")) <= 1e-2);
-    let (plain, _vs) = AutoencoderKL::from_pretrained(&dir, Device::Cpu, Kind::BFloat16, Upcast::FromConfig).unwrap();
+    let (plain, _vs) =
+        AutoencoderKL::from_pretrained(&dir, Device::Cpu, Kind::BFloat16, Upcast::FromConfig)
+            .unwrap();
     assert_eq!(plain.weight_kind(), Kind::BFloat16);
 }
 
@@ -115,23 +136,60 @@ fn posterior_sample_uses_the_given_noise_and_latents_scale() {
 fn bad_inputs_and_configs_are_errors_not_panics() {
     let vae = tiny_vae();
     let wrong_channels = Tensor::zeros([1, 5, 8, 8], (Kind::Float, Device::Cpu));
-    let msg = vae.decode(&wrong_channels).err().map(|e| e.to_string()).unwrap();
-    assert!(msg.contains("VAE decode input") && msg.contains("[1, 5, 8, 8]"), "{msg}");
-    assert!(matches!(vae.encode(&Tensor::zeros([3, 8, 8], (Kind::Float, Device::Cpu))), Err(Error::Shape { .. })));
+    let msg = vae
+        .decode(&wrong_channels)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap();
+    assert!(
+        msg.contains("VAE decode input") && msg.contains("[1, 5, 8, 8]"),
+        "{msg}"
+    );
+    assert!(matches!(
+        vae.encode(&Tensor::zeros([3, 8, 8], (Kind::Float, Device::Cpu))),
+        Err(Error::Shape { .. })
+    ));
 
     let mut tiled = tiny_vae();
-    for bad in [VaeTiling { sample_tile: Some(30), overlap: 0.25 }, VaeTiling { sample_tile: None, overlap: 1.0 }] {
-        assert!(matches!(tiled.set_tiling(Some(bad)), Err(Error::InvalidSetting { .. })), "{bad:?}");
+    for bad in [
+        VaeTiling {
+            sample_tile: Some(30),
+            overlap: 0.25,
+        },
+        VaeTiling {
+            sample_tile: None,
+            overlap: 1.0,
+        },
+    ] {
+        assert!(
+            matches!(
+                tiled.set_tiling(Some(bad)),
+                Err(Error::InvalidSetting { .. })
+            ),
+            "{bad:?}"
+        );
     }
 
     let mut config = AutoencoderKLConfig::tiny();
     config.block_out_channels = vec![16, 30, 32];
     let vs = tch::nn::VarStore::new(Device::Cpu);
-    let err = AutoencoderKL::new(&vs.root(), &config).err().map(|e| e.to_string()).unwrap();
-    assert!(err.contains("block_out_channels") && err.contains("30"), "{err}");
+    let err = AutoencoderKL::new(&vs.root(), &config)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap();
+    assert!(
+        err.contains("block_out_channels") && err.contains("30"),
+        "{err}"
+    );
     config = AutoencoderKLConfig::tiny();
     config.up_block_types[1] = "AttnUpDecoderBlock2D".into();
-    assert!(matches!(AutoencoderKL::new(&vs.root(), &config), Err(Error::InvalidConfig { field: "up_block_types", .. })));
+    assert!(matches!(
+        AutoencoderKL::new(&vs.root(), &config),
+        Err(Error::InvalidConfig {
+            field: "up_block_types",
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -140,19 +198,34 @@ fn ldm_single_file_layout_gives_the_same_outputs() {
     let io = golden("tiny-sdxl-vae-io.safetensors");
     let path = fixtures().join("tiny-sdxl-vae-single-file.safetensors");
     let config = AutoencoderKLConfig::tiny();
-    let (single, _vs) = load_vae_file(&path, &config, Device::Cpu, Kind::Float, Upcast::Never).unwrap();
+    let (single, _vs) =
+        load_vae_file(&path, &config, Device::Cpu, Kind::Float, Upcast::Never).unwrap();
     let folder = tiny_vae();
     tch::no_grad(|| {
         let latents = get(&io, "latents");
-        assert!(single.decode(&latents).unwrap().equal(&folder.decode(&latents).unwrap()));
+        assert!(
+            single
+                .decode(&latents)
+                .unwrap()
+                .equal(&folder.decode(&latents).unwrap())
+        );
         let image = get(&io, "image");
-        assert!(single.encode(&image).unwrap().mean.equal(&folder.encode(&image).unwrap().mean));
+        assert!(
+            single
+                .encode(&image)
+                .unwrap()
+                .mean
+                .equal(&folder.encode(&image).unwrap().mean)
+        );
     });
 
     // A config that does not fit names the mis-shaped LDM key.
     let mut wider = AutoencoderKLConfig::tiny();
     wider.block_out_channels = vec![16, 32, 64];
-    let msg = load_vae_file(&path, &wider, Device::Cpu, Kind::Float, Upcast::Never).err().unwrap().to_string();
+    let msg = load_vae_file(&path, &wider, Device::Cpu, Kind::Float, Upcast::Never)
+        .err()
+        .unwrap()
+        .to_string();
     for needle in [
         "`first_stage_model.decoder.conv_in.weight` (model [64, 4, 3, 3], file [32, 4, 3, 3])",
         "missing: `first_stage_model.decoder.up.1.block.0.nin_shortcut.bias`",
@@ -170,7 +243,8 @@ fn mid_block_attention_linears_are_visible_by_diffusers_path() {
     let expected: Vec<(String, i64)> = ["encoder", "decoder"]
         .iter()
         .flat_map(|coder| {
-            ["to_q", "to_k", "to_v", "to_out.0"].map(|l| (format!("{coder}.mid_block.attentions.0.{l}"), 32))
+            ["to_q", "to_k", "to_v", "to_out.0"]
+                .map(|l| (format!("{coder}.mid_block.attentions.0.{l}"), 32))
         })
         .collect();
     assert_eq!(paths, expected);

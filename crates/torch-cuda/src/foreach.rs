@@ -12,7 +12,13 @@ mod ffi {
     use std::ffi::c_void;
     unsafe extern "C" {
         pub fn torch_foreach_zero_(tensors: *const *mut c_void, count: i32) -> i32;
-        pub fn torch_foreach_clip_norm_(tensors: *const *mut c_void, count: i32, max_norm: f64, eps: f64, total: *mut c_void) -> i32;
+        pub fn torch_foreach_clip_norm_(
+            tensors: *const *mut c_void,
+            count: i32,
+            max_norm: f64,
+            eps: f64,
+            total: *mut c_void,
+        ) -> i32;
         pub fn torch_clear_grad(tensor: *mut c_void) -> i32;
     }
 }
@@ -22,8 +28,12 @@ fn handles(tensors: &[Tensor]) -> Result<Vec<*mut std::ffi::c_void>, Error> {
     if tensors.iter().any(|t| !t.defined()) {
         return Err(Error::Foreach("an undefined tensor in the list".into()));
     }
-    i32::try_from(tensors.len()).map_err(|_| Error::Foreach(format!("{} tensors are too many", tensors.len())))?;
-    Ok(tensors.iter().map(|t| t.as_ptr() as *mut std::ffi::c_void).collect())
+    i32::try_from(tensors.len())
+        .map_err(|_| Error::Foreach(format!("{} tensors are too many", tensors.len())))?;
+    Ok(tensors
+        .iter()
+        .map(|t| t.as_ptr() as *mut std::ffi::c_void)
+        .collect())
 }
 
 /// Zeroes every tensor in place (`torch._foreach_zero_`).
@@ -94,11 +104,18 @@ pub fn clip_norm_(tensors: &[Tensor], max_norm: f64, eps: f64) -> Result<Tensor,
     #[cfg(torch_cuda_shim)]
     {
         let list = handles(tensors)?;
-        let mut total = Tensor::f_zeros([] as [i64; 0], (tch::Kind::Float, first.device())).map_err(|e| Error::Foreach(e.to_string()))?;
+        let mut total = Tensor::f_zeros([] as [i64; 0], (tch::Kind::Float, first.device()))
+            .map_err(|e| Error::Foreach(e.to_string()))?;
         // SAFETY: as in `zero_`; `total` is a live tensor the shim writes through copy_.
         #[allow(unsafe_code)]
         let status = unsafe {
-            ffi::torch_foreach_clip_norm_(list.as_ptr(), list.len() as i32, max_norm, eps, total.as_mut_ptr() as *mut std::ffi::c_void)
+            ffi::torch_foreach_clip_norm_(
+                list.as_ptr(),
+                list.len() as i32,
+                max_norm,
+                eps,
+                total.as_mut_ptr() as *mut std::ffi::c_void,
+            )
         };
         if status != 0 {
             return Err(Error::Foreach(crate::shim_last_error()));
@@ -124,7 +141,10 @@ mod tests {
             return;
         }
         let device = Device::cuda_if_available();
-        let tensors: Vec<Tensor> = [3i64, 1000, 70_000].iter().map(|&n| Tensor::randn([n], (Kind::Float, device))).collect();
+        let tensors: Vec<Tensor> = [3i64, 1000, 70_000]
+            .iter()
+            .map(|&n| Tensor::randn([n], (Kind::Float, device)))
+            .collect();
         let originals: Vec<Tensor> = tensors.iter().map(Tensor::copy).collect();
         let norms: Vec<Tensor> = originals.iter().map(|t| t.norm()).collect();
         let expected_total = Tensor::stack(&norms, 0).norm();
@@ -141,17 +161,29 @@ mod tests {
         let _ = clip_norm_(&tensors, 10.0, 1e-6).unwrap();
         assert!(tensors.iter().zip(&before).all(|(a, b)| a.equal(b)));
         zero_(&tensors).unwrap();
-        assert!(tensors.iter().all(|t| t.abs().sum(Kind::Float).double_value(&[]) == 0.0));
+        assert!(
+            tensors
+                .iter()
+                .all(|t| t.abs().sum(Kind::Float).double_value(&[]) == 0.0)
+        );
         assert!(clip_norm_(&[], 1.0, 1e-6).is_err());
         // Cleared gradients are undefined; the next backward writes them afresh.
         let param = Tensor::ones([4], (Kind::Float, device)).set_requires_grad(true);
         (&param * 3.0).sum(Kind::Float).backward();
         (&param * 3.0).sum(Kind::Float).backward();
-        assert_eq!(param.grad().sum(Kind::Float).double_value(&[]), 24.0, "two backward passes add");
+        assert_eq!(
+            param.grad().sum(Kind::Float).double_value(&[]),
+            24.0,
+            "two backward passes add"
+        );
         clear_grads(std::slice::from_ref(&param)).unwrap();
         assert!(!param.grad().defined());
         (&param * 3.0).sum(Kind::Float).backward();
-        assert_eq!(param.grad().sum(Kind::Float).double_value(&[]), 12.0, "a fresh gradient after clearing");
+        assert_eq!(
+            param.grad().sum(Kind::Float).double_value(&[]),
+            12.0,
+            "a fresh gradient after clearing"
+        );
         assert!(zero_(&[Tensor::new()]).is_err());
     }
 }

@@ -24,7 +24,12 @@ mod ffi {
     unsafe extern "C" {
         pub fn torch_cuda_graph_new() -> *mut c_void;
         pub fn torch_cuda_graph_free(graph: *mut c_void);
-        pub fn torch_cuda_graph_capture_begin(graph: *mut c_void, device: i32, share: *mut c_void, mode: i32) -> i32;
+        pub fn torch_cuda_graph_capture_begin(
+            graph: *mut c_void,
+            device: i32,
+            share: *mut c_void,
+            mode: i32,
+        ) -> i32;
         pub fn torch_cuda_graph_capture_end(graph: *mut c_void) -> i32;
         pub fn torch_cuda_graph_replay(graph: *mut c_void) -> i32;
         pub fn torch_cuda_synchronize(device: i32) -> i32;
@@ -37,7 +42,14 @@ fn last_error(what: &str) -> Error {
 }
 
 fn unavailable() -> Error {
-    Error::Graph(if cfg!(torch_cuda_shim) { "no CUDA device" } else { crate::NO_SHIM }.into())
+    Error::Graph(
+        if cfg!(torch_cuda_shim) {
+            "no CUDA device"
+        } else {
+            crate::NO_SHIM
+        }
+        .into(),
+    )
 }
 
 /// How strictly CUDA forbids unsafe API calls from other threads during a capture
@@ -195,7 +207,11 @@ mod tests {
             let _ = acc.g_add_(&(&x * 2.0));
         })
         .unwrap();
-        assert_eq!(acc.sum(Kind::Float).double_value(&[]), 0.0, "capturing runs nothing");
+        assert_eq!(
+            acc.sum(Kind::Float).double_value(&[]),
+            0.0,
+            "capturing runs nothing"
+        );
         for _ in 0..3 {
             graph.replay().unwrap();
         }
@@ -222,7 +238,10 @@ mod tests {
         .unwrap();
         tch::manual_seed(7);
         graph.replay().unwrap();
-        assert!(out.equal(&eager), "replay after re-seeding drew other numbers");
+        assert!(
+            out.equal(&eager),
+            "replay after re-seeding drew other numbers"
+        );
         graph.replay().unwrap();
         assert!(!out.equal(&eager), "a second replay must draw new numbers");
     }

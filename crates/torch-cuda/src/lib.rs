@@ -31,7 +31,8 @@ pub enum Error {
 }
 
 /// Why a function that needs the shim cannot run in this build.
-pub(crate) const NO_SHIM: &str = "this build has no CUDA shim (torch's CUDA headers were not found at build time)";
+pub(crate) const NO_SHIM: &str =
+    "this build has no CUDA shim (torch's CUDA headers were not found at build time)";
 
 /// The caching allocator's counters for one device, in bytes, over all memory pools.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +94,9 @@ pub(crate) fn shim_last_error() -> String {
     // SAFETY: the shim returns a pointer to a thread-local, NUL-terminated string that lives until
     // the next failing call on this thread; it is copied at once.
     #[allow(unsafe_code)]
-    unsafe { std::ffi::CStr::from_ptr(ffi::torch_cuda_last_error()) }.to_string_lossy().into_owned()
+    unsafe { std::ffi::CStr::from_ptr(ffi::torch_cuda_last_error()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Memory statistics of CUDA device `device`, or `None` without CUDA (or without the shim).
@@ -186,7 +189,8 @@ pub fn shim_compiled() -> bool {
 #[cfg(test)]
 pub(crate) fn test_lock() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -213,14 +217,23 @@ mod tests {
             assert!(!reset_peak_memory_stats(0));
             return;
         }
-        assert!(shim_compiled(), "CUDA is available but the shim was not compiled");
+        assert!(
+            shim_compiled(),
+            "CUDA is available but the shim was not compiled"
+        );
         let before = memory_stats(0).unwrap();
         let t = tch::Tensor::zeros([64, 1024, 1024], (tch::Kind::Float, tch::Device::Cuda(0)));
         let during = memory_stats(0).unwrap();
-        assert!(during.allocated >= before.allocated + (256 << 20), "{before:?} -> {during:?}");
+        assert!(
+            during.allocated >= before.allocated + (256 << 20),
+            "{before:?} -> {during:?}"
+        );
         drop(t);
         assert!(reset_peak_memory_stats(0));
         let after = memory_stats(0).unwrap();
-        assert!(after.peak_allocated < during.peak_allocated, "{during:?} -> {after:?}");
+        assert!(
+            after.peak_allocated < during.peak_allocated,
+            "{during:?} -> {after:?}"
+        );
     }
 }

@@ -48,21 +48,32 @@ impl Profiler {
     /// libtorch refuses (a profiler is already running).
     pub fn start(options: ProfilerOptions) -> Result<Profiler, Error> {
         if options.cuda && !tch::Cuda::is_available() {
-            return Err(Error::Profiler("CUDA activity was asked for but no CUDA device is available".into()));
+            return Err(Error::Profiler(
+                "CUDA activity was asked for but no CUDA device is available".into(),
+            ));
         }
         #[cfg(torch_cuda_shim)]
         {
             if RUNNING.swap(true, Ordering::SeqCst) {
-                return Err(Error::Profiler("a profiler is already running in this process".into()));
+                return Err(Error::Profiler(
+                    "a profiler is already running in this process".into(),
+                ));
             }
             // SAFETY: plain call; the shim catches every C++ exception.
             #[allow(unsafe_code)]
             let status = unsafe {
-                ffi::torch_profiler_start(i32::from(options.cuda), i32::from(options.shapes), i32::from(options.memory))
+                ffi::torch_profiler_start(
+                    i32::from(options.cuda),
+                    i32::from(options.shapes),
+                    i32::from(options.memory),
+                )
             };
             if status != 0 {
                 RUNNING.store(false, Ordering::SeqCst);
-                return Err(Error::Profiler(format!("starting: {}", crate::shim_last_error())));
+                return Err(Error::Profiler(format!(
+                    "starting: {}",
+                    crate::shim_last_error()
+                )));
             }
             Ok(Profiler { running: true })
         }
@@ -81,15 +92,21 @@ impl Profiler {
         self.running = false;
         let partial = path.with_extension("json.partial");
         self::stop(&partial)?;
-        std::fs::rename(&partial, path)
-            .map_err(|e| Error::Profiler(format!("moving {} to {}: {e}", partial.display(), path.display())))
+        std::fs::rename(&partial, path).map_err(|e| {
+            Error::Profiler(format!(
+                "moving {} to {}: {e}",
+                partial.display(),
+                path.display()
+            ))
+        })
     }
 }
 
 impl Drop for Profiler {
     fn drop(&mut self) {
         if self.running {
-            let discard = std::env::temp_dir().join(format!("torch-cuda-discarded-{}.json", std::process::id()));
+            let discard = std::env::temp_dir()
+                .join(format!("torch-cuda-discarded-{}.json", std::process::id()));
             if stop(&discard).is_ok() {
                 let _ = std::fs::remove_file(&discard);
             }
@@ -101,17 +118,27 @@ fn stop(path: &Path) -> Result<(), Error> {
     #[cfg(torch_cuda_shim)]
     {
         RUNNING.store(false, Ordering::SeqCst);
-        let text = path.to_str().ok_or_else(|| Error::Profiler(format!("{} is not UTF-8", path.display())))?;
-        let c_path = std::ffi::CString::new(text).map_err(|_| Error::Profiler(format!("{} holds a NUL byte", path.display())))?;
+        let text = path
+            .to_str()
+            .ok_or_else(|| Error::Profiler(format!("{} is not UTF-8", path.display())))?;
+        let c_path = std::ffi::CString::new(text)
+            .map_err(|_| Error::Profiler(format!("{} holds a NUL byte", path.display())))?;
         // SAFETY: `c_path` is a NUL-terminated string that outlives the call; the shim catches
         // every C++ exception.
         #[allow(unsafe_code)]
         let status = unsafe { ffi::torch_profiler_stop(c_path.as_ptr()) };
         if status != 0 {
-            return Err(Error::Profiler(format!("writing {}: {}", path.display(), crate::shim_last_error())));
+            return Err(Error::Profiler(format!(
+                "writing {}: {}",
+                path.display(),
+                crate::shim_last_error()
+            )));
         }
         if !path.exists() {
-            return Err(Error::Profiler(format!("libtorch wrote no trace at {}", path.display())));
+            return Err(Error::Profiler(format!(
+                "libtorch wrote no trace at {}",
+                path.display()
+            )));
         }
         Ok(())
     }
@@ -138,8 +165,17 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("trace.json");
         let cuda = tch::Cuda::is_available();
-        let device = if cuda { tch::Device::Cuda(0) } else { tch::Device::Cpu };
-        let profiler = Profiler::start(ProfilerOptions { cuda, shapes: true, memory: true }).unwrap();
+        let device = if cuda {
+            tch::Device::Cuda(0)
+        } else {
+            tch::Device::Cpu
+        };
+        let profiler = Profiler::start(ProfilerOptions {
+            cuda,
+            shapes: true,
+            memory: true,
+        })
+        .unwrap();
         let a = Tensor::ones([48, 32], (Kind::Float, device));
         let b = Tensor::ones([32, 16], (Kind::Float, device));
         let c = a.mm(&b);
@@ -150,9 +186,15 @@ mod tests {
         let trace = std::fs::read_to_string(&path).unwrap();
         assert!(trace.contains("\"aten::mm\""), "no aten::mm in the trace");
         assert!(trace.contains("[48, 32]"), "no input shapes in the trace");
-        assert!(trace.contains("[memory]"), "no allocation events in the trace");
+        assert!(
+            trace.contains("[memory]"),
+            "no allocation events in the trace"
+        );
         if cuda {
-            assert!(trace.contains("\"cat\": \"kernel\""), "no CUDA kernels in the trace");
+            assert!(
+                trace.contains("\"cat\": \"kernel\""),
+                "no CUDA kernels in the trace"
+            );
         }
         // The profiler can run again once finished.
         let again = Profiler::start(ProfilerOptions::default()).unwrap();

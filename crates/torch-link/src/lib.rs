@@ -34,11 +34,19 @@ const CUDA_LIBRARIES: [&str; 2] = ["torch_cuda", "c10_cuda"];
 /// Prints a `cargo:warning` and emits nothing when libtorch cannot be located; `torch-sys` then
 /// reports the missing installation with its own message.
 pub fn configure() {
-    for var in ["LIBTORCH", "LIBTORCH_LIB", "LIBTORCH_USE_PYTORCH", "VIRTUAL_ENV", "PATH"] {
+    for var in [
+        "LIBTORCH",
+        "LIBTORCH_LIB",
+        "LIBTORCH_USE_PYTORCH",
+        "VIRTUAL_ENV",
+        "PATH",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let Some(lib_dir) = libtorch_lib_dir() else {
-        println!("cargo:warning=torch-link: libtorch not found; set LIBTORCH_USE_PYTORCH=1 (see README)");
+        println!(
+            "cargo:warning=torch-link: libtorch not found; set LIBTORCH_USE_PYTORCH=1 (see README)"
+        );
         return;
     };
     println!("cargo:rustc-env=TORCH_LINK_LIB_DIR={}", lib_dir.display());
@@ -46,7 +54,10 @@ pub fn configure() {
         return;
     }
     println!("cargo:rustc-link-arg=-L{}", lib_dir.display());
-    let cuda: Vec<&str> = CUDA_LIBRARIES.into_iter().filter(|lib| has_shared_library(&lib_dir, lib)).collect();
+    let cuda: Vec<&str> = CUDA_LIBRARIES
+        .into_iter()
+        .filter(|lib| has_shared_library(&lib_dir, lib))
+        .collect();
     if !cuda.is_empty() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         for lib in cuda {
@@ -66,9 +77,16 @@ pub fn libtorch_lib_dir() -> Option<PathBuf> {
         return Some(PathBuf::from(root).join("lib"));
     }
     if env::var_os("LIBTORCH_USE_PYTORCH").is_some() {
-        let python = if env::var_os("VIRTUAL_ENV").is_some() { "python" } else { "python3" };
+        let python = if env::var_os("VIRTUAL_ENV").is_some() {
+            "python"
+        } else {
+            "python3"
+        };
         let output = Command::new(python)
-            .args(["-c", "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))"])
+            .args([
+                "-c",
+                "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))",
+            ])
             .output()
             .ok()?;
         if !output.status.success() {
@@ -78,7 +96,10 @@ pub fn libtorch_lib_dir() -> Option<PathBuf> {
         return Some(PathBuf::from(dir.trim()));
     }
     let system = Path::new("/usr/lib");
-    system.join("libtorch.so").exists().then(|| system.to_path_buf())
+    system
+        .join("libtorch.so")
+        .exists()
+        .then(|| system.to_path_buf())
 }
 
 fn has_shared_library(dir: &Path, name: &str) -> bool {

@@ -59,7 +59,9 @@ pub struct CheckpointStore {
 impl CheckpointStore {
     /// A store for the checkpoints under `output_dir`; nothing is read or created yet.
     pub fn new(output_dir: impl Into<PathBuf>) -> Self {
-        Self { output_dir: output_dir.into() }
+        Self {
+            output_dir: output_dir.into(),
+        }
     }
 
     /// The folder holding the checkpoints.
@@ -84,12 +86,18 @@ impl CheckpointStore {
     /// old one deleted through a `.trash-*` name. Killed between the two renames, a run leaves the
     /// old checkpoint complete under the `.old-*` name, and [`clean_stale`](Self::clean_stale)
     /// restores it, so either the old or the new checkpoint survives whole.
-    pub fn save<E>(&self, step: u64, write: impl FnOnce(&Path) -> Result<(), E>) -> Result<PathBuf, E>
+    pub fn save<E>(
+        &self,
+        step: u64,
+        write: impl FnOnce(&Path) -> Result<(), E>,
+    ) -> Result<PathBuf, E>
     where
         E: From<Error>,
     {
         fs::create_dir_all(&self.output_dir).map_err(io_error(&self.output_dir))?;
-        let staging = self.output_dir.join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
+        let staging = self
+            .output_dir
+            .join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
         // Only a crashed earlier process with the same pid can have left this behind.
         remove_if_present(&staging)?;
         fs::create_dir(&staging).map_err(io_error(&staging))?;
@@ -110,7 +118,9 @@ impl CheckpointStore {
         let final_path = self.checkpoint_path(step);
         let displaced = match fs::symlink_metadata(&final_path) {
             Ok(metadata) if metadata.is_dir() => {
-                let aside = self.output_dir.join(format!(".checkpoint-{step}.old-{}", std::process::id()));
+                let aside = self
+                    .output_dir
+                    .join(format!(".checkpoint-{step}.old-{}", std::process::id()));
                 remove_if_present(&aside)?;
                 fs::rename(&final_path, &aside).map_err(io_error(&final_path))?;
                 Some(aside)
@@ -122,13 +132,21 @@ impl CheckpointStore {
                 });
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
-            Err(error) => return Err(Error::Io { path: final_path, source: error }),
+            Err(error) => {
+                return Err(Error::Io {
+                    path: final_path,
+                    source: error,
+                });
+            }
         };
         if let Err(error) = fs::rename(staging, &final_path) {
             if let Some(aside) = &displaced {
                 let _ = fs::rename(aside, &final_path);
             }
-            return Err(Error::Io { path: final_path, source: error });
+            return Err(Error::Io {
+                path: final_path,
+                source: error,
+            });
         }
         sync_dir(&self.output_dir)?;
         if let Some(aside) = displaced {
@@ -144,7 +162,9 @@ impl CheckpointStore {
     pub fn list(&self) -> Result<Vec<(u64, PathBuf)>> {
         let mut checkpoints = Vec::new();
         for (name, path) in self.entries()? {
-            let Some(step) = name.to_str().and_then(parse_checkpoint_name) else { continue };
+            let Some(step) = name.to_str().and_then(parse_checkpoint_name) else {
+                continue;
+            };
             // `metadata` follows a symbolic link, so a link to a checkpoint folder counts.
             if fs::metadata(&path).is_ok_and(|metadata| metadata.is_dir()) {
                 checkpoints.push((step, path));
@@ -178,8 +198,10 @@ impl CheckpointStore {
             }
             return Ok(latest);
         }
-        let resume_error =
-            |path: &Path, problem: String| Error::ResumeFromCheckpoint { path: path.to_owned(), problem };
+        let resume_error = |path: &Path, problem: String| Error::ResumeFromCheckpoint {
+            path: path.to_owned(),
+            problem,
+        };
         if arg.is_empty() {
             return Err(resume_error(
                 Path::new(arg),
@@ -197,11 +219,21 @@ impl CheckpointStore {
             } else {
                 String::new()
             };
-            return Err(resume_error(&given, format!("no such checkpoint folder{also}")));
+            return Err(resume_error(
+                &given,
+                format!("no such checkpoint folder{also}"),
+            ));
         };
-        match path.file_name().and_then(OsStr::to_str).and_then(parse_checkpoint_name) {
+        match path
+            .file_name()
+            .and_then(OsStr::to_str)
+            .and_then(parse_checkpoint_name)
+        {
             Some(step) => Ok(Some((step, path))),
-            None => Err(resume_error(&path, "not a checkpoint folder: its name must be checkpoint-<step>".into())),
+            None => Err(resume_error(
+                &path,
+                "not a checkpoint folder: its name must be checkpoint-<step>".into(),
+            )),
         }
     }
 
@@ -262,7 +294,9 @@ impl CheckpointStore {
     /// name that [`list`](Self::list) or [`clean_stale`](Self::clean_stale) would keep: it is
     /// renamed to `.trash-checkpoint-<step>-<pid>`, the rename made durable, and then removed.
     fn discard(&self, step: u64, path: &Path) -> Result<()> {
-        let trash = self.output_dir.join(format!(".trash-checkpoint-{step}-{}", std::process::id()));
+        let trash = self
+            .output_dir
+            .join(format!(".trash-checkpoint-{step}-{}", std::process::id()));
         remove_if_present(&trash)?;
         fs::rename(path, &trash).map_err(io_error(path))?;
         sync_dir(&self.output_dir)?;
@@ -274,7 +308,12 @@ impl CheckpointStore {
         let reader = match fs::read_dir(&self.output_dir) {
             Ok(reader) => reader,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(error) => return Err(Error::Io { path: self.output_dir.clone(), source: error }),
+            Err(error) => {
+                return Err(Error::Io {
+                    path: self.output_dir.clone(),
+                    source: error,
+                });
+            }
         };
         reader
             .map(|entry| {
@@ -294,9 +333,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// [`write_atomic`] with I/O failures reported through `io` (the logs report theirs as
 /// [`Error::LogIo`]).
-pub(crate) fn write_atomic_reporting(path: &Path, bytes: &[u8], io: fn(PathBuf, std::io::Error) -> Error) -> Result<()> {
+pub(crate) fn write_atomic_reporting(
+    path: &Path,
+    bytes: &[u8],
+    io: fn(PathBuf, std::io::Error) -> Error,
+) -> Result<()> {
     let Some(name) = path.file_name() else {
-        return Err(Error::Checkpoint { path: path.to_owned(), problem: "not a file path".into() });
+        return Err(Error::Checkpoint {
+            path: path.to_owned(),
+            problem: "not a file path".into(),
+        });
     };
     let folder = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
@@ -316,7 +362,9 @@ pub(crate) fn write_atomic_reporting(path: &Path, bytes: &[u8], io: fn(PathBuf, 
         let _ = fs::remove_file(&temporary);
         return Err(io(path.to_owned(), error));
     }
-    File::open(folder).and_then(|handle| handle.sync_all()).map_err(|source| io(folder.to_owned(), source))
+    File::open(folder)
+        .and_then(|handle| handle.sync_all())
+        .map_err(|source| io(folder.to_owned(), source))
 }
 
 /// The step of a folder name spelled exactly `checkpoint-<step>`.
@@ -355,7 +403,8 @@ enum Leftover {
 fn parse_leftover(name: &str) -> Option<Leftover> {
     if let Some(rest) = name.strip_prefix(".trash-checkpoint-") {
         let (step, pid) = rest.split_once('-')?;
-        return (parse_decimal(step).is_some() && parse_decimal(pid).is_some()).then_some(Leftover::Trash);
+        return (parse_decimal(step).is_some() && parse_decimal(pid).is_some())
+            .then_some(Leftover::Trash);
     }
     let hidden = name.strip_prefix('.')?;
     if let Some((stem, pid)) = hidden.rsplit_once(".tmp-") {
@@ -370,13 +419,20 @@ fn parse_leftover(name: &str) -> Option<Leftover> {
 
 /// Maps an I/O error to [`Error::Io`] naming `path`.
 pub(crate) fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_owned(), source }
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Removes a file or a folder with everything in it (a symbolic link itself, not its target).
 fn remove_any(path: &Path) -> Result<()> {
     let metadata = fs::symlink_metadata(path).map_err(io_error(path))?;
-    let removed = if metadata.is_dir() { fs::remove_dir_all(path) } else { fs::remove_file(path) };
+    let removed = if metadata.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    };
     removed.map_err(io_error(path))
 }
 
@@ -385,13 +441,18 @@ fn remove_if_present(path: &Path) -> Result<()> {
     match fs::symlink_metadata(path) {
         Ok(_) => remove_any(path),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(error) => Err(Error::Io { path: path.to_owned(), source: error }),
+        Err(error) => Err(Error::Io {
+            path: path.to_owned(),
+            source: error,
+        }),
     }
 }
 
 /// Flushes a folder's entries (creations, renames, removals) to disk.
 fn sync_dir(folder: &Path) -> Result<()> {
-    File::open(folder).and_then(|handle| handle.sync_all()).map_err(io_error(folder))
+    File::open(folder)
+        .and_then(|handle| handle.sync_all())
+        .map_err(io_error(folder))
 }
 
 /// Flushes every file under `folder`, every sub-folder and `folder` itself to disk. Symbolic
@@ -404,7 +465,9 @@ fn sync_tree(folder: &Path) -> Result<()> {
         if kind.is_dir() {
             sync_tree(&path)?;
         } else if kind.is_file() {
-            File::open(&path).and_then(|file| file.sync_all()).map_err(io_error(&path))?;
+            File::open(&path)
+                .and_then(|file| file.sync_all())
+                .map_err(io_error(&path))?;
         }
     }
     sync_dir(folder)
@@ -418,7 +481,10 @@ mod tests {
     fn checkpoint_names_are_canonical() {
         assert_eq!(parse_checkpoint_name("checkpoint-0"), Some(0));
         assert_eq!(parse_checkpoint_name("checkpoint-1500"), Some(1500));
-        assert_eq!(parse_checkpoint_name("checkpoint-18446744073709551615"), Some(u64::MAX));
+        assert_eq!(
+            parse_checkpoint_name("checkpoint-18446744073709551615"),
+            Some(u64::MAX)
+        );
         for name in [
             "checkpoint-",
             "checkpoint-abc",
@@ -437,10 +503,22 @@ mod tests {
 
     #[test]
     fn leftover_names_are_recognised_and_nothing_else() {
-        assert_eq!(parse_leftover(".checkpoint-5.tmp-123"), Some(Leftover::Temporary));
-        assert_eq!(parse_leftover(".pytorch_lora_weights.safetensors.tmp-9"), Some(Leftover::Temporary));
-        assert_eq!(parse_leftover(".trash-checkpoint-5-123"), Some(Leftover::Trash));
-        assert_eq!(parse_leftover(".checkpoint-5.old-123"), Some(Leftover::Displaced { step: 5 }));
+        assert_eq!(
+            parse_leftover(".checkpoint-5.tmp-123"),
+            Some(Leftover::Temporary)
+        );
+        assert_eq!(
+            parse_leftover(".pytorch_lora_weights.safetensors.tmp-9"),
+            Some(Leftover::Temporary)
+        );
+        assert_eq!(
+            parse_leftover(".trash-checkpoint-5-123"),
+            Some(Leftover::Trash)
+        );
+        assert_eq!(
+            parse_leftover(".checkpoint-5.old-123"),
+            Some(Leftover::Displaced { step: 5 })
+        );
         for name in [
             "checkpoint-5",
             "checkpoint-5.tmp-1",

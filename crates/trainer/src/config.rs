@@ -39,12 +39,18 @@ pub trait FlagValue: Sized {
 }
 
 fn need<'t>(flag: &'static str, text: Option<&'t str>) -> Result<&'t str> {
-    text.ok_or_else(|| Error::InvalidOption { option: flag, problem: "needs a value".into() })
+    text.ok_or_else(|| Error::InvalidOption {
+        option: flag,
+        problem: "needs a value".into(),
+    })
 }
 
 fn parsed<T: FromStr>(flag: &'static str, text: Option<&str>, what: &str) -> Result<T> {
     let text = need(flag, text)?;
-    text.parse().map_err(|_| Error::InvalidOption { option: flag, problem: format!("`{text}` is not {what}") })
+    text.parse().map_err(|_| Error::InvalidOption {
+        option: flag,
+        problem: format!("`{text}` is not {what}"),
+    })
 }
 
 impl FlagValue for bool {
@@ -54,7 +60,10 @@ impl FlagValue for bool {
         match text {
             None | Some("true" | "1" | "yes") => Ok(true),
             Some("false" | "0" | "no") => Ok(false),
-            Some(other) => Err(Error::InvalidOption { option: flag, problem: format!("`{other}` is not true or false") }),
+            Some(other) => Err(Error::InvalidOption {
+                option: flag,
+                problem: format!("`{other}` is not true or false"),
+            }),
         }
     }
 }
@@ -106,7 +115,8 @@ impl<T: FlagValue> FlagValue for Option<T> {
 }
 
 impl FlagValue for SchedulerKind {
-    const HINT: &'static str = "<constant|constant_with_warmup|linear|cosine|cosine_with_restarts|polynomial>";
+    const HINT: &'static str =
+        "<constant|constant_with_warmup|linear|cosine|cosine_with_restarts|polynomial>";
     fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
         let text = need(flag, text)?;
         text.parse().map_err(|_| Error::InvalidOption {
@@ -161,7 +171,10 @@ impl FlagValue for Attention {
             "fused" | "sdpa" => Ok(Self::Fused),
             "sliced" => Ok(Self::Sliced),
             "plain" => Ok(Self::Plain),
-            other => Err(Error::InvalidOption { option: flag, problem: format!("`{other}` is not one of {}", Self::HINT) }),
+            other => Err(Error::InvalidOption {
+                option: flag,
+                problem: format!("`{other}` is not one of {}", Self::HINT),
+            }),
         }
     }
 }
@@ -225,7 +238,10 @@ fn describe<T: Serialize>(value: &T) -> String {
 }
 
 fn unknown_flag(name: &str) -> Error {
-    Error::InvalidOption { option: "command line", problem: format!("unknown flag `--{name}` (see --help)") }
+    Error::InvalidOption {
+        option: "command line",
+        problem: format!("unknown flag `--{name}` (see --help)"),
+    }
 }
 
 train_config! {
@@ -343,8 +359,14 @@ impl TrainConfig {
     /// # Errors
     /// [`Error::Io`] and [`Error::ConfigFile`].
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
-        toml::from_str(&text).map_err(|e| Error::ConfigFile { path: path.to_owned(), problem: e.to_string() })
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| Error::ConfigFile {
+            path: path.to_owned(),
+            problem: e.to_string(),
+        })
     }
 
     /// The config as TOML (what checkpoints and the model card record).
@@ -352,7 +374,10 @@ impl TrainConfig {
     /// # Errors
     /// [`Error::ConfigFile`] if a value cannot be expressed in TOML.
     pub fn to_toml(&self) -> Result<String> {
-        toml::to_string(self).map_err(|e| Error::ConfigFile { path: PathBuf::from("<config>"), problem: e.to_string() })
+        toml::to_string(self).map_err(|e| Error::ConfigFile {
+            path: PathBuf::from("<config>"),
+            problem: e.to_string(),
+        })
     }
 
     /// Defaults, then the file of `--config FILE` (anywhere on the line), then every other flag in
@@ -420,13 +445,20 @@ impl TrainConfig {
     /// # Errors
     /// [`Error::InvalidOption`].
     pub fn validate(&self) -> Result<()> {
-        let fail = |option: &'static str, problem: String| Err(Error::InvalidOption { option, problem });
+        let fail =
+            |option: &'static str, problem: String| Err(Error::InvalidOption { option, problem });
         if self.resolution == 0 || !self.resolution.is_multiple_of(8) {
-            return fail("--resolution", format!("{} is not a positive multiple of 8", self.resolution));
+            return fail(
+                "--resolution",
+                format!("{} is not a positive multiple of 8", self.resolution),
+            );
         }
         for (option, value) in [
             ("--train_batch_size", u64::from(self.train_batch_size)),
-            ("--gradient_accumulation_steps", u64::from(self.gradient_accumulation_steps)),
+            (
+                "--gradient_accumulation_steps",
+                u64::from(self.gradient_accumulation_steps),
+            ),
             ("--max_train_steps", self.max_train_steps),
             ("--rank", u64::from(self.rank)),
             ("--checkpointing_steps", self.checkpointing_steps),
@@ -438,15 +470,51 @@ impl TrainConfig {
             }
         }
         for (option, value, ok) in [
-            ("--learning_rate", self.learning_rate, self.learning_rate > 0.0),
-            ("--adam_beta1", self.adam_beta1, (0.0..1.0).contains(&self.adam_beta1)),
-            ("--adam_beta2", self.adam_beta2, (0.0..1.0).contains(&self.adam_beta2)),
-            ("--adam_weight_decay", self.adam_weight_decay, self.adam_weight_decay >= 0.0),
-            ("--adam_epsilon", self.adam_epsilon, self.adam_epsilon >= 0.0),
-            ("--max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0.0),
-            ("--noise_offset", self.noise_offset, self.noise_offset >= 0.0),
-            ("--snr_gamma", self.snr_gamma.unwrap_or(1.0), self.snr_gamma.is_none_or(|g| g > 0.0)),
-            ("--lora_alpha", self.lora_alpha.unwrap_or(1.0), self.lora_alpha.is_none_or(|a| a > 0.0)),
+            (
+                "--learning_rate",
+                self.learning_rate,
+                self.learning_rate > 0.0,
+            ),
+            (
+                "--adam_beta1",
+                self.adam_beta1,
+                (0.0..1.0).contains(&self.adam_beta1),
+            ),
+            (
+                "--adam_beta2",
+                self.adam_beta2,
+                (0.0..1.0).contains(&self.adam_beta2),
+            ),
+            (
+                "--adam_weight_decay",
+                self.adam_weight_decay,
+                self.adam_weight_decay >= 0.0,
+            ),
+            (
+                "--adam_epsilon",
+                self.adam_epsilon,
+                self.adam_epsilon >= 0.0,
+            ),
+            (
+                "--max_grad_norm",
+                self.max_grad_norm,
+                self.max_grad_norm > 0.0,
+            ),
+            (
+                "--noise_offset",
+                self.noise_offset,
+                self.noise_offset >= 0.0,
+            ),
+            (
+                "--snr_gamma",
+                self.snr_gamma.unwrap_or(1.0),
+                self.snr_gamma.is_none_or(|g| g > 0.0),
+            ),
+            (
+                "--lora_alpha",
+                self.lora_alpha.unwrap_or(1.0),
+                self.lora_alpha.is_none_or(|a| a > 0.0),
+            ),
         ] {
             if !value.is_finite() || !ok {
                 return fail(option, format!("{value} is out of range"));
@@ -462,17 +530,26 @@ impl TrainConfig {
             && kind != "epsilon"
             && kind != "v_prediction"
         {
-            return fail("--prediction_type", format!("`{kind}` is not epsilon or v_prediction"));
+            return fail(
+                "--prediction_type",
+                format!("`{kind}` is not epsilon or v_prediction"),
+            );
         }
         if self.checkpoints_total_limit == Some(0) {
-            return fail("--checkpoints_total_limit", "must be at least 1 (leave it unset for no limit)".into());
+            return fail(
+                "--checkpoints_total_limit",
+                "must be at least 1 (leave it unset for no limit)".into(),
+            );
         }
         if let Some(step) = self.profile_step
             && (step == 0 || step >= self.max_train_steps)
         {
             return fail(
                 "--profile_step",
-                format!("{step} must be at least 1 and below --max_train_steps ({}): steps N and N+1 are used", self.max_train_steps),
+                format!(
+                    "{step} must be at least 1 and below --max_train_steps ({}): steps N and N+1 are used",
+                    self.max_train_steps
+                ),
             );
         }
         Ok(())
@@ -505,7 +582,9 @@ impl TrainConfig {
     /// The learning rate the optimizer starts from (`--scale_lr` multiplies by the samples per step).
     pub fn base_learning_rate(&self) -> f64 {
         if self.scale_lr {
-            self.learning_rate * f64::from(self.train_batch_size) * f64::from(self.gradient_accumulation_steps)
+            self.learning_rate
+                * f64::from(self.train_batch_size)
+                * f64::from(self.gradient_accumulation_steps)
         } else {
             self.learning_rate
         }
@@ -523,9 +602,20 @@ mod tests {
     #[test]
     fn defaults_are_the_seed_recipe() {
         let c = TrainConfig::default();
-        assert_eq!((c.resolution, c.train_batch_size, c.gradient_accumulation_steps, c.rank), (512, 2, 2, 4));
+        assert_eq!(
+            (
+                c.resolution,
+                c.train_batch_size,
+                c.gradient_accumulation_steps,
+                c.rank
+            ),
+            (512, 2, 2, 4)
+        );
         assert_eq!((c.max_train_steps, c.max_train_samples), (1200, Some(75)));
-        assert_eq!(c.instance_prompt.as_deref(), Some("Naruto style anime character"));
+        assert_eq!(
+            c.instance_prompt.as_deref(),
+            Some("Naruto style anime character")
+        );
         assert!(c.use_8bit_adam);
         assert_eq!(c.mixed_precision, MixedPrecision::Bf16);
         c.validate().unwrap();
@@ -574,7 +664,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("trainer-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("run.toml");
-        std::fs::write(&file, "rank = 16\nlearning_rate = 2e-4\noutput_dir = \"out\"\n").unwrap();
+        std::fs::write(
+            &file,
+            "rank = 16\nlearning_rate = 2e-4\noutput_dir = \"out\"\n",
+        )
+        .unwrap();
         let c = parse(&["--rank", "8", "--config", file.to_str().unwrap()]).unwrap();
         assert_eq!((c.rank, c.learning_rate), (8, 2e-4));
         assert_eq!(c.output_dir, PathBuf::from("out"));
@@ -582,7 +676,9 @@ mod tests {
         let again: TrainConfig = toml::from_str(&c.to_toml().unwrap()).unwrap();
         assert_eq!(again, c);
         std::fs::write(&file, "rnak = 16\n").unwrap();
-        let err = parse(&["--config", file.to_str().unwrap()]).unwrap_err().to_string();
+        let err = parse(&["--config", file.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("run.toml") && err.contains("rnak"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -86,7 +86,9 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
     // fp8-stored weights are widened layer by layer; without checkpointing autograd keeps every widened
     // copy for the backward pass. (With checkpointing one segment's copies are alive at a time; that
     // term is not modelled.)
-    let widened_gib = if input.stored_weight_bytes < input.unet_params * input.weight_bytes && !input.checkpointing {
+    let widened_gib = if input.stored_weight_bytes < input.unet_params * input.weight_bytes
+        && !input.checkpointing
+    {
         (input.unet_params * input.weight_bytes) as f64 / GIB
     } else {
         0.0
@@ -95,8 +97,16 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
     let trainable_gib = (input.lora_params * 8 + input.optimizer_state_bytes) as f64 / GIB;
     // Activations are stored in the weights' type; fp32 doubles them.
     let activations_gib = ACTIVATIONS_GIB[mode] * size * model * (input.weight_bytes as f64 / 2.0);
-    let graph_gib = if input.cuda_graph { GRAPH_POOL_GIB[mode] * size * model } else { 0.0 };
-    let host = if input.cuda_graph { 0.0 } else { HOST_SECONDS[mode] * model.clamp(0.05, 1.0) };
+    let graph_gib = if input.cuda_graph {
+        GRAPH_POOL_GIB[mode] * size * model
+    } else {
+        0.0
+    };
+    let host = if input.cuda_graph {
+        0.0
+    } else {
+        HOST_SECONDS[mode] * model.clamp(0.05, 1.0)
+    };
     let micro = host + GPU_SECONDS[mode] * size * model;
     let seconds_per_step = micro * input.accumulation as f64 + OPTIMIZER_SECONDS;
     Estimate {
@@ -116,7 +126,12 @@ impl fmt::Display for Estimate {
             f,
             "estimated peak GPU memory {:.2} GiB (weights {:.2}, LoRA + optimizer {:.3}, activations {:.2}); \
              about {:.2} s per optimizer step, {:.0} min in all (calibrated on an H200)",
-            self.peak_gib, self.weights_gib, self.trainable_gib, self.activations_gib, self.seconds_per_step, minutes
+            self.peak_gib,
+            self.weights_gib,
+            self.trainable_gib,
+            self.activations_gib,
+            self.seconds_per_step,
+            minutes
         )
     }
 }
@@ -146,35 +161,66 @@ mod tests {
     /// each step time and 0.1 GiB of each peak.
     #[test]
     fn agrees_with_the_measured_settings() {
-        for (checkpointing, cuda_graph, seconds, peak) in
-            [(false, false, 0.507, 7.81), (true, false, 1.024, 5.29), (false, true, 0.103, 7.87), (true, true, 0.154, 5.30)]
-        {
-            let e = estimate(&EstimateInput { cuda_graph, ..seed_recipe(checkpointing) });
-            assert!((e.seconds_per_step / seconds - 1.0).abs() < 0.15, "{checkpointing} {cuda_graph}: {e} vs {seconds} s");
-            assert!((e.peak_gib - peak).abs() < 0.1, "{checkpointing} {cuda_graph}: {e} vs {peak} GiB");
+        for (checkpointing, cuda_graph, seconds, peak) in [
+            (false, false, 0.507, 7.81),
+            (true, false, 1.024, 5.29),
+            (false, true, 0.103, 7.87),
+            (true, true, 0.154, 5.30),
+        ] {
+            let e = estimate(&EstimateInput {
+                cuda_graph,
+                ..seed_recipe(checkpointing)
+            });
+            assert!(
+                (e.seconds_per_step / seconds - 1.0).abs() < 0.15,
+                "{checkpointing} {cuda_graph}: {e} vs {seconds} s"
+            );
+            assert!(
+                (e.peak_gib - peak).abs() < 0.1,
+                "{checkpointing} {cuda_graph}: {e} vs {peak} GiB"
+            );
         }
         // fp8 base weights (2.39 GiB stored), checkpointed (call P): eager 2.96 GiB; graphs 0.262 s,
         // 2.97 GiB. The widening costs time the model does not count, so only the memory is held to it.
         for (cuda_graph, peak) in [(false, 2.96), (true, 2.97)] {
             let stored = (2.39 * GIB) as i64;
-            let e = estimate(&EstimateInput { cuda_graph, stored_weight_bytes: stored, ..seed_recipe(true) });
-            assert!((e.peak_gib - peak).abs() < 0.1, "fp8 {cuda_graph}: {e} vs {peak} GiB");
+            let e = estimate(&EstimateInput {
+                cuda_graph,
+                stored_weight_bytes: stored,
+                ..seed_recipe(true)
+            });
+            assert!(
+                (e.peak_gib - peak).abs() < 0.1,
+                "fp8 {cuda_graph}: {e} vs {peak} GiB"
+            );
         }
     }
 
     #[test]
     fn fp8_storage_counts_its_bytes_and_its_widened_copies_without_checkpointing() {
-        let fp8 = |checkpointing| estimate(&EstimateInput { stored_weight_bytes: SDXL_UNET_PARAMS as i64, ..seed_recipe(checkpointing) });
+        let fp8 = |checkpointing| {
+            estimate(&EstimateInput {
+                stored_weight_bytes: SDXL_UNET_PARAMS as i64,
+                ..seed_recipe(checkpointing)
+            })
+        };
         let (bf16, plain, checkpointed) = (estimate(&seed_recipe(true)), fp8(false), fp8(true));
         assert!((bf16.weights_gib / checkpointed.weights_gib - 2.0).abs() < 1e-9);
         assert!((bf16.peak_gib - checkpointed.peak_gib - bf16.weights_gib / 2.0).abs() < 1e-9);
-        assert!(plain.peak_gib > estimate(&seed_recipe(false)).peak_gib, "widened copies cost more than they save");
+        assert!(
+            plain.peak_gib > estimate(&seed_recipe(false)).peak_gib,
+            "widened copies cost more than they save"
+        );
     }
 
     #[test]
     fn grows_with_batch_and_area_but_not_weights() {
         let base = estimate(&seed_recipe(false));
-        let big = estimate(&EstimateInput { batch: 4, latent_pixels: 128 * 128, ..seed_recipe(false) });
+        let big = estimate(&EstimateInput {
+            batch: 4,
+            latent_pixels: 128 * 128,
+            ..seed_recipe(false)
+        });
         assert_eq!(big.weights_gib, base.weights_gib);
         assert!((big.activations_gib / base.activations_gib - 8.0).abs() < 1e-9);
         assert!(big.seconds_per_step > base.seconds_per_step);

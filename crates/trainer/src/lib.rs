@@ -7,15 +7,15 @@
 
 pub mod checkpoint;
 pub mod config;
+mod error;
 pub mod estimate;
+pub mod logs;
+pub mod lr_scheduler;
 pub mod model_files;
 pub mod prepare;
 pub mod run;
 pub mod step;
-mod error;
-pub mod logs;
-pub mod lr_scheduler;
 
 pub use config::TrainConfig;
-pub use run::{RunSummary, Trainer, TrainerState};
 pub use error::{Error, Result};
+pub use run::{RunSummary, Trainer, TrainerState};

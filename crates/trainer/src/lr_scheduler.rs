@@ -65,7 +65,10 @@ impl SchedulerKind {
     /// Whether the shape depends on the total number of steps (and so divides by the steps after
     /// warm-up).
     fn decays(self) -> bool {
-        !matches!(self, SchedulerKind::Constant | SchedulerKind::ConstantWithWarmup)
+        !matches!(
+            self,
+            SchedulerKind::Constant | SchedulerKind::ConstantWithWarmup
+        )
     }
 }
 
@@ -79,13 +82,19 @@ impl FromStr for SchedulerKind {
     type Err = Error;
 
     fn from_str(name: &str) -> Result<Self> {
-        SchedulerKind::ALL.into_iter().find(|kind| kind.name() == name).ok_or_else(|| {
-            let valid: Vec<&str> = SchedulerKind::ALL.iter().map(|kind| kind.name()).collect();
-            Error::InvalidOption {
-                option: "--lr_scheduler",
-                problem: format!("unknown schedule {name:?}; expected one of {}", valid.join(", ")),
-            }
-        })
+        SchedulerKind::ALL
+            .into_iter()
+            .find(|kind| kind.name() == name)
+            .ok_or_else(|| {
+                let valid: Vec<&str> = SchedulerKind::ALL.iter().map(|kind| kind.name()).collect();
+                Error::InvalidOption {
+                    option: "--lr_scheduler",
+                    problem: format!(
+                        "unknown schedule {name:?}; expected one of {}",
+                        valid.join(", ")
+                    ),
+                }
+            })
     }
 }
 
@@ -124,33 +133,61 @@ impl LrSchedule {
     /// `polynomial`: one not above [`POLYNOMIAL_LR_END`], as diffusers requires), no training steps,
     /// or (for the decaying schedules) more warm-up steps than training steps, or for `polynomial`
     /// as many, which diffusers would divide by zero for.
-    pub fn new(kind: SchedulerKind, base_lr: f64, warmup_steps: u64, total_steps: u64) -> Result<Self> {
+    pub fn new(
+        kind: SchedulerKind,
+        base_lr: f64,
+        warmup_steps: u64,
+        total_steps: u64,
+    ) -> Result<Self> {
         if !(base_lr.is_finite() && base_lr >= 0.0) {
-            return Err(invalid("--learning_rate", format!("must be a finite number >= 0, got {base_lr}")));
+            return Err(invalid(
+                "--learning_rate",
+                format!("must be a finite number >= 0, got {base_lr}"),
+            ));
         }
         if kind == SchedulerKind::Polynomial && base_lr <= POLYNOMIAL_LR_END {
             return Err(invalid(
                 "--learning_rate",
-                format!("the polynomial schedule decays to {POLYNOMIAL_LR_END}, so it must start above it, got {base_lr}"),
+                format!(
+                    "the polynomial schedule decays to {POLYNOMIAL_LR_END}, so it must start above it, got {base_lr}"
+                ),
             ));
         }
         if total_steps == 0 {
-            return Err(invalid("--max_train_steps", "must be at least 1, got 0".to_owned()));
+            return Err(invalid(
+                "--max_train_steps",
+                "must be at least 1, got 0".to_owned(),
+            ));
         }
         if kind.decays() && warmup_steps > total_steps {
             return Err(invalid(
                 "--lr_warmup_steps",
-                format!("{warmup_steps} warm-up steps exceed the {total_steps} training steps (--max_train_steps) of the {kind} schedule"),
+                format!(
+                    "{warmup_steps} warm-up steps exceed the {total_steps} training steps (--max_train_steps) of the {kind} schedule"
+                ),
             ));
         }
         if kind == SchedulerKind::Polynomial && warmup_steps == total_steps {
             return Err(invalid(
                 "--lr_warmup_steps",
-                format!("the polynomial schedule needs steps after warm-up, but warm-up takes all {total_steps} training steps (--max_train_steps)"),
+                format!(
+                    "the polynomial schedule needs steps after warm-up, but warm-up takes all {total_steps} training steps (--max_train_steps)"
+                ),
             ));
         }
-        let num_cycles = if kind == SchedulerKind::CosineWithRestarts { 1.0 } else { 0.5 };
-        Ok(Self { kind, base_lr, warmup_steps, total_steps, num_cycles, power: 1.0 })
+        let num_cycles = if kind == SchedulerKind::CosineWithRestarts {
+            1.0
+        } else {
+            0.5
+        };
+        Ok(Self {
+            kind,
+            base_lr,
+            warmup_steps,
+            total_steps,
+            num_cycles,
+            power: 1.0,
+        })
     }
 
     /// The schedule exactly as diffusers' SDXL training scripts build it: `get_scheduler(kind,
@@ -170,7 +207,10 @@ impl LrSchedule {
         lr_power: f64,
     ) -> Result<Self> {
         let schedule = Self::new(kind, base_lr, warmup_steps, total_steps)?;
-        let checked = schedule.clone().with_cycles(lr_num_cycles)?.with_power(lr_power)?;
+        let checked = schedule
+            .clone()
+            .with_cycles(lr_num_cycles)?
+            .with_power(lr_power)?;
         Ok(match kind {
             SchedulerKind::CosineWithRestarts | SchedulerKind::Polynomial => checked,
             _ => schedule,
@@ -185,7 +225,10 @@ impl LrSchedule {
     /// [`Error::InvalidOption`] for `--lr_num_cycles` when it is not a finite number above 0.
     pub fn with_cycles(mut self, num_cycles: f64) -> Result<Self> {
         if !(num_cycles.is_finite() && num_cycles > 0.0) {
-            return Err(invalid("--lr_num_cycles", format!("must be a finite number > 0, got {num_cycles}")));
+            return Err(invalid(
+                "--lr_num_cycles",
+                format!("must be a finite number > 0, got {num_cycles}"),
+            ));
         }
         self.num_cycles = num_cycles;
         Ok(self)
@@ -197,7 +240,10 @@ impl LrSchedule {
     /// [`Error::InvalidOption`] for `--lr_power` when it is not a finite number above 0.
     pub fn with_power(mut self, power: f64) -> Result<Self> {
         if !(power.is_finite() && power > 0.0) {
-            return Err(invalid("--lr_power", format!("must be a finite number > 0, got {power}")));
+            return Err(invalid(
+                "--lr_power",
+                format!("must be a finite number > 0, got {power}"),
+            ));
         }
         self.power = power;
         Ok(self)
@@ -288,7 +334,9 @@ mod tests {
     fn fixture() -> PathBuf {
         let root = std::env::var_os("SDXL_FIXTURES")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"));
+            .unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+            });
         root.join("lr-schedules.safetensors")
     }
 
@@ -305,7 +353,10 @@ mod tests {
     fn every_schedule_equals_diffusers_step_by_step() {
         let cases = fixture_cases();
         let expected: std::collections::HashMap<String, tch::Tensor> =
-            tch::Tensor::read_safetensors(fixture()).unwrap().into_iter().collect();
+            tch::Tensor::read_safetensors(fixture())
+                .unwrap()
+                .into_iter()
+                .collect();
         assert_eq!(cases.len(), 16);
         let mut kinds_seen = std::collections::HashSet::new();
         for (case, config) in &cases {
@@ -318,10 +369,16 @@ mod tests {
             let power = config.get("power").and_then(|p| p.as_f64());
             let schedule = match config["built_by"].as_str().unwrap() {
                 // The training scripts' call: the flags' defaults are 1 cycle and power 1.
-                "get_scheduler" => {
-                    LrSchedule::from_script_flags(kind, lr, warmup, total, cycles.unwrap_or(1.0), power.unwrap_or(1.0))
-                }
-                "function" => LrSchedule::new(kind, lr, warmup, total).and_then(|s| s.with_cycles(cycles.unwrap())),
+                "get_scheduler" => LrSchedule::from_script_flags(
+                    kind,
+                    lr,
+                    warmup,
+                    total,
+                    cycles.unwrap_or(1.0),
+                    power.unwrap_or(1.0),
+                ),
+                "function" => LrSchedule::new(kind, lr, warmup, total)
+                    .and_then(|s| s.with_cycles(cycles.unwrap())),
                 other => panic!("unknown builder {other}"),
             }
             .unwrap();
@@ -330,10 +387,17 @@ mod tests {
             for (step, &want) in values.iter().enumerate() {
                 let got = schedule.lr_at(step as u64);
                 let tolerance = 1e-12 * want.abs().max(f64::MIN_POSITIVE);
-                assert!((got - want).abs() <= tolerance, "{case} step {step}: {got:e} vs diffusers {want:e}");
+                assert!(
+                    (got - want).abs() <= tolerance,
+                    "{case} step {step}: {got:e} vs diffusers {want:e}"
+                );
             }
         }
-        assert_eq!(kinds_seen.len(), SchedulerKind::ALL.len(), "every kind is checked");
+        assert_eq!(
+            kinds_seen.len(),
+            SchedulerKind::ALL.len(),
+            "every kind is checked"
+        );
     }
 
     #[test]
@@ -344,8 +408,14 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", kind.name()));
             assert_eq!(serde_json::from_str::<SchedulerKind>(&json).unwrap(), kind);
         }
-        let err = "cosine_annealing".parse::<SchedulerKind>().unwrap_err().to_string();
-        assert!(err.starts_with("--lr_scheduler: unknown schedule \"cosine_annealing\""), "{err}");
+        let err = "cosine_annealing"
+            .parse::<SchedulerKind>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("--lr_scheduler: unknown schedule \"cosine_annealing\""),
+            "{err}"
+        );
         for kind in SchedulerKind::ALL {
             assert!(err.contains(kind.name()), "{err}");
         }
@@ -363,28 +433,65 @@ mod tests {
     fn bad_settings_name_their_flag() {
         use SchedulerKind::*;
         for lr in [-1e-4, f64::NAN, f64::INFINITY] {
-            assert_eq!(flag_of(LrSchedule::new(Constant, lr, 0, 10)), "--learning_rate");
+            assert_eq!(
+                flag_of(LrSchedule::new(Constant, lr, 0, 10)),
+                "--learning_rate"
+            );
         }
-        assert_eq!(flag_of(LrSchedule::new(Polynomial, 1e-7, 0, 10)), "--learning_rate");
-        assert_eq!(flag_of(LrSchedule::new(Linear, 1e-4, 0, 0)), "--max_train_steps");
-        assert_eq!(flag_of(LrSchedule::new(Constant, 1e-4, 0, 0)), "--max_train_steps");
+        assert_eq!(
+            flag_of(LrSchedule::new(Polynomial, 1e-7, 0, 10)),
+            "--learning_rate"
+        );
+        assert_eq!(
+            flag_of(LrSchedule::new(Linear, 1e-4, 0, 0)),
+            "--max_train_steps"
+        );
+        assert_eq!(
+            flag_of(LrSchedule::new(Constant, 1e-4, 0, 0)),
+            "--max_train_steps"
+        );
         for kind in [Linear, Cosine, CosineWithRestarts, Polynomial] {
-            assert_eq!(flag_of(LrSchedule::new(kind, 1e-4, 11, 10)), "--lr_warmup_steps", "{kind}");
+            assert_eq!(
+                flag_of(LrSchedule::new(kind, 1e-4, 11, 10)),
+                "--lr_warmup_steps",
+                "{kind}"
+            );
         }
-        assert_eq!(flag_of(LrSchedule::new(Polynomial, 1e-4, 10, 10)), "--lr_warmup_steps");
+        assert_eq!(
+            flag_of(LrSchedule::new(Polynomial, 1e-4, 10, 10)),
+            "--lr_warmup_steps"
+        );
         // Warm-up longer than the run is odd but well defined where nothing divides by the rest.
         assert!(LrSchedule::new(ConstantWithWarmup, 1e-4, 11, 10).is_ok());
         assert!(LrSchedule::new(Cosine, 1e-4, 10, 10).is_ok());
         let schedule = LrSchedule::new(CosineWithRestarts, 1e-4, 0, 10).unwrap();
         for cycles in [0.0, -1.0, f64::NAN] {
-            assert_eq!(flag_of(schedule.clone().with_cycles(cycles)), "--lr_num_cycles");
+            assert_eq!(
+                flag_of(schedule.clone().with_cycles(cycles)),
+                "--lr_num_cycles"
+            );
         }
         for power in [0.0, -2.0, f64::INFINITY] {
             assert_eq!(flag_of(schedule.clone().with_power(power)), "--lr_power");
         }
-        assert_eq!(flag_of(LrSchedule::from_script_flags(Cosine, 1e-4, 0, 10, 1.0, f64::NAN)), "--lr_power");
-        let err = LrSchedule::new(Linear, 1e-4, 20, 10).unwrap_err().to_string();
-        assert!(err.contains("--lr_warmup_steps") && err.contains("20") && err.contains("10"), "{err}");
+        assert_eq!(
+            flag_of(LrSchedule::from_script_flags(
+                Cosine,
+                1e-4,
+                0,
+                10,
+                1.0,
+                f64::NAN
+            )),
+            "--lr_power"
+        );
+        let err = LrSchedule::new(Linear, 1e-4, 20, 10)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--lr_warmup_steps") && err.contains("20") && err.contains("10"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -392,10 +499,22 @@ mod tests {
         let cosine = LrSchedule::new(SchedulerKind::Cosine, 1e-4, 0, 100).unwrap();
         let three = cosine.clone().with_cycles(3.0).unwrap();
         assert_ne!(cosine.lr_at(25), three.lr_at(25));
-        let flags = LrSchedule::from_script_flags(SchedulerKind::Cosine, 1e-4, 0, 100, 3.0, 2.0).unwrap();
-        assert_eq!(flags, cosine, "get_scheduler does not forward num_cycles to cosine");
+        let flags =
+            LrSchedule::from_script_flags(SchedulerKind::Cosine, 1e-4, 0, 100, 3.0, 2.0).unwrap();
+        assert_eq!(
+            flags, cosine,
+            "get_scheduler does not forward num_cycles to cosine"
+        );
         let linear = LrSchedule::new(SchedulerKind::Linear, 1e-4, 0, 100).unwrap();
-        let powered = linear.clone().with_power(2.0).unwrap().with_cycles(4.0).unwrap();
-        assert_eq!((0..120).map(|s| linear.lr_at(s)).collect::<Vec<_>>(), (0..120).map(|s| powered.lr_at(s)).collect::<Vec<_>>());
+        let powered = linear
+            .clone()
+            .with_power(2.0)
+            .unwrap()
+            .with_cycles(4.0)
+            .unwrap();
+        assert_eq!(
+            (0..120).map(|s| linear.lr_at(s)).collect::<Vec<_>>(),
+            (0..120).map(|s| powered.lr_at(s)).collect::<Vec<_>>()
+        );
     }
 }

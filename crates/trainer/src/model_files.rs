@@ -37,8 +37,18 @@ pub struct ModelFolder {
 fn local_variant(root: &Path, wanted: Option<&str>) -> Option<String> {
     let wanted = wanted?;
     let unet = root.join("unet");
-    let exists = unet.join(with_variant("diffusion_pytorch_model.safetensors", Some(wanted))).is_file()
-        || unet.join(with_variant("diffusion_pytorch_model.safetensors.index.json", Some(wanted))).is_file();
+    let exists = unet
+        .join(with_variant(
+            "diffusion_pytorch_model.safetensors",
+            Some(wanted),
+        ))
+        .is_file()
+        || unet
+            .join(with_variant(
+                "diffusion_pytorch_model.safetensors.index.json",
+                Some(wanted),
+            ))
+            .is_file();
     exists.then(|| wanted.to_owned())
 }
 
@@ -59,16 +69,23 @@ pub fn resolve(name_or_path: &str, revision: &str, variant: Option<&str>) -> Res
         if !local.join("unet").join("config.json").is_file() {
             return Err(Error::InvalidOption {
                 option: "--pretrained_model_name_or_path",
-                problem: format!("{} is not a diffusers SDXL folder (no unet/config.json)", local.display()),
+                problem: format!(
+                    "{} is not a diffusers SDXL folder (no unet/config.json)",
+                    local.display()
+                ),
             });
         }
-        return Ok(ModelFolder { root: local.to_owned(), variant: local_variant(local, variant) });
+        return Ok(ModelFolder {
+            root: local.to_owned(),
+            variant: local_variant(local, variant),
+        });
     }
     download(name_or_path, revision, variant)
 }
 
 fn download(repo_id: &str, revision: &str, variant: Option<&str>) -> Result<ModelFolder> {
-    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"));
+    let offline = std::env::var("HF_HUB_OFFLINE")
+        .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"));
     let cache = match std::env::var_os("HF_HUB_CACHE").filter(|v| !v.is_empty()) {
         Some(folder) => hf_hub::Cache::new(PathBuf::from(folder)),
         None => hf_hub::Cache::from_env(),
@@ -78,35 +95,59 @@ fn download(repo_id: &str, revision: &str, variant: Option<&str>) -> Result<Mode
     }
     // As huggingface_hub does when the hub cannot be asked (no network, server down), a revision
     // the cache holds whole is used; otherwise the hub's error is the one worth reading.
-    fetch(&cache, repo_id, revision, variant).or_else(|error| from_cache(&cache, repo_id, revision, variant).map_err(|_| error))
+    fetch(&cache, repo_id, revision, variant)
+        .or_else(|error| from_cache(&cache, repo_id, revision, variant).map_err(|_| error))
 }
 
 fn hub_error(repo_id: &str, problem: String) -> Error {
-    Error::Hub { repo: repo_id.to_owned(), problem }
+    Error::Hub {
+        repo: repo_id.to_owned(),
+        problem,
+    }
 }
 
 /// The variant to read and the files training needs, given which files exist (`has`).
-fn needed_files(variant: Option<&str>, has: impl Fn(&str) -> bool) -> (Option<String>, Vec<String>) {
-    let chosen_variant = variant.filter(|v| has(&format!("unet/{}", with_variant("diffusion_pytorch_model.safetensors", Some(v)))));
+fn needed_files(
+    variant: Option<&str>,
+    has: impl Fn(&str) -> bool,
+) -> (Option<String>, Vec<String>) {
+    let chosen_variant = variant.filter(|v| {
+        has(&format!(
+            "unet/{}",
+            with_variant("diffusion_pytorch_model.safetensors", Some(v))
+        ))
+    });
     let mut wanted = vec!["model_index.json".to_owned()];
     if has("scheduler/scheduler_config.json") {
         wanted.push("scheduler/scheduler_config.json".to_owned());
     }
     for (component, weights) in COMPONENTS {
         wanted.push(format!("{component}/config.json"));
-        wanted.push(format!("{component}/{}", with_variant(weights, chosen_variant)));
+        wanted.push(format!(
+            "{component}/{}",
+            with_variant(weights, chosen_variant)
+        ));
     }
     (chosen_variant.map(str::to_owned), wanted)
 }
 
 /// Online: lists the repository at `revision`, fetches what the cache's snapshot of that commit
 /// lacks, and points the cache's ref for `revision` at the commit.
-fn fetch(cache: &hf_hub::Cache, repo_id: &str, revision: &str, variant: Option<&str>) -> Result<ModelFolder> {
-    let mut builder = ApiBuilder::from_env().with_progress(true).with_cache_dir(cache.path().clone());
+fn fetch(
+    cache: &hf_hub::Cache,
+    repo_id: &str,
+    revision: &str,
+    variant: Option<&str>,
+) -> Result<ModelFolder> {
+    let mut builder = ApiBuilder::from_env()
+        .with_progress(true)
+        .with_cache_dir(cache.path().clone());
     if let Ok(token) = std::env::var("HF_TOKEN") {
         builder = builder.with_token(Some(token));
     }
-    let api = builder.build().map_err(|e| hub_error(repo_id, e.to_string()))?;
+    let api = builder
+        .build()
+        .map_err(|e| hub_error(repo_id, e.to_string()))?;
     let model = Repo::with_revision(repo_id.to_owned(), RepoType::Model, revision.to_owned());
     let repo = api.repo(model.clone());
     let info = repo.info().map_err(|e| hub_error(repo_id, e.to_string()))?;
@@ -114,27 +155,53 @@ fn fetch(cache: &hf_hub::Cache, repo_id: &str, revision: &str, variant: Option<&
     let (chosen_variant, wanted) = needed_files(variant, |name| listing.iter().any(|f| f == name));
     // The snapshot of the commit the hub names now, not whatever the cache's ref last pointed at:
     // files cached from an older commit must not mix with (or stand in for) the current ones.
-    let snapshot = cache.path().join(model.folder_name()).join("snapshots").join(&info.sha);
+    let snapshot = cache
+        .path()
+        .join(model.folder_name())
+        .join("snapshots")
+        .join(&info.sha);
     for name in &wanted {
         if snapshot.join(name).is_file() {
             continue;
         }
-        let path = repo.download(name).map_err(|e| hub_error(repo_id, format!("`{name}`: {e}")))?;
+        let path = repo
+            .download(name)
+            .map_err(|e| hub_error(repo_id, format!("`{name}`: {e}")))?;
         if !path.starts_with(&snapshot) {
             return Err(hub_error(
                 repo_id,
-                format!("`{name}` came from another commit than {}: the repository changed during the download", info.sha),
+                format!(
+                    "`{name}` came from another commit than {}: the repository changed during the download",
+                    info.sha
+                ),
             ));
         }
     }
-    cache.repo(model).create_ref(&info.sha).map_err(|e| hub_error(repo_id, format!("writing the ref of `{revision}` in the cache: {e}")))?;
-    Ok(ModelFolder { root: snapshot, variant: chosen_variant })
+    cache.repo(model).create_ref(&info.sha).map_err(|e| {
+        hub_error(
+            repo_id,
+            format!("writing the ref of `{revision}` in the cache: {e}"),
+        )
+    })?;
+    Ok(ModelFolder {
+        root: snapshot,
+        variant: chosen_variant,
+    })
 }
 
 /// Offline: the snapshot the cache's ref for `revision` points at, which must hold every needed
 /// file; the variant is chosen by what that snapshot holds.
-fn from_cache(cache: &hf_hub::Cache, repo_id: &str, revision: &str, variant: Option<&str>) -> Result<ModelFolder> {
-    let cached = cache.repo(Repo::with_revision(repo_id.to_owned(), RepoType::Model, revision.to_owned()));
+fn from_cache(
+    cache: &hf_hub::Cache,
+    repo_id: &str,
+    revision: &str,
+    variant: Option<&str>,
+) -> Result<ModelFolder> {
+    let cached = cache.repo(Repo::with_revision(
+        repo_id.to_owned(),
+        RepoType::Model,
+        revision.to_owned(),
+    ));
     let (chosen_variant, wanted) = needed_files(variant, |name| cached.get(name).is_some());
     let mut root = None;
     for name in &wanted {
@@ -142,10 +209,16 @@ fn from_cache(cache: &hf_hub::Cache, repo_id: &str, revision: &str, variant: Opt
             hub_error(repo_id, format!("`{name}` of revision `{revision}` is not in the cache {} (HF_HUB_OFFLINE is set or the hub was not reached)", cache.path().display()))
         })?;
         // The snapshot folder: the file's path minus its name inside the repository.
-        root = path.ancestors().nth(name.split('/').count()).map(Path::to_path_buf);
+        root = path
+            .ancestors()
+            .nth(name.split('/').count())
+            .map(Path::to_path_buf);
     }
     let root = root.ok_or_else(|| hub_error(repo_id, "no files".into()))?;
-    Ok(ModelFolder { root, variant: chosen_variant })
+    Ok(ModelFolder {
+        root,
+        variant: chosen_variant,
+    })
 }
 
 #[cfg(test)]
@@ -157,8 +230,19 @@ mod tests {
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-sdxl");
         let found = resolve(fixtures.to_str().unwrap(), "main", Some("fp16")).unwrap();
         // The fixture has no fp16 files: the plain names are read.
-        assert_eq!(found, ModelFolder { root: fixtures.clone(), variant: None });
-        let err = resolve(fixtures.join("unet").to_str().unwrap(), "main", None).unwrap_err().to_string();
-        assert!(err.contains("--pretrained_model_name_or_path") && err.contains("unet/config.json"), "{err}");
+        assert_eq!(
+            found,
+            ModelFolder {
+                root: fixtures.clone(),
+                variant: None
+            }
+        );
+        let err = resolve(fixtures.join("unet").to_str().unwrap(), "main", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--pretrained_model_name_or_path") && err.contains("unet/config.json"),
+            "{err}"
+        );
     }
 }

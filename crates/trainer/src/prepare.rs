@@ -32,7 +32,12 @@ pub struct TextConditioning {
 
 /// The key of the sample an item gives when its transform does not depend on the step.
 fn fixed_key(seed: u64, item: usize) -> SampleKey {
-    SampleKey { seed, step: 0, slot: 0, item }
+    SampleKey {
+        seed,
+        step: 0,
+        slot: 0,
+        item,
+    }
 }
 
 /// Encodes every distinct prompt of the dataset once.
@@ -42,7 +47,13 @@ fn fixed_key(seed: u64, item: usize) -> SampleKey {
 ///
 /// # Errors
 /// Dataset and text-encoder errors.
-pub fn encode_prompts(encoder: &PromptEncoder, dataset: &Dataset, seed: u64, device: Device, kind: Kind) -> Result<TextConditioning> {
+pub fn encode_prompts(
+    encoder: &PromptEncoder,
+    dataset: &Dataset,
+    seed: u64,
+    device: Device,
+    kind: Kind,
+) -> Result<TextConditioning> {
     let mut rows: BTreeMap<String, i64> = BTreeMap::new();
     let mut prompts = Vec::new();
     let mut prompt_of_item = Vec::with_capacity(dataset.len());
@@ -101,13 +112,28 @@ pub fn encode_latents(
             let pixels = sample.pixels.to_tensor()?.unsqueeze(0).to_device(device);
             let posterior = tch::no_grad(|| vae.encode(&pixels))?;
             Ok(vec![
-                ("mean".to_owned(), posterior.mean.to_kind(Kind::Float).to_device(Device::Cpu)),
-                ("std".to_owned(), posterior.std().to_kind(Kind::Float).to_device(Device::Cpu)),
+                (
+                    "mean".to_owned(),
+                    posterior.mean.to_kind(Kind::Float).to_device(Device::Cpu),
+                ),
+                (
+                    "std".to_owned(),
+                    posterior.std().to_kind(Kind::Float).to_device(Device::Cpu),
+                ),
             ])
         })?;
-        let get = |name: &str| entry.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone());
+        let get = |name: &str| {
+            entry
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.shallow_clone())
+        };
         let (Some(mean), Some(std)) = (get("mean"), get("std")) else {
-            return Err(data::Error::Worker(format!("latent cache entry {} lacks mean or std", key.as_str())).into());
+            return Err(data::Error::Worker(format!(
+                "latent cache entry {} lacks mean or std",
+                key.as_str()
+            ))
+            .into());
         };
         means.push(mean);
         stds.push(std);
@@ -123,5 +149,9 @@ pub fn encode_latents(
 /// SDXL's time ids of a sample as the data crate placed it: its real size, crop corner and target size.
 pub fn time_ids_of(sample: &data::Sample) -> [f64; 6] {
     let to_i64 = |(a, b): (u32, u32)| (i64::from(a), i64::from(b));
-    add_time_ids(to_i64(sample.original_size), to_i64(sample.crop_top_left), to_i64(sample.target_size))
+    add_time_ids(
+        to_i64(sample.original_size),
+        to_i64(sample.crop_top_left),
+        to_i64(sample.target_size),
+    )
 }

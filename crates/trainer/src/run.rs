@@ -15,12 +15,17 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use data::{CaptionSource, Columns, CropMode, Dataset, DatasetConfig, HubDataset, Loader, LoaderConfig, Selection, Source, TensorCache};
+use data::{
+    CaptionSource, Columns, CropMode, Dataset, DatasetConfig, HubDataset, Loader, LoaderConfig,
+    Selection, Source, TensorCache,
+};
 use lora::format::{BlockRenames, Format, TRAINING_CONFIG_KEY, WriteOptions};
 use lora::{Component, LoraConfig, LoraState};
 use optim8bit::{AdamW, AdamWConfig, ParamGroup};
 use sdxl_model::attention::AttentionBackend;
-use sdxl_model::pipeline::{Denoiser, GenerateOptions, decode_images, grid_column, grid_row, save_png};
+use sdxl_model::pipeline::{
+    Denoiser, GenerateOptions, decode_images, grid_column, grid_row, save_png,
+};
 use sdxl_model::prompt::{PromptEmbeds, PromptEncoder, add_time_ids_tensor};
 use sdxl_model::schedulers::SchedulerConfig;
 use sdxl_model::schedulers::{DdpmConfig, DdpmSchedule};
@@ -35,8 +40,12 @@ use crate::logs::plot::loss_curve_png;
 use crate::logs::tensorboard::EventWriter;
 use crate::lr_scheduler::LrSchedule;
 use crate::model_files::{self, ModelFolder};
-use crate::prepare::{CachedLatents, TextConditioning, encode_latents, encode_prompts, time_ids_of};
-use crate::step::{Accumulators, LatentBatch, StepInputs, StepSettings, micro_step, optimizer_step};
+use crate::prepare::{
+    CachedLatents, TextConditioning, encode_latents, encode_prompts, time_ids_of,
+};
+use crate::step::{
+    Accumulators, LatentBatch, StepInputs, StepSettings, micro_step, optimizer_step,
+};
 use crate::{Error, Result};
 use torch_cuda::{CaptureMode, CudaGraph};
 
@@ -77,7 +86,9 @@ struct StepGraphs {
 /// fixed unit of /proc); `None` where neither can be read.
 fn thread_cpu_seconds() -> Option<f64> {
     let schedstat = std::fs::read_to_string("/proc/thread-self/schedstat").ok();
-    if let Some(nanos) = schedstat.as_deref().and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok())
+    if let Some(nanos) = schedstat
+        .as_deref()
+        .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok())
         && nanos > 0.0
     {
         return Some(nanos * 1e-9);
@@ -111,13 +122,25 @@ impl StepProbe {
         let profiler = if record {
             let dir = output_dir.join("profile");
             std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
-            let options = torch_cuda::ProfilerOptions { cuda: device.is_cuda(), shapes: true, memory: true };
+            let options = torch_cuda::ProfilerOptions {
+                cuda: device.is_cuda(),
+                shapes: true,
+                memory: true,
+            };
             let profiler = torch_cuda::Profiler::start(options).map_err(Error::Profile)?;
             Some((profiler, dir.join(format!("step-{step}.json"))))
         } else {
             None
         };
-        Ok(StepProbe { device, step, started: Instant::now(), cpu_started: thread_cpu_seconds(), profiler, launches: Vec::new(), waited: 0.0 })
+        Ok(StepProbe {
+            device,
+            step,
+            started: Instant::now(),
+            cpu_started: thread_cpu_seconds(),
+            profiler,
+            launches: Vec::new(),
+            waited: 0.0,
+        })
     }
 
     fn synchronize(device: Device) {
@@ -129,7 +152,10 @@ impl StepProbe {
     /// Waits for the device, stops the profiler, and describes the step.
     fn end(self, captured: bool) -> Result<String> {
         let enqueued = self.started.elapsed().as_secs_f64() - self.waited;
-        let cpu = self.cpu_started.zip(thread_cpu_seconds()).map(|(a, b)| b - a);
+        let cpu = self
+            .cpu_started
+            .zip(thread_cpu_seconds())
+            .map(|(a, b)| b - a);
         Self::synchronize(self.device);
         let finished = self.started.elapsed().as_secs_f64();
         let mode = if captured { "graph replay" } else { "eager" };
@@ -147,7 +173,11 @@ impl StepProbe {
                 "step {} ({mode}): the host enqueued its work in {:.1} ms ({}); the device finished it {:.1} ms after the start",
                 self.step,
                 enqueued * 1e3,
-                cpu.map_or("its CPU time unknown".to_owned(), |c| format!("{:.1} ms of CPU time, {:.1} % of the step", c * 1e3, 100.0 * c / finished)),
+                cpu.map_or("its CPU time unknown".to_owned(), |c| format!(
+                    "{:.1} ms of CPU time, {:.1} % of the step",
+                    c * 1e3,
+                    100.0 * c / finished
+                )),
                 finished * 1e3,
             )),
             // Graphs: a launch returns only once the device's queue has room for the graph's work, so
@@ -155,7 +185,11 @@ impl StepProbe {
             // therefore launches each graph onto an idle device, which times the host's own work;
             // the device was idle for about that long, so its busy time is the rest.
             None => {
-                let each: Vec<String> = self.launches.iter().map(|s| format!("{:.2}", s * 1e3)).collect();
+                let each: Vec<String> = self
+                    .launches
+                    .iter()
+                    .map(|s| format!("{:.2}", s * 1e3))
+                    .collect();
                 let busy = finished - enqueued;
                 Ok(format!(
                     "step {} ({mode}, each graph launched onto an idle device): the host's own work took {:.1} ms \
@@ -172,7 +206,10 @@ impl StepProbe {
 }
 
 /// Replays a graph; when a probe watches the step, onto an idle device, timing the launch.
-fn timed_launch(probe: &mut Option<StepProbe>, replay: impl FnOnce() -> std::result::Result<(), torch_cuda::Error>) -> Result<()> {
+fn timed_launch(
+    probe: &mut Option<StepProbe>,
+    replay: impl FnOnce() -> std::result::Result<(), torch_cuda::Error>,
+) -> Result<()> {
     if let Some(probe) = probe.as_mut() {
         let waiting = Instant::now();
         StepProbe::synchronize(probe.device);
@@ -250,7 +287,10 @@ pub struct Trainer {
 
 impl std::fmt::Debug for Trainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Trainer").field("output_dir", &self.config.output_dir).field("start_step", &self.start_step).finish()
+        f.debug_struct("Trainer")
+            .field("output_dir", &self.config.output_dir)
+            .field("start_step", &self.start_step)
+            .finish()
     }
 }
 
@@ -292,14 +332,21 @@ const CUBLAS_WORKSPACE_VARIABLE: &str = "CUBLAS_WORKSPACE_CONFIG";
 
 /// `--device`.
 fn pick_device(name: &str) -> Result<Device> {
-    let bad = |problem: String| Error::InvalidOption { option: "--device", problem };
+    let bad = |problem: String| Error::InvalidOption {
+        option: "--device",
+        problem,
+    };
     match name {
         "auto" => Ok(Device::cuda_if_available()),
         "cpu" => Ok(Device::Cpu),
         "cuda" | "cuda:0" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(index)) if (index as i64) < tch::Cuda::device_count() => Ok(Device::Cuda(index)),
-            _ if other.starts_with("cuda") => Err(bad(format!("`{other}`: no such CUDA device here"))),
+            Some(Ok(index)) if (index as i64) < tch::Cuda::device_count() => {
+                Ok(Device::Cuda(index))
+            }
+            _ if other.starts_with("cuda") => {
+                Err(bad(format!("`{other}`: no such CUDA device here")))
+            }
             _ => Err(bad(format!("`{other}` is not auto, cpu, cuda or cuda:N"))),
         },
     }
@@ -308,10 +355,16 @@ fn pick_device(name: &str) -> Result<Device> {
 /// `--dataset_name`: a local folder (parquet files, an imagefolder, or images with `.txt` captions)
 /// or a hub dataset id.
 fn dataset_source(config: &TrainConfig) -> Result<Source> {
-    let columns = Columns { image: config.image_column.clone(), caption: Some(config.caption_column.clone()) };
+    let columns = Columns {
+        image: config.image_column.clone(),
+        caption: Some(config.caption_column.clone()),
+    };
     let path = Path::new(&config.dataset_name);
     if !path.is_dir() {
-        return Ok(Source::Hub(HubDataset { columns, ..HubDataset::new(config.dataset_name.clone()) }));
+        return Ok(Source::Hub(HubDataset {
+            columns,
+            ..HubDataset::new(config.dataset_name.clone())
+        }));
     }
     let mut parquet = Vec::new();
     for folder in [path.to_owned(), path.join("data")] {
@@ -325,11 +378,20 @@ fn dataset_source(config: &TrainConfig) -> Result<Source> {
     }
     parquet.sort();
     Ok(if !parquet.is_empty() {
-        Source::Parquet { files: parquet, columns }
+        Source::Parquet {
+            files: parquet,
+            columns,
+        }
     } else if path.join("metadata.jsonl").is_file() {
-        Source::ImageFolder { root: path.to_owned(), caption_column: Some(config.caption_column.clone()) }
+        Source::ImageFolder {
+            root: path.to_owned(),
+            caption_column: Some(config.caption_column.clone()),
+        }
     } else {
-        Source::CaptionFiles { root: path.to_owned(), read_captions: config.instance_prompt.is_none() }
+        Source::CaptionFiles {
+            root: path.to_owned(),
+            read_captions: config.instance_prompt.is_none(),
+        }
     })
 }
 
@@ -343,7 +405,11 @@ fn open_dataset(config: &TrainConfig) -> Result<Dataset> {
         Some(prompt) => CaptionSource::Instance(prompt.clone()),
         None => CaptionSource::Column,
     };
-    data_config.transform.crop = if config.center_crop { CropMode::Center } else { CropMode::Random };
+    data_config.transform.crop = if config.center_crop {
+        CropMode::Center
+    } else {
+        CropMode::Random
+    };
     data_config.transform.random_flip = config.random_flip;
     Ok(Dataset::open(&dataset_source(config)?, data_config)?)
 }
@@ -351,7 +417,10 @@ fn open_dataset(config: &TrainConfig) -> Result<Dataset> {
 /// Mixes the run's seed and a micro-step index into the generator seed of that micro-step
 /// (SplitMix64's finaliser, so neighbouring steps get unrelated streams).
 fn micro_step_seed(seed: u64, micro_step: u64) -> i64 {
-    let mut z = seed ^ micro_step.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut z = seed
+        ^ micro_step
+            .wrapping_add(1)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     ((z ^ (z >> 31)) >> 1) as i64
@@ -400,14 +469,25 @@ impl Trainer {
         std::fs::create_dir_all(&config.output_dir).map_err(io_error(&config.output_dir))?;
         let store = CheckpointStore::new(&config.output_dir);
         for stale in store.clean_stale()? {
-            log(format!("removed {} left by an interrupted run", stale.display()));
+            log(format!(
+                "removed {} left by an interrupted run",
+                stale.display()
+            ));
         }
         // A run killed between a save and its prune leaves one checkpoint too many.
         if let Some(limit) = config.checkpoints_total_limit {
             store.prune(limit as usize)?;
         }
-        let model = model_files::resolve(&config.pretrained_model_name_or_path, &config.revision, config.variant.as_deref())?;
-        log(format!("model {} (variant {:?}) on {device:?} in {kind:?}", model.root.display(), model.variant));
+        let model = model_files::resolve(
+            &config.pretrained_model_name_or_path,
+            &config.revision,
+            config.variant.as_deref(),
+        )?;
+        log(format!(
+            "model {} (variant {:?}) on {device:?} in {kind:?}",
+            model.root.display(),
+            model.variant
+        ));
 
         // 1. Data.
         let dataset = Arc::new(open_dataset(&config)?);
@@ -420,50 +500,93 @@ impl Trainer {
             loader_config.workers = config.dataloader_num_workers as usize;
         }
         let loader = Loader::new(Arc::clone(&dataset), loader_config)?;
-        log(format!("{} images, {} batches of {} per epoch", dataset.len(), loader.steps_per_epoch(), config.train_batch_size));
+        log(format!(
+            "{} images, {} batches of {} per epoch",
+            dataset.len(),
+            loader.steps_per_epoch(),
+            config.train_batch_size
+        ));
 
         // 2. Text conditioning, then the encoders go.
         let (text, validation) = {
-            let (encoder, _stores) = PromptEncoder::from_pretrained_variant(&model.root, model.variant.as_deref(), device, kind)?;
+            let (encoder, _stores) = PromptEncoder::from_pretrained_variant(
+                &model.root,
+                model.variant.as_deref(),
+                device,
+                kind,
+            )?;
             let text = encode_prompts(&encoder, &dataset, config.seed, device, kind)?;
             let validation = match &config.validation_prompt {
                 Some(prompt) => {
-                    let (positive, negative) = tch::no_grad(|| encoder.encode_with_negative(std::slice::from_ref(prompt), None))?;
-                    Some(Validation { prompt: prompt.clone(), positive, negative })
+                    let (positive, negative) = tch::no_grad(|| {
+                        encoder.encode_with_negative(std::slice::from_ref(prompt), None)
+                    })?;
+                    Some(Validation {
+                        prompt: prompt.clone(),
+                        positive,
+                        negative,
+                    })
                 }
                 None => None,
             };
             (text, validation)
         };
         free_device_cache(device);
-        log(format!("{} distinct prompt(s) encoded; text encoders freed", text.prompts.len()));
+        log(format!(
+            "{} distinct prompt(s) encoded; text encoders freed",
+            text.prompts.len()
+        ));
 
         // 3. Latents (the VAE in fp32, as diffusers' script keeps it), then the VAE goes.
         let vae_folder = model.root.join("vae");
-        let (vae, vae_store) = AutoencoderKL::from_pretrained_variant(&vae_folder, model.variant.as_deref(), device, Kind::Float, Upcast::Always)?;
+        let (vae, vae_store) = AutoencoderKL::from_pretrained_variant(
+            &vae_folder,
+            model.variant.as_deref(),
+            device,
+            Kind::Float,
+            Upcast::Always,
+        )?;
         let vae_config = vae.config().clone();
         let latents = if config.cache_latents {
             let encoder_id = format!("{}|{:?}|fp32", vae_folder.display(), model.variant);
-            let cached = encode_latents(&vae, &encoder_id, &dataset, &TensorCache::in_memory(), config.seed, device)?;
+            let cached = encode_latents(
+                &vae,
+                &encoder_id,
+                &dataset,
+                &TensorCache::in_memory(),
+                config.seed,
+                device,
+            )?;
             drop((vae, vae_store));
             free_device_cache(device);
             log("latents cached; VAE freed");
             Latents::Cached(cached)
         } else {
-            Latents::Fresh { vae: Box::new(vae), _store: vae_store }
+            Latents::Fresh {
+                vae: Box::new(vae),
+                _store: vae_store,
+            }
         };
 
         // 4. UNet, frozen, in the training precision; the LoRA in fp32.
         let unet_config = UNetConfig::from_file(model.root.join("unet").join("config.json"))?;
-        let weights = UNetWeights::Diffusers { folder: model.root.join("unet"), variant: model.variant.clone() };
+        let weights = UNetWeights::Diffusers {
+            folder: model.root.join("unet"),
+            variant: model.variant.clone(),
+        };
         let (mut unet_store, mut unet) = load_unet(&unet_config, &weights, device, kind)?;
         unet_store.freeze();
         if config.fp8_base_weights {
-            log(format!("linear layers: {}", lora::quantize_base_fp8(&mut unet)?));
+            log(format!(
+                "linear layers: {}",
+                lora::quantize_base_fp8(&mut unet)?
+            ));
             log(format!("convolutions: {}", unet.quantize_convs_fp8()?));
             if !config.gradient_checkpointing {
                 // Autograd keeps each layer's widened weight for the backward: the UNet's full-precision size.
-                log("note: fp8 base weights save memory in training only with --gradient_checkpointing");
+                log(
+                    "note: fp8 base weights save memory in training only with --gradient_checkpointing",
+                );
             }
         }
         unet.set_attention_backend(match config.attention {
@@ -481,21 +604,42 @@ impl Trainer {
         lora::set_compute_kind(&mut unet, ADAPTER, (kind != Kind::Float).then_some(kind))?;
         // The products read bf16 copies that are refreshed after each optimizer step; the masters and
         // their gradients stay fp32 (same values as casting in every use, fewer kernels).
-        let copies = if kind == Kind::Float { None } else { lora::ComputeCopies::new(&mut unet, ADAPTER)? };
+        let copies = if kind == Kind::Float {
+            None
+        } else {
+            lora::ComputeCopies::new(&mut unet, ADAPTER)?
+        };
         if let Some(copies) = &copies {
-            log(format!("LoRA computes from {:?} copies in {} groups", copies.kind(), copies.groups()));
+            log(format!(
+                "LoRA computes from {:?} copies in {} groups",
+                copies.kind(),
+                copies.groups()
+            ));
         }
-        let params: Vec<(String, Tensor)> = lora::trainable_variables(&mut unet).into_iter().collect();
+        let params: Vec<(String, Tensor)> =
+            lora::trainable_variables(&mut unet).into_iter().collect();
         let lora_params: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
-        log(format!("LoRA rank {} on {} layers: {lora_params} trainable parameters", config.rank, report.adapted.len()));
+        log(format!(
+            "LoRA rank {} on {} layers: {lora_params} trainable parameters",
+            config.rank,
+            report.adapted.len()
+        ));
 
         // 5. Optimizer, schedules.
-        let mut adam = if config.use_8bit_adam { AdamWConfig::eight_bit() } else { AdamWConfig::fp32() };
+        let mut adam = if config.use_8bit_adam {
+            AdamWConfig::eight_bit()
+        } else {
+            AdamWConfig::fp32()
+        };
         adam.beta1 = config.adam_beta1;
         adam.beta2 = config.adam_beta2;
         adam.eps = config.adam_epsilon;
         let base_lr = config.base_learning_rate();
-        let group = ParamGroup::new(params.iter().map(|(_, p)| p.shallow_clone()).collect(), base_lr, config.adam_weight_decay);
+        let group = ParamGroup::new(
+            params.iter().map(|(_, p)| p.shallow_clone()).collect(),
+            base_lr,
+            config.adam_weight_decay,
+        );
         let optimizer = AdamW::new(vec![group], adam)?;
         let schedule = LrSchedule::from_script_flags(
             config.lr_scheduler,
@@ -506,8 +650,11 @@ impl Trainer {
             config.lr_power,
         )?;
         let scheduler_file = model.root.join("scheduler").join("scheduler_config.json");
-        let mut scheduler_config =
-            if scheduler_file.is_file() { SchedulerConfig::from_file(&scheduler_file)? } else { SchedulerConfig::sdxl() };
+        let mut scheduler_config = if scheduler_file.is_file() {
+            SchedulerConfig::from_file(&scheduler_file)?
+        } else {
+            SchedulerConfig::sdxl()
+        };
         if let Some(prediction) = &config.prediction_type {
             scheduler_config.prediction_type = Some(prediction.clone());
         }
@@ -527,9 +674,17 @@ impl Trainer {
         let estimate = device.is_cuda().then(|| {
             let latent = i64::from(config.resolution) / vae_config.downscale_factor();
             estimate(&EstimateInput {
-                unet_params: unet_store.variables().values().map(|v| v.numel() as i64).sum(),
+                unet_params: unet_store
+                    .variables()
+                    .values()
+                    .map(|v| v.numel() as i64)
+                    .sum(),
                 weight_bytes: if kind == Kind::BFloat16 { 2 } else { 4 },
-                stored_weight_bytes: unet_store.variables().values().map(|v| (v.numel() * v.kind().elt_size_in_bytes()) as i64).sum(),
+                stored_weight_bytes: unet_store
+                    .variables()
+                    .values()
+                    .map(|v| (v.numel() * v.kind().elt_size_in_bytes()) as i64)
+                    .sum(),
                 lora_params,
                 optimizer_state_bytes: optimizer.state_bytes(),
                 batch: i64::from(config.train_batch_size),
@@ -572,7 +727,10 @@ impl Trainer {
         if let Some(arg) = trainer.config.resume_from_checkpoint.clone() {
             match trainer.store.resolve(&arg)? {
                 Some((step, path)) => trainer.restore(step, &path)?,
-                None => log(format!("--resume_from_checkpoint {arg}: no checkpoint in {}; starting fresh", trainer.config.output_dir.display())),
+                None => log(format!(
+                    "--resume_from_checkpoint {arg}: no checkpoint in {}; starting fresh",
+                    trainer.config.output_dir.display()
+                )),
             }
         }
         Ok(trainer)
@@ -596,26 +754,39 @@ impl Trainer {
     fn restore(&mut self, step: u64, path: &Path) -> Result<()> {
         let state_path = path.join(STATE_FILE);
         let text = std::fs::read_to_string(&state_path).map_err(io_error(&state_path))?;
-        let state: TrainerState = serde_json::from_str(&text)
-            .map_err(|e| Error::Checkpoint { path: state_path.clone(), problem: format!("not a trainer state: {e}") })?;
+        let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+            path: state_path.clone(),
+            problem: format!("not a trainer state: {e}"),
+        })?;
         if state.step != step || state.seed != self.config.seed {
             return Err(Error::Checkpoint {
                 path: state_path,
-                problem: format!("records step {} and seed {}, expected step {step} and --seed {}", state.step, state.seed, self.config.seed),
+                problem: format!(
+                    "records step {} and seed {}, expected step {step} and --seed {}",
+                    state.step, state.seed, self.config.seed
+                ),
             });
         }
         let params_path = path.join(PARAMS_FILE);
         let saved = Tensor::read_safetensors(&params_path)?;
         tch::no_grad(|| -> Result<()> {
             for (name, param) in &mut self.params {
-                let value = saved.iter().find(|(n, _)| n == name).map(|(_, t)| t).ok_or_else(|| Error::Checkpoint {
-                    path: params_path.clone(),
-                    problem: format!("has no `{name}` (another --rank or model?)"),
-                })?;
+                let value = saved
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, t)| t)
+                    .ok_or_else(|| Error::Checkpoint {
+                        path: params_path.clone(),
+                        problem: format!("has no `{name}` (another --rank or model?)"),
+                    })?;
                 if value.size() != param.size() {
                     return Err(Error::Checkpoint {
                         path: params_path.clone(),
-                        problem: format!("`{name}` has shape {:?}, the model needs {:?}", value.size(), param.size()),
+                        problem: format!(
+                            "`{name}` has shape {:?}, the model needs {:?}",
+                            value.size(),
+                            param.size()
+                        ),
                     });
                 }
                 param.f_copy_(value)?;
@@ -651,10 +822,13 @@ impl Trainer {
         } else {
             EventWriter::create(&logs)?
         };
-        let progress = indicatif::ProgressBar::new(config.max_train_steps).with_position(self.start_step);
+        let progress =
+            indicatif::ProgressBar::new(config.max_train_steps).with_position(self.start_step);
         progress.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}] {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}] {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         if self.device.is_cuda() {
             torch_cuda::reset_peak_memory_stats(self.device_index());
@@ -665,27 +839,46 @@ impl Trainer {
         // Which items every remaining micro-step trains on, on the device: each micro-step's inputs
         // are then a device-to-device row copy, outside any captured graph.
         if let Latents::Cached(_) = &self.latents {
-            let micro_steps: Vec<u64> = (self.start_step * accumulation..config.max_train_steps * accumulation).collect();
-            self.inputs.set_plan(micro_steps.first().copied().unwrap_or(0), &self.planned_items(&micro_steps))?;
+            let micro_steps: Vec<u64> =
+                (self.start_step * accumulation..config.max_train_steps * accumulation).collect();
+            self.inputs.set_plan(
+                micro_steps.first().copied().unwrap_or(0),
+                &self.planned_items(&micro_steps),
+            )?;
         }
         let mut graphs: Option<StepGraphs> = None;
         for step in self.start_step..config.max_train_steps {
             // `--profile_step N`: step N (0-based N-1) timed, step N+1 recorded by the profiler.
-            let profiling = config.profile_step.and_then(|n| (step + 1).checked_sub(n)).filter(|&k| k <= 1);
+            let profiling = config
+                .profile_step
+                .and_then(|n| (step + 1).checked_sub(n))
+                .filter(|&k| k <= 1);
             let mut probe = match profiling {
-                Some(k) => Some(StepProbe::begin(self.device, k == 1, &config.output_dir, step + 1)?),
+                Some(k) => Some(StepProbe::begin(
+                    self.device,
+                    k == 1,
+                    &config.output_dir,
+                    step + 1,
+                )?),
                 None => None,
             };
             let lr = self.schedule.lr_at(step);
             self.optimizer.set_learning_rate(0, lr)?;
-            if config.cuda_graph && graphs.is_none() && step >= self.start_step + GRAPH_WARMUP_STEPS {
+            if config.cuda_graph && graphs.is_none() && step >= self.start_step + GRAPH_WARMUP_STEPS
+            {
                 graphs = Some(self.capture_graphs()?);
-                log_above(&progress, "captured the micro-step and the optimizer step as CUDA graphs");
+                log_above(
+                    &progress,
+                    "captured the micro-step and the optimizer step as CUDA graphs",
+                );
             }
             for micro in 0..accumulation {
                 let index = step * accumulation + micro;
                 self.prepare_micro_step(index)?;
-                match graphs.as_ref().and_then(|g| g.micro_steps.get(micro as usize)) {
+                match graphs
+                    .as_ref()
+                    .and_then(|g| g.micro_steps.get(micro as usize))
+                {
                     Some(graph) => timed_launch(&mut probe, || graph.replay())?,
                     None => self.micro_step(micro)?,
                 }
@@ -703,7 +896,11 @@ impl Trainer {
                 skipped_total = self.log_window(done, lr, &mut metrics, &mut events, &progress)?;
                 if skipped_total > config.max_nonfinite_steps {
                     progress.abandon();
-                    return Err(Error::TooManyNonFinite { step: done, skipped: skipped_total, limit: config.max_nonfinite_steps });
+                    return Err(Error::TooManyNonFinite {
+                        step: done,
+                        skipped: skipped_total,
+                        limit: config.max_nonfinite_steps,
+                    });
                 }
             }
             if done % config.checkpointing_steps == 0 {
@@ -717,9 +914,15 @@ impl Trainer {
         progress.finish();
         let steps_run = config.max_train_steps.saturating_sub(self.start_step);
         let seconds_per_step = started.elapsed().as_secs_f64() / steps_run.max(1) as f64;
-        let peak_memory_gib = self.device.is_cuda().then(|| torch_cuda::memory_stats(self.device_index())).flatten().map(|s| s.peak_allocated_gib());
+        let peak_memory_gib = self
+            .device
+            .is_cuda()
+            .then(|| torch_cuda::memory_stats(self.device_index()))
+            .flatten()
+            .map(|s| s.peak_allocated_gib());
         events.flush()?;
-        let (lora_file, kohya_file) = self.write_outputs(seconds_per_step, peak_memory_gib, skipped_total)?;
+        let (lora_file, kohya_file) =
+            self.write_outputs(seconds_per_step, peak_memory_gib, skipped_total)?;
         Ok(RunSummary {
             steps_run,
             skipped_steps: skipped_total,
@@ -740,7 +943,17 @@ impl Trainer {
 
     /// The dataset items of each of `micro_steps` (the loader's plan for the seed).
     fn planned_items(&self, micro_steps: &[u64]) -> Vec<Vec<usize>> {
-        micro_steps.iter().map(|&k| self.loader.step_keys(k).1.iter().map(|key| key.item).collect()).collect()
+        micro_steps
+            .iter()
+            .map(|&k| {
+                self.loader
+                    .step_keys(k)
+                    .1
+                    .iter()
+                    .map(|key| key.item)
+                    .collect()
+            })
+            .collect()
     }
 
     /// What a micro-step needs before its device work: the generator re-seeded from
@@ -751,7 +964,8 @@ impl Trainer {
             Latents::Cached(_) => self.inputs.select(index),
             Latents::Fresh { .. } => {
                 let batch = self.loader.batch(index)?;
-                self.inputs.set_items(&batch.samples.iter().map(|s| s.item).collect::<Vec<_>>())?;
+                self.inputs
+                    .set_items(&batch.samples.iter().map(|s| s.item).collect::<Vec<_>>())?;
                 self.fresh_batch = Some(batch);
                 Ok(())
             }
@@ -780,19 +994,45 @@ impl Trainer {
     fn micro_step_work(&mut self) -> Result<()> {
         match &self.latents {
             Latents::Cached(cached) => {
-                let batch = LatentBatch::Cached { mean: &cached.mean, std: &cached.std, time_ids: &cached.time_ids };
-                micro_step(&self.unet, &self.ddpm, &self.text, &batch, &self.inputs, &self.settings, &mut self.acc)
+                let batch = LatentBatch::Cached {
+                    mean: &cached.mean,
+                    std: &cached.std,
+                    time_ids: &cached.time_ids,
+                };
+                micro_step(
+                    &self.unet,
+                    &self.ddpm,
+                    &self.text,
+                    &batch,
+                    &self.inputs,
+                    &self.settings,
+                    &mut self.acc,
+                )
             }
             Latents::Fresh { vae, .. } => {
                 let Some(batch) = self.fresh_batch.take() else {
-                    return Err(Error::InvalidOption { option: "--cache_latents", problem: "no batch was loaded for this micro-step".into() });
+                    return Err(Error::InvalidOption {
+                        option: "--cache_latents",
+                        problem: "no batch was loaded for this micro-step".into(),
+                    });
                 };
                 let pixels = batch.pixels.to_device(self.device);
                 let latents = tch::no_grad(|| vae.encode(&pixels))?.sample();
                 let rows: Vec<[f64; 6]> = batch.samples.iter().map(time_ids_of).collect();
                 let time_ids = add_time_ids_tensor(&rows, Kind::Float, self.device);
-                let fresh = LatentBatch::Fresh { latents: &latents, time_ids: &time_ids };
-                micro_step(&self.unet, &self.ddpm, &self.text, &fresh, &self.inputs, &self.settings, &mut self.acc)
+                let fresh = LatentBatch::Fresh {
+                    latents: &latents,
+                    time_ids: &time_ids,
+                };
+                micro_step(
+                    &self.unet,
+                    &self.ddpm,
+                    &self.text,
+                    &fresh,
+                    &self.inputs,
+                    &self.settings,
+                    &mut self.acc,
+                )
             }
         }
     }
@@ -806,7 +1046,13 @@ impl Trainer {
     fn optimizer_step(&mut self, zero_grads: bool) -> Result<()> {
         let params = self.param_tensors();
         // With copies the first micro-step overwrites the gradients: nothing to zero.
-        optimizer_step(&mut self.optimizer, &params, &self.settings, &mut self.acc, zero_grads && self.copies.is_none())?;
+        optimizer_step(
+            &mut self.optimizer,
+            &params,
+            &self.settings,
+            &mut self.acc,
+            zero_grads && self.copies.is_none(),
+        )?;
         if let Some(copies) = &self.copies {
             copies.refresh()?;
         }
@@ -830,14 +1076,23 @@ impl Trainer {
         for micro in 0..u64::from(self.config.gradient_accumulation_steps) {
             // All graphs share the first one's memory pool (they replay in capture order).
             let (graph, recorded) =
-                CudaGraph::capture(device, micro_steps.first(), CaptureMode::Global, || self.micro_step(micro)).map_err(Error::CudaGraph)?;
+                CudaGraph::capture(device, micro_steps.first(), CaptureMode::Global, || {
+                    self.micro_step(micro)
+                })
+                .map_err(Error::CudaGraph)?;
             recorded?;
             micro_steps.push(graph);
         }
         let (optimizer_step, recorded) =
-            CudaGraph::capture(device, micro_steps.first(), CaptureMode::Global, || self.optimizer_step(false)).map_err(Error::CudaGraph)?;
+            CudaGraph::capture(device, micro_steps.first(), CaptureMode::Global, || {
+                self.optimizer_step(false)
+            })
+            .map_err(Error::CudaGraph)?;
         recorded?;
-        Ok(StepGraphs { micro_steps, optimizer_step })
+        Ok(StepGraphs {
+            micro_steps,
+            optimizer_step,
+        })
     }
 
     /// Reads the device-side window sums (the only host synchronisation of the loop), logs them and
@@ -857,7 +1112,11 @@ impl Trainer {
         let _ = self.acc.window_loss.zero_();
         let _ = self.acc.window_steps.zero_();
         let loss = (window_steps > 0.0).then(|| window_loss / window_steps);
-        let memory = self.device.is_cuda().then(|| torch_cuda::memory_stats(self.device_index())).flatten();
+        let memory = self
+            .device
+            .is_cuda()
+            .then(|| torch_cuda::memory_stats(self.device_index()))
+            .flatten();
         if let Some(loss) = loss {
             self.loss_history.push((step, loss));
             events.add_scalar("train/loss", step as i64, loss as f32)?;
@@ -876,8 +1135,17 @@ impl Trainer {
         });
         metrics.write(&record)?;
         let loss_text = loss.map_or_else(|| "n/a".to_owned(), |l| format!("{l:.4}"));
-        let memory_text = memory.map_or_else(String::new, |m| format!(" mem {:.2} GiB", m.peak_allocated_gib()));
-        progress.set_message(format!("loss {loss_text} lr {lr:.2e}{memory_text}{}", if skipped > 0 { format!(" skipped {skipped}") } else { String::new() }));
+        let memory_text = memory.map_or_else(String::new, |m| {
+            format!(" mem {:.2} GiB", m.peak_allocated_gib())
+        });
+        progress.set_message(format!(
+            "loss {loss_text} lr {lr:.2e}{memory_text}{}",
+            if skipped > 0 {
+                format!(" skipped {skipped}")
+            } else {
+                String::new()
+            }
+        ));
         Ok(skipped)
     }
 
@@ -885,7 +1153,10 @@ impl Trainer {
     fn check_finite(&self, what: &str) -> Result<()> {
         for (name, param) in &self.params {
             if !bool::try_from(param.isfinite().all())? {
-                return Err(Error::NonFiniteLora { what: what.to_owned(), parameter: name.clone() });
+                return Err(Error::NonFiniteLora {
+                    what: what.to_owned(),
+                    parameter: name.clone(),
+                });
             }
         }
         Ok(())
@@ -903,7 +1174,8 @@ impl Trainer {
             step,
             micro_steps: step * u64::from(self.config.gradient_accumulation_steps),
             seed: self.config.seed,
-            rng: "libtorch's generator re-seeded from (seed, micro-step) before every micro-step".into(),
+            rng: "libtorch's generator re-seeded from (seed, micro-step) before every micro-step"
+                .into(),
             next_learning_rate: self.schedule.lr_at(step),
             skipped_steps: self.acc.skipped.double_value(&[]),
             window_loss: self.acc.window_loss.double_value(&[]),
@@ -912,14 +1184,33 @@ impl Trainer {
         };
         let lora = self.lora_state()?;
         let config_toml = self.config.to_toml()?;
-        let named: Vec<(&str, Tensor)> = self.params.iter().map(|(n, p)| (n.as_str(), p.detach().to_device(Device::Cpu))).collect();
+        let named: Vec<(&str, Tensor)> = self
+            .params
+            .iter()
+            .map(|(n, p)| (n.as_str(), p.detach().to_device(Device::Cpu)))
+            .collect();
         let optimizer = &self.optimizer;
         let path = self.store.save(step, |dir| -> Result<()> {
-            let write = |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).map_err(io_error(&dir.join(name)));
+            let write = |name: &str, bytes: &[u8]| {
+                std::fs::write(dir.join(name), bytes).map_err(io_error(&dir.join(name)))
+            };
             Tensor::write_safetensors(&named, dir.join(PARAMS_FILE))?;
             optimizer.save(dir.join(OPTIMIZER_FILE))?;
-            lora::format::write(dir.join(LORA_FILE), &lora, Format::Diffusers, &WriteOptions::default())?;
-            write(STATE_FILE, serde_json::to_string_pretty(&state).map_err(|e| Error::Checkpoint { path: dir.join(STATE_FILE), problem: e.to_string() })?.as_bytes())?;
+            lora::format::write(
+                dir.join(LORA_FILE),
+                &lora,
+                Format::Diffusers,
+                &WriteOptions::default(),
+            )?;
+            write(
+                STATE_FILE,
+                serde_json::to_string_pretty(&state)
+                    .map_err(|e| Error::Checkpoint {
+                        path: dir.join(STATE_FILE),
+                        problem: e.to_string(),
+                    })?
+                    .as_bytes(),
+            )?;
             write(CONFIG_FILE, config_toml.as_bytes())?;
             if let Ok(delay) = std::env::var("TRAINER_TEST_SLOW_CHECKPOINT_MS") {
                 // Fault-injection hook for the crash tests: widens the window in which a kill lands
@@ -930,7 +1221,9 @@ impl Trainer {
         })?;
         if let Some(limit) = self.config.checkpoints_total_limit {
             for removed in self.store.prune(limit as usize)? {
-                log(format!("removed checkpoint-{removed} (--checkpoints_total_limit {limit})"));
+                log(format!(
+                    "removed checkpoint-{removed} (--checkpoints_total_limit {limit})"
+                ));
             }
         }
         Ok(path)
@@ -977,7 +1270,9 @@ impl Trainer {
             seed,
             ..GenerateOptions::default()
         };
-        Ok(tch::no_grad(|| denoiser.denoise(&validation.positive, &validation.negative, &options))?)
+        Ok(tch::no_grad(|| {
+            denoiser.denoise(&validation.positive, &validation.negative, &options)
+        })?)
     }
 
     /// Decodes each batch of latents into one row of images, loading the VAE once for all of them.
@@ -987,7 +1282,9 @@ impl Trainer {
                 .iter()
                 .map(|latents| {
                     let images = decode_images(vae, latents)?;
-                    let row = (0..images.len()).map(|i| images.to_rgb(i)).collect::<sdxl_model::Result<Vec<_>>>()?;
+                    let row = (0..images.len())
+                        .map(|i| images.to_rgb(i))
+                        .collect::<sdxl_model::Result<Vec<_>>>()?;
                     Ok(grid_row(&row)?)
                 })
                 .collect()
@@ -995,7 +1292,9 @@ impl Trainer {
     }
 
     fn validate(&mut self, step: u64) -> Result<()> {
-        let Some(validation) = &self.validation else { return Ok(()) };
+        let Some(validation) = &self.validation else {
+            return Ok(());
+        };
         let latents = self.validation_latents(validation, self.config.seed)?;
         let rows = self.decode_rows(std::slice::from_ref(&latents))?;
         let folder = self.config.output_dir.join("validation");
@@ -1007,30 +1306,60 @@ impl Trainer {
         Ok(())
     }
 
-    fn write_outputs(&mut self, seconds_per_step: f64, peak_memory_gib: Option<f64>, skipped: u64) -> Result<(PathBuf, PathBuf)> {
+    fn write_outputs(
+        &mut self,
+        seconds_per_step: f64,
+        peak_memory_gib: Option<f64>,
+        skipped: u64,
+    ) -> Result<(PathBuf, PathBuf)> {
         self.check_finite("the final LoRA")?;
         let out = self.config.output_dir.clone();
         let lora = self.lora_state()?;
         // The metadata key lora files share for the training config holds JSON.
-        let config_json = serde_json::to_string(&self.config)
-            .map_err(|e| Error::Checkpoint { path: out.join(LORA_FILE), problem: format!("config as JSON: {e}") })?;
+        let config_json = serde_json::to_string(&self.config).map_err(|e| Error::Checkpoint {
+            path: out.join(LORA_FILE),
+            problem: format!("config as JSON: {e}"),
+        })?;
         let mut options = WriteOptions::default();
-        options.extra_metadata.insert(TRAINING_CONFIG_KEY.to_owned(), config_json);
+        options
+            .extra_metadata
+            .insert(TRAINING_CONFIG_KEY.to_owned(), config_json);
         let lora_file = out.join(LORA_FILE);
         lora::format::write(&lora_file, &lora, Format::Diffusers, &options)?;
         // kohya names with SGM block names: what A1111 and ComfyUI load.
         let renames = BlockRenames::new(sgm_unet_table(self.unet.config()));
-        let mut kohya_options = WriteOptions { block_renames: Some(&renames), ..WriteOptions::default() };
+        let mut kohya_options = WriteOptions {
+            block_renames: Some(&renames),
+            ..WriteOptions::default()
+        };
         for (key, value) in [
             ("ss_network_module", "networks.lora".to_owned()),
             ("ss_network_dim", self.config.rank.to_string()),
-            ("ss_network_alpha", self.config.lora_alpha.unwrap_or(f64::from(self.config.rank)).to_string()),
+            (
+                "ss_network_alpha",
+                self.config
+                    .lora_alpha
+                    .unwrap_or(f64::from(self.config.rank))
+                    .to_string(),
+            ),
             ("ss_base_model_version", "sdxl_base_v1-0".to_owned()),
-            ("ss_resolution", format!("({0}, {0})", self.config.resolution)),
-            ("ss_max_train_steps", self.config.max_train_steps.to_string()),
+            (
+                "ss_resolution",
+                format!("({0}, {0})", self.config.resolution),
+            ),
+            (
+                "ss_max_train_steps",
+                self.config.max_train_steps.to_string(),
+            ),
             ("ss_learning_rate", self.config.learning_rate.to_string()),
             ("ss_seed", self.config.seed.to_string()),
-            ("ss_training_comment", format!("trained with sdxl-lora from {}", self.config.pretrained_model_name_or_path)),
+            (
+                "ss_training_comment",
+                format!(
+                    "trained with sdxl-lora from {}",
+                    self.config.pretrained_model_name_or_path
+                ),
+            ),
         ] {
             kohya_options.extra_metadata.insert(key.to_owned(), value);
         }
@@ -1050,7 +1379,9 @@ impl Trainer {
 
     /// The base model's images (LoRA off) above the fine-tuned ones, same seeds and prompt.
     fn compare(&mut self) -> Result<Option<image::RgbImage>> {
-        let Some(validation) = self.validation.take() else { return Ok(None) };
+        let Some(validation) = self.validation.take() else {
+            return Ok(None);
+        };
         let result = (|| -> Result<image::RgbImage> {
             lora::set_enabled(&mut self.unet, ADAPTER, false)?;
             let base = self.validation_latents(&validation, self.config.seed);
@@ -1062,7 +1393,13 @@ impl Trainer {
         result.map(Some)
     }
 
-    fn write_model_card(&self, seconds_per_step: f64, peak_memory_gib: Option<f64>, skipped: u64, has_grid: bool) -> Result<()> {
+    fn write_model_card(
+        &self,
+        seconds_per_step: f64,
+        peak_memory_gib: Option<f64>,
+        skipped: u64,
+        has_grid: bool,
+    ) -> Result<()> {
         let out = &self.config.output_dir;
         let final_loss = self.loss_history.last().map(|(_, l)| *l);
         let card = serde_json::json!({
@@ -1077,9 +1414,16 @@ impl Trainer {
             "peak_memory_gib": peak_memory_gib,
             "config": self.config,
         });
-        let json = serde_json::to_string_pretty(&card).map_err(|e| Error::Checkpoint { path: out.join("model_card.json"), problem: e.to_string() })?;
+        let json = serde_json::to_string_pretty(&card).map_err(|e| Error::Checkpoint {
+            path: out.join("model_card.json"),
+            problem: e.to_string(),
+        })?;
         write_atomic(&out.join("model_card.json"), json.as_bytes())?;
-        let prompt = self.config.instance_prompt.as_deref().unwrap_or("(dataset captions)");
+        let prompt = self
+            .config
+            .instance_prompt
+            .as_deref()
+            .unwrap_or("(dataset captions)");
         let markdown = format!(
             "---\nbase_model: {base}\nlibrary_name: diffusers\ntags:\n- stable-diffusion-xl\n- lora\n- text-to-image\ninstance_prompt: {prompt}\n---\n\n\
              # SDXL LoRA\n\nLoRA (rank {rank}) for `{base}` trained on `{data}` for {steps} steps at {res} px \
@@ -1097,13 +1441,20 @@ impl Trainer {
             batch = self.config.train_batch_size,
             accum = self.config.gradient_accumulation_steps,
             lr = self.config.learning_rate,
-            opt = if self.config.use_8bit_adam { "8-bit AdamW" } else { "AdamW" },
+            opt = if self.config.use_8bit_adam {
+                "8-bit AdamW"
+            } else {
+                "AdamW"
+            },
             out = out.display(),
             loss = final_loss.map_or_else(|| "n/a".into(), |l| format!("{l:.4}")),
-            grid = if has_grid { "\n![base (top) vs LoRA (bottom)](base_vs_lora.png)\n" } else { "" },
+            grid = if has_grid {
+                "\n![base (top) vs LoRA (bottom)](base_vs_lora.png)\n"
+            } else {
+                ""
+            },
             config = self.config.to_toml()?,
         );
         write_atomic(&out.join("README.md"), markdown.as_bytes())
     }
 }
-

@@ -19,8 +19,8 @@ use optim8bit::{AdamW, clip_grad_norm};
 use sdxl_model::schedulers::DdpmSchedule;
 use sdxl_model::unet::{UNet2DConditionModel, UNetInputs};
 
-use crate::prepare::TextConditioning;
 use crate::Result;
+use crate::prepare::TextConditioning;
 
 /// Where a micro-step's clean latents come from.
 #[derive(Debug)]
@@ -55,7 +55,10 @@ pub struct StepInputs {
 impl StepInputs {
     /// Inputs for batches of `batch` on `device`.
     pub fn new(batch: i64, device: Device) -> Self {
-        Self { items: Tensor::zeros([batch], (Kind::Int64, device)), plan: None }
+        Self {
+            items: Tensor::zeros([batch], (Kind::Int64, device)),
+            plan: None,
+        }
     }
 
     /// Uploads the items of the micro-steps `first, first + 1, …` (one row each) in one copy.
@@ -65,7 +68,9 @@ impl StepInputs {
     pub fn set_plan(&mut self, first: u64, rows: &[Vec<usize>]) -> Result<()> {
         let batch = self.items.size()[0];
         let flat: Vec<i64> = rows.iter().flatten().map(|&i| i as i64).collect();
-        let plan = Tensor::f_from_slice(&flat)?.f_view([rows.len() as i64, batch])?.f_to_device(self.items.device())?;
+        let plan = Tensor::f_from_slice(&flat)?
+            .f_view([rows.len() as i64, batch])?
+            .f_to_device(self.items.device())?;
         self.plan = Some((first, plan));
         Ok(())
     }
@@ -75,9 +80,15 @@ impl StepInputs {
     /// # Errors
     /// [`crate::Error::InvalidOption`] when `index` is outside the plan; libtorch errors.
     pub fn select(&mut self, index: u64) -> Result<()> {
-        let outside = || crate::Error::InvalidOption { option: "--max_train_steps", problem: format!("micro-step {index} is outside the batch plan") };
+        let outside = || crate::Error::InvalidOption {
+            option: "--max_train_steps",
+            problem: format!("micro-step {index} is outside the batch plan"),
+        };
         let (first, plan) = self.plan.as_ref().ok_or_else(outside)?;
-        let row = index.checked_sub(*first).filter(|&r| (r as i64) < plan.size()[0]).ok_or_else(outside)?;
+        let row = index
+            .checked_sub(*first)
+            .filter(|&r| (r as i64) < plan.size()[0])
+            .ok_or_else(outside)?;
         self.items.f_copy_(&plan.f_get(row as i64)?)?;
         Ok(())
     }
@@ -133,7 +144,13 @@ impl Accumulators {
     /// Zeros on `device` (fp64 sums so long windows lose nothing).
     pub fn new(device: Device) -> Self {
         let zero = || Tensor::zeros([], (Kind::Double, device));
-        Self { step_loss: zero(), window_loss: zero(), window_steps: zero(), skipped: zero(), grad_norm: zero() }
+        Self {
+            step_loss: zero(),
+            window_loss: zero(),
+            window_steps: zero(),
+            skipped: zero(),
+            grad_norm: zero(),
+        }
     }
 }
 
@@ -153,12 +170,21 @@ pub fn micro_step(
 ) -> Result<()> {
     // 1. Clean latents: a posterior sample, scaled as the UNet was trained on.
     let (clean, time_ids) = match latents {
-        LatentBatch::Cached { mean, std, time_ids } => {
+        LatentBatch::Cached {
+            mean,
+            std,
+            time_ids,
+        } => {
             let mean = mean.index_select(0, &inputs.items);
             let std = std.index_select(0, &inputs.items);
-            (&mean + std * mean.randn_like(), time_ids.index_select(0, &inputs.items))
+            (
+                &mean + std * mean.randn_like(),
+                time_ids.index_select(0, &inputs.items),
+            )
         }
-        LatentBatch::Fresh { latents, time_ids } => (latents.to_kind(Kind::Float), time_ids.shallow_clone()),
+        LatentBatch::Fresh { latents, time_ids } => {
+            (latents.to_kind(Kind::Float), time_ids.shallow_clone())
+        }
     };
     let clean = ((clean - settings.shift_factor) * settings.scaling_factor).to_kind(settings.kind);
     // 2. Noise, offset noise, timesteps, noisy latents.
@@ -169,7 +195,11 @@ pub fn micro_step(
         noise += offset * settings.noise_offset;
     }
     let batch = clean.size()[0];
-    let timesteps = Tensor::randint(schedule.num_train_timesteps() as i64, [batch], (Kind::Int64, clean.device()));
+    let timesteps = Tensor::randint(
+        schedule.num_train_timesteps() as i64,
+        [batch],
+        (Kind::Int64, clean.device()),
+    );
     let noisy = schedule.add_noise(&clean, &noise, &timesteps)?;
     // 3. Conditioning rows of this batch's prompts.
     let rows = text.prompt_of_item.index_select(0, &inputs.items);
@@ -183,7 +213,9 @@ pub fn micro_step(
         text_embeds: Some(&pooled),
         time_ids: Some(&time_ids),
     };
-    let target = schedule.target(&clean, &noise, &timesteps)?.to_kind(Kind::Float);
+    let target = schedule
+        .target(&clean, &noise, &timesteps)?
+        .to_kind(Kind::Float);
     let loss_of = |prediction: &Tensor| -> Result<Tensor> {
         let squared = (prediction.to_kind(Kind::Float) - &target).square();
         Ok(match settings.snr_gamma {
@@ -210,7 +242,9 @@ pub fn micro_step(
         loss
     };
     tch::no_grad(|| {
-        let _ = acc.step_loss.g_add_(&(loss.detach().to_kind(Kind::Double) / settings.accumulation as f64));
+        let _ = acc
+            .step_loss
+            .g_add_(&(loss.detach().to_kind(Kind::Double) / settings.accumulation as f64));
     });
     Ok(())
 }
@@ -237,7 +271,10 @@ pub fn optimizer_step(
         let _ = acc.skipped.g_add_(&applied.neg().g_add_scalar(1.0));
         let _ = acc.window_steps.g_add_(&applied);
         // where(), not multiplication: 0 · NaN would poison the window.
-        let _ = acc.window_loss.g_add_(&acc.step_loss.where_self(&finite, &acc.step_loss.zeros_like()));
+        let _ = acc.window_loss.g_add_(
+            &acc.step_loss
+                .where_self(&finite, &acc.step_loss.zeros_like()),
+        );
         acc.grad_norm.copy_(&norm.to_kind(Kind::Double));
         let _ = acc.step_loss.zero_();
         Ok(())
@@ -255,7 +292,11 @@ mod tests {
 
     fn setup() -> (Tensor, AdamW, StepSettings, Accumulators) {
         let param = Tensor::from_slice(&[0.5f32, -0.25, 1.0]).set_requires_grad(true);
-        let optimizer = AdamW::new(vec![ParamGroup::new(vec![param.shallow_clone()], 0.1, 0.0)], AdamWConfig::fp32()).unwrap();
+        let optimizer = AdamW::new(
+            vec![ParamGroup::new(vec![param.shallow_clone()], 0.1, 0.0)],
+            AdamWConfig::fp32(),
+        )
+        .unwrap();
         let settings = StepSettings {
             kind: Kind::Float,
             scaling_factor: 1.0,
@@ -279,19 +320,52 @@ mod tests {
         let before = param.detach().copy();
         backward(&param, 1.0);
         let _ = acc.step_loss.fill_(f64::NAN);
-        optimizer_step(&mut optimizer, &[param.shallow_clone()], &settings, &mut acc, true).unwrap();
-        assert!(param.detach().equal(&before), "a skipped step moved the parameters");
+        optimizer_step(
+            &mut optimizer,
+            &[param.shallow_clone()],
+            &settings,
+            &mut acc,
+            true,
+        )
+        .unwrap();
+        assert!(
+            param.detach().equal(&before),
+            "a skipped step moved the parameters"
+        );
         assert_eq!(acc.skipped.double_value(&[]), 1.0);
-        assert_eq!((acc.window_loss.double_value(&[]), acc.window_steps.double_value(&[])), (0.0, 0.0));
-        assert_eq!(param.grad().abs().sum(Kind::Float).double_value(&[]), 0.0, "gradients are zeroed after a skip too");
+        assert_eq!(
+            (
+                acc.window_loss.double_value(&[]),
+                acc.window_steps.double_value(&[])
+            ),
+            (0.0, 0.0)
+        );
+        assert_eq!(
+            param.grad().abs().sum(Kind::Float).double_value(&[]),
+            0.0,
+            "gradients are zeroed after a skip too"
+        );
 
         // A finite step afterwards applies and enters the window.
         backward(&param, 1.0);
         let _ = acc.step_loss.fill_(0.75);
-        optimizer_step(&mut optimizer, &[param.shallow_clone()], &settings, &mut acc, true).unwrap();
+        optimizer_step(
+            &mut optimizer,
+            &[param.shallow_clone()],
+            &settings,
+            &mut acc,
+            true,
+        )
+        .unwrap();
         assert!(!param.detach().equal(&before));
         assert_eq!(acc.skipped.double_value(&[]), 1.0);
-        assert_eq!((acc.window_loss.double_value(&[]), acc.window_steps.double_value(&[])), (0.75, 1.0));
+        assert_eq!(
+            (
+                acc.window_loss.double_value(&[]),
+                acc.window_steps.double_value(&[])
+            ),
+            (0.75, 1.0)
+        );
         assert_eq!(acc.step_loss.double_value(&[]), 0.0);
     }
 
@@ -300,13 +374,27 @@ mod tests {
         let (param, mut optimizer, settings, mut acc) = setup();
         let before = param.detach().copy();
         backward(&param, f64::INFINITY);
-        optimizer_step(&mut optimizer, &[param.shallow_clone()], &settings, &mut acc, true).unwrap();
+        optimizer_step(
+            &mut optimizer,
+            &[param.shallow_clone()],
+            &settings,
+            &mut acc,
+            true,
+        )
+        .unwrap();
         assert!(param.detach().equal(&before));
         assert_eq!(acc.skipped.double_value(&[]), 1.0);
         assert!(acc.grad_norm.double_value(&[]).is_infinite());
 
         backward(&param, 4.0); // norm 4·√3 > 1: clipped, applied
-        optimizer_step(&mut optimizer, &[param.shallow_clone()], &settings, &mut acc, true).unwrap();
+        optimizer_step(
+            &mut optimizer,
+            &[param.shallow_clone()],
+            &settings,
+            &mut acc,
+            true,
+        )
+        .unwrap();
         assert!((acc.grad_norm.double_value(&[]) - 4.0 * 3f64.sqrt()).abs() < 1e-5);
         assert!(!param.detach().equal(&before));
     }

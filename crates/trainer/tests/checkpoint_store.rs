@@ -22,7 +22,10 @@ impl Scratch {
     fn new(name: &str) -> Self {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("trainer-checkpoints-{}-{name}-{n}", std::process::id()));
+        let path = std::env::temp_dir().join(format!(
+            "trainer-checkpoints-{}-{name}-{n}",
+            std::process::id()
+        ));
         let _ = fs::remove_dir_all(&path);
         fs::create_dir_all(&path).unwrap();
         Self(path)
@@ -37,19 +40,30 @@ impl Drop for Scratch {
 
 /// The names in a folder, sorted.
 fn names(folder: &Path) -> Vec<String> {
-    let mut names: Vec<String> =
-        fs::read_dir(folder).unwrap().map(|entry| entry.unwrap().file_name().into_string().unwrap()).collect();
+    let mut names: Vec<String> = fs::read_dir(folder)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
     names.sort();
     names
 }
 
 fn steps(store: &CheckpointStore) -> Vec<u64> {
-    store.list().unwrap().into_iter().map(|(step, _)| step).collect()
+    store
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|(step, _)| step)
+        .collect()
 }
 
 /// Saves a checkpoint holding one file, `value.txt`.
 fn save_value(store: &CheckpointStore, step: u64, value: &str) -> PathBuf {
-    store.save(step, |folder| write_atomic(&folder.join("value.txt"), value.as_bytes())).unwrap()
+    store
+        .save(step, |folder| {
+            write_atomic(&folder.join("value.txt"), value.as_bytes())
+        })
+        .unwrap()
 }
 
 #[test]
@@ -65,13 +79,25 @@ fn saved_checkpoints_are_listed_by_step_under_their_final_name() {
         assert_eq!(path, store.checkpoint_path(step));
     }
     let listed = store.list().unwrap();
-    assert_eq!(listed.iter().map(|(step, _)| *step).collect::<Vec<_>>(), [5, 20, 100]);
+    assert_eq!(
+        listed.iter().map(|(step, _)| *step).collect::<Vec<_>>(),
+        [5, 20, 100]
+    );
     for (step, path) in &listed {
-        assert_eq!(fs::read_to_string(path.join("value.txt")).unwrap(), format!("step {step}"));
+        assert_eq!(
+            fs::read_to_string(path.join("value.txt")).unwrap(),
+            format!("step {step}")
+        );
         assert_eq!(names(path), ["value.txt"], "no temporary file left inside");
     }
-    assert_eq!(store.latest().unwrap(), Some((100, output_dir.join("checkpoint-100"))));
-    assert_eq!(names(&output_dir), ["checkpoint-100", "checkpoint-20", "checkpoint-5"]);
+    assert_eq!(
+        store.latest().unwrap(),
+        Some((100, output_dir.join("checkpoint-100")))
+    );
+    assert_eq!(
+        names(&output_dir),
+        ["checkpoint-100", "checkpoint-20", "checkpoint-5"]
+    );
 }
 
 #[test]
@@ -98,7 +124,10 @@ fn names_that_only_look_like_checkpoints_are_ignored() {
 
     assert_eq!(steps(&store), [2]);
     assert_eq!(store.latest().unwrap().map(|(step, _)| step), Some(2));
-    assert_eq!(store.resolve("latest").unwrap().map(|(step, _)| step), Some(2));
+    assert_eq!(
+        store.resolve("latest").unwrap().map(|(step, _)| step),
+        Some(2)
+    );
 }
 
 #[derive(Debug)]
@@ -124,8 +153,16 @@ fn saving_a_step_again_replaces_the_old_checkpoint_whole() {
     let path = save_value(&store, 10, "new");
     assert_eq!(steps(&store), [10, 11]);
     assert_eq!(fs::read_to_string(path.join("value.txt")).unwrap(), "new");
-    assert_eq!(names(&path), ["value.txt"], "nothing of the old checkpoint is kept");
-    assert_eq!(names(&scratch.0), ["checkpoint-10", "checkpoint-11"], "no temporary or trash folder is left");
+    assert_eq!(
+        names(&path),
+        ["value.txt"],
+        "nothing of the old checkpoint is kept"
+    );
+    assert_eq!(
+        names(&scratch.0),
+        ["checkpoint-10", "checkpoint-11"],
+        "no temporary or trash folder is left"
+    );
 }
 
 #[test]
@@ -139,10 +176,16 @@ fn a_failed_write_leaves_no_trace_and_keeps_the_existing_checkpoint() {
             fs::write(folder.join("half.bin"), [0u8; 1000]).unwrap();
             Err(WriterError::Refused("the model could not be serialised"))
         });
-        assert!(matches!(result, Err(WriterError::Refused(reason)) if reason.contains("serialised")), "{result:?}");
+        assert!(
+            matches!(result, Err(WriterError::Refused(reason)) if reason.contains("serialised")),
+            "{result:?}"
+        );
     }
     assert_eq!(names(&scratch.0), ["checkpoint-3"]);
-    assert_eq!(fs::read_to_string(store.checkpoint_path(3).join("value.txt")).unwrap(), "kept");
+    assert_eq!(
+        fs::read_to_string(store.checkpoint_path(3).join("value.txt")).unwrap(),
+        "kept"
+    );
 }
 
 #[test]
@@ -152,8 +195,17 @@ fn a_file_in_the_way_of_a_checkpoint_is_an_error_naming_it() {
     fs::write(scratch.0.join("checkpoint-8"), b"not a folder").unwrap();
     let error = store.save(8, |_| Ok::<(), Error>(())).unwrap_err();
     assert!(matches!(error, Error::Checkpoint { .. }), "{error:?}");
-    assert!(error.to_string().contains(&format!("{}", scratch.0.join("checkpoint-8").display())), "{error}");
-    assert_eq!(names(&scratch.0), ["checkpoint-8"], "the temporary folder is removed");
+    assert!(
+        error
+            .to_string()
+            .contains(&format!("{}", scratch.0.join("checkpoint-8").display())),
+        "{error}"
+    );
+    assert_eq!(
+        names(&scratch.0),
+        ["checkpoint-8"],
+        "the temporary folder is removed"
+    );
 
     let output_dir_is_a_file = CheckpointStore::new(scratch.0.join("checkpoint-8"));
     let error = output_dir_is_a_file.list().unwrap_err();
@@ -166,17 +218,40 @@ fn resume_from_checkpoint_takes_latest_or_a_checkpoint_folder() {
     let scratch = Scratch::new("resolve");
     let output_dir = scratch.0.join("run");
     let store = CheckpointStore::new(&output_dir);
-    assert_eq!(store.resolve("latest").unwrap(), None, "no output folder yet: start fresh");
+    assert_eq!(
+        store.resolve("latest").unwrap(),
+        None,
+        "no output folder yet: start fresh"
+    );
     fs::create_dir(&output_dir).unwrap();
-    assert_eq!(store.resolve("latest").unwrap(), None, "no checkpoint yet: start fresh");
+    assert_eq!(
+        store.resolve("latest").unwrap(),
+        None,
+        "no checkpoint yet: start fresh"
+    );
 
     let five = save_value(&store, 5, "five");
     save_value(&store, 50, "fifty");
-    assert_eq!(store.resolve("latest").unwrap(), Some((50, output_dir.join("checkpoint-50"))));
-    assert_eq!(store.resolve(five.to_str().unwrap()).unwrap(), Some((5, five.clone())));
-    assert_eq!(store.resolve(&format!("{}/", five.display())).unwrap().map(|(step, _)| step), Some(5));
+    assert_eq!(
+        store.resolve("latest").unwrap(),
+        Some((50, output_dir.join("checkpoint-50")))
+    );
+    assert_eq!(
+        store.resolve(five.to_str().unwrap()).unwrap(),
+        Some((5, five.clone()))
+    );
+    assert_eq!(
+        store
+            .resolve(&format!("{}/", five.display()))
+            .unwrap()
+            .map(|(step, _)| step),
+        Some(5)
+    );
     // A bare name is looked for inside the output folder, as diffusers does.
-    assert_eq!(store.resolve("checkpoint-5").unwrap(), Some((5, five.clone())));
+    assert_eq!(
+        store.resolve("checkpoint-5").unwrap(),
+        Some((5, five.clone()))
+    );
 
     let missing = output_dir.join("checkpoint-7");
     let not_a_checkpoint = scratch.0.join("weights");
@@ -186,25 +261,41 @@ fn resume_from_checkpoint_takes_latest_or_a_checkpoint_folder() {
     for (arg, expected) in [
         (missing.to_str().unwrap(), "no such checkpoint folder"),
         ("checkpoint-7", "no such checkpoint folder"),
-        (not_a_checkpoint.to_str().unwrap(), "not a checkpoint folder"),
+        (
+            not_a_checkpoint.to_str().unwrap(),
+            "not a checkpoint folder",
+        ),
         (a_file.to_str().unwrap(), "no such checkpoint folder"),
         ("", "expected `latest`"),
     ] {
         let error = store.resolve(arg).unwrap_err();
-        assert!(matches!(error, Error::ResumeFromCheckpoint { .. }), "{arg}: {error:?}");
+        assert!(
+            matches!(error, Error::ResumeFromCheckpoint { .. }),
+            "{arg}: {error:?}"
+        );
         let message = error.to_string();
-        assert!(message.starts_with(&format!("--resume_from_checkpoint {arg}")), "{message}");
+        assert!(
+            message.starts_with(&format!("--resume_from_checkpoint {arg}")),
+            "{message}"
+        );
         assert!(message.contains(expected), "{message}");
     }
     let relative_miss = store.resolve("checkpoint-7").unwrap_err().to_string();
-    assert!(relative_miss.contains(&missing.display().to_string()), "names where it looked: {relative_miss}");
+    assert!(
+        relative_miss.contains(&missing.display().to_string()),
+        "names where it looked: {relative_miss}"
+    );
 }
 
 #[test]
 fn prune_keeps_the_newest_checkpoints() {
     let scratch = Scratch::new("prune");
     let store = CheckpointStore::new(&scratch.0);
-    assert_eq!(store.prune(3).unwrap(), Vec::<u64>::new(), "nothing to prune, not even a folder");
+    assert_eq!(
+        store.prune(3).unwrap(),
+        Vec::<u64>::new(),
+        "nothing to prune, not even a folder"
+    );
     for step in [100, 200, 300, 400, 500] {
         save_value(&store, step, "x");
     }
@@ -213,7 +304,11 @@ fn prune_keeps_the_newest_checkpoints() {
     assert_eq!(steps(&store), [300, 400, 500]);
     assert_eq!(store.prune(3).unwrap(), Vec::<u64>::new());
     assert_eq!(store.prune(1).unwrap(), [300, 400]);
-    assert_eq!(names(&scratch.0), ["checkpoint-500", "checkpoint-abc"], "no trash left, other folders kept");
+    assert_eq!(
+        names(&scratch.0),
+        ["checkpoint-500", "checkpoint-abc"],
+        "no trash left, other folders kept"
+    );
     assert_eq!(store.prune(0).unwrap(), [500]);
     assert_eq!(names(&scratch.0), ["checkpoint-abc"]);
 }
@@ -222,7 +317,11 @@ fn prune_keeps_the_newest_checkpoints() {
 fn clean_stale_removes_leftovers_and_restores_a_checkpoint_moved_aside() {
     let scratch = Scratch::new("clean");
     let store = CheckpointStore::new(&scratch.0);
-    assert_eq!(store.clean_stale().unwrap(), Vec::<PathBuf>::new(), "a missing output folder is clean");
+    assert_eq!(
+        store.clean_stale().unwrap(),
+        Vec::<PathBuf>::new(),
+        "a missing output folder is clean"
+    );
     save_value(&store, 6, "new six");
     let make_folder = |name: &str, value: &str| {
         let folder = scratch.0.join(name);
@@ -234,7 +333,11 @@ fn clean_stale_removes_leftovers_and_restores_a_checkpoint_moved_aside() {
     make_folder(".trash-checkpoint-3-4242", "half-deleted three");
     make_folder(".checkpoint-4.old-4242", "complete four, moved aside"); // checkpoint-4 is missing
     make_folder(".checkpoint-6.old-4242", "old six"); // checkpoint-6 was saved again
-    fs::write(scratch.0.join(".pytorch_lora_weights.safetensors.tmp-4242"), b"half a file").unwrap();
+    fs::write(
+        scratch.0.join(".pytorch_lora_weights.safetensors.tmp-4242"),
+        b"half a file",
+    )
+    .unwrap();
     // The user's own things stay.
     fs::write(scratch.0.join("notes.txt"), b"mine").unwrap();
     fs::write(scratch.0.join(".gitignore"), b"*").unwrap();
@@ -251,10 +354,29 @@ fn clean_stale_removes_leftovers_and_restores_a_checkpoint_moved_aside() {
     .map(|name| scratch.0.join(name))
     .collect();
     assert_eq!(removed, expected);
-    assert_eq!(names(&scratch.0), [".gitignore", "checkpoint-4", "checkpoint-6", "checkpoint-abc", "notes.txt"]);
-    assert_eq!(fs::read_to_string(store.checkpoint_path(4).join("value.txt")).unwrap(), "complete four, moved aside");
-    assert_eq!(fs::read_to_string(store.checkpoint_path(6).join("value.txt")).unwrap(), "new six");
-    assert_eq!(store.clean_stale().unwrap(), Vec::<PathBuf>::new(), "a second clean finds nothing");
+    assert_eq!(
+        names(&scratch.0),
+        [
+            ".gitignore",
+            "checkpoint-4",
+            "checkpoint-6",
+            "checkpoint-abc",
+            "notes.txt"
+        ]
+    );
+    assert_eq!(
+        fs::read_to_string(store.checkpoint_path(4).join("value.txt")).unwrap(),
+        "complete four, moved aside"
+    );
+    assert_eq!(
+        fs::read_to_string(store.checkpoint_path(6).join("value.txt")).unwrap(),
+        "new six"
+    );
+    assert_eq!(
+        store.clean_stale().unwrap(),
+        Vec::<PathBuf>::new(),
+        "a second clean finds nothing"
+    );
 }
 
 #[test]
@@ -269,7 +391,12 @@ fn write_atomic_replaces_a_file_whole_and_names_a_bad_path() {
     let in_missing_folder = scratch.0.join("no-such-folder/file.bin");
     let error = write_atomic(&in_missing_folder, b"x").unwrap_err();
     assert!(matches!(error, Error::Io { .. }), "{error:?}");
-    assert!(error.to_string().contains(&in_missing_folder.display().to_string()), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains(&in_missing_folder.display().to_string()),
+        "{error}"
+    );
 
     let error = write_atomic(Path::new("/"), b"x").unwrap_err();
     assert!(matches!(error, Error::Checkpoint { .. }), "{error:?}");
@@ -352,16 +479,39 @@ fn write_checkpoint(folder: &Path, step: u64, generation: u64) -> Result<(), Err
 /// Checks that a listed checkpoint is complete and holds what `write_checkpoint` wrote for its
 /// step (of either generation); panics naming the problem otherwise.
 fn verify_checkpoint(step: u64, folder: &Path) {
-    let manifest = fs::read_to_string(folder.join(MANIFEST))
-        .unwrap_or_else(|e| panic!("{}: listed as a checkpoint but has no readable manifest: {e}", folder.display()));
+    let manifest = fs::read_to_string(folder.join(MANIFEST)).unwrap_or_else(|e| {
+        panic!(
+            "{}: listed as a checkpoint but has no readable manifest: {e}",
+            folder.display()
+        )
+    });
     let mut lines = manifest.lines();
-    assert_eq!(lines.next(), Some(format!("step {step}").as_str()), "{}: manifest of another step", folder.display());
-    let generation: u64 = lines.next().and_then(|l| l.strip_prefix("generation ")).unwrap().parse().unwrap();
+    assert_eq!(
+        lines.next(),
+        Some(format!("step {step}").as_str()),
+        "{}: manifest of another step",
+        folder.display()
+    );
+    let generation: u64 = lines
+        .next()
+        .and_then(|l| l.strip_prefix("generation "))
+        .unwrap()
+        .parse()
+        .unwrap();
     let mut expected_files = BTreeSet::from([MANIFEST.to_owned()]);
     for (index, ((name, len), line)) in FILES.iter().zip(lines).enumerate() {
-        assert_eq!(line, format!("file {name} {len}"), "{}: manifest", folder.display());
+        assert_eq!(
+            line,
+            format!("file {name} {len}"),
+            "{}: manifest",
+            folder.display()
+        );
         let bytes = fs::read(folder.join(name)).unwrap();
-        assert!(bytes == content(step, generation, index, *len), "{}/{name}: wrong content", folder.display());
+        assert!(
+            bytes == content(step, generation, index, *len),
+            "{}/{name}: wrong content",
+            folder.display()
+        );
         expected_files.insert((*name).to_owned());
     }
     let mut found = BTreeSet::new();
@@ -375,7 +525,13 @@ fn collect_files(root: &Path, folder: &Path, found: &mut BTreeSet<String>) {
         if path.is_dir() {
             collect_files(root, &path, found);
         } else {
-            found.insert(path.strip_prefix(root).unwrap().to_str().unwrap().to_owned());
+            found.insert(
+                path.strip_prefix(root)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_owned(),
+            );
         }
     }
 }
@@ -389,8 +545,12 @@ fn marker(text: String) {
 #[test]
 #[ignore = "the writer process of checkpoints_survive_sigkill_at_random_moments, which starts it"]
 fn checkpoint_writer_process() {
-    let Some(output_dir) = std::env::var_os(WRITER_DIR) else { return };
-    let stop_at: Option<u64> = std::env::var(WRITER_STOP_AT).ok().map(|s| s.parse().unwrap());
+    let Some(output_dir) = std::env::var_os(WRITER_DIR) else {
+        return;
+    };
+    let stop_at: Option<u64> = std::env::var(WRITER_STOP_AT)
+        .ok()
+        .map(|s| s.parse().unwrap());
     let store = CheckpointStore::new(PathBuf::from(output_dir));
     let cleaned = store.clean_stale().unwrap();
     // A run killed between a save and its prune left one checkpoint too many; without this a
@@ -429,7 +589,13 @@ impl Writer {
     fn start(output_dir: &Path, stop_at: Option<u64>) -> Self {
         let mut command = Command::new(std::env::current_exe().unwrap());
         command
-            .args(["checkpoint_writer_process", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+            .args([
+                "checkpoint_writer_process",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(WRITER_DIR, output_dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -451,7 +617,11 @@ impl Writer {
                 }
             }
         });
-        Self { child, lines, seen: Vec::new() }
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
     }
 
     /// Waits for the marker that says the writer has cleaned up and starts saving.
@@ -459,13 +629,18 @@ impl Writer {
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
             if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
-                let ready = line.strip_prefix("ready ").map(|rest| rest.split(' ').next().unwrap().parse().unwrap());
+                let ready = line
+                    .strip_prefix("ready ")
+                    .map(|rest| rest.split(' ').next().unwrap().parse().unwrap());
                 self.seen.push(line);
                 if let Some(first) = ready {
                     return first;
                 }
             } else if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("the writer exited before it was ready ({status}): {}", self.stderr());
+                panic!(
+                    "the writer exited before it was ready ({status}): {}",
+                    self.stderr()
+                );
             }
         }
         panic!("the writer did not get ready within two minutes");
@@ -515,10 +690,10 @@ fn moment(markers: &[String]) -> Moment {
 
 /// The step of the last `saved` marker: that checkpoint was complete before the kill.
 fn last_saved(markers: &[String]) -> Option<u64> {
-    markers
-        .iter()
-        .rev()
-        .find_map(|line| line.strip_prefix("saved ").map(|rest| rest.split(' ').next().unwrap().parse().unwrap()))
+    markers.iter().rev().find_map(|line| {
+        line.strip_prefix("saved ")
+            .map(|rest| rest.split(' ').next().unwrap().parse().unwrap())
+    })
 }
 
 #[test]
@@ -538,10 +713,17 @@ fn checkpoints_survive_sigkill_at_random_moments() {
         let delay = Duration::from_millis(delays.next() % 400);
         let mut writer = Writer::start(&scratch.0, None);
         let first = writer.wait_ready();
-        assert_eq!(first, newest_so_far + 1, "kill {kill}: the writer resumes after the latest checkpoint");
+        assert_eq!(
+            first,
+            newest_so_far + 1,
+            "kill {kill}: the writer resumes after the latest checkpoint"
+        );
         std::thread::sleep(delay);
         if let Some(status) = writer.child.try_wait().unwrap() {
-            panic!("kill {kill}: the writer died by itself ({status}): {}", writer.stderr());
+            panic!(
+                "kill {kill}: the writer died by itself ({status}): {}",
+                writer.stderr()
+            );
         }
         writer.child.kill().unwrap(); // SIGKILL on Unix
         writer.child.wait().unwrap();
@@ -557,10 +739,17 @@ fn checkpoints_survive_sigkill_at_random_moments() {
         for (step, folder) in &listed {
             verify_checkpoint(*step, folder);
         }
-        assert!(listed.len() <= KEEP + 1, "kill {kill}: {} checkpoints", listed.len());
+        assert!(
+            listed.len() <= KEEP + 1,
+            "kill {kill}: {} checkpoints",
+            listed.len()
+        );
         let mut newest = listed.last().map_or(0, |(step, _)| *step);
         for name in names(&scratch.0) {
-            let Some(step) = name.strip_prefix(".checkpoint-").and_then(|rest| rest.split_once(".old-")) else {
+            let Some(step) = name
+                .strip_prefix(".checkpoint-")
+                .and_then(|rest| rest.split_once(".old-"))
+            else {
                 continue;
             };
             let step: u64 = step.0.parse().unwrap();
@@ -571,7 +760,10 @@ fn checkpoints_survive_sigkill_at_random_moments() {
             }
         }
         if let Some(saved) = last_saved(&markers) {
-            assert!(newest >= saved, "kill {kill}: checkpoint {saved} was saved but the newest is {newest}");
+            assert!(
+                newest >= saved,
+                "kill {kill}: checkpoint {saved} was saved but the newest is {newest}"
+            );
         }
         assert!(
             newest >= newest_so_far,
@@ -596,7 +788,10 @@ fn checkpoints_survive_sigkill_at_random_moments() {
             };
             *leftovers_seen.entry(kind).or_default() += 1;
             for pid in &previous_pids {
-                assert!(!name.ends_with(&format!("-{pid}")), "kill {kill}: {name} survived a restart's clean_stale");
+                assert!(
+                    !name.ends_with(&format!("-{pid}")),
+                    "kill {kill}: {name} survived a restart's clean_stale"
+                );
             }
         }
         previous_pids.push(writer.child.id());
@@ -612,7 +807,11 @@ fn checkpoints_survive_sigkill_at_random_moments() {
     let mut writer = Writer::start(&scratch.0, Some(stop_at));
     writer.wait_ready();
     let status = writer.child.wait().unwrap();
-    assert!(status.success(), "the last writer failed ({status}): {}", writer.stderr());
+    assert!(
+        status.success(),
+        "the last writer failed ({status}): {}",
+        writer.stderr()
+    );
     let listed = store.list().unwrap();
     assert_eq!(
         listed.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
@@ -621,14 +820,20 @@ fn checkpoints_survive_sigkill_at_random_moments() {
     for (step, folder) in &listed {
         verify_checkpoint(*step, folder);
     }
-    assert_eq!(names(&scratch.0).len(), KEEP, "only the checkpoints are left: {:?}", names(&scratch.0));
+    assert_eq!(
+        names(&scratch.0).len(),
+        KEEP,
+        "only the checkpoints are left: {:?}",
+        names(&scratch.0)
+    );
 
     println!("{KILLS} kills by moment: {moments:?}");
     println!(
         "left behind by the kills: {leftovers_seen:?}; temporary folders without their manifest (killed \
          mid-write): {mid_file_writes}; checkpoints only under their moved-aside name: {restorable}"
     );
-    let inside_save = [Moment::WritingFiles, Moment::FlushingOrRenaming].map(|m| moments.get(&m).copied().unwrap_or(0));
+    let inside_save = [Moment::WritingFiles, Moment::FlushingOrRenaming]
+        .map(|m| moments.get(&m).copied().unwrap_or(0));
     assert!(
         inside_save.iter().sum::<usize>() >= 1,
         "no kill landed inside a save, so the test proved little: {moments:?}"

@@ -28,7 +28,9 @@ pub(crate) fn is_diffusers_key(key: &str) -> bool {
 pub(crate) fn place(key: &str) -> Option<(Component, String, Part)> {
     let (component, rest) = Component::split_diffusers_key(key)?;
     SUFFIXES.iter().find_map(|(suffix, part)| {
-        rest.strip_suffix(suffix).filter(|m| !m.is_empty()).map(|module| (component, module.to_owned(), *part))
+        rest.strip_suffix(suffix)
+            .filter(|m| !m.is_empty())
+            .map(|module| (component, module.to_owned(), *part))
     })
 }
 
@@ -56,11 +58,20 @@ mod tests {
         let unet = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q";
         let down = key(Component::Unet, unet, Part::Down).unwrap();
         assert_eq!(down, format!("unet.{unet}.lora.down.weight"));
-        assert_eq!(place(&down), Some((Component::Unet, unet.to_owned(), Part::Down)));
+        assert_eq!(
+            place(&down),
+            Some((Component::Unet, unet.to_owned(), Part::Down))
+        );
         let te = "text_model.encoder.layers.31.self_attn.out_proj";
         let up = key(Component::TextEncoder2, te, Part::Up).unwrap();
-        assert_eq!(up, format!("text_encoder_2.{te}.lora_linear_layer.up.weight"));
-        assert_eq!(place(&up), Some((Component::TextEncoder2, te.to_owned(), Part::Up)));
+        assert_eq!(
+            up,
+            format!("text_encoder_2.{te}.lora_linear_layer.up.weight")
+        );
+        assert_eq!(
+            place(&up),
+            Some((Component::TextEncoder2, te.to_owned(), Part::Up))
+        );
         assert_eq!(key(Component::Unet, unet, Part::Alpha), None);
         assert_eq!(place("vae.decoder.lora.up.weight"), None);
         assert_eq!(place("unet.lora.up.weight"), None);

@@ -40,10 +40,21 @@ fn dtype_of(kind: Kind) -> Option<Dtype> {
 
 /// Reads every tensor of `path` onto the CPU in its stored type, with the header metadata.
 pub(crate) fn read(path: &Path) -> Result<RawFile> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
-    let malformed = |source| Error::SafeTensors { path: path.to_owned(), source };
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let malformed = |source| Error::SafeTensors {
+        path: path.to_owned(),
+        source,
+    };
     let (_, header) = SafeTensors::read_metadata(&bytes).map_err(malformed)?;
-    let metadata = header.metadata().clone().unwrap_or_default().into_iter().collect();
+    let metadata = header
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     let file = SafeTensors::deserialize(&bytes).map_err(malformed)?;
     let mut tensors = BTreeMap::new();
     for (key, view) in file.iter() {
@@ -53,14 +64,21 @@ pub(crate) fn read(path: &Path) -> Result<RawFile> {
             dtype: format!("{:?}", view.dtype()),
         })?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        tensors.insert(key.to_owned(), Tensor::f_from_data_size(view.data(), &shape, kind)?);
+        tensors.insert(
+            key.to_owned(),
+            Tensor::f_from_data_size(view.data(), &shape, kind)?,
+        );
     }
     Ok(RawFile { tensors, metadata })
 }
 
 /// Writes `tensors` and `metadata` to `path` through a temporary file and a rename, so a reader
 /// never sees half a file.
-pub(crate) fn write_atomic(path: &Path, tensors: &BTreeMap<String, Tensor>, metadata: &BTreeMap<String, String>) -> Result<()> {
+pub(crate) fn write_atomic(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
     let mut buffers = Vec::with_capacity(tensors.len());
     for (key, tensor) in tensors {
         let tensor = tensor.f_to_device(Device::Cpu)?.f_contiguous()?;
@@ -76,23 +94,36 @@ pub(crate) fn write_atomic(path: &Path, tensors: &BTreeMap<String, Tensor>, meta
         let shape: Vec<usize> = tensor.size().iter().map(|&d| d as usize).collect();
         buffers.push((key.clone(), dtype, shape, bytes));
     }
-    let malformed = |source| Error::SafeTensors { path: path.to_owned(), source };
+    let malformed = |source| Error::SafeTensors {
+        path: path.to_owned(),
+        source,
+    };
     let views = buffers
         .iter()
         .map(|(key, dtype, shape, bytes)| {
-            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).map(|view| (key.as_str(), view))
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|view| (key.as_str(), view))
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(malformed)?;
     let header: HashMap<String, String> = metadata.clone().into_iter().collect();
     let bytes = safetensors::serialize(views, Some(header)).map_err(malformed)?;
-    let mut temp_name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut temp_name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     temp_name.push(format!(".tmp{}", std::process::id()));
     let temp = path.with_file_name(temp_name);
-    let io_error = |source| Error::Io { path: path.to_owned(), source };
+    let io_error = |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    };
     std::fs::write(&temp, bytes).map_err(io_error)?;
     std::fs::rename(&temp, path).map_err(|source| {
         let _ = std::fs::remove_file(&temp);
-        Error::Io { path: path.to_owned(), source }
+        Error::Io {
+            path: path.to_owned(),
+            source,
+        }
     })
 }

@@ -40,7 +40,9 @@ pub struct BlockRenames {
 impl BlockRenames {
     /// A table from `(diffusers prefix, renamed prefix)` pairs.
     pub fn new(pairs: impl IntoIterator<Item = (String, String)>) -> Self {
-        Self { pairs: pairs.into_iter().collect() }
+        Self {
+            pairs: pairs.into_iter().collect(),
+        }
     }
 
     /// A table from a JSON file holding a list of `[diffusers prefix, renamed prefix]` pairs.
@@ -48,12 +50,16 @@ impl BlockRenames {
     /// # Errors
     /// [`Error::Io`] when it cannot be read, [`Error::BadMetadata`] when it is not such a list.
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
-        let pairs: Vec<(String, String)> = serde_json::from_str(&text).map_err(|e| Error::BadMetadata {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
             path: path.to_owned(),
-            key: "block renames".into(),
-            reason: format!("expected [[diffusers prefix, renamed prefix], ...]: {e}"),
+            source,
         })?;
+        let pairs: Vec<(String, String)> =
+            serde_json::from_str(&text).map_err(|e| Error::BadMetadata {
+                path: path.to_owned(),
+                key: "block renames".into(),
+                reason: format!("expected [[diffusers prefix, renamed prefix], ...]: {e}"),
+            })?;
         Ok(Self::new(pairs))
     }
 
@@ -64,16 +70,29 @@ impl BlockRenames {
 
     /// `path` with its longest matching diffusers prefix replaced, if one matches at a `.` boundary.
     pub fn rename(&self, path: &str) -> Option<String> {
-        replace_prefix(self.pairs.iter().map(|(from, to)| (from.as_str(), to.as_str())), path)
+        replace_prefix(
+            self.pairs
+                .iter()
+                .map(|(from, to)| (from.as_str(), to.as_str())),
+            path,
+        )
     }
 
     /// The inverse of [`BlockRenames::rename`].
     pub fn to_diffusers(&self, path: &str) -> Option<String> {
-        replace_prefix(self.pairs.iter().map(|(from, to)| (to.as_str(), from.as_str())), path)
+        replace_prefix(
+            self.pairs
+                .iter()
+                .map(|(from, to)| (to.as_str(), from.as_str())),
+            path,
+        )
     }
 }
 
-fn replace_prefix<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>, path: &str) -> Option<String> {
+fn replace_prefix<'a>(
+    pairs: impl Iterator<Item = (&'a str, &'a str)>,
+    path: &str,
+) -> Option<String> {
     pairs
         .filter_map(|(from, to)| {
             let rest = path.strip_prefix(from)?;
@@ -107,8 +126,15 @@ impl ModuleNames {
 
     /// Adds module paths of `component` directly (e.g. the `.weight` keys of a model file without
     /// their suffix).
-    pub fn add_paths<S: Into<String>>(&mut self, component: Component, paths: impl IntoIterator<Item = S>) -> &mut Self {
-        self.paths.entry(component).or_default().extend(paths.into_iter().map(Into::into));
+    pub fn add_paths<S: Into<String>>(
+        &mut self,
+        component: Component,
+        paths: impl IntoIterator<Item = S>,
+    ) -> &mut Self {
+        self.paths
+            .entry(component)
+            .or_default()
+            .extend(paths.into_iter().map(Into::into));
         self
     }
 
@@ -119,9 +145,16 @@ impl ModuleNames {
     /// # Errors
     /// [`Error::Io`] and [`Error::SafeTensors`] naming the file.
     pub fn add_model_file(&mut self, component: Component, path: &Path) -> Result<&mut Self> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|source| Error::SafeTensors { path: path.to_owned(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|source| {
+            Error::SafeTensors {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
         let paths = header
             .tensors()
             .into_iter()
@@ -133,7 +166,9 @@ impl ModuleNames {
 
     /// Whether `component` has any names.
     pub fn has_component(&self, component: Component) -> bool {
-        self.paths.get(&component).is_some_and(|paths| !paths.is_empty())
+        self.paths
+            .get(&component)
+            .is_some_and(|paths| !paths.is_empty())
     }
 
     /// The model's path for a file's module path: the same path, else the only model path that
@@ -143,7 +178,10 @@ impl ModuleNames {
     /// # Errors
     /// Why it cannot be placed: no such module, or several candidates.
     pub fn resolve(&self, component: Component, path: &str) -> Result<String, &'static str> {
-        let paths = self.paths.get(&component).ok_or("the model has no modules for this component")?;
+        let paths = self
+            .paths
+            .get(&component)
+            .ok_or("the model has no modules for this component")?;
         resolve_in(paths.iter().map(String::as_str), path)
     }
 
@@ -154,11 +192,15 @@ impl ModuleNames {
 }
 
 /// The path among `paths` equal to `path`, else the only one ending with `.<path>`.
-pub(crate) fn resolve_in<'a>(paths: impl Iterator<Item = &'a str> + Clone, path: &str) -> Result<String, &'static str> {
+pub(crate) fn resolve_in<'a>(
+    paths: impl Iterator<Item = &'a str> + Clone,
+    path: &str,
+) -> Result<String, &'static str> {
     if paths.clone().any(|p| p == path) {
         return Ok(path.to_owned());
     }
-    let mut candidates = paths.filter(|p| p.strip_suffix(path).is_some_and(|head| head.ends_with('.')));
+    let mut candidates =
+        paths.filter(|p| p.strip_suffix(path).is_some_and(|head| head.ends_with('.')));
     match (candidates.next(), candidates.next()) {
         (Some(only), None) => Ok(only.to_owned()),
         (Some(_), Some(_)) => Err("ambiguous: several modules of the model end with this path"),
@@ -172,18 +214,32 @@ pub fn module_name(component: Component, path: &str) -> String {
 }
 
 /// The key of `part` of `module`, with the UNet path renamed by `renames` when given.
-pub(crate) fn key(component: Component, module: &str, part: Part, renames: Option<&BlockRenames>) -> String {
+pub(crate) fn key(
+    component: Component,
+    module: &str,
+    part: Part,
+    renames: Option<&BlockRenames>,
+) -> String {
     let path = match (component, renames) {
-        (Component::Unet, Some(renames)) => renames.rename(module).unwrap_or_else(|| module.to_owned()),
+        (Component::Unet, Some(renames)) => {
+            renames.rename(module).unwrap_or_else(|| module.to_owned())
+        }
         _ => module.to_owned(),
     };
-    let suffix = SUFFIXES.iter().find(|(_, p)| *p == part).map_or("", |(s, _)| *s);
+    let suffix = SUFFIXES
+        .iter()
+        .find(|(_, p)| *p == part)
+        .map_or("", |(s, _)| *s);
     format!("{}{suffix}", module_name(component, &path))
 }
 
 /// Whether every key is a kohya key (diffusers' own test for "non-diffusers" LoRA files).
 pub(crate) fn is_kohya_file<'a>(mut keys: impl Iterator<Item = &'a str>) -> bool {
-    keys.all(|key| ["lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"].iter().any(|p| key.starts_with(p)))
+    keys.all(|key| {
+        ["lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"]
+            .iter()
+            .any(|p| key.starts_with(p))
+    })
 }
 
 /// Maps kohya module names back to `(component, module path)`.
@@ -195,7 +251,11 @@ pub(crate) struct Resolver {
     suffix_names: HashMap<String, Option<(Component, String)>>,
 }
 
-fn add_name(names: &mut HashMap<String, Option<(Component, String)>>, name: String, target: (Component, String)) {
+fn add_name(
+    names: &mut HashMap<String, Option<(Component, String)>>,
+    name: String,
+    target: (Component, String),
+) {
     names
         .entry(name)
         .and_modify(|existing| {
@@ -214,17 +274,34 @@ impl Resolver {
                 let target = (*component, path.clone());
                 add_name(&mut names, module_name(*component, path), target.clone());
                 if *component == Component::TextEncoder {
-                    add_name(&mut names, format!("{SD1_TEXT_ENCODER_PREFIX}_{}", path.replace('.', "_")), target.clone());
+                    add_name(
+                        &mut names,
+                        format!("{SD1_TEXT_ENCODER_PREFIX}_{}", path.replace('.', "_")),
+                        target.clone(),
+                    );
                 }
-                if let (Component::Unet, Some(renamed)) = (component, renames.and_then(|r| r.rename(path))) {
-                    add_name(&mut names, module_name(*component, &renamed), target.clone());
+                if let (Component::Unet, Some(renamed)) =
+                    (component, renames.and_then(|r| r.rename(path)))
+                {
+                    add_name(
+                        &mut names,
+                        module_name(*component, &renamed),
+                        target.clone(),
+                    );
                 }
                 for (dot, _) in path.match_indices('.') {
-                    add_name(&mut suffix_names, module_name(*component, &path[dot + 1..]), target.clone());
+                    add_name(
+                        &mut suffix_names,
+                        module_name(*component, &path[dot + 1..]),
+                        target.clone(),
+                    );
                 }
             }
         }
-        Self { names, suffix_names }
+        Self {
+            names,
+            suffix_names,
+        }
     }
 
     /// The component, module path and part of `key`, or why it cannot be placed.
@@ -247,9 +324,18 @@ mod tests {
 
     fn renames() -> BlockRenames {
         BlockRenames::new([
-            ("down_blocks.1.attentions.0".to_owned(), "input_blocks.4.1".to_owned()),
-            ("mid_block.attentions.0".to_owned(), "middle_block.1".to_owned()),
-            ("up_blocks.0.attentions.1".to_owned(), "output_blocks.1.1".to_owned()),
+            (
+                "down_blocks.1.attentions.0".to_owned(),
+                "input_blocks.4.1".to_owned(),
+            ),
+            (
+                "mid_block.attentions.0".to_owned(),
+                "middle_block.1".to_owned(),
+            ),
+            (
+                "up_blocks.0.attentions.1".to_owned(),
+                "output_blocks.1.1".to_owned(),
+            ),
         ])
     }
 
@@ -257,8 +343,14 @@ mod tests {
     fn renames_by_longest_prefix_at_dot_boundaries() {
         let table = renames();
         let path = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q";
-        assert_eq!(table.rename(path).as_deref(), Some("input_blocks.4.1.transformer_blocks.0.attn1.to_q"));
-        assert_eq!(table.to_diffusers("input_blocks.4.1.proj_in").as_deref(), Some("down_blocks.1.attentions.0.proj_in"));
+        assert_eq!(
+            table.rename(path).as_deref(),
+            Some("input_blocks.4.1.transformer_blocks.0.attn1.to_q")
+        );
+        assert_eq!(
+            table.to_diffusers("input_blocks.4.1.proj_in").as_deref(),
+            Some("down_blocks.1.attentions.0.proj_in")
+        );
         assert_eq!(table.rename("down_blocks.1.attentions.01.proj_in"), None);
         assert_eq!(table.rename("conv_in"), None);
     }
@@ -275,7 +367,12 @@ mod tests {
             "lora_unet_middle_block_1_transformer_blocks_1_attn2_to_out_0.alpha"
         );
         assert_eq!(
-            key(Component::TextEncoder2, "text_model.encoder.layers.31.mlp.fc2", Part::Up, Some(&renames())),
+            key(
+                Component::TextEncoder2,
+                "text_model.encoder.layers.31.mlp.fc2",
+                Part::Up,
+                Some(&renames())
+            ),
             "lora_te2_text_model_encoder_layers_31_mlp_fc2.lora_up.weight"
         );
     }
@@ -285,19 +382,35 @@ mod tests {
         let mut names = ModuleNames::new();
         let unet_path = "up_blocks.0.attentions.1.transformer_blocks.0.ff.net.0.proj";
         names.add_paths(Component::Unet, [unet_path]);
-        names.add_paths(Component::TextEncoder, ["text_model.encoder.layers.0.self_attn.q_proj"]);
+        names.add_paths(
+            Component::TextEncoder,
+            ["text_model.encoder.layers.0.self_attn.q_proj"],
+        );
         // Two paths that flatten to the same kohya name.
         names.add_paths(Component::TextEncoder2, ["a_b.c", "a.b_c"]);
         let resolver = Resolver::new(&names, Some(&renames()));
         let unet = (Component::Unet, unet_path.to_owned(), Part::Down);
         assert_eq!(resolver.place("lora_unet_up_blocks_0_attentions_1_transformer_blocks_0_ff_net_0_proj.lora_down.weight"), Ok(unet.clone()));
-        assert_eq!(resolver.place("lora_unet_output_blocks_1_1_transformer_blocks_0_ff_net_0_proj.lora_down.weight"), Ok(unet));
+        assert_eq!(
+            resolver.place(
+                "lora_unet_output_blocks_1_1_transformer_blocks_0_ff_net_0_proj.lora_down.weight"
+            ),
+            Ok(unet)
+        );
         assert_eq!(
             resolver.place("lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"),
-            Ok((Component::TextEncoder, "text_model.encoder.layers.0.self_attn.q_proj".to_owned(), Part::Alpha))
+            Ok((
+                Component::TextEncoder,
+                "text_model.encoder.layers.0.self_attn.q_proj".to_owned(),
+                Part::Alpha
+            ))
         );
         assert!(resolver.place("lora_te2_a_b_c.alpha").is_err());
-        assert!(resolver.place("lora_unet_conv_in.lora_down.weight").is_err());
+        assert!(
+            resolver
+                .place("lora_unet_conv_in.lora_down.weight")
+                .is_err()
+        );
         assert!(resolver.place("lora_unet_up_blocks_0_attentions_1_transformer_blocks_0_ff_net_0_proj.hada_w1_a").is_err());
     }
 }

@@ -46,7 +46,9 @@ impl std::str::FromStr for Format {
             "diffusers" => Ok(Format::Diffusers),
             "peft" => Ok(Format::Peft),
             "kohya" => Ok(Format::Kohya),
-            other => Err(format!("unknown LoRA format `{other}` (diffusers, peft or kohya)")),
+            other => Err(format!(
+                "unknown LoRA format `{other}` (diffusers, peft or kohya)"
+            )),
         }
     }
 }
@@ -105,7 +107,10 @@ pub struct LoraFile {
 /// # Errors
 /// [`Error::UnknownFormat`] when the keys fit no layout (`path` names the file in the message).
 pub fn detect<'a>(path: &Path, keys: impl Iterator<Item = &'a str> + Clone) -> Result<Format> {
-    let unknown = |reason: String| Error::UnknownFormat { path: path.to_owned(), reason };
+    let unknown = |reason: String| Error::UnknownFormat {
+        path: path.to_owned(),
+        reason,
+    };
     if keys.clone().next().is_none() {
         return Err(unknown("the file holds no tensors".into()));
     }
@@ -119,7 +124,9 @@ pub fn detect<'a>(path: &Path, keys: impl Iterator<Item = &'a str> + Clone) -> R
         return Ok(Format::Diffusers);
     }
     let sample: Vec<&str> = keys.take(3).collect();
-    Err(unknown(format!("no `lora_A`, `lora.down`, `lora_linear_layer` or `lora_unet_` keys (e.g. {sample:?})")))
+    Err(unknown(format!(
+        "no `lora_A`, `lora.down`, `lora_linear_layer` or `lora_unet_` keys (e.g. {sample:?})"
+    )))
 }
 
 #[derive(Default)]
@@ -145,15 +152,20 @@ pub fn read(path: impl AsRef<Path>, options: ReadOptions) -> Result<LoraFile> {
     let path = path.as_ref();
     let raw = io::read(path)?;
     let format = detect(path, raw.tensors.keys().map(String::as_str))?;
-    let resolver = (format == Format::Kohya)
-        .then(|| options.module_names.map(|names| kohya::Resolver::new(names, options.block_renames)));
+    let resolver = (format == Format::Kohya).then(|| {
+        options
+            .module_names
+            .map(|names| kohya::Resolver::new(names, options.block_renames))
+    });
     let mut unplaced = Vec::new();
     let mut groups: BTreeMap<(Component, String), Parts> = BTreeMap::new();
     for (key, tensor) in raw.tensors {
         let placed = match (format, &resolver) {
             (Format::Kohya, Some(Some(resolver))) => resolver.place(&key),
             (Format::Kohya, _) => Err("reading kohya names needs the model's module names"),
-            _ => peft::place(&key).or_else(|| diffusers::place(&key)).ok_or("not a LoRA key of a known component"),
+            _ => peft::place(&key)
+                .or_else(|| diffusers::place(&key))
+                .ok_or("not a LoRA key of a known component"),
         };
         let (component, module, part) = match placed {
             Ok(placed) => placed,
@@ -170,7 +182,9 @@ pub fn read(path: impl AsRef<Path>, options: ReadOptions) -> Result<LoraFile> {
             Part::Magnitude => &mut parts.magnitude,
         };
         if slot.replace(tensor).is_some() {
-            unplaced.push(format!("{key} (a second tensor for the same module and part)"));
+            unplaced.push(format!(
+                "{key} (a second tensor for the same module and part)"
+            ));
         }
     }
     let adapter_config = parse_adapter_metadata(path, &raw.metadata)?;
@@ -187,38 +201,71 @@ pub fn read(path: impl AsRef<Path>, options: ReadOptions) -> Result<LoraFile> {
                 Ok(value) if value != 0.0 => (value, Scaling::Standard),
                 Ok(_) => (rank as f64, Scaling::Standard),
                 Err(_) => {
-                    unplaced.push(format!("{qualified} (alpha is not a scalar: {:?})", alpha.size()));
+                    unplaced.push(format!(
+                        "{qualified} (alpha is not a scalar: {:?})",
+                        alpha.size()
+                    ));
                     continue;
                 }
             },
-            None => adapter_config.get(&component).map_or((rank as f64, Scaling::Standard), |config| {
-                (config.alpha_of(&module).unwrap_or(rank as f64), config.scaling)
-            }),
+            None => {
+                adapter_config
+                    .get(&component)
+                    .map_or((rank as f64, Scaling::Standard), |config| {
+                        (
+                            config.alpha_of(&module).unwrap_or(rank as f64),
+                            config.scaling,
+                        )
+                    })
+            }
         };
         // kohya's DoRA scale is `[out, 1]`; peft's magnitude is `[out]`.
-        let magnitude = parts.magnitude.map(|m| if m.dim() == 2 && m.size()[1] == 1 { m.squeeze_dim(1) } else { m });
-        let lora = ModuleLora { down, up, alpha, scaling, magnitude };
+        let magnitude = parts.magnitude.map(|m| {
+            if m.dim() == 2 && m.size()[1] == 1 {
+                m.squeeze_dim(1)
+            } else {
+                m
+            }
+        });
+        let lora = ModuleLora {
+            down,
+            up,
+            alpha,
+            scaling,
+            magnitude,
+        };
         if let Err(error) = lora.check_shapes(&qualified) {
             unplaced.push(format!("{qualified} ({error})"));
             continue;
         }
         // Put the module on the model's own path when the caller gave the model's names.
         let module = match options.module_names {
-            Some(names) if names.has_component(component) => match names.resolve(component, &module) {
-                Ok(path) => path,
-                Err(reason) => {
-                    unplaced.push(format!("{qualified} ({reason})"));
-                    continue;
+            Some(names) if names.has_component(component) => {
+                match names.resolve(component, &module) {
+                    Ok(path) => path,
+                    Err(reason) => {
+                        unplaced.push(format!("{qualified} ({reason})"));
+                        continue;
+                    }
                 }
-            },
+            }
             _ => module,
         };
-        if state.modules.insert((component, module.clone()), lora).is_some() {
-            unplaced.push(format!("{qualified} (a second module for {component}.{module})"));
+        if state
+            .modules
+            .insert((component, module.clone()), lora)
+            .is_some()
+        {
+            unplaced.push(format!(
+                "{qualified} (a second module for {component}.{module})"
+            ));
         }
     }
     if !unplaced.is_empty() {
-        return Err(Error::UnplacedKeys { path: path.to_owned(), keys: unplaced });
+        return Err(Error::UnplacedKeys {
+            path: path.to_owned(),
+            keys: unplaced,
+        });
     }
     state.training_config = match raw.metadata.get(TRAINING_CONFIG_KEY) {
         Some(text) => Some(serde_json::from_str(text).map_err(|e| Error::BadMetadata {
@@ -228,7 +275,11 @@ pub fn read(path: impl AsRef<Path>, options: ReadOptions) -> Result<LoraFile> {
         })?),
         None => None,
     };
-    Ok(LoraFile { format, state, metadata: raw.metadata })
+    Ok(LoraFile {
+        format,
+        state,
+        metadata: raw.metadata,
+    })
 }
 
 /// The part of a component's `LoraConfig` the reader uses.
@@ -249,31 +300,65 @@ impl ComponentConfig {
     }
 }
 
-fn parse_adapter_metadata(path: &Path, metadata: &BTreeMap<String, String>) -> Result<BTreeMap<Component, ComponentConfig>> {
-    let Some(text) = metadata.get(ADAPTER_METADATA_KEY) else { return Ok(BTreeMap::new()) };
-    let bad = |reason: String| Error::BadMetadata { path: path.to_owned(), key: ADAPTER_METADATA_KEY.into(), reason };
+fn parse_adapter_metadata(
+    path: &Path,
+    metadata: &BTreeMap<String, String>,
+) -> Result<BTreeMap<Component, ComponentConfig>> {
+    let Some(text) = metadata.get(ADAPTER_METADATA_KEY) else {
+        return Ok(BTreeMap::new());
+    };
+    let bad = |reason: String| Error::BadMetadata {
+        path: path.to_owned(),
+        key: ADAPTER_METADATA_KEY.into(),
+        reason,
+    };
     let value: Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
-    let object = value.as_object().ok_or_else(|| bad("not a JSON object".into()))?;
+    let object = value
+        .as_object()
+        .ok_or_else(|| bad("not a JSON object".into()))?;
     let mut configs = BTreeMap::new();
     for component in Component::ALL {
         let field = |name: &str| object.get(&format!("{}.{name}", component.diffusers_prefix()));
-        if !object.keys().any(|k| Component::split_diffusers_key(k).is_some_and(|(c, _)| c == component)) {
+        if !object
+            .keys()
+            .any(|k| Component::split_diffusers_key(k).is_some_and(|(c, _)| c == component))
+        {
             continue;
         }
         let alpha = match field("lora_alpha") {
-            Some(v) => Some(v.as_f64().ok_or_else(|| bad(format!("{component}.lora_alpha is not a number")))?),
+            Some(v) => Some(
+                v.as_f64()
+                    .ok_or_else(|| bad(format!("{component}.lora_alpha is not a number")))?,
+            ),
             None => None,
         };
         let mut alpha_pattern = BTreeMap::new();
         if let Some(pattern) = field("alpha_pattern").and_then(Value::as_object) {
             for (key, v) in pattern {
-                let a = v.as_f64().ok_or_else(|| bad(format!("{component}.alpha_pattern[{key:?}] is not a number")))?;
+                let a = v.as_f64().ok_or_else(|| {
+                    bad(format!(
+                        "{component}.alpha_pattern[{key:?}] is not a number"
+                    ))
+                })?;
                 alpha_pattern.insert(key.clone(), a);
             }
         }
-        let rslora = field("use_rslora").and_then(Value::as_bool).unwrap_or(false);
-        let scaling = if rslora { Scaling::RankStabilized } else { Scaling::Standard };
-        configs.insert(component, ComponentConfig { alpha, alpha_pattern, scaling });
+        let rslora = field("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let scaling = if rslora {
+            Scaling::RankStabilized
+        } else {
+            Scaling::Standard
+        };
+        configs.insert(
+            component,
+            ComponentConfig {
+                alpha,
+                alpha_pattern,
+                scaling,
+            },
+        );
     }
     Ok(configs)
 }
@@ -296,27 +381,53 @@ fn most_common<T: Copy + PartialOrd>(values: &[T]) -> Option<T> {
 
 /// peft's `LoraConfig` of one component as diffusers stores it (`unet.r`, `unet.lora_alpha`, …):
 /// the most common rank and alpha, per-module patterns for the rest, the module paths as targets.
-fn component_adapter_metadata(state: &LoraState, component: Component, out: &mut Map<String, Value>) {
+fn component_adapter_metadata(
+    state: &LoraState,
+    component: Component,
+    out: &mut Map<String, Value>,
+) {
     let modules: Vec<(&str, &ModuleLora)> = state.component(component).collect();
     if modules.is_empty() {
         return;
     }
     let ranks: Vec<i64> = modules.iter().map(|(_, m)| m.rank()).collect();
     let alphas: Vec<f64> = modules.iter().map(|(_, m)| m.alpha).collect();
-    let (rank, alpha) = (most_common(&ranks).unwrap_or(1), most_common(&alphas).unwrap_or(1.0));
-    let rank_pattern: Map<String, Value> =
-        modules.iter().filter(|(_, m)| m.rank() != rank).map(|(p, m)| ((*p).to_owned(), json!(m.rank()))).collect();
-    let alpha_pattern: Map<String, Value> =
-        modules.iter().filter(|(_, m)| m.alpha != alpha).map(|(p, m)| ((*p).to_owned(), json!(m.alpha))).collect();
+    let (rank, alpha) = (
+        most_common(&ranks).unwrap_or(1),
+        most_common(&alphas).unwrap_or(1.0),
+    );
+    let rank_pattern: Map<String, Value> = modules
+        .iter()
+        .filter(|(_, m)| m.rank() != rank)
+        .map(|(p, m)| ((*p).to_owned(), json!(m.rank())))
+        .collect();
+    let alpha_pattern: Map<String, Value> = modules
+        .iter()
+        .filter(|(_, m)| m.alpha != alpha)
+        .map(|(p, m)| ((*p).to_owned(), json!(m.alpha)))
+        .collect();
     let prefix = component.diffusers_prefix();
     let mut put = |name: &str, value: Value| out.insert(format!("{prefix}.{name}"), value);
     put("r", json!(rank));
     put("lora_alpha", json!(alpha));
-    put("target_modules", json!(modules.iter().map(|(p, _)| *p).collect::<Vec<_>>()));
+    put(
+        "target_modules",
+        json!(modules.iter().map(|(p, _)| *p).collect::<Vec<_>>()),
+    );
     put("rank_pattern", Value::Object(rank_pattern));
     put("alpha_pattern", Value::Object(alpha_pattern));
-    put("use_rslora", json!(modules.iter().any(|(_, m)| m.scaling == Scaling::RankStabilized)));
-    put("use_dora", json!(modules.iter().any(|(_, m)| m.magnitude.is_some())));
+    put(
+        "use_rslora",
+        json!(
+            modules
+                .iter()
+                .any(|(_, m)| m.scaling == Scaling::RankStabilized)
+        ),
+    );
+    put(
+        "use_dora",
+        json!(modules.iter().any(|(_, m)| m.magnitude.is_some())),
+    );
 }
 
 /// Writes `state` to `path` in `format`, atomically.
@@ -332,17 +443,25 @@ fn component_adapter_metadata(state: &LoraState, component: Component, out: &mut
 /// # Errors
 /// [`Error::InvalidConfig`] when a component mixes rsLoRA and plain scaling (peft's config cannot
 /// say that), I/O and libtorch errors.
-pub fn write(path: impl AsRef<Path>, state: &LoraState, format: Format, options: &WriteOptions) -> Result<()> {
+pub fn write(
+    path: impl AsRef<Path>,
+    state: &LoraState,
+    format: Format,
+    options: &WriteOptions,
+) -> Result<()> {
     let path = path.as_ref();
     let mut tensors = BTreeMap::new();
     let mut metadata = BTreeMap::from([("format".to_owned(), "pt".to_owned())]);
     for component in state.components() {
-        let scalings: BTreeSet<bool> =
-            state.component(component).map(|(_, m)| m.scaling == Scaling::RankStabilized).collect();
+        let scalings: BTreeSet<bool> = state
+            .component(component)
+            .map(|(_, m)| m.scaling == Scaling::RankStabilized)
+            .collect();
         if scalings.len() > 1 && format != Format::Kohya {
             return Err(Error::InvalidConfig {
                 field: format!("{component} scaling"),
-                reason: "mixes rsLoRA and plain modules, which one LoraConfig cannot describe".into(),
+                reason: "mixes rsLoRA and plain modules, which one LoraConfig cannot describe"
+                    .into(),
             });
         }
     }
@@ -360,7 +479,11 @@ pub fn write(path: impl AsRef<Path>, state: &LoraState, format: Format, options:
         put(Part::Down, lora.down.shallow_clone());
         put(Part::Up, lora.up.shallow_clone());
         if let Some(magnitude) = &lora.magnitude {
-            let magnitude = if format == Format::Kohya { magnitude.unsqueeze(1) } else { magnitude.shallow_clone() };
+            let magnitude = if format == Format::Kohya {
+                magnitude.unsqueeze(1)
+            } else {
+                magnitude.shallow_clone()
+            };
             put(Part::Magnitude, magnitude);
         }
         if format == Format::Kohya {
@@ -377,16 +500,26 @@ pub fn write(path: impl AsRef<Path>, state: &LoraState, format: Format, options:
             for component in Component::ALL {
                 component_adapter_metadata(state, component, &mut config);
             }
-            let text = serde_json::to_string_pretty(&Value::Object(config))
-                .map_err(|e| Error::InvalidConfig { field: ADAPTER_METADATA_KEY.into(), reason: e.to_string() })?;
+            let text = serde_json::to_string_pretty(&Value::Object(config)).map_err(|e| {
+                Error::InvalidConfig {
+                    field: ADAPTER_METADATA_KEY.into(),
+                    reason: e.to_string(),
+                }
+            })?;
             metadata.insert(ADAPTER_METADATA_KEY.into(), text);
         }
         Format::Kohya => {
             let ranks: Vec<i64> = state.modules.values().map(ModuleLora::rank).collect();
             let alphas: Vec<f64> = state.modules.values().map(|m| m.alpha).collect();
             metadata.insert("ss_network_module".into(), "networks.lora".into());
-            metadata.insert("ss_network_dim".into(), most_common(&ranks).unwrap_or(0).to_string());
-            metadata.insert("ss_network_alpha".into(), most_common(&alphas).unwrap_or(0.0).to_string());
+            metadata.insert(
+                "ss_network_dim".into(),
+                most_common(&ranks).unwrap_or(0).to_string(),
+            );
+            metadata.insert(
+                "ss_network_alpha".into(),
+                most_common(&alphas).unwrap_or(0.0).to_string(),
+            );
         }
     }
     if let Some(config) = &state.training_config {
@@ -405,10 +538,17 @@ pub fn summary(path: impl AsRef<Path>) -> Result<String> {
     let path = path.as_ref();
     let raw = io::read(path)?;
     let format = detect(path, raw.tensors.keys().map(String::as_str))?;
-    let down_suffixes = [".lora_A.weight", ".lora.down.weight", ".lora_linear_layer.down.weight", ".lora_down.weight"];
+    let down_suffixes = [
+        ".lora_A.weight",
+        ".lora.down.weight",
+        ".lora_linear_layer.down.weight",
+        ".lora_down.weight",
+    ];
     let mut per_prefix: BTreeMap<String, (usize, BTreeSet<i64>)> = BTreeMap::new();
     for (key, tensor) in &raw.tensors {
-        let Some(module) = down_suffixes.iter().find_map(|s| key.strip_suffix(s)) else { continue };
+        let Some(module) = down_suffixes.iter().find_map(|s| key.strip_suffix(s)) else {
+            continue;
+        };
         let prefix = match format {
             Format::Kohya => module.split('_').take(2).collect::<Vec<_>>().join("_"),
             _ => module.split('.').next().unwrap_or_default().to_owned(),
@@ -417,7 +557,11 @@ pub fn summary(path: impl AsRef<Path>) -> Result<String> {
         entry.0 += 1;
         entry.1.extend(tensor.size().first().copied());
     }
-    let mut text = format!("{}: {format} LoRA, {} tensors\n", path.display(), raw.tensors.len());
+    let mut text = format!(
+        "{}: {format} LoRA, {} tensors\n",
+        path.display(),
+        raw.tensors.len()
+    );
     for (prefix, (count, ranks)) in &per_prefix {
         text += &format!("  {prefix}: {count} modules, rank {ranks:?}\n");
     }
@@ -431,7 +575,11 @@ pub fn summary(path: impl AsRef<Path>) -> Result<String> {
     if !alphas.is_empty() {
         text += &format!("  alpha tensors: {alphas:?}\n");
     }
-    let dora = raw.tensors.keys().filter(|k| k.ends_with(".lora_magnitude_vector") || k.ends_with(".dora_scale")).count();
+    let dora = raw
+        .tensors
+        .keys()
+        .filter(|k| k.ends_with(".lora_magnitude_vector") || k.ends_with(".dora_scale"))
+        .count();
     if dora > 0 {
         text += &format!("  DoRA magnitudes: {dora}\n");
     }

@@ -6,19 +6,26 @@
 use super::Part;
 use crate::state::Component;
 
-const SUFFIXES: [(&str, Part); 3] =
-    [(".lora_A.weight", Part::Down), (".lora_B.weight", Part::Up), (".lora_magnitude_vector", Part::Magnitude)];
+const SUFFIXES: [(&str, Part); 3] = [
+    (".lora_A.weight", Part::Down),
+    (".lora_B.weight", Part::Up),
+    (".lora_magnitude_vector", Part::Magnitude),
+];
 
 /// Whether `key` uses one of peft's suffixes (not counting the magnitude, which diffusers shares).
 pub(crate) fn is_peft_key(key: &str) -> bool {
-    SUFFIXES[..2].iter().any(|(suffix, _)| key.ends_with(suffix))
+    SUFFIXES[..2]
+        .iter()
+        .any(|(suffix, _)| key.ends_with(suffix))
 }
 
 /// The component, module path and part of a peft key.
 pub(crate) fn place(key: &str) -> Option<(Component, String, Part)> {
     let (component, rest) = Component::split_diffusers_key(key)?;
     SUFFIXES.iter().find_map(|(suffix, part)| {
-        rest.strip_suffix(suffix).filter(|m| !m.is_empty()).map(|module| (component, module.to_owned(), *part))
+        rest.strip_suffix(suffix)
+            .filter(|m| !m.is_empty())
+            .map(|module| (component, module.to_owned(), *part))
     })
 }
 
@@ -42,9 +49,16 @@ mod tests {
         let module = "text_model.encoder.layers.0.self_attn.q_proj";
         for part in [Part::Down, Part::Up, Part::Magnitude] {
             let key = key(Component::TextEncoder, module, part).unwrap();
-            assert_eq!(place(&key), Some((Component::TextEncoder, module.to_owned(), part)), "{key}");
+            assert_eq!(
+                place(&key),
+                Some((Component::TextEncoder, module.to_owned(), part)),
+                "{key}"
+            );
         }
-        assert_eq!(key(Component::Unet, "to_q", Part::Down).unwrap(), "unet.to_q.lora_A.weight");
+        assert_eq!(
+            key(Component::Unet, "to_q", Part::Down).unwrap(),
+            "unet.to_q.lora_A.weight"
+        );
         assert!(is_peft_key("unet.a.lora_B.weight") && !is_peft_key("unet.a.lora.up.weight"));
     }
 }

@@ -1,14 +1,20 @@
 //! A generic module tree for the lora tests, and the fixtures made by peft / diffusers for it.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::type_complexity)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::type_complexity
+)]
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use lora::format::BlockRenames;
 use lora::{Component, HasLinears, Linear};
-use tch::nn::Module;
 use tch::Tensor;
+use tch::nn::Module;
 
 /// Linear layers at diffusers-like module paths, applied in order with tanh in between: the Rust
 /// twin of `LoraMirror` in tools/fixtures/generate.py.
@@ -48,18 +54,27 @@ pub fn lora_fixture(name: &str) -> PathBuf {
 }
 
 pub fn component_named(name: &str) -> Component {
-    Component::ALL.into_iter().find(|c| c.diffusers_prefix() == name).unwrap()
+    Component::ALL
+        .into_iter()
+        .find(|c| c.diffusers_prefix() == name)
+        .unwrap()
 }
 
 /// The mirror fixture: the three trees with their base weights, and every other tensor by key
 /// (`input.<component>`, `base_output.<component>`, `expected_<lora>.<component>`).
 pub fn mirror() -> (BTreeMap<Component, Tree>, BTreeMap<String, Tensor>) {
     let tensors: BTreeMap<String, Tensor> =
-        Tensor::read_safetensors(lora_fixture("mirror.safetensors")).unwrap().into_iter().collect();
+        Tensor::read_safetensors(lora_fixture("mirror.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
     // base.<component>.<index>.<path>.<weight|bias>
-    let mut layers: BTreeMap<(Component, String), (String, Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    let mut layers: BTreeMap<(Component, String), (String, Option<Tensor>, Option<Tensor>)> =
+        BTreeMap::new();
     for (key, tensor) in &tensors {
-        let Some(rest) = key.strip_prefix("base.") else { continue };
+        let Some(rest) = key.strip_prefix("base.") else {
+            continue;
+        };
         let (component, rest) = rest.split_once('.').unwrap();
         let (index, rest) = rest.split_once('.').unwrap();
         let (path, leaf) = rest.rsplit_once('.').unwrap();
@@ -98,11 +113,21 @@ pub fn sgm_renames() -> BlockRenames {
 /// `max |a - b| / max |b|`.
 pub fn rel_error(actual: &Tensor, expected: &Tensor) -> f64 {
     assert_eq!(actual.size(), expected.size());
-    let diff = (actual.to_kind(tch::Kind::Double) - expected.to_kind(tch::Kind::Double)).abs().max().double_value(&[]);
-    diff / expected.abs().max().double_value(&[]).max(f64::MIN_POSITIVE)
+    let diff = (actual.to_kind(tch::Kind::Double) - expected.to_kind(tch::Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[]);
+    diff / expected
+        .abs()
+        .max()
+        .double_value(&[])
+        .max(f64::MIN_POSITIVE)
 }
 
 /// `max |a - b|`.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_kind(tch::Kind::Double) - b.to_kind(tch::Kind::Double)).abs().max().double_value(&[])
+    (a.to_kind(tch::Kind::Double) - b.to_kind(tch::Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
 }

@@ -30,7 +30,9 @@ pub fn set_grad(param: &Tensor, grad: &Tensor) {
     if existing.defined() {
         let _ = existing.zero_();
     }
-    (param * grad.to_device(param.device()).to_kind(Kind::Float)).sum(Kind::Float).backward();
+    (param * grad.to_device(param.device()).to_kind(Kind::Float))
+        .sum(Kind::Float)
+        .backward();
 }
 
 /// A fresh path under the system's temporary folder, unique per test and process.

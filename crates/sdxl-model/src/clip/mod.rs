@@ -14,7 +14,7 @@ use serde::Deserialize;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 
-use crate::weights::{load_into, TensorFile};
+use crate::weights::{TensorFile, load_into};
 use crate::{Error, Result};
 
 /// The MLP activation.
@@ -127,13 +127,19 @@ impl ClipTextConfig {
             ("projection_dim", self.projection_dim),
         ] {
             if value <= 0 {
-                return Err(Error::InvalidConfig { field, reason: format!("{value} is not positive") });
+                return Err(Error::InvalidConfig {
+                    field,
+                    reason: format!("{value} is not positive"),
+                });
             }
         }
         if self.hidden_size % self.num_attention_heads != 0 {
             return Err(Error::InvalidConfig {
                 field: "num_attention_heads",
-                reason: format!("{} does not divide hidden_size {}", self.num_attention_heads, self.hidden_size),
+                reason: format!(
+                    "{} does not divide hidden_size {}",
+                    self.num_attention_heads, self.hidden_size
+                ),
             });
         }
         Ok(())
@@ -166,15 +172,29 @@ impl ClipAttention {
     /// `[batch, tokens, hidden]` → same.
     fn forward(&self, xs: &Tensor) -> Tensor {
         let (batch, tokens, width) = xs.size3().unwrap_or((0, 0, 0));
-        let split = |t: Tensor| t.view([batch, tokens, self.heads, width / self.heads]).transpose(1, 2);
+        let split = |t: Tensor| {
+            t.view([batch, tokens, self.heads, width / self.heads])
+                .transpose(1, 2)
+        };
         let query = split(xs.apply(&self.q_proj));
         let key = split(xs.apply(&self.k_proj));
         let value = split(xs.apply(&self.v_proj));
         // Text tokens only see earlier tokens; no padding mask (SDXL never passes one). SDPA's default
         // scale is 1/√head_dim, as CLIP's.
-        let attended =
-            Tensor::scaled_dot_product_attention(&query, &key, &value, None::<&Tensor>, 0.0, true, None, false);
-        attended.transpose(1, 2).reshape([batch, tokens, width]).apply(&self.out_proj)
+        let attended = Tensor::scaled_dot_product_attention(
+            &query,
+            &key,
+            &value,
+            None::<&Tensor>,
+            0.0,
+            true,
+            None,
+            false,
+        );
+        attended
+            .transpose(1, 2)
+            .reshape([batch, tokens, width])
+            .apply(&self.out_proj)
     }
 }
 
@@ -192,17 +212,31 @@ struct ClipEncoderLayer {
 impl ClipEncoderLayer {
     fn new(path: &nn::Path, config: &ClipTextConfig) -> Self {
         let norm = |name: &str| {
-            nn::layer_norm(path / name, vec![config.hidden_size], nn::LayerNormConfig {
-                eps: config.layer_norm_eps,
-                ..Default::default()
-            })
+            nn::layer_norm(
+                path / name,
+                vec![config.hidden_size],
+                nn::LayerNormConfig {
+                    eps: config.layer_norm_eps,
+                    ..Default::default()
+                },
+            )
         };
         Self {
             layer_norm1: norm("layer_norm1"),
             self_attn: ClipAttention::new(&(path / "self_attn"), config),
             layer_norm2: norm("layer_norm2"),
-            fc1: lora::Linear::new(&(path / "mlp" / "fc1"), config.hidden_size, config.intermediate_size, true),
-            fc2: lora::Linear::new(&(path / "mlp" / "fc2"), config.intermediate_size, config.hidden_size, true),
+            fc1: lora::Linear::new(
+                &(path / "mlp" / "fc1"),
+                config.hidden_size,
+                config.intermediate_size,
+                true,
+            ),
+            fc2: lora::Linear::new(
+                &(path / "mlp" / "fc2"),
+                config.intermediate_size,
+                config.hidden_size,
+                true,
+            ),
             activation: config.hidden_act,
         }
     }
@@ -257,7 +291,12 @@ impl ClipTextModel {
         let text = path / "text_model";
         let embeddings = &text / "embeddings";
         let embedding = |name: &str, rows: i64| {
-            nn::embedding(&embeddings / name, rows, config.hidden_size, Default::default())
+            nn::embedding(
+                &embeddings / name,
+                rows,
+                config.hidden_size,
+                Default::default(),
+            )
         };
         Ok(Self {
             config: config.clone(),
@@ -266,12 +305,22 @@ impl ClipTextModel {
             layers: (0..config.num_hidden_layers)
                 .map(|i| ClipEncoderLayer::new(&(&text / "encoder" / "layers" / i), config))
                 .collect(),
-            final_layer_norm: nn::layer_norm(&text / "final_layer_norm", vec![config.hidden_size], nn::LayerNormConfig {
-                eps: config.layer_norm_eps,
-                ..Default::default()
+            final_layer_norm: nn::layer_norm(
+                &text / "final_layer_norm",
+                vec![config.hidden_size],
+                nn::LayerNormConfig {
+                    eps: config.layer_norm_eps,
+                    ..Default::default()
+                },
+            ),
+            text_projection: with_projection.then(|| {
+                lora::Linear::new(
+                    &(path / "text_projection"),
+                    config.hidden_size,
+                    config.projection_dim,
+                    false,
+                )
             }),
-            text_projection: with_projection
-                .then(|| lora::Linear::new(&(path / "text_projection"), config.hidden_size, config.projection_dim, false)),
         })
     }
 
@@ -281,7 +330,11 @@ impl ClipTextModel {
     ///
     /// # Errors
     /// File and config errors; [`Error::Load`] unless the file matches the model one to one.
-    pub fn from_pretrained(folder: impl AsRef<Path>, device: Device, kind: Kind) -> Result<(Self, nn::VarStore)> {
+    pub fn from_pretrained(
+        folder: impl AsRef<Path>,
+        device: Device,
+        kind: Kind,
+    ) -> Result<(Self, nn::VarStore)> {
         Self::from_pretrained_variant(folder, None, device, kind)
     }
 
@@ -298,14 +351,20 @@ impl ClipTextModel {
     ) -> Result<(Self, nn::VarStore)> {
         let folder = folder.as_ref();
         let config = ClipTextConfig::from_file(folder.join("config.json"))?;
-        let file = TensorFile::open(folder.join(crate::unet::with_variant("model.safetensors", variant)))?;
+        let file =
+            TensorFile::open(folder.join(crate::unet::with_variant("model.safetensors", variant)))?;
         let keys = file.keys()?;
         let has = |key: &str| keys.binary_search_by(|k| k.as_str().cmp(key)).is_ok();
-        let strip_prefix = !has("text_model.embeddings.token_embedding.weight") && has("embeddings.token_embedding.weight");
+        let strip_prefix = !has("text_model.embeddings.token_embedding.weight")
+            && has("embeddings.token_embedding.weight");
         let mut vs = nn::VarStore::new(device);
         let model = Self::new(&vs.root(), &config, has("text_projection.weight"))?;
         load_into(&vs, &[file], |name| {
-            if strip_prefix { name.strip_prefix("text_model.").unwrap_or(name).to_owned() } else { name.to_owned() }
+            if strip_prefix {
+                name.strip_prefix("text_model.").unwrap_or(name).to_owned()
+            } else {
+                name.to_owned()
+            }
         })?;
         vs.set_kind(kind);
         Ok((model, vs))
@@ -335,19 +394,29 @@ impl ClipTextModel {
     /// [`Error::Shape`] when the ids are not a non-empty int64 `[batch, tokens]` within the position table.
     pub fn forward(&self, input_ids: &Tensor) -> Result<ClipTextOutput> {
         let tokens = match input_ids.size().as_slice() {
-            &[batch, tokens] if batch > 0 && tokens > 0 && tokens <= self.config.max_position_embeddings
-                && input_ids.kind() == Kind::Int64 => tokens,
+            &[batch, tokens]
+                if batch > 0
+                    && tokens > 0
+                    && tokens <= self.config.max_position_embeddings
+                    && input_ids.kind() == Kind::Int64 =>
+            {
+                tokens
+            }
             other => {
                 return Err(Error::Shape {
                     what: "text encoder input_ids".into(),
-                    expected: format!("int64 [batch, tokens ≤ {}]", self.config.max_position_embeddings),
+                    expected: format!(
+                        "int64 [batch, tokens ≤ {}]",
+                        self.config.max_position_embeddings
+                    ),
                     actual: format!("{:?} {other:?}", input_ids.kind()),
                 });
             }
         };
         let positions = Tensor::arange(tokens, (Kind::Int64, input_ids.device()));
         // The fallible lookup: an id outside the vocabulary is an error on the CPU, not a panic.
-        let tokens_embedded = Tensor::f_embedding(&self.token_embedding.ws, input_ids, -1, false, false)?;
+        let tokens_embedded =
+            Tensor::f_embedding(&self.token_embedding.ws, input_ids, -1, false, false)?;
         let mut hidden = tokens_embedded + positions.apply(&self.position_embedding);
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         for layer in &self.layers {
@@ -362,12 +431,23 @@ impl ClipTextModel {
         let end_positions = if self.config.eos_token_id == 2 {
             input_ids.argmax(-1, false)
         } else {
-            input_ids.eq(self.config.eos_token_id).to_kind(Kind::Int).argmax(-1, false)
+            input_ids
+                .eq(self.config.eos_token_id)
+                .to_kind(Kind::Int)
+                .argmax(-1, false)
         };
         let rows = Tensor::arange(input_ids.size()[0], (Kind::Int64, input_ids.device()));
         let pooled = last_hidden_state.index(&[Some(rows), Some(end_positions)]);
-        let text_embeds = self.text_projection.as_ref().map(|projection| pooled.apply(projection));
-        Ok(ClipTextOutput { hidden_states, last_hidden_state, pooled, text_embeds })
+        let text_embeds = self
+            .text_projection
+            .as_ref()
+            .map(|projection| pooled.apply(projection));
+        Ok(ClipTextOutput {
+            hidden_states,
+            last_hidden_state,
+            pooled,
+            text_embeds,
+        })
     }
 }
 

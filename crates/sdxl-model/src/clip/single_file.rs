@@ -17,9 +17,9 @@ use tch::nn::VarStore;
 use tch::{Device, Kind};
 
 use super::{ClipTextConfig, ClipTextModel};
-use crate::mapped_load::{load_mapped, Source};
-use crate::weights::TensorFile;
 use crate::Result;
+use crate::mapped_load::{Source, load_mapped};
+use crate::weights::TensorFile;
 
 /// Where SGM keeps CLIP-L.
 pub const CLIP_L_PREFIX: &str = "conditioner.embedders.0.transformer.";
@@ -52,7 +52,10 @@ fn open_clip_source(name: &str) -> Option<Source> {
         _ => None,
     };
     if let Some(part) = part {
-        return Some(Source::FusedPart(format!("{block}attn.in_proj_{param}"), part));
+        return Some(Source::FusedPart(
+            format!("{block}attn.in_proj_{param}"),
+            part,
+        ));
     }
     let renamed = match module {
         "self_attn.out_proj" => "attn.out_proj",
@@ -69,10 +72,22 @@ fn open_clip_source(name: &str) -> Option<Source> {
 ///
 /// # Errors
 /// [`crate::Error::Load`] naming missing, unused (under [`CLIP_L_PREFIX`]) and mis-shaped keys.
-pub fn load_clip_l(file: &TensorFile, config: &ClipTextConfig, device: Device, kind: Kind) -> Result<(ClipTextModel, VarStore)> {
-    load(file, config, false, device, kind, CLIP_L_PREFIX, &["text_model.embeddings.position_ids"], |name| {
-        Some(Source::Same(name.to_owned()))
-    })
+pub fn load_clip_l(
+    file: &TensorFile,
+    config: &ClipTextConfig,
+    device: Device,
+    kind: Kind,
+) -> Result<(ClipTextModel, VarStore)> {
+    load(
+        file,
+        config,
+        false,
+        device,
+        kind,
+        CLIP_L_PREFIX,
+        &["text_model.embeddings.position_ids"],
+        |name| Some(Source::Same(name.to_owned())),
+    )
 }
 
 /// Loads SDXL's OpenCLIP bigG text encoder (with its projection) from a single-file checkpoint.
@@ -85,7 +100,16 @@ pub fn load_open_clip_big_g(
     device: Device,
     kind: Kind,
 ) -> Result<(ClipTextModel, VarStore)> {
-    load(file, config, true, device, kind, BIG_G_PREFIX, &["logit_scale"], open_clip_source)
+    load(
+        file,
+        config,
+        true,
+        device,
+        kind,
+        BIG_G_PREFIX,
+        &["logit_scale"],
+        open_clip_source,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -113,17 +137,41 @@ mod tests {
     #[test]
     fn open_clip_names_follow_the_sgm_layout() {
         let cases = [
-            ("text_model.encoder.layers.3.self_attn.k_proj.weight", Source::FusedPart("transformer.resblocks.3.attn.in_proj_weight".into(), 1)),
-            ("text_model.encoder.layers.0.self_attn.v_proj.bias", Source::FusedPart("transformer.resblocks.0.attn.in_proj_bias".into(), 2)),
-            ("text_model.encoder.layers.12.self_attn.out_proj.weight", Source::Same("transformer.resblocks.12.attn.out_proj.weight".into())),
-            ("text_model.encoder.layers.1.mlp.fc2.bias", Source::Same("transformer.resblocks.1.mlp.c_proj.bias".into())),
-            ("text_model.encoder.layers.1.layer_norm1.weight", Source::Same("transformer.resblocks.1.ln_1.weight".into())),
-            ("text_model.embeddings.position_embedding.weight", Source::Same("positional_embedding".into())),
-            ("text_projection.weight", Source::Transposed("text_projection".into())),
+            (
+                "text_model.encoder.layers.3.self_attn.k_proj.weight",
+                Source::FusedPart("transformer.resblocks.3.attn.in_proj_weight".into(), 1),
+            ),
+            (
+                "text_model.encoder.layers.0.self_attn.v_proj.bias",
+                Source::FusedPart("transformer.resblocks.0.attn.in_proj_bias".into(), 2),
+            ),
+            (
+                "text_model.encoder.layers.12.self_attn.out_proj.weight",
+                Source::Same("transformer.resblocks.12.attn.out_proj.weight".into()),
+            ),
+            (
+                "text_model.encoder.layers.1.mlp.fc2.bias",
+                Source::Same("transformer.resblocks.1.mlp.c_proj.bias".into()),
+            ),
+            (
+                "text_model.encoder.layers.1.layer_norm1.weight",
+                Source::Same("transformer.resblocks.1.ln_1.weight".into()),
+            ),
+            (
+                "text_model.embeddings.position_embedding.weight",
+                Source::Same("positional_embedding".into()),
+            ),
+            (
+                "text_projection.weight",
+                Source::Transposed("text_projection".into()),
+            ),
         ];
         for (name, expected) in cases {
             assert_eq!(open_clip_source(name), Some(expected), "{name}");
         }
-        assert_eq!(open_clip_source("text_model.encoder.layers.1.unknown.weight"), None);
+        assert_eq!(
+            open_clip_source("text_model.encoder.layers.1.unknown.weight"),
+            None
+        );
     }
 }

@@ -6,7 +6,9 @@
 use tch::{Kind, Tensor};
 
 use super::config::{BetaConfig, PredictionType, SchedulerConfig, TimestepSpacing, invalid};
-use super::euler_discrete::{SigmaSchedule, euler_init_noise_sigma, euler_pred_original, euler_timesteps};
+use super::euler_discrete::{
+    SigmaSchedule, euler_init_noise_sigma, euler_pred_original, euler_timesteps,
+};
 use super::{Scheduler, check_step, check_step_count, schedule, step_noise};
 use crate::Result;
 
@@ -64,7 +66,10 @@ impl EulerAncestralDiscreteScheduler {
     /// Builds the training schedule; until [`Scheduler::set_timesteps`] the inference schedule is all
     /// training timesteps, as in diffusers.
     pub fn new(config: EulerAncestralDiscreteConfig) -> Result<Self> {
-        Ok(Self { state: SigmaSchedule::new(&config.betas)?, config })
+        Ok(Self {
+            state: SigmaSchedule::new(&config.betas)?,
+            config,
+        })
     }
 
     /// The config it was built with.
@@ -123,7 +128,13 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         noise: Option<&Tensor>,
     ) -> Result<Tensor> {
         let index = self.state.step_index;
-        check_step(index, self.state.timesteps.len(), model_output, sample, noise)?;
+        check_step(
+            index,
+            self.state.timesteps.len(),
+            model_output,
+            sample,
+            noise,
+        )?;
         let sample = sample.f_to_kind(Kind::Float)?;
         let (sigma_from, sigma_to) = (self.state.sigmas[index], self.state.sigmas[index + 1]);
         let pred_original = euler_pred_original(

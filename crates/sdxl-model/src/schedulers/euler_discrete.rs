@@ -166,7 +166,11 @@ impl SigmaSchedule {
 
     /// A new inference schedule: `sigmas` (one per timestep) followed by `final_sigma`; back to step 0.
     pub(crate) fn set(&mut self, timesteps: Vec<f64>, sigmas: Vec<f64>, final_sigma: f64) {
-        self.sigmas = sigmas.into_iter().chain([final_sigma]).map(|sigma| sigma as f32).collect();
+        self.sigmas = sigmas
+            .into_iter()
+            .chain([final_sigma])
+            .map(|sigma| sigma as f32)
+            .collect();
         self.timesteps = timesteps;
         self.step_index = 0;
     }
@@ -190,7 +194,10 @@ impl EulerDiscreteScheduler {
     /// Builds the training schedule; until [`Scheduler::set_timesteps`] the inference schedule is all
     /// training timesteps, as in diffusers.
     pub fn new(config: EulerDiscreteConfig) -> Result<Self> {
-        Ok(Self { state: SigmaSchedule::new(&config.betas)?, config })
+        Ok(Self {
+            state: SigmaSchedule::new(&config.betas)?,
+            config,
+        })
     }
 
     /// The config it was built with.
@@ -264,7 +271,13 @@ impl Scheduler for EulerDiscreteScheduler {
         _noise: Option<&Tensor>,
     ) -> Result<Tensor> {
         let index = self.state.step_index;
-        check_step(index, self.state.timesteps.len(), model_output, sample, None)?;
+        check_step(
+            index,
+            self.state.timesteps.len(),
+            model_output,
+            sample,
+            None,
+        )?;
         // Upcast: small steps of a bf16 sample would round away.
         let sample = sample.f_to_kind(Kind::Float)?;
         let (sigma, sigma_next) = (self.state.sigmas[index], self.state.sigmas[index + 1]);

@@ -4,13 +4,13 @@
 //! `FeedForward`), `models/activations.py` (`GEGLU`) and the projections of `Attention` in
 //! `models/attention_processor.py`. The attention itself is [`crate::attention::attention`].
 
-use tch::nn::{self, Module};
 use tch::Tensor;
+use tch::nn::{self, Module};
 
 use lora::Linear;
 
-use crate::attention::{attention, AttentionBackend};
 use crate::Result;
+use crate::attention::{AttentionBackend, attention};
 
 /// `Attention` as SDXL's transformer blocks use it: bias-free `to_q`, `to_k`, `to_v` and an output
 /// projection `to_out.0` with bias (`to_out.1` is a dropout and has no weights).
@@ -44,7 +44,9 @@ impl Attention {
             to_out: Linear::new(&(path / "to_out" / 0), query_dim, query_dim, true),
             heads,
         };
-        let Self { to_q, to_k, to_v, .. } = &mut attention;
+        let Self {
+            to_q, to_k, to_v, ..
+        } = &mut attention;
         // By role, not width: a cross-attention whose context is as wide as its queries still
         // projects them from different inputs.
         if !cross {
@@ -62,19 +64,33 @@ impl Attention {
     ///
     /// # Errors
     /// [`crate::Error::Shape`] when the context does not fit the batch.
-    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>, backend: AttentionBackend) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        backend: AttentionBackend,
+    ) -> Result<Tensor> {
         // Packed projections of one input in one product (with their LoRA, see `lora::fused_forward`);
         // one by one where that declines.
         let (query, key, value) = match context {
-            None => match lora::fused_forward(&[&self.to_q, &self.to_k, &self.to_v], xs).as_deref() {
+            None => match lora::fused_forward(&[&self.to_q, &self.to_k, &self.to_v], xs).as_deref()
+            {
                 Some([q, k, v]) => (q.shallow_clone(), k.shallow_clone(), v.shallow_clone()),
-                _ => (self.to_q.forward(xs), self.to_k.forward(xs), self.to_v.forward(xs)),
+                _ => (
+                    self.to_q.forward(xs),
+                    self.to_k.forward(xs),
+                    self.to_v.forward(xs),
+                ),
             },
             Some(context) => {
                 let query = self.to_q.forward(xs);
                 match lora::fused_forward(&[&self.to_k, &self.to_v], context).as_deref() {
                     Some([k, v]) => (query, k.shallow_clone(), v.shallow_clone()),
-                    _ => (query, self.to_k.forward(context), self.to_v.forward(context)),
+                    _ => (
+                        query,
+                        self.to_k.forward(context),
+                        self.to_v.forward(context),
+                    ),
                 }
             }
         };
@@ -103,7 +119,10 @@ impl FeedForward {
     /// Creates `net.0.proj` and `net.2` under `path` with the usual 4× inner width.
     pub fn new(path: &nn::Path, dim: i64) -> Self {
         let inner = 4 * dim;
-        Self { proj: Linear::new(&(path / "net" / 0 / "proj"), dim, 2 * inner, true), out: Linear::new(&(path / "net" / 2), inner, dim, true) }
+        Self {
+            proj: Linear::new(&(path / "net" / 0 / "proj"), dim, 2 * inner, true),
+            out: Linear::new(&(path / "net" / 2), inner, dim, true),
+        }
     }
 }
 
@@ -135,7 +154,16 @@ pub struct BasicTransformerBlock {
 impl BasicTransformerBlock {
     /// Creates the block under `path`.
     pub fn new(path: &nn::Path, dim: i64, heads: i64, cross_attention_dim: i64, eps: f64) -> Self {
-        let norm = |name: &str| nn::layer_norm(path / name, vec![dim], nn::LayerNormConfig { eps, ..Default::default() });
+        let norm = |name: &str| {
+            nn::layer_norm(
+                path / name,
+                vec![dim],
+                nn::LayerNormConfig {
+                    eps,
+                    ..Default::default()
+                },
+            )
+        };
         Self {
             norm1: norm("norm1"),
             attn1: Attention::new(&(path / "attn1"), dim, None, heads),
@@ -151,9 +179,17 @@ impl BasicTransformerBlock {
     ///
     /// # Errors
     /// As [`Attention::forward`].
-    pub fn forward(&self, xs: &Tensor, context: &Tensor, backend: AttentionBackend) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        context: &Tensor,
+        backend: AttentionBackend,
+    ) -> Result<Tensor> {
         let xs = self.attn1.forward(&xs.apply(&self.norm1), None, backend)? + xs;
-        let xs = self.attn2.forward(&xs.apply(&self.norm2), Some(context), backend)? + xs;
+        let xs = self
+            .attn2
+            .forward(&xs.apply(&self.norm2), Some(context), backend)?
+            + xs;
         Ok(self.ff.forward(&xs.apply(&self.norm3)) + xs)
     }
 
@@ -174,8 +210,14 @@ mod tests {
     /// `Attention::forward` with the projections one by one, for comparison.
     fn one_by_one(a: &Attention, xs: &Tensor, context: Option<&Tensor>) -> Tensor {
         let context = context.unwrap_or(xs);
-        let out = attention(&a.to_q.forward(xs), &a.to_k.forward(context), &a.to_v.forward(context), a.heads, AttentionBackend::Fused)
-            .unwrap();
+        let out = attention(
+            &a.to_q.forward(xs),
+            &a.to_k.forward(context),
+            &a.to_v.forward(context),
+            a.heads,
+            AttentionBackend::Fused,
+        )
+        .unwrap();
         a.to_out.forward(&out)
     }
 
@@ -186,7 +228,8 @@ mod tests {
         let mut cross_attention = Attention::new(&(vs.root() / "attn2"), 16, Some(24), 2);
         tch::no_grad(|| {
             for (_, var) in vs.variables() {
-                var.shallow_clone().copy_(&Tensor::randn(var.size(), (Kind::Float, Device::Cpu)));
+                var.shallow_clone()
+                    .copy_(&Tensor::randn(var.size(), (Kind::Float, Device::Cpu)));
             }
         });
         let xs = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
@@ -194,28 +237,44 @@ mod tests {
         for with_lora in [false, true] {
             if with_lora {
                 let lora_vs = nn::VarStore::new(Device::Cpu);
-                let config = lora::LoraConfig::with_targets(2, &["to_q", "to_k", "to_v", "to_out.0"]);
-                for (name, attention) in [("attn1", &mut self_attention), ("attn2", &mut cross_attention)] {
+                let config =
+                    lora::LoraConfig::with_targets(2, &["to_q", "to_k", "to_v", "to_out.0"]);
+                for (name, attention) in [
+                    ("attn1", &mut self_attention),
+                    ("attn2", &mut cross_attention),
+                ] {
                     let mut holder = Holder(attention, name);
                     lora::inject(&mut holder, &lora_vs.root(), "default", &config).unwrap();
                 }
                 // Gaussian init leaves B at zero: give B values so that the LoRA path counts.
                 tch::no_grad(|| {
                     for (_, var) in lora_vs.variables() {
-                        var.shallow_clone().copy_(&Tensor::randn(var.size(), (Kind::Float, Device::Cpu)));
+                        var.shallow_clone()
+                            .copy_(&Tensor::randn(var.size(), (Kind::Float, Device::Cpu)));
                     }
                 });
             }
             let a = &self_attention;
-            assert!(lora::fused_forward(&[&a.to_q, &a.to_k, &a.to_v], &xs).is_some(), "self-attention not fused");
+            assert!(
+                lora::fused_forward(&[&a.to_q, &a.to_k, &a.to_v], &xs).is_some(),
+                "self-attention not fused"
+            );
             let c = &cross_attention;
-            assert!(lora::fused_forward(&[&c.to_k, &c.to_v], &context).is_some(), "cross-attention keys/values not fused");
+            assert!(
+                lora::fused_forward(&[&c.to_k, &c.to_v], &context).is_some(),
+                "cross-attention keys/values not fused"
+            );
             for (attention, ctx) in [(a, None), (c, Some(&context))] {
-                let fused = attention.forward(&xs, ctx, AttentionBackend::Fused).unwrap();
+                let fused = attention
+                    .forward(&xs, ctx, AttentionBackend::Fused)
+                    .unwrap();
                 let single = one_by_one(attention, &xs, ctx);
                 let diff = (&fused - &single).abs().max().double_value(&[]);
                 let scale = single.abs().max().double_value(&[]);
-                assert!(diff <= 1e-5 * scale, "LoRA {with_lora}: max |Δ| {diff} of {scale}");
+                assert!(
+                    diff <= 1e-5 * scale,
+                    "LoRA {with_lora}: max |Δ| {diff} of {scale}"
+                );
             }
         }
     }

@@ -37,7 +37,10 @@ pub struct Tape<'a> {
 
 impl std::fmt::Debug for Tape<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tape").field("checkpointing", &self.checkpointing).field("values", &self.values.len()).finish()
+        f.debug_struct("Tape")
+            .field("checkpointing", &self.checkpointing)
+            .field("values", &self.values.len())
+            .finish()
     }
 }
 
@@ -45,7 +48,11 @@ impl<'a> Tape<'a> {
     /// An empty tape; with `checkpointing` the segments run without autograd and are kept for
     /// [`Tape::backward`].
     pub fn new(checkpointing: bool) -> Self {
-        Self { checkpointing, values: Vec::new(), records: Vec::new() }
+        Self {
+            checkpointing,
+            values: Vec::new(),
+            records: Vec::new(),
+        }
     }
 
     /// Puts an input of the whole pass on the tape.
@@ -63,13 +70,28 @@ impl<'a> Tape<'a> {
     ///
     /// # Errors
     /// Whatever the segment returns.
-    pub fn run(&mut self, inputs: &[Value], segment: impl Fn(&[Tensor]) -> Result<Tensor> + 'a) -> Result<Value> {
-        let args: Vec<Tensor> = inputs.iter().map(|v| self.values[v.0].shallow_clone()).collect();
-        let output = if self.checkpointing { tch::no_grad(|| segment(&args))? } else { segment(&args)? };
+    pub fn run(
+        &mut self,
+        inputs: &[Value],
+        segment: impl Fn(&[Tensor]) -> Result<Tensor> + 'a,
+    ) -> Result<Value> {
+        let args: Vec<Tensor> = inputs
+            .iter()
+            .map(|v| self.values[v.0].shallow_clone())
+            .collect();
+        let output = if self.checkpointing {
+            tch::no_grad(|| segment(&args))?
+        } else {
+            segment(&args)?
+        };
         self.values.push(output);
         let output = Value(self.values.len() - 1);
         if self.checkpointing {
-            self.records.push(Record { inputs: inputs.to_vec(), output, segment: Box::new(segment) });
+            self.records.push(Record {
+                inputs: inputs.to_vec(),
+                output,
+                segment: Box::new(segment),
+            });
         }
         Ok(output)
     }
@@ -83,22 +105,34 @@ impl<'a> Tape<'a> {
     ///
     /// # Errors
     /// Whatever a segment returns, and libtorch errors of the backward passes.
-    pub fn backward(&self, output: Value, output_grad: &Tensor, wanted: &[Value]) -> Result<Vec<Option<Tensor>>> {
+    pub fn backward(
+        &self,
+        output: Value,
+        output_grad: &Tensor,
+        wanted: &[Value],
+    ) -> Result<Vec<Option<Tensor>>> {
         let mut grads: Vec<Option<Tensor>> = (0..self.values.len()).map(|_| None).collect();
         grads[output.0] = Some(output_grad.detach());
         for record in self.records.iter().rev() {
-            let Some(grad) = grads[record.output.0].take() else { continue };
+            let Some(grad) = grads[record.output.0].take() else {
+                continue;
+            };
             let inputs: Vec<Tensor> = record
                 .inputs
                 .iter()
                 .map(|v| {
                     let value = self.values[v.0].detach();
-                    if value.is_floating_point() { value.set_requires_grad(true) } else { value }
+                    if value.is_floating_point() {
+                        value.set_requires_grad(true)
+                    } else {
+                        value
+                    }
                 })
                 .collect();
             let recomputed = (record.segment)(&inputs)?;
             // d/d(recomputed) of sum(recomputed · grad) is grad: one backward call feeds it through.
-            let surrogate = (recomputed * grad.to_kind(self.values[record.output.0].kind())).sum(Kind::Float);
+            let surrogate =
+                (recomputed * grad.to_kind(self.values[record.output.0].kind())).sum(Kind::Float);
             surrogate.f_backward()?;
             for (value, input) in record.inputs.iter().zip(&inputs) {
                 let input_grad = input.grad();
@@ -111,7 +145,10 @@ impl<'a> Tape<'a> {
                 });
             }
         }
-        Ok(wanted.iter().map(|v| grads[v.0].as_ref().map(Tensor::shallow_clone)).collect())
+        Ok(wanted
+            .iter()
+            .map(|v| grads[v.0].as_ref().map(Tensor::shallow_clone))
+            .collect())
     }
 }
 
@@ -130,8 +167,11 @@ mod tests {
         // y = tanh(x w1) ; z = (y + x) w2 — x feeds two segments, as the UNet's skips and embeddings do.
         fn run<'a>(tape: &mut Tape<'a>, x: &Tensor, w1: &'a Tensor, w2: &'a Tensor) -> Value {
             let xv = tape.input(x);
-            let y = tape.run(&[xv], move |a| Ok(a[0].matmul(w1).tanh())).unwrap();
-            tape.run(&[y, xv], move |a| Ok((&a[0] + &a[1]).matmul(w2))).unwrap()
+            let y = tape
+                .run(&[xv], move |a| Ok(a[0].matmul(w1).tanh()))
+                .unwrap();
+            tape.run(&[y, xv], move |a| Ok((&a[0] + &a[1]).matmul(w2)))
+                .unwrap()
         }
         let mut plain = Tape::new(false);
         let out = run(&mut plain, &x, &w1, &w2);
@@ -143,12 +183,18 @@ mod tests {
 
         let mut tape = Tape::new(true);
         let out = run(&mut tape, &x, &w1, &w2);
-        assert!(!tape.get(out).requires_grad(), "checkpointed forward keeps no graph");
+        assert!(
+            !tape.get(out).requires_grad(),
+            "checkpointed forward keeps no graph"
+        );
         let grad_out = tape.get(out) * 2.0;
         let grads = tape.backward(out, &grad_out, &[Value(0)]).unwrap();
         let x_grad = grads[0].as_ref().unwrap();
         for (got, want) in [x_grad, &w1.grad(), &w2.grad()].into_iter().zip(&expected) {
-            assert!(got.allclose(want, 1e-12, 1e-12, false), "{got:?} vs {want:?}");
+            assert!(
+                got.allclose(want, 1e-12, 1e-12, false),
+                "{got:?} vs {want:?}"
+            );
         }
     }
 }

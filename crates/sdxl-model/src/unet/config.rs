@@ -100,9 +100,19 @@ impl Default for UNetConfigJson {
             center_input_sample: false,
             flip_sin_to_cos: true,
             freq_shift: 0.0,
-            down_block_types: strings(&["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]),
+            down_block_types: strings(&[
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ]),
             mid_block_type: Some("UNetMidBlock2DCrossAttn".to_owned()),
-            up_block_types: strings(&["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
+            up_block_types: strings(&[
+                "UpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+            ]),
             only_cross_attention: PerLevel::All(false),
             block_out_channels: vec![320, 640, 1280, 1280],
             layers_per_block: PerLevel::All(2),
@@ -223,14 +233,24 @@ pub struct UNetConfig {
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
-    Error::InvalidConfig { field, reason: reason.into() }
+    Error::InvalidConfig {
+        field,
+        reason: reason.into(),
+    }
 }
 
-fn require<T: PartialEq + std::fmt::Debug>(field: &'static str, actual: &T, supported: &T) -> Result<()> {
+fn require<T: PartialEq + std::fmt::Debug>(
+    field: &'static str,
+    actual: &T,
+    supported: &T,
+) -> Result<()> {
     if actual == supported {
         Ok(())
     } else {
-        Err(invalid(field, format!("{actual:?} is not supported (only {supported:?})")))
+        Err(invalid(
+            field,
+            format!("{actual:?} is not supported (only {supported:?})"),
+        ))
     }
 }
 
@@ -256,7 +276,11 @@ impl UNetConfig {
         require("dropout", &json.dropout, &0.0)?;
         require("downsample_padding", &json.downsample_padding, &1)?;
         require("mid_block_scale_factor", &json.mid_block_scale_factor, &1.0)?;
-        require("mid_block_type", &json.mid_block_type.as_deref(), &Some("UNetMidBlock2DCrossAttn"))?;
+        require(
+            "mid_block_type",
+            &json.mid_block_type.as_deref(),
+            &Some("UNetMidBlock2DCrossAttn"),
+        )?;
         require("encoder_hid_dim", &json.encoder_hid_dim, &None)?;
         require("encoder_hid_dim_type", &json.encoder_hid_dim_type, &None)?;
         require("num_attention_heads", &json.num_attention_heads, &None)?;
@@ -264,10 +288,22 @@ impl UNetConfig {
         require("class_embed_type", &json.class_embed_type, &None)?;
         require("num_class_embeds", &json.num_class_embeds, &None)?;
         require("upcast_attention", &json.upcast_attention, &false)?;
-        require("resnet_time_scale_shift", &json.resnet_time_scale_shift.as_str(), &"default")?;
+        require(
+            "resnet_time_scale_shift",
+            &json.resnet_time_scale_shift.as_str(),
+            &"default",
+        )?;
         require("resnet_skip_time_act", &json.resnet_skip_time_act, &false)?;
-        require("resnet_out_scale_factor", &json.resnet_out_scale_factor, &1.0)?;
-        require("time_embedding_type", &json.time_embedding_type.as_str(), &"positional")?;
+        require(
+            "resnet_out_scale_factor",
+            &json.resnet_out_scale_factor,
+            &1.0,
+        )?;
+        require(
+            "time_embedding_type",
+            &json.time_embedding_type.as_str(),
+            &"positional",
+        )?;
         require("time_embedding_dim", &json.time_embedding_dim, &None)?;
         require("time_embedding_act_fn", &json.time_embedding_act_fn, &None)?;
         require("timestep_post_act", &json.timestep_post_act, &None)?;
@@ -275,10 +311,17 @@ impl UNetConfig {
         require("conv_in_kernel", &json.conv_in_kernel, &3)?;
         require("conv_out_kernel", &json.conv_out_kernel, &3)?;
         require("attention_type", &json.attention_type.as_str(), &"default")?;
-        require("class_embeddings_concat", &json.class_embeddings_concat, &false)?;
+        require(
+            "class_embeddings_concat",
+            &json.class_embeddings_concat,
+            &false,
+        )?;
         require("cross_attention_norm", &json.cross_attention_norm, &None)?;
         if json.mid_block_only_cross_attention == Some(true) {
-            return Err(invalid("mid_block_only_cross_attention", "true is not supported"));
+            return Err(invalid(
+                "mid_block_only_cross_attention",
+                "true is not supported",
+            ));
         }
 
         let levels = json.block_out_channels.len();
@@ -301,7 +344,10 @@ impl UNetConfig {
             .map(|name| match name.as_str() {
                 "DownBlock2D" => Ok(DownBlockKind::Plain),
                 "CrossAttnDownBlock2D" => Ok(DownBlockKind::CrossAttn),
-                other => Err(invalid("down_block_types", format!("`{other}` is not supported"))),
+                other => Err(invalid(
+                    "down_block_types",
+                    format!("`{other}` is not supported"),
+                )),
             })
             .collect::<Result<_>>()?;
         let up_blocks: Vec<UpBlockKind> = json
@@ -310,45 +356,78 @@ impl UNetConfig {
             .map(|name| match name.as_str() {
                 "UpBlock2D" => Ok(UpBlockKind::Plain),
                 "CrossAttnUpBlock2D" => Ok(UpBlockKind::CrossAttn),
-                other => Err(invalid("up_block_types", format!("`{other}` is not supported"))),
+                other => Err(invalid(
+                    "up_block_types",
+                    format!("`{other}` is not supported"),
+                )),
             })
             .collect::<Result<_>>()?;
-        if json.only_cross_attention.expand("only_cross_attention", levels)?.contains(&true) {
+        if json
+            .only_cross_attention
+            .expand("only_cross_attention", levels)?
+            .contains(&true)
+        {
             return Err(invalid("only_cross_attention", "true is not supported"));
         }
         let layers = json.layers_per_block.expand("layers_per_block", levels)?;
         let layers_per_block = layers[0];
         if layers.iter().any(|&n| n != layers_per_block) || layers_per_block < 1 {
-            return Err(invalid("layers_per_block", format!("{layers:?}: one positive value for all levels is supported")));
+            return Err(invalid(
+                "layers_per_block",
+                format!("{layers:?}: one positive value for all levels is supported"),
+            ));
         }
-        let cross = json.cross_attention_dim.expand("cross_attention_dim", levels)?;
+        let cross = json
+            .cross_attention_dim
+            .expand("cross_attention_dim", levels)?;
         let cross_attention_dim = cross[0];
         if cross.iter().any(|&d| d != cross_attention_dim) || cross_attention_dim < 1 {
-            return Err(invalid("cross_attention_dim", format!("{cross:?}: one positive value for all levels is supported")));
+            return Err(invalid(
+                "cross_attention_dim",
+                format!("{cross:?}: one positive value for all levels is supported"),
+            ));
         }
-        let transformer_layers = json.transformer_layers_per_block.expand("transformer_layers_per_block", levels)?;
+        let transformer_layers = json
+            .transformer_layers_per_block
+            .expand("transformer_layers_per_block", levels)?;
         if transformer_layers.iter().any(|&n| n < 1) {
-            return Err(invalid("transformer_layers_per_block", format!("{transformer_layers:?} has a value below 1")));
+            return Err(invalid(
+                "transformer_layers_per_block",
+                format!("{transformer_layers:?} has a value below 1"),
+            ));
         }
         let up_transformer_layers = match &json.reverse_transformer_layers_per_block {
             None => transformer_layers.iter().rev().copied().collect(),
             Some(list) if list.len() == levels && list.iter().all(|&n| n >= 1) => list.clone(),
             Some(list) => {
-                return Err(invalid("reverse_transformer_layers_per_block", format!("{list:?} does not fit {levels} levels")));
+                return Err(invalid(
+                    "reverse_transformer_layers_per_block",
+                    format!("{list:?} does not fit {levels} levels"),
+                ));
             }
         };
         // diffusers reads the head *count* from `attention_head_dim` (a historic misnomer it keeps for
         // compatibility), so the per-head width is channels / heads.
-        let heads = json.attention_head_dim.expand("attention_head_dim", levels)?;
-        let groups = json.norm_num_groups.ok_or_else(|| invalid("norm_num_groups", "null is not supported"))?;
+        let heads = json
+            .attention_head_dim
+            .expand("attention_head_dim", levels)?;
+        let groups = json
+            .norm_num_groups
+            .ok_or_else(|| invalid("norm_num_groups", "null is not supported"))?;
         let mut level_configs = Vec::with_capacity(levels);
         for i in 0..levels {
             let channels = json.block_out_channels[i];
             if channels < 1 || groups < 1 || channels % groups != 0 {
-                return Err(invalid("block_out_channels", format!("{channels} channels are not a multiple of {groups} norm groups")));
+                return Err(invalid(
+                    "block_out_channels",
+                    format!("{channels} channels are not a multiple of {groups} norm groups"),
+                ));
             }
             if heads[i] < 1 || channels % heads[i] != 0 {
-                return Err(invalid("attention_head_dim", format!("{} heads do not divide {channels} channels", heads[i])));
+                return Err(invalid(
+                    "attention_head_dim",
+                    format!("{} heads do not divide {channels} channels", heads[i]),
+                ));
             }
             level_configs.push(Level {
                 channels,
@@ -363,23 +442,47 @@ impl UNetConfig {
                 let time_embed_dim = json
                     .addition_time_embed_dim
                     .filter(|&d| d > 0 && d % 2 == 0)
-                    .ok_or_else(|| invalid("addition_time_embed_dim", "must be a positive even number with `text_time`"))?;
+                    .ok_or_else(|| {
+                        invalid(
+                            "addition_time_embed_dim",
+                            "must be a positive even number with `text_time`",
+                        )
+                    })?;
                 let projection_input_dim = json
                     .projection_class_embeddings_input_dim
                     .filter(|&d| d > 0)
-                    .ok_or_else(|| invalid("projection_class_embeddings_input_dim", "must be positive with `text_time`"))?;
-                Some(TextTimeConfig { time_embed_dim, projection_input_dim })
+                    .ok_or_else(|| {
+                        invalid(
+                            "projection_class_embeddings_input_dim",
+                            "must be positive with `text_time`",
+                        )
+                    })?;
+                Some(TextTimeConfig {
+                    time_embed_dim,
+                    projection_input_dim,
+                })
             }
-            Some(other) => return Err(invalid("addition_embed_type", format!("`{other}` is not supported"))),
+            Some(other) => {
+                return Err(invalid(
+                    "addition_embed_type",
+                    format!("`{other}` is not supported"),
+                ));
+            }
         };
         if json.in_channels < 1 || json.out_channels < 1 {
-            return Err(invalid("in_channels", "in_channels and out_channels must be positive"));
+            return Err(invalid(
+                "in_channels",
+                "in_channels and out_channels must be positive",
+            ));
         }
         if json.norm_eps <= 0.0 {
             return Err(invalid("norm_eps", "must be positive"));
         }
         if level_configs[0].channels % 2 != 0 {
-            return Err(invalid("block_out_channels", "the first entry (the timestep embedding width) must be even"));
+            return Err(invalid(
+                "block_out_channels",
+                "the first entry (the timestep embedding width) must be even",
+            ));
         }
         Ok(Self {
             in_channels: json.in_channels,
@@ -406,12 +509,19 @@ impl UNetConfig {
     /// conditioning with 256-wide time-id embeddings and a 2816-wide `add_embedding` input.
     pub fn sdxl_base() -> Self {
         Self::from_levels(
-            [(320, DownBlockKind::Plain, 1, 5), (640, DownBlockKind::CrossAttn, 2, 10), (1280, DownBlockKind::CrossAttn, 10, 20)],
+            [
+                (320, DownBlockKind::Plain, 1, 5),
+                (640, DownBlockKind::CrossAttn, 2, 10),
+                (1280, DownBlockKind::CrossAttn, 10, 20),
+            ],
             2,
             32,
             2048,
             true,
-            Some(TextTimeConfig { time_embed_dim: 256, projection_input_dim: 2816 }),
+            Some(TextTimeConfig {
+                time_embed_dim: 256,
+                projection_input_dim: 2816,
+            }),
             Some(128),
         )
     }
@@ -420,12 +530,19 @@ impl UNetConfig {
     /// block layout at 16/32/32 channels, transformer depths 1/1/2 (varying by level), linear projections.
     pub fn tiny_sdxl() -> Self {
         Self::from_levels(
-            [(16, DownBlockKind::Plain, 1, 2), (32, DownBlockKind::CrossAttn, 1, 2), (32, DownBlockKind::CrossAttn, 2, 4)],
+            [
+                (16, DownBlockKind::Plain, 1, 2),
+                (32, DownBlockKind::CrossAttn, 1, 2),
+                (32, DownBlockKind::CrossAttn, 2, 4),
+            ],
             2,
             4,
             32,
             true,
-            Some(TextTimeConfig { time_embed_dim: 8, projection_input_dim: 80 }),
+            Some(TextTimeConfig {
+                time_embed_dim: 8,
+                projection_input_dim: 80,
+            }),
             Some(16),
         )
     }
@@ -434,12 +551,18 @@ impl UNetConfig {
     /// first, two transformer layers, 1×1 convolution projections.
     pub fn tiny_b() -> Self {
         Self::from_levels(
-            [(16, DownBlockKind::CrossAttn, 2, 4), (32, DownBlockKind::Plain, 2, 4)],
+            [
+                (16, DownBlockKind::CrossAttn, 2, 4),
+                (32, DownBlockKind::Plain, 2, 4),
+            ],
             1,
             4,
             24,
             false,
-            Some(TextTimeConfig { time_embed_dim: 4, projection_input_dim: 40 }),
+            Some(TextTimeConfig {
+                time_embed_dim: 4,
+                projection_input_dim: 40,
+            }),
             Some(8),
         )
     }
@@ -457,7 +580,12 @@ impl UNetConfig {
     ) -> Self {
         let levels: Vec<Level> = levels
             .iter()
-            .map(|&(channels, down, down_transformer_layers, heads)| Level { channels, down, down_transformer_layers, heads })
+            .map(|&(channels, down, down_transformer_layers, heads)| Level {
+                channels,
+                down,
+                down_transformer_layers,
+                heads,
+            })
             .collect();
         let up_blocks = levels
             .iter()
@@ -473,7 +601,11 @@ impl UNetConfig {
             sample_size,
             flip_sin_to_cos: true,
             freq_shift: 0.0,
-            up_transformer_layers: levels.iter().rev().map(|l| l.down_transformer_layers).collect(),
+            up_transformer_layers: levels
+                .iter()
+                .rev()
+                .map(|l| l.down_transformer_layers)
+                .collect(),
             mid_transformer_layers: levels.last().map_or(1, |l| l.down_transformer_layers),
             levels,
             up_blocks,
@@ -497,13 +629,21 @@ mod tests {
     use super::*;
 
     fn fixture(path: &str) -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(path)
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures")
+            .join(path)
     }
 
     #[test]
     fn fixture_configs_parse_to_the_presets() {
-        assert_eq!(UNetConfig::from_file(fixture("tiny-sdxl/unet/config.json")).unwrap(), UNetConfig::tiny_sdxl());
-        assert_eq!(UNetConfig::from_file(fixture("unet-tiny-b/config.json")).unwrap(), UNetConfig::tiny_b());
+        assert_eq!(
+            UNetConfig::from_file(fixture("tiny-sdxl/unet/config.json")).unwrap(),
+            UNetConfig::tiny_sdxl()
+        );
+        assert_eq!(
+            UNetConfig::from_file(fixture("unet-tiny-b/config.json")).unwrap(),
+            UNetConfig::tiny_b()
+        );
     }
 
     #[test]
@@ -529,16 +669,67 @@ mod tests {
 
     #[test]
     fn unsupported_values_are_errors_naming_the_key() {
-        let base = || UNetConfigJson { addition_embed_type: None, ..UNetConfigJson::default() };
+        let base = || UNetConfigJson {
+            addition_embed_type: None,
+            ..UNetConfigJson::default()
+        };
         let cases: Vec<(UNetConfigJson, &str)> = vec![
-            (UNetConfigJson { down_block_types: vec!["AttnDownBlock2D".into(); 4], ..base() }, "`AttnDownBlock2D`"),
-            (UNetConfigJson { addition_embed_type: Some("text".into()), ..base() }, "addition_embed_type"),
-            (UNetConfigJson { addition_embed_type: Some("text_time".into()), ..base() }, "addition_time_embed_dim"),
-            (UNetConfigJson { attention_head_dim: PerLevel::Each(vec![8, 8]), ..base() }, "2 entries for 4"),
-            (UNetConfigJson { attention_head_dim: PerLevel::All(7), ..base() }, "attention_head_dim"),
-            (UNetConfigJson { norm_num_groups: Some(48), ..base() }, "48 norm groups"),
-            (UNetConfigJson { time_cond_proj_dim: Some(4), ..base() }, "time_cond_proj_dim"),
-            (UNetConfigJson { up_block_types: vec![], ..base() }, "down_block_types"),
+            (
+                UNetConfigJson {
+                    down_block_types: vec!["AttnDownBlock2D".into(); 4],
+                    ..base()
+                },
+                "`AttnDownBlock2D`",
+            ),
+            (
+                UNetConfigJson {
+                    addition_embed_type: Some("text".into()),
+                    ..base()
+                },
+                "addition_embed_type",
+            ),
+            (
+                UNetConfigJson {
+                    addition_embed_type: Some("text_time".into()),
+                    ..base()
+                },
+                "addition_time_embed_dim",
+            ),
+            (
+                UNetConfigJson {
+                    attention_head_dim: PerLevel::Each(vec![8, 8]),
+                    ..base()
+                },
+                "2 entries for 4",
+            ),
+            (
+                UNetConfigJson {
+                    attention_head_dim: PerLevel::All(7),
+                    ..base()
+                },
+                "attention_head_dim",
+            ),
+            (
+                UNetConfigJson {
+                    norm_num_groups: Some(48),
+                    ..base()
+                },
+                "48 norm groups",
+            ),
+            (
+                UNetConfigJson {
+                    time_cond_proj_dim: Some(4),
+                    ..base()
+                },
+                "time_cond_proj_dim",
+            ),
+            (
+                UNetConfigJson {
+                    up_block_types: vec![],
+                    ..base()
+                },
+                "down_block_types",
+            ),
         ];
         for (json, needle) in cases {
             let msg = UNetConfig::from_json(&json).unwrap_err().to_string();
@@ -551,7 +742,11 @@ mod tests {
         let bad = dir.join("config.json");
         std::fs::write(&bad, "{\"in_channels\": \"four\"}").unwrap();
         let msg = UNetConfig::from_file(&bad).unwrap_err().to_string();
-        assert!(msg.contains("config.json") && msg.contains("in_channels") || msg.contains("invalid type"), "{msg}");
+        assert!(
+            msg.contains("config.json") && msg.contains("in_channels")
+                || msg.contains("invalid type"),
+            "{msg}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -27,9 +27,32 @@ pub struct Conv2d {
 impl Conv2d {
     /// A `kernel × kernel` convolution created under `path` (PyTorch's default initialisation;
     /// loading weights overwrites it).
-    pub fn new(path: &nn::Path, in_channels: i64, out_channels: i64, kernel: i64, stride: i64, padding: i64) -> Self {
-        let conv = nn::conv2d(path, in_channels, out_channels, kernel, nn::ConvConfig { stride, padding, ..Default::default() });
-        Self { weight: conv.ws, bias: conv.bs, stride, padding, fp8: None }
+    pub fn new(
+        path: &nn::Path,
+        in_channels: i64,
+        out_channels: i64,
+        kernel: i64,
+        stride: i64,
+        padding: i64,
+    ) -> Self {
+        let conv = nn::conv2d(
+            path,
+            in_channels,
+            out_channels,
+            kernel,
+            nn::ConvConfig {
+                stride,
+                padding,
+                ..Default::default()
+            },
+        );
+        Self {
+            weight: conv.ws,
+            bias: conv.bs,
+            stride,
+            padding,
+            fp8: None,
+        }
     }
 
     /// Whether the weight is stored in fp8.
@@ -74,7 +97,14 @@ impl Module for Conv2d {
                 &widened
             }
         };
-        xs.conv2d(weight, self.bias.as_ref(), [self.stride], [self.padding], [1], 1)
+        xs.conv2d(
+            weight,
+            self.bias.as_ref(),
+            [self.stride],
+            [self.padding],
+            [1],
+            1,
+        )
     }
 }
 
@@ -88,10 +118,25 @@ mod tests {
         tch::manual_seed(4);
         let vs = nn::VarStore::new(Device::Cpu);
         let mut conv = Conv2d::new(&(vs.root() / "conv1"), 8, 16, 3, 2, 1);
-        let reference = nn::conv2d(&(vs.root() / "ref"), 8, 16, 3, nn::ConvConfig { stride: 2, padding: 1, ..Default::default() });
+        let reference = nn::conv2d(
+            &(vs.root() / "ref"),
+            8,
+            16,
+            3,
+            nn::ConvConfig {
+                stride: 2,
+                padding: 1,
+                ..Default::default()
+            },
+        );
         tch::no_grad(|| {
             reference.ws.shallow_clone().copy_(&conv.weight);
-            reference.bs.as_ref().unwrap().shallow_clone().copy_(conv.bias.as_ref().unwrap());
+            reference
+                .bs
+                .as_ref()
+                .unwrap()
+                .shallow_clone()
+                .copy_(conv.bias.as_ref().unwrap());
         });
         let x = Tensor::randn([2, 8, 9, 7], (Kind::Float, Device::Cpu));
         let expected = x.apply(&reference);

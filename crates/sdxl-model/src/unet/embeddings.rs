@@ -17,12 +17,22 @@ use lora::Linear;
 ///
 /// # Shapes
 /// `numbers` `[n]` (any numeric kind) → `[n, dim]` fp32.
-pub fn timestep_embedding(numbers: &Tensor, dim: i64, flip_sin_to_cos: bool, freq_shift: f64) -> Tensor {
+pub fn timestep_embedding(
+    numbers: &Tensor,
+    dim: i64,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Tensor {
     let half = dim / 2;
-    let exponent = Tensor::arange(half, (Kind::Float, numbers.device())) * (-(10000f64.ln()) / (half as f64 - freq_shift));
+    let exponent = Tensor::arange(half, (Kind::Float, numbers.device()))
+        * (-(10000f64.ln()) / (half as f64 - freq_shift));
     let angles = numbers.to_kind(Kind::Float).unsqueeze(1) * exponent.exp().unsqueeze(0);
     let (sin, cos) = (angles.sin(), angles.cos());
-    if flip_sin_to_cos { Tensor::cat(&[cos, sin], 1) } else { Tensor::cat(&[sin, cos], 1) }
+    if flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], 1)
+    } else {
+        Tensor::cat(&[sin, cos], 1)
+    }
 }
 
 /// `TimestepEmbedding`: `linear_2(silu(linear_1(x)))`.
@@ -37,7 +47,10 @@ pub struct TimestepEmbedding {
 impl TimestepEmbedding {
     /// Creates `linear_1` (`in_dim → out_dim`) and `linear_2` (`out_dim → out_dim`) under `path`.
     pub fn new(path: &nn::Path, in_dim: i64, out_dim: i64) -> Self {
-        Self { linear_1: Linear::new(&(path / "linear_1"), in_dim, out_dim, true), linear_2: Linear::new(&(path / "linear_2"), out_dim, out_dim, true) }
+        Self {
+            linear_1: Linear::new(&(path / "linear_1"), in_dim, out_dim, true),
+            linear_2: Linear::new(&(path / "linear_2"), out_dim, out_dim, true),
+        }
     }
 
     /// Calls `f` with `prefix.linear_1` and `prefix.linear_2`.
@@ -70,7 +83,13 @@ mod tests {
         let got = |col: i64| emb.double_value(&[2, col]);
         assert!((got(1) - angle.cos()).abs() < 1e-4 && (got(5) - angle.sin()).abs() < 1e-4);
         // Row 0 is cos(0) = 1 then sin(0) = 0.
-        let first = Tensor::cat(&[Tensor::ones([4], (Kind::Float, Device::Cpu)), Tensor::zeros([4], (Kind::Float, Device::Cpu))], 0);
+        let first = Tensor::cat(
+            &[
+                Tensor::ones([4], (Kind::Float, Device::Cpu)),
+                Tensor::zeros([4], (Kind::Float, Device::Cpu)),
+            ],
+            0,
+        );
         assert!(emb.get(0).allclose(&first, 0.0, 1e-7, false));
         let unflipped = timestep_embedding(&t, 8, false, 1.0);
         let angle = 999.0 * (-(10000f64.ln()) / 3.0).exp();

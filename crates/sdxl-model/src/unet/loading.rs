@@ -14,9 +14,9 @@ use tch::nn::VarStore;
 use tch::{Device, Kind};
 
 use super::config::UNetConfig;
-use super::sgm::{sgm_unet_table, to_sgm, SGM_UNET_PREFIX};
+use super::sgm::{SGM_UNET_PREFIX, sgm_unet_table, to_sgm};
 use super::unet_2d_condition::UNet2DConditionModel;
-use crate::weights::{load_into, LoadReport, TensorFile};
+use crate::weights::{LoadReport, TensorFile, load_into};
 use crate::{Error, Result};
 
 /// Where a UNet's weights are.
@@ -54,23 +54,44 @@ pub fn diffusers_weight_files(folder: &Path, variant: Option<&str>) -> Result<Ve
     if single.is_file() {
         return Ok(vec![single]);
     }
-    let index = folder.join(with_variant("diffusion_pytorch_model.safetensors.index.json", variant));
+    let index = folder.join(with_variant(
+        "diffusion_pytorch_model.safetensors.index.json",
+        variant,
+    ));
     if !index.is_file() {
         return Err(Error::WeightFiles {
             path: folder.to_path_buf(),
-            reason: format!("neither `{}` nor `{}` exists", file_name(&single), file_name(&index)),
+            reason: format!(
+                "neither `{}` nor `{}` exists",
+                file_name(&single),
+                file_name(&index)
+            ),
         });
     }
-    let text = std::fs::read_to_string(&index).map_err(|source| Error::Io { path: index.clone(), source })?;
-    let bad = |reason: String| Error::WeightFiles { path: index.clone(), reason };
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
-    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no `weight_map` object".to_owned()))?;
+    let text = std::fs::read_to_string(&index).map_err(|source| Error::Io {
+        path: index.clone(),
+        source,
+    })?;
+    let bad = |reason: String| Error::WeightFiles {
+        path: index.clone(),
+        reason,
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no `weight_map` object".to_owned()))?;
     let mut shards = BTreeSet::new();
     for (key, file) in map {
-        let file = file.as_str().ok_or_else(|| bad(format!("`{key}` maps to a non-string")))?;
+        let file = file
+            .as_str()
+            .ok_or_else(|| bad(format!("`{key}` maps to a non-string")))?;
         // Shards sit next to their index; anything else would let an index point outside the folder.
         if file.contains('/') || file.contains('\\') || file == ".." {
-            return Err(bad(format!("`{key}` maps to `{file}`, which is not a file in the folder")));
+            return Err(bad(format!(
+                "`{key}` maps to `{file}`, which is not a file in the folder"
+            )));
         }
         shards.insert(folder.join(file));
     }
@@ -81,7 +102,10 @@ pub fn diffusers_weight_files(folder: &Path, variant: Option<&str>) -> Result<Ve
 }
 
 fn file_name(path: &Path) -> String {
-    path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned())
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }
 
 /// Copies `weights` into the variables of `vs`, which must hold exactly the variables of a
@@ -91,7 +115,11 @@ fn file_name(path: &Path) -> String {
 /// [`Error::Load`] naming every missing, unused and mis-shaped key (e.g. the weights of a UNet of
 /// another shape), file errors as [`TensorFile::open`], [`Error::WeightFiles`] as
 /// [`diffusers_weight_files`].
-pub fn load_unet_weights(vs: &VarStore, config: &UNetConfig, weights: &UNetWeights) -> Result<LoadReport> {
+pub fn load_unet_weights(
+    vs: &VarStore,
+    config: &UNetConfig,
+    weights: &UNetWeights,
+) -> Result<LoadReport> {
     match weights {
         UNetWeights::Diffusers { folder, variant } => {
             let files = diffusers_weight_files(folder, variant.as_deref())?
@@ -103,12 +131,21 @@ pub fn load_unet_weights(vs: &VarStore, config: &UNetConfig, weights: &UNetWeigh
         UNetWeights::SingleFile(path) => {
             let file = TensorFile::open(path)?;
             let table = sgm_unet_table(config);
-            let key = |name: &str| format!("{SGM_UNET_PREFIX}{}", to_sgm(&table, name).unwrap_or_else(|| name.to_owned()));
+            let key = |name: &str| {
+                format!(
+                    "{SGM_UNET_PREFIX}{}",
+                    to_sgm(&table, name).unwrap_or_else(|| name.to_owned())
+                )
+            };
             match load_into(vs, std::slice::from_ref(&file), key) {
                 // The VAE and text encoders of the same file are not the UNet's business.
                 Err(Error::Load { files, mut report }) => {
                     report.unused.retain(|k| k.starts_with(SGM_UNET_PREFIX));
-                    if report.is_complete() { Ok(*report) } else { Err(Error::Load { files, report }) }
+                    if report.is_complete() {
+                        Ok(*report)
+                    } else {
+                        Err(Error::Load { files, report })
+                    }
                 }
                 other => other,
             }
@@ -122,7 +159,12 @@ pub fn load_unet_weights(vs: &VarStore, config: &UNetConfig, weights: &UNetWeigh
 ///
 /// # Errors
 /// As [`load_unet_weights`].
-pub fn load_unet(config: &UNetConfig, weights: &UNetWeights, device: Device, kind: Kind) -> Result<(VarStore, UNet2DConditionModel)> {
+pub fn load_unet(
+    config: &UNetConfig,
+    weights: &UNetWeights,
+    device: Device,
+    kind: Kind,
+) -> Result<(VarStore, UNet2DConditionModel)> {
     let mut vs = VarStore::new(device);
     // An empty store only changes the kind new variables are created in: no fp32 model ever exists.
     vs.set_kind(kind);
@@ -137,25 +179,56 @@ mod tests {
 
     #[test]
     fn variant_names_follow_diffusers() {
-        assert_eq!(with_variant("diffusion_pytorch_model.safetensors", Some("fp16")), "diffusion_pytorch_model.fp16.safetensors");
         assert_eq!(
-            with_variant("diffusion_pytorch_model.safetensors.index.json", Some("fp16")),
+            with_variant("diffusion_pytorch_model.safetensors", Some("fp16")),
+            "diffusion_pytorch_model.fp16.safetensors"
+        );
+        assert_eq!(
+            with_variant(
+                "diffusion_pytorch_model.safetensors.index.json",
+                Some("fp16")
+            ),
             "diffusion_pytorch_model.safetensors.index.fp16.json"
         );
-        assert_eq!(with_variant("diffusion_pytorch_model.safetensors", None), "diffusion_pytorch_model.safetensors");
+        assert_eq!(
+            with_variant("diffusion_pytorch_model.safetensors", None),
+            "diffusion_pytorch_model.safetensors"
+        );
     }
 
     #[test]
     fn missing_and_malformed_folders_are_named() {
         let dir = std::env::temp_dir().join(format!("unet-loading-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let msg = diffusers_weight_files(&dir, Some("fp16")).unwrap_err().to_string();
-        assert!(msg.contains("unet-loading-test") && msg.contains("diffusion_pytorch_model.fp16.safetensors"), "{msg}");
-        std::fs::write(dir.join("diffusion_pytorch_model.safetensors.index.json"), r#"{"weight_map": {"a.weight": "../x.safetensors"}}"#).unwrap();
+        let msg = diffusers_weight_files(&dir, Some("fp16"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("unet-loading-test")
+                && msg.contains("diffusion_pytorch_model.fp16.safetensors"),
+            "{msg}"
+        );
+        std::fs::write(
+            dir.join("diffusion_pytorch_model.safetensors.index.json"),
+            r#"{"weight_map": {"a.weight": "../x.safetensors"}}"#,
+        )
+        .unwrap();
         let msg = diffusers_weight_files(&dir, None).unwrap_err().to_string();
-        assert!(msg.contains("index.json") && msg.contains("`a.weight`"), "{msg}");
-        std::fs::write(dir.join("diffusion_pytorch_model.safetensors.index.json"), r#"{"metadata": {}}"#).unwrap();
-        assert!(diffusers_weight_files(&dir, None).unwrap_err().to_string().contains("weight_map"));
+        assert!(
+            msg.contains("index.json") && msg.contains("`a.weight`"),
+            "{msg}"
+        );
+        std::fs::write(
+            dir.join("diffusion_pytorch_model.safetensors.index.json"),
+            r#"{"metadata": {}}"#,
+        )
+        .unwrap();
+        assert!(
+            diffusers_weight_files(&dir, None)
+                .unwrap_err()
+                .to_string()
+                .contains("weight_map")
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

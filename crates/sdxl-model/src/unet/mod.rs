@@ -7,9 +7,9 @@
 //! [`UNet2DConditionModel::forward_checkpointed`] trades compute for activation memory in training.
 
 mod basic_transformer_block;
-pub mod conv;
 pub mod checkpoint;
 pub mod config;
+pub mod conv;
 mod embeddings;
 pub mod loading;
 mod resnet;
@@ -20,10 +20,12 @@ mod unet_2d_condition;
 
 pub use basic_transformer_block::{Attention, BasicTransformerBlock, FeedForward};
 pub use config::{DownBlockKind, Level, TextTimeConfig, UNetConfig, UNetConfigJson, UpBlockKind};
-pub use embeddings::{timestep_embedding, TimestepEmbedding};
-pub use loading::{diffusers_weight_files, load_unet, load_unet_weights, with_variant, UNetWeights};
+pub use embeddings::{TimestepEmbedding, timestep_embedding};
+pub use loading::{
+    UNetWeights, diffusers_weight_files, load_unet, load_unet_weights, with_variant,
+};
 pub use resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
-pub use sgm::{sgm_unet_table, to_sgm, SGM_UNET_PREFIX};
+pub use sgm::{SGM_UNET_PREFIX, sgm_unet_table, to_sgm};
 pub use transformer_2d::{Transformer2DModel, TransformerSpec};
 pub use unet_2d_blocks::{DownBlock, MidBlock, UpBlock};
 pub use unet_2d_condition::{CheckpointedForward, InputGrads, UNet2DConditionModel, UNetInputs};

@@ -4,21 +4,36 @@
 //! `models/downsampling.py` (`Downsample2D` with a strided convolution) and `models/upsampling.py`
 //! (`Upsample2D`: nearest-neighbour interpolation then a convolution).
 
-use tch::nn::{self, Module};
 use tch::Tensor;
+use tch::nn::{self, Module};
 
 use lora::Linear;
 
 use super::conv::Conv2d;
 
 /// A 3×3 (or 1×1) convolution created under `path` with the given stride and padding.
-pub(crate) fn conv2d(path: &nn::Path, in_channels: i64, out_channels: i64, kernel: i64, stride: i64, padding: i64) -> Conv2d {
+pub(crate) fn conv2d(
+    path: &nn::Path,
+    in_channels: i64,
+    out_channels: i64,
+    kernel: i64,
+    stride: i64,
+    padding: i64,
+) -> Conv2d {
     Conv2d::new(path, in_channels, out_channels, kernel, stride, padding)
 }
 
 /// A group norm with affine parameters created under `path`.
 pub(crate) fn group_norm(path: &nn::Path, groups: i64, channels: i64, eps: f64) -> nn::GroupNorm {
-    nn::group_norm(path, groups, channels, nn::GroupNormConfig { eps, ..Default::default() })
+    nn::group_norm(
+        path,
+        groups,
+        channels,
+        nn::GroupNormConfig {
+            eps,
+            ..Default::default()
+        },
+    )
 }
 
 /// `ResnetBlock2D`: two norm–SiLU–conv stages with the projected time embedding added in between,
@@ -36,14 +51,35 @@ pub struct ResnetBlock2D {
 
 impl ResnetBlock2D {
     /// Creates the block's variables under `path`.
-    pub fn new(path: &nn::Path, in_channels: i64, out_channels: i64, temb_channels: i64, groups: i64, eps: f64) -> Self {
+    pub fn new(
+        path: &nn::Path,
+        in_channels: i64,
+        out_channels: i64,
+        temb_channels: i64,
+        groups: i64,
+        eps: f64,
+    ) -> Self {
         Self {
             norm1: group_norm(&(path / "norm1"), groups, in_channels, eps),
             conv1: conv2d(&(path / "conv1"), in_channels, out_channels, 3, 1, 1),
-            time_emb_proj: Linear::new(&(path / "time_emb_proj"), temb_channels, out_channels, true),
+            time_emb_proj: Linear::new(
+                &(path / "time_emb_proj"),
+                temb_channels,
+                out_channels,
+                true,
+            ),
             norm2: group_norm(&(path / "norm2"), groups, out_channels, eps),
             conv2: conv2d(&(path / "conv2"), out_channels, out_channels, 3, 1, 1),
-            conv_shortcut: (in_channels != out_channels).then(|| conv2d(&(path / "conv_shortcut"), in_channels, out_channels, 1, 1, 0)),
+            conv_shortcut: (in_channels != out_channels).then(|| {
+                conv2d(
+                    &(path / "conv_shortcut"),
+                    in_channels,
+                    out_channels,
+                    1,
+                    1,
+                    0,
+                )
+            }),
         }
     }
 
@@ -57,7 +93,11 @@ impl ResnetBlock2D {
         let mut h = xs.apply(&self.norm1);
         h = h.silu();
         h = h.apply(&self.conv1);
-        let t = self.time_emb_proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
+        let t = self
+            .time_emb_proj
+            .forward(&temb.silu())
+            .unsqueeze(-1)
+            .unsqueeze(-1);
         h = &h + &t; // out of place, as before; `+=` would be libtorch's in-place add_
         h = h.apply(&self.norm2);
         h = h.silu();
@@ -93,7 +133,9 @@ pub struct Downsample2D {
 impl Downsample2D {
     /// Creates `conv` under `path`.
     pub fn new(path: &nn::Path, channels: i64) -> Self {
-        Self { conv: conv2d(&(path / "conv"), channels, channels, 3, 2, 1) }
+        Self {
+            conv: conv2d(&(path / "conv"), channels, channels, 3, 2, 1),
+        }
     }
 }
 
@@ -115,7 +157,9 @@ pub struct Upsample2D {
 impl Upsample2D {
     /// Creates `conv` under `path`.
     pub fn new(path: &nn::Path, channels: i64) -> Self {
-        Self { conv: conv2d(&(path / "conv"), channels, channels, 3, 1, 1) }
+        Self {
+            conv: conv2d(&(path / "conv"), channels, channels, 3, 1, 1),
+        }
     }
 
     /// Upsamples to `size` (the spatial size of the skip connection this output meets, which is

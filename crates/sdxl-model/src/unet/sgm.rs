@@ -54,33 +54,58 @@ pub fn sgm_unet_table(config: &UNetConfig) -> Vec<(String, String)> {
     let levels = config.levels.len();
     for i in 0..levels {
         for j in 0..per_block - 1 {
-            resnet(format!("down_blocks.{i}.resnets.{j}"), format!("input_blocks.{}.0", per_block * i + j + 1));
+            resnet(
+                format!("down_blocks.{i}.resnets.{j}"),
+                format!("input_blocks.{}.0", per_block * i + j + 1),
+            );
         }
     }
     for i in 0..levels {
         for j in 0..per_block {
-            resnet(format!("up_blocks.{i}.resnets.{j}"), format!("output_blocks.{}.0", per_block * i + j));
+            resnet(
+                format!("up_blocks.{i}.resnets.{j}"),
+                format!("output_blocks.{}.0", per_block * i + j),
+            );
         }
     }
     for (i, level) in config.levels.iter().enumerate() {
         if level.down == DownBlockKind::CrossAttn {
             for j in 0..per_block - 1 {
-                table.push((format!("down_blocks.{i}.attentions.{j}"), format!("input_blocks.{}.1", per_block * i + j + 1)));
+                table.push((
+                    format!("down_blocks.{i}.attentions.{j}"),
+                    format!("input_blocks.{}.1", per_block * i + j + 1),
+                ));
             }
         }
         if i + 1 < levels {
-            table.push((format!("down_blocks.{i}.downsamplers.0.conv"), format!("input_blocks.{}.0.op", per_block * (i + 1))));
+            table.push((
+                format!("down_blocks.{i}.downsamplers.0.conv"),
+                format!("input_blocks.{}.0.op", per_block * (i + 1)),
+            ));
         }
     }
     for (i, kind) in config.up_blocks.iter().enumerate() {
         if *kind == UpBlockKind::CrossAttn {
             for j in 0..per_block {
-                table.push((format!("up_blocks.{i}.attentions.{j}"), format!("output_blocks.{}.1", per_block * i + j)));
+                table.push((
+                    format!("up_blocks.{i}.attentions.{j}"),
+                    format!("output_blocks.{}.1", per_block * i + j),
+                ));
             }
         }
         if i + 1 < levels {
-            let slot = if *kind == UpBlockKind::CrossAttn { 2 } else { 1 };
-            table.push((format!("up_blocks.{i}.upsamplers.0.conv"), format!("output_blocks.{}.{slot}.conv", per_block * i + per_block - 1)));
+            let slot = if *kind == UpBlockKind::CrossAttn {
+                2
+            } else {
+                1
+            };
+            table.push((
+                format!("up_blocks.{i}.upsamplers.0.conv"),
+                format!(
+                    "output_blocks.{}.{slot}.conv",
+                    per_block * i + per_block - 1
+                ),
+            ));
         }
     }
     table
@@ -91,7 +116,12 @@ pub fn sgm_unet_table(config: &UNetConfig) -> Vec<(String, String)> {
 pub fn to_sgm(table: &[(String, String)], path: &str) -> Option<String> {
     table
         .iter()
-        .filter(|(from, _)| path == from || path.strip_prefix(from.as_str()).is_some_and(|rest| rest.starts_with('.')))
+        .filter(|(from, _)| {
+            path == from
+                || path
+                    .strip_prefix(from.as_str())
+                    .is_some_and(|rest| rest.starts_with('.'))
+        })
         .max_by_key(|(from, _)| from.len())
         .map(|(from, to)| format!("{to}{}", &path[from.len()..]))
 }
@@ -108,29 +138,82 @@ mod tests {
             ("time_embedding.linear_1.weight", "time_embed.0.weight"),
             ("add_embedding.linear_2.bias", "label_emb.0.2.bias"),
             ("conv_in.weight", "input_blocks.0.0.weight"),
-            ("down_blocks.0.resnets.1.conv1.weight", "input_blocks.2.0.in_layers.2.weight"),
-            ("down_blocks.0.downsamplers.0.conv.weight", "input_blocks.3.0.op.weight"),
-            ("down_blocks.1.resnets.0.conv_shortcut.weight", "input_blocks.4.0.skip_connection.weight"),
-            ("down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k.weight", "input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight"),
-            ("down_blocks.1.downsamplers.0.conv.bias", "input_blocks.6.0.op.bias"),
-            ("down_blocks.2.attentions.1.proj_out.weight", "input_blocks.8.1.proj_out.weight"),
-            ("mid_block.resnets.1.time_emb_proj.weight", "middle_block.2.emb_layers.1.weight"),
-            ("mid_block.attentions.0.norm.weight", "middle_block.1.norm.weight"),
-            ("up_blocks.0.resnets.2.norm2.bias", "output_blocks.2.0.out_layers.0.bias"),
-            ("up_blocks.0.attentions.2.transformer_blocks.9.ff.net.2.weight", "output_blocks.2.1.transformer_blocks.9.ff.net.2.weight"),
-            ("up_blocks.0.upsamplers.0.conv.weight", "output_blocks.2.2.conv.weight"),
-            ("up_blocks.1.attentions.0.proj_in.weight", "output_blocks.3.1.proj_in.weight"),
-            ("up_blocks.1.upsamplers.0.conv.weight", "output_blocks.5.2.conv.weight"),
-            ("up_blocks.2.resnets.2.conv2.weight", "output_blocks.8.0.out_layers.3.weight"),
+            (
+                "down_blocks.0.resnets.1.conv1.weight",
+                "input_blocks.2.0.in_layers.2.weight",
+            ),
+            (
+                "down_blocks.0.downsamplers.0.conv.weight",
+                "input_blocks.3.0.op.weight",
+            ),
+            (
+                "down_blocks.1.resnets.0.conv_shortcut.weight",
+                "input_blocks.4.0.skip_connection.weight",
+            ),
+            (
+                "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k.weight",
+                "input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight",
+            ),
+            (
+                "down_blocks.1.downsamplers.0.conv.bias",
+                "input_blocks.6.0.op.bias",
+            ),
+            (
+                "down_blocks.2.attentions.1.proj_out.weight",
+                "input_blocks.8.1.proj_out.weight",
+            ),
+            (
+                "mid_block.resnets.1.time_emb_proj.weight",
+                "middle_block.2.emb_layers.1.weight",
+            ),
+            (
+                "mid_block.attentions.0.norm.weight",
+                "middle_block.1.norm.weight",
+            ),
+            (
+                "up_blocks.0.resnets.2.norm2.bias",
+                "output_blocks.2.0.out_layers.0.bias",
+            ),
+            (
+                "up_blocks.0.attentions.2.transformer_blocks.9.ff.net.2.weight",
+                "output_blocks.2.1.transformer_blocks.9.ff.net.2.weight",
+            ),
+            (
+                "up_blocks.0.upsamplers.0.conv.weight",
+                "output_blocks.2.2.conv.weight",
+            ),
+            (
+                "up_blocks.1.attentions.0.proj_in.weight",
+                "output_blocks.3.1.proj_in.weight",
+            ),
+            (
+                "up_blocks.1.upsamplers.0.conv.weight",
+                "output_blocks.5.2.conv.weight",
+            ),
+            (
+                "up_blocks.2.resnets.2.conv2.weight",
+                "output_blocks.8.0.out_layers.3.weight",
+            ),
             ("conv_norm_out.weight", "out.0.weight"),
             ("conv_out.bias", "out.2.bias"),
         ];
         for (diffusers, sgm) in cases {
-            assert_eq!(to_sgm(&table, diffusers).as_deref(), Some(sgm), "{diffusers}");
+            assert_eq!(
+                to_sgm(&table, diffusers).as_deref(),
+                Some(sgm),
+                "{diffusers}"
+            );
         }
         // Module paths (what LoRA files name) map the same way, and nothing maps twice.
-        assert_eq!(to_sgm(&table, "down_blocks.1.attentions.0").as_deref(), Some("input_blocks.4.1"));
-        assert_eq!(to_sgm(&table, "up_blocks.2.attentions.0.proj_in"), None, "UpBlock2D has no attentions");
+        assert_eq!(
+            to_sgm(&table, "down_blocks.1.attentions.0").as_deref(),
+            Some("input_blocks.4.1")
+        );
+        assert_eq!(
+            to_sgm(&table, "up_blocks.2.attentions.0.proj_in"),
+            None,
+            "UpBlock2D has no attentions"
+        );
         assert_eq!(to_sgm(&table, "conv_in_extra.weight"), None);
         let targets: std::collections::BTreeSet<&String> = table.iter().map(|(_, s)| s).collect();
         assert_eq!(targets.len(), table.len());

@@ -4,16 +4,16 @@
 //! inputs): group norm, projection into tokens (`proj_in`, linear or 1×1 convolution), a stack of
 //! [`BasicTransformerBlock`]s, projection back (`proj_out`) and a residual connection.
 
-use tch::nn::{self, Module};
 use tch::Tensor;
+use tch::nn::{self, Module};
 
 use lora::Linear;
 
 use super::basic_transformer_block::BasicTransformerBlock;
 use super::conv::Conv2d;
 use super::resnet::{conv2d, group_norm};
-use crate::attention::AttentionBackend;
 use crate::Result;
+use crate::attention::AttentionBackend;
 
 /// `proj_in` / `proj_out`: linear on tokens (SDXL) or a 1×1 convolution on the feature map (SD 1.x).
 #[derive(Debug)]
@@ -67,7 +67,15 @@ impl Transformer2DModel {
             norm: group_norm(&(path / "norm"), spec.groups, c, 1e-6),
             proj_in: projection("proj_in"),
             transformer_blocks: (0..spec.layers)
-                .map(|i| BasicTransformerBlock::new(&(path / "transformer_blocks" / i), c, spec.heads, spec.cross_attention_dim, spec.norm_eps))
+                .map(|i| {
+                    BasicTransformerBlock::new(
+                        &(path / "transformer_blocks" / i),
+                        c,
+                        spec.heads,
+                        spec.cross_attention_dim,
+                        spec.norm_eps,
+                    )
+                })
                 .collect(),
             proj_out: projection("proj_out"),
         }
@@ -78,7 +86,12 @@ impl Transformer2DModel {
     ///
     /// # Errors
     /// As [`BasicTransformerBlock::forward`].
-    pub fn forward(&self, xs: &Tensor, context: &Tensor, backend: AttentionBackend) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        context: &Tensor,
+        backend: AttentionBackend,
+    ) -> Result<Tensor> {
         let mut tokens = self.enter(xs)?;
         for block in &self.transformer_blocks {
             tokens = block.forward(&tokens, context, backend)?;
@@ -139,7 +152,10 @@ impl Transformer2DModel {
 
     /// Calls `f` with the 1×1 convolution projections of non-linear-projection models (SDXL has none).
     pub fn for_each_conv(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Conv2d)) {
-        for (name, projection) in [("proj_in", &mut self.proj_in), ("proj_out", &mut self.proj_out)] {
+        for (name, projection) in [
+            ("proj_in", &mut self.proj_in),
+            ("proj_out", &mut self.proj_out),
+        ] {
             if let Projection::Conv(conv) = projection {
                 f(&format!("{prefix}.{name}"), conv);
             }

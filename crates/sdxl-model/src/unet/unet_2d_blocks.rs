@@ -15,7 +15,12 @@ use super::conv::Conv2d;
 use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use super::transformer_2d::{Transformer2DModel, TransformerSpec};
 
-fn transformer_spec(config: &UNetConfig, channels: i64, heads: i64, layers: i64) -> TransformerSpec {
+fn transformer_spec(
+    config: &UNetConfig,
+    channels: i64,
+    heads: i64,
+    layers: i64,
+) -> TransformerSpec {
     TransformerSpec {
         channels,
         heads,
@@ -44,22 +49,49 @@ impl DownBlock {
     /// Creates down block `index` of `config` under `path` (`down_blocks.{index}`).
     pub fn new(path: &nn::Path, config: &UNetConfig, index: usize) -> Self {
         let level = config.levels[index];
-        let in_channels = if index == 0 { level.channels } else { config.levels[index - 1].channels };
+        let in_channels = if index == 0 {
+            level.channels
+        } else {
+            config.levels[index - 1].channels
+        };
         let resnets = (0..config.layers_per_block)
             .map(|j| {
                 let input = if j == 0 { in_channels } else { level.channels };
-                ResnetBlock2D::new(&(path / "resnets" / j), input, level.channels, config.time_embed_dim(), config.norm_num_groups, config.norm_eps)
+                ResnetBlock2D::new(
+                    &(path / "resnets" / j),
+                    input,
+                    level.channels,
+                    config.time_embed_dim(),
+                    config.norm_num_groups,
+                    config.norm_eps,
+                )
             })
             .collect();
         let attentions = match level.down {
             DownBlockKind::Plain => Vec::new(),
             DownBlockKind::CrossAttn => (0..config.layers_per_block)
-                .map(|j| Transformer2DModel::new(&(path / "attentions" / j), transformer_spec(config, level.channels, level.heads, level.down_transformer_layers)))
+                .map(|j| {
+                    Transformer2DModel::new(
+                        &(path / "attentions" / j),
+                        transformer_spec(
+                            config,
+                            level.channels,
+                            level.heads,
+                            level.down_transformer_layers,
+                        ),
+                    )
+                })
                 .collect(),
         };
         let is_deepest = index + 1 == config.levels.len();
-        let downsampler = (!is_deepest).then(|| Downsample2D::new(&(path / "downsamplers" / 0), level.channels));
-        Self { kind: level.down, resnets, attentions, downsampler }
+        let downsampler =
+            (!is_deepest).then(|| Downsample2D::new(&(path / "downsamplers" / 0), level.channels));
+        Self {
+            kind: level.down,
+            resnets,
+            attentions,
+            downsampler,
+        }
     }
 
     /// Calls `f` with every linear layer, paths under `prefix`.
@@ -99,24 +131,38 @@ impl MidBlock {
     pub fn new(path: &nn::Path, config: &UNetConfig) -> Self {
         let deepest = config.levels[config.levels.len() - 1];
         let c = deepest.channels;
-        let resnet = |j: i64| ResnetBlock2D::new(&(path / "resnets" / j), c, c, config.time_embed_dim(), config.norm_num_groups, config.norm_eps);
+        let resnet = |j: i64| {
+            ResnetBlock2D::new(
+                &(path / "resnets" / j),
+                c,
+                c,
+                config.time_embed_dim(),
+                config.norm_num_groups,
+                config.norm_eps,
+            )
+        };
         Self {
             resnets: [resnet(0), resnet(1)],
-            attention: Transformer2DModel::new(&(path / "attentions" / 0), transformer_spec(config, c, deepest.heads, config.mid_transformer_layers)),
+            attention: Transformer2DModel::new(
+                &(path / "attentions" / 0),
+                transformer_spec(config, c, deepest.heads, config.mid_transformer_layers),
+            ),
         }
     }
 
     /// Calls `f` with every linear layer, paths under `prefix`.
     pub fn for_each_linear(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
         self.resnets[0].for_each_linear(&format!("{prefix}.resnets.0"), f);
-        self.attention.for_each_linear(&format!("{prefix}.attentions.0"), f);
+        self.attention
+            .for_each_linear(&format!("{prefix}.attentions.0"), f);
         self.resnets[1].for_each_linear(&format!("{prefix}.resnets.1"), f);
     }
 
     /// Calls `f` with every convolution, paths under `prefix`.
     pub fn for_each_conv(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Conv2d)) {
         self.resnets[0].for_each_conv(&format!("{prefix}.resnets.0"), f);
-        self.attention.for_each_conv(&format!("{prefix}.attentions.0"), f);
+        self.attention
+            .for_each_conv(&format!("{prefix}.attentions.0"), f);
         self.resnets[1].for_each_conv(&format!("{prefix}.resnets.1"), f);
     }
 }
@@ -147,9 +193,24 @@ impl UpBlock {
         let layers = config.layers_per_block + 1;
         let resnets = (0..layers)
             .map(|j| {
-                let skip = if j == layers - 1 { skip_in_channels } else { out_channels };
-                let input = if j == 0 { prev_out_channels } else { out_channels };
-                ResnetBlock2D::new(&(path / "resnets" / j), input + skip, out_channels, config.time_embed_dim(), config.norm_num_groups, config.norm_eps)
+                let skip = if j == layers - 1 {
+                    skip_in_channels
+                } else {
+                    out_channels
+                };
+                let input = if j == 0 {
+                    prev_out_channels
+                } else {
+                    out_channels
+                };
+                ResnetBlock2D::new(
+                    &(path / "resnets" / j),
+                    input + skip,
+                    out_channels,
+                    config.time_embed_dim(),
+                    config.norm_num_groups,
+                    config.norm_eps,
+                )
             })
             .collect();
         let kind = config.up_blocks[index];
@@ -157,13 +218,27 @@ impl UpBlock {
             UpBlockKind::Plain => Vec::new(),
             UpBlockKind::CrossAttn => (0..layers)
                 .map(|j| {
-                    Transformer2DModel::new(&(path / "attentions" / j), transformer_spec(config, out_channels, level.heads, config.up_transformer_layers[index]))
+                    Transformer2DModel::new(
+                        &(path / "attentions" / j),
+                        transformer_spec(
+                            config,
+                            out_channels,
+                            level.heads,
+                            config.up_transformer_layers[index],
+                        ),
+                    )
                 })
                 .collect(),
         };
         let is_last = index + 1 == levels;
-        let upsampler = (!is_last).then(|| Upsample2D::new(&(path / "upsamplers" / 0), out_channels));
-        Self { kind, resnets, attentions, upsampler }
+        let upsampler =
+            (!is_last).then(|| Upsample2D::new(&(path / "upsamplers" / 0), out_channels));
+        Self {
+            kind,
+            resnets,
+            attentions,
+            upsampler,
+        }
     }
 
     /// Calls `f` with every linear layer, paths under `prefix`.

@@ -12,7 +12,7 @@ use lora::{HasLinears, Linear};
 use super::checkpoint::{Tape, Value};
 use super::config::UNetConfig;
 use super::conv::Conv2d;
-use super::embeddings::{timestep_embedding, TimestepEmbedding};
+use super::embeddings::{TimestepEmbedding, timestep_embedding};
 use super::resnet::{conv2d, group_norm};
 use super::transformer_2d::Transformer2DModel;
 use super::unet_2d_blocks::{DownBlock, MidBlock, UpBlock};
@@ -101,7 +101,13 @@ impl CheckpointedForward<'_> {
         let grads = self.tape.backward(self.output, output_grad, &self.inputs)?;
         let mut grads = grads.into_iter();
         let mut next = || grads.next().flatten();
-        Ok(InputGrads { sample: next(), timesteps: next(), encoder_hidden_states: next(), text_embeds: next(), time_ids: next() })
+        Ok(InputGrads {
+            sample: next(),
+            timesteps: next(),
+            encoder_hidden_states: next(),
+            text_embeds: next(),
+            time_ids: next(),
+        })
     }
 }
 
@@ -117,13 +123,19 @@ fn record_transformer<'a>(
 ) -> Result<Value> {
     let mut tokens = tape.run(&[h], move |x| transformer.enter(&x[0]))?;
     for block in &transformer.transformer_blocks {
-        tokens = tape.run(&[tokens, context], move |x| block.forward(&x[0], &x[1], backend))?;
+        tokens = tape.run(&[tokens, context], move |x| {
+            block.forward(&x[0], &x[1], backend)
+        })?;
     }
     tape.run(&[tokens, h], move |x| transformer.leave(&x[0], &x[1]))
 }
 
 fn shape_error(what: &str, expected: String, actual: &Tensor) -> Error {
-    Error::Shape { what: what.to_owned(), expected, actual: format!("{:?}", actual.size()) }
+    Error::Shape {
+        what: what.to_owned(),
+        expected,
+        actual: format!("{:?}", actual.size()),
+    }
 }
 
 impl UNet2DConditionModel {
@@ -140,13 +152,26 @@ impl UNet2DConditionModel {
             add_embedding: config.text_time.map(|tt| TextTimeEmbedding {
                 time_embed_dim: tt.time_embed_dim,
                 projection_input_dim: tt.projection_input_dim,
-                add_embedding: TimestepEmbedding::new(&(path / "add_embedding"), tt.projection_input_dim, time_embed_dim),
+                add_embedding: TimestepEmbedding::new(
+                    &(path / "add_embedding"),
+                    tt.projection_input_dim,
+                    time_embed_dim,
+                ),
             }),
             conv_in: conv2d(&(path / "conv_in"), config.in_channels, c0, 3, 1, 1),
-            down_blocks: (0..levels).map(|i| DownBlock::new(&(path / "down_blocks" / i), config, i)).collect(),
+            down_blocks: (0..levels)
+                .map(|i| DownBlock::new(&(path / "down_blocks" / i), config, i))
+                .collect(),
             mid_block: MidBlock::new(&(path / "mid_block"), config),
-            up_blocks: (0..levels).map(|i| UpBlock::new(&(path / "up_blocks" / i), config, i)).collect(),
-            conv_norm_out: group_norm(&(path / "conv_norm_out"), config.norm_num_groups, c0, config.norm_eps),
+            up_blocks: (0..levels)
+                .map(|i| UpBlock::new(&(path / "up_blocks" / i), config, i))
+                .collect(),
+            conv_norm_out: group_norm(
+                &(path / "conv_norm_out"),
+                config.norm_num_groups,
+                c0,
+                config.norm_eps,
+            ),
             conv_out: conv2d(&(path / "conv_out"), c0, config.out_channels, 3, 1, 1),
         }
     }
@@ -231,22 +256,37 @@ impl UNet2DConditionModel {
     ///
     /// # Errors
     /// As [`Self::forward`].
-    pub fn forward_checkpointed<'a>(&'a self, inputs: &UNetInputs<'_>) -> Result<CheckpointedForward<'a>> {
+    pub fn forward_checkpointed<'a>(
+        &'a self,
+        inputs: &UNetInputs<'_>,
+    ) -> Result<CheckpointedForward<'a>> {
         let mut tape = Tape::new(true);
         let (output, inputs) = self.record(&mut tape, inputs)?;
-        Ok(CheckpointedForward { tape, output, inputs })
+        Ok(CheckpointedForward {
+            tape,
+            output,
+            inputs,
+        })
     }
 
     fn check_inputs(&self, inputs: &UNetInputs<'_>) -> Result<i64> {
         let cfg = &self.config;
         let size = inputs.sample.size();
         if size.len() != 4 || size[1] != cfg.in_channels || size[2] < 1 || size[3] < 1 {
-            return Err(shape_error("UNet `sample`", format!("[B, {}, H, W]", cfg.in_channels), inputs.sample));
+            return Err(shape_error(
+                "UNet `sample`",
+                format!("[B, {}, H, W]", cfg.in_channels),
+                inputs.sample,
+            ));
         }
         let batch = size[0];
         let t = inputs.timesteps.size();
         if !(t.is_empty() || t == [batch]) {
-            return Err(shape_error("UNet `timesteps`", format!("[{batch}] or a scalar"), inputs.timesteps));
+            return Err(shape_error(
+                "UNet `timesteps`",
+                format!("[{batch}] or a scalar"),
+                inputs.timesteps,
+            ));
         }
         let ctx = inputs.encoder_hidden_states.size();
         if ctx.len() != 3 || ctx[0] != batch || ctx[2] != cfg.cross_attention_dim {
@@ -265,11 +305,18 @@ impl UNet2DConditionModel {
                 });
             };
             let (ts, is) = (text.size(), ids.size());
-            let fits = ts.len() == 2 && is.len() == 2 && ts[0] == batch && is[0] == batch && ts[1] + is[1] * tt.time_embed_dim == tt.projection_input_dim;
+            let fits = ts.len() == 2
+                && is.len() == 2
+                && ts[0] == batch
+                && is[0] == batch
+                && ts[1] + is[1] * tt.time_embed_dim == tt.projection_input_dim;
             if !fits {
                 return Err(Error::Shape {
                     what: "UNet `text_embeds` / `time_ids`".to_owned(),
-                    expected: format!("[{batch}, P] and [{batch}, n] with P + n·{} = {}", tt.time_embed_dim, tt.projection_input_dim),
+                    expected: format!(
+                        "[{batch}, P] and [{batch}, n] with P + n·{} = {}",
+                        tt.time_embed_dim, tt.projection_input_dim
+                    ),
                     actual: format!("{ts:?} and {is:?}"),
                 });
             }
@@ -278,7 +325,11 @@ impl UNet2DConditionModel {
     }
 
     /// The forward pass as segments on `tape`; returns the output value and the five input values.
-    fn record<'a>(&'a self, tape: &mut Tape<'a>, inputs: &UNetInputs<'_>) -> Result<(Value, [Value; 5])> {
+    fn record<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
+        inputs: &UNetInputs<'_>,
+    ) -> Result<(Value, [Value; 5])> {
         let batch = self.check_inputs(inputs)?;
         let backend = self.backend;
         let cfg = &self.config;
@@ -294,11 +345,21 @@ impl UNet2DConditionModel {
         let kind = inputs.sample.kind();
         let emb = tape.run(&[timesteps, text_embeds, time_ids], move |x| {
             let t = x[0].expand([batch], false);
-            let t_emb = timestep_embedding(&t, cfg.levels[0].channels, cfg.flip_sin_to_cos, cfg.freq_shift).to_kind(kind);
+            let t_emb = timestep_embedding(
+                &t,
+                cfg.levels[0].channels,
+                cfg.flip_sin_to_cos,
+                cfg.freq_shift,
+            )
+            .to_kind(kind);
             let emb = self.time_embedding.forward(&t_emb);
-            let Some(tt) = &self.add_embedding else { return Ok(emb) };
+            let Some(tt) = &self.add_embedding else {
+                return Ok(emb);
+            };
             let ids = x[2].flatten(0, -1);
-            let time_embeds = timestep_embedding(&ids, tt.time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift).reshape([batch, -1]);
+            let time_embeds =
+                timestep_embedding(&ids, tt.time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+                    .reshape([batch, -1]);
             let add = Tensor::cat(&[x[1].to_kind(Kind::Float), time_embeds], -1).to_kind(kind);
             Ok(emb + tt.add_embedding.forward(&add))
         })?;
@@ -332,9 +393,15 @@ impl UNet2DConditionModel {
         for block in &self.up_blocks {
             for (j, resnet) in block.resnets.iter().enumerate() {
                 let Some(skip) = skips.pop() else {
-                    return Err(Error::Shape { what: "UNet skip connections".to_owned(), expected: "one per up ResNet block".to_owned(), actual: "too few".to_owned() });
+                    return Err(Error::Shape {
+                        what: "UNet skip connections".to_owned(),
+                        expected: "one per up ResNet block".to_owned(),
+                        actual: "too few".to_owned(),
+                    });
                 };
-                h = tape.run(&[h, skip, emb], move |x| Ok(resnet.forward(&Tensor::cat(&[&x[0], &x[1]], 1), &x[2])))?;
+                h = tape.run(&[h, skip, emb], move |x| {
+                    Ok(resnet.forward(&Tensor::cat(&[&x[0], &x[1]], 1), &x[2]))
+                })?;
                 if let Some(attention) = block.attentions.get(j) {
                     h = record_transformer(tape, attention, h, context, backend)?;
                 }
@@ -347,7 +414,9 @@ impl UNet2DConditionModel {
         }
 
         // 6. post-process.
-        let out = tape.run(&[h], move |x| Ok(x[0].apply(&self.conv_norm_out).silu().apply(&self.conv_out)))?;
+        let out = tape.run(&[h], move |x| {
+            Ok(x[0].apply(&self.conv_norm_out).silu().apply(&self.conv_out))
+        })?;
         Ok((out, [sample, timesteps, context, text_embeds, time_ids]))
     }
 }
@@ -376,8 +445,14 @@ mod tests {
     #[test]
     fn every_linear_layer_is_visited_under_its_diffusers_path() {
         let cases = [
-            (UNetConfig::tiny_sdxl(), "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
-            (UNetConfig::tiny_b(), "up_blocks.1.attentions.1.transformer_blocks.1.ff.net.0.proj"),
+            (
+                UNetConfig::tiny_sdxl(),
+                "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+            ),
+            (
+                UNetConfig::tiny_b(),
+                "up_blocks.1.attentions.1.transformer_blocks.1.ff.net.0.proj",
+            ),
         ];
         for (config, example) in cases {
             let vs = nn::VarStore::new(Device::Cpu);
@@ -386,12 +461,18 @@ mod tests {
             let mut visited = Vec::new();
             unet.for_each_linear(&mut |path, linear| {
                 let weight = &variables[&format!("{path}.weight")];
-                assert!(weight.is_set_to(&linear.weight), "{path}: not the variable of that name");
+                assert!(
+                    weight.is_set_to(&linear.weight),
+                    "{path}: not the variable of that name"
+                );
                 visited.push(path.to_owned());
             });
             // The 2-D weights of the store are exactly the linear layers (convolutions are 4-D).
-            let mut linear_weights: Vec<String> =
-                variables.iter().filter(|(_, v)| v.dim() == 2).map(|(k, _)| k.trim_end_matches(".weight").to_owned()).collect();
+            let mut linear_weights: Vec<String> = variables
+                .iter()
+                .filter(|(_, v)| v.dim() == 2)
+                .map(|(k, _)| k.trim_end_matches(".weight").to_owned())
+                .collect();
             linear_weights.sort();
             visited.sort();
             assert_eq!(visited, linear_weights);
@@ -407,20 +488,45 @@ mod tests {
             let variables = vs.variables();
             let mut visited = Vec::new();
             unet.for_each_conv(&mut |path, conv| {
-                assert!(variables[&format!("{path}.weight")].is_set_to(&conv.weight), "{path}: not the variable of that name");
+                assert!(
+                    variables[&format!("{path}.weight")].is_set_to(&conv.weight),
+                    "{path}: not the variable of that name"
+                );
                 visited.push(path.to_owned());
             });
             // The 4-D weights of the store are exactly the convolutions.
-            let mut conv_weights: Vec<String> =
-                variables.iter().filter(|(_, v)| v.dim() == 4).map(|(k, _)| k.trim_end_matches(".weight").to_owned()).collect();
+            let mut conv_weights: Vec<String> = variables
+                .iter()
+                .filter(|(_, v)| v.dim() == 4)
+                .map(|(k, _)| k.trim_end_matches(".weight").to_owned())
+                .collect();
             conv_weights.sort();
             visited.sort();
             assert_eq!(visited, conv_weights);
-            let elements: i64 = variables.values().filter(|v| v.dim() == 4).map(|v| v.numel() as i64).sum();
+            let elements: i64 = variables
+                .values()
+                .filter(|v| v.dim() == 4)
+                .map(|v| v.numel() as i64)
+                .sum();
             let report = unet.quantize_convs_fp8().unwrap();
-            assert_eq!((report.quantized, report.bytes_before, report.bytes_after), (visited.len(), 4 * elements, elements + 4 * visited.len() as i64));
-            assert!(vs.variables().values().filter(|v| v.dim() == 4).all(|v| v.kind() == Kind::Float8e4m3fn));
-            assert_eq!(unet.quantize_convs_fp8().unwrap().already_fp8, visited.len());
+            assert_eq!(
+                (report.quantized, report.bytes_before, report.bytes_after),
+                (
+                    visited.len(),
+                    4 * elements,
+                    elements + 4 * visited.len() as i64
+                )
+            );
+            assert!(
+                vs.variables()
+                    .values()
+                    .filter(|v| v.dim() == 4)
+                    .all(|v| v.kind() == Kind::Float8e4m3fn)
+            );
+            assert_eq!(
+                unet.quantize_convs_fp8().unwrap().already_fp8,
+                visited.len()
+            );
         }
     }
 }

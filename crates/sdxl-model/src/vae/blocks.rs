@@ -6,11 +6,11 @@
 //! (`DownEncoderBlock2D`, `UpDecoderBlock2D`, `UNetMidBlock2D`). The UNet's ResNet blocks carry a
 //! time embedding; the VAE's never do, so it keeps its own small variant here.
 
-use tch::nn::{self, Module};
 use tch::Tensor;
+use tch::nn::{self, Module};
 
 use super::norm::GroupNorm;
-use crate::attention::{attention, AttentionBackend};
+use crate::attention::{AttentionBackend, attention};
 
 /// diffusers builds every VAE norm with this epsilon (`resnet_eps=1e-6`).
 const VAE_NORM_EPS: f64 = 1e-6;
@@ -21,12 +21,33 @@ fn group_norm(path: nn::Path, groups: i64, channels: i64) -> GroupNorm {
 
 /// SiLU, in place when no gradient flows through `xs` (one full-resolution buffer fewer).
 pub(crate) fn silu(mut xs: Tensor) -> Tensor {
-    if xs.requires_grad() { xs.silu() } else { xs.silu_() }
+    if xs.requires_grad() {
+        xs.silu()
+    } else {
+        xs.silu_()
+    }
 }
 
 /// A 3×3 convolution with padding 1 (or another kernel/stride/padding), weight and bias named as in torch.
-pub(crate) fn conv2d(path: nn::Path, cin: i64, cout: i64, kernel: i64, stride: i64, padding: i64) -> nn::Conv2D {
-    nn::conv2d(path, cin, cout, kernel, nn::ConvConfig { stride, padding, ..Default::default() })
+pub(crate) fn conv2d(
+    path: nn::Path,
+    cin: i64,
+    cout: i64,
+    kernel: i64,
+    stride: i64,
+    padding: i64,
+) -> nn::Conv2D {
+    nn::conv2d(
+        path,
+        cin,
+        cout,
+        kernel,
+        nn::ConvConfig {
+            stride,
+            padding,
+            ..Default::default()
+        },
+    )
 }
 
 /// diffusers `ResnetBlock2D` with `temb_channels=None`: two norm → SiLU → conv steps and a residual,
@@ -110,12 +131,17 @@ impl VaeAttention {
     pub fn forward(&self, xs: &Tensor) -> crate::Result<Tensor> {
         let (batch, channels, height, width) = xs.size4()?;
         // Tokens are pixels: [batch, h·w, channels], normalised per group over all pixels.
-        let tokens = xs.apply(&self.group_norm).view([batch, channels, height * width]).transpose(1, 2);
+        let tokens = xs
+            .apply(&self.group_norm)
+            .view([batch, channels, height * width])
+            .transpose(1, 2);
         let query = tokens.apply(&self.to_q);
         let key = tokens.apply(&self.to_k);
         let value = tokens.apply(&self.to_v);
         let attended = attention(&query, &key, &value, 1, self.backend)?.apply(&self.to_out);
-        let attended = attended.transpose(1, 2).reshape([batch, channels, height, width]);
+        let attended = attended
+            .transpose(1, 2)
+            .reshape([batch, channels, height, width]);
         Ok(attended + xs)
     }
 
@@ -143,7 +169,8 @@ impl UNetMidBlock2D {
                 ResnetBlock2D::new(&(path / "resnets" / 0), channels, channels, groups),
                 ResnetBlock2D::new(&(path / "resnets" / 1), channels, channels, groups),
             ],
-            attention: add_attention.then(|| VaeAttention::new(&(path / "attentions" / 0), channels, groups)),
+            attention: add_attention
+                .then(|| VaeAttention::new(&(path / "attentions" / 0), channels, groups)),
         }
     }
 
@@ -182,7 +209,14 @@ pub struct DownEncoderBlock2D {
 
 impl DownEncoderBlock2D {
     /// Creates the variables under `path`.
-    pub fn new(path: &nn::Path, in_channels: i64, out_channels: i64, layers: i64, groups: i64, downsample: bool) -> Self {
+    pub fn new(
+        path: &nn::Path,
+        in_channels: i64,
+        out_channels: i64,
+        layers: i64,
+        groups: i64,
+        downsample: bool,
+    ) -> Self {
         let resnets = (0..layers)
             .map(|j| {
                 let cin = if j == 0 { in_channels } else { out_channels };
@@ -190,9 +224,20 @@ impl DownEncoderBlock2D {
             })
             .collect();
         // `Downsample2D(padding=0)`: the padding is applied asymmetrically in forward instead.
-        let downsampler =
-            downsample.then(|| conv2d(path / "downsamplers" / 0 / "conv", out_channels, out_channels, 3, 2, 0));
-        Self { resnets, downsampler }
+        let downsampler = downsample.then(|| {
+            conv2d(
+                path / "downsamplers" / 0 / "conv",
+                out_channels,
+                out_channels,
+                3,
+                2,
+                0,
+            )
+        });
+        Self {
+            resnets,
+            downsampler,
+        }
     }
 }
 
@@ -222,14 +267,30 @@ pub struct UpDecoderBlock2D {
 
 impl UpDecoderBlock2D {
     /// Creates the variables under `path`.
-    pub fn new(path: &nn::Path, in_channels: i64, out_channels: i64, layers: i64, groups: i64, upsample: bool) -> Self {
+    pub fn new(
+        path: &nn::Path,
+        in_channels: i64,
+        out_channels: i64,
+        layers: i64,
+        groups: i64,
+        upsample: bool,
+    ) -> Self {
         let resnets = (0..layers)
             .map(|j| {
                 let cin = if j == 0 { in_channels } else { out_channels };
                 ResnetBlock2D::new(&(path / "resnets" / j), cin, out_channels, groups)
             })
             .collect();
-        let upsampler = upsample.then(|| conv2d(path / "upsamplers" / 0 / "conv", out_channels, out_channels, 3, 1, 1));
+        let upsampler = upsample.then(|| {
+            conv2d(
+                path / "upsamplers" / 0 / "conv",
+                out_channels,
+                out_channels,
+                3,
+                1,
+                1,
+            )
+        });
         Self { resnets, upsampler }
     }
 }
@@ -243,7 +304,9 @@ impl Module for UpDecoderBlock2D {
             hidden = hidden.apply(resnet);
         }
         match &self.upsampler {
-            Some(conv) => hidden.upsample_nearest2d_vec(None::<&[i64]>, &[2.0, 2.0][..]).apply(conv),
+            Some(conv) => hidden
+                .upsample_nearest2d_vec(None::<&[i64]>, &[2.0, 2.0][..])
+                .apply(conv),
             None => hidden,
         }
     }

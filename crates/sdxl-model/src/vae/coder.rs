@@ -4,12 +4,12 @@
 //! SiLU activations, `DownEncoderBlock2D` / `UpDecoderBlock2D` levels, a mid block with attention,
 //! `double_z` (the encoder outputs mean and log-variance).
 
-use tch::nn;
 use tch::Tensor;
+use tch::nn;
 
-use super::blocks::{conv2d, silu, DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D};
-use super::norm::GroupNorm;
 use super::AutoencoderKLConfig;
+use super::blocks::{DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D, conv2d, silu};
+use super::norm::GroupNorm;
 use crate::attention::AttentionBackend;
 
 fn norm_out(path: nn::Path, groups: i64, channels: i64) -> GroupNorm {
@@ -38,15 +38,34 @@ impl Encoder {
             .enumerate()
             .map(|(i, &out)| {
                 let cin = if i == 0 { channels[0] } else { channels[i - 1] };
-                DownEncoderBlock2D::new(&(path / "down_blocks" / i), cin, out, config.layers_per_block, groups, i != last)
+                DownEncoderBlock2D::new(
+                    &(path / "down_blocks" / i),
+                    cin,
+                    out,
+                    config.layers_per_block,
+                    groups,
+                    i != last,
+                )
             })
             .collect();
         Self {
             conv_in: conv2d(path / "conv_in", config.in_channels, channels[0], 3, 1, 1),
             down_blocks,
-            mid_block: UNetMidBlock2D::new(&(path / "mid_block"), channels[last], groups, config.mid_block_add_attention),
+            mid_block: UNetMidBlock2D::new(
+                &(path / "mid_block"),
+                channels[last],
+                groups,
+                config.mid_block_add_attention,
+            ),
             conv_norm_out: norm_out(path / "conv_norm_out", groups, channels[last]),
-            conv_out: conv2d(path / "conv_out", channels[last], 2 * config.latent_channels, 3, 1, 1),
+            conv_out: conv2d(
+                path / "conv_out",
+                channels[last],
+                2 * config.latent_channels,
+                3,
+                1,
+                1,
+            ),
         }
     }
 
@@ -96,15 +115,41 @@ impl Decoder {
             .enumerate()
             .map(|(i, &out)| {
                 let cin = if i == 0 { reversed[0] } else { reversed[i - 1] };
-                UpDecoderBlock2D::new(&(path / "up_blocks" / i), cin, out, config.layers_per_block + 1, groups, i != last)
+                UpDecoderBlock2D::new(
+                    &(path / "up_blocks" / i),
+                    cin,
+                    out,
+                    config.layers_per_block + 1,
+                    groups,
+                    i != last,
+                )
             })
             .collect();
         Self {
-            conv_in: conv2d(path / "conv_in", config.latent_channels, reversed[0], 3, 1, 1),
-            mid_block: UNetMidBlock2D::new(&(path / "mid_block"), reversed[0], groups, config.mid_block_add_attention),
+            conv_in: conv2d(
+                path / "conv_in",
+                config.latent_channels,
+                reversed[0],
+                3,
+                1,
+                1,
+            ),
+            mid_block: UNetMidBlock2D::new(
+                &(path / "mid_block"),
+                reversed[0],
+                groups,
+                config.mid_block_add_attention,
+            ),
             up_blocks,
             conv_norm_out: norm_out(path / "conv_norm_out", groups, reversed[last]),
-            conv_out: conv2d(path / "conv_out", reversed[last], config.out_channels, 3, 1, 1),
+            conv_out: conv2d(
+                path / "conv_out",
+                reversed[last],
+                config.out_channels,
+                3,
+                1,
+                1,
+            ),
         }
     }
 

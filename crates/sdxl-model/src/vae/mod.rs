@@ -19,12 +19,14 @@ use serde::Deserialize;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 
-pub use blocks::{DownEncoderBlock2D, ResnetBlock2D, UNetMidBlock2D, UpDecoderBlock2D, VaeAttention};
+pub use blocks::{
+    DownEncoderBlock2D, ResnetBlock2D, UNetMidBlock2D, UpDecoderBlock2D, VaeAttention,
+};
 pub use coder::{Decoder, Encoder};
 pub use tiling::VaeTiling;
 
 use crate::attention::AttentionBackend;
-use crate::weights::{load_into, TensorFile};
+use crate::weights::{TensorFile, load_into};
 use crate::{Error, Result};
 
 /// `sample_size` may be one number or `[height, width]` in diffusers configs; tiling uses the first.
@@ -146,28 +148,59 @@ impl AutoencoderKLConfig {
     /// # Errors
     /// [`Error::InvalidConfig`] naming the offending key.
     pub fn validate(&self) -> Result<()> {
-        let invalid = |field: &'static str, reason: String| Err(Error::InvalidConfig { field, reason });
+        let invalid =
+            |field: &'static str, reason: String| Err(Error::InvalidConfig { field, reason });
         let levels = self.block_out_channels.len();
         if levels == 0 {
             return invalid("block_out_channels", "must not be empty".into());
         }
-        if let Some(t) = self.down_block_types.iter().find(|t| *t != "DownEncoderBlock2D") {
-            return invalid("down_block_types", format!("`{t}` is not supported (only DownEncoderBlock2D)"));
+        if let Some(t) = self
+            .down_block_types
+            .iter()
+            .find(|t| *t != "DownEncoderBlock2D")
+        {
+            return invalid(
+                "down_block_types",
+                format!("`{t}` is not supported (only DownEncoderBlock2D)"),
+            );
         }
-        if let Some(t) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
-            return invalid("up_block_types", format!("`{t}` is not supported (only UpDecoderBlock2D)"));
+        if let Some(t) = self
+            .up_block_types
+            .iter()
+            .find(|t| *t != "UpDecoderBlock2D")
+        {
+            return invalid(
+                "up_block_types",
+                format!("`{t}` is not supported (only UpDecoderBlock2D)"),
+            );
         }
         if self.down_block_types.len() != levels || self.up_block_types.len() != levels {
-            return invalid("down_block_types", format!("need one down and one up block per level ({levels})"));
+            return invalid(
+                "down_block_types",
+                format!("need one down and one up block per level ({levels})"),
+            );
         }
         if self.act_fn != "silu" {
-            return invalid("act_fn", format!("`{}` is not supported (only silu)", self.act_fn));
+            return invalid(
+                "act_fn",
+                format!("`{}` is not supported (only silu)", self.act_fn),
+            );
         }
         if self.norm_num_groups <= 0 {
-            return invalid("norm_num_groups", format!("{} is not positive", self.norm_num_groups));
+            return invalid(
+                "norm_num_groups",
+                format!("{} is not positive", self.norm_num_groups),
+            );
         }
-        if let Some(&c) = self.block_out_channels.iter().find(|&&c| c <= 0 || c % self.norm_num_groups != 0) {
-            return invalid("block_out_channels", format!("{c} is not a positive multiple of norm_num_groups"));
+        if let Some(&c) = self
+            .block_out_channels
+            .iter()
+            .find(|&&c| c <= 0 || c % self.norm_num_groups != 0)
+        {
+            return invalid(
+                "block_out_channels",
+                format!("{c} is not a positive multiple of norm_num_groups"),
+            );
         }
         for (field, value) in [
             ("in_channels", self.in_channels),
@@ -180,7 +213,10 @@ impl AutoencoderKLConfig {
             }
         }
         if !(self.scaling_factor.is_finite() && self.scaling_factor != 0.0) {
-            return invalid("scaling_factor", format!("{} is not a finite non-zero number", self.scaling_factor));
+            return invalid(
+                "scaling_factor",
+                format!("{} is not a finite non-zero number", self.scaling_factor),
+            );
         }
         Ok(())
     }
@@ -234,7 +270,9 @@ impl DiagonalGaussian {
     fn from_moments(moments: &Tensor) -> Self {
         let latent_channels = moments.size()[1] / 2;
         let mean = moments.narrow(1, 0, latent_channels);
-        let logvar = moments.narrow(1, latent_channels, latent_channels).clamp(-30.0, 20.0);
+        let logvar = moments
+            .narrow(1, latent_channels, latent_channels)
+            .clamp(-30.0, 20.0);
         Self { mean, logvar }
     }
 
@@ -290,7 +328,9 @@ impl AutoencoderKL {
             config: config.clone(),
             encoder: Encoder::new(&(path / "encoder"), config),
             decoder: Decoder::new(&(path / "decoder"), config),
-            quant_conv: config.use_quant_conv.then(|| blocks::conv2d(path / "quant_conv", moments, moments, 1, 1, 0)),
+            quant_conv: config
+                .use_quant_conv
+                .then(|| blocks::conv2d(path / "quant_conv", moments, moments, 1, 1, 0)),
             post_quant_conv: config
                 .use_post_quant_conv
                 .then(|| blocks::conv2d(path / "post_quant_conv", latents, latents, 1, 1, 0)),
@@ -305,7 +345,12 @@ impl AutoencoderKL {
     ///
     /// # Errors
     /// File and config errors; [`Error::Load`] when the file's tensors do not match the model one to one.
-    pub fn from_pretrained(folder: impl AsRef<Path>, device: Device, kind: Kind, upcast: Upcast) -> Result<(Self, nn::VarStore)> {
+    pub fn from_pretrained(
+        folder: impl AsRef<Path>,
+        device: Device,
+        kind: Kind,
+        upcast: Upcast,
+    ) -> Result<(Self, nn::VarStore)> {
         Self::from_pretrained_variant(folder, None, device, kind, upcast)
     }
 
@@ -325,7 +370,10 @@ impl AutoencoderKL {
         let config = AutoencoderKLConfig::from_file(folder.join("config.json"))?;
         let mut vs = nn::VarStore::new(device);
         let model = Self::new(&vs.root(), &config)?;
-        let file = TensorFile::open(folder.join(crate::unet::with_variant("diffusion_pytorch_model.safetensors", variant)))?;
+        let file = TensorFile::open(folder.join(crate::unet::with_variant(
+            "diffusion_pytorch_model.safetensors",
+            variant,
+        )))?;
         load_into(&vs, &[file], str::to_owned)?;
         vs.set_kind(weight_kind_for(&config, kind, upcast));
         Ok((model, vs))
@@ -417,7 +465,11 @@ impl AutoencoderKL {
         self.check_input("VAE encode input", images, self.config.in_channels)?;
         let images = images.to_kind(self.weight_kind());
         let moments = if self.slicing {
-            let slices = images.split(1, 0).iter().map(|x| self.moments(x)).collect::<Result<Vec<_>>>()?;
+            let slices = images
+                .split(1, 0)
+                .iter()
+                .map(|x| self.moments(x))
+                .collect::<Result<Vec<_>>>()?;
             Tensor::cat(&slices, 0)
         } else {
             self.moments(&images)?
@@ -447,7 +499,11 @@ impl AutoencoderKL {
             self.decode_tile(z)
         };
         let images = if self.slicing {
-            let slices = latents.split(1, 0).iter().map(decode_batch).collect::<Result<Vec<_>>>()?;
+            let slices = latents
+                .split(1, 0)
+                .iter()
+                .map(decode_batch)
+                .collect::<Result<Vec<_>>>()?;
             Tensor::cat(&slices, 0)
         } else {
             decode_batch(&latents)?
@@ -468,8 +524,11 @@ impl AutoencoderKL {
 
 impl lora::HasLinears for AutoencoderKL {
     fn for_each_linear(&mut self, f: &mut dyn FnMut(&str, &mut lora::Linear)) {
-        self.encoder.mid_block_mut().for_each_linear("encoder.mid_block.", f);
-        self.decoder.mid_block_mut().for_each_linear("decoder.mid_block.", f);
+        self.encoder
+            .mid_block_mut()
+            .for_each_linear("encoder.mid_block.", f);
+        self.decoder
+            .mid_block_mut()
+            .for_each_linear("decoder.mid_block.", f);
     }
 }
-

@@ -31,7 +31,12 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// Creates `weight` and `bias` under `path`.
     pub fn new(path: nn::Path, groups: i64, channels: i64, eps: f64) -> Self {
-        Self { weight: path.ones("weight", &[channels]), bias: path.zeros("bias", &[channels]), groups, eps }
+        Self {
+            weight: path.ones("weight", &[channels]),
+            bias: path.zeros("bias", &[channels]),
+            groups,
+            eps,
+        }
     }
 }
 
@@ -46,11 +51,18 @@ impl Module for GroupNorm {
         if inference && xs.device().is_cuda() && matches!(xs.kind(), Kind::BFloat16 | Kind::Half) {
             // Falls back on anything the fast path does not take (e.g. a channel count the groups do
             // not divide, which libtorch's own check then reports).
-            if let Ok(out) = group_norm_spread(xs, self.groups, &self.weight, &self.bias, self.eps) {
+            if let Ok(out) = group_norm_spread(xs, self.groups, &self.weight, &self.bias, self.eps)
+            {
                 return out;
             }
         }
-        xs.group_norm(self.groups, Some(&self.weight), Some(&self.bias), self.eps, true)
+        xs.group_norm(
+            self.groups,
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
     }
 }
 
@@ -59,18 +71,30 @@ impl Module for GroupNorm {
 ///
 /// # Shapes
 /// `xs` `[n, c, ...]`, `weight` and `bias` `[c]` → `[n, c, ...]` in `xs`'s type.
-pub fn group_norm_spread(xs: &Tensor, groups: i64, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor, TchError> {
+pub fn group_norm_spread(
+    xs: &Tensor,
+    groups: i64,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor, TchError> {
     let size = xs.size();
     if size.len() < 2 || groups <= 0 || size[1] % groups != 0 {
-        return Err(TchError::Shape(format!("group norm of {size:?} in {groups} groups")));
+        return Err(TchError::Shape(format!(
+            "group norm of {size:?} in {groups} groups"
+        )));
     }
     let (n, c) = (size[0], size[1]);
     let x = xs.f_contiguous()?;
-    let (var, mean) = x.f_view([n * groups, -1])?.f_var_mean_correction(Some(&[1i64][..]), 0, false)?;
+    let (var, mean) =
+        x.f_view([n * groups, -1])?
+            .f_var_mean_correction(Some(&[1i64][..]), 0, false)?;
     // The statistics in fp32 (after the rounding to the input type that libtorch's group norm also
     // applies), one value per channel of every sample.
     let per_channel = |t: &Tensor| -> Result<Tensor, TchError> {
-        t.f_view([n * groups, 1])?.f_expand([n * groups, c / groups], false)?.f_reshape([n * c])
+        t.f_view([n * groups, 1])?
+            .f_expand([n * groups, c / groups], false)?
+            .f_reshape([n * c])
     };
     let invstd = (var.f_to_kind(Kind::Float)? + eps).f_rsqrt()?;
     let mean = per_channel(&mean.f_to_kind(Kind::Float)?)?;
@@ -78,7 +102,9 @@ pub fn group_norm_spread(xs: &Tensor, groups: i64, weight: &Tensor, bias: &Tenso
     let weight = weight.f_to_kind(Kind::Float)?.f_repeat([n])?;
     let bias = bias.f_to_kind(Kind::Float)?.f_repeat([n])?;
     // One "batch" whose channels are the n·c (sample, channel) pairs.
-    x.f_view([1, n * c, -1])?.f_batch_norm_elemt(Some(&weight), Some(&bias), &mean, &invstd, eps)?.f_view(size.as_slice())
+    x.f_view([1, n * c, -1])?
+        .f_batch_norm_elemt(Some(&weight), Some(&bias), &mean, &invstd, eps)?
+        .f_view(size.as_slice())
 }
 
 #[cfg(test)]
@@ -92,35 +118,65 @@ mod tests {
         let vs = nn::VarStore::new(device);
         let norm = GroupNorm::new(vs.root() / "norm", 4, 8, 1e-6);
         tch::no_grad(|| {
-            norm.weight.shallow_clone().copy_(&(Tensor::rand([8], (Kind::Float, device)) + 0.5));
-            norm.bias.shallow_clone().copy_(&Tensor::randn([8], (Kind::Float, device)));
+            norm.weight
+                .shallow_clone()
+                .copy_(&(Tensor::rand([8], (Kind::Float, device)) + 0.5));
+            norm.bias
+                .shallow_clone()
+                .copy_(&Tensor::randn([8], (Kind::Float, device)));
         });
         // Off-centre input, as activations are.
         let x = Tensor::randn([2, 8, 16, 12], (Kind::Float, device)) * 3.0 + 1.5;
         let reference = x.group_norm(4, Some(&norm.weight), Some(&norm.bias), 1e-6, false);
-        assert!(norm.weight.requires_grad(), "VarStore weights are trainable");
+        assert!(
+            norm.weight.requires_grad(),
+            "VarStore weights are trainable"
+        );
         // fp32 always takes libtorch's group norm.
         let out = tch::no_grad(|| norm.forward(&x));
-        assert!(out.equal(&reference), "fp32 must keep libtorch's group norm");
+        assert!(
+            out.equal(&reference),
+            "fp32 must keep libtorch's group norm"
+        );
         if device.is_cuda() {
-            let spread = tch::no_grad(|| group_norm_spread(&x, 4, &norm.weight, &norm.bias, 1e-6)).unwrap();
+            let spread =
+                tch::no_grad(|| group_norm_spread(&x, 4, &norm.weight, &norm.bias, 1e-6)).unwrap();
             assert!((&spread - &reference).abs().max().double_value(&[]) < 1e-5);
             // bf16: within the type's rounding of libtorch's own bf16 group norm.
             let xb = x.to_kind(Kind::BFloat16);
-            let (wb, bb) = (norm.weight.to_kind(Kind::BFloat16), norm.bias.to_kind(Kind::BFloat16));
+            let (wb, bb) = (
+                norm.weight.to_kind(Kind::BFloat16),
+                norm.bias.to_kind(Kind::BFloat16),
+            );
             // Under no_grad the module takes the spread path for bf16, even with trainable weights.
-            let bf16_norm = GroupNorm { weight: wb.shallow_clone(), bias: bb.shallow_clone(), groups: 4, eps: 1e-6 };
+            let bf16_norm = GroupNorm {
+                weight: wb.shallow_clone(),
+                bias: bb.shallow_clone(),
+                groups: 4,
+                eps: 1e-6,
+            };
             let module_out = tch::no_grad(|| bf16_norm.forward(&xb));
             let spread_out = tch::no_grad(|| group_norm_spread(&xb, 4, &wb, &bb, 1e-6)).unwrap();
-            assert!(module_out.equal(&spread_out), "the module did not take the spread path under no_grad");
-            let native = xb.group_norm(4, Some(&wb), Some(&bb), 1e-6, false).to_kind(Kind::Float);
+            assert!(
+                module_out.equal(&spread_out),
+                "the module did not take the spread path under no_grad"
+            );
+            let native = xb
+                .group_norm(4, Some(&wb), Some(&bb), 1e-6, false)
+                .to_kind(Kind::Float);
             let spread = group_norm_spread(&xb, 4, &wb, &bb, 1e-6).unwrap();
             assert_eq!(spread.kind(), Kind::BFloat16);
             let scale = native.abs().max().double_value(&[]);
-            let diff = (spread.to_kind(Kind::Float) - &native).abs().max().double_value(&[]);
+            let diff = (spread.to_kind(Kind::Float) - &native)
+                .abs()
+                .max()
+                .double_value(&[]);
             assert!(diff <= 2e-2 * scale, "bf16: max |Δ| {diff} of {scale}");
         } else {
-            assert!(group_norm_spread(&x, 4, &norm.weight, &norm.bias, 1e-6).is_err(), "no CPU kernel expected");
+            assert!(
+                group_norm_spread(&x, 4, &norm.weight, &norm.bias, 1e-6).is_err(),
+                "no CPU kernel expected"
+            );
         }
         // Groups that do not divide the channels: an error, not a panic.
         assert!(group_norm_spread(&x, 3, &norm.weight, &norm.bias, 1e-6).is_err());

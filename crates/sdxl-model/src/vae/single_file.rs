@@ -18,9 +18,9 @@ use tch::nn::VarStore;
 use tch::{Device, Kind};
 
 use super::{AutoencoderKL, AutoencoderKLConfig, Upcast};
-use crate::mapped_load::{load_mapped, Source};
-use crate::weights::TensorFile;
 use crate::Result;
+use crate::mapped_load::{Source, load_mapped};
+use crate::weights::TensorFile;
 
 /// Where SGM / LDM checkpoints keep the VAE.
 pub const VAE_PREFIX: &str = "first_stage_model.";
@@ -35,14 +35,26 @@ fn ldm_source(name: &str, levels: usize) -> Option<Source> {
     let parts: Vec<&str> = rest.split('.').collect();
     let renamed = match parts.as_slice() {
         ["conv_norm_out", param] => format!("norm_out.{param}"),
-        ["down_blocks", i, "resnets", j, tail @ ..] => format!("down.{i}.block.{j}.{}", resnet_tail(tail)),
-        ["down_blocks", i, "downsamplers", "0", "conv", param] => format!("down.{i}.downsample.conv.{param}"),
-        ["up_blocks", i, "resnets", j, tail @ ..] => format!("up.{}.block.{j}.{}", reversed(i, levels)?, resnet_tail(tail)),
+        ["down_blocks", i, "resnets", j, tail @ ..] => {
+            format!("down.{i}.block.{j}.{}", resnet_tail(tail))
+        }
+        ["down_blocks", i, "downsamplers", "0", "conv", param] => {
+            format!("down.{i}.downsample.conv.{param}")
+        }
+        ["up_blocks", i, "resnets", j, tail @ ..] => format!(
+            "up.{}.block.{j}.{}",
+            reversed(i, levels)?,
+            resnet_tail(tail)
+        ),
         ["up_blocks", i, "upsamplers", "0", "conv", param] => {
             format!("up.{}.upsample.conv.{param}", reversed(i, levels)?)
         }
         ["mid_block", "resnets", j, tail @ ..] => {
-            format!("mid.block_{}.{}", j.parse::<usize>().ok()? + 1, resnet_tail(tail))
+            format!(
+                "mid.block_{}.{}",
+                j.parse::<usize>().ok()? + 1,
+                resnet_tail(tail)
+            )
         }
         ["mid_block", "attentions", "0", module @ .., param] => {
             let ldm = match module {
@@ -54,7 +66,11 @@ fn ldm_source(name: &str, levels: usize) -> Option<Source> {
                 _ => return None,
             };
             let key = format!("{coder}.mid.attn_1.{ldm}.{param}");
-            return Some(if ldm != "norm" && *param == "weight" { Source::PointwiseConv(key) } else { Source::Same(key) });
+            return Some(if ldm != "norm" && *param == "weight" {
+                Source::PointwiseConv(key)
+            } else {
+                Source::Same(key)
+            });
         }
         _ => rest.to_owned(),
     };
@@ -112,14 +128,40 @@ mod tests {
     fn ldm_names_follow_diffusers_converter() {
         let same = |s: &str| Some(Source::Same(s.to_owned()));
         let cases = [
-            ("encoder.down_blocks.1.resnets.0.conv_shortcut.weight", same("encoder.down.1.block.0.nin_shortcut.weight")),
-            ("encoder.down_blocks.0.downsamplers.0.conv.bias", same("encoder.down.0.downsample.conv.bias")),
-            ("decoder.up_blocks.0.resnets.2.norm1.weight", same("decoder.up.3.block.2.norm1.weight")),
-            ("decoder.up_blocks.2.upsamplers.0.conv.weight", same("decoder.up.1.upsample.conv.weight")),
-            ("decoder.mid_block.resnets.1.conv2.weight", same("decoder.mid.block_2.conv2.weight")),
-            ("encoder.mid_block.attentions.0.to_out.0.weight", Some(Source::PointwiseConv("encoder.mid.attn_1.proj_out.weight".into()))),
-            ("encoder.mid_block.attentions.0.to_q.bias", same("encoder.mid.attn_1.q.bias")),
-            ("decoder.mid_block.attentions.0.group_norm.weight", same("decoder.mid.attn_1.norm.weight")),
+            (
+                "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
+                same("encoder.down.1.block.0.nin_shortcut.weight"),
+            ),
+            (
+                "encoder.down_blocks.0.downsamplers.0.conv.bias",
+                same("encoder.down.0.downsample.conv.bias"),
+            ),
+            (
+                "decoder.up_blocks.0.resnets.2.norm1.weight",
+                same("decoder.up.3.block.2.norm1.weight"),
+            ),
+            (
+                "decoder.up_blocks.2.upsamplers.0.conv.weight",
+                same("decoder.up.1.upsample.conv.weight"),
+            ),
+            (
+                "decoder.mid_block.resnets.1.conv2.weight",
+                same("decoder.mid.block_2.conv2.weight"),
+            ),
+            (
+                "encoder.mid_block.attentions.0.to_out.0.weight",
+                Some(Source::PointwiseConv(
+                    "encoder.mid.attn_1.proj_out.weight".into(),
+                )),
+            ),
+            (
+                "encoder.mid_block.attentions.0.to_q.bias",
+                same("encoder.mid.attn_1.q.bias"),
+            ),
+            (
+                "decoder.mid_block.attentions.0.group_norm.weight",
+                same("decoder.mid.attn_1.norm.weight"),
+            ),
             ("encoder.conv_norm_out.bias", same("encoder.norm_out.bias")),
             ("decoder.conv_in.weight", same("decoder.conv_in.weight")),
             ("post_quant_conv.weight", same("post_quant_conv.weight")),
@@ -127,6 +169,9 @@ mod tests {
         for (name, expected) in cases {
             assert_eq!(ldm_source(name, 4), expected, "{name}");
         }
-        assert_eq!(ldm_source("decoder.up_blocks.4.resnets.0.conv1.weight", 4), None);
+        assert_eq!(
+            ldm_source("decoder.up_blocks.4.resnets.0.conv1.weight", 4),
+            None
+        );
     }
 }

@@ -21,7 +21,10 @@ pub struct VaeTiling {
 
 impl Default for VaeTiling {
     fn default() -> Self {
-        Self { sample_tile: None, overlap: 0.25 }
+        Self {
+            sample_tile: None,
+            overlap: 0.25,
+        }
     }
 }
 
@@ -46,7 +49,9 @@ impl VaeTiling {
     }
 
     pub(super) fn sample_tile(&self, config: &super::AutoencoderKLConfig) -> i64 {
-        self.sample_tile.unwrap_or_else(|| config.sample_size()).max(config.downscale_factor())
+        self.sample_tile
+            .unwrap_or_else(|| config.sample_size())
+            .max(config.downscale_factor())
     }
 
     pub(super) fn latent_tile(&self, config: &super::AutoencoderKLConfig) -> i64 {
@@ -60,7 +65,9 @@ impl VaeTiling {
     pub(super) fn encode(&self, vae: &AutoencoderKL, images: &Tensor) -> Result<Tensor> {
         let input_tile = self.sample_tile(vae.config());
         let output_tile = self.latent_tile(vae.config());
-        self.run(images, input_tile, output_tile, |tile| vae.encode_tile(tile))
+        self.run(images, input_tile, output_tile, |tile| {
+            vae.encode_tile(tile)
+        })
     }
 
     /// Tiled decode.
@@ -70,13 +77,21 @@ impl VaeTiling {
     pub(super) fn decode(&self, vae: &AutoencoderKL, latents: &Tensor) -> Result<Tensor> {
         let input_tile = self.latent_tile(vae.config());
         let output_tile = self.sample_tile(vae.config());
-        self.run(latents, input_tile, output_tile, |tile| vae.decode_tile(tile))
+        self.run(latents, input_tile, output_tile, |tile| {
+            vae.decode_tile(tile)
+        })
     }
 
     /// Runs `step` on tiles of `input_tile` that start every `input_tile · (1 − overlap)` positions,
     /// blends each output tile into its upper and left neighbours over `output_tile · overlap`
     /// positions and keeps the first `output_tile − blend` rows and columns of each.
-    fn run(&self, xs: &Tensor, input_tile: i64, output_tile: i64, step: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    fn run(
+        &self,
+        xs: &Tensor,
+        input_tile: i64,
+        output_tile: i64,
+        step: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let (_, _, height, width) = xs.size4()?;
         // diffusers truncates with int(); the stride is at least one so the loop always advances.
         let stride = ((input_tile as f64 * (1.0 - self.overlap)) as i64).max(1);
@@ -88,9 +103,11 @@ impl VaeTiling {
         for &top in &starts(height) {
             let mut row = Vec::new();
             for &left in &starts(width) {
-                let tile = xs
-                    .narrow(2, top, input_tile.min(height - top))
-                    .narrow(3, left, input_tile.min(width - left));
+                let tile = xs.narrow(2, top, input_tile.min(height - top)).narrow(
+                    3,
+                    left,
+                    input_tile.min(width - left),
+                );
                 row.push(step(&tile)?);
             }
             rows.push(row);
@@ -125,7 +142,9 @@ impl VaeTiling {
 /// `b` with its first `extent` positions along `dim` faded in from the last `extent` of `a`:
 /// `a[-extent + k] · (1 − k/extent) + b[k] · k/extent` (diffusers `blend_v` for dim 2, `blend_h` for 3).
 fn blend_edge(a: &Tensor, b: &Tensor, extent: i64, dim: i64) -> Tensor {
-    let extent = extent.min(a.size()[dim as usize]).min(b.size()[dim as usize]);
+    let extent = extent
+        .min(a.size()[dim as usize])
+        .min(b.size()[dim as usize]);
     if extent <= 0 {
         return b.shallow_clone();
     }
@@ -134,7 +153,9 @@ fn blend_edge(a: &Tensor, b: &Tensor, extent: i64, dim: i64) -> Tensor {
     shape[dim as usize] = extent;
     let ramp = Tensor::arange(extent, (Kind::Double, b.device())) / extent as f64;
     let weight_b = ramp.to_kind(b.kind()).view(shape.as_slice());
-    let weight_a = (ramp.ones_like() - &ramp).to_kind(b.kind()).view(shape.as_slice());
+    let weight_a = (ramp.ones_like() - &ramp)
+        .to_kind(b.kind())
+        .view(shape.as_slice());
     let a_edge = a.narrow(dim, a.size()[dim as usize] - extent, extent);
     let b_len = b.size()[dim as usize];
     let faded = a_edge * weight_a + b.narrow(dim, 0, extent) * weight_b;

@@ -57,7 +57,12 @@ impl MetricsLog {
         let existing = match std::fs::read(path) {
             Ok(bytes) => Some(bytes),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
-            Err(source) => return Err(Error::LogIo { path: path.to_path_buf(), source }),
+            Err(source) => {
+                return Err(Error::LogIo {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
         };
         let mut lines = 0;
         if let Some(bytes) = existing {
@@ -66,7 +71,9 @@ impl MetricsLog {
             let mut dropped_any = complete.len() < bytes.len();
             for (index, line) in complete.split_inclusive(|&b| b == b'\n').enumerate() {
                 let keep = match resume_from_step {
-                    Some(resume) => step_of(path, index + 1, line)?.is_none_or(|step| step <= resume),
+                    Some(resume) => {
+                        step_of(path, index + 1, line)?.is_none_or(|step| step <= resume)
+                    }
                     None => true,
                 };
                 if keep {
@@ -80,8 +87,16 @@ impl MetricsLog {
                 write_atomic(path, &kept)?;
             }
         }
-        let file = File::options().create(true).append(true).open(path).map_err(io_error(path))?;
-        Ok(Self { path: path.to_path_buf(), file, lines })
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io_error(path))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            lines,
+        })
     }
 
     /// The log's file.
@@ -96,10 +111,16 @@ impl MetricsLog {
     /// [`Error::LogIo`] when the file cannot be written.
     pub fn write(&mut self, record: &impl serde::Serialize) -> Result<()> {
         let line_number = self.lines + 1;
-        let json_error = |source| Error::MetricsJson { path: self.path.clone(), line: line_number, source };
+        let json_error = |source| Error::MetricsJson {
+            path: self.path.clone(),
+            line: line_number,
+            source,
+        };
         let value = serde_json::to_value(record).map_err(json_error)?;
         if !value.is_object() {
-            return Err(json_error(serde_json::Error::custom(format!("a metrics record must be a JSON object, got {value}"))));
+            return Err(json_error(serde_json::Error::custom(format!(
+                "a metrics record must be a JSON object, got {value}"
+            ))));
         }
         let mut line = serde_json::to_vec(&value).map_err(json_error)?;
         line.push(b'\n');
@@ -117,12 +138,18 @@ impl MetricsLog {
     pub fn read(path: &Path) -> Result<Vec<serde_json::Value>> {
         let bytes = std::fs::read(path).map_err(io_error(path))?;
         let mut records = Vec::new();
-        for (index, line) in complete_lines(&bytes).split_inclusive(|&b| b == b'\n').enumerate() {
+        for (index, line) in complete_lines(&bytes)
+            .split_inclusive(|&b| b == b'\n')
+            .enumerate()
+        {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let record = serde_json::from_slice(line)
-                .map_err(|source| Error::MetricsJson { path: path.to_path_buf(), line: index + 1, source })?;
+            let record = serde_json::from_slice(line).map_err(|source| Error::MetricsJson {
+                path: path.to_path_buf(),
+                line: index + 1,
+                source,
+            })?;
             records.push(record);
         }
         Ok(records)
@@ -131,7 +158,10 @@ impl MetricsLog {
 
 /// `bytes` up to and including its last newline.
 fn complete_lines(bytes: &[u8]) -> &[u8] {
-    let end = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |last| last + 1);
+    let end = bytes
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |last| last + 1);
     &bytes[..end]
 }
 
@@ -140,8 +170,12 @@ fn step_of(path: &Path, line_number: usize, line: &[u8]) -> Result<Option<u64>> 
     if line.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    let record: serde_json::Value = serde_json::from_slice(line)
-        .map_err(|source| Error::MetricsJson { path: path.to_path_buf(), line: line_number, source })?;
+    let record: serde_json::Value =
+        serde_json::from_slice(line).map_err(|source| Error::MetricsJson {
+            path: path.to_path_buf(),
+            line: line_number,
+            source,
+        })?;
     Ok(record.get("step").and_then(serde_json::Value::as_u64))
 }
 
@@ -159,7 +193,11 @@ mod tests {
     }
 
     fn steps(path: &Path) -> Vec<u64> {
-        MetricsLog::read(path).unwrap().iter().map(|r| r["step"].as_u64().unwrap()).collect()
+        MetricsLog::read(path)
+            .unwrap()
+            .iter()
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect()
     }
 
     #[test]
@@ -168,15 +206,24 @@ mod tests {
         let path = dir.path().join("out/logs/metrics.jsonl");
         let mut log = MetricsLog::open(&path, None).unwrap();
         for step in 1..=3 {
-            log.write(&StepRecord { step, loss: 1.0 / step as f64, lr: 1e-4 }).unwrap();
+            log.write(&StepRecord {
+                step,
+                loss: 1.0 / step as f64,
+                lr: 1e-4,
+            })
+            .unwrap();
         }
         // Each record is on disk as soon as it is written, without closing the log.
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 3);
-        assert_eq!(text.lines().next().unwrap(), r#"{"loss":1.0,"lr":0.0001,"step":1}"#);
+        assert_eq!(
+            text.lines().next().unwrap(),
+            r#"{"loss":1.0,"lr":0.0001,"step":1}"#
+        );
         drop(log);
         let mut log = MetricsLog::open(&path, None).unwrap();
-        log.write(&json!({"step": 4, "event": "validation"})).unwrap();
+        log.write(&json!({"step": 4, "event": "validation"}))
+            .unwrap();
         assert_eq!(steps(&path), [1, 2, 3, 4]);
         assert_eq!(MetricsLog::read(&path).unwrap()[3]["event"], "validation");
     }
@@ -213,7 +260,10 @@ mod tests {
         assert_eq!(steps(&path), [1], "the reader skips it too");
         let mut log = MetricsLog::open(&path, None).unwrap();
         log.write(&json!({"step": 2, "loss": 0.4})).unwrap();
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"step\":1,\"loss\":0.5}\n{\"loss\":0.4,\"step\":2}\n");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"step\":1,\"loss\":0.5}\n{\"loss\":0.4,\"step\":2}\n"
+        );
         std::fs::write(&path, "{\"step\":1}\n{\"step\":2}\n{\"st").unwrap();
         drop(MetricsLog::open(&path, Some(1)).unwrap());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"step\":1}\n");
@@ -224,18 +274,31 @@ mod tests {
         let dir = TestDir::new("jsonl-bad");
         let path = dir.path().join("metrics.jsonl");
         std::fs::write(&path, "{\"step\":1}\n\nnot json\n{\"step\":3}\n").unwrap();
-        for result in [MetricsLog::read(&path).map(drop), MetricsLog::open(&path, Some(2)).map(drop)] {
+        for result in [
+            MetricsLog::read(&path).map(drop),
+            MetricsLog::open(&path, Some(2)).map(drop),
+        ] {
             match result {
-                Err(Error::MetricsJson { path: named, line, .. }) => assert_eq!((named, line), (path.clone(), 3)),
+                Err(Error::MetricsJson {
+                    path: named, line, ..
+                }) => assert_eq!((named, line), (path.clone(), 3)),
                 other => panic!("expected the bad line to be named, got {other:?}"),
             }
         }
         let mut log = MetricsLog::open(&path, None).unwrap();
         let err = log.write(&[1.0, 2.0]).unwrap_err().to_string();
-        assert!(err.contains("metrics.jsonl: line 5") && err.contains("JSON object"), "{err}");
-        let err = log.write(&json!({"loss": f64::NAN})).map(|()| std::fs::read_to_string(&path).unwrap());
+        assert!(
+            err.contains("metrics.jsonl: line 5") && err.contains("JSON object"),
+            "{err}"
+        );
+        let err = log
+            .write(&json!({"loss": f64::NAN}))
+            .map(|()| std::fs::read_to_string(&path).unwrap());
         // serde_json writes a non-finite float as null rather than failing; the line stays valid JSON.
         assert!(err.unwrap().ends_with("{\"loss\":null}\n"));
-        assert!(matches!(MetricsLog::read(&dir.path().join("missing.jsonl")), Err(Error::LogIo { .. })));
+        assert!(matches!(
+            MetricsLog::read(&dir.path().join("missing.jsonl")),
+            Err(Error::LogIo { .. })
+        ));
     }
 }

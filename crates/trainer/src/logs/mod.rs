@@ -17,13 +17,19 @@ use crate::{Error, Result};
 
 /// Wraps an I/O error with the file it concerns.
 pub(crate) fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::LogIo { path: path.to_path_buf(), source }
+    move |source| Error::LogIo {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Writes `bytes` to `path` atomically ([`crate::checkpoint::write_atomic`]), reporting I/O failures as
 /// [`Error::LogIo`].
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    crate::checkpoint::write_atomic_reporting(path, bytes, |path, source| Error::LogIo { path, source })
+    crate::checkpoint::write_atomic_reporting(path, bytes, |path, source| Error::LogIo {
+        path,
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -35,7 +41,8 @@ pub(crate) mod test_dir {
 
     impl TestDir {
         pub(crate) fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!("trainer-logs-{name}-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("trainer-logs-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             TestDir(dir)

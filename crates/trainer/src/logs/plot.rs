@@ -44,16 +44,31 @@ const GLYPH_HEIGHT: i64 = 7 * GLYPH_SCALE;
 /// [`Error::Plot`] naming `path` when no point has a finite loss or the PNG cannot be encoded;
 /// [`Error::LogIo`] when it cannot be written.
 pub fn loss_curve_png(path: &Path, points: &[(u64, f64)], title: &str) -> Result<()> {
-    let plot_error = |problem: String| Error::Plot { path: path.to_path_buf(), problem };
-    let finite: Vec<(f64, f64)> = points.iter().filter(|(_, loss)| loss.is_finite()).map(|&(step, loss)| (step as f64, loss)).collect();
+    let plot_error = |problem: String| Error::Plot {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let finite: Vec<(f64, f64)> = points
+        .iter()
+        .filter(|(_, loss)| loss.is_finite())
+        .map(|&(step, loss)| (step as f64, loss))
+        .collect();
     if finite.is_empty() {
-        return Err(plot_error(format!("no finite loss to plot among {} points", points.len())));
+        return Err(plot_error(format!(
+            "no finite loss to plot among {} points",
+            points.len()
+        )));
     }
     let smoothed = moving_average(&finite);
 
     let (step_min, step_max) = padded_range(finite.iter().map(|p| p.0), 0.0);
     let (loss_min, loss_max) = padded_range(finite.iter().map(|p| p.1), 0.05);
-    let canvas = Canvas { step_min, step_max, loss_min, loss_max };
+    let canvas = Canvas {
+        step_min,
+        step_max,
+        loss_min,
+        loss_max,
+    };
     let mut image = RgbImage::from_pixel(WIDTH, HEIGHT, BACKGROUND);
 
     // 1. grid and tick labels
@@ -62,27 +77,69 @@ pub fn loss_curve_png(path: &Path, points: &[(u64, f64)], title: &str) -> Result
         draw_line(&mut image, (PLOT_LEFT, y), (PLOT_RIGHT, y), GRID, 1);
         draw_line(&mut image, (PLOT_LEFT - 5, y), (PLOT_LEFT, y), AXIS, 1);
         let label = format_tick(tick, nice_spacing(loss_min, loss_max));
-        draw_text(&mut image, &label, PLOT_LEFT - 8 - text_width(&label), y - GLYPH_HEIGHT / 2, TEXT);
+        draw_text(
+            &mut image,
+            &label,
+            PLOT_LEFT - 8 - text_width(&label),
+            y - GLYPH_HEIGHT / 2,
+            TEXT,
+        );
     }
-    for tick in nice_ticks(step_min, step_max).into_iter().filter(|t| t.fract() == 0.0) {
+    for tick in nice_ticks(step_min, step_max)
+        .into_iter()
+        .filter(|t| t.fract() == 0.0)
+    {
         let x = canvas.x(tick);
         draw_line(&mut image, (x, PLOT_TOP), (x, PLOT_BOTTOM), GRID, 1);
         draw_line(&mut image, (x, PLOT_BOTTOM), (x, PLOT_BOTTOM + 5), AXIS, 1);
         let label = format!("{tick:.0}");
-        draw_text(&mut image, &label, x - text_width(&label) / 2, PLOT_BOTTOM + 10, TEXT);
+        draw_text(
+            &mut image,
+            &label,
+            x - text_width(&label) / 2,
+            PLOT_BOTTOM + 10,
+            TEXT,
+        );
     }
 
     // 2. axes, axis names and title
-    draw_line(&mut image, (PLOT_LEFT, PLOT_TOP), (PLOT_LEFT, PLOT_BOTTOM), AXIS, 1);
-    draw_line(&mut image, (PLOT_LEFT, PLOT_BOTTOM), (PLOT_RIGHT, PLOT_BOTTOM), AXIS, 1);
-    draw_text(&mut image, "STEP", (PLOT_LEFT + PLOT_RIGHT) / 2 - text_width("STEP") / 2, PLOT_BOTTOM + 32, TEXT);
+    draw_line(
+        &mut image,
+        (PLOT_LEFT, PLOT_TOP),
+        (PLOT_LEFT, PLOT_BOTTOM),
+        AXIS,
+        1,
+    );
+    draw_line(
+        &mut image,
+        (PLOT_LEFT, PLOT_BOTTOM),
+        (PLOT_RIGHT, PLOT_BOTTOM),
+        AXIS,
+        1,
+    );
+    draw_text(
+        &mut image,
+        "STEP",
+        (PLOT_LEFT + PLOT_RIGHT) / 2 - text_width("STEP") / 2,
+        PLOT_BOTTOM + 32,
+        TEXT,
+    );
     draw_text(&mut image, "LOSS", 8, PLOT_TOP - GLYPH_HEIGHT - 8, TEXT);
     let title = title.to_ascii_uppercase();
-    draw_text(&mut image, &title, (WIDTH as i64 - text_width(&title)) / 2, 10, TEXT);
+    draw_text(
+        &mut image,
+        &title,
+        (WIDTH as i64 - text_width(&title)) / 2,
+        10,
+        TEXT,
+    );
 
     // 3. the raw loss, then its average on top
     for (series, color, thickness) in [(&finite, RAW_COLOR, 1), (&smoothed, EMA_COLOR, 2)] {
-        let pixels: Vec<(i64, i64)> = series.iter().map(|&(step, loss)| (canvas.x(step), canvas.y(loss))).collect();
+        let pixels: Vec<(i64, i64)> = series
+            .iter()
+            .map(|&(step, loss)| (canvas.x(step), canvas.y(loss)))
+            .collect();
         if let [only] = pixels[..] {
             draw_line(&mut image, only, only, color, thickness + 2);
         }
@@ -92,7 +149,9 @@ pub fn loss_curve_png(path: &Path, points: &[(u64, f64)], title: &str) -> Result
     }
 
     let mut png = std::io::Cursor::new(Vec::new());
-    image.write_to(&mut png, image::ImageFormat::Png).map_err(|e| plot_error(format!("encoding the PNG: {e}")))?;
+    image
+        .write_to(&mut png, image::ImageFormat::Png)
+        .map_err(|e| plot_error(format!("encoding the PNG: {e}")))?;
     write_atomic(path, png.get_ref())
 }
 
@@ -136,7 +195,9 @@ fn moving_average(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
 /// The smallest and largest value, widened by `margin` of the span on each side; a single value
 /// gets a span around it so the axis is never empty.
 fn padded_range(values: impl Iterator<Item = f64>, margin: f64) -> (f64, f64) {
-    let (low, high) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (low, high) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    });
     if high > low {
         let pad = (high - low) * margin;
         (low - pad, high + pad)
@@ -150,7 +211,10 @@ fn padded_range(values: impl Iterator<Item = f64>, margin: f64) -> (f64, f64) {
 fn nice_spacing(low: f64, high: f64) -> f64 {
     let rough = (high - low) / 6.0;
     let magnitude = 10f64.powf(rough.log10().floor());
-    let multiple = [1.0, 2.0, 5.0, 10.0].into_iter().find(|m| m * magnitude >= rough).unwrap_or(10.0);
+    let multiple = [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .find(|m| m * magnitude >= rough)
+        .unwrap_or(10.0);
     multiple * magnitude
 }
 
@@ -179,13 +243,25 @@ fn format_tick(value: f64, spacing: f64) -> String {
 
 /// Draws a segment with Bresenham's algorithm, each point as a `thickness`-wide square; pixels
 /// outside the image are skipped.
-fn draw_line(image: &mut RgbImage, from: (i64, i64), to: (i64, i64), color: Rgb<u8>, thickness: i64) {
+fn draw_line(
+    image: &mut RgbImage,
+    from: (i64, i64),
+    to: (i64, i64),
+    color: Rgb<u8>,
+    thickness: i64,
+) {
     let (mut x, mut y) = from;
     let (dx, dy) = ((to.0 - x).abs(), -(to.1 - y).abs());
     let (step_x, step_y) = ((to.0 - x).signum(), (to.1 - y).signum());
     let mut error = dx + dy;
     loop {
-        fill_square(image, x - thickness / 2, y - thickness / 2, thickness, color);
+        fill_square(
+            image,
+            x - thickness / 2,
+            y - thickness / 2,
+            thickness,
+            color,
+        );
         if (x, y) == to {
             break;
         }
@@ -237,56 +313,154 @@ fn draw_text(image: &mut RgbImage, text: &str, left: i64, top: i64, color: Rgb<u
 /// capitals, except `e`, which tick labels use in `1e-4`; anything else is an empty box.
 fn glyph(character: char) -> [u8; 7] {
     match character {
-        '0' => [0b01110, 0b10001, 0b10011, 0b10101, 0b11001, 0b10001, 0b01110],
-        '1' => [0b00100, 0b01100, 0b00100, 0b00100, 0b00100, 0b00100, 0b01110],
-        '2' => [0b01110, 0b10001, 0b00001, 0b00010, 0b00100, 0b01000, 0b11111],
-        '3' => [0b11111, 0b00010, 0b00100, 0b00010, 0b00001, 0b10001, 0b01110],
-        '4' => [0b00010, 0b00110, 0b01010, 0b10010, 0b11111, 0b00010, 0b00010],
-        '5' => [0b11111, 0b10000, 0b11110, 0b00001, 0b00001, 0b10001, 0b01110],
-        '6' => [0b00110, 0b01000, 0b10000, 0b11110, 0b10001, 0b10001, 0b01110],
-        '7' => [0b11111, 0b00001, 0b00010, 0b00100, 0b01000, 0b01000, 0b01000],
-        '8' => [0b01110, 0b10001, 0b10001, 0b01110, 0b10001, 0b10001, 0b01110],
-        '9' => [0b01110, 0b10001, 0b10001, 0b01111, 0b00001, 0b00010, 0b01100],
-        'e' => [0b00000, 0b00000, 0b01110, 0b10001, 0b11111, 0b10000, 0b01110],
-        'A' => [0b01110, 0b10001, 0b10001, 0b11111, 0b10001, 0b10001, 0b10001],
-        'B' => [0b11110, 0b10001, 0b10001, 0b11110, 0b10001, 0b10001, 0b11110],
-        'C' => [0b01110, 0b10001, 0b10000, 0b10000, 0b10000, 0b10001, 0b01110],
-        'D' => [0b11100, 0b10010, 0b10001, 0b10001, 0b10001, 0b10010, 0b11100],
-        'E' => [0b11111, 0b10000, 0b10000, 0b11110, 0b10000, 0b10000, 0b11111],
-        'F' => [0b11111, 0b10000, 0b10000, 0b11110, 0b10000, 0b10000, 0b10000],
-        'G' => [0b01110, 0b10001, 0b10000, 0b10111, 0b10001, 0b10001, 0b01111],
-        'H' => [0b10001, 0b10001, 0b10001, 0b11111, 0b10001, 0b10001, 0b10001],
-        'I' => [0b01110, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b01110],
-        'J' => [0b00111, 0b00010, 0b00010, 0b00010, 0b00010, 0b10010, 0b01100],
-        'K' => [0b10001, 0b10010, 0b10100, 0b11000, 0b10100, 0b10010, 0b10001],
-        'L' => [0b10000, 0b10000, 0b10000, 0b10000, 0b10000, 0b10000, 0b11111],
-        'M' => [0b10001, 0b11011, 0b10101, 0b10101, 0b10001, 0b10001, 0b10001],
-        'N' => [0b10001, 0b10001, 0b11001, 0b10101, 0b10011, 0b10001, 0b10001],
-        'O' => [0b01110, 0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b01110],
-        'P' => [0b11110, 0b10001, 0b10001, 0b11110, 0b10000, 0b10000, 0b10000],
-        'Q' => [0b01110, 0b10001, 0b10001, 0b10001, 0b10101, 0b10010, 0b01101],
-        'R' => [0b11110, 0b10001, 0b10001, 0b11110, 0b10100, 0b10010, 0b10001],
-        'S' => [0b01111, 0b10000, 0b10000, 0b01110, 0b00001, 0b00001, 0b11110],
-        'T' => [0b11111, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100],
-        'U' => [0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b01110],
-        'V' => [0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b01010, 0b00100],
-        'W' => [0b10001, 0b10001, 0b10001, 0b10101, 0b10101, 0b10101, 0b01010],
-        'X' => [0b10001, 0b10001, 0b01010, 0b00100, 0b01010, 0b10001, 0b10001],
-        'Y' => [0b10001, 0b10001, 0b01010, 0b00100, 0b00100, 0b00100, 0b00100],
-        'Z' => [0b11111, 0b00001, 0b00010, 0b00100, 0b01000, 0b10000, 0b11111],
+        '0' => [
+            0b01110, 0b10001, 0b10011, 0b10101, 0b11001, 0b10001, 0b01110,
+        ],
+        '1' => [
+            0b00100, 0b01100, 0b00100, 0b00100, 0b00100, 0b00100, 0b01110,
+        ],
+        '2' => [
+            0b01110, 0b10001, 0b00001, 0b00010, 0b00100, 0b01000, 0b11111,
+        ],
+        '3' => [
+            0b11111, 0b00010, 0b00100, 0b00010, 0b00001, 0b10001, 0b01110,
+        ],
+        '4' => [
+            0b00010, 0b00110, 0b01010, 0b10010, 0b11111, 0b00010, 0b00010,
+        ],
+        '5' => [
+            0b11111, 0b10000, 0b11110, 0b00001, 0b00001, 0b10001, 0b01110,
+        ],
+        '6' => [
+            0b00110, 0b01000, 0b10000, 0b11110, 0b10001, 0b10001, 0b01110,
+        ],
+        '7' => [
+            0b11111, 0b00001, 0b00010, 0b00100, 0b01000, 0b01000, 0b01000,
+        ],
+        '8' => [
+            0b01110, 0b10001, 0b10001, 0b01110, 0b10001, 0b10001, 0b01110,
+        ],
+        '9' => [
+            0b01110, 0b10001, 0b10001, 0b01111, 0b00001, 0b00010, 0b01100,
+        ],
+        'e' => [
+            0b00000, 0b00000, 0b01110, 0b10001, 0b11111, 0b10000, 0b01110,
+        ],
+        'A' => [
+            0b01110, 0b10001, 0b10001, 0b11111, 0b10001, 0b10001, 0b10001,
+        ],
+        'B' => [
+            0b11110, 0b10001, 0b10001, 0b11110, 0b10001, 0b10001, 0b11110,
+        ],
+        'C' => [
+            0b01110, 0b10001, 0b10000, 0b10000, 0b10000, 0b10001, 0b01110,
+        ],
+        'D' => [
+            0b11100, 0b10010, 0b10001, 0b10001, 0b10001, 0b10010, 0b11100,
+        ],
+        'E' => [
+            0b11111, 0b10000, 0b10000, 0b11110, 0b10000, 0b10000, 0b11111,
+        ],
+        'F' => [
+            0b11111, 0b10000, 0b10000, 0b11110, 0b10000, 0b10000, 0b10000,
+        ],
+        'G' => [
+            0b01110, 0b10001, 0b10000, 0b10111, 0b10001, 0b10001, 0b01111,
+        ],
+        'H' => [
+            0b10001, 0b10001, 0b10001, 0b11111, 0b10001, 0b10001, 0b10001,
+        ],
+        'I' => [
+            0b01110, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b01110,
+        ],
+        'J' => [
+            0b00111, 0b00010, 0b00010, 0b00010, 0b00010, 0b10010, 0b01100,
+        ],
+        'K' => [
+            0b10001, 0b10010, 0b10100, 0b11000, 0b10100, 0b10010, 0b10001,
+        ],
+        'L' => [
+            0b10000, 0b10000, 0b10000, 0b10000, 0b10000, 0b10000, 0b11111,
+        ],
+        'M' => [
+            0b10001, 0b11011, 0b10101, 0b10101, 0b10001, 0b10001, 0b10001,
+        ],
+        'N' => [
+            0b10001, 0b10001, 0b11001, 0b10101, 0b10011, 0b10001, 0b10001,
+        ],
+        'O' => [
+            0b01110, 0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b01110,
+        ],
+        'P' => [
+            0b11110, 0b10001, 0b10001, 0b11110, 0b10000, 0b10000, 0b10000,
+        ],
+        'Q' => [
+            0b01110, 0b10001, 0b10001, 0b10001, 0b10101, 0b10010, 0b01101,
+        ],
+        'R' => [
+            0b11110, 0b10001, 0b10001, 0b11110, 0b10100, 0b10010, 0b10001,
+        ],
+        'S' => [
+            0b01111, 0b10000, 0b10000, 0b01110, 0b00001, 0b00001, 0b11110,
+        ],
+        'T' => [
+            0b11111, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100,
+        ],
+        'U' => [
+            0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b01110,
+        ],
+        'V' => [
+            0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b01010, 0b00100,
+        ],
+        'W' => [
+            0b10001, 0b10001, 0b10001, 0b10101, 0b10101, 0b10101, 0b01010,
+        ],
+        'X' => [
+            0b10001, 0b10001, 0b01010, 0b00100, 0b01010, 0b10001, 0b10001,
+        ],
+        'Y' => [
+            0b10001, 0b10001, 0b01010, 0b00100, 0b00100, 0b00100, 0b00100,
+        ],
+        'Z' => [
+            0b11111, 0b00001, 0b00010, 0b00100, 0b01000, 0b10000, 0b11111,
+        ],
         ' ' => [0; 7],
-        '.' => [0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b01100, 0b01100],
-        ',' => [0b00000, 0b00000, 0b00000, 0b00000, 0b01100, 0b00100, 0b01000],
-        ':' => [0b00000, 0b01100, 0b01100, 0b00000, 0b01100, 0b01100, 0b00000],
-        '-' => [0b00000, 0b00000, 0b00000, 0b01110, 0b00000, 0b00000, 0b00000],
-        '+' => [0b00000, 0b00100, 0b00100, 0b11111, 0b00100, 0b00100, 0b00000],
-        '=' => [0b00000, 0b00000, 0b11111, 0b00000, 0b11111, 0b00000, 0b00000],
-        '/' => [0b00000, 0b00001, 0b00010, 0b00100, 0b01000, 0b10000, 0b00000],
-        '_' => [0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b11111],
-        '(' => [0b00010, 0b00100, 0b01000, 0b01000, 0b01000, 0b00100, 0b00010],
-        ')' => [0b01000, 0b00100, 0b00010, 0b00010, 0b00010, 0b00100, 0b01000],
-        '%' => [0b11000, 0b11001, 0b00010, 0b00100, 0b01000, 0b10011, 0b00011],
-        _ => [0b11111, 0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b11111],
+        '.' => [
+            0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b01100, 0b01100,
+        ],
+        ',' => [
+            0b00000, 0b00000, 0b00000, 0b00000, 0b01100, 0b00100, 0b01000,
+        ],
+        ':' => [
+            0b00000, 0b01100, 0b01100, 0b00000, 0b01100, 0b01100, 0b00000,
+        ],
+        '-' => [
+            0b00000, 0b00000, 0b00000, 0b01110, 0b00000, 0b00000, 0b00000,
+        ],
+        '+' => [
+            0b00000, 0b00100, 0b00100, 0b11111, 0b00100, 0b00100, 0b00000,
+        ],
+        '=' => [
+            0b00000, 0b00000, 0b11111, 0b00000, 0b11111, 0b00000, 0b00000,
+        ],
+        '/' => [
+            0b00000, 0b00001, 0b00010, 0b00100, 0b01000, 0b10000, 0b00000,
+        ],
+        '_' => [
+            0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b11111,
+        ],
+        '(' => [
+            0b00010, 0b00100, 0b01000, 0b01000, 0b01000, 0b00100, 0b00010,
+        ],
+        ')' => [
+            0b01000, 0b00100, 0b00010, 0b00010, 0b00010, 0b00100, 0b01000,
+        ],
+        '%' => [
+            0b11000, 0b11001, 0b00010, 0b00100, 0b01000, 0b10011, 0b00011,
+        ],
+        _ => [
+            0b11111, 0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b11111,
+        ],
     }
 }
 
@@ -298,7 +472,9 @@ mod tests {
     fn columns_with(image: &RgbImage, color: Rgb<u8>) -> Vec<(u32, Vec<u32>)> {
         (0..image.width())
             .filter_map(|x| {
-                let rows: Vec<u32> = (0..image.height()).filter(|&y| *image.get_pixel(x, y) == color).collect();
+                let rows: Vec<u32> = (0..image.height())
+                    .filter(|&y| *image.get_pixel(x, y) == color)
+                    .collect();
                 (!rows.is_empty()).then_some((x, rows))
             })
             .collect()
@@ -313,7 +489,15 @@ mod tests {
         let dir = TestDir::new("plot-falling");
         let path = dir.path().join("loss.png");
         // A decaying loss with deterministic noise, a NaN and an infinity that must be skipped.
-        let mut points: Vec<(u64, f64)> = (0..400u64).map(|s| (s, 0.05 + 0.2 * (-(s as f64) / 120.0).exp() + 0.03 * ((s * 7919 % 13) as f64 / 13.0 - 0.5))).collect();
+        let mut points: Vec<(u64, f64)> = (0..400u64)
+            .map(|s| {
+                (
+                    s,
+                    0.05 + 0.2 * (-(s as f64) / 120.0).exp()
+                        + 0.03 * ((s * 7919 % 13) as f64 / 13.0 - 0.5),
+                )
+            })
+            .collect();
         points[17].1 = f64::NAN;
         points[300].1 = f64::INFINITY;
         loss_curve_png(&path, &points, "naruto lora: loss").unwrap();
@@ -326,23 +510,45 @@ mod tests {
         let ema = columns_with(&image, EMA_COLOR);
         // Both curves span the plot area, and stay inside it.
         for curve in [&raw, &ema] {
-            assert!(curve.len() as i64 > (PLOT_RIGHT - PLOT_LEFT) * 9 / 10, "{} columns", curve.len());
-            assert!(curve.iter().all(|(x, rows)| (PLOT_LEFT - 2..=PLOT_RIGHT + 2).contains(&(*x as i64)) && rows.iter().all(|&y| (PLOT_TOP - 2..=PLOT_BOTTOM + 2).contains(&(y as i64)))));
+            assert!(
+                curve.len() as i64 > (PLOT_RIGHT - PLOT_LEFT) * 9 / 10,
+                "{} columns",
+                curve.len()
+            );
+            assert!(curve.iter().all(|(x, rows)| {
+                (PLOT_LEFT - 2..=PLOT_RIGHT + 2).contains(&(*x as i64))
+                    && rows
+                        .iter()
+                        .all(|&y| (PLOT_TOP - 2..=PLOT_BOTTOM + 2).contains(&(y as i64)))
+            }));
         }
         // Falling: the average's left end is higher up (smaller y) than its right end.
         let (left, right) = (&ema[0].1, &ema[ema.len() - 1].1);
-        assert!(mean(left) + 100.0 < mean(right), "left end at y {}, right end at y {}", mean(left), mean(right));
+        assert!(
+            mean(left) + 100.0 < mean(right),
+            "left end at y {}, right end at y {}",
+            mean(left),
+            mean(right)
+        );
         // Text was drawn: the title row and the tick labels left of the axis.
         assert!((0..WIDTH).any(|x| (10..24).any(|y| *image.get_pixel(x, y) == TEXT)));
-        assert!((0..PLOT_LEFT as u32 - 8).any(|x| (PLOT_TOP as u32..PLOT_BOTTOM as u32).any(|y| *image.get_pixel(x, y) == TEXT)));
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left behind");
+        assert!((0..PLOT_LEFT as u32 - 8).any(|x| {
+            (PLOT_TOP as u32..PLOT_BOTTOM as u32).any(|y| *image.get_pixel(x, y) == TEXT)
+        }));
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary file left behind"
+        );
     }
 
     #[test]
     fn a_rising_loss_is_drawn_rising_and_one_point_is_drawn() {
         let dir = TestDir::new("plot-rising");
         let path = dir.path().join("loss.png");
-        let points: Vec<(u64, f64)> = (0..50u64).map(|s| (s * 10, 1e-4 * (1.0 + s as f64))).collect();
+        let points: Vec<(u64, f64)> = (0..50u64)
+            .map(|s| (s * 10, 1e-4 * (1.0 + s as f64)))
+            .collect();
         loss_curve_png(&path, &points, "rising").unwrap();
         let ema = columns_with(&image::open(&path).unwrap().to_rgb8(), EMA_COLOR);
         assert!(mean(&ema[0].1) > mean(&ema[ema.len() - 1].1) + 100.0);
@@ -356,19 +562,28 @@ mod tests {
         let path = Path::new("/nonexistent-folder/loss.png");
         for points in [&[][..], &[(1, f64::NAN), (2, f64::NEG_INFINITY)][..]] {
             match loss_curve_png(path, points, "t") {
-                Err(Error::Plot { path: named, problem }) => {
+                Err(Error::Plot {
+                    path: named,
+                    problem,
+                }) => {
                     assert_eq!(named, path);
                     assert!(problem.contains("no finite loss"), "{problem}");
                 }
                 other => panic!("expected a plot error, got {other:?}"),
             }
         }
-        assert!(matches!(loss_curve_png(path, &[(1, 0.5)], "t"), Err(Error::LogIo { .. })));
+        assert!(matches!(
+            loss_curve_png(path, &[(1, 0.5)], "t"),
+            Err(Error::LogIo { .. })
+        ));
     }
 
     #[test]
     fn ticks_are_round_numbers_inside_the_range() {
-        assert_eq!(nice_ticks(0.0, 1.0), [0.0, 0.2, 0.4, 0.6000000000000001, 0.8, 1.0]);
+        assert_eq!(
+            nice_ticks(0.0, 1.0),
+            [0.0, 0.2, 0.4, 0.6000000000000001, 0.8, 1.0]
+        );
         assert_eq!(nice_ticks(0.0, 400.0), [0.0, 100.0, 200.0, 300.0, 400.0]);
         for (low, high) in [(0.031, 0.26), (1e-5, 3e-4), (-2.0, 7.5), (99.0, 101.0)] {
             let ticks = nice_ticks(low, high);
@@ -381,7 +596,10 @@ mod tests {
         assert_eq!(format_tick(1.5e-4, 5e-5), "1.5e-4");
         assert_eq!(format_tick(0.0, 0.1), "0");
         for label in ["0.20", "1.5e-4", "-3"] {
-            assert!(label.chars().all(|c| glyph(c) != glyph('\u{1}')), "{label} has a glyph for every character");
+            assert!(
+                label.chars().all(|c| glyph(c) != glyph('\u{1}')),
+                "{label} has a glyph for every character"
+            );
         }
     }
 }

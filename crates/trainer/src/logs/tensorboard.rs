@@ -81,13 +81,18 @@ impl EventWriter {
     /// # Errors
     /// As [`EventWriter::create`].
     pub fn create_resumed(log_dir: &Path, resume_from_step: u64) -> Result<Self> {
-        let purge_step = i64::try_from(resume_from_step).unwrap_or(i64::MAX).saturating_add(1);
+        let purge_step = i64::try_from(resume_from_step)
+            .unwrap_or(i64::MAX)
+            .saturating_add(1);
         Self::create_with_purge(log_dir, Some(purge_step))
     }
 
     fn create_with_purge(log_dir: &Path, purge_step: Option<i64>) -> Result<Self> {
         std::fs::create_dir_all(log_dir).map_err(io_error(log_dir))?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let name = format!(
             "events.out.tfevents.{now:010}.{}.{}.{}",
             hostname(),
@@ -95,8 +100,15 @@ impl EventWriter {
             FILES_OPENED.fetch_add(1, Ordering::Relaxed)
         );
         let path = log_dir.join(name);
-        let file = File::options().write(true).create_new(true).open(&path).map_err(io_error(&path))?;
-        let mut writer = Self { path, file: BufWriter::new(file) };
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_error(&path))?;
+        let mut writer = Self {
+            path,
+            file: BufWriter::new(file),
+        };
         let mut event = Vec::new();
         encode_event_header(&mut event, wall_time_now(), purge_step.unwrap_or(0));
         encode_bytes_field(&mut event, 3, FILE_VERSION.as_bytes());
@@ -166,7 +178,11 @@ pub fn read_scalars(path: &Path) -> Result<Vec<Scalar>> {
     let bytes = std::fs::read(path).map_err(io_error(path))?;
     let mut scalars = Vec::new();
     for (offset, data) in records(path, &bytes)? {
-        let corrupt = |problem: String| Error::CorruptEventFile { path: path.to_path_buf(), offset, problem };
+        let corrupt = |problem: String| Error::CorruptEventFile {
+            path: path.to_path_buf(),
+            offset,
+            problem,
+        };
         decode_event(data, &mut scalars).map_err(corrupt)?;
     }
     Ok(scalars)
@@ -177,22 +193,35 @@ fn records<'a>(path: &Path, bytes: &'a [u8]) -> Result<Vec<(u64, &'a [u8])>> {
     let mut records = Vec::new();
     let mut offset = 0usize;
     while offset < bytes.len() {
-        let corrupt = |problem: String| Error::CorruptEventFile { path: path.to_path_buf(), offset: offset as u64, problem };
+        let corrupt = |problem: String| Error::CorruptEventFile {
+            path: path.to_path_buf(),
+            offset: offset as u64,
+            problem,
+        };
         let rest = &bytes[offset..];
         let (Some(length), Some(length_crc)) = (read_u64(rest, 0), read_u32(rest, 8)) else {
-            return Err(corrupt(format!("truncated record header: {} of 12 bytes", rest.len())));
+            return Err(corrupt(format!(
+                "truncated record header: {} of 12 bytes",
+                rest.len()
+            )));
         };
         if masked_crc32c(&rest[..8]) != length_crc {
-            return Err(corrupt("checksum of the record length does not match".to_owned()));
+            return Err(corrupt(
+                "checksum of the record length does not match".to_owned(),
+            ));
         }
         let available = (rest.len() - 12) as u64;
         if length.saturating_add(4) > available {
-            return Err(corrupt(format!("truncated record: {length} data bytes and a checksum announced, {available} bytes left")));
+            return Err(corrupt(format!(
+                "truncated record: {length} data bytes and a checksum announced, {available} bytes left"
+            )));
         }
         let end = 12 + length as usize;
         let data = &rest[12..end];
         if read_u32(rest, end) != Some(masked_crc32c(data)) {
-            return Err(corrupt("checksum of the record data does not match".to_owned()));
+            return Err(corrupt(
+                "checksum of the record data does not match".to_owned(),
+            ));
         }
         records.push((offset as u64, data));
         offset += end + 4;
@@ -209,16 +238,29 @@ fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
 }
 
 fn wall_time_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// The machine's name for the file name, as Python's `socket.gethostname()` gives it.
 fn hostname() -> String {
     let from_kernel = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
-    let name = from_kernel.or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_default();
+    let name = from_kernel
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
     // The name ends up in a file name: keep it to characters that are safe there.
-    let name: String = name.trim().chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).collect();
-    if name.is_empty() { "localhost".to_owned() } else { name }
+    let name: String = name
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .collect();
+    if name.is_empty() {
+        "localhost".to_owned()
+    } else {
+        name
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -289,7 +331,11 @@ impl<'a> Fields<'a> {
     }
 
     fn take(&mut self, count: usize) -> Result<&'a [u8], String> {
-        let end = self.at.checked_add(count).filter(|&end| end <= self.bytes.len()).ok_or("field runs past the end of its message")?;
+        let end = self
+            .at
+            .checked_add(count)
+            .filter(|&end| end <= self.bytes.len())
+            .ok_or("field runs past the end of its message")?;
         let taken = &self.bytes[self.at..end];
         self.at = end;
         Ok(taken)
@@ -304,7 +350,8 @@ impl<'a> Fields<'a> {
             WIRE_VARINT => Field::Varint(self.varint()?),
             WIRE_FIXED64 => Field::Fixed64(self.take(8)?.try_into().map_err(|_| "short fixed64")?),
             WIRE_BYTES => {
-                let length = usize::try_from(self.varint()?).map_err(|_| "length does not fit in memory")?;
+                let length =
+                    usize::try_from(self.varint()?).map_err(|_| "length does not fit in memory")?;
                 Field::Bytes(self.take(length)?)
             }
             WIRE_FIXED32 => Field::Fixed32(self.take(4)?.try_into().map_err(|_| "short fixed32")?),
@@ -328,7 +375,12 @@ fn decode_event(bytes: &[u8], scalars: &mut Vec<Scalar>) -> Result<(), String> {
             _ => {}
         }
     }
-    scalars.extend(values.into_iter().map(|(tag, value)| Scalar { tag, step, value, wall_time }));
+    scalars.extend(values.into_iter().map(|(tag, value)| Scalar {
+        tag,
+        step,
+        value,
+        wall_time,
+    }));
     Ok(())
 }
 
@@ -336,12 +388,16 @@ fn decode_event(bytes: &[u8], scalars: &mut Vec<Scalar>) -> Result<(), String> {
 fn decode_summary(bytes: &[u8], values: &mut Vec<(String, f32)>) -> Result<(), String> {
     let mut fields = Fields::new(bytes);
     while let Some((number, field)) = fields.next_field()? {
-        let (1, Field::Bytes(value_bytes)) = (number, field) else { continue };
+        let (1, Field::Bytes(value_bytes)) = (number, field) else {
+            continue;
+        };
         let (mut tag, mut simple_value) = (String::new(), None);
         let mut value_fields = Fields::new(value_bytes);
         while let Some((number, field)) = value_fields.next_field()? {
             match (number, field) {
-                (1, Field::Bytes(raw)) => tag = String::from_utf8(raw.to_vec()).map_err(|_| "summary tag is not UTF-8")?,
+                (1, Field::Bytes(raw)) => {
+                    tag = String::from_utf8(raw.to_vec()).map_err(|_| "summary tag is not UTF-8")?
+                }
                 (2, Field::Fixed32(raw)) => simple_value = Some(f32::from_le_bytes(raw)),
                 _ => {}
             }
@@ -367,7 +423,11 @@ const CRC32C_TABLE: [u32; 256] = {
         let mut crc = byte as u32;
         let mut bit = 0;
         while bit < 8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ CASTAGNOLI_REVERSED } else { crc >> 1 };
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ CASTAGNOLI_REVERSED
+            } else {
+                crc >> 1
+            };
             bit += 1;
         }
         table[byte] = crc;
@@ -378,7 +438,9 @@ const CRC32C_TABLE: [u32; 256] = {
 
 /// CRC32C of `bytes`.
 fn crc32c(bytes: &[u8]) -> u32 {
-    let crc = bytes.iter().fold(!0u32, |crc, &byte| CRC32C_TABLE[((crc ^ u32::from(byte)) & 0xff) as usize] ^ (crc >> 8));
+    let crc = bytes.iter().fold(!0u32, |crc, &byte| {
+        CRC32C_TABLE[((crc ^ u32::from(byte)) & 0xff) as usize] ^ (crc >> 8)
+    });
     !crc
 }
 
@@ -400,7 +462,10 @@ mod tests {
         // RFC 3720 (iSCSI), B.4: 32 bytes of zeros and of 0xff.
         assert_eq!(crc32c(&[0u8; 32]), 0x8A91_36AA);
         assert_eq!(crc32c(&[0xffu8; 32]), 0x62A8_AB43);
-        assert_eq!(masked_crc32c(b"123456789"), 0xE306_9283u32.rotate_right(15).wrapping_add(0xa282_ead8));
+        assert_eq!(
+            masked_crc32c(b"123456789"),
+            0xE306_9283u32.rotate_right(15).wrapping_add(0xa282_ead8)
+        );
     }
 
     #[test]
@@ -409,24 +474,47 @@ mod tests {
         let log_dir = dir.path().join("logs/run");
         let before = wall_time_now();
         let mut writer = EventWriter::create(&log_dir).unwrap();
-        let written = [("train/loss", 0, 0.5f32), ("train/lr", 0, 1e-4), ("train/loss", 1, 0.25), ("train/loss", -3, -7.5), ("a/β", i64::MAX, f32::INFINITY)];
+        let written = [
+            ("train/loss", 0, 0.5f32),
+            ("train/lr", 0, 1e-4),
+            ("train/loss", 1, 0.25),
+            ("train/loss", -3, -7.5),
+            ("a/β", i64::MAX, f32::INFINITY),
+        ];
         for (tag, step, value) in written {
             writer.add_scalar(tag, step, value).unwrap();
         }
         writer.flush().unwrap();
         let after = wall_time_now();
 
-        let name = writer.path().file_name().unwrap().to_str().unwrap().to_owned();
+        let name = writer
+            .path()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
         let parts: Vec<&str> = name.split('.').collect();
         assert_eq!(&parts[..3], &["events", "out", "tfevents"], "{name}");
         assert_eq!(parts[3].len(), 10, "{name}");
-        assert_eq!(parts[parts.len() - 2], std::process::id().to_string(), "{name}");
+        assert_eq!(
+            parts[parts.len() - 2],
+            std::process::id().to_string(),
+            "{name}"
+        );
         assert_eq!(writer.path().parent(), Some(log_dir.as_path()));
 
         let scalars = read_scalars(writer.path()).unwrap();
-        let read: Vec<(&str, i64, f32)> = scalars.iter().map(|s| (s.tag.as_str(), s.step, s.value)).collect();
+        let read: Vec<(&str, i64, f32)> = scalars
+            .iter()
+            .map(|s| (s.tag.as_str(), s.step, s.value))
+            .collect();
         assert_eq!(read, written);
-        assert!(scalars.iter().all(|s| (before..=after).contains(&s.wall_time)));
+        assert!(
+            scalars
+                .iter()
+                .all(|s| (before..=after).contains(&s.wall_time))
+        );
 
         // The first record is the file-version event, with no summary.
         let bytes = std::fs::read(writer.path()).unwrap();
@@ -456,31 +544,58 @@ mod tests {
         writer.flush().unwrap();
         let path = writer.path().to_path_buf();
         let bytes = std::fs::read(&path).unwrap();
-        let offsets: Vec<u64> = records(&path, &bytes).unwrap().iter().map(|(offset, _)| *offset).collect();
+        let offsets: Vec<u64> = records(&path, &bytes)
+            .unwrap()
+            .iter()
+            .map(|(offset, _)| *offset)
+            .collect();
         let last = *offsets.last().unwrap();
 
         // A writer killed mid-record: every cut inside the last record is reported at its offset.
-        for cut in [bytes.len() - 1, bytes.len() - 4, last as usize + 13, last as usize + 11, last as usize + 1] {
+        for cut in [
+            bytes.len() - 1,
+            bytes.len() - 4,
+            last as usize + 13,
+            last as usize + 11,
+            last as usize + 1,
+        ] {
             std::fs::write(&path, &bytes[..cut]).unwrap();
             match read_scalars(&path) {
-                Err(Error::CorruptEventFile { path: named, offset, problem }) => {
-                    assert_eq!((named.as_path(), offset), (path.as_path(), last), "cut at {cut}");
+                Err(Error::CorruptEventFile {
+                    path: named,
+                    offset,
+                    problem,
+                }) => {
+                    assert_eq!(
+                        (named.as_path(), offset),
+                        (path.as_path(), last),
+                        "cut at {cut}"
+                    );
                     assert!(problem.contains("truncated"), "{problem}");
                 }
                 other => panic!("cut at {cut}: expected a corrupt-file error, got {other:?}"),
             }
         }
         // A flipped bit in the data of the second record, and in its length.
-        for (flip, what) in [(offsets[1] as usize + 14, "data"), (offsets[1] as usize, "length")] {
+        for (flip, what) in [
+            (offsets[1] as usize + 14, "data"),
+            (offsets[1] as usize, "length"),
+        ] {
             let mut damaged = bytes.clone();
             damaged[flip] ^= 0x10;
             std::fs::write(&path, &damaged).unwrap();
             let err = read_scalars(&path).unwrap_err().to_string();
-            assert!(err.contains(&format!("at byte {}", offsets[1])) && err.contains(what), "{err}");
+            assert!(
+                err.contains(&format!("at byte {}", offsets[1])) && err.contains(what),
+                "{err}"
+            );
         }
         std::fs::write(&path, &bytes).unwrap();
         assert_eq!(read_scalars(&path).unwrap().len(), 3);
-        assert!(matches!(read_scalars(&dir.path().join("missing")), Err(Error::LogIo { .. })));
+        assert!(matches!(
+            read_scalars(&dir.path().join("missing")),
+            Err(Error::LogIo { .. })
+        ));
     }
 
     #[test]
@@ -510,13 +625,28 @@ mod tests {
             }
             (step, numbers, session)
         };
-        assert_eq!(steps_and_fields(all[0].1).1, [1, 2, 3], "file version first");
-        assert_eq!(steps_and_fields(all[1].1), (Some(7), vec![1, 2, 7], Some(vec![0x08, SESSION_START])));
+        assert_eq!(
+            steps_and_fields(all[0].1).1,
+            [1, 2, 3],
+            "file version first"
+        );
+        assert_eq!(
+            steps_and_fields(all[1].1),
+            (Some(7), vec![1, 2, 7], Some(vec![0x08, SESSION_START]))
+        );
         let scalars = read_scalars(resumed.path()).unwrap();
-        assert_eq!((scalars.len(), scalars[0].step, scalars[0].value), (1, 7, 0.25));
+        assert_eq!(
+            (scalars.len(), scalars[0].step, scalars[0].value),
+            (1, 7, 0.25)
+        );
         // A plain file has no restart record.
         let bytes = std::fs::read(first.path()).unwrap();
-        assert!(records(first.path(), &bytes).unwrap().iter().all(|(_, data)| steps_and_fields(data).2.is_none()));
+        assert!(
+            records(first.path(), &bytes)
+                .unwrap()
+                .iter()
+                .all(|(_, data)| steps_and_fields(data).2.is_none())
+        );
     }
 
     #[test]
@@ -528,6 +658,10 @@ mod tests {
         }
         let mut bytes = Vec::new();
         encode_varint(&mut bytes, -1i64 as u64);
-        assert_eq!(bytes.len(), 10, "protobuf writes negative int64 in ten bytes");
+        assert_eq!(
+            bytes.len(),
+            10,
+            "protobuf writes negative int64 in ten bytes"
+        );
     }
 }
