@@ -137,9 +137,7 @@ pub fn attention(
     let split = |t: &Tensor| t.view([batch, -1, heads, head_dim]).transpose(1, 2);
     let (q, k, v) = (split(query), split(key), split(value));
     let out = match backend {
-        AttentionBackend::Fused => Tensor::scaled_dot_product_attention::<Tensor>(
-            &q, &k, &v, None, 0.0, false, scale, false,
-        ),
+        AttentionBackend::Fused => fused(&q, &k, &v, false, Some(scale)),
         AttentionBackend::Plain => weighted_sum(&q, &k, &v, scale),
         AttentionBackend::Sliced(size) => {
             // Slices run over the flattened batch×heads axis, as diffusers' `SlicedAttnProcessor` does.
@@ -165,6 +163,37 @@ pub fn attention(
 fn weighted_sum(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
     let scores = q.matmul(&k.transpose(-1, -2)) * scale;
     scores.softmax(-1, Kind::Float).to_kind(v.kind()).matmul(v)
+}
+
+/// libtorch's fused `scaled_dot_product_attention` over `[batch, heads, len, head_dim]` tensors.
+///
+/// On the CPU, bf16 and fp16 inputs are computed in fp32 and cast back: libtorch's CPU kernel for
+/// them picks AVX-512 or AMX code from the CPU's features and fails ("pack_vnni2 is only supported
+/// when avx512 is supported") when `ATEN_CPU_CAPABILITY` selects less than the CPU has; it
+/// accumulates in fp32 anyway. CUDA tensors go to libtorch's flash or memory-efficient kernels.
+pub(crate) fn fused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    is_causal: bool,
+    scale: Option<f64>,
+) -> Tensor {
+    let kind = q.kind();
+    if q.device() == tch::Device::Cpu && matches!(kind, Kind::BFloat16 | Kind::Half) {
+        let float = |t: &Tensor| t.to_kind(Kind::Float);
+        return Tensor::scaled_dot_product_attention::<Tensor>(
+            &float(q),
+            &float(k),
+            &float(v),
+            None,
+            0.0,
+            is_causal,
+            scale,
+            false,
+        )
+        .to_kind(kind);
+    }
+    Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, is_causal, scale, false)
 }
 
 #[cfg(test)]

@@ -181,16 +181,7 @@ impl ClipAttention {
         let value = split(xs.apply(&self.v_proj));
         // Text tokens only see earlier tokens; no padding mask (SDXL never passes one). SDPA's default
         // scale is 1/√head_dim, as CLIP's.
-        let attended = Tensor::scaled_dot_product_attention(
-            &query,
-            &key,
-            &value,
-            None::<&Tensor>,
-            0.0,
-            true,
-            None,
-            false,
-        );
+        let attended = crate::attention::fused(&query, &key, &value, true, None);
         attended
             .transpose(1, 2)
             .reshape([batch, tokens, width])
