@@ -129,33 +129,37 @@ impl QuantMap {
         Self::dynamic(false, device)
     }
 
-    /// Builds the map as bitsandbytes does, with libtorch's float32 `linspace`, so the values are
-    /// bit-identical to the Python ones (checked against the bitsandbytes fixture).
+    /// Builds the map as bitsandbytes' `create_dynamic_map` does, in scalar float32 arithmetic so
+    /// that every CPU gets the same bits.
     ///
     /// The exponent `e` runs over 0..7; for each, the midpoints of `linspace(0.1, 1, K + 1)`
     /// scaled by `10^(e - 6)` are added, where `K = 2^e` for the signed map (each value also
     /// negated) and `K = 2^(e + 1)` for the unsigned one. Then 0 and 1 are added and all sorted.
+    /// bitsandbytes takes `linspace` from PyTorch, whose CPU kernels give other last bits with and
+    /// without AVX2; [`torch_cuda::portable::linspace`] is the AVX2 kernels' arithmetic, of which
+    /// the map on every machine with AVX2 (and on the GPU machines) is made (docs/NUMERICS.md).
     fn dynamic(signed: bool, device: Device) -> Result<Self> {
-        let mut pieces = Vec::new();
-        for exponent in 0..7i32 {
+        // 10^(e − 6) as the Python float bitsandbytes multiplies by, rounded to float32 by PyTorch.
+        const SCALES: [f64; 7] = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0];
+        let mut code = vec![0f32, 1.0];
+        for (exponent, scale) in SCALES.iter().enumerate() {
             let fraction_items = if signed {
-                (1i64 << exponent) + 1
+                (1 << exponent) + 1
             } else {
-                (1i64 << (exponent + 1)) + 1
+                (1 << (exponent + 1)) + 1
             };
-            let bounds = Tensor::f_linspace(0.1, 1.0, fraction_items, (Kind::Float, Device::Cpu))?;
-            let lower = bounds.f_narrow(0, 0, fraction_items - 1)?;
-            let upper = bounds.f_narrow(0, 1, fraction_items - 1)?;
-            let means = lower.f_add(&upper)?.f_div_scalar(2.0)?;
-            let scale = 10f64.powi(exponent - 6);
-            pieces.push(means.f_mul_scalar(scale)?);
-            if signed {
-                pieces.push(means.f_mul_scalar(-scale)?);
+            // PyTorch rounds the Python float 0.1 to float32.
+            let bounds = torch_cuda::portable::linspace(0.1f64 as f32, 1.0, fraction_items);
+            for pair in bounds.windows(2) {
+                let mean = (pair[0] + pair[1]) / 2.0;
+                code.push(mean * *scale as f32);
+                if signed {
+                    code.push(mean * -*scale as f32);
+                }
             }
         }
-        pieces.push(Tensor::f_from_slice(&[0f32, 1.0])?);
-        let (code, _) = Tensor::f_cat(&pieces, 0)?.f_sort(0, false)?;
-        Self::from_code(code.f_to_device(device)?, signed)
+        code.sort_by(f32::total_cmp);
+        Self::from_code(Tensor::f_from_slice(&code)?.f_to_device(device)?, signed)
     }
 
     /// Wraps a sorted 256-entry float32 code. `signed` turns on the sign-keeping rule.

@@ -479,7 +479,7 @@ impl Denoiser<'_> {
             });
         }
         // One seeded stream for the initial noise and then any ancestral step noise, as diffusers'
-        // CPU generator.
+        // CPU generator (`torch_cuda::portable::randn`: PyTorch's numbers on every CPU).
         tch::manual_seed(options.seed as i64);
         let initial = match &options.initial_noise {
             Some(noise) if noise.size() == shape => noise.shallow_clone(),
@@ -490,7 +490,7 @@ impl Denoiser<'_> {
                     actual: format!("{:?}", noise.size()),
                 });
             }
-            None => Tensor::randn(shape, (Kind::Float, Device::Cpu)),
+            None => torch_cuda::portable::randn(&shape)?,
         };
         let mut scheduler = schedulers::build(options.scheduler, self.scheduler_config)?;
         scheduler.set_timesteps(options.steps)?;

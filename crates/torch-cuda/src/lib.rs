@@ -1,4 +1,4 @@
-//! CUDA facilities of libtorch that tch does not expose.
+//! What libtorch has that tch does not expose: CUDA facilities, and CPU numbers made portable.
 //!
 //! CUDA graphs ([`CudaGraph`], over `at::cuda::CUDAGraph`); libtorch's Kineto profiler ([`Profiler`]); multi-tensor operations ([`foreach`]); the caching allocator's memory statistics, the same numbers as PyTorch's
 //! `torch.cuda.max_memory_allocated()` / `max_memory_reserved()`, so GPU benchmarks compare like with
@@ -11,6 +11,7 @@
 
 pub mod foreach;
 pub mod graph;
+pub mod portable;
 pub mod profiler;
 
 pub use graph::{CaptureMode, CudaGraph};

@@ -48,7 +48,7 @@ pub use dpmsolver_multistep::{DpmSolverMultistepConfig, DpmSolverMultistepSchedu
 pub use euler_ancestral_discrete::{EulerAncestralDiscreteConfig, EulerAncestralDiscreteScheduler};
 pub use euler_discrete::{EulerDiscreteConfig, EulerDiscreteScheduler};
 
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 use crate::{Error, Result};
 
@@ -218,10 +218,14 @@ fn check_step(
     Ok(())
 }
 
-/// The noise of a stochastic step: the caller's, or a fresh draw like diffusers' `randn_tensor`.
+/// The noise of a stochastic step: the caller's, or a fresh draw like diffusers' `randn_tensor`
+/// (float32 on the CPU as [`torch_cuda::portable::randn`] draws it, the same on every CPU).
 fn step_noise(noise: Option<&Tensor>, model_output: &Tensor) -> Result<Tensor> {
     match noise {
         Some(noise) => Ok(noise.shallow_clone()),
+        None if model_output.device() == Device::Cpu && model_output.kind() == Kind::Float => {
+            Ok(torch_cuda::portable::randn(&model_output.size())?)
+        }
         None => Ok(Tensor::f_randn(
             model_output.size(),
             (model_output.kind(), model_output.device()),

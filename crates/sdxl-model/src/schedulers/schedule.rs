@@ -7,20 +7,18 @@
 //! diffusers uses, and the numpy float64 steps are repeated in f64 with numpy's own formulas (its
 //! `linspace`, `arange` and `interp`), so that the schedules agree to the last bit or nearly.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use super::config::{BetaConfig, BetaSchedule};
 use crate::Result;
 
 /// The training betas, float32 on the CPU, exactly as diffusers builds them.
 pub(crate) fn betas(config: &BetaConfig) -> Result<Tensor> {
-    let n = config.num_train_timesteps as i64;
-    let options = (Kind::Float, Device::Cpu);
+    let n = config.num_train_timesteps;
     let betas = match &config.schedule {
-        BetaSchedule::Linear => Tensor::f_linspace(config.beta_start, config.beta_end, n, options)?,
+        BetaSchedule::Linear => torch_linspace(config.beta_start, config.beta_end, n)?,
         BetaSchedule::ScaledLinear => {
-            Tensor::f_linspace(config.beta_start.sqrt(), config.beta_end.sqrt(), n, options)?
-                .f_square()?
+            torch_linspace(config.beta_start.sqrt(), config.beta_end.sqrt(), n)?.f_square()?
         }
         BetaSchedule::SquaredCosCapV2 => {
             Tensor::f_from_slice(&cosine_betas(config.num_train_timesteps))?
@@ -35,7 +33,15 @@ pub(crate) fn betas(config: &BetaConfig) -> Result<Tensor> {
     }
 }
 
-/// ᾱ_t = ∏(1 − β), float32 on the CPU.
+/// float32 `torch.linspace` on the CPU, with the same bits on every CPU
+/// ([`torch_cuda::portable::linspace`]); PyTorch rounds `start` and `end` to float32 first.
+fn torch_linspace(start: f64, end: f64, steps: usize) -> Result<Tensor> {
+    let values = torch_cuda::portable::linspace(start as f32, end as f32, steps);
+    Ok(Tensor::f_from_slice(&values)?)
+}
+
+/// ᾱ_t = ∏(1 − β), float32 on the CPU (libtorch's cumulative product runs in double precision,
+/// element after element, on every CPU).
 pub(crate) fn alphas_cumprod(betas: &Tensor) -> Result<Tensor> {
     Ok(betas.f_rsub_scalar(1.0)?.f_cumprod(0, None::<Kind>)?)
 }
