@@ -25,3 +25,7 @@ pub fn max_rel_error(actual: &Tensor, expected: &Tensor) -> f64 {
     let scale = e.abs().max().double_value(&[]).max(f64::MIN_POSITIVE);
     diff / scale
 }
+
+/// The SDXL models' depths for the numeric bounds, shared with sdxl-model's tests.
+#[path = "../../crates/sdxl-model/tests/common/depth.rs"]
+pub mod sdxl_depth;

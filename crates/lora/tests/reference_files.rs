@@ -8,10 +8,11 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{Tree, lora_fixture, max_abs_diff, mirror, rel_error, sgm_renames};
+use common::{Tree, lora_fixture, max_abs_diff, mirror, rel_error, sgm_renames, tree_depth};
 use lora::format::{self, Format, ModuleNames, ReadOptions, WriteOptions};
 use lora::{Component, LoraState};
 use tch::Tensor;
+use test_support::{check, f32_bound};
 
 fn module_names(trees: &mut BTreeMap<Component, Tree>) -> ModuleNames {
     let mut names = ModuleNames::new();
@@ -49,9 +50,11 @@ fn check_outputs(
         assert!(applied > 0, "{golden}: nothing applied to {component}");
         let input = &tensors[&format!("input.{component}")];
         let error = rel_error(&tree.forward(input), expected);
-        assert!(
-            error <= 1e-5,
-            "{golden} {component}: relative error {error:e}"
+        // float32 roundings through the layers and their adapters (docs/NUMERICS.md).
+        check(
+            &format!("LoRA {golden} {component} vs peft"),
+            error,
+            f32_bound(tree_depth(tree)),
         );
         // And the LoRA really changes the output.
         assert!(rel_error(&tensors[&format!("base_output.{component}")], expected) > 1e-3);
@@ -252,18 +255,41 @@ fn merged_output_equals_side_path_and_unmerge_restores_base_weights() {
                 .all(|a| a.is_merged())
         );
         let merged = tree.forward(input);
+        let merged_weights: Vec<f64> = tree
+            .layers
+            .iter()
+            .map(|(_, l)| l.weight.abs().max().double_value(&[]))
+            .collect();
         let merge_error = rel_error(&merged, &side_path);
-        assert!(
-            merge_error <= 1e-5,
-            "{component}: merged vs side path {merge_error:e}"
+        // Both paths round through the layers; merging adds the delta's product (rank terms) and
+        // one addition per weight.
+        let bound = f32_bound(tree_depth(tree));
+        check(
+            &format!("LoRA merged vs side path ({component})"),
+            merge_error,
+            bound,
         );
         lora::unmerge(tree).unwrap();
-        for ((path, layer), original) in tree.layers.iter().zip(&originals) {
+        for (((path, layer), original), merged_max) in
+            tree.layers.iter().zip(&originals).zip(&merged_weights)
+        {
+            // Merging computes W + Δ (DoRA also the row norms of `in` terms and a rescaling), and
+            // unmerging undoes it: about `in` + 6 roundings of values up to the larger of the
+            // original and merged weights.
+            let scale = original.abs().max().double_value(&[]).max(*merged_max);
+            let depth = test_support::depth::sum(original.size()[1]) + 6.0;
             let diff = max_abs_diff(&layer.weight, original);
-            assert!(diff <= 1e-6, "{component}.{path}: unmerge left {diff:e}");
+            assert!(
+                diff <= f32_bound(depth) * scale,
+                "{component}.{path}: unmerge left {diff:e}"
+            );
             worst.1 = worst.1.max(diff);
         }
-        assert!(rel_error(&tree.forward(input), &side_path) <= 1e-5);
+        check(
+            &format!("LoRA unmerged vs side path ({component})"),
+            rel_error(&tree.forward(input), &side_path),
+            bound,
+        );
         // Disabling every adapter gives the base model back.
         for name in ["peft", "diffusers"] {
             lora::set_enabled(tree, name, false).unwrap();
@@ -271,11 +297,13 @@ fn merged_output_equals_side_path_and_unmerge_restores_base_weights() {
         if dora.components().contains(component) {
             lora::set_enabled(tree, "dora", false).unwrap();
         }
-        assert!(
+        check(
+            &format!("LoRA disabled vs the base model ({component})"),
             rel_error(
                 &tree.forward(input),
-                &tensors[&format!("base_output.{component}")]
-            ) <= 1e-6
+                &tensors[&format!("base_output.{component}")],
+            ),
+            bound,
         );
         worst.0 = worst.0.max(merge_error);
     }

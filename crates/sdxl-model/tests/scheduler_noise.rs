@@ -1,5 +1,6 @@
-//! Ancestral sampling with noise drawn from libtorch's seeded default CPU generator reproduces diffusers
-//! run with `torch.Generator().manual_seed(11)`.
+//! Ancestral sampling with noise drawn from libtorch's seeded default CPU generator (through
+//! `torch_cuda::portable::randn`, the same numbers on every CPU) reproduces diffusers run with
+//! `torch.Generator().manual_seed(11)`.
 //!
 //! The only test of this binary: the default generator is process-wide, so another test drawing
 //! random numbers in parallel would change the sequence.
@@ -12,17 +13,17 @@ use common::fixtures;
 
 use sdxl_model::schedulers::{SchedulerConfig, SchedulerKind, build};
 use sdxl_model::weights::TensorFile;
-use tch::{Device, Kind, Tensor};
+use tch::Device;
 
 #[test]
 fn seeded_default_generator_reproduces_torch_generator_noise() {
     let golden = TensorFile::open(fixtures().join("schedulers.safetensors")).unwrap();
     let get = |key: &str| golden.tensor(key, Device::Cpu, None).unwrap();
 
-    // tch::manual_seed + Tensor::randn on the CPU draws what torch.Generator().manual_seed + torch.randn do.
+    // tch::manual_seed + torch_cuda::portable::randn draws what torch.Generator().manual_seed + torch.randn do.
     tch::manual_seed(11);
     for i in 0..6 {
-        let drawn = Tensor::randn([2, 4, 4, 4], (Kind::Float, Device::Cpu));
+        let drawn = torch_cuda::portable::randn(&[2, 4, 4, 4]).unwrap();
         assert!(
             drawn.equal(&get(&format!("euler_ancestral/loop/{i}/noise"))),
             "draw {i}"
@@ -43,8 +44,11 @@ fn seeded_default_generator_reproduces_torch_generator_noise() {
             .step(&get(&key("model_output")), &get(&key("sample")), None)
             .unwrap();
         let expected = get(&key("prev_sample"));
-        let err = (&prev - &expected).abs().max().double_value(&[])
-            / expected.abs().max().double_value(&[]);
-        assert!(err <= 1e-6, "step {i}: {err:e}");
+        // One ancestral step on given inputs: about a dozen elementwise operations.
+        test_support::check(
+            &format!("Euler ancestral step {i} with drawn noise vs diffusers"),
+            test_support::max_rel_error(&prev, &expected),
+            test_support::f32_bound(18.0),
+        );
     }
 }

@@ -131,3 +131,23 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .max()
         .double_value(&[])
 }
+
+/// The depth (`test_support::depth`) of a forward pass through `tree` with adapters: per layer the
+/// base product (`in` terms and the bias), the LoRA path (the down-projection of `in` terms, the
+/// up-projection of at most `in` terms, the scale, the sum; DoRA's weight norm of `in` terms and
+/// its rescaling) and the tanh.
+pub fn tree_depth(tree: &Tree) -> f64 {
+    use test_support::depth;
+    tree.layers
+        .iter()
+        .map(|(_, layer)| {
+            let inputs = layer.weight.size()[1];
+            depth::linear(inputs)
+                + 2.0 * depth::sum(inputs)
+                + 2.0
+                + depth::sum(inputs)
+                + 2.0
+                + depth::ACTIVATION
+        })
+        .sum()
+}

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod depth;
+
 use std::path::PathBuf;
 
 use sdxl_model::weights::TensorFile;
