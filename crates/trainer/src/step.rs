@@ -1,9 +1,11 @@
 //! One training step as a fixed sequence of device operations on persistent tensors.
 //!
-//! A micro-step follows diffusers' `train_dreambooth_lora_sdxl.py`: draw a latent sample from each
-//! image's cached posterior and scale it, draw noise (plus offset noise) and uniform timesteps, noise
-//! the latents with the DDPM schedule, predict with the UNet (with SDXL's pooled text and time-id
-//! conditioning), take the MSE against ε or v in fp32 (min-SNR weighted if asked), and back-propagate
+//! A micro-step follows diffusers' SDXL LoRA scripts (`train_dreambooth_lora_sdxl.py`, and
+//! `train_text_to_image_lora_sdxl.py` for offset noise, v-prediction and min-SNR-γ): draw a latent
+//! sample from each image's cached posterior and scale it, draw noise (plus offset noise) and uniform
+//! timesteps ([`Draws`]), noise the latents with the DDPM schedule ([`Objective`]), predict with the
+//! UNet (with SDXL's pooled text and time-id conditioning), take the MSE against ε or v in fp32
+//! (min-SNR weighted if asked), and back-propagate
 //! `loss / accumulation` into the fp32 LoRA parameters. The optimizer step clips the gradient norm,
 //! then applies AdamW only if the loss and the norm are finite — decided by a device tensor, so a
 //! bad step is skipped and counted without the host ever waiting for the device.
@@ -154,6 +156,102 @@ impl Accumulators {
     }
 }
 
+/// A micro-step's random draws, as diffusers' script draws them.
+#[derive(Debug)]
+pub struct Draws {
+    /// ε, like the clean latents (`torch.randn_like`).
+    pub noise: Tensor,
+    /// One draw per sample and channel, `[batch, channels, 1, 1]` (`--noise_offset` only).
+    pub offset_noise: Option<Tensor>,
+    /// Training timesteps, uniform in `[0, num_train_timesteps)`, `[batch]` int64.
+    pub timesteps: Tensor,
+}
+
+impl Draws {
+    /// Draws from libtorch's generator on the device of `clean` (`[batch, channels, h, w]`), in
+    /// the order of the script: ε, the offset noise, the timesteps.
+    pub fn sample(clean: &Tensor, settings: &StepSettings, num_train_timesteps: usize) -> Self {
+        let size = clean.size();
+        let noise = clean.randn_like();
+        let offset_noise = (settings.noise_offset > 0.0)
+            .then(|| Tensor::randn([size[0], size[1], 1, 1], (settings.kind, clean.device())));
+        let timesteps = Tensor::randint(
+            num_train_timesteps as i64,
+            [size[0]],
+            (Kind::Int64, clean.device()),
+        );
+        Self {
+            noise,
+            offset_noise,
+            timesteps,
+        }
+    }
+}
+
+/// The training objective of one micro-step, as `train_text_to_image_lora_sdxl.py` computes it
+/// (the diffusers SDXL LoRA script with `--noise_offset`, `--prediction_type` and `--snr_gamma`):
+/// the latents noised with `ε + noise_offset · offset`, the target (that noise for ε-prediction,
+/// the velocity for v-prediction) and, with min-SNR-γ, per-sample loss weights.
+#[derive(Debug)]
+pub struct Objective {
+    /// The noised latents, the UNet's input.
+    pub noisy: Tensor,
+    /// What the UNet should predict, fp32.
+    target: Tensor,
+    /// Min-SNR-γ weights `[batch]`, fp32, if asked for.
+    weights: Option<Tensor>,
+}
+
+impl Objective {
+    /// The objective for `clean` latents (scaled, in the UNet's element type) and `draws`.
+    ///
+    /// # Errors
+    /// Schedule errors (shapes of the draws).
+    pub fn new(
+        schedule: &DdpmSchedule,
+        clean: &Tensor,
+        draws: &Draws,
+        settings: &StepSettings,
+    ) -> Result<Self> {
+        let noise = match &draws.offset_noise {
+            Some(offset) => &draws.noise + offset * settings.noise_offset,
+            None => draws.noise.shallow_clone(),
+        };
+        let noisy = schedule.add_noise(clean, &noise, &draws.timesteps)?;
+        let target = schedule
+            .target(clean, &noise, &draws.timesteps)?
+            .to_kind(Kind::Float);
+        let weights = match settings.snr_gamma {
+            Some(gamma) => Some(schedule.min_snr_weights(&draws.timesteps, gamma)?),
+            None => None,
+        };
+        Ok(Self {
+            noisy,
+            target,
+            weights,
+        })
+    }
+
+    /// The loss of `prediction` (`[batch, channels, h, w]`): the mean squared error in fp32, or
+    /// with min-SNR-γ the mean over samples of each sample's mean squared error times its weight.
+    ///
+    /// # Errors
+    /// libtorch errors (a prediction of another shape).
+    pub fn loss(&self, prediction: &Tensor) -> Result<Tensor> {
+        let squared = prediction
+            .to_kind(Kind::Float)
+            .f_sub(&self.target)?
+            .square();
+        Ok(match &self.weights {
+            None => squared.mean(Kind::Float),
+            Some(weights) => squared
+                .f_mean_dim(&[1i64, 2, 3][..], false, Kind::Float)?
+                .f_mul(weights)?
+                .mean(Kind::Float),
+        })
+    }
+}
+
 /// One micro-step: forward, loss, backward into the LoRA gradients; adds `loss / accumulation` to
 /// `acc.step_loss`.
 ///
@@ -187,44 +285,20 @@ pub fn micro_step(
         }
     };
     let clean = ((clean - settings.shift_factor) * settings.scaling_factor).to_kind(settings.kind);
-    // 2. Noise, offset noise, timesteps, noisy latents.
-    let mut noise = clean.randn_like();
-    if settings.noise_offset > 0.0 {
-        let size = clean.size();
-        let offset = Tensor::randn([size[0], size[1], 1, 1], (settings.kind, clean.device()));
-        noise += offset * settings.noise_offset;
-    }
-    let batch = clean.size()[0];
-    let timesteps = Tensor::randint(
-        schedule.num_train_timesteps() as i64,
-        [batch],
-        (Kind::Int64, clean.device()),
-    );
-    let noisy = schedule.add_noise(&clean, &noise, &timesteps)?;
+    // 2. Noise, offset noise, timesteps; the objective they define.
+    let draws = Draws::sample(&clean, settings, schedule.num_train_timesteps());
+    let objective = Objective::new(schedule, &clean, &draws, settings)?;
     // 3. Conditioning rows of this batch's prompts.
     let rows = text.prompt_of_item.index_select(0, &inputs.items);
     let context = text.context.index_select(0, &rows);
     let pooled = text.pooled.index_select(0, &rows);
     let time_ids = time_ids.to_kind(settings.kind);
     let unet_inputs = UNetInputs {
-        sample: &noisy,
-        timesteps: &timesteps,
+        sample: &objective.noisy,
+        timesteps: &draws.timesteps,
         encoder_hidden_states: &context,
         text_embeds: Some(&pooled),
         time_ids: Some(&time_ids),
-    };
-    let target = schedule
-        .target(&clean, &noise, &timesteps)?
-        .to_kind(Kind::Float);
-    let loss_of = |prediction: &Tensor| -> Result<Tensor> {
-        let squared = (prediction.to_kind(Kind::Float) - &target).square();
-        Ok(match settings.snr_gamma {
-            None => squared.mean(Kind::Float),
-            Some(gamma) => {
-                let per_sample = squared.mean_dim(&[1i64, 2, 3][..], false, Kind::Float);
-                (per_sample * schedule.min_snr_weights(&timesteps, gamma)?).mean(Kind::Float)
-            }
-        })
     };
     // 4. Forward and backward.
     let loss = if settings.gradient_checkpointing {
@@ -232,12 +306,12 @@ pub fn micro_step(
         // The loss's gradient w.r.t. the prediction, by autograd on a detached copy; the UNet's own
         // backward then recomputes block by block.
         let prediction = forward.output().detach().set_requires_grad(true);
-        let loss = loss_of(&prediction)?;
+        let loss = objective.loss(&prediction)?;
         (&loss / settings.accumulation as f64).backward();
         forward.backward(&prediction.grad())?;
         loss
     } else {
-        let loss = loss_of(&unet.forward(&unet_inputs)?)?;
+        let loss = objective.loss(&unet.forward(&unet_inputs)?)?;
         (&loss / settings.accumulation as f64).backward();
         loss
     };
