@@ -1,5 +1,6 @@
 //! UNet loaders against the fixture layouts written by `tools/fixtures/generate.py` (`unet_layouts`)
-//! from the same tiny weights: diffusers folder, SGM single file, sharded `.fp16` variant.
+//! from the same tiny weights: diffusers folder, SGM single file, sharded `.fp16` variant; and our
+//! diffusers ↔ SGM table against the names that upstream converters gave the single files.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
@@ -7,7 +8,13 @@ mod common;
 
 use common::fixtures;
 
-use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights, load_unet};
+use std::collections::{BTreeMap, BTreeSet};
+
+use lora::format::BlockRenames;
+use sdxl_model::unet::{
+    SGM_UNET_PREFIX, UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights, load_unet,
+    sgm_unet_table, to_sgm,
+};
 use sdxl_model::weights::TensorFile;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -90,6 +97,69 @@ fn single_file_and_diffusers_folder_load_to_identical_outputs() {
             run(&from_folder, io).equal(&run(&from_single, io)),
             "{name}: outputs differ"
         );
+    }
+}
+
+/// The `sgm_names` metadata of a single-file fixture: each diffusers key and the SGM key that upstream
+/// converters gave its tensor (diffusers' SDXL script and ComfyUI's `unet_to_diffusers`, checked by
+/// diffusers' `convert_ldm_unet_checkpoint`; see tools/fixtures/README.md, `unet_layouts`).
+fn upstream_sgm_names(file: &str) -> BTreeMap<String, String> {
+    let path = fixtures().join(file);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()));
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let golden = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("sgm_names"))
+        .unwrap_or_else(|| panic!("{} has no `sgm_names` metadata", path.display()));
+    let golden: serde_json::Value = serde_json::from_str(golden).unwrap();
+    serde_json::from_value(golden["diffusers_to_sgm"].clone()).unwrap()
+}
+
+#[test]
+fn sgm_table_names_every_key_as_the_upstream_converters_do() {
+    for (config, name, file) in [
+        (
+            UNetConfig::tiny_sdxl(),
+            "tiny-sdxl/unet",
+            "tiny-sdxl-unet-single-file.safetensors",
+        ),
+        (
+            UNetConfig::tiny_b(),
+            "unet-tiny-b",
+            "unet-tiny-b-single-file.safetensors",
+        ),
+    ] {
+        let golden = upstream_sgm_names(file);
+        let (vs, _) = load_unet(&config, &folder(name), Device::Cpu, Kind::Float).unwrap();
+        let variables: BTreeSet<String> = vs.variables().into_keys().collect();
+        assert_eq!(
+            golden.keys().cloned().collect::<BTreeSet<_>>(),
+            variables,
+            "{file} names exactly the model's variables"
+        );
+        let table = sgm_unet_table(&config);
+        // The loader renames with `to_sgm`; kohya LoRA files are written with `rename` and read back
+        // with `to_diffusers`: the table is used in both directions.
+        let renames = BlockRenames::new(table.clone());
+        for (diffusers, sgm) in &golden {
+            let sgm = sgm.strip_prefix(SGM_UNET_PREFIX).unwrap();
+            assert_eq!(
+                to_sgm(&table, diffusers).as_deref(),
+                Some(sgm),
+                "{file}: {diffusers}"
+            );
+            assert_eq!(
+                renames.rename(diffusers).as_deref(),
+                Some(sgm),
+                "{file}: {diffusers}"
+            );
+            assert_eq!(
+                renames.to_diffusers(sgm).as_deref(),
+                Some(diffusers.as_str()),
+                "{file}: {sgm}"
+            );
+        }
     }
 }
 
