@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::fixtures;
+use common::fixture;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -21,13 +21,13 @@ use tch::{Device, Kind, Tensor};
 
 fn folder(name: &str) -> UNetWeights {
     UNetWeights::Diffusers {
-        folder: fixtures().join(name),
+        folder: fixture(name),
         variant: None,
     }
 }
 
 fn run(unet: &UNet2DConditionModel, io: &str) -> Tensor {
-    let io = TensorFile::open(fixtures().join(io)).unwrap();
+    let io = TensorFile::open(fixture(io)).unwrap();
     let get = |key: &str| io.tensor(key, Device::Cpu, Some(Kind::Float)).unwrap();
     let (sample, t, ctx, text, ids) = (
         get("sample"),
@@ -81,7 +81,7 @@ fn single_file_and_diffusers_folder_load_to_identical_outputs() {
         let (vs_folder, from_folder) =
             load_unet(&config, &folder(name), Device::Cpu, Kind::Float).unwrap();
         round_to_half(&vs_folder);
-        let single = fixtures().join(format!(
+        let single = fixture(format!(
             "{}-single-file.safetensors",
             name.replace("/unet", "-unet")
         ));
@@ -104,8 +104,8 @@ fn single_file_and_diffusers_folder_load_to_identical_outputs() {
 /// converters gave its tensor (diffusers' SDXL script and ComfyUI's `unet_to_diffusers`, checked by
 /// diffusers' `convert_ldm_unet_checkpoint`; see tools/fixtures/README.md, `unet_layouts`).
 fn upstream_sgm_names(file: &str) -> BTreeMap<String, String> {
-    let path = fixtures().join(file);
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()));
+    let path = fixture(file);
+    let bytes = std::fs::read(&path).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let golden = header
         .metadata()
@@ -170,7 +170,7 @@ fn sharded_fp16_variant_loads_like_the_folder() {
         load_unet(&config, &folder("unet-tiny-b"), Device::Cpu, Kind::Float).unwrap();
     round_to_half(&vs_folder);
     let sharded = UNetWeights::Diffusers {
-        folder: fixtures().join("unet-tiny-b-sharded"),
+        folder: fixture("unet-tiny-b-sharded"),
         variant: Some("fp16".into()),
     };
     let (vs_sharded, from_sharded) =
@@ -191,7 +191,7 @@ fn sharded_fp16_variant_loads_like_the_folder() {
     }
     // Without the variant the folder has no weights, and says which names it looked for.
     let plain = UNetWeights::Diffusers {
-        folder: fixtures().join("unet-tiny-b-sharded"),
+        folder: fixture("unet-tiny-b-sharded"),
         variant: None,
     };
     let msg = load_unet(&config, &plain, Device::Cpu, Kind::Float)
@@ -223,7 +223,7 @@ fn mismatched_checkpoints_fail_naming_keys() {
         assert!(msg.contains(needle), "{needle} not in: {msg}");
     }
     // The same in single-file layout: keys are named with their SGM spelling.
-    let single = fixtures().join("unet-tiny-b-single-file.safetensors");
+    let single = fixture("unet-tiny-b-single-file.safetensors");
     let msg = load_unet(
         &UNetConfig::tiny_sdxl(),
         &UNetWeights::SingleFile(single),

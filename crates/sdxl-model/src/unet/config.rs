@@ -630,9 +630,15 @@ mod tests {
     use super::*;
 
     fn fixture(path: &str) -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../tests/fixtures")
-            .join(path)
+            .join(path);
+        assert!(
+            path.exists(),
+            "missing fixture {}: regenerate it with tools/fixtures/regenerate.sh",
+            path.display()
+        );
+        path
     }
 
     #[test]
