@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{fixtures_dir, max_rel_error};
+use common::{fixture, max_rel_error};
 use lora::{HasLinears, LoraConfig};
 use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights, load_unet};
 use sdxl_model::weights::TensorFile;
@@ -34,7 +34,7 @@ struct Golden {
 impl Golden {
     fn open() -> Self {
         Self {
-            io: TensorFile::open(fixtures_dir().join("tiny-sdxl-unet-io.safetensors")).unwrap(),
+            io: TensorFile::open(fixture("tiny-sdxl-unet-io.safetensors")).unwrap(),
         }
     }
 
@@ -63,7 +63,7 @@ impl Golden {
 
 fn tiny_unet() -> (VarStore, UNet2DConditionModel) {
     let weights = UNetWeights::Diffusers {
-        folder: fixtures_dir().join("tiny-sdxl/unet"),
+        folder: fixture("tiny-sdxl/unet"),
         variant: None,
     };
     let (mut vs, unet) =

@@ -11,7 +11,7 @@ use sdxl_model::weights::TensorFile;
 use tch::{Device, Kind, Tensor};
 
 fn fixture() -> BTreeMap<String, Tensor> {
-    let path = common::fixtures_dir().join("torch_ops.safetensors");
+    let path = common::fixture("torch_ops.safetensors");
     TensorFile::open(&path)
         .and_then(|f| f.load_all(Device::Cpu, None))
         .unwrap()

@@ -1,6 +1,6 @@
 //! Helpers shared by the integration tests.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use tch::Tensor;
 
@@ -10,6 +10,18 @@ pub fn fixtures_dir() -> PathBuf {
     std::env::var_os("SDXL_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
+}
+
+/// The path of a fixture (file or folder), which must exist: a missing one fails the test naming it.
+pub fn fixture(name: impl AsRef<Path>) -> PathBuf {
+    let path = fixtures_dir().join(name);
+    assert!(
+        path.exists(),
+        "missing fixture {}: regenerate it with tools/fixtures/regenerate.sh \
+         (tools/fixtures/README.md says which generator writes it)",
+        path.display()
+    );
+    path
 }
 
 /// `max |a - b| / max |b|`, computed in f64: the error measure used against golden outputs.

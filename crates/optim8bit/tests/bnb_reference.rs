@@ -7,7 +7,7 @@
 //!   CUDA kernel does; the difference is of order lr²·wd) and does not keep signs next to zero.
 //! - `bnb-adamw8bit-cuda.safetensors` (`gen_bnb_adamw8bit_cuda`): the CUDA kernels themselves,
 //!   with non-finite gradient elements; generated on the GPU machine. Without the file the test
-//!   says so and passes.
+//!   fails, naming it.
 //!
 //! Each compares parameters (≤ 1e-6 relative), codes (equal, except one-code differences where a
 //! value lies on a midpoint between codes: counted and printed), absmax and fp32 moments.
@@ -20,7 +20,7 @@ use std::collections::HashMap;
 
 use optim8bit::quantize::QuantMap;
 use optim8bit::{AdamW, AdamWConfig, ParamGroup};
-use support::{fixtures_dir, max_rel_error, set_grad, temp_path};
+use support::{fixture, max_rel_error, set_grad, temp_path};
 use tch::{Cuda, Device, Kind, Tensor};
 
 struct Reference {
@@ -33,11 +33,13 @@ struct Reference {
     device: String,
 }
 
-fn read_reference(file: &str) -> Option<Reference> {
-    let path = fixtures_dir().join(file);
-    if !path.exists() {
-        return None;
-    }
+/// The reference in `file`, which must exist.
+fn read_reference(file: &str) -> Reference {
+    let path = fixture(
+        file,
+        "regenerate it with `tools/fixtures/regenerate.sh --only bnb_adamw8bit` (the CPU path) or, \
+         on the GPU machine, `--only bnb_adamw8bit_cuda` (the CUDA kernels, docs/GPU.md)",
+    );
     let bytes = std::fs::read(&path).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let info: serde_json::Value =
@@ -74,13 +76,13 @@ fn read_reference(file: &str) -> Option<Reference> {
         .unwrap()
         .into_iter()
         .collect();
-    Some(Reference {
+    Reference {
         tensors,
         params,
         groups,
         recorded_steps,
         device: info["device"].as_str().unwrap().into(),
-    })
+    }
 }
 
 /// Code mismatches between two code tensors: (count, largest index difference).
@@ -95,12 +97,7 @@ fn code_mismatches(ours: &Tensor, theirs: &Tensor) -> (i64, i64) {
 /// Compares our optimizer on `device` with the reference in `file`; `moment_tolerance` is the
 /// allowed relative difference of block scales and fp32 moments (see the callers for why it differs).
 fn compare(file: &str, device: Device, moment_tolerance: f64) {
-    let Some(reference) = read_reference(file) else {
-        println!(
-            "{file} is not there: skipped (generate it on the GPU machine, see tools/fixtures/README.md)"
-        );
-        return;
-    };
+    let reference = read_reference(file);
     let t = &reference.tensors;
     println!(
         "reference: bitsandbytes on {}, our optimizer on {device:?}",

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::fixtures;
+use common::fixture;
 use std::sync::{Mutex, MutexGuard};
 
 use sdxl_model::Error;
@@ -28,7 +28,7 @@ fn exclusive() -> MutexGuard<'static, ()> {
 
 fn pipeline() -> Pipeline {
     Pipeline::from_pretrained(
-        fixtures().join("tiny-sdxl"),
+        fixture("tiny-sdxl"),
         Device::Cpu,
         Kind::Float,
         Upcast::Never,
@@ -38,7 +38,7 @@ fn pipeline() -> Pipeline {
 
 /// The case `gen_tiny_pipeline` ran, from the fixture's metadata.
 fn case() -> (serde_json::Value, TensorFile) {
-    let path = fixtures().join("tiny-pipeline-io.safetensors");
+    let path = fixture("tiny-pipeline-io.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let case = serde_json::from_str(&meta.metadata().as_ref().unwrap()["case"]).unwrap();
@@ -276,7 +276,7 @@ fn lora_changes_the_output_and_scale_zero_equals_off() {
     };
     let base = pipe.latents(&quick()).unwrap();
     let file = lora::format::read(
-        fixtures().join("lora/tiny-sdxl-diffusers.safetensors"),
+        fixture("lora/tiny-sdxl-diffusers.safetensors"),
         lora::format::ReadOptions::default(),
     )
     .unwrap();

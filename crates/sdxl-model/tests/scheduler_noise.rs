@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::fixtures;
+use common::fixture;
 
 use sdxl_model::schedulers::{SchedulerConfig, SchedulerKind, build};
 use sdxl_model::weights::TensorFile;
@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 
 #[test]
 fn seeded_default_generator_reproduces_torch_generator_noise() {
-    let golden = TensorFile::open(fixtures().join("schedulers.safetensors")).unwrap();
+    let golden = TensorFile::open(fixture("schedulers.safetensors")).unwrap();
     let get = |key: &str| golden.tensor(key, Device::Cpu, None).unwrap();
 
     // tch::manual_seed + Tensor::randn on the CPU draws what torch.Generator().manual_seed + torch.randn do.

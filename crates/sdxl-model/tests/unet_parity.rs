@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{fixtures, rel};
+use common::{fixture, rel};
 
 use sdxl_model::attention::{AttentionBackend, SliceSize};
 use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs};
@@ -21,7 +21,7 @@ struct Case {
 }
 
 fn load(folder: &str, io: &str, config: UNetConfig) -> Case {
-    let dir = fixtures().join(folder);
+    let dir = fixture(folder);
     assert_eq!(
         UNetConfig::from_file(dir.join("config.json")).unwrap(),
         config
@@ -34,7 +34,7 @@ fn load(folder: &str, io: &str, config: UNetConfig) -> Case {
     Case {
         vs,
         unet,
-        io: TensorFile::open(fixtures().join(io)).unwrap(),
+        io: TensorFile::open(fixture(io)).unwrap(),
     }
 }
 

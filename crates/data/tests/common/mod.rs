@@ -13,6 +13,19 @@ pub fn fixtures() -> PathBuf {
         .join("captioned-images")
 }
 
+/// The path of a file or folder of [`fixtures`], which must exist: a missing one fails the test
+/// naming it.
+pub fn fixture(name: impl AsRef<Path>) -> PathBuf {
+    let path = fixtures().join(name);
+    assert!(
+        path.exists(),
+        "missing fixture {}: regenerate it with `tools/fixtures/regenerate.sh --only captioned_images` \
+         (see tools/fixtures/README.md)",
+        path.display()
+    );
+    path
+}
+
 /// A fresh, empty folder under the system's temporary folder, removed when dropped.
 pub struct Scratch(pub PathBuf);
 

@@ -49,8 +49,16 @@ pub fn fixtures_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
 }
 
+/// A file of `tests/fixtures/lora`, which must exist: a missing one fails the test naming it.
 pub fn lora_fixture(name: &str) -> PathBuf {
-    fixtures_dir().join("lora").join(name)
+    let path = fixtures_dir().join("lora").join(name);
+    assert!(
+        path.exists(),
+        "missing fixture {}: regenerate it with `tools/fixtures/regenerate.sh --only lora` \
+         (see tools/fixtures/README.md)",
+        path.display()
+    );
+    path
 }
 
 pub fn component_named(name: &str) -> Component {

@@ -2,7 +2,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
 
@@ -12,6 +12,18 @@ pub fn fixtures_dir() -> PathBuf {
     std::env::var_os("SDXL_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
+}
+
+/// The path of a fixture, which must exist: a missing one fails the test naming it and `how` to
+/// regenerate it.
+pub fn fixture(name: impl AsRef<Path>, how: &str) -> PathBuf {
+    let path = fixtures_dir().join(name);
+    assert!(
+        path.exists(),
+        "missing fixture {}: {how} (see tools/fixtures/README.md)",
+        path.display()
+    );
+    path
 }
 
 /// `max |a - b| / max |b|` in f64, the error measure used against reference values.

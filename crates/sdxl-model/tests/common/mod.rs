@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use sdxl_model::weights::TensorFile;
 use tch::{Device, Kind, Tensor};
@@ -15,9 +15,21 @@ pub fn fixtures() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
 }
 
+/// The path of a fixture (file or folder), which must exist: a missing one fails the test naming it.
+pub fn fixture(name: impl AsRef<Path>) -> PathBuf {
+    let path = fixtures().join(name);
+    assert!(
+        path.exists(),
+        "missing fixture {}: regenerate it with tools/fixtures/regenerate.sh \
+         (tools/fixtures/README.md says which generator writes it)",
+        path.display()
+    );
+    path
+}
+
 /// A golden-output file of the fixtures folder.
 pub fn golden(name: &str) -> TensorFile {
-    TensorFile::open(fixtures().join(name)).unwrap()
+    TensorFile::open(fixture(name)).unwrap()
 }
 
 /// One tensor of a golden file, on the CPU in its stored kind.
