@@ -5,7 +5,8 @@
 //! cargo run --release --example generate -- --model path/to/sdxl --prompt "a fox in the snow" \
 //!     [--negative "blurry"] [--steps 30] [--guidance 5] [--width 1024 --height 1024] [--seed 0] \
 //!     [--scheduler euler|euler_a|ddim|dpm++2m] [--kind bf16|f16|f32] [--vae_fp32] [--tile] \
-//!     [--lora file.safetensors --lora_scale 1.0 [--compare]] [--out output.png]
+//!     [--lora file.safetensors --lora_scale 1.0 [--compare]] [--warmup] [--out output.png]
+//! cargo run --release --example generate -- --help       # every flag, with its default
 //! ```
 //!
 //! `--prompt` may be repeated; each prompt gets one image (one grid row with `--compare`). Without
@@ -16,15 +17,97 @@
 //! first so that the timed one excludes kernel selection.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use cli::UsageError;
 use sdxl_model::pipeline::{GenerateOptions, Pipeline, grid_column, grid_row, save_png};
+use sdxl_model::schedulers::SchedulerKind;
 use sdxl_model::vae::{Upcast, VaeTiling};
 use tch::{Device, Kind};
 
-fn value(args: &mut impl Iterator<Item = String>, flag: &str) -> anyhow::Result<String> {
-    args.next().with_context(|| format!("{flag} needs a value"))
+mod cli;
+
+/// Text to image with an SDXL diffusers folder, optionally with a LoRA.
+#[derive(Parser)]
+#[command(name = "generate")]
+struct Args {
+    /// A diffusers SDXL folder (unet/, vae/, text_encoder/, text_encoder_2/, tokenizers, scheduler/).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// A prompt; repeat for more images (one per prompt).
+    #[arg(
+        long = "prompt",
+        value_name = "TEXT",
+        required = true,
+        allow_hyphen_values = true
+    )]
+    prompts: Vec<String>,
+    /// A negative prompt; give one per --prompt, or none for SDXL's zero negative conditioning.
+    #[arg(long = "negative", value_name = "TEXT", allow_hyphen_values = true)]
+    negatives: Vec<String>,
+    /// Denoising steps.
+    #[arg(long, value_name = "N", default_value_t = 30)]
+    steps: usize,
+    /// Classifier-free guidance scale (off at 1 or below).
+    #[arg(long, value_name = "SCALE", default_value_t = GenerateOptions::default().guidance_scale)]
+    guidance: f64,
+    /// Image width in pixels (a multiple of 8).
+    #[arg(long, value_name = "PX", default_value_t = GenerateOptions::default().width)]
+    width: i64,
+    /// Image height in pixels (a multiple of 8).
+    #[arg(long, value_name = "PX", default_value_t = GenerateOptions::default().height)]
+    height: i64,
+    /// Seed of the initial noise (as torch.Generator().manual_seed).
+    #[arg(long, value_name = "N", default_value_t = GenerateOptions::default().seed)]
+    seed: u64,
+    /// Sampler: euler, euler_a, ddim or dpm++2m (or its diffusers class name).
+    #[arg(long, value_name = "NAME", default_value = GenerateOptions::default().scheduler.short_name())]
+    scheduler: SchedulerKind,
+    /// Precision of the models on CUDA (the CPU always computes in f32).
+    #[arg(long, value_enum, value_name = "KIND", default_value_t = Precision::Bf16)]
+    kind: Precision,
+    /// Decode with the VAE in fp32, whatever the VAE's config says.
+    #[arg(long = "vae_fp32")]
+    vae_fp32: bool,
+    /// Decode the VAE in tiles (for large images).
+    #[arg(long)]
+    tile: bool,
+    /// A LoRA file (diffusers, peft or kohya layout) to apply; none by default.
+    #[arg(long, value_name = "FILE")]
+    lora: Option<PathBuf>,
+    /// The LoRA's multiplier.
+    #[arg(long = "lora_scale", value_name = "SCALE", default_value_t = 1.0)]
+    lora_scale: f64,
+    /// Write one grid: the base model's image left, the LoRA's right, a row per prompt (needs --lora).
+    #[arg(long)]
+    compare: bool,
+    /// Run one untimed generation first, so that the timed one excludes kernel selection.
+    #[arg(long)]
+    warmup: bool,
+    /// Output PNG; several images get -<n> before the extension.
+    #[arg(long, value_name = "FILE", default_value = "output.png")]
+    out: PathBuf,
+}
+
+/// The models' precision (`--kind`).
+#[derive(Clone, Copy, ValueEnum)]
+enum Precision {
+    Bf16,
+    F16,
+    F32,
+}
+
+impl From<Precision> for Kind {
+    fn from(precision: Precision) -> Self {
+        match precision {
+            Precision::Bf16 => Kind::BFloat16,
+            Precision::F16 => Kind::Half,
+            Precision::F32 => Kind::Float,
+        }
+    }
 }
 
 fn numbered(out: &Path, index: usize, count: usize) -> PathBuf {
@@ -38,78 +121,45 @@ fn numbered(out: &Path, index: usize, count: usize) -> PathBuf {
     out.with_file_name(format!("{stem}-{index}.png"))
 }
 
-fn main() -> anyhow::Result<()> {
-    let mut options = GenerateOptions {
-        steps: 30,
+fn main() -> ExitCode {
+    cli::run(generate)
+}
+
+fn generate(args: Args) -> anyhow::Result<()> {
+    if !args.negatives.is_empty() && args.negatives.len() != args.prompts.len() {
+        anyhow::bail!(UsageError(format!(
+            "--negative: {} given for {} prompts (give one per prompt or none)",
+            args.negatives.len(),
+            args.prompts.len()
+        )));
+    }
+    if args.compare && args.lora.is_none() {
+        anyhow::bail!(UsageError("--compare needs --lora".into()));
+    }
+    let options = GenerateOptions {
+        negative_prompts: (!args.negatives.is_empty()).then_some(args.negatives),
+        prompts: args.prompts,
+        steps: args.steps,
+        guidance_scale: args.guidance,
+        width: args.width,
+        height: args.height,
+        seed: args.seed,
+        scheduler: args.scheduler,
         ..GenerateOptions::default()
     };
-    let (mut model, mut lora, mut lora_scale, mut compare) = (None, None, 1.0f64, false);
-    let (mut kind, mut vae_fp32, mut tile, mut out) =
-        (Kind::BFloat16, false, false, PathBuf::from("output.png"));
-    let (mut negatives, mut warmup) = (Vec::new(), false);
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        match flag.as_str() {
-            "--model" => model = Some(PathBuf::from(value(&mut args, &flag)?)),
-            "--prompt" => options.prompts.push(value(&mut args, &flag)?),
-            "--negative" => negatives.push(value(&mut args, &flag)?),
-            "--steps" => options.steps = value(&mut args, &flag)?.parse().context("--steps")?,
-            "--guidance" => {
-                options.guidance_scale = value(&mut args, &flag)?.parse().context("--guidance")?
-            }
-            "--width" => options.width = value(&mut args, &flag)?.parse().context("--width")?,
-            "--height" => options.height = value(&mut args, &flag)?.parse().context("--height")?,
-            "--seed" => options.seed = value(&mut args, &flag)?.parse().context("--seed")?,
-            "--scheduler" => options.scheduler = value(&mut args, &flag)?.parse()?,
-            "--lora" => lora = Some(PathBuf::from(value(&mut args, &flag)?)),
-            "--lora_scale" => {
-                lora_scale = value(&mut args, &flag)?.parse().context("--lora_scale")?
-            }
-            "--compare" => compare = true,
-            "--vae_fp32" => vae_fp32 = true,
-            "--tile" => tile = true,
-            "--warmup" => warmup = true,
-            "--out" => out = PathBuf::from(value(&mut args, &flag)?),
-            "--kind" => {
-                kind = match value(&mut args, &flag)?.as_str() {
-                    "bf16" => Kind::BFloat16,
-                    "f16" => Kind::Half,
-                    "f32" => Kind::Float,
-                    other => bail!("--kind: `{other}` is not bf16, f16 or f32"),
-                }
-            }
-            other => bail!("unknown argument `{other}` (see the header of examples/generate.rs)"),
-        }
-    }
-    let model = model.context("--model <diffusers SDXL folder> is required")?;
-    if options.prompts.is_empty() {
-        bail!("give at least one --prompt");
-    }
-    if !negatives.is_empty() {
-        if negatives.len() != options.prompts.len() {
-            bail!(
-                "--negative: {} given for {} prompts (give one per prompt or none)",
-                negatives.len(),
-                options.prompts.len()
-            );
-        }
-        options.negative_prompts = Some(negatives);
-    }
-    if compare && lora.is_none() {
-        bail!("--compare needs --lora");
-    }
+    let mut kind = Kind::from(args.kind);
     let device = Device::cuda_if_available();
     if device == Device::Cpu && kind != Kind::Float {
         kind = Kind::Float; // half-precision convolutions are slow or missing on the CPU
     }
-    let upcast = if vae_fp32 {
+    let upcast = if args.vae_fp32 {
         Upcast::Always
     } else {
         Upcast::FromConfig
     };
-    let mut pipe = Pipeline::from_pretrained(&model, device, kind, upcast)
-        .with_context(|| format!("loading {}", model.display()))?;
-    if tile {
+    let mut pipe = Pipeline::from_pretrained(&args.model, device, kind, upcast)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    if args.tile {
         pipe.set_vae_tiling(Some(VaeTiling::default()))?;
     }
     let timed = |pipe: &Pipeline, what: &str| -> anyhow::Result<sdxl_model::pipeline::Images> {
@@ -137,11 +187,11 @@ fn main() -> anyhow::Result<()> {
         );
         Ok(images)
     };
-    if warmup {
+    if args.warmup {
         timed(&pipe, "warm-up")?;
     }
-    let base = compare.then(|| timed(&pipe, "base")).transpose()?;
-    if let Some(path) = &lora {
+    let base = args.compare.then(|| timed(&pipe, "base")).transpose()?;
+    if let Some(path) = &args.lora {
         let names = pipe.lora_module_names();
         let file = lora::format::read(
             path,
@@ -152,16 +202,17 @@ fn main() -> anyhow::Result<()> {
         )
         .with_context(|| format!("reading {}", path.display()))?;
         let layers = pipe.load_lora(&file.state, "lora")?;
-        pipe.set_lora_multiplier("lora", lora_scale)?;
+        pipe.set_lora_multiplier("lora", args.lora_scale)?;
         println!(
-            "{}: {:?} LoRA on {layers} layers, scale {lora_scale}",
+            "{}: {:?} LoRA on {layers} layers, scale {}",
             path.display(),
-            file.format
+            file.format,
+            args.lora_scale
         );
     }
     let images = timed(
         &pipe,
-        if lora.is_some() {
+        if args.lora.is_some() {
             "with LoRA"
         } else {
             "generate"
@@ -172,12 +223,12 @@ fn main() -> anyhow::Result<()> {
             let rows = (0..images.len())
                 .map(|i| grid_row(&[base.to_rgb(i)?, images.to_rgb(i)?]))
                 .collect::<sdxl_model::Result<Vec<_>>>()?;
-            save_png(&grid_column(&rows)?, &out)?;
-            println!("wrote {} (base left, LoRA right)", out.display());
+            save_png(&grid_column(&rows)?, &args.out)?;
+            println!("wrote {} (base left, LoRA right)", args.out.display());
         }
         None => {
             for i in 0..images.len() {
-                let path = numbered(&out, i, images.len());
+                let path = numbered(&args.out, i, images.len());
                 images.save_png(i, &path)?;
                 println!("wrote {}", path.display());
             }

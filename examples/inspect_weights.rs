@@ -4,15 +4,30 @@
 //! cargo run --release --example inspect_weights -- tests/fixtures/tiny-sdxl/unet/diffusion_pytorch_model.safetensors
 //! ```
 
-use anyhow::Context;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
 use sdxl_model::weights::TensorFile;
 use tch::Device;
 
-fn main() -> anyhow::Result<()> {
-    let path = std::env::args()
-        .nth(1)
-        .context("usage: inspect_weights FILE.safetensors")?;
-    let file = TensorFile::open(&path)?;
+mod cli;
+
+/// Lists the tensors of a safetensors file: key, dtype, shape, and the total parameter count.
+#[derive(Parser)]
+#[command(name = "inspect_weights")]
+struct Args {
+    /// The safetensors file.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+}
+
+fn main() -> ExitCode {
+    cli::run(inspect)
+}
+
+fn inspect(args: Args) -> anyhow::Result<()> {
+    let file = TensorFile::open(&args.file)?;
     let mut total = 0i64;
     for key in file.keys()? {
         let tensor = file.tensor(&key, Device::Cpu, None)?;

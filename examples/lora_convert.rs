@@ -13,66 +13,106 @@
 //! block names, and `--to kohya` writes them.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
-use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
 use lora::Component;
 use lora::format::{self, BlockRenames, Format, ModuleNames, ReadOptions, WriteOptions};
 
-const USAGE: &str = "usage: lora_convert summary FILE | lora_convert convert IN OUT --to diffusers|peft|kohya \
-                     [--sgm RENAMES.json] [--unet F] [--text-encoder F] [--text-encoder-2 F]";
+mod cli;
 
-fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("summary") => {
-            let file = args.get(1).context(USAGE)?;
+/// Prints a LoRA file's summary, or converts it between the diffusers, peft and kohya layouts.
+#[derive(Parser)]
+#[command(
+    name = "lora_convert",
+    flatten_help = true,
+    disable_help_subcommand = true
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Prints the file's layout, modules, ranks and alphas.
+    Summary {
+        /// The LoRA file.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Writes the LoRA in another layout.
+    Convert(ConvertArgs),
+}
+
+#[derive(clap::Args)]
+struct ConvertArgs {
+    /// The LoRA file to read.
+    #[arg(value_name = "IN")]
+    input: PathBuf,
+    /// The file to write.
+    #[arg(value_name = "OUT")]
+    output: PathBuf,
+    /// The layout to write: diffusers, peft or kohya.
+    #[arg(long = "to", value_name = "FORMAT")]
+    target: Format,
+    /// A JSON list of [diffusers prefix, SGM prefix] pairs: kohya files may use SGM UNet block names, and --to kohya writes them.
+    #[arg(long, value_name = "RENAMES.json")]
+    sgm: Option<PathBuf>,
+    /// The UNet's model file, for the module paths a kohya file needs (repeat for shards).
+    #[arg(long, value_name = "MODEL.safetensors")]
+    unet: Vec<PathBuf>,
+    /// The first text encoder's model file (repeat for shards).
+    #[arg(long = "text-encoder", value_name = "MODEL.safetensors")]
+    text_encoder: Vec<PathBuf>,
+    /// The second text encoder's model file (repeat for shards).
+    #[arg(long = "text-encoder-2", value_name = "MODEL.safetensors")]
+    text_encoder_2: Vec<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    cli::run(|args: Args| match args.command {
+        Command::Summary { file } => {
             print!("{}", format::summary(file)?);
             Ok(())
         }
-        Some("convert") => convert(&args[1..]),
-        _ => bail!(USAGE),
-    }
+        Command::Convert(args) => convert(args),
+    })
 }
 
-fn convert(args: &[String]) -> anyhow::Result<()> {
-    let (input, output) = match args {
-        [input, output, ..] => (PathBuf::from(input), PathBuf::from(output)),
-        _ => bail!(USAGE),
-    };
-    let (mut target, mut renames, mut names) = (None, None, ModuleNames::new());
-    let mut rest = args[2..].iter();
-    while let Some(flag) = rest.next() {
-        let value = rest
-            .next()
-            .with_context(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--to" => target = Some(value.parse::<Format>().map_err(anyhow::Error::msg)?),
-            "--sgm" => renames = Some(BlockRenames::from_json_file(value.as_ref())?),
-            "--unet" => _ = names.add_model_file(Component::Unet, value.as_ref())?,
-            "--text-encoder" => _ = names.add_model_file(Component::TextEncoder, value.as_ref())?,
-            "--text-encoder-2" => {
-                _ = names.add_model_file(Component::TextEncoder2, value.as_ref())?
-            }
-            other => bail!("unknown flag {other}\n{USAGE}"),
+fn convert(args: ConvertArgs) -> anyhow::Result<()> {
+    let renames = args
+        .sgm
+        .as_deref()
+        .map(BlockRenames::from_json_file)
+        .transpose()?;
+    let mut names = ModuleNames::new();
+    for (component, files) in [
+        (Component::Unet, &args.unet),
+        (Component::TextEncoder, &args.text_encoder),
+        (Component::TextEncoder2, &args.text_encoder_2),
+    ] {
+        for file in files {
+            names.add_model_file(component, file)?;
         }
     }
-    let target = target.context("--to is required")?;
     let options = ReadOptions {
         module_names: (!names.is_empty()).then_some(&names),
         block_renames: renames.as_ref(),
     };
-    let file = format::read(&input, options)?;
+    let file = format::read(&args.input, options)?;
     let write_options = WriteOptions {
         block_renames: renames.as_ref(),
         ..WriteOptions::default()
     };
-    format::write(&output, &file.state, target, &write_options)?;
+    format::write(&args.output, &file.state, args.target, &write_options)?;
     println!(
-        "{} ({}, {} modules) → {} ({target})",
-        input.display(),
+        "{} ({}, {} modules) → {} ({})",
+        args.input.display(),
         file.format,
         file.state.modules.len(),
-        output.display()
+        args.output.display(),
+        args.target
     );
     Ok(())
 }

@@ -15,32 +15,55 @@
 //! and later flags still override them.
 
 use std::path::Path;
+use std::process::ExitCode;
 
-use anyhow::Context;
-use trainer::{TrainConfig, Trainer};
+use cli::UsageError;
+use trainer::{Error, TrainConfig, Trainer};
 
-fn main() -> anyhow::Result<()> {
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
+mod cli;
+
+const USAGE: &str = "Trains the seed recipe's SDXL LoRA with diffusers' train_dreambooth_lora_sdxl.py flags.
+
+Usage: train_naruto [--preset tiny] [--config FILE.toml] [--FLAG VALUE ...]
+
+  --preset <tiny>
+      Start from the offline demo settings (the repository's tiny model and dataset, CPU); later flags override them (default: none, the seed recipe)
+  --config <path>
+      A TOML file whose keys are the flag names, read instead of the defaults or preset; flags override it (default: none)
+  -h, --help
+      Print this help
+
+Flags (`--FLAG VALUE` or `--FLAG=VALUE`; a boolean flag alone means true):";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!(
-            "usage: train_naruto [--preset tiny] [--config FILE.toml] [--flag value ...]\n\nflags:\n{}",
-            TrainConfig::flags_help()
-        );
-        return Ok(());
+        println!("{USAGE}\n{}", TrainConfig::flags_help());
+        return ExitCode::SUCCESS;
     }
-    let preset = match args.iter().position(|a| a == "--preset") {
-        Some(i) => {
-            let name = args
-                .get(i + 1)
-                .cloned()
-                .context("--preset needs a name (tiny)")?;
-            args.drain(i..i + 2);
-            Some(name)
-        }
-        None => None,
+    cli::finish("train_naruto", train(args))
+}
+
+/// `--preset NAME` or `--preset=NAME`, anywhere on the line, taken out of `args`.
+fn take_preset(args: &mut Vec<String>) -> anyhow::Result<Option<String>> {
+    let Some(i) = args
+        .iter()
+        .position(|a| a == "--preset" || a.starts_with("--preset="))
+    else {
+        return Ok(None);
     };
-    let config = match preset.as_deref() {
-        None => TrainConfig::from_args(args)?,
+    let flag = args.remove(i);
+    match flag.strip_prefix("--preset=") {
+        Some(name) => Ok(Some(name.to_owned())),
+        None if i < args.len() => Ok(Some(args.remove(i))),
+        None => anyhow::bail!(UsageError("--preset needs a name (tiny)".into())),
+    }
+}
+
+fn train(mut args: Vec<String>) -> anyhow::Result<()> {
+    let preset = take_preset(&mut args)?;
+    let parsed = match preset.as_deref() {
+        None => TrainConfig::from_args(args),
         Some("tiny") => {
             let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
             let preset = TrainConfig::tiny_demo(
@@ -49,9 +72,17 @@ fn main() -> anyhow::Result<()> {
                 Path::new("naruto-lora-tiny"),
             );
             // Flags after the preset override it, through the same parser.
-            TrainConfig::from_args_over(preset, args)?
+            TrainConfig::from_args_over(preset, args)
         }
-        Some(other) => anyhow::bail!("--preset {other}: the only preset is `tiny`"),
+        Some(other) => anyhow::bail!(UsageError(format!(
+            "--preset: `{other}` is not a preset (the only one is `tiny`)"
+        ))),
+    };
+    let config = match parsed {
+        Ok(config) => config,
+        // A flag or value of the command line; a --config file's problems are errors of the run.
+        Err(error @ Error::InvalidOption { .. }) => anyhow::bail!(UsageError(error.to_string())),
+        Err(error) => return Err(error.into()),
     };
     let output_dir = config.output_dir.clone();
     let mut trainer = Trainer::new(config)?;

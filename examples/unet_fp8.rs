@@ -35,79 +35,97 @@
 //!   without checkpointing the widened weights of the whole UNet are alive at the peak.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
 use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs};
 use sdxl_model::weights::{TensorFile, load_into};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
+mod cli;
+
 const GIB: f64 = (1u64 << 30) as f64;
 const MIB: f64 = (1u64 << 20) as f64;
 
-fn main() -> anyhow::Result<()> {
-    let (mut full, mut latent, mut device) = (false, 32i64, Device::Cpu);
-    let (mut train, mut fp8, mut batch, mut kind) = (None::<String>, true, 1i64, None::<Kind>);
-    let mut bf16 = false;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--full" => full = true,
-            "--latent" => {
-                latent = args
-                    .next()
-                    .context("--latent needs a size")?
-                    .parse()
-                    .context("--latent")?
-            }
-            "--device" => {
-                device = match args.next().context("--device needs cpu or cuda")?.as_str() {
-                    "cpu" => Device::Cpu,
-                    "cuda" => Device::Cuda(0),
-                    other => bail!("--device: `{other}` is not cpu or cuda"),
-                }
-            }
-            "--train" => train = Some(args.next().context("--train needs plain or checkpointed")?),
-            "--no-fp8" => fp8 = false,
-            "--bf16" => bf16 = true,
-            "--batch" => {
-                batch = args
-                    .next()
-                    .context("--batch needs a size")?
-                    .parse()
-                    .context("--batch")?
-            }
-            "--kind" => {
-                kind = Some(
-                    match args.next().context("--kind needs fp32 or bf16")?.as_str() {
-                        "fp32" => Kind::Float,
-                        "bf16" => Kind::BFloat16,
-                        other => bail!("--kind: `{other}` is not fp32 or bf16"),
-                    },
-                )
-            }
-            other => bail!("unknown argument `{other}`"),
+/// fp8 base weights on the UNet: the output error and the bytes of fp8 storage, or a training step's memory.
+#[derive(Parser)]
+#[command(name = "unet_fp8")]
+struct Args {
+    /// SDXL-base's UNet architecture with seeded random weights instead of the tiny fixture UNet (≈ 11 GB on the CPU).
+    #[arg(long)]
+    full: bool,
+    /// With --full: also round the weights to bf16 and compare fp8 computed in bf16.
+    #[arg(long)]
+    bf16: bool,
+    /// The latent's side L (1×4×L×L) of --full and --train.
+    #[arg(long, value_name = "L", default_value_t = 32)]
+    latent: i64,
+    /// Where the model runs.
+    #[arg(long, value_enum, value_name = "DEVICE", default_value_t = Where::Cpu)]
+    device: Where,
+    /// Measure one training step's memory instead (full-size UNet, random weights, rank-4 LoRA).
+    #[arg(long, value_enum, value_name = "MODE")]
+    train: Option<TrainMode>,
+    /// With --train: keep the frozen weights in their precision instead of fp8.
+    #[arg(long = "no-fp8")]
+    no_fp8: bool,
+    /// With --train: the batch size.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    batch: i64,
+    /// With --train: the model's precision (default: bf16 on CUDA, fp32 on the CPU).
+    #[arg(long, value_enum, value_name = "KIND")]
+    kind: Option<Precision>,
+}
+
+/// `--device`.
+#[derive(Clone, Copy, ValueEnum)]
+enum Where {
+    Cpu,
+    Cuda,
+}
+
+/// `--train`: the step without or with gradient checkpointing.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TrainMode {
+    Plain,
+    Checkpointed,
+}
+
+/// `--kind`.
+#[derive(Clone, Copy, ValueEnum)]
+enum Precision {
+    Fp32,
+    Bf16,
+}
+
+fn main() -> ExitCode {
+    cli::run(|args: Args| {
+        let device = match args.device {
+            Where::Cpu => Device::Cpu,
+            Where::Cuda => Device::Cuda(0),
+        };
+        let kind = match args.kind {
+            Some(Precision::Fp32) => Kind::Float,
+            Some(Precision::Bf16) => Kind::BFloat16,
+            None if device.is_cuda() => Kind::BFloat16,
+            None => Kind::Float,
+        };
+        match args.train {
+            None if args.full => full_size(args.latent, device, args.bf16),
+            None => tiny(device),
+            Some(mode) => train_step_memory(&TrainSetup {
+                checkpointed: mode == TrainMode::Checkpointed,
+                fp8: !args.no_fp8,
+                latent: args.latent,
+                batch: args.batch,
+                kind,
+                device,
+            }),
         }
-    }
-    let kind = kind.unwrap_or(if device.is_cuda() {
-        Kind::BFloat16
-    } else {
-        Kind::Float
-    });
-    match train.as_deref() {
-        None if full => full_size(latent, device, bf16),
-        None => tiny(device),
-        Some(mode @ ("plain" | "checkpointed")) => train_step_memory(&TrainSetup {
-            checkpointed: mode == "checkpointed",
-            fp8,
-            latent,
-            batch,
-            kind,
-            device,
-        }),
-        Some(other) => bail!("--train: `{other}` is not plain or checkpointed"),
-    }
+    })
 }
 
 /// The conditioning of one UNet call, owned.

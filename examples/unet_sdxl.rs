@@ -18,57 +18,63 @@
 //!   every layer as LoRA training does. Run each mode in its own process: device memory in use after the
 //!   step (`nvidia-smi`) then includes the caching allocator's reserve, i.e. the step's peak.
 
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
 use sdxl_model::attention::AttentionBackend;
 use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights, load_unet};
 use sdxl_model::weights::TensorFile;
 use tch::nn::VarStore;
 use tch::{Cuda, Device, Kind, Tensor};
 
-fn main() -> anyhow::Result<()> {
-    let (mut reference, mut steps, mut train_memory) = (
-        std::path::PathBuf::from("/tmp/sdxl-ref"),
-        10usize,
-        None::<String>,
-    );
-    let mut backend = AttentionBackend::Fused;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--ref" => reference = args.next().context("--ref needs a folder")?.into(),
-            "--steps" => {
-                steps = args
-                    .next()
-                    .context("--steps needs a value")?
-                    .parse()
-                    .context("--steps")?
-            }
-            "--attention" => backend = args.next().context("--attention needs a value")?.parse()?,
-            "--train-memory" => {
-                train_memory = Some(
-                    args.next()
-                        .context("--train-memory needs plain or checkpointed")?,
-                )
-            }
-            other => bail!("unknown argument `{other}`"),
+mod cli;
+
+/// The full-size SDXL-base UNet: parity with diffusers and time per step, or a training step's memory.
+#[derive(Parser)]
+#[command(name = "unet_sdxl")]
+struct Args {
+    /// The output folder of tools/gpu/reference_sdxl.py (unet/, unet-io.safetensors); without it, random weights and timing only.
+    #[arg(long = "ref", value_name = "DIR", default_value = "/tmp/sdxl-ref")]
+    reference: PathBuf,
+    /// Timed UNet steps (after 3 warm-up steps).
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    steps: usize,
+    /// Attention kernels: fused, plain, sliced or sliced:<auto|max|rows>.
+    #[arg(long, value_name = "BACKEND", default_value = "fused")]
+    attention: AttentionBackend,
+    /// Measure training steps' time and memory instead (bf16, 512 px, batch 2, rank-4 LoRA).
+    #[arg(long = "train-memory", value_enum, value_name = "MODE")]
+    train_memory: Option<TrainMode>,
+}
+
+/// `--train-memory`: the step without or with gradient checkpointing.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TrainMode {
+    Plain,
+    Checkpointed,
+}
+
+fn main() -> ExitCode {
+    cli::run(|args: Args| {
+        let device = Device::cuda_if_available();
+        if !device.is_cuda() {
+            eprintln!(
+                "warning: no CUDA device; running the full-size UNet on the CPU will be very slow"
+            );
         }
-    }
-    let device = Device::cuda_if_available();
-    if !device.is_cuda() {
-        eprintln!(
-            "warning: no CUDA device; running the full-size UNet on the CPU will be very slow"
-        );
-    }
-    let config = UNetConfig::sdxl_base();
-    match train_memory.as_deref() {
-        None => parity_and_speed(&config, &reference, steps, backend, device),
-        Some(mode @ ("plain" | "checkpointed")) => {
-            train_step_memory(&config, mode == "checkpointed", backend, device)
+        let config = UNetConfig::sdxl_base();
+        match args.train_memory {
+            None => parity_and_speed(&config, &args.reference, args.steps, args.attention, device),
+            Some(mode) => train_step_memory(
+                &config,
+                mode == TrainMode::Checkpointed,
+                args.attention,
+                device,
+            ),
         }
-        Some(other) => bail!("--train-memory: `{other}` is not plain or checkpointed"),
-    }
+    })
 }
 
 fn sync(device: Device) {

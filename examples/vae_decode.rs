@@ -14,58 +14,85 @@
 //! mid block's attention kernels. `--profile` records one more decode with libtorch's profiler and
 //! writes its Chrome trace (read it with `tools/gpu/profile_summary.py`).
 
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
 use sdxl_model::attention::AttentionBackend;
 use sdxl_model::vae::{AutoencoderKL, AutoencoderKLConfig, VaeTiling};
 use tch::{Device, Kind, Tensor};
 
-fn main() -> anyhow::Result<()> {
-    let (mut size, mut kind, mut tiled, mut runs, mut benchmark) =
-        (2048i64, Kind::BFloat16, true, 5usize, false);
-    let (mut attention, mut profile) = (AttentionBackend::Fused, None::<std::path::PathBuf>);
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--size" => {
-                size = args
-                    .next()
-                    .context("--size needs a value")?
-                    .parse()
-                    .context("--size")?
-            }
-            "--runs" => {
-                runs = args
-                    .next()
-                    .context("--runs needs a value")?
-                    .parse()
-                    .context("--runs")?
-            }
-            "--untiled" => tiled = false,
-            "--cudnn-benchmark" => benchmark = true,
-            "--attention" => {
-                attention = args
-                    .next()
-                    .context("--attention needs a value")?
-                    .parse()
-                    .context("--attention")?
-            }
-            "--profile" => profile = Some(args.next().context("--profile needs a path")?.into()),
-            "--kind" => {
-                kind = match args.next().context("--kind needs a value")?.as_str() {
-                    "bf16" => Kind::BFloat16,
-                    "f16" => Kind::Half,
-                    "f32" => Kind::Float,
-                    other => bail!("--kind: `{other}` is not bf16, f16 or f32"),
-                }
-            }
-            other => bail!("unknown argument `{other}`"),
+mod cli;
+
+/// Times the SDXL VAE decode of one image (full-size architecture, random weights), tiled or not.
+#[derive(Parser)]
+#[command(name = "vae_decode")]
+struct Args {
+    /// Image side in pixels (a positive multiple of 8).
+    #[arg(long, value_name = "PX", default_value_t = 2048, value_parser = multiple_of_8)]
+    size: i64,
+    /// Precision of the VAE (no fp32 upcast).
+    #[arg(long, value_enum, value_name = "KIND", default_value_t = Precision::Bf16)]
+    kind: Precision,
+    /// Decode in one piece instead of 1024 px tiles with 0.25 overlap.
+    #[arg(long)]
+    untiled: bool,
+    /// Timed decodes (after one warm-up decode).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    runs: usize,
+    /// Let cuDNN time its convolution algorithms on first use and keep the fastest.
+    #[arg(long = "cudnn-benchmark")]
+    cudnn_benchmark: bool,
+    /// The mid block's attention kernels: fused, plain, sliced or sliced:<auto|max|rows>.
+    #[arg(long, value_name = "BACKEND", default_value = "fused")]
+    attention: AttentionBackend,
+    /// Record one more decode with libtorch's profiler and write its Chrome trace here; none by default.
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
+}
+
+/// `--kind`.
+#[derive(Clone, Copy, ValueEnum)]
+enum Precision {
+    Bf16,
+    F16,
+    F32,
+}
+
+impl From<Precision> for Kind {
+    fn from(precision: Precision) -> Self {
+        match precision {
+            Precision::Bf16 => Kind::BFloat16,
+            Precision::F16 => Kind::Half,
+            Precision::F32 => Kind::Float,
         }
     }
-    if size % 8 != 0 || size <= 0 {
-        bail!("--size must be a positive multiple of 8, got {size}");
+}
+
+fn multiple_of_8(text: &str) -> Result<i64, String> {
+    match text.parse::<i64>() {
+        Ok(size) if size > 0 && size % 8 == 0 => Ok(size),
+        Ok(_) => Err("not a positive multiple of 8".into()),
+        Err(error) => Err(error.to_string()),
     }
+}
+
+fn main() -> ExitCode {
+    cli::run(decode)
+}
+
+fn decode(args: Args) -> anyhow::Result<()> {
+    let Args {
+        size,
+        kind,
+        untiled,
+        runs,
+        cudnn_benchmark: benchmark,
+        attention,
+        profile,
+    } = args;
+    let (kind, tiled) = (Kind::from(kind), !untiled);
     let device = Device::cuda_if_available();
     tch::Cuda::cudnn_set_benchmark(benchmark);
     tch::manual_seed(0);

@@ -10,11 +10,26 @@
 //! decode and encode mean (`vae-io.safetensors`) and of both encoders' penultimate hidden states and
 //! pooled outputs (`text-io.safetensors`). The 2048×2048 bf16 decode timing is `examples/vae_decode.rs`.
 
-use anyhow::{Context, bail};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::bail;
+use clap::Parser;
 use sdxl_model::clip::ClipTextModel;
 use sdxl_model::vae::{AutoencoderKL, Upcast};
 use sdxl_model::weights::TensorFile;
 use tch::{Device, Kind, Tensor};
+
+mod cli;
+
+/// The full-size SDXL VAE and both text encoders: parity with diffusers / transformers.
+#[derive(Parser)]
+#[command(name = "vae_text_sdxl")]
+struct Args {
+    /// The output folder of tools/gpu/reference_sdxl.py --parts vae text (vae/, text_encoder/, text_encoder_2/, *-io.safetensors).
+    #[arg(long = "ref", value_name = "DIR", default_value = "/tmp/sdxl-ref")]
+    reference: PathBuf,
+}
 
 /// `max |a − b| / max |b|` in f64.
 fn rel(actual: &Tensor, expected: &Tensor) -> anyhow::Result<f64> {
@@ -31,15 +46,12 @@ fn rel(actual: &Tensor, expected: &Tensor) -> anyhow::Result<f64> {
         / e.abs().max().double_value(&[]).max(f64::MIN_POSITIVE))
 }
 
-fn main() -> anyhow::Result<()> {
-    let mut reference = std::path::PathBuf::from("/tmp/sdxl-ref");
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--ref" => reference = args.next().context("--ref needs a folder")?.into(),
-            other => bail!("unknown argument `{other}`"),
-        }
-    }
+fn main() -> ExitCode {
+    cli::run(compare)
+}
+
+fn compare(args: Args) -> anyhow::Result<()> {
+    let reference = args.reference;
     let device = Device::cuda_if_available();
     println!("device {device:?}, reference {}", reference.display());
     tch::no_grad(|| -> anyhow::Result<()> {

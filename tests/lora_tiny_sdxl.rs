@@ -11,7 +11,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::sdxl_depth::{clip_depth, unet_shape};
-use common::{fixtures_dir, max_rel_error};
+use common::{fixture, max_rel_error};
 use lora::format::{self, BlockRenames, Format, ModuleNames, ReadOptions, WriteOptions};
 use lora::{Component, HasLinears, LoraState};
 use sdxl_model::clip::ClipTextModel;
@@ -30,7 +30,7 @@ struct Models {
 
 impl Models {
     fn load() -> Self {
-        let tiny = fixtures_dir().join("tiny-sdxl");
+        let tiny = fixture("tiny-sdxl");
         let weights = UNetWeights::Diffusers {
             folder: tiny.join("unet"),
             variant: None,
@@ -74,8 +74,7 @@ impl Models {
     }
 
     fn outputs(&self) -> BTreeMap<&'static str, Tensor> {
-        let dir = fixtures_dir();
-        let unet_io = TensorFile::open(dir.join("tiny-sdxl-unet-io.safetensors")).unwrap();
+        let unet_io = TensorFile::open(fixture("tiny-sdxl-unet-io.safetensors")).unwrap();
         let get = |key: &str| unet_io.tensor(key, Device::Cpu, Some(Kind::Float)).unwrap();
         let (sample, t, ctx, text, ids) = (
             get("sample"),
@@ -91,7 +90,7 @@ impl Models {
             text_embeds: Some(&text),
             time_ids: Some(&ids),
         };
-        let te_io = TensorFile::open(dir.join("tiny-sdxl-text-encoder-io.safetensors")).unwrap();
+        let te_io = TensorFile::open(fixture("tiny-sdxl-text-encoder-io.safetensors")).unwrap();
         let input_ids = te_io
             .tensor("input_ids", Device::Cpu, Some(Kind::Int64))
             .unwrap();
@@ -114,7 +113,7 @@ impl Models {
 }
 
 fn golden() -> BTreeMap<String, Tensor> {
-    Tensor::read_safetensors(fixtures_dir().join("lora/tiny-sdxl-lora-io.safetensors"))
+    Tensor::read_safetensors(fixture("lora/tiny-sdxl-lora-io.safetensors"))
         .unwrap()
         .into_iter()
         .collect()
@@ -125,7 +124,7 @@ fn golden() -> BTreeMap<String, Tensor> {
 /// same inputs, an up-projection, the scale and the sum).
 fn bound(models: &Models, key: &str) -> f64 {
     let depth = if key == "unet" {
-        let io = TensorFile::open(fixtures_dir().join("tiny-sdxl-unet-io.safetensors")).unwrap();
+        let io = TensorFile::open(fixture("tiny-sdxl-unet-io.safetensors")).unwrap();
         let get = |k: &str| io.tensor(k, Device::Cpu, None).unwrap();
         unet_depth(&unet_shape(
             models.unet.config(),
@@ -162,7 +161,7 @@ fn diffusers_and_kohya_files_give_diffusers_outputs_on_the_tiny_pipeline() {
     ] {
         let mut models = Models::load();
         let read = format::read(
-            fixtures_dir().join(format!("lora/{file}.safetensors")),
+            fixture(format!("lora/{file}.safetensors")),
             ReadOptions {
                 module_names: Some(&names),
                 block_renames: None,
@@ -183,7 +182,7 @@ fn our_sgm_named_kohya_file_loads_back_to_the_same_outputs() {
     let names = models.module_names();
     let renames = BlockRenames::new(sgm_unet_table(&UNetConfig::tiny_sdxl()));
     let state = format::read(
-        fixtures_dir().join("lora/tiny-sdxl-diffusers.safetensors"),
+        fixture("lora/tiny-sdxl-diffusers.safetensors"),
         ReadOptions::default(),
     )
     .unwrap()
@@ -242,7 +241,7 @@ fn default_targets_inject_into_the_unet_and_both_text_encoders_like_diffusers_sc
     let base = models.outputs();
     // The modules diffusers' script adapted, on our models' paths.
     let file = format::read(
-        fixtures_dir().join("lora/tiny-sdxl-diffusers.safetensors"),
+        fixture("lora/tiny-sdxl-diffusers.safetensors"),
         ReadOptions {
             module_names: Some(&names),
             block_renames: None,

@@ -15,7 +15,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::sdxl_depth::unet_shape;
-use common::{fixtures_dir, max_rel_error};
+use common::{fixture, max_rel_error};
 use lora::LoraConfig;
 use sdxl_model::schedulers::{DdpmConfig, DdpmSchedule, PredictionType};
 use sdxl_model::unet::{UNetConfig, UNetInputs, UNetWeights, load_unet};
@@ -67,14 +67,13 @@ fn settings(case: &Case) -> StepSettings {
 
 #[test]
 fn loss_and_lora_gradients_match_diffusers_and_peft() {
-    let path = fixtures_dir().join("tiny-sdxl-objective.safetensors");
-    assert!(path.exists(), "missing fixture {}", path.display());
+    let path = fixture("tiny-sdxl-objective.safetensors");
     let golden = TensorFile::open(&path).unwrap();
     let get = |key: &str| golden.tensor(key, Device::Cpu, None).unwrap();
 
     // The UNet and the LoRA as the trainer sets them up, with the fixture's A and B.
     let weights = UNetWeights::Diffusers {
-        folder: fixtures_dir().join("tiny-sdxl/unet"),
+        folder: fixture("tiny-sdxl/unet"),
         variant: None,
     };
     let (_unet_store, mut unet) =

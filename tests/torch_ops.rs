@@ -12,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 use test_support::{depth, f32_bound};
 
 fn fixture() -> BTreeMap<String, Tensor> {
-    let path = common::fixtures_dir().join("torch_ops.safetensors");
+    let path = common::fixture("torch_ops.safetensors");
     TensorFile::open(&path)
         .and_then(|f| f.load_all(Device::Cpu, None))
         .unwrap()

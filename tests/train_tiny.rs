@@ -25,6 +25,17 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A path under `tests/fixtures`, which must exist: a missing fixture fails the test naming it.
+fn fixture(name: &str) -> PathBuf {
+    let path = repo().join("tests/fixtures").join(name);
+    assert!(
+        path.exists(),
+        "missing fixture {}: regenerate it with `tools/fixtures/regenerate.sh --only tiny_sdxl`",
+        path.display()
+    );
+    path
+}
+
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("sdxl-train-tiny-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -34,7 +45,7 @@ fn scratch(name: &str) -> PathBuf {
 
 fn tiny(output_dir: &Path) -> TrainConfig {
     TrainConfig::tiny_demo(
-        &repo().join("tests/fixtures/tiny-sdxl"),
+        &fixture("tiny-sdxl"),
         &repo().join("examples/data/tiny-naruto"),
         output_dir,
     )
@@ -369,12 +380,9 @@ fn tiny_preset_trains_and_every_output_loads() {
             .metadata
             .contains_key(lora::format::TRAINING_CONFIG_KEY)
     );
-    let unet_file =
-        repo().join("tests/fixtures/tiny-sdxl/unet/diffusion_pytorch_model.safetensors");
-    let unet_config = sdxl_model::unet::UNetConfig::from_file(
-        repo().join("tests/fixtures/tiny-sdxl/unet/config.json"),
-    )
-    .unwrap();
+    let unet_file = fixture("tiny-sdxl/unet/diffusion_pytorch_model.safetensors");
+    let unet_config =
+        sdxl_model::unet::UNetConfig::from_file(fixture("tiny-sdxl/unet/config.json")).unwrap();
     let renames = lora::format::BlockRenames::new(sdxl_model::unet::sgm_unet_table(&unet_config));
     let mut names = lora::format::ModuleNames::new();
     names

@@ -5,12 +5,12 @@
 
 mod common;
 
-use common::{Scratch, copy_folder, fixtures};
+use common::{Scratch, copy_folder, fixture};
 use data::{Columns, Dataset, DatasetConfig, Selection, Source};
 
 fn bad_rows() -> Source {
     Source::Parquet {
-        files: vec![fixtures().join("bad-rows.parquet")],
+        files: vec![fixture("bad-rows.parquet")],
         columns: Columns::default(),
     }
 }
@@ -37,7 +37,7 @@ fn an_undecodable_image_names_its_row() {
 #[test]
 fn a_missing_column_names_the_file_and_the_columns_it_has() {
     let source = Source::Parquet {
-        files: vec![fixtures().join("parquet/data/train-00000-of-00001.parquet")],
+        files: vec![fixture("parquet/data/train-00000-of-00001.parquet")],
         columns: Columns {
             image: "image".into(),
             caption: Some("caption".into()),
@@ -51,7 +51,7 @@ fn a_missing_column_names_the_file_and_the_columns_it_has() {
         "{message}"
     );
     let source = Source::Parquet {
-        files: vec![fixtures().join("renamed-columns.parquet")],
+        files: vec![fixture("renamed-columns.parquet")],
         columns: Columns::default(),
     };
     let message = error(&source, resolution(32));
@@ -93,7 +93,7 @@ fn an_empty_selection_is_refused() {
 #[test]
 fn an_image_smaller_than_the_crop_names_its_row() {
     let source = Source::ImageFolder {
-        root: fixtures().join("imagefolder"),
+        root: fixture("imagefolder"),
         caption_column: Some("text".into()),
     };
     let message = error(&source, resolution(50));
@@ -113,7 +113,7 @@ fn an_image_smaller_than_the_crop_names_its_row() {
 fn a_path_escaping_the_dataset_folder_is_refused() {
     let scratch = Scratch::new("escape");
     let root = scratch.path().join("set");
-    copy_folder(&fixtures().join("imagefolder"), &root);
+    copy_folder(&fixture("imagefolder"), &root);
     std::fs::write(root.join("metadata.jsonl"), "{\"file_name\": \"000.png\", \"text\": \"a\"}\n{\"file_name\": \"../../etc/passwd\", \"text\": \"b\"}\n").unwrap();
     let source = Source::ImageFolder {
         root: root.clone(),
@@ -202,7 +202,7 @@ fn folder_problems_name_the_file() {
     let scratch = Scratch::new("folders");
     // A .txt folder with an image lacking its caption, and a garbage image.
     let txt = scratch.path().join("txt");
-    copy_folder(&fixtures().join("txtfolder"), &txt);
+    copy_folder(&fixture("txtfolder"), &txt);
     std::fs::remove_file(txt.join("003.txt")).unwrap();
     let source = Source::CaptionFiles {
         root: txt.clone(),
@@ -227,7 +227,7 @@ fn folder_problems_name_the_file() {
 
     // metadata.jsonl: bad JSON, a missing image file, a missing caption key.
     let folder = scratch.path().join("imagefolder");
-    copy_folder(&fixtures().join("imagefolder"), &folder);
+    copy_folder(&fixture("imagefolder"), &folder);
     let source = Source::ImageFolder {
         root: folder.clone(),
         caption_column: Some("text".into()),
@@ -290,7 +290,7 @@ fn nonsense_options_are_refused() {
 
 fn fixtures_txt() -> Source {
     Source::CaptionFiles {
-        root: fixtures().join("txtfolder"),
+        root: fixture("txtfolder"),
         read_captions: true,
     }
 }

@@ -10,7 +10,7 @@ use std::cell::Cell;
 use std::path::Path;
 use std::sync::Arc;
 
-use common::{Scratch, copy_folder, fixtures};
+use common::{Scratch, copy_folder, fixture};
 use data::{
     CacheKey, CropMode, Dataset, DatasetConfig, Error, Loader, LoaderConfig, Source, TensorCache,
 };
@@ -81,7 +81,7 @@ fn edit_one_pixel(path: &Path) {
 fn invalidation_by_content_resolution_and_vae() {
     let scratch = Scratch::new("cache");
     let folder = scratch.path().join("images");
-    copy_folder(&fixtures().join("txtfolder"), &folder);
+    copy_folder(&fixture("txtfolder"), &folder);
     for cache in [
         TensorCache::in_memory(),
         TensorCache::on_disk(scratch.path().join("latents")).unwrap(),
@@ -123,7 +123,7 @@ fn invalidation_by_content_resolution_and_vae() {
 #[test]
 fn flipped_and_unflipped_crops_are_separate_entries() {
     let cache = TensorCache::in_memory();
-    let folder = fixtures().join("txtfolder");
+    let folder = fixture("txtfolder");
     // With random flips, each image has at most two entries; over many epochs both appear.
     let mut config = DatasetConfig::new(32).unwrap();
     config.transform.random_flip = true;

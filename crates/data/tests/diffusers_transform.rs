@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::fixtures;
+use common::fixture;
 use data::transform::{self, Placement};
 use data::{Dataset, DatasetConfig, SampleKey, Source};
 use tch::Tensor;
@@ -16,12 +16,12 @@ use tch::Tensor;
 #[test]
 fn samples_match_diffusers_preprocessing() {
     let golden: HashMap<String, Tensor> =
-        Tensor::read_safetensors(fixtures().join("diffusers-transform-32.safetensors"))
+        Tensor::read_safetensors(fixture("diffusers-transform-32.safetensors"))
             .unwrap()
             .into_iter()
             .collect();
     let source = Source::ImageFolder {
-        root: fixtures().join("imagefolder"),
+        root: fixture("imagefolder"),
         caption_column: Some("text".into()),
     };
     let dataset = Dataset::open(&source, DatasetConfig::new(32).unwrap()).unwrap();

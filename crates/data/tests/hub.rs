@@ -15,7 +15,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use common::{Scratch, fixtures};
+use common::{Scratch, fixture};
 use data::{Columns, Dataset, DatasetConfig, HubDataset, Loader, LoaderConfig, Source};
 use sha2::{Digest, Sha256};
 
@@ -174,7 +174,7 @@ fn fingerprint(source: &Source) -> Vec<(Vec<String>, f64)> {
 
 #[test]
 fn download_cache_and_reopen_offline() {
-    let shard = std::fs::read(fixtures().join("parquet").join(SHARD)).unwrap();
+    let shard = std::fs::read(fixture(format!("parquet/{SHARD}"))).unwrap();
     let files = vec![
         (
             ".gitattributes".to_owned(),
@@ -252,7 +252,7 @@ fn download_cache_and_reopen_offline() {
     assert_eq!(hub.requests().len(), requests_at_shutdown);
     // ... and equals the local parquet file it came from.
     let local = Source::Parquet {
-        files: vec![fixtures().join("parquet").join(SHARD)],
+        files: vec![fixture(format!("parquet/{SHARD}"))],
         columns: Columns::default(),
     };
     assert_eq!(fingerprint(&local), online);

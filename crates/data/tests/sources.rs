@@ -8,37 +8,36 @@ mod common;
 
 use std::sync::Arc;
 
-use common::fixtures;
+use common::fixture;
 use data::{Columns, CropMode, Dataset, DatasetConfig, Loader, LoaderConfig, Source};
 
 fn all_layouts() -> Vec<(&'static str, Source)> {
-    let root = fixtures();
     vec![
         (
             "datasets parquet",
             Source::Parquet {
-                files: vec![root.join("parquet/data/train-00000-of-00001.parquet")],
+                files: vec![fixture("parquet/data/train-00000-of-00001.parquet")],
                 columns: Columns::default(),
             },
         ),
         (
             "imagefolder",
             Source::ImageFolder {
-                root: root.join("imagefolder"),
+                root: fixture("imagefolder"),
                 caption_column: Some("text".into()),
             },
         ),
         (
             "txt folder",
             Source::CaptionFiles {
-                root: root.join("txtfolder"),
+                root: fixture("txtfolder"),
                 read_captions: true,
             },
         ),
         (
             "renamed columns",
             Source::Parquet {
-                files: vec![root.join("renamed-columns.parquet")],
+                files: vec![fixture("renamed-columns.parquet")],
                 columns: Columns {
                     image: "picture".into(),
                     caption: Some("caption".into()),
@@ -48,7 +47,7 @@ fn all_layouts() -> Vec<(&'static str, Source)> {
         (
             "images by path",
             Source::Parquet {
-                files: vec![root.join("by-path.parquet")],
+                files: vec![fixture("by-path.parquet")],
                 columns: Columns::default(),
             },
         ),

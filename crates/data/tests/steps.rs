@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use common::fixtures;
+use common::fixture;
 use data::transform::{self, Placement};
 use data::{
     BucketConfig, Buckets, CaptionSource, Columns, CropMode, Dataset, DatasetConfig, Loader,
@@ -17,14 +17,14 @@ use data::{
 
 fn eighty_rows() -> Source {
     Source::Parquet {
-        files: vec![fixtures().join("eighty-rows.parquet")],
+        files: vec![fixture("eighty-rows.parquet")],
         columns: Columns::default(),
     }
 }
 
 fn eight_images() -> Source {
     Source::ImageFolder {
-        root: fixtures().join("imagefolder"),
+        root: fixture("imagefolder"),
         caption_column: Some("text".into()),
     }
 }

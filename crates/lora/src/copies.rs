@@ -3,8 +3,9 @@
 //! Under autocast (diffusers' scripts with `--mixed_precision bf16`) peft keeps `A` and `B` in fp32
 //! and casts them to bf16 in every forward; autograd casts their bf16 gradients back in every
 //! backward. For the SDXL UNet's 1,120 LoRA tensors that, with the concatenations the fused
-//! projections ([`crate::fused_forward`]) need, came to some 2,600 small kernels per micro-step
-//! (measured on an H200: 21,996 kernels per captured seed-recipe step before, 16,761 after). [`ComputeCopies`] keeps one
+//! projections ([`crate::fused_forward`]) need, came to thousands of small kernels per micro-step
+//! (kernel counts of a captured seed-recipe step before and after the change that brought the
+//! copies: docs/BENCHMARKS.md, "GPU runs of 2026-12-01, third session", calls O and P). [`ComputeCopies`] keeps one
 //! bf16 copy of all of them instead, in one buffer laid out so that the adapters of a fused group
 //! sit side by side: their stacked `A`s are one `[Σ r, in]` block and their `B`s one `[g, out, r]`
 //! block, each an autograd leaf. The forward multiplies by these leaves directly; after a

@@ -23,7 +23,7 @@ fn bench_steps(c: &mut Criterion) {
     // Criterion's name filter (the first free argument), applied before building 100 M parameters.
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     // Thousands of small tensors: on a small shared machine libtorch's intra-op threads cost more in
-    // synchronisation than they gain (measured: 8-bit seed-lora step 8.7 s with 2 threads under load).
+    // synchronisation than they gain (docs/BENCHMARKS.md, Results: the optim8bit seed-LoRA row).
     if let Some(threads) = std::env::var("OPTIM8BIT_BENCH_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())

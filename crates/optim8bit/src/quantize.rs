@@ -40,7 +40,7 @@ const TABLE_SHIFT: i64 = 23 - TABLE_MANTISSA_BITS;
 const TABLE_BUCKETS: i64 = 1 << (32 - TABLE_SHIFT);
 
 /// Nearest-code lookup by the bits of a float32, in place of a binary search per element
-/// (libtorch's `bucketize` is twenty times slower than a gather on the CPU).
+/// (on the CPU libtorch's `bucketize` is much slower than a gather).
 ///
 /// Each bucket spans a relative width of at most 2⁻⁸, narrower than the closest pair of midpoints
 /// of the dynamic maps (0.7 % apart relative to their value), so it holds at most one midpoint:

@@ -7,7 +7,7 @@
 //!   CUDA kernel does; the difference is of order lr²·wd) and does not keep signs next to zero.
 //! - `bnb-adamw8bit-cuda.safetensors` (`gen_bnb_adamw8bit_cuda`): the CUDA kernels themselves,
 //!   with non-finite gradient elements; generated on the GPU machine. Without the file the test
-//!   says so and passes.
+//!   fails, naming it.
 //!
 //! Each compares parameters (within the float32 rounding bound of docs/NUMERICS.md), codes (equal, except one-code differences where a
 //! value lies on a midpoint between codes: counted and printed), absmax and fp32 moments.
@@ -20,7 +20,7 @@ use std::collections::HashMap;
 
 use optim8bit::quantize::QuantMap;
 use optim8bit::{AdamW, AdamWConfig, ParamGroup};
-use support::{fixtures_dir, max_rel_error, set_grad, temp_path};
+use support::{fixture, max_rel_error, set_grad, temp_path};
 use tch::{Cuda, Device, Kind, Tensor};
 
 struct Reference {
@@ -33,11 +33,13 @@ struct Reference {
     device: String,
 }
 
-fn read_reference(file: &str) -> Option<Reference> {
-    let path = fixtures_dir().join(file);
-    if !path.exists() {
-        return None;
-    }
+/// The reference in `file`, which must exist.
+fn read_reference(file: &str) -> Reference {
+    let path = fixture(
+        file,
+        "regenerate it with `tools/fixtures/regenerate.sh --only bnb_adamw8bit` (the CPU path) or, \
+         on the GPU machine, `--only bnb_adamw8bit_cuda` (the CUDA kernels, docs/GPU.md)",
+    );
     let bytes = std::fs::read(&path).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let info: serde_json::Value =
@@ -74,13 +76,13 @@ fn read_reference(file: &str) -> Option<Reference> {
         .unwrap()
         .into_iter()
         .collect();
-    Some(Reference {
+    Reference {
         tensors,
         params,
         groups,
         recorded_steps,
         device: info["device"].as_str().unwrap().into(),
-    })
+    }
 }
 
 /// The bound on the parameters after `step` steps (docs/NUMERICS.md): each step rounds about 20
@@ -107,12 +109,7 @@ fn compare(file: &str, device: Device, systematic: f64) {
     // A moment after 20 steps carries 20 updates of three roundings each (m ← β·m + (1 − β)·g);
     // a block's absmax is the largest of them.
     let moment_tolerance = systematic + test_support::f32_bound(20.0 * 3.0);
-    let Some(reference) = read_reference(file) else {
-        println!(
-            "{file} is not there: skipped (generate it on the GPU machine, see tools/fixtures/README.md)"
-        );
-        return;
-    };
+    let reference = read_reference(file);
     let t = &reference.tensors;
     println!(
         "reference: bitsandbytes on {}, our optimizer on {device:?}",

@@ -259,6 +259,11 @@ mod tests {
         // tests/fixtures/torch_ops.safetensors holds PyTorch's SDPA on [2, 4, 9, 8] heads-first inputs.
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../tests/fixtures/torch_ops.safetensors");
+        assert!(
+            path.exists(),
+            "missing fixture {}: regenerate it with `tools/fixtures/regenerate.sh --only ops`",
+            path.display()
+        );
         let file = crate::weights::TensorFile::open(path).unwrap();
         let get = |key: &str| file.tensor(key, Device::Cpu, None).unwrap();
         let merge = |t: Tensor| t.transpose(1, 2).reshape([2, -1, 32]);

@@ -7,7 +7,7 @@
 mod common;
 
 use common::depth::{clip_depth, unet_shape, vae_decode_depth};
-use common::fixtures;
+use common::fixture;
 use std::sync::{Mutex, MutexGuard};
 use test_support::{check, f32_bound, unet_depth};
 
@@ -32,7 +32,7 @@ fn exclusive() -> MutexGuard<'static, ()> {
 
 fn pipeline() -> Pipeline {
     Pipeline::from_pretrained(
-        fixtures().join("tiny-sdxl"),
+        fixture("tiny-sdxl"),
         Device::Cpu,
         Kind::Float,
         Upcast::Never,
@@ -42,7 +42,7 @@ fn pipeline() -> Pipeline {
 
 /// The case `gen_tiny_pipeline` ran, from the fixture's metadata.
 fn case() -> (serde_json::Value, TensorFile) {
-    let path = fixtures().join("tiny-pipeline-io.safetensors");
+    let path = fixture("tiny-pipeline-io.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let case = serde_json::from_str(&meta.metadata().as_ref().unwrap()["case"]).unwrap();
@@ -72,7 +72,7 @@ fn options_of(case: &serde_json::Value) -> GenerateOptions {
 /// sampler moves the latents by up to `σ_max` times the guided output, which is compared with the
 /// final latents' size.
 fn latents_bound(options: &GenerateOptions, expected: &Tensor) -> f64 {
-    let root = fixtures().join("tiny-sdxl");
+    let root = fixture("tiny-sdxl");
     let text = ["text_encoder", "text_encoder_2"]
         .iter()
         .map(|name| {
@@ -145,10 +145,9 @@ fn tiny_pipeline_latents_and_images_match_diffusers_and_write_a_png() {
     let images = pipe.decode(&expected).unwrap();
     assert_eq!(images.chw.size(), [2, 3, 64, 64]);
     assert_eq!(images.chw.kind(), Kind::Uint8);
-    let vae_config = sdxl_model::vae::AutoencoderKLConfig::from_file(
-        fixtures().join("tiny-sdxl/vae/config.json"),
-    )
-    .unwrap();
+    let vae_config =
+        sdxl_model::vae::AutoencoderKLConfig::from_file(fixture("tiny-sdxl/vae/config.json"))
+            .unwrap();
     let decode_bound = f32_bound(vae_decode_depth(&vae_config, 16, 16) + 3.0);
     assert!(
         255.0 * decode_bound < 0.5,
@@ -325,7 +324,7 @@ fn lora_changes_the_output_and_scale_zero_equals_off() {
     };
     let base = pipe.latents(&quick()).unwrap();
     let file = lora::format::read(
-        fixtures().join("lora/tiny-sdxl-diffusers.safetensors"),
+        fixture("lora/tiny-sdxl-diffusers.safetensors"),
         lora::format::ReadOptions::default(),
     )
     .unwrap();

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::fixtures;
+use common::fixture;
 
 use sdxl_model::schedulers::{SchedulerConfig, SchedulerKind, build};
 use sdxl_model::weights::TensorFile;
@@ -17,7 +17,7 @@ use tch::Device;
 
 #[test]
 fn seeded_default_generator_reproduces_torch_generator_noise() {
-    let golden = TensorFile::open(fixtures().join("schedulers.safetensors")).unwrap();
+    let golden = TensorFile::open(fixture("schedulers.safetensors")).unwrap();
     let get = |key: &str| golden.tensor(key, Device::Cpu, None).unwrap();
 
     // tch::manual_seed + torch_cuda::portable::randn draws what torch.Generator().manual_seed + torch.randn do.

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{fixtures, rel};
+use common::{fixture, rel};
 use std::collections::BTreeMap;
 
 use sdxl_model::Error;
@@ -46,7 +46,7 @@ struct Golden {
 
 impl Golden {
     fn open() -> Self {
-        let path = fixtures().join("schedulers.safetensors");
+        let path = fixture("schedulers.safetensors");
         let bytes = std::fs::read(&path).unwrap();
         let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         let configs = metadata.metadata().as_ref().unwrap()["configs"].clone();

@@ -7,7 +7,7 @@
 mod common;
 
 use common::depth::clip_depth;
-use common::{fixtures, get, golden};
+use common::{fixture, get, golden};
 use std::collections::HashMap;
 use test_support::{check, f32_bound};
 
@@ -20,7 +20,7 @@ use sdxl_model::tokenizer::ClipTokenizer;
 use tch::{Device, Kind, Tensor};
 
 fn metadata(name: &str) -> HashMap<String, String> {
-    let bytes = std::fs::read(fixtures().join(name)).unwrap();
+    let bytes = std::fs::read(fixture(name)).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     meta.metadata().clone().unwrap_or_default()
 }
@@ -39,7 +39,7 @@ fn rel(actual: &Tensor, expected: &Tensor) -> f64 {
 
 fn encoder(name: &str) -> ClipTextModel {
     ClipTextModel::from_pretrained(
-        fixtures().join("tiny-sdxl").join(name),
+        fixture(format!("tiny-sdxl/{name}")),
         Device::Cpu,
         Kind::Float,
     )
@@ -93,7 +93,7 @@ fn big_g_matches_transformers() {
 #[test]
 fn single_file_layout_gives_the_same_outputs() {
     let file = golden("tiny-sdxl-text-encoders-single-file.safetensors");
-    let root = fixtures().join("tiny-sdxl");
+    let root = fixture("tiny-sdxl");
     let config_1 = ClipTextConfig::from_file(root.join("text_encoder/config.json")).unwrap();
     let config_2 = ClipTextConfig::from_file(root.join("text_encoder_2/config.json")).unwrap();
     let (single_1, _vs1) = load_clip_l(&file, &config_1, Device::Cpu, Kind::Float).unwrap();
@@ -202,8 +202,7 @@ fn encode_prompt_matches_diffusers() {
     let list = |key: &str| -> Vec<String> { serde_json::from_value(inputs[key].clone()).unwrap() };
     let (prompts, negatives) = (list("prompts"), list("negative_prompts"));
     let (encoder, _stores) =
-        PromptEncoder::from_pretrained(fixtures().join("tiny-sdxl"), Device::Cpu, Kind::Float)
-            .unwrap();
+        PromptEncoder::from_pretrained(fixture("tiny-sdxl"), Device::Cpu, Kind::Float).unwrap();
     tch::no_grad(|| {
         let (positive, zero) = encoder.encode_with_negative(&prompts, None).unwrap();
         let (_, negative) = encoder
@@ -218,7 +217,7 @@ fn encode_prompt_matches_diffusers() {
             rel(&skipped.context, &get(&io, "clip_skip_1_embeds")),
         ];
         // The deeper of the two encoders bounds both halves of the context.
-        let root = fixtures().join("tiny-sdxl");
+        let root = fixture("tiny-sdxl");
         let bound = ["text_encoder", "text_encoder_2"]
             .iter()
             .map(|name| {

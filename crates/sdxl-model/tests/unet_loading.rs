@@ -1,26 +1,33 @@
 //! UNet loaders against the fixture layouts written by `tools/fixtures/generate.py` (`unet_layouts`)
-//! from the same tiny weights: diffusers folder, SGM single file, sharded `.fp16` variant.
+//! from the same tiny weights: diffusers folder, SGM single file, sharded `.fp16` variant; and our
+//! diffusers ↔ SGM table against the names that upstream converters gave the single files.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
 mod common;
 
-use common::fixtures;
+use common::fixture;
 
-use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights, load_unet};
+use std::collections::{BTreeMap, BTreeSet};
+
+use lora::format::BlockRenames;
+use sdxl_model::unet::{
+    SGM_UNET_PREFIX, UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights, load_unet,
+    sgm_unet_table, to_sgm,
+};
 use sdxl_model::weights::TensorFile;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 fn folder(name: &str) -> UNetWeights {
     UNetWeights::Diffusers {
-        folder: fixtures().join(name),
+        folder: fixture(name),
         variant: None,
     }
 }
 
 fn run(unet: &UNet2DConditionModel, io: &str) -> Tensor {
-    let io = TensorFile::open(fixtures().join(io)).unwrap();
+    let io = TensorFile::open(fixture(io)).unwrap();
     let get = |key: &str| io.tensor(key, Device::Cpu, Some(Kind::Float)).unwrap();
     let (sample, t, ctx, text, ids) = (
         get("sample"),
@@ -74,7 +81,7 @@ fn single_file_and_diffusers_folder_load_to_identical_outputs() {
         let (vs_folder, from_folder) =
             load_unet(&config, &folder(name), Device::Cpu, Kind::Float).unwrap();
         round_to_half(&vs_folder);
-        let single = fixtures().join(format!(
+        let single = fixture(format!(
             "{}-single-file.safetensors",
             name.replace("/unet", "-unet")
         ));
@@ -93,6 +100,69 @@ fn single_file_and_diffusers_folder_load_to_identical_outputs() {
     }
 }
 
+/// The `sgm_names` metadata of a single-file fixture: each diffusers key and the SGM key that upstream
+/// converters gave its tensor (diffusers' SDXL script and ComfyUI's `unet_to_diffusers`, checked by
+/// diffusers' `convert_ldm_unet_checkpoint`; see tools/fixtures/README.md, `unet_layouts`).
+fn upstream_sgm_names(file: &str) -> BTreeMap<String, String> {
+    let path = fixture(file);
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let golden = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("sgm_names"))
+        .unwrap_or_else(|| panic!("{} has no `sgm_names` metadata", path.display()));
+    let golden: serde_json::Value = serde_json::from_str(golden).unwrap();
+    serde_json::from_value(golden["diffusers_to_sgm"].clone()).unwrap()
+}
+
+#[test]
+fn sgm_table_names_every_key_as_the_upstream_converters_do() {
+    for (config, name, file) in [
+        (
+            UNetConfig::tiny_sdxl(),
+            "tiny-sdxl/unet",
+            "tiny-sdxl-unet-single-file.safetensors",
+        ),
+        (
+            UNetConfig::tiny_b(),
+            "unet-tiny-b",
+            "unet-tiny-b-single-file.safetensors",
+        ),
+    ] {
+        let golden = upstream_sgm_names(file);
+        let (vs, _) = load_unet(&config, &folder(name), Device::Cpu, Kind::Float).unwrap();
+        let variables: BTreeSet<String> = vs.variables().into_keys().collect();
+        assert_eq!(
+            golden.keys().cloned().collect::<BTreeSet<_>>(),
+            variables,
+            "{file} names exactly the model's variables"
+        );
+        let table = sgm_unet_table(&config);
+        // The loader renames with `to_sgm`; kohya LoRA files are written with `rename` and read back
+        // with `to_diffusers`: the table is used in both directions.
+        let renames = BlockRenames::new(table.clone());
+        for (diffusers, sgm) in &golden {
+            let sgm = sgm.strip_prefix(SGM_UNET_PREFIX).unwrap();
+            assert_eq!(
+                to_sgm(&table, diffusers).as_deref(),
+                Some(sgm),
+                "{file}: {diffusers}"
+            );
+            assert_eq!(
+                renames.rename(diffusers).as_deref(),
+                Some(sgm),
+                "{file}: {diffusers}"
+            );
+            assert_eq!(
+                renames.to_diffusers(sgm).as_deref(),
+                Some(diffusers.as_str()),
+                "{file}: {sgm}"
+            );
+        }
+    }
+}
+
 #[test]
 fn sharded_fp16_variant_loads_like_the_folder() {
     let config = UNetConfig::tiny_b();
@@ -100,7 +170,7 @@ fn sharded_fp16_variant_loads_like_the_folder() {
         load_unet(&config, &folder("unet-tiny-b"), Device::Cpu, Kind::Float).unwrap();
     round_to_half(&vs_folder);
     let sharded = UNetWeights::Diffusers {
-        folder: fixtures().join("unet-tiny-b-sharded"),
+        folder: fixture("unet-tiny-b-sharded"),
         variant: Some("fp16".into()),
     };
     let (vs_sharded, from_sharded) =
@@ -121,7 +191,7 @@ fn sharded_fp16_variant_loads_like_the_folder() {
     }
     // Without the variant the folder has no weights, and says which names it looked for.
     let plain = UNetWeights::Diffusers {
-        folder: fixtures().join("unet-tiny-b-sharded"),
+        folder: fixture("unet-tiny-b-sharded"),
         variant: None,
     };
     let msg = load_unet(&config, &plain, Device::Cpu, Kind::Float)
@@ -153,7 +223,7 @@ fn mismatched_checkpoints_fail_naming_keys() {
         assert!(msg.contains(needle), "{needle} not in: {msg}");
     }
     // The same in single-file layout: keys are named with their SGM spelling.
-    let single = fixtures().join("unet-tiny-b-single-file.safetensors");
+    let single = fixture("unet-tiny-b-single-file.safetensors");
     let msg = load_unet(
         &UNetConfig::tiny_sdxl(),
         &UNetWeights::SingleFile(single),

@@ -7,7 +7,7 @@
 mod common;
 
 use common::depth::unet_shape;
-use common::{fixtures, rel};
+use common::{fixture, rel};
 use test_support::{check, f32_bound, unet_depth};
 
 use sdxl_model::attention::{AttentionBackend, SliceSize};
@@ -24,7 +24,7 @@ struct Case {
 }
 
 fn load(folder: &str, io: &str, config: UNetConfig) -> Case {
-    let dir = fixtures().join(folder);
+    let dir = fixture(folder);
     assert_eq!(
         UNetConfig::from_file(dir.join("config.json")).unwrap(),
         config
@@ -38,7 +38,7 @@ fn load(folder: &str, io: &str, config: UNetConfig) -> Case {
         config,
         vs,
         unet,
-        io: TensorFile::open(fixtures().join(io)).unwrap(),
+        io: TensorFile::open(fixture(io)).unwrap(),
     }
 }
 

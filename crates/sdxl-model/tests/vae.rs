@@ -6,7 +6,7 @@
 mod common;
 
 use common::depth::{vae_decode_depth, vae_encode_depth};
-use common::{fixtures, get, golden, rel};
+use common::{fixture, get, golden, rel};
 use test_support::{F32_UNIT_ROUNDOFF, check, f32_bound};
 
 use sdxl_model::Error;
@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 fn tiny_vae() -> AutoencoderKL {
     let (vae, _vs) = AutoencoderKL::from_pretrained(
-        fixtures().join("tiny-sdxl/vae"),
+        fixture("tiny-sdxl/vae"),
         Device::Cpu,
         Kind::Float,
         Upcast::Never,
@@ -151,7 +151,7 @@ fn slicing_gives_the_batched_result() {
 #[test]
 fn upcast_keeps_fp32_weights_and_returns_the_callers_type() {
     let io = golden("tiny-sdxl-vae-io.safetensors");
-    let dir = fixtures().join("tiny-sdxl/vae");
+    let dir = fixture("tiny-sdxl/vae");
     let (vae, _vs) =
         AutoencoderKL::from_pretrained(&dir, Device::Cpu, Kind::Half, Upcast::FromConfig).unwrap();
     assert_eq!(vae.weight_kind(), Kind::Float);
@@ -256,7 +256,7 @@ fn bad_inputs_and_configs_are_errors_not_panics() {
 fn ldm_single_file_layout_gives_the_same_outputs() {
     use sdxl_model::vae::single_file::load_vae_file;
     let io = golden("tiny-sdxl-vae-io.safetensors");
-    let path = fixtures().join("tiny-sdxl-vae-single-file.safetensors");
+    let path = fixture("tiny-sdxl-vae-single-file.safetensors");
     let config = AutoencoderKLConfig::tiny();
     let (single, _vs) =
         load_vae_file(&path, &config, Device::Cpu, Kind::Float, Upcast::Never).unwrap();

@@ -32,7 +32,7 @@
 
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)] // test helpers: failing loudly is the point
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
 
@@ -83,14 +83,14 @@ pub fn fixtures_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
 }
 
-/// The path of fixture `name` (a file or folder under [`fixtures_dir`]); fails, naming the path
-/// and how to make it, when it is missing.
-pub fn fixture(name: &str) -> PathBuf {
+/// The path of fixture `name` (a file or folder under [`fixtures_dir`]), which must exist: a missing
+/// one fails the test, naming the path and how to make it.
+pub fn fixture(name: impl AsRef<Path>) -> PathBuf {
     let path = fixtures_dir().join(name);
     assert!(
         path.exists(),
-        "missing fixture {}: it is committed to the repository; regenerate it with \
-         tools/fixtures/regenerate.sh (see tools/fixtures/README.md)",
+        "missing fixture {}: regenerate it with tools/fixtures/regenerate.sh \
+         (tools/fixtures/README.md says which generator writes it)",
         path.display()
     );
     path

@@ -240,7 +240,7 @@ fn describe<T: Serialize>(value: &T) -> String {
 fn unknown_flag(name: &str) -> Error {
     Error::InvalidOption {
         option: "command line",
-        problem: format!("unknown flag `--{name}` (see --help)"),
+        problem: format!("unknown flag `--{name}`"),
     }
 }
 

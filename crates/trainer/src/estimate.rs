@@ -1,16 +1,17 @@
 //! The memory and time a run will need on a CUDA device, printed before step 1.
 //!
 //! A model, not a measurement: resident weights are counted exactly (parameters × bytes), while
-//! activation memory and step time are scaled from the trainer's own runs on an H200 with SDXL base
-//! at 512 px, batch 2 × accumulation 2, bf16, rank-4 LoRA (docs/BENCHMARKS.md, calls K, M and P of
-//! 2026-12-01): per optimizer step 0.507 s and 7.81 GiB eager (K), 1.024 s (M) and 5.29 GiB (P) eager
-//! with gradient checkpointing, 0.103 s and 7.87 GiB as CUDA graphs (P), 0.154 s and 5.30 GiB as
-//! graphs with checkpointing (P). The graphs' time is the GPU's own work (about 47 ms and 73 ms per
-//! micro-step); eager
-//! adds per-operation host overhead, which does not grow with the batch; the graphs' memory pool holds
-//! a little more than an eager step. Activations and GPU time scale with batch × latent area and, for
-//! other UNets, with the parameter count relative to SDXL's (crude, but right for SDXL-shaped models;
-//! at 1024 px batch 1 the time comes out about 40 % high, since the per-kernel cost does not scale).
+//! activation memory and step time are scaled from the trainer's own runs of the seed recipe (SDXL
+//! base at 512 px, batch 2 × accumulation 2, bf16, rank-4 LoRA). The constants below are fitted to the
+//! time and peak per optimizer step that docs/BENCHMARKS.md records for them: eager in call K and
+//! eager with gradient checkpointing in call M ("GPU runs of 2026-12-01, second session"); the
+//! checkpointed eager peak and CUDA graphs with and without checkpointing in call P ("third
+//! session"). The graphs' time is the GPU's own work; eager adds per-operation host overhead, which
+//! does not grow with the batch; the graphs' memory pool holds a little more than an eager step.
+//! Activations and GPU time scale with batch × latent area and, for other UNets, with the parameter
+//! count relative to SDXL's (crude, but right for SDXL-shaped models; at 1024 px batch 1 the time
+//! comes out high against the 1024 px rows of calls M and Q, since the per-kernel cost does not
+//! scale).
 
 use std::fmt;
 
@@ -156,7 +157,7 @@ mod tests {
         }
     }
 
-    /// The settings measured on the H200 (docs/BENCHMARKS.md calls K and M): eager and captured, with
+    /// The settings measured in docs/BENCHMARKS.md (calls K, M and P): eager and captured, with
     /// and without checkpointing, and checkpointed with fp8 base weights; the estimate is within 15 % of
     /// each step time and 0.1 GiB of each peak.
     #[test]
@@ -180,8 +181,9 @@ mod tests {
                 "{checkpointing} {cuda_graph}: {e} vs {peak} GiB"
             );
         }
-        // fp8 base weights (2.39 GiB stored), checkpointed (call P): eager 2.96 GiB; graphs 0.262 s,
-        // 2.97 GiB. The widening costs time the model does not count, so only the memory is held to it.
+        // fp8 base weights (stored size: the `unet_fp8 --full` row of docs/BENCHMARKS.md's Results),
+        // checkpointed, eager and captured (call P). The widening costs time the model does not count,
+        // so only the memory is held to it.
         for (cuda_graph, peak) in [(false, 2.96), (true, 2.97)] {
             let stored = (2.39 * GIB) as i64;
             let e = estimate(&EstimateInput {

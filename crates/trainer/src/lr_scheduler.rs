@@ -337,7 +337,13 @@ mod tests {
             .unwrap_or_else(|| {
                 PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
             });
-        root.join("lr-schedules.safetensors")
+        let path = root.join("lr-schedules.safetensors");
+        assert!(
+            path.exists(),
+            "missing fixture {}: regenerate it with `tools/fixtures/regenerate.sh --only lr_schedules`",
+            path.display()
+        );
+        path
     }
 
     /// The cases of `LR_SCHEDULE_CASES` in `tools/fixtures/generate.py`, as the header metadata lists them.

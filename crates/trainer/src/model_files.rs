@@ -228,6 +228,11 @@ mod tests {
     #[test]
     fn local_folders_are_used_as_they_are() {
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-sdxl");
+        assert!(
+            fixtures.is_dir(),
+            "missing fixture {}: regenerate it with `tools/fixtures/regenerate.sh --only tiny_sdxl`",
+            fixtures.display()
+        );
         let found = resolve(fixtures.to_str().unwrap(), "main", Some("fp16")).unwrap();
         // The fixture has no fp16 files: the plain names are read.
         assert_eq!(

@@ -442,9 +442,10 @@ impl Trainer {
         config.validate()?;
         if config.gradient_checkpointing && std::env::var_os(CUBLAS_WORKSPACE_VARIABLE).is_none() {
             // Checkpointing is the memory-saving mode: a 4 MiB cuBLAS workspace instead of
-            // libtorch's 32 MiB per handle and stream on Hopper (measured on an H200: 0.05 GiB less
-            // peak, docs/BENCHMARKS.md). libtorch reads the variable when it first creates a cuBLAS
-            // workspace, which happens only later, in the first matrix product on the device.
+            // libtorch's 32 MiB per handle and stream on Hopper (what that takes off the peak:
+            // docs/BENCHMARKS.md, "GPU runs of 2026-12-01, third session", call O). libtorch reads
+            // the variable when it first creates a cuBLAS workspace, which happens only later, in
+            // the first matrix product on the device.
             // SAFETY: nothing here reads the environment concurrently; the trainer has not started
             // its loader threads or any device work yet. A variable the user set is left alone.
             #[allow(unsafe_code)]

@@ -47,8 +47,18 @@ const COMPONENTS: [(&str, &str); 4] = [
     ("text_encoder_2", "model.safetensors"),
 ];
 
-fn fixture_folder() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-sdxl")
+/// A file of the fixture folder `tests/fixtures/tiny-sdxl`, which must exist: a missing one fails the
+/// test naming it.
+fn fixture(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/tiny-sdxl")
+        .join(name);
+    assert!(
+        path.exists(),
+        "missing fixture {}: regenerate it with `tools/fixtures/regenerate.sh --only tiny_sdxl`",
+        path.display()
+    );
+    path
 }
 
 /// A fresh, empty folder under the system's temporary folder, removed when dropped.
@@ -324,7 +334,6 @@ fn fp16_copy(path: &Path, scratch: &Path) -> Vec<u8> {
 /// scheduler whose `timestep_spacing` is not SDXL's default (so reading it shows), the `fp16`
 /// weights when `with_fp16`, and files training never needs.
 fn sdxl_repo_files(with_fp16: bool, scratch: &Path) -> Vec<(String, Vec<u8>)> {
-    let fixture = fixture_folder();
     let mut files = vec![
         (".gitattributes".to_owned(), b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n".to_vec()),
         ("README.md".to_owned(), b"# tiny SDXL\n".to_vec()),
@@ -349,20 +358,20 @@ fn sdxl_repo_files(with_fp16: bool, scratch: &Path) -> Vec<(String, Vec<u8>)> {
         ("unet/diffusion_pytorch_model.onnx".to_owned(), b"an export nobody asked for".to_vec()),
     ];
     for (component, weights) in COMPONENTS {
-        let folder = fixture.join(component);
         files.push((
             format!("{component}/config.json"),
-            std::fs::read(folder.join("config.json")).unwrap(),
+            std::fs::read(fixture(&format!("{component}/config.json"))).unwrap(),
         ));
+        let weights_file = fixture(&format!("{component}/{weights}"));
         files.push((
             format!("{component}/{weights}"),
-            std::fs::read(folder.join(weights)).unwrap(),
+            std::fs::read(&weights_file).unwrap(),
         ));
         if with_fp16 {
             let fp16_name = weights.replace(".safetensors", ".fp16.safetensors");
             files.push((
                 format!("{component}/{fp16_name}"),
-                fp16_copy(&folder.join(weights), scratch),
+                fp16_copy(&weights_file, scratch),
             ));
         }
     }
@@ -430,12 +439,11 @@ fn assert_holds_fp16_of(vs: &tch::nn::VarStore, plain_file: &Path) {
 /// Loads the variant folder with the training loaders and checks each component holds the fp16 weights.
 fn load_variant_folder(folder: &ModelFolder) {
     let variant = folder.variant.as_deref();
-    let fixture = fixture_folder();
     let (_prompt_encoder, [vs_1, vs_2]) =
         PromptEncoder::from_pretrained_variant(&folder.root, variant, Device::Cpu, Kind::Float)
             .unwrap();
-    assert_holds_fp16_of(&vs_1, &fixture.join("text_encoder/model.safetensors"));
-    assert_holds_fp16_of(&vs_2, &fixture.join("text_encoder_2/model.safetensors"));
+    assert_holds_fp16_of(&vs_1, &fixture("text_encoder/model.safetensors"));
+    assert_holds_fp16_of(&vs_2, &fixture("text_encoder_2/model.safetensors"));
     let (_vae, vs_vae) = AutoencoderKL::from_pretrained_variant(
         folder.root.join("vae"),
         variant,
@@ -444,10 +452,7 @@ fn load_variant_folder(folder: &ModelFolder) {
         Upcast::Never,
     )
     .unwrap();
-    assert_holds_fp16_of(
-        &vs_vae,
-        &fixture.join("vae/diffusion_pytorch_model.safetensors"),
-    );
+    assert_holds_fp16_of(&vs_vae, &fixture("vae/diffusion_pytorch_model.safetensors"));
     let config = UNetConfig::from_file(folder.root.join("unet/config.json")).unwrap();
     let weights = UNetWeights::Diffusers {
         folder: folder.root.join("unet"),
@@ -456,7 +461,7 @@ fn load_variant_folder(folder: &ModelFolder) {
     let (vs_unet, _unet) = load_unet(&config, &weights, Device::Cpu, Kind::Float).unwrap();
     assert_holds_fp16_of(
         &vs_unet,
-        &fixture.join("unet/diffusion_pytorch_model.safetensors"),
+        &fixture("unet/diffusion_pytorch_model.safetensors"),
     );
 }
 

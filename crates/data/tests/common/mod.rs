@@ -1,17 +1,11 @@
 //! Helpers shared by the data crate's tests: fixture paths and scratch folders.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)] // each test binary uses some of the helpers
+
+pub use test_support::{fixture, fixtures_dir as fixtures};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-
-/// `captioned-images` under `SDXL_FIXTURES` when set, else under the workspace's `tests/fixtures`.
-pub fn fixtures() -> PathBuf {
-    std::env::var_os("SDXL_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
-        .join("captioned-images")
-}
 
 /// A fresh, empty folder under the system's temporary folder, removed when dropped.
 pub struct Scratch(pub PathBuf);

@@ -2,6 +2,7 @@
 
 #![allow(
     dead_code,
+    unused_imports,
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
@@ -10,6 +11,8 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+
+pub use test_support::{fixtures_dir, max_rel_error as rel_error};
 
 use lora::format::BlockRenames;
 use lora::{Component, HasLinears, Linear};
@@ -43,14 +46,16 @@ impl Tree {
     }
 }
 
-pub fn fixtures_dir() -> PathBuf {
-    std::env::var_os("SDXL_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
-}
-
+/// A file of `tests/fixtures/lora`, which must exist: a missing one fails the test naming it.
 pub fn lora_fixture(name: &str) -> PathBuf {
-    fixtures_dir().join("lora").join(name)
+    let path = fixtures_dir().join("lora").join(name);
+    assert!(
+        path.exists(),
+        "missing fixture {}: regenerate it with `tools/fixtures/regenerate.sh --only lora` \
+         (see tools/fixtures/README.md)",
+        path.display()
+    );
+    path
 }
 
 pub fn component_named(name: &str) -> Component {
@@ -108,20 +113,6 @@ pub fn sgm_renames() -> BlockRenames {
         ]
         .map(|(a, b)| (a.to_owned(), b.to_owned())),
     )
-}
-
-/// `max |a - b| / max |b|`.
-pub fn rel_error(actual: &Tensor, expected: &Tensor) -> f64 {
-    assert_eq!(actual.size(), expected.size());
-    let diff = (actual.to_kind(tch::Kind::Double) - expected.to_kind(tch::Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[]);
-    diff / expected
-        .abs()
-        .max()
-        .double_value(&[])
-        .max(f64::MIN_POSITIVE)
 }
 
 /// `max |a - b|`.

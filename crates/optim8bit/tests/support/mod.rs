@@ -1,26 +1,29 @@
 //! Helpers shared by this crate's integration tests and benches.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+#![allow(
+    dead_code,
+    unused_imports,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)] // test code: failing loudly is the point
 
-use std::path::PathBuf;
+pub use test_support::{fixtures_dir, max_rel_error};
 
-use tch::{Device, Kind, Tensor};
+use std::path::{Path, PathBuf};
 
-/// The workspace's fixtures folder: `SDXL_FIXTURES` when set (the GPU harness runs binaries away
-/// from the checkout), else `tests/fixtures` at the workspace root.
-pub fn fixtures_dir() -> PathBuf {
-    std::env::var_os("SDXL_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
-}
+use tch::{Kind, Tensor};
 
-/// `max |a - b| / max |b|` in f64, the error measure used against reference values.
-pub fn max_rel_error(actual: &Tensor, expected: &Tensor) -> f64 {
-    assert_eq!(actual.size(), expected.size(), "shape mismatch");
-    let a = actual.to_device(Device::Cpu).to_kind(Kind::Double);
-    let e = expected.to_device(Device::Cpu).to_kind(Kind::Double);
-    let diff = (&a - &e).abs().max().double_value(&[]);
-    diff / e.abs().max().double_value(&[]).max(f64::MIN_POSITIVE)
+/// The path of a fixture, which must exist: a missing one fails the test naming it and `how` to
+/// regenerate it.
+pub fn fixture(name: impl AsRef<Path>, how: &str) -> PathBuf {
+    let path = fixtures_dir().join(name);
+    assert!(
+        path.exists(),
+        "missing fixture {}: {how} (see tools/fixtures/README.md)",
+        path.display()
+    );
+    path
 }
 
 /// Makes `grad` the gradient of `param` exactly: backpropagates `sum(param * grad)` into a zeroed

@@ -503,10 +503,11 @@ impl UNetConfig {
         })
     }
 
-    /// `stabilityai/stable-diffusion-xl-base-1.0` `unet/config.json` (values in SDXL_FACTS E / A.3):
-    /// levels 320/640/1280 with `DownBlock2D` then two `CrossAttnDownBlock2D`, transformer depths
-    /// 1/2/10 (mid 10), 5/10/20 heads of 64 channels, context width 2048, linear projections, `text_time`
-    /// conditioning with 256-wide time-id embeddings and a 2816-wide `add_embedding` input.
+    /// `stabilityai/stable-diffusion-xl-base-1.0` `unet/config.json` (values and sources in
+    /// `docs/FORMATS.md`, section 2): levels 320/640/1280 with `DownBlock2D` then two
+    /// `CrossAttnDownBlock2D`, transformer depths 1/2/10 (mid 10), 5/10/20 heads of 64 channels, context
+    /// width 2048, linear projections, `text_time` conditioning with 256-wide time-id embeddings and a
+    /// 2816-wide `add_embedding` input.
     pub fn sdxl_base() -> Self {
         Self::from_levels(
             [
@@ -629,9 +630,15 @@ mod tests {
     use super::*;
 
     fn fixture(path: &str) -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../tests/fixtures")
-            .join(path)
+            .join(path);
+        assert!(
+            path.exists(),
+            "missing fixture {}: regenerate it with tools/fixtures/regenerate.sh",
+            path.display()
+        );
+        path
     }
 
     #[test]

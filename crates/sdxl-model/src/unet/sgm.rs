@@ -1,11 +1,12 @@
 //! The diffusers ↔ SGM (Stability's `generative-models`, A1111, ComfyUI) naming of the UNet.
 //!
-//! Follows diffusers' `scripts/convert_diffusers_to_original_sdxl.py` (`unet_conversion_map*`, see
-//! SDXL_FACTS A.3), generalised from SDXL's fixed numbers to any [`UNetConfig`]: with `L` ResNet
-//! blocks per down block, down block `i`'s layer `j` is `input_blocks.{(L+1)·i + j + 1}`, its
-//! downsampler `input_blocks.{(L+1)·(i+1)}.0.op`, up block `i`'s layer `j` is
-//! `output_blocks.{(L+1)·i + j}`, and its upsampler sits after the layer's ResNet (`.1`) or after its
-//! transformer (`.2`). Transformer internals keep their names; ResNet internals are renamed.
+//! Follows diffusers' `scripts/convert_diffusers_to_original_sdxl.py` (`unet_conversion_map*`),
+//! generalised from SDXL's fixed numbers to any [`UNetConfig`]: with `L` ResNet blocks per down block,
+//! down block `i`'s layer `j` is `input_blocks.{(L+1)·i + j + 1}`, its downsampler
+//! `input_blocks.{(L+1)·(i+1)}.0.op`, up block `i`'s layer `j` is `output_blocks.{(L+1)·i + j}`, and its
+//! upsampler sits after the layer's ResNet (`.1`) or after its transformer (`.2`). Transformer internals
+//! keep their names; ResNet internals are renamed. `docs/FORMATS.md` (section 1) gives the naming with
+//! its upstream sources; the tests compare the table with upstream converters' names for two UNet shapes.
 //!
 //! The table is public so that LoRA files in kohya's SGM spelling can be mapped by the `lora` crate,
 //! which knows nothing of SDXL.
@@ -134,7 +135,7 @@ mod tests {
     fn sdxl_base_entries_match_the_reference_table() {
         let table = sgm_unet_table(&UNetConfig::sdxl_base());
         let cases = [
-            // SDXL_FACTS A.3, from diffusers' convert_diffusers_to_original_sdxl.py.
+            // diffusers' convert_diffusers_to_original_sdxl.py (docs/FORMATS.md, section 1).
             ("time_embedding.linear_1.weight", "time_embed.0.weight"),
             ("add_embedding.linear_2.bias", "label_emb.0.2.bias"),
             ("conv_in.weight", "input_blocks.0.0.weight"),

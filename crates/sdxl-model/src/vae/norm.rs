@@ -2,17 +2,17 @@
 //!
 //! libtorch's CUDA group norm reduces each (sample, group) with a single thread block. The VAE's
 //! decoder normalizes few, huge groups (32 groups of 4 channels × 1024² pixels for a 1024 px tile),
-//! so that reduction runs on 32 of the device's blocks and dominates the decode: measured on an H200,
-//! 275 of the 521 ms of a 2048 px tiled bf16 decode (docs/BENCHMARKS.md). Without autograd on CUDA
+//! so that reduction runs on 32 of the device's blocks and dominates the decode (docs/BENCHMARKS.md,
+//! "GPU runs of 2026-12-01, second session", call J, finding 3). Without autograd on CUDA
 //! this module takes the statistics with libtorch's general reduction instead (Welford, as the group
 //! norm kernel, accumulated in fp32 and spread over the whole device) and applies them with
 //! `batch_norm_elemt`, which normalizes in fp32 and writes the input's type. The statistics are
 //! rounded to the input's type as libtorch's group norm rounds its own, so the result agrees with it to
 //! that rounding. Only for half-precision inputs (bf16, fp16): in fp32 its statistics differ from
 //! libtorch's in the last bits (another summation order), and through the full-size random-weight
-//! VAE that became a relative difference of 1e-3 from diffusers (measured on an H200,
-//! docs/BENCHMARKS.md), so fp32 keeps libtorch's kernel and with it exact parity. With autograd, or on the CPU, libtorch's group
-//! norm runs.
+//! VAE that grew into a visible difference from diffusers (docs/BENCHMARKS.md, "GPU runs of
+//! 2026-12-01, third session", call O), so fp32 keeps libtorch's kernel and with it exact parity
+//! (call P). With autograd, or on the CPU, libtorch's group norm runs.
 
 use tch::nn::{self, Module};
 use tch::{Kind, TchError, Tensor};

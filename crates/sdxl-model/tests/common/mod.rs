@@ -1,25 +1,17 @@
 //! Helpers shared by this crate's integration tests (each test binary uses some of them).
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)] // each test binary uses some of the helpers
 
 pub mod depth;
 
-use std::path::PathBuf;
+pub use test_support::{fixture, fixtures_dir as fixtures};
 
 use sdxl_model::weights::TensorFile;
 use tch::{Device, Kind, Tensor};
 
-/// The fixtures folder: `SDXL_FIXTURES` when set (the GPU harness runs binaries away from the
-/// checkout they were built in), else the repository's `tests/fixtures`.
-pub fn fixtures() -> PathBuf {
-    std::env::var_os("SDXL_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
-}
-
 /// A golden-output file of the fixtures folder.
 pub fn golden(name: &str) -> TensorFile {
-    TensorFile::open(fixtures().join(name)).unwrap()
+    TensorFile::open(fixture(name)).unwrap()
 }
 
 /// One tensor of a golden file, on the CPU in its stored kind.

@@ -1,0 +1,283 @@
+//! Every example answers `--help` and `-h` with its usage (stdout, exit 0), a usage error with one line
+//! `error: …` naming the flag and one line pointing at `--help` (stderr, exit 2), and an error while
+//! running with one line (exit 1); never a backtrace, though `RUST_BACKTRACE=1` is set
+//! (`examples/cli/mod.rs`).
+//!
+//! It runs the example binaries that `cargo test` builds beside the test binaries
+//! (`target/<profile>/examples/<name>`); run `cargo build --examples` first when running this test
+//! alone. A target folder shared by several checkouts (`CARGO_TARGET_DIR`) holds the examples of
+//! whichever checkout built last.
+
+#![allow(clippy::expect_used)] // test code: failing loudly is the point
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// An example, the flags its help must list (every flag that README.md, docs/ and tools/gpu/ pass it,
+/// at least) and command lines that are usage errors, each with the flag or argument its error names.
+struct Example {
+    name: &'static str,
+    flags: &'static [&'static str],
+    usage_errors: &'static [(&'static [&'static str], &'static str)],
+}
+
+const EXAMPLES: &[Example] = &[
+    Example {
+        name: "generate",
+        flags: &[
+            "--model",
+            "--prompt",
+            "--negative",
+            "--steps",
+            "--guidance",
+            "--width",
+            "--height",
+            "--seed",
+            "--scheduler",
+            "--kind",
+            "--vae_fp32",
+            "--tile",
+            "--lora",
+            "--lora_scale",
+            "--compare",
+            "--warmup",
+            "--out",
+        ],
+        usage_errors: &[
+            (&["--prompt", "a fox"], "--model"),
+            (&["--model", "m"], "--prompt"),
+            (
+                &["--model", "m", "--prompt", "p", "--steps", "x"],
+                "--steps",
+            ),
+            (
+                &["--model", "m", "--prompt", "p", "--steps", "-1"],
+                "--steps",
+            ),
+            (&["--model", "m", "--prompt", "p", "--kind", "f8"], "--kind"),
+            (
+                &["--model", "m", "--prompt", "p", "--scheduler", "x"],
+                "--scheduler",
+            ),
+            (&["--model", "m", "--prompt", "p", "--compare"], "--compare"),
+            (
+                &[
+                    "--model",
+                    "m",
+                    "--prompt",
+                    "p",
+                    "--negative",
+                    "a",
+                    "--negative",
+                    "b",
+                ],
+                "--negative",
+            ),
+            (&["--model", "m", "--prompt"], "--prompt"),
+        ],
+    },
+    Example {
+        name: "inspect_weights",
+        flags: &["<FILE>"],
+        usage_errors: &[(&[], "<FILE>"), (&["a", "b"], "'b'")],
+    },
+    Example {
+        name: "lora_convert",
+        flags: &[
+            "summary",
+            "convert",
+            "--to",
+            "--sgm",
+            "--unet",
+            "--text-encoder",
+            "--text-encoder-2",
+        ],
+        usage_errors: &[
+            (&[], "subcommand"),
+            (&["frob"], "'frob'"),
+            (&["convert", "in.safetensors", "out.safetensors"], "--to"),
+            (&["convert", "a", "b", "--to", "onnx"], "--to"),
+        ],
+    },
+    Example {
+        name: "train_naruto",
+        flags: &[
+            "--preset",
+            "--config",
+            "--pretrained_model_name_or_path",
+            "--dataset_name",
+            "--resolution",
+            "--train_batch_size",
+            "--gradient_accumulation_steps",
+            "--max_train_steps",
+            "--checkpointing_steps",
+            "--logging_steps",
+            "--validation_prompt",
+            "--output_dir",
+            "--profile_step",
+            "--cuda_graph",
+            "--gradient_checkpointing",
+        ],
+        usage_errors: &[
+            (&["--rank", "four"], "--rank"),
+            (&["--max_train_steps"], "--max_train_steps"),
+            (&["--resolution", "500"], "--resolution"),
+            (&["--preset"], "--preset"),
+            (&["--preset", "huge"], "--preset"),
+            (&["rank"], "rank"),
+        ],
+    },
+    Example {
+        name: "unet_fp8",
+        flags: &[
+            "--full", "--bf16", "--latent", "--device", "--train", "--no-fp8", "--batch", "--kind",
+        ],
+        usage_errors: &[
+            (&["--train", "eager"], "--train"),
+            (&["--latent"], "--latent"),
+            (&["--device", "tpu"], "--device"),
+        ],
+    },
+    Example {
+        name: "unet_sdxl",
+        flags: &["--ref", "--steps", "--attention", "--train-memory"],
+        usage_errors: &[
+            (&["--attention", "flash"], "--attention"),
+            (&["--train-memory", "x"], "--train-memory"),
+            (&["--steps", "-1"], "--steps"),
+        ],
+    },
+    Example {
+        name: "vae_decode",
+        flags: &[
+            "--size",
+            "--kind",
+            "--untiled",
+            "--runs",
+            "--cudnn-benchmark",
+            "--attention",
+            "--profile",
+        ],
+        usage_errors: &[
+            (&["--size", "12"], "--size"),
+            (&["--kind", "q"], "--kind"),
+            (&["--runs", "many"], "--runs"),
+        ],
+    },
+    Example {
+        name: "vae_text_sdxl",
+        flags: &["--ref"],
+        usage_errors: &[(&["--ref"], "--ref")],
+    },
+];
+
+/// `target/<profile>/examples/<name>`: this test binary is `target/<profile>/deps/<name>-<hash>`.
+fn example_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the test binary lies in target/<profile>/deps");
+    let path = profile_dir.join("examples").join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: `cargo test` builds the examples; alone, run `cargo build --examples` first",
+        path.display()
+    );
+    path
+}
+
+fn run(name: &str, args: &[&str]) -> Output {
+    Command::new(example_path(name))
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("the example starts")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn help_lists_every_flag_on_stdout() {
+    for example in EXAMPLES {
+        for help in ["--help", "-h"] {
+            let output = run(example.name, &[help]);
+            let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+            assert_eq!(
+                output.status.code(),
+                Some(0),
+                "{} {help}: {stderr}",
+                example.name
+            );
+            assert!(
+                stderr.is_empty(),
+                "{} {help}: stderr {stderr}",
+                example.name
+            );
+            assert!(
+                stdout.contains(&format!("Usage: {}", example.name)),
+                "{} {help}: {stdout}",
+                example.name
+            );
+            for flag in example.flags {
+                // A flag is listed as `--name <VALUE>` or `--name` then spaces or the line's end.
+                let listed = stdout
+                    .lines()
+                    .any(|line| line.split_whitespace().any(|word| word == *flag));
+                assert!(
+                    listed,
+                    "{} {help} does not list {flag}:\n{stdout}",
+                    example.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn usage_errors_are_one_line_and_exit_2() {
+    for example in EXAMPLES {
+        let unknown: (&[&str], &str) = (&["--no-such-flag"], "--no-such-flag");
+        for (args, named) in example.usage_errors.iter().chain([&unknown]) {
+            let output = run(example.name, args);
+            let stderr = text(&output.stderr);
+            let what = format!("{} {}", example.name, args.join(" "));
+            assert_eq!(output.status.code(), Some(2), "{what}: {stderr}");
+            assert!(
+                output.stdout.is_empty(),
+                "{what}: stdout {}",
+                text(&output.stdout)
+            );
+            let lines: Vec<&str> = stderr.lines().collect();
+            let hint = format!("Run '{} --help' for usage.", example.name);
+            assert_eq!(lines.len(), 2, "{what}: {stderr}");
+            assert!(lines[0].starts_with("error: "), "{what}: {stderr}");
+            assert!(
+                lines[0].contains(named),
+                "{what}: does not name {named}: {stderr}"
+            );
+            assert_eq!(lines[1], hint, "{what}");
+        }
+    }
+}
+
+#[test]
+fn runtime_errors_are_one_line_and_exit_1() {
+    let missing = "/nonexistent/weights.safetensors";
+    for (name, args) in [
+        ("inspect_weights", &[missing][..]),
+        ("lora_convert", &["summary", missing][..]),
+    ] {
+        let output = run(name, args);
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{name}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{name}: {stderr}");
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].contains(missing),
+            "{name}: {stderr}"
+        );
+    }
+}
