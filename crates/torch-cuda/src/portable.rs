@@ -34,11 +34,11 @@ const BLOCK: usize = 16;
 pub fn randn(shape: &[i64]) -> Result<Tensor, tch::TchError> {
     let numel: i64 = shape.iter().product();
     if numel < BLOCK as i64 {
-        return Ok(Tensor::f_randn(shape, (Kind::Float, Device::Cpu))?);
+        return Tensor::f_randn(shape, (Kind::Float, Device::Cpu));
     }
     let uniform = |n: usize| -> Result<Vec<f32>, tch::TchError> {
         let drawn = Tensor::f_rand([n as i64], (Kind::Float, Device::Cpu))?;
-        Ok(Vec::<f32>::try_from(&drawn)?)
+        Vec::<f32>::try_from(&drawn)
     };
     let numel = numel as usize;
     let mut values = uniform(numel)?;
@@ -46,13 +46,13 @@ pub fn randn(shape: &[i64]) -> Result<Tensor, tch::TchError> {
         box_muller_16(block);
     }
     // As libtorch: a ragged end is replaced by a block of 16 fresh draws ending at the last element.
-    if numel % BLOCK != 0 {
+    if !numel.is_multiple_of(BLOCK) {
         let tail = uniform(BLOCK)?;
         let last = &mut values[numel - BLOCK..];
         last.copy_from_slice(&tail);
         box_muller_16(last);
     }
-    Ok(Tensor::f_from_slice(&values)?.f_reshape(shape)?)
+    Tensor::f_from_slice(&values)?.f_reshape(shape)
 }
 
 /// float32 `torch.linspace(start, end, steps)` as libtorch's CPU kernel computes it with AVX2:
@@ -111,7 +111,7 @@ fn log(x: f32) -> f32 {
     ];
     const Q1: f32 = -2.12194440e-4_f64 as f32;
     const Q2: f32 = 0.693359375;
-    const SQRT_HALF: f32 = 0.707106781186547524_f64 as f32;
+    const SQRT_HALF: f32 = std::f64::consts::FRAC_1_SQRT_2 as f32; // `0.707106781186547524` there
     if x.is_nan() || x <= 0.0 {
         return f32::NAN;
     }

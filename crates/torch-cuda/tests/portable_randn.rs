@@ -9,7 +9,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use tch::{Device, Kind, Tensor};
 use torch_cuda::portable;

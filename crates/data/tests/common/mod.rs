@@ -1,11 +1,20 @@
 //! Helpers shared by the data crate's tests: fixture paths and scratch folders.
 
-#![allow(dead_code, unused_imports)] // each test binary uses some of the helpers
-
-pub use test_support::{fixture, fixtures_dir as fixtures};
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The data crate's fixtures: `captioned-images` in the workspace's fixtures folder.
+pub fn fixtures() -> PathBuf {
+    test_support::fixture("captioned-images")
+}
+
+/// The path of a file or folder of [`fixtures`], which must exist: a missing one fails the test
+/// naming it.
+pub fn fixture(name: impl AsRef<Path>) -> PathBuf {
+    test_support::fixture(Path::new("captioned-images").join(name))
+}
 
 /// A fresh, empty folder under the system's temporary folder, removed when dropped.
 pub struct Scratch(pub PathBuf);
