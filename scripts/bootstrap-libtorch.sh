@@ -1,10 +1,94 @@
 #!/usr/bin/env bash
-# Installs the PyTorch that tch 0.24 is built against (torch==2.11.0, from PyPI) into a virtual
-# environment kept outside the checkout, so every clone on this machine shares it, and prints the
-# environment torch-sys needs. Usage:  eval "$(scripts/bootstrap-libtorch.sh)"
+# Prints the environment that makes torch-sys, crates/torch-link and crates/torch-cuda build against a
+# PyTorch 2.11.0 (the version tch 0.24 is built against). Usage:  eval "$(scripts/bootstrap-libtorch.sh)"
+#
+# * By default it installs torch==2.11.0 from PyPI (the CUDA 13.0 build, which needs an NVIDIA driver
+#   >= 580 on Linux) into a virtual environment kept outside the checkout, so every clone on this machine
+#   shares it, and points torch-sys at that venv's python (LIBTORCH_USE_PYTORCH=1).
+# * LIBTORCH=/path/to/libtorch: a libtorch 2.11.0 already there (a libtorch zip of any CUDA build, or a
+#   torch wheel's torch/ folder: include/ and lib/); nothing is downloaded.
+# * SDXL_LORA_PYTHON=/path/to/python: a python whose torch is 2.11.0 of any build (e.g. 2.11.0+cu126);
+#   its torch/ folder is used as LIBTORCH; nothing is downloaded.
+# (PYTHON is the interpreter that creates the default venv.)
 set -euo pipefail
 
 TORCH_VERSION="2.11.0"
+
+fail() {
+    echo "bootstrap: $*" >&2
+    exit 1
+}
+
+# The version of the libtorch folder $1: its build-version file (libtorch zips), torch/version.py (a
+# wheel's torch/ folder), else the version header.
+libtorch_version() {
+    local root=$1 header
+    if [ -f "$root/build-version" ]; then
+        tr -d '[:space:]' <"$root/build-version"
+    elif [ -f "$root/version.py" ]; then
+        sed -n "s/^__version__ = '\(.*\)'$/\1/p" "$root/version.py"
+    else
+        for header in include/torch/headeronly/version.h include/torch/csrc/api/include/torch/version.h; do
+            [ -f "$root/$header" ] || continue
+            local major minor patch
+            major=$(sed -n 's/^#define TORCH_VERSION_MAJOR \([0-9]*\)$/\1/p' "$root/$header")
+            minor=$(sed -n 's/^#define TORCH_VERSION_MINOR \([0-9]*\)$/\1/p' "$root/$header")
+            patch=$(sed -n 's/^#define TORCH_VERSION_PATCH \([0-9]*\)$/\1/p' "$root/$header")
+            if [ -n "$major" ]; then
+                echo "$major.$minor.$patch"
+                return
+            fi
+        done
+    fi
+}
+
+# Warns when crates/torch-cuda will find no CUDA headers (crt/ included) for libtorch folder $1: it then
+# builds without its C++ shim (CUDA graphs, profiler, memory statistics).
+check_cuda_headers() {
+    [ -f "$1/../nvidia/cu13/include/crt/host_defines.h" ] ||
+        [ -f "${CUDA_HOME:-/nonexistent}/include/crt/host_defines.h" ] ||
+        echo "bootstrap: no CUDA headers beside $1 or in \$CUDA_HOME; torch-cuda builds without its shim (CUDA graphs, profiler, memory statistics)" >&2
+}
+
+if [ -n "${LIBTORCH:-}" ] && [ -n "${SDXL_LORA_PYTHON:-}" ]; then
+    fail "set LIBTORCH or SDXL_LORA_PYTHON, not both"
+fi
+
+# torch-sys reads LIBTORCH (headers under include/, libraries under lib/, or under LIBTORCH_INCLUDE and
+# LIBTORCH_LIB when set) unless LIBTORCH_USE_PYTORCH is set, which would take precedence.
+if [ -n "${LIBTORCH:-}" ]; then
+    root=$(cd "$LIBTORCH" 2>/dev/null && pwd) || fail "LIBTORCH=$LIBTORCH: no such folder"
+    lib_root=$(cd "${LIBTORCH_LIB:-$root}" 2>/dev/null && pwd) || fail "LIBTORCH_LIB=$LIBTORCH_LIB: no such folder"
+    [ -f "$lib_root/lib/libtorch.so" ] && [ -d "${LIBTORCH_INCLUDE:-$root}/include/torch" ] ||
+        fail "LIBTORCH=$LIBTORCH: not a libtorch folder (no lib/libtorch.so or include/torch/)"
+    found=$(libtorch_version "$root")
+    [ "${found%%+*}" = "$TORCH_VERSION" ] ||
+        fail "LIBTORCH=$LIBTORCH is libtorch ${found:-of unknown version}; tch 0.24 needs $TORCH_VERSION"
+    check_cuda_headers "$lib_root"
+    echo "unset LIBTORCH_USE_PYTORCH"
+    echo "export LIBTORCH=\"$root\""
+    echo "export SDXL_LORA_TORCH_LIB=\"$lib_root/lib\""
+    exit 0
+fi
+
+# A python's torch/ folder is a libtorch folder; its ABI flag is the one to compile with.
+if [ -n "${SDXL_LORA_PYTHON:-}" ]; then
+    command -v "$SDXL_LORA_PYTHON" >/dev/null || fail "SDXL_LORA_PYTHON=$SDXL_LORA_PYTHON: no such program"
+    info=$("$SDXL_LORA_PYTHON" -c 'import os, torch; print(torch.__version__, int(torch._C._GLIBCXX_USE_CXX11_ABI), os.path.dirname(torch.__file__))' 2>/dev/null) ||
+        fail "SDXL_LORA_PYTHON=$SDXL_LORA_PYTHON: cannot import torch with it"
+    read -r found cxx11_abi root <<<"$info"
+    [ "${found%%+*}" = "$TORCH_VERSION" ] ||
+        fail "SDXL_LORA_PYTHON=$SDXL_LORA_PYTHON has torch $found; tch 0.24 needs $TORCH_VERSION"
+    [ -f "$root/lib/libtorch.so" ] && [ -d "$root/include/torch" ] ||
+        fail "SDXL_LORA_PYTHON=$SDXL_LORA_PYTHON: its torch at $root lacks lib/libtorch.so or include/torch/"
+    check_cuda_headers "$root"
+    echo "unset LIBTORCH_USE_PYTORCH LIBTORCH_INCLUDE LIBTORCH_LIB"
+    echo "export LIBTORCH=\"$root\""
+    echo "export LIBTORCH_CXX11_ABI=$cxx11_abi"
+    echo "export SDXL_LORA_TORCH_LIB=\"$root/lib\""
+    exit 0
+fi
+
 cache_root="${SDXL_LORA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sdxl-lora-rs}"
 venv="${SDXL_LORA_TORCH_VENV:-$cache_root/torch-$TORCH_VERSION}"
 python="${PYTHON:-python3}"

@@ -1,32 +1,42 @@
-//! Compiles the C++ shim over libtorch's CUDA caching allocator when torch's and CUDA's headers are
-//! present (the pinned PyTorch wheel plus `nvidia-cuda-crt`, see scripts/bootstrap-libtorch.sh);
-//! otherwise the crate builds without it and its functions report that statistics are unavailable.
+//! Compiles the C++ shim over libtorch's CUDA facilities (see the crate documentation) when torch's
+//! and CUDA's headers are present (the pinned PyTorch wheel plus `nvidia-cuda-crt`, see
+//! scripts/bootstrap-libtorch.sh, or a libtorch with a CUDA toolkit of its CUDA version at
+//! `CUDA_HOME`); otherwise the crate builds without it and its functions report that they are
+//! unavailable.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 fn main() {
     torch_link::configure();
     println!("cargo:rustc-check-cfg=cfg(torch_cuda_shim)");
     println!("cargo:rerun-if-changed=src/shim.cpp");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let Some(lib_dir) = torch_link::libtorch_lib_dir() else {
         return;
     };
-    // The PyTorch wheel layout: torch/lib, torch/include, and nvidia/cu13/include beside torch/.
+    // The PyTorch wheel layout: torch/lib, torch/include, and nvidia/cu13/include beside torch/ (a
+    // libtorch folder has lib/ and include/ too); else a CUDA toolkit's include/ at CUDA_HOME.
     let Some(torch_dir) = lib_dir.parent() else {
         return;
     };
     let torch_include = torch_dir.join("include");
-    let cuda_include = torch_dir.join("../nvidia/cu13/include");
-    let present = |p: &Path| p.exists();
-    if !(present(&torch_include.join("c10/cuda/CUDACachingAllocator.h"))
-        && present(&cuda_include.join("crt/host_defines.h"))
-        && present(&lib_dir.join("libc10_cuda.so")))
-    {
+    let cuda_include = [
+        Some(torch_dir.join("../nvidia/cu13/include")),
+        std::env::var_os("CUDA_HOME").map(|home| PathBuf::from(home).join("include")),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|dir| dir.join("crt/host_defines.h").exists());
+    let torch_has_cuda = torch_include
+        .join("c10/cuda/CUDACachingAllocator.h")
+        .exists()
+        && lib_dir.join("libc10_cuda.so").exists();
+    let Some(cuda_include) = cuda_include.filter(|_| torch_has_cuda) else {
         println!(
-            "cargo:warning=torch-cuda: CUDA headers not found; memory statistics will be unavailable"
+            "cargo:warning=torch-cuda: CUDA headers not found (nvidia/cu13/include beside torch/, or CUDA_HOME); CUDA graphs, the profiler and memory statistics will be unavailable"
         );
         return;
-    }
+    };
     cc::Build::new()
         .cpp(true)
         .std("c++17")

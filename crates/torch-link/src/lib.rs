@@ -15,8 +15,9 @@
 //! `torch-link` as a build-dependency and calls [`configure`] too. The folder is also given to the
 //! package's code as the compile-time variable `TORCH_LINK_LIB_DIR`.
 //!
-//! libtorch is found the way `torch-sys` finds it: `LIBTORCH_LIB` or `LIBTORCH` (its `lib/`
-//! folder), or, with `LIBTORCH_USE_PYTORCH` set, the `torch` package of the active Python.
+//! libtorch is found the way `torch-sys` finds it: with `LIBTORCH_USE_PYTORCH` set, the `torch`
+//! package of the active Python (whatever `LIBTORCH` says); else `LIBTORCH_LIB` or `LIBTORCH` (its
+//! `lib/` folder); else `/usr/lib`.
 //! `LD_LIBRARY_PATH` still takes precedence over the recorded path, which is how a binary built
 //! here runs against another machine's torch (see `docs/GPU.md`).
 
@@ -70,12 +71,6 @@ pub fn configure() {
 
 /// The folder holding `libtorch*.so`, located as `torch-sys` does, if any.
 pub fn libtorch_lib_dir() -> Option<PathBuf> {
-    if let Ok(lib) = env::var("LIBTORCH_LIB") {
-        return Some(PathBuf::from(lib).join("lib"));
-    }
-    if let Ok(root) = env::var("LIBTORCH") {
-        return Some(PathBuf::from(root).join("lib"));
-    }
     if env::var_os("LIBTORCH_USE_PYTORCH").is_some() {
         let python = if env::var_os("VIRTUAL_ENV").is_some() {
             "python"
@@ -94,6 +89,12 @@ pub fn libtorch_lib_dir() -> Option<PathBuf> {
         }
         let dir = String::from_utf8(output.stdout).ok()?;
         return Some(PathBuf::from(dir.trim()));
+    }
+    if let Ok(lib) = env::var("LIBTORCH_LIB") {
+        return Some(PathBuf::from(lib).join("lib"));
+    }
+    if let Ok(root) = env::var("LIBTORCH") {
+        return Some(PathBuf::from(root).join("lib"));
     }
     let system = Path::new("/usr/lib");
     system
