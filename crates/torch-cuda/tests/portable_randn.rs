@@ -15,10 +15,8 @@ use torch_cuda::portable;
 
 #[test]
 fn randn_equals_pytorch_bit_for_bit_and_keeps_the_generator_in_step() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/torch-randn.safetensors");
-    let bytes = std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()));
+    let path = test_support::fixture("torch-randn.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let cases: Vec<(i64, Vec<i64>)> =
         serde_json::from_str(&header.metadata().as_ref().unwrap()["cases"]).unwrap();
