@@ -21,7 +21,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use cli::UsageError;
 use sdxl_model::pipeline::{GenerateOptions, Pipeline, grid_column, grid_row, save_png};
 use sdxl_model::schedulers::SchedulerKind;
@@ -29,6 +29,8 @@ use sdxl_model::vae::{Upcast, VaeTiling};
 use tch::{Device, Kind};
 
 mod cli;
+
+use cli::Precision;
 
 /// Text to image with an SDXL diffusers folder, optionally with a LoRA.
 #[derive(Parser)]
@@ -90,24 +92,6 @@ struct Args {
     /// Output PNG; several images get -<n> before the extension.
     #[arg(long, value_name = "FILE", default_value = "output.png")]
     out: PathBuf,
-}
-
-/// The models' precision (`--kind`).
-#[derive(Clone, Copy, ValueEnum)]
-enum Precision {
-    Bf16,
-    F16,
-    F32,
-}
-
-impl From<Precision> for Kind {
-    fn from(precision: Precision) -> Self {
-        match precision {
-            Precision::Bf16 => Kind::BFloat16,
-            Precision::F16 => Kind::Half,
-            Precision::F32 => Kind::Float,
-        }
-    }
 }
 
 fn numbered(out: &Path, index: usize, count: usize) -> PathBuf {

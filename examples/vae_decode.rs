@@ -18,12 +18,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use sdxl_model::attention::AttentionBackend;
 use sdxl_model::vae::{AutoencoderKL, AutoencoderKLConfig, VaeTiling};
 use tch::{Device, Kind, Tensor};
 
 mod cli;
+
+use cli::Precision;
 
 /// Times the SDXL VAE decode of one image (full-size architecture, random weights), tiled or not.
 #[derive(Parser)]
@@ -50,24 +52,6 @@ struct Args {
     /// Record one more decode with libtorch's profiler and write its Chrome trace here; none by default.
     #[arg(long, value_name = "FILE")]
     profile: Option<PathBuf>,
-}
-
-/// `--kind`.
-#[derive(Clone, Copy, ValueEnum)]
-enum Precision {
-    Bf16,
-    F16,
-    F32,
-}
-
-impl From<Precision> for Kind {
-    fn from(precision: Precision) -> Self {
-        match precision {
-            Precision::Bf16 => Kind::BFloat16,
-            Precision::F16 => Kind::Half,
-            Precision::F32 => Kind::Float,
-        }
-    }
 }
 
 fn multiple_of_8(text: &str) -> Result<i64, String> {

@@ -17,7 +17,8 @@
 use std::process::ExitCode;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
-use clap::{Arg, Command, Parser};
+use clap::{Arg, Command, Parser, ValueEnum};
+use tch::Kind;
 
 /// A usage mistake found after parsing (`--compare` without `--lora`, …): reported as clap's own are.
 #[derive(Debug)]
@@ -115,4 +116,25 @@ fn one_line(error: &clap::Error) -> String {
         line.push_str(&format!(" (did you mean '{flag}'?)"));
     }
     line
+}
+
+/// The models' element type, as the examples' `--kind` flag names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Precision {
+    /// bfloat16.
+    Bf16,
+    /// float16.
+    F16,
+    /// float32.
+    F32,
+}
+
+impl From<Precision> for Kind {
+    fn from(precision: Precision) -> Self {
+        match precision {
+            Precision::Bf16 => Kind::BFloat16,
+            Precision::F16 => Kind::Half,
+            Precision::F32 => Kind::Float,
+        }
+    }
 }
