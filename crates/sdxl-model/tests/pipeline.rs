@@ -6,13 +6,12 @@
 
 mod common;
 
-use common::depth::{clip_depth, unet_shape, vae_decode_depth};
-use common::fixture;
+use common::depth::{text_encoders_depth, unet_shape, vae_decode_depth};
+use common::{fixture, rel};
 use std::sync::{Mutex, MutexGuard};
 use test_support::{check, f32_bound, unet_depth};
 
 use sdxl_model::Error;
-use sdxl_model::clip::ClipTextConfig;
 use sdxl_model::pipeline::{GenerateOptions, Pipeline, grid_row};
 use sdxl_model::schedulers::{SchedulerConfig, SchedulerKind};
 use sdxl_model::unet::UNetConfig;
@@ -73,15 +72,7 @@ fn options_of(case: &serde_json::Value) -> GenerateOptions {
 /// final latents' size.
 fn latents_bound(options: &GenerateOptions, expected: &Tensor) -> f64 {
     let root = fixture("tiny-sdxl");
-    let text = ["text_encoder", "text_encoder_2"]
-        .iter()
-        .map(|name| {
-            clip_depth(
-                &ClipTextConfig::from_file(root.join(name).join("config.json")).unwrap(),
-                77,
-            )
-        })
-        .fold(0.0, f64::max);
+    let text = text_encoders_depth(&root, 77);
     let config = UNetConfig::from_file(root.join("unet/config.json")).unwrap();
     let context = Tensor::zeros(
         [1, 77, config.cross_attention_dim],
@@ -95,14 +86,6 @@ fn latents_bound(options: &GenerateOptions, expected: &Tensor) -> f64 {
     let latents_max = expected.abs().max().double_value(&[]);
     let gain = (2.0 * options.guidance_scale + 1.0) * sigma_max / latents_max;
     gain * f32_bound(text + options.steps as f64 * unet)
-}
-
-/// `max |a − b| / max |b|` in f64.
-fn rel(actual: &Tensor, expected: &Tensor) -> f64 {
-    assert_eq!(actual.size(), expected.size());
-    let a = actual.to_kind(Kind::Double);
-    let e = expected.to_kind(Kind::Double);
-    (&a - &e).abs().max().double_value(&[]) / e.abs().max().double_value(&[]).max(f64::MIN_POSITIVE)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {

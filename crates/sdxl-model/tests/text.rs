@@ -6,8 +6,8 @@
 
 mod common;
 
-use common::depth::clip_depth;
-use common::{fixture, get, golden};
+use common::depth::{clip_depth, text_encoders_depth};
+use common::{fixture, get, golden, rel};
 use std::collections::HashMap;
 use test_support::{check, f32_bound};
 
@@ -27,14 +27,6 @@ fn metadata(name: &str) -> HashMap<String, String> {
 
 fn strings(meta: &HashMap<String, String>, key: &str) -> Vec<String> {
     serde_json::from_str(&meta[key]).unwrap()
-}
-
-/// `max |a − b| / max |b|` in f64.
-fn rel(actual: &Tensor, expected: &Tensor) -> f64 {
-    assert_eq!(actual.size(), expected.size());
-    let a = actual.to_kind(Kind::Double);
-    let e = expected.to_kind(Kind::Double);
-    (&a - &e).abs().max().double_value(&[]) / e.abs().max().double_value(&[]).max(f64::MIN_POSITIVE)
 }
 
 fn encoder(name: &str) -> ClipTextModel {
@@ -218,14 +210,7 @@ fn encode_prompt_matches_diffusers() {
         ];
         // The deeper of the two encoders bounds both halves of the context.
         let root = fixture("tiny-sdxl");
-        let bound = ["text_encoder", "text_encoder_2"]
-            .iter()
-            .map(|name| {
-                let config =
-                    ClipTextConfig::from_file(root.join(name).join("config.json")).unwrap();
-                f32_bound(clip_depth(&config, 77))
-            })
-            .fold(0.0, f64::max);
+        let bound = f32_bound(text_encoders_depth(&root, 77));
         let names = [
             "context",
             "pooled",

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+use std::path::Path;
+
 use tch::Tensor;
 
 /// The shape `test_support::unet_depth` needs, read from a UNet's config and its inputs
@@ -119,4 +121,19 @@ pub fn clip_depth(config: &sdxl_model::clip::ClipTextConfig, tokens: i64) -> f64
         + depth::linear(config.intermediate_size)
         + 1.0;
     1.0 + config.num_hidden_layers as f64 * layer + depth::norm(width) + depth::linear(width)
+}
+
+/// The deeper of the two text encoders of the pipeline folder `root` (`text_encoder`,
+/// `text_encoder_2`) over `tokens` tokens: it bounds both halves of the prompt embeddings.
+pub fn text_encoders_depth(root: &Path, tokens: i64) -> f64 {
+    ["text_encoder", "text_encoder_2"]
+        .iter()
+        .map(|name| {
+            let path = root.join(name).join("config.json");
+            clip_depth(
+                &sdxl_model::clip::ClipTextConfig::from_file(path).unwrap(),
+                tokens,
+            )
+        })
+        .fold(0.0, f64::max)
 }

@@ -4,7 +4,7 @@
 
 pub mod depth;
 
-pub use test_support::{fixture, fixtures_dir as fixtures};
+pub use test_support::{fixture, fixtures_dir as fixtures, max_rel_error as rel};
 
 use sdxl_model::weights::TensorFile;
 use tch::{Device, Kind, Tensor};
@@ -17,13 +17,4 @@ pub fn golden(name: &str) -> TensorFile {
 /// One tensor of a golden file, on the CPU in its stored kind.
 pub fn get(file: &TensorFile, key: &str) -> Tensor {
     file.tensor(key, Device::Cpu, None).unwrap()
-}
-
-/// `max |a − b| / max |b|` in f64: the error measure used against golden outputs.
-pub fn rel(actual: &Tensor, expected: &Tensor) -> f64 {
-    assert_eq!(actual.size(), expected.size());
-    let a = actual.to_kind(Kind::Double);
-    let e = expected.to_kind(Kind::Double);
-    let scale = e.abs().max().double_value(&[]).max(f64::MIN_POSITIVE);
-    (&a - &e).abs().max().double_value(&[]) / scale
 }
