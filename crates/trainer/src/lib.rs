@@ -1,20 +1,30 @@
-//! The SDXL LoRA training loop.
+//! The SDXL LoRA trainer, in stages (docs/TRAINING.md, "What a run does"):
 //!
-//! This crate will hold the training configuration and loop, the noise schedule and loss,
-//! checkpoints and exact resume, logging and validation.
+//! - [`config`]: flags, TOML files, validation of values;
+//! - [`plan`]: which items each micro-step trains on — a pure function of (seed, micro-step);
+//! - [`prepare`]: the conditioning computed once (prompt embeddings, latents);
+//! - [`model`]: the UNet with its LoRA;
+//! - [`step`]: the graph-capturable micro-step and optimizer step;
+//! - [`run`]: the loop (graphs, logging, checkpoints, validation, resume);
+//! - [`outputs`]: LoRA files, model card, plots.
 
 #![warn(missing_docs)]
 
 pub mod checkpoint;
 pub mod config;
+mod device;
 mod error;
 pub mod estimate;
 pub mod logs;
 pub mod lr_scheduler;
+pub mod model;
 pub mod model_files;
+pub mod outputs;
+pub mod plan;
 pub mod prepare;
 pub mod run;
 pub mod step;
+pub mod validation;
 
 pub use config::TrainConfig;
 pub use error::{Error, Result};

@@ -9,13 +9,118 @@
 
 use std::collections::BTreeMap;
 
+use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use data::{CacheKey, Dataset, SampleKey, TensorCache};
 use sdxl_model::prompt::{PromptEncoder, add_time_ids, add_time_ids_tensor};
-use sdxl_model::vae::AutoencoderKL;
+use sdxl_model::vae::{AutoencoderKL, AutoencoderKLConfig, Upcast};
 
 use crate::Result;
+use crate::config::TrainConfig;
+use crate::device::free_cache;
+use crate::logs::say;
+use crate::model_files::ModelFolder;
+use crate::validation::ValidationPrompt;
+
+/// Where the clean latents of a step come from.
+pub enum Latents {
+    /// Encoded once before training; the VAE is gone.
+    Cached(CachedLatents),
+    /// Random crops or flips: the VAE stays and encodes every step.
+    Live {
+        /// The VAE (fp32).
+        vae: Box<AutoencoderKL>,
+        /// Its weights.
+        store: VarStore,
+    },
+}
+
+impl Latents {
+    /// The VAE when it stays loaded.
+    pub fn live_vae(&self) -> Option<&AutoencoderKL> {
+        match self {
+            Self::Live { vae, .. } => Some(vae),
+            Self::Cached(_) => None,
+        }
+    }
+}
+
+/// Encodes every distinct prompt of the dataset and the validation prompt (`--validation_prompt`),
+/// then frees the text encoders.
+///
+/// # Errors
+/// Text-encoder loading and encoding errors.
+pub fn prepare_text(
+    config: &TrainConfig,
+    folder: &ModelFolder,
+    dataset: &Dataset,
+    device: Device,
+    kind: Kind,
+) -> Result<(TextConditioning, Option<ValidationPrompt>)> {
+    let prepared = {
+        let (encoder, _stores) = PromptEncoder::from_pretrained_variant(
+            &folder.root,
+            folder.variant.as_deref(),
+            device,
+            kind,
+        )?;
+        let text = encode_prompts(&encoder, dataset, config.seed, device, kind)?;
+        let validation = match &config.validation_prompt {
+            Some(prompt) => {
+                let (positive, negative) = tch::no_grad(|| {
+                    encoder.encode_with_negative(std::slice::from_ref(prompt), None)
+                })?;
+                Some(ValidationPrompt {
+                    prompt: prompt.clone(),
+                    positive,
+                    negative,
+                })
+            }
+            None => None,
+        };
+        (text, validation)
+    };
+    free_cache(device);
+    say(format!(
+        "{} distinct prompt(s) encoded; text encoders freed",
+        prepared.0.prompts.len()
+    ));
+    Ok(prepared)
+}
+
+/// Loads the VAE (in fp32, as diffusers' script keeps it) and, with `--cache_latents`, encodes
+/// every item and frees it. Returns the latents and the VAE's config.
+///
+/// # Errors
+/// VAE loading and encoding errors, dataset errors naming the row.
+pub fn prepare_latents(
+    config: &TrainConfig,
+    folder: &ModelFolder,
+    dataset: &Dataset,
+    device: Device,
+) -> Result<(Latents, AutoencoderKLConfig)> {
+    let vae_folder = folder.root.join("vae");
+    let (vae, store) = AutoencoderKL::from_pretrained_variant(
+        &vae_folder,
+        folder.variant.as_deref(),
+        device,
+        Kind::Float,
+        Upcast::Always,
+    )?;
+    let vae_config = vae.config().clone();
+    if !config.cache_latents {
+        let vae = Box::new(vae);
+        return Ok((Latents::Live { vae, store }, vae_config));
+    }
+    let encoder_id = format!("{}|{:?}|fp32", vae_folder.display(), folder.variant);
+    let cache = TensorCache::in_memory();
+    let cached = encode_latents(&vae, &encoder_id, dataset, &cache, config.seed, device)?;
+    drop((vae, store));
+    free_cache(device);
+    say("latents cached; VAE freed");
+    Ok((Latents::Cached(cached), vae_config))
+}
 
 /// The text conditioning of the dataset's prompts.
 #[derive(Debug)]

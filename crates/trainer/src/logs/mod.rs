@@ -32,6 +32,21 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// A line of the run's story on stderr.
+pub(crate) fn say(message: impl AsRef<str>) {
+    eprintln!("[trainer] {}", message.as_ref());
+}
+
+/// [`say`] while the progress bar runs: above the bar on a terminal, plainly otherwise (a hidden
+/// bar would swallow the line).
+pub(crate) fn say_above(progress: &indicatif::ProgressBar, message: impl AsRef<str>) {
+    if progress.is_hidden() {
+        say(message);
+    } else {
+        progress.println(format!("[trainer] {}", message.as_ref()));
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod test_dir {
     use std::path::{Path, PathBuf};

@@ -71,88 +71,105 @@ pub fn loss_curve_png(path: &Path, points: &[(u64, f64)], title: &str) -> Result
     };
     let mut image = RgbImage::from_pixel(WIDTH, HEIGHT, BACKGROUND);
 
-    // 1. grid and tick labels
-    for tick in nice_ticks(loss_min, loss_max) {
-        let y = canvas.y(tick);
-        draw_line(&mut image, (PLOT_LEFT, y), (PLOT_RIGHT, y), GRID, 1);
-        draw_line(&mut image, (PLOT_LEFT - 5, y), (PLOT_LEFT, y), AXIS, 1);
-        let label = format_tick(tick, nice_spacing(loss_min, loss_max));
-        draw_text(
-            &mut image,
-            &label,
-            PLOT_LEFT - 8 - text_width(&label),
-            y - GLYPH_HEIGHT / 2,
-            TEXT,
-        );
-    }
-    for tick in nice_ticks(step_min, step_max)
-        .into_iter()
-        .filter(|t| t.fract() == 0.0)
-    {
-        let x = canvas.x(tick);
-        draw_line(&mut image, (x, PLOT_TOP), (x, PLOT_BOTTOM), GRID, 1);
-        draw_line(&mut image, (x, PLOT_BOTTOM), (x, PLOT_BOTTOM + 5), AXIS, 1);
-        let label = format!("{tick:.0}");
-        draw_text(
-            &mut image,
-            &label,
-            x - text_width(&label) / 2,
-            PLOT_BOTTOM + 10,
-            TEXT,
-        );
-    }
-
-    // 2. axes, axis names and title
-    draw_line(
+    draw_ticks(&mut image, &canvas);
+    draw_frame(&mut image, title);
+    draw_series(
         &mut image,
-        (PLOT_LEFT, PLOT_TOP),
-        (PLOT_LEFT, PLOT_BOTTOM),
-        AXIS,
-        1,
+        &canvas,
+        &[(&finite[..], RAW_COLOR, 1), (&smoothed[..], EMA_COLOR, 2)],
     );
-    draw_line(
-        &mut image,
-        (PLOT_LEFT, PLOT_BOTTOM),
-        (PLOT_RIGHT, PLOT_BOTTOM),
-        AXIS,
-        1,
-    );
-    draw_text(
-        &mut image,
-        "STEP",
-        (PLOT_LEFT + PLOT_RIGHT) / 2 - text_width("STEP") / 2,
-        PLOT_BOTTOM + 32,
-        TEXT,
-    );
-    draw_text(&mut image, "LOSS", 8, PLOT_TOP - GLYPH_HEIGHT - 8, TEXT);
-    let title = title.to_ascii_uppercase();
-    draw_text(
-        &mut image,
-        &title,
-        (WIDTH as i64 - text_width(&title)) / 2,
-        10,
-        TEXT,
-    );
-
-    // 3. the raw loss, then its average on top
-    for (series, color, thickness) in [(&finite, RAW_COLOR, 1), (&smoothed, EMA_COLOR, 2)] {
-        let pixels: Vec<(i64, i64)> = series
-            .iter()
-            .map(|&(step, loss)| (canvas.x(step), canvas.y(loss)))
-            .collect();
-        if let [only] = pixels[..] {
-            draw_line(&mut image, only, only, color, thickness + 2);
-        }
-        for pair in pixels.windows(2) {
-            draw_line(&mut image, pair[0], pair[1], color, thickness);
-        }
-    }
 
     let mut png = std::io::Cursor::new(Vec::new());
     image
         .write_to(&mut png, image::ImageFormat::Png)
         .map_err(|e| plot_error(format!("encoding the PNG: {e}")))?;
     write_atomic(path, png.get_ref())
+}
+
+/// The grid lines and tick labels of both axes.
+fn draw_ticks(image: &mut RgbImage, canvas: &Canvas) {
+    for tick in nice_ticks(canvas.loss_min, canvas.loss_max) {
+        let y = canvas.y(tick);
+        draw_line(image, (PLOT_LEFT, y), (PLOT_RIGHT, y), GRID, 1);
+        draw_line(image, (PLOT_LEFT - 5, y), (PLOT_LEFT, y), AXIS, 1);
+        let label = format_tick(tick, nice_spacing(canvas.loss_min, canvas.loss_max));
+        draw_text(
+            image,
+            &label,
+            PLOT_LEFT - 8 - text_width(&label),
+            y - GLYPH_HEIGHT / 2,
+            TEXT,
+        );
+    }
+    for tick in nice_ticks(canvas.step_min, canvas.step_max)
+        .into_iter()
+        .filter(|t| t.fract() == 0.0)
+    {
+        let x = canvas.x(tick);
+        draw_line(image, (x, PLOT_TOP), (x, PLOT_BOTTOM), GRID, 1);
+        draw_line(image, (x, PLOT_BOTTOM), (x, PLOT_BOTTOM + 5), AXIS, 1);
+        let label = format!("{tick:.0}");
+        draw_text(
+            image,
+            &label,
+            x - text_width(&label) / 2,
+            PLOT_BOTTOM + 10,
+            TEXT,
+        );
+    }
+}
+
+/// The axes, their names and the title.
+fn draw_frame(image: &mut RgbImage, title: &str) {
+    draw_line(
+        image,
+        (PLOT_LEFT, PLOT_TOP),
+        (PLOT_LEFT, PLOT_BOTTOM),
+        AXIS,
+        1,
+    );
+    draw_line(
+        image,
+        (PLOT_LEFT, PLOT_BOTTOM),
+        (PLOT_RIGHT, PLOT_BOTTOM),
+        AXIS,
+        1,
+    );
+    draw_text(
+        image,
+        "STEP",
+        (PLOT_LEFT + PLOT_RIGHT) / 2 - text_width("STEP") / 2,
+        PLOT_BOTTOM + 32,
+        TEXT,
+    );
+    draw_text(image, "LOSS", 8, PLOT_TOP - GLYPH_HEIGHT - 8, TEXT);
+    let title = title.to_ascii_uppercase();
+    draw_text(
+        image,
+        &title,
+        (WIDTH as i64 - text_width(&title)) / 2,
+        10,
+        TEXT,
+    );
+}
+
+/// A series of (step, loss) points drawn in a colour and a line thickness.
+type Series<'a> = (&'a [(f64, f64)], Rgb<u8>, i64);
+
+/// Each series as a polyline (a dot when it has one point), later ones on top.
+fn draw_series(image: &mut RgbImage, canvas: &Canvas, lines: &[Series<'_>]) {
+    for &(series, color, thickness) in lines {
+        let pixels: Vec<(i64, i64)> = series
+            .iter()
+            .map(|&(step, loss)| (canvas.x(step), canvas.y(loss)))
+            .collect();
+        if let [only] = pixels[..] {
+            draw_line(image, only, only, color, thickness + 2);
+        }
+        for pair in pixels.windows(2) {
+            draw_line(image, pair[0], pair[1], color, thickness);
+        }
+    }
 }
 
 /// Maps data coordinates to pixels of the plot area.

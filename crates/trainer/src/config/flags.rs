@@ -1,0 +1,164 @@
+//! What each flag's value can be: booleans, numbers, paths, options and the enums
+//! (`--mixed_precision`, `--attention`, `--lr_scheduler`), each parsed with an error naming the flag.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::lr_scheduler::SchedulerKind;
+use crate::{Error, Result};
+
+/// A value a flag can take: parsed from its text, or switched on by the bare flag (booleans).
+pub trait FlagValue: Sized {
+    /// Whether the bare flag (no value) means `true`.
+    const IS_SWITCH: bool = false;
+    /// The value's kind as `--help` shows it.
+    const HINT: &'static str;
+    /// Parses `text` (`None` for a bare switch) for `flag`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOption`] naming `flag`.
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self>;
+}
+
+pub(super) fn need<'t>(flag: &'static str, text: Option<&'t str>) -> Result<&'t str> {
+    text.ok_or_else(|| Error::InvalidOption {
+        option: flag,
+        problem: "needs a value".into(),
+    })
+}
+
+fn parsed<T: FromStr>(flag: &'static str, text: Option<&str>, what: &str) -> Result<T> {
+    let text = need(flag, text)?;
+    text.parse().map_err(|_| Error::InvalidOption {
+        option: flag,
+        problem: format!("`{text}` is not {what}"),
+    })
+}
+
+impl FlagValue for bool {
+    const IS_SWITCH: bool = true;
+    const HINT: &'static str = "[true|false]";
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
+        match text {
+            None | Some("true" | "1" | "yes") => Ok(true),
+            Some("false" | "0" | "no") => Ok(false),
+            Some(other) => Err(Error::InvalidOption {
+                option: flag,
+                problem: format!("`{other}` is not true or false"),
+            }),
+        }
+    }
+}
+
+impl FlagValue for u64 {
+    const HINT: &'static str = "<integer>";
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
+        parsed(flag, text, "a non-negative integer")
+    }
+}
+
+impl FlagValue for u32 {
+    const HINT: &'static str = "<integer>";
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
+        parsed(flag, text, "a non-negative integer")
+    }
+}
+
+impl FlagValue for f64 {
+    const HINT: &'static str = "<number>";
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
+        parsed(flag, text, "a number")
+    }
+}
+
+impl FlagValue for String {
+    const HINT: &'static str = "<text>";
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
+        need(flag, text).map(str::to_owned)
+    }
+}
+
+impl FlagValue for PathBuf {
+    const HINT: &'static str = "<path>";
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
+        need(flag, text).map(PathBuf::from)
+    }
+}
+
+/// `none` (any case) or an empty value clears an optional setting.
+impl<T: FlagValue> FlagValue for Option<T> {
+    const HINT: &'static str = T::HINT;
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
+        match text {
+            Some(t) if t.is_empty() || t.eq_ignore_ascii_case("none") => Ok(None),
+            _ => T::parse_flag(flag, text).map(Some),
+        }
+    }
+}
+
+impl FlagValue for SchedulerKind {
+    const HINT: &'static str =
+        "<constant|constant_with_warmup|linear|cosine|cosine_with_restarts|polynomial>";
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
+        let text = need(flag, text)?;
+        text.parse().map_err(|_| Error::InvalidOption {
+            option: flag,
+            problem: format!("`{text}` is not one of {}", Self::HINT),
+        })
+    }
+}
+
+/// The precision the frozen model computes in (`--mixed_precision`); LoRA parameters and optimizer
+/// arithmetic stay fp32 in every mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MixedPrecision {
+    /// fp32 everywhere (`no`).
+    No,
+    /// bf16 UNet and text encoders; the VAE encodes in fp32.
+    Bf16,
+}
+
+impl FlagValue for MixedPrecision {
+    const HINT: &'static str = "<no|bf16>";
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
+        match need(flag, text)? {
+            "no" | "fp32" => Ok(Self::No),
+            "bf16" => Ok(Self::Bf16),
+            "fp16" => Err(Error::InvalidOption {
+                option: flag,
+                problem: "fp16 needs loss scaling, which this trainer does not do; use bf16 (same memory, no overflow)".into(),
+            }),
+            other => Err(Error::InvalidOption { option: flag, problem: format!("`{other}` is not no or bf16") }),
+        }
+    }
+}
+
+/// The attention implementation of the UNet (`--attention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attention {
+    /// libtorch's fused scaled-dot-product attention (flash / memory-efficient kernels).
+    Fused,
+    /// Attention computed a slice of heads at a time (diffusers' `enable_attention_slicing`).
+    Sliced,
+    /// Plain matmul-softmax-matmul.
+    Plain,
+}
+
+impl FlagValue for Attention {
+    const HINT: &'static str = "<fused|sliced|plain>";
+    fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
+        match need(flag, text)? {
+            "fused" | "sdpa" => Ok(Self::Fused),
+            "sliced" => Ok(Self::Sliced),
+            "plain" => Ok(Self::Plain),
+            other => Err(Error::InvalidOption {
+                option: flag,
+                problem: format!("`{other}` is not one of {}", Self::HINT),
+            }),
+        }
+    }
+}

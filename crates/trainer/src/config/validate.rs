@@ -1,0 +1,128 @@
+//! Checks of values that parse but have no meaning, each naming its flag.
+
+use super::TrainConfig;
+use crate::{Error, Result};
+
+impl TrainConfig {
+    /// Checks values that have no meaning, naming the flag.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOption`].
+    pub fn validate(&self) -> Result<()> {
+        let fail =
+            |option: &'static str, problem: String| Err(Error::InvalidOption { option, problem });
+        if self.resolution == 0 || !self.resolution.is_multiple_of(8) {
+            return fail(
+                "--resolution",
+                format!("{} is not a positive multiple of 8", self.resolution),
+            );
+        }
+        for (option, value) in [
+            ("--train_batch_size", u64::from(self.train_batch_size)),
+            (
+                "--gradient_accumulation_steps",
+                u64::from(self.gradient_accumulation_steps),
+            ),
+            ("--max_train_steps", self.max_train_steps),
+            ("--rank", u64::from(self.rank)),
+            ("--checkpointing_steps", self.checkpointing_steps),
+            ("--logging_steps", self.logging_steps),
+            ("--validation_steps", self.validation_steps),
+        ] {
+            if value == 0 {
+                return fail(option, "must be at least 1".into());
+            }
+        }
+        for (option, value, ok) in [
+            (
+                "--learning_rate",
+                self.learning_rate,
+                self.learning_rate > 0.0,
+            ),
+            (
+                "--adam_beta1",
+                self.adam_beta1,
+                (0.0..1.0).contains(&self.adam_beta1),
+            ),
+            (
+                "--adam_beta2",
+                self.adam_beta2,
+                (0.0..1.0).contains(&self.adam_beta2),
+            ),
+            (
+                "--adam_weight_decay",
+                self.adam_weight_decay,
+                self.adam_weight_decay >= 0.0,
+            ),
+            (
+                "--adam_epsilon",
+                self.adam_epsilon,
+                self.adam_epsilon >= 0.0,
+            ),
+            (
+                "--max_grad_norm",
+                self.max_grad_norm,
+                self.max_grad_norm > 0.0,
+            ),
+            (
+                "--noise_offset",
+                self.noise_offset,
+                self.noise_offset >= 0.0,
+            ),
+            (
+                "--snr_gamma",
+                self.snr_gamma.unwrap_or(1.0),
+                self.snr_gamma.is_none_or(|g| g > 0.0),
+            ),
+            (
+                "--lora_alpha",
+                self.lora_alpha.unwrap_or(1.0),
+                self.lora_alpha.is_none_or(|a| a > 0.0),
+            ),
+        ] {
+            if !value.is_finite() || !ok {
+                return fail(option, format!("{value} is out of range"));
+            }
+        }
+        self.validate_combinations()
+    }
+
+    /// Settings that contradict each other or the run.
+    fn validate_combinations(&self) -> Result<()> {
+        let fail =
+            |option: &'static str, problem: String| Err(Error::InvalidOption { option, problem });
+        if self.cache_latents && (self.random_flip || !self.center_crop) {
+            return fail(
+                "--cache_latents",
+                "cached latents are encoded once per image, so --random_flip and random crops (--center_crop false) need --cache_latents false".into(),
+            );
+        }
+        if let Some(kind) = &self.prediction_type
+            && kind != "epsilon"
+            && kind != "v_prediction"
+        {
+            return fail(
+                "--prediction_type",
+                format!("`{kind}` is not epsilon or v_prediction"),
+            );
+        }
+        if self.checkpoints_total_limit == Some(0) {
+            return fail(
+                "--checkpoints_total_limit",
+                "must be at least 1 (leave it unset for no limit)".into(),
+            );
+        }
+        if let Some(step) = self.profile_step
+            && (step == 0 || step >= self.max_train_steps)
+        {
+            return fail(
+                "--profile_step",
+                format!(
+                    "{step} must be at least 1 and below --max_train_steps ({}): steps N and N+1 are used",
+                    self.max_train_steps
+                ),
+            );
+        }
+        Ok(())
+    }
+}

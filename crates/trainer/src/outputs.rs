@@ -1,0 +1,171 @@
+//! What a finished run leaves in `output_dir`: the LoRA in diffusers' format (with the training
+//! config in its metadata) and in kohya's (SGM block names, `ss_*` metadata: what A1111 and ComfyUI
+//! load), the loss curve, the base-vs-LoRA grid, and a model card (`README.md` with the hub's
+//! front matter, and `model_card.json`).
+
+use std::path::{Path, PathBuf};
+
+use lora::format::{BlockRenames, Format, TRAINING_CONFIG_KEY, WriteOptions};
+use sdxl_model::pipeline::save_png;
+use sdxl_model::unet::sgm_unet_table;
+
+use crate::checkpoint::write_atomic;
+use crate::config::TrainConfig;
+use crate::logs::plot::loss_curve_png;
+use crate::model::TrainModel;
+use crate::{Error, Result};
+
+/// The diffusers-format LoRA, in `output_dir` and in every `checkpoint-N/`.
+pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
+/// The kohya-format copy of the final LoRA (A1111, ComfyUI).
+pub const KOHYA_FILE: &str = "pytorch_lora_weights_kohya.safetensors";
+
+/// What the run measured, for the model card.
+#[derive(Debug, Clone, Copy)]
+pub struct RunStats<'a> {
+    /// Seconds per optimizer step in this process.
+    pub seconds_per_step: f64,
+    /// Peak allocated device memory, GiB (CUDA only).
+    pub peak_memory_gib: Option<f64>,
+    /// Steps skipped for non-finite values.
+    pub skipped: u64,
+    /// (step, mean loss) at every logging step.
+    pub loss_history: &'a [(u64, f64)],
+}
+
+/// Writes every output of a finished run; returns the diffusers and kohya LoRA files.
+///
+/// # Errors
+/// [`Error::NonFiniteLora`] (nothing is written then), and file errors naming the file.
+pub fn write(
+    config: &TrainConfig,
+    model: &mut TrainModel,
+    stats: &RunStats<'_>,
+    grid: Option<&image::RgbImage>,
+) -> Result<(PathBuf, PathBuf)> {
+    model.check_finite("the final LoRA")?;
+    let out = &config.output_dir;
+    let lora = model.lora_state()?;
+    // The metadata key lora files share for the training config holds JSON.
+    let config_json = serde_json::to_string(config).map_err(|e| Error::Checkpoint {
+        path: out.join(LORA_FILE),
+        problem: format!("config as JSON: {e}"),
+    })?;
+    let mut options = WriteOptions::default();
+    options
+        .extra_metadata
+        .insert(TRAINING_CONFIG_KEY.to_owned(), config_json);
+    let lora_file = out.join(LORA_FILE);
+    lora::format::write(&lora_file, &lora, Format::Diffusers, &options)?;
+    // kohya names with SGM block names: what A1111 and ComfyUI load.
+    let renames = BlockRenames::new(sgm_unet_table(model.unet().config()));
+    let mut kohya_options = WriteOptions {
+        block_renames: Some(&renames),
+        ..WriteOptions::default()
+    };
+    kohya_options.extra_metadata.extend(kohya_metadata(config));
+    let kohya_file = out.join(KOHYA_FILE);
+    lora::format::write(&kohya_file, &lora, Format::Kohya, &kohya_options)?;
+
+    if !stats.loss_history.is_empty() {
+        loss_curve_png(&out.join("loss.png"), stats.loss_history, "training loss")?;
+    }
+    if let Some(grid) = grid {
+        save_png(grid, out.join("base_vs_lora.png"))?;
+    }
+    write_model_card(config, stats, grid.is_some())?;
+    Ok((lora_file, kohya_file))
+}
+
+/// kohya's `ss_*` metadata keys that A1111 and ComfyUI show.
+fn kohya_metadata(config: &TrainConfig) -> Vec<(String, String)> {
+    let alpha = config.lora_alpha.unwrap_or(f64::from(config.rank));
+    [
+        ("ss_network_module", "networks.lora".to_owned()),
+        ("ss_network_dim", config.rank.to_string()),
+        ("ss_network_alpha", alpha.to_string()),
+        ("ss_base_model_version", "sdxl_base_v1-0".to_owned()),
+        ("ss_resolution", format!("({0}, {0})", config.resolution)),
+        ("ss_max_train_steps", config.max_train_steps.to_string()),
+        ("ss_learning_rate", config.learning_rate.to_string()),
+        ("ss_seed", config.seed.to_string()),
+        (
+            "ss_training_comment",
+            format!(
+                "trained with sdxl-lora from {}",
+                config.pretrained_model_name_or_path
+            ),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+fn write_model_card(config: &TrainConfig, stats: &RunStats<'_>, has_grid: bool) -> Result<()> {
+    let out = &config.output_dir;
+    let final_loss = stats.loss_history.last().map(|(_, l)| *l);
+    let card = serde_json::json!({
+        "base_model": config.pretrained_model_name_or_path,
+        "instance_prompt": config.instance_prompt,
+        "lora_file": LORA_FILE,
+        "kohya_file": KOHYA_FILE,
+        "steps": config.max_train_steps,
+        "final_loss": final_loss,
+        "skipped_steps": stats.skipped,
+        "seconds_per_step": stats.seconds_per_step,
+        "peak_memory_gib": stats.peak_memory_gib,
+        "config": config,
+    });
+    let json = serde_json::to_string_pretty(&card).map_err(|e| Error::Checkpoint {
+        path: out.join("model_card.json"),
+        problem: e.to_string(),
+    })?;
+    write_atomic(&out.join("model_card.json"), json.as_bytes())?;
+    let markdown = model_card_markdown(config, final_loss, stats.skipped, has_grid, out)?;
+    write_atomic(&out.join("README.md"), markdown.as_bytes())
+}
+
+fn model_card_markdown(
+    config: &TrainConfig,
+    final_loss: Option<f64>,
+    skipped: u64,
+    has_grid: bool,
+    out: &Path,
+) -> Result<String> {
+    let prompt = config
+        .instance_prompt
+        .as_deref()
+        .unwrap_or("(dataset captions)");
+    Ok(format!(
+        "---\nbase_model: {base}\nlibrary_name: diffusers\ntags:\n- stable-diffusion-xl\n- lora\n- text-to-image\ninstance_prompt: {prompt}\n---\n\n\
+         # SDXL LoRA\n\nLoRA (rank {rank}) for `{base}` trained on `{data}` for {steps} steps at {res} px \
+         (batch {batch} × accumulation {accum}, learning rate {lr:e}, {opt}).\n\n\
+         Trigger prompt: `{prompt}`.\n\n\
+         - `{LORA_FILE}`: diffusers format (`pipe.load_lora_weights(\"{out}\")`).\n\
+         - `{KOHYA_FILE}`: kohya format for A1111 and ComfyUI.\n\
+         - final training loss: {loss}; steps skipped for non-finite values: {skipped}.\n{grid}\n\
+         ## Training configuration\n\n```toml\n{config_toml}```\n",
+        base = config.pretrained_model_name_or_path,
+        rank = config.rank,
+        data = config.dataset_name,
+        steps = config.max_train_steps,
+        res = config.resolution,
+        batch = config.train_batch_size,
+        accum = config.gradient_accumulation_steps,
+        lr = config.learning_rate,
+        opt = if config.use_8bit_adam {
+            "8-bit AdamW"
+        } else {
+            "AdamW"
+        },
+        out = out.display(),
+        loss = final_loss.map_or_else(|| "n/a".into(), |l| format!("{l:.4}")),
+        grid = if has_grid {
+            "\n![base (top) vs LoRA (bottom)](base_vs_lora.png)\n"
+        } else {
+            ""
+        },
+        config_toml = config.to_toml()?,
+    ))
+}

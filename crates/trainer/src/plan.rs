@@ -1,0 +1,151 @@
+//! The data plan: which dataset items each micro-step trains on, how they are placed and captioned,
+//! and the generator seed of each micro-step — a pure function of `(seed, micro-step)`.
+//!
+//! The plan opens the dataset (`--dataset_name`, `--max_train_samples`, captions, crops, flips) and
+//! deals it into batches with the data crate's [`Loader`], so a run resumed at micro-step `k` draws
+//! exactly what an uninterrupted run draws there. It knows nothing of models.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use data::{
+    Batch, CaptionSource, Columns, CropMode, Dataset, DatasetConfig, HubDataset, Loader,
+    LoaderConfig, Selection, Source,
+};
+
+use crate::Result;
+use crate::config::TrainConfig;
+
+/// The run's batches, planned from its seed.
+#[derive(Debug)]
+pub struct Plan {
+    loader: Loader,
+    seed: u64,
+}
+
+impl Plan {
+    /// Opens the dataset of `config` and plans batches of `--train_batch_size` (incomplete
+    /// batches dropped: every micro-step has the same shapes).
+    ///
+    /// # Errors
+    /// Dataset errors naming the row or file; a dataset without one full batch.
+    pub fn open(config: &TrainConfig) -> Result<Self> {
+        let dataset = Arc::new(open_dataset(config)?);
+        let mut loader_config = LoaderConfig::new(config.train_batch_size as usize, config.seed);
+        loader_config.drop_last = true;
+        if config.dataloader_num_workers > 0 {
+            loader_config.workers = config.dataloader_num_workers as usize;
+        }
+        Ok(Self {
+            loader: Loader::new(dataset, loader_config)?,
+            seed: config.seed,
+        })
+    }
+
+    /// The dataset.
+    pub fn dataset(&self) -> &Arc<Dataset> {
+        self.loader.dataset()
+    }
+
+    /// Batches per epoch.
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.loader.steps_per_epoch()
+    }
+
+    /// The dataset items of micro-step `index`, in batch order.
+    pub fn items(&self, index: u64) -> Vec<usize> {
+        self.loader
+            .step_keys(index)
+            .1
+            .iter()
+            .map(|key| key.item)
+            .collect()
+    }
+
+    /// Micro-step `index`'s batch, decoded and transformed (for latents encoded live).
+    ///
+    /// # Errors
+    /// Decoding errors naming the row.
+    pub fn batch(&self, index: u64) -> Result<Batch> {
+        Ok(self.loader.batch(index)?)
+    }
+
+    /// The seed libtorch's generator gets before micro-step `index`.
+    pub fn generator_seed(&self, index: u64) -> i64 {
+        micro_step_seed(self.seed, index)
+    }
+}
+
+/// Mixes the run's seed and a micro-step index into the generator seed of that micro-step
+/// (SplitMix64's finaliser, so neighbouring steps get unrelated streams).
+fn micro_step_seed(seed: u64, micro_step: u64) -> i64 {
+    let mut z = seed
+        ^ micro_step
+            .wrapping_add(1)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 1) as i64
+}
+
+/// `--dataset_name`: a local folder (parquet files, an imagefolder, or images with `.txt` captions)
+/// or a hub dataset id.
+fn dataset_source(config: &TrainConfig) -> Source {
+    let columns = Columns {
+        image: config.image_column.clone(),
+        caption: Some(config.caption_column.clone()),
+    };
+    let path = Path::new(&config.dataset_name);
+    if !path.is_dir() {
+        return Source::Hub(HubDataset {
+            columns,
+            ..HubDataset::new(config.dataset_name.clone())
+        });
+    }
+    let mut parquet = Vec::new();
+    for folder in [path.to_owned(), path.join("data")] {
+        if let Ok(entries) = std::fs::read_dir(&folder) {
+            for entry in entries.flatten() {
+                if entry.path().extension().is_some_and(|e| e == "parquet") {
+                    parquet.push(entry.path());
+                }
+            }
+        }
+    }
+    parquet.sort();
+    if !parquet.is_empty() {
+        Source::Parquet {
+            files: parquet,
+            columns,
+        }
+    } else if path.join("metadata.jsonl").is_file() {
+        Source::ImageFolder {
+            root: path.to_owned(),
+            caption_column: Some(config.caption_column.clone()),
+        }
+    } else {
+        Source::CaptionFiles {
+            root: path.to_owned(),
+            read_captions: config.instance_prompt.is_none(),
+        }
+    }
+}
+
+fn open_dataset(config: &TrainConfig) -> Result<Dataset> {
+    let mut data_config = DatasetConfig::new(config.resolution)?;
+    data_config.selection = match config.max_train_samples {
+        Some(n) => Selection::First(n as usize),
+        None => Selection::All,
+    };
+    data_config.captions.source = match &config.instance_prompt {
+        Some(prompt) => CaptionSource::Instance(prompt.clone()),
+        None => CaptionSource::Column,
+    };
+    data_config.transform.crop = if config.center_crop {
+        CropMode::Center
+    } else {
+        CropMode::Random
+    };
+    data_config.transform.random_flip = config.random_flip;
+    Ok(Dataset::open(&dataset_source(config), data_config)?)
+}

@@ -1,0 +1,101 @@
+//! The loop's reporting: the progress bar, and at every `--logging_steps` the device-side window
+//! sums read once (the loop's only host synchronisation) into TensorBoard events and the JSON-lines
+//! metrics log.
+
+use crate::Result;
+use crate::config::TrainConfig;
+use crate::logs::jsonl::MetricsLog;
+use crate::logs::tensorboard::EventWriter;
+use crate::step::Accumulators;
+
+/// The run's logs and progress bar.
+pub(super) struct RunLogs {
+    metrics: MetricsLog,
+    events: EventWriter,
+    pub(super) progress: indicatif::ProgressBar,
+}
+
+/// What one read of the window gave.
+pub(super) struct Window {
+    /// The window's mean loss, if any step of it was applied.
+    pub(super) loss: Option<f64>,
+    /// Steps skipped so far (whole run).
+    pub(super) skipped: u64,
+}
+
+impl RunLogs {
+    /// Opens (or, resumed, continues) `output_dir/logs` and starts the bar at `start_step`.
+    pub(super) fn open(config: &TrainConfig, start_step: u64) -> Result<Self> {
+        let logs = config.output_dir.join("logs");
+        let metrics = MetricsLog::open(&logs.join("metrics.jsonl"), Some(start_step))?;
+        let events = if start_step > 0 {
+            EventWriter::create_resumed(&logs, start_step)?
+        } else {
+            EventWriter::create(&logs)?
+        };
+        let progress =
+            indicatif::ProgressBar::new(config.max_train_steps).with_position(start_step);
+        progress.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}] {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Ok(Self {
+            metrics,
+            events,
+            progress,
+        })
+    }
+
+    /// Reads the device-side window sums, logs them and starts a new window.
+    pub(super) fn window(
+        &mut self,
+        acc: &mut Accumulators,
+        step: u64,
+        lr: f64,
+        peak_memory_gib: Option<f64>,
+    ) -> Result<Window> {
+        let window_loss = acc.window_loss.double_value(&[]);
+        let window_steps = acc.window_steps.double_value(&[]);
+        let skipped = acc.skipped.double_value(&[]) as u64;
+        let grad_norm = acc.grad_norm.double_value(&[]);
+        let _ = acc.window_loss.zero_();
+        let _ = acc.window_steps.zero_();
+        let loss = (window_steps > 0.0).then(|| window_loss / window_steps);
+        let at = step as i64;
+        if let Some(loss) = loss {
+            self.events.add_scalar("train/loss", at, loss as f32)?;
+        }
+        self.events.add_scalar("train/lr", at, lr as f32)?;
+        self.events
+            .add_scalar("train/grad_norm", at, grad_norm as f32)?;
+        self.events
+            .add_scalar("train/skipped_steps", at, skipped as f32)?;
+        self.metrics.write(&serde_json::json!({
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "skipped_steps": skipped,
+            "peak_memory_gib": peak_memory_gib,
+            "elapsed_s": self.progress.elapsed().as_secs_f64(),
+        }))?;
+        let loss_text = loss.map_or_else(|| "n/a".to_owned(), |l| format!("{l:.4}"));
+        let memory_text = peak_memory_gib.map_or_else(String::new, |m| format!(" mem {m:.2} GiB"));
+        let skipped_text = if skipped > 0 {
+            format!(" skipped {skipped}")
+        } else {
+            String::new()
+        };
+        self.progress.set_message(format!(
+            "loss {loss_text} lr {lr:.2e}{memory_text}{skipped_text}"
+        ));
+        Ok(Window { loss, skipped })
+    }
+
+    /// Flushes the event file.
+    pub(super) fn flush(&mut self) -> Result<()> {
+        self.events.flush()
+    }
+}

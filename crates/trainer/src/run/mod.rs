@@ -1,0 +1,420 @@
+//! The training run: the stages composed (plan, prepare, model, step), then the loop — learning
+//! rate, micro-steps (eager or replayed CUDA graphs), logging, checkpoints, validation images — and
+//! the outputs at the end.
+//!
+//! The loop is diffusers' `train_dreambooth_lora_sdxl.py` restructured for exact resume and for
+//! CUDA graphs: before every micro-step libtorch's generator is re-seeded from `(seed, micro-step)`,
+//! and the batch of a micro-step is a pure function of `(seed, micro-step)` (the [`Plan`]), so a run
+//! resumed from `checkpoint-N` draws exactly what an uninterrupted run draws after step N; the LoRA
+//! parameters and the optimizer state are restored bit for bit.
+
+mod logging;
+mod probe;
+mod resume;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use tch::{Device, Kind};
+
+use sdxl_model::schedulers::SchedulerConfig;
+use sdxl_model::vae::AutoencoderKLConfig;
+
+pub use crate::outputs::{KOHYA_FILE, LORA_FILE};
+pub use resume::TrainerState;
+
+use crate::checkpoint::{CheckpointStore, io_error};
+use crate::config::{MixedPrecision, TrainConfig};
+use crate::device;
+use crate::estimate::{Estimate, EstimateInput, estimate};
+use crate::logs::{say, say_above};
+use crate::model::TrainModel;
+use crate::model_files::{self, ModelFolder};
+use crate::outputs::{self, RunStats};
+use crate::plan::Plan;
+use crate::prepare::{Latents, TextConditioning, prepare_latents, prepare_text};
+use crate::step::{StepGraphs, Stepper};
+use crate::validation::Validator;
+use crate::{Error, Result};
+use logging::RunLogs;
+use probe::{StepProbe, timed_launch};
+
+/// Eager optimizer steps before the step is captured (kernel selection, gradient buffers).
+const GRAPH_WARMUP_STEPS: u64 = 2;
+
+/// A training run, set up and ready to [`Trainer::run`].
+pub struct Trainer {
+    config: TrainConfig,
+    device: Device,
+    plan: Plan,
+    text: TextConditioning,
+    latents: Latents,
+    model: TrainModel,
+    stepper: Stepper,
+    store: CheckpointStore,
+    validator: Option<Validator>,
+    start_step: u64,
+    loss_history: Vec<(u64, f64)>,
+    estimate: Option<Estimate>,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("output_dir", &self.config.output_dir)
+            .field("start_step", &self.start_step)
+            .finish()
+    }
+}
+
+/// What a finished run leaves behind.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// Optimizer steps run in this process.
+    pub steps_run: u64,
+    /// Steps skipped for non-finite values (whole run).
+    pub skipped_steps: u64,
+    /// (step, mean loss) at every logging step.
+    pub loss_history: Vec<(u64, f64)>,
+    /// The diffusers-format LoRA.
+    pub lora_file: PathBuf,
+    /// The kohya-format LoRA.
+    pub kohya_file: PathBuf,
+    /// Seconds per optimizer step in this process (wall clock, including logging).
+    pub seconds_per_step: f64,
+    /// Peak allocated device memory, GiB (CUDA only).
+    pub peak_memory_gib: Option<f64>,
+}
+
+impl Trainer {
+    /// Plans the data, prepares the conditioning (text, latents), loads the model with its LoRA,
+    /// sets up the step and, with `--resume_from_checkpoint`, restores the run.
+    ///
+    /// # Errors
+    /// Anything wrong with the config, the model, the data or the checkpoint, naming the culprit.
+    pub fn new(config: TrainConfig) -> Result<Self> {
+        config.validate()?;
+        let device = device::open(&config)?;
+        if config.cuda_graph && !(device.is_cuda() && config.cache_latents) {
+            return Err(Error::InvalidOption {
+                option: "--cuda_graph",
+                problem: "needs a CUDA device and --cache_latents (latents encoded live are not a fixed sequence of device work)".into(),
+            });
+        }
+        let kind = match config.mixed_precision {
+            MixedPrecision::Bf16 => Kind::BFloat16,
+            MixedPrecision::No => Kind::Float,
+        };
+        let store = open_output_dir(&config)?;
+        let folder = model_files::resolve(
+            &config.pretrained_model_name_or_path,
+            &config.revision,
+            config.variant.as_deref(),
+        )?;
+        say(format!(
+            "model {} (variant {:?}) on {device:?} in {kind:?}",
+            folder.root.display(),
+            folder.variant
+        ));
+
+        let plan = Plan::open(&config)?;
+        let dataset = plan.dataset();
+        for skipped in dataset.skipped() {
+            say(format!("skipped a row: {}", skipped.error));
+        }
+        say(format!(
+            "{} images, {} batches of {} per epoch",
+            dataset.len(),
+            plan.steps_per_epoch(),
+            config.train_batch_size
+        ));
+        let (text, validation_prompt) = prepare_text(&config, &folder, dataset, device, kind)?;
+        let (latents, vae_config) = prepare_latents(&config, &folder, dataset, device)?;
+        let model = TrainModel::load(&config, &folder, device, kind)?;
+        let scheduler_config = scheduler_config(&config, &folder)?;
+        let stepper = Stepper::new(
+            &config,
+            &model,
+            &vae_config,
+            &scheduler_config,
+            (device, kind),
+        )?;
+        let estimate = device
+            .is_cuda()
+            .then(|| run_estimate(&config, &model, &stepper, &vae_config, kind));
+        let validator = validation_prompt.map(|prompt| {
+            let context = (device, kind);
+            Validator::new(
+                prompt,
+                &config,
+                &folder,
+                scheduler_config,
+                vae_config,
+                context,
+            )
+        });
+        let mut trainer = Self {
+            config,
+            device,
+            plan,
+            text,
+            latents,
+            model,
+            stepper,
+            store,
+            validator,
+            start_step: 0,
+            loss_history: Vec::new(),
+            estimate,
+        };
+        trainer.resume()?;
+        Ok(trainer)
+    }
+
+    /// The memory and time estimate (CUDA runs only).
+    pub fn estimate(&self) -> Option<Estimate> {
+        self.estimate
+    }
+
+    /// The optimizer step the run continues from (0 unless resumed).
+    pub fn start_step(&self) -> u64 {
+        self.start_step
+    }
+
+    /// The LoRA parameters by name (fp32, on the training device).
+    pub fn lora_parameters(&self) -> &[(String, tch::Tensor)] {
+        self.model.params()
+    }
+
+    /// `--resume_from_checkpoint`: restores the named (or latest) checkpoint, if there is one.
+    fn resume(&mut self) -> Result<()> {
+        let Some(arg) = self.config.resume_from_checkpoint.clone() else {
+            return Ok(());
+        };
+        match self.store.resolve(&arg)? {
+            Some((step, path)) => self.restore(step, &path),
+            None => {
+                say(format!(
+                    "--resume_from_checkpoint {arg}: no checkpoint in {}; starting fresh",
+                    self.config.output_dir.display()
+                ));
+                Ok(())
+            }
+        }
+    }
+
+    /// Trains from the start (or resumed) step to `--max_train_steps`, then writes the outputs.
+    ///
+    /// # Errors
+    /// Step, checkpoint and output errors; [`Error::TooManyNonFinite`] when too many steps were skipped.
+    pub fn run(&mut self) -> Result<RunSummary> {
+        if let Some(estimate) = &self.estimate {
+            say(estimate.to_string());
+        }
+        let mut logs = RunLogs::open(&self.config, self.start_step)?;
+        if self.device.is_cuda() {
+            torch_cuda::reset_peak_memory_stats(device::index(self.device));
+        }
+        let accumulation = u64::from(self.config.gradient_accumulation_steps);
+        let (start, end) = (self.start_step, self.config.max_train_steps);
+        if let Latents::Cached(_) = &self.latents {
+            let micro_steps = start * accumulation..end * accumulation;
+            self.stepper.upload_plan(&self.plan, micro_steps)?;
+        }
+        let started = Instant::now();
+        let mut graphs: Option<StepGraphs> = None;
+        let mut skipped = 0;
+        for step in start..end {
+            self.train_step(step, &mut graphs, &logs.progress)?;
+            logs.progress.inc(1);
+            skipped = self.after_step(step + 1, &mut logs)?.unwrap_or(skipped);
+        }
+        logs.progress.finish();
+        let steps_run = end.saturating_sub(start);
+        let seconds_per_step = started.elapsed().as_secs_f64() / steps_run.max(1) as f64;
+        let peak_memory_gib = device::peak_memory_gib(self.device);
+        logs.flush()?;
+        let stats = RunStats {
+            seconds_per_step,
+            peak_memory_gib,
+            skipped,
+            loss_history: &self.loss_history,
+        };
+        let grid = match &self.validator {
+            Some(validator) => Some(validator.compare(&mut self.model, self.latents.live_vae())?),
+            None => None,
+        };
+        let (lora_file, kohya_file) =
+            outputs::write(&self.config, &mut self.model, &stats, grid.as_ref())?;
+        Ok(RunSummary {
+            steps_run,
+            skipped_steps: skipped,
+            loss_history: self.loss_history.clone(),
+            lora_file,
+            kohya_file,
+            seconds_per_step,
+            peak_memory_gib,
+        })
+    }
+
+    /// One optimizer step: its learning rate, its micro-steps and the optimizer step, eagerly or
+    /// as replayed graphs (captured after the warm-up steps with `--cuda_graph`).
+    fn train_step(
+        &mut self,
+        step: u64,
+        graphs: &mut Option<StepGraphs>,
+        progress: &indicatif::ProgressBar,
+    ) -> Result<()> {
+        // `--profile_step N`: step N (0-based N-1) timed, step N+1 recorded by the profiler.
+        let profiling = self
+            .config
+            .profile_step
+            .and_then(|n| (step + 1).checked_sub(n))
+            .filter(|&k| k <= 1);
+        let mut probe = match profiling {
+            Some(k) => Some(StepProbe::begin(
+                self.device,
+                k == 1,
+                &self.config.output_dir,
+                step + 1,
+            )?),
+            None => None,
+        };
+        self.stepper.set_learning_rate(step)?;
+        if self.config.cuda_graph
+            && graphs.is_none()
+            && step >= self.start_step + GRAPH_WARMUP_STEPS
+        {
+            let device = device::index(self.device);
+            let captured = self
+                .stepper
+                .capture(&self.model, &self.text, &self.latents, device)?;
+            *graphs = Some(captured);
+            say_above(
+                progress,
+                "captured the micro-step and the optimizer step as CUDA graphs",
+            );
+        }
+        let accumulation = u64::from(self.config.gradient_accumulation_steps);
+        for micro in 0..accumulation {
+            let index = step * accumulation + micro;
+            self.stepper.prepare(&self.plan, &self.latents, index)?;
+            match graphs
+                .as_ref()
+                .and_then(|g| g.micro_steps.get(micro as usize))
+            {
+                Some(graph) => timed_launch(&mut probe, || graph.replay())?,
+                None => {
+                    let (model, text, latents) = (&self.model, &self.text, &self.latents);
+                    self.stepper.micro_step(model, text, latents, micro)?;
+                }
+            }
+        }
+        match graphs {
+            Some(graphs) => timed_launch(&mut probe, || graphs.optimizer_step.replay())?,
+            None => self.stepper.optimizer_step(&self.model, true)?,
+        }
+        if let Some(probe) = probe {
+            say_above(progress, probe.end(graphs.is_some())?);
+        }
+        Ok(())
+    }
+
+    /// After optimizer step `done` (1-based): the logging window, checkpoints and validation images
+    /// when due. Returns the run's skipped steps when the window was read.
+    fn after_step(&mut self, done: u64, logs: &mut RunLogs) -> Result<Option<u64>> {
+        let config = &self.config;
+        let mut skipped = None;
+        if done.is_multiple_of(config.logging_steps) || done == config.max_train_steps {
+            let lr = self.stepper.learning_rate(done - 1);
+            let memory = device::peak_memory_gib(self.device);
+            let window = logs.window(&mut self.stepper.acc, done, lr, memory)?;
+            if let Some(loss) = window.loss {
+                self.loss_history.push((done, loss));
+            }
+            if window.skipped > config.max_nonfinite_steps {
+                logs.progress.abandon();
+                return Err(Error::TooManyNonFinite {
+                    step: done,
+                    skipped: window.skipped,
+                    limit: config.max_nonfinite_steps,
+                });
+            }
+            skipped = Some(window.skipped);
+        }
+        if done.is_multiple_of(config.checkpointing_steps) {
+            let path = self.save_checkpoint(done)?;
+            say_above(&logs.progress, format!("saved {}", path.display()));
+        }
+        if done.is_multiple_of(self.config.validation_steps) && done < self.config.max_train_steps {
+            self.validate(done)?;
+        }
+        Ok(skipped)
+    }
+
+    /// Validation images of step `step` in `output_dir/validation/`.
+    fn validate(&self, step: u64) -> Result<()> {
+        let Some(validator) = &self.validator else {
+            return Ok(());
+        };
+        let folder = self.config.output_dir.join("validation");
+        std::fs::create_dir_all(&folder).map_err(io_error(&folder))?;
+        let path = folder.join(format!("step-{step:06}.png"));
+        validator.save_images(self.model.unet(), self.latents.live_vae(), &path)
+    }
+}
+
+/// Creates `output_dir`, removes what an interrupted run left half-written, and prunes a checkpoint
+/// too many (a run killed between a save and its prune).
+fn open_output_dir(config: &TrainConfig) -> Result<CheckpointStore> {
+    std::fs::create_dir_all(&config.output_dir).map_err(io_error(&config.output_dir))?;
+    let store = CheckpointStore::new(&config.output_dir);
+    for stale in store.clean_stale()? {
+        say(format!(
+            "removed {} left by an interrupted run",
+            stale.display()
+        ));
+    }
+    if let Some(limit) = config.checkpoints_total_limit {
+        store.prune(limit as usize)?;
+    }
+    Ok(store)
+}
+
+/// The model's scheduler config (SDXL's when the folder has none), with `--prediction_type`.
+fn scheduler_config(config: &TrainConfig, folder: &ModelFolder) -> Result<SchedulerConfig> {
+    let file = folder.root.join("scheduler").join("scheduler_config.json");
+    let mut scheduler_config = if file.is_file() {
+        SchedulerConfig::from_file(&file)?
+    } else {
+        SchedulerConfig::sdxl()
+    };
+    if let Some(prediction) = &config.prediction_type {
+        scheduler_config.prediction_type = Some(prediction.clone());
+    }
+    Ok(scheduler_config)
+}
+
+fn run_estimate(
+    config: &TrainConfig,
+    model: &TrainModel,
+    stepper: &Stepper,
+    vae_config: &AutoencoderKLConfig,
+    kind: Kind,
+) -> Estimate {
+    let latent = i64::from(config.resolution) / vae_config.downscale_factor();
+    let (unet_params, stored_weight_bytes) = model.base_size();
+    estimate(&EstimateInput {
+        unet_params,
+        weight_bytes: if kind == Kind::BFloat16 { 2 } else { 4 },
+        stored_weight_bytes,
+        lora_params: model.lora_parameter_count(),
+        optimizer_state_bytes: stepper.optimizer().state_bytes(),
+        batch: i64::from(config.train_batch_size),
+        latent_pixels: latent * latent,
+        accumulation: i64::from(config.gradient_accumulation_steps),
+        steps: config.max_train_steps,
+        checkpointing: config.gradient_checkpointing,
+        cuda_graph: config.cuda_graph,
+    })
+}

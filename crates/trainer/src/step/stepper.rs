@@ -1,0 +1,287 @@
+//! The step's state and its device work: the optimizer and its schedule, the DDPM schedule, the
+//! persistent inputs and the device-side sums, driven micro-step by micro-step (eagerly, or captured
+//! once as CUDA graphs and replayed).
+
+use std::ops::Range;
+
+use tch::{Device, Kind};
+
+use optim8bit::{AdamW, AdamWConfig, ParamGroup};
+use sdxl_model::prompt::add_time_ids_tensor;
+use sdxl_model::schedulers::{DdpmConfig, DdpmSchedule, SchedulerConfig};
+use sdxl_model::vae::AutoencoderKLConfig;
+use torch_cuda::{CaptureMode, CudaGraph};
+
+use super::{Accumulators, LatentBatch, StepInputs, StepSettings, micro_step, optimizer_step};
+use crate::config::TrainConfig;
+use crate::lr_scheduler::LrSchedule;
+use crate::model::TrainModel;
+use crate::plan::Plan;
+use crate::prepare::{Latents, TextConditioning, time_ids_of};
+use crate::{Error, Result};
+
+/// The captured step: one graph per micro-step of an accumulation and one for the optimizer step.
+pub struct StepGraphs {
+    /// One capture per accumulation index, replayed in that order: relaunching one graph before
+    /// its previous launch has finished can hold the host until it has.
+    pub micro_steps: Vec<CudaGraph>,
+    /// The optimizer step.
+    pub optimizer_step: CudaGraph,
+}
+
+/// Everything a step reads and writes besides the model and the prepared conditioning.
+pub struct Stepper {
+    optimizer: AdamW,
+    schedule: LrSchedule,
+    ddpm: DdpmSchedule,
+    settings: StepSettings,
+    inputs: StepInputs,
+    /// The device-side sums the loop reads at logging steps.
+    pub acc: Accumulators,
+    /// The batch of the current micro-step when latents are encoded live.
+    live_batch: Option<data::Batch>,
+}
+
+impl Stepper {
+    /// AdamW (8-bit or fp32 states) over `model`'s LoRA, the learning-rate schedule, the DDPM
+    /// schedule of `scheduler_config` and the step's settings.
+    ///
+    /// # Errors
+    /// Optimizer and schedule errors naming the flag.
+    pub fn new(
+        config: &TrainConfig,
+        model: &TrainModel,
+        vae_config: &AutoencoderKLConfig,
+        scheduler_config: &SchedulerConfig,
+        (device, kind): (Device, Kind),
+    ) -> Result<Self> {
+        let mut adam = if config.use_8bit_adam {
+            AdamWConfig::eight_bit()
+        } else {
+            AdamWConfig::fp32()
+        };
+        adam.beta1 = config.adam_beta1;
+        adam.beta2 = config.adam_beta2;
+        adam.eps = config.adam_epsilon;
+        let base_lr = config.base_learning_rate();
+        let group = ParamGroup::new(model.param_tensors(), base_lr, config.adam_weight_decay);
+        let schedule = LrSchedule::from_script_flags(
+            config.lr_scheduler,
+            base_lr,
+            config.lr_warmup_steps,
+            config.max_train_steps,
+            config.lr_num_cycles,
+            config.lr_power,
+        )?;
+        let settings = StepSettings {
+            kind,
+            scaling_factor: vae_config.scaling_factor,
+            shift_factor: vae_config.shift_factor.unwrap_or(0.0),
+            noise_offset: config.noise_offset,
+            snr_gamma: config.snr_gamma,
+            accumulation: i64::from(config.gradient_accumulation_steps),
+            gradient_checkpointing: config.gradient_checkpointing,
+            max_grad_norm: config.max_grad_norm,
+        };
+        Ok(Self {
+            optimizer: AdamW::new(vec![group], adam)?,
+            schedule,
+            ddpm: DdpmSchedule::new(DdpmConfig::from_config(scheduler_config)?, device)?,
+            settings,
+            inputs: StepInputs::new(i64::from(config.train_batch_size), device),
+            acc: Accumulators::new(device),
+            live_batch: None,
+        })
+    }
+
+    /// The optimizer.
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optimizer
+    }
+
+    /// The optimizer, to restore its state.
+    pub fn optimizer_mut(&mut self) -> &mut AdamW {
+        &mut self.optimizer
+    }
+
+    /// The learning rate of optimizer step `step` (0-based).
+    pub fn learning_rate(&self, step: u64) -> f64 {
+        self.schedule.lr_at(step)
+    }
+
+    /// Sets the learning rate of optimizer step `step` and returns it.
+    ///
+    /// # Errors
+    /// Optimizer errors.
+    pub fn set_learning_rate(&mut self, step: u64) -> Result<f64> {
+        let lr = self.schedule.lr_at(step);
+        self.optimizer.set_learning_rate(0, lr)?;
+        Ok(lr)
+    }
+
+    /// With cached latents, uploads the items of every micro-step in `micro_steps` at once: each
+    /// micro-step's inputs are then a device-to-device row copy, outside any captured graph.
+    ///
+    /// # Errors
+    /// libtorch errors.
+    pub fn upload_plan(&mut self, plan: &Plan, micro_steps: Range<u64>) -> Result<()> {
+        let first = micro_steps.start;
+        let rows: Vec<Vec<usize>> = micro_steps.map(|k| plan.items(k)).collect();
+        self.inputs.set_plan(first, &rows)
+    }
+
+    /// What micro-step `index` needs before its device work: the generator re-seeded from
+    /// `(seed, micro-step)` and the batch's items in the persistent input tensor (and, with latents
+    /// encoded live, the batch itself).
+    ///
+    /// # Errors
+    /// Loading errors naming the row; an index outside the uploaded plan.
+    pub fn prepare(&mut self, plan: &Plan, latents: &Latents, index: u64) -> Result<()> {
+        tch::manual_seed(plan.generator_seed(index));
+        match latents {
+            Latents::Cached(_) => self.inputs.select(index),
+            Latents::Live { .. } => {
+                let batch = plan.batch(index)?;
+                let items: Vec<usize> = batch.samples.iter().map(|s| s.item).collect();
+                self.inputs.set_items(&items)?;
+                self.live_batch = Some(batch);
+                Ok(())
+            }
+        }
+    }
+
+    /// The device work of micro-step `micro` of an accumulation (captured as a graph with
+    /// `--cuda_graph`): forward, loss, backward, and the gradients handed to the fp32 masters.
+    ///
+    /// # Errors
+    /// Model errors.
+    pub fn micro_step(
+        &mut self,
+        model: &TrainModel,
+        text: &TextConditioning,
+        latents: &Latents,
+        micro: u64,
+    ) -> Result<()> {
+        self.forward_backward(model, text, latents)?;
+        if let Some(copies) = model.copies() {
+            // Into the masters' gradients (written by the first micro-step, added by the others);
+            // the copies' own gradients are dropped, so the next backward hands its products over
+            // instead of adding them to zeros.
+            copies.collect_grads(micro > 0)?;
+            if self.inputs.items.device().is_cuda() && torch_cuda::shim_compiled() {
+                torch_cuda::foreach::clear_grads(copies.leaves()).map_err(Error::CudaGraph)?;
+            } else {
+                copies.zero_leaf_grads()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn forward_backward(
+        &mut self,
+        model: &TrainModel,
+        text: &TextConditioning,
+        latents: &Latents,
+    ) -> Result<()> {
+        let run = |batch: &LatentBatch<'_>, this: &mut Self| {
+            micro_step(
+                model.unet(),
+                &this.ddpm,
+                text,
+                batch,
+                &this.inputs,
+                &this.settings,
+                &mut this.acc,
+            )
+        };
+        match latents {
+            Latents::Cached(cached) => {
+                let batch = LatentBatch::Cached {
+                    mean: &cached.mean,
+                    std: &cached.std,
+                    time_ids: &cached.time_ids,
+                };
+                run(&batch, self)
+            }
+            Latents::Live { vae, .. } => {
+                let batch = self.live_batch.take().ok_or_else(|| Error::InvalidOption {
+                    option: "--cache_latents",
+                    problem: "no batch was loaded for this micro-step".into(),
+                })?;
+                let device = self.inputs.items.device();
+                let pixels = batch.pixels.to_device(device);
+                let latents = tch::no_grad(|| vae.encode(&pixels))?.sample();
+                let rows: Vec<[f64; 6]> = batch.samples.iter().map(time_ids_of).collect();
+                let time_ids = add_time_ids_tensor(&rows, Kind::Float, device);
+                let live = LatentBatch::Fresh {
+                    latents: &latents,
+                    time_ids: &time_ids,
+                };
+                run(&live, self)
+            }
+        }
+    }
+
+    /// The device work of an optimizer step (captured as a graph with `--cuda_graph`).
+    ///
+    /// # Errors
+    /// Optimizer errors.
+    pub fn optimizer_step(&mut self, model: &TrainModel, zero_grads: bool) -> Result<()> {
+        // With copies the first micro-step overwrites the gradients: nothing to zero.
+        optimizer_step(
+            &mut self.optimizer,
+            &model.param_tensors(),
+            &self.settings,
+            &mut self.acc,
+            zero_grads && model.copies().is_none(),
+        )?;
+        if let Some(copies) = model.copies() {
+            copies.refresh()?;
+        }
+        Ok(())
+    }
+
+    /// Records each micro-step of an accumulation and the optimizer step as CUDA graphs (one memory
+    /// pool), after the eager warm-up steps have created every gradient buffer and chosen every
+    /// kernel. Capturing runs nothing: the replays do the work, on the same persistent tensors.
+    ///
+    /// # Errors
+    /// [`Error::CudaGraph`], and the step's own errors.
+    pub fn capture(
+        &mut self,
+        model: &TrainModel,
+        text: &TextConditioning,
+        latents: &Latents,
+        device: usize,
+    ) -> Result<StepGraphs> {
+        // Gradients dropped before the first capture: its replays write them afresh (where the
+        // eager step adds into zeroed ones), the later micro-steps add, and the optimizer graph
+        // needs no zeroing pass. With compute copies this holds already: the masters' gradients
+        // are views of one buffer the first micro-step overwrites, and the copies' gradients are
+        // dropped after every micro-step.
+        if model.copies().is_none() {
+            torch_cuda::foreach::clear_grads(&model.param_tensors()).map_err(Error::CudaGraph)?;
+        }
+        let mut micro_steps: Vec<CudaGraph> = Vec::new();
+        for micro in 0..self.settings.accumulation as u64 {
+            // All graphs share the first one's memory pool (they replay in capture order).
+            let (graph, recorded) =
+                CudaGraph::capture(device, micro_steps.first(), CaptureMode::Global, || {
+                    self.micro_step(model, text, latents, micro)
+                })
+                .map_err(Error::CudaGraph)?;
+            recorded?;
+            micro_steps.push(graph);
+        }
+        let (optimizer_step, recorded) =
+            CudaGraph::capture(device, micro_steps.first(), CaptureMode::Global, || {
+                self.optimizer_step(model, false)
+            })
+            .map_err(Error::CudaGraph)?;
+        recorded?;
+        Ok(StepGraphs {
+            micro_steps,
+            optimizer_step,
+        })
+    }
+}
