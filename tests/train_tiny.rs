@@ -19,89 +19,12 @@ use trainer::checkpoint::CheckpointStore;
 use trainer::logs::{jsonl::MetricsLog, tensorboard::read_scalars};
 use trainer::run::{KOHYA_FILE, LORA_FILE};
 
-const CHILD_CONFIG: &str = "TRAIN_TINY_CHILD_CONFIG";
+#[path = "common/training.rs"]
+mod training;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A path under `tests/fixtures`, which must exist: a missing fixture fails the test naming it.
-fn fixture(name: &str) -> PathBuf {
-    let path = repo().join("tests/fixtures").join(name);
-    assert!(
-        path.exists(),
-        "missing fixture {}: regenerate it with `tools/fixtures/regenerate.sh --only tiny_sdxl`",
-        path.display()
-    );
-    path
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sdxl-train-tiny-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn tiny(output_dir: &Path) -> TrainConfig {
-    TrainConfig::tiny_demo(
-        &fixture("tiny-sdxl"),
-        &repo().join("examples/data/tiny-naruto"),
-        output_dir,
-    )
-}
-
-/// Runs one training process to the end of its config (resuming from the latest checkpoint).
-#[test]
-#[ignore = "the child process of the tests below; it trains only when they start it"]
-fn training_child() {
-    let path = std::env::var(CHILD_CONFIG).expect("started by a test of this file with a config");
-    // One thread: identical arithmetic in every process of a comparison, and no oversubscription.
-    tch::set_num_threads(1);
-    let config = TrainConfig::from_toml_file(Path::new(&path)).unwrap();
-    // The error as a user sees it (Display), for the tests that expect a run to stop.
-    if let Err(error) = trainer::Trainer::new(config).and_then(|mut trainer| trainer.run()) {
-        eprintln!("error: {error}");
-        std::process::exit(3);
-    }
-}
-
-fn spawn(config: &TrainConfig, slow_checkpoints: bool) -> Child {
-    let file = config.output_dir.with_extension("toml");
-    std::fs::write(&file, config.to_toml().unwrap()).unwrap();
-    let mut command = Command::new(std::env::current_exe().unwrap());
-    command
-        .args([
-            "--ignored",
-            "--exact",
-            "training_child",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env(CHILD_CONFIG, &file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    if slow_checkpoints {
-        command.env("TRAINER_TEST_SLOW_CHECKPOINT_MS", "150");
-    }
-    command.spawn().unwrap()
-}
-
-/// The logged loss of every step of a finished run.
-fn losses(config: &TrainConfig) -> Vec<f64> {
-    let metrics = MetricsLog::read(&config.output_dir.join("logs/metrics.jsonl")).unwrap();
-    metrics.iter().filter_map(|r| r["loss"].as_f64()).collect()
-}
-
-fn run_to_end(config: &TrainConfig) {
-    let output = spawn(config, false).wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "training failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
+use training::{
+    assert_bit_identical, fixture, losses, repo, run_to_end, scratch, spawn, tensors, tiny,
+};
 
 #[test]
 fn random_crops_flips_v_prediction_min_snr_and_offset_noise_train() {
@@ -306,21 +229,6 @@ fn a_diverging_run_skips_its_non_finite_steps_then_stops_without_writing_a_lora(
         stderr.contains("refusing to write checkpoint-") && stderr.contains("is not finite"),
         "{stderr}"
     );
-}
-
-fn tensors(path: &Path) -> Vec<(String, Tensor)> {
-    let mut named = Tensor::read_safetensors(path).unwrap();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    named
-}
-
-fn assert_bit_identical(a: &Path, b: &Path) {
-    let (a, b) = (tensors(a), tensors(b));
-    assert_eq!(a.len(), b.len());
-    for ((name_a, ta), (name_b, tb)) in a.iter().zip(&b) {
-        assert_eq!(name_a, name_b);
-        assert!(ta.equal(tb), "{name_a} differs");
-    }
 }
 
 #[test]

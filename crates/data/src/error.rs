@@ -108,7 +108,7 @@ pub enum Error {
     /// An image is smaller than the crop it must fill and upscaling is off.
     #[error(
         "{origin}: image {width}x{height} is smaller than the {crop_width}x{crop_height} crop \
-         (allow upscaling or lower the resolution)"
+         (upscaling is off: allow it, e.g. drop the trainer's --no_upscale, or lower the resolution)"
     )]
     ImageTooSmall {
         /// The row or file.

@@ -99,7 +99,7 @@ fn an_image_smaller_than_the_crop_names_its_row() {
     let message = error(&source, resolution(50));
     assert!(
         message.contains(
-            "metadata.jsonl line 1: image 64x48 is smaller than the 50x50 crop (allow upscaling"
+            "metadata.jsonl line 1: image 64x48 is smaller than the 50x50 crop (upscaling is off"
         ),
         "{message}"
     );

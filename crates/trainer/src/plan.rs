@@ -47,6 +47,12 @@ impl Plan {
         self.loader.dataset()
     }
 
+    /// The rows left out under `--skip_bad_images`, each as its error names it.
+    pub fn skipped_rows(&self) -> Vec<String> {
+        let skipped = self.dataset().skipped();
+        skipped.iter().map(|s| s.error.to_string()).collect()
+    }
+
     /// Batches per epoch.
     pub fn steps_per_epoch(&self) -> u64 {
         self.loader.steps_per_epoch()
@@ -147,5 +153,7 @@ fn open_dataset(config: &TrainConfig) -> Result<Dataset> {
         CropMode::Random
     };
     data_config.transform.random_flip = config.random_flip;
+    data_config.transform.allow_upscale = !config.no_upscale;
+    data_config.skip_bad_rows = config.skip_bad_images;
     Ok(Dataset::open(&dataset_source(config), data_config)?)
 }

@@ -118,6 +118,10 @@ train_config! {
     center_crop: bool = true,
     /// Mirror images at random each step (needs --cache_latents false).
     random_flip: bool = false,
+    /// Refuse images smaller than their target size (the run stops naming the row) instead of resizing them up, as diffusers' scripts do.
+    no_upscale: bool = false,
+    /// Leave out rows that cannot be used (undecodable, a bad path, no caption, too small under --no_upscale) and list them at the start and at the end of the run, instead of stopping at the first.
+    skip_bad_images: bool = false,
     /// Encode every image once with the VAE and free the VAE before training.
     cache_latents: bool = true,
     /// Samples per micro-step.

@@ -84,6 +84,8 @@ pub struct RunSummary {
     pub seconds_per_step: f64,
     /// Peak allocated device memory, GiB (CUDA only).
     pub peak_memory_gib: Option<f64>,
+    /// The rows left out under `--skip_bad_images`, each as its error names it.
+    pub skipped_rows: Vec<String>,
 }
 
 impl Trainer {
@@ -119,8 +121,8 @@ impl Trainer {
 
         let plan = Plan::open(&config)?;
         let dataset = plan.dataset();
-        for skipped in dataset.skipped() {
-            say(format!("skipped a row: {}", skipped.error));
+        for skipped in plan.skipped_rows() {
+            say(format!("skipped a row: {skipped}"));
         }
         say(format!(
             "{} images, {} batches of {} per epoch",
@@ -246,6 +248,16 @@ impl Trainer {
         };
         let (lora_file, kohya_file) =
             outputs::write(&self.config, &mut self.model, &stats, grid.as_ref())?;
+        let skipped_rows = self.plan.skipped_rows();
+        if !skipped_rows.is_empty() {
+            say(format!(
+                "{} row(s) were left out (--skip_bad_images):",
+                skipped_rows.len()
+            ));
+            for row in &skipped_rows {
+                say(format!("  {row}"));
+            }
+        }
         Ok(RunSummary {
             steps_run,
             skipped_steps: skipped,
@@ -254,6 +266,7 @@ impl Trainer {
             kohya_file,
             seconds_per_step,
             peak_memory_gib,
+            skipped_rows,
         })
     }
 
