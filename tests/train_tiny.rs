@@ -9,7 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use image::GenericImageView;
@@ -22,9 +22,7 @@ use trainer::run::{KOHYA_FILE, LORA_FILE};
 #[path = "common/training.rs"]
 mod training;
 
-use training::{
-    assert_bit_identical, fixture, losses, repo, run_to_end, scratch, spawn, tensors, tiny,
-};
+use training::{assert_bit_identical, fixture, losses, run_to_end, scratch, spawn, tensors, tiny};
 
 #[test]
 fn random_crops_flips_v_prediction_min_snr_and_offset_noise_train() {
