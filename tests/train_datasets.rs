@@ -11,7 +11,7 @@ use trainer::run::LORA_FILE;
 #[path = "common/training.rs"]
 mod training;
 
-use training::{fixture, run_output, scratch, tiny};
+use training::{assert_bit_identical, fixture, run_output, scratch, tiny};
 
 /// A short run of the tiny model on `dataset` at 64 px.
 fn short(dataset: &Path, out: &Path) -> TrainConfig {
@@ -83,5 +83,86 @@ fn skip_bad_images_trains_past_unusable_rows_and_lists_them_at_the_end() {
         listed.contains("row 1") && listed.contains("row 5"),
         "{listed}"
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Copies the files of `from` (not recursively) into a new folder `to`.
+fn copy_folder(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+        } else if path.is_dir() {
+            copy_folder(&path, &to.join(path.file_name().unwrap()));
+        }
+    }
+}
+
+/// The "(N reused, M encoded)" counts the run printed.
+fn cache_counts(stderr: &str) -> (u64, u64) {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("latents cached in"))
+        .unwrap_or_else(|| panic!("no cache line:\n{stderr}"));
+    let inner = &line[line.rfind('(').unwrap() + 1..line.rfind(')').unwrap()];
+    let numbers: Vec<u64> = inner
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+#[test]
+fn latents_cached_on_disk_are_reused_bit_identically_and_follow_image_and_vae() {
+    let dir = scratch("disk-cache");
+    let dataset = dir.join("images");
+    copy_folder(&fixture("captioned-images/imagefolder"), &dataset);
+    let model = dir.join("model");
+    copy_folder(&fixture("tiny-sdxl"), &model);
+    // Flips are drawn per step and both mirror images are cached, so latents stay cached.
+    let memory = TrainConfig {
+        pretrained_model_name_or_path: model.display().to_string(),
+        random_flip: true,
+        max_train_steps: 4,
+        ..short(&dataset, &dir.join("memory"))
+    };
+    let (ok, stderr) = run_output(&memory);
+    assert!(ok, "training failed:\n{stderr}");
+    let on_disk = |name: &str| TrainConfig {
+        cache_latents_to_disk: true,
+        latents_cache_dir: Some(dir.join("cache")),
+        output_dir: dir.join(name),
+        ..memory.clone()
+    };
+    // 8 images, each with its mirror image: 16 entries, encoded by the first run, reused by the next.
+    let (ok, stderr) = run_output(&on_disk("first"));
+    assert!(ok, "training failed:\n{stderr}");
+    assert_eq!(cache_counts(&stderr), (0, 16));
+    let (ok, stderr) = run_output(&on_disk("second"));
+    assert!(ok, "training failed:\n{stderr}");
+    assert_eq!(cache_counts(&stderr), (16, 0));
+    for run in ["first", "second"] {
+        assert_bit_identical(
+            &dir.join("memory").join(LORA_FILE),
+            &dir.join(run).join(LORA_FILE),
+        );
+    }
+
+    // An edited image under the same name: its two entries are encoded again.
+    let mut edited = image::open(dataset.join("000.png")).unwrap().to_rgb8();
+    image::imageops::invert(&mut edited);
+    edited.save(dataset.join("000.png")).unwrap();
+    let (ok, stderr) = run_output(&on_disk("edited"));
+    assert!(ok, "training failed:\n{stderr}");
+    assert_eq!(cache_counts(&stderr), (14, 2));
+    // Another VAE (here: its config file changed): everything is encoded again.
+    let vae_config = model.join("vae/config.json");
+    let text = std::fs::read_to_string(&vae_config).unwrap();
+    std::fs::write(&vae_config, format!("{text}\n")).unwrap();
+    let (ok, stderr) = run_output(&on_disk("other-vae"));
+    assert!(ok, "training failed:\n{stderr}");
+    assert_eq!(cache_counts(&stderr), (0, 16));
     let _ = std::fs::remove_dir_all(dir);
 }

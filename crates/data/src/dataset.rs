@@ -284,8 +284,13 @@ impl Dataset {
 
     /// Decodes and transforms one sample. A pure function of the key: any thread, any run.
     pub fn sample(&self, key: &SampleKey) -> Result<Sample> {
+        self.sample_placed(key, self.placement(key)?)
+    }
+
+    /// The sample of `key` with the given placement instead of the one drawn for the key (e.g. the
+    /// mirrored twin of a centre crop, to cache both).
+    pub fn sample_placed(&self, key: &SampleKey, placement: Placement) -> Result<Sample> {
         let item = self.item(key.item)?;
-        let placement = self.placement(key)?;
         let image = transform::decode(&item.bytes, &item.origin)?;
         let pixels = transform::apply(&image, &placement)?;
         let swap = |(w, h): (u32, u32)| (h, w);

@@ -5,16 +5,30 @@
 //! deals it into batches with the data crate's [`Loader`], so a run resumed at micro-step `k` draws
 //! exactly what an uninterrupted run draws there. It knows nothing of models.
 
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
 use data::{
     Batch, CaptionSource, Columns, CropMode, Dataset, DatasetConfig, HubDataset, Loader,
-    LoaderConfig, Selection, Source,
+    LoaderConfig, SampleKey, Selection, Source,
 };
 
 use crate::Result;
 use crate::config::TrainConfig;
+
+/// What one micro-step trains on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MicroStep {
+    /// The bucket every sample of the batch belongs to (an index into the dataset's bucket sizes).
+    pub bucket: usize,
+    /// Each sample's key, in batch order.
+    pub keys: Vec<SampleKey>,
+    /// Whether each sample is mirrored.
+    pub flips: Vec<bool>,
+    /// Each sample's prompt (caption or instance prompt, after dropout and shuffling).
+    pub prompts: Vec<String>,
+}
 
 /// The run's batches, planned from its seed.
 #[derive(Debug)]
@@ -58,14 +72,52 @@ impl Plan {
         self.loader.steps_per_epoch()
     }
 
-    /// The dataset items of micro-step `index`, in batch order.
-    pub fn items(&self, index: u64) -> Vec<usize> {
-        self.loader
-            .step_keys(index)
-            .1
-            .iter()
-            .map(|key| key.item)
-            .collect()
+    /// The micro-steps `range` (global indices): items, bucket, flips and prompts of each. Each
+    /// epoch's order is computed once.
+    ///
+    /// # Errors
+    /// Dataset errors (an item outside the dataset).
+    pub fn micro_steps(&self, range: Range<u64>) -> Result<Vec<MicroStep>> {
+        let dataset = self.dataset();
+        let per_epoch = self.steps_per_epoch();
+        let mut epoch: Option<(u64, Vec<Vec<usize>>)> = None;
+        let mut steps = Vec::with_capacity((range.end.saturating_sub(range.start)) as usize);
+        for index in range {
+            let wanted = index / per_epoch;
+            let order = match &epoch {
+                Some((e, order)) if *e == wanted => order,
+                _ => &epoch.insert((wanted, self.loader.epoch_plan(wanted))).1,
+            };
+            let items = &order[(index % per_epoch) as usize];
+            let keys: Vec<SampleKey> = items
+                .iter()
+                .enumerate()
+                .map(|(slot, &item)| SampleKey {
+                    seed: self.seed,
+                    step: index,
+                    slot: slot as u32,
+                    item,
+                })
+                .collect();
+            let flips = keys
+                .iter()
+                .map(|key| Ok(dataset.placement(key)?.flipped))
+                .collect::<Result<Vec<bool>>>()?;
+            let prompts = keys
+                .iter()
+                .map(|key| Ok(dataset.prompt(key)?))
+                .collect::<Result<Vec<String>>>()?;
+            let bucket = items
+                .first()
+                .map_or(0, |&item| dataset.items()[item].bucket);
+            steps.push(MicroStep {
+                bucket,
+                keys,
+                flips,
+                prompts,
+            });
+        }
+        Ok(steps)
     }
 
     /// Micro-step `index`'s batch, decoded and transformed (for latents encoded live).

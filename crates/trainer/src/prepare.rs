@@ -1,14 +1,17 @@
-//! What is computed once before training: the text conditioning of every prompt (both CLIP encoders,
-//! then the encoders are freed) and, with `--cache_latents`, each image's latent posterior (the VAE
-//! in fp32, through the data crate's content-keyed cache, then the VAE is freed).
+//! What is computed once before training: the text conditioning of every prompt the plan uses
+//! (both CLIP encoders, then the encoders are freed) and, with `--cache_latents`, each image's latent
+//! posterior — both mirror images with `--random_flip` — (the VAE in fp32, through the data crate's
+//! content-keyed cache, in memory or on disk with `--cache_latents_to_disk`, then the VAE is freed).
 //!
 //! diffusers' DreamBooth script does the same: it encodes the instance prompt once and, with
 //! `--cache_latents`, keeps each image's `latent_dist` and draws a fresh sample from it every step.
-//! Everything here ends as device tensors indexed by dataset item, so a training step only gathers
-//! rows by item index: no host data enters the step beyond one index tensor.
+//! Everything here ends as device tensors indexed by row, so a training step only gathers rows: no
+//! host data enters the step beyond two index tensors.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 
+use sha2::{Digest, Sha256};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -16,18 +19,20 @@ use data::{CacheKey, Dataset, SampleKey, TensorCache};
 use sdxl_model::prompt::{PromptEncoder, add_time_ids, add_time_ids_tensor};
 use sdxl_model::vae::{AutoencoderKL, AutoencoderKLConfig, Upcast};
 
-use crate::Result;
+use crate::checkpoint::io_error;
 use crate::config::TrainConfig;
 use crate::device::free_cache;
 use crate::logs::say;
 use crate::model_files::ModelFolder;
+use crate::plan::MicroStep;
 use crate::validation::ValidationPrompt;
+use crate::{Error, Result};
 
 /// Where the clean latents of a step come from.
 pub enum Latents {
     /// Encoded once before training; the VAE is gone.
     Cached(CachedLatents),
-    /// Random crops or flips: the VAE stays and encodes every step.
+    /// Random crops: the VAE stays and encodes every step.
     Live {
         /// The VAE (fp32).
         vae: Box<AutoencoderKL>,
@@ -46,15 +51,15 @@ impl Latents {
     }
 }
 
-/// Encodes every distinct prompt of the dataset and the validation prompt (`--validation_prompt`),
-/// then frees the text encoders.
+/// Encodes every distinct prompt of `steps` (the whole run's plan, so a resumed run builds the
+/// same table) and the validation prompt (`--validation_prompt`), then frees the text encoders.
 ///
 /// # Errors
 /// Text-encoder loading and encoding errors.
 pub fn prepare_text(
     config: &TrainConfig,
     folder: &ModelFolder,
-    dataset: &Dataset,
+    steps: &[MicroStep],
     device: Device,
     kind: Kind,
 ) -> Result<(TextConditioning, Option<ValidationPrompt>)> {
@@ -65,7 +70,8 @@ pub fn prepare_text(
             device,
             kind,
         )?;
-        let text = encode_prompts(&encoder, dataset, config.seed, device, kind)?;
+        let prompts = steps.iter().flat_map(|step| step.prompts.iter());
+        let text = encode_prompts(&encoder, prompts, device, kind)?;
         let validation = match &config.validation_prompt {
             Some(prompt) => {
                 let (positive, negative) = tch::no_grad(|| {
@@ -82,18 +88,22 @@ pub fn prepare_text(
         (text, validation)
     };
     free_cache(device);
+    let table = prepared.0.context.numel() * prepared.0.context.kind().elt_size_in_bytes()
+        + prepared.0.pooled.numel() * prepared.0.pooled.kind().elt_size_in_bytes();
     say(format!(
-        "{} distinct prompt(s) encoded; text encoders freed",
-        prepared.0.prompts.len()
+        "{} distinct prompt(s) encoded ({:.1} MiB on the device); text encoders freed",
+        prepared.0.prompts.len(),
+        table as f64 / (1u64 << 20) as f64
     ));
     Ok(prepared)
 }
 
 /// Loads the VAE (in fp32, as diffusers' script keeps it) and, with `--cache_latents`, encodes
-/// every item and frees it. Returns the latents and the VAE's config.
+/// every item (both mirror images with `--random_flip`) and frees it. Returns the latents and the
+/// VAE's config.
 ///
 /// # Errors
-/// VAE loading and encoding errors, dataset errors naming the row.
+/// VAE loading and encoding errors, cache-folder errors, dataset errors naming the row.
 pub fn prepare_latents(
     config: &TrainConfig,
     folder: &ModelFolder,
@@ -113,16 +123,76 @@ pub fn prepare_latents(
         let vae = Box::new(vae);
         return Ok((Latents::Live { vae, store }, vae_config));
     }
-    let encoder_id = format!("{}|{:?}|fp32", vae_folder.display(), folder.variant);
-    let cache = TensorCache::in_memory();
-    let cached = encode_latents(&vae, &encoder_id, dataset, &cache, config.seed, device)?;
+    let (cache, encoder_id) = if config.cache_latents_to_disk {
+        let dir = latents_cache_dir(config);
+        let id = format!("{}|fp32", hash_folder(&vae_folder)?);
+        (TensorCache::on_disk(&dir)?, id)
+    } else {
+        let id = format!("{}|{:?}|fp32", vae_folder.display(), folder.variant);
+        (TensorCache::in_memory(), id)
+    };
+    let flips = if config.random_flip { 2 } else { 1 };
+    let context = (config.seed, device);
+    let cached = encode_latents(&vae, &encoder_id, dataset, &cache, flips, context)?;
     drop((vae, store));
     free_cache(device);
-    say("latents cached; VAE freed");
-    Ok((Latents::Cached(cached), vae_config))
+    if config.cache_latents_to_disk {
+        say(format!(
+            "latents cached in {} ({} reused, {} encoded); VAE freed",
+            latents_cache_dir(config).display(),
+            cache.hits(),
+            cache.misses()
+        ));
+    } else {
+        say("latents cached; VAE freed");
+    }
+    Ok((Latents::Cached(cached.into_device(device)), vae_config))
 }
 
-/// The text conditioning of the dataset's prompts.
+/// `--latents_cache_dir`, else `latents/` in the toolkit's cache folder (`$SDXL_LORA_CACHE`, else
+/// `$XDG_CACHE_HOME/sdxl-lora-rs`, else `~/.cache/sdxl-lora-rs`).
+pub fn latents_cache_dir(config: &TrainConfig) -> PathBuf {
+    if let Some(dir) = &config.latents_cache_dir {
+        return dir.clone();
+    }
+    let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    let root = env("SDXL_LORA_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            env("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| env("HOME").map(|home| PathBuf::from(home).join(".cache")))
+                .unwrap_or_else(std::env::temp_dir)
+                .join("sdxl-lora-rs")
+        });
+    root.join("latents")
+}
+
+/// SHA-256 over the names and contents of the files of `folder` (a VAE's config and weights), so
+/// cached latents follow the weights, not the path.
+fn hash_folder(folder: &Path) -> Result<String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
+        .map_err(io_error(folder))?
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.is_file())
+        .collect();
+    files.sort();
+    let mut hasher = Sha256::new();
+    for path in files {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        hasher.update(name.unwrap_or_default().as_bytes());
+        let mut file = std::fs::File::open(&path).map_err(io_error(&path))?;
+        std::io::copy(&mut file, &mut hasher).map_err(io_error(&path))?;
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// The text conditioning of the run's prompts.
 #[derive(Debug)]
 pub struct TextConditioning {
     /// The distinct prompts, in first-use order.
@@ -131,8 +201,92 @@ pub struct TextConditioning {
     pub context: Tensor,
     /// Pooled embedding of each distinct prompt, `[prompts, 1280]`, in the UNet's kind.
     pub pooled: Tensor,
-    /// For every dataset item, the row of its prompt, `[items]` int64 on the device.
-    pub prompt_of_item: Tensor,
+    rows: HashMap<String, i64>,
+}
+
+impl TextConditioning {
+    /// The row of `prompt` in [`Self::context`] and [`Self::pooled`].
+    pub fn row(&self, prompt: &str) -> Option<i64> {
+        self.rows.get(prompt).copied()
+    }
+}
+
+/// Encodes every distinct prompt of `prompts` once, eight at a time, in first-use order.
+///
+/// # Errors
+/// Text-encoder errors.
+pub fn encode_prompts<'p>(
+    encoder: &PromptEncoder,
+    prompts: impl IntoIterator<Item = &'p String>,
+    device: Device,
+    kind: Kind,
+) -> Result<TextConditioning> {
+    let mut rows: HashMap<String, i64> = HashMap::new();
+    let mut distinct = Vec::new();
+    for prompt in prompts {
+        if !rows.contains_key(prompt) {
+            rows.insert(prompt.clone(), distinct.len() as i64);
+            distinct.push(prompt.clone());
+        }
+    }
+    let (mut contexts, mut pooled) = (Vec::new(), Vec::new());
+    for chunk in distinct.chunks(8) {
+        let embeds = tch::no_grad(|| encoder.encode(chunk, None, None))?;
+        contexts.push(embeds.context.to_device(device).to_kind(kind));
+        pooled.push(embeds.pooled.to_device(device).to_kind(kind));
+    }
+    Ok(TextConditioning {
+        prompts: distinct,
+        context: Tensor::cat(&contexts, 0),
+        pooled: Tensor::cat(&pooled, 0),
+        rows,
+    })
+}
+
+/// The cached posteriors of one bucket's images (one size), fp32.
+#[derive(Debug)]
+pub struct BucketLatents {
+    /// Posterior means (unscaled), `[rows, 4, h, w]`.
+    pub mean: Tensor,
+    /// Posterior standard deviations, same shape.
+    pub std: Tensor,
+    /// `[orig_h, orig_w, crop_top, crop_left, target_h, target_w]` per row, `[rows, 6]`.
+    pub time_ids: Tensor,
+}
+
+/// Every item's latent posterior and SDXL time ids (and its mirror image's), by bucket.
+#[derive(Debug)]
+pub struct CachedLatents {
+    /// The latents of each bucket that has images.
+    pub buckets: BTreeMap<usize, BucketLatents>,
+    /// (item, mirrored) → (bucket, row in the bucket's tensors).
+    rows: HashMap<(usize, bool), (usize, i64)>,
+}
+
+impl CachedLatents {
+    /// Where the latents of `item` (mirrored or not) are.
+    pub fn row(&self, item: usize, flipped: bool) -> Option<(usize, i64)> {
+        self.rows.get(&(item, flipped)).copied()
+    }
+
+    fn into_device(self, device: Device) -> Self {
+        let buckets = self
+            .buckets
+            .into_iter()
+            .map(|(bucket, latents)| {
+                let moved = BucketLatents {
+                    mean: latents.mean.to_device(device),
+                    std: latents.std.to_device(device),
+                    time_ids: latents.time_ids.to_device(device),
+                };
+                (bucket, moved)
+            })
+            .collect();
+        Self {
+            buckets,
+            rows: self.rows,
+        }
+    }
 }
 
 /// The key of the sample an item gives when its transform does not depend on the step.
@@ -145,59 +299,9 @@ fn fixed_key(seed: u64, item: usize) -> SampleKey {
     }
 }
 
-/// Encodes every distinct prompt of the dataset once.
-///
-/// Prompts come from [`Dataset::prompt`] at step 0; with caption dropout they would change per step,
-/// which the trainer does not offer.
-///
-/// # Errors
-/// Dataset and text-encoder errors.
-pub fn encode_prompts(
-    encoder: &PromptEncoder,
-    dataset: &Dataset,
-    seed: u64,
-    device: Device,
-    kind: Kind,
-) -> Result<TextConditioning> {
-    let mut rows: BTreeMap<String, i64> = BTreeMap::new();
-    let mut prompts = Vec::new();
-    let mut prompt_of_item = Vec::with_capacity(dataset.len());
-    for item in 0..dataset.len() {
-        let prompt = dataset.prompt(&fixed_key(seed, item))?;
-        let next = prompts.len() as i64;
-        let row = *rows.entry(prompt.clone()).or_insert_with(|| {
-            prompts.push(prompt);
-            next
-        });
-        prompt_of_item.push(row);
-    }
-    let (mut contexts, mut pooled) = (Vec::new(), Vec::new());
-    for chunk in prompts.chunks(8) {
-        let embeds = tch::no_grad(|| encoder.encode(chunk, None, None))?;
-        contexts.push(embeds.context.to_device(device).to_kind(kind));
-        pooled.push(embeds.pooled.to_device(device).to_kind(kind));
-    }
-    Ok(TextConditioning {
-        prompts,
-        context: Tensor::cat(&contexts, 0),
-        pooled: Tensor::cat(&pooled, 0),
-        prompt_of_item: Tensor::from_slice(&prompt_of_item).to_device(device),
-    })
-}
-
-/// Every item's latent posterior and SDXL time ids, for transforms that do not change per step.
-#[derive(Debug)]
-pub struct CachedLatents {
-    /// Posterior means (unscaled), `[items, 4, h, w]` fp32 on the training device.
-    pub mean: Tensor,
-    /// Posterior standard deviations, same shape.
-    pub std: Tensor,
-    /// `[orig_h, orig_w, crop_top, crop_left, target_h, target_w]` per item, `[items, 6]` fp32.
-    pub time_ids: Tensor,
-}
-
-/// Encodes every item once with `vae` (its weights' kind; fp32 for SDXL training) through `cache`,
-/// keyed by the image content, its placement and `encoder_id`.
+/// Encodes every item once (`flips` = 2: also its mirror image) with `vae` (its weights' kind;
+/// fp32 for SDXL training) through `cache`, keyed by the image content, its placement and
+/// `encoder_id`. The tensors stay on the CPU.
 ///
 /// # Errors
 /// Dataset, cache and VAE errors.
@@ -206,49 +310,75 @@ pub fn encode_latents(
     encoder_id: &str,
     dataset: &Dataset,
     cache: &TensorCache,
-    seed: u64,
-    device: Device,
+    flips: usize,
+    (seed, device): (u64, Device),
 ) -> Result<CachedLatents> {
-    let (mut means, mut stds, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+    type Rows = (Vec<Tensor>, Vec<Tensor>, Vec<[f64; 6]>);
+    let mut by_bucket: BTreeMap<usize, Rows> = BTreeMap::new();
+    let mut rows = HashMap::new();
     for item in 0..dataset.len() {
-        let sample = dataset.sample(&fixed_key(seed, item))?;
-        let key = CacheKey::latents(encoder_id, &sample);
-        let entry = cache.get_or_insert_with(&key, || -> Result<_> {
-            let pixels = sample.pixels.to_tensor()?.unsqueeze(0).to_device(device);
-            let posterior = tch::no_grad(|| vae.encode(&pixels))?;
-            Ok(vec![
-                (
-                    "mean".to_owned(),
-                    posterior.mean.to_kind(Kind::Float).to_device(Device::Cpu),
-                ),
-                (
-                    "std".to_owned(),
-                    posterior.std().to_kind(Kind::Float).to_device(Device::Cpu),
-                ),
-            ])
-        })?;
-        let get = |name: &str| {
-            entry
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, t)| t.shallow_clone())
-        };
-        let (Some(mean), Some(std)) = (get("mean"), get("std")) else {
-            return Err(data::Error::Worker(format!(
-                "latent cache entry {} lacks mean or std",
-                key.as_str()
-            ))
-            .into());
-        };
-        means.push(mean);
-        stds.push(std);
-        ids.push(time_ids_of(&sample));
+        let key = fixed_key(seed, item);
+        for flipped in [false, true].into_iter().take(flips) {
+            let placement = data::Placement {
+                flipped,
+                ..dataset.placement(&key)?
+            };
+            let sample = dataset.sample_placed(&key, placement)?;
+            let (mean, std) = encode_one(vae, encoder_id, cache, &sample, device)?;
+            let bucket = dataset.items()[item].bucket;
+            let (means, stds, ids) = by_bucket.entry(bucket).or_default();
+            rows.insert((item, flipped), (bucket, means.len() as i64));
+            means.push(mean);
+            stds.push(std);
+            ids.push(time_ids_of(&sample));
+        }
     }
-    Ok(CachedLatents {
-        mean: Tensor::cat(&means, 0).to_device(device),
-        std: Tensor::cat(&stds, 0).to_device(device),
-        time_ids: add_time_ids_tensor(&ids, Kind::Float, device),
-    })
+    let buckets = by_bucket
+        .into_iter()
+        .map(|(bucket, (means, stds, ids))| {
+            let latents = BucketLatents {
+                mean: Tensor::cat(&means, 0),
+                std: Tensor::cat(&stds, 0),
+                time_ids: add_time_ids_tensor(&ids, Kind::Float, Device::Cpu),
+            };
+            (bucket, latents)
+        })
+        .collect();
+    Ok(CachedLatents { buckets, rows })
+}
+
+/// One sample's posterior mean and standard deviation `[1, 4, h, w]` (CPU, fp32), from the cache
+/// or encoded and stored.
+fn encode_one(
+    vae: &AutoencoderKL,
+    encoder_id: &str,
+    cache: &TensorCache,
+    sample: &data::Sample,
+    device: Device,
+) -> Result<(Tensor, Tensor)> {
+    let key = CacheKey::latents(encoder_id, sample);
+    let entry = cache.get_or_insert_with(&key, || -> Result<_> {
+        let pixels = sample.pixels.to_tensor()?.unsqueeze(0).to_device(device);
+        let posterior = tch::no_grad(|| vae.encode(&pixels))?;
+        let cpu = |t: Tensor| t.to_kind(Kind::Float).to_device(Device::Cpu);
+        Ok(vec![
+            ("mean".to_owned(), cpu(posterior.mean.shallow_clone())),
+            ("std".to_owned(), cpu(posterior.std())),
+        ])
+    })?;
+    let get = |name: &str| {
+        entry
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.shallow_clone())
+    };
+    match (get("mean"), get("std")) {
+        (Some(mean), Some(std)) => Ok((mean, std)),
+        _ => Err(Error::from(data::Error::Worker(format!(
+            "latent cache entry {} lacks mean or std",
+            key.as_str()
+        )))),
+    }
 }
 
 /// SDXL's time ids of a sample as the data crate placed it: its real size, crop corner and target size.

@@ -116,14 +116,18 @@ train_config! {
     resolution: u32 = 512,
     /// Centre crops (else a random crop per step, which needs --cache_latents false).
     center_crop: bool = true,
-    /// Mirror images at random each step (needs --cache_latents false).
+    /// Mirror images at random each step.
     random_flip: bool = false,
     /// Refuse images smaller than their target size (the run stops naming the row) instead of resizing them up, as diffusers' scripts do.
     no_upscale: bool = false,
     /// Leave out rows that cannot be used (undecodable, a bad path, no caption, too small under --no_upscale) and list them at the start and at the end of the run, instead of stopping at the first.
     skip_bad_images: bool = false,
-    /// Encode every image once with the VAE and free the VAE before training.
+    /// Encode every image once with the VAE and free the VAE before training (with --random_flip, both mirror images).
     cache_latents: bool = true,
+    /// Keep the cached latents on disk, keyed by image content, size, crop, flip and the VAE's weights, so the next run reuses them (needs --cache_latents).
+    cache_latents_to_disk: bool = false,
+    /// Where --cache_latents_to_disk keeps latents; default: `latents/` in $SDXL_LORA_CACHE, else $XDG_CACHE_HOME/sdxl-lora-rs, else ~/.cache/sdxl-lora-rs.
+    latents_cache_dir: Option<PathBuf> = None,
     /// Samples per micro-step.
     train_batch_size: u32 = 2,
     /// Micro-steps per optimizer step.
@@ -394,7 +398,10 @@ mod tests {
         assert!(message(&["--rank", "four"]).contains("--rank"));
         assert!(message(&["--resolution", "500"]).contains("--resolution"));
         assert!(message(&["--mixed_precision", "fp16"]).contains("--mixed_precision"));
-        assert!(message(&["--random_flip"]).contains("--cache_latents"));
+        assert!(message(&["--center_crop", "false"]).contains("--cache_latents"));
+        let disk = message(&["--cache_latents_to_disk", "--cache_latents", "false"]);
+        assert!(disk.starts_with("--cache_latents_to_disk"), "{disk}");
+        parse(&["--random_flip"]).unwrap();
         assert!(message(&["--max_train_steps"]).contains("--max_train_steps"));
         assert!(message(&["rank"]).contains("rank"));
     }

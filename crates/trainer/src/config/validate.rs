@@ -91,10 +91,16 @@ impl TrainConfig {
     fn validate_combinations(&self) -> Result<()> {
         let fail =
             |option: &'static str, problem: String| Err(Error::InvalidOption { option, problem });
-        if self.cache_latents && (self.random_flip || !self.center_crop) {
+        if self.cache_latents && !self.center_crop {
             return fail(
                 "--cache_latents",
-                "cached latents are encoded once per image, so --random_flip and random crops (--center_crop false) need --cache_latents false".into(),
+                "cached latents are encoded once per image, so random crops (--center_crop false) need --cache_latents false".into(),
+            );
+        }
+        if self.cache_latents_to_disk && !self.cache_latents {
+            return fail(
+                "--cache_latents_to_disk",
+                "needs --cache_latents (it keeps the cached latents on disk)".into(),
             );
         }
         if let Some(kind) = &self.prediction_type

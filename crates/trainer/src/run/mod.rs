@@ -130,7 +130,9 @@ impl Trainer {
             plan.steps_per_epoch(),
             config.train_batch_size
         ));
-        let (text, validation_prompt) = prepare_text(&config, &folder, dataset, device, kind)?;
+        let micro_steps = config.max_train_steps * u64::from(config.gradient_accumulation_steps);
+        let planned = plan.micro_steps(0..micro_steps)?;
+        let (text, validation_prompt) = prepare_text(&config, &folder, &planned, device, kind)?;
         let (latents, vae_config) = prepare_latents(&config, &folder, dataset, device)?;
         let model = TrainModel::load(&config, &folder, device, kind)?;
         let scheduler_config = scheduler_config(&config, &folder)?;
@@ -170,6 +172,13 @@ impl Trainer {
             estimate,
         };
         trainer.resume()?;
+        // Each remaining micro-step's rows, on the device.
+        let first = trainer.start_step * u64::from(trainer.config.gradient_accumulation_steps);
+        let remaining = planned.get(first as usize..).unwrap_or_default();
+        let (text, latents) = (&trainer.text, &trainer.latents);
+        trainer
+            .stepper
+            .upload_plan(first, remaining, text, latents)?;
         Ok(trainer)
     }
 
@@ -217,12 +226,7 @@ impl Trainer {
         if self.device.is_cuda() {
             torch_cuda::reset_peak_memory_stats(device::index(self.device));
         }
-        let accumulation = u64::from(self.config.gradient_accumulation_steps);
         let (start, end) = (self.start_step, self.config.max_train_steps);
-        if let Latents::Cached(_) = &self.latents {
-            let micro_steps = start * accumulation..end * accumulation;
-            self.stepper.upload_plan(&self.plan, micro_steps)?;
-        }
         let started = Instant::now();
         let mut graphs: Option<StepGraphs> = None;
         let mut skipped = 0;
@@ -305,16 +309,16 @@ impl Trainer {
             *graphs = Some(captured);
             say_above(
                 progress,
-                "captured the micro-step and the optimizer step as CUDA graphs",
+                "captured the micro-steps (per bucket) and the optimizer step as CUDA graphs",
             );
         }
         let accumulation = u64::from(self.config.gradient_accumulation_steps);
         for micro in 0..accumulation {
             let index = step * accumulation + micro;
-            self.stepper.prepare(&self.plan, &self.latents, index)?;
+            let bucket = self.stepper.prepare(&self.plan, &self.latents, index)?;
             match graphs
                 .as_ref()
-                .and_then(|g| g.micro_steps.get(micro as usize))
+                .and_then(|g| g.micro_steps.get(&(bucket, micro)))
             {
                 Some(graph) => timed_launch(&mut probe, || graph.replay())?,
                 None => {
@@ -325,7 +329,7 @@ impl Trainer {
         }
         match graphs {
             Some(graphs) => timed_launch(&mut probe, || graphs.optimizer_step.replay())?,
-            None => self.stepper.optimizer_step(&self.model, true)?,
+            None => self.stepper.optimizer_step(&self.model)?,
         }
         if let Some(probe) = probe {
             say_above(progress, probe.end(graphs.is_some())?);

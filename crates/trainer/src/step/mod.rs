@@ -33,16 +33,17 @@ use crate::prepare::TextConditioning;
 /// Where a micro-step's clean latents come from.
 #[derive(Debug)]
 pub enum LatentBatch<'a> {
-    /// Gathered from cached posteriors by [`StepInputs::items`]: `mean + std·ε`, fp32, unscaled.
+    /// Gathered from a bucket's cached posteriors by [`StepInputs::latent_rows`]: `mean + std·ε`,
+    /// fp32, unscaled.
     Cached {
-        /// Posterior means `[items, 4, h, w]`.
+        /// Posterior means `[rows, 4, h, w]`.
         mean: &'a Tensor,
-        /// Posterior standard deviations `[items, 4, h, w]`.
+        /// Posterior standard deviations `[rows, 4, h, w]`.
         std: &'a Tensor,
-        /// Time ids `[items, 6]`.
+        /// Time ids `[rows, 6]`.
         time_ids: &'a Tensor,
     },
-    /// Encoded this step (random crops or flips): a posterior sample and its time ids.
+    /// Encoded this step (random crops): a posterior sample and its time ids.
     Fresh {
         /// Unscaled latents `[batch, 4, h, w]`.
         latents: &'a Tensor,
@@ -51,64 +52,89 @@ pub enum LatentBatch<'a> {
     },
 }
 
+/// The rows one micro-step gathers: for each sample of the batch, its row in the cached latents
+/// of its bucket and its row in the prompt table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedRows {
+    /// The bucket of the batch.
+    pub bucket: usize,
+    /// Rows of the bucket's cached latents, `[batch]` (zeros when latents are encoded live).
+    pub latents: Vec<i64>,
+    /// Rows of the prompt table, `[batch]`.
+    pub prompts: Vec<i64>,
+}
+
 /// The per-step host inputs, in persistent device tensors.
 #[derive(Debug)]
 pub struct StepInputs {
-    /// Dataset item of each batch row, `[batch]` int64.
-    pub items: Tensor,
-    /// The items of every planned micro-step, `[micro-steps, batch]` int64, and the first one's index.
-    plan: Option<(u64, Tensor)>,
+    /// Row of each sample in its bucket's cached latents, `[batch]` int64.
+    pub latent_rows: Tensor,
+    /// Row of each sample's prompt in the prompt table, `[batch]` int64.
+    pub prompt_rows: Tensor,
+    /// The rows of every planned micro-step, `[micro-steps, 2, batch]` int64 on the device, their
+    /// buckets, and the first one's index.
+    plan: Option<(u64, Tensor, Vec<usize>)>,
 }
 
 impl StepInputs {
     /// Inputs for batches of `batch` on `device`.
     pub fn new(batch: i64, device: Device) -> Self {
         Self {
-            items: Tensor::zeros([batch], (Kind::Int64, device)),
+            latent_rows: Tensor::zeros([batch], (Kind::Int64, device)),
+            prompt_rows: Tensor::zeros([batch], (Kind::Int64, device)),
             plan: None,
         }
     }
 
-    /// Uploads the items of the micro-steps `first, first + 1, …` (one row each) in one copy.
+    /// Uploads the rows of the micro-steps `first, first + 1, …` in one copy.
     ///
     /// # Errors
     /// libtorch errors (rows of another batch size).
-    pub fn set_plan(&mut self, first: u64, rows: &[Vec<usize>]) -> Result<()> {
-        let batch = self.items.size()[0];
-        let flat: Vec<i64> = rows.iter().flatten().map(|&i| i as i64).collect();
+    pub fn set_plan(&mut self, first: u64, steps: &[PlannedRows]) -> Result<()> {
+        let batch = self.latent_rows.size()[0];
+        let flat: Vec<i64> = steps
+            .iter()
+            .flat_map(|s| s.latents.iter().chain(&s.prompts).copied())
+            .collect();
         let plan = Tensor::f_from_slice(&flat)?
-            .f_view([rows.len() as i64, batch])?
-            .f_to_device(self.items.device())?;
-        self.plan = Some((first, plan));
+            .f_view([steps.len() as i64, 2, batch])?
+            .f_to_device(self.latent_rows.device())?;
+        let buckets = steps.iter().map(|s| s.bucket).collect();
+        self.plan = Some((first, plan, buckets));
         Ok(())
     }
 
-    /// Copies micro-step `index`'s row of the plan into [`Self::items`] (device to device).
+    /// Copies micro-step `index`'s rows of the plan into [`Self::latent_rows`] and
+    /// [`Self::prompt_rows`] (device to device) and returns its bucket.
     ///
     /// # Errors
     /// [`crate::Error::InvalidOption`] when `index` is outside the plan; libtorch errors.
-    pub fn select(&mut self, index: u64) -> Result<()> {
+    pub fn select(&mut self, index: u64) -> Result<usize> {
         let outside = || crate::Error::InvalidOption {
             option: "--max_train_steps",
             problem: format!("micro-step {index} is outside the batch plan"),
         };
-        let (first, plan) = self.plan.as_ref().ok_or_else(outside)?;
+        let (first, plan, buckets) = self.plan.as_ref().ok_or_else(outside)?;
         let row = index
             .checked_sub(*first)
-            .filter(|&r| (r as i64) < plan.size()[0])
+            .filter(|&r| (r as usize) < buckets.len())
             .ok_or_else(outside)?;
-        self.items.f_copy_(&plan.f_get(row as i64)?)?;
-        Ok(())
+        let rows = plan.f_get(row as i64)?;
+        self.latent_rows.f_copy_(&rows.f_get(0)?)?;
+        self.prompt_rows.f_copy_(&rows.f_get(1)?)?;
+        Ok(buckets[row as usize])
     }
 
-    /// Copies this step's item indices in (a host-to-device copy outside the captured work).
-    ///
-    /// # Errors
-    /// libtorch errors (e.g. another batch size).
-    pub fn set_items(&mut self, items: &[usize]) -> Result<()> {
-        let host: Vec<i64> = items.iter().map(|&i| i as i64).collect();
-        self.items.f_copy_(&Tensor::from_slice(&host))?;
-        Ok(())
+    /// The buckets the uploaded plan uses, each once, ascending.
+    pub fn buckets(&self) -> Vec<usize> {
+        let mut buckets = self
+            .plan
+            .as_ref()
+            .map(|(_, _, b)| b.clone())
+            .unwrap_or_default();
+        buckets.sort_unstable();
+        buckets.dedup();
+        buckets
     }
 }
 
@@ -183,11 +209,11 @@ pub fn micro_step(
             std,
             time_ids,
         } => {
-            let mean = mean.index_select(0, &inputs.items);
-            let std = std.index_select(0, &inputs.items);
+            let mean = mean.index_select(0, &inputs.latent_rows);
+            let std = std.index_select(0, &inputs.latent_rows);
             (
                 &mean + std * mean.randn_like(),
-                time_ids.index_select(0, &inputs.items),
+                time_ids.index_select(0, &inputs.latent_rows),
             )
         }
         LatentBatch::Fresh { latents, time_ids } => {
@@ -199,9 +225,8 @@ pub fn micro_step(
     let draws = Draws::sample(&clean, settings, schedule.num_train_timesteps());
     let objective = Objective::new(schedule, &clean, &draws, settings)?;
     // 3. Conditioning rows of this batch's prompts.
-    let rows = text.prompt_of_item.index_select(0, &inputs.items);
-    let context = text.context.index_select(0, &rows);
-    let pooled = text.pooled.index_select(0, &rows);
+    let context = text.context.index_select(0, &inputs.prompt_rows);
+    let pooled = text.pooled.index_select(0, &inputs.prompt_rows);
     let time_ids = time_ids.to_kind(settings.kind);
     let unet_inputs = UNetInputs {
         sample: &objective.noisy,

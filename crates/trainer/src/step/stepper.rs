@@ -2,7 +2,7 @@
 //! persistent inputs and the device-side sums, driven micro-step by micro-step (eagerly, or captured
 //! once as CUDA graphs and replayed).
 
-use std::ops::Range;
+use std::collections::BTreeMap;
 
 use tch::{Device, Kind};
 
@@ -12,19 +12,23 @@ use sdxl_model::schedulers::{DdpmConfig, DdpmSchedule, SchedulerConfig};
 use sdxl_model::vae::AutoencoderKLConfig;
 use torch_cuda::{CaptureMode, CudaGraph};
 
-use super::{Accumulators, LatentBatch, StepInputs, StepSettings, micro_step, optimizer_step};
+use super::{
+    Accumulators, LatentBatch, PlannedRows, StepInputs, StepSettings, micro_step, optimizer_step,
+};
 use crate::config::TrainConfig;
 use crate::lr_scheduler::LrSchedule;
 use crate::model::TrainModel;
-use crate::plan::Plan;
+use crate::plan::{MicroStep, Plan};
 use crate::prepare::{Latents, TextConditioning, time_ids_of};
 use crate::{Error, Result};
 
-/// The captured step: one graph per micro-step of an accumulation and one for the optimizer step.
+/// The captured step: one graph per bucket and micro-step of an accumulation, and one for the
+/// optimizer step, all in one memory pool.
 pub struct StepGraphs {
-    /// One capture per accumulation index, replayed in that order: relaunching one graph before
-    /// its previous launch has finished can hold the host until it has.
-    pub micro_steps: Vec<CudaGraph>,
+    /// One capture per (bucket, accumulation index): the first micro-step of an accumulation writes
+    /// the gradients, the others add to them. Each index has its own graph also because relaunching
+    /// one graph before its previous launch has finished can hold the host until it has.
+    pub micro_steps: BTreeMap<(usize, u64), CudaGraph>,
     /// The optimizer step.
     pub optimizer_step: CudaGraph,
 }
@@ -40,6 +44,8 @@ pub struct Stepper {
     pub acc: Accumulators,
     /// The batch of the current micro-step when latents are encoded live.
     live_batch: Option<data::Batch>,
+    /// The bucket of the current micro-step.
+    bucket: usize,
 }
 
 impl Stepper {
@@ -91,6 +97,7 @@ impl Stepper {
             inputs: StepInputs::new(i64::from(config.train_batch_size), device),
             acc: Accumulators::new(device),
             live_batch: None,
+            bucket: 0,
         })
     }
 
@@ -119,35 +126,65 @@ impl Stepper {
         Ok(lr)
     }
 
-    /// With cached latents, uploads the items of every micro-step in `micro_steps` at once: each
+    /// Uploads the rows of the micro-steps `steps` (the first being `first`) at once: each
     /// micro-step's inputs are then a device-to-device row copy, outside any captured graph.
     ///
     /// # Errors
-    /// libtorch errors.
-    pub fn upload_plan(&mut self, plan: &Plan, micro_steps: Range<u64>) -> Result<()> {
-        let first = micro_steps.start;
-        let rows: Vec<Vec<usize>> = micro_steps.map(|k| plan.items(k)).collect();
+    /// A prompt or image the preparation did not encode; libtorch errors.
+    pub fn upload_plan(
+        &mut self,
+        first: u64,
+        steps: &[MicroStep],
+        text: &TextConditioning,
+        latents: &Latents,
+    ) -> Result<()> {
+        let missing = |what: String| Error::InvalidOption {
+            option: "--dataset_name",
+            problem: format!("{what} was not prepared"),
+        };
+        let mut rows = Vec::with_capacity(steps.len());
+        for step in steps {
+            let mut planned = PlannedRows {
+                bucket: step.bucket,
+                latents: Vec::new(),
+                prompts: Vec::new(),
+            };
+            for ((key, &flipped), prompt) in step.keys.iter().zip(&step.flips).zip(&step.prompts) {
+                let row = text
+                    .row(prompt)
+                    .ok_or_else(|| missing(format!("the prompt `{prompt}`")))?;
+                planned.prompts.push(row);
+                planned.latents.push(match latents {
+                    Latents::Cached(cached) => {
+                        let (_, row) = cached.row(key.item, flipped).ok_or_else(|| {
+                            missing(format!(
+                                "the latent of item {} (mirrored: {flipped})",
+                                key.item
+                            ))
+                        })?;
+                        row
+                    }
+                    Latents::Live { .. } => 0,
+                });
+            }
+            rows.push(planned);
+        }
         self.inputs.set_plan(first, &rows)
     }
 
     /// What micro-step `index` needs before its device work: the generator re-seeded from
-    /// `(seed, micro-step)` and the batch's items in the persistent input tensor (and, with latents
-    /// encoded live, the batch itself).
+    /// `(seed, micro-step)`, the batch's rows in the persistent input tensors (and, with latents
+    /// encoded live, the batch itself). Returns the micro-step's bucket.
     ///
     /// # Errors
     /// Loading errors naming the row; an index outside the uploaded plan.
-    pub fn prepare(&mut self, plan: &Plan, latents: &Latents, index: u64) -> Result<()> {
+    pub fn prepare(&mut self, plan: &Plan, latents: &Latents, index: u64) -> Result<usize> {
         tch::manual_seed(plan.generator_seed(index));
-        match latents {
-            Latents::Cached(_) => self.inputs.select(index),
-            Latents::Live { .. } => {
-                let batch = plan.batch(index)?;
-                let items: Vec<usize> = batch.samples.iter().map(|s| s.item).collect();
-                self.inputs.set_items(&items)?;
-                self.live_batch = Some(batch);
-                Ok(())
-            }
+        self.bucket = self.inputs.select(index)?;
+        if let Latents::Live { .. } = latents {
+            self.live_batch = Some(plan.batch(index)?);
         }
+        Ok(self.bucket)
     }
 
     /// The device work of micro-step `micro` of an accumulation (captured as a graph with
@@ -168,7 +205,7 @@ impl Stepper {
             // the copies' own gradients are dropped, so the next backward hands its products over
             // instead of adding them to zeros.
             copies.collect_grads(micro > 0)?;
-            if self.inputs.items.device().is_cuda() && torch_cuda::shim_compiled() {
+            if self.inputs.latent_rows.device().is_cuda() && torch_cuda::shim_compiled() {
                 torch_cuda::foreach::clear_grads(copies.leaves()).map_err(Error::CudaGraph)?;
             } else {
                 copies.zero_leaf_grads()?;
@@ -196,10 +233,18 @@ impl Stepper {
         };
         match latents {
             Latents::Cached(cached) => {
+                let bucket =
+                    cached
+                        .buckets
+                        .get(&self.bucket)
+                        .ok_or_else(|| Error::InvalidOption {
+                            option: "--dataset_name",
+                            problem: format!("bucket {} has no cached latents", self.bucket),
+                        })?;
                 let batch = LatentBatch::Cached {
-                    mean: &cached.mean,
-                    std: &cached.std,
-                    time_ids: &cached.time_ids,
+                    mean: &bucket.mean,
+                    std: &bucket.std,
+                    time_ids: &bucket.time_ids,
                 };
                 run(&batch, self)
             }
@@ -208,7 +253,7 @@ impl Stepper {
                     option: "--cache_latents",
                     problem: "no batch was loaded for this micro-step".into(),
                 })?;
-                let device = self.inputs.items.device();
+                let device = self.inputs.latent_rows.device();
                 let pixels = batch.pixels.to_device(device);
                 let latents = tch::no_grad(|| vae.encode(&pixels))?.sample();
                 let rows: Vec<[f64; 6]> = batch.samples.iter().map(time_ids_of).collect();
@@ -226,14 +271,14 @@ impl Stepper {
     ///
     /// # Errors
     /// Optimizer errors.
-    pub fn optimizer_step(&mut self, model: &TrainModel, zero_grads: bool) -> Result<()> {
+    pub fn optimizer_step(&mut self, model: &TrainModel) -> Result<()> {
         // With copies the first micro-step overwrites the gradients: nothing to zero.
         optimizer_step(
             &mut self.optimizer,
             &model.param_tensors(),
             &self.settings,
             &mut self.acc,
-            zero_grads && model.copies().is_none(),
+            model.copies().is_none(),
         )?;
         if let Some(copies) = model.copies() {
             copies.refresh()?;
@@ -254,31 +299,33 @@ impl Stepper {
         latents: &Latents,
         device: usize,
     ) -> Result<StepGraphs> {
-        // Gradients dropped before the first capture: its replays write them afresh (where the
-        // eager step adds into zeroed ones), the later micro-steps add, and the optimizer graph
-        // needs no zeroing pass. With compute copies this holds already: the masters' gradients
-        // are views of one buffer the first micro-step overwrites, and the copies' gradients are
-        // dropped after every micro-step.
-        if model.copies().is_none() {
-            torch_cuda::foreach::clear_grads(&model.param_tensors()).map_err(Error::CudaGraph)?;
+        // Every graph adds into the gradients the eager warm-up created (the first micro-step of an
+        // accumulation of any bucket alike), and the optimizer graph zeroes them after its update.
+        // With compute copies the first micro-step overwrites the masters' gradients instead.
+        let mut captured: Vec<((usize, u64), CudaGraph)> = Vec::new();
+        for bucket in self.inputs.buckets() {
+            self.bucket = bucket;
+            for micro in 0..self.settings.accumulation as u64 {
+                // All graphs share the first one's memory pool: they never run concurrently, and what one
+                // graph leaves for later (gradients, sums) lives in persistent tensors.
+                let pool = captured.first().map(|(_, graph)| graph);
+                let (graph, recorded) =
+                    CudaGraph::capture(device, pool, CaptureMode::Global, || {
+                        self.micro_step(model, text, latents, micro)
+                    })
+                    .map_err(Error::CudaGraph)?;
+                recorded?;
+                captured.push(((bucket, micro), graph));
+            }
         }
-        let mut micro_steps: Vec<CudaGraph> = Vec::new();
-        for micro in 0..self.settings.accumulation as u64 {
-            // All graphs share the first one's memory pool (they replay in capture order).
-            let (graph, recorded) =
-                CudaGraph::capture(device, micro_steps.first(), CaptureMode::Global, || {
-                    self.micro_step(model, text, latents, micro)
-                })
-                .map_err(Error::CudaGraph)?;
-            recorded?;
-            micro_steps.push(graph);
-        }
+        let pool = captured.first().map(|(_, graph)| graph);
         let (optimizer_step, recorded) =
-            CudaGraph::capture(device, micro_steps.first(), CaptureMode::Global, || {
-                self.optimizer_step(model, false)
+            CudaGraph::capture(device, pool, CaptureMode::Global, || {
+                self.optimizer_step(model)
             })
             .map_err(Error::CudaGraph)?;
         recorded?;
+        let micro_steps = captured.into_iter().collect();
         Ok(StepGraphs {
             micro_steps,
             optimizer_step,
