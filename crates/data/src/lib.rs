@@ -4,7 +4,8 @@
 //!   Hugging Face cache), local parquet files as the `datasets` library writes them, an
 //!   `imagefolder` with `metadata.jsonl`, or a folder of images with `.txt` captions.
 //! - **Selection and captions** ([`DatasetConfig`]): first N rows or a seeded subset, repeats,
-//!   caption column or instance prompt, a template and caption dropout.
+//!   caption column or instance prompt, a template and caption dropout, and kohya's caption rules
+//!   ([`CaptionRules`]: prefix/suffix, tag shuffling with kept tags, tag dropout).
 //! - **Per-step transforms** ([`transform`]): antialiased resize, centre or random crop reporting its
 //!   top-left, random flip, `[-1, 1]` pixels; aspect-ratio [`Buckets`].
 //! - **Caches** ([`TensorCache`]): latents and text embeddings keyed by content ([`CacheKey`]).
@@ -41,6 +42,7 @@
 
 mod bucket;
 mod cache;
+pub mod caption;
 mod dataset;
 mod error;
 mod folder;
@@ -54,6 +56,7 @@ pub mod transform;
 
 pub use bucket::{BucketConfig, Buckets};
 pub use cache::{CacheKey, CacheKeyBuilder, Entry, TensorCache};
+pub use caption::CaptionRules;
 pub use dataset::{
     CaptionSource, Captions, Dataset, DatasetConfig, Item, Sample, SampleKey, Selection, Skipped,
 };
