@@ -70,7 +70,8 @@ impl Default for Captions {
 pub struct DatasetConfig {
     /// Which rows.
     pub selection: Selection,
-    /// How often each selected row appears per epoch (kohya's repeats); at least 1.
+    /// How often each selected row appears per epoch (kohya's repeats); at least 1. It multiplies
+    /// each item's own [`Item::repeats`] (a kohya `<repeats>_<name>` folder's count).
     pub repeats: u32,
     /// Prompts.
     pub captions: Captions,
@@ -115,6 +116,9 @@ pub struct Item {
     pub caption: Option<String>,
     /// Index into the bucket sizes.
     pub bucket: usize,
+    /// How often the item appears per epoch before [`DatasetConfig::repeats`] multiplies it: the
+    /// `<repeats>` of a kohya `<repeats>_<name>` folder, else 1.
+    pub repeats: u32,
 }
 
 /// A row left out under `skip_bad_rows`, with the reason.
@@ -404,5 +408,6 @@ fn check_row(row: RawRow, config: &DatasetConfig, captions_needed: bool) -> Resu
         size,
         caption: row.caption,
         bucket,
+        repeats: row.repeats,
     })
 }
