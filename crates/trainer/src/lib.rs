@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 mod error;
 pub mod estimate;
+pub mod kohya_config;
 pub mod logs;
 pub mod lr_scheduler;
 pub mod model_files;
