@@ -6,6 +6,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use crate::bucket::Buckets;
+use crate::caption::CaptionRules;
 use crate::record::{Origin, RawRow};
 use crate::rng::Rng;
 use crate::source::Source;
@@ -47,6 +48,10 @@ pub struct Captions {
     /// Probability of replacing the prompt with the empty prompt at a step (classifier-free guidance
     /// training), drawn anew each step.
     pub dropout: f64,
+    /// kohya's caption rules, applied at each step to the (templated) caption after `dropout` was
+    /// drawn: prefix/suffix, caption dropout, first line only, tag shuffle with kept tags, tag
+    /// dropout ([`crate::caption::process_caption`]). `None`: the caption is used as it is.
+    pub kohya: Option<CaptionRules>,
 }
 
 impl Default for Captions {
@@ -55,6 +60,7 @@ impl Default for Captions {
             source: CaptionSource::Column,
             template: None,
             dropout: 0.0,
+            kohya: None,
         }
     }
 }
@@ -64,7 +70,8 @@ impl Default for Captions {
 pub struct DatasetConfig {
     /// Which rows.
     pub selection: Selection,
-    /// How often each selected row appears per epoch (kohya's repeats); at least 1.
+    /// How often each selected row appears per epoch (kohya's repeats); at least 1. It multiplies
+    /// each item's own [`Item::repeats`] (a kohya `<repeats>_<name>` folder's count).
     pub repeats: u32,
     /// Prompts.
     pub captions: Captions,
@@ -109,6 +116,9 @@ pub struct Item {
     pub caption: Option<String>,
     /// Index into the bucket sizes.
     pub bucket: usize,
+    /// How often the item appears per epoch before [`DatasetConfig::repeats`] multiplies it: the
+    /// `<repeats>` of a kohya `<repeats>_<name>` folder, else 1.
+    pub repeats: u32,
 }
 
 /// A row left out under `skip_bad_rows`, with the reason.
@@ -183,6 +193,9 @@ impl Dataset {
                 problem: format!("{} is not a probability", config.captions.dropout),
             });
         }
+        if let Some(rules) = &config.captions.kohya {
+            rules.validate()?;
+        }
         let captions_needed = config.captions.source == CaptionSource::Column;
         let opened = source.open(captions_needed)?;
         let indices = select(opened.len(), config.selection)?;
@@ -234,7 +247,8 @@ impl Dataset {
         &self.config
     }
 
-    /// The prompt of `key.item` at `key.step`: caption or instance prompt, templated, maybe dropped.
+    /// The prompt of `key.item` at `key.step`: caption or instance prompt, templated, maybe dropped,
+    /// then through kohya's rules if set (all draws from the step's caption stream).
     pub fn prompt(&self, key: &SampleKey) -> Result<String> {
         let item = self.item(key.item)?;
         let captions = &self.config.captions;
@@ -254,9 +268,13 @@ impl Dataset {
             CaptionSource::Instance(prompt) => prompt.as_str(),
             CaptionSource::Column => item.caption.as_deref().unwrap_or(""),
         };
-        Ok(match &captions.template {
+        let caption = match &captions.template {
             Some(template) => template.replace("{}", base),
             None => base.to_owned(),
+        };
+        Ok(match &captions.kohya {
+            Some(rules) => rules.apply(&caption, &mut rng),
+            None => caption,
         })
     }
 
@@ -395,5 +413,6 @@ fn check_row(row: RawRow, config: &DatasetConfig, captions_needed: bool) -> Resu
         size,
         caption: row.caption,
         bucket,
+        repeats: row.repeats,
     })
 }

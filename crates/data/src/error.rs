@@ -85,6 +85,16 @@ pub enum Error {
         caption: PathBuf,
     },
 
+    /// A folder of a kohya-layout dataset (`<repeats>_<class tokens>` subfolders) that breaks the
+    /// layout: a subfolder without a repeat count or with 0, an image outside the subfolders.
+    #[error("{path}: {problem}")]
+    KohyaFolder {
+        /// The subfolder or file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+
     /// A path given by the dataset points outside the dataset's folder.
     #[error("{origin}: image path `{path}` escapes the dataset folder {root}")]
     PathEscapesRoot {

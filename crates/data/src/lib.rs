@@ -2,9 +2,11 @@
 //!
 //! - **Sources** ([`Source`]): a hub dataset repository ([`HubDataset`], through the standard
 //!   Hugging Face cache), local parquet files as the `datasets` library writes them, an
-//!   `imagefolder` with `metadata.jsonl`, or a folder of images with `.txt` captions.
+//!   `imagefolder` with `metadata.jsonl`, or a folder of images with caption files ([`CaptionFolder`],
+//!   flat or in kohya's `<repeats>_<class tokens>` subfolders).
 //! - **Selection and captions** ([`DatasetConfig`]): first N rows or a seeded subset, repeats,
-//!   caption column or instance prompt, a template and caption dropout.
+//!   caption column or instance prompt, a template and caption dropout, and kohya's caption rules
+//!   ([`CaptionRules`]: prefix/suffix, tag shuffling with kept tags, tag dropout).
 //! - **Per-step transforms** ([`transform`]): antialiased resize, centre or random crop reporting its
 //!   top-left, random flip, `[-1, 1]` pixels; aspect-ratio [`Buckets`].
 //! - **Caches** ([`TensorCache`]): latents and text embeddings keyed by content ([`CacheKey`]).
@@ -41,6 +43,7 @@
 
 mod bucket;
 mod cache;
+pub mod caption;
 mod dataset;
 mod error;
 mod folder;
@@ -54,10 +57,12 @@ pub mod transform;
 
 pub use bucket::{BucketConfig, Buckets};
 pub use cache::{CacheKey, CacheKeyBuilder, Entry, TensorCache};
+pub use caption::CaptionRules;
 pub use dataset::{
     CaptionSource, Captions, Dataset, DatasetConfig, Item, Sample, SampleKey, Selection, Skipped,
 };
 pub use error::{Error, Result};
+pub use folder::{CaptionFolder, FolderLayout};
 pub use hub::HubDataset;
 pub use loader::{Batch, Batches, Loader, LoaderConfig};
 pub use record::{ImageRef, Origin, RawRow};

@@ -110,13 +110,14 @@ impl Loader {
         &self.dataset
     }
 
-    /// The item indices of every batch of `epoch`: items (each `repeats` times) are shuffled with
+    /// The item indices of every batch of `epoch`: items (each [`crate::Item::repeats`] ×
+    /// [`crate::DatasetConfig::repeats`] times) are shuffled with
     /// `(seed, epoch)` and dealt into per-bucket batches in that order; incomplete batches follow in
     /// bucket order unless dropped.
     pub fn epoch_plan(&self, epoch: u64) -> Vec<Vec<usize>> {
         let repeats = self.dataset.config().repeats as usize;
-        let mut order: Vec<usize> = (0..self.dataset.len())
-            .flat_map(|i| std::iter::repeat_n(i, repeats))
+        let mut order: Vec<usize> = (self.dataset.items().iter().enumerate())
+            .flat_map(|(i, item)| std::iter::repeat_n(i, repeats * item.repeats as usize))
             .collect();
         if self.config.shuffle {
             Rng::keyed(self.config.seed, &[STREAM_EPOCH, epoch]).shuffle(&mut order);

@@ -202,6 +202,7 @@ impl ParquetFile {
             origin,
             image,
             caption,
+            repeats: 1,
         })
     }
 }

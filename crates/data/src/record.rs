@@ -54,6 +54,8 @@ pub struct RawRow {
     pub image: ImageRef,
     /// The caption, if the source has one for this row.
     pub caption: Option<String>,
+    /// How often the row appears per epoch (a kohya `<repeats>_<name>` folder's count; else 1).
+    pub repeats: u32,
 }
 
 impl ImageRef {

@@ -1,10 +1,10 @@
 //! Where rows come from: a hub dataset, local parquet files, an imagefolder or a folder of images
-//! with `.txt` captions. Every source yields [`RawRow`]s in a fixed order, so a row index means the
+//! with caption files. Every source yields [`RawRow`]s in a fixed order, so a row index means the
 //! same image on every run.
 
 use std::path::PathBuf;
 
-use crate::folder::{read_caption_files, read_imagefolder};
+use crate::folder::{CaptionFolder, read_caption_folder, read_imagefolder};
 use crate::hub::HubDataset;
 use crate::parquet::ParquetFile;
 use crate::record::RawRow;
@@ -48,13 +48,16 @@ pub enum Source {
         caption_column: Option<String>,
     },
     /// A folder of images, each with a `.txt` caption of the same stem (searched recursively,
-    /// ordered by path).
+    /// ordered by path): [`Source::CaptionFolder`] with [`CaptionFolder::new`]'s defaults.
     CaptionFiles {
         /// The folder.
         root: PathBuf,
         /// Read the `.txt` files (and require them); off when an instance prompt replaces captions.
         read_captions: bool,
     },
+    /// A folder of images with caption files: any caption extension, flat or in kohya's
+    /// `<repeats>_<class tokens>` subfolders ([`crate::FolderLayout`]).
+    CaptionFolder(CaptionFolder),
 }
 
 /// A source after its files were found and checked: it knows its row count and reads rows by index.
@@ -105,9 +108,19 @@ impl Source {
             Source::CaptionFiles {
                 root,
                 read_captions,
-            } => Ok(OpenSource::Rows(read_caption_files(
-                root,
-                *read_captions && captions_needed,
+            } => {
+                let folder = CaptionFolder {
+                    read_captions: *read_captions,
+                    ..CaptionFolder::new(root.clone())
+                };
+                Ok(OpenSource::Rows(read_caption_folder(
+                    &folder,
+                    captions_needed,
+                )?))
+            }
+            Source::CaptionFolder(folder) => Ok(OpenSource::Rows(read_caption_folder(
+                folder,
+                captions_needed,
             )?)),
         }
     }
