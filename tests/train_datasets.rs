@@ -166,3 +166,114 @@ fn latents_cached_on_disk_are_reused_bit_identically_and_follow_image_and_vae() 
     assert_eq!(cache_counts(&stderr), (0, 16));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A kohya-style folder: `3_sks fox/` with six of the fixture images, four with `.caption` files of
+/// comma-separated tags (the first being the trigger) and two without (they get the class tokens).
+fn kohya_folder(root: &Path) -> Vec<String> {
+    let sub = root.join("3_sks fox");
+    std::fs::create_dir_all(&sub).unwrap();
+    let images = fixture("captioned-images/imagefolder");
+    let mut captions = Vec::new();
+    for (i, name) in [
+        "000.png", "001.png", "003.png", "004.png", "006.png", "007.png",
+    ]
+    .iter()
+    .enumerate()
+    {
+        std::fs::copy(images.join(name), sub.join(name)).unwrap();
+        if i < 4 {
+            let caption = format!("sks fox, tag{i}a, tag{i}b, tag{i}c, tag{i}d");
+            std::fs::write(sub.join(name).with_extension("caption"), &caption).unwrap();
+            captions.push(caption);
+        }
+    }
+    captions
+}
+
+#[test]
+fn kohya_folders_repeat_images_and_caption_rules_change_the_prompts_per_step() {
+    use trainer::plan::Plan;
+    let dir = scratch("captions");
+    let captions = kohya_folder(&dir.join("data"));
+    let config = TrainConfig {
+        instance_prompt: None,
+        caption_extension: ".caption".into(),
+        shuffle_caption: true,
+        keep_tokens: 1,
+        max_train_steps: 40,
+        ..short(&dir.join("data"), &dir.join("run"))
+    };
+    let plan = Plan::open(&config).unwrap();
+    // Six images, each three times per epoch, in batches of 2.
+    assert_eq!(plan.dataset().len(), 6);
+    assert_eq!(plan.steps_per_epoch(), 9);
+    let steps = plan.micro_steps(0..40).unwrap();
+    let mut orders = std::collections::BTreeSet::new();
+    for prompt in steps.iter().flat_map(|s| &s.prompts) {
+        if prompt == "sks fox" {
+            continue; // an image without a caption file: the folder's class tokens
+        }
+        let tags: Vec<&str> = prompt.split(", ").collect();
+        assert_eq!(tags[0], "sks fox", "the kept tag moved: {prompt}");
+        let mut sorted = tags.clone();
+        sorted.sort_unstable();
+        let original = captions
+            .iter()
+            .find(|c| c.contains(tags[1].trim_end_matches(|ch: char| ch.is_ascii_alphabetic())))
+            .unwrap_or_else(|| panic!("`{prompt}` is no caption's shuffle"));
+        let mut expected: Vec<&str> = original.split(", ").collect();
+        expected.sort_unstable();
+        assert_eq!(sorted, expected, "tags lost or invented: {prompt}");
+        orders.insert(prompt.clone());
+    }
+    assert!(
+        orders.len() > captions.len(),
+        "shuffling gave only {} distinct prompts",
+        orders.len()
+    );
+    // Every prompt dropped at rate 1; none at rate 0 (the plan is otherwise unchanged).
+    let dropped = Plan::open(&TrainConfig {
+        caption_dropout_rate: 1.0,
+        ..config.clone()
+    })
+    .unwrap();
+    let dropped = dropped.micro_steps(0..40).unwrap();
+    assert!(
+        dropped
+            .iter()
+            .flat_map(|s| &s.prompts)
+            .all(String::is_empty)
+    );
+    let items = |steps: &[trainer::plan::MicroStep]| -> Vec<usize> {
+        steps
+            .iter()
+            .flat_map(|s| s.keys.iter().map(|k| k.item))
+            .collect()
+    };
+    assert_eq!(items(&dropped), items(&steps));
+
+    // End to end: the run encodes every distinct prompt of its plan.
+    let (ok, stderr) = run_output(&TrainConfig {
+        max_train_steps: 4,
+        caption_dropout_rate: 0.25,
+        ..config
+    });
+    assert!(ok, "training failed:\n{stderr}");
+    assert!(
+        stderr.contains("prompts: the dataset's captions"),
+        "{stderr}"
+    );
+    let encoded = stderr
+        .lines()
+        .find_map(|l| {
+            l.split("[trainer] ")
+                .nth(1)?
+                .split(" distinct prompt(s)")
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no prompt count:\n{stderr}"));
+    assert!(encoded > 2, "{encoded} prompts for 8 shuffled samples");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -86,6 +86,37 @@ pub enum FolderLayout {
     KohyaRepeats,
 }
 
+impl FolderLayout {
+    /// [`FolderLayout::KohyaRepeats`] when `root` holds no image itself and every visible
+    /// subfolder is named `<number>_…`; otherwise [`FolderLayout::Flat`].
+    pub fn detect(root: &Path) -> Self {
+        let Ok(entries) = std::fs::read_dir(root) else {
+            return Self::Flat;
+        };
+        let mut subfolders = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if name.starts_with('.') || (!path.is_dir() && !is_image(&path)) {
+                continue;
+            }
+            let counted = path.is_dir()
+                && name
+                    .split_once('_')
+                    .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            if !counted {
+                return Self::Flat;
+            }
+            subfolders += 1;
+        }
+        if subfolders > 0 {
+            Self::KohyaRepeats
+        } else {
+            Self::Flat
+        }
+    }
+}
+
 /// A folder of images with a caption file of the same stem next to each.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaptionFolder {

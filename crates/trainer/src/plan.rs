@@ -10,8 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use data::{
-    Batch, CaptionSource, Columns, CropMode, Dataset, DatasetConfig, HubDataset, Loader,
-    LoaderConfig, SampleKey, Selection, Source,
+    Batch, CaptionFolder, CaptionRules, CaptionSource, Columns, CropMode, Dataset, DatasetConfig,
+    FolderLayout, HubDataset, Loader, LoaderConfig, SampleKey, Selection, Source,
 };
 
 use crate::Result;
@@ -59,6 +59,21 @@ impl Plan {
     /// The dataset.
     pub fn dataset(&self) -> &Arc<Dataset> {
         self.loader.dataset()
+    }
+
+    /// Where prompts come from, in words, for the run's log.
+    pub fn describe_prompts(config: &TrainConfig) -> String {
+        let base = match &config.instance_prompt {
+            Some(prompt) => format!("the instance prompt `{prompt}` for every image"),
+            None => format!(
+                "the dataset's captions (column `{}`, or `*{}` files in a folder)",
+                config.caption_column, config.caption_extension
+            ),
+        };
+        match caption_rules(config) {
+            Some(rules) => format!("prompts: {base}, then per step {rules:?}"),
+            None => format!("prompts: {base}"),
+        }
     }
 
     /// The rows left out under `--skip_bad_images`, each as its error names it.
@@ -182,11 +197,28 @@ fn dataset_source(config: &TrainConfig) -> Source {
             caption_column: Some(config.caption_column.clone()),
         }
     } else {
-        Source::CaptionFiles {
-            root: path.to_owned(),
+        Source::CaptionFolder(CaptionFolder {
             read_captions: config.instance_prompt.is_none(),
-        }
+            caption_extension: config.caption_extension.clone(),
+            layout: FolderLayout::detect(path),
+            ..CaptionFolder::new(path)
+        })
     }
+}
+
+/// kohya's caption rules from the caption flags; `None` when they change nothing.
+fn caption_rules(config: &TrainConfig) -> Option<CaptionRules> {
+    let rules = CaptionRules {
+        caption_prefix: config.caption_prefix.clone(),
+        caption_suffix: config.caption_suffix.clone(),
+        caption_dropout_rate: config.caption_dropout_rate,
+        shuffle_caption: config.shuffle_caption,
+        keep_tokens: config.keep_tokens as usize,
+        keep_tokens_separator: config.keep_tokens_separator.clone(),
+        caption_separator: config.caption_separator.clone(),
+        caption_tag_dropout_rate: config.caption_tag_dropout_rate,
+    };
+    (rules != CaptionRules::default()).then_some(rules)
 }
 
 fn open_dataset(config: &TrainConfig) -> Result<Dataset> {
@@ -199,6 +231,7 @@ fn open_dataset(config: &TrainConfig) -> Result<Dataset> {
         Some(prompt) => CaptionSource::Instance(prompt.clone()),
         None => CaptionSource::Column,
     };
+    data_config.captions.kohya = caption_rules(config);
     data_config.transform.crop = if config.center_crop {
         CropMode::Center
     } else {

@@ -162,3 +162,42 @@ impl FlagValue for Attention {
         }
     }
 }
+
+/// Serde for optional settings whose default is a value: `None` is written as the text `none`
+/// (TOML has no null, and a missing key would mean the default), and `none` (any case) is read back
+/// as `None`; other values as themselves, or parsed from text.
+pub(super) mod none_as_text {
+    use std::str::FromStr;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer, T: Serialize>(
+        value: &Option<T>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(value) => value.serialize(serializer),
+            None => serializer.serialize_str("none"),
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw<T> {
+        Text(String),
+        Value(T),
+    }
+
+    pub fn deserialize<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de> + FromStr,
+        T::Err: std::fmt::Display,
+    {
+        match Raw::<T>::deserialize(deserializer)? {
+            Raw::Text(text) if text.eq_ignore_ascii_case("none") => Ok(None),
+            Raw::Text(text) => text.parse().map(Some).map_err(serde::de::Error::custom),
+            Raw::Value(value) => Ok(Some(value)),
+        }
+    }
+}

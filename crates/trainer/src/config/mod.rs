@@ -32,12 +32,12 @@ use crate::{Error, Result};
 
 /// Declares [`TrainConfig`] once: its fields (= flag names = TOML keys), their defaults and their help.
 macro_rules! train_config {
-    ($( $(#[doc = $doc:literal])+ $field:ident : $ty:ty = $default:expr ),* $(,)?) => {
+    ($( $(#[doc = $doc:literal])+ $(#[serde($($serde:tt)*)])? $field:ident : $ty:ty = $default:expr ),* $(,)?) => {
         /// Everything a training run needs; see the module documentation.
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         #[serde(default, deny_unknown_fields)]
         pub struct TrainConfig {
-            $( $(#[doc = $doc])+ pub $field: $ty, )*
+            $( $(#[doc = $doc])+ $(#[serde($($serde)*)])? pub $field: $ty, )*
         }
 
         impl Default for TrainConfig {
@@ -101,6 +101,7 @@ train_config! {
     /// Hub revision of the model.
     revision: String = "main".into(),
     /// Weight-file variant, e.g. `fp16` for `diffusion_pytorch_model.fp16.safetensors`.
+    #[serde(with = "flags::none_as_text")]
     variant: Option<String> = Some("fp16".into()),
     /// A hub dataset id, or a local folder (parquet files, an imagefolder with metadata.jsonl, or images with .txt captions).
     dataset_name: String = "lambdalabs/naruto-blip-captions".into(),
@@ -109,9 +110,29 @@ train_config! {
     /// The caption column, used when no instance prompt is given.
     caption_column: String = "text".into(),
     /// Train on the first N rows only.
+    #[serde(with = "flags::none_as_text")]
     max_train_samples: Option<u64> = Some(75),
     /// One prompt for every image, replacing the captions (DreamBooth).
+    #[serde(with = "flags::none_as_text")]
     instance_prompt: Option<String> = Some("Naruto style anime character".into()),
+    /// Caption files' extension in a folder dataset (kohya's default is `.caption`).
+    caption_extension: String = ".txt".into(),
+    /// Probability of training a sample on the empty prompt instead of its caption, drawn each step (kohya's caption_dropout_rate, diffusers' proportion_empty_prompts).
+    caption_dropout_rate: f64 = 0.0,
+    /// Shuffle the caption's tags (split at --caption_separator) each step, keeping the first --keep_tokens in place.
+    shuffle_caption: bool = false,
+    /// Leading tags that --shuffle_caption and --caption_tag_dropout_rate never move or drop.
+    keep_tokens: u32 = 0,
+    /// A marker in captions: tags before it stay in place, tags after it move (kohya's keep_tokens_separator, e.g. `|||`).
+    keep_tokens_separator: Option<String> = None,
+    /// What separates a caption's tags.
+    caption_separator: String = ",".into(),
+    /// Probability of dropping each movable tag, drawn each step.
+    caption_tag_dropout_rate: f64 = 0.0,
+    /// Text put before every caption (kohya's caption_prefix).
+    caption_prefix: Option<String> = None,
+    /// Text put after every caption (kohya's caption_suffix).
+    caption_suffix: Option<String> = None,
     /// Square training resolution in pixels (a multiple of 8).
     resolution: u32 = 512,
     /// Centre crops (else a random crop per step, which needs --cache_latents false).
@@ -422,6 +443,30 @@ mod tests {
         // What a checkpoint records reads back the same.
         let again: TrainConfig = toml::from_str(&c.to_toml().unwrap()).unwrap();
         assert_eq!(again, c);
+        // Settings cleared from a default value stay cleared through a file.
+        let cleared = parse(&[
+            "--instance_prompt",
+            "none",
+            "--variant",
+            "none",
+            "--max_train_samples",
+            "none",
+        ])
+        .unwrap();
+        let text = cleared.to_toml().unwrap();
+        assert!(text.contains("instance_prompt = \"none\""), "{text}");
+        let again: TrainConfig = toml::from_str(&text).unwrap();
+        assert_eq!(again, cleared);
+        assert_eq!(
+            (
+                again.instance_prompt,
+                again.variant,
+                again.max_train_samples
+            ),
+            (None, None, None)
+        );
+        let numbers: TrainConfig = toml::from_str("max_train_samples = 12").unwrap();
+        assert_eq!(numbers.max_train_samples, Some(12));
         std::fs::write(&file, "rnak = 16\n").unwrap();
         let err = parse(&["--config", file.to_str().unwrap()])
             .unwrap_err()

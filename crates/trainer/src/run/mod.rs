@@ -120,6 +120,7 @@ impl Trainer {
         ));
 
         let plan = Plan::open(&config)?;
+        say(Plan::describe_prompts(&config));
         let dataset = plan.dataset();
         for skipped in plan.skipped_rows() {
             say(format!("skipped a row: {skipped}"));
