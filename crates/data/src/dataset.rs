@@ -117,8 +117,28 @@ pub struct Item {
     /// Index into the bucket sizes.
     pub bucket: usize,
     /// How often the item appears per epoch before [`DatasetConfig::repeats`] multiplies it: the
-    /// `<repeats>` of a kohya `<repeats>_<name>` folder, else 1.
+    /// `<repeats>` of a kohya `<repeats>_<name>` folder times its subset's repeats (for
+    /// regularization images, as balanced by [`Dataset::open_subsets`]), else 1.
     pub repeats: u32,
+    /// The subset it belongs to (an index into [`Dataset::subsets`]; 0 for [`Dataset::open`]).
+    pub subset: usize,
+}
+
+/// One part of a dataset with its own source, selection, prompts and repeats: a kohya
+/// `[[datasets.subsets]]` table, or DreamBooth's instance and class images.
+#[derive(Debug, Clone)]
+pub struct Subset {
+    /// Where its images come from.
+    pub source: Source,
+    /// Which of the source's rows.
+    pub selection: Selection,
+    /// How its prompts are made.
+    pub captions: Captions,
+    /// Multiplies each item's own repeats (kohya's `num_repeats`).
+    pub repeats: u32,
+    /// Regularization (class) images (kohya's `is_reg`): repeated so that an epoch holds as many of
+    /// them as of the other images, as kohya balances them.
+    pub is_reg: bool,
 }
 
 /// A row left out under `skip_bad_rows`, with the reason.
@@ -170,6 +190,7 @@ pub struct Dataset {
     items: Vec<Item>,
     skipped: Vec<Skipped>,
     config: DatasetConfig,
+    subsets: Vec<Subset>,
 }
 
 /// Purposes of the random streams, so that changing one option never shifts another's draws.
@@ -181,33 +202,41 @@ impl Dataset {
     /// Opens `source`, selects rows, decodes each once to check it and learn its size, and assigns
     /// buckets. Fails on the first bad row unless `config.skip_bad_rows`.
     pub fn open(source: &Source, config: DatasetConfig) -> Result<Self> {
-        if config.repeats == 0 {
+        let subset = Subset {
+            source: source.clone(),
+            selection: config.selection,
+            captions: config.captions.clone(),
+            repeats: 1,
+            is_reg: false,
+        };
+        Self::open_subsets(vec![subset], config)
+    }
+
+    /// Opens several subsets into one dataset sharing `config`'s buckets and transform (its
+    /// `selection` and `captions` are the subsets' own). Items keep subset order, then source
+    /// order. Regularization subsets are balanced as kohya's DreamBooth dataset does: when they hold
+    /// fewer images (counting repeats) than the other subsets, their items' repeats grow, one at a
+    /// time in order, until they match.
+    pub fn open_subsets(subsets: Vec<Subset>, config: DatasetConfig) -> Result<Self> {
+        if config.repeats == 0 || subsets.iter().any(|s| s.repeats == 0) {
             return Err(Error::InvalidOption {
                 option: "repeats",
                 problem: "must be at least 1".into(),
             });
         }
-        if !(0.0..=1.0).contains(&config.captions.dropout) {
-            return Err(Error::InvalidOption {
-                option: "caption_dropout",
-                problem: format!("{} is not a probability", config.captions.dropout),
-            });
-        }
-        if let Some(rules) = &config.captions.kohya {
-            rules.validate()?;
-        }
-        let captions_needed = config.captions.source == CaptionSource::Column;
-        let opened = source.open(captions_needed)?;
-        let indices = select(opened.len(), config.selection)?;
-        let rows = opened.read_rows(&indices)?;
-        let checked = check_rows(rows, &config, captions_needed);
-        let mut items = Vec::with_capacity(checked.len());
+        let mut items = Vec::new();
         let mut skipped = Vec::new();
-        for row in checked {
-            match row {
-                Ok(item) => items.push(item),
-                Err(error) if config.skip_bad_rows => skipped.push(Skipped { error }),
-                Err(error) => return Err(error),
+        for (index, subset) in subsets.iter().enumerate() {
+            for row in open_subset(subset, &config)? {
+                match row {
+                    Ok(item) => items.push(Item {
+                        subset: index,
+                        repeats: item.repeats * subset.repeats,
+                        ..item
+                    }),
+                    Err(error) if config.skip_bad_rows => skipped.push(Skipped { error }),
+                    Err(error) => return Err(error),
+                }
             }
         }
         if items.is_empty() {
@@ -215,11 +244,26 @@ impl Dataset {
                 reason: format!("all {} selected rows were skipped as bad", skipped.len()),
             });
         }
+        let items = balance_regularization(items, &subsets);
         Ok(Self {
             items,
             skipped,
             config,
+            subsets,
         })
+    }
+
+    /// The subsets, in the order they were opened.
+    pub fn subsets(&self) -> &[Subset] {
+        &self.subsets
+    }
+
+    /// Whether `item` is a regularization (class) image.
+    pub fn is_reg(&self, item: usize) -> bool {
+        self.items
+            .get(item)
+            .and_then(|i| self.subsets.get(i.subset))
+            .is_some_and(|s| s.is_reg)
     }
 
     /// The usable items, in source order.
@@ -251,7 +295,10 @@ impl Dataset {
     /// then through kohya's rules if set (all draws from the step's caption stream).
     pub fn prompt(&self, key: &SampleKey) -> Result<String> {
         let item = self.item(key.item)?;
-        let captions = &self.config.captions;
+        let captions = self
+            .subsets
+            .get(item.subset)
+            .map_or(&self.config.captions, |s| &s.captions);
         let mut rng = Rng::keyed(
             key.seed,
             &[
@@ -333,6 +380,60 @@ impl Dataset {
     }
 }
 
+/// Checks a subset's prompt rules, then reads, decodes and checks its selected rows.
+fn open_subset(subset: &Subset, config: &DatasetConfig) -> Result<Vec<Result<Item>>> {
+    let captions = &subset.captions;
+    if !(0.0..=1.0).contains(&captions.dropout) {
+        return Err(Error::InvalidOption {
+            option: "caption_dropout",
+            problem: format!("{} is not a probability", captions.dropout),
+        });
+    }
+    if let Some(rules) = &captions.kohya {
+        rules.validate()?;
+    }
+    let captions_needed = captions.source == CaptionSource::Column;
+    let opened = subset.source.open(captions_needed)?;
+    let indices = select(opened.len(), subset.selection)?;
+    let rows = opened.read_rows(&indices)?;
+    Ok(check_rows(rows, config, captions_needed))
+}
+
+/// kohya's balancing of regularization images (sd-scripts `DreamBoothDataset.__init__`, commit
+/// 48d368fa, `library/train_util.py` lines 2166–2182): regularization items are taken in order,
+/// each with its repeats, until they are at least as many as the other items (counting repeats);
+/// the rest are left out. If all were taken and they are still fewer, each gets one more repeat in
+/// turn until they match.
+fn balance_regularization(items: Vec<Item>, subsets: &[Subset]) -> Vec<Item> {
+    let is_reg = |item: &Item| subsets.get(item.subset).is_some_and(|s| s.is_reg);
+    let train: u64 = items
+        .iter()
+        .filter(|i| !is_reg(i))
+        .map(|i| u64::from(i.repeats))
+        .sum();
+    let (mut kept, mut reg) = (Vec::with_capacity(items.len()), Vec::new());
+    let mut n = 0;
+    for item in items {
+        if !is_reg(&item) {
+            kept.push(item);
+        } else if n < train {
+            n += u64::from(item.repeats);
+            reg.push(kept.len());
+            kept.push(item);
+        }
+    }
+    while !reg.is_empty() && n < train {
+        for &index in &reg {
+            kept[index].repeats += 1;
+            n += 1;
+            if n >= train {
+                break;
+            }
+        }
+    }
+    kept
+}
+
 /// The selected row indices, ascending.
 fn select(available: usize, selection: Selection) -> Result<Vec<usize>> {
     let indices: Vec<usize> = match selection {
@@ -412,6 +513,7 @@ fn check_row(row: RawRow, config: &DatasetConfig, captions_needed: bool) -> Resu
         origin: row.origin,
         size,
         caption: row.caption,
+        subset: 0,
         bucket,
         repeats: row.repeats,
     })

@@ -69,7 +69,7 @@ pub(crate) fn read_imagefolder(
 }
 
 /// How the images of a [`CaptionFolder`] are laid out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum FolderLayout {
     /// Images anywhere under the root (searched recursively), each used once; an image without a
     /// caption file fails its row when captions are read.
@@ -84,6 +84,13 @@ pub enum FolderLayout {
     /// image directly in the root or an empty caption file is an error (kohya skips the folders
     /// with a warning and refuses the empty file).
     KohyaRepeats,
+    /// A kohya `[[datasets.subsets]]` folder (`image_dir`): the images directly in the root (not in
+    /// subfolders), each caption file's first line, stripped, as its caption, and `class_tokens` for
+    /// an image without one (an error when there are none).
+    KohyaSubset {
+        /// The subset's `class_tokens`.
+        class_tokens: Option<String>,
+    },
 }
 
 impl FolderLayout {
@@ -174,7 +181,7 @@ pub(crate) fn read_caption_folder(
         });
     }
     let read_captions = read_captions && folder.read_captions;
-    match folder.layout {
+    match &folder.layout {
         FolderLayout::Flat => {
             let mut images = Vec::new();
             collect_images(&folder.root, &mut images)?;
@@ -198,6 +205,31 @@ pub(crate) fn read_caption_folder(
                         None
                     };
                     Ok(row(image, caption, 1))
+                })
+                .collect())
+        }
+        FolderLayout::KohyaSubset { class_tokens } => {
+            let mut images = Vec::new();
+            list_images(&folder.root, &mut images, &mut Vec::new())?;
+            images.sort();
+            Ok(images
+                .into_iter()
+                .map(|image| {
+                    if !read_captions {
+                        return Ok(row(image, None, 1));
+                    }
+                    let caption_path = folder.caption_path(&image);
+                    let caption = match (read_kohya_caption(&caption_path)?, class_tokens.as_ref()) {
+                        (Some(caption), _) => caption,
+                        (None, Some(tokens)) => tokens.clone(),
+                        (None, None) => {
+                            return Err(Error::MissingCaptionFile {
+                                image,
+                                caption: caption_path,
+                            });
+                        }
+                    };
+                    Ok(row(image, Some(caption), 1))
                 })
                 .collect())
         }

@@ -60,6 +60,7 @@ pub use cache::{CacheKey, CacheKeyBuilder, Entry, TensorCache};
 pub use caption::CaptionRules;
 pub use dataset::{
     CaptionSource, Captions, Dataset, DatasetConfig, Item, Sample, SampleKey, Selection, Skipped,
+    Subset,
 };
 pub use error::{Error, Result};
 pub use folder::{CaptionFolder, FolderLayout};

@@ -68,6 +68,8 @@ pub struct Batch {
 pub struct Loader {
     dataset: Arc<Dataset>,
     config: LoaderConfig,
+    /// The items it deals from (all of the dataset's unless [`Loader::over_items`]).
+    members: Arc<[usize]>,
     steps_per_epoch: u64,
 }
 
@@ -76,6 +78,23 @@ const STREAM_EPOCH: u64 = 10;
 impl Loader {
     /// A loader over `dataset`; fails when the options leave no batch in an epoch.
     pub fn new(dataset: Arc<Dataset>, config: LoaderConfig) -> Result<Self> {
+        let members = (0..dataset.len()).collect();
+        Self::over_items(dataset, config, members)
+    }
+
+    /// A loader dealing only `items` of `dataset` (e.g. its instance images, or its class images);
+    /// fails when the options leave no batch in an epoch or an item is outside the dataset.
+    pub fn over_items(
+        dataset: Arc<Dataset>,
+        config: LoaderConfig,
+        items: Vec<usize>,
+    ) -> Result<Self> {
+        if let Some(&outside) = items.iter().find(|&&i| i >= dataset.len()) {
+            return Err(Error::InvalidOption {
+                option: "item",
+                problem: format!("{outside} is past the {} items", dataset.len()),
+            });
+        }
         if config.batch_size == 0 {
             return Err(Error::InvalidOption {
                 option: "batch_size",
@@ -85,6 +104,7 @@ impl Loader {
         let mut loader = Self {
             dataset,
             config,
+            members: items.into(),
             steps_per_epoch: 0,
         };
         loader.steps_per_epoch = loader.epoch_plan(0).len() as u64;
@@ -93,7 +113,7 @@ impl Loader {
                 reason: format!(
                     "no bucket holds a full batch of {} and drop_last is on ({} items)",
                     config.batch_size,
-                    loader.dataset.len()
+                    loader.members.len()
                 ),
             });
         }
@@ -116,8 +136,9 @@ impl Loader {
     /// bucket order unless dropped.
     pub fn epoch_plan(&self, epoch: u64) -> Vec<Vec<usize>> {
         let repeats = self.dataset.config().repeats as usize;
-        let mut order: Vec<usize> = (self.dataset.items().iter().enumerate())
-            .flat_map(|(i, item)| std::iter::repeat_n(i, repeats * item.repeats as usize))
+        let items = self.dataset.items();
+        let mut order: Vec<usize> = (self.members.iter())
+            .flat_map(|&i| std::iter::repeat_n(i, repeats * items[i].repeats as usize))
             .collect();
         if self.config.shuffle {
             Rng::keyed(self.config.seed, &[STREAM_EPOCH, epoch]).shuffle(&mut order);
