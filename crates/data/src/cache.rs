@@ -78,8 +78,9 @@ impl CacheKey {
             .number("resized_width", u64::from(sample.resized_size.1))
             .number("target_height", u64::from(sample.target_size.0))
             .number("target_width", u64::from(sample.target_size.1))
-            .number("crop_top", u64::from(sample.crop_top_left.0))
-            .number("crop_left", u64::from(sample.crop_top_left.1))
+            // Sign-extended: a corner of 0 or more keys as it always has, kohya's -1 apart from all.
+            .number("crop_top", sample.crop_top_left.0 as u64)
+            .number("crop_left", sample.crop_top_left.1 as u64)
             .number("flipped", u64::from(sample.flipped))
             .finish()
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::bucket::Buckets;
+use crate::bucket::{Assignment, BucketConfig, Buckets};
 use crate::caption::CaptionRules;
 use crate::record::{Origin, RawRow};
 use crate::rng::Rng;
@@ -75,7 +75,8 @@ pub struct DatasetConfig {
     pub repeats: u32,
     /// Prompts.
     pub captions: Captions,
-    /// Target sizes: one square, or aspect-ratio buckets.
+    /// Target sizes: diffusers' one square, or kohya's buckets. [`Dataset::open`] adds the buckets
+    /// its images use, so an opened dataset's `config().buckets.sizes()` are the buckets in use.
     pub buckets: Buckets,
     /// Resize, crop, flip.
     pub transform: TransformConfig,
@@ -87,13 +88,23 @@ pub struct DatasetConfig {
 }
 
 impl DatasetConfig {
-    /// Every row, captions from the `text` column, `resolution²` centre crops, no flip.
+    /// Every row, captions from the `text` column, `resolution²` centre crops as diffusers' scripts
+    /// take them, no flip.
     pub fn new(resolution: u32) -> Result<Self> {
+        Self::with_buckets(Buckets::square(resolution)?)
+    }
+
+    /// As [`DatasetConfig::new`], with kohya's buckets for its bucket flags instead of the square.
+    pub fn kohya(buckets: &BucketConfig) -> Result<Self> {
+        Self::with_buckets(Buckets::kohya(buckets)?)
+    }
+
+    fn with_buckets(buckets: Buckets) -> Result<Self> {
         Ok(Self {
             selection: Selection::All,
             repeats: 1,
             captions: Captions::default(),
-            buckets: Buckets::square(resolution)?,
+            buckets,
             transform: TransformConfig::default(),
             skip_bad_rows: false,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -114,8 +125,10 @@ pub struct Item {
     pub size: (u32, u32),
     /// The source's caption, if read.
     pub caption: Option<String>,
-    /// Index into the bucket sizes.
+    /// Index into the buckets in use (`config().buckets.sizes()`).
     pub bucket: usize,
+    /// Size `(width, height)` the image is resized to before the crop (kohya's `resized_size`).
+    pub resized: (u32, u32),
     /// How often the item appears per epoch before [`DatasetConfig::repeats`] multiplies it: the
     /// `<repeats>` of a kohya `<repeats>_<name>` folder times its subset's repeats (for
     /// regularization images, as balanced by [`Dataset::open_subsets`]), else 1.
@@ -172,9 +185,12 @@ pub struct Sample {
     pub prompt: String,
     /// The decoded image's size `(height, width)`: SDXL's `original_size`.
     pub original_size: (u32, u32),
-    /// The crop's top-left `(top, left)`: SDXL's `crops_coords_top_left`.
-    pub crop_top_left: (u32, u32),
-    /// The crop's size `(height, width)`: SDXL's `target_size`.
+    /// SDXL's `crops_coords_top_left` `(top, left)`: the crop's corner in the resized, flipped image
+    /// in the square mode; with kohya's buckets, kohya's letterbox corner
+    /// ([`kohya_crop_top_left`](crate::kohya_crop_top_left), which may be `-1`), whatever the crop
+    /// taken.
+    pub crop_top_left: (i32, i32),
+    /// The crop's size `(height, width)`, the bucket's: SDXL's `target_size`.
     pub target_size: (u32, u32),
     /// Size `(height, width)` after resizing, before the crop.
     pub resized_size: (u32, u32),
@@ -217,7 +233,7 @@ impl Dataset {
     /// order. Regularization subsets are balanced as kohya's DreamBooth dataset does: when they hold
     /// fewer images (counting repeats) than the other subsets, their items' repeats grow, one at a
     /// time in order, until they match.
-    pub fn open_subsets(subsets: Vec<Subset>, config: DatasetConfig) -> Result<Self> {
+    pub fn open_subsets(subsets: Vec<Subset>, mut config: DatasetConfig) -> Result<Self> {
         if config.repeats == 0 || subsets.iter().any(|s| s.repeats == 0) {
             return Err(Error::InvalidOption {
                 option: "repeats",
@@ -229,16 +245,20 @@ impl Dataset {
         for (index, subset) in subsets.iter().enumerate() {
             for row in open_subset(subset, &config)? {
                 match row {
-                    Ok(item) => items.push(Item {
-                        subset: index,
-                        repeats: item.repeats * subset.repeats,
-                        ..item
+                    Ok(Checked { item, bucket }) => items.push(Checked {
+                        item: Item {
+                            subset: index,
+                            repeats: item.repeats * subset.repeats,
+                            ..item
+                        },
+                        bucket,
                     }),
                     Err(error) if config.skip_bad_rows => skipped.push(Skipped { error }),
                     Err(error) => return Err(error),
                 }
             }
         }
+        let items = number_buckets(&mut config.buckets, items)?;
         if items.is_empty() {
             return Err(Error::EmptySelection {
                 reason: format!("all {} selected rows were skipped as bad", skipped.len()),
@@ -328,7 +348,7 @@ impl Dataset {
     /// The flip and crop of `key.item` at `key.step`, without touching pixels.
     pub fn placement(&self, key: &SampleKey) -> Result<Placement> {
         let item = self.item(key.item)?;
-        let target = self.config.buckets.sizes()[item.bucket];
+        let target = self.bucket_size(item)?;
         let mut rng = Rng::keyed(
             key.seed,
             &[
@@ -338,13 +358,21 @@ impl Dataset {
                 key.item as u64,
             ],
         );
-        Ok(transform::place(
-            item.size.0,
-            item.size.1,
-            target,
-            &self.config.transform,
-            &mut rng,
-        ))
+        Ok(if self.config.buckets.is_kohya() {
+            let assignment = Assignment {
+                bucket: target,
+                resized: item.resized,
+            };
+            transform::place_kohya(item.size, assignment, &self.config.transform, &mut rng)
+        } else {
+            transform::place(
+                item.size.0,
+                item.size.1,
+                target,
+                &self.config.transform,
+                &mut rng,
+            )
+        })
     }
 
     /// Decodes and transforms one sample. A pure function of the key: any thread, any run.
@@ -364,12 +392,23 @@ impl Dataset {
             pixels,
             prompt: self.prompt(key)?,
             original_size: swap(item.size),
-            crop_top_left: placement.crop_top_left,
+            crop_top_left: placement.reported_crop_top_left,
             target_size: swap(placement.target),
             resized_size: swap(placement.resized),
             flipped: placement.flipped,
             content_hash: item.content_hash,
         })
+    }
+
+    fn bucket_size(&self, item: &Item) -> Result<(u32, u32)> {
+        let sizes = self.config.buckets.sizes();
+        sizes
+            .get(item.bucket)
+            .copied()
+            .ok_or_else(|| Error::InvalidOption {
+                option: "bucket",
+                problem: format!("{} is past the {} buckets", item.bucket, sizes.len()),
+            })
     }
 
     fn item(&self, index: usize) -> Result<&Item> {
@@ -381,7 +420,7 @@ impl Dataset {
 }
 
 /// Checks a subset's prompt rules, then reads, decodes and checks its selected rows.
-fn open_subset(subset: &Subset, config: &DatasetConfig) -> Result<Vec<Result<Item>>> {
+fn open_subset(subset: &Subset, config: &DatasetConfig) -> Result<Vec<Result<Checked>>> {
     let captions = &subset.captions;
     if !(0.0..=1.0).contains(&captions.dropout) {
         return Err(Error::InvalidOption {
@@ -455,12 +494,35 @@ fn select(available: usize, selection: Selection) -> Result<Vec<usize>> {
     Ok(indices)
 }
 
+/// An item whose bucket is known by size, not yet by index.
+struct Checked {
+    item: Item,
+    bucket: (u32, u32),
+}
+
+/// Adds the items' buckets to `buckets` (kohya's `add_if_new_reso`, kept sorted) and gives each item
+/// its bucket's index.
+fn number_buckets(buckets: &mut Buckets, checked: Vec<Checked>) -> Result<Vec<Item>> {
+    for row in &checked {
+        buckets.add(row.bucket);
+    }
+    checked
+        .into_iter()
+        .map(|Checked { mut item, bucket }| {
+            item.bucket = buckets.index(bucket).ok_or_else(|| {
+                Error::Worker(format!("bucket {bucket:?} missing after being added"))
+            })?;
+            Ok(item)
+        })
+        .collect()
+}
+
 /// Reads, hashes, decodes and size-checks rows on `config.threads` threads, keeping their order.
 fn check_rows(
     rows: Vec<Result<RawRow>>,
     config: &DatasetConfig,
     captions_needed: bool,
-) -> Vec<Result<Item>> {
+) -> Vec<Result<Checked>> {
     let threads = config.threads.clamp(1, rows.len().max(1));
     let chunk = rows.len().div_ceil(threads).max(1);
     let mut rows: Vec<Option<Result<RawRow>>> = rows.into_iter().map(Some).collect();
@@ -489,7 +551,7 @@ fn check_rows(
     })
 }
 
-fn check_row(row: RawRow, config: &DatasetConfig, captions_needed: bool) -> Result<Item> {
+fn check_row(row: RawRow, config: &DatasetConfig, captions_needed: bool) -> Result<Checked> {
     if captions_needed && row.caption.is_none() {
         return Err(Error::BadCell {
             origin: row.origin,
@@ -499,22 +561,38 @@ fn check_row(row: RawRow, config: &DatasetConfig, captions_needed: bool) -> Resu
     let bytes = row.image.bytes()?;
     let image = transform::decode(&bytes, &row.origin)?;
     let size = image.dimensions();
-    let bucket = config.buckets.assign(size.0, size.1);
-    transform::check_size(
-        size.0,
-        size.1,
-        config.buckets.sizes()[bucket],
-        &config.transform,
-        &row.origin,
-    )?;
-    Ok(Item {
-        content_hash: Sha256::digest(&bytes).into(),
-        bytes: bytes.into(),
-        origin: row.origin,
-        size,
-        caption: row.caption,
-        subset: 0,
-        bucket,
-        repeats: row.repeats,
+    let Some(assignment) = config.buckets.select(size.0, size.1) else {
+        // kohya's --bucket_no_upscale cannot bucket an image narrower or shorter than one step.
+        let steps = config.buckets.no_upscale_steps().unwrap_or(1);
+        return Err(Error::ImageTooSmall {
+            origin: row.origin,
+            width: size.0,
+            height: size.1,
+            crop_width: steps,
+            crop_height: steps,
+        });
+    };
+    if !config.buckets.is_kohya() {
+        transform::check_size(
+            size.0,
+            size.1,
+            assignment.bucket,
+            &config.transform,
+            &row.origin,
+        )?;
+    }
+    Ok(Checked {
+        item: Item {
+            content_hash: Sha256::digest(&bytes).into(),
+            bytes: bytes.into(),
+            origin: row.origin,
+            size,
+            caption: row.caption,
+            bucket: 0,
+            repeats: row.repeats,
+            subset: 0,
+            resized: assignment.resized,
+        },
+        bucket: assignment.bucket,
     })
 }

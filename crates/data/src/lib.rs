@@ -6,13 +6,20 @@
 //!   flat or in kohya's `<repeats>_<class tokens>` subfolders).
 //! - **Selection and captions** ([`DatasetConfig`]): first N rows or a seeded subset, repeats,
 //!   caption column or instance prompt, a template and caption dropout, and kohya's caption rules
-//!   ([`CaptionRules`]: prefix/suffix, tag shuffling with kept tags, tag dropout).
-//! - **Per-step transforms** ([`transform`]): antialiased resize, centre or random crop reporting its
-//!   top-left, random flip, `[-1, 1]` pixels; aspect-ratio [`Buckets`].
+//!   ([`CaptionRules`]: prefix/suffix, tag shuffling with kept tags, tag dropout); several
+//!   [`Subset`]s in one dataset.
+//! - **Target sizes** ([`Buckets`]): diffusers' single square ([`DatasetConfig::new`]), or kohya's
+//!   aspect-ratio buckets exactly as sd-scripts' `BucketManager` makes and assigns them, for kohya's
+//!   flags `--enable_bucket`, `--min_bucket_reso`, `--max_bucket_reso`, `--bucket_reso_steps` and
+//!   `--bucket_no_upscale` ([`BucketConfig`], [`DatasetConfig::kohya`]); a batch holds one bucket.
+//! - **Per-step transforms** ([`transform`]): antialiased resize, centre or random crop, random flip,
+//!   `[-1, 1]` pixels, with diffusers' geometry for the square and kohya's for buckets.
 //! - **Caches** ([`TensorCache`]): latents and text embeddings keyed by content ([`CacheKey`]).
 //! - **Loader** ([`Loader`]): worker threads, deterministic for a seed and step.
 //!
-//! The crate knows nothing of SDXL beyond returning each sample's original size and crop corner.
+//! The crate knows nothing of SDXL beyond returning each sample's original size, crop corner and
+//! target size as the upstream scripts feed them to SDXL's time ids (for buckets, kohya's corner:
+//! see [`kohya_crop_top_left`]). The upstream facts relied on are in `docs/DATA.md`.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -32,7 +39,7 @@
 //!     assert_eq!(batch.pixels.size(), [2, 3, 32, 32]);
 //!     let sample = &batch.samples[0];
 //!     // SDXL's time ids: original size, crop top-left, target size.
-//!     let _time_ids = [sample.original_size, sample.crop_top_left, sample.target_size];
+//!     let _time_ids = (sample.original_size, sample.crop_top_left, sample.target_size);
 //!     assert_eq!(sample.prompt, "a drawing in naruto style");
 //! }
 //! # Ok(())
@@ -55,7 +62,7 @@ pub mod rng;
 mod source;
 pub mod transform;
 
-pub use bucket::{BucketConfig, Buckets};
+pub use bucket::{Assignment, BucketConfig, Buckets, kohya_crop_top_left};
 pub use cache::{CacheKey, CacheKeyBuilder, Entry, TensorCache};
 pub use caption::CaptionRules;
 pub use dataset::{

@@ -1,11 +1,20 @@
-//! The per-step image transform of diffusers' SDXL training scripts
-//! (`train_text_to_image_lora_sdxl.py`, `preprocess_train`): resize with antialiasing so the image
-//! covers the target (PIL bilinear), random horizontal flip, centre or random crop, then scale to
-//! `[-1, 1]`.
+//! The per-step image transform: resize, random horizontal flip, centre or random crop, then scale to
+//! `[-1, 1]`. The geometry follows one of two upstreams, chosen by the dataset's
+//! [`Buckets`](crate::Buckets):
 //!
-//! The crop's top-left corner is reported in the coordinates of the resized (and, as in diffusers,
-//! already flipped) image, together with the original size, because SDXL conditions on both
-//! (`add_time_ids = original_size + crop_top_left + target_size`).
+//! - **diffusers' SDXL scripts** (`train_text_to_image_lora_sdxl.py`, `preprocess_train`; the square
+//!   mode, [`place`]): resize with antialiasing so the image covers the target, the long side
+//!   truncated as torchvision's `Resize(int)` does; flip; crop (centre offsets rounded half to even).
+//!   The crop's top-left corner is reported in the coordinates of the resized, already flipped image.
+//! - **kohya's sd-scripts** (buckets, [`place_kohya`]): resize to the bucket's `resized_size` (each
+//!   side `int(x + 0.5)`), crop (centre offsets `spare // 2`, or uniform in `0..=spare`), then flip, as
+//!   `trim_and_resize_if_required` and `__getitem__` do. The corner reported for SDXL is kohya's
+//!   ([`kohya_crop_top_left`]), not the crop taken.
+//!
+//! SDXL conditions on the original size, that corner and the target size
+//! (`add_time_ids = original_size + crop_top_left + target_size`). Both modes resample with the
+//! antialiased bilinear filter of [`apply`] (kohya resizes with OpenCV's `INTER_AREA` when shrinking
+//! and PIL's Lanczos when enlarging: the sizes are kohya's, the pixels are not bit-identical).
 
 use std::borrow::Cow;
 
@@ -14,6 +23,7 @@ use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer
 use image::RgbImage;
 use tch::Tensor;
 
+use crate::bucket::{Assignment, kohya_crop_top_left};
 use crate::record::Origin;
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -21,9 +31,10 @@ use crate::{Error, Result};
 /// Where the crop is taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CropMode {
-    /// The middle (torchvision `CenterCrop`: offsets rounded half to even, as Python's `round`).
+    /// The middle (square mode: torchvision's `CenterCrop`, offsets rounded half to even as Python's
+    /// `round`; buckets: kohya's `spare // 2`).
     Center,
-    /// Uniformly anywhere inside the resized image, drawn anew each step.
+    /// Uniformly anywhere inside the resized image, drawn anew each step (kohya's `random_crop`).
     Random,
 }
 
@@ -34,7 +45,8 @@ pub struct TransformConfig {
     pub crop: CropMode,
     /// Flip horizontally with probability ½, drawn anew each step.
     pub random_flip: bool,
-    /// Let images smaller than their target be enlarged; off by default, where they are errors.
+    /// Let images smaller than their target be enlarged in the square mode; off by default, where
+    /// they are errors. kohya's buckets enlarge as kohya does, unless `--bucket_no_upscale`.
     pub allow_upscale: bool,
 }
 
@@ -59,6 +71,9 @@ pub struct Placement {
     pub crop_top_left: (u32, u32),
     /// The crop's size `(width, height)`, the bucket's size.
     pub target: (u32, u32),
+    /// The corner `(top, left)` reported to SDXL as `crops_coords_top_left`: `crop_top_left` in the
+    /// square (diffusers) mode, kohya's letterbox corner with buckets (which may be `-1`).
+    pub reported_crop_top_left: (i32, i32),
 }
 
 /// The size `(width, height)` to which a `width × height` image is resized to cover `target`:
@@ -127,7 +142,59 @@ pub fn place(
         flipped,
         crop_top_left,
         target,
+        reported_crop_top_left: signed(crop_top_left),
     }
+}
+
+/// Draws the flip and crop for one sample the way kohya's dataset does: the flip first, then the
+/// crop of `assignment.resized` to `assignment.bucket`. `original` is the image's size `(width,
+/// height)`.
+pub fn place_kohya(
+    original: (u32, u32),
+    assignment: Assignment,
+    config: &TransformConfig,
+    rng: &mut Rng,
+) -> Placement {
+    let flipped = config.random_flip && rng.chance(0.5);
+    kohya_placement(original, assignment, flipped, config.crop, rng)
+}
+
+/// kohya's crop of a resized image into its bucket (`trim_and_resize_if_required`: the width's
+/// offset, then the height's, each `spare // 2` or uniform in `0..=spare`), then the flip, and the
+/// corner reported for SDXL. `rng` is drawn from only for a random crop.
+pub fn kohya_placement(
+    original: (u32, u32),
+    assignment: Assignment,
+    flipped: bool,
+    crop: CropMode,
+    rng: &mut Rng,
+) -> Placement {
+    let Assignment { bucket, resized } = assignment;
+    let (spare_w, spare_h) = (
+        resized.0.saturating_sub(bucket.0),
+        resized.1.saturating_sub(bucket.1),
+    );
+    let mut offset = |spare: u32| match crop {
+        CropMode::Center => spare / 2,
+        CropMode::Random => rng.below_or_equal(u64::from(spare)) as u32,
+    };
+    let left = offset(spare_w);
+    let top = offset(spare_h);
+    // kohya crops, then flips: in the flipped image the window starts at the mirrored offset.
+    let left = if flipped { spare_w - left } else { left };
+    Placement {
+        resized,
+        flipped,
+        crop_top_left: (top, left),
+        target: bucket,
+        reported_crop_top_left: kohya_crop_top_left(bucket, original, flipped),
+    }
+}
+
+/// A corner as signed numbers (a crop inside an image of at most `i32::MAX` pixels a side).
+fn signed((top, left): (u32, u32)) -> (i32, i32) {
+    let convert = |x: u32| i32::try_from(x).unwrap_or(i32::MAX);
+    (convert(top), convert(left))
 }
 
 /// `round(n / 2)` with ties to even, like Python's `round` in torchvision's `center_crop`.
@@ -280,6 +347,7 @@ mod tests {
             flipped: true,
             crop_top_left: (0, 2),
             target: (2, 2),
+            reported_crop_top_left: (0, 2),
         };
         let out = apply(&image, &placement).unwrap().to_tensor().unwrap();
         assert_eq!(out.size(), [3, 2, 2]);

@@ -40,11 +40,8 @@ fn samples_match_diffusers_preprocessing() {
             })
             .unwrap();
         assert_eq!(sample.original_size, pair("original_size"), "item {i}");
-        assert_eq!(
-            sample.crop_top_left,
-            pair("plain.crop_top_left"),
-            "item {i}"
-        );
+        let (top, left) = pair("plain.crop_top_left");
+        assert_eq!(sample.crop_top_left, (top as i32, left as i32), "item {i}");
         let image = transform::decode(&item.bytes, &item.origin).unwrap();
         for (variant, flipped) in [("plain", false), ("flipped", true)] {
             let crop_top_left = pair(&format!("{variant}.crop_top_left"));
@@ -53,6 +50,7 @@ fn samples_match_diffusers_preprocessing() {
                 flipped,
                 crop_top_left,
                 target: (32, 32),
+                reported_crop_top_left: (crop_top_left.0 as i32, crop_top_left.1 as i32),
             };
             let ours = transform::apply(&image, &placement)
                 .unwrap()

@@ -171,6 +171,7 @@ fn centre_crop_coordinates_and_pixels() {
         flipped: false,
         crop_top_left: (0, 0),
         target: (32, 54),
+        reported_crop_top_left: (0, 0),
     };
     let whole = transform::apply(&image, &whole)
         .unwrap()
@@ -230,12 +231,13 @@ fn a_flipped_sample_is_the_mirror_of_the_unflipped_resize() {
     let item = &dataset.items()[0];
     let image = transform::decode(&item.bytes, &item.origin).unwrap();
     // diffusers crops the flipped image: in unflipped coordinates the window starts at 42 - 32 - left.
-    let left = sample.crop_top_left.1;
+    let left = sample.crop_top_left.1 as u32;
     let unflipped = Placement {
         resized: (42, 32),
         flipped: false,
         crop_top_left: (0, 42 - 32 - left),
         target: (32, 32),
+        reported_crop_top_left: (0, 0),
     };
     let unflipped = transform::apply(&image, &unflipped)
         .unwrap()
@@ -249,7 +251,7 @@ fn a_flipped_sample_is_the_mirror_of_the_unflipped_resize() {
 }
 
 /// Items, crop corners, flips and the pixel sum of a batch.
-type Fingerprint = (Vec<usize>, Vec<(u32, u32)>, Vec<bool>, f64);
+type Fingerprint = (Vec<usize>, Vec<(i32, i32)>, Vec<bool>, f64);
 
 fn fingerprint(batch: &data::Batch) -> Fingerprint {
     (
@@ -311,14 +313,15 @@ fn epochs_differ_and_a_restart_sees_the_same_batches() {
 #[test]
 fn bucketed_batches_hold_one_size() {
     let mut config = random_config(40);
-    config.buckets = Buckets::by_area(BucketConfig {
-        resolution: 40,
-        min_side: 24,
-        max_side: 64,
-        step: 8,
+    config.buckets = Buckets::kohya(&BucketConfig {
+        resolution: (40, 40),
+        enable_bucket: true,
+        min_bucket_reso: 24,
+        max_bucket_reso: 64,
+        bucket_reso_steps: 8,
+        bucket_no_upscale: false,
     })
     .unwrap();
-    config.transform.allow_upscale = true;
     let dataset = Arc::new(Dataset::open(&eight_images(), config).unwrap());
     let buckets: HashSet<usize> = dataset.items().iter().map(|i| i.bucket).collect();
     assert!(

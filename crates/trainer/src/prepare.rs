@@ -384,9 +384,10 @@ fn encode_one(
 /// SDXL's time ids of a sample as the data crate placed it: its real size, crop corner and target size.
 pub fn time_ids_of(sample: &data::Sample) -> [f64; 6] {
     let to_i64 = |(a, b): (u32, u32)| (i64::from(a), i64::from(b));
+    let (top, left) = sample.crop_top_left;
     add_time_ids(
         to_i64(sample.original_size),
-        to_i64(sample.crop_top_left),
+        (i64::from(top), i64::from(left)),
         to_i64(sample.target_size),
     )
 }
