@@ -277,3 +277,53 @@ fn kohya_folders_repeat_images_and_caption_rules_change_the_prompts_per_step() {
     assert!(encoded > 2, "{encoded} prompts for 8 shuffled samples");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_mixed_size_dataset_trains_with_kohya_buckets_never_mixing_them_in_a_batch() {
+    use trainer::plan::Plan;
+    let dir = scratch("buckets");
+    // Eight images of 40 to 100 px and several aspect ratios, buckets of about 64² px.
+    let config = TrainConfig {
+        enable_bucket: true,
+        min_bucket_reso: 32,
+        max_bucket_reso: 128,
+        bucket_reso_steps: 32,
+        train_batch_size: 1,
+        max_train_steps: 6,
+        random_flip: true,
+        ..short(&fixture("captioned-images/imagefolder"), &dir.join("run"))
+    };
+    let plan = Plan::open(&config).unwrap();
+    let buckets = plan.describe_buckets();
+    assert!(
+        buckets.matches(", ").count() >= 1,
+        "one bucket only: {buckets}"
+    );
+    let sizes = plan.dataset().config().buckets.sizes().to_vec();
+    for &(w, h) in &sizes {
+        assert_eq!((w % 32, h % 32), (0, 0), "{w}x{h}");
+        assert!(w * h <= 64 * 64, "{w}x{h} is larger than the area");
+    }
+    let steps = plan.micro_steps(0..6).unwrap();
+    let used: std::collections::BTreeSet<usize> = steps.iter().map(|s| s.bucket).collect();
+    assert!(
+        used.len() > 1,
+        "the first six micro-steps used one bucket: {used:?}"
+    );
+    let batched = TrainConfig {
+        train_batch_size: 2,
+        ..config.clone()
+    };
+    let plan = Plan::open(&batched).unwrap();
+    for step in plan.micro_steps(0..20).unwrap() {
+        for key in &step.keys {
+            assert_eq!(plan.dataset().items()[key.item].bucket, step.bucket);
+        }
+    }
+
+    let (ok, stderr) = run_output(&config);
+    assert!(ok, "training failed:\n{stderr}");
+    assert!(stderr.contains(&format!("bucket(s) {buckets}")), "{stderr}");
+    assert!(dir.join("run").join(LORA_FILE).is_file());
+    let _ = std::fs::remove_dir_all(dir);
+}

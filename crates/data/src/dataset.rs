@@ -375,6 +375,42 @@ impl Dataset {
         })
     }
 
+    /// The placement of `key.item` mirrored or not as asked, whatever the key would draw: what a
+    /// cache of both mirror images of a centre crop needs. The crop is the key's (random crops draw
+    /// from the key's stream without the flip's draw).
+    pub fn placement_flipped(&self, key: &SampleKey, flipped: bool) -> Result<Placement> {
+        let item = self.item(key.item)?;
+        let target = self.bucket_size(item)?;
+        let mut rng = Rng::keyed(
+            key.seed,
+            &[
+                STREAM_TRANSFORM,
+                key.step,
+                u64::from(key.slot),
+                key.item as u64,
+            ],
+        );
+        let config = &self.config.transform;
+        Ok(if self.config.buckets.is_kohya() {
+            let assignment = Assignment {
+                bucket: target,
+                resized: item.resized,
+            };
+            transform::kohya_placement(item.size, assignment, flipped, config.crop, &mut rng)
+        } else {
+            let unflipped = TransformConfig {
+                random_flip: false,
+                ..*config
+            };
+            let placement =
+                transform::place(item.size.0, item.size.1, target, &unflipped, &mut rng);
+            Placement {
+                flipped,
+                ..placement
+            }
+        })
+    }
+
     /// Decodes and transforms one sample. A pure function of the key: any thread, any run.
     pub fn sample(&self, key: &SampleKey) -> Result<Sample> {
         self.sample_placed(key, self.placement(key)?)

@@ -219,7 +219,8 @@ pub(crate) fn read_caption_folder(
                         return Ok(row(image, None, 1));
                     }
                     let caption_path = folder.caption_path(&image);
-                    let caption = match (read_kohya_caption(&caption_path)?, class_tokens.as_ref()) {
+                    let caption = match (read_kohya_caption(&caption_path)?, class_tokens.as_ref())
+                    {
                         (Some(caption), _) => caption,
                         (None, Some(tokens)) => tokens.clone(),
                         (None, None) => {

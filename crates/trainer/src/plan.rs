@@ -61,6 +61,24 @@ impl Plan {
         self.loader.dataset()
     }
 
+    /// The buckets in use with their image counts, e.g. `1024x1024: 12, 832x1216: 3` (one entry
+    /// without `--enable_bucket`).
+    pub fn describe_buckets(&self) -> String {
+        let dataset = self.dataset();
+        let sizes = dataset.config().buckets.sizes();
+        let mut counts = vec![0usize; sizes.len()];
+        for item in dataset.items() {
+            counts[item.bucket] += 1;
+        }
+        sizes
+            .iter()
+            .zip(&counts)
+            .filter(|(_, n)| **n > 0)
+            .map(|((w, h), n)| format!("{w}x{h}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// Where prompts come from, in words, for the run's log.
     pub fn describe_prompts(config: &TrainConfig) -> String {
         let base = match &config.instance_prompt {
@@ -222,7 +240,11 @@ fn caption_rules(config: &TrainConfig) -> Option<CaptionRules> {
 }
 
 fn open_dataset(config: &TrainConfig) -> Result<Dataset> {
-    let mut data_config = DatasetConfig::new(config.resolution)?;
+    let mut data_config = if config.enable_bucket {
+        DatasetConfig::kohya(&config.bucket_config())?
+    } else {
+        DatasetConfig::new(config.resolution)?
+    };
     data_config.selection = match config.max_train_samples {
         Some(n) => Selection::First(n as usize),
         None => Selection::All,

@@ -319,10 +319,7 @@ pub fn encode_latents(
     for item in 0..dataset.len() {
         let key = fixed_key(seed, item);
         for flipped in [false, true].into_iter().take(flips) {
-            let placement = data::Placement {
-                flipped,
-                ..dataset.placement(&key)?
-            };
+            let placement = dataset.placement_flipped(&key, flipped)?;
             let sample = dataset.sample_placed(&key, placement)?;
             let (mean, std) = encode_one(vae, encoder_id, cache, &sample, device)?;
             let bucket = dataset.items()[item].bucket;

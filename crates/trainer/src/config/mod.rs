@@ -135,6 +135,16 @@ train_config! {
     caption_suffix: Option<String> = None,
     /// Square training resolution in pixels (a multiple of 8).
     resolution: u32 = 512,
+    /// kohya's aspect-ratio buckets: each image trains at the bucket (sides multiples of --bucket_reso_steps, area about --resolution²) nearest its aspect ratio; batches never mix buckets.
+    enable_bucket: bool = false,
+    /// Smallest bucket side (kohya's default).
+    min_bucket_reso: u32 = 256,
+    /// Largest bucket side (kohya's default; SDXL users often set 2048).
+    max_bucket_reso: u32 = 1024,
+    /// Bucket sides are multiples of this (SDXL needs a multiple of 32).
+    bucket_reso_steps: u32 = 64,
+    /// One bucket per image size, never enlarging an image (kohya's --bucket_no_upscale).
+    bucket_no_upscale: bool = false,
     /// Centre crops (else a random crop per step, which needs --cache_latents false).
     center_crop: bool = true,
     /// Mirror images at random each step.
@@ -341,6 +351,18 @@ impl TrainConfig {
             output_dir: output_dir.to_owned(),
             device: "cpu".into(),
             ..Self::default()
+        }
+    }
+
+    /// kohya's bucket settings of `--enable_bucket` and its companions.
+    pub fn bucket_config(&self) -> data::BucketConfig {
+        data::BucketConfig {
+            resolution: (self.resolution, self.resolution),
+            enable_bucket: self.enable_bucket,
+            min_bucket_reso: self.min_bucket_reso,
+            max_bucket_reso: self.max_bucket_reso,
+            bucket_reso_steps: self.bucket_reso_steps,
+            bucket_no_upscale: self.bucket_no_upscale,
         }
     }
 

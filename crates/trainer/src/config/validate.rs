@@ -97,6 +97,9 @@ impl TrainConfig {
                 "cached latents are encoded once per image, so random crops (--center_crop false) need --cache_latents false".into(),
             );
         }
+        if self.enable_bucket {
+            self.bucket_config().verify_bucket_reso_steps(32)?;
+        }
         if self.cache_latents_to_disk && !self.cache_latents {
             return fail(
                 "--cache_latents_to_disk",

@@ -126,10 +126,11 @@ impl Trainer {
             say(format!("skipped a row: {skipped}"));
         }
         say(format!(
-            "{} images, {} batches of {} per epoch",
+            "{} images, {} batches of {} per epoch; bucket(s) {}",
             dataset.len(),
             plan.steps_per_epoch(),
-            config.train_batch_size
+            config.train_batch_size,
+            plan.describe_buckets()
         ));
         let micro_steps = config.max_train_steps * u64::from(config.gradient_accumulation_steps);
         let planned = plan.micro_steps(0..micro_steps)?;
