@@ -15,7 +15,6 @@ pub mod config;
 mod device;
 mod error;
 pub mod estimate;
-pub mod kohya_config;
 pub mod logs;
 pub mod lr_scheduler;
 pub mod model;

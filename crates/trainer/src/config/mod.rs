@@ -18,6 +18,7 @@
 //! ```
 
 mod flags;
+pub mod kohya;
 mod validate;
 
 use std::path::{Path, PathBuf};
