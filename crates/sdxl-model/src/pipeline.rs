@@ -230,16 +230,37 @@ impl Pipeline {
         kind: Kind,
         vae_upcast: Upcast,
     ) -> Result<Self> {
+        Self::from_pretrained_variant(root, None, device, kind, vae_upcast)
+    }
+
+    /// As [`Self::from_pretrained`], reading every component's weights of a variant
+    /// (`diffusion_pytorch_model.fp16.safetensors`, `model.fp16.safetensors` for `Some("fp16")`).
+    ///
+    /// # Errors
+    /// As [`Self::from_pretrained`].
+    pub fn from_pretrained_variant(
+        root: impl AsRef<Path>,
+        variant: Option<&str>,
+        device: Device,
+        kind: Kind,
+        vae_upcast: Upcast,
+    ) -> Result<Self> {
         let root = root.as_ref();
-        let (prompt_encoder, [vs_1, vs_2]) = PromptEncoder::from_pretrained(root, device, kind)?;
+        let (prompt_encoder, [vs_1, vs_2]) =
+            PromptEncoder::from_pretrained_variant(root, variant, device, kind)?;
         let unet_config = UNetConfig::from_file(root.join("unet").join("config.json"))?;
         let weights = UNetWeights::Diffusers {
             folder: root.join("unet"),
-            variant: None,
+            variant: variant.map(str::to_owned),
         };
         let (vs_unet, unet) = load_unet(&unet_config, &weights, device, kind)?;
-        let (vae, vs_vae) =
-            AutoencoderKL::from_pretrained(root.join("vae"), device, kind, vae_upcast)?;
+        let (vae, vs_vae) = AutoencoderKL::from_pretrained_variant(
+            root.join("vae"),
+            variant,
+            device,
+            kind,
+            vae_upcast,
+        )?;
         let scheduler_file = root.join("scheduler").join("scheduler_config.json");
         let scheduler_config = if scheduler_file.exists() {
             SchedulerConfig::from_file(&scheduler_file)?

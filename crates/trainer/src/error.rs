@@ -108,6 +108,15 @@ pub enum Error {
     #[error(transparent)]
     Data(#[from] data::Error),
 
+    /// The class-image folder of `--class_data_dir` could not be read, created or written.
+    #[error("--class_data_dir {}: {problem}", path.display())]
+    ClassImages {
+        /// The folder, or the file in it.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        problem: String,
+    },
+
     /// A model repository could not be fetched from the hub.
     #[error("hub model `{repo}`: {problem}")]
     Hub {

@@ -1,6 +1,7 @@
 //! The SDXL LoRA trainer, in stages (docs/TRAINING.md, "What a run does"):
 //!
 //! - [`config`]: flags, TOML files, validation of values;
+//! - [`class_images`]: the class images of prior preservation, generated where missing;
 //! - [`plan`]: which items each micro-step trains on — a pure function of (seed, micro-step);
 //! - [`prepare`]: the conditioning computed once (prompt embeddings, latents);
 //! - [`model`]: the UNet with its LoRA;
@@ -11,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod checkpoint;
+pub mod class_images;
 pub mod config;
 mod device;
 mod error;

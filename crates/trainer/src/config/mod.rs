@@ -116,6 +116,20 @@ train_config! {
     /// One prompt for every image, replacing the captions (DreamBooth).
     #[serde(with = "flags::none_as_text")]
     instance_prompt: Option<String> = Some("Naruto style anime character".into()),
+    /// DreamBooth's prior preservation: train on class images too, their loss weighted by --prior_loss_weight (needs --class_data_dir and --class_prompt).
+    with_prior_preservation: bool = false,
+    /// Folder of class images for --with_prior_preservation; when it holds fewer than --num_class_images, the missing ones are generated into it from --class_prompt.
+    class_data_dir: Option<PathBuf> = None,
+    /// The prompt of the class images, e.g. "a photo of a dog" (to generate them and to train on them).
+    class_prompt: Option<String> = None,
+    /// Class images wanted in --class_data_dir (the missing ones are generated with the base model at its default size, guidance 5).
+    num_class_images: u64 = 100,
+    /// Sampler steps of generated class images (not a flag of diffusers' script, which uses the pipeline's default, 50).
+    class_inference_steps: u32 = 50,
+    /// Weight of the class images' loss (the prior-preservation loss).
+    prior_loss_weight: f64 = 1.0,
+    /// Images per batch when generating class images.
+    sample_batch_size: u32 = 4,
     /// Caption files' extension in a folder dataset (kohya's default is `.caption`).
     caption_extension: String = ".txt".into(),
     /// Probability of training a sample on the empty prompt instead of its caption, drawn each step (kohya's caption_dropout_rate, diffusers' proportion_empty_prompts).

@@ -28,6 +28,11 @@ impl TrainConfig {
             ("--checkpointing_steps", self.checkpointing_steps),
             ("--logging_steps", self.logging_steps),
             ("--validation_steps", self.validation_steps),
+            ("--sample_batch_size", u64::from(self.sample_batch_size)),
+            (
+                "--class_inference_steps",
+                u64::from(self.class_inference_steps),
+            ),
         ] {
             if value == 0 {
                 return fail(option, "must be at least 1".into());
@@ -75,6 +80,11 @@ impl TrainConfig {
                 self.snr_gamma.is_none_or(|g| g > 0.0),
             ),
             (
+                "--prior_loss_weight",
+                self.prior_loss_weight,
+                self.prior_loss_weight >= 0.0,
+            ),
+            (
                 "--lora_alpha",
                 self.lora_alpha.unwrap_or(1.0),
                 self.lora_alpha.is_none_or(|a| a > 0.0),
@@ -115,6 +125,9 @@ impl TrainConfig {
                 format!("`{kind}` is not epsilon or v_prediction"),
             );
         }
+        if self.with_prior_preservation {
+            self.validate_prior_preservation()?;
+        }
         if self.checkpoints_total_limit == Some(0) {
             return fail(
                 "--checkpoints_total_limit",
@@ -133,5 +146,82 @@ impl TrainConfig {
             );
         }
         Ok(())
+    }
+
+    /// What `--with_prior_preservation` needs (diffusers' script refuses the same).
+    fn validate_prior_preservation(&self) -> Result<()> {
+        let fail = |option: &'static str, problem: &str| {
+            Err(Error::InvalidOption {
+                option,
+                problem: problem.into(),
+            })
+        };
+        if self.class_data_dir.is_none() {
+            return fail(
+                "--class_data_dir",
+                "--with_prior_preservation needs a folder of class images (missing ones are generated there)",
+            );
+        }
+        if self.class_prompt.is_none() {
+            return fail(
+                "--class_prompt",
+                "--with_prior_preservation needs the prompt of the class images",
+            );
+        }
+        if self.num_class_images == 0 {
+            return fail(
+                "--num_class_images",
+                "must be at least 1 with --with_prior_preservation",
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<TrainConfig> {
+        TrainConfig::from_args(args.iter().map(|s| (*s).to_owned()))
+    }
+
+    #[test]
+    fn prior_preservation_flags() {
+        let defaults = TrainConfig::default();
+        assert!(!defaults.with_prior_preservation);
+        assert_eq!(
+            (defaults.num_class_images, defaults.sample_batch_size),
+            (100, 4)
+        );
+        assert_eq!(defaults.prior_loss_weight, 1.0);
+        let message = |args: &[&str]| parse(args).unwrap_err().to_string();
+        let no_dir = message(&["--with_prior_preservation", "--class_prompt", "a dog"]);
+        assert!(no_dir.starts_with("--class_data_dir"), "{no_dir}");
+        let no_prompt = message(&["--with_prior_preservation", "--class_data_dir", "dogs"]);
+        assert!(no_prompt.starts_with("--class_prompt"), "{no_prompt}");
+        let full = [
+            "--with_prior_preservation",
+            "--class_data_dir",
+            "dogs",
+            "--class_prompt",
+            "a dog",
+        ];
+        let zero = message(&[&full[..], &["--num_class_images", "0"]].concat());
+        assert!(zero.starts_with("--num_class_images"), "{zero}");
+        for weight in ["-1", "nan", "inf"] {
+            let bad = message(&["--prior_loss_weight", weight]);
+            assert!(bad.starts_with("--prior_loss_weight"), "{bad}");
+        }
+        assert!(message(&["--sample_batch_size", "0"]).starts_with("--sample_batch_size"));
+        let config = parse(&[&full[..], &["--prior_loss_weight", "0.5"]].concat()).unwrap();
+        assert_eq!(
+            config.class_data_dir,
+            Some(std::path::PathBuf::from("dogs"))
+        );
+        assert_eq!(config.class_prompt.as_deref(), Some("a dog"));
+        assert_eq!(config.prior_loss_weight, 0.5);
+        // Without --with_prior_preservation the class settings are not needed (diffusers warns).
+        parse(&["--class_prompt", "a dog"]).unwrap();
     }
 }

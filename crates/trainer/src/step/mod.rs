@@ -24,7 +24,7 @@ use sdxl_model::unet::{UNet2DConditionModel, UNetInputs};
 mod objective;
 mod stepper;
 
-pub use objective::{Draws, Objective};
+pub use objective::{Draws, LossWeights, Objective};
 pub use stepper::{StepGraphs, Stepper};
 
 use crate::Result;

@@ -1,7 +1,8 @@
 //! The training objective of a micro-step: its random draws (ε, offset noise, timesteps) and the
-//! loss against ε or v, min-SNR-γ weighted if asked.
+//! loss against ε or v, min-SNR-γ weighted if asked; with prior preservation (regularization
+//! images in the batch), per-sample loss weights ([`LossWeights`], [`Objective::weighted_loss`]).
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use sdxl_model::schedulers::DdpmSchedule;
 
@@ -101,5 +102,126 @@ impl Objective {
                 .f_mul(weights)?
                 .mean(Kind::Float),
         })
+    }
+
+    /// The loss of `prediction` (`[batch, channels, h, w]`) with per-sample weights:
+    /// `Σ_i c_i · m_i · s_i`, where `m_i` is sample `i`'s mean squared error in fp32, `c_i` its
+    /// coefficient and `s_i` its min-SNR-γ factor — `snr_mask_i · (w_i − 1) + 1` with `--snr_gamma`
+    /// (`w_i` the weight [`Self::loss`] uses), else 1. `coefficients` and `snr_mask` are `[batch]`
+    /// fp32 tensors on the prediction's device, e.g. from [`LossWeights::tensors`]; with
+    /// [`LossWeights::mean`] this is [`Self::loss`] up to rounding.
+    ///
+    /// Reads nothing on the host and keeps every shape fixed, so it can be captured in a CUDA graph.
+    ///
+    /// # Errors
+    /// [`sdxl_model::Error::Shape`] when the vectors are not `[batch]`; libtorch errors (a
+    /// prediction of another shape).
+    pub fn weighted_loss(
+        &self,
+        prediction: &Tensor,
+        coefficients: &Tensor,
+        snr_mask: &Tensor,
+    ) -> Result<Tensor> {
+        let batch = self.target.size().first().copied().unwrap_or(0);
+        for (what, vector) in [
+            ("loss coefficients", coefficients),
+            ("min-SNR mask", snr_mask),
+        ] {
+            if vector.size() != [batch] {
+                return Err(sdxl_model::Error::Shape {
+                    what: what.into(),
+                    expected: format!("[{batch}]"),
+                    actual: format!("{:?}", vector.size()),
+                }
+                .into());
+            }
+        }
+        let per_sample = prediction
+            .to_kind(Kind::Float)
+            .f_sub(&self.target)?
+            .square()
+            .f_mean_dim(&[1i64, 2, 3][..], false, Kind::Float)?;
+        let factors = match &self.weights {
+            None => coefficients.shallow_clone(),
+            Some(weights) => {
+                coefficients.f_mul(&snr_mask.f_mul(&(weights - 1.0))?.f_add_scalar(1.0)?)?
+            }
+        };
+        Ok(per_sample.f_mul(&factors)?.sum(Kind::Float))
+    }
+}
+
+/// Per-sample coefficients of a micro-step's loss, for [`Objective::weighted_loss`]: sample `i`'s
+/// mean squared error (min-SNR weighted where `snr_mask[i]` is 1) is multiplied by
+/// `coefficients[i]` and the products are summed. Host vectors, uploaded once per batch layout
+/// ([`Self::tensors`]) into tensors a captured step can keep.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossWeights {
+    /// `c_i`: what sample `i`'s loss is multiplied by before the sum over the batch.
+    pub coefficients: Vec<f32>,
+    /// 1 where the min-SNR-γ weight applies to sample `i` (with `--snr_gamma`), 0 where it does not.
+    pub snr_mask: Vec<f32>,
+}
+
+impl LossWeights {
+    /// The plain mean over `batch` samples, every one min-SNR weighted: `c_i = 1/B` — what
+    /// [`Objective::loss`] computes.
+    pub fn mean(batch: usize) -> Self {
+        Self {
+            coefficients: vec![(1.0 / batch as f64) as f32; batch],
+            snr_mask: vec![1.0; batch],
+        }
+    }
+
+    /// diffusers' DreamBooth with `--with_prior_preservation` (`train_dreambooth_lora_sdxl.py`): a
+    /// batch of `instances` instance samples followed by as many class samples. The script splits
+    /// the prediction in two halves and adds the class half's plain MSE times `prior_loss_weight`
+    /// to the instance half's loss (plain, or min-SNR weighted): `c = [1/n]·n ++ [w/n]·n`,
+    /// `snr_mask = [1]·n ++ [0]·n` (docs/TRAINING.md, "Prior preservation").
+    pub fn dreambooth_prior(instances: usize, prior_loss_weight: f64) -> Self {
+        let n = instances as f64;
+        let mut coefficients = vec![(1.0 / n) as f32; instances];
+        coefficients.extend(vec![(prior_loss_weight / n) as f32; instances]);
+        let mut snr_mask = vec![1.0; instances];
+        snr_mask.extend(vec![0.0; instances]);
+        Self {
+            coefficients,
+            snr_mask,
+        }
+    }
+
+    /// kohya's sd-scripts (`train_network.py`): each sample's loss is multiplied by its
+    /// `loss_weights` entry — `prior_loss_weight` for a regularization (`is_reg`) image, 1
+    /// otherwise — then by its min-SNR weight, and the batch is averaged: `c_i = weight_i / B`,
+    /// `snr_mask = 1`.
+    pub fn kohya(is_reg: &[bool], prior_loss_weight: f64) -> Self {
+        let batch = is_reg.len() as f64;
+        let coefficients = is_reg
+            .iter()
+            .map(|&reg| (if reg { prior_loss_weight } else { 1.0 } / batch) as f32)
+            .collect();
+        Self {
+            coefficients,
+            snr_mask: vec![1.0; is_reg.len()],
+        }
+    }
+
+    /// The batch size these weights are for.
+    pub fn len(&self) -> usize {
+        self.coefficients.len()
+    }
+
+    /// Whether these are weights of an empty batch.
+    pub fn is_empty(&self) -> bool {
+        self.coefficients.is_empty()
+    }
+
+    /// `(coefficients, snr_mask)` as `[batch]` fp32 tensors on `device`.
+    ///
+    /// # Errors
+    /// libtorch errors.
+    pub fn tensors(&self, device: Device) -> Result<(Tensor, Tensor)> {
+        let upload = |values: &[f32]| Tensor::f_from_slice(values)?.f_to_device(device);
+        Ok((upload(&self.coefficients)?, upload(&self.snr_mask)?))
     }
 }
