@@ -203,7 +203,7 @@ fn kohya_folders_repeat_images_and_caption_rules_change_the_prompts_per_step() {
         max_train_steps: 40,
         ..short(&dir.join("data"), &dir.join("run"))
     };
-    let plan = Plan::open(&config).unwrap();
+    let plan = Plan::open(&config, None).unwrap();
     // Six images, each three times per epoch, in batches of 2.
     assert_eq!(plan.dataset().len(), 6);
     assert_eq!(plan.steps_per_epoch(), 9);
@@ -232,10 +232,13 @@ fn kohya_folders_repeat_images_and_caption_rules_change_the_prompts_per_step() {
         orders.len()
     );
     // Every prompt dropped at rate 1; none at rate 0 (the plan is otherwise unchanged).
-    let dropped = Plan::open(&TrainConfig {
-        caption_dropout_rate: 1.0,
-        ..config.clone()
-    })
+    let dropped = Plan::open(
+        &TrainConfig {
+            caption_dropout_rate: 1.0,
+            ..config.clone()
+        },
+        None,
+    )
     .unwrap();
     let dropped = dropped.micro_steps(0..40).unwrap();
     assert!(
@@ -293,7 +296,7 @@ fn a_mixed_size_dataset_trains_with_kohya_buckets_never_mixing_them_in_a_batch()
         random_flip: true,
         ..short(&fixture("captioned-images/imagefolder"), &dir.join("run"))
     };
-    let plan = Plan::open(&config).unwrap();
+    let plan = Plan::open(&config, None).unwrap();
     let buckets = plan.describe_buckets();
     assert!(
         buckets.matches(", ").count() >= 1,
@@ -314,7 +317,7 @@ fn a_mixed_size_dataset_trains_with_kohya_buckets_never_mixing_them_in_a_batch()
         train_batch_size: 2,
         ..config.clone()
     };
-    let plan = Plan::open(&batched).unwrap();
+    let plan = Plan::open(&batched, None).unwrap();
     for step in plan.micro_steps(0..20).unwrap() {
         for key in &step.keys {
             assert_eq!(plan.dataset().items()[key.item].bucket, step.bucket);
@@ -325,5 +328,163 @@ fn a_mixed_size_dataset_trains_with_kohya_buckets_never_mixing_them_in_a_batch()
     assert!(ok, "training failed:\n{stderr}");
     assert!(stderr.contains(&format!("bucket(s) {buckets}")), "{stderr}");
     assert!(dir.join("run").join(LORA_FILE).is_file());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Copies the named fixture images into `folder`, with `captions[i]` as `.caption` files where given.
+fn image_folder(folder: &Path, names: &[&str], captions: &[Option<&str>]) {
+    std::fs::create_dir_all(folder).unwrap();
+    let images = fixture("captioned-images/imagefolder");
+    for (i, name) in names.iter().enumerate() {
+        std::fs::copy(images.join(name), folder.join(name)).unwrap();
+        if let Some(Some(caption)) = captions.get(i) {
+            std::fs::write(folder.join(name).with_extension("caption"), caption).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_kohya_dataset_config_with_two_subsets_and_a_regularization_subset_trains() {
+    use trainer::plan::Plan;
+    let dir = scratch("kohya-toml");
+    image_folder(
+        &dir.join("train/fox"),
+        &["000.png", "001.png", "003.png"],
+        &[
+            Some("sks fox, red"),
+            Some("sks fox, snow"),
+            Some("sks fox, grass"),
+        ],
+    );
+    image_folder(
+        &dir.join("train/more"),
+        &["004.png", "006.png", "007.png"],
+        &[],
+    );
+    image_folder(&dir.join("reg"), &["002.jpg", "005.jpg"], &[]);
+    let toml = format!(
+        r#"
+[general]
+shuffle_caption = true
+keep_tokens = 1
+caption_extension = ".caption"
+
+[[datasets]]
+resolution = 64
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = "{0}/train/fox"
+  num_repeats = 2
+
+  [[datasets.subsets]]
+  image_dir = "{0}/train/more"
+  class_tokens = "sks fox"
+
+  [[datasets.subsets]]
+  image_dir = "{0}/reg"
+  class_tokens = "fox"
+  is_reg = true
+"#,
+        dir.display()
+    );
+    let file = dir.join("dataset.toml");
+    std::fs::write(&file, toml).unwrap();
+    let config = TrainConfig {
+        dataset_config: Some(file.clone()),
+        train_batch_size: 7, // the file's batch_size wins, as in kohya
+        resolution: 128,     // and its resolution
+        max_train_steps: 4,
+        prior_loss_weight: 0.5,
+        ..short(&dir.join("unused"), &dir.join("run"))
+    };
+    let (resolved, kohya) = config.clone().with_dataset_config().unwrap();
+    assert_eq!((resolved.train_batch_size, resolved.resolution), (2, 64));
+    assert_eq!(resolved.instance_prompt, None);
+    let plan = Plan::open(&resolved, kohya.as_ref()).unwrap();
+    let dataset = plan.dataset();
+    assert_eq!(dataset.subsets().len(), 3);
+    // kohya balances the regularization images to the 3·2 + 3 = 9 training images: 5 + 4 repeats.
+    let reg: Vec<u32> = (0..dataset.len())
+        .filter(|&i| dataset.is_reg(i))
+        .map(|i| dataset.items()[i].repeats)
+        .collect();
+    assert_eq!(reg, [5, 4]);
+    let steps = plan.micro_steps(0..20).unwrap();
+    for step in &steps {
+        for ((key, prompt), &reg) in step.keys.iter().zip(&step.prompts).zip(&step.reg) {
+            assert_eq!(reg, dataset.is_reg(key.item));
+            if reg {
+                assert_eq!(prompt, "fox");
+            } else {
+                assert!(prompt.starts_with("sks fox"), "{prompt}");
+            }
+        }
+        let weights = plan.loss_weights(step, 0.5).unwrap();
+        for (c, &reg) in weights.coefficients.iter().zip(&step.reg) {
+            assert_eq!(*c, if reg { 0.25 } else { 0.5 }, "kohya: weight / batch");
+        }
+    }
+    assert!(steps.iter().any(|s| s.reg.iter().any(|&r| r)));
+
+    let (ok, stderr) = run_output(&config);
+    assert!(ok, "training failed:\n{stderr}");
+    assert!(dir.join("run").join(LORA_FILE).is_file());
+
+    // A key kohya has that this trainer does not: an error naming it.
+    std::fs::write(
+        &file,
+        "[general]\ncolor_aug = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = \"x\"\n",
+    )
+    .unwrap();
+    let (ok, stderr) = run_output(&TrainConfig {
+        output_dir: dir.join("refused"),
+        ..config
+    });
+    assert!(!ok);
+    assert!(
+        stderr.contains("color_aug") && stderr.contains("dataset.toml"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn prior_preservation_generates_the_missing_class_images_and_trains_on_both() {
+    use trainer::plan::Plan;
+    let dir = scratch("prior");
+    let class_dir = dir.join("class");
+    let config = TrainConfig {
+        with_prior_preservation: true,
+        class_data_dir: Some(class_dir.clone()),
+        class_prompt: Some("a fox".into()),
+        num_class_images: 3,
+        class_inference_steps: 2,
+        prior_loss_weight: 0.5,
+        max_train_steps: 3,
+        ..short(&fixture("captioned-images/imagefolder"), &dir.join("run"))
+    };
+    let (ok, stderr) = run_output(&config);
+    assert!(ok, "training failed:\n{stderr}");
+    assert!(stderr.contains("(3 generated)"), "{stderr}");
+    assert!(dir.join("run").join(LORA_FILE).is_file());
+
+    // Each micro-step: the instance batch, then as many class images, weighted as diffusers does.
+    let plan = Plan::open(&config, None).unwrap();
+    assert_eq!(plan.batch_size(&config), 4);
+    for step in plan.micro_steps(0..6).unwrap() {
+        assert_eq!(step.reg, [false, false, true, true]);
+        assert_eq!(&step.prompts[2..], ["a fox", "a fox"]);
+        let weights = plan.loss_weights(&step, 0.5).unwrap();
+        assert_eq!(weights.coefficients, [0.5, 0.5, 0.25, 0.25]);
+        assert_eq!(weights.snr_mask, [1.0, 1.0, 0.0, 0.0]);
+    }
+    // The next run finds them.
+    let (ok, stderr) = run_output(&TrainConfig {
+        output_dir: dir.join("again"),
+        ..config
+    });
+    assert!(ok, "training failed:\n{stderr}");
+    assert!(stderr.contains("(0 generated)"), "{stderr}");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -108,6 +108,10 @@ pub enum Error {
     #[error(transparent)]
     Data(#[from] data::Error),
 
+    /// A kohya `--dataset_config` file that cannot be read or used.
+    #[error("--dataset_config {0}")]
+    DatasetConfig(#[from] crate::config::kohya::KohyaConfigError),
+
     /// The class-image folder of `--class_data_dir` could not be read, created or written.
     #[error("--class_data_dir {}: {problem}", path.display())]
     ClassImages {

@@ -104,6 +104,8 @@ train_config! {
     /// Weight-file variant, e.g. `fp16` for `diffusion_pytorch_model.fp16.safetensors`.
     #[serde(with = "flags::none_as_text")]
     variant: Option<String> = Some("fp16".into()),
+    /// A kohya dataset config file (`[general]`, `[[datasets]]`, `[[datasets.subsets]]`); replaces --dataset_name and takes the resolution, batch size, bucket, flip and crop settings from the file.
+    dataset_config: Option<PathBuf> = None,
     /// A hub dataset id, or a local folder (parquet files, an imagefolder with metadata.jsonl, or images with .txt captions).
     dataset_name: String = "lambdalabs/naruto-blip-captions".into(),
     /// The image column of a parquet dataset.

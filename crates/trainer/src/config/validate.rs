@@ -110,6 +110,18 @@ impl TrainConfig {
         if self.enable_bucket {
             self.bucket_config().verify_bucket_reso_steps(32)?;
         }
+        if self.with_prior_preservation && !self.cache_latents {
+            return fail(
+                "--with_prior_preservation",
+                "needs --cache_latents (the class images are encoded once, beside the instance images)".into(),
+            );
+        }
+        if self.with_prior_preservation && self.enable_bucket {
+            return fail(
+                "--with_prior_preservation",
+                "pairs each batch with as many class images of the square resolution; with --enable_bucket use kohya's regularization subsets (is_reg in a --dataset_config file)".into(),
+            );
+        }
         if self.cache_latents_to_disk && !self.cache_latents {
             return fail(
                 "--cache_latents_to_disk",

@@ -24,6 +24,7 @@ pub use crate::outputs::{KOHYA_FILE, LORA_FILE};
 pub use resume::TrainerState;
 
 use crate::checkpoint::{CheckpointStore, io_error};
+use crate::class_images::ensure_class_images;
 use crate::config::{MixedPrecision, TrainConfig};
 use crate::device;
 use crate::estimate::{Estimate, EstimateInput, estimate};
@@ -31,7 +32,7 @@ use crate::logs::{say, say_above};
 use crate::model::TrainModel;
 use crate::model_files::{self, ModelFolder};
 use crate::outputs::{self, RunStats};
-use crate::plan::Plan;
+use crate::plan::{MicroStep, Plan};
 use crate::prepare::{Latents, TextConditioning, prepare_latents, prepare_text};
 use crate::step::{StepGraphs, Stepper};
 use crate::validation::Validator;
@@ -95,6 +96,7 @@ impl Trainer {
     /// # Errors
     /// Anything wrong with the config, the model, the data or the checkpoint, naming the culprit.
     pub fn new(config: TrainConfig) -> Result<Self> {
+        let (config, kohya) = config.with_dataset_config()?;
         config.validate()?;
         let device = device::open(&config)?;
         if config.cuda_graph && !(device.is_cuda() && config.cache_latents) {
@@ -119,7 +121,16 @@ impl Trainer {
             folder.variant
         ));
 
-        let plan = Plan::open(&config)?;
+        if config.with_prior_preservation {
+            let class = ensure_class_images(&config, &folder, device, kind)?;
+            say(format!(
+                "{} class images in {} ({} generated)",
+                class.paths.len(),
+                class.folder.display(),
+                class.generated
+            ));
+        }
+        let plan = Plan::open(&config, kohya.as_ref())?;
         say(Plan::describe_prompts(&config));
         let dataset = plan.dataset();
         for skipped in plan.skipped_rows() {
@@ -143,7 +154,7 @@ impl Trainer {
             &model,
             &vae_config,
             &scheduler_config,
-            (device, kind),
+            (device, kind, plan.batch_size(&config)),
         )?;
         let estimate = device
             .is_cuda()
@@ -177,10 +188,12 @@ impl Trainer {
         // Each remaining micro-step's rows, on the device.
         let first = trainer.start_step * u64::from(trainer.config.gradient_accumulation_steps);
         let remaining = planned.get(first as usize..).unwrap_or_default();
-        let (text, latents) = (&trainer.text, &trainer.latents);
+        let (text, latents, plan) = (&trainer.text, &trainer.latents, &trainer.plan);
+        let weight = trainer.config.prior_loss_weight;
+        let weights = |step: &MicroStep| plan.loss_weights(step, weight);
         trainer
             .stepper
-            .upload_plan(first, remaining, text, latents)?;
+            .upload_plan(first, remaining, text, latents, weights)?;
         Ok(trainer)
     }
 

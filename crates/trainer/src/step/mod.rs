@@ -54,7 +54,7 @@ pub enum LatentBatch<'a> {
 
 /// The rows one micro-step gathers: for each sample of the batch, its row in the cached latents
 /// of its bucket and its row in the prompt table.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PlannedRows {
     /// The bucket of the batch.
     pub bucket: usize,
@@ -62,6 +62,8 @@ pub struct PlannedRows {
     pub latents: Vec<i64>,
     /// Rows of the prompt table, `[batch]`.
     pub prompts: Vec<i64>,
+    /// How the loss weighs each sample (`None`: the plain mean).
+    pub weights: Option<LossWeights>,
 }
 
 /// The per-step host inputs, in persistent device tensors.
@@ -71,9 +73,20 @@ pub struct StepInputs {
     pub latent_rows: Tensor,
     /// Row of each sample's prompt in the prompt table, `[batch]` int64.
     pub prompt_rows: Tensor,
+    /// Each sample's loss coefficient and min-SNR mask, `[batch]` f32 each, when the plan weighs
+    /// samples ([`Objective::weighted_loss`]).
+    pub loss_weights: Option<(Tensor, Tensor)>,
     /// The rows of every planned micro-step, `[micro-steps, 2, batch]` int64 on the device, their
-    /// buckets, and the first one's index.
-    plan: Option<(u64, Tensor, Vec<usize>)>,
+    /// weights `[micro-steps, 2, batch]` f32 if any, their buckets, and the first one's index.
+    plan: Option<Plan>,
+}
+
+#[derive(Debug)]
+struct Plan {
+    first: u64,
+    rows: Tensor,
+    weights: Option<Tensor>,
+    buckets: Vec<usize>,
 }
 
 impl StepInputs {
@@ -82,6 +95,7 @@ impl StepInputs {
         Self {
             latent_rows: Tensor::zeros([batch], (Kind::Int64, device)),
             prompt_rows: Tensor::zeros([batch], (Kind::Int64, device)),
+            loss_weights: None,
             plan: None,
         }
     }
@@ -92,20 +106,45 @@ impl StepInputs {
     /// libtorch errors (rows of another batch size).
     pub fn set_plan(&mut self, first: u64, steps: &[PlannedRows]) -> Result<()> {
         let batch = self.latent_rows.size()[0];
+        let device = self.latent_rows.device();
         let flat: Vec<i64> = steps
             .iter()
             .flat_map(|s| s.latents.iter().chain(&s.prompts).copied())
             .collect();
-        let plan = Tensor::f_from_slice(&flat)?
+        let rows = Tensor::f_from_slice(&flat)?
             .f_view([steps.len() as i64, 2, batch])?
-            .f_to_device(self.latent_rows.device())?;
+            .f_to_device(device)?;
+        let weights = if steps.iter().any(|s| s.weights.is_some()) {
+            let mut flat: Vec<f32> = Vec::with_capacity(steps.len() * 2 * batch as usize);
+            for step in steps {
+                let weights = step
+                    .weights
+                    .clone()
+                    .unwrap_or_else(|| LossWeights::mean(batch as usize));
+                flat.extend(weights.coefficients.iter().chain(&weights.snr_mask));
+            }
+            let zeros = || Tensor::zeros([batch], (Kind::Float, device));
+            self.loss_weights = Some((zeros(), zeros()));
+            Some(
+                Tensor::f_from_slice(&flat)?
+                    .f_view([steps.len() as i64, 2, batch])?
+                    .f_to_device(device)?,
+            )
+        } else {
+            None
+        };
         let buckets = steps.iter().map(|s| s.bucket).collect();
-        self.plan = Some((first, plan, buckets));
+        self.plan = Some(Plan {
+            first,
+            rows,
+            weights,
+            buckets,
+        });
         Ok(())
     }
 
-    /// Copies micro-step `index`'s rows of the plan into [`Self::latent_rows`] and
-    /// [`Self::prompt_rows`] (device to device) and returns its bucket.
+    /// Copies micro-step `index`'s rows (and weights) of the plan into the persistent inputs
+    /// (device to device) and returns its bucket.
     ///
     /// # Errors
     /// [`crate::Error::InvalidOption`] when `index` is outside the plan; libtorch errors.
@@ -114,15 +153,21 @@ impl StepInputs {
             option: "--max_train_steps",
             problem: format!("micro-step {index} is outside the batch plan"),
         };
-        let (first, plan, buckets) = self.plan.as_ref().ok_or_else(outside)?;
+        let plan = self.plan.as_ref().ok_or_else(outside)?;
         let row = index
-            .checked_sub(*first)
-            .filter(|&r| (r as usize) < buckets.len())
+            .checked_sub(plan.first)
+            .filter(|&r| (r as usize) < plan.buckets.len())
             .ok_or_else(outside)?;
-        let rows = plan.f_get(row as i64)?;
+        let rows = plan.rows.f_get(row as i64)?;
         self.latent_rows.f_copy_(&rows.f_get(0)?)?;
         self.prompt_rows.f_copy_(&rows.f_get(1)?)?;
-        Ok(buckets[row as usize])
+        if let (Some(weights), Some((coefficients, mask))) = (&plan.weights, &mut self.loss_weights)
+        {
+            let weights = weights.f_get(row as i64)?;
+            coefficients.f_copy_(&weights.f_get(0)?)?;
+            mask.f_copy_(&weights.f_get(1)?)?;
+        }
+        Ok(plan.buckets[row as usize])
     }
 
     /// The buckets the uploaded plan uses, each once, ascending.
@@ -130,7 +175,7 @@ impl StepInputs {
         let mut buckets = self
             .plan
             .as_ref()
-            .map(|(_, _, b)| b.clone())
+            .map(|p| p.buckets.clone())
             .unwrap_or_default();
         buckets.sort_unstable();
         buckets.dedup();
@@ -241,12 +286,12 @@ pub fn micro_step(
         // The loss's gradient w.r.t. the prediction, by autograd on a detached copy; the UNet's own
         // backward then recomputes block by block.
         let prediction = forward.output().detach().set_requires_grad(true);
-        let loss = objective.loss(&prediction)?;
+        let loss = step_loss(&objective, &prediction, inputs)?;
         (&loss / settings.accumulation as f64).backward();
         forward.backward(&prediction.grad())?;
         loss
     } else {
-        let loss = objective.loss(&unet.forward(&unet_inputs)?)?;
+        let loss = step_loss(&objective, &unet.forward(&unet_inputs)?, inputs)?;
         (&loss / settings.accumulation as f64).backward();
         loss
     };
@@ -256,6 +301,14 @@ pub fn micro_step(
             .g_add_(&(loss.detach().to_kind(Kind::Double) / settings.accumulation as f64));
     });
     Ok(())
+}
+
+/// The plain mean loss, or the per-sample weighted one when the plan weighs samples.
+fn step_loss(objective: &Objective, prediction: &Tensor, inputs: &StepInputs) -> Result<Tensor> {
+    match &inputs.loss_weights {
+        Some((coefficients, mask)) => objective.weighted_loss(prediction, coefficients, mask),
+        None => objective.loss(prediction),
+    }
 }
 
 /// The optimizer step after `accumulation` micro-steps: clip, then AdamW if everything is finite

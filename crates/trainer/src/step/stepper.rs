@@ -13,7 +13,8 @@ use sdxl_model::vae::AutoencoderKLConfig;
 use torch_cuda::{CaptureMode, CudaGraph};
 
 use super::{
-    Accumulators, LatentBatch, PlannedRows, StepInputs, StepSettings, micro_step, optimizer_step,
+    Accumulators, LatentBatch, LossWeights, PlannedRows, StepInputs, StepSettings, micro_step,
+    optimizer_step,
 };
 use crate::config::TrainConfig;
 use crate::lr_scheduler::LrSchedule;
@@ -59,7 +60,7 @@ impl Stepper {
         model: &TrainModel,
         vae_config: &AutoencoderKLConfig,
         scheduler_config: &SchedulerConfig,
-        (device, kind): (Device, Kind),
+        (device, kind, batch): (Device, Kind, usize),
     ) -> Result<Self> {
         let mut adam = if config.use_8bit_adam {
             AdamWConfig::eight_bit()
@@ -94,7 +95,7 @@ impl Stepper {
             schedule,
             ddpm: DdpmSchedule::new(DdpmConfig::from_config(scheduler_config)?, device)?,
             settings,
-            inputs: StepInputs::new(i64::from(config.train_batch_size), device),
+            inputs: StepInputs::new(batch as i64, device),
             acc: Accumulators::new(device),
             live_batch: None,
             bucket: 0,
@@ -137,6 +138,7 @@ impl Stepper {
         steps: &[MicroStep],
         text: &TextConditioning,
         latents: &Latents,
+        weights: impl Fn(&MicroStep) -> Option<LossWeights>,
     ) -> Result<()> {
         let missing = |what: String| Error::InvalidOption {
             option: "--dataset_name",
@@ -148,6 +150,7 @@ impl Stepper {
                 bucket: step.bucket,
                 latents: Vec::new(),
                 prompts: Vec::new(),
+                weights: weights(step),
             };
             for ((key, &flipped), prompt) in step.keys.iter().zip(&step.flips).zip(&step.prompts) {
                 let row = text

@@ -225,3 +225,77 @@ mod resolve;
 mod schema;
 #[cfg(test)]
 mod tests;
+
+impl crate::TrainConfig {
+    /// With `--dataset_config`: reads the kohya file and takes from it what kohya's trainer would —
+    /// the resolution (when the file sets one), the batch size, the bucket settings, the flips and
+    /// crops of its subsets — and trains on its subsets' captions (no instance prompt). One training
+    /// shape set per run: every `[[datasets]]` must agree on these, and the subsets on `flip_aug`
+    /// and `random_crop`. Without it, the config is returned unchanged.
+    ///
+    /// # Errors
+    /// [`crate::Error::DatasetConfig`] naming the file and every problem; [`crate::Error::InvalidOption`]
+    /// naming the key where the datasets disagree.
+    pub fn with_dataset_config(mut self) -> crate::Result<(Self, Option<KohyaDatasetConfig>)> {
+        let Some(path) = self.dataset_config.clone() else {
+            return Ok((self, None));
+        };
+        let file = KohyaDatasetConfig::from_file(&path)?;
+        let disagree = |key: &str| crate::Error::InvalidOption {
+            option: "--dataset_config",
+            problem: format!(
+                "{}: the datasets (or subsets) differ in `{key}`; this trainer runs one shape set per run",
+                path.display()
+            ),
+        };
+        let Some(first) = file.datasets.first() else {
+            return Err(disagree("datasets (there are none)"));
+        };
+        for other in &file.datasets[1..] {
+            let shape = |d: &KohyaDataset| {
+                (
+                    d.resolution,
+                    d.batch_size,
+                    d.enable_bucket,
+                    d.min_bucket_reso,
+                    d.max_bucket_reso,
+                )
+            };
+            if shape(other) != shape(first)
+                || (other.bucket_reso_steps, other.bucket_no_upscale)
+                    != (first.bucket_reso_steps, first.bucket_no_upscale)
+            {
+                return Err(disagree("resolution, batch_size or bucket settings"));
+            }
+        }
+        if let Some((width, height)) = first.resolution {
+            if width != height {
+                return Err(disagree(
+                    "resolution (only square resolutions are supported)",
+                ));
+            }
+            self.resolution = width;
+        }
+        self.train_batch_size = first.batch_size;
+        self.enable_bucket = first.enable_bucket;
+        self.min_bucket_reso = first.min_bucket_reso;
+        self.max_bucket_reso = first.max_bucket_reso;
+        self.bucket_reso_steps = first.bucket_reso_steps;
+        self.bucket_no_upscale = first.bucket_no_upscale;
+        let subsets: Vec<&KohyaSubset> = file.datasets.iter().flat_map(|d| &d.subsets).collect();
+        let same = |f: fn(&KohyaSubset) -> bool| subsets.iter().all(|s| f(s) == f(subsets[0]));
+        if !same(|s| s.flip_aug) {
+            return Err(disagree("flip_aug"));
+        }
+        if !same(|s| s.random_crop) {
+            return Err(disagree("random_crop"));
+        }
+        if let Some(subset) = subsets.first() {
+            self.random_flip = subset.flip_aug;
+            self.center_crop = !subset.random_crop;
+        }
+        self.instance_prompt = None;
+        self.max_train_samples = None;
+        Ok((self, Some(file)))
+    }
+}

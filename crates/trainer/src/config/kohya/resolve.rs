@@ -146,4 +146,3 @@ pub(super) fn resolve_subset(
         },
     })
 }
-

@@ -248,7 +248,12 @@ pub(super) fn positive(value: &Value) -> Option<u32> {
 
 /// Reads the keys of one table into a layer, reporting every key it cannot take.
 /// `subsets` of a dataset table is skipped (read by the caller).
-pub(super) fn read_layer(table: &Table, place: &str, at: TableKind, problems: &mut Vec<Problem>) -> Layer {
+pub(super) fn read_layer(
+    table: &Table,
+    place: &str,
+    at: TableKind,
+    problems: &mut Vec<Problem>,
+) -> Layer {
     let mut layer = Layer::new();
     // In key order whatever map the `toml` crate was built with.
     let mut entries: Vec<(&String, &Value)> = table.iter().collect();
@@ -371,7 +376,11 @@ pub(super) fn is_missing_or_empty(value: Option<&Value>) -> bool {
 }
 
 /// An array of tables, reporting other kinds.
-pub(super) fn tables<'a>(value: Option<&'a Value>, key: &str, problems: &mut Vec<Problem>) -> Vec<&'a Table> {
+pub(super) fn tables<'a>(
+    value: Option<&'a Value>,
+    key: &str,
+    problems: &mut Vec<Problem>,
+) -> Vec<&'a Table> {
     match value {
         None => Vec::new(),
         Some(Value::Array(items)) => {
@@ -396,4 +405,3 @@ pub(super) fn tables<'a>(value: Option<&'a Value>, key: &str, problems: &mut Vec
         }
     }
 }
-

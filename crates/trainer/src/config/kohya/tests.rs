@@ -217,10 +217,9 @@ batch_size = 8
     );
 
     // No resolution anywhere: left to the command line, as in kohya.
-    let config = KohyaDatasetConfig::from_toml_str(
-        "[[datasets]]\n[[datasets.subsets]]\nimage_dir = \"x\"",
-    )
-    .unwrap();
+    let config =
+        KohyaDatasetConfig::from_toml_str("[[datasets]]\n[[datasets.subsets]]\nimage_dir = \"x\"")
+            .unwrap();
     assert_eq!(config.datasets[0].resolution, None);
 }
 

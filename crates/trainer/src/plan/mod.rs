@@ -5,17 +5,18 @@
 //! deals it into batches with the data crate's [`Loader`], so a run resumed at micro-step `k` draws
 //! exactly what an uninterrupted run draws there. It knows nothing of models.
 
+mod sources;
+
 use std::ops::Range;
-use std::path::Path;
 use std::sync::Arc;
 
-use data::{
-    Batch, CaptionFolder, CaptionRules, CaptionSource, Columns, CropMode, Dataset, DatasetConfig,
-    FolderLayout, HubDataset, Loader, LoaderConfig, SampleKey, Selection, Source,
-};
+use data::{Batch, Dataset, Loader, LoaderConfig, SampleKey};
 
 use crate::Result;
 use crate::config::TrainConfig;
+use crate::config::kohya::KohyaDatasetConfig;
+use crate::step::LossWeights;
+use sources::caption_rules;
 
 /// What one micro-step trains on.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,31 +29,81 @@ pub struct MicroStep {
     pub flips: Vec<bool>,
     /// Each sample's prompt (caption or instance prompt, after dropout and shuffling).
     pub prompts: Vec<String>,
+    /// Whether each sample is a class (prior-preservation) or regularization image.
+    pub reg: Vec<bool>,
 }
 
 /// The run's batches, planned from its seed.
 #[derive(Debug)]
 pub struct Plan {
     loader: Loader,
+    /// diffusers' prior preservation: the class images, `--train_batch_size` of them after the
+    /// instance images of every micro-step.
+    class_loader: Option<Loader>,
+    /// Whether any sample is a class or regularization image (the loss then weighs samples).
+    weighted: bool,
     seed: u64,
 }
 
 impl Plan {
-    /// Opens the dataset of `config` and plans batches of `--train_batch_size` (incomplete
-    /// batches dropped: every micro-step has the same shapes).
+    /// Opens the dataset of `config` (or of the kohya file `kohya`, with `--class_data_dir`'s class
+    /// images under `--with_prior_preservation`) and plans batches of `--train_batch_size`
+    /// (incomplete batches dropped: every micro-step has the same shapes).
     ///
     /// # Errors
     /// Dataset errors naming the row or file; a dataset without one full batch.
-    pub fn open(config: &TrainConfig) -> Result<Self> {
-        let dataset = Arc::new(open_dataset(config)?);
+    pub fn open(config: &TrainConfig, kohya: Option<&KohyaDatasetConfig>) -> Result<Self> {
+        let mut subsets = match kohya {
+            Some(file) => sources::kohya_subsets(file),
+            None => vec![sources::main_subset(config)],
+        };
+        let class_subset = sources::class_subset(config).map(|class| {
+            subsets.push(class);
+            subsets.len() - 1
+        });
+        let data_config = sources::dataset_config(config)?;
+        let dataset = Arc::new(Dataset::open_subsets(subsets, data_config)?);
         let mut loader_config = LoaderConfig::new(config.train_batch_size as usize, config.seed);
         loader_config.drop_last = true;
         if config.dataloader_num_workers > 0 {
             loader_config.workers = config.dataloader_num_workers as usize;
         }
+        let (class_items, items): (Vec<usize>, Vec<usize>) =
+            (0..dataset.len()).partition(|&i| Some(dataset.items()[i].subset) == class_subset);
+        let weighted = class_subset.is_some() || (0..dataset.len()).any(|i| dataset.is_reg(i));
+        let class_loader = match class_subset {
+            Some(_) => Some(Loader::over_items(
+                Arc::clone(&dataset),
+                loader_config,
+                class_items,
+            )?),
+            None => None,
+        };
         Ok(Self {
-            loader: Loader::new(dataset, loader_config)?,
+            loader: Loader::over_items(dataset, loader_config, items)?,
+            class_loader,
+            weighted,
             seed: config.seed,
+        })
+    }
+
+    /// Samples per micro-step: `--train_batch_size`, twice that with prior preservation.
+    pub fn batch_size(&self, config: &TrainConfig) -> usize {
+        let per_loader = config.train_batch_size as usize;
+        per_loader * if self.class_loader.is_some() { 2 } else { 1 }
+    }
+
+    /// How the loss weighs the samples of `step`: `None` for the plain mean (no class or
+    /// regularization images in the run); diffusers' prior-preservation loss with class images;
+    /// kohya's per-sample weights with regularization subsets.
+    pub fn loss_weights(&self, step: &MicroStep, prior_loss_weight: f64) -> Option<LossWeights> {
+        if !self.weighted {
+            return None;
+        }
+        Some(if self.class_loader.is_some() {
+            LossWeights::dreambooth_prior(step.keys.len() / 2, prior_loss_weight)
+        } else {
+            LossWeights::kohya(&step.reg, prior_loss_weight)
         })
     }
 
@@ -112,16 +163,14 @@ impl Plan {
     /// Dataset errors (an item outside the dataset).
     pub fn micro_steps(&self, range: Range<u64>) -> Result<Vec<MicroStep>> {
         let dataset = self.dataset();
-        let per_epoch = self.steps_per_epoch();
-        let mut epoch: Option<(u64, Vec<Vec<usize>>)> = None;
+        let mut instances = EpochCache::new(&self.loader);
+        let mut classes = self.class_loader.as_ref().map(EpochCache::new);
         let mut steps = Vec::with_capacity((range.end.saturating_sub(range.start)) as usize);
         for index in range {
-            let wanted = index / per_epoch;
-            let order = match &epoch {
-                Some((e, order)) if *e == wanted => order,
-                _ => &epoch.insert((wanted, self.loader.epoch_plan(wanted))).1,
-            };
-            let items = &order[(index % per_epoch) as usize];
+            let mut items = instances.items(index).to_vec();
+            if let Some(classes) = classes.as_mut() {
+                items.extend_from_slice(classes.items(index));
+            }
             let keys: Vec<SampleKey> = items
                 .iter()
                 .enumerate()
@@ -143,11 +192,19 @@ impl Plan {
             let bucket = items
                 .first()
                 .map_or(0, |&item| dataset.items()[item].bucket);
+            let class_start = self
+                .class_loader
+                .as_ref()
+                .map_or(items.len(), |_| items.len() / 2);
+            let reg = (0..items.len())
+                .map(|slot| slot >= class_start || dataset.is_reg(items[slot]))
+                .collect();
             steps.push(MicroStep {
                 bucket,
                 keys,
                 flips,
                 prompts,
+                reg,
             });
         }
         Ok(steps)
@@ -167,6 +224,34 @@ impl Plan {
     }
 }
 
+/// A loader's epoch orders, computed once per epoch while a range of micro-steps is planned.
+struct EpochCache<'l> {
+    loader: &'l Loader,
+    epoch: Option<(u64, Vec<Vec<usize>>)>,
+}
+
+impl<'l> EpochCache<'l> {
+    fn new(loader: &'l Loader) -> Self {
+        Self {
+            loader,
+            epoch: None,
+        }
+    }
+
+    /// The items of the loader's micro-step `index`.
+    fn items(&mut self, index: u64) -> &[usize] {
+        let per_epoch = self.loader.steps_per_epoch();
+        let wanted = index / per_epoch;
+        if self.epoch.as_ref().is_none_or(|(e, _)| *e != wanted) {
+            self.epoch = Some((wanted, self.loader.epoch_plan(wanted)));
+        }
+        match &self.epoch {
+            Some((_, order)) => &order[(index % per_epoch) as usize],
+            None => &[],
+        }
+    }
+}
+
 /// Mixes the run's seed and a micro-step index into the generator seed of that micro-step
 /// (SplitMix64's finaliser, so neighbouring steps get unrelated streams).
 fn micro_step_seed(seed: u64, micro_step: u64) -> i64 {
@@ -177,90 +262,4 @@ fn micro_step_seed(seed: u64, micro_step: u64) -> i64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     ((z ^ (z >> 31)) >> 1) as i64
-}
-
-/// `--dataset_name`: a local folder (parquet files, an imagefolder, or images with `.txt` captions)
-/// or a hub dataset id.
-fn dataset_source(config: &TrainConfig) -> Source {
-    let columns = Columns {
-        image: config.image_column.clone(),
-        caption: Some(config.caption_column.clone()),
-    };
-    let path = Path::new(&config.dataset_name);
-    if !path.is_dir() {
-        return Source::Hub(HubDataset {
-            columns,
-            ..HubDataset::new(config.dataset_name.clone())
-        });
-    }
-    let mut parquet = Vec::new();
-    for folder in [path.to_owned(), path.join("data")] {
-        if let Ok(entries) = std::fs::read_dir(&folder) {
-            for entry in entries.flatten() {
-                if entry.path().extension().is_some_and(|e| e == "parquet") {
-                    parquet.push(entry.path());
-                }
-            }
-        }
-    }
-    parquet.sort();
-    if !parquet.is_empty() {
-        Source::Parquet {
-            files: parquet,
-            columns,
-        }
-    } else if path.join("metadata.jsonl").is_file() {
-        Source::ImageFolder {
-            root: path.to_owned(),
-            caption_column: Some(config.caption_column.clone()),
-        }
-    } else {
-        Source::CaptionFolder(CaptionFolder {
-            read_captions: config.instance_prompt.is_none(),
-            caption_extension: config.caption_extension.clone(),
-            layout: FolderLayout::detect(path),
-            ..CaptionFolder::new(path)
-        })
-    }
-}
-
-/// kohya's caption rules from the caption flags; `None` when they change nothing.
-fn caption_rules(config: &TrainConfig) -> Option<CaptionRules> {
-    let rules = CaptionRules {
-        caption_prefix: config.caption_prefix.clone(),
-        caption_suffix: config.caption_suffix.clone(),
-        caption_dropout_rate: config.caption_dropout_rate,
-        shuffle_caption: config.shuffle_caption,
-        keep_tokens: config.keep_tokens as usize,
-        keep_tokens_separator: config.keep_tokens_separator.clone(),
-        caption_separator: config.caption_separator.clone(),
-        caption_tag_dropout_rate: config.caption_tag_dropout_rate,
-    };
-    (rules != CaptionRules::default()).then_some(rules)
-}
-
-fn open_dataset(config: &TrainConfig) -> Result<Dataset> {
-    let mut data_config = if config.enable_bucket {
-        DatasetConfig::kohya(&config.bucket_config())?
-    } else {
-        DatasetConfig::new(config.resolution)?
-    };
-    data_config.selection = match config.max_train_samples {
-        Some(n) => Selection::First(n as usize),
-        None => Selection::All,
-    };
-    data_config.captions.source = match &config.instance_prompt {
-        Some(prompt) => CaptionSource::Instance(prompt.clone()),
-        None => CaptionSource::Column,
-    };
-    data_config.captions.kohya = caption_rules(config);
-    data_config.transform.crop = if config.center_crop {
-        CropMode::Center
-    } else {
-        CropMode::Random
-    };
-    data_config.transform.random_flip = config.random_flip;
-    data_config.transform.allow_upscale = !config.no_upscale;
-    data_config.skip_bad_rows = config.skip_bad_images;
-    Ok(Dataset::open(&dataset_source(config), data_config)?)
 }
