@@ -38,6 +38,14 @@ impl TrainConfig {
                 return fail(option, "must be at least 1".into());
             }
         }
+        self.validate_ranges()?;
+        self.validate_combinations()
+    }
+
+    /// Numbers outside their meaningful range.
+    fn validate_ranges(&self) -> Result<()> {
+        let fail =
+            |option: &'static str, problem: String| Err(Error::InvalidOption { option, problem });
         for (option, value, ok) in [
             (
                 "--learning_rate",
@@ -94,7 +102,7 @@ impl TrainConfig {
                 return fail(option, format!("{value} is out of range"));
             }
         }
-        self.validate_combinations()
+        Ok(())
     }
 
     /// Settings that contradict each other or the run.

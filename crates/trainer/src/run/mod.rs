@@ -25,6 +25,7 @@ pub use resume::TrainerState;
 
 use crate::checkpoint::{CheckpointStore, io_error};
 use crate::class_images::ensure_class_images;
+use crate::config::kohya::KohyaDatasetConfig;
 use crate::config::{MixedPrecision, TrainConfig};
 use crate::device;
 use crate::estimate::{Estimate, EstimateInput, estimate};
@@ -120,29 +121,8 @@ impl Trainer {
             folder.root.display(),
             folder.variant
         ));
-
-        if config.with_prior_preservation {
-            let class = ensure_class_images(&config, &folder, device, kind)?;
-            say(format!(
-                "{} class images in {} ({} generated)",
-                class.paths.len(),
-                class.folder.display(),
-                class.generated
-            ));
-        }
-        let plan = Plan::open(&config, kohya.as_ref())?;
-        say(Plan::describe_prompts(&config));
+        let plan = open_plan(&config, kohya.as_ref(), &folder, (device, kind))?;
         let dataset = plan.dataset();
-        for skipped in plan.skipped_rows() {
-            say(format!("skipped a row: {skipped}"));
-        }
-        say(format!(
-            "{} images, {} batches of {} per epoch; bucket(s) {}",
-            dataset.len(),
-            plan.steps_per_epoch(),
-            config.train_batch_size,
-            plan.describe_buckets()
-        ));
         let micro_steps = config.max_train_steps * u64::from(config.gradient_accumulation_steps);
         let planned = plan.micro_steps(0..micro_steps)?;
         let (text, validation_prompt) = prepare_text(&config, &folder, &planned, device, kind)?;
@@ -185,16 +165,19 @@ impl Trainer {
             estimate,
         };
         trainer.resume()?;
-        // Each remaining micro-step's rows, on the device.
-        let first = trainer.start_step * u64::from(trainer.config.gradient_accumulation_steps);
-        let remaining = planned.get(first as usize..).unwrap_or_default();
-        let (text, latents, plan) = (&trainer.text, &trainer.latents, &trainer.plan);
-        let weight = trainer.config.prior_loss_weight;
-        let weights = |step: &MicroStep| plan.loss_weights(step, weight);
-        trainer
-            .stepper
-            .upload_plan(first, remaining, text, latents, weights)?;
+        trainer.upload_plan(&planned)?;
         Ok(trainer)
+    }
+
+    /// Each remaining micro-step's rows (and loss weights), on the device.
+    fn upload_plan(&mut self, planned: &[MicroStep]) -> Result<()> {
+        let first = self.start_step * u64::from(self.config.gradient_accumulation_steps);
+        let remaining = planned.get(first as usize..).unwrap_or_default();
+        let (text, latents, plan) = (&self.text, &self.latents, &self.plan);
+        let weight = self.config.prior_loss_weight;
+        let weights = |step: &MicroStep| plan.loss_weights(step, weight);
+        self.stepper
+            .upload_plan(first, remaining, text, latents, weights)
     }
 
     /// The memory and time estimate (CUDA runs only).
@@ -394,6 +377,38 @@ impl Trainer {
         let path = folder.join(format!("step-{step:06}.png"));
         validator.save_images(self.model.unet(), self.latents.live_vae(), &path)
     }
+}
+
+/// Makes the missing class images (`--with_prior_preservation`), opens the data plan and says what
+/// it holds.
+fn open_plan(
+    config: &TrainConfig,
+    kohya: Option<&KohyaDatasetConfig>,
+    folder: &ModelFolder,
+    (device, kind): (Device, Kind),
+) -> Result<Plan> {
+    if config.with_prior_preservation {
+        let class = ensure_class_images(config, folder, device, kind)?;
+        say(format!(
+            "{} class images in {} ({} generated)",
+            class.paths.len(),
+            class.folder.display(),
+            class.generated
+        ));
+    }
+    let plan = Plan::open(config, kohya)?;
+    say(Plan::describe_prompts(config));
+    for skipped in plan.skipped_rows() {
+        say(format!("skipped a row: {skipped}"));
+    }
+    say(format!(
+        "{} images, {} batches of {} per epoch; bucket(s) {}",
+        plan.dataset().len(),
+        plan.steps_per_epoch(),
+        config.train_batch_size,
+        plan.describe_buckets()
+    ));
+    Ok(plan)
 }
 
 /// Creates `output_dir`, removes what an interrupted run left half-written, and prunes a checkpoint

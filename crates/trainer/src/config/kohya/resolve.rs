@@ -10,24 +10,7 @@ use super::schema::*;
 use super::{KohyaDataset, KohyaDatasetConfig, KohyaSubset, Problem};
 
 pub(super) fn resolve(root: &Table, problems: &mut Vec<Problem>) -> KohyaDatasetConfig {
-    let mut keys: Vec<&String> = root.keys().collect();
-    keys.sort();
-    for key in keys {
-        if key != "general" && key != "datasets" {
-            problems.push(Problem {
-                key: key.clone(),
-                message: if COMMAND_LINE_ONLY.contains(&key.as_str()) {
-                    "a kohya command-line option, not a dataset config key".into()
-                } else if SUPPORTED.iter().any(|(n, ..)| n == key)
-                    || UNSUPPORTED.iter().any(|(n, ..)| n == key)
-                {
-                    "must be inside [general], [[datasets]] or [[datasets.subsets]]".into()
-                } else {
-                    unknown(key)
-                },
-            });
-        }
-    }
+    check_top_level(root, problems);
     let empty = Table::new();
     let general = match root.get("general") {
         None => &empty,
@@ -59,30 +42,7 @@ pub(super) fn resolve(root: &Table, problems: &mut Vec<Problem>) -> KohyaDataset
                 message: "no [[datasets.subsets]] table".into(),
             });
         }
-        let subset_tables = tables(table.get("subsets"), &format!("{place}.subsets"), problems);
-        let mut subsets: Vec<KohyaSubset> = Vec::new();
-        for (j, subset_table) in subset_tables.into_iter().enumerate() {
-            let subset_place = format!("{place}.subsets[{j}]");
-            let own = read_layer(
-                subset_table,
-                &format!("{subset_place}."),
-                TableKind::Subset,
-                problems,
-            );
-            let Some(subset) = resolve_subset(&[&own, &layer, &general], &subset_place, problems)
-            else {
-                continue;
-            };
-            if let Some(first) = subsets.iter().position(|s| s.image_dir == subset.image_dir) {
-                problems.push(Problem {
-                    key: format!("{subset_place}.image_dir"),
-                    message: format!(
-                        "the same folder as {place}.subsets[{first}] (kohya would ignore this subset)"
-                    ),
-                });
-            }
-            subsets.push(subset);
-        }
+        let subsets = resolve_subsets(table, &place, [&layer, &general], problems);
         let min_bucket_reso = count(&layers, "min_bucket_reso", 256);
         let max_bucket_reso = count(&layers, "max_bucket_reso", 1024);
         if min_bucket_reso > max_bucket_reso {
@@ -106,6 +66,63 @@ pub(super) fn resolve(root: &Table, problems: &mut Vec<Problem>) -> KohyaDataset
         });
     }
     KohyaDatasetConfig { datasets }
+}
+
+/// Every root key but `general` and `datasets` is a problem: a command-line option, a key in the
+/// wrong table, or unknown.
+fn check_top_level(root: &Table, problems: &mut Vec<Problem>) {
+    let mut keys: Vec<&String> = root.keys().collect();
+    keys.sort();
+    for key in keys {
+        if key != "general" && key != "datasets" {
+            problems.push(Problem {
+                key: key.clone(),
+                message: if COMMAND_LINE_ONLY.contains(&key.as_str()) {
+                    "a kohya command-line option, not a dataset config key".into()
+                } else if SUPPORTED.iter().any(|(n, ..)| n == key)
+                    || UNSUPPORTED.iter().any(|(n, ..)| n == key)
+                {
+                    "must be inside [general], [[datasets]] or [[datasets.subsets]]".into()
+                } else {
+                    unknown(key)
+                },
+            });
+        }
+    }
+}
+
+/// The subsets of `datasets[…]` at `place`, each resolved through its own table, then `layers`
+/// (the dataset's and `[general]`).
+fn resolve_subsets(
+    table: &Table,
+    place: &str,
+    [layer, general]: [&Layer; 2],
+    problems: &mut Vec<Problem>,
+) -> Vec<KohyaSubset> {
+    let subset_tables = tables(table.get("subsets"), &format!("{place}.subsets"), problems);
+    let mut subsets: Vec<KohyaSubset> = Vec::new();
+    for (j, subset_table) in subset_tables.into_iter().enumerate() {
+        let subset_place = format!("{place}.subsets[{j}]");
+        let own = read_layer(
+            subset_table,
+            &format!("{subset_place}."),
+            TableKind::Subset,
+            problems,
+        );
+        let Some(subset) = resolve_subset(&[&own, layer, general], &subset_place, problems) else {
+            continue;
+        };
+        if let Some(first) = subsets.iter().position(|s| s.image_dir == subset.image_dir) {
+            problems.push(Problem {
+                key: format!("{subset_place}.image_dir"),
+                message: format!(
+                    "the same folder as {place}.subsets[{first}] (kohya would ignore this subset)"
+                ),
+            });
+        }
+        subsets.push(subset);
+    }
+    subsets
 }
 
 pub(super) fn resolve_subset(

@@ -1,0 +1,214 @@
+//! Unit tests of `tensorboard`.
+
+use super::*;
+use crate::logs::test_dir::TestDir;
+
+#[test]
+fn crc32c_matches_the_standard_check_values() {
+    assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+    assert_eq!(crc32c(b""), 0);
+    // RFC 3720 (iSCSI), B.4: 32 bytes of zeros and of 0xff.
+    assert_eq!(crc32c(&[0u8; 32]), 0x8A91_36AA);
+    assert_eq!(crc32c(&[0xffu8; 32]), 0x62A8_AB43);
+    assert_eq!(
+        masked_crc32c(b"123456789"),
+        0xE306_9283u32.rotate_right(15).wrapping_add(0xa282_ead8)
+    );
+}
+
+#[test]
+fn scalars_read_back_as_written() {
+    let dir = TestDir::new("tb-roundtrip");
+    let log_dir = dir.path().join("logs/run");
+    let before = wall_time_now();
+    let mut writer = EventWriter::create(&log_dir).unwrap();
+    let written = [
+        ("train/loss", 0, 0.5f32),
+        ("train/lr", 0, 1e-4),
+        ("train/loss", 1, 0.25),
+        ("train/loss", -3, -7.5),
+        ("a/β", i64::MAX, f32::INFINITY),
+    ];
+    for (tag, step, value) in written {
+        writer.add_scalar(tag, step, value).unwrap();
+    }
+    writer.flush().unwrap();
+    let after = wall_time_now();
+
+    let name = writer
+        .path()
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let parts: Vec<&str> = name.split('.').collect();
+    assert_eq!(&parts[..3], &["events", "out", "tfevents"], "{name}");
+    assert_eq!(parts[3].len(), 10, "{name}");
+    assert_eq!(
+        parts[parts.len() - 2],
+        std::process::id().to_string(),
+        "{name}"
+    );
+    assert_eq!(writer.path().parent(), Some(log_dir.as_path()));
+
+    let scalars = read_scalars(writer.path()).unwrap();
+    let read: Vec<(&str, i64, f32)> = scalars
+        .iter()
+        .map(|s| (s.tag.as_str(), s.step, s.value))
+        .collect();
+    assert_eq!(read, written);
+    assert!(
+        scalars
+            .iter()
+            .all(|s| (before..=after).contains(&s.wall_time))
+    );
+
+    // The first record is the file-version event, with no summary.
+    let bytes = std::fs::read(writer.path()).unwrap();
+    let all = records(writer.path(), &bytes).unwrap();
+    assert_eq!(all.len(), written.len() + 1);
+    let mut fields = Fields::new(all[0].1);
+    let mut version = None;
+    while let Some((number, field)) = fields.next_field().unwrap() {
+        if let (3, Field::Bytes(raw)) = (number, field) {
+            version = Some(String::from_utf8(raw.to_vec()).unwrap());
+        }
+    }
+    assert_eq!(version.as_deref(), Some(FILE_VERSION));
+
+    // A second writer in the same second gets its own file.
+    let second = EventWriter::create(&log_dir).unwrap();
+    assert_ne!(second.path(), writer.path());
+}
+
+#[test]
+fn a_truncated_or_damaged_file_names_the_record() {
+    let dir = TestDir::new("tb-damage");
+    let mut writer = EventWriter::create(dir.path()).unwrap();
+    for step in 0..3 {
+        writer.add_scalar("loss", step, step as f32).unwrap();
+    }
+    writer.flush().unwrap();
+    let path = writer.path().to_path_buf();
+    let bytes = std::fs::read(&path).unwrap();
+    let offsets: Vec<u64> = records(&path, &bytes)
+        .unwrap()
+        .iter()
+        .map(|(offset, _)| *offset)
+        .collect();
+    let last = *offsets.last().unwrap();
+
+    // A writer killed mid-record: every cut inside the last record is reported at its offset.
+    for cut in [
+        bytes.len() - 1,
+        bytes.len() - 4,
+        last as usize + 13,
+        last as usize + 11,
+        last as usize + 1,
+    ] {
+        std::fs::write(&path, &bytes[..cut]).unwrap();
+        match read_scalars(&path) {
+            Err(Error::CorruptEventFile {
+                path: named,
+                offset,
+                problem,
+            }) => {
+                assert_eq!(
+                    (named.as_path(), offset),
+                    (path.as_path(), last),
+                    "cut at {cut}"
+                );
+                assert!(problem.contains("truncated"), "{problem}");
+            }
+            other => panic!("cut at {cut}: expected a corrupt-file error, got {other:?}"),
+        }
+    }
+    // A flipped bit in the data of the second record, and in its length.
+    for (flip, what) in [
+        (offsets[1] as usize + 14, "data"),
+        (offsets[1] as usize, "length"),
+    ] {
+        let mut damaged = bytes.clone();
+        damaged[flip] ^= 0x10;
+        std::fs::write(&path, &damaged).unwrap();
+        let err = read_scalars(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("at byte {}", offsets[1])) && err.contains(what),
+            "{err}"
+        );
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(read_scalars(&path).unwrap().len(), 3);
+    assert!(matches!(
+        read_scalars(&dir.path().join("missing")),
+        Err(Error::LogIo { .. })
+    ));
+}
+
+#[test]
+fn a_resumed_file_starts_with_a_restart_after_the_checkpoint() {
+    let dir = TestDir::new("tb-resume");
+    let mut first = EventWriter::create(dir.path()).unwrap();
+    first.add_scalar("loss", 1, 0.5).unwrap();
+    first.flush().unwrap();
+    let mut resumed = EventWriter::create_resumed(dir.path(), 6).unwrap();
+    resumed.add_scalar("loss", 7, 0.25).unwrap();
+    resumed.flush().unwrap();
+    assert_ne!(first.path(), resumed.path());
+
+    let bytes = std::fs::read(resumed.path()).unwrap();
+    let all = records(resumed.path(), &bytes).unwrap();
+    assert_eq!(all.len(), 3);
+    let steps_and_fields = |data: &[u8]| {
+        let mut fields = Fields::new(data);
+        let (mut step, mut numbers, mut session) = (None, Vec::new(), None);
+        while let Some((number, field)) = fields.next_field().unwrap() {
+            numbers.push(number);
+            match (number, field) {
+                (2, Field::Varint(raw)) => step = Some(raw as i64),
+                (7, Field::Bytes(raw)) => session = Some(raw.to_vec()),
+                _ => {}
+            }
+        }
+        (step, numbers, session)
+    };
+    assert_eq!(
+        steps_and_fields(all[0].1).1,
+        [1, 2, 3],
+        "file version first"
+    );
+    assert_eq!(
+        steps_and_fields(all[1].1),
+        (Some(7), vec![1, 2, 7], Some(vec![0x08, SESSION_START]))
+    );
+    let scalars = read_scalars(resumed.path()).unwrap();
+    assert_eq!(
+        (scalars.len(), scalars[0].step, scalars[0].value),
+        (1, 7, 0.25)
+    );
+    // A plain file has no restart record.
+    let bytes = std::fs::read(first.path()).unwrap();
+    assert!(
+        records(first.path(), &bytes)
+            .unwrap()
+            .iter()
+            .all(|(_, data)| steps_and_fields(data).2.is_none())
+    );
+}
+
+#[test]
+fn varints_round_trip_at_their_edges() {
+    for value in [0, 1, 127, 128, 300, u64::from(u32::MAX), u64::MAX] {
+        let mut bytes = Vec::new();
+        encode_varint(&mut bytes, value);
+        assert_eq!(Fields::new(&bytes).varint().unwrap(), value);
+    }
+    let mut bytes = Vec::new();
+    encode_varint(&mut bytes, -1i64 as u64);
+    assert_eq!(
+        bytes.len(),
+        10,
+        "protobuf writes negative int64 in ten bytes"
+    );
+}
