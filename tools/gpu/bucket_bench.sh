@@ -40,19 +40,29 @@ run() {  # NAME DATASET FLAGS...
         --resolution 1024 --train_batch_size 2 --gradient_accumulation_steps 2 --max_train_samples none \
         --instance_prompt "a photo of a pattern" --cuda_graph --max_train_steps "$steps" --logging_steps "$log_every" \
         --checkpointing_steps 100000 --validation_prompt none --output_dir "/tmp/run-$name" "$@" 2>&1 \
-        | grep -E "^\[trainer\] ([0-9]+ images|captured|estimated|latents)|^done|rror" | cut -c1-300
+        | grep -E "^\[trainer\] ([0-9]+ images|captured|estimated|latents)|^done|rror" | cut -c1-600
     cp "/tmp/run-$name/logs/metrics.jsonl" "$out/metrics-$name.jsonl" 2>/dev/null
 }
 rm -rf /tmp/run-*
 buckets=(--enable_bucket --min_bucket_reso 512 --max_bucket_reso 2048)
-run square-only /tmp/buckets/mixed
-run three-buckets /tmp/buckets/mixed "${buckets[@]}"
-for one in square portrait landscape; do run "bucket-$one" "/tmp/buckets/$one" "${buckets[@]}"; done
-python3 - "$steps" <<'PY'
+# RUNS picks runs by name (default: all): square-only, three-buckets, bucket-{square,portrait,landscape},
+# and each with -checkpointed (--gradient_checkpointing).
+all="square-only three-buckets bucket-square bucket-portrait bucket-landscape"
+for name in ${RUNS:-$all}; do
+    flags=()
+    case "$name" in *-checkpointed) flags+=(--gradient_checkpointing) ;; esac
+    base=${name%-checkpointed}
+    case "$base" in
+        square-only) run "$name" /tmp/buckets/mixed "${flags[@]}" ;;
+        three-buckets) run "$name" /tmp/buckets/mixed "${buckets[@]}" "${flags[@]}" ;;
+        bucket-*) run "$name" "/tmp/buckets/${base#bucket-}" "${buckets[@]}" "${flags[@]}" ;;
+    esac
+done
+python3 - "$steps" ${RUNS:-$all} <<'PY'
 import json, sys
 steps = int(sys.argv[1])
 print(f"{'run':<20} {'s/step':>8} {'images/s':>9} {'peak GiB':>9} {'final loss':>10}")
-for name in ["square-only", "three-buckets", "bucket-square", "bucket-portrait", "bucket-landscape"]:
+for name in sys.argv[2:]:
     try:
         rows = {r["step"]: r for r in map(json.loads, open(f"/tmp/run-{name}/logs/metrics.jsonl"))}
     except OSError:

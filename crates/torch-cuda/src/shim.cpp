@@ -69,6 +69,9 @@ int torch_cuda_set_allow_tf32(int cublas, int cudnn) {
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <map>
+#include <mutex>
+
 #include <exception>
 #include <stdexcept>
 #include <optional>
@@ -109,6 +112,21 @@ struct Graph {
     std::optional<c10::cuda::CUDAStream> previous;
 };
 
+// One capture stream per device for every capture, as PyTorch's `torch.cuda.graph` keeps one
+// default side stream: the caching allocator reuses a freed block only on the stream it was
+// allocated on, so graphs that share a memory pool must be captured on the same stream for one to
+// reuse what another's capture freed (with a fresh stream per capture every graph kept its own).
+c10::cuda::CUDAStream capture_stream(c10::DeviceIndex index) {
+    static std::mutex lock;
+    static std::map<c10::DeviceIndex, c10::cuda::CUDAStream> streams;
+    std::lock_guard<std::mutex> guard(lock);
+    auto found = streams.find(index);
+    if (found == streams.end()) {
+        found = streams.emplace(index, c10::cuda::getStreamFromPool(false, index)).first;
+    }
+    return found->second;
+}
+
 void restore(Graph* g) {
     if (g->previous) {
         c10::cuda::setCurrentCUDAStream(*g->previous);
@@ -141,8 +159,8 @@ void torch_cuda_graph_free(void* graph) {
     }
 }
 
-// Waits for the device, makes a fresh stream of `device`'s pool current and starts capturing on it,
-// in the memory pool of `share` (another graph, replayed in capture order) or a private one.
+// Waits for the device, makes `device`'s capture stream current and starts capturing on it, in the
+// memory pool of `share` (another graph, never replayed concurrently) or a private one.
 // `mode`: 0 global, 1 thread-local, 2 relaxed (cudaStreamCaptureMode).
 int torch_cuda_graph_capture_begin(void* graph, int device, void* share, int mode) {
     try {
@@ -150,7 +168,7 @@ int torch_cuda_graph_capture_begin(void* graph, int device, void* share, int mod
         const auto index = static_cast<c10::DeviceIndex>(device);
         c10::cuda::device_synchronize();
         g->previous = c10::cuda::getCurrentCUDAStream(index);
-        c10::cuda::setCurrentCUDAStream(c10::cuda::getStreamFromPool(false, index));
+        c10::cuda::setCurrentCUDAStream(capture_stream(index));
         at::cuda::MempoolId_t pool = {0, 0};
         if (share != nullptr) {
             pool = static_cast<Graph*>(share)->graph.pool();

@@ -301,14 +301,28 @@ impl Trainer {
             && step >= self.start_step + GRAPH_WARMUP_STEPS
         {
             let device = device::index(self.device);
+            let sizes = self.plan.dataset().config().buckets.sizes().to_vec();
+            let (model, text, latents) = (&self.model, &self.text, &self.latents);
             let captured = self
                 .stepper
-                .capture(&self.model, &self.text, &self.latents, device)?;
-            *graphs = Some(captured);
+                .capture(model, text, latents, (device, &sizes))?;
+            let memory: Vec<String> = captured
+                .memory
+                .iter()
+                .map(|&(bucket, micro, allocated, reserved)| {
+                    let (w, h) = sizes.get(bucket).copied().unwrap_or_default();
+                    format!("{w}x{h}#{micro} {allocated:.2}/{reserved:.2}")
+                })
+                .collect();
             say_above(
                 progress,
-                "captured the micro-steps (per bucket) and the optimizer step as CUDA graphs",
+                format!(
+                    "captured the micro-steps (per bucket) and the optimizer step as CUDA graphs; \
+                     GiB allocated/reserved after each: {}",
+                    memory.join(", ")
+                ),
             );
+            *graphs = Some(captured);
         }
         let accumulation = u64::from(self.config.gradient_accumulation_steps);
         for micro in 0..accumulation {

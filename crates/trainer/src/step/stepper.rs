@@ -32,6 +32,9 @@ pub struct StepGraphs {
     pub micro_steps: BTreeMap<(usize, u64), CudaGraph>,
     /// The optimizer step.
     pub optimizer_step: CudaGraph,
+    /// The device memory after each capture, for the log: `(bucket, micro-step, allocated GiB,
+    /// reserved GiB)`.
+    pub memory: Vec<(usize, u64, f64, f64)>,
 }
 
 /// Everything a step reads and writes besides the model and the prepared conditioning.
@@ -300,13 +303,23 @@ impl Stepper {
         model: &TrainModel,
         text: &TextConditioning,
         latents: &Latents,
-        device: usize,
+        (device, sizes): (usize, &[(u32, u32)]),
     ) -> Result<StepGraphs> {
         // Every graph adds into the gradients the eager warm-up created (the first micro-step of an
         // accumulation of any bucket alike), and the optimizer graph zeroes them after its update.
         // With compute copies the first micro-step overwrites the masters' gradients instead.
         let mut captured: Vec<((usize, u64), CudaGraph)> = Vec::new();
-        for bucket in self.inputs.buckets() {
+        // The largest bucket first: the smaller ones' blocks then fit in what it leaves in the pool.
+        let mut buckets = self.inputs.buckets();
+        let area = |b: &usize| {
+            sizes
+                .get(*b)
+                .map_or(0, |(w, h)| u64::from(*w) * u64::from(*h))
+        };
+        buckets.sort_by_key(|b| std::cmp::Reverse(area(b)));
+        let mut memory = Vec::new();
+        let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+        for bucket in buckets {
             self.bucket = bucket;
             for micro in 0..self.settings.accumulation as u64 {
                 // All graphs share the first one's memory pool: they never run concurrently, and what one
@@ -319,6 +332,9 @@ impl Stepper {
                     .map_err(Error::CudaGraph)?;
                 recorded?;
                 captured.push(((bucket, micro), graph));
+                if let Some(stats) = torch_cuda::memory_stats(device) {
+                    memory.push((bucket, micro, gib(stats.allocated), gib(stats.reserved)));
+                }
             }
         }
         let pool = captured.first().map(|(_, graph)| graph);
@@ -332,6 +348,7 @@ impl Stepper {
         Ok(StepGraphs {
             micro_steps,
             optimizer_step,
+            memory,
         })
     }
 }
