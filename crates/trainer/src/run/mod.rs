@@ -128,17 +128,19 @@ impl Trainer {
         let (text, validation_prompt) = prepare_text(&config, &folder, &planned, device, kind)?;
         let (latents, vae_config) = prepare_latents(&config, &folder, dataset, device)?;
         let model = TrainModel::load(&config, &folder, device, kind)?;
+        // Samples per micro-step: twice --train_batch_size with prior preservation.
+        let batch = plan.batch_size(&config);
         let scheduler_config = scheduler_config(&config, &folder)?;
         let stepper = Stepper::new(
             &config,
             &model,
             &vae_config,
             &scheduler_config,
-            (device, kind, plan.batch_size(&config)),
+            (device, kind, batch),
         )?;
         let estimate = device
             .is_cuda()
-            .then(|| run_estimate(&config, &model, &stepper, &vae_config, kind));
+            .then(|| run_estimate(&config, &model, &stepper, &vae_config, (kind, batch)));
         let validator = validation_prompt.map(|prompt| {
             let context = (device, kind);
             Validator::new(
@@ -461,7 +463,7 @@ fn run_estimate(
     model: &TrainModel,
     stepper: &Stepper,
     vae_config: &AutoencoderKLConfig,
-    kind: Kind,
+    (kind, batch): (Kind, usize),
 ) -> Estimate {
     let latent = i64::from(config.resolution) / vae_config.downscale_factor();
     let (unet_params, stored_weight_bytes) = model.base_size();
@@ -471,7 +473,7 @@ fn run_estimate(
         stored_weight_bytes,
         lora_params: model.lora_parameter_count(),
         optimizer_state_bytes: stepper.optimizer().state_bytes(),
-        batch: i64::from(config.train_batch_size),
+        batch: batch as i64,
         latent_pixels: latent * latent,
         accumulation: i64::from(config.gradient_accumulation_steps),
         steps: config.max_train_steps,
