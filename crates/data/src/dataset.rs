@@ -319,15 +319,7 @@ impl Dataset {
             .subsets
             .get(item.subset)
             .map_or(&self.config.captions, |s| &s.captions);
-        let mut rng = Rng::keyed(
-            key.seed,
-            &[
-                STREAM_CAPTION,
-                key.step,
-                u64::from(key.slot),
-                key.item as u64,
-            ],
-        );
+        let mut rng = key_rng(key, STREAM_CAPTION);
         if captions.dropout > 0.0 && rng.chance(captions.dropout) {
             return Ok(String::new());
         }
@@ -347,66 +339,52 @@ impl Dataset {
 
     /// The flip and crop of `key.item` at `key.step`, without touching pixels.
     pub fn placement(&self, key: &SampleKey) -> Result<Placement> {
-        let item = self.item(key.item)?;
-        let target = self.bucket_size(item)?;
-        let mut rng = Rng::keyed(
-            key.seed,
-            &[
-                STREAM_TRANSFORM,
-                key.step,
-                u64::from(key.slot),
-                key.item as u64,
-            ],
-        );
-        Ok(if self.config.buckets.is_kohya() {
-            let assignment = Assignment {
-                bucket: target,
-                resized: item.resized,
-            };
-            transform::place_kohya(item.size, assignment, &self.config.transform, &mut rng)
-        } else {
-            transform::place(
-                item.size.0,
-                item.size.1,
-                target,
-                &self.config.transform,
-                &mut rng,
-            )
-        })
+        self.place(key, None)
     }
 
     /// The placement of `key.item` mirrored or not as asked, whatever the key would draw: what a
     /// cache of both mirror images of a centre crop needs. The crop is the key's (random crops draw
     /// from the key's stream without the flip's draw).
     pub fn placement_flipped(&self, key: &SampleKey, flipped: bool) -> Result<Placement> {
+        self.place(key, Some(flipped))
+    }
+
+    /// The placement of `key`: the flip drawn from the key's stream, or `flip` when given.
+    fn place(&self, key: &SampleKey, flip: Option<bool>) -> Result<Placement> {
         let item = self.item(key.item)?;
         let target = self.bucket_size(item)?;
-        let mut rng = Rng::keyed(
-            key.seed,
-            &[
-                STREAM_TRANSFORM,
-                key.step,
-                u64::from(key.slot),
-                key.item as u64,
-            ],
-        );
+        let mut rng = key_rng(key, STREAM_TRANSFORM);
         let config = &self.config.transform;
         Ok(if self.config.buckets.is_kohya() {
             let assignment = Assignment {
                 bucket: target,
                 resized: item.resized,
             };
-            transform::kohya_placement(item.size, assignment, flipped, config.crop, &mut rng)
+            match flip {
+                None => transform::place_kohya(item.size, assignment, config, &mut rng),
+                Some(flipped) => transform::kohya_placement(
+                    item.size,
+                    assignment,
+                    flipped,
+                    config.crop,
+                    &mut rng,
+                ),
+            }
         } else {
-            let unflipped = TransformConfig {
-                random_flip: false,
-                ..*config
-            };
-            let placement =
-                transform::place(item.size.0, item.size.1, target, &unflipped, &mut rng);
-            Placement {
-                flipped,
-                ..placement
+            let (width, height) = item.size;
+            match flip {
+                None => transform::place(width, height, target, config, &mut rng),
+                Some(flipped) => {
+                    let unflipped = TransformConfig {
+                        random_flip: false,
+                        ..*config
+                    };
+                    let placement = transform::place(width, height, target, &unflipped, &mut rng);
+                    Placement {
+                        flipped,
+                        ..placement
+                    }
+                }
             }
         })
     }
@@ -507,6 +485,14 @@ fn balance_regularization(items: Vec<Item>, subsets: &[Subset]) -> Vec<Item> {
         }
     }
     kept
+}
+
+/// The random stream of `key` for `stream` (a transform's or a caption's draws).
+fn key_rng(key: &SampleKey, stream: u64) -> Rng {
+    Rng::keyed(
+        key.seed,
+        &[stream, key.step, u64::from(key.slot), key.item as u64],
+    )
 }
 
 /// The selected row indices, ascending.

@@ -3,14 +3,17 @@
 use super::TrainConfig;
 use crate::{Error, Result};
 
+/// The error of a value that has no meaning for `option`.
+fn fail(option: &'static str, problem: String) -> Result<()> {
+    Err(Error::InvalidOption { option, problem })
+}
+
 impl TrainConfig {
     /// Checks values that have no meaning, naming the flag.
     ///
     /// # Errors
     /// [`Error::InvalidOption`].
     pub fn validate(&self) -> Result<()> {
-        let fail =
-            |option: &'static str, problem: String| Err(Error::InvalidOption { option, problem });
         if self.resolution == 0 || !self.resolution.is_multiple_of(8) {
             return fail(
                 "--resolution",
@@ -44,8 +47,6 @@ impl TrainConfig {
 
     /// Numbers outside their meaningful range.
     fn validate_ranges(&self) -> Result<()> {
-        let fail =
-            |option: &'static str, problem: String| Err(Error::InvalidOption { option, problem });
         for (option, value, ok) in [
             (
                 "--learning_rate",
@@ -107,8 +108,6 @@ impl TrainConfig {
 
     /// Settings that contradict each other or the run.
     fn validate_combinations(&self) -> Result<()> {
-        let fail =
-            |option: &'static str, problem: String| Err(Error::InvalidOption { option, problem });
         if self.cache_latents && !self.center_crop {
             return fail(
                 "--cache_latents",
@@ -170,28 +169,22 @@ impl TrainConfig {
 
     /// What `--with_prior_preservation` needs (diffusers' script refuses the same).
     fn validate_prior_preservation(&self) -> Result<()> {
-        let fail = |option: &'static str, problem: &str| {
-            Err(Error::InvalidOption {
-                option,
-                problem: problem.into(),
-            })
-        };
         if self.class_data_dir.is_none() {
             return fail(
                 "--class_data_dir",
-                "--with_prior_preservation needs a folder of class images (missing ones are generated there)",
+                "--with_prior_preservation needs a folder of class images (missing ones are generated there)".into(),
             );
         }
         if self.class_prompt.is_none() {
             return fail(
                 "--class_prompt",
-                "--with_prior_preservation needs the prompt of the class images",
+                "--with_prior_preservation needs the prompt of the class images".into(),
             );
         }
         if self.num_class_images == 0 {
             return fail(
                 "--num_class_images",
-                "must be at least 1 with --with_prior_preservation",
+                "must be at least 1 with --with_prior_preservation".into(),
             );
         }
         Ok(())
