@@ -16,6 +16,7 @@ mod mapped_load;
 pub mod pipeline;
 pub mod prompt;
 pub mod schedulers;
+pub mod single_file;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -50,6 +50,7 @@ use lora::{Component, HasLinears, LoraState};
 
 use crate::prompt::{PromptEmbeds, PromptEncoder, add_time_ids, add_time_ids_tensor};
 use crate::schedulers::{self, SchedulerConfig, SchedulerKind};
+use crate::single_file::SingleFileCheckpoint;
 use crate::unet::{UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights, load_unet};
 use crate::vae::{AutoencoderKL, Upcast, VaeTiling};
 use crate::{Error, Result};
@@ -63,6 +64,11 @@ pub struct GenerateOptions {
     pub negative_prompts: Option<Vec<String>>,
     /// Classifier-free guidance scale; guidance is off at 1 or below (one UNet batch instead of two).
     pub guidance_scale: f64,
+    /// diffusers' `guidance_rescale` (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample
+    /// Steps are Flawed", section 3.4; 0.7 there): the guided prediction is mixed with itself rescaled
+    /// to the standard deviation of the text-conditioned one, against the over-exposure of zero-terminal-SNR
+    /// models. 0 (the default) leaves it as it is; used only with guidance.
+    pub guidance_rescale: f64,
     /// Denoising steps.
     pub steps: usize,
     /// Image height in pixels: a positive multiple of the VAE's downscale factor (8).
@@ -91,6 +97,7 @@ impl Default for GenerateOptions {
             prompts: Vec::new(),
             negative_prompts: None,
             guidance_scale: 5.0,
+            guidance_rescale: 0.0,
             steps: 50,
             height: 1024,
             width: 1024,
@@ -267,6 +274,26 @@ impl Pipeline {
         } else {
             SchedulerConfig::sdxl()
         };
+        let mut pipeline = Self::new(prompt_encoder, unet, vae, scheduler_config, device, kind);
+        pipeline.stores = vec![vs_1, vs_2, vs_unet, vs_vae];
+        Ok(pipeline)
+    }
+
+    /// Loads an SGM single-file checkpoint (UNet, both text encoders and the VAE from the one file, the
+    /// configs and the scheduler config from [`SingleFileCheckpoint::configs`]) onto `device` in `kind`.
+    ///
+    /// # Errors
+    /// The loaders' errors, naming the file and the keys that do not match.
+    pub fn from_single_file(
+        checkpoint: &SingleFileCheckpoint,
+        device: Device,
+        kind: Kind,
+        vae_upcast: Upcast,
+    ) -> Result<Self> {
+        let (prompt_encoder, [vs_1, vs_2]) = checkpoint.load_prompt_encoder(device, kind)?;
+        let (vs_unet, unet) = checkpoint.load_unet(device, kind)?;
+        let (vae, vs_vae) = checkpoint.load_vae(device, kind, vae_upcast)?;
+        let scheduler_config = checkpoint.configs().scheduler.clone();
         let mut pipeline = Self::new(prompt_encoder, unet, vae, scheduler_config, device, kind);
         pipeline.stores = vec![vs_1, vs_2, vs_unet, vs_vae];
         Ok(pipeline)
@@ -461,6 +488,13 @@ impl Denoiser<'_> {
                 expected: "a finite number",
             });
         }
+        if !(0.0..=1.0).contains(&options.guidance_rescale) {
+            return Err(Error::InvalidSetting {
+                setting: "guidance_rescale",
+                value: options.guidance_rescale.to_string(),
+                expected: "a number in [0, 1]",
+            });
+        }
         Ok(())
     }
 
@@ -558,7 +592,12 @@ impl Denoiser<'_> {
                 let prediction = self.unet.forward(&inputs)?;
                 let prediction = if guided {
                     let halves = prediction.chunk(2, 0);
-                    &halves[0] + (&halves[1] - &halves[0]) * options.guidance_scale
+                    let guided = &halves[0] + (&halves[1] - &halves[0]) * options.guidance_scale;
+                    if options.guidance_rescale > 0.0 {
+                        rescale_noise_cfg(&guided, &halves[1], options.guidance_rescale)?
+                    } else {
+                        guided
+                    }
                 } else {
                     prediction
                 };
@@ -568,6 +607,24 @@ impl Denoiser<'_> {
         })?;
         Ok(latents)
     }
+}
+
+/// diffusers' `rescale_noise_cfg`: `guided · (σ_text / σ_guided)` mixed with `guided` by `rescale`, each
+/// σ the standard deviation (Bessel-corrected, as `torch.std`) of one sample over all its other dimensions.
+///
+/// # Shapes
+/// `guided`, `text`: `[batch, …]` → `[batch, …]`.
+///
+/// # Errors
+/// libtorch errors (tensors of different shapes).
+pub fn rescale_noise_cfg(guided: &Tensor, text: &Tensor, rescale: f64) -> Result<Tensor> {
+    let dims: Vec<i64> = (1..guided.dim() as i64).collect();
+    let std_text = text.f_std_dim(dims.as_slice(), true, true)?;
+    let std_guided = guided.f_std_dim(dims.as_slice(), true, true)?;
+    let rescaled = guided.f_mul(&std_text.f_div(&std_guided)?)?;
+    Ok(rescaled
+        .f_mul_scalar(rescale)?
+        .f_add(&guided.f_mul_scalar(1.0 - rescale)?)?)
 }
 
 /// Decodes latents into 8-bit images: `latents / scaling_factor` through `vae` (in its weight type,

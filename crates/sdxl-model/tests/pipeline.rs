@@ -71,6 +71,15 @@ fn options_of(case: &serde_json::Value) -> GenerateOptions {
 /// sampler moves the latents by up to `σ_max` times the guided output, which is compared with the
 /// final latents' size.
 fn latents_bound(options: &GenerateOptions, expected: &Tensor) -> f64 {
+    latents_bound_with(options, expected, &SchedulerConfig::sdxl())
+}
+
+/// [`latents_bound`] for a run with `scheduler_config`.
+fn latents_bound_with(
+    options: &GenerateOptions,
+    expected: &Tensor,
+    scheduler_config: &SchedulerConfig,
+) -> f64 {
     let root = fixture("tiny-sdxl");
     let text = text_encoders_depth(&root, 77);
     let config = UNetConfig::from_file(root.join("unet/config.json")).unwrap();
@@ -79,8 +88,7 @@ fn latents_bound(options: &GenerateOptions, expected: &Tensor) -> f64 {
         (Kind::Float, Device::Cpu),
     );
     let unet = unet_depth(&unet_shape(&config, expected, &context));
-    let mut scheduler =
-        sdxl_model::schedulers::build(options.scheduler, &SchedulerConfig::sdxl()).unwrap();
+    let mut scheduler = sdxl_model::schedulers::build(options.scheduler, scheduler_config).unwrap();
     scheduler.set_timesteps(options.steps).unwrap();
     let sigma_max = scheduler.init_noise_sigma();
     let latents_max = expected.abs().max().double_value(&[]);
@@ -340,4 +348,93 @@ fn lora_changes_the_output_and_scale_zero_equals_off() {
         pipe.set_lora_multiplier("absent", 1.0),
         Err(Error::Lora(_))
     ));
+}
+
+/// The bound of [`latents_bound`] for v-prediction with Euler: a step moves the latents by
+/// `(σ_next − σ)/√(σ² + 1)` times the model output, at most 1 times its error, so the gain is
+/// `(2w + 1)·(1 + guidance_rescale)` (the rescale mixes in the guided output scaled by a ratio of
+/// standard deviations) over the final latents' size. With zero terminal SNR the first σ is
+/// `√(1/ᾱ_T − 1)` with ᾱ_T = 2⁻²⁴ (4096), and the first step's update cancels latents of that size
+/// down to σ₁'s: its rounding adds `σ_max·max|noise|` times a few units of roundoff per step.
+fn v_prediction_latents_bound(
+    options: &GenerateOptions,
+    expected: &Tensor,
+    scheduler_config: &SchedulerConfig,
+    noise: &Tensor,
+) -> f64 {
+    let root = fixture("tiny-sdxl");
+    let text = text_encoders_depth(&root, 77);
+    let config = UNetConfig::from_file(root.join("unet/config.json")).unwrap();
+    let context = Tensor::zeros(
+        [1, 77, config.cross_attention_dim],
+        (Kind::Float, Device::Cpu),
+    );
+    let unet = unet_depth(&unet_shape(&config, expected, &context));
+    let mut scheduler = sdxl_model::schedulers::build(options.scheduler, scheduler_config).unwrap();
+    scheduler.set_timesteps(options.steps).unwrap();
+    let latents_max = expected.abs().max().double_value(&[]);
+    let noise_max = noise.abs().max().double_value(&[]);
+    let gain =
+        (2.0 * options.guidance_scale + 1.0) * (1.0 + options.guidance_rescale) / latents_max;
+    let cancellation = scheduler.init_noise_sigma() * noise_max / latents_max;
+    gain * f32_bound(text + options.steps as f64 * unet)
+        + cancellation * f32_bound(4.0 * options.steps as f64)
+}
+
+/// A zero-terminal-SNR v-prediction run as diffusers recommends sampling one (fixture
+/// `tiny_pipeline_ztsnr`: rescaled betas, "trailing" timesteps, `guidance_rescale` 0.7) gives
+/// diffusers' latents, with and without the rescale; the rescale moves them far more than the bound.
+#[test]
+fn zero_terminal_snr_sampling_with_guidance_rescale_matches_diffusers() {
+    let _generator = exclusive();
+    let path = fixture("tiny-pipeline-ztsnr-io.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let case: serde_json::Value =
+        serde_json::from_str(&meta.metadata().as_ref().unwrap()["case"]).unwrap();
+    let io = TensorFile::open(&path).unwrap();
+    let mut pipe = pipeline();
+    let overrides = &case["scheduler"];
+    pipe.scheduler_config.prediction_type =
+        Some(overrides["prediction_type"].as_str().unwrap().into());
+    pipe.scheduler_config.rescale_betas_zero_snr = overrides["rescale_betas_zero_snr"].as_bool();
+    pipe.scheduler_config.timestep_spacing =
+        Some(overrides["timestep_spacing"].as_str().unwrap().into());
+    let noise = io.tensor("noise", Device::Cpu, None).unwrap();
+    let mut differences = Vec::new();
+    for (key, rescale) in [
+        ("latents", case["guidance_rescale"].as_f64().unwrap()),
+        ("latents_no_rescale", 0.0),
+    ] {
+        let options = GenerateOptions {
+            guidance_rescale: rescale,
+            initial_noise: Some(noise.copy()),
+            ..options_of(&case)
+        };
+        let latents = pipe.latents(&options).unwrap();
+        let expected = io.tensor(key, Device::Cpu, None).unwrap();
+        let bound = v_prediction_latents_bound(&options, &expected, &pipe.scheduler_config, &noise);
+        check(
+            &format!("ztsnr pipeline {key} vs diffusers"),
+            rel(&latents, &expected),
+            bound,
+        );
+        differences.push((expected, bound));
+    }
+    let moved = rel(&differences[0].0, &differences[1].0);
+    assert!(
+        moved > 10.0 * differences[0].1,
+        "guidance_rescale moves the latents by {moved:e}, not far beyond the bound {:e}",
+        differences[0].1
+    );
+    let bad = GenerateOptions {
+        guidance_rescale: 1.5,
+        ..options_of(&case)
+    };
+    assert!(
+        pipe.latents(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("guidance_rescale")
+    );
 }

@@ -431,3 +431,49 @@ fn presets_equal_the_sdxl_file() {
     );
     assert_eq!(DdpmConfig::from_config(&file).unwrap(), DdpmConfig::sdxl());
 }
+
+/// `--zero_terminal_snr`'s training schedule against diffusers' `DDPMScheduler(rescale_betas_zero_snr=True)`
+/// over SDXL's config (fixture `ddpm_zero_terminal_snr`): the last ᾱ is exactly 0, so the last
+/// timestep's noisy latents are the noise itself and its velocity is minus the latents.
+#[test]
+fn zero_terminal_snr_training_schedule_matches_diffusers() {
+    let golden = TensorFile::open(fixture("ddpm-zero-terminal-snr.safetensors")).unwrap();
+    let get = |key: &str| golden.tensor(key, Device::Cpu, None).unwrap();
+    let mut config = SchedulerConfig::sdxl();
+    config.rescale_betas_zero_snr = Some(true);
+    config.prediction_type = Some("v_prediction".into());
+    let schedule =
+        DdpmSchedule::new(DdpmConfig::from_config(&config).unwrap(), Device::Cpu).unwrap();
+    let alphas = schedule.alphas_cumprod();
+    assert_eq!(alphas.double_value(&[999]), 0.0);
+    // ᾱ: a cumulative product over 1000 betas, then the rescale (a square root, a shift, a scale, a
+    // square, a ratio per step) and the product again.
+    check(
+        "ZTSNR ᾱ vs diffusers",
+        rel(alphas, &get("alphas_cumprod")),
+        f32_bound(2.0 * 1000.0 + 6.0),
+    );
+    let (latents, noise, t) = (get("latents"), get("noise"), get("timesteps"));
+    let noisy = schedule.add_noise(&latents, &noise, &t).unwrap();
+    let velocity = schedule.get_velocity(&latents, &noise, &t).unwrap();
+    // From ᾱ's error: two square roots, two products and a sum.
+    let bound = f32_bound(2.0 * 1000.0 + 12.0);
+    check(
+        "ZTSNR noisy vs diffusers",
+        rel(&noisy, &get("noisy")),
+        bound,
+    );
+    check(
+        "ZTSNR velocity vs diffusers",
+        rel(&velocity, &get("velocity")),
+        bound,
+    );
+    assert!(noisy.get(4).equal(&noise.get(4)));
+    assert!(velocity.get(4).equal(&-latents.get(4)));
+    assert!(
+        schedule
+            .target(&latents, &noise, &t)
+            .unwrap()
+            .equal(&velocity)
+    );
+}
