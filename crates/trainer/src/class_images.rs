@@ -77,19 +77,16 @@ pub fn ensure_class_images(
     let existing = list_images(folder)?.len() as u64;
     let missing = config.num_class_images.saturating_sub(existing);
     if missing > 0 {
-        let pipeline = Pipeline::from_pretrained_variant(
-            &model.root,
-            model.variant.as_deref(),
-            device,
-            kind,
-            Upcast::FromConfig,
-        )?;
+        let mut pipeline = model.pipeline(device, kind, Upcast::FromConfig)?;
+        // The run's prediction type and, with --zero_terminal_snr, ZTSNR sampling.
+        pipeline.scheduler_config = crate::single_file::training_scheduler_config(config, model)?;
         let generator = Generator {
             pipeline: &pipeline,
             folder,
             prompt,
             seed: config.seed,
             steps: config.class_inference_steps as usize,
+            guidance_rescale: crate::single_file::guidance_rescale(config),
         };
         let generated = generator.run(existing, missing, config.sample_batch_size.max(1));
         drop(pipeline);
@@ -144,6 +141,8 @@ struct Generator<'a> {
     prompt: &'a str,
     seed: u64,
     steps: usize,
+    /// `--validation_guidance_rescale` (0.7 by default with `--zero_terminal_snr`).
+    guidance_rescale: f64,
 }
 
 impl Generator<'_> {
@@ -188,6 +187,7 @@ impl Generator<'_> {
             width: size,
             scheduler,
             steps: self.steps,
+            guidance_rescale: self.guidance_rescale,
             initial_noise,
             ..GenerateOptions::default()
         })

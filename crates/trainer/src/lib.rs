@@ -25,6 +25,7 @@ pub mod outputs;
 pub mod plan;
 pub mod prepare;
 pub mod run;
+pub mod single_file;
 pub mod step;
 pub mod validation;
 

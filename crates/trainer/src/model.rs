@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use lora::{Component, LoraConfig, LoraState};
 use sdxl_model::attention::AttentionBackend;
-use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetWeights, load_unet};
+use sdxl_model::unet::UNet2DConditionModel;
 
 use crate::config::{Attention, TrainConfig};
 use crate::logs::say as log;
@@ -51,13 +51,7 @@ impl TrainModel {
         device: Device,
         kind: Kind,
     ) -> Result<Self> {
-        let unet_dir = folder.root.join("unet");
-        let unet_config = UNetConfig::from_file(unet_dir.join("config.json"))?;
-        let weights = UNetWeights::Diffusers {
-            folder: unet_dir,
-            variant: folder.variant.clone(),
-        };
-        let (mut unet_store, mut unet) = load_unet(&unet_config, &weights, device, kind)?;
+        let (mut unet_store, mut unet) = folder.load_unet(device, kind)?;
         unet_store.freeze();
         if config.fp8_base_weights {
             log(format!(

@@ -23,13 +23,57 @@ const COMPONENTS: [(&str, &str); 4] = [
     ("text_encoder_2", "model.safetensors"),
 ];
 
-/// A resolved base model: its folder and the weight variant to read there.
+/// A resolved base model: its folder and the weight variant to read there, or a single file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelFolder {
-    /// The diffusers folder (a hub snapshot, or the user's folder).
+    /// The diffusers folder (a hub snapshot, or the user's folder); for a single file, the folder
+    /// holding it. Read the models through the methods of `crate::single_file`, which know both.
     pub root: PathBuf,
     /// The variant whose weight files exist there (`None`: the plain names).
     pub variant: Option<String>,
+    /// The single-file checkpoint, when the model is one.
+    pub single_file: Option<SingleFileModel>,
+}
+
+/// A single-file SGM checkpoint and where its components' configs come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SingleFileModel {
+    /// The `.safetensors` file (the user's, or the hub cache's).
+    pub path: PathBuf,
+    /// A diffusers folder with the components' `config.json` (`--single_file_config`); `None`: SDXL
+    /// base's configs.
+    pub config_folder: Option<PathBuf>,
+}
+
+/// What to fetch from a hub repository.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Wanted<'a> {
+    /// A diffusers SDXL model: configs and weights (of the variant, where it exists).
+    Model(Option<&'a str>),
+    /// Only the components' configs (and the scheduler's, where it exists).
+    Configs,
+    /// One file.
+    File(&'a str),
+}
+
+impl Wanted<'_> {
+    /// The variant to read and the files to fetch, given which files exist (`has`).
+    fn files(self, has: impl Fn(&str) -> bool) -> (Option<String>, Vec<String>) {
+        match self {
+            Wanted::Model(variant) => needed_files(variant, has),
+            Wanted::Configs => {
+                let mut files: Vec<String> = COMPONENTS
+                    .iter()
+                    .map(|(component, _)| format!("{component}/config.json"))
+                    .collect();
+                if has("scheduler/scheduler_config.json") {
+                    files.push("scheduler/scheduler_config.json".to_owned());
+                }
+                (None, files)
+            }
+            Wanted::File(name) => (None, vec![name.to_owned()]),
+        }
+    }
 }
 
 /// The variant to use in `root`: `wanted` when its UNet file exists, else none (diffusers' folders
@@ -78,12 +122,24 @@ pub fn resolve(name_or_path: &str, revision: &str, variant: Option<&str>) -> Res
         return Ok(ModelFolder {
             root: local.to_owned(),
             variant: local_variant(local, variant),
+            single_file: None,
         });
     }
-    download(name_or_path, revision, variant)
+    let (root, variant) = download(name_or_path, revision, Wanted::Model(variant))?;
+    Ok(ModelFolder {
+        root,
+        variant,
+        single_file: None,
+    })
 }
 
-fn download(repo_id: &str, revision: &str, variant: Option<&str>) -> Result<ModelFolder> {
+/// Downloads what `wanted` names from hub repository `repo_id` at `revision` (or finds it in the
+/// cache offline); returns the snapshot folder and the variant read there.
+pub(crate) fn download(
+    repo_id: &str,
+    revision: &str,
+    wanted: Wanted<'_>,
+) -> Result<(PathBuf, Option<String>)> {
     let offline = std::env::var("HF_HUB_OFFLINE")
         .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"));
     let cache = match std::env::var_os("HF_HUB_CACHE").filter(|v| !v.is_empty()) {
@@ -91,12 +147,12 @@ fn download(repo_id: &str, revision: &str, variant: Option<&str>) -> Result<Mode
         None => hf_hub::Cache::from_env(),
     };
     if offline {
-        return from_cache(&cache, repo_id, revision, variant);
+        return from_cache(&cache, repo_id, revision, wanted);
     }
     // As huggingface_hub does when the hub cannot be asked (no network, server down), a revision
     // the cache holds whole is used; otherwise the hub's error is the one worth reading.
-    fetch(&cache, repo_id, revision, variant)
-        .or_else(|error| from_cache(&cache, repo_id, revision, variant).map_err(|_| error))
+    fetch(&cache, repo_id, revision, wanted)
+        .or_else(|error| from_cache(&cache, repo_id, revision, wanted).map_err(|_| error))
 }
 
 fn hub_error(repo_id: &str, problem: String) -> Error {
@@ -137,8 +193,8 @@ fn fetch(
     cache: &hf_hub::Cache,
     repo_id: &str,
     revision: &str,
-    variant: Option<&str>,
-) -> Result<ModelFolder> {
+    wanted: Wanted<'_>,
+) -> Result<(PathBuf, Option<String>)> {
     let mut builder = ApiBuilder::from_env()
         .with_progress(true)
         .with_cache_dir(cache.path().clone());
@@ -152,7 +208,15 @@ fn fetch(
     let repo = api.repo(model.clone());
     let info = repo.info().map_err(|e| hub_error(repo_id, e.to_string()))?;
     let listing: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-    let (chosen_variant, wanted) = needed_files(variant, |name| listing.iter().any(|f| f == name));
+    if let Wanted::File(name) = wanted
+        && !listing.iter().any(|f| f == name)
+    {
+        return Err(hub_error(
+            repo_id,
+            format!("has no file `{name}` at revision `{revision}`"),
+        ));
+    }
+    let (chosen_variant, wanted) = wanted.files(|name| listing.iter().any(|f| f == name));
     // The snapshot of the commit the hub names now, not whatever the cache's ref last pointed at:
     // files cached from an older commit must not mix with (or stand in for) the current ones.
     let snapshot = cache
@@ -183,10 +247,7 @@ fn fetch(
             format!("writing the ref of `{revision}` in the cache: {e}"),
         )
     })?;
-    Ok(ModelFolder {
-        root: snapshot,
-        variant: chosen_variant,
-    })
+    Ok((snapshot, chosen_variant))
 }
 
 /// Offline: the snapshot the cache's ref for `revision` points at, which must hold every needed
@@ -195,14 +256,14 @@ fn from_cache(
     cache: &hf_hub::Cache,
     repo_id: &str,
     revision: &str,
-    variant: Option<&str>,
-) -> Result<ModelFolder> {
+    wanted: Wanted<'_>,
+) -> Result<(PathBuf, Option<String>)> {
     let cached = cache.repo(Repo::with_revision(
         repo_id.to_owned(),
         RepoType::Model,
         revision.to_owned(),
     ));
-    let (chosen_variant, wanted) = needed_files(variant, |name| cached.get(name).is_some());
+    let (chosen_variant, wanted) = wanted.files(|name| cached.get(name).is_some());
     let mut root = None;
     for name in &wanted {
         let path = cached.get(name).ok_or_else(|| {
@@ -215,10 +276,7 @@ fn from_cache(
             .map(Path::to_path_buf);
     }
     let root = root.ok_or_else(|| hub_error(repo_id, "no files".into()))?;
-    Ok(ModelFolder {
-        root,
-        variant: chosen_variant,
-    })
+    Ok((root, chosen_variant))
 }
 
 #[cfg(test)]
@@ -239,7 +297,8 @@ mod tests {
             found,
             ModelFolder {
                 root: fixtures.clone(),
-                variant: None
+                variant: None,
+                single_file: None,
             }
         );
         let err = resolve(fixtures.join("unet").to_str().unwrap(), "main", None)

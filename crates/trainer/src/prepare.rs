@@ -64,12 +64,7 @@ pub fn prepare_text(
     kind: Kind,
 ) -> Result<(TextConditioning, Option<ValidationPrompt>)> {
     let prepared = {
-        let (encoder, _stores) = PromptEncoder::from_pretrained_variant(
-            &folder.root,
-            folder.variant.as_deref(),
-            device,
-            kind,
-        )?;
+        let (encoder, _stores) = folder.prompt_encoder(device, kind)?;
         let prompts = steps.iter().flat_map(|step| step.prompts.iter());
         let text = encode_prompts(&encoder, prompts, device, kind)?;
         let validation = match &config.validation_prompt {
@@ -110,14 +105,7 @@ pub fn prepare_latents(
     dataset: &Dataset,
     device: Device,
 ) -> Result<(Latents, AutoencoderKLConfig)> {
-    let vae_folder = folder.root.join("vae");
-    let (vae, store) = AutoencoderKL::from_pretrained_variant(
-        &vae_folder,
-        folder.variant.as_deref(),
-        device,
-        Kind::Float,
-        Upcast::Always,
-    )?;
+    let (vae, store) = folder.vae(device, Kind::Float, Upcast::Always)?;
     let vae_config = vae.config().clone();
     if !config.cache_latents {
         let vae = Box::new(vae);
@@ -125,10 +113,10 @@ pub fn prepare_latents(
     }
     let (cache, encoder_id) = if config.cache_latents_to_disk {
         let dir = latents_cache_dir(config);
-        let id = format!("{}|fp32", hash_folder(&vae_folder)?);
+        let id = format!("{}|fp32", folder.vae_identity(true)?);
         (TensorCache::on_disk(&dir)?, id)
     } else {
-        let id = format!("{}|{:?}|fp32", vae_folder.display(), folder.variant);
+        let id = format!("{}|fp32", folder.vae_identity(false)?);
         (TensorCache::in_memory(), id)
     };
     let flips = if config.random_flip { 2 } else { 1 };
@@ -170,7 +158,7 @@ pub fn latents_cache_dir(config: &TrainConfig) -> PathBuf {
 
 /// SHA-256 over the names and contents of the files of `folder` (a VAE's config and weights), so
 /// cached latents follow the weights, not the path.
-fn hash_folder(folder: &Path) -> Result<String> {
+pub(crate) fn hash_folder(folder: &Path) -> Result<String> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
         .map_err(io_error(folder))?
         .flatten()

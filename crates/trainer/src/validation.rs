@@ -2,7 +2,7 @@
 //! validation prompt through the same sampler as [`sdxl_model::pipeline::Pipeline`] uses for final
 //! inference, decoded by the VAE (the live one, or loaded with tiling for the purpose and freed).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
@@ -34,11 +34,11 @@ pub struct Validator {
     prompt: ValidationPrompt,
     scheduler_config: SchedulerConfig,
     vae_config: AutoencoderKLConfig,
-    vae_folder: PathBuf,
-    variant: Option<String>,
+    model: ModelFolder,
     device: Device,
     kind: Kind,
     guidance_scale: f64,
+    guidance_rescale: f64,
     steps: usize,
     size: i64,
     images: i64,
@@ -59,11 +59,11 @@ impl Validator {
             prompt,
             scheduler_config,
             vae_config,
-            vae_folder: folder.root.join("vae"),
-            variant: folder.variant.clone(),
+            model: folder.clone(),
             device,
             kind,
             guidance_scale: config.validation_guidance_scale,
+            guidance_rescale: crate::single_file::guidance_rescale(config),
             steps: config.validation_inference_steps as usize,
             size: i64::from(config.resolution),
             images: i64::from(config.num_validation_images),
@@ -118,6 +118,7 @@ impl Validator {
         let options = GenerateOptions {
             prompts: vec![self.prompt.prompt.clone()],
             guidance_scale: self.guidance_scale,
+            guidance_rescale: self.guidance_rescale,
             steps: self.steps,
             height: self.size,
             width: self.size,
@@ -152,13 +153,7 @@ impl Validator {
         if let Some(vae) = vae {
             return decode(vae);
         }
-        let (mut vae, store) = AutoencoderKL::from_pretrained_variant(
-            &self.vae_folder,
-            self.variant.as_deref(),
-            self.device,
-            Kind::Float,
-            Upcast::Always,
-        )?;
+        let (mut vae, store) = self.model.vae(self.device, Kind::Float, Upcast::Always)?;
         vae.set_tiling(Some(VaeTiling::default()))?;
         let rows = decode(&vae);
         drop((vae, store));

@@ -97,8 +97,10 @@ fn unknown_flag(name: &str) -> Error {
 }
 
 train_config! {
-    /// A diffusers SDXL folder (`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`) or a hub model id.
+    /// A diffusers SDXL folder (`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`), a hub model id, or a single-file SGM checkpoint (`model.safetensors`, or a hub file as `https://huggingface.co/<owner>/<repo>/blob/<revision>/<file>` or `<owner>/<repo>/<file>.safetensors`).
     pretrained_model_name_or_path: String = "stabilityai/stable-diffusion-xl-base-1.0".into(),
+    /// With a single-file --pretrained_model_name_or_path: a diffusers folder or hub model id whose `config.json` files describe its components (diffusers' `from_single_file(config=…)`); unset: SDXL base's configs.
+    single_file_config: Option<String> = None,
     /// Hub revision of the model.
     revision: String = "main".into(),
     /// Weight-file variant, e.g. `fp16` for `diffusion_pytorch_model.fp16.safetensors`.
@@ -226,8 +228,10 @@ train_config! {
     snr_gamma: Option<f64> = None,
     /// Offset-noise strength.
     noise_offset: f64 = 0.0,
-    /// `epsilon` or `v_prediction`; default: the model's scheduler config.
+    /// `epsilon` or `v_prediction`; default: the model's scheduler config (v_prediction for a single file carrying a `v_pred` key).
     prediction_type: Option<String> = None,
+    /// Rescale the noise schedule to zero terminal SNR (diffusers' `rescale_betas_zero_snr`; needs v_prediction); validation and class images then sample with "trailing" timesteps. On by default for a single file carrying a `ztsnr` key.
+    zero_terminal_snr: bool = false,
     /// Save a checkpoint every N optimizer steps.
     checkpointing_steps: u64 = 500,
     /// Keep at most N checkpoints.
@@ -244,6 +248,8 @@ train_config! {
     validation_inference_steps: u32 = 25,
     /// Classifier-free guidance scale of validation images.
     validation_guidance_scale: f64 = 5.0,
+    /// diffusers' `guidance_rescale` of validation and class images (0.7 in the zero-terminal-SNR paper); default: 0.7 with --zero_terminal_snr, else 0.
+    validation_guidance_rescale: Option<f64> = None,
     /// Seed of data order, noise, timesteps and validation images.
     seed: u64 = 0,
     /// Where checkpoints, logs, LoRA files and images go.

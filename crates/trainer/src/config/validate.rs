@@ -144,6 +144,20 @@ impl TrainConfig {
                 format!("`{kind}` is not epsilon or v_prediction"),
             );
         }
+        if self.zero_terminal_snr && self.prediction_type.as_deref() == Some("epsilon") {
+            return fail(
+                "--zero_terminal_snr",
+                "needs --prediction_type v_prediction: the last timestep has ᾱ = 0 (pure noise), where ε-prediction is undefined".into(),
+            );
+        }
+        if let Some(rescale) = self.validation_guidance_rescale
+            && !(0.0..=1.0).contains(&rescale)
+        {
+            return fail(
+                "--validation_guidance_rescale",
+                format!("{rescale} is not in [0, 1]"),
+            );
+        }
         if self.with_prior_preservation {
             self.validate_prior_preservation()?;
         }

@@ -17,7 +17,6 @@ use std::time::Instant;
 
 use tch::{Device, Kind};
 
-use sdxl_model::schedulers::SchedulerConfig;
 use sdxl_model::vae::AutoencoderKLConfig;
 
 pub use crate::outputs::{KOHYA_FILE, LORA_FILE};
@@ -31,7 +30,7 @@ use crate::device;
 use crate::estimate::{Estimate, EstimateInput, estimate};
 use crate::logs::{say, say_above};
 use crate::model::TrainModel;
-use crate::model_files::{self, ModelFolder};
+use crate::model_files::ModelFolder;
 use crate::outputs::{self, RunStats};
 use crate::plan::{MicroStep, Plan};
 use crate::prepare::{Latents, TextConditioning, prepare_latents, prepare_text};
@@ -97,7 +96,7 @@ impl Trainer {
     /// # Errors
     /// Anything wrong with the config, the model, the data or the checkpoint, naming the culprit.
     pub fn new(config: TrainConfig) -> Result<Self> {
-        let (config, kohya) = config.with_dataset_config()?;
+        let (mut config, kohya) = config.with_dataset_config()?;
         config.validate()?;
         let device = device::open(&config)?;
         if config.cuda_graph && !(device.is_cuda() && config.cache_latents) {
@@ -111,16 +110,15 @@ impl Trainer {
             MixedPrecision::No => Kind::Float,
         };
         let store = open_output_dir(&config)?;
-        let folder = model_files::resolve(
-            &config.pretrained_model_name_or_path,
-            &config.revision,
-            config.variant.as_deref(),
-        )?;
+        let folder = crate::single_file::resolve_model(&config)?;
         say(format!(
-            "model {} (variant {:?}) on {device:?} in {kind:?}",
-            folder.root.display(),
-            folder.variant
+            "model {} on {device:?} in {kind:?}",
+            folder.describe()
         ));
+        for line in crate::single_file::apply_markers(&mut config, &folder)? {
+            say(line);
+        }
+        config.validate()?;
         let plan = open_plan(&config, kohya.as_ref(), &folder, (device, kind))?;
         let dataset = plan.dataset();
         let micro_steps = config.max_train_steps * u64::from(config.gradient_accumulation_steps);
@@ -130,7 +128,7 @@ impl Trainer {
         let model = TrainModel::load(&config, &folder, device, kind)?;
         // Samples per micro-step: twice --train_batch_size with prior preservation.
         let batch = plan.batch_size(&config);
-        let scheduler_config = scheduler_config(&config, &folder)?;
+        let scheduler_config = crate::single_file::training_scheduler_config(&config, &folder)?;
         let stepper = Stepper::new(
             &config,
             &model,
@@ -442,20 +440,6 @@ fn open_output_dir(config: &TrainConfig) -> Result<CheckpointStore> {
         store.prune(limit as usize)?;
     }
     Ok(store)
-}
-
-/// The model's scheduler config (SDXL's when the folder has none), with `--prediction_type`.
-fn scheduler_config(config: &TrainConfig, folder: &ModelFolder) -> Result<SchedulerConfig> {
-    let file = folder.root.join("scheduler").join("scheduler_config.json");
-    let mut scheduler_config = if file.is_file() {
-        SchedulerConfig::from_file(&file)?
-    } else {
-        SchedulerConfig::sdxl()
-    };
-    if let Some(prediction) = &config.prediction_type {
-        scheduler_config.prediction_type = Some(prediction.clone());
-    }
-    Ok(scheduler_config)
 }
 
 fn run_estimate(

@@ -1,0 +1,133 @@
+//! Training from a single-file SDXL checkpoint, end to end on the tiny model (CPU): the tiny-sdxl
+//! folder written as one SGM file by diffusers' own `convert_diffusers_to_original_sdxl.py` (fixture
+//! `tiny_sdxl_single_file`) trains the same LoRA, bit for bit, as the folder; a file carrying the
+//! `v_pred` / `ztsnr` markers of community v-prediction checkpoints trains with v-prediction and zero
+//! terminal SNR (validation images sampled with ZTSNR and guidance rescale); ZTSNR without
+//! v-prediction is refused naming the flag.
+//!
+//! Every run happens in a child process (see `common/training.rs`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
+use std::path::Path;
+
+use sdxl_model::weights::TensorFile;
+use tch::{Device, Kind, Tensor};
+use trainer::TrainConfig;
+use trainer::run::{KOHYA_FILE, LORA_FILE};
+
+#[path = "common/training.rs"]
+mod training;
+
+use training::{assert_bit_identical, fixture, losses, run_output, run_to_end, scratch, tiny};
+
+/// A short run of the tiny preset on `model`, configs from the tiny-sdxl folder.
+fn short_run(out: &Path, model: &Path) -> TrainConfig {
+    TrainConfig {
+        pretrained_model_name_or_path: model.display().to_string(),
+        max_train_steps: 4,
+        checkpointing_steps: 4,
+        validation_prompt: None,
+        ..tiny(out)
+    }
+}
+
+#[test]
+fn a_single_file_trains_the_same_lora_as_its_diffusers_folder() {
+    let dir = scratch("single-same");
+    let from_folder = short_run(&dir.join("folder"), &fixture("tiny-sdxl"));
+    let from_file = TrainConfig {
+        single_file_config: Some(fixture("tiny-sdxl").display().to_string()),
+        ..short_run(
+            &dir.join("file"),
+            &fixture("tiny-sdxl-single-file.safetensors"),
+        )
+    };
+    run_to_end(&from_folder);
+    let (ok, log) = run_output(&from_file);
+    assert!(ok, "training from the single file failed:\n{log}");
+    assert!(
+        log.contains("single file") && log.contains("0 key(s) of no component"),
+        "{log}"
+    );
+    assert_eq!(losses(&from_folder), losses(&from_file));
+    for name in [LORA_FILE, KOHYA_FILE] {
+        assert_bit_identical(
+            &from_folder.output_dir.join(name),
+            &from_file.output_dir.join(name),
+        );
+    }
+    // Without --single_file_config the file is read as SDXL base, whose shapes it does not have: the
+    // error names the file and a key.
+    let as_sdxl = TrainConfig {
+        output_dir: dir.join("as-sdxl"),
+        single_file_config: None,
+        ..from_file.clone()
+    };
+    let (ok, log) = run_output(&as_sdxl);
+    assert!(!ok);
+    assert!(
+        log.contains("tiny-sdxl-single-file.safetensors") && log.contains("mis-shaped"),
+        "{log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_marked_v_prediction_file_trains_with_zero_terminal_snr() {
+    let dir = scratch("single-vpred");
+    // The fixture with the markers community v-prediction checkpoints carry.
+    let file = TensorFile::open(fixture("tiny-sdxl-single-file.safetensors")).unwrap();
+    let mut tensors: Vec<(String, Tensor)> = file
+        .load_all(Device::Cpu, None)
+        .unwrap()
+        .into_iter()
+        .collect();
+    for key in ["v_pred", "ztsnr"] {
+        tensors.push((key.into(), Tensor::zeros([0], (Kind::Float, Device::Cpu))));
+    }
+    let marked = dir.join("vpred-ztsnr.safetensors");
+    Tensor::write_safetensors(&tensors, &marked).unwrap();
+    let config = TrainConfig {
+        single_file_config: Some(fixture("tiny-sdxl").display().to_string()),
+        validation_prompt: Some("Naruto style anime character".into()),
+        validation_steps: 4,
+        validation_inference_steps: 3,
+        num_validation_images: 1,
+        ..short_run(&dir.join("run"), &marked)
+    };
+    let (ok, log) = run_output(&config);
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("`v_pred` key: training with --prediction_type v_prediction")
+            && log.contains("`ztsnr` key: training with --zero_terminal_snr")
+            && log.contains("2 key(s) of no component"),
+        "{log}"
+    );
+    let losses = losses(&config);
+    assert!(
+        !losses.is_empty() && losses.iter().all(|l| l.is_finite() && *l > 0.0),
+        "{losses:?}"
+    );
+    let card: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(config.output_dir.join("model_card.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(card["config"]["prediction_type"], "v_prediction");
+    assert_eq!(card["config"]["zero_terminal_snr"], true);
+    assert!(config.output_dir.join(LORA_FILE).is_file());
+
+    // ε-prediction with zero terminal SNR is refused before anything loads.
+    let refused = TrainConfig {
+        output_dir: dir.join("refused"),
+        prediction_type: Some("epsilon".into()),
+        zero_terminal_snr: true,
+        ..config.clone()
+    };
+    let (ok, log) = run_output(&refused);
+    assert!(
+        !ok && log.contains("--zero_terminal_snr") && log.contains("v_prediction"),
+        "{log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
