@@ -476,4 +476,8 @@ fn zero_terminal_snr_training_schedule_matches_diffusers() {
             .unwrap()
             .equal(&velocity)
     );
+    // min-SNR-γ for v-prediction, min(SNR, γ)/(SNR + 1): finite everywhere, 0 at the last timestep.
+    let weights = schedule.min_snr_weights(&t, 5.0).unwrap();
+    assert!(bool::try_from(weights.isfinite().all()).unwrap());
+    assert_eq!(weights.double_value(&[4]), 0.0);
 }

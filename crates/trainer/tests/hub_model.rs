@@ -28,8 +28,9 @@ use sdxl_model::prompt::PromptEncoder;
 use sdxl_model::unet::{UNetConfig, UNetWeights, load_unet};
 use sdxl_model::vae::{AutoencoderKL, Upcast};
 use tch::{Device, Kind, Tensor};
-use trainer::Error;
-use trainer::model_files::{ModelFolder, resolve};
+use trainer::model_files::{ModelFolder, SingleFileModel, resolve};
+use trainer::single_file::resolve_model;
+use trainer::{Error, TrainConfig};
 
 const VARIANT_REPO: &str = "stand-in/tiny-sdxl-fp16";
 const VARIANT_COMMIT: &str = "1111111111111111111111111111111111111111";
@@ -38,6 +39,13 @@ const PLAIN_COMMIT: &str = "2222222222222222222222222222222222222222";
 /// The plain repo's `main` after a new commit that changes the scheduler config.
 const PLAIN_COMMIT_2: &str = "3333333333333333333333333333333333333333";
 const ABSENT_REPO: &str = "stand-in/absent";
+/// A repository holding a single-file checkpoint (the fixture `tiny-sdxl-single-file.safetensors`).
+const SINGLE_REPO: &str = "stand-in/tiny-sdxl-single-file";
+const SINGLE_COMMIT: &str = "4444444444444444444444444444444444444444";
+const SINGLE_FILE: &str = "checkpoints/tiny.safetensors";
+/// A diffusers repository read for its configs only (`--single_file_config`).
+const CONFIG_REPO: &str = "stand-in/tiny-sdxl-configs";
+const CONFIG_COMMIT: &str = "5555555555555555555555555555555555555555";
 
 /// The components of the fixture and their plain weight file names.
 const COMPONENTS: [(&str, &str); 4] = [
@@ -519,7 +527,8 @@ fn download_load_cache_and_resolve_offline() {
         variant,
         ModelFolder {
             root: snapshot(VARIANT_REPO, VARIANT_COMMIT),
-            variant: Some("fp16".into())
+            variant: Some("fp16".into()),
+            single_file: None,
         }
     );
     assert_eq!(
@@ -546,7 +555,8 @@ fn download_load_cache_and_resolve_offline() {
         plain,
         ModelFolder {
             root: snapshot(PLAIN_REPO, PLAIN_COMMIT),
-            variant: None
+            variant: None,
+            single_file: None,
         }
     );
     assert_eq!(
@@ -603,7 +613,8 @@ fn download_load_cache_and_resolve_offline() {
         moved,
         ModelFolder {
             root: snapshot(PLAIN_REPO, PLAIN_COMMIT_2),
-            variant: None
+            variant: None,
+            single_file: None,
         }
     );
     assert_eq!(hub.resolved_files(PLAIN_REPO, before), needed_files(None));
@@ -617,6 +628,9 @@ fn download_load_cache_and_resolve_offline() {
     let refs_main = home.0.join("hub/models--stand-in--tiny-sdxl/refs/main");
     assert_eq!(std::fs::read_to_string(&refs_main).unwrap(), PLAIN_COMMIT_2);
     let plain = moved;
+
+    // 4b. A single file named by its hub URL, its configs from a repository read for them alone.
+    let single = single_file_from_the_hub(&hub, &scratch.0, &snapshot);
 
     // 5. A repo the hub does not know.
     expect_hub_error(resolve(ABSENT_REPO, "main", Some("fp16")), ABSENT_REPO);
@@ -647,6 +661,85 @@ fn download_load_cache_and_resolve_offline() {
     assert!(message.contains("not in the cache"), "{message}");
     let message = expect_hub_error(resolve(ABSENT_REPO, "main", None), ABSENT_REPO);
     assert!(message.contains("HF_HUB_OFFLINE"), "{message}");
+    assert_eq!(resolve_model(&single_file_config()).unwrap(), single);
     assert_eq!(hub.requests().len(), requests_at_shutdown);
     load_variant_folder(&resolve(VARIANT_REPO, "main", Some("fp16")).unwrap());
+}
+
+/// `--pretrained_model_name_or_path` as a hub file URL and `--single_file_config` as a repository.
+fn single_file_config() -> TrainConfig {
+    TrainConfig {
+        pretrained_model_name_or_path: format!(
+            "https://huggingface.co/{SINGLE_REPO}/blob/main/{SINGLE_FILE}"
+        ),
+        single_file_config: Some(CONFIG_REPO.into()),
+        ..TrainConfig::default()
+    }
+}
+
+/// Publishes a single-file repository and a configs repository, resolves the URL form (only the
+/// file, and only the configs, are fetched), loads the UNet from the file, and checks the
+/// `<owner>/<repo>/<file>` form and a file the repository lacks.
+fn single_file_from_the_hub(
+    hub: &FakeHub,
+    scratch: &Path,
+    snapshot: &dyn Fn(&str, &str) -> PathBuf,
+) -> ModelFolder {
+    let checkpoint = std::fs::read(fixture("../tiny-sdxl-single-file.safetensors")).unwrap();
+    hub.publish(HubRepo {
+        id: SINGLE_REPO,
+        commit: SINGLE_COMMIT,
+        files: vec![
+            ("README.md".into(), b"a single-file checkpoint".to_vec()),
+            (SINGLE_FILE.into(), checkpoint.clone()),
+        ],
+    });
+    hub.publish(HubRepo {
+        id: CONFIG_REPO,
+        commit: CONFIG_COMMIT,
+        files: sdxl_repo_files(false, scratch),
+    });
+    let before = hub.requests().len();
+    let single = resolve_model(&single_file_config()).unwrap();
+    let path = snapshot(SINGLE_REPO, SINGLE_COMMIT).join(SINGLE_FILE);
+    assert_eq!(
+        single.single_file,
+        Some(SingleFileModel {
+            path: path.clone(),
+            config_folder: Some(snapshot(CONFIG_REPO, CONFIG_COMMIT)),
+        })
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), checkpoint);
+    assert_eq!(
+        hub.resolved_files(SINGLE_REPO, before),
+        BTreeSet::from([SINGLE_FILE.to_owned()])
+    );
+    let configs: BTreeSet<String> = COMPONENTS
+        .iter()
+        .map(|(component, _)| format!("{component}/config.json"))
+        .chain(["scheduler/scheduler_config.json".to_owned()])
+        .collect();
+    assert_eq!(hub.resolved_files(CONFIG_REPO, before), configs);
+    single.load_unet(Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(
+        single
+            .scheduler_config()
+            .unwrap()
+            .timestep_spacing
+            .as_deref(),
+        Some("trailing")
+    );
+    // The short form at --revision gives the same file; a file the repository lacks is named.
+    let short = TrainConfig {
+        pretrained_model_name_or_path: format!("{SINGLE_REPO}/{SINGLE_FILE}"),
+        ..single_file_config()
+    };
+    assert_eq!(resolve_model(&short).unwrap(), single);
+    let absent = TrainConfig {
+        pretrained_model_name_or_path: format!("{SINGLE_REPO}/absent.safetensors"),
+        ..single_file_config()
+    };
+    let message = expect_hub_error(resolve_model(&absent), SINGLE_REPO);
+    assert!(message.contains("absent.safetensors"), "{message}");
+    single
 }
