@@ -88,6 +88,14 @@ fn every_component_equals_the_diffusers_folder() {
         PromptEncoder::from_pretrained(fixture("tiny-sdxl"), Device::Cpu, Kind::Float).unwrap();
     assert_same("text_encoder", &te1, &folder_te1, None);
     assert_same("text_encoder_2", &te2, &folder_te2, None);
+    // In bf16 (built in bf16, each tensor converted on its own): the folder's encoders cast to bf16.
+    let (_, [te1, te2]) = single
+        .load_prompt_encoder(Device::Cpu, Kind::BFloat16)
+        .unwrap();
+    let (_, [folder_te1, folder_te2]) =
+        PromptEncoder::from_pretrained(fixture("tiny-sdxl"), Device::Cpu, Kind::BFloat16).unwrap();
+    assert_same("text_encoder bf16", &te1, &folder_te1, None);
+    assert_same("text_encoder_2 bf16", &te2, &folder_te2, None);
 
     let (_, vae) = single
         .load_vae(Device::Cpu, Kind::Float, Upcast::Never)

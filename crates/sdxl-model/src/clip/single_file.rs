@@ -124,9 +124,11 @@ fn load(
     source_of: impl Fn(&str) -> Option<Source>,
 ) -> Result<(ClipTextModel, VarStore)> {
     let mut vs = VarStore::new(device);
+    // An empty store only changes the kind new variables are created in: each tensor of the file is
+    // converted to `kind` on its own and no fp32 copy of the encoder exists (bigG is 2.8 GB in fp32).
+    vs.set_kind(kind);
     let model = ClipTextModel::new(&vs.root(), config, with_projection)?;
     load_mapped(&vs, file, prefix, ignored, source_of)?;
-    vs.set_kind(kind);
     Ok((model, vs))
 }
 
