@@ -12,7 +12,10 @@ use common::fixture;
 use tch::{Device, Kind};
 use trainer::TrainConfig;
 use trainer::class_images::ensure_class_images;
-use trainer::model_files::ModelFolder;
+use trainer::model_files::{ModelFolder, SingleFileModel};
+
+/// Generation seeds libtorch's process-wide generator: tests that generate hold this lock.
+static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("class-images-{name}-{}", std::process::id()));
@@ -38,6 +41,7 @@ fn tiny_model() -> ModelFolder {
     ModelFolder {
         root: fixture("tiny-sdxl"),
         variant: None,
+        single_file: None,
     }
 }
 
@@ -52,6 +56,7 @@ fn names(paths: &[PathBuf]) -> Vec<String> {
 fn missing_class_images_are_generated_once_and_reproducibly() {
     // One thread: no oversubscription of a shared machine (the tiny model gains nothing from more).
     tch::set_num_threads(1);
+    let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     let dir = scratch("generate");
     let folder = dir.join("class");
     // One image of the user's, and entries that are not images.
@@ -104,6 +109,50 @@ fn missing_class_images_are_generated_once_and_reproducibly() {
     }
     let third = ensure_class_images(&config, &tiny_model(), Device::Cpu, Kind::Float).unwrap();
     assert_eq!((third.generated, &third.paths), (2, &first.paths));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The single-file checkpoint of the tiny model (`tiny_sdxl_single_file`) makes the folder's class
+/// images, pixel for pixel (their names hold the SHA-1 of their pixels); with v-prediction and zero
+/// terminal SNR they are sampled otherwise (trailing timesteps, rescaled guidance).
+#[test]
+fn a_single_file_makes_the_folders_class_images() {
+    tch::set_num_threads(1);
+    let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("single-file");
+    let single = ModelFolder {
+        root: fixture("tiny-sdxl-single-file.safetensors")
+            .parent()
+            .unwrap()
+            .to_owned(),
+        variant: None,
+        single_file: Some(SingleFileModel {
+            path: fixture("tiny-sdxl-single-file.safetensors"),
+            config_folder: Some(fixture("tiny-sdxl")),
+        }),
+    };
+    let generate = |config: &TrainConfig, model: &ModelFolder| {
+        names(
+            &ensure_class_images(config, model, Device::Cpu, Kind::Float)
+                .unwrap()
+                .paths,
+        )
+    };
+    let from_folder = generate(&config(&dir.join("folder")), &tiny_model());
+    let from_file = generate(&config(&dir.join("file")), &single);
+    assert_eq!(from_folder.len(), 3);
+    assert_eq!(from_folder, from_file);
+    let ztsnr = TrainConfig {
+        prediction_type: Some("v_prediction".into()),
+        zero_terminal_snr: true,
+        ..config(&dir.join("ztsnr"))
+    };
+    let from_ztsnr = generate(&ztsnr, &single);
+    assert_eq!(from_ztsnr.len(), 3);
+    assert!(
+        from_ztsnr.iter().all(|n| !from_file.contains(n)),
+        "{from_ztsnr:?}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

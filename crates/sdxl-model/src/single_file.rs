@@ -9,7 +9,7 @@
 //! Each component is loaded on its own by its loader ([`crate::unet::load_unet`],
 //! [`crate::clip::single_file`], [`crate::vae::single_file`]), one tensor at a time in the model's
 //! element type; a component with a missing, unused or mis-shaped key under its prefix fails with
-//! [`Error::Load`] naming the file and the keys. Keys outside the four components (EMA copies, the
+//! [`crate::Error::Load`] naming the file and the keys. Keys outside the four components (EMA copies, the
 //! `v_pred` / `ztsnr` markers below) are listed by [`SingleFileCheckpoint::other_keys`].
 //!
 //! Community v-prediction checkpoints mark themselves with an empty tensor named `v_pred`, and those
