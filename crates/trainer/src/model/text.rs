@@ -149,11 +149,6 @@ impl TextEncoders {
         self.params.iter().flatten()
     }
 
-    /// Every LoRA parameter of both encoders by name, mutably (to restore them).
-    pub fn params_mut(&mut self) -> impl Iterator<Item = &mut (String, Tensor)> {
-        self.params.iter_mut().flatten()
-    }
-
     /// The parameters of each encoder that the optimizer updates (the script's two text groups).
     pub fn trained(&self) -> &[Vec<Tensor>; 2] {
         &self.trained
