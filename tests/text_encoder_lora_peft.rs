@@ -43,8 +43,8 @@ fn load() -> TextEncoders {
         mixed_precision: MixedPrecision::No,
         ..TrainConfig::default()
     };
-    let folder = trainer::model_files::resolve(&config.pretrained_model_name_or_path, "main", None)
-        .unwrap();
+    let folder =
+        trainer::model_files::resolve(&config.pretrained_model_name_or_path, "main", None).unwrap();
     tch::manual_seed(0);
     TextEncoders::load(&config, &folder, Device::Cpu, Kind::Float).unwrap()
 }
@@ -56,8 +56,14 @@ fn load() -> TextEncoders {
 fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
     assert_eq!(ours.size(), reference.size(), "{what}");
     let scale = reference.abs().max().double_value(&[]).max(1e-3);
-    let diff = (ours.to_kind(Kind::Float) - reference).abs().max().double_value(&[]);
-    assert!(diff <= 1e-5 * scale, "{what}: max diff {diff} (scale {scale})");
+    let diff = (ours.to_kind(Kind::Float) - reference)
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(
+        diff <= 1e-5 * scale,
+        "{what}: max diff {diff} (scale {scale})"
+    );
 }
 
 #[test]
@@ -114,7 +120,11 @@ fn text_encoder_lora_matches_peft_outputs_and_gradients() {
     // peft reaches the same parameters the trainer optimizes, no more and no fewer.
     let trained: usize = encoders.trained().iter().map(Vec::len).sum();
     assert_eq!(grads_golden.len(), trained);
-    assert_eq!(trained, params.len() - 8, "the first encoder's last layer is left out");
+    assert_eq!(
+        trained,
+        params.len() - 8,
+        "the first encoder's last layer is left out"
+    );
     for checkpointed in [false, true] {
         for (_, p) in &params {
             let mut grad = p.grad();
@@ -124,8 +134,16 @@ fn text_encoder_lora_matches_peft_outputs_and_gradients() {
         }
         if checkpointed {
             let forward = encoders.encode_checkpointed(ids, ids_2).unwrap();
-            assert_close("context (checkpointed)", &forward.embeds.context, &golden["context"]);
-            assert_close("pooled (checkpointed)", &forward.embeds.pooled, &golden["pooled"]);
+            assert_close(
+                "context (checkpointed)",
+                &forward.embeds.context,
+                &golden["context"],
+            );
+            assert_close(
+                "pooled (checkpointed)",
+                &forward.embeds.pooled,
+                &golden["pooled"],
+            );
             forward.backward(w_context, Some(w_pooled)).unwrap();
         } else {
             let embeds = encoders.encode(ids, ids_2).unwrap();
@@ -138,9 +156,11 @@ fn text_encoder_lora_matches_peft_outputs_and_gradients() {
         for (name, param) in &params {
             let grad = param.grad();
             match grads_golden.get(&module_of(name)) {
-                Some(reference) => {
-                    assert_close(&format!("{name} (checkpointed: {checkpointed})"), &grad, reference)
-                }
+                Some(reference) => assert_close(
+                    &format!("{name} (checkpointed: {checkpointed})"),
+                    &grad,
+                    reference,
+                ),
                 None => assert!(
                     !grad.defined() || grad.abs().max().double_value(&[]) == 0.0,
                     "{name} got a gradient peft does not give it"

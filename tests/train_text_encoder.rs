@@ -86,8 +86,16 @@ fn text_encoder_lora_trains_loads_back_and_resumes_identically() {
         .into_iter()
         .map(|(k, _)| k)
         .collect();
-    assert!(kohya_keys.iter().any(|k| k.starts_with("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.")));
-    assert!(kohya_keys.iter().any(|k| k.starts_with("lora_te2_text_model_encoder_layers_3_self_attn_v_proj.")));
+    assert!(
+        kohya_keys
+            .iter()
+            .any(|k| k.starts_with("lora_te1_text_model_encoder_layers_0_self_attn_q_proj."))
+    );
+    assert!(
+        kohya_keys
+            .iter()
+            .any(|k| k.starts_with("lora_te2_text_model_encoder_layers_3_self_attn_v_proj."))
+    );
     let (mut encoder, _stores) = sdxl_model::prompt::PromptEncoder::from_pretrained(
         fixture("tiny-sdxl"),
         Device::Cpu,
@@ -96,12 +104,17 @@ fn text_encoder_lora_trains_loads_back_and_resumes_identically() {
     .unwrap();
     let mut names = lora::format::ModuleNames::new();
     let unet_file = fixture("tiny-sdxl/unet/diffusion_pytorch_model.safetensors");
-    names.add_model_file(lora::Component::Unet, &unet_file).unwrap();
+    names
+        .add_model_file(lora::Component::Unet, &unet_file)
+        .unwrap();
     // The encoders' module paths as the model has them (the tiny files are transformers 5's,
     // whose keys lack the `text_model.` level that kohya's names keep).
     let (te1, te2) = encoder.text_encoders_mut();
     for (component, model) in [
-        (lora::Component::TextEncoder, te1 as &mut dyn lora::HasLinears),
+        (
+            lora::Component::TextEncoder,
+            te1 as &mut dyn lora::HasLinears,
+        ),
         (lora::Component::TextEncoder2, te2),
     ] {
         let mut paths = Vec::new();
@@ -119,15 +132,22 @@ fn text_encoder_lora_trains_loads_back_and_resumes_identically() {
     assert_eq!(kohya.state.modules.len(), file.state.modules.len());
     for (key, module) in &file.state.modules {
         let other = &kohya.state.modules[key];
-        assert!(module.down.equal(&other.down) && module.up.equal(&other.up), "{key:?}");
+        assert!(
+            module.down.equal(&other.down) && module.up.equal(&other.up),
+            "{key:?}"
+        );
     }
 
     // 3. The adapters load back onto the encoders and change their output.
     let before = tch::no_grad(|| encoder.encode(&["a prompt"], None, None)).unwrap();
     let (te1, te2) = encoder.text_encoders_mut();
     let applied = [
-        file.state.apply(te1, lora::Component::TextEncoder, "loaded", false).unwrap(),
-        file.state.apply(te2, lora::Component::TextEncoder2, "loaded", false).unwrap(),
+        file.state
+            .apply(te1, lora::Component::TextEncoder, "loaded", false)
+            .unwrap(),
+        file.state
+            .apply(te2, lora::Component::TextEncoder2, "loaded", false)
+            .unwrap(),
     ];
     assert_eq!(applied, [4 * LAYERS[0], 4 * LAYERS[1]]);
     let after = tch::no_grad(|| encoder.encode(&["a prompt"], None, None)).unwrap();
@@ -150,7 +170,11 @@ fn text_encoder_lora_trains_loads_back_and_resumes_identically() {
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
     assert!(card.contains("text encoders was enabled"), "{card}");
     let checkpoint = training::tensors(&out.join("checkpoint-2/lora_parameters.safetensors"));
-    assert!(checkpoint.iter().any(|(n, _)| n.starts_with("text_encoder_2.")));
+    assert!(
+        checkpoint
+            .iter()
+            .any(|(n, _)| n.starts_with("text_encoder_2."))
+    );
 
     // 6. Gradient checkpointing (the encoders' layers recomputed too) trains as the plain step does:
     //    the same operations, summed in another order (fp32 rounding, 1e-7 relative per sum over a few
@@ -182,7 +206,10 @@ fn text_encoder_lora_trains_loads_back_and_resumes_identically() {
     assert!(losses(&whole).iter().all(|l| l.is_finite()));
     run_to_end(&bf16("split", 2));
     run_to_end(&bf16("split", 4));
-    assert_bit_identical(&whole.output_dir.join(LORA_FILE), &dir.join("split").join(LORA_FILE));
+    assert_bit_identical(
+        &whole.output_dir.join(LORA_FILE),
+        &dir.join("split").join(LORA_FILE),
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -194,20 +221,36 @@ fn text_encoder_flags_are_checked() {
             .map(|e| e.to_string())
     };
     let error = args(&["--text_encoder_lr", "1e-4"]).unwrap();
-    assert!(error.contains("--text_encoder_lr") && error.contains("--train_text_encoder"), "{error}");
+    assert!(
+        error.contains("--text_encoder_lr") && error.contains("--train_text_encoder"),
+        "{error}"
+    );
     let error = args(&["--adam_weight_decay_text_encoder", "0.1"]).unwrap();
-    assert!(error.contains("--adam_weight_decay_text_encoder"), "{error}");
+    assert!(
+        error.contains("--adam_weight_decay_text_encoder"),
+        "{error}"
+    );
     let error = args(&["--train_text_encoder", "--text_encoder_lr", "-1"]).unwrap();
-    assert!(error.contains("--text_encoder_lr") && error.contains("out of range"), "{error}");
+    assert!(
+        error.contains("--text_encoder_lr") && error.contains("out of range"),
+        "{error}"
+    );
     let error = args(&["--train_text_encoder", "--text_encoder_lr", "nan"]).unwrap();
     assert!(error.contains("--text_encoder_lr"), "{error}");
-    assert_eq!(args(&["--train_text_encoder", "--text_encoder_lr", "1e-4"]), None);
+    assert_eq!(
+        args(&["--train_text_encoder", "--text_encoder_lr", "1e-4"]),
+        None
+    );
 
     // 0 means --learning_rate, as in the script; otherwise its own rate, never scaled.
-    let parsed = |extra: &[&str]| {
-        TrainConfig::from_args(extra.iter().map(|s| (*s).to_owned())).unwrap()
-    };
-    let zero = parsed(&["--train_text_encoder", "--text_encoder_lr", "0", "--scale_lr"]);
+    let parsed =
+        |extra: &[&str]| TrainConfig::from_args(extra.iter().map(|s| (*s).to_owned())).unwrap();
+    let zero = parsed(&[
+        "--train_text_encoder",
+        "--text_encoder_lr",
+        "0",
+        "--scale_lr",
+    ]);
     assert_eq!(zero.text_encoder_learning_rate(), zero.base_learning_rate());
     let own = parsed(&["--train_text_encoder", "--scale_lr"]);
     assert_eq!(own.text_encoder_learning_rate(), 5e-6);

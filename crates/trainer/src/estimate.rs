@@ -204,7 +204,10 @@ mod tests {
             })
         };
         for checkpointing in [false, true] {
-            let (base, text) = (estimate(&seed_recipe(checkpointing)), with_text(checkpointing));
+            let (base, text) = (
+                estimate(&seed_recipe(checkpointing)),
+                with_text(checkpointing),
+            );
             let weights = text.weights_gib - base.weights_gib;
             assert!((weights - 2.0 * 817e6 / GIB).abs() < 1e-9);
             let activations = text.activations_gib - base.activations_gib;

@@ -116,7 +116,11 @@ impl TrainModel {
             "LoRA rank {} on {} layers: {} trainable parameters",
             config.rank,
             report.adapted.len(),
-            model.unet_params.iter().map(|p| p.numel() as i64).sum::<i64>()
+            model
+                .unet_params
+                .iter()
+                .map(|p| p.numel() as i64)
+                .sum::<i64>()
         ));
         Ok(model)
     }

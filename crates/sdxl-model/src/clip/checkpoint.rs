@@ -245,7 +245,12 @@ mod tests {
 
             let forward = model.forward_checkpointed(&ids, with_projection).unwrap();
             assert!(!forward.hidden().unwrap().requires_grad());
-            assert!(forward.hidden().unwrap().allclose(penultimate, 1e-12, 1e-12, false));
+            assert!(
+                forward
+                    .hidden()
+                    .unwrap()
+                    .allclose(penultimate, 1e-12, 1e-12, false)
+            );
             if let Some(embeds) = &out.text_embeds {
                 let got = forward.text_embeds().unwrap().unwrap();
                 assert!(got.allclose(embeds, 1e-12, 1e-12, false));
@@ -257,7 +262,10 @@ mod tests {
                 let got = p.grad();
                 match want {
                     Some(want) => {
-                        assert!(got.allclose(want, 1e-10, 1e-12, false), "{got:?} vs {want:?}");
+                        assert!(
+                            got.allclose(want, 1e-10, 1e-12, false),
+                            "{got:?} vs {want:?}"
+                        );
                         checked += 1;
                     }
                     None => assert!(!got.defined(), "a gradient reached an unread layer"),

@@ -63,7 +63,10 @@ impl CheckpointedText<'_> {
         let width = self.forwards[0].hidden()?.size()[2];
         let total = context_grad.size()[2];
         self.forwards[0].backward(&context_grad.f_narrow(2, 0, width)?, None)?;
-        self.forwards[1].backward(&context_grad.f_narrow(2, width, total - width)?, pooled_grad)?;
+        self.forwards[1].backward(
+            &context_grad.f_narrow(2, width, total - width)?,
+            pooled_grad,
+        )?;
         Ok(())
     }
 }
@@ -156,7 +159,11 @@ impl TextEncoders {
 
     /// Trainable elements that the optimizer updates.
     pub fn parameter_count(&self) -> i64 {
-        self.trained.iter().flatten().map(|t| t.numel() as i64).sum()
+        self.trained
+            .iter()
+            .flatten()
+            .map(|t| t.numel() as i64)
+            .sum()
     }
 
     /// The frozen encoders' (elements, bytes).
@@ -164,7 +171,10 @@ impl TextEncoders {
         let variables = self.stores.iter().flat_map(|s| s.variables().into_values());
         variables.fold((0, 0), |(n, bytes), v| {
             let numel = v.numel() as i64;
-            (n + numel, bytes + numel * v.kind().elt_size_in_bytes() as i64)
+            (
+                n + numel,
+                bytes + numel * v.kind().elt_size_in_bytes() as i64,
+            )
         })
     }
 
@@ -185,7 +195,11 @@ impl TextEncoders {
     ///
     /// # Errors
     /// Model errors.
-    pub fn encode_checkpointed(&self, ids: &Tensor, ids_2: &Tensor) -> Result<CheckpointedText<'_>> {
+    pub fn encode_checkpointed(
+        &self,
+        ids: &Tensor,
+        ids_2: &Tensor,
+    ) -> Result<CheckpointedText<'_>> {
         let (te1, te2) = self.encoder.text_encoders();
         let forwards = [
             te1.forward_checkpointed(ids, false)?,
