@@ -142,6 +142,11 @@ impl PromptEncoder {
         (&mut self.text_encoder, &mut self.text_encoder_2)
     }
 
+    /// Both text encoders (CLIP-L, OpenCLIP bigG).
+    pub fn text_encoders(&self) -> (&ClipTextModel, &ClipTextModel) {
+        (&self.text_encoder, &self.text_encoder_2)
+    }
+
     fn device(&self) -> Device {
         self.text_encoder_2.device()
     }
@@ -172,8 +177,40 @@ impl PromptEncoder {
         }
         let ids = self.tokenizer.encode_batch(prompts, self.device())?;
         let ids_2 = self.tokenizer_2.encode_batch(prompts_2, self.device())?;
-        let out = self.text_encoder.forward(&ids)?;
-        let out_2 = self.text_encoder_2.forward(&ids_2)?;
+        self.encode_ids(&ids, &ids_2, clip_skip)
+    }
+
+    /// Token ids of `prompts` for each encoder (`[n, 77]` int64 each, on the encoders' device):
+    /// what [`Self::encode_ids`] takes. A trainer of the text encoders keeps these instead of the
+    /// embeddings (diffusers' `tokenize_prompt`).
+    ///
+    /// # Errors
+    /// Tokenizer errors.
+    pub fn tokenize<S: AsRef<str>>(&self, prompts: &[S]) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.tokenizer.encode_batch(prompts, self.device())?,
+            self.tokenizer_2.encode_batch(prompts, self.device())?,
+        ))
+    }
+
+    /// Encodes token ids already made by [`Self::tokenize`] (diffusers' `encode_prompt` with
+    /// `text_input_ids_list`): device work only, so a training step that trains the encoders can
+    /// be captured as a CUDA graph. Autograd records it unless under `no_grad`.
+    ///
+    /// # Shapes
+    /// `ids`, `ids_2` `[n, tokens]` int64 → context `[n, tokens, hidden₁ + hidden₂]`, pooled
+    /// `[n, projection_dim]`.
+    ///
+    /// # Errors
+    /// As [`Self::encode`].
+    pub fn encode_ids(
+        &self,
+        ids: &Tensor,
+        ids_2: &Tensor,
+        clip_skip: Option<usize>,
+    ) -> Result<PromptEmbeds> {
+        let out = self.text_encoder.forward(ids)?;
+        let out_2 = self.text_encoder_2.forward(ids_2)?;
         let context_1 = pick_hidden_state(&out.hidden_states, clip_skip)?;
         let context_2 = pick_hidden_state(&out_2.hidden_states, clip_skip)?;
         let kind = context_2.kind();

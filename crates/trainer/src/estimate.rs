@@ -59,12 +59,42 @@ pub struct EstimateInput {
     pub checkpointing: bool,
     /// The step is replayed as CUDA graphs (no per-operation host overhead).
     pub cuda_graph: bool,
+    /// Bytes of the text encoders' weights kept on the device (`--train_text_encoder`; else 0).
+    pub text_encoder_weight_bytes: i64,
+    /// Peak activation bytes of the text encoders in a micro-step ([`text_encoder_activation_bytes`]).
+    pub text_encoder_activation_bytes: i64,
+}
+
+/// The activations autograd keeps for a text encoder's backward in one micro-step, counted from its
+/// shape (not measured): per sample and layer, the 77 tokens' inputs of the two layer norms, the
+/// four projections and the attention output (8 × hidden), and of the MLP (3 × intermediate); with
+/// checkpointing only each layer's input stays, plus one layer being recomputed.
+/// `encoders` are (hidden, intermediate, layers) of each encoder.
+pub fn text_encoder_activation_bytes(
+    encoders: &[(i64, i64, i64)],
+    batch: i64,
+    weight_bytes: i64,
+    checkpointing: bool,
+) -> i64 {
+    const TOKENS: i64 = 77;
+    encoders
+        .iter()
+        .map(|&(hidden, intermediate, layers)| {
+            let layer = TOKENS * (8 * hidden + 3 * intermediate);
+            let kept = if checkpointing {
+                TOKENS * hidden * layers + layer
+            } else {
+                layer * layers
+            };
+            kept * batch * weight_bytes
+        })
+        .sum()
 }
 
 /// The estimate.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Estimate {
-    /// Resident UNet weights, GiB.
+    /// Resident UNet weights (and text encoders, when trained), GiB.
     pub weights_gib: f64,
     /// LoRA parameters, their gradients and the optimizer state, GiB.
     pub trainable_gib: f64,
@@ -83,7 +113,7 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
     let mode = usize::from(input.checkpointing);
     let size = (input.batch * input.latent_pixels) as f64 / CALIBRATION_PIXELS;
     let model = input.unet_params as f64 / SDXL_UNET_PARAMS;
-    let weights_gib = input.stored_weight_bytes as f64 / GIB;
+    let weights_gib = (input.stored_weight_bytes + input.text_encoder_weight_bytes) as f64 / GIB;
     // fp8-stored weights are widened layer by layer; without checkpointing autograd keeps every widened
     // copy for the backward pass. (With checkpointing one segment's copies are alive at a time; that
     // term is not modelled.)
@@ -97,7 +127,8 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
     // fp32 parameters and gradients, plus the optimizer state.
     let trainable_gib = (input.lora_params * 8 + input.optimizer_state_bytes) as f64 / GIB;
     // Activations are stored in the weights' type; fp32 doubles them.
-    let activations_gib = ACTIVATIONS_GIB[mode] * size * model * (input.weight_bytes as f64 / 2.0);
+    let activations_gib = ACTIVATIONS_GIB[mode] * size * model * (input.weight_bytes as f64 / 2.0)
+        + input.text_encoder_activation_bytes as f64 / GIB;
     let graph_gib = if input.cuda_graph {
         GRAPH_POOL_GIB[mode] * size * model
     } else {
@@ -154,7 +185,36 @@ mod tests {
             steps: 1200,
             checkpointing,
             cuda_graph: false,
+            text_encoder_weight_bytes: 0,
+            text_encoder_activation_bytes: 0,
         }
+    }
+
+    /// SDXL's encoders in bf16 (817 M parameters: 123 M CLIP-L, 695 M bigG) add their weights, and
+    /// activations that checkpointing shrinks.
+    #[test]
+    fn trained_text_encoders_count_their_weights_and_activations() {
+        let encoders = [(768, 3072, 12), (1280, 5120, 32)];
+        let with_text = |checkpointing| {
+            let activations = text_encoder_activation_bytes(&encoders, 2, 2, checkpointing);
+            estimate(&EstimateInput {
+                text_encoder_weight_bytes: 2 * 817_000_000,
+                text_encoder_activation_bytes: activations,
+                ..seed_recipe(checkpointing)
+            })
+        };
+        for checkpointing in [false, true] {
+            let (base, text) = (
+                estimate(&seed_recipe(checkpointing)),
+                with_text(checkpointing),
+            );
+            let weights = text.weights_gib - base.weights_gib;
+            assert!((weights - 2.0 * 817e6 / GIB).abs() < 1e-9);
+            let activations = text.activations_gib - base.activations_gib;
+            assert!(activations > 0.0 && activations < 0.4, "{activations}");
+        }
+        let plain = text_encoder_activation_bytes(&encoders, 2, 2, false);
+        assert!(text_encoder_activation_bytes(&encoders, 2, 2, true) * 4 < plain);
     }
 
     /// The settings measured in docs/BENCHMARKS.md (calls K, M and P): eager and captured, with

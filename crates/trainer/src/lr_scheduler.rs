@@ -277,6 +277,12 @@ impl LrSchedule {
         self.base_lr * self.multiplier(step)
     }
 
+    /// The learning rate at step `step` of another parameter group that starts at `initial`:
+    /// `LambdaLR` multiplies every group's initial rate by the same factor.
+    pub fn lr_from(&self, initial: f64, step: u64) -> f64 {
+        initial * self.multiplier(step)
+    }
+
     /// The factor `LambdaLR` multiplies the base rate by, written with the operations of
     /// `diffusers/optimization.py` in their order so the products round the same way.
     fn multiplier(&self, step: u64) -> f64 {

@@ -1,7 +1,13 @@
 //! The model being trained: the frozen UNet in the training precision (optionally with fp8 weights)
 //! with the LoRA injected in fp32, and, under mixed precision, the LoRA's compute copies.
 //!
+//! With `--train_text_encoder` it also holds both text encoders with their LoRA ([`TextEncoders`]).
+//!
 //! It knows nothing of data sources: it is loaded from the model folder and handed inputs by the step.
+
+mod text;
+
+pub use text::{CheckpointedText, TextEncoders};
 
 use std::path::Path;
 
@@ -20,12 +26,16 @@ use crate::{Error, Result};
 /// The adapter name the LoRA is trained under.
 pub const ADAPTER: &str = "default";
 
-/// The UNet with its trainable LoRA.
+/// The UNet with its trainable LoRA (and the text encoders with theirs, when trained).
 pub struct TrainModel {
     unet: UNet2DConditionModel,
     unet_store: VarStore,
     _lora_store: VarStore,
+    /// Every LoRA parameter: the UNet's, then the text encoders' (`text_encoder.…`).
     params: Vec<(String, Tensor)>,
+    /// The UNet's LoRA parameters (the optimizer's first group).
+    unet_params: Vec<Tensor>,
+    text: Option<TextEncoders>,
     /// bf16 copies of the LoRA under mixed precision (cast once per optimizer step, not per use).
     copies: Option<lora::ComputeCopies>,
 }
@@ -77,20 +87,34 @@ impl TrainModel {
         lora_config.alpha = config.lora_alpha.unwrap_or(f64::from(config.rank));
         let report = lora::inject(&mut unet, &lora_store.root(), ADAPTER, &lora_config)?;
         let copies = compute_copies(&mut unet, kind)?;
-        let params: Vec<(String, Tensor)> =
+        let mut params: Vec<(String, Tensor)> =
             lora::trainable_variables(&mut unet).into_iter().collect();
+        let unet_params = params.iter().map(|(_, p)| p.shallow_clone()).collect();
+        let text = if config.train_text_encoder {
+            let text = TextEncoders::load(config, folder, device, kind)?;
+            params.extend(text.params().map(|(n, p)| (n.clone(), p.shallow_clone())));
+            Some(text)
+        } else {
+            None
+        };
         let model = Self {
             unet,
             unet_store,
             _lora_store: lora_store,
             params,
+            unet_params,
+            text,
             copies,
         };
         log(format!(
             "LoRA rank {} on {} layers: {} trainable parameters",
             config.rank,
             report.adapted.len(),
-            model.lora_parameter_count()
+            model
+                .unet_params
+                .iter()
+                .map(|p| p.numel() as i64)
+                .sum::<i64>()
         ));
         Ok(model)
     }
@@ -100,24 +124,46 @@ impl TrainModel {
         &self.unet
     }
 
-    /// The trainable LoRA parameters by name (fp32, on the training device).
+    /// The text encoders with their LoRA, when they are trained.
+    pub fn text_encoders(&self) -> Option<&TextEncoders> {
+        self.text.as_ref()
+    }
+
+    /// Every LoRA parameter by name (fp32, on the training device): what checkpoints hold.
     pub fn params(&self) -> &[(String, Tensor)] {
         &self.params
     }
 
-    /// Handles sharing the storage of the trainable parameters.
+    /// The optimizer's parameter groups, as diffusers' script forms them: the UNet's LoRA, then
+    /// (with `--train_text_encoder`) each text encoder's (handles sharing their storage).
+    pub fn param_groups(&self) -> Vec<Vec<Tensor>> {
+        let clone = |ts: &[Tensor]| ts.iter().map(Tensor::shallow_clone).collect::<Vec<_>>();
+        let mut groups = vec![clone(&self.unet_params)];
+        if let Some(text) = &self.text {
+            groups.extend(text.trained().iter().map(|g| clone(g)));
+        }
+        groups
+    }
+
+    /// Every parameter the optimizer updates, in group order (what the gradient norm is over).
     pub fn param_tensors(&self) -> Vec<Tensor> {
-        self.params.iter().map(|(_, p)| p.shallow_clone()).collect()
+        self.param_groups().into_iter().flatten().collect()
     }
 
-    /// The compute copies under mixed precision.
-    pub fn copies(&self) -> Option<&lora::ComputeCopies> {
-        self.copies.as_ref()
+    /// Every set of compute copies under mixed precision (the UNet's, then the text encoders').
+    pub fn all_copies(&self) -> Vec<&lora::ComputeCopies> {
+        let text = self.text.iter().flat_map(|t| t.copies());
+        self.copies.iter().chain(text).collect()
     }
 
-    /// Trainable LoRA elements.
+    /// Whether the LoRA computes from compute copies (mixed precision).
+    pub fn has_copies(&self) -> bool {
+        self.copies.is_some()
+    }
+
+    /// Trainable LoRA elements (those the optimizer updates).
     pub fn lora_parameter_count(&self) -> i64 {
-        self.params.iter().map(|(_, p)| p.numel() as i64).sum()
+        self.param_tensors().iter().map(|p| p.numel() as i64).sum()
     }
 
     /// The frozen UNet's (elements, bytes as stored).
@@ -137,6 +183,9 @@ impl TrainModel {
     /// Adapter errors.
     pub fn set_lora_enabled(&mut self, enabled: bool) -> Result<()> {
         lora::set_enabled(&mut self.unet, ADAPTER, enabled)?;
+        if let Some(text) = &mut self.text {
+            text.set_enabled(enabled)?;
+        }
         Ok(())
     }
 
@@ -147,6 +196,9 @@ impl TrainModel {
     pub fn lora_state(&mut self) -> Result<LoraState> {
         let mut state = LoraState::new();
         state.extract(&mut self.unet, Component::Unet, ADAPTER)?;
+        if let Some(text) = &mut self.text {
+            text.extract(&mut state)?;
+        }
         Ok(state)
     }
 
@@ -195,7 +247,7 @@ impl TrainModel {
             }
             Ok(())
         })?;
-        if let Some(copies) = &self.copies {
+        for copies in self.all_copies() {
             copies.refresh()?;
         }
         Ok(())
@@ -207,14 +259,14 @@ impl TrainModel {
 /// copies in `kind` refreshed after each optimizer step; the masters and their gradients stay fp32
 /// (same values as casting in every use, fewer kernels).
 fn compute_copies(
-    unet: &mut UNet2DConditionModel,
+    model: &mut dyn lora::HasLinears,
     kind: Kind,
 ) -> Result<Option<lora::ComputeCopies>> {
-    lora::set_compute_kind(unet, ADAPTER, (kind != Kind::Float).then_some(kind))?;
+    lora::set_compute_kind(model, ADAPTER, (kind != Kind::Float).then_some(kind))?;
     if kind == Kind::Float {
         return Ok(None);
     }
-    let copies = lora::ComputeCopies::new(unet, ADAPTER)?;
+    let copies = lora::ComputeCopies::new(model, ADAPTER)?;
     if let Some(copies) = &copies {
         log(format!(
             "LoRA computes from {:?} copies in {} groups",

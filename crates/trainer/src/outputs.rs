@@ -111,6 +111,7 @@ fn write_model_card(config: &TrainConfig, stats: &RunStats<'_>, has_grid: bool) 
         "lora_file": LORA_FILE,
         "kohya_file": KOHYA_FILE,
         "steps": config.max_train_steps,
+        "train_text_encoder": config.train_text_encoder,
         "final_loss": final_loss,
         "skipped_steps": stats.skipped,
         "seconds_per_step": stats.seconds_per_step,
@@ -141,7 +142,7 @@ fn model_card_markdown(
         "---\nbase_model: {base}\nlibrary_name: diffusers\ntags:\n- stable-diffusion-xl\n- lora\n- text-to-image\ninstance_prompt: {prompt}\n---\n\n\
          # SDXL LoRA\n\nLoRA (rank {rank}) for `{base}` trained on `{data}` for {steps} steps at {res} px \
          (batch {batch} × accumulation {accum}, learning rate {lr:e}, {opt}).\n\n\
-         Trigger prompt: `{prompt}`.\n\n\
+         Trigger prompt: `{prompt}`.\n\n{text}\
          - `{LORA_FILE}`: diffusers format (`pipe.load_lora_weights(\"{out}\")`).\n\
          - `{KOHYA_FILE}`: kohya format for A1111 and ComfyUI.\n\
          - final training loss: {loss}; steps skipped for non-finite values: {skipped}.\n{grid}\n\
@@ -167,5 +168,13 @@ fn model_card_markdown(
             ""
         },
         config_toml = config.to_toml()?,
+        text = if config.train_text_encoder {
+            format!(
+                "LoRA for the text encoders was enabled: both were trained (learning rate {:e}).\n\n",
+                config.text_encoder_learning_rate()
+            )
+        } else {
+            String::new()
+        },
     ))
 }

@@ -1,5 +1,6 @@
 //! What is computed once before training: the text conditioning of every prompt the plan uses
-//! (both CLIP encoders, then the encoders are freed) and, with `--cache_latents`, each image's latent
+//! (both CLIP encoders, then the encoders are freed; with `--train_text_encoder` only the token
+//! ids, since the encoders train and encode every micro-step) and, with `--cache_latents`, each image's latent
 //! posterior — both mirror images with `--random_flip` — (the VAE in fp32, through the data crate's
 //! content-keyed cache, in memory or on disk with `--cache_latents_to_disk`, then the VAE is freed).
 //!
@@ -17,6 +18,7 @@ use tch::{Device, Kind, Tensor};
 
 use data::{CacheKey, Dataset, SampleKey, TensorCache};
 use sdxl_model::prompt::{PromptEncoder, add_time_ids, add_time_ids_tensor};
+use sdxl_model::tokenizer::ClipTokenizer;
 use sdxl_model::vae::{AutoencoderKL, AutoencoderKLConfig, Upcast};
 
 use crate::checkpoint::io_error;
@@ -53,6 +55,7 @@ impl Latents {
 
 /// Encodes every distinct prompt of `steps` (the whole run's plan, so a resumed run builds the
 /// same table) and the validation prompt (`--validation_prompt`), then frees the text encoders.
+/// With `--train_text_encoder` the table holds token ids instead ([`tokenize_prompts`]).
 ///
 /// # Errors
 /// Text-encoder loading and encoding errors.
@@ -63,6 +66,22 @@ pub fn prepare_text(
     device: Device,
     kind: Kind,
 ) -> Result<(TextConditioning, Option<ValidationPrompt>)> {
+    if config.train_text_encoder {
+        let prompts = steps.iter().flat_map(|step| step.prompts.iter());
+        let text = tokenize_prompts(prompts, device)?;
+        say(format!(
+            "{} distinct prompt(s) tokenized; the text encoders train and encode every micro-step",
+            text.prompts.len()
+        ));
+        let validation = config
+            .validation_prompt
+            .as_ref()
+            .map(|prompt| ValidationPrompt {
+                prompt: prompt.clone(),
+                embeds: None,
+            });
+        return Ok((text, validation));
+    }
     let prepared = {
         let (encoder, _stores) = folder.prompt_encoder(device, kind)?;
         let prompts = steps.iter().flat_map(|step| step.prompts.iter());
@@ -74,8 +93,7 @@ pub fn prepare_text(
                 })?;
                 Some(ValidationPrompt {
                     prompt: prompt.clone(),
-                    positive,
-                    negative,
+                    embeds: Some((positive, negative)),
                 })
             }
             None => None,
@@ -83,8 +101,7 @@ pub fn prepare_text(
         (text, validation)
     };
     free_cache(device);
-    let table = prepared.0.context.numel() * prepared.0.context.kind().elt_size_in_bytes()
-        + prepared.0.pooled.numel() * prepared.0.pooled.kind().elt_size_in_bytes();
+    let table = prepared.0.table.bytes();
     say(format!(
         "{} distinct prompt(s) encoded ({:.1} MiB on the device); text encoders freed",
         prepared.0.prompts.len(),
@@ -185,18 +202,84 @@ pub(crate) fn hash_folder(folder: &Path) -> Result<String> {
 pub struct TextConditioning {
     /// The distinct prompts, in first-use order.
     pub prompts: Vec<String>,
-    /// Per-token context of each distinct prompt, `[prompts, 77, 2048]`, in the UNet's kind.
-    pub context: Tensor,
-    /// Pooled embedding of each distinct prompt, `[prompts, 1280]`, in the UNet's kind.
-    pub pooled: Tensor,
+    /// One row per distinct prompt.
+    pub table: PromptTable,
     rows: HashMap<String, i64>,
 }
 
+/// What the prompt table holds, one row per distinct prompt.
+#[derive(Debug)]
+pub enum PromptTable {
+    /// The embeddings, encoded once by the frozen text encoders.
+    Embeddings {
+        /// Per-token context `[prompts, 77, 2048]`, in the UNet's kind.
+        context: Tensor,
+        /// Pooled embedding `[prompts, 1280]`, in the UNet's kind.
+        pooled: Tensor,
+    },
+    /// Token ids for the text encoders being trained (`--train_text_encoder`).
+    TokenIds {
+        /// The first tokenizer's ids `[prompts, 77]` int64.
+        ids: Tensor,
+        /// The second tokenizer's ids `[prompts, 77]` int64.
+        ids_2: Tensor,
+    },
+}
+
+impl PromptTable {
+    /// Device bytes of the table.
+    pub fn bytes(&self) -> usize {
+        let size = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        match self {
+            Self::Embeddings { context, pooled } => size(context) + size(pooled),
+            Self::TokenIds { ids, ids_2 } => size(ids) + size(ids_2),
+        }
+    }
+}
+
 impl TextConditioning {
-    /// The row of `prompt` in [`Self::context`] and [`Self::pooled`].
+    /// The row of `prompt` in [`Self::table`].
     pub fn row(&self, prompt: &str) -> Option<i64> {
         self.rows.get(prompt).copied()
     }
+}
+
+/// Each distinct prompt once, in first-use order, and its row.
+fn distinct_prompts<'p>(
+    prompts: impl IntoIterator<Item = &'p String>,
+) -> (Vec<String>, HashMap<String, i64>) {
+    let mut rows: HashMap<String, i64> = HashMap::new();
+    let mut distinct = Vec::new();
+    for prompt in prompts {
+        if !rows.contains_key(prompt) {
+            rows.insert(prompt.clone(), distinct.len() as i64);
+            distinct.push(prompt.clone());
+        }
+    }
+    (distinct, rows)
+}
+
+/// Tokenizes every distinct prompt of `prompts` with both of SDXL's tokenizers, in first-use order
+/// (diffusers' `tokenize_prompt`: padded to 77, truncated), onto `device`.
+///
+/// # Errors
+/// Tokenizer errors.
+pub fn tokenize_prompts<'p>(
+    prompts: impl IntoIterator<Item = &'p String>,
+    device: Device,
+) -> Result<TextConditioning> {
+    let (distinct, rows) = distinct_prompts(prompts);
+    let first = ClipTokenizer::sdxl_first()?;
+    let second = ClipTokenizer::sdxl_second()?;
+    let table = PromptTable::TokenIds {
+        ids: first.encode_batch(&distinct, device)?,
+        ids_2: second.encode_batch(&distinct, device)?,
+    };
+    Ok(TextConditioning {
+        prompts: distinct,
+        table,
+        rows,
+    })
 }
 
 /// Encodes every distinct prompt of `prompts` once, eight at a time, in first-use order.
@@ -209,14 +292,7 @@ pub fn encode_prompts<'p>(
     device: Device,
     kind: Kind,
 ) -> Result<TextConditioning> {
-    let mut rows: HashMap<String, i64> = HashMap::new();
-    let mut distinct = Vec::new();
-    for prompt in prompts {
-        if !rows.contains_key(prompt) {
-            rows.insert(prompt.clone(), distinct.len() as i64);
-            distinct.push(prompt.clone());
-        }
-    }
+    let (distinct, rows) = distinct_prompts(prompts);
     let (mut contexts, mut pooled) = (Vec::new(), Vec::new());
     for chunk in distinct.chunks(8) {
         let embeds = tch::no_grad(|| encoder.encode(chunk, None, None))?;
@@ -225,8 +301,10 @@ pub fn encode_prompts<'p>(
     }
     Ok(TextConditioning {
         prompts: distinct,
-        context: Tensor::cat(&contexts, 0),
-        pooled: Tensor::cat(&pooled, 0),
+        table: PromptTable::Embeddings {
+            context: Tensor::cat(&contexts, 0),
+            pooled: Tensor::cat(&pooled, 0),
+        },
         rows,
     })
 }

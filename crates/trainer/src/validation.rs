@@ -11,7 +11,6 @@ use sdxl_model::pipeline::{
 };
 use sdxl_model::prompt::PromptEmbeds;
 use sdxl_model::schedulers::SchedulerConfig;
-use sdxl_model::unet::UNet2DConditionModel;
 use sdxl_model::vae::{AutoencoderKL, AutoencoderKLConfig, Upcast, VaeTiling};
 
 use crate::Result;
@@ -19,14 +18,14 @@ use crate::config::TrainConfig;
 use crate::model::TrainModel;
 use crate::model_files::ModelFolder;
 
-/// The validation prompt's embeddings, computed with the text encoders before they are freed.
+/// The validation prompt and its embeddings.
 pub struct ValidationPrompt {
     /// The prompt.
     pub prompt: String,
-    /// Its embeddings.
-    pub positive: PromptEmbeds,
-    /// The empty negative prompt's embeddings (zeros, as SDXL's pipeline makes them).
-    pub negative: PromptEmbeds,
+    /// Its embeddings and the empty negative prompt's (zeros, as SDXL's pipeline makes them),
+    /// computed with the frozen text encoders before they are freed; `None` with
+    /// `--train_text_encoder`: encoded at each validation by the encoders being trained.
+    pub embeds: Option<(PromptEmbeds, PromptEmbeds)>,
 }
 
 /// Makes validation images for a run.
@@ -78,11 +77,11 @@ impl Validator {
     /// Model and image-file errors.
     pub fn save_images(
         &self,
-        unet: &UNet2DConditionModel,
+        model: &TrainModel,
         vae: Option<&AutoencoderKL>,
         path: &Path,
     ) -> Result<()> {
-        let latents = self.latents(unet)?;
+        let latents = self.latents(model)?;
         let rows = self.decode_rows(vae, std::slice::from_ref(&latents))?;
         if let Some(row) = rows.first() {
             save_png(row, path)?;
@@ -100,16 +99,32 @@ impl Validator {
         vae: Option<&AutoencoderKL>,
     ) -> Result<image::RgbImage> {
         model.set_lora_enabled(false)?;
-        let base = self.latents(model.unet());
+        let base = self.latents(model);
         model.set_lora_enabled(true)?;
-        let tuned = self.latents(model.unet())?;
+        let tuned = self.latents(model)?;
         Ok(grid_column(&self.decode_rows(vae, &[base?, tuned])?)?)
     }
 
-    /// Denoises validation latents with `unet`.
-    fn latents(&self, unet: &UNet2DConditionModel) -> Result<Tensor> {
+    /// Denoises validation latents with the model's UNet, on the prompt as its text encoders (when
+    /// trained) encode it now.
+    fn latents(&self, model: &TrainModel) -> Result<Tensor> {
+        let encoded;
+        let (positive, negative) = match (&self.prompt.embeds, model.text_encoders()) {
+            (Some((positive, negative)), _) => (positive, negative),
+            (None, Some(text)) => {
+                let prompt = std::slice::from_ref(&self.prompt.prompt);
+                encoded = tch::no_grad(|| text.encoder().encode_with_negative(prompt, None))?;
+                (&encoded.0, &encoded.1)
+            }
+            (None, None) => {
+                return Err(crate::Error::InvalidOption {
+                    option: "--validation_prompt",
+                    problem: "was not encoded (no text encoders)".into(),
+                });
+            }
+        };
         let denoiser = Denoiser {
-            unet,
+            unet: model.unet(),
             scheduler_config: &self.scheduler_config,
             vae_scale_factor: self.vae_config.downscale_factor(),
             device: self.device,
@@ -127,7 +142,7 @@ impl Validator {
             ..GenerateOptions::default()
         };
         Ok(tch::no_grad(|| {
-            denoiser.denoise(&self.prompt.positive, &self.prompt.negative, &options)
+            denoiser.denoise(positive, negative, &options)
         })?)
     }
 

@@ -6,7 +6,10 @@
 //! names equal the keys of the hub's `text_encoder*/model.safetensors` (`text_model.…`,
 //! `text_projection.weight`); [`single_file`] maps the SGM single-file layouts onto them.
 
+mod checkpoint;
 pub mod single_file;
+
+pub use checkpoint::CheckpointedTextForward;
 
 use std::path::Path;
 
@@ -384,6 +387,33 @@ impl ClipTextModel {
     /// # Errors
     /// [`Error::Shape`] when the ids are not a non-empty int64 `[batch, tokens]` within the position table.
     pub fn forward(&self, input_ids: &Tensor) -> Result<ClipTextOutput> {
+        let mut hidden = self.embed(input_ids)?;
+        let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
+        for layer in &self.layers {
+            let next = layer.forward(&hidden);
+            hidden_states.push(hidden);
+            hidden = next;
+        }
+        hidden_states.push(hidden.shallow_clone());
+        let last_hidden_state = hidden.apply(&self.final_layer_norm);
+        let pooled = self.pool(&last_hidden_state, input_ids);
+        let text_embeds = self
+            .text_projection
+            .as_ref()
+            .map(|projection| pooled.apply(projection));
+        Ok(ClipTextOutput {
+            hidden_states,
+            last_hidden_state,
+            pooled,
+            text_embeds,
+        })
+    }
+
+    /// Token plus position embeddings of checked ids.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when the ids are not a non-empty int64 `[batch, tokens]` within the position table.
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let tokens = match input_ids.size().as_slice() {
             &[batch, tokens]
                 if batch > 0
@@ -408,17 +438,12 @@ impl ClipTextModel {
         // The fallible lookup: an id outside the vocabulary is an error on the CPU, not a panic.
         let tokens_embedded =
             Tensor::f_embedding(&self.token_embedding.ws, input_ids, -1, false, false)?;
-        let mut hidden = tokens_embedded + positions.apply(&self.position_embedding);
-        let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
-        for layer in &self.layers {
-            let next = layer.forward(&hidden);
-            hidden_states.push(hidden);
-            hidden = next;
-        }
-        hidden_states.push(hidden.shallow_clone());
-        let last_hidden_state = hidden.apply(&self.final_layer_norm);
+        Ok(tokens_embedded + positions.apply(&self.position_embedding))
+    }
 
-        // Pool at the end token without reading ids on the host (graph-capturable).
+    /// `last_hidden_state` at each sequence's end token, without reading ids on the host
+    /// (graph-capturable).
+    fn pool(&self, last_hidden_state: &Tensor, input_ids: &Tensor) -> Tensor {
         let end_positions = if self.config.eos_token_id == 2 {
             input_ids.argmax(-1, false)
         } else {
@@ -428,17 +453,7 @@ impl ClipTextModel {
                 .argmax(-1, false)
         };
         let rows = Tensor::arange(input_ids.size()[0], (Kind::Int64, input_ids.device()));
-        let pooled = last_hidden_state.index(&[Some(rows), Some(end_positions)]);
-        let text_embeds = self
-            .text_projection
-            .as_ref()
-            .map(|projection| pooled.apply(projection));
-        Ok(ClipTextOutput {
-            hidden_states,
-            last_hidden_state,
-            pooled,
-            text_embeds,
-        })
+        last_hidden_state.index(&[Some(rows), Some(end_positions)])
     }
 }
 

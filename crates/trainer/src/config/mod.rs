@@ -200,6 +200,12 @@ train_config! {
     rank: u32 = 4,
     /// LoRA alpha (scale = alpha / rank); default: the rank, as diffusers.
     lora_alpha: Option<f64> = None,
+    /// Train LoRA on both text encoders too (q_proj, k_proj, v_proj, out_proj; same rank and alpha): they stay on the device and encode every micro-step (diffusers' train_dreambooth_lora_sdxl.py).
+    train_text_encoder: bool = false,
+    /// Learning rate of the text encoders' LoRA with --train_text_encoder (0: --learning_rate), scheduled as the UNet's.
+    text_encoder_lr: f64 = 5e-6,
+    /// Decoupled weight decay of the text encoders' LoRA with --train_text_encoder.
+    adam_weight_decay_text_encoder: f64 = 1e-3,
     /// 8-bit block-quantized AdamW states (bitsandbytes AdamW8bit); else fp32 states.
     use_8bit_adam: bool = true,
     /// Adam β₁.
@@ -386,6 +392,16 @@ impl TrainConfig {
             max_bucket_reso: self.max_bucket_reso,
             bucket_reso_steps: self.bucket_reso_steps,
             bucket_no_upscale: self.bucket_no_upscale,
+        }
+    }
+
+    /// The text encoders' initial learning rate: `--text_encoder_lr`, or the UNet's when it is 0
+    /// (the script's `args.text_encoder_lr if args.text_encoder_lr else args.learning_rate`).
+    pub fn text_encoder_learning_rate(&self) -> f64 {
+        if self.text_encoder_lr == 0.0 {
+            self.base_learning_rate()
+        } else {
+            self.text_encoder_lr
         }
     }
 

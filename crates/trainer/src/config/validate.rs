@@ -42,7 +42,37 @@ impl TrainConfig {
             }
         }
         self.validate_ranges()?;
+        self.validate_text_encoder()?;
         self.validate_combinations()
+    }
+
+    /// `--text_encoder_lr` and `--adam_weight_decay_text_encoder`: in range, and only with
+    /// `--train_text_encoder` (without it they would silently do nothing).
+    fn validate_text_encoder(&self) -> Result<()> {
+        let defaults = Self::default();
+        for (option, value, default) in [
+            (
+                "--text_encoder_lr",
+                self.text_encoder_lr,
+                defaults.text_encoder_lr,
+            ),
+            (
+                "--adam_weight_decay_text_encoder",
+                self.adam_weight_decay_text_encoder,
+                defaults.adam_weight_decay_text_encoder,
+            ),
+        ] {
+            if !value.is_finite() || value < 0.0 {
+                return fail(option, format!("{value} is out of range (a number ≥ 0)"));
+            }
+            if value != default && !self.train_text_encoder {
+                return fail(
+                    option,
+                    format!("{value} has no effect without --train_text_encoder"),
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Numbers outside their meaningful range.

@@ -194,3 +194,31 @@ fn builders_change_only_the_kinds_that_use_them() {
         (0..120).map(|s| powered.lr_at(s)).collect::<Vec<_>>()
     );
 }
+
+/// Another parameter group (the text encoders' `--text_encoder_lr`) follows the same factor, as
+/// diffusers' `LambdaLR` multiplies each group's initial rate: at the base rate it is `lr_at` exactly.
+#[test]
+fn other_groups_follow_the_same_factor() {
+    for kind in [
+        SchedulerKind::Constant,
+        SchedulerKind::ConstantWithWarmup,
+        SchedulerKind::Linear,
+        SchedulerKind::Cosine,
+        SchedulerKind::CosineWithRestarts,
+        SchedulerKind::Polynomial,
+    ] {
+        let schedule = LrSchedule::from_script_flags(kind, 1e-4, 10, 100, 1.0, 1.0).unwrap();
+        for step in [0, 3, 10, 57, 99, 100, 130] {
+            assert_eq!(
+                schedule.lr_from(1e-4, step),
+                schedule.lr_at(step),
+                "{kind:?} {step}"
+            );
+            let (group, base) = (schedule.lr_from(5e-6, step), schedule.lr_at(step));
+            assert!(
+                (group / 5e-6 - base / 1e-4).abs() <= 1e-15 * (base / 1e-4).abs().max(1.0),
+                "{kind:?} {step}: {group} vs {base}"
+            );
+        }
+    }
+}

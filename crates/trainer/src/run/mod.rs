@@ -27,7 +27,7 @@ use crate::class_images::ensure_class_images;
 use crate::config::kohya::KohyaDatasetConfig;
 use crate::config::{MixedPrecision, TrainConfig};
 use crate::device;
-use crate::estimate::{Estimate, EstimateInput, estimate};
+use crate::estimate::{Estimate, EstimateInput, estimate, text_encoder_activation_bytes};
 use crate::logs::{say, say_above};
 use crate::model::TrainModel;
 use crate::model_files::ModelFolder;
@@ -389,7 +389,7 @@ impl Trainer {
         let folder = self.config.output_dir.join("validation");
         std::fs::create_dir_all(&folder).map_err(io_error(&folder))?;
         let path = folder.join(format!("step-{step:06}.png"));
-        validator.save_images(self.model.unet(), self.latents.live_vae(), &path)
+        validator.save_images(&self.model, self.latents.live_vae(), &path)
     }
 }
 
@@ -451,9 +451,26 @@ fn run_estimate(
 ) -> Estimate {
     let latent = i64::from(config.resolution) / vae_config.downscale_factor();
     let (unet_params, stored_weight_bytes) = model.base_size();
+    let weight_bytes = if kind == Kind::BFloat16 { 2 } else { 4 };
+    let (text_encoder_weight_bytes, text_encoder_activation_bytes) = match model.text_encoders() {
+        Some(text) => {
+            let (te1, te2) = text.encoder().text_encoders();
+            let shape = |c: &sdxl_model::clip::ClipTextConfig| {
+                (c.hidden_size, c.intermediate_size, c.num_hidden_layers)
+            };
+            let shapes = [shape(te1.config()), shape(te2.config())];
+            let checkpointing = config.gradient_checkpointing;
+            let activations =
+                text_encoder_activation_bytes(&shapes, batch as i64, weight_bytes, checkpointing);
+            (text.base_size().1, activations)
+        }
+        None => (0, 0),
+    };
     estimate(&EstimateInput {
+        text_encoder_weight_bytes,
+        text_encoder_activation_bytes,
         unet_params,
-        weight_bytes: if kind == Kind::BFloat16 { 2 } else { 4 },
+        weight_bytes,
         stored_weight_bytes,
         lora_params: model.lora_parameter_count(),
         optimizer_state_bytes: stepper.optimizer().state_bytes(),

@@ -4,7 +4,8 @@
 //! `train_text_to_image_lora_sdxl.py` for offset noise, v-prediction and min-SNR-γ): draw a latent
 //! sample from each image's cached posterior and scale it, draw noise (plus offset noise) and uniform
 //! timesteps ([`Draws`]), noise the latents with the DDPM schedule ([`Objective`]), predict with the
-//! UNet (with SDXL's pooled text and time-id conditioning), take the MSE against ε or v in fp32
+//! UNet (with SDXL's pooled text and time-id conditioning; with `--train_text_encoder` the text
+//! encoders encode the batch's token ids first, inside the step), take the MSE against ε or v in fp32
 //! (min-SNR weighted if asked), and back-propagate
 //! `loss / accumulation` into the fp32 LoRA parameters. The optimizer step clips the gradient norm,
 //! then applies AdamW only if the loss and the norm are finite — decided by a device tensor, so a
@@ -23,12 +24,15 @@ use sdxl_model::unet::{UNet2DConditionModel, UNetInputs};
 
 mod objective;
 mod stepper;
+mod text;
 
 pub use objective::{Draws, LossWeights, Objective};
 pub use stepper::{StepGraphs, Stepper};
 
-use crate::Result;
+use crate::model::TextEncoders;
 use crate::prepare::TextConditioning;
+use crate::{Error, Result};
+use text::conditioning;
 
 /// Where a micro-step's clean latents come from.
 #[derive(Debug)]
@@ -238,8 +242,10 @@ impl Accumulators {
 ///
 /// # Errors
 /// Model errors (shapes).
+#[allow(clippy::too_many_arguments)]
 pub fn micro_step(
     unet: &UNet2DConditionModel,
+    encoders: Option<&TextEncoders>,
     schedule: &DdpmSchedule,
     text: &TextConditioning,
     latents: &LatentBatch<'_>,
@@ -269,9 +275,10 @@ pub fn micro_step(
     // 2. Noise, offset noise, timesteps; the objective they define.
     let draws = Draws::sample(&clean, settings, schedule.num_train_timesteps());
     let objective = Objective::new(schedule, &clean, &draws, settings)?;
-    // 3. Conditioning rows of this batch's prompts.
-    let context = text.context.index_select(0, &inputs.prompt_rows);
-    let pooled = text.pooled.index_select(0, &inputs.prompt_rows);
+    // 3. Conditioning rows of this batch's prompts (encoded now when the text encoders train).
+    let (conditioning, checkpointed) = conditioning(encoders, text, inputs, settings)?;
+    let context = conditioning.context.to_kind(settings.kind);
+    let pooled = conditioning.pooled.to_kind(settings.kind);
     let time_ids = time_ids.to_kind(settings.kind);
     let unet_inputs = UNetInputs {
         sample: &objective.noisy,
@@ -288,7 +295,15 @@ pub fn micro_step(
         let prediction = forward.output().detach().set_requires_grad(true);
         let loss = step_loss(&objective, &prediction, inputs)?;
         (&loss / settings.accumulation as f64).backward();
-        forward.backward(&prediction.grad())?;
+        let grads = forward.backward(&prediction.grad())?;
+        if let Some(text_forward) = &checkpointed {
+            // The UNet's input gradients continue through the text encoders, layer by layer.
+            let context_grad = grads.encoder_hidden_states.ok_or(Error::InvalidOption {
+                option: "--train_text_encoder",
+                problem: "no gradient reached the UNet's encoder_hidden_states".into(),
+            })?;
+            text_forward.backward(&context_grad, grads.text_embeds.as_ref())?;
+        }
         loss
     } else {
         let loss = step_loss(&objective, &unet.forward(&unet_inputs)?, inputs)?;

@@ -40,6 +40,8 @@ pub struct StepGraphs {
 /// Everything a step reads and writes besides the model and the prepared conditioning.
 pub struct Stepper {
     optimizer: AdamW,
+    /// The text encoders' groups' initial learning rate (the schedule multiplies it as the UNet's).
+    text_encoder_lr: f64,
     schedule: LrSchedule,
     ddpm: DdpmSchedule,
     settings: StepSettings,
@@ -74,7 +76,20 @@ impl Stepper {
         adam.beta2 = config.adam_beta2;
         adam.eps = config.adam_epsilon;
         let base_lr = config.base_learning_rate();
-        let group = ParamGroup::new(model.param_tensors(), base_lr, config.adam_weight_decay);
+        // The script's groups: the UNet's LoRA, then each text encoder's at --text_encoder_lr.
+        let groups = model
+            .param_groups()
+            .into_iter()
+            .enumerate()
+            .map(|(i, params)| match i {
+                0 => ParamGroup::new(params, base_lr, config.adam_weight_decay),
+                _ => ParamGroup::new(
+                    params,
+                    config.text_encoder_learning_rate(),
+                    config.adam_weight_decay_text_encoder,
+                ),
+            })
+            .collect();
         let schedule = LrSchedule::from_script_flags(
             config.lr_scheduler,
             base_lr,
@@ -94,7 +109,8 @@ impl Stepper {
             max_grad_norm: config.max_grad_norm,
         };
         Ok(Self {
-            optimizer: AdamW::new(vec![group], adam)?,
+            optimizer: AdamW::new(groups, adam)?,
+            text_encoder_lr: config.text_encoder_learning_rate(),
             schedule,
             ddpm: DdpmSchedule::new(DdpmConfig::from_config(scheduler_config)?, device)?,
             settings,
@@ -127,6 +143,11 @@ impl Stepper {
     pub fn set_learning_rate(&mut self, step: u64) -> Result<f64> {
         let lr = self.schedule.lr_at(step);
         self.optimizer.set_learning_rate(0, lr)?;
+        // diffusers' LambdaLR: every group's initial rate times the same factor.
+        for group in 1..self.optimizer.group_count() {
+            let text_lr = self.schedule.lr_from(self.text_encoder_lr, step);
+            self.optimizer.set_learning_rate(group, text_lr)?;
+        }
         Ok(lr)
     }
 
@@ -206,7 +227,7 @@ impl Stepper {
         micro: u64,
     ) -> Result<()> {
         self.forward_backward(model, text, latents)?;
-        if let Some(copies) = model.copies() {
+        for copies in model.all_copies() {
             // Into the masters' gradients (written by the first micro-step, added by the others);
             // the copies' own gradients are dropped, so the next backward hands its products over
             // instead of adding them to zeros.
@@ -229,6 +250,7 @@ impl Stepper {
         let run = |batch: &LatentBatch<'_>, this: &mut Self| {
             micro_step(
                 model.unet(),
+                model.text_encoders(),
                 &this.ddpm,
                 text,
                 batch,
@@ -284,9 +306,9 @@ impl Stepper {
             &model.param_tensors(),
             &self.settings,
             &mut self.acc,
-            model.copies().is_none(),
+            !model.has_copies(),
         )?;
-        if let Some(copies) = model.copies() {
+        for copies in model.all_copies() {
             copies.refresh()?;
         }
         Ok(())
