@@ -48,17 +48,6 @@ impl ModelFolder {
         Ok(Some(SingleFileCheckpoint::open(&single.path, configs)?))
     }
 
-    /// The UNet's config.
-    ///
-    /// # Errors
-    /// Config-file errors.
-    pub fn unet_config(&self) -> Result<UNetConfig> {
-        Ok(match self.checkpoint()? {
-            Some(checkpoint) => checkpoint.configs().unet.clone(),
-            None => UNetConfig::from_file(self.root.join("unet").join("config.json"))?,
-        })
-    }
-
     /// The frozen UNet's weights in `kind` on `device` (each tensor converted on its own).
     ///
     /// # Errors
