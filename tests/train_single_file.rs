@@ -91,7 +91,7 @@ fn a_marked_v_prediction_file_trains_with_zero_terminal_snr() {
     let config = TrainConfig {
         single_file_config: Some(fixture("tiny-sdxl").display().to_string()),
         validation_prompt: Some("Naruto style anime character".into()),
-        validation_steps: 4,
+        validation_steps: 2,
         validation_inference_steps: 3,
         num_validation_images: 1,
         ..short_run(&dir.join("run"), &marked)
@@ -116,6 +116,15 @@ fn a_marked_v_prediction_file_trains_with_zero_terminal_snr() {
     assert_eq!(card["config"]["prediction_type"], "v_prediction");
     assert_eq!(card["config"]["zero_terminal_snr"], true);
     assert!(config.output_dir.join(LORA_FILE).is_file());
+    // Validation sampled from σ = 4096 (trailing timesteps on the rescaled schedule): an image, not
+    // the flat one that non-finite latents would decode to.
+    for image in ["validation/step-000002.png", "base_vs_lora.png"] {
+        let pixels = image::open(config.output_dir.join(image))
+            .unwrap()
+            .to_rgb8();
+        let first = *pixels.get_pixel(0, 0);
+        assert!(pixels.pixels().any(|p| *p != first), "{image} is flat");
+    }
 
     // ε-prediction with zero terminal SNR is refused before anything loads.
     let refused = TrainConfig {

@@ -1,5 +1,10 @@
 //! Finding the base model: a local diffusers SDXL folder, or a hub repository whose needed files are
-//! downloaded (with `hf-hub`, into the Hugging Face cache that Python's `huggingface_hub` shares).
+//! downloaded (with `hf-hub`, into the Hugging Face cache that Python's `huggingface_hub` shares); or
+//! a single-file SGM checkpoint ([`resolve_model`]): a local `.safetensors` path (as kohya's scripts
+//! take it), or a hub file named as diffusers' `from_single_file` takes it,
+//! `https://huggingface.co/<owner>/<repo>/blob/<revision>/<file>` (`/resolve/` too), or
+//! `<owner>/<repo>/<file>.safetensors` at `--revision`, downloaded alone. `crate::single_file` reads
+//! the models of either.
 //!
 //! Only what training and sampling read is fetched: each component's `config.json` and weights (the
 //! `--variant` file, e.g. `model.fp16.safetensors`, when the repository has it), and
@@ -13,6 +18,7 @@ use hf_hub::{Repo, RepoType};
 
 use sdxl_model::unet::with_variant;
 
+use crate::config::TrainConfig;
 use crate::{Error, Result};
 
 /// The components of an SDXL folder and the weight file each holds.
@@ -47,7 +53,7 @@ pub struct SingleFileModel {
 
 /// What to fetch from a hub repository.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Wanted<'a> {
+enum Wanted<'a> {
     /// A diffusers SDXL model: configs and weights (of the variant, where it exists).
     Model(Option<&'a str>),
     /// Only the components' configs (and the scheduler's, where it exists).
@@ -135,7 +141,7 @@ pub fn resolve(name_or_path: &str, revision: &str, variant: Option<&str>) -> Res
 
 /// Downloads what `wanted` names from hub repository `repo_id` at `revision` (or finds it in the
 /// cache offline); returns the snapshot folder and the variant read there.
-pub(crate) fn download(
+fn download(
     repo_id: &str,
     revision: &str,
     wanted: Wanted<'_>,
@@ -279,6 +285,119 @@ fn from_cache(
     Ok((root, chosen_variant))
 }
 
+/// Resolves `--pretrained_model_name_or_path` (and `--single_file_config`): a single file as the
+/// module documentation says, else [`resolve`].
+///
+/// # Errors
+/// [`Error::InvalidOption`] for a `.safetensors` name that is neither a file nor a hub file, or
+/// `--single_file_config` without a single file or without configs; [`Error::Hub`] as
+/// [`resolve`].
+pub fn resolve_model(config: &TrainConfig) -> Result<ModelFolder> {
+    let name = config.pretrained_model_name_or_path.as_str();
+    let Some(path) = single_file_path(name, &config.revision)? else {
+        if config.single_file_config.is_some() {
+            return Err(Error::InvalidOption {
+                option: "--single_file_config",
+                problem: format!("`{name}` is not a single-file checkpoint (a .safetensors file)"),
+            });
+        }
+        return resolve(name, &config.revision, config.variant.as_deref());
+    };
+    let config_folder = match &config.single_file_config {
+        Some(configs) => Some(config_folder(configs)?),
+        None => None,
+    };
+    Ok(ModelFolder {
+        root: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        variant: None,
+        single_file: Some(SingleFileModel {
+            path,
+            config_folder,
+        }),
+    })
+}
+
+/// The local path of a single file named by `name`, downloading a hub file; `None` when `name` is
+/// not a single file.
+fn single_file_path(name: &str, revision: &str) -> Result<Option<PathBuf>> {
+    let local = Path::new(name);
+    if local.is_file() {
+        return Ok(Some(local.to_owned()));
+    }
+    let Some((repo, file_revision, file)) = hub_file(name) else {
+        if name.to_ascii_lowercase().ends_with(".safetensors") {
+            return Err(Error::InvalidOption {
+                option: "--pretrained_model_name_or_path",
+                problem: format!(
+                    "`{name}` is not a file, nor a hub file (`https://huggingface.co/<owner>/<repo>/blob/<revision>/<file>` or `<owner>/<repo>/<file>.safetensors`)"
+                ),
+            });
+        }
+        return Ok(None);
+    };
+    let revision = file_revision.as_deref().unwrap_or(revision);
+    let (snapshot, _) = download(&repo, revision, Wanted::File(&file))?;
+    Ok(Some(snapshot.join(file)))
+}
+
+/// `(repository, revision, file)` of a hub file reference: `https://huggingface.co/<owner>/<repo>/
+/// {blob,resolve}/<revision>/<file>` (also `hf.co`, and without the scheme) or
+/// `<owner>/<repo>/<file>.safetensors` (revision from `--revision`).
+pub fn hub_file(name: &str) -> Option<(String, Option<String>, String)> {
+    let rest = name
+        .strip_prefix("https://")
+        .or_else(|| name.strip_prefix("http://"));
+    let url = rest.unwrap_or(name);
+    let url_path = url
+        .strip_prefix("huggingface.co/")
+        .or_else(|| url.strip_prefix("hf.co/"));
+    if let Some(path) = url_path {
+        let parts: Vec<&str> = path.splitn(5, '/').collect();
+        return match parts.as_slice() {
+            [owner, repo, "blob" | "resolve", revision, file] if !file.is_empty() => Some((
+                format!("{owner}/{repo}"),
+                Some((*revision).to_owned()),
+                (*file).to_owned(),
+            )),
+            _ => None,
+        };
+    }
+    if rest.is_some() || !name.to_ascii_lowercase().ends_with(".safetensors") {
+        return None;
+    }
+    let parts: Vec<&str> = name.splitn(3, '/').collect();
+    match parts.as_slice() {
+        [owner, repo, file] if !owner.is_empty() && !repo.is_empty() && !owner.starts_with('.') => {
+            Some((format!("{owner}/{repo}"), None, (*file).to_owned()))
+        }
+        _ => None,
+    }
+}
+
+/// `--single_file_config`: a local diffusers folder with `unet/config.json`, or a hub repository
+/// whose configs are fetched (at its `main` revision).
+fn config_folder(name: &str) -> Result<PathBuf> {
+    let local = Path::new(name);
+    if local.is_dir() {
+        if !local.join("unet").join("config.json").is_file() {
+            return Err(Error::InvalidOption {
+                option: "--single_file_config",
+                problem: format!(
+                    "{} is not a diffusers SDXL folder (no unet/config.json)",
+                    local.display()
+                ),
+            });
+        }
+        return Ok(local.to_owned());
+    }
+    Ok(download(name, "main", Wanted::Configs)?.0)
+}
+
+/// The base model's name for the model card: a hub file's repository, else the name as given.
+pub fn base_model_name(name_or_path: &str) -> String {
+    hub_file(name_or_path).map_or_else(|| name_or_path.to_owned(), |(repo, _, _)| repo)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,6 +426,45 @@ mod tests {
         assert!(
             err.contains("--pretrained_model_name_or_path") && err.contains("unet/config.json"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn hub_files_are_named_as_diffusers_names_them() {
+        let some = |repo: &str, revision: Option<&str>, file: &str| {
+            Some((
+                repo.to_owned(),
+                revision.map(str::to_owned),
+                file.to_owned(),
+            ))
+        };
+        assert_eq!(
+            hub_file("https://huggingface.co/o/r/blob/main/sd_xl.safetensors"),
+            some("o/r", Some("main"), "sd_xl.safetensors")
+        );
+        assert_eq!(
+            hub_file("https://huggingface.co/o/r/resolve/abc123/sub/dir/m.safetensors"),
+            some("o/r", Some("abc123"), "sub/dir/m.safetensors")
+        );
+        assert_eq!(
+            hub_file("hf.co/o/r/blob/v1/m.safetensors"),
+            some("o/r", Some("v1"), "m.safetensors")
+        );
+        assert_eq!(
+            hub_file("o/r/m.safetensors"),
+            some("o/r", None, "m.safetensors")
+        );
+        assert_eq!(hub_file("https://huggingface.co/o/r"), None);
+        assert_eq!(
+            hub_file("https://example.com/o/r/blob/main/m.safetensors"),
+            None
+        );
+        assert_eq!(hub_file("stabilityai/stable-diffusion-xl-base-1.0"), None);
+        assert_eq!(hub_file("./models/m.safetensors"), None);
+        assert_eq!(hub_file("m.safetensors"), None);
+        assert_eq!(
+            base_model_name("https://huggingface.co/o/r/blob/main/m.safetensors"),
+            "o/r"
         );
     }
 }

@@ -106,7 +106,7 @@ fn write_model_card(config: &TrainConfig, stats: &RunStats<'_>, has_grid: bool) 
     let out = &config.output_dir;
     let final_loss = stats.loss_history.last().map(|(_, l)| *l);
     let card = serde_json::json!({
-        "base_model": crate::single_file::base_model_name(&config.pretrained_model_name_or_path),
+        "base_model": crate::model_files::base_model_name(&config.pretrained_model_name_or_path),
         "instance_prompt": config.instance_prompt,
         "lora_file": LORA_FILE,
         "kohya_file": KOHYA_FILE,
@@ -147,7 +147,7 @@ fn model_card_markdown(
          - `{KOHYA_FILE}`: kohya format for A1111 and ComfyUI.\n\
          - final training loss: {loss}; steps skipped for non-finite values: {skipped}.\n{grid}\n\
          ## Training configuration\n\n```toml\n{config_toml}```\n",
-        base = crate::single_file::base_model_name(&config.pretrained_model_name_or_path),
+        base = crate::model_files::base_model_name(&config.pretrained_model_name_or_path),
         rank = config.rank,
         data = config.dataset_name,
         steps = config.max_train_steps,

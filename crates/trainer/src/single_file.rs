@@ -1,11 +1,9 @@
 //! Training from a single-file SGM checkpoint (`--pretrained_model_name_or_path model.safetensors`,
-//! as community SDXL checkpoints ship), and reading every component of the base model — diffusers
-//! folder or single file — through one set of methods on [`ModelFolder`].
+//! as community SDXL checkpoints ship; found by [`crate::model_files::resolve_model`]), and reading every
+//! component of the base model — diffusers folder or single file — through one set of methods on
+//! [`ModelFolder`].
 //!
-//! A single file is a local `.safetensors` path (as kohya's scripts take it), or a hub file named as
-//! diffusers' `from_single_file` takes it, `https://huggingface.co/<owner>/<repo>/blob/<revision>/<file>`
-//! (`/resolve/` too), or `<owner>/<repo>/<file>.safetensors` at `--revision`; hub files are downloaded
-//! with `hf-hub` into the Hugging Face cache. The file carries no configs: SDXL base's are used, as
+//! The file carries no configs: SDXL base's are used, as
 //! diffusers infers `xl_base` for such a file, unless `--single_file_config` names a diffusers folder or
 //! hub repository whose `config.json` files describe the components (diffusers' `config=`); the
 //! scheduler config is that folder's, else SDXL's.
@@ -13,8 +11,6 @@
 //! Community v-prediction checkpoints carry a `v_pred` key, and zero-terminal-SNR ones a `ztsnr` key
 //! (read by ComfyUI's `SDXL.model_type`); [`apply_markers`] trains them as such unless the flags say
 //! otherwise. docs/TRAINING.md ("Training from a single file") has the sources.
-
-use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use tch::nn::VarStore;
@@ -29,120 +25,12 @@ use sdxl_model::vae::single_file::VAE_PREFIX;
 use sdxl_model::vae::{AutoencoderKL, Upcast};
 
 use crate::config::TrainConfig;
-use crate::model_files::{self, ModelFolder, SingleFileModel, Wanted, download};
+use crate::model_files::ModelFolder;
 use crate::{Error, Result};
 
 /// The guidance rescale of validation and class images with `--zero_terminal_snr` when
 /// `--validation_guidance_rescale` is unset: the zero-terminal-SNR paper's 0.7.
 pub const ZTSNR_GUIDANCE_RESCALE: f64 = 0.7;
-
-/// Resolves `--pretrained_model_name_or_path` (and `--single_file_config`): a single file as the
-/// module documentation says, else [`model_files::resolve`].
-///
-/// # Errors
-/// [`Error::InvalidOption`] for a `.safetensors` name that is neither a file nor a hub file, or
-/// `--single_file_config` without a single file or without configs; [`Error::Hub`] as
-/// [`model_files::resolve`].
-pub fn resolve_model(config: &TrainConfig) -> Result<ModelFolder> {
-    let name = config.pretrained_model_name_or_path.as_str();
-    let Some(path) = single_file_path(name, &config.revision)? else {
-        if config.single_file_config.is_some() {
-            return Err(Error::InvalidOption {
-                option: "--single_file_config",
-                problem: format!("`{name}` is not a single-file checkpoint (a .safetensors file)"),
-            });
-        }
-        return model_files::resolve(name, &config.revision, config.variant.as_deref());
-    };
-    let config_folder = match &config.single_file_config {
-        Some(configs) => Some(config_folder(configs)?),
-        None => None,
-    };
-    Ok(ModelFolder {
-        root: path.parent().map(Path::to_path_buf).unwrap_or_default(),
-        variant: None,
-        single_file: Some(SingleFileModel {
-            path,
-            config_folder,
-        }),
-    })
-}
-
-/// The local path of a single file named by `name`, downloading a hub file; `None` when `name` is
-/// not a single file.
-fn single_file_path(name: &str, revision: &str) -> Result<Option<PathBuf>> {
-    let local = Path::new(name);
-    if local.is_file() {
-        return Ok(Some(local.to_owned()));
-    }
-    let Some((repo, file_revision, file)) = hub_file(name) else {
-        if name.to_ascii_lowercase().ends_with(".safetensors") {
-            return Err(Error::InvalidOption {
-                option: "--pretrained_model_name_or_path",
-                problem: format!(
-                    "`{name}` is not a file, nor a hub file (`https://huggingface.co/<owner>/<repo>/blob/<revision>/<file>` or `<owner>/<repo>/<file>.safetensors`)"
-                ),
-            });
-        }
-        return Ok(None);
-    };
-    let revision = file_revision.as_deref().unwrap_or(revision);
-    let (snapshot, _) = download(&repo, revision, Wanted::File(&file))?;
-    Ok(Some(snapshot.join(file)))
-}
-
-/// `(repository, revision, file)` of a hub file reference: `https://huggingface.co/<owner>/<repo>/
-/// {blob,resolve}/<revision>/<file>` (also `hf.co`, and without the scheme) or
-/// `<owner>/<repo>/<file>.safetensors` (revision from `--revision`).
-pub fn hub_file(name: &str) -> Option<(String, Option<String>, String)> {
-    let rest = name
-        .strip_prefix("https://")
-        .or_else(|| name.strip_prefix("http://"));
-    let url = rest.unwrap_or(name);
-    let url_path = url
-        .strip_prefix("huggingface.co/")
-        .or_else(|| url.strip_prefix("hf.co/"));
-    if let Some(path) = url_path {
-        let parts: Vec<&str> = path.splitn(5, '/').collect();
-        return match parts.as_slice() {
-            [owner, repo, "blob" | "resolve", revision, file] if !file.is_empty() => Some((
-                format!("{owner}/{repo}"),
-                Some((*revision).to_owned()),
-                (*file).to_owned(),
-            )),
-            _ => None,
-        };
-    }
-    if rest.is_some() || !name.to_ascii_lowercase().ends_with(".safetensors") {
-        return None;
-    }
-    let parts: Vec<&str> = name.splitn(3, '/').collect();
-    match parts.as_slice() {
-        [owner, repo, file] if !owner.is_empty() && !repo.is_empty() && !owner.starts_with('.') => {
-            Some((format!("{owner}/{repo}"), None, (*file).to_owned()))
-        }
-        _ => None,
-    }
-}
-
-/// `--single_file_config`: a local diffusers folder with `unet/config.json`, or a hub repository
-/// whose configs are fetched (at its `main` revision).
-fn config_folder(name: &str) -> Result<PathBuf> {
-    let local = Path::new(name);
-    if local.is_dir() {
-        if !local.join("unet").join("config.json").is_file() {
-            return Err(Error::InvalidOption {
-                option: "--single_file_config",
-                problem: format!(
-                    "{} is not a diffusers SDXL folder (no unet/config.json)",
-                    local.display()
-                ),
-            });
-        }
-        return Ok(local.to_owned());
-    }
-    Ok(download(name, "main", Wanted::Configs)?.0)
-}
 
 impl ModelFolder {
     /// The single file with its configs, when the model is one.
@@ -158,17 +46,6 @@ impl ModelFolder {
             None => SdxlConfigs::sdxl_base(),
         };
         Ok(Some(SingleFileCheckpoint::open(&single.path, configs)?))
-    }
-
-    /// The UNet's config.
-    ///
-    /// # Errors
-    /// Config-file errors.
-    pub fn unet_config(&self) -> Result<UNetConfig> {
-        Ok(match self.checkpoint()? {
-            Some(checkpoint) => checkpoint.configs().unet.clone(),
-            None => UNetConfig::from_file(self.root.join("unet").join("config.json"))?,
-        })
     }
 
     /// The frozen UNet's weights in `kind` on `device` (each tensor converted on its own).
@@ -430,58 +307,15 @@ pub fn guidance_rescale(config: &TrainConfig) -> f64 {
         })
 }
 
-/// The base model's name for the model card: a hub file's repository, else the name as given.
-pub fn base_model_name(name_or_path: &str) -> String {
-    hub_file(name_or_path).map_or_else(|| name_or_path.to_owned(), |(repo, _, _)| repo)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hub_files_are_named_as_diffusers_names_them() {
-        let some = |repo: &str, revision: Option<&str>, file: &str| {
-            Some((
-                repo.to_owned(),
-                revision.map(str::to_owned),
-                file.to_owned(),
-            ))
-        };
-        assert_eq!(
-            hub_file("https://huggingface.co/o/r/blob/main/sd_xl.safetensors"),
-            some("o/r", Some("main"), "sd_xl.safetensors")
-        );
-        assert_eq!(
-            hub_file("https://huggingface.co/o/r/resolve/abc123/sub/dir/m.safetensors"),
-            some("o/r", Some("abc123"), "sub/dir/m.safetensors")
-        );
-        assert_eq!(
-            hub_file("hf.co/o/r/blob/v1/m.safetensors"),
-            some("o/r", Some("v1"), "m.safetensors")
-        );
-        assert_eq!(
-            hub_file("o/r/m.safetensors"),
-            some("o/r", None, "m.safetensors")
-        );
-        assert_eq!(hub_file("https://huggingface.co/o/r"), None);
-        assert_eq!(
-            hub_file("https://example.com/o/r/blob/main/m.safetensors"),
-            None
-        );
-        assert_eq!(hub_file("stabilityai/stable-diffusion-xl-base-1.0"), None);
-        assert_eq!(hub_file("./models/m.safetensors"), None);
-        assert_eq!(hub_file("m.safetensors"), None);
-        assert_eq!(
-            base_model_name("https://huggingface.co/o/r/blob/main/m.safetensors"),
-            "o/r"
-        );
-    }
+    use std::path::Path;
 
     #[test]
     fn zero_terminal_snr_needs_v_prediction() {
         let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-sdxl");
-        let folder = model_files::resolve(tiny.to_str().unwrap(), "main", None).unwrap();
+        let folder = crate::model_files::resolve(tiny.to_str().unwrap(), "main", None).unwrap();
         let mut config = TrainConfig {
             zero_terminal_snr: true,
             ..TrainConfig::default()

@@ -28,8 +28,7 @@ use sdxl_model::prompt::PromptEncoder;
 use sdxl_model::unet::{UNetConfig, UNetWeights, load_unet};
 use sdxl_model::vae::{AutoencoderKL, Upcast};
 use tch::{Device, Kind, Tensor};
-use trainer::model_files::{ModelFolder, SingleFileModel, resolve};
-use trainer::single_file::resolve_model;
+use trainer::model_files::{ModelFolder, SingleFileModel, resolve, resolve_model};
 use trainer::{Error, TrainConfig};
 
 const VARIANT_REPO: &str = "stand-in/tiny-sdxl-fp16";

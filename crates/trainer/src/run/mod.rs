@@ -110,7 +110,7 @@ impl Trainer {
             MixedPrecision::No => Kind::Float,
         };
         let store = open_output_dir(&config)?;
-        let folder = crate::single_file::resolve_model(&config)?;
+        let folder = crate::model_files::resolve_model(&config)?;
         say(format!(
             "model {} on {device:?} in {kind:?}",
             folder.describe()
