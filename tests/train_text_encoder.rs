@@ -25,7 +25,9 @@ use training::{assert_bit_identical, fixture, losses, run_output, run_to_end, sc
 
 /// The tiny encoders' layers (tests/fixtures/tiny-sdxl/text_encoder*/config.json).
 const LAYERS: [usize; 2] = [3, 4];
-const LR: f64 = 1e-3;
+/// The text encoders' rate, a hundredth of the tiny preset's UNet rate (1e-3), so that a group given
+/// the other's rate shows.
+const LR: f64 = 1e-5;
 
 fn config(dir: &Path, name: &str, steps: u64) -> TrainConfig {
     TrainConfig {
@@ -162,6 +164,22 @@ fn text_encoder_lora_trains_loads_back_and_resumes_identically() {
         let moved = up.abs().max().double_value(&[]) > 0.0;
         let unread = component == lora::Component::TextEncoder && module.starts_with(&last);
         assert_eq!(moved, !unread, "{component}.{module}");
+    }
+
+    //    Each group moved at its own rate: Adam moves an entry by at most 2.3·lr a step in its first
+    //    steps (β₁ 0.9, β₂ 0.999: (1−β₁)/√(1−β₂) · √(1−β₂ᵗ)/(1−β₁ᵗ) / √(1−β₁²/β₂)), so B ≤ 9.2·lr after
+    //    4 steps; the UNet's first step alone moves B by its lr wherever the gradient is not tiny.
+    let max_up = |component: lora::Component| {
+        file.state
+            .component(component)
+            .map(|(_, m)| m.up.abs().max().double_value(&[]))
+            .fold(0.0, f64::max)
+    };
+    let unet_up = max_up(lora::Component::Unet);
+    assert!(unet_up > 0.5e-3, "UNet B {unet_up}");
+    for component in [lora::Component::TextEncoder, lora::Component::TextEncoder2] {
+        let up = max_up(component);
+        assert!(up > 0.0 && up <= 10.0 * LR, "{component} B {up}");
     }
 
     // 5. Validation images encode the prompt with the trained encoders; the log and card say so.
