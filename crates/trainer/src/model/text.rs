@@ -85,12 +85,7 @@ impl TextEncoders {
         device: Device,
         kind: Kind,
     ) -> Result<Self> {
-        let (mut encoder, mut stores) = PromptEncoder::from_pretrained_variant(
-            &folder.root,
-            folder.variant.as_deref(),
-            device,
-            kind,
-        )?;
+        let (mut encoder, mut stores) = folder.prompt_encoder(device, kind)?;
         for store in &mut stores {
             store.freeze();
         }
