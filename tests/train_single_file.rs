@@ -1,6 +1,7 @@
 //! Training from a single-file SDXL checkpoint, end to end on the tiny model (CPU): the tiny-sdxl
 //! folder written as one SGM file by diffusers' own `convert_diffusers_to_original_sdxl.py` (fixture
-//! `tiny_sdxl_single_file`) trains the same LoRA, bit for bit, as the folder; a file carrying the
+//! `tiny_sdxl_single_file`) trains the same LoRA, bit for bit, as the folder (also with the text
+//! encoders trained); a file carrying the
 //! `v_pred` / `ztsnr` markers of community v-prediction checkpoints trains with v-prediction and zero
 //! terminal SNR (validation images sampled with ZTSNR and guidance rescale); ZTSNR without
 //! v-prediction is refused naming the flag.
@@ -69,6 +70,23 @@ fn a_single_file_trains_the_same_lora_as_its_diffusers_folder() {
     assert!(
         log.contains("tiny-sdxl-single-file.safetensors") && log.contains("mis-shaped"),
         "{log}"
+    );
+    // With the text encoders trained too, both read from the file.
+    let with_text = |config: &TrainConfig, name: &str| TrainConfig {
+        output_dir: dir.join(name),
+        train_text_encoder: true,
+        ..config.clone()
+    };
+    let (folder_text, file_text) = (
+        with_text(&from_folder, "folder-text"),
+        with_text(&from_file, "file-text"),
+    );
+    run_to_end(&folder_text);
+    run_to_end(&file_text);
+    assert_eq!(losses(&folder_text), losses(&file_text));
+    assert_bit_identical(
+        &folder_text.output_dir.join(LORA_FILE),
+        &file_text.output_dir.join(LORA_FILE),
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
