@@ -80,6 +80,17 @@ impl TrainModel {
         tch::manual_seed(config.seed as i64);
         let lora_store = VarStore::new(device);
         let lora_config = config.lora_config()?;
+        if config.gradient_checkpointing
+            && lora_config.dropout > 0.0
+            && !torch_cuda::rng::available(device)
+        {
+            return Err(Error::InvalidOption {
+                option: "--lora_dropout",
+                problem: format!(
+                    "with --gradient_checkpointing needs the recomputation to replay the dropout                      masks, and this build cannot save {device:?}'s random state (torch-cuda was                      built without torch's or CUDA's headers)"
+                ),
+            });
+        }
         let report = lora::inject(&mut unet, &lora_store.root(), ADAPTER, &lora_config)?;
         // Adapter dropout is on while training; validation switches it off around its images.
         lora::set_training(&mut unet, true);
