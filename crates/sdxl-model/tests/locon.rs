@@ -39,8 +39,12 @@ struct Case {
 }
 
 fn tiny_sdxl() -> Case {
+    tiny_sdxl_on(Device::Cpu)
+}
+
+fn tiny_sdxl_on(device: Device) -> Case {
     let config = UNetConfig::tiny_sdxl();
-    let base = VarStore::new(Device::Cpu);
+    let base = VarStore::new(device);
     let unet = UNet2DConditionModel::new(&base.root(), &config);
     let file = TensorFile::open(fixture(
         "tiny-sdxl/unet/diffusion_pytorch_model.safetensors",
@@ -62,7 +66,23 @@ fn tiny_sdxl() -> Case {
 
 impl Case {
     fn get(&self, key: &str) -> Tensor {
-        self.io.tensor(key, Device::Cpu, None).unwrap()
+        let device = self.base.device();
+        self.io.tensor(key, device, None).unwrap()
+    }
+
+    /// kohya's LoCon with adapter dropout 0.5, B made non-zero so that the masks reach the output
+    /// and every gradient, in training mode; returns the adapter store.
+    fn with_dropout(&mut self) -> VarStore {
+        let store = VarStore::new(self.base.device());
+        let mut config = kohya_locon(4);
+        config.dropout = 0.5;
+        lora::inject(&mut self.unet, &store.root(), "default", &config).unwrap();
+        tch::manual_seed(2);
+        for (_, tensor) in store.variables() {
+            tch::no_grad(|| tensor.shallow_clone().copy_(&(tensor.randn_like() * 0.1)));
+        }
+        lora::set_training(&mut self.unet, true);
+        store
     }
 }
 
@@ -187,16 +207,7 @@ fn kohya_locon_set_covers_resnets_samplers_and_transformers_only() {
 fn checkpointed_gradients_with_lora_dropout_equal_plain_ones() {
     let _serial = exclusive();
     let mut case = tiny_sdxl();
-    let store = VarStore::new(Device::Cpu);
-    let mut config = kohya_locon(4);
-    config.dropout = 0.5;
-    lora::inject(&mut case.unet, &store.root(), "default", &config).unwrap();
-    // Non-zero B, so that the masks reach the output and every gradient.
-    tch::manual_seed(2);
-    for (_, tensor) in store.variables() {
-        tch::no_grad(|| tensor.shallow_clone().copy_(&(tensor.randn_like() * 0.1)));
-    }
-    lora::set_training(&mut case.unet, true);
+    let _store = case.with_dropout();
     let (sample, t, ctx, text, ids) = (
         case.get("sample"),
         case.get("timesteps"),
@@ -255,4 +266,93 @@ fn checkpointed_gradients_with_lora_dropout_equal_plain_ones() {
     tch::manual_seed(11);
     let _ = tch::no_grad(|| case.unet.forward(&inputs)).unwrap();
     assert!(Tensor::rand([8], (Kind::Float, Device::Cpu)).equal(&after_backward));
+}
+
+/// Whether a CUDA device is there; without one the CUDA test passes, unless `SDXL_REQUIRE_CUDA=1`
+/// (the GPU machine's harness) makes that a failure.
+fn cuda() -> bool {
+    let required = std::env::var("SDXL_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+    let present = tch::Cuda::is_available();
+    assert!(
+        present || !required,
+        "SDXL_REQUIRE_CUDA=1 but tch sees no CUDA device"
+    );
+    if !present {
+        println!("no CUDA device: skipped");
+    }
+    present
+}
+
+/// On CUDA, a checkpointed step with adapter dropout captured as a CUDA graph and replayed after
+/// re-seeding gives the gradients of an eager plain step from the same seed: inside the graph the
+/// recomputation replays the forward pass's masks (`torch_cuda::rng` restores the generator's
+/// offset within the graph).
+#[test]
+fn checkpointed_dropout_gradients_replay_inside_a_cuda_graph() {
+    let _serial = exclusive();
+    if !cuda() {
+        return;
+    }
+    torch_cuda::set_allow_tf32(false, false);
+    let device = Device::Cuda(0);
+    let mut case = tiny_sdxl_on(device);
+    let _store = case.with_dropout();
+    let (sample, t, ctx, text, ids) = (
+        case.get("sample"),
+        case.get("timesteps"),
+        case.get("encoder_hidden_states"),
+        case.get("text_embeds"),
+        case.get("time_ids"),
+    );
+    let inputs = UNetInputs {
+        sample: &sample,
+        timesteps: &t,
+        encoder_hidden_states: &ctx,
+        text_embeds: Some(&text),
+        time_ids: Some(&ids),
+    };
+    let weighting = Tensor::randn(sample.size(), (Kind::Float, device));
+    let params = lora::trainable_variables(&mut case.unet);
+    let grads = || -> Vec<Tensor> { params.values().map(|p| p.grad().copy()).collect() };
+    let zero = || {
+        for p in params.values() {
+            let _ = p.grad().zero_();
+        }
+    };
+    tch::manual_seed(11);
+    let plain = case.unet.forward(&inputs).unwrap();
+    (&plain * &weighting).sum(Kind::Float).backward();
+    let plain_grads = grads();
+    // No autograd graph made outside the capture may stay alive into it (its gradient-accumulation
+    // nodes would tie the capture stream to the default stream).
+    drop(plain);
+    // Warm-up (cuBLAS / cuDNN handles, the gradients' storage), then the captured step.
+    let step = || {
+        let forward = case.unet.forward_checkpointed(&inputs).unwrap();
+        forward.backward(&weighting).unwrap();
+    };
+    step();
+    zero();
+    let (graph, ()) =
+        torch_cuda::CudaGraph::capture(0, None, torch_cuda::CaptureMode::Global, step).unwrap();
+    let depth = unet_depth(&unet_shape(&case.config, &sample, &ctx));
+    for replay in 0..2 {
+        zero();
+        tch::manual_seed(11);
+        graph.replay().unwrap();
+        tch::Cuda::synchronize(0);
+        for ((name, _), (graphed, plain)) in params.iter().zip(grads().iter().zip(&plain_grads)) {
+            check(
+                &format!("replay {replay}: graphed checkpointed d loss / d {name} vs eager plain"),
+                rel(graphed, plain),
+                f32_bound(2.0 * depth),
+            );
+        }
+    }
+    // Another seed, other masks: the graph does not replay fixed draws.
+    zero();
+    tch::manual_seed(12);
+    graph.replay().unwrap();
+    let other = params.values().next().unwrap().grad();
+    assert!(rel(&other, &plain_grads[0]) > 1e-3);
 }
