@@ -57,6 +57,7 @@ mod inject;
 mod layer;
 mod linear;
 mod state;
+mod targets;
 
 pub use adapter::{Adapter, Scaling};
 pub use conv::Conv2d;
@@ -64,10 +65,12 @@ pub use copies::ComputeCopies;
 pub use error::{Error, Result};
 pub use fp8::{Fp8Report, quantize_base_fp8};
 pub use inject::{
-    Init, InjectionReport, LoraConfig, TEXT_ENCODER_ATTENTION_TARGETS, TEXT_ENCODER_MLP_TARGETS,
-    UNET_ATTENTION_TARGETS, UNET_FEED_FORWARD_TARGETS, UNET_RESNET_TARGETS,
-    UNET_TRANSFORMER_TARGETS, inject, matches_suffix, merge, module_path, set_compute_kind,
-    set_enabled, set_multiplier, set_training, trainable_variables, unmerge,
+    Init, InjectionReport, LoraConfig, inject, matches_suffix, merge, module_path,
+    set_compute_kind, set_enabled, set_multiplier, set_training, trainable_variables, unmerge,
 };
 pub use linear::{HasLinears, Linear, fused_forward, pack_weights};
 pub use state::{Component, LoraState, ModuleLora};
+pub use targets::{
+    TEXT_ENCODER_ATTENTION_TARGETS, TEXT_ENCODER_MLP_TARGETS, UNET_ATTENTION_TARGETS,
+    UNET_FEED_FORWARD_TARGETS, UNET_RESNET_TARGETS, UNET_TRANSFORMER_TARGETS,
+};
