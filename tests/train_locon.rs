@@ -151,3 +151,32 @@ fn dora_trains_on_the_attention_projections_and_refuses_convolutions() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn locon_trains_under_bf16_mixed_precision() {
+    use trainer::config::MixedPrecision;
+    let dir = scratch("locon-bf16");
+    let config = TrainConfig {
+        mixed_precision: MixedPrecision::Bf16,
+        target_modules: "to_q,to_out.0".into(),
+        conv_rank: Some(2),
+        max_train_steps: 3,
+        checkpointing_steps: 3,
+        logging_steps: 1,
+        validation_prompt: None,
+        ..tiny(&dir.join("run"))
+    };
+    run_to_end(&config);
+    let run_losses = losses(&config);
+    assert_eq!(run_losses.len(), 3);
+    assert!(run_losses.iter().all(|l| l.is_finite() && *l > 0.0));
+    // The adapters train (B moved off zero) in fp32, the convolutions' among them.
+    let named = tensors(&config.output_dir.join(LORA_FILE));
+    let up = named
+        .iter()
+        .find(|(k, _)| k == "unet.down_blocks.0.resnets.0.conv2.lora.up.weight")
+        .unwrap();
+    assert_eq!(up.1.kind(), tch::Kind::Float);
+    assert!(up.1.abs().max().double_value(&[]) > 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
