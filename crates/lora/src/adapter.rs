@@ -33,7 +33,7 @@ impl Scaling {
 ///
 /// On a linear layer `down` (peft's `lora_A`) is `[r, in]` and `up` (`lora_B`) is `[out, r]`; on a
 /// convolution ([`crate::Conv2d`]) `down` is a kernel `[r, in, kh, kw]` and `up` a 1×1 kernel
-/// `[out, r, 1, 1]`. `magnitude` (DoRA's `lora_magnitude_vector`, linear layers only) is `[out]`. They are usually fp32 and trainable while the base weight
+/// `[out, r, 1, 1]`. `magnitude` (DoRA's `lora_magnitude_vector`) is `[out]`. They are usually fp32 and trainable while the base weight
 /// is frozen and may be bf16.
 #[derive(Debug)]
 pub struct Adapter {
@@ -136,8 +136,13 @@ impl Adapter {
             * self.scale()
     }
 
-    /// DoRA's row norms `‖W + scale · B · A‖` over the input axis, `[out]`, detached.
+    /// DoRA's row norms `‖W + scale · B · A‖` over every axis but the output one (the input axis of
+    /// a matrix; input channels and kernel taps of a convolution, as peft's `_DoraConvNdLayer`),
+    /// `[out]`, detached.
     pub(crate) fn dora_weight_norm(&self, weight: &Tensor, delta: &Tensor) -> Tensor {
-        (weight + delta).norm_scalaropt_dim(2, [1], false).detach()
+        (weight + delta)
+            .flatten(1, -1)
+            .norm_scalaropt_dim(2, [1], false)
+            .detach()
     }
 }

@@ -7,8 +7,8 @@
 //! `base(x) + scale · B(A(dropout(x)))`. Merging folds `scale · B ⊗ A` (`[out, in, kh, kw]`) into the
 //! base kernel. `docs/LORA.md` lists which convolutions of the UNet kohya adapts.
 //!
-//! DoRA on convolutions is refused ([`Error::DoraOnConvolution`]) rather than computed differently
-//! from peft.
+//! DoRA follows peft's `_DoraConvNdLayer` (`peft/tuners/lora/dora.py`): one magnitude per output
+//! channel, the norm taken over input channels and kernel taps.
 
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
@@ -198,21 +198,16 @@ impl Conv2d {
     }
 
     /// Attaches `adapter` after checking that its kernels fit: `A` `[r, in, kh, kw]` with this
-    /// layer's kernel size, `B` `[out, r, 1, 1]`. `module` names the layer in errors.
+    /// layer's kernel size, `B` `[out, r, 1, 1]`, a DoRA magnitude `[out]`. `module` names the layer
+    /// in errors.
     ///
     /// # Errors
-    /// [`Error::DuplicateAdapter`], [`Error::ShapeMismatch`], [`Error::DoraOnConvolution`] for an
-    /// adapter with a magnitude vector.
+    /// [`Error::DuplicateAdapter`], [`Error::ShapeMismatch`].
     pub fn add_adapter(&mut self, module: &str, adapter: Adapter) -> Result<()> {
         if self.adapter(&adapter.name).is_some() {
             return Err(Error::DuplicateAdapter {
                 module: module.to_owned(),
                 adapter: adapter.name,
-            });
-        }
-        if adapter.magnitude.is_some() {
-            return Err(Error::DoraOnConvolution {
-                module: module.to_owned(),
             });
         }
         let (down, up) = (adapter.down.size(), adapter.up.size());
@@ -230,6 +225,17 @@ impl Conv2d {
                     "down {down:?} and up {up:?} do not fit a {kh}×{kw} convolution of \
                      {in_channels} → {out_channels} channels (need [r, {in_channels}, {kh}, {kw}] \
                      and [{out_channels}, r, 1, 1])"
+                ),
+            });
+        }
+        if let Some(magnitude) = &adapter.magnitude
+            && magnitude.size() != [out_channels]
+        {
+            return Err(Error::ShapeMismatch {
+                module: module.to_owned(),
+                reason: format!(
+                    "DoRA magnitude {:?} is not [{out_channels}]",
+                    magnitude.size()
                 ),
             });
         }
@@ -278,8 +284,9 @@ impl Conv2d {
     }
 
     /// Folds the enabled, not yet merged adapters (all, or those named) into the base kernel,
-    /// `W ← W + scale · B ⊗ A`, computed in fp32 and stored in the kernel's type. Not for the
-    /// training step: it reads back whether the result is finite.
+    /// `W ← W + scale · B ⊗ A` (DoRA: `m / ‖W + ΔW‖ · (W + ΔW)` per output channel), computed in
+    /// fp32 and stored in the kernel's type. Not for the training step: it reads back whether the
+    /// result is finite.
     ///
     /// # Errors
     /// [`Error::NonFiniteMerge`] (kernel untouched), [`Error::UnknownAdapter`],
@@ -304,7 +311,16 @@ impl Conv2d {
                 continue;
             }
             let delta = adapter.delta_weight_f32();
-            let merged = self.weight.to_kind(Kind::Float) + &delta;
+            let weight = self.weight.to_kind(Kind::Float);
+            let (merged, dora_factor) = match &adapter.magnitude {
+                None => (&weight + &delta, None),
+                Some(magnitude) => {
+                    // The norm is that of the kernel without any adapter merged, as in forward.
+                    let norm = adapter.dora_weight_norm(&self.unmerged_weight_f32(), &delta);
+                    let factor = (magnitude.to_kind(Kind::Float) / norm).view([-1, 1, 1, 1]);
+                    ((&weight + &delta) * &factor, Some(factor))
+                }
+            };
             if merged.isfinite().all().f_int64_value(&[])? == 0 {
                 return Err(Error::NonFiniteMerge {
                     module: module.to_owned(),
@@ -316,7 +332,7 @@ impl Conv2d {
             self.merges.push(MergeRecord {
                 adapter: index,
                 delta,
-                dora_factor: None,
+                dora_factor,
             });
         }
         Ok(())
@@ -334,11 +350,20 @@ impl Conv2d {
             });
         }
         while let Some(record) = self.merges.pop() {
-            let restored = self.weight.to_kind(Kind::Float) - &record.delta;
+            let restored = undo(&self.weight.to_kind(Kind::Float), &record);
             tch::no_grad(|| self.weight.f_copy_(&restored))?;
             self.adapters[record.adapter].merged = false;
         }
         Ok(())
+    }
+
+    /// The base kernel with every merge undone, in fp32 (the kernel itself is not changed).
+    fn unmerged_weight_f32(&self) -> Tensor {
+        let mut weight = self.weight.to_kind(Kind::Float);
+        for record in self.merges.iter().rev() {
+            weight = undo(&weight, record);
+        }
+        weight
     }
 
     fn conv(&self, xs: &Tensor, kernel: &Tensor, bias: Option<&Tensor>) -> Tensor {
@@ -346,21 +371,32 @@ impl Conv2d {
     }
 }
 
+fn undo(weight: &Tensor, record: &MergeRecord) -> Tensor {
+    match &record.dora_factor {
+        None => weight - &record.delta,
+        Some(factor) => weight / factor - &record.delta,
+    }
+}
+
 impl Module for Conv2d {
-    /// `base(x) + Σ scale · B(A(dropout(x)))` over enabled, unmerged adapters. An adapter computes
-    /// in its own type (fp32), or in its [`compute_kind`](crate::Adapter::compute_kind) as peft
-    /// under autocast; the sum is returned in the base output's type.
+    /// `base(x) + Σ scale · B(A(dropout(x)))` over enabled, unmerged adapters (DoRA: peft's
+    /// `_DoraConvNdLayer.forward`). An adapter computes in its own type (fp32), or in its
+    /// [`compute_kind`](crate::Adapter::compute_kind) as peft under autocast (not DoRA); the sum is
+    /// returned in the base output's type.
     ///
     /// # Shapes
     /// `[B, in, H, W]` → `[B, out, H', W']`.
     fn forward(&self, xs: &Tensor) -> Tensor {
-        let base = self.conv(xs, &self.base_weight(), self.bias.as_ref());
+        let weight = self.base_weight();
+        let base = self.conv(xs, &weight, self.bias.as_ref());
         let result_kind = base.kind();
         let mut result = base;
         for adapter in self.adapters.iter().filter(|a| a.enabled && !a.merged) {
-            let kind = adapter.compute_kind.unwrap_or_else(|| adapter.kind());
+            let autocast = adapter.compute_kind.filter(|_| adapter.magnitude.is_none());
+            let kind = autocast.unwrap_or_else(|| adapter.kind());
             let x = xs.to_kind(kind);
-            let dropped = if self.training && adapter.dropout > 0.0 {
+            let dropout_active = self.training && adapter.dropout > 0.0;
+            let dropped = if dropout_active {
                 x.dropout(adapter.dropout, true)
             } else {
                 x
@@ -368,11 +404,29 @@ impl Module for Conv2d {
             let hidden = self.conv(&dropped, &adapter.down.to_kind(kind), None);
             let lora = hidden.conv2d::<Tensor>(&adapter.up.to_kind(kind), None, [1], [0], [1], 1);
             let scale = adapter.scale();
-            // Out of place, so a bf16 base output is promoted to fp32 for the sum, as in peft.
-            result = if scale == 1.0 {
-                lora + &result
-            } else {
-                lora * scale + &result
+            result = match &adapter.magnitude {
+                // Out of place, so a bf16 base output is promoted to fp32 for the sum, as in peft.
+                None if scale == 1.0 => lora + &result,
+                None => lora * scale + &result,
+                Some(magnitude) => {
+                    let weight = weight.to_kind(kind);
+                    let delta = adapter.delta_weight_f32().to_kind(kind).detach();
+                    let norm = adapter.dora_weight_norm(&weight, &delta);
+                    let magnitude_scale = (magnitude / norm).view([1, -1, 1, 1]);
+                    // Without dropout the base output is reused (minus its bias); with dropout the
+                    // base path is recomputed on the dropped input, as in peft.
+                    let base_result = if dropout_active {
+                        self.conv(&dropped, &weight, None)
+                    } else {
+                        match &self.bias {
+                            Some(bias) => &result - bias.view([1, -1, 1, 1]),
+                            None => result.shallow_clone(),
+                        }
+                    };
+                    &result
+                        + (&magnitude_scale - 1.0) * base_result
+                        + magnitude_scale * lora * scale
+                }
             };
         }
         result.to_kind(result_kind)

@@ -48,8 +48,7 @@ pub struct LoraConfig {
     pub init: Init,
     /// rsLoRA: scale by `alpha / √r` instead of `alpha / r`.
     pub use_rslora: bool,
-    /// DoRA: add a trainable magnitude vector per output row (linear layers only; a convolution
-    /// among the targets is refused).
+    /// DoRA: add a trainable magnitude vector per output row (per output channel of a convolution).
     pub use_dora: bool,
     /// kohya's `conv_dim`: the rank of convolutions whose kernel is larger than 1×1; `None`: the
     /// rank of every other layer (peft). 1×1 convolutions always take [`LoraConfig::rank`], as in
@@ -238,8 +237,7 @@ impl std::fmt::Display for InjectionReport {
 ///
 /// # Errors
 /// [`Error::InvalidConfig`], [`Error::NoTargetMatched`] when nothing was adapted,
-/// [`Error::DuplicateAdapter`] when a target already carries an adapter called `name`,
-/// [`Error::DoraOnConvolution`] when `use_dora` meets a targeted convolution.
+/// [`Error::DuplicateAdapter`] when a target already carries an adapter called `name`.
 pub fn inject(
     model: &mut dyn HasLinears,
     root: &nn::Path,
@@ -259,16 +257,8 @@ pub fn inject(
             *flag |= matches_suffix(module, target);
         }
         let (rank, alpha) = config.layer_rank_and_alpha(module, layer.shape().is_spatial_conv());
-        let added = new_adapter(
-            &module_path(root, module),
-            module,
-            name,
-            layer,
-            rank,
-            alpha,
-            config,
-        )
-        .and_then(|adapter| layer.add_adapter(module, adapter));
+        let added = new_adapter(&module_path(root, module), name, layer, rank, alpha, config)
+            .and_then(|adapter| layer.add_adapter(module, adapter));
         match added {
             Ok(()) => report.adapted.push((module.to_owned(), rank, alpha)),
             Err(error) => failure = Some(error),
@@ -294,7 +284,6 @@ pub fn inject(
 
 fn new_adapter(
     path: &nn::Path,
-    module: &str,
     name: &str,
     layer: &dyn AdaptedLayer,
     rank: i64,
@@ -302,11 +291,6 @@ fn new_adapter(
     config: &LoraConfig,
 ) -> Result<Adapter> {
     let shape = layer.shape();
-    if config.use_dora && shape.kernel.is_some() {
-        return Err(Error::DoraOnConvolution {
-            module: module.to_owned(),
-        });
-    }
     let down_init = match config.init {
         Init::Gaussian => nn::Init::Randn {
             mean: 0.0,
@@ -327,7 +311,8 @@ fn new_adapter(
     adapter.scaling = config.scaling();
     adapter.dropout = config.dropout;
     if config.use_dora {
-        // With B = 0 the adapted weight is W, so the magnitude starts at W's row norms.
+        // With B = 0 the adapted weight is W, so the magnitude starts at W's row norms (a kernel's:
+        // over input channels and taps).
         let weight = layer
             .base_value()
             .to_kind(Kind::Float)

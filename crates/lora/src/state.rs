@@ -87,7 +87,7 @@ pub struct ModuleLora {
     pub alpha: f64,
     /// `alpha / r` or rsLoRA's `alpha / √r`.
     pub scaling: Scaling,
-    /// DoRA's magnitude vector `[out]`.
+    /// DoRA's magnitude vector `[out]` (files store a convolution's as `[1, out, 1, 1]`).
     pub magnitude: Option<Tensor>,
 }
 
@@ -103,7 +103,7 @@ impl ModuleLora {
     }
 
     /// Checks that `down` is `[r, in]`, `up` `[out, r]` and the magnitude `[out]`, or for a
-    /// convolution `down` `[r, in, kh, kw]` and `up` `[out, r, 1, 1]` without a magnitude.
+    /// convolution `down` `[r, in, kh, kw]`, `up` `[out, r, 1, 1]` and the magnitude `[out]`.
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] naming `module`.
@@ -116,8 +116,6 @@ impl ModuleLora {
             ))
         } else if conv && up[2..] != [1, 1] {
             Some(format!("up {up:?} of a convolution must be a 1×1 kernel"))
-        } else if conv && self.magnitude.is_some() {
-            Some("DoRA on convolutions is not supported".to_owned())
         } else if down[0] != up[1] {
             Some(format!(
                 "down {down:?} has rank {} but up {up:?} has rank {}",

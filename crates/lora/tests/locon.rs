@@ -52,7 +52,8 @@ impl ConvTree {
     }
 
     /// Per layer: the base convolution (`in·k²` terms and the bias), the adapter's two
-    /// convolutions (`in·k²` and `r ≤ in·k²` terms), the scale, the sum, and the tanh.
+    /// convolutions (`in·k²` and `r ≤ in·k²` terms), the scale, the sum, and the tanh; for DoRA also
+    /// the kernel's row norm (`in·k²` terms) and the rescaling.
     fn depth(&self) -> f64 {
         self.layers
             .iter()
@@ -60,8 +61,8 @@ impl ConvTree {
                 let [k, _] = conv.kernel_size();
                 let terms = conv.in_channels() * k * k;
                 2.0 * depth::conv(conv.in_channels(), k)
-                    + depth::sum(terms)
-                    + 3.0
+                    + 2.0 * depth::sum(terms)
+                    + 7.0
                     + depth::ACTIVATION
             })
             .sum()
@@ -156,6 +157,10 @@ fn peft_state(
             continue;
         };
         let up = &tensors[&format!("{prefix}{module}.lora_B.weight")];
+        // peft keeps a convolution's DoRA magnitude as `[1, out, 1, 1]`.
+        let magnitude = tensors
+            .get(&format!("{prefix}{module}.lora_magnitude_vector"))
+            .map(|m| m.reshape([-1]));
         state.modules.insert(
             (Component::Unet, module.to_owned()),
             lora::ModuleLora {
@@ -163,7 +168,7 @@ fn peft_state(
                 up: up.copy(),
                 alpha: alpha(module),
                 scaling: Scaling::Standard,
-                magnitude: None,
+                magnitude,
             },
         );
     }
@@ -171,11 +176,18 @@ fn peft_state(
     state
 }
 
-fn check_conv(fx: &mut Fixture, state: &LoraState, golden: &str, training: bool) -> f64 {
+/// Applies `state` with adapter dropout `dropout` (training mode when it is not 0) and compares the
+/// output under `torch.manual_seed(1234)` with `golden`.
+fn check_conv(fx: &mut Fixture, state: &LoraState, golden: &str, dropout: f64) -> f64 {
     state
         .apply(&mut fx.conv, Component::Unet, "test", false)
         .unwrap();
-    lora::set_training(&mut fx.conv, training);
+    for (_, layer) in &mut fx.conv.layers {
+        if let Some(adapter) = layer.adapter_mut("test") {
+            adapter.dropout = dropout;
+        }
+    }
+    lora::set_training(&mut fx.conv, dropout > 0.0);
     tch::manual_seed(1234);
     let output = fx.conv.forward(&fx.tensors["input.conv"]);
     let expected = &fx.tensors[golden];
@@ -221,7 +233,7 @@ fn locon_file_written_by_diffusers_gives_peft_outputs() {
     for (key, module) in &direct.modules {
         assert!(module.down.equal(&file.state.modules[key].down), "{key:?}");
     }
-    let error = check_conv(&mut fx, &file.state, "expected_locon", false);
+    let error = check_conv(&mut fx, &file.state, "expected_locon", 0.0);
     println!("LoCon (peft file): relative error {error:e}");
 }
 
@@ -234,7 +246,7 @@ fn rslora_on_convolutions_gives_peft_outputs() {
         module.scaling = Scaling::RankStabilized;
     }
     assert_eq!(state.modules.len(), 2);
-    let error = check_conv(&mut fx, &state, "expected_rslora", false);
+    let error = check_conv(&mut fx, &state, "expected_rslora", 0.0);
     println!("rsLoRA LoCon: relative error {error:e}");
 }
 
@@ -244,7 +256,7 @@ fn conv_dropout_draws_peft_masks_under_the_same_seed() {
     let mut fx = fixture();
     let state = peft_state(&fx.tensors, "dropout", |_| 2.0);
     // The dropout is the adapters', not the file's: set it after applying.
-    let error_eval = check_conv(&mut fx, &state, "expected_dropout_eval", false);
+    let error_eval = check_conv(&mut fx, &state, "expected_dropout_eval", 0.0);
     state
         .apply(&mut fx.conv, Component::Unet, "test", false)
         .unwrap();
@@ -326,7 +338,7 @@ fn kohya_file_by_diffusers_places_conv_kernels_and_our_files_round_trip() {
     .unwrap();
     assert_eq!(file.format, Format::Kohya);
     assert_eq!(file.state.modules.len(), 5);
-    check_conv(&mut fx, &file.state, "expected_dropout_eval", false);
+    check_conv(&mut fx, &file.state, "expected_dropout_eval", 0.0);
 
     let dir = std::env::temp_dir().join(format!("locon-roundtrip-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -368,7 +380,7 @@ fn kohya_file_by_diffusers_places_conv_kernels_and_our_files_round_trip() {
                 assert!(keys.iter().any(|k| k == key), "{key} not in {keys:?}");
             }
         }
-        check_conv(&mut fx, &back.state, "expected_locon", false);
+        check_conv(&mut fx, &back.state, "expected_locon", 0.0);
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -486,13 +498,22 @@ fn injection_gives_spatial_convolutions_the_conv_rank_and_refuses_dora() {
     );
     assert!(state.modules.values().all(|m| m.is_conv()));
 
+    // DoRA on a convolution: the magnitude starts at the kernel's norms over input channels and
+    // taps, so the model still computes the base output.
     let mut fx = fixture();
     let mut dora = LoraConfig::with_targets(4, &["conv2"]);
     dora.use_dora = true;
-    let error = lora::inject(&mut fx.conv, &store.root(), "dora", &dora).unwrap_err();
-    assert!(
-        matches!(error, lora::Error::DoraOnConvolution { ref module } if module == "down_blocks.0.resnets.0.conv2"),
-        "{error}"
+    lora::inject(&mut fx.conv, &store.root(), "dora", &dora).unwrap();
+    let (_, conv2) = &fx.conv.layers[1];
+    let norms = conv2
+        .weight
+        .flatten(1, -1)
+        .norm_scalaropt_dim(2, [1], false);
+    let magnitude = conv2.adapter("dora").unwrap().magnitude.as_ref().unwrap();
+    assert!(max_abs_diff(magnitude, &norms) < 1e-6);
+    assert_eq!(
+        max_abs_diff(&fx.conv.forward(&fx.tensors["input.conv"]), &before),
+        0.0
     );
     let mut bad = LoraConfig::with_targets(4, &["conv2"]);
     bad.conv_alpha = Some(2.0);
@@ -506,4 +527,91 @@ fn injection_gives_spatial_convolutions_the_conv_rank_and_refuses_dora() {
         lora::inject(&mut fx.conv, &store.root(), "x", &bad),
         Err(lora::Error::InvalidConfig { ref field, .. }) if field == "conv_rank"
     ));
+}
+
+#[test]
+fn dora_on_convolutions_gives_peft_outputs_with_and_without_dropout_and_round_trips() {
+    let _serial = exclusive();
+    let mut fx = fixture();
+    let mut names = ModuleNames::new();
+    names.add_model(Component::Unet, &mut fx.conv);
+    let options = ReadOptions {
+        module_names: Some(&names),
+        block_renames: None,
+    };
+    let file = format::read(lora_fixture("locon-dora-peft.safetensors"), options).unwrap();
+    assert!(
+        file.state
+            .modules
+            .values()
+            .all(|m| m.magnitude.as_ref().is_some_and(|v| v.dim() == 1))
+    );
+    let error = check_conv(&mut fx, &file.state, "expected_dora", 0.0);
+    println!("DoRA LoCon (peft file): relative error {error:e}");
+    let with_dropout = peft_state(&fx.tensors, "dora_dropout", |_| 3.0);
+    check_conv(&mut fx, &with_dropout, "expected_dora_dropout_eval", 0.0);
+    let error = check_conv(&mut fx, &with_dropout, "expected_dora_dropout", 0.25);
+    println!("DoRA LoCon with dropout: relative error {error:e}");
+
+    // Our files keep a convolution's magnitude in each layout's shape and read back the same.
+    let dir = std::env::temp_dir().join(format!("locon-dora-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (format, shape) in [
+        (Format::Peft, [1, 5, 1, 1]),
+        (Format::Diffusers, [1, 5, 1, 1]),
+        (Format::Kohya, [5, 1, 1, 1]),
+    ] {
+        let path = dir.join(format!("dora-{format}.safetensors"));
+        format::write(&path, &file.state, format, &WriteOptions::default()).unwrap();
+        let stored: BTreeMap<String, Tensor> = Tensor::read_safetensors(&path)
+            .unwrap()
+            .into_iter()
+            .collect();
+        let (_, magnitude) = stored
+            .iter()
+            .find(|(k, _)| {
+                k.contains("downsamplers")
+                    && (k.ends_with("lora_magnitude_vector") || k.ends_with("dora_scale"))
+            })
+            .unwrap();
+        assert_eq!(magnitude.size(), shape, "{format}");
+        let back = format::read(&path, options).unwrap().state;
+        for (key, module) in &file.state.modules {
+            let other = back.modules[key].magnitude.as_ref().unwrap();
+            assert!(
+                module.magnitude.as_ref().unwrap().equal(other),
+                "{format} {key:?}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // Merged DoRA equals its side path; unmerging restores the kernels.
+    file.state
+        .apply(&mut fx.conv, Component::Unet, "d", false)
+        .unwrap();
+    let originals: Vec<Tensor> = fx
+        .conv
+        .layers
+        .iter()
+        .map(|(_, l)| l.weight.copy())
+        .collect();
+    let input = &fx.tensors["input.conv"];
+    let side_path = fx.conv.forward(input);
+    lora::merge(&mut fx.conv, None).unwrap();
+    check(
+        "DoRA LoCon merged vs side path",
+        rel_error(&fx.conv.forward(input), &side_path),
+        f32_bound(fx.conv.depth()),
+    );
+    lora::unmerge(&mut fx.conv).unwrap();
+    for ((path, layer), original) in fx.conv.layers.iter().zip(&originals) {
+        let scale = original.abs().max().double_value(&[]);
+        let diff = max_abs_diff(&layer.weight, original);
+        // W·f/f and a sum of r products: a few roundings of kernels a few times the original.
+        assert!(
+            diff <= f32_bound(8.0) * 4.0 * scale,
+            "{path}: unmerge left {diff:e}"
+        );
+    }
 }

@@ -88,12 +88,6 @@ impl TrainConfig {
                 format!("{} is not a probability in [0, 1)", self.lora_dropout),
             );
         }
-        if self.use_dora && self.conv_rank.is_some() {
-            return fail(
-                "--use_dora",
-                "DoRA on convolutions is not supported: drop --conv_rank (LoCon) or --use_dora",
-            );
-        }
         let rank = i64::from(self.rank);
         let targets = self.lora_targets()?;
         let names: Vec<&str> = targets.iter().map(String::as_str).collect();
@@ -172,7 +166,6 @@ mod tests {
             (&["--conv_rank", "4", "--conv_alpha", "-1"], "--conv_alpha"),
             (&["--lora_dropout", "1"], "--lora_dropout"),
             (&["--lora_dropout", "-0.1"], "--lora_dropout"),
-            (&["--conv_rank", "4", "--use_dora"], "--use_dora"),
         ] {
             // Parsing validates.
             assert_eq!(option_of(parse(args).unwrap_err()), flag, "{args:?}");

@@ -205,7 +205,7 @@ train_config! {
     conv_rank: Option<u32> = None,
     /// Alpha of the --conv_rank layers (kohya's conv_alpha); default: the conv rank (scale 1, as --lora_alpha's default; kohya's default is 1).
     conv_alpha: Option<f64> = None,
-    /// DoRA (peft's use_dora): a trainable magnitude per output row of each adapted linear layer; not with --conv_rank.
+    /// DoRA (peft's use_dora): a trainable magnitude per output row of each adapted layer (per output channel of a convolution).
     use_dora: bool = false,
     /// Dropout probability on each LoRA's input while training (peft's lora_dropout).
     lora_dropout: f64 = 0.0,
