@@ -219,10 +219,13 @@ pub fn read(path: impl AsRef<Path>, options: ReadOptions) -> Result<LoraFile> {
                     })
             }
         };
-        // kohya's DoRA scale is `[out, 1]`; peft's magnitude is `[out]`.
+        // kohya's DoRA scale is `[out, 1]` (a convolution's `[out, 1, 1, 1]`); peft's magnitude is
+        // `[out]` (a convolution's `[1, out, 1, 1]`, `_DoraConvNdLayer.get_weight_norm`).
         let magnitude = parts.magnitude.map(|m| {
-            if m.dim() == 2 && m.size()[1] == 1 {
-                m.squeeze_dim(1)
+            let size = m.size();
+            let vector_like = size.iter().filter(|&&d| d != 1).count() <= 1;
+            if (m.dim() == 2 && size[1] == 1) || (m.dim() == 4 && vector_like) {
+                m.reshape([-1])
             } else {
                 m
             }
@@ -479,10 +482,11 @@ pub fn write(
         put(Part::Down, lora.down.shallow_clone());
         put(Part::Up, lora.up.shallow_clone());
         if let Some(magnitude) = &lora.magnitude {
-            let magnitude = if format == Format::Kohya {
-                magnitude.unsqueeze(1)
-            } else {
-                magnitude.shallow_clone()
+            let magnitude = match (format, lora.is_conv()) {
+                (Format::Kohya, false) => magnitude.unsqueeze(1),
+                (Format::Kohya, true) => magnitude.view([-1, 1, 1, 1]),
+                (_, false) => magnitude.shallow_clone(),
+                (_, true) => magnitude.view([1, -1, 1, 1]),
             };
             put(Part::Magnitude, magnitude);
         }

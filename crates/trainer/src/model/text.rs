@@ -89,8 +89,13 @@ impl TextEncoders {
         for store in &mut stores {
             store.freeze();
         }
+        // The script's text_lora_config: the UNet's rank, alpha, dropout and DoRA choice (rsLoRA too).
+        let unet_lora = config.lora_config()?;
         let mut lora_config = LoraConfig::text_encoder_attention(i64::from(config.rank));
         lora_config.alpha = config.lora_alpha.unwrap_or(f64::from(config.rank));
+        lora_config.dropout = unet_lora.dropout;
+        lora_config.use_dora = unet_lora.use_dora;
+        lora_config.use_rslora = unet_lora.use_rslora;
         let lora_stores = [VarStore::new(device), VarStore::new(device)];
         let (te1, te2) = encoder.text_encoders_mut();
         let mut params: [Vec<(String, Tensor)>; 2] = [Vec::new(), Vec::new()];
@@ -99,6 +104,8 @@ impl TextEncoders {
         for (i, model) in [te1, te2].into_iter().enumerate() {
             let report = lora::inject(model, &lora_stores[i].root(), ADAPTER, &lora_config)?;
             adapted += report.adapted.len();
+            // Adapter dropout on while training, as the UNet's.
+            lora::set_training(model, true);
             copies[i] = super::compute_copies(model, kind)?;
             params[i] = lora::trainable_variables(model)
                 .into_iter()
@@ -224,6 +231,13 @@ impl TextEncoders {
         lora::set_enabled(te1, ADAPTER, enabled)?;
         lora::set_enabled(te2, ADAPTER, enabled)?;
         Ok(())
+    }
+
+    /// Training mode (adapter dropout on) or evaluation mode for both encoders.
+    pub fn set_training(&mut self, training: bool) {
+        let (te1, te2) = self.encoder.text_encoders_mut();
+        lora::set_training(te1, training);
+        lora::set_training(te2, training);
     }
 
     /// Adds both encoders' LoRA to `state` (`text_encoder.` and `text_encoder_2.` modules).
