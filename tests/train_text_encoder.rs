@@ -213,6 +213,40 @@ fn text_encoder_lora_trains_loads_back_and_resumes_identically() {
         assert!(diff <= LR / 100.0, "{key:?}: {diff}");
     }
 
+    // 6b. The same with adapter dropout on both encoders and the UNet: the recomputed layers replay the
+    //     forward's masks, so the two runs still differ only by summation order.
+    let dropout = |name: &str, gradient_checkpointing| TrainConfig {
+        lora_dropout: 0.25,
+        gradient_checkpointing,
+        ..config(&dir, name, 4)
+    };
+    let (plain_dropout, checkpointed_dropout) = (
+        dropout("dropout", false),
+        dropout("dropout-checkpointed", true),
+    );
+    run_to_end(&plain_dropout);
+    run_to_end(&checkpointed_dropout);
+    for (a, b) in losses(&plain_dropout)
+        .iter()
+        .zip(&losses(&checkpointed_dropout))
+    {
+        assert!((a - b).abs() <= 1e-4 * a.abs(), "{a} vs {b}");
+    }
+    let ups_a = text_encoder_ups(&plain_dropout.output_dir.join(LORA_FILE));
+    let ups_b = text_encoder_ups(&checkpointed_dropout.output_dir.join(LORA_FILE));
+    let ups_none = text_encoder_ups(&out.join(LORA_FILE));
+    for ((key, a), (_, b)) in ups_a.iter().zip(&ups_b) {
+        let diff = (a - b).abs().max().double_value(&[]);
+        assert!(diff <= LR / 100.0, "{key:?}: {diff}");
+    }
+    assert!(
+        ups_a
+            .iter()
+            .zip(&ups_none)
+            .any(|((_, a), (_, n))| (a - n).abs().max().double_value(&[]) > LR / 100.0),
+        "--lora_dropout changed nothing in the text encoders' LoRA"
+    );
+
     // 7. bf16 (the encoders' LoRA through compute copies): stopped after the checkpoint of step 2,
     //    resumed to step 4, it ends on the uninterrupted run's LoRA bit for bit.
     let bf16 = |name: &str, steps| TrainConfig {
