@@ -40,6 +40,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use lora::HasLinears;
 use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs};
 use sdxl_model::weights::{TensorFile, load_into};
 use tch::nn::VarStore;
@@ -184,7 +185,7 @@ fn quantize_inner_convs(unet: &mut UNet2DConditionModel) -> anyhow::Result<usize
             && path != "conv_out"
             && let Ok(count) = &mut result
         {
-            match conv.quantize_fp8() {
+            match conv.quantize_fp8(path, None) {
                 Ok(()) => *count += 1,
                 Err(error) => result = Err(error),
             }

@@ -10,6 +10,8 @@ fn main() {
     torch_link::configure();
     println!("cargo:rustc-check-cfg=cfg(torch_cuda_shim)");
     println!("cargo:rerun-if-changed=src/shim.cpp");
+    println!("cargo:rerun-if-changed=src/rng.cpp");
+    println!("cargo:rustc-check-cfg=cfg(torch_rng_shim, torch_rng_shim_cuda)");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let Some(lib_dir) = torch_link::libtorch_lib_dir() else {
         return;
@@ -31,7 +33,9 @@ fn main() {
         .join("c10/cuda/CUDACachingAllocator.h")
         .exists()
         && lib_dir.join("libc10_cuda.so").exists();
-    let Some(cuda_include) = cuda_include.filter(|_| torch_has_cuda) else {
+    let cuda_include = cuda_include.filter(|_| torch_has_cuda);
+    compile_rng_shim(&torch_include, cuda_include.as_deref());
+    let Some(cuda_include) = cuda_include else {
         println!(
             "cargo:warning=torch-cuda: CUDA headers not found (nvidia/cu13/include beside torch/, or CUDA_HOME); CUDA graphs, the profiler and memory statistics will be unavailable"
         );
@@ -51,4 +55,30 @@ fn main() {
     println!("cargo:rustc-link-lib=dylib=c10_cuda");
     println!("cargo:rustc-link-lib=dylib=c10");
     println!("cargo:rustc-cfg=torch_cuda_shim");
+}
+
+/// The random-state snapshots (`src/rng.cpp`) need only torch's headers for the CPU generator, so
+/// they are built wherever those are, with the CUDA generator's part when CUDA's headers are there
+/// too.
+fn compile_rng_shim(torch_include: &std::path::Path, cuda_include: Option<&std::path::Path>) {
+    if !torch_include.join("ATen/CPUGeneratorImpl.h").exists() {
+        println!(
+            "cargo:warning=torch-cuda: torch's headers not found; random-state snapshots (gradient checkpointing with dropout) will be unavailable"
+        );
+        return;
+    }
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .warnings(false)
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .include(torch_include)
+        .file("src/rng.cpp");
+    if let Some(cuda_include) = cuda_include {
+        build.include(cuda_include).define("RNG_SHIM_CUDA", "1");
+        println!("cargo:rustc-cfg=torch_rng_shim_cuda");
+    }
+    build.compile("torch_rng_shim");
+    println!("cargo:rustc-cfg=torch_rng_shim");
 }

@@ -29,18 +29,19 @@ impl Scaling {
     }
 }
 
-/// The tensors and hyper-parameters of one adapter on one linear layer.
+/// The tensors and hyper-parameters of one adapter on one linear layer or convolution.
 ///
-/// `down` (peft's `lora_A`) is `[r, in]`, `up` (`lora_B`) is `[out, r]`, `magnitude` (DoRA's
-/// `lora_magnitude_vector`) is `[out]`. They are usually fp32 and trainable while the base weight
+/// On a linear layer `down` (peft's `lora_A`) is `[r, in]` and `up` (`lora_B`) is `[out, r]`; on a
+/// convolution ([`crate::Conv2d`]) `down` is a kernel `[r, in, kh, kw]` and `up` a 1×1 kernel
+/// `[out, r, 1, 1]`. `magnitude` (DoRA's `lora_magnitude_vector`, linear layers only) is `[out]`. They are usually fp32 and trainable while the base weight
 /// is frozen and may be bf16.
 #[derive(Debug)]
 pub struct Adapter {
     /// The adapter's name (peft's adapter name; `"default"` for a single LoRA).
     pub name: String,
-    /// `A`, `[r, in_features]`.
+    /// `A`, `[r, in_features]` (`[r, in, kh, kw]` on a convolution).
     pub down: Tensor,
-    /// `B`, `[out_features, r]`.
+    /// `B`, `[out_features, r]` (`[out, r, 1, 1]` on a convolution).
     pub up: Tensor,
     /// DoRA's magnitude vector `[out_features]`; `None` for plain LoRA.
     pub magnitude: Option<Tensor>,
@@ -121,11 +122,17 @@ impl Adapter {
         params
     }
 
-    /// `scale · B · A` in fp32, `[out, in]`: the weight delta of a plain LoRA.
+    /// `scale · B · A` in fp32, the weight delta of a plain LoRA: `[out, in]` on a linear layer,
+    /// `[out, in, kh, kw]` on a convolution (`B`'s 1×1 kernel mixes the `r` channels of every tap
+    /// of `A`'s kernel, as peft's `lora.Conv2d.get_delta_weight`).
     pub(crate) fn delta_weight_f32(&self) -> Tensor {
+        let mut shape = self.up.size()[..1].to_vec();
+        shape.extend_from_slice(&self.down.size()[1..]);
         self.up
             .to_kind(Kind::Float)
-            .matmul(&self.down.to_kind(Kind::Float))
+            .flatten(1, -1)
+            .matmul(&self.down.to_kind(Kind::Float).flatten(1, -1))
+            .view(shape.as_slice())
             * self.scale()
     }
 

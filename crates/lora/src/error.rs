@@ -76,6 +76,16 @@ pub enum Error {
         module: String,
     },
 
+    /// A DoRA adapter asked for on a convolution (peft's conv DoRA is not implemented here).
+    #[error(
+        "module `{module}` is a convolution: DoRA on convolutions is not supported (train plain LoRA \
+         there, or leave convolutions out of the targets)"
+    )]
+    DoraOnConvolution {
+        /// The module path.
+        module: String,
+    },
+
     /// Adapter tensors whose shapes do not fit together or do not fit the layer.
     #[error("LoRA module `{module}`: {reason}")]
     ShapeMismatch {

@@ -4,7 +4,9 @@
 //! Follows peft's `LoraConfig` / `LoraModel` (`peft/tuners/lora/config.py`, `model.py`): targets
 //! are matched on the module path by dotted suffix (`to_q` matches `…attn1.to_q`), rank and alpha
 //! can be overridden per module by the same kind of pattern, and `B` starts at zero so that a
-//! freshly injected model computes exactly what the base model computes.
+//! freshly injected model computes exactly what the base model computes. Targets may be linear
+//! layers or convolutions (LoCon); kohya's `conv_dim` / `conv_alpha` are [`LoraConfig::conv_rank`] and
+//! [`LoraConfig::conv_alpha`].
 
 use std::collections::BTreeMap;
 
@@ -12,13 +14,39 @@ use tch::nn;
 use tch::{Kind, Tensor};
 
 use crate::adapter::{Adapter, Scaling};
-use crate::linear::{HasLinears, Linear};
+use crate::layer::{AdaptedLayer, for_each_layer};
+use crate::linear::HasLinears;
 use crate::{Error, Result};
 
 /// The UNet attention projections targeted by diffusers' SDXL LoRA scripts.
 pub const UNET_ATTENTION_TARGETS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
 /// The feed-forward layers of a diffusers transformer block (kohya targets them too).
 pub const UNET_FEED_FORWARD_TARGETS: [&str; 2] = ["ff.net.0.proj", "ff.net.2"];
+/// kohya's default UNet targets: every linear layer inside a `Transformer2DModel` (its
+/// `UNET_TARGET_REPLACE_MODULE` in sd-scripts' `networks/lora.py`): the attention projections, the
+/// feed-forward layers and the `proj_in` / `proj_out` projections.
+pub const UNET_TRANSFORMER_TARGETS: [&str; 8] = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "proj_in",
+    "proj_out",
+];
+/// What kohya adds when `conv_dim` is set (`UNET_TARGET_REPLACE_MODULE_CONV2D_3X3`: the layers of
+/// `ResnetBlock2D`, `Downsample2D` and `Upsample2D`): the ResNet blocks' 3×3 `conv1` / `conv2` and the
+/// samplers' `conv` at the conv rank, the blocks' 1×1 `conv_shortcut` and linear `time_emb_proj` at
+/// the linear rank. The UNet's own `conv_in` / `conv_out` are not among them.
+pub const UNET_RESNET_TARGETS: [&str; 6] = [
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+];
 /// The CLIP text-encoder attention projections targeted by diffusers' scripts.
 pub const TEXT_ENCODER_ATTENTION_TARGETS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "out_proj"];
 /// The CLIP text-encoder MLP layers (kohya targets them too).
@@ -34,7 +62,7 @@ pub enum Init {
     Gaussian,
 }
 
-/// What to inject: peft's `LoraConfig`, restricted to linear layers.
+/// What to inject: peft's `LoraConfig`, for linear layers and 2-D convolutions.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LoraConfig {
     /// Default rank `r`.
@@ -53,8 +81,18 @@ pub struct LoraConfig {
     pub init: Init,
     /// rsLoRA: scale by `alpha / √r` instead of `alpha / r`.
     pub use_rslora: bool,
-    /// DoRA: add a trainable magnitude vector per output row.
+    /// DoRA: add a trainable magnitude vector per output row (linear layers only; a convolution
+    /// among the targets is refused).
     pub use_dora: bool,
+    /// kohya's `conv_dim`: the rank of convolutions whose kernel is larger than 1×1; `None`: the
+    /// rank of every other layer (peft). 1×1 convolutions always take [`LoraConfig::rank`], as in
+    /// kohya.
+    #[serde(default)]
+    pub conv_rank: Option<i64>,
+    /// kohya's `conv_alpha`, the alpha of the layers [`LoraConfig::conv_rank`] applies to; `None`:
+    /// the conv rank (scale 1, as the default alpha of the linear layers).
+    #[serde(default)]
+    pub conv_alpha: Option<f64>,
 }
 
 impl LoraConfig {
@@ -81,6 +119,8 @@ impl LoraConfig {
             init: Init::Gaussian,
             use_rslora: false,
             use_dora: false,
+            conv_rank: None,
+            conv_alpha: None,
         }
     }
 
@@ -100,13 +140,25 @@ impl LoraConfig {
             .any(|target| matches_suffix(module, target))
     }
 
-    /// The rank and alpha of `module` after the patterns.
+    /// The rank and alpha of `module` (a linear layer or 1×1 convolution) after the patterns.
     pub fn rank_and_alpha(&self, module: &str) -> (i64, f64) {
+        self.layer_rank_and_alpha(module, false)
+    }
+
+    /// The rank and alpha of `module`; `spatial_conv` tells whether it is a convolution with a
+    /// kernel larger than 1×1. The patterns win, then [`LoraConfig::conv_rank`] /
+    /// [`LoraConfig::conv_alpha`] for such a convolution, then [`LoraConfig::rank`] /
+    /// [`LoraConfig::alpha`].
+    pub fn layer_rank_and_alpha(&self, module: &str, spatial_conv: bool) -> (i64, f64) {
+        let conv = self.conv_rank.filter(|_| spatial_conv);
         let rank = longest_match(&self.rank_pattern, module)
             .copied()
+            .or(conv)
             .unwrap_or(self.rank);
+        let conv_alpha = conv.map(|r| self.conv_alpha.unwrap_or(r as f64));
         let alpha = longest_match(&self.alpha_pattern, module)
             .copied()
+            .or(conv_alpha)
             .unwrap_or(self.alpha);
         (rank, alpha)
     }
@@ -140,7 +192,17 @@ impl LoraConfig {
         if self.targets.is_empty() {
             return bad("targets".into(), "must name at least one module");
         }
-        Ok(())
+        if self.conv_rank.is_some_and(|r| r < 1) {
+            return bad("conv_rank".into(), "must be at least 1");
+        }
+        match self.conv_alpha {
+            Some(a) if !a.is_finite() => bad("conv_alpha".into(), "must be finite"),
+            Some(_) if self.conv_rank.is_none() => bad(
+                "conv_alpha".into(),
+                "needs conv_rank (it is the alpha of that rank)",
+            ),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -197,17 +259,20 @@ impl std::fmt::Display for InjectionReport {
     }
 }
 
-/// Adds an adapter called `name` to every linear layer of `model` that `config` targets.
+/// Adds an adapter called `name` to every linear layer and convolution of `model` that `config`
+/// targets.
 ///
 /// The adapter's tensors are created in `root`'s variable store (trainable, in that store's
 /// element type, normally fp32) as `<module path>.lora_A.weight`, `<module path>.lora_B.weight`
-/// and, for DoRA, `<module path>.lora_magnitude_vector` (peft's state-dict names). Base weights and
-/// biases of every linear layer are frozen (`requires_grad = false`), as peft does; freezing the
-/// rest of the model (norms, convolutions) is the caller's (`VarStore::freeze`).
+/// and, for DoRA, `<module path>.lora_magnitude_vector` (peft's state-dict names); on a convolution
+/// `A` is `[r, in, kh, kw]` and `B` `[out, r, 1, 1]`. Base weights and biases of every layer the
+/// model exposes are frozen (`requires_grad = false`), as peft does; freezing the rest of the model
+/// (norms) is the caller's (`VarStore::freeze`).
 ///
 /// # Errors
 /// [`Error::InvalidConfig`], [`Error::NoTargetMatched`] when nothing was adapted,
-/// [`Error::DuplicateAdapter`] when a target already carries an adapter called `name`.
+/// [`Error::DuplicateAdapter`] when a target already carries an adapter called `name`,
+/// [`Error::DoraOnConvolution`] when `use_dora` meets a targeted convolution.
 pub fn inject(
     model: &mut dyn HasLinears,
     root: &nn::Path,
@@ -218,30 +283,27 @@ pub fn inject(
     let mut report = InjectionReport::default();
     let mut matched = vec![false; config.targets.len()];
     let mut failure = None;
-    model.for_each_linear(&mut |module, linear| {
-        let _ = linear.weight.set_requires_grad(false);
-        if let Some(bias) = &linear.bias {
-            let _ = bias.set_requires_grad(false);
-        }
+    for_each_layer(model, &mut |module, layer| {
+        layer.freeze_base();
         if failure.is_some() || !config.targets_module(module) {
             return;
         }
         for (flag, target) in matched.iter_mut().zip(&config.targets) {
             *flag |= matches_suffix(module, target);
         }
-        let (rank, alpha) = config.rank_and_alpha(module);
-        match new_adapter(
+        let (rank, alpha) = config.layer_rank_and_alpha(module, layer.shape().is_spatial_conv());
+        let added = new_adapter(
             &module_path(root, module),
+            module,
             name,
-            linear,
+            layer,
             rank,
             alpha,
             config,
-        ) {
-            Ok(adapter) => match linear.add_adapter(module, adapter) {
-                Ok(()) => report.adapted.push((module.to_owned(), rank, alpha)),
-                Err(error) => failure = Some(error),
-            },
+        )
+        .and_then(|adapter| layer.add_adapter(module, adapter));
+        match added {
+            Ok(()) => report.adapted.push((module.to_owned(), rank, alpha)),
             Err(error) => failure = Some(error),
         }
     });
@@ -265,35 +327,42 @@ pub fn inject(
 
 fn new_adapter(
     path: &nn::Path,
+    module: &str,
     name: &str,
-    linear: &Linear,
+    layer: &dyn AdaptedLayer,
     rank: i64,
     alpha: f64,
     config: &LoraConfig,
 ) -> Result<Adapter> {
-    let (in_features, out_features) = (linear.in_features(), linear.out_features());
+    let shape = layer.shape();
+    if config.use_dora && shape.kernel.is_some() {
+        return Err(Error::DoraOnConvolution {
+            module: module.to_owned(),
+        });
+    }
     let down_init = match config.init {
         Init::Gaussian => nn::Init::Randn {
             mean: 0.0,
             stdev: 1.0 / rank as f64,
         },
         Init::KaimingUniform => {
-            let bound = 1.0 / (in_features as f64).sqrt();
+            let bound = 1.0 / (shape.fan_in() as f64).sqrt();
             nn::Init::Uniform {
                 lo: -bound,
                 up: bound,
             }
         }
     };
-    let down = (path / "lora_A").f_var("weight", &[rank, in_features], down_init)?;
-    let up = (path / "lora_B").f_var("weight", &[out_features, rank], nn::Init::Const(0.0))?;
+    let (down_shape, up_shape) = shape.adapter_shapes(rank);
+    let down = (path / "lora_A").f_var("weight", &down_shape, down_init)?;
+    let up = (path / "lora_B").f_var("weight", &up_shape, nn::Init::Const(0.0))?;
     let mut adapter = Adapter::new(name, down, up, alpha);
     adapter.scaling = config.scaling();
     adapter.dropout = config.dropout;
     if config.use_dora {
         // With B = 0 the adapted weight is W, so the magnitude starts at W's row norms.
-        let weight = linear
-            .base_weight()
+        let weight = layer
+            .base_value()
             .to_kind(Kind::Float)
             .to_device(path.device());
         let norm = adapter.dora_weight_norm(&weight, &weight.zeros_like());
@@ -302,19 +371,19 @@ fn new_adapter(
     Ok(adapter)
 }
 
-/// Runs `f` on every adapter called `name`, stopping at the first error. Returns how many layers
-/// have such an adapter.
+/// Runs `f` on every layer with an adapter called `name`, stopping at the first error. Returns how
+/// many layers have such an adapter.
 fn for_each_named(
     model: &mut dyn HasLinears,
     name: &str,
-    f: &mut dyn FnMut(&str, &mut Linear) -> Result<()>,
+    f: &mut dyn FnMut(&str, &mut dyn AdaptedLayer) -> Result<()>,
 ) -> Result<usize> {
     let mut count = 0;
     let mut failure = None;
-    model.for_each_linear(&mut |module, linear| {
-        if failure.is_none() && linear.adapter(name).is_some() {
+    for_each_layer(model, &mut |module, layer| {
+        if failure.is_none() && layer.adapter(name).is_some() {
             count += 1;
-            if let Err(error) = f(module, linear) {
+            if let Err(error) = f(module, layer) {
                 failure = Some(error);
             }
         }
@@ -334,8 +403,8 @@ fn for_each_named(
 /// # Errors
 /// [`Error::UnknownAdapter`] when no layer has it.
 pub fn set_enabled(model: &mut dyn HasLinears, name: &str, enabled: bool) -> Result<usize> {
-    for_each_named(model, name, &mut |module, linear| {
-        linear.set_adapter_enabled(module, name, enabled)
+    for_each_named(model, name, &mut |module, layer| {
+        layer.set_adapter_enabled(module, name, enabled)
     })
 }
 
@@ -367,8 +436,8 @@ fn update_adapter(
     name: &str,
     f: &mut dyn FnMut(&mut crate::Adapter),
 ) -> Result<usize> {
-    for_each_named(model, name, &mut |module, linear| {
-        let adapter = linear
+    for_each_named(model, name, &mut |module, layer| {
+        let adapter = layer
             .adapter_mut(name)
             .ok_or_else(|| Error::UnknownAdapter {
                 module: module.to_owned(),
@@ -379,9 +448,9 @@ fn update_adapter(
     })
 }
 
-/// Training mode (adapter dropout on) or evaluation mode for every linear layer.
+/// Training mode (adapter dropout on) or evaluation mode for every linear layer and convolution.
 pub fn set_training(model: &mut dyn HasLinears, training: bool) {
-    model.for_each_linear(&mut |_, linear| linear.set_training(training));
+    for_each_layer(model, &mut |_, layer| layer.set_training(training));
 }
 
 /// Merges every enabled adapter (or only those named) into the base weights of every layer.
@@ -392,18 +461,18 @@ pub fn set_training(model: &mut dyn HasLinears, training: bool) {
 /// adapted layer whose base weight is stored in fp8.
 pub fn merge(model: &mut dyn HasLinears, names: Option<&[&str]>) -> Result<()> {
     let mut failure = None;
-    model.for_each_linear(&mut |module, linear| {
-        if failure.is_some() || linear.adapters().is_empty() {
+    for_each_layer(model, &mut |module, layer| {
+        if failure.is_some() || layer.adapters().is_empty() {
             return;
         }
         let present: Option<Vec<&str>> = names.map(|names| {
             names
                 .iter()
                 .copied()
-                .filter(|n| linear.adapter(n).is_some())
+                .filter(|n| layer.adapter(n).is_some())
                 .collect()
         });
-        if let Err(error) = linear.merge(module, present.as_deref()) {
+        if let Err(error) = layer.merge(module, present.as_deref()) {
             failure = Some(error);
         }
     });
@@ -417,9 +486,9 @@ pub fn merge(model: &mut dyn HasLinears, names: Option<&[&str]>) -> Result<()> {
 /// errors.
 pub fn unmerge(model: &mut dyn HasLinears) -> Result<()> {
     let mut failure = None;
-    model.for_each_linear(&mut |module, linear| {
+    for_each_layer(model, &mut |module, layer| {
         if failure.is_none()
-            && let Err(error) = linear.unmerge(module)
+            && let Err(error) = layer.unmerge(module)
         {
             failure = Some(error);
         }
@@ -432,8 +501,8 @@ pub fn unmerge(model: &mut dyn HasLinears) -> Result<()> {
 /// Base weights are never included.
 pub fn trainable_variables(model: &mut dyn HasLinears) -> BTreeMap<String, Tensor> {
     let mut variables = BTreeMap::new();
-    model.for_each_linear(&mut |module, linear| {
-        for adapter in linear.adapters() {
+    for_each_layer(model, &mut |module, layer| {
+        for adapter in layer.adapters() {
             let key = |part: &str| format!("{module}.{}.{part}", adapter.name);
             variables.insert(key("lora_A"), adapter.down.shallow_clone());
             variables.insert(key("lora_B"), adapter.up.shallow_clone());

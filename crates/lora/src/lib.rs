@@ -2,7 +2,9 @@
 //!
 //! - [`Linear`]: the linear layer every model of the workspace uses; it carries any number of
 //!   [`Adapter`]s (LoRA or DoRA), which can be enabled, disabled, merged and unmerged.
-//! - [`HasLinears`]: how models expose their linear layers by module path.
+//! - [`Conv2d`]: the same for 2-D convolutions (LoCon: `A` a convolution with the base kernel's
+//!   size, stride and padding, `B` a 1×1 convolution), as peft's `lora.Conv2d` and kohya's LoRA.
+//! - [`HasLinears`]: how models expose their linear layers (and convolutions) by module path.
 //! - [`inject`] and [`LoraConfig`]: peft-style injection by module-path patterns, plus
 //!   model-wide [`merge`], [`unmerge`], [`set_enabled`], [`trainable_variables`].
 //! - [`ComputeCopies`]: bf16 copies of the adapters for mixed-precision training (one cast per
@@ -46,22 +48,26 @@
 #![warn(missing_docs)]
 
 mod adapter;
+mod conv;
 mod copies;
 mod error;
 pub mod format;
 pub mod fp8;
 mod inject;
+mod layer;
 mod linear;
 mod state;
 
 pub use adapter::{Adapter, Scaling};
+pub use conv::Conv2d;
 pub use copies::ComputeCopies;
 pub use error::{Error, Result};
 pub use fp8::{Fp8Report, quantize_base_fp8};
 pub use inject::{
     Init, InjectionReport, LoraConfig, TEXT_ENCODER_ATTENTION_TARGETS, TEXT_ENCODER_MLP_TARGETS,
-    UNET_ATTENTION_TARGETS, UNET_FEED_FORWARD_TARGETS, inject, matches_suffix, merge, module_path,
-    set_compute_kind, set_enabled, set_multiplier, set_training, trainable_variables, unmerge,
+    UNET_ATTENTION_TARGETS, UNET_FEED_FORWARD_TARGETS, UNET_RESNET_TARGETS,
+    UNET_TRANSFORMER_TARGETS, inject, matches_suffix, merge, module_path, set_compute_kind,
+    set_enabled, set_multiplier, set_training, trainable_variables, unmerge,
 };
 pub use linear::{HasLinears, Linear, fused_forward, pack_weights};
 pub use state::{Component, LoraState, ModuleLora};

@@ -49,21 +49,21 @@ pub(crate) struct PackMark {
 
 /// How to widen an fp8 base weight.
 #[derive(Debug)]
-struct Fp8Weight {
+pub(crate) struct Fp8Weight {
     /// `amax / 448`, a 0-dim fp32 tensor on the weight's device.
-    scale: Tensor,
+    pub(crate) scale: Tensor,
     /// The type the layer computes in (the weight's type before quantizing, or the one asked for).
-    compute_kind: Kind,
+    pub(crate) compute_kind: Kind,
 }
 
 /// The undo information of one merged adapter.
 #[derive(Debug)]
-struct MergeRecord {
-    adapter: usize,
+pub(crate) struct MergeRecord {
+    pub(crate) adapter: usize,
     /// `scale · B · A` in fp32 as it was merged.
-    delta: Tensor,
+    pub(crate) delta: Tensor,
     /// DoRA's `m / ‖W + ΔW‖` (`[out, 1]`, fp32) that multiplied the weight.
-    dora_factor: Option<Tensor>,
+    pub(crate) dora_factor: Option<Tensor>,
 }
 
 impl Linear {
@@ -718,7 +718,8 @@ impl Module for Linear {
     }
 }
 
-/// A module tree that lets callers visit its linear layers by module path.
+/// A module tree that lets callers visit its linear layers, and its convolutions if it has any, by
+/// module path: every layer visited can carry adapters.
 ///
 /// Paths are the dotted attribute paths of the reference implementation relative to the model's
 /// root (e.g. `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` in a diffusers UNet),
@@ -726,6 +727,12 @@ impl Module for Linear {
 pub trait HasLinears {
     /// Calls `f` once for every linear layer, in a fixed order, with its path.
     fn for_each_linear(&mut self, f: &mut dyn FnMut(&str, &mut Linear));
+
+    /// Calls `f` once for every convolution ([`crate::Conv2d`]), in a fixed order, with its path.
+    /// Models without convolutions keep this default, which visits none.
+    fn for_each_conv(&mut self, f: &mut dyn FnMut(&str, &mut crate::Conv2d)) {
+        let _ = f;
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use tch::Tensor;
 
 use crate::adapter::{Adapter, Scaling};
 use crate::format::kohya::resolve_in;
+use crate::layer::for_each_layer;
 use crate::linear::HasLinears;
 use crate::{Error, Result};
 
@@ -78,9 +79,9 @@ impl std::fmt::Display for Component {
 /// The adapter of one module.
 #[derive(Debug)]
 pub struct ModuleLora {
-    /// `A` / `lora_down`, `[r, in]`.
+    /// `A` / `lora_down`, `[r, in]` (a convolution's: `[r, in, kh, kw]`).
     pub down: Tensor,
-    /// `B` / `lora_up`, `[out, r]`.
+    /// `B` / `lora_up`, `[out, r]` (a convolution's: `[out, r, 1, 1]`).
     pub up: Tensor,
     /// Alpha (files without one mean alpha = r).
     pub alpha: f64,
@@ -96,14 +97,27 @@ impl ModuleLora {
         self.down.size()[0]
     }
 
-    /// Checks that `down` is `[r, in]`, `up` `[out, r]` and the magnitude `[out]`.
+    /// Whether this is a convolution's adapter (4-D kernels).
+    pub fn is_conv(&self) -> bool {
+        self.down.dim() == 4
+    }
+
+    /// Checks that `down` is `[r, in]`, `up` `[out, r]` and the magnitude `[out]`, or for a
+    /// convolution `down` `[r, in, kh, kw]` and `up` `[out, r, 1, 1]` without a magnitude.
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] naming `module`.
     pub fn check_shapes(&self, module: &str) -> Result<()> {
         let (down, up) = (self.down.size(), self.up.size());
-        let reason = if down.len() != 2 || up.len() != 2 {
-            Some(format!("down {down:?} and up {up:?} must both be matrices"))
+        let conv = down.len() == 4 && up.len() == 4;
+        let reason = if !conv && (down.len() != 2 || up.len() != 2) {
+            Some(format!(
+                "down {down:?} and up {up:?} must both be matrices, or both 4-D kernels"
+            ))
+        } else if conv && up[2..] != [1, 1] {
+            Some(format!("up {up:?} of a convolution must be a 1×1 kernel"))
+        } else if conv && self.magnitude.is_some() {
+            Some("DoRA on convolutions is not supported".to_owned())
         } else if down[0] != up[1] {
             Some(format!(
                 "down {down:?} has rank {} but up {up:?} has rank {}",
@@ -154,8 +168,8 @@ impl LoraState {
         adapter_name: &str,
     ) -> Result<usize> {
         let mut count = 0;
-        model.for_each_linear(&mut |module, linear| {
-            if let Some(adapter) = linear.adapter(adapter_name) {
+        for_each_layer(model, &mut |module, layer| {
+            if let Some(adapter) = layer.adapter(adapter_name) {
                 count += 1;
                 self.modules.insert(
                     (component, module.to_owned()),
@@ -196,7 +210,7 @@ impl LoraState {
         trainable: bool,
     ) -> Result<usize> {
         let mut model_paths = BTreeSet::new();
-        model.for_each_linear(&mut |module, _| {
+        for_each_layer(model, &mut |module, _| {
             model_paths.insert(module.to_owned());
         });
         // File path → model path: equal, else the only model path ending with `.<file path>`.
@@ -218,14 +232,14 @@ impl LoraState {
         }
         let mut failure = None;
         let mut count = 0;
-        model.for_each_linear(&mut |module, linear| {
+        for_each_layer(model, &mut |module, layer| {
             let Some(lora) = placed.get(module) else {
                 return;
             };
             if failure.is_some() {
                 return;
             }
-            let device = linear.weight.device();
+            let device = layer.device();
             let fresh = |t: &Tensor| {
                 t.to_device(device)
                     .detach()
@@ -236,7 +250,7 @@ impl LoraState {
                 Adapter::new(adapter_name, fresh(&lora.down), fresh(&lora.up), lora.alpha);
             adapter.scaling = lora.scaling;
             adapter.magnitude = lora.magnitude.as_ref().map(fresh);
-            match linear.add_adapter(module, adapter) {
+            match layer.add_adapter(module, adapter) {
                 Ok(()) => count += 1,
                 Err(error) => failure = Some(error),
             }

@@ -146,6 +146,11 @@ pub enum Error {
     /// A LoRA could not be attached, scaled or switched.
     #[error("LoRA: {0}")]
     Lora(#[from] lora::Error),
+
+    /// Saving or restoring the random generator around a recomputed segment (gradient
+    /// checkpointing).
+    #[error("gradient checkpointing: {0}")]
+    Rng(#[from] torch_cuda::Error),
     /// An image could not be encoded or written.
     #[error("{path}: {source}")]
     Image {

@@ -13,6 +13,7 @@ pub mod foreach;
 pub mod graph;
 pub mod portable;
 pub mod profiler;
+pub mod rng;
 
 pub use graph::{CaptureMode, CudaGraph};
 pub use profiler::{Profiler, ProfilerOptions};
@@ -29,6 +30,9 @@ pub enum Error {
     /// A [`foreach`] operation.
     #[error("foreach: {0}")]
     Foreach(String),
+    /// Saving or restoring a random generator's state ([`rng`]).
+    #[error("random state: {0}")]
+    Rng(String),
 }
 
 /// Why a function that needs the shim cannot run in this build.

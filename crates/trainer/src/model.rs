@@ -79,9 +79,10 @@ impl TrainModel {
         });
         tch::manual_seed(config.seed as i64);
         let lora_store = VarStore::new(device);
-        let mut lora_config = LoraConfig::unet_attention(i64::from(config.rank));
-        lora_config.alpha = config.lora_alpha.unwrap_or(f64::from(config.rank));
+        let lora_config = config.lora_config()?;
         let report = lora::inject(&mut unet, &lora_store.root(), ADAPTER, &lora_config)?;
+        // Adapter dropout is on while training; validation switches it off around its images.
+        lora::set_training(&mut unet, true);
         let copies = compute_copies(&mut unet, kind)?;
         let params: Vec<(String, Tensor)> =
             lora::trainable_variables(&mut unet).into_iter().collect();
@@ -92,11 +93,10 @@ impl TrainModel {
             params,
             copies,
         };
-        log(format!(
-            "LoRA rank {} on {} layers: {} trainable parameters",
-            config.rank,
-            report.adapted.len(),
-            model.lora_parameter_count()
+        log(lora_summary(
+            &lora_config,
+            &report,
+            model.lora_parameter_count(),
         ));
         Ok(model)
     }
@@ -135,6 +135,11 @@ impl TrainModel {
             .map(|v| (v.numel() * v.kind().elt_size_in_bytes()) as i64)
             .sum();
         (elements, bytes)
+    }
+
+    /// Training mode (adapter dropout on) or evaluation mode (off, for validation images).
+    pub fn set_training(&mut self, training: bool) {
+        lora::set_training(&mut self.unet, training);
     }
 
     /// Turns the LoRA on or off (the base model's images for the comparison grid).
@@ -229,4 +234,39 @@ fn compute_copies(
         ));
     }
     Ok(copies)
+}
+
+/// What was adapted, for the log: the variant, the layer count by rank and alpha, the targets.
+fn lora_summary(config: &LoraConfig, report: &lora::InjectionReport, parameters: i64) -> String {
+    let variant = match (config.use_dora, config.use_rslora) {
+        (true, true) => "DoRA (rsLoRA scaling)",
+        (true, false) => "DoRA",
+        (false, true) => "LoRA (rsLoRA scaling)",
+        (false, false) => "LoRA",
+    };
+    let mut groups: Vec<(i64, f64, usize)> = Vec::new();
+    for (_, rank, alpha) in &report.adapted {
+        match groups.iter_mut().find(|(r, a, _)| r == rank && a == alpha) {
+            Some(group) => group.2 += 1,
+            None => groups.push((*rank, *alpha, 1)),
+        }
+    }
+    let groups: Vec<String> = groups
+        .iter()
+        .map(|(rank, alpha, count)| format!("{count} at rank {rank} alpha {alpha}"))
+        .collect();
+    let mut line = format!(
+        "{variant} on {} layers ({}), targets {}, dropout {}: {parameters} trainable parameters",
+        report.adapted.len(),
+        groups.join(", "),
+        config.targets.join(","),
+        config.dropout
+    );
+    if !report.unmatched_targets.is_empty() {
+        line.push_str(&format!(
+            "; targets that matched no layer: {}",
+            report.unmatched_targets.join(",")
+        ));
+    }
+    line
 }

@@ -99,11 +99,13 @@ impl Validator {
         model: &mut TrainModel,
         vae: Option<&AutoencoderKL>,
     ) -> Result<image::RgbImage> {
+        model.set_training(false);
         model.set_lora_enabled(false)?;
         let base = self.latents(model.unet());
         model.set_lora_enabled(true)?;
-        let tuned = self.latents(model.unet())?;
-        Ok(grid_column(&self.decode_rows(vae, &[base?, tuned])?)?)
+        let tuned = self.latents(model.unet());
+        model.set_training(true);
+        Ok(grid_column(&self.decode_rows(vae, &[base?, tuned?])?)?)
     }
 
     /// Denoises validation latents with `unet`.

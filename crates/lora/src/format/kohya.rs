@@ -4,7 +4,9 @@
 //! `[out, r]` and `.alpha` (a scalar; absent or zero means alpha = r). DoRA adds `.dora_scale`
 //! `[out, 1]`: peft's magnitude, one per output row. ComfyUI loads that key but decomposes the weight
 //! LyCORIS' way, one norm per input column, which is another function (docs/FORMATS.md, section 4);
-//! diffusers drops the key. Every kohya file also carries kohya's training hashes ([`super::hashes`]).
+//! diffusers drops the key. A convolution's (LoCon, kohya's `conv_dim`) are kernels:
+//! `.lora_down.weight` `[r, in, kh, kw]`, `.lora_up.weight` `[out, r, 1, 1]`. Every kohya file also
+//! carries kohya's training hashes ([`super::hashes`]).
 //!
 //! UNet paths come in two spellings: diffusers block names (`down_blocks_1_attentions_0_…`, what
 //! diffusers' `convert_state_dict_to_kohya` writes) and SGM block names (`input_blocks_4_1_…`, what
@@ -17,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use super::Part;
+use crate::layer::for_each_layer;
 use crate::linear::HasLinears;
 use crate::state::Component;
 use crate::{Error, Result};
@@ -104,8 +107,8 @@ fn replace_prefix<'a>(
         .map(|(_, renamed)| renamed)
 }
 
-/// The linear-layer module paths of each component of a model: what kohya names are matched
-/// against.
+/// The module paths of the adaptable layers (linear layers and convolutions) of each component of a
+/// model: what kohya names are matched against.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModuleNames {
     paths: BTreeMap<Component, BTreeSet<String>>,
@@ -117,10 +120,10 @@ impl ModuleNames {
         Self::default()
     }
 
-    /// Adds every linear layer of `model` as a module of `component`.
+    /// Adds every linear layer and convolution of `model` as a module of `component`.
     pub fn add_model(&mut self, component: Component, model: &mut dyn HasLinears) -> &mut Self {
         let set = self.paths.entry(component).or_default();
-        model.for_each_linear(&mut |path, _| {
+        for_each_layer(model, &mut |path, _| {
             set.insert(path.to_owned());
         });
         self
@@ -140,9 +143,9 @@ impl ModuleNames {
         self
     }
 
-    /// Adds the linear layers of a model's safetensors file (diffusers / transformers layout) as
-    /// modules of `component`: every 2-D tensor whose key ends in `.weight`. Only the header is
-    /// parsed.
+    /// Adds the linear layers and convolutions of a model's safetensors file (diffusers /
+    /// transformers layout) as modules of `component`: every 2-D or 4-D tensor whose key ends in
+    /// `.weight`. Only the header is parsed.
     ///
     /// # Errors
     /// [`Error::Io`] and [`Error::SafeTensors`] naming the file.
@@ -160,7 +163,7 @@ impl ModuleNames {
         let paths = header
             .tensors()
             .into_iter()
-            .filter(|(_, info)| info.shape.len() == 2)
+            .filter(|(_, info)| matches!(info.shape.len(), 2 | 4))
             .filter_map(|(key, _)| key.strip_suffix(".weight").map(str::to_owned))
             .collect::<Vec<_>>();
         Ok(self.add_paths(component, paths))

@@ -9,10 +9,17 @@
 //! parameter gradients (e.g. LoRA weights) exactly as one big backward would, and yields the gradients
 //! of the segment's inputs, which are summed per value and handed on to earlier segments.
 //!
+//! A segment that draws random numbers (LoRA dropout) must draw the same ones when it is recomputed,
+//! or its gradients belong to another forward pass. So, as torch.utils.checkpoint's
+//! `preserve_rng_state`, the tape saves the default generator of the segment's device before the
+//! segment runs and, in the backward, sets it back for the recomputation, then restores the state
+//! that was current ([`torch_cuda::rng`]; on CUDA this also holds inside a graph capture).
+//!
 //! Everything is device work with shapes fixed by the forward pass: no tensor value is read on the
 //! host, so a step with checkpointing can be captured as a CUDA graph like one without.
 
 use tch::{Kind, Tensor};
+use torch_cuda::rng::RngState;
 
 use crate::Result;
 
@@ -26,6 +33,9 @@ struct Record<'a> {
     inputs: Vec<Value>,
     output: Value,
     segment: Segment<'a>,
+    /// The generator of the inputs' device before the segment ran (`None` where this build cannot
+    /// save it, see [`torch_cuda::rng::available`]).
+    rng: Option<RngState>,
 }
 
 /// The values and, when checkpointing, the segments of one forward pass.
@@ -79,6 +89,10 @@ impl<'a> Tape<'a> {
             .iter()
             .map(|v| self.values[v.0].shallow_clone())
             .collect();
+        let rng = match (self.checkpointing, args.first()) {
+            (true, Some(first)) => RngState::save(first.device())?,
+            _ => None,
+        };
         let output = if self.checkpointing {
             tch::no_grad(|| segment(&args))?
         } else {
@@ -91,6 +105,7 @@ impl<'a> Tape<'a> {
                 inputs: inputs.to_vec(),
                 output,
                 segment: Box::new(segment),
+                rng,
             });
         }
         Ok(output)
@@ -129,7 +144,7 @@ impl<'a> Tape<'a> {
                     }
                 })
                 .collect();
-            let recomputed = (record.segment)(&inputs)?;
+            let recomputed = recompute(record, &inputs)?;
             // d/d(recomputed) of sum(recomputed · grad) is grad: one backward call feeds it through.
             let surrogate =
                 (recomputed * grad.to_kind(self.values[record.output.0].kind())).sum(Kind::Float);
@@ -150,6 +165,21 @@ impl<'a> Tape<'a> {
             .map(|v| grads[v.0].as_ref().map(Tensor::shallow_clone))
             .collect())
     }
+}
+
+/// Runs `record`'s segment again on `inputs` with the random generator where it stood before the
+/// segment's first run, then puts the generator back where it was.
+fn recompute(record: &Record<'_>, inputs: &[Tensor]) -> Result<Tensor> {
+    let Some(saved) = &record.rng else {
+        return (record.segment)(inputs);
+    };
+    let current = RngState::save(saved.device())?;
+    saved.restore()?;
+    let recomputed = (record.segment)(inputs);
+    if let Some(current) = current {
+        current.restore()?;
+    }
+    recomputed
 }
 
 #[cfg(test)]

@@ -9,7 +9,6 @@
 mod basic_transformer_block;
 pub mod checkpoint;
 pub mod config;
-pub mod conv;
 mod embeddings;
 pub mod loading;
 mod resnet;

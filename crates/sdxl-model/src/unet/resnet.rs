@@ -7,9 +7,7 @@
 use tch::Tensor;
 use tch::nn::{self, Module};
 
-use lora::Linear;
-
-use super::conv::Conv2d;
+use lora::{Conv2d, Linear};
 
 /// A 3×3 (or 1×1) convolution created under `path` with the given stride and padding.
 pub(crate) fn conv2d(

@@ -7,10 +7,9 @@
 use tch::Tensor;
 use tch::nn::{self, Module};
 
-use lora::Linear;
+use lora::{Conv2d, Linear};
 
 use super::basic_transformer_block::BasicTransformerBlock;
-use super::conv::Conv2d;
 use super::resnet::{conv2d, group_norm};
 use crate::Result;
 use crate::attention::AttentionBackend;

@@ -8,10 +8,9 @@
 
 use tch::nn;
 
-use lora::Linear;
+use lora::{Conv2d, Linear};
 
 use super::config::{DownBlockKind, UNetConfig, UpBlockKind};
-use super::conv::Conv2d;
 use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use super::transformer_2d::{Transformer2DModel, TransformerSpec};
 

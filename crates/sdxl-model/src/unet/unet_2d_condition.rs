@@ -7,11 +7,10 @@
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use lora::{HasLinears, Linear};
+use lora::{Conv2d, HasLinears, Linear};
 
 use super::checkpoint::{Tape, Value};
 use super::config::UNetConfig;
-use super::conv::Conv2d;
 use super::embeddings::{TimestepEmbedding, timestep_embedding};
 use super::resnet::{conv2d, group_norm};
 use super::transformer_2d::Transformer2DModel;
@@ -191,47 +190,33 @@ impl UNet2DConditionModel {
         self.backend = backend;
     }
 
-    /// Calls `f` with every convolution (`conv_in`, the blocks' `conv1`/`conv2`/`conv_shortcut`,
-    /// the samplers' `conv`, 1×1 projections where the config has them, `conv_out`) and its
-    /// diffusers path.
-    pub fn for_each_conv(&mut self, f: &mut dyn FnMut(&str, &mut Conv2d)) {
-        f("conv_in", &mut self.conv_in);
-        for (i, block) in self.down_blocks.iter_mut().enumerate() {
-            block.for_each_conv(&format!("down_blocks.{i}"), f);
-        }
-        self.mid_block.for_each_conv("mid_block", f);
-        for (i, block) in self.up_blocks.iter_mut().enumerate() {
-            block.for_each_conv(&format!("up_blocks.{i}"), f);
-        }
-        f("conv_out", &mut self.conv_out);
-    }
-
     /// Stores every convolution's weight in fp8 ([`Conv2d::quantize_fp8`]): with
     /// [`lora::quantize_base_fp8`] for the linear layers, every weight matrix of the UNet is fp8 and
     /// only norms and biases keep their type. The report counts convolutions.
     ///
     /// # Errors
-    /// Only libtorch errors (convolutions before the failing one stay quantized).
+    /// Only libtorch errors, and [`lora::Error::QuantizeMerged`] for a convolution with merged
+    /// adapters (convolutions before the failing one stay quantized).
     pub fn quantize_convs_fp8(&mut self) -> Result<lora::Fp8Report> {
         let mut report = lora::Fp8Report::default();
         let mut failure = None;
-        self.for_each_conv(&mut |_, conv| {
+        self.for_each_conv(&mut |path, conv| {
             if failure.is_some() {
                 return;
             }
-            let before = conv.weight_bytes();
+            let before = conv.base_weight_bytes();
             if conv.is_fp8() {
                 report.already_fp8 += 1;
-            } else if let Err(error) = conv.quantize_fp8() {
+            } else if let Err(error) = conv.quantize_fp8(path, None) {
                 failure = Some(error);
                 return;
             } else {
                 report.quantized += 1;
             }
             report.bytes_before += before;
-            report.bytes_after += conv.weight_bytes();
+            report.bytes_after += conv.base_weight_bytes();
         });
-        failure.map_or(Ok(report), Err)
+        failure.map_or(Ok(report), |error| Err(error.into()))
     }
 
     /// Predicts the noise of `inputs.sample`.
@@ -434,6 +419,20 @@ impl HasLinears for UNet2DConditionModel {
         for (i, block) in self.up_blocks.iter_mut().enumerate() {
             block.for_each_linear(&format!("up_blocks.{i}"), f);
         }
+    }
+
+    /// Every convolution (`conv_in`, the blocks' `conv1`/`conv2`/`conv_shortcut`, the samplers'
+    /// `conv`, 1×1 projections where the config has them, `conv_out`) with its diffusers path.
+    fn for_each_conv(&mut self, f: &mut dyn FnMut(&str, &mut Conv2d)) {
+        f("conv_in", &mut self.conv_in);
+        for (i, block) in self.down_blocks.iter_mut().enumerate() {
+            block.for_each_conv(&format!("down_blocks.{i}"), f);
+        }
+        self.mid_block.for_each_conv("mid_block", f);
+        for (i, block) in self.up_blocks.iter_mut().enumerate() {
+            block.for_each_conv(&format!("up_blocks.{i}"), f);
+        }
+        f("conv_out", &mut self.conv_out);
     }
 }
 

@@ -19,6 +19,7 @@
 
 mod flags;
 pub mod kohya;
+mod lora_targets;
 mod validate;
 
 use std::path::{Path, PathBuf};
@@ -198,6 +199,18 @@ train_config! {
     rank: u32 = 4,
     /// LoRA alpha (scale = alpha / rank); default: the rank, as diffusers.
     lora_alpha: Option<f64> = None,
+    /// UNet layers that get a LoRA: a preset, `attn` (to_q, to_k, to_v, to_out.0, as diffusers' scripts) or `kohya` (every linear layer of the transformer blocks, as kohya's networks/lora.py), or comma-separated diffusers module names matched as dotted suffixes (e.g. `to_q,to_k,ff.net.2`).
+    target_modules: String = "attn".into(),
+    /// LoCon: also adapt the ResNet blocks and samplers as kohya's conv_dim does: 3×3 convolutions at this rank, the blocks' conv_shortcut and time_emb_proj at --rank; off when unset.
+    conv_rank: Option<u32> = None,
+    /// Alpha of the --conv_rank layers (kohya's conv_alpha); default: the conv rank (scale 1, as --lora_alpha's default; kohya's default is 1).
+    conv_alpha: Option<f64> = None,
+    /// DoRA (peft's use_dora): a trainable magnitude per output row of each adapted linear layer; not with --conv_rank.
+    use_dora: bool = false,
+    /// Dropout probability on each LoRA's input while training (peft's lora_dropout).
+    lora_dropout: f64 = 0.0,
+    /// rsLoRA (peft's use_rslora): scale by alpha / √rank instead of alpha / rank.
+    use_rslora: bool = false,
     /// 8-bit block-quantized AdamW states (bitsandbytes AdamW8bit); else fp32 states.
     use_8bit_adam: bool = true,
     /// Adam β₁.

@@ -42,6 +42,7 @@ impl TrainConfig {
             }
         }
         self.validate_ranges()?;
+        self.lora_config()?;
         self.validate_combinations()
     }
 

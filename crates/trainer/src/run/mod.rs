@@ -392,14 +392,18 @@ impl Trainer {
     }
 
     /// Validation images of step `step` in `output_dir/validation/`.
-    fn validate(&self, step: u64) -> Result<()> {
+    fn validate(&mut self, step: u64) -> Result<()> {
         let Some(validator) = &self.validator else {
             return Ok(());
         };
         let folder = self.config.output_dir.join("validation");
         std::fs::create_dir_all(&folder).map_err(io_error(&folder))?;
         let path = folder.join(format!("step-{step:06}.png"));
-        validator.save_images(self.model.unet(), self.latents.live_vae(), &path)
+        // Images without adapter dropout.
+        self.model.set_training(false);
+        let saved = validator.save_images(self.model.unet(), self.latents.live_vae(), &path);
+        self.model.set_training(true);
+        saved
     }
 }
 

@@ -1,0 +1,258 @@
+//! LoRA on the UNet's convolutions (kohya's LoCon set) and LoRA dropout under gradient
+//! checkpointing, on the tiny SDXL fixture UNet.
+//!
+//! Which layers kohya adapts, and at which rank, follows sd-scripts' `networks/lora.py`
+//! (docs/LORA.md): every linear layer inside a `Transformer2DModel`; with `conv_dim`, the layers of
+//! `ResnetBlock2D`, `Downsample2D` and `Upsample2D` too, 3×3 convolutions at the conv rank, linear
+//! layers and 1×1 convolutions at the linear rank; never `conv_in`, `conv_out` or the embeddings.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+
+use common::depth::unet_shape;
+use common::{fixture, rel};
+use lora::format::{self, BlockRenames, Format, ModuleNames, ReadOptions, WriteOptions};
+use lora::{Component, LoraConfig, LoraState};
+use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs, sgm_unet_table};
+use sdxl_model::weights::{TensorFile, load_into};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+use test_support::{check, f32_bound, unet_depth};
+
+/// The tests of this binary draw from libtorch's global generator and some compare exact draws:
+/// they run one at a time.
+static GLOBAL_GENERATOR: Mutex<()> = Mutex::new(());
+
+fn exclusive() -> MutexGuard<'static, ()> {
+    GLOBAL_GENERATOR.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Case {
+    config: UNetConfig,
+    unet: UNet2DConditionModel,
+    base: VarStore,
+    io: TensorFile,
+}
+
+fn tiny_sdxl() -> Case {
+    let config = UNetConfig::tiny_sdxl();
+    let base = VarStore::new(Device::Cpu);
+    let unet = UNet2DConditionModel::new(&base.root(), &config);
+    let file = TensorFile::open(fixture(
+        "tiny-sdxl/unet/diffusion_pytorch_model.safetensors",
+    ))
+    .unwrap();
+    assert!(
+        load_into(&base, &[file], str::to_owned)
+            .unwrap()
+            .is_complete()
+    );
+    let io = TensorFile::open(fixture("tiny-sdxl-unet-io.safetensors")).unwrap();
+    Case {
+        config,
+        unet,
+        base,
+        io,
+    }
+}
+
+impl Case {
+    fn get(&self, key: &str) -> Tensor {
+        self.io.tensor(key, Device::Cpu, None).unwrap()
+    }
+}
+
+/// kohya's LoCon at network dim 4 / alpha 1 and conv dim 2 / conv alpha 1.
+fn kohya_locon(rank: i64) -> LoraConfig {
+    let targets: Vec<&str> = lora::UNET_TRANSFORMER_TARGETS
+        .iter()
+        .chain(&lora::UNET_RESNET_TARGETS)
+        .copied()
+        .collect();
+    let mut config = LoraConfig::with_targets(rank, &targets);
+    config.alpha = 1.0;
+    config.conv_rank = Some(2);
+    config.conv_alpha = Some(1.0);
+    config
+}
+
+#[test]
+fn kohya_locon_set_covers_resnets_samplers_and_transformers_only() {
+    let _serial = exclusive();
+    let mut case = tiny_sdxl();
+    let store = VarStore::new(Device::Cpu);
+    let report = lora::inject(&mut case.unet, &store.root(), "default", &kohya_locon(4)).unwrap();
+    assert!(report.unmatched_targets.is_empty(), "{report}");
+    let adapted: BTreeMap<String, (i64, f64)> = report
+        .adapted
+        .iter()
+        .map(|(p, r, a)| (p.clone(), (*r, *a)))
+        .collect();
+    // What kohya's rule gives, worked out from the weights alone.
+    let mut expected = BTreeMap::new();
+    for (key, weight) in case.base.variables() {
+        let Some(module) = key.strip_suffix(".weight") else {
+            continue;
+        };
+        let in_block = module.contains(".resnets.")
+            || module.contains(".attentions.")
+            || module.contains("samplers.");
+        match weight.size().as_slice() {
+            [_, _] if in_block => expected.insert(module.to_owned(), (4, 1.0)),
+            [_, _, 1, 1] if in_block => expected.insert(module.to_owned(), (4, 1.0)),
+            [_, _, 3, 3] if in_block => expected.insert(module.to_owned(), (2, 1.0)),
+            _ => None,
+        };
+    }
+    assert_eq!(adapted, expected);
+    for module in [
+        "down_blocks.0.resnets.0.conv1",
+        "down_blocks.1.resnets.0.conv_shortcut",
+        "down_blocks.0.downsamplers.0.conv",
+        "up_blocks.1.upsamplers.0.conv",
+        "mid_block.resnets.1.time_emb_proj",
+        "mid_block.attentions.0.proj_in",
+        "up_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj",
+    ] {
+        assert!(adapted.contains_key(module), "{module}");
+    }
+    for module in [
+        "conv_in",
+        "conv_out",
+        "time_embedding.linear_1",
+        "add_embedding.linear_2",
+    ] {
+        assert!(!adapted.contains_key(module), "{module}");
+    }
+    assert_eq!(
+        store.variables()["down_blocks.0.resnets.0.conv2.lora_A.weight"].size(),
+        [2, 16, 3, 3]
+    );
+
+    // Written as kohya's trainer names them (SGM blocks) and read back onto the same layers.
+    for (_, tensor) in store.variables() {
+        tch::no_grad(|| tensor.shallow_clone().copy_(&tensor.randn_like()));
+    }
+    let mut state = LoraState::new();
+    state
+        .extract(&mut case.unet, Component::Unet, "default")
+        .unwrap();
+    let renames = BlockRenames::new(sgm_unet_table(&case.config));
+    let path = std::env::temp_dir().join(format!("locon-unet-{}.safetensors", std::process::id()));
+    let options = WriteOptions {
+        block_renames: Some(&renames),
+        ..WriteOptions::default()
+    };
+    format::write(&path, &state, Format::Kohya, &options).unwrap();
+    let keys: Vec<String> = Tensor::read_safetensors(&path)
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    for key in [
+        "lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight",
+        "lora_unet_input_blocks_1_0_out_layers_3.lora_up.weight",
+        "lora_unet_input_blocks_1_0_emb_layers_1.alpha",
+        "lora_unet_input_blocks_3_0_op.lora_down.weight",
+        "lora_unet_input_blocks_4_0_skip_connection.lora_down.weight",
+        "lora_unet_output_blocks_2_2_conv.lora_up.weight",
+        "lora_unet_middle_block_1_proj_in.lora_down.weight",
+    ] {
+        assert!(keys.iter().any(|k| k == key), "{key} missing");
+    }
+    let mut names = ModuleNames::new();
+    names.add_model(Component::Unet, &mut case.unet);
+    let read = ReadOptions {
+        module_names: Some(&names),
+        block_renames: Some(&renames),
+    };
+    let back = format::read(&path, read).unwrap().state;
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(back.modules.len(), state.modules.len());
+    for (key, module) in &state.modules {
+        let other = &back.modules[key];
+        assert!(
+            module.down.equal(&other.down) && module.up.equal(&other.up),
+            "{key:?}"
+        );
+        assert_eq!(module.alpha, other.alpha);
+    }
+}
+
+#[test]
+fn checkpointed_gradients_with_lora_dropout_equal_plain_ones() {
+    let _serial = exclusive();
+    let mut case = tiny_sdxl();
+    let store = VarStore::new(Device::Cpu);
+    let mut config = kohya_locon(4);
+    config.dropout = 0.5;
+    lora::inject(&mut case.unet, &store.root(), "default", &config).unwrap();
+    // Non-zero B, so that the masks reach the output and every gradient.
+    tch::manual_seed(2);
+    for (_, tensor) in store.variables() {
+        tch::no_grad(|| tensor.shallow_clone().copy_(&(tensor.randn_like() * 0.1)));
+    }
+    lora::set_training(&mut case.unet, true);
+    let (sample, t, ctx, text, ids) = (
+        case.get("sample"),
+        case.get("timesteps"),
+        case.get("encoder_hidden_states"),
+        case.get("text_embeds"),
+        case.get("time_ids"),
+    );
+    let inputs = UNetInputs {
+        sample: &sample,
+        timesteps: &t,
+        encoder_hidden_states: &ctx,
+        text_embeds: Some(&text),
+        time_ids: Some(&ids),
+    };
+    let weighting = Tensor::randn(sample.size(), (Kind::Float, Device::Cpu));
+    let params = lora::trainable_variables(&mut case.unet);
+    let grads = || -> Vec<Tensor> { params.values().map(|p| p.grad().copy()).collect() };
+    let zero = || {
+        for p in params.values() {
+            let _ = p.grad().zero_();
+        }
+    };
+
+    tch::manual_seed(11);
+    let plain = case.unet.forward(&inputs).unwrap();
+    (&plain * &weighting).sum(Kind::Float).backward();
+    let plain_grads = grads();
+    zero();
+    // Another draw of the masks changes the output: dropout is on.
+    tch::manual_seed(12);
+    let other = tch::no_grad(|| case.unet.forward(&inputs)).unwrap();
+    assert!(rel(&other, &plain) > 1e-2);
+
+    tch::manual_seed(11);
+    let checkpointed = case.unet.forward_checkpointed(&inputs).unwrap();
+    let depth = unet_depth(&unet_shape(&case.config, &sample, &ctx));
+    check(
+        "checkpointed output with dropout vs plain",
+        rel(checkpointed.output(), &plain),
+        f32_bound(depth),
+    );
+    checkpointed.backward(&weighting).unwrap();
+    // What the generator draws next (the next step's noise), checked last.
+    let after_backward = Tensor::rand([8], (Kind::Float, Device::Cpu));
+    let mut checked = 0;
+    for ((name, _), (ckpt, plain)) in params.iter().zip(grads().iter().zip(&plain_grads)) {
+        check(
+            &format!("checkpointed d loss / d {name} with dropout vs plain"),
+            rel(ckpt, plain),
+            f32_bound(2.0 * depth),
+        );
+        checked += 1;
+    }
+    assert!(checked > 100, "{checked}");
+    // The backward leaves the generator where the forward pass left it.
+    tch::manual_seed(11);
+    let _ = tch::no_grad(|| case.unet.forward(&inputs)).unwrap();
+    assert!(Tensor::rand([8], (Kind::Float, Device::Cpu)).equal(&after_backward));
+}

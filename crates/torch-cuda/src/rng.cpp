@@ -1,0 +1,166 @@
+// Snapshots of a device's default random generator, for recomputation that must draw what the
+// first run drew (gradient checkpointing with dropout), as torch.utils.checkpoint's
+// preserve_rng_state does. Built whenever torch's headers are present; the CUDA part only when
+// CUDA's headers are too (RNG_SHIM_CUDA). Every function catches C++ exceptions and reports failure
+// by its return value, leaving the message for torch_rng_last_error().
+//
+// CPU: at::Generator::get_state / set_state (the Mersenne-Twister state as a byte tensor).
+// CUDA: the Philox offset of the default generator's CUDAGeneratorState. Outside a graph capture that
+// is `philox_offset_per_thread_` (with the seed), exactly what get_state / set_state copy; during a
+// capture kernels take their offset from `offset_intragraph_` (added at replay to the offset the
+// replay starts from, see Note [CUDA Graph-safe RNG states] in ATen/cuda/CUDAGeneratorImpl.h), which
+// no public accessor reads or writes while capturing. CUDAGeneratorState is a public struct, but the
+// generator keeps its pointer in a private member; it is reached here through the standard rule
+// that explicit template instantiations are exempt from access checks. The member's name and type
+// are those of the pinned PyTorch: a release that changes them fails to compile this file rather
+// than misbehave.
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/Generator.h>
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <exception>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+#ifdef RNG_SHIM_CUDA
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#endif
+
+namespace {
+
+thread_local std::string last_error;
+
+template <typename F>
+int guarded(F&& body) {
+    try {
+        body();
+        return 0;
+    } catch (const std::exception& e) {
+        last_error = e.what();
+    } catch (...) {
+        last_error = "unknown C++ exception";
+    }
+    return -1;
+}
+
+#ifdef RNG_SHIM_CUDA
+// Access to CUDAGeneratorImpl::state_ (see the header comment).
+struct StateMember {
+    using type = c10::intrusive_ptr<at::CUDAGeneratorState> at::CUDAGeneratorImpl::*;
+    friend type member(StateMember);
+};
+template <typename Tag, typename Tag::type Member>
+struct Expose {
+    friend typename Tag::type member(Tag) { return Member; }
+};
+template struct Expose<StateMember, &at::CUDAGeneratorImpl::state_>;
+
+at::CUDAGeneratorState& cuda_state(const at::Generator& generator) {
+    auto* impl = at::check_generator<at::CUDAGeneratorImpl>(generator);
+    return *(impl->*member(StateMember{}));
+}
+#endif
+
+// What a snapshot holds: the CPU generator's state tensor, or a CUDA generator's seed and offset.
+struct Snapshot {
+    int cuda_device = -1;  // -1: the CPU generator
+    at::Tensor cpu_state;
+    uint64_t seed = 0;
+    uint64_t offset = 0;
+    bool capturing = false;
+};
+
+const at::Generator& default_generator(int cuda_device) {
+#ifdef RNG_SHIM_CUDA
+    if (cuda_device >= 0) {
+        return at::cuda::detail::getDefaultCUDAGenerator(static_cast<c10::DeviceIndex>(cuda_device));
+    }
+#endif
+    if (cuda_device >= 0) {
+        throw std::runtime_error("this build has no CUDA random-state support (no CUDA headers at build time)");
+    }
+    return at::detail::getDefaultCPUGenerator();
+}
+
+void take(Snapshot& snap) {
+    at::Generator generator = default_generator(snap.cuda_device);
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    if (snap.cuda_device < 0) {
+        snap.cpu_state = generator.get_state();
+        return;
+    }
+#ifdef RNG_SHIM_CUDA
+    auto& state = cuda_state(generator);
+    // `capturing_` is set by the capture of every graph the state is registered with (the default
+    // generator's always is) and cleared at its end: no CUDA runtime call needed.
+    snap.capturing = state.capturing_;
+    snap.seed = state.seed_;
+    snap.offset = snap.capturing ? state.offset_intragraph_ : state.philox_offset_per_thread_;
+#endif
+}
+
+void put(const Snapshot& snap) {
+    at::Generator generator = default_generator(snap.cuda_device);
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    if (snap.cuda_device < 0) {
+        generator.set_state(snap.cpu_state);
+        return;
+    }
+#ifdef RNG_SHIM_CUDA
+    auto& state = cuda_state(generator);
+    bool capturing = state.capturing_;
+    if (capturing != snap.capturing) {
+        throw std::runtime_error(
+            "a random state saved outside a CUDA graph capture cannot be restored inside one, nor the reverse");
+    }
+    if (capturing) {
+        // The seed cannot change during a capture (set_current_seed refuses).
+        state.offset_intragraph_ = snap.offset;
+    } else {
+        state.seed_ = snap.seed;
+        state.philox_offset_per_thread_ = snap.offset;
+    }
+#endif
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* torch_rng_last_error() { return last_error.c_str(); }
+
+// Whether CUDA generators are supported by this build.
+int torch_rng_has_cuda() {
+#ifdef RNG_SHIM_CUDA
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// A snapshot of the default generator of `cuda_device` (-1: the CPU's) in *out; free it with
+// torch_rng_free.
+int torch_rng_save(int cuda_device, void** out) {
+    return guarded([&] {
+        auto* snap = new Snapshot();
+        snap->cuda_device = cuda_device;
+        try {
+            take(*snap);
+        } catch (...) {
+            delete snap;
+            throw;
+        }
+        *out = snap;
+    });
+}
+
+// Makes the generator the snapshot was taken of draw from where it stood then.
+int torch_rng_restore(void* snapshot) {
+    return guarded([&] { put(*static_cast<Snapshot*>(snapshot)); });
+}
+
+void torch_rng_free(void* snapshot) { delete static_cast<Snapshot*>(snapshot); }
+
+}  // extern "C"
