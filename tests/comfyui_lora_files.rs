@@ -15,8 +15,7 @@
 //!
 //! Here: (a) our reader and our application of each reference file give diffusers' outputs, and
 //! (b) our kohya writer, given the adapters of the peft file, writes exactly the reference kohya
-//! file — every key, shape and value — so ComfyUI loads all of ours too. The LoCon variant waits
-//! for convolution adapters in the lora crate.
+//! file — every key, shape and value — so ComfyUI loads all of ours too.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
@@ -32,11 +31,12 @@ use tch::Tensor;
 use test_support::check;
 
 /// (variant, whether diffusers' golden came from the kohya file rather than the peft one).
-const VARIANTS: [(&str, bool); 4] = [
+const VARIANTS: [(&str, bool); 5] = [
     ("attention", true),
     ("kohya_default", true),
     ("text_encoders", true),
     ("dora", false),
+    ("locon", true),
 ];
 
 fn renames() -> BlockRenames {

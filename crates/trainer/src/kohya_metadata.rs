@@ -149,7 +149,11 @@ pub fn kohya_metadata(
 /// `ss_network_module`, `ss_network_dim`, `ss_network_alpha` and, for LoCon and DoRA,
 /// `ss_network_args` (kohya's `--network_args` as JSON: `conv_dim`, `conv_alpha`, `dora_wd`).
 fn network_entries(config: &TrainConfig, state: &LoraState) -> Vec<(String, String)> {
-    let alpha = config.lora_alpha.unwrap_or(f64::from(config.rank));
+    let mut alpha = config.lora_alpha.unwrap_or(f64::from(config.rank));
+    if config.use_rslora {
+        // kohya has no rsLoRA: the file's alphas give the same scale (alpha · √rank), and so does this.
+        alpha *= f64::from(config.rank).sqrt();
+    }
     let mut entries = vec![
         ("ss_network_module".to_owned(), NETWORK_MODULE.to_owned()),
         ("ss_network_dim".to_owned(), config.rank.to_string()),
