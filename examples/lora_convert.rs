@@ -117,7 +117,11 @@ fn convert(args: ConvertArgs) -> anyhow::Result<()> {
     let file = format::read(&args.input, options)?;
     let sdxl = args.sdxl
         || renames.is_some()
-        || file.state.component(Component::TextEncoder2).next().is_some();
+        || file
+            .state
+            .component(Component::TextEncoder2)
+            .next()
+            .is_some();
     let mut extra_metadata = BTreeMap::new();
     if args.target == Format::Kohya {
         // The input's training and ModelSpec entries stay; kohya's SDXL base entries fill the rest.
@@ -133,8 +137,7 @@ fn convert(args: ConvertArgs) -> anyhow::Result<()> {
                 .file_stem()
                 .map_or_else(|| "lora".into(), |s| s.to_string_lossy().into_owned());
             let resolution = (args.resolution, args.resolution);
-            for (key, value) in
-                sdxl_lora_base_metadata(&title, resolution, SystemTime::now(), None)
+            for (key, value) in sdxl_lora_base_metadata(&title, resolution, SystemTime::now(), None)
             {
                 extra_metadata.entry(key).or_insert(value);
             }

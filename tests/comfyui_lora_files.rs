@@ -55,7 +55,10 @@ fn read(file: &str, names: &ModuleNames, renames: &BlockRenames) -> format::Lora
 }
 
 fn tensors(path: &std::path::Path) -> BTreeMap<String, Tensor> {
-    Tensor::read_safetensors(path).unwrap().into_iter().collect()
+    Tensor::read_safetensors(path)
+        .unwrap()
+        .into_iter()
+        .collect()
 }
 
 /// What the generator recorded of ComfyUI's loader for `variant`.
@@ -110,9 +113,17 @@ fn our_kohya_writer_writes_each_reference_file_key_for_key() {
         format::write(&path, &adapters.state, Format::Kohya, &options).unwrap();
         let ours = tensors(&path);
         std::fs::remove_file(&path).unwrap();
-        let reference = tensors(&fixture(format!("lora/comfyui-{variant}-kohya.safetensors")));
-        let missing: Vec<&String> = reference.keys().filter(|k| !ours.contains_key(*k)).collect();
-        let extra: Vec<&String> = ours.keys().filter(|k| !reference.contains_key(*k)).collect();
+        let reference = tensors(&fixture(format!(
+            "lora/comfyui-{variant}-kohya.safetensors"
+        )));
+        let missing: Vec<&String> = reference
+            .keys()
+            .filter(|k| !ours.contains_key(*k))
+            .collect();
+        let extra: Vec<&String> = ours
+            .keys()
+            .filter(|k| !reference.contains_key(*k))
+            .collect();
         assert!(
             missing.is_empty() && extra.is_empty(),
             "{variant}: keys we do not write {missing:?}, keys ComfyUI would leave unloaded {extra:?}"

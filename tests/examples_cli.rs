@@ -292,12 +292,7 @@ fn lora_convert_writes_kohyas_sdxl_metadata() {
     let (input_text, output_text) = (input.display().to_string(), output.display().to_string());
     let args = ["convert", &input_text, &output_text, "--to", "kohya"];
     let result = run("lora_convert", &args);
-    assert_eq!(
-        result.status.code(),
-        Some(0),
-        "{}",
-        text(&result.stderr)
-    );
+    assert_eq!(result.status.code(), Some(0), "{}", text(&result.stderr));
     let bytes = std::fs::read(&output).unwrap();
     std::fs::remove_file(&output).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
@@ -308,7 +303,10 @@ fn lora_convert_writes_kohyas_sdxl_metadata() {
         ("ss_network_module", "networks.lora"),
         ("modelspec.architecture", "stable-diffusion-xl-v1-base/lora"),
         ("modelspec.resolution", "1024x1024"),
-        ("modelspec.title", output.file_stem().unwrap().to_str().unwrap()),
+        (
+            "modelspec.title",
+            output.file_stem().unwrap().to_str().unwrap(),
+        ),
         ("sshs_legacy_hash", "e3b0c442"),
     ] {
         assert_eq!(metadata.get(key).map(String::as_str), Some(value), "{key}");

@@ -86,12 +86,7 @@ fn random_crops_flips_v_prediction_min_snr_and_offset_noise_train() {
 fn kohya_header(path: &Path) -> std::collections::BTreeMap<String, String> {
     let bytes = std::fs::read(path).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    header
-        .metadata()
-        .clone()
-        .unwrap()
-        .into_iter()
-        .collect()
+    header.metadata().clone().unwrap().into_iter().collect()
 }
 
 /// SHA-256 (hex) of everything after a safetensors file's header: kohya's `sshs_model_hash`.

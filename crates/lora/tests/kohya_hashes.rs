@@ -24,7 +24,9 @@ fn pattern_tensor(spec: &Value) -> (String, Tensor) {
         .collect();
     let count: i64 = shape.iter().product();
     let values: Vec<f64> = (0..count)
-        .map(|i| ((i * int("multiplier")) % int("modulus") - int("shift")) as f64 / int("divisor") as f64)
+        .map(|i| {
+            ((i * int("multiplier")) % int("modulus") - int("shift")) as f64 / int("divisor") as f64
+        })
         .collect();
     let kind = match spec["dtype"].as_str().unwrap() {
         "F32" => Kind::Float,
@@ -57,8 +59,14 @@ fn hashes_equal_kohyas_own() {
             .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
             .collect();
         let hashes = training_hashes(Path::new(name), &tensors, &metadata).unwrap();
-        assert_eq!(hashes.model_hash, case["sshs_model_hash"], "{name}: model hash");
-        assert_eq!(hashes.legacy_hash, case["sshs_legacy_hash"], "{name}: legacy hash");
+        assert_eq!(
+            hashes.model_hash, case["sshs_model_hash"],
+            "{name}: model hash"
+        );
+        assert_eq!(
+            hashes.legacy_hash, case["sshs_legacy_hash"],
+            "{name}: legacy hash"
+        );
     }
     // The large case's legacy hash reads real data (not the empty window of a short file).
     assert_ne!(cases[1]["sshs_legacy_hash"], "e3b0c442");

@@ -13,8 +13,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use lora::{LoraState, ModuleLora};
 use serde_json::json;
 
-use crate::config::TrainConfig;
 use crate::config::MixedPrecision;
+use crate::config::TrainConfig;
 
 /// `ss_base_model_version` of SDXL 1.0 base (sd-scripts `sdxl_train_util.MODEL_VERSION_SDXL_BASE_V1_0`).
 pub const SDXL_BASE_MODEL_VERSION: &str = "sdxl_base_v1-0";
@@ -88,12 +88,8 @@ pub fn kohya_metadata(
 ) -> BTreeMap<String, String> {
     let title = output_name(config);
     let resolution = (config.resolution, config.resolution);
-    let mut entries = sdxl_lora_base_metadata(
-        &title,
-        resolution,
-        run.written_at,
-        Some(run.v_prediction),
-    );
+    let mut entries =
+        sdxl_lora_base_metadata(&title, resolution, run.written_at, Some(run.v_prediction));
     let accumulation = u64::from(config.gradient_accumulation_steps.max(1));
     let steps_per_epoch = run.batches_per_epoch.div_ceil(accumulation).max(1);
     let network = network_entries(config, state);
@@ -104,7 +100,10 @@ pub fn kohya_metadata(
         ("ss_training_finished_at", unix_seconds(run.written_at)),
         ("ss_learning_rate", python_float(config.learning_rate)),
         ("ss_unet_lr", python_float(config.learning_rate)),
-        ("ss_num_batches_per_epoch", run.batches_per_epoch.to_string()),
+        (
+            "ss_num_batches_per_epoch",
+            run.batches_per_epoch.to_string(),
+        ),
         (
             "ss_num_epochs",
             config.max_train_steps.div_ceil(steps_per_epoch).to_string(),
@@ -112,7 +111,10 @@ pub fn kohya_metadata(
         ("ss_epoch", run.steps.div_ceil(steps_per_epoch).to_string()),
         ("ss_steps", run.steps.to_string()),
         ("ss_max_train_steps", config.max_train_steps.to_string()),
-        ("ss_batch_size_per_device", config.train_batch_size.to_string()),
+        (
+            "ss_batch_size_per_device",
+            config.train_batch_size.to_string(),
+        ),
         (
             "ss_gradient_accumulation_steps",
             config.gradient_accumulation_steps.to_string(),
@@ -125,7 +127,10 @@ pub fn kohya_metadata(
         ("ss_lr_warmup_steps", config.lr_warmup_steps.to_string()),
         ("ss_optimizer", optimizer_name(config)),
         ("ss_max_grad_norm", python_float(config.max_grad_norm)),
-        ("ss_mixed_precision", mixed_precision(config.mixed_precision)),
+        (
+            "ss_mixed_precision",
+            mixed_precision(config.mixed_precision),
+        ),
         ("ss_seed", config.seed.to_string()),
         ("ss_resolution", format!("({0}, {0})", config.resolution)),
         ("ss_noise_offset", python_float(config.noise_offset)),
@@ -135,7 +140,10 @@ pub fn kohya_metadata(
         ),
         ("ss_cache_latents", python_bool(config.cache_latents)),
         ("ss_fp8_base", python_bool(config.fp8_base_weights)),
-        ("ss_sd_model_name", config.pretrained_model_name_or_path.clone()),
+        (
+            "ss_sd_model_name",
+            config.pretrained_model_name_or_path.clone(),
+        ),
         (
             "ss_training_comment",
             "trained with sdxl-lora (Rust, libtorch)".to_owned(),
@@ -220,7 +228,7 @@ pub fn python_float(value: f64) -> String {
         return format!("{value:.1}");
     }
     let abs = value.abs();
-    if value.is_finite() && (abs < 1e-4 || abs >= 1e16) {
+    if value.is_finite() && !(1e-4..1e16).contains(&abs) {
         // Python: shortest round-trip digits, exponent with a sign and at least two digits.
         let text = format!("{value:e}");
         if let Some((mantissa, exponent)) = text.split_once('e') {

@@ -11,8 +11,8 @@ use std::time::SystemTime;
 
 use super::Trainer;
 use crate::checkpoint::io_error;
-use crate::logs::say;
 use crate::kohya_metadata::RunFacts;
+use crate::logs::say;
 use crate::outputs::write_lora_files;
 use crate::{Error, Result};
 
