@@ -4,20 +4,28 @@
 //! cargo run --example lora_convert -- summary FILE.safetensors
 //! cargo run --example lora_convert -- convert IN.safetensors OUT.safetensors --to diffusers|peft|kohya \
 //!     [--sgm RENAMES.json] [--unet MODEL.safetensors] [--text-encoder MODEL.safetensors] \
-//!     [--text-encoder-2 MODEL.safetensors]
+//!     [--text-encoder-2 MODEL.safetensors] [--sdxl] [--resolution PIXELS]
 //! ```
 //!
 //! Reading a kohya file needs the model's module paths: pass the model file of each component
 //! the LoRA adapts (`--unet tiny-sdxl/unet/diffusion_pytorch_model.safetensors`, …). `--sgm` names
 //! a JSON list of `[diffusers prefix, SGM prefix]` pairs; with it, kohya files may use SGM UNet
 //! block names, and `--to kohya` writes them.
+//!
+//! A kohya file gets the base-model entries kohya's trainer writes for an SDXL LoRA
+//! (`ss_base_model_version`, `modelspec.architecture`, …; see docs/FORMATS.md) when the LoRA is known
+//! to be SDXL's: `--sdxl`, or `--sgm`, or a second text encoder's adapters in the file. `ss_*` and
+//! `modelspec.*` entries of the input file are kept.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::SystemTime;
 
 use clap::{Parser, Subcommand};
 use lora::Component;
 use lora::format::{self, BlockRenames, Format, ModuleNames, ReadOptions, WriteOptions};
+use trainer::kohya_metadata::sdxl_lora_base_metadata;
 
 mod cli;
 
@@ -68,6 +76,12 @@ struct ConvertArgs {
     /// The second text encoder's model file (repeat for shards).
     #[arg(long = "text-encoder-2", value_name = "MODEL.safetensors")]
     text_encoder_2: Vec<PathBuf>,
+    /// The LoRA is for SDXL 1.0: a kohya file gets kohya's SDXL base-model metadata.
+    #[arg(long)]
+    sdxl: bool,
+    /// The resolution the LoRA was trained at (modelspec.resolution of a kohya file).
+    #[arg(long, value_name = "PIXELS", default_value_t = 1024)]
+    resolution: u32,
 }
 
 fn main() -> ExitCode {
@@ -101,9 +115,37 @@ fn convert(args: ConvertArgs) -> anyhow::Result<()> {
         block_renames: renames.as_ref(),
     };
     let file = format::read(&args.input, options)?;
+    let sdxl = args.sdxl
+        || renames.is_some()
+        || file
+            .state
+            .component(Component::TextEncoder2)
+            .next()
+            .is_some();
+    let mut extra_metadata = BTreeMap::new();
+    if args.target == Format::Kohya {
+        // The input's training and ModelSpec entries stay; kohya's SDXL base entries fill the rest.
+        extra_metadata.extend(
+            file.metadata
+                .iter()
+                .filter(|(k, _)| k.starts_with("ss_") || k.starts_with("modelspec."))
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        if sdxl {
+            let title = args
+                .output
+                .file_stem()
+                .map_or_else(|| "lora".into(), |s| s.to_string_lossy().into_owned());
+            let resolution = (args.resolution, args.resolution);
+            for (key, value) in sdxl_lora_base_metadata(&title, resolution, SystemTime::now(), None)
+            {
+                extra_metadata.entry(key).or_insert(value);
+            }
+        }
+    }
     let write_options = WriteOptions {
         block_renames: renames.as_ref(),
-        ..WriteOptions::default()
+        extra_metadata,
     };
     format::write(&args.output, &file.state, args.target, &write_options)?;
     println!(

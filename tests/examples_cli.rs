@@ -91,6 +91,8 @@ const EXAMPLES: &[Example] = &[
             "--unet",
             "--text-encoder",
             "--text-encoder-2",
+            "--sdxl",
+            "--resolution",
         ],
         usage_errors: &[
             (&[], "subcommand"),
@@ -280,4 +282,34 @@ fn runtime_errors_are_one_line_and_exit_1() {
             "{name}: {stderr}"
         );
     }
+}
+
+#[test]
+fn lora_convert_writes_kohyas_sdxl_metadata() {
+    let input = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/lora/tiny-sdxl-diffusers.safetensors");
+    let output = std::env::temp_dir().join(format!("convert-{}.safetensors", std::process::id()));
+    let (input_text, output_text) = (input.display().to_string(), output.display().to_string());
+    let args = ["convert", &input_text, &output_text, "--to", "kohya"];
+    let result = run("lora_convert", &args);
+    assert_eq!(result.status.code(), Some(0), "{}", text(&result.stderr));
+    let bytes = std::fs::read(&output).unwrap();
+    std::fs::remove_file(&output).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let metadata = header.metadata().clone().unwrap();
+    // The file adapts both text encoders: an SDXL LoRA.
+    for (key, value) in [
+        ("ss_base_model_version", "sdxl_base_v1-0"),
+        ("ss_network_module", "networks.lora"),
+        ("modelspec.architecture", "stable-diffusion-xl-v1-base/lora"),
+        ("modelspec.resolution", "1024x1024"),
+        (
+            "modelspec.title",
+            output.file_stem().unwrap().to_str().unwrap(),
+        ),
+        ("sshs_legacy_hash", "e3b0c442"),
+    ] {
+        assert_eq!(metadata.get(key).map(String::as_str), Some(value), "{key}");
+    }
+    assert_eq!(metadata["sshs_model_hash"].len(), 64);
 }

@@ -50,7 +50,54 @@ fn random_crops_flips_v_prediction_min_snr_and_offset_noise_train() {
         "{losses:?}"
     );
     assert!(out.join(LORA_FILE).is_file() && out.join("checkpoint-10").is_dir());
+    // The checkpoint's kohya file carries kohya's and ModelSpec's metadata of this run.
+    let kohya = out.join("checkpoint-10").join(KOHYA_FILE);
+    let header = kohya_header(&kohya);
+    for (key, value) in [
+        ("ss_base_model_version", "sdxl_base_v1-0"),
+        ("ss_network_module", "networks.lora"),
+        ("ss_network_dim", "4"),
+        ("ss_network_alpha", "4.0"),
+        ("ss_steps", "10"),
+        ("ss_max_train_steps", "10"),
+        ("ss_resolution", "(64, 64)"),
+        ("ss_output_name", "run"),
+        ("ss_seed", "0"),
+        ("ss_learning_rate", "0.001"),
+        ("modelspec.sai_model_spec", "1.0.1"),
+        ("modelspec.architecture", "stable-diffusion-xl-v1-base/lora"),
+        (
+            "modelspec.implementation",
+            "https://github.com/Stability-AI/generative-models",
+        ),
+        ("modelspec.title", "run"),
+        ("modelspec.resolution", "64x64"),
+        ("modelspec.prediction_type", "v"),
+        // Under 1 MiB: kohya's legacy hash reads nothing, the SHA-256 of no bytes.
+        ("sshs_legacy_hash", "e3b0c442"),
+    ] {
+        assert_eq!(header.get(key).map(String::as_str), Some(value), "{key}");
+    }
+    assert_eq!(header["sshs_model_hash"], data_sha256(&kohya));
     let _ = std::fs::remove_dir_all(out.parent().unwrap());
+}
+
+/// The header entries of a safetensors file.
+fn kohya_header(path: &Path) -> std::collections::BTreeMap<String, String> {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    header.metadata().clone().unwrap().into_iter().collect()
+}
+
+/// SHA-256 (hex) of everything after a safetensors file's header: kohya's `sshs_model_hash`.
+fn data_sha256(path: &Path) -> String {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).unwrap();
+    let length = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    sha2::Sha256::digest(&bytes[8 + length..])
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[test]
@@ -349,6 +396,7 @@ fn assert_checkpoints_complete(out: &Path) -> Vec<u64> {
             "lora_parameters.safetensors",
             "optimizer.safetensors",
             LORA_FILE,
+            KOHYA_FILE,
             "trainer_state.json",
             "config.toml",
         ] {

@@ -7,7 +7,7 @@
 //! - [`model`]: the UNet with its LoRA;
 //! - [`step`]: the graph-capturable micro-step and optimizer step;
 //! - [`run`]: the loop (graphs, logging, checkpoints, validation, resume);
-//! - [`outputs`]: LoRA files, model card, plots.
+//! - [`outputs`]: LoRA files, model card, plots; [`kohya_metadata`]: the kohya file's header.
 
 #![warn(missing_docs)]
 
@@ -17,6 +17,7 @@ pub mod config;
 mod device;
 mod error;
 pub mod estimate;
+pub mod kohya_metadata;
 pub mod logs;
 pub mod lr_scheduler;
 pub mod model;

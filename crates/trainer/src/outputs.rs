@@ -1,23 +1,28 @@
 //! What a finished run leaves in `output_dir`: the LoRA in diffusers' format (with the training
-//! config in its metadata) and in kohya's (SGM block names, `ss_*` metadata: what A1111 and ComfyUI
-//! load), the loss curve, the base-vs-LoRA grid, and a model card (`README.md` with the hub's
-//! front matter, and `model_card.json`).
+//! config in its metadata; diffusers' `load_lora_weights`) and in kohya's (SGM block names, kohya's
+//! `ss_*` and ModelSpec `modelspec.*` metadata, training hashes: what ComfyUI and A1111 load), the
+//! loss curve, the base-vs-LoRA grid, and a model card (`README.md` with the hub's front matter, and
+//! `model_card.json`). Every `checkpoint-N/` holds the same two LoRA files ([`write_lora_files`]).
 
 use std::path::{Path, PathBuf};
 
+use lora::LoraState;
 use lora::format::{BlockRenames, Format, TRAINING_CONFIG_KEY, WriteOptions};
 use sdxl_model::pipeline::save_png;
-use sdxl_model::unet::sgm_unet_table;
+use sdxl_model::unet::{UNetConfig, sgm_unet_table};
 
 use crate::checkpoint::write_atomic;
 use crate::config::TrainConfig;
+use crate::kohya_metadata::{RunFacts, kohya_metadata};
 use crate::logs::plot::loss_curve_png;
 use crate::model::TrainModel;
 use crate::{Error, Result};
 
-/// The diffusers-format LoRA, in `output_dir` and in every `checkpoint-N/`.
+/// The diffusers-format LoRA (diffusers' `load_lora_weights`), in `output_dir` and in every
+/// `checkpoint-N/`.
 pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
-/// The kohya-format copy of the final LoRA (A1111, ComfyUI).
+/// The kohya-format LoRA (ComfyUI's and A1111's LoRA loaders), in `output_dir` and in every
+/// `checkpoint-N/`.
 pub const KOHYA_FILE: &str = "pytorch_lora_weights_kohya.safetensors";
 
 /// What the run measured, for the model card.
@@ -41,32 +46,13 @@ pub fn write(
     config: &TrainConfig,
     model: &mut TrainModel,
     stats: &RunStats<'_>,
+    run: &RunFacts,
     grid: Option<&image::RgbImage>,
 ) -> Result<(PathBuf, PathBuf)> {
     model.check_finite("the final LoRA")?;
     let out = &config.output_dir;
     let lora = model.lora_state()?;
-    // The metadata key lora files share for the training config holds JSON.
-    let config_json = serde_json::to_string(config).map_err(|e| Error::Checkpoint {
-        path: out.join(LORA_FILE),
-        problem: format!("config as JSON: {e}"),
-    })?;
-    let mut options = WriteOptions::default();
-    options
-        .extra_metadata
-        .insert(TRAINING_CONFIG_KEY.to_owned(), config_json);
-    let lora_file = out.join(LORA_FILE);
-    lora::format::write(&lora_file, &lora, Format::Diffusers, &options)?;
-    // kohya names with SGM block names: what A1111 and ComfyUI load.
-    let renames = BlockRenames::new(sgm_unet_table(model.unet().config()));
-    let mut kohya_options = WriteOptions {
-        block_renames: Some(&renames),
-        ..WriteOptions::default()
-    };
-    kohya_options.extra_metadata.extend(kohya_metadata(config));
-    let kohya_file = out.join(KOHYA_FILE);
-    lora::format::write(&kohya_file, &lora, Format::Kohya, &kohya_options)?;
-
+    let files = write_lora_files(out, config, &lora, model.unet().config(), run)?;
     if !stats.loss_history.is_empty() {
         loss_curve_png(&out.join("loss.png"), stats.loss_history, "training loss")?;
     }
@@ -74,32 +60,42 @@ pub fn write(
         save_png(grid, out.join("base_vs_lora.png"))?;
     }
     write_model_card(config, stats, grid.is_some())?;
-    Ok((lora_file, kohya_file))
+    Ok(files)
 }
 
-/// kohya's `ss_*` metadata keys that A1111 and ComfyUI show.
-fn kohya_metadata(config: &TrainConfig) -> Vec<(String, String)> {
-    let alpha = config.lora_alpha.unwrap_or(f64::from(config.rank));
-    [
-        ("ss_network_module", "networks.lora".to_owned()),
-        ("ss_network_dim", config.rank.to_string()),
-        ("ss_network_alpha", alpha.to_string()),
-        ("ss_base_model_version", "sdxl_base_v1-0".to_owned()),
-        ("ss_resolution", format!("({0}, {0})", config.resolution)),
-        ("ss_max_train_steps", config.max_train_steps.to_string()),
-        ("ss_learning_rate", config.learning_rate.to_string()),
-        ("ss_seed", config.seed.to_string()),
-        (
-            "ss_training_comment",
-            format!(
-                "trained with sdxl-lora from {}",
-                config.pretrained_model_name_or_path
-            ),
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect()
+/// Writes `lora` into `dir` twice, atomically: [`LORA_FILE`] in diffusers' layout with the training
+/// config in its header, and [`KOHYA_FILE`] in kohya's layout with SGM block names and the header
+/// of [`kohya_metadata`]. Returns both paths.
+///
+/// # Errors
+/// File errors naming the file.
+pub fn write_lora_files(
+    dir: &Path,
+    config: &TrainConfig,
+    lora: &LoraState,
+    unet_config: &UNetConfig,
+    run: &RunFacts,
+) -> Result<(PathBuf, PathBuf)> {
+    // The metadata key lora files share for the training config holds JSON.
+    let config_json = serde_json::to_string(config).map_err(|e| Error::Checkpoint {
+        path: dir.join(LORA_FILE),
+        problem: format!("config as JSON: {e}"),
+    })?;
+    let mut options = WriteOptions::default();
+    options
+        .extra_metadata
+        .insert(TRAINING_CONFIG_KEY.to_owned(), config_json);
+    let lora_file = dir.join(LORA_FILE);
+    lora::format::write(&lora_file, lora, Format::Diffusers, &options)?;
+    // kohya names with SGM block names: what kohya's own trainer writes for SDXL.
+    let renames = BlockRenames::new(sgm_unet_table(unet_config));
+    let kohya_options = WriteOptions {
+        block_renames: Some(&renames),
+        extra_metadata: kohya_metadata(config, lora, run),
+    };
+    let kohya_file = dir.join(KOHYA_FILE);
+    lora::format::write(&kohya_file, lora, Format::Kohya, &kohya_options)?;
+    Ok((lora_file, kohya_file))
 }
 
 fn write_model_card(config: &TrainConfig, stats: &RunStats<'_>, has_grid: bool) -> Result<()> {
@@ -143,8 +139,11 @@ fn model_card_markdown(
          # SDXL LoRA\n\nLoRA (rank {rank}) for `{base}` trained on `{data}` for {steps} steps at {res} px \
          (batch {batch} × accumulation {accum}, learning rate {lr:e}, {opt}).\n\n\
          Trigger prompt: `{prompt}`.\n\n{text}\
-         - `{LORA_FILE}`: diffusers format (`pipe.load_lora_weights(\"{out}\")`).\n\
-         - `{KOHYA_FILE}`: kohya format for A1111 and ComfyUI.\n\
+         - `{KOHYA_FILE}`: for ComfyUI (`LoraLoader`: put it in `models/loras/`) and A1111 \
+         (`models/Lora/`, then `<lora:{stem}:1>` in the prompt): kohya layout with SGM block names, \
+         kohya's `ss_*` and ModelSpec metadata.\n\
+         - `{LORA_FILE}`: for diffusers (`pipe.load_lora_weights(\"{out}\")`).\n\
+         - `checkpoint-N/` folders hold both files as of step N.\n\
          - final training loss: {loss}; steps skipped for non-finite values: {skipped}.\n{grid}\n\
          ## Training configuration\n\n```toml\n{config_toml}```\n",
         base = crate::model_files::base_model_name(&config.pretrained_model_name_or_path),
@@ -161,6 +160,7 @@ fn model_card_markdown(
             "AdamW"
         },
         out = out.display(),
+        stem = KOHYA_FILE.trim_end_matches(".safetensors"),
         loss = final_loss.map_or_else(|| "n/a".into(), |l| format!("{l:.4}")),
         grid = if has_grid {
             "\n![base (top) vs LoRA (bottom)](base_vs_lora.png)\n"

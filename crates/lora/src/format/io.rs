@@ -72,13 +72,13 @@ pub(crate) fn read(path: &Path) -> Result<RawFile> {
     Ok(RawFile { tensors, metadata })
 }
 
-/// Writes `tensors` and `metadata` to `path` through a temporary file and a rename, so a reader
-/// never sees half a file.
-pub(crate) fn write_atomic(
+/// The bytes of a safetensors file holding `tensors` and `metadata` (`path` only names the file in
+/// errors).
+pub(crate) fn serialize(
     path: &Path,
     tensors: &BTreeMap<String, Tensor>,
     metadata: &BTreeMap<String, String>,
-) -> Result<()> {
+) -> Result<Vec<u8>> {
     let mut buffers = Vec::with_capacity(tensors.len());
     for (key, tensor) in tensors {
         let tensor = tensor.f_to_device(Device::Cpu)?.f_contiguous()?;
@@ -107,7 +107,12 @@ pub(crate) fn write_atomic(
         .collect::<Result<Vec<_>, _>>()
         .map_err(malformed)?;
     let header: HashMap<String, String> = metadata.clone().into_iter().collect();
-    let bytes = safetensors::serialize(views, Some(header)).map_err(malformed)?;
+    safetensors::serialize(views, Some(header)).map_err(malformed)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so a reader never sees half a
+/// file.
+pub(crate) fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut temp_name = path
         .file_name()
         .map(|n| n.to_os_string())

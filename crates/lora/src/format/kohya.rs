@@ -2,8 +2,11 @@
 //! `lora_unet_<path>` / `lora_te1_<path>` / `lora_te2_<path>` with every `.` of the module path turned
 //! into `_`, and three tensors per module: `.lora_down.weight` `[r, in]`, `.lora_up.weight`
 //! `[out, r]` and `.alpha` (a scalar; absent or zero means alpha = r). DoRA adds `.dora_scale`
-//! `[out, 1]`. A convolution's (LoCon, kohya's `conv_dim`) are kernels: `.lora_down.weight`
-//! `[r, in, kh, kw]`, `.lora_up.weight` `[out, r, 1, 1]`.
+//! `[out, 1]`: peft's magnitude, one per output row. ComfyUI loads that key but decomposes the weight
+//! LyCORIS' way, one norm per input column, which is another function (docs/FORMATS.md, section 4);
+//! diffusers drops the key. A convolution's (LoCon, kohya's `conv_dim`) are kernels:
+//! `.lora_down.weight` `[r, in, kh, kw]`, `.lora_up.weight` `[out, r, 1, 1]`. Every kohya file also
+//! carries kohya's training hashes ([`super::hashes`]).
 //!
 //! UNet paths come in two spellings: diffusers block names (`down_blocks_1_attentions_0_…`, what
 //! diffusers' `convert_state_dict_to_kohya` writes) and SGM block names (`input_blocks_4_1_…`, what

@@ -7,6 +7,7 @@
 //! layout's own convention) and the training configuration as JSON under `training_config`.
 
 pub mod diffusers;
+pub mod hashes;
 mod io;
 pub mod kohya;
 pub mod peft;
@@ -530,7 +531,12 @@ pub fn write(
         metadata.insert(TRAINING_CONFIG_KEY.into(), config.to_string());
     }
     metadata.extend(options.extra_metadata.clone());
-    io::write_atomic(path, &tensors, &metadata)
+    if format == Format::Kohya {
+        let hashes = hashes::training_hashes(path, &tensors, &metadata)?;
+        metadata.insert(hashes::MODEL_HASH_KEY.into(), hashes.model_hash);
+        metadata.insert(hashes::LEGACY_HASH_KEY.into(), hashes.legacy_hash);
+    }
+    io::write_bytes_atomic(path, &io::serialize(path, &tensors, &metadata)?)
 }
 
 /// A short description of a LoRA file that needs no model: layout, modules per key prefix, ranks,

@@ -13,7 +13,7 @@ mod probe;
 mod resume;
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use tch::{Device, Kind};
 
@@ -57,6 +57,10 @@ pub struct Trainer {
     start_step: u64,
     loss_history: Vec<(u64, f64)>,
     estimate: Option<Estimate>,
+    /// When this process started training, and whether the model predicts v: for the LoRA files'
+    /// metadata.
+    started_at: SystemTime,
+    v_prediction: bool,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -129,6 +133,7 @@ impl Trainer {
         // Samples per micro-step: twice --train_batch_size with prior preservation.
         let batch = plan.batch_size(&config);
         let scheduler_config = crate::single_file::training_scheduler_config(&config, &folder)?;
+        let v_prediction = scheduler_config.prediction_type.as_deref() == Some("v_prediction");
         let stepper = Stepper::new(
             &config,
             &model,
@@ -163,6 +168,8 @@ impl Trainer {
             start_step: 0,
             loss_history: Vec::new(),
             estimate,
+            started_at: SystemTime::now(),
+            v_prediction,
         };
         trainer.resume()?;
         trainer.upload_plan(&planned)?;
@@ -248,8 +255,9 @@ impl Trainer {
             Some(validator) => Some(validator.compare(&mut self.model, self.latents.live_vae())?),
             None => None,
         };
+        let facts = self.run_facts(end);
         let (lora_file, kohya_file) =
-            outputs::write(&self.config, &mut self.model, &stats, grid.as_ref())?;
+            outputs::write(&self.config, &mut self.model, &stats, &facts, grid.as_ref())?;
         let skipped_rows = self.plan.skipped_rows();
         if !skipped_rows.is_empty() {
             say(format!(

@@ -1,18 +1,19 @@
 //! Checkpoints and exact resume: what `checkpoint-N/` holds (the LoRA parameters, the optimizer
-//! state, the diffusers-format LoRA, the trainer state and the config) and how a run continues from
-//! it bit for bit.
+//! state, the LoRA in diffusers' and kohya's layouts as the final output has them, the trainer state
+//! and the config) and how a run continues from it bit for bit.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
-use lora::format::{Format, WriteOptions};
+use std::time::SystemTime;
 
 use super::Trainer;
 use crate::checkpoint::io_error;
+use crate::kohya_metadata::RunFacts;
 use crate::logs::say;
-use crate::outputs::LORA_FILE;
+use crate::outputs::write_lora_files;
 use crate::{Error, Result};
 
 const PARAMS_FILE: &str = "lora_parameters.safetensors";
@@ -44,6 +45,17 @@ pub struct TrainerState {
 }
 
 impl Trainer {
+    /// What the LoRA files' metadata needs to know of the run after `steps` optimizer steps.
+    pub(super) fn run_facts(&self, steps: u64) -> RunFacts {
+        RunFacts {
+            steps,
+            batches_per_epoch: self.plan.steps_per_epoch(),
+            started_at: self.started_at,
+            written_at: SystemTime::now(),
+            v_prediction: self.v_prediction,
+        }
+    }
+
     /// Continues from `checkpoint-{step}` at `path`: checks the trainer state against the config,
     /// restores the LoRA parameters, the optimizer state and the logging window.
     pub(super) fn restore(&mut self, step: u64, path: &Path) -> Result<()> {
@@ -95,6 +107,9 @@ impl Trainer {
             loss_history: self.loss_history.clone(),
         };
         let lora = self.model.lora_state()?;
+        let facts = self.run_facts(step);
+        let unet_config = self.model.unet().config().clone();
+        let config = &self.config;
         let config_toml = self.config.to_toml()?;
         let named: Vec<(&str, Tensor)> = self
             .model
@@ -109,8 +124,7 @@ impl Trainer {
             };
             Tensor::write_safetensors(&named, dir.join(PARAMS_FILE))?;
             optimizer.save(dir.join(OPTIMIZER_FILE))?;
-            let options = WriteOptions::default();
-            lora::format::write(dir.join(LORA_FILE), &lora, Format::Diffusers, &options)?;
+            write_lora_files(dir, config, &lora, &unet_config, &facts)?;
             let json = serde_json::to_string_pretty(&state).map_err(|e| Error::Checkpoint {
                 path: dir.join(STATE_FILE),
                 problem: e.to_string(),
