@@ -138,6 +138,14 @@ pub fn kohya_metadata(
             "ss_min_snr_gamma",
             config.snr_gamma.map_or("None".into(), python_float),
         ),
+        (
+            "ss_zero_terminal_snr",
+            python_bool(config.zero_terminal_snr),
+        ),
+        (
+            "ss_network_train_unet_only",
+            python_bool(!config.train_text_encoder),
+        ),
         ("ss_cache_latents", python_bool(config.cache_latents)),
         ("ss_fp8_base", python_bool(config.fp8_base_weights)),
         (
@@ -150,6 +158,15 @@ pub fn kohya_metadata(
         ),
     ];
     entries.extend(training.into_iter().map(|(k, v)| (k.to_owned(), v)));
+    if config.train_text_encoder {
+        // --text_encoder_lr 0 trains the encoders at --learning_rate (as diffusers' script).
+        let rate = if config.text_encoder_lr > 0.0 {
+            config.text_encoder_lr
+        } else {
+            config.learning_rate
+        };
+        entries.insert("ss_text_encoder_lr".into(), python_float(rate));
+    }
     entries.extend(network);
     entries
 }
