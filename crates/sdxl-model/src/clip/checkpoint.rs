@@ -213,15 +213,12 @@ mod tests {
     /// another order of accumulation, so equal to rounding).
     #[test]
     fn checkpointed_gradients_equal_plain_ones() {
-        // With adapter dropout too: the recomputed layers must replay the forward's masks.
-        for (with_projection, dropout) in [(false, 0.0), (true, 0.0), (false, 0.3), (true, 0.3)] {
+        for with_projection in [false, true] {
             tch::manual_seed(11);
             let (_vs, mut model) = tiny(with_projection);
             let adapters = VarStore::new(Device::Cpu);
-            let mut config = lora::LoraConfig::text_encoder_attention(2);
-            config.dropout = dropout;
+            let config = lora::LoraConfig::text_encoder_attention(2);
             lora::inject(&mut model, &adapters.root(), "default", &config).unwrap();
-            lora::set_training(&mut model, true);
             for (_, mut v) in lora::trainable_variables(&mut model) {
                 tch::no_grad(|| v.copy_(&(v.randn_like() * 0.3)));
             }
@@ -232,7 +229,6 @@ mod tests {
             let hidden_weight = Tensor::randn([2, 6, 8], (Kind::Double, Device::Cpu));
             let pooled_weight = Tensor::randn([2, 5], (Kind::Double, Device::Cpu));
 
-            tch::manual_seed(5);
             let out = model.forward(&ids).unwrap();
             let penultimate = &out.hidden_states[out.hidden_states.len() - 2];
             let mut loss = (penultimate * &hidden_weight).sum(Kind::Double);
@@ -240,7 +236,6 @@ mod tests {
                 loss += (embeds * &pooled_weight).sum(Kind::Double);
             }
             loss.backward();
-            let after_plain = Tensor::rand([4], (Kind::Double, Device::Cpu));
             // Without the pooled output nothing reads the last layer: its LoRA gets no gradient.
             let plain: Vec<Option<Tensor>> = params
                 .iter()
@@ -252,7 +247,6 @@ mod tests {
                 }
             }
 
-            tch::manual_seed(5);
             let forward = model.forward_checkpointed(&ids, with_projection).unwrap();
             assert!(!forward.hidden().unwrap().requires_grad());
             assert!(
@@ -267,11 +261,6 @@ mod tests {
             }
             let pooled_grad = with_projection.then_some(&pooled_weight);
             forward.backward(&hidden_weight, pooled_grad).unwrap();
-            let after_checkpointed = Tensor::rand([4], (Kind::Double, Device::Cpu));
-            assert!(
-                after_plain.equal(&after_checkpointed),
-                "the random stream moved differently"
-            );
             let mut checked = 0;
             for (p, want) in params.iter().zip(&plain) {
                 let got = p.grad();
