@@ -46,12 +46,19 @@
 
 #![warn(missing_docs)]
 
+mod adafactor;
 mod adamw;
 mod clip;
+mod common;
 mod error;
+mod lion;
+mod prodigy;
 pub mod quantize;
 mod state_file;
 
+pub use adafactor::{Adafactor, AdafactorConfig};
 pub use adamw::{AdamW, AdamWConfig, ParamGroup, StatePrecision};
+pub use lion::{Lion, LionConfig};
+pub use prodigy::{Prodigy, ProdigyConfig};
 pub use clip::clip_grad_norm;
 pub use error::{Error, Result};
