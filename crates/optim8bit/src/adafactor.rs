@@ -76,9 +76,19 @@ impl AdafactorConfig {
         let clip = self.clip_threshold;
         check_range("clip_threshold", clip, clip > 0.0, "must be > 0")?;
         let rate = self.decay_rate;
-        check_range("decay_rate", rate, rate.is_finite() && rate < 0.0, "must be < 0")?;
+        check_range(
+            "decay_rate",
+            rate,
+            rate.is_finite() && rate < 0.0,
+            "must be < 0",
+        )?;
         if let Some(beta1) = self.beta1 {
-            check_range("beta1", beta1, (0.0..1.0).contains(&beta1), "must lie in [0, 1)")?;
+            check_range(
+                "beta1",
+                beta1,
+                (0.0..1.0).contains(&beta1),
+                "must lie in [0, 1)",
+            )?;
         }
         Ok(())
     }
@@ -100,7 +110,7 @@ pub(crate) struct Slot {
     second: SecondMoment,
 }
 
-/// Adafactor with float32 states. See the [module documentation](self).
+/// Adafactor with float32 states. See the [module documentation](crate::adafactor).
 #[derive(Debug)]
 pub struct Adafactor {
     config: AdafactorConfig,
@@ -177,7 +187,10 @@ impl Adafactor {
         let c = self.config;
         let t = self.step.f_add_scalar(1.0)?;
         // β₂ₜ = 1 − t^decay_rate and 1 − β₂ₜ, float64.
-        let beta2t = t.f_pow_tensor_scalar(c.decay_rate)?.f_neg()?.f_add_scalar(1.0)?;
+        let beta2t = t
+            .f_pow_tensor_scalar(c.decay_rate)?
+            .f_neg()?
+            .f_add_scalar(1.0)?;
         let one_minus_beta2t = beta2t.f_neg()?.f_add_scalar(1.0)?;
         for group in &self.groups.groups {
             let rho = self.relative_step_size(&t, &group.lr)?;
@@ -199,8 +212,18 @@ impl Adafactor {
                 let u = grad.f_square()?.f_add_scalar(c.eps.0)?;
                 let mut update = match &slot.second {
                     SecondMoment::Factored { row, col } => {
-                        let new_row = decay(row, &beta2t, &u.f_mean_dim(-1, false, None)?, &one_minus_beta2t)?;
-                        let new_col = decay(col, &beta2t, &u.f_mean_dim(-2, false, None)?, &one_minus_beta2t)?;
+                        let new_row = decay(
+                            row,
+                            &beta2t,
+                            &u.f_mean_dim(-1, false, None)?,
+                            &one_minus_beta2t,
+                        )?;
+                        let new_col = decay(
+                            col,
+                            &beta2t,
+                            &u.f_mean_dim(-2, false, None)?,
+                            &one_minus_beta2t,
+                        )?;
                         put(row, &new_row, gate)?;
                         put(col, &new_col, gate)?;
                         let r = new_row
@@ -216,16 +239,22 @@ impl Adafactor {
                         new_v.f_rsqrt()?.f_mul(&grad)?
                     }
                 };
-                let clip = rms(&update)?.f_div_scalar(c.clip_threshold)?.f_clamp_min(1.0)?;
+                let clip = rms(&update)?
+                    .f_div_scalar(c.clip_threshold)?
+                    .f_clamp_min(1.0)?;
                 update = update.f_div(&clip)?.f_mul(&lr)?;
                 if let (Some(beta1), Some(m)) = (c.beta1, &slot.exp_avg) {
-                    let new_m = m.f_mul_scalar(beta1)?.f_add(&update.f_mul_scalar(1.0 - beta1)?)?;
+                    let new_m = m
+                        .f_mul_scalar(beta1)?
+                        .f_add(&update.f_mul_scalar(1.0 - beta1)?)?;
                     put(m, &new_m, gate)?;
                     update = new_m;
                 }
                 let mut p = param.shallow_clone();
                 if group.weight_decay != 0.0 {
-                    let factor = lr.f_to_kind(Kind::Double)?.f_mul_scalar(-group.weight_decay)?;
+                    let factor = lr
+                        .f_to_kind(Kind::Double)?
+                        .f_mul_scalar(-group.weight_decay)?;
                     p = p.f_add(&p.f_mul(&factor)?)?;
                 }
                 put(param, &p.f_sub(&update)?, gate)?;
@@ -241,7 +270,10 @@ impl Adafactor {
             ("step".to_string(), Entry::State(self.step.shallow_clone())),
             ("eps.0".to_string(), Entry::Setting(c.eps.0)),
             ("eps.1".to_string(), Entry::Setting(c.eps.1)),
-            ("clip_threshold".to_string(), Entry::Setting(c.clip_threshold)),
+            (
+                "clip_threshold".to_string(),
+                Entry::Setting(c.clip_threshold),
+            ),
             ("decay_rate".to_string(), Entry::Setting(c.decay_rate)),
             ("beta1".to_string(), Entry::Setting(c.beta1.unwrap_or(-1.0))),
             ("scale_parameter".to_string(), flag(c.scale_parameter)),

@@ -261,7 +261,10 @@ impl<S> Groups<S> {
     pub(crate) fn group_entries(&self) -> Vec<(String, Entry)> {
         let mut entries = Vec::new();
         for (g, group) in self.groups.iter().enumerate() {
-            entries.push((format!("group.{g}.lr"), Entry::State(group.lr.shallow_clone())));
+            entries.push((
+                format!("group.{g}.lr"),
+                Entry::State(group.lr.shallow_clone()),
+            ));
             entries.push((
                 format!("group.{g}.weight_decay"),
                 Entry::Setting(group.weight_decay),

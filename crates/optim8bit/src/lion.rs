@@ -35,7 +35,7 @@ impl Default for LionConfig {
     }
 }
 
-/// Lion with a float32 momentum per parameter. See the [module documentation](self).
+/// Lion with a float32 momentum per parameter. See the [module documentation](crate::lion).
 #[derive(Debug)]
 pub struct Lion {
     config: LionConfig,
@@ -110,7 +110,10 @@ impl Lion {
         entries.extend(self.groups.group_entries());
         for (g, group) in self.groups.groups.iter().enumerate() {
             for (i, m) in group.states.iter().enumerate() {
-                entries.push((format!("state.{g}.{i}.exp_avg"), Entry::State(m.shallow_clone())));
+                entries.push((
+                    format!("state.{g}.{i}.exp_avg"),
+                    Entry::State(m.shallow_clone()),
+                ));
             }
         }
         entries

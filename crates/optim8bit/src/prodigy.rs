@@ -81,9 +81,24 @@ impl ProdigyConfig {
             check_range(name, beta, (0.0..1.0).contains(&beta), "must lie in [0, 1)")?;
         }
         let beta3 = self.beta3();
-        check_range("beta3", beta3, (0.0..=1.0).contains(&beta3), "must lie in [0, 1]")?;
-        check_range("d_coef", self.d_coef, self.d_coef.is_finite(), "must be finite")?;
-        check_range("growth_rate", self.growth_rate, self.growth_rate > 0.0, "must be > 0")
+        check_range(
+            "beta3",
+            beta3,
+            (0.0..=1.0).contains(&beta3),
+            "must lie in [0, 1]",
+        )?;
+        check_range(
+            "d_coef",
+            self.d_coef,
+            self.d_coef.is_finite(),
+            "must be finite",
+        )?;
+        check_range(
+            "growth_rate",
+            self.growth_rate,
+            self.growth_rate > 0.0,
+            "must be > 0",
+        )
     }
 
     fn beta3(&self) -> f64 {
@@ -100,7 +115,7 @@ pub(crate) struct Slot {
     p0: Tensor,
 }
 
-/// Prodigy with float32 states and device scalars. See the [module documentation](self).
+/// Prodigy with float32 states and device scalars. See the [module documentation](crate::prodigy).
 #[derive(Debug)]
 pub struct Prodigy {
     config: ProdigyConfig,
@@ -170,8 +185,12 @@ impl Prodigy {
         let d = &self.d;
         let bias_correction = if c.use_bias_correction {
             let k1 = self.step.f_add_scalar(1.0)?;
-            let b2 = Tensor::f_pow_scalar(c.beta2, &k1)?.f_neg()?.f_add_scalar(1.0)?;
-            let b1 = Tensor::f_pow_scalar(c.beta1, &k1)?.f_neg()?.f_add_scalar(1.0)?;
+            let b2 = Tensor::f_pow_scalar(c.beta2, &k1)?
+                .f_neg()?
+                .f_add_scalar(1.0)?;
+            let b1 = Tensor::f_pow_scalar(c.beta1, &k1)?
+                .f_neg()?
+                .f_add_scalar(1.0)?;
             b2.f_pow_tensor_scalar(0.5)?.f_div(&b1)?
         } else {
             scalar(1.0, self.groups.device)?
@@ -202,7 +221,8 @@ impl Prodigy {
                 put(&slot.p0, &flat.f_where_self(&first, &slot.p0)?, gate)?;
                 let flat_grad = grad.f_flatten(0, -1)?;
                 let dot = flat_grad.f_dot(&slot.p0.f_sub(&flat)?)?;
-                delta_numerator = delta_numerator.f_add(&num_coef.f_mul(&dot.f_to_kind(Kind::Double)?)?)?;
+                delta_numerator =
+                    delta_numerator.f_add(&num_coef.f_mul(&dot.f_to_kind(Kind::Double)?)?)?;
                 if let Some(m) = &slot.exp_avg {
                     let new_m = m.f_mul_scalar(c.beta1)?.f_add(&grad.f_mul(&m_coef)?)?;
                     put(m, &new_m, gate)?;
@@ -212,7 +232,10 @@ impl Prodigy {
                     .f_mul_scalar(c.beta2)?
                     .f_add(&grad.f_mul(&v_coef)?.f_mul(&grad)?)?;
                 put(&slot.exp_avg_sq, &new_v, gate)?;
-                let new_s = slot.s.f_mul_scalar(beta3)?.f_add(&flat_grad.f_mul(&s_coef)?)?;
+                let new_s = slot
+                    .s
+                    .f_mul_scalar(beta3)?
+                    .f_add(&flat_grad.f_mul(&s_coef)?)?;
                 put(&slot.s, &new_s, gate)?;
                 let s_sum = new_s.f_abs()?.f_sum(Kind::Float)?.f_to_kind(Kind::Double)?;
                 d_denom = d_denom.f_add(&s_sum)?;
@@ -224,7 +247,10 @@ impl Prodigy {
         let moved = d_denom.f_ne(0.0)?;
         let gate = and(gate, Some(&moved))?;
         let gate = gate.as_ref();
-        let numerator = self.d_numerator.f_mul_scalar(beta3)?.f_add(&delta_numerator)?;
+        let numerator = self
+            .d_numerator
+            .f_mul_scalar(beta3)?
+            .f_add(&delta_numerator)?;
         let d_hat = numerator.f_mul_scalar(c.d_coef)?.f_div(&d_denom)?;
         let at_start = d.f_eq(c.d0)?;
         let raised = d.f_maximum(&d_hat)?.f_where_self(&at_start, d)?;
@@ -259,13 +285,22 @@ impl Prodigy {
         let mut entries = vec![
             ("step".to_string(), Entry::State(self.step.shallow_clone())),
             ("d".to_string(), Entry::State(self.d.shallow_clone())),
-            ("d_max".to_string(), Entry::State(self.d_max.shallow_clone())),
-            ("d_numerator".to_string(), Entry::State(self.d_numerator.shallow_clone())),
+            (
+                "d_max".to_string(),
+                Entry::State(self.d_max.shallow_clone()),
+            ),
+            (
+                "d_numerator".to_string(),
+                Entry::State(self.d_numerator.shallow_clone()),
+            ),
             ("beta1".to_string(), Entry::Setting(c.beta1)),
             ("beta2".to_string(), Entry::Setting(c.beta2)),
             ("beta3".to_string(), Entry::Setting(c.beta3())),
             ("eps".to_string(), Entry::Setting(c.eps)),
-            ("decouple".to_string(), Entry::Setting(f64::from(u8::from(c.decouple)))),
+            (
+                "decouple".to_string(),
+                Entry::Setting(f64::from(u8::from(c.decouple))),
+            ),
             (
                 "use_bias_correction".to_string(),
                 Entry::Setting(f64::from(u8::from(c.use_bias_correction))),
@@ -285,7 +320,10 @@ impl Prodigy {
                 if let Some(m) = &slot.exp_avg {
                     entries.push((key("exp_avg"), Entry::State(m.shallow_clone())));
                 }
-                entries.push((key("exp_avg_sq"), Entry::State(slot.exp_avg_sq.shallow_clone())));
+                entries.push((
+                    key("exp_avg_sq"),
+                    Entry::State(slot.exp_avg_sq.shallow_clone()),
+                ));
                 entries.push((key("s"), Entry::State(slot.s.shallow_clone())));
                 entries.push((key("p0"), Entry::State(slot.p0.shallow_clone())));
             }
