@@ -183,6 +183,20 @@ impl Adafactor {
         Ok(min_step.f_minimum(&t.f_sqrt()?.f_reciprocal()?)?)
     }
 
+    /// The step size of one parameter as float32: `ρ·max(ε₂, RMS(p))` or `ρ`.
+    fn step_size(&self, param: &Tensor, rho: &Tensor) -> Result<Tensor> {
+        let c = self.config;
+        Ok(if c.scale_parameter {
+            let rms = rms(param)?;
+            // A float32 tensor times ρ (rounded to float32) where RMS wins, else ε₂·ρ.
+            let scaled = rms.f_mul(&rho.f_to_kind(Kind::Float)?)?;
+            let floor = rho.f_mul_scalar(c.eps.1)?.f_to_kind(Kind::Float)?;
+            scaled.f_where_self(&rms.f_gt(c.eps.1)?, &floor)?
+        } else {
+            rho.f_to_kind(Kind::Float)?
+        })
+    }
+
     fn step_inner(&mut self, gate: Option<&Tensor>) -> Result<()> {
         let c = self.config;
         let t = self.step.f_add_scalar(1.0)?;
@@ -200,15 +214,7 @@ impl Adafactor {
                     continue;
                 }
                 let grad = grad.f_to_kind(Kind::Float)?;
-                let lr = if c.scale_parameter {
-                    let rms = rms(param)?;
-                    // A float32 tensor times ρ (rounded to float32) where RMS wins, else ε₂·ρ.
-                    let scaled = rms.f_mul(&rho.f_to_kind(Kind::Float)?)?;
-                    let floor = rho.f_mul_scalar(c.eps.1)?.f_to_kind(Kind::Float)?;
-                    scaled.f_where_self(&rms.f_gt(c.eps.1)?, &floor)?
-                } else {
-                    rho.f_to_kind(Kind::Float)?
-                };
+                let lr = self.step_size(param, &rho)?;
                 let u = grad.f_square()?.f_add_scalar(c.eps.0)?;
                 let mut update = match &slot.second {
                     SecondMoment::Factored { row, col } => {

@@ -106,6 +106,9 @@ impl ProdigyConfig {
     }
 }
 
+/// Per group, per parameter: the gradient a step used (`None`: skipped).
+type Grads = Vec<Vec<Option<Tensor>>>;
+
 /// The states of one parameter.
 #[derive(Debug)]
 pub(crate) struct Slot {
@@ -179,10 +182,33 @@ impl Prodigy {
         let Some(shared) = lrs.iter().position(|&v| v == lr && v > 0.0) else {
             return Ok(()); // all learning rates 0: the reference does nothing at all
         };
-        let lr = self.groups.groups[shared].lr.shallow_clone();
+        let dlr = self.dlr(&self.groups.groups[shared].lr)?;
+        let (delta_numerator, d_denom, grads) = self.update_moments(&dlr, gate)?;
+        // The reference returns before touching d and the parameters when the denominator is 0.
+        let moved = d_denom.f_ne(0.0)?;
+        let gate = and(gate, Some(&moved))?;
+        let gate = gate.as_ref();
         let c = self.config;
-        let beta3 = c.beta3();
         let d = &self.d;
+        let numerator = self
+            .d_numerator
+            .f_mul_scalar(c.beta3())?
+            .f_add(&delta_numerator)?;
+        let d_hat = numerator.f_mul_scalar(c.d_coef)?.f_div(&d_denom)?;
+        let at_start = d.f_eq(c.d0)?;
+        let raised = d.f_maximum(&d_hat)?.f_where_self(&at_start, d)?;
+        let d_max = self.d_max.f_maximum(&d_hat)?;
+        let new_d = d_max.f_minimum(&raised.f_mul_scalar(c.growth_rate)?)?;
+        self.update_params(&dlr, &new_d, &grads, gate)?;
+        put(&self.d_numerator, &numerator, gate)?;
+        put(&self.d_max, &d_max, gate)?;
+        put(&self.d, &new_d, gate)?;
+        put(&self.step, &self.step.f_add_scalar(1.0)?, gate)
+    }
+
+    /// `d·lr·bc`, with Adam's bias correction `bc = √(1−β₂ᵏ⁺¹)/(1−β₁ᵏ⁺¹)` or 1.
+    fn dlr(&self, lr: &Tensor) -> Result<Tensor> {
+        let c = self.config;
         let bias_correction = if c.use_bias_correction {
             let k1 = self.step.f_add_scalar(1.0)?;
             let b2 = Tensor::f_pow_scalar(c.beta2, &k1)?
@@ -195,10 +221,22 @@ impl Prodigy {
         } else {
             scalar(1.0, self.groups.device)?
         };
-        let dlr = d.f_mul(&lr)?.f_mul(&bias_correction)?;
+        Ok(self.d.f_mul(lr)?.f_mul(&bias_correction)?)
+    }
+
+    /// The first loop of the reference: `p₀` on the first step, the moments and `s` of every
+    /// parameter with a gradient in a group with lr > 0; returns `Σ (d/d₀)·dlr·⟨g, p₀ − p⟩`,
+    /// `Σ|s|` (float64 device scalars) and the gradients used (with coupled weight decay added).
+    fn update_moments(
+        &self,
+        dlr: &Tensor,
+        gate: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor, Grads)> {
+        let c = self.config;
+        let d = &self.d;
         let d_over_d0 = d.f_div_scalar(c.d0)?;
-        let num_coef = d_over_d0.f_mul(&dlr)?;
-        let s_coef = d_over_d0.f_mul(if c.safeguard_warmup { d } else { &dlr })?;
+        let num_coef = d_over_d0.f_mul(dlr)?;
+        let s_coef = d_over_d0.f_mul(if c.safeguard_warmup { d } else { dlr })?;
         let m_coef = d.f_mul_scalar(1.0 - c.beta1)?;
         let v_coef = d.f_mul(d)?.f_mul_scalar(1.0 - c.beta2)?;
         let mut delta_numerator = scalar(0.0, self.groups.device)?;
@@ -234,7 +272,7 @@ impl Prodigy {
                 put(&slot.exp_avg_sq, &new_v, gate)?;
                 let new_s = slot
                     .s
-                    .f_mul_scalar(beta3)?
+                    .f_mul_scalar(c.beta3())?
                     .f_add(&flat_grad.f_mul(&s_coef)?)?;
                 put(&slot.s, &new_s, gate)?;
                 let s_sum = new_s.f_abs()?.f_sum(Kind::Float)?.f_to_kind(Kind::Double)?;
@@ -243,21 +281,21 @@ impl Prodigy {
             }
             grads.push(group_grads);
         }
-        // The reference returns before touching d and the parameters when the denominator is 0.
-        let moved = d_denom.f_ne(0.0)?;
-        let gate = and(gate, Some(&moved))?;
-        let gate = gate.as_ref();
-        let numerator = self
-            .d_numerator
-            .f_mul_scalar(beta3)?
-            .f_add(&delta_numerator)?;
-        let d_hat = numerator.f_mul_scalar(c.d_coef)?.f_div(&d_denom)?;
-        let at_start = d.f_eq(c.d0)?;
-        let raised = d.f_maximum(&d_hat)?.f_where_self(&at_start, d)?;
-        let d_max = self.d_max.f_maximum(&d_hat)?;
-        let new_d = d_max.f_minimum(&raised.f_mul_scalar(c.growth_rate)?)?;
+        Ok((delta_numerator, d_denom, grads))
+    }
+
+    /// The second loop: decoupled weight decay and the Adam step with the new `d` in `ε·d` and
+    /// the old `dlr`.
+    fn update_params(
+        &self,
+        dlr: &Tensor,
+        new_d: &Tensor,
+        grads: &Grads,
+        gate: Option<&Tensor>,
+    ) -> Result<()> {
+        let c = self.config;
         let eps_d = new_d.f_mul_scalar(c.eps)?;
-        for (group, group_grads) in self.groups.groups.iter().zip(&grads) {
+        for (group, group_grads) in self.groups.groups.iter().zip(grads) {
             let decay = dlr.f_mul_scalar(-group.weight_decay)?;
             for ((param, slot), grad) in group.params.iter().zip(&group.states).zip(group_grads) {
                 let Some(grad) = grad else { continue };
@@ -268,16 +306,13 @@ impl Prodigy {
                 }
                 // addcdiv's order: (value·t₁)/t₂.
                 let step = match &slot.exp_avg {
-                    Some(m) => m.f_mul(&dlr)?.f_div(&denom)?,
-                    None => grad.f_mul(&dlr.f_mul(&new_d)?)?.f_div(&denom)?,
+                    Some(m) => m.f_mul(dlr)?.f_div(&denom)?,
+                    None => grad.f_mul(&dlr.f_mul(new_d)?)?.f_div(&denom)?,
                 };
                 put(param, &p.f_sub(&step)?, gate)?;
             }
         }
-        put(&self.d_numerator, &numerator, gate)?;
-        put(&self.d_max, &d_max, gate)?;
-        put(&self.d, &new_d, gate)?;
-        put(&self.step, &self.step.f_add_scalar(1.0)?, gate)
+        Ok(())
     }
 
     fn entries(&self) -> Vec<(String, Entry)> {
