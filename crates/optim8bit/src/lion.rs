@@ -7,6 +7,8 @@
 //!
 //! `m` starts at zero, in float32. The factors `1 − lr·wd`, `1 − β` are computed in float64 and
 //! rounded to float32 where they meet the tensors, as in the reference.
+//! lion-pytorch's `decoupled_weight_decay` option (weight decay divided by the initial lr) and its
+//! Triton kernel are not reproduced: pass the weight decay you want applied as `lr·wd`.
 
 use std::path::Path;
 

@@ -200,7 +200,16 @@ fn check_run(run: &str, depth: impl Fn(f64) -> f64) {
         .zip(&r.params)
         .map(|(p, n)| max_rel_error(p, &r.tensors[&format!("{run}.{n}")].get(r.steps - 1)))
         .fold(0.0, f64::max);
-    check(run, last, f32_bound(depth(r.steps as f64)));
+    let upstream = match run.split('_').next().unwrap() {
+        "lion" => "lion-pytorch",
+        "prodigy" => "prodigyopt",
+        _ => "transformers",
+    };
+    let name = format!(
+        "optimizer {run} parameters after {} steps vs {upstream}",
+        r.steps
+    );
+    check(&name, last, f32_bound(depth(r.steps as f64)));
     println!(
         "{run}: largest error/bound over all steps: params {:.2e}, d {:.2e}",
         worst.0, worst.1
