@@ -178,7 +178,8 @@ impl Adafactor {
         let min_step = if self.config.warmup_init {
             t.f_mul_scalar(1e-6)?
         } else {
-            scalar(1e-2, self.groups.device)?
+            // A fill on the device, not a host-to-device copy (capturable).
+            t.f_full_like(1e-2)?
         };
         Ok(min_step.f_minimum(&t.f_sqrt()?.f_reciprocal()?)?)
     }

@@ -219,7 +219,8 @@ impl Prodigy {
                 .f_add_scalar(1.0)?;
             b2.f_pow_tensor_scalar(0.5)?.f_div(&b1)?
         } else {
-            scalar(1.0, self.groups.device)?
+            // A fill on the device, not a host-to-device copy (capturable).
+            self.d.f_ones_like()?
         };
         Ok(self.d.f_mul(lr)?.f_mul(&bias_correction)?)
     }
@@ -239,8 +240,8 @@ impl Prodigy {
         let s_coef = d_over_d0.f_mul(if c.safeguard_warmup { d } else { dlr })?;
         let m_coef = d.f_mul_scalar(1.0 - c.beta1)?;
         let v_coef = d.f_mul(d)?.f_mul_scalar(1.0 - c.beta2)?;
-        let mut delta_numerator = scalar(0.0, self.groups.device)?;
-        let mut d_denom = scalar(0.0, self.groups.device)?;
+        let mut delta_numerator = d.f_zeros_like()?;
+        let mut d_denom = d.f_zeros_like()?;
         let first = self.step.f_eq(0.0)?;
         let mut grads = Vec::new();
         for group in &self.groups.groups {
