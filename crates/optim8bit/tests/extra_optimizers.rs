@@ -7,6 +7,9 @@
 //! LoRA-like parameters (`[4, 32]`, `[24, 4]`, `[4, 6, 3, 3]`, `[24]`) and seeded gradients; it
 //! holds the parameters after every step and Prodigy's `d`. The settings are read from the
 //! fixture's metadata, so the two sides cannot drift apart.
+//!
+//! With a CUDA device (the GPU harness sets `SDXL_REQUIRE_CUDA=1`, making one mandatory) each
+//! comparison runs again on CUDA with steps 3–20 replayed from one captured CUDA graph.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
@@ -17,7 +20,7 @@ use std::collections::HashMap;
 use optim8bit::{Adafactor, AdafactorConfig, Lion, LionConfig, ParamGroup, Prodigy, ProdigyConfig};
 use serde_json::Value;
 use support::{fixture, set_grad, temp_path};
-use tch::Tensor;
+use tch::{Device, Tensor};
 use test_support::{check, f32_bound, max_rel_error};
 
 const FILE: &str = "extra-optimizers.safetensors";
@@ -167,13 +170,61 @@ fn set_grads(r: &Reference, params: &[Tensor], step: i64) {
 /// Runs `run` over the fixture's steps and checks every step's parameters (and Prodigy's `d`)
 /// against the reference within `depth(step)` of the error model in `test_support`.
 fn check_run(run: &str, depth: impl Fn(f64) -> f64) {
+    check_run_on(run, Device::Cpu, &depth);
+    if cuda() {
+        check_run_on(run, Device::Cuda(0), &depth);
+    }
+}
+
+/// Whether a CUDA device is there; without one the CUDA half of a test is skipped, unless
+/// `SDXL_REQUIRE_CUDA=1` (the GPU machine's harness) makes that a failure.
+fn cuda() -> bool {
+    let required = std::env::var("SDXL_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+    let present = tch::Cuda::is_available();
+    assert!(
+        present || !required,
+        "SDXL_REQUIRE_CUDA=1 but tch sees no CUDA device"
+    );
+    present
+}
+
+/// [`check_run`] on `device`. On CUDA, steps 3 to 20 replay one CUDA graph captured after two
+/// eager steps (new gradients are copied into the captured gradients' storage), so the step is
+/// checked to be capturable and to compute the reference's values when replayed.
+fn check_run_on(run: &str, device: Device, depth: &dyn Fn(f64) -> f64) {
     let r = reference();
-    let params = initial_params(&r);
+    let params: Vec<Tensor> = initial_params(&r)
+        .iter()
+        .map(|p| p.detach().to_device(device).set_requires_grad(true))
+        .collect();
     let mut opt = build(&r, run, &params);
     let mut worst = (0.0f64, 0.0f64);
+    let mut graph = None;
     for step in 0..r.steps {
-        set_grads(&r, &params, step);
-        opt.step();
+        if graph.is_none() || step < 2 {
+            set_grads(&r, &params, step);
+        } else {
+            for (p, n) in params.iter().zip(&r.params) {
+                let grad = r.tensors[&format!("{n}.grads")].get(step);
+                p.grad().copy_(&grad);
+            }
+        }
+        match &graph {
+            Some(g) => torch_cuda::CudaGraph::replay(g).unwrap(),
+            None if device.is_cuda() && step == 2 => {
+                tch::Cuda::synchronize(0);
+                let (g, ()) = torch_cuda::CudaGraph::capture(
+                    0,
+                    None,
+                    torch_cuda::CaptureMode::Global,
+                    || opt.step(),
+                )
+                .unwrap();
+                g.replay().unwrap();
+                graph = Some(g);
+            }
+            None => opt.step(),
+        }
         let bound = f32_bound(depth((step + 1) as f64));
         for (p, n) in params.iter().zip(&r.params) {
             let error = max_rel_error(p, &r.tensors[&format!("{run}.{n}")].get(step));
