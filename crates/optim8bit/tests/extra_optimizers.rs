@@ -477,3 +477,46 @@ fn load_refuses_a_foreign_state() {
     .to_string();
     assert!(message.contains("param_groups[1].lr"), "{message}");
 }
+
+/// A parameter without a gradient is skipped (as in the references): it keeps its value while
+/// the others, in another group, move.
+#[test]
+fn parameters_without_gradients_are_left_alone() {
+    let r = reference();
+    for run in ["lion", "prodigy", "adafactor_relative", "adafactor_fixed"] {
+        let params = initial_params(&r);
+        let any = build(&r, run, &params);
+        let (lr, wd) = match &any {
+            Any::Lion(o) => (o.learning_rate(0).unwrap(), o.weight_decay(0).unwrap()),
+            Any::Prodigy(o) => (o.learning_rate(0).unwrap(), o.weight_decay(0).unwrap()),
+            Any::Adafactor(o) => (o.learning_rate(0).unwrap(), o.weight_decay(0).unwrap()),
+        };
+        let groups = vec![
+            ParamGroup::new(vec![params[0].shallow_clone()], lr, wd),
+            ParamGroup::new(vec![params[1].shallow_clone()], lr, wd),
+        ];
+        let mut opt = match any {
+            Any::Lion(o) => Any::Lion(Lion::new(groups, *o.config()).unwrap()),
+            Any::Prodigy(o) => Any::Prodigy(Prodigy::new(groups, *o.config()).unwrap()),
+            Any::Adafactor(o) => Any::Adafactor(Adafactor::new(groups, *o.config()).unwrap()),
+        };
+        let untouched = params[1].detach().copy();
+        let before = params[0].detach().copy();
+        for step in 0..3 {
+            set_grad(
+                &params[0],
+                &r.tensors[&format!("{}.grads", r.params[0])].get(step),
+            );
+            opt.step();
+        }
+        assert!(!params[1].grad().defined(), "{run}");
+        assert!(
+            params[1].equal(&untouched),
+            "{run}: moved without a gradient"
+        );
+        assert!(
+            !params[0].equal(&before),
+            "{run}: the other parameter did not move"
+        );
+    }
+}
