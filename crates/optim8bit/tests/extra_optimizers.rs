@@ -2,7 +2,7 @@
 //! files, `step_if` and skipped parameters: `tests/extra_optimizers_state.rs`).
 //!
 //! The fixture `extra-optimizers.safetensors` comes from `gen_extra_optimizers` in
-//! `tools/fixtures/generate.py`: lion-pytorch's `Lion`, prodigyopt's `Prodigy` (two settings) and
+//! `tools/fixtures/generate.py`: lion-pytorch's `Lion`, prodigyopt's `Prodigy` (three settings) and
 //! transformers' `Adafactor` (two settings), each 20 float32 steps on the CPU over the same four
 //! LoRA-like parameters (`[4, 32]`, `[24, 4]`, `[4, 6, 3, 3]`, `[24]`) and seeded gradients; it
 //! holds the parameters after every step and Prodigy's `d`. The settings are read from the
@@ -154,6 +154,14 @@ fn prodigy_matches_prodigyopt() {
 #[test]
 fn prodigy_plain_matches_prodigyopt() {
     check_run("prodigy_plain", |steps| {
+        steps * 4.0 * (2.0 * ELEMENTS + 30.0)
+    });
+}
+
+/// No first moment (β₁ = 0), weight decay added to the gradient, bias correction, growth 1.2.
+#[test]
+fn prodigy_coupled_matches_prodigyopt() {
+    check_run("prodigy_coupled", |steps| {
         steps * 4.0 * (2.0 * ELEMENTS + 30.0)
     });
 }

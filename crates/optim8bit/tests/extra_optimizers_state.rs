@@ -20,6 +20,7 @@ fn resume_equals_an_uninterrupted_run() {
         "lion",
         "prodigy",
         "prodigy_plain",
+        "prodigy_coupled",
         "adafactor_relative",
         "adafactor_fixed",
     ] {
