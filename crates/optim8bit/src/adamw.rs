@@ -890,7 +890,7 @@ pub(crate) fn assign(dst: &Tensor, src: &Tensor) -> Result<()> {
     Ok(())
 }
 
-fn check_range(name: &str, value: f64, ok: bool, reason: &'static str) -> Result<()> {
+pub(crate) fn check_range(name: &str, value: f64, ok: bool, reason: &'static str) -> Result<()> {
     if ok {
         Ok(())
     } else {
@@ -902,7 +902,7 @@ fn check_range(name: &str, value: f64, ok: bool, reason: &'static str) -> Result
     }
 }
 
-fn check_group_value(group: usize, field: &str, value: f64) -> Result<()> {
+pub(crate) fn check_group_value(group: usize, field: &str, value: f64) -> Result<()> {
     check_range(
         &format!("param_groups[{group}].{field}"),
         value,

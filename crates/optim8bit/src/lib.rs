@@ -6,6 +6,28 @@
 //! dynamic 8-bit data type, and [`AdamW::save`] / [`AdamW::load`] write and read the complete
 //! state as safetensors for an exact resume.
 //!
+//! [`Lion`] (lion-pytorch 0.2.5), [`Prodigy`] (prodigyopt 1.1.2) and [`Adafactor`] (transformers
+//! 5.17.0) reproduce the optimizers LoRA trainers often pick instead, with the same interface:
+//! [`ParamGroup`]s, `step`/`step_if` that only enqueue device work (learning rates, step counts
+//! and Prodigy's `d` are device tensors), `save`/`load` of the complete state. Their modules
+//! give each update rule and how it follows its reference.
+//!
+//! ```
+//! use optim8bit::{Prodigy, ProdigyConfig, ParamGroup};
+//! use tch::{Kind, Tensor};
+//!
+//! let w = Tensor::ones([8, 4], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+//! let mut opt = Prodigy::new(vec![ParamGroup::new(vec![w.shallow_clone()], 1.0, 0.0)], ProdigyConfig::default())?;
+//! for _ in 0..3 {
+//!     let loss = (&w - 3.0).square().mean(None);
+//!     loss.backward();
+//!     opt.step()?;
+//!     opt.zero_grad()?;
+//! }
+//! assert!(opt.d().double_value(&[]) > 1e-6); // the estimate grew from d0
+//! # Ok::<(), optim8bit::Error>(())
+//! ```
+//!
 //! ```
 //! use optim8bit::{AdamW, AdamWConfig, ParamGroup};
 //! use tch::{Kind, Tensor};
@@ -46,12 +68,19 @@
 
 #![warn(missing_docs)]
 
+pub mod adafactor;
 mod adamw;
 mod clip;
+mod common;
 mod error;
+pub mod lion;
+pub mod prodigy;
 pub mod quantize;
 mod state_file;
 
+pub use adafactor::{Adafactor, AdafactorConfig};
 pub use adamw::{AdamW, AdamWConfig, ParamGroup, StatePrecision};
 pub use clip::clip_grad_norm;
 pub use error::{Error, Result};
+pub use lion::{Lion, LionConfig};
+pub use prodigy::{Prodigy, ProdigyConfig};

@@ -8,6 +8,8 @@
     clippy::panic
 )] // test code: failing loudly is the point
 
+pub mod extra;
+
 pub use test_support::{fixtures_dir, max_rel_error};
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,167 @@
+//! The fixture of Lion, Prodigy and Adafactor (`extra-optimizers.safetensors`, made by
+//! `gen_extra_optimizers` in `tools/fixtures/generate.py`) and the optimizers built from its
+//! settings, for `tests/extra_optimizers.rs` and `tests/extra_optimizers_state.rs`.
+
+use std::collections::HashMap;
+
+use optim8bit::{Adafactor, AdafactorConfig, Lion, LionConfig, ParamGroup, Prodigy, ProdigyConfig};
+use serde_json::Value;
+use tch::Tensor;
+
+use super::{fixture, set_grad, temp_path};
+
+pub const FILE: &str = "extra-optimizers.safetensors";
+
+/// The fixture: its tensors, parameter names, runs (name → settings) and step count.
+pub struct Reference {
+    pub tensors: HashMap<String, Tensor>,
+    pub params: Vec<String>,
+    pub runs: HashMap<String, Value>,
+    pub steps: i64,
+}
+
+/// Reads the fixture, which must exist.
+pub fn reference() -> Reference {
+    let path = fixture(
+        FILE,
+        "regenerate it with `tools/fixtures/regenerate.sh --only extra_optimizers`",
+    );
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let info: Value =
+        serde_json::from_str(&header.metadata().as_ref().unwrap()["reference"]).unwrap();
+    let params = info["params"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[0].as_str().unwrap().to_string())
+        .collect();
+    let runs = info["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r[0].as_str().unwrap().to_string(), r[1].clone()))
+        .collect();
+    Reference {
+        tensors: Tensor::read_safetensors(&path)
+            .unwrap()
+            .into_iter()
+            .collect(),
+        params,
+        runs,
+        steps: info["steps"].as_i64().unwrap(),
+    }
+}
+
+/// One of the optimizers under test.
+pub enum Any {
+    Lion(Lion),
+    Prodigy(Prodigy),
+    Adafactor(Adafactor),
+}
+
+impl Any {
+    pub fn step(&mut self) {
+        match self {
+            Any::Lion(o) => o.step(),
+            Any::Prodigy(o) => o.step(),
+            Any::Adafactor(o) => o.step(),
+        }
+        .unwrap()
+    }
+
+    pub fn save(&self, path: &std::path::Path) {
+        match self {
+            Any::Lion(o) => o.save(path),
+            Any::Prodigy(o) => o.save(path),
+            Any::Adafactor(o) => o.save(path),
+        }
+        .unwrap()
+    }
+
+    pub fn load(&mut self, path: &std::path::Path) {
+        match self {
+            Any::Lion(o) => o.load(path),
+            Any::Prodigy(o) => o.load(path),
+            Any::Adafactor(o) => o.load(path),
+        }
+        .unwrap()
+    }
+}
+
+pub fn f(v: &Value) -> f64 {
+    match v.as_str() {
+        Some("inf") => f64::INFINITY,
+        _ => v.as_f64().unwrap(),
+    }
+}
+
+/// The optimizer of fixture run `run` over `params`, with the run's settings.
+pub fn build(r: &Reference, run: &str, params: &[Tensor]) -> Any {
+    let s = &r.runs[run];
+    let params = params.iter().map(Tensor::shallow_clone).collect();
+    let wd = f(&s["weight_decay"]);
+    if run.starts_with("lion") {
+        let config = LionConfig {
+            beta1: f(&s["betas"][0]),
+            beta2: f(&s["betas"][1]),
+        };
+        let group = ParamGroup::new(params, f(&s["lr"]), wd);
+        Any::Lion(Lion::new(vec![group], config).unwrap())
+    } else if run.starts_with("prodigy") {
+        let config = ProdigyConfig {
+            beta1: f(&s["betas"][0]),
+            beta2: f(&s["betas"][1]),
+            beta3: s["beta3"].as_f64(),
+            eps: f(&s["eps"]),
+            decouple: s["decouple"].as_bool().unwrap(),
+            use_bias_correction: s["use_bias_correction"].as_bool().unwrap(),
+            safeguard_warmup: s["safeguard_warmup"].as_bool().unwrap(),
+            d0: f(&s["d0"]),
+            d_coef: f(&s["d_coef"]),
+            growth_rate: f(&s["growth_rate"]),
+        };
+        let group = ParamGroup::new(params, f(&s["lr"]), wd);
+        Any::Prodigy(Prodigy::new(vec![group], config).unwrap())
+    } else {
+        let config = AdafactorConfig {
+            eps: (f(&s["eps"][0]), f(&s["eps"][1])),
+            clip_threshold: f(&s["clip_threshold"]),
+            decay_rate: f(&s["decay_rate"]),
+            beta1: s["beta1"].as_f64(),
+            scale_parameter: s["scale_parameter"].as_bool().unwrap(),
+            relative_step: s["relative_step"].as_bool().unwrap(),
+            warmup_init: s["warmup_init"].as_bool().unwrap(),
+        };
+        let lr = s["lr"].as_f64().unwrap_or(0.0);
+        let group = ParamGroup::new(params, lr, wd);
+        Any::Adafactor(Adafactor::new(vec![group], config).unwrap())
+    }
+}
+
+pub fn initial_params(r: &Reference) -> Vec<Tensor> {
+    r.params
+        .iter()
+        .map(|n| {
+            r.tensors[&format!("{n}.initial")]
+                .copy()
+                .set_requires_grad(true)
+        })
+        .collect()
+}
+
+pub fn set_grads(r: &Reference, params: &[Tensor], step: i64) {
+    for (p, n) in params.iter().zip(&r.params) {
+        set_grad(p, &r.tensors[&format!("{n}.grads")].get(step));
+    }
+}
+
+/// Every state tensor of a saved file, by key.
+pub fn saved(opt: &Any, name: &str) -> HashMap<String, Tensor> {
+    let path = temp_path(name);
+    opt.save(&path);
+    Tensor::read_safetensors(&path)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
