@@ -14,7 +14,7 @@ use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use crate::adapter::Adapter;
-use crate::fp8::{quantize_e4m3, tensor_bytes};
+use crate::fp8::tensor_bytes;
 use crate::linear::{Fp8Weight, MergeRecord};
 use crate::{Error, Result};
 
@@ -148,37 +148,15 @@ impl Conv2d {
     /// # Errors
     /// [`Error::QuantizeMerged`], [`Error::InvalidConfig`], libtorch errors.
     pub fn quantize_fp8(&mut self, module: &str, compute_kind: Option<Kind>) -> Result<()> {
-        if self.fp8.is_some() {
-            return Ok(());
+        if self.fp8.is_none() {
+            self.fp8 = Some(Fp8Weight::quantize(
+                &mut self.weight,
+                self.bias.as_mut(),
+                !self.merges.is_empty(),
+                module,
+                compute_kind,
+            )?);
         }
-        if !self.merges.is_empty() {
-            return Err(Error::QuantizeMerged {
-                module: module.to_owned(),
-            });
-        }
-        let compute_kind = compute_kind.unwrap_or_else(|| self.weight.kind());
-        if !matches!(
-            compute_kind,
-            Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double
-        ) {
-            return Err(Error::InvalidConfig {
-                field: format!("fp8 compute type of `{module}`"),
-                reason: format!("is {compute_kind:?}; it must be fp32, bf16, fp16 or fp64"),
-            });
-        }
-        let (quantized, scale) = quantize_e4m3(&self.weight)?;
-        let _ = self.weight.f_requires_grad_(false)?;
-        self.weight.set_data(&quantized);
-        if let Some(bias) = &mut self.bias
-            && bias.kind() != compute_kind
-        {
-            let converted = bias.f_to_kind(compute_kind)?;
-            bias.set_data(&converted);
-        }
-        self.fp8 = Some(Fp8Weight {
-            scale,
-            compute_kind,
-        });
         Ok(())
     }
 

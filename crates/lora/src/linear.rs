@@ -56,6 +56,50 @@ pub(crate) struct Fp8Weight {
     pub(crate) compute_kind: Kind,
 }
 
+impl Fp8Weight {
+    /// Quantizes a layer's base `weight` in place (its data replaced, so the variable store frees
+    /// the full-precision bytes; it stops requiring gradients) and converts a `bias` of another type
+    /// to the compute type: what [`Linear::quantize_fp8`] and [`crate::Conv2d::quantize_fp8`] share.
+    /// `merged` says whether an adapter is merged into the weight (refused).
+    pub(crate) fn quantize(
+        weight: &mut Tensor,
+        bias: Option<&mut Tensor>,
+        merged: bool,
+        module: &str,
+        compute_kind: Option<Kind>,
+    ) -> Result<Self> {
+        if merged {
+            return Err(Error::QuantizeMerged {
+                module: module.to_owned(),
+            });
+        }
+        let compute_kind = compute_kind.unwrap_or_else(|| weight.kind());
+        if !matches!(
+            compute_kind,
+            Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double
+        ) {
+            return Err(Error::InvalidConfig {
+                field: format!("fp8 compute type of `{module}`"),
+                reason: format!("is {compute_kind:?}; it must be fp32, bf16, fp16 or fp64"),
+            });
+        }
+        let (quantized, scale) = quantize_e4m3(weight)?;
+        let _ = weight.f_requires_grad_(false)?;
+        weight.set_data(&quantized);
+        if let Some(bias) = bias
+            && bias.kind() != compute_kind
+        {
+            // The bias joins the widened weight in one kernel, so it moves to the compute type.
+            let converted = bias.f_to_kind(compute_kind)?;
+            bias.set_data(&converted);
+        }
+        Ok(Self {
+            scale,
+            compute_kind,
+        })
+    }
+}
+
 /// The undo information of one merged adapter.
 #[derive(Debug)]
 pub(crate) struct MergeRecord {
@@ -178,38 +222,15 @@ impl Linear {
     /// [`Error::QuantizeMerged`] when an adapter is merged into the weight (unmerge first),
     /// [`Error::InvalidConfig`] when `compute_kind` is not a floating-point type wider than fp8.
     pub fn quantize_fp8(&mut self, module: &str, compute_kind: Option<Kind>) -> Result<()> {
-        if self.fp8.is_some() {
-            return Ok(());
+        if self.fp8.is_none() {
+            self.fp8 = Some(Fp8Weight::quantize(
+                &mut self.weight,
+                self.bias.as_mut(),
+                !self.merges.is_empty(),
+                module,
+                compute_kind,
+            )?);
         }
-        if !self.merges.is_empty() {
-            return Err(Error::QuantizeMerged {
-                module: module.to_owned(),
-            });
-        }
-        let compute_kind = compute_kind.unwrap_or_else(|| self.weight.kind());
-        if !matches!(
-            compute_kind,
-            Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double
-        ) {
-            return Err(Error::InvalidConfig {
-                field: format!("fp8 compute type of `{module}`"),
-                reason: format!("is {compute_kind:?}; it must be fp32, bf16, fp16 or fp64"),
-            });
-        }
-        let (quantized, scale) = quantize_e4m3(&self.weight)?;
-        let _ = self.weight.f_requires_grad_(false)?;
-        self.weight.set_data(&quantized);
-        if let Some(bias) = &mut self.bias
-            && bias.kind() != compute_kind
-        {
-            // The bias joins the widened weight in one kernel, so it moves to the compute type.
-            let converted = bias.f_to_kind(compute_kind)?;
-            bias.set_data(&converted);
-        }
-        self.fp8 = Some(Fp8Weight {
-            scale,
-            compute_kind,
-        });
         Ok(())
     }
 
