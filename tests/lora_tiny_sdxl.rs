@@ -10,133 +10,19 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::sdxl_depth::{clip_depth, unet_shape};
+use common::tiny_lora::{Models, bound};
 use common::{fixture, max_rel_error};
-use lora::format::{self, BlockRenames, Format, ModuleNames, ReadOptions, WriteOptions};
-use lora::{Component, HasLinears, LoraState};
-use sdxl_model::clip::ClipTextModel;
-use sdxl_model::unet::{
-    UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights, load_unet, sgm_unet_table,
-};
-use sdxl_model::weights::TensorFile;
-use tch::{Device, Kind, Tensor};
-use test_support::{check, f32_bound, unet_depth};
-
-struct Models {
-    unet: UNet2DConditionModel,
-    text_encoder: ClipTextModel,
-    text_encoder_2: ClipTextModel,
-}
-
-impl Models {
-    fn load() -> Self {
-        let tiny = fixture("tiny-sdxl");
-        let weights = UNetWeights::Diffusers {
-            folder: tiny.join("unet"),
-            variant: None,
-        };
-        let (_, unet) =
-            load_unet(&UNetConfig::tiny_sdxl(), &weights, Device::Cpu, Kind::Float).unwrap();
-        let (text_encoder, _) =
-            ClipTextModel::from_pretrained(tiny.join("text_encoder"), Device::Cpu, Kind::Float)
-                .unwrap();
-        let (text_encoder_2, _) =
-            ClipTextModel::from_pretrained(tiny.join("text_encoder_2"), Device::Cpu, Kind::Float)
-                .unwrap();
-        Self {
-            unet,
-            text_encoder,
-            text_encoder_2,
-        }
-    }
-
-    fn each(&mut self) -> [(Component, &mut dyn HasLinears); 3] {
-        [
-            (Component::Unet, &mut self.unet),
-            (Component::TextEncoder, &mut self.text_encoder),
-            (Component::TextEncoder2, &mut self.text_encoder_2),
-        ]
-    }
-
-    fn module_names(&mut self) -> ModuleNames {
-        let mut names = ModuleNames::new();
-        for (component, model) in self.each() {
-            names.add_model(component, model);
-        }
-        names
-    }
-
-    fn apply(&mut self, state: &LoraState) {
-        for (component, model) in self.each() {
-            let applied = state.apply(model, component, "default", false).unwrap();
-            assert!(applied > 0, "nothing applied to {component}");
-        }
-    }
-
-    fn outputs(&self) -> BTreeMap<&'static str, Tensor> {
-        let unet_io = TensorFile::open(fixture("tiny-sdxl-unet-io.safetensors")).unwrap();
-        let get = |key: &str| unet_io.tensor(key, Device::Cpu, Some(Kind::Float)).unwrap();
-        let (sample, t, ctx, text, ids) = (
-            get("sample"),
-            get("timesteps"),
-            get("encoder_hidden_states"),
-            get("text_embeds"),
-            get("time_ids"),
-        );
-        let inputs = UNetInputs {
-            sample: &sample,
-            timesteps: &t,
-            encoder_hidden_states: &ctx,
-            text_embeds: Some(&text),
-            time_ids: Some(&ids),
-        };
-        let te_io = TensorFile::open(fixture("tiny-sdxl-text-encoder-io.safetensors")).unwrap();
-        let input_ids = te_io
-            .tensor("input_ids", Device::Cpu, Some(Kind::Int64))
-            .unwrap();
-        tch::no_grad(|| {
-            let te2 = self.text_encoder_2.forward(&input_ids).unwrap();
-            BTreeMap::from([
-                ("unet", self.unet.forward(&inputs).unwrap()),
-                (
-                    "text_encoder",
-                    self.text_encoder
-                        .forward(&input_ids)
-                        .unwrap()
-                        .last_hidden_state,
-                ),
-                ("text_encoder_2", te2.last_hidden_state),
-                ("text_encoder_2.text_embeds", te2.text_embeds.unwrap()),
-            ])
-        })
-    }
-}
+use lora::Component;
+use lora::format::{self, BlockRenames, Format, ReadOptions, WriteOptions};
+use sdxl_model::unet::{UNetConfig, sgm_unet_table};
+use tch::{Device, Tensor};
+use test_support::check;
 
 fn golden() -> BTreeMap<String, Tensor> {
     Tensor::read_safetensors(fixture("lora/tiny-sdxl-lora-io.safetensors"))
         .unwrap()
         .into_iter()
         .collect()
-}
-
-/// The bound for an output (docs/NUMERICS.md): the model's depth on the fixture's inputs, doubled
-/// because a LoRA at most doubles the depth of each layer it adapts (a down-projection over the
-/// same inputs, an up-projection, the scale and the sum).
-fn bound(models: &Models, key: &str) -> f64 {
-    let depth = if key == "unet" {
-        let io = TensorFile::open(fixture("tiny-sdxl-unet-io.safetensors")).unwrap();
-        let get = |k: &str| io.tensor(k, Device::Cpu, None).unwrap();
-        unet_depth(&unet_shape(
-            models.unet.config(),
-            &get("sample"),
-            &get("encoder_hidden_states"),
-        ))
-    } else if key == "text_encoder" {
-        clip_depth(models.text_encoder.config(), 77)
-    } else {
-        clip_depth(models.text_encoder_2.config(), 77)
-    };
-    f32_bound(2.0 * depth)
 }
 
 fn assert_matches_diffusers(models: &Models, what: &str) {
