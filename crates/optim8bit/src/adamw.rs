@@ -527,34 +527,8 @@ impl AdamW {
     /// whichever way it goes.
     pub fn step_if(&mut self, apply: &Tensor) -> Result<()> {
         // Shape, element type and device are metadata: checking them does not synchronise.
-        let real = !matches!(
-            apply.kind(),
-            Kind::ComplexHalf | Kind::ComplexFloat | Kind::ComplexDouble
-        );
-        if !apply.defined() || apply.dim() != 0 || !real || apply.device() != self.device {
-            return Err(Error::StepCondition {
-                shape: if apply.defined() {
-                    apply.size()
-                } else {
-                    Vec::new()
-                },
-                kind: if apply.defined() {
-                    apply.kind()
-                } else {
-                    Kind::Bool
-                },
-                device: if apply.defined() {
-                    apply.device()
-                } else {
-                    self.device
-                },
-                expected: self.device,
-            });
-        }
-        tch::no_grad(|| {
-            let apply = apply.f_to_kind(Kind::Bool)?;
-            self.step_inner(Some(&apply))
-        })
+        let apply = crate::common::check_condition(apply, self.device)?;
+        tch::no_grad(|| self.step_inner(Some(&apply)))
     }
 
     /// One step; with a `gate` (0-dim bool on the device) every write-back keeps the old value
