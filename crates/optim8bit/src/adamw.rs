@@ -33,16 +33,19 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::quantize::{BLOCK_SIZE, QuantMap, as_blocks, block_count, normalize};
+use crate::quantize::{
+    BLOCK_SIZE, QuantMap, as_blocks, block_count, dequantize_blocks, requantize_blocks,
+};
 use crate::{Error, Result};
 
-/// How the optimizer stores Adam's two moments.
+/// How an optimizer stores its per-parameter states (Adam's two moments, Lion's momentum).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatePrecision {
-    /// Block-wise 8-bit codes (bitsandbytes `AdamW8bit`) for tensors of at least
-    /// [`AdamWConfig::min_8bit_size`] elements, fp32 for smaller ones.
+    /// Block-wise 8-bit codes (bitsandbytes `AdamW8bit`, `Lion8bit`) for tensors of at least
+    /// `min_8bit_size` elements ([`AdamWConfig::min_8bit_size`],
+    /// [`LionConfig::min_8bit_size`](crate::LionConfig::min_8bit_size)), fp32 for smaller ones.
     EightBit,
-    /// fp32 for every tensor (bitsandbytes' 32-bit AdamW kernel).
+    /// fp32 for every tensor.
     Fp32,
 }
 
@@ -739,15 +742,13 @@ impl AdamW {
         let finite = grad.f_isfinite()?;
         let grad = grad.f_where_scalarother(&finite, 0.0)?;
 
+        let (m_codes, v_codes) = (
+            m_codes.f_view([blocks, BLOCK_SIZE])?,
+            v_codes.f_view([blocks, BLOCK_SIZE])?,
+        );
         // 1. Dequantize.
-        let m = self
-            .signed_map
-            .decode(&m_codes.f_view([blocks, BLOCK_SIZE])?)?
-            .f_mul(&m_absmax.f_unsqueeze(1)?)?;
-        let v = self
-            .unsigned_map
-            .decode(&v_codes.f_view([blocks, BLOCK_SIZE])?)?
-            .f_mul(&v_absmax.f_unsqueeze(1)?)?;
+        let m = dequantize_blocks(&self.signed_map, &m_codes, m_absmax)?;
+        let v = dequantize_blocks(&self.unsigned_map, &v_codes, v_absmax)?;
         // 2. Moments, in the kernel's order of operations; non-finite gradients reset them.
         let v = v
             .f_mul_scalar(c.beta2)?
@@ -763,18 +764,8 @@ impl AdamW {
             param,
         )?;
         // 5. New absmax and nearest codes.
-        let new_m_absmax = m.f_abs()?.f_amax([1i64].as_slice(), false)?;
-        let new_v_absmax = v.f_abs()?.f_amax([1i64].as_slice(), false)?;
-        let new_m_codes = self
-            .signed_map
-            .quantize_normalized(&normalize(&m, &new_m_absmax)?)?;
-        let new_v_codes = self
-            .unsigned_map
-            .quantize_normalized(&normalize(&v, &new_v_absmax)?)?;
-        let (m_codes, v_codes) = (
-            m_codes.f_view([blocks, BLOCK_SIZE])?,
-            v_codes.f_view([blocks, BLOCK_SIZE])?,
-        );
+        let (new_m_codes, new_m_absmax) = requantize_blocks(&self.signed_map, &m)?;
+        let (new_v_codes, new_v_absmax) = requantize_blocks(&self.unsigned_map, &v)?;
         assign(&m_codes, &update.gated(new_m_codes, &m_codes)?)?;
         assign(&v_codes, &update.gated(new_v_codes, &v_codes)?)?;
         assign(m_absmax, &update.gated(new_m_absmax, m_absmax)?)?;

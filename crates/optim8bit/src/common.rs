@@ -106,6 +106,8 @@ pub(crate) enum Entry {
     State(Tensor),
     /// A setting: saved as float64, and on load the file must hold the same value.
     Setting(f64),
+    /// A constant tensor (a code table): saved, and on load the file must hold the same bits.
+    Fixed(Tensor),
 }
 
 /// Writes `entries` as safetensors to a temporary name next to `path` and renames it.
@@ -113,7 +115,7 @@ pub(crate) fn save_entries(path: &Path, entries: &[(String, Entry)]) -> Result<(
     let mut named = Vec::with_capacity(entries.len());
     for (key, entry) in entries {
         let tensor = match entry {
-            Entry::State(t) => t.f_to_device(Device::Cpu)?.f_contiguous()?,
+            Entry::State(t) | Entry::Fixed(t) => t.f_to_device(Device::Cpu)?.f_contiguous()?,
             Entry::Setting(v) => Tensor::f_from_slice(&[*v])?.f_reshape([] as [i64; 0])?,
         };
         named.push((key.clone(), tensor));
@@ -154,7 +156,7 @@ pub(crate) fn load_entries(path: &Path, entries: &[(String, Entry)]) -> Result<(
             .remove(key)
             .ok_or_else(|| mismatch(key, "missing".into()))?;
         let (kind, shape) = match entry {
-            Entry::State(t) => (t.kind(), t.size()),
+            Entry::State(t) | Entry::Fixed(t) => (t.kind(), t.size()),
             Entry::Setting(_) => (Kind::Double, Vec::new()),
         };
         if stored.kind() != kind || stored.size() != shape {
@@ -169,6 +171,11 @@ pub(crate) fn load_entries(path: &Path, entries: &[(String, Entry)]) -> Result<(
         }
         match entry {
             Entry::State(t) => restores.push((t, stored)),
+            Entry::Fixed(t) => {
+                if !stored.f_equal(&t.f_to_device(Device::Cpu)?)? {
+                    return Err(mismatch(key, "differs from this optimizer's".into()));
+                }
+            }
             Entry::Setting(v) => {
                 let found = stored.f_double_value(&[])?;
                 if found.to_bits() != v.to_bits() {

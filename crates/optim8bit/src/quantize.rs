@@ -320,6 +320,27 @@ pub(crate) fn normalize(blocks: &Tensor, absmax: &Tensor) -> Result<Tensor> {
     Ok(blocks.f_div(&safe.f_unsqueeze(1)?)?)
 }
 
+/// The values of block-wise codes, `code[c] · absmax[block]`, as the 8-bit optimizer kernels
+/// dequantize their states.
+///
+/// # Shapes
+/// `codes` `[B, block]` (`uint8`), `absmax` `[B]` → float32 `[B, block]`.
+pub(crate) fn dequantize_blocks(map: &QuantMap, codes: &Tensor, absmax: &Tensor) -> Result<Tensor> {
+    Ok(map.decode(codes)?.f_mul(&absmax.f_unsqueeze(1)?)?)
+}
+
+/// New block scales and nearest codes of updated states, as the 8-bit optimizer kernels requantize
+/// them: `absmax` is each block's largest `|value|`, each code the nearest to `value / absmax`
+/// (keeping the sign for a signed map).
+///
+/// # Shapes
+/// `values` `[B, block]` float32 → (codes `uint8` `[B, block]`, absmax `[B]`).
+pub(crate) fn requantize_blocks(map: &QuantMap, values: &Tensor) -> Result<(Tensor, Tensor)> {
+    let absmax = values.f_abs()?.f_amax([1i64].as_slice(), false)?;
+    let codes = map.quantize_normalized(&normalize(values, &absmax)?)?;
+    Ok((codes, absmax))
+}
+
 /// Quantizes `values` block-wise to the nearest codes of `map` (see the module docs).
 ///
 /// # Shapes
@@ -330,9 +351,7 @@ pub fn quantize_blockwise(values: &Tensor, map: &QuantMap, block_size: i64) -> R
     }
     let numel = values.numel() as i64;
     let flat = values.f_to_kind(Kind::Float)?.f_reshape([numel])?;
-    let blocks = as_blocks(&flat, block_size, 0.0)?;
-    let absmax = blocks.f_abs()?.f_amax([1i64].as_slice(), false)?;
-    let codes = map.quantize_normalized(&normalize(&blocks, &absmax)?)?;
+    let (codes, absmax) = requantize_blocks(map, &as_blocks(&flat, block_size, 0.0)?)?;
     let codes = codes
         .f_reshape([-1])?
         .f_narrow(0, 0, numel)?

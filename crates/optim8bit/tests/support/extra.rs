@@ -105,6 +105,7 @@ pub fn build(r: &Reference, run: &str, params: &[Tensor]) -> Any {
         let config = LionConfig {
             beta1: f(&s["betas"][0]),
             beta2: f(&s["betas"][1]),
+            ..LionConfig::fp32()
         };
         let group = ParamGroup::new(params, f(&s["lr"]), wd);
         Any::Lion(Lion::new(vec![group], config).unwrap())
