@@ -19,71 +19,10 @@ mod support;
 use std::collections::HashMap;
 
 use optim8bit::quantize::QuantMap;
-use optim8bit::{AdamW, AdamWConfig, ParamGroup};
-use support::{fixture, max_rel_error, set_grad, temp_path};
-use tch::{Cuda, Device, Kind, Tensor};
-
-struct Reference {
-    tensors: HashMap<String, Tensor>,
-    /// (name, group) in the order of the fixture's parameter list.
-    params: Vec<(String, usize)>,
-    /// (lr, weight_decay) per group.
-    groups: Vec<(f64, f64)>,
-    recorded_steps: Vec<i64>,
-    device: String,
-}
-
-/// The reference in `file`, which must exist.
-fn read_reference(file: &str) -> Reference {
-    let path = fixture(
-        file,
-        "regenerate it with `tools/fixtures/regenerate.sh --only bnb_adamw8bit` (the CPU path) or, \
-         on the GPU machine, `--only bnb_adamw8bit_cuda` (the CUDA kernels, docs/GPU.md)",
-    );
-    let bytes = std::fs::read(&path).unwrap();
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let info: serde_json::Value =
-        serde_json::from_str(&header.metadata().as_ref().unwrap()["reference"]).unwrap();
-    let params = info["params"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                p[0].as_str().unwrap().to_string(),
-                p[2].as_u64().unwrap() as usize,
-            )
-        })
-        .collect();
-    let groups = info["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| {
-            (
-                g["lr"].as_f64().unwrap(),
-                g["weight_decay"].as_f64().unwrap(),
-            )
-        })
-        .collect();
-    let recorded_steps = info["recorded_steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_i64().unwrap())
-        .collect();
-    let tensors = Tensor::read_safetensors(&path)
-        .unwrap()
-        .into_iter()
-        .collect();
-    Reference {
-        tensors,
-        params,
-        groups,
-        recorded_steps,
-        device: info["device"].as_str().unwrap().into(),
-    }
-}
+use optim8bit::{AdamW, AdamWConfig};
+use support::bnb::{code_mismatches, read_reference};
+use support::{max_rel_error, temp_path};
+use tch::{Cuda, Device, Tensor};
 
 /// The bound on the parameters after `step` steps (docs/NUMERICS.md): each step rounds about 20
 /// times on the way to an update (dequantise, the two moment updates, bias corrections, the square
@@ -93,15 +32,6 @@ fn param_bound(step: i64) -> f64 {
     test_support::f32_bound(20.0 * step as f64)
 }
 
-/// Code mismatches between two code tensors: (count, largest index difference).
-fn code_mismatches(ours: &Tensor, theirs: &Tensor) -> (i64, i64) {
-    let diff = (ours.to_kind(Kind::Int64) - theirs.to_kind(Kind::Int64)).abs();
-    (
-        diff.gt(0).sum(Kind::Int64).int64_value(&[]),
-        diff.max().int64_value(&[]),
-    )
-}
-
 /// Compares our optimizer on `device` with the reference in `file`; `systematic` is the relative
 /// difference of block scales and fp32 moments that the reference's own arithmetic causes (see the
 /// callers), added to the rounding bound.
@@ -109,7 +39,11 @@ fn compare(file: &str, device: Device, systematic: f64) {
     // A moment after 20 steps carries 20 updates of three roundings each (m ← β·m + (1 − β)·g);
     // a block's absmax is the largest of them.
     let moment_tolerance = systematic + test_support::f32_bound(20.0 * 3.0);
-    let reference = read_reference(file);
+    let reference = read_reference(
+        file,
+        "regenerate it with `tools/fixtures/regenerate.sh --only bnb_adamw8bit` (the CPU path) or, \
+         on the GPU machine, `--only bnb_adamw8bit_cuda` (the CUDA kernels, docs/GPU.md)",
+    );
     let t = &reference.tensors;
     println!(
         "reference: bitsandbytes on {}, our optimizer on {device:?}",
@@ -130,51 +64,18 @@ fn compare(file: &str, device: Device, systematic: f64) {
             .equal(&t["qmap2"])
     );
 
-    let params: Vec<Tensor> = reference
-        .params
-        .iter()
-        .map(|(name, _)| {
-            t[&format!("{name}.initial")]
-                .copy()
-                .to_device(device)
-                .set_requires_grad(true)
-        })
-        .collect();
-    let groups = reference
-        .groups
-        .iter()
-        .enumerate()
-        .map(|(g, &(lr, wd))| {
-            let members = reference
-                .params
-                .iter()
-                .zip(&params)
-                .filter(|((_, pg), _)| *pg == g);
-            ParamGroup::new(members.map(|(_, p)| p.shallow_clone()).collect(), lr, wd)
-        })
-        .collect();
-    let mut optimizer = AdamW::new(groups, AdamWConfig::eight_bit()).unwrap();
-    // Where each parameter sits in its group, for the state keys `state.{g}.{i}.*`.
-    let mut position = vec![0usize; reference.groups.len()];
-    let slots: Vec<(usize, usize)> = reference
-        .params
-        .iter()
-        .map(|(_, g)| {
-            position[*g] += 1;
-            (*g, position[*g] - 1)
-        })
-        .collect();
+    let params = reference.initial_params(device);
+    let mut optimizer = AdamW::new(
+        reference.param_groups(&params),
+        AdamWConfig::eight_bit(),
+    )
+    .unwrap();
+    let slots = reference.slots();
 
     let last = *reference.recorded_steps.iter().max().unwrap();
     let (mut total_mismatches, mut total_codes) = (0, 0);
     for step in 1..=last {
-        for ((name, _), param) in reference.params.iter().zip(&params) {
-            let grad = t[&format!("{name}.grads")]
-                .get(step - 1)
-                .to_kind(Kind::Float)
-                * &t[&format!("{name}.grad_scale")];
-            set_grad(param, &grad);
-        }
+        reference.set_grads(&params, step);
         optimizer.step().unwrap();
         if !reference.recorded_steps.contains(&step) {
             continue;

@@ -15,6 +15,7 @@
 
 mod support;
 
+use support::cuda;
 use support::extra::{Any, build, initial_params, reference, set_grads};
 use tch::{Device, Tensor};
 use test_support::{check, f32_bound, max_rel_error};
@@ -26,18 +27,6 @@ fn check_run(run: &str, depth: impl Fn(f64) -> f64) {
     if cuda() {
         check_run_on(run, Device::Cuda(0), &depth);
     }
-}
-
-/// Whether a CUDA device is there; without one the CUDA half of a test is skipped, unless
-/// `SDXL_REQUIRE_CUDA=1` (the GPU machine's harness) makes that a failure.
-fn cuda() -> bool {
-    let required = std::env::var("SDXL_REQUIRE_CUDA").is_ok_and(|v| v == "1");
-    let present = tch::Cuda::is_available();
-    assert!(
-        present || !required,
-        "SDXL_REQUIRE_CUDA=1 but tch sees no CUDA device"
-    );
-    present
 }
 
 /// [`check_run`] on `device`. On CUDA, steps 3 to 20 replay one CUDA graph captured after two

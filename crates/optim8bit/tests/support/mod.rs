@@ -8,6 +8,7 @@
     clippy::panic
 )] // test code: failing loudly is the point
 
+pub mod bnb;
 pub mod extra;
 
 pub use test_support::{fixtures_dir, max_rel_error};
@@ -38,6 +39,18 @@ pub fn set_grad(param: &Tensor, grad: &Tensor) {
     (param * grad.to_device(param.device()).to_kind(Kind::Float))
         .sum(Kind::Float)
         .backward();
+}
+
+/// Whether a CUDA device is there; without one the CUDA half of a test is skipped, unless
+/// `SDXL_REQUIRE_CUDA=1` (the GPU machine's harness) makes that a failure.
+pub fn cuda() -> bool {
+    let required = std::env::var("SDXL_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+    let present = tch::Cuda::is_available();
+    assert!(
+        present || !required,
+        "SDXL_REQUIRE_CUDA=1 but tch sees no CUDA device"
+    );
+    present
 }
 
 /// A fresh path under the system's temporary folder, unique per test and process.
