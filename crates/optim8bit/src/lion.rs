@@ -249,7 +249,9 @@ impl Lion {
                     }
                     Momentum::Blockwise { codes, absmax } => {
                         let map = self.map.as_ref().ok_or_else(|| {
-                            crate::Error::Shape("internal: an 8-bit momentum without its code table".into())
+                            crate::Error::Shape(
+                                "internal: an 8-bit momentum without its code table".into(),
+                            )
                         })?;
                         self.step_blockwise(param, &grad, [codes, absmax], map, &update, gate)?;
                     }
@@ -298,7 +300,10 @@ impl Lion {
             ),
         ];
         if let Some(map) = &self.map {
-            entries.push(("qmap1".to_string(), Entry::Fixed(map.code().shallow_clone())));
+            entries.push((
+                "qmap1".to_string(),
+                Entry::Fixed(map.code().shallow_clone()),
+            ));
         }
         entries.extend(self.groups.group_entries());
         for (g, group) in self.groups.groups.iter().enumerate() {

@@ -128,7 +128,10 @@ fn compare(file: &str, device: Device, systematic: f64) {
                 .gt(lr)
                 .sum(Kind::Int64)
                 .int64_value(&[]);
-            assert_eq!(flips, 0, "{name} at step {step}: {flips} update signs differ");
+            assert_eq!(
+                flips, 0,
+                "{name} at step {step}: {flips} update signs differ"
+            );
             let param_error = max_rel_error(param, theirs("param"));
             print!("step {step:2} {name:7} param rel. error {param_error:.2e}");
             assert!(

@@ -65,11 +65,8 @@ fn compare(file: &str, device: Device, systematic: f64) {
     );
 
     let params = reference.initial_params(device);
-    let mut optimizer = AdamW::new(
-        reference.param_groups(&params),
-        AdamWConfig::eight_bit(),
-    )
-    .unwrap();
+    let mut optimizer =
+        AdamW::new(reference.param_groups(&params), AdamWConfig::eight_bit()).unwrap();
     let slots = reference.slots();
 
     let last = *reference.recorded_steps.iter().max().unwrap();

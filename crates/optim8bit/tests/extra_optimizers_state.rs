@@ -1,4 +1,4 @@
-//! Lion, Prodigy and Adafactor: state files (resume equal to an uninterrupted run, foreign
+//! Lion (fp32 and 8-bit momentum), Prodigy and Adafactor: state files (resume equal to an uninterrupted run, foreign
 //! states refused), `step_if`, parameters without gradients. Uses the fixture of
 //! `tests/extra_optimizers.rs` for parameters, gradients and settings.
 
@@ -18,6 +18,7 @@ fn resume_equals_an_uninterrupted_run() {
     let r = reference();
     for run in [
         "lion",
+        "lion8bit",
         "prodigy",
         "prodigy_plain",
         "prodigy_coupled",
@@ -67,7 +68,7 @@ fn resume_equals_an_uninterrupted_run() {
 #[test]
 fn step_if_false_changes_nothing() {
     let r = reference();
-    for run in ["lion", "prodigy", "adafactor_fixed"] {
+    for run in ["lion", "lion8bit", "prodigy", "adafactor_fixed"] {
         let params = initial_params(&r);
         let mut opt = build(&r, run, &params);
         let twin = initial_params(&r);
@@ -165,7 +166,13 @@ fn load_refuses_a_foreign_state() {
 #[test]
 fn parameters_without_gradients_are_left_alone() {
     let r = reference();
-    for run in ["lion", "prodigy", "adafactor_relative", "adafactor_fixed"] {
+    for run in [
+        "lion",
+        "lion8bit",
+        "prodigy",
+        "adafactor_relative",
+        "adafactor_fixed",
+    ] {
         let params = initial_params(&r);
         let any = build(&r, run, &params);
         let (lr, wd) = match &any {

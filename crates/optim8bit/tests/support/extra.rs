@@ -96,16 +96,26 @@ pub fn f(v: &Value) -> f64 {
     }
 }
 
-/// The optimizer of fixture run `run` over `params`, with the run's settings.
+/// The optimizer of fixture run `run` over `params`, with the run's settings. `lion8bit` (not a
+/// fixture run) is `lion`'s settings with an 8-bit momentum for every parameter (`min_8bit_size`
+/// 0: the fixture's parameters are smaller than a block or end in a ragged one).
 pub fn build(r: &Reference, run: &str, params: &[Tensor]) -> Any {
-    let s = &r.runs[run];
+    let s = &r.runs[if run == "lion8bit" { "lion" } else { run }];
     let params = params.iter().map(Tensor::shallow_clone).collect();
     let wd = f(&s["weight_decay"]);
     if run.starts_with("lion") {
+        let base = if run == "lion8bit" {
+            LionConfig {
+                min_8bit_size: 0,
+                ..LionConfig::eight_bit()
+            }
+        } else {
+            LionConfig::fp32()
+        };
         let config = LionConfig {
             beta1: f(&s["betas"][0]),
             beta2: f(&s["betas"][1]),
-            ..LionConfig::fp32()
+            ..base
         };
         let group = ParamGroup::new(params, f(&s["lr"]), wd);
         Any::Lion(Lion::new(vec![group], config).unwrap())
