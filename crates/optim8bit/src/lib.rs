@@ -1,4 +1,5 @@
-//! AdamW with 8-bit block-quantized states, as bitsandbytes defines it, and with fp32 states.
+//! AdamW and Lion with 8-bit block-quantized states, as bitsandbytes defines them, and with fp32
+//! states; Prodigy and Adafactor.
 //!
 //! [`AdamW`] with [`AdamWConfig::eight_bit`] reproduces bitsandbytes 0.50's `AdamW8bit` (the
 //! CUDA kernel's arithmetic, in vectorised tensor operations that run on the CPU and on CUDA);
@@ -6,8 +7,10 @@
 //! dynamic 8-bit data type, and [`AdamW::save`] / [`AdamW::load`] write and read the complete
 //! state as safetensors for an exact resume.
 //!
-//! [`Lion`] (lion-pytorch 0.2.5), [`Prodigy`] (prodigyopt 1.1.2) and [`Adafactor`] (transformers
-//! 5.17.0) reproduce the optimizers LoRA trainers often pick instead, with the same interface:
+//! [`Lion`] (lion-pytorch 0.2.5; with [`LionConfig::eight_bit`] bitsandbytes 0.50's `Lion8bit`, its
+//! momentum block-quantized as AdamW8bit's moments), [`Prodigy`] (prodigyopt 1.1.2) and
+//! [`Adafactor`] (transformers 5.17.0) reproduce the optimizers LoRA trainers often pick instead,
+//! with the same interface:
 //! [`ParamGroup`]s, `step`/`step_if` that only enqueue device work (learning rates, step counts
 //! and Prodigy's `d` are device tensors), `save`/`load` of the complete state. Their modules
 //! give each update rule and how it follows its reference.
@@ -39,6 +42,23 @@
 //! opt.step()?;
 //! opt.zero_grad()?;
 //! assert!(w.mean(None).double_value(&[]) > 0.0);
+//! # Ok::<(), optim8bit::Error>(())
+//! ```
+//!
+//! ```
+//! use optim8bit::{Lion, LionConfig, ParamGroup};
+//! use tch::{Kind, Tensor};
+//!
+//! // 8-bit momentum from 4096 elements (bitsandbytes' min_8bit_size), fp32 below.
+//! let w = Tensor::zeros([64, 128], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+//! let b = Tensor::zeros([128], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+//! let groups = vec![ParamGroup::new(vec![w.shallow_clone(), b.shallow_clone()], 1e-4, 1e-2)];
+//! let mut opt = Lion::new(groups, LionConfig::eight_bit())?;
+//! assert_eq!(opt.state_bytes(), 64 * 128 + 32 * 4 + 128 * 4); // codes + absmax, fp32
+//! let loss = (&w - 1.0).square().mean(None) + (&b - 1.0).square().mean(None);
+//! loss.backward();
+//! opt.step()?;
+//! assert!((w.mean(None).double_value(&[]) - 1e-4).abs() < 1e-9); // moved by lr·sign(g)
 //! # Ok::<(), optim8bit::Error>(())
 //! ```
 //!
