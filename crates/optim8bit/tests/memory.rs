@@ -9,7 +9,7 @@
 
 mod support;
 
-use optim8bit::{AdamW, AdamWConfig, ParamGroup};
+use optim8bit::{AdamW, AdamWConfig, Lion, LionConfig, ParamGroup};
 use support::seed_lora_shapes;
 use tch::{Device, Kind, Tensor};
 
@@ -53,4 +53,37 @@ fn seed_lora_state_is_about_two_bytes_per_parameter() {
     assert!((large_per_param - 2.03125).abs() < 1e-9);
     assert_eq!(fp32_bytes, 8 * params);
     assert!(per_param < 2.5, "{per_param}");
+}
+
+/// Lion8bit on the seed's LoRA: one momentum, so 1 byte of codes per element plus one fp32 absmax
+/// per 256 elements (1.016 bytes) in the tensors of ≥ 4096 elements, 4 bytes below.
+#[test]
+fn seed_lora_lion8bit_state_is_about_one_byte_per_parameter() {
+    let shapes = seed_lora_shapes();
+    let bytes_for = |config: LionConfig| {
+        let params: Vec<Tensor> = shapes
+            .iter()
+            .map(|s| Tensor::zeros(s.as_slice(), (Kind::Float, Device::Cpu)))
+            .collect();
+        Lion::new(vec![ParamGroup::new(params, 1e-4, 1e-2)], config)
+            .unwrap()
+            .state_bytes()
+    };
+    let (bytes, fp32_bytes) = (
+        bytes_for(LionConfig::eight_bit()),
+        bytes_for(LionConfig::fp32()),
+    );
+    let numel = |s: &Vec<i64>| s.iter().product::<i64>();
+    let (small, large): (Vec<_>, Vec<_>) = shapes.iter().partition(|s| numel(s) < 4096);
+    let large_numel: i64 = large.iter().map(|s| numel(s)).sum();
+    let blocks: i64 = large.iter().map(|s| (numel(s) + 255) / 256).sum();
+    let small_numel: i64 = small.iter().map(|s| numel(s)).sum();
+    assert_eq!(bytes, large_numel + 4 * blocks + 4 * small_numel);
+    let params = large_numel + small_numel;
+    assert_eq!(fp32_bytes, 4 * params);
+    let per_param = bytes as f64 / params as f64;
+    println!(
+        "  Lion8bit state: {bytes} bytes = {per_param:.3} bytes/param; fp32 Lion: 4 bytes/param"
+    );
+    assert!(per_param < 1.25, "{per_param}");
 }
