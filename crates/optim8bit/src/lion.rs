@@ -25,7 +25,7 @@
 //! `csrc/kernels.cu`: `1 − β` and `1 − lr·wd` are computed in float32 (`1.0f − beta`), the weight
 //! decay only when it is > 0, a ragged last block is padded as the kernel loads it (gradient 0,
 //! code 128), and the block quantization is [`crate::quantize`]'s, shared with AdamW.
-//! bitsandbytes' CPU path rounds the float64 `1 − β` instead (the momentum differs by 9.5e-7
+//! bitsandbytes' CPU path rounds the float64 `1 − β` instead (the momentum differs by 9.3e-7
 //! relative for β₂ = 0.99). The 1-state kernels have no guard against non-finite gradients (a NaN
 //! spoils its block's momentum there as here); gate such steps with [`Lion::step_if`].
 //!
