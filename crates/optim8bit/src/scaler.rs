@@ -181,7 +181,9 @@ impl GradScaler {
                 .collect();
             for (index, grad) in &grads {
                 let reason = if grad.kind() == Kind::Half {
-                    Some("an fp16 gradient cannot be unscaled; keep the trained weights fp32".into())
+                    Some(
+                        "an fp16 gradient cannot be unscaled; keep the trained weights fp32".into(),
+                    )
                 } else if grad.device() != self.scale.device() {
                     Some(format!(
                         "gradient on {:?}, the scale on {:?}",

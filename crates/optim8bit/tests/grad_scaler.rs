@@ -158,7 +158,9 @@ fn step(r: &Reference, run: &mut Run, sequence: &str, step: i64) {
             &at(&format!("{n}.unscaled")),
         );
     }
-    run.optimizer.step_if(&run.scaler.finite().unwrap()).unwrap();
+    run.optimizer
+        .step_if(&run.scaler.finite().unwrap())
+        .unwrap();
     run.scaler.update().unwrap();
     bits_equal(
         &format!("{context} scale"),
@@ -186,7 +188,10 @@ fn scales_skips_and_parameters_equal_torch_grad_scaler() {
     for sequence in ["interval3", "default", "near_max"] {
         let found = r.t(&format!("{sequence}.found_inf"));
         let skipped = found.sum(Kind::Float).double_value(&[]);
-        assert!(skipped >= 5.0, "{sequence}: the fixture must inject overflows");
+        assert!(
+            skipped >= 5.0,
+            "{sequence}: the fixture must inject overflows"
+        );
         let mut run = start(&r, sequence);
         for s in 0..steps {
             step(&r, &mut run, sequence, s);
@@ -211,7 +216,10 @@ fn a_run_resumed_from_saved_state_is_bit_identical() {
     for s in 0..25 {
         step(&r, &mut first, "interval3", s);
     }
-    let (scaler_file, lion_file) = (temp_path("scaler.safetensors"), temp_path("lion.safetensors"));
+    let (scaler_file, lion_file) = (
+        temp_path("scaler.safetensors"),
+        temp_path("lion.safetensors"),
+    );
     first.scaler.save(&scaler_file).unwrap();
     first.optimizer.save(&lion_file).unwrap();
     let mut resumed = start(&r, "interval3");
