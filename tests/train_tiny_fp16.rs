@@ -55,7 +55,11 @@ fn fp16_runs_train_near_fp32_and_resume_to_a_bit_identical_lora() {
         );
         total += relative;
     }
-    assert!(total / 6.0 <= 0.1, "mean relative difference {}", total / 6.0);
+    assert!(
+        total / 6.0 <= 0.1,
+        "mean relative difference {}",
+        total / 6.0
+    );
     // The scaler's scale and overflow count are logged at every logging step.
     let metrics = MetricsLog::read(&whole.output_dir.join("logs/metrics.jsonl")).unwrap();
     for record in &metrics {
@@ -64,7 +68,9 @@ fn fp16_runs_train_near_fp32_and_resume_to_a_bit_identical_lora() {
         assert_eq!(record["overflow_steps"].as_u64(), Some(0), "{record}");
     }
     // Its state is in every checkpoint.
-    let scaler = whole.output_dir.join("checkpoint-3/grad_scaler.safetensors");
+    let scaler = whole
+        .output_dir
+        .join("checkpoint-3/grad_scaler.safetensors");
     let named: Vec<(String, Tensor)> = Tensor::read_safetensors(&scaler).unwrap();
     let scale = named.iter().find(|(n, _)| n == "scale").unwrap();
     assert_eq!(scale.1.double_value(&[]), 65536.0);

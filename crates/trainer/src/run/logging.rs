@@ -90,7 +90,8 @@ impl RunLogs {
         });
         let mut scaler_text = String::new();
         if let Some((scale, overflows)) = scaler {
-            self.events.add_scalar("train/loss_scale", at, scale as f32)?;
+            self.events
+                .add_scalar("train/loss_scale", at, scale as f32)?;
             self.events
                 .add_scalar("train/overflow_steps", at, overflows as f32)?;
             record["loss_scale"] = scale.into();
