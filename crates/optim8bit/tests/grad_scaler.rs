@@ -1,9 +1,10 @@
 //! The GradScaler against `torch.amp.GradScaler` over 50 steps with injected overflows.
 //!
 //! The fixture `grad-scaler.safetensors` comes from `gen_grad_scaler` in
-//! `tools/fixtures/generate.py` (`tools/fixtures/grad_scaler.py`): three sequences (growth
+//! `tools/fixtures/generate.py` (`tools/fixtures/grad_scaler.py`): four sequences (growth
 //! interval 3; torch's defaults from a growth tracker 2 short of 2000; a scale of 2¹²⁶ whose growth
-//! to infinity torch refuses), each 50 steps of `scale(loss).backward()`, `unscale_`, a
+//! to infinity torch refuses; an initial scale of 1000 with factors 3 and 0.3, so that the scale
+//! and its reciprocal round), each 50 steps of `scale(loss).backward()`, `unscale_`, a
 //! lion-pytorch `Lion` step gated by the scaler, `update`, on seeded gradients with inf, NaN and
 //! finite-but-overflowing values at chosen steps. Scales, growth trackers, `found_inf` and the
 //! unscaled gradients are compared bit for bit (they are the same ATen kernels on the same
@@ -185,7 +186,7 @@ fn step(r: &Reference, run: &mut Run, sequence: &str, step: i64) {
 fn scales_skips_and_parameters_equal_torch_grad_scaler() {
     let r = reference();
     let steps = r.info["steps"].as_i64().unwrap();
-    for sequence in ["interval3", "default", "near_max"] {
+    for sequence in ["interval3", "default", "near_max", "uneven"] {
         let found = r.t(&format!("{sequence}.found_inf"));
         let skipped = found.sum(Kind::Float).double_value(&[]);
         assert!(
