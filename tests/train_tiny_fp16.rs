@@ -1,6 +1,6 @@
 //! `--mixed_precision fp16` end to end on the tiny preset, on the CPU: fp16 frozen weights and
 //! activations, fp32 LoRA masters, dynamic loss scaling. The losses stay near the fp32 run's, the
-//! scaler's state is logged and checkpointed, and a run stopped at a checkpoint and resumed ends
+//! scaler's state is logged, checkpointed and restored, and a run stopped at a checkpoint and resumed ends
 //! on the bit-identical LoRA of an uninterrupted run.
 //!
 //! Every run happens in a child process (`training::training_child`), as in `tests/train_tiny.rs`.
@@ -92,10 +92,45 @@ fn fp16_runs_train_near_fp32_and_resume_to_a_bit_identical_lora() {
     assert!(cosine > 0.5, "cosine {cosine}");
     // Stopped after the checkpoint of step 3, then resumed to step 6.
     run_to_end(&config("split", MixedPrecision::Fp16, 3));
+    // The scaler's state is restored from the checkpoint: a copy of it whose scale was changed
+    // to 1024 resumes with that scale.
+    copy_dir(&dir.join("split"), &dir.join("rescaled"));
+    let file = dir.join("rescaled/checkpoint-3/grad_scaler.safetensors");
+    let named: Vec<(String, Tensor)> = Tensor::read_safetensors(&file)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| match n.as_str() {
+            "scale" => (n, t.full_like(1024.0)),
+            _ => (n, t),
+        })
+        .collect();
+    Tensor::write_safetensors(&named, &file).unwrap();
+    let rescaled = config("rescaled", MixedPrecision::Fp16, 6);
+    run_to_end(&rescaled);
+    let metrics = MetricsLog::read(&rescaled.output_dir.join("logs/metrics.jsonl")).unwrap();
+    let resumed: Vec<f64> = metrics
+        .iter()
+        .filter(|r| r["step"].as_u64().unwrap() > 3)
+        .map(|r| r["loss_scale"].as_f64().unwrap())
+        .collect();
+    assert_eq!(resumed, [1024.0; 3]);
     run_to_end(&config("split", MixedPrecision::Fp16, 6));
     assert_bit_identical(
         &whole.output_dir.join(LORA_FILE),
         &dir.join("split").join(LORA_FILE),
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
 }
