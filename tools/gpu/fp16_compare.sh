@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 18's GPU check of --mixed_precision fp16: the fp16 loss scaler on CUDA (the optim8bit test against
-# torch.amp.GradScaler's sequence, which also runs on the CPU), the compute-capability query, and the
+# torch.amp.GradScaler's sequences, bit for bit on the CPU and then on CUDA), the compute capability, and the
 # trainer with fp16 eager beside fp16 replayed from CUDA graphs (the scaler's unscale, skip decision and
 # update inside the captured optimizer step), with bf16 and fp32 for scale, on a random-weight SDXL-base folder.
 #
@@ -15,7 +15,7 @@ steps=${1:-30}
 out=${OUT:-/tmp/fp16-compare}
 source tools/gpu/setup.sh
 gpu_setup fp16-compare.log
-echo "== grad_scaler test (CPU sequence; CUDA capability)"
+echo "== grad_scaler test (CPU, then CUDA with SDXL_REQUIRE_CUDA=1)"
 for t in .gpu/tests/grad_scaler*; do [ -x "$t" ] && SDXL_REQUIRE_CUDA=1 "$t" 2>&1 | tail -5; done
 python3 -c 'import torch; print("torch capability", torch.cuda.get_device_capability(), "bf16 native", torch.cuda.is_bf16_supported(including_emulation=False))'
 model=/tmp/sdxl-random

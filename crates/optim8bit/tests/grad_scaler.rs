@@ -12,6 +12,9 @@
 //! rounding of `p − lr·s` on both sides.
 //!
 //! A run saved after step 25 and resumed into a fresh scaler and optimizer ends bit-identical.
+//!
+//! With a CUDA device (the GPU harness sets `SDXL_REQUIRE_CUDA=1`, making one mandatory) the
+//! sequences run again on CUDA, eagerly, against the same fixture.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
@@ -89,12 +92,33 @@ struct Run {
     scaler: GradScaler,
 }
 
-fn start(r: &Reference, sequence: &str) -> Run {
+/// The CPU, and the CUDA device when there is one; without one the CUDA half is skipped, unless
+/// `SDXL_REQUIRE_CUDA=1` (the GPU machine's harness) makes that a failure.
+fn devices() -> Vec<Device> {
+    let required = std::env::var("SDXL_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+    let present = tch::Cuda::is_available();
+    assert!(
+        present || !required,
+        "SDXL_REQUIRE_CUDA=1 but tch sees no CUDA device"
+    );
+    let mut devices = vec![Device::Cpu];
+    if present {
+        devices.push(Device::Cuda(0));
+    }
+    devices
+}
+
+fn start(r: &Reference, sequence: &str, device: Device) -> Run {
     let lion = &r.info["lion"];
     let params: Vec<Tensor> = r
         .names()
         .iter()
-        .map(|n| r.t(&format!("{n}.initial")).copy().set_requires_grad(true))
+        .map(|n| {
+            r.t(&format!("{n}.initial"))
+                .to_device(device)
+                .copy() // on the CPU `to_device` is the fixture's own tensor
+                .set_requires_grad(true)
+        })
         .collect();
     let group = ParamGroup::new(
         params.iter().map(Tensor::shallow_clone).collect(),
@@ -106,7 +130,7 @@ fn start(r: &Reference, sequence: &str) -> Run {
         beta2: lion["betas"][1].as_f64().unwrap(),
     };
     let (scaler_config, tracker) = r.sequence(sequence);
-    let scaler = GradScaler::new(scaler_config, Device::Cpu).unwrap();
+    let scaler = GradScaler::new(scaler_config, device).unwrap();
     if let Some(tracker) = tracker {
         let _ = scaler.growth_tracker().shallow_clone().fill_(tracker);
     }
@@ -119,10 +143,11 @@ fn start(r: &Reference, sequence: &str) -> Run {
 
 fn bits_equal(name: &str, actual: &Tensor, expected: &Tensor) {
     assert_eq!(actual.kind(), expected.kind(), "{name}: element type");
+    let actual = actual.to_device(Device::Cpu);
     // NaN == NaN here: compare the bit patterns.
     let as_bits = |t: &Tensor| t.contiguous().view_dtype(Kind::Int);
     assert!(
-        as_bits(actual).equal(&as_bits(expected)),
+        as_bits(&actual).equal(&as_bits(expected)),
         "{name}: {actual:?} vs {expected:?}"
     );
 }
@@ -135,12 +160,15 @@ fn step(r: &Reference, run: &mut Run, sequence: &str, step: i64) {
         .params
         .iter()
         .zip(&names)
-        .map(|(p, n)| (p * r.t(&format!("{n}.grads")).get(step)).sum(Kind::Float))
+        .map(|(p, n)| {
+            let grad = r.t(&format!("{n}.grads")).get(step).to_device(p.device());
+            (p * grad).sum(Kind::Float)
+        })
         .reduce(|a, b| a + b)
         .unwrap();
     run.scaler.scale(&loss).unwrap().backward();
     let at = |key: &str| r.t(&format!("{sequence}.{key}")).get(step);
-    let context = format!("{sequence} step {step}");
+    let context = format!("{sequence} step {step} on {:?}", run.params[0].device());
     bits_equal(
         &format!("{context} scale used"),
         run.scaler.scale_tensor(),
@@ -186,16 +214,18 @@ fn step(r: &Reference, run: &mut Run, sequence: &str, step: i64) {
 fn scales_skips_and_parameters_equal_torch_grad_scaler() {
     let r = reference();
     let steps = r.info["steps"].as_i64().unwrap();
-    for sequence in ["interval3", "default", "near_max", "uneven"] {
-        let found = r.t(&format!("{sequence}.found_inf"));
-        let skipped = found.sum(Kind::Float).double_value(&[]);
-        assert!(
-            skipped >= 5.0,
-            "{sequence}: the fixture must inject overflows"
-        );
-        let mut run = start(&r, sequence);
-        for s in 0..steps {
-            step(&r, &mut run, sequence, s);
+    for device in devices() {
+        for sequence in ["interval3", "default", "near_max", "uneven"] {
+            let found = r.t(&format!("{sequence}.found_inf"));
+            let skipped = found.sum(Kind::Float).double_value(&[]);
+            assert!(
+                skipped >= 5.0,
+                "{sequence}: the fixture must inject overflows"
+            );
+            let mut run = start(&r, sequence, device);
+            for s in 0..steps {
+                step(&r, &mut run, sequence, s);
+            }
         }
     }
     // The sequences cover growth, backoff and a refused growth to infinity.
@@ -213,7 +243,7 @@ fn scales_skips_and_parameters_equal_torch_grad_scaler() {
 fn a_run_resumed_from_saved_state_is_bit_identical() {
     let r = reference();
     let steps = r.info["steps"].as_i64().unwrap();
-    let mut first = start(&r, "interval3");
+    let mut first = start(&r, "interval3", Device::Cpu);
     for s in 0..25 {
         step(&r, &mut first, "interval3", s);
     }
@@ -223,7 +253,7 @@ fn a_run_resumed_from_saved_state_is_bit_identical() {
     );
     first.scaler.save(&scaler_file).unwrap();
     first.optimizer.save(&lion_file).unwrap();
-    let mut resumed = start(&r, "interval3");
+    let mut resumed = start(&r, "interval3", Device::Cpu);
     for (p, q) in resumed.params.iter().zip(&first.params) {
         tch::no_grad(|| p.shallow_clone().copy_(q));
     }
