@@ -14,7 +14,8 @@
 //! A run saved after step 25 and resumed into a fresh scaler and optimizer ends bit-identical.
 //!
 //! With a CUDA device (the GPU harness sets `SDXL_REQUIRE_CUDA=1`, making one mandatory) the
-//! sequences run again on CUDA, eagerly, against the same fixture.
+//! sequences run again on CUDA against the same fixture, eagerly and with the scaler's unscale, the
+//! gated step and the update replayed from one CUDA graph.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
@@ -152,21 +153,46 @@ fn bits_equal(name: &str, actual: &Tensor, expected: &Tensor) {
     );
 }
 
-/// Step `step` of `sequence`, checked against the fixture.
-fn step(r: &Reference, run: &mut Run, sequence: &str, step: i64) {
-    let names = r.names();
-    run.optimizer.zero_grad().unwrap();
-    let loss = run
-        .params
-        .iter()
-        .zip(&names)
-        .map(|(p, n)| {
-            let grad = r.t(&format!("{n}.grads")).get(step).to_device(p.device());
-            (p * grad).sum(Kind::Float)
-        })
-        .reduce(|a, b| a + b)
+/// The scaler's device work of an optimizer step: unscale, the gated step, the update.
+fn gated_update(run: &mut Run) {
+    run.scaler.unscale(&run.params).unwrap();
+    run.optimizer
+        .step_if(&run.scaler.finite().unwrap())
         .unwrap();
-    run.scaler.scale(&loss).unwrap().backward();
+    run.scaler.update().unwrap();
+}
+
+/// Step `step` of `sequence`, checked against the fixture. With `graph` (CUDA), the gated update
+/// is captured at step 2 and replayed from then on, the scaled gradients written into the
+/// captured gradients' storage (`g · scale`, the product the backward pass computes).
+fn step(
+    r: &Reference,
+    run: &mut Run,
+    sequence: &str,
+    step: i64,
+    graph: Option<&mut Option<torch_cuda::CudaGraph>>,
+) {
+    let names = r.names();
+    let replay = graph.as_ref().is_some_and(|g| g.is_some());
+    if replay {
+        for (p, n) in run.params.iter().zip(&names) {
+            let grad = r.t(&format!("{n}.grads")).get(step).to_device(p.device());
+            p.grad().copy_(&(grad * run.scaler.scale_tensor()));
+        }
+    } else {
+        run.optimizer.zero_grad().unwrap();
+        let loss = run
+            .params
+            .iter()
+            .zip(&names)
+            .map(|(p, n)| {
+                let grad = r.t(&format!("{n}.grads")).get(step).to_device(p.device());
+                (p * grad).sum(Kind::Float)
+            })
+            .reduce(|a, b| a + b)
+            .unwrap();
+        run.scaler.scale(&loss).unwrap().backward();
+    }
     let at = |key: &str| r.t(&format!("{sequence}.{key}")).get(step);
     let context = format!("{sequence} step {step} on {:?}", run.params[0].device());
     bits_equal(
@@ -174,7 +200,21 @@ fn step(r: &Reference, run: &mut Run, sequence: &str, step: i64) {
         run.scaler.scale_tensor(),
         &at("scale_used"),
     );
-    run.scaler.unscale(&run.params).unwrap();
+    match graph {
+        Some(Some(graph)) => graph.replay().unwrap(),
+        Some(slot) if step == 2 => {
+            tch::Cuda::synchronize(0);
+            let (graph, ()) =
+                torch_cuda::CudaGraph::capture(0, None, torch_cuda::CaptureMode::Global, || {
+                    gated_update(run)
+                })
+                .unwrap();
+            graph.replay().unwrap();
+            *slot = Some(graph);
+        }
+        _ => gated_update(run),
+    }
+    // Neither the gated step nor the update changes the gradients or found_inf.
     bits_equal(
         &format!("{context} found_inf"),
         run.scaler.found_inf(),
@@ -187,10 +227,6 @@ fn step(r: &Reference, run: &mut Run, sequence: &str, step: i64) {
             &at(&format!("{n}.unscaled")),
         );
     }
-    run.optimizer
-        .step_if(&run.scaler.finite().unwrap())
-        .unwrap();
-    run.scaler.update().unwrap();
     bits_equal(
         &format!("{context} scale"),
         run.scaler.scale_tensor(),
@@ -224,7 +260,15 @@ fn scales_skips_and_parameters_equal_torch_grad_scaler() {
             );
             let mut run = start(&r, sequence, device);
             for s in 0..steps {
-                step(&r, &mut run, sequence, s);
+                step(&r, &mut run, sequence, s, None);
+            }
+            if device.is_cuda() {
+                // Again with the gated update replayed from a CUDA graph: it is capturable.
+                let mut run = start(&r, sequence, device);
+                let mut graph = None;
+                for s in 0..steps {
+                    step(&r, &mut run, sequence, s, Some(&mut graph));
+                }
             }
         }
     }
@@ -245,7 +289,7 @@ fn a_run_resumed_from_saved_state_is_bit_identical() {
     let steps = r.info["steps"].as_i64().unwrap();
     let mut first = start(&r, "interval3", Device::Cpu);
     for s in 0..25 {
-        step(&r, &mut first, "interval3", s);
+        step(&r, &mut first, "interval3", s, None);
     }
     let (scaler_file, lion_file) = (
         temp_path("scaler.safetensors"),
@@ -260,7 +304,7 @@ fn a_run_resumed_from_saved_state_is_bit_identical() {
     resumed.scaler.load(&scaler_file).unwrap();
     resumed.optimizer.load(&lion_file).unwrap();
     for s in 25..steps {
-        step(&r, &mut resumed, "interval3", s);
+        step(&r, &mut resumed, "interval3", s, None);
     }
 
     // A state file of other settings is refused, naming the setting, and changes nothing.
