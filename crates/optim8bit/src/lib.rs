@@ -15,6 +15,9 @@
 //! and Prodigy's `d` are device tensors), `save`/`load` of the complete state. Their modules
 //! give each update rule and how it follows its reference.
 //!
+//! [`GradScaler`] is fp16 training's dynamic loss scaling (`torch.amp.GradScaler`), its skip
+//! decision a device tensor for `step_if`.
+//!
 //! ```
 //! use optim8bit::{Prodigy, ProdigyConfig, ParamGroup};
 //! use tch::{Kind, Tensor};
@@ -96,6 +99,7 @@ mod error;
 pub mod lion;
 pub mod prodigy;
 pub mod quantize;
+pub mod scaler;
 mod state_file;
 
 pub use adafactor::{Adafactor, AdafactorConfig};
@@ -104,3 +108,4 @@ pub use clip::clip_grad_norm;
 pub use error::{Error, Result};
 pub use lion::{Lion, LionConfig};
 pub use prodigy::{Prodigy, ProdigyConfig};
+pub use scaler::{GradScaler, GradScalerConfig};

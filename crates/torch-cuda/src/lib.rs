@@ -74,6 +74,7 @@ mod ffi {
         pub fn torch_cuda_set_allow_tf32(cublas: i32, cudnn: i32) -> i32;
         pub fn torch_cuda_last_error() -> *const std::ffi::c_char;
         pub fn torch_grad_enabled() -> i32;
+        pub fn torch_cuda_compute_capability(device: i32, out: *mut i32) -> i32;
     }
 }
 
@@ -183,6 +184,27 @@ pub fn set_allow_tf32(cublas: bool, cudnn: bool) -> bool {
     }
 }
 
+/// The compute capability `(major, minor)` of CUDA device `device`
+/// (`torch.cuda.get_device_capability`), or `None` without CUDA, without that device or without
+/// the shim.
+pub fn compute_capability(device: usize) -> Option<(i32, i32)> {
+    if !tch::Cuda::is_available() || device >= tch::Cuda::device_count() as usize {
+        return None;
+    }
+    #[cfg(torch_cuda_shim)]
+    {
+        let mut out = [0i32; 2];
+        // SAFETY: `out` has the two slots the shim writes; the shim catches every C++ exception.
+        #[allow(unsafe_code)]
+        let status = unsafe { ffi::torch_cuda_compute_capability(device as i32, out.as_mut_ptr()) };
+        (status == 0).then_some((out[0], out[1]))
+    }
+    #[cfg(not(torch_cuda_shim))]
+    {
+        None
+    }
+}
+
 /// Whether this build carries the C++ shim (it does wherever the pinned PyTorch's CUDA headers were
 /// found at build time).
 pub fn shim_compiled() -> bool {
@@ -240,5 +262,25 @@ mod tests {
             after.peak_allocated < during.peak_allocated,
             "{during:?} -> {after:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod capability_tests {
+    #[test]
+    fn compute_capability_is_there_exactly_for_cuda_devices() {
+        let count = if tch::Cuda::is_available() {
+            tch::Cuda::device_count() as usize
+        } else {
+            0
+        };
+        for device in 0..count {
+            if let Some((major, minor)) = super::compute_capability(device) {
+                assert!(major >= 3 && (0..10).contains(&minor), "{major}.{minor}");
+            } else {
+                assert!(!super::shim_compiled(), "device {device}: no capability");
+            }
+        }
+        assert_eq!(super::compute_capability(count), None);
     }
 }

@@ -3,8 +3,16 @@
 // crates/torch-cuda/src. Every function catches C++ exceptions (e.g. no CUDA device) and reports
 // failure by its return value; most leave the message for torch_cuda_last_error().
 #include <ATen/Context.h>
+#include <c10/core/Device.h>
+#include <cuda_runtime_api.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <cstdint>
+
+// Declared as in ATen/cuda/CUDAContextLight.h (exported by libtorch_cuda), whose other includes
+// (cuSPARSE, cuBLAS) need CUDA headers that the wheel's include folder does not all carry.
+namespace at::cuda {
+cudaDeviceProp* getDeviceProperties(c10::DeviceIndex device);
+}
 
 extern "C" {
 
@@ -56,6 +64,19 @@ int torch_cuda_set_allow_tf32(int cublas, int cudnn) {
     try {
         at::globalContext().setAllowTF32CuBLAS(cublas != 0);
         at::globalContext().setAllowTF32CuDNN(cudnn != 0);
+        return 0;
+    } catch (...) {
+        return -1;
+    }
+}
+
+// out[0], out[1]: the compute capability (major, minor) of CUDA device `device`, as
+// torch.cuda.get_device_capability reads it (cudaDeviceProp.major / .minor).
+int torch_cuda_compute_capability(int device, int* out) {
+    try {
+        const cudaDeviceProp* properties = at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(device));
+        out[0] = properties->major;
+        out[1] = properties->minor;
         return 0;
     } catch (...) {
         return -1;

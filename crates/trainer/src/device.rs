@@ -3,7 +3,7 @@
 
 use tch::Device;
 
-use crate::config::TrainConfig;
+use crate::config::{MixedPrecision, TrainConfig};
 use crate::{Error, Result};
 
 /// libtorch's cuBLAS workspace setting (`:SIZE_KIB:COUNT`, as in `CUBLAS_WORKSPACE_CONFIG` of PyTorch).
@@ -33,6 +33,42 @@ pub(crate) fn open(config: &TrainConfig) -> Result<Device> {
         tch::Cuda::cudnn_set_benchmark(config.cudnn_benchmark);
     }
     Ok(device)
+}
+
+/// Refuses `--mixed_precision bf16` on a CUDA device without native bf16, suggesting fp16.
+///
+/// # Errors
+/// [`Error::InvalidOption`] naming `--mixed_precision`.
+pub(crate) fn check_precision(precision: MixedPrecision, device: Device) -> Result<()> {
+    let capability = match device {
+        Device::Cuda(index) => torch_cuda::compute_capability(index),
+        _ => None,
+    };
+    precision_supported(precision, device, capability)
+}
+
+/// The decision of [`check_precision`] given the device's compute capability (`None`: unknown,
+/// or not a CUDA device). bf16 needs compute capability 8.0 (Ampere) or newer, as
+/// `torch.cuda.is_bf16_supported(including_emulation=False)` decides: older GPUs have no bf16
+/// arithmetic (torch would emulate it, slowly) and train in fp16 with loss scaling instead. The
+/// CPU computes bf16 in any case; an unknown capability (a build without the CUDA shim) is let
+/// through, and libtorch then reports what it cannot do.
+pub(crate) fn precision_supported(
+    precision: MixedPrecision,
+    device: Device,
+    capability: Option<(i32, i32)>,
+) -> Result<()> {
+    match (precision, capability) {
+        (MixedPrecision::Bf16, Some((major, minor))) if major < 8 => Err(Error::InvalidOption {
+            option: "--mixed_precision",
+            problem: format!(
+                "bf16 needs a GPU of compute capability 8.0 or newer (Ampere); {device:?} has \
+                 {major}.{minor}. Use --mixed_precision fp16 (fp16 weights with dynamic loss \
+                 scaling) or --mixed_precision no"
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// `--device`.
@@ -79,4 +115,34 @@ pub(crate) fn peak_memory_gib(device: Device) -> Option<f64> {
         .then(|| torch_cuda::memory_stats(index(device)))
         .flatten()
         .map(|s| s.peak_allocated_gib())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_before_ampere_is_refused_naming_the_flag_and_suggesting_fp16() {
+        let gpu = Device::Cuda(0);
+        for capability in [(7, 5), (7, 0), (6, 1)] {
+            let err = precision_supported(MixedPrecision::Bf16, gpu, Some(capability))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--mixed_precision"), "{err}");
+            assert!(err.contains("fp16"), "{err}");
+            assert!(
+                err.contains(&format!("{}.{}", capability.0, capability.1)),
+                "{err}"
+            );
+        }
+        for capability in [(8, 0), (8, 6), (9, 0), (12, 0)] {
+            precision_supported(MixedPrecision::Bf16, gpu, Some(capability)).unwrap();
+        }
+        for other in [MixedPrecision::Fp16, MixedPrecision::No] {
+            precision_supported(other, gpu, Some((7, 5))).unwrap();
+        }
+        // The CPU, and a capability this build cannot read, are not refused.
+        precision_supported(MixedPrecision::Bf16, Device::Cpu, None).unwrap();
+        check_precision(MixedPrecision::Bf16, Device::Cpu).unwrap();
+    }
 }

@@ -234,6 +234,7 @@ fn mixed_precision(precision: MixedPrecision) -> String {
     match precision {
         MixedPrecision::No => "no",
         MixedPrecision::Bf16 => "bf16",
+        MixedPrecision::Fp16 => "fp16",
     }
     .to_owned()
 }

@@ -111,7 +111,7 @@ impl FlagValue for SchedulerKind {
 }
 
 /// The precision the frozen model computes in (`--mixed_precision`); LoRA parameters and optimizer
-/// arithmetic stay fp32 in every mode.
+/// arithmetic stay fp32 in every mode, and the VAE encodes in fp32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MixedPrecision {
@@ -119,19 +119,33 @@ pub enum MixedPrecision {
     No,
     /// bf16 UNet and text encoders; the VAE encodes in fp32.
     Bf16,
+    /// fp16 UNet and text encoders with dynamic loss scaling (`torch.amp.GradScaler`'s
+    /// defaults); the VAE encodes in fp32, as diffusers' scripts keep it without a fixed VAE.
+    Fp16,
+}
+
+impl MixedPrecision {
+    /// The element type of the frozen weights and their activations.
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            Self::No => tch::Kind::Float,
+            Self::Bf16 => tch::Kind::BFloat16,
+            Self::Fp16 => tch::Kind::Half,
+        }
+    }
 }
 
 impl FlagValue for MixedPrecision {
-    const HINT: &'static str = "<no|bf16>";
+    const HINT: &'static str = "<no|fp16|bf16>";
     fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
         match need(flag, text)? {
             "no" | "fp32" => Ok(Self::No),
             "bf16" => Ok(Self::Bf16),
-            "fp16" => Err(Error::InvalidOption {
+            "fp16" => Ok(Self::Fp16),
+            other => Err(Error::InvalidOption {
                 option: flag,
-                problem: "fp16 needs loss scaling, which this trainer does not do; use bf16 (same memory, no overflow)".into(),
+                problem: format!("`{other}` is not no, fp16 or bf16"),
             }),
-            other => Err(Error::InvalidOption { option: flag, problem: format!("`{other}` is not no or bf16") }),
         }
     }
 }

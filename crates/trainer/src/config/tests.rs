@@ -60,7 +60,13 @@ fn bad_flags_are_named() {
     assert!(message(&["--rnak", "4"]).contains("--rnak"));
     assert!(message(&["--rank", "four"]).contains("--rank"));
     assert!(message(&["--resolution", "500"]).contains("--resolution"));
-    assert!(message(&["--mixed_precision", "fp16"]).contains("--mixed_precision"));
+    assert!(message(&["--mixed_precision", "fp8"]).contains("--mixed_precision"));
+    assert_eq!(
+        parse(&["--mixed_precision", "fp16"])
+            .unwrap()
+            .mixed_precision,
+        MixedPrecision::Fp16
+    );
     assert!(message(&["--center_crop", "false"]).contains("--cache_latents"));
     let disk = message(&["--cache_latents_to_disk", "--cache_latents", "false"]);
     assert!(disk.starts_with("--cache_latents_to_disk"), "{disk}");

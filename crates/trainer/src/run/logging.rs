@@ -60,6 +60,13 @@ impl RunLogs {
         let window_steps = acc.window_steps.double_value(&[]);
         let skipped = acc.skipped.double_value(&[]) as u64;
         let grad_norm = acc.grad_norm.double_value(&[]);
+        // fp16: the loss scale now and the scaler's overflow skips so far.
+        let scaler = acc.scaler.as_ref().map(|scaler| {
+            (
+                scaler.scale_tensor().double_value(&[]),
+                acc.overflows.double_value(&[]) as u64,
+            )
+        });
         let _ = acc.window_loss.zero_();
         let _ = acc.window_steps.zero_();
         let loss = (window_steps > 0.0).then(|| window_loss / window_steps);
@@ -72,7 +79,7 @@ impl RunLogs {
             .add_scalar("train/grad_norm", at, grad_norm as f32)?;
         self.events
             .add_scalar("train/skipped_steps", at, skipped as f32)?;
-        self.metrics.write(&serde_json::json!({
+        let mut record = serde_json::json!({
             "step": step,
             "loss": loss,
             "lr": lr,
@@ -80,7 +87,18 @@ impl RunLogs {
             "skipped_steps": skipped,
             "peak_memory_gib": peak_memory_gib,
             "elapsed_s": self.progress.elapsed().as_secs_f64(),
-        }))?;
+        });
+        let mut scaler_text = String::new();
+        if let Some((scale, overflows)) = scaler {
+            self.events
+                .add_scalar("train/loss_scale", at, scale as f32)?;
+            self.events
+                .add_scalar("train/overflow_steps", at, overflows as f32)?;
+            record["loss_scale"] = scale.into();
+            record["overflow_steps"] = overflows.into();
+            scaler_text = format!(" scale {scale:.0} overflows {overflows}");
+        }
+        self.metrics.write(&record)?;
         let loss_text = loss.map_or_else(|| "n/a".to_owned(), |l| format!("{l:.4}"));
         let memory_text = peak_memory_gib.map_or_else(String::new, |m| format!(" mem {m:.2} GiB"));
         let skipped_text = if skipped > 0 {
@@ -89,7 +107,7 @@ impl RunLogs {
             String::new()
         };
         self.progress.set_message(format!(
-            "loss {loss_text} lr {lr:.2e}{memory_text}{skipped_text}"
+            "loss {loss_text} lr {lr:.2e}{memory_text}{skipped_text}{scaler_text}"
         ));
         Ok(Window { loss, skipped })
     }

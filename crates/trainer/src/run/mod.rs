@@ -24,8 +24,8 @@ pub use resume::TrainerState;
 
 use crate::checkpoint::{CheckpointStore, io_error};
 use crate::class_images::ensure_class_images;
+use crate::config::TrainConfig;
 use crate::config::kohya::KohyaDatasetConfig;
-use crate::config::{MixedPrecision, TrainConfig};
 use crate::device;
 use crate::estimate::{Estimate, EstimateInput, estimate, text_encoder_activation_bytes};
 use crate::logs::{say, say_above};
@@ -109,10 +109,8 @@ impl Trainer {
                 problem: "needs a CUDA device and --cache_latents (latents encoded live are not a fixed sequence of device work)".into(),
             });
         }
-        let kind = match config.mixed_precision {
-            MixedPrecision::Bf16 => Kind::BFloat16,
-            MixedPrecision::No => Kind::Float,
-        };
+        device::check_precision(config.mixed_precision, device)?;
+        let kind = config.mixed_precision.kind();
         let store = open_output_dir(&config)?;
         let folder = crate::model_files::resolve_model(&config)?;
         say(format!(
@@ -463,7 +461,7 @@ fn run_estimate(
 ) -> Estimate {
     let latent = i64::from(config.resolution) / vae_config.downscale_factor();
     let (unet_params, stored_weight_bytes) = model.base_size();
-    let weight_bytes = if kind == Kind::BFloat16 { 2 } else { 4 };
+    let weight_bytes = if kind == Kind::Float { 4 } else { 2 };
     let (text_encoder_weight_bytes, text_encoder_activation_bytes) = match model.text_encoders() {
         Some(text) => {
             let (te1, te2) = text.encoder().text_encoders();

@@ -1,5 +1,5 @@
 //! Checkpoints and exact resume: what `checkpoint-N/` holds (the LoRA parameters, the optimizer
-//! state, the LoRA in diffusers' and kohya's layouts as the final output has them, the trainer state
+//! state, the fp16 loss scaler's state, the LoRA in diffusers' and kohya's layouts as the final output has them, the trainer state
 //! and the config) and how a run continues from it bit for bit.
 
 use std::path::{Path, PathBuf};
@@ -18,6 +18,8 @@ use crate::{Error, Result};
 
 const PARAMS_FILE: &str = "lora_parameters.safetensors";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The fp16 loss scaler's scale and growth tracker (`--mixed_precision fp16` only).
+const GRAD_SCALER_FILE: &str = "grad_scaler.safetensors";
 const STATE_FILE: &str = "trainer_state.json";
 const CONFIG_FILE: &str = "config.toml";
 
@@ -36,6 +38,9 @@ pub struct TrainerState {
     pub next_learning_rate: f64,
     /// Steps skipped for non-finite values so far.
     pub skipped_steps: f64,
+    /// Steps the fp16 loss scaler skipped for overflowing gradients so far (0 without fp16).
+    #[serde(default)]
+    pub overflow_steps: f64,
     /// Loss sum and applied steps of the logging window in progress.
     pub window_loss: f64,
     /// Applied steps of the logging window in progress.
@@ -81,6 +86,10 @@ impl Trainer {
             .optimizer_mut()
             .load(path.join(OPTIMIZER_FILE))?;
         let acc = &mut self.stepper.acc;
+        if let Some(scaler) = &mut acc.scaler {
+            scaler.load(path.join(GRAD_SCALER_FILE))?;
+        }
+        let _ = acc.overflows.fill_(state.overflow_steps);
         let _ = acc.skipped.fill_(state.skipped_steps);
         let _ = acc.window_loss.fill_(state.window_loss);
         let _ = acc.window_steps.fill_(state.window_steps);
@@ -102,6 +111,7 @@ impl Trainer {
                 .into(),
             next_learning_rate: self.stepper.learning_rate(step),
             skipped_steps: acc.skipped.double_value(&[]),
+            overflow_steps: acc.overflows.double_value(&[]),
             window_loss: acc.window_loss.double_value(&[]),
             window_steps: acc.window_steps.double_value(&[]),
             loss_history: self.loss_history.clone(),
@@ -118,12 +128,16 @@ impl Trainer {
             .map(|(n, p)| (n.as_str(), p.detach().to_device(Device::Cpu)))
             .collect();
         let optimizer = self.stepper.optimizer();
+        let scaler = self.stepper.acc.scaler.as_ref();
         let path = self.store.save(step, |dir| -> Result<()> {
             let write = |name: &str, bytes: &[u8]| {
                 std::fs::write(dir.join(name), bytes).map_err(io_error(&dir.join(name)))
             };
             Tensor::write_safetensors(&named, dir.join(PARAMS_FILE))?;
             optimizer.save(dir.join(OPTIMIZER_FILE))?;
+            if let Some(scaler) = scaler {
+                scaler.save(dir.join(GRAD_SCALER_FILE))?;
+            }
             write_lora_files(dir, config, &lora, &unet_config, &facts)?;
             let json = serde_json::to_string_pretty(&state).map_err(|e| Error::Checkpoint {
                 path: dir.join(STATE_FILE),

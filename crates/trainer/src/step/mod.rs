@@ -7,9 +7,11 @@
 //! UNet (with SDXL's pooled text and time-id conditioning; with `--train_text_encoder` the text
 //! encoders encode the batch's token ids first, inside the step), take the MSE against ε or v in fp32
 //! (min-SNR weighted if asked), and back-propagate
-//! `loss / accumulation` into the fp32 LoRA parameters. The optimizer step clips the gradient norm,
-//! then applies AdamW only if the loss and the norm are finite — decided by a device tensor, so a
-//! bad step is skipped and counted without the host ever waiting for the device.
+//! `loss / accumulation` into the fp32 LoRA parameters (times the loss scale under fp16). The
+//! optimizer step unscales the gradients (fp16), clips the gradient norm, then applies AdamW only
+//! if the loss and the norm are finite (and the loss scaler found no overflow) — decided by a
+//! device tensor, so a bad step is skipped and counted without the host ever waiting for the
+//! device.
 //!
 //! Nothing here reads a tensor value on the host or depends on one for a shape: the only per-step
 //! host inputs are copied into persistent tensors ([`StepInputs`]) before the step runs, the random
@@ -18,7 +20,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use optim8bit::{AdamW, clip_grad_norm};
+use optim8bit::{AdamW, GradScaler, clip_grad_norm};
 use sdxl_model::schedulers::DdpmSchedule;
 use sdxl_model::unet::{UNet2DConditionModel, UNetInputs};
 
@@ -190,7 +192,7 @@ impl StepInputs {
 /// The fixed settings of the step.
 #[derive(Debug, Clone)]
 pub struct StepSettings {
-    /// The UNet's element type (bf16 or fp32).
+    /// The UNet's element type (fp32, bf16 or fp16).
     pub kind: Kind,
     /// The VAE's `scaling_factor` (0.13025 for SDXL).
     pub scaling_factor: f64,
@@ -221,6 +223,13 @@ pub struct Accumulators {
     pub skipped: Tensor,
     /// The gradient norm before clipping of the last optimizer step.
     pub grad_norm: Tensor,
+    /// Optimizer steps the fp16 loss scaler skipped for overflowing gradients of a finite loss,
+    /// over the whole run (not counted in `skipped`: early in a run they are how the scale finds
+    /// its level).
+    pub overflows: Tensor,
+    /// `--mixed_precision fp16`'s dynamic loss scaling: the loss is scaled before each backward
+    /// pass, the gradients unscaled before clipping, the step gated and the scale updated.
+    pub scaler: Option<GradScaler>,
 }
 
 impl Accumulators {
@@ -233,6 +242,8 @@ impl Accumulators {
             window_steps: zero(),
             skipped: zero(),
             grad_norm: zero(),
+            overflows: zero(),
+            scaler: None,
         }
     }
 }
@@ -294,7 +305,7 @@ pub fn micro_step(
         // backward then recomputes block by block.
         let prediction = forward.output().detach().set_requires_grad(true);
         let loss = step_loss(&objective, &prediction, inputs)?;
-        (&loss / settings.accumulation as f64).backward();
+        backward_scaled(&loss, settings, acc)?;
         let grads = forward.backward(&prediction.grad())?;
         if let Some(text_forward) = &checkpointed {
             // The UNet's input gradients continue through the text encoders, layer by layer.
@@ -307,7 +318,7 @@ pub fn micro_step(
         loss
     } else {
         let loss = step_loss(&objective, &unet.forward(&unet_inputs)?, inputs)?;
-        (&loss / settings.accumulation as f64).backward();
+        backward_scaled(&loss, settings, acc)?;
         loss
     };
     tch::no_grad(|| {
@@ -315,6 +326,17 @@ pub fn micro_step(
             .step_loss
             .g_add_(&(loss.detach().to_kind(Kind::Double) / settings.accumulation as f64));
     });
+    Ok(())
+}
+
+/// Back-propagates `loss / accumulation`, times the loss scale under fp16 (accelerate's
+/// `backward`: divide by the accumulation, then `scaler.scale(loss).backward()`).
+fn backward_scaled(loss: &Tensor, settings: &StepSettings, acc: &Accumulators) -> Result<()> {
+    let loss = loss / settings.accumulation as f64;
+    match &acc.scaler {
+        Some(scaler) => scaler.scale(&loss)?.backward(),
+        None => loss.backward(),
+    }
     Ok(())
 }
 
@@ -326,8 +348,15 @@ fn step_loss(objective: &Objective, prediction: &Tensor, inputs: &StepInputs) ->
     }
 }
 
-/// The optimizer step after `accumulation` micro-steps: clip, then AdamW if everything is finite
-/// (else a counted skip), then zero the gradients and fold the step's loss into the window.
+/// The optimizer step after `accumulation` micro-steps: unscale (fp16), clip, then AdamW if
+/// everything is finite (else a counted skip), then zero the gradients and fold the step's loss
+/// into the window.
+///
+/// Under fp16 the gradients are unscaled once, before clipping (accelerate's `clip_grad_norm_`
+/// calls `scaler.unscale_` first), the step is applied only if the scaler found no inf or NaN
+/// too, and the scale is updated. A step whose loss is finite but whose scaled gradients
+/// overflowed is counted in `acc.overflows`, not in `acc.skipped` (the `--max_nonfinite_steps`
+/// count): that is the scaler doing its work.
 ///
 /// # Errors
 /// Optimizer errors.
@@ -340,12 +369,22 @@ pub fn optimizer_step(
     acc: &mut Accumulators,
     zero_grads: bool,
 ) -> Result<()> {
+    if let Some(scaler) = &mut acc.scaler {
+        scaler.unscale(params)?;
+    }
     let norm = clip_grad_norm(params, settings.max_grad_norm)?;
     tch::no_grad(|| -> Result<()> {
-        let finite = norm.isfinite().logical_and(&acc.step_loss.isfinite());
+        let (finite, overflow) = step_gate(&norm, acc)?;
         optimizer.step_if(&finite)?;
+        if let Some(scaler) = &mut acc.scaler {
+            scaler.update()?;
+        }
         let applied = finite.to_kind(Kind::Double);
-        let _ = acc.skipped.g_add_(&applied.neg().g_add_scalar(1.0));
+        let overflow = overflow.to_kind(Kind::Double);
+        let _ = acc.overflows.g_add_(&overflow);
+        let _ = acc
+            .skipped
+            .g_add_(&(applied.neg().g_add_scalar(1.0) - &overflow));
         let _ = acc.window_steps.g_add_(&applied);
         // where(), not multiplication: 0 · NaN would poison the window.
         let _ = acc.window_loss.g_add_(
@@ -362,6 +401,25 @@ pub fn optimizer_step(
     Ok(())
 }
 
+/// Whether the step applies (loss, norm and, under fp16, the scaler's check all finite) and
+/// whether it is a scaler overflow (a finite loss whose gradients overflowed), as 0-dim bools.
+fn step_gate(norm: &Tensor, acc: &Accumulators) -> Result<(Tensor, Tensor)> {
+    let loss_finite = acc.step_loss.isfinite();
+    let finite = norm.isfinite().logical_and(&loss_finite);
+    Ok(match &acc.scaler {
+        Some(scaler) => {
+            let unscaled_finite = scaler.finite()?;
+            (
+                finite.logical_and(&unscaled_finite),
+                loss_finite.logical_and(&unscaled_finite.logical_not()),
+            )
+        }
+        None => (finite, loss_finite.zeros_like()),
+    })
+}
+
+#[cfg(test)]
+mod fp16_tests;
 #[cfg(test)]
 mod tests {
     use super::*;

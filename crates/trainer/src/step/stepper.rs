@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use tch::{Device, Kind};
 
-use optim8bit::{AdamW, AdamWConfig, ParamGroup};
+use optim8bit::{AdamW, AdamWConfig, GradScaler, GradScalerConfig, ParamGroup};
 use sdxl_model::prompt::add_time_ids_tensor;
 use sdxl_model::schedulers::{DdpmConfig, DdpmSchedule, SchedulerConfig};
 use sdxl_model::vae::AutoencoderKLConfig;
@@ -16,7 +16,7 @@ use super::{
     Accumulators, LatentBatch, LossWeights, PlannedRows, StepInputs, StepSettings, micro_step,
     optimizer_step,
 };
-use crate::config::TrainConfig;
+use crate::config::{MixedPrecision, TrainConfig};
 use crate::lr_scheduler::LrSchedule;
 use crate::model::TrainModel;
 use crate::plan::{MicroStep, Plan};
@@ -115,7 +115,15 @@ impl Stepper {
             ddpm: DdpmSchedule::new(DdpmConfig::from_config(scheduler_config)?, device)?,
             settings,
             inputs: StepInputs::new(batch as i64, device),
-            acc: Accumulators::new(device),
+            acc: Accumulators {
+                scaler: match config.mixed_precision {
+                    MixedPrecision::Fp16 => {
+                        Some(GradScaler::new(GradScalerConfig::default(), device)?)
+                    }
+                    _ => None,
+                },
+                ..Accumulators::new(device)
+            },
             live_batch: None,
             bucket: 0,
         })
