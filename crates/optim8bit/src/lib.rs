@@ -6,6 +6,9 @@
 //! dynamic 8-bit data type, and [`AdamW::save`] / [`AdamW::load`] write and read the complete
 //! state as safetensors for an exact resume.
 //!
+//! [`EMAModel`] keeps diffusers' exponential moving average of parameters (its decay schedule,
+//! on the device).
+//!
 //! [`Lion`] (lion-pytorch 0.2.5), [`Prodigy`] (prodigyopt 1.1.2) and [`Adafactor`] (transformers
 //! 5.17.0) reproduce the optimizers LoRA trainers often pick instead, with the same interface:
 //! [`ParamGroup`]s, `step`/`step_if` that only enqueue device work (learning rates, step counts
@@ -72,6 +75,7 @@ pub mod adafactor;
 mod adamw;
 mod clip;
 mod common;
+pub mod ema;
 mod error;
 pub mod lion;
 pub mod prodigy;
@@ -81,6 +85,7 @@ mod state_file;
 pub use adafactor::{Adafactor, AdafactorConfig};
 pub use adamw::{AdamW, AdamWConfig, ParamGroup, StatePrecision};
 pub use clip::clip_grad_norm;
+pub use ema::{EMAConfig, EMAModel};
 pub use error::{Error, Result};
 pub use lion::{Lion, LionConfig};
 pub use prodigy::{Prodigy, ProdigyConfig};
