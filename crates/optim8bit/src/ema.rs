@@ -16,9 +16,11 @@
 //! The decay is computed in float64 (Python's floats) and `1 − decay` rounded to float32 where it
 //! meets the float32 tensors; the update is diffusers' per-parameter arithmetic
 //! (`s_param.sub_(one_minus_decay * (s_param - param))`, its `foreach=False` default): three
-//! float32 roundings in that order. The step count and the decay are device tensors, so a step
-//! only enqueues device work and can be captured in a CUDA graph with the optimizer step;
-//! [`EMAModel::step_if`] gates it with a device condition as the optimizers' `step_if` do.
+//! float32 roundings in that order — computed over all parameters at once in one flat buffer, which
+//! changes no bit of the elementwise arithmetic and keeps a step at a few kernels. The step count
+//! and the decay are device tensors, so a step only enqueues device work and can be captured in a
+//! CUDA graph with the optimizer step; [`EMAModel::step_if`] gates it with a device condition as
+//! the optimizers' `step_if` do.
 //!
 //! [`EMAModel::store`], [`EMAModel::copy_to`] and [`EMAModel::restore`] swap the averaged weights
 //! into the parameters and back (to write files or render validation images with them), and
@@ -111,7 +113,11 @@ pub struct EMAModel {
     config: EMAConfig,
     /// Handles of the tracked parameters (sharing their storage).
     params: Vec<Tensor>,
+    /// Views into `flat`, one per parameter, with its shape.
     shadow_params: Vec<Tensor>,
+    /// Every shadow parameter in one buffer, so a step is a handful of kernels whatever the
+    /// parameter count (the arithmetic is elementwise: grouping does not change a bit).
+    flat: Tensor,
     /// Steps taken, 0-dim float64 on the device.
     optimization_step: Tensor,
     /// The decay of the last step, 0-dim float64 on the device (0 before the first).
@@ -147,11 +153,25 @@ impl EMAModel {
             };
             return Err(Error::EmaParameter { index, reason });
         }
-        let shadow_params = params.iter().map(copy_of).collect::<Result<_>>()?;
+        let flat = match flatten(&params)? {
+            Some(values) => values,
+            None => Tensor::f_zeros([0], (Kind::Float, device))?,
+        };
+        let mut shadow_params = Vec::with_capacity(params.len());
+        let mut offset = 0;
+        for param in &params {
+            let numel = param.numel() as i64;
+            shadow_params.push(
+                flat.f_narrow(0, offset, numel)?
+                    .f_view(param.size().as_slice())?,
+            );
+            offset += numel;
+        }
         Ok(Self {
             config,
             params,
             shadow_params,
+            flat,
             optimization_step: scalar(0.0, device)?,
             cur_decay_value: scalar(0.0, device)?,
             inv_gamma: scalar(config.inv_gamma, device)?,
@@ -237,12 +257,15 @@ impl EMAModel {
         // 1 − decay in float64, rounded to float32 where it meets the tensors (PyTorch's
         // `python_float * float32_tensor`).
         let one_minus_decay = decay.f_neg()?.f_add_scalar(1.0)?.f_to_kind(Kind::Float)?;
-        for (s_param, param) in self.shadow_params.iter().zip(&self.params) {
-            let update = s_param.f_sub(param)?.f_mul(&one_minus_decay)?;
+        if let Some(mut update) = flatten(&self.params)? {
+            // s − p as s + (−p) (the same rounding), in place: one transient copy of the weights.
+            let _ = update.f_neg_()?;
+            let _ = update.f_add_(&self.flat)?;
+            let _ = update.f_mul_(&one_minus_decay)?;
             match gate {
-                Some(_) => put(s_param, &s_param.f_sub(&update)?, gate)?,
+                Some(_) => put(&self.flat, &self.flat.f_sub(&update)?, gate)?,
                 None => {
-                    let _ = s_param.shallow_clone().f_sub_(&update)?;
+                    let _ = self.flat.shallow_clone().f_sub_(&update)?;
                 }
             }
         }
@@ -344,4 +367,16 @@ fn copy_of(t: &Tensor) -> Result<Tensor> {
     let mut copy = t.f_empty_like()?;
     copy.f_copy_(&t.f_detach()?)?;
     Ok(copy)
+}
+
+/// The values of `params` one after the other in a new 1-D tensor (`None` for no parameters).
+fn flatten(params: &[Tensor]) -> Result<Option<Tensor>> {
+    if params.is_empty() {
+        return Ok(None);
+    }
+    let flat = params
+        .iter()
+        .map(|p| Ok(p.f_detach()?.f_reshape([-1])?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(Tensor::f_cat(&flat, 0)?))
 }
