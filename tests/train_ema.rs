@@ -194,3 +194,43 @@ fn resuming_with_use_ema_needs_a_checkpoint_with_an_average() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_step_skipped_for_a_non_finite_loss_still_advances_the_average() {
+    // 1e10: the first steps blow the weights up (finite), later losses overflow and those steps are
+    // skipped on the device until --max_nonfinite_steps stops the run (as in tests/train_tiny.rs).
+    let dir = scratch("ema-skips");
+    let config = TrainConfig {
+        learning_rate: 1e10,
+        max_train_steps: 40,
+        checkpointing_steps: 1,
+        logging_steps: 1,
+        max_nonfinite_steps: 3,
+        validation_prompt: None,
+        use_ema: true,
+        ..tiny(&dir.join("run"))
+    };
+    let (ok, stderr) = training::run_output(&config);
+    assert!(!ok, "the run should have stopped");
+    let mut skipped_seen = 0.0f64;
+    let store = trainer::checkpoint::CheckpointStore::new(&config.output_dir);
+    for (step, path) in store.list().unwrap() {
+        let state: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(path.join("trainer_state.json")).unwrap(),
+        )
+        .unwrap();
+        skipped_seen = skipped_seen.max(state["skipped_steps"].as_f64().unwrap());
+        let ema: HashMap<String, Tensor> =
+            tensors(&path.join("ema.safetensors")).into_iter().collect();
+        assert_eq!(
+            ema["optimization_step"].double_value(&[]),
+            step as f64,
+            "checkpoint-{step}: the average did not count every optimizer step"
+        );
+    }
+    assert!(
+        skipped_seen >= 1.0,
+        "no checkpoint recorded a skipped step:\n{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -14,7 +14,6 @@ use super::Trainer;
 use crate::checkpoint::io_error;
 use crate::kohya_metadata::RunFacts;
 use crate::logs::say;
-use crate::model::TrainModel;
 use crate::outputs::write_lora_files;
 use crate::{Error, Result};
 
@@ -135,9 +134,13 @@ impl Trainer {
             window_steps: acc.window_steps.double_value(&[]),
             loss_history: self.loss_history.clone(),
         };
+        let what = format!("checkpoint-{step}");
         let lora = self
             .model
-            .with_ema_weights(self.stepper.ema_mut(), TrainModel::lora_state)?;
+            .with_ema_weights(self.stepper.ema_mut(), |model| {
+                model.check_finite(&what)?;
+                model.lora_state()
+            })?;
         let facts = self.run_facts(step);
         let unet_config = self.model.unet().config().clone();
         let config = &self.config;
