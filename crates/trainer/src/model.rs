@@ -298,9 +298,12 @@ impl TrainModel {
             return f(self);
         };
         ema.store()?;
-        ema.copy_to()?;
-        self.refresh_copies()?;
-        let result = f(self);
+        // Whatever fails after the store, the trained weights go back.
+        let result = ema
+            .copy_to()
+            .map_err(Error::from)
+            .and_then(|()| self.refresh_copies())
+            .and_then(|()| f(self));
         ema.restore()?;
         self.refresh_copies()?;
         result
