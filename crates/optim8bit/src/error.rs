@@ -93,6 +93,19 @@ pub enum Error {
         reason: String,
     },
 
+    /// A parameter [`crate::EMAModel`] cannot average.
+    #[error("EMAModel parameters[{index}]: {reason}")]
+    EmaParameter {
+        /// The parameter's position in the list.
+        index: usize,
+        /// Why it cannot be averaged.
+        reason: String,
+    },
+
+    /// [`crate::EMAModel::restore`] without a [`crate::EMAModel::store`] before it.
+    #[error("EMAModel has no store()d weights to restore()")]
+    EmaNotStored,
+
     /// A multi-tensor operation of libtorch (through `torch-cuda`) failed.
     #[error(transparent)]
     Foreach(#[from] torch_cuda::Error),

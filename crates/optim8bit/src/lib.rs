@@ -7,6 +7,9 @@
 //! dynamic 8-bit data type, and [`AdamW::save`] / [`AdamW::load`] write and read the complete
 //! state as safetensors for an exact resume.
 //!
+//! [`EMAModel`] keeps diffusers' exponential moving average of parameters (its decay schedule,
+//! on the device).
+//!
 //! [`Lion`] (lion-pytorch 0.2.5; with [`LionConfig::eight_bit`] bitsandbytes 0.50's `Lion8bit`, its
 //! momentum block-quantized as AdamW8bit's moments), [`Prodigy`] (prodigyopt 1.1.2) and
 //! [`Adafactor`] (transformers 5.17.0) reproduce the optimizers LoRA trainers often pick instead,
@@ -95,6 +98,7 @@ pub mod adafactor;
 mod adamw;
 mod clip;
 mod common;
+pub mod ema;
 mod error;
 pub mod lion;
 pub mod prodigy;
@@ -105,6 +109,7 @@ mod state_file;
 pub use adafactor::{Adafactor, AdafactorConfig};
 pub use adamw::{AdamW, AdamWConfig, ParamGroup, StatePrecision};
 pub use clip::clip_grad_norm;
+pub use ema::{EMAConfig, EMAModel};
 pub use error::{Error, Result};
 pub use lion::{Lion, LionConfig};
 pub use prodigy::{Prodigy, ProdigyConfig};

@@ -129,6 +129,7 @@ fn start(r: &Reference, sequence: &str, device: Device) -> Run {
     let config = LionConfig {
         beta1: lion["betas"][0].as_f64().unwrap(),
         beta2: lion["betas"][1].as_f64().unwrap(),
+        ..LionConfig::fp32()
     };
     let (scaler_config, tracker) = r.sequence(sequence);
     let scaler = GradScaler::new(scaler_config, device).unwrap();

@@ -47,6 +47,8 @@ pub struct EstimateInput {
     pub lora_params: i64,
     /// Optimizer state bytes.
     pub optimizer_state_bytes: i64,
+    /// Bytes of the `--use_ema` average: one fp32 copy of the trainable parameters (else 0).
+    pub ema_bytes: i64,
     /// Samples per micro-step.
     pub batch: i64,
     /// Latent height × width.
@@ -96,7 +98,7 @@ pub fn text_encoder_activation_bytes(
 pub struct Estimate {
     /// Resident UNet weights (and text encoders, when trained), GiB.
     pub weights_gib: f64,
-    /// LoRA parameters, their gradients and the optimizer state, GiB.
+    /// LoRA parameters, their gradients, the optimizer state and the `--use_ema` average, GiB.
     pub trainable_gib: f64,
     /// Peak activations of a micro-step, GiB.
     pub activations_gib: f64,
@@ -124,8 +126,9 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
     } else {
         0.0
     };
-    // fp32 parameters and gradients, plus the optimizer state.
-    let trainable_gib = (input.lora_params * 8 + input.optimizer_state_bytes) as f64 / GIB;
+    // fp32 parameters and gradients, plus the optimizer state and the EMA's copy.
+    let trainable_gib =
+        (input.lora_params * 8 + input.optimizer_state_bytes + input.ema_bytes) as f64 / GIB;
     // Activations are stored in the weights' type; fp32 doubles them.
     let activations_gib = ACTIVATIONS_GIB[mode] * size * model * (input.weight_bytes as f64 / 2.0)
         + input.text_encoder_activation_bytes as f64 / GIB;
@@ -179,6 +182,7 @@ mod tests {
             stored_weight_bytes: 2 * SDXL_UNET_PARAMS as i64,
             lora_params: 5_806_080,
             optimizer_state_bytes: 2 * 5_806_080,
+            ema_bytes: 0,
             batch: 2,
             latent_pixels: 64 * 64,
             accumulation: 2,
@@ -215,6 +219,22 @@ mod tests {
         }
         let plain = text_encoder_activation_bytes(&encoders, 2, 2, false);
         assert!(text_encoder_activation_bytes(&encoders, 2, 2, true) * 4 < plain);
+    }
+
+    /// `--use_ema` adds one fp32 copy of the trainable parameters to the trainable memory and
+    /// the peak, nothing else.
+    #[test]
+    fn the_ema_counts_one_fp32_copy_of_the_trainable_parameters() {
+        let base = seed_recipe(false);
+        let plain = estimate(&base);
+        let ema = estimate(&EstimateInput {
+            ema_bytes: 4 * base.lora_params,
+            ..base
+        });
+        let copy = 4.0 * base.lora_params as f64 / GIB;
+        assert!((ema.trainable_gib - plain.trainable_gib - copy).abs() < 1e-12);
+        assert!((ema.peak_gib - plain.peak_gib - copy).abs() < 1e-12);
+        assert_eq!(ema.activations_gib, plain.activations_gib);
     }
 
     /// The settings measured in docs/BENCHMARKS.md (calls K, M and P): eager and captured, with

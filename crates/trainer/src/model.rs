@@ -268,10 +268,45 @@ impl TrainModel {
             }
             Ok(())
         })?;
+        self.refresh_copies()
+    }
+
+    /// Recasts the compute copies from the fp32 parameters, after the parameters were written
+    /// outside an optimizer step (a load, the EMA weights swapped in or out).
+    ///
+    /// # Errors
+    /// Adapter errors.
+    pub fn refresh_copies(&self) -> Result<()> {
         for copies in self.all_copies() {
             copies.refresh()?;
         }
         Ok(())
+    }
+
+    /// Runs `f` with the `--use_ema` average's weights in the model, as diffusers' scripts do
+    /// around validation and saving (`store`, `copy_to`, …, `restore`), then puts the trained
+    /// weights back; without an average, runs `f` on the trained weights.
+    ///
+    /// # Errors
+    /// `f`'s errors; adapter and optimizer errors.
+    pub fn with_ema_weights<R>(
+        &mut self,
+        ema: Option<&mut optim8bit::EMAModel>,
+        f: impl FnOnce(&mut Self) -> Result<R>,
+    ) -> Result<R> {
+        let Some(ema) = ema else {
+            return f(self);
+        };
+        ema.store()?;
+        // Whatever fails after the store, the trained weights go back.
+        let result = ema
+            .copy_to()
+            .map_err(Error::from)
+            .and_then(|()| self.refresh_copies())
+            .and_then(|()| f(self));
+        ema.restore()?;
+        self.refresh_copies()?;
+        result
     }
 }
 

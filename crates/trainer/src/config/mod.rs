@@ -17,6 +17,7 @@
 //! # Ok::<(), trainer::Error>(())
 //! ```
 
+mod ema;
 mod flags;
 pub mod kohya;
 mod lora_targets;
@@ -231,6 +232,20 @@ train_config! {
     adam_epsilon: f64 = 1e-8,
     /// Gradient-norm clipping threshold.
     max_grad_norm: f64 = 1.0,
+    /// Keep diffusers' EMAModel average of every weight the optimizer updates (the LoRA, DoRA magnitudes, the text encoders' LoRA), updated after each optimizer step: the LoRA files and validation images use the average, checkpoints keep the raw weights too (diffusers' train_text_to_image_sdxl.py --use_ema).
+    use_ema: bool = false,
+    /// The EMA's largest decay (EMAModel's `decay`; diffusers' train_unconditional.py calls it --ema_max_decay).
+    ema_decay: f64 = 0.9999,
+    /// The EMA's smallest decay once it averages (EMAModel's `min_decay`).
+    ema_min_decay: f64 = 0.0,
+    /// Optimizer steps during which the EMA copies the weights before it averages (EMAModel's `update_after_step`).
+    ema_update_after_step: u64 = 0,
+    /// The EMA's warm-up decay 1 − (1 + step/--ema_inv_gamma)^(−--ema_power) instead of (1 + step)/(10 + step) (EMAModel's `use_ema_warmup`).
+    ema_use_warmup: bool = false,
+    /// Inverse multiplicative factor of the EMA warm-up (EMAModel's `inv_gamma`).
+    ema_inv_gamma: f64 = 1.0,
+    /// Exponent of the EMA warm-up (EMAModel's `power`).
+    ema_power: f64 = 2.0 / 3.0,
     /// Precision of the frozen model.
     mixed_precision: MixedPrecision = MixedPrecision::Bf16,
     /// Recompute activations in the backward pass (less memory, more time).

@@ -43,6 +43,7 @@ impl TrainConfig {
         }
         self.validate_ranges()?;
         self.validate_text_encoder()?;
+        self.ema_config()?;
         self.lora_config()?;
         self.validate_combinations()
     }

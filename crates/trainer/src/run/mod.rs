@@ -249,13 +249,18 @@ impl Trainer {
             skipped,
             loss_history: &self.loss_history,
         };
-        let grid = match &self.validator {
-            Some(validator) => Some(validator.compare(&mut self.model, self.latents.live_vae())?),
-            None => None,
-        };
         let facts = self.run_facts(end);
+        // With --use_ema the comparison grid and the LoRA files hold the average.
+        let (validator, vae, config) = (&self.validator, self.latents.live_vae(), &self.config);
         let (lora_file, kohya_file) =
-            outputs::write(&self.config, &mut self.model, &stats, &facts, grid.as_ref())?;
+            self.model
+                .with_ema_weights(self.stepper.ema_mut(), |model| {
+                    let grid = match validator {
+                        Some(validator) => Some(validator.compare(model, vae)?),
+                        None => None,
+                    };
+                    outputs::write(config, model, &stats, &facts, grid.as_ref())
+                })?;
         let skipped_rows = self.plan.skipped_rows();
         if !skipped_rows.is_empty() {
             say(format!(
@@ -395,11 +400,15 @@ impl Trainer {
         let folder = self.config.output_dir.join("validation");
         std::fs::create_dir_all(&folder).map_err(io_error(&folder))?;
         let path = folder.join(format!("step-{step:06}.png"));
-        // Images without adapter dropout.
-        self.model.set_training(false);
-        let saved = validator.save_images(&self.model, self.latents.live_vae(), &path);
-        self.model.set_training(true);
-        saved
+        // Images without adapter dropout, with the --use_ema average if any.
+        let vae = self.latents.live_vae();
+        self.model
+            .with_ema_weights(self.stepper.ema_mut(), |model| {
+                model.set_training(false);
+                let saved = validator.save_images(model, vae, &path);
+                model.set_training(true);
+                saved
+            })
     }
 }
 
@@ -484,6 +493,7 @@ fn run_estimate(
         stored_weight_bytes,
         lora_params: model.lora_parameter_count(),
         optimizer_state_bytes: stepper.optimizer().state_bytes(),
+        ema_bytes: stepper.ema().map_or(0, optim8bit::EMAModel::state_bytes),
         batch: batch as i64,
         latent_pixels: latent * latent,
         accumulation: i64::from(config.gradient_accumulation_steps),

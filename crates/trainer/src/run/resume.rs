@@ -1,6 +1,7 @@
 //! Checkpoints and exact resume: what `checkpoint-N/` holds (the LoRA parameters, the optimizer
-//! state, the fp16 loss scaler's state, the LoRA in diffusers' and kohya's layouts as the final output has them, the trainer state
-//! and the config) and how a run continues from it bit for bit.
+//! state, the fp16 loss scaler's state, with `--use_ema` the average's state, the LoRA in diffusers'
+//! and kohya's layouts as the final output has them — the average with `--use_ema` — the trainer
+//! state and the config) and how a run continues from it bit for bit.
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +21,8 @@ const PARAMS_FILE: &str = "lora_parameters.safetensors";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// The fp16 loss scaler's scale and growth tracker (`--mixed_precision fp16` only).
 const GRAD_SCALER_FILE: &str = "grad_scaler.safetensors";
+/// The `--use_ema` average's state (diffusers' `EMAModel.state_dict`).
+const EMA_FILE: &str = "ema.safetensors";
 const STATE_FILE: &str = "trainer_state.json";
 const CONFIG_FILE: &str = "config.toml";
 
@@ -85,6 +88,7 @@ impl Trainer {
         self.stepper
             .optimizer_mut()
             .load(path.join(OPTIMIZER_FILE))?;
+        self.restore_ema(path)?;
         let acc = &mut self.stepper.acc;
         if let Some(scaler) = &mut acc.scaler {
             scaler.load(path.join(GRAD_SCALER_FILE))?;
@@ -96,6 +100,30 @@ impl Trainer {
         self.loss_history = state.loss_history;
         self.start_step = step;
         say(format!("resumed from {} at step {step}", path.display()));
+        Ok(())
+    }
+
+    /// With `--use_ema`, the average's state from `path`, which must have one; without, a note
+    /// when it has one.
+    fn restore_ema(&mut self, path: &Path) -> Result<()> {
+        let file = path.join(EMA_FILE);
+        match self.stepper.ema_mut() {
+            Some(ema) if file.exists() => ema.load(&file)?,
+            Some(_) => {
+                return Err(Error::Checkpoint {
+                    path: path.to_owned(),
+                    problem: format!(
+                        "has no {EMA_FILE}: it was written without --use_ema (resume it without \
+                         --use_ema, or start the average afresh in a new output_dir)"
+                    ),
+                });
+            }
+            None if file.exists() => say(format!(
+                "{} holds an EMA average; without --use_ema it is not used",
+                path.display()
+            )),
+            None => {}
+        }
         Ok(())
     }
 
@@ -116,7 +144,13 @@ impl Trainer {
             window_steps: acc.window_steps.double_value(&[]),
             loss_history: self.loss_history.clone(),
         };
-        let lora = self.model.lora_state()?;
+        let what = format!("checkpoint-{step}");
+        let lora = self
+            .model
+            .with_ema_weights(self.stepper.ema_mut(), |model| {
+                model.check_finite(&what)?;
+                model.lora_state()
+            })?;
         let facts = self.run_facts(step);
         let unet_config = self.model.unet().config().clone();
         let config = &self.config;
@@ -129,6 +163,7 @@ impl Trainer {
             .collect();
         let optimizer = self.stepper.optimizer();
         let scaler = self.stepper.acc.scaler.as_ref();
+        let ema = self.stepper.ema();
         let path = self.store.save(step, |dir| -> Result<()> {
             let write = |name: &str, bytes: &[u8]| {
                 std::fs::write(dir.join(name), bytes).map_err(io_error(&dir.join(name)))
@@ -137,6 +172,9 @@ impl Trainer {
             optimizer.save(dir.join(OPTIMIZER_FILE))?;
             if let Some(scaler) = scaler {
                 scaler.save(dir.join(GRAD_SCALER_FILE))?;
+            }
+            if let Some(ema) = ema {
+                ema.save(dir.join(EMA_FILE))?;
             }
             write_lora_files(dir, config, &lora, &unet_config, &facts)?;
             let json = serde_json::to_string_pretty(&state).map_err(|e| Error::Checkpoint {

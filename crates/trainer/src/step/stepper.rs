@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use tch::{Device, Kind};
 
-use optim8bit::{AdamW, AdamWConfig, GradScaler, GradScalerConfig, ParamGroup};
+use optim8bit::{AdamW, AdamWConfig, EMAModel, GradScaler, GradScalerConfig, ParamGroup};
 use sdxl_model::prompt::add_time_ids_tensor;
 use sdxl_model::schedulers::{DdpmConfig, DdpmSchedule, SchedulerConfig};
 use sdxl_model::vae::AutoencoderKLConfig;
@@ -40,6 +40,8 @@ pub struct StepGraphs {
 /// Everything a step reads and writes besides the model and the prepared conditioning.
 pub struct Stepper {
     optimizer: AdamW,
+    /// `--use_ema`: the average of the optimizer's parameters, stepped after each optimizer step.
+    ema: Option<EMAModel>,
     /// The text encoders' groups' initial learning rate (the schedule multiplies it as the UNet's).
     text_encoder_lr: f64,
     schedule: LrSchedule,
@@ -108,8 +110,13 @@ impl Stepper {
             gradient_checkpointing: config.gradient_checkpointing,
             max_grad_norm: config.max_grad_norm,
         };
+        let ema = match config.ema_config()? {
+            Some(settings) => Some(EMAModel::new(model.param_tensors(), settings)?),
+            None => None,
+        };
         Ok(Self {
             optimizer: AdamW::new(groups, adam)?,
+            ema,
             text_encoder_lr: config.text_encoder_learning_rate(),
             schedule,
             ddpm: DdpmSchedule::new(DdpmConfig::from_config(scheduler_config)?, device)?,
@@ -137,6 +144,16 @@ impl Stepper {
     /// The optimizer, to restore its state.
     pub fn optimizer_mut(&mut self) -> &mut AdamW {
         &mut self.optimizer
+    }
+
+    /// The `--use_ema` average, if any.
+    pub fn ema(&self) -> Option<&EMAModel> {
+        self.ema.as_ref()
+    }
+
+    /// The `--use_ema` average, to swap it into the model or restore its state.
+    pub fn ema_mut(&mut self) -> Option<&mut EMAModel> {
+        self.ema.as_mut()
     }
 
     /// The learning rate of optimizer step `step` (0-based).
@@ -303,7 +320,8 @@ impl Stepper {
         }
     }
 
-    /// The device work of an optimizer step (captured as a graph with `--cuda_graph`).
+    /// The device work of an optimizer step (captured as a graph with `--cuda_graph`), with the
+    /// `--use_ema` average's step after it.
     ///
     /// # Errors
     /// Optimizer errors.
@@ -316,6 +334,12 @@ impl Stepper {
             &mut self.acc,
             !model.has_copies(),
         )?;
+        // diffusers' scripts step the EMA on every optimizer step, whether or not the optimizer
+        // skipped it (fp16's GradScaler there, a non-finite loss here): the weights it reads are then
+        // the unchanged ones.
+        if let Some(ema) = &mut self.ema {
+            ema.step()?;
+        }
         for copies in model.all_copies() {
             copies.refresh()?;
         }
