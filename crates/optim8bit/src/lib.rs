@@ -10,7 +10,8 @@
 //! 5.17.0) reproduce the optimizers LoRA trainers often pick instead, with the same interface:
 //! [`ParamGroup`]s, `step`/`step_if` that only enqueue device work (learning rates, step counts
 //! and Prodigy's `d` are device tensors), `save`/`load` of the complete state. Their modules
-//! give each update rule and how it follows its reference.
+//! give each update rule and how it follows its reference. [`Optimizer`] holds any of them behind
+//! one type, built from an [`OptimizerConfig`].
 //!
 //! ```
 //! use optim8bit::{Prodigy, ProdigyConfig, ParamGroup};
@@ -74,6 +75,7 @@ mod clip;
 mod common;
 mod error;
 pub mod lion;
+mod optimizer;
 pub mod prodigy;
 pub mod quantize;
 mod state_file;
@@ -83,4 +85,5 @@ pub use adamw::{AdamW, AdamWConfig, ParamGroup, StatePrecision};
 pub use clip::clip_grad_norm;
 pub use error::{Error, Result};
 pub use lion::{Lion, LionConfig};
+pub use optimizer::{Optimizer, OptimizerConfig};
 pub use prodigy::{Prodigy, ProdigyConfig};

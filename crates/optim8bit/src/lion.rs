@@ -27,6 +27,13 @@ pub struct LionConfig {
     pub beta2: f64,
 }
 
+impl LionConfig {
+    /// Bytes [`Lion::state_bytes`] counts for one parameter of `shape`: a float32 momentum.
+    pub fn state_bytes(&self, shape: &[i64]) -> i64 {
+        4 * shape.iter().product::<i64>()
+    }
+}
+
 impl Default for LionConfig {
     /// lion-pytorch's defaults: betas (0.9, 0.99).
     fn default() -> Self {
