@@ -7,8 +7,7 @@
 mod support;
 
 use optim8bit::{
-    AdafactorConfig, AdamWConfig, LionConfig, Optimizer, OptimizerConfig, ParamGroup,
-    ProdigyConfig,
+    AdafactorConfig, AdamWConfig, LionConfig, Optimizer, OptimizerConfig, ParamGroup, ProdigyConfig,
 };
 use support::{set_grad, temp_path};
 use tch::{Device, Kind, Tensor};
@@ -16,9 +15,15 @@ use tch::{Device, Kind, Tensor};
 fn configs() -> Vec<(&'static str, OptimizerConfig)> {
     vec![
         ("adamw", OptimizerConfig::AdamW(AdamWConfig::fp32())),
-        ("adamw8bit", OptimizerConfig::AdamW(AdamWConfig::eight_bit())),
+        (
+            "adamw8bit",
+            OptimizerConfig::AdamW(AdamWConfig::eight_bit()),
+        ),
         ("lion", OptimizerConfig::Lion(LionConfig::default())),
-        ("prodigy", OptimizerConfig::Prodigy(ProdigyConfig::default())),
+        (
+            "prodigy",
+            OptimizerConfig::Prodigy(ProdigyConfig::default()),
+        ),
         (
             "prodigy_no_beta1",
             OptimizerConfig::Prodigy(ProdigyConfig {
@@ -62,8 +67,16 @@ fn build(config: OptimizerConfig, params: &[Tensor]) -> Optimizer {
         _ => 1e-3,
     };
     let groups = vec![
-        ParamGroup::new(params[..3].iter().map(Tensor::shallow_clone).collect(), lr, 1e-2),
-        ParamGroup::new(params[3..].iter().map(Tensor::shallow_clone).collect(), lr, 1e-3),
+        ParamGroup::new(
+            params[..3].iter().map(Tensor::shallow_clone).collect(),
+            lr,
+            1e-2,
+        ),
+        ParamGroup::new(
+            params[3..].iter().map(Tensor::shallow_clone).collect(),
+            lr,
+            1e-3,
+        ),
     ];
     config.build(groups).unwrap()
 }
@@ -142,7 +155,11 @@ fn steps_skip_and_resume_as_the_optimizer_it_holds() {
             "{name}: nothing moved"
         );
         // Another optimizer's state file is refused.
-        let other = if name.starts_with("lion") { "adamw" } else { "lion" };
+        let other = if name.starts_with("lion") {
+            "adamw"
+        } else {
+            "lion"
+        };
         let (_, other_config) = configs().into_iter().find(|(n, _)| *n == other).unwrap();
         let mut wrong = build(other_config, &params(0));
         assert!(wrong.load(&path).is_err(), "{name} loaded into {other}");

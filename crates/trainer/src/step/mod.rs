@@ -8,7 +8,7 @@
 //! encoders encode the batch's token ids first, inside the step), take the MSE against ε or v in fp32
 //! (min-SNR weighted if asked), and back-propagate
 //! `loss / accumulation` into the fp32 LoRA parameters. The optimizer step clips the gradient norm,
-//! then applies AdamW only if the loss and the norm are finite — decided by a device tensor, so a
+//! then applies the optimizer only if the loss and the norm are finite — decided by a device tensor, so a
 //! bad step is skipped and counted without the host ever waiting for the device.
 //!
 //! Nothing here reads a tensor value on the host or depends on one for a shape: the only per-step
@@ -18,7 +18,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use optim8bit::{AdamW, clip_grad_norm};
+use optim8bit::{Optimizer, clip_grad_norm};
 use sdxl_model::schedulers::DdpmSchedule;
 use sdxl_model::unet::{UNet2DConditionModel, UNetInputs};
 
@@ -326,7 +326,7 @@ fn step_loss(objective: &Objective, prediction: &Tensor, inputs: &StepInputs) ->
     }
 }
 
-/// The optimizer step after `accumulation` micro-steps: clip, then AdamW if everything is finite
+/// The optimizer step after `accumulation` micro-steps: clip, then the optimizer if everything is finite
 /// (else a counted skip), then zero the gradients and fold the step's loss into the window.
 ///
 /// # Errors
@@ -334,7 +334,7 @@ fn step_loss(objective: &Objective, prediction: &Tensor, inputs: &StepInputs) ->
 ///
 /// `zero_grads` false leaves the gradients as they are: a captured first micro-step overwrites them.
 pub fn optimizer_step(
-    optimizer: &mut AdamW,
+    optimizer: &mut Optimizer,
     params: &[Tensor],
     settings: &StepSettings,
     acc: &mut Accumulators,
@@ -365,15 +365,13 @@ pub fn optimizer_step(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use optim8bit::{AdamWConfig, ParamGroup};
+    use optim8bit::{AdamWConfig, OptimizerConfig, ParamGroup};
 
-    fn setup() -> (Tensor, AdamW, StepSettings, Accumulators) {
+    fn setup() -> (Tensor, Optimizer, StepSettings, Accumulators) {
         let param = Tensor::from_slice(&[0.5f32, -0.25, 1.0]).set_requires_grad(true);
-        let optimizer = AdamW::new(
-            vec![ParamGroup::new(vec![param.shallow_clone()], 0.1, 0.0)],
-            AdamWConfig::fp32(),
-        )
-        .unwrap();
+        let optimizer = OptimizerConfig::AdamW(AdamWConfig::fp32())
+            .build(vec![ParamGroup::new(vec![param.shallow_clone()], 0.1, 0.0)])
+            .unwrap();
         let settings = StepSettings {
             kind: Kind::Float,
             scaling_factor: 1.0,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use tch::{Device, Kind};
 
-use optim8bit::{AdamW, AdamWConfig, ParamGroup};
+use optim8bit::{Optimizer, ParamGroup};
 use sdxl_model::prompt::add_time_ids_tensor;
 use sdxl_model::schedulers::{DdpmConfig, DdpmSchedule, SchedulerConfig};
 use sdxl_model::vae::AutoencoderKLConfig;
@@ -39,7 +39,7 @@ pub struct StepGraphs {
 
 /// Everything a step reads and writes besides the model and the prepared conditioning.
 pub struct Stepper {
-    optimizer: AdamW,
+    optimizer: Optimizer,
     /// The text encoders' groups' initial learning rate (the schedule multiplies it as the UNet's).
     text_encoder_lr: f64,
     schedule: LrSchedule,
@@ -55,8 +55,8 @@ pub struct Stepper {
 }
 
 impl Stepper {
-    /// AdamW (8-bit or fp32 states) over `model`'s LoRA, the learning-rate schedule, the DDPM
-    /// schedule of `scheduler_config` and the step's settings.
+    /// The optimizer `--optimizer` chooses over `model`'s LoRA, the learning-rate schedule, the
+    /// DDPM schedule of `scheduler_config` and the step's settings.
     ///
     /// # Errors
     /// Optimizer and schedule errors naming the flag.
@@ -67,15 +67,11 @@ impl Stepper {
         scheduler_config: &SchedulerConfig,
         (device, kind, batch): (Device, Kind, usize),
     ) -> Result<Self> {
-        let mut adam = if config.use_8bit_adam {
-            AdamWConfig::eight_bit()
-        } else {
-            AdamWConfig::fp32()
-        };
-        adam.beta1 = config.adam_beta1;
-        adam.beta2 = config.adam_beta2;
-        adam.eps = config.adam_epsilon;
-        let base_lr = config.base_learning_rate();
+        let setup = config.optimizer_setup()?;
+        for note in config.optimizer_notes() {
+            crate::logs::say(note);
+        }
+        let base_lr = setup.unet_lr;
         // The script's groups: the UNet's LoRA, then each text encoder's at --text_encoder_lr.
         let groups = model
             .param_groups()
@@ -85,7 +81,7 @@ impl Stepper {
                 0 => ParamGroup::new(params, base_lr, config.adam_weight_decay),
                 _ => ParamGroup::new(
                     params,
-                    config.text_encoder_learning_rate(),
+                    setup.text_encoder_lr,
                     config.adam_weight_decay_text_encoder,
                 ),
             })
@@ -109,8 +105,8 @@ impl Stepper {
             max_grad_norm: config.max_grad_norm,
         };
         Ok(Self {
-            optimizer: AdamW::new(groups, adam)?,
-            text_encoder_lr: config.text_encoder_learning_rate(),
+            optimizer: setup.config.build(groups)?,
+            text_encoder_lr: setup.text_encoder_lr,
             schedule,
             ddpm: DdpmSchedule::new(DdpmConfig::from_config(scheduler_config)?, device)?,
             settings,
@@ -122,12 +118,12 @@ impl Stepper {
     }
 
     /// The optimizer.
-    pub fn optimizer(&self) -> &AdamW {
+    pub fn optimizer(&self) -> &Optimizer {
         &self.optimizer
     }
 
     /// The optimizer, to restore its state.
-    pub fn optimizer_mut(&mut self) -> &mut AdamW {
+    pub fn optimizer_mut(&mut self) -> &mut Optimizer {
         &mut self.optimizer
     }
 
