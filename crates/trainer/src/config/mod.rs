@@ -22,6 +22,7 @@ mod flags;
 pub mod kohya;
 mod lora_targets;
 mod optimizer;
+mod optimizer_args;
 mod validate;
 
 use std::path::{Path, PathBuf};
@@ -251,6 +252,8 @@ train_config! {
     adafactor_scale_parameter: bool = true,
     /// With --adafactor_relative_step: step size min(1e-6·t, 1/√t) (transformers' warmup_init).
     adafactor_warmup_init: bool = false,
+    /// kohya's --optimizer_args: the optimizer's own settings as `key=value` Python literals, space-separated (one quoted value or several words), e.g. `relative_step=False scale_parameter=False warmup_init=False` for Adafactor, `d_coef=2 use_bias_correction=True` for Prodigy, `betas=0.9,0.99` (every optimizer but Adafactor); they override the flags; an unknown key is an error.
+    optimizer_args: Option<String> = None,
     /// Gradient-norm clipping threshold.
     max_grad_norm: f64 = 1.0,
     /// Precision of the frozen model.
@@ -380,6 +383,13 @@ impl TrainConfig {
                 if takes_value {
                     value = next.cloned();
                     i += usize::from(value.is_some());
+                }
+                // kohya's --optimizer_args takes several words: every one up to the next flag.
+                while name == "optimizer_args"
+                    && let Some(more) = args.get(i + 1).filter(|a| !a.starts_with("--"))
+                {
+                    value = value.map(|v| format!("{v} {more}"));
+                    i += 1;
                 }
             }
             if name == "config" {

@@ -165,13 +165,35 @@ impl TrainConfig {
     /// As [`Self::optimizer_kind`]; [`Error::InvalidOption`] for Adafactor's relative step with
     /// a learning-rate schedule.
     pub fn optimizer_setup(&self) -> Result<OptimizerSetup> {
-        let setup = self.optimizer_setup_for(self.optimizer_kind()?);
+        let kind = self.optimizer_kind()?;
+        let mut config = self.optimizer_setup_for(kind).config;
+        if let Some(args) = &self.optimizer_args {
+            super::optimizer_args::apply(args, &mut config)?;
+        }
+        let setup = self.with_rates(kind, config);
         if let OptimizerConfig::Adafactor(c) = setup.config
             && c.relative_step
         {
             self.check_relative_step()?;
         }
         Ok(setup)
+    }
+
+    /// `config` with the groups' initial rates: Prodigy's one rate for all groups, none for
+    /// Adafactor's relative step.
+    fn with_rates(&self, kind: OptimizerKind, config: OptimizerConfig) -> OptimizerSetup {
+        let unet_lr = self.base_learning_rate();
+        let (unet_lr, text_encoder_lr) = match config {
+            OptimizerConfig::Prodigy(_) => (unet_lr, unet_lr),
+            OptimizerConfig::Adafactor(c) if c.relative_step => (0.0, 0.0),
+            _ => (unet_lr, self.text_encoder_learning_rate()),
+        };
+        OptimizerSetup {
+            kind,
+            config,
+            unet_lr,
+            text_encoder_lr,
+        }
     }
 
     /// What this config's flags make of optimizer `kind` (also for kinds the run does not use,
@@ -184,27 +206,17 @@ impl TrainConfig {
             eps,
             ..config
         };
-        let (unet_lr, text_encoder_lr) =
-            (self.base_learning_rate(), self.text_encoder_learning_rate());
-        let mut setup = OptimizerSetup {
-            kind,
-            config: OptimizerConfig::AdamW(adam(AdamWConfig::eight_bit())),
-            unet_lr,
-            text_encoder_lr,
-        };
-        match kind {
-            OptimizerKind::AdamW8bit => {}
-            OptimizerKind::AdamW => {
-                setup.config = OptimizerConfig::AdamW(adam(AdamWConfig::fp32()))
-            }
+        let config = match kind {
+            OptimizerKind::AdamW8bit => OptimizerConfig::AdamW(adam(AdamWConfig::eight_bit())),
+            OptimizerKind::AdamW => OptimizerConfig::AdamW(adam(AdamWConfig::fp32())),
             OptimizerKind::Lion => {
                 let default = LionConfig::default();
                 let beta2 = self.adam_beta2.unwrap_or(default.beta2);
-                setup.config = OptimizerConfig::Lion(LionConfig { beta1, beta2 });
+                OptimizerConfig::Lion(LionConfig { beta1, beta2 })
             }
             OptimizerKind::Prodigy => {
                 let default = ProdigyConfig::default();
-                setup.config = OptimizerConfig::Prodigy(ProdigyConfig {
+                OptimizerConfig::Prodigy(ProdigyConfig {
                     beta1,
                     beta2: self.adam_beta2.unwrap_or(default.beta2),
                     beta3: self.prodigy_beta3,
@@ -214,23 +226,16 @@ impl TrainConfig {
                     safeguard_warmup: self.prodigy_safeguard_warmup,
                     d_coef: self.prodigy_d_coef,
                     ..default
-                });
-                setup.text_encoder_lr = unet_lr;
+                })
             }
-            OptimizerKind::Adafactor => {
-                let config = AdafactorConfig {
-                    relative_step: self.adafactor_relative_step,
-                    scale_parameter: self.adafactor_scale_parameter,
-                    warmup_init: self.adafactor_warmup_init,
-                    ..AdafactorConfig::default()
-                };
-                if config.relative_step {
-                    (setup.unet_lr, setup.text_encoder_lr) = (0.0, 0.0);
-                }
-                setup.config = OptimizerConfig::Adafactor(config);
-            }
-        }
-        setup
+            OptimizerKind::Adafactor => OptimizerConfig::Adafactor(AdafactorConfig {
+                relative_step: self.adafactor_relative_step,
+                scale_parameter: self.adafactor_scale_parameter,
+                warmup_init: self.adafactor_warmup_init,
+                ..AdafactorConfig::default()
+            }),
+        };
+        self.with_rates(kind, config)
     }
 
     /// Adafactor's relative step computes the step size itself: a schedule cannot drive it.
@@ -253,19 +258,19 @@ impl TrainConfig {
     /// a low Prodigy rate, and what Adafactor's relative step does with the rates.
     pub fn optimizer_notes(&self) -> Vec<String> {
         let mut notes = Vec::new();
-        match self.optimizer_kind() {
-            Ok(OptimizerKind::Prodigy) if self.learning_rate <= 0.1 => notes.push(format!(
+        match self.optimizer_setup().map(|s| s.config) {
+            Ok(OptimizerConfig::Prodigy(_)) if self.learning_rate <= 0.1 => notes.push(format!(
                 "--learning_rate {} is low for Prodigy: it estimates the step size itself and is \
                  usually run at 1.0",
                 self.learning_rate
             )),
-            Ok(OptimizerKind::Prodigy) if self.train_text_encoder => notes.push(
+            Ok(OptimizerConfig::Prodigy(_)) if self.train_text_encoder => notes.push(
                 "Prodigy uses --learning_rate for the text encoders too (one rate for all groups)"
                     .into(),
             ),
-            Ok(OptimizerKind::Adafactor) if self.adafactor_relative_step => notes.push(
-                "Adafactor computes its step size (--adafactor_relative_step): --learning_rate is \
-                 not used, and the logged rate is 0"
+            Ok(OptimizerConfig::Adafactor(c)) if c.relative_step => notes.push(
+                "Adafactor computes its step size (relative_step): --learning_rate is not used, \
+                 and the logged rate is 0"
                     .into(),
             ),
             _ => {}

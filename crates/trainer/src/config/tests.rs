@@ -242,3 +242,33 @@ fn each_optimizer_takes_its_flags_and_learning_rates() {
     let notes = parse(&["--optimizer=prodigy"]).unwrap().optimizer_notes();
     assert!(notes[0].contains("1.0"), "{notes:?}");
 }
+
+#[test]
+fn optimizer_args_take_several_words_as_kohya_passes_them() {
+    use optim8bit::OptimizerConfig;
+    let c = parse(&[
+        "--optimizer_type",
+        "Adafactor",
+        "--optimizer_args",
+        "relative_step=False",
+        "scale_parameter=False",
+        "warmup_init=False",
+        "--lr_scheduler",
+        "cosine",
+    ])
+    .unwrap();
+    let setup = c.optimizer_setup().unwrap();
+    match setup.config {
+        OptimizerConfig::Adafactor(a) => assert!(!a.relative_step && !a.scale_parameter),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(setup.unet_lr, 1e-4);
+    assert_eq!(c.lr_scheduler, SchedulerKind::Cosine);
+    let err = parse(&["--optimizer", "lion", "--optimizer_args", "d_coef=2"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--optimizer_args") && err.contains("d_coef"),
+        "{err}"
+    );
+}

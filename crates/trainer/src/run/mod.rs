@@ -499,13 +499,17 @@ fn run_estimate(
     };
     // Every choice's state for this LoRA, from the shapes (what each would allocate).
     let shapes: Vec<Vec<i64>> = model.param_tensors().iter().map(|p| p.size()).collect();
-    let chosen = config.optimizer_kind().ok();
+    let chosen = config.optimizer_setup().ok();
     let choices: Vec<_> = OptimizerKind::ALL
         .into_iter()
         .map(|kind| {
-            let optimizer = config.optimizer_setup_for(kind).config;
+            // The chosen one as the run has it (--optimizer_args included).
+            let optimizer = match chosen {
+                Some(setup) if setup.kind == kind => setup.config,
+                _ => config.optimizer_setup_for(kind).config,
+            };
             let bytes = shapes.iter().map(|s| optimizer.state_bytes(s)).sum();
-            (kind.name(), bytes, chosen == Some(kind))
+            (kind.name(), bytes, chosen.is_some_and(|s| s.kind == kind))
         })
         .collect();
     (estimate(&input), OptimizerTable::new(&input, &choices))
