@@ -111,6 +111,15 @@ fn every_optimizer_trains_and_resumes_to_a_bit_identical_lora() {
             }
         }
     }
+    // Prodigy over the text encoders' groups too: one rate for all (diffusers' override of
+    // --text_encoder_lr; prodigyopt refuses groups at different rates).
+    let with_text = TrainConfig {
+        train_text_encoder: true,
+        max_train_steps: 2,
+        ..config(&dir, "Prodigy-text", OptimizerKind::Prodigy, 1.0, 2)
+    };
+    run_to_end(&with_text);
+    assert!(losses(&with_text).iter().all(|l| l.is_finite()));
     // A checkpoint of one optimizer does not resume under another.
     let lion = config(&dir, "Lion-split", OptimizerKind::Lion, 1e-4, 4);
     let prodigy = TrainConfig {
