@@ -53,11 +53,21 @@ fn configs() -> Vec<(&'static str, OptimizerConfig)> {
 /// enough for 8-bit states.
 const SHAPES: [&[i64]; 5] = [&[4, 1280], &[1280, 4], &[4, 8, 3, 3], &[640], &[4, 40]];
 
+/// Deterministic values of `shape` for `seed`, without libtorch's process-wide generator (the
+/// tests of this file run in parallel).
+fn values(shape: &[i64], seed: f64) -> Tensor {
+    let numel: i64 = shape.iter().product();
+    Tensor::arange(numel, (Kind::Float, Device::Cpu))
+        .multiply_scalar(0.37)
+        .g_add_scalar(seed)
+        .sin()
+        .reshape(shape)
+}
+
 fn params(seed: i64) -> Vec<Tensor> {
-    tch::manual_seed(seed);
     SHAPES
         .iter()
-        .map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu)).set_requires_grad(true))
+        .map(|s| values(s, seed as f64).set_requires_grad(true))
         .collect()
 }
 
@@ -82,9 +92,8 @@ fn build(config: OptimizerConfig, params: &[Tensor]) -> Optimizer {
 }
 
 fn set_grads(params: &[Tensor], step: i64) {
-    tch::manual_seed(1000 + step);
-    for p in params {
-        set_grad(p, &Tensor::randn(p.size(), (Kind::Float, Device::Cpu)));
+    for (i, p) in params.iter().enumerate() {
+        set_grad(p, &values(&p.size(), 100.0 + 7.0 * step as f64 + i as f64));
     }
 }
 

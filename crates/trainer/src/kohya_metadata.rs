@@ -340,6 +340,41 @@ mod tests {
         }
     }
 
+    /// `ss_optimizer` as kohya's train_util writes it: `module.Class(key=value,…)`.
+    #[test]
+    fn ss_optimizer_names_each_optimizer_as_kohya() {
+        use crate::config::OptimizerKind;
+        let name = |optimizer, args: Option<&str>| {
+            optimizer_name(&TrainConfig {
+                optimizer: Some(optimizer),
+                optimizer_args: args.map(str::to_owned),
+                ..TrainConfig::default()
+            })
+        };
+        assert_eq!(
+            name(OptimizerKind::AdamW8bit, None),
+            "bitsandbytes.optim.adamw.AdamW8bit(betas=(0.9, 0.999),weight_decay=0.0001,eps=1e-08)"
+        );
+        assert_eq!(
+            name(OptimizerKind::AdamW, None),
+            "torch.optim.adamw.AdamW(betas=(0.9, 0.999),weight_decay=0.0001,eps=1e-08)"
+        );
+        assert_eq!(
+            name(OptimizerKind::Lion, None),
+            "lion_pytorch.lion_pytorch.Lion(betas=(0.9, 0.99),weight_decay=0.0001)"
+        );
+        assert_eq!(
+            name(OptimizerKind::Prodigy, Some("d_coef=2")),
+            "prodigyopt.prodigy.Prodigy(betas=(0.9, 0.999),beta3=None,weight_decay=0.0001,\
+             eps=1e-08,decouple=True,use_bias_correction=True,safeguard_warmup=True,d_coef=2.0)"
+        );
+        assert_eq!(
+            name(OptimizerKind::Adafactor, Some("relative_step=False")),
+            "transformers.optimization.Adafactor(relative_step=False,scale_parameter=True,\
+             warmup_init=False,weight_decay=0.0001)"
+        );
+    }
+
     #[test]
     fn dates_are_iso_8601() {
         assert_eq!(iso_date(UNIX_EPOCH), "1970-01-01T00:00:00");
