@@ -63,6 +63,19 @@ impl Default for AdafactorConfig {
 }
 
 impl AdafactorConfig {
+    /// Bytes [`Adafactor::state_bytes`] counts for one parameter of `shape`: float32 row and
+    /// column means over the last two dimensions (a full second moment below 2 dimensions), and
+    /// a first moment with `beta1`.
+    pub fn state_bytes(&self, shape: &[i64]) -> i64 {
+        let numel: i64 = shape.iter().product();
+        let second = match shape {
+            [lead @ .., rows, cols] => lead.iter().product::<i64>() * (rows + cols),
+            _ => numel,
+        };
+        let first = if self.beta1.is_some() { numel } else { 0 };
+        4 * (second + first)
+    }
+
     fn validate(&self) -> Result<()> {
         if self.warmup_init && !self.relative_step {
             return Err(Error::InvalidHyperParameter {

@@ -85,6 +85,17 @@ impl AdamWConfig {
         }
     }
 
+    /// Bytes [`AdamW::state_bytes`] counts for one parameter of `shape`: 2 per element plus one
+    /// fp32 absmax per moment and block of 256 for 8-bit states, 8 per element for fp32 ones.
+    pub fn state_bytes(&self, shape: &[i64]) -> i64 {
+        let numel: i64 = shape.iter().product();
+        if AdamW::uses_8bit(self, numel) {
+            2 * numel + 2 * 4 * block_count(numel, BLOCK_SIZE)
+        } else {
+            8 * numel
+        }
+    }
+
     fn validate(&self) -> Result<()> {
         check_range(
             "betas.0",

@@ -110,6 +110,18 @@ pub(crate) enum Entry {
     Fixed(Tensor),
 }
 
+/// Bytes of the per-parameter state tensors among `entries` (keys `state.*`).
+pub(crate) fn per_parameter_bytes(entries: &[(String, Entry)]) -> i64 {
+    entries
+        .iter()
+        .filter(|(key, _)| key.starts_with("state."))
+        .map(|(_, entry)| match entry {
+            Entry::State(t) => t.numel() as i64 * t.kind().elt_size_in_bytes() as i64,
+            Entry::Setting(_) | Entry::Fixed(_) => 0,
+        })
+        .sum()
+}
+
 /// Writes `entries` as safetensors to a temporary name next to `path` and renames it.
 pub(crate) fn save_entries(path: &Path, entries: &[(String, Entry)]) -> Result<()> {
     let mut named = Vec::with_capacity(entries.len());
@@ -317,6 +329,23 @@ macro_rules! shared_methods {
         /// it between steps (outside a captured graph); a replayed graph then uses the new value.
         pub fn set_learning_rate(&mut self, group: usize, lr: f64) -> $crate::Result<()> {
             self.groups.set_learning_rate(group, lr)
+        }
+
+        /// Number of parameter elements the optimizer updates.
+        pub fn param_count(&self) -> i64 {
+            self.groups
+                .groups
+                .iter()
+                .flat_map(|g| &g.params)
+                .map(|p| p.numel() as i64)
+                .sum()
+        }
+
+        /// Bytes held by the per-parameter states (the tensors its state file keeps under
+        /// `state.*`), not counting a few scalars; the config's `state_bytes` gives the same
+        /// count from a parameter's shape alone.
+        pub fn state_bytes(&self) -> i64 {
+            $crate::common::per_parameter_bytes(&self.entries())
         }
 
         /// Steps taken, as the device tensor the step updates (0-dim float64).

@@ -16,7 +16,8 @@
 //! with the same interface:
 //! [`ParamGroup`]s, `step`/`step_if` that only enqueue device work (learning rates, step counts
 //! and Prodigy's `d` are device tensors), `save`/`load` of the complete state. Their modules
-//! give each update rule and how it follows its reference.
+//! give each update rule and how it follows its reference. [`Optimizer`] holds any of them behind
+//! one type, built from an [`OptimizerConfig`].
 //!
 //! [`GradScaler`] is fp16 training's dynamic loss scaling (`torch.amp.GradScaler`), its skip
 //! decision a device tensor for `step_if`.
@@ -101,6 +102,7 @@ mod common;
 pub mod ema;
 mod error;
 pub mod lion;
+mod optimizer;
 pub mod prodigy;
 pub mod quantize;
 pub mod scaler;
@@ -112,5 +114,6 @@ pub use clip::clip_grad_norm;
 pub use ema::{EMAConfig, EMAModel};
 pub use error::{Error, Result};
 pub use lion::{Lion, LionConfig};
+pub use optimizer::{Optimizer, OptimizerConfig};
 pub use prodigy::{Prodigy, ProdigyConfig};
 pub use scaler::{GradScaler, GradScalerConfig};

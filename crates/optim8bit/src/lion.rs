@@ -57,6 +57,20 @@ pub struct LionConfig {
     pub min_8bit_size: i64,
 }
 
+impl LionConfig {
+    /// Bytes [`Lion::state_bytes`] counts for one parameter of `shape`: a float32 momentum, or
+    /// with [`StatePrecision::EightBit`] (from `min_8bit_size` elements on) one byte per element
+    /// plus an fp32 absmax per block of 256.
+    pub fn state_bytes(&self, shape: &[i64]) -> i64 {
+        let numel = shape.iter().product::<i64>();
+        if self.precision == StatePrecision::EightBit && numel >= self.min_8bit_size {
+            numel + 4 * block_count(numel, BLOCK_SIZE)
+        } else {
+            4 * numel
+        }
+    }
+}
+
 impl Default for LionConfig {
     /// lion-pytorch's defaults: betas (0.9, 0.99), fp32 momentum.
     fn default() -> Self {
@@ -167,22 +181,6 @@ impl Lion {
     /// The shared settings.
     pub fn config(&self) -> &LionConfig {
         &self.config
-    }
-
-    /// Bytes held by the momenta: 4 per element of an fp32 momentum; 1 per element of an 8-bit
-    /// one plus 4 per block of 256 (its absmax). The shared 256-entry code table and the scalars
-    /// are not counted.
-    pub fn state_bytes(&self) -> i64 {
-        let bytes = |t: &Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
-        self.groups
-            .groups
-            .iter()
-            .flat_map(|g| &g.states)
-            .map(|state| match state {
-                Momentum::Full(m) => bytes(m),
-                Momentum::Blockwise { codes, absmax } => bytes(codes) + bytes(absmax),
-            })
-            .sum()
     }
 
     shared_methods!();

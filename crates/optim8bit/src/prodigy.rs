@@ -74,6 +74,13 @@ impl Default for ProdigyConfig {
 }
 
 impl ProdigyConfig {
+    /// Bytes [`Prodigy::state_bytes`] counts for one parameter of `shape`: float32 `exp_avg`
+    /// (with β₁ > 0), `exp_avg_sq`, `s` and the initial parameter `p0`.
+    pub fn state_bytes(&self, shape: &[i64]) -> i64 {
+        let tensors = if self.beta1 > 0.0 { 4 } else { 3 };
+        4 * tensors * shape.iter().product::<i64>()
+    }
+
     fn validate(&self) -> Result<()> {
         check_range("d0", self.d0, self.d0 > 0.0, "must be > 0")?;
         check_range("eps", self.eps, self.eps > 0.0, "must be > 0")?;

@@ -171,9 +171,106 @@ impl fmt::Display for Estimate {
     }
 }
 
+/// One optimizer's line of the comparison printed with the estimate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizerRow {
+    /// The optimizer as `--optimizer` names it.
+    pub name: &'static str,
+    /// Its per-parameter state for this run's LoRA, bytes.
+    pub state_bytes: i64,
+    /// The run's estimated peak with this optimizer, GiB.
+    pub peak_gib: f64,
+    /// Whether the run uses it.
+    pub chosen: bool,
+}
+
+/// The state memory of each optimizer for this run's LoRA, the chosen one marked: what switching
+/// `--optimizer` would change in the estimate (only the state differs; the step time model is
+/// calibrated on 8-bit AdamW for every choice).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizerTable {
+    /// LoRA parameters the optimizers update.
+    pub lora_params: i64,
+    /// One row per optimizer.
+    pub rows: Vec<OptimizerRow>,
+}
+
+impl OptimizerTable {
+    /// Rows for `choices` (name, state bytes, chosen), each with the peak of `input` holding that
+    /// state instead of `input.optimizer_state_bytes`.
+    pub fn new(input: &EstimateInput, choices: &[(&'static str, i64, bool)]) -> Self {
+        let rows = choices
+            .iter()
+            .map(|&(name, state_bytes, chosen)| OptimizerRow {
+                name,
+                state_bytes,
+                peak_gib: estimate(&EstimateInput {
+                    optimizer_state_bytes: state_bytes,
+                    ..*input
+                })
+                .peak_gib,
+                chosen,
+            })
+            .collect();
+        Self {
+            lora_params: input.lora_params,
+            rows,
+        }
+    }
+}
+
+impl fmt::Display for OptimizerTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "optimizer state for this LoRA ({:.2} M parameters; * = --optimizer):",
+            self.lora_params as f64 / 1e6
+        )?;
+        for row in &self.rows {
+            write!(
+                f,
+                "\n  {} {:<10} {:>9.2} MiB ({:.2} bytes/parameter), estimated peak {:.2} GiB",
+                if row.chosen { '*' } else { ' ' },
+                row.name,
+                row.state_bytes as f64 / (1u64 << 20) as f64,
+                row.state_bytes as f64 / self.lora_params.max(1) as f64,
+                row.peak_gib
+            )?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each row's peak differs from the chosen one's by exactly the difference of their states,
+    /// and the table names every optimizer with its bytes per parameter, the chosen one marked.
+    #[test]
+    fn optimizer_rows_differ_by_their_state() {
+        let input = seed_recipe(false);
+        let n = input.lora_params;
+        let table = OptimizerTable::new(
+            &input,
+            &[
+                ("AdamW", 8 * n, false),
+                ("AdamW8bit", input.optimizer_state_bytes, true),
+                ("Lion", 4 * n, false),
+            ],
+        );
+        let chosen = estimate(&input).peak_gib;
+        assert_eq!(table.rows[1].peak_gib, chosen);
+        let gib_diff = (8 * n - input.optimizer_state_bytes) as f64 / GIB;
+        assert!((table.rows[0].peak_gib - chosen - gib_diff).abs() < 1e-12);
+        assert!(table.rows[2].peak_gib < table.rows[0].peak_gib);
+        let text = table.to_string();
+        assert!(text.contains("* AdamW8bit"), "{text}");
+        assert!(text.contains("  AdamW      "), "{text}");
+        assert!(text.contains("(8.00 bytes/parameter)"), "{text}");
+        assert!(text.contains("(4.00 bytes/parameter)"), "{text}");
+        assert_eq!(text.lines().count(), 4);
+    }
 
     fn seed_recipe(checkpointing: bool) -> EstimateInput {
         EstimateInput {

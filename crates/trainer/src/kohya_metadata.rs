@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use lora::{LoraState, ModuleLora};
+use optim8bit::OptimizerConfig;
 use serde_json::json;
 
 use crate::config::MixedPrecision;
@@ -215,19 +216,43 @@ pub fn output_name(config: &TrainConfig) -> String {
         .map_or_else(|| "lora".to_owned(), |n| n.to_string_lossy().into_owned())
 }
 
+/// kohya's `ss_optimizer`: the reference's module and class, then the settings passed to it
+/// (kohya writes `module.Class(key=value,…)`, values as Python's `str`).
 fn optimizer_name(config: &TrainConfig) -> String {
-    let name = if config.use_8bit_adam {
-        "bitsandbytes.optim.adamw.AdamW8bit"
-    } else {
-        "torch.optim.adamw.AdamW"
+    let setup = match config.optimizer_setup() {
+        Ok(setup) => setup,
+        // A validated config always has one; name the problem rather than a wrong optimizer.
+        Err(e) => return format!("unknown ({e})"),
     };
-    format!(
-        "{name}(betas=({}, {}),weight_decay={},eps={})",
-        python_float(config.adam_beta1),
-        python_float(config.adam_beta2),
-        python_float(config.adam_weight_decay),
-        python_float(config.adam_epsilon)
-    )
+    let py_bool = |b: bool| if b { "True" } else { "False" };
+    let wd = python_float(config.adam_weight_decay);
+    let betas = |b1: f64, b2: f64| format!("betas=({}, {})", python_float(b1), python_float(b2));
+    let args = match setup.config {
+        OptimizerConfig::AdamW(c) => format!(
+            "{},weight_decay={wd},eps={}",
+            betas(c.beta1, c.beta2),
+            python_float(c.eps)
+        ),
+        OptimizerConfig::Lion(c) => format!("{},weight_decay={wd}", betas(c.beta1, c.beta2)),
+        OptimizerConfig::Prodigy(c) => format!(
+            "{},beta3={},weight_decay={wd},eps={},decouple={},use_bias_correction={},\
+             safeguard_warmup={},d_coef={}",
+            betas(c.beta1, c.beta2),
+            c.beta3.map_or_else(|| "None".to_owned(), python_float),
+            python_float(c.eps),
+            py_bool(c.decouple),
+            py_bool(c.use_bias_correction),
+            py_bool(c.safeguard_warmup),
+            python_float(c.d_coef)
+        ),
+        OptimizerConfig::Adafactor(c) => format!(
+            "relative_step={},scale_parameter={},warmup_init={},weight_decay={wd}",
+            py_bool(c.relative_step),
+            py_bool(c.scale_parameter),
+            py_bool(c.warmup_init)
+        ),
+    };
+    format!("{}({args})", setup.kind.python_class())
 }
 
 fn mixed_precision(precision: MixedPrecision) -> String {
@@ -314,6 +339,41 @@ mod tests {
         ] {
             assert_eq!(python_float(value), python, "{value}");
         }
+    }
+
+    /// `ss_optimizer` as kohya's train_util writes it: `module.Class(key=value,…)`.
+    #[test]
+    fn ss_optimizer_names_each_optimizer_as_kohya() {
+        use crate::config::OptimizerKind;
+        let name = |optimizer, args: Option<&str>| {
+            optimizer_name(&TrainConfig {
+                optimizer: Some(optimizer),
+                optimizer_args: args.map(str::to_owned),
+                ..TrainConfig::default()
+            })
+        };
+        assert_eq!(
+            name(OptimizerKind::AdamW8bit, None),
+            "bitsandbytes.optim.adamw.AdamW8bit(betas=(0.9, 0.999),weight_decay=0.0001,eps=1e-08)"
+        );
+        assert_eq!(
+            name(OptimizerKind::AdamW, None),
+            "torch.optim.adamw.AdamW(betas=(0.9, 0.999),weight_decay=0.0001,eps=1e-08)"
+        );
+        assert_eq!(
+            name(OptimizerKind::Lion, None),
+            "lion_pytorch.lion_pytorch.Lion(betas=(0.9, 0.99),weight_decay=0.0001)"
+        );
+        assert_eq!(
+            name(OptimizerKind::Prodigy, Some("d_coef=2")),
+            "prodigyopt.prodigy.Prodigy(betas=(0.9, 0.999),beta3=None,weight_decay=0.0001,\
+             eps=1e-08,decouple=True,use_bias_correction=True,safeguard_warmup=True,d_coef=2.0)"
+        );
+        assert_eq!(
+            name(OptimizerKind::Adafactor, Some("relative_step=False")),
+            "transformers.optimization.Adafactor(relative_step=False,scale_parameter=True,\
+             warmup_init=False,weight_decay=0.0001)"
+        );
     }
 
     #[test]

@@ -137,7 +137,7 @@ fn model_card_markdown(
     Ok(format!(
         "---\nbase_model: {base}\nlibrary_name: diffusers\ntags:\n- stable-diffusion-xl\n- lora\n- text-to-image\ninstance_prompt: {prompt}\n---\n\n\
          # SDXL LoRA\n\nLoRA (rank {rank}) for `{base}` trained on `{data}` for {steps} steps at {res} px \
-         (batch {batch} × accumulation {accum}, learning rate {lr:e}, {opt}).\n\n\
+         (batch {batch} × accumulation {accum}, learning rate {lr:e}, optimizer {opt}).\n\n\
          Trigger prompt: `{prompt}`.\n\n{text}\
          - `{KOHYA_FILE}`: for ComfyUI (`LoraLoader`: put it in `models/loras/`) and A1111 \
          (`models/Lora/`, then `<lora:{stem}:1>` in the prompt): kohya layout with SGM block names, \
@@ -154,11 +154,7 @@ fn model_card_markdown(
         batch = config.train_batch_size,
         accum = config.gradient_accumulation_steps,
         lr = config.learning_rate,
-        opt = if config.use_8bit_adam {
-            "8-bit AdamW"
-        } else {
-            "AdamW"
-        },
+        opt = config.optimizer_kind()?,
         out = out.display(),
         stem = KOHYA_FILE.trim_end_matches(".safetensors"),
         loss = final_loss.map_or_else(|| "n/a".into(), |l| format!("{l:.4}")),

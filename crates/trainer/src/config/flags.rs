@@ -89,6 +89,7 @@ impl FlagValue for PathBuf {
 
 /// `none` (any case) or an empty value clears an optional setting.
 impl<T: FlagValue> FlagValue for Option<T> {
+    const IS_SWITCH: bool = T::IS_SWITCH;
     const HINT: &'static str = T::HINT;
     fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
         match text {

@@ -9,10 +9,11 @@
 //!
 //! ```
 //! use trainer::TrainConfig;
+//! use trainer::config::OptimizerKind;
 //! let args = ["--max_train_steps", "10", "--use_8bit_adam=false", "--instance_prompt", "a photo of sks dog"];
 //! let config = TrainConfig::from_args(args.iter().map(|s| s.to_string()))?;
 //! assert_eq!(config.max_train_steps, 10);
-//! assert!(!config.use_8bit_adam);
+//! assert_eq!(config.optimizer_kind()?, OptimizerKind::AdamW);
 //! assert_eq!(config.train_batch_size, 2); // the seed recipe's default
 //! # Ok::<(), trainer::Error>(())
 //! ```
@@ -21,6 +22,8 @@ mod ema;
 mod flags;
 pub mod kohya;
 mod lora_targets;
+mod optimizer;
+mod optimizer_args;
 mod validate;
 
 use std::path::{Path, PathBuf};
@@ -29,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use flags::need;
 pub use flags::{Attention, FlagValue, MixedPrecision};
+pub use optimizer::{OptimizerKind, OptimizerSetup};
 
 use crate::lr_scheduler::SchedulerKind;
 use crate::{Error, Result};
@@ -220,16 +224,37 @@ train_config! {
     lora_dropout: f64 = 0.0,
     /// rsLoRA (peft's use_rslora): scale by alpha / √rank instead of alpha / rank.
     use_rslora: bool = false,
-    /// 8-bit block-quantized AdamW states (bitsandbytes AdamW8bit); else fp32 states.
-    use_8bit_adam: bool = true,
-    /// Adam β₁.
+    /// The optimizer: `AdamW`, `AdamW8bit`, `Prodigy`, `Adafactor`, `Lion` or `Lion8bit`, any case (kohya's --optimizer_type is the same flag); default: AdamW8bit, or AdamW with --use_8bit_adam false. See docs/TRAINING.md for how the flags below apply to each.
+    #[serde(alias = "optimizer_type")]
+    optimizer: Option<OptimizerKind> = None,
+    /// 8-bit block-quantized AdamW states (bitsandbytes AdamW8bit), diffusers' flag: without --optimizer it picks AdamW8bit (true, also when unset) or AdamW (false); with --optimizer AdamW, true means AdamW8bit; true with another optimizer is an error.
+    use_8bit_adam: Option<bool> = None,
+    /// β₁ of AdamW, Prodigy, Lion and Lion8bit.
     adam_beta1: f64 = 0.9,
-    /// Adam β₂.
-    adam_beta2: f64 = 0.999,
-    /// Decoupled weight decay.
+    /// β₂ of AdamW, Prodigy, Lion and Lion8bit; default: the optimizer's own (0.999; Lion and Lion8bit 0.99).
+    adam_beta2: Option<f64> = None,
+    /// Decoupled weight decay (every optimizer).
     adam_weight_decay: f64 = 1e-4,
-    /// Adam ε.
+    /// ε of AdamW and Prodigy.
     adam_epsilon: f64 = 1e-8,
+    /// Prodigy's β₃ (decay of its step-size estimate's sums); default: √β₂.
+    prodigy_beta3: Option<f64> = None,
+    /// Prodigy's AdamW-style decoupled weight decay (else added to the gradient).
+    prodigy_decouple: bool = true,
+    /// Prodigy's Adam bias correction (diffusers' default; prodigyopt's is false).
+    prodigy_use_bias_correction: bool = true,
+    /// Prodigy's safeguard against a too large step size during warm-up (diffusers' default; prodigyopt's is false).
+    prodigy_safeguard_warmup: bool = true,
+    /// Factor on Prodigy's step-size estimate (prodigyopt's d_coef; kohya users pass it in --optimizer_args).
+    prodigy_d_coef: f64 = 1.0,
+    /// Adafactor's time-dependent step size min(1e-2, 1/√t), instead of --learning_rate (transformers' relative_step; LoRA recipes usually turn it off).
+    adafactor_relative_step: bool = true,
+    /// Adafactor scales the step by each parameter's RMS (transformers' scale_parameter).
+    adafactor_scale_parameter: bool = true,
+    /// With --adafactor_relative_step: step size min(1e-6·t, 1/√t) (transformers' warmup_init).
+    adafactor_warmup_init: bool = false,
+    /// kohya's --optimizer_args: the optimizer's own settings as `key=value` Python literals, space-separated (one quoted value or several words), e.g. `relative_step=False scale_parameter=False warmup_init=False` for Adafactor, `d_coef=2 use_bias_correction=True` for Prodigy, `betas=0.9,0.99` (every optimizer but Adafactor); they override the flags; an unknown key is an error.
+    optimizer_args: Option<String> = None,
     /// Gradient-norm clipping threshold.
     max_grad_norm: f64 = 1.0,
     /// Keep diffusers' EMAModel average of every weight the optimizer updates (the LoRA, DoRA magnitudes, the text encoders' LoRA), updated after each optimizer step: the LoRA files and validation images use the average, checkpoints keep the raw weights too (diffusers' train_text_to_image_sdxl.py --use_ema).
@@ -356,6 +381,12 @@ impl TrainConfig {
                 Some((n, v)) => (n.to_owned(), Some(v.to_owned())),
                 None => (name.to_owned(), None),
             };
+            // kohya's spelling of --optimizer.
+            let name = if name == "optimizer_type" {
+                "optimizer".to_owned()
+            } else {
+                name
+            };
             if value.is_none() {
                 let next = args.get(i + 1).filter(|next| !next.starts_with("--"));
                 let takes_value = match (name.as_str(), Self::is_switch(&name)) {
@@ -367,6 +398,13 @@ impl TrainConfig {
                 if takes_value {
                     value = next.cloned();
                     i += usize::from(value.is_some());
+                }
+                // kohya's --optimizer_args takes several words: every one up to the next flag.
+                while name == "optimizer_args"
+                    && let Some(more) = args.get(i + 1).filter(|a| !a.starts_with("--"))
+                {
+                    value = value.map(|v| format!("{v} {more}"));
+                    i += 1;
                 }
             }
             if name == "config" {

@@ -23,7 +23,7 @@ fn defaults_are_the_seed_recipe() {
         c.instance_prompt.as_deref(),
         Some("Naruto style anime character")
     );
-    assert!(c.use_8bit_adam);
+    assert_eq!(c.optimizer_kind().unwrap(), OptimizerKind::AdamW8bit);
     assert_eq!(c.mixed_precision, MixedPrecision::Bf16);
     c.validate().unwrap();
 }
@@ -48,7 +48,8 @@ fn flags_in_both_spellings_and_switches() {
     assert_eq!(c.rank, 8);
     assert!(c.gradient_checkpointing);
     assert_eq!(c.learning_rate, 5e-5);
-    assert!(!c.use_8bit_adam);
+    assert_eq!(c.use_8bit_adam, Some(false));
+    assert_eq!(c.optimizer_kind().unwrap(), OptimizerKind::AdamW);
     assert_eq!(c.snr_gamma, Some(5.0));
     assert_eq!(c.instance_prompt, None);
     assert_eq!(c.lr_scheduler, SchedulerKind::Cosine);
@@ -128,5 +129,152 @@ fn help_lists_every_flag_with_its_default() {
     let help = TrainConfig::flags_help();
     assert!(help.contains("--pretrained_model_name_or_path <text>"));
     assert!(help.contains("--use_8bit_adam [true|false]"));
+    assert!(help.contains("--optimizer <AdamW|AdamW8bit|Prodigy|Adafactor|Lion>"));
     assert!(help.contains("(default: 1200)"));
+}
+
+#[test]
+fn optimizer_flags_choose_the_optimizer_as_diffusers_and_kohya_spell_it() {
+    let kind = |args: &[&str]| parse(args).unwrap().optimizer_kind().unwrap();
+    assert_eq!(kind(&[]), OptimizerKind::AdamW8bit);
+    assert_eq!(kind(&["--use_8bit_adam"]), OptimizerKind::AdamW8bit);
+    assert_eq!(kind(&["--optimizer", "AdamW"]), OptimizerKind::AdamW);
+    assert_eq!(
+        kind(&["--optimizer", "AdamW", "--use_8bit_adam"]),
+        OptimizerKind::AdamW8bit
+    );
+    assert_eq!(kind(&["--optimizer=adamw8bit"]), OptimizerKind::AdamW8bit);
+    assert_eq!(
+        kind(&["--optimizer_type", "Prodigy", "--learning_rate", "1"]),
+        OptimizerKind::Prodigy
+    );
+    assert_eq!(kind(&["--optimizer", "LION"]), OptimizerKind::Lion);
+    assert_eq!(
+        kind(&["--optimizer", "adafactor"]),
+        OptimizerKind::Adafactor
+    );
+    let message = |args: &[&str]| parse(args).unwrap_err().to_string();
+    let err = message(&["--optimizer", "prodigy", "--use_8bit_adam", "true"]);
+    assert!(
+        err.contains("--use_8bit_adam") && err.contains("Prodigy"),
+        "{err}"
+    );
+    let err = message(&["--optimizer", "AdamW8bit", "--use_8bit_adam=false"]);
+    assert!(
+        err.contains("--use_8bit_adam") && err.contains("AdamW8bit"),
+        "{err}"
+    );
+    let err = message(&["--optimizer", "lion8bit"]);
+    assert!(
+        err.contains("--optimizer") && err.contains("lion8bit"),
+        "{err}"
+    );
+    let err = message(&["--prodigy_d_coef", "2"]);
+    assert!(
+        err.contains("--prodigy_d_coef") && err.contains("AdamW8bit"),
+        "{err}"
+    );
+    let err = message(&["--optimizer", "lion", "--adafactor_relative_step=false"]);
+    assert!(err.contains("--adafactor_relative_step"), "{err}");
+    let err = message(&["--optimizer", "adafactor", "--lr_scheduler", "cosine"]);
+    assert!(
+        err.contains("--adafactor_relative_step") && err.contains("Cosine"),
+        "{err}"
+    );
+    let err = message(&["--optimizer", "prodigy", "--prodigy_beta3", "1.5"]);
+    assert!(err.contains("beta3"), "{err}");
+    let err = message(&["--adam_beta2", "1"]);
+    assert!(err.contains("--adam_beta2"), "{err}");
+    // In a TOML file too, under kohya's name, in any case.
+    let c: TrainConfig = toml::from_str("optimizer_type = \"prodigy\"").unwrap();
+    assert_eq!(c.optimizer, Some(OptimizerKind::Prodigy));
+    let c: TrainConfig = toml::from_str("optimizer = \"Lion\"").unwrap();
+    assert_eq!(
+        toml::from_str::<TrainConfig>(&c.to_toml().unwrap()).unwrap(),
+        c
+    );
+}
+
+#[test]
+fn each_optimizer_takes_its_flags_and_learning_rates() {
+    use optim8bit::OptimizerConfig;
+    let setup = |args: &[&str]| parse(args).unwrap().optimizer_setup().unwrap();
+    // Lion: lion-pytorch's β₂ unless --adam_beta2 is given.
+    match setup(&["--optimizer", "lion"]).config {
+        OptimizerConfig::Lion(c) => assert_eq!((c.beta1, c.beta2), (0.9, 0.99)),
+        other => panic!("{other:?}"),
+    }
+    match setup(&["--optimizer", "lion", "--adam_beta2", "0.98"]).config {
+        OptimizerConfig::Lion(c) => assert_eq!(c.beta2, 0.98),
+        other => panic!("{other:?}"),
+    }
+    match setup(&["--adam_beta1", "0.8"]).config {
+        OptimizerConfig::AdamW(c) => assert_eq!((c.beta1, c.beta2), (0.8, 0.999)),
+        other => panic!("{other:?}"),
+    }
+    // Prodigy: diffusers' defaults and flags; one rate for the text encoders too.
+    let p = setup(&[
+        "--optimizer=prodigy",
+        "--learning_rate=1",
+        "--prodigy_d_coef=2",
+        "--prodigy_safeguard_warmup=false",
+        "--prodigy_beta3=0.9",
+        "--train_text_encoder",
+    ]);
+    match p.config {
+        OptimizerConfig::Prodigy(c) => {
+            assert_eq!((c.d_coef, c.beta3, c.eps), (2.0, Some(0.9), 1e-8));
+            assert!(c.decouple && c.use_bias_correction && !c.safeguard_warmup);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!((p.unet_lr, p.text_encoder_lr), (1.0, 1.0));
+    // Adafactor: transformers' relative step by default (rates 0), a fixed rate without it.
+    let a = setup(&["--optimizer=adafactor"]);
+    assert_eq!((a.unet_lr, a.text_encoder_lr), (0.0, 0.0));
+    let a = setup(&[
+        "--optimizer=adafactor",
+        "--adafactor_relative_step=false",
+        "--adafactor_scale_parameter=false",
+        "--lr_scheduler=cosine",
+    ]);
+    assert_eq!(a.unet_lr, 1e-4);
+    match a.config {
+        OptimizerConfig::Adafactor(c) => {
+            assert!(!c.relative_step && !c.scale_parameter && !c.warmup_init);
+        }
+        other => panic!("{other:?}"),
+    }
+    let notes = parse(&["--optimizer=prodigy"]).unwrap().optimizer_notes();
+    assert!(notes[0].contains("1.0"), "{notes:?}");
+}
+
+#[test]
+fn optimizer_args_take_several_words_as_kohya_passes_them() {
+    use optim8bit::OptimizerConfig;
+    let c = parse(&[
+        "--optimizer_type",
+        "Adafactor",
+        "--optimizer_args",
+        "relative_step=False",
+        "scale_parameter=False",
+        "warmup_init=False",
+        "--lr_scheduler",
+        "cosine",
+    ])
+    .unwrap();
+    let setup = c.optimizer_setup().unwrap();
+    match setup.config {
+        OptimizerConfig::Adafactor(a) => assert!(!a.relative_step && !a.scale_parameter),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(setup.unet_lr, 1e-4);
+    assert_eq!(c.lr_scheduler, SchedulerKind::Cosine);
+    let err = parse(&["--optimizer", "lion", "--optimizer_args", "d_coef=2"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--optimizer_args") && err.contains("d_coef"),
+        "{err}"
+    );
 }

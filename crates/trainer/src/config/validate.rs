@@ -45,6 +45,7 @@ impl TrainConfig {
         self.validate_text_encoder()?;
         self.ema_config()?;
         self.lora_config()?;
+        self.validate_optimizer()?;
         self.validate_combinations()
     }
 
@@ -89,11 +90,6 @@ impl TrainConfig {
                 "--adam_beta1",
                 self.adam_beta1,
                 (0.0..1.0).contains(&self.adam_beta1),
-            ),
-            (
-                "--adam_beta2",
-                self.adam_beta2,
-                (0.0..1.0).contains(&self.adam_beta2),
             ),
             (
                 "--adam_weight_decay",

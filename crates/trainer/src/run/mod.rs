@@ -24,10 +24,12 @@ pub use resume::TrainerState;
 
 use crate::checkpoint::{CheckpointStore, io_error};
 use crate::class_images::ensure_class_images;
-use crate::config::TrainConfig;
+use crate::config::{OptimizerKind, TrainConfig};
 use crate::config::kohya::KohyaDatasetConfig;
 use crate::device;
-use crate::estimate::{Estimate, EstimateInput, estimate, text_encoder_activation_bytes};
+use crate::estimate::{
+    Estimate, EstimateInput, OptimizerTable, estimate, text_encoder_activation_bytes,
+};
 use crate::logs::{say, say_above};
 use crate::model::TrainModel;
 use crate::model_files::ModelFolder;
@@ -56,7 +58,7 @@ pub struct Trainer {
     validator: Option<Validator>,
     start_step: u64,
     loss_history: Vec<(u64, f64)>,
-    estimate: Option<Estimate>,
+    estimate: Option<(Estimate, OptimizerTable)>,
     /// When this process started training, and whether the model predicts v: for the LoRA files'
     /// metadata.
     started_at: SystemTime,
@@ -187,7 +189,7 @@ impl Trainer {
 
     /// The memory and time estimate (CUDA runs only).
     pub fn estimate(&self) -> Option<Estimate> {
-        self.estimate
+        self.estimate.as_ref().map(|(estimate, _)| *estimate)
     }
 
     /// The optimizer step the run continues from (0 unless resumed).
@@ -222,8 +224,9 @@ impl Trainer {
     /// # Errors
     /// Step, checkpoint and output errors; [`Error::TooManyNonFinite`] when too many steps were skipped.
     pub fn run(&mut self) -> Result<RunSummary> {
-        if let Some(estimate) = &self.estimate {
+        if let Some((estimate, optimizers)) = &self.estimate {
             say(estimate.to_string());
+            say(optimizers.to_string());
         }
         let mut logs = RunLogs::open(&self.config, self.start_step)?;
         if self.device.is_cuda() {
@@ -467,7 +470,7 @@ fn run_estimate(
     stepper: &Stepper,
     vae_config: &AutoencoderKLConfig,
     (kind, batch): (Kind, usize),
-) -> Estimate {
+) -> (Estimate, OptimizerTable) {
     let latent = i64::from(config.resolution) / vae_config.downscale_factor();
     let (unet_params, stored_weight_bytes) = model.base_size();
     let weight_bytes = if kind == Kind::Float { 4 } else { 2 };
@@ -485,7 +488,7 @@ fn run_estimate(
         }
         None => (0, 0),
     };
-    estimate(&EstimateInput {
+    let input = EstimateInput {
         text_encoder_weight_bytes,
         text_encoder_activation_bytes,
         unet_params,
@@ -500,5 +503,21 @@ fn run_estimate(
         steps: config.max_train_steps,
         checkpointing: config.gradient_checkpointing,
         cuda_graph: config.cuda_graph,
-    })
+    };
+    // Every choice's state for this LoRA, from the shapes (what each would allocate).
+    let shapes: Vec<Vec<i64>> = model.param_tensors().iter().map(|p| p.size()).collect();
+    let chosen = config.optimizer_setup().ok();
+    let choices: Vec<_> = OptimizerKind::ALL
+        .into_iter()
+        .map(|kind| {
+            // The chosen one as the run has it (--optimizer_args included).
+            let optimizer = match chosen {
+                Some(setup) if setup.kind == kind => setup.config,
+                _ => config.optimizer_setup_for(kind).config,
+            };
+            let bytes = shapes.iter().map(|s| optimizer.state_bytes(s)).sum();
+            (kind.name(), bytes, chosen.is_some_and(|s| s.kind == kind))
+        })
+        .collect();
+    (estimate(&input), OptimizerTable::new(&input, &choices))
 }

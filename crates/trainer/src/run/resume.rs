@@ -50,6 +50,10 @@ pub struct TrainerState {
     pub window_steps: f64,
     /// (step, mean loss) at every logging step so far.
     pub loss_history: Vec<(u64, f64)>,
+    /// The optimizer whose state `optimizer.safetensors` holds, as `--optimizer` names it (absent
+    /// in checkpoints written before the choice existed, which hold AdamW's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer: Option<String>,
 }
 
 impl Trainer {
@@ -79,6 +83,18 @@ impl Trainer {
                 problem: format!(
                     "records step {} and seed {}, expected step {step} and --seed {}",
                     state.step, state.seed, self.config.seed
+                ),
+            });
+        }
+        let optimizer = self.config.optimizer_kind()?;
+        if let Some(saved) = &state.optimizer
+            && saved != optimizer.name()
+        {
+            return Err(Error::Checkpoint {
+                path: state_path,
+                problem: format!(
+                    "holds the state of --optimizer {saved}, and this run has --optimizer {optimizer}: \
+                     resume with --optimizer {saved}, or start a new run"
                 ),
             });
         }
@@ -143,6 +159,7 @@ impl Trainer {
             window_loss: acc.window_loss.double_value(&[]),
             window_steps: acc.window_steps.double_value(&[]),
             loss_history: self.loss_history.clone(),
+            optimizer: Some(self.config.optimizer_kind()?.name().to_owned()),
         };
         let what = format!("checkpoint-{step}");
         let lora = self

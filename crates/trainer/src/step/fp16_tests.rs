@@ -3,15 +3,13 @@
 //! steps see the unscaled gradients and grow the scale after the interval.
 
 use super::*;
-use optim8bit::{AdamWConfig, GradScalerConfig, ParamGroup};
+use optim8bit::{AdamWConfig, GradScalerConfig, OptimizerConfig, ParamGroup};
 
-fn setup() -> (Tensor, AdamW, StepSettings, Accumulators) {
+fn setup() -> (Tensor, Optimizer, StepSettings, Accumulators) {
     let param = Tensor::from_slice(&[0.5f32, -0.25, 1.0]).set_requires_grad(true);
-    let optimizer = AdamW::new(
-        vec![ParamGroup::new(vec![param.shallow_clone()], 0.1, 0.0)],
-        AdamWConfig::fp32(),
-    )
-    .unwrap();
+    let optimizer = OptimizerConfig::AdamW(AdamWConfig::fp32())
+        .build(vec![ParamGroup::new(vec![param.shallow_clone()], 0.1, 0.0)])
+        .unwrap();
     let settings = StepSettings {
         kind: Kind::Half,
         scaling_factor: 1.0,
@@ -29,7 +27,7 @@ fn backward(param: &Tensor, scale: f64) {
     (param * scale).sum(Kind::Float).backward();
 }
 
-fn scaled(growth_interval: i64) -> (Tensor, AdamW, StepSettings, Accumulators) {
+fn scaled(growth_interval: i64) -> (Tensor, Optimizer, StepSettings, Accumulators) {
     let (param, optimizer, settings, mut acc) = setup();
     let config = GradScalerConfig {
         growth_interval,

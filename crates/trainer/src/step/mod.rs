@@ -8,7 +8,7 @@
 //! encoders encode the batch's token ids first, inside the step), take the MSE against ε or v in fp32
 //! (min-SNR weighted if asked), and back-propagate
 //! `loss / accumulation` into the fp32 LoRA parameters (times the loss scale under fp16). The
-//! optimizer step unscales the gradients (fp16), clips the gradient norm, then applies AdamW only
+//! optimizer step unscales the gradients (fp16), clips the gradient norm, then applies the optimizer only
 //! if the loss and the norm are finite (and the loss scaler found no overflow) — decided by a
 //! device tensor, so a bad step is skipped and counted without the host ever waiting for the
 //! device.
@@ -20,7 +20,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use optim8bit::{AdamW, GradScaler, clip_grad_norm};
+use optim8bit::{GradScaler, Optimizer, clip_grad_norm};
 use sdxl_model::schedulers::DdpmSchedule;
 use sdxl_model::unet::{UNet2DConditionModel, UNetInputs};
 
@@ -348,7 +348,7 @@ fn step_loss(objective: &Objective, prediction: &Tensor, inputs: &StepInputs) ->
     }
 }
 
-/// The optimizer step after `accumulation` micro-steps: unscale (fp16), clip, then AdamW if
+/// The optimizer step after `accumulation` micro-steps: unscale (fp16), clip, then the optimizer if
 /// everything is finite (else a counted skip), then zero the gradients and fold the step's loss
 /// into the window.
 ///
@@ -363,7 +363,7 @@ fn step_loss(objective: &Objective, prediction: &Tensor, inputs: &StepInputs) ->
 ///
 /// `zero_grads` false leaves the gradients as they are: a captured first micro-step overwrites them.
 pub fn optimizer_step(
-    optimizer: &mut AdamW,
+    optimizer: &mut Optimizer,
     params: &[Tensor],
     settings: &StepSettings,
     acc: &mut Accumulators,
@@ -423,15 +423,13 @@ mod fp16_tests;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use optim8bit::{AdamWConfig, ParamGroup};
+    use optim8bit::{AdamWConfig, OptimizerConfig, ParamGroup};
 
-    fn setup() -> (Tensor, AdamW, StepSettings, Accumulators) {
+    fn setup() -> (Tensor, Optimizer, StepSettings, Accumulators) {
         let param = Tensor::from_slice(&[0.5f32, -0.25, 1.0]).set_requires_grad(true);
-        let optimizer = AdamW::new(
-            vec![ParamGroup::new(vec![param.shallow_clone()], 0.1, 0.0)],
-            AdamWConfig::fp32(),
-        )
-        .unwrap();
+        let optimizer = OptimizerConfig::AdamW(AdamWConfig::fp32())
+            .build(vec![ParamGroup::new(vec![param.shallow_clone()], 0.1, 0.0)])
+            .unwrap();
         let settings = StepSettings {
             kind: Kind::Float,
             scaling_factor: 1.0,

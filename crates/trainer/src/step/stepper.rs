@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use tch::{Device, Kind};
 
-use optim8bit::{AdamW, AdamWConfig, EMAModel, GradScaler, GradScalerConfig, ParamGroup};
+use optim8bit::{EMAModel, GradScaler, GradScalerConfig, Optimizer, ParamGroup};
 use sdxl_model::prompt::add_time_ids_tensor;
 use sdxl_model::schedulers::{DdpmConfig, DdpmSchedule, SchedulerConfig};
 use sdxl_model::vae::AutoencoderKLConfig;
@@ -39,7 +39,7 @@ pub struct StepGraphs {
 
 /// Everything a step reads and writes besides the model and the prepared conditioning.
 pub struct Stepper {
-    optimizer: AdamW,
+    optimizer: Optimizer,
     /// `--use_ema`: the average of the optimizer's parameters, stepped after each optimizer step.
     ema: Option<EMAModel>,
     /// The text encoders' groups' initial learning rate (the schedule multiplies it as the UNet's).
@@ -57,8 +57,8 @@ pub struct Stepper {
 }
 
 impl Stepper {
-    /// AdamW (8-bit or fp32 states) over `model`'s LoRA, the learning-rate schedule, the DDPM
-    /// schedule of `scheduler_config` and the step's settings.
+    /// The optimizer `--optimizer` chooses over `model`'s LoRA, the learning-rate schedule, the
+    /// DDPM schedule of `scheduler_config` and the step's settings.
     ///
     /// # Errors
     /// Optimizer and schedule errors naming the flag.
@@ -69,15 +69,11 @@ impl Stepper {
         scheduler_config: &SchedulerConfig,
         (device, kind, batch): (Device, Kind, usize),
     ) -> Result<Self> {
-        let mut adam = if config.use_8bit_adam {
-            AdamWConfig::eight_bit()
-        } else {
-            AdamWConfig::fp32()
-        };
-        adam.beta1 = config.adam_beta1;
-        adam.beta2 = config.adam_beta2;
-        adam.eps = config.adam_epsilon;
-        let base_lr = config.base_learning_rate();
+        let setup = config.optimizer_setup()?;
+        for note in config.optimizer_notes() {
+            crate::logs::say(note);
+        }
+        let base_lr = setup.unet_lr;
         // The script's groups: the UNet's LoRA, then each text encoder's at --text_encoder_lr.
         let groups = model
             .param_groups()
@@ -87,7 +83,7 @@ impl Stepper {
                 0 => ParamGroup::new(params, base_lr, config.adam_weight_decay),
                 _ => ParamGroup::new(
                     params,
-                    config.text_encoder_learning_rate(),
+                    setup.text_encoder_lr,
                     config.adam_weight_decay_text_encoder,
                 ),
             })
@@ -115,9 +111,9 @@ impl Stepper {
             None => None,
         };
         Ok(Self {
-            optimizer: AdamW::new(groups, adam)?,
+            optimizer: setup.config.build(groups)?,
             ema,
-            text_encoder_lr: config.text_encoder_learning_rate(),
+            text_encoder_lr: setup.text_encoder_lr,
             schedule,
             ddpm: DdpmSchedule::new(DdpmConfig::from_config(scheduler_config)?, device)?,
             settings,
@@ -137,12 +133,12 @@ impl Stepper {
     }
 
     /// The optimizer.
-    pub fn optimizer(&self) -> &AdamW {
+    pub fn optimizer(&self) -> &Optimizer {
         &self.optimizer
     }
 
     /// The optimizer, to restore its state.
-    pub fn optimizer_mut(&mut self) -> &mut AdamW {
+    pub fn optimizer_mut(&mut self) -> &mut Optimizer {
         &mut self.optimizer
     }
 
