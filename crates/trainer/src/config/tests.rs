@@ -129,7 +129,7 @@ fn help_lists_every_flag_with_its_default() {
     let help = TrainConfig::flags_help();
     assert!(help.contains("--pretrained_model_name_or_path <text>"));
     assert!(help.contains("--use_8bit_adam [true|false]"));
-    assert!(help.contains("--optimizer <AdamW|AdamW8bit|Prodigy|Adafactor|Lion>"));
+    assert!(help.contains("--optimizer <AdamW|AdamW8bit|Prodigy|Adafactor|Lion|Lion8bit>"));
     assert!(help.contains("(default: 1200)"));
 }
 
@@ -164,9 +164,10 @@ fn optimizer_flags_choose_the_optimizer_as_diffusers_and_kohya_spell_it() {
         err.contains("--use_8bit_adam") && err.contains("AdamW8bit"),
         "{err}"
     );
-    let err = message(&["--optimizer", "lion8bit"]);
+    assert_eq!(kind(&["--optimizer", "lion8bit"]), OptimizerKind::Lion8bit);
+    let err = message(&["--optimizer", "lion4bit"]);
     assert!(
-        err.contains("--optimizer") && err.contains("lion8bit"),
+        err.contains("--optimizer") && err.contains("lion4bit") && err.contains("Lion8bit"),
         "{err}"
     );
     let err = message(&["--prodigy_d_coef", "2"]);
