@@ -16,7 +16,8 @@ out=${OUT:-/tmp/fp16-compare}
 source tools/gpu/setup.sh
 gpu_setup fp16-compare.log
 echo "== grad_scaler test (CPU, then CUDA with SDXL_REQUIRE_CUDA=1)"
-for t in .gpu/tests/grad_scaler*; do [ -x "$t" ] && SDXL_REQUIRE_CUDA=1 "$t" 2>&1 | tail -5; done
+# Through gpu-entry.sh, which points the test at the carried tests/fixtures (SDXL_FIXTURES).
+[ -x .gpu/tests/grad_scaler ] && OUT=$out bash scripts/gpu-entry.sh tests/grad_scaler 2>&1 | grep -E "^test |test result"
 python3 -c 'import torch; print("torch capability", torch.cuda.get_device_capability(), "bf16 native", torch.cuda.is_bf16_supported(including_emulation=False))'
 model=/tmp/sdxl-random
 [ -f "$model/unet/config.json" ] || python3 tools/gpu/random_sdxl.py --out "$model" | tail -1

@@ -15,6 +15,8 @@
 
 use std::fmt;
 
+use crate::config::OptimizerKind;
+
 /// SDXL base UNet parameters (the calibration model).
 const SDXL_UNET_PARAMS: f64 = 2_567_463_684.0;
 /// Samples × latent pixels of the calibration step (batch 2 at 64 × 64 latents).
@@ -33,6 +35,25 @@ const GPU_SECONDS: [f64; 2] = [0.0474, 0.073];
 /// One 8-bit AdamW step (with clipping) over SDXL rank-4 LoRA parameters, s.
 const OPTIMIZER_SECONDS: f64 = 0.008;
 
+/// What an optimizer step costs beyond 8-bit AdamW's, s per LoRA parameter tensor: the step time of
+/// the seed recipe with CUDA graphs on an H100 (docs/BENCHMARKS.md, "Optimizers, fp16 and EMA
+/// (H100)": 1,120 tensors) less 8-bit AdamW's, per tensor. AdamW steps flat buffers; Lion,
+/// Lion8bit, Prodigy and Adafactor run their kernels tensor by tensor, so their cost grows with the
+/// tensor count. Eager steps add host time per operation on top (not modelled).
+pub fn optimizer_seconds_per_tensor(kind: OptimizerKind) -> f64 {
+    match kind {
+        OptimizerKind::AdamW | OptimizerKind::AdamW8bit => 0.0,
+        // (0.1300 − 0.1045) s / 1120
+        OptimizerKind::Lion => 22.8e-6,
+        // (0.1765 − 0.1045) s / 1120
+        OptimizerKind::Lion8bit => 64.3e-6,
+        // (0.1840 − 0.1045) s / 1120
+        OptimizerKind::Prodigy => 71.0e-6,
+        // (0.1849 − 0.1045) s / 1120 with the relative step (60.4e-6 without)
+        OptimizerKind::Adafactor => 71.8e-6,
+    }
+}
+
 /// What the estimate is computed from.
 #[derive(Debug, Clone, Copy)]
 pub struct EstimateInput {
@@ -49,6 +70,9 @@ pub struct EstimateInput {
     pub optimizer_state_bytes: i64,
     /// Bytes of the `--use_ema` average: one fp32 copy of the trainable parameters (else 0).
     pub ema_bytes: i64,
+    /// Seconds the optimizer's step takes beyond 8-bit AdamW's ([`optimizer_seconds_per_tensor`]
+    /// × the LoRA's parameter tensors).
+    pub optimizer_extra_seconds: f64,
     /// Samples per micro-step.
     pub batch: i64,
     /// Latent height × width.
@@ -143,7 +167,8 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
         HOST_SECONDS[mode] * model.clamp(0.05, 1.0)
     };
     let micro = host + GPU_SECONDS[mode] * size * model;
-    let seconds_per_step = micro * input.accumulation as f64 + OPTIMIZER_SECONDS;
+    let seconds_per_step =
+        micro * input.accumulation as f64 + OPTIMIZER_SECONDS + input.optimizer_extra_seconds;
     Estimate {
         weights_gib,
         trainable_gib,
@@ -180,13 +205,15 @@ pub struct OptimizerRow {
     pub state_bytes: i64,
     /// The run's estimated peak with this optimizer, GiB.
     pub peak_gib: f64,
+    /// The run's estimated seconds per optimizer step with this optimizer.
+    pub seconds_per_step: f64,
     /// Whether the run uses it.
     pub chosen: bool,
 }
 
-/// The state memory of each optimizer for this run's LoRA, the chosen one marked: what switching
-/// `--optimizer` would change in the estimate (only the state differs; the step time model is
-/// calibrated on 8-bit AdamW for every choice).
+/// The state memory and step time of each optimizer for this run's LoRA, the chosen one marked:
+/// what switching `--optimizer` would change in the estimate (the state, and the optimizer step's
+/// own time, [`optimizer_seconds_per_tensor`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct OptimizerTable {
     /// LoRA parameters the optimizers update.
@@ -196,20 +223,25 @@ pub struct OptimizerTable {
 }
 
 impl OptimizerTable {
-    /// Rows for `choices` (name, state bytes, chosen), each with the peak of `input` holding that
-    /// state instead of `input.optimizer_state_bytes`.
-    pub fn new(input: &EstimateInput, choices: &[(&'static str, i64, bool)]) -> Self {
+    /// Rows for `choices` (name, state bytes, extra step seconds, chosen), each with the peak and
+    /// step time of `input` holding that state and taking that time instead of
+    /// `input.optimizer_state_bytes` and `input.optimizer_extra_seconds`.
+    pub fn new(input: &EstimateInput, choices: &[(&'static str, i64, f64, bool)]) -> Self {
         let rows = choices
             .iter()
-            .map(|&(name, state_bytes, chosen)| OptimizerRow {
-                name,
-                state_bytes,
-                peak_gib: estimate(&EstimateInput {
+            .map(|&(name, state_bytes, extra_seconds, chosen)| {
+                let e = estimate(&EstimateInput {
                     optimizer_state_bytes: state_bytes,
+                    optimizer_extra_seconds: extra_seconds,
                     ..*input
-                })
-                .peak_gib,
-                chosen,
+                });
+                OptimizerRow {
+                    name,
+                    state_bytes,
+                    peak_gib: e.peak_gib,
+                    seconds_per_step: e.seconds_per_step,
+                    chosen,
+                }
             })
             .collect();
         Self {
@@ -223,18 +255,19 @@ impl fmt::Display for OptimizerTable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "optimizer state for this LoRA ({:.2} M parameters; * = --optimizer):",
+            "optimizer state and step for this LoRA ({:.2} M parameters; * = --optimizer):",
             self.lora_params as f64 / 1e6
         )?;
         for row in &self.rows {
             write!(
                 f,
-                "\n  {} {:<10} {:>9.2} MiB ({:.2} bytes/parameter), estimated peak {:.2} GiB",
+                "\n  {} {:<10} {:>9.2} MiB ({:.2} bytes/parameter), estimated peak {:.2} GiB, {:.2} s/step",
                 if row.chosen { '*' } else { ' ' },
                 row.name,
                 row.state_bytes as f64 / (1u64 << 20) as f64,
                 row.state_bytes as f64 / self.lora_params.max(1) as f64,
-                row.peak_gib
+                row.peak_gib,
+                row.seconds_per_step
             )?;
         }
         Ok(())
@@ -254,11 +287,15 @@ mod tests {
         let table = OptimizerTable::new(
             &input,
             &[
-                ("AdamW", 8 * n, false),
-                ("AdamW8bit", input.optimizer_state_bytes, true),
-                ("Lion", 4 * n, false),
+                ("AdamW", 8 * n, 0.0, false),
+                ("AdamW8bit", input.optimizer_state_bytes, 0.0, true),
+                ("Lion", 4 * n, 0.0255, false),
             ],
         );
+        // Only the optimizer's own time differs between the rows.
+        let seconds = estimate(&input).seconds_per_step;
+        assert_eq!(table.rows[1].seconds_per_step, seconds);
+        assert!((table.rows[2].seconds_per_step - seconds - 0.0255).abs() < 1e-12);
         let chosen = estimate(&input).peak_gib;
         assert_eq!(table.rows[1].peak_gib, chosen);
         let gib_diff = (8 * n - input.optimizer_state_bytes) as f64 / GIB;
@@ -280,6 +317,7 @@ mod tests {
             lora_params: 5_806_080,
             optimizer_state_bytes: 2 * 5_806_080,
             ema_bytes: 0,
+            optimizer_extra_seconds: 0.0,
             batch: 2,
             latent_pixels: 64 * 64,
             accumulation: 2,

@@ -24,11 +24,12 @@ pub use resume::TrainerState;
 
 use crate::checkpoint::{CheckpointStore, io_error};
 use crate::class_images::ensure_class_images;
-use crate::config::{OptimizerKind, TrainConfig};
 use crate::config::kohya::KohyaDatasetConfig;
+use crate::config::{OptimizerKind, TrainConfig};
 use crate::device;
 use crate::estimate::{
-    Estimate, EstimateInput, OptimizerTable, estimate, text_encoder_activation_bytes,
+    Estimate, EstimateInput, OptimizerTable, estimate, optimizer_seconds_per_tensor,
+    text_encoder_activation_bytes,
 };
 use crate::logs::{say, say_above};
 use crate::model::TrainModel;
@@ -488,6 +489,10 @@ fn run_estimate(
         }
         None => (0, 0),
     };
+    // Every choice's state and step time for this LoRA, from the shapes (what each would allocate).
+    let shapes: Vec<Vec<i64>> = model.param_tensors().iter().map(|p| p.size()).collect();
+    let tensors = shapes.len() as f64;
+    let extra_seconds = |kind| optimizer_seconds_per_tensor(kind) * tensors;
     let input = EstimateInput {
         text_encoder_weight_bytes,
         text_encoder_activation_bytes,
@@ -497,6 +502,7 @@ fn run_estimate(
         lora_params: model.lora_parameter_count(),
         optimizer_state_bytes: stepper.optimizer().state_bytes(),
         ema_bytes: stepper.ema().map_or(0, optim8bit::EMAModel::state_bytes),
+        optimizer_extra_seconds: config.optimizer_kind().map_or(0.0, extra_seconds),
         batch: batch as i64,
         latent_pixels: latent * latent,
         accumulation: i64::from(config.gradient_accumulation_steps),
@@ -504,8 +510,6 @@ fn run_estimate(
         checkpointing: config.gradient_checkpointing,
         cuda_graph: config.cuda_graph,
     };
-    // Every choice's state for this LoRA, from the shapes (what each would allocate).
-    let shapes: Vec<Vec<i64>> = model.param_tensors().iter().map(|p| p.size()).collect();
     let chosen = config.optimizer_setup().ok();
     let choices: Vec<_> = OptimizerKind::ALL
         .into_iter()
@@ -516,7 +520,8 @@ fn run_estimate(
                 _ => config.optimizer_setup_for(kind).config,
             };
             let bytes = shapes.iter().map(|s| optimizer.state_bytes(s)).sum();
-            (kind.name(), bytes, chosen.is_some_and(|s| s.kind == kind))
+            let chosen = chosen.is_some_and(|s| s.kind == kind);
+            (kind.name(), bytes, extra_seconds(kind), chosen)
         })
         .collect();
     (estimate(&input), OptimizerTable::new(&input, &choices))
