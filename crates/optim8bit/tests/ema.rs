@@ -21,53 +21,16 @@
 
 mod support;
 
-use std::collections::HashMap;
-
 use optim8bit::{EMAConfig, EMAModel, Error};
 use serde_json::Value;
-use support::{fixture, temp_path};
+use support::{Reference, read_runs, temp_path};
 use tch::{Device, Kind, Tensor};
 use test_support::{check, f32_bound, max_rel_error};
 
 const FILE: &str = "ema.safetensors";
 
-struct Reference {
-    tensors: HashMap<String, Tensor>,
-    params: Vec<String>,
-    runs: HashMap<String, Value>,
-    steps: i64,
-}
-
 fn reference() -> Reference {
-    let path = fixture(
-        FILE,
-        "regenerate it with `tools/fixtures/regenerate.sh --only ema`",
-    );
-    let bytes = std::fs::read(&path).unwrap();
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let info: Value =
-        serde_json::from_str(&header.metadata().as_ref().unwrap()["reference"]).unwrap();
-    let params = info["params"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p[0].as_str().unwrap().to_owned())
-        .collect();
-    let runs = info["runs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| (r[0].as_str().unwrap().to_owned(), r[1].clone()))
-        .collect();
-    Reference {
-        tensors: Tensor::read_safetensors(&path)
-            .unwrap()
-            .into_iter()
-            .collect(),
-        params,
-        runs,
-        steps: info["steps"].as_i64().unwrap(),
-    }
+    read_runs(FILE, "ema")
 }
 
 /// `EMAModel(**settings)` as [`EMAConfig`]: the defaults, overridden by the run's keywords.

@@ -8,49 +8,14 @@ use optim8bit::{Adafactor, AdafactorConfig, Lion, LionConfig, ParamGroup, Prodig
 use serde_json::Value;
 use tch::Tensor;
 
-use super::{fixture, set_grad, temp_path};
+pub use super::Reference;
+use super::{read_runs, set_grad, temp_path};
 
 pub const FILE: &str = "extra-optimizers.safetensors";
 
-/// The fixture: its tensors, parameter names, runs (name → settings) and step count.
-pub struct Reference {
-    pub tensors: HashMap<String, Tensor>,
-    pub params: Vec<String>,
-    pub runs: HashMap<String, Value>,
-    pub steps: i64,
-}
-
 /// Reads the fixture, which must exist.
 pub fn reference() -> Reference {
-    let path = fixture(
-        FILE,
-        "regenerate it with `tools/fixtures/regenerate.sh --only extra_optimizers`",
-    );
-    let bytes = std::fs::read(&path).unwrap();
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let info: Value =
-        serde_json::from_str(&header.metadata().as_ref().unwrap()["reference"]).unwrap();
-    let params = info["params"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p[0].as_str().unwrap().to_string())
-        .collect();
-    let runs = info["runs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| (r[0].as_str().unwrap().to_string(), r[1].clone()))
-        .collect();
-    Reference {
-        tensors: Tensor::read_safetensors(&path)
-            .unwrap()
-            .into_iter()
-            .collect(),
-        params,
-        runs,
-        steps: info["steps"].as_i64().unwrap(),
-    }
+    read_runs(FILE, "extra_optimizers")
 }
 
 /// One of the optimizers under test.

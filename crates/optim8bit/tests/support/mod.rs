@@ -13,8 +13,10 @@ pub mod extra;
 
 pub use test_support::{fixtures_dir, max_rel_error};
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use serde_json::Value;
 use tch::{Kind, Tensor};
 
 /// The path of a fixture, which must exist: a missing one fails the test naming it and `how` to
@@ -27,6 +29,49 @@ pub fn fixture(name: impl AsRef<Path>, how: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// A fixture of several reference runs over the same parameters (`extra-optimizers.safetensors`,
+/// `ema.safetensors`): its tensors, parameter names, runs (name → settings) and step count, from
+/// its `reference` metadata.
+pub struct Reference {
+    pub tensors: HashMap<String, Tensor>,
+    pub params: Vec<String>,
+    pub runs: HashMap<String, Value>,
+    pub steps: i64,
+}
+
+/// Reads the runs fixture `file`, which must exist (`generator`: its `gen_*` name, for the message).
+pub fn read_runs(file: &str, generator: &str) -> Reference {
+    let path = fixture(
+        file,
+        &format!("regenerate it with `tools/fixtures/regenerate.sh --only {generator}`"),
+    );
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let info: Value =
+        serde_json::from_str(&header.metadata().as_ref().unwrap()["reference"]).unwrap();
+    let params = info["params"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[0].as_str().unwrap().to_owned())
+        .collect();
+    let runs = info["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r[0].as_str().unwrap().to_owned(), r[1].clone()))
+        .collect();
+    Reference {
+        tensors: Tensor::read_safetensors(&path)
+            .unwrap()
+            .into_iter()
+            .collect(),
+        params,
+        runs,
+        steps: info["steps"].as_i64().unwrap(),
+    }
 }
 
 /// Makes `grad` the gradient of `param` exactly: backpropagates `sum(param * grad)` into a zeroed

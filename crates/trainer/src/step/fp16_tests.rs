@@ -2,29 +2,12 @@
 //! against `--max_nonfinite_steps`, halves the scale and leaves the parameters untouched; clean
 //! steps see the unscaled gradients and grow the scale after the interval.
 
+use super::tests::backward;
 use super::*;
-use optim8bit::{AdamWConfig, GradScalerConfig, OptimizerConfig, ParamGroup};
+use optim8bit::GradScalerConfig;
 
 fn setup() -> (Tensor, Optimizer, StepSettings, Accumulators) {
-    let param = Tensor::from_slice(&[0.5f32, -0.25, 1.0]).set_requires_grad(true);
-    let optimizer = OptimizerConfig::AdamW(AdamWConfig::fp32())
-        .build(vec![ParamGroup::new(vec![param.shallow_clone()], 0.1, 0.0)])
-        .unwrap();
-    let settings = StepSettings {
-        kind: Kind::Half,
-        scaling_factor: 1.0,
-        shift_factor: 0.0,
-        noise_offset: 0.0,
-        snr_gamma: None,
-        accumulation: 1,
-        gradient_checkpointing: false,
-        max_grad_norm: 1.0,
-    };
-    (param, optimizer, settings, Accumulators::new(Device::Cpu))
-}
-
-fn backward(param: &Tensor, scale: f64) {
-    (param * scale).sum(Kind::Float).backward();
+    super::tests::setup_in(Kind::Half)
 }
 
 fn scaled(growth_interval: i64) -> (Tensor, Optimizer, StepSettings, Accumulators) {

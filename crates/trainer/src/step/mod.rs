@@ -426,12 +426,18 @@ mod tests {
     use optim8bit::{AdamWConfig, OptimizerConfig, ParamGroup};
 
     fn setup() -> (Tensor, Optimizer, StepSettings, Accumulators) {
+        setup_in(Kind::Float)
+    }
+
+    /// One fp32 parameter under fp32 AdamW, the step's settings in compute type `kind`, fresh sums
+    /// (also the fp16 tests' start).
+    pub(super) fn setup_in(kind: Kind) -> (Tensor, Optimizer, StepSettings, Accumulators) {
         let param = Tensor::from_slice(&[0.5f32, -0.25, 1.0]).set_requires_grad(true);
         let optimizer = OptimizerConfig::AdamW(AdamWConfig::fp32())
             .build(vec![ParamGroup::new(vec![param.shallow_clone()], 0.1, 0.0)])
             .unwrap();
         let settings = StepSettings {
-            kind: Kind::Float,
+            kind,
             scaling_factor: 1.0,
             shift_factor: 0.0,
             noise_offset: 0.0,
@@ -443,7 +449,7 @@ mod tests {
         (param, optimizer, settings, Accumulators::new(Device::Cpu))
     }
 
-    fn backward(param: &Tensor, scale: f64) {
+    pub(super) fn backward(param: &Tensor, scale: f64) {
         (param * scale).sum(Kind::Float).backward();
     }
 
