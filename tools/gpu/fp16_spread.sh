@@ -14,35 +14,15 @@ steps=${1:-150} seeds=${2:-3}
 out=${OUT:-/tmp/fp16-spread}
 source tools/gpu/setup.sh
 gpu_setup "fp16-spread.log"
-model=/tmp/sdxl-random
-[ -f "$model/unet/config.json" ] || python3 tools/gpu/random_sdxl.py --out "$model" | tail -1
-data=/tmp/spread-data
-python3 - "$data" <<'PY'
-import sys
-from pathlib import Path
-import numpy as np
-from PIL import Image
-folder = Path(sys.argv[1])
-folder.mkdir(parents=True, exist_ok=True)
-rng = np.random.default_rng(0)
-y, x = np.mgrid[0:512, 0:512]
-for i in range(16):
-    img = (rng.integers(0, 255, 3)[None, None, :] + 64 * np.sin(x[..., None] / (17 + i) + y[..., None] / (23 + i)))
-    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"pattern-{i:02d}.png")
-PY
+source tools/gpu/seed_bench.sh
+seed_bench_data /tmp/spread-data
 names=()
 for precision in bf16 fp16; do
     for seed in $(seq 0 $((seeds - 1))); do
         name=$precision-seed$seed
         names+=("$name")
-        echo "== train_naruto $name"
-        timeout 200 ./.gpu/examples/train_naruto --pretrained_model_name_or_path "$model" --dataset_name "$data" \
-            --resolution 512 --train_batch_size 2 --gradient_accumulation_steps 2 --max_train_samples none \
-            --instance_prompt "Naruto style anime character" --cuda_graph --max_train_steps "$steps" \
-            --logging_steps 1 --checkpointing_steps 100000 --validation_prompt none --seed "$seed" \
-            --mixed_precision "$precision" --output_dir "/tmp/run-$name" 2>&1 \
-            | grep -E "^\[trainer\] (captured|estimated)|^done|rror" | cut -c1-300
-        cp "/tmp/run-$name/logs/metrics.jsonl" "$out/metrics-$name.jsonl" 2>/dev/null
+        seed_bench_run "$name" '^\[trainer\] (captured|estimated)|^done|rror' "$steps" --logging_steps 1 \
+            --seed "$seed" --mixed_precision "$precision"
     done
 done
 python3 - "$steps" "${names[@]}" <<'PY'
