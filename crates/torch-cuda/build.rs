@@ -11,6 +11,9 @@ fn main() {
     println!("cargo:rustc-check-cfg=cfg(torch_cuda_shim)");
     println!("cargo:rerun-if-changed=src/shim.cpp");
     println!("cargo:rerun-if-changed=src/rng.cpp");
+    println!("cargo:rerun-if-changed=src/dist.cpp");
+    println!("cargo:rerun-if-changed=src/gloo_decls");
+    println!("cargo:rustc-check-cfg=cfg(torch_dist_shim)");
     println!("cargo:rustc-check-cfg=cfg(torch_rng_shim, torch_rng_shim_cuda)");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let Some(lib_dir) = torch_link::libtorch_lib_dir() else {
@@ -35,6 +38,7 @@ fn main() {
         && lib_dir.join("libc10_cuda.so").exists();
     let cuda_include = cuda_include.filter(|_| torch_has_cuda);
     compile_rng_shim(&torch_include, cuda_include.as_deref());
+    compile_dist_shim(&torch_include);
     let Some(cuda_include) = cuda_include else {
         println!(
             "cargo:warning=torch-cuda: CUDA headers not found (nvidia/cu13/include beside torch/, or CUDA_HOME); CUDA graphs, the profiler and memory statistics will be unavailable"
@@ -81,4 +85,28 @@ fn compile_rng_shim(torch_include: &std::path::Path, cuda_include: Option<&std::
     }
     build.compile("torch_rng_shim");
     println!("cargo:rustc-cfg=torch_rng_shim");
+}
+
+/// The c10d process group (`src/dist.cpp`: TCPStore and Gloo, both in libtorch_cpu) needs only
+/// torch's headers, plus the declarations in `src/gloo_decls` for the Gloo names they mention.
+fn compile_dist_shim(torch_include: &std::path::Path) {
+    let c10d = torch_include.join("torch/csrc/distributed/c10d");
+    if !c10d.join("ProcessGroupGloo.hpp").exists() || !c10d.join("TCPStore.hpp").exists() {
+        println!(
+            "cargo:warning=torch-cuda: torch's c10d headers not found; process groups (torch_cuda::dist) will be unavailable"
+        );
+        return;
+    }
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .warnings(false)
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("USE_C10D_GLOO", "1")
+        .include(torch_include)
+        .include(torch_include.join("torch/csrc/api/include"))
+        .include("src/gloo_decls")
+        .file("src/dist.cpp")
+        .compile("torch_dist_shim");
+    println!("cargo:rustc-cfg=torch_dist_shim");
 }

@@ -9,6 +9,7 @@
 
 #![warn(missing_docs)]
 
+pub mod dist;
 pub mod foreach;
 pub mod graph;
 pub mod portable;
@@ -33,6 +34,9 @@ pub enum Error {
     /// Saving or restoring a random generator's state ([`rng`]).
     #[error("random state: {0}")]
     Rng(String),
+    /// Joining a process group or a collective ([`dist`]).
+    #[error("distributed: {0}")]
+    Dist(String),
 }
 
 /// Why a function that needs the shim cannot run in this build.

@@ -1,0 +1,240 @@
+//! c10d process groups over Gloo on the CPU (`torch_cuda::dist`), with real processes: each rank is
+//! this test binary re-run on the ignored test `dist_child`, with torchrun's variables set, so the
+//! rendezvous, the collectives and the failure of a peer are those of a real multi-process job.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tch::{Device, Kind, Tensor};
+use torch_cuda::dist::{GroupConfig, ProcessGroup, ReduceOp};
+
+const SCENARIO: &str = "TORCH_CUDA_DIST_SCENARIO";
+const MARKER: &str = "TORCH_CUDA_DIST_MARKER";
+/// The collectives' timeout in the failure scenarios.
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// The timeout, the 2 s the shim takes to collect the silent ranks' names, and slack for a loaded
+/// machine.
+const FAIL_WITHIN: Duration = Duration::from_secs(5 + 2 + 8);
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+fn spawn_rank(scenario: &str, rank: usize, port: u16, marker: &PathBuf) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "dist_child", "--nocapture", "--test-threads=1"])
+        .env(SCENARIO, scenario)
+        .env(MARKER, marker)
+        .env("RANK", rank.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn marker(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("torch-cuda-dist-{}-{name}", std::process::id()))
+}
+
+/// Waits for `child` and returns its success and its output (stdout then stderr).
+fn finish(child: Child) -> (bool, String) {
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// Reads `child`'s stdout until a line containing `line` (the child printed it).
+fn wait_for_line(child: &mut Child, line: &str) {
+    let stdout = child.stdout.take().unwrap();
+    let mut reader = BufReader::new(stdout);
+    let mut buffer = String::new();
+    while reader.read_line(&mut buffer).unwrap() > 0 {
+        if buffer.contains(line) {
+            return;
+        }
+        buffer.clear();
+    }
+    panic!("the child exited before printing {line:?}");
+}
+
+#[test]
+#[ignore = "a rank of the tests below; it runs only when they start it"]
+fn dist_child() {
+    let scenario = std::env::var(SCENARIO).expect("started by a test of this file");
+    let marker = PathBuf::from(std::env::var(MARKER).unwrap());
+    match scenario.as_str() {
+        "collectives" => collectives(),
+        "peer_dies" | "peer_hangs" => peer_fails(&scenario, &marker),
+        other => panic!("unknown scenario {other}"),
+    }
+}
+
+fn collectives() {
+    let group = ProcessGroup::from_env(Duration::from_secs(60)).unwrap();
+    let rank = group.rank() as f32;
+    // Values whose sums are exact in f32 and one whose sum rounds (0.1 + 0.2): the two-rank sum
+    // is one IEEE addition, so it must equal the sum computed here bit for bit.
+    let mine = [1.5 + rank, -2.0 * rank, 0.1 + 0.1 * rank, 1e30 * (1.0 - rank)];
+    let other = [1.5 + (1.0 - rank), -2.0 * (1.0 - rank), 0.1 + 0.1 * (1.0 - rank), 1e30 * rank];
+    let sum: Vec<f32> = mine.iter().zip(&other).map(|(a, b)| a + b).collect();
+    let mut tensor = Tensor::from_slice(&mine);
+    group.all_reduce_sum(&mut tensor).unwrap();
+    assert_eq!(Vec::<f32>::try_from(&tensor).unwrap(), sum);
+
+    let mut tensor = Tensor::from_slice(&mine);
+    group.all_reduce_mean(&mut tensor).unwrap();
+    let mean: Vec<f32> = sum.iter().map(|s| s / 2.0).collect();
+    assert_eq!(Vec::<f32>::try_from(&tensor).unwrap(), mean);
+
+    // A 0-dim loss, and a 0-dim non-finite flag set on rank 1 only.
+    let mut loss = Tensor::from(0.25f32 + rank);
+    group.all_reduce_mean(&mut loss).unwrap();
+    assert_eq!(loss.dim(), 0);
+    assert_eq!(f32::try_from(&loss).unwrap(), 0.75);
+    let mut flag = Tensor::from(rank);
+    group.all_reduce(&mut flag, ReduceOp::Max).unwrap();
+    assert_eq!(f32::try_from(&flag).unwrap(), 1.0);
+    let mut flag = Tensor::from(rank);
+    group.all_reduce(&mut flag, ReduceOp::Min).unwrap();
+    assert_eq!(f32::try_from(&flag).unwrap(), 0.0);
+
+    let mut weights = Tensor::arange(6, (Kind::Float, Device::Cpu)) * (1.0 + f64::from(rank));
+    group.broadcast(&mut weights, 0).unwrap();
+    assert_eq!(
+        Vec::<f32>::try_from(&weights).unwrap(),
+        vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    );
+    group.barrier().unwrap();
+    println!("rank {} done", group.rank());
+}
+
+/// Rank 1 joins, says so, then either is killed by the test or sleeps past the timeout; rank 0
+/// waits for the test's marker file, then its collective must fail in time naming rank 1.
+fn peer_fails(scenario: &str, marker: &PathBuf) {
+    let group = ProcessGroup::from_env(TIMEOUT).unwrap();
+    group.barrier().unwrap();
+    if group.rank() == 1 {
+        println!("rank 1 joined");
+        std::thread::sleep(Duration::from_secs(120));
+        return;
+    }
+    while scenario == "peer_dies" && !marker.exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let start = Instant::now();
+    let mut tensor = Tensor::ones([4], (Kind::Float, Device::Cpu));
+    let error = group.all_reduce_sum(&mut tensor).unwrap_err();
+    println!("elapsed {:?}", start.elapsed());
+    eprintln!("rank 0: {error}");
+    std::process::exit(3);
+}
+
+#[test]
+fn two_ranks_reduce_broadcast_and_meet_at_the_barrier() {
+    let port = free_port();
+    let marker = marker("collectives");
+    let ranks = [0, 1].map(|rank| spawn_rank("collectives", rank, port, &marker));
+    for (rank, child) in ranks.into_iter().enumerate() {
+        let (ok, output) = finish(child);
+        assert!(ok, "rank {rank} failed:\n{output}");
+        assert!(output.contains(&format!("rank {rank} done")), "{output}");
+    }
+}
+
+fn failing_peer(scenario: &str) -> (Duration, String) {
+    let port = free_port();
+    let marker = marker(scenario);
+    let _ = std::fs::remove_file(&marker);
+    let rank0 = spawn_rank(scenario, 0, port, &marker);
+    let mut rank1 = spawn_rank(scenario, 1, port, &marker);
+    wait_for_line(&mut rank1, "rank 1 joined");
+    let start = Instant::now();
+    if scenario == "peer_dies" {
+        rank1.kill().unwrap(); // SIGKILL
+        rank1.wait().unwrap();
+        std::fs::write(&marker, b"").unwrap();
+    }
+    let out = rank0.wait_with_output().unwrap();
+    let elapsed = start.elapsed();
+    let _ = rank1.kill();
+    let _ = rank1.wait();
+    let _ = std::fs::remove_file(&marker);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "rank 0 did not report a failed collective:\n{text}");
+    println!("{scenario}: rank 0 exited after {elapsed:?}:\n{text}");
+    (elapsed, text)
+}
+
+#[test]
+fn a_killed_rank_fails_the_others_collective_naming_it() {
+    let (elapsed, output) = failing_peer("peer_dies");
+    assert!(elapsed < FAIL_WITHIN, "took {elapsed:?}:\n{output}");
+    assert!(output.contains("rank 1 did not answer"), "{output}");
+    assert!(output.contains("all_reduce on rank 0 of 2 failed"), "{output}");
+}
+
+#[test]
+fn a_hung_rank_fails_the_others_collective_within_the_timeout_naming_it() {
+    let (elapsed, output) = failing_peer("peer_hangs");
+    assert!(elapsed >= TIMEOUT, "failed before the timeout ({elapsed:?}):\n{output}");
+    assert!(elapsed < FAIL_WITHIN, "took {elapsed:?}:\n{output}");
+    assert!(output.contains("rank 1 did not answer"), "{output}");
+}
+
+#[test]
+fn a_rank_that_never_joins_fails_the_rendezvous_in_time() {
+    let config = GroupConfig {
+        rank: 0,
+        world_size: 2,
+        local_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port: free_port(),
+    };
+    let start = Instant::now();
+    let error = ProcessGroup::new(config, Duration::from_secs(2)).unwrap_err().to_string();
+    assert!(start.elapsed() < Duration::from_secs(2 + 8), "{:?}", start.elapsed());
+    println!("after {:?}: {error}", start.elapsed());
+    assert!(error.contains("rendezvous at 127.0.0.1:"), "{error}");
+    assert!(error.contains("not every rank connected"), "{error}");
+}
+
+fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+}
+
+#[test]
+fn bad_environment_is_named() {
+    let good = [
+        ("RANK", "1"),
+        ("WORLD_SIZE", "2"),
+        ("LOCAL_RANK", "1"),
+        ("MASTER_ADDR", "10.0.0.1"),
+        ("MASTER_PORT", "29500"),
+    ];
+    let config = GroupConfig::from_lookup(lookup(&good)).unwrap();
+    assert_eq!((config.rank, config.world_size, config.master_port), (1, 2, 29500));
+    let error = |vars: &[(&str, &str)]| GroupConfig::from_lookup(lookup(vars)).unwrap_err().to_string();
+    assert!(error(&good[1..]).contains("RANK is not set"));
+    let mut bad = good;
+    bad[0] = ("RANK", "2");
+    assert!(error(&bad).contains("RANK=2 is not below WORLD_SIZE=2"));
+    bad[0] = ("RANK", "one");
+    assert!(error(&bad).contains("RANK=\"one\" is not a non-negative integer"));
+    let mut bad = good;
+    bad[4] = ("MASTER_PORT", "70000");
+    assert!(error(&bad).contains("MASTER_PORT is not a port"));
+    let mut bad = good;
+    bad[1] = ("WORLD_SIZE", "0");
+    assert!(error(&bad).contains("WORLD_SIZE=0 must be at least 1"));
+    let mut bad = good;
+    bad[3] = ("MASTER_ADDR", " ");
+    assert!(error(&bad).contains("MASTER_ADDR"));
+}
