@@ -12,6 +12,7 @@
 // out), each surviving rank sets the key `<prefix>/failed/<op>/<rank>` in the store and, for a short
 // grace period, looks for the others' keys: the ranks whose key is missing are those that did not
 // answer, and the error names them. If the store itself is unreachable, rank 0 (its host) is named.
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -22,6 +23,12 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#ifdef DIST_NCCL
+// src/dist_nccl.cpp.
+c10d::Backend* torch_dist_nccl_new(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
+                                   int64_t timeout_ms, int device);
+#endif
 
 namespace {
 
@@ -51,6 +58,7 @@ int guarded(F&& body) {
 struct Group {
     c10::intrusive_ptr<c10d::Store> store;
     c10::intrusive_ptr<c10d::Backend> gloo;
+    c10::intrusive_ptr<c10d::Backend> nccl;  // CUDA tensors; null without a CUDA device
     int rank;
     int size;
     std::chrono::milliseconds timeout;
@@ -122,8 +130,9 @@ extern "C" {
 
 const char* torch_dist_last_error() { return last_error.c_str(); }
 
+// cuda_device: this rank's CUDA device for the NCCL backend, or -1 for none.
 int torch_dist_new(const char* master_addr, int port, int rank, int size, int64_t timeout_ms,
-                   void** out) {
+                   int cuda_device, void** out) {
     return guarded([&] {
         auto timeout = std::chrono::milliseconds(timeout_ms);
         c10d::TCPStoreOptions store_options;
@@ -147,14 +156,42 @@ int torch_dist_new(const char* master_addr, int port, int rank, int size, int64_
                            : "rank 0's store did not answer: ") +
                 message(e));
         }
+        // Each backend keeps its keys under its own prefix, as init_process_group does.
         auto options = c10d::ProcessGroupGloo::Options::create_default(timeout);
-        group->gloo =
-            c10::make_intrusive<c10d::ProcessGroupGloo>(group->store, rank, size, options);
+        group->gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(
+            c10::make_intrusive<c10d::PrefixStore>("gloo/", group->store), rank, size, options);
+        if (cuda_device >= 0) {
+#ifdef DIST_NCCL
+            group->nccl = c10::intrusive_ptr<c10d::Backend>::reclaim(torch_dist_nccl_new(
+                c10::make_intrusive<c10d::PrefixStore>("nccl/", group->store), rank, size,
+                timeout_ms, cuda_device));
+#else
+            throw std::runtime_error(
+                "this build has no NCCL backend (CUDA's or NCCL's headers were not found at build "
+                "time)");
+#endif
+        }
         *out = group.release();
     });
 }
 
 void torch_dist_free(void* group) { delete static_cast<Group*>(group); }
+
+namespace {
+// The backend for `tensor`: NCCL for a CUDA tensor (run on the current stream: asyncOp false), Gloo
+// for a CPU one.
+c10d::Backend& backend_for(Group& group, const at::Tensor& tensor, bool& async_op) {
+    async_op = true;
+    if (!tensor.is_cuda()) {
+        return *group.gloo;
+    }
+    if (!group.nccl) {
+        throw std::runtime_error("a CUDA tensor, but this process group has no NCCL backend");
+    }
+    async_op = false;
+    return *group.nccl;
+}
+}  // namespace
 
 // op: 0 sum, 1 min, 2 max.
 int torch_dist_all_reduce(void* handle, void* tensor, int op) {
@@ -162,11 +199,12 @@ int torch_dist_all_reduce(void* handle, void* tensor, int op) {
     return collective(group, "all_reduce", [&] {
         std::vector<at::Tensor> tensors{*static_cast<at::Tensor*>(tensor)};
         c10d::AllreduceOptions options;
+        auto& backend = backend_for(*group, tensors[0], options.asyncOp);
         options.reduceOp = op == 1   ? c10d::ReduceOp::MIN
                            : op == 2 ? c10d::ReduceOp::MAX
                                      : c10d::ReduceOp::SUM;
         options.timeout = group->timeout;
-        return group->gloo->allreduce(tensors, options);
+        return backend.allreduce(tensors, options);
     });
 }
 
@@ -175,9 +213,10 @@ int torch_dist_broadcast(void* handle, void* tensor, int root) {
     return collective(group, "broadcast", [&] {
         std::vector<at::Tensor> tensors{*static_cast<at::Tensor*>(tensor)};
         c10d::BroadcastOptions options;
+        auto& backend = backend_for(*group, tensors[0], options.asyncOp);
         options.rootRank = root;
         options.timeout = group->timeout;
-        return group->gloo->broadcast(tensors, options);
+        return backend.broadcast(tensors, options);
     });
 }
 

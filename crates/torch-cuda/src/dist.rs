@@ -47,6 +47,7 @@ mod ffi {
             rank: i32,
             size: i32,
             timeout_ms: i64,
+            cuda_device: i32,
             out: *mut *mut c_void,
         ) -> i32;
         pub fn torch_dist_free(group: *mut c_void);
@@ -59,6 +60,11 @@ mod ffi {
 /// Whether this build has process groups (torch's c10d headers were found at build time).
 pub fn available() -> bool {
     cfg!(torch_dist_shim)
+}
+
+/// Whether this build has the NCCL backend (CUDA's, CCCL's and NCCL's headers were found too).
+pub fn nccl_available() -> bool {
+    cfg!(torch_dist_nccl)
 }
 
 /// How [`ProcessGroup::all_reduce`] combines the ranks' values (c10d's `ReduceOp`).
@@ -151,11 +157,13 @@ impl GroupConfig {
     }
 }
 
-/// A c10d process group: this process's membership, with Gloo for CPU tensors.
+/// A c10d process group: this process's membership, with Gloo for CPU tensors and, where CUDA
+/// is, NCCL for CUDA tensors (on device `LOCAL_RANK`).
 #[derive(Debug)]
 pub struct ProcessGroup {
     config: GroupConfig,
     timeout: Duration,
+    nccl: bool,
     #[cfg(torch_dist_shim)]
     handle: *mut std::ffi::c_void,
 }
@@ -184,15 +192,27 @@ impl ProcessGroup {
         Self::new(GroupConfig::from_env()?, timeout)
     }
 
+    /// Joins the group `config` describes, with an NCCL backend on CUDA device `local_rank`
+    /// when this build has NCCL ([`nccl_available`]) and CUDA is available (see
+    /// [`ProcessGroup::with_backends`]).
+    ///
+    /// # Errors
+    /// As [`ProcessGroup::with_backends`].
+    pub fn new(config: GroupConfig, timeout: Duration) -> Result<Self, Error> {
+        let nccl = nccl_available() && tch::Cuda::is_available();
+        Self::with_backends(config, timeout, nccl)
+    }
+
     /// Joins the group `config` describes: rank 0 hosts the `TCPStore` at
     /// `master_addr:master_port` and waits for the others to connect; every rank then creates
-    /// its Gloo backend (which connects every pair of ranks).
+    /// its Gloo backend (which connects every pair of ranks) and, if `nccl`, its NCCL backend
+    /// bound to CUDA device `local_rank` (connected eagerly, as `init_process_group(device_id=)`).
     ///
     /// # Errors
     /// [`Error::Dist`]: a bad `config`, the store not reached or not joined by every rank within
-    /// `timeout`, or Gloo's connection failing.
+    /// `timeout`, Gloo's connection failing, or `nccl` in a build without it.
     #[allow(unsafe_code)]
-    pub fn new(config: GroupConfig, timeout: Duration) -> Result<Self, Error> {
+    pub fn with_backends(config: GroupConfig, timeout: Duration, nccl: bool) -> Result<Self, Error> {
         config.validate()?;
         #[cfg(torch_dist_shim)]
         {
@@ -208,6 +228,7 @@ impl ProcessGroup {
                     config.rank as i32,
                     config.world_size as i32,
                     timeout_ms,
+                    if nccl { config.local_rank as i32 } else { -1 },
                     &mut handle,
                 )
             };
@@ -217,12 +238,13 @@ impl ProcessGroup {
             Ok(Self {
                 config,
                 timeout,
+                nccl,
                 handle,
             })
         }
         #[cfg(not(torch_dist_shim))]
         {
-            let _ = timeout;
+            let _ = (timeout, nccl);
             Err(Error::Dist(
                 "this build has no c10d shim (torch's c10d headers were not found at build time)"
                     .into(),
@@ -245,6 +267,11 @@ impl ProcessGroup {
         self.config.world_size
     }
 
+    /// Whether CUDA tensors can be reduced (this group has an NCCL backend).
+    pub fn has_nccl(&self) -> bool {
+        self.nccl
+    }
+
     /// How long each collective may wait.
     pub fn timeout(&self) -> Duration {
         self.timeout
@@ -262,7 +289,7 @@ impl ProcessGroup {
             ReduceOp::Min => 1,
             ReduceOp::Max => 2,
         };
-        check_cpu(tensor)?;
+        self.check_device(tensor)?;
         #[cfg(torch_dist_shim)]
         // SAFETY: `handle` is live and the tensor is borrowed for the call.
         self.status(unsafe {
@@ -303,7 +330,7 @@ impl ProcessGroup {
                 self.config.world_size
             )));
         }
-        check_cpu(tensor)?;
+        self.check_device(tensor)?;
         #[cfg(torch_dist_shim)]
         // SAFETY: `handle` is live and the tensor is borrowed for the call.
         self.status(unsafe {
@@ -327,6 +354,21 @@ impl ProcessGroup {
         Ok(())
     }
 
+    fn check_device(&self, tensor: &Tensor) -> Result<(), Error> {
+        match tensor.device() {
+            tch::Device::Cpu => Ok(()),
+            tch::Device::Cuda(index) if self.nccl && index == self.config.local_rank => Ok(()),
+            tch::Device::Cuda(index) if self.nccl => Err(Error::Dist(format!(
+                "a tensor on cuda:{index}, but this rank's NCCL backend is on cuda:{}",
+                self.config.local_rank
+            ))),
+            device => Err(Error::Dist(format!(
+                "collectives on {device:?} tensors need an NCCL backend, which this group has not \
+                 (CPU tensors go through Gloo)"
+            ))),
+        }
+    }
+
     #[cfg(torch_dist_shim)]
     fn status(&self, status: i32) -> Result<(), Error> {
         if status == 0 {
@@ -334,17 +376,6 @@ impl ProcessGroup {
         } else {
             Err(Error::Dist(last_error()))
         }
-    }
-}
-
-fn check_cpu(tensor: &Tensor) -> Result<(), Error> {
-    if tensor.device() == tch::Device::Cpu {
-        Ok(())
-    } else {
-        Err(Error::Dist(format!(
-            "collectives on {:?} tensors are not supported (only CPU tensors, through Gloo)",
-            tensor.device()
-        )))
     }
 }
 

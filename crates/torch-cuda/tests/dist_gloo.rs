@@ -33,6 +33,8 @@ fn spawn_rank(scenario: &str, rank: usize, port: u16, marker: &PathBuf) -> Child
         .env("WORLD_SIZE", "2")
         .env("MASTER_ADDR", "127.0.0.1")
         .env("MASTER_PORT", port.to_string())
+        // Gloo only, also on a machine with GPUs (ProcessGroup::new adds NCCL where CUDA is).
+        .env("CUDA_VISIBLE_DEVICES", "")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -71,7 +73,7 @@ fn dist_child() {
     let marker = PathBuf::from(std::env::var(MARKER).unwrap());
     match scenario.as_str() {
         "collectives" => collectives(),
-        "peer_dies" | "peer_hangs" => peer_fails(&scenario, &marker),
+        "peer_dies" | "peer_hangs" | "host_dies" => peer_fails(&scenario, &marker),
         other => panic!("unknown scenario {other}"),
     }
 }
@@ -115,24 +117,27 @@ fn collectives() {
     println!("rank {} done", group.rank());
 }
 
-/// Rank 1 joins, says so, then either is killed by the test or sleeps past the timeout; rank 0
-/// waits for the test's marker file, then its collective must fail in time naming rank 1.
+/// The victim rank (1, or 0 for "host_dies": the store's host) joins, says so, then either is
+/// killed by the test or sleeps past the timeout; the survivor waits for the test's marker file,
+/// then its collective must fail in time naming the victim, and dropping the group must not hang.
 fn peer_fails(scenario: &str, marker: &PathBuf) {
+    let victim = if scenario == "host_dies" { 0 } else { 1 };
     let group = ProcessGroup::from_env(TIMEOUT).unwrap();
     group.barrier().unwrap();
-    if group.rank() == 1 {
-        println!("rank 1 joined");
+    if group.rank() == victim {
+        println!("rank {victim} joined");
         std::thread::sleep(Duration::from_secs(120));
         return;
     }
-    while scenario == "peer_dies" && !marker.exists() {
+    while scenario != "peer_hangs" && !marker.exists() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let start = Instant::now();
     let mut tensor = Tensor::ones([4], (Kind::Float, Device::Cpu));
     let error = group.all_reduce_sum(&mut tensor).unwrap_err();
     println!("elapsed {:?}", start.elapsed());
-    eprintln!("rank 0: {error}");
+    eprintln!("rank {}: {error}", group.rank());
+    drop(group);
     std::process::exit(3);
 }
 
@@ -148,33 +153,36 @@ fn two_ranks_reduce_broadcast_and_meet_at_the_barrier() {
     }
 }
 
-fn failing_peer(scenario: &str) -> (Duration, String) {
+/// Runs `scenario` with rank `victim` killed (or hung) and returns how long the survivor took to
+/// exit after that and its output.
+fn failing_peer(scenario: &str, victim: usize) -> (Duration, String) {
     let port = free_port();
     let marker = marker(scenario);
     let _ = std::fs::remove_file(&marker);
-    let rank0 = spawn_rank(scenario, 0, port, &marker);
-    let mut rank1 = spawn_rank(scenario, 1, port, &marker);
-    wait_for_line(&mut rank1, "rank 1 joined");
+    let mut ranks = [0, 1].map(|rank| Some(spawn_rank(scenario, rank, port, &marker)));
+    let mut bad = ranks[victim].take().unwrap();
+    let survivor = ranks[1 - victim].take().unwrap();
+    wait_for_line(&mut bad, &format!("rank {victim} joined"));
     let start = Instant::now();
-    if scenario == "peer_dies" {
-        rank1.kill().unwrap(); // SIGKILL
-        rank1.wait().unwrap();
+    if scenario != "peer_hangs" {
+        bad.kill().unwrap(); // SIGKILL
+        bad.wait().unwrap();
         std::fs::write(&marker, b"").unwrap();
     }
-    let out = rank0.wait_with_output().unwrap();
+    let out = survivor.wait_with_output().unwrap();
     let elapsed = start.elapsed();
-    let _ = rank1.kill();
-    let _ = rank1.wait();
+    let _ = bad.kill();
+    let _ = bad.wait();
     let _ = std::fs::remove_file(&marker);
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "rank 0 did not report a failed collective:\n{text}");
-    println!("{scenario}: rank 0 exited after {elapsed:?}:\n{text}");
+    assert_eq!(out.status.code(), Some(3), "the survivor did not report a failed collective:\n{text}");
+    println!("{scenario}: the survivor exited after {elapsed:?}:\n{text}");
     (elapsed, text)
 }
 
 #[test]
 fn a_killed_rank_fails_the_others_collective_naming_it() {
-    let (elapsed, output) = failing_peer("peer_dies");
+    let (elapsed, output) = failing_peer("peer_dies", 1);
     assert!(elapsed < FAIL_WITHIN, "took {elapsed:?}:\n{output}");
     assert!(output.contains("rank 1 did not answer"), "{output}");
     assert!(output.contains("all_reduce on rank 0 of 2 failed"), "{output}");
@@ -182,10 +190,18 @@ fn a_killed_rank_fails_the_others_collective_naming_it() {
 
 #[test]
 fn a_hung_rank_fails_the_others_collective_within_the_timeout_naming_it() {
-    let (elapsed, output) = failing_peer("peer_hangs");
+    let (elapsed, output) = failing_peer("peer_hangs", 1);
     assert!(elapsed >= TIMEOUT, "failed before the timeout ({elapsed:?}):\n{output}");
     assert!(elapsed < FAIL_WITHIN, "took {elapsed:?}:\n{output}");
     assert!(output.contains("rank 1 did not answer"), "{output}");
+}
+
+#[test]
+fn a_killed_store_host_fails_the_others_collective_naming_it() {
+    let (elapsed, output) = failing_peer("host_dies", 0);
+    assert!(elapsed < FAIL_WITHIN, "took {elapsed:?}:\n{output}");
+    assert!(output.contains("all_reduce on rank 1 of 2 failed"), "{output}");
+    assert!(output.contains("rank 0 (the store's host, 127.0.0.1:"), "{output}");
 }
 
 #[test]
