@@ -110,7 +110,9 @@ impl GroupConfig {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
         let get = |name: &str| {
             lookup(name).ok_or_else(|| {
-                Error::Dist(format!("environment variable {name} is not set (torchrun sets it)"))
+                Error::Dist(format!(
+                    "environment variable {name} is not set (torchrun sets it)"
+                ))
             })
         };
         let number = |name: &str| -> Result<u64, Error> {
@@ -212,13 +214,19 @@ impl ProcessGroup {
     /// [`Error::Dist`]: a bad `config`, the store not reached or not joined by every rank within
     /// `timeout`, Gloo's connection failing, or `nccl` in a build without it.
     #[allow(unsafe_code)]
-    pub fn with_backends(config: GroupConfig, timeout: Duration, nccl: bool) -> Result<Self, Error> {
+    pub fn with_backends(
+        config: GroupConfig,
+        timeout: Duration,
+        nccl: bool,
+    ) -> Result<Self, Error> {
         config.validate()?;
         #[cfg(torch_dist_shim)]
         {
             let addr = std::ffi::CString::new(config.master_addr.clone())
                 .map_err(|_| Error::Dist("MASTER_ADDR contains a NUL byte".into()))?;
-            let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX).max(1);
+            let timeout_ms = i64::try_from(timeout.as_millis())
+                .unwrap_or(i64::MAX)
+                .max(1);
             let mut handle = std::ptr::null_mut();
             // SAFETY: `addr` outlives the call; `handle` receives an object owned by the result.
             let status = unsafe {

@@ -1,6 +1,6 @@
-//! c10d process groups over Gloo on the CPU (`torch_cuda::dist`), with real processes: each rank is
-//! this test binary re-run on the ignored test `dist_child`, with torchrun's variables set, so the
-//! rendezvous, the collectives and the failure of a peer are those of a real multi-process job.
+//! c10d process groups (`torch_cuda::dist`) with real processes: Gloo on the CPU, and NCCL on CUDA
+//! where there is a GPU. Each rank is this test binary re-run on the ignored test `dist_child`, with
+//! torchrun's variables set, so the rendezvous, the collectives and a peer's failure are real.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 use torch_cuda::dist::{GroupConfig, ProcessGroup, ReduceOp};
+use torch_cuda::{CaptureMode, CudaGraph};
 
 const SCENARIO: &str = "TORCH_CUDA_DIST_SCENARIO";
 const MARKER: &str = "TORCH_CUDA_DIST_MARKER";
@@ -24,17 +25,30 @@ fn free_port() -> u16 {
 }
 
 fn spawn_rank(scenario: &str, rank: usize, port: u16, marker: &PathBuf) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "dist_child", "--nocapture", "--test-threads=1"])
+    spawn_rank_of(scenario, rank, 2, port, marker)
+}
+
+fn spawn_rank_of(scenario: &str, rank: usize, world: usize, port: u16, marker: &PathBuf) -> Child {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    if scenario != "nccl" {
+        // Gloo only, also on a machine with GPUs (ProcessGroup::new adds NCCL where CUDA is).
+        command.env("CUDA_VISIBLE_DEVICES", "");
+    }
+    command
+        .args([
+            "--ignored",
+            "--exact",
+            "dist_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(SCENARIO, scenario)
         .env(MARKER, marker)
         .env("RANK", rank.to_string())
         .env("LOCAL_RANK", rank.to_string())
-        .env("WORLD_SIZE", "2")
+        .env("WORLD_SIZE", world.to_string())
         .env("MASTER_ADDR", "127.0.0.1")
         .env("MASTER_PORT", port.to_string())
-        // Gloo only, also on a machine with GPUs (ProcessGroup::new adds NCCL where CUDA is).
-        .env("CUDA_VISIBLE_DEVICES", "")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -48,7 +62,8 @@ fn marker(name: &str) -> PathBuf {
 /// Waits for `child` and returns its success and its output (stdout then stderr).
 fn finish(child: Child) -> (bool, String) {
     let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -74,6 +89,7 @@ fn dist_child() {
     match scenario.as_str() {
         "collectives" => collectives(),
         "peer_dies" | "peer_hangs" | "host_dies" => peer_fails(&scenario, &marker),
+        "nccl" => nccl(),
         other => panic!("unknown scenario {other}"),
     }
 }
@@ -83,8 +99,18 @@ fn collectives() {
     let rank = group.rank() as f32;
     // Values whose sums are exact in f32 and one whose sum rounds (0.1 + 0.2): the two-rank sum
     // is one IEEE addition, so it must equal the sum computed here bit for bit.
-    let mine = [1.5 + rank, -2.0 * rank, 0.1 + 0.1 * rank, 1e30 * (1.0 - rank)];
-    let other = [1.5 + (1.0 - rank), -2.0 * (1.0 - rank), 0.1 + 0.1 * (1.0 - rank), 1e30 * rank];
+    let mine = [
+        1.5 + rank,
+        -2.0 * rank,
+        0.1 + 0.1 * rank,
+        1e30 * (1.0 - rank),
+    ];
+    let other = [
+        1.5 + (1.0 - rank),
+        -2.0 * (1.0 - rank),
+        0.1 + 0.1 * (1.0 - rank),
+        1e30 * rank,
+    ];
     let sum: Vec<f32> = mine.iter().zip(&other).map(|(a, b)| a + b).collect();
     let mut tensor = Tensor::from_slice(&mine);
     group.all_reduce_sum(&mut tensor).unwrap();
@@ -115,6 +141,56 @@ fn collectives() {
     );
     group.barrier().unwrap();
     println!("rank {} done", group.rank());
+}
+
+/// NCCL on CUDA device LOCAL_RANK: exact sums, a 0-dim MAX, a broadcast, then an all-reduce
+/// captured in a CUDA graph and replayed on new values.
+fn nccl() {
+    let group = ProcessGroup::from_env(Duration::from_secs(60)).unwrap();
+    assert!(
+        group.has_nccl(),
+        "a CUDA machine, but the group has no NCCL backend"
+    );
+    let (rank, world) = (group.rank(), group.world_size());
+    let device = Device::Cuda(rank);
+    let share = |r: usize| Tensor::from_slice(&[1.5f32, -2.0, 0.1, 3.0]) * (r as f64 + 1.0);
+    // At most two ranks: each element is one f32 addition, commutative, so exactly this sum.
+    let expected = (0..world).map(share).reduce(|a, b| a + b).unwrap();
+    let mut tensor = share(rank).to(device);
+    group.all_reduce_sum(&mut tensor).unwrap();
+    let got = tensor.to(Device::Cpu);
+    assert!(got.equal(&expected), "{got} vs {expected}");
+    let mut flag = Tensor::from(rank as f32).to(device);
+    group.all_reduce(&mut flag, ReduceOp::Max).unwrap();
+    assert_eq!(
+        f32::try_from(&flag.to(Device::Cpu)).unwrap(),
+        (world - 1) as f32
+    );
+    let mut weights = (Tensor::arange(6, (Kind::Float, device)) + rank as f64).contiguous();
+    group.broadcast(&mut weights, 0).unwrap();
+    assert!(
+        weights
+            .to(Device::Cpu)
+            .equal(&Tensor::arange(6, (Kind::Float, Device::Cpu)))
+    );
+
+    let mut buffer = Tensor::zeros([1024], (Kind::Float, device));
+    let (graph, captured) = CudaGraph::capture(rank, None, CaptureMode::ThreadLocal, || {
+        group.all_reduce_sum(&mut buffer)
+    })
+    .unwrap();
+    captured.unwrap();
+    let _ = buffer.fill_(rank as f64 + 1.0);
+    graph.replay().unwrap();
+    assert!(torch_cuda::graph::synchronize(rank));
+    let sum = (1..=world).sum::<usize>() as f64;
+    assert!(
+        buffer
+            .to(Device::Cpu)
+            .equal(&Tensor::full([1024], sum, (Kind::Float, Device::Cpu)))
+    );
+    group.barrier().unwrap();
+    println!("rank {rank} done");
 }
 
 /// The victim rank (1, or 0 for "host_dies": the store's host) joins, says so, then either is
@@ -174,10 +250,42 @@ fn failing_peer(scenario: &str, victim: usize) -> (Duration, String) {
     let _ = bad.kill();
     let _ = bad.wait();
     let _ = std::fs::remove_file(&marker);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "the survivor did not report a failed collective:\n{text}");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the survivor did not report a failed collective:\n{text}"
+    );
     println!("{scenario}: the survivor exited after {elapsed:?}:\n{text}");
     (elapsed, text)
+}
+
+/// NCCL with one rank per GPU (at most two); without CUDA it is skipped, unless
+/// `SDXL_REQUIRE_CUDA=1` (the GPU machine's harness) makes that a failure.
+#[test]
+fn nccl_reduces_cuda_tensors_also_inside_a_cuda_graph() {
+    let gpus = tch::Cuda::device_count() as usize;
+    if gpus == 0 || !torch_cuda::dist::nccl_available() {
+        let required = std::env::var("SDXL_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "SDXL_REQUIRE_CUDA=1 but no CUDA device or no NCCL backend in this build"
+        );
+        println!("skipped: no CUDA device or no NCCL backend in this build");
+        return;
+    }
+    let world = gpus.min(2);
+    let port = free_port();
+    let marker = marker("nccl");
+    let ranks: Vec<Child> = (0..world)
+        .map(|rank| spawn_rank_of("nccl", rank, world, port, &marker))
+        .collect();
+    for (rank, child) in ranks.into_iter().enumerate() {
+        let (ok, output) = finish(child);
+        assert!(ok, "rank {rank} failed:\n{output}");
+        assert!(output.contains(&format!("rank {rank} done")), "{output}");
+    }
 }
 
 #[test]
@@ -185,13 +293,19 @@ fn a_killed_rank_fails_the_others_collective_naming_it() {
     let (elapsed, output) = failing_peer("peer_dies", 1);
     assert!(elapsed < FAIL_WITHIN, "took {elapsed:?}:\n{output}");
     assert!(output.contains("rank 1 did not answer"), "{output}");
-    assert!(output.contains("all_reduce on rank 0 of 2 failed"), "{output}");
+    assert!(
+        output.contains("all_reduce on rank 0 of 2 failed"),
+        "{output}"
+    );
 }
 
 #[test]
 fn a_hung_rank_fails_the_others_collective_within_the_timeout_naming_it() {
     let (elapsed, output) = failing_peer("peer_hangs", 1);
-    assert!(elapsed >= TIMEOUT, "failed before the timeout ({elapsed:?}):\n{output}");
+    assert!(
+        elapsed >= TIMEOUT,
+        "failed before the timeout ({elapsed:?}):\n{output}"
+    );
     assert!(elapsed < FAIL_WITHIN, "took {elapsed:?}:\n{output}");
     assert!(output.contains("rank 1 did not answer"), "{output}");
 }
@@ -200,8 +314,14 @@ fn a_hung_rank_fails_the_others_collective_within_the_timeout_naming_it() {
 fn a_killed_store_host_fails_the_others_collective_naming_it() {
     let (elapsed, output) = failing_peer("host_dies", 0);
     assert!(elapsed < FAIL_WITHIN, "took {elapsed:?}:\n{output}");
-    assert!(output.contains("all_reduce on rank 1 of 2 failed"), "{output}");
-    assert!(output.contains("rank 0 (the store's host, 127.0.0.1:"), "{output}");
+    assert!(
+        output.contains("all_reduce on rank 1 of 2 failed"),
+        "{output}"
+    );
+    assert!(
+        output.contains("rank 0 (the store's host, 127.0.0.1:"),
+        "{output}"
+    );
 }
 
 #[test]
@@ -214,15 +334,24 @@ fn a_rank_that_never_joins_fails_the_rendezvous_in_time() {
         master_port: free_port(),
     };
     let start = Instant::now();
-    let error = ProcessGroup::new(config, Duration::from_secs(2)).unwrap_err().to_string();
-    assert!(start.elapsed() < Duration::from_secs(2 + 8), "{:?}", start.elapsed());
+    let error = ProcessGroup::new(config, Duration::from_secs(2))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        start.elapsed() < Duration::from_secs(2 + 8),
+        "{:?}",
+        start.elapsed()
+    );
     println!("after {:?}: {error}", start.elapsed());
     assert!(error.contains("rendezvous at 127.0.0.1:"), "{error}");
     assert!(error.contains("not every rank connected"), "{error}");
 }
 
 fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-    let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let vars: Vec<(String, String)> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
 }
 
@@ -236,8 +365,15 @@ fn bad_environment_is_named() {
         ("MASTER_PORT", "29500"),
     ];
     let config = GroupConfig::from_lookup(lookup(&good)).unwrap();
-    assert_eq!((config.rank, config.world_size, config.master_port), (1, 2, 29500));
-    let error = |vars: &[(&str, &str)]| GroupConfig::from_lookup(lookup(vars)).unwrap_err().to_string();
+    assert_eq!(
+        (config.rank, config.world_size, config.master_port),
+        (1, 2, 29500)
+    );
+    let error = |vars: &[(&str, &str)]| {
+        GroupConfig::from_lookup(lookup(vars))
+            .unwrap_err()
+            .to_string()
+    };
     assert!(error(&good[1..]).contains("RANK is not set"));
     let mut bad = good;
     bad[0] = ("RANK", "2");
