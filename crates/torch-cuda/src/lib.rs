@@ -6,6 +6,9 @@
 //! `torch.backends.cudnn.allow_tf32`), so fp32 parity checks run both sides in full precision. The functions go through a small C++ shim (`src/shim.cpp`) compiled against the pinned
 //! PyTorch's headers; where those headers are missing the crate still builds and the functions return
 //! `None` / `false`.
+//!
+//! Process groups for data-parallel training ([`dist`]): c10d's `TCPStore`, `ProcessGroupGloo` and
+//! `ProcessGroupNCCL` through a second shim (`src/dist.cpp`, `src/dist_nccl.cpp`); docs/DISTRIBUTED.md.
 
 #![warn(missing_docs)]
 

@@ -2,8 +2,10 @@
 //! where there is a GPU. Each rank is this test binary re-run on the ignored test `dist_child`, with
 //! torchrun's variables set, so the rendezvous, the collectives and a peer's failure are real.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,11 +26,11 @@ fn free_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
-fn spawn_rank(scenario: &str, rank: usize, port: u16, marker: &PathBuf) -> Child {
+fn spawn_rank(scenario: &str, rank: usize, port: u16, marker: &Path) -> Child {
     spawn_rank_of(scenario, rank, 2, port, marker)
 }
 
-fn spawn_rank_of(scenario: &str, rank: usize, world: usize, port: u16, marker: &PathBuf) -> Child {
+fn spawn_rank_of(scenario: &str, rank: usize, world: usize, port: u16, marker: &Path) -> Child {
     let mut command = Command::new(std::env::current_exe().unwrap());
     if scenario != "nccl" {
         // Gloo only, also on a machine with GPUs (ProcessGroup::new adds NCCL where CUDA is).
@@ -196,7 +198,7 @@ fn nccl() {
 /// The victim rank (1, or 0 for "host_dies": the store's host) joins, says so, then either is
 /// killed by the test or sleeps past the timeout; the survivor waits for the test's marker file,
 /// then its collective must fail in time naming the victim, and dropping the group must not hang.
-fn peer_fails(scenario: &str, marker: &PathBuf) {
+fn peer_fails(scenario: &str, marker: &Path) {
     let victim = if scenario == "host_dies" { 0 } else { 1 };
     let group = ProcessGroup::from_env(TIMEOUT).unwrap();
     group.barrier().unwrap();
