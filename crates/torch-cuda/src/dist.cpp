@@ -220,6 +220,36 @@ int torch_dist_broadcast(void* handle, void* tensor, int root) {
     });
 }
 
+// Gathers every rank's `tensor` (equal shapes) and returns, in *out (a new at::Tensor owned by the
+// caller), their concatenation along dimension 0 in rank order.
+int torch_dist_all_gather(void* handle, void* tensor, void** out) {
+    auto* group = static_cast<Group*>(handle);
+    at::Tensor gathered;
+    std::vector<std::vector<at::Tensor>> outputs(1);
+    int status = collective(group, "all_gather", [&] {
+        std::vector<at::Tensor> inputs{static_cast<at::Tensor*>(tensor)->contiguous()};
+        for (int r = 0; r < group->size; ++r) {
+            outputs[0].push_back(at::empty_like(inputs[0]));
+        }
+        c10d::AllgatherOptions options;
+        auto& backend = backend_for(*group, inputs[0], options.asyncOp);
+        options.timeout = group->timeout;
+        return backend.allgather(outputs, inputs, options);
+    });
+    if (status != 0) {
+        return status;
+    }
+    return guarded([&] {
+        std::vector<at::Tensor> parts = outputs[0];
+        for (auto& part : parts) {
+            if (part.dim() == 0) {
+                part = part.reshape({1});
+            }
+        }
+        *out = new at::Tensor(at::cat(parts, 0));
+    });
+}
+
 int torch_dist_barrier(void* handle) {
     auto* group = static_cast<Group*>(handle);
     return collective(group, "barrier", [&] {

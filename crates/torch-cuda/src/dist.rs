@@ -23,8 +23,9 @@
 //! use std::time::Duration;
 //! use tch::{Kind, Tensor};
 //! let group = torch_cuda::dist::ProcessGroup::from_env(Duration::from_secs(60))?;
-//! let mut grads = Tensor::ones([8], (Kind::Float, tch::Device::Cpu));
-//! group.all_reduce_mean(&mut grads)?;
+//! let grads = Tensor::ones([8], (Kind::Float, tch::Device::Cpu));
+//! group.all_reduce_mean(&grads)?; // in place: tch tensors are handles
+//! let rows = group.all_gather(&grads)?; // [8 × world size]
 //! group.barrier()?;
 //! # Ok::<(), torch_cuda::Error>(())
 //! ```
@@ -54,6 +55,11 @@ mod ffi {
         pub fn torch_dist_all_reduce(group: *mut c_void, tensor: *mut c_void, op: i32) -> i32;
         pub fn torch_dist_broadcast(group: *mut c_void, tensor: *mut c_void, root: i32) -> i32;
         pub fn torch_dist_barrier(group: *mut c_void) -> i32;
+        pub fn torch_dist_all_gather(
+            group: *mut c_void,
+            tensor: *mut c_void,
+            out: *mut *mut c_void,
+        ) -> i32;
     }
 }
 
@@ -291,7 +297,7 @@ impl ProcessGroup {
     /// [`Error::Dist`]: a CUDA tensor (not supported yet), a dtype Gloo does not reduce, or a
     /// peer that died or did not answer within the timeout (named).
     #[allow(unsafe_code)]
-    pub fn all_reduce(&self, tensor: &mut Tensor, op: ReduceOp) -> Result<(), Error> {
+    pub fn all_reduce(&self, tensor: &Tensor, op: ReduceOp) -> Result<(), Error> {
         let code = match op {
             ReduceOp::Sum => 0,
             ReduceOp::Min => 1,
@@ -301,7 +307,7 @@ impl ProcessGroup {
         #[cfg(torch_dist_shim)]
         // SAFETY: `handle` is live and the tensor is borrowed for the call.
         self.status(unsafe {
-            ffi::torch_dist_all_reduce(self.handle, tensor.as_mut_ptr().cast(), code)
+            ffi::torch_dist_all_reduce(self.handle, tensor.as_ptr().cast_mut().cast(), code)
         })?;
         #[cfg(not(torch_dist_shim))]
         let _ = code;
@@ -312,7 +318,7 @@ impl ProcessGroup {
     ///
     /// # Errors
     /// As [`ProcessGroup::all_reduce`].
-    pub fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<(), Error> {
+    pub fn all_reduce_sum(&self, tensor: &Tensor) -> Result<(), Error> {
         self.all_reduce(tensor, ReduceOp::Sum)
     }
 
@@ -320,9 +326,11 @@ impl ProcessGroup {
     ///
     /// # Errors
     /// As [`ProcessGroup::all_reduce`].
-    pub fn all_reduce_mean(&self, tensor: &mut Tensor) -> Result<(), Error> {
+    pub fn all_reduce_mean(&self, tensor: &Tensor) -> Result<(), Error> {
         self.all_reduce(tensor, ReduceOp::Sum)?;
-        let _ = tensor.g_div_scalar_(self.config.world_size as f64);
+        let _ = tensor
+            .shallow_clone()
+            .g_div_scalar_(self.config.world_size as f64);
         Ok(())
     }
 
@@ -331,7 +339,7 @@ impl ProcessGroup {
     /// # Errors
     /// As [`ProcessGroup::all_reduce`], or `root` out of range.
     #[allow(unsafe_code)]
-    pub fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), Error> {
+    pub fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<(), Error> {
         if root >= self.config.world_size {
             return Err(Error::Dist(format!(
                 "broadcast root {root} is not below the world size {}",
@@ -342,9 +350,32 @@ impl ProcessGroup {
         #[cfg(torch_dist_shim)]
         // SAFETY: `handle` is live and the tensor is borrowed for the call.
         self.status(unsafe {
-            ffi::torch_dist_broadcast(self.handle, tensor.as_mut_ptr().cast(), root as i32)
+            ffi::torch_dist_broadcast(self.handle, tensor.as_ptr().cast_mut().cast(), root as i32)
         })?;
         Ok(())
+    }
+
+    /// Every rank's `tensor` (equal shapes and dtypes on every rank) concatenated along dimension
+    /// 0 in rank order (0-dim tensors become one row each); a new tensor on `tensor`'s device.
+    ///
+    /// # Errors
+    /// As [`ProcessGroup::all_reduce`]; tensors of different shapes on different ranks.
+    #[allow(unsafe_code)]
+    pub fn all_gather(&self, tensor: &Tensor) -> Result<Tensor, Error> {
+        self.check_device(tensor)?;
+        #[cfg(torch_dist_shim)]
+        {
+            let mut out = std::ptr::null_mut();
+            // SAFETY: `handle` is live, the tensor is borrowed for the call, and `out` receives a
+            // new at::Tensor that the returned Tensor owns (tch frees it with `delete`).
+            self.status(unsafe {
+                ffi::torch_dist_all_gather(self.handle, tensor.as_ptr().cast_mut().cast(), &mut out)
+            })?;
+            // SAFETY: as above.
+            Ok(unsafe { Tensor::from_ptr(out.cast()) })
+        }
+        #[cfg(not(torch_dist_shim))]
+        Err(Error::Dist("this build has no c10d shim".into()))
     }
 
     /// Returns once every rank has called it (or fails within the timeout, naming the ranks that

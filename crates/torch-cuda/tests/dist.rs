@@ -114,33 +114,42 @@ fn collectives() {
         1e30 * rank,
     ];
     let sum: Vec<f32> = mine.iter().zip(&other).map(|(a, b)| a + b).collect();
-    let mut tensor = Tensor::from_slice(&mine);
-    group.all_reduce_sum(&mut tensor).unwrap();
+    let tensor = Tensor::from_slice(&mine);
+    group.all_reduce_sum(&tensor).unwrap();
     assert_eq!(Vec::<f32>::try_from(&tensor).unwrap(), sum);
 
-    let mut tensor = Tensor::from_slice(&mine);
-    group.all_reduce_mean(&mut tensor).unwrap();
+    let tensor = Tensor::from_slice(&mine);
+    group.all_reduce_mean(&tensor).unwrap();
     let mean: Vec<f32> = sum.iter().map(|s| s / 2.0).collect();
     assert_eq!(Vec::<f32>::try_from(&tensor).unwrap(), mean);
 
     // A 0-dim loss, and a 0-dim non-finite flag set on rank 1 only.
-    let mut loss = Tensor::from(0.25f32 + rank);
-    group.all_reduce_mean(&mut loss).unwrap();
+    let loss = Tensor::from(0.25f32 + rank);
+    group.all_reduce_mean(&loss).unwrap();
     assert_eq!(loss.dim(), 0);
     assert_eq!(f32::try_from(&loss).unwrap(), 0.75);
-    let mut flag = Tensor::from(rank);
-    group.all_reduce(&mut flag, ReduceOp::Max).unwrap();
+    let flag = Tensor::from(rank);
+    group.all_reduce(&flag, ReduceOp::Max).unwrap();
     assert_eq!(f32::try_from(&flag).unwrap(), 1.0);
-    let mut flag = Tensor::from(rank);
-    group.all_reduce(&mut flag, ReduceOp::Min).unwrap();
+    let flag = Tensor::from(rank);
+    group.all_reduce(&flag, ReduceOp::Min).unwrap();
     assert_eq!(f32::try_from(&flag).unwrap(), 0.0);
 
-    let mut weights = Tensor::arange(6, (Kind::Float, Device::Cpu)) * (1.0 + f64::from(rank));
-    group.broadcast(&mut weights, 0).unwrap();
+    let weights = Tensor::arange(6, (Kind::Float, Device::Cpu)) * (1.0 + f64::from(rank));
+    group.broadcast(&weights, 0).unwrap();
     assert_eq!(
         Vec::<f32>::try_from(&weights).unwrap(),
         vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     );
+    let rows = group
+        .all_gather(&Tensor::from_slice(&[rank, 10.0 + rank]))
+        .unwrap();
+    assert_eq!(
+        Vec::<f32>::try_from(&rows).unwrap(),
+        vec![0.0, 10.0, 1.0, 11.0]
+    );
+    let scalars = group.all_gather(&Tensor::from(rank)).unwrap();
+    assert_eq!(Vec::<f32>::try_from(&scalars).unwrap(), vec![0.0, 1.0]);
     group.barrier().unwrap();
     println!("rank {} done", group.rank());
 }
@@ -158,18 +167,18 @@ fn nccl() {
     let share = |r: usize| Tensor::from_slice(&[1.5f32, -2.0, 0.1, 3.0]) * (r as f64 + 1.0);
     // At most two ranks: each element is one f32 addition, commutative, so exactly this sum.
     let expected = (0..world).map(share).reduce(|a, b| a + b).unwrap();
-    let mut tensor = share(rank).to(device);
-    group.all_reduce_sum(&mut tensor).unwrap();
+    let tensor = share(rank).to(device);
+    group.all_reduce_sum(&tensor).unwrap();
     let got = tensor.to(Device::Cpu);
     assert!(got.equal(&expected), "{got} vs {expected}");
-    let mut flag = Tensor::from(rank as f32).to(device);
-    group.all_reduce(&mut flag, ReduceOp::Max).unwrap();
+    let flag = Tensor::from(rank as f32).to(device);
+    group.all_reduce(&flag, ReduceOp::Max).unwrap();
     assert_eq!(
         f32::try_from(&flag.to(Device::Cpu)).unwrap(),
         (world - 1) as f32
     );
-    let mut weights = (Tensor::arange(6, (Kind::Float, device)) + rank as f64).contiguous();
-    group.broadcast(&mut weights, 0).unwrap();
+    let weights = (Tensor::arange(6, (Kind::Float, device)) + rank as f64).contiguous();
+    group.broadcast(&weights, 0).unwrap();
     assert!(
         weights
             .to(Device::Cpu)
@@ -178,7 +187,7 @@ fn nccl() {
 
     let mut buffer = Tensor::zeros([1024], (Kind::Float, device));
     let (graph, captured) = CudaGraph::capture(rank, None, CaptureMode::ThreadLocal, || {
-        group.all_reduce_sum(&mut buffer)
+        group.all_reduce_sum(&buffer)
     })
     .unwrap();
     captured.unwrap();
@@ -211,12 +220,12 @@ fn peer_fails(scenario: &str, marker: &Path) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let start = Instant::now();
-    let mut tensor = Tensor::ones([4], (Kind::Float, Device::Cpu));
+    let tensor = Tensor::ones([4], (Kind::Float, Device::Cpu));
     // The store's host dies before a barrier, the other cases before an all-reduce.
     let error = if scenario == "host_dies" {
         group.barrier().unwrap_err()
     } else {
-        group.all_reduce_sum(&mut tensor).unwrap_err()
+        group.all_reduce_sum(&tensor).unwrap_err()
     };
     println!("elapsed {:?}", start.elapsed());
     eprintln!("rank {}: {error}", group.rank());
