@@ -184,6 +184,11 @@ fn nccl() {
             .to(Device::Cpu)
             .equal(&Tensor::arange(6, (Kind::Float, Device::Cpu)))
     );
+    let rows = group
+        .all_gather(&Tensor::from_slice(&[rank as f32]).to(device))
+        .unwrap();
+    let ranks = Tensor::arange(world as i64, (Kind::Float, Device::Cpu));
+    assert!(rows.to(Device::Cpu).equal(&ranks));
 
     let mut buffer = Tensor::zeros([1024], (Kind::Float, device));
     let (graph, captured) = CudaGraph::capture(rank, None, CaptureMode::ThreadLocal, || {
