@@ -1,7 +1,8 @@
 //! Process groups for data-parallel training over PyTorch's c10d: rendezvous through c10d's
 //! `TCPStore` (hosted by rank 0 at `MASTER_ADDR:MASTER_PORT`), collectives on CPU tensors through
-//! c10d's `ProcessGroupGloo`, the code `torch.distributed.init_process_group("gloo")` runs. No
-//! transport of our own: `src/dist.cpp` only creates libtorch's objects and waits on their work.
+//! c10d's `ProcessGroupGloo` and on CUDA tensors through `ProcessGroupNCCL` (device `LOCAL_RANK`),
+//! the objects `torch.distributed.init_process_group` creates. No transport of our own:
+//! `src/dist.cpp` and `src/dist_nccl.cpp` only create libtorch's objects and wait on their work.
 //!
 //! Every collective waits at most the group's timeout. When one fails (a peer closed its
 //! connection, or did not answer in time), the surviving ranks mark the failure in the store and
@@ -17,7 +18,11 @@
 //! equal on every rank). `all_reduce_mean` divides the sum by the world size afterwards (exact for
 //! power-of-two world sizes).
 //!
-//! CUDA (NCCL) is not part of this module yet: see docs/DISTRIBUTED.md for why and what it needs.
+//! NCCL collectives run on the caller's current CUDA stream (`asyncOp = false`), so they can be
+//! captured in a CUDA graph ([`crate::CudaGraph`], in [`crate::CaptureMode::ThreadLocal`]); a
+//! timed-out NCCL collective is aborted by ProcessGroupNCCL's watchdog, which ends the process.
+//! The NCCL backend is built only where CUDA's, CCCL's and NCCL's headers are
+//! ([`nccl_available`]). docs/DISTRIBUTED.md has the details and the upstream sources.
 //!
 //! ```no_run
 //! use std::time::Duration;
