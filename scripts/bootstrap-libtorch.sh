@@ -121,6 +121,14 @@ if ! "$venv/bin/python" -c "import nvidia.cu13, os, sys; sys.exit(0 if os.path.e
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "nvidia-cuda-crt==13.0.*" >&2 ||
         echo "bootstrap: nvidia-cuda-crt unavailable; the CUDA memory-statistics shim will be left out" >&2
 fi
+# CCCL's nv/target, which nccl.h's cuda_fp16.h includes: crates/torch-cuda's NCCL process-group
+# backend (src/dist_nccl.cpp) is compiled only where it is. Only where torch's CUDA wheel is.
+if "$venv/bin/python" -c "import nvidia.cu13, nvidia.nccl" 2>/dev/null &&
+    ! "$venv/bin/python" -c "import nvidia.cu13, os, sys; sys.exit(0 if os.path.exists(os.path.join(nvidia.cu13.__path__[0], 'include', 'nv', 'target')) else 1)" 2>/dev/null; then
+    echo "bootstrap: installing CUDA CCCL headers (nvidia-cuda-cccl 13.0)" >&2
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "nvidia-cuda-cccl==13.0.*" >&2 ||
+        echo "bootstrap: nvidia-cuda-cccl unavailable; process groups will have no NCCL backend" >&2
+fi
 
 torch_lib=$("$venv/bin/python" -c 'import torch,os;print(os.path.join(os.path.dirname(torch.__file__),"lib"))')
 echo "export LIBTORCH_USE_PYTORCH=1"

@@ -11,6 +11,11 @@ fn main() {
     println!("cargo:rustc-check-cfg=cfg(torch_cuda_shim)");
     println!("cargo:rerun-if-changed=src/shim.cpp");
     println!("cargo:rerun-if-changed=src/rng.cpp");
+    println!("cargo:rerun-if-changed=src/dist.cpp");
+    println!("cargo:rerun-if-changed=src/dist_nccl.cpp");
+    println!("cargo:rustc-check-cfg=cfg(torch_dist_nccl)");
+    println!("cargo:rerun-if-changed=src/gloo_decls");
+    println!("cargo:rustc-check-cfg=cfg(torch_dist_shim)");
     println!("cargo:rustc-check-cfg=cfg(torch_rng_shim, torch_rng_shim_cuda)");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let Some(lib_dir) = torch_link::libtorch_lib_dir() else {
@@ -35,6 +40,12 @@ fn main() {
         && lib_dir.join("libc10_cuda.so").exists();
     let cuda_include = cuda_include.filter(|_| torch_has_cuda);
     compile_rng_shim(&torch_include, cuda_include.as_deref());
+    let nccl_include = torch_dir.join("../nvidia/nccl/include");
+    let nccl_include = cuda_include
+        .as_ref()
+        .filter(|cuda| cuda.join("nv/target").exists() && nccl_include.join("nccl.h").exists())
+        .map(|cuda| (cuda.clone(), nccl_include));
+    compile_dist_shim(&torch_include, nccl_include);
     let Some(cuda_include) = cuda_include else {
         println!(
             "cargo:warning=torch-cuda: CUDA headers not found (nvidia/cu13/include beside torch/, or CUDA_HOME); CUDA graphs, the profiler and memory statistics will be unavailable"
@@ -81,4 +92,44 @@ fn compile_rng_shim(torch_include: &std::path::Path, cuda_include: Option<&std::
     }
     build.compile("torch_rng_shim");
     println!("cargo:rustc-cfg=torch_rng_shim");
+}
+
+/// The c10d process group (`src/dist.cpp`: TCPStore and Gloo, both in libtorch_cpu) needs only
+/// torch's headers, plus the declarations in `src/gloo_decls` for the Gloo names they mention. Its
+/// NCCL backend (`src/dist_nccl.cpp`, ProcessGroupNCCL in libtorch_cuda) needs CUDA's and NCCL's
+/// headers too (`nccl_include`: CUDA's include folder, with CCCL's `nv/target` that `nccl.h`'s
+/// `cuda_fp16.h` includes, from the nvidia-cuda-cccl wheel; and the nvidia-nccl wheel's).
+fn compile_dist_shim(torch_include: &std::path::Path, nccl_include: Option<(PathBuf, PathBuf)>) {
+    let c10d = torch_include.join("torch/csrc/distributed/c10d");
+    if !c10d.join("ProcessGroupGloo.hpp").exists() || !c10d.join("TCPStore.hpp").exists() {
+        println!(
+            "cargo:warning=torch-cuda: torch's c10d headers not found; process groups (torch_cuda::dist) will be unavailable"
+        );
+        return;
+    }
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .warnings(false)
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("USE_C10D_GLOO", "1")
+        .include(torch_include)
+        .include(torch_include.join("torch/csrc/api/include"))
+        .include("src/gloo_decls")
+        .file("src/dist.cpp");
+    if let Some((cuda_include, nccl_include)) = nccl_include {
+        build
+            .include(cuda_include)
+            .include(nccl_include)
+            .define("DIST_NCCL", "1")
+            .file("src/dist_nccl.cpp");
+        println!("cargo:rustc-cfg=torch_dist_nccl");
+    } else {
+        println!(
+            "cargo:warning=torch-cuda: CUDA's or NCCL's headers not found; process groups will have no NCCL backend (CPU tensors only)"
+        );
+    }
+    build.compile("torch_dist_shim");
+    println!("cargo:rustc-cfg=torch_dist_shim");
 }

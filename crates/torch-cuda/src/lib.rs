@@ -6,9 +6,13 @@
 //! `torch.backends.cudnn.allow_tf32`), so fp32 parity checks run both sides in full precision. The functions go through a small C++ shim (`src/shim.cpp`) compiled against the pinned
 //! PyTorch's headers; where those headers are missing the crate still builds and the functions return
 //! `None` / `false`.
+//!
+//! Process groups for data-parallel training ([`dist`]): c10d's `TCPStore`, `ProcessGroupGloo` and
+//! `ProcessGroupNCCL` through a second shim (`src/dist.cpp`, `src/dist_nccl.cpp`); docs/DISTRIBUTED.md.
 
 #![warn(missing_docs)]
 
+pub mod dist;
 pub mod foreach;
 pub mod graph;
 pub mod portable;
@@ -33,6 +37,9 @@ pub enum Error {
     /// Saving or restoring a random generator's state ([`rng`]).
     #[error("random state: {0}")]
     Rng(String),
+    /// Joining a process group or a collective ([`dist`]).
+    #[error("distributed: {0}")]
+    Dist(String),
 }
 
 /// Why a function that needs the shim cannot run in this build.

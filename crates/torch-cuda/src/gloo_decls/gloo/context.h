@@ -1,0 +1,18 @@
+// Declarations only, for compiling torch/csrc/distributed/c10d/ProcessGroupGloo.hpp: the PyTorch
+// wheel ships c10d's headers but not Gloo's (third_party/gloo), and that header names Gloo's types
+// only through pointers (std::shared_ptr / std::unique_ptr members, which do not depend on the
+// pointee), except gloo::rendezvous::Store, the base of ProcessGroupGloo::GlooStore, which the shim
+// never instantiates. Nothing here is defined or called: the code is Gloo's, inside libtorch_cpu.so.
+// See src/dist.cpp.
+#pragma once
+
+#include <chrono>
+
+namespace gloo {
+// ProcessGroupGloo::setTimeout (inline, never called by the shim) calls this member; it is declared
+// so that the header compiles, and the class is otherwise opaque here.
+class Context {
+ public:
+  void setTimeout(std::chrono::milliseconds timeout);
+};
+}  // namespace gloo
