@@ -1,8 +1,8 @@
 //! Data parallelism as torchrun and accelerate arrange it: which process this is ([`World`], from
 //! torchrun's environment), the collectives the step calls ([`Collective`]; [`SingleProcess`] until
 //! the c10d process group implements it), how a global batch survives a change of world size on
-//! resume ([`BatchLayout`]), how caching work is shared out ([`cache_share`]) and the trainer's
-//! own launcher ([`launch`], `--nproc_per_node`).
+//! resume ([`BatchLayout`]), how caching work is shared out ([`cache_share`]), rank 0's side
+//! effects ([`on_main_process`]) and the trainer's own launcher ([`launch`], `--nproc_per_node`).
 //!
 //! The semantics follow accelerate, as diffusers' scripts use it: `--train_batch_size` is the batch
 //! of one process, and the global batch of a micro-step is `train_batch_size × world_size`. The
@@ -12,8 +12,10 @@
 mod batch_layout;
 mod collective;
 pub mod launch;
+mod main_process;
 mod world;
 
 pub use batch_layout::BatchLayout;
 pub use collective::{Collective, SingleProcess};
+pub use main_process::on_main_process;
 pub use world::{World, cache_share};
