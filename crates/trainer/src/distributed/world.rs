@@ -46,7 +46,10 @@ impl World {
         let number = |name: &'static str| -> Result<usize> {
             let text = var(name).ok_or_else(|| Error::Environment {
                 variable: name,
-                problem: format!("is not set, and {} are", set_names(&var, &NAMES)),
+                problem: format!(
+                    "is not set (torchrun sets RANK, WORLD_SIZE and LOCAL_RANK together; found {})",
+                    set_names(&var, &NAMES)
+                ),
             })?;
             text.trim().parse().map_err(|_| Error::Environment {
                 variable: name,
