@@ -114,7 +114,8 @@ impl Plan {
     }
 
     /// The rows of the global micro-step `step` that `world`'s rank trains on (its instance
-    /// images, then its class images under prior preservation).
+    /// images, then its class images under prior preservation); `step` comes from a plan opened
+    /// for `world.world_size` processes ([`Plan::open_for_world`]).
     pub fn share(&self, step: &MicroStep, world: &World) -> MicroStep {
         let groups = if self.class_loader.is_some() { 2 } else { 1 };
         let per_rank = step.keys.len() / groups / world.world_size.max(1);
