@@ -18,6 +18,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use cli::UsageError;
+use trainer::distributed::{SingleProcess, World, launch};
 use trainer::{Error, TrainConfig, Trainer};
 
 mod cli;
@@ -61,6 +62,7 @@ fn take_preset(args: &mut Vec<String>) -> anyhow::Result<Option<String>> {
 }
 
 fn train(mut args: Vec<String>) -> anyhow::Result<()> {
+    let all_args = args.clone();
     let preset = take_preset(&mut args)?;
     let parsed = match preset.as_deref() {
         None => TrainConfig::from_args(args),
@@ -84,6 +86,13 @@ fn train(mut args: Vec<String>) -> anyhow::Result<()> {
         Err(error @ Error::InvalidOption { .. }) => anyhow::bail!(UsageError(error.to_string())),
         Err(error) => return Err(error.into()),
     };
+    let world = World::from_env()?;
+    if config.nproc_per_node > 1 && world == World::SINGLE {
+        return launch_ranks(&all_args, config.nproc_per_node as usize);
+    }
+    // Until the process group is wired in, a torchrun world of several processes is refused
+    // (else each process would train alone and write the same files).
+    SingleProcess::for_world(&world)?;
     let output_dir = config.output_dir.clone();
     let mut trainer = Trainer::new(config)?;
     let summary = trainer.run()?;
@@ -102,5 +111,16 @@ fn train(mut args: Vec<String>) -> anyhow::Result<()> {
         summary.kohya_file.display(),
         output_dir.join("loss.png").display(),
     );
+    Ok(())
+}
+
+/// `--nproc_per_node N`: this executable N times, as torchrun would start it, output by rank.
+fn launch_ranks(args: &[String], nproc: usize) -> anyhow::Result<()> {
+    let program = std::env::current_exe()?;
+    let forward = |rank: usize, stream: launch::Stream, line: &str| match stream {
+        launch::Stream::Stdout => println!("[rank {rank}] {line}"),
+        launch::Stream::Stderr => eprintln!("[rank {rank}] {line}"),
+    };
+    launch::launch(&program, &launch::child_args(args), nproc, &forward)?;
     Ok(())
 }

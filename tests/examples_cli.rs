@@ -119,9 +119,11 @@ const EXAMPLES: &[Example] = &[
             "--profile_step",
             "--cuda_graph",
             "--gradient_checkpointing",
+            "--nproc_per_node",
         ],
         usage_errors: &[
             (&["--rank", "four"], "--rank"),
+            (&["--nproc_per_node", "0"], "--nproc_per_node"),
             (&["--max_train_steps"], "--max_train_steps"),
             (&["--resolution", "500"], "--resolution"),
             (&["--preset"], "--preset"),
@@ -312,4 +314,59 @@ fn lora_convert_writes_kohyas_sdxl_metadata() {
         assert_eq!(metadata.get(key).map(String::as_str), Some(value), "{key}");
     }
     assert_eq!(metadata["sshs_model_hash"].len(), 64);
+}
+
+/// `--nproc_per_node 2` starts two ranks of train_naruto with torchrun's variables; until the
+/// process group is wired in, each refuses a world of 2, and the launcher exits 1 naming the rank
+/// it saw fail, after forwarding that rank's error prefixed by its rank.
+#[test]
+fn train_naruto_launches_its_ranks_and_names_a_failing_one() {
+    let output = run(
+        "train_naruto",
+        &["--preset", "tiny", "--nproc_per_node", "2"],
+    );
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    let rank = ["0", "1"]
+        .into_iter()
+        .find(|r| {
+            last == format!(
+                "error: --nproc_per_node: rank {r} exited with status 1; stopped the other ranks"
+            )
+        })
+        .unwrap_or_else(|| panic!("the last line names no failing rank: {stderr}"));
+    let refused =
+        format!("[rank {rank}] error: WORLD_SIZE: is 2, and this build trains in one process only");
+    assert!(stderr.lines().any(|l| l.starts_with(&refused)), "{stderr}");
+}
+
+/// Under torchrun's variables, a missing one is named, and a world of 2 is refused (for now).
+#[test]
+fn train_naruto_reads_torchruns_variables() {
+    let torchrun = |vars: &[(&str, &str)]| {
+        let mut command = Command::new(example_path("train_naruto"));
+        command.args(["--preset", "tiny"]);
+        for (k, v) in vars {
+            command.env(k, v);
+        }
+        command.output().expect("the example starts")
+    };
+    let output = torchrun(&[("RANK", "0"), ("WORLD_SIZE", "2")]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("error: LOCAL_RANK: is not set"),
+        "{stderr}"
+    );
+    let output = torchrun(&[
+        ("RANK", "1"),
+        ("WORLD_SIZE", "2"),
+        ("LOCAL_RANK", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29500"),
+    ]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("error: WORLD_SIZE: is 2"), "{stderr}");
 }

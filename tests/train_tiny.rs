@@ -22,7 +22,9 @@ use trainer::run::{KOHYA_FILE, LORA_FILE};
 #[path = "common/training.rs"]
 mod training;
 
-use training::{assert_bit_identical, fixture, losses, run_to_end, scratch, spawn, tensors, tiny};
+use training::{
+    assert_bit_identical, fixture, losses, run_output, run_to_end, scratch, spawn, tensors, tiny,
+};
 
 #[test]
 fn random_crops_flips_v_prediction_min_snr_and_offset_noise_train() {
@@ -203,6 +205,32 @@ fn bf16_runs_train_near_fp32_and_resume_to_a_bit_identical_lora() {
     assert_bit_identical(
         &whole.output_dir.join(LORA_FILE),
         &dir.join("split").join(LORA_FILE),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A checkpoint records its global batch (`--train_batch_size` × processes); a resume with another
+/// one stops before training, naming the flags (docs/TRAINING.md, "Multi-GPU (data parallel)").
+#[test]
+fn a_resume_with_another_global_batch_is_refused() {
+    let dir = scratch("global-batch");
+    let config = |train_batch_size: u32, steps: u64| TrainConfig {
+        train_batch_size,
+        max_train_steps: steps,
+        checkpointing_steps: 1,
+        validation_prompt: None,
+        resume_from_checkpoint: Some("latest".into()),
+        ..tiny(&dir.join("run"))
+    };
+    run_to_end(&config(2, 1));
+    let (ok, stderr) = run_output(&config(1, 2));
+    assert!(!ok, "the resume should have been refused");
+    assert!(
+        stderr.contains(
+            "the checkpoint was trained with a global batch of 2 (--train_batch_size 2 × 1 process), \
+             and this run's is 1 (--train_batch_size 1 × 1 process)"
+        ),
+        "{stderr}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -407,6 +435,7 @@ fn assert_checkpoints_complete(out: &Path) -> Vec<u64> {
         )
         .unwrap();
         assert_eq!(state.step, step);
+        assert_eq!(state.batch_layout.map(|l| l.world_size), Some(1));
         assert_eq!(
             tensors(&path.join("lora_parameters.safetensors")).len(),
             272

@@ -157,6 +157,37 @@ pub enum Error {
     #[error("--cuda_graph: {0}")]
     CudaGraph(torch_cuda::Error),
 
+    /// A torchrun variable (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`)
+    /// that is missing or does not fit the others.
+    #[error("{variable}: {problem}")]
+    Environment {
+        /// The environment variable.
+        variable: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+
+    /// A checkpoint resumed with another global batch (`--train_batch_size` × processes).
+    #[error(
+        "the checkpoint was trained with a global batch of {recorded}, and this run's is {now}: \
+         choose --train_batch_size and --nproc_per_node (torchrun's --nproc-per-node) whose product \
+         is {}",
+        recorded.global_batch()
+    )]
+    GlobalBatchChanged {
+        /// The layout the checkpoint records.
+        recorded: crate::distributed::BatchLayout,
+        /// This run's layout.
+        now: crate::distributed::BatchLayout,
+    },
+
+    /// `--nproc_per_node`'s launcher could not start its processes, or one of them failed.
+    #[error("--nproc_per_node: {problem}")]
+    Launch {
+        /// What went wrong, naming the rank.
+        problem: String,
+    },
+
     /// Recording the profiled step failed.
     #[error("--profile_step: {0}")]
     Profile(torch_cuda::Error),

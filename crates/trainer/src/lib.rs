@@ -6,6 +6,7 @@
 //! - [`prepare`]: the conditioning computed once (prompt embeddings, latents);
 //! - [`model`]: the UNet with its LoRA;
 //! - [`step`]: the graph-capturable micro-step and optimizer step;
+//! - [`distributed`]: data parallelism (torchrun's world, collectives, `--nproc_per_node`);
 //! - [`run`]: the loop (graphs, logging, checkpoints, validation, resume);
 //! - [`outputs`]: LoRA files, model card, plots; [`kohya_metadata`]: the kohya file's header.
 
@@ -15,6 +16,7 @@ pub mod checkpoint;
 pub mod class_images;
 pub mod config;
 mod device;
+pub mod distributed;
 mod error;
 pub mod estimate;
 pub mod kohya_metadata;

@@ -186,6 +186,8 @@ train_config! {
     latents_cache_dir: Option<PathBuf> = None,
     /// Samples per micro-step.
     train_batch_size: u32 = 2,
+    /// Data-parallel processes to start on this machine (torchrun's --nproc-per-node, accelerate's --num_processes): the trainer runs itself that many times with torchrun's variables set; --train_batch_size is per process, so the global batch is their product (multi-process training needs the process group, still to come; see docs/TRAINING.md).
+    nproc_per_node: u32 = 1,
     /// Micro-steps per optimizer step.
     gradient_accumulation_steps: u32 = 2,
     /// Optimizer steps.

@@ -22,6 +22,7 @@ impl TrainConfig {
         }
         for (option, value) in [
             ("--train_batch_size", u64::from(self.train_batch_size)),
+            ("--nproc_per_node", u64::from(self.nproc_per_node)),
             (
                 "--gradient_accumulation_steps",
                 u64::from(self.gradient_accumulation_steps),

@@ -5,6 +5,7 @@
 //! deals it into batches with the data crate's [`Loader`], so a run resumed at micro-step `k` draws
 //! exactly what an uninterrupted run draws there. It knows nothing of models.
 
+mod share;
 mod sources;
 
 use std::ops::Range;
@@ -15,7 +16,9 @@ use data::{Batch, Dataset, Loader, LoaderConfig, SampleKey};
 use crate::Result;
 use crate::config::TrainConfig;
 use crate::config::kohya::KohyaDatasetConfig;
+use crate::distributed::World;
 use crate::step::LossWeights;
+pub use share::share_rows;
 use sources::caption_rules;
 
 /// What one micro-step trains on.
@@ -53,6 +56,20 @@ impl Plan {
     /// # Errors
     /// Dataset errors naming the row or file; a dataset without one full batch.
     pub fn open(config: &TrainConfig, kohya: Option<&KohyaDatasetConfig>) -> Result<Self> {
+        Self::open_for_world(config, kohya, 1)
+    }
+
+    /// [`Plan::open`] for `world_size` processes: global batches of `--train_batch_size ×
+    /// world_size` samples, dealt as one process with that batch would deal them; each rank takes
+    /// its [`Plan::share`].
+    ///
+    /// # Errors
+    /// As [`Plan::open`].
+    pub fn open_for_world(
+        config: &TrainConfig,
+        kohya: Option<&KohyaDatasetConfig>,
+        world_size: usize,
+    ) -> Result<Self> {
         let mut subsets = match kohya {
             Some(file) => sources::kohya_subsets(file),
             None => vec![sources::main_subset(config)],
@@ -63,7 +80,10 @@ impl Plan {
         });
         let data_config = sources::dataset_config(config)?;
         let dataset = Arc::new(Dataset::open_subsets(subsets, data_config)?);
-        let mut loader_config = LoaderConfig::new(config.train_batch_size as usize, config.seed);
+        let mut loader_config = LoaderConfig::new(
+            config.train_batch_size as usize * world_size.max(1),
+            config.seed,
+        );
         loader_config.drop_last = true;
         if config.dataloader_num_workers > 0 {
             loader_config.workers = config.dataloader_num_workers as usize;
@@ -91,6 +111,15 @@ impl Plan {
     pub fn batch_size(&self, config: &TrainConfig) -> usize {
         let per_loader = config.train_batch_size as usize;
         per_loader * if self.class_loader.is_some() { 2 } else { 1 }
+    }
+
+    /// The rows of the global micro-step `step` that `world`'s rank trains on (its instance
+    /// images, then its class images under prior preservation); `step` comes from a plan opened
+    /// for `world.world_size` processes ([`Plan::open_for_world`]).
+    pub fn share(&self, step: &MicroStep, world: &World) -> MicroStep {
+        let groups = if self.class_loader.is_some() { 2 } else { 1 };
+        let per_rank = step.keys.len() / groups / world.world_size.max(1);
+        step.select(&share_rows(per_rank, groups, world))
     }
 
     /// How the loss weighs the samples of `step`: `None` for the plain mean (no class or

@@ -12,6 +12,7 @@ use std::time::SystemTime;
 
 use super::Trainer;
 use crate::checkpoint::io_error;
+use crate::distributed::BatchLayout;
 use crate::kohya_metadata::RunFacts;
 use crate::logs::say;
 use crate::outputs::write_lora_files;
@@ -54,6 +55,10 @@ pub struct TrainerState {
     /// in checkpoints written before the choice existed, which hold AdamW's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub optimizer: Option<String>,
+    /// The world size and per-process batch (absent in checkpoints written before they were
+    /// recorded, all of one process): a resume must keep their product, the global batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_layout: Option<BatchLayout>,
 }
 
 impl Trainer {
@@ -65,6 +70,15 @@ impl Trainer {
             started_at: self.started_at,
             written_at: SystemTime::now(),
             v_prediction: self.v_prediction,
+        }
+    }
+
+    /// This run's layout of the global batch. The trainer trains in one process until the c10d
+    /// process group is wired in (`train_naruto` refuses a larger torchrun world).
+    fn batch_layout(&self) -> BatchLayout {
+        BatchLayout {
+            world_size: 1,
+            train_batch_size: self.config.train_batch_size as usize,
         }
     }
 
@@ -97,6 +111,9 @@ impl Trainer {
                      resume with --optimizer {saved}, or start a new run"
                 ),
             });
+        }
+        if let Some(recorded) = &state.batch_layout {
+            self.batch_layout().check_resume(recorded)?;
         }
         let params_path = path.join(PARAMS_FILE);
         let saved = Tensor::read_safetensors(&params_path)?;
@@ -160,6 +177,7 @@ impl Trainer {
             window_steps: acc.window_steps.double_value(&[]),
             loss_history: self.loss_history.clone(),
             optimizer: Some(self.config.optimizer_kind()?.name().to_owned()),
+            batch_layout: Some(self.batch_layout()),
         };
         let what = format!("checkpoint-{step}");
         let lora = self

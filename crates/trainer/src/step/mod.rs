@@ -25,10 +25,12 @@ use sdxl_model::schedulers::DdpmSchedule;
 use sdxl_model::unet::{UNet2DConditionModel, UNetInputs};
 
 mod objective;
+mod share;
 mod stepper;
 mod text;
 
 pub use objective::{Draws, LossWeights, Objective};
+pub use share::RowShare;
 pub use stepper::{StepGraphs, Stepper};
 
 use crate::model::TextEncoders;
