@@ -188,6 +188,16 @@ pub enum Error {
         problem: String,
     },
 
+    /// A collective of the process group failed: a rank that died, hung past `--ddp_timeout` or
+    /// never joined (named in `problem`).
+    #[error("process group (this is rank {rank}): {problem}")]
+    Collective {
+        /// This process's rank.
+        rank: usize,
+        /// What failed, naming the ranks that did not answer.
+        problem: String,
+    },
+
     /// Recording the profiled step failed.
     #[error("--profile_step: {0}")]
     Profile(torch_cuda::Error),

@@ -55,6 +55,12 @@ pub trait Collective {
     /// # Errors
     /// A rank that does not arrive within the process group's timeout, named.
     fn barrier(&self) -> Result<()>;
+
+    /// Whether CUDA tensors go through NCCL (a CUDA graph then captures the collectives in
+    /// thread-local mode, as NCCL's watchdog thread polls the stream during a capture).
+    fn uses_nccl(&self) -> bool {
+        false
+    }
 }
 
 /// The collectives of a run of one process: each one leaves its tensor as it is.

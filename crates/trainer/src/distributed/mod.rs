@@ -13,9 +13,11 @@ mod batch_layout;
 mod collective;
 pub mod launch;
 mod main_process;
+mod process_group;
 mod world;
 
 pub use batch_layout::BatchLayout;
 pub use collective::{Collective, SingleProcess};
 pub use main_process::on_main_process;
+pub use process_group::{join, join_with};
 pub use world::{World, cache_share};
