@@ -233,12 +233,29 @@ fn two_processes_of_batch_1_train_the_one_process_batch_2_lora_and_a_resume_on_o
 /// left half-written, and a resume from the last checkpoint completes.
 #[test]
 fn a_killed_rank_stops_the_other_naming_it_and_the_run_resumes() {
-    let out = fresh_dir("killed");
+    rank_1_fails_mid_run("killed", Fault::Kill);
+}
+
+/// Rank 1 stopped (SIGSTOP: alive, answering nothing) mid-run: rank 0 exits non-zero once
+/// `--ddp_timeout` (15 s here) has passed, naming rank 1; the resume completes.
+#[test]
+fn a_hung_rank_stops_the_other_at_the_timeout_naming_it() {
+    rank_1_fails_mid_run("hung", Fault::Stop);
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    Kill,
+    Stop,
+}
+
+fn rank_1_fails_mid_run(name: &str, fault: Fault) {
+    let out = fresh_dir(name);
     let extra = ["--max_train_steps", "24", "--checkpointing_steps", "2"];
     let per_rank: Vec<&str> = extra
         .iter()
         .copied()
-        .chain(["--train_batch_size", "1"])
+        .chain(["--train_batch_size", "1", "--ddp_timeout", "0.25"])
         .collect();
     let port = free_port();
     let mut rank0 = spawn_rank(&out, &per_rank, 0, 2, port);
@@ -258,19 +275,30 @@ fn a_killed_rank_stops_the_other_naming_it_and_the_run_resumes() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    rank1.kill().unwrap(); // SIGKILL
-    let _ = rank1.wait();
-    let killed = Instant::now();
+    match fault {
+        Fault::Kill => rank1.kill().unwrap(), // SIGKILL
+        Fault::Stop => {
+            let stopped = Command::new("kill")
+                .args(["-STOP", &rank1.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(stopped.success());
+        }
+    }
+    let failed = Instant::now();
     loop {
         if rank0.try_wait().unwrap().is_some() {
             break;
         }
         assert!(
-            killed.elapsed() < Duration::from_secs(60),
-            "rank 0 still runs 60 s after rank 1 was killed"
+            failed.elapsed() < Duration::from_secs(60),
+            "rank 0 still runs 60 s after rank 1 failed"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    let waited = failed.elapsed();
+    let _ = rank1.kill();
+    let _ = rank1.wait();
     let output = rank0.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "rank 0 succeeded: {stderr}");
@@ -279,6 +307,10 @@ fn a_killed_rank_stops_the_other_naming_it_and_the_run_resumes() {
         last.starts_with("error: ") && last.contains("rank 1"),
         "rank 0's error does not name rank 1: {stderr}"
     );
+    if fault == Fault::Stop {
+        // Not before the timeout: a stopped process keeps its connections open.
+        assert!(waited >= Duration::from_secs(10), "{waited:?}: {stderr}");
+    }
     // Only whole checkpoints: each has its trainer state; no temporary folder is left.
     let mut latest = 0;
     for entry in std::fs::read_dir(&out).unwrap() {

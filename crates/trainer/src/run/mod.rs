@@ -130,6 +130,9 @@ impl Trainer {
         group: Rc<dyn Collective>,
     ) -> Result<Self> {
         set_quiet(!world.is_main_process());
+        if let Some(line) = group.describe() {
+            say(line);
+        }
         let (mut config, kohya) = config.with_dataset_config()?;
         config.validate()?;
         config.nproc_per_node = processes(&config, &world)?;
