@@ -18,7 +18,7 @@
 //! `B` is still near zero) can get an update of either sign, at most `lr` per step in AdamW's
 //! first steps: the element-wise bound is `2 · lr · N`.
 
-#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: failing loudly is the point
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: failing loudly is the point
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
