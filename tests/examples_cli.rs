@@ -8,9 +8,11 @@
 //! alone. A target folder shared by several checkouts (`CARGO_TARGET_DIR`) holds the examples of
 //! whichever checkout built last.
 
-#![allow(clippy::expect_used)] // test code: failing loudly is the point
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
-use std::path::PathBuf;
+mod common;
+use common::example_path;
+
 use std::process::{Command, Output};
 
 /// An example, the flags its help must list (every flag that README.md, docs/ and tools/gpu/ pass it,
@@ -176,21 +178,6 @@ const EXAMPLES: &[Example] = &[
 ];
 
 /// `target/<profile>/examples/<name>`: this test binary is `target/<profile>/deps/<name>-<hash>`.
-fn example_path(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("the test binary lies in target/<profile>/deps");
-    let path = profile_dir.join("examples").join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: `cargo test` builds the examples; alone, run `cargo build --examples` first",
-        path.display()
-    );
-    path
-}
-
 fn run(name: &str, args: &[&str]) -> Output {
     Command::new(example_path(name))
         .args(args)
