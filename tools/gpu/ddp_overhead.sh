@@ -16,12 +16,13 @@ out=${OUT:-/tmp/ddp-overhead}
 source tools/gpu/setup.sh
 gpu_setup "ddp-overhead.log"
 echo "== torch-cuda dist tests (NCCL)"
+export TORCH_CUDA_DIST_NATIVE_BACKTRACE=1
 NCCL_DEBUG=${NCCL_DEBUG:-WARN} timeout 180 bash scripts/gpu-entry.sh tests/dist 2>&1 \
-    | grep -E "^test |test result|panicked|rank [0-9]|NCCL|rror" | cut -c1-300
+    | grep -E "^test |test result|panicked|rank [0-9]|NCCL|rror|native stack|\.so\(|dist\(" | cut -c1-300
 source tools/gpu/seed_bench.sh
 seed_bench_data /tmp/ddp-data "$images"
 torchrun=(python3 -m torch.distributed.run --nproc-per-node 1 --no-python)
-filter='^\[trainer\] (c10d|captured|data parallel)|^done|rror|NCCL WARN'
+filter='^\[trainer\] (c10d|captured|data parallel)|^done|rror|NCCL WARN|native stack|\.so\(|train_naruto\(|exitcode'
 rm -rf /tmp/run-*
 for round in a b; do
     seed_bench_run "seed-$round" "$filter" "$steps" --logging_steps 2

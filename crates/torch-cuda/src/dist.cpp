@@ -16,8 +16,13 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <execinfo.h>
+#include <signal.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
 #include <sstream>
 #include <string>
@@ -33,6 +38,28 @@ c10d::Backend* torch_dist_nccl_new(const c10::intrusive_ptr<c10d::Store>& store,
 namespace {
 
 thread_local std::string last_error;
+
+// TORCH_CUDA_DIST_NATIVE_BACKTRACE=1: a crash (SIGSEGV, SIGBUS, SIGABRT) inside libtorch's c10d
+// or NCCL prints the native stack to stderr before the process dies (what Python's faulthandler
+// gives torch.distributed users), then lets the signal take its default course.
+void print_native_stack(int signal) {
+    const char header[] = "torch-cuda dist: fatal signal; native stack:\n";
+    (void)!write(2, header, sizeof(header) - 1);
+    void* frames[64];
+    int depth = backtrace(frames, 64);
+    backtrace_symbols_fd(frames, depth, 2);
+    ::signal(signal, SIG_DFL);
+    raise(signal);
+}
+
+void install_crash_stack() {
+    const char* flag = std::getenv("TORCH_CUDA_DIST_NATIVE_BACKTRACE");
+    if (flag != nullptr && flag[0] == '1') {
+        for (int signal : {SIGSEGV, SIGBUS, SIGABRT}) {
+            ::signal(signal, print_native_stack);
+        }
+    }
+}
 
 // An exception's message, without the C++ backtrace c10::Error appends.
 std::string message(const std::exception& e) {
@@ -134,6 +161,7 @@ const char* torch_dist_last_error() { return last_error.c_str(); }
 int torch_dist_new(const char* master_addr, int port, int rank, int size, int64_t timeout_ms,
                    int cuda_device, void** out) {
     return guarded([&] {
+        install_crash_stack();
         auto timeout = std::chrono::milliseconds(timeout_ms);
         c10d::TCPStoreOptions store_options;
         store_options.port = static_cast<std::uint16_t>(port);

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cstdint>
 
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 
 // Creates the backend for CUDA device `device` over `store` (a c10d::Store owned by the caller);
@@ -21,6 +22,9 @@
 c10d::Backend* torch_dist_nccl_new(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
                                    int64_t timeout_ms, int device) {
     c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
+    // CUDA and its caching allocator initialised on this device before the backend (Python has
+    // done so by the time init_process_group runs; ProcessGroupNCCL's streams and events expect it).
+    (void)at::empty({1}, at::TensorOptions().device(at::kCUDA, static_cast<c10::DeviceIndex>(device)));
     auto options = c10d::ProcessGroupNCCL::Options::create();
     options->timeout = std::chrono::milliseconds(timeout_ms);
     auto backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, size, options);
