@@ -128,8 +128,21 @@ impl Trainer {
         let dataset = plan.dataset();
         let micro_steps = config.max_train_steps * u64::from(config.gradient_accumulation_steps);
         let planned = plan.micro_steps(0..micro_steps)?;
-        let (text, validation_prompt) = prepare_text(&config, &folder, &planned, device, kind)?;
-        let (latents, vae_config) = prepare_latents(&config, &folder, dataset, device)?;
+        let (text, validation_prompt) = prepare_text(
+            &config,
+            &folder,
+            &planned,
+            device,
+            kind,
+            &crate::distributed::SingleProcess,
+        )?;
+        let (latents, vae_config) = prepare_latents(
+            &config,
+            &folder,
+            dataset,
+            device,
+            &crate::distributed::SingleProcess,
+        )?;
         let model = TrainModel::load(&config, &folder, device, kind)?;
         // Samples per micro-step: twice --train_batch_size with prior preservation.
         let batch = plan.batch_size(&config);
