@@ -32,6 +32,8 @@ use crate::validation::ValidationPrompt;
 use crate::{Error, Result};
 
 mod share;
+#[cfg(test)]
+mod tests;
 
 /// Where the clean latents of a step come from.
 pub enum Latents {

@@ -50,7 +50,12 @@ pub(super) fn encode_latents_in_memory(
         });
         let mine = local.buckets.get(&bucket);
         let gather = |pick: fn(&BucketLatents) -> &Tensor, dims| {
-            gather_blocks(group, mine.map(pick), &counts, (dims, Kind::Float, Device::Cpu))
+            gather_blocks(
+                group,
+                mine.map(pick),
+                &counts,
+                (dims, Kind::Float, Device::Cpu),
+            )
         };
         let latents = BucketLatents {
             mean: gather(|b| &b.mean, 4)?,
