@@ -18,7 +18,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use cli::UsageError;
-use trainer::distributed::{SingleProcess, World, launch};
+use trainer::distributed::{World, launch};
 use trainer::{Error, TrainConfig, Trainer};
 
 mod cli;
@@ -87,15 +87,15 @@ fn train(mut args: Vec<String>) -> anyhow::Result<()> {
         Err(error) => return Err(error.into()),
     };
     let world = World::from_env()?;
-    if config.nproc_per_node > 1 && world == World::SINGLE {
+    if config.nproc_per_node > 1 && world == World::SINGLE && std::env::var_os("RANK").is_none() {
         return launch_ranks(&all_args, config.nproc_per_node as usize);
     }
-    // Until the process group is wired in, a torchrun world of several processes is refused
-    // (else each process would train alone and write the same files).
-    SingleProcess::for_world(&world)?;
     let output_dir = config.output_dir.clone();
     let mut trainer = Trainer::new(config)?;
     let summary = trainer.run()?;
+    if !summary.main_process {
+        return Ok(());
+    }
     println!(
         "done: {} steps, final loss {}, {:.3} s/step{}; LoRA: {} (kohya: {}); loss plot: {}",
         summary.steps_run,

@@ -307,6 +307,17 @@ impl ComputeCopies {
         Ok(Some(this))
     }
 
+    /// The fp32 masters' flat buffer: every adapter's `A` and `B` this set covers is a view of it.
+    pub fn masters(&self) -> &Tensor {
+        &self.masters
+    }
+
+    /// The masters' flat gradient buffer (each master's gradient is a view of it): what
+    /// data-parallel training averages over processes in one all-reduce.
+    pub fn master_grads(&self) -> &Tensor {
+        &self.master_grads
+    }
+
     /// The type the copies compute in.
     pub fn kind(&self) -> Kind {
         self.kind

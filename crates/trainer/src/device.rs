@@ -35,6 +35,28 @@ pub(crate) fn open(config: &TrainConfig) -> Result<Device> {
     Ok(device)
 }
 
+/// The device of process `world` of a data-parallel run: on CUDA, device `LOCAL_RANK` (as
+/// torchrun scripts call `torch.cuda.set_device(local_rank)`); one process keeps `device`.
+///
+/// # Errors
+/// [`Error::Environment`] when `LOCAL_RANK` names a device this machine does not have.
+pub(crate) fn for_rank(device: Device, world: &crate::distributed::World) -> Result<Device> {
+    if !device.is_cuda() || world.world_size == 1 {
+        return Ok(device);
+    }
+    let count = tch::Cuda::device_count();
+    if world.local_rank as i64 >= count {
+        return Err(Error::Environment {
+            variable: "LOCAL_RANK",
+            problem: format!(
+                "{} names a CUDA device, and this machine has {count}",
+                world.local_rank
+            ),
+        });
+    }
+    Ok(Device::Cuda(world.local_rank))
+}
+
 /// Refuses `--mixed_precision bf16` on a CUDA device without native bf16, suggesting fp16.
 ///
 /// # Errors

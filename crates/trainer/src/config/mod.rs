@@ -186,15 +186,17 @@ train_config! {
     latents_cache_dir: Option<PathBuf> = None,
     /// Samples per micro-step.
     train_batch_size: u32 = 2,
-    /// Data-parallel processes to start on this machine (torchrun's --nproc-per-node, accelerate's --num_processes): the trainer runs itself that many times with torchrun's variables set; --train_batch_size is per process, so the global batch is their product (multi-process training needs the process group, still to come; see docs/TRAINING.md).
+    /// Data-parallel processes to start on this machine (torchrun's --nproc-per-node, accelerate's --num_processes): the trainer runs itself that many times with torchrun's variables set; --train_batch_size is per process, so the global batch is their product (docs/TRAINING.md, "Multi-GPU"). Under torchrun the trainer records the world size here.
     nproc_per_node: u32 = 1,
+    /// Minutes a collective of a multi-process run waits for the other processes before the run stops, naming the ranks that did not answer (kohya's --ddp_timeout; 30 as accelerate's default).
+    ddp_timeout: f64 = 30.0,
     /// Micro-steps per optimizer step.
     gradient_accumulation_steps: u32 = 2,
     /// Optimizer steps.
     max_train_steps: u64 = 1200,
     /// Peak learning rate.
     learning_rate: f64 = 1e-4,
-    /// Multiply the learning rate by batch size × accumulation steps.
+    /// Multiply the learning rate by batch size × accumulation steps × processes (diffusers' --scale_lr).
     scale_lr: bool = false,
     /// Learning-rate schedule.
     lr_scheduler: SchedulerKind = SchedulerKind::Constant,
@@ -473,12 +475,14 @@ impl TrainConfig {
         }
     }
 
-    /// The learning rate the optimizer starts from (`--scale_lr` multiplies by the samples per step).
+    /// The learning rate the optimizer starts from (`--scale_lr` multiplies by the samples per
+    /// optimizer step over all processes, as diffusers' scripts do with `accelerator.num_processes`).
     pub fn base_learning_rate(&self) -> f64 {
         if self.scale_lr {
             self.learning_rate
                 * f64::from(self.train_batch_size)
                 * f64::from(self.gradient_accumulation_steps)
+                * f64::from(self.nproc_per_node)
         } else {
             self.learning_rate
         }

@@ -107,6 +107,7 @@ impl TrainConfig {
                 self.max_grad_norm,
                 self.max_grad_norm > 0.0,
             ),
+            ("--ddp_timeout", self.ddp_timeout, self.ddp_timeout > 0.0),
             (
                 "--noise_offset",
                 self.noise_offset,

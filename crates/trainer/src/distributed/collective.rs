@@ -61,6 +61,11 @@ pub trait Collective {
     fn uses_nccl(&self) -> bool {
         false
     }
+
+    /// A line for the run's log saying what carries the collectives (`None`: one process, nothing).
+    fn describe(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The collectives of a run of one process: each one leaves its tensor as it is.

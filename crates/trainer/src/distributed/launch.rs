@@ -98,7 +98,13 @@ pub fn launch(
 }
 
 fn spawn(program: &Path, args: &[String], rank: usize, nproc: usize, port: u16) -> Result<Child> {
-    Command::new(program)
+    let mut command = Command::new(program);
+    // As torchrun: one CPU thread per process unless the user chose (several processes each with
+    // as many threads as cores would oversubscribe the CPU).
+    if nproc > 1 && std::env::var_os("OMP_NUM_THREADS").is_none() {
+        command.env("OMP_NUM_THREADS", "1");
+    }
+    command
         .args(args)
         .env("RANK", rank.to_string())
         .env("LOCAL_RANK", rank.to_string())

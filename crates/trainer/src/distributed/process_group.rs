@@ -108,6 +108,26 @@ impl Collective for Group {
     fn uses_nccl(&self) -> bool {
         self.group.has_nccl()
     }
+
+    fn describe(&self) -> Option<String> {
+        let config = self.group.config();
+        let backends = if self.group.has_nccl() {
+            format!(
+                "NCCL on cuda:{} for CUDA tensors, Gloo for CPU tensors",
+                config.local_rank
+            )
+        } else {
+            "Gloo (CPU tensors)".to_owned()
+        };
+        Some(format!(
+            "c10d process group: rank {} of {} through the store at {}:{}; {backends}; timeout {:.0} s",
+            config.rank,
+            config.world_size,
+            config.master_addr,
+            config.master_port,
+            self.group.timeout().as_secs_f64()
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -32,14 +32,29 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Whether this process keeps its story to itself: the processes of a data-parallel run other
+/// than rank 0 (accelerate logs on the main process only). Errors are not lines of the story: the
+/// caller reports them.
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Silences [`say`] in this process (the ranks other than 0), or lets it speak again.
+pub(crate) fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// A line of the run's story on stderr.
 pub(crate) fn say(message: impl AsRef<str>) {
-    eprintln!("[trainer] {}", message.as_ref());
+    if !QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("[trainer] {}", message.as_ref());
+    }
 }
 
 /// [`say`] while the progress bar runs: above the bar on a terminal, plainly otherwise (a hidden
 /// bar would swallow the line).
 pub(crate) fn say_above(progress: &indicatif::ProgressBar, message: impl AsRef<str>) {
+    if QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
     if progress.is_hidden() {
         say(message);
     } else {

@@ -5,7 +5,10 @@
 //! the class images that follow them, so every rank's share keeps the instances-then-classes order
 //! the loss weights expect.
 
-use super::MicroStep;
+use data::Batch;
+
+use super::{MicroStep, Plan};
+use crate::Result;
 use crate::distributed::World;
 
 /// The rows of a global micro-step that `world`'s rank trains on: a global batch of `groups`
@@ -28,6 +31,27 @@ impl MicroStep {
             prompts: rows.iter().map(|&r| self.prompts[r].clone()).collect(),
             reg: rows.iter().map(|&r| self.reg[r]).collect(),
         }
+    }
+}
+
+impl Plan {
+    /// The loaded batch of micro-step `index` (latents encoded live), restricted to `world`'s
+    /// rows. Every process loads the whole global batch (its crops and flips are keyed by global
+    /// slot) and keeps its rows.
+    ///
+    /// # Errors
+    /// Loading errors naming the row.
+    pub fn batch_share(&self, index: u64, world: &World) -> Result<Batch> {
+        let mut batch = self.batch(index)?;
+        if world.world_size > 1 {
+            let per_rank = batch.samples.len() / world.world_size;
+            let rows = world.rows(per_rank);
+            batch.pixels = batch
+                .pixels
+                .f_narrow(0, rows.start as i64, per_rank as i64)?;
+            batch.samples = batch.samples.drain(rows).collect();
+        }
+        Ok(batch)
     }
 }
 

@@ -8,10 +8,10 @@ use crate::logs::jsonl::MetricsLog;
 use crate::logs::tensorboard::EventWriter;
 use crate::step::Accumulators;
 
-/// The run's logs and progress bar.
+/// The run's logs and progress bar (files and a visible bar on rank 0 only).
 pub(super) struct RunLogs {
-    metrics: MetricsLog,
-    events: EventWriter,
+    metrics: Option<MetricsLog>,
+    events: Option<EventWriter>,
     pub(super) progress: indicatif::ProgressBar,
 }
 
@@ -24,17 +24,28 @@ pub(super) struct Window {
 }
 
 impl RunLogs {
-    /// Opens (or, resumed, continues) `output_dir/logs` and starts the bar at `start_step`.
-    pub(super) fn open(config: &TrainConfig, start_step: u64) -> Result<Self> {
+    /// Opens (or, resumed, continues) `output_dir/logs` and starts the bar at `start_step`; the
+    /// other processes of a data-parallel run (`main` false) write no files and show no bar, but
+    /// read the window as rank 0 does (every process takes the same stop decisions).
+    pub(super) fn open(config: &TrainConfig, start_step: u64, main: bool) -> Result<Self> {
         let logs = config.output_dir.join("logs");
-        let metrics = MetricsLog::open(&logs.join("metrics.jsonl"), Some(start_step))?;
-        let events = if start_step > 0 {
-            EventWriter::create_resumed(&logs, start_step)?
+        let (metrics, events) = if main {
+            let metrics = MetricsLog::open(&logs.join("metrics.jsonl"), Some(start_step))?;
+            let events = if start_step > 0 {
+                EventWriter::create_resumed(&logs, start_step)?
+            } else {
+                EventWriter::create(&logs)?
+            };
+            (Some(metrics), Some(events))
         } else {
-            EventWriter::create(&logs)?
+            (None, None)
         };
-        let progress =
-            indicatif::ProgressBar::new(config.max_train_steps).with_position(start_step);
+        let progress = if main {
+            indicatif::ProgressBar::new(config.max_train_steps)
+        } else {
+            indicatif::ProgressBar::hidden()
+        }
+        .with_position(start_step);
         progress.set_style(
             indicatif::ProgressStyle::with_template(
                 "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}] {msg}",
@@ -70,15 +81,17 @@ impl RunLogs {
         let _ = acc.window_loss.zero_();
         let _ = acc.window_steps.zero_();
         let loss = (window_steps > 0.0).then(|| window_loss / window_steps);
+        let window = Window { loss, skipped };
+        let (Some(events), Some(metrics)) = (&mut self.events, &mut self.metrics) else {
+            return Ok(window);
+        };
         let at = step as i64;
         if let Some(loss) = loss {
-            self.events.add_scalar("train/loss", at, loss as f32)?;
+            events.add_scalar("train/loss", at, loss as f32)?;
         }
-        self.events.add_scalar("train/lr", at, lr as f32)?;
-        self.events
-            .add_scalar("train/grad_norm", at, grad_norm as f32)?;
-        self.events
-            .add_scalar("train/skipped_steps", at, skipped as f32)?;
+        events.add_scalar("train/lr", at, lr as f32)?;
+        events.add_scalar("train/grad_norm", at, grad_norm as f32)?;
+        events.add_scalar("train/skipped_steps", at, skipped as f32)?;
         let mut record = serde_json::json!({
             "step": step,
             "loss": loss,
@@ -90,15 +103,13 @@ impl RunLogs {
         });
         let mut scaler_text = String::new();
         if let Some((scale, overflows)) = scaler {
-            self.events
-                .add_scalar("train/loss_scale", at, scale as f32)?;
-            self.events
-                .add_scalar("train/overflow_steps", at, overflows as f32)?;
+            events.add_scalar("train/loss_scale", at, scale as f32)?;
+            events.add_scalar("train/overflow_steps", at, overflows as f32)?;
             record["loss_scale"] = scale.into();
             record["overflow_steps"] = overflows.into();
             scaler_text = format!(" scale {scale:.0} overflows {overflows}");
         }
-        self.metrics.write(&record)?;
+        metrics.write(&record)?;
         let loss_text = loss.map_or_else(|| "n/a".to_owned(), |l| format!("{l:.4}"));
         let memory_text = peak_memory_gib.map_or_else(String::new, |m| format!(" mem {m:.2} GiB"));
         let skipped_text = if skipped > 0 {
@@ -109,11 +120,14 @@ impl RunLogs {
         self.progress.set_message(format!(
             "loss {loss_text} lr {lr:.2e}{memory_text}{skipped_text}{scaler_text}"
         ));
-        Ok(Window { loss, skipped })
+        Ok(window)
     }
 
     /// Flushes the event file.
     pub(super) fn flush(&mut self) -> Result<()> {
-        self.events.flush()
+        match &mut self.events {
+            Some(events) => events.flush(),
+            None => Ok(()),
+        }
     }
 }

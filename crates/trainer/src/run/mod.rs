@@ -13,7 +13,8 @@ mod probe;
 mod resume;
 
 use std::path::PathBuf;
-use std::time::{Instant, SystemTime};
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime};
 
 use tch::{Device, Kind};
 
@@ -27,17 +28,18 @@ use crate::class_images::ensure_class_images;
 use crate::config::kohya::KohyaDatasetConfig;
 use crate::config::{OptimizerKind, TrainConfig};
 use crate::device;
+use crate::distributed::{Collective, World, join, on_main_process};
 use crate::estimate::{
     Estimate, EstimateInput, OptimizerTable, estimate, optimizer_seconds_per_tensor,
     text_encoder_activation_bytes,
 };
-use crate::logs::{say, say_above};
+use crate::logs::{say, say_above, set_quiet};
 use crate::model::TrainModel;
 use crate::model_files::ModelFolder;
 use crate::outputs::{self, RunStats};
 use crate::plan::{MicroStep, Plan};
 use crate::prepare::{Latents, TextConditioning, prepare_latents, prepare_text};
-use crate::step::{StepGraphs, Stepper};
+use crate::step::{StepGraphs, Stepper, broadcast_lora};
 use crate::validation::Validator;
 use crate::{Error, Result};
 use logging::RunLogs;
@@ -64,6 +66,9 @@ pub struct Trainer {
     /// metadata.
     started_at: SystemTime,
     v_prediction: bool,
+    /// This process's place in a data-parallel run, and the collectives over its processes.
+    world: World,
+    group: Rc<dyn Collective>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -92,20 +97,46 @@ pub struct RunSummary {
     pub seconds_per_step: f64,
     /// Peak allocated device memory, GiB (CUDA only).
     pub peak_memory_gib: Option<f64>,
+    /// Whether this process wrote the outputs (rank 0 of a data-parallel run, or the only one).
+    pub main_process: bool,
     /// The rows left out under `--skip_bad_images`, each as its error names it.
     pub skipped_rows: Vec<String>,
 }
 
 impl Trainer {
     /// Plans the data, prepares the conditioning (text, latents), loads the model with its LoRA,
-    /// sets up the step and, with `--resume_from_checkpoint`, restores the run.
+    /// sets up the step and, with `--resume_from_checkpoint`, restores the run. Under torchrun (or
+    /// `--nproc_per_node`'s launcher) this process joins the others first ([`join`]): NCCL on
+    /// CUDA, Gloo on the CPU, each collective waiting at most `--ddp_timeout`.
     ///
     /// # Errors
-    /// Anything wrong with the config, the model, the data or the checkpoint, naming the culprit.
+    /// Anything wrong with the config, the model, the data or the checkpoint, naming the culprit;
+    /// torchrun variables that are missing or wrong; a rendezvous that fails.
     pub fn new(config: TrainConfig) -> Result<Self> {
+        let world = World::from_env()?;
+        let timeout = Duration::from_secs_f64(config.ddp_timeout.clamp(1e-3, 1e6) * 60.0);
+        let group = Rc::from(join(&world, timeout)?);
+        Self::with_group(config, world, group)
+    }
+
+    /// [`Trainer::new`] as process `world` of a data-parallel run whose collectives `group`
+    /// performs (a [`crate::distributed::SingleProcess`] for one process).
+    ///
+    /// # Errors
+    /// As [`Trainer::new`]; `--nproc_per_node` above 1 in a world of one process.
+    pub fn with_group(
+        config: TrainConfig,
+        world: World,
+        group: Rc<dyn Collective>,
+    ) -> Result<Self> {
+        set_quiet(!world.is_main_process());
+        if let Some(line) = group.describe() {
+            say(line);
+        }
         let (mut config, kohya) = config.with_dataset_config()?;
         config.validate()?;
-        let device = device::open(&config)?;
+        config.nproc_per_node = processes(&config, &world)?;
+        let device = device::for_rank(device::open(&config)?, &world)?;
         if config.cuda_graph && !(device.is_cuda() && config.cache_latents) {
             return Err(Error::InvalidOption {
                 option: "--cuda_graph",
@@ -114,7 +145,7 @@ impl Trainer {
         }
         device::check_precision(config.mixed_precision, device)?;
         let kind = config.mixed_precision.kind();
-        let store = open_output_dir(&config)?;
+        let store = open_output_dir(&config, &*group)?;
         let folder = crate::model_files::resolve_model(&config)?;
         say(format!(
             "model {} on {device:?} in {kind:?}",
@@ -124,7 +155,13 @@ impl Trainer {
             say(line);
         }
         config.validate()?;
-        let plan = open_plan(&config, kohya.as_ref(), &folder, (device, kind))?;
+        let plan = open_plan(
+            &config,
+            kohya.as_ref(),
+            &folder,
+            (device, kind),
+            (&world, &*group),
+        )?;
         let dataset = plan.dataset();
         let micro_steps = config.max_train_steps * u64::from(config.gradient_accumulation_steps);
         let planned = plan.micro_steps(0..micro_steps)?;
@@ -144,8 +181,13 @@ impl Trainer {
             &crate::distributed::SingleProcess,
         )?;
         let model = TrainModel::load(&config, &folder, device, kind)?;
-        // Samples per micro-step: twice --train_batch_size with prior preservation.
+        if group.world_size() > 1 {
+            // Every process starts from rank 0's LoRA.
+            broadcast_lora(&*group, &model)?;
+        }
+        // Samples per micro-step and process: twice --train_batch_size with prior preservation.
         let batch = plan.batch_size(&config);
+        let groups = batch / config.train_batch_size.max(1) as usize;
         let scheduler_config = crate::single_file::training_scheduler_config(&config, &folder)?;
         let v_prediction = scheduler_config.prediction_type.as_deref() == Some("v_prediction");
         let stepper = Stepper::new(
@@ -154,6 +196,7 @@ impl Trainer {
             &vae_config,
             &scheduler_config,
             (device, kind, batch),
+            (world, Rc::clone(&group), groups),
         )?;
         let estimate = device
             .is_cuda()
@@ -184,16 +227,28 @@ impl Trainer {
             estimate,
             started_at: SystemTime::now(),
             v_prediction,
+            world,
+            group,
         };
         trainer.resume()?;
         trainer.upload_plan(&planned)?;
         Ok(trainer)
     }
 
-    /// Each remaining micro-step's rows (and loss weights), on the device.
+    /// Each remaining micro-step's rows (and loss weights) of this process, on the device.
     fn upload_plan(&mut self, planned: &[MicroStep]) -> Result<()> {
         let first = self.start_step * u64::from(self.config.gradient_accumulation_steps);
         let remaining = planned.get(first as usize..).unwrap_or_default();
+        let shared: Vec<MicroStep>;
+        let remaining = if self.world.world_size > 1 {
+            shared = remaining
+                .iter()
+                .map(|step| self.plan.share(step, &self.world))
+                .collect();
+            &shared[..]
+        } else {
+            remaining
+        };
         let (text, latents, plan) = (&self.text, &self.latents, &self.plan);
         let weight = self.config.prior_loss_weight;
         let weights = |step: &MicroStep| plan.loss_weights(step, weight);
@@ -242,7 +297,7 @@ impl Trainer {
             say(estimate.to_string());
             say(optimizers.to_string());
         }
-        let mut logs = RunLogs::open(&self.config, self.start_step)?;
+        let mut logs = RunLogs::open(&self.config, self.start_step, self.world.is_main_process())?;
         if self.device.is_cuda() {
             torch_cuda::reset_peak_memory_stats(device::index(self.device));
         }
@@ -267,17 +322,22 @@ impl Trainer {
             loss_history: &self.loss_history,
         };
         let facts = self.run_facts(end);
-        // With --use_ema the comparison grid and the LoRA files hold the average.
+        // With --use_ema the comparison grid and the LoRA files hold the average. Rank 0 writes them.
         let (validator, vae, config) = (&self.validator, self.latents.live_vae(), &self.config);
-        let (lora_file, kohya_file) =
-            self.model
-                .with_ema_weights(self.stepper.ema_mut(), |model| {
-                    let grid = match validator {
-                        Some(validator) => Some(validator.compare(model, vae)?),
-                        None => None,
-                    };
-                    outputs::write(config, model, &stats, &facts, grid.as_ref())
-                })?;
+        let (model, ema) = (&mut self.model, self.stepper.ema_mut());
+        let written = on_main_process(&*self.group, || {
+            model.with_ema_weights(ema, |model| {
+                let grid = match validator {
+                    Some(validator) => Some(validator.compare(model, vae)?),
+                    None => None,
+                };
+                outputs::write(config, model, &stats, &facts, grid.as_ref())
+            })
+        })?;
+        let (lora_file, kohya_file) = written.unwrap_or_else(|| {
+            let out = &self.config.output_dir;
+            (out.join(LORA_FILE), out.join(KOHYA_FILE))
+        });
         let skipped_rows = self.plan.skipped_rows();
         if !skipped_rows.is_empty() {
             say(format!(
@@ -296,6 +356,7 @@ impl Trainer {
             kohya_file,
             seconds_per_step,
             peak_memory_gib,
+            main_process: self.world.is_main_process(),
             skipped_rows,
         })
     }
@@ -399,12 +460,15 @@ impl Trainer {
             }
             skipped = Some(window.skipped);
         }
-        if done.is_multiple_of(config.checkpointing_steps) {
-            let path = self.save_checkpoint(done)?;
+        // Rank 0 writes; every process meets it at a barrier after.
+        let group = Rc::clone(&self.group);
+        if done.is_multiple_of(config.checkpointing_steps)
+            && let Some(path) = on_main_process(&*group, || self.save_checkpoint(done))?
+        {
             say_above(&logs.progress, format!("saved {}", path.display()));
         }
         if done.is_multiple_of(self.config.validation_steps) && done < self.config.max_train_steps {
-            self.validate(done)?;
+            on_main_process(&*group, || self.validate(done))?;
         }
         Ok(skipped)
     }
@@ -436,17 +500,22 @@ fn open_plan(
     kohya: Option<&KohyaDatasetConfig>,
     folder: &ModelFolder,
     (device, kind): (Device, Kind),
+    (world, group): (&World, &dyn Collective),
 ) -> Result<Plan> {
     if config.with_prior_preservation {
-        let class = ensure_class_images(config, folder, device, kind)?;
-        say(format!(
-            "{} class images in {} ({} generated)",
-            class.paths.len(),
-            class.folder.display(),
-            class.generated
-        ));
+        // Rank 0 makes the missing class images; the others wait for them.
+        if let Some(class) =
+            on_main_process(group, || ensure_class_images(config, folder, device, kind))?
+        {
+            say(format!(
+                "{} class images in {} ({} generated)",
+                class.paths.len(),
+                class.folder.display(),
+                class.generated
+            ));
+        }
     }
-    let plan = Plan::open(config, kohya)?;
+    let plan = Plan::open_for_world(config, kohya, world.world_size)?;
     say(Plan::describe_prompts(config));
     for skipped in plan.skipped_rows() {
         say(format!("skipped a row: {skipped}"));
@@ -455,27 +524,57 @@ fn open_plan(
         "{} images, {} batches of {} per epoch; bucket(s) {}",
         plan.dataset().len(),
         plan.steps_per_epoch(),
-        config.train_batch_size,
+        config.train_batch_size as usize * world.world_size,
         plan.describe_buckets()
     ));
+    if world.world_size > 1 {
+        say(format!(
+            "data parallel: {} processes, each training on --train_batch_size {} of every batch",
+            world.world_size, config.train_batch_size
+        ));
+    }
     Ok(plan)
 }
 
 /// Creates `output_dir`, removes what an interrupted run left half-written, and prunes a checkpoint
-/// too many (a run killed between a save and its prune).
-fn open_output_dir(config: &TrainConfig) -> Result<CheckpointStore> {
-    std::fs::create_dir_all(&config.output_dir).map_err(io_error(&config.output_dir))?;
+/// too many (a run killed between a save and its prune): rank 0 alone, the others waiting.
+fn open_output_dir(config: &TrainConfig, group: &dyn Collective) -> Result<CheckpointStore> {
     let store = CheckpointStore::new(&config.output_dir);
-    for stale in store.clean_stale()? {
-        say(format!(
-            "removed {} left by an interrupted run",
-            stale.display()
-        ));
-    }
-    if let Some(limit) = config.checkpoints_total_limit {
-        store.prune(limit as usize)?;
-    }
+    on_main_process(group, || -> Result<()> {
+        std::fs::create_dir_all(&config.output_dir).map_err(io_error(&config.output_dir))?;
+        for stale in store.clean_stale()? {
+            say(format!(
+                "removed {} left by an interrupted run",
+                stale.display()
+            ));
+        }
+        if let Some(limit) = config.checkpoints_total_limit {
+            store.prune(limit as usize)?;
+        }
+        Ok(())
+    })?;
     Ok(store)
+}
+
+/// The processes of the run, which `--scale_lr` and the checkpoints' config record in
+/// `--nproc_per_node`: the world's size. A `--nproc_per_node` above 1 in a world of one process
+/// means nothing started the others.
+fn processes(config: &TrainConfig, world: &World) -> Result<u32> {
+    if world.world_size == 1 && config.nproc_per_node > 1 {
+        return Err(Error::InvalidOption {
+            option: "--nproc_per_node",
+            problem: format!(
+                "{} processes, but this one was not started as one of them (no torchrun \
+                 variables): the train_naruto example's --nproc_per_node, torchrun or \
+                 trainer::distributed::launch start them",
+                config.nproc_per_node
+            ),
+        });
+    }
+    u32::try_from(world.world_size).map_err(|_| Error::Environment {
+        variable: "WORLD_SIZE",
+        problem: format!("{} is too large", world.world_size),
+    })
 }
 
 fn run_estimate(

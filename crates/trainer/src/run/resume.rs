@@ -73,11 +73,10 @@ impl Trainer {
         }
     }
 
-    /// This run's layout of the global batch. The trainer trains in one process until the c10d
-    /// process group is wired in (`train_naruto` refuses a larger torchrun world).
+    /// This run's layout of the global batch over its processes.
     fn batch_layout(&self) -> BatchLayout {
         BatchLayout {
-            world_size: 1,
+            world_size: self.world.world_size,
             train_batch_size: self.config.train_batch_size as usize,
         }
     }

@@ -27,11 +27,13 @@ use sdxl_model::unet::{UNet2DConditionModel, UNetInputs};
 mod objective;
 mod share;
 mod stepper;
+mod sync;
 mod text;
 
 pub use objective::{Draws, LossWeights, Objective};
 pub use share::RowShare;
 pub use stepper::{StepGraphs, Stepper};
+pub(crate) use sync::broadcast_lora;
 
 use crate::model::TextEncoders;
 use crate::prepare::TextConditioning;
@@ -84,6 +86,9 @@ pub struct StepInputs {
     /// Each sample's loss coefficient and min-SNR mask, `[batch]` f32 each, when the plan weighs
     /// samples ([`Objective::weighted_loss`]).
     pub loss_weights: Option<(Tensor, Tensor)>,
+    /// Which rows of each global batch this process trains on (data parallelism): its draws of
+    /// posterior samples, noise and timesteps are those rows of the global batch's draws.
+    pub share: RowShare,
     /// The rows of every planned micro-step, `[micro-steps, 2, batch]` int64 on the device, their
     /// weights `[micro-steps, 2, batch]` f32 if any, their buckets, and the first one's index.
     plan: Option<Plan>,
@@ -104,6 +109,7 @@ impl StepInputs {
             latent_rows: Tensor::zeros([batch], (Kind::Int64, device)),
             prompt_rows: Tensor::zeros([batch], (Kind::Int64, device)),
             loss_weights: None,
+            share: RowShare::whole(batch),
             plan: None,
         }
     }
@@ -276,7 +282,7 @@ pub fn micro_step(
             let mean = mean.index_select(0, &inputs.latent_rows);
             let std = std.index_select(0, &inputs.latent_rows);
             (
-                &mean + std * mean.randn_like(),
+                &mean + std * inputs.share.randn_like(&mean),
                 time_ids.index_select(0, &inputs.latent_rows),
             )
         }
@@ -286,7 +292,12 @@ pub fn micro_step(
     };
     let clean = ((clean - settings.shift_factor) * settings.scaling_factor).to_kind(settings.kind);
     // 2. Noise, offset noise, timesteps; the objective they define.
-    let draws = Draws::sample(&clean, settings, schedule.num_train_timesteps());
+    let draws = Draws::sample_share(
+        &clean,
+        &inputs.share,
+        settings,
+        schedule.num_train_timesteps(),
+    );
     let objective = Objective::new(schedule, &clean, &draws, settings)?;
     // 3. Conditioning rows of this batch's prompts (encoded now when the text encoders train).
     let (conditioning, checkpointed) = conditioning(encoders, text, inputs, settings)?;

@@ -10,14 +10,16 @@ use std::ops::Range;
 use tch::{Device, Kind, Tensor};
 
 use super::{Draws, StepSettings};
+use crate::distributed::World;
 
-/// Which rows of a global batch this rank trains on.
+/// Which rows of a global batch this rank trains on: blocks of consecutive rows, in order (one
+/// block, or two with prior preservation: the rank's instance rows, then its class rows).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowShare {
     /// Samples of the global batch.
     pub global: i64,
-    /// This rank's rows.
-    pub rows: Range<i64>,
+    /// This rank's rows, as blocks in batch order.
+    pub blocks: Vec<Range<i64>>,
 }
 
 impl RowShare {
@@ -25,12 +27,27 @@ impl RowShare {
     pub fn whole(batch: i64) -> Self {
         Self {
             global: batch,
-            rows: 0..batch,
+            blocks: std::iter::once(0..batch).collect(),
+        }
+    }
+
+    /// The rows of `world`'s rank in a global batch of `groups` consecutive groups (1, or 2 with
+    /// prior preservation: instances then classes) of `per_rank × world_size` samples each — the
+    /// rows [`crate::plan::share_rows`] picks from a planned micro-step.
+    pub fn for_rank(per_rank: usize, groups: usize, world: &World) -> Self {
+        let block = (per_rank * world.world_size) as i64;
+        let rows = world.rows(per_rank);
+        let (start, end) = (rows.start as i64, rows.end as i64);
+        Self {
+            global: block * groups as i64,
+            blocks: (0..groups as i64)
+                .map(|g| g * block + start..g * block + end)
+                .collect(),
         }
     }
 
     fn is_whole(&self) -> bool {
-        self.rows == (0..self.global)
+        matches!(self.blocks.as_slice(), [only] if *only == (0..self.global))
     }
 
     /// Standard normal draws for this rank's rows of a global tensor `[global, rest…]`, where
@@ -46,11 +63,20 @@ impl RowShare {
         self.narrow(Tensor::randn(size, (kind, device)))
     }
 
+    /// This rank's rows of `global` (`[global, …]`): narrows, concatenated when there are several
+    /// blocks (fixed shapes, no host data: capturable).
     fn narrow(&self, global: Tensor) -> Tensor {
         if self.is_whole() {
-            global
-        } else {
-            global.narrow(0, self.rows.start, self.rows.end - self.rows.start)
+            return global;
+        }
+        let parts: Vec<Tensor> = self
+            .blocks
+            .iter()
+            .map(|b| global.narrow(0, b.start, b.end - b.start))
+            .collect();
+        match parts.as_slice() {
+            [one] => one.shallow_clone(),
+            _ => Tensor::cat(&parts, 0),
         }
     }
 }
@@ -58,7 +84,7 @@ impl RowShare {
 impl Draws {
     /// [`Draws::sample`] for this rank's rows `clean` (`[rows, channels, h, w]`) of a global batch:
     /// the global batch's ε, offset noise and timesteps drawn in the script's order, narrowed to
-    /// `share.rows`. With [`RowShare::whole`] it is [`Draws::sample`].
+    /// `share.blocks`. With [`RowShare::whole`] it is [`Draws::sample`].
     pub fn sample_share(
         clean: &Tensor,
         share: &RowShare,
@@ -118,7 +144,7 @@ mod tests {
                 let rows = rank * per_rank..(rank + 1) * per_rank;
                 let share = RowShare {
                     global: 6,
-                    rows: rows.clone(),
+                    blocks: std::iter::once(rows.start..rows.end).collect(),
                 };
                 let local = clean.narrow(0, rows.start, per_rank);
                 tch::manual_seed(seed);
@@ -138,6 +164,32 @@ mod tests {
             }
         }
         true
+    }
+
+    #[test]
+    fn a_ranks_blocks_are_the_rows_the_plan_shares() {
+        let world = World {
+            rank: 1,
+            world_size: 3,
+            local_rank: 1,
+        };
+        let share = RowShare::for_rank(2, 2, &world);
+        assert_eq!(
+            (share.global, share.blocks.clone()),
+            (12, vec![2..4, 8..10])
+        );
+        let rows: Vec<usize> = share
+            .blocks
+            .iter()
+            .flat_map(|b| b.start as usize..b.end as usize)
+            .collect();
+        assert_eq!(rows, crate::plan::share_rows(2, 2, &world));
+        let global = Tensor::arange(12, (Kind::Int64, Device::Cpu));
+        assert_eq!(
+            Vec::<i64>::try_from(share.narrow(global)).unwrap(),
+            [2, 3, 8, 9]
+        );
+        assert!(RowShare::for_rank(4, 1, &World::SINGLE).is_whole());
     }
 
     /// The rank's draws are the one-process draws of its rows, bit for bit: the same generator

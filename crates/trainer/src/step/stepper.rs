@@ -3,6 +3,7 @@
 //! once as CUDA graphs and replayed).
 
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use tch::{Device, Kind};
 
@@ -12,11 +13,13 @@ use sdxl_model::schedulers::{DdpmConfig, DdpmSchedule, SchedulerConfig};
 use sdxl_model::vae::AutoencoderKLConfig;
 use torch_cuda::{CaptureMode, CudaGraph};
 
+use super::sync::GradSync;
 use super::{
-    Accumulators, LatentBatch, LossWeights, PlannedRows, StepInputs, StepSettings, micro_step,
-    optimizer_step,
+    Accumulators, LatentBatch, LossWeights, PlannedRows, RowShare, StepInputs, StepSettings,
+    micro_step, optimizer_step,
 };
 use crate::config::{MixedPrecision, TrainConfig};
+use crate::distributed::{Collective, World};
 use crate::lr_scheduler::LrSchedule;
 use crate::model::TrainModel;
 use crate::plan::{MicroStep, Plan};
@@ -54,20 +57,31 @@ pub struct Stepper {
     live_batch: Option<data::Batch>,
     /// The bucket of the current micro-step.
     bucket: usize,
+    /// This process's place in a data-parallel run.
+    world: World,
+    /// The gradient (and loss) averaging over the processes, when there are several or NCCL is
+    /// in the loop (`torchrun --nproc-per-node 1`); `None` for a run of one process.
+    sync: Option<GradSync>,
+    /// Whether the optimizer step holds NCCL collectives (captured in thread-local mode).
+    nccl: bool,
 }
 
 impl Stepper {
     /// The optimizer `--optimizer` chooses over `model`'s LoRA, the learning-rate schedule, the
-    /// DDPM schedule of `scheduler_config` and the step's settings.
+    /// DDPM schedule of `scheduler_config` and the step's settings; `batch` samples per micro-step
+    /// of this process, whose rows of each global batch `world` tells, with gradients averaged
+    /// over `group`.
     ///
     /// # Errors
     /// Optimizer and schedule errors naming the flag.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &TrainConfig,
         model: &TrainModel,
         vae_config: &AutoencoderKLConfig,
         scheduler_config: &SchedulerConfig,
         (device, kind, batch): (Device, Kind, usize),
+        (world, group, groups): (World, Rc<dyn Collective>, usize),
     ) -> Result<Self> {
         let setup = config.optimizer_setup()?;
         for note in config.optimizer_notes() {
@@ -75,7 +89,7 @@ impl Stepper {
         }
         let base_lr = setup.unet_lr;
         // The script's groups: the UNet's LoRA, then each text encoder's at --text_encoder_lr.
-        let groups = model
+        let param_groups = model
             .param_groups()
             .into_iter()
             .enumerate()
@@ -110,14 +124,18 @@ impl Stepper {
             Some(settings) => Some(EMAModel::new(model.param_tensors(), settings)?),
             None => None,
         };
+        let mut inputs = StepInputs::new(batch as i64, device);
+        inputs.share = RowShare::for_rank(batch / groups.max(1), groups.max(1), &world);
+        let nccl = group.uses_nccl();
+        let sync = (group.world_size() > 1 || nccl).then(|| GradSync::new(group, model));
         Ok(Self {
-            optimizer: setup.config.build(groups)?,
+            optimizer: setup.config.build(param_groups)?,
             ema,
             text_encoder_lr: setup.text_encoder_lr,
             schedule,
             ddpm: DdpmSchedule::new(DdpmConfig::from_config(scheduler_config)?, device)?,
             settings,
-            inputs: StepInputs::new(batch as i64, device),
+            inputs,
             acc: Accumulators {
                 scaler: match config.mixed_precision {
                     MixedPrecision::Fp16 => {
@@ -129,6 +147,9 @@ impl Stepper {
             },
             live_batch: None,
             bucket: 0,
+            world,
+            sync,
+            nccl,
         })
     }
 
@@ -230,7 +251,7 @@ impl Stepper {
         tch::manual_seed(plan.generator_seed(index));
         self.bucket = self.inputs.select(index)?;
         if let Latents::Live { .. } = latents {
-            self.live_batch = Some(plan.batch(index)?);
+            self.live_batch = Some(plan.batch_share(index, &self.world)?);
         }
         Ok(self.bucket)
     }
@@ -304,7 +325,10 @@ impl Stepper {
                 })?;
                 let device = self.inputs.latent_rows.device();
                 let pixels = batch.pixels.to_device(device);
-                let latents = tch::no_grad(|| vae.encode(&pixels))?.sample();
+                // This process's rows of the global batch's posterior draws.
+                let posterior = tch::no_grad(|| vae.encode(&pixels))?;
+                let noise = self.inputs.share.randn_like(&posterior.mean);
+                let latents = posterior.sample_with(&noise)?;
                 let rows: Vec<[f64; 6]> = batch.samples.iter().map(time_ids_of).collect();
                 let time_ids = add_time_ids_tensor(&rows, Kind::Float, device);
                 let live = LatentBatch::Fresh {
@@ -322,6 +346,10 @@ impl Stepper {
     /// # Errors
     /// Optimizer errors.
     pub fn optimizer_step(&mut self, model: &TrainModel) -> Result<()> {
+        // Data parallelism: every process's gradients and loss become their means first.
+        if let Some(sync) = &self.sync {
+            sync.all_reduce(&self.acc.step_loss)?;
+        }
         // With copies the first micro-step overwrites the gradients: nothing to zero.
         optimizer_step(
             &mut self.optimizer,
@@ -388,11 +416,15 @@ impl Stepper {
             }
         }
         let pool = captured.first().map(|(_, graph)| graph);
+        // NCCL's watchdog thread queries events while the all-reduce is captured.
+        let mode = if self.nccl {
+            CaptureMode::ThreadLocal
+        } else {
+            CaptureMode::Global
+        };
         let (optimizer_step, recorded) =
-            CudaGraph::capture(device, pool, CaptureMode::Global, || {
-                self.optimizer_step(model)
-            })
-            .map_err(Error::CudaGraph)?;
+            CudaGraph::capture(device, pool, mode, || self.optimizer_step(model))
+                .map_err(Error::CudaGraph)?;
         recorded?;
         let micro_steps = captured.into_iter().collect();
         Ok(StepGraphs {

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue 19's GPU check, on one GPU:
+#  1. torch_cuda::dist on CUDA (the torch-cuda test `dist`: NCCL sums, MAX, broadcast, all_gather and an
+#     all-reduce captured in a CUDA graph and replayed; the Gloo tests too);
+#  2. the seed recipe (512 px, batch 2 x accumulation 2, bf16, 8-bit AdamW, LoRA rank 4, --cuda_graph) without a
+#     process group and under `torchrun --nproc-per-node 1 --no-python` (a c10d group of one: NCCL, the gradient
+#     all-reduce captured in the optimizer step's graph), interleaved twice: steady s/step of each, and whether the
+#     two LoRAs are bitwise equal (a mean over one process changes nothing).
+#
+#   CARGO_TARGET_DIR=... scripts/gpu-pack.sh --example train_naruto --test dist   (here), then on the GPU machine:
+#   bash tools/gpu/ddp_overhead.sh [STEPS] [IMAGES]
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+steps=${1:-80} images=${2:-16}
+out=${OUT:-/tmp/ddp-overhead}
+source tools/gpu/setup.sh
+gpu_setup "ddp-overhead.log"
+echo "== torch-cuda dist tests (NCCL)"
+NCCL_DEBUG=${NCCL_DEBUG:-WARN} timeout 180 bash scripts/gpu-entry.sh tests/dist 2>&1 \
+    | grep -E "^test |test result|panicked|rank [0-9]|NCCL|rror" | cut -c1-300
+source tools/gpu/seed_bench.sh
+seed_bench_data /tmp/ddp-data "$images"
+torchrun=(python3 -m torch.distributed.run --nproc-per-node 1 --no-python)
+filter='^\[trainer\] (c10d|captured|data parallel)|^done|rror|NCCL WARN'
+rm -rf /tmp/run-*
+for round in a b; do
+    seed_bench_run "seed-$round" "$filter" "$steps" --logging_steps 2
+    SEED_BENCH_LAUNCH="${torchrun[*]}" seed_bench_run "torchrun1-$round" "$filter" "$steps" --logging_steps 2
+done
+seed_bench_table "$steps" seed-a torchrun1-a seed-b torchrun1-b
+python3 - <<'PY'
+from safetensors.torch import load_file
+import torch
+for r in "ab":
+    try:
+        a = load_file(f"/tmp/run-seed-{r}/pytorch_lora_weights.safetensors")
+        b = load_file(f"/tmp/run-torchrun1-{r}/pytorch_lora_weights.safetensors")
+    except Exception as e:
+        print(f"round {r}: {e}"); continue
+    same = sum(torch.equal(a[k], b[k]) for k in a)
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    print(f"round {r}: {same}/{len(a)} tensors bitwise equal, max |diff| {worst:.3e}")
+PY
