@@ -214,9 +214,10 @@ impl TensorCache {
             }
             Store::Disk(folder) => {
                 let path = entry_path(folder, key);
-                // Unique per thread so concurrent writers of one key never share a temporary file.
-                let temporary =
-                    path.with_extension(format!("{:?}.tmp", std::thread::current().id()));
+                // Unique per process and thread so concurrent writers of one key (the ranks of a
+                // data-parallel run share a cache folder) never share a temporary file.
+                let writer = (std::process::id(), std::thread::current().id());
+                let temporary = path.with_extension(format!("{}-{:?}.tmp", writer.0, writer.1));
                 let cpu: Vec<(String, Tensor)> = entry
                     .iter()
                     .map(|(n, t)| Ok((n.clone(), t.f_to_device(tch::Device::Cpu)?.f_contiguous()?)))

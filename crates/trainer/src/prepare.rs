@@ -8,27 +8,46 @@
 //! `--cache_latents`, keeps each image's `latent_dist` and draws a fresh sample from it every step.
 //! Everything here ends as device tensors indexed by row, so a training step only gathers rows: no
 //! host data enters the step beyond two index tensors.
+//!
+//! In a data-parallel run the work is shared out by rank ([`crate::distributed::cache_share`]:
+//! contiguous blocks in rank order) and every rank ends with the same tables as one process would
+//! build, row for row and bit for bit: the prompts in the one-process batches of eight, the images
+//! one by one, each through the same encoders on one rank only, then gathered in rank order
+//! (`Collective::all_gather`, each block padded to the largest and trimmed after). With
+//! `--cache_latents_to_disk` each rank writes its share into the cache folder, waits at a barrier,
+//! and reads every entry back. The validation prompt is encoded on rank 0, which validates, alone.
+//! A fingerprint of the prompt list and of the dataset is compared first, so a rank that planned
+//! other data is an error naming it, not a silently mixed table.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use data::{CacheKey, Dataset, SampleKey, TensorCache};
-use sdxl_model::prompt::{PromptEncoder, add_time_ids, add_time_ids_tensor};
+use data::{Dataset, TensorCache};
+use sdxl_model::prompt::PromptEncoder;
 use sdxl_model::tokenizer::ClipTokenizer;
 use sdxl_model::vae::{AutoencoderKL, AutoencoderKLConfig, Upcast};
 
+use crate::Result;
 use crate::checkpoint::io_error;
 use crate::config::TrainConfig;
 use crate::device::free_cache;
+use crate::distributed::{Collective, SingleProcess, cache_share};
 use crate::logs::say;
 use crate::model_files::ModelFolder;
 use crate::plan::MicroStep;
 use crate::validation::ValidationPrompt;
-use crate::{Error, Result};
+
+use latents::LatentEncoder;
+pub use latents::{BucketLatents, CachedLatents, encode_latents, time_ids_of};
+
+mod latents;
+mod share;
+#[cfg(test)]
+mod tests;
 
 /// Where the clean latents of a step come from.
 pub enum Latents {
@@ -57,15 +76,25 @@ impl Latents {
 /// same table) and the validation prompt (`--validation_prompt`), then frees the text encoders.
 /// With `--train_text_encoder` the table holds token ids instead ([`tokenize_prompts`]).
 ///
+/// In a data-parallel run (`group` of several ranks) each rank encodes its share of the prompts
+/// and every rank ends with the whole table, row for row the one-process table
+/// ([`encode_prompts_shared`]). The validation prompt is encoded on rank 0 alone, which validates;
+/// the other ranks get it without embeddings.
+///
 /// # Errors
-/// Text-encoder loading and encoding errors.
+/// Text-encoder loading and encoding errors; a rank that plans other prompts; transport errors.
 pub fn prepare_text(
     config: &TrainConfig,
     folder: &ModelFolder,
     steps: &[MicroStep],
     device: Device,
     kind: Kind,
+    group: &dyn Collective,
 ) -> Result<(TextConditioning, Option<ValidationPrompt>)> {
+    let unencoded = |prompt: &String| ValidationPrompt {
+        prompt: prompt.clone(),
+        embeds: None,
+    };
     if config.train_text_encoder {
         let prompts = steps.iter().flat_map(|step| step.prompts.iter());
         let text = tokenize_prompts(prompts, device)?;
@@ -73,21 +102,14 @@ pub fn prepare_text(
             "{} distinct prompt(s) tokenized; the text encoders train and encode every micro-step",
             text.prompts.len()
         ));
-        let validation = config
-            .validation_prompt
-            .as_ref()
-            .map(|prompt| ValidationPrompt {
-                prompt: prompt.clone(),
-                embeds: None,
-            });
-        return Ok((text, validation));
+        return Ok((text, config.validation_prompt.as_ref().map(unencoded)));
     }
     let prepared = {
         let (encoder, _stores) = folder.prompt_encoder(device, kind)?;
         let prompts = steps.iter().flat_map(|step| step.prompts.iter());
-        let text = encode_prompts(&encoder, prompts, device, kind)?;
+        let text = encode_prompts_shared(&encoder, prompts, (device, kind), group)?;
         let validation = match &config.validation_prompt {
-            Some(prompt) => {
+            Some(prompt) if group.rank() == 0 => {
                 let (positive, negative) = tch::no_grad(|| {
                     encoder.encode_with_negative(std::slice::from_ref(prompt), None)
                 })?;
@@ -96,14 +118,20 @@ pub fn prepare_text(
                     embeds: Some((positive, negative)),
                 })
             }
+            Some(prompt) => Some(unencoded(prompt)),
             None => None,
         };
         (text, validation)
     };
     free_cache(device);
     let table = prepared.0.table.bytes();
+    let shared = if group.world_size() > 1 {
+        format!(", shared out over {} ranks", group.world_size())
+    } else {
+        String::new()
+    };
     say(format!(
-        "{} distinct prompt(s) encoded ({:.1} MiB on the device); text encoders freed",
+        "{} distinct prompt(s) encoded{shared} ({:.1} MiB on the device); text encoders freed",
         prepared.0.prompts.len(),
         table as f64 / (1u64 << 20) as f64
     ));
@@ -114,13 +142,20 @@ pub fn prepare_text(
 /// every item (both mirror images with `--random_flip`) and frees it. Returns the latents and the
 /// VAE's config.
 ///
+/// In a data-parallel run (`group` of several ranks) each rank encodes its [`cache_share`] of the
+/// items and every rank ends with the one-process [`CachedLatents`]: in memory the ranks' blocks of
+/// each bucket are gathered; on disk each rank writes its share into the cache folder, waits for
+/// the others, and reads every entry back.
+///
 /// # Errors
-/// VAE loading and encoding errors, cache-folder errors, dataset errors naming the row.
+/// VAE loading and encoding errors, cache-folder errors, dataset errors naming the row; a rank
+/// with another dataset; transport errors.
 pub fn prepare_latents(
     config: &TrainConfig,
     folder: &ModelFolder,
     dataset: &Dataset,
     device: Device,
+    group: &dyn Collective,
 ) -> Result<(Latents, AutoencoderKLConfig)> {
     let (vae, store) = folder.vae(device, Kind::Float, Upcast::Always)?;
     let vae_config = vae.config().clone();
@@ -136,21 +171,32 @@ pub fn prepare_latents(
         let id = format!("{}|fp32", folder.vae_identity(false)?);
         (TensorCache::in_memory(), id)
     };
-    let flips = if config.random_flip { 2 } else { 1 };
-    let context = (config.seed, device);
-    let cached = encode_latents(&vae, &encoder_id, dataset, &cache, flips, context)?;
+    let encoder = LatentEncoder {
+        vae: &vae,
+        encoder_id: &encoder_id,
+        dataset,
+        cache: &cache,
+        flips: if config.random_flip { 2 } else { 1 },
+        seed: config.seed,
+        device,
+    };
+    let (cached, report) = if group.world_size() == 1 {
+        let cached = encoder.encode(0..dataset.len())?;
+        let report = format!("{} reused, {} encoded", cache.hits(), cache.misses());
+        (cached, report)
+    } else if config.cache_latents_to_disk {
+        share::encode_latents_on_disk(&encoder, group)?
+    } else {
+        share::encode_latents_in_memory(&encoder, group)?
+    };
     drop((vae, store));
     free_cache(device);
-    if config.cache_latents_to_disk {
-        say(format!(
-            "latents cached in {} ({} reused, {} encoded); VAE freed",
-            latents_cache_dir(config).display(),
-            cache.hits(),
-            cache.misses()
-        ));
+    let place = if config.cache_latents_to_disk {
+        format!(" in {}", latents_cache_dir(config).display())
     } else {
-        say("latents cached; VAE freed");
-    }
+        String::new()
+    };
+    say(format!("latents cached{place} ({report}); VAE freed"));
     Ok((Latents::Cached(cached.into_device(device)), vae_config))
 }
 
@@ -282,6 +328,9 @@ pub fn tokenize_prompts<'p>(
     })
 }
 
+/// How many prompts the text encoders take at once.
+const PROMPT_BATCH: usize = 8;
+
 /// Encodes every distinct prompt of `prompts` once, eight at a time, in first-use order.
 ///
 /// # Errors
@@ -292,165 +341,58 @@ pub fn encode_prompts<'p>(
     device: Device,
     kind: Kind,
 ) -> Result<TextConditioning> {
+    encode_prompts_shared(encoder, prompts, (device, kind), &SingleProcess)
+}
+
+/// [`encode_prompts`] shared out over the ranks of `group`: the batches of eight prompts (the
+/// ones a single process encodes) are the units [`cache_share`] deals, rank `r` encodes its
+/// block, and the blocks are gathered in rank order, so every rank ends with the one-process table.
+///
+/// # Errors
+/// Text-encoder errors; a rank with another prompt list ([`crate::Error::Collective`]); transport errors.
+pub fn encode_prompts_shared<'p>(
+    encoder: &PromptEncoder,
+    prompts: impl IntoIterator<Item = &'p String>,
+    (device, kind): (Device, Kind),
+    group: &dyn Collective,
+) -> Result<TextConditioning> {
     let (distinct, rows) = distinct_prompts(prompts);
+    let batches: Vec<&[String]> = distinct.chunks(PROMPT_BATCH).collect();
+    let mine = if group.world_size() > 1 {
+        let parts = distinct.iter().map(String::as_bytes);
+        share::check_same_list(group, "prompt list", parts)?;
+        cache_share(batches.len(), &share::world_of(group))
+    } else {
+        0..batches.len()
+    };
     let (mut contexts, mut pooled) = (Vec::new(), Vec::new());
-    for chunk in distinct.chunks(8) {
-        let embeds = tch::no_grad(|| encoder.encode(chunk, None, None))?;
+    for batch in &batches[mine] {
+        let embeds = tch::no_grad(|| encoder.encode(batch, None, None))?;
         contexts.push(embeds.context.to_device(device).to_kind(kind));
         pooled.push(embeds.pooled.to_device(device).to_kind(kind));
     }
+    let local = |parts: &[Tensor]| (!parts.is_empty()).then(|| Tensor::cat(parts, 0));
+    let (context, pooled) = (local(&contexts), local(&pooled));
+    let table = match (context, pooled) {
+        (Some(context), Some(pooled)) if group.world_size() == 1 => {
+            PromptTable::Embeddings { context, pooled }
+        }
+        (context, pooled) => {
+            let counts = share::share_counts(group, batches.len(), |range| {
+                batches[range].iter().map(|batch| batch.len()).sum()
+            });
+            let gather = |rows: Option<&Tensor>, dims| {
+                share::gather_blocks(group, rows, &counts, (dims, kind, device))
+            };
+            PromptTable::Embeddings {
+                context: gather(context.as_ref(), 3)?,
+                pooled: gather(pooled.as_ref(), 2)?,
+            }
+        }
+    };
     Ok(TextConditioning {
         prompts: distinct,
-        table: PromptTable::Embeddings {
-            context: Tensor::cat(&contexts, 0),
-            pooled: Tensor::cat(&pooled, 0),
-        },
+        table,
         rows,
     })
-}
-
-/// The cached posteriors of one bucket's images (one size), fp32.
-#[derive(Debug)]
-pub struct BucketLatents {
-    /// Posterior means (unscaled), `[rows, 4, h, w]`.
-    pub mean: Tensor,
-    /// Posterior standard deviations, same shape.
-    pub std: Tensor,
-    /// `[orig_h, orig_w, crop_top, crop_left, target_h, target_w]` per row, `[rows, 6]`.
-    pub time_ids: Tensor,
-}
-
-/// Every item's latent posterior and SDXL time ids (and its mirror image's), by bucket.
-#[derive(Debug)]
-pub struct CachedLatents {
-    /// The latents of each bucket that has images.
-    pub buckets: BTreeMap<usize, BucketLatents>,
-    /// (item, mirrored) → (bucket, row in the bucket's tensors).
-    rows: HashMap<(usize, bool), (usize, i64)>,
-}
-
-impl CachedLatents {
-    /// Where the latents of `item` (mirrored or not) are.
-    pub fn row(&self, item: usize, flipped: bool) -> Option<(usize, i64)> {
-        self.rows.get(&(item, flipped)).copied()
-    }
-
-    fn into_device(self, device: Device) -> Self {
-        let buckets = self
-            .buckets
-            .into_iter()
-            .map(|(bucket, latents)| {
-                let moved = BucketLatents {
-                    mean: latents.mean.to_device(device),
-                    std: latents.std.to_device(device),
-                    time_ids: latents.time_ids.to_device(device),
-                };
-                (bucket, moved)
-            })
-            .collect();
-        Self {
-            buckets,
-            rows: self.rows,
-        }
-    }
-}
-
-/// The key of the sample an item gives when its transform does not depend on the step.
-fn fixed_key(seed: u64, item: usize) -> SampleKey {
-    SampleKey {
-        seed,
-        step: 0,
-        slot: 0,
-        item,
-    }
-}
-
-/// Encodes every item once (`flips` = 2: also its mirror image) with `vae` (its weights' kind;
-/// fp32 for SDXL training) through `cache`, keyed by the image content, its placement and
-/// `encoder_id`. The tensors stay on the CPU.
-///
-/// # Errors
-/// Dataset, cache and VAE errors.
-pub fn encode_latents(
-    vae: &AutoencoderKL,
-    encoder_id: &str,
-    dataset: &Dataset,
-    cache: &TensorCache,
-    flips: usize,
-    (seed, device): (u64, Device),
-) -> Result<CachedLatents> {
-    type Rows = (Vec<Tensor>, Vec<Tensor>, Vec<[f64; 6]>);
-    let mut by_bucket: BTreeMap<usize, Rows> = BTreeMap::new();
-    let mut rows = HashMap::new();
-    for item in 0..dataset.len() {
-        let key = fixed_key(seed, item);
-        for flipped in [false, true].into_iter().take(flips) {
-            let placement = dataset.placement_flipped(&key, flipped)?;
-            let sample = dataset.sample_placed(&key, placement)?;
-            let (mean, std) = encode_one(vae, encoder_id, cache, &sample, device)?;
-            let bucket = dataset.items()[item].bucket;
-            let (means, stds, ids) = by_bucket.entry(bucket).or_default();
-            rows.insert((item, flipped), (bucket, means.len() as i64));
-            means.push(mean);
-            stds.push(std);
-            ids.push(time_ids_of(&sample));
-        }
-    }
-    let buckets = by_bucket
-        .into_iter()
-        .map(|(bucket, (means, stds, ids))| {
-            let latents = BucketLatents {
-                mean: Tensor::cat(&means, 0),
-                std: Tensor::cat(&stds, 0),
-                time_ids: add_time_ids_tensor(&ids, Kind::Float, Device::Cpu),
-            };
-            (bucket, latents)
-        })
-        .collect();
-    Ok(CachedLatents { buckets, rows })
-}
-
-/// One sample's posterior mean and standard deviation `[1, 4, h, w]` (CPU, fp32), from the cache
-/// or encoded and stored.
-fn encode_one(
-    vae: &AutoencoderKL,
-    encoder_id: &str,
-    cache: &TensorCache,
-    sample: &data::Sample,
-    device: Device,
-) -> Result<(Tensor, Tensor)> {
-    let key = CacheKey::latents(encoder_id, sample);
-    let entry = cache.get_or_insert_with(&key, || -> Result<_> {
-        let pixels = sample.pixels.to_tensor()?.unsqueeze(0).to_device(device);
-        let posterior = tch::no_grad(|| vae.encode(&pixels))?;
-        let cpu = |t: Tensor| t.to_kind(Kind::Float).to_device(Device::Cpu);
-        Ok(vec![
-            ("mean".to_owned(), cpu(posterior.mean.shallow_clone())),
-            ("std".to_owned(), cpu(posterior.std())),
-        ])
-    })?;
-    let get = |name: &str| {
-        entry
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, t)| t.shallow_clone())
-    };
-    match (get("mean"), get("std")) {
-        (Some(mean), Some(std)) => Ok((mean, std)),
-        _ => Err(Error::from(data::Error::Worker(format!(
-            "latent cache entry {} lacks mean or std",
-            key.as_str()
-        )))),
-    }
-}
-
-/// SDXL's time ids of a sample as the data crate placed it: its real size, crop corner and target size.
-pub fn time_ids_of(sample: &data::Sample) -> [f64; 6] {
-    let to_i64 = |(a, b): (u32, u32)| (i64::from(a), i64::from(b));
-    let (top, left) = sample.crop_top_left;
-    add_time_ids(
-        to_i64(sample.original_size),
-        (i64::from(top), i64::from(left)),
-        to_i64(sample.target_size),
-    )
 }

@@ -24,7 +24,8 @@ pub struct ValidationPrompt {
     pub prompt: String,
     /// Its embeddings and the empty negative prompt's (zeros, as SDXL's pipeline makes them),
     /// computed with the frozen text encoders before they are freed; `None` with
-    /// `--train_text_encoder`: encoded at each validation by the encoders being trained.
+    /// `--train_text_encoder`: encoded at each validation by the encoders being trained. Also
+    /// `None` on the ranks other than 0 of a data-parallel run: they never validate.
     pub embeds: Option<(PromptEmbeds, PromptEmbeds)>,
 }
 

@@ -159,8 +159,9 @@ impl Trainer {
         let dataset = plan.dataset();
         let micro_steps = config.max_train_steps * u64::from(config.gradient_accumulation_steps);
         let planned = plan.micro_steps(0..micro_steps)?;
-        let (text, validation_prompt) = prepare_text(&config, &folder, &planned, device, kind)?;
-        let (latents, vae_config) = prepare_latents(&config, &folder, dataset, device)?;
+        let (text, validation_prompt) =
+            prepare_text(&config, &folder, &planned, device, kind, &*group)?;
+        let (latents, vae_config) = prepare_latents(&config, &folder, dataset, device, &*group)?;
         let model = TrainModel::load(&config, &folder, device, kind)?;
         if group.world_size() > 1 {
             // Every process starts from rank 0's LoRA.
