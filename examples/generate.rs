@@ -119,9 +119,14 @@ fn check_numbers(args: &Args) -> anyhow::Result<()> {
     if args.steps == 0 {
         anyhow::bail!(UsageError("--steps: must be at least 1".into()));
     }
-    for (flag, value) in [("--guidance", args.guidance), ("--lora_scale", args.lora_scale)] {
+    for (flag, value) in [
+        ("--guidance", args.guidance),
+        ("--lora_scale", args.lora_scale),
+    ] {
         if !value.is_finite() {
-            anyhow::bail!(UsageError(format!("{flag}: {value} is not a finite number")));
+            anyhow::bail!(UsageError(format!(
+                "{flag}: {value} is not a finite number"
+            )));
         }
     }
     Ok(())
@@ -181,7 +186,11 @@ fn generate(args: Args) -> anyhow::Result<()> {
             estimate.pixels / 1e6,
             estimate.gib(),
             estimate.pixels / (1024.0 * 1024.0),
-            if args.tile { "" } else { " (--tile bounds the decode's memory)" }
+            if args.tile {
+                ""
+            } else {
+                " (--tile bounds the decode's memory)"
+            }
         );
     }
     let timed = |pipe: &Pipeline, what: &str| -> anyhow::Result<sdxl_model::pipeline::Images> {

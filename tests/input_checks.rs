@@ -70,7 +70,14 @@ fn tiny_model() -> String {
 fn generate_refuses_absurd_sizes_and_numbers_naming_the_flag() {
     let model = tiny_model();
     let generate = |extra: &[&str]| {
-        let mut args = vec!["--model", model.as_str(), "--prompt", "a fox", "--steps", "1"];
+        let mut args = vec![
+            "--model",
+            model.as_str(),
+            "--prompt",
+            "a fox",
+            "--steps",
+            "1",
+        ];
         args.extend_from_slice(extra);
         run("generate", &args)
     };
@@ -214,12 +221,36 @@ fn train_naruto_refuses_settings_and_paths_before_loading_a_model() {
     let cases: &[(&[&str], &str, i32)] = &[
         (&["--resolution", "10000000"], "--resolution", 2),
         (&["--resolution", "4294967288"], "--resolution", 2),
-        (&["--enable_bucket", "--max_bucket_reso", "1000000"], "--max_bucket_reso", 2),
-        (&["--num_validation_images", "0"], "--num_validation_images", 2),
-        (&["--validation_inference_steps", "0"], "--validation_inference_steps", 2),
-        (&["--validation_guidance_scale", "inf"], "--validation_guidance_scale", 2),
-        (&["--dataset_name", "./no/such/dataset"], "--dataset_name", 1),
-        (&["--pretrained_model_name_or_path", "/no/such/model"], "--pretrained_model_name_or_path", 1),
+        (
+            &["--enable_bucket", "--max_bucket_reso", "1000000"],
+            "--max_bucket_reso",
+            2,
+        ),
+        (
+            &["--num_validation_images", "0"],
+            "--num_validation_images",
+            2,
+        ),
+        (
+            &["--validation_inference_steps", "0"],
+            "--validation_inference_steps",
+            2,
+        ),
+        (
+            &["--validation_guidance_scale", "inf"],
+            "--validation_guidance_scale",
+            2,
+        ),
+        (
+            &["--dataset_name", "./no/such/dataset"],
+            "--dataset_name",
+            1,
+        ),
+        (
+            &["--pretrained_model_name_or_path", "/no/such/model"],
+            "--pretrained_model_name_or_path",
+            1,
+        ),
     ];
     for &(args, flag, code) in cases {
         let output = train(&out, args);
@@ -246,12 +277,24 @@ fn train_naruto_refuses_nan_weights_and_a_run_whose_every_step_was_skipped() {
     let key = "conv_in.weight";
     let nan = model_with_unet_weight(&scratch.0.join("nan"), key, f64::NAN);
     let out = scratch.0.join("out");
-    let output = train(&out, &["--pretrained_model_name_or_path", nan.to_str().unwrap()]);
-    assert_refused(&output, &["diffusion_pytorch_model.safetensors", key, "non-finite"]);
+    let output = train(
+        &out,
+        &["--pretrained_model_name_or_path", nan.to_str().unwrap()],
+    );
+    assert_refused(
+        &output,
+        &["diffusion_pytorch_model.safetensors", key, "non-finite"],
+    );
     // Finite weights whose activations overflow: the loss is NaN at every step, each step is
     // skipped (below --max_nonfinite_steps), and the run fails without writing a LoRA.
     let overflow = model_with_unet_weight(&scratch.0.join("overflow"), key, 3e38);
-    let output = train(&out, &["--pretrained_model_name_or_path", overflow.to_str().unwrap()]);
+    let output = train(
+        &out,
+        &[
+            "--pretrained_model_name_or_path",
+            overflow.to_str().unwrap(),
+        ],
+    );
     assert_refused(&output, &["all 2 optimizer steps of this run were skipped"]);
     assert_eq!(output.status.code(), Some(1));
     assert!(!out.join("pytorch_lora_weights.safetensors").exists());
@@ -280,7 +323,12 @@ fn a_truncated_jpeg_is_refused_unless_skip_bad_images() {
     let scratch = Scratch::new("truncated");
     let data = jpeg_dataset(&scratch.0.join("data"), true);
     let out = scratch.0.join("out");
-    let dataset = ["--dataset_name", data.to_str().unwrap(), "--max_train_steps", "1"];
+    let dataset = [
+        "--dataset_name",
+        data.to_str().unwrap(),
+        "--max_train_steps",
+        "1",
+    ];
     let output = train(&out, &dataset);
     assert_refused(&output, &["img2.jpg", "truncated"]);
     let output = train(&out, &[&dataset[..], &["--skip_bad_images"]].concat());

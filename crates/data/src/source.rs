@@ -83,10 +83,9 @@ impl Source {
                 let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
                 format!("{} hold(s) no rows", names.join(", "))
             }
-            Source::ImageFolder { root, .. } => format!(
-                "{}: no images listed in its metadata.jsonl",
-                root.display()
-            ),
+            Source::ImageFolder { root, .. } => {
+                format!("{}: no images listed in its metadata.jsonl", root.display())
+            }
             Source::CaptionFiles { root, .. } => format!(
                 "{}: no images (.png, .jpg, .jpeg, .webp) in the folder or its subfolders",
                 root.display()

@@ -233,7 +233,9 @@ pub fn decode(bytes: &[u8], origin: &Origin) -> Result<RgbImage> {
 /// by a few bytes without complaint; PIL refuses it).
 fn webp_is_complete(bytes: &[u8]) -> bool {
     match bytes.get(4..8) {
-        Some(&[a, b, c, d]) => bytes.len() as u64 >= u64::from(u32::from_le_bytes([a, b, c, d])) + 8,
+        Some(&[a, b, c, d]) => {
+            bytes.len() as u64 >= u64::from(u32::from_le_bytes([a, b, c, d])) + 8
+        }
         _ => false,
     }
 }
@@ -415,7 +417,9 @@ mod tests {
             .encode(image.as_raw(), 40, 24, image::ExtendedColorType::Rgb8)
             .unwrap();
         assert_eq!(decode(&webp, &origin).unwrap().dimensions(), (40, 24));
-        let message = decode(&webp[..webp.len() - 2], &origin).unwrap_err().to_string();
+        let message = decode(&webp[..webp.len() - 2], &origin)
+            .unwrap_err()
+            .to_string();
         assert!(message.contains("truncated"), "{message}");
         // A PNG cut short: the decoder itself refuses it.
         let mut png = Vec::new();
@@ -427,7 +431,8 @@ mod tests {
         for cut in [jpeg.len() / 2, jpeg.len() - 2, jpeg.len() - 10, 200] {
             let message = decode(&jpeg[..cut], &origin).unwrap_err().to_string();
             assert!(
-                message.starts_with("cut.jpg: cannot decode the image") && message.contains("truncated"),
+                message.starts_with("cut.jpg: cannot decode the image")
+                    && message.contains("truncated"),
                 "cut at {cut}: {message}"
             );
         }

@@ -215,6 +215,9 @@ fn non_finite_values_are_refused_naming_file_and_tensor() {
         }
     }
     // The same file with finite values reads.
-    let path = write("finite.safetensors", &[(&down, zeros(&[2, 8])), (&up, zeros(&[8, 2]))]);
+    let path = write(
+        "finite.safetensors",
+        &[(&down, zeros(&[2, 8])), (&up, zeros(&[8, 2]))],
+    );
     format::read(&path, ReadOptions::default()).unwrap();
 }

@@ -128,7 +128,9 @@ pub enum Error {
     },
     /// A weight tensor holds NaN or infinity (in the file, or once converted to the model's
     /// element type): a model built from it computes nothing but NaN.
-    #[error("{path}: tensor `{key}` holds {count} non-finite value(s) (NaN or infinity) as {kind:?}")]
+    #[error(
+        "{path}: tensor `{key}` holds {count} non-finite value(s) (NaN or infinity) as {kind:?}"
+    )]
     NonFiniteWeights {
         /// The weight file.
         path: PathBuf,

@@ -411,7 +411,10 @@ mod tests {
         let fine = write_file(
             &dir,
             "fine.safetensors",
-            &[("lin.weight", Tensor::ones([2, 2], (Kind::Float, Device::Cpu)))],
+            &[(
+                "lin.weight",
+                Tensor::ones([2, 2], (Kind::Float, Device::Cpu)),
+            )],
         );
         load_into(&vs, &[fine], str::to_owned).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();

@@ -83,7 +83,10 @@ pub(crate) fn non_finite_count(tensor: &Tensor) -> Result<i64> {
     if !tensor.f_is_floating_point()? {
         return Ok(0);
     }
-    let finite = tensor.f_isfinite()?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+    let finite = tensor
+        .f_isfinite()?
+        .f_sum(Kind::Int64)?
+        .f_int64_value(&[])?;
     Ok(tensor.numel() as i64 - finite)
 }
 

@@ -65,8 +65,9 @@ impl GenerationMemory {
             None => height * width,
         };
         let images_bytes = images * height * width * 3.0 * (4.0 + 1.0);
-        let vae_bytes = images * 2.0 * widest * decoded_pixels * vae_kind.elt_size_in_bytes() as f64
-            + images_bytes;
+        let vae_bytes =
+            images * 2.0 * widest * decoded_pixels * vae_kind.elt_size_in_bytes() as f64
+                + images_bytes;
         Self {
             unet,
             vae: vae_bytes,
@@ -123,8 +124,15 @@ mod tests {
     #[test]
     fn sdxl_sizes_from_native_to_absurd() {
         let vae = AutoencoderKLConfig::sdxl();
-        let estimate =
-            |side, tile| GenerationMemory::estimate(&options(side), 320, (&vae, Kind::Float), Kind::BFloat16, tile);
+        let estimate = |side, tile| {
+            GenerationMemory::estimate(
+                &options(side),
+                320,
+                (&vae, Kind::Float),
+                Kind::BFloat16,
+                tile,
+            )
+        };
         // 1024²: 2 rows × 2 × 320 × 128² bf16 = 40 MiB in the UNet; 2 × 256 × 1024² fp32 = 2 GiB
         // in the VAE, plus the image.
         let native = estimate(1024, None);
@@ -138,7 +146,10 @@ mod tests {
         assert!(huge.bytes() > LARGE_GENERATION_BYTES);
         assert!(estimate(8192, Some(1024)).vae < huge.vae / 10.0);
         for side in [100_000, 10_000_000, i64::MAX / 2] {
-            let message = estimate(side, None).check(&options(side)).unwrap_err().to_string();
+            let message = estimate(side, None)
+                .check(&options(side))
+                .unwrap_err()
+                .to_string();
             assert!(
                 message.starts_with(&format!("width × height: `{side}×{side} (")),
                 "{message}"

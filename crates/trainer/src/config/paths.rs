@@ -165,9 +165,11 @@ mod tests {
             message,
             format!("--dataset_name: no such folder or file: {gone} ({HUB_HINT})")
         );
-        let message = check(&|c| c.pretrained_model_name_or_path = "./no-model".into()).unwrap_err();
+        let message =
+            check(&|c| c.pretrained_model_name_or_path = "./no-model".into()).unwrap_err();
         assert!(
-            message.starts_with("--pretrained_model_name_or_path: no such folder or file: ./no-model"),
+            message
+                .starts_with("--pretrained_model_name_or_path: no such folder or file: ./no-model"),
             "{message}"
         );
         // A hub file is the hub's to find.
@@ -175,7 +177,10 @@ mod tests {
         let message = check(&|c| c.single_file_config = Some("~/configs".into())).unwrap_err();
         assert!(message.starts_with("--single_file_config"), "{message}");
         let message = check(&|c| c.dataset_config = Some(dir.join("none.toml"))).unwrap_err();
-        assert!(message.starts_with("--dataset_config: no such folder or file"), "{message}");
+        assert!(
+            message.starts_with("--dataset_config: no such folder or file"),
+            "{message}"
+        );
         // With a dataset config, --dataset_name is not used.
         std::fs::write(dir.join("d.toml"), b"").unwrap();
         check(&|c| {
@@ -184,7 +189,10 @@ mod tests {
         })
         .unwrap();
         let message = check(&|c| c.dataset_name = file.to_str().unwrap().into()).unwrap_err();
-        assert!(message.starts_with("--dataset_name: ") && message.contains("is a file"), "{message}");
+        assert!(
+            message.starts_with("--dataset_name: ") && message.contains("is a file"),
+            "{message}"
+        );
         let message = check(&|c| c.output_dir = file.clone()).unwrap_err();
         assert_eq!(
             message,

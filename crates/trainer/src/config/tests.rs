@@ -288,8 +288,8 @@ fn a_preset_then_the_config_file_then_flags() {
     std::fs::write(&file, "learning_rate = 0.5\noptimizer_type = \"Prodigy\"\n").unwrap();
     let preset = TrainConfig::tiny_demo(Path::new("model"), Path::new("data"), Path::new("out"));
     let args = ["--config", file.to_str().unwrap(), "--seed", "3"];
-    let c = TrainConfig::from_args_over(preset.clone(), args.iter().map(|s| (*s).to_owned()))
-        .unwrap();
+    let c =
+        TrainConfig::from_args_over(preset.clone(), args.iter().map(|s| (*s).to_owned())).unwrap();
     // The preset's settings the file leaves out stay; the file's keys and the flags override.
     assert_eq!((c.resolution, c.max_train_samples), (64, None));
     assert_eq!(c.pretrained_model_name_or_path, "model");
@@ -319,24 +319,62 @@ fn settings_that_failed_late_are_refused_naming_their_flag() {
     let message = |args: &[&str]| parse(args).unwrap_err().to_string();
     let cases: &[(&[&str], &str)] = &[
         (&["--num_validation_images", "0"], "--num_validation_images"),
-        (&["--validation_inference_steps", "0"], "--validation_inference_steps"),
-        (&["--validation_guidance_scale", "inf"], "--validation_guidance_scale"),
-        (&["--validation_guidance_scale", "nan"], "--validation_guidance_scale"),
-        (&["--validation_guidance_scale", "-inf"], "--validation_guidance_scale"),
+        (
+            &["--validation_inference_steps", "0"],
+            "--validation_inference_steps",
+        ),
+        (
+            &["--validation_guidance_scale", "inf"],
+            "--validation_guidance_scale",
+        ),
+        (
+            &["--validation_guidance_scale", "nan"],
+            "--validation_guidance_scale",
+        ),
+        (
+            &["--validation_guidance_scale", "-inf"],
+            "--validation_guidance_scale",
+        ),
         (&["--caption_dropout_rate", "1.5"], "--caption_dropout_rate"),
         (&["--caption_dropout_rate", "nan"], "--caption_dropout_rate"),
-        (&["--caption_tag_dropout_rate", "-0.1"], "--caption_tag_dropout_rate"),
+        (
+            &["--caption_tag_dropout_rate", "-0.1"],
+            "--caption_tag_dropout_rate",
+        ),
         (&["--resolution", "10000000"], "--resolution"),
         (&["--resolution", "8200"], "--resolution"),
-        (&["--enable_bucket", "--max_bucket_reso", "100000"], "--max_bucket_reso"),
         (
-            &["--enable_bucket", "--min_bucket_reso", "2048", "--max_bucket_reso", "1024"],
+            &["--enable_bucket", "--max_bucket_reso", "100000"],
+            "--max_bucket_reso",
+        ),
+        (
+            &[
+                "--enable_bucket",
+                "--min_bucket_reso",
+                "2048",
+                "--max_bucket_reso",
+                "1024",
+            ],
             "--min_bucket_reso",
         ),
         (&["--bucket_reso_steps", "0"], "--bucket_reso_steps"),
-        (&["--dataloader_num_workers", "100000"], "--dataloader_num_workers"),
-        (&["--lr_scheduler", "polynomial", "--lr_power", "nan"], "--lr_power"),
-        (&["--lr_scheduler", "cosine_with_restarts", "--lr_num_cycles", "0"], "--lr_num_cycles"),
+        (
+            &["--dataloader_num_workers", "100000"],
+            "--dataloader_num_workers",
+        ),
+        (
+            &["--lr_scheduler", "polynomial", "--lr_power", "nan"],
+            "--lr_power",
+        ),
+        (
+            &[
+                "--lr_scheduler",
+                "cosine_with_restarts",
+                "--lr_num_cycles",
+                "0",
+            ],
+            "--lr_num_cycles",
+        ),
         (&["--lr_num_cycles", "inf"], "--lr_num_cycles"),
     ];
     for &(args, flag) in cases {

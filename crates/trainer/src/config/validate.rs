@@ -190,10 +190,7 @@ impl TrainConfig {
         if !self.validation_guidance_scale.is_finite() {
             return fail(
                 "--validation_guidance_scale",
-                format!(
-                    "{} is not a finite number",
-                    self.validation_guidance_scale
-                ),
+                format!("{} is not a finite number", self.validation_guidance_scale),
             );
         }
         if self.enable_bucket && self.min_bucket_reso > self.max_bucket_reso {
