@@ -23,7 +23,9 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use cli::UsageError;
-use sdxl_model::pipeline::{GenerateOptions, Pipeline, grid_column, grid_row, save_png};
+use sdxl_model::pipeline::{
+    GenerateOptions, LARGE_GENERATION_BYTES, Pipeline, grid_column, grid_row, save_png,
+};
 use sdxl_model::schedulers::SchedulerKind;
 use sdxl_model::vae::{Upcast, VaeTiling};
 use tch::{Device, Kind};
@@ -105,6 +107,31 @@ fn numbered(out: &Path, index: usize, count: usize) -> PathBuf {
     out.with_file_name(format!("{stem}-{index}.png"))
 }
 
+/// Values clap parses but that have no meaning, each a usage error naming its flag.
+fn check_numbers(args: &Args) -> anyhow::Result<()> {
+    for (flag, value) in [("--width", args.width), ("--height", args.height)] {
+        if value <= 0 || value % 8 != 0 {
+            anyhow::bail!(UsageError(format!(
+                "{flag}: {value} is not a positive multiple of 8"
+            )));
+        }
+    }
+    if args.steps == 0 {
+        anyhow::bail!(UsageError("--steps: must be at least 1".into()));
+    }
+    for (flag, value) in [
+        ("--guidance", args.guidance),
+        ("--lora_scale", args.lora_scale),
+    ] {
+        if !value.is_finite() {
+            anyhow::bail!(UsageError(format!(
+                "{flag}: {value} is not a finite number"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     cli::run(generate)
 }
@@ -120,6 +147,7 @@ fn generate(args: Args) -> anyhow::Result<()> {
     if args.compare && args.lora.is_none() {
         anyhow::bail!(UsageError("--compare needs --lora".into()));
     }
+    check_numbers(&args)?;
     let options = GenerateOptions {
         negative_prompts: (!args.negatives.is_empty()).then_some(args.negatives),
         prompts: args.prompts,
@@ -145,6 +173,25 @@ fn generate(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("loading {}", args.model.display()))?;
     if args.tile {
         pipe.set_vae_tiling(Some(VaeTiling::default()))?;
+    }
+    // Before any tensor of the requested size exists: refuse what cannot fit, warn of what is slow.
+    let estimate = pipe.memory_estimate(&options);
+    let sizes = || format!("--width {} --height {}", options.width, options.height);
+    estimate.check(&options).with_context(sizes)?;
+    if estimate.bytes() > LARGE_GENERATION_BYTES {
+        eprintln!(
+            "warning: {}: {:.0} megapixels need at least {:.1} GiB and about {:.0}× the work of one \
+             1024×1024 image{}",
+            sizes(),
+            estimate.pixels / 1e6,
+            estimate.gib(),
+            estimate.pixels / (1024.0 * 1024.0),
+            if args.tile {
+                ""
+            } else {
+                " (--tile bounds the decode's memory)"
+            }
+        );
     }
     let timed = |pipe: &Pipeline, what: &str| -> anyhow::Result<sdxl_model::pipeline::Images> {
         let sync = || {

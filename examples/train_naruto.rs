@@ -11,8 +11,8 @@
 //! Flags are those of diffusers' script (`--pretrained_model_name_or_path PATH|ID`,
 //! `--dataset_name PATH|ID`, `--max_train_steps N`, `--resume_from_checkpoint latest`, …), also
 //! readable from a TOML file with `--config FILE`. `--preset tiny` starts from the demo settings
-//! (`trainer::TrainConfig::tiny_demo`: the repository's tiny SDXL-shaped model and small dataset),
-//! and later flags still override them.
+//! (`trainer::TrainConfig::tiny_demo`: the repository's tiny SDXL-shaped model and small dataset);
+//! a `--config` file's keys override the preset, and later flags override both.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -30,7 +30,7 @@ Usage: train_naruto [--preset tiny] [--config FILE.toml] [--FLAG VALUE ...]
   --preset <tiny>
       Start from the offline demo settings (the repository's tiny model and dataset, CPU); later flags override them (default: none, the seed recipe)
   --config <path>
-      A TOML file whose keys are the flag names, read instead of the defaults or preset; flags override it (default: none)
+      A TOML file whose keys are the flag names: its keys override the defaults or the preset, flags override it (default: none)
   -h, --help
       Print this help
 

@@ -68,7 +68,38 @@ pub(crate) enum OpenSource {
 
 impl Source {
     /// Opens the source. `captions_needed: false` skips caption columns and files entirely.
+    ///
+    /// # Errors
+    /// Each reader's errors; [`Error::EmptySelection`] naming the folder or file for a source that
+    /// holds no rows at all.
     pub(crate) fn open(&self, captions_needed: bool) -> Result<OpenSource> {
+        let open = self.open_rows(captions_needed)?;
+        if !open.is_empty() {
+            return Ok(open);
+        }
+        let reason = match self {
+            Source::Hub(hub) => format!("hub dataset `{}` has no rows", hub.repo_id),
+            Source::Parquet { files, .. } => {
+                let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+                format!("{} hold(s) no rows", names.join(", "))
+            }
+            Source::ImageFolder { root, .. } => {
+                format!("{}: no images listed in its metadata.jsonl", root.display())
+            }
+            Source::CaptionFiles { root, .. } => format!(
+                "{}: no images (.png, .jpg, .jpeg, .webp) in the folder or its subfolders",
+                root.display()
+            ),
+            Source::CaptionFolder(folder) => format!(
+                "{}: no images (.png, .jpg, .jpeg, .webp) in the folder or its subfolders",
+                folder.root.display()
+            ),
+        };
+        Err(Error::EmptySelection { reason })
+    }
+
+    /// [`Self::open`] without its check for an empty source.
+    fn open_rows(&self, captions_needed: bool) -> Result<OpenSource> {
         let columns_for = |columns: &Columns| Columns {
             image: columns.image.clone(),
             caption: columns.caption.clone().filter(|_| captions_needed),
@@ -127,6 +158,11 @@ impl Source {
 }
 
 impl OpenSource {
+    /// Whether the source has no rows.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Number of rows.
     pub(crate) fn len(&self) -> usize {
         match self {

@@ -209,12 +209,71 @@ pub fn decode(bytes: &[u8], origin: &Origin) -> Result<RgbImage> {
         origin: origin.clone(),
         source,
     };
-    let image = image::ImageReader::new(std::io::Cursor::new(bytes))
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| undecodable(image::ImageError::IoError(e)))?
-        .decode()
-        .map_err(undecodable)?;
+        .map_err(|e| undecodable(image::ImageError::IoError(e)))?;
+    let truncated = match reader.format() {
+        Some(image::ImageFormat::Jpeg) => !jpeg_is_complete(bytes),
+        Some(image::ImageFormat::WebP) => !webp_is_complete(bytes),
+        _ => false,
+    };
+    if let (true, Some(format)) = (truncated, reader.format()) {
+        return Err(undecodable(image::ImageError::Decoding(
+            image::error::DecodingError::new(
+                format.into(),
+                "the file is truncated: its data ends before the end its header announces (PIL refuses it too)",
+            ),
+        )));
+    }
+    let image = reader.decode().map_err(undecodable)?;
     Ok(image.into_rgb8())
+}
+
+/// Whether WebP `bytes` are as long as their RIFF header says (the decoder reads a VP8L image cut
+/// by a few bytes without complaint; PIL refuses it).
+fn webp_is_complete(bytes: &[u8]) -> bool {
+    match bytes.get(4..8) {
+        Some(&[a, b, c, d]) => {
+            bytes.len() as u64 >= u64::from(u32::from_le_bytes([a, b, c, d])) + 8
+        }
+        _ => false,
+    }
+}
+
+/// Whether JPEG `bytes` hold an end-of-image marker (`FF D9`) after their first scan.
+///
+/// The JPEG decoder fills the rest of an image whose data stops early with grey and reports
+/// nothing; PIL refuses such a file ("image file is truncated"), also one that lacks only its
+/// final marker. The segments before the first scan are walked by their lengths (an EXIF
+/// thumbnail's own markers lie inside them); in the scan data a `FF` byte is always followed by
+/// `00` or a restart marker, so `FF D9` after it is the real end. Bytes that do not start as a
+/// JPEG are left to the decoder.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    if bytes.get(..2) != Some(&[0xFF, 0xD8][..]) {
+        return true;
+    }
+    let mut i = 2;
+    loop {
+        // A marker: one or more FF, then its code.
+        while bytes.get(i) == Some(&0xFF) {
+            i += 1;
+        }
+        let Some(&code) = bytes.get(i) else {
+            return false;
+        };
+        i += 1;
+        match code {
+            // The end before any scan: the decoder reports what is missing.
+            0xD9 => return true,
+            // Markers without a length.
+            0x01 | 0xD0..=0xD7 => {}
+            0xDA => return bytes[i..].windows(2).any(|w| w == [0xFF, 0xD9]),
+            _ => match bytes.get(i..i + 2) {
+                Some(&[high, low]) => i += usize::from(u16::from_be_bytes([high, low])),
+                _ => return false,
+            },
+        }
+    }
 }
 
 /// Applies `placement` to an image: antialiased bilinear resize to 8 bits (PIL's
@@ -333,6 +392,50 @@ mod tests {
             place(65, 32, (32, 32), &config, &mut rng).crop_top_left,
             (0, 16)
         );
+    }
+
+    #[test]
+    fn truncated_jpegs_are_refused_and_complete_ones_decoded() {
+        use image::ImageEncoder;
+        let mut image = RgbImage::new(40, 24);
+        for (x, y, p) in image.enumerate_pixels_mut() {
+            *p = image::Rgb([(x * 6) as u8, (y * 10) as u8, ((x + y) * 3) as u8]);
+        }
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+            .encode_image(&image)
+            .unwrap();
+        let origin = Origin::File(std::path::PathBuf::from("cut.jpg"));
+        assert!(jpeg_is_complete(&jpeg));
+        assert_eq!(decode(&jpeg, &origin).unwrap().dimensions(), (40, 24));
+        // Trailing bytes after the end marker are accepted, as PIL accepts them.
+        let mut trailing = jpeg.clone();
+        trailing.extend_from_slice(b"trailer");
+        decode(&trailing, &origin).unwrap();
+        let mut webp = Vec::new();
+        image::codecs::webp::WebPEncoder::new_lossless(&mut webp)
+            .encode(image.as_raw(), 40, 24, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        assert_eq!(decode(&webp, &origin).unwrap().dimensions(), (40, 24));
+        let message = decode(&webp[..webp.len() - 2], &origin)
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("truncated"), "{message}");
+        // A PNG cut short: the decoder itself refuses it.
+        let mut png = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut png)
+            .write_image(image.as_raw(), 40, 24, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        decode(&png, &origin).unwrap();
+        decode(&png[..png.len() / 2], &origin).unwrap_err();
+        for cut in [jpeg.len() / 2, jpeg.len() - 2, jpeg.len() - 10, 200] {
+            let message = decode(&jpeg[..cut], &origin).unwrap_err().to_string();
+            assert!(
+                message.starts_with("cut.jpg: cannot decode the image")
+                    && message.contains("truncated"),
+                "cut at {cut}: {message}"
+            );
+        }
     }
 
     #[test]

@@ -76,9 +76,13 @@ fn an_empty_selection_is_refused() {
         root: empty.path().to_path_buf(),
         read_captions: true,
     };
+    let message = error(&source, resolution(32));
     assert_eq!(
-        error(&source, resolution(32)),
-        "empty selection: All of a source with 0 rows selects nothing"
+        message,
+        format!(
+            "empty selection: {}: no images (.png, .jpg, .jpeg, .webp) in the folder or its subfolders",
+            empty.path().display()
+        )
     );
     let source = Source::Parquet {
         files: vec![],

@@ -149,6 +149,17 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+
+    /// A tensor of a LoRA file holds NaN or infinity: applied, it would turn every image black.
+    #[error("{}: tensor `{key}` holds {count} non-finite value(s) (NaN or infinity)", path.display())]
+    NonFiniteTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        key: String,
+        /// How many of its values are not finite.
+        count: i64,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

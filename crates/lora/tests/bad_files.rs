@@ -183,3 +183,41 @@ fn unknown_layouts_and_missing_modules_are_refused() {
         "nothing may be attached on failure"
     );
 }
+
+#[test]
+fn non_finite_values_are_refused_naming_file_and_tensor() {
+    let q = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_q";
+    let (down, up) = (
+        format!("{q}.lora.down.weight"),
+        format!("{q}.lora.up.weight"),
+    );
+    for (name, value) in [
+        ("nan.safetensors", f64::NAN),
+        ("inf.safetensors", f64::INFINITY),
+        ("neg-inf.safetensors", f64::NEG_INFINITY),
+    ] {
+        let poisoned = zeros(&[8, 2]).to_kind(Kind::Half);
+        let _ = poisoned.get(3).get(1).fill_(value);
+        let path = write(name, &[(&down, zeros(&[2, 8])), (&up, poisoned)]);
+        for error in [
+            format::read(&path, ReadOptions::default()).unwrap_err(),
+            format::summary(&path).unwrap_err(),
+        ] {
+            let Error::NonFiniteTensor { key, count, .. } = &error else {
+                panic!("{error}");
+            };
+            assert_eq!((key.as_str(), *count), (up.as_str(), 1));
+            let message = error.to_string();
+            assert!(
+                message.contains(name) && message.contains(&format!("tensor `{up}`")),
+                "{message}"
+            );
+        }
+    }
+    // The same file with finite values reads.
+    let path = write(
+        "finite.safetensors",
+        &[(&down, zeros(&[2, 8])), (&up, zeros(&[8, 2]))],
+    );
+    format::read(&path, ReadOptions::default()).unwrap();
+}

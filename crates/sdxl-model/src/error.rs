@@ -126,6 +126,21 @@ pub enum Error {
         /// The shape it has.
         actual: Vec<i64>,
     },
+    /// A weight tensor holds NaN or infinity (in the file, or once converted to the model's
+    /// element type): a model built from it computes nothing but NaN.
+    #[error(
+        "{path}: tensor `{key}` holds {count} non-finite value(s) (NaN or infinity) as {kind:?}"
+    )]
+    NonFiniteWeights {
+        /// The weight file.
+        path: PathBuf,
+        /// The tensor's key in the file.
+        key: String,
+        /// How many of its values are not finite.
+        count: i64,
+        /// The element type it was checked in (the model's).
+        kind: tch::Kind,
+    },
     /// A model folder's weight files cannot be found or its shard index is malformed.
     #[error("{path}: {reason}")]
     WeightFiles {

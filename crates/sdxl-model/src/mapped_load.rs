@@ -91,6 +91,7 @@ pub(crate) fn load_mapped(
         }
         used.insert(key.clone());
         let stored = file.tensor(&key, var.device(), Some(var.kind()))?;
+        crate::weights::check_finite(&stored, file.path(), &key)?;
         match source.extract(stored) {
             Some(value) if value.size() == var.size() => {
                 tch::no_grad(|| var.f_copy_(&value))?;

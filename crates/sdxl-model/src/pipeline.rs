@@ -41,6 +41,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod memory;
+
 use std::path::{Path, PathBuf};
 
 use tch::nn::VarStore;
@@ -54,6 +56,7 @@ use crate::single_file::SingleFileCheckpoint;
 use crate::unet::{UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights, load_unet};
 use crate::vae::{AutoencoderKL, Upcast, VaeTiling};
 use crate::{Error, Result};
+pub use memory::{GenerationMemory, LARGE_GENERATION_BYTES, MAX_GENERATION_BYTES};
 
 /// What to generate: prompts, guidance, size, steps, sampler and randomness.
 #[derive(Debug)]
@@ -391,17 +394,37 @@ impl Pipeline {
         self.denoiser().latent_shape(options)
     }
 
+    /// A lower bound of the memory generating `options` needs ([`GenerationMemory`]); [`Self::latents`]
+    /// refuses an estimate above [`MAX_GENERATION_BYTES`] before it makes any tensor.
+    pub fn memory_estimate(&self, options: &GenerateOptions) -> GenerationMemory {
+        let unet_channels = self
+            .unet
+            .config()
+            .levels
+            .first()
+            .map_or(1, |level| level.channels);
+        GenerationMemory::estimate(
+            options,
+            unet_channels,
+            (self.vae.config(), self.vae.weight_kind()),
+            self.kind,
+            self.vae.tile_side(),
+        )
+    }
+
     /// Runs the denoising loop and returns the final latents (diffusers' `output_type="latent"`).
     ///
     /// # Shapes
     /// `n` prompts, `k` images per prompt → `[n·k, 4, height/8, width/8]` in the pipeline's kind.
     ///
     /// # Errors
-    /// [`Error::InvalidSetting`] for a size that is not a multiple of 8, no prompts or a bad batch;
+    /// [`Error::InvalidSetting`] for a size that is not a multiple of 8 or needs more memory than
+    /// [`MAX_GENERATION_BYTES`], no prompts or a bad batch;
     /// [`Error::Shape`] for `initial_noise` of another shape or negatives of another count;
     /// scheduler and model errors.
     pub fn latents(&self, options: &GenerateOptions) -> Result<Tensor> {
         self.denoiser().check(options)?;
+        self.memory_estimate(options).check(options)?;
         let (positive, negative) = tch::no_grad(|| {
             self.prompt_encoder
                 .encode_with_negative(&options.prompts, options.negative_prompts.as_deref())
@@ -570,13 +593,16 @@ impl Denoiser<'_> {
         let rows = vec![add_time_ids(size, (0, 0), size); context.size()[0] as usize];
         let time_ids = add_time_ids_tensor(&rows, self.kind, self.device);
 
-        let mut latents =
-            initial.to_device(self.device).to_kind(self.kind) * scheduler.init_noise_sigma();
+        // Fallible ops on the tensors whose size the user chose: an allocation that fails is an error.
+        let mut latents = initial
+            .f_to_device(self.device)?
+            .f_to_kind(self.kind)?
+            .f_mul_scalar(scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
         tch::no_grad(|| -> Result<()> {
             for &t in &timesteps {
                 let model_input = if guided {
-                    Tensor::cat(&[&latents, &latents], 0)
+                    Tensor::f_cat(&[&latents, &latents], 0)?
                 } else {
                     latents.shallow_clone()
                 };

@@ -263,6 +263,7 @@ pub fn load_into(
             continue;
         }
         let src = files[i].tensor(&key, var.device(), Some(var.kind()))?;
+        check_finite(&src, files[i].path(), &key)?;
         tch::no_grad(|| var.f_copy_(&src))?;
         report.loaded += 1;
     }
@@ -275,6 +276,38 @@ pub fn load_into(
             report: Box::new(report),
         })
     }
+}
+
+/// Refuses a weight tensor (as converted to its model's element type) holding NaN or infinity,
+/// naming the file and key: one such tensor makes every output of the model NaN, which training
+/// would only notice as steps skipped for a non-finite loss. One host read per tensor, at load time.
+///
+/// # Errors
+/// [`Error::NonFiniteWeights`]; libtorch errors.
+pub fn check_finite(tensor: &Tensor, path: &Path, key: &str) -> Result<()> {
+    if !tensor.f_is_floating_point()? {
+        return Ok(());
+    }
+    let kind = tensor.f_kind()?;
+    // libtorch's isfinite has no fp8 kernels; every fp8 value is exact in fp16.
+    let checked = match kind {
+        Kind::Float8e4m3fn | Kind::Float8e5m2 => tensor.f_to_kind(Kind::Half)?,
+        _ => tensor.shallow_clone(),
+    };
+    let finite = checked
+        .f_isfinite()?
+        .f_sum(Kind::Int64)?
+        .f_int64_value(&[])?;
+    let count = tensor.numel() as i64 - finite;
+    if count > 0 {
+        return Err(Error::NonFiniteWeights {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            count,
+            kind,
+        });
+    }
+    Ok(())
 }
 
 /// The libtorch element type of a safetensors dtype, if it has one.
@@ -347,6 +380,43 @@ mod tests {
         ] {
             assert!(msg.contains(needle), "{needle} not in: {msg}");
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn non_finite_weights_are_refused_naming_file_and_tensor() {
+        let dir = std::env::temp_dir().join(format!("sdxl-load-nan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let vs = VarStore::new(Device::Cpu);
+        let _ = vs.root().sub("lin").zeros_no_train("weight", &[2, 2]);
+        for (name, value, kind) in [
+            ("nan.safetensors", f32::NAN, Kind::Float),
+            ("inf.safetensors", f32::NEG_INFINITY, Kind::Float),
+            // Finite in fp32, infinite once converted to the model's fp16.
+            ("overflow.safetensors", 1e6, Kind::Half),
+        ] {
+            let w = Tensor::from_slice(&[0.5f32, value, 1.0, 2.0]).view([2, 2]);
+            let file = write_file(&dir, name, &[("lin.weight", w)]);
+            let mut vs = VarStore::new(Device::Cpu);
+            let _ = vs.root().sub("lin").zeros_no_train("weight", &[2, 2]);
+            vs.set_kind(kind);
+            let msg = load_into(&vs, &[file], str::to_owned)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains(name) && msg.contains("`lin.weight` holds 1 non-finite value(s)"),
+                "{msg}"
+            );
+        }
+        let fine = write_file(
+            &dir,
+            "fine.safetensors",
+            &[(
+                "lin.weight",
+                Tensor::ones([2, 2], (Kind::Float, Device::Cpu)),
+            )],
+        );
+        load_into(&vs, &[fine], str::to_owned).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -144,6 +144,18 @@ pub enum Error {
         limit: u64,
     },
 
+    /// Every optimizer step of the run was skipped for a non-finite loss or gradient, however few:
+    /// nothing was trained, so no LoRA is written and the run fails.
+    #[error(
+        "all {steps} optimizer steps of this run were skipped for a non-finite loss or gradient, so \
+         nothing was trained and no LoRA was written: check the model's weights (outputs that \
+         overflow), the data, --mixed_precision and --learning_rate"
+    )]
+    EveryStepSkipped {
+        /// The optimizer steps this run made.
+        steps: u64,
+    },
+
     /// A LoRA parameter holds NaN or infinity at a point where it would be written to a file.
     #[error("refusing to write {what}: LoRA parameter `{parameter}` is not finite")]
     NonFiniteLora {

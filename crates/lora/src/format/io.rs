@@ -64,12 +64,30 @@ pub(crate) fn read(path: &Path) -> Result<RawFile> {
             dtype: format!("{:?}", view.dtype()),
         })?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        tensors.insert(
-            key.to_owned(),
-            Tensor::f_from_data_size(view.data(), &shape, kind)?,
-        );
+        let tensor = Tensor::f_from_data_size(view.data(), &shape, kind)?;
+        let count = non_finite_count(&tensor)?;
+        if count > 0 {
+            return Err(Error::NonFiniteTensor {
+                path: path.to_owned(),
+                key: key.to_owned(),
+                count,
+            });
+        }
+        tensors.insert(key.to_owned(), tensor);
     }
     Ok(RawFile { tensors, metadata })
+}
+
+/// How many values of a floating-point `tensor` (on the CPU) are NaN or infinite; 0 for integers.
+pub(crate) fn non_finite_count(tensor: &Tensor) -> Result<i64> {
+    if !tensor.f_is_floating_point()? {
+        return Ok(0);
+    }
+    let finite = tensor
+        .f_isfinite()?
+        .f_sum(Kind::Int64)?
+        .f_int64_value(&[])?;
+    Ok(tensor.numel() as i64 - finite)
 }
 
 /// The bytes of a safetensors file holding `tensors` and `metadata` (`path` only names the file in

@@ -398,6 +398,13 @@ impl AutoencoderKL {
         Ok(())
     }
 
+    /// The tile side in pixels when tiling is on.
+    pub fn tile_side(&self) -> Option<i64> {
+        self.tiling
+            .as_ref()
+            .map(|t| t.sample_tile.unwrap_or_else(|| self.config.sample_size()))
+    }
+
     /// Encodes and decodes one sample of the batch at a time.
     pub fn set_slicing(&mut self, slicing: bool) {
         self.slicing = slicing;

@@ -24,6 +24,7 @@ pub mod kohya;
 mod lora_targets;
 mod optimizer;
 mod optimizer_args;
+mod paths;
 mod validate;
 
 use std::path::{Path, PathBuf};
@@ -33,6 +34,8 @@ use serde::{Deserialize, Serialize};
 use flags::need;
 pub use flags::{Attention, FlagValue, MixedPrecision};
 pub use optimizer::{OptimizerKind, OptimizerSetup};
+pub use paths::is_hub_id;
+pub use validate::MAX_RESOLUTION;
 
 use crate::lr_scheduler::SchedulerKind;
 use crate::{Error, Result};
@@ -321,7 +324,7 @@ train_config! {
     logging_steps: u64 = 10,
     /// Time optimizer step N (host enqueueing vs device completion; with CUDA graphs, the host's own work with each graph launched onto an idle device), record step N+1 with libtorch's profiler and write its Chrome trace to output_dir/profile/ (see tools/gpu/profile_summary.py); off when unset.
     profile_step: Option<u64> = None,
-    /// Stop after this many optimizer steps were skipped for a non-finite loss or gradient.
+    /// Stop once more than N optimizer steps were skipped for a non-finite loss or gradient (counted at every --logging_steps); a run whose every step was skipped fails at its end whatever N is.
     max_nonfinite_steps: u64 = 10,
     /// `cuda`, `cuda:N`, `cpu`, or `auto` (CUDA when available).
     device: String = "auto".into(),
@@ -345,6 +348,34 @@ impl TrainConfig {
         })
     }
 
+    /// `base` with the keys of TOML file `path` set (the file is first checked alone, so unknown
+    /// keys and wrong types are errors naming it).
+    ///
+    /// # Errors
+    /// As [`Self::from_toml_file`].
+    pub fn from_toml_file_over(base: Self, path: &Path) -> Result<Self> {
+        Self::from_toml_file(path)?;
+        let bad = |problem: String| Error::ConfigFile {
+            path: path.to_owned(),
+            problem,
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut keys: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        // kohya's spelling of --optimizer.
+        if let Some(value) = keys.remove("optimizer_type") {
+            keys.insert("optimizer".into(), value);
+        }
+        let mut merged: toml::Table =
+            toml::from_str(&base.to_toml()?).map_err(|e| bad(e.to_string()))?;
+        merged.extend(keys);
+        toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| bad(e.to_string()))
+    }
+
     /// The config as TOML (what checkpoints and the model card record).
     ///
     /// # Errors
@@ -365,8 +396,9 @@ impl TrainConfig {
         Self::from_args_over(Self::default(), args)
     }
 
-    /// As [`Self::from_args`], starting from `base` instead of the defaults (a preset); a
-    /// `--config FILE` replaces `base`.
+    /// As [`Self::from_args`], starting from `base` instead of the defaults (a preset): the keys of
+    /// a `--config FILE` override `base` (the settings the file leaves out keep `base`'s values),
+    /// then every other flag overrides both.
     ///
     /// # Errors
     /// As [`Self::from_args`].
@@ -419,7 +451,7 @@ impl TrainConfig {
             i += 1;
         }
         let mut config = match file {
-            Some(path) => Self::from_toml_file(&path)?,
+            Some(path) => Self::from_toml_file_over(base, &path)?,
             None => base,
         };
         for (name, value) in &flags {

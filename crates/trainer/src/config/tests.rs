@@ -279,3 +279,110 @@ fn optimizer_args_take_several_words_as_kohya_passes_them() {
         "{err}"
     );
 }
+
+#[test]
+fn a_preset_then_the_config_file_then_flags() {
+    let dir = std::env::temp_dir().join(format!("trainer-preset-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("run.toml");
+    std::fs::write(&file, "learning_rate = 0.5\noptimizer_type = \"Prodigy\"\n").unwrap();
+    let preset = TrainConfig::tiny_demo(Path::new("model"), Path::new("data"), Path::new("out"));
+    let args = ["--config", file.to_str().unwrap(), "--seed", "3"];
+    let c =
+        TrainConfig::from_args_over(preset.clone(), args.iter().map(|s| (*s).to_owned())).unwrap();
+    // The preset's settings the file leaves out stay; the file's keys and the flags override.
+    assert_eq!((c.resolution, c.max_train_samples), (64, None));
+    assert_eq!(c.pretrained_model_name_or_path, "model");
+    assert_eq!(c.learning_rate, 0.5);
+    assert_eq!(c.optimizer, Some(OptimizerKind::Prodigy));
+    assert_eq!(c.seed, 3);
+    assert_eq!(
+        TrainConfig {
+            learning_rate: 0.5,
+            optimizer: Some(OptimizerKind::Prodigy),
+            seed: 3,
+            ..preset.clone()
+        },
+        c
+    );
+    // The file's mistakes are still named with the file.
+    std::fs::write(&file, "rnak = 16\n").unwrap();
+    let err = TrainConfig::from_args_over(preset, args.iter().map(|s| (*s).to_owned()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("run.toml") && err.contains("rnak"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn settings_that_failed_late_are_refused_naming_their_flag() {
+    let message = |args: &[&str]| parse(args).unwrap_err().to_string();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--num_validation_images", "0"], "--num_validation_images"),
+        (
+            &["--validation_inference_steps", "0"],
+            "--validation_inference_steps",
+        ),
+        (
+            &["--validation_guidance_scale", "inf"],
+            "--validation_guidance_scale",
+        ),
+        (
+            &["--validation_guidance_scale", "nan"],
+            "--validation_guidance_scale",
+        ),
+        (
+            &["--validation_guidance_scale", "-inf"],
+            "--validation_guidance_scale",
+        ),
+        (&["--caption_dropout_rate", "1.5"], "--caption_dropout_rate"),
+        (&["--caption_dropout_rate", "nan"], "--caption_dropout_rate"),
+        (
+            &["--caption_tag_dropout_rate", "-0.1"],
+            "--caption_tag_dropout_rate",
+        ),
+        (&["--resolution", "10000000"], "--resolution"),
+        (&["--resolution", "8200"], "--resolution"),
+        (
+            &["--enable_bucket", "--max_bucket_reso", "100000"],
+            "--max_bucket_reso",
+        ),
+        (
+            &[
+                "--enable_bucket",
+                "--min_bucket_reso",
+                "2048",
+                "--max_bucket_reso",
+                "1024",
+            ],
+            "--min_bucket_reso",
+        ),
+        (&["--bucket_reso_steps", "0"], "--bucket_reso_steps"),
+        (
+            &["--dataloader_num_workers", "100000"],
+            "--dataloader_num_workers",
+        ),
+        (
+            &["--lr_scheduler", "polynomial", "--lr_power", "nan"],
+            "--lr_power",
+        ),
+        (
+            &[
+                "--lr_scheduler",
+                "cosine_with_restarts",
+                "--lr_num_cycles",
+                "0",
+            ],
+            "--lr_num_cycles",
+        ),
+        (&["--lr_num_cycles", "inf"], "--lr_num_cycles"),
+    ];
+    for &(args, flag) in cases {
+        let text = message(args);
+        assert!(text.starts_with(&format!("{flag}: ")), "{args:?}: {text}");
+    }
+    let huge = message(&["--resolution", "10000000"]);
+    assert!(huge.contains("GiB"), "{huge}");
+    // The largest accepted values still parse.
+    parse(&["--resolution", "8192", "--validation_guidance_scale", "0"]).unwrap();
+}

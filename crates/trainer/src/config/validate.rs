@@ -1,7 +1,22 @@
 //! Checks of values that parse but have no meaning, each naming its flag.
 
 use super::TrainConfig;
+use crate::lr_scheduler::LrSchedule;
 use crate::{Error, Result};
+
+/// The largest `--resolution` and `--max_bucket_reso` accepted: 8× SDXL's native 1024 px side, past
+/// which one training image's activations no longer fit any current GPU (the error gives the size).
+pub const MAX_RESOLUTION: u32 = 8192;
+
+/// Most loader threads `--dataloader_num_workers` may start.
+const MAX_WORKERS: u32 = 1024;
+
+/// What one `side`² image costs the UNet at the least, in GiB: the 320-channel activations of its
+/// first block at the latent size (side/8)², in bf16, one of the dozens a training step keeps.
+fn resolution_cost(side: u32) -> f64 {
+    let latent = f64::from(side) / 8.0;
+    latent * latent * 320.0 * 2.0 / f64::from(1u32 << 30)
+}
 
 /// The error of a value that has no meaning for `option`.
 fn fail(option: &'static str, problem: String) -> Result<()> {
@@ -20,6 +35,21 @@ impl TrainConfig {
                 format!("{} is not a positive multiple of 8", self.resolution),
             );
         }
+        for (option, side) in [
+            ("--resolution", self.resolution),
+            ("--max_bucket_reso", self.max_bucket_reso),
+        ] {
+            if side > MAX_RESOLUTION {
+                return fail(
+                    option,
+                    format!(
+                        "{side} px is above {MAX_RESOLUTION}: one image's first UNet activation \
+                         alone would take {:.1} GiB (SDXL trains at 1024)",
+                        resolution_cost(side)
+                    ),
+                );
+            }
+        }
         for (option, value) in [
             ("--train_batch_size", u64::from(self.train_batch_size)),
             ("--nproc_per_node", u64::from(self.nproc_per_node)),
@@ -37,12 +67,22 @@ impl TrainConfig {
                 "--class_inference_steps",
                 u64::from(self.class_inference_steps),
             ),
+            (
+                "--num_validation_images",
+                u64::from(self.num_validation_images),
+            ),
+            (
+                "--validation_inference_steps",
+                u64::from(self.validation_inference_steps),
+            ),
+            ("--bucket_reso_steps", u64::from(self.bucket_reso_steps)),
         ] {
             if value == 0 {
                 return fail(option, "must be at least 1".into());
             }
         }
         self.validate_ranges()?;
+        self.validate_sampling()?;
         self.validate_text_encoder()?;
         self.ema_config()?;
         self.lora_config()?;
@@ -134,6 +174,52 @@ impl TrainConfig {
             }
         }
         Ok(())
+    }
+
+    /// Probabilities, the validation sampler, the schedule, buckets and loader threads: settings
+    /// that would otherwise fail only when first used (a validation at step 200, the first batch).
+    fn validate_sampling(&self) -> Result<()> {
+        for (option, value) in [
+            ("--caption_dropout_rate", self.caption_dropout_rate),
+            ("--caption_tag_dropout_rate", self.caption_tag_dropout_rate),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return fail(option, format!("{value} is not a probability in [0, 1]"));
+            }
+        }
+        if !self.validation_guidance_scale.is_finite() {
+            return fail(
+                "--validation_guidance_scale",
+                format!("{} is not a finite number", self.validation_guidance_scale),
+            );
+        }
+        if self.enable_bucket && self.min_bucket_reso > self.max_bucket_reso {
+            return fail(
+                "--min_bucket_reso",
+                format!(
+                    "{} is above --max_bucket_reso {}",
+                    self.min_bucket_reso, self.max_bucket_reso
+                ),
+            );
+        }
+        if self.dataloader_num_workers > MAX_WORKERS {
+            return fail(
+                "--dataloader_num_workers",
+                format!(
+                    "{} threads is more than {MAX_WORKERS} (0 means one per core)",
+                    self.dataloader_num_workers
+                ),
+            );
+        }
+        LrSchedule::from_script_flags(
+            self.lr_scheduler,
+            self.learning_rate,
+            self.lr_warmup_steps,
+            self.max_train_steps,
+            self.lr_num_cycles,
+            self.lr_power,
+        )
+        .map(drop)
     }
 
     /// Settings that contradict each other or the run.

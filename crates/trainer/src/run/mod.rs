@@ -127,6 +127,7 @@ impl Trainer {
         if let Some(line) = group.describe() {
             say(line);
         }
+        config.validate_paths()?;
         let (mut config, kohya) = config.with_dataset_config()?;
         config.validate()?;
         config.nproc_per_node = processes(&config, &world)?;
@@ -284,16 +285,23 @@ impl Trainer {
             torch_cuda::reset_peak_memory_stats(device::index(self.device));
         }
         let (start, end) = (self.start_step, self.config.max_train_steps);
+        // Steps skipped before this run (a resumed checkpoint's), read once before the loop.
+        let skipped_before = self.stepper.acc.skipped.f_double_value(&[])? as u64;
         let started = Instant::now();
         let mut graphs: Option<StepGraphs> = None;
-        let mut skipped = 0;
+        let mut skipped = skipped_before;
         for step in start..end {
             self.train_step(step, &mut graphs, &logs.progress)?;
             logs.progress.inc(1);
             skipped = self.after_step(step + 1, &mut logs)?.unwrap_or(skipped);
         }
-        logs.progress.finish();
         let steps_run = end.saturating_sub(start);
+        if steps_run > 0 && skipped.saturating_sub(skipped_before) >= steps_run {
+            logs.progress.abandon();
+            logs.flush()?;
+            return Err(Error::EveryStepSkipped { steps: steps_run });
+        }
+        logs.progress.finish();
         let seconds_per_step = started.elapsed().as_secs_f64() / steps_run.max(1) as f64;
         let peak_memory_gib = device::peak_memory_gib(self.device);
         logs.flush()?;
