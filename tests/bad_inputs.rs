@@ -1178,7 +1178,7 @@ const PENDING_INPUT: &[Case] = &[
         &["--dataset_name", "./no-such-dataset"],
         nothing,
         1,
-        "no-such-dataset",
+        "./no-such-dataset: no such folder",
     ),
     case(
         "model_missing_relative",
@@ -1186,7 +1186,7 @@ const PENDING_INPUT: &[Case] = &[
         &["--pretrained_model_name_or_path", "./no-such-model"],
         nothing,
         1,
-        "no-such-model",
+        "./no-such-model: no such folder",
     ),
     case(
         "dataset_empty_folder",
@@ -1334,7 +1334,7 @@ const PENDING_FOLDER: &[Case] = &[
             write(d, "out/checkpoint-10/trainer_state.json", "{}");
         },
         1,
-        "--resume_from_checkpoint",
+        "--overwrite_output_dir",
     ),
     case(
         "empty_resume_flag",
@@ -1350,7 +1350,7 @@ const PENDING_FOLDER: &[Case] = &[
         &["--output_dir", "{out}/earlier-run.txt"],
         nothing,
         1,
-        "{out}/earlier-run.txt",
+        "{out}/earlier-run.txt: is a file",
     ),
 ];
 

@@ -34,7 +34,13 @@ mod training;
 use training::{fixture, run_to_end, scratch, tiny};
 
 fn pipeline() -> Pipeline {
-    Pipeline::from_pretrained(fixture("tiny-sdxl"), Device::Cpu, Kind::Float, Upcast::Never).unwrap()
+    Pipeline::from_pretrained(
+        fixture("tiny-sdxl"),
+        Device::Cpu,
+        Kind::Float,
+        Upcast::Never,
+    )
+    .unwrap()
 }
 
 fn options() -> GenerateOptions {
@@ -68,7 +74,11 @@ fn assert_same_adapters(a: &format::LoraFile, b: &format::LoraFile) {
         assert!(ma.down.equal(&mb.down), "{key:?} down");
         assert!(ma.up.equal(&mb.up), "{key:?} up");
         // alpha: exact in both files here (rank 4 → 4, conv alpha 1; float32 holds both).
-        assert_eq!((ma.alpha, ma.scaling), (mb.alpha, mb.scaling), "{key:?} alpha");
+        assert_eq!(
+            (ma.alpha, ma.scaling),
+            (mb.alpha, mb.scaling),
+            "{key:?} alpha"
+        );
         match (&ma.magnitude, &mb.magnitude) {
             (Some(x), Some(y)) => assert!(x.equal(y), "{key:?} magnitude"),
             (None, None) => {}
@@ -133,7 +143,10 @@ fn every_lora_file_of_a_run_reads_back_into_generate_and_lora_convert() {
         pipe.latents(&options()).unwrap()
     };
     let (with_diffusers, with_kohya) = (latents(&diffusers), latents(&kohya));
-    assert!(with_diffusers.equal(&with_kohya), "the kohya file's deltas differ");
+    assert!(
+        with_diffusers.equal(&with_kohya),
+        "the kohya file's deltas differ"
+    );
     assert!(!with_diffusers.equal(&base), "the LoRA changed nothing");
 
     // 2. generate --lora: the same image from each file.

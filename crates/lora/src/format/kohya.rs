@@ -364,7 +364,9 @@ impl Resolver {
             Some(Some((component, path))) => Ok((*component, path.clone(), part)),
             Some(None) => Err("ambiguous: several module paths give this name"),
             None if !self.has_renames && SGM_NAME_STARTS.iter().any(|s| name.starts_with(s)) => {
-                Err("an SGM block name, and the UNet's SGM names are unknown here (its config is needed)")
+                Err(
+                    "an SGM block name, and the UNet's SGM names are unknown here (its config is needed)",
+                )
             }
             None => Err("no module of the model has this name"),
         }
@@ -472,7 +474,9 @@ mod tests {
         let without = Resolver::new(&names, None);
         assert_eq!(
             without.place(sgm),
-            Err("an SGM block name, and the UNet's SGM names are unknown here (its config is needed)")
+            Err(
+                "an SGM block name, and the UNet's SGM names are unknown here (its config is needed)"
+            )
         );
         names.set_block_renames(renames());
         assert_eq!(
