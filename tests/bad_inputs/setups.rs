@@ -4,6 +4,12 @@ use std::path::Path;
 
 use super::harness::{copy_dir, fixture, write};
 
+/// A tensor of a safetensors file: name, element type, shape, bytes.
+pub type RawTensor = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+/// A safetensors header's free-form entries.
+type Header = Option<std::collections::HashMap<String, String>>;
+
 /// `{d}/images`: the fixtures' imagefolder (8 images and `metadata.jsonl`), to be spoiled.
 pub fn imagefolder(d: &Path) {
     copy_dir(&fixture("captioned-images/imagefolder"), &d.join("images"));
@@ -25,12 +31,7 @@ pub fn caption_folder(d: &Path) {
 }
 
 /// The tensors and header of a safetensors file.
-fn tensors(
-    path: &Path,
-) -> (
-    Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>,
-    Option<std::collections::HashMap<String, String>>,
-) {
+fn tensors(path: &Path) -> (Vec<RawTensor>, Header) {
     let bytes = std::fs::read(path).unwrap();
     let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
@@ -51,12 +52,7 @@ fn tensors(
 }
 
 /// Writes fixture `lora/<from>` to `{d}/<to>` with `edit` applied to its tensors.
-pub fn edited_lora(
-    d: &Path,
-    from: &str,
-    to: &str,
-    edit: impl Fn(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
-) {
+pub fn edited_lora(d: &Path, from: &str, to: &str, edit: impl Fn(&mut Vec<RawTensor>)) {
     let (mut list, metadata) = tensors(&fixture(&format!("lora/{from}")));
     edit(&mut list);
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = list
