@@ -8,9 +8,13 @@
 //! ```
 //!
 //! Reading a kohya file needs the model's module paths: pass the model file of each component
-//! the LoRA adapts (`--unet tiny-sdxl/unet/diffusion_pytorch_model.safetensors`, …). `--sgm` names
-//! a JSON list of `[diffusers prefix, SGM prefix]` pairs; with it, kohya files may use SGM UNet
-//! block names, and `--to kohya` writes them.
+//! the LoRA adapts (`--unet tiny-sdxl/unet/diffusion_pytorch_model.safetensors`, …). UNet names in
+//! SGM block spelling (`lora_unet_input_blocks_4_1_…`, what kohya's trainer and ours write) are read
+//! with the table of the UNet's `config.json` beside the first `--unet` file, or with `--sgm`, a
+//! JSON list of `[diffusers prefix, SGM prefix]` pairs; with `--sgm`, `--to kohya` also writes them.
+//!
+//! `OUT` may not be `IN` (under any spelling: `./`, a symbolic or hard link): the input is never
+//! overwritten.
 //!
 //! A kohya file gets the base-model entries kohya's trainer writes for an SDXL LoRA
 //! (`ss_base_model_version`, `modelspec.architecture`, …; see docs/FORMATS.md) when the LoRA is known
@@ -18,13 +22,16 @@
 //! `modelspec.*` entries of the input file are kept.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::SystemTime;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use cli::UsageError;
 use lora::Component;
 use lora::format::{self, BlockRenames, Format, ModuleNames, ReadOptions, WriteOptions};
+use sdxl_model::unet::{UNetConfig, sgm_unet_table};
 use trainer::kohya_metadata::sdxl_lora_base_metadata;
 
 mod cli;
@@ -94,13 +101,58 @@ fn main() -> ExitCode {
     })
 }
 
+/// Whether `output` names the file `input` names (`./`, `..`, symbolic and hard links included).
+fn same_file(input: &Path, output: &Path) -> bool {
+    let (Ok(input_meta), Ok(output_meta)) = (std::fs::metadata(input), std::fs::metadata(output))
+    else {
+        return false;
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if (input_meta.dev(), input_meta.ino()) == (output_meta.dev(), output_meta.ino()) {
+            return true;
+        }
+    }
+    let _ = (input_meta, output_meta);
+    matches!(
+        (input.canonicalize(), output.canonicalize()),
+        (Ok(a), Ok(b)) if a == b
+    )
+}
+
+/// The SGM block names of the UNet whose `config.json` sits beside `unet_file` (a diffusers
+/// `unet/` folder), if there is one.
+fn sgm_names_beside(unet_file: &Path) -> anyhow::Result<Option<BlockRenames>> {
+    let config = unet_file.with_file_name("config.json");
+    if !config.is_file() {
+        return Ok(None);
+    }
+    let config = UNetConfig::from_file(&config)
+        .with_context(|| format!("--unet: reading {}", config.display()))?;
+    Ok(Some(BlockRenames::new(sgm_unet_table(&config))))
+}
+
 fn convert(args: ConvertArgs) -> anyhow::Result<()> {
+    if same_file(&args.input, &args.output) {
+        anyhow::bail!(UsageError(format!(
+            "OUT: {} is the input file {}; it would be overwritten (write to another file)",
+            args.output.display(),
+            args.input.display()
+        )));
+    }
     let renames = args
         .sgm
         .as_deref()
         .map(BlockRenames::from_json_file)
         .transpose()?;
     let mut names = ModuleNames::new();
+    if renames.is_none()
+        && let Some(first) = args.unet.first()
+        && let Some(sgm) = sgm_names_beside(first)?
+    {
+        names.set_block_renames(sgm);
+    }
     for (component, files) in [
         (Component::Unet, &args.unet),
         (Component::TextEncoder, &args.text_encoder),

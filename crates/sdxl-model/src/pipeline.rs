@@ -322,9 +322,13 @@ impl Pipeline {
     }
 
     /// The layer paths of every adaptable model, for resolving kohya-named LoRA files
-    /// ([`lora::format::ReadOptions::module_names`]).
+    /// ([`lora::format::ReadOptions::module_names`]), with the UNet's SGM block names attached
+    /// ([`crate::unet::sgm_unet_table`]): kohya files in either UNet spelling load (what kohya's
+    /// trainer and ours write, and what diffusers' `convert_state_dict_to_kohya` writes).
     pub fn lora_module_names(&mut self) -> lora::format::ModuleNames {
         let mut names = lora::format::ModuleNames::new();
+        let table = crate::unet::sgm_unet_table(self.unet.config());
+        names.set_block_renames(lora::format::BlockRenames::new(table));
         for (component, model) in self.adaptable() {
             names.add_model(component, model);
         }

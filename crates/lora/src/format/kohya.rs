@@ -10,7 +10,10 @@
 //!
 //! UNet paths come in two spellings: diffusers block names (`down_blocks_1_attentions_0_…`, what
 //! diffusers' `convert_state_dict_to_kohya` writes) and SGM block names (`input_blocks_4_1_…`, what
-//! kohya's own trainer writes). The SGM spelling needs a [`BlockRenames`] table from the caller.
+//! kohya's own trainer writes). The SGM spelling needs a [`BlockRenames`] table from the caller: in
+//! [`super::ReadOptions::block_renames`], or attached to the model's names
+//! ([`ModuleNames::set_block_renames`], which `sdxl_model`'s pipeline does with its UNet's SGM table),
+//! so that every reader given the model's names accepts both spellings, as ComfyUI's loader does.
 //!
 //! Turning `_` back into `.` is ambiguous (`to_out_0`, `ff_net_0_proj`), so reading uses the
 //! model's own module paths ([`ModuleNames`]) and matches names exactly, as ComfyUI does.
@@ -30,6 +33,9 @@ const SUFFIXES: [(&str, Part); 4] = [
     (".alpha", Part::Alpha),
     (".dora_scale", Part::Magnitude),
 ];
+
+/// The level transformers 4's `CLIPTextModel` (and so kohya's names) put above its modules.
+const TEXT_MODEL_LEVEL: &str = "text_model.";
 
 /// SD1's single text-encoder prefix; read as [`Component::TextEncoder`].
 const SD1_TEXT_ENCODER_PREFIX: &str = "lora_te";
@@ -112,6 +118,8 @@ fn replace_prefix<'a>(
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModuleNames {
     paths: BTreeMap<Component, BTreeSet<String>>,
+    /// The UNet's other block spelling (SGM), when the code that built the names knows it.
+    block_renames: Option<BlockRenames>,
 }
 
 impl ModuleNames {
@@ -167,6 +175,19 @@ impl ModuleNames {
             .filter_map(|(key, _)| key.strip_suffix(".weight").map(str::to_owned))
             .collect::<Vec<_>>();
         Ok(self.add_paths(component, paths))
+    }
+
+    /// Accepts the UNet's modules also under `renames`' spelling (e.g. SGM block names, from
+    /// `sdxl_model::unet::sgm_unet_table`) when reading kohya files with these names; an explicit
+    /// [`super::ReadOptions::block_renames`] takes precedence.
+    pub fn set_block_renames(&mut self, renames: BlockRenames) -> &mut Self {
+        self.block_renames = Some(renames);
+        self
+    }
+
+    /// The UNet's other block spelling attached by [`ModuleNames::set_block_renames`].
+    pub fn block_renames(&self) -> Option<&BlockRenames> {
+        self.block_renames.as_ref()
     }
 
     /// Whether `component` has any names.
@@ -254,7 +275,19 @@ pub(crate) struct Resolver {
     /// Names of path suffixes (a module path without its first levels, as transformers 5 writes
     /// `CLIPTextModel` paths), used when no full name matches.
     suffix_names: HashMap<String, Option<(Component, String)>>,
+    /// Whether UNet names in another block spelling were added.
+    has_renames: bool,
 }
+
+/// The starts of kohya UNet names in SGM block spelling (`lora_unet_input_blocks_4_1_…`).
+const SGM_NAME_STARTS: [&str; 6] = [
+    "lora_unet_input_blocks_",
+    "lora_unet_middle_block_",
+    "lora_unet_output_blocks_",
+    "lora_unet_time_embed_",
+    "lora_unet_label_emb_",
+    "lora_unet_out_",
+];
 
 fn add_name(
     names: &mut HashMap<String, Option<(Component, String)>>,
@@ -272,12 +305,23 @@ fn add_name(
 }
 
 impl Resolver {
+    /// `renames` (else the table attached to `modules`) adds the UNet's other block spelling.
     pub(crate) fn new(modules: &ModuleNames, renames: Option<&BlockRenames>) -> Self {
+        let renames = renames.or(modules.block_renames.as_ref());
         let (mut names, mut suffix_names) = (HashMap::new(), HashMap::new());
         for (component, paths) in &modules.paths {
             for path in paths {
                 let target = (*component, path.clone());
                 add_name(&mut names, module_name(*component, path), target.clone());
+                // kohya's text-encoder names keep transformers' `text_model.` level, which the
+                // module paths of a transformers 5 `CLIPTextModel` file lack.
+                if *component != Component::Unet && !path.starts_with(TEXT_MODEL_LEVEL) {
+                    add_name(
+                        &mut names,
+                        module_name(*component, &format!("{TEXT_MODEL_LEVEL}{path}")),
+                        target.clone(),
+                    );
+                }
                 if *component == Component::TextEncoder {
                     add_name(
                         &mut names,
@@ -306,6 +350,7 @@ impl Resolver {
         Self {
             names,
             suffix_names,
+            has_renames: renames.is_some_and(|r| !r.pairs.is_empty()),
         }
     }
 
@@ -318,6 +363,11 @@ impl Resolver {
         match self.names.get(name).or_else(|| self.suffix_names.get(name)) {
             Some(Some((component, path))) => Ok((*component, path.clone(), part)),
             Some(None) => Err("ambiguous: several module paths give this name"),
+            None if !self.has_renames && SGM_NAME_STARTS.iter().any(|s| name.starts_with(s)) => {
+                Err(
+                    "an SGM block name, and the UNet's SGM names are unknown here (its config is needed)",
+                )
+            }
             None => Err("no module of the model has this name"),
         }
     }
@@ -417,5 +467,21 @@ mod tests {
                 .is_err()
         );
         assert!(resolver.place("lora_unet_up_blocks_0_attentions_1_transformer_blocks_0_ff_net_0_proj.hada_w1_a").is_err());
+
+        // The same table attached to the names places SGM names without read options; without
+        // any table an SGM name is reported as such.
+        let sgm = "lora_unet_output_blocks_1_1_transformer_blocks_0_ff_net_0_proj.lora_up.weight";
+        let without = Resolver::new(&names, None);
+        assert_eq!(
+            without.place(sgm),
+            Err(
+                "an SGM block name, and the UNet's SGM names are unknown here (its config is needed)"
+            )
+        );
+        names.set_block_renames(renames());
+        assert_eq!(
+            Resolver::new(&names, None).place(sgm),
+            Ok((Component::Unet, unet_path.to_owned(), Part::Up))
+        );
     }
 }

@@ -94,6 +94,31 @@ macro_rules! train_config {
     };
 }
 
+/// The TOML parser's message on one line, after the line and column it points at (its own
+/// `Display` draws the line with a caret under it, over several lines).
+fn one_line_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim().replace('\n', " ");
+    match error.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            let column = before.len() - line_start + 1;
+            // The line itself names the key of a value of the wrong type.
+            let source: String = text[line_start..]
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .chars()
+                .take(80)
+                .collect();
+            format!("line {line}, column {column} (`{source}`): {message}")
+        }
+        None => message,
+    }
+}
+
 fn describe<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "?".into())
 }
@@ -344,7 +369,7 @@ impl TrainConfig {
         })?;
         toml::from_str(&text).map_err(|e| Error::ConfigFile {
             path: path.to_owned(),
-            problem: e.to_string(),
+            problem: one_line_toml_error(&text, &e),
         })
     }
 

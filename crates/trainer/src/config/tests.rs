@@ -121,6 +121,11 @@ fn toml_file_then_flags() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("run.toml") && err.contains("rnak"), "{err}");
+    // One line, naming where (the parser's own text draws the line over several).
+    assert!(
+        !err.contains('\n') && err.contains("line 1, column 1 (`rnak = 16`)"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
