@@ -11,6 +11,7 @@
 mod logging;
 mod probe;
 mod resume;
+mod resume_check;
 mod setup;
 
 use std::path::PathBuf;
@@ -29,6 +30,7 @@ use crate::distributed::{Collective, World, join, on_main_process};
 use crate::estimate::{Estimate, OptimizerTable};
 use crate::logs::{say, say_above, set_quiet};
 use crate::model::TrainModel;
+use crate::output_dir::OutputLock;
 use crate::outputs::{self, RunStats};
 use crate::plan::{MicroStep, Plan};
 use crate::prepare::{Latents, TextConditioning, prepare_latents, prepare_text};
@@ -63,6 +65,8 @@ pub struct Trainer {
     /// This process's place in a data-parallel run, and the collectives over its processes.
     world: World,
     group: Rc<dyn Collective>,
+    /// `output_dir`'s lock (rank 0), released when the trainer goes.
+    _output_lock: Option<OutputLock>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -139,7 +143,7 @@ impl Trainer {
         }
         device::check_precision(config.mixed_precision, device)?;
         let kind = config.mixed_precision.kind();
-        let store = open_output_dir(&config, &*group)?;
+        let (store, output_lock) = open_output_dir(&config, &*group)?;
         let folder = crate::model_files::resolve_model(&config)?;
         say(format!(
             "model {} on {device:?} in {kind:?}",
@@ -210,6 +214,7 @@ impl Trainer {
             v_prediction,
             world,
             group,
+            _output_lock: output_lock,
         };
         trainer.resume()?;
         trainer.upload_plan(&planned)?;
