@@ -446,12 +446,14 @@ impl Trainer {
             }
             skipped = Some(window.skipped);
         }
-        // Rank 0 writes; every process meets it at a barrier after.
+        // Rank 0 writes; every process meets it at a barrier after. The events logged so far go
+        // to disk first: a run resumed from this checkpoint continues their file.
         let group = Rc::clone(&self.group);
-        if done.is_multiple_of(config.checkpointing_steps)
-            && let Some(path) = on_main_process(&*group, || self.save_checkpoint(done))?
-        {
-            say_above(&logs.progress, format!("saved {}", path.display()));
+        if done.is_multiple_of(config.checkpointing_steps) {
+            logs.flush()?;
+            if let Some(path) = on_main_process(&*group, || self.save_checkpoint(done))? {
+                say_above(&logs.progress, format!("saved {}", path.display()));
+            }
         }
         if done.is_multiple_of(self.config.validation_steps) && done < self.config.max_train_steps {
             on_main_process(&*group, || self.validate(done))?;
