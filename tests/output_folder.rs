@@ -248,9 +248,9 @@ fn a_finished_folder_is_refused_unchanged_unless_resumed_or_moved_aside() {
         .collect();
     assert_eq!(aside.len(), 1, "{aside:?}");
     assert!(
-        stderr.contains(&format!(
+        stderr.contains(
             "--overwrite_output_dir: moved the earlier run (checkpoint-2, checkpoint-4, "
-        )) && stderr.contains(&format!("to {}", aside[0].display())),
+        ) && stderr.contains(&format!("to {}", aside[0].display())),
         "{stderr}"
     );
     assert_eq!(snapshot(&aside[0]), before, "moved whole and unchanged");

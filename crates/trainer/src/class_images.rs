@@ -243,7 +243,8 @@ impl Generator<'_> {
         let written = std::fs::write(&tmp, &bytes)
             .map_err(|e| folder_error(&tmp, "cannot write it", &e))
             .and_then(|()| {
-                std::fs::rename(&tmp, &path).map_err(|e| folder_error(&path, "cannot rename it", &e))
+                std::fs::rename(&tmp, &path)
+                    .map_err(|e| folder_error(&path, "cannot rename it", &e))
             });
         if written.is_err() {
             // A failed write (a full disk) leaves no temporary file behind.

@@ -55,7 +55,10 @@ impl Holder {
     }
 
     fn to_text(&self) -> String {
-        format!("pid {}\nhost {}\nsince {}\n", self.pid, self.host, self.since)
+        format!(
+            "pid {}\nhost {}\nsince {}\n",
+            self.pid, self.host, self.since
+        )
     }
 
     /// Reads the text [`Holder::to_text`] writes; `None` for anything else (an empty file that
@@ -120,7 +123,8 @@ impl OutputLock {
                 continue;
             }
             let mut previous = String::new();
-            file.read_to_string(&mut previous).map_err(io_error(&path))?;
+            file.read_to_string(&mut previous)
+                .map_err(io_error(&path))?;
             let stale = Holder::parse(&previous);
             let written = (|| {
                 file.set_len(0)?;
@@ -157,10 +161,11 @@ impl Drop for OutputLock {
 fn read_holder(path: &Path, file: &mut File) -> Option<Holder> {
     for _ in 0..50 {
         let mut text = String::new();
-        if file.rewind().is_ok() && file.read_to_string(&mut text).is_ok() {
-            if let Some(holder) = Holder::parse(&text) {
-                return Some(holder);
-            }
+        if file.rewind().is_ok()
+            && file.read_to_string(&mut text).is_ok()
+            && let Some(holder) = Holder::parse(&text)
+        {
+            return Some(holder);
         }
         // The holder may also have replaced the file: read the path's.
         if let Ok(text) = std::fs::read_to_string(path)

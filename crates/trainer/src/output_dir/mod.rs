@@ -105,7 +105,12 @@ pub fn move_aside(output_dir: &Path) -> Result<PathBuf> {
                 n += 1;
                 target = output_dir.join(format!("{base}-{n}"));
             }
-            Err(source) => return Err(Error::Io { path: target, source }),
+            Err(source) => {
+                return Err(Error::Io {
+                    path: target,
+                    source,
+                });
+            }
         }
     }
     for entry in fs::read_dir(output_dir).map_err(io_error(output_dir))? {
@@ -138,7 +143,12 @@ pub fn clean_leftovers(store: &CheckpointStore) -> Result<Vec<PathBuf>> {
         let entries = match fs::read_dir(&folder) {
             Ok(entries) => entries,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(source) => return Err(Error::Io { path: folder, source }),
+            Err(source) => {
+                return Err(Error::Io {
+                    path: folder,
+                    source,
+                });
+            }
         };
         for entry in entries {
             let entry = entry.map_err(io_error(&folder))?;
@@ -164,8 +174,8 @@ fn is_temporary(name: &str) -> bool {
         return false;
     };
     let digits = suffix.strip_prefix('-').unwrap_or(suffix);
-    let suffix_ok = suffix.is_empty()
-        || (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()));
+    let suffix_ok =
+        suffix.is_empty() || (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()));
     let stem = stem.strip_prefix('.').unwrap_or(stem);
     suffix_ok
         && stem

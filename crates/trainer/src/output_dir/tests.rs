@@ -40,7 +40,12 @@ fn temporary_names_are_ours_only() {
 fn leftovers_are_removed_and_nothing_else() {
     let dir = scratch("leftovers");
     let store = CheckpointStore::new(&dir);
-    for folder in ["logs", "validation", "checkpoint-5", ".checkpoint-10.tmp-99"] {
+    for folder in [
+        "logs",
+        "validation",
+        "checkpoint-5",
+        ".checkpoint-10.tmp-99",
+    ] {
         fs::create_dir_all(dir.join(folder)).unwrap();
     }
     let leftovers = [
@@ -104,8 +109,14 @@ fn a_previous_run_is_found_and_moved_aside_whole() {
 
     let first = move_aside(&dir).unwrap();
     let name = first.file_name().unwrap().to_string_lossy().into_owned();
-    assert!(name.starts_with(MOVED_ASIDE_PREFIX) && name.ends_with('Z'), "{name}");
-    assert_eq!(name.len(), MOVED_ASIDE_PREFIX.len() + "20261206T141005Z".len());
+    assert!(
+        name.starts_with(MOVED_ASIDE_PREFIX) && name.ends_with('Z'),
+        "{name}"
+    );
+    assert_eq!(
+        name.len(),
+        MOVED_ASIDE_PREFIX.len() + "20261206T141005Z".len()
+    );
     let mut left: Vec<String> = fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

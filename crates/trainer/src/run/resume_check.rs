@@ -37,22 +37,26 @@ const PATHS: [&str; 2] = ["dataset_name", "dataset_config"];
 /// # Errors
 /// [`Error::ResumeFromCheckpoint`] listing the changes; [`Error::Io`] / [`Error::Checkpoint`] when
 /// the checkpoint's `config.toml` cannot be read.
-pub(super) fn check_resume_settings(checkpoint: &Path, step: u64, config: &TrainConfig) -> Result<()> {
+pub(super) fn check_resume_settings(
+    checkpoint: &Path,
+    step: u64,
+    config: &TrainConfig,
+) -> Result<()> {
     let file = checkpoint.join("config.toml");
     let text = std::fs::read_to_string(&file).map_err(io_error(&file))?;
     let saved: toml::Table = toml::from_str(&text).map_err(|e| Error::Checkpoint {
         path: file.clone(),
         problem: format!("not a config: {e}"),
     })?;
-    let current: toml::Table = toml::from_str(&config.to_toml()?).map_err(|e| Error::Checkpoint {
-        path: file.clone(),
-        problem: format!("this run's config does not read back: {e}"),
-    })?;
+    let current: toml::Table =
+        toml::from_str(&config.to_toml()?).map_err(|e| Error::Checkpoint {
+            path: file.clone(),
+            problem: format!("this run's config does not read back: {e}"),
+        })?;
     let mut changes = Vec::new();
     for key in KEPT {
         let (before, now) = (saved.get(key), current.get(key));
-        let same = before == now
-            || (PATHS.contains(&key) && same_path(before, now));
+        let same = before == now || (PATHS.contains(&key) && same_path(before, now));
         if !same {
             changes.push(format!(
                 "--{key} {} (the checkpoint's) vs {} (this run's)",
@@ -129,7 +133,9 @@ mod tests {
             max_train_steps: 5,
             ..saved.clone()
         };
-        let error = check_resume_settings(&dir, 10, &changed).unwrap_err().to_string();
+        let error = check_resume_settings(&dir, 10, &changed)
+            .unwrap_err()
+            .to_string();
         for part in [
             "--gradient_accumulation_steps 2 (the checkpoint's) vs 1 (this run's)",
             "--rank 4 (the checkpoint's) vs 8 (this run's)",

@@ -9,8 +9,8 @@ use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 use super::{
-    EventWriter, FILE_VERSION, SESSION_START, WIRE_VARINT, encode_bytes_field,
-    encode_event_header, field_key, masked_crc32c, read_u32, read_u64, wall_time_now,
+    EventWriter, FILE_VERSION, SESSION_START, WIRE_VARINT, encode_bytes_field, encode_event_header,
+    field_key, masked_crc32c, read_u32, read_u64, wall_time_now,
 };
 use crate::Result;
 use crate::logs::io_error;
