@@ -574,5 +574,47 @@ fn runs_killed_at_random_moments_resume_to_a_bit_identical_lora() {
             .collect()
     };
     assert_eq!(losses(out), losses(&reference.output_dir));
+    // The whole trainer state (loss history, window sums, learning rate, counters) is the
+    // uninterrupted run's byte for byte: every value is an f64 that round-trips through JSON, and
+    // the state holds no wall-clock time. (The checkpoints' config.toml differ in --output_dir only.)
+    let state = |dir: &Path| std::fs::read(dir.join("checkpoint-40/trainer_state.json")).unwrap();
+    assert!(
+        state(out) == state(&reference.output_dir),
+        "trainer_state.json differs:\n{}\n{}",
+        String::from_utf8_lossy(&state(out)),
+        String::from_utf8_lossy(&state(&reference.output_dir))
+    );
+    // One TensorBoard file, appended at every resume; read as TensorBoard reads it (a restart
+    // event drops the steps from it on, which the resumed run logs again), its losses are the
+    // uninterrupted run's.
+    let tensorboard = |dir: &Path| -> Vec<(i64, f32)> {
+        let files = event_files(dir);
+        assert_eq!(files.len(), 1, "{files:?}");
+        let mut last_write = std::collections::BTreeMap::new();
+        for scalar in read_scalars(&files[0]).unwrap() {
+            if scalar.tag == "train/loss" {
+                last_write.insert(scalar.step, scalar.value.to_bits());
+            }
+        }
+        last_write
+            .into_iter()
+            .map(|(step, bits)| (step, f32::from_bits(bits)))
+            .collect()
+    };
+    assert_eq!(tensorboard(out), tensorboard(&reference.output_dir));
+    assert!(!out.join(".trainer.lock").exists(), "the lock is released");
     let _ = std::fs::remove_dir_all(&root);
+}
+
+fn event_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir.join("logs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents.")
+        })
+        .collect()
 }

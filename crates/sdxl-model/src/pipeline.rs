@@ -181,13 +181,20 @@ pub fn save_png(image: &image::RgbImage, path: impl AsRef<Path>) -> Result<()> {
         path: path.to_owned(),
         source,
     };
-    image
+    // A failed write or rename (a full disk) leaves no temporary file behind.
+    let saved = image
         .save_with_format(&tmp, image::ImageFormat::Png)
-        .map_err(image_error)?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-        path: path.to_owned(),
-        source,
-    })
+        .map_err(image_error)
+        .and_then(|()| {
+            std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+                path: path.to_owned(),
+                source,
+            })
+        });
+    if saved.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    saved
 }
 
 /// The SDXL text-to-image pipeline: text encoders, UNet, VAE and the scheduler config.

@@ -240,8 +240,16 @@ impl Generator<'_> {
                 path: path.clone(),
                 problem: format!("cannot encode it as JPEG: {e}"),
             })?;
-        std::fs::write(&tmp, &bytes).map_err(|e| folder_error(&tmp, "cannot write it", &e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| folder_error(&path, "cannot rename it", &e))?;
-        Ok(path)
+        let written = std::fs::write(&tmp, &bytes)
+            .map_err(|e| folder_error(&tmp, "cannot write it", &e))
+            .and_then(|()| {
+                std::fs::rename(&tmp, &path)
+                    .map_err(|e| folder_error(&path, "cannot rename it", &e))
+            });
+        if written.is_err() {
+            // A failed write (a full disk) leaves no temporary file behind.
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.map(|()| path)
     }
 }

@@ -83,6 +83,29 @@ pub enum Error {
         problem: String,
     },
 
+    /// An `--output_dir` that another training run holds (its lock is taken).
+    #[error(
+        "--output_dir {}: another training run is using it ({}); wait for it to end, or choose \
+         another --output_dir",
+        path.display(),
+        holder.as_deref().unwrap_or("its lock file names no process yet")
+    )]
+    OutputDirInUse {
+        /// The folder.
+        path: std::path::PathBuf,
+        /// The holder as its lock file names it: `pid N on HOST since TIME UTC`.
+        holder: Option<String>,
+    },
+
+    /// An `--output_dir` this run cannot use as it is (it holds another run's outputs).
+    #[error("--output_dir {}: {problem}", path.display())]
+    OutputDir {
+        /// The folder.
+        path: std::path::PathBuf,
+        /// What is in the way, and what to do.
+        problem: String,
+    },
+
     /// A TOML config file that does not parse or has keys the trainer does not know.
     #[error("{}: {problem}", path.display())]
     ConfigFile {

@@ -24,6 +24,7 @@ pub mod logs;
 pub mod lr_scheduler;
 pub mod model;
 pub mod model_files;
+pub mod output_dir;
 pub mod outputs;
 pub mod plan;
 pub mod prepare;

@@ -141,7 +141,11 @@ pub(crate) fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         path: path.to_owned(),
         source,
     };
-    std::fs::write(&temp, bytes).map_err(io_error)?;
+    if let Err(error) = std::fs::write(&temp, bytes) {
+        // A failed write (a full disk) leaves no temporary file behind.
+        let _ = std::fs::remove_file(&temp);
+        return Err(io_error(error));
+    }
     std::fs::rename(&temp, path).map_err(|source| {
         let _ = std::fs::remove_file(&temp);
         Error::Io {

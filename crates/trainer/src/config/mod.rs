@@ -65,6 +65,13 @@ macro_rules! train_config {
             }
 
             fn set_flag(&mut self, name: &str, value: Option<&str>) -> Result<()> {
+                if name == "resume_from_checkpoint" && value.is_some_and(str::is_empty) {
+                    // An empty value would clear the option and start afresh: never silently.
+                    return Err(Error::InvalidOption {
+                        option: "--resume_from_checkpoint",
+                        problem: "is empty: give `latest` or a checkpoint-<step> folder (or leave the flag out to start a new run)".into(),
+                    });
+                }
                 match name {
                     $( stringify!($field) => {
                         self.$field = <$ty as FlagValue>::parse_flag(concat!("--", stringify!($field)), value)?;
@@ -345,6 +352,8 @@ train_config! {
     seed: u64 = 0,
     /// Where checkpoints, logs, LoRA files and images go.
     output_dir: PathBuf = PathBuf::from("naruto-lora"),
+    /// Start afresh in an --output_dir that holds another run (checkpoints, LoRA files, logs): that run is moved whole into `previous-run-<UTC time>/` inside it, never mixed with this one (the diffusers/kohya flag name; without it, and without --resume_from_checkpoint, such a folder is refused).
+    overwrite_output_dir: bool = false,
     /// Read the loss on the host (progress bar, logs) every N optimizer steps.
     logging_steps: u64 = 10,
     /// Time optimizer step N (host enqueueing vs device completion; with CUDA graphs, the host's own work with each graph launched onto an idle device), record step N+1 with libtorch's profiler and write its Chrome trace to output_dir/profile/ (see tools/gpu/profile_summary.py); off when unset.

@@ -4,9 +4,9 @@
 //! `torch.utils.tensorboard` / tensorboardX: a file `events.out.tfevents.<secs>.<host>.<pid>.<n>`
 //! of TFRecords, each `u64 length (LE) | masked CRC32C of the length | Event protobuf | masked CRC32C
 //! of the protobuf`. The first event carries `file_version: "brain.Event:2"`; every later one a
-//! `Summary` with one `simple_value`. A resumed run's file then starts with a `SessionLog` START event,
-//! as `SummaryWriter(purge_step=...)` writes it: TensorBoard drops the killed run's events from that
-//! step on. The few protobuf fields needed (`tensorflow/core/util/
+//! `Summary` with one `simple_value`. A run has one file: resumed, it appends to it a `SessionLog`
+//! START event, as `SummaryWriter(purge_step=...)` writes it, and TensorBoard drops the killed run's
+//! events from that step on ([`EventWriter::continue_run`]). The few protobuf fields needed (`tensorflow/core/util/
 //! event.proto`, `summary.proto`) are encoded by hand rather than through a protobuf crate.
 
 use std::fs::File;
@@ -71,20 +71,6 @@ impl EventWriter {
     /// [`Error::LogIo`] when the folder or file cannot be created or written.
     pub fn create(log_dir: &Path) -> Result<Self> {
         Self::create_with_purge(log_dir, None)
-    }
-
-    /// Like [`EventWriter::create`], for a run resumed from the checkpoint of `resume_from_step`:
-    /// the file also says that the run restarted after that step, so TensorBoard discards the
-    /// events of later steps that the interrupted run wrote to the older files of `log_dir` (the
-    /// steps this run logs again). The event files themselves are left as they are.
-    ///
-    /// # Errors
-    /// As [`EventWriter::create`].
-    pub fn create_resumed(log_dir: &Path, resume_from_step: u64) -> Result<Self> {
-        let purge_step = i64::try_from(resume_from_step)
-            .unwrap_or(i64::MAX)
-            .saturating_add(1);
-        Self::create_with_purge(log_dir, Some(purge_step))
     }
 
     fn create_with_purge(log_dir: &Path, purge_step: Option<i64>) -> Result<Self> {
@@ -245,7 +231,7 @@ fn wall_time_now() -> f64 {
 }
 
 /// The machine's name for the file name, as Python's `socket.gethostname()` gives it.
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     let from_kernel = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
     let name = from_kernel
         .or_else(|| std::env::var("HOSTNAME").ok())
@@ -449,6 +435,8 @@ fn crc32c(bytes: &[u8]) -> u32 {
 fn masked_crc32c(bytes: &[u8]) -> u32 {
     crc32c(bytes).rotate_right(15).wrapping_add(0xa282_ead8)
 }
+
+mod append;
 
 #[cfg(test)]
 mod tests;

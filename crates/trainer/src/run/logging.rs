@@ -24,18 +24,15 @@ pub(super) struct Window {
 }
 
 impl RunLogs {
-    /// Opens (or, resumed, continues) `output_dir/logs` and starts the bar at `start_step`; the
-    /// other processes of a data-parallel run (`main` false) write no files and show no bar, but
-    /// read the window as rank 0 does (every process takes the same stop decisions).
+    /// Opens (or, resumed, continues) `output_dir/logs` — one metrics log and one event file a
+    /// run — and starts the bar at `start_step`; the other processes of a data-parallel run
+    /// (`main` false) write no files and show no bar, but read the window as rank 0 does (every
+    /// process takes the same stop decisions).
     pub(super) fn open(config: &TrainConfig, start_step: u64, main: bool) -> Result<Self> {
         let logs = config.output_dir.join("logs");
         let (metrics, events) = if main {
             let metrics = MetricsLog::open(&logs.join("metrics.jsonl"), Some(start_step))?;
-            let events = if start_step > 0 {
-                EventWriter::create_resumed(&logs, start_step)?
-            } else {
-                EventWriter::create(&logs)?
-            };
+            let events = EventWriter::continue_run(&logs, start_step)?;
             (Some(metrics), Some(events))
         } else {
             (None, None)

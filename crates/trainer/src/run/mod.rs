@@ -11,6 +11,7 @@
 mod logging;
 mod probe;
 mod resume;
+mod resume_check;
 mod setup;
 
 use std::path::PathBuf;
@@ -29,6 +30,7 @@ use crate::distributed::{Collective, World, join, on_main_process};
 use crate::estimate::{Estimate, OptimizerTable};
 use crate::logs::{say, say_above, set_quiet};
 use crate::model::TrainModel;
+use crate::output_dir::OutputLock;
 use crate::outputs::{self, RunStats};
 use crate::plan::{MicroStep, Plan};
 use crate::prepare::{Latents, TextConditioning, prepare_latents, prepare_text};
@@ -63,6 +65,8 @@ pub struct Trainer {
     /// This process's place in a data-parallel run, and the collectives over its processes.
     world: World,
     group: Rc<dyn Collective>,
+    /// `output_dir`'s lock (rank 0), released when the trainer goes.
+    _output_lock: Option<OutputLock>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -140,7 +144,7 @@ impl Trainer {
         }
         device::check_precision(config.mixed_precision, device)?;
         let kind = config.mixed_precision.kind();
-        let store = open_output_dir(&config, &*group)?;
+        let (store, output_lock) = open_output_dir(&config, &*group)?;
         let folder = crate::model_files::resolve_model(&config)?;
         say(format!(
             "model {} on {device:?} in {kind:?}",
@@ -212,6 +216,7 @@ impl Trainer {
             v_prediction,
             world,
             group,
+            _output_lock: output_lock,
         };
         trainer.resume()?;
         trainer.upload_plan(&planned)?;
@@ -450,12 +455,14 @@ impl Trainer {
             }
             skipped = Some(window.skipped);
         }
-        // Rank 0 writes; every process meets it at a barrier after.
+        // Rank 0 writes; every process meets it at a barrier after. The events logged so far go
+        // to disk first: a run resumed from this checkpoint continues their file.
         let group = Rc::clone(&self.group);
-        if done.is_multiple_of(config.checkpointing_steps)
-            && let Some(path) = on_main_process(&*group, || self.save_checkpoint(done))?
-        {
-            say_above(&logs.progress, format!("saved {}", path.display()));
+        if done.is_multiple_of(config.checkpointing_steps) {
+            logs.flush()?;
+            if let Some(path) = on_main_process(&*group, || self.save_checkpoint(done))? {
+                say_above(&logs.progress, format!("saved {}", path.display()));
+            }
         }
         if done.is_multiple_of(self.config.validation_steps) && done < self.config.max_train_steps {
             on_main_process(&*group, || self.validate(done))?;

@@ -17,9 +17,12 @@ use crate::estimate::{
 use crate::logs::say;
 use crate::model::TrainModel;
 use crate::model_files::ModelFolder;
+use crate::output_dir::{OutputLock, PreviousRun, clean_leftovers, move_aside};
 use crate::plan::Plan;
 use crate::step::Stepper;
 use crate::{Error, Result};
+
+use super::resume_check::check_resume_settings;
 
 /// Makes the missing class images (`--with_prior_preservation`), opens the data plan and says what
 /// it holds.
@@ -64,27 +67,96 @@ pub(super) fn open_plan(
     Ok(plan)
 }
 
-/// Creates `output_dir`, removes what an interrupted run left half-written, and prunes a checkpoint
-/// too many (a run killed between a save and its prune): rank 0 alone, the others waiting.
+/// Takes `output_dir` for this run (rank 0 alone, the others waiting): creates it, takes its lock
+/// ([`OutputLock`]), refuses a folder holding another run unless `--resume_from_checkpoint`
+/// continues it or `--overwrite_output_dir` moves it aside, removes what interrupted runs left
+/// half-written, checks that a resume keeps what a step means, and prunes a checkpoint too many (a
+/// run killed between a save and its prune). Rank 0 returns the lock, held for the run.
 pub(super) fn open_output_dir(
     config: &TrainConfig,
     group: &dyn Collective,
-) -> Result<CheckpointStore> {
+) -> Result<(CheckpointStore, Option<OutputLock>)> {
     let store = CheckpointStore::new(&config.output_dir);
-    on_main_process(group, || -> Result<()> {
-        std::fs::create_dir_all(&config.output_dir).map_err(io_error(&config.output_dir))?;
-        for stale in store.clean_stale()? {
-            say(format!(
-                "removed {} left by an interrupted run",
-                stale.display()
-            ));
+    let lock = on_main_process(group, || claim_output_dir(config, &store))?;
+    Ok((store, lock))
+}
+
+fn claim_output_dir(config: &TrainConfig, store: &CheckpointStore) -> Result<OutputLock> {
+    let dir = &config.output_dir;
+    if config.overwrite_output_dir && config.resume_from_checkpoint.is_some() {
+        return Err(Error::InvalidOption {
+            option: "--overwrite_output_dir",
+            problem: "and --resume_from_checkpoint exclude each other: one moves the run in \
+                      --output_dir aside, the other continues it"
+                .into(),
+        });
+    }
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::OutputDir {
+            path: dir.clone(),
+            problem: "is a file, not a folder".into(),
+        });
+    }
+    std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+    let (lock, stale) = OutputLock::acquire(dir)?;
+    if let Some(holder) = stale {
+        say(format!(
+            "took over {}: the run that held it ({}) is no longer running",
+            lock.path().display(),
+            holder.describe()
+        ));
+    }
+    let previous = PreviousRun::find(store)?;
+    if config.resume_from_checkpoint.is_none() && !previous.is_empty() {
+        if !config.overwrite_output_dir {
+            return Err(Error::OutputDir {
+                path: dir.clone(),
+                problem: format!(
+                    "holds another run ({}): continue it with --resume_from_checkpoint latest, \
+                     move it aside with --overwrite_output_dir, or choose another --output_dir",
+                    previous.describe()
+                ),
+            });
         }
-        if let Some(limit) = config.checkpoints_total_limit {
-            store.prune(limit as usize)?;
+        clean_leftovers(store)?;
+        let aside = move_aside(dir)?;
+        say(format!(
+            "--overwrite_output_dir: moved the earlier run ({}) to {}",
+            previous.describe(),
+            aside.display()
+        ));
+    }
+    for stale in clean_leftovers(store)? {
+        say(format!(
+            "removed {} left by an interrupted run",
+            stale.display()
+        ));
+    }
+    if let Some(arg) = &config.resume_from_checkpoint {
+        let resumed = match arg.as_str() {
+            "latest" => store.latest()?,
+            path => store.resolve(path)?,
+        };
+        match resumed {
+            Some((step, path)) => check_resume_settings(&path, step, config)?,
+            None if !previous.finished.is_empty() => {
+                return Err(Error::OutputDir {
+                    path: dir.clone(),
+                    problem: format!(
+                        "holds a finished run ({}) and no checkpoint to continue it from \
+                         (--resume_from_checkpoint {arg}): move it aside with \
+                         --overwrite_output_dir, or choose another --output_dir",
+                        previous.describe()
+                    ),
+                });
+            }
+            None => {}
         }
-        Ok(())
-    })?;
-    Ok(store)
+    }
+    if let Some(limit) = config.checkpoints_total_limit {
+        store.prune(limit as usize)?;
+    }
+    Ok(lock)
 }
 
 /// The processes of the run, which `--scale_lr` and the checkpoints' config record in

@@ -147,19 +147,29 @@ fn a_truncated_or_damaged_file_names_the_record() {
 }
 
 #[test]
-fn a_resumed_file_starts_with_a_restart_after_the_checkpoint() {
+fn a_resumed_run_appends_a_restart_after_the_checkpoint_to_its_one_file() {
     let dir = TestDir::new("tb-resume");
-    let mut first = EventWriter::create(dir.path()).unwrap();
+    let mut first = EventWriter::continue_run(dir.path(), 0).unwrap();
     first.add_scalar("loss", 1, 0.5).unwrap();
+    first.add_scalar("loss", 8, 0.75).unwrap();
     first.flush().unwrap();
-    let mut resumed = EventWriter::create_resumed(dir.path(), 6).unwrap();
+    let path = first.path().to_path_buf();
+    drop(first);
+    // Killed in the middle of a record: the cut record goes, the whole ones stay.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let cut = bytes.len() - 5;
+    bytes.truncate(cut);
+    std::fs::write(&path, &bytes).unwrap();
+    let mut resumed = EventWriter::continue_run(dir.path(), 6).unwrap();
     resumed.add_scalar("loss", 7, 0.25).unwrap();
     resumed.flush().unwrap();
-    assert_ne!(first.path(), resumed.path());
+    assert_eq!(resumed.path(), path, "the same file");
+    let files = std::fs::read_dir(dir.path()).unwrap().count();
+    assert_eq!(files, 1);
 
-    let bytes = std::fs::read(resumed.path()).unwrap();
-    let all = records(resumed.path(), &bytes).unwrap();
-    assert_eq!(all.len(), 3);
+    let bytes = std::fs::read(&path).unwrap();
+    let all = records(&path, &bytes).unwrap();
+    assert_eq!(all.len(), 4, "version, loss 1, restart, loss 7");
     let steps_and_fields = |data: &[u8]| {
         let mut fields = Fields::new(data);
         let (mut step, mut numbers, mut session) = (None, Vec::new(), None);
@@ -179,22 +189,24 @@ fn a_resumed_file_starts_with_a_restart_after_the_checkpoint() {
         "file version first"
     );
     assert_eq!(
-        steps_and_fields(all[1].1),
+        steps_and_fields(all[2].1),
         (Some(7), vec![1, 2, 7], Some(vec![0x08, SESSION_START]))
     );
-    let scalars = read_scalars(resumed.path()).unwrap();
-    assert_eq!(
-        (scalars.len(), scalars[0].step, scalars[0].value),
-        (1, 7, 0.25)
-    );
-    // A plain file has no restart record.
-    let bytes = std::fs::read(first.path()).unwrap();
-    assert!(
-        records(first.path(), &bytes)
-            .unwrap()
-            .iter()
-            .all(|(_, data)| steps_and_fields(data).2.is_none())
-    );
+    let scalars: Vec<(i64, f32)> = read_scalars(&path)
+        .unwrap()
+        .iter()
+        .map(|s| (s.step, s.value))
+        .collect();
+    assert_eq!(scalars, [(1, 0.5), (7, 0.25)]);
+    // A first run has no restart record; one in an empty folder starting later creates the file
+    // with one.
+    assert!(steps_and_fields(all[1].1).2.is_none());
+    let other = TestDir::new("tb-resume-new");
+    let resumed = EventWriter::continue_run(other.path(), 6).unwrap();
+    let bytes = std::fs::read(resumed.path()).unwrap();
+    let all = records(resumed.path(), &bytes).unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(steps_and_fields(all[1].1).0, Some(7));
 }
 
 #[test]
