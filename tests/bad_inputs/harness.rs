@@ -126,7 +126,9 @@ fn run_case(case: &Case, root: &Path) -> Result<(), String> {
     let out = dir.join("out");
     std::fs::create_dir_all(&out).unwrap();
     write(&out, "earlier-run.txt", "an earlier run's file\n");
-    write(&out, "logs/metrics.jsonl", "{\"step\": 1, \"loss\": 0.5}\n");
+    // A user's files, not a run's (a folder holding a run is refused before anything else looks at
+    // the inputs: tests/output_folder.rs).
+    write(&out, "notes/earlier.txt", "a user's note\n");
     (case.setup)(&dir);
     let before = snapshot(&out);
     let mut args: Vec<String> = match case.example {
