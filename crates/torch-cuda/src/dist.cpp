@@ -135,7 +135,10 @@ int collective(Group* group, const char* what,
     uint64_t op = group->op++;
     try {
         auto work = issue();
-        if (!work->wait(group->timeout)) {
+        // ProcessGroupNCCL returns no Work for a collective issued with asyncOp = false: its kernel
+        // is already queued on the caller's stream (what a CUDA graph capture records), so there is
+        // nothing to wait for here; its timeout is the watchdog's.
+        if (work && !work->wait(group->timeout)) {
             throw std::runtime_error("timed out");
         }
         return 0;
