@@ -19,5 +19,7 @@ mod world;
 pub use batch_layout::BatchLayout;
 pub use collective::{Collective, SingleProcess};
 pub use main_process::on_main_process;
+#[cfg(test)]
+pub(crate) use process_group::in_ranks;
 pub use process_group::{join, join_with};
 pub use world::{World, cache_share};

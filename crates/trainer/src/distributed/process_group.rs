@@ -131,45 +131,69 @@ impl Collective for Group {
 }
 
 #[cfg(test)]
+/// Runs `work` as each rank of a world of `world_size` threads joined through Gloo; the ranks'
+/// results in rank order, or `None` when this build has no c10d shim.
+pub(crate) fn in_ranks<T: Send + 'static>(
+    world_size: usize,
+    work: impl Fn(&dyn Collective) -> Result<T> + Send + Sync + 'static,
+) -> Option<Vec<T>> {
+    if !torch_cuda::dist::available() {
+        eprintln!("skipped: this build has no c10d shim");
+        return None;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let work = std::sync::Arc::new(work);
+    let ranks: Vec<_> = (0..world_size)
+        .map(|rank| {
+            let work = work.clone();
+            std::thread::spawn(move || -> Result<T> {
+                let world = World {
+                    rank,
+                    world_size,
+                    local_rank: rank,
+                };
+                let vars = move |name: &str| match name {
+                    "RANK" => Some(rank.to_string()),
+                    "MASTER_ADDR" => Some("127.0.0.1".into()),
+                    "MASTER_PORT" => Some(port.to_string()),
+                    _ => None,
+                };
+                let group = join_with(&world, Duration::from_secs(120), vars)?;
+                work(group.as_ref())
+            })
+        })
+        .collect();
+    let results = ranks.into_iter().enumerate().map(|(rank, handle)| {
+        let result = handle.join().expect("rank thread");
+        result.unwrap_or_else(|e| panic!("rank {rank}: {e}"))
+    });
+    Some(results.collect())
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
     /// Two ranks in two threads of this process, through a real TCPStore and Gloo.
     #[test]
     fn two_ranks_average_and_gather_through_gloo() {
-        if !torch_cuda::dist::available() {
-            eprintln!("skipped: this build has no c10d shim");
+        let Some(ranks) = in_ranks(2, |group| {
+            let rank = group.rank() as f32;
+            let t = Tensor::from_slice(&[rank + 1.0, 4.0 * rank]);
+            group.all_reduce_mean(&t)?;
+            let gathered = group.all_gather(&Tensor::from_slice(&[rank]))?;
+            group.barrier()?;
+            Ok((
+                Vec::<f32>::try_from(&t).map_err(Error::from)?,
+                Vec::<f32>::try_from(&gathered).map_err(Error::from)?,
+            ))
+        }) else {
             return;
-        }
-        let port = test_port();
-        let ranks: Vec<_> = (0..2usize)
-            .map(|rank| {
-                std::thread::spawn(move || -> Result<(Vec<f32>, Vec<f32>)> {
-                    let world = World {
-                        rank,
-                        world_size: 2,
-                        local_rank: rank,
-                    };
-                    let vars = move |name: &str| match name {
-                        "RANK" => Some(rank.to_string()),
-                        "MASTER_ADDR" => Some("127.0.0.1".into()),
-                        "MASTER_PORT" => Some(port.to_string()),
-                        _ => None,
-                    };
-                    let group = join_with(&world, Duration::from_secs(30), vars)?;
-                    let t = Tensor::from_slice(&[rank as f32 + 1.0, 4.0 * rank as f32]);
-                    group.all_reduce_mean(&t)?;
-                    let gathered = group.all_gather(&Tensor::from_slice(&[rank as f32]))?;
-                    group.barrier()?;
-                    Ok((
-                        Vec::<f32>::try_from(&t).map_err(Error::from)?,
-                        Vec::<f32>::try_from(&gathered).map_err(Error::from)?,
-                    ))
-                })
-            })
-            .collect();
-        for handle in ranks {
-            let (mean, gathered) = handle.join().expect("rank thread").expect("rank");
+        };
+        for (mean, gathered) in ranks {
             assert_eq!(mean, [1.5, 2.0]);
             assert_eq!(gathered, [0.0, 1.0]);
         }
@@ -180,13 +204,5 @@ mod tests {
         let group = join_with(&World::SINGLE, Duration::from_secs(1), |_| None).unwrap();
         assert_eq!((group.rank(), group.world_size()), (0, 1));
         assert!(!group.uses_nccl());
-    }
-
-    /// A free port from the OS (bound and released).
-    fn test_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port")
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 
 use super::*;
-use crate::distributed::{World, join_with};
+use crate::distributed::in_ranks;
 use crate::plan::Plan;
 
 fn repo() -> PathBuf {
@@ -61,48 +61,6 @@ fn prepare(config: &TrainConfig, group: &dyn Collective) -> Result<Prepared> {
         validation,
         latents,
     })
-}
-
-/// Runs `work` as each rank of a world of `world_size` threads joined through Gloo; the ranks'
-/// results in rank order, or `None` when this build has no c10d shim.
-fn in_ranks<T: Send + 'static>(
-    world_size: usize,
-    work: impl Fn(&dyn Collective) -> Result<T> + Send + Sync + 'static,
-) -> Option<Vec<T>> {
-    if !torch_cuda::dist::available() {
-        eprintln!("skipped: this build has no c10d shim");
-        return None;
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
-    let work = std::sync::Arc::new(work);
-    let ranks: Vec<_> = (0..world_size)
-        .map(|rank| {
-            let work = work.clone();
-            std::thread::spawn(move || -> Result<T> {
-                let world = World {
-                    rank,
-                    world_size,
-                    local_rank: rank,
-                };
-                let vars = move |name: &str| match name {
-                    "RANK" => Some(rank.to_string()),
-                    "MASTER_ADDR" => Some("127.0.0.1".into()),
-                    "MASTER_PORT" => Some(port.to_string()),
-                    _ => None,
-                };
-                let group = join_with(&world, Duration::from_secs(120), vars)?;
-                work(group.as_ref())
-            })
-        })
-        .collect();
-    let results = ranks.into_iter().enumerate().map(|(rank, handle)| {
-        let result = handle.join().expect("rank thread");
-        result.unwrap_or_else(|e| panic!("rank {rank}: {e}"))
-    });
-    Some(results.collect())
 }
 
 fn assert_same_tensor(actual: &Tensor, expected: &Tensor, what: &str) {
