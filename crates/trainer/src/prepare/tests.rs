@@ -9,7 +9,6 @@
 //! between the two paths and any difference is a bug in the sharing, not an error to bound.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use tch::{Device, Kind, Tensor};
 
