@@ -8,7 +8,9 @@
 #                                  (SEED_BENCH_LAUNCH: a command line to start it with, e.g. torchrun's)
 #                                  lines matching the extended regex FILTER and the output's files
 #   seed_bench_table STEPS NAME... each run's steady s/step (logged wall clock from step STEPS/2 to STEPS),
-#                                  against the run named `seed`, peak memory and final loss
+#                                  against the run named `seed`, peak memory, final loss, and the model
+#                                  FLOP/s and MFU at that steady step (the step's FLOPs and the GPU's peak
+#                                  from the trainer's `throughput` line)
 seed_bench_model=/tmp/sdxl-random
 
 seed_bench_data() {
@@ -40,7 +42,7 @@ seed_bench_run() {  # NAME FILTER STEPS FLAGS...
         --dataset_name "$seed_bench_folder" --resolution 512 --train_batch_size 2 --gradient_accumulation_steps 2 \
         --max_train_samples none --instance_prompt "Naruto style anime character" --cuda_graph \
         --max_train_steps "$steps" --checkpointing_steps 100000 --validation_prompt none \
-        --output_dir "/tmp/run-$name" "$@" 2>&1 | grep -E "$filter" | cut -c1-400
+        --output_dir "/tmp/run-$name" "$@" 2>&1 | tee "/tmp/log-$name.txt" | grep -E "$filter|^\[trainer\] throughput" | cut -c1-400
     cp "/tmp/run-$name/logs/metrics.jsonl" "$out/metrics-$name.jsonl" 2>/dev/null
     ls "/tmp/run-$name" 2>/dev/null | tr '\n' ' '; echo
 }
@@ -49,8 +51,18 @@ seed_bench_table() {  # STEPS NAME...
     python3 - "$@" <<'PY'
 import json, sys
 steps = int(sys.argv[1])
-print(f"{'run':<42} {'s/step':>8} {'vs seed':>8} {'peak GiB':>9} {'final loss':>10}")
+import re
+print(f"{'run':<42} {'s/step':>8} {'vs seed':>8} {'peak GiB':>9} {'final loss':>10} {'TFLOP/s':>8} {'MFU':>6}")
 seed = None
+def flops(name):
+    # The trainer's throughput line: the step's model FLOPs and the GPU's peak, if it knows it.
+    try:
+        text = open(f"/tmp/log-{name}.txt").read()
+    except OSError:
+        return None, None
+    step = re.search(r"([0-9.]+) TFLOP per step", text)
+    peak = re.search(r"'s ([0-9.]+) TFLOP/s dense bf16", text)
+    return (float(step.group(1)) if step else None), (float(peak.group(1)) if peak else None)
 for name in sys.argv[2:]:
     try:
         rows = {r["step"]: r for r in map(json.loads, open(f"/tmp/run-{name}/logs/metrics.jsonl"))}
@@ -63,6 +75,9 @@ for name in sys.argv[2:]:
     seed = per if name == "seed" else seed
     ratio = f"{per / seed:8.2f}" if seed else f"{'-':>8}"
     peak = max(r["peak_memory_gib"] or 0 for r in rows.values())
-    print(f"{name:<42} {per:8.4f} {ratio} {peak:9.2f} {b['loss'] or float('nan'):10.4f}")
+    step_tflop, peak_tflops = flops(name)
+    rate = f"{step_tflop / per:8.1f}" if step_tflop else f"{'-':>8}"
+    mfu = f"{100 * step_tflop / per / peak_tflops:5.1f}%" if step_tflop and peak_tflops else f"{'-':>6}"
+    print(f"{name:<42} {per:8.4f} {ratio} {peak:9.2f} {b['loss'] or float('nan'):10.4f} {rate} {mfu}")
 PY
 }

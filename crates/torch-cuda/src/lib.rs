@@ -82,6 +82,11 @@ mod ffi {
         pub fn torch_cuda_last_error() -> *const std::ffi::c_char;
         pub fn torch_grad_enabled() -> i32;
         pub fn torch_cuda_compute_capability(device: i32, out: *mut i32) -> i32;
+        pub fn torch_cuda_device_name(
+            device: i32,
+            out: *mut std::ffi::c_char,
+            capacity: i32,
+        ) -> i32;
     }
 }
 
@@ -212,6 +217,32 @@ pub fn compute_capability(device: usize) -> Option<(i32, i32)> {
     }
 }
 
+/// The name CUDA gives a device (e.g. `NVIDIA H100 80GB HBM3`); `None` for a device that is not there
+/// or in a build without the shim.
+pub fn device_name(device: usize) -> Option<String> {
+    if !tch::Cuda::is_available() || device >= tch::Cuda::device_count() as usize {
+        return None;
+    }
+    #[cfg(torch_cuda_shim)]
+    {
+        let mut out = [0 as std::ffi::c_char; 256];
+        // SAFETY: the shim writes at most `out.len()` bytes, NUL-terminated, and catches every C++
+        // exception.
+        #[allow(unsafe_code)]
+        let status = unsafe {
+            ffi::torch_cuda_device_name(device as i32, out.as_mut_ptr(), out.len() as i32)
+        };
+        // SAFETY: the buffer is NUL-terminated (zeroed, and the shim's snprintf terminates it).
+        #[allow(unsafe_code)]
+        let name = unsafe { std::ffi::CStr::from_ptr(out.as_ptr()) };
+        (status == 0).then(|| name.to_string_lossy().into_owned())
+    }
+    #[cfg(not(torch_cuda_shim))]
+    {
+        None
+    }
+}
+
 /// Whether this build carries the C++ shim (it does wherever the pinned PyTorch's CUDA headers were
 /// found at build time).
 pub fn shim_compiled() -> bool {
@@ -274,6 +305,22 @@ mod tests {
 
 #[cfg(test)]
 mod capability_tests {
+    #[test]
+    fn device_names_are_there_exactly_for_cuda_devices() {
+        let count = if tch::Cuda::is_available() {
+            tch::Cuda::device_count() as usize
+        } else {
+            0
+        };
+        for device in 0..count {
+            if super::shim_compiled() {
+                let name = super::device_name(device).unwrap();
+                assert!(!name.is_empty(), "device {device}");
+            }
+        }
+        assert_eq!(super::device_name(count), None);
+    }
+
     #[test]
     fn compute_capability_is_there_exactly_for_cuda_devices() {
         let count = if tch::Cuda::is_available() {

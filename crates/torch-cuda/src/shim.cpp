@@ -3,6 +3,7 @@
 // crates/torch-cuda/src. Every function catches C++ exceptions (e.g. no CUDA device) and reports
 // failure by its return value; most leave the message for torch_cuda_last_error().
 #include <ATen/Context.h>
+#include <cstdio>
 #include <c10/core/Device.h>
 #include <cuda_runtime_api.h>
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -77,6 +78,17 @@ int torch_cuda_compute_capability(int device, int* out) {
         const cudaDeviceProp* properties = at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(device));
         out[0] = properties->major;
         out[1] = properties->minor;
+        return 0;
+    } catch (...) {
+        return -1;
+    }
+}
+
+// Writes the device's name (NUL-terminated, at most `capacity` bytes) into `out`.
+int torch_cuda_device_name(int device, char* out, int capacity) {
+    try {
+        const cudaDeviceProp* properties = at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(device));
+        std::snprintf(out, static_cast<size_t>(capacity), "%s", properties->name);
         return 0;
     } catch (...) {
         return -1;

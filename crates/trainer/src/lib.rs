@@ -31,6 +31,7 @@ pub mod prepare;
 pub mod run;
 pub mod single_file;
 pub mod step;
+pub mod throughput;
 pub mod validation;
 
 pub use config::TrainConfig;

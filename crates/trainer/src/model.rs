@@ -132,6 +132,18 @@ impl TrainModel {
         Ok(model)
     }
 
+    /// The rank of each UNet module's LoRA, by module path (`down_blocks.1.….to_q`).
+    pub fn unet_adapter_ranks(&self) -> std::collections::HashMap<String, i64> {
+        let suffix = format!(".{ADAPTER}.lora_A");
+        self.params[..self.unet_params.len()]
+            .iter()
+            .filter_map(|(name, param)| {
+                let module = name.strip_suffix(&suffix)?;
+                Some((module.to_owned(), *param.size().first()?))
+            })
+            .collect()
+    }
+
     /// The UNet with the LoRA.
     pub fn unet(&self) -> &UNet2DConditionModel {
         &self.unet

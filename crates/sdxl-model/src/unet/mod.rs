@@ -10,6 +10,7 @@ mod basic_transformer_block;
 pub mod checkpoint;
 pub mod config;
 mod embeddings;
+pub mod flops;
 pub mod loading;
 mod resnet;
 pub mod sgm;
@@ -20,6 +21,7 @@ mod unet_2d_condition;
 pub use basic_transformer_block::{Attention, BasicTransformerBlock, FeedForward};
 pub use config::{DownBlockKind, Level, TextTimeConfig, UNetConfig, UNetConfigJson, UpBlockKind};
 pub use embeddings::{TimestepEmbedding, timestep_embedding};
+pub use flops::{FlopShape, UNetFlops};
 pub use loading::{
     UNetWeights, diffusers_weight_files, load_unet, load_unet_weights, with_variant,
 };

@@ -35,6 +35,7 @@ use crate::outputs::{self, RunStats};
 use crate::plan::{MicroStep, Plan};
 use crate::prepare::{Latents, TextConditioning, prepare_latents, prepare_text};
 use crate::step::{StepGraphs, Stepper, broadcast_lora};
+use crate::throughput::{Throughput, dense_bf16_peak_tflops, step_flops};
 use crate::validation::Validator;
 use crate::{Error, Result};
 use logging::RunLogs;
@@ -65,6 +66,8 @@ pub struct Trainer {
     /// This process's place in a data-parallel run, and the collectives over its processes.
     world: World,
     group: Rc<dyn Collective>,
+    /// The model FLOPs of a step of this process, and the GPU (for MFU).
+    throughput: Throughput,
     /// `output_dir`'s lock (rank 0), released when the trainer goes.
     _output_lock: Option<OutputLock>,
 }
@@ -95,6 +98,8 @@ pub struct RunSummary {
     pub seconds_per_step: f64,
     /// Peak allocated device memory, GiB (CUDA only).
     pub peak_memory_gib: Option<f64>,
+    /// Model FLOPs of one optimizer step of this process and the GPU's peak (see [`Throughput`]).
+    pub throughput: Throughput,
     /// Whether this process wrote the outputs (rank 0 of a data-parallel run, or the only one).
     pub main_process: bool,
     /// The rows left out under `--skip_bad_images`, each as its error names it.
@@ -168,6 +173,22 @@ impl Trainer {
             prepare_text(&config, &folder, &planned, device, kind, &*group)?;
         let (latents, vae_config) = prepare_latents(&config, &folder, dataset, device, &*group)?;
         let model = TrainModel::load(&config, &folder, device, kind)?;
+        let throughput = Throughput {
+            flops_per_step: step_flops(
+                model.unet().config(),
+                &model.unet_adapter_ranks(),
+                dataset.config().buckets.sizes(),
+                &planned,
+                config.max_train_steps,
+            ) / world.world_size.max(1) as f64,
+            device: match device {
+                Device::Cuda(index) => torch_cuda::device_name(index).map(|name| {
+                    let peak = dense_bf16_peak_tflops(&name);
+                    (name, peak)
+                }),
+                _ => None,
+            },
+        };
         if group.world_size() > 1 {
             // Every process starts from rank 0's LoRA.
             broadcast_lora(&*group, &model)?;
@@ -216,6 +237,7 @@ impl Trainer {
             v_prediction,
             world,
             group,
+            throughput,
             _output_lock: output_lock,
         };
         trainer.resume()?;
@@ -309,6 +331,13 @@ impl Trainer {
         logs.progress.finish();
         let seconds_per_step = started.elapsed().as_secs_f64() / steps_run.max(1) as f64;
         let peak_memory_gib = device::peak_memory_gib(self.device);
+        if steps_run > 0 {
+            say(format!(
+                "throughput over the run's wall clock ({seconds_per_step:.3} s/step, graph captures and \
+                 logging included): {}",
+                self.throughput.describe(seconds_per_step)
+            ));
+        }
         logs.flush()?;
         let stats = RunStats {
             seconds_per_step,
@@ -351,6 +380,7 @@ impl Trainer {
             kohya_file,
             seconds_per_step,
             peak_memory_gib,
+            throughput: self.throughput.clone(),
             main_process: self.world.is_main_process(),
             skipped_rows,
         })
@@ -428,7 +458,7 @@ impl Trainer {
             None => self.stepper.optimizer_step(&self.model)?,
         }
         if let Some(probe) = probe {
-            say_above(progress, probe.end(graphs.is_some())?);
+            say_above(progress, probe.end(graphs.is_some(), &self.throughput)?);
         }
         Ok(())
     }

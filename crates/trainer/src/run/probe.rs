@@ -8,6 +8,7 @@ use std::time::Instant;
 use tch::Device;
 
 use crate::checkpoint::io_error;
+use crate::throughput::Throughput;
 use crate::{Error, Result};
 
 /// CPU time of the calling thread so far, from Linux's `/proc/thread-self/schedstat` (nanoseconds)
@@ -83,8 +84,9 @@ impl StepProbe {
         }
     }
 
-    /// Waits for the device, stops the profiler, and describes the step.
-    pub(super) fn end(self, captured: bool) -> Result<String> {
+    /// Waits for the device, stops the profiler, and describes the step (with its model FLOPs per
+    /// second and MFU over the time the device took, from `throughput`).
+    pub(super) fn end(self, captured: bool, throughput: &Throughput) -> Result<String> {
         let enqueued = self.started.elapsed().as_secs_f64() - self.waited;
         let cpu = self
             .cpu_started
@@ -104,7 +106,7 @@ impl StepProbe {
                 ))
             }
             None if self.launches.is_empty() => Ok(format!(
-                "step {} ({mode}): the host enqueued its work in {:.1} ms ({}); the device finished it {:.1} ms after the start",
+                "step {} ({mode}): the host enqueued its work in {:.1} ms ({}); the device finished it {:.1} ms after the start; {}",
                 self.step,
                 enqueued * 1e3,
                 cpu.map_or("its CPU time unknown".to_owned(), |c| format!(
@@ -113,6 +115,7 @@ impl StepProbe {
                     100.0 * c / finished
                 )),
                 finished * 1e3,
+                throughput.describe(finished),
             )),
             // Graphs: a launch returns only once the device's queue has room for the graph's work, so
             // in a pipelined step the later launches mostly wait for the device. The probed step
@@ -127,12 +130,13 @@ impl StepProbe {
                 let busy = finished - enqueued;
                 Ok(format!(
                     "step {} ({mode}, each graph launched onto an idle device): the host's own work took {:.1} ms \
-                     (graph launches {} ms), {:.1} % of the {:.1} ms the device was busy",
+                     (graph launches {} ms), {:.1} % of the {:.1} ms the device was busy; over those: {}",
                     self.step,
                     enqueued * 1e3,
                     each.join(", "),
                     100.0 * enqueued / busy,
                     busy * 1e3,
+                    throughput.describe(busy),
                 ))
             }
         }
