@@ -178,6 +178,9 @@ pub enum Error {
     /// libtorch reported an error.
     #[error(transparent)]
     Torch(#[from] tch::TchError),
+    /// Capturing or replaying the denoising step's CUDA graph failed.
+    #[error("the denoising step's CUDA graph: {0}")]
+    CudaGraph(String),
 }
 
 /// `Result` with this crate's [`Error`].
