@@ -5,7 +5,7 @@
 //! cargo run --release --example generate -- --model path/to/sdxl --prompt "a fox in the snow" \
 //!     [--negative "blurry"] [--steps 30] [--guidance 5] [--width 1024 --height 1024] [--seed 0] \
 //!     [--scheduler euler|euler_a|ddim|dpm++2m] [--kind bf16|f16|f32] [--vae_fp32] [--tile] \
-//!     [--lora file.safetensors --lora_scale 1.0 [--compare]] [--warmup] [--out output.png]
+//!     [--lora file.safetensors --lora_scale 1.0 [--compare]] [--cuda_graph] [--warmup] [--out output.png]
 //! cargo run --release --example generate -- --help       # every flag, with its default
 //! ```
 //!
@@ -88,6 +88,9 @@ struct Args {
     /// Write one grid: the base model's image left, the LoRA's right, a row per prompt (needs --lora).
     #[arg(long)]
     compare: bool,
+    /// Capture the denoising step's UNet call as a CUDA graph after the first step and replay it (CUDA only).
+    #[arg(long = "cuda_graph")]
+    cuda_graph: bool,
     /// Run one untimed generation first, so that the timed one excludes kernel selection.
     #[arg(long)]
     warmup: bool,
@@ -157,6 +160,7 @@ fn generate(args: Args) -> anyhow::Result<()> {
         height: args.height,
         seed: args.seed,
         scheduler: args.scheduler,
+        cuda_graph: args.cuda_graph,
         ..GenerateOptions::default()
     };
     let mut kind = Kind::from(args.kind);
