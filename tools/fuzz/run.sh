@@ -13,7 +13,7 @@
 #   fuzz/target/debug/fuzz_target TARGET < FILE
 # (outside AFL the binary runs one input from stdin). Environment: FUZZ_MEMORY_MB (default 4096),
 # FUZZ_TIMEOUT_MS (default 2000; 10000 for lora_file and checkpoint), SDXL_LORA_FUZZ_WORK (the
-# target's scratch folder; default /dev/shm/sdxl-lora-fuzz-TARGET).
+# target's scratch folder; default /dev/shm/sdxl-lora-fuzz-TARGET), FUZZ_NO_BUILD=1 (skip the build).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -29,7 +29,8 @@ fi
 target=$1
 seconds=$2
 eval "$(scripts/bootstrap-libtorch.sh)"
-(cd fuzz && cargo afl build)
+# FUZZ_NO_BUILD=1 fuzzes the binary already built (e.g. while the library is being edited).
+[ -n "${FUZZ_NO_BUILD:-}" ] || (cd fuzz && cargo afl build)
 case "$target" in
     lora_file | checkpoint) timeout_ms=${FUZZ_TIMEOUT_MS:-10000} ;;
     *) timeout_ms=${FUZZ_TIMEOUT_MS:-2000} ;;
