@@ -19,7 +19,7 @@ fn main() {
     // One thread: AFL's forked children must not depend on a pool started in the parent.
     tch::set_num_threads(1);
     tch::set_num_interop_threads(1);
-    let mut run = match targets::runner(&name, &repo, &work) {
+    let run = match targets::runner(&name, &repo, &work) {
         Ok(run) => run,
         Err(e) => {
             eprintln!("error: fuzz target {name:?}: {e}");
