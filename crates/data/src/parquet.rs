@@ -18,6 +18,25 @@ use crate::record::{ImageRef, Origin, RawRow, resolve_inside};
 use crate::source::Columns;
 use crate::{Error, Result};
 
+/// Runs a call into the `parquet` crate, turning a panic into [`Error::Parquet`] naming the file:
+/// the reader (v60) panics on some malformed files (negative column offsets, a dictionary page
+/// missing, a length past the buffer: found by the `parquet` fuzz target, docs/RELIABILITY.md).
+fn guarded<T>(path: &Path, read: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        Err(Error::Parquet {
+            path: path.to_path_buf(),
+            source: parquet::errors::ParquetError::General(format!(
+                "the file is malformed (the parquet reader failed: {what})"
+            )),
+        })
+    })
+}
+
 /// One opened parquet file with its validated columns.
 pub(crate) struct ParquetFile {
     path: PathBuf,
@@ -29,6 +48,10 @@ pub(crate) struct ParquetFile {
 impl ParquetFile {
     /// Opens `path` and checks that the configured columns exist with usable types.
     pub(crate) fn open(path: &Path, columns: &Columns) -> Result<Self> {
+        guarded(path, || Self::open_unguarded(path, columns))
+    }
+
+    fn open_unguarded(path: &Path, columns: &Columns) -> Result<Self> {
         let parquet_error = |source| Error::Parquet {
             path: path.to_path_buf(),
             source,
@@ -97,6 +120,10 @@ impl ParquetFile {
     /// Reads the rows at the given 0-based indices (ascending), one result per row: a bad cell
     /// fails only its row, a bad file fails the call.
     pub(crate) fn read_rows(&self, rows: &[usize]) -> Result<Vec<Result<RawRow>>> {
+        guarded(&self.path, || self.read_rows_unguarded(rows))
+    }
+
+    fn read_rows_unguarded(&self, rows: &[usize]) -> Result<Vec<Result<RawRow>>> {
         let parquet_error = |source| Error::Parquet {
             path: self.path.clone(),
             source,

@@ -217,6 +217,14 @@ pub fn decode(bytes: &[u8], origin: &Origin) -> Result<RgbImage> {
         Some(image::ImageFormat::WebP) => !webp_is_complete(bytes),
         _ => false,
     };
+    if reader.format() == Some(image::ImageFormat::Png) && !png_palette_is_whole(bytes) {
+        return Err(undecodable(image::ImageError::Decoding(
+            image::error::DecodingError::new(
+                image::ImageFormat::Png.into(),
+                "its palette (PLTE chunk) is not a whole number of RGB entries",
+            ),
+        )));
+    }
     if let (true, Some(format)) = (truncated, reader.format()) {
         return Err(undecodable(image::ImageError::Decoding(
             image::error::DecodingError::new(
@@ -227,6 +235,25 @@ pub fn decode(bytes: &[u8], origin: &Origin) -> Result<RgbImage> {
     }
     let image = reader.decode().map_err(undecodable)?;
     Ok(image.into_rgb8())
+}
+
+/// Whether the palette chunks (`PLTE`) of PNG `bytes` hold whole RGB entries (a length that is a
+/// multiple of 3, as the PNG specification requires). The `png` crate (0.18.1) panics on a
+/// palette image whose palette is not (found by the `image` fuzz target, docs/RELIABILITY.md).
+/// Chunks are walked by their lengths up to the image data; malformed chunks are left to the
+/// decoder.
+fn png_palette_is_whole(bytes: &[u8]) -> bool {
+    let mut i = 8; // the signature
+    while let (Some(&[a, b, c, d]), Some(kind)) = (bytes.get(i..i + 4), bytes.get(i + 4..i + 8)) {
+        let length = u32::from_be_bytes([a, b, c, d]) as usize;
+        match kind {
+            b"PLTE" if !length.is_multiple_of(3) => return false,
+            b"IDAT" | b"IEND" => return true,
+            _ => {}
+        }
+        i = i.saturating_add(12).saturating_add(length);
+    }
+    true
 }
 
 /// Whether WebP `bytes` are as long as their RIFF header says (the decoder reads a VP8L image cut

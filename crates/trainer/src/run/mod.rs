@@ -281,6 +281,23 @@ impl Trainer {
         self.model.params()
     }
 
+    /// Restores checkpoint `arg` (as `--resume_from_checkpoint` names one: `latest`, `checkpoint-N`
+    /// of this run's `output_dir`, or a folder's path) into this trainer, checking its `config.toml`
+    /// against this run's settings as a resumed run does. Returns its step, `None` when there is no
+    /// such checkpoint. (What a run does at its start; the fuzz target of checkpoint folders calls it.)
+    ///
+    /// # Errors
+    /// As a resumed [`Trainer::new`]: [`Error::ResumeFromCheckpoint`], [`Error::Checkpoint`] and the
+    /// readers' errors, naming the file.
+    pub fn resume_from(&mut self, arg: &str) -> Result<Option<u64>> {
+        let Some((step, path)) = self.store.resolve(arg)? else {
+            return Ok(None);
+        };
+        resume_check::check_resume_settings(&path, step, &self.config)?;
+        self.restore(step, &path)?;
+        Ok(Some(step))
+    }
+
     /// `--resume_from_checkpoint`: restores the named (or latest) checkpoint, if there is one.
     fn resume(&mut self) -> Result<()> {
         let Some(arg) = self.config.resume_from_checkpoint.clone() else {

@@ -1,0 +1,5 @@
+//! Links libtorch as the main workspace does (see the `torch-link` crate).
+
+fn main() {
+    torch_link::configure();
+}
