@@ -149,6 +149,17 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A pipeline's components do not fit together (text encoders too narrow for the UNet, a VAE
+    /// with other latent channels).
+    #[error("incompatible components: {what}: expected {expected}, got {actual}")]
+    Incompatible {
+        /// The two sides compared, with the config keys involved.
+        what: String,
+        /// What the first side requires.
+        expected: String,
+        /// What the second side provides.
+        actual: String,
+    },
     /// The tokenizer could not be built or failed on a prompt.
     #[error("tokenizer: {what}: {source}")]
     Tokenizer {

@@ -14,6 +14,7 @@ mod config_file;
 mod error;
 mod mapped_load;
 pub mod pipeline;
+pub mod pretrained;
 pub mod prompt;
 pub mod schedulers;
 pub mod single_file;
