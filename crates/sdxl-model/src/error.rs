@@ -160,6 +160,14 @@ pub enum Error {
         /// What the second side provides.
         actual: String,
     },
+    /// A model folder's tokenizer files are missing or malformed.
+    #[error("{path}: {reason}")]
+    TokenizerFiles {
+        /// The folder or file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The tokenizer could not be built or failed on a prompt.
     #[error("tokenizer: {what}: {source}")]
     Tokenizer {
