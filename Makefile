@@ -1,5 +1,5 @@
 # The two commands of the README. Both install what they need on first use (libtorch from PyPI).
-.PHONY: test test-cpu-kernels demo lint fixtures gpu-pack
+.PHONY: test test-cpu-kernels demo lint library-user fixtures gpu-pack
 
 # The whole test suite, then again under libtorch's plain and AVX2 CPU kernels, and the lint and
 # documentation checks that keep main green.
@@ -7,6 +7,7 @@ test:
 	scripts/with-torch.sh cargo test --workspace
 	$(MAKE) test-cpu-kernels
 	$(MAKE) lint
+	$(MAKE) library-user
 
 # The suite under libtorch's plain and AVX2 CPU kernels (`cargo test` above ran the machine's own,
 # AVX-512 where it has it): every numeric bound comes from an error model and must hold on any x86-64
@@ -21,6 +22,14 @@ lint:
 	cargo fmt --all -- --check
 	scripts/with-torch.sh cargo clippy --workspace --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" scripts/with-torch.sh cargo doc --workspace --no-deps
+
+# A program outside the workspace that depends on the crates by path (examples/library-user,
+# docs/LIBRARY.md), built and run on the tiny fixtures on the CPU: generation with a LoRA, 5 training steps.
+# It shares the workspace's target folder; its own feature set recompiles some dependencies once.
+library-user:
+	CARGO_TARGET_DIR=$${CARGO_TARGET_DIR:-$(CURDIR)/target} scripts/with-torch.sh \
+		cargo run --locked --manifest-path examples/library-user/Cargo.toml
+	cargo fmt --manifest-path examples/library-user/Cargo.toml -- --check
 
 # The main job, offline: the seed recipe's trainer on the tiny preset (a tiny SDXL-shaped model and the demo
 # dataset shipped in the repository), on the CPU in a few minutes. Outputs go to naruto-lora-tiny/.

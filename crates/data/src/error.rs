@@ -9,6 +9,7 @@ use crate::record::Origin;
 
 /// Everything that can go wrong in this crate.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// libtorch reported an error.
     #[error(transparent)]

@@ -3,7 +3,7 @@
 //! Under autocast (diffusers' scripts with `--mixed_precision bf16`) peft keeps `A` and `B` in fp32
 //! and casts them to bf16 in every forward; autograd casts their bf16 gradients back in every
 //! backward. For the SDXL UNet's 1,120 LoRA tensors that, with the concatenations the fused
-//! projections ([`crate::fused_forward`]) need, came to thousands of small kernels per micro-step
+//! projections ([`crate::packing::fused_forward`]) need, came to thousands of small kernels per micro-step
 //! (kernel counts of a captured seed-recipe step before and after the change that brought the
 //! copies: docs/BENCHMARKS.md, "GPU runs of 2026-12-01, third session", calls O and P). [`ComputeCopies`] keeps one
 //! bf16 copy of all of them instead, in one buffer laid out so that the adapters of a fused group
@@ -91,7 +91,7 @@ impl ComputeCopies {
     /// Builds the copies of adapter `name` in every layer of `model` that has it. Every such adapter
     /// must be a plain LoRA with a [`compute_kind`](crate::Adapter::compute_kind) narrower than its own
     /// type, all with one scale, type and device; layers whose base weights
-    /// [`crate::pack_weights`] laid out together (and whose adapters share rank and output width)
+    /// [`crate::packing::pack_weights`] laid out together (and whose adapters share rank and output width)
     /// form one group. The adapters' `A` and `B` become views of one flat master buffer (values
     /// unchanged, so a variable store and the optimizer see them), and their gradients views of
     /// one flat gradient buffer, defined from here on.
@@ -429,7 +429,8 @@ impl ComputeCopies {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Linear, LoraConfig, fused_forward, pack_weights};
+    use crate::packing::{fused_forward, pack_weights};
+    use crate::{Linear, LoraConfig};
     use tch::nn::{Module, VarStore};
 
     /// A self-attention's projections: `to_q`, `to_k`, `to_v` packed, `to_out.0` alone.

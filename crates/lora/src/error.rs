@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 /// Everything that can go wrong in this crate.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// libtorch reported an error.
     #[error(transparent)]

@@ -68,7 +68,14 @@ pub use inject::{
     Init, InjectionReport, LoraConfig, inject, matches_suffix, merge, module_path,
     set_compute_kind, set_enabled, set_multiplier, set_training, trainable_variables, unmerge,
 };
-pub use linear::{HasLinears, Linear, fused_forward, pack_weights};
+pub use linear::{HasLinears, Linear};
+
+/// For authors of models built on [`Linear`]: projections that read the same input (attention's
+/// `to_q`, `to_k`, `to_v`) share one weight buffer and run, with their adapters, as one matrix
+/// product. Replacing a packed layer's weight tensor ends the sharing.
+pub mod packing {
+    pub use crate::linear::{fused_forward, pack_weights};
+}
 pub use state::{Component, LoraState, ModuleLora};
 pub use targets::{
     TEXT_ENCODER_ATTENTION_TARGETS, TEXT_ENCODER_MLP_TARGETS, UNET_ATTENTION_TARGETS,

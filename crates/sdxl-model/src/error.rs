@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 /// Everything that can go wrong while building, loading or running a model.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A file could not be read or written.
     #[error("{path}: {source}")]
@@ -145,6 +146,25 @@ pub enum Error {
     #[error("{path}: {reason}")]
     WeightFiles {
         /// The folder or index file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A pipeline's components do not fit together (text encoders too narrow for the UNet, a VAE
+    /// with other latent channels).
+    #[error("incompatible components: {what}: expected {expected}, got {actual}")]
+    Incompatible {
+        /// The two sides compared, with the config keys involved.
+        what: String,
+        /// What the first side requires.
+        expected: String,
+        /// What the second side provides.
+        actual: String,
+    },
+    /// A model folder's tokenizer files are missing or malformed.
+    #[error("{path}: {reason}")]
+    TokenizerFiles {
+        /// The folder or file.
         path: PathBuf,
         /// What is wrong.
         reason: String,

@@ -41,6 +41,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod compat;
 mod memory;
 
 use std::path::{Path, PathBuf};
@@ -222,6 +223,12 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Assembles a pipeline from loaded parts; `kind` is the element type the UNet computes in.
+    ///
+    /// # Errors
+    /// [`Error::Incompatible`] naming the config keys when the parts do not fit together: text
+    /// encoders whose hidden sizes do not add up to the UNet's `cross_attention_dim`, a pooled
+    /// embedding and time ids of other widths than the UNet's `add_embedding` takes, or a VAE with
+    /// other latent channels than the UNet denoises.
     pub fn new(
         prompt_encoder: PromptEncoder,
         unet: UNet2DConditionModel,
@@ -229,8 +236,9 @@ impl Pipeline {
         scheduler_config: SchedulerConfig,
         device: Device,
         kind: Kind,
-    ) -> Self {
-        Self {
+    ) -> Result<Self> {
+        compat::check_components(&prompt_encoder, unet.config(), vae.config())?;
+        Ok(Self {
             prompt_encoder,
             unet,
             vae,
@@ -238,7 +246,7 @@ impl Pipeline {
             device,
             kind,
             stores: Vec::new(),
-        }
+        })
     }
 
     /// Loads a diffusers SDXL folder (`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`, and
@@ -290,7 +298,7 @@ impl Pipeline {
         } else {
             SchedulerConfig::sdxl()
         };
-        let mut pipeline = Self::new(prompt_encoder, unet, vae, scheduler_config, device, kind);
+        let mut pipeline = Self::new(prompt_encoder, unet, vae, scheduler_config, device, kind)?;
         pipeline.stores = vec![vs_1, vs_2, vs_unet, vs_vae];
         Ok(pipeline)
     }
@@ -310,7 +318,7 @@ impl Pipeline {
         let (vs_unet, unet) = checkpoint.load_unet(device, kind)?;
         let (vae, vs_vae) = checkpoint.load_vae(device, kind, vae_upcast)?;
         let scheduler_config = checkpoint.configs().scheduler.clone();
-        let mut pipeline = Self::new(prompt_encoder, unet, vae, scheduler_config, device, kind);
+        let mut pipeline = Self::new(prompt_encoder, unet, vae, scheduler_config, device, kind)?;
         pipeline.stores = vec![vs_1, vs_2, vs_unet, vs_vae];
         Ok(pipeline)
     }

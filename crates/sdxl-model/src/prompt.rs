@@ -17,7 +17,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::clip::{ClipTextConfig, ClipTextModel, single_file};
-use crate::tokenizer::ClipTokenizer;
+use crate::tokenizer::{ClipTokenizer, Padding};
 use crate::weights::TensorFile;
 use crate::{Error, Result};
 
@@ -106,7 +106,65 @@ impl PromptEncoder {
             device,
             kind,
         )?;
-        Ok((Self::new(text_encoder, text_encoder_2)?, [vs_1, vs_2]))
+        let mut encoder = Self::new(text_encoder, text_encoder_2)?;
+        encoder.load_tokenizers(root)?;
+        Ok((encoder, [vs_1, vs_2]))
+    }
+
+    /// Replaces the shipped tokenizers with those of a diffusers SDXL folder's `tokenizer/` and
+    /// `tokenizer_2/` where the folder has them (see [`ClipTokenizer::from_folder`]), so that
+    /// tokens added by textual inversion or pivotal tuning encode as transformers encodes them.
+    /// A folder without `tokenizer/` keeps the shipped ones (the same vocabulary as SDXL's).
+    ///
+    /// # Errors
+    /// As [`ClipTokenizer::from_folder`] and [`Self::set_tokenizers`]; nothing changes then.
+    pub fn load_tokenizers(&mut self, root: impl AsRef<Path>) -> Result<()> {
+        let root = root.as_ref();
+        let load = |name: &str, padding| {
+            let folder = root.join(name);
+            folder
+                .is_dir()
+                .then(|| ClipTokenizer::from_folder(folder, padding))
+                .transpose()
+        };
+        let first = load("tokenizer", Padding::EndOfText)?;
+        let second = load("tokenizer_2", Padding::Zero)?;
+        if first.is_none() && second.is_none() {
+            return Ok(());
+        }
+        let first = first.map_or_else(ClipTokenizer::sdxl_first, Ok)?;
+        let second = second.map_or_else(ClipTokenizer::sdxl_second, Ok)?;
+        self.set_tokenizers(first, second)
+    }
+
+    /// Uses `tokenizer` for the first text encoder and `tokenizer_2` for the second.
+    ///
+    /// # Errors
+    /// [`Error::Incompatible`] when a tokenizer can produce ids past its encoder's token embedding
+    /// (added tokens without the embedding rows a textual inversion adds); nothing changes then.
+    pub fn set_tokenizers(
+        &mut self,
+        tokenizer: ClipTokenizer,
+        tokenizer_2: ClipTokenizer,
+    ) -> Result<()> {
+        for (name, tokenizer, encoder) in [
+            ("tokenizer", &tokenizer, &self.text_encoder),
+            ("tokenizer_2", &tokenizer_2, &self.text_encoder_2),
+        ] {
+            let rows = encoder.config().vocab_size;
+            if tokenizer.vocab_size() as i64 > rows {
+                return Err(Error::Incompatible {
+                    what: format!(
+                        "{name} vocabulary (with added tokens) vs its text encoder's `vocab_size`"
+                    ),
+                    expected: format!("at most {rows} tokens"),
+                    actual: tokenizer.vocab_size().to_string(),
+                });
+            }
+        }
+        self.tokenizer = tokenizer;
+        self.tokenizer_2 = tokenizer_2;
+        Ok(())
     }
 
     /// Loads both encoders from an SGM single-file checkpoint (see [`crate::clip::single_file`]);

@@ -24,6 +24,7 @@ pub use profiler::{Profiler, ProfilerOptions};
 
 /// What a call through the shim failed at; the text says why, in libtorch's words where it refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// Capturing or replaying a [`CudaGraph`].
     #[error("CUDA graph: {0}")]

@@ -31,7 +31,7 @@ impl Attention {
     /// Creates the projections under `path`; `context_dim` is the width keys and values of a
     /// cross-attention are projected from (`None`: a self-attention, from `query_dim`).
     ///
-    /// The projections that read the same input share one weight buffer ([`lora::pack_weights`]:
+    /// The projections that read the same input share one weight buffer ([`lora::packing::pack_weights`]:
     /// `to_q`, `to_k` and `to_v` for self-attention, `to_k` and `to_v` for cross-attention), so that
     /// [`Self::forward`] projects them with one matrix product while the layout lasts.
     pub fn new(path: &nn::Path, query_dim: i64, context_dim: Option<i64>, heads: i64) -> Self {
@@ -50,9 +50,9 @@ impl Attention {
         // By role, not width: a cross-attention whose context is as wide as its queries still
         // projects them from different inputs.
         if !cross {
-            lora::pack_weights(&mut [to_q, to_k, to_v]);
+            lora::packing::pack_weights(&mut [to_q, to_k, to_v]);
         } else {
-            lora::pack_weights(&mut [to_k, to_v]);
+            lora::packing::pack_weights(&mut [to_k, to_v]);
         }
         attention
     }
@@ -70,10 +70,11 @@ impl Attention {
         context: Option<&Tensor>,
         backend: AttentionBackend,
     ) -> Result<Tensor> {
-        // Packed projections of one input in one product (with their LoRA, see `lora::fused_forward`);
+        // Packed projections of one input in one product (with their LoRA, see `lora::packing::fused_forward`);
         // one by one where that declines.
         let (query, key, value) = match context {
-            None => match lora::fused_forward(&[&self.to_q, &self.to_k, &self.to_v], xs).as_deref()
+            None => match lora::packing::fused_forward(&[&self.to_q, &self.to_k, &self.to_v], xs)
+                .as_deref()
             {
                 Some([q, k, v]) => (q.shallow_clone(), k.shallow_clone(), v.shallow_clone()),
                 _ => (
@@ -84,7 +85,7 @@ impl Attention {
             },
             Some(context) => {
                 let query = self.to_q.forward(xs);
-                match lora::fused_forward(&[&self.to_k, &self.to_v], context).as_deref() {
+                match lora::packing::fused_forward(&[&self.to_k, &self.to_v], context).as_deref() {
                     Some([k, v]) => (query, k.shallow_clone(), v.shallow_clone()),
                     _ => (
                         query,
@@ -256,12 +257,12 @@ mod tests {
             }
             let a = &self_attention;
             assert!(
-                lora::fused_forward(&[&a.to_q, &a.to_k, &a.to_v], &xs).is_some(),
+                lora::packing::fused_forward(&[&a.to_q, &a.to_k, &a.to_v], &xs).is_some(),
                 "self-attention not fused"
             );
             let c = &cross_attention;
             assert!(
-                lora::fused_forward(&[&c.to_k, &c.to_v], &context).is_some(),
+                lora::packing::fused_forward(&[&c.to_k, &c.to_v], &context).is_some(),
                 "cross-attention keys/values not fused"
             );
             for (attention, ctx) in [(a, None), (c, Some(&context))] {

@@ -16,6 +16,7 @@ use tch::{Device, Kind};
 use super::config::UNetConfig;
 use super::sgm::{SGM_UNET_PREFIX, sgm_unet_table, to_sgm};
 use super::unet_2d_condition::UNet2DConditionModel;
+use crate::pretrained::{LoadOptions, Loaded};
 use crate::weights::{LoadReport, TensorFile, load_into};
 use crate::{Error, Result};
 
@@ -165,12 +166,76 @@ pub fn load_unet(
     device: Device,
     kind: Kind,
 ) -> Result<(VarStore, UNet2DConditionModel)> {
-    let mut vs = VarStore::new(device);
+    let loaded = load_unet_reporting(config, weights, device, kind)?;
+    Ok((loaded.store, loaded.model))
+}
+
+fn load_unet_reporting(
+    config: &UNetConfig,
+    weights: &UNetWeights,
+    device: Device,
+    kind: Kind,
+) -> Result<Loaded<UNet2DConditionModel>> {
+    let mut store = VarStore::new(device);
     // An empty store only changes the kind new variables are created in: no fp32 model ever exists.
-    vs.set_kind(kind);
-    let unet = tch::no_grad(|| UNet2DConditionModel::new(&vs.root(), config));
-    load_unet_weights(&vs, config, weights)?;
-    Ok((vs, unet))
+    store.set_kind(kind);
+    let model = tch::no_grad(|| UNet2DConditionModel::new(&store.root(), config));
+    let report = load_unet_weights(&store, config, weights)?;
+    Ok(Loaded {
+        model,
+        store,
+        report,
+    })
+}
+
+impl UNet2DConditionModel {
+    /// Loads a UNet as diffusers' `UNet2DConditionModel.from_pretrained` and `from_single_file` do.
+    /// `path` is one of:
+    /// - a diffusers `unet/` folder (`config.json` and the weights of [`LoadOptions::variant`], single
+    ///   or sharded);
+    /// - a diffusers SDXL folder holding such a `unet/`;
+    /// - an SGM single-file `.safetensors` checkpoint, described by the `config.json` of
+    ///   [`LoadOptions::single_file_config`] (a `unet/` folder or an SDXL folder holding one; SDXL
+    ///   base 1.0's config when `None`).
+    ///
+    /// # Errors
+    /// [`Error::WeightFiles`] naming the path when it is none of these; config errors naming the
+    /// `config.json`; as [`load_unet_weights`].
+    pub fn from_pretrained(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Loaded<Self>> {
+        let path = path.as_ref();
+        let (config, weights) = if path.is_file() {
+            let config = match &options.single_file_config {
+                Some(root) => UNetConfig::from_file(unet_folder(root)?.join("config.json"))?,
+                None => UNetConfig::sdxl_base(),
+            };
+            (config, UNetWeights::SingleFile(path.to_owned()))
+        } else {
+            let folder = unet_folder(path)?;
+            let config = UNetConfig::from_file(folder.join("config.json"))?;
+            let weights = UNetWeights::Diffusers {
+                folder,
+                variant: options.variant.clone(),
+            };
+            (config, weights)
+        };
+        load_unet_reporting(&config, &weights, options.device, options.kind)
+    }
+}
+
+/// `path` when it holds a `config.json`, else its `unet/` subfolder when that does.
+fn unet_folder(path: &Path) -> Result<PathBuf> {
+    if path.join("config.json").is_file() {
+        Ok(path.to_owned())
+    } else if path.join("unet").join("config.json").is_file() {
+        Ok(path.join("unet"))
+    } else {
+        Err(Error::WeightFiles {
+            path: path.to_owned(),
+            reason: "not a single-file checkpoint, nor a folder with `config.json` or \
+                     `unet/config.json`"
+                .into(),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! [`UNet2DConditionModel::forward_checkpointed`] trades compute for activation memory in training.
 
 mod basic_transformer_block;
-pub mod checkpoint;
+pub(crate) mod checkpoint;
 pub mod config;
 mod embeddings;
 pub mod flops;

@@ -262,7 +262,7 @@ impl Accumulators {
 /// # Errors
 /// Model errors (shapes).
 #[allow(clippy::too_many_arguments)]
-pub fn micro_step(
+pub(crate) fn micro_step(
     unet: &UNet2DConditionModel,
     encoders: Option<&TextEncoders>,
     schedule: &DdpmSchedule,
@@ -375,7 +375,7 @@ fn step_loss(objective: &Objective, prediction: &Tensor, inputs: &StepInputs) ->
 /// Optimizer errors.
 ///
 /// `zero_grads` false leaves the gradients as they are: a captured first micro-step overwrites them.
-pub fn optimizer_step(
+pub(crate) fn optimizer_step(
     optimizer: &mut Optimizer,
     params: &[Tensor],
     settings: &StepSettings,

@@ -11,14 +11,17 @@
 //! either). Text they would change — HTML entities, full-width letters, ligatures, mojibake — can
 //! tokenize differently from open_clip.
 
+mod vocab_files;
+
 use std::path::Path;
+use std::str::FromStr;
 
 use tch::{Device, Tensor};
 
 use crate::{Error, Result};
 
 /// The tokenizer pipeline, built by `tools/tokenizer/build_tokenizer.py`.
-const CLIP_TOKENIZER_JSON: &[u8] = include_bytes!("../assets/tokenizer/clip-tokenizer.json");
+const CLIP_TOKENIZER_JSON: &[u8] = include_bytes!("../../assets/tokenizer/clip-tokenizer.json");
 
 /// Token ids per prompt, start and end tokens included.
 pub const MAX_LENGTH: usize = 77;
@@ -112,6 +115,48 @@ impl ClipTokenizer {
             source,
         })?;
         Ok(Self { inner, padding })
+    }
+
+    /// The tokenizer of a model folder's `tokenizer/` or `tokenizer_2/`, as transformers'
+    /// `CLIPTokenizer.from_pretrained` reads it: `tokenizer.json` when the folder has one (what
+    /// transformers 5 saves), else CLIP's `vocab.json` and `merges.txt` with the added tokens of
+    /// `tokenizer_config.json` (`added_tokens_decoder`) or `added_tokens.json` (what SDXL repositories
+    /// and textual-inversion or pivotal-tuning runs under transformers 4 save). The text pipeline
+    /// around the vocabulary (normalisation, CLIP's word regex, byte-level BPE) is the shipped one.
+    ///
+    /// # Errors
+    /// [`Error::TokenizerFiles`] naming the folder or file that is missing or malformed;
+    /// [`Error::Tokenizer`] when the `tokenizers` crate refuses the result.
+    pub fn from_folder(folder: impl AsRef<Path>, padding: Padding) -> Result<Self> {
+        let folder = folder.as_ref();
+        let json = folder.join("tokenizer.json");
+        if json.is_file() {
+            return Self::from_file(json, padding);
+        }
+        let (json, added) = vocab_files::tokenizer_json(folder, CLIP_TOKENIZER_JSON)?;
+        let inner = tokenizers::Tokenizer::from_str(&json).map_err(|source| Error::Tokenizer {
+            what: format!("building the tokenizer of {}", folder.display()),
+            source,
+        })?;
+        // `tokenizers` numbers added tokens itself, after the vocabulary: a folder whose ids leave
+        // gaps would silently encode to other ids than transformers gives.
+        for (content, id) in added {
+            let got = inner.token_to_id(&content);
+            if got.map(u64::from) != Some(id) {
+                return Err(Error::TokenizerFiles {
+                    path: folder.to_owned(),
+                    reason: format!(
+                        "added token `{content}` has id {id}, but follows the vocabulary at {got:?}"
+                    ),
+                });
+            }
+        }
+        Ok(Self { inner, padding })
+    }
+
+    /// Every id the tokenizer can produce is below this: its vocabulary with the added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
     }
 
     /// The padding this tokenizer applies.
