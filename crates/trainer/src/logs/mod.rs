@@ -42,17 +42,20 @@ pub(crate) fn set_quiet(quiet: bool) {
     QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// A line of the run's story on stderr.
+/// A line of the run's story: a `tracing` info event (the program's subscriber decides where it
+/// goes; `sdxl-lora` and the examples write the message alone on stderr).
 pub(crate) fn say(message: impl AsRef<str>) {
     if !QUIET.load(std::sync::atomic::Ordering::Relaxed) {
-        eprintln!("[trainer] {}", message.as_ref());
+        tracing::info!(target: "trainer", "[trainer] {}", message.as_ref());
     }
 }
 
 /// [`say`] while the progress bar runs: above the bar on a terminal, plainly otherwise (a hidden
-/// bar would swallow the line).
+/// bar would swallow the line). Nothing when info events are off (`--quiet`).
 pub(crate) fn say_above(progress: &indicatif::ProgressBar, message: impl AsRef<str>) {
-    if QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+    if QUIET.load(std::sync::atomic::Ordering::Relaxed)
+        || !tracing::enabled!(target: "trainer", tracing::Level::INFO)
+    {
         return;
     }
     if progress.is_hidden() {
