@@ -9,7 +9,7 @@ pub mod tensorboard;
 
 pub use jsonl::MetricsLog;
 pub use plot::loss_curve_png;
-pub use tensorboard::{EventWriter, Scalar, read_scalars};
+pub use tensorboard::{EventWriter, HParam, Image, Scalar, read_images, read_scalars};
 
 use std::path::Path;
 
