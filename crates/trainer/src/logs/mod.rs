@@ -50,6 +50,24 @@ pub(crate) fn say(message: impl AsRef<str>) {
     }
 }
 
+/// A progress bar of `len` steps drawn with `template` (indicatif's) on stderr: hidden where [`say`]
+/// is silent (the ranks other than 0, `--quiet`), and by indicatif itself when stderr is not a
+/// terminal (so logs and tests see plain lines only).
+pub(crate) fn progress_bar(len: u64, template: &str) -> indicatif::ProgressBar {
+    let silent = QUIET.load(std::sync::atomic::Ordering::Relaxed)
+        || !tracing::enabled!(target: "trainer", tracing::Level::INFO);
+    let progress = if silent {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(len)
+    };
+    progress.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    progress
+}
+
 /// [`say`] while the progress bar runs: above the bar on a terminal, plainly otherwise (a hidden
 /// bar would swallow the line). Nothing when info events are off (`--quiet`).
 pub(crate) fn say_above(progress: &indicatif::ProgressBar, message: impl AsRef<str>) {

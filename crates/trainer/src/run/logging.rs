@@ -62,18 +62,25 @@ impl RunLogs {
         } else {
             (None, None)
         };
+        // Steps, elapsed, ETA, steps/s and images/s (the global batch per step), loss and lr.
+        let images_per_step = f64::from(config.train_batch_size)
+            * f64::from(config.gradient_accumulation_steps)
+            * f64::from(config.nproc_per_node.max(1));
+        let template = "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}, {images_per_sec}] {msg}";
         let progress = if main {
-            indicatif::ProgressBar::new(config.max_train_steps)
+            crate::logs::progress_bar(config.max_train_steps, template)
         } else {
             indicatif::ProgressBar::hidden()
+        };
+        if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+            progress.set_style(style.with_key(
+                "images_per_sec",
+                move |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.1} images/s", state.per_sec() * images_per_step);
+                },
+            ));
         }
-        .with_position(start_step);
-        progress.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}] {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
+        let progress = progress.with_position(start_step);
         Ok(Self {
             metrics,
             events,

@@ -470,10 +470,11 @@ impl Trainer {
                 say_above(&logs.progress, format!("saved {}", path.display()));
             }
         }
-        if done.is_multiple_of(self.config.validation_steps) && done < self.config.max_train_steps {
-            if let Some(Some(path)) = on_main_process(&*group, || self.validate(done))? {
-                logs.add_image_file("validation", done, &path)?;
-            }
+        if done.is_multiple_of(self.config.validation_steps)
+            && done < self.config.max_train_steps
+            && let Some(Some(path)) = on_main_process(&*group, || self.validate(done))?
+        {
+            logs.add_image_file("validation", done, &path)?;
         }
         Ok(skipped)
     }
