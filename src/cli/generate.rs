@@ -80,7 +80,7 @@ pub struct GenerateArgs {
     /// Run one untimed generation first, so that the timed one excludes kernel selection.
     #[arg(long)]
     warmup: bool,
-    /// Output PNG; several images get -<n> before the extension.
+    /// Output PNG; several images get `-<n>` before the extension.
     #[arg(long, value_name = "FILE", default_value = "output.png")]
     out: PathBuf,
 }
