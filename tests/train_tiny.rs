@@ -16,7 +16,7 @@ use image::GenericImageView;
 use tch::Tensor;
 use trainer::TrainConfig;
 use trainer::checkpoint::CheckpointStore;
-use trainer::logs::{jsonl::MetricsLog, tensorboard::read_scalars};
+use trainer::logs::{jsonl::MetricsLog, read_images, tensorboard::read_scalars};
 use trainer::run::{KOHYA_FILE, LORA_FILE};
 
 #[path = "common/training.rs"]
@@ -333,6 +333,22 @@ fn tiny_preset_trains_and_every_output_loads() {
         })
         .collect();
     assert_eq!(events.len(), 1);
+    // TensorBoard's images: the validation row of step 50 and the final grid, the files' own bytes
+    // (TensorBoard's EventAccumulator reads them: tools/fixtures/check_tensorboard.py --images).
+    let images = read_images(&events[0]).unwrap();
+    let shown: Vec<(&str, i64)> = images.iter().map(|i| (i.tag.as_str(), i.step)).collect();
+    assert_eq!(
+        shown,
+        [("validation", 50), ("validation/base_vs_lora", 100)]
+    );
+    assert_eq!(
+        images[0].encoded,
+        std::fs::read(out.join("validation/step-000050.png")).unwrap()
+    );
+    assert_eq!(
+        images[1].encoded,
+        std::fs::read(out.join("base_vs_lora.png")).unwrap()
+    );
     let scalars = read_scalars(&events[0]).unwrap();
     let logged: Vec<(i64, f32)> = scalars
         .iter()
@@ -401,11 +417,26 @@ fn tiny_preset_trains_and_every_output_loads() {
         serde_json::from_str(&std::fs::read_to_string(out.join("model_card.json")).unwrap())
             .unwrap();
     assert_eq!(card["steps"], 100);
-    assert!(
-        std::fs::read_to_string(out.join("README.md"))
-            .unwrap()
-            .contains("Naruto style anime character")
-    );
+    // The hub's card: front matter with the widget of the validation images
+    // (huggingface_hub's ModelCard reads it: tools/fixtures/check_model_card.py).
+    let readme = std::fs::read_to_string(out.join("README.md")).unwrap();
+    let front = readme
+        .strip_prefix("---\n")
+        .unwrap()
+        .split("\n---\n")
+        .next()
+        .unwrap();
+    for line in [
+        "license: openrail++",
+        "- lora",
+        "instance_prompt: \"Naruto style anime character\"",
+        "widget:",
+        "- text: \"Naruto style anime character\"",
+        "    url: \"validation/step-000050.png\"",
+        "    url: \"base_vs_lora.png\"",
+    ] {
+        assert!(front.lines().any(|l| l == line), "{line}:\n{front}");
+    }
     let steps: Vec<u64> = CheckpointStore::new(&out)
         .list()
         .unwrap()

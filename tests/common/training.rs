@@ -50,6 +50,11 @@ fn training_child() {
     let path = std::env::var(CHILD_CONFIG).expect("started by a test of this file with a config");
     // One thread: identical arithmetic in every process of a comparison, and no oversubscription.
     tch::set_num_threads(1);
+    // The trainer's story on stderr, as `sdxl-lora train` prints it.
+    sdxl_lora::cli::init_logging(
+        sdxl_lora::cli::Verbosity::Normal,
+        sdxl_lora::cli::LogFormat::Text,
+    );
     let config = TrainConfig::from_toml_file(Path::new(&path)).unwrap();
     // The error as a user sees it (Display), for the tests that expect a run to stop.
     if let Err(error) = trainer::Trainer::new(config).and_then(|mut trainer| trainer.run()) {

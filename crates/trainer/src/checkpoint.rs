@@ -191,7 +191,7 @@ impl CheckpointStore {
         if arg == "latest" {
             let latest = self.latest()?;
             if latest.is_none() {
-                eprintln!(
+                tracing::info!(
                     "{RESUME_FLAG} latest: no checkpoint in {}; starting a new training run",
                     self.output_dir.display()
                 );
@@ -280,7 +280,7 @@ impl CheckpointStore {
             } else {
                 fs::rename(&path, &final_path).map_err(io_error(&path))?;
                 sync_dir(&self.output_dir)?;
-                eprintln!(
+                tracing::warn!(
                     "{}: restored from {}, which an interrupted save had moved aside",
                     final_path.display(),
                     path.display()

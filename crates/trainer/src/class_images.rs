@@ -148,12 +148,9 @@ struct Generator<'a> {
 impl Generator<'_> {
     /// Images `first .. first + count` of the folder, `batch` at a time, with a progress bar.
     fn run(&self, first: u64, count: u64, batch: u32) -> Result<()> {
-        let progress = indicatif::ProgressBar::new(count);
-        progress.set_style(
-            indicatif::ProgressStyle::with_template(
-                "Generating class images {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        let progress = crate::logs::progress_bar(
+            count,
+            "Generating class images {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
         );
         let end = first + count;
         let mut start = first;

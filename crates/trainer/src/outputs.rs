@@ -25,6 +25,9 @@ pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
 /// `checkpoint-N/`.
 pub const KOHYA_FILE: &str = "pytorch_lora_weights_kohya.safetensors";
 
+/// The final comparison grid's file in the output folder: the base model's images above the LoRA's.
+pub const COMPARISON_FILE: &str = "base_vs_lora.png";
+
 /// What the run measured, for the model card.
 #[derive(Debug, Clone, Copy)]
 pub struct RunStats<'a> {
@@ -57,7 +60,7 @@ pub fn write(
         loss_curve_png(&out.join("loss.png"), stats.loss_history, "training loss")?;
     }
     if let Some(grid) = grid {
-        save_png(grid, out.join("base_vs_lora.png"))?;
+        save_png(grid, out.join(COMPARISON_FILE))?;
     }
     write_model_card(config, stats, grid.is_some())?;
     Ok(files)
@@ -123,6 +126,56 @@ fn write_model_card(config: &TrainConfig, stats: &RunStats<'_>, has_grid: bool) 
     write_atomic(&out.join("README.md"), markdown.as_bytes())
 }
 
+/// The licence the card states: SDXL 1.0's (CreativeML Open RAIL++-M), which a LoRA of it inherits.
+const LICENSE: &str = "openrail++";
+
+/// A YAML scalar: a JSON string is a YAML double-quoted scalar, whatever it holds (`:`, `#`, quotes).
+fn yaml_text(text: &str) -> String {
+    serde_json::Value::from(text).to_string()
+}
+
+/// The Hugging Face model card's metadata (YAML front matter, the fields `huggingface_hub.ModelCard`
+/// and the hub read): base model, licence, tags, the trigger prompt, and a widget of the run's
+/// validation images (each `validation/step-N.png`, then the base-vs-LoRA grid) with their prompt.
+fn front_matter(config: &TrainConfig, has_grid: bool, out: &Path) -> String {
+    let base = crate::model_files::base_model_name(&config.pretrained_model_name_or_path);
+    let mut yaml = format!(
+        "---\nbase_model: {}\nlibrary_name: diffusers\nlicense: {LICENSE}\ntags:\n- stable-diffusion-xl\n\
+         - stable-diffusion-xl-diffusers\n- text-to-image\n- diffusers\n- lora\n- template:sd-lora\n",
+        yaml_text(&base)
+    );
+    if let Some(prompt) = &config.instance_prompt {
+        yaml += &format!("instance_prompt: {}\n", yaml_text(prompt));
+    }
+    let mut images: Vec<String> = std::fs::read_dir(out.join("validation"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|n| n.starts_with("step-") && n.ends_with(".png"))
+        .map(|n| format!("validation/{n}"))
+        .collect();
+    images.sort();
+    if has_grid {
+        images.push(COMPARISON_FILE.to_owned());
+    }
+    let prompt = config
+        .validation_prompt
+        .as_ref()
+        .or(config.instance_prompt.as_ref());
+    if let (Some(prompt), false) = (prompt, images.is_empty()) {
+        yaml += "widget:\n";
+        for url in &images {
+            yaml += &format!(
+                "- text: {}\n  output:\n    url: {}\n",
+                yaml_text(prompt),
+                yaml_text(url)
+            );
+        }
+    }
+    yaml + "---\n"
+}
+
 fn model_card_markdown(
     config: &TrainConfig,
     final_loss: Option<f64>,
@@ -134,8 +187,9 @@ fn model_card_markdown(
         .instance_prompt
         .as_deref()
         .unwrap_or("(dataset captions)");
+    let front = front_matter(config, has_grid, out);
     Ok(format!(
-        "---\nbase_model: {base}\nlibrary_name: diffusers\ntags:\n- stable-diffusion-xl\n- lora\n- text-to-image\ninstance_prompt: {prompt}\n---\n\n\
+        "{front}\n\
          # SDXL LoRA\n\nLoRA (rank {rank}) for `{base}` trained on `{data}` for {steps} steps at {res} px \
          (batch {batch} × accumulation {accum}, learning rate {lr:e}, optimizer {opt}).\n\n\
          Trigger prompt: `{prompt}`.\n\n{text}\

@@ -57,6 +57,9 @@ macro_rules! train_config {
         }
 
         impl TrainConfig {
+            /// Every flag's name (without `--`), for the typo suggestion of an unknown one.
+            const FLAG_NAMES: &'static [&'static str] = &[$( stringify!($field) ),*];
+
             fn is_switch(name: &str) -> Option<bool> {
                 match name {
                     $( stringify!($field) => Some(<$ty as FlagValue>::IS_SWITCH), )*
@@ -76,7 +79,7 @@ macro_rules! train_config {
                     $( stringify!($field) => {
                         self.$field = <$ty as FlagValue>::parse_flag(concat!("--", stringify!($field)), value)?;
                     } )*
-                    _ => return Err(unknown_flag(name)),
+                    _ => return Err(unknown_flag(name, Self::FLAG_NAMES)),
                 }
                 Ok(())
             }
@@ -130,10 +133,20 @@ fn describe<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "?".into())
 }
 
-fn unknown_flag(name: &str) -> Error {
+/// "unknown flag", with the closest of the `known` flags when it looks like a typo (the measure of
+/// the kohya config's unknown keys).
+fn unknown_flag(name: &str, known: &[&str]) -> Error {
+    let best = known
+        .iter()
+        .map(|flag| (kohya::edit_distance(name, flag), *flag))
+        .min()
+        .filter(|&(distance, flag)| distance <= 2.max(flag.len() / 4));
+    let hint = best.map_or_else(String::new, |(_, flag)| {
+        format!(" (did you mean `--{flag}`?)")
+    });
     Error::InvalidOption {
         option: "command line",
-        problem: format!("unknown flag `--{name}`"),
+        problem: format!("unknown flag `--{name}`{hint}"),
     }
 }
 
@@ -463,7 +476,7 @@ impl TrainConfig {
                     ("config", _) => true,
                     (_, Some(true)) => next.is_some_and(|n| bool::parse_flag("", Some(n)).is_ok()),
                     (_, Some(false)) => true,
-                    (_, None) => return Err(unknown_flag(&name)),
+                    (_, None) => return Err(unknown_flag(&name, Self::FLAG_NAMES)),
                 };
                 if takes_value {
                     value = next.cloned();

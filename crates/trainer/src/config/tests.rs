@@ -391,3 +391,21 @@ fn settings_that_failed_late_are_refused_naming_their_flag() {
     // The largest accepted values still parse.
     parse(&["--resolution", "8192", "--validation_guidance_scale", "0"]).unwrap();
 }
+
+/// An unknown flag close to a known one names it; one far from all names none.
+#[test]
+fn unknown_flags_suggest_the_closest_flag() {
+    let message = |args: &[&str]| parse(args).unwrap_err().to_string();
+    let typo = message(&["--max_train_step", "5"]);
+    assert!(
+        typo.contains("unknown flag `--max_train_step` (did you mean `--max_train_steps`?)"),
+        "{typo}"
+    );
+    let typo = message(&["--resolutoin=64"]);
+    assert!(typo.contains("(did you mean `--resolution`?)"), "{typo}");
+    let far = message(&["--frobnicate"]);
+    assert!(
+        far.contains("unknown flag `--frobnicate`") && !far.contains("did you mean"),
+        "{far}"
+    );
+}

@@ -9,7 +9,7 @@ pub mod tensorboard;
 
 pub use jsonl::MetricsLog;
 pub use plot::loss_curve_png;
-pub use tensorboard::{EventWriter, Scalar, read_scalars};
+pub use tensorboard::{EventWriter, HParam, Image, Scalar, read_images, read_scalars};
 
 use std::path::Path;
 
@@ -42,17 +42,38 @@ pub(crate) fn set_quiet(quiet: bool) {
     QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// A line of the run's story on stderr.
+/// A line of the run's story: a `tracing` info event (the program's subscriber decides where it
+/// goes; `sdxl-lora` and the examples write the message alone on stderr).
 pub(crate) fn say(message: impl AsRef<str>) {
     if !QUIET.load(std::sync::atomic::Ordering::Relaxed) {
-        eprintln!("[trainer] {}", message.as_ref());
+        tracing::info!(target: "trainer", "[trainer] {}", message.as_ref());
     }
 }
 
+/// A progress bar of `len` steps drawn with `template` (indicatif's) on stderr: hidden where [`say`]
+/// is silent (the ranks other than 0, `--quiet`), and by indicatif itself when stderr is not a
+/// terminal (so logs and tests see plain lines only).
+pub(crate) fn progress_bar(len: u64, template: &str) -> indicatif::ProgressBar {
+    let silent = QUIET.load(std::sync::atomic::Ordering::Relaxed)
+        || !tracing::enabled!(target: "trainer", tracing::Level::INFO);
+    let progress = if silent {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(len)
+    };
+    progress.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    progress
+}
+
 /// [`say`] while the progress bar runs: above the bar on a terminal, plainly otherwise (a hidden
-/// bar would swallow the line).
+/// bar would swallow the line). Nothing when info events are off (`--quiet`).
 pub(crate) fn say_above(progress: &indicatif::ProgressBar, message: impl AsRef<str>) {
-    if QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+    if QUIET.load(std::sync::atomic::Ordering::Relaxed)
+        || !tracing::enabled!(target: "trainer", tracing::Level::INFO)
+    {
         return;
     }
     if progress.is_hidden() {

@@ -1,4 +1,5 @@
-//! TensorBoard event files: a writer for scalar summaries and a reader that checks them.
+//! TensorBoard event files: a writer for scalar, image and hyper-parameter summaries and readers that
+//! check them.
 //!
 //! Follows TensorFlow's record format (`tensorflow/core/lib/io/record_writer.cc`) and the writers of
 //! `torch.utils.tensorboard` / tensorboardX: a file `events.out.tfevents.<secs>.<host>.<pid>.<n>`
@@ -437,6 +438,9 @@ fn masked_crc32c(bytes: &[u8]) -> u32 {
 }
 
 mod append;
+mod summaries;
+
+pub use summaries::{HParam, Image, read_images};
 
 #[cfg(test)]
 mod tests;

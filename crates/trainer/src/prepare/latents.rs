@@ -114,6 +114,10 @@ impl LatentEncoder<'_> {
         let dataset = self.dataset;
         let mut by_bucket: BTreeMap<usize, Rows> = BTreeMap::new();
         let mut rows = HashMap::new();
+        let progress = crate::logs::progress_bar(
+            (items.len() * self.flips) as u64,
+            "Caching latents {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}]",
+        );
         for item in items {
             let key = fixed_key(self.seed, item);
             for flipped in [false, true].into_iter().take(self.flips) {
@@ -127,8 +131,10 @@ impl LatentEncoder<'_> {
                 means.push(mean);
                 stds.push(std);
                 ids.push(time_ids_of(&sample));
+                progress.inc(1);
             }
         }
+        progress.finish_and_clear();
         let buckets = by_bucket
             .into_iter()
             .map(|(bucket, (means, stds, ids))| {

@@ -5,8 +5,32 @@
 use crate::Result;
 use crate::config::TrainConfig;
 use crate::logs::jsonl::MetricsLog;
-use crate::logs::tensorboard::EventWriter;
+use crate::logs::tensorboard::{EventWriter, HParam};
 use crate::step::Accumulators;
+
+/// The scalar tags TensorBoard's HParams tab shows beside the hyper-parameters.
+const METRICS: [&str; 3] = ["train/loss", "train/lr", "train/grad_norm"];
+
+/// The run's flags as TensorBoard hyper-parameters: numbers, booleans and strings as they are, a
+/// list or table as its JSON text; unset options left out.
+fn hparams(config: &TrainConfig) -> Vec<(String, HParam)> {
+    let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(config) else {
+        return Vec::new();
+    };
+    fields
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let value = match value {
+                serde_json::Value::Null => return None,
+                serde_json::Value::Bool(b) => HParam::Bool(b),
+                serde_json::Value::Number(n) => HParam::Number(n.as_f64()?),
+                serde_json::Value::String(s) => HParam::Text(s),
+                other => HParam::Text(other.to_string()),
+            };
+            Some((name, value))
+        })
+        .collect()
+}
 
 /// The run's logs and progress bar (files and a visible bar on rank 0 only).
 pub(super) struct RunLogs {
@@ -32,23 +56,31 @@ impl RunLogs {
         let logs = config.output_dir.join("logs");
         let (metrics, events) = if main {
             let metrics = MetricsLog::open(&logs.join("metrics.jsonl"), Some(start_step))?;
-            let events = EventWriter::continue_run(&logs, start_step)?;
+            let mut events = EventWriter::continue_run(&logs, start_step)?;
+            events.add_hparams(&hparams(config), &METRICS)?;
             (Some(metrics), Some(events))
         } else {
             (None, None)
         };
+        // Steps, elapsed, ETA, steps/s and images/s (the global batch per step), loss and lr.
+        let images_per_step = f64::from(config.train_batch_size)
+            * f64::from(config.gradient_accumulation_steps)
+            * f64::from(config.nproc_per_node.max(1));
+        let template = "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}, {images_per_sec}] {msg}";
         let progress = if main {
-            indicatif::ProgressBar::new(config.max_train_steps)
+            crate::logs::progress_bar(config.max_train_steps, template)
         } else {
             indicatif::ProgressBar::hidden()
+        };
+        if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+            progress.set_style(style.with_key(
+                "images_per_sec",
+                move |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.1} images/s", state.per_sec() * images_per_step);
+                },
+            ));
         }
-        .with_position(start_step);
-        progress.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}] {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
+        let progress = progress.with_position(start_step);
         Ok(Self {
             metrics,
             events,
@@ -89,6 +121,9 @@ impl RunLogs {
         events.add_scalar("train/lr", at, lr as f32)?;
         events.add_scalar("train/grad_norm", at, grad_norm as f32)?;
         events.add_scalar("train/skipped_steps", at, skipped as f32)?;
+        if let Some(memory) = peak_memory_gib {
+            events.add_scalar("train/peak_memory_gib", at, memory as f32)?;
+        }
         let mut record = serde_json::json!({
             "step": step,
             "loss": loss,
@@ -118,6 +153,19 @@ impl RunLogs {
             "loss {loss_text} lr {lr:.2e}{memory_text}{skipped_text}{scaler_text}"
         ));
         Ok(window)
+    }
+
+    /// Logs the PNG file `path` under `tag` at `step` in TensorBoard (rank 0; nothing elsewhere).
+    pub(super) fn add_image_file(
+        &mut self,
+        tag: &str,
+        step: u64,
+        path: &std::path::Path,
+    ) -> Result<()> {
+        match &mut self.events {
+            Some(events) => events.add_image_file(tag, step as i64, path),
+            None => Ok(()),
+        }
     }
 
     /// Flushes the event file.

@@ -375,6 +375,12 @@ impl Trainer {
                 outputs::write(config, model, &stats, &facts, grid.as_ref())
             })
         })?;
+        // The final comparison grid (base model above, LoRA below) in TensorBoard too.
+        let grid = self.config.output_dir.join(outputs::COMPARISON_FILE);
+        if written.is_some() && self.validator.is_some() && grid.is_file() {
+            logs.add_image_file("validation/base_vs_lora", end, &grid)?;
+            logs.flush()?;
+        }
         let (lora_file, kohya_file) = written.unwrap_or_else(|| {
             let out = &self.config.output_dir;
             (out.join(LORA_FILE), out.join(KOHYA_FILE))
@@ -511,16 +517,19 @@ impl Trainer {
                 say_above(&logs.progress, format!("saved {}", path.display()));
             }
         }
-        if done.is_multiple_of(self.config.validation_steps) && done < self.config.max_train_steps {
-            on_main_process(&*group, || self.validate(done))?;
+        if done.is_multiple_of(self.config.validation_steps)
+            && done < self.config.max_train_steps
+            && let Some(Some(path)) = on_main_process(&*group, || self.validate(done))?
+        {
+            logs.add_image_file("validation", done, &path)?;
         }
         Ok(skipped)
     }
 
-    /// Validation images of step `step` in `output_dir/validation/`.
-    fn validate(&mut self, step: u64) -> Result<()> {
+    /// Validation images of step `step` in `output_dir/validation/`; the file written, if any.
+    fn validate(&mut self, step: u64) -> Result<Option<PathBuf>> {
         let Some(validator) = &self.validator else {
-            return Ok(());
+            return Ok(None);
         };
         let folder = self.config.output_dir.join("validation");
         std::fs::create_dir_all(&folder).map_err(io_error(&folder))?;
@@ -533,6 +542,7 @@ impl Trainer {
                 let saved = validator.save_images(model, vae, &path);
                 model.set_training(true);
                 saved
-            })
+            })?;
+        Ok(path.is_file().then_some(path))
     }
 }

@@ -223,6 +223,7 @@ impl KohyaDatasetConfig {
 
 mod resolve;
 mod schema;
+pub(crate) use schema::edit_distance;
 #[cfg(test)]
 mod tests;
 

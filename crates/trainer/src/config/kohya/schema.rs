@@ -317,7 +317,8 @@ pub(super) fn unknown(key: &str) -> String {
     }
 }
 
-pub(super) fn edit_distance(a: &str, b: &str) -> usize {
+/// The Levenshtein distance of `a` and `b`, in characters.
+pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut row: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {

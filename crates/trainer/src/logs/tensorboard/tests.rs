@@ -224,3 +224,49 @@ fn varints_round_trip_at_their_edges() {
         "protobuf writes negative int64 in ten bytes"
     );
 }
+
+/// An image summary reads back with its tag, step, size and bytes; hyper-parameter summaries sit
+/// beside it without disturbing the scalars; a file that is not a PNG is refused, naming the tag.
+#[test]
+fn images_and_hparams_read_back() {
+    let dir = TestDir::new("tb-images");
+    let mut writer = EventWriter::create(dir.path()).unwrap();
+    let image = image::RgbImage::from_fn(5, 3, |x, y| image::Rgb([x as u8 * 40, y as u8 * 80, 7]));
+    let mut png = Vec::new();
+    image
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    writer
+        .add_hparams(
+            &[
+                ("rank".into(), HParam::Number(4.0)),
+                ("optimizer".into(), HParam::Text("AdamW8bit".into())),
+                ("use_ema".into(), HParam::Bool(false)),
+            ],
+            &["train/loss"],
+        )
+        .unwrap();
+    writer.add_scalar("train/loss", 1, 0.5).unwrap();
+    writer.add_image("validation", 50, &png).unwrap();
+    let error = writer.add_image("bad", 51, b"not a png").unwrap_err();
+    assert!(error.to_string().contains("`bad`"), "{error}");
+    writer.flush().unwrap();
+
+    let images = read_images(writer.path()).unwrap();
+    assert_eq!(images.len(), 1);
+    assert_eq!(
+        (images[0].tag.as_str(), images[0].step, images[0].size),
+        ("validation", 50, (5, 3))
+    );
+    assert_eq!(images[0].encoded, png);
+    let scalars = read_scalars(writer.path()).unwrap();
+    assert_eq!(scalars.len(), 1);
+    let bytes = std::fs::read(writer.path()).unwrap();
+    for needle in [
+        &b"_hparams_/experiment"[..],
+        b"_hparams_/session_start_info",
+        b"AdamW8bit",
+    ] {
+        assert!(bytes.windows(needle.len()).any(|w| w == needle));
+    }
+}

@@ -1,0 +1,259 @@
+//! `sdxl-lora generate` (and the `generate` example): text to image with an SDXL diffusers folder,
+//! optionally with a LoRA; `--compare` writes one grid, the base model's image on the left and the
+//! LoRA's on the right, for the same prompts and seeds.
+//!
+//! `--prompt` may be repeated; each prompt gets one image (one grid row with `--compare`). Without
+//! `--compare` the images go to `--out` with `-<n>` before the extension when there are several.
+//! Runs on CUDA when available, else on the CPU. Prints the wall time of each `generate` call
+//! (prompt encoding, denoising loop and VAE decode, synchronised) and, on CUDA, the caching
+//! allocator's peak (PyTorch's `torch.cuda.max_memory_allocated()`); `--warmup` runs one generation
+//! first so that the timed one excludes kernel selection.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use sdxl_model::pipeline::{
+    GenerateOptions, LARGE_GENERATION_BYTES, Pipeline, grid_column, grid_row, save_png,
+};
+use sdxl_model::schedulers::SchedulerKind;
+use sdxl_model::vae::{Upcast, VaeTiling};
+use tch::{Device, Kind};
+
+use super::{Precision, UsageError};
+
+/// Text to image with an SDXL diffusers folder, optionally with a LoRA.
+#[derive(Parser, Debug)]
+#[command(name = "generate")]
+pub struct GenerateArgs {
+    /// A diffusers SDXL folder (unet/, vae/, text_encoder/, text_encoder_2/, tokenizers, scheduler/).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// A prompt; repeat for more images (one per prompt).
+    #[arg(
+        long = "prompt",
+        value_name = "TEXT",
+        required = true,
+        allow_hyphen_values = true
+    )]
+    prompts: Vec<String>,
+    /// A negative prompt; give one per --prompt, or none for SDXL's zero negative conditioning.
+    #[arg(long = "negative", value_name = "TEXT", allow_hyphen_values = true)]
+    negatives: Vec<String>,
+    /// Denoising steps.
+    #[arg(long, value_name = "N", default_value_t = 30)]
+    steps: usize,
+    /// Classifier-free guidance scale (off at 1 or below).
+    #[arg(long, value_name = "SCALE", default_value_t = GenerateOptions::default().guidance_scale)]
+    guidance: f64,
+    /// Image width in pixels (a multiple of 8).
+    #[arg(long, value_name = "PX", default_value_t = GenerateOptions::default().width)]
+    width: i64,
+    /// Image height in pixels (a multiple of 8).
+    #[arg(long, value_name = "PX", default_value_t = GenerateOptions::default().height)]
+    height: i64,
+    /// Seed of the initial noise (as torch.Generator().manual_seed).
+    #[arg(long, value_name = "N", default_value_t = GenerateOptions::default().seed)]
+    seed: u64,
+    /// Sampler: euler, euler_a, ddim or dpm++2m (or its diffusers class name).
+    #[arg(long, value_name = "NAME", default_value = GenerateOptions::default().scheduler.short_name())]
+    scheduler: SchedulerKind,
+    /// Precision of the models on CUDA (the CPU always computes in f32).
+    #[arg(long, value_enum, value_name = "KIND", default_value_t = Precision::Bf16)]
+    kind: Precision,
+    /// Decode with the VAE in fp32, whatever the VAE's config says.
+    #[arg(long = "vae_fp32")]
+    vae_fp32: bool,
+    /// Decode the VAE in tiles (for large images).
+    #[arg(long)]
+    tile: bool,
+    /// A LoRA file (diffusers, peft or kohya layout) to apply; none by default.
+    #[arg(long, value_name = "FILE")]
+    lora: Option<PathBuf>,
+    /// The LoRA's multiplier.
+    #[arg(long = "lora_scale", value_name = "SCALE", default_value_t = 1.0)]
+    lora_scale: f64,
+    /// Write one grid: the base model's image left, the LoRA's right, a row per prompt (needs --lora).
+    #[arg(long)]
+    compare: bool,
+    /// Capture the denoising step's UNet call as a CUDA graph after the first step and replay it (CUDA only).
+    #[arg(long = "cuda_graph")]
+    cuda_graph: bool,
+    /// Run one untimed generation first, so that the timed one excludes kernel selection.
+    #[arg(long)]
+    warmup: bool,
+    /// Output PNG; several images get `-<n>` before the extension.
+    #[arg(long, value_name = "FILE", default_value = "output.png")]
+    out: PathBuf,
+}
+
+fn numbered(out: &Path, index: usize, count: usize) -> PathBuf {
+    if count == 1 {
+        return out.to_owned();
+    }
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".into());
+    out.with_file_name(format!("{stem}-{index}.png"))
+}
+
+/// Values clap parses but that have no meaning, each a usage error naming its flag.
+fn check_numbers(args: &GenerateArgs) -> anyhow::Result<()> {
+    for (flag, value) in [("--width", args.width), ("--height", args.height)] {
+        if value <= 0 || value % 8 != 0 {
+            anyhow::bail!(UsageError(format!(
+                "{flag}: {value} is not a positive multiple of 8"
+            )));
+        }
+    }
+    if args.steps == 0 {
+        anyhow::bail!(UsageError("--steps: must be at least 1".into()));
+    }
+    for (flag, value) in [
+        ("--guidance", args.guidance),
+        ("--lora_scale", args.lora_scale),
+    ] {
+        if !value.is_finite() {
+            anyhow::bail!(UsageError(format!(
+                "{flag}: {value} is not a finite number"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `generate` with `args`; a [`UsageError`] for values that contradict each other.
+pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    if !args.negatives.is_empty() && args.negatives.len() != args.prompts.len() {
+        anyhow::bail!(UsageError(format!(
+            "--negative: {} given for {} prompts (give one per prompt or none)",
+            args.negatives.len(),
+            args.prompts.len()
+        )));
+    }
+    if args.compare && args.lora.is_none() {
+        anyhow::bail!(UsageError("--compare needs --lora".into()));
+    }
+    check_numbers(&args)?;
+    let options = GenerateOptions {
+        negative_prompts: (!args.negatives.is_empty()).then_some(args.negatives),
+        prompts: args.prompts,
+        steps: args.steps,
+        guidance_scale: args.guidance,
+        width: args.width,
+        height: args.height,
+        seed: args.seed,
+        scheduler: args.scheduler,
+        cuda_graph: args.cuda_graph,
+        ..GenerateOptions::default()
+    };
+    let mut kind = Kind::from(args.kind);
+    let device = Device::cuda_if_available();
+    if device == Device::Cpu && kind != Kind::Float {
+        kind = Kind::Float; // half-precision convolutions are slow or missing on the CPU
+    }
+    let upcast = if args.vae_fp32 {
+        Upcast::Always
+    } else {
+        Upcast::FromConfig
+    };
+    let mut pipe = Pipeline::from_pretrained(&args.model, device, kind, upcast)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    if args.tile {
+        pipe.set_vae_tiling(Some(VaeTiling::default()))?;
+    }
+    // Before any tensor of the requested size exists: refuse what cannot fit, warn of what is slow.
+    let estimate = pipe.memory_estimate(&options);
+    let sizes = || format!("--width {} --height {}", options.width, options.height);
+    estimate.check(&options).with_context(sizes)?;
+    if estimate.bytes() > LARGE_GENERATION_BYTES {
+        eprintln!(
+            "warning: {}: {:.0} megapixels need at least {:.1} GiB and about {:.0}× the work of one \
+             1024×1024 image{}",
+            sizes(),
+            estimate.pixels / 1e6,
+            estimate.gib(),
+            estimate.pixels / (1024.0 * 1024.0),
+            if args.tile {
+                ""
+            } else {
+                " (--tile bounds the decode's memory)"
+            }
+        );
+    }
+    let timed = |pipe: &Pipeline, what: &str| -> anyhow::Result<sdxl_model::pipeline::Images> {
+        let sync = || {
+            if let Device::Cuda(i) = device {
+                tch::Cuda::synchronize(i as i64);
+            }
+        };
+        sync();
+        torch_cuda::reset_peak_memory_stats(0);
+        let start = Instant::now();
+        let images = pipe.generate(&options)?;
+        sync();
+        let seconds = start.elapsed().as_secs_f64();
+        let peak = torch_cuda::memory_stats(0)
+            .map(|s| format!(", peak {:.2} GiB allocated", s.peak_allocated_gib()));
+        println!(
+            "{what}: {} image(s) {}x{} px, {} {} steps, {kind:?}: {seconds:.3} s{}",
+            images.len(),
+            options.width,
+            options.height,
+            options.scheduler.short_name(),
+            options.steps,
+            peak.unwrap_or_default()
+        );
+        Ok(images)
+    };
+    if args.warmup {
+        timed(&pipe, "warm-up")?;
+    }
+    let base = args.compare.then(|| timed(&pipe, "base")).transpose()?;
+    if let Some(path) = &args.lora {
+        let names = pipe.lora_module_names();
+        let file = lora::format::read(
+            path,
+            lora::format::ReadOptions {
+                module_names: Some(&names),
+                block_renames: None,
+            },
+        )
+        .with_context(|| format!("reading {}", path.display()))?;
+        let layers = pipe.load_lora(&file.state, "lora")?;
+        pipe.set_lora_multiplier("lora", args.lora_scale)?;
+        println!(
+            "{}: {:?} LoRA on {layers} layers, scale {}",
+            path.display(),
+            file.format,
+            args.lora_scale
+        );
+    }
+    let images = timed(
+        &pipe,
+        if args.lora.is_some() {
+            "with LoRA"
+        } else {
+            "generate"
+        },
+    )?;
+    match base {
+        Some(base) => {
+            let rows = (0..images.len())
+                .map(|i| grid_row(&[base.to_rgb(i)?, images.to_rgb(i)?]))
+                .collect::<sdxl_model::Result<Vec<_>>>()?;
+            save_png(&grid_column(&rows)?, &args.out)?;
+            println!("wrote {} (base left, LoRA right)", args.out.display());
+        }
+        None => {
+            for i in 0..images.len() {
+                let path = numbered(&args.out, i, images.len());
+                images.save_png(i, &path)?;
+                println!("wrote {}", path.display());
+            }
+        }
+    }
+    Ok(())
+}

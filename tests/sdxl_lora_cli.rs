@@ -1,0 +1,292 @@
+//! The `sdxl-lora` binary: every subcommand answers `--help` on stdout with exit 0, a usage error is
+//! an `error: …` line naming the culprit (with a suggestion for a typo) and the `--help` hint, exit 2;
+//! `inspect` reads every LoRA layout; `estimate` prints the trainer's estimate without loading
+//! weights; `completions` prints a script for each shell.
+//!
+//! Cargo builds the binary for the integration tests (`CARGO_BIN_EXE_sdxl-lora`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
+use std::process::{Command, Output};
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sdxl-lora"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("sdxl-lora starts")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+const SUBCOMMANDS: [&str; 6] = [
+    "train",
+    "generate",
+    "convert",
+    "inspect",
+    "estimate",
+    "completions",
+];
+
+#[test]
+fn every_subcommand_answers_help() {
+    let top = run(&["--help"]);
+    assert_eq!(top.status.code(), Some(0), "{}", text(&top.stderr));
+    let listing = text(&top.stdout);
+    for sub in SUBCOMMANDS {
+        assert!(
+            listing.contains(sub),
+            "--help does not list {sub}:\n{listing}"
+        );
+        for help in ["--help", "-h"] {
+            let output = run(&[sub, help]);
+            let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+            assert_eq!(output.status.code(), Some(0), "{sub} {help}: {stderr}");
+            assert!(stderr.is_empty(), "{sub} {help}: stderr {stderr}");
+            assert!(
+                stdout.contains(&format!("Usage: sdxl-lora {sub}")),
+                "{sub} {help}:\n{stdout}"
+            );
+        }
+    }
+    // The training flags' help is the trainer's own, grouped under the usage.
+    let train = text(&run(&["train", "--help"]).stdout);
+    for flag in [
+        "--preset",
+        "--config",
+        "--pretrained_model_name_or_path",
+        "--max_train_steps",
+    ] {
+        assert!(train.contains(flag), "train --help lacks {flag}");
+    }
+}
+
+/// Usage errors: the line, the culprit it names, the hint; exit 2, nothing on stdout.
+#[test]
+fn usage_errors_are_one_line_and_exit_2() {
+    let cases: &[(&[&str], &str)] = &[
+        (&[], "subcommand"),
+        (&["genrate"], "did you mean 'generate'"),
+        (&["generate", "--prompt", "p"], "--model"),
+        (
+            &["generate", "--model", "m", "--prompt", "p", "--steps", "x"],
+            "--steps",
+        ),
+        (
+            &["generate", "--model", "m", "--prompt", "p", "--compare"],
+            "--compare",
+        ),
+        (&["convert", "a", "b", "--to", "onnx"], "--to"),
+        (&["inspect"], "FILE"),
+        (&["completions", "tcsh"], "tcsh"),
+        (&["--log_format", "xml", "inspect", "f"], "--log_format"),
+        (
+            &["train", "--max_train_step", "5"],
+            "did you mean `--max_train_steps`?",
+        ),
+        (&["train", "--preset", "huge"], "--preset"),
+        (&["estimate", "--vram_gib", "lots"], "--vram_gib"),
+        (&["estimate", "--preset", "tiny", "--rank", "x"], "--rank"),
+    ];
+    for (args, named) in cases {
+        let output = run(args);
+        let stderr = text(&output.stderr);
+        let what = format!("sdxl-lora {}", args.join(" "));
+        assert_eq!(output.status.code(), Some(2), "{what}: {stderr}");
+        assert!(
+            output.stdout.is_empty(),
+            "{what}: stdout {}",
+            text(&output.stdout)
+        );
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 2, "{what}: {stderr}");
+        assert!(lines[0].starts_with("error: "), "{what}: {stderr}");
+        assert!(
+            lines[0].contains(named),
+            "{what}: does not name {named}: {stderr}"
+        );
+        assert_eq!(lines[1], "Run 'sdxl-lora --help' for usage.", "{what}");
+    }
+}
+
+#[test]
+fn runtime_errors_are_one_line_and_exit_1() {
+    let missing = "/nonexistent/lora.safetensors";
+    let output = run(&["inspect", missing]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains(missing),
+        "{stderr}"
+    );
+}
+
+/// `inspect` on a file of each layout: the layout, the targets, the ranks and the metadata.
+#[test]
+fn inspect_reads_each_layout() {
+    let cases = [
+        (
+            "comfyui-attention-kohya",
+            "kohya",
+            "to_k",
+            "ss_network_module",
+        ),
+        (
+            "comfyui-attention-peft",
+            "peft",
+            "to_k",
+            "lora_adapter_metadata",
+        ),
+        ("tiny-sdxl-diffusers", "diffusers", "k_proj", "format"),
+    ];
+    for (name, layout, target, key) in cases {
+        let file = format!("tests/fixtures/lora/{name}.safetensors");
+        let output = run(&["inspect", &file]);
+        let stdout = text(&output.stdout);
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{name}: {}",
+            text(&output.stderr)
+        );
+        let first = stdout.lines().next().unwrap_or_default();
+        assert!(
+            first.contains(&format!("{layout} LoRA")),
+            "{name}:\n{stdout}"
+        );
+        assert!(stdout.contains("  base model: "), "{name}:\n{stdout}");
+        let targets = stdout
+            .lines()
+            .find(|l| l.starts_with("  targets: "))
+            .unwrap();
+        assert!(
+            targets.contains(&format!("{target} ×")),
+            "{name}:\n{stdout}"
+        );
+        assert!(stdout.contains(", rank {"), "{name}:\n{stdout}");
+        assert!(
+            stdout.contains(&format!("header {key} = ")),
+            "{name}:\n{stdout}"
+        );
+    }
+}
+
+/// `estimate` of the tiny preset: the trainer's estimate line, the optimizer table, and with
+/// `--vram_gib` one verdict per setting; a larger rank needs more optimizer state.
+#[test]
+fn estimate_prints_the_estimate_and_what_fits() {
+    let report = |args: &[&str]| -> String {
+        let output = run(args);
+        let stdout = text(&output.stdout);
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            text(&output.stderr)
+        );
+        assert!(
+            stdout.contains("estimated peak GPU memory "),
+            "{args:?}:\n{stdout}"
+        );
+        stdout
+    };
+    // The chosen optimizer's state, MiB.
+    let state = |stdout: &str| -> f64 {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("  * AdamW8bit"))
+            .unwrap();
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    let stdout = report(&["estimate", "--preset", "tiny", "--vram_gib", "80"]);
+    let verdicts: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.ends_with("— fits") || l.ends_with("— does not fit"))
+        .collect();
+    assert_eq!(verdicts.len(), 8, "{stdout}");
+    assert!(verdicts.iter().all(|l| l.ends_with("— fits")), "{stdout}");
+    let large = report(&["estimate", "--preset", "tiny", "--rank", "64"]);
+    // Rank 64's LoRA has 16 times rank 4's parameters, and so 16 times the state (printed to
+    // 0.01 MiB: rank 4's ~0.27 MiB carries up to 2 % of rounding).
+    let ratio = state(&large) / state(&stdout);
+    assert!(
+        (ratio - 16.0).abs() < 16.0 * 0.03,
+        "{ratio}:\n{stdout}\n{large}"
+    );
+    // Nothing fits in a millionth of a GiB.
+    let stdout = report(&["estimate", "--preset", "tiny", "--vram_gib", "0.000001"]);
+    assert!(!stdout.contains("— fits"), "{stdout}");
+}
+
+#[test]
+fn completions_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef sdxl-lora"),
+        ("fish", "complete -c sdxl-lora"),
+    ] {
+        let output = run(&["completions", shell]);
+        let stdout = text(&output.stdout);
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{shell}: {}",
+            text(&output.stderr)
+        );
+        assert!(stdout.contains(marker), "{shell}:\n{stdout}");
+        assert!(
+            stdout.contains("inspect") && stdout.contains("estimate"),
+            "{shell}"
+        );
+    }
+}
+
+/// `--log_format json` writes the trainer's messages as JSON objects; `--quiet` silences them.
+#[test]
+fn log_format_and_quiet() {
+    let out = std::env::temp_dir().join(format!("sdxl-lora-cli-log-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let out_arg = out.to_string_lossy().into_owned();
+    let train = |global: &[&str]| {
+        let mut args: Vec<&str> = global.to_vec();
+        args.extend([
+            "train",
+            "--preset",
+            "tiny",
+            "--max_train_steps",
+            "1",
+            "--output_dir",
+            &out_arg,
+        ]);
+        let output = run(&args);
+        let _ = std::fs::remove_dir_all(&out);
+        output
+    };
+    let json = train(&["--log_format", "json"]);
+    let stderr = text(&json.stderr);
+    assert_eq!(json.status.code(), Some(0), "{stderr}");
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        events.iter().any(|e| e["level"] == "INFO"
+            && e["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("[trainer] "))),
+        "{stderr}"
+    );
+    let quiet = train(&["--quiet"]);
+    let stderr = text(&quiet.stderr);
+    assert_eq!(quiet.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("[trainer]"), "{stderr}");
+    assert!(
+        text(&quiet.stdout).starts_with("done: 1 steps"),
+        "{}",
+        text(&quiet.stdout)
+    );
+}
