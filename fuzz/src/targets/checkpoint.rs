@@ -6,7 +6,9 @@
 //! `trainer_state.json`, `config.toml`, `lora_parameters.safetensors`, `optimizer.safetensors`.
 //! The trainer (the tiny SDXL fixture, the imagefolder fixture, batch 1, rank 2, on the CPU) is
 //! built once and trains one step, which writes a real `checkpoint-1`; its files, joined that way,
-//! are written to `<work>/checkpoint-seed.bin` (the corpus's `ok-` seed comes from there).
+//! are written to `<work>/checkpoint-seed.bin` (the corpus's `ok-` seed comes from there). The paths in
+//! `config.toml` are stored as `@FIXTURES@` and `@OUTPUT_DIR@`, put back on reading, so that the
+//! corpus resumes on any machine and in any clone.
 
 use std::path::Path;
 
@@ -49,10 +51,21 @@ pub(super) fn runner(fixtures: &Path, work: &Path) -> Result<Runner, String> {
         }
         seed.extend(std::fs::read(checkpoint.join(name)).map_err(text)?);
     }
+    let paths = [
+        (fixtures.display().to_string(), "@FIXTURES@"),
+        (output_dir.display().to_string(), "@OUTPUT_DIR@"),
+    ];
+    for (path, token) in &paths {
+        seed = replace_all(&seed, path.as_bytes(), token.as_bytes());
+    }
     put(work, "checkpoint-seed.bin", &seed)?;
     Ok(Box::new(move |data: &[u8]| -> Outcome {
         fresh(&checkpoint)?;
-        for (name, bytes) in FILES.iter().zip(parts(data, FILES.len())) {
+        let mut data = data.to_vec();
+        for (path, token) in &paths {
+            data = replace_all(&data, token.as_bytes(), path.as_bytes());
+        }
+        for (name, bytes) in FILES.iter().zip(parts(&data, FILES.len())) {
             put(&checkpoint, name, bytes)?;
         }
         match trainer.resume_from("checkpoint-1").map_err(text)? {
@@ -60,4 +73,17 @@ pub(super) fn runner(fixtures: &Path, work: &Path) -> Result<Runner, String> {
             other => Err(format!("resumed at {other:?}")),
         }
     }))
+}
+
+/// `data` with every occurrence of `from` replaced by `to`.
+fn replace_all(data: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len());
+    let mut rest = data;
+    while let Some(at) = rest.windows(from.len()).position(|w| w == from) {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(to);
+        rest = &rest[at + from.len()..];
+    }
+    out.extend_from_slice(rest);
+    out
 }
