@@ -2,8 +2,8 @@
 # Issue 22's timing on one GPU: text to image at 1024x1024, 30 Euler steps, guidance 5 (CFG batch 2), bf16,
 # on full-size SDXL-base random weights (tools/gpu/random_sdxl.py):
 #  1. the torch-cuda/sdxl-model CUDA test of the graphed denoising loop (tests/pipeline_graph);
-#  2. diffusers' StableDiffusionXLPipeline (prompt as embeddings, as tools/gpu/reference_sdxl.py's
-#     pipeline part), mean of two after one warm-up;
+#  2. diffusers' StableDiffusionXLPipeline through tools/gpu/reference_sdxl.py's pipeline part (prompt as
+#     embeddings), mean of two after one warm-up;
 #  3. ours, `examples/generate --warmup`, eager and with --cuda_graph, interleaved twice.
 #
 #   CARGO_TARGET_DIR=... scripts/gpu-pack.sh --example generate --test pipeline_graph   (here), then there:
@@ -19,35 +19,9 @@ bash scripts/gpu-entry.sh tests/pipeline_graph 2>&1 | grep -E "^test |test resul
 [ -f "$model/unet/config.json" ] || python3 tools/gpu/random_sdxl.py --out "$model" | tail -1
 # The non-variant names too (our generate reads those).
 find "$model" -name "*.fp16.safetensors" | while read -r f; do ln -sf "$(basename "$f")" "${f/.fp16/}"; done
-echo "== diffusers StableDiffusionXLPipeline"
-python3 - "$model" <<'PY' 2>&1 | grep -v "should be kept in float32"
-import sys, time, torch
-from pathlib import Path
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection
-out, dtype = Path(sys.argv[1]), torch.bfloat16
-pipe = StableDiffusionXLPipeline(
-    vae=AutoencoderKL.from_pretrained(out / "vae", torch_dtype=dtype),
-    text_encoder=CLIPTextModel.from_pretrained(out / "text_encoder", dtype=dtype),
-    text_encoder_2=CLIPTextModelWithProjection.from_pretrained(out / "text_encoder_2", dtype=dtype),
-    tokenizer=None, tokenizer_2=None,
-    unet=UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=dtype),
-    scheduler=EulerDiscreteScheduler.from_pretrained(out / "scheduler")).to("cuda")
-pipe.set_progress_bar_config(disable=True)
-gen = torch.Generator().manual_seed(4)
-embeds = torch.randn(1, 77, 2048, generator=gen).to("cuda", dtype)
-pooled = torch.randn(1, 1280, generator=gen).to("cuda", dtype)
-def run():
-    with torch.no_grad():
-        return pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=1024, width=1024,
-                    num_inference_steps=30, guidance_scale=5.0, output_type="pt").images
-run(); torch.cuda.synchronize()
-times = []
-torch.cuda.reset_peak_memory_stats()
-for _ in range(2):
-    start = time.perf_counter(); run(); torch.cuda.synchronize(); times.append(time.perf_counter() - start)
-print(f"diffusers: {times[0]:.3f} s, {times[1]:.3f} s (mean {sum(times) / 2:.3f} s), peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-PY
+echo "== diffusers StableDiffusionXLPipeline (reference_sdxl.py's pipeline part on the same folder)"
+python3 tools/gpu/reference_sdxl.py --out "$model" --parts pipeline 2>&1 \
+    | grep -E '"(device|pipeline_1024_30_steps_bf16_s|pipeline_1024_30_steps_bf16_peak_gib)"|rror'
 for round in a b; do
     for mode in eager graph; do
         flag=""; [ "$mode" = graph ] && flag="--cuda_graph"
