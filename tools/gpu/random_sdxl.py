@@ -23,15 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
-from generate import perturb  # noqa: E402
+from generate import SDXL_SCHEDULER_CONFIG, perturb  # noqa: E402
 from reference_sdxl import SDXL_CLIP_BIG_G, SDXL_CLIP_L, SDXL_UNET, SDXL_VAE  # noqa: E402
 
-SCHEDULER = {
-    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000,
-    "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
-    "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
-}
+SCHEDULER = SDXL_SCHEDULER_CONFIG  # the hub's SDXL base scheduler_config.json, as the CPU fixtures use it
 
 
 def main() -> int:
