@@ -7,7 +7,8 @@
 //! Runs on CUDA when available, else on the CPU. Prints the wall time of each `generate` call
 //! (prompt encoding, denoising loop and VAE decode, synchronised) and, on CUDA, the caching
 //! allocator's peak (PyTorch's `torch.cuda.max_memory_allocated()`); `--warmup` runs one generation
-//! first so that the timed one excludes kernel selection.
+//! first so that the timed one excludes kernel selection. A progress bar counts the denoising steps on
+//! a terminal (not with `--quiet`, nor when stderr is not a terminal).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -15,7 +16,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use sdxl_model::pipeline::{
-    GenerateOptions, LARGE_GENERATION_BYTES, Pipeline, grid_column, grid_row, save_png,
+    GenerateOptions, LARGE_GENERATION_BYTES, OnStep, Pipeline, grid_column, grid_row, save_png,
 };
 use sdxl_model::schedulers::SchedulerKind;
 use sdxl_model::vae::{Upcast, VaeTiling};
@@ -88,6 +89,21 @@ pub struct GenerateArgs {
     out: PathBuf,
 }
 
+/// The denoising steps' progress bar: hidden with `--quiet` (no info events), and by indicatif when
+/// stderr is not a terminal.
+fn step_bar(steps: u64) -> indicatif::ProgressBar {
+    if !tracing::enabled!(tracing::Level::INFO) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(steps);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
 fn numbered(out: &Path, index: usize, count: usize) -> PathBuf {
     if count == 1 {
         return out.to_owned();
@@ -137,6 +153,8 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         anyhow::bail!(UsageError("--compare needs --lora".into()));
     }
     check_numbers(&args)?;
+    let progress = std::sync::Arc::new(step_bar(args.steps as u64));
+    let bar = std::sync::Arc::clone(&progress);
     let options = GenerateOptions {
         negative_prompts: (!args.negatives.is_empty()).then_some(args.negatives),
         prompts: args.prompts,
@@ -147,6 +165,10 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
         scheduler: args.scheduler,
         cuda_graph: args.cuda_graph,
+        on_step: Some(OnStep::new(move |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        })),
         ..GenerateOptions::default()
     };
     let mut kind = Kind::from(args.kind);
@@ -192,7 +214,11 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         sync();
         torch_cuda::reset_peak_memory_stats(0);
         let start = Instant::now();
-        let images = pipe.generate(&options)?;
+        progress.set_message(what.to_owned());
+        progress.reset();
+        let images = pipe.generate(&options);
+        progress.finish_and_clear();
+        let images = images?;
         sync();
         let seconds = start.elapsed().as_secs_f64();
         let peak = torch_cuda::memory_stats(0)

@@ -104,8 +104,7 @@ fn chain(error: &anyhow::Error) -> String {
 }
 
 fn usage_failure(name: &str, message: &str) -> ExitCode {
-    eprintln!("error: {message}");
-    eprintln!("Run '{name} --help' for usage.");
+    eprintln!("error: {message} (run '{name} --help' for usage)");
     ExitCode::from(2)
 }
 

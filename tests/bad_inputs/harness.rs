@@ -177,13 +177,8 @@ fn run_case(case: &Case, root: &Path) -> Result<(), String> {
         use std::io::Read;
         let _ = pipe.read_to_string(&mut stderr);
     }
-    // A usage error ends with the hint line; the error is the line before it.
-    let hint = format!("Run '{name} --help' for usage.");
-    let mut lines = stderr.lines().rev();
-    let mut line = lines.next().unwrap_or_default();
-    if line == hint {
-        line = lines.next().unwrap_or_default();
-    }
+    // A usage error is one line ending with the hint; the culprit is named before it.
+    let line = stderr.lines().next_back().unwrap_or_default();
     let culprit = expand(case.culprit, &dir);
     let mut problems = Vec::new();
     if status.code() != Some(case.status) {

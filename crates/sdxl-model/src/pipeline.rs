@@ -97,6 +97,27 @@ pub struct GenerateOptions {
     /// for the others: one launch per step instead of a few thousand. CUDA only; the latents equal an
     /// eager run's (same kernels on the same inputs).
     pub cuda_graph: bool,
+    /// Called on the host after each denoising step (diffusers' `callback_on_step_end`, for progress).
+    pub on_step: Option<OnStep>,
+}
+
+/// A denoising-step callback: `(steps done, steps in all)` after each step. It runs on the host and
+/// is given no tensor, so the loop stays asynchronous: on a GPU the step it reports may still be
+/// computing (a progress bar runs ahead of the device by the queue's depth, then waits at the decode).
+#[derive(Clone)]
+pub struct OnStep(pub std::sync::Arc<dyn Fn(usize, usize) + Send + Sync>);
+
+impl OnStep {
+    /// Wraps `callback`.
+    pub fn new(callback: impl Fn(usize, usize) + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(callback))
+    }
+}
+
+impl std::fmt::Debug for OnStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnStep(..)")
+    }
 }
 
 impl Default for GenerateOptions {
@@ -115,6 +136,7 @@ impl Default for GenerateOptions {
             scheduler: SchedulerKind::EulerDiscrete,
             initial_noise: None,
             cuda_graph: false,
+            on_step: None,
         }
     }
 }
@@ -631,7 +653,7 @@ impl Denoiser<'_> {
             (&context, &pooled, &time_ids),
         )?;
         tch::no_grad(|| -> Result<()> {
-            for &t in &timesteps {
+            for (done, &t) in timesteps.iter().enumerate() {
                 let model_input = if guided {
                     Tensor::f_cat(&[&latents, &latents], 0)?
                 } else {
@@ -651,6 +673,9 @@ impl Denoiser<'_> {
                     prediction
                 };
                 latents = scheduler.step(&prediction, &latents, None)?;
+                if let Some(on_step) = &options.on_step {
+                    (on_step.0)(done + 1, timesteps.len());
+                }
             }
             Ok(())
         })?;

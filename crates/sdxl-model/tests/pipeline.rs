@@ -438,3 +438,27 @@ fn zero_terminal_snr_sampling_with_guidance_rescale_matches_diffusers() {
             .contains("guidance_rescale")
     );
 }
+
+/// The step callback sees every step once, in order, with the total; it leaves the latents alone.
+#[test]
+fn the_step_callback_counts_every_step_and_changes_nothing() {
+    let _generator = exclusive();
+    let (case, _) = case();
+    let pipe = pipeline();
+    let quick = || GenerateOptions {
+        steps: 3,
+        ..options_of(&case)
+    };
+    let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let log = std::sync::Arc::clone(&seen);
+    let watched = pipe
+        .latents(&GenerateOptions {
+            on_step: Some(sdxl_model::pipeline::OnStep::new(move |done, total| {
+                log.lock().unwrap().push((done, total));
+            })),
+            ..quick()
+        })
+        .unwrap();
+    assert_eq!(*seen.lock().unwrap(), [(1, 3), (2, 3), (3, 3)]);
+    assert!(watched.equal(&pipe.latents(&quick()).unwrap()));
+}
