@@ -82,11 +82,10 @@ pub struct GenerateOptions {
     pub width: i64,
     /// Images per prompt, generated in one batch.
     pub images_per_prompt: i64,
-    /// Seeds libtorch's default CPU generator before the initial noise and any ancestral noise is
-    /// drawn; `torch.Generator().manual_seed(seed)` in diffusers draws the same initial latents (and,
-    /// on the CPU, the same ancestral noise). That generator is process-wide: draws from other threads
-    /// during a run change its noise, so concurrent callers pass [`Self::initial_noise`] and use a
-    /// deterministic scheduler.
+    /// Seeds the call's own CPU generator ([`torch_cuda::rng::Generator`]), which draws the initial
+    /// noise and then any ancestral noise: `generator=torch.Generator().manual_seed(seed)` in
+    /// diffusers draws the same numbers. Independent of libtorch's process-wide generator, so
+    /// pipelines generating in several threads give what each gives alone.
     pub seed: u64,
     /// The sampler.
     pub scheduler: SchedulerKind,
@@ -604,8 +603,9 @@ impl Denoiser<'_> {
             });
         }
         // One seeded stream for the initial noise and then any ancestral step noise, as diffusers'
-        // CPU generator (`torch_cuda::portable::randn`: PyTorch's numbers on every CPU).
-        tch::manual_seed(options.seed as i64);
+        // CPU generator: a generator of this call's own (others drawing in other threads change
+        // nothing), through `torch_cuda::portable`: PyTorch's numbers on every CPU.
+        let mut generator = torch_cuda::rng::Generator::new(options.seed)?;
         let initial = match &options.initial_noise {
             Some(noise) if noise.size() == shape => noise.shallow_clone(),
             Some(noise) => {
@@ -615,7 +615,7 @@ impl Denoiser<'_> {
                     actual: format!("{:?}", noise.size()),
                 });
             }
-            None => torch_cuda::portable::randn(&shape)?,
+            None => torch_cuda::portable::randn_with(&mut generator, &shape)?,
         };
         let mut scheduler = schedulers::build(options.scheduler, self.scheduler_config)?;
         scheduler.set_timesteps(options.steps)?;
@@ -672,7 +672,15 @@ impl Denoiser<'_> {
                 } else {
                     prediction
                 };
-                latents = scheduler.step(&prediction, &latents, None)?;
+                // diffusers draws a stochastic step's noise on the generator's device (the CPU)
+                // in float32 here, then moves it to the latents.
+                let noise = if scheduler.is_stochastic() {
+                    let drawn = torch_cuda::portable::randn_with(&mut generator, &latents.size())?;
+                    Some(drawn.f_to_device(self.device)?.f_to_kind(latents.kind())?)
+                } else {
+                    None
+                };
+                latents = scheduler.step(&prediction, &latents, noise.as_ref())?;
                 if let Some(on_step) = &options.on_step {
                     (on_step.0)(done + 1, timesteps.len());
                 }

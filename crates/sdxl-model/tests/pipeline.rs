@@ -1,5 +1,6 @@
 //! The text-to-image pipeline against diffusers' `StableDiffusionXLPipeline` on the tiny SDXL models
-//! (fixture `tiny_pipeline`), PNG output, and LoRA on/off at inference (fp32, CPU).
+//! (fixture `tiny_pipeline`), PNG output, and LoRA on/off at inference (fp32, CPU). Each generation
+//! draws from a generator of its own: the tests run in parallel without a lock.
 
 // Helpers outside #[test] functions unwrap too: a fixture that fails to load should fail the test.
 #![allow(clippy::unwrap_used)]
@@ -8,7 +9,7 @@ mod common;
 
 use common::depth::{text_encoders_depth, unet_shape, vae_decode_depth};
 use common::{fixture, rel};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use test_support::{check, f32_bound, unet_depth};
 
 use sdxl_model::Error;
@@ -18,16 +19,6 @@ use sdxl_model::unet::UNetConfig;
 use sdxl_model::vae::{Upcast, VaeTiling};
 use sdxl_model::weights::TensorFile;
 use tch::{Device, Kind, Tensor};
-
-/// Seeded runs draw from libtorch's process-wide generator: tests that run models hold this lock so
-/// that another test thread's draws do not interleave with theirs.
-static GLOBAL_GENERATOR: Mutex<()> = Mutex::new(());
-
-fn exclusive() -> MutexGuard<'static, ()> {
-    GLOBAL_GENERATOR
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 fn pipeline() -> Pipeline {
     Pipeline::from_pretrained(
@@ -105,7 +96,6 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn tiny_pipeline_latents_and_images_match_diffusers_and_write_a_png() {
-    let _generator = exclusive();
     let (case, io) = case();
     let pipe = pipeline();
     let options = options_of(&case);
@@ -118,8 +108,9 @@ fn tiny_pipeline_latents_and_images_match_diffusers_and_write_a_png() {
     );
 
     // The seeded noise is diffusers' torch.Generator().manual_seed(seed) noise; passing it in is the same run.
-    tch::manual_seed(options.seed as i64);
-    let seeded = torch_cuda::portable::randn(&pipe.latent_shape(&options)).unwrap();
+    let mut generator = torch_cuda::rng::Generator::new(options.seed).unwrap();
+    let seeded =
+        torch_cuda::portable::randn_with(&mut generator, &pipe.latent_shape(&options)).unwrap();
     assert_eq!(
         max_abs_diff(&seeded, &io.tensor("noise", Device::Cpu, None).unwrap()),
         0.0
@@ -170,7 +161,6 @@ fn tiny_pipeline_latents_and_images_match_diffusers_and_write_a_png() {
 
 #[test]
 fn seeded_ancestral_run_with_negatives_and_two_images_per_prompt_matches_diffusers() {
-    let _generator = exclusive();
     let (case, io) = case();
     let negatives = case["ancestral_negative_prompts"].as_array().unwrap();
     let options = GenerateOptions {
@@ -195,7 +185,6 @@ fn seeded_ancestral_run_with_negatives_and_two_images_per_prompt_matches_diffuse
 
 #[test]
 fn another_aspect_ratio_matches_diffusers() {
-    let _generator = exclusive();
     let (case, io) = case();
     let noise = io.tensor("wide_noise", Device::Cpu, None).unwrap();
     let options = GenerateOptions {
@@ -215,7 +204,6 @@ fn another_aspect_ratio_matches_diffusers() {
 
 #[test]
 fn tiled_decode_engages_above_one_tile_and_keeps_the_size() {
-    let _generator = exclusive();
     let (_, io) = case();
     let latents = io.tensor("latents", Device::Cpu, None).unwrap();
     let mut pipe = pipeline();
@@ -247,7 +235,6 @@ fn tiled_decode_engages_above_one_tile_and_keeps_the_size() {
 
 #[test]
 fn guidance_and_negatives_change_the_latents_and_bad_settings_are_named() {
-    let _generator = exclusive();
     let (case, _) = case();
     let pipe = pipeline();
     let quick = || GenerateOptions {
@@ -306,7 +293,6 @@ fn guidance_and_negatives_change_the_latents_and_bad_settings_are_named() {
 
 #[test]
 fn lora_changes_the_output_and_scale_zero_equals_off() {
-    let _generator = exclusive();
     let (case, _) = case();
     let mut pipe = pipeline();
     let quick = || GenerateOptions {
@@ -386,7 +372,6 @@ fn v_prediction_latents_bound(
 /// diffusers' latents, with and without the rescale; the rescale moves them far more than the bound.
 #[test]
 fn zero_terminal_snr_sampling_with_guidance_rescale_matches_diffusers() {
-    let _generator = exclusive();
     let path = fixture("tiny-pipeline-ztsnr-io.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
@@ -442,7 +427,6 @@ fn zero_terminal_snr_sampling_with_guidance_rescale_matches_diffusers() {
 /// The step callback sees every step once, in order, with the total; it leaves the latents alone.
 #[test]
 fn the_step_callback_counts_every_step_and_changes_nothing() {
-    let _generator = exclusive();
     let (case, _) = case();
     let pipe = pipeline();
     let quick = || GenerateOptions {
@@ -461,4 +445,45 @@ fn the_step_callback_counts_every_step_and_changes_nothing() {
         .unwrap();
     assert_eq!(*seen.lock().unwrap(), [(1, 3), (2, 3), (3, 3)]);
     assert!(watched.equal(&pipe.latents(&quick()).unwrap()));
+}
+
+/// Two pipelines generating at once in two threads (seeded ancestral sampling: noise at every step)
+/// give the images each gives alone, while a third thread draws from libtorch's default generator.
+#[test]
+fn two_pipelines_in_two_threads_give_what_each_gives_alone() {
+    let (case, _) = case();
+    let options = |seed: u64| GenerateOptions {
+        steps: 3,
+        seed,
+        scheduler: SchedulerKind::EulerAncestralDiscrete,
+        ..options_of(&case)
+    };
+    let (first, second) = (pipeline(), pipeline());
+    let alone = [
+        first.generate(&options(1)).unwrap().chw,
+        second.generate(&options(2)).unwrap().chw,
+    ];
+    assert!(!alone[0].equal(&alone[1]), "the seeds should differ");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let together = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tch::manual_seed(0);
+                let _ = Tensor::randn([256], (Kind::Float, Device::Cpu));
+            }
+        });
+        // Each pipeline moves into its thread (a model is Send, not Sync).
+        let options = &options;
+        let a = scope.spawn(move || first.generate(&options(1)).unwrap().chw);
+        let b = scope.spawn(move || second.generate(&options(2)).unwrap().chw);
+        let together = [a.join().unwrap(), b.join().unwrap()];
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        together
+    });
+    for (i, (alone, together)) in alone.iter().zip(&together).enumerate() {
+        assert!(
+            alone.equal(together),
+            "pipeline {i}: images differ when run together"
+        );
+    }
 }

@@ -32,14 +32,47 @@ const BLOCK: usize = 16;
 /// # Errors
 /// libtorch errors (a negative dimension).
 pub fn randn(shape: &[i64]) -> Result<Tensor, tch::TchError> {
+    randn_from(
+        shape,
+        |n| {
+            let drawn = Tensor::f_rand([n as i64], (Kind::Float, Device::Cpu))?;
+            Vec::<f32>::try_from(&drawn)
+        },
+        |shape| Tensor::f_randn(shape, (Kind::Float, Device::Cpu)),
+        |e| e,
+    )
+}
+
+/// [`randn`] from `generator` instead of the default generator: `torch.randn(shape,
+/// generator=g)` as PyTorch computes it with AVX2, on any CPU.
+///
+/// # Errors
+/// [`crate::Error::Rng`] with libtorch's message (a negative dimension).
+pub fn randn_with(
+    generator: &mut crate::rng::Generator,
+    shape: &[i64],
+) -> Result<Tensor, crate::Error> {
+    let generator = std::cell::RefCell::new(generator);
+    randn_from(
+        shape,
+        |n| generator.borrow_mut().rand(n),
+        |shape| generator.borrow_mut().randn(shape),
+        |e| crate::Error::Rng(e.to_string()),
+    )
+}
+
+/// The Box–Muller transform of [`randn`] over uniform draws `uniform(n)`; `small` draws a tensor of
+/// fewer than 16 elements (libtorch's own sampler); `torch_error` wraps libtorch's errors.
+fn randn_from<E>(
+    shape: &[i64],
+    mut uniform: impl FnMut(usize) -> Result<Vec<f32>, E>,
+    small: impl FnOnce(&[i64]) -> Result<Tensor, E>,
+    torch_error: impl Fn(tch::TchError) -> E,
+) -> Result<Tensor, E> {
     let numel: i64 = shape.iter().product();
     if numel < BLOCK as i64 {
-        return Tensor::f_randn(shape, (Kind::Float, Device::Cpu));
+        return small(shape);
     }
-    let uniform = |n: usize| -> Result<Vec<f32>, tch::TchError> {
-        let drawn = Tensor::f_rand([n as i64], (Kind::Float, Device::Cpu))?;
-        Vec::<f32>::try_from(&drawn)
-    };
     let numel = numel as usize;
     let mut values = uniform(numel)?;
     for block in values.chunks_exact_mut(BLOCK) {
@@ -52,7 +85,9 @@ pub fn randn(shape: &[i64]) -> Result<Tensor, tch::TchError> {
         last.copy_from_slice(&tail);
         box_muller_16(last);
     }
-    Tensor::f_from_slice(&values)?.f_reshape(shape)
+    Tensor::f_from_slice(&values)
+        .and_then(|t| t.f_reshape(shape))
+        .map_err(torch_error)
 }
 
 /// float32 `torch.linspace(start, end, steps)` as libtorch's CPU kernel computes it with AVX2:

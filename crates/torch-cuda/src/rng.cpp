@@ -17,8 +17,11 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/rand.h>
+#include <ATen/ops/randn.h>
 
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <mutex>
 #include <stdexcept>
@@ -162,5 +165,34 @@ int torch_rng_restore(void* snapshot) {
 }
 
 void torch_rng_free(void* snapshot) { delete static_cast<Snapshot*>(snapshot); }
+
+// A CPU generator of its own, seeded: torch.Generator().manual_seed(seed). Free with
+// torch_rng_generator_free. Draws from it lock its own mutex (as every ATen kernel does), so it may
+// move between threads.
+int torch_rng_generator_new(uint64_t seed, void** out) {
+    return guarded([&] { *out = new at::Generator(at::make_generator<at::CPUGeneratorImpl>(seed)); });
+}
+
+void torch_rng_generator_free(void* generator) { delete static_cast<at::Generator*>(generator); }
+
+// torch.rand(n, generator=g): n float32 uniform numbers in [0, 1), written to out.
+int torch_rng_generator_rand(void* generator, int64_t n, float* out) {
+    return guarded([&] {
+        auto& g = *static_cast<at::Generator*>(generator);
+        at::Tensor drawn = at::rand({n}, g, at::TensorOptions().dtype(at::kFloat));
+        std::memcpy(out, drawn.const_data_ptr<float>(), static_cast<size_t>(n) * sizeof(float));
+    });
+}
+
+// torch.randn(shape, generator=g) in float32 with libtorch's own kernel, written to out (the product
+// of the shape's ndim sizes).
+int torch_rng_generator_randn(void* generator, const int64_t* shape, int64_t ndim, float* out) {
+    return guarded([&] {
+        auto& g = *static_cast<at::Generator*>(generator);
+        at::Tensor drawn = at::randn(at::IntArrayRef(shape, static_cast<size_t>(ndim)), g,
+                                     at::TensorOptions().dtype(at::kFloat));
+        std::memcpy(out, drawn.const_data_ptr<float>(), static_cast<size_t>(drawn.numel()) * sizeof(float));
+    });
+}
 
 }  // extern "C"

@@ -29,6 +29,19 @@ mod ffi {
         pub fn torch_rng_save(cuda_device: i32, out: *mut *mut std::ffi::c_void) -> i32;
         pub fn torch_rng_restore(snapshot: *mut std::ffi::c_void) -> i32;
         pub fn torch_rng_free(snapshot: *mut std::ffi::c_void);
+        pub fn torch_rng_generator_new(seed: u64, out: *mut *mut std::ffi::c_void) -> i32;
+        pub fn torch_rng_generator_free(generator: *mut std::ffi::c_void);
+        pub fn torch_rng_generator_rand(
+            generator: *mut std::ffi::c_void,
+            n: i64,
+            out: *mut f32,
+        ) -> i32;
+        pub fn torch_rng_generator_randn(
+            generator: *mut std::ffi::c_void,
+            shape: *const i64,
+            ndim: i64,
+            out: *mut f32,
+        ) -> i32;
     }
 }
 
@@ -116,5 +129,120 @@ impl Drop for RngState {
     fn drop(&mut self) {
         // SAFETY: made by torch_rng_save, freed once.
         unsafe { ffi::torch_rng_free(self.snapshot) }
+    }
+}
+
+/// A CPU random generator of its own, `torch.Generator().manual_seed(seed)`: libtorch's
+/// Mersenne Twister, drawn by libtorch's kernels, but independent of the process-wide default
+/// generator that [`tch::manual_seed`] seeds. Two users with a generator each (two pipelines in two
+/// threads) draw the same numbers as each alone.
+///
+/// ```
+/// use torch_cuda::rng::Generator;
+/// if torch_cuda::rng::available(tch::Device::Cpu) {
+///     let mut a = Generator::new(7)?;
+///     let first = a.rand(4)?;
+///     let _ = tch::Tensor::rand([8], (tch::Kind::Float, tch::Device::Cpu)); // the default generator
+///     assert_eq!(Generator::new(7)?.rand(4)?, first);
+///     assert_ne!(a.rand(4)?, first); // the stream goes on
+/// }
+/// # Ok::<(), torch_cuda::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Generator {
+    #[cfg(torch_rng_shim)]
+    generator: *mut std::ffi::c_void,
+}
+
+// SAFETY: the shim's `at::Generator` is owned by this value alone, and libtorch locks the
+// generator's own mutex around every draw; moving it to another thread is sound.
+#[allow(unsafe_code)]
+unsafe impl Send for Generator {}
+
+impl Generator {
+    /// A generator seeded with `seed`.
+    ///
+    /// # Errors
+    /// [`Error::Rng`] where this build has no random-state shim (see [`available`]).
+    #[allow(unsafe_code)]
+    pub fn new(seed: u64) -> Result<Self, Error> {
+        #[cfg(torch_rng_shim)]
+        {
+            let mut generator = std::ptr::null_mut();
+            // SAFETY: `generator` receives a heap object owned by the returned value, freed in Drop.
+            if unsafe { ffi::torch_rng_generator_new(seed, &mut generator) } != 0 {
+                return Err(Error::Rng(last_error()));
+            }
+            Ok(Self { generator })
+        }
+        #[cfg(not(torch_rng_shim))]
+        {
+            let _ = seed;
+            Err(Error::Rng(
+                "this build has no generator shim (torch's headers were not found at build time)"
+                    .into(),
+            ))
+        }
+    }
+
+    /// `torch.rand(n, generator=g)`: `n` float32 uniform numbers in [0, 1).
+    ///
+    /// # Errors
+    /// [`Error::Rng`] with libtorch's message.
+    #[allow(unsafe_code)]
+    pub fn rand(&mut self, n: usize) -> Result<Vec<f32>, Error> {
+        let mut out = vec![0f32; n];
+        #[cfg(torch_rng_shim)]
+        {
+            // SAFETY: the generator is live; `out` holds the `n` floats the shim writes.
+            let status = unsafe {
+                ffi::torch_rng_generator_rand(self.generator, n as i64, out.as_mut_ptr())
+            };
+            if status != 0 {
+                return Err(Error::Rng(last_error()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// `torch.randn(shape, generator=g)` in float32 on the CPU, with libtorch's own kernel (whose
+    /// last bits depend on the CPU's kernels; [`crate::portable::randn_with`] does not).
+    ///
+    /// # Errors
+    /// [`Error::Rng`] with libtorch's message (a negative dimension).
+    #[allow(unsafe_code)]
+    pub fn randn(&mut self, shape: &[i64]) -> Result<tch::Tensor, Error> {
+        if shape.iter().any(|&d| d < 0) {
+            return Err(Error::Rng(format!("negative dimension in {shape:?}")));
+        }
+        let numel: i64 = shape.iter().product();
+        let mut out = vec![0f32; numel as usize];
+        #[cfg(torch_rng_shim)]
+        {
+            // SAFETY: the generator is live; `shape` has `shape.len()` sizes and `out` their product.
+            let status = unsafe {
+                ffi::torch_rng_generator_randn(
+                    self.generator,
+                    shape.as_ptr(),
+                    shape.len() as i64,
+                    out.as_mut_ptr(),
+                )
+            };
+            if status != 0 {
+                return Err(Error::Rng(last_error()));
+            }
+        }
+        tch::Tensor::f_from_slice(&out)
+            .and_then(|t| t.f_reshape(shape))
+            .map_err(|e| Error::Rng(e.to_string()))
+    }
+}
+
+#[cfg(torch_rng_shim)]
+#[allow(unsafe_code)]
+impl Drop for Generator {
+    fn drop(&mut self) {
+        // SAFETY: made by torch_rng_generator_new, freed once.
+        unsafe { ffi::torch_rng_generator_free(self.generator) }
     }
 }

@@ -116,3 +116,63 @@ fn cuda_snapshots_replay_draws_eagerly_and_inside_a_graph_capture() {
     let [first, replayed, _] = draw_replay_and_continue(device);
     assert!(first.equal(&replayed));
 }
+
+/// A generator of its own draws what `torch.randn(shape, generator=torch.Generator().manual_seed(s))`
+/// draws (the fixture of `portable_randn.rs`), and goes on where PyTorch's does, while another
+/// thread draws from the default generator all along.
+#[test]
+fn a_generator_of_its_own_draws_pytorchs_numbers_whatever_the_default_generator_does() {
+    use torch_cuda::portable;
+    use torch_cuda::rng::Generator;
+    let _generator = exclusive();
+    if !available(Device::Cpu) {
+        assert!(Generator::new(0).is_err());
+        println!("no generator shim: skipped");
+        return;
+    }
+    let path = test_support::fixture("torch-randn.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let cases: Vec<(i64, Vec<i64>)> =
+        serde_json::from_str(&header.metadata().as_ref().unwrap()["cases"]).unwrap();
+    let golden: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&path)
+        .unwrap()
+        .into_iter()
+        .collect();
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let draws = std::sync::Arc::new(AtomicU64::new(0));
+    let noisy = {
+        let (stop, draws) = (std::sync::Arc::clone(&stop), std::sync::Arc::clone(&draws));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                tch::manual_seed(draws.load(Ordering::Relaxed) as i64);
+                let _ = Tensor::rand([64], (Kind::Float, Device::Cpu));
+                draws.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    while draws.load(Ordering::Relaxed) == 0 {
+        std::thread::yield_now();
+    }
+    for (seed, shape) in cases {
+        let mut own = Generator::new(seed as u64).unwrap();
+        let drawn = portable::randn_with(&mut own, &shape).unwrap();
+        assert!(
+            drawn.equal(&golden[&format!("seed{seed}/randn")]),
+            "seed {seed}, shape {shape:?}"
+        );
+        let then = Tensor::from_slice(&own.rand(4).unwrap());
+        assert!(
+            then.equal(&golden[&format!("seed{seed}/then_rand")]),
+            "seed {seed}: the generator is not where PyTorch leaves it"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    noisy.join().unwrap();
+    // Bad shapes are errors, not panics.
+    let mut own = Generator::new(1).unwrap();
+    assert!(portable::randn_with(&mut own, &[-1, 4]).is_err());
+    assert!(own.randn(&[2, -3]).is_err());
+    assert_eq!(own.randn(&[2, 3]).unwrap().size(), [2, 3]);
+}
