@@ -40,17 +40,8 @@ Training flags, as `sdxl-lora train` reads them:
 
 /// `--vram_gib G` or `--vram_gib=G`, taken out of `args`.
 fn take_vram(args: &mut Vec<String>) -> anyhow::Result<Option<f64>> {
-    let Some(i) = args
-        .iter()
-        .position(|a| a == "--vram_gib" || a.starts_with("--vram_gib="))
-    else {
+    let Some(value) = super::take_flag(args, "--vram_gib", "a number of GiB")? else {
         return Ok(None);
-    };
-    let flag = args.remove(i);
-    let value = match flag.strip_prefix("--vram_gib=") {
-        Some(v) => v.to_owned(),
-        None if i < args.len() => args.remove(i),
-        None => anyhow::bail!(UsageError("--vram_gib needs a number of GiB".into())),
     };
     match value.parse::<f64>() {
         Ok(g) if g.is_finite() && g > 0.0 => Ok(Some(g)),

@@ -103,6 +103,29 @@ fn chain(error: &anyhow::Error) -> String {
     line
 }
 
+/// The value of `flag` given as `FLAG VALUE` or `FLAG=VALUE` anywhere in `args`, both taken out of
+/// `args` (for the flags read before the rest of the line is parsed); `needs` completes the usage
+/// error of a flag without its value.
+pub(crate) fn take_flag(
+    args: &mut Vec<String>,
+    flag: &str,
+    needs: &str,
+) -> anyhow::Result<Option<String>> {
+    let joined = format!("{flag}=");
+    let Some(i) = args
+        .iter()
+        .position(|a| a == flag || a.starts_with(&joined))
+    else {
+        return Ok(None);
+    };
+    let given = args.remove(i);
+    match given.strip_prefix(&joined) {
+        Some(value) => Ok(Some(value.to_owned())),
+        None if i < args.len() => Ok(Some(args.remove(i))),
+        None => anyhow::bail!(UsageError(format!("{flag} needs {needs}"))),
+    }
+}
+
 fn usage_failure(name: &str, message: &str) -> ExitCode {
     eprintln!("error: {message} (run '{name} --help' for usage)");
     ExitCode::from(2)

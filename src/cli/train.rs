@@ -41,27 +41,11 @@ pub fn wants_help(args: &[String]) -> bool {
     args.iter().any(|a| a == "--help" || a == "-h")
 }
 
-/// `--preset NAME` or `--preset=NAME`, anywhere on the line, taken out of `args`.
-fn take_preset(args: &mut Vec<String>) -> anyhow::Result<Option<String>> {
-    let Some(i) = args
-        .iter()
-        .position(|a| a == "--preset" || a.starts_with("--preset="))
-    else {
-        return Ok(None);
-    };
-    let flag = args.remove(i);
-    match flag.strip_prefix("--preset=") {
-        Some(name) => Ok(Some(name.to_owned())),
-        None if i < args.len() => Ok(Some(args.remove(i))),
-        None => anyhow::bail!(UsageError("--preset needs a name (tiny)".into())),
-    }
-}
-
 /// The run's configuration from the command line `args` (after the program and subcommand): the
 /// defaults or a preset, a `--config` file, then the flags. A problem of the command line is a
 /// [`UsageError`]; a `--config` file's problems are errors of the run.
 pub fn config(mut args: Vec<String>) -> anyhow::Result<TrainConfig> {
-    let preset = take_preset(&mut args)?;
+    let preset = super::take_flag(&mut args, "--preset", "a name (tiny)")?;
     let parsed = match preset.as_deref() {
         None => TrainConfig::from_args(args),
         Some("tiny") => {
