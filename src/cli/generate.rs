@@ -81,6 +81,10 @@ pub struct GenerateArgs {
     /// Capture the denoising step's UNet call as a CUDA graph after the first step and replay it (CUDA only).
     #[arg(long = "cuda_graph")]
     cuda_graph: bool,
+    /// Store the UNet's base weights in fp8 (every linear layer and convolution; each still computes in
+    /// --kind): about half the UNet's memory, not faster.
+    #[arg(long)]
+    fp8: bool,
     /// Run one untimed generation first, so that the timed one excludes kernel selection.
     #[arg(long)]
     warmup: bool,
@@ -185,6 +189,11 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading {}", args.model.display()))?;
     if args.tile {
         pipe.set_vae_tiling(Some(VaeTiling::default()))?;
+    }
+    if args.fp8 {
+        let [linears, convs] = pipe.quantize_unet_fp8()?;
+        println!("UNet linear layers: {linears}");
+        println!("UNet convolutions: {convs}");
     }
     // Before any tensor of the requested size exists: refuse what cannot fit, warn of what is slow.
     let estimate = pipe.memory_estimate(&options);

@@ -424,6 +424,21 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Stores the UNet's base weights in fp8 (e4m3, a scale per tensor), each layer still computing
+    /// in the pipeline's kind: every linear layer ([`lora::quantize_base_fp8`]) and every convolution
+    /// ([`UNet2DConditionModel::quantize_convs_fp8`]); norms and biases keep their type. About half the
+    /// UNet's bf16 bytes; each layer widens its weight before its product, so it saves memory, not
+    /// time. LoRAs loaded before or after stay in the pipeline's kind. Returns the linear layers'
+    /// report, then the convolutions'.
+    ///
+    /// # Errors
+    /// [`Error::Lora`] for a layer with a merged adapter (quantize before merging), libtorch errors.
+    pub fn quantize_unet_fp8(&mut self) -> Result<[lora::Fp8Report; 2]> {
+        let linears = lora::quantize_base_fp8(&mut self.unet)?;
+        let convs = self.unet.quantize_convs_fp8()?;
+        Ok([linears, convs])
+    }
+
     /// The pipeline's UNet and scheduler config, borrowed for a denoising run.
     pub fn denoiser(&self) -> Denoiser<'_> {
         Denoiser {
