@@ -4,7 +4,8 @@
 #  1. the torch-cuda/sdxl-model CUDA test of the graphed denoising loop (tests/pipeline_graph);
 #  2. diffusers' StableDiffusionXLPipeline through tools/gpu/reference_sdxl.py's pipeline part (prompt as
 #     embeddings), mean of two after one warm-up;
-#  3. ours, `examples/generate --warmup`, eager and with --cuda_graph, interleaved twice.
+#  3. ours, `examples/generate --warmup`, eager and with --cuda_graph, interleaved twice;
+#  4. ours with --fp8 (fp8 UNet weights), eager and graphed, and its image against bf16's.
 #
 #   CARGO_TARGET_DIR=... scripts/gpu-pack.sh --example generate --test pipeline_graph   (here), then there:
 #   bash tools/gpu/generate_bench.sh
@@ -31,13 +32,20 @@ for round in a b; do
             --guidance 5 --warmup $flag --out "$out/cat-$mode-$round.png" 2>&1 | grep -E "warm-up|generate:|rror|wrote"
     done
 done
+for mode in eager graph; do
+    flag=""; [ "$mode" = graph ] && flag="--cuda_graph"
+    echo "== ours --fp8 $mode"
+    # shellcheck disable=SC2086
+    timeout 300 ./.gpu/examples/generate --model "$model" --prompt "a photo of a cat" --steps 30 --kind bf16 \
+        --guidance 5 --warmup --fp8 $flag --out "$out/cat-fp8-$mode.png" 2>&1 | grep -E "UNet|warm-up|generate:|rror|wrote"
+done
 python3 - "$out" <<'PY'
 import sys
 import numpy as np
 from PIL import Image
 out = sys.argv[1]
 a = np.asarray(Image.open(f"{out}/cat-eager-a.png"), dtype=np.int16)
-for name in ("graph-a", "eager-b", "graph-b"):
+for name in ("graph-a", "eager-b", "graph-b", "fp8-eager", "fp8-graph"):
     b = np.asarray(Image.open(f"{out}/cat-{name}.png"), dtype=np.int16)
-    print(f"eager-a vs {name}: {np.count_nonzero(a != b)} of {a.size} channel values differ, largest {np.abs(a - b).max()}")
+    print(f"eager-a vs {name}: {np.count_nonzero(a != b)} of {a.size} channel values differ, largest {np.abs(a - b).max()}, mean {np.abs(a - b).mean():.2f}")
 PY
