@@ -481,3 +481,29 @@ fn zero_terminal_snr_training_schedule_matches_diffusers() {
     assert!(bool::try_from(weights.isfinite().all()).unwrap());
     assert_eq!(weights.double_value(&[4]), 0.0);
 }
+
+/// `dpm++2m_karras` is DPM++ 2M with Karras sigmas whatever the config says: built from the plain
+/// DPM++ 2M case's config it lays out diffusers' `use_karras_sigmas=True` schedule.
+#[test]
+fn dpm_2m_karras_kind_turns_karras_sigmas_on() {
+    let golden = Golden::open();
+    let kind: SchedulerKind = "dpm++2m_karras".parse().unwrap();
+    assert_eq!(kind, SchedulerKind::DpmSolverMultistepKarras);
+    let plain = &golden.configs["dpmpp_2m"];
+    assert_eq!(plain["use_karras_sigmas"], serde_json::json!(false));
+    let config = SchedulerConfig::from_json(&plain.to_string()).unwrap();
+    let mut karras = build(kind, &config).unwrap();
+    let mut plain = build(SchedulerKind::DpmSolverMultistep, &config).unwrap();
+    for steps in [4, 30] {
+        karras.set_timesteps(steps).unwrap();
+        plain.set_timesteps(steps).unwrap();
+        let expected = golden.values(&format!("dpmpp_2m_karras/n{steps}/timesteps"));
+        let err = rel_values(karras.timesteps(), &expected);
+        assert!(err <= schedule_bound(), "{steps} steps: {err:e}");
+        assert_ne!(karras.timesteps(), plain.timesteps());
+        let sigmas = golden.values(&format!("dpmpp_2m_karras/n{steps}/sigmas"));
+        let actual: Vec<f64> = karras.sigmas().unwrap().iter().map(|&s| s as f64).collect();
+        let err = rel_values(&actual, &sigmas);
+        assert!(err <= schedule_bound(), "{steps} steps, sigmas: {err:e}");
+    }
+}

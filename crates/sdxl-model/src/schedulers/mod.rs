@@ -113,15 +113,19 @@ pub enum SchedulerKind {
     Ddim,
     /// [`DpmSolverMultistepScheduler`].
     DpmSolverMultistep,
+    /// [`DpmSolverMultistepScheduler`] with `use_karras_sigmas` on, whatever the config says: "DPM++ 2M
+    /// Karras", the community's default sampler (A1111's name).
+    DpmSolverMultistepKarras,
 }
 
 impl SchedulerKind {
     /// Every kind, in the order of the table above.
-    pub const ALL: [SchedulerKind; 4] = [
+    pub const ALL: [SchedulerKind; 5] = [
         Self::EulerDiscrete,
         Self::EulerAncestralDiscrete,
         Self::Ddim,
         Self::DpmSolverMultistep,
+        Self::DpmSolverMultistepKarras,
     ];
 
     /// The diffusers class name, as in `_class_name` of a `scheduler_config.json`.
@@ -130,7 +134,9 @@ impl SchedulerKind {
             Self::EulerDiscrete => "EulerDiscreteScheduler",
             Self::EulerAncestralDiscrete => "EulerAncestralDiscreteScheduler",
             Self::Ddim => "DDIMScheduler",
-            Self::DpmSolverMultistep => "DPMSolverMultistepScheduler",
+            Self::DpmSolverMultistep | Self::DpmSolverMultistepKarras => {
+                "DPMSolverMultistepScheduler"
+            }
         }
     }
 
@@ -141,6 +147,7 @@ impl SchedulerKind {
             Self::EulerAncestralDiscrete => "euler_a",
             Self::Ddim => "ddim",
             Self::DpmSolverMultistep => "dpm++2m",
+            Self::DpmSolverMultistepKarras => "dpm++2m_karras",
         }
     }
 }
@@ -158,7 +165,7 @@ impl std::str::FromStr for SchedulerKind {
                     "_class_name",
                     name,
                     "one of EulerDiscreteScheduler (euler), EulerAncestralDiscreteScheduler (euler_a), \
-                     DDIMScheduler (ddim), DPMSolverMultistepScheduler (dpm++2m)",
+                     DDIMScheduler (ddim), DPMSolverMultistepScheduler (dpm++2m), dpm++2m_karras",
                 )
             })
     }
@@ -178,6 +185,13 @@ pub fn build(kind: SchedulerKind, config: &SchedulerConfig) -> Result<Box<dyn Sc
         SchedulerKind::DpmSolverMultistep => Box::new(DpmSolverMultistepScheduler::new(
             DpmSolverMultistepConfig::from_config(config)?,
         )?),
+        SchedulerKind::DpmSolverMultistepKarras => {
+            let config = DpmSolverMultistepConfig {
+                use_karras_sigmas: true,
+                ..DpmSolverMultistepConfig::from_config(config)?
+            };
+            Box::new(DpmSolverMultistepScheduler::new(config)?)
+        }
     })
 }
 
