@@ -68,6 +68,17 @@ const EXAMPLES: &[Example] = &[
                     "m",
                     "--prompt",
                     "p",
+                    "--lora",
+                    "x.safetensors:inf",
+                ],
+                "--lora",
+            ),
+            (
+                &[
+                    "--model",
+                    "m",
+                    "--prompt",
+                    "p",
                     "--negative",
                     "a",
                     "--negative",

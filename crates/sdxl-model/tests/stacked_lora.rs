@@ -99,7 +99,10 @@ fn stacked_loras_give_diffusers_set_adapters_unet_output() {
     for (key, golden_key) in [("weights", "unet"), ("second_off", "second_off.unet")] {
         let output = unet_output(&stacked(weights(&case, key)));
         check(
-            &format!("stacked LoRAs at {key} {:?}: UNet vs diffusers", weights(&case, key)),
+            &format!(
+                "stacked LoRAs at {key} {:?}: UNet vs diffusers",
+                weights(&case, key)
+            ),
             rel(&output, &get(&io, golden_key)),
             bound,
         );
@@ -150,7 +153,9 @@ fn stacked_loras_give_diffusers_set_adapters_latents() {
     let latents_max = expected.abs().max().double_value(&[]);
     let gain = (2.0 * options.guidance_scale + 1.0) * scheduler.init_noise_sigma() / latents_max;
     let bound = gain * f32_bound(text + options.steps as f64 * unet);
-    let latents = stacked(weights(&case, "weights")).latents(&options).unwrap();
+    let latents = stacked(weights(&case, "weights"))
+        .latents(&options)
+        .unwrap();
     check(
         "stacked LoRAs (0.7, 0.4): 2-step latents vs diffusers",
         rel(&latents, &expected),
