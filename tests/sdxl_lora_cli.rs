@@ -103,6 +103,18 @@ fn usage_errors_are_one_line_and_exit_2() {
             ],
             "--lora",
         ),
+        (
+            &[
+                "generate",
+                "--model",
+                "m",
+                "--prompt",
+                "p",
+                "--num_images_per_prompt",
+                "0",
+            ],
+            "--num_images_per_prompt",
+        ),
         (&["convert", "a", "b", "--to", "onnx"], "--to"),
         (&["inspect"], "FILE"),
         (&["completions", "tcsh"], "tcsh"),
@@ -387,5 +399,54 @@ fn generate_stacks_loras_at_their_weights() {
     assert!(stdout.contains("(base left, LoRAs right)"), "{stdout}");
     let grid = image::load_from_memory(&grid).unwrap();
     assert_eq!((grid.width(), grid.height()), (128, 64));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// diffusers' spellings `--negative_prompt` and `--guidance_scale` give what `--negative` and
+/// `--guidance` give; `--num_images_per_prompt 2` writes two different images.
+#[test]
+fn generate_takes_diffusers_flag_spellings_and_images_per_prompt() {
+    let dir = std::env::temp_dir().join(format!("sdxl-lora-cli-spell-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let generate = |name: &str, flags: [&str; 2]| -> Vec<Vec<u8>> {
+        let out = dir.join(format!("{name}.png"));
+        let out_arg = out.to_string_lossy().into_owned();
+        let args = [
+            "--quiet",
+            "generate",
+            "--model",
+            "tests/fixtures/tiny-sdxl",
+            "--prompt",
+            "a fox",
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            flags[0],
+            "blurry",
+            flags[1],
+            "3",
+            "--num_images_per_prompt",
+            "2",
+            "--out",
+            &out_arg,
+        ];
+        let output = run(&args);
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{name}: {}",
+            text(&output.stderr)
+        );
+        (0..2)
+            .map(|i| std::fs::read(dir.join(format!("{name}-{i}.png"))).unwrap())
+            .collect()
+    };
+    let ours = generate("ours", ["--negative", "--guidance"]);
+    let diffusers = generate("diffusers", ["--negative_prompt", "--guidance_scale"]);
+    assert_eq!(ours, diffusers);
+    assert_ne!(ours[0], ours[1], "each image has its own noise");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -8,8 +8,10 @@
 //! `name:weight`); otherwise the whole argument is the path, so a path with a `:` in it still works.
 //! A LoRA without a weight gets `--lora_scale` (1 by default). A weight of NaN or infinity is refused.
 //!
-//! `--prompt` may be repeated; each prompt gets one image (one grid row with `--compare`). Without
-//! `--compare` the images go to `--out` with `-<n>` before the extension when there are several.
+//! `--prompt` may be repeated; each prompt gets `--num_images_per_prompt` images (1 by default; one
+//! grid row each with `--compare`). Without `--compare` the images go to `--out` with `-<n>` before
+//! the extension when there are several. `--negative_prompt` and `--guidance_scale` are diffusers'
+//! spellings of `--negative` and `--guidance`.
 //! Runs on CUDA when available, else on the CPU. Prints the wall time of each `generate` call
 //! (prompt encoding, denoising loop and VAE decode, synchronised) and, on CUDA, the caching
 //! allocator's peak (PyTorch's `torch.cuda.max_memory_allocated()`); `--warmup` runs one generation
@@ -46,14 +48,31 @@ pub struct GenerateArgs {
     )]
     prompts: Vec<String>,
     /// A negative prompt; give one per --prompt, or none for SDXL's zero negative conditioning.
-    #[arg(long = "negative", value_name = "TEXT", allow_hyphen_values = true)]
+    #[arg(
+        long = "negative",
+        visible_alias = "negative_prompt",
+        value_name = "TEXT",
+        allow_hyphen_values = true
+    )]
     negatives: Vec<String>,
     /// Denoising steps.
     #[arg(long, value_name = "N", default_value_t = 30)]
     steps: usize,
     /// Classifier-free guidance scale (off at 1 or below).
-    #[arg(long, value_name = "SCALE", default_value_t = GenerateOptions::default().guidance_scale)]
+    #[arg(
+        long,
+        visible_alias = "guidance_scale",
+        value_name = "SCALE",
+        default_value_t = GenerateOptions::default().guidance_scale
+    )]
     guidance: f64,
+    /// Images per prompt, each from its own noise (diffusers' `num_images_per_prompt`).
+    #[arg(
+        long = "num_images_per_prompt",
+        value_name = "N",
+        default_value_t = GenerateOptions::default().images_per_prompt
+    )]
+    num_images_per_prompt: i64,
     /// Image width in pixels (a multiple of 8).
     #[arg(long, value_name = "PX", default_value_t = GenerateOptions::default().width)]
     width: i64,
@@ -162,6 +181,12 @@ fn check_numbers(args: &GenerateArgs) -> anyhow::Result<()> {
             )));
         }
     }
+    if args.num_images_per_prompt < 1 {
+        anyhow::bail!(UsageError(format!(
+            "--num_images_per_prompt: {} is not at least 1",
+            args.num_images_per_prompt
+        )));
+    }
     if args.steps == 0 {
         anyhow::bail!(UsageError("--steps: must be at least 1".into()));
     }
@@ -198,6 +223,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         prompts: args.prompts,
         steps: args.steps,
         guidance_scale: args.guidance,
+        images_per_prompt: args.num_images_per_prompt,
         width: args.width,
         height: args.height,
         seed: args.seed,
