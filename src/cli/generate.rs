@@ -32,7 +32,7 @@ use tch::{Device, Kind};
 
 use super::{Precision, UsageError};
 
-/// Text to image with an SDXL diffusers folder, optionally with a LoRA.
+/// Text to image with an SDXL diffusers folder, optionally with LoRAs stacked at chosen weights.
 #[derive(Parser, Debug)]
 #[command(name = "generate")]
 pub struct GenerateArgs {
