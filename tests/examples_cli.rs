@@ -30,8 +30,11 @@ const EXAMPLES: &[Example] = &[
             "--model",
             "--prompt",
             "--negative",
+            "--negative_prompt",
             "--steps",
             "--guidance",
+            "--guidance_scale",
+            "--num_images_per_prompt",
             "--width",
             "--height",
             "--seed",
@@ -62,6 +65,17 @@ const EXAMPLES: &[Example] = &[
                 "--scheduler",
             ),
             (&["--model", "m", "--prompt", "p", "--compare"], "--compare"),
+            (
+                &[
+                    "--model",
+                    "m",
+                    "--prompt",
+                    "p",
+                    "--lora",
+                    "x.safetensors:inf",
+                ],
+                "--lora",
+            ),
             (
                 &[
                     "--model",
@@ -213,10 +227,12 @@ fn help_lists_every_flag_on_stdout() {
                 example.name
             );
             for flag in example.flags {
-                // A flag is listed as `--name <VALUE>` or `--name` then spaces or the line's end.
-                let listed = stdout
-                    .lines()
-                    .any(|line| line.split_whitespace().any(|word| word == *flag));
+                // A flag is listed as `--name <VALUE>` or `--name` then spaces or the line's end, an
+                // alias as `[aliases: --name]`.
+                let listed = stdout.lines().any(|line| {
+                    line.split_whitespace()
+                        .any(|word| word.trim_end_matches([']', ',']) == *flag)
+                });
                 assert!(
                     listed,
                     "{} {help} does not list {flag}:\n{stdout}",

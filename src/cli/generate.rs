@@ -1,9 +1,17 @@
 //! `sdxl-lora generate` (and the `generate` example): text to image with an SDXL diffusers folder,
-//! optionally with a LoRA; `--compare` writes one grid, the base model's image on the left and the
-//! LoRA's on the right, for the same prompts and seeds.
+//! optionally with LoRAs stacked at chosen weights; `--compare` writes one grid, the base model's
+//! image on the left and the image with every LoRA on the right, for the same prompts and seeds.
 //!
-//! `--prompt` may be repeated; each prompt gets one image (one grid row with `--compare`). Without
-//! `--compare` the images go to `--out` with `-<n>` before the extension when there are several.
+//! `--lora FILE[:WEIGHT]` may be repeated; each LoRA is attached as adapter `lora<n>` (its index from
+//! 0) at its weight, and the adapters add up (diffusers' `set_adapters(names, adapter_weights)`).
+//! The weight is the text after the last `:` when that text is a number (A1111's and kohya's
+//! `name:weight`); otherwise the whole argument is the path, so a path with a `:` in it still works.
+//! A LoRA without a weight gets `--lora_scale` (1 by default). A weight of NaN or infinity is refused.
+//!
+//! `--prompt` may be repeated; each prompt gets `--num_images_per_prompt` images (1 by default; one
+//! grid row each with `--compare`). Without `--compare` the images go to `--out` with `-<n>` before
+//! the extension when there are several. `--negative_prompt` and `--guidance_scale` are diffusers'
+//! spellings of `--negative` and `--guidance`.
 //! Runs on CUDA when available, else on the CPU. Prints the wall time of each `generate` call
 //! (prompt encoding, denoising loop and VAE decode, synchronised) and, on CUDA, the caching
 //! allocator's peak (PyTorch's `torch.cuda.max_memory_allocated()`); `--warmup` runs one generation
@@ -24,7 +32,7 @@ use tch::{Device, Kind};
 
 use super::{Precision, UsageError};
 
-/// Text to image with an SDXL diffusers folder, optionally with a LoRA.
+/// Text to image with an SDXL diffusers folder, optionally with LoRAs stacked at chosen weights.
 #[derive(Parser, Debug)]
 #[command(name = "generate")]
 pub struct GenerateArgs {
@@ -40,14 +48,31 @@ pub struct GenerateArgs {
     )]
     prompts: Vec<String>,
     /// A negative prompt; give one per --prompt, or none for SDXL's zero negative conditioning.
-    #[arg(long = "negative", value_name = "TEXT", allow_hyphen_values = true)]
+    #[arg(
+        long = "negative",
+        visible_alias = "negative_prompt",
+        value_name = "TEXT",
+        allow_hyphen_values = true
+    )]
     negatives: Vec<String>,
     /// Denoising steps.
     #[arg(long, value_name = "N", default_value_t = 30)]
     steps: usize,
     /// Classifier-free guidance scale (off at 1 or below).
-    #[arg(long, value_name = "SCALE", default_value_t = GenerateOptions::default().guidance_scale)]
+    #[arg(
+        long,
+        visible_alias = "guidance_scale",
+        value_name = "SCALE",
+        default_value_t = GenerateOptions::default().guidance_scale
+    )]
     guidance: f64,
+    /// Images per prompt, each from its own noise (diffusers' `num_images_per_prompt`).
+    #[arg(
+        long = "num_images_per_prompt",
+        value_name = "N",
+        default_value_t = GenerateOptions::default().images_per_prompt
+    )]
+    num_images_per_prompt: i64,
     /// Image width in pixels (a multiple of 8).
     #[arg(long, value_name = "PX", default_value_t = GenerateOptions::default().width)]
     width: i64,
@@ -69,13 +94,14 @@ pub struct GenerateArgs {
     /// Decode the VAE in tiles (for large images).
     #[arg(long)]
     tile: bool,
-    /// A LoRA file (diffusers, peft or kohya layout) to apply; none by default.
-    #[arg(long, value_name = "FILE")]
-    lora: Option<PathBuf>,
-    /// The LoRA's multiplier.
+    /// A LoRA file (diffusers, peft or kohya layout) to apply, with its weight after a colon
+    /// (`style.safetensors:0.7`); repeat to stack several. None by default.
+    #[arg(long = "lora", value_name = "FILE[:WEIGHT]", value_parser = parse_lora)]
+    loras: Vec<LoraArg>,
+    /// The weight of each --lora given without one.
     #[arg(long = "lora_scale", value_name = "SCALE", default_value_t = 1.0)]
     lora_scale: f64,
-    /// Write one grid: the base model's image left, the LoRA's right, a row per prompt (needs --lora).
+    /// Write one grid: the base model's image left, the LoRAs' right, a row per prompt (needs --lora).
     #[arg(long)]
     compare: bool,
     /// Capture the denoising step's UNet call as a CUDA graph after the first step and replay it (CUDA only).
@@ -91,6 +117,37 @@ pub struct GenerateArgs {
     /// Output PNG; several images get `-<n>` before the extension.
     #[arg(long, value_name = "FILE", default_value = "output.png")]
     out: PathBuf,
+}
+
+/// One `--lora FILE[:WEIGHT]`: the file and the weight given after it, if any.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraArg {
+    /// The LoRA file.
+    pub path: PathBuf,
+    /// The weight after the last `:`, when one was given.
+    pub weight: Option<f64>,
+}
+
+/// Splits `FILE[:WEIGHT]`: the text after the last `:` is the weight when it parses as a number (and
+/// something comes before it), else the whole text is the path. A weight that parses to NaN or
+/// infinity is an error.
+pub fn parse_lora(text: &str) -> Result<LoraArg, String> {
+    let whole = || LoraArg {
+        path: PathBuf::from(text),
+        weight: None,
+    };
+    let Some((path, weight)) = text.rsplit_once(':') else {
+        return Ok(whole());
+    };
+    match weight.trim().parse::<f64>() {
+        Ok(w) if path.is_empty() => Err(format!("no file before the weight {w}")),
+        Ok(w) if !w.is_finite() => Err(format!("the weight {weight} is not a finite number")),
+        Ok(w) => Ok(LoraArg {
+            path: PathBuf::from(path),
+            weight: Some(w),
+        }),
+        Err(_) => Ok(whole()),
+    }
 }
 
 /// The denoising steps' progress bar: hidden with `--quiet` (no info events), and by indicatif when
@@ -128,6 +185,12 @@ fn check_numbers(args: &GenerateArgs) -> anyhow::Result<()> {
             )));
         }
     }
+    if args.num_images_per_prompt < 1 {
+        anyhow::bail!(UsageError(format!(
+            "--num_images_per_prompt: {} is not at least 1",
+            args.num_images_per_prompt
+        )));
+    }
     if args.steps == 0 {
         anyhow::bail!(UsageError("--steps: must be at least 1".into()));
     }
@@ -153,7 +216,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             args.prompts.len()
         )));
     }
-    if args.compare && args.lora.is_none() {
+    if args.compare && args.loras.is_empty() {
         anyhow::bail!(UsageError("--compare needs --lora".into()));
     }
     check_numbers(&args)?;
@@ -164,6 +227,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         prompts: args.prompts,
         steps: args.steps,
         guidance_scale: args.guidance,
+        images_per_prompt: args.num_images_per_prompt,
         width: args.width,
         height: args.height,
         seed: args.seed,
@@ -247,28 +311,10 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         timed(&pipe, "warm-up")?;
     }
     let base = args.compare.then(|| timed(&pipe, "base")).transpose()?;
-    if let Some(path) = &args.lora {
-        let names = pipe.lora_module_names();
-        let file = lora::format::read(
-            path,
-            lora::format::ReadOptions {
-                module_names: Some(&names),
-                block_renames: None,
-            },
-        )
-        .with_context(|| format!("reading {}", path.display()))?;
-        let layers = pipe.load_lora(&file.state, "lora")?;
-        pipe.set_lora_multiplier("lora", args.lora_scale)?;
-        println!(
-            "{}: {:?} LoRA on {layers} layers, scale {}",
-            path.display(),
-            file.format,
-            args.lora_scale
-        );
-    }
+    load_loras(&mut pipe, &args.loras, args.lora_scale)?;
     let images = timed(
         &pipe,
-        if args.lora.is_some() {
+        if !args.loras.is_empty() {
             "with LoRA"
         } else {
             "generate"
@@ -280,7 +326,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                 .map(|i| grid_row(&[base.to_rgb(i)?, images.to_rgb(i)?]))
                 .collect::<sdxl_model::Result<Vec<_>>>()?;
             save_png(&grid_column(&rows)?, &args.out)?;
-            println!("wrote {} (base left, LoRA right)", args.out.display());
+            println!("wrote {} (base left, LoRAs right)", args.out.display());
         }
         None => {
             for i in 0..images.len() {
@@ -291,4 +337,101 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Reads each LoRA and attaches it as adapter `lora<n>` at its weight (`default_weight` when none was
+/// given), printing one line per LoRA.
+fn load_loras(pipe: &mut Pipeline, loras: &[LoraArg], default_weight: f64) -> anyhow::Result<()> {
+    if loras.is_empty() {
+        return Ok(());
+    }
+    let names = pipe.lora_module_names();
+    for (index, lora) in loras.iter().enumerate() {
+        let path = &lora.path;
+        let file = lora::format::read(
+            path,
+            lora::format::ReadOptions {
+                module_names: Some(&names),
+                block_renames: None,
+            },
+        )
+        .with_context(|| format!("--lora {}", path.display()))?;
+        let name = format!("lora{index}");
+        let weight = lora.weight.unwrap_or(default_weight);
+        let layers = pipe
+            .load_lora(&file.state, &name)
+            .with_context(|| format!("--lora {}", path.display()))?;
+        pipe.set_lora_multiplier(&name, weight)?;
+        println!(
+            "{}: {:?} LoRA on {layers} layers as adapter {name}, weight {weight}",
+            path.display(),
+            file.format
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LoraArg, parse_lora};
+    use std::path::PathBuf;
+
+    fn lora(path: &str, weight: Option<f64>) -> LoraArg {
+        LoraArg {
+            path: PathBuf::from(path),
+            weight,
+        }
+    }
+
+    #[test]
+    fn a_number_after_the_last_colon_is_the_weight_else_all_is_the_path() {
+        for (text, expected) in [
+            ("style.safetensors", lora("style.safetensors", None)),
+            (
+                "style.safetensors:0.7",
+                lora("style.safetensors", Some(0.7)),
+            ),
+            (
+                "style.safetensors:-1",
+                lora("style.safetensors", Some(-1.0)),
+            ),
+            (
+                "style.safetensors:1e-1",
+                lora("style.safetensors", Some(0.1)),
+            ),
+            (
+                "a:b/style.safetensors:.5",
+                lora("a:b/style.safetensors", Some(0.5)),
+            ),
+            (
+                r"C:\loras\style.safetensors",
+                lora(r"C:\loras\style.safetensors", None),
+            ),
+            (
+                r"C:\loras\style.safetensors:2",
+                lora(r"C:\loras\style.safetensors", Some(2.0)),
+            ),
+            ("x.safetensors:abc", lora("x.safetensors:abc", None)),
+            ("x.safetensors:", lora("x.safetensors:", None)),
+            ("dir:2/x.safetensors", lora("dir:2/x.safetensors", None)),
+        ] {
+            assert_eq!(parse_lora(text), Ok(expected), "{text}");
+        }
+    }
+
+    #[test]
+    fn nan_and_infinite_weights_and_a_missing_file_are_refused() {
+        for text in [
+            "x.safetensors:nan",
+            "x.safetensors:inf",
+            "x.safetensors:-infinity",
+            ":0.5",
+        ] {
+            let error = parse_lora(text).unwrap_err();
+            assert!(
+                error.contains("finite") || error.contains("no file"),
+                "{text}: {error}"
+            );
+        }
+    }
 }
