@@ -86,6 +86,18 @@ fn usage_errors_are_one_line_and_exit_2() {
                 "m",
                 "--prompt",
                 "p",
+                "--throughput",
+                "4,0",
+            ],
+            "--throughput",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                "m",
+                "--prompt",
+                "p",
                 "--lora",
                 "x.safetensors:nan",
             ],
@@ -448,5 +460,59 @@ fn generate_takes_diffusers_flag_spellings_and_images_per_prompt() {
     let diffusers = generate("diffusers", ["--negative_prompt", "--guidance_scale"]);
     assert_eq!(ours, diffusers);
     assert_ne!(ours[0], ours[1], "each image has its own noise");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn generate_throughput_mode_times_each_batch_and_writes_nothing() {
+    let dir = std::env::temp_dir().join(format!("sdxl-lora-cli-throughput-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("never.png");
+    let out_arg = out.to_string_lossy().into_owned();
+    let output = run(&[
+        "--quiet",
+        "generate",
+        "--model",
+        "tests/fixtures/tiny-sdxl",
+        "--prompt",
+        "a fox",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--fp8",
+        "--throughput",
+        "1,3",
+        "--out",
+        &out_arg,
+    ]);
+    let stdout = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    // --fp8 reports both kinds of layer, then one line per batch size.
+    assert!(
+        stdout.contains("UNet linear layers: fp8 base weights: 213 layers quantized"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("UNet convolutions: fp8 base weights: 50 layers quantized"),
+        "{stdout}"
+    );
+    let batches: Vec<&str> = stdout.lines().filter(|l| l.starts_with("batch ")).collect();
+    assert_eq!(batches.len(), 2, "{stdout}");
+    assert!(
+        batches[0].starts_with("batch 1: 1 image(s) 64x64 px"),
+        "{stdout}"
+    );
+    assert!(
+        batches[1].starts_with("batch 3: 3 image(s) 64x64 px"),
+        "{stdout}"
+    );
+    assert!(
+        batches.iter().all(|l| l.contains(" images/s, ")),
+        "{stdout}"
+    );
+    assert!(!out.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -82,7 +82,7 @@ pub struct GenerateArgs {
     /// Seed of the initial noise (as torch.Generator().manual_seed).
     #[arg(long, value_name = "N", default_value_t = GenerateOptions::default().seed)]
     seed: u64,
-    /// Sampler: euler, euler_a, ddim or dpm++2m (or its diffusers class name).
+    /// Sampler: euler, euler_a, ddim, dpm++2m or dpm++2m_karras (or a diffusers class name).
     #[arg(long, value_name = "NAME", default_value = GenerateOptions::default().scheduler.short_name())]
     scheduler: SchedulerKind,
     /// Precision of the models on CUDA (the CPU always computes in f32).
@@ -114,6 +114,10 @@ pub struct GenerateArgs {
     /// Run one untimed generation first, so that the timed one excludes kernel selection.
     #[arg(long)]
     warmup: bool,
+    /// Batch throughput mode: for each batch size B (comma-separated, e.g. 1,4,8), one warm-up and one
+    /// timed generation of B images per prompt, printing images/s; no image is written.
+    #[arg(long, value_name = "B,…", value_delimiter = ',')]
+    throughput: Vec<i64>,
     /// Output PNG; several images get `-<n>` before the extension.
     #[arg(long, value_name = "FILE", default_value = "output.png")]
     out: PathBuf,
@@ -190,6 +194,16 @@ fn check_numbers(args: &GenerateArgs) -> anyhow::Result<()> {
             "--num_images_per_prompt: {} is not at least 1",
             args.num_images_per_prompt
         )));
+    }
+    if let Some(&batch) = args.throughput.iter().find(|&&b| b < 1) {
+        anyhow::bail!(UsageError(format!(
+            "--throughput: batch size {batch} is not at least 1"
+        )));
+    }
+    if !args.throughput.is_empty() && args.compare {
+        anyhow::bail!(UsageError(
+            "--throughput writes no image; it cannot be combined with --compare".into()
+        ));
     }
     if args.steps == 0 {
         anyhow::bail!(UsageError("--steps: must be at least 1".into()));
@@ -278,13 +292,12 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             }
         );
     }
+    if !args.throughput.is_empty() {
+        load_loras(&mut pipe, &args.loras, args.lora_scale)?;
+        return throughput(&pipe, options, &args.throughput, &progress);
+    }
     let timed = |pipe: &Pipeline, what: &str| -> anyhow::Result<sdxl_model::pipeline::Images> {
-        let sync = || {
-            if let Device::Cuda(i) = device {
-                tch::Cuda::synchronize(i as i64);
-            }
-        };
-        sync();
+        synchronize(device);
         torch_cuda::reset_peak_memory_stats(0);
         let start = Instant::now();
         progress.set_message(what.to_owned());
@@ -292,7 +305,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         let images = pipe.generate(&options);
         progress.finish_and_clear();
         let images = images?;
-        sync();
+        synchronize(device);
         let seconds = start.elapsed().as_secs_f64();
         let peak = torch_cuda::memory_stats(0)
             .map(|s| format!(", peak {:.2} GiB allocated", s.peak_allocated_gib()));
@@ -335,6 +348,58 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                 println!("wrote {}", path.display());
             }
         }
+    }
+    Ok(())
+}
+
+/// Waits for the GPU's queue (nothing on the CPU).
+fn synchronize(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// `--throughput`: for each batch size, `batch` images per prompt, one warm-up generation (kernel
+/// selection and, with `--cuda_graph`, the capture for this shape) and one timed one (prompt encoding,
+/// denoising, decode; synchronised), printed as images per second.
+fn throughput(
+    pipe: &Pipeline,
+    mut options: GenerateOptions,
+    batches: &[i64],
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<()> {
+    let device = pipe.denoiser().device;
+    for &batch in batches {
+        options.images_per_prompt = batch;
+        let mut seconds = 0.0;
+        let mut count = 0;
+        for what in ["warm-up", "timed"] {
+            progress.set_message(format!("batch {batch} {what}"));
+            progress.reset();
+            synchronize(device);
+            torch_cuda::reset_peak_memory_stats(0);
+            let start = Instant::now();
+            let images = pipe.generate(&options);
+            synchronize(device);
+            progress.finish_and_clear();
+            count = images
+                .with_context(|| format!("--throughput: batch {batch}"))?
+                .len();
+            seconds = start.elapsed().as_secs_f64();
+        }
+        let peak = torch_cuda::memory_stats(0)
+            .map(|s| format!(", peak {:.2} GiB allocated", s.peak_allocated_gib()));
+        println!(
+            "batch {batch}: {count} image(s) {}x{} px, {} {} steps: {seconds:.3} s, {:.3} images/s, \
+             {:.3} s per image{}",
+            options.width,
+            options.height,
+            options.scheduler.short_name(),
+            options.steps,
+            count as f64 / seconds,
+            seconds / count as f64,
+            peak.unwrap_or_default()
+        );
     }
     Ok(())
 }
