@@ -343,7 +343,7 @@ fn log_format_and_quiet() {
 }
 
 /// `generate --lora FILE[:WEIGHT]` twice on the tiny pipeline: one line per LoRA with its adapter name
-/// and weight; a second LoRA at weight 0 gives the first alone (at `--lora_scale`) byte for byte, at
+/// and weight; a second LoRA at weight 0 gives the first alone (at `--lora_scale`) pixel for pixel, at
 /// 0.4 another image; `--compare` writes one grid of both sides.
 #[test]
 fn generate_stacks_loras_at_their_weights() {
@@ -399,11 +399,18 @@ fn generate_stacks_loras_at_their_weights() {
     );
     let (stdout, first_alone) = generate("first-alone", &["--lora", a, "--lora_scale", "0.7"]);
     assert!(stdout.contains("as adapter lora0, weight 0.7"), "{stdout}");
+    // The pixels (the `parameters` chunks differ: they list the second LoRA at weight 0).
+    let pixels = |png: &[u8]| image::load_from_memory(png).unwrap().to_rgb8().into_raw();
     assert_eq!(
-        second_off, first_alone,
+        pixels(&second_off),
+        pixels(&first_alone),
         "a LoRA at weight 0 must change nothing"
     );
-    assert_ne!(stacked, second_off, "the second LoRA's weight must matter");
+    assert_ne!(
+        pixels(&stacked),
+        pixels(&second_off),
+        "the second LoRA's weight must matter"
+    );
     let (stdout, grid) = generate(
         "grid",
         &["--lora", &a_07, "--lora", &format!("{b}:0.4"), "--compare"],
@@ -514,5 +521,64 @@ fn generate_throughput_mode_times_each_batch_and_writes_nothing() {
         "{stdout}"
     );
     assert!(!out.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Each PNG carries A1111's generation parameters in its `parameters` text chunk: the prompt with the
+/// LoRA's tag, the negative prompt, the settings, and the LoRA's data hash.
+#[test]
+fn generate_writes_a1111_parameters_into_each_png() {
+    use sha2::Digest;
+    let dir = std::env::temp_dir().join(format!("sdxl-lora-cli-infotext-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("fox.png");
+    let out_arg = out.to_string_lossy().into_owned();
+    let lora = "tests/fixtures/lora/tiny-sdxl-diffusers.safetensors";
+    let lora_arg = format!("{lora}:0.5");
+    let output = run(&[
+        "--quiet",
+        "generate",
+        "--model",
+        "tests/fixtures/tiny-sdxl",
+        "--prompt",
+        "a fox",
+        "--negative_prompt",
+        "blurry, dark",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--lora",
+        &lora_arg,
+        "--out",
+        &out_arg,
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let bytes = std::fs::read(lora).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let hash: String = sha2::Sha256::digest(&bytes[8 + header..])
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    let chunks: Vec<(String, String)> = reader
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()))
+        .collect();
+    let expected = format!(
+        "a fox <lora:tiny-sdxl-diffusers:0.5>\nNegative prompt: blurry, dark\nSteps: 2, Sampler: Euler, \
+         CFG scale: 5.0, Seed: 0, Size: 64x64, Model: tiny-sdxl, Lora hashes: \"tiny-sdxl-diffusers: {}\", \
+         Version: sdxl-lora {}",
+        &hash[..12],
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(chunks, [("parameters".to_owned(), expected)]);
+    // The image itself decodes as before.
+    assert_eq!(image::open(&out).unwrap().to_rgb8().dimensions(), (64, 64));
     std::fs::remove_dir_all(&dir).unwrap();
 }

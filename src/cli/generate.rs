@@ -16,7 +16,8 @@
 //! (prompt encoding, denoising loop and VAE decode, synchronised) and, on CUDA, the caching
 //! allocator's peak (PyTorch's `torch.cuda.max_memory_allocated()`); `--warmup` runs one generation
 //! first so that the timed one excludes kernel selection. A progress bar counts the denoising steps on
-//! a terminal (not with `--quiet`, nor when stderr is not a terminal).
+//! a terminal (not with `--quiet`, nor when stderr is not a terminal). Each image's PNG carries A1111's
+//! generation parameters in a `parameters` text chunk ([`super::infotext`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -25,11 +26,13 @@ use anyhow::Context;
 use clap::Parser;
 use sdxl_model::pipeline::{
     GenerateOptions, LARGE_GENERATION_BYTES, OnStep, Pipeline, grid_column, grid_row, save_png,
+    save_png_with_text,
 };
 use sdxl_model::schedulers::SchedulerKind;
 use sdxl_model::vae::{Upcast, VaeTiling};
 use tch::{Device, Kind};
 
+use super::infotext::Infotext;
 use super::{Precision, UsageError};
 
 /// Text to image with an SDXL diffusers folder, optionally with LoRAs stacked at chosen weights.
@@ -324,7 +327,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         timed(&pipe, "warm-up")?;
     }
     let base = args.compare.then(|| timed(&pipe, "base")).transpose()?;
-    load_loras(&mut pipe, &args.loras, args.lora_scale)?;
+    let loaded = load_loras(&mut pipe, &args.loras, args.lora_scale)?;
     let images = timed(
         &pipe,
         if !args.loras.is_empty() {
@@ -342,9 +345,26 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             println!("wrote {} (base left, LoRAs right)", args.out.display());
         }
         None => {
+            let model = args.model.file_name().unwrap_or_default().to_string_lossy();
+            let per_prompt = options.images_per_prompt;
             for i in 0..images.len() {
+                let prompt = i / per_prompt as usize;
+                let negatives = options.negative_prompts.as_deref();
+                let parameters = Infotext {
+                    prompt: &options.prompts[prompt],
+                    negative: negatives.and_then(|n| n.get(prompt)).map(String::as_str),
+                    steps: options.steps,
+                    scheduler: options.scheduler,
+                    guidance: options.guidance_scale,
+                    seed: options.seed,
+                    size: (options.width, options.height),
+                    model: &model,
+                    loras: &loaded,
+                    batch: (per_prompt, i as i64 % per_prompt),
+                }
+                .render();
                 let path = numbered(&args.out, i, images.len());
-                images.save_png(i, &path)?;
+                save_png_with_text(&images.to_rgb(i)?, &path, &[("parameters", &parameters)])?;
                 println!("wrote {}", path.display());
             }
         }
@@ -406,9 +426,14 @@ fn throughput(
 
 /// Reads each LoRA and attaches it as adapter `lora<n>` at its weight (`default_weight` when none was
 /// given), printing one line per LoRA.
-fn load_loras(pipe: &mut Pipeline, loras: &[LoraArg], default_weight: f64) -> anyhow::Result<()> {
+fn load_loras(
+    pipe: &mut Pipeline,
+    loras: &[LoraArg],
+    default_weight: f64,
+) -> anyhow::Result<Vec<(String, f64, String)>> {
+    let mut loaded = Vec::new();
     if loras.is_empty() {
-        return Ok(());
+        return Ok(loaded);
     }
     let names = pipe.lora_module_names();
     for (index, lora) in loras.iter().enumerate() {
@@ -432,8 +457,11 @@ fn load_loras(pipe: &mut Pipeline, loras: &[LoraArg], default_weight: f64) -> an
             path.display(),
             file.format
         );
+        let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+        let hash = lora::format::hashes::file_model_hash(path)?;
+        loaded.push((stem.into_owned(), weight, hash));
     }
-    Ok(())
+    Ok(loaded)
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 pub mod convert;
 pub mod estimate;
 pub mod generate;
+pub mod infotext;
 pub mod inspect;
 pub mod train;
 

@@ -67,6 +67,17 @@ fn hashes_equal_kohyas_own() {
             hashes.legacy_hash, case["sshs_legacy_hash"],
             "{name}: legacy hash"
         );
+        // A1111's hash of the file on disk reads only the data: a file of the same tensors with
+        // another header (here none) has the same one.
+        let path = std::env::temp_dir().join(format!(
+            "kohya-hashes-{}-{name}.safetensors",
+            std::process::id()
+        ));
+        let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        Tensor::write_safetensors(&named, &path).unwrap();
+        let on_disk = lora::format::hashes::file_model_hash(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(on_disk, case["sshs_model_hash"], "{name}: file hash");
     }
     // The large case's legacy hash reads real data (not the empty window of a short file).
     assert_ne!(cases[1]["sshs_legacy_hash"], "e3b0c442");

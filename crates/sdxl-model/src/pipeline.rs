@@ -201,6 +201,21 @@ impl Images {
 /// # Errors
 /// [`Error::Image`] naming the file when encoding or writing fails.
 pub fn save_png(image: &image::RgbImage, path: impl AsRef<Path>) -> Result<()> {
+    save_png_with_text(image, path, &[])
+}
+
+/// [`save_png`] with text chunks, `(keyword, text)` each: `tEXt` when the text is Latin-1, else
+/// `iTXt` (UTF-8), as PIL's `PngInfo.add_text` writes them — A1111 and ComfyUI read the generation
+/// settings from such a chunk (`parameters`).
+///
+/// # Errors
+/// [`Error::Image`] naming the file when encoding or writing fails (a keyword PNG refuses: empty,
+/// over 79 bytes, not Latin-1).
+pub fn save_png_with_text(
+    image: &image::RgbImage,
+    path: impl AsRef<Path>,
+    text: &[(&str, &str)],
+) -> Result<()> {
     let path = path.as_ref();
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
@@ -209,16 +224,42 @@ pub fn save_png(image: &image::RgbImage, path: impl AsRef<Path>) -> Result<()> {
         path: path.to_owned(),
         source,
     };
+    let encoding_error = |error: png::EncodingError| {
+        image_error(image::ImageError::Encoding(
+            image::error::EncodingError::new(image::ImageFormat::Png.into(), error),
+        ))
+    };
+    let write = || -> Result<()> {
+        let file = std::fs::File::create(&tmp).map_err(|source| Error::Io {
+            path: tmp.clone(),
+            source,
+        })?;
+        let mut encoder =
+            png::Encoder::new(std::io::BufWriter::new(file), image.width(), image.height());
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        for &(keyword, value) in text {
+            let latin1 = value.chars().all(|c| u32::from(c) <= 0xff);
+            if latin1 {
+                encoder.add_text_chunk(keyword.to_owned(), value.to_owned())
+            } else {
+                encoder.add_itxt_chunk(keyword.to_owned(), value.to_owned())
+            }
+            .map_err(encoding_error)?;
+        }
+        let mut writer = encoder.write_header().map_err(encoding_error)?;
+        writer
+            .write_image_data(image.as_raw())
+            .map_err(encoding_error)?;
+        writer.finish().map_err(encoding_error)
+    };
     // A failed write or rename (a full disk) leaves no temporary file behind.
-    let saved = image
-        .save_with_format(&tmp, image::ImageFormat::Png)
-        .map_err(image_error)
-        .and_then(|()| {
-            std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-                path: path.to_owned(),
-                source,
-            })
-        });
+    let saved = write().and_then(|()| {
+        std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })
+    });
     if saved.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

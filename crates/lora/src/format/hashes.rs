@@ -60,6 +60,21 @@ pub fn training_hashes(
     Ok(hashes_of_bytes(&io::serialize(path, tensors, &training)?))
 }
 
+/// The model hash of a safetensors file as it is on disk: the SHA-256 (hex) of everything after
+/// its header, whatever the header holds. It equals `sshs_model_hash` for a file whose header has
+/// only `ss_*` entries; A1111 computes it of every LoRA it applies ("addnet" hash) and writes its
+/// first 12 digits in an image's `Lora hashes`.
+///
+/// # Errors
+/// [`crate::Error::Io`] naming `path`.
+pub fn file_model_hash(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|source| crate::Error::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(hashes_of_bytes(&bytes).model_hash)
+}
+
 /// The hashes of a serialized file (`bytes` starts with the 8-byte header length).
 fn hashes_of_bytes(bytes: &[u8]) -> TrainingHashes {
     let header = bytes
