@@ -582,3 +582,61 @@ fn generate_writes_a1111_parameters_into_each_png() {
     assert_eq!(image::open(&out).unwrap().to_rgb8().dimensions(), (64, 64));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--seed 1,2` generates every prompt once per seed, numbered in seed order, each PNG naming its seed,
+/// each image the one a run with that seed alone gives; the load time is its own line.
+#[test]
+fn generate_makes_one_image_per_seed() {
+    let dir = std::env::temp_dir().join(format!("sdxl-lora-cli-seeds-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let generate = |name: &str, seeds: &str| -> String {
+        let out = dir.join(format!("{name}.png"));
+        let out_arg = out.to_string_lossy().into_owned();
+        let output = run(&[
+            "--quiet",
+            "generate",
+            "--model",
+            "tests/fixtures/tiny-sdxl",
+            "--prompt",
+            "a fox",
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--seed",
+            seeds,
+            "--out",
+            &out_arg,
+        ]);
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+        text(&output.stdout)
+    };
+    let stdout = generate("both", "1,2");
+    assert!(
+        stdout.starts_with("loaded tests/fixtures/tiny-sdxl in "),
+        "{stdout}"
+    );
+    assert!(stdout.contains("generate (seed 1): 1 image(s)"), "{stdout}");
+    assert!(stdout.contains("generate (seed 2): 1 image(s)"), "{stdout}");
+    generate("alone", "2");
+    let png = |name: &str| {
+        let file = std::fs::File::open(dir.join(name)).unwrap();
+        let reader = png::Decoder::new(std::io::BufReader::new(file))
+            .read_info()
+            .unwrap();
+        let parameters = reader.info().uncompressed_latin1_text[0].text.clone();
+        let pixels = image::open(dir.join(name)).unwrap().to_rgb8().into_raw();
+        (parameters, pixels)
+    };
+    let (first, first_pixels) = png("both-0.png");
+    let (second, second_pixels) = png("both-1.png");
+    let (alone, alone_pixels) = png("alone.png");
+    assert!(first.contains(", Seed: 1, "), "{first}");
+    assert!(second.contains(", Seed: 2, "), "{second}");
+    assert_eq!(second, alone);
+    assert_eq!(second_pixels, alone_pixels);
+    assert_ne!(first_pixels, second_pixels);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -8,6 +8,9 @@
 //! `name:weight`); otherwise the whole argument is the path, so a path with a `:` in it still works.
 //! A LoRA without a weight gets `--lora_scale` (1 by default). A weight of NaN or infinity is refused.
 //!
+//! `--seed` takes a comma-separated list: every prompt is generated once per seed. The model's load
+//! time is printed on its own line.
+//!
 //! `--prompt` may be repeated; each prompt gets `--num_images_per_prompt` images (1 by default; one
 //! grid row each with `--compare`). Without `--compare` the images go to `--out` with `-<n>` before
 //! the extension when there are several. `--negative_prompt` and `--guidance_scale` are diffusers'
@@ -82,9 +85,15 @@ pub struct GenerateArgs {
     /// Image height in pixels (a multiple of 8).
     #[arg(long, value_name = "PX", default_value_t = GenerateOptions::default().height)]
     height: i64,
-    /// Seed of the initial noise (as torch.Generator().manual_seed).
-    #[arg(long, value_name = "N", default_value_t = GenerateOptions::default().seed)]
-    seed: u64,
+    /// Seed of the initial noise (as torch.Generator().manual_seed); several, comma-separated
+    /// (`--seed 1,2,3`), generate every prompt once per seed.
+    #[arg(
+        long = "seed",
+        value_name = "N[,N…]",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
+    seeds: Vec<u64>,
     /// Sampler: euler, euler_a, ddim, dpm++2m or dpm++2m_karras (or a diffusers class name).
     #[arg(long, value_name = "NAME", default_value = GenerateOptions::default().scheduler.short_name())]
     scheduler: SchedulerKind,
@@ -247,7 +256,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         images_per_prompt: args.num_images_per_prompt,
         width: args.width,
         height: args.height,
-        seed: args.seed,
+        seed: args.seeds.first().copied().unwrap_or_default(),
         scheduler: args.scheduler,
         cuda_graph: args.cuda_graph,
         on_step: Some(OnStep::new(move |done, total| {
@@ -266,8 +275,15 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     } else {
         Upcast::FromConfig
     };
+    let loading = Instant::now();
     let mut pipe = Pipeline::from_pretrained(&args.model, device, kind, upcast)
         .with_context(|| format!("loading {}", args.model.display()))?;
+    synchronize(device);
+    println!(
+        "loaded {} in {:.3} s",
+        args.model.display(),
+        loading.elapsed().as_secs_f64()
+    );
     if args.tile {
         pipe.set_vae_tiling(Some(VaeTiling::default()))?;
     }
@@ -299,13 +315,16 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         load_loras(&mut pipe, &args.loras, args.lora_scale)?;
         return throughput(&pipe, options, &args.throughput, &progress);
     }
-    let timed = |pipe: &Pipeline, what: &str| -> anyhow::Result<sdxl_model::pipeline::Images> {
+    let timed = |pipe: &Pipeline,
+                 options: &GenerateOptions,
+                 what: &str|
+     -> anyhow::Result<sdxl_model::pipeline::Images> {
         synchronize(device);
         torch_cuda::reset_peak_memory_stats(0);
         let start = Instant::now();
         progress.set_message(what.to_owned());
         progress.reset();
-        let images = pipe.generate(&options);
+        let images = pipe.generate(options);
         progress.finish_and_clear();
         let images = images?;
         synchronize(device);
@@ -323,53 +342,80 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         );
         Ok(images)
     };
+    let mut options = options;
+    // Each seed's label in the timing lines, when there are several.
+    let label = |what: &str, seed: u64| match args.seeds.len() {
+        1 => what.to_owned(),
+        _ => format!("{what} (seed {seed})"),
+    };
     if args.warmup {
-        timed(&pipe, "warm-up")?;
+        timed(&pipe, &options, "warm-up")?;
     }
-    let base = args.compare.then(|| timed(&pipe, "base")).transpose()?;
-    let loaded = load_loras(&mut pipe, &args.loras, args.lora_scale)?;
-    let images = timed(
-        &pipe,
-        if !args.loras.is_empty() {
-            "with LoRA"
-        } else {
-            "generate"
-        },
-    )?;
-    match base {
-        Some(base) => {
-            let rows = (0..images.len())
-                .map(|i| grid_row(&[base.to_rgb(i)?, images.to_rgb(i)?]))
-                .collect::<sdxl_model::Result<Vec<_>>>()?;
-            save_png(&grid_column(&rows)?, &args.out)?;
-            println!("wrote {} (base left, LoRAs right)", args.out.display());
+    let mut bases = Vec::new();
+    if args.compare {
+        for &seed in &args.seeds {
+            options.seed = seed;
+            bases.push(timed(&pipe, &options, &label("base", seed))?);
         }
-        None => {
-            let model = args.model.file_name().unwrap_or_default().to_string_lossy();
-            let per_prompt = options.images_per_prompt;
+    }
+    let loaded = load_loras(&mut pipe, &args.loras, args.lora_scale)?;
+    let what = if args.loras.is_empty() {
+        "generate"
+    } else {
+        "with LoRA"
+    };
+    let mut outputs = Vec::new();
+    for &seed in &args.seeds {
+        options.seed = seed;
+        outputs.push(timed(&pipe, &options, &label(what, seed))?);
+    }
+    if args.compare {
+        let mut rows = Vec::new();
+        for (base, images) in bases.iter().zip(&outputs) {
             for i in 0..images.len() {
-                let prompt = i / per_prompt as usize;
-                let negatives = options.negative_prompts.as_deref();
-                let parameters = Infotext {
-                    prompt: &options.prompts[prompt],
-                    negative: negatives.and_then(|n| n.get(prompt)).map(String::as_str),
-                    steps: options.steps,
-                    scheduler: options.scheduler,
-                    guidance: options.guidance_scale,
-                    seed: options.seed,
-                    size: (options.width, options.height),
-                    model: &model,
-                    loras: &loaded,
-                    batch: (per_prompt, i as i64 % per_prompt),
-                }
-                .render();
-                let path = numbered(&args.out, i, images.len());
-                save_png_with_text(&images.to_rgb(i)?, &path, &[("parameters", &parameters)])?;
-                println!("wrote {}", path.display());
+                rows.push(grid_row(&[base.to_rgb(i)?, images.to_rgb(i)?])?);
             }
+        }
+        save_png(&grid_column(&rows)?, &args.out)?;
+        println!("wrote {} (base left, LoRAs right)", args.out.display());
+        return Ok(());
+    }
+    let model = args.model.file_name().unwrap_or_default().to_string_lossy();
+    let count: usize = outputs.iter().map(|images| images.len()).sum();
+    for (k, (&seed, images)) in args.seeds.iter().zip(&outputs).enumerate() {
+        options.seed = seed;
+        for i in 0..images.len() {
+            let parameters = infotext(&options, i, &model, &loaded).render();
+            let path = numbered(&args.out, k * images.len() + i, count);
+            save_png_with_text(&images.to_rgb(i)?, &path, &[("parameters", &parameters)])?;
+            println!("wrote {}", path.display());
         }
     }
     Ok(())
+}
+
+/// The A1111 parameters of image `index` of a generation with `options`.
+fn infotext<'a>(
+    options: &'a GenerateOptions,
+    index: usize,
+    model: &'a str,
+    loras: &'a [(String, f64, String)],
+) -> Infotext<'a> {
+    let per_prompt = options.images_per_prompt;
+    let prompt = index / per_prompt as usize;
+    let negatives = options.negative_prompts.as_deref();
+    Infotext {
+        prompt: &options.prompts[prompt],
+        negative: negatives.and_then(|n| n.get(prompt)).map(String::as_str),
+        steps: options.steps,
+        scheduler: options.scheduler,
+        guidance: options.guidance_scale,
+        seed: options.seed,
+        size: (options.width, options.height),
+        model,
+        loras,
+        batch: (per_prompt, index as i64 % per_prompt),
+    }
 }
 
 /// Waits for the GPU's queue (nothing on the CPU).
