@@ -343,7 +343,7 @@ fn log_format_and_quiet() {
 }
 
 /// `generate --lora FILE[:WEIGHT]` twice on the tiny pipeline: one line per LoRA with its adapter name
-/// and weight; a second LoRA at weight 0 gives the first alone (at `--lora_scale`) pixel for pixel, at
+/// and weight; a second LoRA at weight 0 gives the first alone (at `--lora_scale`) within rounding, at
 /// 0.4 another image; `--compare` writes one grid of both sides.
 #[test]
 fn generate_stacks_loras_at_their_weights() {
@@ -399,18 +399,23 @@ fn generate_stacks_loras_at_their_weights() {
     );
     let (stdout, first_alone) = generate("first-alone", &["--lora", a, "--lora_scale", "0.7"]);
     assert!(stdout.contains("as adapter lora0, weight 0.7"), "{stdout}");
-    // The pixels (the `parameters` chunks differ: they list the second LoRA at weight 0).
-    let pixels = |png: &[u8]| image::load_from_memory(png).unwrap().to_rgb8().into_raw();
-    assert_eq!(
-        pixels(&second_off),
-        pixels(&first_alone),
-        "a LoRA at weight 0 must change nothing"
+    // The pixels (the `parameters` chunks differ: they list the second LoRA at weight 0). With a
+    // second adapter the deltas are summed in another order, so float32's last bits may move a value
+    // across a rounding boundary of the 8-bit output (seen under ATEN_CPU_CAPABILITY=default): at most
+    // 1 of 255, while the second LoRA at 0.4 moves pixels far more.
+    let largest_difference = |a: &[u8], b: &[u8]| -> u8 {
+        let (a, b) = (
+            image::load_from_memory(a).unwrap().to_rgb8().into_raw(),
+            image::load_from_memory(b).unwrap().to_rgb8().into_raw(),
+        );
+        a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).max().unwrap()
+    };
+    assert!(
+        largest_difference(&second_off, &first_alone) <= 1,
+        "a LoRA at weight 0 must change nothing beyond rounding"
     );
-    assert_ne!(
-        pixels(&stacked),
-        pixels(&second_off),
-        "the second LoRA's weight must matter"
-    );
+    let moved = largest_difference(&stacked, &second_off);
+    assert!(moved > 8, "the second LoRA's weight must matter: {moved}");
     let (stdout, grid) = generate(
         "grid",
         &["--lora", &a_07, "--lora", &format!("{b}:0.4"), "--compare"],
