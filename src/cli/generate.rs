@@ -319,26 +319,14 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                  options: &GenerateOptions,
                  what: &str|
      -> anyhow::Result<sdxl_model::pipeline::Images> {
-        synchronize(device);
-        torch_cuda::reset_peak_memory_stats(0);
-        let start = Instant::now();
-        progress.set_message(what.to_owned());
-        progress.reset();
-        let images = pipe.generate(options);
-        progress.finish_and_clear();
-        let images = images?;
-        synchronize(device);
-        let seconds = start.elapsed().as_secs_f64();
-        let peak = torch_cuda::memory_stats(0)
-            .map(|s| format!(", peak {:.2} GiB allocated", s.peak_allocated_gib()));
+        let (images, seconds, peak) = timed_generation(pipe, options, &progress, what)?;
         println!(
-            "{what}: {} image(s) {}x{} px, {} {} steps, {kind:?}: {seconds:.3} s{}",
+            "{what}: {} image(s) {}x{} px, {} {} steps, {kind:?}: {seconds:.3} s{peak}",
             images.len(),
             options.width,
             options.height,
             options.scheduler.short_name(),
             options.steps,
-            peak.unwrap_or_default()
         );
         Ok(images)
     };
@@ -434,40 +422,52 @@ fn throughput(
     batches: &[i64],
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<()> {
-    let device = pipe.denoiser().device;
     for &batch in batches {
         options.images_per_prompt = batch;
-        let mut seconds = 0.0;
-        let mut count = 0;
-        for what in ["warm-up", "timed"] {
-            progress.set_message(format!("batch {batch} {what}"));
-            progress.reset();
-            synchronize(device);
-            torch_cuda::reset_peak_memory_stats(0);
-            let start = Instant::now();
-            let images = pipe.generate(&options);
-            synchronize(device);
-            progress.finish_and_clear();
-            count = images
-                .with_context(|| format!("--throughput: batch {batch}"))?
-                .len();
-            seconds = start.elapsed().as_secs_f64();
-        }
-        let peak = torch_cuda::memory_stats(0)
-            .map(|s| format!(", peak {:.2} GiB allocated", s.peak_allocated_gib()));
+        let context = || format!("--throughput: batch {batch}");
+        timed_generation(pipe, &options, progress, &format!("batch {batch} warm-up"))
+            .with_context(context)?;
+        let (images, seconds, peak) =
+            timed_generation(pipe, &options, progress, &format!("batch {batch} timed"))
+                .with_context(context)?;
+        let count = images.len();
         println!(
             "batch {batch}: {count} image(s) {}x{} px, {} {} steps: {seconds:.3} s, {:.3} images/s, \
-             {:.3} s per image{}",
+             {:.3} s per image{peak}",
             options.width,
             options.height,
             options.scheduler.short_name(),
             options.steps,
             count as f64 / seconds,
             seconds / count as f64,
-            peak.unwrap_or_default()
         );
     }
     Ok(())
+}
+
+/// One generation with `options` under the progress bar labelled `what`, synchronised and timed:
+/// the images, the seconds, and on CUDA the allocator's peak as `, peak … GiB allocated` (else empty).
+fn timed_generation(
+    pipe: &Pipeline,
+    options: &GenerateOptions,
+    progress: &indicatif::ProgressBar,
+    what: &str,
+) -> sdxl_model::Result<(sdxl_model::pipeline::Images, f64, String)> {
+    let device = pipe.denoiser().device;
+    synchronize(device);
+    torch_cuda::reset_peak_memory_stats(0);
+    let start = Instant::now();
+    progress.set_message(what.to_owned());
+    progress.reset();
+    let images = pipe.generate(options);
+    progress.finish_and_clear();
+    let images = images?;
+    synchronize(device);
+    let seconds = start.elapsed().as_secs_f64();
+    let peak = torch_cuda::memory_stats(0)
+        .map(|s| format!(", peak {:.2} GiB allocated", s.peak_allocated_gib()))
+        .unwrap_or_default();
+    Ok((images, seconds, peak))
 }
 
 /// Reads each LoRA and attaches it as adapter `lora<n>` at its weight (`default_weight` when none was
