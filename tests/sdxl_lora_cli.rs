@@ -22,6 +22,38 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// `sdxl-lora --quiet generate` on the tiny pipeline ("a fox", 2 steps, 64×64 px) writing `out`, with
+/// `flags` after the others; asserts exit 0 and returns stdout.
+fn generate_tiny(out: &std::path::Path, flags: &[&str]) -> String {
+    let out_arg = out.to_string_lossy().into_owned();
+    let mut args = vec![
+        "--quiet",
+        "generate",
+        "--model",
+        "tests/fixtures/tiny-sdxl",
+        "--prompt",
+        "a fox",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--out",
+        &out_arg,
+    ];
+    args.extend_from_slice(flags);
+    let output = run(&args);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}: {}",
+        out.display(),
+        text(&output.stderr)
+    );
+    text(&output.stdout)
+}
+
 const SUBCOMMANDS: [&str; 6] = [
     "train",
     "generate",
@@ -353,32 +385,7 @@ fn generate_stacks_loras_at_their_weights() {
     let b = "tests/fixtures/lora/stacked-b.safetensors";
     let generate = |name: &str, loras: &[&str]| -> (String, Vec<u8>) {
         let out = dir.join(format!("{name}.png"));
-        let out_arg = out.to_string_lossy().into_owned();
-        let mut args = vec![
-            "--quiet",
-            "generate",
-            "--model",
-            "tests/fixtures/tiny-sdxl",
-            "--prompt",
-            "a fox",
-            "--steps",
-            "2",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--out",
-            &out_arg,
-        ];
-        args.extend_from_slice(loras);
-        let output = run(&args);
-        let stdout = text(&output.stdout);
-        assert_eq!(
-            output.status.code(),
-            Some(0),
-            "{name}: {}",
-            text(&output.stderr)
-        );
+        let stdout = generate_tiny(&out, loras);
         (stdout, std::fs::read(&out).unwrap())
     };
     let a_07 = format!("{a}:0.7");
@@ -434,36 +441,15 @@ fn generate_takes_diffusers_flag_spellings_and_images_per_prompt() {
     std::fs::create_dir_all(&dir).unwrap();
     let generate = |name: &str, flags: [&str; 2]| -> Vec<Vec<u8>> {
         let out = dir.join(format!("{name}.png"));
-        let out_arg = out.to_string_lossy().into_owned();
-        let args = [
-            "--quiet",
-            "generate",
-            "--model",
-            "tests/fixtures/tiny-sdxl",
-            "--prompt",
-            "a fox",
-            "--steps",
-            "2",
-            "--width",
-            "64",
-            "--height",
-            "64",
+        let spelled = [
             flags[0],
             "blurry",
             flags[1],
             "3",
             "--num_images_per_prompt",
             "2",
-            "--out",
-            &out_arg,
         ];
-        let output = run(&args);
-        assert_eq!(
-            output.status.code(),
-            Some(0),
-            "{name}: {}",
-            text(&output.stderr)
-        );
+        generate_tiny(&out, &spelled);
         (0..2)
             .map(|i| std::fs::read(dir.join(format!("{name}-{i}.png"))).unwrap())
             .collect()
@@ -480,28 +466,7 @@ fn generate_throughput_mode_times_each_batch_and_writes_nothing() {
     let dir = std::env::temp_dir().join(format!("sdxl-lora-cli-throughput-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("never.png");
-    let out_arg = out.to_string_lossy().into_owned();
-    let output = run(&[
-        "--quiet",
-        "generate",
-        "--model",
-        "tests/fixtures/tiny-sdxl",
-        "--prompt",
-        "a fox",
-        "--steps",
-        "2",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--fp8",
-        "--throughput",
-        "1,3",
-        "--out",
-        &out_arg,
-    ]);
-    let stdout = text(&output.stdout);
-    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let stdout = generate_tiny(&out, &["--fp8", "--throughput", "1,3"]);
     // --fp8 reports both kinds of layer, then one line per batch size.
     assert!(
         stdout.contains("UNet linear layers: fp8 base weights: 213 layers quantized"),
@@ -537,30 +502,12 @@ fn generate_writes_a1111_parameters_into_each_png() {
     let dir = std::env::temp_dir().join(format!("sdxl-lora-cli-infotext-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("fox.png");
-    let out_arg = out.to_string_lossy().into_owned();
     let lora = "tests/fixtures/lora/tiny-sdxl-diffusers.safetensors";
     let lora_arg = format!("{lora}:0.5");
-    let output = run(&[
-        "--quiet",
-        "generate",
-        "--model",
-        "tests/fixtures/tiny-sdxl",
-        "--prompt",
-        "a fox",
-        "--negative_prompt",
-        "blurry, dark",
-        "--steps",
-        "2",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--lora",
-        &lora_arg,
-        "--out",
-        &out_arg,
-    ]);
-    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    generate_tiny(
+        &out,
+        &["--negative_prompt", "blurry, dark", "--lora", &lora_arg],
+    );
     let bytes = std::fs::read(lora).unwrap();
     let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let hash: String = sha2::Sha256::digest(&bytes[8 + header..])
@@ -595,28 +542,7 @@ fn generate_makes_one_image_per_seed() {
     let dir = std::env::temp_dir().join(format!("sdxl-lora-cli-seeds-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let generate = |name: &str, seeds: &str| -> String {
-        let out = dir.join(format!("{name}.png"));
-        let out_arg = out.to_string_lossy().into_owned();
-        let output = run(&[
-            "--quiet",
-            "generate",
-            "--model",
-            "tests/fixtures/tiny-sdxl",
-            "--prompt",
-            "a fox",
-            "--steps",
-            "2",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--seed",
-            seeds,
-            "--out",
-            &out_arg,
-        ]);
-        assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
-        text(&output.stdout)
+        generate_tiny(&dir.join(format!("{name}.png")), &["--seed", seeds])
     };
     let stdout = generate("both", "1,2");
     assert!(

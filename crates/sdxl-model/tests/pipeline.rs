@@ -13,22 +13,14 @@ use std::sync::Mutex;
 use test_support::{check, f32_bound, unet_depth};
 
 use sdxl_model::Error;
-use sdxl_model::pipeline::{GenerateOptions, Pipeline, grid_row};
+use sdxl_model::pipeline::{GenerateOptions, grid_row};
 use sdxl_model::schedulers::{SchedulerConfig, SchedulerKind};
 use sdxl_model::unet::UNetConfig;
-use sdxl_model::vae::{Upcast, VaeTiling};
+use sdxl_model::vae::VaeTiling;
 use sdxl_model::weights::TensorFile;
 use tch::{Device, Kind, Tensor};
 
-fn pipeline() -> Pipeline {
-    Pipeline::from_pretrained(
-        fixture("tiny-sdxl"),
-        Device::Cpu,
-        Kind::Float,
-        Upcast::Never,
-    )
-    .unwrap()
-}
+use common::tiny_pipeline as pipeline;
 
 /// The case `gen_tiny_pipeline` ran, from the fixture's metadata.
 fn case() -> (serde_json::Value, TensorFile) {

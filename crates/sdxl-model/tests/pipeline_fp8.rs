@@ -4,19 +4,11 @@
 
 #![allow(clippy::unwrap_used)] // test code: failing loudly is the point
 
-use sdxl_model::pipeline::{GenerateOptions, Pipeline};
-use sdxl_model::vae::Upcast;
-use tch::{Device, Kind, Tensor};
+mod common;
 
-fn pipeline() -> Pipeline {
-    Pipeline::from_pretrained(
-        test_support::fixture("tiny-sdxl"),
-        Device::Cpu,
-        Kind::Float,
-        Upcast::Never,
-    )
-    .unwrap()
-}
+use common::tiny_pipeline as pipeline;
+use sdxl_model::pipeline::GenerateOptions;
+use tch::{Kind, Tensor};
 
 fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
     (actual - expected).norm().double_value(&[]) / expected.norm().double_value(&[])

@@ -36,13 +36,7 @@ fn noise() -> Tensor {
 
 #[test]
 fn a_cuda_graph_is_refused_off_cuda_naming_the_setting() {
-    let pipe = Pipeline::from_pretrained(
-        fixture("tiny-sdxl"),
-        Device::Cpu,
-        Kind::Float,
-        Upcast::Never,
-    )
-    .unwrap();
+    let pipe = common::tiny_pipeline();
     let error = pipe.latents(&options(true, &noise())).unwrap_err();
     assert!(
         matches!(

@@ -17,18 +17,11 @@ use test_support::{check, f32_bound, unet_depth};
 use sdxl_model::pipeline::{GenerateOptions, Pipeline};
 use sdxl_model::schedulers::{SchedulerConfig, SchedulerKind};
 use sdxl_model::unet::{UNetConfig, UNetInputs};
-use sdxl_model::vae::Upcast;
 use tch::{Device, Kind, Tensor};
 
 /// The tiny pipeline with `stacked-a` as adapter "a" and `stacked-b` as adapter "b".
 fn stacked(weights: [f64; 2]) -> Pipeline {
-    let mut pipe = Pipeline::from_pretrained(
-        fixture("tiny-sdxl"),
-        Device::Cpu,
-        Kind::Float,
-        Upcast::Never,
-    )
-    .unwrap();
+    let mut pipe = common::tiny_pipeline();
     let names = pipe.lora_module_names();
     for (name, weight) in ["a", "b"].into_iter().zip(weights) {
         let file = lora::format::read(

@@ -9,6 +9,17 @@ pub use test_support::{fixture, fixtures_dir as fixtures, max_rel_error as rel};
 use sdxl_model::weights::TensorFile;
 use tch::{Device, Kind, Tensor};
 
+/// The tiny SDXL fixture pipeline (`tiny-sdxl`) on the CPU in float32, its VAE as configured.
+pub fn tiny_pipeline() -> sdxl_model::pipeline::Pipeline {
+    sdxl_model::pipeline::Pipeline::from_pretrained(
+        fixture("tiny-sdxl"),
+        Device::Cpu,
+        Kind::Float,
+        sdxl_model::vae::Upcast::Never,
+    )
+    .unwrap()
+}
+
 /// A golden-output file of the fixtures folder.
 pub fn golden(name: &str) -> TensorFile {
     TensorFile::open(fixture(name)).unwrap()
