@@ -14,9 +14,6 @@ use trainer::TrainConfig;
 use trainer::class_images::ensure_class_images;
 use trainer::model_files::{ModelFolder, SingleFileModel};
 
-/// Generation seeds libtorch's process-wide generator: tests that generate hold this lock.
-static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("class-images-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -56,7 +53,6 @@ fn names(paths: &[PathBuf]) -> Vec<String> {
 fn missing_class_images_are_generated_once_and_reproducibly() {
     // One thread: no oversubscription of a shared machine (the tiny model gains nothing from more).
     tch::set_num_threads(1);
-    let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     let dir = scratch("generate");
     let folder = dir.join("class");
     // One image of the user's, and entries that are not images.
@@ -118,7 +114,6 @@ fn missing_class_images_are_generated_once_and_reproducibly() {
 #[test]
 fn a_single_file_makes_the_folders_class_images() {
     tch::set_num_threads(1);
-    let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     let dir = scratch("single-file");
     let single = ModelFolder {
         root: fixture("tiny-sdxl-single-file.safetensors")

@@ -7,7 +7,7 @@
 //! too.
 //!
 //! Every training run happens in a child process (this test binary re-run on the ignored test
-//! `training_child`), so runs never share libtorch's process-wide generator.
+//! `training_child`): each run has a process of its own (its logging, its thread count).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 

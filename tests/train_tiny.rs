@@ -4,7 +4,7 @@
 //! a LoRA bit-identical to an uninterrupted run's, never leaving a corrupt checkpoint behind.
 //!
 //! Every training run happens in a child process (this test binary re-run on the ignored test
-//! `training_child`), so runs never share libtorch's process-wide generator and can be killed.
+//! `training_child`): each run has a process of its own and can be killed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 

@@ -1,6 +1,7 @@
 //! Training runs in child processes for the end-to-end tests: every run re-runs the test binary on
-//! its ignored test `training::training_child`, so runs never share libtorch's process-wide
-//! generator and can be killed.
+//! its ignored test `training::training_child`, so each run has a process of its own (its logging,
+//! its thread count) and can be killed. (Runs draw from generators of their own, so in-process runs
+//! are independent too: `tests/train_concurrent.rs`.)
 
 #![allow(dead_code)] // each test binary uses some of the helpers
 

@@ -10,12 +10,15 @@
 //! DoRA follows peft's `_DoraConvNdLayer` (`peft/tuners/lora/dora.py`): one magnitude per output
 //! channel, the norm taken over input channels and kernel taps.
 
+use std::sync::Arc;
+
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use crate::adapter::Adapter;
 use crate::fp8::tensor_bytes;
 use crate::linear::{Fp8Weight, MergeRecord};
+use crate::randomness::Randomness;
 use crate::{Error, Result};
 
 /// `torch.nn.Conv2d` with a square kernel, dilation 1 and one group (weight `[out, in, k, k]`,
@@ -36,6 +39,8 @@ pub struct Conv2d {
     /// What each merge did, newest last.
     merges: Vec<MergeRecord>,
     training: bool,
+    /// Where dropout draws its masks (libtorch's default generator when `None`).
+    randomness: Option<Arc<dyn Randomness>>,
     fp8: Option<Fp8Weight>,
 }
 
@@ -74,6 +79,7 @@ impl Conv2d {
             adapters: Vec::new(),
             merges: Vec::new(),
             training: false,
+            randomness: None,
             fp8: None,
         }
     }
@@ -261,6 +267,12 @@ impl Conv2d {
         self.training = training;
     }
 
+    /// Where the adapters' dropout draws its masks: `randomness`, or libtorch's default generator
+    /// (`None`, the default). See [`crate::set_randomness`].
+    pub fn set_randomness(&mut self, randomness: Option<Arc<dyn Randomness>>) {
+        self.randomness = randomness;
+    }
+
     /// Folds the enabled, not yet merged adapters (all, or those named) into the base kernel,
     /// `W ← W + scale · B ⊗ A` (DoRA: `m / ‖W + ΔW‖ · (W + ΔW)` per output channel), computed in
     /// fp32 and stored in the kernel's type. Not for the training step: it reads back whether the
@@ -375,7 +387,10 @@ impl Module for Conv2d {
             let x = xs.to_kind(kind);
             let dropout_active = self.training && adapter.dropout > 0.0;
             let dropped = if dropout_active {
-                x.dropout(adapter.dropout, true)
+                match &self.randomness {
+                    Some(randomness) => randomness.dropout(&x, adapter.dropout),
+                    None => x.dropout(adapter.dropout, true),
+                }
             } else {
                 x
             };

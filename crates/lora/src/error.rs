@@ -19,6 +19,10 @@ pub enum Error {
         reason: String,
     },
 
+    /// A [`crate::Randomness`] source could not draw (its own message).
+    #[error("drawing the adapters' random values: {0}")]
+    Randomness(String),
+
     /// No linear layer of the model matched the target patterns.
     #[error("no linear layer matches the LoRA targets {targets:?}")]
     NoTargetMatched {

@@ -9,6 +9,7 @@
 //! [`LoraConfig::conv_alpha`].
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use tch::nn;
 use tch::{Kind, Tensor};
@@ -16,6 +17,7 @@ use tch::{Kind, Tensor};
 use crate::adapter::{Adapter, Scaling};
 use crate::layer::{AdaptedLayer, for_each_layer};
 use crate::linear::HasLinears;
+use crate::randomness::{DefaultGenerator, Randomness};
 use crate::targets::{TEXT_ENCODER_ATTENTION_TARGETS, UNET_ATTENTION_TARGETS};
 use crate::{Error, Result};
 
@@ -244,6 +246,22 @@ pub fn inject(
     name: &str,
     config: &LoraConfig,
 ) -> Result<InjectionReport> {
+    inject_with(model, root, name, config, &DefaultGenerator)
+}
+
+/// [`inject`] with the down-projections' initial values drawn from `randomness` instead of
+/// libtorch's default generator (in the same order, so a source seeded like the default generator
+/// gives the same values). Dropout masks are set apart, by [`set_randomness`].
+///
+/// # Errors
+/// As [`inject`]; the source's errors.
+pub fn inject_with(
+    model: &mut dyn HasLinears,
+    root: &nn::Path,
+    name: &str,
+    config: &LoraConfig,
+    randomness: &dyn Randomness,
+) -> Result<InjectionReport> {
     config.validate()?;
     let mut report = InjectionReport::default();
     let mut matched = vec![false; config.targets.len()];
@@ -257,8 +275,15 @@ pub fn inject(
             *flag |= matches_suffix(module, target);
         }
         let (rank, alpha) = config.layer_rank_and_alpha(module, layer.shape().is_spatial_conv());
-        let added = new_adapter(&module_path(root, module), name, layer, rank, alpha, config)
-            .and_then(|adapter| layer.add_adapter(module, adapter));
+        let added = new_adapter(
+            &module_path(root, module),
+            name,
+            layer,
+            (rank, alpha),
+            config,
+            randomness,
+        )
+        .and_then(|adapter| layer.add_adapter(module, adapter));
         match added {
             Ok(()) => report.adapted.push((module.to_owned(), rank, alpha)),
             Err(error) => failure = Some(error),
@@ -286,26 +311,22 @@ fn new_adapter(
     path: &nn::Path,
     name: &str,
     layer: &dyn AdaptedLayer,
-    rank: i64,
-    alpha: f64,
+    (rank, alpha): (i64, f64),
     config: &LoraConfig,
+    randomness: &dyn Randomness,
 ) -> Result<Adapter> {
     let shape = layer.shape();
-    let down_init = match config.init {
-        Init::Gaussian => nn::Init::Randn {
-            mean: 0.0,
-            stdev: 1.0 / rank as f64,
-        },
+    let (down_shape, up_shape) = shape.adapter_shapes(rank);
+    // What tch's `nn::Init::Randn` / `nn::Init::Uniform` draw, from `randomness`.
+    let (kind, device) = (path.kind(), path.device());
+    let initial = match config.init {
+        Init::Gaussian => randomness.randn(&down_shape, kind, device)? * (1.0 / rank as f64),
         Init::KaimingUniform => {
             let bound = 1.0 / (shape.fan_in() as f64).sqrt();
-            nn::Init::Uniform {
-                lo: -bound,
-                up: bound,
-            }
+            randomness.uniform(&down_shape, -bound, bound, kind, device)?
         }
     };
-    let (down_shape, up_shape) = shape.adapter_shapes(rank);
-    let down = (path / "lora_A").f_var("weight", &down_shape, down_init)?;
+    let down = (path / "lora_A").f_var_copy("weight", &initial)?;
     let up = (path / "lora_B").f_var("weight", &up_shape, nn::Init::Const(0.0))?;
     let mut adapter = Adapter::new(name, down, up, alpha);
     adapter.scaling = config.scaling();
@@ -403,6 +424,14 @@ fn update_adapter(
 /// Training mode (adapter dropout on) or evaluation mode for every linear layer and convolution.
 pub fn set_training(model: &mut dyn HasLinears, training: bool) {
     for_each_layer(model, &mut |_, layer| layer.set_training(training));
+}
+
+/// Where the dropout of every adapted layer of `model` draws its masks while training:
+/// `randomness`, or libtorch's default generator (`None`, the default).
+pub fn set_randomness(model: &mut dyn HasLinears, randomness: Option<Arc<dyn Randomness>>) {
+    for_each_layer(model, &mut |_, layer| {
+        layer.set_randomness(randomness.clone());
+    });
 }
 
 /// Merges every enabled adapter (or only those named) into the base weights of every layer.

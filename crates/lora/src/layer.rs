@@ -1,12 +1,15 @@
 //! What the model-wide operations (injection, merging, the state) need of a layer that carries
 //! adapters, so that they treat linear layers and convolutions alike.
 
+use std::sync::Arc;
+
 use tch::{Device, Tensor};
 
 use crate::Result;
 use crate::adapter::Adapter;
 use crate::conv::Conv2d;
 use crate::linear::{HasLinears, Linear};
+use crate::randomness::Randomness;
 
 /// The shape of an adaptable layer's weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +56,7 @@ pub(crate) trait AdaptedLayer {
     fn add_adapter(&mut self, module: &str, adapter: Adapter) -> Result<()>;
     fn set_adapter_enabled(&mut self, module: &str, name: &str, enabled: bool) -> Result<()>;
     fn set_training(&mut self, training: bool);
+    fn set_randomness(&mut self, randomness: Option<Arc<dyn Randomness>>);
     fn merge(&mut self, module: &str, names: Option<&[&str]>) -> Result<()>;
     fn unmerge(&mut self, module: &str) -> Result<()>;
 
@@ -100,6 +104,9 @@ impl AdaptedLayer for Linear {
     fn set_training(&mut self, training: bool) {
         Linear::set_training(self, training);
     }
+    fn set_randomness(&mut self, randomness: Option<Arc<dyn Randomness>>) {
+        Linear::set_randomness(self, randomness);
+    }
     fn merge(&mut self, module: &str, names: Option<&[&str]>) -> Result<()> {
         Linear::merge(self, module, names)
     }
@@ -139,6 +146,9 @@ impl AdaptedLayer for Conv2d {
     }
     fn set_training(&mut self, training: bool) {
         Conv2d::set_training(self, training);
+    }
+    fn set_randomness(&mut self, randomness: Option<Arc<dyn Randomness>>) {
+        Conv2d::set_randomness(self, randomness);
     }
     fn merge(&mut self, module: &str, names: Option<&[&str]>) -> Result<()> {
         Conv2d::merge(self, module, names)

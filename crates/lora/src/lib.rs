@@ -56,6 +56,7 @@ pub mod fp8;
 mod inject;
 mod layer;
 mod linear;
+mod randomness;
 mod state;
 mod targets;
 
@@ -65,10 +66,12 @@ pub use copies::ComputeCopies;
 pub use error::{Error, Result};
 pub use fp8::{Fp8Report, quantize_base_fp8};
 pub use inject::{
-    Init, InjectionReport, LoraConfig, inject, matches_suffix, merge, module_path,
-    set_compute_kind, set_enabled, set_multiplier, set_training, trainable_variables, unmerge,
+    Init, InjectionReport, LoraConfig, inject, inject_with, matches_suffix, merge, module_path,
+    set_compute_kind, set_enabled, set_multiplier, set_randomness, set_training,
+    trainable_variables, unmerge,
 };
 pub use linear::{HasLinears, Linear};
+pub use randomness::{DefaultGenerator, Randomness};
 
 /// For authors of models built on [`Linear`]: projections that read the same input (attention's
 /// `to_q`, `to_k`, `to_v`) share one weight buffer and run, with their adapters, as one matrix

@@ -8,11 +8,14 @@
 //! A frozen base weight can be stored in fp8 ([`Linear::quantize_fp8`], see [`crate::fp8`]) and is
 //! then widened to its compute type inside `forward`.
 
+use std::sync::Arc;
+
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use crate::adapter::Adapter;
 use crate::fp8::{quantize_e4m3, tensor_bytes};
+use crate::randomness::Randomness;
 use crate::{Error, Result};
 
 /// `y = x Wᵀ + b`, the equivalent of `torch.nn.Linear` (weight `[out, in]`, optional bias `[out]`),
@@ -33,6 +36,8 @@ pub struct Linear {
     /// What each merge did, newest last, so that unmerging can undo them in reverse order.
     merges: Vec<MergeRecord>,
     training: bool,
+    /// Where dropout draws its masks (libtorch's default generator when `None`).
+    randomness: Option<Arc<dyn Randomness>>,
     /// Set when `weight` is stored in fp8.
     fp8: Option<Fp8Weight>,
     /// Set by [`pack_weights`]: where the shared buffer started and this layer's place in it.
@@ -144,6 +149,7 @@ impl Linear {
             adapters: Vec::new(),
             merges: Vec::new(),
             training: false,
+            randomness: None,
             fp8: None,
             pack: None,
         }
@@ -333,6 +339,12 @@ impl Linear {
     /// Training mode applies the adapters' dropout (PyTorch's `module.train()`).
     pub fn set_training(&mut self, training: bool) {
         self.training = training;
+    }
+
+    /// Where the adapters' dropout draws its masks: `randomness`, or libtorch's default generator
+    /// (`None`, the default). See [`crate::set_randomness`].
+    pub fn set_randomness(&mut self, randomness: Option<Arc<dyn Randomness>>) {
+        self.randomness = randomness;
     }
 
     /// Folds the enabled, not yet merged adapters (all of them, or those named) into the base
@@ -679,7 +691,10 @@ impl Module for Linear {
             let x = xs.to_kind(autocast.unwrap_or_else(|| adapter.kind()));
             let dropout_active = self.training && adapter.dropout > 0.0;
             let dropped = if dropout_active {
-                x.dropout(adapter.dropout, true)
+                match &self.randomness {
+                    Some(randomness) => randomness.dropout(&x, adapter.dropout),
+                    None => x.dropout(adapter.dropout, true),
+                }
             } else {
                 x.shallow_clone()
             };

@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Arc;
 
 use common::{Tree, lora_fixture, max_abs_diff, rel_error};
 use lora::format::{self, BlockRenames, Format, ModuleNames, ReadOptions, WriteOptions};
@@ -16,12 +16,39 @@ use tch::nn::{self, Module};
 use tch::{Device, Tensor};
 use test_support::{check, depth, f32_bound};
 
-/// The tests of this binary draw from libtorch's global generator and some compare exact draws:
-/// they run one at a time.
-static GLOBAL_GENERATOR: Mutex<()> = Mutex::new(());
+/// A generator of its own (`torch.Generator().manual_seed(seed)`) as the adapters' randomness:
+/// the masks peft draws after `torch.manual_seed(seed)`, whatever other test threads draw from
+/// libtorch's default generator meanwhile.
+#[derive(Debug)]
+struct Seeded(torch_cuda::rng::Generator);
 
-fn exclusive() -> MutexGuard<'static, ()> {
-    GLOBAL_GENERATOR.lock().unwrap_or_else(|e| e.into_inner())
+impl lora::Randomness for Seeded {
+    fn uniform(
+        &self,
+        shape: &[i64],
+        lo: f64,
+        hi: f64,
+        kind: tch::Kind,
+        _device: Device,
+    ) -> lora::Result<Tensor> {
+        self.0
+            .uniform(shape, lo, hi, kind)
+            .map_err(|e| lora::Error::Randomness(e.to_string()))
+    }
+    fn randn(&self, shape: &[i64], kind: tch::Kind, _device: Device) -> lora::Result<Tensor> {
+        self.0
+            .randn_on_device(shape, kind)
+            .map_err(|e| lora::Error::Randomness(e.to_string()))
+    }
+    fn dropout(&self, xs: &Tensor, p: f64) -> Tensor {
+        self.0.dropout(xs, p).unwrap()
+    }
+}
+
+fn seeded(seed: u64) -> Option<Arc<dyn lora::Randomness>> {
+    Some(Arc::new(Seeded(
+        torch_cuda::rng::Generator::new(seed).unwrap(),
+    )))
 }
 
 /// Convolutions at diffusers module paths, applied in order with tanh in between: the Rust twin of
@@ -177,7 +204,8 @@ fn peft_state(
 }
 
 /// Applies `state` with adapter dropout `dropout` (training mode when it is not 0) and compares the
-/// output under `torch.manual_seed(1234)` with `golden`.
+/// output under `torch.manual_seed(1234)` (here a generator of its own seeded with 1234) with
+/// `golden`.
 fn check_conv(fx: &mut Fixture, state: &LoraState, golden: &str, dropout: f64) -> f64 {
     state
         .apply(&mut fx.conv, Component::Unet, "test", false)
@@ -188,7 +216,7 @@ fn check_conv(fx: &mut Fixture, state: &LoraState, golden: &str, dropout: f64) -
         }
     }
     lora::set_training(&mut fx.conv, dropout > 0.0);
-    tch::manual_seed(1234);
+    lora::set_randomness(&mut fx.conv, seeded(1234));
     let output = fx.conv.forward(&fx.tensors["input.conv"]);
     let expected = &fx.tensors[golden];
     let error = rel_error(&output, expected);
@@ -205,7 +233,6 @@ fn check_conv(fx: &mut Fixture, state: &LoraState, golden: &str, dropout: f64) -
 
 #[test]
 fn locon_file_written_by_diffusers_gives_peft_outputs() {
-    let _serial = exclusive();
     let mut fx = fixture();
     let mut names = ModuleNames::new();
     names.add_model(Component::Unet, &mut fx.conv);
@@ -239,7 +266,6 @@ fn locon_file_written_by_diffusers_gives_peft_outputs() {
 
 #[test]
 fn rslora_on_convolutions_gives_peft_outputs() {
-    let _serial = exclusive();
     let mut fx = fixture();
     let mut state = peft_state(&fx.tensors, "rslora", |_| 3.0);
     for module in state.modules.values_mut() {
@@ -252,7 +278,6 @@ fn rslora_on_convolutions_gives_peft_outputs() {
 
 #[test]
 fn conv_dropout_draws_peft_masks_under_the_same_seed() {
-    let _serial = exclusive();
     let mut fx = fixture();
     let state = peft_state(&fx.tensors, "dropout", |_| 2.0);
     // The dropout is the adapters', not the file's: set it after applying.
@@ -264,7 +289,7 @@ fn conv_dropout_draws_peft_masks_under_the_same_seed() {
         layer.adapter_mut("test").unwrap().dropout = 0.3;
     }
     lora::set_training(&mut fx.conv, true);
-    tch::manual_seed(1234);
+    lora::set_randomness(&mut fx.conv, seeded(1234));
     let output = fx.conv.forward(&fx.tensors["input.conv"]);
     let error = rel_error(&output, &fx.tensors["expected_dropout"]);
     check("LoCon dropout vs peft", error, f32_bound(fx.conv.depth()));
@@ -275,7 +300,6 @@ fn conv_dropout_draws_peft_masks_under_the_same_seed() {
 
 #[test]
 fn linear_dropout_draws_peft_masks_under_the_same_seed() {
-    let _serial = exclusive();
     let mut fx = fixture();
     let tensors = &fx.tensors;
     for (path, layer) in &mut fx.linear.layers {
@@ -300,7 +324,7 @@ fn linear_dropout_draws_peft_masks_under_the_same_seed() {
         bound,
     );
     lora::set_training(&mut fx.linear, true);
-    tch::manual_seed(1234);
+    lora::set_randomness(&mut fx.linear, seeded(1234));
     let output = fx.linear.forward(input);
     check(
         "linear LoRA dropout vs peft",
@@ -312,7 +336,6 @@ fn linear_dropout_draws_peft_masks_under_the_same_seed() {
 
 #[test]
 fn kohya_file_by_diffusers_places_conv_kernels_and_our_files_round_trip() {
-    let _serial = exclusive();
     let mut fx = fixture();
     let mut names = ModuleNames::new();
     names.add_model(Component::Unet, &mut fx.conv);
@@ -387,7 +410,6 @@ fn kohya_file_by_diffusers_places_conv_kernels_and_our_files_round_trip() {
 
 #[test]
 fn merged_locon_equals_the_side_path_and_unmerges() {
-    let _serial = exclusive();
     let mut fx = fixture();
     let state = peft_state(&fx.tensors, "locon", |m| {
         if m.ends_with("conv_shortcut") {
@@ -441,7 +463,6 @@ fn merged_locon_equals_the_side_path_and_unmerges() {
 
 #[test]
 fn injection_gives_spatial_convolutions_the_conv_rank_and_refuses_dora() {
-    let _serial = exclusive();
     let mut fx = fixture();
     let before = fx.conv.forward(&fx.tensors["input.conv"]);
     let store = nn::VarStore::new(Device::Cpu);
@@ -531,7 +552,6 @@ fn injection_gives_spatial_convolutions_the_conv_rank_and_refuses_dora() {
 
 #[test]
 fn dora_on_convolutions_gives_peft_outputs_with_and_without_dropout_and_round_trips() {
-    let _serial = exclusive();
     let mut fx = fixture();
     let mut names = ModuleNames::new();
     names.add_model(Component::Unet, &mut fx.conv);

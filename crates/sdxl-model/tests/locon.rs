@@ -11,10 +11,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Arc;
 
 use common::depth::unet_shape;
-use common::{fixture, rel};
+use common::{Seeded, fixture, rel};
 use lora::format::{self, BlockRenames, Format, ModuleNames, ReadOptions, WriteOptions};
 use lora::{Component, LoraConfig, LoraState};
 use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs, sgm_unet_table};
@@ -22,14 +22,7 @@ use sdxl_model::weights::{TensorFile, load_into};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 use test_support::{check, f32_bound, unet_depth};
-
-/// The tests of this binary draw from libtorch's global generator and some compare exact draws:
-/// they run one at a time.
-static GLOBAL_GENERATOR: Mutex<()> = Mutex::new(());
-
-fn exclusive() -> MutexGuard<'static, ()> {
-    GLOBAL_GENERATOR.lock().unwrap_or_else(|e| e.into_inner())
-}
+use torch_cuda::rng::Generator;
 
 struct Case {
     config: UNetConfig,
@@ -72,17 +65,31 @@ impl Case {
 
     /// kohya's LoCon with adapter dropout 0.5, B made non-zero so that the masks reach the output
     /// and every gradient, in training mode; returns the adapter store.
-    fn with_dropout(&mut self) -> VarStore {
-        let store = VarStore::new(self.base.device());
+    /// The adapters draw their values and masks from the returned generator.
+    fn with_dropout(&mut self) -> (VarStore, Arc<Generator>) {
+        let device = self.base.device();
+        let generator = Arc::new(Generator::on(device, 2).unwrap());
+        let randomness = Arc::new(Seeded(generator.clone()));
+        let store = VarStore::new(device);
         let mut config = kohya_locon(4);
         config.dropout = 0.5;
-        lora::inject(&mut self.unet, &store.root(), "default", &config).unwrap();
-        tch::manual_seed(2);
+        lora::inject_with(
+            &mut self.unet,
+            &store.root(),
+            "default",
+            &config,
+            &*randomness,
+        )
+        .unwrap();
         for (_, tensor) in store.variables() {
-            tch::no_grad(|| tensor.shallow_clone().copy_(&(tensor.randn_like() * 0.1)));
+            let drawn = generator
+                .randn_on_device(&tensor.size(), tensor.kind())
+                .unwrap();
+            tch::no_grad(|| tensor.shallow_clone().copy_(&(drawn * 0.1)));
         }
         lora::set_training(&mut self.unet, true);
-        store
+        lora::set_randomness(&mut self.unet, Some(randomness));
+        (store, generator)
     }
 }
 
@@ -102,7 +109,6 @@ fn kohya_locon(rank: i64) -> LoraConfig {
 
 #[test]
 fn kohya_locon_set_covers_resnets_samplers_and_transformers_only() {
-    let _serial = exclusive();
     let mut case = tiny_sdxl();
     let store = VarStore::new(Device::Cpu);
     let report = lora::inject(&mut case.unet, &store.root(), "default", &kohya_locon(4)).unwrap();
@@ -205,9 +211,8 @@ fn kohya_locon_set_covers_resnets_samplers_and_transformers_only() {
 
 #[test]
 fn checkpointed_gradients_with_lora_dropout_equal_plain_ones() {
-    let _serial = exclusive();
     let mut case = tiny_sdxl();
-    let _store = case.with_dropout();
+    let (_store, generator) = case.with_dropout();
     let (sample, t, ctx, text, ids) = (
         case.get("sample"),
         case.get("timesteps"),
@@ -231,18 +236,21 @@ fn checkpointed_gradients_with_lora_dropout_equal_plain_ones() {
         }
     };
 
-    tch::manual_seed(11);
+    generator.manual_seed(11).unwrap();
     let plain = case.unet.forward(&inputs).unwrap();
     (&plain * &weighting).sum(Kind::Float).backward();
     let plain_grads = grads();
     zero();
     // Another draw of the masks changes the output: dropout is on.
-    tch::manual_seed(12);
+    generator.manual_seed(12).unwrap();
     let other = tch::no_grad(|| case.unet.forward(&inputs)).unwrap();
     assert!(rel(&other, &plain) > 1e-2);
 
-    tch::manual_seed(11);
-    let checkpointed = case.unet.forward_checkpointed(&inputs).unwrap();
+    generator.manual_seed(11).unwrap();
+    let checkpointed = case
+        .unet
+        .forward_checkpointed_drawing_from(&inputs, Some(generator.clone()))
+        .unwrap();
     let depth = unet_depth(&unet_shape(&case.config, &sample, &ctx));
     check(
         "checkpointed output with dropout vs plain",
@@ -251,7 +259,7 @@ fn checkpointed_gradients_with_lora_dropout_equal_plain_ones() {
     );
     checkpointed.backward(&weighting).unwrap();
     // What the generator draws next (the next step's noise), checked last.
-    let after_backward = Tensor::rand([8], (Kind::Float, Device::Cpu));
+    let after_backward = generator.uniform(&[8], 0.0, 1.0, Kind::Float).unwrap();
     let mut checked = 0;
     for ((name, _), (ckpt, plain)) in params.iter().zip(grads().iter().zip(&plain_grads)) {
         check(
@@ -263,9 +271,10 @@ fn checkpointed_gradients_with_lora_dropout_equal_plain_ones() {
     }
     assert!(checked > 100, "{checked}");
     // The backward leaves the generator where the forward pass left it.
-    tch::manual_seed(11);
+    generator.manual_seed(11).unwrap();
     let _ = tch::no_grad(|| case.unet.forward(&inputs)).unwrap();
-    assert!(Tensor::rand([8], (Kind::Float, Device::Cpu)).equal(&after_backward));
+    let next = generator.uniform(&[8], 0.0, 1.0, Kind::Float).unwrap();
+    assert!(next.equal(&after_backward));
 }
 
 /// Whether a CUDA device is there; without one the CUDA test passes, unless `SDXL_REQUIRE_CUDA=1`
@@ -286,17 +295,16 @@ fn cuda() -> bool {
 /// On CUDA, a checkpointed step with adapter dropout captured as a CUDA graph and replayed after
 /// re-seeding gives the gradients of an eager plain step from the same seed: inside the graph the
 /// recomputation replays the forward pass's masks (`torch_cuda::rng` restores the generator's
-/// offset within the graph).
+/// offset within the graph) — the generator being the adapters' own, registered with the graph.
 #[test]
 fn checkpointed_dropout_gradients_replay_inside_a_cuda_graph() {
-    let _serial = exclusive();
     if !cuda() {
         return;
     }
     torch_cuda::set_allow_tf32(false, false);
     let device = Device::Cuda(0);
     let mut case = tiny_sdxl_on(device);
-    let _store = case.with_dropout();
+    let (_store, generator) = case.with_dropout();
     let (sample, t, ctx, text, ids) = (
         case.get("sample"),
         case.get("timesteps"),
@@ -319,7 +327,7 @@ fn checkpointed_dropout_gradients_replay_inside_a_cuda_graph() {
             let _ = p.grad().zero_();
         }
     };
-    tch::manual_seed(11);
+    generator.manual_seed(11).unwrap();
     let plain = case.unet.forward(&inputs).unwrap();
     (&plain * &weighting).sum(Kind::Float).backward();
     let plain_grads = grads();
@@ -328,17 +336,26 @@ fn checkpointed_dropout_gradients_replay_inside_a_cuda_graph() {
     drop(plain);
     // Warm-up (cuBLAS / cuDNN handles, the gradients' storage), then the captured step.
     let step = || {
-        let forward = case.unet.forward_checkpointed(&inputs).unwrap();
+        let forward = case
+            .unet
+            .forward_checkpointed_drawing_from(&inputs, Some(generator.clone()))
+            .unwrap();
         forward.backward(&weighting).unwrap();
     };
     step();
     zero();
-    let (graph, ()) =
-        torch_cuda::CudaGraph::capture(0, None, torch_cuda::CaptureMode::Global, step).unwrap();
+    let (graph, ()) = torch_cuda::CudaGraph::capture_with(
+        0,
+        None,
+        torch_cuda::CaptureMode::Global,
+        &[&generator],
+        step,
+    )
+    .unwrap();
     let depth = unet_depth(&unet_shape(&case.config, &sample, &ctx));
     for replay in 0..2 {
         zero();
-        tch::manual_seed(11);
+        generator.manual_seed(11).unwrap();
         graph.replay().unwrap();
         tch::Cuda::synchronize(0);
         for ((name, _), (graphed, plain)) in params.iter().zip(grads().iter().zip(&plain_grads)) {
@@ -351,7 +368,7 @@ fn checkpointed_dropout_gradients_replay_inside_a_cuda_graph() {
     }
     // Another seed, other masks: the graph does not replay fixed draws.
     zero();
-    tch::manual_seed(12);
+    generator.manual_seed(12).unwrap();
     graph.replay().unwrap();
     let other = params.values().next().unwrap().grad();
     assert!(rel(&other, &plain_grads[0]) > 1e-3);

@@ -3,14 +3,20 @@
 //! so the LoRA gradients equal the plain backward's and the random stream afterwards is where the
 //! plain pass leaves it (else the next step's masks would differ).
 //!
-//! One test in its own binary: it compares exact draws of libtorch's global generator, which tests
-//! running in parallel in one binary would also draw from.
+//! The adapters draw from a generator of their own (as a trainer's do), which the checkpointed pass
+//! saves and sets back around each recomputed layer.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
+mod common;
+
+use std::sync::Arc;
+
+use common::Seeded;
 use sdxl_model::clip::{Activation, ClipTextConfig, ClipTextModel};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
+use torch_cuda::rng::Generator;
 
 fn tiny(with_projection: bool) -> (VarStore, ClipTextModel) {
     let config = ClipTextConfig {
@@ -35,6 +41,7 @@ fn tiny(with_projection: bool) -> (VarStore, ClipTextModel) {
 /// four draws of the generator after the backward.
 fn gradients(
     model: &mut ClipTextModel,
+    generator: &Arc<Generator>,
     checkpointed: bool,
     with_projection: bool,
 ) -> (Vec<Option<Tensor>>, Tensor) {
@@ -47,9 +54,11 @@ fn gradients(
     let ids = Tensor::from_slice(&[3i64, 7, 49, 1, 1, 1, 4, 49, 2, 2, 2, 2]).view([2, 6]);
     let hidden_weight = Tensor::ones([2, 6, 8], (Kind::Double, Device::Cpu)) * 0.5;
     let pooled_weight = Tensor::ones([2, 5], (Kind::Double, Device::Cpu)) * -0.25;
-    tch::manual_seed(5);
+    generator.manual_seed(5).unwrap();
     if checkpointed {
-        let forward = model.forward_checkpointed(&ids, with_projection).unwrap();
+        let forward = model
+            .forward_checkpointed_drawing_from(&ids, with_projection, Some(generator.clone()))
+            .unwrap();
         forward
             .backward(&hidden_weight, with_projection.then_some(&pooled_weight))
             .unwrap();
@@ -62,7 +71,7 @@ fn gradients(
         }
         loss.backward();
     }
-    let after = Tensor::rand([4], (Kind::Double, Device::Cpu));
+    let after = generator.uniform(&[4], 0.0, 1.0, Kind::Double).unwrap();
     let grads = params
         .iter()
         .map(|p| p.grad().defined().then(|| p.grad().copy()))
@@ -73,18 +82,29 @@ fn gradients(
 #[test]
 fn checkpointed_text_encoder_replays_dropout_and_leaves_the_stream_where_plain_does() {
     for with_projection in [false, true] {
-        tch::manual_seed(11);
         let (_vs, mut model) = tiny(with_projection);
+        let generator = Arc::new(Generator::new(11).unwrap());
+        let randomness = Arc::new(Seeded(generator.clone()));
         let adapters = VarStore::new(Device::Cpu);
         let mut config = lora::LoraConfig::text_encoder_attention(2);
         config.dropout = 0.3;
-        lora::inject(&mut model, &adapters.root(), "default", &config).unwrap();
+        lora::inject_with(
+            &mut model,
+            &adapters.root(),
+            "default",
+            &config,
+            &*randomness,
+        )
+        .unwrap();
         lora::set_training(&mut model, true);
+        lora::set_randomness(&mut model, Some(randomness));
         for (_, mut v) in lora::trainable_variables(&mut model) {
-            tch::no_grad(|| v.copy_(&(v.randn_like() * 0.3)));
+            let drawn = generator.randn_on_device(&v.size(), v.kind()).unwrap();
+            tch::no_grad(|| v.copy_(&(drawn * 0.3)));
         }
-        let (plain, plain_after) = gradients(&mut model, false, with_projection);
-        let (checkpointed, checkpointed_after) = gradients(&mut model, true, with_projection);
+        let (plain, plain_after) = gradients(&mut model, &generator, false, with_projection);
+        let (checkpointed, checkpointed_after) =
+            gradients(&mut model, &generator, true, with_projection);
         assert!(
             plain_after.equal(&checkpointed_after),
             "the random stream moved differently (with_projection {with_projection})"
@@ -108,7 +128,7 @@ fn checkpointed_text_encoder_replays_dropout_and_leaves_the_stream_where_plain_d
         assert_eq!(checked, if with_projection { 24 } else { 16 });
         // Dropout acted: without it the gradients differ.
         lora::set_training(&mut model, false);
-        let (no_dropout, _) = gradients(&mut model, false, with_projection);
+        let (no_dropout, _) = gradients(&mut model, &generator, false, with_projection);
         assert!(no_dropout.iter().zip(&plain).any(
             |(a, b)| matches!((a, b), (Some(a), Some(b)) if !a.allclose(b, 1e-6, 1e-9, false))
         ));

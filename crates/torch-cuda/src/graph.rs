@@ -31,6 +31,10 @@ mod ffi {
             mode: i32,
         ) -> i32;
         pub fn torch_cuda_graph_capture_end(graph: *mut c_void) -> i32;
+        pub fn torch_cuda_graph_register_generator(
+            graph: *mut c_void,
+            generator: *mut c_void,
+        ) -> i32;
         pub fn torch_cuda_graph_replay(graph: *mut c_void) -> i32;
         pub fn torch_cuda_synchronize(device: i32) -> i32;
     }
@@ -87,6 +91,32 @@ impl CudaGraph {
         mode: CaptureMode,
         record: impl FnOnce() -> T,
     ) -> Result<(CudaGraph, T), Error> {
+        Self::capture_with(device, share_pool_with, mode, &[], record)
+    }
+
+    /// [`CudaGraph::capture`] with CUDA generators of their own ([`crate::rng::Generator::on`])
+    /// registered with the graph (`torch.cuda.CUDAGraph.register_generator_state`), so that the
+    /// recorded work may draw from them: each replay draws from the generator's seed and offset at
+    /// that time, as it does from libtorch's default generator.
+    ///
+    /// # Errors
+    /// As [`CudaGraph::capture`]; a generator on another device than `device`.
+    pub fn capture_with<T>(
+        device: usize,
+        share_pool_with: Option<&CudaGraph>,
+        mode: CaptureMode,
+        generators: &[&crate::rng::Generator],
+        record: impl FnOnce() -> T,
+    ) -> Result<(CudaGraph, T), Error> {
+        if let Some(other) = generators
+            .iter()
+            .find(|g| g.device() != tch::Device::Cuda(device))
+        {
+            return Err(Error::Graph(format!(
+                "a generator on {:?} cannot be registered with a graph of CUDA device {device}",
+                other.device()
+            )));
+        }
         if !tch::Cuda::is_available() || device >= tch::Cuda::device_count() as usize {
             return Err(unavailable());
         }
@@ -101,6 +131,11 @@ impl CudaGraph {
                     return Err(last_error("allocating the graph"));
                 }
                 let graph = CudaGraph { raw, device };
+                for generator in generators {
+                    if ffi::torch_cuda_graph_register_generator(graph.raw, generator.raw()) != 0 {
+                        return Err(last_error("registering a generator"));
+                    }
+                }
                 let share = share_pool_with.map_or(std::ptr::null_mut(), |g| g.raw);
                 let mode = match mode {
                     CaptureMode::Global => 0,
@@ -119,7 +154,7 @@ impl CudaGraph {
         }
         #[cfg(not(torch_cuda_shim))]
         {
-            let _ = (share_pool_with, mode, record);
+            let _ = (share_pool_with, mode, generators, record);
             Err(unavailable())
         }
     }

@@ -17,8 +17,13 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_fused_dropout.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/rand.h>
+#include <ATen/ops/randint.h>
 #include <ATen/ops/randn.h>
+#include <ATen/ops/zeros.h>
 
 #include <cstdint>
 #include <cstring>
@@ -66,16 +71,17 @@ at::CUDAGeneratorState& cuda_state(const at::Generator& generator) {
 }
 #endif
 
-// What a snapshot holds: the CPU generator's state tensor, or a CUDA generator's seed and offset.
+// What a snapshot holds: the generator it was taken of, and its state then (a CPU generator's state
+// tensor, or a CUDA generator's seed and offset).
 struct Snapshot {
-    int cuda_device = -1;  // -1: the CPU generator
+    at::Generator generator;
     at::Tensor cpu_state;
     uint64_t seed = 0;
     uint64_t offset = 0;
     bool capturing = false;
 };
 
-const at::Generator& default_generator(int cuda_device) {
+at::Generator default_generator(int cuda_device) {
 #ifdef RNG_SHIM_CUDA
     if (cuda_device >= 0) {
         return at::cuda::detail::getDefaultCUDAGenerator(static_cast<c10::DeviceIndex>(cuda_device));
@@ -88,9 +94,9 @@ const at::Generator& default_generator(int cuda_device) {
 }
 
 void take(Snapshot& snap) {
-    at::Generator generator = default_generator(snap.cuda_device);
+    at::Generator& generator = snap.generator;
     std::lock_guard<std::mutex> lock(generator.mutex());
-    if (snap.cuda_device < 0) {
+    if (generator.device().is_cpu()) {
         snap.cpu_state = generator.get_state();
         return;
     }
@@ -105,9 +111,9 @@ void take(Snapshot& snap) {
 }
 
 void put(const Snapshot& snap) {
-    at::Generator generator = default_generator(snap.cuda_device);
+    at::Generator generator = snap.generator;
     std::lock_guard<std::mutex> lock(generator.mutex());
-    if (snap.cuda_device < 0) {
+    if (generator.device().is_cpu()) {
         generator.set_state(snap.cpu_state);
         return;
     }
@@ -128,6 +134,25 @@ void put(const Snapshot& snap) {
 #endif
 }
 
+Snapshot* snapshot_of(const at::Generator& generator) {
+    auto* snap = new Snapshot{generator};
+    try {
+        take(*snap);
+    } catch (...) {
+        delete snap;
+        throw;
+    }
+    return snap;
+}
+
+at::Generator& generator_at(void* generator) { return *static_cast<at::Generator*>(generator); }
+
+at::IntArrayRef dims(const int64_t* shape, int64_t ndim) {
+    return at::IntArrayRef(shape, static_cast<size_t>(ndim));
+}
+
+const at::Tensor& tensor_at(const void* tensor) { return *static_cast<const at::Tensor*>(tensor); }
+
 }  // namespace
 
 extern "C" {
@@ -146,17 +171,7 @@ int torch_rng_has_cuda() {
 // A snapshot of the default generator of `cuda_device` (-1: the CPU's) in *out; free it with
 // torch_rng_free.
 int torch_rng_save(int cuda_device, void** out) {
-    return guarded([&] {
-        auto* snap = new Snapshot();
-        snap->cuda_device = cuda_device;
-        try {
-            take(*snap);
-        } catch (...) {
-            delete snap;
-            throw;
-        }
-        *out = snap;
-    });
+    return guarded([&] { *out = snapshot_of(default_generator(cuda_device)); });
 }
 
 // Makes the generator the snapshot was taken of draw from where it stood then.
@@ -166,11 +181,9 @@ int torch_rng_restore(void* snapshot) {
 
 void torch_rng_free(void* snapshot) { delete static_cast<Snapshot*>(snapshot); }
 
-// A CPU generator of its own, seeded: torch.Generator().manual_seed(seed). Free with
-// torch_rng_generator_free. Draws from it lock its own mutex (as every ATen kernel does), so it may
-// move between threads.
-int torch_rng_generator_new(uint64_t seed, void** out) {
-    return guarded([&] { *out = new at::Generator(at::make_generator<at::CPUGeneratorImpl>(seed)); });
+// A new snapshot, in *out, of the generator `snapshot` was taken of, as it stands now.
+int torch_rng_save_again(void* snapshot, void** out) {
+    return guarded([&] { *out = snapshot_of(static_cast<Snapshot*>(snapshot)->generator); });
 }
 
 void torch_rng_generator_free(void* generator) { delete static_cast<at::Generator*>(generator); }
@@ -193,6 +206,104 @@ int torch_rng_generator_randn(void* generator, const int64_t* shape, int64_t ndi
                                      at::TensorOptions().dtype(at::kFloat));
         std::memcpy(out, drawn.const_data_ptr<float>(), static_cast<size_t>(drawn.numel()) * sizeof(float));
     });
+}
+
+// A generator of its own on `cuda_device` (-1: the CPU), seeded: torch.Generator(device).manual_seed(seed).
+// Free with torch_rng_generator_free.
+int torch_rng_generator_new_on(int cuda_device, uint64_t seed, void** out) {
+    return guarded([&] {
+        if (cuda_device < 0) {
+            *out = new at::Generator(at::make_generator<at::CPUGeneratorImpl>(seed));
+            return;
+        }
+#ifdef RNG_SHIM_CUDA
+        auto generator = at::make_generator<at::CUDAGeneratorImpl>(static_cast<c10::DeviceIndex>(cuda_device));
+        {
+            std::lock_guard<std::mutex> lock(generator.mutex());
+            generator.set_current_seed(seed);
+        }
+        *out = new at::Generator(generator);
+#else
+        throw std::runtime_error("this build has no CUDA generators (no CUDA headers at build time)");
+#endif
+    });
+}
+
+// generator.manual_seed(seed): the stream starts again from `seed` (on CUDA: offset 0).
+int torch_rng_generator_seed(void* generator, uint64_t seed) {
+    return guarded([&] {
+        auto& g = generator_at(generator);
+        std::lock_guard<std::mutex> lock(g.mutex());
+        g.set_current_seed(seed);
+    });
+}
+
+// The device of the generator: -1 for the CPU, else the CUDA device index.
+int torch_rng_generator_device(void* generator) {
+    const auto device = generator_at(generator).device();
+    return device.is_cpu() ? -1 : static_cast<int>(device.index());
+}
+
+// torch.randn(shape, generator=g, dtype=like.dtype, device=g.device) as a new tensor in *out.
+int torch_rng_generator_randn_like(void* generator, const int64_t* shape, int64_t ndim, const void* like,
+                                   void** out) {
+    return guarded([&] {
+        auto& g = generator_at(generator);
+        auto options = tensor_at(like).options().device(g.device());
+        *out = new at::Tensor(at::randn(dims(shape, ndim), g, options));
+    });
+}
+
+// torch.randint(high, shape, generator=g, dtype=int64, device=g.device) as a new tensor in *out.
+int torch_rng_generator_randint(void* generator, int64_t high, const int64_t* shape, int64_t ndim, void** out) {
+    return guarded([&] {
+        auto& g = generator_at(generator);
+        auto options = at::TensorOptions().dtype(at::kLong).device(g.device());
+        *out = new at::Tensor(at::randint(high, dims(shape, ndim), g, options));
+    });
+}
+
+// torch.zeros(shape, dtype=like.dtype, device=g.device).uniform_(lo, hi, generator=g) in *out (how
+// tch initialises a variable with Init::Uniform, from this generator).
+int torch_rng_generator_uniform_like(void* generator, const int64_t* shape, int64_t ndim, double lo, double hi,
+                                     const void* like, void** out) {
+    return guarded([&] {
+        auto& g = generator_at(generator);
+        auto options = tensor_at(like).options().device(g.device());
+        at::Tensor drawn = at::zeros(dims(shape, ndim), options);
+        drawn.uniform_(lo, hi, g);
+        *out = new at::Tensor(drawn);
+    });
+}
+
+// torch.nn.functional.dropout(input, p, training=True) with its masks from this generator, with
+// autograd: libtorch's own two routes, as at::dropout takes them — on CUDA the fused kernel
+// (native_dropout's, through _fused_dropout, which takes a generator; it keeps with probability
+// 1 - p), elsewhere a Bernoulli(1 - p) mask scaled by 1 / (1 - p) and multiplied in.
+int torch_rng_generator_dropout(void* generator, const void* input, double p, void** out) {
+    return guarded([&] {
+        auto& g = generator_at(generator);
+        const at::Tensor& x = tensor_at(input);
+        if (x.device() != g.device()) {
+            throw std::runtime_error("dropout: the input is on another device than the generator");
+        }
+        if (!(p > 0.0 && p < 1.0)) {
+            throw std::runtime_error("dropout: p must be in (0, 1)");
+        }
+        if (x.is_cuda() && x.numel() > 0) {
+            *out = new at::Tensor(std::get<0>(at::_fused_dropout(x, 1.0 - p, g)));
+            return;
+        }
+        at::Tensor noise = at::empty_like(x);
+        noise.bernoulli_(1.0 - p, g);
+        noise.div_(1.0 - p);
+        *out = new at::Tensor(x.mul(noise));
+    });
+}
+
+// A snapshot of this generator's state in *out (as torch_rng_save for the default ones).
+int torch_rng_generator_save(void* generator, void** out) {
+    return guarded([&] { *out = snapshot_of(generator_at(generator)); });
 }
 
 }  // extern "C"

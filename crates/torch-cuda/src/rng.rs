@@ -29,7 +29,10 @@ mod ffi {
         pub fn torch_rng_save(cuda_device: i32, out: *mut *mut std::ffi::c_void) -> i32;
         pub fn torch_rng_restore(snapshot: *mut std::ffi::c_void) -> i32;
         pub fn torch_rng_free(snapshot: *mut std::ffi::c_void);
-        pub fn torch_rng_generator_new(seed: u64, out: *mut *mut std::ffi::c_void) -> i32;
+        pub fn torch_rng_save_again(
+            snapshot: *mut std::ffi::c_void,
+            out: *mut *mut std::ffi::c_void,
+        ) -> i32;
         pub fn torch_rng_generator_free(generator: *mut std::ffi::c_void);
         pub fn torch_rng_generator_rand(
             generator: *mut std::ffi::c_void,
@@ -41,6 +44,45 @@ mod ffi {
             shape: *const i64,
             ndim: i64,
             out: *mut f32,
+        ) -> i32;
+        pub fn torch_rng_generator_new_on(
+            cuda_device: i32,
+            seed: u64,
+            out: *mut *mut std::ffi::c_void,
+        ) -> i32;
+        pub fn torch_rng_generator_seed(generator: *mut std::ffi::c_void, seed: u64) -> i32;
+        pub fn torch_rng_generator_randn_like(
+            generator: *mut std::ffi::c_void,
+            shape: *const i64,
+            ndim: i64,
+            like: *const std::ffi::c_void,
+            out: *mut *mut std::ffi::c_void,
+        ) -> i32;
+        pub fn torch_rng_generator_randint(
+            generator: *mut std::ffi::c_void,
+            high: i64,
+            shape: *const i64,
+            ndim: i64,
+            out: *mut *mut std::ffi::c_void,
+        ) -> i32;
+        pub fn torch_rng_generator_uniform_like(
+            generator: *mut std::ffi::c_void,
+            shape: *const i64,
+            ndim: i64,
+            lo: f64,
+            hi: f64,
+            like: *const std::ffi::c_void,
+            out: *mut *mut std::ffi::c_void,
+        ) -> i32;
+        pub fn torch_rng_generator_dropout(
+            generator: *mut std::ffi::c_void,
+            input: *const std::ffi::c_void,
+            p: f64,
+            out: *mut *mut std::ffi::c_void,
+        ) -> i32;
+        pub fn torch_rng_generator_save(
+            generator: *mut std::ffi::c_void,
+            out: *mut *mut std::ffi::c_void,
         ) -> i32;
     }
 }
@@ -99,6 +141,56 @@ impl RngState {
         Ok(None)
     }
 
+    /// A snapshot of a generator of its own (see [`Generator`]), for a recomputation that must draw
+    /// what the first run drew from it.
+    ///
+    /// # Errors
+    /// [`Error::Rng`] with libtorch's message.
+    #[allow(unsafe_code)]
+    pub fn of(generator: &Generator) -> Result<Self, Error> {
+        #[cfg(torch_rng_shim)]
+        {
+            let mut snapshot = std::ptr::null_mut();
+            // SAFETY: the generator is live; `snapshot` receives a heap object owned by the
+            // returned value, freed in Drop.
+            let status = unsafe { ffi::torch_rng_generator_save(generator.raw(), &mut snapshot) };
+            if status != 0 {
+                return Err(Error::Rng(last_error()));
+            }
+            Ok(Self {
+                snapshot,
+                device: generator.device(),
+            })
+        }
+        #[cfg(not(torch_rng_shim))]
+        Err(no_shim(generator.device()))
+    }
+
+    /// A snapshot of the same generator (the default one of this device, or the generator of its
+    /// own) as it stands now.
+    ///
+    /// # Errors
+    /// [`Error::Rng`] with libtorch's message.
+    #[allow(unsafe_code)]
+    pub fn save_again(&self) -> Result<Self, Error> {
+        #[cfg(torch_rng_shim)]
+        {
+            let mut snapshot = std::ptr::null_mut();
+            // SAFETY: `self.snapshot` is live; `snapshot` receives a heap object owned by the
+            // returned value, freed in Drop.
+            let status = unsafe { ffi::torch_rng_save_again(self.snapshot, &mut snapshot) };
+            if status != 0 {
+                return Err(Error::Rng(last_error()));
+            }
+            Ok(Self {
+                snapshot,
+                device: self.device,
+            })
+        }
+        #[cfg(not(torch_rng_shim))]
+        Err(no_shim(self.device))
+    }
+
     /// The device whose generator this is.
     pub fn device(&self) -> Device {
         self.device
@@ -132,10 +224,16 @@ impl Drop for RngState {
     }
 }
 
-/// A CPU random generator of its own, `torch.Generator().manual_seed(seed)`: libtorch's
-/// Mersenne Twister, drawn by libtorch's kernels, but independent of the process-wide default
-/// generator that [`tch::manual_seed`] seeds. Two users with a generator each (two pipelines in two
-/// threads) draw the same numbers as each alone.
+/// A random generator of its own on one device, `torch.Generator(device).manual_seed(seed)`:
+/// libtorch's Mersenne Twister on the CPU, its Philox generator on CUDA, drawn by libtorch's kernels,
+/// but independent of the process-wide default generators that [`tch::manual_seed`] seeds. Two users
+/// with a generator each (two pipelines or two trainers in two threads) draw the same numbers as
+/// each alone, and a generator seeded like the default one draws what the default one would.
+///
+/// Draws take `&self`: libtorch locks the generator's own mutex around every draw (and this crate
+/// around re-seeding), so one generator may be shared, e.g. between a trainer's step and its
+/// adapters' dropout. On CUDA, work captured in a graph may draw from it once it is registered with
+/// the graph ([`crate::CudaGraph::capture_with`]).
 ///
 /// ```
 /// use torch_cuda::rng::Generator;
@@ -152,37 +250,262 @@ impl Drop for RngState {
 pub struct Generator {
     #[cfg(torch_rng_shim)]
     generator: *mut std::ffi::c_void,
+    device: Device,
 }
 
 // SAFETY: the shim's `at::Generator` is owned by this value alone, and libtorch locks the
-// generator's own mutex around every draw; moving it to another thread is sound.
+// generator's own mutex around every draw (the shim around re-seeding); using it from several
+// threads is sound.
 #[allow(unsafe_code)]
 unsafe impl Send for Generator {}
+#[allow(unsafe_code)]
+unsafe impl Sync for Generator {}
+
+#[cfg(not(torch_rng_shim))]
+fn no_shim(device: Device) -> Error {
+    Error::Rng(format!(
+        "this build has no generator shim for {device:?} (torch's headers were not found at build time)"
+    ))
+}
+
+/// Reads the tensor the shim made (`new at::Tensor`) into a `tch::Tensor` owning it, or the error.
+#[cfg(torch_rng_shim)]
+#[allow(unsafe_code)]
+fn made(status: i32, out: *mut std::ffi::c_void) -> Result<tch::Tensor, Error> {
+    if status != 0 {
+        return Err(Error::Rng(last_error()));
+    }
+    // SAFETY: on success the shim stored a heap `at::Tensor` (tch's C_tensor) in `out`, whose
+    // ownership passes to the returned tensor.
+    Ok(unsafe { tch::Tensor::from_ptr(out.cast()) })
+}
+
+fn check_shape(shape: &[i64]) -> Result<(), Error> {
+    if shape.iter().any(|&d| d < 0) {
+        return Err(Error::Rng(format!("negative dimension in {shape:?}")));
+    }
+    Ok(())
+}
 
 impl Generator {
-    /// A generator seeded with `seed`.
+    /// A CPU generator seeded with `seed`.
     ///
     /// # Errors
     /// [`Error::Rng`] where this build has no random-state shim (see [`available`]).
-    #[allow(unsafe_code)]
     pub fn new(seed: u64) -> Result<Self, Error> {
+        Self::on(Device::Cpu, seed)
+    }
+
+    /// A generator on `device` (the CPU or a CUDA device) seeded with `seed`: it draws what the
+    /// device's default generator draws after `tch::manual_seed(seed)`.
+    ///
+    /// # Errors
+    /// [`Error::Rng`] where this build cannot make one for `device` (see [`available`]), or with
+    /// libtorch's message (no such CUDA device).
+    #[allow(unsafe_code)]
+    pub fn on(device: Device, seed: u64) -> Result<Self, Error> {
+        let index = match device {
+            Device::Cpu => -1,
+            Device::Cuda(index) => index as i32,
+            other => {
+                return Err(Error::Rng(format!("no generator of its own on {other:?}")));
+            }
+        };
+        if !available(device) {
+            return Err(Error::Rng(format!(
+                "this build cannot make a generator on {device:?} (torch-cuda was built without \
+                 torch's{} headers)",
+                if index >= 0 { " or CUDA's" } else { "" }
+            )));
+        }
         #[cfg(torch_rng_shim)]
         {
             let mut generator = std::ptr::null_mut();
             // SAFETY: `generator` receives a heap object owned by the returned value, freed in Drop.
-            if unsafe { ffi::torch_rng_generator_new(seed, &mut generator) } != 0 {
+            if unsafe { ffi::torch_rng_generator_new_on(index, seed, &mut generator) } != 0 {
                 return Err(Error::Rng(last_error()));
             }
-            Ok(Self { generator })
+            Ok(Self { generator, device })
         }
         #[cfg(not(torch_rng_shim))]
         {
             let _ = seed;
-            Err(Error::Rng(
-                "this build has no generator shim (torch's headers were not found at build time)"
-                    .into(),
-            ))
+            Err(no_shim(device))
         }
+    }
+
+    /// The device this generator draws for.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    fn on_cpu(&self, what: &str) -> Result<(), Error> {
+        if self.device != Device::Cpu {
+            return Err(Error::Rng(format!(
+                "`{what}` reads its draws on the host: a generator on {:?} draws with \
+                 `randn_on_device`",
+                self.device
+            )));
+        }
+        Ok(())
+    }
+
+    #[cfg(torch_rng_shim)]
+    pub(crate) fn raw(&self) -> *mut std::ffi::c_void {
+        self.generator
+    }
+
+    /// `generator.manual_seed(seed)`: the stream starts again from `seed`. Not during a CUDA graph
+    /// capture (libtorch refuses); between replays it sets what the next replay draws.
+    ///
+    /// # Errors
+    /// [`Error::Rng`] with libtorch's message.
+    #[allow(unsafe_code)]
+    pub fn manual_seed(&self, seed: u64) -> Result<(), Error> {
+        #[cfg(torch_rng_shim)]
+        {
+            // SAFETY: the generator is live; the shim locks its mutex.
+            if unsafe { ffi::torch_rng_generator_seed(self.generator, seed) } != 0 {
+                return Err(Error::Rng(last_error()));
+            }
+            Ok(())
+        }
+        #[cfg(not(torch_rng_shim))]
+        {
+            let _ = seed;
+            Err(no_shim(self.device))
+        }
+    }
+
+    /// `torch.randn(shape, generator=g, dtype=kind, device=g.device)`: standard normal draws on
+    /// this generator's device.
+    ///
+    /// # Errors
+    /// [`Error::Rng`] with libtorch's message (a negative dimension, a kind with no normal
+    /// distribution).
+    #[allow(unsafe_code)]
+    pub fn randn_on_device(&self, shape: &[i64], kind: tch::Kind) -> Result<tch::Tensor, Error> {
+        check_shape(shape)?;
+        #[cfg(torch_rng_shim)]
+        {
+            let like = tch::Tensor::empty([0], (kind, Device::Cpu));
+            let mut out = std::ptr::null_mut();
+            // SAFETY: the generator and `like` are live; `shape` has `shape.len()` sizes.
+            let status = unsafe {
+                ffi::torch_rng_generator_randn_like(
+                    self.generator,
+                    shape.as_ptr(),
+                    shape.len() as i64,
+                    like.as_ptr().cast(),
+                    &mut out,
+                )
+            };
+            made(status, out)
+        }
+        #[cfg(not(torch_rng_shim))]
+        {
+            let _ = kind;
+            Err(no_shim(self.device))
+        }
+    }
+
+    /// `torch.randint(high, shape, generator=g, device=g.device)`: int64 draws uniform in
+    /// `[0, high)` on this generator's device.
+    ///
+    /// # Errors
+    /// [`Error::Rng`] with libtorch's message (`high` ≤ 0, a negative dimension).
+    #[allow(unsafe_code)]
+    pub fn randint(&self, high: i64, shape: &[i64]) -> Result<tch::Tensor, Error> {
+        check_shape(shape)?;
+        #[cfg(torch_rng_shim)]
+        {
+            let mut out = std::ptr::null_mut();
+            // SAFETY: the generator is live; `shape` has `shape.len()` sizes.
+            let status = unsafe {
+                ffi::torch_rng_generator_randint(
+                    self.generator,
+                    high,
+                    shape.as_ptr(),
+                    shape.len() as i64,
+                    &mut out,
+                )
+            };
+            made(status, out)
+        }
+        #[cfg(not(torch_rng_shim))]
+        {
+            let _ = high;
+            Err(no_shim(self.device))
+        }
+    }
+
+    /// `torch.zeros(shape, dtype=kind).uniform_(lo, hi, generator=g)` on this generator's device:
+    /// what tch's `nn::Init::Uniform` draws from the default generator.
+    ///
+    /// # Errors
+    /// [`Error::Rng`] with libtorch's message (`lo > hi`, a negative dimension).
+    #[allow(unsafe_code)]
+    pub fn uniform(
+        &self,
+        shape: &[i64],
+        lo: f64,
+        hi: f64,
+        kind: tch::Kind,
+    ) -> Result<tch::Tensor, Error> {
+        check_shape(shape)?;
+        #[cfg(torch_rng_shim)]
+        {
+            let like = tch::Tensor::empty([0], (kind, Device::Cpu));
+            let mut out = std::ptr::null_mut();
+            // SAFETY: the generator and `like` are live; `shape` has `shape.len()` sizes.
+            let status = unsafe {
+                ffi::torch_rng_generator_uniform_like(
+                    self.generator,
+                    shape.as_ptr(),
+                    shape.len() as i64,
+                    lo,
+                    hi,
+                    like.as_ptr().cast(),
+                    &mut out,
+                )
+            };
+            made(status, out)
+        }
+        #[cfg(not(torch_rng_shim))]
+        {
+            let _ = (lo, hi, kind);
+            Err(no_shim(self.device))
+        }
+    }
+
+    /// `torch.nn.functional.dropout(xs, p, training=True)` with its mask drawn from this generator,
+    /// differentiable: on CUDA libtorch's fused dropout kernel, elsewhere a Bernoulli mask scaled by
+    /// `1 / (1 - p)`, as `at::dropout` takes them — so it draws what `xs.dropout(p, true)` draws
+    /// from a default generator seeded alike. `p == 0` returns `xs`.
+    ///
+    /// # Errors
+    /// [`Error::Rng`]: `p` outside `[0, 1)`, `xs` on another device than the generator.
+    #[allow(unsafe_code)]
+    pub fn dropout(&self, xs: &tch::Tensor, p: f64) -> Result<tch::Tensor, Error> {
+        if p == 0.0 {
+            return Ok(xs.shallow_clone());
+        }
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::Rng(format!(
+                "dropout probability {p} is not in [0, 1)"
+            )));
+        }
+        #[cfg(torch_rng_shim)]
+        {
+            let mut out = std::ptr::null_mut();
+            // SAFETY: the generator and `xs` are live.
+            let status = unsafe {
+                ffi::torch_rng_generator_dropout(self.generator, xs.as_ptr().cast(), p, &mut out)
+            };
+            made(status, out)
+        }
+        #[cfg(not(torch_rng_shim))]
+        Err(no_shim(self.device))
     }
 
     /// `torch.rand(n, generator=g)`: `n` float32 uniform numbers in [0, 1).
@@ -191,6 +514,7 @@ impl Generator {
     /// [`Error::Rng`] with libtorch's message.
     #[allow(unsafe_code)]
     pub fn rand(&mut self, n: usize) -> Result<Vec<f32>, Error> {
+        self.on_cpu("rand")?;
         let mut out = vec![0f32; n];
         #[cfg(torch_rng_shim)]
         {
@@ -212,6 +536,7 @@ impl Generator {
     /// [`Error::Rng`] with libtorch's message (a negative dimension).
     #[allow(unsafe_code)]
     pub fn randn(&mut self, shape: &[i64]) -> Result<tch::Tensor, Error> {
+        self.on_cpu("randn")?;
         if shape.iter().any(|&d| d < 0) {
             return Err(Error::Rng(format!("negative dimension in {shape:?}")));
         }

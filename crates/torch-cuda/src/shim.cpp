@@ -192,6 +192,20 @@ void torch_cuda_graph_free(void* graph) {
     }
 }
 
+// Registers a CUDA generator of its own (an at::Generator* from rng.cpp) with the graph before its
+// capture, as torch.cuda.CUDAGraph.register_generator_state does: its draws inside the capture take
+// their seed and offset from the generator at each replay (libtorch's default generator always is).
+int torch_cuda_graph_register_generator(void* graph, void* generator) {
+    try {
+        static_cast<Graph*>(graph)->graph.register_generator_state(*static_cast<at::Generator*>(generator));
+        return 0;
+    } catch (const std::exception& e) {
+        return fail(e);
+    } catch (...) {
+        return fail_unknown();
+    }
+}
+
 // Waits for the device, makes `device`'s capture stream current and starts capturing on it, in the
 // memory pool of `share` (another graph, never replayed concurrently) or a private one.
 // `mode`: 0 global, 1 thread-local, 2 relaxed (cudaStreamCaptureMode).

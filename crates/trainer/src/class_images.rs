@@ -207,16 +207,18 @@ impl Generator<'_> {
         Ok(())
     }
 
-    /// One unit Gaussian latent per image, each from the CPU generator seeded with `seed + index`.
+    /// One unit Gaussian latent per image, each from a CPU generator of its own seeded with
+    /// `seed + index` (`torch.Generator().manual_seed(seed + index)`).
     fn initial_noise(&self, shape: [i64; 4], indices: &[u64]) -> Result<Tensor> {
         let [_, channels, height, width] = shape;
         let noise = indices
             .iter()
             .map(|&index| {
-                tch::manual_seed(self.seed.wrapping_add(index) as i64);
-                torch_cuda::portable::randn(&[1, channels, height, width])
+                let mut generator = torch_cuda::rng::Generator::new(self.seed.wrapping_add(index))?;
+                torch_cuda::portable::randn_with(&mut generator, &[1, channels, height, width])
             })
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(Error::Random)?;
         Ok(Tensor::f_cat(&noise, 0)?)
     }
 

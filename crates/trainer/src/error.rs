@@ -189,6 +189,10 @@ pub enum Error {
         parameter: String,
     },
 
+    /// The run's own random generator failed (libtorch's message).
+    #[error("the run's random generator: {0}")]
+    Random(torch_cuda::Error),
+
     /// Capturing or replaying the training step as a CUDA graph failed.
     #[error("--cuda_graph: {0}")]
     CudaGraph(torch_cuda::Error),

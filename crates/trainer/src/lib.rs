@@ -28,6 +28,7 @@ pub mod output_dir;
 pub mod outputs;
 pub mod plan;
 pub mod prepare;
+mod rng;
 pub mod run;
 pub mod single_file;
 pub mod step;

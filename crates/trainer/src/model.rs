@@ -10,6 +10,7 @@ mod text;
 pub use text::{CheckpointedText, TextEncoders};
 
 use std::path::Path;
+use std::sync::Arc;
 
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -21,6 +22,7 @@ use sdxl_model::unet::UNet2DConditionModel;
 use crate::config::{Attention, TrainConfig};
 use crate::logs::say as log;
 use crate::model_files::ModelFolder;
+use crate::rng::RunRng;
 use crate::{Error, Result};
 
 /// The adapter name the LoRA is trained under.
@@ -38,6 +40,8 @@ pub struct TrainModel {
     text: Option<TextEncoders>,
     /// bf16 copies of the LoRA under mixed precision (cast once per optimizer step, not per use).
     copies: Option<lora::ComputeCopies>,
+    /// The run's generator: the LoRA's initial values, the adapters' dropout and the step's draws.
+    rng: Arc<RunRng>,
 }
 
 impl std::fmt::Debug for TrainModel {
@@ -81,7 +85,9 @@ impl TrainModel {
             Attention::Sliced => AttentionBackend::Sliced(sdxl_model::attention::SliceSize::Auto),
             Attention::Plain => AttentionBackend::Plain,
         });
-        tch::manual_seed(config.seed as i64);
+        // Every draw of the run comes from its own generator, seeded from --seed for the LoRA's
+        // initial values (the stream a default generator seeded alike would give).
+        let rng = Arc::new(RunRng::new(device, config.seed as u64)?);
         let lora_store = VarStore::new(device);
         let lora_config = config.lora_config()?;
         if config.gradient_checkpointing
@@ -97,15 +103,25 @@ impl TrainModel {
                 ),
             });
         }
-        let report = lora::inject(&mut unet, &lora_store.root(), ADAPTER, &lora_config)?;
+        let report = lora::inject_with(
+            &mut unet,
+            &lora_store.root(),
+            ADAPTER,
+            &lora_config,
+            rng.as_ref(),
+        )?;
         // Adapter dropout is on while training; validation switches it off around its images.
         lora::set_training(&mut unet, true);
+        lora::set_randomness(
+            &mut unet,
+            Some(Arc::clone(&rng) as Arc<dyn lora::Randomness>),
+        );
         let copies = compute_copies(&mut unet, kind)?;
         let mut params: Vec<(String, Tensor)> =
             lora::trainable_variables(&mut unet).into_iter().collect();
         let unet_params = params.iter().map(|(_, p)| p.shallow_clone()).collect();
         let text = if config.train_text_encoder {
-            let text = TextEncoders::load(config, folder, device, kind)?;
+            let text = TextEncoders::load_drawing_from(config, folder, (device, kind), &rng)?;
             params.extend(text.params().map(|(n, p)| (n.clone(), p.shallow_clone())));
             Some(text)
         } else {
@@ -119,6 +135,7 @@ impl TrainModel {
             unet_params,
             text,
             copies,
+            rng,
         };
         log(lora_summary(
             &lora_config,
@@ -142,6 +159,11 @@ impl TrainModel {
                 Some((module.to_owned(), *param.size().first()?))
             })
             .collect()
+    }
+
+    /// The run's generator.
+    pub(crate) fn rng(&self) -> &Arc<RunRng> {
+        &self.rng
     }
 
     /// The UNet with the LoRA.

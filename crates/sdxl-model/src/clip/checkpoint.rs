@@ -9,7 +9,10 @@
 //! single output carries the gradients of both; without it the tape ends at the penultimate state
 //! and the last layer is not run at all (nothing of SDXL reads it).
 
+use std::sync::Arc;
+
 use tch::Tensor;
+use torch_cuda::rng::Generator;
 
 use super::ClipTextModel;
 use crate::unet::checkpoint::{Tape, Value};
@@ -129,6 +132,21 @@ impl ClipTextModel {
         input_ids: &Tensor,
         pooled: bool,
     ) -> Result<CheckpointedTextForward<'_>> {
+        self.forward_checkpointed_drawing_from(input_ids, pooled, None)
+    }
+
+    /// [`Self::forward_checkpointed`] for a model whose adapters draw their dropout masks from
+    /// `generator` (see `lora::set_randomness`) rather than the device's default generator: the
+    /// recomputation replays that generator's draws.
+    ///
+    /// # Errors
+    /// As [`Self::forward_checkpointed`].
+    pub fn forward_checkpointed_drawing_from(
+        &self,
+        input_ids: &Tensor,
+        pooled: bool,
+        generator: Option<Arc<Generator>>,
+    ) -> Result<CheckpointedTextForward<'_>> {
         let Some((last, earlier)) = self.layers.split_last().filter(|(_, e)| !e.is_empty()) else {
             return Err(Error::InvalidSetting {
                 setting: "num_hidden_layers",
@@ -137,7 +155,7 @@ impl ClipTextModel {
             });
         };
         let embedded = tch::no_grad(|| self.embed(input_ids))?;
-        let mut tape = Tape::new(true);
+        let mut tape = Tape::new(true).drawing_from(generator);
         let mut hidden = tape.input(&embedded);
         for layer in earlier {
             hidden = tape.run(&[hidden], move |x| Ok(layer.forward(&x[0])))?;

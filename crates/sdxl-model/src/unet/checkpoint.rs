@@ -13,13 +13,17 @@
 //! or its gradients belong to another forward pass. So, as torch.utils.checkpoint's
 //! `preserve_rng_state`, the tape saves the default generator of the segment's device before the
 //! segment runs and, in the backward, sets it back for the recomputation, then restores the state
-//! that was current ([`torch_cuda::rng`]; on CUDA this also holds inside a graph capture).
+//! that was current ([`torch_cuda::rng`]; on CUDA this also holds inside a graph capture). Segments
+//! that draw from a generator of their own instead (a trainer's, see [`Tape::drawing_from`]) have that
+//! generator saved and set back.
 //!
 //! Everything is device work with shapes fixed by the forward pass: no tensor value is read on the
 //! host, so a step with checkpointing can be captured as a CUDA graph like one without.
 
+use std::sync::Arc;
+
 use tch::{Kind, Tensor};
-use torch_cuda::rng::RngState;
+use torch_cuda::rng::{Generator, RngState};
 
 use crate::Result;
 
@@ -41,6 +45,8 @@ struct Record<'a> {
 /// The values and, when checkpointing, the segments of one forward pass.
 pub struct Tape<'a> {
     checkpointing: bool,
+    /// The generator the segments draw from, when not the device's default one.
+    generator: Option<Arc<Generator>>,
     values: Vec<Tensor>,
     records: Vec<Record<'a>>,
 }
@@ -60,9 +66,18 @@ impl<'a> Tape<'a> {
     pub fn new(checkpointing: bool) -> Self {
         Self {
             checkpointing,
+            generator: None,
             values: Vec::new(),
             records: Vec::new(),
         }
+    }
+
+    /// The segments draw their random numbers (dropout) from `generator` (when `Some`) instead of
+    /// the device's default generator: that is the generator saved before each segment and set back
+    /// for its recomputation.
+    pub fn drawing_from(mut self, generator: Option<Arc<Generator>>) -> Self {
+        self.generator = generator;
+        self
     }
 
     /// Puts an input of the whole pass on the tape.
@@ -89,9 +104,11 @@ impl<'a> Tape<'a> {
             .iter()
             .map(|v| self.values[v.0].shallow_clone())
             .collect();
-        let rng = match (self.checkpointing, args.first()) {
-            (true, Some(first)) => RngState::save(first.device())?,
-            _ => None,
+        let rng = match (self.checkpointing, &self.generator, args.first()) {
+            (false, _, _) => None,
+            (true, Some(generator), _) => Some(RngState::of(generator)?),
+            (true, None, Some(first)) => RngState::save(first.device())?,
+            (true, None, None) => None,
         };
         let output = if self.checkpointing {
             tch::no_grad(|| segment(&args))?
@@ -167,18 +184,16 @@ impl<'a> Tape<'a> {
     }
 }
 
-/// Runs `record`'s segment again on `inputs` with the random generator where it stood before the
-/// segment's first run, then puts the generator back where it was.
+/// Runs `record`'s segment again on `inputs` with the random generator (the device's default one or
+/// the tape's own) where it stood before the segment's first run, then puts it back where it was.
 fn recompute(record: &Record<'_>, inputs: &[Tensor]) -> Result<Tensor> {
     let Some(saved) = &record.rng else {
         return (record.segment)(inputs);
     };
-    let current = RngState::save(saved.device())?;
+    let current = saved.save_again()?;
     saved.restore()?;
     let recomputed = (record.segment)(inputs);
-    if let Some(current) = current {
-        current.restore()?;
-    }
+    current.restore()?;
     recomputed
 }
 

@@ -4,10 +4,13 @@
 //! configurations [`UNetConfig`] accepts. Variables are created under the same attribute paths, so a
 //! diffusers `diffusion_pytorch_model.safetensors` loads without renaming.
 
+use std::sync::Arc;
+
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use lora::{Conv2d, HasLinears, Linear};
+use torch_cuda::rng::Generator;
 
 use super::checkpoint::{Tape, Value};
 use super::config::UNetConfig;
@@ -245,7 +248,21 @@ impl UNet2DConditionModel {
         &'a self,
         inputs: &UNetInputs<'_>,
     ) -> Result<CheckpointedForward<'a>> {
-        let mut tape = Tape::new(true);
+        self.forward_checkpointed_drawing_from(inputs, None)
+    }
+
+    /// [`Self::forward_checkpointed`] for a model whose adapters draw their dropout masks from
+    /// `generator` (see `lora::set_randomness`) rather than the device's default generator: the
+    /// recomputation replays that generator's draws.
+    ///
+    /// # Errors
+    /// As [`Self::forward`].
+    pub fn forward_checkpointed_drawing_from<'a>(
+        &'a self,
+        inputs: &UNetInputs<'_>,
+        generator: Option<Arc<Generator>>,
+    ) -> Result<CheckpointedForward<'a>> {
+        let mut tape = Tape::new(true).drawing_from(generator);
         let (output, inputs) = self.record(&mut tape, inputs)?;
         Ok(CheckpointedForward {
             tape,

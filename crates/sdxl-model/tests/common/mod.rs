@@ -29,3 +29,31 @@ pub fn golden(name: &str) -> TensorFile {
 pub fn get(file: &TensorFile, key: &str) -> Tensor {
     file.tensor(key, Device::Cpu, None).unwrap()
 }
+
+/// A generator of its own as adapters' randomness (`lora::inject_with`, `lora::set_randomness`), as a
+/// trainer gives them: tests that draw from it need no lock against other test threads.
+#[derive(Debug)]
+pub struct Seeded(pub std::sync::Arc<torch_cuda::rng::Generator>);
+
+impl lora::Randomness for Seeded {
+    fn uniform(
+        &self,
+        shape: &[i64],
+        lo: f64,
+        hi: f64,
+        kind: Kind,
+        _device: Device,
+    ) -> lora::Result<Tensor> {
+        self.0
+            .uniform(shape, lo, hi, kind)
+            .map_err(|e| lora::Error::Randomness(e.to_string()))
+    }
+    fn randn(&self, shape: &[i64], kind: Kind, _device: Device) -> lora::Result<Tensor> {
+        self.0
+            .randn_on_device(shape, kind)
+            .map_err(|e| lora::Error::Randomness(e.to_string()))
+    }
+    fn dropout(&self, xs: &Tensor, p: f64) -> Tensor {
+        self.0.dropout(xs, p).unwrap()
+    }
+}

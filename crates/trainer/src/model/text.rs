@@ -10,17 +10,21 @@
 //! `.grad` stays `None`) and they keep their initial values; here they are left out of the
 //! optimizer, and written to the LoRA files as they started.
 
+use std::sync::Arc;
+
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use lora::{Component, LoraConfig, LoraState};
 use sdxl_model::clip::CheckpointedTextForward;
 use sdxl_model::prompt::{PromptEmbeds, PromptEncoder};
+use torch_cuda::rng::Generator;
 
 use super::ADAPTER;
 use crate::config::TrainConfig;
 use crate::logs::say as log;
 use crate::model_files::ModelFolder;
+use crate::rng::RunRng;
 use crate::{Error, Result};
 
 /// The components in encoder order.
@@ -36,6 +40,9 @@ pub struct TextEncoders {
     /// The parameters of each encoder that receive gradients (the optimizer's groups).
     trained: [Vec<Tensor>; 2],
     copies: [Option<lora::ComputeCopies>; 2],
+    /// The generator the adapters' dropout draws from, when not libtorch's default one (replayed
+    /// by gradient checkpointing).
+    generator: Option<Arc<Generator>>,
 }
 
 impl std::fmt::Debug for TextEncoders {
@@ -85,6 +92,26 @@ impl TextEncoders {
         device: Device,
         kind: Kind,
     ) -> Result<Self> {
+        Self::load_with(config, folder, (device, kind), None)
+    }
+
+    /// [`Self::load`] drawing the adapters' initial values and dropout masks from the run's
+    /// generator (after the UNet's adapters' values, as the script draws them).
+    pub(crate) fn load_drawing_from(
+        config: &TrainConfig,
+        folder: &ModelFolder,
+        (device, kind): (Device, Kind),
+        rng: &Arc<RunRng>,
+    ) -> Result<Self> {
+        Self::load_with(config, folder, (device, kind), Some(rng))
+    }
+
+    fn load_with(
+        config: &TrainConfig,
+        folder: &ModelFolder,
+        (device, kind): (Device, Kind),
+        rng: Option<&Arc<RunRng>>,
+    ) -> Result<Self> {
         let (mut encoder, mut stores) = folder.prompt_encoder(device, kind)?;
         for store in &mut stores {
             store.freeze();
@@ -102,10 +129,17 @@ impl TextEncoders {
         let mut copies = [None, None];
         let mut adapted = 0;
         for (i, model) in [te1, te2].into_iter().enumerate() {
-            let report = lora::inject(model, &lora_stores[i].root(), ADAPTER, &lora_config)?;
+            let root = lora_stores[i].root();
+            let report = match rng {
+                Some(rng) => lora::inject_with(model, &root, ADAPTER, &lora_config, rng.as_ref())?,
+                None => lora::inject(model, &root, ADAPTER, &lora_config)?,
+            };
             adapted += report.adapted.len();
             // Adapter dropout on while training, as the UNet's.
             lora::set_training(model, true);
+            if let Some(rng) = rng {
+                lora::set_randomness(model, Some(Arc::clone(rng) as Arc<dyn lora::Randomness>));
+            }
             copies[i] = super::compute_copies(model, kind)?;
             params[i] = lora::trainable_variables(model)
                 .into_iter()
@@ -135,6 +169,7 @@ impl TextEncoders {
             params,
             trained,
             copies,
+            generator: rng.and_then(|rng| rng.generator().cloned()),
         };
         log(format!(
             "text encoders: LoRA rank {} on {adapted} layers, {} trainable parameters (resident in {kind:?})",
@@ -204,8 +239,8 @@ impl TextEncoders {
     ) -> Result<CheckpointedText<'_>> {
         let (te1, te2) = self.encoder.text_encoders();
         let forwards = [
-            te1.forward_checkpointed(ids, false)?,
-            te2.forward_checkpointed(ids_2, true)?,
+            te1.forward_checkpointed_drawing_from(ids, false, self.generator.clone())?,
+            te2.forward_checkpointed_drawing_from(ids_2, true, self.generator.clone())?,
         ];
         let second = forwards[1].hidden()?;
         let context = Tensor::f_cat(

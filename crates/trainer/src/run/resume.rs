@@ -167,8 +167,10 @@ impl Trainer {
             step,
             micro_steps: step * u64::from(self.config.gradient_accumulation_steps),
             seed: self.config.seed,
-            rng: "libtorch's generator re-seeded from (seed, micro-step) before every micro-step"
-                .into(),
+            rng:
+                "the run's own generator on the training device, re-seeded from (seed, micro-step) \
+                  before every micro-step"
+                    .into(),
             next_learning_rate: self.stepper.learning_rate(step),
             skipped_steps: acc.skipped.double_value(&[]),
             overflow_steps: acc.overflows.double_value(&[]),

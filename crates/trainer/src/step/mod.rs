@@ -18,6 +18,8 @@
 //! draws come from libtorch's generator on the device, and the learning rate is written into the
 //! optimizer's device tensor. That keeps the whole step capturable as a CUDA graph.
 
+use std::sync::Arc;
+
 use tch::{Device, Kind, Tensor};
 
 use optim8bit::{GradScaler, Optimizer, clip_grad_norm};
@@ -37,6 +39,7 @@ pub(crate) use sync::broadcast_lora;
 
 use crate::model::TextEncoders;
 use crate::prepare::TextConditioning;
+use crate::rng::RunRng;
 use crate::{Error, Result};
 use text::conditioning;
 
@@ -89,6 +92,8 @@ pub struct StepInputs {
     /// Which rows of each global batch this process trains on (data parallelism): its draws of
     /// posterior samples, noise and timesteps are those rows of the global batch's draws.
     pub share: RowShare,
+    /// The run's generator, which every draw of the step comes from.
+    pub(crate) rng: Arc<RunRng>,
     /// The rows of every planned micro-step, `[micro-steps, 2, batch]` int64 on the device, their
     /// weights `[micro-steps, 2, batch]` f32 if any, their buckets, and the first one's index.
     plan: Option<Plan>,
@@ -103,13 +108,14 @@ struct Plan {
 }
 
 impl StepInputs {
-    /// Inputs for batches of `batch` on `device`.
-    pub fn new(batch: i64, device: Device) -> Self {
+    /// Inputs for batches of `batch` on `device`, drawing from the run's generator `rng`.
+    pub(crate) fn new(batch: i64, device: Device, rng: Arc<RunRng>) -> Self {
         Self {
             latent_rows: Tensor::zeros([batch], (Kind::Int64, device)),
             prompt_rows: Tensor::zeros([batch], (Kind::Int64, device)),
             loss_weights: None,
             share: RowShare::whole(batch),
+            rng,
             plan: None,
         }
     }
@@ -282,7 +288,7 @@ pub(crate) fn micro_step(
             let mean = mean.index_select(0, &inputs.latent_rows);
             let std = std.index_select(0, &inputs.latent_rows);
             (
-                &mean + std * inputs.share.randn_like(&mean),
+                &mean + std * inputs.share.randn_like(&mean, &inputs.rng)?,
                 time_ids.index_select(0, &inputs.latent_rows),
             )
         }
@@ -297,7 +303,8 @@ pub(crate) fn micro_step(
         &inputs.share,
         settings,
         schedule.num_train_timesteps(),
-    );
+        &inputs.rng,
+    )?;
     let objective = Objective::new(schedule, &clean, &draws, settings)?;
     // 3. Conditioning rows of this batch's prompts (encoded now when the text encoders train).
     let (conditioning, checkpointed) = conditioning(encoders, text, inputs, settings)?;
@@ -313,7 +320,8 @@ pub(crate) fn micro_step(
     };
     // 4. Forward and backward.
     let loss = if settings.gradient_checkpointing {
-        let forward = unet.forward_checkpointed(&unet_inputs)?;
+        let forward =
+            unet.forward_checkpointed_drawing_from(&unet_inputs, inputs.rng.generator().cloned())?;
         // The loss's gradient w.r.t. the prediction, by autograd on a detached copy; the UNet's own
         // backward then recomputes block by block.
         let prediction = forward.output().detach().set_requires_grad(true);

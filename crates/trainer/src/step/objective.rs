@@ -8,6 +8,7 @@ use sdxl_model::schedulers::DdpmSchedule;
 
 use super::StepSettings;
 use crate::Result;
+use crate::rng::RunRng;
 
 /// A micro-step's random draws, as diffusers' script draws them.
 #[derive(Debug)]
@@ -21,23 +22,30 @@ pub struct Draws {
 }
 
 impl Draws {
-    /// Draws from libtorch's generator on the device of `clean` (`[batch, channels, h, w]`), in
+    /// Draws from the run's generator (on the device of `clean`, `[batch, channels, h, w]`), in
     /// the order of the script: ε, the offset noise, the timesteps.
-    pub fn sample(clean: &Tensor, settings: &StepSettings, num_train_timesteps: usize) -> Self {
+    ///
+    /// # Errors
+    /// The generator's errors.
+    pub(crate) fn sample(
+        clean: &Tensor,
+        settings: &StepSettings,
+        num_train_timesteps: usize,
+        rng: &RunRng,
+    ) -> Result<Self> {
         let size = clean.size();
-        let noise = clean.randn_like();
-        let offset_noise = (settings.noise_offset > 0.0)
-            .then(|| Tensor::randn([size[0], size[1], 1, 1], (settings.kind, clean.device())));
-        let timesteps = Tensor::randint(
-            num_train_timesteps as i64,
-            [size[0]],
-            (Kind::Int64, clean.device()),
-        );
-        Self {
+        let noise = rng.randn_like(clean)?;
+        let offset_noise = if settings.noise_offset > 0.0 {
+            Some(rng.randn(&[size[0], size[1], 1, 1], settings.kind)?)
+        } else {
+            None
+        };
+        let timesteps = rng.randint(num_train_timesteps as i64, &[size[0]])?;
+        Ok(Self {
             noise,
             offset_noise,
             timesteps,
-        }
+        })
     }
 }
 

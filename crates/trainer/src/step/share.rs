@@ -1,4 +1,4 @@
-//! A rank's draws of a data-parallel micro-step. Each rank seeds libtorch's generator with the
+//! A rank's draws of a data-parallel micro-step. Each rank seeds the run's generator with the
 //! micro-step's seed as a one-process run does, draws every tensor for the whole global batch in
 //! the order of [`Draws::sample`], and keeps its own rows: its samples get exactly the noise and
 //! timesteps a one-process run gives those rows. The global draws cost `world_size` times the
@@ -7,10 +7,12 @@
 
 use std::ops::Range;
 
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use super::{Draws, StepSettings};
+use crate::Result;
 use crate::distributed::World;
+use crate::rng::RunRng;
 
 /// Which rows of a global batch this rank trains on: blocks of consecutive rows, in order (one
 /// block, or two with prior preservation: the rank's instance rows, then its class rows).
@@ -53,14 +55,17 @@ impl RowShare {
     /// Standard normal draws for this rank's rows of a global tensor `[global, rest…]`, where
     /// `local` (`[rows, rest…]`) gives the rest of the shape, the element type and the device
     /// (`randn_like(local)` for the whole batch).
-    pub fn randn_like(&self, local: &Tensor) -> Tensor {
-        self.randn(&local.size()[1..], local.kind(), local.device())
+    ///
+    /// # Errors
+    /// The generator's errors.
+    pub(crate) fn randn_like(&self, local: &Tensor, rng: &RunRng) -> Result<Tensor> {
+        self.randn(&local.size()[1..], local.kind(), rng)
     }
 
-    fn randn(&self, rest: &[i64], kind: Kind, device: Device) -> Tensor {
+    fn randn(&self, rest: &[i64], kind: Kind, rng: &RunRng) -> Result<Tensor> {
         let mut size = vec![self.global];
         size.extend_from_slice(rest);
-        self.narrow(Tensor::randn(size, (kind, device)))
+        Ok(self.narrow(rng.randn(&size, kind)?))
     }
 
     /// This rank's rows of `global` (`[global, …]`): narrows, concatenated when there are several
@@ -85,34 +90,39 @@ impl Draws {
     /// [`Draws::sample`] for this rank's rows `clean` (`[rows, channels, h, w]`) of a global batch:
     /// the global batch's ε, offset noise and timesteps drawn in the script's order, narrowed to
     /// `share.blocks`. With [`RowShare::whole`] it is [`Draws::sample`].
-    pub fn sample_share(
+    ///
+    /// # Errors
+    /// The generator's errors.
+    pub(crate) fn sample_share(
         clean: &Tensor,
         share: &RowShare,
         settings: &StepSettings,
         num_train_timesteps: usize,
-    ) -> Self {
+        rng: &RunRng,
+    ) -> Result<Self> {
         if share.is_whole() {
-            return Self::sample(clean, settings, num_train_timesteps);
+            return Self::sample(clean, settings, num_train_timesteps, rng);
         }
         let size = clean.size();
-        let noise = share.randn_like(clean);
-        let offset_noise = (settings.noise_offset > 0.0)
-            .then(|| share.randn(&[size[1], 1, 1], settings.kind, clean.device()));
-        let timesteps = share.narrow(Tensor::randint(
-            num_train_timesteps as i64,
-            [share.global],
-            (Kind::Int64, clean.device()),
-        ));
-        Self {
+        let noise = share.randn_like(clean, rng)?;
+        let offset_noise = if settings.noise_offset > 0.0 {
+            Some(share.randn(&[size[1], 1, 1], settings.kind, rng)?)
+        } else {
+            None
+        };
+        let timesteps = share.narrow(rng.randint(num_train_timesteps as i64, &[share.global])?);
+        Ok(Self {
             noise,
             offset_noise,
             timesteps,
-        }
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use tch::Device;
+
     use super::*;
 
     fn settings() -> StepSettings {
@@ -129,11 +139,11 @@ mod tests {
     }
 
     /// Asserts that the rank's draws of world size 2 and 3 are the one-process draws of its rows.
-    fn assert_ranks_draw_the_one_process_rows(seed: i64) {
+    fn assert_ranks_draw_the_one_process_rows(seed: u64) {
         let clean = Tensor::zeros([6, 4, 3, 5], (Kind::Float, Device::Cpu));
-        tch::manual_seed(seed);
-        let posterior = clean.randn_like();
-        let whole = Draws::sample(&clean, &settings(), 1000);
+        let rng = RunRng::new(Device::Cpu, seed).unwrap();
+        let posterior = rng.randn_like(&clean).unwrap();
+        let whole = Draws::sample(&clean, &settings(), 1000, &rng).unwrap();
         let whole_offset = whole.offset_noise.as_ref().expect("noise offset is on");
         for world_size in [2i64, 3] {
             let per_rank = 6 / world_size;
@@ -144,9 +154,9 @@ mod tests {
                     blocks: std::iter::once(rows.start..rows.end).collect(),
                 };
                 let local = clean.narrow(0, rows.start, per_rank);
-                tch::manual_seed(seed);
-                let own_posterior = share.randn_like(&local);
-                let draws = Draws::sample_share(&local, &share, &settings(), 1000);
+                rng.seed(seed).unwrap();
+                let own_posterior = share.randn_like(&local, &rng).unwrap();
+                let draws = Draws::sample_share(&local, &share, &settings(), 1000, &rng).unwrap();
                 let expect = |t: &Tensor| t.narrow(0, rows.start, per_rank);
                 let at = format!("rank {rank} of {world_size}");
                 assert!(own_posterior.equal(&expect(&posterior)), "posterior, {at}");
@@ -188,41 +198,33 @@ mod tests {
     }
 
     /// The rank's draws are the one-process draws of its rows, bit for bit: the same generator
-    /// stream, the same global shapes, then a narrow. libtorch's CPU generator is shared by the
-    /// test threads, so a draw by another test between seeding and drawing would change the
-    /// stream: the check runs alone, in a child process of this test binary.
+    /// stream, the same global shapes, then a narrow. The run's generator is its own, so other test
+    /// threads drawing from libtorch's default generator meanwhile change nothing (they do, below).
     #[test]
     fn the_ranks_draw_the_one_process_rows() {
-        const ALONE: &str = "TRAINER_SHARE_DRAWS_ALONE";
-        if std::env::var_os(ALONE).is_none() {
-            let name = format!(
-                "{}::the_ranks_draw_the_one_process_rows",
-                module_path!().trim_start_matches("trainer::")
-            );
-            let exe = std::env::current_exe().expect("the test binary's path");
-            let output = std::process::Command::new(exe)
-                .args(["--exact", &name, "--test-threads=1", "--nocapture"])
-                .env(ALONE, "1")
-                .output()
-                .expect("the test binary runs again");
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            assert!(
-                output.status.success() && stdout.contains("1 passed"),
-                "the check alone failed or did not run:\n{stdout}\n{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            return;
-        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let noise = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    tch::manual_seed(7);
+                    let _ = Tensor::randn([64], (Kind::Float, Device::Cpu));
+                }
+            })
+        };
         for seed in [1234, 5678] {
             assert_ranks_draw_the_one_process_rows(seed);
         }
         // The whole share is the one-process path itself.
         let clean = Tensor::zeros([6, 4, 3, 5], (Kind::Float, Device::Cpu));
-        tch::manual_seed(99);
-        let whole = Draws::sample(&clean, &settings(), 1000);
-        tch::manual_seed(99);
-        let again = Draws::sample_share(&clean, &RowShare::whole(6), &settings(), 1000);
+        let rng = RunRng::new(Device::Cpu, 99).unwrap();
+        let whole = Draws::sample(&clean, &settings(), 1000, &rng).unwrap();
+        rng.seed(99).unwrap();
+        let again =
+            Draws::sample_share(&clean, &RowShare::whole(6), &settings(), 1000, &rng).unwrap();
         assert!(again.noise.equal(&whole.noise));
         assert!(again.timesteps.equal(&whole.timesteps));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        noise.join().unwrap();
     }
 }

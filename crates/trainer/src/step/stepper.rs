@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use tch::{Device, Kind};
 
@@ -11,6 +12,7 @@ use optim8bit::{EMAModel, GradScaler, GradScalerConfig, Optimizer, ParamGroup};
 use sdxl_model::prompt::add_time_ids_tensor;
 use sdxl_model::schedulers::{DdpmConfig, DdpmSchedule, SchedulerConfig};
 use sdxl_model::vae::AutoencoderKLConfig;
+use torch_cuda::rng::Generator;
 use torch_cuda::{CaptureMode, CudaGraph};
 
 use super::sync::GradSync;
@@ -124,7 +126,7 @@ impl Stepper {
             Some(settings) => Some(EMAModel::new(model.param_tensors(), settings)?),
             None => None,
         };
-        let mut inputs = StepInputs::new(batch as i64, device);
+        let mut inputs = StepInputs::new(batch as i64, device, Arc::clone(model.rng()));
         inputs.share = RowShare::for_rank(batch / groups.max(1), groups.max(1), &world);
         let nccl = group.uses_nccl();
         let sync = (group.world_size() > 1 || nccl).then(|| GradSync::new(group, model));
@@ -248,7 +250,7 @@ impl Stepper {
     /// # Errors
     /// Loading errors naming the row; an index outside the uploaded plan.
     pub fn prepare(&mut self, plan: &Plan, latents: &Latents, index: u64) -> Result<usize> {
-        tch::manual_seed(plan.generator_seed(index));
+        self.inputs.rng.seed(plan.generator_seed(index) as u64)?;
         self.bucket = self.inputs.select(index)?;
         if let Latents::Live { .. } = latents {
             self.live_batch = Some(plan.batch_share(index, &self.world)?);
@@ -327,7 +329,10 @@ impl Stepper {
                 let pixels = batch.pixels.to_device(device);
                 // This process's rows of the global batch's posterior draws.
                 let posterior = tch::no_grad(|| vae.encode(&pixels))?;
-                let noise = self.inputs.share.randn_like(&posterior.mean);
+                let noise = self
+                    .inputs
+                    .share
+                    .randn_like(&posterior.mean, &self.inputs.rng)?;
                 let latents = posterior.sample_with(&noise)?;
                 let rows: Vec<[f64; 6]> = batch.samples.iter().map(time_ids_of).collect();
                 let time_ids = add_time_ids_tensor(&rows, Kind::Float, device);
@@ -403,8 +408,11 @@ impl Stepper {
                 // All graphs share the first one's memory pool: they never run concurrently, and what one
                 // graph leaves for later (gradients, sums) lives in persistent tensors.
                 let pool = captured.first().map(|(_, graph)| graph);
+                let rng = Arc::clone(&self.inputs.rng);
+                let generators: Vec<&Generator> =
+                    rng.generator().map(|g| &**g).into_iter().collect();
                 let (graph, recorded) =
-                    CudaGraph::capture(device, pool, CaptureMode::Global, || {
+                    CudaGraph::capture_with(device, pool, CaptureMode::Global, &generators, || {
                         self.micro_step(model, text, latents, micro)
                     })
                     .map_err(Error::CudaGraph)?;
