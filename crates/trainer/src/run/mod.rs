@@ -83,6 +83,7 @@ impl std::fmt::Debug for Trainer {
 
 /// What a finished run leaves behind.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RunSummary {
     /// Optimizer steps run in this process.
     pub steps_run: u64,
@@ -137,7 +138,7 @@ impl Trainer {
             say(line);
         }
         config.validate_paths()?;
-        let (mut config, kohya) = config.with_dataset_config()?;
+        let (mut config, kohya) = config.resolve_dataset_config()?;
         config.validate()?;
         config.nproc_per_node = processes(&config, &world)?;
         let device = device::for_rank(device::open(&config)?, &world)?;
