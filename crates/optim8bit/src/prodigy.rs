@@ -72,7 +72,7 @@ impl ProdigyConfig {
         self
     }
 
-    /// Sets [`ProdigyConfig::beta3`].
+    /// Sets the `beta3` field.
     #[must_use]
     pub fn with_beta3(mut self, beta3: Option<f64>) -> Self {
         self.beta3 = beta3;
