@@ -107,11 +107,12 @@ fn decode(args: Args) -> anyhow::Result<()> {
             times.push(start.elapsed().as_secs_f64());
         }
         if let Some(path) = &profile {
-            let profiler = torch_cuda::Profiler::start(torch_cuda::ProfilerOptions {
-                cuda: device.is_cuda(),
-                shapes: true,
-                memory: false,
-            })?;
+            let profiler = torch_cuda::Profiler::start(
+                torch_cuda::ProfilerOptions::default()
+                    .with_cuda(device.is_cuda())
+                    .with_shapes(true)
+                    .with_memory(false),
+            )?;
             let _image = vae.decode(&latents)?;
             sync();
             profiler.finish(path)?;

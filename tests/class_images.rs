@@ -22,16 +22,14 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn config(folder: &Path) -> TrainConfig {
-    TrainConfig {
-        with_prior_preservation: true,
-        class_data_dir: Some(folder.to_owned()),
-        class_prompt: Some("a photo of a dog".into()),
-        num_class_images: 3,
-        sample_batch_size: 2,
-        seed: 7,
-        class_inference_steps: 4,
-        ..TrainConfig::default()
-    }
+    TrainConfig::default()
+        .with_with_prior_preservation(true)
+        .with_class_data_dir(Some(folder.to_owned()))
+        .with_class_prompt(Some("a photo of a dog".into()))
+        .with_num_class_images(3)
+        .with_sample_batch_size(2)
+        .with_seed(7)
+        .with_class_inference_steps(4)
 }
 
 fn tiny_model() -> ModelFolder {
@@ -137,11 +135,9 @@ fn a_single_file_makes_the_folders_class_images() {
     let from_file = generate(&config(&dir.join("file")), &single);
     assert_eq!(from_folder.len(), 3);
     assert_eq!(from_folder, from_file);
-    let ztsnr = TrainConfig {
-        prediction_type: Some("v_prediction".into()),
-        zero_terminal_snr: true,
-        ..config(&dir.join("ztsnr"))
-    };
+    let ztsnr = config(&dir.join("ztsnr"))
+        .with_prediction_type(Some("v_prediction".into()))
+        .with_zero_terminal_snr(true);
     let from_ztsnr = generate(&ztsnr, &single);
     assert_eq!(from_ztsnr.len(), 3);
     assert!(
@@ -166,15 +162,9 @@ fn bad_class_settings_name_the_flag_and_folder() {
         not_a_folder.starts_with("--class_data_dir") && not_a_folder.contains("a-file"),
         "{not_a_folder}"
     );
-    let no_prompt = message(&TrainConfig {
-        class_prompt: None,
-        ..config(&dir.join("class"))
-    });
+    let no_prompt = message(&config(&dir.join("class")).with_class_prompt(None));
     assert!(no_prompt.starts_with("--class_prompt"), "{no_prompt}");
-    let no_folder = message(&TrainConfig {
-        class_data_dir: None,
-        ..config(&dir)
-    });
+    let no_folder = message(&config(&dir).with_class_data_dir(None));
     assert!(no_folder.starts_with("--class_data_dir"), "{no_folder}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -46,10 +46,9 @@ fn renames() -> BlockRenames {
 fn read(file: &str, names: &ModuleNames, renames: &BlockRenames) -> format::LoraFile {
     format::read(
         fixture(format!("lora/{file}.safetensors")),
-        ReadOptions {
-            module_names: Some(names),
-            block_renames: Some(renames),
-        },
+        ReadOptions::default()
+            .with_module_names(Some(names))
+            .with_block_renames(Some(renames)),
     )
     .unwrap()
 }
@@ -106,10 +105,7 @@ fn our_kohya_writer_writes_each_reference_file_key_for_key() {
             "comfyui-{variant}-{}.safetensors",
             std::process::id()
         ));
-        let options = WriteOptions {
-            block_renames: Some(&renames),
-            ..WriteOptions::default()
-        };
+        let options = WriteOptions::default().with_block_renames(Some(&renames));
         format::write(&path, &adapters.state, Format::Kohya, &options).unwrap();
         let ours = tensors(&path);
         std::fs::remove_file(&path).unwrap();

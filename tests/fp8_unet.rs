@@ -78,7 +78,7 @@ fn every_linear_goes_to_fp8_the_store_shrinks_and_the_output_stays_close() {
     let (vs, mut unet) = tiny_unet();
     let original = tch::no_grad(|| golden.run(&unet));
     let mut linear_elements = 0;
-    unet.for_each_linear(&mut |_, linear| linear_elements += linear.weight.numel() as i64);
+    unet.for_each_linear(&mut |_, linear| linear_elements += linear.weight().numel() as i64);
     let before = store_bytes(&vs);
 
     let report = lora::quantize_base_fp8(&mut unet).unwrap();
@@ -89,7 +89,7 @@ fn every_linear_goes_to_fp8_the_store_shrinks_and_the_output_stays_close() {
     assert_eq!(store_bytes(&vs), before - 3 * linear_elements);
     unet.for_each_linear(&mut |module, linear| {
         assert!(
-            linear.is_fp8() && linear.weight.kind() == Kind::Float8e4m3fn,
+            linear.is_fp8() && linear.weight().kind() == Kind::Float8e4m3fn,
             "{module}"
         );
         assert_eq!(linear.kind(), Kind::Float, "{module}");

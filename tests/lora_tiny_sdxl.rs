@@ -48,10 +48,9 @@ fn diffusers_and_kohya_files_give_diffusers_outputs_on_the_tiny_pipeline() {
         let mut models = Models::load();
         let read = format::read(
             fixture(format!("lora/{file}.safetensors")),
-            ReadOptions {
-                module_names: Some(&names),
-                block_renames: None,
-            },
+            ReadOptions::default()
+                .with_module_names(Some(&names))
+                .with_block_renames(None),
         )
         .unwrap();
         assert_eq!(read.format, format);
@@ -81,10 +80,7 @@ fn our_sgm_named_kohya_file_loads_back_to_the_same_outputs() {
         &path,
         &state,
         Format::Kohya,
-        &WriteOptions {
-            block_renames: Some(&renames),
-            ..WriteOptions::default()
-        },
+        &WriteOptions::default().with_block_renames(Some(&renames)),
     )
     .unwrap();
     let keys: Vec<String> = Tensor::read_safetensors(&path)
@@ -109,10 +105,9 @@ fn our_sgm_named_kohya_file_loads_back_to_the_same_outputs() {
     );
     let back = format::read(
         &path,
-        ReadOptions {
-            module_names: Some(&names),
-            block_renames: Some(&renames),
-        },
+        ReadOptions::default()
+            .with_module_names(Some(&names))
+            .with_block_renames(Some(&renames)),
     )
     .unwrap();
     std::fs::remove_file(&path).unwrap();
@@ -128,10 +123,9 @@ fn default_targets_inject_into_the_unet_and_both_text_encoders_like_diffusers_sc
     // The modules diffusers' script adapted, on our models' paths.
     let file = format::read(
         fixture("lora/tiny-sdxl-diffusers.safetensors"),
-        ReadOptions {
-            module_names: Some(&names),
-            block_renames: None,
-        },
+        ReadOptions::default()
+            .with_module_names(Some(&names))
+            .with_block_renames(None),
     )
     .unwrap();
     let adapters = tch::nn::VarStore::new(Device::Cpu);
@@ -164,7 +158,7 @@ fn default_targets_inject_into_the_unet_and_both_text_encoders_like_diffusers_sc
         assert_eq!(trainable.len(), 2 * ours.len());
         assert!(trainable.values().all(Tensor::requires_grad));
         model.for_each_linear(&mut |path, linear| {
-            assert!(!linear.weight.requires_grad(), "{path} not frozen")
+            assert!(!linear.weight().requires_grad(), "{path} not frozen")
         });
         total += ours.len();
     }

@@ -35,14 +35,12 @@ fn module_of(name: &str) -> (String, bool) {
 }
 
 fn load() -> TextEncoders {
-    let config = TrainConfig {
-        pretrained_model_name_or_path: fixture("tiny-sdxl").display().to_string(),
-        variant: None,
-        train_text_encoder: true,
-        rank: 4,
-        mixed_precision: MixedPrecision::No,
-        ..TrainConfig::default()
-    };
+    let config = TrainConfig::default()
+        .with_pretrained_model_name_or_path(fixture("tiny-sdxl").display().to_string())
+        .with_variant(None)
+        .with_train_text_encoder(true)
+        .with_rank(4)
+        .with_mixed_precision(MixedPrecision::No);
     let folder =
         trainer::model_files::resolve(&config.pretrained_model_name_or_path, "main", None).unwrap();
     tch::manual_seed(0);

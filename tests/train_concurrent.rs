@@ -20,16 +20,14 @@ mod training;
 use training::{scratch, tensors, tiny};
 
 fn config(dir: &Path, name: &str, seed: u64, learning_rate: f64) -> TrainConfig {
-    TrainConfig {
-        seed,
-        learning_rate,
+    tiny(&dir.join(name))
+        .with_seed(seed)
+        .with_learning_rate(learning_rate)
         // Dropout masks are draws too.
-        lora_dropout: 0.1,
-        max_train_steps: 4,
-        checkpointing_steps: 100,
-        validation_prompt: None,
-        ..tiny(&dir.join(name))
-    }
+        .with_lora_dropout(0.1)
+        .with_max_train_steps(4)
+        .with_checkpointing_steps(100)
+        .with_validation_prompt(None)
 }
 
 /// Trains `config` to the end in this process; returns its LoRA file's tensors.

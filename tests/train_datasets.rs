@@ -15,14 +15,12 @@ use training::{assert_bit_identical, fixture, run_output, scratch, tiny};
 
 /// A short run of the tiny model on `dataset` at 64 px.
 fn short(dataset: &Path, out: &Path) -> TrainConfig {
-    TrainConfig {
-        dataset_name: dataset.display().to_string(),
-        max_train_steps: 2,
-        gradient_accumulation_steps: 1,
-        checkpointing_steps: 100,
-        validation_prompt: None,
-        ..tiny(out)
-    }
+    tiny(out)
+        .with_dataset_name(dataset.display().to_string())
+        .with_max_train_steps(2)
+        .with_gradient_accumulation_steps(1)
+        .with_checkpointing_steps(100)
+        .with_validation_prompt(None)
 }
 
 #[test]
@@ -35,11 +33,9 @@ fn images_smaller_than_the_resolution_are_resized_up_unless_no_upscale() {
     assert!(ok, "training failed:\n{stderr}");
     assert!(dir.join("run").join(LORA_FILE).is_file());
 
-    let refused = TrainConfig {
-        no_upscale: true,
-        output_dir: dir.join("refused"),
-        ..config
-    };
+    let refused = config
+        .with_no_upscale(true)
+        .with_output_dir(dir.join("refused"));
     let (ok, stderr) = run_output(&refused);
     assert!(!ok, "--no_upscale trained on images below 64 px");
     assert!(
@@ -68,11 +64,9 @@ fn skip_bad_images_trains_past_unusable_rows_and_lists_them_at_the_end() {
     assert!(!ok, "a dataset with an undecodable row trained");
     assert!(stderr.contains("row 1"), "names no row: {stderr}");
 
-    let skipping = TrainConfig {
-        skip_bad_images: true,
-        output_dir: dir.join("skips"),
-        ..config
-    };
+    let skipping = config
+        .with_skip_bad_images(true)
+        .with_output_dir(dir.join("skips"));
     let (ok, stderr) = run_output(&skipping);
     assert!(ok, "training failed:\n{stderr}");
     let end = stderr
@@ -122,19 +116,18 @@ fn latents_cached_on_disk_are_reused_bit_identically_and_follow_image_and_vae() 
     let model = dir.join("model");
     copy_folder(&fixture("tiny-sdxl"), &model);
     // Flips are drawn per step and both mirror images are cached, so latents stay cached.
-    let memory = TrainConfig {
-        pretrained_model_name_or_path: model.display().to_string(),
-        random_flip: true,
-        max_train_steps: 4,
-        ..short(&dataset, &dir.join("memory"))
-    };
+    let memory = short(&dataset, &dir.join("memory"))
+        .with_pretrained_model_name_or_path(model.display().to_string())
+        .with_random_flip(true)
+        .with_max_train_steps(4);
     let (ok, stderr) = run_output(&memory);
     assert!(ok, "training failed:\n{stderr}");
-    let on_disk = |name: &str| TrainConfig {
-        cache_latents_to_disk: true,
-        latents_cache_dir: Some(dir.join("cache")),
-        output_dir: dir.join(name),
-        ..memory.clone()
+    let on_disk = |name: &str| {
+        memory
+            .clone()
+            .with_cache_latents_to_disk(true)
+            .with_latents_cache_dir(Some(dir.join("cache")))
+            .with_output_dir(dir.join(name))
     };
     // 8 images, each with its mirror image: 16 entries, encoded by the first run, reused by the next.
     let (ok, stderr) = run_output(&on_disk("first"));
@@ -195,14 +188,12 @@ fn kohya_folders_repeat_images_and_caption_rules_change_the_prompts_per_step() {
     use trainer::plan::Plan;
     let dir = scratch("captions");
     let captions = kohya_folder(&dir.join("data"));
-    let config = TrainConfig {
-        instance_prompt: None,
-        caption_extension: ".caption".into(),
-        shuffle_caption: true,
-        keep_tokens: 1,
-        max_train_steps: 40,
-        ..short(&dir.join("data"), &dir.join("run"))
-    };
+    let config = short(&dir.join("data"), &dir.join("run"))
+        .with_instance_prompt(None)
+        .with_caption_extension(".caption".into())
+        .with_shuffle_caption(true)
+        .with_keep_tokens(1)
+        .with_max_train_steps(40);
     let plan = Plan::open(&config, None).unwrap();
     // Six images, each three times per epoch, in batches of 2.
     assert_eq!(plan.dataset().len(), 6);
@@ -232,14 +223,7 @@ fn kohya_folders_repeat_images_and_caption_rules_change_the_prompts_per_step() {
         orders.len()
     );
     // Every prompt dropped at rate 1; none at rate 0 (the plan is otherwise unchanged).
-    let dropped = Plan::open(
-        &TrainConfig {
-            caption_dropout_rate: 1.0,
-            ..config.clone()
-        },
-        None,
-    )
-    .unwrap();
+    let dropped = Plan::open(&config.clone().with_caption_dropout_rate(1.0), None).unwrap();
     let dropped = dropped.micro_steps(0..40).unwrap();
     assert!(
         dropped
@@ -256,11 +240,11 @@ fn kohya_folders_repeat_images_and_caption_rules_change_the_prompts_per_step() {
     assert_eq!(items(&dropped), items(&steps));
 
     // End to end: the run encodes every distinct prompt of its plan.
-    let (ok, stderr) = run_output(&TrainConfig {
-        max_train_steps: 4,
-        caption_dropout_rate: 0.25,
-        ..config
-    });
+    let (ok, stderr) = run_output(
+        &config
+            .with_max_train_steps(4)
+            .with_caption_dropout_rate(0.25),
+    );
     assert!(ok, "training failed:\n{stderr}");
     assert!(
         stderr.contains("prompts: the dataset's captions"),
@@ -286,16 +270,14 @@ fn a_mixed_size_dataset_trains_with_kohya_buckets_never_mixing_them_in_a_batch()
     use trainer::plan::Plan;
     let dir = scratch("buckets");
     // Eight images of 40 to 100 px and several aspect ratios, buckets of about 64² px.
-    let config = TrainConfig {
-        enable_bucket: true,
-        min_bucket_reso: 32,
-        max_bucket_reso: 128,
-        bucket_reso_steps: 32,
-        train_batch_size: 1,
-        max_train_steps: 6,
-        random_flip: true,
-        ..short(&fixture("captioned-images/imagefolder"), &dir.join("run"))
-    };
+    let config = short(&fixture("captioned-images/imagefolder"), &dir.join("run"))
+        .with_enable_bucket(true)
+        .with_min_bucket_reso(32)
+        .with_max_bucket_reso(128)
+        .with_bucket_reso_steps(32)
+        .with_train_batch_size(1)
+        .with_max_train_steps(6)
+        .with_random_flip(true);
     let plan = Plan::open(&config, None).unwrap();
     let buckets = plan.describe_buckets();
     assert!(
@@ -313,10 +295,7 @@ fn a_mixed_size_dataset_trains_with_kohya_buckets_never_mixing_them_in_a_batch()
         used.len() > 1,
         "the first six micro-steps used one bucket: {used:?}"
     );
-    let batched = TrainConfig {
-        train_batch_size: 2,
-        ..config.clone()
-    };
+    let batched = config.clone().with_train_batch_size(2);
     let plan = Plan::open(&batched, None).unwrap();
     for step in plan.micro_steps(0..20).unwrap() {
         for key in &step.keys {
@@ -390,15 +369,15 @@ batch_size = 2
     );
     let file = dir.join("dataset.toml");
     std::fs::write(&file, toml).unwrap();
-    let config = TrainConfig {
-        dataset_config: Some(file.clone()),
-        train_batch_size: 7, // the file's batch_size wins, as in kohya
-        resolution: 128,     // and its resolution
-        max_train_steps: 4,
-        prior_loss_weight: 0.5,
-        ..short(&dir.join("unused"), &dir.join("run"))
-    };
-    let (resolved, kohya) = config.clone().with_dataset_config().unwrap();
+    let config = short(&dir.join("unused"), &dir.join("run"))
+        .with_dataset_config(Some(file.clone()))
+        .with_train_batch_size(7)
+        // the file's batch_size wins, as in kohya
+        .with_resolution(128)
+        // and its resolution
+        .with_max_train_steps(4)
+        .with_prior_loss_weight(0.5);
+    let (resolved, kohya) = config.clone().resolve_dataset_config().unwrap();
     assert_eq!((resolved.train_batch_size, resolved.resolution), (2, 64));
     assert_eq!(resolved.instance_prompt, None);
     let plan = Plan::open(&resolved, kohya.as_ref()).unwrap();
@@ -437,10 +416,7 @@ batch_size = 2
         "[general]\ncolor_aug = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = \"x\"\n",
     )
     .unwrap();
-    let (ok, stderr) = run_output(&TrainConfig {
-        output_dir: dir.join("refused"),
-        ..config
-    });
+    let (ok, stderr) = run_output(&config.with_output_dir(dir.join("refused")));
     assert!(!ok);
     assert!(
         stderr.contains("color_aug") && stderr.contains("dataset.toml"),
@@ -454,16 +430,14 @@ fn prior_preservation_generates_the_missing_class_images_and_trains_on_both() {
     use trainer::plan::Plan;
     let dir = scratch("prior");
     let class_dir = dir.join("class");
-    let config = TrainConfig {
-        with_prior_preservation: true,
-        class_data_dir: Some(class_dir.clone()),
-        class_prompt: Some("a fox".into()),
-        num_class_images: 3,
-        class_inference_steps: 2,
-        prior_loss_weight: 0.5,
-        max_train_steps: 3,
-        ..short(&fixture("captioned-images/imagefolder"), &dir.join("run"))
-    };
+    let config = short(&fixture("captioned-images/imagefolder"), &dir.join("run"))
+        .with_with_prior_preservation(true)
+        .with_class_data_dir(Some(class_dir.clone()))
+        .with_class_prompt(Some("a fox".into()))
+        .with_num_class_images(3)
+        .with_class_inference_steps(2)
+        .with_prior_loss_weight(0.5)
+        .with_max_train_steps(3);
     let (ok, stderr) = run_output(&config);
     assert!(ok, "training failed:\n{stderr}");
     assert!(stderr.contains("(3 generated)"), "{stderr}");
@@ -480,10 +454,7 @@ fn prior_preservation_generates_the_missing_class_images_and_trains_on_both() {
         assert_eq!(weights.snr_mask, [1.0, 1.0, 0.0, 0.0]);
     }
     // The next run finds them.
-    let (ok, stderr) = run_output(&TrainConfig {
-        output_dir: dir.join("again"),
-        ..config
-    });
+    let (ok, stderr) = run_output(&config.with_output_dir(dir.join("again")));
     assert!(ok, "training failed:\n{stderr}");
     assert!(stderr.contains("(0 generated)"), "{stderr}");
     let _ = std::fs::remove_dir_all(dir);

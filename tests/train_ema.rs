@@ -24,21 +24,19 @@ use training::{assert_bit_identical, run_to_end, scratch, tensors, tiny};
 const STEPS: u64 = 6;
 
 fn config(dir: &Path, name: &str, steps: u64, validation: bool) -> TrainConfig {
-    TrainConfig {
-        max_train_steps: steps,
-        checkpointing_steps: 1,
-        logging_steps: 1,
-        use_dora: true,
-        train_text_encoder: true,
-        use_ema: true,
-        ema_update_after_step: 1,
-        validation_prompt: validation.then(|| "Naruto style anime character".into()),
-        validation_steps: 2,
-        validation_inference_steps: 2,
-        num_validation_images: 1,
-        resume_from_checkpoint: Some("latest".into()),
-        ..tiny(&dir.join(name))
-    }
+    tiny(&dir.join(name))
+        .with_max_train_steps(steps)
+        .with_checkpointing_steps(1)
+        .with_logging_steps(1)
+        .with_use_dora(true)
+        .with_train_text_encoder(true)
+        .with_use_ema(true)
+        .with_ema_update_after_step(1)
+        .with_validation_prompt(validation.then(|| "Naruto style anime character".into()))
+        .with_validation_steps(2)
+        .with_validation_inference_steps(2)
+        .with_num_validation_images(1)
+        .with_resume_from_checkpoint(Some("latest".into()))
 }
 
 /// The raw weights of `checkpoint-{step}`, by the trainer's parameter names.
@@ -177,11 +175,9 @@ fn ema_runs_write_the_average_and_resume_to_the_bit_identical_average() {
 #[test]
 fn resuming_with_use_ema_needs_a_checkpoint_with_an_average() {
     let dir = scratch("ema-missing");
-    let plain = TrainConfig {
-        use_ema: false,
-        ema_update_after_step: 0,
-        ..config(&dir, "run", 2, false)
-    };
+    let plain = config(&dir, "run", 2, false)
+        .with_use_ema(false)
+        .with_ema_update_after_step(0);
     run_to_end(&plain);
     let (ok, stderr) = training::run_output(&config(&dir, "run", 3, false));
     assert!(
@@ -200,16 +196,14 @@ fn a_step_skipped_for_a_non_finite_loss_still_advances_the_average() {
     // 1e10: the first steps blow the weights up (finite), later losses overflow and those steps are
     // skipped on the device until --max_nonfinite_steps stops the run (as in tests/train_tiny.rs).
     let dir = scratch("ema-skips");
-    let config = TrainConfig {
-        learning_rate: 1e10,
-        max_train_steps: 40,
-        checkpointing_steps: 1,
-        logging_steps: 1,
-        max_nonfinite_steps: 3,
-        validation_prompt: None,
-        use_ema: true,
-        ..tiny(&dir.join("run"))
-    };
+    let config = tiny(&dir.join("run"))
+        .with_learning_rate(1e10)
+        .with_max_train_steps(40)
+        .with_checkpointing_steps(1)
+        .with_logging_steps(1)
+        .with_max_nonfinite_steps(3)
+        .with_validation_prompt(None)
+        .with_use_ema(true);
     let (ok, stderr) = training::run_output(&config);
     assert!(!ok, "the run should have stopped");
     let mut skipped_seen = 0.0f64;

@@ -8,7 +8,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use trainer::TrainConfig;
 use trainer::run::{KOHYA_FILE, LORA_FILE};
 
 #[path = "common/training.rs"]
@@ -28,19 +27,19 @@ fn shape_of(named: &[(String, tch::Tensor)], key: &str) -> Vec<i64> {
 #[test]
 fn locon_with_dropout_and_checkpointing_trains_writes_conv_adapters_and_resumes_bit_identically() {
     let dir = scratch("locon");
-    let config = |name: &str, steps: u64| TrainConfig {
-        target_modules: "kohya".into(),
-        conv_rank: Some(2),
-        conv_alpha: Some(1.0),
-        lora_dropout: 0.1,
-        use_rslora: true,
-        gradient_checkpointing: true,
-        max_train_steps: steps,
-        checkpointing_steps: 2,
-        logging_steps: 1,
-        validation_prompt: None,
-        resume_from_checkpoint: Some("latest".into()),
-        ..tiny(&dir.join(name))
+    let config = |name: &str, steps: u64| {
+        tiny(&dir.join(name))
+            .with_target_modules("kohya".into())
+            .with_conv_rank(Some(2))
+            .with_conv_alpha(Some(1.0))
+            .with_lora_dropout(0.1)
+            .with_use_rslora(true)
+            .with_gradient_checkpointing(true)
+            .with_max_train_steps(steps)
+            .with_checkpointing_steps(2)
+            .with_logging_steps(1)
+            .with_validation_prompt(None)
+            .with_resume_from_checkpoint(Some("latest".into()))
     };
     let whole = config("whole", 4);
     let (ok, stderr) = run_output(&whole);
@@ -123,14 +122,12 @@ fn locon_with_dropout_and_checkpointing_trains_writes_conv_adapters_and_resumes_
 #[test]
 fn dora_trains_on_linear_layers_and_convolutions() {
     let dir = scratch("dora");
-    let config = TrainConfig {
-        use_dora: true,
-        conv_rank: Some(2),
-        max_train_steps: 2,
-        checkpointing_steps: 2,
-        validation_prompt: None,
-        ..tiny(&dir.join("run"))
-    };
+    let config = tiny(&dir.join("run"))
+        .with_use_dora(true)
+        .with_conv_rank(Some(2))
+        .with_max_train_steps(2)
+        .with_checkpointing_steps(2)
+        .with_validation_prompt(None);
     let (ok, stderr) = run_output(&config);
     assert!(ok, "training failed:\n{stderr}");
     assert!(stderr.contains("DoRA on "), "{stderr}");
@@ -157,16 +154,14 @@ fn dora_trains_on_linear_layers_and_convolutions() {
 fn locon_trains_under_bf16_mixed_precision() {
     use trainer::config::MixedPrecision;
     let dir = scratch("locon-bf16");
-    let config = TrainConfig {
-        mixed_precision: MixedPrecision::Bf16,
-        target_modules: "to_q,to_out.0".into(),
-        conv_rank: Some(2),
-        max_train_steps: 3,
-        checkpointing_steps: 3,
-        logging_steps: 1,
-        validation_prompt: None,
-        ..tiny(&dir.join("run"))
-    };
+    let config = tiny(&dir.join("run"))
+        .with_mixed_precision(MixedPrecision::Bf16)
+        .with_target_modules("to_q,to_out.0".into())
+        .with_conv_rank(Some(2))
+        .with_max_train_steps(3)
+        .with_checkpointing_steps(3)
+        .with_logging_steps(1)
+        .with_validation_prompt(None);
     run_to_end(&config);
     let run_losses = losses(&config);
     assert_eq!(run_losses.len(), 3);

@@ -38,17 +38,15 @@ fn config(dir: &Path, name: &str, kind: OptimizerKind, lr: f64, steps: u64) -> T
     // 8-bit optimizers get kohya's `--optimizer_args min_8bit_size=0`, so their 8-bit states are
     // what trains, is checkpointed and resumes.
     let eight_bit = matches!(kind, OptimizerKind::AdamW8bit | OptimizerKind::Lion8bit);
-    TrainConfig {
-        optimizer: Some(kind),
-        optimizer_args: eight_bit.then(|| "min_8bit_size=0".to_owned()),
-        learning_rate: lr,
-        max_train_steps: steps,
-        checkpointing_steps: 2,
-        logging_steps: 1,
-        validation_prompt: None,
-        resume_from_checkpoint: Some("latest".into()),
-        ..tiny(&dir.join(name))
-    }
+    tiny(&dir.join(name))
+        .with_optimizer(Some(kind))
+        .with_optimizer_args(eight_bit.then(|| "min_8bit_size=0".to_owned()))
+        .with_learning_rate(lr)
+        .with_max_train_steps(steps)
+        .with_checkpointing_steps(2)
+        .with_logging_steps(1)
+        .with_validation_prompt(None)
+        .with_resume_from_checkpoint(Some("latest".into()))
 }
 
 /// The LoRA's B matrices (zero before training), flattened into one vector.
@@ -111,21 +109,17 @@ fn every_optimizer_trains_and_resumes_to_a_bit_identical_lora() {
     }
     // Prodigy over the text encoders' groups too: one rate for all (diffusers' override of
     // --text_encoder_lr; prodigyopt refuses groups at different rates).
-    let with_text = TrainConfig {
-        train_text_encoder: true,
-        max_train_steps: 2,
-        ..config(&dir, "Prodigy-text", OptimizerKind::Prodigy, 1.0, 2)
-    };
+    let with_text = config(&dir, "Prodigy-text", OptimizerKind::Prodigy, 1.0, 2)
+        .with_train_text_encoder(true)
+        .with_max_train_steps(2);
     run_to_end(&with_text);
     assert!(losses(&with_text).iter().all(|l| l.is_finite()));
     // A checkpoint of one optimizer does not resume under another.
     let lion = config(&dir, "Lion-split", OptimizerKind::Lion, 1e-4, 4);
-    let prodigy = TrainConfig {
-        optimizer: Some(OptimizerKind::Prodigy),
-        learning_rate: 1.0,
-        max_train_steps: 6,
-        ..lion
-    };
+    let prodigy = lion
+        .with_optimizer(Some(OptimizerKind::Prodigy))
+        .with_learning_rate(1.0)
+        .with_max_train_steps(6);
     let (ok, stderr) = run_output(&prodigy);
     assert!(!ok, "resumed Lion's state as Prodigy's");
     assert!(

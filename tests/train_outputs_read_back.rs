@@ -25,7 +25,6 @@ use lora::format::{self, ReadOptions};
 use sdxl_model::pipeline::{GenerateOptions, Pipeline};
 use sdxl_model::vae::Upcast;
 use tch::{Device, Kind};
-use trainer::TrainConfig;
 use trainer::run::{KOHYA_FILE, LORA_FILE};
 
 #[path = "common/training.rs"]
@@ -57,10 +56,9 @@ fn options() -> GenerateOptions {
 /// The adapters of `file` read with the pipeline's names only (no explicit block renames).
 fn read(pipe: &mut Pipeline, file: &Path) -> format::LoraFile {
     let names = pipe.lora_module_names();
-    let options = ReadOptions {
-        module_names: Some(&names),
-        block_renames: None,
-    };
+    let options = ReadOptions::default()
+        .with_module_names(Some(&names))
+        .with_block_renames(None);
     format::read(file, options).unwrap_or_else(|e| panic!("{}: {e}", file.display()))
 }
 
@@ -104,18 +102,16 @@ fn run_example(name: &str, args: &[&str]) -> std::process::Output {
 #[test]
 fn every_lora_file_of_a_run_reads_back_into_generate_and_lora_convert() {
     let dir = scratch("read-back");
-    let config = TrainConfig {
-        target_modules: "kohya".into(),
-        conv_rank: Some(2),
-        conv_alpha: Some(1.0),
-        use_dora: true,
-        train_text_encoder: true,
-        max_train_steps: 2,
-        checkpointing_steps: 2,
-        logging_steps: 1,
-        validation_prompt: None,
-        ..tiny(&dir.join("out"))
-    };
+    let config = tiny(&dir.join("out"))
+        .with_target_modules("kohya".into())
+        .with_conv_rank(Some(2))
+        .with_conv_alpha(Some(1.0))
+        .with_use_dora(true)
+        .with_train_text_encoder(true)
+        .with_max_train_steps(2)
+        .with_checkpointing_steps(2)
+        .with_logging_steps(1)
+        .with_validation_prompt(None);
     run_to_end(&config);
     let out = &config.output_dir;
 

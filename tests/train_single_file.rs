@@ -24,26 +24,22 @@ use training::{assert_bit_identical, fixture, losses, run_output, run_to_end, sc
 
 /// A short run of the tiny preset on `model`, configs from the tiny-sdxl folder.
 fn short_run(out: &Path, model: &Path) -> TrainConfig {
-    TrainConfig {
-        pretrained_model_name_or_path: model.display().to_string(),
-        max_train_steps: 4,
-        checkpointing_steps: 4,
-        validation_prompt: None,
-        ..tiny(out)
-    }
+    tiny(out)
+        .with_pretrained_model_name_or_path(model.display().to_string())
+        .with_max_train_steps(4)
+        .with_checkpointing_steps(4)
+        .with_validation_prompt(None)
 }
 
 #[test]
 fn a_single_file_trains_the_same_lora_as_its_diffusers_folder() {
     let dir = scratch("single-same");
     let from_folder = short_run(&dir.join("folder"), &fixture("tiny-sdxl"));
-    let from_file = TrainConfig {
-        single_file_config: Some(fixture("tiny-sdxl").display().to_string()),
-        ..short_run(
-            &dir.join("file"),
-            &fixture("tiny-sdxl-single-file.safetensors"),
-        )
-    };
+    let from_file = short_run(
+        &dir.join("file"),
+        &fixture("tiny-sdxl-single-file.safetensors"),
+    )
+    .with_single_file_config(Some(fixture("tiny-sdxl").display().to_string()));
     run_to_end(&from_folder);
     let (ok, log) = run_output(&from_file);
     assert!(ok, "training from the single file failed:\n{log}");
@@ -60,11 +56,10 @@ fn a_single_file_trains_the_same_lora_as_its_diffusers_folder() {
     }
     // Without --single_file_config the file is read as SDXL base, whose shapes it does not have: the
     // error names the file and a key.
-    let as_sdxl = TrainConfig {
-        output_dir: dir.join("as-sdxl"),
-        single_file_config: None,
-        ..from_file.clone()
-    };
+    let as_sdxl = from_file
+        .clone()
+        .with_output_dir(dir.join("as-sdxl"))
+        .with_single_file_config(None);
     let (ok, log) = run_output(&as_sdxl);
     assert!(!ok);
     assert!(
@@ -72,10 +67,11 @@ fn a_single_file_trains_the_same_lora_as_its_diffusers_folder() {
         "{log}"
     );
     // With the text encoders trained too, both read from the file.
-    let with_text = |config: &TrainConfig, name: &str| TrainConfig {
-        output_dir: dir.join(name),
-        train_text_encoder: true,
-        ..config.clone()
+    let with_text = |config: &TrainConfig, name: &str| {
+        config
+            .clone()
+            .with_output_dir(dir.join(name))
+            .with_train_text_encoder(true)
     };
     let (folder_text, file_text) = (
         with_text(&from_folder, "folder-text"),
@@ -106,14 +102,12 @@ fn a_marked_v_prediction_file_trains_with_zero_terminal_snr() {
     }
     let marked = dir.join("vpred-ztsnr.safetensors");
     Tensor::write_safetensors(&tensors, &marked).unwrap();
-    let config = TrainConfig {
-        single_file_config: Some(fixture("tiny-sdxl").display().to_string()),
-        validation_prompt: Some("Naruto style anime character".into()),
-        validation_steps: 2,
-        validation_inference_steps: 3,
-        num_validation_images: 1,
-        ..short_run(&dir.join("run"), &marked)
-    };
+    let config = short_run(&dir.join("run"), &marked)
+        .with_single_file_config(Some(fixture("tiny-sdxl").display().to_string()))
+        .with_validation_prompt(Some("Naruto style anime character".into()))
+        .with_validation_steps(2)
+        .with_validation_inference_steps(3)
+        .with_num_validation_images(1);
     let (ok, log) = run_output(&config);
     assert!(ok, "{log}");
     assert!(
@@ -145,12 +139,11 @@ fn a_marked_v_prediction_file_trains_with_zero_terminal_snr() {
     }
 
     // ε-prediction with zero terminal SNR is refused before anything loads.
-    let refused = TrainConfig {
-        output_dir: dir.join("refused"),
-        prediction_type: Some("epsilon".into()),
-        zero_terminal_snr: true,
-        ..config.clone()
-    };
+    let refused = config
+        .clone()
+        .with_output_dir(dir.join("refused"))
+        .with_prediction_type(Some("epsilon".into()))
+        .with_zero_terminal_snr(true);
     let (ok, log) = run_output(&refused);
     assert!(
         !ok && log.contains("--zero_terminal_snr") && log.contains("v_prediction"),

@@ -30,16 +30,14 @@ const LAYERS: [usize; 2] = [3, 4];
 const LR: f64 = 1e-5;
 
 fn config(dir: &Path, name: &str, steps: u64) -> TrainConfig {
-    TrainConfig {
-        train_text_encoder: true,
-        text_encoder_lr: LR,
-        max_train_steps: steps,
-        checkpointing_steps: 2,
-        logging_steps: 1,
-        validation_prompt: None,
-        resume_from_checkpoint: Some("latest".into()),
-        ..tiny(&dir.join(name))
-    }
+    tiny(&dir.join(name))
+        .with_train_text_encoder(true)
+        .with_text_encoder_lr(LR)
+        .with_max_train_steps(steps)
+        .with_checkpointing_steps(2)
+        .with_logging_steps(1)
+        .with_validation_prompt(None)
+        .with_resume_from_checkpoint(Some("latest".into()))
 }
 
 /// The `lora_B` (`up`) of every text-encoder module of a diffusers-format file, by module.
@@ -56,12 +54,10 @@ fn text_encoder_ups(file: &Path) -> Vec<((lora::Component, String), tch::Tensor)
 #[test]
 fn text_encoder_lora_trains_loads_back_and_resumes_identically() {
     let dir = scratch("text-encoder");
-    let plain = TrainConfig {
-        validation_prompt: Some("Naruto style anime character".into()),
-        validation_steps: 2,
-        validation_inference_steps: 4,
-        ..config(&dir, "plain", 4)
-    };
+    let plain = config(&dir, "plain", 4)
+        .with_validation_prompt(Some("Naruto style anime character".into()))
+        .with_validation_steps(2)
+        .with_validation_inference_steps(4);
     run_to_end(&plain);
     let out = &plain.output_dir;
 
@@ -126,10 +122,9 @@ fn text_encoder_lora_trains_loads_back_and_resumes_identically() {
     let unet_config =
         sdxl_model::unet::UNetConfig::from_file(fixture("tiny-sdxl/unet/config.json")).unwrap();
     let renames = lora::format::BlockRenames::new(sdxl_model::unet::sgm_unet_table(&unet_config));
-    let options = lora::format::ReadOptions {
-        module_names: Some(&names),
-        block_renames: Some(&renames),
-    };
+    let options = lora::format::ReadOptions::default()
+        .with_module_names(Some(&names))
+        .with_block_renames(Some(&renames));
     let kohya = lora::format::read(out.join(KOHYA_FILE), options).unwrap();
     assert_eq!(kohya.state.modules.len(), file.state.modules.len());
     for (key, module) in &file.state.modules {
@@ -197,10 +192,7 @@ fn text_encoder_lora_trains_loads_back_and_resumes_identically() {
     // 6. Gradient checkpointing (the encoders' layers recomputed too) trains as the plain step does:
     //    the same operations, summed in another order (fp32 rounding, 1e-7 relative per sum over a few
     //    hundred terms), then Adam, whose update is continuous in the gradient: far below lr / 100.
-    let checkpointed = TrainConfig {
-        gradient_checkpointing: true,
-        ..config(&dir, "checkpointed", 4)
-    };
+    let checkpointed = config(&dir, "checkpointed", 4).with_gradient_checkpointing(true);
     run_to_end(&checkpointed);
     for (a, b) in losses(&plain).iter().zip(&losses(&checkpointed)) {
         assert!((a - b).abs() <= 1e-4 * a.abs(), "{a} vs {b}");
@@ -215,10 +207,10 @@ fn text_encoder_lora_trains_loads_back_and_resumes_identically() {
 
     // 6b. The same with adapter dropout on both encoders and the UNet: the recomputed layers replay the
     //     forward's masks, so the two runs still differ only by summation order.
-    let dropout = |name: &str, gradient_checkpointing| TrainConfig {
-        lora_dropout: 0.25,
-        gradient_checkpointing,
-        ..config(&dir, name, 4)
+    let dropout = |name: &str, gradient_checkpointing| {
+        config(&dir, name, 4)
+            .with_lora_dropout(0.25)
+            .with_gradient_checkpointing(gradient_checkpointing)
     };
     let (plain_dropout, checkpointed_dropout) = (
         dropout("dropout", false),
@@ -249,10 +241,8 @@ fn text_encoder_lora_trains_loads_back_and_resumes_identically() {
 
     // 7. bf16 (the encoders' LoRA through compute copies): stopped after the checkpoint of step 2,
     //    resumed to step 4, it ends on the uninterrupted run's LoRA bit for bit.
-    let bf16 = |name: &str, steps| TrainConfig {
-        mixed_precision: MixedPrecision::Bf16,
-        ..config(&dir, name, steps)
-    };
+    let bf16 =
+        |name: &str, steps| config(&dir, name, steps).with_mixed_precision(MixedPrecision::Bf16);
     let whole = bf16("whole", 4);
     run_to_end(&whole);
     assert!(losses(&whole).iter().all(|l| l.is_finite()));
@@ -330,10 +320,8 @@ fn text_encoder_flags_are_checked() {
         .filter(|(k, _)| !k.contains("layers.1.") && !k.contains("layers.2."))
         .collect();
     tch::Tensor::write_safetensors(&kept, &weights).unwrap();
-    let one_layer = TrainConfig {
-        pretrained_model_name_or_path: model.display().to_string(),
-        ..config(&dir, "run", 1)
-    };
+    let one_layer =
+        config(&dir, "run", 1).with_pretrained_model_name_or_path(model.display().to_string());
     let (ok, stderr) = run_output(&one_layer);
     assert!(!ok && stderr.contains("--train_text_encoder"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);

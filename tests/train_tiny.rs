@@ -29,20 +29,18 @@ use training::{
 #[test]
 fn random_crops_flips_v_prediction_min_snr_and_offset_noise_train() {
     let out = scratch("fresh").join("run");
-    let config = TrainConfig {
-        cache_latents: false,
-        center_crop: false,
-        random_flip: true,
+    let config = tiny(&out)
+        .with_cache_latents(false)
+        .with_center_crop(false)
+        .with_random_flip(true)
         // The other loss options on the same short run: v-prediction targets, min-SNR-5 weights,
         // offset noise.
-        prediction_type: Some("v_prediction".into()),
-        snr_gamma: Some(5.0),
-        noise_offset: 0.05,
-        max_train_steps: 10,
-        checkpointing_steps: 10,
-        validation_prompt: None,
-        ..tiny(&out)
-    };
+        .with_prediction_type(Some("v_prediction".into()))
+        .with_snr_gamma(Some(5.0))
+        .with_noise_offset(0.05)
+        .with_max_train_steps(10)
+        .with_checkpointing_steps(10)
+        .with_validation_prompt(None);
     run_to_end(&config);
     let metrics = MetricsLog::read(&out.join("logs/metrics.jsonl")).unwrap();
     let losses: Vec<f64> = metrics.iter().filter_map(|r| r["loss"].as_f64()).collect();
@@ -105,13 +103,13 @@ fn data_sha256(path: &Path) -> String {
 #[test]
 fn fp8_base_weights_train_close_to_the_full_precision_run() {
     let dir = scratch("fp8");
-    let short = |name: &str, fp8_base_weights: bool| TrainConfig {
-        fp8_base_weights,
-        max_train_steps: 10,
-        checkpointing_steps: 10,
-        logging_steps: 1,
-        validation_prompt: None,
-        ..tiny(&dir.join(name))
+    let short = |name: &str, fp8_base_weights: bool| {
+        tiny(&dir.join(name))
+            .with_fp8_base_weights(fp8_base_weights)
+            .with_max_train_steps(10)
+            .with_checkpointing_steps(10)
+            .with_logging_steps(1)
+            .with_validation_prompt(None)
     };
     let (plain, fp8) = (short("plain", false), short("fp8", true));
     run_to_end(&plain);
@@ -156,14 +154,14 @@ fn fp8_base_weights_train_close_to_the_full_precision_run() {
 fn bf16_runs_train_near_fp32_and_resume_to_a_bit_identical_lora() {
     use trainer::config::MixedPrecision;
     let dir = scratch("bf16");
-    let config = |name: &str, mixed_precision: MixedPrecision, steps: u64| TrainConfig {
-        mixed_precision,
-        max_train_steps: steps,
-        checkpointing_steps: 3,
-        logging_steps: 1,
-        validation_prompt: None,
-        resume_from_checkpoint: Some("latest".into()),
-        ..tiny(&dir.join(name))
+    let config = |name: &str, mixed_precision: MixedPrecision, steps: u64| {
+        tiny(&dir.join(name))
+            .with_mixed_precision(mixed_precision)
+            .with_max_train_steps(steps)
+            .with_checkpointing_steps(3)
+            .with_logging_steps(1)
+            .with_validation_prompt(None)
+            .with_resume_from_checkpoint(Some("latest".into()))
     };
     let fp32 = config("fp32", MixedPrecision::No, 6);
     let whole = config("whole", MixedPrecision::Bf16, 6);
@@ -214,13 +212,13 @@ fn bf16_runs_train_near_fp32_and_resume_to_a_bit_identical_lora() {
 #[test]
 fn a_resume_with_another_global_batch_is_refused() {
     let dir = scratch("global-batch");
-    let config = |train_batch_size: u32, steps: u64| TrainConfig {
-        train_batch_size,
-        max_train_steps: steps,
-        checkpointing_steps: 1,
-        validation_prompt: None,
-        resume_from_checkpoint: Some("latest".into()),
-        ..tiny(&dir.join("run"))
+    let config = |train_batch_size: u32, steps: u64| {
+        tiny(&dir.join("run"))
+            .with_train_batch_size(train_batch_size)
+            .with_max_train_steps(steps)
+            .with_checkpointing_steps(1)
+            .with_validation_prompt(None)
+            .with_resume_from_checkpoint(Some("latest".into()))
     };
     run_to_end(&config(2, 1));
     let (ok, stderr) = run_output(&config(1, 2));
@@ -243,12 +241,10 @@ fn cuda_graphs_need_a_cuda_device_and_cached_latents() {
     } else {
         "cpu"
     };
-    let config = TrainConfig {
-        cuda_graph: true,
-        cache_latents: !tch::Cuda::is_available(),
-        device: device.into(),
-        ..tiny(&out)
-    };
+    let config = tiny(&out)
+        .with_cuda_graph(true)
+        .with_cache_latents(!tch::Cuda::is_available())
+        .with_device(device.into());
     let error = trainer::Trainer::new(config).unwrap_err().to_string();
     assert!(
         error.contains("--cuda_graph") && error.contains("CUDA device and --cache_latents"),
@@ -261,15 +257,13 @@ fn cuda_graphs_need_a_cuda_device_and_cached_latents() {
 /// non-finite was written and no final LoRA exists.
 fn diverge(name: &str, learning_rate: f64) -> String {
     let out = scratch(name).join("run");
-    let config = TrainConfig {
-        learning_rate,
-        max_train_steps: 40,
-        checkpointing_steps: 1,
-        logging_steps: 5,
-        max_nonfinite_steps: 3,
-        validation_prompt: None,
-        ..tiny(&out)
-    };
+    let config = tiny(&out)
+        .with_learning_rate(learning_rate)
+        .with_max_train_steps(40)
+        .with_checkpointing_steps(1)
+        .with_logging_steps(5)
+        .with_max_nonfinite_steps(3)
+        .with_validation_prompt(None);
     let output = spawn(&config, false).wait_with_output().unwrap();
     assert!(!output.status.success(), "the run should have stopped");
     assert!(!out.join(LORA_FILE).exists());
@@ -385,10 +379,9 @@ fn tiny_preset_trains_and_every_output_loads() {
     names
         .add_model_file(lora::Component::Unet, &unet_file)
         .unwrap();
-    let options = lora::format::ReadOptions {
-        module_names: Some(&names),
-        block_renames: Some(&renames),
-    };
+    let options = lora::format::ReadOptions::default()
+        .with_module_names(Some(&names))
+        .with_block_renames(Some(&renames));
     let kohya = lora::format::read(out.join(KOHYA_FILE), options).unwrap();
     assert_eq!(kohya.format, lora::format::Format::Kohya);
     assert_eq!(kohya.state.modules.len(), diffusers.state.modules.len());
@@ -509,14 +502,14 @@ fn checkpoint_being_written(out: &Path) -> bool {
 #[test]
 fn runs_killed_at_random_moments_resume_to_a_bit_identical_lora() {
     let root = scratch("resume");
-    let config = |name: &str| TrainConfig {
-        max_train_steps: 40,
-        checkpointing_steps: 2,
-        checkpoints_total_limit: Some(2),
-        validation_prompt: None,
-        logging_steps: 4,
-        resume_from_checkpoint: Some("latest".into()),
-        ..tiny(&root.join(name))
+    let config = |name: &str| {
+        tiny(&root.join(name))
+            .with_max_train_steps(40)
+            .with_checkpointing_steps(2)
+            .with_checkpoints_total_limit(Some(2))
+            .with_validation_prompt(None)
+            .with_logging_steps(4)
+            .with_resume_from_checkpoint(Some("latest".into()))
     };
     let reference = config("uninterrupted");
     run_to_end(&reference);

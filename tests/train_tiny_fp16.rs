@@ -21,14 +21,14 @@ use training::{assert_bit_identical, losses, run_to_end, scratch, tiny};
 #[test]
 fn fp16_runs_train_near_fp32_and_resume_to_a_bit_identical_lora() {
     let dir = scratch("fp16");
-    let config = |name: &str, mixed_precision: MixedPrecision, steps: u64| TrainConfig {
-        mixed_precision,
-        max_train_steps: steps,
-        checkpointing_steps: 3,
-        logging_steps: 1,
-        validation_prompt: None,
-        resume_from_checkpoint: Some("latest".into()),
-        ..tiny(&dir.join(name))
+    let config = |name: &str, mixed_precision: MixedPrecision, steps: u64| {
+        tiny(&dir.join(name))
+            .with_mixed_precision(mixed_precision)
+            .with_max_train_steps(steps)
+            .with_checkpointing_steps(3)
+            .with_logging_steps(1)
+            .with_validation_prompt(None)
+            .with_resume_from_checkpoint(Some("latest".into()))
     };
     let fp32 = config("fp32", MixedPrecision::No, 6);
     let whole = config("whole", MixedPrecision::Fp16, 6);

@@ -121,10 +121,9 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<()> {
             names.add_model_file(component, file)?;
         }
     }
-    let options = ReadOptions {
-        module_names: (!names.is_empty()).then_some(&names),
-        block_renames: renames.as_ref(),
-    };
+    let options = ReadOptions::default()
+        .with_module_names((!names.is_empty()).then_some(&names))
+        .with_block_renames(renames.as_ref());
     let file = format::read(&args.input, options)?;
     let sdxl = args.sdxl
         || renames.is_some()
@@ -154,10 +153,9 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let write_options = WriteOptions {
-        block_renames: renames.as_ref(),
-        extra_metadata,
-    };
+    let write_options = WriteOptions::default()
+        .with_block_renames(renames.as_ref())
+        .with_extra_metadata(extra_metadata);
     format::write(&args.output, &file.state, args.target, &write_options)?;
     println!(
         "{} ({}, {} modules) → {} ({})",

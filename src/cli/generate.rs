@@ -486,10 +486,9 @@ fn load_loras(
         let path = &lora.path;
         let file = lora::format::read(
             path,
-            lora::format::ReadOptions {
-                module_names: Some(&names),
-                block_renames: None,
-            },
+            lora::format::ReadOptions::default()
+                .with_module_names(Some(&names))
+                .with_block_renames(None),
         )
         .with_context(|| format!("--lora {}", path.display()))?;
         let name = format!("lora{index}");

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use data::rng::Rng;
+use data::Rng;
 use data::{CropMode, Dataset, DatasetConfig, Loader, LoaderConfig, SampleKey, Source, transform};
 
 const IMAGES: usize = 24;

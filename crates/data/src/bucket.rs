@@ -29,6 +29,7 @@ use crate::{Error, Result};
 
 /// kohya's bucket flags, with kohya's meanings and defaults ([`BucketConfig::new`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BucketConfig {
     /// `--resolution` as `(width, height)`: the bucket area `width·height`, or the single bucket.
     pub resolution: (u32, u32),
@@ -42,6 +43,59 @@ pub struct BucketConfig {
     pub bucket_reso_steps: u32,
     /// `--bucket_no_upscale`: one bucket per image size, never enlarging an image.
     pub bucket_no_upscale: bool,
+}
+
+/// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
+/// from [`Default`] (or a named constructor) by these.
+/// [`BucketConfig::new`] at SDXL's 1024 × 1024.
+impl Default for BucketConfig {
+    fn default() -> Self {
+        Self::new((1024, 1024))
+    }
+}
+
+impl BucketConfig {
+    /// Sets [`BucketConfig::resolution`].
+    #[must_use]
+    pub fn with_resolution(mut self, resolution: (u32, u32)) -> Self {
+        self.resolution = resolution;
+        self
+    }
+
+    /// Sets [`BucketConfig::enable_bucket`].
+    #[must_use]
+    pub fn with_enable_bucket(mut self, enable_bucket: bool) -> Self {
+        self.enable_bucket = enable_bucket;
+        self
+    }
+
+    /// Sets [`BucketConfig::min_bucket_reso`].
+    #[must_use]
+    pub fn with_min_bucket_reso(mut self, min_bucket_reso: u32) -> Self {
+        self.min_bucket_reso = min_bucket_reso;
+        self
+    }
+
+    /// Sets [`BucketConfig::max_bucket_reso`].
+    #[must_use]
+    pub fn with_max_bucket_reso(mut self, max_bucket_reso: u32) -> Self {
+        self.max_bucket_reso = max_bucket_reso;
+        self
+    }
+
+    /// Sets [`BucketConfig::bucket_reso_steps`].
+    #[must_use]
+    pub fn with_bucket_reso_steps(mut self, bucket_reso_steps: u32) -> Self {
+        self.bucket_reso_steps = bucket_reso_steps;
+        self
+    }
+
+    /// Sets [`BucketConfig::bucket_no_upscale`].
+    #[must_use]
+    pub fn with_bucket_no_upscale(mut self, bucket_no_upscale: bool) -> Self {
+        self.bucket_no_upscale = bucket_no_upscale;
+        self
+    }
 }
 
 impl BucketConfig {

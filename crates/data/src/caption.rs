@@ -35,6 +35,7 @@ use crate::{Error, Result};
 ///
 /// The default changes nothing but keeps the first line of the caption (kohya's step 3).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct CaptionRules {
     /// Text put before the caption with a space (`caption_prefix`); shuffled like the rest unless
     /// kept by `keep_tokens`.
@@ -56,6 +57,66 @@ pub struct CaptionRules {
     pub caption_separator: String,
     /// Probability of dropping each moving tag (`caption_tag_dropout_rate`).
     pub caption_tag_dropout_rate: f64,
+}
+
+/// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
+/// from [`Default`] (or a named constructor) by these.
+impl CaptionRules {
+    /// Sets [`CaptionRules::caption_prefix`].
+    #[must_use]
+    pub fn with_caption_prefix(mut self, caption_prefix: Option<String>) -> Self {
+        self.caption_prefix = caption_prefix;
+        self
+    }
+
+    /// Sets [`CaptionRules::caption_suffix`].
+    #[must_use]
+    pub fn with_caption_suffix(mut self, caption_suffix: Option<String>) -> Self {
+        self.caption_suffix = caption_suffix;
+        self
+    }
+
+    /// Sets [`CaptionRules::caption_dropout_rate`].
+    #[must_use]
+    pub fn with_caption_dropout_rate(mut self, caption_dropout_rate: f64) -> Self {
+        self.caption_dropout_rate = caption_dropout_rate;
+        self
+    }
+
+    /// Sets [`CaptionRules::shuffle_caption`].
+    #[must_use]
+    pub fn with_shuffle_caption(mut self, shuffle_caption: bool) -> Self {
+        self.shuffle_caption = shuffle_caption;
+        self
+    }
+
+    /// Sets [`CaptionRules::keep_tokens`].
+    #[must_use]
+    pub fn with_keep_tokens(mut self, keep_tokens: usize) -> Self {
+        self.keep_tokens = keep_tokens;
+        self
+    }
+
+    /// Sets [`CaptionRules::keep_tokens_separator`].
+    #[must_use]
+    pub fn with_keep_tokens_separator(mut self, keep_tokens_separator: Option<String>) -> Self {
+        self.keep_tokens_separator = keep_tokens_separator;
+        self
+    }
+
+    /// Sets [`CaptionRules::caption_separator`].
+    #[must_use]
+    pub fn with_caption_separator(mut self, caption_separator: String) -> Self {
+        self.caption_separator = caption_separator;
+        self
+    }
+
+    /// Sets [`CaptionRules::caption_tag_dropout_rate`].
+    #[must_use]
+    pub fn with_caption_tag_dropout_rate(mut self, caption_tag_dropout_rate: f64) -> Self {
+        self.caption_tag_dropout_rate = caption_tag_dropout_rate;
+        self
+    }
 }
 
 impl Default for CaptionRules {

@@ -40,6 +40,7 @@ pub enum CaptionSource {
 
 /// How prompts are made from captions.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Captions {
     /// The caption column or an instance prompt.
     pub source: CaptionSource,
@@ -52,6 +53,38 @@ pub struct Captions {
     /// drawn: prefix/suffix, caption dropout, first line only, tag shuffle with kept tags, tag
     /// dropout ([`crate::caption::process_caption`]). `None`: the caption is used as it is.
     pub kohya: Option<CaptionRules>,
+}
+
+/// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
+/// from [`Default`] (or a named constructor) by these.
+impl Captions {
+    /// Sets [`Captions::source`].
+    #[must_use]
+    pub fn with_source(mut self, source: CaptionSource) -> Self {
+        self.source = source;
+        self
+    }
+
+    /// Sets [`Captions::template`].
+    #[must_use]
+    pub fn with_template(mut self, template: Option<String>) -> Self {
+        self.template = template;
+        self
+    }
+
+    /// Sets [`Captions::dropout`].
+    #[must_use]
+    pub fn with_dropout(mut self, dropout: f64) -> Self {
+        self.dropout = dropout;
+        self
+    }
+
+    /// Sets [`Captions::kohya`].
+    #[must_use]
+    pub fn with_kohya(mut self, kohya: Option<CaptionRules>) -> Self {
+        self.kohya = kohya;
+        self
+    }
 }
 
 impl Default for Captions {
@@ -67,6 +100,7 @@ impl Default for Captions {
 
 /// Everything that decides which samples a dataset yields.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct DatasetConfig {
     /// Which rows.
     pub selection: Selection,
@@ -87,19 +121,72 @@ pub struct DatasetConfig {
     pub threads: usize,
 }
 
+/// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
+/// from [`Default`] (or a named constructor) by these.
+impl DatasetConfig {
+    /// Sets [`DatasetConfig::selection`].
+    #[must_use]
+    pub fn with_selection(mut self, selection: Selection) -> Self {
+        self.selection = selection;
+        self
+    }
+
+    /// Sets [`DatasetConfig::repeats`].
+    #[must_use]
+    pub fn with_repeats(mut self, repeats: u32) -> Self {
+        self.repeats = repeats;
+        self
+    }
+
+    /// Sets [`DatasetConfig::captions`].
+    #[must_use]
+    pub fn with_captions(mut self, captions: Captions) -> Self {
+        self.captions = captions;
+        self
+    }
+
+    /// Sets [`DatasetConfig::buckets`].
+    #[must_use]
+    pub fn with_buckets(mut self, buckets: Buckets) -> Self {
+        self.buckets = buckets;
+        self
+    }
+
+    /// Sets [`DatasetConfig::transform`].
+    #[must_use]
+    pub fn with_transform(mut self, transform: TransformConfig) -> Self {
+        self.transform = transform;
+        self
+    }
+
+    /// Sets [`DatasetConfig::skip_bad_rows`].
+    #[must_use]
+    pub fn with_skip_bad_rows(mut self, skip_bad_rows: bool) -> Self {
+        self.skip_bad_rows = skip_bad_rows;
+        self
+    }
+
+    /// Sets [`DatasetConfig::threads`].
+    #[must_use]
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads;
+        self
+    }
+}
+
 impl DatasetConfig {
     /// Every row, captions from the `text` column, `resolution²` centre crops as diffusers' scripts
     /// take them, no flip.
     pub fn new(resolution: u32) -> Result<Self> {
-        Self::with_buckets(Buckets::square(resolution)?)
+        Self::from_buckets(Buckets::square(resolution)?)
     }
 
     /// As [`DatasetConfig::new`], with kohya's buckets for its bucket flags instead of the square.
     pub fn kohya(buckets: &BucketConfig) -> Result<Self> {
-        Self::with_buckets(Buckets::kohya(buckets)?)
+        Self::from_buckets(Buckets::kohya(buckets)?)
     }
 
-    fn with_buckets(buckets: Buckets) -> Result<Self> {
+    fn from_buckets(buckets: Buckets) -> Result<Self> {
         Ok(Self {
             selection: Selection::All,
             repeats: 1,

@@ -58,7 +58,7 @@ mod hub;
 mod loader;
 mod parquet;
 mod record;
-pub mod rng;
+mod rng;
 mod source;
 pub mod transform;
 
@@ -74,5 +74,6 @@ pub use folder::{CaptionFolder, FolderLayout};
 pub use hub::HubDataset;
 pub use loader::{Batch, Batches, Loader, LoaderConfig};
 pub use record::{ImageRef, Origin, RawRow};
+pub use rng::Rng;
 pub use source::{Columns, Source};
 pub use transform::{CropMode, Pixels, Placement, TransformConfig};

@@ -19,6 +19,7 @@ use crate::{Error, Result};
 
 /// Batching and threading options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LoaderConfig {
     /// Samples per batch.
     pub batch_size: usize,
@@ -32,6 +33,52 @@ pub struct LoaderConfig {
     pub workers: usize,
     /// Batches prepared ahead of the one being consumed.
     pub prefetch: usize,
+}
+
+/// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
+/// from [`Default`] (or a named constructor) by these.
+impl LoaderConfig {
+    /// Sets [`LoaderConfig::batch_size`].
+    #[must_use]
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+
+    /// Sets [`LoaderConfig::seed`].
+    #[must_use]
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Sets [`LoaderConfig::shuffle`].
+    #[must_use]
+    pub fn with_shuffle(mut self, shuffle: bool) -> Self {
+        self.shuffle = shuffle;
+        self
+    }
+
+    /// Sets [`LoaderConfig::drop_last`].
+    #[must_use]
+    pub fn with_drop_last(mut self, drop_last: bool) -> Self {
+        self.drop_last = drop_last;
+        self
+    }
+
+    /// Sets [`LoaderConfig::workers`].
+    #[must_use]
+    pub fn with_workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// Sets [`LoaderConfig::prefetch`].
+    #[must_use]
+    pub fn with_prefetch(mut self, prefetch: usize) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
 }
 
 impl LoaderConfig {

@@ -5,7 +5,11 @@
 //! `(seed, purpose, epoch, step, slot)` gives that without carrying state between steps; it is
 //! SplitMix64 (Steele, Lea & Flood, "Fast splittable pseudorandom number generators", 2014).
 
-/// A small deterministic generator; `Rng::keyed` derives independent streams from a key.
+/// The loader's counter-based generator (SplitMix64): every per-step draw of a [`crate::Loader`]
+/// comes from a stream `Rng::keyed(seed, key)` derives from the seed and a position, so a draw is
+/// reproducible from its step alone. [`caption::process_caption`](crate::caption::process_caption)
+/// and [`transform::kohya_placement`](crate::transform::kohya_placement) take one, to replay a
+/// step outside a loader.
 #[derive(Debug, Clone)]
 pub struct Rng {
     state: u64,

@@ -12,11 +12,30 @@ use crate::{Error, Result};
 
 /// Column names of a parquet dataset (or keys of `metadata.jsonl`).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Columns {
     /// The image column: a `datasets` Image struct `{bytes, path}` or plain bytes; default `image`.
     pub image: String,
     /// The caption column; default `text`. `None` when captions are not read (an instance prompt).
     pub caption: Option<String>,
+}
+
+/// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
+/// from [`Default`] (or a named constructor) by these.
+impl Columns {
+    /// Sets [`Columns::image`].
+    #[must_use]
+    pub fn with_image(mut self, image: String) -> Self {
+        self.image = image;
+        self
+    }
+
+    /// Sets [`Columns::caption`].
+    #[must_use]
+    pub fn with_caption(mut self, caption: Option<String>) -> Self {
+        self.caption = caption;
+        self
+    }
 }
 
 impl Default for Columns {

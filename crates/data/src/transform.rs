@@ -40,6 +40,7 @@ pub enum CropMode {
 
 /// The transform's options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TransformConfig {
     /// Centre or random crop.
     pub crop: CropMode,
@@ -48,6 +49,31 @@ pub struct TransformConfig {
     /// Let images smaller than their target be enlarged in the square mode; off by default, where
     /// they are errors. kohya's buckets enlarge as kohya does, unless `--bucket_no_upscale`.
     pub allow_upscale: bool,
+}
+
+/// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
+/// from [`Default`] (or a named constructor) by these.
+impl TransformConfig {
+    /// Sets [`TransformConfig::crop`].
+    #[must_use]
+    pub fn with_crop(mut self, crop: CropMode) -> Self {
+        self.crop = crop;
+        self
+    }
+
+    /// Sets [`TransformConfig::random_flip`].
+    #[must_use]
+    pub fn with_random_flip(mut self, random_flip: bool) -> Self {
+        self.random_flip = random_flip;
+        self
+    }
+
+    /// Sets [`TransformConfig::allow_upscale`].
+    #[must_use]
+    pub fn with_allow_upscale(mut self, allow_upscale: bool) -> Self {
+        self.allow_upscale = allow_upscale;
+        self
+    }
 }
 
 impl Default for TransformConfig {

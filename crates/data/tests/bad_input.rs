@@ -38,10 +38,9 @@ fn an_undecodable_image_names_its_row() {
 fn a_missing_column_names_the_file_and_the_columns_it_has() {
     let source = Source::Parquet {
         files: vec![fixture("parquet/data/train-00000-of-00001.parquet")],
-        columns: Columns {
-            image: "image".into(),
-            caption: Some("caption".into()),
-        },
+        columns: Columns::default()
+            .with_image("image".into())
+            .with_caption(Some("caption".into())),
     };
     let message = error(&source, resolution(32));
     assert!(

@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use common::fixture;
-use data::rng::Rng;
+use data::Rng;
 use data::transform::{self, Placement};
 use data::{
     Assignment, BucketConfig, Buckets, CaptionSource, CropMode, Dataset, DatasetConfig, Error,
@@ -39,14 +39,13 @@ fn pairs(value: &Value) -> Vec<(u32, u32)> {
 }
 
 fn bucket_config(config: &Value) -> BucketConfig {
-    BucketConfig {
-        resolution: pair(&config["resolution"]),
-        enable_bucket: config["enable_bucket"].as_bool().unwrap(),
-        min_bucket_reso: number(&config["min_bucket_reso"]),
-        max_bucket_reso: number(&config["max_bucket_reso"]),
-        bucket_reso_steps: number(&config["bucket_reso_steps"]),
-        bucket_no_upscale: config["bucket_no_upscale"].as_bool().unwrap(),
-    }
+    BucketConfig::default()
+        .with_resolution(pair(&config["resolution"]))
+        .with_enable_bucket(config["enable_bucket"].as_bool().unwrap())
+        .with_min_bucket_reso(number(&config["min_bucket_reso"]))
+        .with_max_bucket_reso(number(&config["max_bucket_reso"]))
+        .with_bucket_reso_steps(number(&config["bucket_reso_steps"]))
+        .with_bucket_no_upscale(config["bucket_no_upscale"].as_bool().unwrap())
 }
 
 #[test]
@@ -183,11 +182,8 @@ fn flag_sets_kohya_refuses_are_refused_naming_the_flag() {
 
 #[test]
 fn random_crops_stay_inside_and_report_kohyas_corner() {
-    let buckets = Buckets::kohya(&BucketConfig {
-        enable_bucket: true,
-        ..BucketConfig::new((1024, 1024))
-    })
-    .unwrap();
+    let buckets =
+        Buckets::kohya(&BucketConfig::new((1024, 1024)).with_enable_bucket(true)).unwrap();
     let assignment = buckets.select(1100, 400).unwrap();
     let spare = assignment.resized.0 - assignment.bucket.0;
     assert_eq!(
@@ -221,14 +217,13 @@ fn eight_images() -> Source {
 
 fn small_buckets(no_upscale: bool) -> BucketConfig {
     // The fixture's 40-100 px images at a 64 px resolution: buckets of 32..128 px in steps of 8.
-    BucketConfig {
-        resolution: (64, 64),
-        enable_bucket: true,
-        min_bucket_reso: 32,
-        max_bucket_reso: 128,
-        bucket_reso_steps: 8,
-        bucket_no_upscale: no_upscale,
-    }
+    BucketConfig::default()
+        .with_resolution((64, 64))
+        .with_enable_bucket(true)
+        .with_min_bucket_reso(32)
+        .with_max_bucket_reso(128)
+        .with_bucket_reso_steps(8)
+        .with_bucket_no_upscale(no_upscale)
 }
 
 #[test]
@@ -354,11 +349,11 @@ fn without_enable_bucket_every_image_covers_the_one_resolution() {
 
 #[test]
 fn no_upscale_refuses_images_narrower_than_a_step() {
-    let mut config = DatasetConfig::kohya(&BucketConfig {
-        bucket_reso_steps: 64,
-        min_bucket_reso: 64,
-        ..small_buckets(true)
-    })
+    let mut config = DatasetConfig::kohya(
+        &small_buckets(true)
+            .with_bucket_reso_steps(64)
+            .with_min_bucket_reso(64),
+    )
     .unwrap();
     config.captions.source = CaptionSource::Instance("x".into());
     // One 64 px step and a 64x64 area: only 64x64 and 72x72 (scaled down to 64x64) get a bucket;

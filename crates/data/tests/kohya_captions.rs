@@ -10,8 +10,8 @@ mod common;
 
 use std::collections::BTreeMap;
 
+use data::Rng;
 use data::caption::process_caption;
-use data::rng::Rng;
 use data::{CaptionRules, CaptionSource, Dataset, DatasetConfig, SampleKey, Selection, Source};
 use serde_json::Value;
 
@@ -93,11 +93,9 @@ fn sorted(mut v: Vec<&str>) -> Vec<&str> {
 #[test]
 fn shuffles_keep_the_kept_tags_and_the_multiset() {
     let caption = "sks, dog, red collar, grass, sky, tree, smile, (best:1.2), 4k";
-    let rules = CaptionRules {
-        shuffle_caption: true,
-        keep_tokens: 2,
-        ..CaptionRules::default()
-    };
+    let rules = CaptionRules::default()
+        .with_shuffle_caption(true)
+        .with_keep_tokens(2);
     let mut orders = BTreeMap::new();
     for seed in 0..500 {
         let out = process_caption(caption, &rules, &mut Rng::keyed(seed, &[]));
@@ -113,12 +111,10 @@ fn shuffles_keep_the_kept_tags_and_the_multiset() {
         "{orders:?}"
     );
 
-    let rules = CaptionRules {
-        shuffle_caption: true,
-        keep_tokens: 9,
-        keep_tokens_separator: Some("|||".into()),
-        ..CaptionRules::default()
-    };
+    let rules = CaptionRules::default()
+        .with_shuffle_caption(true)
+        .with_keep_tokens(9)
+        .with_keep_tokens_separator(Some("|||".into()));
     let caption = "sks, dog ||| a, b, c, d, e ||| masterpiece, 4k";
     for seed in 0..100 {
         let out = process_caption(caption, &rules, &mut Rng::keyed(seed, &[]));
@@ -135,11 +131,9 @@ fn tag_and_caption_dropout_follow_their_rates() {
         .map(|i| format!("t{i}"))
         .collect::<Vec<_>>()
         .join(", ");
-    let rules = CaptionRules {
-        caption_tag_dropout_rate: 0.25,
-        keep_tokens: 1,
-        ..CaptionRules::default()
-    };
+    let rules = CaptionRules::default()
+        .with_caption_tag_dropout_rate(0.25)
+        .with_keep_tokens(1);
     let mut kept = 0;
     for seed in 0..1000 {
         let out = process_caption(&caption, &rules, &mut Rng::keyed(seed, &[]));
@@ -156,11 +150,9 @@ fn tag_and_caption_dropout_follow_their_rates() {
         "{kept} of 9000 tags kept at 0.25"
     );
 
-    let rules = CaptionRules {
-        caption_dropout_rate: 0.1,
-        shuffle_caption: true,
-        ..CaptionRules::default()
-    };
+    let rules = CaptionRules::default()
+        .with_caption_dropout_rate(0.1)
+        .with_shuffle_caption(true);
     let dropped = (0..2000)
         .filter(|&seed| process_caption(&caption, &rules, &mut Rng::keyed(seed, &[])).is_empty())
         .count();
@@ -177,12 +169,12 @@ fn the_dataset_applies_the_rules_per_step_after_the_template() {
     config.selection = Selection::First(2);
     config.captions.source = CaptionSource::Instance("a fox, grass, sky, tree, smile".into());
     config.captions.template = Some("sks, {}".into());
-    config.captions.kohya = Some(CaptionRules {
-        shuffle_caption: true,
-        keep_tokens: 1,
-        caption_suffix: Some(", hd".into()),
-        ..CaptionRules::default()
-    });
+    config.captions.kohya = Some(
+        CaptionRules::default()
+            .with_shuffle_caption(true)
+            .with_keep_tokens(1)
+            .with_caption_suffix(Some(", hd".into())),
+    );
     let dataset = Dataset::open(&source, config.clone()).unwrap();
     let key = |step| SampleKey {
         seed: 3,
@@ -208,10 +200,7 @@ fn the_dataset_applies_the_rules_per_step_after_the_template() {
     // A pure function of the key.
     assert_eq!(dataset.prompt(&key(5)).unwrap(), prompts[5]);
 
-    config.captions.kohya = Some(CaptionRules {
-        caption_tag_dropout_rate: 2.0,
-        ..CaptionRules::default()
-    });
+    config.captions.kohya = Some(CaptionRules::default().with_caption_tag_dropout_rate(2.0));
     let message = Dataset::open(&source, config).unwrap_err().to_string();
     assert!(message.contains("caption_tag_dropout_rate"), "{message}");
 }

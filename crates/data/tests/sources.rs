@@ -38,10 +38,9 @@ fn all_layouts() -> Vec<(&'static str, Source)> {
             "renamed columns",
             Source::Parquet {
                 files: vec![fixture("renamed-columns.parquet")],
-                columns: Columns {
-                    image: "picture".into(),
-                    caption: Some("caption".into()),
-                },
+                columns: Columns::default()
+                    .with_image("picture".into())
+                    .with_caption(Some("caption".into())),
             },
         ),
         (

@@ -299,28 +299,22 @@ fn epochs_differ_and_a_restart_sees_the_same_batches() {
     };
     assert_ne!(placements(0), placements(1));
     // Another seed, other batches.
-    let other = Loader::new(
-        open(),
-        LoaderConfig {
-            seed: 1235,
-            ..config
-        },
-    )
-    .unwrap();
+    let other = Loader::new(open(), config.with_seed(1235)).unwrap();
     assert_ne!(fingerprint(&other.batch(0).unwrap()), full[0]);
 }
 
 #[test]
 fn bucketed_batches_hold_one_size() {
     let mut config = random_config(40);
-    config.buckets = Buckets::kohya(&BucketConfig {
-        resolution: (40, 40),
-        enable_bucket: true,
-        min_bucket_reso: 24,
-        max_bucket_reso: 64,
-        bucket_reso_steps: 8,
-        bucket_no_upscale: false,
-    })
+    config.buckets = Buckets::kohya(
+        &BucketConfig::default()
+            .with_resolution((40, 40))
+            .with_enable_bucket(true)
+            .with_min_bucket_reso(24)
+            .with_max_bucket_reso(64)
+            .with_bucket_reso_steps(8)
+            .with_bucket_no_upscale(false),
+    )
     .unwrap();
     let dataset = Arc::new(Dataset::open(&eight_images(), config).unwrap());
     let buckets: HashSet<usize> = dataset.items().iter().map(|i| i.bucket).collect();

@@ -30,9 +30,10 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub struct Conv2d {
     /// The base kernel `[out, in, k, k]` as stored (`float8_e4m3fn` after [`Conv2d::quantize_fp8`]).
-    pub weight: Tensor,
+    /// Private, as [`crate::Linear`]'s.
+    pub(crate) weight: Tensor,
     /// The base bias, `[out]`.
-    pub bias: Option<Tensor>,
+    pub(crate) bias: Option<Tensor>,
     stride: i64,
     padding: i64,
     adapters: Vec<Adapter>,
@@ -82,6 +83,18 @@ impl Conv2d {
             randomness: None,
             fp8: None,
         }
+    }
+
+    /// The base kernel `[out, in, k, k]` as stored (`float8_e4m3fn` after
+    /// [`Conv2d::quantize_fp8`]; [`Conv2d::base_weight`] gives its value then). It shares its
+    /// storage with the variable store's `weight`: load weights through the store.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The base bias `[out]`, if the convolution has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
     }
 
     /// The input channels.

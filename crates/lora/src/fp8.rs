@@ -25,7 +25,7 @@ pub const E4M3_MAX: f64 = 448.0;
 ///
 /// # Errors
 /// Only libtorch errors.
-pub fn quantize_e4m3(weight: &Tensor) -> Result<(Tensor, Tensor)> {
+pub(crate) fn quantize_e4m3(weight: &Tensor) -> Result<(Tensor, Tensor)> {
     tch::no_grad(|| {
         let weight = weight.f_to_kind(Kind::Float)?;
         let amax = weight.f_abs()?.f_max()?;
@@ -46,7 +46,8 @@ pub fn quantize_e4m3(weight: &Tensor) -> Result<(Tensor, Tensor)> {
 ///
 /// # Errors
 /// Only libtorch errors.
-pub fn dequantize_e4m3(quantized: &Tensor, scale: &Tensor, kind: Kind) -> Result<Tensor> {
+#[cfg(test)]
+pub(crate) fn dequantize_e4m3(quantized: &Tensor, scale: &Tensor, kind: Kind) -> Result<Tensor> {
     // e4m3 → bf16 / fp16 / fp32 is exact; the product is rounded once, to `kind`.
     Ok(quantized.f_to_kind(kind)?.f_mul(scale)?)
 }
@@ -58,6 +59,7 @@ pub(crate) fn tensor_bytes(tensor: &Tensor) -> i64 {
 
 /// What [`quantize_base_fp8`] (or a model's own quantizer, e.g. for convolutions) did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Fp8Report {
     /// Layers whose base weight was converted now.
     pub quantized: usize,

@@ -33,6 +33,7 @@ pub enum Init {
 
 /// What to inject: peft's `LoraConfig`, for linear layers and 2-D convolutions.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct LoraConfig {
     /// Default rank `r`.
     pub rank: i64,
@@ -61,6 +62,88 @@ pub struct LoraConfig {
     /// the conv rank (scale 1, as the default alpha of the linear layers).
     #[serde(default)]
     pub conv_alpha: Option<f64>,
+}
+
+/// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
+/// from [`Default`] (or a named constructor) by these; the targets are given by
+/// [`LoraConfig::with_targets`] (or assigned).
+impl LoraConfig {
+    /// Sets [`LoraConfig::rank`].
+    #[must_use]
+    pub fn with_rank(mut self, rank: i64) -> Self {
+        self.rank = rank;
+        self
+    }
+
+    /// Sets [`LoraConfig::alpha`].
+    #[must_use]
+    pub fn with_alpha(mut self, alpha: f64) -> Self {
+        self.alpha = alpha;
+        self
+    }
+
+    /// Sets [`LoraConfig::rank_pattern`].
+    #[must_use]
+    pub fn with_rank_pattern(mut self, rank_pattern: BTreeMap<String, i64>) -> Self {
+        self.rank_pattern = rank_pattern;
+        self
+    }
+
+    /// Sets [`LoraConfig::alpha_pattern`].
+    #[must_use]
+    pub fn with_alpha_pattern(mut self, alpha_pattern: BTreeMap<String, f64>) -> Self {
+        self.alpha_pattern = alpha_pattern;
+        self
+    }
+
+    /// Sets [`LoraConfig::dropout`].
+    #[must_use]
+    pub fn with_dropout(mut self, dropout: f64) -> Self {
+        self.dropout = dropout;
+        self
+    }
+
+    /// Sets [`LoraConfig::init`].
+    #[must_use]
+    pub fn with_init(mut self, init: Init) -> Self {
+        self.init = init;
+        self
+    }
+
+    /// Sets [`LoraConfig::use_rslora`].
+    #[must_use]
+    pub fn with_use_rslora(mut self, use_rslora: bool) -> Self {
+        self.use_rslora = use_rslora;
+        self
+    }
+
+    /// Sets [`LoraConfig::use_dora`].
+    #[must_use]
+    pub fn with_use_dora(mut self, use_dora: bool) -> Self {
+        self.use_dora = use_dora;
+        self
+    }
+
+    /// Sets [`LoraConfig::conv_rank`].
+    #[must_use]
+    pub fn with_conv_rank(mut self, conv_rank: Option<i64>) -> Self {
+        self.conv_rank = conv_rank;
+        self
+    }
+
+    /// Sets [`LoraConfig::conv_alpha`].
+    #[must_use]
+    pub fn with_conv_alpha(mut self, conv_alpha: Option<f64>) -> Self {
+        self.conv_alpha = conv_alpha;
+        self
+    }
+}
+
+/// [`LoraConfig::unet_attention`] at rank 4, diffusers' SDXL LoRA scripts' default.
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self::unet_attention(4)
+    }
 }
 
 impl LoraConfig {
@@ -175,7 +258,7 @@ impl LoraConfig {
 }
 
 /// `module` equals `pattern` or ends with `.pattern` (peft's target and pattern rule).
-pub fn matches_suffix(module: &str, pattern: &str) -> bool {
+pub(crate) fn matches_suffix(module: &str, pattern: &str) -> bool {
     module == pattern
         || module
             .strip_suffix(pattern)
@@ -203,6 +286,7 @@ pub fn module_path<'a>(root: &nn::Path<'a>, module: &str) -> nn::Path<'a> {
 
 /// Which layers an injection adapted.
 #[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct InjectionReport {
     /// `(module path, rank, alpha)` of every adapted layer, in the model's order.
     pub adapted: Vec<(String, i64, f64)>,

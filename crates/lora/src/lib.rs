@@ -52,7 +52,7 @@ mod conv;
 mod copies;
 mod error;
 pub mod format;
-pub mod fp8;
+mod fp8;
 mod inject;
 mod layer;
 mod linear;
@@ -66,9 +66,8 @@ pub use copies::ComputeCopies;
 pub use error::{Error, Result};
 pub use fp8::{Fp8Report, quantize_base_fp8};
 pub use inject::{
-    Init, InjectionReport, LoraConfig, inject, inject_with, matches_suffix, merge, module_path,
-    set_compute_kind, set_enabled, set_multiplier, set_randomness, set_training,
-    trainable_variables, unmerge,
+    Init, InjectionReport, LoraConfig, inject, inject_with, merge, module_path, set_compute_kind,
+    set_enabled, set_multiplier, set_randomness, set_training, trainable_variables, unmerge,
 };
 pub use linear::{HasLinears, Linear};
 pub use randomness::{DefaultGenerator, Randomness};

@@ -29,9 +29,10 @@ use crate::{Error, Result};
 pub struct Linear {
     /// The base weight, `[out_features, in_features]`, as stored: after
     /// [`Linear::quantize_fp8`] it is `float8_e4m3fn` and [`Linear::base_weight`] gives its value.
-    pub weight: Tensor,
+    /// Private: replacing the tensor would silently end weight packing and fp8 bookkeeping.
+    pub(crate) weight: Tensor,
     /// The base bias, `[out_features]`.
-    pub bias: Option<Tensor>,
+    pub(crate) bias: Option<Tensor>,
     adapters: Vec<Adapter>,
     /// What each merge did, newest last, so that unmerging can undo them in reverse order.
     merges: Vec<MergeRecord>,
@@ -153,6 +154,19 @@ impl Linear {
             fp8: None,
             pack: None,
         }
+    }
+
+    /// The base weight `[out_features, in_features]` as stored (`float8_e4m3fn` after
+    /// [`Linear::quantize_fp8`]; [`Linear::base_weight`] gives its value then). It shares its
+    /// storage with the variable store's `weight`: load weights through the store (or `copy_` into
+    /// a shallow clone under `tch::no_grad`), never by replacing the tensor.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The base bias `[out_features]`, if the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
     }
 
     /// The input width.

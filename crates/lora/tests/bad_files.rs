@@ -116,10 +116,9 @@ fn kohya_reader_needs_module_names_and_names_unknown_modules() {
     // Without the SGM table, the SGM-named module cannot be placed either.
     let error = format::read(
         &path,
-        ReadOptions {
-            module_names: Some(&names),
-            block_renames: None,
-        },
+        ReadOptions::default()
+            .with_module_names(Some(&names))
+            .with_block_renames(None),
     )
     .unwrap_err();
     let Error::UnplacedKeys { keys, .. } = &error else {

@@ -76,7 +76,7 @@ fn injects_default_attention_targets_with_patterns_and_starts_at_the_base_output
     assert_eq!(trainable.len(), 8);
     assert!(trainable.keys().all(|k| k.contains(".default.lora_")));
     // Base weights are frozen; a second injection with the same name is refused.
-    model.for_each_linear(&mut |_, l| assert!(!l.weight.requires_grad()));
+    model.for_each_linear(&mut |_, l| assert!(!l.weight().requires_grad()));
     assert!(matches!(
         inject(&mut model, &adapters.root(), "default", &config),
         Err(Error::DuplicateAdapter { .. })
@@ -143,7 +143,7 @@ fn dora_injection_starts_at_the_base_output_with_weight_norm_magnitudes() {
     assert!(max_abs_diff(&model.forward(&x), &before) < 1e-6);
     let layer = &model.layers[0].1;
     let magnitude = layer.adapter("dora").unwrap().magnitude.as_ref().unwrap();
-    assert!(max_abs_diff(magnitude, &layer.weight.norm_scalaropt_dim(2, [1], false)) < 1e-6);
+    assert!(max_abs_diff(magnitude, &layer.weight().norm_scalaropt_dim(2, [1], false)) < 1e-6);
     assert_eq!(trainable_variables(&mut model).len(), 12);
 }
 
@@ -189,8 +189,8 @@ proptest! {
         let (mut model, adapters) = gradients_after_one_step(&widths, rank, dora, seed);
         let mut checked = 0;
         model.for_each_linear(&mut |path, layer| {
-            assert!(!layer.weight.grad().defined(), "{path}: base weight got a gradient");
-            assert!(layer.bias.as_ref().is_none_or(|b| !b.grad().defined()), "{path}: bias got a gradient");
+            assert!(!layer.weight().grad().defined(), "{path}: base weight got a gradient");
+            assert!(layer.bias().is_none_or(|b| !b.grad().defined()), "{path}: bias got a gradient");
             for adapter in layer.adapters() {
                 for tensor in adapter.parameters() {
                     assert!(tensor.requires_grad() && tensor.grad().defined(), "{path}: adapter tensor without gradient");
@@ -202,11 +202,11 @@ proptest! {
         prop_assert_eq!(checked, expected);
         prop_assert_eq!(adapters.trainable_variables().len(), expected);
         // An optimizer over trainable_variables() moves only the adapters.
-        let base_before: Vec<Tensor> = model.layers.iter().map(|(_, l)| l.weight.copy()).collect();
+        let base_before: Vec<Tensor> = model.layers.iter().map(|(_, l)| l.weight().copy()).collect();
         let mut optimizer = nn::Sgd::default().build(&adapters, 0.1).unwrap();
         optimizer.step();
         for ((_, layer), before) in model.layers.iter().zip(&base_before) {
-            prop_assert!(layer.weight.equal(before));
+            prop_assert!(layer.weight().equal(before));
         }
     }
 }

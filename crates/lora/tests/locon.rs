@@ -236,10 +236,9 @@ fn locon_file_written_by_diffusers_gives_peft_outputs() {
     let mut fx = fixture();
     let mut names = ModuleNames::new();
     names.add_model(Component::Unet, &mut fx.conv);
-    let options = ReadOptions {
-        module_names: Some(&names),
-        block_renames: None,
-    };
+    let options = ReadOptions::default()
+        .with_module_names(Some(&names))
+        .with_block_renames(None);
     let file = format::read(lora_fixture("locon-peft.safetensors"), options).unwrap();
     assert_eq!(file.format, Format::Peft);
     let shortcut = &file.state.modules[&(
@@ -350,10 +349,9 @@ fn kohya_file_by_diffusers_places_conv_kernels_and_our_files_round_trip() {
         ]
         .map(|(a, b)| (a.to_owned(), b.to_owned())),
     );
-    let options = ReadOptions {
-        module_names: Some(&names),
-        block_renames: Some(&renames),
-    };
+    let options = ReadOptions::default()
+        .with_module_names(Some(&names))
+        .with_block_renames(Some(&renames));
     let file = format::read(
         lora_fixture("locon-kohya-by-diffusers.safetensors"),
         options,
@@ -368,10 +366,7 @@ fn kohya_file_by_diffusers_places_conv_kernels_and_our_files_round_trip() {
     let peft = format::read(lora_fixture("locon-peft.safetensors"), options)
         .unwrap()
         .state;
-    let sgm = WriteOptions {
-        block_renames: Some(&renames),
-        ..WriteOptions::default()
-    };
+    let sgm = WriteOptions::default().with_block_renames(Some(&renames));
     for (format, write_options, label) in [
         (Format::Diffusers, WriteOptions::default(), "diffusers"),
         (Format::Peft, WriteOptions::default(), "peft"),
@@ -425,7 +420,7 @@ fn merged_locon_equals_the_side_path_and_unmerges() {
         .conv
         .layers
         .iter()
-        .map(|(_, l)| l.weight.copy())
+        .map(|(_, l)| l.weight().copy())
         .collect();
     let input = &fx.tensors["input.conv"];
     let side_path = fx.conv.forward(input);
@@ -440,7 +435,7 @@ fn merged_locon_equals_the_side_path_and_unmerges() {
         .conv
         .layers
         .iter()
-        .map(|(_, l)| l.weight.abs().max().double_value(&[]))
+        .map(|(_, l)| l.weight().abs().max().double_value(&[]))
         .collect();
     check(
         "LoCon merged vs side path",
@@ -453,7 +448,7 @@ fn merged_locon_equals_the_side_path_and_unmerges() {
     {
         // W + Δ − Δ with Δ a sum of r products: r + 2 roundings of the larger of the two kernels.
         let scale = original.abs().max().double_value(&[]).max(*merged);
-        let diff = max_abs_diff(&layer.weight, original);
+        let diff = max_abs_diff(layer.weight(), original);
         assert!(
             diff <= f32_bound(5.0) * scale,
             "{path}: unmerge left {diff:e}"
@@ -508,7 +503,7 @@ fn injection_gives_spatial_convolutions_the_conv_rank_and_refuses_dora() {
     fx.conv
         .layers
         .iter()
-        .for_each(|(_, l)| assert!(!l.weight.requires_grad()));
+        .for_each(|(_, l)| assert!(!l.weight().requires_grad()));
     // A state extracted from the model holds the kernels.
     let mut state = LoraState::new();
     assert_eq!(
@@ -527,7 +522,7 @@ fn injection_gives_spatial_convolutions_the_conv_rank_and_refuses_dora() {
     lora::inject(&mut fx.conv, &store.root(), "dora", &dora).unwrap();
     let (_, conv2) = &fx.conv.layers[1];
     let norms = conv2
-        .weight
+        .weight()
         .flatten(1, -1)
         .norm_scalaropt_dim(2, [1], false);
     let magnitude = conv2.adapter("dora").unwrap().magnitude.as_ref().unwrap();
@@ -555,10 +550,9 @@ fn dora_on_convolutions_gives_peft_outputs_with_and_without_dropout_and_round_tr
     let mut fx = fixture();
     let mut names = ModuleNames::new();
     names.add_model(Component::Unet, &mut fx.conv);
-    let options = ReadOptions {
-        module_names: Some(&names),
-        block_renames: None,
-    };
+    let options = ReadOptions::default()
+        .with_module_names(Some(&names))
+        .with_block_renames(None);
     let file = format::read(lora_fixture("locon-dora-peft.safetensors"), options).unwrap();
     assert!(
         file.state
@@ -614,7 +608,7 @@ fn dora_on_convolutions_gives_peft_outputs_with_and_without_dropout_and_round_tr
         .conv
         .layers
         .iter()
-        .map(|(_, l)| l.weight.copy())
+        .map(|(_, l)| l.weight().copy())
         .collect();
     let input = &fx.tensors["input.conv"];
     let side_path = fx.conv.forward(input);
@@ -627,7 +621,7 @@ fn dora_on_convolutions_gives_peft_outputs_with_and_without_dropout_and_round_tr
     lora::unmerge(&mut fx.conv).unwrap();
     for ((path, layer), original) in fx.conv.layers.iter().zip(&originals) {
         let scale = original.abs().max().double_value(&[]);
-        let diff = max_abs_diff(&layer.weight, original);
+        let diff = max_abs_diff(layer.weight(), original);
         // W·f/f and a sum of r products: a few roundings of kernels a few times the original.
         assert!(
             diff <= f32_bound(8.0) * 4.0 * scale,

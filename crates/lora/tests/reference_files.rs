@@ -25,10 +25,9 @@ fn module_names(trees: &mut BTreeMap<Component, Tree>) -> ModuleNames {
 fn read(file: &str, trees: &mut BTreeMap<Component, Tree>) -> format::LoraFile {
     let names = module_names(trees);
     let renames = sgm_renames();
-    let options = ReadOptions {
-        module_names: Some(&names),
-        block_renames: Some(&renames),
-    };
+    let options = ReadOptions::default()
+        .with_module_names(Some(&names))
+        .with_block_renames(Some(&renames));
     format::read(lora_fixture(file), options).unwrap()
 }
 
@@ -175,10 +174,9 @@ fn our_files_round_trip_bit_exactly_in_every_format() {
     std::fs::create_dir_all(&dir).unwrap();
     let names = module_names(&mut trees);
     let renames = sgm_renames();
-    let read_options = ReadOptions {
-        module_names: Some(&names),
-        block_renames: Some(&renames),
-    };
+    let read_options = ReadOptions::default()
+        .with_module_names(Some(&names))
+        .with_block_renames(Some(&renames));
     for (source, golden) in [
         ("diffusers.safetensors", "diffusers"),
         ("peft.safetensors", "peft"),
@@ -189,10 +187,7 @@ fn our_files_round_trip_bit_exactly_in_every_format() {
             .state;
         state.training_config =
             Some(serde_json::json!({"learning_rate": 1e-4, "rank": 4, "source": source}));
-        let sgm = WriteOptions {
-            block_renames: Some(&renames),
-            ..WriteOptions::default()
-        };
+        let sgm = WriteOptions::default().with_block_renames(Some(&renames));
         for (format, options, label) in [
             (Format::Diffusers, WriteOptions::default(), "diffusers"),
             (Format::Peft, WriteOptions::default(), "peft"),
@@ -235,7 +230,7 @@ fn merged_output_equals_side_path_and_unmerge_restores_base_weights() {
     let diffusers = read("diffusers.safetensors", &mut trees).state;
     let mut worst = (0.0f64, 0.0f64);
     for (component, tree) in trees.iter_mut() {
-        let originals: Vec<Tensor> = tree.layers.iter().map(|(_, l)| l.weight.copy()).collect();
+        let originals: Vec<Tensor> = tree.layers.iter().map(|(_, l)| l.weight().copy()).collect();
         // Several LoRAs at once with per-LoRA multipliers, one of them DoRA.
         peft.apply(tree, *component, "peft", false).unwrap();
         diffusers
@@ -258,7 +253,7 @@ fn merged_output_equals_side_path_and_unmerge_restores_base_weights() {
         let merged_weights: Vec<f64> = tree
             .layers
             .iter()
-            .map(|(_, l)| l.weight.abs().max().double_value(&[]))
+            .map(|(_, l)| l.weight().abs().max().double_value(&[]))
             .collect();
         let merge_error = rel_error(&merged, &side_path);
         // Both paths round through the layers; merging adds the delta's product (rank terms) and
@@ -278,7 +273,7 @@ fn merged_output_equals_side_path_and_unmerge_restores_base_weights() {
             // original and merged weights.
             let scale = original.abs().max().double_value(&[]).max(*merged_max);
             let depth = test_support::depth::sum(original.size()[1]) + 6.0;
-            let diff = max_abs_diff(&layer.weight, original);
+            let diff = max_abs_diff(layer.weight(), original);
             assert!(
                 diff <= f32_bound(depth) * scale,
                 "{component}.{path}: unmerge left {diff:e}"

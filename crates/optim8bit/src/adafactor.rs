@@ -28,6 +28,7 @@ use crate::{Error, ParamGroup, Result};
 
 /// Adafactor's settings (transformers' keyword arguments); lr and weight decay are per group.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct AdafactorConfig {
     /// Regularisation constants `(ε₁, ε₂)`: added to `g²`, and the least parameter scale.
     pub eps: (f64, f64),
@@ -44,6 +45,59 @@ pub struct AdafactorConfig {
     pub relative_step: bool,
     /// With `relative_step`: `min(10⁻⁶·t, 1/√t)`.
     pub warmup_init: bool,
+}
+
+/// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
+/// from [`Default`] (or a named constructor) by these.
+impl AdafactorConfig {
+    /// Sets [`AdafactorConfig::eps`].
+    #[must_use]
+    pub fn with_eps(mut self, eps: (f64, f64)) -> Self {
+        self.eps = eps;
+        self
+    }
+
+    /// Sets [`AdafactorConfig::clip_threshold`].
+    #[must_use]
+    pub fn with_clip_threshold(mut self, clip_threshold: f64) -> Self {
+        self.clip_threshold = clip_threshold;
+        self
+    }
+
+    /// Sets [`AdafactorConfig::decay_rate`].
+    #[must_use]
+    pub fn with_decay_rate(mut self, decay_rate: f64) -> Self {
+        self.decay_rate = decay_rate;
+        self
+    }
+
+    /// Sets [`AdafactorConfig::beta1`].
+    #[must_use]
+    pub fn with_beta1(mut self, beta1: Option<f64>) -> Self {
+        self.beta1 = beta1;
+        self
+    }
+
+    /// Sets [`AdafactorConfig::scale_parameter`].
+    #[must_use]
+    pub fn with_scale_parameter(mut self, scale_parameter: bool) -> Self {
+        self.scale_parameter = scale_parameter;
+        self
+    }
+
+    /// Sets [`AdafactorConfig::relative_step`].
+    #[must_use]
+    pub fn with_relative_step(mut self, relative_step: bool) -> Self {
+        self.relative_step = relative_step;
+        self
+    }
+
+    /// Sets [`AdafactorConfig::warmup_init`].
+    #[must_use]
+    pub fn with_warmup_init(mut self, warmup_init: bool) -> Self {
+        self.warmup_init = warmup_init;
+        self
+    }
 }
 
 impl Default for AdafactorConfig {

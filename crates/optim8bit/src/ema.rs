@@ -53,6 +53,7 @@ use crate::{Error, Result};
 
 /// `EMAModel`'s settings, with its argument names and defaults.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct EMAConfig {
     /// The largest decay (diffusers' `decay`, 0.9999).
     pub decay: f64,
@@ -67,6 +68,52 @@ pub struct EMAConfig {
     pub inv_gamma: f64,
     /// The warm-up's exponent (`power`, 2/3).
     pub power: f64,
+}
+
+/// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
+/// from [`Default`] (or a named constructor) by these.
+impl EMAConfig {
+    /// Sets [`EMAConfig::decay`].
+    #[must_use]
+    pub fn with_decay(mut self, decay: f64) -> Self {
+        self.decay = decay;
+        self
+    }
+
+    /// Sets [`EMAConfig::min_decay`].
+    #[must_use]
+    pub fn with_min_decay(mut self, min_decay: f64) -> Self {
+        self.min_decay = min_decay;
+        self
+    }
+
+    /// Sets [`EMAConfig::update_after_step`].
+    #[must_use]
+    pub fn with_update_after_step(mut self, update_after_step: u64) -> Self {
+        self.update_after_step = update_after_step;
+        self
+    }
+
+    /// Sets [`EMAConfig::use_ema_warmup`].
+    #[must_use]
+    pub fn with_use_ema_warmup(mut self, use_ema_warmup: bool) -> Self {
+        self.use_ema_warmup = use_ema_warmup;
+        self
+    }
+
+    /// Sets [`EMAConfig::inv_gamma`].
+    #[must_use]
+    pub fn with_inv_gamma(mut self, inv_gamma: f64) -> Self {
+        self.inv_gamma = inv_gamma;
+        self
+    }
+
+    /// Sets [`EMAConfig::power`].
+    #[must_use]
+    pub fn with_power(mut self, power: f64) -> Self {
+        self.power = power;
+        self
+    }
 }
 
 impl Default for EMAConfig {

@@ -44,6 +44,7 @@ use crate::{ParamGroup, Result, StatePrecision};
 
 /// Lion's settings shared by all groups; learning rate and weight decay are per group.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct LionConfig {
     /// Weight of the momentum in the update direction, β₁.
     pub beta1: f64,
@@ -55,6 +56,38 @@ pub struct LionConfig {
     /// With [`StatePrecision::EightBit`], tensors with fewer elements keep an fp32 momentum
     /// (bitsandbytes' `min_8bit_size`).
     pub min_8bit_size: i64,
+}
+
+/// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
+/// from [`Default`] (or a named constructor) by these.
+impl LionConfig {
+    /// Sets [`LionConfig::beta1`].
+    #[must_use]
+    pub fn with_beta1(mut self, beta1: f64) -> Self {
+        self.beta1 = beta1;
+        self
+    }
+
+    /// Sets [`LionConfig::beta2`].
+    #[must_use]
+    pub fn with_beta2(mut self, beta2: f64) -> Self {
+        self.beta2 = beta2;
+        self
+    }
+
+    /// Sets [`LionConfig::precision`].
+    #[must_use]
+    pub fn with_precision(mut self, precision: StatePrecision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    /// Sets [`LionConfig::min_8bit_size`].
+    #[must_use]
+    pub fn with_min_8bit_size(mut self, min_8bit_size: i64) -> Self {
+        self.min_8bit_size = min_8bit_size;
+        self
+    }
 }
 
 impl LionConfig {

@@ -29,7 +29,9 @@ use crate::{
 };
 
 /// An optimizer of this crate and its settings, before it is built over parameters.
+/// `#[non_exhaustive]`: a new optimizer is a new variant.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub enum OptimizerConfig {
     /// [`AdamW`], with 8-bit or fp32 states.
     AdamW(AdamWConfig),
@@ -68,7 +70,9 @@ impl OptimizerConfig {
 }
 
 /// A built optimizer of this crate. Every method forwards to the optimizer's own.
+/// `#[non_exhaustive]`, as [`OptimizerConfig`].
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Optimizer {
     /// [`AdamW`], with 8-bit or fp32 states.
     AdamW(AdamW),

@@ -9,6 +9,23 @@
 //! last block may be shorter). Each block stores one fp32 `absmax`, and each element the index of
 //! the code nearest to `value / absmax`. Everything is tensor operations, on whatever device the
 //! input lives on.
+//!
+//! The optimizers use it internally; it is public as bitsandbytes' `functional` is, for code that
+//! stores or inspects 8-bit states itself:
+//!
+//! ```
+//! use optim8bit::quantize::{BLOCK_SIZE, QuantMap, dequantize_blockwise, quantize_blockwise};
+//! use tch::{Device, Kind, Tensor};
+//!
+//! let map = QuantMap::signed(Device::Cpu)?;
+//! let values = Tensor::randn([1000], (Kind::Float, Device::Cpu));
+//! let q = quantize_blockwise(&values, &map, BLOCK_SIZE)?;
+//! assert_eq!(q.absmax.size(), [4]); // ceil(1000 / 256) blocks
+//! let back = dequantize_blockwise(&q.codes, &q.absmax, &map, BLOCK_SIZE)?;
+//! let worst = (&back - &values).abs().max().double_value(&[]);
+//! assert!(worst < 0.05 * values.abs().max().double_value(&[]));
+//! # Ok::<(), optim8bit::Error>(())
+//! ```
 
 use tch::{Device, Kind, Tensor};
 

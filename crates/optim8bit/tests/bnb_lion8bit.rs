@@ -38,11 +38,9 @@ const HOW: &str = "regenerate it with `tools/fixtures/regenerate.sh --only bnb_l
 /// The fixture's `Lion8bit` settings (bitsandbytes' defaults, recorded in its metadata).
 fn config(reference: &Reference) -> LionConfig {
     let betas = &reference.info["betas"];
-    LionConfig {
-        beta1: betas[0].as_f64().unwrap(),
-        beta2: betas[1].as_f64().unwrap(),
-        ..LionConfig::eight_bit()
-    }
+    LionConfig::eight_bit()
+        .with_beta1(betas[0].as_f64().unwrap())
+        .with_beta2(betas[1].as_f64().unwrap())
 }
 
 /// The error model of the parameters after `step` steps (docs/NUMERICS.md). Each step rounds the

@@ -248,10 +248,7 @@ fn the_state_file_resumes_bit_for_bit_and_refuses_other_settings() {
         assert!(a.equal(b), "a resumed average differs from the whole run's");
     }
 
-    let other = EMAConfig {
-        power: 0.5,
-        ..settings
-    };
+    let other = settings.with_power(0.5);
     let mut mismatched = EMAModel::new(handles(), other).unwrap();
     let before = mismatched.shadow_params()[0].copy();
     match mismatched.load(&path) {
@@ -280,34 +277,10 @@ fn bad_settings_and_parameters_are_refused_naming_them() {
         Err(Error::InvalidHyperParameter { name: n, .. }) => assert_eq!(n, name),
         other => panic!("expected `{name}` refused, got {other:?}"),
     };
-    bad(
-        EMAConfig {
-            decay: 1.5,
-            ..EMAConfig::default()
-        },
-        "decay",
-    );
-    bad(
-        EMAConfig {
-            min_decay: -0.1,
-            ..EMAConfig::default()
-        },
-        "min_decay",
-    );
-    bad(
-        EMAConfig {
-            inv_gamma: 0.0,
-            ..EMAConfig::default()
-        },
-        "inv_gamma",
-    );
-    bad(
-        EMAConfig {
-            power: f64::NAN,
-            ..EMAConfig::default()
-        },
-        "power",
-    );
+    bad(EMAConfig::default().with_decay(1.5), "decay");
+    bad(EMAConfig::default().with_min_decay(-0.1), "min_decay");
+    bad(EMAConfig::default().with_inv_gamma(0.0), "inv_gamma");
+    bad(EMAConfig::default().with_power(f64::NAN), "power");
     let half = vec![
         Tensor::zeros([2], (Kind::Float, Device::Cpu)),
         Tensor::zeros([2], (Kind::Half, Device::Cpu)),

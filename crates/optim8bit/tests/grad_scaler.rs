@@ -77,12 +77,11 @@ impl Reference {
             .unwrap();
         let d = GradScalerConfig::default();
         let get = |k: &str, default: f64| entry[1][k].as_f64().unwrap_or(default);
-        let config = GradScalerConfig {
-            init_scale: get("init_scale", d.init_scale),
-            growth_factor: get("growth_factor", d.growth_factor),
-            backoff_factor: get("backoff_factor", d.backoff_factor),
-            growth_interval: get("growth_interval", d.growth_interval as f64) as i64,
-        };
+        let config = GradScalerConfig::default()
+            .with_init_scale(get("init_scale", d.init_scale))
+            .with_growth_factor(get("growth_factor", d.growth_factor))
+            .with_backoff_factor(get("backoff_factor", d.backoff_factor))
+            .with_growth_interval(get("growth_interval", d.growth_interval as f64) as i64);
         (config, entry[2].as_i64())
     }
 }
@@ -126,11 +125,9 @@ fn start(r: &Reference, sequence: &str, device: Device) -> Run {
         lion["lr"].as_f64().unwrap(),
         lion["weight_decay"].as_f64().unwrap(),
     );
-    let config = LionConfig {
-        beta1: lion["betas"][0].as_f64().unwrap(),
-        beta2: lion["betas"][1].as_f64().unwrap(),
-        ..LionConfig::fp32()
-    };
+    let config = LionConfig::fp32()
+        .with_beta1(lion["betas"][0].as_f64().unwrap())
+        .with_beta2(lion["betas"][1].as_f64().unwrap());
     let (scaler_config, tracker) = r.sequence(sequence);
     let scaler = GradScaler::new(scaler_config, device).unwrap();
     if let Some(tracker) = tracker {
@@ -314,10 +311,7 @@ fn a_run_resumed_from_saved_state_is_bit_identical() {
     }
 
     // A state file of other settings is refused, naming the setting, and changes nothing.
-    let other = GradScalerConfig {
-        growth_interval: 2000,
-        ..r.sequence("interval3").0
-    };
+    let other = r.sequence("interval3").0.with_growth_interval(2000);
     let mut mismatched = GradScaler::new(other, Device::Cpu).unwrap();
     let err = mismatched.load(&scaler_file).unwrap_err().to_string();
     assert!(err.contains("growth_interval"), "{err}");
@@ -328,34 +322,10 @@ fn a_run_resumed_from_saved_state_is_bit_identical() {
 fn bad_settings_and_fp16_gradients_are_refused() {
     let d = GradScalerConfig::default();
     for (bad, name) in [
-        (
-            GradScalerConfig {
-                init_scale: 1e39,
-                ..d
-            },
-            "init_scale",
-        ),
-        (
-            GradScalerConfig {
-                growth_factor: 1.0,
-                ..d
-            },
-            "growth_factor",
-        ),
-        (
-            GradScalerConfig {
-                backoff_factor: 1.0,
-                ..d
-            },
-            "backoff_factor",
-        ),
-        (
-            GradScalerConfig {
-                growth_interval: 0,
-                ..d
-            },
-            "growth_interval",
-        ),
+        (d.with_init_scale(1e39), "init_scale"),
+        (d.with_growth_factor(1.0), "growth_factor"),
+        (d.with_backoff_factor(1.0), "backoff_factor"),
+        (d.with_growth_interval(0), "growth_interval"),
     ] {
         let err = GradScaler::new(bad, Device::Cpu).unwrap_err().to_string();
         assert!(err.contains(name), "{err}");

@@ -92,21 +92,11 @@ fn min_8bit_size_decides_the_momentum_and_state_bytes_counts_it() {
     assert!(!file.contains_key("state.0.1.state1"));
     let fp32 = lion(&r, &params, LionConfig::fp32());
     assert_eq!(fp32.state_bytes(), (4400 + 4096 + 2560) * 4);
-    let all = lion(
-        &r,
-        &params,
-        LionConfig {
-            min_8bit_size: 0,
-            ..LionConfig::eight_bit()
-        },
-    );
+    let all = lion(&r, &params, LionConfig::eight_bit().with_min_8bit_size(0));
     assert_eq!(all.state_bytes(), 4400 + 4096 + 2560 + (18 + 16 + 10) * 4);
     let message = Lion::new(
         r.param_groups(&params),
-        LionConfig {
-            min_8bit_size: -1,
-            ..LionConfig::eight_bit()
-        },
+        LionConfig::eight_bit().with_min_8bit_size(-1),
     )
     .unwrap_err()
     .to_string();
@@ -256,10 +246,7 @@ fn load_refuses_a_mismatched_state_file() {
     assert!(matches!(err, Error::StateMismatch { .. }));
 
     let all_path = temp_path("lion8bit-all.safetensors");
-    let all = LionConfig {
-        min_8bit_size: 0,
-        ..LionConfig::eight_bit()
-    };
+    let all = LionConfig::eight_bit().with_min_8bit_size(0);
     lion(&r, &params, all).save(&all_path).unwrap();
     expect(
         &mut opt,

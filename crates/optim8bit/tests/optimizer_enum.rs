@@ -26,25 +26,19 @@ fn configs() -> Vec<(&'static str, OptimizerConfig)> {
         ),
         (
             "prodigy_no_beta1",
-            OptimizerConfig::Prodigy(ProdigyConfig {
-                beta1: 0.0,
-                ..ProdigyConfig::default()
-            }),
+            OptimizerConfig::Prodigy(ProdigyConfig::default().with_beta1(0.0)),
         ),
         (
             "adafactor",
-            OptimizerConfig::Adafactor(AdafactorConfig {
-                relative_step: false,
-                ..AdafactorConfig::default()
-            }),
+            OptimizerConfig::Adafactor(AdafactorConfig::default().with_relative_step(false)),
         ),
         (
             "adafactor_beta1",
-            OptimizerConfig::Adafactor(AdafactorConfig {
-                relative_step: false,
-                beta1: Some(0.9),
-                ..AdafactorConfig::default()
-            }),
+            OptimizerConfig::Adafactor(
+                AdafactorConfig::default()
+                    .with_relative_step(false)
+                    .with_beta1(Some(0.9)),
+            ),
         ),
     ]
 }

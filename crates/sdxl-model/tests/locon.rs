@@ -169,10 +169,7 @@ fn kohya_locon_set_covers_resnets_samplers_and_transformers_only() {
         .unwrap();
     let renames = BlockRenames::new(sgm_unet_table(&case.config));
     let path = std::env::temp_dir().join(format!("locon-unet-{}.safetensors", std::process::id()));
-    let options = WriteOptions {
-        block_renames: Some(&renames),
-        ..WriteOptions::default()
-    };
+    let options = WriteOptions::default().with_block_renames(Some(&renames));
     format::write(&path, &state, Format::Kohya, &options).unwrap();
     let keys: Vec<String> = Tensor::read_safetensors(&path)
         .unwrap()
@@ -192,10 +189,9 @@ fn kohya_locon_set_covers_resnets_samplers_and_transformers_only() {
     }
     let mut names = ModuleNames::new();
     names.add_model(Component::Unet, &mut case.unet);
-    let read = ReadOptions {
-        module_names: Some(&names),
-        block_renames: Some(&renames),
-    };
+    let read = ReadOptions::default()
+        .with_module_names(Some(&names))
+        .with_block_renames(Some(&renames));
     let back = format::read(&path, read).unwrap().state;
     std::fs::remove_file(&path).unwrap();
     assert_eq!(back.modules.len(), state.modules.len());

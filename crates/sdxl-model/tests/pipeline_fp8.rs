@@ -32,7 +32,7 @@ fn fp8_unet_weights_keep_the_latents_close_and_take_a_lora() {
     assert!(linears.bytes_after * 3 < linears.bytes_before);
     let mut kinds = Vec::new();
     lora::HasLinears::for_each_linear(&mut pipe.unet, &mut |_, linear| {
-        kinds.push(linear.weight.kind())
+        kinds.push(linear.weight().kind())
     });
     assert!(kinds.iter().all(|&k| k == Kind::Float8e4m3fn));
     let fp8 = pipe.latents(&options()).unwrap();

@@ -26,10 +26,9 @@ fn stacked(weights: [f64; 2]) -> Pipeline {
     for (name, weight) in ["a", "b"].into_iter().zip(weights) {
         let file = lora::format::read(
             fixture(format!("lora/stacked-{name}.safetensors")),
-            lora::format::ReadOptions {
-                module_names: Some(&names),
-                block_renames: None,
-            },
+            lora::format::ReadOptions::default()
+                .with_module_names(Some(&names))
+                .with_block_renames(None),
         )
         .unwrap();
         assert!(pipe.load_lora(&file.state, name).unwrap() > 0);

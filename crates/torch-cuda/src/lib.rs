@@ -9,6 +9,30 @@
 //!
 //! Process groups for data-parallel training ([`dist`]): c10d's `TCPStore`, `ProcessGroupGloo` and
 //! `ProcessGroupNCCL` through a second shim (`src/dist.cpp`, `src/dist_nccl.cpp`); docs/DISTRIBUTED.md.
+//!
+//! ```
+//! use tch::{Device, Kind, Tensor};
+//!
+//! // CPU numbers that do not depend on the CPU: `torch.randn` from a seeded generator, as
+//! // PyTorch's AVX2 kernels compute it on every machine.
+//! tch::manual_seed(0);
+//! let a = torch_cuda::portable::randn(&[4, 8])?;
+//! tch::manual_seed(0);
+//! assert!(a.equal(&torch_cuda::portable::randn(&[4, 8])?));
+//!
+//! // Multi-tensor operations go through the shim, compiled where PyTorch's headers were found.
+//! let grads = [Tensor::ones([3], (Kind::Float, Device::Cpu)), Tensor::ones([2, 2], (Kind::Float, Device::Cpu))];
+//! if torch_cuda::shim_compiled() {
+//!     torch_cuda::foreach::zero_(&grads)?;
+//!     assert!(grads.iter().all(|g| g.abs().sum(Kind::Float).double_value(&[]) == 0.0));
+//! }
+//!
+//! // The caching allocator's statistics exist for CUDA devices only.
+//! if !tch::Cuda::is_available() {
+//!     assert_eq!(torch_cuda::memory_stats(0), None);
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 #![warn(missing_docs)]
 
@@ -16,7 +40,7 @@ pub mod dist;
 pub mod foreach;
 pub mod graph;
 pub mod portable;
-pub mod profiler;
+mod profiler;
 pub mod rng;
 
 pub use graph::{CaptureMode, CudaGraph};
@@ -49,6 +73,7 @@ pub(crate) const NO_SHIM: &str =
 
 /// The caching allocator's counters for one device, in bytes, over all memory pools.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MemoryStats {
     /// Bytes held by live tensors now.
     pub allocated: u64,

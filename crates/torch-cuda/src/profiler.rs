@@ -24,6 +24,7 @@ mod ffi {
 
 /// What to record besides host operators.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct ProfilerOptions {
     /// Kernels, copies and memsets on CUDA devices (needs CUDA).
     pub cuda: bool,
@@ -31,6 +32,31 @@ pub struct ProfilerOptions {
     pub shapes: bool,
     /// Every allocation and free, with the allocator's running totals (`[memory]` events).
     pub memory: bool,
+}
+
+/// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
+/// from [`Default`] (or a named constructor) by these.
+impl ProfilerOptions {
+    /// Sets [`ProfilerOptions::cuda`].
+    #[must_use]
+    pub fn with_cuda(mut self, cuda: bool) -> Self {
+        self.cuda = cuda;
+        self
+    }
+
+    /// Sets [`ProfilerOptions::shapes`].
+    #[must_use]
+    pub fn with_shapes(mut self, shapes: bool) -> Self {
+        self.shapes = shapes;
+        self
+    }
+
+    /// Sets [`ProfilerOptions::memory`].
+    #[must_use]
+    pub fn with_memory(mut self, memory: bool) -> Self {
+        self.memory = memory;
+        self
+    }
 }
 
 /// A running profiler; [`Profiler::finish`] stops it and writes the trace. Dropping it unfinished

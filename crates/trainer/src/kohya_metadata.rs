@@ -251,6 +251,8 @@ fn optimizer_name(config: &TrainConfig) -> String {
             py_bool(c.scale_parameter),
             py_bool(c.warmup_init)
         ),
+        // A later optimizer of optim8bit: its class alone, until its arguments are listed here.
+        _ => String::new(),
     };
     format!("{}({args})", setup.kind.python_class())
 }

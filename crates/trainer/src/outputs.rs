@@ -92,10 +92,9 @@ pub fn write_lora_files(
     lora::format::write(&lora_file, lora, Format::Diffusers, &options)?;
     // kohya names with SGM block names: what kohya's own trainer writes for SDXL.
     let renames = BlockRenames::new(sgm_unet_table(unet_config));
-    let kohya_options = WriteOptions {
-        block_renames: Some(&renames),
-        extra_metadata: kohya_metadata(config, lora, run),
-    };
+    let kohya_options = WriteOptions::default()
+        .with_block_renames(Some(&renames))
+        .with_extra_metadata(kohya_metadata(config, lora, run));
     let kohya_file = dir.join(KOHYA_FILE);
     lora::format::write(&kohya_file, lora, Format::Kohya, &kohya_options)?;
     Ok((lora_file, kohya_file))

@@ -35,14 +35,14 @@ use crate::Result;
 use crate::checkpoint::io_error;
 use crate::config::TrainConfig;
 use crate::device::free_cache;
-use crate::distributed::{Collective, SingleProcess, cache_share};
+use crate::distributed::{Collective, cache_share};
 use crate::logs::say;
 use crate::model_files::ModelFolder;
 use crate::plan::MicroStep;
 use crate::validation::ValidationPrompt;
 
 use latents::LatentEncoder;
-pub use latents::{BucketLatents, CachedLatents, encode_latents, time_ids_of};
+pub use latents::{BucketLatents, CachedLatents, time_ids_of};
 
 mod latents;
 mod share;
@@ -335,13 +335,19 @@ const PROMPT_BATCH: usize = 8;
 ///
 /// # Errors
 /// Text-encoder errors.
+#[cfg(test)]
 pub fn encode_prompts<'p>(
     encoder: &PromptEncoder,
     prompts: impl IntoIterator<Item = &'p String>,
     device: Device,
     kind: Kind,
 ) -> Result<TextConditioning> {
-    encode_prompts_shared(encoder, prompts, (device, kind), &SingleProcess)
+    encode_prompts_shared(
+        encoder,
+        prompts,
+        (device, kind),
+        &crate::distributed::SingleProcess,
+    )
 }
 
 /// [`encode_prompts`] shared out over the ranks of `group`: the batches of eight prompts (the

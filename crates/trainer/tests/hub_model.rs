@@ -667,13 +667,11 @@ fn download_load_cache_and_resolve_offline() {
 
 /// `--pretrained_model_name_or_path` as a hub file URL and `--single_file_config` as a repository.
 fn single_file_config() -> TrainConfig {
-    TrainConfig {
-        pretrained_model_name_or_path: format!(
+    TrainConfig::default()
+        .with_pretrained_model_name_or_path(format!(
             "https://huggingface.co/{SINGLE_REPO}/blob/main/{SINGLE_FILE}"
-        ),
-        single_file_config: Some(CONFIG_REPO.into()),
-        ..TrainConfig::default()
-    }
+        ))
+        .with_single_file_config(Some(CONFIG_REPO.into()))
 }
 
 /// Publishes a single-file repository and a configs repository, resolves the URL form (only the
@@ -729,15 +727,11 @@ fn single_file_from_the_hub(
         Some("trailing")
     );
     // The short form at --revision gives the same file; a file the repository lacks is named.
-    let short = TrainConfig {
-        pretrained_model_name_or_path: format!("{SINGLE_REPO}/{SINGLE_FILE}"),
-        ..single_file_config()
-    };
+    let short = single_file_config()
+        .with_pretrained_model_name_or_path(format!("{SINGLE_REPO}/{SINGLE_FILE}"));
     assert_eq!(resolve_model(&short).unwrap(), single);
-    let absent = TrainConfig {
-        pretrained_model_name_or_path: format!("{SINGLE_REPO}/absent.safetensors"),
-        ..single_file_config()
-    };
+    let absent = single_file_config()
+        .with_pretrained_model_name_or_path(format!("{SINGLE_REPO}/absent.safetensors"));
     let message = expect_hub_error(resolve_model(&absent), SINGLE_REPO);
     assert!(message.contains("absent.safetensors"), "{message}");
     single

@@ -35,12 +35,10 @@ fn generate(model: &Path, lora_file: &Path, out: &Path) -> Result<(), Box<dyn Er
 
 /// Trains a LoRA for 5 steps and returns the diffusers-format file it wrote.
 fn train(model: &Path, dataset: &Path, out: &Path) -> Result<std::path::PathBuf, Box<dyn Error>> {
-    let config = TrainConfig {
-        max_train_steps: 5,
-        checkpointing_steps: 5,
-        validation_prompt: None,
-        ..TrainConfig::tiny_demo(model, dataset, out)
-    };
+    let config = TrainConfig::tiny_demo(model, dataset, out)
+        .with_max_train_steps(5)
+        .with_checkpointing_steps(5)
+        .with_validation_prompt(None);
     let summary = Trainer::new(config)?.run()?;
     println!(
         "trained {} steps, losses {:?}",

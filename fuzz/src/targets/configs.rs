@@ -67,7 +67,7 @@ pub(super) fn train_config(work: &Path) -> Runner {
 }
 
 /// `train_naruto --dataset_config FILE`: kohya's dataset TOML resolved, then taken into the
-/// training settings as the trainer does ([`TrainConfig::with_dataset_config`]).
+/// training settings as the trainer does ([`TrainConfig::resolve_dataset_config`]).
 pub(super) fn kohya_dataset(work: &Path) -> Runner {
     let work = work.to_owned();
     Box::new(move |data: &[u8]| -> Outcome {
@@ -75,7 +75,7 @@ pub(super) fn kohya_dataset(work: &Path) -> Runner {
         KohyaDatasetConfig::from_file(&path).map_err(text)?;
         let args = ["--dataset_config".to_owned(), path.display().to_string()];
         let config = TrainConfig::from_args(args).map_err(text)?;
-        let (config, _) = config.with_dataset_config().map_err(text)?;
+        let (config, _) = config.resolve_dataset_config().map_err(text)?;
         config.validate().map_err(text)?;
         Ok(())
     })

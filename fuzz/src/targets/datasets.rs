@@ -62,14 +62,14 @@ pub(super) fn metadata_jsonl(fixtures: &Path, work: &Path) -> Runner {
         let mut config = square_config()?;
         config.transform.crop = CropMode::Random;
         config.transform.random_flip = true;
-        config.captions.kohya = Some(CaptionRules {
-            caption_prefix: Some("pre".into()),
-            shuffle_caption: true,
-            keep_tokens: 1,
-            keep_tokens_separator: Some("|||".into()),
-            caption_tag_dropout_rate: 0.2,
-            ..CaptionRules::default()
-        });
+        config.captions.kohya = Some(
+            CaptionRules::default()
+                .with_caption_prefix(Some("pre".into()))
+                .with_shuffle_caption(true)
+                .with_keep_tokens(1)
+                .with_keep_tokens_separator(Some("|||".into()))
+                .with_caption_tag_dropout_rate(0.2),
+        );
         let source = Source::ImageFolder {
             root: root.clone(),
             caption_column: Some("text".into()),
@@ -106,10 +106,8 @@ pub(super) fn image(work: &Path) -> Runner {
         }
         config.transform.random_flip = mode & 4 != 0;
         config.transform.allow_upscale = mode & 8 == 0;
-        config.captions = Captions {
-            source: CaptionSource::Instance("a photo of sks dog".into()),
-            ..Captions::default()
-        };
+        config.captions =
+            Captions::default().with_source(CaptionSource::Instance("a photo of sks dog".into()));
         let source = Source::CaptionFiles {
             root: root.clone(),
             read_captions: false,

@@ -27,10 +27,9 @@ pub(super) fn runner(fixtures: &Path, work: &Path) -> Result<Runner, String> {
     Ok(Box::new(move |data: &[u8]| -> Outcome {
         let path = put(&work, "lora.safetensors", data)?;
         summary(&path).map_err(text)?;
-        let options = ReadOptions {
-            module_names: Some(&names),
-            block_renames: None,
-        };
+        let options = ReadOptions::default()
+            .with_module_names(Some(&names))
+            .with_block_renames(None);
         let file = read(&path, options).map_err(text)?;
         let placed = pipe.load_lora(&file.state, ADAPTER).map_err(text);
         let scaled = placed.and_then(|_| pipe.set_lora_multiplier(ADAPTER, 0.5).map_err(text));

@@ -76,6 +76,7 @@ pub(crate) enum Part {
 /// What a reader needs beyond the file: the model's module paths (kohya names cannot be turned
 /// back into paths without them) and an optional UNet block renaming (SGM names).
 #[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
 pub struct ReadOptions<'a> {
     /// The model's linear-layer paths per component; required for kohya files.
     pub module_names: Option<&'a ModuleNames>,
@@ -83,8 +84,27 @@ pub struct ReadOptions<'a> {
     pub block_renames: Option<&'a BlockRenames>,
 }
 
+/// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
+/// from [`Default`] (or a named constructor) by these.
+impl<'a> ReadOptions<'a> {
+    /// Sets [`ReadOptions::module_names`].
+    #[must_use]
+    pub fn with_module_names(mut self, module_names: Option<&'a ModuleNames>) -> Self {
+        self.module_names = module_names;
+        self
+    }
+
+    /// Sets [`ReadOptions::block_renames`].
+    #[must_use]
+    pub fn with_block_renames(mut self, block_renames: Option<&'a BlockRenames>) -> Self {
+        self.block_renames = block_renames;
+        self
+    }
+}
+
 /// What a writer may vary.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct WriteOptions<'a> {
     /// kohya only: write UNet names in the renamed (e.g. SGM) spelling instead of diffusers'.
     pub block_renames: Option<&'a BlockRenames>,
@@ -92,8 +112,27 @@ pub struct WriteOptions<'a> {
     pub extra_metadata: BTreeMap<String, String>,
 }
 
+/// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
+/// from [`Default`] (or a named constructor) by these.
+impl<'a> WriteOptions<'a> {
+    /// Sets [`WriteOptions::block_renames`].
+    #[must_use]
+    pub fn with_block_renames(mut self, block_renames: Option<&'a BlockRenames>) -> Self {
+        self.block_renames = block_renames;
+        self
+    }
+
+    /// Sets [`WriteOptions::extra_metadata`].
+    #[must_use]
+    pub fn with_extra_metadata(mut self, extra_metadata: BTreeMap<String, String>) -> Self {
+        self.extra_metadata = extra_metadata;
+        self
+    }
+}
+
 /// A LoRA file as read: its layout, its adapters, its whole header.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct LoraFile {
     /// The detected layout.
     pub format: Format,

@@ -132,7 +132,7 @@ pub fn tree_depth(tree: &Tree) -> f64 {
     tree.layers
         .iter()
         .map(|(_, layer)| {
-            let inputs = layer.weight.size()[1];
+            let inputs = layer.weight().size()[1];
             depth::linear(inputs)
                 + 2.0 * depth::sum(inputs)
                 + 2.0

@@ -70,45 +70,38 @@ pub fn build(r: &Reference, run: &str, params: &[Tensor]) -> Any {
     let wd = f(&s["weight_decay"]);
     if run.starts_with("lion") {
         let base = if run == "lion8bit" {
-            LionConfig {
-                min_8bit_size: 0,
-                ..LionConfig::eight_bit()
-            }
+            LionConfig::eight_bit().with_min_8bit_size(0)
         } else {
             LionConfig::fp32()
         };
-        let config = LionConfig {
-            beta1: f(&s["betas"][0]),
-            beta2: f(&s["betas"][1]),
-            ..base
-        };
+        let config = base
+            .with_beta1(f(&s["betas"][0]))
+            .with_beta2(f(&s["betas"][1]));
         let group = ParamGroup::new(params, f(&s["lr"]), wd);
         Any::Lion(Lion::new(vec![group], config).unwrap())
     } else if run.starts_with("prodigy") {
-        let config = ProdigyConfig {
-            beta1: f(&s["betas"][0]),
-            beta2: f(&s["betas"][1]),
-            beta3: s["beta3"].as_f64(),
-            eps: f(&s["eps"]),
-            decouple: s["decouple"].as_bool().unwrap(),
-            use_bias_correction: s["use_bias_correction"].as_bool().unwrap(),
-            safeguard_warmup: s["safeguard_warmup"].as_bool().unwrap(),
-            d0: f(&s["d0"]),
-            d_coef: f(&s["d_coef"]),
-            growth_rate: f(&s["growth_rate"]),
-        };
+        let config = ProdigyConfig::default()
+            .with_beta1(f(&s["betas"][0]))
+            .with_beta2(f(&s["betas"][1]))
+            .with_beta3(s["beta3"].as_f64())
+            .with_eps(f(&s["eps"]))
+            .with_decouple(s["decouple"].as_bool().unwrap())
+            .with_use_bias_correction(s["use_bias_correction"].as_bool().unwrap())
+            .with_safeguard_warmup(s["safeguard_warmup"].as_bool().unwrap())
+            .with_d0(f(&s["d0"]))
+            .with_d_coef(f(&s["d_coef"]))
+            .with_growth_rate(f(&s["growth_rate"]));
         let group = ParamGroup::new(params, f(&s["lr"]), wd);
         Any::Prodigy(Prodigy::new(vec![group], config).unwrap())
     } else {
-        let config = AdafactorConfig {
-            eps: (f(&s["eps"][0]), f(&s["eps"][1])),
-            clip_threshold: f(&s["clip_threshold"]),
-            decay_rate: f(&s["decay_rate"]),
-            beta1: s["beta1"].as_f64(),
-            scale_parameter: s["scale_parameter"].as_bool().unwrap(),
-            relative_step: s["relative_step"].as_bool().unwrap(),
-            warmup_init: s["warmup_init"].as_bool().unwrap(),
-        };
+        let config = AdafactorConfig::default()
+            .with_eps((f(&s["eps"][0]), f(&s["eps"][1])))
+            .with_clip_threshold(f(&s["clip_threshold"]))
+            .with_decay_rate(f(&s["decay_rate"]))
+            .with_beta1(s["beta1"].as_f64())
+            .with_scale_parameter(s["scale_parameter"].as_bool().unwrap())
+            .with_relative_step(s["relative_step"].as_bool().unwrap())
+            .with_warmup_init(s["warmup_init"].as_bool().unwrap());
         let lr = s["lr"].as_f64().unwrap_or(0.0);
         let group = ParamGroup::new(params, lr, wd);
         Any::Adafactor(Adafactor::new(vec![group], config).unwrap())

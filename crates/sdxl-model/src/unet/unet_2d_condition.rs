@@ -478,7 +478,7 @@ mod tests {
             unet.for_each_linear(&mut |path, linear| {
                 let weight = &variables[&format!("{path}.weight")];
                 assert!(
-                    weight.is_set_to(&linear.weight),
+                    weight.is_set_to(linear.weight()),
                     "{path}: not the variable of that name"
                 );
                 visited.push(path.to_owned());
@@ -505,7 +505,7 @@ mod tests {
             let mut visited = Vec::new();
             unet.for_each_conv(&mut |path, conv| {
                 assert!(
-                    variables[&format!("{path}.weight")].is_set_to(&conv.weight),
+                    variables[&format!("{path}.weight")].is_set_to(conv.weight()),
                     "{path}: not the variable of that name"
                 );
                 visited.push(path.to_owned());

@@ -63,14 +63,15 @@ impl TrainConfig {
                 return Err(fail(option, "has no effect without --use_ema".into()));
             }
         }
-        Ok(self.use_ema.then_some(EMAConfig {
-            decay: self.ema_decay,
-            min_decay: self.ema_min_decay,
-            update_after_step: self.ema_update_after_step,
-            use_ema_warmup: self.ema_use_warmup,
-            inv_gamma: self.ema_inv_gamma,
-            power: self.ema_power,
-        }))
+        Ok(self.use_ema.then_some(
+            EMAConfig::default()
+                .with_decay(self.ema_decay)
+                .with_min_decay(self.ema_min_decay)
+                .with_update_after_step(self.ema_update_after_step)
+                .with_use_ema_warmup(self.ema_use_warmup)
+                .with_inv_gamma(self.ema_inv_gamma)
+                .with_power(self.ema_power),
+        ))
     }
 }
 
@@ -105,14 +106,15 @@ mod tests {
         .unwrap();
         assert_eq!(
             config.ema_config().unwrap(),
-            Some(EMAConfig {
-                decay: 0.999,
-                min_decay: 0.5,
-                update_after_step: 100,
-                use_ema_warmup: true,
-                inv_gamma: 2.0,
-                power: 0.75,
-            })
+            Some(
+                EMAConfig::default()
+                    .with_decay(0.999)
+                    .with_min_decay(0.5)
+                    .with_update_after_step(100)
+                    .with_use_ema_warmup(true)
+                    .with_inv_gamma(2.0)
+                    .with_power(0.75)
+            )
         );
     }
 

@@ -44,8 +44,13 @@ use crate::{Error, Result};
 macro_rules! train_config {
     ($( $(#[doc = $doc:literal])+ $(#[serde($($serde:tt)*)])? $field:ident : $ty:ty = $default:expr ),* $(,)?) => {
         /// Everything a training run needs; see the module documentation.
+        ///
+        /// `#[non_exhaustive]`: outside this crate, start from [`TrainConfig::default`] (or
+        /// [`TrainConfig::tiny_demo`], a file, flags) and change fields with the `with_<field>`
+        /// setters or by assignment; a new flag is then no breaking change.
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         #[serde(default, deny_unknown_fields)]
+        #[non_exhaustive]
         pub struct TrainConfig {
             $( $(#[doc = $doc])+ $(#[serde($($serde)*)])? pub $field: $ty, )*
         }
@@ -53,6 +58,20 @@ macro_rules! train_config {
         impl Default for TrainConfig {
             fn default() -> Self {
                 Self { $( $field: $default, )* }
+            }
+        }
+
+        pastey::paste! {
+            /// One builder-style setter per field: `with_<field>(value)` sets `--<field>`.
+            impl TrainConfig {
+                $(
+                    #[doc = concat!("Sets `", stringify!($field), "` (`--", stringify!($field), "`) and returns the configuration.")]
+                    #[must_use]
+                    pub fn [<with_ $field>](mut self, value: $ty) -> Self {
+                        self.$field = value;
+                        self
+                    }
+                )*
             }
         }
 
@@ -534,14 +553,12 @@ impl TrainConfig {
 
     /// kohya's bucket settings of `--enable_bucket` and its companions.
     pub fn bucket_config(&self) -> data::BucketConfig {
-        data::BucketConfig {
-            resolution: (self.resolution, self.resolution),
-            enable_bucket: self.enable_bucket,
-            min_bucket_reso: self.min_bucket_reso,
-            max_bucket_reso: self.max_bucket_reso,
-            bucket_reso_steps: self.bucket_reso_steps,
-            bucket_no_upscale: self.bucket_no_upscale,
-        }
+        data::BucketConfig::new((self.resolution, self.resolution))
+            .with_enable_bucket(self.enable_bucket)
+            .with_min_bucket_reso(self.min_bucket_reso)
+            .with_max_bucket_reso(self.max_bucket_reso)
+            .with_bucket_reso_steps(self.bucket_reso_steps)
+            .with_bucket_no_upscale(self.bucket_no_upscale)
     }
 
     /// The text encoders' initial learning rate: `--text_encoder_lr`, or the UNet's when it is 0

@@ -205,11 +205,11 @@ impl TrainConfig {
     /// to compare their memory), without [`Self::optimizer_setup`]'s checks of the schedule.
     pub fn optimizer_setup_for(&self, kind: OptimizerKind) -> OptimizerSetup {
         let (beta1, eps) = (self.adam_beta1, self.adam_epsilon);
-        let adam = |config: AdamWConfig| AdamWConfig {
-            beta1,
-            beta2: self.adam_beta2.unwrap_or(config.beta2),
-            eps,
-            ..config
+        let adam = |config: AdamWConfig| {
+            config
+                .with_beta1(beta1)
+                .with_beta2(self.adam_beta2.unwrap_or(config.beta2))
+                .with_eps(eps)
         };
         let config = match kind {
             OptimizerKind::AdamW8bit => OptimizerConfig::AdamW(adam(AdamWConfig::eight_bit())),
@@ -221,32 +221,28 @@ impl TrainConfig {
                     LionConfig::fp32()
                 };
                 let beta2 = self.adam_beta2.unwrap_or(default.beta2);
-                OptimizerConfig::Lion(LionConfig {
-                    beta1,
-                    beta2,
-                    ..default
-                })
+                OptimizerConfig::Lion(default.with_beta1(beta1).with_beta2(beta2))
             }
             OptimizerKind::Prodigy => {
                 let default = ProdigyConfig::default();
-                OptimizerConfig::Prodigy(ProdigyConfig {
-                    beta1,
-                    beta2: self.adam_beta2.unwrap_or(default.beta2),
-                    beta3: self.prodigy_beta3,
-                    eps,
-                    decouple: self.prodigy_decouple,
-                    use_bias_correction: self.prodigy_use_bias_correction,
-                    safeguard_warmup: self.prodigy_safeguard_warmup,
-                    d_coef: self.prodigy_d_coef,
-                    ..default
-                })
+                OptimizerConfig::Prodigy(
+                    default
+                        .with_beta1(beta1)
+                        .with_beta2(self.adam_beta2.unwrap_or(default.beta2))
+                        .with_beta3(self.prodigy_beta3)
+                        .with_eps(eps)
+                        .with_decouple(self.prodigy_decouple)
+                        .with_use_bias_correction(self.prodigy_use_bias_correction)
+                        .with_safeguard_warmup(self.prodigy_safeguard_warmup)
+                        .with_d_coef(self.prodigy_d_coef),
+                )
             }
-            OptimizerKind::Adafactor => OptimizerConfig::Adafactor(AdafactorConfig {
-                relative_step: self.adafactor_relative_step,
-                scale_parameter: self.adafactor_scale_parameter,
-                warmup_init: self.adafactor_warmup_init,
-                ..AdafactorConfig::default()
-            }),
+            OptimizerKind::Adafactor => OptimizerConfig::Adafactor(
+                AdafactorConfig::default()
+                    .with_relative_step(self.adafactor_relative_step)
+                    .with_scale_parameter(self.adafactor_scale_parameter)
+                    .with_warmup_init(self.adafactor_warmup_init),
+            ),
         };
         self.with_rates(kind, config)
     }

@@ -86,6 +86,8 @@ fn keys(config: &OptimizerConfig) -> &'static [&'static str] {
             "decay_rate",
             "beta1",
         ],
+        // An optimizer optim8bit adds later takes no keys until it is listed here.
+        _ => &[],
     }
 }
 
@@ -132,6 +134,7 @@ fn set(config: &mut OptimizerConfig, key: &str, value: &str) -> Result<bool> {
             "beta1" => c.beta1 = optional(v)?,
             _ => return Ok(false),
         },
+        _ => return Ok(false),
     }
     Ok(true)
 }
@@ -193,12 +196,12 @@ mod tests {
         apply("betas=(0.95,0.98) min_8bit_size=0", &mut lion).unwrap();
         assert_eq!(
             lion,
-            OptimizerConfig::Lion(LionConfig {
-                beta1: 0.95,
-                beta2: 0.98,
-                min_8bit_size: 0,
-                ..LionConfig::eight_bit()
-            })
+            OptimizerConfig::Lion(
+                LionConfig::eight_bit()
+                    .with_beta1(0.95)
+                    .with_beta2(0.98)
+                    .with_min_8bit_size(0)
+            )
         );
         let err = apply("min_8bit_size=-1", &mut lion)
             .unwrap_err()

@@ -9,7 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-pub use lock::{Holder, LOCK_FILE, OutputLock};
+pub use lock::{LOCK_FILE, OutputLock};
 
 use crate::checkpoint::{CheckpointStore, io_error};
 use crate::outputs::{KOHYA_FILE, LORA_FILE};

@@ -35,14 +35,12 @@ pub(super) fn dataset_config(config: &TrainConfig) -> Result<DatasetConfig> {
 /// `--dataset_name` as one subset, with `--max_train_samples`, the instance prompt or captions and
 /// the caption flags.
 pub(super) fn main_subset(config: &TrainConfig) -> Subset {
-    let captions = Captions {
-        source: match &config.instance_prompt {
+    let captions = Captions::default()
+        .with_source(match &config.instance_prompt {
             Some(prompt) => CaptionSource::Instance(prompt.clone()),
             None => CaptionSource::Column,
-        },
-        kohya: caption_rules(config),
-        ..Captions::default()
-    };
+        })
+        .with_kohya(caption_rules(config));
     Subset {
         source: dataset_source(config),
         selection: match config.max_train_samples {
@@ -67,11 +65,9 @@ pub(super) fn kohya_subsets(file: &KohyaDatasetConfig) -> Vec<Subset> {
             ..CaptionFolder::new(&s.image_dir)
         }),
         selection: Selection::All,
-        captions: Captions {
-            source: CaptionSource::Column,
-            kohya: Some(s.captions.clone()),
-            ..Captions::default()
-        },
+        captions: Captions::default()
+            .with_source(CaptionSource::Column)
+            .with_kohya(Some(s.captions.clone())),
         repeats: s.num_repeats,
         is_reg: s.is_reg,
     };
@@ -98,10 +94,7 @@ pub(super) fn class_subset(config: &TrainConfig) -> Option<Subset> {
             ..CaptionFolder::new(folder)
         }),
         selection: Selection::First(config.num_class_images as usize),
-        captions: Captions {
-            source: CaptionSource::Instance(prompt.clone()),
-            ..Captions::default()
-        },
+        captions: Captions::default().with_source(CaptionSource::Instance(prompt.clone())),
         repeats: 1,
         is_reg: false,
     })
@@ -109,26 +102,24 @@ pub(super) fn class_subset(config: &TrainConfig) -> Option<Subset> {
 
 /// kohya's caption rules from the caption flags; `None` when they change nothing.
 pub(super) fn caption_rules(config: &TrainConfig) -> Option<CaptionRules> {
-    let rules = CaptionRules {
-        caption_prefix: config.caption_prefix.clone(),
-        caption_suffix: config.caption_suffix.clone(),
-        caption_dropout_rate: config.caption_dropout_rate,
-        shuffle_caption: config.shuffle_caption,
-        keep_tokens: config.keep_tokens as usize,
-        keep_tokens_separator: config.keep_tokens_separator.clone(),
-        caption_separator: config.caption_separator.clone(),
-        caption_tag_dropout_rate: config.caption_tag_dropout_rate,
-    };
+    let rules = CaptionRules::default()
+        .with_caption_prefix(config.caption_prefix.clone())
+        .with_caption_suffix(config.caption_suffix.clone())
+        .with_caption_dropout_rate(config.caption_dropout_rate)
+        .with_shuffle_caption(config.shuffle_caption)
+        .with_keep_tokens(config.keep_tokens as usize)
+        .with_keep_tokens_separator(config.keep_tokens_separator.clone())
+        .with_caption_separator(config.caption_separator.clone())
+        .with_caption_tag_dropout_rate(config.caption_tag_dropout_rate);
     (rules != CaptionRules::default()).then_some(rules)
 }
 
 /// `--dataset_name`: a local folder (parquet files, an imagefolder, or images with `.txt` captions)
 /// or a hub dataset id.
 fn dataset_source(config: &TrainConfig) -> Source {
-    let columns = Columns {
-        image: config.image_column.clone(),
-        caption: Some(config.caption_column.clone()),
-    };
+    let columns = Columns::default()
+        .with_image(config.image_column.clone())
+        .with_caption(Some(config.caption_column.clone()));
     let path = Path::new(&config.dataset_name);
     if !path.is_dir() {
         return Source::Hub(HubDataset {

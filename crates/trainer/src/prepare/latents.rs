@@ -68,32 +68,6 @@ fn fixed_key(seed: u64, item: usize) -> SampleKey {
     }
 }
 
-/// Encodes every item once (`flips` = 2: also its mirror image) with `vae` (its weights' kind;
-/// fp32 for SDXL training) through `cache`, keyed by the image content, its placement and
-/// `encoder_id`. The tensors stay on the CPU.
-///
-/// # Errors
-/// Dataset, cache and VAE errors.
-pub fn encode_latents(
-    vae: &AutoencoderKL,
-    encoder_id: &str,
-    dataset: &Dataset,
-    cache: &TensorCache,
-    flips: usize,
-    (seed, device): (u64, Device),
-) -> Result<CachedLatents> {
-    let encoder = LatentEncoder {
-        vae,
-        encoder_id,
-        dataset,
-        cache,
-        flips,
-        seed,
-        device,
-    };
-    encoder.encode(0..dataset.len())
-}
-
 /// What encoding the latents of a dataset takes: the VAE and its identity in cache keys, the
 /// dataset, the cache, how many mirror images of each item (1 or 2) and the run's seed.
 pub(super) struct LatentEncoder<'a> {

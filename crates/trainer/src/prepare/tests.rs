@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 use super::*;
-use crate::distributed::in_ranks;
+use crate::distributed::{SingleProcess, in_ranks};
 use crate::plan::Plan;
 
 fn repo() -> PathBuf {

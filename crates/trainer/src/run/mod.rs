@@ -21,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tch::Device;
 
 pub use crate::outputs::{KOHYA_FILE, LORA_FILE};
+pub use crate::throughput::Throughput;
 pub use resume::TrainerState;
 
 use crate::checkpoint::{CheckpointStore, io_error};
@@ -35,7 +36,7 @@ use crate::outputs::{self, RunStats};
 use crate::plan::{MicroStep, Plan};
 use crate::prepare::{Latents, TextConditioning, prepare_latents, prepare_text};
 use crate::step::{StepGraphs, Stepper, broadcast_lora};
-use crate::throughput::{Throughput, dense_bf16_peak_tflops, step_flops};
+use crate::throughput::{dense_bf16_peak_tflops, step_flops};
 use crate::validation::Validator;
 use crate::{Error, Result};
 use logging::RunLogs;
@@ -83,6 +84,7 @@ impl std::fmt::Debug for Trainer {
 
 /// What a finished run leaves behind.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RunSummary {
     /// Optimizer steps run in this process.
     pub steps_run: u64,
@@ -137,7 +139,7 @@ impl Trainer {
             say(line);
         }
         config.validate_paths()?;
-        let (mut config, kohya) = config.with_dataset_config()?;
+        let (mut config, kohya) = config.resolve_dataset_config()?;
         config.validate()?;
         config.nproc_per_node = processes(&config, &world)?;
         let device = device::for_rank(device::open(&config)?, &world)?;

@@ -57,11 +57,10 @@ impl StepProbe {
         let profiler = if record {
             let dir = output_dir.join("profile");
             std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
-            let options = torch_cuda::ProfilerOptions {
-                cuda: device.is_cuda(),
-                shapes: true,
-                memory: true,
-            };
+            let options = torch_cuda::ProfilerOptions::default()
+                .with_cuda(device.is_cuda())
+                .with_shapes(true)
+                .with_memory(true);
             let profiler = torch_cuda::Profiler::start(options).map_err(Error::Profile)?;
             Some((profiler, dir.join(format!("step-{step}.json"))))
         } else {

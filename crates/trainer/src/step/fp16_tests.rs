@@ -12,10 +12,7 @@ fn setup() -> (Tensor, Optimizer, StepSettings, Accumulators) {
 
 fn scaled(growth_interval: i64) -> (Tensor, Optimizer, StepSettings, Accumulators) {
     let (param, optimizer, settings, mut acc) = setup();
-    let config = GradScalerConfig {
-        growth_interval,
-        ..Default::default()
-    };
+    let config = GradScalerConfig::default().with_growth_interval(growth_interval);
     acc.scaler = Some(GradScaler::new(config, Device::Cpu).unwrap());
     (param, optimizer, settings, acc)
 }

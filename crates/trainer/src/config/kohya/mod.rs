@@ -237,7 +237,7 @@ impl crate::TrainConfig {
     /// # Errors
     /// [`crate::Error::DatasetConfig`] naming the file and every problem; [`crate::Error::InvalidOption`]
     /// naming the key where the datasets disagree.
-    pub fn with_dataset_config(mut self) -> crate::Result<(Self, Option<KohyaDatasetConfig>)> {
+    pub fn resolve_dataset_config(mut self) -> crate::Result<(Self, Option<KohyaDatasetConfig>)> {
         let Some(path) = self.dataset_config.clone() else {
             return Ok((self, None));
         };

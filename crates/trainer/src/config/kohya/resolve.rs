@@ -151,15 +151,16 @@ pub(super) fn resolve_subset(
         flip_aug: flag(layers, "flip_aug"),
         random_crop: flag(layers, "random_crop"),
         cache_info: flag(layers, "cache_info"),
-        captions: CaptionRules {
-            caption_prefix: text(layers, "caption_prefix"),
-            caption_suffix: text(layers, "caption_suffix"),
-            caption_dropout_rate: rate(layers, "caption_dropout_rate"),
-            shuffle_caption: flag(layers, "shuffle_caption"),
-            keep_tokens: count(layers, "keep_tokens", 0) as usize,
-            keep_tokens_separator: text(layers, "keep_tokens_separator").filter(|s| !s.is_empty()),
-            caption_separator: text(layers, "caption_separator").unwrap_or_else(|| ",".into()),
-            caption_tag_dropout_rate: rate(layers, "caption_tag_dropout_rate"),
-        },
+        captions: CaptionRules::default()
+            .with_caption_prefix(text(layers, "caption_prefix"))
+            .with_caption_suffix(text(layers, "caption_suffix"))
+            .with_caption_dropout_rate(rate(layers, "caption_dropout_rate"))
+            .with_shuffle_caption(flag(layers, "shuffle_caption"))
+            .with_keep_tokens(count(layers, "keep_tokens", 0) as usize)
+            .with_keep_tokens_separator(
+                text(layers, "keep_tokens_separator").filter(|s| !s.is_empty()),
+            )
+            .with_caption_separator(text(layers, "caption_separator").unwrap_or_else(|| ",".into()))
+            .with_caption_tag_dropout_rate(rate(layers, "caption_tag_dropout_rate")),
     })
 }

@@ -73,11 +73,9 @@ fn subset(image_dir: &str) -> KohyaSubset {
 #[test]
 fn a_realistic_config_resolves_every_key() {
     let config = KohyaDatasetConfig::from_toml_str(REALISTIC).unwrap();
-    let general_captions = CaptionRules {
-        shuffle_caption: true,
-        keep_tokens: 1,
-        ..CaptionRules::default()
-    };
+    let general_captions = CaptionRules::default()
+        .with_shuffle_caption(true)
+        .with_keep_tokens(1);
     let expected = KohyaDatasetConfig {
         datasets: vec![
             KohyaDataset {
@@ -94,22 +92,20 @@ fn a_realistic_config_resolves_every_key() {
                         caption_extension: ".txt".into(),
                         num_repeats: 10,
                         flip_aug: true,
-                        captions: CaptionRules {
-                            keep_tokens_separator: Some("|||".into()),
-                            caption_dropout_rate: 0.05,
-                            ..general_captions.clone()
-                        },
+                        captions: general_captions
+                            .clone()
+                            .with_keep_tokens_separator(Some("|||".into()))
+                            .with_caption_dropout_rate(0.05),
                         ..subset("train/10_sks dog")
                     },
                     KohyaSubset {
                         caption_extension: ".caption".into(),
                         num_repeats: 4,
                         random_crop: true,
-                        captions: CaptionRules {
-                            caption_tag_dropout_rate: 0.1,
-                            caption_prefix: Some("sks dog,".into()),
-                            ..general_captions.clone()
-                        },
+                        captions: general_captions
+                            .clone()
+                            .with_caption_tag_dropout_rate(0.1)
+                            .with_caption_prefix(Some("sks dog,".into())),
                         ..subset("train/closeups")
                     },
                     KohyaSubset {
@@ -117,10 +113,7 @@ fn a_realistic_config_resolves_every_key() {
                         class_tokens: Some("dog".into()),
                         caption_extension: ".txt".into(),
                         flip_aug: true,
-                        captions: CaptionRules {
-                            shuffle_caption: false,
-                            ..general_captions.clone()
-                        },
+                        captions: general_captions.clone().with_shuffle_caption(false),
                         ..subset("reg/dog")
                     },
                 ],
@@ -137,11 +130,10 @@ fn a_realistic_config_resolves_every_key() {
                     caption_extension: ".txt".into(),
                     flip_aug: true,
                     cache_info: true,
-                    captions: CaptionRules {
-                        caption_separator: ";".into(),
-                        keep_tokens: 0,
-                        ..general_captions.clone()
-                    },
+                    captions: general_captions
+                        .clone()
+                        .with_caption_separator(";".into())
+                        .with_keep_tokens(0),
                     ..subset("style")
                 }],
             },
