@@ -40,6 +40,7 @@ pub mod attention;
 pub mod clip;
 mod config_file;
 mod error;
+pub mod hub;
 mod mapped_load;
 pub mod pipeline;
 pub mod pretrained;
