@@ -124,9 +124,10 @@ fn loss_and_lora_gradients_match_diffusers_and_peft() {
     let mut losses = BTreeMap::new();
     for case in cases(&path) {
         let schedule = DdpmSchedule::new(
-            DdpmConfig {
-                prediction_type: case.prediction_type,
-                ..DdpmConfig::sdxl()
+            {
+                let mut config = DdpmConfig::sdxl();
+                config.prediction_type = case.prediction_type;
+                config
             },
             Device::Cpu,
         )

@@ -42,6 +42,7 @@ pub const COMPONENT_PREFIXES: [(&str, &str); 4] = [
 
 /// The configs of the four components and the scheduler, which a single file does not carry.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct SdxlConfigs {
     /// The UNet's.
     pub unet: UNetConfig,
@@ -95,6 +96,7 @@ impl SdxlConfigs {
 
 /// The marker keys of community v-prediction checkpoints (see the module documentation).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Markers {
     /// The file has a `v_pred` key: the model predicts v.
     pub v_pred: bool,

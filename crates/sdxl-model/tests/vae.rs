@@ -211,14 +211,8 @@ fn bad_inputs_and_configs_are_errors_not_panics() {
 
     let mut tiled = tiny_vae();
     for bad in [
-        VaeTiling {
-            sample_tile: Some(30),
-            overlap: 0.25,
-        },
-        VaeTiling {
-            sample_tile: None,
-            overlap: 1.0,
-        },
+        VaeTiling::default().with_sample_tile(30).with_overlap(0.25),
+        VaeTiling::default().with_overlap(1.0),
     ] {
         assert!(
             matches!(

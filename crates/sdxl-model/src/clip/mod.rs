@@ -34,6 +34,7 @@ pub enum Activation {
 /// A transformers `CLIPTextConfig` (`text_encoder*/config.json`), field names as there. Unknown keys
 /// are ignored.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[non_exhaustive]
 pub struct ClipTextConfig {
     /// Token vocabulary size (49408).
     pub vocab_size: i64,

@@ -41,6 +41,7 @@ enum SampleSize {
 /// The `vae/config.json` of a diffusers AutoencoderKL, field names as there. Unknown keys
 /// (`_class_name`, `latents_mean`, ...) are ignored.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[non_exhaustive]
 pub struct AutoencoderKLConfig {
     /// Image channels in.
     #[serde(default = "three")]
