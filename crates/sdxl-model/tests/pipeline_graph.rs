@@ -12,7 +12,7 @@ use sdxl_model::Error;
 use sdxl_model::pipeline::{GenerateOptions, Pipeline};
 use sdxl_model::pretrained::LoadOptions;
 use sdxl_model::vae::Upcast;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 fn options(cuda_graph: bool, noise: &Tensor) -> GenerateOptions {
     GenerateOptions {
@@ -58,10 +58,10 @@ fn replayed_steps_give_the_eager_latents_on_cuda() {
         eprintln!("no CUDA device: the replay is checked on the GPU machine (docs/GPU.md)");
         return;
     }
-    let options = LoadOptions::default()
+    let load = LoadOptions::default()
         .device(Device::Cuda(0))
         .vae_upcast(Upcast::Never);
-    let pipe = Pipeline::from_pretrained(fixture("tiny-sdxl"), &options)
+    let pipe = Pipeline::from_pretrained(fixture("tiny-sdxl"), &load)
         .unwrap()
         .model;
     let noise = noise();
