@@ -30,14 +30,14 @@ impl Default for VaeTiling {
 }
 
 impl VaeTiling {
-    /// Sets [`Self::sample_tile`] (the tile side in pixels).
+    /// Sets the `sample_tile` field (the tile side in pixels).
     #[must_use]
     pub fn with_sample_tile(mut self, pixels: i64) -> Self {
         self.sample_tile = Some(pixels);
         self
     }
 
-    /// Sets [`Self::overlap`].
+    /// Sets the `overlap` field.
     #[must_use]
     pub fn with_overlap(mut self, overlap: f64) -> Self {
         self.overlap = overlap;
