@@ -24,7 +24,8 @@ use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 use sdxl_model::attention::AttentionBackend;
-use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights, load_unet};
+use sdxl_model::unet::loading::{UNetWeights, load_unet};
+use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs};
 use sdxl_model::weights::TensorFile;
 use tch::nn::VarStore;
 use tch::{Cuda, Device, Kind, Tensor};

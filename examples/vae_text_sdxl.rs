@@ -16,6 +16,7 @@ use std::process::ExitCode;
 use anyhow::bail;
 use clap::Parser;
 use sdxl_model::clip::ClipTextModel;
+use sdxl_model::pretrained::LoadOptions;
 use sdxl_model::vae::{AutoencoderKL, Upcast};
 use sdxl_model::weights::TensorFile;
 use tch::{Device, Kind, Tensor};
@@ -56,12 +57,10 @@ fn compare(args: Args) -> anyhow::Result<()> {
     println!("device {device:?}, reference {}", reference.display());
     tch::no_grad(|| -> anyhow::Result<()> {
         let io = TensorFile::open(reference.join("vae-io.safetensors"))?;
-        let (vae, _vs) = AutoencoderKL::from_pretrained(
-            reference.join("vae"),
-            device,
-            Kind::Float,
-            Upcast::Never,
-        )?;
+        let options = LoadOptions::default()
+            .device(device)
+            .vae_upcast(Upcast::Never);
+        let vae = AutoencoderKL::from_pretrained(reference.join("vae"), &options)?.model;
         let decoded = vae.decode(&io.tensor("latents", device, None)?)?;
         let mean = vae.encode(&io.tensor("image", device, None)?)?.mean;
         println!(
@@ -74,8 +73,7 @@ fn compare(args: Args) -> anyhow::Result<()> {
         let io = TensorFile::open(reference.join("text-io.safetensors"))?;
         let ids = io.tensor("input_ids", device, None)?;
         for name in ["text_encoder", "text_encoder_2"] {
-            let (model, _vs) =
-                ClipTextModel::from_pretrained(reference.join(name), device, Kind::Float)?;
+            let model = ClipTextModel::from_pretrained(reference.join(name), &options)?.model;
             let out = model.forward(&ids)?;
             let penultimate = &out.hidden_states[out.hidden_states.len() - 2];
             let pooled = out.text_embeds.as_ref().unwrap_or(&out.pooled);

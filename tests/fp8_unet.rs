@@ -10,7 +10,8 @@ mod common;
 
 use common::{fixture, max_rel_error};
 use lora::{HasLinears, LoraConfig};
-use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights, load_unet};
+use sdxl_model::pretrained::LoadOptions;
+use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs};
 use sdxl_model::weights::TensorFile;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -62,14 +63,13 @@ impl Golden {
 }
 
 fn tiny_unet() -> (VarStore, UNet2DConditionModel) {
-    let weights = UNetWeights::Diffusers {
-        folder: fixture("tiny-sdxl/unet"),
-        variant: None,
-    };
-    let (mut vs, unet) =
-        load_unet(&UNetConfig::tiny_sdxl(), &weights, Device::Cpu, Kind::Float).unwrap();
+    let loaded =
+        UNet2DConditionModel::from_pretrained(fixture("tiny-sdxl/unet"), &LoadOptions::default())
+            .unwrap();
+    assert_eq!(loaded.model.config(), &UNetConfig::tiny_sdxl());
+    let mut vs = loaded.store;
     vs.freeze();
-    (vs, unet)
+    (vs, loaded.model)
 }
 
 #[test]

@@ -17,8 +17,9 @@ use std::collections::BTreeMap;
 use common::sdxl_depth::unet_shape;
 use common::{fixture, max_rel_error};
 use lora::LoraConfig;
+use sdxl_model::pretrained::LoadOptions;
 use sdxl_model::schedulers::{DdpmConfig, DdpmSchedule, PredictionType};
-use sdxl_model::unet::{UNetConfig, UNetInputs, UNetWeights, load_unet};
+use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs};
 use sdxl_model::weights::TensorFile;
 use tch::nn::VarStore;
 use tch::{Device, Kind};
@@ -72,12 +73,11 @@ fn loss_and_lora_gradients_match_diffusers_and_peft() {
     let get = |key: &str| golden.tensor(key, Device::Cpu, None).unwrap();
 
     // The UNet and the LoRA as the trainer sets them up, with the fixture's A and B.
-    let weights = UNetWeights::Diffusers {
-        folder: fixture("tiny-sdxl/unet"),
-        variant: None,
-    };
-    let (_unet_store, mut unet) =
-        load_unet(&UNetConfig::tiny_sdxl(), &weights, Device::Cpu, Kind::Float).unwrap();
+    let mut unet =
+        UNet2DConditionModel::from_pretrained(fixture("tiny-sdxl/unet"), &LoadOptions::default())
+            .unwrap()
+            .model;
+    assert_eq!(unet.config(), &UNetConfig::tiny_sdxl());
     let store = VarStore::new(Device::Cpu);
     let report = lora::inject(
         &mut unet,
@@ -124,9 +124,10 @@ fn loss_and_lora_gradients_match_diffusers_and_peft() {
     let mut losses = BTreeMap::new();
     for case in cases(&path) {
         let schedule = DdpmSchedule::new(
-            DdpmConfig {
-                prediction_type: case.prediction_type,
-                ..DdpmConfig::sdxl()
+            {
+                let mut config = DdpmConfig::sdxl();
+                config.prediction_type = case.prediction_type;
+                config
             },
             Device::Cpu,
         )

@@ -23,8 +23,9 @@ use std::process::Command;
 
 use lora::format::{self, ReadOptions};
 use sdxl_model::pipeline::{GenerateOptions, Pipeline};
+use sdxl_model::pretrained::LoadOptions;
 use sdxl_model::vae::Upcast;
-use tch::{Device, Kind};
+use trainer::TrainConfig;
 use trainer::run::{KOHYA_FILE, LORA_FILE};
 
 #[path = "common/training.rs"]
@@ -33,13 +34,10 @@ mod training;
 use training::{fixture, run_to_end, scratch, tiny};
 
 fn pipeline() -> Pipeline {
-    Pipeline::from_pretrained(
-        fixture("tiny-sdxl"),
-        Device::Cpu,
-        Kind::Float,
-        Upcast::Never,
-    )
-    .unwrap()
+    let options = LoadOptions::default().vae_upcast(Upcast::Never);
+    Pipeline::from_pretrained(fixture("tiny-sdxl"), &options)
+        .unwrap()
+        .model
 }
 
 fn options() -> GenerateOptions {

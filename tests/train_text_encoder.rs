@@ -13,7 +13,6 @@
 
 use std::path::Path;
 
-use tch::{Device, Kind};
 use trainer::TrainConfig;
 use trainer::config::MixedPrecision;
 use trainer::run::{KOHYA_FILE, LORA_FILE};
@@ -94,12 +93,12 @@ fn text_encoder_lora_trains_loads_back_and_resumes_identically() {
             .iter()
             .any(|k| k.starts_with("lora_te2_text_model_encoder_layers_3_self_attn_v_proj."))
     );
-    let (mut encoder, _stores) = sdxl_model::prompt::PromptEncoder::from_pretrained(
+    let mut encoder = sdxl_model::prompt::PromptEncoder::from_pretrained(
         fixture("tiny-sdxl"),
-        Device::Cpu,
-        Kind::Float,
+        &sdxl_model::pretrained::LoadOptions::default(),
     )
-    .unwrap();
+    .unwrap()
+    .model;
     let mut names = lora::format::ModuleNames::new();
     let unet_file = fixture("tiny-sdxl/unet/diffusion_pytorch_model.safetensors");
     names

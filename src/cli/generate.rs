@@ -31,6 +31,7 @@ use sdxl_model::pipeline::{
     GenerateOptions, LARGE_GENERATION_BYTES, OnStep, Pipeline, grid_column, grid_row, save_png,
     save_png_with_text,
 };
+use sdxl_model::pretrained::LoadOptions;
 use sdxl_model::schedulers::SchedulerKind;
 use sdxl_model::vae::{Upcast, VaeTiling};
 use tch::{Device, Kind};
@@ -276,8 +277,13 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         Upcast::FromConfig
     };
     let loading = Instant::now();
-    let mut pipe = Pipeline::from_pretrained(&args.model, device, kind, upcast)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let load_options = LoadOptions::default()
+        .device(device)
+        .kind(kind)
+        .vae_upcast(upcast);
+    let mut pipe = Pipeline::from_pretrained(&args.model, &load_options)
+        .with_context(|| format!("loading {}", args.model.display()))?
+        .model;
     synchronize(device);
     println!(
         "loaded {} in {:.3} s",

@@ -8,7 +8,8 @@ use super::sdxl_depth::{clip_depth, unet_shape};
 use lora::format::ModuleNames;
 use lora::{Component, HasLinears, LoraState};
 use sdxl_model::clip::ClipTextModel;
-use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights, load_unet};
+use sdxl_model::pretrained::LoadOptions;
+use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetInputs};
 use sdxl_model::weights::TensorFile;
 use tch::{Device, Kind, Tensor};
 use test_support::{f32_bound, unet_depth};
@@ -26,18 +27,17 @@ impl Models {
     /// Loads the tiny SDXL models from `tests/fixtures/tiny-sdxl`.
     pub fn load() -> Self {
         let tiny = fixture("tiny-sdxl");
-        let weights = UNetWeights::Diffusers {
-            folder: tiny.join("unet"),
-            variant: None,
-        };
-        let (_, unet) =
-            load_unet(&UNetConfig::tiny_sdxl(), &weights, Device::Cpu, Kind::Float).unwrap();
-        let (text_encoder, _) =
-            ClipTextModel::from_pretrained(tiny.join("text_encoder"), Device::Cpu, Kind::Float)
-                .unwrap();
-        let (text_encoder_2, _) =
-            ClipTextModel::from_pretrained(tiny.join("text_encoder_2"), Device::Cpu, Kind::Float)
-                .unwrap();
+        let options = LoadOptions::default();
+        let unet = UNet2DConditionModel::from_pretrained(&tiny, &options)
+            .unwrap()
+            .model;
+        assert_eq!(unet.config(), &UNetConfig::tiny_sdxl());
+        let text_encoder = ClipTextModel::from_pretrained(tiny.join("text_encoder"), &options)
+            .unwrap()
+            .model;
+        let text_encoder_2 = ClipTextModel::from_pretrained(tiny.join("text_encoder_2"), &options)
+            .unwrap()
+            .model;
         Self {
             unet,
             text_encoder,

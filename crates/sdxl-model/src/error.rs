@@ -150,6 +150,20 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A model name that looks like a local path (see [`crate::hub::is_repo_id`]) names nothing.
+    #[error("no such folder: {}", path.display())]
+    NoSuchFolder {
+        /// The path as given.
+        path: PathBuf,
+    },
+    /// A model repository could not be fetched from the hub (or found in its cache).
+    #[error("hub model `{repo}`: {problem}")]
+    Hub {
+        /// The repository id.
+        repo: String,
+        /// What went wrong.
+        problem: String,
+    },
     /// A pipeline's components do not fit together (text encoders too narrow for the UNet, a VAE
     /// with other latent channels).
     #[error("incompatible components: {what}: expected {expected}, got {actual}")]

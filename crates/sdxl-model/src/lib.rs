@@ -4,8 +4,11 @@
 //! diffusers and transformers so that variable names equal safetensors keys.
 //!
 //! Text to image end to end: [`pipeline::Pipeline`] (prompts, guidance, schedulers, LoRA on/off,
-//! PNG). One model alone: its `from_pretrained`; the UNet's takes [`pretrained::LoadOptions`] and
-//! returns the load report (here the repository's tiny SDXL-shaped UNet, on the CPU):
+//! PNG). Every model — the UNet, the VAE, each text encoder, the prompt encoder, the pipeline — loads
+//! the same way, `from_pretrained(folder_or_hub_id, &LoadOptions)` ([`pretrained`]: device, element
+//! type, variant, revision; a hub id fetches only that model's files, [`hub`]), returning the model,
+//! the store owning its variables and the load report (here the repository's tiny SDXL-shaped UNet,
+//! on the CPU):
 //!
 //! ```
 //! use sdxl_model::pretrained::LoadOptions;
@@ -40,6 +43,7 @@ pub mod attention;
 pub mod clip;
 mod config_file;
 mod error;
+pub mod hub;
 mod mapped_load;
 pub mod pipeline;
 pub mod pretrained;

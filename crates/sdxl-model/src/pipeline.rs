@@ -20,11 +20,10 @@
 //!
 //! ```
 //! use sdxl_model::pipeline::{GenerateOptions, Pipeline};
-//! use sdxl_model::vae::Upcast;
-//! use tch::{Device, Kind};
+//! use sdxl_model::pretrained::LoadOptions;
 //!
 //! let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-//! let mut pipe = Pipeline::from_pretrained(fixtures.join("tiny-sdxl"), Device::Cpu, Kind::Float, Upcast::Never)?;
+//! let mut pipe = Pipeline::from_pretrained(fixtures.join("tiny-sdxl"), &LoadOptions::default())?.model;
 //! let options = GenerateOptions {
 //!     prompts: vec!["a watercolor painting of a fox in the snow".into()],
 //!     steps: 2, height: 64, width: 64, seed: 7,
@@ -52,11 +51,14 @@ use torch_cuda::graph::{CaptureMode, CudaGraph};
 
 use lora::{Component, HasLinears, LoraState};
 
+use crate::hub::{Part, TOKENIZER_FILES_OF_BOTH, Wanted};
+use crate::pretrained::{LoadOptions, Loaded, Source, locate, single_file_configs};
 use crate::prompt::{PromptEmbeds, PromptEncoder, add_time_ids, add_time_ids_tensor};
 use crate::schedulers::{self, SchedulerConfig, SchedulerKind};
-use crate::single_file::SingleFileCheckpoint;
-use crate::unet::{UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights, load_unet};
-use crate::vae::{AutoencoderKL, Upcast, VaeTiling};
+use crate::single_file::{SdxlConfigs, SingleFileCheckpoint};
+use crate::unet::{UNet2DConditionModel, UNetInputs};
+use crate::vae::{AutoencoderKL, VaeTiling};
+use crate::weights::LoadReport;
 use crate::{Error, Result};
 pub use memory::{GenerationMemory, LARGE_GENERATION_BYTES, MAX_GENERATION_BYTES};
 
@@ -279,8 +281,6 @@ pub struct Pipeline {
     pub scheduler_config: SchedulerConfig,
     device: Device,
     kind: Kind,
-    /// The stores that own the weights: text encoders, UNet, VAE.
-    stores: Vec<VarStore>,
 }
 
 impl Pipeline {
@@ -307,82 +307,126 @@ impl Pipeline {
             scheduler_config,
             device,
             kind,
-            stores: Vec::new(),
         })
     }
 
-    /// Loads a diffusers SDXL folder (`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`, and
-    /// `scheduler/scheduler_config.json` when present, else SDXL's config) onto `device` in `kind`.
-    /// `vae_upcast` says whether the VAE keeps fp32 weights (decoding in fp32).
+    /// Loads a whole SDXL model as diffusers' `StableDiffusionXLPipeline.from_pretrained` and
+    /// `from_single_file` do. `name` is one of (see [`crate::pretrained`] for how names are told
+    /// apart):
+    /// - a diffusers SDXL folder: `unet/`, `vae/`, `text_encoder/`, `text_encoder_2/` (the weights of
+    ///   [`LoadOptions::variant`]), `tokenizer/` and `tokenizer_2/` where present (else the shipped
+    ///   tokenizers), `scheduler/scheduler_config.json` where present (else SDXL's);
+    /// - a hub repository id of one, whose files of that list alone are fetched;
+    /// - an SGM single-file checkpoint (local, or a hub file): every component from the one file,
+    ///   the configs and scheduler config of [`LoadOptions::single_file_config`] (a diffusers
+    ///   folder or repository; SDXL base 1.0's when `None`).
+    ///
+    /// The weights go to [`LoadOptions::device`] in [`LoadOptions::kind`], the VAE's in fp32 where
+    /// [`LoadOptions::vae_upcast`] says so. The stores are text encoders, UNet, VAE; the report
+    /// holds every component's, keys prefixed with its folder (`unet/…`).
     ///
     /// # Errors
-    /// The loaders' errors, naming the file or the keys that do not match.
+    /// [`Error::NoSuchFolder`], [`Error::Hub`] naming the path or repository; the loaders' errors,
+    /// naming the file or the keys that do not match; as [`Self::new`].
     pub fn from_pretrained(
-        root: impl AsRef<Path>,
-        device: Device,
-        kind: Kind,
-        vae_upcast: Upcast,
-    ) -> Result<Self> {
-        Self::from_pretrained_variant(root, None, device, kind, vae_upcast)
+        name: impl AsRef<Path>,
+        options: &LoadOptions,
+    ) -> Result<Loaded<Self, [VarStore; 4]>> {
+        let mut parts = crate::prompt::TEXT_ENCODER_PARTS.to_vec();
+        for subfolder in ["unet", "vae"] {
+            parts.push(Part {
+                subfolder: Some(subfolder),
+                default: None,
+                weights: "diffusion_pytorch_model.safetensors",
+            });
+        }
+        let mut optional = TOKENIZER_FILES_OF_BOTH.to_vec();
+        optional.push("scheduler/scheduler_config.json");
+        let wanted = Wanted::Parts {
+            parts: &parts,
+            variant: options.variant.as_deref(),
+            optional: &optional,
+        };
+        match locate(name.as_ref(), options, &wanted)? {
+            Source::Folder(root) => Self::from_root(&root, options),
+            Source::File(path) => {
+                let configs = match single_file_configs(options)? {
+                    Some(root) => SdxlConfigs::from_diffusers_folder(root)?,
+                    None => SdxlConfigs::sdxl_base(),
+                };
+                Self::from_single_file(&SingleFileCheckpoint::open(path, configs)?, options)
+            }
+        }
     }
 
-    /// As [`Self::from_pretrained`], reading every component's weights of a variant
-    /// (`diffusion_pytorch_model.fp16.safetensors`, `model.fp16.safetensors` for `Some("fp16")`).
-    ///
-    /// # Errors
-    /// As [`Self::from_pretrained`].
-    pub fn from_pretrained_variant(
-        root: impl AsRef<Path>,
-        variant: Option<&str>,
-        device: Device,
-        kind: Kind,
-        vae_upcast: Upcast,
-    ) -> Result<Self> {
-        let root = root.as_ref();
-        let (prompt_encoder, [vs_1, vs_2]) =
-            PromptEncoder::from_pretrained_variant(root, variant, device, kind)?;
-        let unet_config = UNetConfig::from_file(root.join("unet").join("config.json"))?;
-        let weights = UNetWeights::Diffusers {
-            folder: root.join("unet"),
-            variant: variant.map(str::to_owned),
+    /// Loads the local diffusers SDXL folder `root`.
+    fn from_root(root: &Path, options: &LoadOptions) -> Result<Loaded<Self, [VarStore; 4]>> {
+        let Loaded {
+            model: prompt_encoder,
+            store: [vs_1, vs_2],
+            mut report,
+        } = PromptEncoder::from_root(root, options)?;
+        let component = |name: &str| LoadOptions {
+            subfolder: Some(name.to_owned()),
+            ..options.clone()
         };
-        let (vs_unet, unet) = load_unet(&unet_config, &weights, device, kind)?;
-        let (vae, vs_vae) = AutoencoderKL::from_pretrained_variant(
-            root.join("vae"),
-            variant,
-            device,
-            kind,
-            vae_upcast,
-        )?;
+        let unet = UNet2DConditionModel::from_pretrained(root, &component("unet"))?;
+        report.absorb("unet", unet.report);
+        let vae = AutoencoderKL::from_pretrained(root, &component("vae"))?;
+        report.absorb("vae", vae.report);
         let scheduler_file = root.join("scheduler").join("scheduler_config.json");
         let scheduler_config = if scheduler_file.exists() {
             SchedulerConfig::from_file(&scheduler_file)?
         } else {
             SchedulerConfig::sdxl()
         };
-        let mut pipeline = Self::new(prompt_encoder, unet, vae, scheduler_config, device, kind)?;
-        pipeline.stores = vec![vs_1, vs_2, vs_unet, vs_vae];
-        Ok(pipeline)
+        let model = Self::new(
+            prompt_encoder,
+            unet.model,
+            vae.model,
+            scheduler_config,
+            options.device,
+            options.kind,
+        )?;
+        Ok(Loaded {
+            model,
+            store: [vs_1, vs_2, unet.store, vae.store],
+            report,
+        })
     }
 
-    /// Loads an SGM single-file checkpoint (UNet, both text encoders and the VAE from the one file, the
-    /// configs and the scheduler config from [`SingleFileCheckpoint::configs`]) onto `device` in `kind`.
-    ///
-    /// # Errors
-    /// The loaders' errors, naming the file and the keys that do not match.
-    pub fn from_single_file(
+    /// Loads an opened SGM single-file checkpoint (UNet, both text encoders and the VAE from the one
+    /// file, the configs and the scheduler config from [`SingleFileCheckpoint::configs`]).
+    fn from_single_file(
         checkpoint: &SingleFileCheckpoint,
-        device: Device,
-        kind: Kind,
-        vae_upcast: Upcast,
-    ) -> Result<Self> {
+        options: &LoadOptions,
+    ) -> Result<Loaded<Self, [VarStore; 4]>> {
+        let (device, kind) = (options.device, options.kind);
         let (prompt_encoder, [vs_1, vs_2]) = checkpoint.load_prompt_encoder(device, kind)?;
         let (vs_unet, unet) = checkpoint.load_unet(device, kind)?;
-        let (vae, vs_vae) = checkpoint.load_vae(device, kind, vae_upcast)?;
+        let (vae, vs_vae) = checkpoint.load_vae(device, kind, options.vae_upcast)?;
         let scheduler_config = checkpoint.configs().scheduler.clone();
-        let mut pipeline = Self::new(prompt_encoder, unet, vae, scheduler_config, device, kind)?;
-        pipeline.stores = vec![vs_1, vs_2, vs_unet, vs_vae];
-        Ok(pipeline)
+        let model = Self::new(prompt_encoder, unet, vae, scheduler_config, device, kind)?;
+        let stores = [vs_1, vs_2, vs_unet, vs_vae];
+        let mut report = LoadReport::default();
+        for (name, store) in ["text_encoder", "text_encoder_2", "unet", "vae"]
+            .iter()
+            .zip(&stores)
+        {
+            // Each loader fails unless it matched every variable: all were loaded.
+            report.absorb(
+                name,
+                LoadReport {
+                    loaded: store.variables().len(),
+                    ..LoadReport::default()
+                },
+            );
+        }
+        Ok(Loaded {
+            model,
+            store: stores,
+            report,
+        })
     }
 
     /// Decodes in overlapping tiles when the image is larger than one tile (`None`: never).

@@ -17,9 +17,26 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::clip::{ClipTextConfig, ClipTextModel, single_file};
+use crate::hub::{Part, TOKENIZER_FILES_OF_BOTH, Wanted};
+use crate::pretrained::{LoadOptions, Loaded, Source, locate, pick_folder};
 use crate::tokenizer::{ClipTokenizer, Padding};
+use crate::weights::LoadReport;
 use crate::weights::TensorFile;
 use crate::{Error, Result};
+
+/// The text encoders of a diffusers SDXL folder.
+pub(crate) const TEXT_ENCODER_PARTS: [Part<'static>; 2] = [
+    Part {
+        subfolder: Some("text_encoder"),
+        default: None,
+        weights: "model.safetensors",
+    },
+    Part {
+        subfolder: Some("text_encoder_2"),
+        default: None,
+        weights: "model.safetensors",
+    },
+];
 
 /// The text conditioning of a batch of prompts.
 #[derive(Debug)]
@@ -70,45 +87,62 @@ impl PromptEncoder {
         })
     }
 
-    /// Loads `text_encoder/` and `text_encoder_2/` of a diffusers SDXL folder onto `device` in `kind`.
-    /// Returns the variable stores that own the two encoders' weights.
+    /// Loads `text_encoder/` and `text_encoder_2/` of a diffusers SDXL folder, or of a hub
+    /// repository id whose text encoders and tokenizers alone are fetched (see
+    /// [`crate::pretrained`]), with the folder's tokenizers where it has them
+    /// ([`Self::load_tokenizers`]). The weights (of [`LoadOptions::variant`]) go to
+    /// [`LoadOptions::device`] in [`LoadOptions::kind`]. Returns the variable stores that own the
+    /// two encoders' weights, and their reports together (keys prefixed with `text_encoder/` and
+    /// `text_encoder_2/`).
     ///
     /// # Errors
-    /// As [`ClipTextModel::from_pretrained`] for either folder; as [`Self::new`].
+    /// [`Error::NoSuchFolder`], [`Error::Hub`] naming the folder or repository; as
+    /// [`ClipTextModel::from_pretrained`] for either folder; as [`Self::new`] and
+    /// [`Self::load_tokenizers`].
     pub fn from_pretrained(
-        root: impl AsRef<Path>,
-        device: Device,
-        kind: Kind,
-    ) -> Result<(Self, [VarStore; 2])> {
-        Self::from_pretrained_variant(root, None, device, kind)
+        name: impl AsRef<Path>,
+        options: &LoadOptions,
+    ) -> Result<Loaded<Self, [VarStore; 2]>> {
+        let wanted = Wanted::Parts {
+            parts: &TEXT_ENCODER_PARTS,
+            variant: options.variant.as_deref(),
+            optional: &TOKENIZER_FILES_OF_BOTH,
+        };
+        let root = match locate(name.as_ref(), options, &wanted)? {
+            Source::Folder(root) => root,
+            Source::File(path) => {
+                return Err(Error::WeightFiles {
+                    path,
+                    reason: "a file, not a diffusers SDXL folder (an SGM single file loads with \
+                             `Pipeline::from_pretrained` or `SingleFileCheckpoint`)"
+                        .into(),
+                });
+            }
+        };
+        Self::from_root(&root, options)
     }
 
-    /// As [`Self::from_pretrained`], reading the weights of a variant (`model.fp16.safetensors`).
-    ///
-    /// # Errors
-    /// As [`Self::from_pretrained`].
-    pub fn from_pretrained_variant(
-        root: impl AsRef<Path>,
-        variant: Option<&str>,
-        device: Device,
-        kind: Kind,
-    ) -> Result<(Self, [VarStore; 2])> {
-        let root = root.as_ref();
-        let (text_encoder, vs_1) = ClipTextModel::from_pretrained_variant(
-            root.join("text_encoder"),
-            variant,
-            device,
-            kind,
-        )?;
-        let (text_encoder_2, vs_2) = ClipTextModel::from_pretrained_variant(
-            root.join("text_encoder_2"),
-            variant,
-            device,
-            kind,
-        )?;
-        let mut encoder = Self::new(text_encoder, text_encoder_2)?;
-        encoder.load_tokenizers(root)?;
-        Ok((encoder, [vs_1, vs_2]))
+    /// Loads the encoders and tokenizers of the local SDXL folder `root`.
+    pub(crate) fn from_root(
+        root: &Path,
+        options: &LoadOptions,
+    ) -> Result<Loaded<Self, [VarStore; 2]>> {
+        let mut report = LoadReport::default();
+        let mut load = |subfolder: &str| -> Result<Loaded<ClipTextModel>> {
+            let folder = pick_folder(root, Some(subfolder), None)?;
+            let loaded = ClipTextModel::from_folder(&folder, options)?;
+            report.absorb(subfolder, loaded.report.clone());
+            Ok(loaded)
+        };
+        let first = load("text_encoder")?;
+        let second = load("text_encoder_2")?;
+        let mut model = Self::new(first.model, second.model)?;
+        model.load_tokenizers(root)?;
+        Ok(Loaded {
+            model,
+            store: [first.store, second.store],
+            report,
+        })
     }
 
     /// Replaces the shipped tokenizers with those of a diffusers SDXL folder's `tokenizer/` and

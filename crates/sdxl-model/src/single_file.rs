@@ -6,7 +6,7 @@
 //!
 //! The file carries no configs. diffusers' `from_single_file` infers SDXL base's (`xl_base`) for such a
 //! file, or takes a diffusers folder or repository with `config=`; [`SdxlConfigs`] is that choice.
-//! Each component is loaded on its own by its loader ([`crate::unet::load_unet`],
+//! Each component is loaded on its own by its loader ([`crate::unet::loading::load_unet`],
 //! [`crate::clip::single_file`], [`crate::vae::single_file`]), one tensor at a time in the model's
 //! element type; a component with a missing, unused or mis-shaped key under its prefix fails with
 //! [`crate::Error::Load`] naming the file and the keys. Keys outside the four components (EMA copies, the
@@ -26,7 +26,8 @@ use crate::clip::ClipTextConfig;
 use crate::clip::single_file::{BIG_G_PREFIX, CLIP_L_PREFIX};
 use crate::prompt::PromptEncoder;
 use crate::schedulers::SchedulerConfig;
-use crate::unet::{SGM_UNET_PREFIX, UNet2DConditionModel, UNetConfig, UNetWeights, load_unet};
+use crate::unet::loading::{UNetWeights, load_unet};
+use crate::unet::{SGM_UNET_PREFIX, UNet2DConditionModel, UNetConfig};
 use crate::vae::single_file::{VAE_PREFIX, load_vae};
 use crate::vae::{AutoencoderKL, AutoencoderKLConfig, Upcast};
 use crate::weights::TensorFile;
@@ -41,6 +42,7 @@ pub const COMPONENT_PREFIXES: [(&str, &str); 4] = [
 
 /// The configs of the four components and the scheduler, which a single file does not carry.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct SdxlConfigs {
     /// The UNet's.
     pub unet: UNetConfig,
@@ -94,6 +96,7 @@ impl SdxlConfigs {
 
 /// The marker keys of community v-prediction checkpoints (see the module documentation).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Markers {
     /// The file has a `v_pred` key: the model predicts v.
     pub v_pred: bool,

@@ -163,6 +163,7 @@ impl TensorFile {
 
 /// What loading a set of files into a model's variables found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LoadReport {
     /// Variables that received a tensor.
     pub loaded: usize,

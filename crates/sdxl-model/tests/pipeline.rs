@@ -200,10 +200,9 @@ fn tiled_decode_engages_above_one_tile_and_keeps_the_size() {
     let latents = io.tensor("latents", Device::Cpu, None).unwrap();
     let mut pipe = pipeline();
     let untiled = pipe.decode(&latents).unwrap();
-    pipe.set_vae_tiling(Some(VaeTiling {
-        sample_tile: Some(32),
-        overlap: 0.25,
-    }))
+    pipe.set_vae_tiling(Some(
+        VaeTiling::default().with_sample_tile(32).with_overlap(0.25),
+    ))
     .unwrap();
     let tiled = pipe.decode(&latents).unwrap();
     assert_eq!(tiled.chw.size(), untiled.chw.size());
@@ -217,10 +216,9 @@ fn tiled_decode_engages_above_one_tile_and_keeps_the_size() {
     // Tiled decoding itself equals diffusers' (tests/vae.rs); here: the pipeline uses it, so seams appear.
     assert!(mean_difference > 0.0);
     let error = pipe
-        .set_vae_tiling(Some(VaeTiling {
-            sample_tile: Some(30),
-            overlap: 0.25,
-        }))
+        .set_vae_tiling(Some(
+            VaeTiling::default().with_sample_tile(30).with_overlap(0.25),
+        ))
         .unwrap_err();
     assert!(matches!(error, Error::InvalidSetting { .. }), "{error}");
 }

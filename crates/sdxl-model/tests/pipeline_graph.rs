@@ -10,8 +10,9 @@ mod common;
 use common::fixture;
 use sdxl_model::Error;
 use sdxl_model::pipeline::{GenerateOptions, Pipeline};
+use sdxl_model::pretrained::LoadOptions;
 use sdxl_model::vae::Upcast;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 fn options(cuda_graph: bool, noise: &Tensor) -> GenerateOptions {
     GenerateOptions {
@@ -57,13 +58,12 @@ fn replayed_steps_give_the_eager_latents_on_cuda() {
         eprintln!("no CUDA device: the replay is checked on the GPU machine (docs/GPU.md)");
         return;
     }
-    let pipe = Pipeline::from_pretrained(
-        fixture("tiny-sdxl"),
-        Device::Cuda(0),
-        Kind::Float,
-        Upcast::Never,
-    )
-    .unwrap();
+    let load = LoadOptions::default()
+        .device(Device::Cuda(0))
+        .vae_upcast(Upcast::Never);
+    let pipe = Pipeline::from_pretrained(fixture("tiny-sdxl"), &load)
+        .unwrap()
+        .model;
     let noise = noise();
     let eager = pipe.latents(&options(false, &noise)).unwrap();
     let graphed = pipe.latents(&options(true, &noise)).unwrap();

@@ -1,5 +1,6 @@
-//! One way to load each model ([`UNet2DConditionModel::from_pretrained`] with [`LoadOptions`]) and
-//! the pipeline's component check when it is built, on the tiny SDXL fixtures.
+//! One way to load each model (`from_pretrained(name, &LoadOptions)` returning the load report) and
+//! the pipeline's component check when it is built, on the tiny SDXL fixtures. Loading by hub id is
+//! tested against a stand-in hub in `crates/trainer/tests/hub_model.rs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
@@ -13,7 +14,8 @@ use sdxl_model::pipeline::Pipeline;
 use sdxl_model::pretrained::LoadOptions;
 use sdxl_model::prompt::PromptEncoder;
 use sdxl_model::schedulers::SchedulerConfig;
-use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetWeights, load_unet};
+use sdxl_model::unet::loading::{UNetWeights, load_unet};
+use sdxl_model::unet::{UNet2DConditionModel, UNetConfig};
 use sdxl_model::vae::{AutoencoderKL, AutoencoderKLConfig, Upcast};
 use tch::nn::VarStore;
 use tch::{Device, Kind};
@@ -134,9 +136,7 @@ fn mismatched_components_are_refused_when_the_pipeline_is_built() {
     assert!(
         Pipeline::from_pretrained(
             fixture("tiny-sdxl"),
-            Device::Cpu,
-            Kind::Float,
-            Upcast::Never
+            &LoadOptions::default().vae_upcast(Upcast::Never)
         )
         .is_ok()
     );
@@ -158,4 +158,89 @@ fn mismatched_components_are_refused_when_the_pipeline_is_built() {
             && msg.contains("expected 4, got 8"),
         "{msg}"
     );
+}
+
+#[test]
+fn every_model_loads_with_its_report() {
+    let tiny = fixture("tiny-sdxl");
+    let options = LoadOptions::default();
+    let vae = AutoencoderKL::from_pretrained(&tiny, &options).unwrap();
+    assert!(vae.report.is_complete(), "{}", vae.report);
+    assert_eq!(vae.report.loaded, vae.store.variables().len());
+    // The VAE's own folder, and the model folder with the subfolder named, load the same weights.
+    let own = AutoencoderKL::from_pretrained(tiny.join("vae"), &options).unwrap();
+    assert_same_variables(&own.store, &vae.store);
+
+    let text_encoder_2 =
+        ClipTextModel::from_pretrained(&tiny, &options.clone().subfolder("text_encoder_2"))
+            .unwrap();
+    assert!(text_encoder_2.model.has_projection());
+    assert_eq!(
+        text_encoder_2.report.loaded,
+        text_encoder_2.store.variables().len()
+    );
+    // Two encoders in one SDXL folder: the subfolder must be named.
+    let msg = ClipTextModel::from_pretrained(&tiny, &options)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("subfolder"), "{msg}");
+
+    let prompt = PromptEncoder::from_pretrained(&tiny, &options).unwrap();
+    let [_, store_2] = &prompt.store;
+    assert_same_variables(store_2, &text_encoder_2.store);
+    assert!(
+        prompt
+            .report
+            .missing
+            .iter()
+            .chain(&prompt.report.unused)
+            .all(|k| k.starts_with("text_encoder")),
+        "{}",
+        prompt.report
+    );
+
+    let pipeline = Pipeline::from_pretrained(&tiny, &options).unwrap();
+    let stores: usize = pipeline.store.iter().map(|s| s.variables().len()).sum();
+    assert_eq!(pipeline.report.loaded, stores);
+    assert!(pipeline.report.is_complete(), "{}", pipeline.report);
+    let [_, _, unet_store, vae_store] = &pipeline.store;
+    assert_same_variables(vae_store, &vae.store);
+    let unet = UNet2DConditionModel::from_pretrained(&tiny, &options).unwrap();
+    assert_same_variables(unet_store, &unet.store);
+}
+
+#[test]
+fn a_local_path_that_does_not_exist_is_no_such_folder() {
+    let missing = std::env::temp_dir()
+        .join(format!("sdxl-no-such-model-{}", std::process::id()))
+        .join("stable-diffusion-xl-base-1.0");
+    let expected = format!("no such folder: {}", missing.display());
+    let options = LoadOptions::default();
+    let errors = [
+        UNet2DConditionModel::from_pretrained(&missing, &options).map(|_| ()),
+        AutoencoderKL::from_pretrained(&missing, &options).map(|_| ()),
+        ClipTextModel::from_pretrained(&missing, &options).map(|_| ()),
+        PromptEncoder::from_pretrained(&missing, &options).map(|_| ()),
+        Pipeline::from_pretrained(&missing, &options).map(|_| ()),
+        Pipeline::from_pretrained("./relative/model", &options).map(|_| ()),
+        // The configs of a single file, named by a path that does not exist.
+        UNet2DConditionModel::from_pretrained(
+            fixture("tiny-sdxl-unet-single-file.safetensors"),
+            &options.clone().single_file_config(&missing),
+        )
+        .map(|_| ()),
+    ];
+    for (i, result) in errors.into_iter().enumerate() {
+        match result {
+            Err(error @ Error::NoSuchFolder { .. }) => {
+                let message = error.to_string();
+                assert!(
+                    message == expected || (i == 5 && message.contains("./relative/model")),
+                    "{i}: {message}"
+                );
+            }
+            Err(other) => panic!("{i}: another error: {other}"),
+            Ok(()) => panic!("{i}: loaded from a path that does not exist"),
+        }
+    }
 }

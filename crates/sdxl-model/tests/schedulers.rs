@@ -171,16 +171,14 @@ fn step_updates_match_diffusers() {
             let mut scheduler = golden.scheduler(case);
             if name == "loop_eta" {
                 scheduler = Box::new(
-                    sdxl_model::schedulers::DdimScheduler::new(
-                        sdxl_model::schedulers::DdimConfig {
-                            eta: 0.6,
-                            ..sdxl_model::schedulers::DdimConfig::from_config(
-                                &SchedulerConfig::from_json(&golden.configs[case].to_string())
-                                    .unwrap(),
-                            )
-                            .unwrap()
-                        },
-                    )
+                    sdxl_model::schedulers::DdimScheduler::new({
+                        let mut config = sdxl_model::schedulers::DdimConfig::from_config(
+                            &SchedulerConfig::from_json(&golden.configs[case].to_string()).unwrap(),
+                        )
+                        .unwrap();
+                        config.eta = 0.6;
+                        config
+                    })
                     .unwrap(),
                 );
             }
@@ -293,9 +291,10 @@ fn ddpm_training_schedule_matches_diffusers() {
         check(&format!("DDPM {name} vs diffusers"), err, f32_bound(6.0));
     }
     let v_schedule = DdpmSchedule::new(
-        DdpmConfig {
-            prediction_type: PredictionType::VPrediction,
-            ..DdpmConfig::sdxl()
+        {
+            let mut config = DdpmConfig::sdxl();
+            config.prediction_type = PredictionType::VPrediction;
+            config
         },
         Device::Cpu,
     )

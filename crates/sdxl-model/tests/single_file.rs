@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 
 use common::fixture;
 use sdxl_model::pipeline::Pipeline;
+use sdxl_model::pretrained::LoadOptions;
 use sdxl_model::prompt::PromptEncoder;
 use sdxl_model::single_file::{Markers, SdxlConfigs, SingleFileCheckpoint};
-use sdxl_model::unet::{UNetConfig, UNetWeights, load_unet};
+use sdxl_model::unet::UNet2DConditionModel;
 use sdxl_model::vae::{AutoencoderKL, Upcast};
 use sdxl_model::weights::TensorFile;
 use tch::nn::VarStore;
@@ -26,13 +27,10 @@ fn checkpoint(path: &Path) -> SingleFileCheckpoint {
 }
 
 fn folder_unet(kind: Kind) -> VarStore {
-    let folder = fixture("tiny-sdxl").join("unet");
-    let config = UNetConfig::from_file(folder.join("config.json")).unwrap();
-    let weights = UNetWeights::Diffusers {
-        folder,
-        variant: None,
-    };
-    load_unet(&config, &weights, Device::Cpu, kind).unwrap().0
+    let options = LoadOptions::default().kind(kind);
+    UNet2DConditionModel::from_pretrained(fixture("tiny-sdxl"), &options)
+        .unwrap()
+        .store
 }
 
 /// Every variable of `a` equals `b`'s of the same name, after `round` (a cast to a kind and back).
@@ -84,35 +82,49 @@ fn every_component_equals_the_diffusers_folder() {
     let (_, [te1, te2]) = single
         .load_prompt_encoder(Device::Cpu, Kind::Float)
         .unwrap();
-    let (_, [folder_te1, folder_te2]) =
-        PromptEncoder::from_pretrained(fixture("tiny-sdxl"), Device::Cpu, Kind::Float).unwrap();
+    let [folder_te1, folder_te2] =
+        PromptEncoder::from_pretrained(fixture("tiny-sdxl"), &LoadOptions::default())
+            .unwrap()
+            .store;
     assert_same("text_encoder", &te1, &folder_te1, None);
     assert_same("text_encoder_2", &te2, &folder_te2, None);
     // In bf16 (built in bf16, each tensor converted on its own): the folder's encoders cast to bf16.
     let (_, [te1, te2]) = single
         .load_prompt_encoder(Device::Cpu, Kind::BFloat16)
         .unwrap();
-    let (_, [folder_te1, folder_te2]) =
-        PromptEncoder::from_pretrained(fixture("tiny-sdxl"), Device::Cpu, Kind::BFloat16).unwrap();
+    let bf16 = LoadOptions::default().kind(Kind::BFloat16);
+    let [folder_te1, folder_te2] = PromptEncoder::from_pretrained(fixture("tiny-sdxl"), &bf16)
+        .unwrap()
+        .store;
     assert_same("text_encoder bf16", &te1, &folder_te1, None);
     assert_same("text_encoder_2 bf16", &te2, &folder_te2, None);
 
     let (_, vae) = single
         .load_vae(Device::Cpu, Kind::Float, Upcast::Never)
         .unwrap();
-    let (_, folder_vae) = AutoencoderKL::from_pretrained(
-        fixture("tiny-sdxl").join("vae"),
-        Device::Cpu,
-        Kind::Float,
-        Upcast::Never,
-    )
-    .unwrap();
+    let never = LoadOptions::default().vae_upcast(Upcast::Never);
+    let folder_vae = AutoencoderKL::from_pretrained(fixture("tiny-sdxl").join("vae"), &never)
+        .unwrap()
+        .store;
     assert_same("vae", &vae, &folder_vae, None);
 
     // The whole pipeline loads from the file too, with the config folder's scheduler (SDXL's here).
-    let pipeline =
-        Pipeline::from_single_file(&single, Device::Cpu, Kind::Float, Upcast::Never).unwrap();
-    assert_eq!(pipeline.scheduler_config, single.configs().scheduler);
+    let pipeline = Pipeline::from_pretrained(
+        single.path(),
+        &never.clone().single_file_config(fixture("tiny-sdxl")),
+    )
+    .unwrap();
+    assert_eq!(pipeline.model.scheduler_config, single.configs().scheduler);
+    assert_eq!(
+        pipeline.report.loaded,
+        pipeline
+            .store
+            .iter()
+            .map(|s| s.variables().len())
+            .sum::<usize>()
+    );
+    let [.., pipeline_vae] = &pipeline.store;
+    assert_same("pipeline vae", pipeline_vae, &folder_vae, None);
 }
 
 #[test]
@@ -191,13 +203,8 @@ fn v_prediction_markers_and_other_keys_are_reported() {
         tensors
     });
     let single = checkpoint(&path);
-    assert_eq!(
-        single.markers().unwrap(),
-        Markers {
-            v_pred: true,
-            ztsnr: true
-        }
-    );
+    let markers = single.markers().unwrap();
+    assert!(markers.v_pred && markers.ztsnr, "{markers:?}");
     assert_eq!(
         single.other_keys().unwrap(),
         ["model_ema.decay", "v_pred", "ztsnr"]

@@ -15,6 +15,7 @@ use lora::HasLinears;
 use sdxl_model::Error;
 use sdxl_model::clip::single_file::{load_clip_l, load_open_clip_big_g};
 use sdxl_model::clip::{ClipTextConfig, ClipTextModel};
+use sdxl_model::pretrained::LoadOptions;
 use sdxl_model::prompt::{PromptEncoder, add_time_ids, add_time_ids_tensor};
 use sdxl_model::tokenizer::ClipTokenizer;
 use tch::{Device, Kind, Tensor};
@@ -32,11 +33,10 @@ fn strings(meta: &HashMap<String, String>, key: &str) -> Vec<String> {
 fn encoder(name: &str) -> ClipTextModel {
     ClipTextModel::from_pretrained(
         fixture(format!("tiny-sdxl/{name}")),
-        Device::Cpu,
-        Kind::Float,
+        &LoadOptions::default(),
     )
     .unwrap()
-    .0
+    .model
 }
 
 #[test]
@@ -98,8 +98,9 @@ fn single_file_layout_gives_the_same_outputs() {
     let (from_file, _stores) =
         PromptEncoder::from_single_file(&file, [&config_1, &config_2], Device::Cpu, Kind::Float)
             .unwrap();
-    let (from_folders, _stores) =
-        PromptEncoder::from_pretrained(&root, Device::Cpu, Kind::Float).unwrap();
+    let from_folders = PromptEncoder::from_pretrained(&root, &LoadOptions::default())
+        .unwrap()
+        .model;
     tch::no_grad(|| {
         let (a, b) = (
             from_folders.encode(&["a red fox"], None, None).unwrap(),
@@ -193,8 +194,9 @@ fn encode_prompt_matches_diffusers() {
             .unwrap();
     let list = |key: &str| -> Vec<String> { serde_json::from_value(inputs[key].clone()).unwrap() };
     let (prompts, negatives) = (list("prompts"), list("negative_prompts"));
-    let (encoder, _stores) =
-        PromptEncoder::from_pretrained(fixture("tiny-sdxl"), Device::Cpu, Kind::Float).unwrap();
+    let encoder = PromptEncoder::from_pretrained(fixture("tiny-sdxl"), &LoadOptions::default())
+        .unwrap()
+        .model;
     tch::no_grad(|| {
         let (positive, zero) = encoder.encode_with_negative(&prompts, None).unwrap();
         let (_, negative) = encoder

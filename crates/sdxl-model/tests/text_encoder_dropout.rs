@@ -19,18 +19,18 @@ use tch::{Device, Kind, Tensor};
 use torch_cuda::rng::Generator;
 
 fn tiny(with_projection: bool) -> (VarStore, ClipTextModel) {
-    let config = ClipTextConfig {
-        vocab_size: 50,
-        hidden_size: 8,
-        intermediate_size: 12,
-        num_hidden_layers: 3,
-        num_attention_heads: 2,
-        max_position_embeddings: 6,
-        hidden_act: Activation::Gelu,
-        layer_norm_eps: 1e-5,
-        projection_dim: 5,
-        eos_token_id: 2,
-    };
+    // A non-exhaustive config: CLIP-L's, every field then set.
+    let mut config = ClipTextConfig::clip_l();
+    config.vocab_size = 50;
+    config.hidden_size = 8;
+    config.intermediate_size = 12;
+    config.num_hidden_layers = 3;
+    config.num_attention_heads = 2;
+    config.max_position_embeddings = 6;
+    config.hidden_act = Activation::Gelu;
+    config.layer_norm_eps = 1e-5;
+    config.projection_dim = 5;
+    config.eos_token_id = 2;
     let mut vs = VarStore::new(Device::Cpu);
     let model = ClipTextModel::new(&vs.root(), &config, with_projection).unwrap();
     vs.double();

@@ -10,6 +10,7 @@ mod common;
 use common::fixture;
 
 use sdxl_model::Error;
+use sdxl_model::pretrained::LoadOptions;
 use sdxl_model::prompt::PromptEncoder;
 use sdxl_model::tokenizer::{ClipTokenizer, Padding};
 use sdxl_model::weights::TensorFile;
@@ -102,7 +103,7 @@ fn a_model_folder_with_added_tokens_needs_their_embedding_rows() {
     ] {
         std::os::unix::fs::symlink(fixture(from), root.join(name)).unwrap();
     }
-    let err = PromptEncoder::from_pretrained(&root, Device::Cpu, Kind::Float).unwrap_err();
+    let err = PromptEncoder::from_pretrained(&root, &LoadOptions::default()).unwrap_err();
     let msg = err.to_string();
     assert!(
         matches!(err, Error::Incompatible { .. })

@@ -11,9 +11,9 @@ use common::fixture;
 use std::collections::{BTreeMap, BTreeSet};
 
 use lora::format::BlockRenames;
+use sdxl_model::unet::loading::{UNetWeights, load_unet};
 use sdxl_model::unet::{
-    SGM_UNET_PREFIX, UNet2DConditionModel, UNetConfig, UNetInputs, UNetWeights, load_unet,
-    sgm_unet_table, to_sgm,
+    SGM_UNET_PREFIX, UNet2DConditionModel, UNetConfig, UNetInputs, sgm_unet_table, to_sgm,
 };
 use sdxl_model::weights::TensorFile;
 use tch::nn::VarStore;

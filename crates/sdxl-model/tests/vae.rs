@@ -10,18 +10,15 @@ use common::{fixture, get, golden, rel};
 use test_support::{F32_UNIT_ROUNDOFF, check, f32_bound};
 
 use sdxl_model::Error;
+use sdxl_model::pretrained::LoadOptions;
 use sdxl_model::vae::{AutoencoderKL, AutoencoderKLConfig, Upcast, VaeTiling};
 use tch::{Device, Kind, Tensor};
 
 fn tiny_vae() -> AutoencoderKL {
-    let (vae, _vs) = AutoencoderKL::from_pretrained(
-        fixture("tiny-sdxl/vae"),
-        Device::Cpu,
-        Kind::Float,
-        Upcast::Never,
-    )
-    .unwrap();
-    vae
+    let options = LoadOptions::default().vae_upcast(Upcast::Never);
+    AutoencoderKL::from_pretrained(fixture("tiny-sdxl/vae"), &options)
+        .unwrap()
+        .model
 }
 
 #[test]
@@ -152,8 +149,10 @@ fn slicing_gives_the_batched_result() {
 fn upcast_keeps_fp32_weights_and_returns_the_callers_type() {
     let io = golden("tiny-sdxl-vae-io.safetensors");
     let dir = fixture("tiny-sdxl/vae");
-    let (vae, _vs) =
-        AutoencoderKL::from_pretrained(&dir, Device::Cpu, Kind::Half, Upcast::FromConfig).unwrap();
+    let half = LoadOptions::default()
+        .kind(Kind::Half)
+        .vae_upcast(Upcast::FromConfig);
+    let vae = AutoencoderKL::from_pretrained(&dir, &half).unwrap().model;
     assert_eq!(vae.weight_kind(), Kind::Float);
     let decoded = tch::no_grad(|| vae.decode(&get(&io, "latents").to_kind(Kind::Half))).unwrap();
     assert_eq!(decoded.kind(), Kind::Half);
@@ -164,9 +163,9 @@ fn upcast_keeps_fp32_weights_and_returns_the_callers_type() {
         rel(&decoded, &get(&io, "decoded")),
         20.0 * 2f64.powi(-11),
     );
-    let (plain, _vs) =
-        AutoencoderKL::from_pretrained(&dir, Device::Cpu, Kind::BFloat16, Upcast::FromConfig)
-            .unwrap();
+    let plain = AutoencoderKL::from_pretrained(&dir, &half.kind(Kind::BFloat16))
+        .unwrap()
+        .model;
     assert_eq!(plain.weight_kind(), Kind::BFloat16);
 }
 
@@ -212,14 +211,8 @@ fn bad_inputs_and_configs_are_errors_not_panics() {
 
     let mut tiled = tiny_vae();
     for bad in [
-        VaeTiling {
-            sample_tile: Some(30),
-            overlap: 0.25,
-        },
-        VaeTiling {
-            sample_tile: None,
-            overlap: 1.0,
-        },
+        VaeTiling::default().with_sample_tile(30).with_overlap(0.25),
+        VaeTiling::default().with_overlap(1.0),
     ] {
         assert!(
             matches!(

@@ -17,10 +17,11 @@ use tch::nn::VarStore;
 use tch::{Device, Kind};
 
 use sdxl_model::pipeline::Pipeline;
+use sdxl_model::pretrained::LoadOptions;
 use sdxl_model::prompt::PromptEncoder;
 use sdxl_model::schedulers::SchedulerConfig;
 use sdxl_model::single_file::{SdxlConfigs, SingleFileCheckpoint};
-use sdxl_model::unet::{UNet2DConditionModel, UNetConfig, UNetWeights, load_unet};
+use sdxl_model::unet::UNet2DConditionModel;
 use sdxl_model::vae::single_file::VAE_PREFIX;
 use sdxl_model::vae::{AutoencoderKL, Upcast};
 
@@ -60,13 +61,8 @@ impl ModelFolder {
         if let Some(checkpoint) = self.checkpoint()? {
             return Ok(checkpoint.load_unet(device, kind)?);
         }
-        let folder = self.root.join("unet");
-        let config = UNetConfig::from_file(folder.join("config.json"))?;
-        let weights = UNetWeights::Diffusers {
-            folder,
-            variant: self.variant.clone(),
-        };
-        Ok(load_unet(&config, &weights, device, kind)?)
+        let unet = UNet2DConditionModel::from_pretrained(&self.root, &self.options(device, kind))?;
+        Ok((unet.store, unet.model))
     }
 
     /// Both text encoders in `kind` on `device`.
@@ -80,12 +76,11 @@ impl ModelFolder {
     ) -> Result<(PromptEncoder, [VarStore; 2])> {
         Ok(match self.checkpoint()? {
             Some(checkpoint) => checkpoint.load_prompt_encoder(device, kind)?,
-            None => PromptEncoder::from_pretrained_variant(
-                &self.root,
-                self.variant.as_deref(),
-                device,
-                kind,
-            )?,
+            None => {
+                let loaded =
+                    PromptEncoder::from_pretrained(&self.root, &self.options(device, kind))?;
+                (loaded.model, loaded.store)
+            }
         })
     }
 
@@ -101,13 +96,11 @@ impl ModelFolder {
     ) -> Result<(AutoencoderKL, VarStore)> {
         Ok(match self.checkpoint()? {
             Some(checkpoint) => checkpoint.load_vae(device, kind, upcast)?,
-            None => AutoencoderKL::from_pretrained_variant(
-                self.root.join("vae"),
-                self.variant.as_deref(),
-                device,
-                kind,
-                upcast,
-            )?,
+            None => {
+                let options = self.options(device, kind).vae_upcast(upcast);
+                let loaded = AutoencoderKL::from_pretrained(&self.root, &options)?;
+                (loaded.model, loaded.store)
+            }
         })
     }
 
@@ -116,16 +109,26 @@ impl ModelFolder {
     /// # Errors
     /// Loading errors naming the file and keys.
     pub fn pipeline(&self, device: Device, kind: Kind, upcast: Upcast) -> Result<Pipeline> {
-        Ok(match self.checkpoint()? {
-            Some(checkpoint) => Pipeline::from_single_file(&checkpoint, device, kind, upcast)?,
-            None => Pipeline::from_pretrained_variant(
-                &self.root,
-                self.variant.as_deref(),
-                device,
-                kind,
-                upcast,
-            )?,
-        })
+        let mut options = self.options(device, kind).vae_upcast(upcast);
+        let path = match &self.single_file {
+            Some(single) => {
+                if let Some(folder) = &single.config_folder {
+                    options = options.single_file_config(folder);
+                }
+                &single.path
+            }
+            None => &self.root,
+        };
+        Ok(Pipeline::from_pretrained(path, &options)?.model)
+    }
+
+    /// The load options of this model's diffusers folder: its variant, on `device` in `kind`.
+    fn options(&self, device: Device, kind: Kind) -> LoadOptions {
+        let options = LoadOptions::default().device(device).kind(kind);
+        match &self.variant {
+            Some(variant) => options.variant(variant),
+            None => options,
+        }
     }
 
     /// The model's scheduler config: the folder's (or `--single_file_config`'s)

@@ -8,7 +8,8 @@
 //! loads with the real loaders and holds the chosen variant, that a second resolve reads the cache,
 //! that a new commit on `main` is fetched into its own snapshot, that with the server gone the
 //! cached folders are found (online, as huggingface_hub falls back, and with `HF_HUB_OFFLINE=1`),
-//! and that unknown repositories give [`trainer::Error::Hub`] naming them.
+//! that unknown repositories give [`trainer::Error::Hub`] naming them, and that the models'
+//! `from_pretrained` given a repository id fetch only their own files.
 //!
 //! One test in this binary: it sets process environment variables.
 
@@ -23,9 +24,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use sdxl_model::clip::ClipTextModel;
 use sdxl_model::pipeline::Pipeline;
+use sdxl_model::pretrained::LoadOptions;
 use sdxl_model::prompt::PromptEncoder;
-use sdxl_model::unet::{UNetConfig, UNetWeights, load_unet};
+use sdxl_model::unet::UNet2DConditionModel;
 use sdxl_model::vae::{AutoencoderKL, Upcast};
 use tch::{Device, Kind, Tensor};
 use trainer::model_files::{ModelFolder, SingleFileModel, resolve, resolve_model};
@@ -45,6 +48,9 @@ const SINGLE_FILE: &str = "checkpoints/tiny.safetensors";
 /// A diffusers repository read for its configs only (`--single_file_config`).
 const CONFIG_REPO: &str = "stand-in/tiny-sdxl-configs";
 const CONFIG_COMMIT: &str = "5555555555555555555555555555555555555555";
+/// A diffusers SDXL repository (with `fp16` files) whose models are loaded one at a time by id.
+const COMPONENT_REPO: &str = "stand-in/tiny-sdxl-components";
+const COMPONENT_COMMIT: &str = "6666666666666666666666666666666666666666";
 
 /// The components of the fixture and their plain weight file names.
 const COMPONENTS: [(&str, &str); 4] = [
@@ -445,27 +451,22 @@ fn assert_holds_fp16_of(vs: &tch::nn::VarStore, plain_file: &Path) {
 
 /// Loads the variant folder with the training loaders and checks each component holds the fp16 weights.
 fn load_variant_folder(folder: &ModelFolder) {
-    let variant = folder.variant.as_deref();
-    let (_prompt_encoder, [vs_1, vs_2]) =
-        PromptEncoder::from_pretrained_variant(&folder.root, variant, Device::Cpu, Kind::Float)
-            .unwrap();
+    let mut options = LoadOptions::default().vae_upcast(Upcast::Never);
+    if let Some(variant) = &folder.variant {
+        options = options.variant(variant);
+    }
+    let [vs_1, vs_2] = PromptEncoder::from_pretrained(&folder.root, &options)
+        .unwrap()
+        .store;
     assert_holds_fp16_of(&vs_1, &fixture("text_encoder/model.safetensors"));
     assert_holds_fp16_of(&vs_2, &fixture("text_encoder_2/model.safetensors"));
-    let (_vae, vs_vae) = AutoencoderKL::from_pretrained_variant(
-        folder.root.join("vae"),
-        variant,
-        Device::Cpu,
-        Kind::Float,
-        Upcast::Never,
-    )
-    .unwrap();
+    let vs_vae = AutoencoderKL::from_pretrained(&folder.root, &options)
+        .unwrap()
+        .store;
     assert_holds_fp16_of(&vs_vae, &fixture("vae/diffusion_pytorch_model.safetensors"));
-    let config = UNetConfig::from_file(folder.root.join("unet/config.json")).unwrap();
-    let weights = UNetWeights::Diffusers {
-        folder: folder.root.join("unet"),
-        variant: folder.variant.clone(),
-    };
-    let (vs_unet, _unet) = load_unet(&config, &weights, Device::Cpu, Kind::Float).unwrap();
+    let vs_unet = UNet2DConditionModel::from_pretrained(&folder.root, &options)
+        .unwrap()
+        .store;
     assert_holds_fp16_of(
         &vs_unet,
         &fixture("unet/diffusion_pytorch_model.safetensors"),
@@ -568,9 +569,9 @@ fn download_load_cache_and_resolve_offline() {
         std::fs::read(plain.root.join("unet/diffusion_pytorch_model.safetensors")).unwrap(),
         plain_unet
     );
-    let pipeline =
-        Pipeline::from_pretrained(&plain.root, Device::Cpu, Kind::Float, Upcast::FromConfig)
-            .unwrap();
+    let pipeline = Pipeline::from_pretrained(&plain.root, &LoadOptions::default())
+        .unwrap()
+        .model;
     assert_eq!(
         pipeline.scheduler_config.timestep_spacing.as_deref(),
         Some("trailing")
@@ -617,9 +618,9 @@ fn download_load_cache_and_resolve_offline() {
         }
     );
     assert_eq!(hub.resolved_files(PLAIN_REPO, before), needed_files(None));
-    let pipeline =
-        Pipeline::from_pretrained(&moved.root, Device::Cpu, Kind::Float, Upcast::FromConfig)
-            .unwrap();
+    let pipeline = Pipeline::from_pretrained(&moved.root, &LoadOptions::default())
+        .unwrap()
+        .model;
     assert_eq!(
         pipeline.scheduler_config.timestep_spacing.as_deref(),
         Some("leading")
@@ -630,6 +631,9 @@ fn download_load_cache_and_resolve_offline() {
 
     // 4b. A single file named by its hub URL, its configs from a repository read for them alone.
     let single = single_file_from_the_hub(&hub, &scratch.0, &snapshot);
+
+    // 4c. One model by its repository id, as the models' `from_pretrained` take it.
+    components_by_repository_id(&hub, &scratch.0, &snapshot);
 
     // 5. A repo the hub does not know.
     expect_hub_error(resolve(ABSENT_REPO, "main", Some("fp16")), ABSENT_REPO);
@@ -663,6 +667,105 @@ fn download_load_cache_and_resolve_offline() {
     assert_eq!(resolve_model(&single_file_config()).unwrap(), single);
     assert_eq!(hub.requests().len(), requests_at_shutdown);
     load_variant_folder(&resolve(VARIANT_REPO, "main", Some("fp16")).unwrap());
+}
+
+/// Publishes an SDXL repository with `fp16` files and loads its models by id with
+/// `from_pretrained`: each fetches only its own `config.json` and weights (of the variant asked
+/// for), into the commit's snapshot; a variant the repository lacks, a text encoder without its
+/// subfolder and a local-looking path that does not exist are errors naming what is missing.
+fn components_by_repository_id(
+    hub: &FakeHub,
+    scratch: &Path,
+    snapshot: &dyn Fn(&str, &str) -> PathBuf,
+) {
+    let mut files = sdxl_repo_files(true, scratch);
+    // The repository's UNet has the fp16 weights only: the plain ones must not be needed.
+    files.retain(|(name, _)| name != "unet/diffusion_pytorch_model.safetensors");
+    hub.publish(HubRepo {
+        id: COMPONENT_REPO,
+        commit: COMPONENT_COMMIT,
+        files,
+    });
+    let fp16 = LoadOptions::default()
+        .variant("fp16")
+        .vae_upcast(Upcast::Never);
+    let fetched = |since| hub.resolved_files(COMPONENT_REPO, since);
+    let names = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| (*n).to_owned())
+            .collect::<BTreeSet<_>>()
+    };
+
+    let before = hub.requests().len();
+    let vae = AutoencoderKL::from_pretrained(COMPONENT_REPO, &fp16).unwrap();
+    assert!(vae.report.is_complete(), "{}", vae.report);
+    assert_holds_fp16_of(
+        &vae.store,
+        &fixture("vae/diffusion_pytorch_model.safetensors"),
+    );
+    assert_eq!(
+        fetched(before),
+        names(&[
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.fp16.safetensors"
+        ])
+    );
+    let root = snapshot(COMPONENT_REPO, COMPONENT_COMMIT);
+    assert!(!root.join("unet").exists() && !root.join("text_encoder").exists());
+
+    let before = hub.requests().len();
+    let unet = UNet2DConditionModel::from_pretrained(COMPONENT_REPO, &fp16).unwrap();
+    assert_holds_fp16_of(
+        &unet.store,
+        &fixture("unet/diffusion_pytorch_model.safetensors"),
+    );
+    assert_eq!(
+        fetched(before),
+        names(&[
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.fp16.safetensors"
+        ])
+    );
+
+    let before = hub.requests().len();
+    let encoder =
+        ClipTextModel::from_pretrained(COMPONENT_REPO, &fp16.clone().subfolder("text_encoder_2"))
+            .unwrap();
+    assert!(encoder.model.has_projection());
+    assert_holds_fp16_of(&encoder.store, &fixture("text_encoder_2/model.safetensors"));
+    assert_eq!(
+        fetched(before),
+        names(&[
+            "text_encoder_2/config.json",
+            "text_encoder_2/model.fp16.safetensors"
+        ])
+    );
+
+    // The UNet has no plain weights; a text encoder needs its subfolder named.
+    let message = UNet2DConditionModel::from_pretrained(COMPONENT_REPO, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains(COMPONENT_REPO)
+            && message.contains("unet/diffusion_pytorch_model.safetensors"),
+        "{message}"
+    );
+    let message = ClipTextModel::from_pretrained(COMPONENT_REPO, &fp16)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains(COMPONENT_REPO) && message.contains("config.json"),
+        "{message}"
+    );
+    // A path that cannot be a repository id is not asked for.
+    let before = hub.requests().len();
+    let missing = scratch.join("no-such-model");
+    let message = AutoencoderKL::from_pretrained(&missing, &fp16)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(message, format!("no such folder: {}", missing.display()));
+    assert_eq!(hub.requests().len(), before);
 }
 
 /// `--pretrained_model_name_or_path` as a hub file URL and `--single_file_config` as a repository.

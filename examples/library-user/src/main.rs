@@ -6,13 +6,13 @@ use std::error::Error;
 use std::path::Path;
 
 use sdxl_model::pipeline::{GenerateOptions, Pipeline};
-use sdxl_model::vae::Upcast;
-use tch::{Device, Kind};
+use sdxl_model::pretrained::LoadOptions;
 use trainer::{TrainConfig, Trainer};
 
 /// Loads a pipeline, generates an image, applies a LoRA and generates it again.
 fn generate(model: &Path, lora_file: &Path, out: &Path) -> Result<(), Box<dyn Error>> {
-    let mut pipe = Pipeline::from_pretrained(model, Device::Cpu, Kind::Float, Upcast::Never)?;
+    // The CPU in fp32 by default; a hub id such as "stabilityai/stable-diffusion-xl-base-1.0" works too.
+    let mut pipe = Pipeline::from_pretrained(model, &LoadOptions::default())?.model;
     let options = GenerateOptions {
         prompts: vec!["a watercolor painting of a fox in the snow".into()],
         steps: 2,

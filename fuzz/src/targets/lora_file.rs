@@ -9,19 +9,14 @@ use super::{Outcome, Runner, put, text};
 use lora::HasLinears;
 use lora::format::{ReadOptions, read, summary};
 use sdxl_model::pipeline::Pipeline;
-use sdxl_model::vae::Upcast;
-use tch::{Device, Kind};
+use sdxl_model::pretrained::LoadOptions;
 
 const ADAPTER: &str = "fuzz";
 
 pub(super) fn runner(fixtures: &Path, work: &Path) -> Result<Runner, String> {
-    let mut pipe = Pipeline::from_pretrained(
-        fixtures.join("tiny-sdxl"),
-        Device::Cpu,
-        Kind::Float,
-        Upcast::FromConfig,
-    )
-    .map_err(text)?;
+    let mut pipe = Pipeline::from_pretrained(fixtures.join("tiny-sdxl"), &LoadOptions::default())
+        .map_err(text)?
+        .model;
     let names = pipe.lora_module_names();
     let work = work.to_owned();
     Ok(Box::new(move |data: &[u8]| -> Outcome {

@@ -17,6 +17,7 @@ use serde::Deserialize;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 
+use crate::pretrained::{LoadOptions, Loaded, model_folder, with_variant};
 use crate::weights::{TensorFile, load_into};
 use crate::{Error, Result};
 
@@ -33,6 +34,7 @@ pub enum Activation {
 /// A transformers `CLIPTextConfig` (`text_encoder*/config.json`), field names as there. Unknown keys
 /// are ignored.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[non_exhaustive]
 pub struct ClipTextConfig {
     /// Token vocabulary size (49408).
     pub vocab_size: i64,
@@ -318,50 +320,51 @@ impl ClipTextModel {
         })
     }
 
-    /// Loads a transformers folder (`config.json`, `model.safetensors`) onto `device` in `kind`.
-    /// Builds the projection when the file has `text_projection.weight`. Accepts both the hub's keys
-    /// (`text_model.…`) and the prefix-less keys transformers 5 writes for `CLIPTextModel`.
+    /// Loads a text encoder as transformers' `CLIPTextModel(WithProjection).from_pretrained` does:
+    /// `name` is a transformers folder (`config.json`, `model.safetensors` or the file of
+    /// [`LoadOptions::variant`]), or a hub repository id of one, whose files alone are fetched (see
+    /// [`crate::pretrained`]); in an SDXL folder or repository name the encoder with
+    /// [`LoadOptions::subfolder`] (`text_encoder` or `text_encoder_2`). The weights go to
+    /// [`LoadOptions::device`] in [`LoadOptions::kind`]. Builds the projection when the file has
+    /// `text_projection.weight`. Accepts both the hub's keys (`text_model.…`) and the prefix-less keys
+    /// transformers 5 writes for `CLIPTextModel`.
     ///
     /// # Errors
-    /// File and config errors; [`Error::Load`] unless the file matches the model one to one.
-    pub fn from_pretrained(
-        folder: impl AsRef<Path>,
-        device: Device,
-        kind: Kind,
-    ) -> Result<(Self, nn::VarStore)> {
-        Self::from_pretrained_variant(folder, None, device, kind)
+    /// [`Error::NoSuchFolder`], [`Error::Hub`], [`Error::WeightFiles`] naming the folder or
+    /// repository; file and config errors; [`Error::Load`] unless the file matches the model one
+    /// to one.
+    pub fn from_pretrained(name: impl AsRef<Path>, options: &LoadOptions) -> Result<Loaded<Self>> {
+        const WEIGHTS: &str = "model.safetensors";
+        let folder = model_folder(name.as_ref(), options, None, WEIGHTS)?;
+        Self::from_folder(&folder, options)
     }
 
-    /// As [`Self::from_pretrained`], reading the weights of a variant (`model.fp16.safetensors` for
-    /// `Some("fp16")`) as diffusers' `variant=` does.
-    ///
-    /// # Errors
-    /// As [`Self::from_pretrained`].
-    pub fn from_pretrained_variant(
-        folder: impl AsRef<Path>,
-        variant: Option<&str>,
-        device: Device,
-        kind: Kind,
-    ) -> Result<(Self, nn::VarStore)> {
-        let folder = folder.as_ref();
+    /// Loads the encoder of `folder`, which holds its `config.json`.
+    pub(crate) fn from_folder(folder: &Path, options: &LoadOptions) -> Result<Loaded<Self>> {
         let config = ClipTextConfig::from_file(folder.join("config.json"))?;
-        let file =
-            TensorFile::open(folder.join(crate::unet::with_variant("model.safetensors", variant)))?;
+        let file = TensorFile::open(folder.join(with_variant(
+            "model.safetensors",
+            options.variant.as_deref(),
+        )))?;
         let keys = file.keys()?;
         let has = |key: &str| keys.binary_search_by(|k| k.as_str().cmp(key)).is_ok();
         let strip_prefix = !has("text_model.embeddings.token_embedding.weight")
             && has("embeddings.token_embedding.weight");
-        let mut vs = nn::VarStore::new(device);
-        let model = Self::new(&vs.root(), &config, has("text_projection.weight"))?;
-        load_into(&vs, &[file], |name| {
+        let mut store = nn::VarStore::new(options.device);
+        let model = Self::new(&store.root(), &config, has("text_projection.weight"))?;
+        let report = load_into(&store, &[file], |name| {
             if strip_prefix {
                 name.strip_prefix("text_model.").unwrap_or(name).to_owned()
             } else {
                 name.to_owned()
             }
         })?;
-        vs.set_kind(kind);
-        Ok((model, vs))
+        store.set_kind(options.kind);
+        Ok(Loaded {
+            model,
+            store,
+            report,
+        })
     }
 
     /// The config the model was built from.

@@ -18,6 +18,7 @@ use crate::{Error, Result};
 /// Keys of other schedulers are accepted and ignored, as diffusers does, so SDXL's file (written for
 /// `EulerDiscreteScheduler`, with legacy DDIM/PNDM keys) configures every scheduler here.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[non_exhaustive]
 #[allow(missing_docs)] // the fields are diffusers' keys; each scheduler's config documents their meaning
 pub struct SchedulerConfig {
     #[serde(rename = "_class_name")]
@@ -202,6 +203,7 @@ pub enum BetaSchedule {
 
 /// The training noise schedule: the part of the config every scheduler shares.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct BetaConfig {
     /// Number of diffusion steps the model was trained with (1000 for SDXL).
     pub num_train_timesteps: usize,

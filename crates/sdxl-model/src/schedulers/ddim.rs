@@ -10,6 +10,7 @@ use crate::Result;
 
 /// The settings of [`DdimScheduler`] (dynamic thresholding is not implemented).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct DdimConfig {
     /// The training noise schedule.
     pub betas: BetaConfig,

@@ -14,6 +14,7 @@ use crate::{Error, Result};
 
 /// The settings of [`DdpmSchedule`]: the training betas and what the model predicts.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct DdpmConfig {
     /// The training noise schedule.
     pub betas: BetaConfig,

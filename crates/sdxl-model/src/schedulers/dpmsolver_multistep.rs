@@ -24,6 +24,7 @@ pub enum SolverType {
 /// The settings of [`DpmSolverMultistepScheduler`] (only the deterministic "dpmsolver++" algorithm;
 /// thresholding, Lu lambdas and exponential, beta or flow sigmas are not implemented).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct DpmSolverMultistepConfig {
     /// The training noise schedule.
     pub betas: BetaConfig,

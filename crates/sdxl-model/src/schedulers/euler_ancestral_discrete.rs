@@ -14,6 +14,7 @@ use crate::Result;
 
 /// The settings of [`EulerAncestralDiscreteScheduler`].
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct EulerAncestralDiscreteConfig {
     /// The training noise schedule.
     pub betas: BetaConfig,

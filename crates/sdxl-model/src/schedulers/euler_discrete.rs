@@ -16,6 +16,7 @@ use crate::Result;
 /// The settings of [`EulerDiscreteScheduler`] (diffusers' constructor arguments, minus the ones not
 /// implemented here: exponential and beta sigmas, "log_linear" interpolation, continuous timesteps).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct EulerDiscreteConfig {
     /// The training noise schedule.
     pub betas: BetaConfig,

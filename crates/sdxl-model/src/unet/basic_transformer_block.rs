@@ -17,13 +17,13 @@ use crate::attention::{AttentionBackend, attention};
 #[derive(Debug)]
 pub struct Attention {
     /// `to_q`: query projection.
-    pub to_q: Linear,
+    pub(crate) to_q: Linear,
     /// `to_k`: key projection, from the context width.
-    pub to_k: Linear,
+    pub(crate) to_k: Linear,
     /// `to_v`: value projection, from the context width.
-    pub to_v: Linear,
+    pub(crate) to_v: Linear,
     /// `to_out.0`: output projection.
-    pub to_out: Linear,
+    pub(crate) to_out: Linear,
     heads: i64,
 }
 
@@ -111,9 +111,9 @@ impl Attention {
 #[derive(Debug)]
 pub struct FeedForward {
     /// `net.0.proj`: `dim → 2 · 4·dim`, the value and gate halves side by side.
-    pub proj: Linear,
+    pub(crate) proj: Linear,
     /// `net.2`: `4·dim → dim`.
-    pub out: Linear,
+    pub(crate) out: Linear,
 }
 
 impl FeedForward {
@@ -143,13 +143,13 @@ impl Module for FeedForward {
 pub struct BasicTransformerBlock {
     norm1: nn::LayerNorm,
     /// `attn1`: self-attention.
-    pub attn1: Attention,
+    pub(crate) attn1: Attention,
     norm2: nn::LayerNorm,
     /// `attn2`: cross-attention to the text states.
-    pub attn2: Attention,
+    pub(crate) attn2: Attention,
     norm3: nn::LayerNorm,
     /// `ff`: the GEGLU feed-forward.
-    pub ff: FeedForward,
+    pub(crate) ff: FeedForward,
 }
 
 impl BasicTransformerBlock {

@@ -37,6 +37,7 @@ impl<T: Clone> PerLevel<T> {
 /// `unet/config.json` of a diffusers `UNet2DConditionModel`, key for key. Absent keys take diffusers'
 /// defaults; keys this crate does not read (such as `_class_name`) are ignored.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[non_exhaustive]
 #[serde(default)]
 #[allow(missing_docs)] // the fields are diffusers' config keys; their meaning is diffusers' documentation
 pub struct UNetConfigJson {
@@ -176,6 +177,7 @@ pub enum UpBlockKind {
 /// The `text_time` additional conditioning of SDXL: pooled text embeddings plus sinusoidal embeddings
 /// of the six micro-conditioning numbers (`add_time_proj`, `add_embedding`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TextTimeConfig {
     /// Width of the sinusoidal embedding of each time id (`addition_time_embed_dim`).
     pub time_embed_dim: i64,
@@ -199,6 +201,7 @@ pub struct Level {
 
 /// A validated UNet configuration, the input of [`super::UNet2DConditionModel::new`].
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct UNetConfig {
     /// Channels of the noisy latent.
     pub in_channels: i64,

@@ -39,9 +39,9 @@ pub fn timestep_embedding(
 #[derive(Debug)]
 pub struct TimestepEmbedding {
     /// `linear_1`.
-    pub linear_1: Linear,
+    pub(crate) linear_1: Linear,
     /// `linear_2`.
-    pub linear_2: Linear,
+    pub(crate) linear_2: Linear,
 }
 
 impl TimestepEmbedding {

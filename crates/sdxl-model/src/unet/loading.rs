@@ -16,7 +16,7 @@ use tch::{Device, Kind};
 use super::config::UNetConfig;
 use super::sgm::{SGM_UNET_PREFIX, sgm_unet_table, to_sgm};
 use super::unet_2d_condition::UNet2DConditionModel;
-use crate::pretrained::{LoadOptions, Loaded};
+use crate::pretrained::{LoadOptions, Loaded, Source, locate, pick_folder, with_variant};
 use crate::weights::{LoadReport, TensorFile, load_into};
 use crate::{Error, Result};
 
@@ -33,15 +33,6 @@ pub enum UNetWeights {
     },
     /// An SGM / A1111 single-file checkpoint; only its `model.diffusion_model.*` tensors are read.
     SingleFile(PathBuf),
-}
-
-/// The diffusers file name `diffusion_pytorch_model.safetensors` or its index, with `variant` inserted
-/// before the last extension as diffusers does (`….fp16.safetensors`, `….safetensors.index.fp16.json`).
-pub fn with_variant(name: &str, variant: Option<&str>) -> String {
-    match (variant, name.rsplit_once('.')) {
-        (Some(v), Some((stem, ext))) => format!("{stem}.{v}.{ext}"),
-        _ => name.to_owned(),
-    }
 }
 
 /// The safetensors files of a diffusers model folder: the single weights file, or the shards its
@@ -69,12 +60,25 @@ pub fn diffusers_weight_files(folder: &Path, variant: Option<&str>) -> Result<Ve
             ),
         });
     }
-    let text = std::fs::read_to_string(&index).map_err(|source| Error::Io {
-        path: index.clone(),
+    Ok(index_shards(&index)?
+        .into_iter()
+        .map(|shard| folder.join(shard))
+        .collect())
+}
+
+/// The shard file names a diffusers/transformers weights index lists (`weight_map` values), each
+/// a plain file name next to the index.
+///
+/// # Errors
+/// [`Error::Io`] or [`Error::WeightFiles`] naming the index when it cannot be read, is not such an
+/// index, or points outside its folder.
+pub(crate) fn index_shards(index: &Path) -> Result<BTreeSet<String>> {
+    let text = std::fs::read_to_string(index).map_err(|source| Error::Io {
+        path: index.to_owned(),
         source,
     })?;
     let bad = |reason: String| Error::WeightFiles {
-        path: index.clone(),
+        path: index.to_owned(),
         reason,
     };
     let json: serde_json::Value =
@@ -94,12 +98,12 @@ pub fn diffusers_weight_files(folder: &Path, variant: Option<&str>) -> Result<Ve
                 "`{key}` maps to `{file}`, which is not a file in the folder"
             )));
         }
-        shards.insert(folder.join(file));
+        shards.insert(file.to_owned());
     }
     if shards.is_empty() {
         return Err(bad("`weight_map` is empty".to_owned()));
     }
-    Ok(shards.into_iter().collect())
+    Ok(shards)
 }
 
 fn file_name(path: &Path) -> String {
@@ -155,8 +159,9 @@ pub fn load_unet_weights(
 }
 
 /// Builds a [`UNet2DConditionModel`] for `config` with its variables in `kind` on `device` and loads
-/// `weights` into them. The var store is returned too: it owns the variables (freeze it for LoRA
-/// training).
+/// `weights` into them: the lower level of [`UNet2DConditionModel::from_pretrained`], for a config
+/// built in code rather than read from the weights' folder. The var store is returned too: it owns
+/// the variables (freeze it for LoRA training).
 ///
 /// # Errors
 /// As [`load_unet_weights`].
@@ -188,53 +193,55 @@ fn load_unet_reporting(
     })
 }
 
+/// The UNet's weight file name in a diffusers folder.
+const UNET_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
+
 impl UNet2DConditionModel {
     /// Loads a UNet as diffusers' `UNet2DConditionModel.from_pretrained` and `from_single_file` do.
-    /// `path` is one of:
+    /// `name` is one of (see [`crate::pretrained`] for how names are told apart):
     /// - a diffusers `unet/` folder (`config.json` and the weights of [`LoadOptions::variant`], single
-    ///   or sharded);
-    /// - a diffusers SDXL folder holding such a `unet/`;
-    /// - an SGM single-file `.safetensors` checkpoint, described by the `config.json` of
-    ///   [`LoadOptions::single_file_config`] (a `unet/` folder or an SDXL folder holding one; SDXL
-    ///   base 1.0's config when `None`).
+    ///   or sharded), or a diffusers SDXL folder holding one (or [`LoadOptions::subfolder`]);
+    /// - a hub repository id of either, whose UNet files alone are fetched;
+    /// - an SGM single-file `.safetensors` checkpoint (local, or a hub file), described by the
+    ///   `config.json` of [`LoadOptions::single_file_config`] (a `unet/` folder or an SDXL folder or
+    ///   repository holding one; SDXL base 1.0's config when `None`).
     ///
     /// # Errors
-    /// [`Error::WeightFiles`] naming the path when it is none of these; config errors naming the
-    /// `config.json`; as [`load_unet_weights`].
-    pub fn from_pretrained(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Loaded<Self>> {
-        let path = path.as_ref();
-        let (config, weights) = if path.is_file() {
-            let config = match &options.single_file_config {
-                Some(root) => UNetConfig::from_file(unet_folder(root)?.join("config.json"))?,
-                None => UNetConfig::sdxl_base(),
-            };
-            (config, UNetWeights::SingleFile(path.to_owned()))
-        } else {
-            let folder = unet_folder(path)?;
-            let config = UNetConfig::from_file(folder.join("config.json"))?;
-            let weights = UNetWeights::Diffusers {
-                folder,
-                variant: options.variant.clone(),
-            };
-            (config, weights)
+    /// [`Error::NoSuchFolder`] for a local path that does not exist; [`Error::Hub`] naming the
+    /// repository and file; [`Error::WeightFiles`] naming the folder when it holds no UNet; config
+    /// errors naming the `config.json`; as [`load_unet_weights`].
+    pub fn from_pretrained(name: impl AsRef<Path>, options: &LoadOptions) -> Result<Loaded<Self>> {
+        let part = [crate::hub::Part {
+            subfolder: options.subfolder.as_deref(),
+            default: Some("unet"),
+            weights: UNET_WEIGHTS,
+        }];
+        let wanted = crate::hub::Wanted::Parts {
+            parts: &part,
+            variant: options.variant.as_deref(),
+            optional: &[],
+        };
+        let (config, weights) = match locate(name.as_ref(), options, &wanted)? {
+            Source::File(path) => {
+                let config = match crate::pretrained::single_file_configs(options)? {
+                    Some(root) => UNetConfig::from_file(
+                        pick_folder(&root, None, Some("unet"))?.join("config.json"),
+                    )?,
+                    None => UNetConfig::sdxl_base(),
+                };
+                (config, UNetWeights::SingleFile(path))
+            }
+            Source::Folder(root) => {
+                let folder = pick_folder(&root, options.subfolder.as_deref(), Some("unet"))?;
+                let config = UNetConfig::from_file(folder.join("config.json"))?;
+                let weights = UNetWeights::Diffusers {
+                    folder,
+                    variant: options.variant.clone(),
+                };
+                (config, weights)
+            }
         };
         load_unet_reporting(&config, &weights, options.device, options.kind)
-    }
-}
-
-/// `path` when it holds a `config.json`, else its `unet/` subfolder when that does.
-fn unet_folder(path: &Path) -> Result<PathBuf> {
-    if path.join("config.json").is_file() {
-        Ok(path.to_owned())
-    } else if path.join("unet").join("config.json").is_file() {
-        Ok(path.join("unet"))
-    } else {
-        Err(Error::WeightFiles {
-            path: path.to_owned(),
-            reason: "not a single-file checkpoint, nor a folder with `config.json` or \
-                     `unet/config.json`"
-                .into(),
-        })
     }
 }
 
@@ -244,6 +251,7 @@ mod tests {
 
     #[test]
     fn variant_names_follow_diffusers() {
+        use crate::pretrained::with_variant;
         assert_eq!(
             with_variant("diffusion_pytorch_model.safetensors", Some("fp16")),
             "diffusion_pytorch_model.fp16.safetensors"

@@ -1,7 +1,9 @@
 //! UNet-XL: diffusers' `UNet2DConditionModel` as SDXL configures it.
 //!
 //! [`UNetConfig`] reads `unet/config.json`; [`UNet2DConditionModel`] builds the layers on a
-//! `tch::nn::Path` so that variable names equal diffusers' safetensors keys; [`loading`] fills them from a
+//! `tch::nn::Path` so that variable names equal diffusers' safetensors keys;
+//! [`UNet2DConditionModel::from_pretrained`] loads one, and [`loading`] has its lower levels (a config
+//! built in code, weights into an existing store): a
 //! diffusers folder (plain, variant such as `.fp16`, or sharded) or an SGM single-file checkpoint, with the
 //! diffusers ↔ SGM key table in [`sgm`]. Attention runs on any of the backends of [`crate::attention`];
 //! [`UNet2DConditionModel::forward_checkpointed`] trades compute for activation memory in training.
@@ -22,9 +24,6 @@ pub use basic_transformer_block::{Attention, BasicTransformerBlock, FeedForward}
 pub use config::{DownBlockKind, Level, TextTimeConfig, UNetConfig, UNetConfigJson, UpBlockKind};
 pub use embeddings::{TimestepEmbedding, timestep_embedding};
 pub use flops::{FlopShape, UNetFlops};
-pub use loading::{
-    UNetWeights, diffusers_weight_files, load_unet, load_unet_weights, with_variant,
-};
 pub use resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 pub use sgm::{SGM_UNET_PREFIX, sgm_unet_table, to_sgm};
 pub use transformer_2d::{Transformer2DModel, TransformerSpec};

@@ -41,7 +41,7 @@ pub struct ResnetBlock2D {
     norm1: nn::GroupNorm,
     conv1: Conv2d,
     /// `time_emb_proj`: the time embedding projected to this block's channels.
-    pub time_emb_proj: Linear,
+    pub(crate) time_emb_proj: Linear,
     norm2: nn::GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
@@ -125,7 +125,7 @@ impl ResnetBlock2D {
 #[derive(Debug)]
 pub struct Downsample2D {
     /// `conv`.
-    pub conv: Conv2d,
+    pub(crate) conv: Conv2d,
 }
 
 impl Downsample2D {
@@ -149,7 +149,7 @@ impl Module for Downsample2D {
 #[derive(Debug)]
 pub struct Upsample2D {
     /// `conv`.
-    pub conv: Conv2d,
+    pub(crate) conv: Conv2d,
 }
 
 impl Upsample2D {

@@ -27,7 +27,7 @@ pub struct Transformer2DModel {
     norm: nn::GroupNorm,
     proj_in: Projection,
     /// `transformer_blocks`.
-    pub transformer_blocks: Vec<BasicTransformerBlock>,
+    pub(crate) transformer_blocks: Vec<BasicTransformerBlock>,
     proj_out: Projection,
 }
 

@@ -37,11 +37,11 @@ pub struct DownBlock {
     /// Plain or cross-attention.
     pub kind: DownBlockKind,
     /// `resnets`.
-    pub resnets: Vec<ResnetBlock2D>,
+    pub(crate) resnets: Vec<ResnetBlock2D>,
     /// `attentions`, one per ResNet block (empty for `DownBlock2D`).
-    pub attentions: Vec<Transformer2DModel>,
+    pub(crate) attentions: Vec<Transformer2DModel>,
     /// `downsamplers.0`, on every level but the deepest.
-    pub downsampler: Option<Downsample2D>,
+    pub(crate) downsampler: Option<Downsample2D>,
 }
 
 impl DownBlock {
@@ -120,9 +120,9 @@ impl DownBlock {
 #[derive(Debug)]
 pub struct MidBlock {
     /// `resnets.0` and `resnets.1`.
-    pub resnets: [ResnetBlock2D; 2],
+    pub(crate) resnets: [ResnetBlock2D; 2],
     /// `attentions.0`.
-    pub attention: Transformer2DModel,
+    pub(crate) attention: Transformer2DModel,
 }
 
 impl MidBlock {
@@ -172,11 +172,11 @@ pub struct UpBlock {
     /// Plain or cross-attention.
     pub kind: UpBlockKind,
     /// `resnets`: one more than a down block has, each taking one skip connection.
-    pub resnets: Vec<ResnetBlock2D>,
+    pub(crate) resnets: Vec<ResnetBlock2D>,
     /// `attentions`, one per ResNet block (empty for `UpBlock2D`).
-    pub attentions: Vec<Transformer2DModel>,
+    pub(crate) attentions: Vec<Transformer2DModel>,
     /// `upsamplers.0`, on every up block but the last.
-    pub upsampler: Option<Upsample2D>,
+    pub(crate) upsampler: Option<Upsample2D>,
 }
 
 impl UpBlock {

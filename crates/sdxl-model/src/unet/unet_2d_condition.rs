@@ -53,11 +53,11 @@ pub struct UNet2DConditionModel {
     add_embedding: Option<TextTimeEmbedding>,
     conv_in: Conv2d,
     /// `down_blocks`.
-    pub down_blocks: Vec<DownBlock>,
+    pub(crate) down_blocks: Vec<DownBlock>,
     /// `mid_block`.
-    pub mid_block: MidBlock,
+    pub(crate) mid_block: MidBlock,
     /// `up_blocks`.
-    pub up_blocks: Vec<UpBlock>,
+    pub(crate) up_blocks: Vec<UpBlock>,
     conv_norm_out: nn::GroupNorm,
     conv_out: Conv2d,
 }

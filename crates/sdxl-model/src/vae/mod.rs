@@ -17,7 +17,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 use tch::nn;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 pub use blocks::{
     DownEncoderBlock2D, ResnetBlock2D, UNetMidBlock2D, UpDecoderBlock2D, VaeAttention,
@@ -26,6 +26,7 @@ pub use coder::{Decoder, Encoder};
 pub use tiling::VaeTiling;
 
 use crate::attention::AttentionBackend;
+use crate::pretrained::{LoadOptions, Loaded, model_folder, with_variant};
 use crate::weights::{TensorFile, load_into};
 use crate::{Error, Result};
 
@@ -40,6 +41,7 @@ enum SampleSize {
 /// The `vae/config.json` of a diffusers AutoencoderKL, field names as there. Unknown keys
 /// (`_class_name`, `latents_mean`, ...) are ignored.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[non_exhaustive]
 pub struct AutoencoderKLConfig {
     /// Image channels in.
     #[serde(default = "three")]
@@ -339,44 +341,32 @@ impl AutoencoderKL {
         })
     }
 
-    /// Loads a diffusers `vae` folder (`config.json` and `diffusion_pytorch_model.safetensors`) onto
-    /// `device` in `kind`, with the weights in fp32 where `upcast` says so. Returns the model and the
-    /// variable store that owns its weights.
+    /// Loads a VAE as diffusers' `AutoencoderKL.from_pretrained` does: `name` is a diffusers `vae/`
+    /// folder (`config.json` and `diffusion_pytorch_model.safetensors`, or the file of
+    /// [`LoadOptions::variant`]), a diffusers SDXL folder holding one (or [`LoadOptions::subfolder`]),
+    /// or a hub repository id of either, whose VAE files alone are fetched (see
+    /// [`crate::pretrained`]). The weights go to [`LoadOptions::device`] in [`LoadOptions::kind`], in
+    /// fp32 where [`LoadOptions::vae_upcast`] says so.
     ///
     /// # Errors
-    /// File and config errors; [`Error::Load`] when the file's tensors do not match the model one to one.
-    pub fn from_pretrained(
-        folder: impl AsRef<Path>,
-        device: Device,
-        kind: Kind,
-        upcast: Upcast,
-    ) -> Result<(Self, nn::VarStore)> {
-        Self::from_pretrained_variant(folder, None, device, kind, upcast)
-    }
-
-    /// As [`Self::from_pretrained`], reading the weights of a variant
-    /// (`diffusion_pytorch_model.fp16.safetensors` for `Some("fp16")`).
-    ///
-    /// # Errors
-    /// As [`Self::from_pretrained`].
-    pub fn from_pretrained_variant(
-        folder: impl AsRef<Path>,
-        variant: Option<&str>,
-        device: Device,
-        kind: Kind,
-        upcast: Upcast,
-    ) -> Result<(Self, nn::VarStore)> {
-        let folder = folder.as_ref();
+    /// [`Error::NoSuchFolder`], [`Error::Hub`], [`Error::WeightFiles`] naming the folder or
+    /// repository; file and config errors; [`Error::Load`] when the file's tensors do not match the
+    /// model one to one.
+    pub fn from_pretrained(name: impl AsRef<Path>, options: &LoadOptions) -> Result<Loaded<Self>> {
+        const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
+        let folder = model_folder(name.as_ref(), options, Some("vae"), WEIGHTS)?;
         let config = AutoencoderKLConfig::from_file(folder.join("config.json"))?;
-        let mut vs = nn::VarStore::new(device);
-        let model = Self::new(&vs.root(), &config)?;
-        let file = TensorFile::open(folder.join(crate::unet::with_variant(
-            "diffusion_pytorch_model.safetensors",
-            variant,
-        )))?;
-        load_into(&vs, &[file], str::to_owned)?;
-        vs.set_kind(weight_kind_for(&config, kind, upcast));
-        Ok((model, vs))
+        let mut store = nn::VarStore::new(options.device);
+        let model = Self::new(&store.root(), &config)?;
+        let file =
+            TensorFile::open(folder.join(with_variant(WEIGHTS, options.variant.as_deref())))?;
+        let report = load_into(&store, &[file], str::to_owned)?;
+        store.set_kind(weight_kind_for(&config, options.kind, options.vae_upcast));
+        Ok(Loaded {
+            model,
+            store,
+            report,
+        })
     }
 
     /// The config the model was built from.

@@ -12,6 +12,7 @@ use crate::Result;
 
 /// Tile size and overlap of tiled VAE encode/decode.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct VaeTiling {
     /// Tile side in pixels; `None` uses the config's `sample_size` (1024 for SDXL), as diffusers does.
     pub sample_tile: Option<i64>,
@@ -29,6 +30,20 @@ impl Default for VaeTiling {
 }
 
 impl VaeTiling {
+    /// Sets the `sample_tile` field (the tile side in pixels).
+    #[must_use]
+    pub fn with_sample_tile(mut self, pixels: i64) -> Self {
+        self.sample_tile = Some(pixels);
+        self
+    }
+
+    /// Sets the `overlap` field.
+    #[must_use]
+    pub fn with_overlap(mut self, overlap: f64) -> Self {
+        self.overlap = overlap;
+        self
+    }
+
     pub(super) fn validate(&self, config: &super::AutoencoderKLConfig) -> crate::Result<()> {
         if !(0.0..1.0).contains(&self.overlap) {
             return Err(crate::Error::InvalidSetting {

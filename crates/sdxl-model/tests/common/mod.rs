@@ -11,13 +11,11 @@ use tch::{Device, Kind, Tensor};
 
 /// The tiny SDXL fixture pipeline (`tiny-sdxl`) on the CPU in float32, its VAE as configured.
 pub fn tiny_pipeline() -> sdxl_model::pipeline::Pipeline {
-    sdxl_model::pipeline::Pipeline::from_pretrained(
-        fixture("tiny-sdxl"),
-        Device::Cpu,
-        Kind::Float,
-        sdxl_model::vae::Upcast::Never,
-    )
-    .unwrap()
+    let options =
+        sdxl_model::pretrained::LoadOptions::default().vae_upcast(sdxl_model::vae::Upcast::Never);
+    sdxl_model::pipeline::Pipeline::from_pretrained(fixture("tiny-sdxl"), &options)
+        .unwrap()
+        .model
 }
 
 /// A golden-output file of the fixtures folder.

@@ -13,26 +13,10 @@ use std::path::Path;
 use super::TrainConfig;
 use crate::{Error, Result};
 
-/// Whether `name` has the form of a hub repository id (see the module documentation).
+/// Whether `name` has the form of a hub repository id (see the module documentation):
+/// [`sdxl_model::hub::is_repo_id`], which the models' `from_pretrained` use too.
 pub fn is_hub_id(name: &str) -> bool {
-    let part_ok = |part: &str| {
-        let word = |c: char| c.is_alphanumeric() || c == '_';
-        let (Some(first), Some(last)) = (part.chars().next(), part.chars().last()) else {
-            return false;
-        };
-        word(first)
-            && word(last)
-            && part.chars().all(|c| word(c) || c == '-' || c == '.')
-            && !part.contains("--")
-            && !part.contains("..")
-    };
-    if name.chars().count() > 96 {
-        return false;
-    }
-    match name.split_once('/') {
-        Some((owner, repo)) => part_ok(owner) && part_ok(repo),
-        None => part_ok(name),
-    }
+    sdxl_model::hub::is_repo_id(name)
 }
 
 fn missing(option: &'static str, path: &str, hint: &str) -> Error {
