@@ -41,14 +41,12 @@ fn pipeline() -> Pipeline {
 }
 
 fn options() -> GenerateOptions {
-    GenerateOptions {
-        prompts: vec!["Naruto style anime character".into()],
-        steps: 2,
-        width: 64,
-        height: 64,
-        seed: 3,
-        ..GenerateOptions::default()
-    }
+    GenerateOptions::default()
+        .with_prompts(vec!["Naruto style anime character".into()])
+        .with_steps(2)
+        .with_width(64)
+        .with_height(64)
+        .with_seed(3)
 }
 
 /// The adapters of `file` read with the pipeline's names only (no explicit block renames).

@@ -249,23 +249,21 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     check_numbers(&args)?;
     let progress = std::sync::Arc::new(step_bar(args.steps as u64));
     let bar = std::sync::Arc::clone(&progress);
-    let options = GenerateOptions {
-        negative_prompts: (!args.negatives.is_empty()).then_some(args.negatives),
-        prompts: args.prompts,
-        steps: args.steps,
-        guidance_scale: args.guidance,
-        images_per_prompt: args.num_images_per_prompt,
-        width: args.width,
-        height: args.height,
-        seed: args.seeds.first().copied().unwrap_or_default(),
-        scheduler: args.scheduler,
-        cuda_graph: args.cuda_graph,
-        on_step: Some(OnStep::new(move |done, total| {
+    let options = GenerateOptions::default()
+        .with_negative_prompts((!args.negatives.is_empty()).then_some(args.negatives))
+        .with_prompts(args.prompts)
+        .with_steps(args.steps)
+        .with_guidance_scale(args.guidance)
+        .with_images_per_prompt(args.num_images_per_prompt)
+        .with_width(args.width)
+        .with_height(args.height)
+        .with_seed(args.seeds.first().copied().unwrap_or_default())
+        .with_scheduler(args.scheduler)
+        .with_cuda_graph(args.cuda_graph)
+        .with_on_step(Some(OnStep::new(move |done, total| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
-        })),
-        ..GenerateOptions::default()
-    };
+        })));
     let mut kind = Kind::from(args.kind);
     let device = Device::cuda_if_available();
     if device == Device::Cpu && kind != Kind::Float {

@@ -24,11 +24,12 @@
 //!
 //! let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
 //! let mut pipe = Pipeline::from_pretrained(fixtures.join("tiny-sdxl"), &LoadOptions::default())?.model;
-//! let options = GenerateOptions {
-//!     prompts: vec!["a watercolor painting of a fox in the snow".into()],
-//!     steps: 2, height: 64, width: 64, seed: 7,
-//!     ..GenerateOptions::default()
-//! };
+//! let options = GenerateOptions::default()
+//!     .with_prompts(vec!["a watercolor painting of a fox in the snow".into()])
+//!     .with_steps(2)
+//!     .with_height(64)
+//!     .with_width(64)
+//!     .with_seed(7);
 //! let base = pipe.generate(&options)?;
 //!
 //! let file = lora::format::read(fixtures.join("lora/tiny-sdxl-diffusers.safetensors"), Default::default())?;
@@ -63,7 +64,22 @@ use crate::{Error, Result};
 pub use memory::{GenerationMemory, LARGE_GENERATION_BYTES, MAX_GENERATION_BYTES};
 
 /// What to generate: prompts, guidance, size, steps, sampler and randomness.
+///
+/// Outside this crate, start from [`GenerateOptions::default`] (diffusers' SDXL defaults) and set
+/// what differs with the `with_*` setters (or by assigning the public fields):
+///
+/// ```
+/// use sdxl_model::pipeline::GenerateOptions;
+/// use sdxl_model::schedulers::SchedulerKind;
+/// let options = GenerateOptions::default()
+///     .with_prompts(vec!["Naruto style anime character".into()])
+///     .with_steps(30)
+///     .with_scheduler(SchedulerKind::DpmSolverMultistepKarras)
+///     .with_seed(7);
+/// assert_eq!((options.steps, options.width, options.seed), (30, 1024, 7));
+/// ```
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct GenerateOptions {
     /// One prompt per image (times [`Self::images_per_prompt`]).
     pub prompts: Vec<String>,
@@ -139,6 +155,99 @@ impl Default for GenerateOptions {
             cuda_graph: false,
             on_step: None,
         }
+    }
+}
+
+impl GenerateOptions {
+    /// Sets [`Self::prompts`].
+    #[must_use]
+    pub fn with_prompts(mut self, prompts: Vec<String>) -> Self {
+        self.prompts = prompts;
+        self
+    }
+
+    /// Sets [`Self::negative_prompts`].
+    #[must_use]
+    pub fn with_negative_prompts(mut self, negative_prompts: Option<Vec<String>>) -> Self {
+        self.negative_prompts = negative_prompts;
+        self
+    }
+
+    /// Sets [`Self::guidance_scale`].
+    #[must_use]
+    pub fn with_guidance_scale(mut self, guidance_scale: f64) -> Self {
+        self.guidance_scale = guidance_scale;
+        self
+    }
+
+    /// Sets [`Self::guidance_rescale`].
+    #[must_use]
+    pub fn with_guidance_rescale(mut self, guidance_rescale: f64) -> Self {
+        self.guidance_rescale = guidance_rescale;
+        self
+    }
+
+    /// Sets [`Self::steps`].
+    #[must_use]
+    pub fn with_steps(mut self, steps: usize) -> Self {
+        self.steps = steps;
+        self
+    }
+
+    /// Sets [`Self::height`].
+    #[must_use]
+    pub fn with_height(mut self, height: i64) -> Self {
+        self.height = height;
+        self
+    }
+
+    /// Sets [`Self::width`].
+    #[must_use]
+    pub fn with_width(mut self, width: i64) -> Self {
+        self.width = width;
+        self
+    }
+
+    /// Sets [`Self::images_per_prompt`].
+    #[must_use]
+    pub fn with_images_per_prompt(mut self, images_per_prompt: i64) -> Self {
+        self.images_per_prompt = images_per_prompt;
+        self
+    }
+
+    /// Sets [`Self::seed`].
+    #[must_use]
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Sets [`Self::scheduler`].
+    #[must_use]
+    pub fn with_scheduler(mut self, scheduler: SchedulerKind) -> Self {
+        self.scheduler = scheduler;
+        self
+    }
+
+    /// Sets [`Self::initial_noise`].
+    #[must_use]
+    pub fn with_initial_noise(mut self, initial_noise: Option<Tensor>) -> Self {
+        self.initial_noise = initial_noise;
+        self
+    }
+
+    /// Sets [`Self::cuda_graph`].
+    #[must_use]
+    pub fn with_cuda_graph(mut self, cuda_graph: bool) -> Self {
+        self.cuda_graph = cuda_graph;
+        self
+    }
+
+    /// Sets [`Self::on_step`].
+    #[must_use]
+    pub fn with_on_step(mut self, on_step: Option<OnStep>) -> Self {
+        self.on_step = on_step;
+        self
     }
 }
 
@@ -269,15 +378,22 @@ pub fn save_png_with_text(
 }
 
 /// The SDXL text-to-image pipeline: text encoders, UNet, VAE and the scheduler config.
+///
+/// The components are checked against each other when the pipeline is built ([`Pipeline::new`]), so
+/// they are reached through accessors rather than public fields: [`Pipeline::unet`],
+/// [`Pipeline::vae`], [`Pipeline::prompt_encoder`] to read, the `_mut` twins to change a component
+/// in place (its attention backend, adapters, tiling). To use other components, build another
+/// pipeline.
 #[derive(Debug)]
 pub struct Pipeline {
     /// Both tokenizers and text encoders.
-    pub prompt_encoder: PromptEncoder,
+    pub(crate) prompt_encoder: PromptEncoder,
     /// The denoiser.
-    pub unet: UNet2DConditionModel,
+    pub(crate) unet: UNet2DConditionModel,
     /// The decoder of latents (tile it with [`AutoencoderKL::set_tiling`] for large images).
-    pub vae: AutoencoderKL,
-    /// The scheduler config every run builds its sampler from (SDXL's by default).
+    pub(crate) vae: AutoencoderKL,
+    /// The scheduler config every run builds its sampler from (SDXL's by default); a config, so it
+    /// may be replaced or changed (prediction type, timestep spacing) freely.
     pub scheduler_config: SchedulerConfig,
     device: Device,
     kind: Kind,
@@ -308,6 +424,36 @@ impl Pipeline {
             device,
             kind,
         })
+    }
+
+    /// Both tokenizers and text encoders.
+    pub fn prompt_encoder(&self) -> &PromptEncoder {
+        &self.prompt_encoder
+    }
+
+    /// The text encoders, to change in place (their adapters).
+    pub fn prompt_encoder_mut(&mut self) -> &mut PromptEncoder {
+        &mut self.prompt_encoder
+    }
+
+    /// The denoiser.
+    pub fn unet(&self) -> &UNet2DConditionModel {
+        &self.unet
+    }
+
+    /// The denoiser, to change in place (attention backend, adapters, fp8 weights).
+    pub fn unet_mut(&mut self) -> &mut UNet2DConditionModel {
+        &mut self.unet
+    }
+
+    /// The latents' decoder.
+    pub fn vae(&self) -> &AutoencoderKL {
+        &self.vae
+    }
+
+    /// The latents' decoder, to change in place ([`AutoencoderKL::set_tiling`]).
+    pub fn vae_mut(&mut self) -> &mut AutoencoderKL {
+        &mut self.vae
     }
 
     /// Loads a whole SDXL model as diffusers' `StableDiffusionXLPipeline.from_pretrained` and

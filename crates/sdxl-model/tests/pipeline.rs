@@ -32,20 +32,20 @@ fn case() -> (serde_json::Value, TensorFile) {
 }
 
 fn options_of(case: &serde_json::Value) -> GenerateOptions {
-    GenerateOptions {
-        prompts: case["prompts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p.as_str().unwrap().to_owned())
-            .collect(),
-        guidance_scale: case["guidance_scale"].as_f64().unwrap(),
-        steps: case["steps"].as_u64().unwrap() as usize,
-        height: case["height"].as_i64().unwrap(),
-        width: case["width"].as_i64().unwrap(),
-        seed: case["seed"].as_u64().unwrap(),
-        ..GenerateOptions::default()
-    }
+    GenerateOptions::default()
+        .with_prompts(
+            case["prompts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_str().unwrap().to_owned())
+                .collect(),
+        )
+        .with_guidance_scale(case["guidance_scale"].as_f64().unwrap())
+        .with_steps(case["steps"].as_u64().unwrap() as usize)
+        .with_height(case["height"].as_i64().unwrap())
+        .with_width(case["width"].as_i64().unwrap())
+        .with_seed(case["seed"].as_u64().unwrap())
 }
 
 /// The bound on the final latents of a run with `options` against diffusers' `expected` latents
@@ -107,11 +107,9 @@ fn tiny_pipeline_latents_and_images_match_diffusers_and_write_a_png() {
         max_abs_diff(&seeded, &io.tensor("noise", Device::Cpu, None).unwrap()),
         0.0
     );
-    let given = GenerateOptions {
-        initial_noise: Some(seeded),
-        seed: options.seed + 1,
-        ..options_of(&case)
-    };
+    let given = options_of(&case)
+        .with_initial_noise(Some(seeded))
+        .with_seed(options.seed + 1);
     assert_eq!(max_abs_diff(&pipe.latents(&given).unwrap(), &latents), 0.0);
 
     // The decoder on diffusers' own latents: its float error (below 10⁻³ of the range, see the
@@ -155,17 +153,15 @@ fn tiny_pipeline_latents_and_images_match_diffusers_and_write_a_png() {
 fn seeded_ancestral_run_with_negatives_and_two_images_per_prompt_matches_diffusers() {
     let (case, io) = case();
     let negatives = case["ancestral_negative_prompts"].as_array().unwrap();
-    let options = GenerateOptions {
-        negative_prompts: Some(
+    let options = options_of(&case)
+        .with_negative_prompts(Some(
             negatives
                 .iter()
                 .map(|p| p.as_str().unwrap().to_owned())
                 .collect(),
-        ),
-        images_per_prompt: 2,
-        scheduler: SchedulerKind::EulerAncestralDiscrete,
-        ..options_of(&case)
-    };
+        ))
+        .with_images_per_prompt(2)
+        .with_scheduler(SchedulerKind::EulerAncestralDiscrete);
     let latents = pipeline().latents(&options).unwrap();
     let expected = io.tensor("ancestral_latents", Device::Cpu, None).unwrap();
     check(
@@ -179,12 +175,10 @@ fn seeded_ancestral_run_with_negatives_and_two_images_per_prompt_matches_diffuse
 fn another_aspect_ratio_matches_diffusers() {
     let (case, io) = case();
     let noise = io.tensor("wide_noise", Device::Cpu, None).unwrap();
-    let options = GenerateOptions {
-        height: 48,
-        width: 64,
-        initial_noise: Some(noise),
-        ..options_of(&case)
-    };
+    let options = options_of(&case)
+        .with_height(48)
+        .with_width(64)
+        .with_initial_noise(Some(noise));
     let latents = pipeline().latents(&options).unwrap();
     let expected = io.tensor("wide_latents", Device::Cpu, None).unwrap();
     check(
@@ -227,40 +221,19 @@ fn tiled_decode_engages_above_one_tile_and_keeps_the_size() {
 fn guidance_and_negatives_change_the_latents_and_bad_settings_are_named() {
     let (case, _) = case();
     let pipe = pipeline();
-    let quick = || GenerateOptions {
-        steps: 2,
-        ..options_of(&case)
-    };
+    let quick = || options_of(&case).with_steps(2);
     let base = pipe.latents(&quick()).unwrap();
     let negatives = vec!["blurry".to_owned(), "text, watermark".to_owned()];
     let with_negative = pipe
-        .latents(&GenerateOptions {
-            negative_prompts: Some(negatives),
-            ..quick()
-        })
+        .latents(&quick().with_negative_prompts(Some(negatives)))
         .unwrap();
     assert!(max_abs_diff(&base, &with_negative) > 1e-4);
-    let unguided = pipe
-        .latents(&GenerateOptions {
-            guidance_scale: 1.0,
-            ..quick()
-        })
-        .unwrap();
+    let unguided = pipe.latents(&quick().with_guidance_scale(1.0)).unwrap();
     assert!(max_abs_diff(&base, &unguided) > 1e-4);
-    let two_each = pipe
-        .latents(&GenerateOptions {
-            images_per_prompt: 2,
-            ..quick()
-        })
-        .unwrap();
+    let two_each = pipe.latents(&quick().with_images_per_prompt(2)).unwrap();
     assert_eq!(two_each.size(), [4, 4, 16, 16]);
 
-    let error = pipe
-        .latents(&GenerateOptions {
-            height: 62,
-            ..quick()
-        })
-        .unwrap_err();
+    let error = pipe.latents(&quick().with_height(62)).unwrap_err();
     assert!(
         matches!(
             error,
@@ -273,10 +246,7 @@ fn guidance_and_negatives_change_the_latents_and_bad_settings_are_named() {
     );
     let noise = Some(Tensor::zeros([1, 4, 16, 16], (Kind::Float, Device::Cpu)));
     let error = pipe
-        .latents(&GenerateOptions {
-            initial_noise: noise,
-            ..quick()
-        })
+        .latents(&quick().with_initial_noise(noise))
         .unwrap_err();
     assert!(error.to_string().contains("initial noise"), "{error}");
 }
@@ -285,10 +255,7 @@ fn guidance_and_negatives_change_the_latents_and_bad_settings_are_named() {
 fn lora_changes_the_output_and_scale_zero_equals_off() {
     let (case, _) = case();
     let mut pipe = pipeline();
-    let quick = || GenerateOptions {
-        steps: 2,
-        ..options_of(&case)
-    };
+    let quick = || options_of(&case).with_steps(2);
     let base = pipe.latents(&quick()).unwrap();
     let file = lora::format::read(
         fixture("lora/tiny-sdxl-diffusers.safetensors"),
@@ -381,11 +348,9 @@ fn zero_terminal_snr_sampling_with_guidance_rescale_matches_diffusers() {
         ("latents", case["guidance_rescale"].as_f64().unwrap()),
         ("latents_no_rescale", 0.0),
     ] {
-        let options = GenerateOptions {
-            guidance_rescale: rescale,
-            initial_noise: Some(noise.copy()),
-            ..options_of(&case)
-        };
+        let options = options_of(&case)
+            .with_guidance_rescale(rescale)
+            .with_initial_noise(Some(noise.copy()));
         let latents = pipe.latents(&options).unwrap();
         let expected = io.tensor(key, Device::Cpu, None).unwrap();
         let bound = v_prediction_latents_bound(&options, &expected, &pipe.scheduler_config, &noise);
@@ -402,10 +367,7 @@ fn zero_terminal_snr_sampling_with_guidance_rescale_matches_diffusers() {
         "guidance_rescale moves the latents by {moved:e}, not far beyond the bound {:e}",
         differences[0].1
     );
-    let bad = GenerateOptions {
-        guidance_rescale: 1.5,
-        ..options_of(&case)
-    };
+    let bad = options_of(&case).with_guidance_rescale(1.5);
     assert!(
         pipe.latents(&bad)
             .unwrap_err()
@@ -419,19 +381,17 @@ fn zero_terminal_snr_sampling_with_guidance_rescale_matches_diffusers() {
 fn the_step_callback_counts_every_step_and_changes_nothing() {
     let (case, _) = case();
     let pipe = pipeline();
-    let quick = || GenerateOptions {
-        steps: 3,
-        ..options_of(&case)
-    };
+    let quick = || options_of(&case).with_steps(3);
     let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
     let log = std::sync::Arc::clone(&seen);
     let watched = pipe
-        .latents(&GenerateOptions {
-            on_step: Some(sdxl_model::pipeline::OnStep::new(move |done, total| {
-                log.lock().unwrap().push((done, total));
-            })),
-            ..quick()
-        })
+        .latents(
+            &quick().with_on_step(Some(sdxl_model::pipeline::OnStep::new(
+                move |done, total| {
+                    log.lock().unwrap().push((done, total));
+                },
+            ))),
+        )
         .unwrap();
     assert_eq!(*seen.lock().unwrap(), [(1, 3), (2, 3), (3, 3)]);
     assert!(watched.equal(&pipe.latents(&quick()).unwrap()));
@@ -442,11 +402,11 @@ fn the_step_callback_counts_every_step_and_changes_nothing() {
 #[test]
 fn two_pipelines_in_two_threads_give_what_each_gives_alone() {
     let (case, _) = case();
-    let options = |seed: u64| GenerateOptions {
-        steps: 3,
-        seed,
-        scheduler: SchedulerKind::EulerAncestralDiscrete,
-        ..options_of(&case)
+    let options = |seed: u64| {
+        options_of(&case)
+            .with_steps(3)
+            .with_seed(seed)
+            .with_scheduler(SchedulerKind::EulerAncestralDiscrete)
     };
     let (first, second) = (pipeline(), pipeline());
     let alone = [

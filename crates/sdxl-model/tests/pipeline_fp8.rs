@@ -16,13 +16,13 @@ fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
 
 #[test]
 fn fp8_unet_weights_keep_the_latents_close_and_take_a_lora() {
-    let options = || GenerateOptions {
-        prompts: vec!["a cat".into()],
-        steps: 3,
-        height: 64,
-        width: 64,
-        seed: 3,
-        ..GenerateOptions::default()
+    let options = || {
+        GenerateOptions::default()
+            .with_prompts(vec!["a cat".into()])
+            .with_steps(3)
+            .with_height(64)
+            .with_width(64)
+            .with_seed(3)
     };
     let full = pipeline().latents(&options()).unwrap();
     let mut pipe = pipeline();
@@ -31,7 +31,7 @@ fn fp8_unet_weights_keep_the_latents_close_and_take_a_lora() {
     assert_eq!((linears.quantized, convs.quantized), (213, 50));
     assert!(linears.bytes_after * 3 < linears.bytes_before);
     let mut kinds = Vec::new();
-    lora::HasLinears::for_each_linear(&mut pipe.unet, &mut |_, linear| {
+    lora::HasLinears::for_each_linear(pipe.unet_mut(), &mut |_, linear| {
         kinds.push(linear.weight().kind())
     });
     assert!(kinds.iter().all(|&k| k == Kind::Float8e4m3fn));

@@ -15,15 +15,13 @@ use sdxl_model::vae::Upcast;
 use tch::{Device, Tensor};
 
 fn options(cuda_graph: bool, noise: &Tensor) -> GenerateOptions {
-    GenerateOptions {
-        prompts: vec!["a photo of a cat".into()],
-        steps: 6,
-        height: 64,
-        width: 64,
-        initial_noise: Some(noise.shallow_clone()),
-        cuda_graph,
-        ..GenerateOptions::default()
-    }
+    GenerateOptions::default()
+        .with_prompts(vec!["a photo of a cat".into()])
+        .with_steps(6)
+        .with_height(64)
+        .with_width(64)
+        .with_initial_noise(Some(noise.shallow_clone()))
+        .with_cuda_graph(cuda_graph)
 }
 
 fn noise() -> Tensor {

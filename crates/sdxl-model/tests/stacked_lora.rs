@@ -66,7 +66,7 @@ fn unet_output(pipe: &Pipeline) -> Tensor {
         text_embeds: Some(&text),
         time_ids: Some(&ids),
     };
-    tch::no_grad(|| pipe.unet.forward(&inputs).unwrap())
+    tch::no_grad(|| pipe.unet().forward(&inputs).unwrap())
 }
 
 /// The UNet's depth on `sample` and `context` (docs/NUMERICS.md), doubled because a LoRA at most
@@ -113,21 +113,21 @@ fn stacked_loras_give_diffusers_set_adapters_unet_output() {
 fn stacked_loras_give_diffusers_set_adapters_latents() {
     let case = case();
     let io = golden("lora/stacked-lora-io.safetensors");
-    let options = GenerateOptions {
-        prompts: case["prompts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p.as_str().unwrap().to_owned())
-            .collect(),
-        guidance_scale: case["guidance_scale"].as_f64().unwrap(),
-        steps: case["steps"].as_u64().unwrap() as usize,
-        height: case["height"].as_i64().unwrap(),
-        width: case["width"].as_i64().unwrap(),
-        scheduler: SchedulerKind::EulerDiscrete,
-        initial_noise: Some(get(&io, "noise")),
-        ..GenerateOptions::default()
-    };
+    let options = GenerateOptions::default()
+        .with_prompts(
+            case["prompts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_str().unwrap().to_owned())
+                .collect(),
+        )
+        .with_guidance_scale(case["guidance_scale"].as_f64().unwrap())
+        .with_steps(case["steps"].as_u64().unwrap() as usize)
+        .with_height(case["height"].as_i64().unwrap())
+        .with_width(case["width"].as_i64().unwrap())
+        .with_scheduler(SchedulerKind::EulerDiscrete)
+        .with_initial_noise(Some(get(&io, "noise")));
     let expected = get(&io, "latents");
     // As the pipeline tests' latents bound (docs/NUMERICS.md), with the LoRA-doubled depths of the
     // text encoders and the UNet: guidance scales a model-output error by up to 2w + 1, and a step

@@ -171,23 +171,21 @@ impl Generator<'_> {
         count: usize,
         initial_noise: Option<Tensor>,
     ) -> Result<GenerateOptions> {
-        let factor = self.pipeline.vae.config().downscale_factor();
+        let factor = self.pipeline.vae().config().downscale_factor();
         // `default_sample_size`: the UNet's `sample_size`, 128 when the config has none.
-        let size = self.pipeline.unet.config().sample_size.unwrap_or(128) * factor;
+        let size = self.pipeline.unet().config().sample_size.unwrap_or(128) * factor;
         let scheduler = match &self.pipeline.scheduler_config.class_name {
             Some(name) => name.parse::<SchedulerKind>()?,
             None => SchedulerKind::EulerDiscrete,
         };
-        Ok(GenerateOptions {
-            prompts: vec![self.prompt.to_owned(); count],
-            height: size,
-            width: size,
-            scheduler,
-            steps: self.steps,
-            guidance_rescale: self.guidance_rescale,
-            initial_noise,
-            ..GenerateOptions::default()
-        })
+        Ok(GenerateOptions::default()
+            .with_prompts(vec![self.prompt.to_owned(); count])
+            .with_height(size)
+            .with_width(size)
+            .with_scheduler(scheduler)
+            .with_steps(self.steps)
+            .with_guidance_rescale(self.guidance_rescale)
+            .with_initial_noise(initial_noise))
     }
 
     /// Generates images `first .. first + count` and writes them.

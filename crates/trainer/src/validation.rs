@@ -133,17 +133,15 @@ impl Validator {
             device: self.device,
             kind: self.kind,
         };
-        let options = GenerateOptions {
-            prompts: vec![self.prompt.prompt.clone()],
-            guidance_scale: self.guidance_scale,
-            guidance_rescale: self.guidance_rescale,
-            steps: self.steps,
-            height: self.size,
-            width: self.size,
-            images_per_prompt: self.images,
-            seed: self.seed,
-            ..GenerateOptions::default()
-        };
+        let options = GenerateOptions::default()
+            .with_prompts(vec![self.prompt.prompt.clone()])
+            .with_guidance_scale(self.guidance_scale)
+            .with_guidance_rescale(self.guidance_rescale)
+            .with_steps(self.steps)
+            .with_height(self.size)
+            .with_width(self.size)
+            .with_images_per_prompt(self.images)
+            .with_seed(self.seed);
         Ok(tch::no_grad(|| {
             denoiser.denoise(positive, negative, &options)
         })?)

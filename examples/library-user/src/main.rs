@@ -13,14 +13,12 @@ use trainer::{TrainConfig, Trainer};
 fn generate(model: &Path, lora_file: &Path, out: &Path) -> Result<(), Box<dyn Error>> {
     // The CPU in fp32 by default; a hub id such as "stabilityai/stable-diffusion-xl-base-1.0" works too.
     let mut pipe = Pipeline::from_pretrained(model, &LoadOptions::default())?.model;
-    let options = GenerateOptions {
-        prompts: vec!["a watercolor painting of a fox in the snow".into()],
-        steps: 2,
-        height: 64,
-        width: 64,
-        seed: 7,
-        ..GenerateOptions::default()
-    };
+    let options = GenerateOptions::default()
+        .with_prompts(vec!["a watercolor painting of a fox in the snow".into()])
+        .with_steps(2)
+        .with_height(64)
+        .with_width(64)
+        .with_seed(7);
     let base = pipe.generate(&options)?;
     let file = lora::format::read(lora_file, Default::default())?;
     pipe.load_lora(&file.state, "style")?;

@@ -28,8 +28,8 @@ pub(super) fn runner(fixtures: &Path, work: &Path) -> Result<Runner, String> {
         let file = read(&path, options).map_err(text)?;
         let placed = pipe.load_lora(&file.state, ADAPTER).map_err(text);
         let scaled = placed.and_then(|_| pipe.set_lora_multiplier(ADAPTER, 0.5).map_err(text));
-        remove_adapters(&mut pipe.unet)?;
-        let (first, second) = pipe.prompt_encoder.text_encoders_mut();
+        remove_adapters(pipe.unet_mut())?;
+        let (first, second) = pipe.prompt_encoder_mut().text_encoders_mut();
         remove_adapters(first)?;
         remove_adapters(second)?;
         scaled

@@ -20,12 +20,19 @@ mod transformer_2d;
 mod unet_2d_blocks;
 mod unet_2d_condition;
 
-pub use basic_transformer_block::{Attention, BasicTransformerBlock, FeedForward};
 pub use config::{DownBlockKind, Level, TextTimeConfig, UNetConfig, UNetConfigJson, UpBlockKind};
-pub use embeddings::{TimestepEmbedding, timestep_embedding};
+pub use embeddings::timestep_embedding;
 pub use flops::{FlopShape, UNetFlops};
-pub use resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 pub use sgm::{SGM_UNET_PREFIX, sgm_unet_table, to_sgm};
-pub use transformer_2d::{Transformer2DModel, TransformerSpec};
-pub use unet_2d_blocks::{DownBlock, MidBlock, UpBlock};
 pub use unet_2d_condition::{CheckpointedForward, InputGrads, UNet2DConditionModel, UNetInputs};
+
+/// The UNet's building blocks, diffusers' classes of the same names (`Attention`, `ResnetBlock2D`,
+/// `Transformer2DModel`, the down/mid/up blocks, …), for models of one's own built from them. Their
+/// sub-layers are the UNet's business: a block is built with its `new` and run with its forward.
+pub mod blocks {
+    pub use super::basic_transformer_block::{Attention, BasicTransformerBlock, FeedForward};
+    pub use super::embeddings::TimestepEmbedding;
+    pub use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+    pub use super::transformer_2d::{Transformer2DModel, TransformerSpec};
+    pub use super::unet_2d_blocks::{DownBlock, MidBlock, UpBlock};
+}
