@@ -25,7 +25,6 @@ use lora::format::{self, ReadOptions};
 use sdxl_model::pipeline::{GenerateOptions, Pipeline};
 use sdxl_model::pretrained::LoadOptions;
 use sdxl_model::vae::Upcast;
-use trainer::TrainConfig;
 use trainer::run::{KOHYA_FILE, LORA_FILE};
 
 #[path = "common/training.rs"]

@@ -87,7 +87,7 @@ impl TrainModel {
         });
         // Every draw of the run comes from its own generator, seeded from --seed for the LoRA's
         // initial values (the stream a default generator seeded alike would give).
-        let rng = Arc::new(RunRng::new(device, config.seed as u64)?);
+        let rng = Arc::new(RunRng::new(device, config.seed)?);
         let lora_store = VarStore::new(device);
         let lora_config = config.lora_config()?;
         if config.gradient_checkpointing

@@ -9,7 +9,7 @@
 //! build a CUDA run draws from the device's default generator, as PyTorch scripts do (said once in
 //! the log); its draws are then the same, but not independent of other users of that generator.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tch::{Device, Kind, Tensor};
 use torch_cuda::rng::Generator;
@@ -22,6 +22,9 @@ pub(crate) struct RunRng {
     /// `None`: the device's default generator (a build without the generator shim for the device).
     own: Option<Arc<Generator>>,
     device: Device,
+    /// The first failure of a dropout draw (inside a layer's forward, which cannot return it), for
+    /// [`RunRng::check`] to report after the micro-step.
+    failure: Mutex<Option<String>>,
 }
 
 impl RunRng {
@@ -33,13 +36,28 @@ impl RunRng {
                  from libtorch's default generator"
             ));
             tch::manual_seed(seed as i64);
-            return Ok(Self { own: None, device });
+            return Ok(Self {
+                own: None,
+                device,
+                failure: Mutex::new(None),
+            });
         }
         let own = Generator::on(device, seed).map_err(Error::Random)?;
         Ok(Self {
             own: Some(Arc::new(own)),
             device,
+            failure: Mutex::new(None),
         })
+    }
+
+    /// Fails with the first dropout draw that failed since the last check (the adapters' dropout
+    /// runs inside layers' forwards, which cannot return an error).
+    pub(crate) fn check(&self) -> Result<()> {
+        let failure = self.failure.lock().ok().and_then(|mut slot| slot.take());
+        match failure {
+            Some(message) => Err(Error::Random(torch_cuda::Error::Rng(message))),
+            None => Ok(()),
+        }
     }
 
     /// The generator, for CUDA graphs to register and for gradient checkpointing to replay (`None`
@@ -109,11 +127,15 @@ impl lora::Randomness for RunRng {
 
     fn dropout(&self, xs: &Tensor, p: f64) -> Tensor {
         match &self.own {
-            // The probability was checked with the flag and the adapters live on the run's device:
-            // a failure here is a broken invariant, reported as tch reports a failed operation.
-            Some(own) => own
-                .dropout(xs, p)
-                .unwrap_or_else(|e| panic!("adapter dropout from the run's generator: {e}")),
+            Some(own) => own.dropout(xs, p).unwrap_or_else(|e| {
+                // Not expected (the probability was checked with its flag, the adapters live on the
+                // run's device): kept for `check`, which fails the micro-step; the forward goes on
+                // with the default generator's mask meanwhile.
+                if let Ok(mut slot) = self.failure.lock() {
+                    slot.get_or_insert_with(|| format!("adapter dropout: {e}"));
+                }
+                xs.dropout(p, true)
+            }),
             None => xs.dropout(p, true),
         }
     }

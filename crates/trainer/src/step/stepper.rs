@@ -271,6 +271,7 @@ impl Stepper {
         micro: u64,
     ) -> Result<()> {
         self.forward_backward(model, text, latents)?;
+        self.inputs.rng.check()?;
         for copies in model.all_copies() {
             // Into the masters' gradients (written by the first micro-step, added by the others);
             // the copies' own gradients are dropped, so the next backward hands its products over
