@@ -32,20 +32,7 @@ fn case() -> (serde_json::Value, TensorFile) {
 }
 
 fn options_of(case: &serde_json::Value) -> GenerateOptions {
-    GenerateOptions::default()
-        .with_prompts(
-            case["prompts"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p.as_str().unwrap().to_owned())
-                .collect(),
-        )
-        .with_guidance_scale(case["guidance_scale"].as_f64().unwrap())
-        .with_steps(case["steps"].as_u64().unwrap() as usize)
-        .with_height(case["height"].as_i64().unwrap())
-        .with_width(case["width"].as_i64().unwrap())
-        .with_seed(case["seed"].as_u64().unwrap())
+    common::case_options(case).with_seed(case["seed"].as_u64().unwrap())
 }
 
 /// The bound on the final latents of a run with `options` against diffusers' `expected` latents

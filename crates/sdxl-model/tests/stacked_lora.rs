@@ -14,7 +14,7 @@ use common::depth::{text_encoders_depth, unet_shape};
 use common::{fixture, get, golden, rel};
 use test_support::{check, f32_bound, unet_depth};
 
-use sdxl_model::pipeline::{GenerateOptions, Pipeline};
+use sdxl_model::pipeline::Pipeline;
 use sdxl_model::schedulers::{SchedulerConfig, SchedulerKind};
 use sdxl_model::unet::{UNetConfig, UNetInputs};
 use tch::{Device, Kind, Tensor};
@@ -113,19 +113,7 @@ fn stacked_loras_give_diffusers_set_adapters_unet_output() {
 fn stacked_loras_give_diffusers_set_adapters_latents() {
     let case = case();
     let io = golden("lora/stacked-lora-io.safetensors");
-    let options = GenerateOptions::default()
-        .with_prompts(
-            case["prompts"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p.as_str().unwrap().to_owned())
-                .collect(),
-        )
-        .with_guidance_scale(case["guidance_scale"].as_f64().unwrap())
-        .with_steps(case["steps"].as_u64().unwrap() as usize)
-        .with_height(case["height"].as_i64().unwrap())
-        .with_width(case["width"].as_i64().unwrap())
+    let options = common::case_options(&case)
         .with_scheduler(SchedulerKind::EulerDiscrete)
         .with_initial_noise(Some(get(&io, "noise")));
     let expected = get(&io, "latents");

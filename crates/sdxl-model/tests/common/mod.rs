@@ -55,3 +55,21 @@ impl lora::Randomness for Seeded {
         self.0.dropout(xs, p).unwrap()
     }
 }
+
+/// A golden case's prompts, guidance scale, steps and size (the fixture generator's `case` metadata)
+/// as generation options.
+pub fn case_options(case: &serde_json::Value) -> sdxl_model::pipeline::GenerateOptions {
+    sdxl_model::pipeline::GenerateOptions::default()
+        .with_prompts(
+            case["prompts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_str().unwrap().to_owned())
+                .collect(),
+        )
+        .with_guidance_scale(case["guidance_scale"].as_f64().unwrap())
+        .with_steps(case["steps"].as_u64().unwrap() as usize)
+        .with_height(case["height"].as_i64().unwrap())
+        .with_width(case["width"].as_i64().unwrap())
+}
