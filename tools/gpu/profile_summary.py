@@ -22,7 +22,7 @@ CATEGORIES = [  # first match wins; matched against the lowercased kernel name
     ("attention", r"flash|fmha|attention|_efficient_attention|cutlass.*attn"),
     ("convolution", r"conv|implicit_convolve|dgrad|wgrad|fprop|xmma_.*nhwc|cudnn|nchwtonhwc|nhwctonchw"),
     ("matrix product", r"gemm|nvjet|cutlass|cublas|splitkreduce|sm90_xmma|sm80_xmma|matmul"),
-    ("normalization", r"norm|welford|rowwisemoments|compute_mean_std|computefused|groupnorm|layernorm"),
+    ("normalization", r"norm|welford|rowwisemoments|compute_mean_std|computefused|groupnorm|layernorm|^gn_"),
     ("optimizer", r"optimizer|adam|kpreconditionoptimizer|koptimizer|fused_adam|multi_tensor"),
     ("reduction", r"reduce"),
     ("copy / cast", r"copy|memcpy|memset|cat_|catarraybatched|fill|transpose|permute|index"),
