@@ -145,9 +145,12 @@ pub fn loss_curves_png(path: &Path, curves: &[(String, Vec<(u64, f64)>)], title:
         .map(|(i, points)| (&points[..], PALETTE[i % PALETTE.len()], 2))
         .collect();
     draw_series(&mut image, &canvas, &lines);
+    // The legend, top right inside the plot, in the font's capitals.
     for (i, (name, _)) in curves.iter().enumerate() {
-        let top = 40 + i as i64 * (GLYPH_HEIGHT + 6);
-        draw_text(&mut image, name, WIDTH as i64 - 16 - text_width(name), top, PALETTE[i % PALETTE.len()]);
+        let name = name.to_ascii_uppercase();
+        let top = PLOT_TOP + 6 + i as i64 * (GLYPH_HEIGHT + 6);
+        let left = PLOT_RIGHT - 8 - text_width(&name);
+        draw_text(&mut image, &name, left, top, PALETTE[i % PALETTE.len()]);
     }
     let mut png = std::io::Cursor::new(Vec::new());
     image
