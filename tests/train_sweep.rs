@@ -90,7 +90,12 @@ fn each_variant_ends_as_its_own_run_and_a_killed_sweep_resumes_bit_identically()
     // The uninterrupted sweep.
     let whole = base(&dir.join("whole"));
     let whole_config = config_file(&whole);
-    assert_success(&run(&["--config", whole_config.to_str().unwrap(), "--sweep", sweep]));
+    assert_success(&run(&[
+        "--config",
+        whole_config.to_str().unwrap(),
+        "--sweep",
+        sweep,
+    ]));
 
     // Each variant's own run, with the settings the sweep gives it.
     let file = SweepFile::read(&sweep_file).unwrap();
@@ -104,12 +109,16 @@ fn each_variant_ends_as_its_own_run_and_a_killed_sweep_resumes_bit_identically()
         // The variant's folder holds what its own run writes, and the same LoRA, bit for bit.
         let in_sweep = whole.output_dir.join(name);
         assert_bit_identical(&in_sweep.join(LORA_FILE), &own.output_dir.join(LORA_FILE));
-        for file in ["logs/metrics.jsonl", "loss.png", "checkpoint-10", "checkpoint-20"] {
+        for file in [
+            "logs/metrics.jsonl",
+            "loss.png",
+            "checkpoint-10",
+            "checkpoint-20",
+        ] {
             assert!(in_sweep.join(file).exists(), "{name}: no {file}");
         }
         let losses = |dir: &Path| {
-            let metrics =
-                trainer::logs::MetricsLog::read(&dir.join("logs/metrics.jsonl")).unwrap();
+            let metrics = trainer::logs::MetricsLog::read(&dir.join("logs/metrics.jsonl")).unwrap();
             metrics
                 .iter()
                 .filter_map(|r| r["loss"].as_f64())
@@ -123,10 +132,9 @@ fn each_variant_ends_as_its_own_run_and_a_killed_sweep_resumes_bit_identically()
     assert!(a.iter().zip(&c).any(|((_, x), (_, y))| !x.equal(y)));
     assert_ne!(lora("rank-8")[0].1.size(), a[0].1.size());
     // The sweep's own outputs.
-    let summary: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(whole.output_dir.join(SWEEP_SUMMARY_FILE)).unwrap(),
-    )
-    .unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(whole.output_dir.join(SWEEP_SUMMARY_FILE)).unwrap())
+            .unwrap();
     let statuses: Vec<&str> = summary["variants"]
         .as_array()
         .unwrap()
@@ -140,7 +148,12 @@ fn each_variant_ends_as_its_own_run_and_a_killed_sweep_resumes_bit_identically()
     // A sweep killed after its checkpoint at step 10, then resumed.
     let killed = base(&dir.join("killed"));
     let killed_config = config_file(&killed);
-    let killed_args = ["--config", killed_config.to_str().unwrap(), "--sweep", sweep];
+    let killed_args = [
+        "--config",
+        killed_config.to_str().unwrap(),
+        "--sweep",
+        sweep,
+    ];
     let mut child = command(&killed_args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -150,7 +163,10 @@ fn each_variant_ends_as_its_own_run_and_a_killed_sweep_resumes_bit_identically()
     let started = Instant::now();
     while !record.is_file() {
         assert!(child.try_wait().unwrap().is_none(), "the sweep ended early");
-        assert!(started.elapsed() < Duration::from_secs(600), "no checkpoint");
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "no checkpoint"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap();
@@ -199,7 +215,10 @@ fn a_diverging_variant_stops_and_the_others_finish() {
     ]);
     assert_success(&output);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("variant boom diverged after step"), "{stderr}");
+    assert!(
+        stderr.contains("variant boom diverged after step"),
+        "{stderr}"
+    );
     let out = &config.output_dir;
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join(SWEEP_SUMMARY_FILE)).unwrap()).unwrap();
@@ -207,7 +226,10 @@ fn a_diverging_variant_stops_and_the_others_finish() {
     assert_eq!(variants[0]["status"], "finished");
     assert_eq!(variants[1]["status"], "diverged");
     assert!(
-        variants[1]["error"].as_str().unwrap().contains("non-finite"),
+        variants[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("non-finite"),
         "{summary}"
     );
     // Its run really went non-finite: its metrics log skipped steps.
@@ -248,7 +270,10 @@ fn a_diverging_variant_stops_and_the_others_finish() {
     ]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("every variant of the sweep failed"), "{stderr}");
+    assert!(
+        stderr.contains("every variant of the sweep failed"),
+        "{stderr}"
+    );
     assert!(failed.output_dir.join(SWEEP_SUMMARY_FILE).is_file());
 }
 

@@ -54,7 +54,7 @@ pub fn config(args: Vec<String>) -> anyhow::Result<TrainConfig> {
 
 /// [`config`] with a sweep file's `[base]` keys set over the defaults or the preset (before
 /// `--config` and the flags).
-fn config_over_sweep(
+pub(crate) fn config_over_sweep(
     mut args: Vec<String>,
     sweep: Option<&SweepFile>,
 ) -> anyhow::Result<TrainConfig> {

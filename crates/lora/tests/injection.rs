@@ -219,9 +219,18 @@ fn adapter_sets_of_one_name_take_turns_on_one_model() {
     let x = Tensor::randn([2, 6], (Kind::Float, Device::Cpu));
     let plain = model.forward(&x);
     // Two runs' adapters, both called "default", with non-zero B so that each changes the output.
-    let (first_store, second_store) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let (first_store, second_store) = (
+        nn::VarStore::new(Device::Cpu),
+        nn::VarStore::new(Device::Cpu),
+    );
     let mut set = |store: &nn::VarStore, rank: i64, value: f64| {
-        inject(&mut model, &store.root(), "default", &LoraConfig::unet_attention(rank)).unwrap();
+        inject(
+            &mut model,
+            &store.root(),
+            "default",
+            &LoraConfig::unet_attention(rank),
+        )
+        .unwrap();
         tch::no_grad(|| {
             for (name, tensor) in trainable_variables(&mut model) {
                 if name.ends_with("lora_B") {

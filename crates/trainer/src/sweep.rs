@@ -195,6 +195,17 @@ impl Sweep {
     /// A variant's errors other than divergence (files, devices); [`Error::SweepFailed`] when
     /// every variant diverged.
     pub fn run(&mut self) -> Result<SweepSummary> {
+        let estimates: Vec<_> = self
+            .variants
+            .iter()
+            .filter_map(|v| v.trainer.as_ref()?.estimate())
+            .collect();
+        if let Some(total) = crate::estimate::sweep_estimate(&estimates) {
+            say(format!(
+                "the sweep of {} variants: {total} (each variant's own estimate follows)",
+                estimates.len()
+            ));
+        }
         for variant in &mut self.variants {
             if let Some(trainer) = &mut variant.trainer {
                 let _span = tracing::info_span!("variant", name = %variant.name).entered();
@@ -256,11 +267,9 @@ impl Sweep {
         })?;
         write_atomic(&folder.join(SWEEP_CHECKPOINT_FILE), &json)?;
         let kept = |n: u64| {
-            self.variants.iter().any(|v| {
-                out.join(&v.name)
-                    .join(format!("checkpoint-{n}"))
-                    .is_dir()
-            })
+            self.variants
+                .iter()
+                .any(|v| out.join(&v.name).join(format!("checkpoint-{n}")).is_dir())
         };
         for (n, path) in records(out)? {
             if !kept(n) {
@@ -278,8 +287,15 @@ impl Sweep {
             .iter()
             .map(|v| (v.name.clone(), v.loss_history.clone()))
             .collect();
-        if curves.iter().any(|(_, points)| points.iter().any(|(_, l)| l.is_finite())) {
-            loss_curves_png(&out.join(SWEEP_LOSS_FILE), &curves, "training loss by variant")?;
+        if curves
+            .iter()
+            .any(|(_, points)| points.iter().any(|(_, l)| l.is_finite()))
+        {
+            loss_curves_png(
+                &out.join(SWEEP_LOSS_FILE),
+                &curves,
+                "training loss by variant",
+            )?;
         }
         if self.base.validation_prompt.is_some() {
             self.write_validation_grid(&out.join(SWEEP_VALIDATION_FILE))?;
@@ -373,9 +389,7 @@ impl Variant {
             return Ok(());
         };
         let _span = tracing::info_span!("variant", name = %self.name).entered();
-        let result = trainer
-            .activate()
-            .and_then(|()| trainer.finish(progress));
+        let result = trainer.activate().and_then(|()| trainer.finish(progress));
         match result {
             Ok(RunSummary {
                 loss_history,
@@ -443,7 +457,9 @@ fn describe(report: &VariantReport) -> String {
 fn is_divergence(error: &Error) -> bool {
     matches!(
         error,
-        Error::TooManyNonFinite { .. } | Error::EveryStepSkipped { .. } | Error::NonFiniteLora { .. }
+        Error::TooManyNonFinite { .. }
+            | Error::EveryStepSkipped { .. }
+            | Error::NonFiniteLora { .. }
     )
 }
 
@@ -498,7 +514,10 @@ fn find_checkpoint(out: &Path, arg: &str, names: &[&str]) -> Result<Option<(u64,
             })?;
         let complete = record.variants.iter().all(|v| {
             !matches!(v.status, VariantStatus::Training)
-                || out.join(&v.name).join(format!("checkpoint-{step}")).is_dir()
+                || out
+                    .join(&v.name)
+                    .join(format!("checkpoint-{step}"))
+                    .is_dir()
         });
         let same_variants = names
             .iter()

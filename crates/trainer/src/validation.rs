@@ -129,10 +129,12 @@ impl Validator {
         };
         model.set_training(true);
         let rows = self.decode_rows(vae, &[latents?])?;
-        rows.into_iter().next().ok_or_else(|| crate::Error::InvalidOption {
-            option: "--validation_prompt",
-            problem: "gave no images".into(),
-        })
+        rows.into_iter()
+            .next()
+            .ok_or_else(|| crate::Error::InvalidOption {
+                option: "--validation_prompt",
+                problem: "gave no images".into(),
+            })
     }
 
     /// Denoises validation latents with the model's UNet on `seed`, on the prompt as its text

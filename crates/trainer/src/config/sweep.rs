@@ -146,8 +146,8 @@ impl SweepFile {
             path: path.to_owned(),
             problem,
         };
-        let mut top: toml::Table = toml::from_str(text)
-            .map_err(|e| bad(super::one_line_toml_error(text, &e)))?;
+        let mut top: toml::Table =
+            toml::from_str(text).map_err(|e| bad(super::one_line_toml_error(text, &e)))?;
         let base = match top.remove("base") {
             None => toml::Table::new(),
             Some(toml::Value::Table(table)) => table,
@@ -365,7 +365,10 @@ mod tests {
         let (name, b) = &configs[1];
         assert_eq!(name, "b");
         assert_eq!((b.learning_rate, b.rank, b.max_train_steps), (3e-4, 8, 7));
-        assert_eq!(b.optimizer_kind().unwrap(), crate::config::OptimizerKind::AdamW);
+        assert_eq!(
+            b.optimizer_kind().unwrap(),
+            crate::config::OptimizerKind::AdamW
+        );
         assert_eq!(b.output_dir, Path::new("out/b"));
         assert_eq!(configs[0].1.learning_rate, 1e-4);
     }
@@ -373,18 +376,51 @@ mod tests {
     #[test]
     fn bad_files_name_the_table_and_key() {
         for (text, expected) in [
-            ("[[variant]]\nname = \"a\"\nresolution = 64\n", "[[variant]] 1 (`a`): `resolution` is the same for every variant"),
-            ("[[variant]]\nname = \"a\"\nlearning_rat = 1.0\n", "`learning_rat` is not a flag"),
-            ("[base]\nrezolution = 64\n[[variant]]\nname = \"a\"\n", "[base]: `rezolution` is not a flag"),
-            ("[[variant]]\nlearning_rate = 1.0\n", "[[variant]] 1 has no `name`"),
-            ("[[variant]]\nname = \"a\"\n[[variant]]\nname = \"a\"\n", "[[variant]] 2: name `a` is taken"),
-            ("[[variant]]\nname = \"../x\"\n", "name `../x` may hold only"),
-            ("[[variant]]\nname = \"checkpoint-5\"\n", "the sweep's own files"),
+            (
+                "[[variant]]\nname = \"a\"\nresolution = 64\n",
+                "[[variant]] 1 (`a`): `resolution` is the same for every variant",
+            ),
+            (
+                "[[variant]]\nname = \"a\"\nlearning_rat = 1.0\n",
+                "`learning_rat` is not a flag",
+            ),
+            (
+                "[base]\nrezolution = 64\n[[variant]]\nname = \"a\"\n",
+                "[base]: `rezolution` is not a flag",
+            ),
+            (
+                "[[variant]]\nlearning_rate = 1.0\n",
+                "[[variant]] 1 has no `name`",
+            ),
+            (
+                "[[variant]]\nname = \"a\"\n[[variant]]\nname = \"a\"\n",
+                "[[variant]] 2: name `a` is taken",
+            ),
+            (
+                "[[variant]]\nname = \"../x\"\n",
+                "name `../x` may hold only",
+            ),
+            (
+                "[[variant]]\nname = \"checkpoint-5\"\n",
+                "the sweep's own files",
+            ),
             ("[base]\nmax_train_steps = 5\n", "has no [[variant]]"),
-            ("seed = 3\n[[variant]]\nname = \"a\"\n", "unknown key `seed` at the top level"),
-            ("[[variant]]\nname = \"a\"\nrank = \"four\"\n", "[[variant]] 1 (`a`): invalid type"),
-            ("[[variant]]\nname = \"a\"\nrank = 0\n", "[[variant]] 1 (`a`): --rank"),
-            ("[base]\nnproc_per_node = 2\n[[variant]]\nname = \"a\"\n", "--nproc_per_node cannot be used with --sweep"),
+            (
+                "seed = 3\n[[variant]]\nname = \"a\"\n",
+                "unknown key `seed` at the top level",
+            ),
+            (
+                "[[variant]]\nname = \"a\"\nrank = \"four\"\n",
+                "[[variant]] 1 (`a`): invalid type",
+            ),
+            (
+                "[[variant]]\nname = \"a\"\nrank = 0\n",
+                "[[variant]] 1 (`a`): --rank",
+            ),
+            (
+                "[base]\nnproc_per_node = 2\n[[variant]]\nname = \"a\"\n",
+                "--nproc_per_node cannot be used with --sweep",
+            ),
             ("[[variant]\nname = \"a\"\n", "sweep.toml: line 1"),
         ] {
             let message = problem(text);

@@ -105,7 +105,11 @@ const PALETTE: [Rgb<u8>; 8] = [
 ///
 /// # Errors
 /// As [`loss_curve_png`]: [`Error::Plot`] when no curve has a finite loss.
-pub fn loss_curves_png(path: &Path, curves: &[(String, Vec<(u64, f64)>)], title: &str) -> Result<()> {
+pub fn loss_curves_png(
+    path: &Path,
+    curves: &[(String, Vec<(u64, f64)>)],
+    title: &str,
+) -> Result<()> {
     let plot_error = |problem: String| Error::Plot {
         path: path.to_path_buf(),
         problem,
