@@ -314,3 +314,24 @@ fn bad_sweep_files_fail_before_any_model_loads() {
         assert!(!dir.join("out").exists(), "{text:?}: it started");
     }
 }
+
+#[test]
+fn the_example_sweep_estimates_each_variant_and_the_whole() {
+    let example = training::repo().join("examples/sweeps/tiny.toml");
+    let output = Command::new(env!("CARGO_BIN_EXE_sdxl-lora"))
+        .args(["estimate", "--preset", "tiny", "--sweep"])
+        .arg(&example)
+        .output()
+        .unwrap();
+    assert_success(&output);
+    let text = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].ends_with("a sweep of 3 variants"), "{text}");
+    for (line, name) in lines[1..4].iter().zip(["base", "lr-3e-3", "rank-8-seed-1"]) {
+        assert!(line.starts_with(&format!("  {name}: ")), "{text}");
+    }
+    assert!(
+        lines[4].starts_with("the sweep in one process: estimated peak"),
+        "{text}"
+    );
+}

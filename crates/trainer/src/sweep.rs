@@ -333,10 +333,15 @@ impl Sweep {
             return Ok(());
         }
         let grid = sdxl_model::pipeline::grid_column(&rows)?;
+        // Written beside and renamed: a reader never sees part of it.
         let tmp = path.with_extension("tmp.png");
-        sdxl_model::pipeline::save_png(&grid, &tmp)?;
-        std::fs::rename(&tmp, path).map_err(io_error(path))?;
-        Ok(())
+        let written = sdxl_model::pipeline::save_png(&grid, &tmp)
+            .map_err(Error::from)
+            .and_then(|()| std::fs::rename(&tmp, path).map_err(io_error(path)));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
     }
 }
 
@@ -519,9 +524,10 @@ fn find_checkpoint(out: &Path, arg: &str, names: &[&str]) -> Result<Option<(u64,
                     .join(format!("checkpoint-{step}"))
                     .is_dir()
         });
-        let same_variants = names
-            .iter()
-            .all(|n| record.variants.iter().any(|v| v.name == *n));
+        let same_variants = names.len() == record.variants.len()
+            && names
+                .iter()
+                .all(|n| record.variants.iter().any(|v| v.name == *n));
         if !same_variants {
             return Err(Error::ResumeFromCheckpoint {
                 path,
