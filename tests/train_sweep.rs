@@ -23,7 +23,9 @@ mod training;
 
 use training::{assert_bit_identical, scratch, tiny};
 
-/// Three variants that differ from the base in the learning rate, the rank and the seed.
+/// Three variants that differ from the base in the learning rate, the rank (and the dataset
+/// subset: their own cached latents) and the seed (and the instance prompt: their own prompt
+/// embeddings, from the text encoders the sweep loads once).
 const SWEEP: &str = r#"
 [[variant]]
 name = "lr-3e-3"
@@ -33,10 +35,12 @@ learning_rate = 3e-3
 name = "rank-8"
 rank = 8
 lora_alpha = 8
+max_train_samples = 12
 
 [[variant]]
 name = "seed-7"
 seed = 7
+instance_prompt = "a drawing in naruto style"
 "#;
 
 fn command(args: &[&str]) -> Command {
@@ -90,12 +94,23 @@ fn each_variant_ends_as_its_own_run_and_a_killed_sweep_resumes_bit_identically()
     // The uninterrupted sweep.
     let whole = base(&dir.join("whole"));
     let whole_config = config_file(&whole);
-    assert_success(&run(&[
-        "--config",
-        whole_config.to_str().unwrap(),
-        "--sweep",
-        sweep,
-    ]));
+    let output = run(&["--config", whole_config.to_str().unwrap(), "--sweep", sweep]);
+    assert_success(&output);
+    // The text encoders and the VAE served every variant, then were freed once.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        stderr
+            .matches("text encoders kept for the sweep's other variants")
+            .count(),
+        3,
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr
+            .matches("every variant prepared; text encoders and VAE freed")
+            .count(),
+        1
+    );
 
     // Each variant's own run, with the settings the sweep gives it.
     let file = SweepFile::read(&sweep_file).unwrap();
@@ -268,7 +283,7 @@ fn a_diverging_variant_stops_and_the_others_finish() {
         "--sweep",
         sweep_file.to_str().unwrap(),
     ]);
-    assert!(!output.status.success());
+    assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains("every variant of the sweep failed"),

@@ -1,5 +1,6 @@
 //! Sweeps (`--sweep FILE.toml`): K variants of one run trained in one process on one frozen base
-//! model, loaded once (docs/SWEEPS.md).
+//! model, loaded once (docs/SWEEPS.md): the UNet for the whole sweep, the text encoders and the VAE
+//! while every variant prepares its conditioning.
 //!
 //! Each variant is a [`Trainer`] of its own settings ([`SweepFile::variant_configs`]) whose LoRA is
 //! injected into the shared UNet ([`SharedUnet`]) and put on it before each of its steps
@@ -26,6 +27,7 @@ use crate::logs::say;
 use crate::model::SharedUnet;
 use crate::model_files::resolve_model;
 use crate::output_dir::OutputLock;
+use crate::prepare::FrozenModels;
 use crate::run::{RunProgress, RunSummary, Trainer};
 use crate::{Error, Result};
 
@@ -149,6 +151,8 @@ impl Sweep {
             folder.describe()
         ));
         let unet = SharedUnet::load(&unet_config, &folder, device, kind)?;
+        // The text encoders and the VAE, loaded once to prepare every variant's conditioning.
+        let frozen = FrozenModels::default();
         let start_step = resumed.as_ref().map_or(0, |(step, _)| *step);
         let mut variants = Vec::with_capacity(configs.len());
         for (name, mut config) in configs {
@@ -169,12 +173,15 @@ impl Sweep {
                         .as_ref()
                         .map(|(step, _)| format!("checkpoint-{step}"));
                     let _span = tracing::info_span!("variant", name = %name).entered();
-                    let trainer = Trainer::on_shared_unet(config, &unet)?;
+                    let trainer = Trainer::on_shared_unet(config, &unet, &frozen)?;
                     Variant::training(name, trainer)
                 }
             };
             variants.push(variant);
         }
+        drop(frozen);
+        crate::device::free_cache(device);
+        say("every variant prepared; text encoders and VAE freed");
         Ok(Self {
             base,
             variants,

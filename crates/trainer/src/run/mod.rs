@@ -34,7 +34,7 @@ use crate::model::{SharedUnet, TrainModel};
 use crate::output_dir::OutputLock;
 use crate::outputs::{self, RunStats};
 use crate::plan::{MicroStep, Plan};
-use crate::prepare::{Latents, TextConditioning, prepare_latents, prepare_text};
+use crate::prepare::{FrozenModels, Latents, TextConditioning, prepare_latents, prepare_text};
 use crate::step::{StepGraphs, Stepper, broadcast_lora};
 use crate::throughput::{dense_bf16_peak_tflops, step_flops};
 use crate::validation::Validator;
@@ -149,12 +149,18 @@ impl Trainer {
 
     /// [`Trainer::new`] in one process, its LoRA trained on `base` (a sweep's shared UNet) instead
     /// of a UNet of its own. The caller checks that `config` loads the UNet `base` holds.
-    pub(crate) fn on_shared_unet(config: TrainConfig, base: &SharedUnet) -> Result<Self> {
+    /// Its conditioning is prepared with `frozen`'s text encoders and VAE (loaded by the first
+    /// variant that needs them).
+    pub(crate) fn on_shared_unet(
+        config: TrainConfig,
+        base: &SharedUnet,
+        frozen: &FrozenModels,
+    ) -> Result<Self> {
         Self::build(
             config,
             World::SINGLE,
             Rc::new(crate::distributed::SingleProcess),
-            Some(base),
+            Some((base, frozen)),
         )
     }
 
@@ -162,7 +168,7 @@ impl Trainer {
         config: TrainConfig,
         world: World,
         group: Rc<dyn Collective>,
-        base: Option<&SharedUnet>,
+        shared: Option<(&SharedUnet, &FrozenModels)>,
     ) -> Result<Self> {
         set_quiet(!world.is_main_process());
         if let Some(line) = group.describe() {
@@ -201,9 +207,11 @@ impl Trainer {
         let dataset = plan.dataset();
         let micro_steps = config.max_train_steps * u64::from(config.gradient_accumulation_steps);
         let planned = plan.micro_steps(0..micro_steps)?;
+        let (base, frozen) = shared.unzip();
         let (text, validation_prompt) =
-            prepare_text(&config, &folder, &planned, device, kind, &*group)?;
-        let (latents, vae_config) = prepare_latents(&config, &folder, dataset, device, &*group)?;
+            prepare_text(&config, &folder, &planned, device, kind, &*group, frozen)?;
+        let (latents, vae_config) =
+            prepare_latents(&config, &folder, dataset, device, &*group, frozen)?;
         let model = match base {
             Some(base) => TrainModel::load_on(base, &config, &folder, (device, kind))?,
             None => TrainModel::load(&config, &folder, device, kind)?,
