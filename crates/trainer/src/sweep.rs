@@ -213,10 +213,16 @@ impl Sweep {
                 estimates.len()
             ));
         }
+        // One bar per variant, stacked on a terminal.
+        let bars = indicatif::MultiProgress::new();
         for variant in &mut self.variants {
             if let Some(trainer) = &mut variant.trainer {
                 let _span = tracing::info_span!("variant", name = %variant.name).entered();
-                variant.progress = Some(trainer.begin()?);
+                let progress = trainer.begin()?;
+                if !progress.bar().is_hidden() {
+                    bars.add(progress.bar().clone());
+                }
+                variant.progress = Some(progress);
             }
         }
         let end = self.base.max_train_steps;

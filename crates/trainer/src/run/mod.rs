@@ -118,6 +118,13 @@ pub(crate) struct RunProgress {
     started: Instant,
 }
 
+impl RunProgress {
+    /// The run's progress bar.
+    pub(crate) fn bar(&self) -> &indicatif::ProgressBar {
+        &self.logs.progress
+    }
+}
+
 impl Trainer {
     /// Plans the data, prepares the conditioning (text, latents), loads the model with its LoRA,
     /// sets up the step and, with `--resume_from_checkpoint`, restores the run. Under torchrun (or
@@ -307,11 +314,6 @@ impl Trainer {
         let weights = |step: &MicroStep| plan.loss_weights(step, weight);
         self.stepper
             .upload_plan(first, remaining, text, latents, weights)
-    }
-
-    /// The run's settings (after the dataset file and the model's markers were applied).
-    pub fn config(&self) -> &TrainConfig {
-        &self.config
     }
 
     /// One row of validation images on `seed` (with `--validation_prompt`): the LoRA as the run's
