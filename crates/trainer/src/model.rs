@@ -3,6 +3,9 @@
 //!
 //! With `--train_text_encoder` it also holds both text encoders with their LoRA ([`TextEncoders`]).
 //!
+//! The frozen UNet is a [`SharedUnet`]: a run's own, or one that the variants of a sweep
+//! ([`crate::sweep`]) share, each [`TrainModel`] putting its LoRA on it when it is its turn.
+//!
 //! It knows nothing of data sources: it is loaded from the model folder and handed inputs by the step.
 
 mod text;

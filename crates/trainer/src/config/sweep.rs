@@ -212,7 +212,8 @@ impl SweepFile {
     /// folder of its name under `base`'s, each validated.
     ///
     /// # Errors
-    /// [`Error::SweepFile`] naming the variant and the flag; [`SWEEP_OWNED`]'s flags set in `base`.
+    /// [`Error::SweepFile`] naming the variant and the flag; `--nproc_per_node` above 1 or
+    /// `--overwrite_output_dir` in `base`.
     pub fn variant_configs(&self, base: &TrainConfig) -> Result<Vec<(String, TrainConfig)>> {
         for (flag, why) in SWEEP_OWNED {
             let set = match flag {
