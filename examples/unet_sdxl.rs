@@ -10,8 +10,10 @@
 //!   (diffusers' random-weight SDXL UNet in `unet/` and `unet-io.safetensors` with its fp32 and bf16
 //!   outputs), loads the same weights in fp32 and in bf16 and prints the relative errors against
 //!   diffusers' fp32 output beside diffusers' own bf16-vs-fp32 spread. Without the folder it uses random
-//!   weights and only times. Timing: bf16, 1024 px (128×128 latents), batch 2 as with classifier-free
-//!   guidance, fused attention, after warm-up, synchronised.
+//!   weights and only times. The bf16 UNet runs again with channels-last feature maps
+//!   (`UNet2DConditionModel::set_channels_last`), against the same references. Timing: bf16, 1024 px
+//!   (128×128 latents), batch 2 as with classifier-free guidance, fused attention, after warm-up,
+//!   synchronised, NCHW then channels-last.
 //! * `--train-memory MODE`: training steps (forward, MSE loss, backward into rank-4 LoRA adapters on
 //!   `to_q, to_k, to_v, to_out.0`, as the seed recipe) of the bf16 UNet at 512 px,
 //!   batch 2, with frozen weights and the gradient taken w.r.t. the input, so the backward runs through
@@ -179,6 +181,17 @@ fn parity_and_speed(
             rel(&diffusers_bf16, &expected),
             rel(&ours, &diffusers_bf16)
         );
+        // The same weights with channels-last feature maps (NHWC convolutions, the channels-last
+        // group norm kernels).
+        unet.set_channels_last(true);
+        let channels_last = run(&unet, Kind::BFloat16)?;
+        unet.set_channels_last(false);
+        println!(
+            "bf16 channels-last: rel error vs diffusers fp32 {:.3e}; vs diffusers bf16 {:.3e}; vs ours NCHW {:.3e}",
+            rel(&channels_last, &expected),
+            rel(&channels_last, &diffusers_bf16),
+            rel(&channels_last, &ours)
+        );
         (vs, unet)
     } else {
         println!("no {} : random weights, timing only", io_path.display());
@@ -186,21 +199,24 @@ fn parity_and_speed(
         unet.set_attention_backend(backend);
         (vs, unet)
     };
-    let (_vs, unet) = bf16_unet;
-    for _ in 0..3 {
-        let _ = run(&unet, Kind::BFloat16)?;
+    let (_vs, mut unet) = bf16_unet;
+    for layout in ["NCHW", "channels-last"] {
+        unet.set_channels_last(layout == "channels-last");
+        for _ in 0..3 {
+            let _ = run(&unet, Kind::BFloat16)?;
+        }
+        sync(device);
+        let start = Instant::now();
+        for _ in 0..steps {
+            let _ = run(&unet, Kind::BFloat16)?;
+        }
+        sync(device);
+        let per_step = start.elapsed().as_secs_f64() / steps as f64;
+        println!(
+            "bf16 1024 px batch 2 ({backend:?} attention, {layout}): {:.1} ms per UNet step ({steps} steps)",
+            per_step * 1e3
+        );
     }
-    sync(device);
-    let start = Instant::now();
-    for _ in 0..steps {
-        let _ = run(&unet, Kind::BFloat16)?;
-    }
-    sync(device);
-    let per_step = start.elapsed().as_secs_f64() / steps as f64;
-    println!(
-        "bf16 1024 px batch 2 ({backend:?} attention): {:.1} ms per UNet step ({steps} steps)",
-        per_step * 1e3
-    );
     Ok(())
 }
 

@@ -13,6 +13,8 @@ fn main() {
     println!("cargo:rerun-if-changed=src/rng.cpp");
     println!("cargo:rerun-if-changed=src/dist.cpp");
     println!("cargo:rerun-if-changed=src/dist_nccl.cpp");
+    println!("cargo:rerun-if-changed=src/group_norm.cpp");
+    println!("cargo:rerun-if-changed=src/group_norm_nhwc.cu");
     println!("cargo:rustc-check-cfg=cfg(torch_dist_nccl)");
     println!("cargo:rerun-if-changed=src/gloo_decls");
     println!("cargo:rustc-check-cfg=cfg(torch_dist_shim)");
@@ -52,20 +54,48 @@ fn main() {
         );
         return;
     };
+    let kernel_header = embed_kernel_source();
     cc::Build::new()
         .cpp(true)
         .std("c++17")
         .warnings(false)
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .include(&torch_include)
+        .include(torch_include.join("torch/csrc/api/include"))
         .include(&cuda_include)
+        .include(&kernel_header)
         .file("src/shim.cpp")
+        .file("src/group_norm.cpp")
         .compile("torch_cuda_shim");
     println!("cargo:rustc-link-search=native={}", lib_dir.display());
     println!("cargo:rustc-link-lib=dylib=torch_cuda");
     println!("cargo:rustc-link-lib=dylib=c10_cuda");
     println!("cargo:rustc-link-lib=dylib=c10");
     println!("cargo:rustc-cfg=torch_cuda_shim");
+}
+
+/// Writes `group_norm_nhwc_src.h` into OUT_DIR: `src/group_norm_nhwc.cu` as the C++ string
+/// `kGroupNormSource`, which `src/group_norm.cpp` hands to NVRTC at run time. Returns the folder; a
+/// checkout without the file (or an unwritable OUT_DIR) stops the build with the reason.
+fn embed_kernel_source() -> PathBuf {
+    let written = (|| -> Result<PathBuf, String> {
+        let source = std::fs::read_to_string("src/group_norm_nhwc.cu")
+            .map_err(|e| format!("reading src/group_norm_nhwc.cu: {e}"))?;
+        if source.contains(")CUDA\"") {
+            return Err("src/group_norm_nhwc.cu contains the raw-string delimiter )CUDA\"".into());
+        }
+        let out = PathBuf::from(std::env::var_os("OUT_DIR").ok_or("OUT_DIR is not set")?);
+        std::fs::write(
+            out.join("group_norm_nhwc_src.h"),
+            format!("static const char* const kGroupNormSource = R\"CUDA({source})CUDA\";\n"),
+        )
+        .map_err(|e| format!("writing group_norm_nhwc_src.h: {e}"))?;
+        Ok(out)
+    })();
+    written.unwrap_or_else(|reason| {
+        println!("cargo:warning=torch-cuda: {reason}");
+        std::process::exit(1)
+    })
 }
 
 /// The random-state snapshots (`src/rng.cpp`) need only torch's headers for the CPU generator, so

@@ -120,6 +120,10 @@ pub struct GenerateArgs {
     /// Capture the denoising step's UNet call as a CUDA graph after the first step and replay it (CUDA only).
     #[arg(long = "cuda_graph")]
     cuda_graph: bool,
+    /// Run the UNet's feature maps channels-last (CUDA only): cuDNN's NHWC convolutions and the
+    /// channels-last group norm kernels, compiled at first use.
+    #[arg(long = "channels_last")]
+    channels_last: bool,
     /// Store the UNet's base weights in fp8 (every linear layer and convolution; each still computes in
     /// --kind): about half the UNet's memory, not faster.
     #[arg(long)]
@@ -290,6 +294,9 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     );
     if args.tile {
         pipe.set_vae_tiling(Some(VaeTiling::default()))?;
+    }
+    if args.channels_last && device.is_cuda() {
+        pipe.unet_mut().set_channels_last(true);
     }
     if args.fp8 {
         let [linears, convs] = pipe.quantize_unet_fp8()?;

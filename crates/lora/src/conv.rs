@@ -179,6 +179,23 @@ impl Conv2d {
         Ok(())
     }
 
+    /// Lays the base kernel out channels-last (`[out, in, kh, kw]` with NHWC strides, PyTorch's
+    /// `weight.to(memory_format=torch.channels_last)`) or back to contiguous, in place: the variable
+    /// store's tensor follows (the same tensor), values and shape are unchanged, and later loads and
+    /// merges keep the layout. cuDNN then runs NHWC kernels for channels-last inputs without
+    /// converting the kernel in every call.
+    pub fn set_channels_last(&mut self, channels_last: bool) {
+        let target = if channels_last {
+            self.weight
+                .permute([0, 2, 3, 1])
+                .contiguous()
+                .permute([0, 3, 1, 2])
+        } else {
+            self.weight.contiguous()
+        };
+        tch::no_grad(|| self.weight.set_data(&target));
+    }
+
     /// The adapters, in the order they were added.
     pub fn adapters(&self) -> &[Adapter] {
         &self.adapters

@@ -45,6 +45,7 @@ mod config_file;
 mod error;
 pub mod hub;
 mod mapped_load;
+pub mod norm;
 pub mod pipeline;
 pub mod pretrained;
 pub mod prompt;

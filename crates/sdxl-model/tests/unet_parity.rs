@@ -308,3 +308,42 @@ fn sdxl_base_has_the_hub_parameter_count_and_a_complete_sgm_table() {
     assert_eq!(mapped.len(), variables.len());
     drop(unet);
 }
+
+#[test]
+fn channels_last_matches_diffusers_and_returns_nchw() {
+    let mut case = load(
+        "tiny-sdxl/unet",
+        "tiny-sdxl-unet-io.safetensors",
+        UNetConfig::tiny_sdxl(),
+    );
+    let expected = case.get("out");
+    let nchw = case.run();
+    case.unet.set_channels_last(true);
+    assert!(case.unet.channels_last());
+    // The variable store's kernels are laid out NHWC in place (values unchanged).
+    let kernel = &case.vs.variables()["down_blocks.1.resnets.0.conv1.weight"];
+    let [o, i, kh, kw] = <[i64; 4]>::try_from(kernel.size()).unwrap();
+    assert_eq!(
+        kernel.stride(),
+        [i * kh * kw, 1, kw * i, i],
+        "{o}×{i} kernel"
+    );
+    let out = case.run();
+    assert!(out.is_contiguous(), "the output is not returned NCHW");
+    // Another layout changes only the kernels' summation order: the fp32 bound of the parity test.
+    let bound = f32_bound(case.depth());
+    check(
+        "tiny-sdxl UNet channels-last vs diffusers",
+        rel(&out, &expected),
+        bound,
+    );
+    check(
+        "tiny-sdxl UNet channels-last vs NCHW",
+        rel(&out, &nchw),
+        bound,
+    );
+    // Back to NCHW: the kernels are contiguous again and the output is the NCHW model's.
+    case.unet.set_channels_last(false);
+    assert!(case.vs.variables()["down_blocks.1.resnets.0.conv1.weight"].is_contiguous());
+    assert!(case.run().equal(&nchw));
+}

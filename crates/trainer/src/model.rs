@@ -86,6 +86,9 @@ impl SharedUnet {
                 );
             }
         }
+        if config.channels_last && device.is_cuda() {
+            unet.set_channels_last(true);
+        }
         unet.set_attention_backend(match config.attention {
             Attention::Fused => AttentionBackend::Fused,
             Attention::Sliced => AttentionBackend::Sliced(sdxl_model::attention::SliceSize::Auto),

@@ -9,6 +9,8 @@ use tch::nn::{self, Module};
 
 use lora::{Conv2d, Linear};
 
+use crate::norm::GroupNorm;
+
 /// A 3×3 (or 1×1) convolution created under `path` with the given stride and padding.
 pub(crate) fn conv2d(
     path: &nn::Path,
@@ -22,27 +24,19 @@ pub(crate) fn conv2d(
 }
 
 /// A group norm with affine parameters created under `path`.
-pub(crate) fn group_norm(path: &nn::Path, groups: i64, channels: i64, eps: f64) -> nn::GroupNorm {
-    nn::group_norm(
-        path,
-        groups,
-        channels,
-        nn::GroupNormConfig {
-            eps,
-            ..Default::default()
-        },
-    )
+pub(crate) fn group_norm(path: nn::Path, groups: i64, channels: i64, eps: f64) -> GroupNorm {
+    GroupNorm::new(path, groups, channels, eps)
 }
 
 /// `ResnetBlock2D`: two norm–SiLU–conv stages with the projected time embedding added in between,
 /// plus a 1×1 `conv_shortcut` on the residual path when the channel count changes.
 #[derive(Debug)]
 pub struct ResnetBlock2D {
-    norm1: nn::GroupNorm,
+    norm1: GroupNorm,
     conv1: Conv2d,
     /// `time_emb_proj`: the time embedding projected to this block's channels.
     pub(crate) time_emb_proj: Linear,
-    norm2: nn::GroupNorm,
+    norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
 }
@@ -58,7 +52,7 @@ impl ResnetBlock2D {
         eps: f64,
     ) -> Self {
         Self {
-            norm1: group_norm(&(path / "norm1"), groups, in_channels, eps),
+            norm1: group_norm(path / "norm1", groups, in_channels, eps),
             conv1: conv2d(&(path / "conv1"), in_channels, out_channels, 3, 1, 1),
             time_emb_proj: Linear::new(
                 &(path / "time_emb_proj"),
@@ -66,7 +60,7 @@ impl ResnetBlock2D {
                 out_channels,
                 true,
             ),
-            norm2: group_norm(&(path / "norm2"), groups, out_channels, eps),
+            norm2: group_norm(path / "norm2", groups, out_channels, eps),
             conv2: conv2d(&(path / "conv2"), out_channels, out_channels, 3, 1, 1),
             conv_shortcut: (in_channels != out_channels).then(|| {
                 conv2d(
@@ -88,8 +82,8 @@ impl ResnetBlock2D {
     pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Tensor {
         // One op per statement, so each intermediate is freed once the next exists (the temporaries
         // of a chained expression live until the end of the statement); this matters without autograd.
-        let mut h = xs.apply(&self.norm1);
-        h = h.silu();
+        // Norm and SiLU in one op where the channels-last kernels run (crate::norm).
+        let mut h = self.norm1.forward_silu(xs);
         h = h.apply(&self.conv1);
         let t = self
             .time_emb_proj
@@ -97,8 +91,7 @@ impl ResnetBlock2D {
             .unsqueeze(-1)
             .unsqueeze(-1);
         h = &h + &t; // out of place, as before; `+=` would be libtorch's in-place add_
-        h = h.apply(&self.norm2);
-        h = h.silu();
+        h = self.norm2.forward_silu(&h);
         h = h.apply(&self.conv2);
         match &self.conv_shortcut {
             Some(conv) => xs.apply(conv) + h,

@@ -13,6 +13,7 @@ use super::basic_transformer_block::BasicTransformerBlock;
 use super::resnet::{conv2d, group_norm};
 use crate::Result;
 use crate::attention::AttentionBackend;
+use crate::norm::GroupNorm;
 
 /// `proj_in` / `proj_out`: linear on tokens (SDXL) or a 1×1 convolution on the feature map (SD 1.x).
 #[derive(Debug)]
@@ -24,7 +25,7 @@ enum Projection {
 /// `Transformer2DModel` over a `[B, C, H, W]` feature map.
 #[derive(Debug)]
 pub struct Transformer2DModel {
-    norm: nn::GroupNorm,
+    norm: GroupNorm,
     proj_in: Projection,
     /// `transformer_blocks`.
     pub(crate) transformer_blocks: Vec<BasicTransformerBlock>,
@@ -63,7 +64,7 @@ impl Transformer2DModel {
         };
         Self {
             // diffusers fixes this norm's epsilon at 1e-6, independent of `norm_eps`.
-            norm: group_norm(&(path / "norm"), spec.groups, c, 1e-6),
+            norm: group_norm(path / "norm", spec.groups, c, 1e-6),
             proj_in: projection("proj_in"),
             transformer_blocks: (0..spec.layers)
                 .map(|i| {
@@ -132,7 +133,13 @@ impl Transformer2DModel {
             Projection::Linear(linear) => to_map(linear.forward(tokens)),
             Projection::Conv(conv) => to_map(tokens.shallow_clone()).contiguous().apply(conv),
         };
-        Ok(out + xs)
+        // diffusers makes the map contiguous (NCHW) before the residual; a channels-last model keeps
+        // it channels-last (the permuted view already is), so the add needs no layout copy.
+        if torch_cuda::group_norm::is_channels_last(xs) {
+            Ok(out + xs)
+        } else {
+            Ok(out.contiguous() + xs)
+        }
     }
 
     /// Calls `f` with every linear layer, paths under `prefix` (the 1×1 convolution projections of

@@ -19,6 +19,7 @@ use super::resnet::{conv2d, group_norm};
 use super::transformer_2d::Transformer2DModel;
 use super::unet_2d_blocks::{DownBlock, MidBlock, UpBlock};
 use crate::attention::AttentionBackend;
+use crate::norm::GroupNorm;
 use crate::{Error, Result};
 
 /// The inputs of one UNet call; all device tensors.
@@ -58,8 +59,10 @@ pub struct UNet2DConditionModel {
     pub(crate) mid_block: MidBlock,
     /// `up_blocks`.
     pub(crate) up_blocks: Vec<UpBlock>,
-    conv_norm_out: nn::GroupNorm,
+    conv_norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// Whether the feature maps run channels-last ([`UNet2DConditionModel::set_channels_last`]).
+    channels_last: bool,
 }
 
 /// The result of [`UNet2DConditionModel::forward_checkpointed`]: the prediction without an autograd
@@ -169,13 +172,32 @@ impl UNet2DConditionModel {
                 .map(|i| UpBlock::new(&(path / "up_blocks" / i), config, i))
                 .collect(),
             conv_norm_out: group_norm(
-                &(path / "conv_norm_out"),
+                path / "conv_norm_out",
                 config.norm_num_groups,
                 c0,
                 config.norm_eps,
             ),
             conv_out: conv2d(&(path / "conv_out"), c0, config.out_channels, 3, 1, 1),
+            channels_last: false,
         }
+    }
+
+    /// Runs the feature maps channels-last (NHWC in memory, PyTorch's `torch.channels_last`), or
+    /// back in NCHW: every convolution's base kernel is laid out so in place (the variable store's
+    /// tensors follow; values unchanged), the input is laid out so on entry and the output is
+    /// returned NCHW. cuDNN then runs its NHWC convolution kernels without transposing every input,
+    /// output and kernel as it does for NCHW half-precision maps on recent GPUs, the group norms take
+    /// [`torch_cuda::group_norm`]'s NHWC kernels (SiLU fused) on CUDA, and the attention blocks' map ↔
+    /// token reshapes become views. The result equals the NCHW model's to the summation order of the
+    /// kernels (crate::norm). Off by default; the trainer and the pipeline turn it on for CUDA.
+    pub fn set_channels_last(&mut self, channels_last: bool) {
+        self.for_each_conv(&mut |_, conv| conv.set_channels_last(channels_last));
+        self.channels_last = channels_last;
+    }
+
+    /// Whether the feature maps run channels-last ([`Self::set_channels_last`]).
+    pub fn channels_last(&self) -> bool {
+        self.channels_last
     }
 
     /// The config the model was built from.
@@ -367,7 +389,14 @@ impl UNet2DConditionModel {
         })?;
 
         // 2. pre-process.
-        let mut h = tape.run(&[sample], move |x| Ok(x[0].apply(&self.conv_in)))?;
+        let channels_last = self.channels_last;
+        let mut h = tape.run(&[sample], move |x| {
+            Ok(if channels_last {
+                torch_cuda::group_norm::to_channels_last(&x[0]).apply(&self.conv_in)
+            } else {
+                x[0].apply(&self.conv_in)
+            })
+        })?;
 
         // 3. down: every ResNet/transformer output and every downsampled map is a skip connection.
         let mut skips = vec![h];
@@ -417,7 +446,9 @@ impl UNet2DConditionModel {
 
         // 6. post-process.
         let out = tape.run(&[h], move |x| {
-            Ok(x[0].apply(&self.conv_norm_out).silu().apply(&self.conv_out))
+            let out = self.conv_norm_out.forward_silu(&x[0]).apply(&self.conv_out);
+            // The caller gets NCHW whatever the layout inside.
+            Ok(if channels_last { out.contiguous() } else { out })
         })?;
         Ok((out, [sample, timesteps, context, text_embeds, time_ids]))
     }

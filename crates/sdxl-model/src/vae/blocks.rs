@@ -9,8 +9,8 @@
 use tch::Tensor;
 use tch::nn::{self, Module};
 
-use super::norm::GroupNorm;
 use crate::attention::{AttentionBackend, attention};
+use crate::norm::GroupNorm;
 
 /// diffusers builds every VAE norm with this epsilon (`resnet_eps=1e-6`).
 const VAE_NORM_EPS: f64 = 1e-6;

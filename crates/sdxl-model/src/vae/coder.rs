@@ -9,8 +9,8 @@ use tch::nn;
 
 use super::AutoencoderKLConfig;
 use super::blocks::{DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D, conv2d, silu};
-use super::norm::GroupNorm;
 use crate::attention::AttentionBackend;
+use crate::norm::GroupNorm;
 
 fn norm_out(path: nn::Path, groups: i64, channels: i64) -> GroupNorm {
     GroupNorm::new(path, groups, channels, 1e-6)

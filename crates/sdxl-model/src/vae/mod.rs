@@ -9,7 +9,6 @@
 
 mod blocks;
 mod coder;
-pub mod norm;
 pub mod single_file;
 mod tiling;
 

@@ -354,6 +354,8 @@ train_config! {
     cuda_graph: bool = false,
     /// Let cuDNN time its convolution algorithms on first use and keep the fastest (PyTorch's `torch.backends.cudnn.benchmark`); the timing runs in the warm-up steps, before any graph capture.
     cudnn_benchmark: bool = false,
+    /// Run the UNet's feature maps channels-last on CUDA (PyTorch's `torch.channels_last`): cuDNN's NHWC convolutions without layout transposes, and group norms (with their SiLU) from the channels-last kernels of torch-cuda, compiled at first use by NVRTC; no effect on the CPU.
+    channels_last: bool = false,
     /// UNet attention implementation.
     attention: Attention = Attention::Fused,
     /// Min-SNR-γ loss weighting (5.0 is the paper's value); off when unset.

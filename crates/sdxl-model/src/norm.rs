@@ -1,7 +1,14 @@
-//! The VAE's group norm, with a faster inference path on CUDA.
+//! The group norm of the UNet and the VAE, with faster paths on CUDA.
 //!
-//! libtorch's CUDA group norm reduces each (sample, group) with a single thread block. The VAE's
-//! decoder normalizes few, huge groups (32 groups of 4 channels × 1024² pixels for a 1024 px tile),
+//! **Channels-last maps** (the UNet under [`crate::unet::UNet2DConditionModel::set_channels_last`]):
+//! libtorch's CUDA group norm reads NCHW only, so it would copy each map to NCHW and return NCHW,
+//! undoing the layout cuDNN's NHWC convolutions want. On CUDA such maps go through
+//! [`torch_cuda::group_norm`] (kernels that read and write NHWC, with autograd, SiLU fused where
+//! the model applies one: [`GroupNorm::forward_silu`]); where that is unavailable (no NVRTC, an
+//! unsupported shape) libtorch's group norm runs instead.
+//!
+//! **The VAE's inference path**: libtorch's CUDA group norm reduces each (sample, group) with a
+//! single thread block. The VAE's decoder normalizes few, huge groups (32 groups of 4 channels × 1024² pixels for a 1024 px tile),
 //! so that reduction runs on 32 of the device's blocks and dominates the decode (docs/BENCHMARKS.md,
 //! "GPU runs of 2026-12-01, second session", call J, finding 3). Without autograd on CUDA
 //! this module takes the statistics with libtorch's general reduction instead (Welford, as the group
@@ -38,12 +45,35 @@ impl GroupNorm {
             eps,
         }
     }
-}
 
-impl Module for GroupNorm {
+    /// The norm followed by SiLU (`silu(group_norm(xs))`), in one pass where the channels-last
+    /// kernels run.
+    ///
     /// # Shapes
     /// `[batch, channels, ...]` → the same.
-    fn forward(&self, xs: &Tensor) -> Tensor {
+    pub fn forward_silu(&self, xs: &Tensor) -> Tensor {
+        self.norm(xs, true)
+    }
+
+    fn norm(&self, xs: &Tensor, silu: bool) -> Tensor {
+        if xs.device().is_cuda() && xs.dim() == 4 && torch_cuda::group_norm::is_channels_last(xs) {
+            // Falls back on anything the kernels do not take (no NVRTC, a shape they refuse).
+            if let Ok(out) = torch_cuda::group_norm::group_norm(
+                xs,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                silu,
+            ) {
+                return out;
+            }
+        }
+        let out = self.libtorch_norm(xs);
+        if silu { out.silu() } else { out }
+    }
+
+    fn libtorch_norm(&self, xs: &Tensor) -> Tensor {
         // Inference: autograd is off (`no_grad`; a VarStore's weights require gradients even then), or
         // nothing here requires a gradient.
         let inference = torch_cuda::grad_enabled() == Some(false)
@@ -63,6 +93,14 @@ impl Module for GroupNorm {
             self.eps,
             true,
         )
+    }
+}
+
+impl Module for GroupNorm {
+    /// # Shapes
+    /// `[batch, channels, ...]` → the same.
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        self.norm(xs, false)
     }
 }
 
