@@ -26,10 +26,12 @@ pub fn help(name: &str) -> String {
     format!(
         "Prints the memory and time a training configuration needs on a CUDA device, without loading weights.
 
-Usage: {name} [--vram_gib GIB] [--preset tiny] [--config FILE.toml] [--FLAG VALUE ...]
+Usage: {name} [--vram_gib GIB] [--preset tiny] [--config FILE.toml] [--sweep FILE.toml] [--FLAG VALUE ...]
 
   --vram_gib <GIB>
       Say which settings (gradient checkpointing, batch size) fit in this much device memory (default: none)
+  --sweep <path>
+      Estimate each variant of a sweep file and the sweep in one process (the weights once, every variant's LoRA and optimizer)
 
 The model must be a local diffusers folder (--pretrained_model_name_or_path DIR).
 Training flags, as `sdxl-lora train` reads them:
@@ -206,9 +208,46 @@ fn input(
     Ok((input, OptimizerTable::new(&input, &choices)))
 }
 
+/// The report of `estimate --sweep FILE`: each variant's estimate, then the sweep's
+/// ([`trainer::estimate::sweep_estimate`]: the weights once, every variant's LoRA and optimizer).
+fn sweep_report(args: Vec<String>, path: &Path) -> anyhow::Result<String> {
+    let file = trainer::config::SweepFile::read(path)?;
+    let base = super::train::config_over_sweep(args, Some(&file))?;
+    let tensors = unet_tensors(&base)?;
+    let vae = Path::new(&base.pretrained_model_name_or_path).join("vae/config.json");
+    let vae = AutoencoderKLConfig::from_file(&vae).with_context(|| format!("{}", vae.display()))?;
+    let latent = i64::from(base.resolution) / vae.downscale_factor();
+    let mut text = format!(
+        "{} at {} px, {} steps, a sweep of {} variants\n",
+        base.pretrained_model_name_or_path,
+        base.resolution,
+        base.max_train_steps,
+        file.variants().len()
+    );
+    let mut estimates = Vec::new();
+    for (name, config) in file.variant_configs(&base)? {
+        let (input, _) = input(&config, &tensors, latent)?;
+        let estimate = run_estimate(&input);
+        text += &format!("  {name}: rank {}, {estimate}\n", config.rank);
+        estimates.push(estimate);
+    }
+    if let Some(total) = trainer::estimate::sweep_estimate(&estimates) {
+        text += &format!("the sweep in one process: {total}\n");
+    }
+    Ok(text)
+}
+
 /// The report `estimate` prints for the training command line `args`.
 pub fn report(mut args: Vec<String>) -> anyhow::Result<String> {
     let vram = take_vram(&mut args)?;
+    if let Some(path) = super::take_flag(&mut args, "--sweep", "a sweep file (TOML)")? {
+        if vram.is_some() {
+            anyhow::bail!(UsageError(
+                "--vram_gib: not with --sweep (its table varies one run's settings)".into()
+            ));
+        }
+        return sweep_report(args, Path::new(&path));
+    }
     let config = super::train::config(args)?;
     let tensors = unet_tensors(&config)?;
     let vae = Path::new(&config.pretrained_model_name_or_path).join("vae/config.json");

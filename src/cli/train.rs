@@ -8,7 +8,9 @@
 
 use std::path::Path;
 
+use trainer::config::SweepFile;
 use trainer::distributed::{World, launch};
+use trainer::sweep::{SWEEP_LOSS_FILE, SWEEP_SUMMARY_FILE, Sweep, VariantStatus};
 use trainer::{Error, TrainConfig, Trainer};
 
 use super::UsageError;
@@ -18,12 +20,14 @@ fn usage(name: &str) -> String {
     format!(
         "Trains an SDXL LoRA with diffusers' train_dreambooth_lora_sdxl.py flags.
 
-Usage: {name} [--preset tiny] [--config FILE.toml] [--FLAG VALUE ...]
+Usage: {name} [--preset tiny] [--config FILE.toml] [--sweep FILE.toml] [--FLAG VALUE ...]
 
   --preset <tiny>
       Start from the offline demo settings (the repository's tiny model and dataset, CPU); later flags override them (default: none, the seed recipe)
   --config <path>
       A TOML file whose keys are the flag names: its keys override the defaults or the preset, flags override it (default: none)
+  --sweep <path>
+      Train the variants of a sweep file in one process on one loaded base model: its [base] keys override the preset, --config and flags override them, each [[variant]] overrides those; outputs in --output_dir/<variant name>/ (docs/SWEEPS.md) (default: none)
   -h, --help
       Print this help
 
@@ -44,10 +48,24 @@ pub fn wants_help(args: &[String]) -> bool {
 /// The run's configuration from the command line `args` (after the program and subcommand): the
 /// defaults or a preset, a `--config` file, then the flags. A problem of the command line is a
 /// [`UsageError`]; a `--config` file's problems are errors of the run.
-pub fn config(mut args: Vec<String>) -> anyhow::Result<TrainConfig> {
+pub fn config(args: Vec<String>) -> anyhow::Result<TrainConfig> {
+    config_over_sweep(args, None)
+}
+
+/// [`config`] with a sweep file's `[base]` keys set over the defaults or the preset (before
+/// `--config` and the flags).
+pub(crate) fn config_over_sweep(
+    mut args: Vec<String>,
+    sweep: Option<&SweepFile>,
+) -> anyhow::Result<TrainConfig> {
     let preset = super::take_flag(&mut args, "--preset", "a name (tiny)")?;
+    let with_base = |start: TrainConfig| match sweep {
+        Some(sweep) => sweep.base_over(start),
+        None => Ok(start),
+    };
     let parsed = match preset.as_deref() {
-        None => TrainConfig::from_args(args),
+        None => with_base(TrainConfig::default())
+            .and_then(|start| TrainConfig::from_args_over(start, args)),
         Some("tiny") => {
             let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
             let preset = TrainConfig::tiny_demo(
@@ -56,7 +74,7 @@ pub fn config(mut args: Vec<String>) -> anyhow::Result<TrainConfig> {
                 Path::new("naruto-lora-tiny"),
             );
             // Flags after the preset override it, through the same parser.
-            TrainConfig::from_args_over(preset, args)
+            with_base(preset).and_then(|start| TrainConfig::from_args_over(start, args))
         }
         Some(other) => anyhow::bail!(UsageError(format!(
             "--preset: `{other}` is not a preset (the only one is `tiny`)"
@@ -72,7 +90,10 @@ pub fn config(mut args: Vec<String>) -> anyhow::Result<TrainConfig> {
 /// Trains with the command line `args`. `relaunch` is what comes before them on this executable's
 /// command line (`["train"]` for `sdxl-lora`, nothing for the example): `--nproc_per_node N` starts
 /// the executable again with it, once per rank.
-pub fn train(args: Vec<String>, relaunch: &[&str]) -> anyhow::Result<()> {
+pub fn train(mut args: Vec<String>, relaunch: &[&str]) -> anyhow::Result<()> {
+    if let Some(path) = super::take_flag(&mut args, "--sweep", "a sweep file (TOML)")? {
+        return sweep(args, Path::new(&path));
+    }
     let all_args = args.clone();
     let config = config(args)?;
     let world = World::from_env()?;
@@ -101,6 +122,35 @@ pub fn train(args: Vec<String>, relaunch: &[&str]) -> anyhow::Result<()> {
         summary.lora_file.display(),
         summary.kohya_file.display(),
         output_dir.join("loss.png").display(),
+    );
+    Ok(())
+}
+
+/// `--sweep FILE`: the variants of the sweep file trained in this process; fails only when every
+/// variant failed.
+fn sweep(args: Vec<String>, path: &Path) -> anyhow::Result<()> {
+    let file = SweepFile::read(path)?;
+    let base = config_over_sweep(args, Some(&file))?;
+    let output_dir = base.output_dir.clone();
+    let summary = Sweep::new(base, &file)?.run()?;
+    for variant in &summary.variants {
+        let outcome = match &variant.status {
+            VariantStatus::Finished => format!(
+                "finished, final loss {}",
+                variant
+                    .final_loss
+                    .map_or_else(|| "n/a".into(), |l| format!("{l:.4}"))
+            ),
+            VariantStatus::Diverged { step, .. } => format!("diverged after step {step}"),
+            other => format!("{other:?}"),
+        };
+        println!("{}: {outcome}", variant.name);
+    }
+    println!(
+        "done: {} variants; summary: {}; loss curves: {}",
+        summary.variants.len(),
+        output_dir.join(SWEEP_SUMMARY_FILE).display(),
+        output_dir.join(SWEEP_LOSS_FILE).display(),
     );
     Ok(())
 }

@@ -505,6 +505,68 @@ fn update_adapter(
     })
 }
 
+/// The adapters of one name taken off a model by [`detach`], with their state (compute copies,
+/// compute type, enabled flag) kept, to be put back by [`attach`]: several sets of adapters of the
+/// same name (one per training run) can take turns on one frozen model.
+#[derive(Debug, Default)]
+pub struct DetachedAdapters {
+    /// `(module path, adapter)` in the model's layer order.
+    adapters: Vec<(String, Adapter)>,
+}
+
+impl DetachedAdapters {
+    /// How many layers the adapters came from.
+    pub fn len(&self) -> usize {
+        self.adapters.len()
+    }
+
+    /// Whether no adapter was detached.
+    pub fn is_empty(&self) -> bool {
+        self.adapters.is_empty()
+    }
+}
+
+/// Takes adapter `name` off every layer that has it (unmerging a merged one first).
+///
+/// # Errors
+/// [`Error::UnknownAdapter`] when no layer has it; unmerge errors.
+pub fn detach(model: &mut dyn HasLinears, name: &str) -> Result<DetachedAdapters> {
+    let mut detached = DetachedAdapters::default();
+    for_each_named(model, name, &mut |module, layer| {
+        let adapter = layer.remove_adapter(module, name)?;
+        detached.adapters.push((module.to_owned(), adapter));
+        Ok(())
+    })?;
+    Ok(detached)
+}
+
+/// Puts adapters taken off by [`detach`] back on the layers they came from.
+///
+/// # Errors
+/// [`Error::DuplicateAdapter`] when a layer already has an adapter of that name,
+/// [`Error::ModulesNotInModel`] naming the modules `model` does not have (the others are attached).
+pub fn attach(model: &mut dyn HasLinears, detached: DetachedAdapters) -> Result<()> {
+    let mut waiting: BTreeMap<String, Adapter> = detached.adapters.into_iter().collect();
+    let mut failure = None;
+    for_each_layer(model, &mut |module, layer| {
+        if failure.is_none()
+            && let Some(adapter) = waiting.remove(module)
+            && let Err(error) = layer.add_adapter(module, adapter)
+        {
+            failure = Some(error);
+        }
+    });
+    if let Some(error) = failure {
+        return Err(error);
+    }
+    if !waiting.is_empty() {
+        return Err(Error::ModulesNotInModel {
+            modules: waiting.into_keys().collect(),
+        });
+    }
+    Ok(())
+}
+
 /// Training mode (adapter dropout on) or evaluation mode for every linear layer and convolution.
 pub fn set_training(model: &mut dyn HasLinears, training: bool) {
     for_each_layer(model, &mut |_, layer| layer.set_training(training));

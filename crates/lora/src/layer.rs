@@ -54,6 +54,7 @@ pub(crate) trait AdaptedLayer {
     fn adapters(&self) -> &[Adapter];
     fn adapter_mut(&mut self, name: &str) -> Option<&mut Adapter>;
     fn add_adapter(&mut self, module: &str, adapter: Adapter) -> Result<()>;
+    fn remove_adapter(&mut self, module: &str, name: &str) -> Result<Adapter>;
     fn set_adapter_enabled(&mut self, module: &str, name: &str, enabled: bool) -> Result<()>;
     fn set_training(&mut self, training: bool);
     fn set_randomness(&mut self, randomness: Option<Arc<dyn Randomness>>);
@@ -98,6 +99,9 @@ impl AdaptedLayer for Linear {
     fn add_adapter(&mut self, module: &str, adapter: Adapter) -> Result<()> {
         Linear::add_adapter(self, module, adapter)
     }
+    fn remove_adapter(&mut self, module: &str, name: &str) -> Result<Adapter> {
+        Linear::remove_adapter(self, module, name)
+    }
     fn set_adapter_enabled(&mut self, module: &str, name: &str, enabled: bool) -> Result<()> {
         Linear::set_adapter_enabled(self, module, name, enabled)
     }
@@ -140,6 +144,9 @@ impl AdaptedLayer for Conv2d {
     }
     fn add_adapter(&mut self, module: &str, adapter: Adapter) -> Result<()> {
         Conv2d::add_adapter(self, module, adapter)
+    }
+    fn remove_adapter(&mut self, module: &str, name: &str) -> Result<Adapter> {
+        Conv2d::remove_adapter(self, module, name)
     }
     fn set_adapter_enabled(&mut self, module: &str, name: &str, enabled: bool) -> Result<()> {
         Conv2d::set_adapter_enabled(self, module, name, enabled)

@@ -66,8 +66,9 @@ pub use copies::ComputeCopies;
 pub use error::{Error, Result};
 pub use fp8::{Fp8Report, quantize_base_fp8};
 pub use inject::{
-    Init, InjectionReport, LoraConfig, inject, inject_with, merge, module_path, set_compute_kind,
-    set_enabled, set_multiplier, set_randomness, set_training, trainable_variables, unmerge,
+    DetachedAdapters, Init, InjectionReport, LoraConfig, attach, detach, inject, inject_with,
+    merge, module_path, set_compute_kind, set_enabled, set_multiplier, set_randomness,
+    set_training, trainable_variables, unmerge,
 };
 pub use linear::{HasLinears, Linear};
 pub use randomness::{DefaultGenerator, Randomness};

@@ -210,3 +210,55 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn adapter_sets_of_one_name_take_turns_on_one_model() {
+    tch::manual_seed(11);
+    let base = nn::VarStore::new(Device::Cpu);
+    let mut model = tree(&base, &[6, 8, 8, 5, 7, 4, 3]);
+    let x = Tensor::randn([2, 6], (Kind::Float, Device::Cpu));
+    let plain = model.forward(&x);
+    // Two runs' adapters, both called "default", with non-zero B so that each changes the output.
+    let (first_store, second_store) = (
+        nn::VarStore::new(Device::Cpu),
+        nn::VarStore::new(Device::Cpu),
+    );
+    let mut set = |store: &nn::VarStore, rank: i64, value: f64| {
+        inject(
+            &mut model,
+            &store.root(),
+            "default",
+            &LoraConfig::unet_attention(rank),
+        )
+        .unwrap();
+        tch::no_grad(|| {
+            for (name, tensor) in trainable_variables(&mut model) {
+                if name.ends_with("lora_B") {
+                    let _ = tensor.shallow_clone().fill_(value);
+                }
+            }
+        });
+        let out = model.forward(&x);
+        (lora::detach(&mut model, "default").unwrap(), out)
+    };
+    let (first, first_out) = set(&first_store, 4, 0.1);
+    let (second, second_out) = set(&second_store, 2, -0.2);
+    assert_eq!((first.len(), second.len()), (4, 4));
+    assert!(max_abs_diff(&first_out, &second_out) > 1e-3);
+    // Detached, the model is the plain one; attached, each set gives its own output exactly.
+    assert!(max_abs_diff(&model.forward(&x), &plain) == 0.0);
+    lora::attach(&mut model, second).unwrap();
+    assert!(max_abs_diff(&model.forward(&x), &second_out) == 0.0);
+    let second = lora::detach(&mut model, "default").unwrap();
+    lora::attach(&mut model, first).unwrap();
+    assert!(max_abs_diff(&model.forward(&x), &first_out) == 0.0);
+    // A set on top of another of the same name is refused; an unknown name is named.
+    assert!(matches!(
+        lora::attach(&mut model, second),
+        Err(Error::DuplicateAdapter { .. })
+    ));
+    assert!(matches!(
+        lora::detach(&mut model, "other"),
+        Err(Error::UnknownAdapter { .. })
+    ));
+}

@@ -180,6 +180,22 @@ pub enum Error {
         steps: u64,
     },
 
+    /// A sweep file (`--sweep`) that cannot be used: its table and key named.
+    #[error("{}: {problem}", path.display())]
+    SweepFile {
+        /// The sweep file.
+        path: std::path::PathBuf,
+        /// What is wrong, naming the table (`[base]`, `[[variant]]` 2 `lr-high`) and the key.
+        problem: String,
+    },
+
+    /// Every variant of a sweep failed (diverged); the sweep's summary lists why.
+    #[error("every variant of the sweep failed: {}", failures.join("; "))]
+    SweepFailed {
+        /// `name: error` of each variant.
+        failures: Vec<String>,
+    },
+
     /// A LoRA parameter holds NaN or infinity at a point where it would be written to a file.
     #[error("refusing to write {what}: LoRA parameter `{parameter}` is not finite")]
     NonFiniteLora {

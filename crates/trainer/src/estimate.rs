@@ -179,6 +179,35 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
     }
 }
 
+/// The estimate of a sweep ([`crate::sweep`]): the variants' runs `variants` in one process on one
+/// loaded model. The weights count once; each variant's LoRA, gradients, optimizer state and
+/// the rest of its peak beyond the activations (its CUDA graphs' pool, fp8 widening) count for
+/// each; the activations count for the largest variant (the variants' steps run one after
+/// another, each freeing its activations before the next); the step times add up.
+///
+/// `None` for no variant.
+pub fn sweep_estimate(variants: &[Estimate]) -> Option<Estimate> {
+    let first = variants.first()?;
+    let weights_gib = first.weights_gib;
+    let trainable_gib = variants.iter().map(|e| e.trainable_gib).sum();
+    let activations_gib = variants
+        .iter()
+        .map(|e| e.activations_gib)
+        .fold(0.0, f64::max);
+    let others: f64 = variants
+        .iter()
+        .map(|e| (e.peak_gib - e.weights_gib - e.trainable_gib - e.activations_gib).max(0.0))
+        .sum();
+    Some(Estimate {
+        weights_gib,
+        trainable_gib,
+        activations_gib,
+        peak_gib: weights_gib + trainable_gib + activations_gib + others,
+        seconds_per_step: variants.iter().map(|e| e.seconds_per_step).sum(),
+        total_seconds: variants.iter().map(|e| e.total_seconds).sum(),
+    })
+}
+
 impl fmt::Display for Estimate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let minutes = self.total_seconds / 60.0;
@@ -277,6 +306,48 @@ impl fmt::Display for OptimizerTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// K variants: the weights once, K LoRA-and-optimizer states and graph pools, one set of
+    /// activations, K step times.
+    #[test]
+    fn a_sweep_counts_the_weights_once_and_each_variant_s_state() {
+        let small = estimate(&EstimateInput {
+            cuda_graph: true,
+            ..seed_recipe(false)
+        });
+        let large = estimate(&EstimateInput {
+            cuda_graph: true,
+            lora_params: 4 * seed_recipe(false).lora_params,
+            batch: 4,
+            ..seed_recipe(false)
+        });
+        assert_eq!(sweep_estimate(&[]), None);
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        let one = sweep_estimate(&[small]).unwrap();
+        assert!(close(one.peak_gib, small.peak_gib) && one.total_seconds == small.total_seconds);
+        let sweep = sweep_estimate(&[small, large, small]).unwrap();
+        assert_eq!(sweep.weights_gib, small.weights_gib);
+        assert!(close(
+            sweep.trainable_gib,
+            2.0 * small.trainable_gib + large.trainable_gib
+        ));
+        assert_eq!(sweep.activations_gib, large.activations_gib);
+        let pool = |e: &Estimate| e.peak_gib - e.weights_gib - e.trainable_gib - e.activations_gib;
+        assert!(pool(&small) > 0.0);
+        assert!(close(
+            sweep.peak_gib,
+            small.weights_gib
+                + sweep.trainable_gib
+                + large.activations_gib
+                + 2.0 * pool(&small)
+                + pool(&large)
+        ));
+        assert!(close(
+            sweep.seconds_per_step,
+            2.0 * small.seconds_per_step + large.seconds_per_step
+        ));
+        assert!(sweep.peak_gib < 3.0 * small.peak_gib.max(large.peak_gib));
+    }
 
     /// Each row's peak differs from the chosen one's by exactly the difference of their states,
     /// and the table names every optimizer with its bytes per parameter, the chosen one marked.

@@ -35,6 +35,7 @@
 //! - [`distributed`]: data parallelism (torchrun's world, collectives, `--nproc_per_node`);
 //! - [`run`]: the loop (graphs, logging, checkpoints, validation, resume); [`checkpoint`]: its
 //!   checkpoint folders; [`logs`]: its metrics and TensorBoard files;
+//! - [`sweep`]: K variants of a run trained in one process on one frozen base (`--sweep`);
 //! - [`lr_scheduler`]: diffusers' learning-rate schedules; [`estimate`]: memory and time before a
 //!   run; [`kohya_metadata`]: the kohya file's header.
 //!
@@ -63,6 +64,7 @@ mod rng;
 pub mod run;
 pub(crate) mod single_file;
 pub mod step;
+pub mod sweep;
 pub(crate) mod throughput;
 pub(crate) mod validation;
 

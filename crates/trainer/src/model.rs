@@ -3,13 +3,19 @@
 //!
 //! With `--train_text_encoder` it also holds both text encoders with their LoRA ([`TextEncoders`]).
 //!
+//! The frozen UNet is a [`SharedUnet`]: a run's own, or one that the variants of a sweep
+//! ([`crate::sweep`]) share, each [`TrainModel`] putting its LoRA on it when it is its turn.
+//!
 //! It knows nothing of data sources: it is loaded from the model folder and handed inputs by the step.
 
 mod text;
 
 pub use text::{CheckpointedText, TextEncoders};
 
+use std::cell::{Ref, RefCell};
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use tch::nn::VarStore;
@@ -28,45 +34,45 @@ use crate::{Error, Result};
 /// The adapter name the LoRA is trained under.
 pub const ADAPTER: &str = "default";
 
-/// The UNet with its trainable LoRA (and the text encoders with theirs, when trained).
-pub struct TrainModel {
-    unet: UNet2DConditionModel,
-    unet_store: VarStore,
-    _lora_store: VarStore,
-    /// Every LoRA parameter: the UNet's, then the text encoders' (`text_encoder.…`).
-    params: Vec<(String, Tensor)>,
-    /// The UNet's LoRA parameters (the optimizer's first group).
-    unet_params: Vec<Tensor>,
-    text: Option<TextEncoders>,
-    /// bf16 copies of the LoRA under mixed precision (cast once per optimizer step, not per use).
-    copies: Option<lora::ComputeCopies>,
-    /// The run's generator: the LoRA's initial values, the adapters' dropout and the step's draws.
-    rng: Arc<RunRng>,
+/// The frozen UNet, loaded once, that the LoRA of a run is attached to — or, in a sweep
+/// ([`crate::sweep`]), that the LoRA of each variant is attached to in turn (each variant's
+/// adapters are called [`ADAPTER`], as in a run of its own, and the others' wait detached).
+#[derive(Clone)]
+pub struct SharedUnet {
+    slot: Rc<RefCell<UnetSlot>>,
 }
 
-impl std::fmt::Debug for TrainModel {
+struct UnetSlot {
+    unet: UNet2DConditionModel,
+    store: VarStore,
+    /// The model whose LoRA is on the UNet now.
+    attached: Option<u64>,
+    /// The other models' LoRA, detached.
+    parked: BTreeMap<u64, lora::DetachedAdapters>,
+    /// The id of the next model loaded on this UNet.
+    next_id: u64,
+}
+
+impl std::fmt::Debug for SharedUnet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TrainModel")
-            .field("lora_parameters", &self.params.len())
-            .finish()
+        f.debug_struct("SharedUnet").finish_non_exhaustive()
     }
 }
 
-impl TrainModel {
-    /// Loads the UNet of `folder` frozen in `kind`, sets its attention backend and (with
-    /// `--fp8_base_weights`) its fp8 weights, and injects the LoRA of `--rank` / `--lora_alpha`
-    /// seeded from `--seed`.
+impl SharedUnet {
+    /// Loads the UNet of `folder` frozen in `kind`, with (`--fp8_base_weights`) its fp8 weights
+    /// and `--attention`'s backend: what every LoRA trained on it shares.
     ///
     /// # Errors
-    /// Loading and injection errors naming the file or module.
+    /// Loading errors naming the file or module.
     pub fn load(
         config: &TrainConfig,
         folder: &ModelFolder,
         device: Device,
         kind: Kind,
     ) -> Result<Self> {
-        let (mut unet_store, mut unet) = folder.load_unet(device, kind)?;
-        unet_store.freeze();
+        let (mut store, mut unet) = folder.load_unet(device, kind)?;
+        store.freeze();
         if config.fp8_base_weights {
             log(format!(
                 "linear layers: {}",
@@ -88,6 +94,82 @@ impl TrainModel {
             Attention::Sliced => AttentionBackend::Sliced(sdxl_model::attention::SliceSize::Auto),
             Attention::Plain => AttentionBackend::Plain,
         });
+        Ok(Self {
+            slot: Rc::new(RefCell::new(UnetSlot {
+                unet,
+                store,
+                attached: None,
+                parked: BTreeMap::new(),
+                next_id: 0,
+            })),
+        })
+    }
+
+    /// Detaches the LoRA on the UNet now (if any), keeping it for its model.
+    fn park(&self) -> Result<()> {
+        let mut slot = self.slot.borrow_mut();
+        if let Some(owner) = slot.attached.take() {
+            let detached = lora::detach(&mut slot.unet, ADAPTER)?;
+            slot.parked.insert(owner, detached);
+        }
+        Ok(())
+    }
+}
+
+/// The UNet with its trainable LoRA (and the text encoders with theirs, when trained).
+pub struct TrainModel {
+    base: SharedUnet,
+    /// Which of the LoRA trained on `base` is this model's.
+    id: u64,
+    _lora_store: VarStore,
+    /// Every LoRA parameter: the UNet's, then the text encoders' (`text_encoder.…`).
+    params: Vec<(String, Tensor)>,
+    /// The UNet's LoRA parameters (the optimizer's first group).
+    unet_params: Vec<Tensor>,
+    text: Option<TextEncoders>,
+    /// bf16 copies of the LoRA under mixed precision (cast once per optimizer step, not per use).
+    copies: Option<lora::ComputeCopies>,
+    /// The run's generator: the LoRA's initial values, the adapters' dropout and the step's draws.
+    rng: Arc<RunRng>,
+}
+
+impl std::fmt::Debug for TrainModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainModel")
+            .field("lora_parameters", &self.params.len())
+            .finish()
+    }
+}
+
+impl TrainModel {
+    /// Loads the UNet of `folder` frozen in `kind` ([`SharedUnet::load`]) and injects the LoRA of
+    /// `--rank` / `--lora_alpha` seeded from `--seed`.
+    ///
+    /// # Errors
+    /// Loading and injection errors naming the file or module.
+    pub fn load(
+        config: &TrainConfig,
+        folder: &ModelFolder,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self> {
+        let base = SharedUnet::load(config, folder, device, kind)?;
+        Self::load_on(&base, config, folder, (device, kind))
+    }
+
+    /// Injects the LoRA of `config` into `base` (detaching the LoRA on it now, which its model
+    /// attaches again with [`TrainModel::activate`]): a model of its own on a shared UNet, with
+    /// the same initial values, draws and text encoders as [`TrainModel::load`] gives.
+    ///
+    /// # Errors
+    /// Injection errors naming the module; the text encoders' loading errors.
+    pub fn load_on(
+        base: &SharedUnet,
+        config: &TrainConfig,
+        folder: &ModelFolder,
+        (device, kind): (Device, Kind),
+    ) -> Result<Self> {
+        base.park()?;
         // Every draw of the run comes from its own generator, seeded from --seed for the LoRA's
         // initial values (the stream a default generator seeded alike would give).
         let rng = Arc::new(RunRng::new(device, config.seed)?);
@@ -106,22 +188,25 @@ impl TrainModel {
                 ),
             });
         }
+        let mut slot = base.slot.borrow_mut();
+        let unet = &mut slot.unet;
         let report = lora::inject_with(
-            &mut unet,
+            unet,
             &lora_store.root(),
             ADAPTER,
             &lora_config,
             rng.as_ref(),
         )?;
         // Adapter dropout is on while training; validation switches it off around its images.
-        lora::set_training(&mut unet, true);
-        lora::set_randomness(
-            &mut unet,
-            Some(Arc::clone(&rng) as Arc<dyn lora::Randomness>),
-        );
-        let copies = compute_copies(&mut unet, kind)?;
+        lora::set_training(unet, true);
+        lora::set_randomness(unet, Some(Arc::clone(&rng) as Arc<dyn lora::Randomness>));
+        let copies = compute_copies(unet, kind)?;
         let mut params: Vec<(String, Tensor)> =
-            lora::trainable_variables(&mut unet).into_iter().collect();
+            lora::trainable_variables(unet).into_iter().collect();
+        let id = slot.next_id;
+        slot.next_id += 1;
+        slot.attached = Some(id);
+        drop(slot);
         let unet_params = params.iter().map(|(_, p)| p.shallow_clone()).collect();
         let text = if config.train_text_encoder {
             let text = TextEncoders::load_drawing_from(config, folder, (device, kind), &rng)?;
@@ -131,8 +216,8 @@ impl TrainModel {
             None
         };
         let model = Self {
-            unet,
-            unet_store,
+            base: base.clone(),
+            id,
             _lora_store: lora_store,
             params,
             unet_params,
@@ -152,6 +237,30 @@ impl TrainModel {
         Ok(model)
     }
 
+    /// Puts this model's LoRA on the shared UNet (detaching the one there), with its generator
+    /// drawing the adapters' dropout; nothing to do for a UNet of its own.
+    ///
+    /// # Errors
+    /// Adapter errors.
+    pub fn activate(&self) -> Result<()> {
+        let mut slot = self.base.slot.borrow_mut();
+        if slot.attached == Some(self.id) {
+            return Ok(());
+        }
+        if let Some(owner) = slot.attached.take() {
+            let detached = lora::detach(&mut slot.unet, ADAPTER)?;
+            slot.parked.insert(owner, detached);
+        }
+        let mine = slot.parked.remove(&self.id).unwrap_or_default();
+        lora::attach(&mut slot.unet, mine)?;
+        lora::set_randomness(
+            &mut slot.unet,
+            Some(Arc::clone(&self.rng) as Arc<dyn lora::Randomness>),
+        );
+        slot.attached = Some(self.id);
+        Ok(())
+    }
+
     /// The rank of each UNet module's LoRA, by module path (`down_blocks.1.….to_q`).
     pub fn unet_adapter_ranks(&self) -> std::collections::HashMap<String, i64> {
         let suffix = format!(".{ADAPTER}.lora_A");
@@ -169,9 +278,10 @@ impl TrainModel {
         &self.rng
     }
 
-    /// The UNet with the LoRA.
-    pub fn unet(&self) -> &UNet2DConditionModel {
-        &self.unet
+    /// The UNet with the LoRA (of this model, once [`TrainModel::activate`]d, when the UNet is
+    /// shared).
+    pub fn unet(&self) -> Ref<'_, UNet2DConditionModel> {
+        Ref::map(self.base.slot.borrow(), |slot| &slot.unet)
     }
 
     /// The text encoders with their LoRA, when they are trained.
@@ -218,7 +328,7 @@ impl TrainModel {
 
     /// The frozen UNet's (elements, bytes as stored).
     pub fn base_size(&self) -> (i64, i64) {
-        let variables = self.unet_store.variables();
+        let variables = self.base.slot.borrow().store.variables();
         let elements = variables.values().map(|v| v.numel() as i64).sum();
         let bytes = variables
             .values()
@@ -229,7 +339,7 @@ impl TrainModel {
 
     /// Training mode (adapter dropout on) or evaluation mode (off, for validation images).
     pub fn set_training(&mut self, training: bool) {
-        lora::set_training(&mut self.unet, training);
+        lora::set_training(&mut self.base.slot.borrow_mut().unet, training);
         if let Some(text) = &mut self.text {
             text.set_training(training);
         }
@@ -240,7 +350,7 @@ impl TrainModel {
     /// # Errors
     /// Adapter errors.
     pub fn set_lora_enabled(&mut self, enabled: bool) -> Result<()> {
-        lora::set_enabled(&mut self.unet, ADAPTER, enabled)?;
+        lora::set_enabled(&mut self.base.slot.borrow_mut().unet, ADAPTER, enabled)?;
         if let Some(text) = &mut self.text {
             text.set_enabled(enabled)?;
         }
@@ -253,7 +363,11 @@ impl TrainModel {
     /// Adapter errors.
     pub fn lora_state(&mut self) -> Result<LoraState> {
         let mut state = LoraState::new();
-        state.extract(&mut self.unet, Component::Unet, ADAPTER)?;
+        state.extract(
+            &mut self.base.slot.borrow_mut().unet,
+            Component::Unet,
+            ADAPTER,
+        )?;
         if let Some(text) = &mut self.text {
             text.extract(&mut state)?;
         }

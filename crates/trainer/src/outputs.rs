@@ -55,7 +55,8 @@ pub fn write(
     model.check_finite("the final LoRA")?;
     let out = &config.output_dir;
     let lora = model.lora_state()?;
-    let files = write_lora_files(out, config, &lora, model.unet().config(), run)?;
+    let unet_config = model.unet().config().clone();
+    let files = write_lora_files(out, config, &lora, &unet_config, run)?;
     if !stats.loss_history.is_empty() {
         loss_curve_png(&out.join("loss.png"), stats.loss_history, "training loss")?;
     }

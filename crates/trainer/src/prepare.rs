@@ -19,6 +19,7 @@
 //! A fingerprint of the prompt list and of the dataset is compared first, so a rank that planned
 //! other data is an error naming it, not a silently mixed table.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -90,6 +91,7 @@ pub fn prepare_text(
     device: Device,
     kind: Kind,
     group: &dyn Collective,
+    frozen: Option<&FrozenModels>,
 ) -> Result<(TextConditioning, Option<ValidationPrompt>)> {
     let unencoded = |prompt: &String| ValidationPrompt {
         prompt: prompt.clone(),
@@ -104,10 +106,9 @@ pub fn prepare_text(
         ));
         return Ok((text, config.validation_prompt.as_ref().map(unencoded)));
     }
-    let prepared = {
-        let (encoder, _stores) = folder.prompt_encoder(device, kind)?;
+    let encode = |encoder: &PromptEncoder| -> Result<_> {
         let prompts = steps.iter().flat_map(|step| step.prompts.iter());
-        let text = encode_prompts_shared(&encoder, prompts, (device, kind), group)?;
+        let text = encode_prompts_shared(encoder, prompts, (device, kind), group)?;
         let validation = match &config.validation_prompt {
             Some(prompt) if group.rank() == 0 => {
                 let (positive, negative) = tch::no_grad(|| {
@@ -121,9 +122,18 @@ pub fn prepare_text(
             Some(prompt) => Some(unencoded(prompt)),
             None => None,
         };
-        (text, validation)
+        Ok((text, validation))
     };
-    free_cache(device);
+    let prepared = match frozen {
+        Some(frozen) => frozen.with_encoder(folder, (device, kind), encode)?,
+        None => {
+            let (encoder, stores) = folder.prompt_encoder(device, kind)?;
+            let prepared = encode(&encoder)?;
+            drop((encoder, stores));
+            free_cache(device);
+            prepared
+        }
+    };
     let table = prepared.0.table.bytes();
     let shared = if group.world_size() > 1 {
         format!(", shared out over {} ranks", group.world_size())
@@ -131,9 +141,13 @@ pub fn prepare_text(
         String::new()
     };
     say(format!(
-        "{} distinct prompt(s) encoded{shared} ({:.1} MiB on the device); text encoders freed",
+        "{} distinct prompt(s) encoded{shared} ({:.1} MiB on the device); text encoders {}",
         prepared.0.prompts.len(),
-        table as f64 / (1u64 << 20) as f64
+        table as f64 / (1u64 << 20) as f64,
+        match frozen {
+            Some(_) => "kept for the sweep's other variants",
+            None => "freed",
+        }
     ));
     Ok(prepared)
 }
@@ -156,13 +170,49 @@ pub fn prepare_latents(
     dataset: &Dataset,
     device: Device,
     group: &dyn Collective,
+    frozen: Option<&FrozenModels>,
 ) -> Result<(Latents, AutoencoderKLConfig)> {
-    let (vae, store) = folder.vae(device, Kind::Float, Upcast::Always)?;
-    let vae_config = vae.config().clone();
     if !config.cache_latents {
+        let (vae, store) = folder.vae(device, Kind::Float, Upcast::Always)?;
+        let vae_config = vae.config().clone();
         let vae = Box::new(vae);
         return Ok((Latents::Live { vae, store }, vae_config));
     }
+    let encode = |vae: &AutoencoderKL| -> Result<_> {
+        let (cached, report) = encode_latents(config, folder, dataset, vae, (device, group))?;
+        Ok((cached, report, vae.config().clone()))
+    };
+    let (cached, report, vae_config) = match frozen {
+        Some(frozen) => frozen.with_vae(folder, device, encode)?,
+        None => {
+            let (vae, store) = folder.vae(device, Kind::Float, Upcast::Always)?;
+            let encoded = encode(&vae)?;
+            drop((vae, store));
+            free_cache(device);
+            encoded
+        }
+    };
+    let place = if config.cache_latents_to_disk {
+        format!(" in {}", latents_cache_dir(config).display())
+    } else {
+        String::new()
+    };
+    let vae_now = match frozen {
+        Some(_) => "VAE kept for the sweep's other variants",
+        None => "VAE freed",
+    };
+    say(format!("latents cached{place} ({report}); {vae_now}"));
+    Ok((Latents::Cached(cached.into_device(device)), vae_config))
+}
+
+/// Every item's latent posterior through `vae` (`--cache_latents`), with the cache's report.
+fn encode_latents(
+    config: &TrainConfig,
+    folder: &ModelFolder,
+    dataset: &Dataset,
+    vae: &AutoencoderKL,
+    (device, group): (Device, &dyn Collective),
+) -> Result<(CachedLatents, String)> {
     let (cache, encoder_id) = if config.cache_latents_to_disk {
         let dir = latents_cache_dir(config);
         let id = format!("{}|fp32", folder.vae_identity(true)?);
@@ -172,7 +222,7 @@ pub fn prepare_latents(
         (TensorCache::in_memory(), id)
     };
     let encoder = LatentEncoder {
-        vae: &vae,
+        vae,
         encoder_id: &encoder_id,
         dataset,
         cache: &cache,
@@ -189,15 +239,50 @@ pub fn prepare_latents(
     } else {
         share::encode_latents_in_memory(&encoder, group)?
     };
-    drop((vae, store));
-    free_cache(device);
-    let place = if config.cache_latents_to_disk {
-        format!(" in {}", latents_cache_dir(config).display())
-    } else {
-        String::new()
-    };
-    say(format!("latents cached{place} ({report}); VAE freed"));
-    Ok((Latents::Cached(cached.into_device(device)), vae_config))
+    Ok((cached, report))
+}
+
+/// The frozen text encoders and VAE, loaded once for every variant of a sweep to prepare its
+/// conditioning with, and freed when they are all set up (a run of its own loads them for its
+/// preparation and frees them after).
+#[derive(Default)]
+pub(crate) struct FrozenModels {
+    encoder: RefCell<Option<(PromptEncoder, [VarStore; 2])>>,
+    vae: RefCell<Option<(AutoencoderKL, VarStore)>>,
+}
+
+impl FrozenModels {
+    /// `f` on the text encoders of `folder` in `kind`, loaded at the first call.
+    fn with_encoder<R>(
+        &self,
+        folder: &ModelFolder,
+        (device, kind): (Device, Kind),
+        f: impl FnOnce(&PromptEncoder) -> Result<R>,
+    ) -> Result<R> {
+        let mut slot = self.encoder.borrow_mut();
+        let loaded = match slot.take() {
+            Some(loaded) => loaded,
+            None => folder.prompt_encoder(device, kind)?,
+        };
+        let (encoder, _) = slot.insert(loaded);
+        f(encoder)
+    }
+
+    /// `f` on the fp32 VAE of `folder`, loaded at the first call.
+    fn with_vae<R>(
+        &self,
+        folder: &ModelFolder,
+        device: Device,
+        f: impl FnOnce(&AutoencoderKL) -> Result<R>,
+    ) -> Result<R> {
+        let mut slot = self.vae.borrow_mut();
+        let loaded = match slot.take() {
+            Some(loaded) => loaded,
+            None => folder.vae(device, Kind::Float, Upcast::Always)?,
+        };
+        let (vae, _) = slot.insert(loaded);
+        f(vae)
+    }
 }
 
 /// `--latents_cache_dir`, else `latents/` in the toolkit's cache folder (`$SDXL_LORA_CACHE`, else

@@ -82,7 +82,7 @@ impl Validator {
         vae: Option<&AutoencoderKL>,
         path: &Path,
     ) -> Result<()> {
-        let latents = self.latents(model)?;
+        let latents = self.latents(model, self.seed)?;
         let rows = self.decode_rows(vae, std::slice::from_ref(&latents))?;
         if let Some(row) = rows.first() {
             save_png(row, path)?;
@@ -101,16 +101,45 @@ impl Validator {
     ) -> Result<image::RgbImage> {
         model.set_training(false);
         model.set_lora_enabled(false)?;
-        let base = self.latents(model);
+        let base = self.latents(model, self.seed);
         model.set_lora_enabled(true)?;
-        let tuned = self.latents(model);
+        let tuned = self.latents(model, self.seed);
         model.set_training(true);
         Ok(grid_column(&self.decode_rows(vae, &[base?, tuned?])?)?)
     }
 
-    /// Denoises validation latents with the model's UNet, on the prompt as its text encoders (when
-    /// trained) encode it now.
-    fn latents(&self, model: &TrainModel) -> Result<Tensor> {
+    /// One row of images of `model` (LoRA on, or off for the base model) on seed `seed`, without
+    /// adapter dropout: a sweep's rows, compared on one seed.
+    ///
+    /// # Errors
+    /// Model errors.
+    pub fn row(
+        &self,
+        model: &mut TrainModel,
+        vae: Option<&AutoencoderKL>,
+        (seed, lora): (u64, bool),
+    ) -> Result<image::RgbImage> {
+        model.set_training(false);
+        let latents = match lora {
+            true => self.latents(model, seed),
+            false => model
+                .set_lora_enabled(false)
+                .and_then(|()| self.latents(model, seed))
+                .and_then(|latents| model.set_lora_enabled(true).map(|()| latents)),
+        };
+        model.set_training(true);
+        let rows = self.decode_rows(vae, &[latents?])?;
+        rows.into_iter()
+            .next()
+            .ok_or_else(|| crate::Error::InvalidOption {
+                option: "--validation_prompt",
+                problem: "gave no images".into(),
+            })
+    }
+
+    /// Denoises validation latents with the model's UNet on `seed`, on the prompt as its text
+    /// encoders (when trained) encode it now.
+    fn latents(&self, model: &TrainModel, seed: u64) -> Result<Tensor> {
         let encoded;
         let (positive, negative) = match (&self.prompt.embeds, model.text_encoders()) {
             (Some((positive, negative)), _) => (positive, negative),
@@ -126,8 +155,9 @@ impl Validator {
                 });
             }
         };
+        let unet = model.unet();
         let denoiser = Denoiser {
-            unet: model.unet(),
+            unet: &unet,
             scheduler_config: &self.scheduler_config,
             vae_scale_factor: self.vae_config.downscale_factor(),
             device: self.device,
@@ -141,7 +171,7 @@ impl Validator {
             .with_height(self.size)
             .with_width(self.size)
             .with_images_per_prompt(self.images)
-            .with_seed(self.seed);
+            .with_seed(seed);
         Ok(tch::no_grad(|| {
             denoiser.denoise(positive, negative, &options)
         })?)

@@ -25,6 +25,7 @@ mod lora_targets;
 mod optimizer;
 mod optimizer_args;
 mod paths;
+pub mod sweep;
 mod validate;
 
 use std::path::{Path, PathBuf};
@@ -35,6 +36,7 @@ use flags::need;
 pub use flags::{Attention, FlagValue, MixedPrecision};
 pub use optimizer::{OptimizerKind, OptimizerSetup};
 pub use paths::is_hub_id;
+pub use sweep::{SweepFile, SweepVariant};
 pub use validate::MAX_RESOLUTION;
 
 use crate::lr_scheduler::SchedulerKind;

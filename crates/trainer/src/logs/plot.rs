@@ -86,6 +86,83 @@ pub fn loss_curve_png(path: &Path, points: &[(u64, f64)], title: &str) -> Result
     write_atomic(path, png.get_ref())
 }
 
+/// Colours of the curves of [`loss_curves_png`], in turn.
+const PALETTE: [Rgb<u8>; 8] = [
+    Rgb([16, 64, 150]),
+    Rgb([200, 60, 30]),
+    Rgb([30, 140, 60]),
+    Rgb([140, 50, 160]),
+    Rgb([220, 140, 0]),
+    Rgb([0, 150, 160]),
+    Rgb([120, 90, 40]),
+    Rgb([90, 90, 90]),
+];
+
+/// Draws several loss curves on one canvas (a sweep's variants: each `(name, points)`'s moving
+/// average in a colour of its own, the names as a legend in the same colours), with `title` on
+/// top, written to `path` as an 800×450 RGB PNG, atomically. Non-finite points are skipped; a
+/// curve with none left is named in the legend and not drawn.
+///
+/// # Errors
+/// As [`loss_curve_png`]: [`Error::Plot`] when no curve has a finite loss.
+pub fn loss_curves_png(
+    path: &Path,
+    curves: &[(String, Vec<(u64, f64)>)],
+    title: &str,
+) -> Result<()> {
+    let plot_error = |problem: String| Error::Plot {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let finite: Vec<Vec<(f64, f64)>> = curves
+        .iter()
+        .map(|(_, points)| {
+            points
+                .iter()
+                .filter(|(_, loss)| loss.is_finite())
+                .map(|&(step, loss)| (step as f64, loss))
+                .collect()
+        })
+        .collect();
+    let all = || finite.iter().flatten();
+    if all().next().is_none() {
+        return Err(plot_error(format!(
+            "no finite loss to plot in {} curves",
+            curves.len()
+        )));
+    }
+    let (step_min, step_max) = padded_range(all().map(|p| p.0), 0.0);
+    let (loss_min, loss_max) = padded_range(all().map(|p| p.1), 0.05);
+    let canvas = Canvas {
+        step_min,
+        step_max,
+        loss_min,
+        loss_max,
+    };
+    let mut image = RgbImage::from_pixel(WIDTH, HEIGHT, BACKGROUND);
+    draw_ticks(&mut image, &canvas);
+    draw_frame(&mut image, title);
+    let smoothed: Vec<Vec<(f64, f64)>> = finite.iter().map(|p| moving_average(p)).collect();
+    let lines: Vec<Series<'_>> = smoothed
+        .iter()
+        .enumerate()
+        .map(|(i, points)| (&points[..], PALETTE[i % PALETTE.len()], 2))
+        .collect();
+    draw_series(&mut image, &canvas, &lines);
+    // The legend, top right inside the plot, in the font's capitals.
+    for (i, (name, _)) in curves.iter().enumerate() {
+        let name = name.to_ascii_uppercase();
+        let top = PLOT_TOP + 6 + i as i64 * (GLYPH_HEIGHT + 6);
+        let left = PLOT_RIGHT - 8 - text_width(&name);
+        draw_text(&mut image, &name, left, top, PALETTE[i % PALETTE.len()]);
+    }
+    let mut png = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut png, image::ImageFormat::Png)
+        .map_err(|e| plot_error(format!("encoding the PNG: {e}")))?;
+    write_atomic(path, png.get_ref())
+}
+
 /// The grid lines and tick labels of both axes.
 fn draw_ticks(image: &mut RgbImage, canvas: &Canvas) {
     for tick in nice_ticks(canvas.loss_min, canvas.loss_max) {

@@ -49,9 +49,16 @@ fn prepare(config: &TrainConfig, group: &dyn Collective) -> Result<Prepared> {
     let plan = Plan::open(config, None)?;
     let steps = plan.micro_steps(0..config.max_train_steps)?;
     let folder = crate::model_files::resolve_model(config)?;
-    let (text, validation) =
-        prepare_text(config, &folder, &steps, Device::Cpu, Kind::Float, group)?;
-    let (latents, _) = prepare_latents(config, &folder, plan.dataset(), Device::Cpu, group)?;
+    let (text, validation) = prepare_text(
+        config,
+        &folder,
+        &steps,
+        Device::Cpu,
+        Kind::Float,
+        group,
+        None,
+    )?;
+    let (latents, _) = prepare_latents(config, &folder, plan.dataset(), Device::Cpu, group, None)?;
     let Latents::Cached(latents) = latents else {
         panic!("--cache_latents keeps the latents cached");
     };

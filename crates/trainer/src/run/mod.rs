@@ -30,11 +30,11 @@ use crate::device;
 use crate::distributed::{Collective, World, join, on_main_process};
 use crate::estimate::{Estimate, OptimizerTable};
 use crate::logs::{say, say_above, set_quiet};
-use crate::model::TrainModel;
+use crate::model::{SharedUnet, TrainModel};
 use crate::output_dir::OutputLock;
 use crate::outputs::{self, RunStats};
 use crate::plan::{MicroStep, Plan};
-use crate::prepare::{Latents, TextConditioning, prepare_latents, prepare_text};
+use crate::prepare::{FrozenModels, Latents, TextConditioning, prepare_latents, prepare_text};
 use crate::step::{StepGraphs, Stepper, broadcast_lora};
 use crate::throughput::{dense_bf16_peak_tflops, step_flops};
 use crate::validation::Validator;
@@ -108,6 +108,23 @@ pub struct RunSummary {
     pub skipped_rows: Vec<String>,
 }
 
+/// A run under way: its logs, its captured graphs and its counters of skipped steps.
+pub(crate) struct RunProgress {
+    logs: RunLogs,
+    graphs: Option<StepGraphs>,
+    /// Steps skipped before this process's run (a resumed checkpoint's), and so far.
+    skipped_before: u64,
+    skipped: u64,
+    started: Instant,
+}
+
+impl RunProgress {
+    /// The run's progress bar.
+    pub(crate) fn bar(&self) -> &indicatif::ProgressBar {
+        &self.logs.progress
+    }
+}
+
 impl Trainer {
     /// Plans the data, prepares the conditioning (text, latents), loads the model with its LoRA,
     /// sets up the step and, with `--resume_from_checkpoint`, restores the run. Under torchrun (or
@@ -133,6 +150,32 @@ impl Trainer {
         config: TrainConfig,
         world: World,
         group: Rc<dyn Collective>,
+    ) -> Result<Self> {
+        Self::build(config, world, group, None)
+    }
+
+    /// [`Trainer::new`] in one process, its LoRA trained on `base` (a sweep's shared UNet) instead
+    /// of a UNet of its own. The caller checks that `config` loads the UNet `base` holds.
+    /// Its conditioning is prepared with `frozen`'s text encoders and VAE (loaded by the first
+    /// variant that needs them).
+    pub(crate) fn on_shared_unet(
+        config: TrainConfig,
+        base: &SharedUnet,
+        frozen: &FrozenModels,
+    ) -> Result<Self> {
+        Self::build(
+            config,
+            World::SINGLE,
+            Rc::new(crate::distributed::SingleProcess),
+            Some((base, frozen)),
+        )
+    }
+
+    fn build(
+        config: TrainConfig,
+        world: World,
+        group: Rc<dyn Collective>,
+        shared: Option<(&SharedUnet, &FrozenModels)>,
     ) -> Result<Self> {
         set_quiet(!world.is_main_process());
         if let Some(line) = group.describe() {
@@ -171,13 +214,18 @@ impl Trainer {
         let dataset = plan.dataset();
         let micro_steps = config.max_train_steps * u64::from(config.gradient_accumulation_steps);
         let planned = plan.micro_steps(0..micro_steps)?;
+        let (base, frozen) = shared.unzip();
         let (text, validation_prompt) =
-            prepare_text(&config, &folder, &planned, device, kind, &*group)?;
-        let (latents, vae_config) = prepare_latents(&config, &folder, dataset, device, &*group)?;
-        let model = TrainModel::load(&config, &folder, device, kind)?;
+            prepare_text(&config, &folder, &planned, device, kind, &*group, frozen)?;
+        let (latents, vae_config) =
+            prepare_latents(&config, &folder, dataset, device, &*group, frozen)?;
+        let model = match base {
+            Some(base) => TrainModel::load_on(base, &config, &folder, (device, kind))?,
+            None => TrainModel::load(&config, &folder, device, kind)?,
+        };
         let throughput = Throughput {
             flops_per_step: step_flops(
-                model.unet().config(),
+                &model.unet().config().clone(),
                 &model.unet_adapter_ranks(),
                 dataset.config().buckets.sizes(),
                 &planned,
@@ -268,6 +316,35 @@ impl Trainer {
             .upload_plan(first, remaining, text, latents, weights)
     }
 
+    /// One row of validation images on `seed` (with `--validation_prompt`): the LoRA as the run's
+    /// outputs hold it (the `--use_ema` average, if any), or the base model (`lora` false).
+    pub(crate) fn validation_row(
+        &mut self,
+        seed: u64,
+        lora: bool,
+    ) -> Result<Option<image::RgbImage>> {
+        let Some(validator) = &self.validator else {
+            return Ok(None);
+        };
+        self.model.activate()?;
+        let vae = self.latents.live_vae();
+        self.model
+            .with_ema_weights(self.stepper.ema_mut(), |model| {
+                validator.row(model, vae, (seed, lora))
+            })
+            .map(Some)
+    }
+
+    /// (step, mean loss) at every logging step so far.
+    pub fn loss_history(&self) -> &[(u64, f64)] {
+        &self.loss_history
+    }
+
+    /// Puts this run's LoRA on the UNet it shares with a sweep's other variants.
+    pub(crate) fn activate(&self) -> Result<()> {
+        self.model.activate()
+    }
+
     /// The memory and time estimate (CUDA runs only).
     pub fn estimate(&self) -> Option<Estimate> {
         self.estimate.as_ref().map(|(estimate, _)| *estimate)
@@ -322,25 +399,54 @@ impl Trainer {
     /// # Errors
     /// Step, checkpoint and output errors; [`Error::TooManyNonFinite`] when too many steps were skipped.
     pub fn run(&mut self) -> Result<RunSummary> {
+        let mut progress = self.begin()?;
+        for step in self.start_step..self.config.max_train_steps {
+            self.advance(&mut progress, step)?;
+        }
+        self.finish(progress)
+    }
+
+    /// The run's logs and counters before its first step (what [`Trainer::run`] starts with).
+    pub(crate) fn begin(&mut self) -> Result<RunProgress> {
         if let Some((estimate, optimizers)) = &self.estimate {
             say(estimate.to_string());
             say(optimizers.to_string());
         }
-        let mut logs = RunLogs::open(&self.config, self.start_step, self.world.is_main_process())?;
+        let logs = RunLogs::open(&self.config, self.start_step, self.world.is_main_process())?;
         if self.device.is_cuda() {
             torch_cuda::reset_peak_memory_stats(device::index(self.device));
         }
-        let (start, end) = (self.start_step, self.config.max_train_steps);
         // Steps skipped before this run (a resumed checkpoint's), read once before the loop.
         let skipped_before = self.stepper.acc.skipped.f_double_value(&[])? as u64;
-        let started = Instant::now();
-        let mut graphs: Option<StepGraphs> = None;
-        let mut skipped = skipped_before;
-        for step in start..end {
-            self.train_step(step, &mut graphs, &logs.progress)?;
-            logs.progress.inc(1);
-            skipped = self.after_step(step + 1, &mut logs)?.unwrap_or(skipped);
+        Ok(RunProgress {
+            logs,
+            graphs: None,
+            skipped_before,
+            skipped: skipped_before,
+            started: Instant::now(),
+        })
+    }
+
+    /// Optimizer step `step` (0-based) and what follows it: logging, checkpoint, validation.
+    pub(crate) fn advance(&mut self, progress: &mut RunProgress, step: u64) -> Result<()> {
+        self.train_step(step, &mut progress.graphs, &progress.logs.progress)?;
+        progress.logs.progress.inc(1);
+        if let Some(skipped) = self.after_step(step + 1, &mut progress.logs)? {
+            progress.skipped = skipped;
         }
+        Ok(())
+    }
+
+    /// After the last step: the checks of the whole run, then the outputs.
+    pub(crate) fn finish(&mut self, progress: RunProgress) -> Result<RunSummary> {
+        let RunProgress {
+            mut logs,
+            skipped_before,
+            skipped,
+            started,
+            ..
+        } = progress;
+        let (start, end) = (self.start_step, self.config.max_train_steps);
         let steps_run = end.saturating_sub(start);
         if steps_run > 0 && skipped.saturating_sub(skipped_before) >= steps_run {
             logs.progress.abandon();

@@ -294,7 +294,7 @@ impl Stepper {
     ) -> Result<()> {
         let run = |batch: &LatentBatch<'_>, this: &mut Self| {
             micro_step(
-                model.unet(),
+                &model.unet(),
                 model.text_encoders(),
                 &this.ddpm,
                 text,

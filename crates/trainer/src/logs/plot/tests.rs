@@ -136,3 +136,38 @@ fn ticks_are_round_numbers_inside_the_range() {
         );
     }
 }
+
+#[test]
+fn each_curve_of_a_sweep_has_its_colour_and_the_lower_loss_is_drawn_lower() {
+    let dir = TestDir::new("plot-curves");
+    let path = dir.path().join("sweep_loss.png");
+    let high: Vec<(u64, f64)> = (0..50u64).map(|s| (s, 1.0)).collect();
+    let low: Vec<(u64, f64)> = (0..50u64).map(|s| (s, 0.5)).collect();
+    let none = vec![(0, f64::NAN)];
+    let curves = vec![
+        ("high".to_owned(), high),
+        ("low".to_owned(), low),
+        ("diverged".to_owned(), none),
+    ];
+    loss_curves_png(&path, &curves, "sweep").unwrap();
+    let image = image::open(&path).unwrap().to_rgb8();
+    let inside = |(x, _): &(u32, Vec<u32>)| {
+        i64::from(*x) > PLOT_LEFT + 20 && i64::from(*x) < PLOT_RIGHT - 200
+    };
+    let high_rows: Vec<u32> = columns_with(&image, PALETTE[0])
+        .into_iter()
+        .filter(inside)
+        .flat_map(|(_, rows)| rows)
+        .collect();
+    let low_rows: Vec<u32> = columns_with(&image, PALETTE[1])
+        .into_iter()
+        .filter(inside)
+        .flat_map(|(_, rows)| rows)
+        .collect();
+    assert!(!high_rows.is_empty() && !low_rows.is_empty());
+    // Image rows grow downwards: the lower loss sits below.
+    assert!(mean(&low_rows) > mean(&high_rows) + 50.0);
+    // Nothing finite at all is an error naming the file.
+    let error = loss_curves_png(&path, &curves[2..], "sweep").unwrap_err();
+    assert!(error.to_string().contains("sweep_loss.png"), "{error}");
+}
