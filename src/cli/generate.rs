@@ -11,8 +11,14 @@
 //! `--seed` takes a comma-separated list: every prompt is generated once per seed. The model's load
 //! time is printed on its own line.
 //!
+//! `--lora_weights 0,0.5,1` writes one labelled grid instead (A1111's X/Y plot): a column per weight,
+//! which multiplies every LoRA's own weight (0 = the base model), a row per seed (and prompt and image);
+//! the LoRAs load once and only their multipliers change between columns.
+//!
 //! `--prompt` may be repeated; each prompt gets `--num_images_per_prompt` images (1 by default; one
-//! grid row each with `--compare`). Without `--compare` the images go to `--out` with `-<n>` before
+//! grid row each with `--compare`), all in one batch from one generator (diffusers'), or `--num_images`
+//! images, image j from seed + j with a generator of its own, `--batch_size` at a time (A1111's: the
+//! images do not depend on the batch size). Without `--compare` the images go to `--out` with `-<n>` before
 //! the extension when there are several. `--negative_prompt` and `--guidance_scale` are diffusers'
 //! spellings of `--negative` and `--guidance`.
 //! Runs on CUDA when available, else on the CPU. Prints the wall time of each `generate` call
