@@ -11,8 +11,14 @@
 //! `--seed` takes a comma-separated list: every prompt is generated once per seed. The model's load
 //! time is printed on its own line.
 //!
+//! `--lora_weights 0,0.5,1` writes one labelled grid instead (A1111's X/Y plot): a column per weight,
+//! which multiplies every LoRA's own weight (0 = the base model), a row per seed (and prompt and image);
+//! the LoRAs load once and only their multipliers change between columns.
+//!
 //! `--prompt` may be repeated; each prompt gets `--num_images_per_prompt` images (1 by default; one
-//! grid row each with `--compare`). Without `--compare` the images go to `--out` with `-<n>` before
+//! grid row each with `--compare`), all in one batch from one generator (diffusers'), or `--num_images`
+//! images, image j from seed + j with a generator of its own, `--batch_size` at a time (A1111's: the
+//! images do not depend on the batch size). Without `--compare` the images go to `--out` with `-<n>` before
 //! the extension when there are several. `--negative_prompt` and `--guidance_scale` are diffusers'
 //! spellings of `--negative` and `--guidance`.
 //! Runs on CUDA when available, else on the CPU. Prints the wall time of each `generate` call
@@ -28,8 +34,8 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use sdxl_model::pipeline::{
-    GenerateOptions, LARGE_GENERATION_BYTES, OnStep, Pipeline, grid_column, grid_row, save_png,
-    save_png_with_text,
+    GenerateOptions, LARGE_GENERATION_BYTES, OnStep, Pipeline, RgbImage, grid_column, grid_row,
+    labeled_grid, save_png, save_png_with_text,
 };
 use sdxl_model::pretrained::LoadOptions;
 use sdxl_model::schedulers::SchedulerKind;
@@ -73,13 +79,23 @@ pub struct GenerateArgs {
         default_value_t = GenerateOptions::default().guidance_scale
     )]
     guidance: f64,
-    /// Images per prompt, each from its own noise (diffusers' `num_images_per_prompt`).
+    /// Images per prompt in one batch drawn from one generator (diffusers' `num_images_per_prompt`:
+    /// each image depends on the count). See --num_images for images that do not.
     #[arg(
         long = "num_images_per_prompt",
         value_name = "N",
-        default_value_t = GenerateOptions::default().images_per_prompt
+        default_value_t = GenerateOptions::default().images_per_prompt,
+        conflicts_with = "num_images"
     )]
     num_images_per_prompt: i64,
+    /// Images per prompt and seed, as A1111 makes them: image j from seed + j (its own generator),
+    /// whatever --batch_size.
+    #[arg(long = "num_images", value_name = "N")]
+    num_images: Option<i64>,
+    /// With --num_images: how many of a prompt's images go through the UNet together (more is
+    /// faster and needs more memory; the images are the same). 1 by default.
+    #[arg(long = "batch_size", value_name = "B")]
+    batch_size: Option<i64>,
     /// Image width in pixels (a multiple of 8).
     #[arg(long, value_name = "PX", default_value_t = GenerateOptions::default().width)]
     width: i64,
@@ -117,6 +133,15 @@ pub struct GenerateArgs {
     /// Write one grid: the base model's image left, the LoRAs' right, a row per prompt (needs --lora).
     #[arg(long)]
     compare: bool,
+    /// Write one labelled grid (A1111's X/Y plot): a column per weight, a row per seed (and prompt
+    /// and image); each --lora runs at this weight times its own (0 = the base model). Needs --lora.
+    #[arg(
+        long = "lora_weights",
+        value_name = "W,…",
+        value_delimiter = ',',
+        allow_hyphen_values = true
+    )]
+    lora_weights: Vec<f64>,
     /// Capture the denoising step's UNet call as a CUDA graph after the first step and replay it (CUDA only).
     #[arg(long = "cuda_graph")]
     cuda_graph: bool,
@@ -212,6 +237,50 @@ fn check_numbers(args: &GenerateArgs) -> anyhow::Result<()> {
             args.num_images_per_prompt
         )));
     }
+    for (flag, value) in [
+        ("--num_images", args.num_images),
+        ("--batch_size", args.batch_size),
+    ] {
+        if let Some(value) = value.filter(|&v| v < 1) {
+            anyhow::bail!(UsageError(format!("{flag}: {value} is not at least 1")));
+        }
+    }
+    if args.batch_size.is_some() && args.num_images.is_none() {
+        anyhow::bail!(UsageError(
+            "--batch_size needs --num_images (the images it batches)".into()
+        ));
+    }
+    if let Some(&weight) = args.lora_weights.iter().find(|w| !w.is_finite()) {
+        anyhow::bail!(UsageError(format!(
+            "--lora_weights: {weight} is not a finite number"
+        )));
+    }
+    if !args.lora_weights.is_empty() {
+        if args.loras.is_empty() {
+            anyhow::bail!(UsageError(
+                "--lora_weights needs --lora (the LoRAs it scales)".into()
+            ));
+        }
+        if args.compare {
+            anyhow::bail!(UsageError(
+                "--lora_weights writes its own grid (weight 0 is the base model); it cannot be \
+                 combined with --compare"
+                    .into()
+            ));
+        }
+    }
+    if !args.throughput.is_empty() {
+        for (flag, given) in [
+            ("--lora_weights", !args.lora_weights.is_empty()),
+            ("--num_images", args.num_images.is_some()),
+        ] {
+            if given {
+                anyhow::bail!(UsageError(format!(
+                    "--throughput writes no image; it cannot be combined with {flag}"
+                )));
+            }
+        }
+    }
     if let Some(&batch) = args.throughput.iter().find(|&&b| b < 1) {
         anyhow::bail!(UsageError(format!(
             "--throughput: batch size {batch} is not at least 1"
@@ -253,12 +322,28 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     check_numbers(&args)?;
     let progress = std::sync::Arc::new(step_bar(args.steps as u64));
     let bar = std::sync::Arc::clone(&progress);
+    let prompts = Prompts {
+        positive: args.prompts.clone(),
+        negative: (!args.negatives.is_empty()).then(|| args.negatives.clone()),
+    };
+    // With --num_images each call generates one prompt's images, --batch_size at a time.
+    let images = args
+        .num_images
+        .map(|count| (count, args.batch_size.unwrap_or(1).min(count)));
+    let (first_prompts, first_negatives, per_call) = match images {
+        Some((_, batch)) => (prompts.positive[..1].to_vec(), prompts.negatives(0), batch),
+        None => (
+            prompts.positive.clone(),
+            prompts.negative.clone(),
+            args.num_images_per_prompt,
+        ),
+    };
     let options = GenerateOptions::default()
-        .with_negative_prompts((!args.negatives.is_empty()).then_some(args.negatives))
-        .with_prompts(args.prompts)
+        .with_negative_prompts(first_negatives)
+        .with_prompts(first_prompts)
         .with_steps(args.steps)
         .with_guidance_scale(args.guidance)
-        .with_images_per_prompt(args.num_images_per_prompt)
+        .with_images_per_prompt(per_call)
         .with_width(args.width)
         .with_height(args.height)
         .with_seed(args.seeds.first().copied().unwrap_or_default())
@@ -342,20 +427,42 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         Ok(images)
     };
     let mut options = options;
-    // Each seed's label in the timing lines, when there are several.
-    let label = |what: &str, seed: u64| match args.seeds.len() {
-        1 => what.to_owned(),
-        _ => format!("{what} (seed {seed})"),
+    let plan = Plan {
+        prompts: &prompts,
+        seeds: &args.seeds,
+        images,
+    };
+    let run = |pipe: &Pipeline, options: &mut GenerateOptions, what: &str| {
+        plan.run(options, |options, label| {
+            timed(pipe, options, &format!("{what}{label}"))
+        })
     };
     if args.warmup {
         timed(&pipe, &options, "warm-up")?;
     }
+    let model = args.model.file_name().unwrap_or_default().to_string_lossy();
+    if !args.lora_weights.is_empty() {
+        let loaded = load_loras(&mut pipe, &args.loras, args.lora_scale)?;
+        let mut columns = Vec::new();
+        for &weight in &args.lora_weights {
+            for (index, (_, own, _)) in loaded.iter().enumerate() {
+                pipe.set_lora_multiplier(&format!("lora{index}"), weight * own)?;
+            }
+            columns.push(run(&pipe, &mut options, &format!("LoRA x{weight}"))?);
+        }
+        return write_weight_grid(
+            &columns,
+            &args.lora_weights,
+            &prompts,
+            &options,
+            &model,
+            &loaded,
+            &args.out,
+        );
+    }
     let mut bases = Vec::new();
     if args.compare {
-        for &seed in &args.seeds {
-            options.seed = seed;
-            bases.push(timed(&pipe, &options, &label("base", seed))?);
-        }
+        bases = run(&pipe, &mut options, "base")?;
     }
     let loaded = load_loras(&mut pipe, &args.loras, args.lora_scale)?;
     let what = if args.loras.is_empty() {
@@ -363,57 +470,221 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     } else {
         "with LoRA"
     };
-    let mut outputs = Vec::new();
-    for &seed in &args.seeds {
-        options.seed = seed;
-        outputs.push(timed(&pipe, &options, &label(what, seed))?);
-    }
+    let outputs = run(&pipe, &mut options, what)?;
     if args.compare {
         let mut rows = Vec::new();
-        for (base, images) in bases.iter().zip(&outputs) {
-            for i in 0..images.len() {
-                rows.push(grid_row(&[base.to_rgb(i)?, images.to_rgb(i)?])?);
-            }
+        for (base, cell) in bases.iter().zip(&outputs) {
+            rows.push(grid_row(&[base.image.clone(), cell.image.clone()])?);
         }
         save_png(&grid_column(&rows)?, &args.out)?;
         println!("wrote {} (base left, LoRAs right)", args.out.display());
         return Ok(());
     }
-    let model = args.model.file_name().unwrap_or_default().to_string_lossy();
-    let count: usize = outputs.iter().map(|images| images.len()).sum();
-    for (k, (&seed, images)) in args.seeds.iter().zip(&outputs).enumerate() {
-        options.seed = seed;
-        for i in 0..images.len() {
-            let parameters = infotext(&options, i, &model, &loaded).render();
-            let path = numbered(&args.out, k * images.len() + i, count);
-            save_png_with_text(&images.to_rgb(i)?, &path, &[("parameters", &parameters)])?;
-            println!("wrote {}", path.display());
-        }
+    for (index, cell) in outputs.iter().enumerate() {
+        let parameters = infotext(&options, &prompts, cell, &model, &loaded, &[]).render();
+        let path = numbered(&args.out, index, outputs.len());
+        save_png_with_text(&cell.image, &path, &[("parameters", &parameters)])?;
+        println!("wrote {}", path.display());
     }
     Ok(())
 }
 
-/// The A1111 parameters of image `index` of a generation with `options`.
+/// The prompts as given, and their negatives if any.
+struct Prompts {
+    positive: Vec<String>,
+    negative: Option<Vec<String>>,
+}
+
+impl Prompts {
+    /// Prompt `index`'s negative, as a list of one.
+    fn negatives(&self, index: usize) -> Option<Vec<String>> {
+        self.negative
+            .as_ref()
+            .map(|negatives| vec![negatives[index].clone()])
+    }
+}
+
+/// One generated image: its prompt's index, its seed, its place in its batch (A1111's `Batch size`,
+/// `Batch pos`) and its pixels.
+struct Cell {
+    prompt: usize,
+    seed: u64,
+    batch: (i64, i64),
+    image: RgbImage,
+}
+
+/// Which images a run makes: every prompt for every seed, either `--num_images_per_prompt` images in
+/// one call per seed (one generator), or (`images`: count and batch size) each prompt's images in
+/// calls of the batch size, image j from seed + j.
+struct Plan<'a> {
+    prompts: &'a Prompts,
+    seeds: &'a [u64],
+    images: Option<(i64, i64)>,
+}
+
+impl Plan<'_> {
+    /// Generates every image with `generate(options, label)` (the label tells the call apart in the
+    /// timing lines), seed by seed, then prompt by prompt, then image by image.
+    fn run(
+        &self,
+        options: &mut GenerateOptions,
+        mut generate: impl FnMut(&GenerateOptions, &str) -> anyhow::Result<sdxl_model::pipeline::Images>,
+    ) -> anyhow::Result<Vec<Cell>> {
+        let mut cells = Vec::new();
+        let several_seeds = self.seeds.len() > 1;
+        for &seed in self.seeds {
+            options.seed = seed;
+            let Some((count, batch)) = self.images else {
+                let label = if several_seeds {
+                    format!(" (seed {seed})")
+                } else {
+                    String::new()
+                };
+                let images = generate(options, &label)?;
+                let per_prompt = options.images_per_prompt;
+                for i in 0..images.len() {
+                    cells.push(Cell {
+                        prompt: i / per_prompt as usize,
+                        seed,
+                        batch: (per_prompt, i as i64 % per_prompt),
+                        image: images.to_rgb(i)?,
+                    });
+                }
+                continue;
+            };
+            for (p, prompt) in self.prompts.positive.iter().enumerate() {
+                options.prompts = vec![prompt.clone()];
+                options.negative_prompts = self.prompts.negatives(p);
+                for start in (0..count).step_by(batch as usize) {
+                    let size = batch.min(count - start);
+                    let seeds: Vec<u64> = (start..start + size)
+                        .map(|j| seed.wrapping_add(j as u64))
+                        .collect();
+                    options.images_per_prompt = size;
+                    options.image_seeds = Some(seeds.clone());
+                    let prompt_label = if self.prompts.positive.len() > 1 {
+                        format!("prompt {p}, ")
+                    } else {
+                        String::new()
+                    };
+                    let label = match seeds.as_slice() {
+                        [one] => format!(" ({prompt_label}seed {one})"),
+                        [first, .., last] => format!(" ({prompt_label}seeds {first}-{last})"),
+                        [] => String::new(),
+                    };
+                    let images = generate(options, &label)?;
+                    for (i, &seed) in seeds.iter().enumerate() {
+                        cells.push(Cell {
+                            prompt: p,
+                            seed,
+                            batch: (size, i as i64),
+                            image: images.to_rgb(i)?,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(cells)
+    }
+}
+
+/// `--lora_weights`: one PNG, a column per weight under its label, a row per image (seed, and prompt
+/// when there are several) right of its label, with A1111's X/Y plot parameters.
+fn write_weight_grid(
+    columns: &[Vec<Cell>],
+    weights: &[f64],
+    prompts: &Prompts,
+    options: &GenerateOptions,
+    model: &str,
+    loaded: &[(String, f64, String)],
+    out: &Path,
+) -> anyhow::Result<()> {
+    let Some(first_column) = columns.first() else {
+        anyhow::bail!("--lora_weights: no weight given");
+    };
+    let several_prompts = prompts.positive.len() > 1;
+    let row_labels: Vec<String> = first_column
+        .iter()
+        .map(|cell| {
+            let mut label = format!("seed {}", cell.seed);
+            if several_prompts {
+                let prompt = &prompts.positive[cell.prompt];
+                let short: String = prompt.chars().take(32).collect();
+                let more = if short.len() < prompt.len() {
+                    "..."
+                } else {
+                    ""
+                };
+                label.push_str(&format!(" {short}{more}"));
+            }
+            label
+        })
+        .collect();
+    let column_labels: Vec<String> = weights.iter().map(|w| format!("LoRA x{w}")).collect();
+    let rows: Vec<Vec<RgbImage>> = (0..first_column.len())
+        .map(|r| {
+            columns
+                .iter()
+                .map(|column| column[r].image.clone())
+                .collect()
+        })
+        .collect();
+    let grid = labeled_grid(&rows, &column_labels, &row_labels)?;
+    let list = |values: Vec<String>| values.join(", ");
+    let mut seeds: Vec<u64> = first_column.iter().map(|cell| cell.seed).collect();
+    seeds.dedup();
+    let mut extra = vec![
+        ("Script", "X/Y/Z plot".to_owned()),
+        ("X Type", "LoRA weight".to_owned()),
+        (
+            "X Values",
+            list(weights.iter().map(|w| w.to_string()).collect()),
+        ),
+        ("Y Type", "Seed".to_owned()),
+        (
+            "Y Values",
+            list(seeds.iter().map(|s| s.to_string()).collect()),
+        ),
+    ];
+    if several_prompts {
+        extra.push(("Prompts", list(prompts.positive.clone())));
+    }
+    let parameters = infotext(options, prompts, &first_column[0], model, loaded, &extra).render();
+    save_png_with_text(&grid, out, &[("parameters", &parameters)])?;
+    println!(
+        "wrote {} ({} row(s) x {} LoRA weight(s))",
+        out.display(),
+        rows.len(),
+        weights.len()
+    );
+    Ok(())
+}
+
+/// The A1111 parameters of `cell`, generated with `options`' settings.
 fn infotext<'a>(
     options: &'a GenerateOptions,
-    index: usize,
+    prompts: &'a Prompts,
+    cell: &Cell,
     model: &'a str,
     loras: &'a [(String, f64, String)],
+    extra: &'a [(&'a str, String)],
 ) -> Infotext<'a> {
-    let per_prompt = options.images_per_prompt;
-    let prompt = index / per_prompt as usize;
-    let negatives = options.negative_prompts.as_deref();
     Infotext {
-        prompt: &options.prompts[prompt],
-        negative: negatives.and_then(|n| n.get(prompt)).map(String::as_str),
+        prompt: &prompts.positive[cell.prompt],
+        negative: prompts
+            .negative
+            .as_deref()
+            .and_then(|n| n.get(cell.prompt))
+            .map(String::as_str),
         steps: options.steps,
         scheduler: options.scheduler,
         guidance: options.guidance_scale,
-        seed: options.seed,
+        seed: cell.seed,
         size: (options.width, options.height),
         model,
         loras,
-        batch: (per_prompt, index as i64 % per_prompt),
+        batch: cell.batch,
+        extra,
     }
 }
 

@@ -33,6 +33,8 @@ pub struct Infotext<'a> {
     pub loras: &'a [(String, f64, String)],
     /// Images per prompt, and this image's place among them (A1111's `Batch size`, `Batch pos`).
     pub batch: (i64, i64),
+    /// More `key: value` pairs, written before `Version` (a grid's `Script`, `X Type`, `X Values`…).
+    pub extra: &'a [(&'a str, String)],
 }
 
 /// A1111's quoting of a value: as it is, unless it holds `,`, `:` or a newline; then as a JSON string.
@@ -102,6 +104,7 @@ impl Infotext<'_> {
                 .collect();
             params.push(("Lora hashes", hashes.join(", ")));
         }
+        params.extend(self.extra.iter().map(|(key, value)| (*key, value.clone())));
         params.push((
             "Version",
             format!("sdxl-lora {}", env!("CARGO_PKG_VERSION")),
@@ -137,6 +140,7 @@ mod tests {
             model: "sdxl:base",
             loras: &loras,
             batch: (2, 1),
+            extra: &[],
         }
         .render();
         let version = env!("CARGO_PKG_VERSION");
@@ -161,13 +165,14 @@ mod tests {
             model: "tiny-sdxl",
             loras: &[],
             batch: (1, 0),
+            extra: &[("X Values", "0, 1".into())],
         }
         .render();
         assert_eq!(
             plain,
             format!(
                 "a cat\nSteps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 0, Size: 64x64, \
-                 Model: tiny-sdxl, Version: sdxl-lora {version}"
+                 Model: tiny-sdxl, X Values: \"0, 1\", Version: sdxl-lora {version}"
             )
         );
     }

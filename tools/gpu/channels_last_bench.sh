@@ -28,9 +28,7 @@ seed_bench_run seed "$filter" "$steps"
 seed_bench_run cl "$filter" "$steps" --channels_last
 seed_bench_run seed2 "$filter" "$steps"
 seed_bench_run cl2 "$filter" "$steps" --channels_last
-seed_bench_run ckpt "$filter" "$steps" --gradient_checkpointing
-seed_bench_run cl-ckpt "$filter" "$steps" --gradient_checkpointing --channels_last
-seed_bench_table "$steps" seed cl seed2 cl2 ckpt cl-ckpt
+seed_bench_table "$steps" seed cl seed2 cl2
 python3 - seed cl seed2 cl2 <<'PY'
 # The final LoRA (diffusers file) of each run against the first: max |delta| over every tensor.
 import sys
@@ -43,11 +41,14 @@ for name in others:
     diff = max((runs[name][k].float() - base[k].float()).abs().max().item() for k in base)
     print(f"final LoRA {name} vs {base_name}: max |delta| {diff:.3e} (largest value {scale:.3e})")
 PY
-for layout in nchw cl; do
+for layout in cl nchw; do
     flag=""; [ "$layout" = cl ] && flag="--channels_last"
     # shellcheck disable=SC2086
-    seed_bench_run "profile-$layout" "$filter" 8 --profile_step 5 $flag
+    seed_bench_run "profile-$layout" "$filter" 7 --profile_step 5 $flag
     for trace in /tmp/run-profile-$layout/profile/*.json; do
         [ -f "$trace" ] && python3 tools/gpu/profile_summary.py "$trace" --top 25 --json "$out/summary-$layout.json"
     done
 done
+seed_bench_run ckpt "$filter" "$steps" --gradient_checkpointing
+seed_bench_run cl-ckpt "$filter" "$steps" --gradient_checkpointing --channels_last
+seed_bench_table "$steps" seed cl seed2 cl2 ckpt cl-ckpt

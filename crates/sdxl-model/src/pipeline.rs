@@ -42,6 +42,7 @@
 //! ```
 
 mod compat;
+mod label;
 mod memory;
 
 use std::path::{Path, PathBuf};
@@ -61,6 +62,10 @@ use crate::unet::{UNet2DConditionModel, UNetInputs};
 use crate::vae::{AutoencoderKL, VaeTiling};
 use crate::weights::LoadReport;
 use crate::{Error, Result};
+/// The 8-bit RGB buffer the image functions here take and return (the `image` crate's), for crates
+/// that do not depend on `image` themselves.
+pub use image::RgbImage;
+pub use label::{GLYPH_ADVANCE, LINE_HEIGHT, draw_text, label_scale, labeled_grid, text_size};
 pub use memory::{GenerationMemory, LARGE_GENERATION_BYTES, MAX_GENERATION_BYTES};
 
 /// What to generate: prompts, guidance, size, steps, sampler and randomness.
@@ -105,6 +110,13 @@ pub struct GenerateOptions {
     /// diffusers draws the same numbers. Independent of libtorch's process-wide generator, so
     /// pipelines generating in several threads give what each gives alone.
     pub seed: u64,
+    /// One seed per image, in batch order (prompt by prompt, then image by image): each image draws
+    /// its initial noise and then its ancestral noise from a generator of its own, as diffusers does
+    /// when given a list of generators (`generator=[torch.Generator().manual_seed(s) for s in
+    /// image_seeds]`) and as A1111 does for a batch. An image then depends only on its own seed, not
+    /// on the batch it shares; [`Self::seed`] is not used. `None` (the default): one generator seeded
+    /// with [`Self::seed`] draws the whole batch's noise.
+    pub image_seeds: Option<Vec<u64>>,
     /// The sampler.
     pub scheduler: SchedulerKind,
     /// Unit Gaussian initial latents `[batch, 4, height/8, width/8]` to use instead of seeded noise
@@ -150,6 +162,7 @@ impl Default for GenerateOptions {
             width: 1024,
             images_per_prompt: 1,
             seed: 0,
+            image_seeds: None,
             scheduler: SchedulerKind::EulerDiscrete,
             initial_noise: None,
             cuda_graph: false,
@@ -219,6 +232,13 @@ impl GenerateOptions {
     #[must_use]
     pub fn with_seed(mut self, seed: u64) -> Self {
         self.seed = seed;
+        self
+    }
+
+    /// Sets [`Self::image_seeds`].
+    #[must_use]
+    pub fn with_image_seeds(mut self, image_seeds: Option<Vec<u64>>) -> Self {
+        self.image_seeds = image_seeds;
         self
     }
 
@@ -851,7 +871,21 @@ impl Denoiser<'_> {
         // One seeded stream for the initial noise and then any ancestral step noise, as diffusers'
         // CPU generator: a generator of this call's own (others drawing in other threads change
         // nothing), through `torch_cuda::portable`: PyTorch's numbers on every CPU.
-        let mut generator = torch_cuda::rng::Generator::new(options.seed)?;
+        // With `image_seeds`, one generator per image, each drawing its image's slice.
+        let mut generators = match &options.image_seeds {
+            None => vec![torch_cuda::rng::Generator::new(options.seed)?],
+            Some(seeds) if seeds.len() as i64 == shape[0] => seeds
+                .iter()
+                .map(|&seed| torch_cuda::rng::Generator::new(seed))
+                .collect::<std::result::Result<_, _>>()?,
+            Some(seeds) => {
+                return Err(Error::Shape {
+                    what: "image seeds".into(),
+                    expected: format!("one per image ({})", shape[0]),
+                    actual: seeds.len().to_string(),
+                });
+            }
+        };
         let initial = match &options.initial_noise {
             Some(noise) if noise.size() == shape => noise.shallow_clone(),
             Some(noise) => {
@@ -861,7 +895,7 @@ impl Denoiser<'_> {
                     actual: format!("{:?}", noise.size()),
                 });
             }
-            None => torch_cuda::portable::randn_with(&mut generator, &shape)?,
+            None => draw_noise(&mut generators, &shape)?,
         };
         let mut scheduler = schedulers::build(options.scheduler, self.scheduler_config)?;
         scheduler.set_timesteps(options.steps)?;
@@ -921,7 +955,7 @@ impl Denoiser<'_> {
                 // diffusers draws a stochastic step's noise on the generator's device (the CPU)
                 // in float32 here, then moves it to the latents.
                 let noise = if scheduler.is_stochastic() {
-                    let drawn = torch_cuda::portable::randn_with(&mut generator, &latents.size())?;
+                    let drawn = draw_noise(&mut generators, &latents.size())?;
                     Some(drawn.f_to_device(self.device)?.f_to_kind(latents.kind())?)
                 } else {
                     None
@@ -935,6 +969,23 @@ impl Denoiser<'_> {
         })?;
         Ok(latents)
     }
+}
+
+/// Unit Gaussian noise of `shape` on the CPU in float32: all of it from the one generator, or with a
+/// generator per image, each image's slice `[1, …]` from its own (diffusers' `randn_tensor` with a list).
+fn draw_noise(generators: &mut [torch_cuda::rng::Generator], shape: &[i64]) -> Result<Tensor> {
+    if let [generator] = generators {
+        return Ok(torch_cuda::portable::randn_with(generator, shape)?);
+    }
+    let mut one = shape.to_vec();
+    if let Some(first) = one.first_mut() {
+        *first = 1;
+    }
+    let slices = generators
+        .iter_mut()
+        .map(|generator| torch_cuda::portable::randn_with(generator, &one))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(Tensor::f_cat(&slices, 0)?)
 }
 
 /// The denoising loop's UNet call: eager, or (`cuda_graph`) eager for the first step, then captured

@@ -424,3 +424,41 @@ fn two_pipelines_in_two_threads_give_what_each_gives_alone() {
         );
     }
 }
+
+/// `image_seeds`: each image of a batch (an ancestral sampler: noise at every step) is the image its
+/// seed gives alone, up to float32 rounding of the batched UNet; a count other than the batch's is
+/// refused.
+#[test]
+fn image_seeds_make_each_image_its_seeds_whatever_the_batch() {
+    let (case, _) = case();
+    let pipe = pipeline();
+    let quick = || {
+        options_of(&case)
+            .with_prompts(vec!["a fox".into()])
+            .with_negative_prompts(None)
+            .with_steps(3)
+            .with_scheduler(SchedulerKind::EulerAncestralDiscrete)
+    };
+    let batch = pipe
+        .latents(
+            &quick()
+                .with_images_per_prompt(2)
+                .with_image_seeds(Some(vec![4, 9])),
+        )
+        .unwrap();
+    for (i, seed) in [4, 9].into_iter().enumerate() {
+        let alone = pipe.latents(&quick().with_seed(seed)).unwrap();
+        let listed = pipe
+            .latents(&quick().with_image_seeds(Some(vec![seed])))
+            .unwrap();
+        assert!(listed.equal(&alone), "one image seed is the seed");
+        let difference = max_abs_diff(&batch.narrow(0, i as i64, 1), &alone);
+        assert!(difference < 1e-4, "image {i}: {difference}");
+    }
+    let other = max_abs_diff(&batch.narrow(0, 0, 1), &batch.narrow(0, 1, 1));
+    assert!(other > 0.1, "the seeds differ: {other}");
+    let error = pipe
+        .latents(&quick().with_image_seeds(Some(vec![1, 2])))
+        .unwrap_err();
+    assert!(matches!(error, Error::Shape { .. }), "{error}");
+}
