@@ -4,7 +4,7 @@
 # interleaved in the same call (steady time per step, peak, final LoRA against each other), the same
 # with --gradient_checkpointing, and one profiled step of each layout summarized by kernel category.
 #
-#   bash tools/gpu/channels_last_bench.sh [STEPS]
+#   bash tools/gpu/channels_last_bench.sh [STEPS]      (QUICK=1: the tests and one NCHW / channels-last pair)
 #       (.gpu/examples/train_naruto.xz, .gpu/tests/group_norm.xz: stripped, xz-compressed release binaries;
 #        the diffusers wheel in .whl/ for tools/gpu/random_sdxl.py)
 set -uo pipefail
@@ -26,6 +26,10 @@ seed_bench_data /tmp/patterns 16
 filter="^\[trainer\] (step (2|$steps)\b|captured)|rror"
 seed_bench_run seed "$filter" "$steps"
 seed_bench_run cl "$filter" "$steps" --channels_last
+if [ "${QUICK:-0}" = 1 ]; then  # the kernels' tests and one pair of runs only
+    seed_bench_table "$steps" seed cl
+    exit 0
+fi
 seed_bench_run seed2 "$filter" "$steps"
 seed_bench_run cl2 "$filter" "$steps" --channels_last
 seed_bench_table "$steps" seed cl seed2 cl2
