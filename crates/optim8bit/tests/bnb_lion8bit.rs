@@ -27,8 +27,9 @@ use std::collections::HashMap;
 use optim8bit::quantize::QuantMap;
 use optim8bit::{Lion, LionConfig};
 use support::bnb::{CodeTally, Reference, read_reference};
-use support::{cuda, max_rel_error, temp_path};
+use support::{max_rel_error, temp_path};
 use tch::{Device, Kind, Tensor};
+use test_support::cuda;
 use test_support::f32_bound;
 
 const HOW: &str = "regenerate it with `tools/fixtures/regenerate.sh --only bnb_lion8bit` (the CPU \

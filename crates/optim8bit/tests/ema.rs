@@ -50,16 +50,6 @@ fn config(settings: &Value) -> EMAConfig {
     c
 }
 
-fn cuda() -> bool {
-    let required = std::env::var("SDXL_REQUIRE_CUDA").is_ok_and(|v| v == "1");
-    let present = tch::Cuda::is_available();
-    assert!(
-        present || !required,
-        "SDXL_REQUIRE_CUDA=1 but tch sees no CUDA device"
-    );
-    present
-}
-
 fn params_on(r: &Reference, device: Device) -> Vec<Tensor> {
     r.params
         .iter()
@@ -139,7 +129,7 @@ fn the_average_and_its_decay_follow_diffusers_ema_model() {
     assert_eq!(r.runs.len(), 2);
     for run in r.runs.keys() {
         check_run_on(&r, run, Device::Cpu);
-        if cuda() {
+        if test_support::cuda() {
             check_run_on(&r, run, Device::Cuda(0));
         }
     }

@@ -15,9 +15,9 @@
 
 mod support;
 
-use support::cuda;
 use support::extra::{Any, build, initial_params, reference, set_grads};
 use tch::{Device, Tensor};
+use test_support::cuda;
 use test_support::{check, f32_bound, max_rel_error};
 
 /// Runs `run` over the fixture's steps and checks every step's parameters (and Prodigy's `d`)

@@ -95,12 +95,7 @@ struct Run {
 /// The CPU, and the CUDA device when there is one; without one the CUDA half is skipped, unless
 /// `SDXL_REQUIRE_CUDA=1` (the GPU machine's harness) makes that a failure.
 fn devices() -> Vec<Device> {
-    let required = std::env::var("SDXL_REQUIRE_CUDA").is_ok_and(|v| v == "1");
-    let present = tch::Cuda::is_available();
-    assert!(
-        present || !required,
-        "SDXL_REQUIRE_CUDA=1 but tch sees no CUDA device"
-    );
+    let present = test_support::cuda();
     let mut devices = vec![Device::Cpu];
     if present {
         devices.push(Device::Cuda(0));

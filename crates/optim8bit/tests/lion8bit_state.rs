@@ -11,8 +11,9 @@ use std::collections::HashMap;
 
 use optim8bit::{Error, Lion, LionConfig, clip_grad_norm};
 use support::bnb::{Reference, read_reference};
-use support::{cuda, temp_path};
+use support::temp_path;
 use tch::{Device, Kind, Tensor};
+use test_support::cuda;
 
 fn reference() -> Reference {
     read_reference(

@@ -273,28 +273,13 @@ fn checkpointed_gradients_with_lora_dropout_equal_plain_ones() {
     assert!(next.equal(&after_backward));
 }
 
-/// Whether a CUDA device is there; without one the CUDA test passes, unless `SDXL_REQUIRE_CUDA=1`
-/// (the GPU machine's harness) makes that a failure.
-fn cuda() -> bool {
-    let required = std::env::var("SDXL_REQUIRE_CUDA").is_ok_and(|v| v == "1");
-    let present = tch::Cuda::is_available();
-    assert!(
-        present || !required,
-        "SDXL_REQUIRE_CUDA=1 but tch sees no CUDA device"
-    );
-    if !present {
-        println!("no CUDA device: skipped");
-    }
-    present
-}
-
 /// On CUDA, a checkpointed step with adapter dropout captured as a CUDA graph and replayed after
 /// re-seeding gives the gradients of an eager plain step from the same seed: inside the graph the
 /// recomputation replays the forward pass's masks (`torch_cuda::rng` restores the generator's
 /// offset within the graph) — the generator being the adapters' own, registered with the graph.
 #[test]
 fn checkpointed_dropout_gradients_replay_inside_a_cuda_graph() {
-    if !cuda() {
+    if !test_support::cuda() {
         return;
     }
     torch_cuda::set_allow_tf32(false, false);

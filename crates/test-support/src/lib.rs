@@ -289,6 +289,26 @@ pub fn unet_depth(shape: &UNetShape) -> f64 {
         + depth::conv(shape.channels[0], 3)
 }
 
+/// Whether a CUDA device is there. Without one the CUDA part of a test is skipped (this says so on
+/// stdout), unless `SDXL_REQUIRE_CUDA=1` — what the GPU machine's harness sets — makes that a failure.
+///
+/// # Panics
+/// When `SDXL_REQUIRE_CUDA=1` and tch sees no CUDA device.
+pub fn cuda() -> bool {
+    let required = std::env::var("SDXL_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+    let present = tch::Cuda::is_available();
+    assert!(
+        present || !required,
+        "SDXL_REQUIRE_CUDA=1 but tch sees no CUDA device"
+    );
+    if !present {
+        println!(
+            "no CUDA device: the CUDA part is skipped (SDXL_REQUIRE_CUDA=1 makes this a failure)"
+        );
+    }
+    present
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

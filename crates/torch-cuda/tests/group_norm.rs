@@ -9,21 +9,6 @@
 use tch::{Device, Kind, Tensor};
 use torch_cuda::group_norm::{compile_check, group_norm, is_channels_last, to_channels_last};
 
-/// Whether a CUDA device is there; without one the CUDA tests pass, unless `SDXL_REQUIRE_CUDA=1`
-/// (the GPU machine's harness) makes that a failure.
-fn cuda() -> bool {
-    let required = std::env::var("SDXL_REQUIRE_CUDA").is_ok_and(|v| v == "1");
-    let present = tch::Cuda::is_available();
-    assert!(
-        present || !required,
-        "SDXL_REQUIRE_CUDA=1 but tch sees no CUDA device"
-    );
-    if !present {
-        println!("no CUDA device: skipped");
-    }
-    present
-}
-
 #[test]
 fn nvrtc_compiles_every_variant() {
     if !torch_cuda::shim_compiled() {
@@ -160,7 +145,7 @@ fn check(case: &Case) {
 
 #[test]
 fn forward_and_backward_match_libtorch_within_its_own_error() {
-    if !cuda() {
+    if !test_support::cuda() {
         return;
     }
     let cases = [
@@ -216,7 +201,7 @@ fn forward_and_backward_match_libtorch_within_its_own_error() {
 
 #[test]
 fn a_captured_graph_replays_what_ran_eagerly() {
-    if !cuda() {
+    if !test_support::cuda() {
         return;
     }
     let device = Device::Cuda(0);
@@ -249,7 +234,7 @@ fn a_captured_graph_replays_what_ran_eagerly() {
 
 #[test]
 fn bad_inputs_are_errors_not_panics() {
-    if !cuda() {
+    if !test_support::cuda() {
         return;
     }
     let device = Device::Cuda(0);

@@ -16,21 +16,6 @@ fn exclusive() -> MutexGuard<'static, ()> {
     GLOBAL_GENERATOR.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Whether a CUDA device is there; without one the CUDA tests pass, unless `SDXL_REQUIRE_CUDA=1`
-/// (the GPU machine's harness) makes that a failure.
-fn cuda() -> bool {
-    let required = std::env::var("SDXL_REQUIRE_CUDA").is_ok_and(|v| v == "1");
-    let present = tch::Cuda::is_available();
-    assert!(
-        present || !required,
-        "SDXL_REQUIRE_CUDA=1 but tch sees no CUDA device"
-    );
-    if !present {
-        println!("no CUDA device: skipped");
-    }
-    present
-}
-
 /// Draws a dropout mask `first`, then the same draw again with the generator set back (`replayed`),
 /// then puts the generator where it had got to and draws `next`: what the checkpoint tape does.
 fn draw_replay_and_continue(device: Device) -> [Tensor; 3] {
@@ -71,7 +56,7 @@ fn cpu_snapshots_replay_dropout_masks_and_uniform_draws() {
 #[test]
 fn cuda_snapshots_replay_draws_eagerly_and_inside_a_graph_capture() {
     let _serial = exclusive();
-    if !cuda() {
+    if !test_support::cuda() {
         return;
     }
     let device = Device::Cuda(0);
@@ -230,7 +215,7 @@ fn a_generator_on_the_cpu_draws_what_the_default_generator_draws_after_manual_se
 #[test]
 fn a_generator_on_cuda_draws_what_the_default_generator_draws_after_manual_seed() {
     let _serial = exclusive();
-    if !cuda() {
+    if !test_support::cuda() {
         return;
     }
     assert_same_draws(Device::Cuda(0));
@@ -241,7 +226,8 @@ fn dropout_from_a_generator_is_differentiable_and_replayable() {
     use torch_cuda::rng::Generator;
     // `x` comes from the default generator, which the snapshot tests set back and replay.
     let _serial = exclusive();
-    let devices = std::iter::once(Device::Cpu).chain(cuda().then_some(Device::Cuda(0)));
+    let devices =
+        std::iter::once(Device::Cpu).chain(test_support::cuda().then_some(Device::Cuda(0)));
     for device in devices {
         let g = Generator::on(device, 5).unwrap();
         let x = (Tensor::rand([2, 500], (Kind::Float, device)) + 0.5).set_requires_grad(true);
@@ -284,7 +270,7 @@ fn dropout_from_a_generator_is_differentiable_and_replayable() {
 fn a_registered_generator_draws_inside_a_cuda_graph_as_eagerly() {
     use torch_cuda::rng::Generator;
     let _serial = exclusive();
-    if !cuda() {
+    if !test_support::cuda() {
         return;
     }
     let device = Device::Cuda(0);

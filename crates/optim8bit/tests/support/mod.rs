@@ -86,18 +86,6 @@ pub fn set_grad(param: &Tensor, grad: &Tensor) {
         .backward();
 }
 
-/// Whether a CUDA device is there; without one the CUDA half of a test is skipped, unless
-/// `SDXL_REQUIRE_CUDA=1` (the GPU machine's harness) makes that a failure.
-pub fn cuda() -> bool {
-    let required = std::env::var("SDXL_REQUIRE_CUDA").is_ok_and(|v| v == "1");
-    let present = tch::Cuda::is_available();
-    assert!(
-        present || !required,
-        "SDXL_REQUIRE_CUDA=1 but tch sees no CUDA device"
-    );
-    present
-}
-
 /// A fresh path under the system's temporary folder, unique per test and process.
 pub fn temp_path(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("optim8bit-tests-{}", std::process::id()));
