@@ -551,8 +551,42 @@ fn generate_stacks_loras_at_their_weights() {
         &["--lora", &a_07, "--lora", &format!("{b}:0.4"), "--compare"],
     );
     assert!(stdout.contains("(base left, LoRAs right)"), "{stdout}");
-    let grid = image::load_from_memory(&grid).unwrap();
-    assert_eq!((grid.width(), grid.height()), (128, 64));
+    let grid = image::load_from_memory(&grid).unwrap().to_rgb8();
+    // Labelled as the --lora_weights grid: "base" and "LoRA" above, "seed 0" left (6 glyphs of 6 px
+    // and 2 px margins); the right cell is the stacked image, the left one the base model's.
+    let (left, top) = (6 * 6 + 4, 9 + 4);
+    assert_eq!(grid.dimensions(), (left + 2 * 64, top + 64));
+    let cell =
+        |column: u32| image::imageops::crop_imm(&grid, left + 64 * column, top, 64, 64).to_image();
+    let pixels = |png: &[u8]| image::load_from_memory(png).unwrap().to_rgb8();
+    assert_eq!(
+        cell(1),
+        pixels(&stacked),
+        "the LoRA side is the stacked image"
+    );
+    let (_, base) = generate("base", &[]);
+    assert_eq!(
+        cell(0),
+        pixels(&base),
+        "the base side is the base model's image"
+    );
+    let (_, parameters) = png_of(&dir.join("grid.png"));
+    assert!(
+        parameters.contains(", Script: X/Y/Z plot, X Type: LoRA weight, X Values: \"0, 1\", ")
+            && parameters.contains("Lora hashes: "),
+        "{parameters}"
+    );
+    // Two images of one seed: a row each, told apart by their place in the batch ("seed 0 #0",
+    // "seed 0 #1": 9 glyphs).
+    let (_, pair) = generate(
+        "pair",
+        &["--lora", a, "--compare", "--num_images_per_prompt", "2"],
+    );
+    let pair = pixels(&pair);
+    let left = 9 * 6 + 4;
+    assert_eq!(pair.dimensions(), (left + 2 * 64, top + 2 * 64));
+    let label = |row: u32| image::imageops::crop_imm(&pair, 0, top + 64 * row, left, 64).to_image();
+    assert_ne!(label(0), label(1), "the two rows' labels must differ");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

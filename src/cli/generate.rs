@@ -34,8 +34,8 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use sdxl_model::pipeline::{
-    GenerateOptions, LARGE_GENERATION_BYTES, OnStep, Pipeline, RgbImage, grid_column, grid_row,
-    labeled_grid, save_png, save_png_with_text,
+    GenerateOptions, LARGE_GENERATION_BYTES, OnStep, Pipeline, RgbImage, labeled_grid,
+    save_png_with_text,
 };
 use sdxl_model::pretrained::LoadOptions;
 use sdxl_model::schedulers::SchedulerKind;
@@ -450,15 +450,23 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             }
             columns.push(run(&pipe, &mut options, &format!("LoRA x{weight}"))?);
         }
-        return write_weight_grid(
-            &columns,
-            &args.lora_weights,
-            &prompts,
-            &options,
-            &model,
-            &loaded,
-            &args.out,
+        let axis = Axis {
+            labels: args
+                .lora_weights
+                .iter()
+                .map(|w| format!("LoRA x{w}"))
+                .collect(),
+            kind: "LoRA weight",
+            values: args.lora_weights.iter().map(f64::to_string).collect(),
+        };
+        let (rows, columns) = write_grid(
+            &columns, &axis, &prompts, &options, &model, &loaded, &args.out,
+        )?;
+        println!(
+            "wrote {} ({rows} row(s) x {columns} LoRA weight(s))",
+            args.out.display()
         );
+        return Ok(());
     }
     let mut bases = Vec::new();
     if args.compare {
@@ -472,11 +480,21 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let outputs = run(&pipe, &mut options, what)?;
     if args.compare {
-        let mut rows = Vec::new();
-        for (base, cell) in bases.iter().zip(&outputs) {
-            rows.push(grid_row(&[base.image.clone(), cell.image.clone()])?);
-        }
-        save_png(&grid_column(&rows)?, &args.out)?;
+        // The base model's images are the LoRAs at weight 0: A1111's X/Y plot over the LoRA weight.
+        let axis = Axis {
+            labels: vec!["base".to_owned(), "LoRA".to_owned()],
+            kind: "LoRA weight",
+            values: vec!["0".to_owned(), "1".to_owned()],
+        };
+        write_grid(
+            &[bases, outputs],
+            &axis,
+            &prompts,
+            &options,
+            &model,
+            &loaded,
+            &args.out,
+        )?;
         println!("wrote {} (base left, LoRAs right)", args.out.display());
         return Ok(());
     }
@@ -588,25 +606,41 @@ impl Plan<'_> {
     }
 }
 
-/// `--lora_weights`: one PNG, a column per weight under its label, a row per image (seed, and prompt
-/// when there are several) right of its label, with A1111's X/Y plot parameters.
-fn write_weight_grid(
+/// The columns of a labelled grid: a label above each, and A1111's X/Y plot axis they stand for.
+struct Axis {
+    labels: Vec<String>,
+    kind: &'static str,
+    values: Vec<String>,
+}
+
+/// `--lora_weights` and `--compare`: one PNG, `columns[c]` under `axis.labels[c]`, a row per image
+/// right of its label (its seed; its prompt when there are several; its place in the batch when one
+/// seed made several), with A1111's X/Y plot parameters. Returns the rows and columns written.
+fn write_grid(
     columns: &[Vec<Cell>],
-    weights: &[f64],
+    axis: &Axis,
     prompts: &Prompts,
     options: &GenerateOptions,
     model: &str,
     loaded: &[(String, f64, String)],
     out: &Path,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(usize, usize)> {
     let Some(first_column) = columns.first() else {
-        anyhow::bail!("--lora_weights: no weight given");
+        anyhow::bail!("a grid without columns");
     };
     let several_prompts = prompts.positive.len() > 1;
     let row_labels: Vec<String> = first_column
         .iter()
         .map(|cell| {
             let mut label = format!("seed {}", cell.seed);
+            let shares_seed = first_column
+                .iter()
+                .filter(|other| (other.seed, other.prompt) == (cell.seed, cell.prompt))
+                .count()
+                > 1;
+            if shares_seed {
+                label.push_str(&format!(" #{}", cell.batch.1));
+            }
             if several_prompts {
                 let prompt = &prompts.positive[cell.prompt];
                 let short: String = prompt.chars().take(32).collect();
@@ -620,7 +654,6 @@ fn write_weight_grid(
             label
         })
         .collect();
-    let column_labels: Vec<String> = weights.iter().map(|w| format!("LoRA x{w}")).collect();
     let rows: Vec<Vec<RgbImage>> = (0..first_column.len())
         .map(|r| {
             columns
@@ -629,17 +662,14 @@ fn write_weight_grid(
                 .collect()
         })
         .collect();
-    let grid = labeled_grid(&rows, &column_labels, &row_labels)?;
+    let grid = labeled_grid(&rows, &axis.labels, &row_labels)?;
     let list = |values: Vec<String>| values.join(", ");
     let mut seeds: Vec<u64> = first_column.iter().map(|cell| cell.seed).collect();
     seeds.dedup();
     let mut extra = vec![
         ("Script", "X/Y/Z plot".to_owned()),
-        ("X Type", "LoRA weight".to_owned()),
-        (
-            "X Values",
-            list(weights.iter().map(|w| w.to_string()).collect()),
-        ),
+        ("X Type", axis.kind.to_owned()),
+        ("X Values", list(axis.values.clone())),
         ("Y Type", "Seed".to_owned()),
         (
             "Y Values",
@@ -651,13 +681,7 @@ fn write_weight_grid(
     }
     let parameters = infotext(options, prompts, &first_column[0], model, loaded, &extra).render();
     save_png_with_text(&grid, out, &[("parameters", &parameters)])?;
-    println!(
-        "wrote {} ({} row(s) x {} LoRA weight(s))",
-        out.display(),
-        rows.len(),
-        weights.len()
-    );
-    Ok(())
+    Ok((rows.len(), columns.len()))
 }
 
 /// The A1111 parameters of `cell`, generated with `options`' settings.
