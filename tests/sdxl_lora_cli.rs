@@ -861,5 +861,15 @@ fn generate_num_images_do_not_depend_on_batch_size() {
     assert_ne!(images[0], images[1]);
     let (alone, _) = png_of(&dir.join("alone.png"));
     assert_eq!(images[1], alone, "image 1 is seed 6's");
+    // --warmup warms both shapes of batches of 2 for 3 images: 2, and the last batch's 1.
+    let stdout = generate(
+        "warm",
+        &["--num_images", "3", "--batch_size", "2", "--warmup"],
+    );
+    assert!(
+        stdout.contains("warm-up: 2 image(s)")
+            && stdout.contains("warm-up (last batch of 1): 1 image(s)"),
+        "{stdout}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -24,7 +24,7 @@
 //! Runs on CUDA when available, else on the CPU. Prints the wall time of each `generate` call
 //! (prompt encoding, denoising loop and VAE decode, synchronised) and, on CUDA, the caching
 //! allocator's peak (PyTorch's `torch.cuda.max_memory_allocated()`); `--warmup` runs one generation
-//! first so that the timed one excludes kernel selection. A progress bar counts the denoising steps on
+//! of each batch shape first so that the timed ones exclude kernel selection. A progress bar counts the denoising steps on
 //! a terminal (not with `--quiet`, nor when stderr is not a terminal). Each image's PNG carries A1111's
 //! generation parameters in a `parameters` text chunk ([`super::infotext`]).
 
@@ -153,7 +153,8 @@ pub struct GenerateArgs {
     /// --kind): about half the UNet's memory, not faster.
     #[arg(long)]
     fp8: bool,
-    /// Run one untimed generation first, so that the timed one excludes kernel selection.
+    /// Run one untimed generation first (one per batch shape: also the last, smaller batch of
+    /// --num_images), so that the timed ones exclude kernel selection.
     #[arg(long)]
     warmup: bool,
     /// Batch throughput mode: for each batch size B (comma-separated, e.g. 1,4,8), one warm-up and one
@@ -439,6 +440,16 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     if args.warmup {
         timed(&pipe, &options, "warm-up")?;
+        // A last, smaller batch of --num_images is a shape of its own (and a graph of its own).
+        if let Some((count, batch)) = images.filter(|&(count, batch)| count % batch != 0) {
+            options.images_per_prompt = count % batch;
+            timed(
+                &pipe,
+                &options,
+                &format!("warm-up (last batch of {})", count % batch),
+            )?;
+            options.images_per_prompt = batch;
+        }
     }
     let model = args.model.file_name().unwrap_or_default().to_string_lossy();
     if !args.lora_weights.is_empty() {
