@@ -47,56 +47,17 @@ pub struct AdafactorConfig {
     pub warmup_init: bool,
 }
 
-/// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
-/// from [`Default`] (or a named constructor) by these.
-impl AdafactorConfig {
-    /// Sets [`AdafactorConfig::eps`].
-    #[must_use]
-    pub fn with_eps(mut self, eps: (f64, f64)) -> Self {
-        self.eps = eps;
-        self
-    }
-
-    /// Sets [`AdafactorConfig::clip_threshold`].
-    #[must_use]
-    pub fn with_clip_threshold(mut self, clip_threshold: f64) -> Self {
-        self.clip_threshold = clip_threshold;
-        self
-    }
-
-    /// Sets [`AdafactorConfig::decay_rate`].
-    #[must_use]
-    pub fn with_decay_rate(mut self, decay_rate: f64) -> Self {
-        self.decay_rate = decay_rate;
-        self
-    }
-
-    /// Sets [`AdafactorConfig::beta1`].
-    #[must_use]
-    pub fn with_beta1(mut self, beta1: Option<f64>) -> Self {
-        self.beta1 = beta1;
-        self
-    }
-
-    /// Sets [`AdafactorConfig::scale_parameter`].
-    #[must_use]
-    pub fn with_scale_parameter(mut self, scale_parameter: bool) -> Self {
-        self.scale_parameter = scale_parameter;
-        self
-    }
-
-    /// Sets [`AdafactorConfig::relative_step`].
-    #[must_use]
-    pub fn with_relative_step(mut self, relative_step: bool) -> Self {
-        self.relative_step = relative_step;
-        self
-    }
-
-    /// Sets [`AdafactorConfig::warmup_init`].
-    #[must_use]
-    pub fn with_warmup_init(mut self, warmup_init: bool) -> Self {
-        self.warmup_init = warmup_init;
-        self
+setters! {
+    /// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
+    /// from [`Default`] (or a named constructor) by these.
+    AdafactorConfig {
+        with_eps => eps: (f64, f64),
+        with_clip_threshold => clip_threshold: f64,
+        with_decay_rate => decay_rate: f64,
+        with_beta1 => beta1: Option<f64>,
+        with_scale_parameter => scale_parameter: bool,
+        with_relative_step => relative_step: bool,
+        with_warmup_init => warmup_init: bool,
     }
 }
 

@@ -66,42 +66,15 @@ pub struct AdamWConfig {
     pub precision: StatePrecision,
 }
 
-/// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
-/// from [`Default`] (or a named constructor) by these.
-impl AdamWConfig {
-    /// Sets [`AdamWConfig::beta1`].
-    #[must_use]
-    pub fn with_beta1(mut self, beta1: f64) -> Self {
-        self.beta1 = beta1;
-        self
-    }
-
-    /// Sets [`AdamWConfig::beta2`].
-    #[must_use]
-    pub fn with_beta2(mut self, beta2: f64) -> Self {
-        self.beta2 = beta2;
-        self
-    }
-
-    /// Sets [`AdamWConfig::eps`].
-    #[must_use]
-    pub fn with_eps(mut self, eps: f64) -> Self {
-        self.eps = eps;
-        self
-    }
-
-    /// Sets [`AdamWConfig::min_8bit_size`].
-    #[must_use]
-    pub fn with_min_8bit_size(mut self, min_8bit_size: i64) -> Self {
-        self.min_8bit_size = min_8bit_size;
-        self
-    }
-
-    /// Sets [`AdamWConfig::precision`].
-    #[must_use]
-    pub fn with_precision(mut self, precision: StatePrecision) -> Self {
-        self.precision = precision;
-        self
+setters! {
+    /// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
+    /// from [`Default`] (or a named constructor) by these.
+    AdamWConfig {
+        with_beta1 => beta1: f64,
+        with_beta2 => beta2: f64,
+        with_eps => eps: f64,
+        with_min_8bit_size => min_8bit_size: i64,
+        with_precision => precision: StatePrecision,
     }
 }
 

@@ -70,49 +70,16 @@ pub struct EMAConfig {
     pub power: f64,
 }
 
-/// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
-/// from [`Default`] (or a named constructor) by these.
-impl EMAConfig {
-    /// Sets [`EMAConfig::decay`].
-    #[must_use]
-    pub fn with_decay(mut self, decay: f64) -> Self {
-        self.decay = decay;
-        self
-    }
-
-    /// Sets [`EMAConfig::min_decay`].
-    #[must_use]
-    pub fn with_min_decay(mut self, min_decay: f64) -> Self {
-        self.min_decay = min_decay;
-        self
-    }
-
-    /// Sets [`EMAConfig::update_after_step`].
-    #[must_use]
-    pub fn with_update_after_step(mut self, update_after_step: u64) -> Self {
-        self.update_after_step = update_after_step;
-        self
-    }
-
-    /// Sets [`EMAConfig::use_ema_warmup`].
-    #[must_use]
-    pub fn with_use_ema_warmup(mut self, use_ema_warmup: bool) -> Self {
-        self.use_ema_warmup = use_ema_warmup;
-        self
-    }
-
-    /// Sets [`EMAConfig::inv_gamma`].
-    #[must_use]
-    pub fn with_inv_gamma(mut self, inv_gamma: f64) -> Self {
-        self.inv_gamma = inv_gamma;
-        self
-    }
-
-    /// Sets [`EMAConfig::power`].
-    #[must_use]
-    pub fn with_power(mut self, power: f64) -> Self {
-        self.power = power;
-        self
+setters! {
+    /// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
+    /// from [`Default`] (or a named constructor) by these.
+    EMAConfig {
+        with_decay => decay: f64,
+        with_min_decay => min_decay: f64,
+        with_update_after_step => update_after_step: u64,
+        with_use_ema_warmup => use_ema_warmup: bool,
+        with_inv_gamma => inv_gamma: f64,
+        with_power => power: f64,
     }
 }
 

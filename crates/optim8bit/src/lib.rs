@@ -95,6 +95,28 @@
 
 #![warn(missing_docs)]
 
+/// Builder-style `with_<field>` setters for a `#[non_exhaustive]` configuration struct, one per
+/// `setter => field: Type` line, each documented as "Sets [`Struct::field`]." (the field's own
+/// documentation says what it means).
+macro_rules! setters {
+    ($(#[$meta:meta])* $ty:ident { $($setter:ident => $field:ident: $t:ty),* $(,)? }) => {
+        $(#[$meta])*
+        impl $ty {
+            $(
+                #[doc = concat!(
+                    "Sets [`", stringify!($ty), "::", stringify!($field), "`](field@",
+                    stringify!($ty), "::", stringify!($field), ")."
+                )]
+                #[must_use]
+                pub fn $setter(mut self, $field: $t) -> Self {
+                    self.$field = $field;
+                    self
+                }
+            )*
+        }
+    };
+}
+
 pub mod adafactor;
 mod adamw;
 mod clip;

@@ -58,35 +58,14 @@ pub struct LionConfig {
     pub min_8bit_size: i64,
 }
 
-/// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
-/// from [`Default`] (or a named constructor) by these.
-impl LionConfig {
-    /// Sets [`LionConfig::beta1`].
-    #[must_use]
-    pub fn with_beta1(mut self, beta1: f64) -> Self {
-        self.beta1 = beta1;
-        self
-    }
-
-    /// Sets [`LionConfig::beta2`].
-    #[must_use]
-    pub fn with_beta2(mut self, beta2: f64) -> Self {
-        self.beta2 = beta2;
-        self
-    }
-
-    /// Sets [`LionConfig::precision`].
-    #[must_use]
-    pub fn with_precision(mut self, precision: StatePrecision) -> Self {
-        self.precision = precision;
-        self
-    }
-
-    /// Sets [`LionConfig::min_8bit_size`].
-    #[must_use]
-    pub fn with_min_8bit_size(mut self, min_8bit_size: i64) -> Self {
-        self.min_8bit_size = min_8bit_size;
-        self
+setters! {
+    /// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
+    /// from [`Default`] (or a named constructor) by these.
+    LionConfig {
+        with_beta1 => beta1: f64,
+        with_beta2 => beta2: f64,
+        with_precision => precision: StatePrecision,
+        with_min_8bit_size => min_8bit_size: i64,
     }
 }
 

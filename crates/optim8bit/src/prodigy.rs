@@ -55,77 +55,20 @@ pub struct ProdigyConfig {
     pub growth_rate: f64,
 }
 
-/// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
-/// from [`Default`] (or a named constructor) by these.
-impl ProdigyConfig {
-    /// Sets [`ProdigyConfig::beta1`].
-    #[must_use]
-    pub fn with_beta1(mut self, beta1: f64) -> Self {
-        self.beta1 = beta1;
-        self
-    }
-
-    /// Sets [`ProdigyConfig::beta2`].
-    #[must_use]
-    pub fn with_beta2(mut self, beta2: f64) -> Self {
-        self.beta2 = beta2;
-        self
-    }
-
-    /// Sets the `beta3` field.
-    #[must_use]
-    pub fn with_beta3(mut self, beta3: Option<f64>) -> Self {
-        self.beta3 = beta3;
-        self
-    }
-
-    /// Sets [`ProdigyConfig::eps`].
-    #[must_use]
-    pub fn with_eps(mut self, eps: f64) -> Self {
-        self.eps = eps;
-        self
-    }
-
-    /// Sets [`ProdigyConfig::decouple`].
-    #[must_use]
-    pub fn with_decouple(mut self, decouple: bool) -> Self {
-        self.decouple = decouple;
-        self
-    }
-
-    /// Sets [`ProdigyConfig::use_bias_correction`].
-    #[must_use]
-    pub fn with_use_bias_correction(mut self, use_bias_correction: bool) -> Self {
-        self.use_bias_correction = use_bias_correction;
-        self
-    }
-
-    /// Sets [`ProdigyConfig::safeguard_warmup`].
-    #[must_use]
-    pub fn with_safeguard_warmup(mut self, safeguard_warmup: bool) -> Self {
-        self.safeguard_warmup = safeguard_warmup;
-        self
-    }
-
-    /// Sets [`ProdigyConfig::d0`].
-    #[must_use]
-    pub fn with_d0(mut self, d0: f64) -> Self {
-        self.d0 = d0;
-        self
-    }
-
-    /// Sets [`ProdigyConfig::d_coef`].
-    #[must_use]
-    pub fn with_d_coef(mut self, d_coef: f64) -> Self {
-        self.d_coef = d_coef;
-        self
-    }
-
-    /// Sets [`ProdigyConfig::growth_rate`].
-    #[must_use]
-    pub fn with_growth_rate(mut self, growth_rate: f64) -> Self {
-        self.growth_rate = growth_rate;
-        self
+setters! {
+    /// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
+    /// from [`Default`] (or a named constructor) by these.
+    ProdigyConfig {
+        with_beta1 => beta1: f64,
+        with_beta2 => beta2: f64,
+        with_beta3 => beta3: Option<f64>,
+        with_eps => eps: f64,
+        with_decouple => decouple: bool,
+        with_use_bias_correction => use_bias_correction: bool,
+        with_safeguard_warmup => safeguard_warmup: bool,
+        with_d0 => d0: f64,
+        with_d_coef => d_coef: f64,
+        with_growth_rate => growth_rate: f64,
     }
 }
 

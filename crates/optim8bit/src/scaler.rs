@@ -62,35 +62,14 @@ pub struct GradScalerConfig {
     pub growth_interval: i64,
 }
 
-/// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
-/// from [`Default`] (or a named constructor) by these.
-impl GradScalerConfig {
-    /// Sets [`GradScalerConfig::init_scale`].
-    #[must_use]
-    pub fn with_init_scale(mut self, init_scale: f64) -> Self {
-        self.init_scale = init_scale;
-        self
-    }
-
-    /// Sets [`GradScalerConfig::growth_factor`].
-    #[must_use]
-    pub fn with_growth_factor(mut self, growth_factor: f64) -> Self {
-        self.growth_factor = growth_factor;
-        self
-    }
-
-    /// Sets [`GradScalerConfig::backoff_factor`].
-    #[must_use]
-    pub fn with_backoff_factor(mut self, backoff_factor: f64) -> Self {
-        self.backoff_factor = backoff_factor;
-        self
-    }
-
-    /// Sets [`GradScalerConfig::growth_interval`].
-    #[must_use]
-    pub fn with_growth_interval(mut self, growth_interval: i64) -> Self {
-        self.growth_interval = growth_interval;
-        self
+setters! {
+    /// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
+    /// from [`Default`] (or a named constructor) by these.
+    GradScalerConfig {
+        with_init_scale => init_scale: f64,
+        with_growth_factor => growth_factor: f64,
+        with_backoff_factor => backoff_factor: f64,
+        with_growth_interval => growth_interval: i64,
     }
 }
 
