@@ -13,7 +13,8 @@
 #   fuzz/target/debug/fuzz_target TARGET < FILE
 # (outside AFL the binary runs one input from stdin). Environment: FUZZ_MEMORY_MB (default 4096),
 # FUZZ_TIMEOUT_MS (default 2000; 10000 for lora_file and checkpoint), SDXL_LORA_FUZZ_WORK (the
-# target's scratch folder; default /dev/shm/sdxl-lora-fuzz-TARGET), FUZZ_NO_BUILD=1 (skip the build).
+# target's scratch folder; default /dev/shm/sdxl-lora-fuzz-TARGET), FUZZ_NO_BUILD=1 (skip the build),
+# FUZZ_EXECS=N (stop after about N executions, AFL's -E, or after SECONDS, whichever comes first).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -42,6 +43,10 @@ case "$target" in
     image) dict=png.dict ;;
     *) dict= ;;
 esac
+limit_args=()
+if [ -n "${FUZZ_EXECS:-}" ]; then
+    limit_args=(-E "$FUZZ_EXECS")
+fi
 dict_args=()
 if [ -n "$dict" ] && [ -f "$dictionaries/$dict" ]; then
     dict_args=(-x "$dictionaries/$dict")
@@ -55,7 +60,7 @@ export AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_UI=1 AF
 export AFL_FORKSRV_INIT_TMOUT=${AFL_FORKSRV_INIT_TMOUT:-300000}
 start=$(date +%s)
 nice -n 10 cargo afl fuzz -i "fuzz/corpus/$target" -o "$out" -V "$seconds" \
-    -m "${FUZZ_MEMORY_MB:-4096}" -t "$timeout_ms" "${dict_args[@]}" \
+    -m "${FUZZ_MEMORY_MB:-4096}" -t "$timeout_ms" "${limit_args[@]}" "${dict_args[@]}" \
     -- fuzz/target/debug/fuzz_target "$target" >"$out/afl.log" 2>&1 || {
     tail -30 "$out/afl.log" >&2
     exit 1

@@ -201,11 +201,16 @@ pub enum BetaSchedule {
     Trained(Vec<f64>),
 }
 
+/// The most training timesteps a schedule may have (SDXL's has 1000; a schedule's tables hold one value
+/// per step, so a corrupt `num_train_timesteps` must not become an allocation of its size).
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 /// The training noise schedule: the part of the config every scheduler shares.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct BetaConfig {
-    /// Number of diffusion steps the model was trained with (1000 for SDXL).
+    /// Number of diffusion steps the model was trained with (1000 for SDXL; at most
+    /// [`MAX_TRAIN_TIMESTEPS`]).
     pub num_train_timesteps: usize,
     /// First beta (linear and scaled-linear schedules).
     pub beta_start: f64,
@@ -230,11 +235,11 @@ impl BetaConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.num_train_timesteps < 2 {
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&self.num_train_timesteps) {
             return Err(invalid(
                 "num_train_timesteps",
                 self.num_train_timesteps,
-                "at least 2",
+                format!("from 2 to {MAX_TRAIN_TIMESTEPS}"),
             ));
         }
         let in_unit = |beta: f64| beta > 0.0 && beta < 1.0;
@@ -337,6 +342,14 @@ mod tests {
         assert!(err.to_string().contains("beta_start"), "{err}");
         let err = config(r#"{"num_train_timesteps": 1}"#).betas().unwrap_err();
         assert!(err.to_string().contains("num_train_timesteps"), "{err}");
+        // Found by fuzzing: a schedule of 10^19 steps was an allocation that aborts the process.
+        let err = config(r#"{"num_train_timesteps": 10000000000000000000}"#)
+            .betas()
+            .unwrap_err();
+        assert!(err.to_string().contains("from 2 to 100000"), "{err}");
+        config(r#"{"num_train_timesteps": 100000}"#)
+            .betas()
+            .unwrap();
         let err = config(r#"{"num_train_timesteps": 3, "trained_betas": [0.1, 0.2]}"#)
             .betas()
             .unwrap_err();

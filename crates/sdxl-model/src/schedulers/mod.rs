@@ -40,7 +40,8 @@ mod euler_discrete;
 mod schedule;
 
 pub use config::{
-    BetaConfig, BetaSchedule, FinalSigma, PredictionType, SchedulerConfig, TimestepSpacing,
+    BetaConfig, BetaSchedule, FinalSigma, MAX_TRAIN_TIMESTEPS, PredictionType, SchedulerConfig,
+    TimestepSpacing,
 };
 pub use ddim::{DdimConfig, DdimScheduler};
 pub use ddpm::{DdpmConfig, DdpmSchedule};
