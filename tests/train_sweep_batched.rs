@@ -5,8 +5,9 @@
 //! `tests/train_sweep.rs` holds bit-identical to its own run), and much closer to it than to another
 //! variant's; a batched sweep killed after its checkpoint and resumed ends bit-identical to the
 //! uninterrupted batched sweep; a variant whose loss goes non-finite stops while the others end as
-//! in a batched sweep without it (within the bound, with gradient checkpointing); bad values of the
-//! flag and `--cuda_graph` with `batched` fail before any model loads, naming the flag.
+//! in a batched sweep without it (within the bound, with gradient checkpointing); a DoRA variant
+//! runs its micro-steps on its own (said once) and ends bit-identical to its sequential sweep's; bad
+//! values of the flag and `--cuda_graph` with `batched` fail before any model loads, naming the flag.
 //!
 //! Every run is a child process with one libtorch thread (`OMP_NUM_THREADS=1`).
 
@@ -280,6 +281,56 @@ fn a_diverging_variant_stops_and_leaves_the_others_as_without_it() {
             "{name}: {distance:.3e} from the sweep without the diverging variant"
         );
     }
+}
+
+#[test]
+fn a_variant_that_cannot_share_the_call_runs_on_its_own_as_in_a_sequential_sweep() {
+    let dir = scratch("sweep-batched-fallback");
+    let file = dir.join("sweep.toml");
+    std::fs::write(
+        &file,
+        "[[variant]]\nname = \"a\"\n\n[[variant]]\nname = \"b\"\nseed = 3\n\n\
+         [[variant]]\nname = \"dora\"\nuse_dora = true\n",
+    )
+    .unwrap();
+    let config = |out: &str| {
+        tiny(&dir.join(out))
+            .with_max_train_steps(4)
+            .with_gradient_accumulation_steps(1)
+            .with_checkpointing_steps(4)
+            .with_validation_prompt(None)
+    };
+    let sweep = |out: &TrainConfig, execution: &str| {
+        let path = config_file(out);
+        let output = run(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--sweep",
+            file.to_str().unwrap(),
+            "--sweep_execution",
+            execution,
+        ]);
+        assert_success(&output);
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let sequential = config("sequential");
+    sweep(&sequential, "sequential");
+    let batched = config("batched");
+    let stderr = sweep(&batched, "batched");
+    // Said once, for the DoRA variant only; the other two shared their calls.
+    assert_eq!(
+        stderr
+            .matches("variant dora takes its micro-steps on its own when --use_dora")
+            .count(),
+        1,
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("on its own when").count(), 1, "{stderr}");
+    // On its own it computes what its run computes: bit for bit.
+    assert_bit_identical(
+        &batched.output_dir.join("dora").join(LORA_FILE),
+        &sequential.output_dir.join("dora").join(LORA_FILE),
+    );
 }
 
 #[test]

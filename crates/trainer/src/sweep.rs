@@ -308,12 +308,14 @@ impl Sweep {
                 let (Some(trainer), Some(_)) = (&mut variant.trainer, &variant.progress) else {
                     continue;
                 };
+                if let Some(reason) = trainer.batch_refusal() {
+                    alone.push((i, reason.to_owned()));
+                    continue;
+                }
                 let _span = tracing::info_span!("variant", name = %variant.name).entered();
-                let key = trainer.prepare_micro(index)?;
-                match (trainer.batch_refusal(), key) {
-                    (Some(reason), _) => alone.push((i, reason.to_owned())),
-                    (None, None) => alone.push((i, "its inputs are not batchable".to_owned())),
-                    (None, Some(key)) => groups.entry(key).or_default().push(i),
+                match trainer.prepare_micro(index)? {
+                    Some(key) => groups.entry(key).or_default().push(i),
+                    None => alone.push((i, "its inputs are not batchable".to_owned())),
                 }
             }
             let mut batched = Vec::new();
