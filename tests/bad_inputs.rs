@@ -53,6 +53,22 @@ const FLAGS: &[Case] = &[
     ),
     case("rank_zero", Train, &["--rank", "0"], nothing, 2, "--rank"),
     case(
+        "sweep_execution_word",
+        Train,
+        &["--sweep_execution", "parallel"],
+        nothing,
+        2,
+        "--sweep_execution",
+    ),
+    case(
+        "sweep_execution_without_sweep",
+        Train,
+        &["--sweep_execution", "batched"],
+        nothing,
+        2,
+        "--sweep_execution",
+    ),
+    case(
         "resolution_500",
         Train,
         &["--resolution", "500"],

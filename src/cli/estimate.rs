@@ -32,6 +32,8 @@ Usage: {name} [--vram_gib GIB] [--preset tiny] [--config FILE.toml] [--sweep FIL
       Say which settings (gradient checkpointing, batch size) fit in this much device memory (default: none)
   --sweep <path>
       Estimate each variant of a sweep file and the sweep in one process (the weights once, every variant's LoRA and optimizer)
+  --sweep_execution <sequential|batched>
+      With --sweep: the activations of the largest variant (sequential) or of the summed batch (batched) (default: the file's, else sequential)
 
 The model must be a local diffusers folder (--pretrained_model_name_or_path DIR).
 Training flags, as `sdxl-lora train` reads them:
@@ -210,8 +212,15 @@ fn input(
 
 /// The report of `estimate --sweep FILE`: each variant's estimate, then the sweep's
 /// ([`trainer::estimate::sweep_estimate`]: the weights once, every variant's LoRA and optimizer).
-fn sweep_report(args: Vec<String>, path: &Path) -> anyhow::Result<String> {
-    let file = trainer::config::SweepFile::read(path)?;
+fn sweep_report(
+    args: Vec<String>,
+    path: &Path,
+    execution: Option<trainer::config::SweepExecution>,
+) -> anyhow::Result<String> {
+    let mut file = trainer::config::SweepFile::read(path)?;
+    if let Some(execution) = execution {
+        file = file.with_execution(execution);
+    }
     let base = super::train::config_over_sweep(args, Some(&file))?;
     let tensors = unet_tensors(&base)?;
     let vae = Path::new(&base.pretrained_model_name_or_path).join("vae/config.json");
@@ -231,8 +240,21 @@ fn sweep_report(args: Vec<String>, path: &Path) -> anyhow::Result<String> {
         text += &format!("  {name}: rank {}, {estimate}\n", config.rank);
         estimates.push(estimate);
     }
-    if let Some(total) = trainer::estimate::sweep_estimate(&estimates) {
-        text += &format!("the sweep in one process: {total}\n");
+    let total = match file.execution() {
+        trainer::config::SweepExecution::Sequential => {
+            trainer::estimate::sweep_estimate(&estimates)
+        }
+        trainer::config::SweepExecution::Batched => {
+            trainer::estimate::batched_sweep_estimate(&estimates)
+        }
+    };
+    if let Some(total) = total {
+        text += &match file.execution() {
+            trainer::config::SweepExecution::Batched => format!(
+                "the sweep in one process, batched (the activations of the summed batch): {total}\n"
+            ),
+            _ => format!("the sweep in one process: {total}\n"),
+        };
     }
     Ok(text)
 }
@@ -240,13 +262,17 @@ fn sweep_report(args: Vec<String>, path: &Path) -> anyhow::Result<String> {
 /// The report `estimate` prints for the training command line `args`.
 pub fn report(mut args: Vec<String>) -> anyhow::Result<String> {
     let vram = take_vram(&mut args)?;
+    let execution = super::train::take_sweep_execution(&mut args)?;
     if let Some(path) = super::take_flag(&mut args, "--sweep", "a sweep file (TOML)")? {
         if vram.is_some() {
             anyhow::bail!(UsageError(
                 "--vram_gib: not with --sweep (its table varies one run's settings)".into()
             ));
         }
-        return sweep_report(args, Path::new(&path));
+        return sweep_report(args, Path::new(&path), execution);
+    }
+    if execution.is_some() {
+        anyhow::bail!(UsageError("--sweep_execution: only with --sweep".into()));
     }
     let config = super::train::config(args)?;
     let tensors = unet_tensors(&config)?;

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use trainer::config::SweepFile;
+use trainer::config::{SweepExecution, SweepFile};
 use trainer::distributed::{World, launch};
 use trainer::sweep::{SWEEP_LOSS_FILE, SWEEP_SUMMARY_FILE, Sweep, VariantStatus};
 use trainer::{Error, TrainConfig, Trainer};
@@ -28,6 +28,8 @@ Usage: {name} [--preset tiny] [--config FILE.toml] [--sweep FILE.toml] [--FLAG V
       A TOML file whose keys are the flag names: its keys override the defaults or the preset, flags override it (default: none)
   --sweep <path>
       Train the variants of a sweep file in one process on one loaded base model: its [base] keys override the preset, --config and flags override them, each [[variant]] overrides those; outputs in --output_dir/<variant name>/ (docs/SWEEPS.md) (default: none)
+  --sweep_execution <sequential|batched>
+      How a sweep's variants take their steps: one after another (each bit-identical to its own run), or their micro-steps in one UNet call where their inputs share a shape (equal to their own runs within float tolerance; not with --cuda_graph); overrides the sweep file's top-level `sweep_execution` (docs/SWEEPS.md) (default: sequential)
   -h, --help
       Print this help
 
@@ -91,8 +93,15 @@ pub(crate) fn config_over_sweep(
 /// command line (`["train"]` for `sdxl-lora`, nothing for the example): `--nproc_per_node N` starts
 /// the executable again with it, once per rank.
 pub fn train(mut args: Vec<String>, relaunch: &[&str]) -> anyhow::Result<()> {
+    let execution = take_sweep_execution(&mut args)?;
     if let Some(path) = super::take_flag(&mut args, "--sweep", "a sweep file (TOML)")? {
-        return sweep(args, Path::new(&path));
+        return sweep(args, Path::new(&path), execution);
+    }
+    if execution.is_some() {
+        anyhow::bail!(UsageError(
+            "--sweep_execution: only with --sweep (it says how a sweep's variants take their steps)"
+                .into()
+        ));
     }
     let all_args = args.clone();
     let config = config(args)?;
@@ -128,8 +137,11 @@ pub fn train(mut args: Vec<String>, relaunch: &[&str]) -> anyhow::Result<()> {
 
 /// `--sweep FILE`: the variants of the sweep file trained in this process; fails only when every
 /// variant failed.
-fn sweep(args: Vec<String>, path: &Path) -> anyhow::Result<()> {
-    let file = SweepFile::read(path)?;
+fn sweep(args: Vec<String>, path: &Path, execution: Option<SweepExecution>) -> anyhow::Result<()> {
+    let mut file = SweepFile::read(path)?;
+    if let Some(execution) = execution {
+        file = file.with_execution(execution);
+    }
     let base = config_over_sweep(args, Some(&file))?;
     let output_dir = base.output_dir.clone();
     let summary = Sweep::new(base, &file)?.run()?;
@@ -153,6 +165,19 @@ fn sweep(args: Vec<String>, path: &Path) -> anyhow::Result<()> {
         output_dir.join(SWEEP_LOSS_FILE).display(),
     );
     Ok(())
+}
+
+/// `--sweep_execution sequential|batched`, taken off `args` (a usage error naming the flag for
+/// another value).
+pub(crate) fn take_sweep_execution(
+    args: &mut Vec<String>,
+) -> anyhow::Result<Option<SweepExecution>> {
+    match super::take_flag(args, "--sweep_execution", "`sequential` or `batched`")? {
+        None => Ok(None),
+        Some(value) => SweepExecution::parse(&value)
+            .map(Some)
+            .map_err(|e| UsageError(e.to_string()).into()),
+    }
 }
 
 /// This executable `nproc` times with `args`, as torchrun would start it, output by rank.

@@ -19,6 +19,7 @@ use crate::adapter::Adapter;
 use crate::fp8::tensor_bytes;
 use crate::linear::{Fp8Weight, MergeRecord};
 use crate::randomness::Randomness;
+use crate::rows::{RowAdapter, apply_row_adapters};
 use crate::{Error, Result};
 
 /// `torch.nn.Conv2d` with a square kernel, dilation 1 and one group (weight `[out, in, k, k]`,
@@ -43,6 +44,8 @@ pub struct Conv2d {
     /// Where dropout draws its masks (libtorch's default generator when `None`).
     randomness: Option<Arc<dyn Randomness>>,
     fp8: Option<Fp8Weight>,
+    /// Adapters applied to some rows of the input only ([`crate::attach_rows`]), by first row.
+    pub(crate) row_adapters: Vec<RowAdapter>,
 }
 
 impl Conv2d {
@@ -82,6 +85,7 @@ impl Conv2d {
             training: false,
             randomness: None,
             fp8: None,
+            row_adapters: Vec::new(),
         }
     }
 
@@ -407,6 +411,32 @@ impl Module for Conv2d {
     /// # Shapes
     /// `[B, in, H, W]` → `[B, out, H', W']`.
     fn forward(&self, xs: &Tensor) -> Tensor {
+        let result = self.forward_all_rows(xs);
+        if self.row_adapters.is_empty() {
+            return result;
+        }
+        apply_row_adapters(result, xs, &self.row_adapters, |result, xs, adapter| {
+            let kind = adapter.compute_kind.unwrap_or_else(|| adapter.kind());
+            let lora = self.plain_lora(&xs.to_kind(kind), adapter, kind);
+            let scale = adapter.scale();
+            if scale == 1.0 {
+                lora + result
+            } else {
+                lora * scale + result
+            }
+        })
+    }
+}
+
+impl Conv2d {
+    /// `B(A(x))` of a plain LoRA adapter, unscaled, computed in `kind` (`x` already in it).
+    fn plain_lora(&self, x: &Tensor, adapter: &Adapter, kind: Kind) -> Tensor {
+        let hidden = self.conv(x, &adapter.down.to_kind(kind), None);
+        hidden.conv2d::<Tensor>(&adapter.up.to_kind(kind), None, [1], [0], [1], 1)
+    }
+
+    /// The forward pass of the base kernel and the ordinary adapters, over every row.
+    fn forward_all_rows(&self, xs: &Tensor) -> Tensor {
         let weight = self.base_weight();
         let base = self.conv(xs, &weight, self.bias.as_ref());
         let result_kind = base.kind();
@@ -424,8 +454,7 @@ impl Module for Conv2d {
             } else {
                 x
             };
-            let hidden = self.conv(&dropped, &adapter.down.to_kind(kind), None);
-            let lora = hidden.conv2d::<Tensor>(&adapter.up.to_kind(kind), None, [1], [0], [1], 1);
+            let lora = self.plain_lora(&dropped, adapter, kind);
             let scale = adapter.scale();
             result = match &adapter.magnitude {
                 // Out of place, so a bf16 base output is promoted to fp32 for the sum, as in peft.

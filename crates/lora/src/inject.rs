@@ -511,7 +511,7 @@ fn update_adapter(
 #[derive(Debug, Default)]
 pub struct DetachedAdapters {
     /// `(module path, adapter)` in the model's layer order.
-    adapters: Vec<(String, Adapter)>,
+    pub(crate) adapters: Vec<(String, Adapter)>,
 }
 
 impl DetachedAdapters {

@@ -10,6 +10,7 @@ use crate::adapter::Adapter;
 use crate::conv::Conv2d;
 use crate::linear::{HasLinears, Linear};
 use crate::randomness::Randomness;
+use crate::rows::RowAdapter;
 
 /// The shape of an adaptable layer's weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +61,9 @@ pub(crate) trait AdaptedLayer {
     fn set_randomness(&mut self, randomness: Option<Arc<dyn Randomness>>);
     fn merge(&mut self, module: &str, names: Option<&[&str]>) -> Result<()>;
     fn unmerge(&mut self, module: &str) -> Result<()>;
+    /// The adapters applied to some rows only ([`crate::attach_rows`]), by first row.
+    fn row_adapters(&self) -> &[RowAdapter];
+    fn row_adapters_mut(&mut self) -> &mut Vec<RowAdapter>;
 
     fn adapter(&self, name: &str) -> Option<&Adapter> {
         self.adapters().iter().find(|a| a.name == name)
@@ -117,6 +121,12 @@ impl AdaptedLayer for Linear {
     fn unmerge(&mut self, module: &str) -> Result<()> {
         Linear::unmerge(self, module)
     }
+    fn row_adapters(&self) -> &[RowAdapter] {
+        &self.row_adapters
+    }
+    fn row_adapters_mut(&mut self) -> &mut Vec<RowAdapter> {
+        &mut self.row_adapters
+    }
 }
 
 impl AdaptedLayer for Conv2d {
@@ -162,6 +172,12 @@ impl AdaptedLayer for Conv2d {
     }
     fn unmerge(&mut self, module: &str) -> Result<()> {
         Conv2d::unmerge(self, module)
+    }
+    fn row_adapters(&self) -> &[RowAdapter] {
+        &self.row_adapters
+    }
+    fn row_adapters_mut(&mut self) -> &mut Vec<RowAdapter> {
+        &mut self.row_adapters
     }
 }
 

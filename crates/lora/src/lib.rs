@@ -7,6 +7,8 @@
 //! - [`HasLinears`]: how models expose their linear layers (and convolutions) by module path.
 //! - [`inject`] and [`LoraConfig`]: peft-style injection by module-path patterns, plus
 //!   model-wide [`merge`], [`unmerge`], [`set_enabled`], [`trainable_variables`].
+//! - [`attach_rows`] / [`detach_rows`]: several adapter sets on one model at once, each applied
+//!   to its own rows of the batch (K training runs on one frozen base in one forward pass).
 //! - [`ComputeCopies`]: bf16 copies of the adapters for mixed-precision training (one cast per
 //!   optimizer step instead of one per use).
 //! - [`quantize_base_fp8`]: frozen base weights stored in fp8 (one scale per tensor), computed in
@@ -57,6 +59,7 @@ mod inject;
 mod layer;
 mod linear;
 mod randomness;
+mod rows;
 mod state;
 mod targets;
 
@@ -72,6 +75,7 @@ pub use inject::{
 };
 pub use linear::{HasLinears, Linear};
 pub use randomness::{DefaultGenerator, Randomness};
+pub use rows::{attach_rows, detach_rows};
 
 /// For authors of models built on [`Linear`]: projections that read the same input (attention's
 /// `to_q`, `to_k`, `to_v`) share one weight buffer and run, with their adapters, as one matrix

@@ -16,6 +16,7 @@ use tch::{Kind, Tensor};
 use crate::adapter::Adapter;
 use crate::fp8::{quantize_e4m3, tensor_bytes};
 use crate::randomness::Randomness;
+use crate::rows::{RowAdapter, apply_row_adapters};
 use crate::{Error, Result};
 
 /// `y = x Wᵀ + b`, the equivalent of `torch.nn.Linear` (weight `[out, in]`, optional bias `[out]`),
@@ -43,6 +44,8 @@ pub struct Linear {
     fp8: Option<Fp8Weight>,
     /// Set by [`pack_weights`]: where the shared buffer started and this layer's place in it.
     pack: Option<PackMark>,
+    /// Adapters applied to some rows of the input only ([`crate::attach_rows`]), by first row.
+    pub(crate) row_adapters: Vec<RowAdapter>,
 }
 
 /// What [`pack_weights`] laid out: the buffer's address when packed, this layer's index among the
@@ -153,6 +156,7 @@ impl Linear {
             randomness: None,
             fp8: None,
             pack: None,
+            row_adapters: Vec::new(),
         }
     }
 
@@ -545,7 +549,10 @@ fn packed_weight(layers: &[&Linear]) -> Option<Tensor> {
 /// # Shapes
 /// `xs` `[..., in]` → one `[..., out_i]` per layer (views into one buffer).
 pub fn fused_forward(layers: &[&Linear], xs: &Tensor) -> Option<Vec<Tensor>> {
-    if layers.iter().any(|l| l.bias.is_some()) {
+    if layers
+        .iter()
+        .any(|l| l.bias.is_some() || !l.row_adapters.is_empty())
+    {
         return None;
     }
     let weight = packed_weight(layers)?;
@@ -683,11 +690,64 @@ impl Module for Linear {
     /// `base(x) + Σ scale · B(A(dropout(x)))` over enabled, unmerged adapters (DoRA: peft's
     /// `DoraLinearLayer.forward`). The adapters compute in their own type (fp32) and the sum is
     /// returned in the base output's type, as peft does; an adapter with a
-    /// [`compute_kind`](crate::Adapter::compute_kind) computes as peft under autocast.
+    /// [`compute_kind`](crate::Adapter::compute_kind) computes as peft under autocast. Row adapters
+    /// ([`crate::attach_rows`]) then add their products to their own rows.
     ///
     /// # Shapes
     /// `[..., in_features]` → `[..., out_features]`.
     fn forward(&self, xs: &Tensor) -> Tensor {
+        let result = self.forward_all_rows(xs);
+        if self.row_adapters.is_empty() {
+            return result;
+        }
+        apply_row_adapters(result, xs, &self.row_adapters, |result, xs, adapter| {
+            let autocast = adapter.compute_kind;
+            let x = xs.to_kind(autocast.unwrap_or_else(|| adapter.kind()));
+            add_plain_lora(result, &x, adapter, autocast)
+        })
+    }
+}
+
+/// `result + scale · B·A·x` for one plain LoRA adapter (`x` its input, already in the type it
+/// computes in; `autocast` its compute type): under autocast in `result`'s type, the up-projection
+/// and the sum in one matrix product with accumulation; otherwise as peft, the product scaled and
+/// added out of place (a bf16 base output promoted to the adapter's fp32).
+fn add_plain_lora(
+    result: &Tensor,
+    x: &Tensor,
+    adapter: &Adapter,
+    autocast: Option<Kind>,
+) -> Tensor {
+    match autocast {
+        // Under autocast: the up-projection and the sum with the base output in one
+        // matrix product with accumulation.
+        Some(kind) if result.kind() == kind => {
+            let (down, up) = compute_matrices(adapter, kind);
+            add_lora_products(result, x, &down, &up)
+        }
+        _ => {
+            let (down, up) = match autocast {
+                Some(kind) => (adapter.down.to_kind(kind), adapter.up.to_kind(kind)),
+                None => (adapter.down.shallow_clone(), adapter.up.shallow_clone()),
+            };
+            let lora_out = x.linear::<Tensor>(&down, None).linear::<Tensor>(&up, None);
+            let scale = adapter.scale();
+            // A scale of exactly 1 (alpha = rank) multiplies nothing: skip the kernel.
+            let scaled = if scale == 1.0 {
+                lora_out
+            } else {
+                lora_out * scale
+            };
+            // Out of place, so a bf16 base output is promoted to fp32 for the sum (as in
+            // peft) instead of rounding after each adapter.
+            scaled + result
+        }
+    }
+}
+
+impl Linear {
+    /// The forward pass of the base weight and the ordinary adapters, over every row.
+    fn forward_all_rows(&self, xs: &Tensor) -> Tensor {
         let weight = self.base_weight();
         let base = xs.linear(&weight, self.bias.as_ref());
         let mut active = self
@@ -714,32 +774,7 @@ impl Module for Linear {
             };
             let scale = adapter.scale();
             match &adapter.magnitude {
-                None => match autocast {
-                    // Under autocast: the up-projection and the sum with the base output in one
-                    // matrix product with accumulation.
-                    Some(kind) if result.kind() == kind => {
-                        let (down, up) = compute_matrices(adapter, kind);
-                        result = add_lora_products(&result, &dropped, &down, &up);
-                    }
-                    _ => {
-                        let (down, up) = match autocast {
-                            Some(kind) => (adapter.down.to_kind(kind), adapter.up.to_kind(kind)),
-                            None => (adapter.down.shallow_clone(), adapter.up.shallow_clone()),
-                        };
-                        let lora_out = dropped
-                            .linear::<Tensor>(&down, None)
-                            .linear::<Tensor>(&up, None);
-                        // A scale of exactly 1 (alpha = rank) multiplies nothing: skip the kernel.
-                        let scaled = if scale == 1.0 {
-                            lora_out
-                        } else {
-                            lora_out * scale
-                        };
-                        // Out of place, so a bf16 base output is promoted to fp32 for the sum (as in
-                        // peft) instead of rounding after each adapter.
-                        result = scaled + &result;
-                    }
-                },
+                None => result = add_plain_lora(&result, &dropped, adapter, autocast),
                 Some(magnitude) => {
                     let weight = weight.to_kind(x.kind());
                     let delta = adapter.up.matmul(&adapter.down).detach() * scale;

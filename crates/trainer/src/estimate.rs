@@ -208,6 +208,22 @@ pub fn sweep_estimate(variants: &[Estimate]) -> Option<Estimate> {
     })
 }
 
+/// [`sweep_estimate`] for `--sweep_execution batched`: as the sequential sweep's, but the
+/// activations are those of the summed batch (every variant's micro-step in one UNet call: the sum
+/// of the variants' activations) rather than the largest variant's. The step time stays the sum of
+/// the variants' (the same arithmetic; what one call saves is not measured yet).
+///
+/// `None` for no variant.
+pub fn batched_sweep_estimate(variants: &[Estimate]) -> Option<Estimate> {
+    let sequential = sweep_estimate(variants)?;
+    let activations_gib: f64 = variants.iter().map(|e| e.activations_gib).sum();
+    Some(Estimate {
+        activations_gib,
+        peak_gib: sequential.peak_gib - sequential.activations_gib + activations_gib,
+        ..sequential
+    })
+}
+
 impl fmt::Display for Estimate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let minutes = self.total_seconds / 60.0;
@@ -347,6 +363,19 @@ mod tests {
             2.0 * small.seconds_per_step + large.seconds_per_step
         ));
         assert!(sweep.peak_gib < 3.0 * small.peak_gib.max(large.peak_gib));
+
+        // Batched: the activations of the summed batch, the rest as the sequential sweep's.
+        let batched = batched_sweep_estimate(&[small, large, small]).unwrap();
+        assert!(close(
+            batched.activations_gib,
+            2.0 * small.activations_gib + large.activations_gib
+        ));
+        assert!(close(
+            batched.peak_gib - sweep.peak_gib,
+            2.0 * small.activations_gib
+        ));
+        assert_eq!(batched.trainable_gib, sweep.trainable_gib);
+        assert_eq!(batched_sweep_estimate(&[]), None);
     }
 
     /// Each row's peak differs from the chosen one's by exactly the difference of their states,

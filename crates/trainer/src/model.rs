@@ -261,6 +261,70 @@ impl TrainModel {
         Ok(())
     }
 
+    /// Runs `f` on the UNet that `models` share with each model's LoRA on its own rows of the
+    /// batch (`rows[i]` for `models[i]`, [`lora::attach_rows`]): one forward pass (and its
+    /// backward, inside `f`) for all of them. The LoRA on the UNet before is parked; afterwards
+    /// every model's LoRA is parked again (the next [`TrainModel::activate`] puts one on).
+    ///
+    /// # Errors
+    /// Models on different UNets; adapter errors; `f`'s.
+    pub(crate) fn with_rows<R>(
+        models: &[&TrainModel],
+        rows: &[std::ops::Range<i64>],
+        f: impl FnOnce(&UNet2DConditionModel) -> Result<R>,
+    ) -> Result<R> {
+        let Some(first) = models.first() else {
+            return Err(Error::InvalidOption {
+                option: "--sweep_execution",
+                problem: "a batched micro-step of no variant".into(),
+            });
+        };
+        let base = &first.base;
+        if models.iter().any(|m| !Rc::ptr_eq(&m.base.slot, &base.slot))
+            || models.len() != rows.len()
+        {
+            return Err(Error::InvalidOption {
+                option: "--sweep_execution",
+                problem: "a batched micro-step's variants must share one UNet, one row range each"
+                    .into(),
+            });
+        }
+        base.park()?;
+        // Each model's LoRA on its rows; those attached so far are taken off again on a failure.
+        let mut attached: Vec<(u64, std::ops::Range<i64>)> = Vec::with_capacity(models.len());
+        let mut failure = None;
+        {
+            let mut slot = base.slot.borrow_mut();
+            for (model, range) in models.iter().zip(rows) {
+                let mut mine = slot.parked.remove(&model.id).unwrap_or_default();
+                if mine.is_empty() {
+                    continue;
+                }
+                match lora::attach_rows(&mut slot.unet, range.clone(), &mut mine) {
+                    Ok(()) => attached.push((model.id, range.clone())),
+                    Err(error) => {
+                        slot.parked.insert(model.id, mine);
+                        failure = Some(Error::from(error));
+                        break;
+                    }
+                }
+            }
+        }
+        let result = match failure {
+            Some(error) => Err(error),
+            None => {
+                let slot = base.slot.borrow();
+                f(&slot.unet)
+            }
+        };
+        let mut slot = base.slot.borrow_mut();
+        for (id, range) in attached {
+            let back = lora::detach_rows(&mut slot.unet, range)?;
+            slot.parked.insert(id, back);
+        }
+        result
+    }
+
     /// The rank of each UNet module's LoRA, by module path (`down_blocks.1.….to_q`).
     pub fn unet_adapter_ranks(&self) -> std::collections::HashMap<String, i64> {
         let suffix = format!(".{ADAPTER}.lora_A");

@@ -12,16 +12,22 @@
 //! `checkpoint-N`), which `--resume_from_checkpoint` continues. A variant that diverges (too many
 //! non-finite steps, every step skipped, a non-finite LoRA) stops there and the others go on.
 //!
+//! With `--sweep_execution batched` ([`SweepExecution::Batched`]) the variants' micro-steps whose
+//! inputs share a shape run in one UNet call, each variant's LoRA on its own rows of the batch
+//! (`lora::attach_rows`); the rest of each step (optimizer, logs, checkpoints) stays each
+//! variant's own, and what cannot share a call runs on its own (docs/SWEEPS.md).
+//!
 //! At the end: `sweep_loss.png` (every variant's loss curve), `sweep_validation.png` (with a
 //! validation prompt: the base model's row, then each variant's, on `[base]`'s seed) and
 //! `sweep_summary.json`.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{io_error, write_atomic};
-use crate::config::{SweepFile, TrainConfig};
+use crate::config::{SweepExecution, SweepFile, TrainConfig};
 use crate::logs::plot::loss_curves_png;
 use crate::logs::say;
 use crate::model::SharedUnet;
@@ -100,6 +106,9 @@ pub struct Sweep {
     base: TrainConfig,
     variants: Vec<Variant>,
     start_step: u64,
+    execution: SweepExecution,
+    /// What was said about variants running on their own under batched execution (said once).
+    told: BTreeSet<String>,
     _lock: OutputLock,
 }
 
@@ -182,10 +191,19 @@ impl Sweep {
         drop(frozen);
         crate::device::free_cache(device);
         say("every variant prepared; text encoders and VAE freed");
+        let execution = file.execution();
+        if execution == SweepExecution::Batched {
+            say(
+                "--sweep_execution batched: the variants' micro-steps share one UNet call where \
+                 their inputs have one shape (each LoRA on its own rows of the batch)",
+            );
+        }
         Ok(Self {
             base,
             variants,
             start_step,
+            execution,
+            told: BTreeSet::new(),
             _lock: lock,
         })
     }
@@ -207,7 +225,11 @@ impl Sweep {
             .iter()
             .filter_map(|v| v.trainer.as_ref()?.estimate())
             .collect();
-        if let Some(total) = crate::estimate::sweep_estimate(&estimates) {
+        let total = match self.execution {
+            SweepExecution::Sequential => crate::estimate::sweep_estimate(&estimates),
+            SweepExecution::Batched => crate::estimate::batched_sweep_estimate(&estimates),
+        };
+        if let Some(total) = total {
             say(format!(
                 "the sweep of {} variants: {total} (each variant's own estimate follows)",
                 estimates.len()
@@ -227,8 +249,13 @@ impl Sweep {
         }
         let end = self.base.max_train_steps;
         for step in self.start_step..end {
-            for variant in &mut self.variants {
-                variant.advance(step)?;
+            match self.execution {
+                SweepExecution::Sequential => {
+                    for variant in &mut self.variants {
+                        variant.advance(step)?;
+                    }
+                }
+                SweepExecution::Batched => self.batched_step(step)?,
             }
             let done = step + 1;
             if done.is_multiple_of(self.base.checkpointing_steps) {
@@ -259,6 +286,80 @@ impl Sweep {
             });
         }
         Ok(summary)
+    }
+
+    /// Optimizer step `step` of every variant still training under batched execution: each
+    /// micro-step of the variants whose inputs share a shape in one UNet call
+    /// ([`crate::run::batched_micro_step`]), the others on their own (the reason said once per
+    /// variant); then each variant's optimizer step, logging and checkpoint as its own run's.
+    fn batched_step(&mut self, step: u64) -> Result<()> {
+        for variant in &mut self.variants {
+            if let (Some(trainer), Some(_)) = (&mut variant.trainer, &variant.progress) {
+                trainer.begin_step(step)?;
+            }
+        }
+        let accumulation = u64::from(self.base.gradient_accumulation_steps);
+        for micro in 0..accumulation {
+            let index = step * accumulation + micro;
+            // Who can share a call: grouped by the shape of their inputs in this micro-step.
+            let mut groups: BTreeMap<Vec<i64>, Vec<usize>> = BTreeMap::new();
+            let mut alone: Vec<(usize, String)> = Vec::new();
+            for (i, variant) in self.variants.iter_mut().enumerate() {
+                let (Some(trainer), Some(_)) = (&mut variant.trainer, &variant.progress) else {
+                    continue;
+                };
+                if let Some(reason) = trainer.batch_refusal() {
+                    alone.push((i, reason.to_owned()));
+                    continue;
+                }
+                let _span = tracing::info_span!("variant", name = %variant.name).entered();
+                match trainer.prepare_micro(index)? {
+                    Some(key) => groups.entry(key).or_default().push(i),
+                    None => alone.push((i, "its inputs are not batchable".to_owned())),
+                }
+            }
+            let mut batched = Vec::new();
+            for members in groups.into_values() {
+                match members.as_slice() {
+                    [only] => alone.push((
+                        *only,
+                        "its latents or prompt embeddings differ in shape from every other \
+                         variant's in this micro-step"
+                            .to_owned(),
+                    )),
+                    _ => batched.push(members),
+                }
+            }
+            for members in batched {
+                let mut trainers: Vec<&mut Trainer> = self
+                    .variants
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| members.contains(i))
+                    .filter_map(|(_, v)| v.trainer.as_mut())
+                    .collect();
+                crate::run::batched_micro_step(&mut trainers, index, micro)?;
+            }
+            alone.sort();
+            for (i, reason) in alone {
+                let variant = &mut self.variants[i];
+                let told = format!("{}: {reason}", variant.name);
+                if self.told.insert(told) {
+                    say(format!(
+                        "variant {} takes its micro-steps on its own when {reason} (said once)",
+                        variant.name
+                    ));
+                }
+                if let Some(trainer) = &mut variant.trainer {
+                    let _span = tracing::info_span!("variant", name = %variant.name).entered();
+                    trainer.micro_alone(index, micro)?;
+                }
+            }
+        }
+        for variant in &mut self.variants {
+            variant.end_step(step)?;
+        }
+        Ok(())
     }
 
     fn summary(&self) -> SweepSummary {
@@ -390,6 +491,25 @@ impl Variant {
         let result = trainer
             .activate()
             .and_then(|()| trainer.advance(progress, step));
+        self.loss_history = trainer.loss_history().to_vec();
+        match result {
+            Ok(()) => Ok(()),
+            Err(error) if is_divergence(&error) => {
+                self.stop(step + 1, &error);
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The end of optimizer step `step` under batched execution (its micro-steps done): its
+    /// optimizer step and what follows, a divergence stopping only this variant.
+    fn end_step(&mut self, step: u64) -> Result<()> {
+        let (Some(trainer), Some(progress)) = (&mut self.trainer, &mut self.progress) else {
+            return Ok(());
+        };
+        let _span = tracing::info_span!("variant", name = %self.name).entered();
+        let result = trainer.end_step(progress, step);
         self.loss_history = trainer.loss_history().to_vec();
         match result {
             Ok(()) => Ok(()),

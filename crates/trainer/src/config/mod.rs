@@ -36,7 +36,7 @@ use flags::need;
 pub use flags::{Attention, FlagValue, MixedPrecision};
 pub use optimizer::{OptimizerKind, OptimizerSetup};
 pub use paths::is_hub_id;
-pub use sweep::{SweepFile, SweepVariant};
+pub use sweep::{SweepExecution, SweepFile, SweepVariant};
 pub use validate::MAX_RESOLUTION;
 
 use crate::lr_scheduler::SchedulerKind;

@@ -106,6 +106,46 @@ const SWEEP_OWNED: [(&str, &str); 2] = [
     ),
 ];
 
+/// How a sweep's variants take their steps (`--sweep_execution`, or `sweep_execution` at the top
+/// of the sweep file; the flag wins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SweepExecution {
+    /// One variant after another on the shared UNet: each variant bit-identical to its own run.
+    #[default]
+    Sequential,
+    /// The variants' micro-steps in one UNet call, each variant's LoRA on its own rows of the
+    /// batch; what cannot share a call runs on its own (docs/SWEEPS.md).
+    Batched,
+}
+
+impl SweepExecution {
+    /// The values, as the flag spells them.
+    pub const NAMES: [&'static str; 2] = ["sequential", "batched"];
+
+    /// The execution `value` names (`sequential` or `batched`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidOption`] naming `--sweep_execution` and the values.
+    pub fn parse(value: &str) -> Result<Self> {
+        match value {
+            "sequential" => Ok(Self::Sequential),
+            "batched" => Ok(Self::Batched),
+            other => Err(Error::InvalidOption {
+                option: "--sweep_execution",
+                problem: format!("`{other}` is not `sequential` or `batched`"),
+            }),
+        }
+    }
+
+    /// The name the flag takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sequential => "sequential",
+            Self::Batched => "batched",
+        }
+    }
+}
+
 /// A variant: its name (its output folder's) and the flags it sets.
 #[derive(Debug, Clone)]
 pub struct SweepVariant {
@@ -120,6 +160,7 @@ pub struct SweepFile {
     path: PathBuf,
     base: toml::Table,
     variants: Vec<SweepVariant>,
+    execution: SweepExecution,
 }
 
 impl SweepFile {
@@ -162,16 +203,28 @@ impl SweepFile {
             }
             None => Vec::new(),
         };
+        let execution = match top.remove("sweep_execution") {
+            None => SweepExecution::default(),
+            Some(toml::Value::String(value)) => SweepExecution::parse(&value)
+                .map_err(|e| bad(format!("`sweep_execution` at the top level: {e}")))?,
+            Some(_) => {
+                return Err(bad(
+                    "`sweep_execution` at the top level must be a string: `sequential` or `batched`"
+                        .into(),
+                ));
+            }
+        };
         if let Some(key) = top.keys().next() {
             return Err(bad(format!(
-                "unknown key `{key}` at the top level (a sweep file holds a [base] table and \
-                 [[variant]] tables)"
+                "unknown key `{key}` at the top level (a sweep file holds a [base] table, \
+                 [[variant]] tables and `sweep_execution`)"
             )));
         }
         let file = Self {
             path: path.to_owned(),
             base: normalized(base),
             variants: Vec::new(),
+            execution,
         };
         file.check_base_keys()?;
         let mut file = file;
@@ -193,6 +246,19 @@ impl SweepFile {
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// How the variants take their steps: the file's `sweep_execution`, or what
+    /// [`SweepFile::with_execution`] set.
+    pub fn execution(&self) -> SweepExecution {
+        self.execution
+    }
+
+    /// The sweep with `execution` (`--sweep_execution`, which wins over the file's key).
+    #[must_use]
+    pub fn with_execution(mut self, execution: SweepExecution) -> Self {
+        self.execution = execution;
+        self
     }
 
     /// The variants, in the file's order.
@@ -222,6 +288,23 @@ impl SweepFile {
             };
             if set {
                 return Err(self.bad(format!("--{flag} cannot be used with --sweep: {why}")));
+            }
+        }
+        if self.execution == SweepExecution::Batched {
+            let refused = if base.cuda_graph {
+                Some("--cuda_graph (each variant captures its own graphs of its own micro-steps)")
+            } else if base.profile_step.is_some() {
+                Some("--profile_step (it times one variant's step)")
+            } else {
+                None
+            };
+            if let Some(flag) = refused {
+                return Err(Error::InvalidOption {
+                    option: "--sweep_execution",
+                    problem: format!(
+                        "`batched` cannot be used with {flag}: use `sequential` or drop the flag"
+                    ),
+                });
             }
         }
         self.variants
@@ -372,6 +455,34 @@ mod tests {
         );
         assert_eq!(b.output_dir, Path::new("out/b"));
         assert_eq!(configs[0].1.learning_rate, 1e-4);
+    }
+
+    #[test]
+    fn the_execution_comes_from_the_file_or_the_flag_and_batched_refuses_cuda_graphs() {
+        let sequential = parse("[[variant]]\nname = \"a\"\n").unwrap();
+        assert_eq!(sequential.execution(), SweepExecution::Sequential);
+        let file = parse("sweep_execution = \"batched\"\n[[variant]]\nname = \"a\"\n").unwrap();
+        assert_eq!(file.execution(), SweepExecution::Batched);
+        let mut base = file.base_over(TrainConfig::default()).unwrap();
+        assert!(file.variant_configs(&base).is_ok());
+        base.cuda_graph = true;
+        let error = file.variant_configs(&base).unwrap_err().to_string();
+        assert!(
+            error.contains("--sweep_execution") && error.contains("--cuda_graph"),
+            "{error}"
+        );
+        let file = file.with_execution(SweepExecution::Sequential);
+        assert!(file.variant_configs(&base).is_ok());
+        assert!(
+            SweepExecution::parse("parallel")
+                .unwrap_err()
+                .to_string()
+                .contains("--sweep_execution")
+        );
+        assert!(
+            problem("sweep_execution = \"fast\"\n[[variant]]\nname = \"a\"\n")
+                .contains("`sweep_execution` at the top level")
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! resumed from `checkpoint-N` draws exactly what an uninterrupted run draws after step N; the LoRA
 //! parameters and the optimizer state are restored bit for bit.
 
+mod batched;
 mod logging;
 mod probe;
 mod resume;
@@ -23,6 +24,8 @@ use tch::Device;
 pub use crate::outputs::{KOHYA_FILE, LORA_FILE};
 pub use crate::throughput::Throughput;
 pub use resume::TrainerState;
+
+pub(crate) use batched::batched_micro_step;
 
 use crate::checkpoint::{CheckpointStore, io_error};
 use crate::config::TrainConfig;

@@ -37,7 +37,7 @@ pub use share::RowShare;
 pub use stepper::{StepGraphs, Stepper};
 pub(crate) use sync::broadcast_lora;
 
-use crate::model::TextEncoders;
+use crate::model::{CheckpointedText, TextEncoders};
 use crate::prepare::TextConditioning;
 use crate::rng::RunRng;
 use crate::{Error, Result};
@@ -262,22 +262,47 @@ impl Accumulators {
     }
 }
 
-/// One micro-step: forward, loss, backward into the LoRA gradients; adds `loss / accumulation` to
-/// `acc.step_loss`.
+/// A micro-step's UNet inputs and objective, drawn exactly as its run draws them: the first part
+/// of [`micro_step`], which a batched sweep micro-step ([`crate::sweep`]) runs for each variant
+/// before one UNet call over all of them.
+pub(crate) struct Prepared<'m> {
+    /// The noised latents, their target and weights.
+    pub(crate) objective: Objective,
+    /// The drawn timesteps, `[batch]`.
+    pub(crate) timesteps: Tensor,
+    /// The prompt embeddings, pooled embeddings and time ids, in the UNet's type.
+    pub(crate) context: Tensor,
+    pub(crate) pooled: Tensor,
+    pub(crate) time_ids: Tensor,
+    /// With trained, checkpointed text encoders: their forward, to back-propagate through.
+    pub(crate) checkpointed: Option<CheckpointedText<'m>>,
+}
+
+impl Prepared<'_> {
+    /// The UNet's inputs.
+    pub(crate) fn unet_inputs(&self) -> UNetInputs<'_> {
+        UNetInputs {
+            sample: &self.objective.noisy,
+            timesteps: &self.timesteps,
+            encoder_hidden_states: &self.context,
+            text_embeds: Some(&self.pooled),
+            time_ids: Some(&self.time_ids),
+        }
+    }
+}
+
+/// Steps 1 to 3 of a micro-step: the clean latents, the draws and objective, the conditioning.
 ///
 /// # Errors
-/// Model errors (shapes).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn micro_step(
-    unet: &UNet2DConditionModel,
-    encoders: Option<&TextEncoders>,
+/// Generator and model errors.
+pub(crate) fn prepare_micro<'m>(
+    encoders: Option<&'m TextEncoders>,
     schedule: &DdpmSchedule,
     text: &TextConditioning,
     latents: &LatentBatch<'_>,
     inputs: &StepInputs,
     settings: &StepSettings,
-    acc: &mut Accumulators,
-) -> Result<()> {
+) -> Result<Prepared<'m>> {
     // 1. Clean latents: a posterior sample, scaled as the UNet was trained on.
     let (clean, time_ids) = match latents {
         LatentBatch::Cached {
@@ -308,16 +333,35 @@ pub(crate) fn micro_step(
     let objective = Objective::new(schedule, &clean, &draws, settings)?;
     // 3. Conditioning rows of this batch's prompts (encoded now when the text encoders train).
     let (conditioning, checkpointed) = conditioning(encoders, text, inputs, settings)?;
-    let context = conditioning.context.to_kind(settings.kind);
-    let pooled = conditioning.pooled.to_kind(settings.kind);
-    let time_ids = time_ids.to_kind(settings.kind);
-    let unet_inputs = UNetInputs {
-        sample: &objective.noisy,
-        timesteps: &draws.timesteps,
-        encoder_hidden_states: &context,
-        text_embeds: Some(&pooled),
-        time_ids: Some(&time_ids),
-    };
+    Ok(Prepared {
+        objective,
+        timesteps: draws.timesteps,
+        context: conditioning.context.to_kind(settings.kind),
+        pooled: conditioning.pooled.to_kind(settings.kind),
+        time_ids: time_ids.to_kind(settings.kind),
+        checkpointed,
+    })
+}
+
+/// One micro-step: forward, loss, backward into the LoRA gradients; adds `loss / accumulation` to
+/// `acc.step_loss`.
+///
+/// # Errors
+/// Model errors (shapes).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn micro_step(
+    unet: &UNet2DConditionModel,
+    encoders: Option<&TextEncoders>,
+    schedule: &DdpmSchedule,
+    text: &TextConditioning,
+    latents: &LatentBatch<'_>,
+    inputs: &StepInputs,
+    settings: &StepSettings,
+    acc: &mut Accumulators,
+) -> Result<()> {
+    let prepared = prepare_micro(encoders, schedule, text, latents, inputs, settings)?;
+    let objective = &prepared.objective;
+    let unet_inputs = prepared.unet_inputs();
     // 4. Forward and backward.
     let loss = if settings.gradient_checkpointing {
         let forward =
@@ -325,10 +369,10 @@ pub(crate) fn micro_step(
         // The loss's gradient w.r.t. the prediction, by autograd on a detached copy; the UNet's own
         // backward then recomputes block by block.
         let prediction = forward.output().detach().set_requires_grad(true);
-        let loss = step_loss(&objective, &prediction, inputs)?;
+        let loss = step_loss(objective, &prediction, inputs)?;
         backward_scaled(&loss, settings, acc)?;
         let grads = forward.backward(&prediction.grad())?;
-        if let Some(text_forward) = &checkpointed {
+        if let Some(text_forward) = &prepared.checkpointed {
             // The UNet's input gradients continue through the text encoders, layer by layer.
             let context_grad = grads.encoder_hidden_states.ok_or(Error::InvalidOption {
                 option: "--train_text_encoder",
@@ -338,31 +382,50 @@ pub(crate) fn micro_step(
         }
         loss
     } else {
-        let loss = step_loss(&objective, &unet.forward(&unet_inputs)?, inputs)?;
+        let loss = step_loss(objective, &unet.forward(&unet_inputs)?, inputs)?;
         backward_scaled(&loss, settings, acc)?;
         loss
     };
+    add_step_loss(&loss, settings, acc);
+    Ok(())
+}
+
+/// Adds `loss / accumulation` to `acc.step_loss` (no gradient).
+pub(crate) fn add_step_loss(loss: &Tensor, settings: &StepSettings, acc: &mut Accumulators) {
     tch::no_grad(|| {
         let _ = acc
             .step_loss
             .g_add_(&(loss.detach().to_kind(Kind::Double) / settings.accumulation as f64));
     });
-    Ok(())
 }
 
 /// Back-propagates `loss / accumulation`, times the loss scale under fp16 (accelerate's
 /// `backward`: divide by the accumulation, then `scaler.scale(loss).backward()`).
 fn backward_scaled(loss: &Tensor, settings: &StepSettings, acc: &Accumulators) -> Result<()> {
-    let loss = loss / settings.accumulation as f64;
-    match &acc.scaler {
-        Some(scaler) => scaler.scale(&loss)?.backward(),
-        None => loss.backward(),
-    }
+    scaled_for_backward(loss, settings, acc)?.backward();
     Ok(())
 }
 
+/// `loss / accumulation`, times the loss scale under fp16: what [`backward_scaled`]
+/// back-propagates.
+pub(crate) fn scaled_for_backward(
+    loss: &Tensor,
+    settings: &StepSettings,
+    acc: &Accumulators,
+) -> Result<Tensor> {
+    let loss = loss / settings.accumulation as f64;
+    Ok(match &acc.scaler {
+        Some(scaler) => scaler.scale(&loss)?,
+        None => loss,
+    })
+}
+
 /// The plain mean loss, or the per-sample weighted one when the plan weighs samples.
-fn step_loss(objective: &Objective, prediction: &Tensor, inputs: &StepInputs) -> Result<Tensor> {
+pub(crate) fn step_loss(
+    objective: &Objective,
+    prediction: &Tensor,
+    inputs: &StepInputs,
+) -> Result<Tensor> {
     match &inputs.loss_weights {
         Some((coefficients, mask)) => objective.weighted_loss(prediction, coefficients, mask),
         None => objective.loss(prediction),

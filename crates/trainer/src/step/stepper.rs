@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 use optim8bit::{EMAModel, GradScaler, GradScalerConfig, Optimizer, ParamGroup};
 use sdxl_model::prompt::add_time_ids_tensor;
@@ -17,8 +17,9 @@ use torch_cuda::{CaptureMode, CudaGraph};
 
 use super::sync::GradSync;
 use super::{
-    Accumulators, LatentBatch, LossWeights, PlannedRows, RowShare, StepInputs, StepSettings,
-    micro_step, optimizer_step,
+    Accumulators, LatentBatch, LossWeights, Objective, PlannedRows, Prepared, RowShare, StepInputs,
+    StepSettings, add_step_loss, micro_step, optimizer_step, prepare_micro, scaled_for_backward,
+    step_loss,
 };
 use crate::config::{MixedPrecision, TrainConfig};
 use crate::distributed::{Collective, World};
@@ -258,6 +259,14 @@ impl Stepper {
         Ok(self.bucket)
     }
 
+    /// The generator re-seeded for micro-step `index`, as [`Stepper::prepare`] seeds it.
+    ///
+    /// # Errors
+    /// Generator errors.
+    pub(crate) fn reseed(&self, plan: &Plan, index: u64) -> Result<()> {
+        self.inputs.rng.seed(plan.generator_seed(index) as u64)
+    }
+
     /// The device work of micro-step `micro` of an accumulation (captured as a graph with
     /// `--cuda_graph`): forward, loss, backward, and the gradients handed to the fp32 masters.
     ///
@@ -271,6 +280,15 @@ impl Stepper {
         micro: u64,
     ) -> Result<()> {
         self.forward_backward(model, text, latents)?;
+        self.after_backward(model, micro)
+    }
+
+    /// After the backward pass of micro-step `micro` of an accumulation: the generator's check,
+    /// and the gradients handed to the fp32 masters.
+    ///
+    /// # Errors
+    /// The generator's failure; copy errors.
+    pub(crate) fn after_backward(&mut self, model: &TrainModel, micro: u64) -> Result<()> {
         self.inputs.rng.check()?;
         for copies in model.all_copies() {
             // Into the masters' gradients (written by the first micro-step, added by the others);
@@ -284,6 +302,92 @@ impl Stepper {
             }
         }
         Ok(())
+    }
+
+    /// The shape key of the current micro-step's UNet inputs, for a batched sweep micro-step:
+    /// `[latent height, latent width, context length, context width, pooled width]`; `None` when
+    /// the latents are encoded live (not batched).
+    pub(crate) fn batch_key(&self, text: &TextConditioning, latents: &Latents) -> Option<Vec<i64>> {
+        let Latents::Cached(cached) = latents else {
+            return None;
+        };
+        let bucket = cached.buckets.get(&self.bucket)?;
+        let mut key = bucket.mean.size().get(2..)?.to_vec();
+        match &text.table {
+            crate::prepare::PromptTable::Embeddings { context, pooled } => {
+                key.extend(context.size().get(1..)?);
+                key.extend(pooled.size().get(1..)?);
+            }
+            crate::prepare::PromptTable::TokenIds { .. } => return None,
+        }
+        Some(key)
+    }
+
+    /// The current micro-step's UNet inputs and objective (cached latents only), drawn as
+    /// [`Stepper::micro_step`] draws them: what a batched sweep micro-step concatenates.
+    ///
+    /// # Errors
+    /// Generator errors; latents encoded live (not batched).
+    pub(crate) fn prepare_inputs<'m>(
+        &self,
+        model: &'m TrainModel,
+        text: &TextConditioning,
+        latents: &Latents,
+    ) -> Result<Prepared<'m>> {
+        let Latents::Cached(cached) = latents else {
+            return Err(Error::InvalidOption {
+                option: "--sweep_execution",
+                problem: "batched micro-steps need cached latents (--cache_latents)".into(),
+            });
+        };
+        let bucket = cached
+            .buckets
+            .get(&self.bucket)
+            .ok_or_else(|| Error::InvalidOption {
+                option: "--dataset_name",
+                problem: format!("bucket {} has no cached latents", self.bucket),
+            })?;
+        let batch = LatentBatch::Cached {
+            mean: &bucket.mean,
+            std: &bucket.std,
+            time_ids: &bucket.time_ids,
+        };
+        prepare_micro(
+            model.text_encoders(),
+            &self.ddpm,
+            text,
+            &batch,
+            &self.inputs,
+            &self.settings,
+        )
+    }
+
+    /// This micro-step's loss of `prediction` (its own rows of a batched call), with its own
+    /// weighting.
+    ///
+    /// # Errors
+    /// libtorch errors.
+    pub(crate) fn loss(&self, objective: &Objective, prediction: &Tensor) -> Result<Tensor> {
+        step_loss(objective, prediction, &self.inputs)
+    }
+
+    /// `loss / accumulation` (times the fp16 loss scale): this micro-step's share of a batched
+    /// backward pass.
+    ///
+    /// # Errors
+    /// libtorch errors.
+    pub(crate) fn scaled_loss(&self, loss: &Tensor) -> Result<Tensor> {
+        scaled_for_backward(loss, &self.settings, &self.acc)
+    }
+
+    /// Adds `loss / accumulation` to this optimizer step's loss.
+    pub(crate) fn add_loss(&mut self, loss: &Tensor) {
+        add_step_loss(loss, &self.settings, &mut self.acc);
+    }
+
+    /// Whether the step recomputes activations in the backward pass.
+    pub(crate) fn gradient_checkpointing(&self) -> bool {
+        self.settings.gradient_checkpointing
     }
 
     fn forward_backward(

@@ -1,0 +1,388 @@
+//! Batched sweeps (`--sweep_execution batched`) end to end on the tiny model (CPU), through
+//! `sdxl-lora train --sweep`: each variant of a 4-variant sweep (another learning rate; another
+//! rank and data subset; another seed and prompt; other target modules) ends within the float32
+//! bound of docs/SWEEPS.md of the LoRA its own run ends with (the sequential sweep's, which
+//! `tests/train_sweep.rs` holds bit-identical to its own run), and much closer to it than to another
+//! variant's; a batched sweep killed after its checkpoint and resumed ends bit-identical to the
+//! uninterrupted batched sweep; a variant whose loss goes non-finite stops while the others end as
+//! in a batched sweep without it (within the bound, with gradient checkpointing); a DoRA variant
+//! runs its micro-steps on its own (said once) and ends bit-identical to its sequential sweep's; bad
+//! values of the flag and `--cuda_graph` with `batched` fail before any model loads, naming the flag.
+//!
+//! Every run is a child process with one libtorch thread (`OMP_NUM_THREADS=1`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tch::{Kind, Tensor};
+use trainer::TrainConfig;
+use trainer::run::LORA_FILE;
+use trainer::sweep::SWEEP_SUMMARY_FILE;
+
+#[path = "common/training.rs"]
+mod training;
+
+use training::{assert_bit_identical, scratch, tiny};
+
+/// The bound of docs/SWEEPS.md ("Batched execution"): a batched variant's LoRA differs from its
+/// own run's by at most this fraction of the size of its own run's update (the norm of its `B`
+/// matrices, which start at zero).
+const RELATIVE_BOUND: f64 = 1e-3;
+
+/// Four variants: another learning rate; another rank and data subset (its own latents); another
+/// seed and prompt (its own embeddings); other target modules (rows with no adapter of it on the
+/// feed-forward layers, and none of the others' on its own).
+const SWEEP: &str = r#"
+[[variant]]
+name = "lr-3e-3"
+learning_rate = 3e-3
+
+[[variant]]
+name = "rank-8"
+rank = 8
+lora_alpha = 8
+max_train_samples = 12
+
+[[variant]]
+name = "seed-7"
+seed = 7
+instance_prompt = "a drawing in naruto style"
+
+[[variant]]
+name = "ff"
+target_modules = "to_q,ff.net.2"
+"#;
+
+fn command(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sdxl-lora"));
+    command
+        .arg("train")
+        .args(args)
+        .env("OMP_NUM_THREADS", "1")
+        .env("MKL_NUM_THREADS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+fn run(args: &[&str]) -> Output {
+    command(args).output().unwrap()
+}
+
+fn assert_success(output: &Output) {
+    assert!(
+        output.status.success(),
+        "failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn config_file(config: &TrainConfig) -> PathBuf {
+    let file = config.output_dir.with_extension("toml");
+    std::fs::write(&file, config.to_toml().unwrap()).unwrap();
+    file
+}
+
+fn base(out: &Path) -> TrainConfig {
+    tiny(out)
+        .with_max_train_steps(20)
+        .with_gradient_accumulation_steps(1)
+        .with_checkpointing_steps(10)
+        .with_validation_prompt(None)
+}
+
+/// A LoRA file's tensors, flattened in one vector, and its `B` (up) matrices alone.
+fn lora(path: &Path) -> (Tensor, Tensor) {
+    let tensors = training::tensors(path);
+    let flat = |keep: &dyn Fn(&str) -> bool| {
+        let parts: Vec<Tensor> = tensors
+            .iter()
+            .filter(|(name, _)| keep(name))
+            .map(|(_, t)| t.to_kind(Kind::Double).flatten(0, -1))
+            .collect();
+        Tensor::cat(&parts, 0)
+    };
+    let is_up = |name: &str| name.contains("lora_B") || name.contains("lora.up");
+    (flat(&|_| true), flat(&is_up))
+}
+
+fn norm(t: &Tensor) -> f64 {
+    t.norm().double_value(&[])
+}
+
+#[test]
+fn batched_variants_end_within_the_bound_of_their_own_runs_and_resume_bit_identically() {
+    let dir = scratch("sweep-batched");
+    let sweep_file = dir.join("sweep.toml");
+    std::fs::write(&sweep_file, SWEEP).unwrap();
+    let sweep = sweep_file.to_str().unwrap();
+
+    // Each variant's own run: the sequential sweep (bit-identical to it, tests/train_sweep.rs).
+    let own = base(&dir.join("own"));
+    let own_config = config_file(&own);
+    assert_success(&run(&[
+        "--config",
+        own_config.to_str().unwrap(),
+        "--sweep",
+        sweep,
+    ]));
+
+    let whole = base(&dir.join("whole"));
+    let whole_config = config_file(&whole);
+    let whole_args = [
+        "--config",
+        whole_config.to_str().unwrap(),
+        "--sweep",
+        sweep,
+        "--sweep_execution",
+        "batched",
+    ];
+    let output = run(&whole_args);
+    assert_success(&output);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--sweep_execution batched"), "{stderr}");
+    // Every variant shared the call: none took a micro-step on its own.
+    assert!(!stderr.contains("on its own when"), "{stderr}");
+
+    let names = ["lr-3e-3", "rank-8", "seed-7", "ff"];
+    for name in names {
+        let (batched, _) = lora(&whole.output_dir.join(name).join(LORA_FILE));
+        let (single, single_up) = lora(&own.output_dir.join(name).join(LORA_FILE));
+        let distance = norm(&(&batched - &single));
+        let update = norm(&single_up);
+        assert!(update > 0.0, "{name}: its run learned nothing");
+        eprintln!(
+            "{name}: |batched - own| = {distance:.3e}, |own update (B)| = {update:.3e}, ratio {:.3e}",
+            distance / update
+        );
+        assert!(
+            distance <= RELATIVE_BOUND * update,
+            "{name}: batched differs from its own run by {distance:.3e}, more than {RELATIVE_BOUND} × {update:.3e}"
+        );
+    }
+    // The bound can fail: another variant of the same shapes (another learning rate, another
+    // seed) is far outside it.
+    let (a, _) = lora(&whole.output_dir.join("lr-3e-3").join(LORA_FILE));
+    let (c, _) = lora(&own.output_dir.join("seed-7").join(LORA_FILE));
+    let (_, a_up) = lora(&own.output_dir.join("lr-3e-3").join(LORA_FILE));
+    assert!(norm(&(&a - &c)) > 100.0 * RELATIVE_BOUND * norm(&a_up));
+
+    // A batched sweep killed after its checkpoint at step 10, then resumed: bit-identical to the
+    // uninterrupted batched sweep.
+    let killed = base(&dir.join("killed"));
+    let killed_config = config_file(&killed);
+    let killed_args = [
+        "--config",
+        killed_config.to_str().unwrap(),
+        "--sweep",
+        sweep,
+        "--sweep_execution",
+        "batched",
+    ];
+    let mut child = command(&killed_args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let record = killed.output_dir.join("checkpoint-10/sweep.json");
+    let started = Instant::now();
+    while !record.is_file() {
+        assert!(child.try_wait().unwrap().is_none(), "the sweep ended early");
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "no checkpoint"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!killed.output_dir.join("checkpoint-20").exists());
+    let mut resumed = killed_args.to_vec();
+    resumed.extend(["--resume_from_checkpoint", "latest"]);
+    let output = run(&resumed);
+    assert_success(&output);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("resuming the sweep from step 10"));
+    for name in names {
+        assert_bit_identical(
+            &killed.output_dir.join(name).join(LORA_FILE),
+            &whole.output_dir.join(name).join(LORA_FILE),
+        );
+    }
+}
+
+#[test]
+fn a_diverging_variant_stops_and_leaves_the_others_as_without_it() {
+    let dir = scratch("sweep-batched-diverge");
+    let config = |out: &str| {
+        tiny(&dir.join(out))
+            .with_max_train_steps(6)
+            .with_gradient_accumulation_steps(2)
+            .with_checkpointing_steps(6)
+            .with_logging_steps(1)
+            .with_max_nonfinite_steps(1)
+            .with_gradient_checkpointing(true)
+            .with_validation_prompt(None)
+    };
+    let sweep = |name: &str, text: &str, out: &TrainConfig| {
+        let file = dir.join(name);
+        std::fs::write(&file, text).unwrap();
+        let path = config_file(out);
+        run(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--sweep",
+            file.to_str().unwrap(),
+            "--sweep_execution",
+            "batched",
+        ])
+    };
+    let two = "[[variant]]\nname = \"fine\"\n\n[[variant]]\nname = \"rank-2\"\nrank = 2\nlora_alpha = 2\n";
+    let with_boom = format!("{two}\n[[variant]]\nname = \"boom\"\nlearning_rate = 1e30\n");
+    let without = config("without");
+    assert_success(&sweep("two.toml", two, &without));
+    let with = config("with");
+    let output = sweep("three.toml", &with_boom, &with);
+    assert_success(&output);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("variant boom diverged after step"),
+        "{stderr}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(with.output_dir.join(SWEEP_SUMMARY_FILE)).unwrap())
+            .unwrap();
+    let statuses: Vec<&str> = summary["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["finished", "finished", "diverged"]);
+    // It really went non-finite while it shared the others' calls.
+    let metrics =
+        trainer::logs::MetricsLog::read(&with.output_dir.join("boom/logs/metrics.jsonl")).unwrap();
+    assert!(
+        metrics
+            .iter()
+            .any(|r| r["skipped_steps"].as_u64().unwrap_or(0) > 0),
+        "{metrics:?}"
+    );
+    for name in ["fine", "rank-2"] {
+        let (mine, _) = lora(&with.output_dir.join(name).join(LORA_FILE));
+        let (alone, alone_up) = lora(&without.output_dir.join(name).join(LORA_FILE));
+        let distance = norm(&(&mine - &alone));
+        assert!(mine.isfinite().all().int64_value(&[]) == 1, "{name}");
+        assert!(
+            distance <= RELATIVE_BOUND * norm(&alone_up),
+            "{name}: {distance:.3e} from the sweep without the diverging variant"
+        );
+    }
+}
+
+#[test]
+fn a_variant_that_cannot_share_the_call_runs_on_its_own_as_in_a_sequential_sweep() {
+    let dir = scratch("sweep-batched-fallback");
+    let file = dir.join("sweep.toml");
+    std::fs::write(
+        &file,
+        "[[variant]]\nname = \"a\"\n\n[[variant]]\nname = \"b\"\nseed = 3\n\n\
+         [[variant]]\nname = \"dora\"\nuse_dora = true\n",
+    )
+    .unwrap();
+    let config = |out: &str| {
+        tiny(&dir.join(out))
+            .with_max_train_steps(4)
+            .with_gradient_accumulation_steps(1)
+            .with_checkpointing_steps(4)
+            .with_validation_prompt(None)
+    };
+    let sweep = |out: &TrainConfig, execution: &str| {
+        let path = config_file(out);
+        let output = run(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--sweep",
+            file.to_str().unwrap(),
+            "--sweep_execution",
+            execution,
+        ]);
+        assert_success(&output);
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let sequential = config("sequential");
+    sweep(&sequential, "sequential");
+    let batched = config("batched");
+    let stderr = sweep(&batched, "batched");
+    // Said once, for the DoRA variant only; the other two shared their calls.
+    assert_eq!(
+        stderr
+            .matches("variant dora takes its micro-steps on its own when --use_dora")
+            .count(),
+        1,
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("on its own when").count(), 1, "{stderr}");
+    // On its own it computes what its run computes: bit for bit.
+    assert_bit_identical(
+        &batched.output_dir.join("dora").join(LORA_FILE),
+        &sequential.output_dir.join("dora").join(LORA_FILE),
+    );
+}
+
+#[test]
+fn bad_values_and_cuda_graphs_fail_before_any_model_loads_naming_the_flag() {
+    let dir = scratch("sweep-batched-bad");
+    let file = dir.join("sweep.toml");
+    std::fs::write(&file, "[[variant]]\nname = \"a\"\n").unwrap();
+    let out = dir.join("out");
+    let common = [
+        "--preset",
+        "tiny",
+        "--output_dir",
+        out.to_str().unwrap(),
+        "--sweep",
+        file.to_str().unwrap(),
+    ];
+    let mut bad = common.to_vec();
+    bad.extend(["--sweep_execution", "parallel"]);
+    let output = run(&bad);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--sweep_execution") && stderr.contains("parallel"),
+        "{stderr}"
+    );
+    let graphs_config = config_file(&tiny(&out).with_cuda_graph(true));
+    let graphs = [
+        "--config",
+        graphs_config.to_str().unwrap(),
+        "--sweep",
+        file.to_str().unwrap(),
+    ];
+    let mut batched = graphs.to_vec();
+    batched.extend(["--sweep_execution", "batched"]);
+    let output = run(&batched);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--sweep_execution") && stderr.contains("--cuda_graph"),
+        "{stderr}"
+    );
+    // The file's key says the same.
+    std::fs::write(
+        &file,
+        "sweep_execution = \"batched\"\n[[variant]]\nname = \"a\"\n",
+    )
+    .unwrap();
+    let output = run(&graphs);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--sweep_execution"));
+    let output = run(&["--preset", "tiny", "--sweep_execution", "batched"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("only with --sweep"));
+    assert!(!out.exists(), "it started");
+}
