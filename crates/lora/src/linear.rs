@@ -901,20 +901,39 @@ mod tests {
             }
             let mut second = random_adapter("second", 3, 1.5);
             second.multiplier = 0.7;
+            // Error model: the values come from the shared generator (whichever test drew last), so
+            // the bounds scale with them. A merge and an unmerge each round every weight a few times
+            // (the delta's product and sum; DoRA's norm and rescale, undone by its inverse), so the
+            // weight comes back within a few float32 roundings of the largest |W| + Σ|ΔW|; a forward
+            // pass sums x·W over 5 inputs, so its outputs differ by a few roundings of Σ|x||W|.
+            let deltas = (first.up.matmul(&first.down) * first.scale()).abs()
+                + (second.up.matmul(&second.down) * second.scale() * 0.7).abs();
+            let magnitude = original.abs() + &deltas;
+            let eps = f64::from(f32::EPSILON);
+            let weight_bound = 32.0 * eps * magnitude.max().double_value(&[]);
+            let forward_bound = 32.0
+                * eps
+                * (x.abs().matmul(&magnitude.tr()).max().double_value(&[])
+                    + layer.bias.as_ref().unwrap().abs().max().double_value(&[]));
             layer.add_adapter("m", first).unwrap();
             layer.add_adapter("m", second).unwrap();
             let unmerged = layer.forward(&x);
             layer.merge("m", None).unwrap();
             assert!(layer.adapters().iter().all(Adapter::is_merged));
             let merged = layer.forward(&x);
+            let diff = max_diff(&merged, &unmerged);
             assert!(
-                max_diff(&merged, &unmerged) < 1e-5,
-                "dora={dora}: {}",
-                max_diff(&merged, &unmerged)
+                diff <= forward_bound,
+                "dora={dora}: {diff} > {forward_bound}"
             );
             layer.unmerge("m").unwrap();
-            assert!(max_diff(&layer.weight, &original) < 1e-6, "dora={dora}");
-            assert!(max_diff(&layer.forward(&x), &unmerged) < 1e-5);
+            let diff = max_diff(&layer.weight, &original);
+            assert!(diff <= weight_bound, "dora={dora}: {diff} > {weight_bound}");
+            let diff = max_diff(&layer.forward(&x), &unmerged);
+            assert!(
+                diff <= forward_bound,
+                "dora={dora}: {diff} > {forward_bound}"
+            );
         }
     }
 
