@@ -32,6 +32,10 @@ use training::{assert_bit_identical, scratch, tiny};
 /// matrices, which start at zero).
 const RELATIVE_BOUND: f64 = 1e-3;
 
+/// The bound of a batched variant against its sequential sweep's under bf16 or fp16 frozen weights
+/// (see `half_precision_batched_variants_stay_near_their_sequential_runs`).
+const HALF_BOUND: f64 = 2e-2;
+
 /// Four variants: another learning rate; another rank and data subset (its own latents); another
 /// seed and prompt (its own embeddings); other target modules (rows with no adapter of it on the
 /// feed-forward layers, and none of the others' on its own).
@@ -331,6 +335,79 @@ fn a_variant_that_cannot_share_the_call_runs_on_its_own_as_in_a_sequential_sweep
         &batched.output_dir.join("dora").join(LORA_FILE),
         &sequential.output_dir.join("dora").join(LORA_FILE),
     );
+}
+
+/// `--mixed_precision bf16` and `fp16`: the batched step runs the frozen UNet in half precision over
+/// the variants' rows, each variant with its own fp32 LoRA masters (and, in fp16, its own loss
+/// scaler, logged), and each variant ends near its sequential sweep's LoRA. The bound is
+/// [`HALF_BOUND`]: a reordered float32 accumulation flips the rounding of a half-precision
+/// activation now and then (each flip one element's last bit, 2⁻⁸ relative in bf16, 2⁻¹¹ in fp16), so
+/// gradients differ far more than in float32 but still by a small fraction of themselves.
+#[test]
+fn half_precision_batched_variants_stay_near_their_sequential_runs() {
+    let dir = scratch("sweep-batched-half");
+    let file = dir.join("sweep.toml");
+    std::fs::write(
+        &file,
+        "[[variant]]\nname = \"lr-3e-3\"\nlearning_rate = 3e-3\n\n\
+         [[variant]]\nname = \"seed-7\"\nseed = 7\n",
+    )
+    .unwrap();
+    for precision in ["bf16", "fp16"] {
+        let config = |out: &str| {
+            tiny(&dir.join(format!("{precision}-{out}")))
+                .with_max_train_steps(6)
+                .with_gradient_accumulation_steps(1)
+                .with_checkpointing_steps(6)
+                .with_logging_steps(1)
+                .with_validation_prompt(None)
+        };
+        let sweep = |out: &TrainConfig, execution: &str| {
+            let path = config_file(out);
+            assert_success(&run(&[
+                "--config",
+                path.to_str().unwrap(),
+                "--mixed_precision",
+                precision,
+                "--sweep",
+                file.to_str().unwrap(),
+                "--sweep_execution",
+                execution,
+            ]));
+        };
+        let sequential = config("sequential");
+        sweep(&sequential, "sequential");
+        let batched = config("batched");
+        sweep(&batched, "batched");
+        for name in ["lr-3e-3", "seed-7"] {
+            let (a, _) = lora(&batched.output_dir.join(name).join(LORA_FILE));
+            let (b, b_up) = lora(&sequential.output_dir.join(name).join(LORA_FILE));
+            let (distance, update) = (norm(&(&a - &b)), norm(&b_up));
+            eprintln!(
+                "{precision} {name}: |batched - sequential| = {distance:.3e}, update {update:.3e}, ratio {:.3e}",
+                distance / update
+            );
+            assert!(update > 0.0, "{precision} {name}: nothing learned");
+            assert!(
+                distance <= HALF_BOUND * update,
+                "{precision} {name}: {distance:.3e} > {HALF_BOUND} × {update:.3e}"
+            );
+            if precision == "fp16" {
+                let metrics = trainer::logs::jsonl::MetricsLog::read(
+                    &batched.output_dir.join(name).join("logs/metrics.jsonl"),
+                )
+                .unwrap();
+                assert_eq!(metrics.len(), 6, "{precision} {name}");
+                for record in &metrics {
+                    assert!(record["loss_scale"].as_f64().is_some_and(|s| s > 0.0), "{record}");
+                }
+            }
+        }
+        // The two variants' LoRAs lie far apart on that scale.
+        let (a, a_up) = lora(&batched.output_dir.join("lr-3e-3").join(LORA_FILE));
+        let (c, _) = lora(&batched.output_dir.join("seed-7").join(LORA_FILE));
+        assert!(norm(&(&a - &c)) > 10.0 * HALF_BOUND * norm(&a_up));
+    }
 }
 
 #[test]
