@@ -297,7 +297,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& in
            {&x_ptr, &part_ptr, &l, &c, &g, &s, &rows}, stream);
     void* mean_ptr = mean.data_ptr();
     void* rstd_ptr = rstd.data_ptr();
-    launch(k, kStatsFinish, dim3(static_cast<unsigned int>(ceil_div(n * g, 256))), dim3(256), 0,
+    // A warp per (n, g).
+    launch(k, kStatsFinish, dim3(static_cast<unsigned int>(ceil_div(int64_t{32} * n * g, 256))), dim3(256), 0,
            {&part_ptr, &mean_ptr, &rstd_ptr, &n, &g, &s, &eps_f}, stream);
     long long vectors = static_cast<long long>(x.numel() / p.vec);
     const void* w_ptr = weight.data_ptr();
@@ -347,7 +348,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
            stream);
     void* ds_ptr = ds.data_ptr();
     void* db_ptr = db.data_ptr();
-    launch(k, kBwdChannelSums, dim3(static_cast<unsigned int>(ceil_div(n * c, 256))), dim3(256), 0,
+    // 32 channels of one sample per block, 8 threads each.
+    launch(k, kBwdChannelSums, dim3(static_cast<unsigned int>(ceil_div(c, 32)), static_cast<unsigned int>(n)), dim3(256), 0,
            {&part_ds_ptr, &part_db_ptr, &ds_ptr, &db_ptr, &n, &c, &s}, stream);
     void* coef_ptr = coef.data_ptr();
     void* daffine_ptr = daffine.data_ptr();

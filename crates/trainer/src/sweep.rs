@@ -484,32 +484,31 @@ impl Variant {
 
     /// Optimizer step `step` of this variant, if it is still training.
     fn advance(&mut self, step: u64) -> Result<()> {
-        let (Some(trainer), Some(progress)) = (&mut self.trainer, &mut self.progress) else {
-            return Ok(());
-        };
-        let _span = tracing::info_span!("variant", name = %self.name).entered();
-        let result = trainer
-            .activate()
-            .and_then(|()| trainer.advance(progress, step));
-        self.loss_history = trainer.loss_history().to_vec();
-        match result {
-            Ok(()) => Ok(()),
-            Err(error) if is_divergence(&error) => {
-                self.stop(step + 1, &error);
-                Ok(())
-            }
-            Err(error) => Err(error),
-        }
+        self.settle(step, |trainer, progress| {
+            trainer
+                .activate()
+                .and_then(|()| trainer.advance(progress, step))
+        })
     }
 
     /// The end of optimizer step `step` under batched execution (its micro-steps done): its
     /// optimizer step and what follows, a divergence stopping only this variant.
     fn end_step(&mut self, step: u64) -> Result<()> {
+        self.settle(step, |trainer, progress| trainer.end_step(progress, step))
+    }
+
+    /// Runs `work` for step `step` if this variant is still training, then keeps its loss history;
+    /// a divergence stops only this variant, any other error ends the sweep.
+    fn settle(
+        &mut self,
+        step: u64,
+        work: impl FnOnce(&mut Trainer, &mut RunProgress) -> Result<()>,
+    ) -> Result<()> {
         let (Some(trainer), Some(progress)) = (&mut self.trainer, &mut self.progress) else {
             return Ok(());
         };
         let _span = tracing::info_span!("variant", name = %self.name).entered();
-        let result = trainer.end_step(progress, step);
+        let result = work(trainer, progress);
         self.loss_history = trainer.loss_history().to_vec();
         match result {
             Ok(()) => Ok(()),

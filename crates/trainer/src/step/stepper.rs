@@ -26,7 +26,7 @@ use crate::distributed::{Collective, World};
 use crate::lr_scheduler::LrSchedule;
 use crate::model::TrainModel;
 use crate::plan::{MicroStep, Plan};
-use crate::prepare::{Latents, TextConditioning, time_ids_of};
+use crate::prepare::{CachedLatents, Latents, TextConditioning, time_ids_of};
 use crate::{Error, Result};
 
 /// The captured step: one graph per bucket and micro-step of an accumulation, and one for the
@@ -340,18 +340,7 @@ impl Stepper {
                 problem: "batched micro-steps need cached latents (--cache_latents)".into(),
             });
         };
-        let bucket = cached
-            .buckets
-            .get(&self.bucket)
-            .ok_or_else(|| Error::InvalidOption {
-                option: "--dataset_name",
-                problem: format!("bucket {} has no cached latents", self.bucket),
-            })?;
-        let batch = LatentBatch::Cached {
-            mean: &bucket.mean,
-            std: &bucket.std,
-            time_ids: &bucket.time_ids,
-        };
+        let batch = self.cached_batch(cached)?;
         prepare_micro(
             model.text_encoders(),
             &self.ddpm,
@@ -360,6 +349,22 @@ impl Stepper {
             &self.inputs,
             &self.settings,
         )
+    }
+
+    /// The current bucket's cached posteriors and time ids.
+    fn cached_batch<'c>(&self, cached: &'c CachedLatents) -> Result<LatentBatch<'c>> {
+        let bucket = cached
+            .buckets
+            .get(&self.bucket)
+            .ok_or_else(|| Error::InvalidOption {
+                option: "--dataset_name",
+                problem: format!("bucket {} has no cached latents", self.bucket),
+            })?;
+        Ok(LatentBatch::Cached {
+            mean: &bucket.mean,
+            std: &bucket.std,
+            time_ids: &bucket.time_ids,
+        })
     }
 
     /// This micro-step's loss of `prediction` (its own rows of a batched call), with its own
@@ -410,19 +415,7 @@ impl Stepper {
         };
         match latents {
             Latents::Cached(cached) => {
-                let bucket =
-                    cached
-                        .buckets
-                        .get(&self.bucket)
-                        .ok_or_else(|| Error::InvalidOption {
-                            option: "--dataset_name",
-                            problem: format!("bucket {} has no cached latents", self.bucket),
-                        })?;
-                let batch = LatentBatch::Cached {
-                    mean: &bucket.mean,
-                    std: &bucket.std,
-                    time_ids: &bucket.time_ids,
-                };
+                let batch = self.cached_batch(cached)?;
                 run(&batch, self)
             }
             Latents::Live { vae, .. } => {
