@@ -940,19 +940,29 @@ mod tests {
     #[test]
     fn merging_one_of_two_keeps_the_other_on_the_side_path() {
         let (mut layer, x) = layer_and_input(3);
-        layer.add_adapter("m", random_adapter("a", 2, 2.0)).unwrap();
-        layer.add_adapter("m", random_adapter("b", 1, 1.0)).unwrap();
+        let (a, b) = (random_adapter("a", 2, 2.0), random_adapter("b", 1, 1.0));
+        // A few float32 roundings of the sums of |x| (|W| + Σ|ΔW|) the outputs add up (the values
+        // come from the shared generator, whichever test drew last).
+        let magnitude = layer.weight.abs()
+            + (a.up.matmul(&a.down) * a.scale()).abs()
+            + (b.up.matmul(&b.down) * b.scale()).abs();
+        let bound = 32.0
+            * f64::from(f32::EPSILON)
+            * (x.abs().matmul(&magnitude.tr()).max().double_value(&[])
+                + layer.bias.as_ref().unwrap().abs().max().double_value(&[]));
+        layer.add_adapter("m", a).unwrap();
+        layer.add_adapter("m", b).unwrap();
         let both = layer.forward(&x);
         layer.merge("m", Some(&["b"])).unwrap();
         assert!(
             !layer.adapter("a").unwrap().is_merged() && layer.adapter("b").unwrap().is_merged()
         );
-        assert!(max_diff(&layer.forward(&x), &both) < 1e-5);
+        assert!(max_diff(&layer.forward(&x), &both) <= bound);
         // Switching a merged adapter off unmerges it.
         layer.set_adapter_enabled("m", "b", false).unwrap();
         let only_a = layer.forward(&x);
         layer.remove_adapter("m", "b").unwrap();
-        assert!(max_diff(&layer.forward(&x), &only_a) < 1e-6);
+        assert!(max_diff(&layer.forward(&x), &only_a) <= bound);
     }
 
     #[test]

@@ -36,6 +36,23 @@ fn adapted_kernel(conv: &Conv2d, adapter: &Adapter, scale: f64) -> Tensor {
     &conv.weight + delta * scale
 }
 
+/// A few float32 roundings of the largest sum of magnitudes an output of `conv` (stride 2 and
+/// padding 1) with these kernel deltas adds up: the values come from the shared generator
+/// (whichever test drew last), so the bound scales with them.
+fn rounding_bound(conv: &Conv2d, x: &Tensor, deltas: &[&Tensor]) -> f64 {
+    let magnitude = deltas.iter().fold(conv.weight.abs(), |m, d| m + d.abs());
+    let sums = x
+        .abs()
+        .conv2d(&magnitude, None::<Tensor>, [2], [1], [1], 1)
+        .max()
+        .double_value(&[]);
+    let bias = conv
+        .bias
+        .as_ref()
+        .map_or(0.0, |b| b.abs().max().double_value(&[]));
+    64.0 * f64::from(f32::EPSILON) * (sums + bias)
+}
+
 #[test]
 fn computes_torch_conv2d_with_torch_names() {
     let vs = nn::VarStore::new(Device::Cpu);
@@ -63,11 +80,12 @@ fn locon_adds_the_scaled_kernel_product_and_can_be_switched_off() {
     let kernel = adapted_kernel(&conv, &adapter, 3.0);
     conv.add_adapter("m", adapter).unwrap();
     let expected = x.conv2d(&kernel, conv.bias.as_ref(), [2], [1], [1], 1);
+    let bound = rounding_bound(&conv, &x, &[&(&kernel - &conv.weight)]);
     let y = conv.forward(&x);
     assert_eq!(y.size(), [2, 6, 4, 3]);
     assert!(
-        max_diff(&y, &expected) < 1e-4,
-        "{}",
+        max_diff(&y, &expected) <= bound,
+        "{} > {bound}",
         max_diff(&y, &expected)
     );
     conv.set_adapter_enabled("m", "a", false).unwrap();
@@ -77,7 +95,8 @@ fn locon_adds_the_scaled_kernel_product_and_can_be_switched_off() {
     conv.adapter_mut("a").unwrap().multiplier = 0.5;
     let kernel = adapted_kernel(&conv, conv.adapter("a").unwrap(), 6.0 / 2f64.sqrt() * 0.5);
     let expected = x.conv2d(&kernel, conv.bias.as_ref(), [2], [1], [1], 1);
-    assert!(max_diff(&conv.forward(&x), &expected) < 1e-4);
+    let bound = rounding_bound(&conv, &x, &[&(&kernel - &conv.weight)]);
+    assert!(max_diff(&conv.forward(&x), &expected) <= bound);
 }
 
 #[test]
@@ -94,20 +113,35 @@ fn merge_and_unmerge(dora: bool) {
     if dora {
         first.magnitude = Some(Tensor::rand([6], (Kind::Float, Device::Cpu)) + 0.5);
     }
+    let second = random_adapter("second", 3, 1.0);
+    // Error model: merging and unmerging round every weight a few times (the delta's product and
+    // sum; DoRA's norm and rescale, undone by its inverse), so outputs differ by a few roundings of
+    // the sums of |x| (|W| + Σ|ΔW|), the weight by a few roundings of the largest |W| + Σ|ΔW|.
+    let deltas: Vec<Tensor> = [(&first, first.scale()), (&second, second.scale())]
+        .into_iter()
+        .map(|(adapter, scale)| adapted_kernel(&conv, adapter, scale) - &conv.weight)
+        .collect();
+    let bound = rounding_bound(&conv, &x, &deltas.iter().collect::<Vec<_>>());
+    let weight_bound = 64.0
+        * f64::from(f32::EPSILON)
+        * deltas
+            .iter()
+            .fold(original.abs(), |m, d| m + d.abs())
+            .max()
+            .double_value(&[]);
     conv.add_adapter("m", first).unwrap();
-    conv.add_adapter("m", random_adapter("second", 3, 1.0))
-        .unwrap();
+    conv.add_adapter("m", second).unwrap();
     let side_path = conv.forward(&x);
     conv.merge("m", Some(&["first"])).unwrap();
     assert!(conv.adapter("first").unwrap().is_merged());
     assert!(!conv.adapter("second").unwrap().is_merged());
-    assert!(max_diff(&conv.forward(&x), &side_path) < 1e-4);
+    assert!(max_diff(&conv.forward(&x), &side_path) <= bound);
     conv.merge("m", None).unwrap();
-    assert!(max_diff(&conv.forward(&x), &side_path) < 1e-4);
+    assert!(max_diff(&conv.forward(&x), &side_path) <= bound);
     assert!(max_diff(&conv.weight, &original) > 0.1);
     conv.unmerge("m").unwrap();
-    assert!(max_diff(&conv.weight, &original) < 1e-5);
-    assert!(max_diff(&conv.forward(&x), &side_path) < 1e-4);
+    assert!(max_diff(&conv.weight, &original) <= weight_bound);
+    assert!(max_diff(&conv.forward(&x), &side_path) <= bound);
     let removed = conv.remove_adapter("m", "first").unwrap();
     assert_eq!(removed.name, "first");
     assert!(matches!(
