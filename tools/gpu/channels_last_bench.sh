@@ -14,6 +14,11 @@ out=${OUT:-/tmp/channels-last-bench}
 source tools/gpu/setup.sh
 gpu_setup channels-last-bench.log
 source tools/gpu/seed_bench.sh
+trap gpu_bundle EXIT  # metrics, summaries and images into $out/results.tgz
+if [ $((steps % 20)) -ne 0 ]; then  # metrics are logged every 10 steps, read at STEPS/2 and STEPS
+    echo "channels_last_bench: STEPS must be a multiple of 20 (got $steps)" >&2
+    exit 2
+fi
 for packed in .gpu/examples/*.xz .gpu/tests/*.xz; do
     [ -f "$packed" ] && xz -d -k -f "$packed" && chmod +x "${packed%.xz}"
 done

@@ -12,6 +12,7 @@ cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/channels-last-infer}
 source tools/gpu/setup.sh
 gpu_setup channels-last-infer.log
+trap gpu_bundle EXIT  # metrics, summaries and images into $out/results.tgz
 for packed in .gpu/examples/*.xz .gpu/tests/*.xz; do
     [ -f "$packed" ] && xz -d -k -f "$packed" && chmod +x "${packed%.xz}"
 done

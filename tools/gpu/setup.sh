@@ -13,3 +13,13 @@ gpu_setup() {
     export PYTHONPATH=/tmp/site
     echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null)"
 }
+
+# `gpu_bundle`: the device returns at most 8 files from $OUT, so everything a script wrote under $out
+# except its logs goes into one $out/results.tgz (call it last, or from an EXIT trap).
+gpu_bundle() {
+    [ -d "$out" ] || return 0
+    local files
+    files=$(cd "$out" && find . -type f ! -name results.tgz ! -name '*.log' | sort)
+    [ -n "$files" ] || return 0
+    (cd "$out" && tar czf results.tgz $files && rm -f $files && find . -mindepth 1 -type d -empty -delete)
+}
