@@ -15,6 +15,10 @@ fn main() {
     println!("cargo:rerun-if-changed=src/dist_nccl.cpp");
     println!("cargo:rerun-if-changed=src/group_norm.cpp");
     println!("cargo:rerun-if-changed=src/group_norm_nhwc.cu");
+    println!("cargo:rerun-if-changed=src/nvrtc_kernels.cpp");
+    println!("cargo:rerun-if-changed=src/nvrtc_kernels.h");
+    println!("cargo:rerun-if-changed=src/geglu.cpp");
+    println!("cargo:rerun-if-changed=src/geglu.cu");
     println!("cargo:rustc-check-cfg=cfg(torch_dist_nccl)");
     println!("cargo:rerun-if-changed=src/gloo_decls");
     println!("cargo:rustc-check-cfg=cfg(torch_dist_shim)");
@@ -65,7 +69,9 @@ fn main() {
         .include(&cuda_include)
         .include(&kernel_header)
         .file("src/shim.cpp")
+        .file("src/nvrtc_kernels.cpp")
         .file("src/group_norm.cpp")
+        .file("src/geglu.cpp")
         .compile("torch_cuda_shim");
     println!("cargo:rustc-link-search=native={}", lib_dir.display());
     println!("cargo:rustc-link-lib=dylib=torch_cuda");
@@ -74,22 +80,34 @@ fn main() {
     println!("cargo:rustc-cfg=torch_cuda_shim");
 }
 
-/// Writes `group_norm_nhwc_src.h` into OUT_DIR: `src/group_norm_nhwc.cu` as the C++ string
-/// `kGroupNormSource`, which `src/group_norm.cpp` hands to NVRTC at run time. Returns the folder; a
-/// checkout without the file (or an unwritable OUT_DIR) stops the build with the reason.
+/// Writes each CUDA source that the shim hands to NVRTC at run time into OUT_DIR as a C++ string:
+/// `src/group_norm_nhwc.cu` as `kGroupNormSource` in `group_norm_nhwc_src.h` (for
+/// `src/group_norm.cpp`), `src/geglu.cu` as `kGegluSource` in `geglu_src.h` (for `src/geglu.cpp`).
+/// Returns the folder; a checkout without a file (or an unwritable OUT_DIR) stops the build with the
+/// reason.
 fn embed_kernel_source() -> PathBuf {
+    const SOURCES: [(&str, &str, &str); 2] = [
+        (
+            "src/group_norm_nhwc.cu",
+            "group_norm_nhwc_src.h",
+            "kGroupNormSource",
+        ),
+        ("src/geglu.cu", "geglu_src.h", "kGegluSource"),
+    ];
     let written = (|| -> Result<PathBuf, String> {
-        let source = std::fs::read_to_string("src/group_norm_nhwc.cu")
-            .map_err(|e| format!("reading src/group_norm_nhwc.cu: {e}"))?;
-        if source.contains(")CUDA\"") {
-            return Err("src/group_norm_nhwc.cu contains the raw-string delimiter )CUDA\"".into());
-        }
         let out = PathBuf::from(std::env::var_os("OUT_DIR").ok_or("OUT_DIR is not set")?);
-        std::fs::write(
-            out.join("group_norm_nhwc_src.h"),
-            format!("static const char* const kGroupNormSource = R\"CUDA({source})CUDA\";\n"),
-        )
-        .map_err(|e| format!("writing group_norm_nhwc_src.h: {e}"))?;
+        for (file, header, name) in SOURCES {
+            let source =
+                std::fs::read_to_string(file).map_err(|e| format!("reading {file}: {e}"))?;
+            if source.contains(")CUDA\"") {
+                return Err(format!("{file} contains the raw-string delimiter )CUDA\""));
+            }
+            std::fs::write(
+                out.join(header),
+                format!("static const char* const {name} = R\"CUDA({source})CUDA\";\n"),
+            )
+            .map_err(|e| format!("writing {header}: {e}"))?;
+        }
         Ok(out)
     })();
     written.unwrap_or_else(|reason| {
@@ -98,9 +116,6 @@ fn embed_kernel_source() -> PathBuf {
     })
 }
 
-/// The random-state snapshots (`src/rng.cpp`) need only torch's headers for the CPU generator, so
-/// they are built wherever those are, with the CUDA generator's part when CUDA's headers are there
-/// too.
 fn compile_rng_shim(torch_include: &std::path::Path, cuda_include: Option<&std::path::Path>) {
     if !torch_include.join("ATen/CPUGeneratorImpl.h").exists() {
         println!(

@@ -132,8 +132,15 @@ impl Module for FeedForward {
     /// `[B, L, dim]` → `[B, L, dim]`.
     fn forward(&self, xs: &Tensor) -> Tensor {
         let projected = self.proj.forward(xs);
-        let halves = projected.chunk(2, -1);
-        self.out.forward(&(&halves[0] * halves[1].gelu("none")))
+        // On CUDA one pass each way with libtorch's arithmetic (`torch_cuda::geglu`); elsewhere, or
+        // where its kernels are unavailable, libtorch's chunk, GELU and product.
+        let gated = if projected.device().is_cuda() {
+            torch_cuda::geglu::geglu(&projected)
+                .unwrap_or_else(|_| torch_cuda::geglu::geglu_reference(&projected))
+        } else {
+            torch_cuda::geglu::geglu_reference(&projected)
+        };
+        self.out.forward(&gated)
     }
 }
 
