@@ -5,7 +5,9 @@
 #   seed_bench_run NAME FILTER STEPS FLAGS...
 #                                  train_naruto on them: 512 px, batch 2 x accumulation 2, --cuda_graph, STEPS
 #                                  steps, output in /tmp/run-NAME, its metrics copied to $out; prints the log
-#                                  (SEED_BENCH_LAUNCH: a command line to start it with, e.g. torchrun's)
+#                                  (SEED_BENCH_LAUNCH: a command line to start it with, e.g. torchrun's;
+#                                  SEED_BENCH_BINARY: another example of .gpu/examples, e.g. a build from
+#                                  before a change)
 #                                  lines matching the extended regex FILTER and the output's files
 #   seed_bench_table STEPS NAME... each run's steady s/step (logged wall clock from step STEPS/2 to STEPS),
 #                                  against the run named `seed`, peak memory, final loss, and the model
@@ -35,10 +37,10 @@ PY
 
 seed_bench_run() {  # NAME FILTER STEPS FLAGS...
     local name=$1 filter=$2 steps=$3; shift 3
-    echo "== train_naruto $name: $*"
+    echo "== ${SEED_BENCH_BINARY:-train_naruto} $name: $*"
     # SEED_BENCH_LAUNCH: a launcher to start it with (e.g. torchrun --no-python), word-split.
     # shellcheck disable=SC2086
-    timeout 240 ${SEED_BENCH_LAUNCH:-} ./.gpu/examples/train_naruto --pretrained_model_name_or_path "$seed_bench_model" \
+    timeout 240 ${SEED_BENCH_LAUNCH:-} "./.gpu/examples/${SEED_BENCH_BINARY:-train_naruto}" --pretrained_model_name_or_path "$seed_bench_model" \
         --dataset_name "$seed_bench_folder" --resolution 512 --train_batch_size 2 --gradient_accumulation_steps 2 \
         --max_train_samples none --instance_prompt "Naruto style anime character" --cuda_graph \
         --max_train_steps "$steps" --checkpointing_steps 100000 --validation_prompt none \
