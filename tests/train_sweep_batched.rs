@@ -7,7 +7,10 @@
 //! uninterrupted batched sweep; a variant whose loss goes non-finite stops while the others end as
 //! in a batched sweep without it (within the bound, with gradient checkpointing); a DoRA variant
 //! runs its micro-steps on its own (said once) and ends bit-identical to its sequential sweep's; bad
-//! values of the flag and `--cuda_graph` with `batched` fail before any model loads, naming the flag.
+//! values of the flag, `--profile_step` with `batched` and `--cuda_graph` without a CUDA device fail
+//! before any model loads, naming the flag. On CUDA (skipped without one unless
+//! `SDXL_REQUIRE_CUDA=1`): a batched sweep with `--cuda_graph` captures its micro-steps and each
+//! variant's optimizer step and ends within the bound of the same sweep run eagerly, in fp32 and fp16.
 //!
 //! Every run is a child process with one libtorch thread (`OMP_NUM_THREADS=1`).
 
@@ -422,7 +425,7 @@ fn half_precision_batched_variants_stay_near_their_sequential_runs() {
 }
 
 #[test]
-fn bad_values_and_cuda_graphs_fail_before_any_model_loads_naming_the_flag() {
+fn bad_values_profiles_and_cuda_graphs_on_the_cpu_fail_before_any_model_loads_naming_the_flag() {
     let dir = scratch("sweep-batched-bad");
     let file = dir.join("sweep.toml");
     std::fs::write(&file, "[[variant]]\nname = \"a\"\n").unwrap();
@@ -444,33 +447,189 @@ fn bad_values_and_cuda_graphs_fail_before_any_model_loads_naming_the_flag() {
         stderr.contains("--sweep_execution") && stderr.contains("parallel"),
         "{stderr}"
     );
-    let graphs_config = config_file(&tiny(&out).with_cuda_graph(true));
+    // A profile times one run's step: refused with `batched`, naming both flags.
+    // (Each config file lies beside its own --output_dir, none of which may be made.)
+    let profile_out = dir.join("profile");
+    let profile_config = config_file(&tiny(&profile_out).with_profile_step(Some(3)));
+    let profile = [
+        "--config",
+        profile_config.to_str().unwrap(),
+        "--sweep",
+        file.to_str().unwrap(),
+    ];
+    let mut batched = profile.to_vec();
+    batched.extend(["--sweep_execution", "batched"]);
+    let output = run(&batched);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--sweep_execution") && stderr.contains("--profile_step"),
+        "{stderr}"
+    );
+    // `--cuda_graph` is captured under batched execution, but only on a CUDA device: on the CPU the
+    // sweep stops before anything is written, as a run of its own would (after loading) say.
+    let graphs_out = dir.join("graphs");
+    let graphs_config = config_file(
+        &tiny(&graphs_out)
+            .with_cuda_graph(true)
+            .with_device("cpu".into()),
+    );
     let graphs = [
         "--config",
         graphs_config.to_str().unwrap(),
         "--sweep",
         file.to_str().unwrap(),
     ];
-    let mut batched = graphs.to_vec();
-    batched.extend(["--sweep_execution", "batched"]);
-    let output = run(&batched);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("--sweep_execution") && stderr.contains("--cuda_graph"),
-        "{stderr}"
-    );
-    // The file's key says the same.
+    for execution in ["batched", "sequential"] {
+        let mut args = graphs.to_vec();
+        args.extend(["--sweep_execution", execution]);
+        let output = run(&args);
+        assert!(!output.status.success(), "{execution}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("--cuda_graph") && stderr.contains("needs a CUDA device"),
+            "{execution}: {stderr}"
+        );
+        assert!(!stderr.contains("the UNet loaded once"), "{stderr}");
+    }
+    // The file's key says the same as the flag.
     std::fs::write(
         &file,
         "sweep_execution = \"batched\"\n[[variant]]\nname = \"a\"\n",
     )
     .unwrap();
-    let output = run(&graphs);
+    let output = run(&profile);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--sweep_execution"));
     let output = run(&["--preset", "tiny", "--sweep_execution", "batched"]);
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("only with --sweep"));
-    assert!(!out.exists(), "it started");
+    for folder in [&out, &profile_out, &graphs_out] {
+        assert!(!folder.exists(), "it started: {}", folder.display());
+    }
+}
+
+/// `--cuda_graph` under batched execution on CUDA: two variants that share each micro-step's call
+/// (another learning rate; another seed) and one with adapter dropout, which takes its
+/// micro-steps on its own. After the warm-up steps the batched call, the dropout variant's own
+/// micro-steps (two per optimizer step: accumulation 2) and each variant's optimizer step are
+/// captured and replayed; each variant's LoRA ends within the file's bound of the same sweep run
+/// eagerly — in fp32, and in fp16 (with gradient checkpointing) with each variant's own loss scaler
+/// (logged every step), there within the half-precision bound. The captured graphs replay the eager step's kernels on the same
+/// inputs (each variant's generator re-seeded before each replay), so the two executions differ at
+/// most by the kernels' own run-to-run rounding.
+#[test]
+fn captured_batched_sweeps_end_within_the_bound_of_eager_ones_on_cuda() {
+    if !test_support::cuda() {
+        return;
+    }
+    let dir = scratch("sweep-batched-graphs");
+    let file = dir.join("sweep.toml");
+    std::fs::write(
+        &file,
+        "[[variant]]\nname = \"lr-3e-3\"\nlearning_rate = 3e-3\n\n\
+         [[variant]]\nname = \"seed-7\"\nseed = 7\n\n\
+         [[variant]]\nname = \"dropout\"\nlora_dropout = 0.1\n",
+    )
+    .unwrap();
+    let names = ["lr-3e-3", "seed-7", "dropout"];
+    // fp16 with gradient checkpointing: the batched call's checkpointed forward and recomputation
+    // in the graph too.
+    for (precision, bound, checkpointing) in [
+        ("no", RELATIVE_BOUND, false),
+        ("fp16", HALF_BOUND_ULPS * 2f64.powi(-11), true),
+    ] {
+        let config = |out: &str, graphs: bool| {
+            tiny(&dir.join(format!("{precision}-{out}")))
+                .with_device("cuda".into())
+                .with_cuda_graph(graphs)
+                .with_gradient_checkpointing(checkpointing)
+                .with_max_train_steps(8)
+                .with_gradient_accumulation_steps(2)
+                .with_checkpointing_steps(8)
+                .with_logging_steps(1)
+                .with_validation_prompt(None)
+        };
+        let sweep = |out: &TrainConfig| {
+            let path = config_file(out);
+            let output = run(&[
+                "--config",
+                path.to_str().unwrap(),
+                "--mixed_precision",
+                precision,
+                "--sweep",
+                file.to_str().unwrap(),
+                "--sweep_execution",
+                "batched",
+            ]);
+            assert_success(&output);
+            String::from_utf8_lossy(&output.stderr).into_owned()
+        };
+        let eager = config("eager", false);
+        let stderr = sweep(&eager);
+        assert!(!stderr.contains("as a CUDA graph"), "{stderr}");
+        let captured = config("captured", true);
+        let stderr = sweep(&captured);
+        // The shared call and the dropout variant's own micro-steps, each micro-step index of the
+        // accumulation once; every variant's optimizer step once; nothing left eager.
+        for micro in 0..2 {
+            assert_eq!(
+                stderr
+                    .matches(&format!(
+                        "captured the batched micro-step of lr-3e-3, seed-7 (buckets 0, 0; micro-step {micro})"
+                    ))
+                    .count(),
+                1,
+                "{stderr}"
+            );
+            assert_eq!(
+                stderr
+                    .matches(&format!(
+                        "captured variant dropout's micro-step on its own (bucket 0; micro-step {micro})"
+                    ))
+                    .count(),
+                1,
+                "{stderr}"
+            );
+        }
+        assert_eq!(
+            stderr
+                .matches("captured its optimizer step as a CUDA graph")
+                .count(),
+            3,
+            "{stderr}"
+        );
+        assert!(!stderr.contains("run eagerly (said once)"), "{stderr}");
+        for name in names {
+            let (a, _) = lora(&captured.output_dir.join(name).join(LORA_FILE));
+            let (b, b_up) = lora(&eager.output_dir.join(name).join(LORA_FILE));
+            let (distance, update) = (norm(&(&a - &b)), norm(&b_up));
+            eprintln!(
+                "{precision} {name}: |captured - eager| = {distance:.3e}, update {update:.3e}, ratio {:.3e}",
+                distance / update
+            );
+            assert!(update > 0.0, "{precision} {name}: nothing learned");
+            assert!(
+                distance <= bound * update,
+                "{precision} {name}: {distance:.3e} > {bound:.3e} × {update:.3e}"
+            );
+            let metrics = trainer::logs::jsonl::MetricsLog::read(
+                &captured.output_dir.join(name).join("logs/metrics.jsonl"),
+            )
+            .unwrap();
+            assert_eq!(metrics.len(), 8, "{precision} {name}");
+            if precision == "fp16" {
+                for record in &metrics {
+                    assert!(
+                        record["loss_scale"].as_f64().is_some_and(|s| s > 0.0),
+                        "{record}"
+                    );
+                }
+            }
+        }
+        // The variants' LoRAs lie far apart on that scale: the bound can fail.
+        let (a, a_up) = lora(&captured.output_dir.join("lr-3e-3").join(LORA_FILE));
+        let (c, _) = lora(&captured.output_dir.join("seed-7").join(LORA_FILE));
+        assert!(norm(&(&a - &c)) > 10.0 * bound * norm(&a_up));
+    }
 }

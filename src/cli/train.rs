@@ -29,7 +29,7 @@ Usage: {name} [--preset tiny] [--config FILE.toml] [--sweep FILE.toml] [--FLAG V
   --sweep <path>
       Train the variants of a sweep file in one process on one loaded base model: its [base] keys override the preset, --config and flags override them, each [[variant]] overrides those; outputs in --output_dir/<variant name>/ (docs/SWEEPS.md) (default: none)
   --sweep_execution <sequential|batched>
-      How a sweep's variants take their steps: one after another (each bit-identical to its own run), or their micro-steps in one UNet call where their inputs share a shape (equal to their own runs within float tolerance; not with --cuda_graph); overrides the sweep file's top-level `sweep_execution` (docs/SWEEPS.md) (default: sequential)
+      How a sweep's variants take their steps: one after another (each bit-identical to its own run), or their micro-steps in one UNet call where their inputs share a shape (equal to their own runs within float tolerance; captured as CUDA graphs with --cuda_graph; not with --profile_step); overrides the sweep file's top-level `sweep_execution` (docs/SWEEPS.md) (default: sequential)
   -h, --help
       Print this help
 

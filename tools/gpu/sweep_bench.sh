@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Sweeps on the GPU (issue 23's acceptance; docs/SWEEPS.md, docs/BENCHMARKS.md): K = 1, 2, 4, 8 LoRAs of
-# the seed recipe on one frozen random-weight SDXL base, sequential and batched execution, against the
-# single captured run in the same call. For each: the sweep's seconds per optimizer step (the wall clock
+# the seed recipe on one frozen random-weight SDXL base, sequential and batched execution (both with
+# --cuda_graph), against the single captured run in the same call. For each: the sweep's seconds per optimizer step (the wall clock
 # of all K variants' steps, steady half), peak memory, LoRAs per hour at the recipe's 1200 steps; and each
 # variant's final LoRA against the same variant's single run (run-to-run spread: a second single run).
+# The tables are printed (and in $out/sweep-bench.log); everything else it writes under $out is bundled in
+# $out/results.tgz at the end (the device returns at most 8 files).
 #
 #   bash tools/gpu/sweep_bench.sh [STEPS] [K...]      (default: 40 steps, K = 1 2 4 8)
 #       (.gpu/examples/train_naruto.xz: a stripped, xz-compressed release binary; the diffusers wheel in
@@ -22,7 +24,7 @@ for packed in .gpu/examples/*.xz; do
     [ -f "$packed" ] && xz -d -k -f "$packed" && chmod +x "${packed%.xz}"
 done
 seed_bench_data /tmp/patterns 16
-filter="^\[trainer\] (step (2|$steps)\b|captured)|rror|variant .* (diverged|takes its micro-steps)"
+filter="^\[trainer\] (step (2|$steps)\b|captured)|rror|variant .* (diverged|takes its micro-steps)|captured (the batched|variant|its optimizer)"
 
 # The variants: learning rates and seeds around the recipe's (1e-4, seed 0), all rank 4 on the attention.
 lrs=(1e-4 2e-4 5e-5 3e-4 1.5e-4 7e-5 2.5e-4 1.2e-4)
@@ -59,13 +61,14 @@ sweep_run() {  # NAME K EXECUTION FLAGS...
 }
 
 # The single run of variant v0's settings (the recipe's: learning rate 1e-4, seed 0), captured as the
-# recipe runs, twice (the run-to-run spread); the sweep of K = 1 is the same run uncaptured (a batched
-# sweep cannot capture).
+# recipe runs, twice (the run-to-run spread); every sweep captured too (--cuda_graph: sequential sweeps
+# capture each variant's step as its run does, batched sweeps each shared call and each variant's
+# optimizer step).
 seed_bench_run single "$filter" "$steps"
 seed_bench_run single2 "$filter" "$steps"
 for k in "${ks[@]}"; do
-    sweep_run "seq-$k" "$k" sequential
-    sweep_run "batched-$k" "$k" batched
+    sweep_run "seq-$k" "$k" sequential --cuda_graph
+    sweep_run "batched-$k" "$k" batched --cuda_graph
 done
 
 python3 - "$steps" "${ks[@]}" <<'PY'
@@ -127,3 +130,11 @@ for mode in ("seq", "batched"):
     for k in sys.argv[1:]:
         compare(f"{mode}-{k}/v0 vs single", load(f"/tmp/run-{mode}-{k}/v0/pytorch_lora_weights.safetensors"), single)
 PY
+
+# The device returns at most 8 files: everything written under $out except the log, in one archive.
+bundle=(); while IFS= read -r -d '' entry; do bundle+=("$entry"); done < <(
+    find "$out" -mindepth 1 -maxdepth 1 ! -name sweep-bench.log ! -name results.tgz -printf '%P\0' | sort -z)
+if [ ${#bundle[@]} -gt 0 ] && tar -C "$out" -czf /tmp/sweep-bench-results.tgz "${bundle[@]}"; then
+    (cd "$out" && rm -rf -- "${bundle[@]}") && mv /tmp/sweep-bench-results.tgz "$out/results.tgz"
+    echo "results: $out/results.tgz (${#bundle[@]} entries: tar -tzf lists them)"
+fi

@@ -34,7 +34,7 @@ use crate::model::SharedUnet;
 use crate::model_files::resolve_model;
 use crate::output_dir::OutputLock;
 use crate::prepare::FrozenModels;
-use crate::run::{RunProgress, RunSummary, Trainer};
+use crate::run::{GRAPH_WARMUP_STEPS, RunProgress, RunSummary, SweepGraphs, Trainer};
 use crate::{Error, Result};
 
 /// The file in `OUTPUT_DIR/checkpoint-N/` that records the sweep's state at step N.
@@ -109,6 +109,9 @@ pub struct Sweep {
     execution: SweepExecution,
     /// What was said about variants running on their own under batched execution (said once).
     told: BTreeSet<String>,
+    /// `--cuda_graph` under batched execution: the sweep's graphs (its micro-steps' and each
+    /// variant's optimizer step).
+    graphs: Option<SweepGraphs>,
     _lock: OutputLock,
 }
 
@@ -140,6 +143,16 @@ impl Sweep {
         base.validate_paths()?;
         base.validate()?;
         let configs = file.variant_configs(&base)?;
+        let device = crate::device::open(&base)?;
+        if base.cuda_graph && !(device.is_cuda() && base.cache_latents) {
+            // What each variant's run would say, before anything is written or loaded.
+            return Err(Error::InvalidOption {
+                option: "--cuda_graph",
+                problem: "needs a CUDA device and --cache_latents (latents encoded live are not a \
+                          fixed sequence of device work)"
+                    .into(),
+            });
+        }
         let out = base.output_dir.clone();
         std::fs::create_dir_all(&out).map_err(io_error(&out))?;
         let (lock, _) = OutputLock::acquire(&out)?;
@@ -149,7 +162,6 @@ impl Sweep {
             None => None,
         };
         // The frozen base, once: what every variant's settings share.
-        let device = crate::device::open(&base)?;
         let kind = base.mixed_precision.kind();
         let folder = resolve_model(&base)?;
         let mut unet_config = base.clone();
@@ -198,12 +210,24 @@ impl Sweep {
                  their inputs have one shape (each LoRA on its own rows of the batch)",
             );
         }
+        let graphs = (execution == SweepExecution::Batched && base.cuda_graph).then(|| {
+            say(format!(
+                "--cuda_graph: after {GRAPH_WARMUP_STEPS} eager steps each combination of \
+                 variants and buckets of a micro-step is captured as a CUDA graph (after one eager \
+                 run of it), and each variant's optimizer step as its own"
+            ));
+            SweepGraphs::new(
+                crate::device::index(device),
+                start_step + GRAPH_WARMUP_STEPS,
+            )
+        });
         Ok(Self {
             base,
             variants,
             start_step,
             execution,
             told: BTreeSet::new(),
+            graphs,
             _lock: lock,
         })
     }
@@ -291,7 +315,9 @@ impl Sweep {
     /// Optimizer step `step` of every variant still training under batched execution: each
     /// micro-step of the variants whose inputs share a shape in one UNet call
     /// ([`crate::run::batched_micro_step`]), the others on their own (the reason said once per
-    /// variant); then each variant's optimizer step, logging and checkpoint as its own run's.
+    /// variant); then each variant's optimizer step, logging and checkpoint as its own run's. With
+    /// `--cuda_graph` each micro-step's device work and each optimizer step replay their graphs
+    /// once captured ([`SweepGraphs`]).
     fn batched_step(&mut self, step: u64) -> Result<()> {
         for variant in &mut self.variants {
             if let (Some(trainer), Some(_)) = (&mut variant.trainer, &variant.progress) {
@@ -331,6 +357,10 @@ impl Sweep {
                 }
             }
             for members in batched {
+                let names: Vec<String> = members
+                    .iter()
+                    .map(|&i| self.variants[i].name.clone())
+                    .collect();
                 let mut trainers: Vec<&mut Trainer> = self
                     .variants
                     .iter_mut()
@@ -338,7 +368,13 @@ impl Sweep {
                     .filter(|(i, _)| members.contains(i))
                     .filter_map(|(_, v)| v.trainer.as_mut())
                     .collect();
-                crate::run::batched_micro_step(&mut trainers, index, micro)?;
+                match &mut self.graphs {
+                    Some(graphs) => {
+                        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                        graphs.batched(step, (&members, &names), &mut trainers, index, micro)?;
+                    }
+                    None => crate::run::batched_micro_step(&mut trainers, index, micro)?,
+                }
             }
             alone.sort();
             for (i, reason) in alone {
@@ -352,12 +388,17 @@ impl Sweep {
                 }
                 if let Some(trainer) = &mut variant.trainer {
                     let _span = tracing::info_span!("variant", name = %variant.name).entered();
-                    trainer.micro_alone(index, micro)?;
+                    match &mut self.graphs {
+                        Some(graphs) => {
+                            graphs.alone(step, (i, &variant.name), trainer, index, micro)?;
+                        }
+                        None => trainer.micro_alone(index, micro)?,
+                    }
                 }
             }
         }
-        for variant in &mut self.variants {
-            variant.end_step(step)?;
+        for (i, variant) in self.variants.iter_mut().enumerate() {
+            variant.end_step(step, self.graphs.as_mut().map(|g| (g, i)))?;
         }
         Ok(())
     }
@@ -493,8 +534,11 @@ impl Variant {
 
     /// The end of optimizer step `step` under batched execution (its micro-steps done): its
     /// optimizer step and what follows, a divergence stopping only this variant.
-    fn end_step(&mut self, step: u64) -> Result<()> {
-        self.settle(step, |trainer, progress| trainer.end_step(progress, step))
+    /// With `--cuda_graph`, `graphs` holds its optimizer step's graph (this variant's index in them).
+    fn end_step(&mut self, step: u64, graphs: Option<(&mut SweepGraphs, usize)>) -> Result<()> {
+        self.settle(step, |trainer, progress| {
+            trainer.end_step(progress, step, graphs)
+        })
     }
 
     /// Runs `work` for step `step` if this variant is still training, then keeps its loss history;

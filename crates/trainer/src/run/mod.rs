@@ -25,7 +25,7 @@ pub use crate::outputs::{KOHYA_FILE, LORA_FILE};
 pub use crate::throughput::Throughput;
 pub use resume::TrainerState;
 
-pub(crate) use batched::batched_micro_step;
+pub(crate) use batched::{SweepGraphs, batched_micro_step};
 
 use crate::checkpoint::{CheckpointStore, io_error};
 use crate::config::TrainConfig;
@@ -47,7 +47,7 @@ use probe::{StepProbe, timed_launch};
 use setup::{open_output_dir, open_plan, processes, run_estimate};
 
 /// Eager optimizer steps before the step is captured (kernel selection, gradient buffers).
-const GRAPH_WARMUP_STEPS: u64 = 2;
+pub(crate) const GRAPH_WARMUP_STEPS: u64 = 2;
 
 /// A training run, set up and ready to [`Trainer::run`].
 pub struct Trainer {

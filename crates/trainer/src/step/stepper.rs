@@ -506,15 +506,7 @@ impl Stepper {
                 // All graphs share the first one's memory pool: they never run concurrently, and what one
                 // graph leaves for later (gradients, sums) lives in persistent tensors.
                 let pool = captured.first().map(|(_, graph)| graph);
-                let rng = Arc::clone(&self.inputs.rng);
-                let generators: Vec<&Generator> =
-                    rng.generator().map(|g| &**g).into_iter().collect();
-                let (graph, recorded) =
-                    CudaGraph::capture_with(device, pool, CaptureMode::Global, &generators, || {
-                        self.micro_step(model, text, latents, micro)
-                    })
-                    .map_err(Error::CudaGraph)?;
-                recorded?;
+                let graph = self.capture_micro_step(model, text, latents, (device, pool), micro)?;
                 captured.push(((bucket, micro), graph));
                 if let Some(stats) = torch_cuda::memory_stats(device) {
                     memory.push((bucket, micro, gib(stats.allocated), gib(stats.reserved)));
@@ -522,21 +514,73 @@ impl Stepper {
             }
         }
         let pool = captured.first().map(|(_, graph)| graph);
-        // NCCL's watchdog thread queries events while the all-reduce is captured.
-        let mode = if self.nccl {
-            CaptureMode::ThreadLocal
-        } else {
-            CaptureMode::Global
-        };
-        let (optimizer_step, recorded) =
-            CudaGraph::capture(device, pool, mode, || self.optimizer_step(model))
-                .map_err(Error::CudaGraph)?;
-        recorded?;
+        let optimizer_step = self.capture_optimizer_step(model, (device, pool))?;
         let micro_steps = captured.into_iter().collect();
         Ok(StepGraphs {
             micro_steps,
             optimizer_step,
             memory,
         })
+    }
+
+    /// Records the device work of micro-step `micro` of an accumulation ([`Stepper::micro_step`]) on
+    /// the current bucket as a CUDA graph on `device`, in the memory pool of `pool` (a graph never
+    /// replayed concurrently with this one) or a new one, with the run's own generator registered:
+    /// each replay draws from its seed and offset at that time. The rows of a micro-step are
+    /// selected, and the generator re-seeded, outside the graph ([`Stepper::prepare`]).
+    ///
+    /// # Errors
+    /// [`Error::CudaGraph`], and the step's own errors.
+    pub(crate) fn capture_micro_step(
+        &mut self,
+        model: &TrainModel,
+        text: &TextConditioning,
+        latents: &Latents,
+        (device, pool): (usize, Option<&CudaGraph>),
+        micro: u64,
+    ) -> Result<CudaGraph> {
+        let rng = Arc::clone(&self.inputs.rng);
+        let generators: Vec<&Generator> = rng.generator().map(|g| &**g).into_iter().collect();
+        let (graph, recorded) =
+            CudaGraph::capture_with(device, pool, CaptureMode::Global, &generators, || {
+                self.micro_step(model, text, latents, micro)
+            })
+            .map_err(Error::CudaGraph)?;
+        recorded?;
+        Ok(graph)
+    }
+
+    /// Records the optimizer step ([`Stepper::optimizer_step`]) as a CUDA graph on `device`, in the
+    /// memory pool of `pool` or a new one.
+    ///
+    /// # Errors
+    /// [`Error::CudaGraph`], and the optimizer's errors.
+    pub(crate) fn capture_optimizer_step(
+        &mut self,
+        model: &TrainModel,
+        (device, pool): (usize, Option<&CudaGraph>),
+    ) -> Result<CudaGraph> {
+        // NCCL's watchdog thread queries events while the all-reduce is captured.
+        let mode = if self.nccl {
+            CaptureMode::ThreadLocal
+        } else {
+            CaptureMode::Global
+        };
+        let (graph, recorded) =
+            CudaGraph::capture(device, pool, mode, || self.optimizer_step(model))
+                .map_err(Error::CudaGraph)?;
+        recorded?;
+        Ok(graph)
+    }
+
+    /// The run's own generator, which a graph of its draws registers (`None` when the run draws from
+    /// the device's default generator).
+    pub(crate) fn own_generator(&self) -> Option<Arc<Generator>> {
+        self.inputs.rng.generator().cloned()
+    }
+
+    /// The bucket of the current micro-step (the last [`Stepper::prepare`]'s).
+    pub(crate) fn bucket(&self) -> usize {
+        self.bucket
     }
 }
