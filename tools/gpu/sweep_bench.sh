@@ -8,6 +8,10 @@
 # $out/results.tgz at the end (the device returns at most 8 files).
 #
 #   bash tools/gpu/sweep_bench.sh [STEPS] [K...]      (default: 40 steps, K = 1 2 4 8)
+#       SWEEP_BENCH_MODES="batched" runs only the batched sweeps (default "seq batched"); K runs in
+#       the order given, so the ones that matter most can go first in a call with little time;
+#       SWEEP_BENCH_SECONDS=N starts no sweep after N seconds of the script and cuts the one running
+#       then, so the tables below are still printed inside a call's limit.
 #       (.gpu/examples/train_naruto.xz: a stripped, xz-compressed release binary; the diffusers wheel in
 #        .whl/ for tools/gpu/random_sdxl.py)
 set -uo pipefail
@@ -16,6 +20,14 @@ steps=${1:-40}  # a multiple of 20: metrics are logged every 10 steps, read at S
 shift || true
 ks=("$@")
 [ ${#ks[@]} -gt 0 ] || ks=(1 2 4 8)
+deadline=$((SECONDS + ${SWEEP_BENCH_SECONDS:-100000}))
+read -r -a modes <<<"${SWEEP_BENCH_MODES:-seq batched}"
+for mode in "${modes[@]}"; do
+    case "$mode" in
+        seq | batched) ;;
+        *) echo "sweep_bench: SWEEP_BENCH_MODES holds '$mode' (expected seq and/or batched)" >&2; exit 2 ;;
+    esac
+done
 out=${OUT:-/tmp/sweep-bench}
 source tools/gpu/setup.sh
 gpu_setup sweep-bench.log
@@ -45,9 +57,14 @@ sweep_file() {  # K FILE
 
 sweep_run() {  # NAME K EXECUTION FLAGS...
     local name=$1 k=$2 execution=$3; shift 3
+    local left=$((deadline - SECONDS))
+    if [ "$left" -lt 30 ]; then
+        echo "== sweep $name: not run (SWEEP_BENCH_SECONDS spent)"
+        return
+    fi
     sweep_file "$k" "/tmp/sweep-$k.toml"
     echo "== sweep $name: K = $k, $execution $*"
-    timeout 420 ./.gpu/examples/train_naruto --pretrained_model_name_or_path "$seed_bench_model" \
+    timeout $((left < 420 ? left : 420)) ./.gpu/examples/train_naruto --pretrained_model_name_or_path "$seed_bench_model" \
         --dataset_name "$seed_bench_folder" --resolution 512 --train_batch_size 2 --gradient_accumulation_steps 2 \
         --max_train_samples none --instance_prompt "Naruto style anime character" \
         --max_train_steps "$steps" --checkpointing_steps 100000 --validation_prompt none \
@@ -67,16 +84,18 @@ sweep_run() {  # NAME K EXECUTION FLAGS...
 seed_bench_run single "$filter" "$steps"
 seed_bench_run single2 "$filter" "$steps"
 for k in "${ks[@]}"; do
-    sweep_run "seq-$k" "$k" sequential --cuda_graph
-    sweep_run "batched-$k" "$k" batched --cuda_graph
+    for mode in "${modes[@]}"; do
+        execution=$([ "$mode" = seq ] && echo sequential || echo batched)
+        sweep_run "$mode-$k" "$k" "$execution" --cuda_graph
+    done
 done
 
-python3 - "$steps" "${ks[@]}" <<'PY'
+python3 - "$steps" "${modes[*]}" "${ks[@]}" <<'PY'
 # Seconds per sweep step (all K variants), peak memory, LoRAs per hour at 1200 steps; each variant's
 # final LoRA against its own single run is the spread check (v0 only: the single run is v0's settings).
 import json, sys
 from pathlib import Path
-steps, ks = int(sys.argv[1]), [int(k) for k in sys.argv[2:]]
+steps, modes, ks = int(sys.argv[1]), sys.argv[2].split(), [int(k) for k in sys.argv[3:]]
 
 def per_step(metrics):
     rows = {r["step"]: r for r in map(json.loads, open(metrics))}
@@ -89,7 +108,7 @@ def per_step(metrics):
 print(f"{'run':<14} {'K':>2} {'s/step':>8} {'vs K=1':>7} {'vs single':>9} {'peak GiB':>9} {'LoRAs/h':>8}")
 single, speak = per_step("/tmp/run-single/logs/metrics.jsonl")
 print(f"{'single (graph)':<14} {1:>2} {single or float('nan'):8.4f} {'':>7} {'1.00':>9} {speak or 0:9.2f} {3600 / (1200 * single) if single else 0:8.2f}")
-for mode in ("seq", "batched"):
+for mode in modes:
     base = None
     for k in ks:
         path = Path(f"/tmp/run-{mode}-{k}/v0/logs/metrics.jsonl")
@@ -106,7 +125,7 @@ for mode in ("seq", "batched"):
         print(f"{mode:<14} {k:>2} {per:8.4f} {vs_k1} {vs_single} {peak:9.2f} {k * 3600 / (1200 * per):8.2f}")
 PY
 
-python3 - "${ks[@]}" <<'PY'
+python3 - "${modes[*]}" "${ks[@]}" <<'PY'
 # Variant v0 of every sweep against the single run of its settings, and the single run against its
 # repeat (the run-to-run spread on this GPU): max |delta| and the relative L2 difference over the LoRA.
 import sys
@@ -126,8 +145,8 @@ def compare(name, a, b):
     print(f"{name:<34} max |delta| {diff:.3e}, relative L2 {num / den:.3e}")
 single = load("/tmp/run-single/pytorch_lora_weights.safetensors")
 compare("single2 vs single (spread)", load("/tmp/run-single2/pytorch_lora_weights.safetensors"), single)
-for mode in ("seq", "batched"):
-    for k in sys.argv[1:]:
+for mode in sys.argv[1].split():
+    for k in sys.argv[2:]:
         compare(f"{mode}-{k}/v0 vs single", load(f"/tmp/run-{mode}-{k}/v0/pytorch_lora_weights.safetensors"), single)
 PY
 
