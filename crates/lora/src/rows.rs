@@ -85,7 +85,7 @@ fn refusal(
 /// [`Error::ModulesNotInModel`] naming the modules `model` does not have.
 ///
 /// # Panics
-/// The forward pass of an adapted layer panics (libtorch's `narrow`) when its input has fewer
+/// The forward pass of an adapted layer panics (libtorch's `split_with_sizes`) when its input has fewer
 /// rows than `rows.end`.
 pub fn attach_rows(
     model: &mut dyn HasLinears,
@@ -209,26 +209,39 @@ pub(crate) fn apply_row_adapters(
     if active.peek().is_none() {
         return result;
     }
+    // One split of the output and of the input into the adapters' rows and the gaps between
+    // them, not a `narrow` per adapter: the backward pass of a split is one concatenation of its
+    // pieces' gradients, where each `narrow`'s backward fills a zero tensor of every row and adds
+    // it to the others' — work that grew with K² in a batched sweep of K sets of rows.
     let total = result.size()[0];
     let kind: Kind = result.kind();
-    let mut pieces = Vec::new();
+    let mut sizes = Vec::new();
+    let mut owners = Vec::new();
     let mut at = 0;
     for row in active {
         let (start, len) = (row.rows.start, row.rows.end - row.rows.start);
         if start > at {
-            pieces.push(result.narrow(0, at, start - at));
+            sizes.push(start - at);
+            owners.push(None);
         }
-        let piece = product(
-            &result.narrow(0, start, len),
-            &xs.narrow(0, start, len),
-            &row.adapter,
-        );
-        pieces.push(piece.to_kind(kind));
+        sizes.push(len);
+        owners.push(Some(row));
         at = row.rows.end;
     }
     if at < total {
-        pieces.push(result.narrow(0, at, total - at));
+        sizes.push(total - at);
+        owners.push(None);
     }
+    let results = result.split_with_sizes(sizes.as_slice(), 0);
+    let inputs = xs.split_with_sizes(sizes.as_slice(), 0);
+    let pieces: Vec<Tensor> = owners
+        .iter()
+        .zip(results.iter().zip(&inputs))
+        .map(|(owner, (result, xs))| match owner {
+            Some(row) => product(result, xs, &row.adapter).to_kind(kind),
+            None => result.shallow_clone(),
+        })
+        .collect();
     Tensor::cat(&pieces, 0)
 }
 
