@@ -10,7 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use trainer::TrainConfig;
@@ -21,6 +21,10 @@ use trainer::sweep::{SWEEP_LOSS_FILE, SWEEP_SUMMARY_FILE, SWEEP_VALIDATION_FILE}
 #[path = "common/training.rs"]
 mod training;
 
+#[path = "common/sweep.rs"]
+mod sweep;
+
+use sweep::{assert_success, base, command, config_file, run};
 use training::{assert_bit_identical, scratch, tiny};
 
 /// Three variants that differ from the base in the learning rate, the rank (and the dataset
@@ -42,47 +46,6 @@ name = "seed-7"
 seed = 7
 instance_prompt = "a drawing in naruto style"
 "#;
-
-fn command(args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_sdxl-lora"));
-    command
-        .arg("train")
-        .args(args)
-        .env("OMP_NUM_THREADS", "1")
-        .env("MKL_NUM_THREADS", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    command
-}
-
-fn run(args: &[&str]) -> Output {
-    command(args).output().unwrap()
-}
-
-fn assert_success(output: &Output) {
-    assert!(
-        output.status.success(),
-        "failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// Writes `config` as a `--config` file beside its output folder.
-fn config_file(config: &TrainConfig) -> PathBuf {
-    let file = config.output_dir.with_extension("toml");
-    std::fs::write(&file, config.to_toml().unwrap()).unwrap();
-    file
-}
-
-/// The tiny base of the sweeps: 20 steps of one micro-step each, a checkpoint every 10.
-fn base(out: &Path) -> TrainConfig {
-    tiny(out)
-        .with_max_train_steps(20)
-        .with_gradient_accumulation_steps(1)
-        .with_checkpointing_steps(10)
-        .with_validation_prompt(None)
-}
 
 #[test]
 fn each_variant_ends_as_its_own_run_and_a_killed_sweep_resumes_bit_identically() {

@@ -7,8 +7,8 @@
 //! uninterrupted batched sweep; a variant whose loss goes non-finite stops while the others end as
 //! in a batched sweep without it (within the bound, with gradient checkpointing); a DoRA variant
 //! runs its micro-steps on its own (said once) and ends bit-identical to its sequential sweep's; bad
-//! values of the flag, `--profile_step` with `batched` and `--cuda_graph` without a CUDA device fail
-//! before any model loads, naming the flag. On CUDA (skipped without one unless
+//! values of the flag and `--cuda_graph` without a CUDA device fail before any model loads, naming the
+//! flag; `--profile_step` times and records the batched sweep's whole step. On CUDA (skipped without one unless
 //! `SDXL_REQUIRE_CUDA=1`): a batched sweep with `--cuda_graph` captures its micro-steps and each
 //! variant's optimizer step and ends within the bound of the same sweep run eagerly, in fp32 and fp16.
 //!
@@ -17,7 +17,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tch::{Kind, Tensor};
@@ -28,6 +28,10 @@ use trainer::sweep::SWEEP_SUMMARY_FILE;
 #[path = "common/training.rs"]
 mod training;
 
+#[path = "common/sweep.rs"]
+mod sweep;
+
+use sweep::{assert_success, base, command, config_file, run};
 use training::{assert_bit_identical, scratch, tiny};
 
 /// The bound of docs/SWEEPS.md ("Batched execution"): a batched variant's LoRA differs from its
@@ -62,45 +66,6 @@ instance_prompt = "a drawing in naruto style"
 name = "ff"
 target_modules = "to_q,ff.net.2"
 "#;
-
-fn command(args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_sdxl-lora"));
-    command
-        .arg("train")
-        .args(args)
-        .env("OMP_NUM_THREADS", "1")
-        .env("MKL_NUM_THREADS", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    command
-}
-
-fn run(args: &[&str]) -> Output {
-    command(args).output().unwrap()
-}
-
-fn assert_success(output: &Output) {
-    assert!(
-        output.status.success(),
-        "failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-fn config_file(config: &TrainConfig) -> PathBuf {
-    let file = config.output_dir.with_extension("toml");
-    std::fs::write(&file, config.to_toml().unwrap()).unwrap();
-    file
-}
-
-fn base(out: &Path) -> TrainConfig {
-    tiny(out)
-        .with_max_train_steps(20)
-        .with_gradient_accumulation_steps(1)
-        .with_checkpointing_steps(10)
-        .with_validation_prompt(None)
-}
 
 /// A LoRA file's tensors, flattened in one vector, and its `B` (up) matrices alone.
 fn lora(path: &Path) -> (Tensor, Tensor) {
@@ -425,7 +390,7 @@ fn half_precision_batched_variants_stay_near_their_sequential_runs() {
 }
 
 #[test]
-fn bad_values_profiles_and_cuda_graphs_on_the_cpu_fail_before_any_model_loads_naming_the_flag() {
+fn bad_values_and_cuda_graphs_on_the_cpu_fail_before_any_model_loads_naming_the_flag() {
     let dir = scratch("sweep-batched-bad");
     let file = dir.join("sweep.toml");
     std::fs::write(&file, "[[variant]]\nname = \"a\"\n").unwrap();
@@ -445,25 +410,6 @@ fn bad_values_profiles_and_cuda_graphs_on_the_cpu_fail_before_any_model_loads_na
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains("--sweep_execution") && stderr.contains("parallel"),
-        "{stderr}"
-    );
-    // A profile times one run's step: refused with `batched`, naming both flags.
-    // (Each config file lies beside its own --output_dir, none of which may be made.)
-    let profile_out = dir.join("profile");
-    let profile_config = config_file(&tiny(&profile_out).with_profile_step(Some(3)));
-    let profile = [
-        "--config",
-        profile_config.to_str().unwrap(),
-        "--sweep",
-        file.to_str().unwrap(),
-    ];
-    let mut batched = profile.to_vec();
-    batched.extend(["--sweep_execution", "batched"]);
-    let output = run(&batched);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("--sweep_execution") && stderr.contains("--profile_step"),
         "{stderr}"
     );
     // `--cuda_graph` is captured under batched execution, but only on a CUDA device: on the CPU the
@@ -492,20 +438,86 @@ fn bad_values_profiles_and_cuda_graphs_on_the_cpu_fail_before_any_model_loads_na
         );
         assert!(!stderr.contains("the UNet loaded once"), "{stderr}");
     }
-    // The file's key says the same as the flag.
+    // The file's key is checked as the flag is, naming the key.
     std::fs::write(
         &file,
-        "sweep_execution = \"batched\"\n[[variant]]\nname = \"a\"\n",
+        "sweep_execution = \"parallel\"\n[[variant]]\nname = \"a\"\n",
     )
     .unwrap();
-    let output = run(&profile);
+    let output = run(&common);
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("--sweep_execution"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("sweep_execution") && stderr.contains("parallel"),
+        "{stderr}"
+    );
     let output = run(&["--preset", "tiny", "--sweep_execution", "batched"]);
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("only with --sweep"));
-    for folder in [&out, &profile_out, &graphs_out] {
+    for folder in [&out, &graphs_out] {
         assert!(!folder.exists(), "it started: {}", folder.display());
+    }
+}
+
+/// `--profile_step N` under batched execution probes the sweep's whole step: step N timed (its
+/// line names the sweep and sums both variants' model FLOPs), step N+1 recorded by libtorch's
+/// profiler into the sweep's `profile/` folder; the variants still end as without it.
+#[test]
+fn a_profiled_batched_sweep_times_and_records_the_whole_step() {
+    let dir = scratch("sweep-batched-profile");
+    let file = dir.join("sweep.toml");
+    std::fs::write(
+        &file,
+        "[[variant]]\nname = \"a\"\n\n[[variant]]\nname = \"b\"\nlearning_rate = 3e-3\n",
+    )
+    .unwrap();
+    let config = base(&dir.join("out"))
+        .with_max_train_steps(4)
+        .with_checkpointing_steps(100)
+        .with_profile_step(Some(2));
+    let config_path = config_file(&config);
+    let output = run(&[
+        "--config",
+        config_path.to_str().unwrap(),
+        "--sweep",
+        file.to_str().unwrap(),
+        "--sweep_execution",
+        "batched",
+    ]);
+    assert_success(&output);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let timed = stderr
+        .lines()
+        .find(|l| l.contains("the sweep's step 2 (eager): the host enqueued its work"))
+        .unwrap_or_else(|| panic!("no timed sweep step:\n{stderr}"));
+    // The line ends with the step's model FLOPs (both variants'; the tiny model's round to 0.00).
+    assert!(timed.contains("TFLOP per step (UNet model FLOPs)"), "{timed}");
+    let recorded = stderr
+        .lines()
+        .find(|l| l.contains("the sweep's step 3 (eager) recorded by the profiler"))
+        .unwrap_or_else(|| panic!("no recorded sweep step:\n{stderr}"));
+    let trace = dir.join("out/profile/step-3.json");
+    assert!(recorded.contains(trace.to_str().unwrap()), "{recorded}");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    let events = json["traceEvents"].as_array().unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["name"].as_str().is_some_and(|n| n.contains("mm"))),
+        "no matrix product in the trace of {} events",
+        events.len()
+    );
+    // Each variant's own run would not probe in batched execution: one line per probed step.
+    assert_eq!(
+        stderr.matches("step 2 (eager): the host enqueued").count(),
+        1,
+        "{stderr}"
+    );
+    for name in ["a", "b"] {
+        assert!(
+            dir.join("out").join(name).join(LORA_FILE).exists(),
+            "{name}"
+        );
     }
 }
 

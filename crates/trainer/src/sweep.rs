@@ -112,6 +112,8 @@ pub struct Sweep {
     /// `--cuda_graph` under batched execution: the sweep's graphs (its micro-steps' and each
     /// variant's optimizer step).
     graphs: Option<SweepGraphs>,
+    /// The device the variants train on (`--profile_step` synchronizes it).
+    device: tch::Device,
     _lock: OutputLock,
 }
 
@@ -228,6 +230,7 @@ impl Sweep {
             execution,
             told: BTreeSet::new(),
             graphs,
+            device,
             _lock: lock,
         })
     }
@@ -279,7 +282,19 @@ impl Sweep {
                         variant.advance(step)?;
                     }
                 }
-                SweepExecution::Batched => self.batched_step(step)?,
+                SweepExecution::Batched => {
+                    let probe = self.probe(step)?;
+                    let eager = self.graphs.as_ref().map(SweepGraphs::eager_launches);
+                    self.batched_step(step)?;
+                    if let Some(probe) = probe {
+                        let replayed = eager.is_some()
+                            && eager == self.graphs.as_ref().map(SweepGraphs::eager_launches);
+                        say(format!(
+                            "the sweep's {}",
+                            probe.end(replayed, &self.throughput())?
+                        ));
+                    }
+                }
             }
             let done = step + 1;
             if done.is_multiple_of(self.base.checkpointing_steps) {
@@ -310,6 +325,44 @@ impl Sweep {
             });
         }
         Ok(summary)
+    }
+
+    /// `--profile_step N` under batched execution: the probe of the sweep's step N (timed between
+    /// two device synchronizations) or N+1 (recorded by libtorch's profiler into
+    /// `OUTPUT_DIR/profile/step-{N+1}.json`), every variant's work in it; `None` for other steps.
+    /// (Under sequential execution each variant's run probes its own step.)
+    fn probe(&self, step: u64) -> Result<Option<crate::run::StepProbe>> {
+        let Some(k) = self
+            .base
+            .profile_step
+            .and_then(|n| (step + 1).checked_sub(n))
+            .filter(|&k| k <= 1)
+        else {
+            return Ok(None);
+        };
+        crate::run::StepProbe::begin(self.device, k == 1, &self.base.output_dir, step + 1).map(Some)
+    }
+
+    /// The model FLOPs of a batched step: the sum of the variants still training (their UNet
+    /// passes share one call, but each is its own work), on the device's peak.
+    fn throughput(&self) -> crate::run::Throughput {
+        let mut training = self
+            .variants
+            .iter()
+            .filter(|v| v.progress.is_some())
+            .filter_map(|v| v.trainer.as_ref())
+            .map(Trainer::throughput);
+        let Some(first) = training.next() else {
+            return crate::run::Throughput {
+                flops_per_step: 0.0,
+                device: None,
+            };
+        };
+        let mut total = first.clone();
+        for other in training {
+            total.flops_per_step += other.flops_per_step;
+        }
+        total
     }
 
     /// Optimizer step `step` of every variant still training under batched execution: each

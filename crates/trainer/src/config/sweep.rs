@@ -290,15 +290,6 @@ impl SweepFile {
                 return Err(self.bad(format!("--{flag} cannot be used with --sweep: {why}")));
             }
         }
-        if self.execution == SweepExecution::Batched && base.profile_step.is_some() {
-            // `--cuda_graph` is captured per call (docs/SWEEPS.md); a profile times one run's step.
-            return Err(Error::InvalidOption {
-                option: "--sweep_execution",
-                problem: "`batched` cannot be used with --profile_step (it times one variant's \
-                          step): use `sequential` or drop the flag"
-                    .into(),
-            });
-        }
         self.variants
             .iter()
             .enumerate()
@@ -450,7 +441,7 @@ mod tests {
     }
 
     #[test]
-    fn the_execution_comes_from_the_file_or_the_flag_and_batched_refuses_profiles_only() {
+    fn the_execution_comes_from_the_file_or_the_flag_and_either_takes_graphs_and_profiles() {
         let sequential = parse("[[variant]]\nname = \"a\"\n").unwrap();
         assert_eq!(sequential.execution(), SweepExecution::Sequential);
         let file = parse("sweep_execution = \"batched\"\n[[variant]]\nname = \"a\"\n").unwrap();
@@ -460,12 +451,9 @@ mod tests {
         // Batched micro-steps are captured with --cuda_graph.
         base.cuda_graph = true;
         assert!(file.variant_configs(&base).is_ok());
+        // A profile of a batched sweep probes the sweep's whole step.
         base.profile_step = Some(3);
-        let error = file.variant_configs(&base).unwrap_err().to_string();
-        assert!(
-            error.contains("--sweep_execution") && error.contains("--profile_step"),
-            "{error}"
-        );
+        assert!(file.variant_configs(&base).is_ok());
         let file = file.with_execution(SweepExecution::Sequential);
         assert!(file.variant_configs(&base).is_ok());
         assert!(

@@ -292,6 +292,8 @@ pub(crate) struct SweepGraphs {
     warmed: BTreeSet<GraphKey>,
     /// What was said about micro-steps left eager (said once).
     told: BTreeSet<&'static str>,
+    /// Micro-steps run eagerly so far (captures included: they run the work once to record it).
+    eager_launches: u64,
 }
 
 impl SweepGraphs {
@@ -304,7 +306,14 @@ impl SweepGraphs {
             optimizer_steps: BTreeMap::new(),
             warmed: BTreeSet::new(),
             told: BTreeSet::new(),
+            eager_launches: 0,
         }
+    }
+
+    /// How many micro-steps ran eagerly or were captured so far: a step during which this did not
+    /// change replayed graphs only (`--profile_step` says which).
+    pub(crate) fn eager_launches(&self) -> u64 {
+        self.eager_launches
     }
 
     /// The graphs' shared memory pool: any graph captured so far (`None` before the first).
@@ -341,6 +350,9 @@ impl SweepGraphs {
         }
         if launch == Launch::Eager {
             self.warmed.insert(key.clone());
+        }
+        if launch != Launch::Replay {
+            self.eager_launches += 1;
         }
         launch
     }

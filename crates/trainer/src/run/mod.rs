@@ -26,6 +26,7 @@ pub use crate::throughput::Throughput;
 pub use resume::TrainerState;
 
 pub(crate) use batched::{SweepGraphs, batched_micro_step};
+pub(crate) use probe::StepProbe;
 
 use crate::checkpoint::{CheckpointStore, io_error};
 use crate::config::TrainConfig;
@@ -43,7 +44,7 @@ use crate::throughput::{dense_bf16_peak_tflops, step_flops};
 use crate::validation::Validator;
 use crate::{Error, Result};
 use logging::RunLogs;
-use probe::{StepProbe, timed_launch};
+use probe::timed_launch;
 use setup::{open_output_dir, open_plan, processes, run_estimate};
 
 /// Eager optimizer steps before the step is captured (kernel selection, gradient buffers).
@@ -346,6 +347,12 @@ impl Trainer {
     /// Puts this run's LoRA on the UNet it shares with a sweep's other variants.
     pub(crate) fn activate(&self) -> Result<()> {
         self.model.activate()
+    }
+
+    /// The UNet's model FLOPs per optimizer step of this run and the device's peak
+    /// (`--profile_step`'s MFU; a batched sweep's step sums its variants').
+    pub(crate) fn throughput(&self) -> &Throughput {
+        &self.throughput
     }
 
     /// The memory and time estimate (CUDA runs only).

@@ -34,7 +34,7 @@ fn thread_cpu_seconds() -> Option<f64> {
 /// `--profile_step`: one optimizer step between two device synchronizations, timed on the host
 /// (how long enqueueing its work took, and how long until the device finished it), optionally
 /// recorded by libtorch's profiler.
-pub(super) struct StepProbe {
+pub(crate) struct StepProbe {
     device: Device,
     step: u64,
     started: Instant,
@@ -47,7 +47,7 @@ pub(super) struct StepProbe {
 }
 
 impl StepProbe {
-    pub(super) fn begin(
+    pub(crate) fn begin(
         device: Device,
         record: bool,
         output_dir: &Path,
@@ -85,7 +85,7 @@ impl StepProbe {
 
     /// Waits for the device, stops the profiler, and describes the step (with its model FLOPs per
     /// second and MFU over the time the device took, from `throughput`).
-    pub(super) fn end(self, captured: bool, throughput: &Throughput) -> Result<String> {
+    pub(crate) fn end(self, captured: bool, throughput: &Throughput) -> Result<String> {
         let enqueued = self.started.elapsed().as_secs_f64() - self.waited;
         let cpu = self
             .cpu_started
