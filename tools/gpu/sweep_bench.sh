@@ -11,7 +11,9 @@
 #       SWEEP_BENCH_MODES="batched" runs only the batched sweeps (default "seq batched"); K runs in
 #       the order given, so the ones that matter most can go first in a call with little time;
 #       SWEEP_BENCH_SECONDS=N starts no sweep after N seconds of the script and cuts the one running
-#       then, so the tables below are still printed inside a call's limit.
+#       then, so the tables below are still printed inside a call's limit; SWEEP_BENCH_PROFILE=K
+#       adds a batched sweep of K variants that records its whole step 6 (`--profile_step 5`,
+#       graphs replaying by then) and prints tools/gpu/profile_summary.py's breakdown of it.
 #       (.gpu/examples/train_naruto.xz: a stripped, xz-compressed release binary; the diffusers wheel in
 #        .whl/ for tools/gpu/random_sdxl.py)
 set -uo pipefail
@@ -89,6 +91,15 @@ for k in "${ks[@]}"; do
         sweep_run "$mode-$k" "$k" "$execution" --cuda_graph
     done
 done
+
+if [ -n "${SWEEP_BENCH_PROFILE:-}" ]; then
+    sweep_run "profile-$SWEEP_BENCH_PROFILE" "$SWEEP_BENCH_PROFILE" batched --cuda_graph --profile_step 5
+    grep -E "the sweep's step" "/tmp/log-profile-$SWEEP_BENCH_PROFILE.txt" | cut -c1-400
+    for trace in /tmp/run-profile-"$SWEEP_BENCH_PROFILE"/profile/*.json; do
+        [ -f "$trace" ] && python3 tools/gpu/profile_summary.py "$trace" --top 25 \
+            --json "$out/summary-batched-$SWEEP_BENCH_PROFILE.json"
+    done
+fi
 
 python3 - "$steps" "${modes[*]}" "${ks[@]}" <<'PY'
 # Seconds per sweep step (all K variants), peak memory, LoRAs per hour at 1200 steps; each variant's
