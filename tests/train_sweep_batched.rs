@@ -491,7 +491,10 @@ fn a_profiled_batched_sweep_times_and_records_the_whole_step() {
         .find(|l| l.contains("the sweep's step 2 (eager): the host enqueued its work"))
         .unwrap_or_else(|| panic!("no timed sweep step:\n{stderr}"));
     // The line ends with the step's model FLOPs (both variants'; the tiny model's round to 0.00).
-    assert!(timed.contains("TFLOP per step (UNet model FLOPs)"), "{timed}");
+    assert!(
+        timed.contains("TFLOP per step (UNet model FLOPs)"),
+        "{timed}"
+    );
     let recorded = stderr
         .lines()
         .find(|l| l.contains("the sweep's step 3 (eager) recorded by the profiler"))
