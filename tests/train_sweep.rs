@@ -9,11 +9,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use trainer::TrainConfig;
 use trainer::config::SweepFile;
 use trainer::run::LORA_FILE;
 use trainer::sweep::{SWEEP_LOSS_FILE, SWEEP_SUMMARY_FILE, SWEEP_VALIDATION_FILE};
