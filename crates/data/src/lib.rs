@@ -57,6 +57,7 @@ mod folder;
 mod hub;
 mod loader;
 mod parquet;
+mod parquet_footer;
 mod record;
 mod rng;
 mod source;

@@ -43,6 +43,39 @@ pub(crate) struct ParquetFile {
     reader: SerializedFileReader<File>,
     projection: Type,
     columns: Columns,
+    /// The rows of its row groups, checked against the footer ([`row_count`]).
+    rows: usize,
+}
+
+/// The number of rows of the file `reader` reads (`len` bytes long): the sum of its row groups'
+/// rows, which must be what the footer says and no more than the file's bytes (every row holds an
+/// image of at least a byte). A malformed footer can claim any count, and the rows are listed
+/// before any is read (taking the first N, shuffling a subset): a claim of 2⁶⁰ rows asked for an
+/// index list no allocation can hold (found by the `parquet` fuzz target, docs/RELIABILITY.md).
+fn row_count(reader: &SerializedFileReader<File>, len: u64) -> std::result::Result<usize, String> {
+    let metadata = reader.metadata();
+    let mut sum = 0u64;
+    for group in 0..reader.num_row_groups() {
+        let rows = metadata.row_group(group).num_rows();
+        sum = u64::try_from(rows)
+            .ok()
+            .and_then(|rows| sum.checked_add(rows))
+            .ok_or_else(|| {
+                format!("the file is malformed: row group {group} claims {rows} rows")
+            })?;
+    }
+    let claimed = metadata.file_metadata().num_rows();
+    if u64::try_from(claimed).ok() != Some(sum) {
+        return Err(format!(
+            "the file is malformed: its footer claims {claimed} rows, its row groups hold {sum}"
+        ));
+    }
+    if sum > len {
+        return Err(format!(
+            "the file is malformed: it claims {sum} rows in {len} bytes"
+        ));
+    }
+    usize::try_from(sum).map_err(|_| format!("{sum} rows are more than this machine can index"))
 }
 
 impl ParquetFile {
@@ -56,8 +89,17 @@ impl ParquetFile {
             path: path.to_path_buf(),
             source,
         };
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let malformed = |problem: String| Error::Parquet {
+            path: path.to_path_buf(),
+            source: parquet::errors::ParquetError::General(problem),
+        };
+        if let Some(problem) = crate::parquet_footer::refusal(&mut file, len) {
+            return Err(malformed(problem));
+        }
         let reader = SerializedFileReader::new(file).map_err(parquet_error)?;
+        let rows = row_count(&reader, len).map_err(malformed)?;
         let root = reader
             .metadata()
             .file_metadata()
@@ -109,12 +151,13 @@ impl ParquetFile {
             reader,
             projection,
             columns: columns.clone(),
+            rows,
         })
     }
 
     /// Number of rows in the file, from its footer.
     pub(crate) fn num_rows(&self) -> usize {
-        usize::try_from(self.reader.metadata().file_metadata().num_rows()).unwrap_or(0)
+        self.rows
     }
 
     /// Reads the rows at the given 0-based indices (ascending), one result per row: a bad cell

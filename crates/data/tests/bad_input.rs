@@ -297,3 +297,32 @@ fn fixtures_txt() -> Source {
         read_captions: true,
     }
 }
+
+/// Parquet footers that claim impossible counts (found by the `parquet` fuzz target,
+/// docs/RELIABILITY.md; the inputs are in `fuzz/corpus/parquet/`): a schema element with 536
+/// million children, on which the `parquet` crate reserved 4 GB (an allocation that fails aborts the
+/// process), and row groups of 2⁶⁰ rows, whose index list could not be allocated (a panic). Both are
+/// refused as malformed files, named, before either happens.
+#[test]
+fn footers_claiming_impossible_counts_are_refused_naming_the_file() {
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/parquet");
+    let scratch = Scratch::new("footer-counts");
+    for (input, expected) in [
+        ("crash-huge-num-children", "children in a schema of"),
+        ("crash-huge-row-count", "rows"),
+    ] {
+        let file = scratch.path().join(format!("{input}.parquet"));
+        std::fs::copy(corpus.join(input), &file).unwrap();
+        let source = Source::Parquet {
+            files: vec![file],
+            columns: Columns::default(),
+        };
+        let message = error(&source, resolution(32));
+        assert!(
+            message.contains(&format!("{input}.parquet"))
+                && message.contains("the file is malformed")
+                && message.contains(expected),
+            "{input}: {message}"
+        );
+    }
+}
