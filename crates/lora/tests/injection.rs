@@ -5,11 +5,12 @@
 
 mod common;
 
-use common::{Tree, max_abs_diff};
+use common::{Tree, max_abs_diff, rel_error, tree_depth};
 use lora::{Error, HasLinears, Init, Linear, LoraConfig, inject, trainable_variables};
 use proptest::prelude::*;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
+use test_support::{check, f32_bound};
 
 const PATHS: [&str; 6] = [
     "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
@@ -245,13 +246,26 @@ fn adapter_sets_of_one_name_take_turns_on_one_model() {
     let (second, second_out) = set(&second_store, 2, -0.2);
     assert_eq!((first.len(), second.len()), (4, 4));
     assert!(max_abs_diff(&first_out, &second_out) > 1e-3);
-    // Detached, the model is the plain one; attached, each set gives its own output exactly.
-    assert!(max_abs_diff(&model.forward(&x), &plain) == 0.0);
+    // Detached, the model is the plain one; attached, each set gives its own output. The same
+    // products again, but not always bit for bit: with other tests running beside this one,
+    // libtorch's plain CPU kernels (ATEN_CPU_CAPABILITY=default) were seen to round a product
+    // differently (1.4e-6 in one run of 60), so within the rounding bound of the tree's depth,
+    // thousands of times below what a set changes.
+    let bound = f32_bound(tree_depth(&model));
+    check("detached", rel_error(&model.forward(&x), &plain), bound);
     lora::attach(&mut model, second).unwrap();
-    assert!(max_abs_diff(&model.forward(&x), &second_out) == 0.0);
+    check(
+        "second attached",
+        rel_error(&model.forward(&x), &second_out),
+        bound,
+    );
     let second = lora::detach(&mut model, "default").unwrap();
     lora::attach(&mut model, first).unwrap();
-    assert!(max_abs_diff(&model.forward(&x), &first_out) == 0.0);
+    check(
+        "first attached",
+        rel_error(&model.forward(&x), &first_out),
+        bound,
+    );
     // A set on top of another of the same name is refused; an unknown name is named.
     assert!(matches!(
         lora::attach(&mut model, second),
