@@ -58,6 +58,7 @@ mod hub;
 mod loader;
 mod parquet;
 mod parquet_footer;
+mod parquet_pages;
 mod record;
 mod rng;
 mod source;

@@ -45,6 +45,8 @@ pub(crate) struct ParquetFile {
     columns: Columns,
     /// The rows of its row groups, checked against the footer ([`row_count`]).
     rows: usize,
+    /// The file's length in bytes.
+    len: u64,
 }
 
 /// The number of rows of the file `reader` reads (`len` bytes long): the sum of its row groups'
@@ -152,7 +154,33 @@ impl ParquetFile {
             projection,
             columns: columns.clone(),
             rows,
+            len,
         })
+    }
+
+    /// Refuses row group `group` when a page header of a projected column claims a size its bytes
+    /// cannot hold ([`crate::parquet_pages`]), before the crate reserves memory by it.
+    fn check_pages(&self, group: usize) -> Result<()> {
+        let mut file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        let projected = self.projection.get_fields();
+        for column in self.reader.metadata().row_group(group).columns() {
+            let top = column.column_path().parts().first();
+            if !projected.iter().any(|f| Some(&f.name().to_owned()) == top) {
+                continue;
+            }
+            let refusal = crate::parquet_pages::refusal(&mut file, self.len, column)
+                .map_err(|e| Error::io(&self.path, e))?;
+            if let Some(problem) = refusal {
+                return Err(Error::Parquet {
+                    path: self.path.clone(),
+                    source: parquet::errors::ParquetError::General(format!(
+                        "the file is malformed: row group {group}, column `{}`: {problem}",
+                        column.column_path().string()
+                    )),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Number of rows in the file, from its footer.
@@ -178,6 +206,7 @@ impl ParquetFile {
             let group_rows = self.reader.metadata().row_group(group).num_rows();
             let group_end = group_start + usize::try_from(group_rows).unwrap_or(0);
             if wanted.peek().is_some_and(|&row| row < group_end) {
+                self.check_pages(group)?;
                 let group_reader = self.reader.get_row_group(group).map_err(parquet_error)?;
                 let iter =
                     RowIter::from_row_group(Some(self.projection.clone()), group_reader.as_ref())

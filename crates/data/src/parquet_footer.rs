@@ -17,7 +17,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 
 /// Thrift compact protocol type ids (`thrift-compact-protocol.md`, "Field types").
-mod kind {
+pub(crate) mod kind {
     pub const TRUE: u8 = 1;
     pub const FALSE: u8 = 2;
     pub const BYTE: u8 = 3;
@@ -64,10 +64,7 @@ pub(crate) fn refusal(file: &mut File, len: u64) -> Option<String> {
 
 /// The refusal of a `FileMetaData` struct's schema (module documentation), if any.
 fn schema_refusal(metadata: &[u8]) -> Option<String> {
-    let mut reader = Compact {
-        bytes: metadata,
-        at: 0,
-    };
+    let mut reader = Compact::new(metadata);
     let mut last_id = 0i16;
     loop {
         let (id, kind) = reader.field_header(&mut last_id)?;
@@ -82,12 +79,22 @@ fn schema_refusal(metadata: &[u8]) -> Option<String> {
 }
 
 /// A reader of the Thrift compact protocol over a byte slice; `None` on anything it cannot read.
-struct Compact<'a> {
+pub(crate) struct Compact<'a> {
     bytes: &'a [u8],
     at: usize,
 }
 
-impl Compact<'_> {
+impl<'a> Compact<'a> {
+    /// A reader at the start of `bytes`.
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
+        Self { bytes, at: 0 }
+    }
+
+    /// How many bytes have been read.
+    pub(crate) fn position(&self) -> usize {
+        self.at
+    }
+
     fn byte(&mut self) -> Option<u8> {
         let b = *self.bytes.get(self.at)?;
         self.at += 1;
@@ -109,7 +116,7 @@ impl Compact<'_> {
         }
     }
 
-    fn zigzag(&mut self) -> Option<i64> {
+    pub(crate) fn zigzag(&mut self) -> Option<i64> {
         let v = self.varint()?;
         Some((v >> 1) as i64 ^ -((v & 1) as i64))
     }
@@ -120,7 +127,7 @@ impl Compact<'_> {
     }
 
     /// A field header: `(field id, type)`; type 0 is the end of the struct.
-    fn field_header(&mut self, last_id: &mut i16) -> Option<(i16, u8)> {
+    pub(crate) fn field_header(&mut self, last_id: &mut i16) -> Option<(i16, u8)> {
         let b = self.byte()?;
         let kind = b & 0x0f;
         if kind == 0 {
@@ -152,7 +159,7 @@ impl Compact<'_> {
     }
 
     /// Skips one value of type `kind`.
-    fn skip(&mut self, kind: u8, depth: usize) -> Option<()> {
+    pub(crate) fn skip(&mut self, kind: u8, depth: usize) -> Option<()> {
         if depth > MAX_DEPTH {
             return None;
         }

@@ -326,3 +326,29 @@ fn footers_claiming_impossible_counts_are_refused_naming_the_file() {
         );
     }
 }
+
+/// Pages whose headers claim more than their bytes can hold: dictionaries of billions of values and
+/// pages decompressing to gigabytes, which the `parquet` crate reserved memory for before reading
+/// (an allocation that fails aborts the process; found by the `parquet` fuzz target,
+/// docs/RELIABILITY.md). Each is refused, naming the file, the row group and the column.
+#[test]
+fn pages_claiming_impossible_sizes_are_refused_naming_the_file_and_column() {
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/parquet");
+    let scratch = Scratch::new("page-sizes");
+    for i in 3..=7 {
+        let input = format!("crash-page-alloc-{i}");
+        let file = scratch.path().join(format!("{input}.parquet"));
+        std::fs::copy(corpus.join(&input), &file).unwrap();
+        let source = Source::Parquet {
+            files: vec![file],
+            columns: Columns::default(),
+        };
+        let message = error(&source, resolution(32));
+        println!("{input}: {message}");
+        assert!(
+            message.contains(&format!("{input}.parquet"))
+                && message.contains("the file is malformed"),
+            "{input}: {message}"
+        );
+    }
+}
