@@ -690,6 +690,19 @@ fn check_row(row: RawRow, config: &DatasetConfig, captions_needed: bool) -> Resu
             &row.origin,
         )?;
     }
+    let (resized_width, resized_height) = assignment.resized;
+    if u64::from(resized_width) * u64::from(resized_height) > transform::MAX_PIXELS {
+        return Err(Error::ResizedTooLarge {
+            origin: row.origin,
+            width: size.0,
+            height: size.1,
+            resized_width,
+            resized_height,
+            bucket_width: assignment.bucket.0,
+            bucket_height: assignment.bucket.1,
+            max: transform::MAX_PIXELS,
+        });
+    }
     Ok(Checked {
         item: Item {
             content_hash: Sha256::digest(&bytes).into(),

@@ -116,6 +116,33 @@ pub enum Error {
         source: image::ImageError,
     },
 
+    /// Resizing an image to cover its bucket would make more pixels than an image may have
+    /// ([`crate::transform::MAX_PIXELS`]): an extreme aspect ratio (a 65,000 × 1 image covering a
+    /// 1024 px square is 67 million pixels wide).
+    #[error(
+        "{origin}: image {width}x{height} would be resized to {resized_width}x{resized_height} to \
+         cover its {bucket_width}x{bucket_height} bucket, more than the {max} pixels an image may \
+         have (PIL's limit); crop it to a less extreme aspect ratio"
+    )]
+    ResizedTooLarge {
+        /// The row or file.
+        origin: Origin,
+        /// Image width in pixels.
+        width: u32,
+        /// Image height in pixels.
+        height: u32,
+        /// Width it would be resized to.
+        resized_width: u32,
+        /// Height it would be resized to.
+        resized_height: u32,
+        /// Bucket (crop) width.
+        bucket_width: u32,
+        /// Bucket (crop) height.
+        bucket_height: u32,
+        /// The limit, [`crate::transform::MAX_PIXELS`].
+        max: u64,
+    },
+
     /// An image is smaller than the crop it must fill and upscaling is off.
     #[error(
         "{origin}: image {width}x{height} is smaller than the {crop_width}x{crop_height} crop \

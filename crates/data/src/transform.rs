@@ -102,6 +102,11 @@ pub struct Placement {
     pub reported_crop_top_left: (i32, i32),
 }
 
+/// The most pixels an image may have, decoded or resized: PIL's limit (`Image.open` refuses more
+/// than twice `Image.MAX_IMAGE_PIXELS` = 89,478,485 as a decompression bomb), which is also what the
+/// `image` crate's default allocation limit of 512 MiB holds in 8-bit RGB.
+pub const MAX_PIXELS: u64 = 178_956_970;
+
 /// The size `(width, height)` to which a `width × height` image is resized to cover `target`:
 /// the binding side becomes the target's, the other keeps the aspect ratio, truncated as torchvision's
 /// `Resize(int)` does (`int(short_target * long / short)`), never below the target.

@@ -352,3 +352,32 @@ fn pages_claiming_impossible_sizes_are_refused_naming_the_file_and_column() {
         );
     }
 }
+
+/// An image of an extreme aspect ratio whose resize to cover its crop would make more pixels than
+/// an image may have (a 60000×2 strip covering a 1024 px square: 30.7 million × 1024 pixels, 94 GB)
+/// is refused when the dataset is opened, naming the file and the sizes — not an allocation that
+/// fails and aborts the process; with `skip_bad_rows` it is skipped and the rest trains.
+#[test]
+fn an_image_whose_resize_would_be_too_large_is_refused_naming_the_file() {
+    let scratch = Scratch::new("extreme-aspect");
+    let strip = image::RgbImage::from_pixel(60_000, 2, image::Rgb([200, 10, 10]));
+    strip.save(scratch.path().join("strip.png")).unwrap();
+    std::fs::write(scratch.path().join("strip.txt"), "a strip").unwrap();
+    let square = image::RgbImage::from_pixel(8, 8, image::Rgb([1, 2, 3]));
+    square.save(scratch.path().join("square.png")).unwrap();
+    std::fs::write(scratch.path().join("square.txt"), "a square").unwrap();
+    let source = Source::CaptionFiles {
+        root: scratch.path().to_path_buf(),
+        read_captions: true,
+    };
+    let mut config = resolution(1024);
+    config.transform.allow_upscale = true;
+    let message = error(&source, config.clone());
+    assert!(
+        message.contains("strip.png: image 60000x2 would be resized to 30720000x1024 to cover its 1024x1024 bucket, more than the 178956970 pixels"),
+        "{message}"
+    );
+    config.skip_bad_rows = true;
+    let dataset = Dataset::open(&source, config).unwrap();
+    assert_eq!((dataset.len(), dataset.skipped().len()), (1, 1));
+}
