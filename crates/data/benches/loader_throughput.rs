@@ -83,7 +83,7 @@ fn loader_throughput(c: &mut Criterion) {
 
     // The two stages of one sample, on the calling thread.
     let item = &dataset.items()[0];
-    let image = transform::decode(&item.bytes, &item.origin).unwrap();
+    let image = transform::decode(&item.bytes, &item.origin, data::MAX_PIXELS).unwrap();
     let placement = dataset
         .placement(&SampleKey {
             seed: 0,
@@ -95,7 +95,7 @@ fn loader_throughput(c: &mut Criterion) {
     let mut stages = c.benchmark_group("stage");
     stages.sample_size(20);
     stages.bench_function("decode jpeg 1024px", |b| {
-        b.iter(|| transform::decode(&item.bytes, &item.origin).unwrap())
+        b.iter(|| transform::decode(&item.bytes, &item.origin, data::MAX_PIXELS).unwrap())
     });
     stages.bench_function("resize 1024->512, crop, flip, scale", |b| {
         b.iter(|| transform::apply(&image, &placement).unwrap())

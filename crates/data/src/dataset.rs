@@ -485,7 +485,7 @@ impl Dataset {
     /// mirrored twin of a centre crop, to cache both).
     pub fn sample_placed(&self, key: &SampleKey, placement: Placement) -> Result<Sample> {
         let item = self.item(key.item)?;
-        let image = transform::decode(&item.bytes, &item.origin)?;
+        let image = transform::decode(&item.bytes, &item.origin, self.config.transform.max_pixels)?;
         let pixels = transform::apply(&image, &placement)?;
         let swap = |(w, h): (u32, u32)| (h, w);
         Ok(Sample {
@@ -668,7 +668,7 @@ fn check_row(row: RawRow, config: &DatasetConfig, captions_needed: bool) -> Resu
         });
     }
     let bytes = row.image.bytes()?;
-    let image = transform::decode(&bytes, &row.origin)?;
+    let image = transform::decode(&bytes, &row.origin, config.transform.max_pixels)?;
     let size = image.dimensions();
     let Some(assignment) = config.buckets.select(size.0, size.1) else {
         // kohya's --bucket_no_upscale cannot bucket an image narrower or shorter than one step.
@@ -691,7 +691,7 @@ fn check_row(row: RawRow, config: &DatasetConfig, captions_needed: bool) -> Resu
         )?;
     }
     let (resized_width, resized_height) = assignment.resized;
-    if u64::from(resized_width) * u64::from(resized_height) > transform::MAX_PIXELS {
+    if u64::from(resized_width) * u64::from(resized_height) > config.transform.max_pixels {
         return Err(Error::ResizedTooLarge {
             origin: row.origin,
             width: size.0,
@@ -700,7 +700,7 @@ fn check_row(row: RawRow, config: &DatasetConfig, captions_needed: bool) -> Resu
             resized_height,
             bucket_width: assignment.bucket.0,
             bucket_height: assignment.bucket.1,
-            max: transform::MAX_PIXELS,
+            max: config.transform.max_pixels,
         });
     }
     Ok(Checked {

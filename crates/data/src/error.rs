@@ -116,9 +116,26 @@ pub enum Error {
         source: image::ImageError,
     },
 
+    /// An image has more pixels than an image may have ([`crate::TransformConfig::max_pixels`];
+    /// PIL's limit by default), read from its header before decoding.
+    #[error(
+        "{origin}: image {width}x{height} has more than the {max} pixels an image may have \
+         (PIL's limit, as a decompression bomb); scale it down"
+    )]
+    TooManyPixels {
+        /// The row or file.
+        origin: Origin,
+        /// Image width in pixels.
+        width: u32,
+        /// Image height in pixels.
+        height: u32,
+        /// The limit.
+        max: u64,
+    },
+
     /// Resizing an image to cover its bucket would make more pixels than an image may have
-    /// ([`crate::transform::MAX_PIXELS`]): an extreme aspect ratio (a 65,000 × 1 image covering a
-    /// 1024 px square is 67 million pixels wide).
+    /// ([`crate::TransformConfig::max_pixels`]): an extreme aspect ratio (a 65,000 × 1 image
+    /// covering a 1024 px square is 67 million pixels wide).
     #[error(
         "{origin}: image {width}x{height} would be resized to {resized_width}x{resized_height} to \
          cover its {bucket_width}x{bucket_height} bucket, more than the {max} pixels an image may \
@@ -139,7 +156,7 @@ pub enum Error {
         bucket_width: u32,
         /// Bucket (crop) height.
         bucket_height: u32,
-        /// The limit, [`crate::transform::MAX_PIXELS`].
+        /// The limit.
         max: u64,
     },
 

@@ -78,4 +78,4 @@ pub use loader::{Batch, Batches, Loader, LoaderConfig};
 pub use record::{ImageRef, Origin, RawRow};
 pub use rng::Rng;
 pub use source::{Columns, Source};
-pub use transform::{CropMode, Pixels, Placement, TransformConfig};
+pub use transform::{CropMode, MAX_PIXELS, Pixels, Placement, TransformConfig};

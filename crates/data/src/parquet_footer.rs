@@ -62,32 +62,64 @@ pub(crate) fn refusal(file: &mut File, len: u64) -> Option<String> {
     refusal
 }
 
-/// The refusal of a `FileMetaData` struct's schema (module documentation), if any.
+/// The refusal of a `FileMetaData` struct (module documentation), if any: its schema, then any
+/// list, set or map in it that claims more elements than the bytes left could hold.
 fn schema_refusal(metadata: &[u8]) -> Option<String> {
     let mut reader = Compact::new(metadata);
-    let mut last_id = 0i16;
-    loop {
-        let (id, kind) = reader.field_header(&mut last_id)?;
-        if kind == 0 {
-            return None;
-        }
-        if id == 2 && kind == kind::LIST {
-            return reader.schema_list();
-        }
-        reader.skip(kind, 0)?;
-    }
+    reader
+        .file_metadata()
+        .or_else(|| reader.oversized_refusal("its footer"))
 }
 
 /// A reader of the Thrift compact protocol over a byte slice; `None` on anything it cannot read.
 pub(crate) struct Compact<'a> {
     bytes: &'a [u8],
     at: usize,
+    /// A list, set or map that claimed more elements than the bytes left could hold (each takes at
+    /// least one, booleans included): `(claimed, bytes left)`. The `parquet` crate (v60) skips the
+    /// booleans of a list it does not know without reading a byte, so such a claim of 2³¹ elements
+    /// kept it looping for seconds (found by the `parquet` fuzz target).
+    pub(crate) oversized: Option<(u64, u64)>,
 }
 
 impl<'a> Compact<'a> {
     /// A reader at the start of `bytes`.
     pub(crate) fn new(bytes: &'a [u8]) -> Self {
-        Self { bytes, at: 0 }
+        Self {
+            bytes,
+            at: 0,
+            oversized: None,
+        }
+    }
+
+    /// The refusal for an oversized list, set or map read in `place` (e.g. "its footer"), if one
+    /// was.
+    pub(crate) fn oversized_refusal(&self, place: &str) -> Option<String> {
+        self.oversized.map(|(claimed, left)| {
+            format!(
+                "the file is malformed: a list in {place} claims {claimed} elements with {left} \
+                 bytes left"
+            )
+        })
+    }
+
+    /// Walks a `FileMetaData` struct: the refusal of its schema (field 2), if any; `None` at its
+    /// end or where it cannot be read.
+    fn file_metadata(&mut self) -> Option<String> {
+        let mut last_id = 0i16;
+        loop {
+            let (id, kind) = self.field_header(&mut last_id)?;
+            if kind == 0 {
+                return None;
+            }
+            if id == 2 && kind == kind::LIST {
+                if let Some(refusal) = self.schema_list()? {
+                    return Some(refusal);
+                }
+            } else {
+                self.skip(kind, 0)?;
+            }
+        }
     }
 
     /// How many bytes have been read.
@@ -213,16 +245,27 @@ impl<'a> Compact<'a> {
         }
     }
 
-    /// `size` when the bytes left could hold that many elements (each takes at least one).
-    fn bounded(&self, size: u64) -> Option<u64> {
-        (size <= (self.bytes.len() - self.at) as u64).then_some(size)
+    /// `size` when the bytes left could hold that many elements (each takes at least one); else
+    /// `None`, noted in [`Compact::oversized`].
+    fn bounded(&mut self, size: u64) -> Option<u64> {
+        let left = (self.bytes.len() - self.at) as u64;
+        if size <= left {
+            Some(size)
+        } else {
+            self.oversized.get_or_insert((size, left));
+            None
+        }
     }
 
     /// The schema list (its header next): each element's `num_children` against the list's size.
-    fn schema_list(&mut self) -> Option<String> {
+    /// `Some(None)` when sound (the reader then after the list), `None` when it cannot be read.
+    fn schema_list(&mut self) -> Option<Option<String>> {
         let (size, element) = self.list_header()?;
         if element != kind::STRUCT {
-            return None;
+            for _ in 0..self.bounded(size)? {
+                self.skip_element(element, 1)?;
+            }
+            return Some(None);
         }
         let size = self.bounded(size)?;
         for index in 0..size {
@@ -236,17 +279,17 @@ impl<'a> Compact<'a> {
                     // Truncated to i32, as the crate's `read_i32` does.
                     let children = self.zigzag()? as i32;
                     if children < 0 || children as u64 >= size {
-                        return Some(format!(
+                        return Some(Some(format!(
                             "the file is malformed: schema element {index} claims {children} \
                              children in a schema of {size} elements"
-                        ));
+                        )));
                     }
                 } else {
                     self.skip(kind, 1)?;
                 }
             }
         }
-        None
+        Some(None)
     }
 }
 
@@ -313,13 +356,38 @@ mod tests {
     }
 
     #[test]
+    fn lists_claiming_more_elements_than_bytes_are_refused_anywhere_in_the_footer() {
+        // Field 1 (version), then field 3 (num_rows, i64), then field 5 (key_value_metadata): a
+        // list of 2^31 booleans in 5 bytes, after a sound schema.
+        let mut bytes = metadata(&[Some(1), None]);
+        bytes.pop();
+        bytes.extend([
+            0x16, 0x02, 0x29, 0xf1, 0x80, 0x80, 0x80, 0x80, 0x08, 0x01, 0x01, 0x00,
+        ]);
+        let refusal = schema_refusal(&bytes).unwrap();
+        assert!(
+            refusal.contains("a list in its footer claims 2147483648 elements with 3 bytes left"),
+            "{refusal}"
+        );
+        // As the schema's own list header.
+        assert!(schema_refusal(&[0x19, 0xfc, 0xff, 0xff, 0xff, 0x0f]).is_some());
+    }
+
+    #[test]
     fn what_it_cannot_follow_is_left_to_the_crate() {
         let whole = metadata(&[Some(2), None, None]);
         for cut in 0..whole.len() {
-            assert_eq!(schema_refusal(&whole[..cut]), None, "cut at {cut}");
+            // Cut inside the schema, its list claims more elements than the bytes left: refused.
+            let refusal = schema_refusal(&whole[..cut]);
+            assert!(
+                refusal.is_none()
+                    || refusal
+                        .as_ref()
+                        .is_some_and(|r| r.contains("a list in its footer claims 3 elements")),
+                "cut at {cut}: {refusal:?}"
+            );
         }
-        // A list header claiming more elements than bytes left, and nesting past the limit.
-        assert_eq!(schema_refusal(&[0x19, 0xfc, 0xff, 0xff, 0xff, 0x0f]), None);
+        // Nesting past the limit.
         let mut deep = vec![0x1c]; // field 1, struct
         deep.extend(std::iter::repeat_n(0x1c, 200));
         assert_eq!(schema_refusal(&deep), None);

@@ -77,8 +77,10 @@ pub(crate) fn refusal(
     let (mut offset, mut remaining) = (start, len);
     let mut index = 0usize;
     while remaining > 0 {
-        let Some(header) = read_header(file, offset, remaining)? else {
-            return Ok(None);
+        let header = match read_header(file, offset, remaining)? {
+            Found::Header(header) => header,
+            Found::Refused(refusal) => return Ok(Some(refusal)),
+            Found::Unreadable => return Ok(None),
         };
         let (Ok(compressed), Ok(uncompressed)) = (
             u64::try_from(header.compressed),
@@ -137,27 +139,40 @@ struct Header {
     compressed_data: bool,
 }
 
-/// The page header at `offset`, within `remaining` bytes; `None` when it cannot be read.
-fn read_header(file: &mut File, offset: u64, remaining: u64) -> std::io::Result<Option<Header>> {
+/// What [`read_header`] finds at a page's start.
+enum Found {
+    Header(Header),
+    /// A list in the header claims more elements than the chunk's bytes left could hold.
+    Refused(String),
+    /// Nothing this reader can follow.
+    Unreadable,
+}
+
+/// The page header at `offset`, within `remaining` bytes.
+fn read_header(file: &mut File, offset: u64, remaining: u64) -> std::io::Result<Found> {
     let mut window = FIRST_WINDOW.min(remaining);
     loop {
         let mut bytes = Vec::new();
         file.seek(SeekFrom::Start(offset))?;
         (&mut *file).take(window).read_to_end(&mut bytes)?;
-        if let Some(header) = parse_header(&bytes) {
-            return Ok(Some(header));
+        let mut reader = Compact::new(&bytes);
+        if let Some(header) = parse_header(&mut reader) {
+            return Ok(Found::Header(header));
         }
-        if window >= remaining.min(MAX_HEADER) || (bytes.len() as u64) < window {
-            return Ok(None);
+        let whole = window >= remaining;
+        if let (true, Some(refusal)) = (whole, reader.oversized_refusal("a page header")) {
+            return Ok(Found::Refused(refusal));
+        }
+        if whole || window >= MAX_HEADER || (bytes.len() as u64) < window {
+            return Ok(Found::Unreadable);
         }
         window = (window * 16).min(remaining).min(MAX_HEADER);
     }
 }
 
-/// A `PageHeader` at the start of `bytes` (module documentation); `None` when it is cut short or
-/// lacks a required field.
-fn parse_header(bytes: &[u8]) -> Option<Header> {
-    let mut reader = Compact::new(bytes);
+/// A `PageHeader` where `reader` is (module documentation); `None` when it is cut short, lacks a
+/// required field or cannot be read (the reader then tells whether a list claimed too much).
+fn parse_header(reader: &mut Compact<'_>) -> Option<Header> {
     let (mut page_kind, mut uncompressed, mut compressed) = (None, None, None);
     let mut dictionary_values = None;
     let mut compressed_data = true;
@@ -171,16 +186,16 @@ fn parse_header(bytes: &[u8]) -> Option<Header> {
             (2, kind::I32) => uncompressed = Some(i64::from(reader.zigzag()? as i32)),
             (3, kind::I32) => compressed = Some(i64::from(reader.zigzag()? as i32)),
             (7, kind::STRUCT) => {
-                dictionary_values = Some(struct_field(&mut reader, 1, |r, field| {
+                dictionary_values = Some(struct_field(reader, 1, |r, field| {
                     (field == kind::I32).then(|| r.zigzag().map(|v| i64::from(v as i32)))?
-                })?);
+                })??);
             }
             (8, kind::STRUCT) => {
-                if let Some(flag) = struct_field(&mut reader, 7, |_, field| match field {
+                if let Some(flag) = struct_field(reader, 7, |_, field| match field {
                     kind::TRUE => Some(true),
                     kind::FALSE => Some(false),
                     _ => None,
-                }) {
+                })? {
                     compressed_data = flag;
                 }
             }
@@ -197,20 +212,20 @@ fn parse_header(bytes: &[u8]) -> Option<Header> {
     })
 }
 
-/// Reads a struct (its fields next), returning what `read` makes of its field `wanted` (given the
-/// reader and the field's type, it reads the value); the other fields are skipped. `None` when the
-/// struct cannot be read or lacks the field.
+/// Reads a struct (its fields next): `Some` of what `read` makes of its field `wanted` (given the
+/// reader and the field's type, it reads the value; `None` for a field of another type), the
+/// other fields skipped; `None` when the struct cannot be read.
 fn struct_field<T>(
     reader: &mut Compact<'_>,
     wanted: i16,
     mut read: impl FnMut(&mut Compact<'_>, u8) -> Option<T>,
-) -> Option<T> {
+) -> Option<Option<T>> {
     let mut found = None;
     let mut last_id = 0i16;
     loop {
         let (id, field) = reader.field_header(&mut last_id)?;
         if field == 0 {
-            return found;
+            return Some(found);
         }
         if id == wanted && found.is_none() {
             // Booleans live in the field header; others are read by `read`.
@@ -279,11 +294,15 @@ mod tests {
         None,
     }
 
+    fn parse(bytes: &[u8]) -> Option<Header> {
+        parse_header(&mut Compact::new(bytes))
+    }
+
     #[test]
     fn page_headers_are_read_as_the_crate_reads_them() {
         let bytes = header(2, 400, 100, Tail::Dictionary(17));
         assert_eq!(
-            parse_header(&bytes),
+            parse(&bytes),
             Some(Header {
                 len: bytes.len() as u64,
                 kind: 2,
@@ -293,23 +312,21 @@ mod tests {
                 compressed_data: true,
             })
         );
-        let v2 = parse_header(&header(3, 10, 10, Tail::V2(false))).unwrap();
+        let v2 = parse(&header(3, 10, 10, Tail::V2(false))).unwrap();
         assert!(!v2.compressed_data);
         assert!(
-            parse_header(&header(3, 10, 10, Tail::V2(true)))
+            parse(&header(3, 10, 10, Tail::V2(true)))
                 .unwrap()
                 .compressed_data
         );
         assert_eq!(
-            parse_header(&header(0, -5, 7, Tail::None))
-                .unwrap()
-                .uncompressed,
+            parse(&header(0, -5, 7, Tail::None)).unwrap().uncompressed,
             -5
         );
         // Cut short anywhere, or lacking a size: not read.
         for cut in 0..bytes.len() {
-            assert_eq!(parse_header(&bytes[..cut]), None, "cut at {cut}");
+            assert_eq!(parse(&bytes[..cut]), None, "cut at {cut}");
         }
-        assert_eq!(parse_header(&[0x15, 0x04, 0x00]), None);
+        assert_eq!(parse(&[0x15, 0x04, 0x00]), None);
     }
 }

@@ -49,6 +49,10 @@ pub struct TransformConfig {
     /// Let images smaller than their target be enlarged in the square mode; off by default, where
     /// they are errors. kohya's buckets enlarge as kohya does, unless `--bucket_no_upscale`.
     pub allow_upscale: bool,
+    /// The most pixels an image may have, as decoded (checked from its header, before decoding)
+    /// and as resized to cover its target; [`MAX_PIXELS`] (PIL's limit) by default. Like PIL's
+    /// `Image.MAX_IMAGE_PIXELS`, it bounds the memory and time one image can take.
+    pub max_pixels: u64,
 }
 
 /// Builder-style setters: the struct is `#[non_exhaustive]`, so outside this crate it is changed
@@ -74,6 +78,13 @@ impl TransformConfig {
         self.allow_upscale = allow_upscale;
         self
     }
+
+    /// Sets [`TransformConfig::max_pixels`].
+    #[must_use]
+    pub fn with_max_pixels(mut self, max_pixels: u64) -> Self {
+        self.max_pixels = max_pixels;
+        self
+    }
 }
 
 impl Default for TransformConfig {
@@ -82,6 +93,7 @@ impl Default for TransformConfig {
             crop: CropMode::Center,
             random_flip: false,
             allow_upscale: false,
+            max_pixels: MAX_PIXELS,
         }
     }
 }
@@ -102,7 +114,8 @@ pub struct Placement {
     pub reported_crop_top_left: (i32, i32),
 }
 
-/// The most pixels an image may have, decoded or resized: PIL's limit (`Image.open` refuses more
+/// The most pixels an image may have by default ([`TransformConfig::max_pixels`]), decoded or
+/// resized: PIL's limit (`Image.open` refuses more
 /// than twice `Image.MAX_IMAGE_PIXELS` = 89,478,485 as a decompression bomb), which is also what the
 /// `image` crate's default allocation limit of 512 MiB holds in 8-bit RGB.
 pub const MAX_PIXELS: u64 = 178_956_970;
@@ -234,8 +247,9 @@ fn half_rounded_even(n: u32) -> u32 {
 }
 
 /// Decodes PNG, JPEG or WebP bytes to 8-bit RGB (alpha dropped, greyscale expanded), like PIL's
-/// `convert("RGB")` in the diffusers scripts.
-pub fn decode(bytes: &[u8], origin: &Origin) -> Result<RgbImage> {
+/// `convert("RGB")` in the diffusers scripts. An image of more than `max_pixels` pixels is refused
+/// from its header, before it is decoded (PIL's `DecompressionBombError`).
+pub fn decode(bytes: &[u8], origin: &Origin, max_pixels: u64) -> Result<RgbImage> {
     let undecodable = |source| Error::Undecodable {
         origin: origin.clone(),
         source,
@@ -263,6 +277,20 @@ pub fn decode(bytes: &[u8], origin: &Origin) -> Result<RgbImage> {
                 "the file is truncated: its data ends before the end its header announces (PIL refuses it too)",
             ),
         )));
+    }
+    // The header alone, by a second reader over the same bytes.
+    let (width, height) = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| undecodable(image::ImageError::IoError(e)))?
+        .into_dimensions()
+        .map_err(undecodable)?;
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(Error::TooManyPixels {
+            origin: origin.clone(),
+            width,
+            height,
+            max: max_pixels,
+        });
     }
     let image = reader.decode().map_err(undecodable)?;
     Ok(image.into_rgb8())
@@ -465,17 +493,23 @@ mod tests {
             .unwrap();
         let origin = Origin::File(std::path::PathBuf::from("cut.jpg"));
         assert!(jpeg_is_complete(&jpeg));
-        assert_eq!(decode(&jpeg, &origin).unwrap().dimensions(), (40, 24));
+        assert_eq!(
+            decode(&jpeg, &origin, MAX_PIXELS).unwrap().dimensions(),
+            (40, 24)
+        );
         // Trailing bytes after the end marker are accepted, as PIL accepts them.
         let mut trailing = jpeg.clone();
         trailing.extend_from_slice(b"trailer");
-        decode(&trailing, &origin).unwrap();
+        decode(&trailing, &origin, MAX_PIXELS).unwrap();
         let mut webp = Vec::new();
         image::codecs::webp::WebPEncoder::new_lossless(&mut webp)
             .encode(image.as_raw(), 40, 24, image::ExtendedColorType::Rgb8)
             .unwrap();
-        assert_eq!(decode(&webp, &origin).unwrap().dimensions(), (40, 24));
-        let message = decode(&webp[..webp.len() - 2], &origin)
+        assert_eq!(
+            decode(&webp, &origin, MAX_PIXELS).unwrap().dimensions(),
+            (40, 24)
+        );
+        let message = decode(&webp[..webp.len() - 2], &origin, MAX_PIXELS)
             .unwrap_err()
             .to_string();
         assert!(message.contains("truncated"), "{message}");
@@ -484,10 +518,12 @@ mod tests {
         image::codecs::png::PngEncoder::new(&mut png)
             .write_image(image.as_raw(), 40, 24, image::ExtendedColorType::Rgb8)
             .unwrap();
-        decode(&png, &origin).unwrap();
-        decode(&png[..png.len() / 2], &origin).unwrap_err();
+        decode(&png, &origin, MAX_PIXELS).unwrap();
+        decode(&png[..png.len() / 2], &origin, MAX_PIXELS).unwrap_err();
         for cut in [jpeg.len() / 2, jpeg.len() - 2, jpeg.len() - 10, 200] {
-            let message = decode(&jpeg[..cut], &origin).unwrap_err().to_string();
+            let message = decode(&jpeg[..cut], &origin, MAX_PIXELS)
+                .unwrap_err()
+                .to_string();
             assert!(
                 message.starts_with("cut.jpg: cannot decode the image")
                     && message.contains("truncated"),

@@ -381,3 +381,28 @@ fn an_image_whose_resize_would_be_too_large_is_refused_naming_the_file() {
     let dataset = Dataset::open(&source, config).unwrap();
     assert_eq!((dataset.len(), dataset.skipped().len()), (1, 1));
 }
+
+/// An image of more pixels than `max_pixels` (PIL's 178,956,970 by default) is refused from its
+/// header, before it is decoded, naming the file and its size.
+#[test]
+fn an_image_of_too_many_pixels_is_refused_before_decoding() {
+    let scratch = Scratch::new("too-many-pixels");
+    image::RgbImage::from_pixel(400, 300, image::Rgb([9, 9, 9]))
+        .save(scratch.path().join("big.png"))
+        .unwrap();
+    let source = Source::CaptionFiles {
+        root: scratch.path().to_path_buf(),
+        read_captions: false,
+    };
+    let mut config = resolution(32);
+    config.captions.source = data::CaptionSource::Instance("x".into());
+    assert_eq!(config.transform.max_pixels, data::MAX_PIXELS);
+    Dataset::open(&source, config.clone()).unwrap();
+    config.transform = config.transform.with_max_pixels(119_999);
+    let message = error(&source, config);
+    assert!(
+        message
+            .contains("big.png: image 400x300 has more than the 119999 pixels an image may have"),
+        "{message}"
+    );
+}

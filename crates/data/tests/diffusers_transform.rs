@@ -42,7 +42,7 @@ fn samples_match_diffusers_preprocessing() {
         assert_eq!(sample.original_size, pair("original_size"), "item {i}");
         let (top, left) = pair("plain.crop_top_left");
         assert_eq!(sample.crop_top_left, (top as i32, left as i32), "item {i}");
-        let image = transform::decode(&item.bytes, &item.origin).unwrap();
+        let image = transform::decode(&item.bytes, &item.origin, data::MAX_PIXELS).unwrap();
         for (variant, flipped) in [("plain", false), ("flipped", true)] {
             let crop_top_left = pair(&format!("{variant}.crop_top_left"));
             let placement = Placement {

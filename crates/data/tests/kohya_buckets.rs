@@ -296,7 +296,7 @@ fn a_kohya_sample_is_its_crop_of_the_whole_resized_image() {
         let sample = dataset.sample(&key).unwrap();
         seen.insert((placement.flipped, placement.crop_top_left));
         let item = &dataset.items()[4];
-        let image = transform::decode(&item.bytes, &item.origin).unwrap();
+        let image = transform::decode(&item.bytes, &item.origin, data::MAX_PIXELS).unwrap();
         let whole = Placement {
             resized: placement.resized,
             flipped: placement.flipped,

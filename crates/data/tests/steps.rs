@@ -165,7 +165,7 @@ fn centre_crop_coordinates_and_pixels() {
     );
     // The pixels are that window of the whole resized image.
     let item = &dataset.items()[5];
-    let image = transform::decode(&item.bytes, &item.origin).unwrap();
+    let image = transform::decode(&item.bytes, &item.origin, data::MAX_PIXELS).unwrap();
     let whole = Placement {
         resized: (32, 54),
         flipped: false,
@@ -229,7 +229,7 @@ fn a_flipped_sample_is_the_mirror_of_the_unflipped_resize() {
     let key = key.unwrap();
     let sample = dataset.sample(&key).unwrap();
     let item = &dataset.items()[0];
-    let image = transform::decode(&item.bytes, &item.origin).unwrap();
+    let image = transform::decode(&item.bytes, &item.origin, data::MAX_PIXELS).unwrap();
     // diffusers crops the flipped image: in unflipped coordinates the window starts at 42 - 32 - left.
     let left = sample.crop_top_left.1 as u32;
     let unflipped = Placement {

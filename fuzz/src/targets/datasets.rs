@@ -8,11 +8,19 @@ use std::path::{Path, PathBuf};
 use super::{Outcome, Runner, fresh, put, text};
 use data::{
     BucketConfig, CaptionRules, CaptionSource, Captions, Columns, CropMode, Dataset, DatasetConfig,
-    SampleKey, Source,
+    SampleKey, Selection, Source,
 };
 
 /// At most this many samples are made per input (a row count is the input's to choose).
 const MAX_SAMPLES: usize = 8;
+
+/// The pixel limit of the `image` and `parquet` targets' images (`TransformConfig::max_pixels`),
+/// decoded or resized: 1024². A few hundred bytes can describe a JPEG of 170 million pixels, whose
+/// decoding is legitimate work of seconds, not a hang; under this limit the decoders and the
+/// transforms run the same code on at most a million pixels an image, so that what takes long is a
+/// finding. The default limit's largest images are timed apart (`tools/fuzz/largest_images.py`,
+/// docs/RELIABILITY.md).
+const MAX_PIXELS: u64 = 1 << 20;
 
 /// Opens `source` and makes the prompt and pixels of its first [`MAX_SAMPLES`] items.
 fn open_and_sample(source: &Source, config: DatasetConfig) -> Outcome {
@@ -106,6 +114,7 @@ pub(super) fn image(work: &Path) -> Runner {
         }
         config.transform.random_flip = mode & 4 != 0;
         config.transform.allow_upscale = mode & 8 == 0;
+        config.transform.max_pixels = MAX_PIXELS;
         config.captions =
             Captions::default().with_source(CaptionSource::Instance("a photo of sks dog".into()));
         let source = Source::CaptionFiles {
@@ -125,6 +134,10 @@ pub(super) fn parquet(work: &Path) -> Runner {
         let path: PathBuf = put(&work, "train-00000-of-00001.parquet", data)?;
         let mut config = square_config()?;
         config.skip_bad_rows = true;
+        config.transform.max_pixels = MAX_PIXELS;
+        // The rows sampled are the ones opened (each is decoded to be checked): a few kilobytes
+        // of dictionary-encoded rows can repeat one image thousands of times.
+        config.selection = Selection::First(MAX_SAMPLES);
         let source = Source::Parquet {
             files: vec![path],
             columns: Columns::default(),
