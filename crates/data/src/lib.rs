@@ -59,6 +59,7 @@ mod loader;
 mod parquet;
 mod parquet_footer;
 mod parquet_pages;
+mod parquet_thrift;
 mod record;
 mod rng;
 mod source;

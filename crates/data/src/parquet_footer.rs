@@ -16,6 +16,8 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 
+use crate::parquet_thrift::{self as types, Def, Ty};
+
 /// Thrift compact protocol type ids (`thrift-compact-protocol.md`, "Field types").
 pub(crate) mod kind {
     pub const TRUE: u8 = 1;
@@ -68,7 +70,7 @@ fn schema_refusal(metadata: &[u8]) -> Option<String> {
     let mut reader = Compact::new(metadata);
     reader
         .file_metadata()
-        .or_else(|| reader.oversized_refusal("its footer"))
+        .or_else(|| reader.refusal("its footer"))
 }
 
 /// A reader of the Thrift compact protocol over a byte slice; `None` on anything it cannot read.
@@ -80,6 +82,9 @@ pub(crate) struct Compact<'a> {
     /// booleans of a list it does not know without reading a byte, so such a claim of 2³¹ elements
     /// kept it looping for seconds (found by the `parquet` fuzz target).
     pub(crate) oversized: Option<(u64, u64)>,
+    /// A field or list element of another type than the `parquet` crate reads it as
+    /// ([`crate::parquet_thrift`]), described.
+    pub(crate) mismatch: Option<String>,
 }
 
 impl<'a> Compact<'a> {
@@ -89,11 +94,20 @@ impl<'a> Compact<'a> {
             bytes,
             at: 0,
             oversized: None,
+            mismatch: None,
         }
     }
 
-    /// The refusal for an oversized list, set or map read in `place` (e.g. "its footer"), if one
-    /// was.
+    /// The refusal for a field of the wrong type, or an oversized list, set or map, read in `place`
+    /// (e.g. "its footer"), if there was one.
+    pub(crate) fn refusal(&self, place: &str) -> Option<String> {
+        self.mismatch
+            .as_ref()
+            .map(|mismatch| format!("the file is malformed: in {place}, {mismatch}"))
+            .or_else(|| self.oversized_refusal(place))
+    }
+
+    /// The refusal for an oversized list, set or map read in `place`, if there was one.
     pub(crate) fn oversized_refusal(&self, place: &str) -> Option<String> {
         self.oversized.map(|(claimed, left)| {
             format!(
@@ -103,8 +117,8 @@ impl<'a> Compact<'a> {
         })
     }
 
-    /// Walks a `FileMetaData` struct: the refusal of its schema (field 2), if any; `None` at its
-    /// end or where it cannot be read.
+    /// Walks a `FileMetaData` struct as the crate reads it: the refusal of its schema (field 2),
+    /// if any; `None` at its end or where it cannot be read (see [`Compact::refusal`]).
     fn file_metadata(&mut self) -> Option<String> {
         let mut last_id = 0i16;
         loop {
@@ -112,13 +126,76 @@ impl<'a> Compact<'a> {
             if kind == 0 {
                 return None;
             }
-            if id == 2 && kind == kind::LIST {
+            if id == 2 && (kind == kind::LIST || kind == kind::SET) {
                 if let Some(refusal) = self.schema_list()? {
                     return Some(refusal);
                 }
             } else {
-                self.skip(kind, 0)?;
+                self.field(&types::FILE_META_DATA, id, kind, 0)?;
             }
+        }
+    }
+
+    /// Reads field `id` of wire type `wire` in a struct `def`: as the crate reads it where `def`
+    /// has the field (a field of another type is noted in [`Compact::mismatch`]: `None`), else
+    /// skipped by its own type.
+    pub(crate) fn field(&mut self, def: &Def, id: i16, wire: u8, depth: usize) -> Option<()> {
+        let Some(ty) = def.field(id) else {
+            return self.skip(wire, depth);
+        };
+        if !ty.accepts(wire) {
+            self.mismatch.get_or_insert_with(|| {
+                format!(
+                    "field {id} of {} is a {}, where a {} is read",
+                    def.name,
+                    types::wire_name(wire),
+                    ty.name()
+                )
+            });
+            return None;
+        }
+        self.value(ty, wire, depth)
+    }
+
+    /// Reads a value of type `ty` (its wire type `wire` accepted).
+    fn value(&mut self, ty: Ty, wire: u8, depth: usize) -> Option<()> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        match ty {
+            Ty::Struct(def) => {
+                let mut last_id = 0i16;
+                loop {
+                    let (id, field) = self.field_header(&mut last_id)?;
+                    if field == 0 {
+                        return Some(());
+                    }
+                    self.field(def, id, field, depth + 1)?;
+                }
+            }
+            Ty::List(element) => {
+                let (size, element_wire) = self.list_header()?;
+                let size = self.bounded(size)?;
+                if size > 0 && !element.accepts(element_wire) {
+                    self.mismatch.get_or_insert_with(|| {
+                        format!(
+                            "a list of {} holds {}s",
+                            element.name(),
+                            types::wire_name(element_wire)
+                        )
+                    });
+                    return None;
+                }
+                for _ in 0..size {
+                    match element {
+                        Ty::Bool => self.advance(1)?,
+                        other => self.value(*other, element_wire, depth + 1)?,
+                    }
+                }
+                Some(())
+            }
+            // A scalar: its bytes are the same read or skipped.
+            _ => self.skip(wire, depth),
         }
     }
 
@@ -261,13 +338,16 @@ impl<'a> Compact<'a> {
     /// `Some(None)` when sound (the reader then after the list), `None` when it cannot be read.
     fn schema_list(&mut self) -> Option<Option<String>> {
         let (size, element) = self.list_header()?;
-        if element != kind::STRUCT {
-            for _ in 0..self.bounded(size)? {
-                self.skip_element(element, 1)?;
-            }
-            return Some(None);
-        }
         let size = self.bounded(size)?;
+        if size > 0 && element != kind::STRUCT {
+            self.mismatch.get_or_insert_with(|| {
+                format!(
+                    "the schema is a list of {}s, where SchemaElement structs are read",
+                    types::wire_name(element)
+                )
+            });
+            return None;
+        }
         for index in 0..size {
             let mut last_id = 0;
             loop {
@@ -285,7 +365,7 @@ impl<'a> Compact<'a> {
                         )));
                     }
                 } else {
-                    self.skip(kind, 1)?;
+                    self.field(&types::SCHEMA_ELEMENT, id, kind, 1)?;
                 }
             }
         }
@@ -374,6 +454,29 @@ mod tests {
     }
 
     #[test]
+    fn fields_of_another_type_than_the_crate_reads_are_refused() {
+        // FileMetaData's version (field 1) as a struct, and a schema element's name (field 4) as
+        // an i32.
+        let refusal = schema_refusal(&[0x1c, 0x00, 0x00]).unwrap();
+        assert!(
+            refusal.contains("field 1 of FileMetaData is a struct, where a i32 is read"),
+            "{refusal}"
+        );
+        let refusal = schema_refusal(&[0x15, 0x02, 0x19, 0x1c, 0x45, 0x02, 0x00, 0x00]).unwrap();
+        assert!(
+            refusal.contains("field 4 of SchemaElement is a i32, where a binary is read"),
+            "{refusal}"
+        );
+        // A list of row groups holding i32s; a field the crate does not read (id 15) may be any type.
+        let refusal = schema_refusal(&[0x49, 0x15, 0x02, 0x00]).unwrap();
+        assert!(
+            refusal.contains("a list of RowGroup holds i32s"),
+            "{refusal}"
+        );
+        assert_eq!(schema_refusal(&[0xf5, 0x02, 0x00]), None);
+    }
+
+    #[test]
     fn what_it_cannot_follow_is_left_to_the_crate() {
         let whole = metadata(&[Some(2), None, None]);
         for cut in 0..whole.len() {
@@ -387,8 +490,8 @@ mod tests {
                 "cut at {cut}: {refusal:?}"
             );
         }
-        // Nesting past the limit.
-        let mut deep = vec![0x1c]; // field 1, struct
+        // Nesting past the limit, in a field the crate skips (id 15).
+        let mut deep = vec![0xfc]; // field 15, struct
         deep.extend(std::iter::repeat_n(0x1c, 200));
         assert_eq!(schema_refusal(&deep), None);
     }

@@ -27,6 +27,7 @@ use parquet::basic::{Compression, Type};
 use parquet::file::metadata::ColumnChunkMetaData;
 
 use crate::parquet_footer::{Compact, kind};
+use crate::parquet_thrift::{self as types, Def};
 
 /// The page type of a dictionary page (`parquet.thrift`, `PageType`).
 const DICTIONARY_PAGE: i64 = 2;
@@ -160,7 +161,11 @@ fn read_header(file: &mut File, offset: u64, remaining: u64) -> std::io::Result<
             return Ok(Found::Header(header));
         }
         let whole = window >= remaining;
-        if let (true, Some(refusal)) = (whole, reader.oversized_refusal("a page header")) {
+        // A field of the wrong type is one wherever the window ends; a list claiming more than
+        // the bytes left, only when they are all the chunk's.
+        if (reader.mismatch.is_some() || whole)
+            && let Some(refusal) = reader.refusal("a page header")
+        {
             return Ok(Found::Refused(refusal));
         }
         if whole || window >= MAX_HEADER || (bytes.len() as u64) < window {
@@ -186,20 +191,30 @@ fn parse_header(reader: &mut Compact<'_>) -> Option<Header> {
             (2, kind::I32) => uncompressed = Some(i64::from(reader.zigzag()? as i32)),
             (3, kind::I32) => compressed = Some(i64::from(reader.zigzag()? as i32)),
             (7, kind::STRUCT) => {
-                dictionary_values = Some(struct_field(reader, 1, |r, field| {
-                    (field == kind::I32).then(|| r.zigzag().map(|v| i64::from(v as i32)))?
-                })??);
+                dictionary_values = Some(struct_field(
+                    reader,
+                    &types::DICTIONARY_PAGE_HEADER,
+                    1,
+                    |r, field| {
+                        (field == kind::I32).then(|| r.zigzag().map(|v| i64::from(v as i32)))?
+                    },
+                )??);
             }
             (8, kind::STRUCT) => {
-                if let Some(flag) = struct_field(reader, 7, |_, field| match field {
-                    kind::TRUE => Some(true),
-                    kind::FALSE => Some(false),
-                    _ => None,
-                })? {
+                if let Some(flag) = struct_field(
+                    reader,
+                    &types::DATA_PAGE_HEADER_V2,
+                    7,
+                    |_, field| match field {
+                        kind::TRUE => Some(true),
+                        kind::FALSE => Some(false),
+                        _ => None,
+                    },
+                )? {
                     compressed_data = flag;
                 }
             }
-            _ => reader.skip(field, 1)?,
+            _ => reader.field(&types::PAGE_HEADER, id, field, 1)?,
         }
     }
     Some(Header {
@@ -212,11 +227,13 @@ fn parse_header(reader: &mut Compact<'_>) -> Option<Header> {
     })
 }
 
-/// Reads a struct (its fields next): `Some` of what `read` makes of its field `wanted` (given the
-/// reader and the field's type, it reads the value; `None` for a field of another type), the
-/// other fields skipped; `None` when the struct cannot be read.
+/// Reads a struct `def` (its fields next) as the crate reads it: `Some` of what `read` makes of
+/// its field `wanted` (given the reader and the field's type, it reads the value; `None` for a
+/// value it cannot read), the other fields read or skipped ([`Compact::field`]); `None` when the
+/// struct cannot be read.
 fn struct_field<T>(
     reader: &mut Compact<'_>,
+    def: &Def,
     wanted: i16,
     mut read: impl FnMut(&mut Compact<'_>, u8) -> Option<T>,
 ) -> Option<Option<T>> {
@@ -227,14 +244,14 @@ fn struct_field<T>(
         if field == 0 {
             return Some(found);
         }
-        if id == wanted && found.is_none() {
+        if id == wanted && found.is_none() && def.field(id).is_some_and(|ty| ty.accepts(field)) {
             // Booleans live in the field header; others are read by `read`.
             found = read(reader, field);
             if found.is_none() && !matches!(field, kind::TRUE | kind::FALSE) {
                 return None;
             }
         } else {
-            reader.skip(field, 2)?;
+            reader.field(def, id, field, 2)?;
         }
     }
 }
@@ -328,5 +345,14 @@ mod tests {
             assert_eq!(parse(&bytes[..cut]), None, "cut at {cut}");
         }
         assert_eq!(parse(&[0x15, 0x04, 0x00]), None);
+        // A field of another type than the crate reads: refused (not "cannot tell").
+        let bytes = [0x15, 0x04, 0x16, 0x02, 0x00];
+        let mut reader = Compact::new(&bytes);
+        assert_eq!(parse_header(&mut reader), None);
+        let refusal = reader.refusal("a page header").unwrap();
+        assert!(
+            refusal.contains("field 2 of PageHeader is a i64, where a i32 is read"),
+            "{refusal}"
+        );
     }
 }
