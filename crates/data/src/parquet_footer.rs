@@ -32,6 +32,7 @@ pub(crate) mod kind {
     pub const SET: u8 = 10;
     pub const MAP: u8 = 11;
     pub const STRUCT: u8 = 12;
+    pub const UUID: u8 = 13;
 }
 
 /// How deep this reader follows nested structs and containers before leaving the footer to the
@@ -64,13 +65,30 @@ pub(crate) fn refusal(file: &mut File, len: u64) -> Option<String> {
     refusal
 }
 
-/// The refusal of a `FileMetaData` struct (module documentation), if any: its schema, then any
-/// list, set or map in it that claims more elements than the bytes left could hold.
+/// The refusal of a `FileMetaData` struct (module documentation), if any: its schema, a field of
+/// another type than the crate reads, a list, set or map claiming more elements than the bytes left
+/// could hold — or anything this reader cannot follow to the struct's end: a footer the crate would
+/// read on from there is one it may misread (a sound file's footer is plain `parquet.thrift`).
 fn schema_refusal(metadata: &[u8]) -> Option<String> {
     let mut reader = Compact::new(metadata);
-    reader
-        .file_metadata()
-        .or_else(|| reader.refusal("its footer"))
+    match reader.file_metadata() {
+        Walk::Refused(refusal) => Some(refusal),
+        Walk::End => None,
+        Walk::Unreadable => Some(reader.refusal("its footer").unwrap_or_else(|| {
+            format!(
+                "the file is malformed: its footer cannot be read past byte {} of {}",
+                reader.position(),
+                metadata.len()
+            )
+        })),
+    }
+}
+
+/// How a walk of a footer ended.
+enum Walk {
+    Refused(String),
+    End,
+    Unreadable,
 }
 
 /// A reader of the Thrift compact protocol over a byte slice; `None` on anything it cannot read.
@@ -118,20 +136,24 @@ impl<'a> Compact<'a> {
     }
 
     /// Walks a `FileMetaData` struct as the crate reads it: the refusal of its schema (field 2),
-    /// if any; `None` at its end or where it cannot be read (see [`Compact::refusal`]).
-    fn file_metadata(&mut self) -> Option<String> {
+    /// its end, or where it cannot be read (see [`Compact::refusal`]).
+    fn file_metadata(&mut self) -> Walk {
         let mut last_id = 0i16;
         loop {
-            let (id, kind) = self.field_header(&mut last_id)?;
+            let Some((id, kind)) = self.field_header(&mut last_id) else {
+                return Walk::Unreadable;
+            };
             if kind == 0 {
-                return None;
+                return Walk::End;
             }
             if id == 2 && (kind == kind::LIST || kind == kind::SET) {
-                if let Some(refusal) = self.schema_list()? {
-                    return Some(refusal);
+                match self.schema_list() {
+                    Some(Some(refusal)) => return Walk::Refused(refusal),
+                    Some(None) => {}
+                    None => return Walk::Unreadable,
                 }
-            } else {
-                self.field(&types::FILE_META_DATA, id, kind, 0)?;
+            } else if self.field(&types::FILE_META_DATA, id, kind, 0).is_none() {
+                return Walk::Unreadable;
             }
         }
     }
@@ -277,6 +299,7 @@ impl<'a> Compact<'a> {
             kind::BYTE => self.advance(1),
             kind::I16 | kind::I32 | kind::I64 => self.varint().map(|_| ()),
             kind::DOUBLE => self.advance(8),
+            kind::UUID => self.advance(16),
             kind::BINARY => {
                 let len = self.varint()?;
                 self.advance(len)
@@ -477,22 +500,24 @@ mod tests {
     }
 
     #[test]
-    fn what_it_cannot_follow_is_left_to_the_crate() {
+    fn what_it_cannot_follow_is_refused() {
         let whole = metadata(&[Some(2), None, None]);
+        assert_eq!(schema_refusal(&whole), None);
         for cut in 0..whole.len() {
-            // Cut inside the schema, its list claims more elements than the bytes left: refused.
-            let refusal = schema_refusal(&whole[..cut]);
+            let refusal = schema_refusal(&whole[..cut]).unwrap();
             assert!(
-                refusal.is_none()
-                    || refusal
-                        .as_ref()
-                        .is_some_and(|r| r.contains("a list in its footer claims 3 elements")),
-                "cut at {cut}: {refusal:?}"
+                refusal.contains("the file is malformed"),
+                "cut at {cut}: {refusal}"
             );
         }
-        // Nesting past the limit, in a field the crate skips (id 15).
+        // Nesting past the limit, in a field the crate skips (id 15); a UUID (16 bytes) is followed.
         let mut deep = vec![0xfc]; // field 15, struct
         deep.extend(std::iter::repeat_n(0x1c, 200));
-        assert_eq!(schema_refusal(&deep), None);
+        let refusal = schema_refusal(&deep).unwrap();
+        assert!(refusal.contains("cannot be read past byte"), "{refusal}");
+        let mut uuid = vec![0xfd];
+        uuid.extend([7; 16]);
+        uuid.push(0);
+        assert_eq!(schema_refusal(&uuid), None);
     }
 }
