@@ -396,6 +396,22 @@ impl<'a> Compact<'a> {
     }
 }
 
+/// `v` in the compact protocol's zigzag varint, for tests that write Thrift bytes.
+#[cfg(test)]
+pub(crate) fn zigzag(v: i64) -> Vec<u8> {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    let mut out = Vec::new();
+    loop {
+        let b = (z & 0x7f) as u8;
+        z >>= 7;
+        if z == 0 {
+            out.push(b);
+            return out;
+        }
+        out.push(b | 0x80);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,19 +419,6 @@ mod tests {
     /// A `FileMetaData` prefix: version 1 (field 1, i32), then the schema (field 2) of `elements`,
     /// each given as its `num_children` (absent for a leaf) with a name, then the struct's end.
     fn metadata(elements: &[Option<i64>]) -> Vec<u8> {
-        let zigzag = |v: i64| -> Vec<u8> {
-            let mut z = ((v << 1) ^ (v >> 63)) as u64;
-            let mut out = Vec::new();
-            loop {
-                let b = (z & 0x7f) as u8;
-                z >>= 7;
-                if z == 0 {
-                    out.push(b);
-                    return out;
-                }
-                out.push(b | 0x80);
-            }
-        };
         let mut bytes = vec![0x15]; // field 1, i32
         bytes.extend(zigzag(1));
         bytes.push(0x19); // field 2 (delta 1), list

@@ -259,20 +259,7 @@ fn struct_field<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn zigzag(v: i64) -> Vec<u8> {
-        let mut z = ((v << 1) ^ (v >> 63)) as u64;
-        let mut out = Vec::new();
-        loop {
-            let b = (z & 0x7f) as u8;
-            z >>= 7;
-            if z == 0 {
-                out.push(b);
-                return out;
-            }
-            out.push(b | 0x80);
-        }
-    }
+    use crate::parquet_footer::zigzag;
 
     /// A page header: type, sizes, then a dictionary page header of `values` (field 7) or a v2
     /// data page header whose `is_compressed` is `flag` (field 8).
