@@ -117,22 +117,22 @@ impl<'a> Compact<'a> {
     }
 
     /// The refusal for a field of the wrong type, or an oversized list, set or map, read in `place`
-    /// (e.g. "its footer"), if there was one.
+    /// (e.g. "its footer"), if there was one: "the file is malformed: " and [`Compact::problem`].
     pub(crate) fn refusal(&self, place: &str) -> Option<String> {
-        self.mismatch
-            .as_ref()
-            .map(|mismatch| format!("the file is malformed: in {place}, {mismatch}"))
-            .or_else(|| self.oversized_refusal(place))
+        self.problem(place)
+            .map(|problem| format!("the file is malformed: {problem}"))
     }
 
-    /// The refusal for an oversized list, set or map read in `place`, if there was one.
-    pub(crate) fn oversized_refusal(&self, place: &str) -> Option<String> {
-        self.oversized.map(|(claimed, left)| {
-            format!(
-                "the file is malformed: a list in {place} claims {claimed} elements with {left} \
-                 bytes left"
-            )
-        })
+    /// What was wrong in `place`: a field of the wrong type, or an oversized list, set or map.
+    pub(crate) fn problem(&self, place: &str) -> Option<String> {
+        self.mismatch
+            .as_ref()
+            .map(|mismatch| format!("in {place}, {mismatch}"))
+            .or_else(|| {
+                self.oversized.map(|(claimed, left)| {
+                    format!("a list in {place} claims {claimed} elements with {left} bytes left")
+                })
+            })
     }
 
     /// Walks a `FileMetaData` struct as the crate reads it: the refusal of its schema (field 2),

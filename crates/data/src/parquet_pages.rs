@@ -17,8 +17,9 @@
 //! A page header is the Thrift struct `PageHeader` (apache/parquet-format `parquet.thrift`) in the
 //! compact protocol: field 1 the page type, 2 `uncompressed_page_size`, 3 `compressed_page_size`,
 //! 7 the `DictionaryPageHeader` (its field 1: `num_values`), 8 the `DataPageHeaderV2` (its field 7:
-//! `is_compressed`, true when absent). What this reader cannot follow is left to the crate, which
-//! reports it as its own error.
+//! `is_compressed`, true when absent). A header this reader cannot follow to its end within the
+//! chunk is refused (the crate may misread it into a long skip); one longer than [`MAX_HEADER`], and
+//! pages whose sizes run past the chunk, are left to the crate, which reports them as its own error.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -149,7 +150,8 @@ enum Found {
     Unreadable,
 }
 
-/// The page header at `offset`, within `remaining` bytes.
+/// The page header at `offset`, within `remaining` bytes: refused when it cannot be read from all
+/// of them; left to the crate when it is longer than [`MAX_HEADER`].
 fn read_header(file: &mut File, offset: u64, remaining: u64) -> std::io::Result<Found> {
     let mut window = FIRST_WINDOW.min(remaining);
     loop {
@@ -164,11 +166,20 @@ fn read_header(file: &mut File, offset: u64, remaining: u64) -> std::io::Result<
         // A field of the wrong type is one wherever the window ends; a list claiming more than
         // the bytes left, only when they are all the chunk's.
         if (reader.mismatch.is_some() || whole)
-            && let Some(refusal) = reader.refusal("a page header")
+            && let Some(refusal) = reader.problem("a page header")
         {
             return Ok(Found::Refused(refusal));
         }
-        if whole || window >= MAX_HEADER || (bytes.len() as u64) < window {
+        if whole {
+            // All the chunk's bytes left and still no header: the crate, reading on from there,
+            // may misread it into a skip that takes seconds (found by the `parquet` fuzz target),
+            // so it is refused here as a footer the walk cannot follow is.
+            return Ok(Found::Refused(format!(
+                "the page header at byte {offset} cannot be read within the chunk's {remaining} \
+                 bytes left"
+            )));
+        }
+        if window >= MAX_HEADER || (bytes.len() as u64) < window {
             return Ok(Found::Unreadable);
         }
         window = (window * 16).min(remaining).min(MAX_HEADER);
@@ -336,7 +347,7 @@ mod tests {
         let bytes = [0x15, 0x04, 0x16, 0x02, 0x00];
         let mut reader = Compact::new(&bytes);
         assert_eq!(parse_header(&mut reader), None);
-        let refusal = reader.refusal("a page header").unwrap();
+        let refusal = reader.problem("a page header").unwrap();
         assert!(
             refusal.contains("field 2 of PageHeader is a i64, where a i32 is read"),
             "{refusal}"
