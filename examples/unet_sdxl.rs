@@ -2,7 +2,7 @@
 //! training-step memory with and without gradient checkpointing.
 //!
 //! ```sh
-//! cargo run --release --example unet_sdxl -- [--ref /tmp/sdxl-ref] [--steps 10]
+//! cargo run --release --example unet_sdxl -- [--ref /tmp/sdxl-ref] [--steps 10] [--profile trace.json]
 //! cargo run --release --example unet_sdxl -- --train-memory plain|checkpointed
 //! ```
 //!
@@ -47,6 +47,10 @@ struct Args {
     /// Attention kernels: fused, plain, sliced or sliced:<auto|max|rows>.
     #[arg(long, value_name = "BACKEND", default_value = "fused")]
     attention: AttentionBackend,
+    /// After the timing, record one more bf16 channels-last step with libtorch's profiler and write
+    /// its Chrome trace here (read it with tools/gpu/profile_summary.py); none by default.
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
     /// Measure training steps' time and memory instead (bf16, 512 px, batch 2, rank-4 LoRA).
     #[arg(long = "train-memory", value_enum, value_name = "MODE")]
     train_memory: Option<TrainMode>,
@@ -69,7 +73,14 @@ fn main() -> ExitCode {
         }
         let config = UNetConfig::sdxl_base();
         match args.train_memory {
-            None => parity_and_speed(&config, &args.reference, args.steps, args.attention, device),
+            None => parity_and_speed(
+                &config,
+                &args.reference,
+                args.steps,
+                args.attention,
+                args.profile.as_deref(),
+                device,
+            ),
             Some(mode) => train_step_memory(
                 &config,
                 mode == TrainMode::Checkpointed,
@@ -109,6 +120,7 @@ fn parity_and_speed(
     reference: &std::path::Path,
     steps: usize,
     backend: AttentionBackend,
+    profile: Option<&std::path::Path>,
     device: Device,
 ) -> anyhow::Result<()> {
     let io_path = reference.join("unet-io.safetensors");
@@ -215,6 +227,21 @@ fn parity_and_speed(
         println!(
             "bf16 1024 px batch 2 ({backend:?} attention, {layout}): {:.1} ms per UNet step ({steps} steps)",
             per_step * 1e3
+        );
+    }
+    // The loop above left the channels-last layout set.
+    if let Some(path) = profile {
+        let profiler = torch_cuda::Profiler::start(
+            torch_cuda::ProfilerOptions::default()
+                .with_cuda(true)
+                .with_shapes(true),
+        )?;
+        let _ = run(&unet, Kind::BFloat16)?;
+        sync(device);
+        profiler.finish(path)?;
+        println!(
+            "profile of one channels-last step written to {}",
+            path.display()
         );
     }
     Ok(())
