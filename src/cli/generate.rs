@@ -153,6 +153,11 @@ pub struct GenerateArgs {
     /// --kind): about half the UNet's memory, not faster.
     #[arg(long)]
     fp8: bool,
+    /// With --fp8: the linear layers multiply in fp8 (their input quantized to e4m3 with one scale
+    /// per call, fp32 accumulation) on fp8 tensor cores (compute capability 8.9 or newer) instead
+    /// of widening their weights; needs --kind bf16 or f16.
+    #[arg(long = "fp8_compute", requires = "fp8")]
+    fp8_compute: bool,
     /// Run one untimed generation first (one per batch shape: also the last, smaller batch of
     /// --num_images), so that the timed ones exclude kernel selection.
     #[arg(long)]
@@ -388,6 +393,12 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         let [linears, convs] = pipe.quantize_unet_fp8()?;
         println!("UNet linear layers: {linears}");
         println!("UNet convolutions: {convs}");
+        if args.fp8_compute {
+            let layers = pipe
+                .set_fp8_products(lora::Fp8Products::Scaled)
+                .context("--fp8_compute")?;
+            println!("UNet linear layers multiplying in fp8: {layers}");
+        }
     }
     // Before any tensor of the requested size exists: refuse what cannot fit, warn of what is slow.
     let estimate = pipe.memory_estimate(&options);

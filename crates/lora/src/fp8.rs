@@ -52,6 +52,80 @@ pub(crate) fn dequantize_e4m3(quantized: &Tensor, scale: &Tensor, kind: Kind) ->
     Ok(quantized.f_to_kind(kind)?.f_mul(scale)?)
 }
 
+/// How a linear layer whose base weight is stored in fp8 computes its base product
+/// ([`set_fp8_products`], [`crate::Linear::set_fp8_products`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fp8Products {
+    /// The weight widened to the compute type before a product in that type (the default): the
+    /// same arithmetic as the full-precision layer on the rounded weight, differentiable.
+    #[default]
+    Widened,
+    /// An fp8 × fp8 product (libtorch's `_scaled_mm`, Hopper's fp8 tensor cores on CUDA): the
+    /// input is quantized to e4m3 with one scale for the call (its largest magnitude / 448, as
+    /// the weight's), the product accumulates in fp32 and is written in the compute type, bias
+    /// included. Taken where the input needs no gradient (inference, or a layer upstream of every
+    /// adapter) and the layer allows it: bf16 or fp16 compute, input and output widths multiples of
+    /// 16; elsewhere the layer widens as [`Fp8Products::Widened`]. The input's rounding adds an
+    /// error of the weight's size: each input value moves by at most 2⁻⁴ of itself.
+    Scaled,
+}
+
+/// Sets how every linear layer of `model` whose base weight is stored in fp8 computes its base
+/// product; returns how many such layers there are.
+pub fn set_fp8_products(model: &mut dyn HasLinears, products: Fp8Products) -> usize {
+    let mut count = 0;
+    model.for_each_linear(&mut |_, linear| {
+        count += usize::from(linear.set_fp8_products(products));
+    });
+    count
+}
+
+/// `x · (weight · weight_scale)ᵀ + bias` by an fp8 × fp8 product ([`Fp8Products::Scaled`]): `x`
+/// `[..., in]` in `kind` (bf16 or fp16), `weight` `[out, in]` in e4m3 with its 0-dim fp32 scale,
+/// `bias` `[out]` in `kind`. The input's scale is computed on the device (no value read back), so
+/// the product can be captured in a CUDA graph.
+///
+/// # Errors
+/// libtorch errors (e.g. widths that are not multiples of 16 on CUDA).
+pub(crate) fn scaled_product(
+    x: &Tensor,
+    weight: &Tensor,
+    weight_scale: &Tensor,
+    bias: Option<&Tensor>,
+    kind: Kind,
+) -> Result<Tensor> {
+    let mut shape = x.size();
+    let rows = x.f_reshape([-1, *shape.last().unwrap_or(&1)])?.f_contiguous()?;
+    // The largest magnitude in one reduction (an ∞-norm), floored so an all-zero input divides
+    // by a positive scale.
+    let amax = rows.f_flatten(0, -1)?.f_linalg_norm(
+        f64::INFINITY,
+        None::<&[i64]>,
+        false,
+        Kind::Float,
+    )?;
+    let scale = (amax.f_clamp_min(1e-12)? / E4M3_MAX).f_to_kind(Kind::Float)?;
+    // The clamp only guards the division's last bit: libtorch casts values past 448 to NaN.
+    let quantized = rows
+        .f_div(&scale)?
+        .f_clamp_(-E4M3_MAX, E4M3_MAX)?
+        .f_to_kind(Kind::Float8e4m3fn)?;
+    let out = quantized.f_internal_scaled_mm(
+        &weight.f_tr()?,
+        &scale,
+        weight_scale,
+        bias,
+        None::<&Tensor>,
+        kind,
+        // Hopper's fast accumulation, as inference libraries use for the forward product.
+        true,
+    )?;
+    if let Some(last) = shape.last_mut() {
+        *last = weight.size()[0];
+    }
+    Ok(out.f_reshape(shape)?)
+}
+
 /// The bytes a tensor's elements occupy.
 pub(crate) fn tensor_bytes(tensor: &Tensor) -> i64 {
     tensor.numel() as i64 * tensor.kind().elt_size_in_bytes() as i64

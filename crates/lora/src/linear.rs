@@ -14,7 +14,7 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use crate::adapter::Adapter;
-use crate::fp8::{quantize_e4m3, tensor_bytes};
+use crate::fp8::{Fp8Products, quantize_e4m3, scaled_product, tensor_bytes};
 use crate::randomness::Randomness;
 use crate::rows::{RowAdapter, apply_row_adapters};
 use crate::{Error, Result};
@@ -63,6 +63,8 @@ pub(crate) struct Fp8Weight {
     pub(crate) scale: Tensor,
     /// The type the layer computes in (the weight's type before quantizing, or the one asked for).
     pub(crate) compute_kind: Kind,
+    /// How a linear layer computes its base product (convolutions always widen).
+    pub(crate) products: Fp8Products,
 }
 
 impl Fp8Weight {
@@ -105,6 +107,7 @@ impl Fp8Weight {
         Ok(Self {
             scale,
             compute_kind,
+            products: Fp8Products::Widened,
         })
     }
 }
@@ -226,6 +229,31 @@ impl Linear {
             // (`Module`) means going through the panicking twins here.
             Some(fp8) => self.weight.to_kind(fp8.compute_kind) * &fp8.scale,
         }
+    }
+
+    /// Sets how the base product is computed when the base weight is stored in fp8 (see
+    /// [`Fp8Products`]); returns whether it is (a full-precision layer is left as it is).
+    pub fn set_fp8_products(&mut self, products: Fp8Products) -> bool {
+        self.fp8.as_mut().map(|fp8| fp8.products = products).is_some()
+    }
+
+    /// The base product by an fp8 × fp8 product, where [`Fp8Products::Scaled`] applies to `xs`.
+    fn scaled_base(&self, xs: &Tensor) -> Option<Tensor> {
+        let fp8 = self.fp8.as_ref()?;
+        let (out, width) = (self.out_features(), self.in_features());
+        let applies = fp8.products == Fp8Products::Scaled
+            && !xs.requires_grad()
+            && xs.kind() == fp8.compute_kind
+            && matches!(fp8.compute_kind, Kind::BFloat16 | Kind::Half)
+            && xs.size().last() == Some(&width)
+            && width % 16 == 0
+            && out % 16 == 0;
+        if !applies {
+            return None;
+        }
+        // Shapes and types are checked above; where libtorch still refuses (a GPU without fp8
+        // tensor cores), the layer widens instead.
+        scaled_product(xs, &self.weight, &fp8.scale, self.bias.as_ref(), fp8.compute_kind).ok()
     }
 
     /// The bytes the base weight occupies (with its fp8 scale), bias excluded.
@@ -748,8 +776,9 @@ fn add_plain_lora(
 impl Linear {
     /// The forward pass of the base weight and the ordinary adapters, over every row.
     fn forward_all_rows(&self, xs: &Tensor) -> Tensor {
-        let weight = self.base_weight();
-        let base = xs.linear(&weight, self.bias.as_ref());
+        let base = self
+            .scaled_base(xs)
+            .unwrap_or_else(|| xs.linear(&self.base_weight(), self.bias.as_ref()));
         let mut active = self
             .adapters
             .iter()
@@ -776,7 +805,7 @@ impl Linear {
             match &adapter.magnitude {
                 None => result = add_plain_lora(&result, &dropped, adapter, autocast),
                 Some(magnitude) => {
-                    let weight = weight.to_kind(x.kind());
+                    let weight = self.base_weight().to_kind(x.kind());
                     let delta = adapter.up.matmul(&adapter.down).detach() * scale;
                     let norm = adapter.dora_weight_norm(&weight, &delta);
                     let magnitude_scale = (magnitude / norm).view([1, -1]);
@@ -1250,6 +1279,54 @@ mod tests {
             layer.quantize_fp8("proj", None).unwrap();
             assert!(layer.weight.to_kind(Kind::Float).equal(&again));
         }
+    }
+
+    /// fp8 × fp8 products against the widened weight's, by the error model of the input's
+    /// rounding: each input value moves by at most 2⁻⁴ of itself (3 mantissa bits), or by half the
+    /// subnormal step, 2⁻¹⁰ of its scale; both outputs are rounded to bf16 once (2⁻⁸ of
+    /// themselves). The fp32 accumulation's own error is far below these.
+    #[test]
+    fn fp8_products_stay_within_the_rounding_of_the_input_and_apply_only_where_they_may() {
+        tch::manual_seed(21);
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let mut layer = Linear::new(&(vs.root() / "proj"), 64, 48, true);
+        vs.set_kind(Kind::BFloat16);
+        // Spread over several orders of magnitude, some exactly zero.
+        let x = (Tensor::randn([2, 7, 64], (Kind::Float, Device::Cpu))
+            * Tensor::randn([2, 7, 64], (Kind::Float, Device::Cpu)).exp()
+            * Tensor::rand([2, 7, 64], (Kind::Float, Device::Cpu)).gt(0.1))
+        .to_kind(Kind::BFloat16);
+        assert!(!layer.set_fp8_products(Fp8Products::Scaled), "not fp8 yet");
+        layer.quantize_fp8("proj", None).unwrap();
+        let widened = layer.forward(&x);
+        assert!(layer.set_fp8_products(Fp8Products::Scaled));
+        let scaled = layer.forward(&x);
+        assert_eq!((scaled.size(), scaled.kind()), (vec![2, 7, 48], Kind::BFloat16));
+        assert!(!scaled.equal(&widened), "the scaled product did not run");
+        let weight = layer.base_weight().to_kind(Kind::Float).abs();
+        let x32 = x.to_kind(Kind::Float);
+        let x_scale = x32.abs().max().double_value(&[]) / 448.0;
+        let input_bound = x32.abs().matmul(&weight.tr()) * 2f64.powi(-4)
+            + weight.sum_dim_intlist(1, false, Kind::Float) * (x_scale * 2f64.powi(-10));
+        let (scaled32, widened32) = (scaled.to_kind(Kind::Float), widened.to_kind(Kind::Float));
+        let bound = input_bound + (scaled32.abs() + widened32.abs()) * 2f64.powi(-8) + 1e-6;
+        let excess = ((&scaled32 - &widened32).abs() - &bound).max().double_value(&[]);
+        assert!(excess <= 0.0, "past the bound by {excess}");
+        // Where the input needs a gradient, or the widths are not multiples of 16, the layer widens.
+        let tracked = x.detach().set_requires_grad(true);
+        assert!(layer.forward(&tracked).equal(&widened));
+        let mut narrow = Linear::from_tensors(
+            Tensor::randn([40, 24], (Kind::BFloat16, Device::Cpu)),
+            None,
+        );
+        narrow.quantize_fp8("narrow", None).unwrap();
+        let input = Tensor::randn([3, 24], (Kind::BFloat16, Device::Cpu));
+        let plain = narrow.forward(&input);
+        assert!(narrow.set_fp8_products(Fp8Products::Scaled));
+        assert!(narrow.forward(&input).equal(&plain));
+        // Back to widening.
+        assert!(layer.set_fp8_products(Fp8Products::Widened));
+        assert!(layer.forward(&x).equal(&widened));
     }
 
     #[test]

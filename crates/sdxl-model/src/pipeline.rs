@@ -679,7 +679,8 @@ impl Pipeline {
     /// in the pipeline's kind: every linear layer ([`lora::quantize_base_fp8`]) and every convolution
     /// ([`UNet2DConditionModel::quantize_convs_fp8`]); norms and biases keep their type. About half the
     /// UNet's bf16 bytes; each layer widens its weight before its product, so it saves memory, not
-    /// time. LoRAs loaded before or after stay in the pipeline's kind. Returns the linear layers'
+    /// time, unless [`Self::set_fp8_products`] asks for fp8 products. LoRAs loaded before or after
+    /// stay in the pipeline's kind. Returns the linear layers'
     /// report, then the convolutions'.
     ///
     /// # Errors
@@ -688,6 +689,43 @@ impl Pipeline {
         let linears = lora::quantize_base_fp8(&mut self.unet)?;
         let convs = self.unet.quantize_convs_fp8()?;
         Ok([linears, convs])
+    }
+
+    /// Sets how the UNet's fp8-stored linear layers compute ([`lora::Fp8Products`]): widened to the
+    /// pipeline's kind (the default), or fp8 × fp8 products with the input quantized per call, on
+    /// fp8 tensor cores. Returns how many layers are fp8 (none before [`Self::quantize_unet_fp8`]).
+    /// Convolutions always widen.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSetting`] for [`lora::Fp8Products::Scaled`] on a CUDA device without fp8
+    /// tensor cores (compute capability below 8.9) or in a kind other than bf16 or fp16.
+    pub fn set_fp8_products(&mut self, products: lora::Fp8Products) -> Result<usize> {
+        if products == lora::Fp8Products::Scaled {
+            if !matches!(self.kind, Kind::BFloat16 | Kind::Half) {
+                return Err(Error::InvalidSetting {
+                    setting: "fp8 products",
+                    value: format!("{:?}", self.kind),
+                    expected: "a pipeline in bf16 or fp16",
+                });
+            }
+            if let Device::Cuda(index) = self.device {
+                let capability = torch_cuda::compute_capability(index);
+                if capability.is_none_or(|c| c < (8, 9)) {
+                    return Err(Error::InvalidSetting {
+                        setting: "fp8 products",
+                        value: capability.map_or_else(
+                            || format!("cuda:{index} of unknown compute capability"),
+                            |(major, minor)| {
+                                format!("cuda:{index} of compute capability {major}.{minor}")
+                            },
+                        ),
+                        expected: "a GPU with fp8 tensor cores (compute capability 8.9 or newer: \
+                                   Ada, Hopper, Blackwell) or the CPU",
+                    });
+                }
+            }
+        }
+        Ok(lora::set_fp8_products(&mut self.unet, products))
     }
 
     /// The pipeline's UNet and scheduler config, borrowed for a denoising run.

@@ -55,3 +55,53 @@ fn fp8_unet_weights_keep_the_latents_close_and_take_a_lora() {
     pipe.set_lora_multiplier("style", 0.0).unwrap();
     assert!(pipe.latents(&options()).unwrap().equal(&fp8));
 }
+
+/// `set_fp8_products(Scaled)` (`generate --fp8 --fp8_compute`) on the tiny pipeline in bf16: the
+/// linear layers multiply in fp8, which moves the latents from the widened fp8 run's by about the
+/// weights' own rounding (each input of a product rounded to 3 mantissa bits, as each weight is) —
+/// and is refused for an fp32 pipeline.
+#[test]
+fn fp8_products_run_in_bf16_stay_near_the_widened_run_and_are_refused_in_fp32() {
+    let options = || {
+        GenerateOptions::default()
+            .with_prompts(vec!["a cat".into()])
+            .with_steps(3)
+            .with_height(64)
+            .with_width(64)
+            .with_seed(3)
+    };
+    let load = sdxl_model::pretrained::LoadOptions::default()
+        .kind(Kind::BFloat16)
+        .vae_upcast(sdxl_model::vae::Upcast::Never);
+    let mut pipe =
+        sdxl_model::pipeline::Pipeline::from_pretrained(test_support::fixture("tiny-sdxl"), &load)
+            .unwrap()
+            .model;
+    let bf16 = pipe.latents(&options()).unwrap().to_kind(Kind::Float);
+    let [linears, _] = pipe.quantize_unet_fp8().unwrap();
+    let widened = pipe.latents(&options()).unwrap().to_kind(Kind::Float);
+    let layers = pipe
+        .set_fp8_products(lora::Fp8Products::Scaled)
+        .unwrap();
+    assert_eq!(layers, linears.quantized);
+    let scaled = pipe.latents(&options()).unwrap().to_kind(Kind::Float);
+    let (weights_only, products) = (
+        relative_error(&widened, &bf16),
+        relative_error(&scaled, &widened),
+    );
+    println!(
+        "tiny pipeline bf16: fp8 weights vs bf16 {weights_only:.3e}, fp8 products vs widened {products:.3e}"
+    );
+    // The products did run, and their inputs' rounding is of the weights' rounding's size.
+    assert!(products > 0.0, "the fp8 products did not run");
+    assert!(products < 2.0 * weights_only.max(1e-2), "{products} vs {weights_only}");
+
+    let mut fp32 = pipeline();
+    fp32.quantize_unet_fp8().unwrap();
+    let message = fp32
+        .set_fp8_products(lora::Fp8Products::Scaled)
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("bf16 or fp16"), "{message}");
+    assert_eq!(fp32.set_fp8_products(lora::Fp8Products::Widened).unwrap(), 213);
+}
