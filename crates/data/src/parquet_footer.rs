@@ -289,7 +289,11 @@ impl<'a> Compact<'a> {
         Some((size, b & 0x0f))
     }
 
-    /// Skips one value of type `kind`.
+    /// Skips one value of type `kind` as the `parquet` crate (v60, `skip_till_depth`) does: a
+    /// boolean takes no byte, even as a list, set or map element, where the protocol gives it one.
+    /// Following the crate rather than the protocol keeps the walk where the crate reads: a footer
+    /// whose list of booleans the crate skipped short of its bytes then read the rest as a list of
+    /// two billion elements (found by the `parquet` fuzz target).
     pub(crate) fn skip(&mut self, kind: u8, depth: usize) -> Option<()> {
         if depth > MAX_DEPTH {
             return None;
@@ -307,7 +311,7 @@ impl<'a> Compact<'a> {
             kind::LIST | kind::SET => {
                 let (size, element) = self.list_header()?;
                 for _ in 0..self.bounded(size)? {
-                    self.skip_element(element, depth + 1)?;
+                    self.skip(element, depth + 1)?;
                 }
                 Some(())
             }
@@ -318,8 +322,8 @@ impl<'a> Compact<'a> {
                 }
                 let kinds = self.byte()?;
                 for _ in 0..self.bounded(size)? {
-                    self.skip_element(kinds >> 4, depth + 1)?;
-                    self.skip_element(kinds & 0x0f, depth + 1)?;
+                    self.skip(kinds >> 4, depth + 1)?;
+                    self.skip(kinds & 0x0f, depth + 1)?;
                 }
                 Some(())
             }
@@ -334,14 +338,6 @@ impl<'a> Compact<'a> {
                 }
             }
             _ => None,
-        }
-    }
-
-    /// Skips a list, set or map element: booleans there take a byte of their own.
-    fn skip_element(&mut self, kind: u8, depth: usize) -> Option<()> {
-        match kind {
-            kind::TRUE | kind::FALSE => self.advance(1),
-            _ => self.skip(kind, depth),
         }
     }
 

@@ -313,6 +313,11 @@ fn footers_claiming_impossible_counts_are_refused_naming_the_file() {
         // A field of another type than the parquet crate reads it as, after which the crate read
         // on from the wrong place and skipped billions of booleans that take no bytes (seconds).
         ("slow-footer-field-types-1", "where a"),
+        // Lists of booleans, which the crate skips without reading a byte where the protocol gives
+        // each one: it then read the rest as lists of billions of elements (seconds to minutes).
+        ("slow-bool-skip-1", "is a bool"),
+        ("slow-bool-skip-2", "is a bool"),
+        ("slow-bool-skip-3", "is a bool"),
     ] {
         let file = scratch.path().join(format!("{input}.parquet"));
         std::fs::copy(corpus.join(input), &file).unwrap();
@@ -321,6 +326,7 @@ fn footers_claiming_impossible_counts_are_refused_naming_the_file() {
             columns: Columns::default(),
         };
         let message = error(&source, resolution(32));
+        println!("{input}: {message}");
         assert!(
             message.contains(&format!("{input}.parquet"))
                 && message.contains("the file is malformed")

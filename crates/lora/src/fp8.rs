@@ -95,15 +95,14 @@ pub(crate) fn scaled_product(
     kind: Kind,
 ) -> Result<Tensor> {
     let mut shape = x.size();
-    let rows = x.f_reshape([-1, *shape.last().unwrap_or(&1)])?.f_contiguous()?;
+    let rows = x
+        .f_reshape([-1, *shape.last().unwrap_or(&1)])?
+        .f_contiguous()?;
     // The largest magnitude in one reduction (an ∞-norm), floored so an all-zero input divides
     // by a positive scale.
-    let amax = rows.f_flatten(0, -1)?.f_linalg_norm(
-        f64::INFINITY,
-        None::<&[i64]>,
-        false,
-        Kind::Float,
-    )?;
+    let amax =
+        rows.f_flatten(0, -1)?
+            .f_linalg_norm(f64::INFINITY, None::<&[i64]>, false, Kind::Float)?;
     let scale = (amax.f_clamp_min(1e-12)? / E4M3_MAX).f_to_kind(Kind::Float)?;
     // The clamp only guards the division's last bit: libtorch casts values past 448 to NaN.
     let quantized = rows

@@ -234,7 +234,10 @@ impl Linear {
     /// Sets how the base product is computed when the base weight is stored in fp8 (see
     /// [`Fp8Products`]); returns whether it is (a full-precision layer is left as it is).
     pub fn set_fp8_products(&mut self, products: Fp8Products) -> bool {
-        self.fp8.as_mut().map(|fp8| fp8.products = products).is_some()
+        self.fp8
+            .as_mut()
+            .map(|fp8| fp8.products = products)
+            .is_some()
     }
 
     /// The base product by an fp8 × fp8 product, where [`Fp8Products::Scaled`] applies to `xs`.
@@ -253,7 +256,14 @@ impl Linear {
         }
         // Shapes and types are checked above; where libtorch still refuses (a GPU without fp8
         // tensor cores), the layer widens instead.
-        scaled_product(xs, &self.weight, &fp8.scale, self.bias.as_ref(), fp8.compute_kind).ok()
+        scaled_product(
+            xs,
+            &self.weight,
+            &fp8.scale,
+            self.bias.as_ref(),
+            fp8.compute_kind,
+        )
+        .ok()
     }
 
     /// The bytes the base weight occupies (with its fp8 scale), bias excluded.
@@ -1301,7 +1311,10 @@ mod tests {
         let widened = layer.forward(&x);
         assert!(layer.set_fp8_products(Fp8Products::Scaled));
         let scaled = layer.forward(&x);
-        assert_eq!((scaled.size(), scaled.kind()), (vec![2, 7, 48], Kind::BFloat16));
+        assert_eq!(
+            (scaled.size(), scaled.kind()),
+            (vec![2, 7, 48], Kind::BFloat16)
+        );
         assert!(!scaled.equal(&widened), "the scaled product did not run");
         let weight = layer.base_weight().to_kind(Kind::Float).abs();
         let x32 = x.to_kind(Kind::Float);
@@ -1310,15 +1323,15 @@ mod tests {
             + weight.sum_dim_intlist(1, false, Kind::Float) * (x_scale * 2f64.powi(-10));
         let (scaled32, widened32) = (scaled.to_kind(Kind::Float), widened.to_kind(Kind::Float));
         let bound = input_bound + (scaled32.abs() + widened32.abs()) * 2f64.powi(-8) + 1e-6;
-        let excess = ((&scaled32 - &widened32).abs() - &bound).max().double_value(&[]);
+        let excess = ((&scaled32 - &widened32).abs() - &bound)
+            .max()
+            .double_value(&[]);
         assert!(excess <= 0.0, "past the bound by {excess}");
         // Where the input needs a gradient, or the widths are not multiples of 16, the layer widens.
         let tracked = x.detach().set_requires_grad(true);
         assert!(layer.forward(&tracked).equal(&widened));
-        let mut narrow = Linear::from_tensors(
-            Tensor::randn([40, 24], (Kind::BFloat16, Device::Cpu)),
-            None,
-        );
+        let mut narrow =
+            Linear::from_tensors(Tensor::randn([40, 24], (Kind::BFloat16, Device::Cpu)), None);
         narrow.quantize_fp8("narrow", None).unwrap();
         let input = Tensor::randn([3, 24], (Kind::BFloat16, Device::Cpu));
         let plain = narrow.forward(&input);

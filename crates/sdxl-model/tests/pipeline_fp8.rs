@@ -80,9 +80,7 @@ fn fp8_products_run_in_bf16_stay_near_the_widened_run_and_are_refused_in_fp32() 
     let bf16 = pipe.latents(&options()).unwrap().to_kind(Kind::Float);
     let [linears, _] = pipe.quantize_unet_fp8().unwrap();
     let widened = pipe.latents(&options()).unwrap().to_kind(Kind::Float);
-    let layers = pipe
-        .set_fp8_products(lora::Fp8Products::Scaled)
-        .unwrap();
+    let layers = pipe.set_fp8_products(lora::Fp8Products::Scaled).unwrap();
     assert_eq!(layers, linears.quantized);
     let scaled = pipe.latents(&options()).unwrap().to_kind(Kind::Float);
     let (weights_only, products) = (
@@ -94,7 +92,10 @@ fn fp8_products_run_in_bf16_stay_near_the_widened_run_and_are_refused_in_fp32() 
     );
     // The products did run, and their inputs' rounding is of the weights' rounding's size.
     assert!(products > 0.0, "the fp8 products did not run");
-    assert!(products < 2.0 * weights_only.max(1e-2), "{products} vs {weights_only}");
+    assert!(
+        products < 2.0 * weights_only.max(1e-2),
+        "{products} vs {weights_only}"
+    );
 
     let mut fp32 = pipeline();
     fp32.quantize_unet_fp8().unwrap();
@@ -103,5 +104,8 @@ fn fp8_products_run_in_bf16_stay_near_the_widened_run_and_are_refused_in_fp32() 
         .unwrap_err()
         .to_string();
     assert!(message.contains("bf16 or fp16"), "{message}");
-    assert_eq!(fp32.set_fp8_products(lora::Fp8Products::Widened).unwrap(), 213);
+    assert_eq!(
+        fp32.set_fp8_products(lora::Fp8Products::Widened).unwrap(),
+        213
+    );
 }
