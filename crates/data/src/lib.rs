@@ -57,6 +57,7 @@ mod folder;
 mod hub;
 mod loader;
 mod parquet;
+mod parquet_compact;
 mod parquet_footer;
 mod parquet_pages;
 mod parquet_thrift;

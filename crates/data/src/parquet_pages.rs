@@ -27,7 +27,7 @@ use std::io::{Read, Seek, SeekFrom};
 use parquet::basic::{Compression, Type};
 use parquet::file::metadata::ColumnChunkMetaData;
 
-use crate::parquet_footer::{Compact, kind};
+use crate::parquet_compact::{Compact, kind};
 use crate::parquet_thrift::{self as types, Def};
 
 /// The page type of a dictionary page (`parquet.thrift`, `PageType`).
@@ -270,7 +270,7 @@ fn struct_field<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::parquet_footer::zigzag;
+    use crate::parquet_compact::zigzag;
 
     /// A page header: type, sizes, then a dictionary page header of `values` (field 7) or a v2
     /// data page header whose `is_compressed` is `flag` (field 8).

@@ -1,5 +1,5 @@
 //! What the `parquet` crate (v60) reads each field of a footer or page header as, for
-//! [`crate::parquet_footer::Compact`] to walk them the same way.
+//! [`crate::parquet_compact::Compact`] to walk them the same way.
 //!
 //! The crate reads a field it knows by its id, as the type the format gives it, whatever type the
 //! field's header says (its `thrift_struct!` readers and `parquet_metadata_from_bytes`); a field
@@ -18,7 +18,7 @@
 //! (KeyValue, PageEncodingStats, SortingColumn), `src/basic.rs` (LogicalType and its structs,
 //! TimeUnit, ColumnOrder). Enums are i32 on the wire; an empty struct is read as one byte, 0.
 
-use crate::parquet_footer::kind;
+use crate::parquet_compact::kind;
 
 /// A type as the crate reads it.
 #[derive(Clone, Copy, Debug)]
