@@ -9,9 +9,14 @@
 //! `doc/specs/thrift-compact-protocol.md`), then its length (4 bytes, little-endian) and `PAR1`.
 //! Field 2 of `FileMetaData` is the schema, a list of `SchemaElement` structs, depth first; field 5
 //! of an element is its `num_children`. A tree of `n` elements has no node of more than `n - 1`
-//! children, so a larger (or negative) count is refused here, naming the element. Anything this
-//! reader cannot follow (another magic, a truncated or odd footer) is left to the crate, which
-//! reports it as its own error.
+//! children, so a larger (or negative) count is refused here, naming the element.
+//!
+//! The whole footer is walked as the crate reads it ([`crate::parquet_compact`]): a field of another
+//! type than the crate reads, a container claiming more elements than the bytes left, and anything
+//! the walk cannot follow to the struct's end are refused too, since the crate reading on from there
+//! misread such footers into skips of seconds. A file too short for a footer, without the `PAR1`
+//! magic or with a footer length past its start is left to the crate, which reports it as its own
+//! error.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
