@@ -41,21 +41,41 @@ fn main() {
 /// (`fuzz/corpus/parquet/crash-reader-panic-*`) and sees the errors.
 const CAUGHT_BY_DESIGN: &[&str] = &["/parquet-"];
 
+/// Module paths of those crates, for panics raised in a crate they call (e.g. `bytes`, under the
+/// `parquet` crate's decoders): the stack then holds one of their frames.
+const CAUGHT_BY_DESIGN_FRAMES: &[&str] = &["parquet::"];
+
 /// AFL's panic hook (installed by `afl::fuzz!`) aborts at the panic, before any `catch_unwind` can
-/// catch it. Wrapped by this hook, a panic raised in a crate of [`CAUGHT_BY_DESIGN`] unwinds instead;
-/// every other panic still aborts at once, and one that unwinds out of the target still aborts
-/// (`afl::fuzz!` aborts when the input's call panicked), so no panic the library lets through is
-/// lost.
+/// catch it. Wrapped by this hook, a panic raised in a crate of [`CAUGHT_BY_DESIGN`], or in a crate
+/// it called ([`CAUGHT_BY_DESIGN_FRAMES`] on the stack), unwinds instead; every other panic still
+/// aborts at once, and one that unwinds out of the target still aborts (`afl::fuzz!` aborts when
+/// the input's call panicked), so no panic the library lets through is lost.
 fn let_caught_panics_unwind() {
     let afl_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let caught = info
+        let raised_there = info
             .location()
             .is_some_and(|at| CAUGHT_BY_DESIGN.iter().any(|dir| at.file().contains(dir)));
-        if !caught {
+        if !raised_there && !called_from_there() {
             afl_hook(info);
         }
     }));
+}
+
+/// Whether the stack holds a frame of a crate of [`CAUGHT_BY_DESIGN_FRAMES`] (symbols resolved from
+/// the fuzz build's debug information; only on a panic).
+fn called_from_there() -> bool {
+    let trace = std::backtrace::Backtrace::force_capture().to_string();
+    trace.lines().any(|line| {
+        line.trim_start()
+            .split_once(": ")
+            .is_some_and(|(_, symbol)| {
+                let symbol = symbol.trim_start_matches('<');
+                CAUGHT_BY_DESIGN_FRAMES
+                    .iter()
+                    .any(|prefix| symbol.starts_with(prefix))
+            })
+    })
 }
 
 fn call(run: &mut AssertUnwindSafe<targets::Runner>, data: &[u8]) -> targets::Outcome {
