@@ -49,10 +49,14 @@ const EXAMPLES: &[Example] = &[
             "--compare",
             "--lora_weights",
             "--warmup",
+            "--fp8",
+            "--fp8_compute",
+            "--channels_last",
             "--out",
         ],
         usage_errors: &[
             (&["--prompt", "a fox"], "--model"),
+            (&["--model", "m", "--prompt", "p", "--fp8_compute"], "--fp8"),
             (&["--model", "m"], "--prompt"),
             (
                 &["--model", "m", "--prompt", "p", "--steps", "x"],
