@@ -31,13 +31,18 @@ pub(crate) fn quantize_e4m3(weight: &Tensor) -> Result<(Tensor, Tensor)> {
         let amax = weight.f_abs()?.f_max()?;
         // An all-zero tensor quantizes to zeros with any scale; 1 avoids dividing by zero.
         let scale = (&amax / E4M3_MAX).f_where_self(&amax.f_gt(0.0)?, &amax.f_ones_like()?)?;
-        // The clamp only guards against the last bit of the division's rounding: libtorch turns
-        // values past the fp8 range into NaN rather than saturating.
-        let quantized = (&weight / &scale)
-            .f_clamp(-E4M3_MAX, E4M3_MAX)?
-            .f_to_kind(Kind::Float8e4m3fn)?;
-        Ok((quantized, scale))
+        Ok((to_e4m3(&weight, &scale)?, scale))
     })
+}
+
+/// `x / scale` in `float8_e4m3fn`, `scale` a 0-dim fp32 tensor that maps `x`'s largest magnitude
+/// onto 448. The division is computed in `x`'s type.
+fn to_e4m3(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    // The clamp only guards against the last bit of the division's rounding: libtorch turns
+    // values past the fp8 range into NaN rather than saturating.
+    Ok(x.f_div(scale)?
+        .f_clamp_(-E4M3_MAX, E4M3_MAX)?
+        .f_to_kind(Kind::Float8e4m3fn)?)
 }
 
 /// Widens an fp8 tensor made by [`quantize_e4m3`] back to `kind` (`quantized · scale`).
@@ -104,12 +109,7 @@ pub(crate) fn scaled_product(
         rows.f_flatten(0, -1)?
             .f_linalg_norm(f64::INFINITY, None::<&[i64]>, false, Kind::Float)?;
     let scale = (amax.f_clamp_min(1e-12)? / E4M3_MAX).f_to_kind(Kind::Float)?;
-    // The clamp only guards the division's last bit: libtorch casts values past 448 to NaN.
-    let quantized = rows
-        .f_div(&scale)?
-        .f_clamp_(-E4M3_MAX, E4M3_MAX)?
-        .f_to_kind(Kind::Float8e4m3fn)?;
-    let out = quantized.f_internal_scaled_mm(
+    let out = to_e4m3(&rows, &scale)?.f_internal_scaled_mm(
         &weight.f_tr()?,
         &scale,
         weight_scale,

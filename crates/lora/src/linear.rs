@@ -786,9 +786,12 @@ fn add_plain_lora(
 impl Linear {
     /// The forward pass of the base weight and the ordinary adapters, over every row.
     fn forward_all_rows(&self, xs: &Tensor) -> Tensor {
+        // The base weight's value, widened at most once (an fp8 weight's widening is a new tensor).
+        let weight = std::cell::OnceCell::new();
+        let weight = || weight.get_or_init(|| self.base_weight());
         let base = self
             .scaled_base(xs)
-            .unwrap_or_else(|| xs.linear(&self.base_weight(), self.bias.as_ref()));
+            .unwrap_or_else(|| xs.linear(weight(), self.bias.as_ref()));
         let mut active = self
             .adapters
             .iter()
@@ -815,7 +818,7 @@ impl Linear {
             match &adapter.magnitude {
                 None => result = add_plain_lora(&result, &dropped, adapter, autocast),
                 Some(magnitude) => {
-                    let weight = self.base_weight().to_kind(x.kind());
+                    let weight = weight().to_kind(x.kind());
                     let delta = adapter.up.matmul(&adapter.down).detach() * scale;
                     let norm = adapter.dora_weight_norm(&weight, &delta);
                     let magnitude_scale = (magnitude / norm).view([1, -1]);

@@ -14,16 +14,18 @@ fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
     (actual - expected).norm().double_value(&[]) / expected.norm().double_value(&[])
 }
 
+/// A 3-step 64 px generation of one prompt, seeded.
+fn options() -> GenerateOptions {
+    GenerateOptions::default()
+        .with_prompts(vec!["a cat".into()])
+        .with_steps(3)
+        .with_height(64)
+        .with_width(64)
+        .with_seed(3)
+}
+
 #[test]
 fn fp8_unet_weights_keep_the_latents_close_and_take_a_lora() {
-    let options = || {
-        GenerateOptions::default()
-            .with_prompts(vec!["a cat".into()])
-            .with_steps(3)
-            .with_height(64)
-            .with_width(64)
-            .with_seed(3)
-    };
     let full = pipeline().latents(&options()).unwrap();
     let mut pipe = pipeline();
     let [linears, convs] = pipe.quantize_unet_fp8().unwrap();
@@ -62,14 +64,6 @@ fn fp8_unet_weights_keep_the_latents_close_and_take_a_lora() {
 /// and is refused for an fp32 pipeline.
 #[test]
 fn fp8_products_run_in_bf16_stay_near_the_widened_run_and_are_refused_in_fp32() {
-    let options = || {
-        GenerateOptions::default()
-            .with_prompts(vec!["a cat".into()])
-            .with_steps(3)
-            .with_height(64)
-            .with_width(64)
-            .with_seed(3)
-    };
     let load = sdxl_model::pretrained::LoadOptions::default()
         .kind(Kind::BFloat16)
         .vae_upcast(sdxl_model::vae::Upcast::Never);
