@@ -19,6 +19,8 @@ fn main() {
     println!("cargo:rerun-if-changed=src/nvrtc_kernels.h");
     println!("cargo:rerun-if-changed=src/geglu.cpp");
     println!("cargo:rerun-if-changed=src/geglu.cu");
+    println!("cargo:rerun-if-changed=src/fp8.cpp");
+    println!("cargo:rerun-if-changed=src/fp8_quantize.cu");
     println!("cargo:rustc-check-cfg=cfg(torch_dist_nccl)");
     println!("cargo:rerun-if-changed=src/gloo_decls");
     println!("cargo:rustc-check-cfg=cfg(torch_dist_shim)");
@@ -72,6 +74,7 @@ fn main() {
         .file("src/nvrtc_kernels.cpp")
         .file("src/group_norm.cpp")
         .file("src/geglu.cpp")
+        .file("src/fp8.cpp")
         .compile("torch_cuda_shim");
     println!("cargo:rustc-link-search=native={}", lib_dir.display());
     println!("cargo:rustc-link-lib=dylib=torch_cuda");
@@ -82,17 +85,23 @@ fn main() {
 
 /// Writes each CUDA source that the shim hands to NVRTC at run time into OUT_DIR as a C++ string:
 /// `src/group_norm_nhwc.cu` as `kGroupNormSource` in `group_norm_nhwc_src.h` (for
-/// `src/group_norm.cpp`), `src/geglu.cu` as `kGegluSource` in `geglu_src.h` (for `src/geglu.cpp`).
+/// `src/group_norm.cpp`), `src/geglu.cu` as `kGegluSource` in `geglu_src.h` (for `src/geglu.cpp`),
+/// `src/fp8_quantize.cu` as `kFp8QuantizeSource` in `fp8_quantize_src.h` (for `src/fp8.cpp`).
 /// Returns the folder; a checkout without a file (or an unwritable OUT_DIR) stops the build with the
 /// reason.
 fn embed_kernel_source() -> PathBuf {
-    const SOURCES: [(&str, &str, &str); 2] = [
+    const SOURCES: [(&str, &str, &str); 3] = [
         (
             "src/group_norm_nhwc.cu",
             "group_norm_nhwc_src.h",
             "kGroupNormSource",
         ),
         ("src/geglu.cu", "geglu_src.h", "kGegluSource"),
+        (
+            "src/fp8_quantize.cu",
+            "fp8_quantize_src.h",
+            "kFp8QuantizeSource",
+        ),
     ];
     let written = (|| -> Result<PathBuf, String> {
         let out = PathBuf::from(std::env::var_os("OUT_DIR").ok_or("OUT_DIR is not set")?);

@@ -1,6 +1,6 @@
 //! What libtorch has that tch does not expose: CUDA facilities, and CPU numbers made portable.
 //!
-//! CUDA graphs ([`CudaGraph`], over `at::cuda::CUDAGraph`); libtorch's Kineto profiler ([`Profiler`]); multi-tensor operations ([`foreach`]); a group norm (+ SiLU) over channels-last maps and a fused GEGLU with kernels of their own, compiled at run time by NVRTC ([`group_norm`], [`geglu`]); the caching allocator's memory statistics, the same numbers as PyTorch's
+//! CUDA graphs ([`CudaGraph`], over `at::cuda::CUDAGraph`); libtorch's Kineto profiler ([`Profiler`]); multi-tensor operations ([`foreach`]); a group norm (+ SiLU) over channels-last maps and a fused GEGLU with kernels of their own, compiled at run time by NVRTC ([`group_norm`], [`geglu`]); an fp8 × fp8 linear product recorded for autograd ([`fp8`]); the caching allocator's memory statistics, the same numbers as PyTorch's
 //! `torch.cuda.max_memory_allocated()` / `max_memory_reserved()`, so GPU benchmarks compare like with
 //! like; and the TF32 switches (`torch.backends.cuda.matmul.allow_tf32`,
 //! `torch.backends.cudnn.allow_tf32`), so fp32 parity checks run both sides in full precision. The functions go through a small C++ shim (`src/shim.cpp`) compiled against the pinned
@@ -38,6 +38,7 @@
 
 pub mod dist;
 pub mod foreach;
+pub mod fp8;
 pub mod geglu;
 pub mod graph;
 pub mod group_norm;
@@ -67,7 +68,7 @@ pub enum Error {
     /// Joining a process group or a collective ([`dist`]).
     #[error("distributed: {0}")]
     Dist(String),
-    /// Compiling or running one of the crate's own CUDA kernels ([`group_norm`]).
+    /// Compiling or running one of the crate's own operations ([`group_norm`], [`geglu`], [`fp8`]).
     #[error("kernel: {0}")]
     Kernel(String),
 }
