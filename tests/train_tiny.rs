@@ -147,6 +147,76 @@ fn fp8_base_weights_train_close_to_the_full_precision_run() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `--fp8_compute` (bf16): the fp8-stored layers multiply in fp8 with their inputs quantized per
+/// call, through torch-cuda's differentiable product. The losses
+/// stay near the widened fp8 run's (the inputs' rounding, ≤ 2⁻⁴ of each value, is the difference)
+/// and differ from them (the flag is not ignored); with gradient checkpointing, whose first pass
+/// runs without gradients, the forward pass is the same.
+#[test]
+fn fp8_products_train_close_to_the_widened_fp8_run_with_and_without_checkpointing() {
+    use trainer::config::MixedPrecision;
+    let dir = scratch("fp8-compute");
+    let short = |name: &str, fp8_compute: bool, checkpointing: bool| {
+        tiny(&dir.join(name))
+            .with_mixed_precision(MixedPrecision::Bf16)
+            .with_fp8_base_weights(true)
+            .with_fp8_compute(fp8_compute)
+            .with_gradient_checkpointing(checkpointing)
+            .with_max_train_steps(10)
+            .with_checkpointing_steps(10)
+            .with_logging_steps(1)
+            .with_validation_prompt(None)
+    };
+    let (widened, products, checkpointed) = (
+        short("widened", false, false),
+        short("products", true, false),
+        short("checkpointed", true, true),
+    );
+    run_to_end(&widened);
+    let output = spawn(&products, false).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "training failed:\n{stderr}");
+    assert!(
+        stderr.contains("fp8 products: 213 linear layers multiply in fp8"),
+        "{stderr}"
+    );
+    run_to_end(&checkpointed);
+    let (a, b) = (losses(&widened), losses(&products));
+    assert_eq!((a.len(), b.len()), (10, 10));
+    for (step, (a, b)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            b.is_finite() && (a - b).abs() <= 0.05 * a.abs(),
+            "step {}: widened {a} vs fp8 products {b}",
+            step + 1
+        );
+    }
+    assert_ne!(a, b, "the fp8 products did not run");
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(a, b)| (a - b).abs() / a.abs())
+        .fold(0.0, f64::max);
+    println!(
+        "fp8 products vs widened fp8 loss over 10 steps: largest relative difference {worst:.2e}"
+    );
+    // Checkpointed: the first loss (the forward pass before any update) is the same number, though
+    // the checkpointed forward ran without gradients; later steps move as checkpointing moves the
+    // widened run too (its backward sums in another order).
+    let c = losses(&checkpointed);
+    assert_eq!(
+        c[0], b[0],
+        "the checkpointed forward pass differs"
+    );
+    for (step, (b, c)) in b.iter().zip(&c).enumerate() {
+        assert!(
+            c.is_finite() && (b - c).abs() <= 0.05 * b.abs(),
+            "step {}: fp8 products {b} vs checkpointed {c}",
+            step + 1
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// bf16 mixed precision trains through the LoRA's compute copies (`lora::ComputeCopies`): the
 /// run's losses stay near the fp32 run's, and a run stopped at a checkpoint and resumed (the copies
 /// refreshed from the loaded masters) ends on the bit-identical LoRA of an uninterrupted one.

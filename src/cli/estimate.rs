@@ -192,6 +192,7 @@ fn input(
         steps: config.max_train_steps,
         checkpointing: config.gradient_checkpointing,
         cuda_graph: config.cuda_graph,
+        fp8_products: config.fp8_compute,
         text_encoder_weight_bytes: 0,
         text_encoder_activation_bytes: 0,
     };

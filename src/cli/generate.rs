@@ -395,7 +395,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         println!("UNet convolutions: {convs}");
         if args.fp8_compute {
             let layers = pipe
-                .set_fp8_products(lora::Fp8Products::Scaled)
+                .set_fp8_products(sdxl_model::unet::fp8_products())
                 .context("--fp8_compute")?;
             println!("UNet linear layers multiplying in fp8: {layers}");
         }

@@ -59,7 +59,7 @@ pub(crate) fn dequantize_e4m3(quantized: &Tensor, scale: &Tensor, kind: Kind) ->
 
 /// How a linear layer whose base weight is stored in fp8 computes its base product
 /// ([`set_fp8_products`], [`crate::Linear::set_fp8_products`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Default)]
 pub enum Fp8Products {
     /// The weight widened to the compute type before a product in that type (the default): the
     /// same arithmetic as the full-precision layer on the rounded weight, differentiable.
@@ -73,7 +73,39 @@ pub enum Fp8Products {
     /// 16; elsewhere the layer widens as [`Fp8Products::Widened`]. The input's rounding adds an
     /// error of the weight's size: each input value moves by at most 2⁻⁴ of itself.
     Scaled,
+    /// As [`Fp8Products::Scaled`], by the given product for every input, also one that needs a
+    /// gradient (training): the layers downstream of an adapter multiply in fp8 too, and autograd
+    /// keeps no widened weight for them. Widths and types as for `Scaled`; where the product fails
+    /// (a GPU without fp8 tensor cores), the layer widens.
+    ScaledBy(Fp8Product),
 }
+
+impl PartialEq for Fp8Products {
+    /// Equal kinds; two [`Fp8Products::ScaledBy`] are equal when their products are the
+    /// same function (compared by address, as [`std::ptr::fn_addr_eq`] does).
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Widened, Self::Widened) | (Self::Scaled, Self::Scaled) => true,
+            (Self::ScaledBy(a), Self::ScaledBy(b)) => std::ptr::fn_addr_eq(*a, *b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Fp8Products {}
+
+/// A differentiable fp8 × fp8 base product for [`Fp8Products::ScaledBy`]:
+/// `(x, weight, weight_scale, bias)` ↦ `x · (weight · weight_scale)ᵀ + bias` in `x`'s type, with `x`
+/// quantized per call as [`Fp8Products::Scaled`] does it, recorded for autograd so that `x` gets its
+/// gradient (the widened layer's: the output's gradient times the widened weight). `weight` is
+/// `[out, in]` in e4m3 and `weight_scale` its 0-dim fp32 scale; the error is a message.
+///
+/// This crate depends on tch alone, which cannot define an autograd operation; the
+/// `torch-cuda` crate's `fp8::linear` is one (a C++ `autograd::Function`, with the input's
+/// quantization in two kernels of its own on CUDA):
+/// `|x, w, s, b| torch_cuda::fp8::linear(x, w, s, b).map_err(|e| e.to_string())`.
+pub type Fp8Product =
+    fn(&Tensor, &Tensor, &Tensor, Option<&Tensor>) -> std::result::Result<Tensor, String>;
 
 /// Sets how every linear layer of `model` whose base weight is stored in fp8 computes its base
 /// product; returns how many such layers there are.

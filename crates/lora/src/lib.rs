@@ -67,7 +67,7 @@ pub use adapter::{Adapter, Scaling};
 pub use conv::Conv2d;
 pub use copies::ComputeCopies;
 pub use error::{Error, Result};
-pub use fp8::{Fp8Products, Fp8Report, quantize_base_fp8, set_fp8_products};
+pub use fp8::{Fp8Product, Fp8Products, Fp8Report, quantize_base_fp8, set_fp8_products};
 pub use inject::{
     DetachedAdapters, Init, InjectionReport, LoraConfig, attach, detach, inject, inject_with,
     merge, module_path, set_compute_kind, set_enabled, set_multiplier, set_randomness,

@@ -240,12 +240,17 @@ impl Linear {
             .is_some()
     }
 
-    /// The base product by an fp8 × fp8 product, where [`Fp8Products::Scaled`] applies to `xs`.
+    /// The base product by an fp8 × fp8 product, where [`Fp8Products::Scaled`] or
+    /// [`Fp8Products::ScaledBy`] applies to `xs`.
     fn scaled_base(&self, xs: &Tensor) -> Option<Tensor> {
         let fp8 = self.fp8.as_ref()?;
+        let product = match fp8.products {
+            Fp8Products::Widened => return None,
+            Fp8Products::Scaled => None,
+            Fp8Products::ScaledBy(product) => Some(product),
+        };
         let (out, width) = (self.out_features(), self.in_features());
-        let applies = fp8.products == Fp8Products::Scaled
-            && !xs.requires_grad()
+        let applies = (product.is_some() || !xs.requires_grad())
             && xs.kind() == fp8.compute_kind
             && matches!(fp8.compute_kind, Kind::BFloat16 | Kind::Half)
             && xs.size().last() == Some(&width)
@@ -256,14 +261,17 @@ impl Linear {
         }
         // Shapes and types are checked above; where libtorch still refuses (a GPU without fp8
         // tensor cores), the layer widens instead.
-        scaled_product(
-            xs,
-            &self.weight,
-            &fp8.scale,
-            self.bias.as_ref(),
-            fp8.compute_kind,
-        )
-        .ok()
+        match product {
+            Some(product) => product(xs, &self.weight, &fp8.scale, self.bias.as_ref()).ok(),
+            None => scaled_product(
+                xs,
+                &self.weight,
+                &fp8.scale,
+                self.bias.as_ref(),
+                fp8.compute_kind,
+            )
+            .ok(),
+        }
     }
 
     /// The bytes the base weight occupies (with its fp8 scale), bias excluded.
@@ -1343,6 +1351,90 @@ mod tests {
         // Back to widening.
         assert!(layer.set_fp8_products(Fp8Products::Widened));
         assert!(layer.forward(&x).equal(&widened));
+    }
+
+    /// torch-cuda's differentiable fp8 product, as the trainer hands it to the layers.
+    fn trainable_product(
+        x: &Tensor,
+        weight: &Tensor,
+        scale: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> std::result::Result<Tensor, String> {
+        torch_cuda::fp8::linear(x, weight, scale, bias).map_err(|e| e.to_string())
+    }
+
+    /// `ScaledBy` multiplies in fp8 where the input needs a gradient too: the output is the
+    /// no-gradient `Scaled` output exactly, the input's gradient is the widened layer's (the
+    /// product's backward is the widened one), and an adapter on the layer gets the gradients it
+    /// gets over the widened base (its own path does not see the base product). Without the shim
+    /// (no differentiable product) the layer widens.
+    #[test]
+    fn fp8_trainable_products_keep_the_widened_gradients() {
+        tch::manual_seed(22);
+        let mut layer = Linear::from_tensors(
+            Tensor::randn([48, 32], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16),
+            Some(Tensor::randn([48], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16)),
+        );
+        layer.quantize_fp8("proj", None).unwrap();
+        let down = Tensor::randn([4, 32], (Kind::Float, Device::Cpu)) * 0.1;
+        let up = Tensor::randn([48, 4], (Kind::Float, Device::Cpu)) * 0.1;
+        let mut adapter = Adapter::new("a", down, up, 4.0);
+        adapter.compute_kind = Some(Kind::BFloat16);
+        layer.add_adapter("proj", adapter).unwrap();
+        let x = Tensor::randn([2, 6, 32], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+        let upstream =
+            Tensor::randn([2, 6, 48], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+
+        // Forward and backward from a fresh leaf and fresh adapter gradients: the output and the
+        // gradients of the input, `A` and `B`.
+        let run = |layer: &Linear| {
+            let adapter = layer.adapter("a").unwrap();
+            for t in [&adapter.down, &adapter.up] {
+                let _ = t.set_requires_grad(true);
+                let mut grad = t.grad();
+                if grad.defined() {
+                    let _ = grad.zero_();
+                }
+            }
+            let leaf = x.detach().set_requires_grad(true);
+            let y = layer.forward(&leaf);
+            (&y * &upstream).sum(Kind::Float).backward();
+            let adapter = layer.adapter("a").unwrap();
+            (
+                y.detach(),
+                leaf.grad(),
+                adapter.down.grad().copy(),
+                adapter.up.grad().copy(),
+            )
+        };
+        let widened = run(&layer);
+        assert!(layer.set_fp8_products(Fp8Products::ScaledBy(trainable_product)));
+        let trainable = run(&layer);
+        if !torch_cuda::shim_compiled() {
+            assert!(
+                trainable.0.equal(&widened.0),
+                "without the shim the layer widens"
+            );
+            return;
+        }
+        assert!(
+            !trainable.0.equal(&widened.0),
+            "the fp8 product did not run"
+        );
+        assert!(trainable.1.equal(&widened.1), "the input's gradient");
+        assert!(trainable.2.equal(&widened.2), "A's gradient");
+        assert!(trainable.3.equal(&widened.3), "B's gradient");
+        // The same output as the no-gradient fp8 product.
+        assert!(layer.set_fp8_products(Fp8Products::Scaled));
+        assert!(layer.forward(&x).equal(&trainable.0));
+        assert_eq!(
+            Fp8Products::ScaledBy(trainable_product),
+            Fp8Products::ScaledBy(trainable_product)
+        );
+        assert_ne!(
+            Fp8Products::ScaledBy(trainable_product),
+            Fp8Products::Scaled
+        );
     }
 
     #[test]

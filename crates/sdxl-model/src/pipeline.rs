@@ -700,7 +700,7 @@ impl Pipeline {
     /// [`Error::InvalidSetting`] for [`lora::Fp8Products::Scaled`] on a CUDA device without fp8
     /// tensor cores (compute capability below 8.9) or in a kind other than bf16 or fp16.
     pub fn set_fp8_products(&mut self, products: lora::Fp8Products) -> Result<usize> {
-        if products == lora::Fp8Products::Scaled {
+        if products != lora::Fp8Products::Widened {
             if !matches!(self.kind, Kind::BFloat16 | Kind::Half) {
                 return Err(Error::InvalidSetting {
                     setting: "fp8 products",

@@ -60,8 +60,9 @@ fn fp8_unet_weights_keep_the_latents_close_and_take_a_lora() {
 
 /// `set_fp8_products(Scaled)` (`generate --fp8 --fp8_compute`) on the tiny pipeline in bf16: the
 /// linear layers multiply in fp8, which moves the latents from the widened fp8 run's by about the
-/// weights' own rounding (each input of a product rounded to 3 mantissa bits, as each weight is) —
-/// and is refused for an fp32 pipeline.
+/// weights' own rounding (each input of a product rounded to 3 mantissa bits, as each weight is),
+/// torch-cuda's product (`unet::fp8_products`) gives the same latents — and is refused for an fp32
+/// pipeline.
 #[test]
 fn fp8_products_run_in_bf16_stay_near_the_widened_run_and_are_refused_in_fp32() {
     let load = sdxl_model::pretrained::LoadOptions::default()
@@ -89,6 +90,15 @@ fn fp8_products_run_in_bf16_stay_near_the_widened_run_and_are_refused_in_fp32() 
     assert!(
         products < 2.0 * weights_only.max(1e-2),
         "{products} vs {weights_only}"
+    );
+    // What `generate --fp8_compute` sets: this build's product (torch-cuda's, where it has the
+    // shim), the same latents.
+    pipe.set_fp8_products(sdxl_model::unet::fp8_products())
+        .unwrap();
+    let build = pipe.latents(&options()).unwrap().to_kind(Kind::Float);
+    assert!(
+        build.equal(&scaled),
+        "the build's fp8 product computed other latents"
     );
 
     let mut fp32 = pipeline();

@@ -59,6 +59,36 @@ impl std::fmt::Debug for SharedUnet {
     }
 }
 
+/// `--fp8_compute` needs fp8 tensor cores on a CUDA device (compute capability 8.9 or newer) and the
+/// shim that holds the differentiable product; the CPU multiplies in fp8 through oneDNN.
+fn check_fp8_tensor_cores(device: Device) -> Result<()> {
+    if !torch_cuda::shim_compiled() {
+        return Err(Error::InvalidOption {
+            option: "--fp8_compute",
+            problem: "this build has no torch-cuda shim (torch's CUDA headers were not found at \
+                      build time), which holds the differentiable fp8 product"
+                .into(),
+        });
+    }
+    if let Device::Cuda(index) = device {
+        let capability = torch_cuda::compute_capability(index);
+        if capability.is_none_or(|c| c < (8, 9)) {
+            return Err(Error::InvalidOption {
+                option: "--fp8_compute",
+                problem: format!(
+                    "cuda:{index} has {}; fp8 products need fp8 tensor cores (compute capability \
+                     8.9 or newer: Ada, Hopper, Blackwell)",
+                    capability.map_or_else(
+                        || "an unknown compute capability".to_owned(),
+                        |(major, minor)| format!("compute capability {major}.{minor}")
+                    )
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl SharedUnet {
     /// Loads the UNet of `folder` frozen in `kind`, with (`--fp8_base_weights`) its fp8 weights
     /// and `--attention`'s backend: what every LoRA trained on it shares.
@@ -79,7 +109,14 @@ impl SharedUnet {
                 lora::quantize_base_fp8(&mut unet)?
             ));
             log(format!("convolutions: {}", unet.quantize_convs_fp8()?));
-            if !config.gradient_checkpointing {
+            if config.fp8_compute {
+                check_fp8_tensor_cores(device)?;
+                // torch-cuda's product (the shim is checked above): every layer, gradients included.
+                let layers = lora::set_fp8_products(&mut unet, sdxl_model::unet::fp8_products());
+                log(format!(
+                    "fp8 products: {layers} linear layers multiply in fp8 (inputs quantized per call)"
+                ));
+            } else if !config.gradient_checkpointing {
                 // Autograd keeps each layer's widened weight for the backward: the UNet's full-precision size.
                 log(
                     "note: fp8 base weights save memory in training only with --gradient_checkpointing",

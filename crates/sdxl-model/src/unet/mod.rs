@@ -26,6 +26,29 @@ pub use flops::{FlopShape, UNetFlops};
 pub use sgm::{SGM_UNET_PREFIX, sgm_unet_table, to_sgm};
 pub use unet_2d_condition::{CheckpointedForward, InputGrads, UNet2DConditionModel, UNetInputs};
 
+/// How fp8-stored linear layers should multiply in fp8 in this build ([`lora::set_fp8_products`],
+/// [`crate::pipeline::Pipeline::set_fp8_products`]): by torch-cuda's differentiable product
+/// ([`lora::Fp8Products::ScaledBy`]: every input, gradients included, its quantization in two
+/// kernels of our own on CUDA) where the build has torch-cuda's shim, else by `lora`'s own
+/// ([`lora::Fp8Products::Scaled`]: inputs that need no gradient). Both compute the same values.
+pub fn fp8_products() -> lora::Fp8Products {
+    if torch_cuda::shim_compiled() {
+        lora::Fp8Products::ScaledBy(fp8_product)
+    } else {
+        lora::Fp8Products::Scaled
+    }
+}
+
+/// torch-cuda's differentiable fp8 product with `lora`'s signature.
+fn fp8_product(
+    x: &tch::Tensor,
+    weight: &tch::Tensor,
+    scale: &tch::Tensor,
+    bias: Option<&tch::Tensor>,
+) -> std::result::Result<tch::Tensor, String> {
+    torch_cuda::fp8::linear(x, weight, scale, bias).map_err(|e| e.to_string())
+}
+
 /// The UNet's building blocks, diffusers' classes of the same names (`Attention`, `ResnetBlock2D`,
 /// `Transformer2DModel`, the down/mid/up blocks, …), for models of one's own built from them. Their
 /// sub-layers are the UNet's business: a block is built with its `new` and run with its forward.

@@ -350,6 +350,8 @@ train_config! {
     gradient_checkpointing: bool = false,
     /// Store the frozen UNet's linear and convolution weights in fp8 (e4m3, one scale per tensor), computed in the training precision; saves memory with --gradient_checkpointing.
     fp8_base_weights: bool = false,
+    /// Multiply the fp8 base weights in fp8 (fp8 tensor cores, compute capability 8.9 or newer; needs --fp8_base_weights and --mixed_precision bf16 or fp16): each linear layer's input is quantized per call to e4m3 (its largest magnitude / 448), gradients flow back through the widened weight, and autograd keeps no widened copy of the weights.
+    fp8_compute: bool = false,
     /// Capture the micro-step and the optimizer step as CUDA graphs after two eager steps (CUDA, cached latents).
     cuda_graph: bool = false,
     /// Let cuDNN time its convolution algorithms on first use and keep the fastest (PyTorch's `torch.backends.cudnn.benchmark`); the timing runs in the warm-up steps, before any graph capture.

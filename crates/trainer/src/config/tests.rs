@@ -72,6 +72,31 @@ fn bad_flags_are_named() {
     let disk = message(&["--cache_latents_to_disk", "--cache_latents", "false"]);
     assert!(disk.starts_with("--cache_latents_to_disk"), "{disk}");
     parse(&["--random_flip"]).unwrap();
+    let fp8 = message(&["--fp8_compute"]);
+    assert!(
+        fp8.starts_with("--fp8_compute") && fp8.contains("--fp8_base_weights"),
+        "{fp8}"
+    );
+    let fp32 = message(&[
+        "--fp8_compute",
+        "--fp8_base_weights",
+        "--mixed_precision",
+        "no",
+    ]);
+    assert!(
+        fp32.starts_with("--fp8_compute") && fp32.contains("bf16 or fp16"),
+        "{fp32}"
+    );
+    assert!(
+        parse(&[
+            "--fp8_compute",
+            "--fp8_base_weights",
+            "--mixed_precision",
+            "fp16"
+        ])
+        .unwrap()
+        .fp8_compute
+    );
     assert!(message(&["--max_train_steps"]).contains("--max_train_steps"));
     assert!(message(&["rank"]).contains("rank"));
 }

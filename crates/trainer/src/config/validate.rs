@@ -245,6 +245,18 @@ impl TrainConfig {
                 "pairs each batch with as many class images of the square resolution; with --enable_bucket use kohya's regularization subsets (is_reg in a --dataset_config file)".into(),
             );
         }
+        if self.fp8_compute && !self.fp8_base_weights {
+            return fail(
+                "--fp8_compute",
+                "needs --fp8_base_weights (it multiplies the fp8-stored weights in fp8)".into(),
+            );
+        }
+        if self.fp8_compute && self.mixed_precision == super::MixedPrecision::No {
+            return fail(
+                "--fp8_compute",
+                "needs --mixed_precision bf16 or fp16 (fp8 products are written in the training precision)".into(),
+            );
+        }
         if self.cache_latents_to_disk && !self.cache_latents {
             return fail(
                 "--cache_latents_to_disk",

@@ -224,6 +224,7 @@ pub(super) fn run_estimate(
         steps: config.max_train_steps,
         checkpointing: config.gradient_checkpointing,
         cuda_graph: config.cuda_graph,
+        fp8_products: config.fp8_compute,
     };
     let chosen = config.optimizer_setup().ok();
     let choices: Vec<_> = OptimizerKind::ALL
