@@ -58,7 +58,7 @@ fn shapes(device: Device) -> Vec<Shape> {
 /// Bytes of the score matrices alive at once (scores and their softmax, fp32 softmax).
 fn score_bytes(shape: &Shape, backend: AttentionBackend, element: i64) -> i64 {
     let rows = match backend {
-        AttentionBackend::Fused => 0,
+        AttentionBackend::Fused | AttentionBackend::Cudnn => 0,
         AttentionBackend::Plain => shape.batch * shape.heads,
         AttentionBackend::Sliced(size) => size.rows(shape.heads).min(shape.batch * shape.heads),
     };
@@ -73,6 +73,7 @@ fn attention_slicing(c: &mut Criterion) {
     }
     let backends = [
         AttentionBackend::Fused,
+        AttentionBackend::Cudnn,
         AttentionBackend::Plain,
         AttentionBackend::Sliced(SliceSize::Auto),
         AttentionBackend::Sliced(SliceSize::Rows(4)),
@@ -95,6 +96,10 @@ fn attention_slicing(c: &mut Criterion) {
             ));
             group.sample_size(10);
             for backend in backends {
+                // cuDNN's attention exists on CUDA only (on the CPU the backend is `Fused`).
+                if backend == AttentionBackend::Cudnn && !device.is_cuda() {
+                    continue;
+                }
                 if let (Device::Cuda(i), Some(base)) = (device, torch_cuda::memory_stats(0)) {
                     torch_cuda::reset_peak_memory_stats(0);
                     let out = attention(&q, &k, &v, shape.heads, backend);

@@ -52,11 +52,16 @@ const EXAMPLES: &[Example] = &[
             "--fp8",
             "--fp8_compute",
             "--channels_last",
+            "--attention",
             "--out",
         ],
         usage_errors: &[
             (&["--prompt", "a fox"], "--model"),
             (&["--model", "m", "--prompt", "p", "--fp8_compute"], "--fp8"),
+            (
+                &["--model", "m", "--prompt", "p", "--attention", "flash"],
+                "--attention",
+            ),
             (&["--model", "m"], "--prompt"),
             (
                 &["--model", "m", "--prompt", "p", "--steps", "x"],

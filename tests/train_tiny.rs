@@ -151,7 +151,8 @@ fn fp8_base_weights_train_close_to_the_full_precision_run() {
 /// call, through torch-cuda's differentiable product. The losses
 /// stay near the widened fp8 run's (the inputs' rounding, ≤ 2⁻⁴ of each value, is the difference)
 /// and differ from them (the flag is not ignored); with gradient checkpointing, whose first pass
-/// runs without gradients, the forward pass is the same.
+/// runs without gradients, the forward pass is the same; `--fp8_gradients` (the input gradients in
+/// fp8 as well) keeps the losses as near.
 #[test]
 fn fp8_products_train_close_to_the_widened_fp8_run_with_and_without_checkpointing() {
     use trainer::config::MixedPrecision;
@@ -161,16 +162,18 @@ fn fp8_products_train_close_to_the_widened_fp8_run_with_and_without_checkpointin
             .with_mixed_precision(MixedPrecision::Bf16)
             .with_fp8_base_weights(true)
             .with_fp8_compute(fp8_compute)
+            .with_fp8_gradients(name == "gradients")
             .with_gradient_checkpointing(checkpointing)
             .with_max_train_steps(10)
             .with_checkpointing_steps(10)
             .with_logging_steps(1)
             .with_validation_prompt(None)
     };
-    let (widened, products, checkpointed) = (
+    let (widened, products, checkpointed, gradients) = (
         short("widened", false, false),
         short("products", true, false),
         short("checkpointed", true, true),
+        short("gradients", true, false),
     );
     run_to_end(&widened);
     let output = spawn(&products, false).wait_with_output().unwrap();
@@ -181,6 +184,13 @@ fn fp8_products_train_close_to_the_widened_fp8_run_with_and_without_checkpointin
         "{stderr}"
     );
     run_to_end(&checkpointed);
+    let output = spawn(&gradients, false).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "training failed:\n{stderr}");
+    assert!(
+        stderr.contains("input gradients in fp8, output gradients quantized to e5m2"),
+        "{stderr}"
+    );
     let (a, b) = (losses(&widened), losses(&products));
     assert_eq!((a.len(), b.len()), (10, 10));
     for (step, (a, b)) in a.iter().zip(&b).enumerate() {
@@ -203,10 +213,7 @@ fn fp8_products_train_close_to_the_widened_fp8_run_with_and_without_checkpointin
     // the checkpointed forward ran without gradients; later steps move as checkpointing moves the
     // widened run too (its backward sums in another order).
     let c = losses(&checkpointed);
-    assert_eq!(
-        c[0], b[0],
-        "the checkpointed forward pass differs"
-    );
+    assert_eq!(c[0], b[0], "the checkpointed forward pass differs");
     for (step, (b, c)) in b.iter().zip(&c).enumerate() {
         assert!(
             c.is_finite() && (b - c).abs() <= 0.05 * b.abs(),
@@ -214,6 +221,26 @@ fn fp8_products_train_close_to_the_widened_fp8_run_with_and_without_checkpointin
             step + 1
         );
     }
+    // --fp8_gradients: the same first forward pass; then the e5m2 gradients move the LoRA, and the
+    // losses stay as near the widened run's.
+    let g = losses(&gradients);
+    assert_eq!(g[0], b[0], "--fp8_gradients changed the forward pass");
+    assert_ne!(g, b, "the fp8 backward did not run");
+    for (step, (a, g)) in a.iter().zip(&g).enumerate() {
+        assert!(
+            g.is_finite() && (a - g).abs() <= 0.05 * a.abs(),
+            "step {}: widened {a} vs fp8 gradients {g}",
+            step + 1
+        );
+    }
+    let worst = a
+        .iter()
+        .zip(&g)
+        .map(|(a, g)| (a - g).abs() / a.abs())
+        .fold(0.0, f64::max);
+    println!(
+        "fp8 gradients vs widened fp8 loss over 10 steps: largest relative difference {worst:.2e}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

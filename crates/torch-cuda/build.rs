@@ -21,6 +21,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/geglu.cu");
     println!("cargo:rerun-if-changed=src/fp8.cpp");
     println!("cargo:rerun-if-changed=src/fp8_quantize.cu");
+    println!("cargo:rerun-if-changed=src/sdp.cpp");
     println!("cargo:rustc-check-cfg=cfg(torch_dist_nccl)");
     println!("cargo:rerun-if-changed=src/gloo_decls");
     println!("cargo:rustc-check-cfg=cfg(torch_dist_shim)");
@@ -75,6 +76,7 @@ fn main() {
         .file("src/group_norm.cpp")
         .file("src/geglu.cpp")
         .file("src/fp8.cpp")
+        .file("src/sdp.cpp")
         .compile("torch_cuda_shim");
     println!("cargo:rustc-link-search=native={}", lib_dir.display());
     println!("cargo:rustc-link-lib=dylib=torch_cuda");

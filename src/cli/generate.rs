@@ -145,6 +145,10 @@ pub struct GenerateArgs {
     /// Capture the denoising step's UNet call as a CUDA graph after the first step and replay it (CUDA only).
     #[arg(long = "cuda_graph")]
     cuda_graph: bool,
+    /// The UNet's attention: `fused` (libtorch's flash / memory-efficient kernels), `cudnn` (cuDNN's
+    /// fused attention tried first on CUDA), `plain`, `sliced` or `sliced:<auto|max|rows>`.
+    #[arg(long, value_name = "BACKEND", default_value = "fused")]
+    attention: sdxl_model::attention::AttentionBackend,
     /// Run the UNet's feature maps channels-last (CUDA only): cuDNN's NHWC convolutions and the
     /// channels-last group norm kernels, compiled at first use.
     #[arg(long = "channels_last")]
@@ -389,13 +393,16 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     if args.channels_last && device.is_cuda() {
         pipe.unet_mut().set_channels_last(true);
     }
+    pipe.unet_mut().set_attention_backend(args.attention);
     if args.fp8 {
         let [linears, convs] = pipe.quantize_unet_fp8()?;
         println!("UNet linear layers: {linears}");
         println!("UNet convolutions: {convs}");
         if args.fp8_compute {
             let layers = pipe
-                .set_fp8_products(sdxl_model::unet::fp8_products())
+                .set_fp8_products(sdxl_model::unet::fp8_products(
+                    torch_cuda::fp8::Backward::Widened,
+                ))
                 .context("--fp8_compute")?;
             println!("UNet linear layers multiplying in fp8: {layers}");
         }

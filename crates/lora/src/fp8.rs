@@ -103,7 +103,7 @@ impl Eq for Fp8Products {}
 /// This crate depends on tch alone, which cannot define an autograd operation; the
 /// `torch-cuda` crate's `fp8::linear` is one (a C++ `autograd::Function`, with the input's
 /// quantization in two kernels of its own on CUDA):
-/// `|x, w, s, b| torch_cuda::fp8::linear(x, w, s, b).map_err(|e| e.to_string())`.
+/// `|x, w, s, b| torch_cuda::fp8::linear(x, w, s, b, Backward::Widened).map_err(|e| e.to_string())`.
 pub type Fp8Product =
     fn(&Tensor, &Tensor, &Tensor, Option<&Tensor>) -> std::result::Result<Tensor, String>;
 

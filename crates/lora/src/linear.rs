@@ -1360,7 +1360,8 @@ mod tests {
         scale: &Tensor,
         bias: Option<&Tensor>,
     ) -> std::result::Result<Tensor, String> {
-        torch_cuda::fp8::linear(x, weight, scale, bias).map_err(|e| e.to_string())
+        torch_cuda::fp8::linear(x, weight, scale, bias, torch_cuda::fp8::Backward::Widened)
+            .map_err(|e| e.to_string())
     }
 
     /// `ScaledBy` multiplies in fp8 where the input needs a gradient too: the output is the

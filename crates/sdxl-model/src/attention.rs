@@ -64,6 +64,10 @@ pub enum AttentionBackend {
     /// libtorch's fused `scaled_dot_product_attention` (flash or memory-efficient kernels on CUDA).
     #[default]
     Fused,
+    /// The same with cuDNN's fused attention tried first on CUDA (`torch_cuda::sdp::with_first`,
+    /// PyTorch's `sdpa_kernel([SDPBackend.CUDNN_ATTENTION], set_priority=True)`); libtorch falls back
+    /// to the next backend where cuDNN's does not apply. On the CPU the same as `Fused`.
+    Cudnn,
     /// The batch×heads axis in slices, each computed with plain matmuls: bounded peak memory.
     Sliced(SliceSize),
     /// Scores, softmax and weighted sum as separate operations over all heads at once.
@@ -73,10 +77,11 @@ pub enum AttentionBackend {
 impl std::str::FromStr for AttentionBackend {
     type Err = Error;
 
-    /// Parses `fused`, `plain`, `sliced` (auto slice size) or `sliced:<auto|max|rows>`.
+    /// Parses `fused`, `cudnn`, `plain`, `sliced` (auto slice size) or `sliced:<auto|max|rows>`.
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "fused" => Ok(Self::Fused),
+            "cudnn" => Ok(Self::Cudnn),
             "plain" => Ok(Self::Plain),
             "sliced" => Ok(Self::Sliced(SliceSize::Auto)),
             _ => match s.strip_prefix("sliced:") {
@@ -84,7 +89,7 @@ impl std::str::FromStr for AttentionBackend {
                 None => Err(Error::InvalidSetting {
                     setting: "attention backend",
                     value: s.to_owned(),
-                    expected: "`fused`, `plain`, `sliced` or `sliced:<auto|max|rows>`",
+                    expected: "`fused`, `cudnn`, `plain`, `sliced` or `sliced:<auto|max|rows>`",
                 }),
             },
         }
@@ -138,6 +143,14 @@ pub fn attention(
     let (q, k, v) = (split(query), split(key), split(value));
     let out = match backend {
         AttentionBackend::Fused => fused(&q, &k, &v, false, Some(scale)),
+        AttentionBackend::Cudnn if q.device().is_cuda() => {
+            // Without the shim the order cannot be set: libtorch's own order then.
+            torch_cuda::sdp::with_first(&[torch_cuda::sdp::Backend::Cudnn], || {
+                fused(&q, &k, &v, false, Some(scale))
+            })
+            .unwrap_or_else(|_| fused(&q, &k, &v, false, Some(scale)))
+        }
+        AttentionBackend::Cudnn => fused(&q, &k, &v, false, Some(scale)),
         AttentionBackend::Plain => weighted_sum(&q, &k, &v, scale),
         AttentionBackend::Sliced(size) => {
             // Slices run over the flattened batch×heads axis, as diffusers' `SlicedAttnProcessor` does.
@@ -239,6 +252,7 @@ mod tests {
         let expected = reference(&q, &k, &v, 3);
         let backends = [
             AttentionBackend::Fused,
+            AttentionBackend::Cudnn,
             AttentionBackend::Plain,
             AttentionBackend::Sliced(SliceSize::Auto),
             AttentionBackend::Sliced(SliceSize::Max),
@@ -293,6 +307,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("key [1, 4, 6]"), "{msg}");
+        assert_eq!(
+            "cudnn".parse::<AttentionBackend>().unwrap(),
+            AttentionBackend::Cudnn
+        );
         assert_eq!(
             "sliced:max".parse::<AttentionBackend>().unwrap(),
             AttentionBackend::Sliced(SliceSize::Max)

@@ -93,8 +93,10 @@ fn fp8_products_run_in_bf16_stay_near_the_widened_run_and_are_refused_in_fp32() 
     );
     // What `generate --fp8_compute` sets: this build's product (torch-cuda's, where it has the
     // shim), the same latents.
-    pipe.set_fp8_products(sdxl_model::unet::fp8_products())
-        .unwrap();
+    pipe.set_fp8_products(sdxl_model::unet::fp8_products(
+        torch_cuda::fp8::Backward::Widened,
+    ))
+    .unwrap();
     let build = pipe.latents(&options()).unwrap().to_kind(Kind::Float);
     assert!(
         build.equal(&scaled),

@@ -2,8 +2,9 @@
 // quantized per call to e4m3 (one scale, its largest magnitude / 448, computed on the device) and
 // multiplied by a frozen e4m3 weight with ATen's _scaled_mm (Hopper's fp8 tensor cores on CUDA,
 // oneDNN on the CPU); the backward gives the input's gradient by the widened weight, as the
-// widened layer's backward does. Only the fp8 weight and its scale are kept for the backward: no
-// widened copy of the weight and no copy of the input.
+// widened layer's backward does, or (fp8 backward) by the output gradient quantized per call to e5m2
+// times the e4m3 weight, transposed for the product. Only the fp8 weight and its scale are kept for
+// the backward: no widened copy of the weight and no copy of the input.
 //
 // Every entry point catches C++ exceptions and reports failure by its return value, leaving the
 // message for torch_fp8_last_error().
@@ -26,20 +27,26 @@ namespace {
 using namespace torch_cuda_kernels;
 
 constexpr double kE4m3Max = 448.0;
+constexpr double kE5m2Max = 57344.0;
 
 enum QuantizeKernel { kAmax, kQuantize };
+
+// The fp8 format of a quantized operand: e4m3fn for inputs and weights, e5m2 for gradients.
+enum class Format { kE4m3, kE5m2 };
 
 const Program kFp8Quantize{kFp8QuantizeSource, "fp8_quantize.cu", "fp8 input quantization", {"fp8_amax", "fp8_quantize"}};
 
 // libtorch's operations for the input's quantization (the CPU's route, and the definition the CUDA
 // kernels follow): (e4m3 values, fp32 scale).
-std::pair<at::Tensor, at::Tensor> quantize_aten(const at::Tensor& rows) {
+std::pair<at::Tensor, at::Tensor> quantize_aten(const at::Tensor& rows, Format format) {
+    const double top = format == Format::kE5m2 ? kE5m2Max : kE4m3Max;
+    const at::ScalarType type = format == Format::kE5m2 ? at::kFloat8_e5m2 : at::kFloat8_e4m3fn;
     // The largest magnitude in one reduction, floored so that an all-zero input divides by a
     // positive scale; the division is computed in the input's type and saturated before the cast
-    // (libtorch turns values past the fp8 range into NaN rather than saturating).
+    // (libtorch turns values past the fp8 range into NaN or infinity rather than saturating).
     const at::Tensor amax = at::linalg_vector_norm(rows, INFINITY, std::nullopt, false, at::kFloat);
-    const at::Tensor scale = amax.clamp_min(1e-12).div(kE4m3Max).to(at::kFloat);
-    return {rows.div(scale).clamp_(-kE4m3Max, kE4m3Max).to(at::kFloat8_e4m3fn), scale};
+    const at::Tensor scale = amax.clamp_min(1e-12).div(top).to(at::kFloat);
+    return {rows.div(scale).clamp_(-top, top).to(type), scale};
 }
 
 // The widest vector (8, 4, 2 or 1 elements) that divides the element count and to which the input
@@ -55,15 +62,16 @@ int quantize_vector_width(const at::Tensor& x, const at::Tensor& out) {
 
 // The input's quantization by src/fp8_quantize.cu on CUDA (two kernels after zeroing one word),
 // libtorch's operations elsewhere: (e4m3 values, fp32 scale), the values bit for bit the same.
-std::pair<at::Tensor, at::Tensor> quantize_input(const at::Tensor& input) {
+std::pair<at::Tensor, at::Tensor> quantize_input(const at::Tensor& input, Format format) {
     const at::Tensor rows = input.contiguous();
     if (!rows.is_cuda() || rows.numel() == 0) {
-        return quantize_aten(rows);
+        return quantize_aten(rows, format);
     }
     c10::DeviceGuard guard(rows.device());
     at::Tensor amax_bits = at::zeros({1}, rows.options().dtype(at::kInt));
     at::Tensor scale = at::empty({}, rows.options().dtype(at::kFloat));
-    at::Tensor quantized = at::empty(rows.sizes(), rows.options().dtype(at::kFloat8_e4m3fn));
+    at::Tensor quantized = at::empty(
+        rows.sizes(), rows.options().dtype(format == Format::kE5m2 ? at::kFloat8_e5m2 : at::kFloat8_e4m3fn));
     const int vec = quantize_vector_width(rows, quantized);
     const Kernels& k = kernels(kFp8Quantize, arch_of(rows), store_kind(rows.scalar_type(), kFp8Quantize.label), vec);
     const void* x_ptr = rows.data_ptr();
@@ -71,10 +79,11 @@ std::pair<at::Tensor, at::Tensor> quantize_input(const at::Tensor& input) {
     void* q_ptr = quantized.data_ptr();
     void* scale_ptr = scale.data_ptr();
     long long vectors = static_cast<long long>(rows.numel() / vec);
+    int e5m2 = format == Format::kE5m2 ? 1 : 0;
     const dim3 grid = elementwise_grid(vectors, multiprocessors(rows));
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(rows.device().index()).stream();
     launch(kFp8Quantize, k, kAmax, grid, dim3(256), 0, {&x_ptr, &bits_ptr, &vectors}, stream);
-    launch(kFp8Quantize, k, kQuantize, grid, dim3(256), 0, {&x_ptr, &q_ptr, &bits_ptr, &scale_ptr, &vectors}, stream);
+    launch(kFp8Quantize, k, kQuantize, grid, dim3(256), 0, {&x_ptr, &q_ptr, &bits_ptr, &scale_ptr, &vectors, &e5m2}, stream);
     return {quantized, scale};
 }
 
@@ -109,7 +118,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
                         const std::optional<at::Tensor>& bias) {
     c10::DeviceGuard guard(x.device());
-    const auto [quantized, scale] = quantize_input(x.reshape({-1, x.size(-1)}));
+    const auto [quantized, scale] = quantize_input(x.reshape({-1, x.size(-1)}), Format::kE4m3);
     const at::Tensor out = at::_scaled_mm(quantized, weight.t(), scale, weight_scale.reshape({}), bias,
                                           std::nullopt, x.scalar_type(), /*use_fast_accum=*/true);
     std::vector<int64_t> shape = x.sizes().vec();
@@ -119,19 +128,21 @@ at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& weight, const at:
 
 struct Fp8Linear : public torch::autograd::Function<Fp8Linear> {
     static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                              const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias) {
+                              const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
+                              bool fp8_backward) {
         at::Tensor out = forward_impl(x, weight, weight_scale, bias);
         ctx->save_for_backward({weight, weight_scale});
         ctx->saved_data["input_shape"] = x.sizes().vec();
         // An absent bias is no input of the node (needs_input_grad has no index for it).
         ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+        ctx->saved_data["fp8_backward"] = fp8_backward;
         return out;
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
         const at::Tensor& grad = grads[0];
         if (!grad.defined()) {  // the output took no part in what is differentiated
-            return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
         }
         const auto saved = ctx->get_saved_variables();
         const at::Tensor& weight = saved[0];
@@ -139,7 +150,16 @@ struct Fp8Linear : public torch::autograd::Function<Fp8Linear> {
         const std::vector<int64_t> input_shape = ctx->saved_data["input_shape"].toIntVector();
         const at::Tensor grad_rows = grad.reshape({-1, weight.size(0)});
         at::Tensor grad_x;
-        if (ctx->needs_input_grad(0)) {
+        if (ctx->needs_input_grad(0) && ctx->saved_data["fp8_backward"].toBool()) {
+            // The output gradient in e5m2 (its range) by its largest magnitude, times the e4m3 weight:
+            // _scaled_mm takes its second operand column-major, so the weight goes transposed
+            // ([in, out] row-major, one byte per element). fp32 accumulation without the fast mode.
+            const auto [grad_q, grad_scale] = quantize_input(grad_rows, Format::kE5m2);
+            const at::Tensor transposed = weight.t().contiguous();
+            grad_x = at::_scaled_mm(grad_q, transposed.t(), grad_scale, weight_scale.reshape({}), std::nullopt,
+                                    std::nullopt, grad.scalar_type(), /*use_fast_accum=*/false)
+                         .reshape(input_shape);
+        } else if (ctx->needs_input_grad(0)) {
             // The widened layer's backward: the product by the weight widened to the gradient's type
             // (e4m3 → bf16/fp16 is exact; one rounding for the scale).
             const at::Tensor widened = weight.to(grad.scalar_type()).mul(weight_scale.reshape({}));
@@ -149,7 +169,7 @@ struct Fp8Linear : public torch::autograd::Function<Fp8Linear> {
         if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) {
             grad_bias = grad_rows.sum(0);
         }
-        return {grad_x, at::Tensor(), at::Tensor(), grad_bias};
+        return {grad_x, at::Tensor(), at::Tensor(), grad_bias, at::Tensor()};
     }
 };
 
@@ -160,8 +180,9 @@ extern "C" {
 const char* torch_fp8_last_error() { return torch_cuda_kernels::last_error().c_str(); }
 
 // The fp8 linear product of `x` by the e4m3 `weight` with its fp32 `weight_scale` and an optional
-// `bias` (null for none), recorded for autograd; the output in x's type.
-int torch_fp8_linear(void* x, void* weight, void* weight_scale, void* bias, void** out) {
+// `bias` (null for none), recorded for autograd (the input's gradient in fp8 too when
+// `fp8_backward`); the output in x's type.
+int torch_fp8_linear(void* x, void* weight, void* weight_scale, void* bias, int fp8_backward, void** out) {
     return torch_cuda_kernels::guarded([&] {
         const at::Tensor& input = *static_cast<const at::Tensor*>(x);
         const at::Tensor& w = *static_cast<const at::Tensor*>(weight);
@@ -171,21 +192,21 @@ int torch_fp8_linear(void* x, void* weight, void* weight_scale, void* bias, void
             b = *static_cast<const at::Tensor*>(bias);
         }
         check_inputs(input, w, s, b);
-        at::Tensor y = Fp8Linear::apply(input, w, s, b);
+        at::Tensor y = Fp8Linear::apply(input, w, s, b, fp8_backward != 0);
         *out = new at::Tensor(std::move(y));
     });
 }
 
-// The input's quantization alone (CUDA kernels on a CUDA tensor, libtorch's operations elsewhere):
-// the e4m3 values of `x` (its shape) and their fp32 scale.
-int torch_fp8_quantize(void* x, void** quantized, void** scale) {
+// The quantization alone (CUDA kernels on a CUDA tensor, libtorch's operations elsewhere): the e4m3
+// (or, with `e5m2`, e5m2) values of `x` (its shape) and their fp32 scale.
+int torch_fp8_quantize(void* x, int e5m2, void** quantized, void** scale) {
     return torch_cuda_kernels::guarded([&] {
         const at::Tensor& input = *static_cast<const at::Tensor*>(x);
         TORCH_CHECK(input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf ||
                         input.scalar_type() == at::kFloat,
                     "fp8 quantization: the input must be fp32, bf16 or fp16, got ", input.scalar_type());
         at::NoGradGuard no_grad;
-        auto [q, s] = quantize_input(input);
+        auto [q, s] = quantize_input(input, e5m2 != 0 ? Format::kE5m2 : Format::kE4m3);
         *quantized = new at::Tensor(q.view(input.sizes()));
         *scale = new at::Tensor(std::move(s));
     });

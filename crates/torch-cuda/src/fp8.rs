@@ -9,7 +9,8 @@
 //! magnitude / 448, computed on the device, so it can be captured in a CUDA graph) and multiplied by
 //! the e4m3 weight, accumulating in fp32, the bias added, the output in the input's type; backward,
 //! the input's gradient is the output's gradient times the weight widened to bf16/fp16 — the widened
-//! layer's backward, value for value. It keeps only the fp8 weight and its scale for the backward.
+//! layer's backward, value for value — or, with [`Backward::Fp8`], an fp8 product too (the output's
+//! gradient in e5m2). It keeps only the fp8 weight and its scale for the backward.
 //! The weight and its scale get no gradient (they are frozen); the bias gets one if it asks. On CUDA
 //! the input's quantization is two kernels of our own ([`quantize`]) instead of libtorch's seven.
 //!
@@ -28,6 +29,7 @@ mod ffi {
         pub fn torch_fp8_last_error() -> *const c_char;
         pub fn torch_fp8_quantize(
             x: *mut c_void,
+            e5m2: i32,
             quantized: *mut *mut c_void,
             scale: *mut *mut c_void,
         ) -> i32;
@@ -37,13 +39,38 @@ mod ffi {
             weight: *mut c_void,
             weight_scale: *mut c_void,
             bias: *mut c_void,
+            fp8_backward: i32,
             out: *mut *mut c_void,
         ) -> i32;
     }
 }
 
+/// How [`linear`]'s backward computes the input's gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backward {
+    /// The output's gradient times the weight widened to the gradient's type: the widened layer's
+    /// backward, value for value (the default).
+    #[default]
+    Widened,
+    /// An fp8 × fp8 product as well: the output's gradient quantized per call to e5m2 (its range:
+    /// largest magnitude / 57344; 2 mantissa bits, so each value moves by at most 2⁻³ of itself),
+    /// times the e4m3 weight transposed (one byte per element) for libtorch's `_scaled_mm`, with fp32
+    /// accumulation. Transformer-engine's recipe for gradients; costs the widened weight's
+    /// bandwidth and half the product's time, for that rounding.
+    Fp8,
+}
+
+/// An fp8 format of [`quantize`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `float8_e4m3fn` (largest 448, 3 mantissa bits): inputs and weights.
+    E4m3,
+    /// `float8_e5m2` (largest 57344, 2 mantissa bits): gradients.
+    E5m2,
+}
+
 /// `x · (weight · weight_scale)ᵀ + bias` by an fp8 × fp8 product, recorded for autograd (see the
-/// module documentation): `x` `[..., in]` in bf16 or fp16, `weight` `[out, in]` in
+/// module documentation; `backward` chooses how the input's gradient is computed): `x` `[..., in]` in bf16 or fp16, `weight` `[out, in]` in
 /// `float8_e4m3fn` with both widths multiples of 16, `weight_scale` one fp32 value, `bias` `[out]` in
 /// `x`'s type; the output `[..., out]` in `x`'s type. CPU or CUDA (compute capability 8.9 or newer:
 /// libtorch refuses older GPUs).
@@ -56,6 +83,7 @@ pub fn linear(
     weight: &Tensor,
     weight_scale: &Tensor,
     bias: Option<&Tensor>,
+    backward: Backward,
 ) -> Result<Tensor, Error> {
     #[cfg(torch_cuda_shim)]
     {
@@ -71,6 +99,7 @@ pub fn linear(
                 weight.as_ptr() as *mut _,
                 weight_scale.as_ptr() as *mut _,
                 bias_ptr,
+                i32::from(backward == Backward::Fp8),
                 &mut out,
             )
         };
@@ -83,7 +112,7 @@ pub fn linear(
     }
     #[cfg(not(torch_cuda_shim))]
     {
-        let _ = (x, weight, weight_scale, bias);
+        let _ = (x, weight, weight_scale, bias, backward);
         Err(Error::Kernel(crate::NO_SHIM.into()))
     }
 }
@@ -98,24 +127,30 @@ fn last_error() -> String {
         .into_owned()
 }
 
-/// The input quantization of [`linear`] alone: `x` (fp32, bf16 or fp16) as `float8_e4m3fn` values of
-/// its shape and their one fp32 scale (0-dim), `x ≈ values · scale`: the scale is
-/// `max(amax, 1e-12) / 448`, each value `x / scale` computed in fp32, rounded to `x`'s type, clamped
-/// to ±448 and converted as libtorch converts to e4m3fn. On CUDA by two kernels of our own
+/// The quantization of [`linear`]'s operands alone: `x` (fp32, bf16 or fp16) as fp8 values of its
+/// shape in `format` and their one fp32 scale (0-dim), `x ≈ values · scale`: the scale is
+/// `max(amax, 1e-12) / M` (M the format's largest finite value, 448 or 57344), each value `x / scale`
+/// computed in fp32, rounded to `x`'s type, clamped to ±M and converted as libtorch converts. On CUDA by two kernels of our own
 /// (`src/fp8_quantize.cu`, compiled at first use by NVRTC: the largest magnitude, then the values),
 /// elsewhere by libtorch's operations; the same numbers either way. No gradient.
 ///
 /// # Errors
 /// [`Error::Kernel`] for another type, when NVRTC cannot compile the kernels, or without the shim.
-pub fn quantize(x: &Tensor) -> Result<(Tensor, Tensor), Error> {
+pub fn quantize(x: &Tensor, format: Format) -> Result<(Tensor, Tensor), Error> {
     #[cfg(torch_cuda_shim)]
     {
         let (mut quantized, mut scale) = (std::ptr::null_mut(), std::ptr::null_mut());
         // SAFETY: `x` is a live tch tensor for the call; on success the shim stores two heap
         // at::Tensors, whose ownership passes to the results.
         #[allow(unsafe_code)]
-        let status =
-            unsafe { ffi::torch_fp8_quantize(x.as_ptr() as *mut _, &mut quantized, &mut scale) };
+        let status = unsafe {
+            ffi::torch_fp8_quantize(
+                x.as_ptr() as *mut _,
+                i32::from(format == Format::E5m2),
+                &mut quantized,
+                &mut scale,
+            )
+        };
         if status != 0 {
             return Err(Error::Kernel(last_error()));
         }
@@ -130,7 +165,7 @@ pub fn quantize(x: &Tensor) -> Result<(Tensor, Tensor), Error> {
     }
     #[cfg(not(torch_cuda_shim))]
     {
-        let _ = x;
+        let _ = (x, format);
         Err(Error::Kernel(crate::NO_SHIM.into()))
     }
 }
@@ -220,7 +255,7 @@ mod tests {
             let upstream = Tensor::randn([2, 5, 48], (Kind::Float, Device::Cpu)).to_kind(kind);
 
             let leaf = x.detach().set_requires_grad(true);
-            let y = linear(&leaf, &weight, &scale, Some(&bias)).unwrap();
+            let y = linear(&leaf, &weight, &scale, Some(&bias), Backward::Widened).unwrap();
             assert_eq!((y.size(), y.kind()), (vec![2, 5, 48], kind));
             assert!(y.equal(&reference(&x, &weight, &scale, Some(&bias))));
             (&y * &upstream).sum(Kind::Float).backward();
@@ -261,25 +296,25 @@ mod tests {
         let (weight, scale, _) = fp8_weight(16, 16, Kind::BFloat16);
         let bias = Tensor::zeros([16], (Kind::BFloat16, Device::Cpu)).set_requires_grad(true);
         let x = Tensor::randn([3, 16], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
-        let y = linear(&x, &weight, &scale, Some(&bias)).unwrap();
+        let y = linear(&x, &weight, &scale, Some(&bias), Backward::Widened).unwrap();
         y.sum(Kind::Float).backward();
         let expected = Tensor::full([16], 3.0, (Kind::BFloat16, Device::Cpu));
         assert!(bias.grad().equal(&expected));
 
         // Without a bias, the input's gradient.
         let leaf = x.detach().set_requires_grad(true);
-        linear(&leaf, &weight, &scale, None)
+        linear(&leaf, &weight, &scale, None, Backward::Widened)
             .unwrap()
             .sum(Kind::Float)
             .backward();
         assert_eq!(leaf.grad().size(), vec![3, 16]);
         // Nothing asks for a gradient: the output is plain, and equals the reference.
-        let plain = linear(&x, &weight, &scale, None).unwrap();
+        let plain = linear(&x, &weight, &scale, None, Backward::Widened).unwrap();
         assert!(!plain.requires_grad());
         assert!(plain.equal(&reference(&x, &weight, &scale, None)));
         // An all-zero input gives zeros (its scale is floored, not zero).
         let zeros = Tensor::zeros([2, 16], (Kind::BFloat16, Device::Cpu));
-        let y = linear(&zeros, &weight, &scale, None).unwrap();
+        let y = linear(&zeros, &weight, &scale, None, Backward::Widened).unwrap();
         assert_eq!(y.abs().sum(Kind::Float).double_value(&[]), 0.0);
     }
 
@@ -288,7 +323,7 @@ mod tests {
         tch::manual_seed(13);
         let x =
             (Tensor::randn([3, 5, 16], (Kind::Float, Device::Cpu)) * 4.0).to_kind(Kind::BFloat16);
-        let (values, scale) = quantize(&x).unwrap();
+        let (values, scale) = quantize(&x, Format::E4m3).unwrap();
         assert_eq!(
             (values.size(), values.kind(), scale.dim(), scale.kind()),
             (vec![3, 5, 16], Kind::Float8e4m3fn, 0, Kind::Float)
@@ -308,9 +343,67 @@ mod tests {
             values.to_kind(Kind::Float).abs().max().double_value(&[]),
             448.0
         );
+        // e5m2: largest magnitude onto 57344.
+        let (values, scale) = quantize(&x, Format::E5m2).unwrap();
+        assert_eq!(values.kind(), Kind::Float8e5m2);
+        assert_eq!(scale.double_value(&[]), f64::from((amax as f32) / 57344.0));
+        let expected = (&x / &scale)
+            .clamp(-57344.0, 57344.0)
+            .to_kind(Kind::Float8e5m2);
+        assert!(
+            values
+                .to_kind(Kind::Float)
+                .equal(&expected.to_kind(Kind::Float))
+        );
         let ints = Tensor::zeros([4], (Kind::Int64, Device::Cpu));
-        let err = quantize(&ints).unwrap_err().to_string();
+        let err = quantize(&ints, Format::E5m2).unwrap_err().to_string();
         assert!(err.contains("fp32, bf16 or fp16, got Long"), "{err}");
+    }
+
+    /// `Backward::Fp8`: the same forward; the input's gradient is the e5m2-quantized output gradient
+    /// times the widened weight up to the product's fp32 accumulation and the output's rounding, and
+    /// so within e5m2's rounding (2⁻³ of each value, plus a subnormal half-step) of the widened one.
+    #[test]
+    fn the_fp8_backward_is_the_e5m2_gradient_times_the_weight() {
+        tch::manual_seed(14);
+        for kind in [Kind::BFloat16, Kind::Half] {
+            let (weight, scale, widened) = fp8_weight(48, 32, kind);
+            let x = Tensor::randn([2, 5, 32], (Kind::Float, Device::Cpu)).to_kind(kind);
+            // Output gradients over several orders of magnitude.
+            let upstream = (Tensor::randn([2, 5, 48], (Kind::Float, Device::Cpu))
+                * Tensor::randn([2, 5, 48], (Kind::Float, Device::Cpu)).exp())
+            .to_kind(kind);
+            let leaf = x.detach().set_requires_grad(true);
+            let y = linear(&leaf, &weight, &scale, None, Backward::Fp8).unwrap();
+            let plain = linear(&x, &weight, &scale, None, Backward::Widened).unwrap();
+            assert!(y.equal(&plain), "{kind:?}: the forward changed");
+            (&y * &upstream).sum(Kind::Float).backward();
+            let grad = leaf.grad().to_kind(Kind::Float);
+
+            let (values, grad_scale) = quantize(&upstream, Format::E5m2).unwrap();
+            assert_eq!(values.kind(), Kind::Float8e5m2);
+            let dequantized = values.to_kind(Kind::Float) * &grad_scale;
+            let w32 = widened.to_kind(Kind::Float);
+            let expected = dequantized.matmul(&w32);
+            let magnitude = dequantized.abs().matmul(&w32.abs());
+            let excess = ((&grad - &expected).abs() - (&magnitude * 2f64.powi(-7) + 1e-6))
+                .max()
+                .double_value(&[]);
+            assert!(
+                excess <= 0.0,
+                "{kind:?}: past the product's rounding by {excess}"
+            );
+
+            let g32 = upstream.to_kind(Kind::Float);
+            let exact = g32.matmul(&w32);
+            let bound = (g32.abs() * 0.125 + grad_scale.double_value(&[]) * 2f64.powi(-17))
+                .matmul(&w32.abs())
+                + &magnitude * 2f64.powi(-7)
+                + 1e-6;
+            let excess = ((&grad - &exact).abs() - bound).max().double_value(&[]);
+            assert!(excess <= 0.0, "{kind:?}: past e5m2's rounding by {excess}");
+            assert!(!grad.equal(&exact), "{kind:?}: no rounding at all");
+        }
     }
 
     #[test]
@@ -318,7 +411,7 @@ mod tests {
         let (weight, scale, _) = fp8_weight(32, 16, Kind::BFloat16);
         let x = Tensor::zeros([2, 16], (Kind::BFloat16, Device::Cpu));
         let message = |x: &Tensor, w: &Tensor, s: &Tensor, b: Option<&Tensor>| {
-            linear(x, w, s, b).unwrap_err().to_string()
+            linear(x, w, s, b, Backward::Fp8).unwrap_err().to_string()
         };
         let fp32 = x.to_kind(Kind::Float);
         assert!(message(&fp32, &weight, &scale, None).contains("bf16 or fp16, got Float"));

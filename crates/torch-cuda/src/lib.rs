@@ -1,6 +1,6 @@
 //! What libtorch has that tch does not expose: CUDA facilities, and CPU numbers made portable.
 //!
-//! CUDA graphs ([`CudaGraph`], over `at::cuda::CUDAGraph`); libtorch's Kineto profiler ([`Profiler`]); multi-tensor operations ([`foreach`]); a group norm (+ SiLU) over channels-last maps and a fused GEGLU with kernels of their own, compiled at run time by NVRTC ([`group_norm`], [`geglu`]); an fp8 × fp8 linear product recorded for autograd ([`fp8`]); the caching allocator's memory statistics, the same numbers as PyTorch's
+//! CUDA graphs ([`CudaGraph`], over `at::cuda::CUDAGraph`); libtorch's Kineto profiler ([`Profiler`]); multi-tensor operations ([`foreach`]); a group norm (+ SiLU) over channels-last maps and a fused GEGLU with kernels of their own, compiled at run time by NVRTC ([`group_norm`], [`geglu`]); an fp8 × fp8 linear product recorded for autograd ([`fp8`]); the priority of libtorch's attention kernels ([`sdp`]); the caching allocator's memory statistics, the same numbers as PyTorch's
 //! `torch.cuda.max_memory_allocated()` / `max_memory_reserved()`, so GPU benchmarks compare like with
 //! like; and the TF32 switches (`torch.backends.cuda.matmul.allow_tf32`,
 //! `torch.backends.cudnn.allow_tf32`), so fp32 parity checks run both sides in full precision. The functions go through a small C++ shim (`src/shim.cpp`) compiled against the pinned
@@ -45,6 +45,7 @@ pub mod group_norm;
 pub mod portable;
 mod profiler;
 pub mod rng;
+pub mod sdp;
 
 pub use graph::{CaptureMode, CudaGraph};
 pub use profiler::{Profiler, ProfilerOptions};

@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
 use tch::{Device, Kind, Tensor};
-use torch_cuda::fp8::{compile_check, linear, quantize};
+use torch_cuda::fp8::{Backward, Format, compile_check, linear, quantize};
 
 /// A weight `[out, in]` in e4m3 with its per-tensor scale (amax / 448), and its widened value.
 fn fp8_weight(out: i64, width: i64, kind: Kind, device: Device) -> (Tensor, Tensor, Tensor) {
@@ -29,7 +29,7 @@ fn fp8_gpu() -> bool {
     if capability.is_none_or(|c| c < (8, 9)) {
         let (weight, scale, _) = fp8_weight(16, 16, Kind::BFloat16, Device::Cuda(0));
         let x = Tensor::zeros([2, 16], (Kind::BFloat16, Device::Cuda(0)));
-        let err = linear(&x, &weight, &scale, None).unwrap_err();
+        let err = linear(&x, &weight, &scale, None, Backward::Widened).unwrap_err();
         println!("compute capability {capability:?}: refused as expected ({err})");
         return false;
     }
@@ -65,7 +65,17 @@ fn the_quantization_kernels_equal_libtorchs_operations() {
         return;
     }
     let device = Device::Cuda(0);
-    for kind in [Kind::BFloat16, Kind::Half, Kind::Float] {
+    for (kind, format) in [
+        (Kind::BFloat16, Format::E4m3),
+        (Kind::Half, Format::E4m3),
+        (Kind::Float, Format::E4m3),
+        (Kind::BFloat16, Format::E5m2),
+        (Kind::Half, Format::E5m2),
+    ] {
+        let (top, fp8) = match format {
+            Format::E4m3 => (448.0, Kind::Float8e4m3fn),
+            Format::E5m2 => (57344.0, Kind::Float8e5m2),
+        };
         for numel in [2 * 1024 * 640, 77 * 2048, 6 * 3, 7] {
             tch::manual_seed(9);
             // Magnitudes over ten orders (some deep in e4m3's subnormal range after scaling), a few zeros.
@@ -73,31 +83,32 @@ fn the_quantization_kernels_equal_libtorchs_operations() {
                 * (Tensor::rand([numel], (Kind::Float, device)) * 20.0 - 12.0).exp2()
                 * Tensor::rand([numel], (Kind::Float, device)).gt(0.05))
             .to_kind(kind);
-            let (values, scale) = quantize(&x).unwrap();
+            let (values, scale) = quantize(&x, format).unwrap();
             let amax = x.abs().max().to_kind(Kind::Float).double_value(&[]) as f32;
             assert_eq!(
                 scale.double_value(&[]) as f32,
-                amax.max(1e-12) / 448.0,
-                "{kind:?} {numel}: the scale"
+                amax.max(1e-12) / top as f32,
+                "{kind:?} {format:?} {numel}: the scale"
             );
-            let expected = (&x / &scale)
-                .clamp(-448.0, 448.0)
-                .to_kind(Kind::Float8e4m3fn);
+            let expected = (&x / &scale).clamp(-top, top).to_kind(fp8);
             let (ours, theirs) = (
                 values.view_dtype(Kind::Uint8),
                 expected.view_dtype(Kind::Uint8),
             );
             let differ = ours.ne_tensor(&theirs).sum(Kind::Int64).int64_value(&[]);
-            assert_eq!(differ, 0, "{kind:?} {numel}: {differ} values differ");
+            assert_eq!(
+                differ, 0,
+                "{kind:?} {format:?} {numel}: {differ} values differ"
+            );
         }
         // A NaN makes the scale NaN, as libtorch's max does.
         let x = Tensor::ones([64], (kind, device));
         let _ = x.get(5).fill_(f64::NAN);
-        let (_, scale) = quantize(&x).unwrap();
+        let (_, scale) = quantize(&x, format).unwrap();
         assert!(scale.double_value(&[]).is_nan(), "{kind:?}: NaN lost");
         // All zeros: the floored scale, zeros out.
-        let (values, scale) = quantize(&Tensor::zeros([32], (kind, device))).unwrap();
-        assert_eq!(scale.double_value(&[]) as f32, 1e-12f32 / 448.0);
+        let (values, scale) = quantize(&Tensor::zeros([32], (kind, device)), format).unwrap();
+        assert_eq!(scale.double_value(&[]) as f32, 1e-12f32 / top as f32);
         assert_eq!(
             values
                 .to_kind(Kind::Float)
@@ -131,7 +142,7 @@ fn forward_within_the_inputs_rounding_and_backward_the_widened_layers_at_unet_sh
             let upstream = Tensor::randn([rows, out], (Kind::Float, device)).to_kind(kind);
 
             let leaf = x.detach().set_requires_grad(true);
-            let y = linear(&leaf, &weight, &scale, Some(&bias)).unwrap();
+            let y = linear(&leaf, &weight, &scale, Some(&bias), Backward::Widened).unwrap();
             (&y * &upstream).sum(Kind::Float).backward();
             let widened_leaf = x.detach().set_requires_grad(true);
             let widened_y = widened_leaf.linear(&widened, Some(&bias));
@@ -174,6 +185,51 @@ fn forward_within_the_inputs_rounding_and_backward_the_widened_layers_at_unet_sh
     }
 }
 
+/// `Backward::Fp8` at the UNet's shapes: the input's gradient within e5m2's rounding of the output
+/// gradient (2⁻³ of each value plus a subnormal half-step) times |W| of the widened layer's, plus the
+/// product's accumulation and output rounding.
+#[test]
+fn the_fp8_backward_stays_within_the_gradients_rounding_at_unet_shapes() {
+    if !fp8_gpu() {
+        return;
+    }
+    let device = Device::Cuda(0);
+    for (rows, width, out) in [
+        (2 * 4096, 640, 640),
+        (2 * 1024, 1280, 1280),
+        (2 * 1024, 5120, 1280),
+    ] {
+        for kind in [Kind::BFloat16, Kind::Half] {
+            tch::manual_seed(6);
+            let (weight, scale, widened) = fp8_weight(out, width, kind, device);
+            let x = Tensor::randn([rows, width], (Kind::Float, device)).to_kind(kind);
+            let upstream = (Tensor::randn([rows, out], (Kind::Float, device)) * 1e-3).to_kind(kind);
+            let leaf = x.detach().set_requires_grad(true);
+            let y = linear(&leaf, &weight, &scale, None, Backward::Fp8).unwrap();
+            (&y * &upstream).sum(Kind::Float).backward();
+            let grad = leaf.grad().to_kind(Kind::Float);
+            let (g32, w32) = (upstream.to_kind(Kind::Float), widened.to_kind(Kind::Float));
+            let exact = g32.matmul(&w32);
+            let (_, grad_scale) = quantize(&upstream, Format::E5m2).unwrap();
+            let magnitude = g32.abs().matmul(&w32.abs());
+            let bound = &magnitude * (0.125 + 2f64.powi(-7))
+                + w32.abs().sum_dim_intlist(0, false, Kind::Float)
+                    * (grad_scale.double_value(&[]) * 2f64.powi(-17))
+                + 1e-9;
+            let error = (&grad - &exact).abs();
+            let ratio = (&error / &bound).max().double_value(&[]);
+            println!(
+                "{rows}x{width}->{out} {kind:?} fp8 backward: largest error / bound {ratio:.3}, mean relative error {:.3e}",
+                (error.sum(Kind::Float) / exact.abs().sum(Kind::Float)).double_value(&[])
+            );
+            assert!(
+                ratio <= 1.0,
+                "{rows}x{width}->{out} {kind:?}: past the bound"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_captured_graph_replays_what_ran_eagerly() {
     if !fp8_gpu() {
@@ -183,10 +239,10 @@ fn a_captured_graph_replays_what_ran_eagerly() {
     tch::manual_seed(3);
     let (weight, scale, _) = fp8_weight(1280, 640, Kind::BFloat16, device);
     let mut x = Tensor::randn([2, 1024, 640], (Kind::BFloat16, device));
-    let eager = linear(&x, &weight, &scale, None).unwrap();
+    let eager = linear(&x, &weight, &scale, None, Backward::Widened).unwrap();
     let (graph, out) =
         torch_cuda::CudaGraph::capture(0, None, torch_cuda::CaptureMode::Global, || {
-            linear(&x, &weight, &scale, None)
+            linear(&x, &weight, &scale, None, Backward::Widened)
         })
         .unwrap();
     let out = out.unwrap();
@@ -200,7 +256,7 @@ fn a_captured_graph_replays_what_ran_eagerly() {
     tch::no_grad(|| x.copy_(&x2));
     graph.replay().unwrap();
     assert!(
-        out.equal(&linear(&x, &weight, &scale, None).unwrap()),
+        out.equal(&linear(&x, &weight, &scale, None, Backward::Widened).unwrap()),
         "the replay did not follow the new input"
     );
 }

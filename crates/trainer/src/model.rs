@@ -112,9 +112,21 @@ impl SharedUnet {
             if config.fp8_compute {
                 check_fp8_tensor_cores(device)?;
                 // torch-cuda's product (the shim is checked above): every layer, gradients included.
-                let layers = lora::set_fp8_products(&mut unet, sdxl_model::unet::fp8_products());
+                let backward = if config.fp8_gradients {
+                    torch_cuda::fp8::Backward::Fp8
+                } else {
+                    torch_cuda::fp8::Backward::Widened
+                };
+                let layers =
+                    lora::set_fp8_products(&mut unet, sdxl_model::unet::fp8_products(backward));
                 log(format!(
-                    "fp8 products: {layers} linear layers multiply in fp8 (inputs quantized per call)"
+                    "fp8 products: {layers} linear layers multiply in fp8 (inputs quantized per call; \
+                     input gradients {})",
+                    if config.fp8_gradients {
+                        "in fp8, output gradients quantized to e5m2"
+                    } else {
+                        "by the widened weights"
+                    }
                 ));
             } else if !config.gradient_checkpointing {
                 // Autograd keeps each layer's widened weight for the backward: the UNet's full-precision size.
@@ -128,6 +140,7 @@ impl SharedUnet {
         }
         unet.set_attention_backend(match config.attention {
             Attention::Fused => AttentionBackend::Fused,
+            Attention::Cudnn => AttentionBackend::Cudnn,
             Attention::Sliced => AttentionBackend::Sliced(sdxl_model::attention::SliceSize::Auto),
             Attention::Plain => AttentionBackend::Plain,
         });

@@ -29,24 +29,39 @@ pub use unet_2d_condition::{CheckpointedForward, InputGrads, UNet2DConditionMode
 /// How fp8-stored linear layers should multiply in fp8 in this build ([`lora::set_fp8_products`],
 /// [`crate::pipeline::Pipeline::set_fp8_products`]): by torch-cuda's differentiable product
 /// ([`lora::Fp8Products::ScaledBy`]: every input, gradients included, its quantization in two
-/// kernels of our own on CUDA) where the build has torch-cuda's shim, else by `lora`'s own
-/// ([`lora::Fp8Products::Scaled`]: inputs that need no gradient). Both compute the same values.
-pub fn fp8_products() -> lora::Fp8Products {
-    if torch_cuda::shim_compiled() {
-        lora::Fp8Products::ScaledBy(fp8_product)
-    } else {
-        lora::Fp8Products::Scaled
+/// kernels of our own on CUDA; `backward` says how it computes the input's gradient) where the build
+/// has torch-cuda's shim, else by `lora`'s own ([`lora::Fp8Products::Scaled`]: inputs that need no
+/// gradient). The forward values are the same either way.
+pub fn fp8_products(backward: torch_cuda::fp8::Backward) -> lora::Fp8Products {
+    if !torch_cuda::shim_compiled() {
+        return lora::Fp8Products::Scaled;
     }
+    lora::Fp8Products::ScaledBy(match backward {
+        torch_cuda::fp8::Backward::Widened => fp8_product_widened_backward,
+        torch_cuda::fp8::Backward::Fp8 => fp8_product_fp8_backward,
+    })
 }
 
-/// torch-cuda's differentiable fp8 product with `lora`'s signature.
-fn fp8_product(
+/// torch-cuda's differentiable fp8 product with `lora`'s signature, its backward by the widened weight.
+fn fp8_product_widened_backward(
     x: &tch::Tensor,
     weight: &tch::Tensor,
     scale: &tch::Tensor,
     bias: Option<&tch::Tensor>,
 ) -> std::result::Result<tch::Tensor, String> {
-    torch_cuda::fp8::linear(x, weight, scale, bias).map_err(|e| e.to_string())
+    torch_cuda::fp8::linear(x, weight, scale, bias, torch_cuda::fp8::Backward::Widened)
+        .map_err(|e| e.to_string())
+}
+
+/// The same with an fp8 backward (the output gradient in e5m2).
+fn fp8_product_fp8_backward(
+    x: &tch::Tensor,
+    weight: &tch::Tensor,
+    scale: &tch::Tensor,
+    bias: Option<&tch::Tensor>,
+) -> std::result::Result<tch::Tensor, String> {
+    torch_cuda::fp8::linear(x, weight, scale, bias, torch_cuda::fp8::Backward::Fp8)
+        .map_err(|e| e.to_string())
 }
 
 /// The UNet's building blocks, diffusers' classes of the same names (`Attention`, `ResnetBlock2D`,

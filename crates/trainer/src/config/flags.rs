@@ -157,6 +157,9 @@ impl FlagValue for MixedPrecision {
 pub enum Attention {
     /// libtorch's fused scaled-dot-product attention (flash / memory-efficient kernels).
     Fused,
+    /// The same with cuDNN's fused attention tried first on CUDA (PyTorch's
+    /// `sdpa_kernel([SDPBackend.CUDNN_ATTENTION], set_priority=True)`).
+    Cudnn,
     /// Attention computed a slice of heads at a time (diffusers' `enable_attention_slicing`).
     Sliced,
     /// Plain matmul-softmax-matmul.
@@ -164,10 +167,11 @@ pub enum Attention {
 }
 
 impl FlagValue for Attention {
-    const HINT: &'static str = "<fused|sliced|plain>";
+    const HINT: &'static str = "<fused|cudnn|sliced|plain>";
     fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
         match need(flag, text)? {
             "fused" | "sdpa" => Ok(Self::Fused),
+            "cudnn" => Ok(Self::Cudnn),
             "sliced" => Ok(Self::Sliced),
             "plain" => Ok(Self::Plain),
             other => Err(Error::InvalidOption {

@@ -352,6 +352,8 @@ train_config! {
     fp8_base_weights: bool = false,
     /// Multiply the fp8 base weights in fp8 (fp8 tensor cores, compute capability 8.9 or newer; needs --fp8_base_weights and --mixed_precision bf16 or fp16): each linear layer's input is quantized per call to e4m3 (its largest magnitude / 448), gradients flow back through the widened weight, and autograd keeps no widened copy of the weights.
     fp8_compute: bool = false,
+    /// With --fp8_compute, compute the input gradients of those layers in fp8 too: each output gradient quantized per call to e5m2 (its largest magnitude / 57344; 2 mantissa bits), times the e4m3 weight, transposed per call (transformer-engine's recipe for gradients).
+    fp8_gradients: bool = false,
     /// Capture the micro-step and the optimizer step as CUDA graphs after two eager steps (CUDA, cached latents).
     cuda_graph: bool = false,
     /// Let cuDNN time its convolution algorithms on first use and keep the fastest (PyTorch's `torch.backends.cudnn.benchmark`); the timing runs in the warm-up steps, before any graph capture.

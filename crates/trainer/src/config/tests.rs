@@ -72,6 +72,11 @@ fn bad_flags_are_named() {
     let disk = message(&["--cache_latents_to_disk", "--cache_latents", "false"]);
     assert!(disk.starts_with("--cache_latents_to_disk"), "{disk}");
     parse(&["--random_flip"]).unwrap();
+    let gradients = message(&["--fp8_gradients", "--fp8_base_weights"]);
+    assert!(
+        gradients.starts_with("--fp8_gradients") && gradients.contains("--fp8_compute"),
+        "{gradients}"
+    );
     let fp8 = message(&["--fp8_compute"]);
     assert!(
         fp8.starts_with("--fp8_compute") && fp8.contains("--fp8_base_weights"),

@@ -251,6 +251,12 @@ impl TrainConfig {
                 "needs --fp8_base_weights (it multiplies the fp8-stored weights in fp8)".into(),
             );
         }
+        if self.fp8_gradients && !self.fp8_compute {
+            return fail(
+                "--fp8_gradients",
+                "needs --fp8_compute (it computes the fp8 products' input gradients in fp8)".into(),
+            );
+        }
         if self.fp8_compute && self.mixed_precision == super::MixedPrecision::No {
             return fail(
                 "--fp8_compute",
