@@ -11,12 +11,11 @@ test:
 
 # The suite under libtorch's plain and AVX2 CPU kernels (`cargo test` above ran the machine's own,
 # AVX-512 where it has it): every numeric bound comes from an error model and must hold on any x86-64
-# CPU, and seeded noise must not change (docs/NUMERICS.md). Same build as above, so nothing recompiles.
+# CPU, and seeded noise must not change (docs/NUMERICS.md). Same build as above, so nothing recompiles;
+# the root package's tests of command-line behaviour and files, which no CPU kernel changes, run once
+# (scripts/test-cpu-kernels.sh lists them).
 test-cpu-kernels:
-	for cap in default avx2; do \
-		echo "ATEN_CPU_CAPABILITY=$$cap"; \
-		ATEN_CPU_CAPABILITY=$$cap scripts/with-torch.sh cargo test --workspace || exit 1; \
-	done
+	for cap in default avx2; do scripts/test-cpu-kernels.sh $$cap || exit 1; done
 
 lint:
 	cargo fmt --all -- --check
