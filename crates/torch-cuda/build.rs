@@ -22,6 +22,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/fp8.cpp");
     println!("cargo:rerun-if-changed=src/fp8_quantize.cu");
     println!("cargo:rerun-if-changed=src/sdp.cpp");
+    println!("cargo:rerun-if-changed=src/store_types.cuh");
     println!("cargo:rustc-check-cfg=cfg(torch_dist_nccl)");
     println!("cargo:rerun-if-changed=src/gloo_decls");
     println!("cargo:rustc-check-cfg=cfg(torch_dist_shim)");
@@ -88,11 +89,18 @@ fn main() {
 /// Writes each CUDA source that the shim hands to NVRTC at run time into OUT_DIR as a C++ string:
 /// `src/group_norm_nhwc.cu` as `kGroupNormSource` in `group_norm_nhwc_src.h` (for
 /// `src/group_norm.cpp`), `src/geglu.cu` as `kGegluSource` in `geglu_src.h` (for `src/geglu.cpp`),
-/// `src/fp8_quantize.cu` as `kFp8QuantizeSource` in `fp8_quantize_src.h` (for `src/fp8.cpp`).
+/// `src/fp8_quantize.cu` as `kFp8QuantizeSource` in `fp8_quantize_src.h` (for `src/fp8.cpp`), and
+/// `src/store_types.cuh`, the header they all include, as `kStoreTypesSource` in `store_types_src.h`
+/// (for `src/nvrtc_kernels.cpp`, which hands it to NVRTC).
 /// Returns the folder; a checkout without a file (or an unwritable OUT_DIR) stops the build with the
 /// reason.
 fn embed_kernel_source() -> PathBuf {
-    const SOURCES: [(&str, &str, &str); 3] = [
+    const SOURCES: [(&str, &str, &str); 4] = [
+        (
+            "src/store_types.cuh",
+            "store_types_src.h",
+            "kStoreTypesSource",
+        ),
         (
             "src/group_norm_nhwc.cu",
             "group_norm_nhwc_src.h",

@@ -697,8 +697,9 @@ impl Pipeline {
     /// Convolutions always widen.
     ///
     /// # Errors
-    /// [`Error::InvalidSetting`] for [`lora::Fp8Products::Scaled`] on a CUDA device without fp8
-    /// tensor cores (compute capability below 8.9) or in a kind other than bf16 or fp16.
+    /// [`Error::InvalidSetting`] for fp8 products ([`lora::Fp8Products::Scaled`] or `ScaledBy`) on a
+    /// CUDA device without fp8 tensor cores (compute capability below 8.9) or in a kind other than
+    /// bf16 or fp16.
     pub fn set_fp8_products(&mut self, products: lora::Fp8Products) -> Result<usize> {
         if products != lora::Fp8Products::Widened {
             if !matches!(self.kind, Kind::BFloat16 | Kind::Half) {
@@ -708,21 +709,13 @@ impl Pipeline {
                     expected: "a pipeline in bf16 or fp16",
                 });
             }
-            if let Device::Cuda(index) = self.device {
-                let capability = torch_cuda::compute_capability(index);
-                if capability.is_none_or(|c| c < (8, 9)) {
-                    return Err(Error::InvalidSetting {
-                        setting: "fp8 products",
-                        value: capability.map_or_else(
-                            || format!("cuda:{index} of unknown compute capability"),
-                            |(major, minor)| {
-                                format!("cuda:{index} of compute capability {major}.{minor}")
-                            },
-                        ),
-                        expected: "a GPU with fp8 tensor cores (compute capability 8.9 or newer: \
-                                   Ada, Hopper, Blackwell) or the CPU",
-                    });
-                }
+            if let Some(problem) = torch_cuda::fp8::unsupported_device(self.device) {
+                return Err(Error::InvalidSetting {
+                    setting: "fp8 products",
+                    value: problem,
+                    expected: "a GPU with fp8 tensor cores (compute capability 8.9 or newer: Ada, \
+                               Hopper, Blackwell) or the CPU",
+                });
             }
         }
         Ok(lora::set_fp8_products(&mut self.unet, products))

@@ -34,10 +34,10 @@ enum QuantizeKernel { kAmax, kQuantize };
 // The fp8 format of a quantized operand: e4m3fn for inputs and weights, e5m2 for gradients.
 enum class Format { kE4m3, kE5m2 };
 
-const Program kFp8Quantize{kFp8QuantizeSource, "fp8_quantize.cu", "fp8 input quantization", {"fp8_amax", "fp8_quantize"}};
+const Program kFp8Quantize{kFp8QuantizeSource, "fp8_quantize.cu", "fp8 quantization", {"fp8_amax", "fp8_quantize"}};
 
-// libtorch's operations for the input's quantization (the CPU's route, and the definition the CUDA
-// kernels follow): (e4m3 values, fp32 scale).
+// libtorch's operations for an operand's quantization (the CPU's route, and the definition the CUDA
+// kernels follow): (fp8 values in `format`, fp32 scale).
 std::pair<at::Tensor, at::Tensor> quantize_aten(const at::Tensor& rows, Format format) {
     const double top = format == Format::kE5m2 ? kE5m2Max : kE4m3Max;
     const at::ScalarType type = format == Format::kE5m2 ? at::kFloat8_e5m2 : at::kFloat8_e4m3fn;
@@ -60,8 +60,8 @@ int quantize_vector_width(const at::Tensor& x, const at::Tensor& out) {
     return 1;
 }
 
-// The input's quantization by src/fp8_quantize.cu on CUDA (two kernels after zeroing one word),
-// libtorch's operations elsewhere: (e4m3 values, fp32 scale), the values bit for bit the same.
+// An operand's quantization by src/fp8_quantize.cu on CUDA (two kernels after zeroing one word),
+// libtorch's operations elsewhere: (fp8 values in `format`, fp32 scale), bit for bit the same.
 std::pair<at::Tensor, at::Tensor> quantize_input(const at::Tensor& input, Format format) {
     const at::Tensor rows = input.contiguous();
     if (!rows.is_cuda() || rows.numel() == 0) {

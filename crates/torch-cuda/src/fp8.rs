@@ -117,6 +117,22 @@ pub fn linear(
     }
 }
 
+/// Why `device` cannot run fp8 products, if it cannot: a CUDA device without fp8 tensor cores
+/// (compute capability below 8.9: libtorch's `_scaled_mm` refuses it) or of unknown capability,
+/// described as `cuda:N of compute capability M.m`. The CPU can (oneDNN).
+pub fn unsupported_device(device: tch::Device) -> Option<String> {
+    let tch::Device::Cuda(index) = device else {
+        return None;
+    };
+    match crate::compute_capability(index) {
+        Some(capability) if capability >= (8, 9) => None,
+        Some((major, minor)) => Some(format!(
+            "cuda:{index} of compute capability {major}.{minor}"
+        )),
+        None => Some(format!("cuda:{index} of unknown compute capability")),
+    }
+}
+
 /// The shim's last error message on this thread.
 #[cfg(torch_cuda_shim)]
 fn last_error() -> String {
@@ -177,16 +193,7 @@ pub fn quantize(x: &Tensor, format: Format) -> Result<(Tensor, Tensor), Error> {
 /// # Errors
 /// [`Error::Kernel`] with NVRTC's log, without the shim or NVRTC, or for another type or width.
 pub fn compile_check(arch: i32, kind: tch::Kind, vec: i32) -> Result<(), Error> {
-    let kind = match kind {
-        tch::Kind::Float => 0,
-        tch::Kind::BFloat16 => 1,
-        tch::Kind::Half => 2,
-        other => {
-            return Err(Error::Kernel(format!(
-                "fp8 quantization: unsupported type {other:?}"
-            )));
-        }
-    };
+    let kind = crate::store_kind(kind, "fp8 quantization")?;
     #[cfg(torch_cuda_shim)]
     {
         // SAFETY: plain call; the shim catches every C++ exception.
@@ -403,6 +410,17 @@ mod tests {
             let excess = ((&grad - &exact).abs() - bound).max().double_value(&[]);
             assert!(excess <= 0.0, "{kind:?}: past e5m2's rounding by {excess}");
             assert!(!grad.equal(&exact), "{kind:?}: no rounding at all");
+        }
+    }
+
+    #[test]
+    fn the_cpu_runs_fp8_products_and_a_missing_gpu_is_named() {
+        assert_eq!(unsupported_device(tch::Device::Cpu), None);
+        if !tch::Cuda::is_available() {
+            assert_eq!(
+                unsupported_device(tch::Device::Cuda(0)).as_deref(),
+                Some("cuda:0 of unknown compute capability")
+            );
         }
     }
 

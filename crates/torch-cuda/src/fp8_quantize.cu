@@ -17,38 +17,7 @@
 // where x / scale is computed in fp32 and rounded to the input's type, as `x.div(scale)` does for a bf16
 // or fp16 tensor, before the clamp and the cast.
 
-#if STORE_KIND == 0
-typedef float store_t;
-__device__ __forceinline__ float to_f(store_t v) { return v; }
-__device__ __forceinline__ store_t from_f(float f) { return f; }
-#elif STORE_KIND == 1
-typedef unsigned short store_t;
-__device__ __forceinline__ float to_f(store_t v) { return __uint_as_float(((unsigned int)v) << 16); }
-__device__ __forceinline__ store_t from_f(float f) {
-    unsigned int u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        return (store_t)0x7fc0;  // NaN, as c10::BFloat16 writes it
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
-    return (store_t)(u >> 16);
-}
-#else
-typedef unsigned short store_t;
-__device__ __forceinline__ float to_f(store_t v) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-    return f;
-}
-__device__ __forceinline__ store_t from_f(float f) {
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-#endif
-
-struct __align__(sizeof(store_t) * VEC) vec_t {
-    store_t v[VEC];
-};
+#include "store_types.cuh"  // store_t, to_f, from_f, vec_t, load_vec, store_vec
 
 struct __align__(VEC) bytes_t {
     unsigned char v[VEC];
@@ -108,7 +77,7 @@ extern "C" __global__ void fp8_amax(const store_t* __restrict__ x, unsigned int*
     unsigned int m = 0u;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < vectors;
          i += (long long)gridDim.x * blockDim.x) {
-        const vec_t v = *reinterpret_cast<const vec_t*>(x + i * VEC);
+        const vec_t v = load_vec(x + i * VEC);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
             m = max(m, __float_as_uint(fabsf(to_f(v.v[j]))));
@@ -146,7 +115,7 @@ extern "C" __global__ void fp8_quantize(const store_t* __restrict__ x, unsigned 
     }
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < vectors;
          i += (long long)gridDim.x * blockDim.x) {
-        const vec_t v = *reinterpret_cast<const vec_t*>(x + i * VEC);
+        const vec_t v = load_vec(x + i * VEC);
         bytes_t q;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {

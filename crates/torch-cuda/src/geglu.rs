@@ -86,14 +86,7 @@ pub fn geglu(proj: &Tensor) -> Result<Tensor, Error> {
 /// # Errors
 /// [`Error::Kernel`] with NVRTC's log, without the shim or NVRTC, or for another type or width.
 pub fn compile_check(arch: i32, kind: Kind, vec: i32) -> Result<(), Error> {
-    let kind = match kind {
-        Kind::Float => 0,
-        Kind::BFloat16 => 1,
-        Kind::Half => 2,
-        other => {
-            return Err(Error::Kernel(format!("GEGLU: unsupported type {other:?}")));
-        }
-    };
+    let kind = crate::store_kind(kind, "GEGLU")?;
     #[cfg(torch_cuda_shim)]
     {
         // SAFETY: plain call; the shim catches every C++ exception.

@@ -74,6 +74,19 @@ pub enum Error {
     Kernel(String),
 }
 
+/// The `STORE_KIND` of an NVRTC kernel variant for `kind` (0 fp32, 1 bf16, 2 fp16), or the error
+/// naming the operation (`label`) and the type.
+pub(crate) fn store_kind(kind: tch::Kind, label: &str) -> Result<i32, Error> {
+    match kind {
+        tch::Kind::Float => Ok(0),
+        tch::Kind::BFloat16 => Ok(1),
+        tch::Kind::Half => Ok(2),
+        other => Err(Error::Kernel(format!(
+            "{label}: unsupported type {other:?}"
+        ))),
+    }
+}
+
 /// Why a function that needs the shim cannot run in this build.
 pub(crate) const NO_SHIM: &str =
     "this build has no CUDA shim (torch's CUDA headers were not found at build time)";

@@ -9,6 +9,8 @@
 #include <mutex>
 #include <tuple>
 
+#include "store_types_src.h"  // kStoreTypesSource: src/store_types.cuh as a string
+
 namespace at::cuda {
 cudaDeviceProp* getDeviceProperties(c10::DeviceIndex device);
 }
@@ -119,7 +121,10 @@ std::vector<char> compile(const Program& program, int arch, int kind, int vec) {
     const Api& a = api();
     TORCH_CHECK(a.missing.empty(), program.label, ": ", a.missing);
     nvrtcProgram handle;
-    nvrtcResult status = a.create_program(&handle, program.source, program.file, 0, nullptr, nullptr);
+    // Every program may include the storage types (src/store_types.cuh) by that name.
+    const char* headers[] = {kStoreTypesSource};
+    const char* include_names[] = {"store_types.cuh"};
+    nvrtcResult status = a.create_program(&handle, program.source, program.file, 1, headers, include_names);
     TORCH_CHECK(status == NVRTC_SUCCESS, "NVRTC: ", a.nvrtc_error(status));
     const std::string arch_flag = "--gpu-architecture=sm_" + std::to_string(arch);
     const std::string kind_flag = "-DSTORE_KIND=" + std::to_string(kind);

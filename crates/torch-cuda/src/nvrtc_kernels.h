@@ -1,6 +1,8 @@
 // Kernels of our own compiled at run time by NVRTC and launched through the CUDA runtime, shared
-// by the ops that use them (src/group_norm.cpp, src/geglu.cpp). A program is a CUDA source embedded
-// by build.rs; NVRTC compiles it once per (GPU architecture, storage type, vector width) with
+// by the ops that use them (src/group_norm.cpp, src/geglu.cpp, src/fp8.cpp). A program is a CUDA
+// source embedded by build.rs (it may include "store_types.cuh", src/store_types.cuh, the storage
+// type and its conversions); NVRTC compiles it once per (GPU architecture, storage type, vector
+// width) with
 //   STORE_KIND  0 = float, 1 = bfloat16, 2 = float16
 //   VEC         elements per vector access (1, 2, 4 or 8)
 // and the CUDA runtime loads the CUBIN and launches its kernels on the current stream, so an op can

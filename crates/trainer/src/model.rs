@@ -70,21 +70,14 @@ fn check_fp8_tensor_cores(device: Device) -> Result<()> {
                 .into(),
         });
     }
-    if let Device::Cuda(index) = device {
-        let capability = torch_cuda::compute_capability(index);
-        if capability.is_none_or(|c| c < (8, 9)) {
-            return Err(Error::InvalidOption {
-                option: "--fp8_compute",
-                problem: format!(
-                    "cuda:{index} has {}; fp8 products need fp8 tensor cores (compute capability \
-                     8.9 or newer: Ada, Hopper, Blackwell)",
-                    capability.map_or_else(
-                        || "an unknown compute capability".to_owned(),
-                        |(major, minor)| format!("compute capability {major}.{minor}")
-                    )
-                ),
-            });
-        }
+    if let Some(problem) = torch_cuda::fp8::unsupported_device(device) {
+        return Err(Error::InvalidOption {
+            option: "--fp8_compute",
+            problem: format!(
+                "{problem}: fp8 products need fp8 tensor cores (compute capability 8.9 or newer: \
+                 Ada, Hopper, Blackwell)"
+            ),
+        });
     }
     Ok(())
 }
