@@ -7,7 +7,7 @@
 // the backward: no widened copy of the weight and no copy of the input.
 //
 // Every entry point catches C++ exceptions and reports failure by its return value, leaving the
-// message for torch_fp8_last_error().
+// message for torch_kernels_last_error().
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -176,8 +176,6 @@ struct Fp8Linear : public torch::autograd::Function<Fp8Linear> {
 }  // namespace
 
 extern "C" {
-
-const char* torch_fp8_last_error() { return torch_cuda_kernels::last_error().c_str(); }
 
 // The fp8 linear product of `x` by the e4m3 `weight` with its fp32 `weight_scale` and an optional
 // `bias` (null for none), recorded for autograd (the input's gradient in fp8 too when

@@ -24,9 +24,8 @@ use crate::Error;
 #[cfg(torch_cuda_shim)]
 #[allow(unsafe_code)]
 mod ffi {
-    use std::ffi::{c_char, c_void};
+    use std::ffi::c_void;
     unsafe extern "C" {
-        pub fn torch_fp8_last_error() -> *const c_char;
         pub fn torch_fp8_quantize(
             x: *mut c_void,
             e5m2: i32,
@@ -104,7 +103,7 @@ pub fn linear(
             )
         };
         if status != 0 {
-            return Err(Error::Kernel(last_error()));
+            return Err(Error::Kernel(crate::kernel_last_error()));
         }
         // SAFETY: `out` holds the shim's new at::Tensor, whose ownership passes to the result.
         #[allow(unsafe_code)]
@@ -133,16 +132,6 @@ pub fn unsupported_device(device: tch::Device) -> Option<String> {
     }
 }
 
-/// The shim's last error message on this thread.
-#[cfg(torch_cuda_shim)]
-fn last_error() -> String {
-    // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated message.
-    #[allow(unsafe_code)]
-    unsafe { std::ffi::CStr::from_ptr(ffi::torch_fp8_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
 /// The quantization of [`linear`]'s operands alone: `x` (fp32, bf16 or fp16) as fp8 values of its
 /// shape in `format` and their one fp32 scale (0-dim), `x ≈ values · scale`: the scale is
 /// `max(amax, 1e-12) / M` (M the format's largest finite value, 448 or 57344), each value `x / scale`
@@ -168,7 +157,7 @@ pub fn quantize(x: &Tensor, format: Format) -> Result<(Tensor, Tensor), Error> {
             )
         };
         if status != 0 {
-            return Err(Error::Kernel(last_error()));
+            return Err(Error::Kernel(crate::kernel_last_error()));
         }
         // SAFETY: as above.
         #[allow(unsafe_code)]
@@ -200,7 +189,7 @@ pub fn compile_check(arch: i32, kind: tch::Kind, vec: i32) -> Result<(), Error> 
         #[allow(unsafe_code)]
         let status = unsafe { ffi::torch_fp8_quantize_compile(arch, kind, vec) };
         if status != 0 {
-            return Err(Error::Kernel(last_error()));
+            return Err(Error::Kernel(crate::kernel_last_error()));
         }
         Ok(())
     }

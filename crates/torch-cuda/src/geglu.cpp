@@ -5,7 +5,7 @@
 // here the forward and the backward are one pass each with libtorch's arithmetic.
 //
 // Every entry point catches C++ exceptions and reports failure by its return value, leaving the
-// message for torch_geglu_last_error().
+// message for torch_kernels_last_error().
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -114,8 +114,6 @@ struct Geglu : public torch::autograd::Function<Geglu> {
 }  // namespace
 
 extern "C" {
-
-const char* torch_geglu_last_error() { return torch_cuda_kernels::last_error().c_str(); }
 
 // GEGLU of a CUDA tensor whose last dimension holds [h, gate]: h * gelu(gate), recorded for autograd.
 int torch_geglu(void* proj, void** out) {

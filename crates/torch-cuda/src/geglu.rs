@@ -22,21 +22,11 @@ use crate::Error;
 #[cfg(torch_cuda_shim)]
 #[allow(unsafe_code)]
 mod ffi {
-    use std::ffi::{c_char, c_void};
+    use std::ffi::c_void;
     unsafe extern "C" {
-        pub fn torch_geglu_last_error() -> *const c_char;
         pub fn torch_geglu(proj: *mut c_void, out: *mut *mut c_void) -> i32;
         pub fn torch_geglu_compile(arch: i32, kind: i32, vec: i32) -> i32;
     }
-}
-
-#[cfg(torch_cuda_shim)]
-fn last_error() -> String {
-    // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated message.
-    #[allow(unsafe_code)]
-    unsafe { std::ffi::CStr::from_ptr(ffi::torch_geglu_last_error()) }
-        .to_string_lossy()
-        .into_owned()
 }
 
 /// libtorch's GEGLU of `proj` (any device): `h · gelu(gate)` with `[h, gate] = proj.chunk(2, -1)`,
@@ -68,7 +58,7 @@ pub fn geglu(proj: &Tensor) -> Result<Tensor, Error> {
         #[allow(unsafe_code)]
         let status = unsafe { ffi::torch_geglu(proj.as_ptr() as *mut _, &mut out) };
         if status != 0 {
-            return Err(Error::Kernel(last_error()));
+            return Err(Error::Kernel(crate::kernel_last_error()));
         }
         // SAFETY: `out` holds the shim's new at::Tensor, whose ownership passes to the result.
         #[allow(unsafe_code)]
@@ -93,7 +83,7 @@ pub fn compile_check(arch: i32, kind: Kind, vec: i32) -> Result<(), Error> {
         #[allow(unsafe_code)]
         let status = unsafe { ffi::torch_geglu_compile(arch, kind, vec) };
         if status != 0 {
-            return Err(Error::Kernel(last_error()));
+            return Err(Error::Kernel(crate::kernel_last_error()));
         }
         Ok(())
     }

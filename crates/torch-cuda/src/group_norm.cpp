@@ -7,7 +7,7 @@
 // graph once it has run eagerly (src/nvrtc_kernels.h).
 //
 // Every entry point catches C++ exceptions and reports failure by its return value, leaving the
-// message for torch_gn_last_error().
+// message for torch_kernels_last_error().
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -217,8 +217,6 @@ struct GroupNormNhwc : public torch::autograd::Function<GroupNormNhwc> {
 }  // namespace
 
 extern "C" {
-
-const char* torch_gn_last_error() { return torch_cuda_kernels::last_error().c_str(); }
 
 // Group norm of a 4-dimensional CUDA tensor (any layout; channels-last avoids a copy) with per-channel
 // weight and bias, then SiLU when `silu`; the result is channels-last, recorded for autograd.

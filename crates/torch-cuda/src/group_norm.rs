@@ -24,9 +24,8 @@ use crate::Error;
 #[cfg(torch_cuda_shim)]
 #[allow(unsafe_code)]
 mod ffi {
-    use std::ffi::{c_char, c_void};
+    use std::ffi::c_void;
     unsafe extern "C" {
-        pub fn torch_gn_last_error() -> *const c_char;
         pub fn torch_gn_nhwc(
             x: *mut c_void,
             weight: *mut c_void,
@@ -38,15 +37,6 @@ mod ffi {
         ) -> i32;
         pub fn torch_gn_compile(arch: i32, kind: i32, vec: i32) -> i32;
     }
-}
-
-#[cfg(torch_cuda_shim)]
-fn last_error() -> String {
-    // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated message.
-    #[allow(unsafe_code)]
-    unsafe { std::ffi::CStr::from_ptr(ffi::torch_gn_last_error()) }
-        .to_string_lossy()
-        .into_owned()
 }
 
 /// `torch.nn.functional.group_norm(x, groups, weight, bias, eps)`, then SiLU when `silu`, for a
@@ -89,7 +79,7 @@ pub fn group_norm(
             )
         };
         if status != 0 {
-            return Err(Error::Kernel(last_error()));
+            return Err(Error::Kernel(crate::kernel_last_error()));
         }
         // SAFETY: `out` holds the shim's new at::Tensor, whose ownership passes to the result.
         #[allow(unsafe_code)]
@@ -117,7 +107,7 @@ pub fn compile_check(arch: i32, kind: Kind, vec: i32) -> Result<(), Error> {
         #[allow(unsafe_code)]
         let status = unsafe { ffi::torch_gn_compile(arch, kind, vec) };
         if status != 0 {
-            return Err(Error::Kernel(last_error()));
+            return Err(Error::Kernel(crate::kernel_last_error()));
         }
         Ok(())
     }

@@ -74,6 +74,21 @@ pub enum Error {
     Kernel(String),
 }
 
+/// The message of the last failed call into the kernels' shim (group norm, GEGLU, fp8, attention
+/// order) on this thread.
+#[cfg(torch_cuda_shim)]
+pub(crate) fn kernel_last_error() -> String {
+    #[allow(unsafe_code)]
+    unsafe extern "C" {
+        fn torch_kernels_last_error() -> *const std::ffi::c_char;
+    }
+    // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated message, copied at once.
+    #[allow(unsafe_code)]
+    unsafe { std::ffi::CStr::from_ptr(torch_kernels_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// The `STORE_KIND` of an NVRTC kernel variant for `kind` (0 fp32, 1 bf16, 2 fp16), or the error
 /// naming the operation (`label`) and the type.
 pub(crate) fn store_kind(kind: tch::Kind, label: &str) -> Result<i32, Error> {

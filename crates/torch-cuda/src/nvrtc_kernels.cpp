@@ -108,6 +108,14 @@ std::string& last_error() {
     return message;
 }
 
+}  // namespace torch_cuda_kernels
+
+// The message of the last failed entry point of the kernels' ops (group norm, GEGLU, fp8, attention
+// order) on this thread: what `torch_cuda_kernels::guarded` stored.
+extern "C" const char* torch_kernels_last_error() { return torch_cuda_kernels::last_error().c_str(); }
+
+namespace torch_cuda_kernels {
+
 int store_kind(at::ScalarType type, const char* label) {
     switch (type) {
         case at::kFloat: return 0;

@@ -1,7 +1,7 @@
 // The priority order of libtorch's scaled-dot-product-attention backends (at::globalContext(), what
 // torch.nn.attention.sdpa_kernel(..., set_priority=True) sets from Python), for
 // crates/torch-cuda/src/sdp.rs. Every entry point catches C++ exceptions and reports failure by its
-// return value, leaving the message for torch_sdp_last_error().
+// return value, leaving the message for torch_kernels_last_error().
 #include <ATen/Context.h>
 #include <ATen/SDPBackend.h>
 
@@ -11,8 +11,6 @@
 #include "nvrtc_kernels.h"
 
 extern "C" {
-
-const char* torch_sdp_last_error() { return torch_cuda_kernels::last_error().c_str(); }
 
 // Writes the at::num_sdp_backends backends in the order libtorch tries them (at::SDPBackend values).
 int torch_sdp_priority(int64_t* out) {

@@ -56,21 +56,10 @@ impl Backend {
 #[cfg(torch_cuda_shim)]
 #[allow(unsafe_code)]
 mod ffi {
-    use std::ffi::c_char;
     unsafe extern "C" {
-        pub fn torch_sdp_last_error() -> *const c_char;
         pub fn torch_sdp_priority(out: *mut i64) -> i32;
         pub fn torch_sdp_set_priority(order: *const i64, n: i32) -> i32;
     }
-}
-
-#[cfg(torch_cuda_shim)]
-fn last_error() -> String {
-    // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated message.
-    #[allow(unsafe_code)]
-    unsafe { std::ffi::CStr::from_ptr(ffi::torch_sdp_last_error()) }
-        .to_string_lossy()
-        .into_owned()
 }
 
 /// The order in which libtorch tries its attention backends, every backend once.
@@ -86,7 +75,7 @@ pub fn priority() -> Result<Vec<Backend>, Error> {
         #[allow(unsafe_code)]
         let status = unsafe { ffi::torch_sdp_priority(codes.as_mut_ptr()) };
         if status != 0 {
-            return Err(Error::Kernel(last_error()));
+            return Err(Error::Kernel(crate::kernel_last_error()));
         }
         codes
             .iter()
@@ -126,7 +115,7 @@ fn set_priority(order: &[Backend]) -> Result<(), Error> {
         #[allow(unsafe_code)]
         let status = unsafe { ffi::torch_sdp_set_priority(codes.as_ptr(), codes.len() as i32) };
         if status != 0 {
-            return Err(Error::Kernel(last_error()));
+            return Err(Error::Kernel(crate::kernel_last_error()));
         }
         Ok(())
     }
