@@ -8,7 +8,7 @@
 # Every unit test and every integration test of the workspace runs, except the root package's tests of
 # command-line behaviour, files and processes listed below, whose outcome does not depend on the CPU's
 # kernels (usage errors, refusals naming a culprit, output-folder locks, fuzz inputs refused): they ran
-# in the first pass, and leaving them out of the two repeats keeps CI under its 30 minutes. Doc tests ran
+# in the first pass, and leaving them out of the repeat keeps CI under its 30 minutes. Doc tests ran
 # there too. A new test file is included unless it is added to the list. One `cargo test --workspace`
 # with the first pass's selection of packages, so the same build: nothing recompiles.
 set -euo pipefail

@@ -145,8 +145,8 @@ pub struct GenerateArgs {
     /// Capture the denoising step's UNet call as a CUDA graph after the first step and replay it (CUDA only).
     #[arg(long = "cuda_graph")]
     cuda_graph: bool,
-    /// The UNet's attention: `fused` (libtorch's flash / memory-efficient kernels), `cudnn` (cuDNN's
-    /// fused attention tried first on CUDA), `plain`, `sliced` or `sliced:<auto|max|rows>`.
+    /// The UNet's attention: `fused` (libtorch's fused kernels in its own order), `flash` or `cudnn`
+    /// (flash attention or cuDNN's tried first on CUDA), `plain`, `sliced` or `sliced:<auto|max|rows>`.
     #[arg(long, value_name = "BACKEND", default_value = "fused")]
     attention: sdxl_model::attention::AttentionBackend,
     /// Run the UNet's feature maps channels-last (CUDA only): cuDNN's NHWC convolutions and the

@@ -2,8 +2,9 @@
 # fp8 products at inference (issues 21 and 22; docs/BENCHMARKS.md): text to image at 1024x1024, 30 Euler
 # steps, guidance 5, bf16, --cuda_graph --channels_last, on full-size SDXL-base random weights
 # (tools/gpu/random_sdxl.py): bf16 weights, fp8 weights widened (--fp8), fp8 weights multiplied in fp8
-# (--fp8 --fp8_compute), and bf16 and fp8 products with cuDNN's attention tried first (--attention
-# cudnn), interleaved over ROUNDS; then each image against the first bf16 one.
+# (--fp8 --fp8_compute), and bf16 and fp8 products with flash attention or cuDNN's tried first
+# (--attention flash|cudnn), interleaved over ROUNDS (MODES picks them); then each image against the
+# first bf16 one.
 #
 #   bash tools/gpu/fp8_compute_bench.sh
 #       (.gpu/examples/generate.xz: a stripped, xz-compressed release binary; the diffusers wheel in .whl/)
@@ -19,9 +20,10 @@ model=/tmp/sdxl-random
 [ -f "$model/unet/config.json" ] || python3 tools/gpu/random_sdxl.py --out "$model" | tail -1
 find "$model" -name "*.fp16.safetensors" | while read -r f; do ln -sf "$(basename "$f")" "${f/.fp16/}"; done
 for round in ${ROUNDS:-a}; do
-    for mode in ${MODES:-bf16 cudnn fp8 fp8c fp8c-cudnn}; do
+    for mode in ${MODES:-bf16 flash cudnn fp8 fp8c fp8c-cudnn}; do
         case "$mode" in
             bf16) flags="" ;;
+            flash) flags="--attention flash" ;;
             cudnn) flags="--attention cudnn" ;;
             fp8) flags="--fp8" ;;
             fp8c) flags="--fp8 --fp8_compute" ;;

@@ -5,8 +5,8 @@
 # (--fp8_base_weights), multiplied in fp8 (--fp8_compute) and with fp8 input gradients too
 # (--fp8_gradients), with and without checkpointing: steady time per step, peak, MFU, and each final
 # LoRA against the bf16 checkpointed run's (and a repeat of it: the run-to-run spread); one profiled
-# step of the fp8 products with fp8 gradients. Also cuDNN's attention (--attention cudnn) against the
-# default (flash attention), and its test against flash attention.
+# step of the fp8 products with fp8 gradients. Also flash attention and cuDNN's tried first
+# (--attention flash, --attention cudnn) against libtorch's own order, and their test.
 #
 #   bash tools/gpu/fp8_train_bench.sh [STEPS]      (STEPS a multiple of 20, default 40; RUNS="seed fp8g ..."
 #       picks runs, SECONDS_LEFT the time they may take, NO_PROFILE=1 skips the profiled step)
@@ -31,7 +31,7 @@ for t in fp8 attention_cuda; do
     [ -x ".gpu/tests/$t" ] || continue
     echo "== $t tests"
     SDXL_REQUIRE_CUDA=1 "./.gpu/tests/$t" --test-threads=1 --nocapture 2>&1 \
-        | grep -E '^test |test result|bound|gradient|refused|cuDNN|panicked'
+        | grep -E '^test |test result|bound|gradient|refused|cuDNN|panicked|differ|order'
 done
 seed_bench_data /tmp/patterns 16
 filter="^\[trainer\] (step (2|$steps)\b|captured|fp8 products|linear layers)|rror"
@@ -42,6 +42,7 @@ deadline=$((SECONDS + ${SECONDS_LEFT:-540}))
 for run in "${runs[@]}"; do
     case "$run" in
         seed) flags="" ;;
+        flash) flags="--attention flash" ;;
         cudnn) flags="--attention cudnn" ;;
         ckpt | ckpt2) flags="--gradient_checkpointing" ;;
         fp8w-ckpt) flags="--gradient_checkpointing --fp8_base_weights" ;;

@@ -58,15 +58,19 @@ impl std::str::FromStr for SliceSize {
     }
 }
 
-/// Which kernels compute attention. Chosen at run time; all three give the same result up to rounding.
+/// Which kernels compute attention. Chosen at run time; all give the same result up to rounding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttentionBackend {
-    /// libtorch's fused `scaled_dot_product_attention` (flash or memory-efficient kernels on CUDA).
+    /// libtorch's fused `scaled_dot_product_attention` in libtorch's own order: flash attention first
+    /// on CUDA — except on Hopper and Blackwell GPUs with a cuDNN newer than 9.15.0, where libtorch
+    /// itself tries cuDNN's attention first (`torch_cuda::sdp`).
     #[default]
     Fused,
-    /// The same with cuDNN's fused attention tried first on CUDA (`torch_cuda::sdp::with_first`,
-    /// PyTorch's `sdpa_kernel([SDPBackend.CUDNN_ATTENTION], set_priority=True)`); libtorch falls back
-    /// to the next backend where cuDNN's does not apply. On the CPU the same as `Fused`.
+    /// The same with flash attention tried first on CUDA (`torch_cuda::sdp::with_first`, PyTorch's
+    /// `sdpa_kernel([SDPBackend.FLASH_ATTENTION], set_priority=True)`); libtorch falls back to the
+    /// next backend where flash attention does not apply. On the CPU the same as `Fused`.
+    Flash,
+    /// The same with cuDNN's fused attention tried first on CUDA, as `Flash` does flash attention.
     Cudnn,
     /// The batch×heads axis in slices, each computed with plain matmuls: bounded peak memory.
     Sliced(SliceSize),
@@ -77,10 +81,11 @@ pub enum AttentionBackend {
 impl std::str::FromStr for AttentionBackend {
     type Err = Error;
 
-    /// Parses `fused`, `cudnn`, `plain`, `sliced` (auto slice size) or `sliced:<auto|max|rows>`.
+    /// Parses `fused`, `flash`, `cudnn`, `plain`, `sliced` (auto slice size) or `sliced:<auto|max|rows>`.
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "fused" => Ok(Self::Fused),
+            "flash" => Ok(Self::Flash),
             "cudnn" => Ok(Self::Cudnn),
             "plain" => Ok(Self::Plain),
             "sliced" => Ok(Self::Sliced(SliceSize::Auto)),
@@ -89,7 +94,7 @@ impl std::str::FromStr for AttentionBackend {
                 None => Err(Error::InvalidSetting {
                     setting: "attention backend",
                     value: s.to_owned(),
-                    expected: "`fused`, `cudnn`, `plain`, `sliced` or `sliced:<auto|max|rows>`",
+                    expected: "`fused`, `flash`, `cudnn`, `plain`, `sliced` or `sliced:<auto|max|rows>`",
                 }),
             },
         }
@@ -143,14 +148,16 @@ pub fn attention(
     let (q, k, v) = (split(query), split(key), split(value));
     let out = match backend {
         AttentionBackend::Fused => fused(&q, &k, &v, false, Some(scale)),
-        AttentionBackend::Cudnn if q.device().is_cuda() => {
+        AttentionBackend::Flash | AttentionBackend::Cudnn if q.device().is_cuda() => {
+            let first = match backend {
+                AttentionBackend::Flash => torch_cuda::sdp::Backend::Flash,
+                _ => torch_cuda::sdp::Backend::Cudnn,
+            };
             // Without the shim the order cannot be set: libtorch's own order then.
-            torch_cuda::sdp::with_first(&[torch_cuda::sdp::Backend::Cudnn], || {
-                fused(&q, &k, &v, false, Some(scale))
-            })
-            .unwrap_or_else(|_| fused(&q, &k, &v, false, Some(scale)))
+            torch_cuda::sdp::with_first(&[first], || fused(&q, &k, &v, false, Some(scale)))
+                .unwrap_or_else(|_| fused(&q, &k, &v, false, Some(scale)))
         }
-        AttentionBackend::Cudnn => fused(&q, &k, &v, false, Some(scale)),
+        AttentionBackend::Flash | AttentionBackend::Cudnn => fused(&q, &k, &v, false, Some(scale)),
         AttentionBackend::Plain => weighted_sum(&q, &k, &v, scale),
         AttentionBackend::Sliced(size) => {
             // Slices run over the flattened batch×heads axis, as diffusers' `SlicedAttnProcessor` does.
@@ -252,6 +259,7 @@ mod tests {
         let expected = reference(&q, &k, &v, 3);
         let backends = [
             AttentionBackend::Fused,
+            AttentionBackend::Flash,
             AttentionBackend::Cudnn,
             AttentionBackend::Plain,
             AttentionBackend::Sliced(SliceSize::Auto),
@@ -325,11 +333,15 @@ mod tests {
             .to_string();
         assert!(msg.contains("`0`") && msg.contains("slice size"), "{msg}");
         assert!(
-            "flash"
+            "flashy"
                 .parse::<AttentionBackend>()
                 .unwrap_err()
                 .to_string()
-                .contains("`flash`")
+                .contains("`flashy`")
+        );
+        assert_eq!(
+            "flash".parse::<AttentionBackend>().unwrap(),
+            AttentionBackend::Flash
         );
         assert_eq!(SliceSize::Auto.rows(5), 2);
         assert_eq!(SliceSize::Auto.rows(1), 1);

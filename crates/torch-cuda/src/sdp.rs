@@ -8,6 +8,13 @@
 //! restores the previous order afterwards, as that context manager does, so a model can pick its
 //! attention kernels per call without changing anyone else's. The order is read when an attention is
 //! dispatched: a CUDA graph captured under one order replays those kernels.
+//!
+//! libtorch settles its own default once, at its first attention on CUDA: on compute capability 9.x
+//! and 10.x (Hopper, Blackwell) with a cuDNN newer than 9.15.0 it then puts cuDNN's attention first
+//! (`sdp_utils.cpp`'s `priority_order`, unless `TORCH_CUDNN_SDPA_DEPRIORITIZED` is set), overwriting
+//! any order set before. [`priority`] therefore has libtorch settle it first (one tiny attention on
+//! the GPU, once per process, where CUDA is available), so the order read — and restored by
+//! [`with_first`] — is the one libtorch keeps.
 
 use crate::Error;
 
@@ -57,15 +64,18 @@ impl Backend {
 #[allow(unsafe_code)]
 mod ffi {
     unsafe extern "C" {
+        pub fn torch_sdp_settle_default() -> i32;
         pub fn torch_sdp_priority(out: *mut i64) -> i32;
         pub fn torch_sdp_set_priority(order: *const i64, n: i32) -> i32;
     }
 }
 
-/// The order in which libtorch tries its attention backends, every backend once.
+/// The order in which libtorch tries its attention backends, every backend once — after libtorch has
+/// settled its default where CUDA is available (the module's documentation).
 ///
 /// # Errors
-/// [`Error::Kernel`] without the shim, or for a value libtorch gives that this crate does not know.
+/// [`Error::Kernel`] without the shim, when libtorch's first attention on CUDA fails, or for a value
+/// libtorch gives that this crate does not know.
 pub fn priority() -> Result<Vec<Backend>, Error> {
     #[cfg(torch_cuda_shim)]
     {
@@ -154,11 +164,14 @@ mod tests {
         let _lock = crate::test_lock();
         let before = priority().unwrap();
         assert_eq!(before.len(), 5);
-        assert_eq!(
-            before[0],
-            Backend::Flash,
-            "libtorch's default tries flash attention first"
-        );
+        if !tch::Cuda::is_available() {
+            // (With CUDA, libtorch may have put cuDNN first: the module's documentation.)
+            assert_eq!(
+                before[0],
+                Backend::Flash,
+                "libtorch's default tries flash attention first"
+            );
+        }
         let inside = with_first(&[Backend::Cudnn], || priority().unwrap()).unwrap();
         assert_eq!(inside[0], Backend::Cudnn);
         // The others keep their relative order.

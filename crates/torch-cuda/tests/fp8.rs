@@ -95,11 +95,29 @@ fn the_quantization_kernels_equal_libtorchs_operations() {
                 values.view_dtype(Kind::Uint8),
                 expected.view_dtype(Kind::Uint8),
             );
-            let differ = ours.ne_tensor(&theirs).sum(Kind::Int64).int64_value(&[]);
-            assert_eq!(
-                differ, 0,
-                "{kind:?} {format:?} {numel}: {differ} values differ"
-            );
+            let mismatch = ours.ne_tensor(&theirs);
+            let differ = mismatch.sum(Kind::Int64).int64_value(&[]);
+            if differ != 0 {
+                // The first few that differ: the input, its quotient by the scale, both bytes.
+                let at = mismatch
+                    .nonzero()
+                    .flatten(0, -1)
+                    .narrow(0, 0, differ.min(4));
+                let show = |t: &Tensor| {
+                    format!(
+                        "{:?}",
+                        Vec::<f64>::try_from(t.index_select(0, &at).to_kind(Kind::Double)).unwrap()
+                    )
+                };
+                panic!(
+                    "{kind:?} {format:?} {numel}: {differ} values differ; at {:?}: x {}, x / scale {}, ours {}, libtorch's {}",
+                    Vec::<i64>::try_from(&at).unwrap(),
+                    show(&x),
+                    show(&(x.to_kind(Kind::Float) / &scale)),
+                    show(&ours),
+                    show(&theirs),
+                );
+            }
         }
         // A NaN makes the scale NaN, as libtorch's max does.
         let x = Tensor::ones([64], (kind, device));

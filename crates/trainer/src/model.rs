@@ -133,6 +133,7 @@ impl SharedUnet {
         }
         unet.set_attention_backend(match config.attention {
             Attention::Fused => AttentionBackend::Fused,
+            Attention::Flash => AttentionBackend::Flash,
             Attention::Cudnn => AttentionBackend::Cudnn,
             Attention::Sliced => AttentionBackend::Sliced(sdxl_model::attention::SliceSize::Auto),
             Attention::Plain => AttentionBackend::Plain,

@@ -155,8 +155,12 @@ impl FlagValue for MixedPrecision {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Attention {
-    /// libtorch's fused scaled-dot-product attention (flash / memory-efficient kernels).
+    /// libtorch's fused scaled-dot-product attention in libtorch's order (flash attention first, or
+    /// cuDNN's on Hopper/Blackwell with a recent cuDNN: `torch_cuda::sdp`).
     Fused,
+    /// The same with flash attention tried first on CUDA (PyTorch's
+    /// `sdpa_kernel([SDPBackend.FLASH_ATTENTION], set_priority=True)`).
+    Flash,
     /// The same with cuDNN's fused attention tried first on CUDA (PyTorch's
     /// `sdpa_kernel([SDPBackend.CUDNN_ATTENTION], set_priority=True)`).
     Cudnn,
@@ -167,10 +171,11 @@ pub enum Attention {
 }
 
 impl FlagValue for Attention {
-    const HINT: &'static str = "<fused|cudnn|sliced|plain>";
+    const HINT: &'static str = "<fused|flash|cudnn|sliced|plain>";
     fn parse_flag(flag: &'static str, text: Option<&str>) -> Result<Self> {
         match need(flag, text)? {
             "fused" | "sdpa" => Ok(Self::Fused),
+            "flash" => Ok(Self::Flash),
             "cudnn" => Ok(Self::Cudnn),
             "sliced" => Ok(Self::Sliced),
             "plain" => Ok(Self::Plain),
