@@ -79,6 +79,11 @@ mod ffi {
 pub fn priority() -> Result<Vec<Backend>, Error> {
     #[cfg(torch_cuda_shim)]
     {
+        // SAFETY: no arguments; the shim catches every exception.
+        #[allow(unsafe_code)]
+        if unsafe { ffi::torch_sdp_settle_default() } != 0 {
+            return Err(Error::Kernel(crate::kernel_last_error()));
+        }
         let mut codes = [0i64; Backend::ALL.len()];
         // SAFETY: `codes` has the slots the shim writes (at::num_sdp_backends, checked at compile
         // time by the shim's own loop bound being that constant); the shim catches every exception.
