@@ -72,12 +72,20 @@ fn main() {
         .include(torch_include.join("torch/csrc/api/include"))
         .include(&cuda_include)
         .include(&kernel_header)
-        .file("src/shim.cpp")
-        .file("src/nvrtc_kernels.cpp")
-        .file("src/group_norm.cpp")
-        .file("src/geglu.cpp")
-        .file("src/fp8.cpp")
-        .file("src/sdp.cpp")
+        // No debug information for the C++ (Rust's backtraces keep theirs): it took 40 % of the
+        // compile time (fp8.cpp at -O1: 25.9 s with -g, 15.0 s without).
+        .debug(false)
+        .file(unity_source(
+            "torch_cuda_shim",
+            &[
+                "src/shim.cpp",
+                "src/nvrtc_kernels.cpp",
+                "src/group_norm.cpp",
+                "src/geglu.cpp",
+                "src/fp8.cpp",
+                "src/sdp.cpp",
+            ],
+        ))
         .compile("torch_cuda_shim");
     println!("cargo:rustc-link-search=native={}", lib_dir.display());
     println!("cargo:rustc-link-lib=dylib=torch_cuda");
@@ -94,6 +102,30 @@ fn main() {
 /// (for `src/nvrtc_kernels.cpp`, which hands it to NVRTC).
 /// Returns the folder; a checkout without a file (or an unwritable OUT_DIR) stops the build with the
 /// reason.
+/// One translation unit that includes `files` (paths relative to this crate), written to OUT_DIR:
+/// every source includes libtorch's headers, whose parsing is most of a file's compile time, so one
+/// unit compiles in about a third of the time of separate ones (measured: 19.5 s against 71.5 s for
+/// the six CUDA sources at -O1). The sources keep their helpers in anonymous namespaces under names
+/// that do not collide. The build script runs again for `cargo clippy` and for a program outside the
+/// workspace (`make library-user`), so CI pays this three times.
+fn unity_source(name: &str, files: &[&str]) -> PathBuf {
+    let written = (|| -> Result<PathBuf, String> {
+        let out = PathBuf::from(std::env::var_os("OUT_DIR").ok_or("OUT_DIR is not set")?);
+        let here = std::env::current_dir().map_err(|e| format!("the crate's folder: {e}"))?;
+        let mut text = String::new();
+        for file in files {
+            text.push_str(&format!("#include \"{}\"\n", here.join(file).display()));
+        }
+        let path = out.join(format!("{name}_all.cpp"));
+        std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        Ok(path)
+    })();
+    written.unwrap_or_else(|reason| {
+        println!("cargo:warning=torch-cuda: {reason}");
+        std::process::exit(1)
+    })
+}
+
 fn embed_kernel_source() -> PathBuf {
     const SOURCES: [(&str, &str, &str); 4] = [
         (
@@ -149,6 +181,7 @@ fn compile_rng_shim(torch_include: &std::path::Path, cuda_include: Option<&std::
         .warnings(false)
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .include(torch_include)
+        .debug(false)
         .file("src/rng.cpp");
     if let Some(cuda_include) = cuda_include {
         build.include(cuda_include).define("RNG_SHIM_CUDA", "1");
@@ -181,19 +214,21 @@ fn compile_dist_shim(torch_include: &std::path::Path, nccl_include: Option<(Path
         .include(torch_include)
         .include(torch_include.join("torch/csrc/api/include"))
         .include("src/gloo_decls")
-        .file("src/dist.cpp");
+        .debug(false);
+    let mut files = vec!["src/dist.cpp"];
     if let Some((cuda_include, nccl_include)) = nccl_include {
         build
             .include(cuda_include)
             .include(nccl_include)
-            .define("DIST_NCCL", "1")
-            .file("src/dist_nccl.cpp");
+            .define("DIST_NCCL", "1");
+        files.push("src/dist_nccl.cpp");
         println!("cargo:rustc-cfg=torch_dist_nccl");
     } else {
         println!(
             "cargo:warning=torch-cuda: CUDA's or NCCL's headers not found; process groups will have no NCCL backend (CPU tensors only)"
         );
     }
+    build.file(unity_source("torch_dist_shim", &files));
     build.compile("torch_dist_shim");
     println!("cargo:rustc-cfg=torch_dist_shim");
 }

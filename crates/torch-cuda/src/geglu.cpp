@@ -22,7 +22,7 @@ namespace {
 
 using namespace torch_cuda_kernels;
 
-enum Kernel { kForward, kBackward };
+enum GegluKernel { kForward, kBackward };
 
 const Program kGeglu{kGegluSource, "geglu.cu", "GEGLU", {"geglu_fwd", "geglu_bwd"}};
 

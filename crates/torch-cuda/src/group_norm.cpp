@@ -25,7 +25,7 @@ namespace {
 
 using namespace torch_cuda_kernels;
 
-enum Kernel { kStats, kStatsFinish, kApply, kBwdPartial, kBwdChannelSums, kBwdCoefficients, kBwdDx };
+enum GroupNormKernel { kStats, kStatsFinish, kApply, kBwdPartial, kBwdChannelSums, kBwdCoefficients, kBwdDx };
 
 const Program kGroupNorm{kGroupNormSource,
                          "group_norm_nhwc.cu",
@@ -37,7 +37,7 @@ const Kernels& kernels_for(const at::Tensor& x, int vec) {
     return kernels(kGroupNorm, arch_of(x), store_kind(x.scalar_type(), kGroupNorm.label), vec);
 }
 
-void launch(const Kernels& k, Kernel which, dim3 grid, dim3 block, size_t shared, std::vector<void*> args,
+void launch(const Kernels& k, GroupNormKernel which, dim3 grid, dim3 block, size_t shared, std::vector<void*> args,
             cudaStream_t stream) {
     torch_cuda_kernels::launch(kGroupNorm, k, which, grid, block, shared, std::move(args), stream);
 }
