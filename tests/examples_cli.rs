@@ -59,7 +59,7 @@ const EXAMPLES: &[Example] = &[
             (&["--prompt", "a fox"], "--model"),
             (&["--model", "m", "--prompt", "p", "--fp8_compute"], "--fp8"),
             (
-                &["--model", "m", "--prompt", "p", "--attention", "flash"],
+                &["--model", "m", "--prompt", "p", "--attention", "flashy"],
                 "--attention",
             ),
             (&["--model", "m"], "--prompt"),
@@ -174,7 +174,7 @@ const EXAMPLES: &[Example] = &[
         name: "unet_sdxl",
         flags: &["--ref", "--steps", "--attention", "--train-memory"],
         usage_errors: &[
-            (&["--attention", "flash"], "--attention"),
+            (&["--attention", "flashy"], "--attention"),
             (&["--train-memory", "x"], "--train-memory"),
             (&["--steps", "-1"], "--steps"),
         ],
