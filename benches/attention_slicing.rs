@@ -58,7 +58,7 @@ fn shapes(device: Device) -> Vec<Shape> {
 /// Bytes of the score matrices alive at once (scores and their softmax, fp32 softmax).
 fn score_bytes(shape: &Shape, backend: AttentionBackend, element: i64) -> i64 {
     let rows = match backend {
-        AttentionBackend::Fused | AttentionBackend::Cudnn => 0,
+        AttentionBackend::Fused | AttentionBackend::Flash | AttentionBackend::Cudnn => 0,
         AttentionBackend::Plain => shape.batch * shape.heads,
         AttentionBackend::Sliced(size) => size.rows(shape.heads).min(shape.batch * shape.heads),
     };
@@ -73,6 +73,7 @@ fn attention_slicing(c: &mut Criterion) {
     }
     let backends = [
         AttentionBackend::Fused,
+        AttentionBackend::Flash,
         AttentionBackend::Cudnn,
         AttentionBackend::Plain,
         AttentionBackend::Sliced(SliceSize::Auto),
@@ -96,8 +97,10 @@ fn attention_slicing(c: &mut Criterion) {
             ));
             group.sample_size(10);
             for backend in backends {
-                // cuDNN's attention exists on CUDA only (on the CPU the backend is `Fused`).
-                if backend == AttentionBackend::Cudnn && !device.is_cuda() {
+                // The backend order exists on CUDA only (on the CPU both are `Fused`).
+                if matches!(backend, AttentionBackend::Flash | AttentionBackend::Cudnn)
+                    && !device.is_cuda()
+                {
                     continue;
                 }
                 if let (Device::Cuda(i), Some(base)) = (device, torch_cuda::memory_stats(0)) {
