@@ -94,14 +94,6 @@ fn main() {
     println!("cargo:rustc-cfg=torch_cuda_shim");
 }
 
-/// Writes each CUDA source that the shim hands to NVRTC at run time into OUT_DIR as a C++ string:
-/// `src/group_norm_nhwc.cu` as `kGroupNormSource` in `group_norm_nhwc_src.h` (for
-/// `src/group_norm.cpp`), `src/geglu.cu` as `kGegluSource` in `geglu_src.h` (for `src/geglu.cpp`),
-/// `src/fp8_quantize.cu` as `kFp8QuantizeSource` in `fp8_quantize_src.h` (for `src/fp8.cpp`), and
-/// `src/store_types.cuh`, the header they all include, as `kStoreTypesSource` in `store_types_src.h`
-/// (for `src/nvrtc_kernels.cpp`, which hands it to NVRTC).
-/// Returns the folder; a checkout without a file (or an unwritable OUT_DIR) stops the build with the
-/// reason.
 /// One translation unit that includes `files` (paths relative to this crate), written to OUT_DIR:
 /// every source includes libtorch's headers, whose parsing is most of a file's compile time, so one
 /// unit compiles in about a third of the time of separate ones (measured: 19.5 s against 71.5 s for
@@ -109,7 +101,7 @@ fn main() {
 /// that do not collide. The build script runs again for `cargo clippy` and for a program outside the
 /// workspace (`make library-user`), so CI pays this three times.
 fn unity_source(name: &str, files: &[&str]) -> PathBuf {
-    let written = (|| -> Result<PathBuf, String> {
+    or_stop((|| -> Result<PathBuf, String> {
         let out = PathBuf::from(std::env::var_os("OUT_DIR").ok_or("OUT_DIR is not set")?);
         let here = std::env::current_dir().map_err(|e| format!("the crate's folder: {e}"))?;
         let mut text = String::new();
@@ -119,13 +111,26 @@ fn unity_source(name: &str, files: &[&str]) -> PathBuf {
         let path = out.join(format!("{name}_all.cpp"));
         std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
         Ok(path)
-    })();
-    written.unwrap_or_else(|reason| {
+    })())
+}
+
+/// The value, or the build stopped with the reason as a warning (build scripts have no other way to
+/// say why).
+fn or_stop<T>(result: Result<T, String>) -> T {
+    result.unwrap_or_else(|reason| {
         println!("cargo:warning=torch-cuda: {reason}");
         std::process::exit(1)
     })
 }
 
+/// Writes each CUDA source that the shim hands to NVRTC at run time into OUT_DIR as a C++ string:
+/// `src/group_norm_nhwc.cu` as `kGroupNormSource` in `group_norm_nhwc_src.h` (for
+/// `src/group_norm.cpp`), `src/geglu.cu` as `kGegluSource` in `geglu_src.h` (for `src/geglu.cpp`),
+/// `src/fp8_quantize.cu` as `kFp8QuantizeSource` in `fp8_quantize_src.h` (for `src/fp8.cpp`), and
+/// `src/store_types.cuh`, the header they all include, as `kStoreTypesSource` in `store_types_src.h`
+/// (for `src/nvrtc_kernels.cpp`, which hands it to NVRTC).
+/// Returns the folder; a checkout without a file (or an unwritable OUT_DIR) stops the build with the
+/// reason.
 fn embed_kernel_source() -> PathBuf {
     const SOURCES: [(&str, &str, &str); 4] = [
         (
@@ -145,7 +150,7 @@ fn embed_kernel_source() -> PathBuf {
             "kFp8QuantizeSource",
         ),
     ];
-    let written = (|| -> Result<PathBuf, String> {
+    or_stop((|| -> Result<PathBuf, String> {
         let out = PathBuf::from(std::env::var_os("OUT_DIR").ok_or("OUT_DIR is not set")?);
         for (file, header, name) in SOURCES {
             let source =
@@ -160,11 +165,7 @@ fn embed_kernel_source() -> PathBuf {
             .map_err(|e| format!("writing {header}: {e}"))?;
         }
         Ok(out)
-    })();
-    written.unwrap_or_else(|reason| {
-        println!("cargo:warning=torch-cuda: {reason}");
-        std::process::exit(1)
-    })
+    })())
 }
 
 fn compile_rng_shim(torch_include: &std::path::Path, cuda_include: Option<&std::path::Path>) {

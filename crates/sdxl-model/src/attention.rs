@@ -148,16 +148,21 @@ pub fn attention(
     let (q, k, v) = (split(query), split(key), split(value));
     let out = match backend {
         AttentionBackend::Fused => fused(&q, &k, &v, false, Some(scale)),
-        AttentionBackend::Flash | AttentionBackend::Cudnn if q.device().is_cuda() => {
-            let first = match backend {
-                AttentionBackend::Flash => torch_cuda::sdp::Backend::Flash,
-                _ => torch_cuda::sdp::Backend::Cudnn,
+        AttentionBackend::Flash | AttentionBackend::Cudnn => {
+            let first = if backend == AttentionBackend::Flash {
+                torch_cuda::sdp::Backend::Flash
+            } else {
+                torch_cuda::sdp::Backend::Cudnn
             };
-            // Without the shim the order cannot be set: libtorch's own order then.
-            torch_cuda::sdp::with_first(&[first], || fused(&q, &k, &v, false, Some(scale)))
-                .unwrap_or_else(|_| fused(&q, &k, &v, false, Some(scale)))
+            let run = || fused(&q, &k, &v, false, Some(scale));
+            // On the CPU there is no order to set; without the shim it cannot be set: libtorch's own
+            // order then.
+            if q.device().is_cuda() {
+                torch_cuda::sdp::with_first(&[first], run).unwrap_or_else(|_| run())
+            } else {
+                run()
+            }
         }
-        AttentionBackend::Flash | AttentionBackend::Cudnn => fused(&q, &k, &v, false, Some(scale)),
         AttentionBackend::Plain => weighted_sum(&q, &k, &v, scale),
         AttentionBackend::Sliced(size) => {
             // Slices run over the flattened batch×heads axis, as diffusers' `SlicedAttnProcessor` does.
